@@ -1,0 +1,182 @@
+"""The ``inprocess`` backend: every task runs inside ``.remote()``, in the caller's thread.
+
+For debugging (Ray's retired local mode): ``breakpoint()``, ``print`` and
+profilers work inside tasks and actor methods. Arguments and results are
+still serialized, so what fails to pickle here fails on a cluster too; a
+task's exception is stored in its ref and raised by ``get``. Resources are
+accounted (``available_resources`` shows them in use while a task runs) but
+never make a task wait; a request no node could meet still raises.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from ... import exceptions as exc
+from ...core import plugins
+from ...core.control_store import MemoryControlStore
+from ...core.execution import Executor
+from ...core.interfaces import Backend, Scheduler
+from ...core.memory_store import MemoryObjectStore
+from ...core.resources import ResourcePool
+from ...core.runtime import Runtime, set_actor_state
+from ...core.serialization import serialize
+from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
+
+
+class _Actor:
+    __slots__ = ("spec", "state", "reason")
+
+    def __init__(self, spec: TaskSpec):
+        self.spec = spec
+        self.state = "ALIVE"
+        self.reason = ""
+
+
+class InProcessScheduler(Scheduler):
+    """Runs each spec at submission, synchronously, with retries for user errors
+    when the task asks for them."""
+
+    def __init__(self, runtime: Runtime, store: MemoryObjectStore, control_store,
+                 pool: ResourcePool):
+        self._store = store
+        self._control = control_store
+        self._pool = pool
+        self.executor = Executor(runtime)
+        self._actors: dict[bytes, _Actor] = {}
+        self._actor_by_token: dict[bytes, bytes] = {}
+
+    def submit(self, spec: TaskSpec) -> None:
+        hook = plugins.observer("beamlet_task_submitted")
+        if hook is not None:
+            hook(spec=spec)
+        if spec.kind == ACTOR_METHOD:
+            self._run_actor_method(spec)
+            return
+        self._pool.check_feasible(spec.resources, spec.display_name)
+        if spec.kind == ACTOR_CREATION:
+            self._create_actor(spec)
+        else:
+            self._run_task(spec)
+
+    def _execute(self, spec: TaskSpec):
+        gpu_ids = self._pool.acquire(spec.resources)
+        start = time.perf_counter()
+        try:
+            result = self.executor.execute(spec)
+        finally:
+            self._pool.release(spec.resources, gpu_ids)
+        hook = plugins.observer("beamlet_task_finished")
+        if hook is not None:
+            status = "FAILED" if result.error is not None else "FINISHED"
+            hook(spec=spec, status=status, duration=time.perf_counter() - start)
+        return result
+
+    def _put_results(self, spec: TaskSpec, values) -> None:
+        for object_id, value in zip(spec.return_ids, values):
+            self._store.put(object_id, value)
+
+    def _run_task(self, spec: TaskSpec) -> None:
+        attempts_left = spec.max_retries
+        while True:
+            result = self._execute(spec)
+            if result.retryable and attempts_left != 0:
+                attempts_left -= 1
+                spec.attempt += 1
+                continue
+            self._put_results(spec, result.values)
+            return
+
+    def _create_actor(self, spec: TaskSpec) -> None:
+        actor = self._actors[spec.actor_id] = _Actor(spec)
+        self._actor_by_token[spec.return_ids[0]] = spec.actor_id
+        result = self._execute(spec)
+        if result.error is not None:
+            actor.state = "DEAD"
+            actor.reason = (f"the actor's constructor raised:\n"
+                            f"{getattr(result.error, 'traceback_str', str(result.error))}")
+            self._set_state(spec.actor_id, "DEAD", actor.reason)
+        else:
+            self._set_state(spec.actor_id, "ALIVE")
+        self._put_results(spec, result.values)
+
+    def _run_actor_method(self, spec: TaskSpec) -> None:
+        actor = self._actors.get(spec.actor_id)
+        if actor is None or actor.state == "DEAD":
+            reason = actor.reason if actor else "the actor is unknown to this backend"
+            err = exc.ActorDiedError(f"the actor {spec.function_name} is dead: {reason}")
+            self._put_results(spec, [serialize(err, is_error=True)] * len(spec.return_ids))
+            return
+        attempts_left = max(spec.max_retries, actor.spec.actor_options["max_task_retries"])
+        while True:
+            result = self._execute(spec)
+            if result.retryable and attempts_left != 0:
+                attempts_left -= 1
+                continue
+            self._put_results(spec, result.values)
+            return
+
+    def _set_state(self, actor_id: bytes, state: str, reason: str = "") -> None:
+        info = set_actor_state(self._control, actor_id, state, reason)
+        hook = plugins.observer("beamlet_actor_state")
+        if hook is not None and info is not None:
+            hook(actor_id=actor_id, class_name=info["class_name"], state=state, reason=reason)
+
+    def cancel(self, object_id: bytes, force: bool = False) -> None:
+        """Every task has finished by the time its ref exists: nothing to cancel."""
+
+    def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
+        actor = self._actors.get(actor_id)
+        if actor is None or actor.state == "DEAD":
+            return
+        self._end_actor(actor_id, "it was killed by beamlet.kill()")
+
+    def _end_actor(self, actor_id: bytes, reason: str) -> None:
+        actor = self._actors[actor_id]
+        actor.state = "DEAD"
+        actor.reason = reason
+        self.executor.drop_actor(actor_id)
+        self._set_state(actor_id, "DEAD", reason)
+
+    def token_released(self, object_id: bytes) -> None:
+        """An actor's last handle is gone: end the actor, as Ray does."""
+        actor_id = self._actor_by_token.pop(object_id, None)
+        if actor_id is not None and self._actors[actor_id].state != "DEAD":
+            self._end_actor(actor_id, "all handles to it went out of scope")
+
+    def total_resources(self) -> dict[str, float]:
+        return self._pool.total()
+
+    def available_resources(self) -> dict[str, float]:
+        return self._pool.available()
+
+    def shutdown(self) -> None:
+        for actor_id, actor in list(self._actors.items()):
+            if actor.state != "DEAD":
+                self._end_actor(actor_id, "beamlet was shut down")
+
+
+class InProcessBackend(Backend):
+    """The ``inprocess`` backend (also ``init(local_mode=True)``)."""
+
+    name = "inprocess"
+    parallel = False
+    isolated = False
+    zero_copy = False
+
+    def __init__(self, config: dict, runtime: Runtime):
+        self.control_store = MemoryControlStore()
+        self.object_store = MemoryObjectStore(runtime.refs)
+        pool = ResourcePool(config.get("num_cpus"), config.get("num_gpus"),
+                            config.get("resources"))
+        self.scheduler = InProcessScheduler(runtime, self.object_store, self.control_store, pool)
+        self.node_id = "inprocess-" + runtime.job_id[:8]
+        self.worker_id = f"driver-{os.getpid()}"
+
+    def object_released(self, object_id: bytes) -> None:
+        self.object_store.delete([object_id])
+        self.scheduler.token_released(object_id)
+
+    def shutdown(self) -> None:
+        self.scheduler.shutdown()
+        self.object_store.close()

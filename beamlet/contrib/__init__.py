@@ -1,0 +1,1 @@
+"""Libraries built on beamlet's public API: ``beamlet.tune`` and ``beamlet.rl``."""

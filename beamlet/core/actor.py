@@ -1,0 +1,215 @@
+"""Actors: what `@remote` makes of a class, and handles to running actors."""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from . import ids
+from . import runtime as _runtime
+from .object_ref import ObjectRef
+from .options import ACTOR_OPTIONS, METHOD_OPTIONS, resource_request, validate
+from .serialization import dumps
+from .task_spec import ACTOR_CREATION, ACTOR_METHOD
+
+DEFAULT_ASYNC_CONCURRENCY = 1000
+_METHOD_OPTIONS_ATTR = "__beamlet_method_options__"
+
+
+def method(**options):
+    """Decorate an actor method with per-method options, e.g. ``@method(num_returns=2)``."""
+    validate(options, METHOD_OPTIONS, "@method")
+
+    def decorate(fn):
+        setattr(fn, _METHOD_OPTIONS_ATTR, options)
+        return fn
+
+    return decorate
+
+
+def _method_table(cls: type) -> dict[str, dict]:
+    """name -> {"num_returns", "is_async"} for every public method of the class."""
+    table = {}
+    for name, member in inspect.getmembers(cls):
+        if name.startswith("__") and name != "__call__":
+            continue
+        if not (inspect.isfunction(member) or inspect.ismethod(member)):
+            continue
+        opts = getattr(member, _METHOD_OPTIONS_ATTR, {})
+        table[name] = {"num_returns": opts.get("num_returns", 1),
+                       "is_async": inspect.iscoroutinefunction(member) or
+                       inspect.isasyncgenfunction(member)}
+    return table
+
+
+class ActorClass:
+    """A class whose instances run as actors: ``Cls.remote(*args)`` returns an ActorHandle."""
+
+    def __init__(self, cls: type, options: dict):
+        self._cls = cls
+        self._name = cls.__qualname__
+        self._options = validate(options, ACTOR_OPTIONS, f"actor class {self._name}")
+        self._methods = _method_table(cls)
+        self._blob: bytes | None = None
+        self._class_id: bytes | None = None
+        self.__doc__ = cls.__doc__
+        self.__name__ = cls.__name__
+        self.__qualname__ = cls.__qualname__
+        self.__module__ = cls.__module__
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"Actors cannot be instantiated directly. Instead of "
+                        f"'{self._name}()', use '{self._name}.remote()'.")
+
+    def options(self, **options) -> "_ActorClassWithOptions":
+        merged = dict(self._options)
+        merged.update(validate(options, ACTOR_OPTIONS, f"{self._name}.options()"))
+        return _ActorClassWithOptions(self, merged)
+
+    def remote(self, *args, **kwargs) -> "ActorHandle":
+        return self._create(args, kwargs, self._options)
+
+    def _code(self) -> tuple[bytes, bytes]:
+        if self._class_id is None:
+            self._blob = dumps(self._cls)
+            self._class_id = ids.function_id(self._blob)
+        return self._class_id, self._blob
+
+    def _create(self, args, kwargs, options: dict) -> "ActorHandle":
+        rt = _runtime.current()
+        name = options.get("name")
+        namespace = options.get("namespace") or rt.namespace
+        if name is not None and options.get("get_if_exists"):
+            try:
+                return get_actor(name, namespace)
+            except ValueError:
+                pass
+        class_id, blob = self._code()
+        rt.register_function(class_id, blob)
+        is_async = any(m["is_async"] for m in self._methods.values())
+        concurrency = options.get("max_concurrency") or (DEFAULT_ASYNC_CONCURRENCY if is_async else 1)
+        actor_id = ids.new_id()
+        actor_options = {
+            "name": name, "namespace": namespace, "class_name": self._name,
+            "max_restarts": options.get("max_restarts", 0),
+            "max_task_retries": options.get("max_task_retries", 0),
+            "max_concurrency": concurrency, "is_async": is_async,
+            "detached": options.get("lifetime") == "detached",
+            "methods": self._methods,
+        }
+        if name is not None:
+            if not name:
+                raise ValueError("actor name must be a non-empty string")
+            rt.reserve_actor_name(name, namespace, actor_id)
+        # Actors hold no CPU while idle unless asked to (Ray's default).
+        resources = resource_request(options, 0.0)
+        spec, _keep = rt.make_spec(ACTOR_CREATION, class_id, self._name, args, kwargs, 1,
+                                   resources, actor_id=actor_id, actor_options=actor_options)
+        rt.record_actor(actor_id, {"state": "PENDING", "name": name, "namespace": namespace,
+                                   "class_name": self._name, "methods": self._methods,
+                                   "ready_id": spec.return_ids[0]})
+        token = rt.submit(spec)[0]
+        if actor_options["detached"]:
+            rt.refs.incr(token.id)  # a detached actor lives until killed
+        return ActorHandle(actor_id, self._name, self._methods, token)
+
+    def __repr__(self) -> str:
+        return f"<beamlet actor class {self._name}>"
+
+
+class _ActorClassWithOptions:
+    def __init__(self, actor_class: ActorClass, options: dict):
+        self._actor_class = actor_class
+        self._options = options
+
+    def remote(self, *args, **kwargs) -> "ActorHandle":
+        return self._actor_class._create(args, kwargs, self._options)
+
+    def options(self, **options):
+        merged = dict(self._options)
+        merged.update(validate(options, ACTOR_OPTIONS, f"{self._actor_class._name}.options()"))
+        return _ActorClassWithOptions(self._actor_class, merged)
+
+
+class ActorHandle:
+    """A handle to a running actor: ``handle.method.remote(...)`` returns refs.
+
+    Handles can be passed to tasks and other actors. The actor lives while any
+    handle to it exists anywhere (unless it was created with
+    ``lifetime="detached"``, or is killed).
+    """
+
+    def __init__(self, actor_id: bytes, class_name: str, methods: dict, token: ObjectRef):
+        self._actor_id = actor_id
+        self._class_name = class_name
+        self._methods = methods
+        self._token = token  # a ref to the creation result; keeps the actor alive
+
+    def __getattr__(self, name: str) -> "ActorMethod":
+        methods = self.__dict__.get("_methods")
+        if methods is None or name not in methods:
+            raise AttributeError(f"actor {self.__dict__.get('_class_name', '?')} has no "
+                                 f"method {name!r}")
+        return ActorMethod(self, name, methods[name]["num_returns"])
+
+    def __reduce__(self):
+        return (ActorHandle, (self._actor_id, self._class_name, self._methods, self._token))
+
+    def __hash__(self) -> int:
+        return hash(self._actor_id)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ActorHandle) and other._actor_id == self._actor_id
+
+    def __repr__(self) -> str:
+        return f"Actor({self._class_name}, {self._actor_id.hex()})"
+
+    @property
+    def actor_id(self) -> str:
+        return self._actor_id.hex()
+
+
+class ActorMethod:
+    """``handle.method``: call ``.remote(...)`` or ``.options(num_returns=k).remote(...)``."""
+
+    def __init__(self, handle: ActorHandle, name: str, num_returns: int, options: dict | None = None):
+        self._handle = handle
+        self._name = name
+        self._num_returns = num_returns
+        self._options = options or {}
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"Actor methods cannot be called directly. Instead of running "
+                        f"'{self._name}()', try '{self._name}.remote()'.")
+
+    def options(self, **options) -> "ActorMethod":
+        opts = dict(self._options)
+        opts.update(validate(options, METHOD_OPTIONS, f"{self._name}.options()"))
+        return ActorMethod(self._handle, self._name, opts.get("num_returns", self._num_returns),
+                           opts)
+
+    def remote(self, *args, **kwargs):
+        handle = self._handle
+        rt = _runtime.current()
+        n = self._num_returns
+        spec, _keep = rt.make_spec(
+            ACTOR_METHOD, b"", handle._class_name, args, kwargs, n, {},
+            max_retries=self._options.get("max_task_retries", 0),
+            actor_id=handle._actor_id, method_name=self._name)
+        refs = rt.submit(spec)
+        return refs[0] if n == 1 else refs
+
+
+def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
+    """The handle of the live actor called `name`; ValueError if there is none."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"get_actor needs a non-empty actor name, got {name!r}")
+    rt = _runtime.current()
+    info = rt.lookup_actor(name, namespace)
+    token = ObjectRef(info["ready_id"])
+    actor_id = rt.backend.control_store.get(
+        _runtime.NAMED_ACTORS_TABLE, f"{namespace if namespace is not None else rt.namespace}:{name}")
+    return ActorHandle(actor_id, info["class_name"], info["methods"], token)
+
+
+def is_actor_class(obj: Any) -> bool:
+    return isinstance(obj, (ActorClass, _ActorClassWithOptions))

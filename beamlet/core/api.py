@@ -1,0 +1,244 @@
+"""The public API functions (re-exported by ``beamlet``)."""
+from __future__ import annotations
+
+import atexit
+import inspect
+import os
+from typing import Any, Sequence
+
+from .. import exceptions as exc
+from . import plugins
+from . import runtime as _runtime
+from .actor import ActorClass, ActorHandle, get_actor, method  # noqa: F401 - re-exported
+from .object_ref import ObjectRef
+from .remote_function import RemoteFunction
+
+DEFAULT_BACKEND = "local"
+BACKEND_ENV_VAR = "BEAMLET_BACKEND"
+
+
+def init(backend: str | None = None, address: str | None = None, num_cpus: float | None = None,
+         num_gpus: float | None = None, resources: dict | None = None, local_mode: bool = False,
+         namespace: str | None = None, ignore_reinit_error: bool = False, **backend_options):
+    """Start (or connect to) a backend and make it the current one.
+
+    ``backend`` defaults to ``$BEAMLET_BACKEND``, then ``"local"``; ``local_mode=True``
+    means ``"inprocess"``. ``address`` joins a running cluster. Extra keyword
+    arguments are the backend's own options (e.g. ``object_store_memory``).
+    Returns a context dict describing what started.
+    """
+    with _runtime._init_lock:
+        if _runtime.current_or_none() is not None:
+            if ignore_reinit_error:
+                return _context_info(_runtime.current())
+            raise RuntimeError("beamlet.init() was already called; call shutdown() first, "
+                               "or pass ignore_reinit_error=True")
+        if local_mode:
+            if backend not in (None, "inprocess"):
+                raise ValueError(f"local_mode=True means backend='inprocess', not {backend!r}")
+            backend = "inprocess"
+        if backend is None:
+            backend = os.environ.get(BACKEND_ENV_VAR) or DEFAULT_BACKEND
+        if address is not None and backend == DEFAULT_BACKEND and not os.environ.get(BACKEND_ENV_VAR):
+            backend = "cluster"
+        factories = plugins.backend_factories()
+        if backend == "cluster" and backend not in factories:
+            raise ValueError(f"init(address={address!r}) needs the cluster backend, which is "
+                             f"not available yet; installed backends: "
+                             f"{', '.join(sorted(factories))}")
+        if backend not in factories:
+            raise ValueError(f"unknown backend {backend!r}; installed backends: "
+                             f"{', '.join(sorted(factories))}")
+        _check_resources(num_cpus, num_gpus, resources)
+        if namespace is not None and not isinstance(namespace, str):
+            raise TypeError(f"namespace must be a string, got {namespace!r}")
+        config = dict(backend_options)
+        config.update(backend=backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus,
+                      resources=dict(resources or {}), namespace=namespace, is_driver=True)
+        rt = _runtime.Runtime(factories[backend], config)
+        _runtime.set_current(rt)
+        hook = plugins.observer("beamlet_init")
+        if hook is not None:
+            hook(backend_name=backend, config=config)
+        return _context_info(rt)
+
+
+def _check_resources(num_cpus, num_gpus, resources) -> None:
+    for name, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or value < 0):
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    for name, value in (resources or {}).items():
+        if name in ("CPU", "GPU"):
+            raise ValueError(f"use num_{name.lower()}s= instead of resources={{{name!r}: ...}}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"resource {name!r} must be a number >= 0, got {value!r}")
+
+
+def _context_info(rt) -> dict:
+    return {"backend": rt.backend.name, "namespace": rt.namespace,
+            "node_id": rt.backend.node_id, "resources": rt.backend.scheduler.total_resources()}
+
+
+def shutdown() -> None:
+    """Stop the current backend: every process, segment and temp file it made. Idempotent."""
+    with _runtime._init_lock:
+        rt = _runtime.current_or_none()
+        if rt is None:
+            return
+        hook = plugins.observer("beamlet_shutdown")
+        if hook is not None:
+            hook(backend_name=rt.backend.name)
+        _runtime.set_current(None)
+        rt.shutdown()
+
+
+atexit.register(shutdown)
+
+
+def is_initialized() -> bool:
+    return _runtime.current_or_none() is not None
+
+
+def remote(*args, **options):
+    """Make a function a remote function or a class an actor class.
+
+    ``@remote``, or ``@remote(num_cpus=..., num_returns=..., ...)``."""
+    if len(args) == 1 and not options and (inspect.isfunction(args[0]) or inspect.isclass(args[0])
+                                           or callable(args[0])):
+        return _make_remote(args[0], {})
+    if args:
+        raise TypeError("@remote takes a function or class, or only keyword options: "
+                        "@remote(num_cpus=1)")
+    return lambda fn_or_cls: _make_remote(fn_or_cls, options)
+
+
+def _make_remote(obj, options: dict):
+    if inspect.isclass(obj):
+        return ActorClass(obj, options)
+    if callable(obj):
+        return RemoteFunction(obj, options)
+    raise TypeError(f"@remote needs a function or class, got {obj!r}")
+
+
+def _check_refs(object_refs, what: str) -> None:
+    for ref in object_refs:
+        if not isinstance(ref, ObjectRef):
+            raise TypeError(f"{what} takes ObjectRefs, got {type(ref).__name__} ({ref!r:.60})")
+
+
+def get(object_refs, *, timeout: float | None = None):
+    """The value of a ref, or the list of values of a list of refs.
+
+    Blocks until they exist; raises the task's error if it failed, and
+    ``GetTimeoutError`` after `timeout` seconds."""
+    rt = _runtime.current()
+    if isinstance(object_refs, ObjectRef):
+        if timeout is not None:
+            _runtime._check_timeout(timeout)
+        return rt.get_one(object_refs, timeout)
+    if not isinstance(object_refs, (list, tuple)):
+        raise TypeError("get() expects an ObjectRef or a list of ObjectRefs, got "
+                        f"{type(object_refs).__name__} ({object_refs!r:.60})")
+    _check_refs(object_refs, "get()")
+    return rt.get(list(object_refs), timeout)
+
+
+def put(value: Any) -> ObjectRef:
+    """Store a value in the object store; return its ref."""
+    return _runtime.current().put(value)
+
+
+def wait(object_refs: Sequence[ObjectRef], *, num_returns: int = 1,
+         timeout: float | None = None, fetch_local: bool = True):
+    """``(ready, not_ready)``: at most `num_returns` ready refs, once that many are
+    ready or `timeout` passed; both lists keep the input order."""
+    if isinstance(object_refs, ObjectRef) or not isinstance(object_refs, (list, tuple)):
+        raise TypeError("wait() expects a list of ObjectRefs, got "
+                        f"{type(object_refs).__name__}")
+    _check_refs(object_refs, "wait()")
+    if not isinstance(num_returns, int) or num_returns < 1:
+        raise ValueError(f"num_returns must be an integer >= 1, got {num_returns!r}")
+    if num_returns > len(object_refs):
+        raise ValueError(f"num_returns ({num_returns}) cannot exceed the number of refs "
+                         f"({len(object_refs)})")
+    if len(set(object_refs)) != len(object_refs):
+        raise ValueError("wait() got duplicate ObjectRefs")
+    return _runtime.current().wait(list(object_refs), num_returns, timeout)
+
+
+def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
+    """Cancel the task that makes `object_ref` (see Scheduler.cancel); `get` then raises
+    TaskCancelledError."""
+    if not isinstance(object_ref, ObjectRef):
+        raise TypeError(f"cancel() takes an ObjectRef, got {type(object_ref).__name__}")
+    _runtime.current().cancel(object_ref, force)
+
+
+def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
+    """Kill an actor at once; its calls then raise ActorDiedError."""
+    if not isinstance(actor, ActorHandle):
+        raise TypeError(f"kill() takes an ActorHandle, got {type(actor).__name__}")
+    _runtime.current().kill_actor(actor._actor_id, no_restart)
+
+
+def nodes() -> list[dict]:
+    return _runtime.current().backend.nodes()
+
+
+def cluster_resources() -> dict:
+    return dict(_runtime.current().backend.scheduler.total_resources())
+
+
+def available_resources() -> dict:
+    return dict(_runtime.current().backend.scheduler.available_resources())
+
+
+class RuntimeContext:
+    """What `get_runtime_context()` returns: ids of the job, node, worker, task, actor."""
+
+    def __init__(self, rt):
+        self._rt = rt
+        self._task = _runtime.task_context.get()
+
+    def get_job_id(self) -> str:
+        return self._rt.job_id
+
+    def get_node_id(self) -> str:
+        return self._rt.backend.node_id
+
+    def get_worker_id(self) -> str:
+        return self._rt.backend.worker_id
+
+    def get_task_id(self) -> str | None:
+        return self._task.task_id.hex() if self._task and self._task.task_id else None
+
+    def get_actor_id(self) -> str | None:
+        return self._task.actor_id.hex() if self._task and self._task.actor_id else None
+
+    def get_assigned_resources(self) -> dict:
+        return dict(self._task.resources) if self._task else {}
+
+    @property
+    def namespace(self) -> str:
+        return self._rt.namespace
+
+    def get_namespace(self) -> str:
+        return self._rt.namespace
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
+
+    @property
+    def backend(self) -> str:
+        return self._rt.backend.name
+
+
+def get_runtime_context() -> RuntimeContext:
+    return RuntimeContext(_runtime.current())
+
+
+__all__ = ["init", "shutdown", "is_initialized", "remote", "get", "put", "wait", "cancel",
+           "kill", "get_actor", "method", "nodes", "cluster_resources", "available_resources",
+           "get_runtime_context", "ObjectRef", "ActorHandle"]

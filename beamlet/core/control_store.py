@@ -1,0 +1,56 @@
+"""The in-memory ControlStore: the GCS of a single process.
+
+Backends whose control plane lives in one process (inprocess, and the local
+backend's driver) use it directly; their workers reach it through the
+backend's own messages. A cluster uses the Redis ControlStore instead.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+from .interfaces import ControlStore
+
+
+class MemoryControlStore(ControlStore):
+    """Tables of bytes in dicts, behind one lock; callbacks run in the publisher's thread."""
+
+    def __init__(self):
+        self._tables: dict[str, dict] = {}
+        self._subscribers: dict[str, list[Callable[[bytes], Any]]] = {}
+        self._lock = threading.Lock()
+
+    def put(self, table, key, value, overwrite=True) -> bool:
+        with self._lock:
+            rows = self._tables.setdefault(table, {})
+            if not overwrite and key in rows:
+                return False
+            rows[key] = value
+            return True
+
+    def get(self, table, key):
+        return self._tables.get(table, {}).get(key)
+
+    def delete(self, table, key) -> bool:
+        with self._lock:
+            return self._tables.get(table, {}).pop(key, None) is not None
+
+    def keys(self, table) -> list:
+        with self._lock:
+            return list(self._tables.get(table, {}))
+
+    def publish(self, channel, message) -> None:
+        for callback in list(self._subscribers.get(channel, ())):
+            callback(message)
+
+    def subscribe(self, channel, callback):
+        with self._lock:
+            self._subscribers.setdefault(channel, []).append(callback)
+
+        def unsubscribe():
+            with self._lock:
+                subs = self._subscribers.get(channel, [])
+                if callback in subs:
+                    subs.remove(callback)
+
+        return unsubscribe

@@ -1,0 +1,213 @@
+"""Running a TaskSpec in this process: the part every backend shares.
+
+The Executor loads functions and classes by id (once, then cached), resolves
+top-level ref arguments through the object store, runs the task or actor
+method with the task context set, and turns the outcome into one
+SerializedObject per return id: the values, or the same error for all of
+them. It decides nothing about scheduling; the caller stores the results.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import threading
+from typing import Any
+
+from .. import exceptions as exc
+from .runtime import FUNCTIONS_TABLE, Runtime, TaskContext, task_context
+from .serialization import SerializedObject, deserialize, loads, serialize
+from .task_spec import ACTOR_CREATION, ACTOR_METHOD, ARG_REF, TaskSpec
+
+
+class ExecutionResult:
+    """What running a spec produced. ``error`` is the exception (None on success);
+    ``retryable`` says whether ``spec.retry_exceptions`` asks for another attempt."""
+
+    __slots__ = ("values", "error", "retryable")
+
+    def __init__(self, values: list[SerializedObject], error: BaseException | None = None,
+                 retryable: bool = False):
+        self.values = values
+        self.error = error
+        self.retryable = retryable
+
+
+class _ArgumentFailed(Exception):
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class ActorInstance:
+    """An actor's object plus what it runs on: a lock-free direct call for plain
+    methods; an event loop thread for ``async def`` methods."""
+
+    def __init__(self, instance: Any, spec: TaskSpec):
+        self.instance = instance
+        self.spec = spec
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_lock = threading.Lock()
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        with self._loop_lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="beamlet-actor-loop",
+                                          daemon=True)
+                thread.start()
+                self._loop = loop
+            return self._loop
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+class Executor:
+    """Runs specs in this process. One per process; thread-safe."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self._functions: dict[bytes, Any] = {}
+        self.actors: dict[bytes, ActorInstance] = {}
+        self.pid = os.getpid()
+
+    # -- code -----------------------------------------------------------------
+    def add_function(self, function_id: bytes, blob: bytes) -> None:
+        """Cache code that arrived with a message (saves a control-store read)."""
+        if function_id not in self._functions:
+            self._functions[function_id] = loads(blob)
+
+    def function(self, function_id: bytes) -> Any:
+        fn = self._functions.get(function_id)
+        if fn is None:
+            blob = self.runtime.backend.control_store.get(FUNCTIONS_TABLE, function_id)
+            if blob is None:
+                raise exc.BackendError(f"function {function_id.hex()} is not registered")
+            fn = self._functions[function_id] = loads(blob)
+        return fn
+
+    # -- arguments ------------------------------------------------------------
+    def _resolve(self, spec: TaskSpec) -> tuple[list, dict]:
+        ref_ids = spec.dependencies()
+        fetched: dict[bytes, SerializedObject] = {}
+        if ref_ids:
+            for rid, sobj in zip(ref_ids, self.runtime.backend.object_store.get(ref_ids, None)):
+                fetched[rid] = sobj
+
+        def value(entry):
+            kind, payload = entry
+            sobj = fetched[payload] if kind == ARG_REF else payload
+            val = deserialize(sobj)
+            if sobj.is_error:
+                raise _ArgumentFailed(val)
+            return val
+
+        return [value(a) for a in spec.args], {k: value(v) for k, v in spec.kwargs.items()}
+
+    # -- running --------------------------------------------------------------
+    def execute(self, spec: TaskSpec) -> ExecutionResult:
+        """Run `spec` and return its results; never raises for a task's own failure."""
+        token = task_context.set(TaskContext(spec.task_id, spec.actor_id, spec.display_name,
+                                             spec.resources))
+        try:
+            try:
+                args, kwargs = self._resolve(spec)
+                result = self._call(spec, args, kwargs)
+            except _ArgumentFailed as failed:
+                return self._failure(spec, _input_error(spec, failed.error))
+            except KeyboardInterrupt as err:
+                return self._failure(spec, _cancelled_error(spec, err, self.pid))
+            except exc.ActorError as err:
+                return self._failure(spec, err)
+            except BaseException as err:  # noqa: BLE001 - user code may raise anything
+                if isinstance(err, SystemExit) and spec.kind != ACTOR_METHOD:
+                    err = RuntimeError(f"task called sys.exit({err.code})")
+                wrapped = exc.TaskError.from_exception(err, spec.display_name, self.pid)
+                return self._failure(spec, wrapped, _should_retry(spec, err))
+            return self._results(spec, result)
+        finally:
+            task_context.reset(token)
+
+    def _call(self, spec: TaskSpec, args: list, kwargs: dict) -> Any:
+        if spec.kind == ACTOR_METHOD:
+            actor = self.actors.get(spec.actor_id)
+            if actor is None:
+                raise exc.ActorDiedError(f"actor {spec.function_name} is not running here")
+            method = getattr(actor.instance, spec.method_name)
+            if inspect.iscoroutinefunction(method):
+                return asyncio.run_coroutine_threadsafe(_with_context(method, args, kwargs),
+                                                        actor.loop()).result()
+            return method(*args, **kwargs)
+        fn = self.function(spec.function_id)
+        if spec.kind == ACTOR_CREATION:
+            self.actors[spec.actor_id] = ActorInstance(fn(*args, **kwargs), spec)
+            return None
+        result = fn(*args, **kwargs)
+        if inspect.iscoroutine(result):
+            result = asyncio.run(result)
+        return result
+
+    def _results(self, spec: TaskSpec, result: Any) -> ExecutionResult:
+        n = len(spec.return_ids)
+        if n == 1:
+            values = [result]
+        else:
+            try:
+                values = list(result)
+            except TypeError:
+                values = None
+            if values is None or len(values) != n:
+                got = "a non-sequence" if values is None else f"{len(values)} values"
+                err = ValueError(f"{spec.display_name} was declared with num_returns={n} "
+                                 f"but returned {got}")
+                return self._failure(spec, exc.TaskError.from_exception(err, spec.display_name,
+                                                                         self.pid))
+        out = []
+        for v in values:
+            try:
+                out.append(serialize(v))
+            except TypeError as err:
+                return self._failure(spec, exc.TaskError.from_exception(err, spec.display_name,
+                                                                         self.pid))
+        return ExecutionResult(out)
+
+    def _failure(self, spec: TaskSpec, error: BaseException, retryable: bool = False):
+        try:
+            sobj = serialize(error, is_error=True)
+        except TypeError:
+            sobj = serialize(exc.TaskError(spec.display_name, str(error), None, self.pid),
+                             is_error=True)
+        return ExecutionResult([sobj] * len(spec.return_ids), error, retryable)
+
+    def drop_actor(self, actor_id: bytes) -> None:
+        actor = self.actors.pop(actor_id, None)
+        if actor is not None:
+            actor.close()
+
+
+async def _with_context(method, args, kwargs):
+    return await method(*args, **kwargs)
+
+
+def _input_error(spec: TaskSpec, upstream: BaseException) -> BaseException:
+    if isinstance(upstream, exc.TaskError):
+        return exc.TaskError(spec.display_name, upstream.traceback_str, upstream.cause,
+                             upstream.pid, input_failed=True).as_instanceof_cause()
+    return upstream  # system errors (cancelled, crashed, lost) propagate as they are
+
+
+def _cancelled_error(spec: TaskSpec, err: BaseException, pid: int) -> BaseException:
+    import traceback
+    tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    cause = exc.TaskCancelledError(f"task {spec.display_name} was cancelled")
+    return exc.TaskError(spec.display_name, tb, cause, pid).as_instanceof_cause()
+
+
+def _should_retry(spec: TaskSpec, err: BaseException) -> bool:
+    retry = spec.retry_exceptions
+    if not retry:
+        return False
+    if retry is True:
+        return isinstance(err, Exception)
+    return isinstance(err, tuple(retry))

@@ -1,0 +1,261 @@
+"""The four interfaces every backend implements, and the Backend bundle.
+
+Nothing above ``beamlet.core`` imports a backend; it drives these. Each
+process that uses beamlet (the driver, and every worker that runs tasks which
+submit tasks or call ``get``) holds one Backend: in the driver it is the real
+thing, in a worker it is the backend's client side, built by the backend
+itself. The Runtime (``core/runtime.py``) puts Ray's semantics on top: it
+builds TaskSpecs, decides what travels inline, resolves errors and counts
+references; the components only store, move and run.
+
+    ObjectStore   serialized objects by id: put, blocking get, wait, delete
+    ControlStore  small metadata (functions, named actors, nodes) + pub/sub
+    Transport     messages between processes or machines
+    Scheduler     runs TaskSpecs where resources allow, stores their results
+
+Every blocking method takes a timeout (seconds, ``None`` = no limit) and raises
+``GetTimeoutError`` when it runs out; none may block forever once the backend
+shuts down (they raise ``BackendError`` instead).
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable, ClassVar, Iterable, Sequence
+
+from .serialization import SerializedObject
+from .task_spec import TaskSpec
+
+
+class ObjectStore(abc.ABC):
+    """Holds immutable serialized objects by ObjectID.
+
+    Contract:
+    - An id is written once (`put`, or a scheduler storing a task's result);
+      writing it again is ignored (a retried task may finish twice).
+    - `get` blocks until every id is present, then returns them in order;
+      the returned buffers may be read-only views of shared memory (zero copy)
+      and stay valid as long as the caller holds them.
+    - `delete` frees the objects; the Runtime calls it when no reference is
+      left anywhere. Getting a deleted id raises ``ObjectLostError``. Deleting
+      an id whose value has not arrived yet discards the value when it does.
+    - The refs a stored object contains (``SerializedObject.refs``) are kept
+      alive through the ReferenceCounter until the object is deleted.
+    - An object stored with ``is_error`` is returned like any other; raising
+      it is the Runtime's job.
+    """
+
+    @abc.abstractmethod
+    def put(self, object_id: bytes, value: SerializedObject) -> None:
+        """Store `value` under `object_id` and wake everyone waiting for it."""
+
+    @abc.abstractmethod
+    def get(self, object_ids: Sequence[bytes], timeout: float | None = None) -> list[SerializedObject]:
+        """The objects, in order, once all are present; ``GetTimeoutError`` after `timeout`."""
+
+    @abc.abstractmethod
+    def wait(self, object_ids: Sequence[bytes], num_returns: int,
+             timeout: float | None = None) -> set[bytes]:
+        """Block until at least `num_returns` of the ids are present or `timeout`
+        passes (0 polls); return the set of present ids (possibly more than asked)."""
+
+    @abc.abstractmethod
+    def contains(self, object_id: bytes) -> bool:
+        """Whether the object is present now (never blocks)."""
+
+    @abc.abstractmethod
+    def delete(self, object_ids: Iterable[bytes]) -> None:
+        """Free the objects; unknown ids are ignored."""
+
+    @abc.abstractmethod
+    def on_ready(self, object_id: bytes, callback: Callable[[bytes], Any]) -> None:
+        """Call ``callback(object_id)`` once the object is present: at once (in
+        the calling thread) if it already is, else from whichever thread stores
+        it; also when its value arrives after a `delete` and is discarded."""
+
+    def stats(self) -> dict:
+        """Usage figures for status displays: at least ``num_objects`` and ``bytes_used``."""
+        return {}
+
+
+class ControlStore(abc.ABC):
+    """Small durable metadata, shared by every process of a cluster (the GCS).
+
+    Keys live in named tables. Values are bytes (callers serialize). `put`
+    with ``overwrite=False`` is an atomic insert-if-absent: two processes
+    racing for one key, exactly one wins. Subscribers of a channel receive
+    each message published after they subscribed, in publish order.
+    """
+
+    @abc.abstractmethod
+    def put(self, table: str, key: str | bytes, value: bytes, overwrite: bool = True) -> bool:
+        """Store the value; return False (and store nothing) if the key exists
+        and `overwrite` is False."""
+
+    @abc.abstractmethod
+    def get(self, table: str, key: str | bytes) -> bytes | None:
+        """The value, or None."""
+
+    @abc.abstractmethod
+    def delete(self, table: str, key: str | bytes) -> bool:
+        """Remove the key; return whether it was there."""
+
+    @abc.abstractmethod
+    def keys(self, table: str) -> list:
+        """All keys of the table."""
+
+    @abc.abstractmethod
+    def publish(self, channel: str, message: bytes) -> None:
+        """Deliver `message` to the channel's current subscribers."""
+
+    @abc.abstractmethod
+    def subscribe(self, channel: str, callback: Callable[[bytes], Any]) -> Callable[[], None]:
+        """Call `callback(message)` for each later message; returns an unsubscribe function."""
+
+    def close(self) -> None:
+        """Release connections; the data may outlive this client."""
+
+
+class Connection(abc.ABC):
+    """One ordered, reliable, bidirectional message channel."""
+
+    @abc.abstractmethod
+    def send(self, message: Any) -> None:
+        """Send one picklable message; raises ``BackendError`` if the peer is gone."""
+
+    @abc.abstractmethod
+    def recv(self, timeout: float | None = None) -> Any:
+        """The next message; ``GetTimeoutError`` after `timeout`, ``EOFError`` when the peer closed."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close the channel; the peer's `recv` raises EOFError."""
+
+    def fileno(self) -> int:
+        """A file descriptor that is readable when `recv` will not block, for selectors."""
+        raise NotImplementedError
+
+
+class Transport(abc.ABC):
+    """Makes Connections between processes: pipes and Unix sockets on one
+    machine, ZeroMQ/TCP between machines. Messages are small (control and
+    inline values); large payloads go through the ObjectStore."""
+
+    @abc.abstractmethod
+    def listen(self, address: str | None = None) -> "Listener":
+        """Start accepting connections at `address` (None: a fresh private one)."""
+
+    @abc.abstractmethod
+    def connect(self, address: str, timeout: float | None = None) -> Connection:
+        """Connect to a Listener's address; ``BackendError`` if nothing answers in time."""
+
+
+class Listener(abc.ABC):
+    """The accepting end of a Transport."""
+
+    address: str
+
+    @abc.abstractmethod
+    def accept(self, timeout: float | None = None) -> Connection:
+        """The next incoming connection; ``GetTimeoutError`` after `timeout`."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop accepting and free the address."""
+
+
+class Scheduler(abc.ABC):
+    """Runs TaskSpecs and stores their results in the ObjectStore.
+
+    Contract:
+    - `submit` returns at once. The task waits for its dependencies (without
+      holding resources), then runs where its resource request fits.
+    - Every return id eventually gets a value: the result, or an error object
+      (``TaskError`` for an exception in user code, ``WorkerCrashedError``,
+      ``TaskCancelledError``, ``ActorDiedError``...). A dependency stored as an
+      error is passed to the task's executor, which fails the task with it.
+    - Calls to one actor from one caller run in submission order.
+    - A request that no node can ever satisfy raises ``ValueError`` from
+      `submit`, naming the resource.
+    - Failures are retried per ``spec.max_retries`` (worker died) and
+      ``spec.retry_exceptions`` (user exception); actors are restarted per
+      ``actor_options["max_restarts"]``.
+    """
+
+    @abc.abstractmethod
+    def submit(self, spec: TaskSpec) -> None:
+        """Queue a task, actor creation or actor method call."""
+
+    @abc.abstractmethod
+    def cancel(self, object_id: bytes, force: bool = False) -> None:
+        """Cancel the task that produces `object_id`: a queued task is dropped,
+        a running one is interrupted (``force``: its worker is killed). Its
+        results become ``TaskCancelledError``. Finished tasks are left alone."""
+
+    @abc.abstractmethod
+    def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
+        """Stop the actor's process; queued and later calls raise ``ActorDiedError``
+        (unless it restarts: ``no_restart=False`` and restarts are left)."""
+
+    @abc.abstractmethod
+    def total_resources(self) -> dict[str, float]:
+        """Everything the scheduler can hand out, e.g. ``{"CPU": 8.0, "GPU": 0.0}``."""
+
+    @abc.abstractmethod
+    def available_resources(self) -> dict[str, float]:
+        """What is not held by running tasks and actors now."""
+
+    def shutdown(self) -> None:
+        """Stop every worker and actor this scheduler started."""
+
+
+class Backend(abc.ABC):
+    """A named bundle of the four components, as one process sees them.
+
+    Capability flags (class attributes) tell the Runtime and the libraries what
+    they may rely on, in the manner of joblib's backends:
+
+    - ``parallel``: tasks may run at the same time (False: each runs inside
+      ``.remote()``, in the caller's thread).
+    - ``isolated``: tasks run in other processes, so globals are not shared.
+    - ``zero_copy``: large buffers come back from ``get`` as shared-memory views.
+    - ``multi_node``: tasks may run on other machines.
+
+    ``inline_threshold`` is the size below which values travel inside messages
+    rather than through the object store.
+    """
+
+    name: ClassVar[str] = "?"
+    parallel: ClassVar[bool] = False
+    isolated: ClassVar[bool] = False
+    zero_copy: ClassVar[bool] = False
+    multi_node: ClassVar[bool] = False
+    inline_threshold: ClassVar[int] = 100 * 1024
+
+    object_store: ObjectStore
+    control_store: ControlStore
+    scheduler: Scheduler
+    transport: Transport | None = None
+
+    #: Ids used by get_runtime_context(); backends fill them in.
+    node_id: str = ""
+    worker_id: str = ""
+
+    def nodes(self) -> list[dict]:
+        """One dict per node: ``NodeID``, ``Alive``, ``Resources``, ``NodeManagerAddress``."""
+        return [{"NodeID": self.node_id, "Alive": True,
+                 "Resources": self.scheduler.total_resources(),
+                 "NodeManagerAddress": "127.0.0.1"}]
+
+    def object_referenced(self, object_id: bytes) -> None:
+        """This process now holds a reference to the object (its count went 0 -> 1).
+        The owner's backend needs nothing; a worker's tells the owner it borrows it."""
+
+    def object_released(self, object_id: bytes) -> None:
+        """No reference to the object is left in this process (count 1 -> 0).
+        The owner's backend frees it; a worker's tells the owner it let go."""
+        self.object_store.delete([object_id])
+
+    @abc.abstractmethod
+    def shutdown(self) -> None:
+        """Stop everything this backend started in this process and below it:
+        processes, shared memory, temp files, threads. Idempotent."""

@@ -1,0 +1,122 @@
+"""MemoryObjectStore: an ObjectStore in one process's memory.
+
+The in-process backend stores everything here; the local backend's driver
+keeps its inline (small) objects here too. Values are kept as
+SerializedObjects, so what is read back was really serialized, as on any
+other backend.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable, Iterable, Sequence
+
+from .. import exceptions as exc
+from .interfaces import ObjectStore
+from .refcount import ReferenceCounter
+from .runtime import deadline, remaining
+from .serialization import SerializedObject
+
+
+class MemoryObjectStore(ObjectStore):
+    """Dict of id -> SerializedObject with a condition variable for blocking reads.
+
+    ``refs`` (optional) is the process's ReferenceCounter: the refs inside a
+    stored value are pinned in it until the value is deleted.
+    """
+
+    def __init__(self, refs: ReferenceCounter | None = None):
+        self._objects: dict[bytes, SerializedObject] = {}
+        self._callbacks: dict[bytes, list[Callable]] = {}
+        self._deleted: set[bytes] = set()  # deleted before their value arrived
+        self._cond = threading.Condition(threading.Lock())
+        self._refs = refs
+        self.closed = False
+
+    def put(self, object_id: bytes, value: SerializedObject) -> None:
+        with self._cond:
+            if object_id in self._objects:
+                return
+            discard = object_id in self._deleted
+            if discard:
+                self._deleted.discard(object_id)
+            else:
+                self._objects[object_id] = value
+            callbacks = self._callbacks.pop(object_id, ())
+            self._cond.notify_all()
+        if value.refs and self._refs is not None and not discard:
+            self._refs.incr_all(value.refs)
+        for callback in callbacks:
+            callback(object_id)
+
+    def get(self, object_ids: Sequence[bytes], timeout: float | None = None) -> list[SerializedObject]:
+        objects = self._objects
+        try:
+            return [objects[i] for i in object_ids]
+        except KeyError:
+            pass
+        until = deadline(timeout)
+        with self._cond:
+            while True:
+                missing = [i for i in object_ids if i not in objects]
+                if not missing:
+                    return [objects[i] for i in object_ids]
+                lost = [i for i in missing if i in self._deleted]
+                if lost:
+                    raise exc.ObjectLostError(f"object {lost[0].hex()} was freed")
+                if self.closed:
+                    raise exc.BackendError("the object store was shut down")
+                left = remaining(until)
+                if left == 0:
+                    raise exc.GetTimeoutError(
+                        f"get() timed out after {timeout}s waiting for {len(missing)} of "
+                        f"{len(object_ids)} objects")
+                self._cond.wait(left if left is not None else 1.0)
+
+    def wait(self, object_ids: Sequence[bytes], num_returns: int,
+             timeout: float | None = None) -> set[bytes]:
+        until = deadline(timeout)
+        with self._cond:
+            while True:
+                ready = {i for i in object_ids if i in self._objects}
+                if len(ready) >= num_returns or self.closed:
+                    return ready
+                left = remaining(until)
+                if left == 0:
+                    return ready
+                self._cond.wait(left if left is not None else 1.0)
+
+    def contains(self, object_id: bytes) -> bool:
+        return object_id in self._objects
+
+    def delete(self, object_ids: Iterable[bytes]) -> None:
+        freed = []
+        with self._cond:
+            for object_id in object_ids:
+                value = self._objects.pop(object_id, None)
+                if value is None:  # not arrived yet: drop it when it does
+                    self._deleted.add(object_id)
+                elif value.refs:
+                    freed.append(value)
+        if self._refs is not None:
+            for value in freed:
+                self._refs.decr_all(value.refs)
+
+    def on_ready(self, object_id: bytes, callback: Callable[[bytes], object]) -> None:
+        with self._cond:
+            if object_id not in self._objects:
+                self._callbacks.setdefault(object_id, []).append(callback)
+                return
+        callback(object_id)
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {"num_objects": len(self._objects),
+                    "bytes_used": sum(v.total_bytes for v in self._objects.values())}
+
+    def close(self) -> None:
+        """Wake every blocked reader: they raise BackendError."""
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+            self._objects.clear()
+            self._callbacks.clear()

@@ -1,0 +1,75 @@
+"""ObjectRef: a future for a value in the object store."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+from . import runtime as _runtime
+from .ids import short
+from .serialization import note_contained_ref
+
+
+class ObjectRef:
+    """A reference to an object that exists, or will once its task finishes.
+
+    Hashable and comparable by id. While any ObjectRef (in any process, or
+    inside any stored value) refers to an object, the object is kept. Pickling
+    a ref (into a task argument or a stored value) sends only its id.
+    `await ref` and `ref.future()` wait without blocking a thread per ref.
+    """
+
+    __slots__ = ("id", "_runtime", "__weakref__")
+
+    def __init__(self, object_id: bytes, _add_reference: bool = True):
+        self.id = object_id
+        rt = _runtime.current_or_none()
+        self._runtime = rt
+        if rt is not None and _add_reference:
+            rt.refs.incr(object_id)
+
+    def __del__(self):
+        rt = self._runtime
+        if rt is not None and not rt.refs.closed:
+            try:
+                rt.refs.decr(self.id)
+            except Exception:  # interpreter shutdown: nothing left to free
+                pass
+
+    def __reduce__(self):
+        note_contained_ref(self.id)
+        return (ObjectRef, (self.id,))
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ObjectRef) and other.id == self.id
+
+    def __repr__(self) -> str:
+        return f"ObjectRef({self.id.hex()})"
+
+    def hex(self) -> str:
+        return self.id.hex()
+
+    def binary(self) -> bytes:
+        return self.id
+
+    def task_id(self) -> str:
+        return short(self.id)
+
+    def future(self) -> concurrent.futures.Future:
+        """A concurrent.futures.Future that completes with the value (or the error)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        rt = _runtime.current()
+
+        def done(_object_id: bytes) -> None:
+            try:
+                fut.set_result(rt.get_one(self, timeout=None))
+            except BaseException as exc:  # noqa: BLE001 - the error is the result
+                fut.set_exception(exc)
+
+        rt.backend.object_store.on_ready(self.id, done)
+        return fut
+
+    def __await__(self):
+        return asyncio.wrap_future(self.future()).__await__()

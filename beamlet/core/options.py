@@ -1,0 +1,92 @@
+"""Validation of `@remote(...)` and `.options(...)` arguments, at the call site."""
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+_RESOURCE_OPTIONS = {"num_cpus", "num_gpus", "resources", "memory", "accelerator_type"}
+
+TASK_OPTIONS = frozenset(_RESOURCE_OPTIONS | {
+    "num_returns", "max_retries", "retry_exceptions", "name", "scheduling_strategy",
+    "runtime_env", "max_calls"})
+
+ACTOR_OPTIONS = frozenset(_RESOURCE_OPTIONS | {
+    "name", "namespace", "lifetime", "max_restarts", "max_task_retries", "max_concurrency",
+    "get_if_exists", "scheduling_strategy", "runtime_env", "max_pending_calls"})
+
+METHOD_OPTIONS = frozenset({"num_returns", "max_task_retries", "name", "concurrency_group"})
+
+# Resource names that have their own option: using them in resources={} is an error.
+_RESERVED = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory"}
+
+
+def validate(options: dict, allowed: frozenset, what: str) -> dict:
+    """Check option names and values; return a normalised copy."""
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"invalid option(s) {', '.join(map(repr, unknown))} for {what}; "
+                         f"valid options are: {', '.join(sorted(allowed))}")
+    out = dict(options)
+    for key in ("num_cpus", "num_gpus", "memory"):
+        if key in out and out[key] is not None:
+            _check_amount(key, out[key])
+    if out.get("resources") is not None:
+        res = out["resources"]
+        if not isinstance(res, dict):
+            raise TypeError(f"resources must be a dict of name -> amount, got {res!r}")
+        for name, amount in res.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"resource names must be non-empty strings, got {name!r}")
+            if name in _RESERVED:
+                raise ValueError(f"use the {_RESERVED[name]}= option instead of "
+                                 f"resources={{{name!r}: ...}}")
+            _check_amount(f"resources[{name!r}]", amount)
+    if "num_returns" in out:
+        n = out["num_returns"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"num_returns must be an integer >= 1, got {n!r}")
+    for key in ("max_retries", "max_restarts", "max_task_retries"):
+        if key in out:
+            v = out[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v < -1:
+                raise ValueError(f"{key} must be an integer >= -1 (-1: unlimited), got {v!r}")
+    if "max_concurrency" in out:
+        v = out["max_concurrency"]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"max_concurrency must be an integer >= 1, got {v!r}")
+    if "retry_exceptions" in out:
+        v = out["retry_exceptions"]
+        if not (isinstance(v, bool) or (isinstance(v, (list, tuple)) and
+                                        all(isinstance(t, type) and issubclass(t, BaseException)
+                                            for t in v))):
+            raise TypeError("retry_exceptions must be a bool or a list of exception classes, "
+                            f"got {v!r}")
+    for key in ("name", "namespace"):
+        if out.get(key) is not None and not isinstance(out[key], str):
+            raise TypeError(f"{key} must be a string, got {out[key]!r}")
+    return out
+
+
+def _check_amount(what: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a number, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{what} must be >= 0, got {value!r}")
+
+
+def resource_request(options: dict, default_cpus: float) -> dict[str, float]:
+    """The resource dict a scheduler sees, e.g. {"CPU": 1.0, "GPU": 0.5, "custom": 2.0}."""
+    req: dict[str, float] = {}
+    cpus = options.get("num_cpus")
+    cpus = default_cpus if cpus is None else cpus
+    if cpus:
+        req["CPU"] = float(cpus)
+    gpus = options.get("num_gpus")
+    if gpus:
+        req["GPU"] = float(gpus)
+    if options.get("memory"):
+        req["memory"] = float(options["memory"])
+    for name, amount in (options.get("resources") or {}).items():
+        if amount:
+            req[name] = float(amount)
+    return req

@@ -1,0 +1,86 @@
+"""The one PluginManager: built-in plugins first, then the ``beamlet`` entry points.
+
+Built-in backends are registered by module name (imported on first use of the
+manager, not at ``import beamlet``) through the same hooks as third-party
+ones. Observer hooks are looked up once per call site via `observer`, which
+returns None when no plugin implements the hook, so the hot path pays nothing.
+"""
+from __future__ import annotations
+
+import importlib
+import threading
+
+import pluggy
+
+from . import hookspecs
+
+hookimpl = pluggy.HookimplMarker("beamlet")
+
+ENTRY_POINT_GROUP = "beamlet"
+
+# Modules of this package that are plugins; each implements some hooks.
+BUILTIN_PLUGINS = (
+    "beamlet.backends.local.plugin",
+)
+
+_manager: pluggy.PluginManager | None = None
+_lock = threading.Lock()
+
+
+def manager() -> pluggy.PluginManager:
+    """The process-wide PluginManager, built on first use."""
+    global _manager
+    if _manager is None:
+        with _lock:
+            if _manager is None:
+                pm = pluggy.PluginManager("beamlet")
+                pm.add_hookspecs(hookspecs)
+                for name in BUILTIN_PLUGINS:
+                    pm.register(importlib.import_module(name), name=name)
+                pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+                _apply_serializers(pm)
+                _manager = pm
+    return _manager
+
+
+def register(plugin, name: str | None = None) -> None:
+    """Register a plugin object or module at run time (as an entry point would)."""
+    pm = manager()
+    pm.register(plugin, name=name)
+    _apply_serializers(pm)
+
+
+def unregister(plugin) -> None:
+    manager().unregister(plugin)
+
+
+def _merge(results: list[dict], what: str) -> dict:
+    merged: dict = {}
+    for result in results:
+        for key, value in (result or {}).items():
+            if key in merged and merged[key] is not value:
+                raise RuntimeError(f"two plugins provide the {what} {key!r}")
+            merged[key] = value
+    return merged
+
+
+def backend_factories() -> dict:
+    """``{name: factory}`` for every installed backend."""
+    return _merge(manager().hook.beamlet_backends(), "backend")
+
+
+def control_store_factories() -> dict:
+    return _merge(manager().hook.beamlet_control_stores(), "control store scheme")
+
+
+def _apply_serializers(pm: pluggy.PluginManager) -> None:
+    from .serialization import register_serializer
+    for pairs in pm.hook.beamlet_serializers():
+        for cls, reducer in pairs or ():
+            register_serializer(cls, reducer)
+
+
+def observer(hook_name: str):
+    """The hook caller for `hook_name` if any plugin implements it, else None."""
+    caller = getattr(manager().hook, hook_name)
+    return caller if caller.get_hookimpls() else None

@@ -1,0 +1,123 @@
+"""RemoteFunction: what `@remote` makes of a function."""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from . import ids
+from . import runtime as _runtime
+from .options import TASK_OPTIONS, resource_request, validate
+from .serialization import dumps
+from .task_spec import TASK
+
+DEFAULT_MAX_RETRIES = 3
+
+
+class RemoteFunction:
+    """A function that runs as a task: ``f.remote(*args)`` returns ObjectRef(s) at once.
+
+    The function is pickled once (lazily, at the first call) and identified by
+    a digest of its bytes; that id, not the code, travels with each task.
+    Calling it directly raises TypeError, as in Ray.
+    """
+
+    def __init__(self, function, options: dict):
+        if not callable(function):
+            raise TypeError(f"@remote needs a function or class, got {function!r}")
+        self._function = function
+        self._options = validate(options, TASK_OPTIONS, f"remote function {_name(function)}")
+        self._name = _name(function)
+        self._blob: bytes | None = None
+        self._function_id: bytes | None = None
+        functools.update_wrapper(self, function, updated=())
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"Remote functions cannot be called directly. Instead of running "
+                        f"'{self._name}()', try '{self._name}.remote()'.")
+
+    def _code(self) -> tuple[bytes, bytes]:
+        if self._function_id is None:
+            self._pickling = True  # a recursive function refers to itself: see __reduce__
+            try:
+                self._blob = dumps(self._function)
+            finally:
+                self._pickling = False
+            self._function_id = ids.function_id(self._blob)
+        return self._function_id, self._blob
+
+    def options(self, **options) -> "_BoundOptions":
+        """This function with per-call options (``num_returns``, resources, retries...)."""
+        merged = dict(self._options)
+        merged.update(validate(options, TASK_OPTIONS, f"{self._name}.options()"))
+        return _BoundOptions(self, merged)
+
+    def remote(self, *args, **kwargs):
+        return self._remote(args, kwargs, self._options)
+
+    def _remote(self, args, kwargs, options: dict):
+        rt = _runtime.current()
+        function_id, blob = self._code()
+        rt.register_function(function_id, blob)
+        num_returns = options.get("num_returns", 1)
+        spec, _keep = rt.make_spec(
+            TASK, function_id, self._name, args, kwargs, num_returns,
+            resource_request(options, 1.0),
+            max_retries=options.get("max_retries", DEFAULT_MAX_RETRIES),
+            retry_exceptions=options.get("retry_exceptions", False))
+        refs = rt.submit(spec)
+        return refs[0] if num_returns == 1 else refs
+
+    def __reduce__(self):
+        if getattr(self, "_pickling", False):
+            # Met inside its own code while that code is being pickled: pickle the
+            # function by value (cloudpickle resolves the cycle); the copy
+            # computes its id when first called.
+            return (_rebuild_unpickled, (self._function, self._options))
+        # Inside a task, the same function keeps its id and is not re-pickled per call.
+        function_id, blob = self._code()
+        return (_rebuild_remote_function, (blob, function_id, self._options))
+
+    def __repr__(self) -> str:
+        return f"<beamlet remote function {self._name}>"
+
+
+class _BoundOptions:
+    """The result of ``f.options(...)``: call ``.remote()`` on it."""
+
+    def __init__(self, fn: RemoteFunction, options: dict):
+        self._fn = fn
+        self._options = options
+
+    def remote(self, *args, **kwargs):
+        return self._fn._remote(args, kwargs, self._options)
+
+    def options(self, **options) -> "_BoundOptions":
+        merged = dict(self._options)
+        merged.update(validate(options, TASK_OPTIONS, f"{self._fn._name}.options()"))
+        return _BoundOptions(self._fn, merged)
+
+
+def _rebuild_unpickled(function, options: dict) -> RemoteFunction:
+    fn = RemoteFunction.__new__(RemoteFunction)
+    fn._function = function
+    fn._options = options
+    fn._name = _name(function)
+    fn._blob = fn._function_id = None
+    return fn
+
+
+def _rebuild_remote_function(blob: bytes, function_id: bytes, options: dict) -> RemoteFunction:
+    from .serialization import loads
+    fn = RemoteFunction.__new__(RemoteFunction)
+    function = loads(blob)
+    fn._function = function
+    fn._options = options
+    fn._name = _name(function)
+    fn._blob = blob
+    fn._function_id = function_id
+    functools.update_wrapper(fn, function, updated=())
+    return fn
+
+
+def _name(obj: Any) -> str:
+    return getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or repr(obj)

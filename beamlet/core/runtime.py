@@ -1,0 +1,271 @@
+"""The Runtime: Ray's semantics on top of a Backend, one per process.
+
+The public API (``core/api.py``) calls the current Runtime; the Runtime turns
+calls into TaskSpecs and store operations on its Backend. Everything that
+must behave the same on every backend lives here: argument handling (top-level
+refs are resolved, nested refs stay refs, large values go through the store),
+raising stored errors, `wait`'s ordering rules, reference counting, named
+actors and the task context that `get_runtime_context` reports.
+"""
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .. import exceptions as exc
+from . import ids
+from .refcount import ReferenceCounter
+from .serialization import SerializedObject, deserialize, dumps, loads, serialize
+from .task_spec import ACTOR_CREATION, ACTOR_METHOD, ARG_REF, ARG_VALUE, TASK, TaskSpec
+
+if TYPE_CHECKING:
+    from .interfaces import Backend
+    from .object_ref import ObjectRef
+
+_current: "Runtime | None" = None
+_init_lock = threading.RLock()
+
+FUNCTIONS_TABLE = "functions"
+ACTORS_TABLE = "actors"
+NAMED_ACTORS_TABLE = "named_actors"
+
+
+def current_or_none() -> "Runtime | None":
+    return _current
+
+
+def current() -> "Runtime":
+    """The Runtime of this process; initialises with defaults on first use, as Ray does."""
+    rt = _current
+    if rt is None:
+        from .api import init
+        with _init_lock:
+            if _current is None:
+                init()
+        rt = _current
+    return rt
+
+
+def set_current(rt: "Runtime | None") -> None:
+    global _current
+    _current = rt
+
+
+class TaskContext:
+    """What is running in this thread/coroutine: read by get_runtime_context."""
+
+    __slots__ = ("task_id", "actor_id", "function_name", "resources")
+
+    def __init__(self, task_id=None, actor_id=None, function_name="", resources=None):
+        self.task_id = task_id
+        self.actor_id = actor_id
+        self.function_name = function_name
+        self.resources = resources or {}
+
+
+task_context: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar(
+    "beamlet_task_context", default=None)
+
+
+class Runtime:
+    """Ray's semantics over one process's Backend."""
+
+    def __init__(self, backend_factory, config: dict):
+        self.namespace = config.get("namespace") or "anonymous-" + ids.new_id().hex()[:8]
+        self.job_id = config.get("job_id") or ids.new_id().hex()
+        self.is_driver = config.get("is_driver", True)
+        self.caller_id = ids.new_id()
+        self.refs = ReferenceCounter(self._released, self._referenced)
+        self._registered_functions: set[bytes] = set()
+        self.backend: Backend = backend_factory(config, self)
+        self.inline_threshold = self.backend.inline_threshold
+
+    # -- reference counting ---------------------------------------------------
+    def _referenced(self, object_id: bytes) -> None:
+        self.backend.object_referenced(object_id)
+
+    def _released(self, object_id: bytes) -> None:
+        self.backend.object_released(object_id)
+
+    def _unpin_when_done(self, spec: TaskSpec, pinned: list[bytes]) -> None:
+        if not pinned:
+            return
+        refs = self.refs
+        self.backend.object_store.on_ready(spec.return_ids[0], lambda _id: refs.decr_all(pinned))
+
+    # -- functions ------------------------------------------------------------
+    def register_function(self, function_id: bytes, blob: bytes) -> None:
+        """Make the pickled function or class known to every worker (once per process)."""
+        if function_id not in self._registered_functions:
+            self.backend.control_store.put(FUNCTIONS_TABLE, function_id, blob, overwrite=False)
+            self._registered_functions.add(function_id)
+
+    # -- arguments ------------------------------------------------------------
+    def _pack_arg(self, value: Any, what: str, function_name: str, keep: list) -> tuple:
+        from .object_ref import ObjectRef
+        if type(value) is ObjectRef:
+            return (ARG_REF, value.id)
+        try:
+            sobj = serialize(value)
+        except TypeError as err:
+            raise TypeError(f"{function_name}: {what} could not be serialized: {err}") from None
+        if sobj.total_bytes > self.inline_threshold and self.backend.zero_copy:
+            ref = self._put_serialized(sobj)
+            keep.append(ref)
+            return (ARG_REF, ref.id)
+        return (ARG_VALUE, sobj)
+
+    def pack_args(self, args: Sequence, kwargs: dict, function_name: str) -> tuple[list, dict, list]:
+        """Turn call arguments into TaskSpec argument entries. Returns the ObjectRefs
+        created for large values, which the caller keeps alive until submission."""
+        keep: list = []
+        packed = [self._pack_arg(a, f"argument {i}", function_name, keep) for i, a in enumerate(args)]
+        packed_kw = {k: self._pack_arg(v, f"argument {k!r}", function_name, keep)
+                     for k, v in kwargs.items()}
+        return packed, packed_kw, keep
+
+    # -- submission -----------------------------------------------------------
+    def submit(self, spec: TaskSpec) -> list["ObjectRef"]:
+        """Hand a spec to the scheduler; return refs to its results."""
+        from .object_ref import ObjectRef
+        refs = [ObjectRef(rid) for rid in spec.return_ids]
+        pinned = spec.dependencies()
+        pinned.extend(spec.contained_refs())
+        if pinned:
+            self.refs.incr_all(pinned)
+            self._unpin_when_done(spec, pinned)
+        self.backend.scheduler.submit(spec)
+        return refs
+
+    def make_spec(self, kind: int, function_id: bytes, function_name: str, args, kwargs,
+                  num_returns: int, resources: dict, max_retries: int = 0,
+                  retry_exceptions: Any = False, actor_id: bytes | None = None,
+                  method_name: str | None = None, actor_options: dict | None = None):
+        packed, packed_kw, keep = self.pack_args(args, kwargs, function_name)
+        return_ids = tuple(ids.new_id() for _ in range(max(num_returns, 1)))
+        spec = TaskSpec(ids.new_id(), kind, function_id, function_name, packed, packed_kw,
+                        return_ids, resources, max_retries, retry_exceptions, actor_id,
+                        method_name, actor_options, self.caller_id)
+        return spec, keep
+
+    # -- objects --------------------------------------------------------------
+    def _put_serialized(self, sobj: SerializedObject) -> "ObjectRef":
+        from .object_ref import ObjectRef
+        ref = ObjectRef(ids.new_id())
+        self.backend.object_store.put(ref.id, sobj)
+        return ref
+
+    def put(self, value: Any) -> "ObjectRef":
+        from .object_ref import ObjectRef
+        if isinstance(value, ObjectRef):
+            raise TypeError("put() of an ObjectRef is not allowed: pass the ref itself, "
+                            "or put a list holding it")
+        try:
+            sobj = serialize(value)
+        except TypeError as err:
+            raise TypeError(f"put(): {err}") from None
+        return self._put_serialized(sobj)
+
+    def _value(self, sobj: SerializedObject) -> Any:
+        value = deserialize(sobj)
+        if sobj.is_error:
+            raise value
+        return value
+
+    def get(self, refs: Sequence["ObjectRef"], timeout: float | None) -> list:
+        _check_timeout(timeout)
+        sobjs = self.backend.object_store.get([r.id for r in refs], timeout)
+        return [self._value(s) for s in sobjs]
+
+    def get_one(self, ref: "ObjectRef", timeout: float | None) -> Any:
+        return self._value(self.backend.object_store.get([ref.id], timeout)[0])
+
+    def wait(self, refs: Sequence["ObjectRef"], num_returns: int, timeout: float | None):
+        _check_timeout(timeout)
+        ready_ids = self.backend.object_store.wait([r.id for r in refs], num_returns, timeout)
+        ready, not_ready = [], []
+        for ref in refs:
+            if ref.id in ready_ids and len(ready) < num_returns:
+                ready.append(ref)
+            else:
+                not_ready.append(ref)
+        return ready, not_ready
+
+    # -- actors ---------------------------------------------------------------
+    def reserve_actor_name(self, name: str, namespace: str, actor_id: bytes) -> None:
+        """Claim a name for an actor, or raise ActorAlreadyExistsError."""
+        key = f"{namespace}:{name}"
+        store = self.backend.control_store
+        if store.put(NAMED_ACTORS_TABLE, key, actor_id, overwrite=False):
+            return
+        holder = store.get(NAMED_ACTORS_TABLE, key)
+        info = store.get(ACTORS_TABLE, holder) if holder else None
+        if info is not None and loads(info).get("state") != "DEAD":
+            raise exc.ActorAlreadyExistsError(
+                f"an actor named {name!r} already exists in namespace {namespace!r}")
+        store.put(NAMED_ACTORS_TABLE, key, actor_id, overwrite=True)
+
+    def record_actor(self, actor_id: bytes, info: dict) -> None:
+        self.backend.control_store.put(ACTORS_TABLE, actor_id, dumps(info))
+
+    def actor_info(self, actor_id: bytes) -> dict | None:
+        raw = self.backend.control_store.get(ACTORS_TABLE, actor_id)
+        return loads(raw) if raw is not None else None
+
+    def lookup_actor(self, name: str, namespace: str | None) -> dict:
+        namespace = self.namespace if namespace is None else namespace
+        actor_id = self.backend.control_store.get(NAMED_ACTORS_TABLE, f"{namespace}:{name}")
+        info = self.actor_info(actor_id) if actor_id else None
+        if info is None or info.get("state") == "DEAD":
+            raise ValueError(f"Failed to look up actor with name {name!r} in namespace "
+                             f"{namespace!r}: no live actor has that name")
+        return info
+
+    def kill_actor(self, actor_id: bytes, no_restart: bool) -> None:
+        self.backend.scheduler.kill_actor(actor_id, no_restart)
+
+    def cancel(self, ref: "ObjectRef", force: bool) -> None:
+        self.backend.scheduler.cancel(ref.id, force)
+
+    # -- lifecycle ------------------------------------------------------------
+    def shutdown(self) -> None:
+        self.refs.close()
+        self.backend.shutdown()
+
+
+def set_actor_state(control_store, actor_id: bytes, state: str, reason: str = "") -> dict | None:
+    """Record an actor's state (ALIVE, RESTARTING, DEAD) in the control store; a dead
+    actor's name is freed for reuse. Returns the actor's info."""
+    raw = control_store.get(ACTORS_TABLE, actor_id)
+    if raw is None:
+        return None
+    info = loads(raw)
+    info["state"] = state
+    info["reason"] = reason
+    control_store.put(ACTORS_TABLE, actor_id, dumps(info))
+    if state == "DEAD" and info.get("name") is not None:
+        key = f"{info['namespace']}:{info['name']}"
+        if control_store.get(NAMED_ACTORS_TABLE, key) == actor_id:
+            control_store.delete(NAMED_ACTORS_TABLE, key)
+    return info
+
+
+def _check_timeout(timeout) -> None:
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
+        raise ValueError(f"timeout must be None or a number >= 0, got {timeout!r}")
+
+
+def deadline(timeout: float | None) -> float | None:
+    """The monotonic time at which `timeout` runs out (None: never)."""
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def remaining(until: float | None) -> float | None:
+    """Seconds left before `until` (never negative), None for no deadline."""
+    return None if until is None else max(0.0, until - time.monotonic())
+
+
+__all__ = ["Runtime", "current", "current_or_none", "TaskContext", "task_context",
+           "TASK", "ACTOR_CREATION", "ACTOR_METHOD"]

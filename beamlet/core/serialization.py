@@ -1,0 +1,125 @@
+"""Turning values into bytes and back.
+
+`serialize` uses cloudpickle (so lambdas, closures and classes defined in
+``__main__`` travel) with pickle protocol 5: large contiguous buffers, numpy
+arrays above all, are kept out of band in ``SerializedObject.buffers`` instead
+of being copied into the pickle stream. An object store can lay them out in
+shared memory and `deserialize` rebuilds arrays as views of that memory, with
+no copy.
+
+ObjectRefs and ActorHandles inside a value pickle as their ids; the ids of the
+refs met while pickling are collected in ``SerializedObject.refs`` so that the
+owner can keep those objects alive while the value that contains them lives.
+
+Plugins can teach the serializer extra types (the `beamlet_serializers` hook);
+`register_serializer` is the same thing for code that is not a plugin.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+import threading
+from typing import Any, Callable
+
+import cloudpickle
+
+# Types pickled by the fast path: plain pickle is much quicker than cloudpickle
+# for them and there is nothing cloudpickle would do differently.
+_PLAIN_TYPES = frozenset({type(None), bool, int, float, complex, str, bytes})
+
+_extra_reducers: dict[type, Callable[[Any], tuple]] = {}
+_local = threading.local()
+
+
+class SerializedObject:
+    """A serialized value: the pickle stream, its out-of-band buffers, and the
+    ids of the ObjectRefs it contains. ``is_error`` marks a stored exception
+    that `get` must raise instead of return."""
+
+    __slots__ = ("data", "buffers", "refs", "is_error")
+
+    def __init__(self, data: bytes, buffers: list | tuple = (), refs: tuple = (),
+                 is_error: bool = False):
+        self.data = data
+        self.buffers = buffers
+        self.refs = refs
+        self.is_error = is_error
+
+    @property
+    def total_bytes(self) -> int:
+        """Size of the stream plus all buffers, in bytes."""
+        return len(self.data) + sum(memoryview(b).nbytes for b in self.buffers)
+
+    def __reduce__(self):
+        # Sent inline (small values): buffers travel as bytes inside the message.
+        buffers = [bytes(memoryview(b).cast("B")) if not isinstance(b, bytes) else b
+                   for b in self.buffers]
+        return (SerializedObject, (self.data, buffers, self.refs, self.is_error))
+
+    def __repr__(self) -> str:
+        return (f"SerializedObject({self.total_bytes} bytes, {len(self.buffers)} buffers, "
+                f"{len(self.refs)} refs{', error' if self.is_error else ''})")
+
+
+class _Pickler(cloudpickle.Pickler):
+    dispatch_table = collections.ChainMap(_extra_reducers, cloudpickle.Pickler.dispatch_table)
+
+
+def register_serializer(cls: type, reducer: Callable[[Any], tuple]) -> None:
+    """Pickle instances of `cls` with `reducer` (a ``copyreg``-style function
+    returning ``(callable, args)``), in this process."""
+    if not isinstance(cls, type):
+        raise TypeError(f"register_serializer needs a class, got {cls!r}")
+    _extra_reducers[cls] = reducer
+
+
+def note_contained_ref(object_id: bytes) -> None:
+    """Called by ObjectRef.__reduce__: records the id while a value is pickled."""
+    refs = getattr(_local, "refs", None)
+    if refs is not None:
+        refs.append(object_id)
+
+
+def serialize(value: Any, is_error: bool = False) -> SerializedObject:
+    """Serialize `value`. Raises TypeError naming the type when it cannot be pickled."""
+    if type(value) in _PLAIN_TYPES:
+        return SerializedObject(pickle.dumps(value, 5), (), (), is_error)
+    buffers: list[pickle.PickleBuffer] = []
+    outer = getattr(_local, "refs", None)
+    _local.refs = refs = []
+    try:
+        stream = io.BytesIO()
+        _Pickler(stream, protocol=5, buffer_callback=buffers.append).dump(value)
+    except Exception as exc:
+        raise TypeError(f"cannot serialize {_describe(value)}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        _local.refs = outer
+    if outer is not None:
+        outer.extend(refs)
+    raw = [b.raw() for b in buffers]
+    return SerializedObject(stream.getvalue(), raw, tuple(dict.fromkeys(refs)), is_error)
+
+
+def deserialize(sobj: SerializedObject) -> Any:
+    """The value `sobj` holds. Out-of-band buffers are used in place, not copied."""
+    return pickle.loads(sobj.data, buffers=sobj.buffers)
+
+
+def dumps(value: Any) -> bytes:
+    """Serialize `value` to one bytes object (buffers in band), for control
+    messages and metadata rather than for data."""
+    try:
+        return cloudpickle.dumps(value, protocol=5)
+    except Exception as exc:
+        raise TypeError(f"cannot serialize {_describe(value)}: {type(exc).__name__}: {exc}") from exc
+
+
+loads = pickle.loads
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"a value of type {type(value).__qualname__} ({text})"

@@ -1,0 +1,90 @@
+"""TaskSpec: everything a scheduler needs to run one task, actor creation or
+actor method call, as plain data that pickles fast and means the same in every
+process and on every node."""
+from __future__ import annotations
+
+from typing import Any
+
+# What a spec asks for.
+TASK = 0
+ACTOR_CREATION = 1
+ACTOR_METHOD = 2
+
+# How an argument travels: its serialized value inline, or an ObjectRef's id
+# that the executor resolves to the value (only for top-level arguments).
+ARG_VALUE = 0
+ARG_REF = 1
+
+
+class TaskSpec:
+    """One unit of work.
+
+    ``args`` is a list of ``(ARG_VALUE, SerializedObject)`` or
+    ``(ARG_REF, object_id)`` pairs, ``kwargs`` maps names to the same pairs.
+    ``return_ids`` are the ids of the objects the task will produce (one per
+    return value). ``resources`` is the request, e.g. ``{"CPU": 1.0}``; a
+    scheduler holds it while the task runs. For an actor creation,
+    ``actor_options`` carries name, namespace, restarts and concurrency; for a
+    method call ``actor_id`` and ``method_name`` say where it runs. ``caller_id``
+    identifies the submitting process: calls from one caller to one actor run
+    in the order they were submitted.
+    """
+
+    __slots__ = ("task_id", "kind", "function_id", "function_name", "args", "kwargs",
+                 "return_ids", "resources", "max_retries", "retry_exceptions",
+                 "actor_id", "method_name", "actor_options", "caller_id", "attempt")
+
+    def __init__(self, task_id: bytes, kind: int, function_id: bytes, function_name: str,
+                 args: list, kwargs: dict, return_ids: tuple, resources: dict,
+                 max_retries: int = 0, retry_exceptions: Any = False,
+                 actor_id: bytes | None = None, method_name: str | None = None,
+                 actor_options: dict | None = None, caller_id: bytes = b"",
+                 attempt: int = 0):
+        self.task_id = task_id
+        self.kind = kind
+        self.function_id = function_id
+        self.function_name = function_name
+        self.args = args
+        self.kwargs = kwargs
+        self.return_ids = return_ids
+        self.resources = resources
+        self.max_retries = max_retries
+        self.retry_exceptions = retry_exceptions
+        self.actor_id = actor_id
+        self.method_name = method_name
+        self.actor_options = actor_options
+        self.caller_id = caller_id
+        self.attempt = attempt
+
+    def __reduce__(self):
+        return (TaskSpec, tuple(getattr(self, name) for name in self.__slots__))
+
+    def dependencies(self) -> list[bytes]:
+        """Ids of the objects that must exist before the task can run."""
+        deps = [value for kind, value in self.args if kind == ARG_REF]
+        deps.extend(value for kind, value in self.kwargs.values() if kind == ARG_REF)
+        return deps
+
+    def contained_refs(self) -> list[bytes]:
+        """Ids of refs nested inside inline argument values (kept alive, not resolved)."""
+        out = []
+        for kind, value in list(self.args) + list(self.kwargs.values()):
+            if kind == ARG_VALUE and value.refs:
+                out.extend(value.refs)
+        return out
+
+    @property
+    def is_actor_task(self) -> bool:
+        return self.kind == ACTOR_METHOD
+
+    @property
+    def display_name(self) -> str:
+        """The name used in errors and log prefixes."""
+        if self.kind == ACTOR_METHOD:
+            return f"{self.function_name}.{self.method_name}"
+        if self.kind == ACTOR_CREATION:
+            return f"{self.function_name}.__init__"
+        return self.function_name
+
+    def __repr__(self) -> str:
+        return f"TaskSpec({self.display_name}, id={self.task_id.hex()[-12:]})"

@@ -1,0 +1,4 @@
+"""Utilities on top of the public API."""
+from .actor_pool import ActorPool
+
+__all__ = ["ActorPool"]
