@@ -114,20 +114,43 @@ class Executor:
             try:
                 args, kwargs = self._resolve(spec)
                 result = self._call(spec, args, kwargs)
-            except _ArgumentFailed as failed:
-                return self._failure(spec, _input_error(spec, failed.error))
-            except KeyboardInterrupt as err:
-                return self._failure(spec, _cancelled_error(spec, err, self.pid))
-            except exc.ActorError as err:
-                return self._failure(spec, err)
             except BaseException as err:  # noqa: BLE001 - user code may raise anything
-                if isinstance(err, SystemExit) and spec.kind != ACTOR_METHOD:
-                    err = RuntimeError(f"task called sys.exit({err.code})")
-                wrapped = exc.TaskError.from_exception(err, spec.display_name, self.pid)
-                return self._failure(spec, wrapped, _should_retry(spec, err))
+                return self._handle(spec, err)
             return self._results(spec, result)
         finally:
             task_context.reset(token)
+
+    async def execute_async(self, spec: TaskSpec) -> ExecutionResult:
+        """Run an async actor's method call on the running event loop: awaits the
+        method, so many calls can be in flight on one loop."""
+        token = task_context.set(TaskContext(spec.task_id, spec.actor_id, spec.display_name,
+                                             spec.resources))
+        try:
+            try:
+                args, kwargs = self._resolve(spec)
+                actor = self.actors.get(spec.actor_id)
+                if actor is None:
+                    raise exc.ActorDiedError(f"actor {spec.function_name} is not running here")
+                result = getattr(actor.instance, spec.method_name)(*args, **kwargs)
+                if inspect.isawaitable(result):
+                    result = await result
+            except BaseException as err:  # noqa: BLE001
+                return self._handle(spec, err)
+            return self._results(spec, result)
+        finally:
+            task_context.reset(token)
+
+    def _handle(self, spec: TaskSpec, err: BaseException) -> ExecutionResult:
+        if isinstance(err, _ArgumentFailed):
+            return self._failure(spec, _input_error(spec, err.error))
+        if isinstance(err, (KeyboardInterrupt, asyncio.CancelledError)):
+            return self._failure(spec, _cancelled_error(spec, err, self.pid))
+        if isinstance(err, exc.ActorError):
+            return self._failure(spec, err)
+        if isinstance(err, SystemExit) and spec.kind != ACTOR_METHOD:
+            err = RuntimeError(f"task called sys.exit({err.code})")
+        wrapped = exc.TaskError.from_exception(err, spec.display_name, self.pid)
+        return self._failure(spec, wrapped, _should_retry(spec, err))
 
     def _call(self, spec: TaskSpec, args: list, kwargs: dict) -> Any:
         if spec.kind == ACTOR_METHOD:

@@ -230,6 +230,10 @@ class Backend(abc.ABC):
     zero_copy: ClassVar[bool] = False
     multi_node: ClassVar[bool] = False
     inline_threshold: ClassVar[int] = 100 * 1024
+    #: True where this process owns the objects it creates (the driver); a
+    #: worker's client side forwards submissions to the owner, which pins
+    #: their arguments.
+    owns_objects: ClassVar[bool] = True
 
     object_store: ObjectStore
     control_store: ControlStore

@@ -33,6 +33,11 @@ class MemoryObjectStore(ObjectStore):
         self.closed = False
 
     def put(self, object_id: bytes, value: SerializedObject) -> None:
+        self.put_entry(object_id, value)
+
+    def put_entry(self, object_id: bytes, value) -> None:
+        """Store an entry: a SerializedObject here; subclasses may store other
+        kinds with ``refs`` and ``is_error`` attributes."""
         with self._cond:
             if object_id in self._objects:
                 return
@@ -41,9 +46,12 @@ class MemoryObjectStore(ObjectStore):
                 self._deleted.discard(object_id)
             else:
                 self._objects[object_id] = value
+                self._stored(object_id, value)
             callbacks = self._callbacks.pop(object_id, ())
             self._cond.notify_all()
-        if value.refs and self._refs is not None and not discard:
+        if discard:
+            self._freed(object_id, value)
+        elif value.refs and self._refs is not None:
             self._refs.incr_all(value.refs)
         for callback in callbacks:
             callback(object_id)
@@ -51,7 +59,7 @@ class MemoryObjectStore(ObjectStore):
     def get(self, object_ids: Sequence[bytes], timeout: float | None = None) -> list[SerializedObject]:
         objects = self._objects
         try:
-            return [objects[i] for i in object_ids]
+            return [self._materialize(i, objects[i]) for i in object_ids]
         except KeyError:
             pass
         until = deadline(timeout)
@@ -59,7 +67,8 @@ class MemoryObjectStore(ObjectStore):
             while True:
                 missing = [i for i in object_ids if i not in objects]
                 if not missing:
-                    return [objects[i] for i in object_ids]
+                    found = [objects[i] for i in object_ids]
+                    break
                 lost = [i for i in missing if i in self._deleted]
                 if lost:
                     raise exc.ObjectLostError(f"object {lost[0].hex()} was freed")
@@ -71,6 +80,17 @@ class MemoryObjectStore(ObjectStore):
                         f"get() timed out after {timeout}s waiting for {len(missing)} of "
                         f"{len(object_ids)} objects")
                 self._cond.wait(left if left is not None else 1.0)
+        return [self._materialize(i, entry) for i, entry in zip(object_ids, found)]
+
+    def _materialize(self, object_id: bytes, entry) -> SerializedObject:
+        """The SerializedObject for a stored entry (subclasses store other kinds)."""
+        return entry
+
+    def _stored(self, object_id: bytes, entry) -> None:
+        """An entry was stored, under the lock (subclasses account for it)."""
+
+    def _freed(self, object_id: bytes, entry) -> None:
+        """An entry was deleted (subclasses release what backs it)."""
 
     def wait(self, object_ids: Sequence[bytes], num_returns: int,
              timeout: float | None = None) -> set[bytes]:
@@ -88,6 +108,10 @@ class MemoryObjectStore(ObjectStore):
     def contains(self, object_id: bytes) -> bool:
         return object_id in self._objects
 
+    def entry(self, object_id: bytes):
+        """The stored entry as it is (None if absent), without materializing it."""
+        return self._objects.get(object_id)
+
     def delete(self, object_ids: Iterable[bytes]) -> None:
         freed = []
         with self._cond:
@@ -95,10 +119,11 @@ class MemoryObjectStore(ObjectStore):
                 value = self._objects.pop(object_id, None)
                 if value is None:  # not arrived yet: drop it when it does
                     self._deleted.add(object_id)
-                elif value.refs:
-                    freed.append(value)
-        if self._refs is not None:
-            for value in freed:
+                else:
+                    freed.append((object_id, value))
+        for object_id, value in freed:
+            self._freed(object_id, value)
+            if value.refs and self._refs is not None:
                 self._refs.decr_all(value.refs)
 
     def on_ready(self, object_id: bytes, callback: Callable[[bytes], object]) -> None:
@@ -111,7 +136,7 @@ class MemoryObjectStore(ObjectStore):
     def stats(self) -> dict:
         with self._cond:
             return {"num_objects": len(self._objects),
-                    "bytes_used": sum(v.total_bytes for v in self._objects.values())}
+                    "bytes_used": sum(getattr(v, "total_bytes", 0) for v in self._objects.values())}
 
     def close(self) -> None:
         """Wake every blocked reader: they raise BackendError."""

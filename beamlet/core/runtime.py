@@ -131,13 +131,21 @@ class Runtime:
         """Hand a spec to the scheduler; return refs to its results."""
         from .object_ref import ObjectRef
         refs = [ObjectRef(rid) for rid in spec.return_ids]
+        if self.backend.owns_objects:
+            self.accept(spec)
+        else:
+            self.backend.scheduler.submit(spec)
+        return refs
+
+    def accept(self, spec: TaskSpec) -> None:
+        """Pin what the spec needs until it finishes, then schedule it (the
+        owner's side of a submission, also for specs sent by workers)."""
         pinned = spec.dependencies()
         pinned.extend(spec.contained_refs())
         if pinned:
             self.refs.incr_all(pinned)
             self._unpin_when_done(spec, pinned)
         self.backend.scheduler.submit(spec)
-        return refs
 
     def make_spec(self, kind: int, function_id: bytes, function_name: str, args, kwargs,
                   num_returns: int, resources: dict, max_retries: int = 0,

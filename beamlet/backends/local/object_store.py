@@ -1,0 +1,214 @@
+"""The local backend's object store, as its owner (the driver or a node) keeps it.
+
+Small values (up to the inline threshold) are kept in memory and travel
+inside messages. Large ones live in shared-memory segments (``shm.py``) that
+every process on the machine maps read-only. Freed segments go to a pool of
+warm segments that later puts reuse. When the segments would exceed
+``capacity`` bytes, the least recently used objects spill to files on disk
+and come back on the next read; an object that cannot fit even then raises
+``ObjectStoreFullError`` naming the sizes.
+"""
+from __future__ import annotations
+
+import collections
+import mmap
+import os
+import shutil
+import threading
+from typing import Callable
+
+from ... import exceptions as exc
+from ...core.memory_store import MemoryObjectStore
+from ...core.refcount import ReferenceCounter
+from ...core.serialization import SerializedObject, serialize
+from . import shm
+from .protocol import ShmEntry
+
+
+class LocalObjectStore(MemoryObjectStore):
+    """Entries are SerializedObjects (inline) or ShmEntries (in shared memory)."""
+
+    def __init__(self, refs: ReferenceCounter, session: str, capacity: int,
+                 inline_threshold: int, spill_dir: Callable[[], str]):
+        super().__init__(refs)
+        self.session = session
+        self.capacity = capacity
+        self.inline_threshold = inline_threshold
+        self._spill_dir = spill_dir
+        self.pool = shm.SegmentPool(capacity // 4)
+        self._writers: dict[bytes, shm.Segment] = {}  # mappings of segments written here
+        self._lru: collections.OrderedDict[bytes, ShmEntry] = collections.OrderedDict()
+        self._space = threading.RLock()
+        self.shm_bytes = 0
+        self.spilled_bytes = 0
+        self._owners: dict[bytes, str] = {}
+
+    # -- writing --------------------------------------------------------------
+    def put(self, object_id: bytes, value: SerializedObject) -> None:
+        if value.total_bytes <= self.inline_threshold:
+            self.put_entry(object_id, value)
+            return
+        _, size, _ = shm.layout(value)
+        with self._space:
+            self._make_room(size)
+            seg = shm.write_object(shm.segment_name(self.session, object_id), value, self.pool)
+            self._writers[object_id] = seg
+            self.put_entry(object_id, ShmEntry(seg.name, seg.size, value.is_error, value.refs))
+
+    def put_from_worker(self, object_id: bytes, entry, owner: str | None) -> None:
+        """Store an entry a worker produced (its segment already written)."""
+        if owner is not None:
+            self._owners[object_id] = owner
+        self.put_entry(object_id, entry)
+        if isinstance(entry, ShmEntry):
+            with self._space:
+                try:
+                    self._make_room(0)
+                except exc.ObjectStoreFullError:
+                    pass  # over capacity with nothing to spill: the next put will say so
+
+    def _stored(self, object_id: bytes, entry) -> None:
+        if isinstance(entry, ShmEntry):
+            self.shm_bytes += entry.size
+            self._lru[object_id] = entry
+
+    # -- reading --------------------------------------------------------------
+    def _materialize(self, object_id: bytes, entry) -> SerializedObject:
+        if not isinstance(entry, ShmEntry):
+            return entry
+        if entry.spilled:
+            self._restore(object_id, entry)
+        else:
+            self._lru.pop(object_id, None)
+            self._lru[object_id] = entry
+        refs = self._refs
+        refs.incr(object_id)  # a mapping is a reference: see shm.read_object
+        try:
+            return shm.read_object(entry.name, lambda: refs.decr(object_id))
+        except FileNotFoundError:
+            refs.decr(object_id)
+            raise exc.ObjectLostError(f"object {object_id.hex()} is no longer in shared memory") \
+                from None
+
+    def wire_entry(self, object_id: bytes):
+        """The entry to send to a worker (restored from disk first if spilled), or None."""
+        entry = self._objects.get(object_id)
+        if isinstance(entry, ShmEntry) and entry.spilled:
+            self._restore(object_id, entry)
+        return entry
+
+    # -- freeing --------------------------------------------------------------
+    def _freed(self, object_id: bytes, entry) -> None:
+        self._owners.pop(object_id, None)
+        if not isinstance(entry, ShmEntry):
+            return
+        with self._space:
+            self._lru.pop(object_id, None)
+            if entry.spilled:
+                self.spilled_bytes -= entry.size
+                _remove(entry.spilled)
+                return
+            self.shm_bytes -= entry.size
+            seg = self._writers.pop(object_id, None)
+            if seg is None:
+                seg = _map_for_reuse(entry)
+            if seg is None or not self.pool.give(seg):
+                if seg is not None:
+                    seg.close()
+                shm.unlink(entry.name)
+
+    def objects_owned_by(self, owner: str) -> list[bytes]:
+        return [oid for oid, who in list(self._owners.items()) if who == owner]
+
+    def mark_lost(self, object_ids: list[bytes], error: BaseException) -> None:
+        """Replace the objects' values with `error` (their owner died)."""
+        sobj = serialize(error, is_error=True)
+        freed = []
+        with self._cond:
+            for object_id in object_ids:
+                old = self._objects.get(object_id)
+                if old is not None:
+                    self._objects[object_id] = sobj
+                    freed.append((object_id, old))
+        for object_id, old in freed:
+            self._freed(object_id, old)
+            if old.refs and self._refs is not None:
+                self._refs.decr_all(old.refs)
+
+    # -- space ------------------------------------------------------------------
+    def _make_room(self, size: int) -> None:
+        """Trim the pool, then spill least recently used objects, until `size` more fits."""
+        excess = self.shm_bytes + self.pool.bytes + size - self.capacity
+        if excess <= 0:
+            return
+        excess -= self.pool.trim(excess)
+        for object_id in list(self._lru):
+            if excess <= 0:
+                break
+            entry = self._lru.pop(object_id)
+            if self._objects.get(object_id) is not entry:
+                continue
+            self._spill(object_id, entry)
+            excess -= entry.size
+        if excess > 0:
+            raise exc.ObjectStoreFullError(
+                f"cannot store an object of {size} bytes: the object store holds "
+                f"{self.shm_bytes} bytes of {self.capacity} (object_store_memory) in objects "
+                f"that cannot be spilled")
+
+    def _spill(self, object_id: bytes, entry: ShmEntry) -> None:
+        path = os.path.join(self._spill_dir(), entry.name)
+        shutil.copyfile(shm.segment_path(entry.name), path)
+        seg = self._writers.pop(object_id, None)
+        if seg is not None:
+            seg.close()
+        shm.unlink(entry.name)
+        entry.spilled = path
+        self.shm_bytes -= entry.size
+        self.spilled_bytes += entry.size
+
+    def _restore(self, object_id: bytes, entry: ShmEntry) -> None:
+        with self._space:
+            if not entry.spilled:
+                return
+            self._make_room(entry.size)
+            path = entry.spilled
+            shutil.copyfile(path, shm.segment_path(entry.name))
+            _remove(path)
+            entry.spilled = None
+            self.spilled_bytes -= entry.size
+            self.shm_bytes += entry.size
+            self._lru[object_id] = entry
+
+    def stats(self) -> dict:
+        return {"num_objects": len(self._objects), "shm_bytes": self.shm_bytes,
+                "spilled_bytes": self.spilled_bytes, "pool_bytes": self.pool.bytes,
+                "capacity": self.capacity}
+
+    def close(self) -> None:
+        super().close()
+        with self._space:
+            for seg in self._writers.values():
+                seg.close()
+            self._writers.clear()
+            self.pool.clear()
+            self._lru.clear()
+
+
+def _map_for_reuse(entry: ShmEntry) -> shm.Segment | None:
+    """A writable mapping of a worker-written segment, so the pool can reuse it."""
+    try:
+        fd = os.open(shm.segment_path(entry.name), os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        return shm.Segment(entry.name, entry.size, mmap.mmap(fd, entry.size))
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,638 @@
+"""The local backend's scheduler: tasks and actors over a pool of worker processes.
+
+It is node-local: it owns a ResourcePool, a LocalObjectStore and the workers
+it started, and knows nothing about drivers beyond the Runtime that feeds it,
+so a cluster node daemon can run the same class.
+
+Tasks wait for their dependencies without holding resources, then queue by
+resource shape; a queued task runs when its request fits and a worker is
+idle (more workers are forked when none is). A task whose worker blocks in
+`get` gives its CPUs back while it waits, so nested tasks never deadlock.
+Actors each get a worker of their own; calls to an actor are sent to it as
+soon as it is alive, in submission order, and it runs them in that order.
+
+All state is guarded by one lock; the I/O thread (``driver.py``) and the
+threads that submit call in.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from ... import exceptions as exc
+from ...core import plugins
+from ...core.interfaces import Scheduler
+from ...core.resources import ResourcePool
+from ...core.runtime import FUNCTIONS_TABLE, set_actor_state
+from ...core.serialization import SerializedObject, deserialize, serialize
+from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, ARG_REF, ARG_VALUE, TaskSpec
+from . import protocol as P
+
+if TYPE_CHECKING:
+    from .driver import LocalBackend
+
+STARTING, IDLE, BUSY, ACTOR, DEAD = "STARTING", "IDLE", "BUSY", "ACTOR", "DEAD"
+
+
+class WorkerInfo:
+    """The scheduler's view of one worker process."""
+
+    __slots__ = ("worker_id", "pid", "conn", "state", "task", "actor_id", "known_functions",
+                 "blocked", "borrowed", "started", "gpu_ids", "dispatched_at")
+
+    def __init__(self, worker_id: str):
+        self.worker_id = worker_id
+        self.pid = 0
+        self.conn = None
+        self.state = STARTING
+        self.task: TaskSpec | None = None  # the task it runs (normal workers)
+        self.actor_id: bytes | None = None
+        self.known_functions: set[bytes] = set()
+        self.blocked = False
+        self.borrowed: collections.Counter = collections.Counter()
+        self.started = time.monotonic()
+        self.gpu_ids: list[int] = []
+        self.dispatched_at = 0.0
+
+
+class ActorRecord:
+    __slots__ = ("spec", "state", "worker", "queue", "inflight", "restarts_left", "reason",
+                 "gpu_ids", "token", "out_of_scope", "killed")
+
+    def __init__(self, spec: TaskSpec):
+        self.spec = spec
+        self.state = "PENDING"
+        self.worker: WorkerInfo | None = None
+        self.queue: collections.deque[TaskSpec] = collections.deque()
+        self.inflight: dict[bytes, TaskSpec] = {}
+        restarts = spec.actor_options["max_restarts"]
+        self.restarts_left = float("inf") if restarts == -1 else restarts
+        self.reason = ""
+        self.gpu_ids: list[int] = []
+        self.token = spec.return_ids[0]
+        self.out_of_scope = False
+        self.killed = False
+
+
+class LocalScheduler(Scheduler):
+    def __init__(self, backend: "LocalBackend", pool: ResourcePool, max_workers: int):
+        self.backend = backend
+        self.store = backend.object_store
+        self.control = backend.control_store
+        self.pool = pool
+        self.lock = threading.RLock()
+        self.max_workers = max_workers
+        self.workers: dict[str, WorkerInfo] = {}
+        self.idle: list[WorkerInfo] = []
+        self.starting = 0
+        self._waiting: dict[bytes, list] = {}      # task_id -> [spec, missing deps]
+        self._queues: dict[tuple, collections.deque] = {}  # resource shape -> ready specs
+        self._pending_actors: collections.deque[ActorRecord] = collections.deque()
+        self.actors: dict[bytes, ActorRecord] = {}
+        self._actor_by_token: dict[bytes, bytes] = {}
+        self._producer: dict[bytes, bytes] = {}    # return id -> task id, while unfinished
+        self._tasks: dict[bytes, TaskSpec] = {}    # task id -> spec, while unfinished
+        self._running: dict[bytes, WorkerInfo] = {}  # task id -> worker
+        self._cancelled: set[bytes] = set()
+        self.closed = False
+
+    # -- submission -----------------------------------------------------------
+    def submit(self, spec: TaskSpec) -> None:
+        if spec.kind != ACTOR_METHOD:
+            self.pool.check_feasible(spec.resources, spec.display_name)
+        hook = plugins.observer("beamlet_task_submitted")
+        if hook is not None:
+            hook(spec=spec)
+        with self.lock:
+            if self.closed:
+                raise exc.BackendError("beamlet has been shut down")
+            self._tasks[spec.task_id] = spec
+            for rid in spec.return_ids:
+                self._producer[rid] = spec.task_id
+            if spec.kind == ACTOR_METHOD:
+                self._submit_actor_call(spec)
+                return
+            deps = [d for d in dict.fromkeys(spec.dependencies()) if not self.store.contains(d)]
+            if not deps:
+                self._make_ready(spec)
+                self._dispatch()
+                return
+            self._waiting[spec.task_id] = [spec, len(deps)]
+        for dep in deps:
+            self.store.on_ready(dep, lambda _id, tid=spec.task_id: self._dep_ready(tid))
+
+    def _dep_ready(self, task_id: bytes) -> None:
+        with self.lock:
+            entry = self._waiting.get(task_id)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] > 0:
+                return
+            del self._waiting[task_id]
+            self._make_ready(entry[0])
+            self._dispatch()
+
+    def _make_ready(self, spec: TaskSpec) -> None:
+        if spec.kind == ACTOR_CREATION:
+            record = self.actors.get(spec.actor_id)
+            if record is None:
+                record = self.actors[spec.actor_id] = ActorRecord(spec)
+                self._actor_by_token[record.token] = spec.actor_id
+            self._pending_actors.append(record)
+        else:
+            shape = tuple(sorted(spec.resources.items()))
+            queue = self._queues.get(shape)
+            if queue is None:
+                queue = self._queues[shape] = collections.deque()
+            queue.append(spec)
+
+    # -- dispatch -------------------------------------------------------------
+    def _dispatch(self) -> None:
+        """Start whatever fits now. Called with the lock held after any change."""
+        if self.closed:
+            return
+        while self._pending_actors:
+            record = self._pending_actors[0]
+            if record.state == "DEAD":
+                self._pending_actors.popleft()
+                continue
+            if not self.pool.fits(record.spec.resources):
+                break
+            worker = self._take_idle()
+            if worker is None:
+                self._start_workers(1)
+                break
+            self._pending_actors.popleft()
+            self._start_actor(record, worker)
+        starved = False
+        for shape, queue in list(self._queues.items()):
+            while queue:
+                spec = queue[0]
+                if not self.pool.fits(spec.resources):
+                    break
+                worker = self._take_idle()
+                if worker is None:
+                    starved = True
+                    break
+                queue.popleft()
+                self._run_task(spec, worker)
+            if not queue:
+                del self._queues[shape]
+        if starved:
+            self._start_workers(self._runnable_now())
+
+    def _runnable_now(self) -> int:
+        """How many queued tasks would start if there were workers for them."""
+        free = self.pool.available()
+        count = 0
+        for queue in self._queues.values():
+            for spec in queue:
+                if any(free.get(k, 0) < v for k, v in spec.resources.items()):
+                    break
+                for k, v in spec.resources.items():
+                    free[k] -= v
+                count += 1
+                if count >= self.max_workers:
+                    return count
+        return count
+
+    def _take_idle(self) -> WorkerInfo | None:
+        while self.idle:
+            worker = self.idle.pop()
+            if worker.state == IDLE:
+                return worker
+        return None
+
+    def _start_workers(self, wanted: int) -> None:
+        running = sum(1 for w in self.workers.values() if w.state in (BUSY, STARTING, IDLE)
+                      and not w.blocked)
+        room = self.max_workers - running
+        n = min(wanted - self.starting, room)
+        for _ in range(max(0, n)):
+            self.starting += 1
+            worker_id = os.urandom(8).hex()
+            self.workers[worker_id] = WorkerInfo(worker_id)
+            self.backend.launcher.fork(worker_id)
+
+    def _send_execute(self, worker: WorkerInfo, spec: TaskSpec, gpu_ids) -> None:
+        blobs = []
+        if spec.kind != ACTOR_METHOD and spec.function_id not in worker.known_functions:
+            blob = self.control.get(FUNCTIONS_TABLE, spec.function_id)
+            blobs.append((spec.function_id, blob))
+            worker.known_functions.add(spec.function_id)
+        spec, entries = self._ship_args(spec)
+        worker.conn.send((P.EXECUTE, spec, blobs, entries, gpu_ids))
+
+    def _ship_args(self, spec: TaskSpec):
+        """Inline small ready dependencies into the spec; name shared-memory ones."""
+        deps = spec.dependencies()
+        if not deps:
+            return spec, None
+        entries = {}
+        inline = {}
+        for dep in deps:
+            entry = self.store.wire_entry(dep)
+            if isinstance(entry, SerializedObject):
+                inline[dep] = entry
+            elif entry is not None:
+                entries[dep] = entry
+        if inline:
+            shipped = TaskSpec.__new__(TaskSpec)
+            for name in TaskSpec.__slots__:
+                setattr(shipped, name, getattr(spec, name))
+            shipped.args = [(ARG_VALUE, inline[v]) if k == ARG_REF and v in inline else (k, v)
+                            for k, v in spec.args]
+            shipped.kwargs = {n: (ARG_VALUE, inline[v]) if k == ARG_REF and v in inline else (k, v)
+                              for n, (k, v) in spec.kwargs.items()}
+            spec = shipped
+        return spec, entries or None
+
+    def _run_task(self, spec: TaskSpec, worker: WorkerInfo) -> None:
+        gpu_ids = self.pool.acquire(spec.resources)
+        worker.state = BUSY
+        worker.task = spec
+        worker.gpu_ids = gpu_ids
+        worker.dispatched_at = time.perf_counter()
+        self._running[spec.task_id] = worker
+        try:
+            self._send_execute(worker, spec, gpu_ids if spec.resources.get("GPU") else None)
+        except exc.BackendError:
+            pass  # the worker just died: its EOF handler retries the task
+
+    # -- actors ---------------------------------------------------------------
+    def _start_actor(self, record: ActorRecord, worker: WorkerInfo) -> None:
+        spec = record.spec
+        record.gpu_ids = self.pool.acquire(spec.resources)
+        record.worker = worker
+        record.state = "STARTING"
+        worker.state = ACTOR
+        worker.actor_id = spec.actor_id
+        self._running[spec.task_id] = worker
+        try:
+            self._send_execute(worker, spec, record.gpu_ids if spec.resources.get("GPU") else None)
+        except exc.BackendError:
+            pass
+
+    def _submit_actor_call(self, spec: TaskSpec) -> None:
+        record = self.actors.get(spec.actor_id)
+        if record is None:
+            # Created from a handle whose creation spec has not reached us yet? Not
+            # possible: creation is submitted first on the same channel. Unknown = dead.
+            self._fail(spec, exc.ActorDiedError(
+                f"the actor {spec.function_name} is unknown to this scheduler"))
+            return
+        if record.state == "DEAD":
+            self._fail(spec, exc.ActorDiedError(f"the actor {spec.function_name} is dead: "
+                                                f"{record.reason}"))
+            return
+        if record.state == "ALIVE" and not record.queue:
+            self._send_actor_call(record, spec)
+        else:
+            record.queue.append(spec)
+
+    def _send_actor_call(self, record: ActorRecord, spec: TaskSpec) -> None:
+        record.inflight[spec.task_id] = spec
+        try:
+            self._send_execute(record.worker, spec, None)
+        except exc.BackendError:
+            pass
+
+    def _actor_alive(self, record: ActorRecord) -> None:
+        record.state = "ALIVE"
+        self._set_state(record, "ALIVE")
+        while record.queue:
+            self._send_actor_call(record, record.queue.popleft())
+        if record.out_of_scope and not record.inflight:
+            self._end_actor(record, "all handles to it went out of scope", kill=True)
+
+    def _set_state(self, record: ActorRecord, state: str, reason: str = "") -> None:
+        set_actor_state(self.control, record.spec.actor_id, state, reason)
+        hook = plugins.observer("beamlet_actor_state")
+        if hook is not None:
+            hook(actor_id=record.spec.actor_id, class_name=record.spec.function_name,
+                 state=state, reason=reason)
+
+    def _end_actor(self, record: ActorRecord, reason: str, kill: bool) -> None:
+        """The actor is dead for good: fail its calls, free its resources and worker."""
+        if record.state == "DEAD":
+            return
+        worker = record.worker
+        if record.state in ("STARTING", "ALIVE"):
+            self.pool.release(record.spec.resources, record.gpu_ids)
+        record.state = "DEAD"
+        record.reason = reason
+        self._set_state(record, "DEAD", reason)
+        error = exc.ActorDiedError(f"the actor {record.spec.function_name} is dead: {reason}")
+        for spec in list(record.inflight.values()) + list(record.queue):
+            self._fail(spec, error)
+        record.inflight.clear()
+        record.queue.clear()
+        if worker is not None and kill and worker.state != DEAD:
+            self._kill_worker(worker)
+        self._dispatch()
+
+    def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
+        with self.lock:
+            record = self.actors.get(actor_id)
+            if record is None or record.state == "DEAD":
+                return
+            if not no_restart and record.restarts_left > 0 and record.worker is not None:
+                self._kill_worker(record.worker)  # the EOF handler restarts it
+                return
+            record.killed = True
+            self._end_actor(record, "it was killed by beamlet.kill()", kill=True)
+
+    def token_released(self, object_id: bytes) -> None:
+        """The last handle to an actor is gone: end it once its calls are done."""
+        with self.lock:
+            actor_id = self._actor_by_token.pop(object_id, None)
+            record = self.actors.get(actor_id) if actor_id else None
+            if record is None or record.state == "DEAD":
+                return
+            record.out_of_scope = True
+            if record.state == "ALIVE" and not record.inflight and not record.queue:
+                self._end_actor(record, "all handles to it went out of scope", kill=True)
+
+    # -- completion -----------------------------------------------------------
+    def task_done(self, worker: WorkerInfo, task_id: bytes, entries: list, retryable: bool) -> None:
+        """A worker finished a task or call (called by the I/O thread)."""
+        with self.lock:
+            spec = self._tasks.get(task_id)
+            if spec is None:
+                return
+            if spec.kind == ACTOR_METHOD:
+                record = self.actors.get(spec.actor_id)
+                if record is not None:
+                    record.inflight.pop(task_id, None)
+                if retryable and self._retry_left(spec, record):
+                    spec.attempt += 1
+                    self._resend_actor_call(record, spec)
+                    return
+                self._finish(spec, entries, "FAILED" if retryable else "FINISHED", worker)
+                if record is not None and record.out_of_scope and not record.inflight \
+                        and not record.queue and record.state == "ALIVE":
+                    self._end_actor(record, "all handles to it went out of scope", kill=True)
+                return
+            self._running.pop(task_id, None)
+            if spec.kind == ACTOR_CREATION:
+                record = self.actors[spec.actor_id]
+                self._finish(spec, entries, "FINISHED", worker)
+                if entries and entries[0].is_error:
+                    reason = _error_text(self.store, spec.return_ids[0])
+                    self._end_actor(record, f"its constructor raised:\n{reason}", kill=True)
+                else:
+                    self._actor_alive(record)
+                return
+            if worker.blocked:  # its get timed out and it went on without us seeing it
+                worker.blocked = False
+                self.pool.reacquire_cpus(spec.resources)
+            self.pool.release(spec.resources, worker.gpu_ids)
+            worker.task = None
+            worker.gpu_ids = []
+            if worker.state == BUSY:
+                worker.state = IDLE
+                self.idle.append(worker)
+            if retryable and task_id not in self._cancelled and self._retry_left(spec, None):
+                spec.attempt += 1
+                self._make_ready(spec)
+            else:
+                self._finish(spec, entries, "FAILED" if retryable else "FINISHED", worker)
+            self._dispatch()
+
+    def _retry_left(self, spec: TaskSpec, record: ActorRecord | None) -> bool:
+        budget = spec.max_retries
+        if record is not None:
+            budget = max(budget, record.spec.actor_options["max_task_retries"])
+        return budget == -1 or spec.attempt < budget
+
+    def _resend_actor_call(self, record: ActorRecord, spec: TaskSpec) -> None:
+        if record.state == "ALIVE":
+            self._send_actor_call(record, spec)
+        else:
+            record.queue.appendleft(spec)
+
+    def _finish(self, spec: TaskSpec, entries: list, status: str, worker=None) -> None:
+        self._tasks.pop(spec.task_id, None)
+        self._cancelled.discard(spec.task_id)
+        for rid in spec.return_ids:
+            self._producer.pop(rid, None)
+        hook = plugins.observer("beamlet_task_finished")
+        if hook is not None:
+            started = worker.dispatched_at if worker is not None else time.perf_counter()
+            hook(spec=spec, status=status, duration=time.perf_counter() - started)
+        owner = None
+        for rid, entry in zip(spec.return_ids, entries):
+            self.store.put_from_worker(rid, entry, owner)
+
+    def _fail(self, spec: TaskSpec, error: BaseException) -> None:
+        sobj = serialize(error, is_error=True)
+        self._finish(spec, [sobj] * len(spec.return_ids),
+                     "CANCELLED" if isinstance(error, exc.TaskCancelledError) else "FAILED")
+
+    # -- blocking get inside a task -------------------------------------------
+    def worker_blocked(self, worker: WorkerInfo) -> None:
+        with self.lock:
+            if worker.blocked or worker.task is None:
+                return
+            worker.blocked = True
+            self.pool.release_cpus(worker.task.resources)
+            self._dispatch()
+
+    def worker_unblocked(self, worker: WorkerInfo) -> None:
+        with self.lock:
+            if not worker.blocked or worker.task is None:
+                return
+            worker.blocked = False
+            self.pool.reacquire_cpus(worker.task.resources)
+
+    # -- workers ----------------------------------------------------------------
+    def worker_connected(self, worker_id: str, pid: int, conn) -> WorkerInfo | None:
+        with self.lock:
+            worker = self.workers.get(worker_id)
+            if worker is None or self.closed:
+                return None
+            worker.pid = pid
+            worker.conn = conn
+            self.starting -= 1
+            worker.state = IDLE
+            self.idle.append(worker)
+            self._dispatch()
+            return worker
+
+    def worker_died(self, worker: WorkerInfo) -> None:
+        """The worker's connection closed: retry, restart or fail what it ran."""
+        with self.lock:
+            if worker.state == DEAD:
+                return
+            previous = worker.state
+            worker.state = DEAD
+            self.workers.pop(worker.worker_id, None)
+            if previous == STARTING:
+                self.starting -= 1
+            for object_id, count in worker.borrowed.items():
+                for _ in range(count):
+                    self.backend.runtime.refs.decr(object_id)
+            worker.borrowed.clear()
+            lost = self.store.objects_owned_by(worker.worker_id)
+            if lost:
+                self.store.mark_lost(lost, exc.OwnerDiedError(
+                    f"the worker that put this object (pid {worker.pid}) died"))
+            if worker.actor_id is not None:
+                self._actor_worker_died(worker)
+            elif worker.task is not None:
+                spec = worker.task
+                worker.task = None
+                self._running.pop(spec.task_id, None)
+                if worker.blocked:
+                    self.pool.reacquire_cpus(spec.resources)
+                self.pool.release(spec.resources, worker.gpu_ids)
+                if spec.task_id in self._cancelled:
+                    self._fail(spec, exc.TaskCancelledError(
+                        f"task {spec.display_name} was cancelled (its worker was killed)"))
+                elif spec.max_retries == -1 or spec.attempt < spec.max_retries:
+                    spec.attempt += 1
+                    hook = plugins.observer("beamlet_task_finished")
+                    if hook is not None:
+                        hook(spec=spec, status="RETRYING", duration=0.0)
+                    self._make_ready(spec)
+                else:
+                    self._fail(spec, exc.WorkerCrashedError(
+                        f"the worker running {spec.display_name} (pid {worker.pid}) died "
+                        f"unexpectedly; it was tried {spec.attempt + 1} time(s) "
+                        f"(max_retries={spec.max_retries})"))
+            self._dispatch()
+
+    def _actor_worker_died(self, worker: WorkerInfo) -> None:
+        record = self.actors.get(worker.actor_id)
+        if record is None or record.state == "DEAD" or record.worker is not worker:
+            return
+        creating = record.state == "STARTING"
+        self._running.pop(record.spec.task_id, None)
+        self.pool.release(record.spec.resources, record.gpu_ids)
+        if record.restarts_left > 0 and not record.killed:
+            record.restarts_left -= 1
+            record.state = "RESTARTING"
+            record.worker = None
+            self._set_state(record, "RESTARTING", "its process died")
+            unavailable = exc.ActorUnavailableError(
+                f"the actor {record.spec.function_name} died during this call and is "
+                f"restarting; the call may or may not have run")
+            retry = []
+            for spec in record.inflight.values():
+                if self._retry_left(spec, record):
+                    spec.attempt += 1
+                    retry.append(spec)
+                else:
+                    self._fail(spec, unavailable)
+            record.inflight.clear()
+            record.queue.extendleft(reversed(retry))
+            if creating:
+                record.spec.attempt += 1
+            self._pending_actors.appendleft(record)
+        else:
+            record.state = "ALIVE" if not creating else record.state
+            self._end_actor(record, f"its process (pid {worker.pid}) died unexpectedly"
+                            if not record.killed else "it was killed by beamlet.kill()",
+                            kill=False)
+
+    def _kill_worker(self, worker: WorkerInfo) -> None:
+        if worker.pid:
+            try:
+                os.kill(worker.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def record_borrow(self, worker: WorkerInfo, added, released) -> None:
+        refs = self.backend.runtime.refs
+        for object_id in added:
+            worker.borrowed[object_id] += 1
+            refs.incr(object_id)
+        for object_id in released:
+            if worker.borrowed[object_id] > 0:
+                worker.borrowed[object_id] -= 1
+                if not worker.borrowed[object_id]:
+                    del worker.borrowed[object_id]
+                refs.decr(object_id)
+
+    # -- cancel -----------------------------------------------------------------
+    def cancel(self, object_id: bytes, force: bool = False) -> None:
+        with self.lock:
+            task_id = self._producer.get(object_id)
+            spec = self._tasks.get(task_id) if task_id else None
+            if spec is None:
+                return
+            if spec.kind == ACTOR_CREATION:
+                raise ValueError("cancel() cannot cancel an actor's creation; use kill()")
+            if spec.kind == ACTOR_METHOD:
+                if force:
+                    raise ValueError("force=True is not supported for actor calls; use kill()")
+                record = self.actors.get(spec.actor_id)
+                if record is not None and spec in record.queue:
+                    record.queue.remove(spec)
+                    self._fail(spec, exc.TaskCancelledError(f"task {spec.display_name} was cancelled"))
+                elif record is not None and task_id in record.inflight and record.worker:
+                    self._cancelled.add(task_id)
+                    try:
+                        record.worker.conn.send((P.CANCEL, task_id, False))
+                    except exc.BackendError:
+                        pass
+                return
+            if task_id in self._waiting:
+                del self._waiting[task_id]
+                self._fail(spec, exc.TaskCancelledError(f"task {spec.display_name} was cancelled"))
+                return
+            for queue in self._queues.values():
+                if spec in queue:
+                    queue.remove(spec)
+                    self._fail(spec, exc.TaskCancelledError(f"task {spec.display_name} was cancelled"))
+                    return
+            worker = self._running.get(task_id)
+            if worker is not None:
+                self._cancelled.add(task_id)
+                if force:
+                    self._kill_worker(worker)
+                else:
+                    try:
+                        worker.conn.send((P.CANCEL, task_id, False))
+                    except exc.BackendError:
+                        pass
+
+    # -- resources --------------------------------------------------------------
+    def total_resources(self) -> dict[str, float]:
+        return self.pool.total()
+
+    def available_resources(self) -> dict[str, float]:
+        with self.lock:
+            return self.pool.available()
+
+    def shutdown(self) -> None:
+        with self.lock:
+            self.closed = True
+            workers = list(self.workers.values())
+        for worker in workers:
+            if worker.conn is not None:
+                try:
+                    worker.conn.send((P.EXIT,))
+                except exc.BackendError:
+                    pass
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"workers": len(self.workers), "idle": len(self.idle),
+                    "actors": sum(1 for r in self.actors.values() if r.state != "DEAD"),
+                    "queued": sum(len(q) for q in self._queues.values()),
+                    "waiting": len(self._waiting)}
+
+
+def _error_text(store, object_id: bytes) -> str:
+    """The traceback text of the error stored under `object_id`."""
+    try:
+        err = deserialize(store.get([object_id], 0)[0])
+    except Exception as err:  # noqa: BLE001 - describing a failure must not fail
+        return repr(err)
+    return getattr(err, "traceback_str", None) or str(err)

@@ -1,0 +1,458 @@
+"""A worker process of the local backend, and its client side of the backend.
+
+A worker connects to the driver, then runs what it is sent: tasks one at a
+time on its main thread, or, once it hosts an actor, the actor's calls (in
+order; on a thread pool with ``max_concurrency``; on an event loop for async
+actors). A reader thread takes every message off the socket: tasks go to the
+run queue, replies wake the thread that asked, a cancel interrupts the main
+thread, and end-of-file (the driver is gone) ends the process.
+
+Inside a task the full API works: `WorkerBackend` forwards submissions, puts
+and control-store calls to the driver, reads shared-memory objects directly,
+and reports which objects this process holds references to.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import queue
+import signal
+import sys
+import threading
+from typing import Any, Callable, Sequence
+
+from ... import exceptions as exc
+from ...core import runtime as _runtime
+from ...core.execution import Executor
+from ...core.interfaces import Backend, ControlStore, ObjectStore, Scheduler
+from ...core.resources import ResourcePool
+from ...core.serialization import SerializedObject
+from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
+from . import protocol as P
+from . import shm
+from .transport import SocketConnection, UnixSocketTransport
+
+
+class _Requests:
+    """Outstanding requests to the driver, answered by REPLY messages."""
+
+    def __init__(self):
+        self._next = 0
+        self._lock = threading.Lock()
+        self._waiting: dict[int, Any] = {}
+
+    def new(self, callback: Callable | None = None) -> tuple[int, concurrent.futures.Future | None]:
+        with self._lock:
+            self._next += 1
+            req_id = self._next
+        if callback is not None:
+            self._waiting[req_id] = callback
+            return req_id, None
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._waiting[req_id] = fut
+        return req_id, fut
+
+    def forget(self, req_id: int) -> None:
+        self._waiting.pop(req_id, None)
+
+    def answer(self, req_id: int, ok: bool, payload: Any) -> None:
+        waiter = self._waiting.pop(req_id, None)
+        if waiter is None:
+            return  # the asker timed out and left
+        if isinstance(waiter, concurrent.futures.Future):
+            if ok:
+                waiter.set_result(payload)
+            else:
+                waiter.set_exception(payload)
+        else:
+            waiter(ok, payload)
+
+    def fail_all(self, error: BaseException) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for waiter in waiting.values():
+            if isinstance(waiter, concurrent.futures.Future):
+                waiter.set_exception(error)
+
+
+class WorkerObjectStore(ObjectStore):
+    """Reads objects from the driver (inline) or from shared memory (by name)."""
+
+    def __init__(self, backend: "WorkerBackend"):
+        self._b = backend
+        # Entries the driver shipped with the running task(s), by id.
+        self.shipped: dict[bytes, Any] = {}
+
+    def materialize(self, object_id: bytes, entry) -> SerializedObject:
+        if isinstance(entry, P.ShmEntry):
+            refs = self._b.runtime.refs
+            refs.incr(object_id)
+            try:
+                return shm.read_object(entry.name, lambda: refs.decr(object_id))
+            except FileNotFoundError:
+                refs.decr(object_id)
+                raise exc.ObjectLostError(f"object {object_id.hex()} is no longer in "
+                                          f"shared memory") from None
+        return entry
+
+    def put(self, object_id: bytes, value: SerializedObject) -> None:
+        self._b.send((P.PUT, object_id, self._b.entry_for(object_id, value)))
+
+    def get(self, object_ids: Sequence[bytes], timeout: float | None = None) -> list[SerializedObject]:
+        shipped = self.shipped
+        if all(i in shipped for i in object_ids):
+            return [self.materialize(i, shipped[i]) for i in object_ids]
+        entries = self._b.request("get", (list(object_ids),), timeout,
+                                  f"get() timed out after {timeout}s")
+        return [self.materialize(i, e) for i, e in zip(object_ids, entries)]
+
+    def wait(self, object_ids: Sequence[bytes], num_returns: int,
+             timeout: float | None = None) -> set[bytes]:
+        try:
+            return self._b.request("wait", (list(object_ids), num_returns), timeout, "")
+        except exc.GetTimeoutError:
+            return self._b.request("wait", (list(object_ids), 0), None, "")
+
+    def contains(self, object_id: bytes) -> bool:
+        return self._b.request("wait", ([object_id], 0), None, "") == {object_id}
+
+    def delete(self, object_ids) -> None:
+        """The driver owns the objects: it frees them when no process refers to them."""
+
+    def on_ready(self, object_id: bytes, callback: Callable[[bytes], Any]) -> None:
+        self._b.request_async("wait", ([object_id], 1), lambda ok, _p: callback(object_id))
+
+
+class ControlStoreClient(ControlStore):
+    """The driver's control store, through requests."""
+
+    def __init__(self, backend: "WorkerBackend"):
+        self._b = backend
+
+    def _call(self, op: str, *args):
+        return self._b.request("control", (op, args), 60.0, f"control store {op} timed out")
+
+    def put(self, table, key, value, overwrite=True) -> bool:
+        return self._call("put", table, key, value, overwrite)
+
+    def get(self, table, key):
+        return self._call("get", table, key)
+
+    def delete(self, table, key) -> bool:
+        return self._call("delete", table, key)
+
+    def keys(self, table) -> list:
+        return self._call("keys", table)
+
+    def publish(self, channel, message) -> None:
+        self._call("publish", channel, message)
+
+    def subscribe(self, channel, callback):
+        raise NotImplementedError("subscribing from inside a task is not supported yet")
+
+
+class SchedulerClient(Scheduler):
+    """The driver's scheduler, through messages."""
+
+    def __init__(self, backend: "WorkerBackend", totals: dict):
+        self._b = backend
+        resources = {k: v for k, v in totals.items() if k not in ("CPU", "GPU")}
+        self._pool = ResourcePool(totals.get("CPU", 0), totals.get("GPU", 0), resources)
+
+    def submit(self, spec: TaskSpec) -> None:
+        if spec.kind != ACTOR_METHOD:  # infeasible requests fail here, at the call site
+            self._pool.check_feasible(spec.resources, spec.display_name)
+        self._b.send((P.SUBMIT, spec))
+
+    def cancel(self, object_id: bytes, force: bool = False) -> None:
+        self._b.send((P.CANCEL, object_id, force))
+
+    def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
+        self._b.send((P.KILL_ACTOR, actor_id, no_restart))
+
+    def total_resources(self) -> dict[str, float]:
+        return self._b.request("resources", ("total",), 60.0, "resources timed out")
+
+    def available_resources(self) -> dict[str, float]:
+        return self._b.request("resources", ("available",), 60.0, "resources timed out")
+
+
+class WorkerBackend(Backend):
+    """The local backend as a worker process sees it."""
+
+    name = "local"
+    parallel = True
+    isolated = True
+    zero_copy = True
+    owns_objects = False
+
+    def __init__(self, conn: SocketConnection, config: dict, runtime):
+        self.conn = conn
+        self.runtime = runtime
+        self.session = config["session"]
+        self.node_id = config["node_id"]
+        self.worker_id = config["worker_id"]
+        self.inline_threshold = config["inline_threshold"]
+        self.requests = _Requests()
+        self._ref_lock = threading.Lock()
+        self._added: list[bytes] = []
+        self._released: list[bytes] = []
+        self.object_store = WorkerObjectStore(self)
+        self.control_store = ControlStoreClient(self)
+        self.scheduler = SchedulerClient(self, config.get("resources", {}))
+
+    # -- messages ---------------------------------------------------------------
+    def send(self, message) -> None:
+        """Send a message, preceded by any pending reference-count changes."""
+        with self._ref_lock:
+            added, released = self._added, self._released
+            self._added, self._released = [], []
+        if added or released:
+            self.conn.send_many([(P.REFS, added, released), message])
+        else:
+            self.conn.send(message)
+
+    def request(self, op: str, args: tuple, timeout: float | None, timeout_text: str):
+        req_id, fut = self.requests.new()
+        self.send((P.REQUEST, req_id, op, args))
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            self.requests.forget(req_id)
+            raise exc.GetTimeoutError(timeout_text or f"{op} timed out after {timeout}s") from None
+
+    def request_async(self, op: str, args: tuple, callback: Callable[[bool, Any], Any]) -> None:
+        req_id, _ = self.requests.new(callback)
+        self.send((P.REQUEST, req_id, op, args))
+
+    def entry_for(self, object_id: bytes, value: SerializedObject):
+        """Inline if small, else written to a shared-memory segment."""
+        if value.total_bytes <= self.inline_threshold:
+            return value
+        name = shm.segment_name(self.session, object_id)
+        seg = shm.write_object(name, value)
+        size = seg.size
+        seg.close()
+        return P.ShmEntry(name, size, value.is_error, value.refs)
+
+    # -- reference counting -------------------------------------------------------
+    def object_referenced(self, object_id: bytes) -> None:
+        with self._ref_lock:
+            self._added.append(object_id)
+
+    def object_released(self, object_id: bytes) -> None:
+        self.object_store.shipped.pop(object_id, None)
+        with self._ref_lock:
+            self._released.append(object_id)
+
+    def shutdown(self) -> None:
+        self.conn.close()
+
+
+class _PrefixedStream:
+    """Prefixes each line a task prints with ``(name pid=N)``, as Ray does."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._at_line_start = True
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        ctx = _runtime.task_context.get()
+        name = ctx.function_name if ctx is not None else "worker"
+        prefix = f"({name} pid={os.getpid()}) "
+        with self._lock:
+            out = []
+            for piece in text.splitlines(keepends=True):
+                if self._at_line_start:
+                    out.append(prefix)
+                out.append(piece)
+                self._at_line_start = piece.endswith("\n")
+            self._stream.write("".join(out))
+            if "\n" in text:
+                self._stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+class Worker:
+    """The worker's loop: take EXECUTE messages, run them, send DONE."""
+
+    def __init__(self, conn: SocketConnection, config: dict):
+        self.conn = conn
+        self.config = config
+        self.runtime = _runtime.Runtime(lambda cfg, rt: WorkerBackend(conn, cfg, rt),
+                                        dict(config, is_driver=False))
+        _runtime.set_current(self.runtime)
+        self.backend: WorkerBackend = self.runtime.backend
+        self.executor = Executor(self.runtime)
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.current_task: bytes | None = None
+        self.cancelled: set[bytes] = set()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._async_tasks: dict[bytes, asyncio.Task] = {}
+
+    # -- reading ------------------------------------------------------------------
+    def read_loop(self) -> None:
+        try:
+            while True:
+                for message in self.conn.recv_all():
+                    self.handle(message)
+        except EOFError:
+            pass
+        except BaseException as err:  # noqa: BLE001 - a broken reader must not hang the worker
+            print(f"beamlet worker reader failed: {err!r}", file=sys.__stderr__)
+        os._exit(1)  # the driver is gone (or we are told to go): nothing left to do
+
+    def handle(self, message) -> None:
+        tag = message[0]
+        if tag == P.EXECUTE:
+            self.tasks.put(message)
+        elif tag == P.REPLY:
+            self.backend.requests.answer(message[1], message[2], message[3])
+        elif tag == P.CANCEL:
+            self.cancel(message[1], message[2])
+        elif tag == P.EXIT:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
+    def cancel(self, task_id: bytes, force: bool) -> None:
+        if force:
+            os._exit(1)
+        self.cancelled.add(task_id)
+        task = self._async_tasks.get(task_id)
+        if task is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(task.cancel)
+        elif self.current_task == task_id:
+            # A signal (not just a flag) so that a sleeping or blocked task wakes up.
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    # -- running --------------------------------------------------------------------
+    def _on_sigint(self, signum, frame) -> None:
+        # Only a cancel sends SIGINT here (workers have their own session, so a
+        # Ctrl-C in the driver's terminal does not reach them); between tasks it is moot.
+        if self.current_task is not None:
+            raise KeyboardInterrupt
+
+    def run(self) -> None:
+        signal.signal(signal.SIGINT, self._on_sigint)
+        threading.Thread(target=self.read_loop, name="beamlet-reader", daemon=True).start()
+        while True:
+            message = self.tasks.get()
+            _, spec, blobs, entries, gpu_ids = message
+            for function_id, blob in blobs:
+                self.executor.add_function(function_id, blob)
+            if entries:
+                self.backend.object_store.shipped.update(entries)
+            if gpu_ids is not None:
+                os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
+            if spec.kind == ACTOR_METHOD and self._loop is not None:
+                self._start_async(spec)
+            elif spec.kind == ACTOR_METHOD and self._pool is not None:
+                self._pool.submit(self._run_one, spec)
+            else:
+                self._run_one(spec, main=True)
+
+    def _run_one(self, spec: TaskSpec, main: bool = False) -> None:
+        if spec.task_id in self.cancelled:
+            self.cancelled.discard(spec.task_id)
+            self._finish(spec, self.executor._failure(
+                spec, exc.TaskCancelledError(f"task {spec.display_name} was cancelled")))
+            return
+        if main:
+            self.current_task = spec.task_id
+        try:
+            result = self.executor.execute(spec)
+            self.current_task = None
+        except KeyboardInterrupt:  # a cancel that landed just outside the task's frames
+            self.current_task = None
+            result = self.executor._failure(
+                spec, exc.TaskCancelledError(f"task {spec.display_name} was cancelled"))
+        self.cancelled.discard(spec.task_id)
+        if spec.kind == ACTOR_CREATION and result.error is None:
+            self._setup_actor(spec)
+        self._finish(spec, result)
+
+    def _finish(self, spec: TaskSpec, result) -> None:
+        entries = []
+        for object_id, value in zip(spec.return_ids, result.values):
+            try:
+                entries.append(self.backend.entry_for(object_id, value))
+            except OSError as err:
+                error = exc.ObjectStoreFullError(f"cannot store the result of "
+                                                 f"{spec.display_name}: {err}")
+                entries = [self.executor._failure(spec, error).values[0]] * len(spec.return_ids)
+                break
+        for dep in spec.dependencies():
+            self.backend.object_store.shipped.pop(dep, None)
+        self.backend.send((P.DONE, spec.task_id, entries, result.retryable))
+
+    def _setup_actor(self, spec: TaskSpec) -> None:
+        options = spec.actor_options
+        if options["is_async"]:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="beamlet-actor-loop",
+                             daemon=True).start()
+            self._loop = loop
+            self._semaphore = asyncio.Semaphore(options["max_concurrency"])
+        elif options["max_concurrency"] > 1:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                options["max_concurrency"], thread_name_prefix="beamlet-actor")
+
+    def _start_async(self, spec: TaskSpec) -> None:
+        async def call():
+            async with self._semaphore:
+                if spec.task_id in self.cancelled:
+                    raise asyncio.CancelledError()
+                return await self.executor.execute_async(spec)
+
+        def run_in_loop():
+            task = self._loop.create_task(call())
+            self._async_tasks[spec.task_id] = task
+            task.add_done_callback(lambda t: self._async_done(spec, t))
+
+        self._loop.call_soon_threadsafe(run_in_loop)
+
+    def _async_done(self, spec: TaskSpec, task: asyncio.Task) -> None:
+        self._async_tasks.pop(spec.task_id, None)
+        self.cancelled.discard(spec.task_id)
+        if task.cancelled():
+            result = self.executor._failure(
+                spec, exc.TaskCancelledError(f"task {spec.display_name} was cancelled"))
+        else:
+            result = task.result()
+        if any(v.total_bytes > self.backend.inline_threshold for v in result.values):
+            # Writing a large result to shared memory must not stall the event loop.
+            threading.Thread(target=self._finish, args=(spec, result), daemon=True).start()
+        else:
+            self._finish(spec, result)
+
+
+def main(address: str, worker_id: str) -> None:
+    """Entry point of a worker process (forked by the zygote)."""
+    conn = UnixSocketTransport().connect(address, timeout=30)
+    conn.send((P.HELLO, worker_id, os.getpid()))
+    message = conn.recv(timeout=60)
+    if message[0] != P.WELCOME:
+        raise RuntimeError(f"unexpected first message from the driver: {message[0]}")
+    config = message[1]
+    config["worker_id"] = worker_id
+    for path in reversed(config.get("sys_path", [])):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    if config.get("cwd"):
+        try:
+            os.chdir(config["cwd"])
+        except OSError:
+            pass
+    sys.stdout = _PrefixedStream(sys.stdout)
+    sys.stderr = _PrefixedStream(sys.stderr)
+    Worker(conn, config).run()

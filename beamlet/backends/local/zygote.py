@@ -1,0 +1,115 @@
+"""The zygote: a process that has already imported beamlet and numpy and
+forks a worker in about a millisecond when the driver asks.
+
+Started by the driver in its own session (so a Ctrl-C in the driver's
+terminal reaches only the driver). It reads commands from stdin, one per line:
+
+    fork WORKER_ID     fork a worker that connects back to the driver
+    exit               wait briefly for the workers to leave, then clean up
+
+End of file on stdin means the driver is gone (even if it was SIGKILLed): the
+zygote kills the workers it forked, removes the session's shared-memory
+segments and temp dir, and exits. The workers also notice the driver's
+socket closing and exit on their own.
+"""
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import sys
+import time
+
+
+def _reap(children: set[int]) -> None:
+    while children:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            children.clear()
+            return
+        if pid == 0:
+            return
+        children.discard(pid)
+
+
+def _cleanup(children: set[int], session: str, temp_dir: str, grace: float) -> None:
+    from .shm import remove_session_segments
+    until = time.monotonic() + grace
+    while children and time.monotonic() < until:
+        _reap(children)
+        time.sleep(0.01)
+    for pid in list(children):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    until = time.monotonic() + 5
+    while children and time.monotonic() < until:
+        _reap(children)
+        time.sleep(0.005)
+    remove_session_segments(session)
+    if temp_dir:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _fork_worker(address: str, worker_id: str) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    # In the child: become a worker. Never return into the zygote's loop.
+    code = 0
+    try:
+        os.close(0)
+        os.open(os.devnull, os.O_RDONLY)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        import numpy
+        numpy.random.seed()  # forked children would otherwise share one random state
+        from .worker import main
+        main(address, worker_id)
+    except SystemExit as err:
+        code = err.code if isinstance(err.code, int) else 1
+    except BaseException:  # noqa: BLE001
+        import traceback
+        traceback.print_exc()
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def main() -> None:
+    session, address, temp_dir = sys.argv[1], sys.argv[2], sys.argv[3]
+    # Warm the imports every worker needs, once, before any fork.
+    import numpy  # noqa: F401
+    from . import worker  # noqa: F401
+    from ...core import execution  # noqa: F401
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    children: set[int] = set()
+    stdin = sys.stdin.buffer
+    pending = b""
+    while True:
+        ready, _, _ = select.select([stdin], [], [], 0.5)
+        _reap(children)
+        if not ready:
+            continue
+        chunk = os.read(stdin.fileno(), 65536)
+        if not chunk:  # the driver is gone
+            _cleanup(children, session, temp_dir, grace=0.5)
+            return
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            words = line.decode().split()
+            if not words:
+                continue
+            if words[0] == "fork":
+                children.add(_fork_worker(address, words[1]))
+            elif words[0] == "exit":
+                _cleanup(children, session, temp_dir, grace=2.0)
+                return
+
+
+if __name__ == "__main__":
+    main()
