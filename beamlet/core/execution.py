@@ -22,15 +22,19 @@ from .task_spec import ACTOR_CREATION, ACTOR_METHOD, ARG_REF, TaskSpec
 
 class ExecutionResult:
     """What running a spec produced. ``error`` is the exception (None on success);
-    ``retryable`` says whether ``spec.retry_exceptions`` asks for another attempt."""
+    ``retryable`` says whether ``spec.retry_exceptions`` asks for another attempt.
+    ``value`` is the task's return value itself: holding it keeps the ObjectRefs
+    it contains alive until the caller has stored ``values`` (which pins them),
+    so a task may return a ref to an object it made."""
 
-    __slots__ = ("values", "error", "retryable")
+    __slots__ = ("values", "error", "retryable", "value")
 
     def __init__(self, values: list[SerializedObject], error: BaseException | None = None,
-                 retryable: bool = False):
+                 retryable: bool = False, value: Any = None):
         self.values = values
         self.error = error
         self.retryable = retryable
+        self.value = value
 
 
 class _ArgumentFailed(Exception):
@@ -193,7 +197,7 @@ class Executor:
             except TypeError as err:
                 return self._failure(spec, exc.TaskError.from_exception(err, spec.display_name,
                                                                          self.pid))
-        return ExecutionResult(out)
+        return ExecutionResult(out, value=result)
 
     def _failure(self, spec: TaskSpec, error: BaseException, retryable: bool = False):
         try:

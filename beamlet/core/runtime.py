@@ -144,8 +144,13 @@ class Runtime:
         pinned.extend(spec.contained_refs())
         if pinned:
             self.refs.incr_all(pinned)
+        try:
+            self.backend.scheduler.submit(spec)
+        except BaseException:
+            self.refs.decr_all(pinned)
+            raise
+        if pinned:
             self._unpin_when_done(spec, pinned)
-        self.backend.scheduler.submit(spec)
 
     def make_spec(self, kind: int, function_id: bytes, function_name: str, args, kwargs,
                   num_returns: int, resources: dict, max_retries: int = 0,

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 from ... import exceptions as exc
 from ...core.control_store import MemoryControlStore
@@ -30,6 +31,7 @@ from .scheduler import LocalScheduler, WorkerInfo
 from .transport import SocketConnection, UnixSocketTransport
 
 DEFAULT_STORE_FRACTION = 0.3
+IDLE_WORKER_TIMEOUT = 2.0  # seconds before a surplus idle worker is let go
 
 
 class WorkerLauncher:
@@ -103,6 +105,7 @@ class LocalBackend(Backend):
         pool = ResourcePool(config.get("num_cpus"), config.get("num_gpus"), config.get("resources"))
         cpus = max(1, math.ceil(pool.total()["CPU"]))
         max_workers = config.get("max_workers") or 4 * cpus
+        self._keep_workers = cpus
         self.launcher = WorkerLauncher(self.session, self.listener.address, self.temp_dir)
         self.scheduler = LocalScheduler(self, pool, max_workers)
         self._closed = False
@@ -122,8 +125,13 @@ class LocalBackend(Backend):
         sel = selectors.DefaultSelector()
         sel.register(self.listener.sock, selectors.EVENT_READ, None)
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        next_reap = 0.0
         while not self._closed:
-            for key, _ in sel.select(timeout=1.0):
+            now = time.monotonic()
+            if now >= next_reap:
+                self.scheduler.reap_idle(self._keep_workers, IDLE_WORKER_TIMEOUT)
+                next_reap = now + 0.5
+            for key, _ in sel.select(timeout=0.5):
                 if key.data is None:
                     try:
                         conn = self.listener.accept(0)

@@ -35,14 +35,14 @@ from . import protocol as P
 if TYPE_CHECKING:
     from .driver import LocalBackend
 
-STARTING, IDLE, BUSY, ACTOR, DEAD = "STARTING", "IDLE", "BUSY", "ACTOR", "DEAD"
+STARTING, IDLE, BUSY, ACTOR, EXITING, DEAD = "STARTING", "IDLE", "BUSY", "ACTOR", "EXITING", "DEAD"
 
 
 class WorkerInfo:
     """The scheduler's view of one worker process."""
 
     __slots__ = ("worker_id", "pid", "conn", "state", "task", "actor_id", "known_functions",
-                 "blocked", "borrowed", "started", "gpu_ids", "dispatched_at")
+                 "blocked", "borrowed", "started", "gpu_ids", "dispatched_at", "idle_since")
 
     def __init__(self, worker_id: str):
         self.worker_id = worker_id
@@ -57,6 +57,7 @@ class WorkerInfo:
         self.started = time.monotonic()
         self.gpu_ids: list[int] = []
         self.dispatched_at = 0.0
+        self.idle_since = 0.0
 
 
 class ActorRecord:
@@ -396,6 +397,7 @@ class LocalScheduler(Scheduler):
             worker.gpu_ids = []
             if worker.state == BUSY:
                 worker.state = IDLE
+                worker.idle_since = time.monotonic()
                 self.idle.append(worker)
             if retryable and task_id not in self._cancelled and self._retry_left(spec, None):
                 spec.attempt += 1
@@ -460,9 +462,32 @@ class LocalScheduler(Scheduler):
             worker.conn = conn
             self.starting -= 1
             worker.state = IDLE
+            worker.idle_since = time.monotonic()
             self.idle.append(worker)
             self._dispatch()
             return worker
+
+    def reap_idle(self, keep: int, idle_for: float) -> None:
+        """Let workers beyond the first `keep` go once idle for `idle_for` seconds
+        (the extra ones forked while tasks were blocked in get)."""
+        with self.lock:
+            pool_workers = [w for w in self.workers.values() if w.actor_id is None]
+            surplus = len(pool_workers) - keep
+            if surplus <= 0:
+                return
+            now = time.monotonic()
+            for worker in sorted(self.idle, key=lambda w: w.idle_since):
+                if surplus <= 0 or now - worker.idle_since < idle_for:
+                    break
+                if worker.state != IDLE:
+                    continue
+                worker.state = EXITING  # worker_died finishes the bookkeeping at its EOF
+                self.idle.remove(worker)
+                surplus -= 1
+                try:
+                    worker.conn.send((P.EXIT,))
+                except exc.BackendError:
+                    pass
 
     def worker_died(self, worker: WorkerInfo) -> None:
         """The worker's connection closed: retry, restart or fail what it ran."""
@@ -533,6 +558,7 @@ class LocalScheduler(Scheduler):
             record.queue.extendleft(reversed(retry))
             if creating:
                 record.spec.attempt += 1
+            self._tasks[record.spec.task_id] = record.spec  # its creation runs again
             self._pending_actors.appendleft(record)
         else:
             record.state = "ALIVE" if not creating else record.state
