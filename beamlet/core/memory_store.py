@@ -28,7 +28,9 @@ class MemoryObjectStore(ObjectStore):
         self._objects: dict[bytes, SerializedObject] = {}
         self._callbacks: dict[bytes, list[Callable]] = {}
         self._deleted: set[bytes] = set()  # deleted before their value arrived
-        self._cond = threading.Condition(threading.Lock())
+        # Re-entrant: an ObjectRef collected by the cyclic GC while this thread
+        # holds the lock frees its object through delete(), which takes it again.
+        self._cond = threading.Condition(threading.RLock())
         self._refs = refs
         self.closed = False
 

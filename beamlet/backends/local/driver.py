@@ -214,12 +214,13 @@ class LocalBackend(Backend):
     def _request(self, worker: WorkerInfo, req_id: int, op: str, args) -> None:
         store = self.object_store
         if op == "get":
-            ids = args[0]
+            ids, blocking = args  # blocking: the worker's thread waits (its CPU is free)
             missing = [i for i in dict.fromkeys(ids) if not store.contains(i)]
             if not missing:
                 self._reply(worker, req_id, True, [store.wire_entry(i) for i in ids])
                 return
-            self.scheduler.worker_blocked(worker)
+            if blocking:
+                self.scheduler.worker_blocked(worker)
             left = [len(missing)]
             lock = threading.Lock()
 
@@ -228,7 +229,8 @@ class LocalBackend(Backend):
                     left[0] -= 1
                     if left[0]:
                         return
-                self.scheduler.worker_unblocked(worker)
+                if blocking:
+                    self.scheduler.worker_unblocked(worker)
                 try:
                     entries = [store.wire_entry(i) for i in ids]
                     if any(e is None for e in entries):

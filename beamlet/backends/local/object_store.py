@@ -41,7 +41,8 @@ class LocalObjectStore(MemoryObjectStore):
         self._space = threading.RLock()
         self.shm_bytes = 0
         self.spilled_bytes = 0
-        self._owners: dict[bytes, str] = {}
+        self._owners: dict[bytes, str] = {}  # object id -> worker that put it
+        self._owned: dict[str, set[bytes]] = {}  # worker -> ids it put, still alive
 
     # -- writing --------------------------------------------------------------
     def put(self, object_id: bytes, value: SerializedObject) -> None:
@@ -59,6 +60,7 @@ class LocalObjectStore(MemoryObjectStore):
         """Store an entry a worker produced (its segment already written)."""
         if owner is not None:
             self._owners[object_id] = owner
+            self._owned.setdefault(owner, set()).add(object_id)
         self.put_entry(object_id, entry)
         if isinstance(entry, ShmEntry):
             with self._space:
@@ -99,7 +101,13 @@ class LocalObjectStore(MemoryObjectStore):
 
     # -- freeing --------------------------------------------------------------
     def _freed(self, object_id: bytes, entry) -> None:
-        self._owners.pop(object_id, None)
+        owner = self._owners.pop(object_id, None)
+        if owner is not None:
+            owned = self._owned.get(owner)
+            if owned is not None:
+                owned.discard(object_id)
+                if not owned:
+                    del self._owned[owner]
         if not isinstance(entry, ShmEntry):
             return
         with self._space:
@@ -118,7 +126,8 @@ class LocalObjectStore(MemoryObjectStore):
                 shm.unlink(entry.name)
 
     def objects_owned_by(self, owner: str) -> list[bytes]:
-        return [oid for oid, who in list(self._owners.items()) if who == owner]
+        """Live objects that worker `owner` put (they die with it, as in Ray)."""
+        return list(self._owned.get(owner, ()))
 
     def mark_lost(self, object_ids: list[bytes], error: BaseException) -> None:
         """Replace the objects' values with `error` (their owner died)."""

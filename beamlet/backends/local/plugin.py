@@ -16,6 +16,11 @@ def _local(config, runtime):
     return LocalBackend(config, runtime)
 
 
+# Where `beamlet backends` reads the capability flags without starting anything.
+_inprocess.backend_class = "beamlet.backends.local.inprocess:InProcessBackend"
+_local.backend_class = "beamlet.backends.local.driver:LocalBackend"
+
+
 @hookimpl
 def beamlet_backends():
     return {"inprocess": _inprocess, "local": _local}

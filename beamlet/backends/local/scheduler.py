@@ -479,8 +479,8 @@ class LocalScheduler(Scheduler):
             for worker in sorted(self.idle, key=lambda w: w.idle_since):
                 if surplus <= 0 or now - worker.idle_since < idle_for:
                     break
-                if worker.state != IDLE:
-                    continue
+                if worker.state != IDLE or self.store.objects_owned_by(worker.worker_id):
+                    continue  # a worker that owns live objects must stay, or they are lost
                 worker.state = EXITING  # worker_died finishes the bookkeeping at its EOF
                 self.idle.remove(worker)
                 surplus -= 1

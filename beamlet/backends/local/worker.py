@@ -102,7 +102,7 @@ class WorkerObjectStore(ObjectStore):
         shipped = self.shipped
         if all(i in shipped for i in object_ids):
             return [self.materialize(i, shipped[i]) for i in object_ids]
-        entries = self._b.request("get", (list(object_ids),), timeout,
+        entries = self._b.request("get", (list(object_ids), True), timeout,
                                   f"get() timed out after {timeout}s")
         return [self.materialize(i, e) for i, e in zip(object_ids, entries)]
 
@@ -120,7 +120,14 @@ class WorkerObjectStore(ObjectStore):
         """The driver owns the objects: it frees them when no process refers to them."""
 
     def on_ready(self, object_id: bytes, callback: Callable[[bytes], Any]) -> None:
-        self._b.request_async("wait", ([object_id], 1), lambda ok, _p: callback(object_id))
+        # The reply carries the entry, so the callback's get() needs no second
+        # request (which only this reader thread could answer).
+        def arrived(ok: bool, payload) -> None:
+            if ok:
+                self.shipped[object_id] = payload[0]
+            callback(object_id)
+
+        self._b.request_async("get", ([object_id], False), arrived)
 
 
 class ControlStoreClient(ControlStore):
