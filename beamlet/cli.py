@@ -1,0 +1,157 @@
+"""The ``beamlet`` command line.
+
+    beamlet demo [--backend NAME]   run the seed's examples (= python -m beamlet.demo)
+    beamlet backends                list the installed backends and their capabilities
+    beamlet version                 print beamlet's version
+    beamlet start|stop|status       cluster commands (the cluster backend is not built yet)
+
+Plugins add sub-commands with the ``beamlet_cli_commands(subparsers)`` hook:
+each command sets ``func=callable(args) -> int`` with ``set_defaults``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Sequence
+
+from .core import plugins
+
+CAPABILITY_FLAGS = ("parallel", "isolated", "zero_copy", "multi_node")
+
+# Exit code of commands that exist but cannot run yet (start/stop/status).
+NOT_AVAILABLE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with `argv` (default: ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return NOT_AVAILABLE
+    code = func(args)
+    return 0 if code is None else int(code)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="beamlet",
+        description="beamlet: Python functions as tasks and classes as actors, "
+                    "with Ray's programming model and pluggable backends.")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="run the seed's examples and time them",
+                          description="Run the seed's examples (same as python -m beamlet.demo).")
+    demo.add_argument("--backend", default=None,
+                      help="backend to run on (default: $BEAMLET_BACKEND, then 'local')")
+    demo.set_defaults(func=_cmd_demo)
+
+    backends = sub.add_parser("backends", help="list the installed backends",
+                              description="List the installed backends (none is started).")
+    backends.set_defaults(func=_cmd_backends)
+
+    version = sub.add_parser("version", help="print beamlet's version")
+    version.set_defaults(func=_cmd_version)
+
+    for name, what in (("start", "start a cluster node (--head for the head node)"),
+                       ("stop", "stop the cluster processes on this machine"),
+                       ("status", "show the cluster's nodes and resources")):
+        cmd = sub.add_parser(name, help=f"{what} [not available yet]",
+                             description=f"{what[0].upper()}{what[1:]}. Needs the cluster "
+                                         "backend, which is not built yet.")
+        cmd.set_defaults(func=_cmd_cluster, command=name, takes_any_arguments=True)
+
+    plugins.manager().hook.beamlet_cli_commands(subparsers=sub)
+    return parser
+
+
+# -- commands ---------------------------------------------------------------------
+
+def _cmd_demo(args) -> int:
+    from . import demo
+    argv = [] if args.backend is None else ["--backend", args.backend]
+    return demo.main(argv)
+
+
+def _cmd_version(args) -> int:
+    from . import __version__
+    print(f"beamlet {__version__}")
+    return 0
+
+
+def _cmd_cluster(args) -> int:
+    print(f"beamlet {args.command}: the cluster backend is not built yet, so there is no "
+          "cluster to start, stop or inspect. On one machine, beamlet.init() starts the "
+          "'local' backend by itself; see `beamlet backends`.", file=sys.stderr)
+    return NOT_AVAILABLE
+
+
+def _cmd_backends(args) -> int:
+    from .core.api import BACKEND_ENV_VAR, DEFAULT_BACKEND
+    factories = plugins.backend_factories()
+    providers = _providers()
+    default = os.environ.get(BACKEND_ENV_VAR) or DEFAULT_BACKEND
+    rows = [("NAME", *(f.upper() for f in CAPABILITY_FLAGS), "PROVIDED BY")]
+    for name in sorted(factories):
+        flags = backend_flags(factories[name])
+        cells = ["?" if flags is None else ("yes" if flags[f] else "no") for f in CAPABILITY_FLAGS]
+        label = f"{name}*" if name == default else name
+        rows.append((label, *cells, providers.get(name, "?")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print(f"\n* = the default of init(): ${BACKEND_ENV_VAR} if set, else {DEFAULT_BACKEND!r}")
+    if any(backend_flags(f) is None for f in factories.values()):
+        print("? = not declared: a plugin declares its flags by returning the Backend class "
+              "as the factory, or by setting factory.backend_class")
+    if default not in factories:
+        print(f"\nnote: the default backend {default!r} is not installed", file=sys.stderr)
+    return 0
+
+
+# -- helpers ----------------------------------------------------------------------
+
+def _providers() -> dict[str, str]:
+    """backend name -> the name of the plugin that provides it."""
+    out = {}
+    for impl in plugins.manager().hook.beamlet_backends.get_hookimpls():
+        try:
+            names = impl.function() or {}
+        except Exception:  # noqa: BLE001 - a broken plugin must not break the listing
+            continue
+        for name in names:
+            out[name] = impl.plugin_name
+    return out
+
+
+def backend_flags(factory) -> dict[str, bool] | None:
+    """The capability flags of the backend a factory builds, without starting it.
+
+    Known when the factory is a ``Backend`` subclass itself, or names one in a
+    ``backend_class`` attribute (the class, or ``"module:QualName"``, imported
+    here but not instantiated). None otherwise."""
+    from .core.interfaces import Backend
+    cls = getattr(factory, "backend_class", None)
+    if cls is None and isinstance(factory, type):
+        cls = factory
+    if isinstance(cls, str):
+        module_name, _, qualname = cls.partition(":")
+        try:
+            obj = importlib.import_module(module_name)
+            for part in qualname.split("."):
+                obj = getattr(obj, part)
+        except Exception:  # noqa: BLE001 - unknown is an answer here
+            return None
+        cls = obj
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        return None
+    return {flag: bool(getattr(cls, flag, False)) for flag in CAPABILITY_FLAGS}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
