@@ -1,0 +1,135 @@
+"""Experiment: one named search (a trainable, its config space, stop rule and
+resources), as in the seed's ``run_experiments({name: spec})`` and behind
+``tune.run``."""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Any
+
+from .stopper import make_stopper
+from .trainable import get_trainable, trainable_name, validate_trainable
+from .trial import Trial, parse_resources
+from .variant_generator import BasicVariantGenerator, format_params
+
+__all__ = ["Experiment", "DEFAULT_STORAGE", "default_storage_path"]
+
+DEFAULT_STORAGE = os.path.join("~", "beamlet_results")
+
+# Spec keys that exist in Ray's spec but need features beamlet.tune does not have yet.
+_NOT_YET = frozenset({"checkpoint_freq", "checkpoint_at_end", "keep_checkpoints_num",
+                      "checkpoint_score_attr", "max_failures", "restore", "upload_dir",
+                      "sync_config", "sync_to_driver", "search_alg", "scheduler"})
+_KEYS = frozenset({"run", "config", "stop", "resources", "resources_per_trial",
+                   "trial_resources", "num_samples", "repeat", "local_dir", "storage_path",
+                   "trial_name_creator", "trial_dirname_creator", "seed", "env"})
+
+
+def default_storage_path() -> str:
+    return os.path.expanduser(DEFAULT_STORAGE)
+
+
+class Experiment:
+    """A named experiment. ``run`` is a trainable (function or Trainable
+    subclass) or the name it was registered under."""
+
+    def __init__(self, name: str | None, run: Any, *, config: dict | None = None,
+                 stop: Any = None, resources_per_trial: dict | None = None,
+                 num_samples: int = 1, storage_path: str | None = None,
+                 local_dir: str | None = None, seed: int | None = None,
+                 trial_name_creator=None, trial_dirname_creator=None):
+        if isinstance(run, str):
+            self.trainable = get_trainable(run)
+            self.trainable_name = run
+        else:
+            validate_trainable(run)
+            self.trainable = run
+            self.trainable_name = trainable_name(run)
+        if name is None:
+            name = f"{self.trainable_name}_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+        if not isinstance(name, str) or not name or os.sep in name:
+            raise ValueError(f"an experiment name must be a non-empty string without "
+                             f"{os.sep!r}, got {name!r}")
+        if storage_path is not None and local_dir is not None and \
+                os.path.abspath(os.path.expanduser(storage_path)) != \
+                os.path.abspath(os.path.expanduser(local_dir)):
+            raise ValueError("give storage_path or local_dir (its older name), not both")
+        self.name = name
+        self.config = config if config is not None else {}
+        if not isinstance(self.config, dict):
+            raise TypeError(f"config must be a dict, got {type(self.config).__name__}")
+        self.stopper, self.stop_criteria = make_stopper(stop)
+        self.resources = parse_resources(resources_per_trial)
+        self.num_samples = num_samples
+        base = storage_path or local_dir or default_storage_path()
+        self.storage_path = os.path.abspath(os.path.expanduser(base))
+        self.path = os.path.join(self.storage_path, name)
+        self.seed = seed
+        self.trial_name_creator = trial_name_creator
+        self.trial_dirname_creator = trial_dirname_creator
+        self._search = BasicVariantGenerator(self.config, num_samples, seed)
+        self._id = uuid.uuid4().hex[:5]
+        self._count = 0
+
+    @classmethod
+    def from_json(cls, name: str, spec: dict) -> "Experiment":
+        """An experiment from the seed's spec dict: keys ``run``, ``config``,
+        ``stop``, ``resources`` / ``resources_per_trial``, ``num_samples``,
+        ``local_dir`` / ``storage_path``."""
+        if not isinstance(spec, dict):
+            raise TypeError(f"the spec of experiment {name!r} must be a dict, got "
+                            f"{type(spec).__name__}")
+        later = sorted(set(spec) & _NOT_YET)
+        if later:
+            raise NotImplementedError(f"experiment {name!r}: spec key(s) {', '.join(later)} "
+                                      f"are not supported by beamlet.tune yet")
+        unknown = sorted(set(spec) - _KEYS)
+        if unknown:
+            raise ValueError(f"experiment {name!r}: unknown spec key(s) {', '.join(unknown)}; "
+                             f"valid keys are: {', '.join(sorted(_KEYS))}")
+        if "run" not in spec:
+            raise ValueError(f"experiment {name!r} needs a 'run' key: the trainable or its "
+                             f"registered name")
+        resource_keys = [k for k in ("resources", "resources_per_trial", "trial_resources")
+                         if k in spec]
+        if len(resource_keys) > 1:
+            raise ValueError(f"experiment {name!r}: give only one of {', '.join(resource_keys)}")
+        if "num_samples" in spec and "repeat" in spec:
+            raise ValueError(f"experiment {name!r}: give num_samples or repeat, not both")
+        if spec.get("env"):
+            raise NotImplementedError("the 'env' spec key (RL environments) comes with "
+                                      "beamlet.rl")
+        return cls(name, spec["run"], config=spec.get("config"), stop=spec.get("stop"),
+                   resources_per_trial=spec.get(resource_keys[0]) if resource_keys else None,
+                   num_samples=spec.get("num_samples", spec.get("repeat", 1)),
+                   storage_path=spec.get("storage_path"), local_dir=spec.get("local_dir"),
+                   seed=spec.get("seed"), trial_name_creator=spec.get("trial_name_creator"),
+                   trial_dirname_creator=spec.get("trial_dirname_creator"))
+
+    # -- trials ------------------------------------------------------------------
+    @property
+    def total_trials(self) -> int:
+        return self._search.total
+
+    def next_trials(self, limit: int | None = None) -> list[Trial]:
+        """New trials for the next variants of the search (all that are left if None)."""
+        trials = []
+        for config, params in self._search.next_configs(limit):
+            index = self._count
+            self._count += 1
+            tag = f"{index}_{format_params(params)}" if params else str(index)
+            trials.append(Trial(
+                self.trainable_name, config, f"{self._id}_{index:05d}",
+                experiment_path=self.path, experiment_name=self.name, index=index,
+                evaluated_params=params, experiment_tag=tag, resources=self.resources,
+                stop_criteria=self.stop_criteria, stopper=self.stopper,
+                trainable=self.trainable, trial_name_creator=self.trial_name_creator,
+                trial_dirname_creator=self.trial_dirname_creator))
+        return trials
+
+    def is_finished(self) -> bool:
+        return self._search.is_finished()
+
+    def __repr__(self) -> str:
+        return f"Experiment({self.name!r}, run={self.trainable_name!r})"

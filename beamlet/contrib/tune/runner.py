@@ -1,0 +1,496 @@
+"""TrialRunner: runs an experiment's trials as beamlet actors, from the driver.
+
+Each trial is one actor created with the trial's resources (``num_cpus``,
+``num_gpus``, custom), so the backend places it; the runner also keeps its
+own account of what the running trials hold and starts a trial only when it
+fits (6 one-CPU trials on 2 CPUs run 2 at a time). The loop waits on the
+trials' ``step()`` refs with ``beamlet.wait``; each ready ref is one event of
+one trial (see ``trial_actor``). For each result the runner asks, in order:
+did the trial end itself (a dict stop criterion or ``done``)? does the
+experiment's stopper say stop? and otherwise the scheduler, which answers
+CONTINUE, PAUSE or STOP. Then it logs the result (callbacks: JSON, CSV,
+TensorBoard, the user's) and either calls ``step()`` again or stops the trial.
+
+Only beamlet's public API is used, so this runs on any backend. On
+``inprocess`` each ``.remote()`` runs at once, so trials advance one result
+at a time, in turn.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import traceback
+import warnings
+
+import beamlet
+from beamlet import exceptions as bexc
+
+from .error import TuneError
+from .loggers import Callback
+from .progress import ProgressReporter
+from .result import json_default
+from .schedulers import FIFOScheduler, TrialScheduler
+from .stopper import missing_criteria
+from .trial import ERROR, PENDING, RUNNING, TERMINATED, Trial, resources_to_actor_options
+from .trial_actor import TrialActor
+
+__all__ = ["TrialRunner"]
+
+_EPS = 1e-9
+_WAIT_TIMEOUT_S = 0.5
+_STOP_TIMEOUT_S = 15.0
+_SAVE_INTERVAL_S = 5.0
+
+_actor_class = None
+
+
+def trial_actor_class():
+    """``beamlet.remote(TrialActor)``, made once."""
+    global _actor_class
+    if _actor_class is None:
+        _actor_class = beamlet.remote(TrialActor)
+    return _actor_class
+
+
+def _error_text(err: BaseException) -> str:
+    """What a trial's error says: the remote traceback for a task error, the
+    message for a system error (the actor died, ...); the driver's own frames
+    only for other exceptions."""
+    if isinstance(err, bexc.BeamletError):
+        return f"{type(err).__name__}: {err}"
+    return "".join(traceback.format_exception(type(err), err, err.__traceback__))
+
+
+class TrialRunner:
+    """Runs the trials of one or more experiments to their end."""
+
+    def __init__(self, experiments: list, *, scheduler: TrialScheduler | None = None,
+                 callbacks: list[Callback] | None = None,
+                 progress: ProgressReporter | None = None,
+                 max_concurrent_trials: int | None = None, fail_fast: bool = False,
+                 stopper=None):
+        if max_concurrent_trials is not None and (
+                isinstance(max_concurrent_trials, bool) or
+                not isinstance(max_concurrent_trials, int) or max_concurrent_trials < 1):
+            raise ValueError(f"max_concurrent_trials must be an integer >= 1, got "
+                             f"{max_concurrent_trials!r}")
+        self._experiments = list(experiments)
+        self._scheduler = scheduler if scheduler is not None else FIFOScheduler()
+        self._callbacks = list(callbacks or [])
+        self._progress = progress if progress is not None else ProgressReporter(verbose=0)
+        self._max_concurrent = max_concurrent_trials
+        self._fail_fast = fail_fast
+        self._global_stopper = stopper
+        self._trials: list[Trial] = []
+        self._inflight: dict = {}    # step ref -> Trial
+        self._stopping: dict = {}    # stop ref -> (resources, actor, deadline)
+        self._used: dict[str, float] = {}
+        self._total: dict[str, float] = {}
+        self._trainable_refs: dict[int, tuple] = {}
+        self._iteration = 0
+        self._stop_everything = False
+        self._warned_missing: set = set()
+        self._interrupted = False
+        self._may_start = True       # something changed since the scheduler last chose none
+        self._saved_at: dict[str, float] = {}
+        self.fail_fast_trial: Trial | None = None
+
+    # -- what schedulers see -------------------------------------------------------
+    def get_trials(self) -> list[Trial]:
+        return self._trials
+
+    def has_resources_for_trial(self, trial: Trial) -> bool:
+        if self._max_concurrent is not None and self._num_running() >= self._max_concurrent:
+            return False
+        return all(self._used.get(name, 0.0) + amount <= self._total.get(name, 0.0) + _EPS
+                   for name, amount in trial.resources.items())
+
+    def _num_running(self) -> int:
+        return sum(1 for t in self._trials if t.status == RUNNING)
+
+    # -- the loop ---------------------------------------------------------------
+    def run(self) -> list[Trial]:
+        restore_sigint = self._defer_sigint()
+        try:
+            try:
+                self._setup()
+                while not self.is_finished():
+                    self.step()
+                    if self._interrupted:
+                        raise KeyboardInterrupt
+            except BaseException:
+                self._abort()
+                raise
+            finally:
+                self._finish()
+        finally:
+            restore_sigint()
+        return self._trials
+
+    def _defer_sigint(self):
+        """While the run goes on, a first Ctrl-C only asks the loop to stop at its
+        next safe point (a KeyboardInterrupt in the middle of a logger can leave
+        a library's lock held and hang the clean-up); a second one interrupts at
+        once. Only in the main thread, and only over Python's default handler."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is not signal.default_int_handler:
+            return lambda: None
+
+        def handler(signum, frame):
+            self._interrupted = True
+            signal.signal(signal.SIGINT, previous)
+            if self._progress.verbose >= 1:
+                try:  # a raw write: safe even if the signal came in the middle of a print
+                    os.write(2, b"\nbeamlet.tune: stopping the run after its trials' next "
+                                b"results (Ctrl-C again to force)\n")
+                except OSError:
+                    pass
+
+        signal.signal(signal.SIGINT, handler)
+
+        def restore():
+            if signal.getsignal(signal.SIGINT) is handler:
+                signal.signal(signal.SIGINT, previous)
+
+        return restore
+
+    def _setup(self) -> None:
+        self._total = dict(beamlet.cluster_resources())
+        for exp in self._experiments:
+            os.makedirs(exp.path, exist_ok=True)
+        self._add_new_trials()
+        for cb in self._callbacks:
+            cb.setup(total_num_samples=len(self._trials),
+                     experiments=[e.name for e in self._experiments])
+        self._progress.start(self._experiments, len(self._trials))
+
+    def _add_new_trials(self) -> None:
+        for exp in self._experiments:
+            if exp.is_finished():
+                continue
+            for trial in exp.next_trials():
+                self._check_feasible(trial)
+                self._trials.append(trial)
+                self._scheduler.on_trial_add(self, trial)
+                self._may_start = True
+
+    def _check_feasible(self, trial: Trial) -> None:
+        for name, amount in trial.resources.items():
+            have = self._total.get(name, 0.0)
+            if amount > have + _EPS:
+                raise TuneError(f"trial {trial} asks for {amount:g} {name}, but the cluster "
+                                f"has {have:g} (resources: {self._total}); it could never run. "
+                                f"Lower resources_per_trial, or init() with more.")
+
+    def is_finished(self) -> bool:
+        return (not self._inflight and not self._stopping
+                and all(exp.is_finished() for exp in self._experiments)
+                and all(t.is_finished() for t in self._trials))
+
+    def step(self) -> None:
+        """One turn of the loop: start what fits, then handle what is ready."""
+        self._iteration += 1
+        self._check_stop_all()
+        if not self._stop_everything:
+            self._add_new_trials()
+            self._start_trials()
+        self._progress.maybe_report(self._trials)
+        refs = list(self._inflight) + list(self._stopping)
+        if not refs:
+            if not self.is_finished():
+                if self._stop_everything:
+                    return
+                waiting = [t for t in self._trials if t.status == PENDING]
+                raise TuneError(f"{len(waiting)} trial(s) are pending but none can start "
+                                f"(the scheduler chose none); this is a bug in the scheduler "
+                                f"{type(self._scheduler).__name__}")
+            return
+        ready, _ = beamlet.wait(refs, num_returns=1, timeout=_WAIT_TIMEOUT_S)
+        if ready:
+            ready, _ = beamlet.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in ready:
+            if ref in self._inflight:
+                self._process_event(ref, self._inflight.pop(ref))
+            elif ref in self._stopping:
+                self._finish_stop(ref)
+        self._expire_stopping()
+
+    def _start_trials(self) -> None:
+        # Only when a trial was added or resources were freed since the scheduler
+        # last chose none: choosing may look at every trial.
+        while self._may_start and not self._stop_everything:
+            trial = self._scheduler.choose_trial_to_run(self)
+            if trial is None:
+                self._may_start = False
+                return
+            if trial.status != PENDING:
+                raise TuneError(f"the scheduler chose trial {trial}, which is {trial.status}")
+            self._start_trial(trial)
+
+    def _trainable_ref(self, trial: Trial):
+        """The trainable in the object store: pickled once per experiment, not per trial."""
+        key = id(trial._trainable)
+        entry = self._trainable_refs.get(key)
+        if entry is None:
+            entry = self._trainable_refs[key] = (trial._trainable, beamlet.put(trial._trainable))
+        return entry[1]
+
+    def _start_trial(self, trial: Trial) -> None:
+        trial.status = RUNNING
+        trial.start_time = time.time()
+        trial._stop_requested = False
+        self._acquire(trial.resources)
+        os.makedirs(trial.path, exist_ok=True)
+        self._call("on_trial_start", trial=trial)
+        trainable = self._trainable_ref(trial)
+        info = {"trial_id": trial.trial_id, "trial_name": trial.trial_name,
+                "experiment_tag": trial.experiment_tag, "logdir": trial.path,
+                "experiment_name": trial.experiment_name}
+        try:
+            actor = trial_actor_class().options(**resources_to_actor_options(trial.resources)) \
+                .remote(trainable, trial.config, info, trial.stop_criteria)
+            ref = actor.step.remote()
+        except Exception as err:  # noqa: BLE001 - e.g. a config that cannot be pickled
+            trial._actor = None
+            self._on_trial_error(trial, f"the trial could not start:\n{_error_text(err)}")
+            return
+        trial._actor = actor
+        self._inflight[ref] = trial
+
+    # -- events --------------------------------------------------------------------
+    def _process_event(self, ref, trial: Trial) -> None:
+        try:
+            event = beamlet.get(ref)
+        except bexc.TaskCancelledError:
+            # inprocess: Ctrl-C while the trial's step ran in this thread.
+            raise KeyboardInterrupt from None
+        except Exception as err:  # noqa: BLE001 - the actor died, the worker crashed, ...
+            self._on_trial_error(trial, _error_text(err))
+            return
+        kind = event.get("kind") if isinstance(event, dict) else None
+        if kind == "result":
+            self._on_result(trial, event["result"])
+        elif kind == "done":
+            self._on_trial_returned(trial)
+        else:
+            self._on_trial_error(trial, (event or {}).get("error") or f"bad event {event!r:.200}")
+
+    def _on_result(self, trial: Trial, result: dict) -> None:
+        decision = TrialScheduler.CONTINUE
+        ended_itself = bool(result.get("done"))
+        if ended_itself or trial._stop_requested or self._stop_everything:
+            decision = TrialScheduler.STOP
+        elif trial._stopper is not None and trial._stopper(trial.trial_id, result):
+            decision = TrialScheduler.STOP
+        elif self._global_stopper is not None and self._global_stopper(trial.trial_id, result):
+            decision = TrialScheduler.STOP
+        else:
+            decision = self._scheduler.on_trial_result(self, trial, result)
+        if decision == TrialScheduler.STOP:
+            result["done"] = True
+        self._warn_missing_criteria(trial, result)
+        trial.update_last_result(result)
+        self._call("on_trial_result", trial=trial, result=result)
+        self._progress.on_trial_result(trial, result)
+        if decision == TrialScheduler.CONTINUE:
+            try:
+                self._inflight[trial._actor.step.remote()] = trial
+            except Exception as err:  # noqa: BLE001
+                self._on_trial_error(trial, _error_text(err))
+        elif decision == TrialScheduler.STOP:
+            self._complete_trial(trial, stop_actor=not ended_itself)
+        elif decision == TrialScheduler.PAUSE:
+            raise TuneError(f"the scheduler {type(self._scheduler).__name__} paused trial "
+                            f"{trial}, but pausing needs checkpoints, which beamlet.tune "
+                            f"does not have yet")
+        else:
+            raise TuneError(f"the scheduler {type(self._scheduler).__name__} returned "
+                            f"{decision!r}; expected CONTINUE, PAUSE or STOP")
+
+    def _on_trial_returned(self, trial: Trial) -> None:
+        """The trainable returned without a final result."""
+        if trial.last_result:
+            trial.last_result = dict(trial.last_result, done=True)
+        else:
+            trial.last_result = {"done": True, "trial_id": trial.trial_id,
+                                 "training_iteration": 0, "config": trial.config}
+        self._complete_trial(trial, stop_actor=False)
+
+    def _complete_trial(self, trial: Trial, stop_actor: bool) -> None:
+        trial.status = TERMINATED
+        trial.end_time = time.time()
+        self._release_actor(trial, "stop" if stop_actor else "end")
+        self._scheduler.on_trial_complete(self, trial, trial.last_result)
+        self._call("on_trial_complete", trial=trial)
+        self._progress.on_trial_complete(trial)
+        self._save_state(trial.experiment_path)
+
+    def _on_trial_error(self, trial: Trial, text: str) -> None:
+        trial.status = ERROR
+        trial.end_time = time.time()
+        trial.error_msg = text
+        try:
+            os.makedirs(trial.path, exist_ok=True)
+            trial.error_file = os.path.join(trial.path, "error.txt")
+            with open(trial.error_file, "w") as f:
+                f.write(text)
+        except OSError:
+            trial.error_file = None
+        self._release_actor(trial, "end")
+        self._scheduler.on_trial_error(self, trial)
+        self._call("on_trial_error", trial=trial)
+        self._progress.on_trial_error(trial)
+        self._save_state(trial.experiment_path)
+        if self._fail_fast and self.fail_fast_trial is None:
+            self.fail_fast_trial = trial
+            self._stop_all(kill=True)
+
+    # -- stopping ------------------------------------------------------------------
+    def _check_stop_all(self) -> None:
+        if self._stop_everything:
+            return
+        stoppers = [exp.stopper for exp in self._experiments]
+        if self._global_stopper is not None:
+            stoppers.append(self._global_stopper)
+        if any(s.stop_all() for s in stoppers):
+            self._stop_all(kill=False)
+
+    def _stop_all(self, kill: bool) -> None:
+        """End the experiment: pending trials never start; running ones stop at
+        their next result (or at once with `kill`)."""
+        self._stop_everything = True
+        running = {id(t): ref for ref, t in self._inflight.items()}
+        for trial in self._trials:
+            if trial.status == PENDING:
+                trial.status = TERMINATED
+                self._scheduler.on_trial_remove(self, trial)
+            elif trial.status == RUNNING:
+                if kill:
+                    ref = running.get(id(trial))
+                    if ref is not None:
+                        del self._inflight[ref]
+                    trial.status = TERMINATED
+                    trial.end_time = time.time()
+                    self._release_actor(trial, "abort")
+                    self._scheduler.on_trial_remove(self, trial)
+                    self._call("on_trial_complete", trial=trial)
+                else:
+                    trial._stop_requested = True
+
+    def _release_actor(self, trial: Trial, how: str) -> None:
+        """Let the trial's actor go; its resources count as free once it has stopped.
+
+        ``how``: "end" (the trainable has ended), "stop" (it waits in its
+        reporter: let it unwind first) or "abort" (it may be running: ask it
+        to stop, and kill it at once)."""
+        actor, trial._actor = trial._actor, None
+        if actor is None:
+            self._release(trial.resources)
+            return
+        if how in ("stop", "abort"):
+            try:
+                ref = actor.stop.remote()
+            except Exception:  # noqa: BLE001 - the actor is dead already
+                ref = None
+            if ref is not None and how == "stop":
+                self._stopping[ref] = (trial.resources, actor,
+                                       time.monotonic() + _STOP_TIMEOUT_S)
+                return
+        # Killed rather than dropped even when the trainable has ended: the
+        # backend then frees the trial's resources at once, for the next trial.
+        self._kill(actor)
+        self._release(trial.resources)
+
+    def _finish_stop(self, ref) -> None:
+        resources, actor, _ = self._stopping.pop(ref)
+        try:
+            beamlet.get(ref, timeout=0)
+        except Exception:  # noqa: BLE001 - the actor is going away regardless
+            pass
+        self._kill(actor)
+        self._release(resources)
+
+    def _expire_stopping(self) -> None:
+        now = time.monotonic()
+        for ref, (resources, actor, deadline) in list(self._stopping.items()):
+            if now >= deadline:
+                del self._stopping[ref]
+                self._kill(actor)
+                self._release(resources)
+
+    @staticmethod
+    def _kill(actor) -> None:
+        try:
+            beamlet.kill(actor)
+        except Exception:  # noqa: BLE001 - already dead
+            pass
+
+    def _acquire(self, resources: dict) -> None:
+        for name, amount in resources.items():
+            self._used[name] = self._used.get(name, 0.0) + amount
+
+    def _release(self, resources: dict) -> None:
+        for name, amount in resources.items():
+            self._used[name] = max(0.0, self._used.get(name, 0.0) - amount)
+        self._may_start = True
+
+    def _abort(self) -> None:
+        """The driver failed (or Ctrl-C): stop every actor now."""
+        for trial in list(self._inflight.values()):
+            self._release_actor(trial, "abort")
+        self._inflight.clear()
+        for _, actor, _ in self._stopping.values():
+            self._kill(actor)
+        self._stopping.clear()
+
+    def _finish(self) -> None:
+        self._trainable_refs.clear()
+        try:
+            self._call_experiment_end()
+        finally:
+            for exp in self._experiments:
+                self._save_state(exp.path, force=True)
+            self._progress.finish(self._trials)
+
+    # -- helpers -------------------------------------------------------------------
+    def _call(self, hook: str, **kwargs) -> None:
+        for cb in self._callbacks:
+            getattr(cb, hook)(iteration=self._iteration, trials=self._trials, **kwargs)
+
+    def _call_experiment_end(self) -> None:
+        for cb in self._callbacks:
+            cb.on_experiment_end(trials=self._trials)
+
+    def _warn_missing_criteria(self, trial: Trial, result: dict) -> None:
+        if not trial.stop_criteria or trial.num_results > 0:
+            return
+        for key in missing_criteria(trial.stop_criteria, result):
+            if key not in self._warned_missing:
+                self._warned_missing.add(key)
+                shown = sorted(k for k in result if k != "config")
+                warnings.warn(f"stop criterion {key!r} is not in the results of trial {trial} "
+                              f"(it reported: {', '.join(shown)}); it will not stop trials",
+                              stacklevel=2)
+
+    def _save_state(self, experiment_path: str, force: bool = False) -> None:
+        """Write ``experiment_state.json`` (at most every few seconds unless `force`)."""
+        now = time.monotonic()
+        if not force and now - self._saved_at.get(experiment_path, -1e9) < _SAVE_INTERVAL_S:
+            return
+        self._saved_at[experiment_path] = now
+        trials = [t for t in self._trials if t.experiment_path == experiment_path]
+        state = {"experiment_path": experiment_path, "timestamp": time.time(),
+                 "trials": [t.to_record() for t in trials]}
+        path = os.path.join(experiment_path, "experiment_state.json")
+        tmp = path + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(state, f, default=json_default)
+            os.replace(tmp, path)
+        except OSError:  # the state file is a convenience; results are in the trial dirs
+            pass

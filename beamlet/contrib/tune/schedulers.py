@@ -1,0 +1,66 @@
+"""Trial schedulers: which trial runs next, and what happens after each result.
+
+The runner asks the scheduler about every result that did not end its trial:
+``on_trial_result`` returns ``CONTINUE``, ``PAUSE`` or ``STOP``. Early-stopping
+schedulers (HyperBand, ASHA, median stopping, PBT) implement this interface;
+this version ships the FIFO scheduler (every trial runs to its end, in order).
+"""
+from __future__ import annotations
+
+__all__ = ["TrialScheduler", "FIFOScheduler"]
+
+
+class TrialScheduler:
+    """The interface a scheduler implements. ``runner`` is the TrialRunner:
+    ``runner.get_trials()``, ``runner.has_resources_for_trial(trial)``."""
+
+    CONTINUE = "CONTINUE"
+    PAUSE = "PAUSE"
+    STOP = "STOP"
+
+    metric: str | None = None
+    mode: str | None = None
+
+    def set_search_properties(self, metric: str | None, mode: str | None) -> bool:
+        """Take tune.run's metric and mode unless the scheduler has its own."""
+        if self.metric is None:
+            self.metric = metric
+        if self.mode is None:
+            self.mode = mode
+        return True
+
+    def on_trial_add(self, runner, trial) -> None:
+        """A trial was added (PENDING)."""
+
+    def on_trial_result(self, runner, trial, result: dict) -> str:
+        """A RUNNING trial reported a result that did not end it."""
+        return self.CONTINUE
+
+    def on_trial_complete(self, runner, trial, result: dict) -> None:
+        """A trial ended normally (TERMINATED)."""
+
+    def on_trial_error(self, runner, trial) -> None:
+        """A trial failed (ERROR)."""
+
+    def on_trial_remove(self, runner, trial) -> None:
+        """A trial was stopped by the experiment (stop_all, time budget, fail_fast)."""
+
+    def choose_trial_to_run(self, runner):
+        """The next PENDING (or PAUSED) trial to start, or None."""
+        raise NotImplementedError
+
+    def debug_string(self) -> str:
+        return type(self).__name__
+
+
+class FIFOScheduler(TrialScheduler):
+    """Starts trials in the order they were added, each as soon as its resources fit."""
+
+    def choose_trial_to_run(self, runner):
+        for trial in runner.get_trials():
+            if trial.status == "PENDING" and runner.has_resources_for_trial(trial):
+                return trial
+        return None
+
+    def debug_string(self) -> str:
+        return "Using FIFO scheduling algorithm."

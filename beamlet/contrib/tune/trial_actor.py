@@ -1,0 +1,176 @@
+"""The code that runs one trial inside a beamlet actor.
+
+The driver creates one :class:`TrialActor` per trial (with the trial's
+resources) and calls ``step()`` repeatedly: each call returns the next event
+of the trial, a dict with ``kind``:
+
+* ``"result"``: ``event["result"]`` is the next result (``done`` set when the
+  trial ended with it: a stop criterion was met, or the trainable returned it);
+* ``"done"``: the trainable returned without a final result;
+* ``"error"``: the trainable (or its setup) raised; ``event["error"]`` is the
+  traceback text.
+
+After a non-final result the trainable waits for the driver: the next
+``step()`` lets it continue, ``stop()`` ends it. This is what lets a
+scheduler decide CONTINUE / PAUSE / STOP on every result. ``step()`` never
+raises for the trainable's own failures.
+"""
+from __future__ import annotations
+
+import contextvars
+import os
+import queue
+import threading
+import traceback
+
+from .session import StatusReporter, StopTrial, TrialSession
+from .stopper import criteria_met
+from .trainable import Trainable, wants_reporter
+
+__all__ = ["TrialActor"]
+
+_JOIN_TIMEOUT_S = 10.0
+
+
+_TUNE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _error_event(err: BaseException) -> dict:
+    # The traceback starts at the user's code, not at the frames that called it.
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None and \
+            tb.tb_frame.f_code.co_filename.startswith(_TUNE_DIR):
+        tb = tb.tb_next
+    text = "".join(traceback.format_exception(type(err), err, tb))
+    return {"kind": "error", "error": text, "error_type": type(err).__name__,
+            "message": str(err)}
+
+
+class _FunctionRunner:
+    """Runs a function trainable in a thread; each report is one step."""
+
+    def __init__(self, fn, config: dict, trial_info: dict, stop_criteria: dict):
+        self._fn = fn
+        self._config = config
+        self._session = TrialSession(trial_info, config, stop_criteria)
+        self._pass_reporter = wants_reporter(fn)
+        self._thread: threading.Thread | None = None
+        self._ended = False
+
+    def _main(self) -> None:
+        session = self._session
+        session.activate()
+        try:
+            if self._pass_reporter:
+                value = self._fn(self._config, StatusReporter(session))
+            else:
+                value = self._fn(self._config)
+            if isinstance(value, dict) and not session.stop_requested:
+                session.report(value, final=True)
+            session.events.put({"kind": "done"})
+        except StopTrial:
+            pass
+        except BaseException as err:  # noqa: BLE001 - the trial reports any failure
+            if not session.stop_requested:
+                session.events.put(_error_event(err))
+        finally:
+            session.deactivate()
+
+    def step(self) -> dict:
+        if self._ended:
+            return {"kind": "done"}
+        if self._thread is None:
+            # The thread runs in a copy of this call's context, so the trainable
+            # sees the actor's task context (get_runtime_context()).
+            ctx = contextvars.copy_context()
+            self._thread = threading.Thread(target=ctx.run, args=(self._main,), daemon=True,
+                                            name=f"beamlet-tune-{self._session.trial_id}")
+            self._thread.start()
+        else:
+            self._session.resume()
+        event = self._next_event()
+        if event["kind"] != "result" or event["result"].get("done"):
+            self._ended = True
+            self._thread.join(_JOIN_TIMEOUT_S)
+        return event
+
+    def _next_event(self) -> dict:
+        events = self._session.events
+        while True:
+            try:
+                return events.get(timeout=0.5)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    try:
+                        return events.get_nowait()
+                    except queue.Empty:
+                        return {"kind": "error", "error": "the trainable's thread ended "
+                                "without reporting", "error_type": "RuntimeError",
+                                "message": "the trainable's thread ended without reporting"}
+
+    def stop(self) -> None:
+        self._ended = True
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._session.request_stop()
+            thread.join(_JOIN_TIMEOUT_S)
+
+
+class _ClassRunner:
+    """Runs a Trainable subclass: one ``train()`` per step."""
+
+    def __init__(self, cls, config: dict, trial_info: dict, stop_criteria: dict):
+        self._trainable = cls(config, trial_info=trial_info)
+        self._stop_criteria = stop_criteria
+        self._ended = False
+
+    def step(self) -> dict:
+        if self._ended:
+            return {"kind": "done"}
+        try:
+            result = self._trainable.train()
+        except BaseException as err:  # noqa: BLE001
+            self.stop()
+            return _error_event(err)
+        if criteria_met(self._stop_criteria, result):
+            result["done"] = True
+        if result["done"]:
+            try:
+                self.stop()
+            except BaseException as err:  # noqa: BLE001
+                return _error_event(err)
+        return {"kind": "result", "result": result}
+
+    def stop(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._trainable.stop()
+
+
+class TrialActor:
+    """One trial, as the body of a beamlet actor (see the module docstring)."""
+
+    def __init__(self, trainable, config: dict, trial_info: dict, stop_criteria: dict):
+        self._error: dict | None = None
+        self._runner = None
+        try:
+            if isinstance(trainable, type) and issubclass(trainable, Trainable):
+                self._runner = _ClassRunner(trainable, config, trial_info, stop_criteria)
+            else:
+                self._runner = _FunctionRunner(trainable, config, trial_info, stop_criteria)
+        except BaseException as err:  # noqa: BLE001 - reported by the first step()
+            self._error = _error_event(err)
+
+    def step(self) -> dict:
+        if self._error is not None:
+            error, self._error = self._error, None
+            self._runner = None
+            return error
+        if self._runner is None:
+            return {"kind": "done"}
+        return self._runner.step()
+
+    def stop(self) -> bool:
+        if self._runner is not None:
+            self._runner.stop()
+        return True
