@@ -561,7 +561,7 @@ class LocalScheduler(Scheduler):
             self._tasks[record.spec.task_id] = record.spec  # its creation runs again
             self._pending_actors.appendleft(record)
         else:
-            record.state = "ALIVE" if not creating else record.state
+            record.state = "DYING"  # its resources were given back just above
             self._end_actor(record, f"its process (pid {worker.pid}) died unexpectedly"
                             if not record.killed else "it was killed by beamlet.kill()",
                             kill=False)
