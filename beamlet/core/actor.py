@@ -100,14 +100,20 @@ class ActorClass:
             if not name:
                 raise ValueError("actor name must be a non-empty string")
             rt.reserve_actor_name(name, namespace, actor_id)
-        # Actors hold no CPU while idle unless asked to (Ray's default).
-        resources = resource_request(options, 0.0)
-        spec, _keep = rt.make_spec(ACTOR_CREATION, class_id, self._name, args, kwargs, 1,
-                                   resources, actor_id=actor_id, actor_options=actor_options)
-        rt.record_actor(actor_id, {"state": "PENDING", "name": name, "namespace": namespace,
-                                   "class_name": self._name, "methods": self._methods,
-                                   "ready_id": spec.return_ids[0]})
-        token = rt.submit(spec)[0]
+        try:
+            # Actors hold no CPU while idle unless asked to (Ray's default).
+            resources = resource_request(options, 0.0)
+            spec, _keep = rt.make_spec(ACTOR_CREATION, class_id, self._name, args, kwargs, 1,
+                                       resources, actor_id=actor_id, actor_options=actor_options)
+            rt.record_actor(actor_id, {"state": "PENDING", "name": name, "namespace": namespace,
+                                       "class_name": self._name, "methods": self._methods,
+                                       "ready_id": spec.return_ids[0]})
+            token = rt.submit(spec)[0]
+        except BaseException:
+            # Rejected at the call site (an argument that does not pickle, resources no
+            # node has): no actor exists, so its name must not stay taken.
+            rt.forget_actor(actor_id, name, namespace)
+            raise
         if actor_options["detached"]:
             rt.refs.incr(token.id)  # a detached actor lives until killed
         return ActorHandle(actor_id, self._name, self._methods, token)

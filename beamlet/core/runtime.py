@@ -187,17 +187,25 @@ class Runtime:
             raise value
         return value
 
+    def _ids(self, refs: Sequence["ObjectRef"]) -> list[bytes]:
+        for ref in refs:
+            if ref._runtime is not self:
+                raise exc.ObjectLostError(
+                    f"{ref!r} belongs to a beamlet session that was shut down; its object "
+                    f"is gone")
+        return [ref.id for ref in refs]
+
     def get(self, refs: Sequence["ObjectRef"], timeout: float | None) -> list:
         _check_timeout(timeout)
-        sobjs = self.backend.object_store.get([r.id for r in refs], timeout)
+        sobjs = self.backend.object_store.get(self._ids(refs), timeout)
         return [self._value(s) for s in sobjs]
 
     def get_one(self, ref: "ObjectRef", timeout: float | None) -> Any:
-        return self._value(self.backend.object_store.get([ref.id], timeout)[0])
+        return self._value(self.backend.object_store.get(self._ids((ref,)), timeout)[0])
 
     def wait(self, refs: Sequence["ObjectRef"], num_returns: int, timeout: float | None):
         _check_timeout(timeout)
-        ready_ids = self.backend.object_store.wait([r.id for r in refs], num_returns, timeout)
+        ready_ids = self.backend.object_store.wait(self._ids(refs), num_returns, timeout)
         ready, not_ready = [], []
         for ref in refs:
             if ref.id in ready_ids and len(ready) < num_returns:
@@ -219,6 +227,16 @@ class Runtime:
             raise exc.ActorAlreadyExistsError(
                 f"an actor named {name!r} already exists in namespace {namespace!r}")
         store.put(NAMED_ACTORS_TABLE, key, actor_id, overwrite=True)
+
+    def forget_actor(self, actor_id: bytes, name: str | None, namespace: str) -> None:
+        """Undo `reserve_actor_name` and `record_actor` for an actor whose creation
+        was rejected before it was submitted."""
+        store = self.backend.control_store
+        store.delete(ACTORS_TABLE, actor_id)
+        if name is not None:
+            key = f"{namespace}:{name}"
+            if store.get(NAMED_ACTORS_TABLE, key) == actor_id:
+                store.delete(NAMED_ACTORS_TABLE, key)
 
     def record_actor(self, actor_id: bytes, info: dict) -> None:
         self.backend.control_store.put(ACTORS_TABLE, actor_id, dumps(info))

@@ -503,10 +503,7 @@ class LocalScheduler(Scheduler):
                 for _ in range(count):
                     self.backend.runtime.refs.decr(object_id)
             worker.borrowed.clear()
-            lost = self.store.objects_owned_by(worker.worker_id)
-            if lost:
-                self.store.mark_lost(lost, exc.OwnerDiedError(
-                    f"the worker that put this object (pid {worker.pid}) died"))
+            self._lose_objects_of(worker)
             if worker.actor_id is not None:
                 self._actor_worker_died(worker)
             elif worker.task is not None:
@@ -572,6 +569,15 @@ class LocalScheduler(Scheduler):
                 os.kill(worker.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        # Now, not at its EOF: whoever sees the actor dead must see its objects lost too.
+        self._lose_objects_of(worker)
+
+    def _lose_objects_of(self, worker: WorkerInfo) -> None:
+        """The objects a dead worker put die with it (their owner), as in Ray."""
+        lost = self.store.objects_owned_by(worker.worker_id)
+        if lost:
+            self.store.mark_lost(lost, exc.OwnerDiedError(
+                f"the worker that put this object (pid {worker.pid}) died"))
 
     def record_borrow(self, worker: WorkerInfo, added, released) -> None:
         refs = self.backend.runtime.refs

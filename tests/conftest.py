@@ -1,0 +1,153 @@
+"""Shared fixtures: the semantic suite is written once and runs on every backend.
+
+``backend`` starts ``beamlet.init(backend=<name>, num_cpus=2)`` for each name in
+``BACKENDS`` and always shuts it down afterwards; a backend whose module is
+not installed yet is skipped, not failed. Tests that only make sense with a
+capability (tasks running at the same time, in other processes, zero-copy
+reads) skip themselves with ``backend.require("parallel")``, which reads the
+backend's own capability flags rather than its name. ``start_backend`` and
+``inprocess`` are for tests that need one backend or special init options.
+
+A later backend joins the whole suite by adding its name to ``BACKENDS`` (and,
+if it lives in a module of its own, to ``BACKEND_MODULES``).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import pytest
+
+import beamlet
+from beamlet.core import plugins
+from beamlet.core import runtime as _runtime
+
+BACKENDS = ["inprocess", "local"]
+
+# The module that must exist for a backend to run; checked without importing it.
+BACKEND_MODULES = {
+    "inprocess": "beamlet.backends.local.inprocess",
+    "local": "beamlet.backends.local.driver",
+}
+
+NUM_CPUS = 2
+
+
+def backend_missing(name: str) -> str | None:
+    """Why `name` cannot run here (None when it can)."""
+    module = BACKEND_MODULES.get(name)
+    if module is not None:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            return f"backend {name!r} is not written yet ({module} does not exist)"
+    if name not in plugins.backend_factories():
+        return f"backend {name!r} is not installed"
+    return None
+
+
+def _backend_params():
+    return [pytest.param(name, id=name) for name in BACKENDS]
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What a test learns about the backend it runs on."""
+
+    name: str
+    parallel: bool
+    isolated: bool
+    zero_copy: bool
+
+    @classmethod
+    def current(cls) -> "BackendInfo":
+        b = _runtime.current_or_none().backend
+        return cls(b.name, bool(b.parallel), bool(b.isolated), bool(b.zero_copy))
+
+    def require(self, *flags: str) -> None:
+        """Skip the running test unless this backend has every capability flag
+        (``parallel``, ``isolated``, ``zero_copy``)."""
+        missing = [f for f in flags if not getattr(self, f)]
+        if missing:
+            pytest.skip(f"needs a backend with {', '.join(missing)}; on {self.name!r} "
+                        + "; ".join(_WHY_NOT.get(f, f) for f in missing))
+
+
+_WHY_NOT = {"parallel": "tasks run one at a time inside .remote()",
+            "isolated": "tasks run in the caller's process",
+            "zero_copy": "get() returns copies, not shared-memory views"}
+
+
+def _reset() -> None:
+    """Leave no runtime behind, whatever a test did."""
+    beamlet.shutdown()
+
+
+@pytest.fixture(params=_backend_params())
+def backend_name(request, monkeypatch):
+    """The name of a backend to test, without starting it; skips unavailable ones.
+    ``BEAMLET_BACKEND`` is removed from the environment so that only the test decides."""
+    reason = backend_missing(request.param)
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.delenv("BEAMLET_BACKEND", raising=False)
+    _reset()
+    try:
+        yield request.param
+    finally:
+        _reset()
+
+
+@pytest.fixture
+def backend(backend_name) -> BackendInfo:
+    """A started backend (``num_cpus=2``), shut down after the test whatever happens."""
+    beamlet.init(backend=backend_name, num_cpus=NUM_CPUS)
+    try:
+        yield BackendInfo.current()
+    finally:
+        beamlet.shutdown()
+
+
+@pytest.fixture
+def no_backend(monkeypatch):
+    """No backend running before or after the test, and no ``BEAMLET_BACKEND``:
+    for tests that call ``beamlet.init`` themselves."""
+    monkeypatch.delenv("BEAMLET_BACKEND", raising=False)
+    _reset()
+    try:
+        yield
+    finally:
+        _reset()
+
+
+@pytest.fixture
+def start_backend(no_backend):
+    """For tests that need one particular backend, or special init options:
+    ``start_backend("inprocess", resources={...})`` starts it (skipping the test
+    if it is unavailable); it is shut down after the test."""
+
+    def start(name: str, **options) -> BackendInfo:
+        reason = backend_missing(name)
+        if reason:
+            pytest.skip(reason)
+        options.setdefault("num_cpus", NUM_CPUS)
+        beamlet.init(backend=name, **options)
+        return BackendInfo.current()
+
+    return start
+
+
+@pytest.fixture
+def inprocess(start_backend) -> BackendInfo:
+    """The inprocess backend only."""
+    return start_backend("inprocess")
+
+
+def seed_dir() -> str:
+    """The seed programs: ``../shared/seed`` next to the repo, else ``/work/shared/seed``."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.join(os.path.dirname(repo), "shared", "seed")
+    return here if os.path.isdir(here) else "/work/shared/seed"
