@@ -35,7 +35,7 @@ class MemoryObjectStore(ObjectStore):
         self.closed = False
 
     def put(self, object_id: bytes, value: SerializedObject) -> None:
-        self.put_entry(object_id, value)
+        self.put_entry(object_id, value.detached())
 
     def put_entry(self, object_id: bytes, value) -> None:
         """Store an entry: a SerializedObject here; subclasses may store other

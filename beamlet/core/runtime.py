@@ -115,7 +115,8 @@ class Runtime:
             ref = self._put_serialized(sobj)
             keep.append(ref)
             return (ARG_REF, ref.id)
-        return (ARG_VALUE, sobj)
+        # A copy: the task sees the argument as it was at .remote(), even if it runs later.
+        return (ARG_VALUE, sobj.detached())
 
     def pack_args(self, args: Sequence, kwargs: dict, function_name: str) -> tuple[list, dict, list]:
         """Turn call arguments into TaskSpec argument entries. Returns the ObjectRefs

@@ -51,6 +51,15 @@ class SerializedObject:
         """Size of the stream plus all buffers, in bytes."""
         return len(self.data) + sum(memoryview(b).nbytes for b in self.buffers)
 
+    def detached(self) -> "SerializedObject":
+        """This object with its buffers copied: serialize() leaves them as views of
+        the caller's arrays, so a value kept past the call must not share them
+        (changing the array afterwards must not change the stored object)."""
+        if not self.buffers:
+            return self
+        return SerializedObject(self.data, [bytes(memoryview(b).cast("B")) for b in self.buffers],
+                                self.refs, self.is_error)
+
     def __reduce__(self):
         # Sent inline (small values): buffers travel as bytes inside the message.
         buffers = [bytes(memoryview(b).cast("B")) if not isinstance(b, bytes) else b

@@ -41,13 +41,14 @@ class LocalObjectStore(MemoryObjectStore):
         self._space = threading.RLock()
         self.shm_bytes = 0
         self.spilled_bytes = 0
+        self._pins: dict[bytes, int] = {}  # objects shipped to running tasks: not spilled
         self._owners: dict[bytes, str] = {}  # object id -> worker that put it
         self._owned: dict[str, set[bytes]] = {}  # worker -> ids it put, still alive
 
     # -- writing --------------------------------------------------------------
     def put(self, object_id: bytes, value: SerializedObject) -> None:
         if value.total_bytes <= self.inline_threshold:
-            self.put_entry(object_id, value)
+            super().put(object_id, value)  # kept in memory, as a copy
             return
         _, size, _ = shm.layout(value)
         with self._space:
@@ -58,6 +59,11 @@ class LocalObjectStore(MemoryObjectStore):
 
     def put_from_worker(self, object_id: bytes, entry, owner: str | None) -> None:
         """Store an entry a worker produced (its segment already written)."""
+        if isinstance(entry, ShmEntry) and entry.size > self.capacity:
+            shm.unlink(entry.name)
+            entry = serialize(exc.ObjectStoreFullError(
+                f"an object of {entry.size} bytes cannot be stored: the object store holds "
+                f"at most {self.capacity} bytes (object_store_memory)"), is_error=True)
         if owner is not None:
             self._owners[object_id] = owner
             self._owned.setdefault(owner, set()).add(object_id)
@@ -78,19 +84,41 @@ class LocalObjectStore(MemoryObjectStore):
     def _materialize(self, object_id: bytes, entry) -> SerializedObject:
         if not isinstance(entry, ShmEntry):
             return entry
-        if entry.spilled:
-            self._restore(object_id, entry)
-        else:
-            self._lru.pop(object_id, None)
-            self._lru[object_id] = entry
         refs = self._refs
-        refs.incr(object_id)  # a mapping is a reference: see shm.read_object
-        try:
-            return shm.read_object(entry.name, lambda: refs.decr(object_id))
-        except FileNotFoundError:
-            refs.decr(object_id)
-            raise exc.ObjectLostError(f"object {object_id.hex()} is no longer in shared memory") \
-                from None
+        for _ in range(3):
+            # The LRU touch is under the space lock, so that a spill running in another
+            # thread cannot be undone by it (leaving a spilled entry in the LRU).
+            with self._space:
+                if entry.spilled:
+                    self._restore(object_id, entry)
+                else:
+                    self._lru.pop(object_id, None)
+                    self._lru[object_id] = entry
+            refs.incr(object_id)  # a mapping is a reference: see shm.read_object
+            try:
+                return shm.read_object(entry.name, lambda: refs.decr(object_id))
+            except FileNotFoundError:
+                refs.decr(object_id)
+                if self._objects.get(object_id) is not entry:
+                    break  # freed, or lost with its owner
+                # Spilled by another thread since the check: restore it and map again.
+        raise exc.ObjectLostError(f"object {object_id.hex()} is no longer in shared memory")
+
+    def pin(self, object_ids) -> None:
+        """Keep these objects in shared memory (not spilled) until `unpin`: a
+        worker was told where they are and will map them."""
+        with self._space:
+            for object_id in object_ids:
+                self._pins[object_id] = self._pins.get(object_id, 0) + 1
+
+    def unpin(self, object_ids) -> None:
+        with self._space:
+            for object_id in object_ids:
+                count = self._pins.get(object_id, 0) - 1
+                if count > 0:
+                    self._pins[object_id] = count
+                else:
+                    self._pins.pop(object_id, None)
 
     def wire_entry(self, object_id: bytes):
         """The entry to send to a worker (restored from disk first if spilled), or None."""
@@ -100,7 +128,7 @@ class LocalObjectStore(MemoryObjectStore):
         return entry
 
     # -- freeing --------------------------------------------------------------
-    def _freed(self, object_id: bytes, entry) -> None:
+    def _freed(self, object_id: bytes, entry, reuse: bool = True) -> None:
         owner = self._owners.pop(object_id, None)
         if owner is not None:
             owned = self._owned.get(owner)
@@ -118,9 +146,9 @@ class LocalObjectStore(MemoryObjectStore):
                 return
             self.shm_bytes -= entry.size
             seg = self._writers.pop(object_id, None)
-            if seg is None:
+            if seg is None and reuse:
                 seg = _map_for_reuse(entry)
-            if seg is None or not self.pool.give(seg):
+            if seg is None or not reuse or not self.pool.give(seg):
                 if seg is not None:
                     seg.close()
                 shm.unlink(entry.name)
@@ -140,7 +168,8 @@ class LocalObjectStore(MemoryObjectStore):
                     self._objects[object_id] = sobj
                     freed.append((object_id, old))
         for object_id, old in freed:
-            self._freed(object_id, old)
+            # Still referenced (maybe mapped, by us or a worker): unlink, never reuse.
+            self._freed(object_id, old, reuse=False)
             if old.refs and self._refs is not None:
                 self._refs.decr_all(old.refs)
 
@@ -155,7 +184,10 @@ class LocalObjectStore(MemoryObjectStore):
             if excess <= 0:
                 break
             entry = self._lru.pop(object_id)
-            if self._objects.get(object_id) is not entry:
+            if self._objects.get(object_id) is not entry or entry.spilled:
+                continue
+            if object_id in self._pins:
+                self._lru[object_id] = entry  # in use by a running task: keep, look again later
                 continue
             self._spill(object_id, entry)
             excess -= entry.size

@@ -99,6 +99,7 @@ class LocalScheduler(Scheduler):
         self._tasks: dict[bytes, TaskSpec] = {}    # task id -> spec, while unfinished
         self._running: dict[bytes, WorkerInfo] = {}  # task id -> worker
         self._cancelled: set[bytes] = set()
+        self._shipped: dict[bytes, list[bytes]] = {}  # task id -> shm args pinned for it
         self.closed = False
 
     # -- submission -----------------------------------------------------------
@@ -227,6 +228,13 @@ class LocalScheduler(Scheduler):
             blobs.append((spec.function_id, blob))
             worker.known_functions.add(spec.function_id)
         spec, entries = self._ship_args(spec)
+        if entries:
+            # The worker maps these when the task starts: they must not spill before.
+            previous = self._shipped.pop(spec.task_id, None)
+            if previous:
+                self.store.unpin(previous)
+            self._shipped[spec.task_id] = list(entries)
+            self.store.pin(entries)
         worker.conn.send((P.EXECUTE, spec, blobs, entries, gpu_ids))
 
     def _ship_args(self, spec: TaskSpec):
@@ -420,6 +428,9 @@ class LocalScheduler(Scheduler):
 
     def _finish(self, spec: TaskSpec, entries: list, status: str, worker=None) -> None:
         self._tasks.pop(spec.task_id, None)
+        shipped = self._shipped.pop(spec.task_id, None)
+        if shipped:
+            self.store.unpin(shipped)
         self._cancelled.discard(spec.task_id)
         for rid in spec.return_ids:
             self._producer.pop(rid, None)

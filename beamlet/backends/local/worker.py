@@ -102,9 +102,16 @@ class WorkerObjectStore(ObjectStore):
         shipped = self.shipped
         if all(i in shipped for i in object_ids):
             return [self.materialize(i, shipped[i]) for i in object_ids]
-        entries = self._b.request("get", (list(object_ids), True), timeout,
-                                  f"get() timed out after {timeout}s")
-        return [self.materialize(i, e) for i, e in zip(object_ids, entries)]
+        for attempt in range(3):
+            entries = self._b.request("get", (list(object_ids), True), timeout,
+                                      f"get() timed out after {timeout}s")
+            try:
+                return [self.materialize(i, e) for i, e in zip(object_ids, entries)]
+            except exc.ObjectLostError:
+                # Spilled to disk between the reply and our mapping: asking again
+                # brings it back into shared memory (if it still exists at all).
+                if attempt == 2:
+                    raise
 
     def wait(self, object_ids: Sequence[bytes], num_returns: int,
              timeout: float | None = None) -> set[bytes]:
@@ -361,6 +368,9 @@ class Worker:
                 self.backend.object_store.shipped.update(entries)
             if gpu_ids is not None:
                 os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
+            elif spec.kind != ACTOR_METHOD and self.config.get("resources", {}).get("GPU"):
+                # No GPU asked for: see none (as in Ray), not the last task's device.
+                os.environ["CUDA_VISIBLE_DEVICES"] = ""
             if spec.kind == ACTOR_METHOD and self._loop is not None:
                 self._start_async(spec)
             elif spec.kind == ACTOR_METHOD and self._pool is not None:
@@ -445,9 +455,15 @@ class Worker:
 
 def main(address: str, worker_id: str) -> None:
     """Entry point of a worker process (forked by the zygote)."""
-    conn = UnixSocketTransport().connect(address, timeout=30)
-    conn.send((P.HELLO, worker_id, os.getpid()))
-    message = conn.recv(timeout=60)
+    # The driver listens before the zygote starts, so a refused connection (or one
+    # closed before WELCOME) means it shut down while this worker was being forked:
+    # leave at once and quietly, rather than retrying while the zygote waits for us.
+    try:
+        conn = UnixSocketTransport().connect(address, timeout=0)
+        conn.send((P.HELLO, worker_id, os.getpid()))
+        message = conn.recv(timeout=60)
+    except (exc.BackendError, EOFError):
+        return
     if message[0] != P.WELCOME:
         raise RuntimeError(f"unexpected first message from the driver: {message[0]}")
     config = message[1]

@@ -1,0 +1,267 @@
+"""Helpers for tests that look at real processes, shared memory and files.
+
+The only signal sent from here is `Driver.kill()`, to a driver subprocess the
+test itself started; tests signal nothing else but pids the backend reports as
+its own. Everything polls with a deadline instead of
+sleeping a fixed time, so a leak fails with a clear message rather than a hang.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+SHM_DIR = "/dev/shm"
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- processes -----------------------------------------------------------------------
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (state is [0]), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return text[text.rindex(")") + 2:].split()
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (tells pid reuse apart)."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields else None
+
+
+def proc_id(pid: int) -> tuple[int, int | None]:
+    """(pid, start time): identifies one process even if its pid is reused later."""
+    return (pid, start_time(pid))
+
+
+def alive(proc: tuple[int, int | None]) -> bool:
+    """True while the process `proc` (from proc_id) exists and is not a zombie."""
+    pid, started = proc
+    fields = _stat(pid)
+    if fields is None or fields[0] in ("Z", "X"):
+        return False
+    return started is None or int(fields[19]) == started
+
+
+def children_of(pid: int) -> list[int]:
+    """Pids whose parent is `pid` (from /proc, no signal sent)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat(int(entry))
+            if fields is not None and int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
+    """Poll `predicate` until it is true or `timeout` seconds pass; its last value."""
+    until = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > until:
+            return bool(predicate())
+        time.sleep(interval)
+
+
+# -- the local backend's footprint -----------------------------------------------------
+def segments(session: str) -> list[str]:
+    """Names of the shared-memory segments of a local-backend session."""
+    prefix = f"beamlet-{session}-"
+    return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(prefix))
+
+
+def segment_bytes(session: str) -> int:
+    total = 0
+    for name in segments(session):
+        try:
+            total += os.stat(os.path.join(SHM_DIR, name)).st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def footprint(backend) -> dict:
+    """What a LocalBackend made, to check later that all of it is gone:
+    its session, temp dir, and zygote and worker processes (as proc_ids)."""
+    zygote = backend.launcher.proc.pid
+    pids = {zygote}
+    pids.update(w.pid for w in list(backend.scheduler.workers.values()) if w.pid)
+    pids.update(children_of(zygote))  # also workers still starting
+    return {"session": backend.session, "temp_dir": backend.temp_dir,
+            "procs": [proc_id(p) for p in sorted(pids)]}
+
+
+def leftovers(fp: dict) -> list[str]:
+    """What of footprint `fp` still exists (empty when all is gone)."""
+    out = [f"process {pid} is alive" for pid, st in fp["procs"] if alive((pid, st))]
+    out += [f"segment {name} exists" for name in segments(fp["session"])]
+    if os.path.exists(fp["temp_dir"]):
+        out.append(f"temp dir {fp['temp_dir']} exists")
+    return out
+
+
+def assert_all_gone(fp: dict, timeout: float = 10.0) -> None:
+    wait_until(lambda: not leftovers(fp), timeout, 0.05)
+    left = leftovers(fp)
+    assert not left, f"left behind after {timeout}s: {left}"
+
+
+# -- memory -------------------------------------------------------------------------
+def mapping_of(address: int) -> str | None:
+    """The path of the mapping of this process that holds `address` ("" if anonymous)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(None, 5)
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= address < hi:
+                return parts[5].strip() if len(parts) > 5 else ""
+    return None
+
+
+def shm_mapping_of(array) -> str | None:
+    """The /dev/shm/beamlet-* file that the data of numpy `array` lives in, or None.
+
+    Works in any process (tasks call it to look at their arguments)."""
+    address = array.__array_interface__["data"][0]
+    path = mapping_of(address)
+    if path and path.startswith(f"{SHM_DIR}/beamlet-"):
+        return path
+    return None
+
+
+def describe_array(array) -> dict:
+    """How a task sees an array: writable? in a beamlet segment? (JSON-friendly)."""
+    return {"writeable": bool(array.flags.writeable), "segment": shm_mapping_of(array),
+            "pid": os.getpid(), "sum": float(array.sum())}
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+# -- files as cross-process counters and logs -------------------------------------------------
+def touch_new(directory: str, prefix: str = "a") -> int:
+    """Create a new file in `directory`; returns how many such files existed before."""
+    before = len([n for n in os.listdir(directory) if n.startswith(prefix)])
+    fd, _ = tempfile.mkstemp(prefix=prefix, dir=directory)
+    os.close(fd)
+    return before
+
+
+def count(directory: str, prefix: str = "a") -> int:
+    return len([n for n in os.listdir(directory) if n.startswith(prefix)])
+
+
+def barrier(directory: str, n: int, timeout: float = 20.0) -> bool:
+    """Arrive at a barrier of `n` parties kept as files in `directory`; True if
+    all `n` arrived within `timeout` (so they were running at the same time)."""
+    touch_new(directory, "b")
+    return wait_until(lambda: count(directory, "b") >= n, timeout, 0.01)
+
+
+# -- subprocess drivers --------------------------------------------------------------------
+def driver_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"),
+                                         env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("BEAMLET_BACKEND", None)
+    return env
+
+
+class Driver:
+    """A driver program run as a subprocess; threads collect its stdout and stderr
+    line by line, so a test can wait for a line and still get all output at the end."""
+
+    def __init__(self, script: str, tmp_path: Path):
+        path = tmp_path / "driver.py"
+        path.write_text(script)
+        self.proc = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=driver_env(),
+                                     cwd=str(tmp_path))
+        self.pid = self.proc.pid
+        self._out: list[str] = []
+        self._err: list[str] = []
+        self._cond = threading.Condition()
+        self._readers = [threading.Thread(target=self._read, args=(self.proc.stdout, self._out),
+                                          daemon=True),
+                         threading.Thread(target=self._read, args=(self.proc.stderr, self._err),
+                                          daemon=True)]
+        for t in self._readers:
+            t.start()
+
+    def _read(self, stream, lines: list) -> None:
+        for line in stream:
+            with self._cond:
+                lines.append(line)
+                self._cond.notify_all()
+        stream.close()
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def stdout(self) -> str:
+        with self._cond:
+            return "".join(self._out)
+
+    @property
+    def stderr(self) -> str:
+        with self._cond:
+            return "".join(self._err)
+
+    def wait_line(self, marker: str, timeout: float = 60.0) -> str:
+        """Wait for a stdout line starting with `marker`; return the rest of it."""
+        until = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self._out:
+                    if line.startswith(marker):
+                        return line[len(marker):].rstrip("\n")
+                left = until - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._readers[0].is_alive()):
+                    break
+                self._cond.wait(min(left, 0.1))
+        raise AssertionError(f"the driver printed no {marker.strip()!r} line within {timeout}s; "
+                             f"stdout: {self.stdout!r}; stderr: {self.stderr[-3000:]!r}")
+
+    def footprint(self, timeout: float = 60.0) -> dict:
+        """The footprint the driver printed (see PRINT_FOOTPRINT)."""
+        info = json.loads(self.wait_line("FOOTPRINT ", timeout))
+        return dict(info, procs=[tuple(p) for p in info["procs"]])
+
+    def finish(self, timeout: float) -> int:
+        """Wait for the driver to exit (killing it after `timeout`); its return code."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"the driver did not exit within {timeout}s; "
+                                 f"stdout: {self.stdout!r}; stderr: {self.stderr[-3000:]!r}")
+        for t in self._readers:
+            t.join(10)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the driver (our own child) if it still runs, and reap it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+# Code a subprocess driver runs to print its footprint (see `footprint`).
+PRINT_FOOTPRINT = """
+import json as _json
+from beamlet.core import runtime as _rt
+import procs as _procs
+print("FOOTPRINT " + _json.dumps(_procs.footprint(_rt.current().backend)), flush=True)
+"""

@@ -1,0 +1,1066 @@
+"""The ``local`` backend with real processes: zero-copy shared memory, freeing,
+spilling, crashes and retries, cancellation, nested tasks, resources, worker
+output, and cleanup after shutdown, interpreter exit, SIGKILL and Ctrl-C.
+
+Every test starts its own runtime through the ``start`` fixture, which checks
+at the end that the runtime's processes, shared-memory segments and temp dir
+are gone after ``shutdown()``. Crashes are real (``os._exit``, SIGKILL of the
+worker's own pid, a segfault); tasks count their attempts with files in the
+test's tmp dir. Tests never assert timings: waits poll with deadlines.
+"""
+from __future__ import annotations
+
+import gc
+import mmap
+import os
+import re
+import signal
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import beamlet as ray
+from beamlet import exceptions as exc
+from beamlet.core import runtime as _runtime
+
+import procs
+
+SUBPROCESS_TIMEOUT = 60
+MB = 1_000_000
+
+
+@pytest.fixture
+def start():
+    """start(**init_kwargs) -> the LocalBackend; shut down and checked for leftovers after."""
+    ray.shutdown()  # whatever an earlier test left running
+    state = {}
+
+    def _start(**kwargs):
+        kwargs.setdefault("num_cpus", 2)
+        ray.init(backend="local", **kwargs)
+        state["backend"] = _runtime.current().backend
+        return state["backend"]
+
+    yield _start
+    backend = state.get("backend")
+    if backend is None or not ray.is_initialized():
+        ray.shutdown()
+        return
+    gc.collect()
+    fp = procs.footprint(backend)
+    ray.shutdown()
+    procs.assert_all_gone(fp)
+
+
+def _store():
+    return _runtime.current().backend.object_store
+
+
+def _base_of(array):
+    """The object at the end of a numpy array's base chain (through memoryviews)."""
+    obj = array
+    for _ in range(20):
+        nxt = getattr(obj, "base", None)
+        if nxt is None and isinstance(obj, memoryview):
+            nxt = obj.obj
+        if nxt is None:
+            return obj
+        obj = nxt
+    return obj
+
+
+# -- remote functions shared by the tests -------------------------------------------
+@ray.remote
+def describe(x):
+    return procs.describe_array(x)
+
+
+@ray.remote
+def describe_first(box):
+    return procs.describe_array(ray.get(box[0]))
+
+
+@ray.remote
+def make_array(n, value):
+    return np.full(n, value, dtype=np.float64)
+
+
+@ray.remote
+def total(x):
+    return float(np.asarray(x).sum())
+
+
+@ray.remote
+def total_of_first(box):
+    return float(ray.get(box[0]).sum())
+
+
+@ray.remote
+def add(a, b):
+    return a + b
+
+
+def _attempt(directory):
+    """Record an attempt; returns how many attempts came before this one."""
+    return procs.touch_new(directory, "a")
+
+
+# ====================================================================================
+# zero-copy
+# ====================================================================================
+def test_get_of_put_array_is_readonly_view_of_segment(start):
+    backend = start()
+    a = np.arange(1_000_000, dtype=np.float64)
+    ref = ray.put(a)
+    x = ray.get(ref)
+    np.testing.assert_array_equal(x, a)
+    assert not x.flags.writeable
+    with pytest.raises(ValueError):
+        x[0] = 1.0
+    seg = procs.shm_mapping_of(x)
+    assert seg is not None, "the array's data is not in a /dev/shm/beamlet-* mapping"
+    assert os.path.basename(seg).startswith(f"beamlet-{backend.session}-")
+    assert os.path.basename(seg) in procs.segments(backend.session)
+    assert isinstance(_base_of(x), mmap.mmap)
+    # A second get maps the same segment again: no copy either.
+    y = ray.get(ref)
+    assert procs.shm_mapping_of(y) == seg
+
+
+def test_small_array_from_get_is_readonly_and_a_snapshot(start):
+    start()
+    a = np.arange(10)
+    ref = ray.put(a)
+    a[0] = 99  # put() took a copy: changing the array afterwards changes nothing
+    x = ray.get(ref)
+    assert list(x) == list(range(10))
+    assert not x.flags.writeable
+    with pytest.raises(ValueError):
+        x[1] = 5
+    assert ray.get(ref)[1] == 1
+
+
+@ray.remote
+def first_item(v):
+    return int(v[0])
+
+
+def test_small_array_argument_is_a_snapshot_taken_at_remote(start, tmp_path):
+    # The task waits in the queue (the only slot is taken) while the caller changes
+    # the array it passed: the task must see the value as it was at .remote().
+    start(resources={"slot": 1})
+    d = str(tmp_path)
+    blocker = sleeper.options(resources={"slot": 1}).remote(d)
+    _started(d)
+    a = np.arange(10)
+    out = first_item.options(resources={"slot": 1}).remote(a)
+    a[0] = 99
+    ray.cancel(blocker, force=True)
+    assert ray.get(out, timeout=30) == 0
+
+
+def test_large_task_result_is_readonly_view_of_segment(start):
+    backend = start()
+    x = ray.get(make_array.remote(1_000_000, 3.0), timeout=30)
+    assert x.shape == (1_000_000,) and (x == 3.0).all()
+    assert not x.flags.writeable
+    seg = procs.shm_mapping_of(x)
+    assert seg is not None and os.path.basename(seg).startswith(f"beamlet-{backend.session}-")
+
+
+def test_large_task_argument_is_readonly_view_in_worker(start):
+    backend = start()
+    a = np.ones(1_000_000, dtype=np.float64)
+    prefix = f"/dev/shm/beamlet-{backend.session}-"
+    # Passed by value (put by the runtime), passed by ref, passed inside a list,
+    # and produced by another task (a segment a worker wrote).
+    seen = ray.get([describe.remote(a), describe.remote(ray.put(a)),
+                    describe_first.remote([ray.put(a)]),
+                    describe.remote(make_array.remote(1_000_000, 1.0))], timeout=30)
+    for info in seen:
+        assert info["pid"] != os.getpid()
+        assert info["sum"] == 1_000_000.0
+        assert info["writeable"] is False, info
+        assert info["segment"] is not None and info["segment"].startswith(prefix), info
+
+
+# ====================================================================================
+# memory freed after refs drop
+# ====================================================================================
+def _check_accounting(backend) -> None:
+    """The session's segment files are exactly the live objects plus the warm pool."""
+    stats = backend.object_store.stats()
+    assert stats["pool_bytes"] <= backend.object_store.pool.capacity
+    assert procs.segment_bytes(backend.session) == stats["shm_bytes"] + stats["pool_bytes"], stats
+
+
+def test_memory_freed_after_refs_drop(start):
+    backend = start(object_store_memory=60 * MB)
+    store = backend.object_store
+    base = store.stats()["shm_bytes"]
+    refs = [ray.put(np.full(MB, i, dtype=np.float64)) for i in range(5)]  # 8 MB each
+    assert store.stats()["shm_bytes"] >= base + 5 * 8 * MB
+    assert len(procs.segments(backend.session)) >= 5
+    _check_accounting(backend)
+    del refs
+    gc.collect()
+    assert procs.wait_until(lambda: store.stats()["shm_bytes"] == base, 10), store.stats()
+    # Freed segments may stay warm in the pool, but it is bounded (a quarter of the store).
+    assert store.stats()["pool_bytes"] <= store.capacity // 4
+    _check_accounting(backend)
+    # Objects made by tasks are freed too.
+    refs = [make_array.remote(MB, float(i)) for i in range(3)]
+    assert [float(x[0]) for x in ray.get(refs, timeout=30)] == [0.0, 1.0, 2.0]
+    del refs
+    gc.collect()
+    assert procs.wait_until(lambda: store.stats()["shm_bytes"] == base, 10), store.stats()
+    _check_accounting(backend)
+
+
+def test_object_held_inside_another_object_is_kept_then_freed(start):
+    backend = start()
+    store = backend.object_store
+    base = store.stats()["shm_bytes"]
+    inner = ray.put(np.full(MB, 5.0))
+    outer = ray.put([inner])
+    size = store.stats()["shm_bytes"] - base
+    assert size >= 8 * MB
+    del inner
+    gc.collect()
+    assert store.stats()["shm_bytes"] == base + size  # the list still holds it
+    [inner_again] = ray.get(outer)
+    assert float(ray.get(inner_again)[0]) == 5.0
+    assert ray.get(total_of_first.remote(ray.get(outer)), timeout=30) == 5.0 * MB
+    del inner_again
+    del outer
+    gc.collect()
+    assert procs.wait_until(lambda: store.stats()["shm_bytes"] == base, 10), store.stats()
+
+
+def test_object_borrowed_by_a_task_is_kept_then_freed(start):
+    backend = start()
+    store = backend.object_store
+    base = store.stats()["shm_bytes"]
+    ref = ray.put(np.full(MB, 2.0))
+    out = total_of_first.remote([ref])
+    del ref  # the task still holds it through the list
+    gc.collect()
+    assert ray.get(out, timeout=30) == 2.0 * MB
+    assert procs.wait_until(lambda: store.stats()["shm_bytes"] == base, 10), store.stats()
+
+
+@ray.remote
+class Holder:
+    def hold(self, box):
+        self.ref = box[0]
+        return True
+
+    def total(self):
+        return float(ray.get(self.ref).sum())
+
+    def drop(self):
+        del self.ref
+        gc.collect()
+        return True
+
+
+def test_object_held_by_an_actor_is_kept_then_freed(start):
+    backend = start()
+    store = backend.object_store
+    base = store.stats()["shm_bytes"]
+    holder = Holder.remote()
+    ref = ray.put(np.full(MB, 4.0))
+    size = store.stats()["shm_bytes"] - base
+    assert ray.get(holder.hold.remote([ref]), timeout=30)
+    del ref
+    gc.collect()
+    assert store.stats()["shm_bytes"] == base + size  # the actor holds it
+    assert ray.get(holder.total.remote(), timeout=30) == 4.0 * MB
+    assert ray.get(holder.drop.remote(), timeout=30)
+    # Freed while the actor lives on (not only when it exits).
+    assert procs.wait_until(lambda: store.stats()["shm_bytes"] == base, 10), store.stats()
+    assert ray.get(holder.hold.remote([None]), timeout=30)
+
+
+def test_live_view_keeps_its_data_after_ref_dropped(start):
+    backend = start()
+    store = backend.object_store
+    a = np.full(2 * MB, 1.0)
+    ref = ray.put(a)
+    x = ray.get(ref)
+    del ref
+    gc.collect()
+    # Same size: the pool would hand A's segment to B if A were freed under the view.
+    refs_b = [ray.put(np.full(2 * MB, 2.0)) for _ in range(3)]
+    assert (x == 1.0).all()
+    assert all((ray.get(r) == 2.0).all() for r in refs_b)
+    base = store.stats()["shm_bytes"]
+    del x
+    gc.collect()
+    # Once the view is gone, A is freed.
+    assert procs.wait_until(lambda: store.stats()["shm_bytes"] < base, 10), store.stats()
+    _check_accounting(backend)
+
+
+# ====================================================================================
+# spilling
+# ====================================================================================
+def test_spilling_under_small_store_keeps_values(start):
+    backend = start(object_store_memory=30 * MB)
+    store = backend.object_store
+    n = 10 * MB // 8
+    refs = []
+    max_spilled = 0
+    for i in range(5):
+        refs.append(ray.put(np.full(n, float(i))))
+        stats = store.stats()
+        max_spilled = max(max_spilled, stats["spilled_bytes"])
+        assert stats["shm_bytes"] <= store.capacity
+    assert max_spilled > 0
+    for i in range(5):
+        x = ray.get(refs[i])
+        assert x.shape == (n,) and (x == i).all()
+        del x
+    values = ray.get(refs)  # all five at once: more than the store holds
+    assert all((values[i] == i).all() for i in range(5))
+    del values
+    # A worker reads spilled objects too.
+    assert ray.get([total.remote(r) for r in refs], timeout=30) == [float(i * n) for i in range(5)]
+    del refs
+    gc.collect()
+    assert procs.wait_until(lambda: store.stats()["shm_bytes"] == 0
+                            and store.stats()["spilled_bytes"] == 0, 10), store.stats()
+    spill_dir = os.path.join(backend.temp_dir, "spill")
+    assert not os.path.isdir(spill_dir) or not os.listdir(spill_dir)
+
+
+def test_get_while_results_spill_concurrently(start):
+    # Task results arrive (and spill older objects, on the I/O thread) while the
+    # driver reads older objects back: every read sees its value, none is "lost".
+    # (A stress test: before the fix it failed in about two runs out of three.)
+    start(object_store_memory=16 * MB)
+    refs = []
+    for i in range(100):
+        refs.append(make_array.remote(MB // 2, float(i)))  # 4 MB each
+        for j in range(max(0, i - 4), i - 1):
+            assert float(ray.get(refs[j], timeout=30)[0]) == j
+
+
+@ray.remote
+class Reader:
+    def wait_for(self, d):
+        procs.touch_new(d, "s")
+        return procs.wait_until(lambda: os.path.exists(os.path.join(d, "gate")), 30)
+
+    def first(self, x):
+        return float(x[0])
+
+
+def test_argument_shipped_to_a_busy_actor_survives_spilling(start, tmp_path):
+    # A call to a live actor is sent to it (with its arguments' shared-memory names)
+    # at once, and waits there behind the running call. Objects the driver puts
+    # meanwhile must not spill that argument out from under it.
+    start(object_store_memory=30 * MB)
+    d = str(tmp_path)
+    reader = Reader.remote()
+    assert ray.get(reader.first.remote(np.ones(1)), timeout=30) == 1.0  # alive
+    waiting = reader.wait_for.remote(d)
+    _started(d)
+    out = reader.first.remote(ray.put(np.full(10 * MB // 8, 5.0)))
+    others = [ray.put(np.full(10 * MB // 8, float(i))) for i in range(3)]
+    assert _store().stats()["spilled_bytes"] > 0
+    open(os.path.join(d, "gate"), "w").close()
+    assert ray.get(waiting, timeout=30) is True
+    assert ray.get(out, timeout=30) == 5.0
+    del others
+
+
+def test_object_larger_than_store_raises_store_full_naming_sizes(start):
+    start(object_store_memory=30 * MB)
+    with pytest.raises(exc.ObjectStoreFullError) as info:
+        ray.put(np.zeros(40 * MB, dtype=np.uint8))
+    numbers = [int(n) for n in re.findall(r"\d+", str(info.value))]
+    assert 30 * MB in numbers, str(info.value)
+    assert any(n >= 40 * MB for n in numbers), str(info.value)
+    # The store still works afterwards.
+    assert float(ray.get(ray.put(np.ones(MB)))[0]) == 1.0
+
+
+# ====================================================================================
+# failures
+# ====================================================================================
+@ray.remote
+def crash_exit(d):
+    _attempt(d)
+    os._exit(1)
+
+
+@ray.remote
+def crash_sigkill(d):
+    _attempt(d)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@ray.remote
+def crash_segfault(d):
+    _attempt(d)
+    import ctypes
+    ctypes.string_at(0)
+
+
+@ray.remote
+def crash_once(d):
+    if _attempt(d) == 0:
+        os._exit(1)
+    return "second try"
+
+
+def test_os_exit_is_retried_max_retries_then_worker_crashed(start, tmp_path):
+    start()
+    with pytest.raises(exc.WorkerCrashedError) as info:
+        ray.get(crash_exit.options(max_retries=2).remote(str(tmp_path)), timeout=60)
+    assert procs.count(str(tmp_path)) == 3
+    assert not isinstance(info.value, exc.TaskError)
+    assert "crash_exit" in str(info.value)
+
+
+def test_default_max_retries_is_three(start, tmp_path):
+    start()
+    with pytest.raises(exc.WorkerCrashedError):
+        ray.get(crash_exit.remote(str(tmp_path)), timeout=60)
+    assert procs.count(str(tmp_path)) == 4
+
+
+def test_sigkill_is_retried_then_worker_crashed(start, tmp_path):
+    start()
+    with pytest.raises(exc.WorkerCrashedError):
+        ray.get(crash_sigkill.options(max_retries=1).remote(str(tmp_path)), timeout=60)
+    assert procs.count(str(tmp_path)) == 2
+
+
+def test_segfault_is_a_worker_crash(start, tmp_path):
+    start()
+    with pytest.raises(exc.WorkerCrashedError):
+        ray.get(crash_segfault.options(max_retries=0).remote(str(tmp_path)), timeout=60)
+    assert procs.count(str(tmp_path)) == 1
+
+
+def test_max_retries_zero_means_no_retry(start, tmp_path):
+    start()
+    for fn in (crash_exit, crash_sigkill):
+        d = tmp_path / fn.__name__
+        d.mkdir()
+        with pytest.raises(exc.WorkerCrashedError):
+            ray.get(fn.options(max_retries=0).remote(str(d)), timeout=60)
+        assert procs.count(str(d)) == 1
+
+
+def test_crash_then_success_on_retry(start, tmp_path):
+    start()
+    assert ray.get(crash_once.remote(str(tmp_path)), timeout=60) == "second try"
+    assert procs.count(str(tmp_path)) == 2
+
+
+@ray.remote
+def flaky(d, fail_times, error):
+    n = _attempt(d)
+    if n < fail_times:
+        raise error(f"attempt {n}")
+    return n
+
+
+def test_application_errors_not_retried_by_default(start, tmp_path):
+    start()
+    with pytest.raises(ValueError):
+        ray.get(flaky.remote(str(tmp_path), 5, ValueError), timeout=30)
+    assert procs.count(str(tmp_path)) == 1
+
+
+def test_retry_exceptions_true_retries_application_errors(start, tmp_path):
+    start()
+    ref = flaky.options(retry_exceptions=True, max_retries=3).remote(str(tmp_path), 2, ValueError)
+    assert ray.get(ref, timeout=30) == 2
+    assert procs.count(str(tmp_path)) == 3
+    # The budget runs out: the last error is raised.
+    d = tmp_path / "out"
+    d.mkdir()
+    ref = flaky.options(retry_exceptions=True, max_retries=1).remote(str(d), 5, ValueError)
+    with pytest.raises(ValueError, match="attempt 1"):
+        ray.get(ref, timeout=30)
+    assert procs.count(str(d)) == 2
+
+
+def test_retry_exceptions_list_retries_only_listed_types(start, tmp_path):
+    start()
+    listed = flaky.options(retry_exceptions=[ValueError], max_retries=3)
+    d1, d2 = tmp_path / "listed", tmp_path / "other"
+    d1.mkdir()
+    d2.mkdir()
+    assert ray.get(listed.remote(str(d1), 1, ValueError), timeout=30) == 1
+    assert procs.count(str(d1)) == 2
+    with pytest.raises(KeyError):
+        ray.get(listed.remote(str(d2), 1, KeyError), timeout=30)
+    assert procs.count(str(d2)) == 1
+
+
+@ray.remote(max_restarts=1)
+class Phoenix:
+    def __init__(self, d):
+        procs.touch_new(d, "init")
+        self.calls = 0
+
+    def incr(self):
+        self.calls += 1
+        return self.calls
+
+    def pid(self):
+        return os.getpid()
+
+    def die(self):
+        os._exit(1)
+
+
+def test_actor_max_restarts_reruns_init_in_new_process(start, tmp_path):
+    start()
+    d = str(tmp_path)
+    actor = Phoenix.remote(d)
+    assert ray.get(actor.incr.remote(), timeout=30) == 1
+    assert ray.get(actor.incr.remote(), timeout=30) == 2
+    pid1 = ray.get(actor.pid.remote(), timeout=30)
+    first_process = procs.proc_id(pid1)
+    with pytest.raises(exc.ActorError) as info:
+        ray.get(actor.die.remote(), timeout=30)
+    assert not isinstance(info.value, exc.ActorDiedError)
+    # The next call runs on a fresh instance: __init__ again, state reset, new pid.
+    assert ray.get(actor.incr.remote(), timeout=30) == 1
+    pid2 = ray.get(actor.pid.remote(), timeout=30)
+    assert pid2 != pid1
+    assert procs.count(d, "init") == 2
+    assert procs.wait_until(lambda: not procs.alive(first_process), 10)
+    # Restarts used up: that call and every later one raise ActorDiedError.
+    with pytest.raises(exc.ActorDiedError):
+        ray.get(actor.die.remote(), timeout=30)
+    with pytest.raises(exc.ActorDiedError):
+        ray.get(actor.incr.remote(), timeout=30)
+    assert procs.count(d, "init") == 2
+
+
+def test_actor_default_no_restart(start, tmp_path):
+    start()
+    actor = Phoenix.options(max_restarts=0).remote(str(tmp_path))
+    assert ray.get(actor.incr.remote(), timeout=30) == 1
+    with pytest.raises(exc.ActorDiedError):
+        ray.get(actor.die.remote(), timeout=30)
+    with pytest.raises(exc.ActorDiedError) as info:
+        ray.get(actor.incr.remote(), timeout=30)
+    assert "died" in str(info.value)
+    assert procs.count(str(tmp_path), "init") == 1
+
+
+@ray.remote
+class Plain:
+    def die(self):
+        os._exit(1)
+
+    def ok(self):
+        return "ok"
+
+
+def test_actor_default_max_restarts_is_zero(start):
+    start()
+    actor = Plain.remote()
+    assert ray.get(actor.ok.remote(), timeout=30) == "ok"
+    with pytest.raises(exc.ActorDiedError):
+        ray.get(actor.die.remote(), timeout=30)
+    with pytest.raises(exc.ActorDiedError):
+        ray.get(actor.ok.remote(), timeout=30)
+
+
+@ray.remote(max_restarts=1, max_task_retries=1)
+class Flaky:
+    def __init__(self, d):
+        self.d = d
+
+    def once(self):
+        if procs.touch_new(self.d, "a") == 0:
+            os._exit(1)
+        return os.getpid()
+
+
+def test_actor_max_task_retries_reruns_the_call_after_restart(start, tmp_path):
+    start()
+    actor = Flaky.remote(str(tmp_path))
+    worker_pid = ray.get(actor.once.remote(), timeout=30)
+    assert isinstance(worker_pid, int)
+    assert procs.count(str(tmp_path)) == 2
+
+
+@ray.remote
+def sleeper(d, seconds=60):
+    procs.touch_new(d, "s")
+    time.sleep(seconds)
+    return "finished"
+
+
+def _started(d, n=1, timeout=20):
+    assert procs.wait_until(lambda: procs.count(d, "s") >= n, timeout), "the task never started"
+
+
+def test_cancel_interrupts_a_sleeping_task(start, tmp_path):
+    start()
+    d = str(tmp_path)
+    ref = sleeper.remote(d)
+    _started(d)
+    ray.cancel(ref)
+    with pytest.raises(exc.TaskCancelledError):
+        ray.get(ref, timeout=10)
+    assert procs.count(d, "s") == 1  # cancelled tasks are not retried
+    assert ray.get(add.remote(1, 2), timeout=30) == 3
+
+
+def test_cancel_force_kills_the_worker(start, tmp_path):
+    backend = start()
+    d = str(tmp_path)
+    ref = sleeper.remote(d)
+    _started(d)
+    with backend.scheduler.lock:
+        victim = [procs.proc_id(w.pid) for w in backend.scheduler.workers.values()
+                  if w.task is not None and w.task.function_name.endswith("sleeper")]
+    assert len(victim) == 1 and procs.alive(victim[0])
+    ray.cancel(ref, force=True)
+    with pytest.raises(exc.TaskCancelledError):
+        ray.get(ref, timeout=10)
+    assert procs.wait_until(lambda: not procs.alive(victim[0]), 10)
+    assert procs.count(d, "s") == 1
+    assert ray.get(add.remote(1, 2), timeout=30) == 3
+
+
+@ray.remote
+def mark_run(d):
+    procs.touch_new(d, "ran")
+    return "ran"
+
+
+def test_cancel_queued_task(start, tmp_path):
+    start(resources={"slot": 1})
+    d = str(tmp_path)
+    blocker = sleeper.options(resources={"slot": 1}).remote(d)
+    _started(d)
+    queued = mark_run.options(resources={"slot": 1}).remote(d)
+    ray.cancel(queued)
+    with pytest.raises(exc.TaskCancelledError) as info:
+        ray.get(queued, timeout=10)
+    assert not isinstance(info.value, exc.TaskError)  # never ran: plain TaskCancelledError
+    ray.cancel(blocker, force=True)
+    with pytest.raises(exc.TaskCancelledError):
+        ray.get(blocker, timeout=10)
+    # The slot is free again and the cancelled task never ran.
+    assert ray.get(mark_run.options(resources={"slot": 1}).remote(d), timeout=30) == "ran"
+    assert procs.count(d, "ran") == 1
+
+
+@ray.remote
+def boom():
+    raise RuntimeError("boom")
+
+
+@ray.remote
+def exits():
+    sys.exit(3)
+
+
+def test_errors_in_tasks_never_take_down_the_driver(start, tmp_path):
+    start()
+    with pytest.raises(RuntimeError, match="boom"):
+        ray.get(boom.remote(), timeout=30)
+    with pytest.raises(Exception):
+        ray.get(exits.remote(), timeout=30)
+    for fn in (crash_exit, crash_sigkill, crash_segfault):
+        d = tmp_path / fn.__name__
+        d.mkdir()
+        with pytest.raises(exc.WorkerCrashedError):
+            ray.get(fn.options(max_retries=0).remote(str(d)), timeout=60)
+    actor = Plain.remote()
+    with pytest.raises(exc.ActorDiedError):
+        ray.get(actor.die.remote(), timeout=30)
+    # Downstream of a crash: the dependent task fails, it does not hang.
+    d = tmp_path / "dep"
+    d.mkdir()
+    with pytest.raises(exc.WorkerCrashedError):
+        ray.get(add.remote(crash_exit.options(max_retries=0).remote(str(d)), 1), timeout=60)
+    # Still fully working.
+    assert ray.get([add.remote(i, i) for i in range(10)], timeout=30) == [2 * i for i in range(10)]
+    assert float(ray.get(ray.put(np.ones(MB)))[0]) == 1.0
+
+
+@ray.remote
+class Maker:
+    def make(self, n):
+        return [ray.put(np.full(n, 7.0))]
+
+    def pid(self):
+        return os.getpid()
+
+
+def _wait_lost(ref, timeout=10.0):
+    """get(ref) until it raises ObjectLostError (the owner's death is noticed asynchronously)."""
+    until = time.monotonic() + timeout
+    while True:
+        try:
+            value = ray.get(ref, timeout=timeout)
+        except exc.ObjectLostError as err:
+            return err
+        del value
+        if time.monotonic() > until:
+            raise AssertionError("the object outlived the actor that put it")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("n", [10, MB], ids=["small", "large"])
+def test_object_put_by_actor_is_lost_when_actor_killed(start, n):
+    start()
+    actor = Maker.remote()
+    [ref] = ray.get(actor.make.remote(n), timeout=30)
+    value = ray.get(ref, timeout=30)  # fetched once
+    assert value.shape == (n,) and (value == 7.0).all()
+    del value
+    ray.kill(actor)
+    err = _wait_lost(ref)
+    assert isinstance(err, exc.OwnerDiedError)
+
+
+def test_view_of_lost_object_stays_intact(start):
+    backend = start()
+    actor = Maker.remote()
+    [ref] = ray.get(actor.make.remote(2 * MB), timeout=30)
+    view = ray.get(ref, timeout=30)
+    ray.kill(actor)
+    _wait_lost(ref)
+    # Same size as the lost object: its segment must not be reused under the live view.
+    others = [ray.put(np.full(2 * MB, 9.0)) for _ in range(3)]
+    assert (view == 7.0).all()
+    del others
+
+
+# ====================================================================================
+# nested tasks
+# ====================================================================================
+@ray.remote
+def tree(depth, fanout):
+    if depth == 0:
+        return 1
+    return sum(ray.get([tree.remote(depth - 1, fanout) for _ in range(fanout)]))
+
+
+def test_deep_nested_fanout_does_not_deadlock_on_two_cpus(start):
+    backend = start(num_cpus=2)
+    assert ray.get(tree.remote(4, 3), timeout=90) == 81
+    # Blocked tasks gave their CPUs back and took them again: all free now.
+    assert procs.wait_until(lambda: ray.available_resources().get("CPU") == 2.0, 10), \
+        ray.available_resources()
+    # The extra workers forked while tasks were blocked go away once idle.
+    forked = procs.children_of(backend.launcher.proc.pid)
+    assert len(forked) > 2
+    assert procs.wait_until(lambda: len(procs.children_of(backend.launcher.proc.pid)) <= 2, 30), \
+        procs.children_of(backend.launcher.proc.pid)
+    assert ray.get(tree.remote(2, 2), timeout=60) == 4
+
+
+@ray.remote
+def simulation(seed):
+    rng = np.random.default_rng(seed)
+    a, b = rng.random((200, 200)), rng.random((200, 200))
+    return float(np.dot(a, b).sum())
+
+
+@ray.remote
+def experiment(index, num_simulations=8):
+    refs = [simulation.remote(index * 100 + s) for s in range(num_simulations)]
+    return sum(ray.get(refs))
+
+
+def test_seed_nested_example_on_two_cpus(start):
+    start(num_cpus=2)
+    results = ray.get([experiment.remote(i) for i in range(2)], timeout=60)
+    expected = [sum(ray.get([simulation.remote(i * 100 + s) for s in range(8)], timeout=60))
+                for i in range(2)]
+    assert np.allclose(results, expected)
+    # More outer tasks than CPUs, each blocked on inner tasks.
+    assert len(ray.get([experiment.remote(i, 2) for i in range(4)], timeout=60)) == 4
+
+
+# ====================================================================================
+# resources
+# ====================================================================================
+@ray.remote
+def meet(d, n):
+    return procs.barrier(d, n)
+
+
+def test_fractional_cpus_run_concurrently(start, tmp_path):
+    start(num_cpus=2)
+    refs = [meet.options(num_cpus=0.5).remote(str(tmp_path), 4) for _ in range(4)]
+    assert ray.get(refs, timeout=60) == [True] * 4
+
+
+@ray.remote
+def interval(d):
+    t0 = time.monotonic_ns()
+    time.sleep(0.1)
+    t1 = time.monotonic_ns()
+    with open(os.path.join(d, f"{os.getpid()}-{t0}"), "w") as f:
+        f.write(f"{t0} {t1}")
+    return True
+
+
+def test_custom_resource_limits_concurrency(start, tmp_path):
+    start(num_cpus=2, resources={"slot": 1})
+    refs = [interval.options(resources={"slot": 1}).remote(str(tmp_path)) for _ in range(5)]
+    assert ray.get(refs, timeout=60) == [True] * 5
+    spans = sorted(tuple(map(int, p.read_text().split())) for p in tmp_path.iterdir())
+    assert len(spans) == 5
+    for (_, end), (begin, _) in zip(spans, spans[1:]):
+        assert end <= begin, f"tasks needing the only slot overlapped: {spans}"
+    # Without the slot they may run side by side (the resource is what serialises them).
+    d = tmp_path / "free"
+    d.mkdir()
+    assert ray.get([meet.remote(str(d), 2) for _ in range(2)], timeout=60) == [True, True]
+
+
+@ray.remote
+def visible_devices(d=None, n=0):
+    if d is not None:
+        procs.barrier(d, n)
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_num_gpus_sets_cuda_visible_devices(start, tmp_path):
+    start(num_cpus=2, num_gpus=2)
+    assert ray.cluster_resources().get("GPU") == 2.0
+    one = ray.get(visible_devices.options(num_gpus=1).remote(), timeout=30)
+    assert one in ("0", "1")
+    both = ray.get([visible_devices.options(num_gpus=1).remote(str(tmp_path), 2)
+                    for _ in range(2)], timeout=60)
+    assert sorted(both) == ["0", "1"], both
+    two = ray.get(visible_devices.options(num_gpus=2).remote(), timeout=30)
+    assert sorted(two.split(",")) == ["0", "1"]
+
+
+def test_task_without_gpus_does_not_see_a_previous_tasks_device(start):
+    start(num_cpus=1, num_gpus=1)  # one worker: the CPU task reuses the GPU task's worker
+    assert ray.get(visible_devices.options(num_gpus=1).remote(), timeout=30) == "0"
+    seen = ray.get(visible_devices.remote(), timeout=30)
+    assert seen in (None, ""), f"a task with no GPU sees CUDA_VISIBLE_DEVICES={seen!r}"
+
+
+def test_infeasible_request_raises_at_remote_naming_the_resource(start):
+    start(num_cpus=2, num_gpus=2)
+    with pytest.raises(ValueError, match="GPU"):
+        visible_devices.options(num_gpus=3).remote()
+    with pytest.raises(ValueError, match="CPU"):
+        add.options(num_cpus=3).remote(1, 2)
+    with pytest.raises(ValueError, match="unicorn"):
+        add.options(resources={"unicorn": 1}).remote(1, 2)
+    with pytest.raises(ValueError, match="GPU"):
+        Plain.options(num_gpus=3).remote()
+    assert ray.get(add.remote(1, 2), timeout=30) == 3
+
+
+@ray.remote
+def submit_infeasible():
+    try:
+        add.options(num_gpus=5).remote(1, 2)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_infeasible_request_inside_a_task_raises_there(start):
+    start(num_cpus=2, num_gpus=1)
+    text = ray.get(submit_infeasible.remote(), timeout=30)
+    assert text is not None and "GPU" in text
+
+
+# ====================================================================================
+# worker output
+# ====================================================================================
+def test_worker_output_is_prefixed_with_task_name_and_pid(tmp_path):
+    script = textwrap.dedent("""
+        import os, sys
+        import beamlet as ray
+        ray.init(backend="local", num_cpus=2)
+
+        @ray.remote
+        def chatty():
+            print("hello from chatty")
+            print("to stderr", file=sys.stderr)
+            return os.getpid()
+
+        @ray.remote
+        class Talker:
+            def talk(self):
+                print("actor speaking")
+                return os.getpid()
+
+        print("TASKPID", ray.get(chatty.remote()), flush=True)
+        print("ACTORPID", ray.get(Talker.remote().talk.remote()), flush=True)
+        ray.shutdown()
+    """)
+    driver = procs.Driver(script, tmp_path)
+    try:
+        code = driver.finish(SUBPROCESS_TIMEOUT)
+    finally:
+        driver.kill()
+    out, err = driver.stdout, driver.stderr
+    assert code == 0, err
+    task_pid = int(re.search(r"TASKPID (\d+)", out).group(1))
+    actor_pid = int(re.search(r"ACTORPID (\d+)", out).group(1))
+    assert f"(chatty pid={task_pid}) hello from chatty" in out, out
+    assert f"(chatty pid={task_pid}) to stderr" in err, err
+    assert re.search(rf"\(\S*Talker\S* pid={actor_pid}\) actor speaking", out), out
+
+
+# ====================================================================================
+# nothing left behind
+# ====================================================================================
+@ray.remote
+class Counter:
+    def __init__(self):
+        self.n = 0
+
+    def incr(self):
+        self.n += 1
+        return self.n
+
+
+def test_shutdown_leaves_nothing_behind(start):
+    backend = start(object_store_memory=30 * MB)
+    refs = [ray.put(np.full(10 * MB // 8, float(i))) for i in range(4)]  # spills: temp dir used
+    assert backend.object_store.stats()["spilled_bytes"] > 0
+    assert os.path.isdir(backend.temp_dir)
+    counter = Counter.remote()
+    assert ray.get(counter.incr.remote(), timeout=30) == 1
+    assert ray.get(tree.remote(2, 3), timeout=60) == 9  # more workers while blocked
+    results = [make_array.remote(MB, 1.0) for _ in range(2)]
+    ray.get(results, timeout=30)
+    fp = procs.footprint(backend)
+    assert len(fp["procs"]) >= 3 and procs.segments(backend.session)
+    threads = threading.active_count()
+    ray.shutdown()
+    procs.assert_all_gone(fp)
+    assert threading.active_count() < threads  # the I/O thread is gone
+    del refs, results
+
+
+_BUSY_DRIVER = textwrap.dedent("""
+    import os, sys, time
+    import numpy as np
+    import beamlet as ray
+    ray.init(backend="local", num_cpus=2, object_store_memory=30_000_000)
+
+    @ray.remote
+    def sleep_long(seconds):
+        time.sleep(seconds)
+        return seconds
+
+    @ray.remote
+    class Holder:
+        def put(self):
+            self.ref = ray.put(np.ones(1_000_000))
+            return True
+
+    refs = [ray.put(np.full(1_250_000, float(i))) for i in range(4)]  # 10 MB each: spills
+    holder = Holder.remote()
+    assert ray.get(holder.put.remote())
+    running = [sleep_long.remote(60) for _ in range(2)]
+    time.sleep(0.5)  # let the sleeping tasks reach their workers
+""") + procs.PRINT_FOOTPRINT
+
+
+def _check_driver_footprint(fp: dict, running: bool = True) -> None:
+    assert len(fp["procs"]) >= 3, fp  # zygote, two workers, the actor
+    if running:  # (a driver that goes on to exit may be cleaning up already)
+        assert all(procs.alive(p) for p in fp["procs"]), fp
+        assert procs.segments(fp["session"]), "the driver made no segment"
+
+
+def test_interpreter_exit_leaves_nothing_behind(tmp_path):
+    script = _BUSY_DRIVER.replace("running = [sleep_long.remote(60) for _ in range(2)]",
+                                  "running = [sleep_long.remote(0.1) for _ in range(2)]")
+    script += "\nprint('EXITING', flush=True)\n"  # no shutdown(): atexit does it
+    driver = procs.Driver(script, tmp_path)
+    try:
+        fp = driver.footprint()
+        _check_driver_footprint(fp, running=False)
+        code = driver.finish(SUBPROCESS_TIMEOUT)
+    finally:
+        driver.kill()
+    assert code == 0, driver.stderr
+    assert "EXITING" in driver.stdout
+    procs.assert_all_gone(fp, 10)
+
+
+def test_sigkilled_driver_leaves_nothing_behind(tmp_path):
+    script = _BUSY_DRIVER + "\nray.get(running)\n"
+    driver = procs.Driver(script, tmp_path)
+    try:
+        fp = driver.footprint()
+        _check_driver_footprint(fp)
+    finally:
+        driver.kill()  # SIGKILL: no atexit, no shutdown()
+    assert driver.proc.returncode == -signal.SIGKILL
+    # The zygote sees its stdin close; the workers see the driver's socket close.
+    procs.assert_all_gone(fp, 10)
+
+
+def test_ctrl_c_in_driver_blocked_in_get_leaves_nothing_behind(tmp_path):
+    script = _BUSY_DRIVER + textwrap.dedent("""
+        print("BLOCKING", flush=True)
+        ray.get(running)
+        print("NOT REACHED", flush=True)
+    """)
+    driver = procs.Driver(script, tmp_path)
+    try:
+        fp = driver.footprint()
+        _check_driver_footprint(fp)
+        driver.wait_line("BLOCKING", 30)
+        time.sleep(0.2)  # let it enter get(); an earlier SIGINT would be a Ctrl-C all the same
+        driver.proc.send_signal(signal.SIGINT)
+        code = driver.finish(SUBPROCESS_TIMEOUT)
+    finally:
+        driver.kill()
+    assert code != 0
+    assert "KeyboardInterrupt" in driver.stderr, driver.stderr
+    assert "NOT REACHED" not in driver.stdout
+    procs.assert_all_gone(fp, 10)
+
+
+def test_twenty_init_shutdown_cycles_leak_nothing():
+    ray.shutdown()  # whatever an earlier test left running
+
+    def cycle():
+        ray.init(backend="local", num_cpus=2)
+        backend = _runtime.current().backend
+        assert ray.get(add.remote(1, 2), timeout=30) == 3
+        x = ray.get(ray.put(np.ones(MB)))
+        assert x[0] == 1.0
+        del x
+        fp = procs.footprint(backend)
+        ray.shutdown()
+        return fp
+
+    procs.assert_all_gone(cycle())  # warm-up: lazy imports and caches
+    gc.collect()
+    threads = threading.active_count()
+    fds = procs.fd_count()
+    footprints = [cycle() for _ in range(20)]
+    for fp in footprints:
+        procs.assert_all_gone(fp)
+    gc.collect()
+    assert procs.wait_until(lambda: threading.active_count() <= threads, 5), \
+        [t.name for t in threading.enumerate()]
+    assert procs.fd_count() <= fds, os.listdir("/proc/self/fd")
