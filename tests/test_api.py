@@ -1236,3 +1236,35 @@ def test_inprocess_error_stored_in_ref_not_raised_at_remote(inprocess):
     ref = boom.remote("stored")  # does not raise here
     with pytest.raises(ValueError, match="stored"):
         ray.get(ref)
+
+
+# ======================================================================================
+# Actors whose constructor arguments are still being computed
+# ======================================================================================
+
+@ray.remote
+def _slow_value(value, seconds=0.3):
+    time.sleep(seconds)
+    return value
+
+
+@ray.remote
+class _Holder:
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
+
+
+def test_actor_calls_queue_while_its_arguments_are_computed(backend):
+    holder = _Holder.remote(_slow_value.remote("ready"))
+    calls = [holder.get.remote() for _ in range(3)]  # submitted before __init__ can run
+    assert ray.get(calls, timeout=LONG) == ["ready"] * 3
+
+
+def test_killing_an_actor_that_waits_for_its_arguments(backend):
+    holder = _Holder.remote(_slow_value.remote("never used", 1.0))
+    ray.kill(holder)
+    with pytest.raises(E.ActorDiedError, match="kill"):
+        ray.get(holder.get.remote(), timeout=LONG)

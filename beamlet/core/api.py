@@ -6,7 +6,6 @@ import inspect
 import os
 from typing import Any, Sequence
 
-from .. import exceptions as exc
 from . import plugins
 from . import runtime as _runtime
 from .actor import ActorClass, ActorHandle, get_actor, method  # noqa: F401 - re-exported

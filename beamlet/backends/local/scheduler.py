@@ -118,6 +118,10 @@ class LocalScheduler(Scheduler):
             if spec.kind == ACTOR_METHOD:
                 self._submit_actor_call(spec)
                 return
+            if spec.kind == ACTOR_CREATION and spec.actor_id not in self.actors:
+                # Known from now on, so calls queue while it waits for its arguments.
+                record = self.actors[spec.actor_id] = ActorRecord(spec)
+                self._actor_by_token[record.token] = spec.actor_id
             deps = [d for d in dict.fromkeys(spec.dependencies()) if not self.store.contains(d)]
             if not deps:
                 self._make_ready(spec)
@@ -141,11 +145,7 @@ class LocalScheduler(Scheduler):
 
     def _make_ready(self, spec: TaskSpec) -> None:
         if spec.kind == ACTOR_CREATION:
-            record = self.actors.get(spec.actor_id)
-            if record is None:
-                record = self.actors[spec.actor_id] = ActorRecord(spec)
-                self._actor_by_token[record.token] = spec.actor_id
-            self._pending_actors.append(record)
+            self._pending_actors.append(self.actors[spec.actor_id])
         else:
             shape = tuple(sorted(spec.resources.items()))
             queue = self._queues.get(shape)
@@ -337,6 +337,10 @@ class LocalScheduler(Scheduler):
         record.reason = reason
         self._set_state(record, "DEAD", reason)
         error = exc.ActorDiedError(f"the actor {record.spec.function_name} is dead: {reason}")
+        if record.spec.task_id in self._tasks:  # it never finished starting
+            self._waiting.pop(record.spec.task_id, None)
+            self._running.pop(record.spec.task_id, None)
+            self._fail(record.spec, error)
         for spec in list(record.inflight.values()) + list(record.queue):
             self._fail(spec, error)
         record.inflight.clear()
