@@ -1268,3 +1268,25 @@ def test_killing_an_actor_that_waits_for_its_arguments(backend):
     ray.kill(holder)
     with pytest.raises(E.ActorDiedError, match="kill"):
         ray.get(holder.get.remote(), timeout=LONG)
+
+
+@ray.remote
+class _Crasher:
+    def crash(self):
+        os._exit(3)
+
+    def ping(self):
+        return "pong"
+
+
+def test_resources_come_back_after_an_actor_crashes(backend):
+    backend.require("isolated")
+    total = ray.cluster_resources()["CPU"]
+    actor = _Crasher.options(num_cpus=1).remote()
+    assert ray.get(actor.ping.remote(), timeout=LONG) == "pong"
+    assert ray.available_resources()["CPU"] == total - 1
+    with pytest.raises(E.ActorDiedError):
+        ray.get(actor.crash.remote(), timeout=LONG)
+    eventually(lambda: ray.available_resources()["CPU"] == total)
+    time.sleep(0.2)  # given back once, not twice
+    assert ray.available_resources()["CPU"] == total
