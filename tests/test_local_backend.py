@@ -1064,3 +1064,23 @@ def test_twenty_init_shutdown_cycles_leak_nothing():
     assert procs.wait_until(lambda: threading.active_count() <= threads, 5), \
         [t.name for t in threading.enumerate()]
     assert procs.fd_count() <= fds, os.listdir("/proc/self/fd")
+
+
+# -- threads per worker ------------------------------------------------------------------
+
+@ray.remote
+def _omp_threads():
+    return os.environ.get("OMP_NUM_THREADS")
+
+
+def test_workers_default_to_one_blas_thread(start, monkeypatch):
+    # With a BLAS thread per core in every worker, small matrix products slow down ~10x.
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    start()
+    assert ray.get(_omp_threads.remote(), timeout=30) == "1"
+
+
+def test_workers_keep_the_users_blas_threads(start, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    start()
+    assert ray.get(_omp_threads.remote(), timeout=30) == "3"

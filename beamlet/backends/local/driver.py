@@ -41,6 +41,11 @@ class WorkerLauncher:
         env = dict(os.environ)
         # The zygote (and so every worker) imports what the driver can import.
         env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
+        # One BLAS/OpenMP thread per worker unless the user chose (as Ray does): with
+        # a thread per core in every worker, numpy's threads fight over the cores
+        # and small matrix products run ~10x slower. It must be set before the
+        # zygote loads numpy, which reads it once.
+        env.setdefault("OMP_NUM_THREADS", "1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "beamlet.backends.local.zygote", session, address, temp_dir],
             stdin=subprocess.PIPE, env=env, start_new_session=True, close_fds=True)
