@@ -350,3 +350,30 @@ def test_ref_from_a_previous_session(start_backend, name):
         ray.get(stale, timeout=10)
     with pytest.raises(E.ObjectLostError, match="shut down"):
         ray.wait([stale], timeout=0)
+
+
+@pytest.mark.parametrize("name", ["inprocess", "local"])
+def test_unknown_init_option_is_named(no_backend, name):
+    with pytest.raises(ValueError, match="'no_such_option'"):
+        ray.init(backend=name, no_such_option=1)
+    assert not ray.is_initialized()
+
+
+def test_rays_init_options_without_meaning_here_are_accepted(no_backend):
+    ray.init(backend="inprocess", include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    assert ray.is_initialized()
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("url, needle", [("nope://host:1", "'nope'"), ("not a url", "URL")])
+def test_bad_control_store_url(no_backend, url, needle):
+    with pytest.raises(ValueError, match=needle):
+        ray.init(backend="inprocess", control_store=url)
+    assert not ray.is_initialized()
+
+
+def test_bad_object_store_memory(no_backend):
+    with pytest.raises(ValueError, match="object_store_memory"):
+        ray.init(backend="local", object_store_memory=-5)
+    assert not ray.is_initialized()

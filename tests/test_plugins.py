@@ -384,3 +384,49 @@ def test_serializer_from_plugin_is_used(inprocess):
         assert isinstance(out, Sealed) and out.value == 2
     finally:
         plugins.unregister(serializer)
+
+
+class _RecordingControlStorePlugin:
+    """A control store plugin for the 'rec://' scheme: a MemoryControlStore that
+    remembers the URL it was opened with and what was written to it."""
+
+    def __init__(self):
+        self.opened: list[str] = []
+        self.stores: list = []
+
+    @hookimpl
+    def beamlet_control_stores(self):
+        from beamlet.core.control_store import MemoryControlStore
+
+        def factory(url):
+            self.opened.append(url)
+            store = MemoryControlStore()
+            self.stores.append(store)
+            return store
+
+        return {"rec": factory}
+
+
+@pytest.mark.parametrize("backend_name", ["inprocess", "local"])
+def test_control_store_from_plugin_is_used(backend_name):
+    plugin = _RecordingControlStorePlugin()
+    beamlet.shutdown()
+    plugins.register(plugin)
+    try:
+        beamlet.init(backend=backend_name, num_cpus=2, control_store="rec://somewhere:1")
+
+        @beamlet.remote
+        class Named:
+            def ping(self):
+                return "pong"
+
+        actor = Named.options(name="registered-in-plugin-store").remote()
+        assert beamlet.get(actor.ping.remote(), timeout=30) == "pong"
+        assert plugin.opened == ["rec://somewhere:1"]
+        [store] = plugin.stores
+        # The named actor and the actor's code went to the plugin's store.
+        assert any("registered-in-plugin-store" in k for k in store.keys("named_actors"))
+        assert store.keys("functions")
+    finally:
+        beamlet.shutdown()
+        plugins.unregister(plugin)

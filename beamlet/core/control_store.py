@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 from .interfaces import ControlStore
 
+MEMORY_SCHEME = "memory"
+
 
 class MemoryControlStore(ControlStore):
     """Tables of bytes in dicts, behind one lock; callbacks run in the publisher's thread."""
@@ -54,3 +56,26 @@ class MemoryControlStore(ControlStore):
                     subs.remove(callback)
 
         return unsubscribe
+
+
+def open_control_store(url: str | None) -> ControlStore:
+    """The ControlStore a backend should use: ``init(control_store=url)``.
+
+    None (or ``"memory://"``) is this process's MemoryControlStore; any other
+    URL is opened by the factory a plugin registered for its scheme through the
+    ``beamlet_control_stores`` hook (e.g. ``redis://host:port``).
+    """
+    if url is None:
+        return MemoryControlStore()
+    if not isinstance(url, str) or "://" not in url:
+        raise ValueError(f"control_store must be a URL like 'redis://host:port', got {url!r}")
+    from .plugins import control_store_factories
+    scheme = url.split("://", 1)[0]
+    factories = control_store_factories()
+    if scheme == MEMORY_SCHEME and scheme not in factories:
+        return MemoryControlStore()
+    if scheme not in factories:
+        known = sorted(set(factories) | {MEMORY_SCHEME})
+        raise ValueError(f"no control store for {scheme!r} URLs ({url!r}); installed schemes: "
+                         f"{', '.join(known)}")
+    return factories[scheme](url)

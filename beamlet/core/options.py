@@ -90,3 +90,26 @@ def resource_request(options: dict, default_cpus: float) -> dict[str, float]:
         if amount:
             req[name] = float(amount)
     return req
+
+
+# Keys every backend's config carries (set by init()).
+INIT_KEYS = frozenset({"backend", "address", "num_cpus", "num_gpus", "resources", "namespace",
+                       "is_driver", "control_store"})
+
+# Ray's init() options that have no meaning here: accepted and ignored, so Ray
+# programs run unchanged.
+RAY_INIT_OPTIONS_IGNORED = frozenset({
+    "include_dashboard", "dashboard_host", "dashboard_port", "log_to_driver", "logging_level",
+    "logging_format", "logging_config", "configure_logging", "runtime_env", "job_config",
+    "_temp_dir", "_system_config", "_metrics_export_port", "_node_ip_address",
+    "_enable_object_reconstruction", "_plasma_directory", "_memory", "storage",
+    "log_to_stderr"})
+
+
+def check_backend_options(config: dict, accepted: frozenset, backend: str) -> None:
+    """Raise ValueError naming any ``init()`` keyword the backend does not know."""
+    unknown = sorted(set(config) - INIT_KEYS - RAY_INIT_OPTIONS_IGNORED - accepted)
+    if unknown:
+        raise ValueError(f"init() got option(s) {', '.join(map(repr, unknown))} that the "
+                         f"{backend!r} backend does not take; its own options are: "
+                         f"{', '.join(sorted(accepted)) or 'none'}")

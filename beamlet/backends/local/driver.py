@@ -20,8 +20,9 @@ import threading
 import time
 
 from ... import exceptions as exc
-from ...core.control_store import MemoryControlStore
+from ...core.control_store import open_control_store
 from ...core.interfaces import Backend
+from ...core.options import check_backend_options
 from ...core.resources import ResourcePool
 from ...core.runtime import Runtime
 from . import protocol as P
@@ -92,7 +93,17 @@ class LocalBackend(Backend):
     isolated = True
     zero_copy = True
 
+    #: init() keywords of this backend, beyond the common ones.
+    accepted_options = frozenset({"object_store_memory", "max_workers", "prestart_workers"})
+
     def __init__(self, config: dict, runtime: Runtime):
+        # Everything that can reject the config comes before anything is started.
+        check_backend_options(config, self.accepted_options, self.name)
+        capacity = config.get("object_store_memory") or _default_capacity()
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
+            raise ValueError(f"object_store_memory must be a positive number of bytes, "
+                             f"got {capacity!r}")
+        self.control_store = open_control_store(config.get("control_store"))
         self.runtime = runtime
         self.session = os.urandom(5).hex()
         self.node_id = f"local-{self.session}"
@@ -100,11 +111,6 @@ class LocalBackend(Backend):
         self.temp_dir = os.path.join(tempfile.gettempdir(), f"beamlet-{self.session}")
         self.transport = UnixSocketTransport()
         self.listener = self.transport.listen(f"@beamlet-{self.session}")
-        self.control_store = MemoryControlStore()
-        capacity = config.get("object_store_memory") or _default_capacity()
-        if not isinstance(capacity, int) or capacity <= 0:
-            raise ValueError(f"object_store_memory must be a positive number of bytes, "
-                             f"got {capacity!r}")
         self.object_store = LocalObjectStore(runtime.refs, self.session, capacity,
                                              self.inline_threshold, self._spill_dir)
         pool = ResourcePool(config.get("num_cpus"), config.get("num_gpus"), config.get("resources"))

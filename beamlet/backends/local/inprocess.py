@@ -14,10 +14,11 @@ import time
 
 from ... import exceptions as exc
 from ...core import plugins
-from ...core.control_store import MemoryControlStore
+from ...core.control_store import open_control_store
 from ...core.execution import Executor
 from ...core.interfaces import Backend, Scheduler
 from ...core.memory_store import MemoryObjectStore
+from ...core.options import check_backend_options
 from ...core.resources import ResourcePool
 from ...core.runtime import Runtime, set_actor_state
 from ...core.serialization import serialize
@@ -164,8 +165,13 @@ class InProcessBackend(Backend):
     isolated = False
     zero_copy = False
 
+    # The local backend's options are accepted (and mean nothing here), so that a
+    # program switched to this backend for debugging runs unchanged.
+    accepted_options = frozenset({"object_store_memory", "max_workers", "prestart_workers"})
+
     def __init__(self, config: dict, runtime: Runtime):
-        self.control_store = MemoryControlStore()
+        check_backend_options(config, self.accepted_options, self.name)
+        self.control_store = open_control_store(config.get("control_store"))
         self.object_store = MemoryObjectStore(runtime.refs)
         pool = ResourcePool(config.get("num_cpus"), config.get("num_gpus"),
                             config.get("resources"))
