@@ -1,9 +1,6 @@
 """ObjectRef: a future for a value in the object store."""
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-
 from . import runtime as _runtime
 from .ids import short
 from .serialization import note_contained_ref
@@ -57,9 +54,10 @@ class ObjectRef:
     def task_id(self) -> str:
         return short(self.id)
 
-    def future(self) -> concurrent.futures.Future:
+    def future(self):
         """A concurrent.futures.Future that completes with the value (or the error)."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
+        import concurrent.futures  # here, not at import: `import beamlet` stays quick
+        fut = concurrent.futures.Future()
         rt = _runtime.current()
 
         def done(_object_id: bytes) -> None:
@@ -72,4 +70,5 @@ class ObjectRef:
         return fut
 
     def __await__(self):
+        import asyncio
         return asyncio.wrap_future(self.future()).__await__()
