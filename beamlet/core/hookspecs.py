@@ -28,8 +28,10 @@ def beamlet_backends() -> dict:
 
     ``factory(config, runtime) -> Backend`` builds the driver side of the
     backend. ``config`` is a dict with at least ``num_cpus``, ``num_gpus``,
-    ``resources``, ``namespace``, ``address`` and the extra keyword arguments
-    given to ``init`` (backend options); ``runtime`` is the
+    ``resources``, ``namespace``, ``address``, ``control_store`` (a URL or
+    None: open it with ``core.control_store.open_control_store``) and the extra
+    keyword arguments given to ``init`` (backend options; reject unknown ones
+    with ``core.options.check_backend_options``); ``runtime`` is the
     ``beamlet.core.runtime.Runtime`` that will drive it (its ``refs`` counter
     and ``namespace``). Names are case-sensitive; two plugins may not claim one.
     """
