@@ -53,7 +53,7 @@ def init(backend: str | None = None, address: str | None = None, num_cpus: float
             raise TypeError(f"namespace must be a string, got {namespace!r}")
         config = dict(backend_options)
         config.update(backend=backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus,
-                      resources=dict(resources or {}), namespace=namespace, is_driver=True)
+                      resources=dict(resources or {}), namespace=namespace)
         rt = _runtime.Runtime(factories[backend], config)
         _runtime.set_current(rt)
         hook = plugins.observer("beamlet_init")

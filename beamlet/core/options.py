@@ -94,7 +94,7 @@ def resource_request(options: dict, default_cpus: float) -> dict[str, float]:
 
 # Keys every backend's config carries (set by init()).
 INIT_KEYS = frozenset({"backend", "address", "num_cpus", "num_gpus", "resources", "namespace",
-                       "is_driver", "control_store"})
+                       "control_store"})
 
 # Ray's init() options that have no meaning here: accepted and ignored, so Ray
 # programs run unchanged.

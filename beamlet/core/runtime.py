@@ -75,7 +75,6 @@ class Runtime:
     def __init__(self, backend_factory, config: dict):
         self.namespace = config.get("namespace") or "anonymous-" + ids.new_id().hex()[:8]
         self.job_id = config.get("job_id") or ids.new_id().hex()
-        self.is_driver = config.get("is_driver", True)
         self.caller_id = ids.new_id()
         self.refs = ReferenceCounter(self._released, self._referenced)
         self._registered_functions: set[bytes] = set()

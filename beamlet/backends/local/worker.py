@@ -300,8 +300,7 @@ class Worker:
     def __init__(self, conn: SocketConnection, config: dict):
         self.conn = conn
         self.config = config
-        self.runtime = _runtime.Runtime(lambda cfg, rt: WorkerBackend(conn, cfg, rt),
-                                        dict(config, is_driver=False))
+        self.runtime = _runtime.Runtime(lambda cfg, rt: WorkerBackend(conn, cfg, rt), config)
         _runtime.set_current(self.runtime)
         self.backend: WorkerBackend = self.runtime.backend
         self.executor = Executor(self.runtime)
