@@ -9,6 +9,7 @@ driver's `get` through the object store's condition variable.
 """
 from __future__ import annotations
 
+import collections
 import math
 import os
 import selectors
@@ -120,6 +121,9 @@ class LocalBackend(Backend):
         self.launcher = WorkerLauncher(self.session, self.listener.address, self.temp_dir)
         self.scheduler = LocalScheduler(self, pool, max_workers)
         self._closed = False
+        self._released: collections.deque[bytes] = collections.deque()
+        self._release_pending = False
+        self.object_store.reclaim = self._free_released
         self._wake_r, self._wake_w = os.pipe()
         self._io = threading.Thread(target=self._io_loop, name="beamlet-io", daemon=True)
         self._io.start()
@@ -151,6 +155,7 @@ class LocalBackend(Backend):
                     sel.register(conn.sock, selectors.EVENT_READ, [conn, None])
                 elif key.data == "wake":
                     os.read(self._wake_r, 4096)
+                    self._free_released()
                 else:
                     self._read(sel, key.data)
         sel.close()
@@ -293,8 +298,29 @@ class LocalBackend(Backend):
 
     # -- Backend ------------------------------------------------------------------
     def object_released(self, object_id: bytes) -> None:
-        self.object_store.delete([object_id])
-        self.scheduler.token_released(object_id)
+        # Called from ObjectRef.__del__, which the cyclic GC may run in any thread
+        # at any allocation, even one holding the scheduler's or the store's lock:
+        # so only queue the id here (a deque append takes no lock) and free it on
+        # the I/O thread, or at once in a put that needs the room.
+        self._released.append(object_id)
+        if not self._release_pending:
+            self._release_pending = True
+            try:
+                os.write(self._wake_w, b"r")
+            except OSError:
+                pass  # shut down: nothing left to free
+
+    def _free_released(self) -> None:
+        """Free the objects whose last reference went away (see object_released)."""
+        self._release_pending = False
+        released = self._released
+        while released:
+            try:
+                object_id = released.popleft()
+            except IndexError:
+                break
+            self.object_store.delete([object_id])
+            self.scheduler.token_released(object_id)
 
     def nodes(self) -> list[dict]:
         return [{"NodeID": self.node_id, "Alive": True, "NodeManagerAddress": "127.0.0.1",

@@ -41,6 +41,8 @@ class LocalObjectStore(MemoryObjectStore):
         self._space = threading.RLock()
         self.shm_bytes = 0
         self.spilled_bytes = 0
+        #: Set by the backend: frees objects whose release is still queued.
+        self.reclaim: Callable[[], None] | None = None
         self._pins: dict[bytes, int] = {}  # objects shipped to running tasks: not spilled
         self._owners: dict[bytes, str] = {}  # object id -> worker that put it
         self._owned: dict[str, set[bytes]] = {}  # worker -> ids it put, still alive
@@ -51,6 +53,8 @@ class LocalObjectStore(MemoryObjectStore):
             super().put(object_id, value)  # kept in memory, as a copy
             return
         _, size, _ = shm.layout(value)
+        if self.reclaim is not None:
+            self.reclaim()  # segments freed a moment ago go back to the pool first
         with self._space:
             self._make_room(size)
             seg = shm.write_object(shm.segment_name(self.session, object_id), value, self.pool)
@@ -175,10 +179,16 @@ class LocalObjectStore(MemoryObjectStore):
 
     # -- space ------------------------------------------------------------------
     def _make_room(self, size: int) -> None:
-        """Trim the pool, then spill least recently used objects, until `size` more fits."""
+        """Free what is already unreferenced, trim the pool, then spill least
+        recently used objects, until `size` more bytes fit."""
         excess = self.shm_bytes + self.pool.bytes + size - self.capacity
         if excess <= 0:
             return
+        if self.reclaim is not None:
+            self.reclaim()
+            excess = self.shm_bytes + self.pool.bytes + size - self.capacity
+            if excess <= 0:
+                return
         excess -= self.pool.trim(excess)
         for object_id in list(self._lru):
             if excess <= 0:
