@@ -30,6 +30,8 @@ __all__ = [
     "ActorUnavailableError", "ActorAlreadyExistsError", "WorkerCrashedError",
     "TaskCancelledError", "ObjectLostError", "OwnerDiedError", "ObjectStoreFullError",
     "BackendError",
+    # Ray's names, so that `except ray.exceptions.RayTaskError` works unchanged.
+    "RayError", "RayTaskError", "RayActorError",
 ]
 
 
@@ -193,3 +195,9 @@ def is_system_error(exc: BaseException) -> bool:
     """True for errors raised by the system rather than by user code."""
     return isinstance(exc, SYSTEM_ERRORS) and not isinstance(exc, TaskError)
 
+
+
+# Ray's names for the same errors: programs written for Ray catch these.
+RayError = BeamletError
+RayTaskError = TaskError
+RayActorError = ActorError

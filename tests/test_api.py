@@ -1290,3 +1290,35 @@ def test_resources_come_back_after_an_actor_crashes(backend):
     eventually(lambda: ray.available_resources()["CPU"] == total)
     time.sleep(0.2)  # given back once, not twice
     assert ray.available_resources()["CPU"] == total
+
+
+# ======================================================================================
+# Ray's names
+# ======================================================================================
+
+def test_rays_exception_names_catch_beamlets_errors(backend):
+    @ray.remote
+    def divide():
+        return 1 / 0
+
+    with pytest.raises(E.RayTaskError) as info:
+        ray.get(divide.remote(), timeout=LONG)
+    assert isinstance(info.value, ZeroDivisionError)
+    assert isinstance(info.value, E.RayError)
+    assert E.RayActorError is E.ActorError
+
+
+def test_gpu_ids_follow_the_assignment(start_backend):
+    start_backend("local", num_gpus=2)
+
+    @ray.remote(num_gpus=1)
+    def with_gpu():
+        return ray.get_gpu_ids()
+
+    @ray.remote
+    def without_gpu():
+        return ray.get_gpu_ids()
+
+    [ids] = ray.get([with_gpu.remote()], timeout=LONG)
+    assert len(ids) == 1 and ids[0] in (0, 1)
+    assert ray.get(without_gpu.remote(), timeout=LONG) == []

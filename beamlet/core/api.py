@@ -234,10 +234,22 @@ class RuntimeContext:
         return self._rt.backend.name
 
 
+def get_gpu_ids() -> list[int]:
+    """The GPU ids assigned to the running task or actor (from CUDA_VISIBLE_DEVICES);
+    in the driver, every GPU visible to it."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        if _runtime.task_context.get() is not None:
+            return []
+        count = int(_runtime.current().backend.scheduler.total_resources().get("GPU", 0))
+        return list(range(count))
+    return [int(x) for x in visible.split(",") if x.strip().isdigit()]
+
+
 def get_runtime_context() -> RuntimeContext:
     return RuntimeContext(_runtime.current())
 
 
 __all__ = ["init", "shutdown", "is_initialized", "remote", "get", "put", "wait", "cancel",
            "kill", "get_actor", "method", "nodes", "cluster_resources", "available_resources",
-           "get_runtime_context", "ObjectRef", "ActorHandle"]
+           "get_runtime_context", "get_gpu_ids", "ObjectRef", "ActorHandle"]
