@@ -1084,3 +1084,24 @@ def test_workers_keep_the_users_blas_threads(start, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     start()
     assert ray.get(_omp_threads.remote(), timeout=30) == "3"
+
+
+def test_a_dead_zygote_is_replaced(start):
+    backend = start()
+
+    @ray.remote
+    class Pid:
+        def pid(self):
+            return os.getpid()
+
+    first = Pid.remote()
+    assert ray.get(first.pid.remote(), timeout=30) > 0
+    old = backend.launcher.proc
+    os.kill(old.pid, signal.SIGKILL)
+    old.wait(10)
+    # New actors need new workers: the launcher starts another zygote for them.
+    actors = [Pid.remote() for _ in range(3)]
+    pids = ray.get([a.pid.remote() for a in actors], timeout=30)
+    assert len(set(pids)) == 3
+    assert backend.launcher.proc is not old and backend.launcher.proc.poll() is None
+    assert ray.get(first.pid.remote(), timeout=30) > 0  # the first actor lived on

@@ -37,9 +37,12 @@ IDLE_WORKER_TIMEOUT = 2.0  # seconds before a surplus idle worker is let go
 
 
 class WorkerLauncher:
-    """Starts the zygote and asks it to fork workers."""
+    """Starts the zygote and asks it to fork workers; starts a new zygote if the
+    one it had died (workers it forked live on: they belong to the driver)."""
 
     def __init__(self, session: str, address: str, temp_dir: str):
+        self._argv = [sys.executable, "-m", "beamlet.backends.local.zygote", session, address,
+                      temp_dir]
         env = dict(os.environ)
         # The zygote (and so every worker) imports what the driver can import.
         env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
@@ -48,18 +51,26 @@ class WorkerLauncher:
         # and small matrix products run ~10x slower. It must be set before the
         # zygote loads numpy, which reads it once.
         env.setdefault("OMP_NUM_THREADS", "1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "beamlet.backends.local.zygote", session, address, temp_dir],
-            stdin=subprocess.PIPE, env=env, start_new_session=True, close_fds=True)
+        self._env = env
         self._lock = threading.Lock()
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self.proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE, env=self._env,
+                                     start_new_session=True, close_fds=True)
 
     def fork(self, worker_id: str) -> None:
         with self._lock:
-            try:
-                self.proc.stdin.write(f"fork {worker_id}\n".encode())
-                self.proc.stdin.flush()
-            except (BrokenPipeError, ValueError) as err:
-                raise exc.BackendError(f"the worker launcher is gone: {err}") from None
+            for attempt in range(2):
+                try:
+                    self.proc.stdin.write(f"fork {worker_id}\n".encode())
+                    self.proc.stdin.flush()
+                    return
+                except (BrokenPipeError, ValueError, OSError) as err:
+                    if attempt:
+                        raise exc.BackendError(f"cannot start workers: {err}") from None
+                    self.proc.wait(5)  # it is dead (or its stdin is): reap it, start another
+                    self._spawn()
 
     def close(self, timeout: float = 10.0) -> None:
         with self._lock:
