@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from .. import exceptions as exc
 from . import ids
 from . import runtime as _runtime
 from .object_ref import ObjectRef
@@ -13,6 +14,11 @@ from .task_spec import ACTOR_CREATION, ACTOR_METHOD
 
 DEFAULT_ASYNC_CONCURRENCY = 1000
 _METHOD_OPTIONS_ATTR = "__beamlet_method_options__"
+
+# Methods every actor has, as in Ray, whatever its class defines (see
+# `execution._actor_method`): ``__ray_ready__`` returns True once the actor is
+# up; ``__ray_terminate__`` ends the actor after the calls submitted before it.
+SPECIAL_METHODS = ("__ray_ready__", "__ray_terminate__")
 
 
 def method(**options):
@@ -114,8 +120,6 @@ class ActorClass:
             # node has): no actor exists, so its name must not stay taken.
             rt.forget_actor(actor_id, name, namespace)
             raise
-        if actor_options["detached"]:
-            rt.refs.incr(token.id)  # a detached actor lives until killed
         return ActorHandle(actor_id, self._name, self._methods, token)
 
     def __repr__(self) -> str:
@@ -152,6 +156,8 @@ class ActorHandle:
 
     def __getattr__(self, name: str) -> "ActorMethod":
         methods = self.__dict__.get("_methods")
+        if methods is not None and name in SPECIAL_METHODS and name not in methods:
+            return ActorMethod(self, name, 1)
         if methods is None or name not in methods:
             raise AttributeError(f"actor {self.__dict__.get('_class_name', '?')} has no "
                                  f"method {name!r}")
@@ -215,6 +221,39 @@ def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
     actor_id = rt.backend.control_store.get(
         _runtime.NAMED_ACTORS_TABLE, f"{namespace if namespace is not None else rt.namespace}:{name}")
     return ActorHandle(actor_id, info["class_name"], info["methods"], token)
+
+
+def exit_actor() -> None:
+    """End the actor this is called in (Ray's ``ray.actor.exit_actor()``).
+
+    Only valid inside an actor method (or constructor): elsewhere it raises
+    TypeError, as in Ray. The actor is killed for good (no restart), and this
+    raises ActorDiedError, so the call that invoked it fails with
+    ActorDiedError instead of returning; calls queued behind it fail with
+    ActorDiedError too. Unlike Ray, ``atexit`` handlers do not run, and on the
+    local backend calls running at the same time on a threaded or async actor
+    are ended with it rather than allowed to finish.
+    """
+    ctx = _runtime.task_context.get()
+    if ctx is None or ctx.actor_id is None:
+        raise TypeError("exit_actor() can only be called inside an actor; use "
+                        "kill(handle) to end an actor from outside")
+    _runtime.current().kill_actor(ctx.actor_id, True)
+    raise exc.ActorDiedError(f"the actor {ctx.function_name.rsplit('.', 1)[0]} is dead: it "
+                             f"called exit_actor()")
+
+
+def current_actor_handle() -> ActorHandle:
+    """A handle to the actor this runs in (``get_runtime_context().current_actor``);
+    RuntimeError outside an actor."""
+    ctx = _runtime.task_context.get()
+    if ctx is None or ctx.actor_id is None:
+        raise RuntimeError("current_actor is only available inside an actor")
+    info = _runtime.current().actor_info(ctx.actor_id)
+    if info is None:
+        raise RuntimeError("this actor is not known to the control store")
+    return ActorHandle(ctx.actor_id, info["class_name"], info["methods"],
+                       ObjectRef(info["ready_id"]))
 
 
 def is_actor_class(obj: Any) -> bool:

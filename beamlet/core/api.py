@@ -22,9 +22,11 @@ def init(backend: str | None = None, address: str | None = None, num_cpus: float
     """Start (or connect to) a backend and make it the current one.
 
     ``backend`` defaults to ``$BEAMLET_BACKEND``, then ``"local"``; ``local_mode=True``
-    means ``"inprocess"``. ``address`` joins a running cluster. Extra keyword
-    arguments are the backend's own options (e.g. ``object_store_memory``).
-    Returns a context dict describing what started.
+    means ``"inprocess"``. ``address`` joins a running cluster (``address="local"``
+    means start one here, as in Ray). Extra keyword arguments are the backend's
+    own options (e.g. ``object_store_memory``).
+    Returns an InitContext: a dict describing what started, which, like Ray's
+    context, also works as ``with init(...):`` and has ``disconnect()``.
     """
     with _runtime._init_lock:
         if _runtime.current_or_none() is not None:
@@ -38,6 +40,8 @@ def init(backend: str | None = None, address: str | None = None, num_cpus: float
             backend = "inprocess"
         if backend is None:
             backend = os.environ.get(BACKEND_ENV_VAR) or DEFAULT_BACKEND
+        if address == "local":  # Ray: start a new local instance, never connect
+            address = None
         if address is not None and backend == DEFAULT_BACKEND and not os.environ.get(BACKEND_ENV_VAR):
             backend = "cluster"
         factories = plugins.backend_factories()
@@ -74,9 +78,33 @@ def _check_resources(num_cpus, num_gpus, resources) -> None:
             raise ValueError(f"resource {name!r} must be a number >= 0, got {value!r}")
 
 
-def _context_info(rt) -> dict:
-    return {"backend": rt.backend.name, "namespace": rt.namespace,
-            "node_id": rt.backend.node_id, "resources": rt.backend.scheduler.total_resources()}
+class InitContext(dict):
+    """What `init()` returns: a dict (``backend``, ``namespace``, ``node_id``,
+    ``resources``) that also behaves like Ray's context object: ``with
+    init(...):`` shuts down at the end of the block, ``disconnect()`` shuts
+    down, ``address_info`` is the dict itself and ``dashboard_url`` is None
+    (there is no dashboard)."""
+
+    dashboard_url = None
+
+    @property
+    def address_info(self) -> dict:
+        return dict(self)
+
+    def disconnect(self) -> None:
+        shutdown()
+
+    def __enter__(self) -> "InitContext":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        shutdown()
+
+
+def _context_info(rt) -> InitContext:
+    return InitContext(backend=rt.backend.name, namespace=rt.namespace,
+                       node_id=rt.backend.node_id,
+                       resources=rt.backend.scheduler.total_resources())
 
 
 def shutdown() -> None:
@@ -217,6 +245,24 @@ class RuntimeContext:
 
     def get_assigned_resources(self) -> dict:
         return dict(self._task.resources) if self._task else {}
+
+    def get_accelerator_ids(self) -> dict[str, list[str]]:
+        """``{"GPU": [ids as strings]}`` for the running task or actor (Ray's form)."""
+        return {"GPU": [str(i) for i in get_gpu_ids()]}
+
+    @property
+    def current_actor(self) -> ActorHandle:
+        """A handle to the actor this is called in; RuntimeError outside an actor."""
+        from .actor import current_actor_handle
+        return current_actor_handle()
+
+    def get_actor_name(self) -> str | None:
+        """The name of the actor this is called in ("" if it has none), None outside
+        an actor."""
+        if not self._task or not self._task.actor_id:
+            return None
+        info = self._rt.actor_info(self._task.actor_id)
+        return (info or {}).get("name") or ""
 
     @property
     def namespace(self) -> str:

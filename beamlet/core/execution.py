@@ -135,7 +135,7 @@ class Executor:
                 actor = self.actors.get(spec.actor_id)
                 if actor is None:
                     raise exc.ActorDiedError(f"actor {spec.function_name} is not running here")
-                result = getattr(actor.instance, spec.method_name)(*args, **kwargs)
+                result = _actor_method(actor.instance, spec.method_name)(*args, **kwargs)
                 if inspect.isawaitable(result):
                     result = await result
             except BaseException as err:  # noqa: BLE001
@@ -161,7 +161,7 @@ class Executor:
             actor = self.actors.get(spec.actor_id)
             if actor is None:
                 raise exc.ActorDiedError(f"actor {spec.function_name} is not running here")
-            method = getattr(actor.instance, spec.method_name)
+            method = _actor_method(actor.instance, spec.method_name)
             if inspect.iscoroutinefunction(method):
                 return asyncio.run_coroutine_threadsafe(_with_context(method, args, kwargs),
                                                         actor.loop()).result()
@@ -211,6 +211,21 @@ class Executor:
         actor = self.actors.pop(actor_id, None)
         if actor is not None:
             actor.close()
+
+
+def _actor_method(instance: Any, name: str):
+    """The bound method `name` of an actor instance, or one of the methods every
+    actor has in Ray (``__ray_ready__``, ``__ray_terminate__``) that its class
+    does not define."""
+    try:
+        return getattr(instance, name)
+    except AttributeError:
+        if name == "__ray_ready__":
+            return lambda: True
+        if name == "__ray_terminate__":
+            from .actor import exit_actor
+            return exit_actor
+        raise
 
 
 async def _with_context(method, args, kwargs):

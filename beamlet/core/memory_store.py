@@ -52,7 +52,7 @@ class MemoryObjectStore(ObjectStore):
             callbacks = self._callbacks.pop(object_id, ())
             self._cond.notify_all()
         if discard:
-            self._freed(object_id, value)
+            self._discarded(object_id, value)
         elif value.refs and self._refs is not None:
             self._refs.incr_all(value.refs)
         for callback in callbacks:
@@ -93,6 +93,10 @@ class MemoryObjectStore(ObjectStore):
 
     def _freed(self, object_id: bytes, entry) -> None:
         """An entry was deleted (subclasses release what backs it)."""
+
+    def _discarded(self, object_id: bytes, entry) -> None:
+        """An entry arrived after its id was deleted and was never stored
+        (subclasses release what backs it; nothing was accounted for it)."""
 
     def wait(self, object_ids: Sequence[bytes], num_returns: int,
              timeout: float | None = None) -> set[bytes]:
@@ -141,9 +145,17 @@ class MemoryObjectStore(ObjectStore):
                     "bytes_used": sum(getattr(v, "total_bytes", 0) for v in self._objects.values())}
 
     def close(self) -> None:
-        """Wake every blocked reader: they raise BackendError."""
+        """Wake every blocked reader (they raise BackendError) and run every
+        pending on_ready callback (their get raises it too), so no future waits
+        for ever."""
         with self._cond:
             self.closed = True
             self._cond.notify_all()
             self._objects.clear()
-            self._callbacks.clear()
+            callbacks, self._callbacks = self._callbacks, {}
+        for object_id, pending in callbacks.items():
+            for callback in pending:
+                try:
+                    callback(object_id)
+                except Exception:  # noqa: BLE001 - shutting down: nothing to tell
+                    pass

@@ -69,6 +69,12 @@ class ObjectRef:
         rt.backend.object_store.on_ready(self.id, done)
         return fut
 
+    def as_future(self):
+        """An asyncio.Future on the running event loop for the value (Ray's
+        ``ObjectRef.as_future()``; the same as ``asyncio.wrap_future(ref.future())``)."""
+        import asyncio
+        return asyncio.wrap_future(self.future())
+
     def __await__(self):
         import asyncio
         return asyncio.wrap_future(self.future()).__await__()

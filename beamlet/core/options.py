@@ -6,15 +6,19 @@ from typing import Any
 
 _RESOURCE_OPTIONS = {"num_cpus", "num_gpus", "resources", "memory", "accelerator_type"}
 
-TASK_OPTIONS = frozenset(_RESOURCE_OPTIONS | {
+# Ray options accepted everywhere and ignored: they only switch Ray's observability on/off.
+_IGNORED_OPTIONS = {"enable_task_events"}
+
+TASK_OPTIONS = frozenset(_RESOURCE_OPTIONS | _IGNORED_OPTIONS | {
     "num_returns", "max_retries", "retry_exceptions", "name", "scheduling_strategy",
     "runtime_env", "max_calls"})
 
-ACTOR_OPTIONS = frozenset(_RESOURCE_OPTIONS | {
+ACTOR_OPTIONS = frozenset(_RESOURCE_OPTIONS | _IGNORED_OPTIONS | {
     "name", "namespace", "lifetime", "max_restarts", "max_task_retries", "max_concurrency",
     "get_if_exists", "scheduling_strategy", "runtime_env", "max_pending_calls"})
 
-METHOD_OPTIONS = frozenset({"num_returns", "max_task_retries", "name", "concurrency_group"})
+METHOD_OPTIONS = frozenset(_IGNORED_OPTIONS | {"num_returns", "max_task_retries", "name",
+                                                "concurrency_group"})
 
 # Resource names that have their own option: using them in resources={} is an error.
 _RESERVED = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory"}

@@ -84,3 +84,17 @@ def observer(hook_name: str):
     """The hook caller for `hook_name` if any plugin implements it, else None."""
     caller = getattr(manager().hook, hook_name)
     return caller if caller.get_hookimpls() else None
+
+
+def notify(hook_name: str, **kwargs) -> None:
+    """Call an observer hook, if any plugin implements it. An observer that
+    raises is reported on stderr and otherwise ignored: it runs inside the
+    scheduler, where an exception would lose the task it was told about."""
+    caller = getattr(manager().hook, hook_name)
+    if not caller.get_hookimpls():
+        return
+    try:
+        caller(**kwargs)
+    except Exception as err:  # noqa: BLE001
+        import sys
+        print(f"beamlet: observer hook {hook_name} raised {err!r}; ignored", file=sys.stderr)

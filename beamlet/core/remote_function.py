@@ -59,11 +59,14 @@ class RemoteFunction:
         function_id, blob = self._code()
         rt.register_function(function_id, blob)
         num_returns = options.get("num_returns", 1)
+        retry_exceptions = options.get("retry_exceptions", False)
+        if isinstance(retry_exceptions, (list, tuple)):
+            retry_exceptions = _ExceptionTypes(retry_exceptions)
         spec, _keep = rt.make_spec(
             TASK, function_id, self._name, args, kwargs, num_returns,
             resource_request(options, 1.0),
             max_retries=options.get("max_retries", DEFAULT_MAX_RETRIES),
-            retry_exceptions=options.get("retry_exceptions", False))
+            retry_exceptions=retry_exceptions)
         refs = rt.submit(spec)
         return refs[0] if num_returns == 1 else refs
 
@@ -95,6 +98,27 @@ class _BoundOptions:
         merged = dict(self._options)
         merged.update(validate(options, TASK_OPTIONS, f"{self._fn._name}.options()"))
         return _BoundOptions(self._fn, merged)
+
+
+class _ExceptionTypes(tuple):
+    """``retry_exceptions=[...]`` as it travels in a TaskSpec.
+
+    Specs cross processes with plain pickle, which names a class by its module
+    and would fail in a worker for an exception class defined in the driver's
+    ``__main__`` (as Ray's own examples do). This tuple pickles its classes with
+    cloudpickle instead, by value where needed, like the task's own code, so
+    ``isinstance`` matches the errors the task raises."""
+
+    def __reduce__(self):
+        blob = self.__dict__.get("_blob")
+        if blob is None:
+            blob = self._blob = dumps(tuple(self))
+        return (_load_exception_types, (blob,))
+
+
+def _load_exception_types(blob: bytes) -> tuple:
+    from .serialization import loads
+    return loads(blob)
 
 
 def _rebuild_unpickled(function, options: dict) -> RemoteFunction:

@@ -20,12 +20,14 @@ class ResourcePool:
     def __init__(self, num_cpus: float | None = None, num_gpus: float | None = None,
                  resources: dict | None = None):
         cpus = (os.cpu_count() or 1) if num_cpus is None else num_cpus
-        totals = {"CPU": cpus, "GPU": num_gpus or 0}
+        totals = {"CPU": cpus, "GPU": num_gpus or 0, "memory": _physical_memory()}
         totals.update(resources or {})
         self._total = {k: _units(v) for k, v in totals.items()}
         self._free = dict(self._total)
-        # GPU ids handed out, so tasks can see them in CUDA_VISIBLE_DEVICES.
-        self._free_gpu_ids = list(range(int(num_gpus or 0)))
+        # What is free of each GPU device (a fraction of one can be shared), so a
+        # task sees its devices in CUDA_VISIBLE_DEVICES and no whole-GPU task gets
+        # a device that fractional tasks use.
+        self._gpu_free = [_UNIT] * int(num_gpus or 0)
 
     def total(self) -> dict[str, float]:
         return {k: v / _UNIT for k, v in self._total.items()}
@@ -46,27 +48,42 @@ class ResourcePool:
 
     def fits(self, request: dict[str, float]) -> bool:
         free = self._free
-        return all(free.get(name, 0) >= _units(amount) for name, amount in request.items())
+        if not all(free.get(name, 0) >= _units(amount) for name, amount in request.items()):
+            return False
+        gpus = request.get("GPU", 0)
+        return not gpus or not self._gpu_free or self._gpu_devices(gpus) is not None
+
+    def _gpu_devices(self, gpus: float) -> list[int] | None:
+        """The devices a GPU request would get now, or None if none fit."""
+        if gpus >= 1:
+            whole = [i for i, f in enumerate(self._gpu_free) if f == _UNIT]
+            n = int(gpus)
+            return whole[:n] if len(whole) >= n else None
+        need = _units(gpus)
+        # Pack fractions onto the busiest device they fit on, keeping whole ones free.
+        fitting = [i for i, f in enumerate(self._gpu_free) if f >= need]
+        return [min(fitting, key=lambda i: (self._gpu_free[i], i))] if fitting else None
 
     def acquire(self, request: dict[str, float]) -> list[int]:
         """Take the request (it must fit); return the GPU ids assigned, if any."""
         for name, amount in request.items():
             self._free[name] -= _units(amount)
         gpus = request.get("GPU", 0)
-        if not gpus or not self._free_gpu_ids:
+        if not gpus or not self._gpu_free:
             return []
-        if gpus < 1:  # a fraction shares a device: show it without taking it
-            return self._free_gpu_ids[:1]
-        n = int(gpus)
-        assigned, self._free_gpu_ids = self._free_gpu_ids[:n], self._free_gpu_ids[n:]
-        return assigned
+        devices = self._gpu_devices(gpus) or []
+        share = _UNIT if gpus >= 1 else _units(gpus)
+        for i in devices:
+            self._gpu_free[i] -= share
+        return devices
 
     def release(self, request: dict[str, float], gpu_ids: list[int] = ()) -> None:
         for name, amount in request.items():
             self._free[name] += _units(amount)
-        if gpu_ids and request.get("GPU", 0) >= 1:
-            self._free_gpu_ids.extend(gpu_ids)
-            self._free_gpu_ids.sort()
+        gpus = request.get("GPU", 0)
+        share = _UNIT if gpus >= 1 else _units(gpus)
+        for i in gpu_ids:
+            self._gpu_free[i] += share
 
     def release_cpus(self, request: dict[str, float]) -> None:
         """Give back only the CPUs of a request (a task blocked in get)."""
@@ -77,3 +94,11 @@ class ResourcePool:
         """Take the CPUs back after a blocked get, even if that oversubscribes for a while."""
         if "CPU" in request:
             self._free["CPU"] -= _units(request["CPU"])
+
+
+def _physical_memory() -> int:
+    """Bytes of RAM: the default total of the ``memory`` resource, as in Ray."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0

@@ -105,6 +105,7 @@ class Runtime:
     def _pack_arg(self, value: Any, what: str, function_name: str, keep: list) -> tuple:
         from .object_ref import ObjectRef
         if type(value) is ObjectRef:
+            self._ids((value,))  # a ref of a session that was shut down fails here, not later
             return (ARG_REF, value.id)
         try:
             sobj = serialize(value)

@@ -1,4 +1,40 @@
-"""Utilities on top of the public API."""
-from .actor_pool import ActorPool
+"""Utilities on top of the public API (Ray's ``ray.util``)."""
+from __future__ import annotations
 
-__all__ = ["ActorPool"]
+from .actor_pool import ActorPool
+from .helpers import as_completed, map_unordered
+
+__all__ = ["ActorPool", "as_completed", "map_unordered", "list_named_actors",
+           "get_node_ip_address"]
+
+
+def list_named_actors(all_namespaces: bool = False) -> list:
+    """Names of the live named actors in the current namespace, or with
+    ``all_namespaces=True`` a ``{"namespace": ..., "name": ...}`` dict for each
+    live named actor anywhere (Ray's ``ray.util.list_named_actors``)."""
+    from ..core import runtime as _runtime
+    rt = _runtime.current()
+    store = rt.backend.control_store
+    out = []
+    for key in store.keys(_runtime.NAMED_ACTORS_TABLE):
+        actor_id = store.get(_runtime.NAMED_ACTORS_TABLE, key)
+        info = rt.actor_info(actor_id) if actor_id else None
+        if info is None or info.get("state") == "DEAD":
+            continue
+        if all_namespaces:
+            out.append({"namespace": info["namespace"], "name": info["name"]})
+        elif info["namespace"] == rt.namespace:
+            out.append(info["name"])
+    return out
+
+
+def get_node_ip_address() -> str:
+    """The address of the node this process runs on (Ray's
+    ``ray.util.get_node_ip_address``): the ``NodeManagerAddress`` that
+    ``nodes()`` reports for it, "127.0.0.1" on single-machine backends."""
+    from ..core import api, runtime as _runtime
+    node_id = _runtime.current().backend.node_id
+    for node in api.nodes():
+        if node.get("NodeID") == node_id and node.get("NodeManagerAddress"):
+            return node["NodeManagerAddress"]
+    return "127.0.0.1"

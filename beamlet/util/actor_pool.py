@@ -75,6 +75,9 @@ class ActorPool:
         future = ready[0]
         index, actor = self._future_to_actor.pop(future)
         self._index_to_future.pop(index, None)
+        # get_next() resumes after the newest result taken here (as in Ray), not
+        # at an index whose future is already gone.
+        self._next_return_index = max(self._next_return_index, index + 1)
         self._return_actor(actor)
         return api.get(future)
 

@@ -231,6 +231,8 @@ class LocalBackend(Backend):
                 pass
         elif tag == P.KILL_ACTOR:
             self.scheduler.kill_actor(message[1], message[2])
+        elif tag == P.FORGET:
+            self.scheduler.worker_unblocked(worker, message[1])
 
     def _reply(self, worker: WorkerInfo, req_id: int, ok: bool, payload) -> None:
         try:
@@ -247,7 +249,7 @@ class LocalBackend(Backend):
                 self._reply(worker, req_id, True, [store.wire_entry(i) for i in ids])
                 return
             if blocking:
-                self.scheduler.worker_blocked(worker)
+                self.scheduler.worker_blocked(worker, req_id)
             left = [len(missing)]
             lock = threading.Lock()
 
@@ -257,7 +259,7 @@ class LocalBackend(Backend):
                     if left[0]:
                         return
                 if blocking:
-                    self.scheduler.worker_unblocked(worker)
+                    self.scheduler.worker_unblocked(worker, req_id)
                 try:
                     entries = [store.wire_entry(i) for i in ids]
                     if any(e is None for e in entries):

@@ -42,15 +42,14 @@ class InProcessScheduler(Scheduler):
                  pool: ResourcePool):
         self._store = store
         self._control = control_store
+        self._refs = runtime.refs
         self._pool = pool
         self.executor = Executor(runtime)
         self._actors: dict[bytes, _Actor] = {}
         self._actor_by_token: dict[bytes, bytes] = {}
 
     def submit(self, spec: TaskSpec) -> None:
-        hook = plugins.observer("beamlet_task_submitted")
-        if hook is not None:
-            hook(spec=spec)
+        plugins.notify("beamlet_task_submitted", spec=spec)
         if spec.kind == ACTOR_METHOD:
             self._run_actor_method(spec)
             return
@@ -67,10 +66,9 @@ class InProcessScheduler(Scheduler):
             result = self.executor.execute(spec)
         finally:
             self._pool.release(spec.resources, gpu_ids)
-        hook = plugins.observer("beamlet_task_finished")
-        if hook is not None:
-            status = "FAILED" if result.error is not None else "FINISHED"
-            hook(spec=spec, status=status, duration=time.perf_counter() - start)
+        plugins.notify("beamlet_task_finished", spec=spec,
+                       status="FAILED" if result.error is not None else "FINISHED",
+                       duration=time.perf_counter() - start)
         return result
 
     def _put_results(self, spec: TaskSpec, values) -> None:
@@ -91,12 +89,12 @@ class InProcessScheduler(Scheduler):
     def _create_actor(self, spec: TaskSpec) -> None:
         actor = self._actors[spec.actor_id] = _Actor(spec)
         self._actor_by_token[spec.return_ids[0]] = spec.actor_id
+        if spec.actor_options.get("detached"):
+            self._refs.incr(spec.return_ids[0])  # lives until killed, handles or not
         result = self._execute(spec)
         if result.error is not None:
-            actor.state = "DEAD"
-            actor.reason = (f"the actor's constructor raised:\n"
+            self._end_actor(spec.actor_id, f"the actor's constructor raised:\n"
                             f"{getattr(result.error, 'traceback_str', str(result.error))}")
-            self._set_state(spec.actor_id, "DEAD", actor.reason)
         else:
             self._set_state(spec.actor_id, "ALIVE")
         self._put_results(spec, result.values)
@@ -119,9 +117,9 @@ class InProcessScheduler(Scheduler):
 
     def _set_state(self, actor_id: bytes, state: str, reason: str = "") -> None:
         info = set_actor_state(self._control, actor_id, state, reason)
-        hook = plugins.observer("beamlet_actor_state")
-        if hook is not None and info is not None:
-            hook(actor_id=actor_id, class_name=info["class_name"], state=state, reason=reason)
+        if info is not None:
+            plugins.notify("beamlet_actor_state", actor_id=actor_id,
+                           class_name=info["class_name"], state=state, reason=reason)
 
     def cancel(self, object_id: bytes, force: bool = False) -> None:
         """Every task has finished by the time its ref exists: nothing to cancel."""
@@ -134,10 +132,13 @@ class InProcessScheduler(Scheduler):
 
     def _end_actor(self, actor_id: bytes, reason: str) -> None:
         actor = self._actors[actor_id]
+        was_alive = actor.state != "DEAD"
         actor.state = "DEAD"
         actor.reason = reason
         self.executor.drop_actor(actor_id)
         self._set_state(actor_id, "DEAD", reason)
+        if was_alive and actor.spec.actor_options.get("detached"):
+            self._refs.decr(actor.spec.return_ids[0])  # last: it may free the token
 
     def token_released(self, object_id: bytes) -> None:
         """An actor's last handle is gone: end the actor, as Ray does."""

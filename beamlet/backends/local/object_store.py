@@ -41,7 +41,8 @@ class LocalObjectStore(MemoryObjectStore):
         self._space = threading.RLock()
         self.shm_bytes = 0
         self.spilled_bytes = 0
-        #: Set by the backend: frees objects whose release is still queued.
+        #: Set by the backend: frees objects whose release is still queued. Never
+        #: call it with the space lock held (it takes the scheduler's lock).
         self.reclaim: Callable[[], None] | None = None
         self._pins: dict[bytes, int] = {}  # objects shipped to running tasks: not spilled
         self._owners: dict[bytes, str] = {}  # object id -> worker that put it
@@ -54,7 +55,10 @@ class LocalObjectStore(MemoryObjectStore):
             return
         _, size, _ = shm.layout(value)
         if self.reclaim is not None:
-            self.reclaim()  # segments freed a moment ago go back to the pool first
+            # Free what was released a moment ago, so its segment can be reused (or
+            # its room taken) by this put. Not under the space lock: freeing takes
+            # the scheduler's lock, and the scheduler takes the space lock.
+            self.reclaim()
         with self._space:
             self._make_room(size)
             seg = shm.write_object(shm.segment_name(self.session, object_id), value, self.pool)
@@ -63,6 +67,8 @@ class LocalObjectStore(MemoryObjectStore):
 
     def put_from_worker(self, object_id: bytes, entry, owner: str | None) -> None:
         """Store an entry a worker produced (its segment already written)."""
+        if isinstance(entry, ShmEntry) and self.reclaim is not None:
+            self.reclaim()
         if isinstance(entry, ShmEntry) and entry.size > self.capacity:
             shm.unlink(entry.name)
             entry = serialize(exc.ObjectStoreFullError(
@@ -124,6 +130,10 @@ class LocalObjectStore(MemoryObjectStore):
                 else:
                     self._pins.pop(object_id, None)
 
+    def materialize_entry(self, object_id: bytes, entry) -> SerializedObject:
+        """The SerializedObject of an entry that may not be (or not be the one) stored."""
+        return self._materialize(object_id, entry)
+
     def wire_entry(self, object_id: bytes):
         """The entry to send to a worker (restored from disk first if spilled), or None."""
         entry = self._objects.get(object_id)
@@ -132,7 +142,7 @@ class LocalObjectStore(MemoryObjectStore):
         return entry
 
     # -- freeing --------------------------------------------------------------
-    def _freed(self, object_id: bytes, entry, reuse: bool = True) -> None:
+    def _forget_owner(self, object_id: bytes) -> None:
         owner = self._owners.pop(object_id, None)
         if owner is not None:
             owned = self._owned.get(owner)
@@ -140,6 +150,9 @@ class LocalObjectStore(MemoryObjectStore):
                 owned.discard(object_id)
                 if not owned:
                     del self._owned[owner]
+
+    def _freed(self, object_id: bytes, entry, reuse: bool = True) -> None:
+        self._forget_owner(object_id)
         if not isinstance(entry, ShmEntry):
             return
         with self._space:
@@ -156,6 +169,11 @@ class LocalObjectStore(MemoryObjectStore):
                 if seg is not None:
                     seg.close()
                 shm.unlink(entry.name)
+
+    def _discarded(self, object_id: bytes, entry) -> None:
+        self._forget_owner(object_id)
+        if isinstance(entry, ShmEntry):
+            shm.unlink(entry.name)  # nobody can have mapped it: no ref ever reached anyone
 
     def objects_owned_by(self, owner: str) -> list[bytes]:
         """Live objects that worker `owner` put (they die with it, as in Ray)."""
@@ -179,16 +197,11 @@ class LocalObjectStore(MemoryObjectStore):
 
     # -- space ------------------------------------------------------------------
     def _make_room(self, size: int) -> None:
-        """Free what is already unreferenced, trim the pool, then spill least
-        recently used objects, until `size` more bytes fit."""
+        """Trim the pool, then spill least recently used objects, until `size`
+        more bytes fit. Called with the space lock held."""
         excess = self.shm_bytes + self.pool.bytes + size - self.capacity
         if excess <= 0:
             return
-        if self.reclaim is not None:
-            self.reclaim()
-            excess = self.shm_bytes + self.pool.bytes + size - self.capacity
-            if excess <= 0:
-                return
         excess -= self.pool.trim(excess)
         for object_id in list(self._lru):
             if excess <= 0:

@@ -12,6 +12,7 @@ Worker -> driver
     (REQUEST, req_id, op, args)                needs a REPLY: get, wait, ready, control, resources
     (REFS, added_ids, released_ids)            borrow counts changed (sent before anything else)
     (CANCEL, object_id, force) / (KILL_ACTOR, actor_id, no_restart)
+    (FORGET, req_id)                           a blocking get gave up (timeout): not waiting now
 
 Driver -> worker
     (WELCOME, config)                          sys.path, cwd, session, node id
@@ -30,6 +31,7 @@ REQUEST = 5
 REFS = 6
 CANCEL = 7
 KILL_ACTOR = 8
+FORGET = 9
 WELCOME = 10
 EXECUTE = 11
 REPLY = 12

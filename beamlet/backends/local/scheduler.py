@@ -42,7 +42,7 @@ class WorkerInfo:
     """The scheduler's view of one worker process."""
 
     __slots__ = ("worker_id", "pid", "conn", "state", "task", "actor_id", "known_functions",
-                 "blocked", "borrowed", "started", "gpu_ids", "dispatched_at", "idle_since")
+                 "blocking", "borrowed", "started", "gpu_ids", "dispatched_at", "idle_since")
 
     def __init__(self, worker_id: str):
         self.worker_id = worker_id
@@ -52,7 +52,7 @@ class WorkerInfo:
         self.task: TaskSpec | None = None  # the task it runs (normal workers)
         self.actor_id: bytes | None = None
         self.known_functions: set[bytes] = set()
-        self.blocked = False
+        self.blocking: set[int] = set()  # its get requests still waiting (its CPUs are free)
         self.borrowed: collections.Counter = collections.Counter()
         self.started = time.monotonic()
         self.gpu_ids: list[int] = []
@@ -62,7 +62,8 @@ class WorkerInfo:
 
 class ActorRecord:
     __slots__ = ("spec", "state", "worker", "queue", "inflight", "restarts_left", "reason",
-                 "gpu_ids", "token", "out_of_scope", "killed")
+                 "gpu_ids", "token", "out_of_scope", "killed", "watched", "pinned", "pumping",
+                 "repump")
 
     def __init__(self, spec: TaskSpec):
         self.spec = spec
@@ -77,6 +78,9 @@ class ActorRecord:
         self.token = spec.return_ids[0]
         self.out_of_scope = False
         self.killed = False
+        self.watched: set[bytes] = set()  # queued calls we wait on arguments for
+        self.pumping = self.repump = False
+        self.pinned: list[bytes] = []  # constructor args kept for restarts
 
 
 class LocalScheduler(Scheduler):
@@ -106,9 +110,7 @@ class LocalScheduler(Scheduler):
     def submit(self, spec: TaskSpec) -> None:
         if spec.kind != ACTOR_METHOD:
             self.pool.check_feasible(spec.resources, spec.display_name)
-        hook = plugins.observer("beamlet_task_submitted")
-        if hook is not None:
-            hook(spec=spec)
+        plugins.notify("beamlet_task_submitted", spec=spec)
         with self.lock:
             if self.closed:
                 raise exc.BackendError("beamlet has been shut down")
@@ -122,6 +124,13 @@ class LocalScheduler(Scheduler):
                 # Known from now on, so calls queue while it waits for its arguments.
                 record = self.actors[spec.actor_id] = ActorRecord(spec)
                 self._actor_by_token[record.token] = spec.actor_id
+                if record.restarts_left:
+                    # A restart runs __init__ again with the same arguments: keep them.
+                    record.pinned = spec.dependencies() + spec.contained_refs()
+                if spec.actor_options.get("detached"):
+                    # Lives until killed: the owner holds its handle, not the creator.
+                    record.pinned.append(record.token)
+                self.backend.runtime.refs.incr_all(record.pinned)
             deps = [d for d in dict.fromkeys(spec.dependencies()) if not self.store.contains(d)]
             if not deps:
                 self._make_ready(spec)
@@ -212,7 +221,7 @@ class LocalScheduler(Scheduler):
 
     def _start_workers(self, wanted: int) -> None:
         running = sum(1 for w in self.workers.values() if w.state in (BUSY, STARTING, IDLE)
-                      and not w.blocked)
+                      and not w.blocking)
         room = self.max_workers - running
         n = min(wanted - self.starting, room)
         for _ in range(max(0, n)):
@@ -221,13 +230,18 @@ class LocalScheduler(Scheduler):
             self.workers[worker_id] = WorkerInfo(worker_id)
             self.backend.launcher.fork(worker_id)
 
-    def _send_execute(self, worker: WorkerInfo, spec: TaskSpec, gpu_ids) -> None:
+    def _send_execute(self, worker: WorkerInfo, spec: TaskSpec, gpu_ids) -> BaseException | None:
+        """Send the task to its worker. Returns the error when its arguments cannot
+        be made available (e.g. the store is too full to restore one from disk);
+        then nothing was sent. A dead worker is left to its EOF handler."""
+        try:
+            shipped, entries = self._ship_args(spec)
+        except exc.BeamletError as err:
+            return err
         blobs = []
         if spec.kind != ACTOR_METHOD and spec.function_id not in worker.known_functions:
-            blob = self.control.get(FUNCTIONS_TABLE, spec.function_id)
-            blobs.append((spec.function_id, blob))
+            blobs.append((spec.function_id, self.control.get(FUNCTIONS_TABLE, spec.function_id)))
             worker.known_functions.add(spec.function_id)
-        spec, entries = self._ship_args(spec)
         if entries:
             # The worker maps these when the task starts: they must not spill before.
             previous = self._shipped.pop(spec.task_id, None)
@@ -235,7 +249,11 @@ class LocalScheduler(Scheduler):
                 self.store.unpin(previous)
             self._shipped[spec.task_id] = list(entries)
             self.store.pin(entries)
-        worker.conn.send((P.EXECUTE, spec, blobs, entries, gpu_ids))
+        try:
+            worker.conn.send((P.EXECUTE, shipped, blobs, entries, gpu_ids))
+        except exc.BackendError:
+            pass
+        return None
 
     def _ship_args(self, spec: TaskSpec):
         """Inline small ready dependencies into the spec; name shared-memory ones."""
@@ -268,10 +286,13 @@ class LocalScheduler(Scheduler):
         worker.gpu_ids = gpu_ids
         worker.dispatched_at = time.perf_counter()
         self._running[spec.task_id] = worker
-        try:
-            self._send_execute(worker, spec, gpu_ids if spec.resources.get("GPU") else None)
-        except exc.BackendError:
-            pass  # the worker just died: its EOF handler retries the task
+        error = self._send_execute(worker, spec, gpu_ids if spec.resources.get("GPU") else None)
+        if error is not None:
+            self._running.pop(spec.task_id, None)
+            self.pool.release(spec.resources, gpu_ids)
+            worker.state, worker.task, worker.gpu_ids = IDLE, None, []
+            self.idle.append(worker)
+            self._fail(spec, error)
 
     # -- actors ---------------------------------------------------------------
     def _start_actor(self, record: ActorRecord, worker: WorkerInfo) -> None:
@@ -282,10 +303,15 @@ class LocalScheduler(Scheduler):
         worker.state = ACTOR
         worker.actor_id = spec.actor_id
         self._running[spec.task_id] = worker
-        try:
-            self._send_execute(worker, spec, record.gpu_ids if spec.resources.get("GPU") else None)
-        except exc.BackendError:
-            pass
+        error = self._send_execute(worker, spec,
+                                   record.gpu_ids if spec.resources.get("GPU") else None)
+        if error is not None:
+            self._running.pop(spec.task_id, None)
+            worker.state, worker.actor_id = IDLE, None
+            self.idle.append(worker)
+            record.worker = None
+            self._end_actor(record, f"its constructor's arguments are unavailable: {error}",
+                            kill=False)
 
     def _submit_actor_call(self, spec: TaskSpec) -> None:
         record = self.actors.get(spec.actor_id)
@@ -299,32 +325,68 @@ class LocalScheduler(Scheduler):
             self._fail(spec, exc.ActorDiedError(f"the actor {spec.function_name} is dead: "
                                                 f"{record.reason}"))
             return
-        if record.state == "ALIVE" and not record.queue:
+        record.queue.append(spec)
+        self._pump_actor(record)
+
+    def _pump_actor(self, record: ActorRecord) -> None:
+        """Send the actor its queued calls whose arguments exist. Calls from one
+        caller keep their order: one whose refs are still being computed holds
+        back that caller's later calls, not other callers' (as in Ray), and never
+        blocks the actor itself."""
+        if record.pumping:  # re-entered (a failed send stored a result we wait on)
+            record.repump = True
+            return
+        record.pumping = True
+        try:
+            record.repump = True
+            while record.repump and record.state == "ALIVE" and record.queue:
+                record.repump = False
+                self._pump_once(record)
+        finally:
+            record.pumping = False
+
+    def _pump_once(self, record: ActorRecord) -> None:
+        queue, record.queue = record.queue, collections.deque()
+        held: set[bytes] = set()  # callers with an earlier call still waiting
+        while queue:
+            spec = queue.popleft()
+            if spec.caller_id in held or record.state != "ALIVE":
+                record.queue.append(spec)
+                continue
+            missing = [d for d in spec.dependencies() if not self.store.contains(d)]
+            if missing:
+                held.add(spec.caller_id)
+                record.queue.append(spec)
+                if spec.task_id not in record.watched:
+                    record.watched.add(spec.task_id)
+                    for dep in missing:
+                        self.store.on_ready(dep, lambda _id: self._pump_later(record))
+                continue
+            record.watched.discard(spec.task_id)
             self._send_actor_call(record, spec)
-        else:
-            record.queue.append(spec)
+
+    def _pump_later(self, record: ActorRecord) -> None:
+        with self.lock:
+            self._pump_actor(record)
 
     def _send_actor_call(self, record: ActorRecord, spec: TaskSpec) -> None:
         record.inflight[spec.task_id] = spec
-        try:
-            self._send_execute(record.worker, spec, None)
-        except exc.BackendError:
-            pass
+        error = self._send_execute(record.worker, spec, None)
+        if error is not None:
+            record.inflight.pop(spec.task_id, None)
+            self._fail(spec, error)
 
     def _actor_alive(self, record: ActorRecord) -> None:
         record.state = "ALIVE"
         self._set_state(record, "ALIVE")
-        while record.queue:
-            self._send_actor_call(record, record.queue.popleft())
-        if record.out_of_scope and not record.inflight:
+        self._pump_actor(record)
+        if record.out_of_scope and not record.inflight and not record.queue:
             self._end_actor(record, "all handles to it went out of scope", kill=True)
 
     def _set_state(self, record: ActorRecord, state: str, reason: str = "") -> None:
         set_actor_state(self.control, record.spec.actor_id, state, reason)
-        hook = plugins.observer("beamlet_actor_state")
-        if hook is not None:
-            hook(actor_id=record.spec.actor_id, class_name=record.spec.function_name,
-                 state=state, reason=reason)
+        plugins.notify("beamlet_actor_state", actor_id=record.spec.actor_id,
+                       class_name=record.spec.function_name, state=state, reason=reason)
 
     def _end_actor(self, record: ActorRecord, reason: str, kill: bool) -> None:
         """The actor is dead for good: fail its calls, free its resources and worker."""
@@ -336,6 +398,9 @@ class LocalScheduler(Scheduler):
         record.state = "DEAD"
         record.reason = reason
         self._set_state(record, "DEAD", reason)
+        if record.pinned:
+            self.backend.runtime.refs.decr_all(record.pinned)
+            record.pinned = []
         error = exc.ActorDiedError(f"the actor {record.spec.function_name} is dead: {reason}")
         if record.spec.task_id in self._tasks:  # it never finished starting
             self._waiting.pop(record.spec.task_id, None)
@@ -396,13 +461,16 @@ class LocalScheduler(Scheduler):
                 record = self.actors[spec.actor_id]
                 self._finish(spec, entries, "FINISHED", worker)
                 if entries and entries[0].is_error:
-                    reason = _error_text(self.store, spec.return_ids[0])
+                    # From the entry itself: on a restart the store still holds the
+                    # first start's result.
+                    reason = _error_text(self.store.materialize_entry(spec.return_ids[0],
+                                                                       entries[0]))
                     self._end_actor(record, f"its constructor raised:\n{reason}", kill=True)
                 else:
                     self._actor_alive(record)
                 return
-            if worker.blocked:  # its get timed out and it went on without us seeing it
-                worker.blocked = False
+            if worker.blocking:  # a get timed out and it went on without telling us
+                worker.blocking.clear()
                 self.pool.reacquire_cpus(spec.resources)
             self.pool.release(spec.resources, worker.gpu_ids)
             worker.task = None
@@ -419,16 +487,16 @@ class LocalScheduler(Scheduler):
             self._dispatch()
 
     def _retry_left(self, spec: TaskSpec, record: ActorRecord | None) -> bool:
-        budget = spec.max_retries
+        budgets = [spec.max_retries]
         if record is not None:
-            budget = max(budget, record.spec.actor_options["max_task_retries"])
-        return budget == -1 or spec.attempt < budget
+            budgets.append(record.spec.actor_options["max_task_retries"])
+        if -1 in budgets:  # -1: without limit
+            return True
+        return spec.attempt < max(budgets)
 
     def _resend_actor_call(self, record: ActorRecord, spec: TaskSpec) -> None:
-        if record.state == "ALIVE":
-            self._send_actor_call(record, spec)
-        else:
-            record.queue.appendleft(spec)
+        record.queue.appendleft(spec)
+        self._pump_actor(record)
 
     def _finish(self, spec: TaskSpec, entries: list, status: str, worker=None) -> None:
         self._tasks.pop(spec.task_id, None)
@@ -438,10 +506,9 @@ class LocalScheduler(Scheduler):
         self._cancelled.discard(spec.task_id)
         for rid in spec.return_ids:
             self._producer.pop(rid, None)
-        hook = plugins.observer("beamlet_task_finished")
-        if hook is not None:
-            started = worker.dispatched_at if worker is not None else time.perf_counter()
-            hook(spec=spec, status=status, duration=time.perf_counter() - started)
+        started = worker.dispatched_at if worker is not None else time.perf_counter()
+        plugins.notify("beamlet_task_finished", spec=spec, status=status,
+                       duration=time.perf_counter() - started)
         owner = None
         for rid, entry in zip(spec.return_ids, entries):
             self.store.put_from_worker(rid, entry, owner)
@@ -452,20 +519,25 @@ class LocalScheduler(Scheduler):
                      "CANCELLED" if isinstance(error, exc.TaskCancelledError) else "FAILED")
 
     # -- blocking get inside a task -------------------------------------------
-    def worker_blocked(self, worker: WorkerInfo) -> None:
+    def worker_blocked(self, worker: WorkerInfo, req_id: int) -> None:
+        """The worker's task waits in get (request `req_id`): lend its CPUs out."""
         with self.lock:
-            if worker.blocked or worker.task is None:
+            if worker.task is None:
                 return
-            worker.blocked = True
-            self.pool.release_cpus(worker.task.resources)
+            if not worker.blocking:
+                self.pool.release_cpus(worker.task.resources)
+            worker.blocking.add(req_id)
             self._dispatch()
 
-    def worker_unblocked(self, worker: WorkerInfo) -> None:
+    def worker_unblocked(self, worker: WorkerInfo, req_id: int) -> None:
+        """Request `req_id` was answered or given up: take the CPUs back once no
+        get of the worker is waiting (a stale answer changes nothing)."""
         with self.lock:
-            if not worker.blocked or worker.task is None:
+            if req_id not in worker.blocking or worker.task is None:
                 return
-            worker.blocked = False
-            self.pool.reacquire_cpus(worker.task.resources)
+            worker.blocking.discard(req_id)
+            if not worker.blocking:
+                self.pool.reacquire_cpus(worker.task.resources)
 
     # -- workers ----------------------------------------------------------------
     def worker_connected(self, worker_id: str, pid: int, conn) -> WorkerInfo | None:
@@ -525,7 +597,8 @@ class LocalScheduler(Scheduler):
                 spec = worker.task
                 worker.task = None
                 self._running.pop(spec.task_id, None)
-                if worker.blocked:
+                if worker.blocking:
+                    worker.blocking.clear()
                     self.pool.reacquire_cpus(spec.resources)
                 self.pool.release(spec.resources, worker.gpu_ids)
                 if spec.task_id in self._cancelled:
@@ -533,9 +606,8 @@ class LocalScheduler(Scheduler):
                         f"task {spec.display_name} was cancelled (its worker was killed)"))
                 elif spec.max_retries == -1 or spec.attempt < spec.max_retries:
                     spec.attempt += 1
-                    hook = plugins.observer("beamlet_task_finished")
-                    if hook is not None:
-                        hook(spec=spec, status="RETRYING", duration=0.0)
+                    plugins.notify("beamlet_task_finished", spec=spec, status="RETRYING",
+                                   duration=0.0)
                     self._make_ready(spec)
                 else:
                     self._fail(spec, exc.WorkerCrashedError(
@@ -676,10 +748,10 @@ class LocalScheduler(Scheduler):
                     "waiting": len(self._waiting)}
 
 
-def _error_text(store, object_id: bytes) -> str:
-    """The traceback text of the error stored under `object_id`."""
+def _error_text(sobj) -> str:
+    """The traceback text of a stored error."""
     try:
-        err = deserialize(store.get([object_id], 0)[0])
+        err = deserialize(sobj)
     except Exception as err:  # noqa: BLE001 - describing a failure must not fail
         return repr(err)
     return getattr(err, "traceback_str", None) or str(err)

@@ -34,6 +34,9 @@ from . import shm
 from .transport import SocketConnection, UnixSocketTransport
 
 
+IDLE_FLUSH_INTERVAL = 0.2  # seconds: how soon an idle worker reports released refs
+
+
 class _Requests:
     """Outstanding requests to the driver, answered by REPLY messages."""
 
@@ -101,7 +104,13 @@ class WorkerObjectStore(ObjectStore):
     def get(self, object_ids: Sequence[bytes], timeout: float | None = None) -> list[SerializedObject]:
         shipped = self.shipped
         if all(i in shipped for i in object_ids):
-            return [self.materialize(i, shipped[i]) for i in object_ids]
+            try:
+                return [self.materialize(i, shipped[i]) for i in object_ids]
+            except exc.ObjectLostError:
+                # Spilled since it was shipped (it was not pinned for us): ask the
+                # driver, which brings it back into shared memory.
+                for i in object_ids:
+                    shipped.pop(i, None)
         for attempt in range(3):
             entries = self._b.request("get", (list(object_ids), True), timeout,
                                       f"get() timed out after {timeout}s")
@@ -226,6 +235,15 @@ class WorkerBackend(Backend):
         else:
             self.conn.send(message)
 
+    def flush_refs(self) -> None:
+        """Send pending reference-count changes now (an idle worker would otherwise
+        keep the objects it let go of alive until its next message)."""
+        with self._ref_lock:
+            added, released = self._added, self._released
+            self._added, self._released = [], []
+        if added or released:
+            self.conn.send((P.REFS, added, released))
+
     def request(self, op: str, args: tuple, timeout: float | None, timeout_text: str):
         req_id, fut = self.requests.new()
         self.send((P.REQUEST, req_id, op, args))
@@ -233,6 +251,8 @@ class WorkerBackend(Backend):
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
             self.requests.forget(req_id)
+            if op == "get":
+                self.send((P.FORGET, req_id))  # so the driver takes our CPUs back
             raise exc.GetTimeoutError(timeout_text or f"{op} timed out after {timeout}s") from None
 
     def request_async(self, op: str, args: tuple, callback: Callable[[bool, Any], Any]) -> None:
@@ -359,7 +379,13 @@ class Worker:
         signal.signal(signal.SIGINT, self._on_sigint)
         threading.Thread(target=self.read_loop, name="beamlet-reader", daemon=True).start()
         while True:
-            message = self.tasks.get()
+            try:
+                message = self.tasks.get(timeout=IDLE_FLUSH_INTERVAL)
+            except queue.Empty:
+                # Idle (or an actor working on other threads): report the refs let go of
+                # since the last message, e.g. the ones a finished task's result held.
+                self.backend.flush_refs()
+                continue
             _, spec, blobs, entries, gpu_ids = message
             for function_id, blob in blobs:
                 self.executor.add_function(function_id, blob)
