@@ -65,6 +65,13 @@ class TaskSpec:
         deps.extend(value for kind, value in self.kwargs.values() if kind == ARG_REF)
         return deps
 
+    def has_ref_args(self) -> bool:
+        """Whether any top-level argument is a ref (cheaper than dependencies())."""
+        for kind, _ in self.args:
+            if kind == ARG_REF:
+                return True
+        return any(kind == ARG_REF for kind, _ in self.kwargs.values()) if self.kwargs else False
+
     def contained_refs(self) -> list[bytes]:
         """Ids of refs nested inside inline argument values (kept alive, not resolved)."""
         out = []

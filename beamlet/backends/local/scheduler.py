@@ -325,6 +325,9 @@ class LocalScheduler(Scheduler):
             self._fail(spec, exc.ActorDiedError(f"the actor {spec.function_name} is dead: "
                                                 f"{record.reason}"))
             return
+        if record.state == "ALIVE" and not record.queue and not spec.has_ref_args():
+            self._send_actor_call(record, spec)  # the common case: nothing to wait for
+            return
         record.queue.append(spec)
         self._pump_actor(record)
 
