@@ -33,6 +33,11 @@ class ObjectRef:
                 pass
 
     def __reduce__(self):
+        rt = self._runtime
+        if rt is not None and rt is not _runtime.current_or_none():
+            from ..exceptions import ObjectLostError
+            raise ObjectLostError(f"{self!r} belongs to a beamlet session that was shut "
+                                  f"down; its object is gone")
         note_contained_ref(self.id)
         return (ObjectRef, (self.id,))
 

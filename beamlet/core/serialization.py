@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import cloudpickle
 
+from ..exceptions import BeamletError as _BeamletError
+
 # Types pickled by the fast path: plain pickle is much quicker than cloudpickle
 # for them and there is nothing cloudpickle would do differently.
 _PLAIN_TYPES = frozenset({type(None), bool, int, float, complex, str, bytes})
@@ -100,6 +102,8 @@ def serialize(value: Any, is_error: bool = False) -> SerializedObject:
     try:
         stream = io.BytesIO()
         _Pickler(stream, protocol=5, buffer_callback=buffers.append).dump(value)
+    except _BeamletError:
+        raise  # e.g. a ref of a session that was shut down: say so, not "cannot serialize"
     except Exception as exc:
         raise TypeError(f"cannot serialize {_describe(value)}: {type(exc).__name__}: {exc}") from exc
     finally:

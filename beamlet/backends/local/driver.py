@@ -34,6 +34,7 @@ from .transport import SocketConnection, UnixSocketTransport
 
 DEFAULT_STORE_FRACTION = 0.3
 IDLE_WORKER_TIMEOUT = 2.0  # seconds before a surplus idle worker is let go
+WORKER_START_TIMEOUT = 30.0  # seconds before a worker that never said hello is given up
 
 
 class WorkerLauncher:
@@ -58,6 +59,14 @@ class WorkerLauncher:
     def _spawn(self) -> None:
         self.proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE, env=self._env,
                                      start_new_session=True, close_fds=True)
+
+    def relaunch_if_dead(self) -> bool:
+        """Start a new zygote if the current one died; True if it did."""
+        with self._lock:
+            if self.proc.poll() is None:
+                return False
+            self._spawn()
+            return True
 
     def fork(self, worker_id: str) -> None:
         with self._lock:
@@ -115,6 +124,12 @@ class LocalBackend(Backend):
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
             raise ValueError(f"object_store_memory must be a positive number of bytes, "
                              f"got {capacity!r}")
+        for key in ("max_workers", "prestart_workers"):
+            value = config.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < (1 if key == "max_workers" else 0)):
+                raise ValueError(f"{key} must be a whole number >= "
+                                 f"{1 if key == 'max_workers' else 0}, got {value!r}")
         self.control_store = open_control_store(config.get("control_store"))
         self.runtime = runtime
         self.session = os.urandom(5).hex()
@@ -156,6 +171,9 @@ class LocalBackend(Backend):
             now = time.monotonic()
             if now >= next_reap:
                 self.scheduler.reap_idle(self._keep_workers, IDLE_WORKER_TIMEOUT)
+                relaunched = self.launcher.relaunch_if_dead()
+                if relaunched or self.scheduler.starting:
+                    self.scheduler.restart_lost_forks(relaunched, WORKER_START_TIMEOUT)
                 next_reap = now + 0.5
             for key, _ in sel.select(timeout=0.5):
                 if key.data is None:
@@ -332,6 +350,8 @@ class LocalBackend(Backend):
                 object_id = released.popleft()
             except IndexError:
                 break
+            if self.runtime.refs.count(object_id):
+                continue  # referenced again meanwhile (e.g. get_actor made a new handle)
             self.object_store.delete([object_id])
             self.scheduler.token_released(object_id)
 

@@ -87,7 +87,7 @@ class InProcessScheduler(Scheduler):
             return
 
     def _create_actor(self, spec: TaskSpec) -> None:
-        actor = self._actors[spec.actor_id] = _Actor(spec)
+        self._actors[spec.actor_id] = _Actor(spec)
         self._actor_by_token[spec.return_ids[0]] = spec.actor_id
         if spec.actor_options.get("detached"):
             self._refs.incr(spec.return_ids[0])  # lives until killed, handles or not

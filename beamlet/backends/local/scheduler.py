@@ -180,6 +180,9 @@ class LocalScheduler(Scheduler):
                 break
             self._pending_actors.popleft()
             self._start_actor(record, worker)
+        # An actor whose resources are taken must not hold back the ones after it.
+        if self._pending_actors and not self.pool.fits(self._pending_actors[0].spec.resources):
+            self._start_fitting_actors()
         starved = False
         for shape, queue in list(self._queues.items()):
             while queue:
@@ -193,9 +196,28 @@ class LocalScheduler(Scheduler):
                 queue.popleft()
                 self._run_task(spec, worker)
             if not queue:
-                del self._queues[shape]
+                self._queues.pop(shape, None)  # (a nested dispatch may have removed it)
         if starved:
             self._start_workers(self._runnable_now())
+
+    def _start_fitting_actors(self) -> None:
+        waiting = collections.deque()
+        while self._pending_actors:
+            record = self._pending_actors.popleft()
+            if record.state == "DEAD":
+                continue
+            if not self.pool.fits(record.spec.resources):
+                waiting.append(record)
+                continue
+            worker = self._take_idle()
+            if worker is None:
+                waiting.append(record)
+                self._start_workers(1)
+                waiting.extend(self._pending_actors)
+                self._pending_actors.clear()
+                break
+            self._start_actor(record, worker)
+        self._pending_actors = waiting
 
     def _runnable_now(self) -> int:
         """How many queued tasks would start if there were workers for them."""
@@ -546,8 +568,8 @@ class LocalScheduler(Scheduler):
     def worker_connected(self, worker_id: str, pid: int, conn) -> WorkerInfo | None:
         with self.lock:
             worker = self.workers.get(worker_id)
-            if worker is None or self.closed:
-                return None
+            if worker is None or worker.state != STARTING or self.closed:
+                return None  # unknown, given up on, or a second fork of a re-sent request
             worker.pid = pid
             worker.conn = conn
             self.starting -= 1
@@ -556,6 +578,21 @@ class LocalScheduler(Scheduler):
             self.idle.append(worker)
             self._dispatch()
             return worker
+
+    def restart_lost_forks(self, relaunched: bool, deadline: float) -> None:
+        """Fork requests may be lost: the zygote died (`relaunched`: ask the new
+        one again) or a worker died before saying hello (given up after
+        `deadline` seconds, so that another is started)."""
+        with self.lock:
+            now = time.monotonic()
+            for worker in [w for w in self.workers.values() if w.state == STARTING]:
+                if now - worker.started > deadline:
+                    worker.state = DEAD
+                    self.workers.pop(worker.worker_id, None)
+                    self.starting -= 1
+                elif relaunched:
+                    self.backend.launcher.fork(worker.worker_id)
+            self._dispatch()
 
     def reap_idle(self, keep: int, idle_for: float) -> None:
         """Let workers beyond the first `keep` go once idle for `idle_for` seconds

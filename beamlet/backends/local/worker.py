@@ -217,7 +217,8 @@ class WorkerBackend(Backend):
         self.worker_id = config["worker_id"]
         self.inline_threshold = config["inline_threshold"]
         self.requests = _Requests()
-        self._ref_lock = threading.Lock()
+        # Re-entrant: sending pickles, the GC may then free a ref, and that reports here.
+        self._ref_lock = threading.RLock()
         self._added: list[bytes] = []
         self._released: list[bytes] = []
         self.object_store = WorkerObjectStore(self)
@@ -227,13 +228,15 @@ class WorkerBackend(Backend):
     # -- messages ---------------------------------------------------------------
     def send(self, message) -> None:
         """Send a message, preceded by any pending reference-count changes."""
+        # Under the lock: two threads must not send their batches out of order
+        # (a release overtaking its add would leave the object pinned for ever).
         with self._ref_lock:
             added, released = self._added, self._released
             self._added, self._released = [], []
-        if added or released:
-            self.conn.send_many([(P.REFS, added, released), message])
-        else:
-            self.conn.send(message)
+            if added or released:
+                self.conn.send_many([(P.REFS, added, released), message])
+            else:
+                self.conn.send(message)
 
     def flush_refs(self) -> None:
         """Send pending reference-count changes now (an idle worker would otherwise
@@ -241,8 +244,8 @@ class WorkerBackend(Backend):
         with self._ref_lock:
             added, released = self._added, self._released
             self._added, self._released = [], []
-        if added or released:
-            self.conn.send((P.REFS, added, released))
+            if added or released:
+                self.conn.send((P.REFS, added, released))
 
     def request(self, op: str, args: tuple, timeout: float | None, timeout_text: str):
         req_id, fut = self.requests.new()
@@ -326,6 +329,7 @@ class Worker:
         self.executor = Executor(self.runtime)
         self.tasks: queue.SimpleQueue = queue.SimpleQueue()
         self.current_task: bytes | None = None
+        self._interrupt_for: bytes | None = None  # the task a cancel signal is meant for
         self.cancelled: set[bytes] = set()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -366,14 +370,15 @@ class Worker:
             self._loop.call_soon_threadsafe(task.cancel)
         elif self.current_task == task_id:
             # A signal (not just a flag) so that a sleeping or blocked task wakes up.
+            self._interrupt_for = task_id
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     # -- running --------------------------------------------------------------------
     def _on_sigint(self, signum, frame) -> None:
         # Only a cancel sends SIGINT here (workers have their own session, so a
         # Ctrl-C in the driver's terminal does not reach them); between tasks it is moot.
-        if self.current_task is not None:
-            raise KeyboardInterrupt
+        if self.current_task is not None and self.current_task == self._interrupt_for:
+            raise KeyboardInterrupt  # (not a cancel that arrived as another task started)
 
     def run(self) -> None:
         signal.signal(signal.SIGINT, self._on_sigint)
