@@ -57,16 +57,16 @@ class SerializedObject:
         """This object with its buffers copied: serialize() leaves them as views of
         the caller's arrays, so a value kept past the call must not share them
         (changing the array afterwards must not change the stored object)."""
-        if not self.buffers:
-            return self
-        return SerializedObject(self.data, [bytes(memoryview(b).cast("B")) for b in self.buffers],
+        if all(isinstance(b, bytes) for b in self.buffers):
+            return self  # nothing to copy: no buffers, or already copied
+        return SerializedObject(self.data, [b if isinstance(b, bytes) else
+                                            bytes(memoryview(b).cast("B")) for b in self.buffers],
                                 self.refs, self.is_error)
 
     def __reduce__(self):
         # Sent inline (small values): buffers travel as bytes inside the message.
-        buffers = [bytes(memoryview(b).cast("B")) if not isinstance(b, bytes) else b
-                   for b in self.buffers]
-        return (SerializedObject, (self.data, buffers, self.refs, self.is_error))
+        copy = self.detached()
+        return (SerializedObject, (copy.data, copy.buffers, copy.refs, copy.is_error))
 
     def __repr__(self) -> str:
         return (f"SerializedObject({self.total_bytes} bytes, {len(self.buffers)} buffers, "
