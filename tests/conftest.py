@@ -151,3 +151,32 @@ def seed_dir() -> str:
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     here = os.path.join(os.path.dirname(repo), "shared", "seed")
     return here if os.path.isdir(here) else "/work/shared/seed"
+
+
+@pytest.fixture
+def start():
+    """For tests of the local backend: ``start(**init_kwargs)`` -> the LocalBackend
+    (num_cpus=2 unless given). After the test it is shut down and checked: no
+    process, shared-memory segment or temp dir of it may be left."""
+    import gc
+
+    import procs
+
+    beamlet.shutdown()  # whatever an earlier test left running
+    state = {}
+
+    def _start(**kwargs):
+        kwargs.setdefault("num_cpus", NUM_CPUS)
+        beamlet.init(backend="local", **kwargs)
+        state["backend"] = _runtime.current().backend
+        return state["backend"]
+
+    yield _start
+    backend = state.get("backend")
+    if backend is None or not beamlet.is_initialized():
+        beamlet.shutdown()
+        return
+    gc.collect()
+    footprint = procs.footprint(backend)
+    beamlet.shutdown()
+    procs.assert_all_gone(footprint)

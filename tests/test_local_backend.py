@@ -33,28 +33,7 @@ SUBPROCESS_TIMEOUT = 60
 MB = 1_000_000
 
 
-@pytest.fixture
-def start():
-    """start(**init_kwargs) -> the LocalBackend; shut down and checked for leftovers after."""
-    ray.shutdown()  # whatever an earlier test left running
-    state = {}
-
-    def _start(**kwargs):
-        kwargs.setdefault("num_cpus", 2)
-        ray.init(backend="local", **kwargs)
-        state["backend"] = _runtime.current().backend
-        return state["backend"]
-
-    yield _start
-    backend = state.get("backend")
-    if backend is None or not ray.is_initialized():
-        ray.shutdown()
-        return
-    gc.collect()
-    fp = procs.footprint(backend)
-    ray.shutdown()
-    procs.assert_all_gone(fp)
-
+# `start` (conftest.py): a local backend, checked for leftovers after each test.
 
 def _store():
     return _runtime.current().backend.object_store

@@ -21,23 +21,7 @@ import procs
 MB = 1_000_000
 
 
-@pytest.fixture
-def start():
-    """start(**init_kwargs) -> the LocalBackend; always shut down after the test."""
-    ray.shutdown()
-    state = {}
-
-    def _start(**kwargs):
-        kwargs.setdefault("num_cpus", 2)
-        ray.init(backend="local", **kwargs)
-        state["backend"] = _runtime.current().backend
-        return state["backend"]
-
-    try:
-        yield _start
-    finally:
-        ray.shutdown()
-
+# `start` (conftest.py): a local backend, checked for leftovers after each test.
 
 # ====================================================================================
 # 1. A worker's released borrows are only reported with its *next* message

@@ -621,11 +621,10 @@ class LocalScheduler(Scheduler):
         with self.lock:
             if worker.state == DEAD:
                 return
-            previous = worker.state
+            # (A worker still STARTING has no connection, so it never gets here:
+            # restart_lost_forks gives those up.)
             worker.state = DEAD
             self.workers.pop(worker.worker_id, None)
-            if previous == STARTING:
-                self.starting -= 1
             for object_id, count in worker.borrowed.items():
                 for _ in range(count):
                     self.backend.runtime.refs.decr(object_id)
