@@ -482,6 +482,60 @@ def test_blocked_get_releases_cpu(backend):
     assert ray.get(refs, timeout=LONG) == [5, 5, 5, 5]
 
 
+@ray.remote
+def fan_out_waiting(n):
+    # Like fan_out, but blocked in wait() rather than get().
+    pending = [square.remote(i) for i in range(n)]
+    done = []
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=LONG)
+        done.extend(ready)
+    return sum(ray.get(done))
+
+
+def test_blocked_wait_releases_cpu(backend):
+    # 4 outer tasks blocked in wait() on their inner tasks, on 2 CPUs.
+    refs = [fan_out_waiting.remote(3) for _ in range(4)]
+    assert ray.get(refs, timeout=LONG) == [5, 5, 5, 5]
+
+
+@ray.remote(num_cpus=1)
+class Waiter:
+    def fetch(self, n):
+        # An actor holding a CPU that waits on a task: the task needs that CPU.
+        return ray.get(square.remote(n), timeout=LONG)
+
+    def fetch_with_wait(self, n):
+        ref = square.remote(n)
+        ready, _ = ray.wait([ref], timeout=LONG)
+        return ray.get(ready[0]) if ready else None
+
+
+def test_actors_holding_every_cpu_lend_them_while_blocked(backend):
+    backend.require("parallel")
+    actors = [Waiter.remote() for _ in range(2)]  # num_cpus=2: both CPUs are theirs
+    assert ray.get([a.fetch.remote(3) for a in actors], timeout=LONG) == [9, 9]
+    assert ray.get([a.fetch_with_wait.remote(4) for a in actors], timeout=LONG) == [16, 16]
+
+
+def test_future_callbacks_do_not_run_on_the_backends_threads(backend):
+    # A callback that blocks (here: a get of another task) must not stall the
+    # thread that delivers results, or that get could never return.
+    import threading
+    seen = {}
+    finished = threading.Event()
+
+    def callback(fut):
+        seen["thread"] = threading.current_thread().name
+        seen["value"] = fut.result() + ray.get(square.remote(5), timeout=LONG)
+        finished.set()
+
+    square.remote(4).future().add_done_callback(callback)
+    assert finished.wait(LONG), "the future's callback never finished"
+    assert seen["value"] == 16 + 25
+    assert seen["thread"] == "beamlet-callbacks"
+
+
 def test_large_numpy_arguments_and_results(backend):
     big = np.arange(300_000, dtype=np.float64)  # 2.4 MB: above any inline threshold
     assert ray.get(array_sum.remote(big)) == float(big.sum())

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ import pytest
 import beamlet
 from beamlet.core import plugins
 from beamlet.core.plugins import hookimpl
+from conftest import BackendInfo
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -277,7 +279,9 @@ class TaskRecorder:
             self.finished.append((spec.display_name, status))
 
 
-def test_runtime_observer_plugin_sees_task_events():
+def test_runtime_observer_plugin_sees_task_events(backend_name):
+    """Every backend reports each attempt's outcome: FINISHED, FAILED for a task
+    that raised, RETRYING before a retry, CANCELLED for a cancelled task."""
     @beamlet.remote
     def square(x):
         return x * x
@@ -286,29 +290,49 @@ def test_runtime_observer_plugin_sees_task_events():
     def fail():
         raise KeyError("no")
 
+    @beamlet.remote(max_retries=1, retry_exceptions=True)
+    def flaky():
+        raise ValueError("again")
+
+    @beamlet.remote
+    def sleeper():
+        import time
+        time.sleep(60)
+
     recorder = TaskRecorder()
-    beamlet.shutdown()
     plugins.register(recorder)
     try:
-        beamlet.init(backend="inprocess")
-        assert beamlet.get(square.remote(3)) == 9
+        beamlet.init(backend=backend_name, num_cpus=2)
+        info = BackendInfo.current()
+        assert beamlet.get(square.remote(3), timeout=30) == 9
         with pytest.raises(KeyError):
-            beamlet.get(fail.remote())
+            beamlet.get(fail.remote(), timeout=30)
+        with pytest.raises(ValueError):
+            beamlet.get(flaky.remote(), timeout=30)
+        if info.parallel:  # (elsewhere a task has finished before its ref exists)
+            ref = sleeper.remote()
+            time.sleep(0.5)
+            beamlet.cancel(ref)
+            with pytest.raises(beamlet.exceptions.TaskCancelledError):
+                beamlet.get(ref, timeout=30)
     finally:
         beamlet.shutdown()
         plugins.unregister(recorder)
     names = [n.rsplit(".", 1)[-1] for n in recorder.submitted]
-    assert names == ["square", "fail"], recorder.submitted
+    expected_names = ["square", "fail", "flaky"] + (["sleeper"] if info.parallel else [])
+    assert names == expected_names, recorder.submitted
     statuses = [(n.rsplit(".", 1)[-1], s) for n, s in recorder.finished]
-    assert statuses == [("square", "FINISHED"), ("fail", "FAILED")], recorder.finished
+    expected = [("square", "FINISHED"), ("fail", "FAILED"), ("flaky", "RETRYING"),
+                ("flaky", "FAILED")] + ([("sleeper", "CANCELLED")] if info.parallel else [])
+    assert statuses == expected, recorder.finished
 
     # Unregistered: no more events.
-    beamlet.init(backend="inprocess")
+    beamlet.init(backend=backend_name, num_cpus=2)
     try:
-        beamlet.get(square.remote(4))
+        beamlet.get(square.remote(4), timeout=30)
     finally:
         beamlet.shutdown()
-    assert len(recorder.submitted) == 2
+    assert len(recorder.submitted) == len(expected_names)
 
 
 class GreetCommand:

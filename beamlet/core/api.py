@@ -149,6 +149,8 @@ def _make_remote(obj, options: dict):
 
 
 def _check_refs(object_refs, what: str) -> None:
+    if set(map(type, object_refs)) <= {ObjectRef}:
+        return  # (one C-level pass; the loop below finds the culprit to name)
     for ref in object_refs:
         if not isinstance(ref, ObjectRef):
             raise TypeError(f"{what} takes ObjectRefs, got {type(ref).__name__} ({ref!r:.60})")
@@ -189,7 +191,7 @@ def wait(object_refs: Sequence[ObjectRef], *, num_returns: int = 1,
     if num_returns > len(object_refs):
         raise ValueError(f"num_returns ({num_returns}) cannot exceed the number of refs "
                          f"({len(object_refs)})")
-    if len(set(object_refs)) != len(object_refs):
+    if len(set(map(_runtime._ID_OF, object_refs))) != len(object_refs):
         raise ValueError("wait() got duplicate ObjectRefs")
     return _runtime.current().wait(list(object_refs), num_returns, timeout)
 

@@ -56,7 +56,11 @@ class ObjectStore(abc.ABC):
     def wait(self, object_ids: Sequence[bytes], num_returns: int,
              timeout: float | None = None) -> set[bytes]:
         """Block until at least `num_returns` of the ids are present or `timeout`
-        passes (0 polls); return the set of present ids (possibly more than asked)."""
+        passes (0 polls); return a set of present ids: all of them, or (when at
+        least `num_returns` are present) any `num_returns` or more of them. The
+        Runtime picks the first `num_returns` in input order from what it gets,
+        so a store should prefer the earliest ids and may stop looking once it
+        has found `num_returns` (that keeps a wait loop over a long list linear)."""
 
     @abc.abstractmethod
     def contains(self, object_id: bytes) -> bool:

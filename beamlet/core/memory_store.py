@@ -13,20 +13,46 @@ from typing import Callable, Iterable, Sequence
 from .. import exceptions as exc
 from .interfaces import ObjectStore
 from .refcount import ReferenceCounter
-from .runtime import deadline, remaining
 from .serialization import SerializedObject
 
 
+# Waiters on at most this many ids are indexed per id; larger ones (a get or
+# wait on a long list) keep a set of their ids that each arriving object is
+# checked against, so that registering costs one C-level set build, not a
+# Python loop over the list (a `wait(num_returns=100)` loop over 100,000
+# refs registers a thousand times).
+_INDEXED_MAX = 32
+
+
+class Waiter:
+    """A pending `notify_when` registration: `callback()` runs once `needed`
+    more of its ids arrived (or were deleted before arriving), or at close."""
+
+    __slots__ = ("needed", "callback", "ids", "broad", "done")
+
+    def __init__(self, needed: int, callback: Callable[[], object], ids: set, broad: bool):
+        self.needed = needed
+        self.callback = callback
+        self.ids = ids  # the ids not arrived yet when it was registered
+        self.broad = broad
+        self.done = False
+
+
 class MemoryObjectStore(ObjectStore):
-    """Dict of id -> SerializedObject with a condition variable for blocking reads.
+    """Dict of id -> SerializedObject, with waiters woken per arriving object.
 
     ``refs`` (optional) is the process's ReferenceCounter: the refs inside a
     stored value are pinned in it until the value is deleted.
+
+    Cost: storing an object wakes only the waiters registered for its id (and
+    checks the few waiters on long id lists), so `get` of N refs or a `wait`
+    loop over them is linear in N, never a rescan per arrival.
     """
 
     def __init__(self, refs: ReferenceCounter | None = None):
         self._objects: dict[bytes, SerializedObject] = {}
-        self._callbacks: dict[bytes, list[Callable]] = {}
+        self._indexed: dict[bytes, list[Waiter]] = {}  # id -> waiters on few ids
+        self._broad: list[Waiter] = []  # waiters on many ids (ids is a set)
         self._deleted: set[bytes] = set()  # deleted before their value arrived
         # Re-entrant: an ObjectRef collected by the cyclic GC while this thread
         # holds the lock frees its object through delete(), which takes it again.
@@ -34,6 +60,106 @@ class MemoryObjectStore(ObjectStore):
         self._refs = refs
         self.closed = False
 
+    # -- waiters ----------------------------------------------------------------
+    def notify_when(self, object_ids: Iterable[bytes], count: int,
+                    callback: Callable[[], object], broad: bool | None = None) -> Waiter | None:
+        """Call ``callback()`` once `count` of the distinct `object_ids` are present
+        (an id deleted before its value arrived counts as present: the caller finds
+        it missing and reports it lost), or when the store closes. Runs it at once,
+        in this thread, if that is already so, and returns None; otherwise returns
+        the Waiter (`cancel_waiter` withdraws it) and the callback runs later in
+        the thread that stores the object. The callback must be quick.
+
+        `broad` chooses how it is registered: per id (False: a Python step per id,
+        nothing added to other objects' arrival) or as one set that every arriving
+        object is checked against (True: a C-level set build, but each store pays a
+        lookup while it waits). None picks broad for more than a few ids, which
+        suits blocked `get`/`wait` calls (few at a time, long lists); a scheduler
+        registering one waiter per queued task passes False."""
+        with self._cond:
+            objects = self._objects
+            if self.closed:
+                pending = None
+            else:
+                ids = object_ids if isinstance(object_ids, (set, frozenset)) else set(object_ids)
+                pending = ids - objects.keys() - self._deleted
+                count -= len(ids) - len(pending)
+            if pending is None or count <= 0:
+                waiter = None
+            else:
+                if broad is None:
+                    broad = len(pending) > _INDEXED_MAX
+                waiter = Waiter(count, callback, pending, broad)
+                if not waiter.broad:
+                    indexed = self._indexed
+                    for object_id in pending:
+                        waiters = indexed.get(object_id)
+                        if waiters is None:
+                            indexed[object_id] = [waiter]
+                        else:
+                            waiters.append(waiter)
+                else:
+                    self._broad.append(waiter)
+        if waiter is None:
+            callback()
+        return waiter
+
+    def cancel_waiter(self, waiter: Waiter | None) -> None:
+        """Withdraw a waiter (its callback will not run); harmless once it ran."""
+        if waiter is None:
+            return
+        with self._cond:
+            if not waiter.done:
+                waiter.done = True
+                self._unregister(waiter)
+
+    def _unregister(self, waiter: Waiter) -> None:
+        if waiter.broad:
+            try:
+                self._broad.remove(waiter)
+            except ValueError:
+                pass
+            return
+        indexed = self._indexed
+        for object_id in waiter.ids:
+            waiters = indexed.get(object_id)
+            if waiters is not None:
+                try:
+                    waiters.remove(waiter)
+                except ValueError:
+                    continue
+                if not waiters:
+                    del indexed[object_id]
+
+    def _arrived(self, object_id: bytes) -> list[Waiter]:
+        """Count `object_id` for its waiters; return those now due. Under the lock."""
+        due = []
+        waiters = self._indexed.pop(object_id, None)
+        if waiters:
+            for waiter in waiters:
+                if not waiter.done:
+                    waiter.needed -= 1
+                    if waiter.needed <= 0:
+                        waiter.done = True
+                        due.append(waiter)
+        if self._broad:
+            for waiter in self._broad:
+                if object_id in waiter.ids:
+                    waiter.ids.discard(object_id)  # (it may "arrive" twice: deleted, then stored)
+                    waiter.needed -= 1
+                    if waiter.needed <= 0:
+                        waiter.done = True
+                        due.append(waiter)
+        for waiter in due:
+            self._unregister(waiter)
+        return due
+
+    @staticmethod
+    def _run(due: list[Waiter]) -> None:
+        for waiter in due:
+            waiter.callback()
+
+    # -- writing ------------------------------------------------------------------
     def put(self, object_id: bytes, value: SerializedObject) -> None:
         self.put_entry(object_id, value.detached())
 
@@ -49,39 +175,38 @@ class MemoryObjectStore(ObjectStore):
             else:
                 self._objects[object_id] = value
                 self._stored(object_id, value)
-            callbacks = self._callbacks.pop(object_id, ())
-            self._cond.notify_all()
+            due = self._arrived(object_id)
         if discard:
             self._discarded(object_id, value)
         elif value.refs and self._refs is not None:
             self._refs.incr_all(value.refs)
-        for callback in callbacks:
-            callback(object_id)
+        if due:
+            self._run(due)
 
+    # -- reading ------------------------------------------------------------------
     def get(self, object_ids: Sequence[bytes], timeout: float | None = None) -> list[SerializedObject]:
         objects = self._objects
         try:
             return [self._materialize(i, objects[i]) for i in object_ids]
         except KeyError:
             pass
-        until = deadline(timeout)
+        event = threading.Event()
+        waiter = self.notify_when(object_ids, len(set(object_ids)), event.set)
+        if waiter is not None and not event.wait(timeout):
+            self.cancel_waiter(waiter)
+            if not event.is_set():
+                with self._cond:
+                    missing = sum(1 for i in set(object_ids) if i not in objects)
+                raise exc.GetTimeoutError(
+                    f"get() timed out after {timeout}s waiting for {missing} of "
+                    f"{len(object_ids)} objects")
         with self._cond:
-            while True:
-                missing = [i for i in object_ids if i not in objects]
-                if not missing:
-                    found = [objects[i] for i in object_ids]
-                    break
-                lost = [i for i in missing if i in self._deleted]
-                if lost:
-                    raise exc.ObjectLostError(f"object {lost[0].hex()} was freed")
-                if self.closed:
-                    raise exc.BackendError("the object store was shut down")
-                left = remaining(until)
-                if left == 0:
-                    raise exc.GetTimeoutError(
-                        f"get() timed out after {timeout}s waiting for {len(missing)} of "
-                        f"{len(object_ids)} objects")
-                self._cond.wait(left if left is not None else 1.0)
+            found = [objects.get(i) for i in object_ids]
+            if self.closed:
+                raise exc.BackendError("the object store was shut down")
+        for object_id, entry in zip(object_ids, found):
+            if entry is None:
+                raise exc.ObjectLostError(f"object {object_id.hex()} was freed")
         return [self._materialize(i, entry) for i, entry in zip(object_ids, found)]
 
     def _materialize(self, object_id: bytes, entry) -> SerializedObject:
@@ -100,16 +225,35 @@ class MemoryObjectStore(ObjectStore):
 
     def wait(self, object_ids: Sequence[bytes], num_returns: int,
              timeout: float | None = None) -> set[bytes]:
-        until = deadline(timeout)
+        objects = self._objects
+        if num_returns <= 0:
+            return objects.keys() & set(object_ids)
+        ready = set()
+        for object_id in object_ids:  # the common case: enough are there already
+            if object_id in objects:
+                ready.add(object_id)
+                if len(ready) >= num_returns:
+                    return ready
+        if timeout == 0 or self.closed:
+            return ready
+        event = threading.Event()
+        waiter = self.notify_when(object_ids, num_returns, event.set)
+        if waiter is not None and not event.wait(timeout):
+            self.cancel_waiter(waiter)
         with self._cond:
-            while True:
-                ready = {i for i in object_ids if i in self._objects}
-                if len(ready) >= num_returns or self.closed:
-                    return ready
-                left = remaining(until)
-                if left == 0:
-                    return ready
-                self._cond.wait(left if left is not None else 1.0)
+            return objects.keys() & set(object_ids)
+
+    def has_at_least(self, object_ids: Sequence[bytes], count: int) -> bool:
+        """Whether `count` of the ids are present now (stops looking once they are)."""
+        if count <= 0:
+            return True
+        objects = self._objects
+        for object_id in object_ids:
+            if object_id in objects:
+                count -= 1
+                if not count:
+                    return True
+        return False
 
     def contains(self, object_id: bytes) -> bool:
         return object_id in self._objects
@@ -120,24 +264,31 @@ class MemoryObjectStore(ObjectStore):
 
     def delete(self, object_ids: Iterable[bytes]) -> None:
         freed = []
+        due = []
         with self._cond:
             for object_id in object_ids:
                 value = self._objects.pop(object_id, None)
                 if value is None:  # not arrived yet: drop it when it does
                     self._deleted.add(object_id)
+                    due.extend(self._arrived_deleted(object_id))
                 else:
                     freed.append((object_id, value))
         for object_id, value in freed:
             self._freed(object_id, value)
             if value.refs and self._refs is not None:
                 self._refs.decr_all(value.refs)
+        if due:
+            self._run(due)
+
+    def _arrived_deleted(self, object_id: bytes) -> list[Waiter]:
+        # Waiters on an id that will never be stored must not wait for ever: they
+        # count it as arrived, find it missing and report it lost.
+        if object_id in self._indexed or self._broad:
+            return self._arrived(object_id)
+        return []
 
     def on_ready(self, object_id: bytes, callback: Callable[[bytes], object]) -> None:
-        with self._cond:
-            if object_id not in self._objects:
-                self._callbacks.setdefault(object_id, []).append(callback)
-                return
-        callback(object_id)
+        self.notify_when((object_id,), 1, lambda: callback(object_id))
 
     def stats(self) -> dict:
         with self._cond:
@@ -146,16 +297,19 @@ class MemoryObjectStore(ObjectStore):
 
     def close(self) -> None:
         """Wake every blocked reader (they raise BackendError) and run every
-        pending on_ready callback (their get raises it too), so no future waits
-        for ever."""
+        pending callback (their get raises it too), so no future waits for ever."""
         with self._cond:
             self.closed = True
-            self._cond.notify_all()
             self._objects.clear()
-            callbacks, self._callbacks = self._callbacks, {}
-        for object_id, pending in callbacks.items():
-            for callback in pending:
-                try:
-                    callback(object_id)
-                except Exception:  # noqa: BLE001 - shutting down: nothing to tell
-                    pass
+            pending = [w for ws in self._indexed.values() for w in ws] + self._broad
+            self._indexed, self._broad = {}, []
+            due = []
+            for waiter in pending:
+                if not waiter.done:
+                    waiter.done = True
+                    due.append(waiter)
+        for waiter in due:
+            try:
+                waiter.callback()
+            except Exception:  # noqa: BLE001 - shutting down: nothing to tell
+                pass

@@ -65,13 +65,15 @@ class ObjectRef:
         fut = concurrent.futures.Future()
         rt = _runtime.current()
 
-        def done(_object_id: bytes) -> None:
+        def complete() -> None:
             try:
                 fut.set_result(rt.get_one(self, timeout=None))
             except BaseException as exc:  # noqa: BLE001 - the error is the result
                 fut.set_exception(exc)
 
-        rt.backend.object_store.on_ready(self.id, done)
+        # The value may be stored by the backend's I/O thread: the future's
+        # callbacks (user code) run on the runtime's callback thread instead.
+        rt.backend.object_store.on_ready(self.id, lambda _id: rt.call_soon(complete))
         return fut
 
     def as_future(self):

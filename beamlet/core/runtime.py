@@ -10,6 +10,7 @@ actors and the task context that `get_runtime_context` reports.
 from __future__ import annotations
 
 import contextvars
+import operator
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Sequence
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from .object_ref import ObjectRef
 
 _current: "Runtime | None" = None
+_ID_OF = operator.attrgetter("id")
+_RUNTIME_OF = operator.attrgetter("_runtime")
 _init_lock = threading.RLock()
 
 FUNCTIONS_TABLE = "functions"
@@ -78,6 +81,8 @@ class Runtime:
         self.caller_id = ids.new_id()
         self.refs = ReferenceCounter(self._released, self._referenced)
         self._registered_functions: set[bytes] = set()
+        self._callbacks = None  # the queue of the callback thread, once started
+        self._callbacks_lock = threading.Lock()
         self.backend: Backend = backend_factory(config, self)
         self.inline_threshold = self.backend.inline_threshold
 
@@ -189,12 +194,13 @@ class Runtime:
         return value
 
     def _ids(self, refs: Sequence["ObjectRef"]) -> list[bytes]:
-        for ref in refs:
-            if ref._runtime is not self:
-                raise exc.ObjectLostError(
-                    f"{ref!r} belongs to a beamlet session that was shut down; its object "
-                    f"is gone")
-        return [ref.id for ref in refs]
+        # C-level passes (map, set): wait() in a loop calls this on long lists.
+        if refs and set(map(_RUNTIME_OF, refs)) != {self}:
+            stale = next(r for r in refs if r._runtime is not self)
+            raise exc.ObjectLostError(
+                f"{stale!r} belongs to a beamlet session that was shut down; its object "
+                f"is gone")
+        return list(map(_ID_OF, refs))
 
     def get(self, refs: Sequence["ObjectRef"], timeout: float | None) -> list:
         _check_timeout(timeout)
@@ -206,14 +212,25 @@ class Runtime:
 
     def wait(self, refs: Sequence["ObjectRef"], num_returns: int, timeout: float | None):
         _check_timeout(timeout)
-        ready_ids = self.backend.object_store.wait(self._ids(refs), num_returns, timeout)
-        ready, not_ready = [], []
-        for ref in refs:
-            if ref.id in ready_ids and len(ready) < num_returns:
-                ready.append(ref)
-            else:
-                not_ready.append(ref)
-        return ready, not_ready
+        ids = self._ids(refs)
+        ready_ids = self.backend.object_store.wait(ids, num_returns, timeout)
+        # The first `num_returns` ready refs in input order; the scan stops there,
+        # so a wait loop that consumes a long list costs what it consumes.
+        chosen: list[int] = []
+        if ready_ids:
+            wanted = min(num_returns, len(ready_ids))
+            for pos, object_id in enumerate(ids):
+                if object_id in ready_ids:
+                    chosen.append(pos)
+                    if len(chosen) == wanted:
+                        break
+        if not chosen:
+            return [], list(refs)
+        last = chosen[-1]
+        taken = set(chosen)
+        not_ready = [refs[pos] for pos in range(last) if pos not in taken]
+        not_ready.extend(refs[last + 1:])
+        return [refs[pos] for pos in chosen], not_ready
 
     # -- actors ---------------------------------------------------------------
     def reserve_actor_name(self, name: str, namespace: str, actor_id: bytes) -> None:
@@ -261,10 +278,41 @@ class Runtime:
     def cancel(self, ref: "ObjectRef", force: bool) -> None:
         self.backend.scheduler.cancel(ref.id, force)
 
+    # -- callbacks --------------------------------------------------------------
+    def call_soon(self, fn) -> None:
+        """Run ``fn()`` on this runtime's callback thread, in call order.
+
+        For completions that run user code (``ref.future()`` callbacks, ``await
+        ref``): the thread that stores a result is the backend's I/O thread, which
+        must never run user code, since code that blocks there (a `get` in a
+        callback) would stall every result behind it."""
+        with self._callbacks_lock:
+            if self._callbacks is None:
+                import queue  # here, not at import: `import beamlet` stays quick
+                self._callbacks = queue.SimpleQueue()
+                threading.Thread(target=self._run_callbacks, args=(self._callbacks,),
+                                 name="beamlet-callbacks", daemon=True).start()
+            self._callbacks.put(fn)
+
+    @staticmethod
+    def _run_callbacks(pending) -> None:
+        while True:
+            fn = pending.get()
+            if fn is None:
+                return
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - one bad callback must not stop the others
+                import traceback
+                traceback.print_exc()
+
     # -- lifecycle ------------------------------------------------------------
     def shutdown(self) -> None:
         self.refs.close()
-        self.backend.shutdown()
+        self.backend.shutdown()  # (runs pending completions: futures fail, not hang)
+        with self._callbacks_lock:
+            if self._callbacks is not None:
+                self._callbacks.put(None)
 
 
 def set_actor_state(control_store, actor_id: bytes, state: str, reason: str = "") -> dict | None:

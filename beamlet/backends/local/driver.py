@@ -96,6 +96,19 @@ class WorkerLauncher:
             self.proc.wait(5)
 
 
+def _raise_open_files_limit() -> None:
+    """Lift the soft limit on open files to the hard one: the driver holds a
+    socket per worker, and a thousand actors are a thousand workers (a common
+    default soft limit is 1024)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # not allowed here: keep what we have
+
+
 def _default_capacity() -> int:
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     try:
@@ -131,6 +144,7 @@ class LocalBackend(Backend):
                 raise ValueError(f"{key} must be a whole number >= "
                                  f"{1 if key == 'max_workers' else 0}, got {value!r}")
         self.control_store = open_control_store(config.get("control_store"))
+        _raise_open_files_limit()
         self.runtime = runtime
         self.session = os.urandom(5).hex()
         self.node_id = f"local-{self.session}"
@@ -150,6 +164,7 @@ class LocalBackend(Backend):
         self._released: collections.deque[bytes] = collections.deque()
         self._release_pending = False
         self.object_store.reclaim = self._free_released
+        self._awaiting: dict[tuple, object] = {}  # (worker id, request id) -> store Waiter
         self._wake_r, self._wake_w = os.pipe()
         self._io = threading.Thread(target=self._io_loop, name="beamlet-io", daemon=True)
         self._io.start()
@@ -197,6 +212,7 @@ class LocalBackend(Backend):
             sel.unregister(conn.sock)
             conn.close()
             if worker is not None:
+                self._forget_worker(worker)
                 self.scheduler.worker_died(worker)
             return
         for message in messages:
@@ -250,7 +266,43 @@ class LocalBackend(Backend):
         elif tag == P.KILL_ACTOR:
             self.scheduler.kill_actor(message[1], message[2])
         elif tag == P.FORGET:
-            self.scheduler.worker_unblocked(worker, message[1])
+            self._forget(worker, message[1])
+
+    def _await(self, worker: WorkerInfo, req_id: int, blocking: bool, ids, count: int,
+               answer) -> None:
+        """Run `answer()` once `count` of `ids` exist. While it waits, a `blocking`
+        request's worker lends out its CPUs (its thread is stuck in get or wait),
+        and the worker may give up on it (FORGET)."""
+        store = self.object_store
+        if blocking and not store.has_at_least(ids, count):
+            self.scheduler.worker_blocked(worker, req_id)
+        else:
+            blocking = False
+        key = (worker.worker_id, req_id)
+
+        def arrived():
+            self._awaiting.pop(key, None)
+            if blocking:
+                self.scheduler.worker_unblocked(worker, req_id)
+            answer()
+
+        waiter = store.notify_when(ids, count, arrived)
+        if waiter is not None:
+            self._awaiting[key] = waiter
+            if waiter.done:  # it ran in another thread before we noted it
+                self._awaiting.pop(key, None)
+
+    def _forget_worker(self, worker: WorkerInfo) -> None:
+        """A worker died: withdraw the requests it was waiting on."""
+        for key in [k for k in self._awaiting if k[0] == worker.worker_id]:
+            self.object_store.cancel_waiter(self._awaiting.pop(key, None))
+
+    def _forget(self, worker: WorkerInfo, req_id: int) -> None:
+        """The worker stopped waiting for request `req_id` (it timed out)."""
+        waiter = self._awaiting.pop((worker.worker_id, req_id), None)
+        if waiter is not None:
+            self.object_store.cancel_waiter(waiter)
+        self.scheduler.worker_unblocked(worker, req_id)
 
     def _reply(self, worker: WorkerInfo, req_id: int, ok: bool, payload) -> None:
         try:
@@ -262,22 +314,8 @@ class LocalBackend(Backend):
         store = self.object_store
         if op == "get":
             ids, blocking = args  # blocking: the worker's thread waits (its CPU is free)
-            missing = [i for i in dict.fromkeys(ids) if not store.contains(i)]
-            if not missing:
-                self._reply(worker, req_id, True, [store.wire_entry(i) for i in ids])
-                return
-            if blocking:
-                self.scheduler.worker_blocked(worker, req_id)
-            left = [len(missing)]
-            lock = threading.Lock()
 
-            def arrived(_id):
-                with lock:
-                    left[0] -= 1
-                    if left[0]:
-                        return
-                if blocking:
-                    self.scheduler.worker_unblocked(worker, req_id)
+            def answer_get():
                 try:
                     entries = [store.wire_entry(i) for i in ids]
                     if any(e is None for e in entries):
@@ -287,30 +325,12 @@ class LocalBackend(Backend):
                     return
                 self._reply(worker, req_id, True, entries)
 
-            for object_id in missing:
-                store.on_ready(object_id, arrived)
+            self._await(worker, req_id, blocking, ids, len(set(ids)), answer_get)
         elif op == "wait":
-            ids, num_returns = args
-            ready = {i for i in ids if store.contains(i)}
-            if len(ready) >= num_returns:
-                self._reply(worker, req_id, True, ready)
-                return
-            state = {"done": False}
-            lock = threading.Lock()
-
-            def arrived(object_id):
-                with lock:
-                    if state["done"]:
-                        return
-                    ready.add(object_id)
-                    if len(ready) < num_returns:
-                        return
-                    state["done"] = True
-                self._reply(worker, req_id, True, set(ready))
-
-            for object_id in ids:
-                if object_id not in ready:
-                    store.on_ready(object_id, arrived)
+            ids, num_returns, blocking = args
+            self._await(worker, req_id, blocking, ids, num_returns,
+                        lambda: self._reply(worker, req_id, True,
+                                            store.wait(ids, num_returns, 0)))
         elif op == "control":
             name, call_args = args
             try:

@@ -59,15 +59,21 @@ class InProcessScheduler(Scheduler):
         else:
             self._run_task(spec)
 
-    def _execute(self, spec: TaskSpec):
+    def _execute(self, spec: TaskSpec, attempts_left: int = 0):
+        """Run one attempt; `attempts_left` says whether a failed one is retried."""
         gpu_ids = self._pool.acquire(spec.resources)
         start = time.perf_counter()
         try:
             result = self.executor.execute(spec)
         finally:
             self._pool.release(spec.resources, gpu_ids)
-        plugins.notify("beamlet_task_finished", spec=spec,
-                       status="FAILED" if result.error is not None else "FINISHED",
+        if result.error is None:
+            status = "FINISHED"
+        elif result.retryable and attempts_left != 0:
+            status = "RETRYING"
+        else:
+            status = "FAILED"
+        plugins.notify("beamlet_task_finished", spec=spec, status=status,
                        duration=time.perf_counter() - start)
         return result
 
@@ -78,7 +84,7 @@ class InProcessScheduler(Scheduler):
     def _run_task(self, spec: TaskSpec) -> None:
         attempts_left = spec.max_retries
         while True:
-            result = self._execute(spec)
+            result = self._execute(spec, attempts_left)
             if result.retryable and attempts_left != 0:
                 attempts_left -= 1
                 spec.attempt += 1
@@ -108,7 +114,7 @@ class InProcessScheduler(Scheduler):
             return
         attempts_left = max(spec.max_retries, actor.spec.actor_options["max_task_retries"])
         while True:
-            result = self._execute(spec)
+            result = self._execute(spec, attempts_left)
             if result.retryable and attempts_left != 0:
                 attempts_left -= 1
                 continue

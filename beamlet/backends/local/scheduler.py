@@ -61,15 +61,14 @@ class WorkerInfo:
 
 
 class ActorRecord:
-    __slots__ = ("spec", "state", "worker", "queue", "inflight", "restarts_left", "reason",
-                 "gpu_ids", "token", "out_of_scope", "killed", "watched", "pinned", "pumping",
-                 "repump")
+    __slots__ = ("spec", "state", "worker", "calls", "inflight", "restarts_left", "reason",
+                 "gpu_ids", "token", "out_of_scope", "killed", "watched", "pinned")
 
     def __init__(self, spec: TaskSpec):
         self.spec = spec
         self.state = "PENDING"
         self.worker: WorkerInfo | None = None
-        self.queue: collections.deque[TaskSpec] = collections.deque()
+        self.calls = CallQueue()  # calls not sent to it yet
         self.inflight: dict[bytes, TaskSpec] = {}
         restarts = spec.actor_options["max_restarts"]
         self.restarts_left = float("inf") if restarts == -1 else restarts
@@ -79,8 +78,74 @@ class ActorRecord:
         self.out_of_scope = False
         self.killed = False
         self.watched: set[bytes] = set()  # queued calls we wait on arguments for
-        self.pumping = self.repump = False
         self.pinned: list[bytes] = []  # constructor args kept for restarts
+
+
+class CallQueue:
+    """An actor's calls that were not sent to it yet, in order per caller.
+
+    Calls from one caller run in submission order (a call whose arguments are
+    still being computed holds back that caller's later calls, not other
+    callers'), so each caller has its own FIFO: a call whose arguments arrive
+    is looked at without rescanning anyone else's calls."""
+
+    __slots__ = ("_by_caller", "_len")
+
+    def __init__(self):
+        self._by_caller: dict[bytes, collections.deque[TaskSpec]] = {}
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def has_calls_of(self, caller_id: bytes) -> bool:
+        return caller_id in self._by_caller
+
+    def callers(self) -> list[bytes]:
+        return list(self._by_caller)
+
+    def push(self, spec: TaskSpec) -> None:
+        calls = self._by_caller.get(spec.caller_id)
+        if calls is None:
+            calls = self._by_caller[spec.caller_id] = collections.deque()
+        calls.append(spec)
+        self._len += 1
+
+    def push_front(self, spec: TaskSpec) -> None:
+        calls = self._by_caller.get(spec.caller_id)
+        if calls is None:
+            calls = self._by_caller[spec.caller_id] = collections.deque()
+        calls.appendleft(spec)
+        self._len += 1
+
+    def head(self, caller_id: bytes) -> TaskSpec | None:
+        calls = self._by_caller.get(caller_id)
+        return calls[0] if calls else None
+
+    def pop(self, caller_id: bytes) -> TaskSpec:
+        calls = self._by_caller[caller_id]
+        spec = calls.popleft()
+        if not calls:
+            del self._by_caller[caller_id]
+        self._len -= 1
+        return spec
+
+    def remove(self, spec: TaskSpec) -> bool:
+        calls = self._by_caller.get(spec.caller_id)
+        if not calls or spec not in calls:
+            return False
+        calls.remove(spec)
+        if not calls:
+            del self._by_caller[spec.caller_id]
+        self._len -= 1
+        return True
+
+    def drain(self) -> list[TaskSpec]:
+        """Every queued call (removed from the queue)."""
+        out = [spec for calls in self._by_caller.values() for spec in calls]
+        self._by_caller.clear()
+        self._len = 0
+        return out
 
 
 class LocalScheduler(Scheduler):
@@ -94,9 +159,9 @@ class LocalScheduler(Scheduler):
         self.workers: dict[str, WorkerInfo] = {}
         self.idle: list[WorkerInfo] = []
         self.starting = 0
-        self._waiting: dict[bytes, list] = {}      # task_id -> [spec, missing deps]
-        self._queues: dict[tuple, collections.deque] = {}  # resource shape -> ready specs
-        self._pending_actors: collections.deque[ActorRecord] = collections.deque()
+        self._waiting: dict[bytes, TaskSpec] = {}  # task_id -> spec waiting for its arguments
+        # Resource shape -> ready specs (tasks and actor creations), FIFO per shape.
+        self._queues: dict[tuple, collections.deque] = {}
         self.actors: dict[bytes, ActorRecord] = {}
         self._actor_by_token: dict[bytes, bytes] = {}
         self._producer: dict[bytes, bytes] = {}    # return id -> task id, while unfinished
@@ -136,30 +201,29 @@ class LocalScheduler(Scheduler):
                 self._make_ready(spec)
                 self._dispatch()
                 return
-            self._waiting[spec.task_id] = [spec, len(deps)]
-        for dep in deps:
-            self.store.on_ready(dep, lambda _id, tid=spec.task_id: self._dep_ready(tid))
+            self._waiting[spec.task_id] = spec
+            # (Registered under the lock: if they arrived meanwhile, the callback
+            # runs right here, and the lock is re-entrant.)
+            self.store.notify_when(deps, len(deps), lambda: self._deps_ready(spec.task_id),
+                                   broad=False)
 
-    def _dep_ready(self, task_id: bytes) -> None:
+    def _deps_ready(self, task_id: bytes) -> None:
         with self.lock:
-            entry = self._waiting.get(task_id)
-            if entry is None:
-                return
-            entry[1] -= 1
-            if entry[1] > 0:
-                return
-            del self._waiting[task_id]
-            self._make_ready(entry[0])
+            spec = self._waiting.pop(task_id, None)
+            if spec is None:
+                return  # cancelled meanwhile
+            self._make_ready(spec)
             self._dispatch()
 
-    def _make_ready(self, spec: TaskSpec) -> None:
-        if spec.kind == ACTOR_CREATION:
-            self._pending_actors.append(self.actors[spec.actor_id])
+    def _make_ready(self, spec: TaskSpec, first: bool = False) -> None:
+        """Queue a spec whose arguments exist (`first`: ahead of its shape's queue)."""
+        shape = tuple(sorted(spec.resources.items()))
+        queue = self._queues.get(shape)
+        if queue is None:
+            queue = self._queues[shape] = collections.deque()
+        if first:
+            queue.appendleft(spec)
         else:
-            shape = tuple(sorted(spec.resources.items()))
-            queue = self._queues.get(shape)
-            if queue is None:
-                queue = self._queues[shape] = collections.deque()
             queue.append(spec)
 
     # -- dispatch -------------------------------------------------------------
@@ -167,26 +231,14 @@ class LocalScheduler(Scheduler):
         """Start whatever fits now. Called with the lock held after any change."""
         if self.closed:
             return
-        while self._pending_actors:
-            record = self._pending_actors[0]
-            if record.state == "DEAD":
-                self._pending_actors.popleft()
-                continue
-            if not self.pool.fits(record.spec.resources):
-                break
-            worker = self._take_idle()
-            if worker is None:
-                self._start_workers(1)
-                break
-            self._pending_actors.popleft()
-            self._start_actor(record, worker)
-        # An actor whose resources are taken must not hold back the ones after it.
-        if self._pending_actors and not self.pool.fits(self._pending_actors[0].spec.resources):
-            self._start_fitting_actors()
         starved = False
         for shape, queue in list(self._queues.items()):
             while queue:
                 spec = queue[0]
+                record = self.actors.get(spec.actor_id) if spec.kind == ACTOR_CREATION else None
+                if record is not None and record.state == "DEAD":
+                    queue.popleft()  # killed while it waited to start
+                    continue
                 if not self.pool.fits(spec.resources):
                     break
                 worker = self._take_idle()
@@ -194,33 +246,17 @@ class LocalScheduler(Scheduler):
                     starved = True
                     break
                 queue.popleft()
-                self._run_task(spec, worker)
+                if record is not None:
+                    self._start_actor(record, worker)
+                else:
+                    self._run_task(spec, worker)
             if not queue:
                 self._queues.pop(shape, None)  # (a nested dispatch may have removed it)
         if starved:
             self._start_workers(self._runnable_now())
 
-    def _start_fitting_actors(self) -> None:
-        waiting = collections.deque()
-        while self._pending_actors:
-            record = self._pending_actors.popleft()
-            if record.state == "DEAD":
-                continue
-            if not self.pool.fits(record.spec.resources):
-                waiting.append(record)
-                continue
-            worker = self._take_idle()
-            if worker is None:
-                waiting.append(record)
-                self._start_workers(1)
-                waiting.extend(self._pending_actors)
-                self._pending_actors.clear()
-                break
-            self._start_actor(record, worker)
-        self._pending_actors = waiting
-
     def _runnable_now(self) -> int:
-        """How many queued tasks would start if there were workers for them."""
+        """How many queued tasks and actors would start if there were workers for them."""
         free = self.pool.available()
         count = 0
         for queue in self._queues.values():
@@ -347,52 +383,42 @@ class LocalScheduler(Scheduler):
             self._fail(spec, exc.ActorDiedError(f"the actor {spec.function_name} is dead: "
                                                 f"{record.reason}"))
             return
-        if record.state == "ALIVE" and not record.queue and not spec.has_ref_args():
+        if record.state == "ALIVE" and not record.calls.has_calls_of(spec.caller_id) \
+                and not spec.has_ref_args():
             self._send_actor_call(record, spec)  # the common case: nothing to wait for
             return
-        record.queue.append(spec)
-        self._pump_actor(record)
+        record.calls.push(spec)
+        self._pump_caller(record, spec.caller_id)
 
     def _pump_actor(self, record: ActorRecord) -> None:
-        """Send the actor its queued calls whose arguments exist. Calls from one
-        caller keep their order: one whose refs are still being computed holds
-        back that caller's later calls, not other callers' (as in Ray), and never
-        blocks the actor itself."""
-        if record.pumping:  # re-entered (a failed send stored a result we wait on)
-            record.repump = True
-            return
-        record.pumping = True
-        try:
-            record.repump = True
-            while record.repump and record.state == "ALIVE" and record.queue:
-                record.repump = False
-                self._pump_once(record)
-        finally:
-            record.pumping = False
+        """Send the actor every queued call whose arguments exist (see `_pump_caller`)."""
+        for caller_id in record.calls.callers():
+            self._pump_caller(record, caller_id)
 
-    def _pump_once(self, record: ActorRecord) -> None:
-        queue, record.queue = record.queue, collections.deque()
-        held: set[bytes] = set()  # callers with an earlier call still waiting
-        while queue:
-            spec = queue.popleft()
-            if spec.caller_id in held or record.state != "ALIVE":
-                record.queue.append(spec)
-                continue
-            missing = [d for d in spec.dependencies() if not self.store.contains(d)]
+    def _pump_caller(self, record: ActorRecord, caller_id: bytes) -> None:
+        """Send the actor one caller's queued calls, in order, up to the first whose
+        arguments are still being computed; that one is sent when they arrive.
+        Re-entrant (a failed send stores a result another call may wait on): each
+        step reads the queue afresh."""
+        calls = record.calls
+        while record.state == "ALIVE":
+            spec = calls.head(caller_id)
+            if spec is None or spec.task_id in record.watched:
+                return
+            missing = [d for d in dict.fromkeys(spec.dependencies())
+                       if not self.store.contains(d)]
             if missing:
-                held.add(spec.caller_id)
-                record.queue.append(spec)
-                if spec.task_id not in record.watched:
-                    record.watched.add(spec.task_id)
-                    for dep in missing:
-                        self.store.on_ready(dep, lambda _id: self._pump_later(record))
-                continue
-            record.watched.discard(spec.task_id)
+                record.watched.add(spec.task_id)
+                self.store.notify_when(missing, len(missing),
+                                       lambda: self._call_args_ready(record, spec), broad=False)
+                return
+            calls.pop(caller_id)
             self._send_actor_call(record, spec)
 
-    def _pump_later(self, record: ActorRecord) -> None:
+    def _call_args_ready(self, record: ActorRecord, spec: TaskSpec) -> None:
         with self.lock:
-            self._pump_actor(record)
+            record.watched.discard(spec.task_id)
+            self._pump_caller(record, spec.caller_id)
 
     def _send_actor_call(self, record: ActorRecord, spec: TaskSpec) -> None:
         record.inflight[spec.task_id] = spec
@@ -405,7 +431,7 @@ class LocalScheduler(Scheduler):
         record.state = "ALIVE"
         self._set_state(record, "ALIVE")
         self._pump_actor(record)
-        if record.out_of_scope and not record.inflight and not record.queue:
+        if record.out_of_scope and not record.inflight and not record.calls:
             self._end_actor(record, "all handles to it went out of scope", kill=True)
 
     def _set_state(self, record: ActorRecord, state: str, reason: str = "") -> None:
@@ -419,6 +445,7 @@ class LocalScheduler(Scheduler):
             return
         worker = record.worker
         if record.state in ("STARTING", "ALIVE"):
+            self._take_back_lent(worker, record.spec.resources)
             self.pool.release(record.spec.resources, record.gpu_ids)
         record.state = "DEAD"
         record.reason = reason
@@ -431,10 +458,11 @@ class LocalScheduler(Scheduler):
             self._waiting.pop(record.spec.task_id, None)
             self._running.pop(record.spec.task_id, None)
             self._fail(record.spec, error)
-        for spec in list(record.inflight.values()) + list(record.queue):
-            self._fail(spec, error)
+        calls = list(record.inflight.values()) + record.calls.drain()
         record.inflight.clear()
-        record.queue.clear()
+        record.watched.clear()
+        for spec in calls:
+            self._fail(spec, error)
         if worker is not None and kill and worker.state != DEAD:
             self._kill_worker(worker)
         self._dispatch()
@@ -458,7 +486,7 @@ class LocalScheduler(Scheduler):
             if record is None or record.state == "DEAD":
                 return
             record.out_of_scope = True
-            if record.state == "ALIVE" and not record.inflight and not record.queue:
+            if record.state == "ALIVE" and not record.inflight and not record.calls:
                 self._end_actor(record, "all handles to it went out of scope", kill=True)
 
     # -- completion -----------------------------------------------------------
@@ -473,18 +501,18 @@ class LocalScheduler(Scheduler):
                 if record is not None:
                     record.inflight.pop(task_id, None)
                 if retryable and self._retry_left(spec, record):
-                    spec.attempt += 1
+                    self._retrying(spec, worker)
                     self._resend_actor_call(record, spec)
                     return
-                self._finish(spec, entries, "FAILED" if retryable else "FINISHED", worker)
+                self._finish(spec, entries, self._outcome(spec, entries), worker)
                 if record is not None and record.out_of_scope and not record.inflight \
-                        and not record.queue and record.state == "ALIVE":
+                        and not record.calls and record.state == "ALIVE":
                     self._end_actor(record, "all handles to it went out of scope", kill=True)
                 return
             self._running.pop(task_id, None)
             if spec.kind == ACTOR_CREATION:
                 record = self.actors[spec.actor_id]
-                self._finish(spec, entries, "FINISHED", worker)
+                self._finish(spec, entries, self._outcome(spec, entries), worker)
                 if entries and entries[0].is_error:
                     # From the entry itself: on a restart the store still holds the
                     # first start's result.
@@ -505,11 +533,24 @@ class LocalScheduler(Scheduler):
                 worker.idle_since = time.monotonic()
                 self.idle.append(worker)
             if retryable and task_id not in self._cancelled and self._retry_left(spec, None):
-                spec.attempt += 1
+                self._retrying(spec, worker)
                 self._make_ready(spec)
             else:
-                self._finish(spec, entries, "FAILED" if retryable else "FINISHED", worker)
+                self._finish(spec, entries, self._outcome(spec, entries), worker)
             self._dispatch()
+
+    def _outcome(self, spec: TaskSpec, entries: list) -> str:
+        """The status observers are told for a finished attempt."""
+        if spec.task_id in self._cancelled:
+            return "CANCELLED"
+        return "FAILED" if entries and entries[0].is_error else "FINISHED"
+
+    def _retrying(self, spec: TaskSpec, worker: WorkerInfo | None) -> None:
+        """The attempt failed and another one follows."""
+        started = worker.dispatched_at if worker is not None else time.perf_counter()
+        plugins.notify("beamlet_task_finished", spec=spec, status="RETRYING",
+                       duration=time.perf_counter() - started)
+        spec.attempt += 1
 
     def _retry_left(self, spec: TaskSpec, record: ActorRecord | None) -> bool:
         budgets = [spec.max_retries]
@@ -520,8 +561,8 @@ class LocalScheduler(Scheduler):
         return spec.attempt < max(budgets)
 
     def _resend_actor_call(self, record: ActorRecord, spec: TaskSpec) -> None:
-        record.queue.appendleft(spec)
-        self._pump_actor(record)
+        record.calls.push_front(spec)
+        self._pump_caller(record, spec.caller_id)
 
     def _finish(self, spec: TaskSpec, entries: list, status: str, worker=None) -> None:
         self._tasks.pop(spec.task_id, None)
@@ -544,25 +585,47 @@ class LocalScheduler(Scheduler):
                      "CANCELLED" if isinstance(error, exc.TaskCancelledError) else "FAILED")
 
     # -- blocking get inside a task -------------------------------------------
+    def _lendable(self, worker: WorkerInfo) -> dict | None:
+        """The resources whose CPUs a blocked worker lends out: its task's, or its
+        live actor's (None when it holds nothing)."""
+        if worker.task is not None:
+            return worker.task.resources
+        record = self.actors.get(worker.actor_id) if worker.actor_id is not None else None
+        if record is not None and record.worker is worker \
+                and record.state in ("STARTING", "ALIVE"):
+            return record.spec.resources
+        return None
+
     def worker_blocked(self, worker: WorkerInfo, req_id: int) -> None:
-        """The worker's task waits in get (request `req_id`): lend its CPUs out."""
+        """The worker's task or actor waits in get or wait (request `req_id`): lend
+        its CPUs out, so that what it waits for can run."""
         with self.lock:
-            if worker.task is None:
+            resources = self._lendable(worker)
+            if resources is None:
                 return
             if not worker.blocking:
-                self.pool.release_cpus(worker.task.resources)
+                self.pool.release_cpus(resources)
             worker.blocking.add(req_id)
             self._dispatch()
 
     def worker_unblocked(self, worker: WorkerInfo, req_id: int) -> None:
         """Request `req_id` was answered or given up: take the CPUs back once no
-        get of the worker is waiting (a stale answer changes nothing)."""
+        request of the worker is waiting (a stale answer changes nothing)."""
         with self.lock:
-            if req_id not in worker.blocking or worker.task is None:
+            if req_id not in worker.blocking:
                 return
             worker.blocking.discard(req_id)
             if not worker.blocking:
-                self.pool.reacquire_cpus(worker.task.resources)
+                resources = self._lendable(worker)
+                if resources is not None:
+                    self.pool.reacquire_cpus(resources)
+
+    def _take_back_lent(self, worker: WorkerInfo | None, resources: dict) -> None:
+        """Before `resources` held by `worker` are released: undo any CPU lending,
+        so that they are not given back twice."""
+        if worker is not None and worker.blocking:
+            worker.blocking.clear()
+            self.pool.reacquire_cpus(resources)
 
     # -- workers ----------------------------------------------------------------
     def worker_connected(self, worker_id: str, pid: int, conn) -> WorkerInfo | None:
@@ -644,9 +707,7 @@ class LocalScheduler(Scheduler):
                     self._fail(spec, exc.TaskCancelledError(
                         f"task {spec.display_name} was cancelled (its worker was killed)"))
                 elif spec.max_retries == -1 or spec.attempt < spec.max_retries:
-                    spec.attempt += 1
-                    plugins.notify("beamlet_task_finished", spec=spec, status="RETRYING",
-                                   duration=0.0)
+                    self._retrying(spec, worker)
                     self._make_ready(spec)
                 else:
                     self._fail(spec, exc.WorkerCrashedError(
@@ -661,6 +722,7 @@ class LocalScheduler(Scheduler):
             return
         creating = record.state == "STARTING"
         self._running.pop(record.spec.task_id, None)
+        self._take_back_lent(worker, record.spec.resources)
         self.pool.release(record.spec.resources, record.gpu_ids)
         if record.restarts_left > 0 and not record.killed:
             record.restarts_left -= 1
@@ -678,11 +740,12 @@ class LocalScheduler(Scheduler):
                 else:
                     self._fail(spec, unavailable)
             record.inflight.clear()
-            record.queue.extendleft(reversed(retry))
+            for spec in reversed(retry):
+                record.calls.push_front(spec)
             if creating:
                 record.spec.attempt += 1
             self._tasks[record.spec.task_id] = record.spec  # its creation runs again
-            self._pending_actors.appendleft(record)
+            self._make_ready(record.spec, first=True)
         else:
             record.state = "DYING"  # its resources were given back just above
             self._end_actor(record, f"its process (pid {worker.pid}) died unexpectedly"
@@ -730,8 +793,8 @@ class LocalScheduler(Scheduler):
                 if force:
                     raise ValueError("force=True is not supported for actor calls; use kill()")
                 record = self.actors.get(spec.actor_id)
-                if record is not None and spec in record.queue:
-                    record.queue.remove(spec)
+                if record is not None and record.calls.remove(spec):
+                    record.watched.discard(spec.task_id)
                     self._fail(spec, exc.TaskCancelledError(f"task {spec.display_name} was cancelled"))
                 elif record is not None and task_id in record.inflight and record.worker:
                     self._cancelled.add(task_id)

@@ -124,13 +124,18 @@ class WorkerObjectStore(ObjectStore):
 
     def wait(self, object_ids: Sequence[bytes], num_returns: int,
              timeout: float | None = None) -> set[bytes]:
-        try:
-            return self._b.request("wait", (list(object_ids), num_returns), timeout, "")
-        except exc.GetTimeoutError:
-            return self._b.request("wait", (list(object_ids), 0), None, "")
+        ids = list(object_ids)
+        if timeout != 0:
+            try:
+                # Blocking: our CPUs are lent out while this thread waits.
+                return self._b.request("wait", (ids, num_returns, True), timeout, "")
+            except exc.GetTimeoutError:
+                pass
+        return self._b.request("wait", (ids, 0, False), 60.0, "wait() got no answer")
 
     def contains(self, object_id: bytes) -> bool:
-        return self._b.request("wait", ([object_id], 0), None, "") == {object_id}
+        return self._b.request("wait", ([object_id], 0, False), 60.0,
+                               "the object store did not answer") == {object_id}
 
     def delete(self, object_ids) -> None:
         """The driver owns the objects: it frees them when no process refers to them."""
@@ -254,7 +259,7 @@ class WorkerBackend(Backend):
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
             self.requests.forget(req_id)
-            if op == "get":
+            if op in ("get", "wait"):
                 self.send((P.FORGET, req_id))  # so the driver takes our CPUs back
             raise exc.GetTimeoutError(timeout_text or f"{op} timed out after {timeout}s") from None
 

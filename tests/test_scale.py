@@ -1,0 +1,100 @@
+"""Work at scale, on every backend: many tasks, long ref lists, many actors.
+
+These check behaviour (right results, right order, nothing lost or repeated,
+nothing left running), not speed: the cost per task as the work grows is
+measured in benchmarks/scaling.py.
+"""
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+import beamlet as ray
+
+
+@ray.remote
+def ident(i):
+    return i
+
+
+@ray.remote
+def total(refs):
+    return sum(ray.get(refs))
+
+
+def test_100k_tasks_complete_with_right_results(backend):
+    n = 100_000
+    refs = [ident.remote(i) for i in range(n)]
+    values = ray.get(refs, timeout=600)
+    assert values == list(range(n))
+
+
+def test_get_of_10k_refs_returns_in_input_order(backend):
+    refs = [ident.remote(i) for i in range(10_000)]
+    refs.reverse()  # asked in another order than submitted
+    assert ray.get(refs, timeout=300) == list(range(9_999, -1, -1))
+
+
+def test_wait_loop_returns_each_ready_ref_once(backend):
+    n = 5_000
+    refs = [ident.remote(i) for i in range(n)]
+    seen: list = []
+    pending = refs
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=min(100, len(pending)), timeout=120)
+        assert ready, "wait() returned nothing within its timeout"
+        assert len(ready) <= 100
+        seen.extend(ready)
+    assert len(seen) == n and len(set(seen)) == n
+    assert sorted(ray.get(seen, timeout=120)) == list(range(n))
+
+
+def test_a_task_taking_10k_refs_in_a_list(backend):
+    refs = [ident.remote(i) for i in range(10_000)]
+    assert ray.get(total.remote(refs), timeout=300) == sum(range(10_000))
+
+
+def test_10k_puts_then_one_get(backend):
+    refs = [ray.put(i) for i in range(10_000)]
+    assert ray.get(refs, timeout=120) == list(range(10_000))
+
+
+def test_a_10k_long_dependency_chain(backend):
+    @ray.remote
+    def inc(x):
+        return x + 1
+
+    ref = ray.put(0)
+    for _ in range(10_000):
+        ref = inc.remote(ref)
+    assert ray.get(ref, timeout=300) == 10_000
+
+
+@ray.remote(num_cpus=0)
+class Echo:
+    def __init__(self, index):
+        self.index = index
+        self.calls = 0
+
+    def call(self):
+        self.calls += 1
+        return self.index, self.calls
+
+
+def test_1000_actors_all_answer_and_all_processes_go(start):
+    import procs
+
+    backend = start()
+    actors = [Echo.remote(i) for i in range(1000)]
+    refs = [a.call.remote() for a in actors for _ in range(3)]
+    answers = ray.get(refs, timeout=600)
+    assert answers == [(i, c) for i in range(1000) for c in (1, 2, 3)]
+    pids = {w.pid for w in list(backend.scheduler.workers.values()) if w.pid}
+    assert len(pids) >= 1000, "each actor runs in a process of its own"
+    # The `start` fixture checks that every one of them is gone after shutdown().
+    del actors, refs
+    gc.collect()
+    fp = procs.footprint(backend)
+    ray.shutdown()
+    procs.assert_all_gone(fp, timeout=60)
