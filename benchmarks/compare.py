@@ -29,8 +29,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import core_bench as cb  # noqa: E402
 
-RAY_PYTHON = "/work/raybench-venv/bin/python"
-
 # The floors of issue 3, as beamlet/Ray ratios of each row's value in its unit.
 TARGETS = {
     "cold_start": ("<=", 0.1, "≤0.1x (10x sooner)"),
@@ -100,24 +98,6 @@ def run_core_bench(label, python, module, init, args, log):
         os.unlink(out)
     log(f"=== {label}: {time.perf_counter() - t:.0f} s, rc {proc.returncode}")
     return report
-
-
-def wait_for_quiet(max_wait, log, threshold=0.15, window=2.0):
-    """Waits (up to max_wait s) until other programs use < threshold of the CPUs over a
-    window: on a small machine a concurrent test run skews every figure."""
-    t0 = time.time()
-    while True:
-        probe = cb.ForeignLoad()
-        time.sleep(window)
-        share = probe.result()["other_cpu_share"]
-        if share < threshold:
-            return share
-        if time.time() - t0 > max_wait:
-            log(f"    machine still busy ({share:.0%} of CPU used by other programs) after "
-                f"{max_wait:.0f} s; running anyway")
-            return share
-        log(f"    waiting for the machine to go quiet ({share:.0%} of CPU used by other "
-            f"programs)")
 
 
 def merge(reports):
@@ -196,25 +176,6 @@ def build_table(frameworks, merged):
     return header, lines
 
 
-def format_text(header, lines):
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
-    out = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w)
-                     in enumerate(zip(header, widths)))]
-    out.append("-" * (sum(widths) + 2 * (len(widths) - 1)))
-    for line in lines:
-        out.append("  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w)
-                             for i, (x, w) in enumerate(zip(line, widths))))
-    return "\n".join(out)
-
-
-def format_markdown(header, lines):
-    out = ["| " + " | ".join(header) + " |",
-           "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    for line in lines:
-        out.append("| " + " | ".join(str(x) for x in line) + " |")
-    return "\n".join(out)
-
-
 def ray_vs_issue(merged):
     lines = []
     for row, issue_v in ISSUE_RAY.items():
@@ -254,24 +215,12 @@ def limits_table(merged, limits):
     return ["workload", "beamlet", "machine limit", "limit is", "beamlet at % of limit"], lines
 
 
-def git_info():
-    repo = os.path.dirname(HERE)
-    try:
-        head = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--", "beamlet"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return {"commit": head, "beamlet_dirty": bool(dirty)}
-    except Exception:
-        return {}
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ray-python", default=RAY_PYTHON,
+    p.add_argument("--ray-python", default=cb.default_ray_python(),
                    help="interpreter of the venv with ray==2.60.0, dask, distributed "
-                        "(default %(default)s)")
+                        f"(default: ${cb.RAY_PYTHON_ENV}, else {cb.RAY_VENV_HINT})")
     p.add_argument("--beamlet-python", default=sys.executable)
     p.add_argument("--beamlet-init", default='{"num_cpus": 2}')
     p.add_argument("--ray-init", default='{"num_cpus": 2}')
@@ -302,9 +251,7 @@ def main(argv=None):
 
     cb.set_child_subreaper()
     if not args.no_ray and not os.path.exists(args.ray_python):
-        sys.exit(f"{args.ray_python} not found: create it with\n  python3 -m venv "
-                 f"/work/raybench-venv && /work/raybench-venv/bin/pip install ray==2.60.0 "
-                 f"dask distributed numpy cloudpickle\nor pass --ray-python / --no-ray")
+        sys.exit(cb.missing_ray_python(args.ray_python))
     runs = {"beamlet": (args.beamlet_python, "beamlet", args.beamlet_init)}
     if not args.no_ray:
         runs["ray"] = (args.ray_python, "ray", args.ray_init)
@@ -314,7 +261,7 @@ def main(argv=None):
     reports = {f: [] for f in frameworks}
     t0 = time.perf_counter()
     if args.wait_idle > 0:
-        wait_for_quiet(args.wait_idle, log)
+        cb.wait_for_quiet(args.wait_idle, log)
     limits = cb.machine_limits()
     log(f"machine limits: {json.dumps({k: round(v, 3) for k, v in limits.items() if k != 'note'})}")
     for rnd in range(args.rounds):
@@ -325,7 +272,7 @@ def main(argv=None):
             order.append("dask")
         for f in order:
             if args.wait_idle > 0:
-                wait_for_quiet(args.wait_idle, log)
+                cb.wait_for_quiet(args.wait_idle, log)
             python, module, init = runs[f]
             reports[f].append(run_core_bench(f"{f} round {rnd + 1}/{args.rounds}", python,
                                              module, init, args, log))
@@ -344,7 +291,7 @@ def main(argv=None):
                     "numpy_ray_python": ray_machine.get("numpy"),
                     "python_ray": ray_machine.get("python"),
                     "beamlet": versions.get("beamlet"), "ray": versions.get("ray"),
-                    "dask_distributed": versions.get("dask"), **git_info()})
+                    "dask_distributed": versions.get("dask"), **cb.git_info()})
     header, lines = build_table(frameworks, merged)
     title = (f"beamlet {args.beamlet_init} vs Ray {versions.get('ray')} {args.ray_init}"
              + (f" vs Dask {versions.get('dask')}" if "dask" in frameworks else "")
@@ -353,12 +300,12 @@ def main(argv=None):
     mline = (f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores, "
              f"{machine.get('memory_gb')} GB RAM, {machine.get('platform')}; Python "
              f"{machine.get('python')}, numpy {machine.get('numpy_beamlet_python')}")
-    text = format_text(header, lines)
+    text = cb.format_text(header, lines)
     ih, il = ray_vs_issue(merged)
     print(f"\n{title}\n{mline}\n\n{text}")
     if il:
         print(f"\nRay measured here vs the Ray medians stated in issue 3:\n"
-              f"{format_text(ih, il)}")
+              f"{cb.format_text(ih, il)}")
     notes = []
     for f in frameworks:
         for row, m in merged[f].items():
@@ -392,7 +339,7 @@ def main(argv=None):
                 f"GB/s (faulted), {limits['shm_cold_gbps']:.1f} GB/s (fresh)")
     print(f"\n{lim_line}")
     if ll:
-        print(format_text(lh, ll))
+        print(cb.format_text(lh, ll))
     if notes:
         print("\nNotes:\n" + "\n".join("  " + n for n in notes))
     print(f"\n(total {time.perf_counter() - t0:.0f} s)")
@@ -408,13 +355,13 @@ def main(argv=None):
         with open(target, "w") as f:
             json.dump(result, f, indent=1, default=str)
     with open(os.path.join(args.out_dir, "latest.md"), "w") as f:
-        f.write(f"{title}\n\n{mline}\n\n{format_markdown(header, lines)}\n")
+        f.write(f"{title}\n\n{mline}\n\n{cb.format_markdown(header, lines)}\n")
         if il:
             f.write(f"\nRay measured here vs the Ray medians stated in issue 3:\n\n"
-                    f"{format_markdown(ih, il)}\n")
+                    f"{cb.format_markdown(ih, il)}\n")
         f.write(f"\n{lim_line}\n")
         if ll:
-            f.write(f"\n{format_markdown(lh, ll)}\n")
+            f.write(f"\n{cb.format_markdown(lh, ll)}\n")
     print(f"wrote {path}, latest.json and latest.md", file=sys.stderr)
     return result
 

@@ -680,6 +680,64 @@ def shm_entries():
         return set()
 
 
+# --------------------------------------------------------------------------- the Ray venv
+# Ray and Dask are never dependencies of the project: they live in their own venv,
+# by default ../raybench-venv next to the checkout.
+REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+RAY_PYTHON_ENV = "BEAMLET_BENCH_PYTHON"
+RAY_VENV_HINT = "../raybench-venv/bin/python next to the checkout"
+RAY_PIP = "ray==2.60.0 dask distributed numpy cloudpickle psutil"
+
+
+RAY_VENV = os.path.join(os.path.dirname(REPO), "raybench-venv")
+
+
+def default_ray_python():
+    """The interpreter that has Ray (and Dask): ``$BEAMLET_BENCH_PYTHON`` if set, else
+    ``raybench-venv/bin/python`` in the directory that holds the checkout."""
+    return os.environ.get(RAY_PYTHON_ENV) or os.path.join(RAY_VENV, "bin", "python")
+
+
+def missing_ray_python(path):
+    """The message for a Ray interpreter that does not exist: how to create the venv."""
+    bindir = os.path.dirname(path)
+    venv = (os.path.dirname(bindir) if os.path.basename(bindir) == "bin"
+            else RAY_VENV)
+    return (f"{path} not found: create the venv with\n  python3 -m venv {venv} && "
+            f"{venv}/bin/pip install {RAY_PIP}\nor pass --ray-python (or set "
+            f"{RAY_PYTHON_ENV}), or --no-ray")
+
+
+def git_info():
+    """The checkout's commit, and whether beamlet/ has uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--", "beamlet"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return {"commit": head, "beamlet_dirty": bool(dirty)}
+    except Exception:
+        return {}
+
+
+def wait_for_quiet(max_wait, log, threshold=0.15, window=2.0):
+    """Waits (up to max_wait s) until other programs use < threshold of the CPUs over a
+    window: on a small machine a concurrent test run skews every figure."""
+    t0 = time.time()
+    while True:
+        probe = ForeignLoad()
+        time.sleep(window)
+        share = probe.result()["other_cpu_share"]
+        if share < threshold:
+            return share
+        if time.time() - t0 > max_wait:
+            log(f"    machine still busy ({share:.0%} of CPU used by other programs) after "
+                f"{max_wait:.0f} s; running anyway")
+            return share
+        log(f"    waiting for the machine to go quiet ({share:.0%} of CPU used by other "
+            f"programs)")
+
+
 # --------------------------------------------------------------------------- module loading
 def load_module(name):
     if name == "dask":
@@ -820,6 +878,42 @@ def machine_limits(big_mb=100, rtt_n=5000):
     return out
 
 
+# --------------------------------------------------------------------------- fresh child processes
+# A child run by run_subprocess tells its phase and its result on stdout with these marks.
+PHASE_MARK, RESULT_MARK = "@@PHASE@@", "@@PROBE@@"
+
+
+def report_phase(name):
+    """In a child process: tells run_subprocess which phase it is in (for phase timeouts
+    and for the log when it hangs)."""
+    sys.stdout.write(f"{PHASE_MARK} {name}\n")
+    sys.stdout.flush()
+
+
+def report_result(result):
+    """In a child process: hands its JSON-able result to run_subprocess."""
+    sys.stdout.write("\n" + RESULT_MARK + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def shutdown_checked(ray, grace=5.0):
+    """In a child process that is a subreaper: ``ray.shutdown()``, then kills whatever it
+    started that is still alive ``grace`` seconds later. Returns (seconds shutdown()
+    took, [(pid, cmdline)] left behind)."""
+    report_phase("shutdown")
+    t = time.perf_counter()
+    ray.shutdown()
+    took = time.perf_counter() - t
+    report_phase("after shutdown")
+    me = os.getpid()
+    left = lingering(me, grace=grace, benign=BENIGN)
+    if left:
+        kill_tree(me, include_root=False)
+        time.sleep(0.2)
+        reap_orphans()
+    return took, left
+
+
 # --------------------------------------------------------------------------- probe (cold start + memory)
 def probe_main(args):
     """Runs in a fresh interpreter: cold import + init + first result, then idle memory."""
@@ -828,18 +922,14 @@ def probe_main(args):
     # Dump every thread's stack shortly before the orchestrator would kill us.
     faulthandler.dump_traceback_later(max(1.0, P["probe_timeout"] - 3), exit=False)
 
-    def phase(name):
-        sys.stdout.write(f"@@PHASE@@ {name}\n")
-        sys.stdout.flush()
-
-    phase("import")
+    report_phase("import")
     t0 = time.perf_counter()
     ray = load_module(args.module)
     t1 = time.perf_counter()
-    phase("init")
+    report_phase("init")
     ray.init(**json.loads(args.init))
     t2 = time.perf_counter()
-    phase("first task")
+    report_phase("first task")
 
     @ray.remote
     def one():
@@ -847,7 +937,7 @@ def probe_main(args):
 
     assert ray.get(one.remote()) == 1
     t3 = time.perf_counter()
-    phase("warm-up")
+    report_phase("warm-up")
     # warm-up: a few rounds of tasks and a put/get, then let it settle
     for _ in range(2):
         ray.get([one.remote() for _ in range(P["warmup_tasks"])])
@@ -858,25 +948,14 @@ def probe_main(args):
     pss, rss, procs = memory_of(pids)
     refs = shm_refs(pids)
     markers = session_markers(pids[1:])
-    phase("shutdown")
-    t4 = time.perf_counter()
-    ray.shutdown()
-    t5 = time.perf_counter()
-    phase("after shutdown")
-    # Anything still alive a few seconds after shutdown() is a leftover.
-    left = lingering(me, grace=5.0, benign=BENIGN)
-    if left:
-        kill_tree(me, include_root=False)
-        time.sleep(0.2)
-        reap_orphans()
+    shutdown_s, left = shutdown_checked(ray)
     result = {"version": _version_of(ray), "import_s": t1 - t0, "init_s": t2 - t1,
               "init_to_first_result_s": t3 - t1,
-              "first_task_s": t3 - t2, "shutdown_s": t5 - t4, "pss_mb": pss, "rss_mb": rss,
+              "first_task_s": t3 - t2, "shutdown_s": shutdown_s, "pss_mb": pss, "rss_mb": rss,
               "nprocs": len(procs), "procs": procs,
               "leftover_after_shutdown": [f"{p} {n}" for p, n in left],
               "shm_refs": sorted(refs), "markers": sorted(markers)}
-    sys.stdout.write("\n@@PROBE@@" + json.dumps(result) + "\n")
-    sys.stdout.flush()
+    report_result(result)
 
 
 def run_probes(args, P, log, versions, shm_seen, markers_seen):
@@ -921,37 +1000,65 @@ def run_probes(args, P, log, versions, shm_seen, markers_seen):
     return out
 
 
-def run_subprocess(cmd, timeout, log):
-    """Run a probe; returns (parsed result, None) or (None, 'timeout'|'error: ...')."""
-    with tempfile.TemporaryFile("w+") as outf:
+def run_subprocess(cmd, timeout, log, phase_timeouts=None, on_phase=None, env=None,
+                   what="probe"):
+    """Runs ``cmd``, a child that speaks ``report_phase``/``report_result`` (its output
+    goes to a temporary file, polled every 50 ms).
+
+    ``timeout`` bounds the whole child; ``phase_timeouts`` ({phase: seconds}) bounds
+    single phases. Past either, the child's whole tree is frozen and killed and its
+    output's tail logged. ``on_phase(name, pid)`` is called from this thread with
+    ``"start-up"`` once the child is started, then with each phase it reports.
+    Returns (the child's result, None) or (None, ``"timeout (in <phase>)"`` or
+    ``"error: ..."``)."""
+    phase_timeouts = phase_timeouts or {}
+    with tempfile.TemporaryFile("w+b") as outf:
         proc = subprocess.Popen(cmd, stdout=outf, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, env=env)
+        t0 = phase_t0 = time.perf_counter()
+        phase, pos, buf = "start-up", 0, b""
         try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            kill_tree(proc.pid)
-            proc.wait()
-            reap_orphans()
-            outf.seek(0)
-            text = outf.read()
-            phases = [ln.split(" ", 1)[1] for ln in text.splitlines()
-                      if ln.startswith("@@PHASE@@")]
-            where = phases[-1] if phases else "start-up"
-            log(f"  probe timed out after {timeout:.0f} s in {where}; its output ends with:\n"
-                + _indent(_tail(text, 40)))
-            return None, f"timeout (in {where})"
+            if on_phase:
+                on_phase(phase, proc.pid)
+            while True:
+                try:
+                    proc.wait(0.05)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                chunk = os.pread(outf.fileno(), 1 << 20, pos)
+                pos += len(chunk)
+                *lines, buf = (buf + chunk).split(b"\n")
+                for line in lines:
+                    if line.startswith(PHASE_MARK.encode()):
+                        phase = line.decode(errors="replace").split(" ", 1)[1]
+                        phase_t0 = time.perf_counter()
+                        if on_phase:
+                            on_phase(phase, proc.pid)
+                now = time.perf_counter()
+                limit = phase_timeouts.get(phase)
+                if now - t0 > timeout or (limit is not None and now - phase_t0 > limit):
+                    spent = now - t0 if now - t0 > timeout else now - phase_t0
+                    kill_tree(proc.pid)
+                    proc.wait()
+                    reap_orphans()
+                    outf.seek(0)
+                    text = outf.read().decode(errors="replace")
+                    log(f"  {what} timed out after {spent:.0f} s in {phase}; its output ends "
+                        f"with:\n" + _indent(_tail(text, 40)))
+                    return None, f"timeout (in {phase})"
         except BaseException:       # Ctrl-C: leave nothing behind
             kill_tree(proc.pid)
             proc.wait()
             raise
         reap_orphans()
         outf.seek(0)
-        text = outf.read()
+        text = outf.read().decode(errors="replace")
     for line in text.splitlines():
-        if line.startswith("@@PROBE@@"):
-            return json.loads(line[len("@@PROBE@@"):]), None
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK):]), None
     tail = "\n".join(text.splitlines()[-15:])
-    log(f"  probe failed (rc {proc.returncode}):\n{tail}")
+    log(f"  {what} failed (rc {proc.returncode}):\n{tail}")
     return None, f"error: rc {proc.returncode}"
 
 
@@ -1185,6 +1292,27 @@ def print_table(results, title, out=sys.stdout):
     print("-" * (w0 + w1 + w2 + 30), file=out)
     for name, c, unit, spread in rows:
         print(f"{name:<{w0}}  {c:>{w1}}  {unit:<{w2}}  {spread}", file=out)
+
+
+def format_text(header, lines):
+    """A plain-text table: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    out = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w)
+                     in enumerate(zip(header, widths)))]
+    out.append("-" * (sum(widths) + 2 * (len(widths) - 1)))
+    for line in lines:
+        out.append("  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w)
+                             for i, (x, w) in enumerate(zip(line, widths))))
+    return "\n".join(out)
+
+
+def format_markdown(header, lines):
+    """The same table in Markdown."""
+    out = ["| " + " | ".join(header) + " |",
+           "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for line in lines:
+        out.append("| " + " | ".join(str(x) for x in line) + " |")
+    return "\n".join(out)
 
 
 def _spread(r):
