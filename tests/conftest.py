@@ -1,9 +1,9 @@
 """Shared fixtures: the semantic suite is written once and runs on every backend.
 
 ``backend`` starts ``beamlet.init(backend=<name>, num_cpus=2)`` for each name in
-``BACKENDS`` and always shuts it down afterwards; a backend whose module is
-not installed yet is skipped, not failed. Tests that only make sense with a
-capability (tasks running at the same time, in other processes, zero-copy
+``BACKENDS`` and always shuts it down afterwards; a listed backend that cannot
+be found fails its tests (with the reason), never skips them. Tests that only
+make sense with a capability (tasks running at the same time, in other processes, zero-copy
 reads) skip themselves with ``backend.require("parallel")``, which reads the
 backend's own capability flags rather than its name. ``start_backend`` and
 ``inprocess`` are for tests that need one backend or special init options.
@@ -88,11 +88,11 @@ def _reset() -> None:
 
 @pytest.fixture(params=_backend_params())
 def backend_name(request, monkeypatch):
-    """The name of a backend to test, without starting it; skips unavailable ones.
+    """The name of a backend to test, without starting it; fails for unavailable ones.
     ``BEAMLET_BACKEND`` is removed from the environment so that only the test decides."""
     reason = backend_missing(request.param)
     if reason:
-        pytest.skip(reason)
+        pytest.fail(reason)
     monkeypatch.delenv("BEAMLET_BACKEND", raising=False)
     _reset()
     try:
@@ -126,13 +126,13 @@ def no_backend(monkeypatch):
 @pytest.fixture
 def start_backend(no_backend):
     """For tests that need one particular backend, or special init options:
-    ``start_backend("inprocess", resources={...})`` starts it (skipping the test
+    ``start_backend("inprocess", resources={...})`` starts it (failing the test
     if it is unavailable); it is shut down after the test."""
 
     def start(name: str, **options) -> BackendInfo:
         reason = backend_missing(name)
         if reason:
-            pytest.skip(reason)
+            pytest.fail(reason)
         options.setdefault("num_cpus", NUM_CPUS)
         beamlet.init(backend=name, **options)
         return BackendInfo.current()
@@ -147,10 +147,19 @@ def inprocess(start_backend) -> BackendInfo:
 
 
 def seed_dir() -> str:
-    """The seed programs: ``../shared/seed`` next to the repo, else ``/work/shared/seed``."""
+    """The seed programs: ``shared/seed`` beside the repo's checkout."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    here = os.path.join(os.path.dirname(repo), "shared", "seed")
-    return here if os.path.isdir(here) else "/work/shared/seed"
+    return os.path.join(os.path.dirname(repo), "shared", "seed")
+
+
+def seed_program(name: str) -> str:
+    """The path of seed program `name` (e.g. ``"nested"``); fails the test, with
+    where it looked, when it is missing: the seed programs must run."""
+    path = os.path.join(seed_dir(), name + ".py")
+    if not os.path.isfile(path):
+        pytest.fail(f"seed program {name}.py not found at {path}: the checkout must have "
+                    f"shared/seed/ beside it")
+    return path
 
 
 @pytest.fixture

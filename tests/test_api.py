@@ -1,5 +1,5 @@
 """The semantic suite: Ray's programming model as beamlet promises it
-(/work/shared/SEMANTICS.md and issue 2), run on every backend by the ``backend``
+(shared/SEMANTICS.md beside the checkout and issue 2), run on every backend by the ``backend``
 fixture. Tests that need tasks to overlap, to run in other processes or to
 read shared memory skip themselves through the backend's capability flags.
 

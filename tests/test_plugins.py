@@ -25,7 +25,7 @@ import pytest
 import beamlet
 from beamlet.core import plugins
 from beamlet.core.plugins import hookimpl
-from conftest import BackendInfo
+from conftest import BackendInfo, seed_program
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -33,14 +33,6 @@ PLUGIN_SOURCE = HERE / "data" / "beamlet_threads.py"
 SUBPROCESS_TIMEOUT = 90  # below pytest-timeout's 120 s, so a hang fails with output
 
 
-def _seed_dir() -> Path | None:
-    for candidate in (REPO.parent / "shared" / "seed", Path("/work/shared/seed")):
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
-SEED_DIR = _seed_dir()
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +107,7 @@ SEED_PROGRAMS = ["dynamic_graph", "nested", "parameter_server", "simulator"]
 
 @pytest.mark.parametrize("program", SEED_PROGRAMS)
 def test_seed_program_runs_unchanged_on_plugin_backend(program, plugin_dir, tmp_path):
-    if SEED_DIR is None:
-        pytest.skip("the seed programs (../shared/seed) are not next to this checkout")
-    if program == "simulator":
-        pytest.importorskip("gymnasium")
-    proc = run_python([str(SEED_DIR / f"{program}.py")], plugin_dir, tmp_path)
+    proc = run_python([seed_program(program)], plugin_dir, tmp_path)
     assert proc.returncode == 0, _explain(proc)
     assert f"{program} ok" in proc.stdout, _explain(proc)
 

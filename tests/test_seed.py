@@ -13,25 +13,14 @@ import sys
 
 import pytest
 
-from conftest import BACKENDS, backend_missing, seed_dir
+from conftest import BACKENDS, backend_missing, seed_program
 
 SEED_PROGRAMS = ["dynamic_graph", "nested", "parameter_server", "simulator", "tune_seed"]
 TIMEOUT = 100  # seconds per program; under pytest's own 120 s limit
 
 
-def _tune_missing() -> str | None:
-    try:
-        tune = importlib.import_module("beamlet.tune")
-    except ImportError as err:
-        return f"beamlet.tune is not importable yet ({err})"
-    for name in ("register_trainable", "grid_search", "run_experiments"):
-        if not hasattr(tune, name):
-            return f"beamlet.tune has no {name} yet"
-    return None
-
-
 def _run(program: str, backend: str, cwd) -> subprocess.CompletedProcess:
-    path = os.path.join(seed_dir(), program + ".py")
+    path = seed_program(program)
     env = dict(os.environ, BEAMLET_BACKEND=backend, PYTHONUNBUFFERED="1")
     try:
         return subprocess.run([sys.executable, path], cwd=cwd, env=env, capture_output=True,
@@ -48,15 +37,8 @@ def test_seed_program(program, backend_under_test, tmp_path):
     backend = backend_under_test
     reason = backend_missing(backend)
     if reason:
-        pytest.skip(reason)
-    if not os.path.exists(os.path.join(seed_dir(), program + ".py")):
-        pytest.skip(f"{program}.py is not in {seed_dir()}")
-    if program == "tune_seed":
-        reason = _tune_missing()
-        if reason:
-            pytest.skip(reason)
-    if program == "simulator":
-        pytest.importorskip("gymnasium")
+        pytest.fail(reason)
+    seed_program(program)  # fails, saying where it looked, if the seed is missing
     proc = _run(program, backend, tmp_path)
     report = f"exit code {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert proc.returncode == 0, report

@@ -16,6 +16,8 @@ import cloudpickle
 import numpy as np
 import pytest
 
+from conftest import seed_program
+
 import beamlet
 from beamlet import tune
 from beamlet.contrib.tune import plugins as tune_plugins
@@ -27,7 +29,6 @@ from beamlet.tune import grid_search, register_trainable, run_experiments
 # may not have tests/ on their path: pickle this module's functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-SEED_SCRIPT = "/work/shared/seed/tune_seed.py"
 HAS_LOCAL = importlib.util.find_spec("beamlet.backends.local.driver") is not None
 BACKENDS = ["inprocess",
             pytest.param("local", marks=pytest.mark.skipif(
@@ -712,7 +713,7 @@ def test_ctrl_c_stops_the_run_cleanly(which, tmp_path):
 
 def test_seed_program_runs_unchanged(tmp_path):
     env = dict(os.environ, BEAMLET_BACKEND="inprocess", HOME=str(tmp_path))
-    proc = subprocess.run([sys.executable, SEED_SCRIPT], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, seed_program("tune_seed")], env=env, capture_output=True,
                           text=True, timeout=100)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "tune_seed ok 6 trials" in proc.stdout
