@@ -90,14 +90,21 @@ def segment_bytes(session: str) -> int:
     return total
 
 
+def lock_file(session: str) -> str:
+    """The lock file that marks a local-backend session as alive while locked."""
+    return os.path.join(SHM_DIR, f"beamlet-{session}.lock")
+
+
 def footprint(backend) -> dict:
     """What a LocalBackend made, to check later that all of it is gone:
-    its session, temp dir, and zygote and worker processes (as proc_ids)."""
+    its session, temp dir, lock file, and zygote and worker processes (as
+    proc_ids; "zygote" is the zygote's)."""
     zygote = backend.launcher.proc.pid
     pids = {zygote}
     pids.update(w.pid for w in list(backend.scheduler.workers.values()) if w.pid)
     pids.update(children_of(zygote))  # also workers still starting
     return {"session": backend.session, "temp_dir": backend.temp_dir,
+            "lock": lock_file(backend.session), "zygote": proc_id(zygote),
             "procs": [proc_id(p) for p in sorted(pids)]}
 
 
@@ -107,6 +114,8 @@ def leftovers(fp: dict) -> list[str]:
     out += [f"segment {name} exists" for name in segments(fp["session"])]
     if os.path.exists(fp["temp_dir"]):
         out.append(f"temp dir {fp['temp_dir']} exists")
+    if os.path.exists(fp["lock"]):
+        out.append(f"lock file {fp['lock']} exists")
     return out
 
 
@@ -237,7 +246,7 @@ class Driver:
     def footprint(self, timeout: float = 60.0) -> dict:
         """The footprint the driver printed (see PRINT_FOOTPRINT)."""
         info = json.loads(self.wait_line("FOOTPRINT ", timeout))
-        return dict(info, procs=[tuple(p) for p in info["procs"]])
+        return dict(info, procs=[tuple(p) for p in info["procs"]], zygote=tuple(info["zygote"]))
 
     def finish(self, timeout: float) -> int:
         """Wait for the driver to exit (killing it after `timeout`); its return code."""
