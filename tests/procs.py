@@ -1,7 +1,7 @@
 """Helpers for tests that look at real processes, shared memory and files.
 
-The only signal sent from here is `Driver.kill()`, to a driver subprocess the
-test itself started; tests signal nothing else but pids the backend reports as
+The only signals sent from here are `Driver.kill()` and `Driver.stop()`, to a
+driver subprocess the test itself started; tests signal nothing else but pids the backend reports as
 its own. Everything polls with a deadline instead of
 sleeping a fixed time, so a leak fails with a clear message rather than a hang.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -81,13 +82,16 @@ def segments(session: str) -> list[str]:
 
 
 def segment_bytes(session: str) -> int:
-    total = 0
+    """Bytes of the session's segment files (a file seen under two names while
+    it is being renamed counts once)."""
+    sizes = {}
     for name in segments(session):
         try:
-            total += os.stat(os.path.join(SHM_DIR, name)).st_size
+            st = os.stat(os.path.join(SHM_DIR, name))
         except FileNotFoundError:
-            pass
-    return total
+            continue
+        sizes[st.st_ino] = st.st_size
+    return sum(sizes.values())
 
 
 def lock_file(session: str) -> str:
@@ -259,6 +263,11 @@ class Driver:
         for t in self._readers:
             t.join(10)
         return self.proc.returncode
+
+    def stop(self) -> None:
+        """SIGSTOP the driver (our own child): it runs no more until killed."""
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGSTOP)
 
     def kill(self) -> None:
         """SIGKILL the driver (our own child) if it still runs, and reap it."""

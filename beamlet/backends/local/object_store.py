@@ -91,6 +91,7 @@ class LocalObjectStore(MemoryObjectStore):
                 shm.discard(seg)
                 raise
             self._mappings[seg.name] = seg
+            self.shm_bytes += seg.size  # (counted before it is stored: see _stored)
             self.put_entry(object_id, ShmEntry(seg.name, seg.size, value.is_error, value.refs))
 
     def _check_size(self, size: int) -> None:
@@ -191,13 +192,13 @@ class LocalObjectStore(MemoryObjectStore):
             shm.discard(seg)
         else:
             shm.unlink(name)
+        self._space_changed.notify_all()
 
     def _retry_allocations(self) -> None:
         """Grant (or fail) waiting allocations now that room may have been made.
         Not under the space lock (answers go out after it is released)."""
         answers = []
         with self._space:
-            self._space_changed.notify_all()
             while self._alloc_waiting:
                 writer, sizes, answer = self._alloc_waiting[0]
                 try:
@@ -243,8 +244,9 @@ class LocalObjectStore(MemoryObjectStore):
         self._retry_allocations()
 
     def _seal(self, entry: ShmEntry, writer: str | None):
-        """The stored form of a worker's ShmEntry: its segment must be one given to
-        that writer; otherwise an error entry (the file is left alone)."""
+        """The stored form of a worker's ShmEntry, its bytes now counted as stored:
+        its segment must be one given to that writer; otherwise an error entry
+        (the file is left alone)."""
         with self._space:
             record = self._unsealed.get(entry.name)
             if record is None or record[0] != writer:
@@ -258,8 +260,10 @@ class LocalObjectStore(MemoryObjectStore):
                 del self._unsealed_by[writer]
             _, size, seg = record
             self.unsealed_bytes -= size
+            self.shm_bytes += size
             if seg is not None:
                 self._mappings[entry.name] = seg
+            self._space_changed.notify_all()
             return ShmEntry(entry.name, size, entry.is_error, entry.refs)
 
     def put_from_worker(self, object_id: bytes, entry, owner: str | None,
@@ -277,8 +281,9 @@ class LocalObjectStore(MemoryObjectStore):
             self._retry_allocations()
 
     def _stored(self, object_id: bytes, entry) -> None:
+        # Its bytes were counted under the space lock before (put, _seal): this runs
+        # under the store's condition lock, which must not take the space lock.
         if isinstance(entry, ShmEntry):
-            self.shm_bytes += entry.size
             self._lru[object_id] = entry
 
     # -- reading --------------------------------------------------------------
@@ -368,6 +373,7 @@ class LocalObjectStore(MemoryObjectStore):
                     if seg is not None:
                         seg.close()
                     shm.unlink(entry.name)
+            self._space_changed.notify_all()
         if self._alloc_waiting:
             self._retry_allocations()
 
@@ -377,10 +383,14 @@ class LocalObjectStore(MemoryObjectStore):
         if isinstance(entry, ShmEntry):
             # Nobody can have mapped it: no ref to this copy ever reached anyone.
             with self._space:
+                self.shm_bytes -= entry.size  # (counted before put_entry)
                 seg = self._mappings.pop(entry.name, None)
-            if seg is not None:
-                seg.close()
-            shm.unlink(entry.name)
+                if seg is not None:
+                    seg.close()
+                shm.unlink(entry.name)
+                self._space_changed.notify_all()
+            if self._alloc_waiting:
+                self._retry_allocations()
 
     def objects_owned_by(self, owner: str) -> list[bytes]:
         """Live objects that worker `owner` put (they die with it, as in Ray)."""
