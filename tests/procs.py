@@ -1,7 +1,7 @@
 """Helpers for tests that look at real processes, shared memory and files.
 
-The only signal sent from here is `Driver.kill()`, to a driver subprocess the
-test itself started; tests signal nothing else but pids the backend reports as
+The only signals sent from here are `Driver.kill()` and `Driver.stop()`, to a
+driver subprocess the test itself started; tests signal nothing else but pids the backend reports as
 its own. Everything polls with a deadline instead of
 sleeping a fixed time, so a leak fails with a clear message rather than a hang.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -81,23 +82,33 @@ def segments(session: str) -> list[str]:
 
 
 def segment_bytes(session: str) -> int:
-    total = 0
+    """Bytes of the session's segment files (a file seen under two names while
+    it is being renamed counts once)."""
+    sizes = {}
     for name in segments(session):
         try:
-            total += os.stat(os.path.join(SHM_DIR, name)).st_size
+            st = os.stat(os.path.join(SHM_DIR, name))
         except FileNotFoundError:
-            pass
-    return total
+            continue
+        sizes[st.st_ino] = st.st_size
+    return sum(sizes.values())
+
+
+def lock_file(session: str) -> str:
+    """The lock file that marks a local-backend session as alive while locked."""
+    return os.path.join(SHM_DIR, f"beamlet-{session}.lock")
 
 
 def footprint(backend) -> dict:
     """What a LocalBackend made, to check later that all of it is gone:
-    its session, temp dir, and zygote and worker processes (as proc_ids)."""
+    its session, temp dir, lock file, and zygote and worker processes (as
+    proc_ids; "zygote" is the zygote's)."""
     zygote = backend.launcher.proc.pid
     pids = {zygote}
     pids.update(w.pid for w in list(backend.scheduler.workers.values()) if w.pid)
     pids.update(children_of(zygote))  # also workers still starting
     return {"session": backend.session, "temp_dir": backend.temp_dir,
+            "lock": lock_file(backend.session), "zygote": proc_id(zygote),
             "procs": [proc_id(p) for p in sorted(pids)]}
 
 
@@ -107,6 +118,8 @@ def leftovers(fp: dict) -> list[str]:
     out += [f"segment {name} exists" for name in segments(fp["session"])]
     if os.path.exists(fp["temp_dir"]):
         out.append(f"temp dir {fp['temp_dir']} exists")
+    if os.path.exists(fp["lock"]):
+        out.append(f"lock file {fp['lock']} exists")
     return out
 
 
@@ -237,7 +250,7 @@ class Driver:
     def footprint(self, timeout: float = 60.0) -> dict:
         """The footprint the driver printed (see PRINT_FOOTPRINT)."""
         info = json.loads(self.wait_line("FOOTPRINT ", timeout))
-        return dict(info, procs=[tuple(p) for p in info["procs"]])
+        return dict(info, procs=[tuple(p) for p in info["procs"]], zygote=tuple(info["zygote"]))
 
     def finish(self, timeout: float) -> int:
         """Wait for the driver to exit (killing it after `timeout`); its return code."""
@@ -250,6 +263,11 @@ class Driver:
         for t in self._readers:
             t.join(10)
         return self.proc.returncode
+
+    def stop(self) -> None:
+        """SIGSTOP the driver (our own child): it runs no more until killed."""
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGSTOP)
 
     def kill(self) -> None:
         """SIGKILL the driver (our own child) if it still runs, and reap it."""

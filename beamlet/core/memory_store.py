@@ -165,17 +165,19 @@ class MemoryObjectStore(ObjectStore):
 
     def put_entry(self, object_id: bytes, value) -> None:
         """Store an entry: a SerializedObject here; subclasses may store other
-        kinds with ``refs`` and ``is_error`` attributes."""
+        kinds with ``refs`` and ``is_error`` attributes. A second value for a
+        stored id is not stored (the first stays): it goes to `_discarded`."""
         with self._cond:
             if object_id in self._objects:
-                return
-            discard = object_id in self._deleted
-            if discard:
-                self._deleted.discard(object_id)
+                discard, due = True, ()  # (its waiters were woken by the first)
             else:
-                self._objects[object_id] = value
-                self._stored(object_id, value)
-            due = self._arrived(object_id)
+                discard = object_id in self._deleted
+                if discard:
+                    self._deleted.discard(object_id)
+                else:
+                    self._objects[object_id] = value
+                    self._stored(object_id, value)
+                due = self._arrived(object_id)
         if discard:
             self._discarded(object_id, value)
         elif value.refs and self._refs is not None:

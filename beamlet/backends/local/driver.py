@@ -16,7 +16,6 @@ import selectors
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -30,6 +29,7 @@ from . import protocol as P
 from . import shm
 from .object_store import LocalObjectStore
 from .scheduler import LocalScheduler, WorkerInfo
+from .session import SessionLock, sweep
 from .transport import SocketConnection, UnixSocketTransport
 
 DEFAULT_STORE_FRACTION = 0.3
@@ -41,9 +41,12 @@ class WorkerLauncher:
     """Starts the zygote and asks it to fork workers; starts a new zygote if the
     one it had died (workers it forked live on: they belong to the driver)."""
 
-    def __init__(self, session: str, address: str, temp_dir: str):
+    def __init__(self, session: str, address: str, temp_dir: str, lock_fd: int):
+        # The zygote inherits the session's lock (see session.py), and holds it
+        # until it has cleaned up.
         self._argv = [sys.executable, "-m", "beamlet.backends.local.zygote", session, address,
-                      temp_dir]
+                      temp_dir, str(lock_fd)]
+        self._lock_fd = lock_fd
         env = dict(os.environ)
         # The zygote (and so every worker) imports what the driver can import.
         env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
@@ -58,7 +61,8 @@ class WorkerLauncher:
 
     def _spawn(self) -> None:
         self.proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE, env=self._env,
-                                     start_new_session=True, close_fds=True)
+                                     start_new_session=True, close_fds=True,
+                                     pass_fds=(self._lock_fd,))
 
     def relaunch_if_dead(self) -> bool:
         """Start a new zygote if the current one died; True if it did."""
@@ -146,10 +150,12 @@ class LocalBackend(Backend):
         self.control_store = open_control_store(config.get("control_store"))
         _raise_open_files_limit()
         self.runtime = runtime
-        self.session = os.urandom(5).hex()
+        sweep()  # what sessions that died without cleaning up left behind
+        self._session_lock = SessionLock()  # before any segment or file of the session
+        self.session = self._session_lock.session
         self.node_id = f"local-{self.session}"
         self.worker_id = f"driver-{os.getpid()}"
-        self.temp_dir = os.path.join(tempfile.gettempdir(), f"beamlet-{self.session}")
+        self.temp_dir = self._session_lock.temp_dir
         self.transport = UnixSocketTransport()
         self.listener = self.transport.listen(f"@beamlet-{self.session}")
         self.object_store = LocalObjectStore(runtime.refs, self.session, capacity,
@@ -158,7 +164,8 @@ class LocalBackend(Backend):
         cpus = max(1, math.ceil(pool.total()["CPU"]))
         max_workers = config.get("max_workers") or 4 * cpus
         self._keep_workers = cpus
-        self.launcher = WorkerLauncher(self.session, self.listener.address, self.temp_dir)
+        self.launcher = WorkerLauncher(self.session, self.listener.address, self.temp_dir,
+                                       self._session_lock.fd)
         self.scheduler = LocalScheduler(self, pool, max_workers)
         self._closed = False
         self._released: collections.deque[bytes] = collections.deque()
@@ -173,7 +180,7 @@ class LocalBackend(Backend):
 
     def _spill_dir(self) -> str:
         path = os.path.join(self.temp_dir, "spill")
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(path, mode=0o700, exist_ok=True)  # (inside the private temp dir)
         return path
 
     # -- the I/O thread -----------------------------------------------------------
@@ -213,6 +220,7 @@ class LocalBackend(Backend):
             conn.close()
             if worker is not None:
                 self._forget_worker(worker)
+                self.object_store.writer_died(worker.worker_id)
                 self.scheduler.worker_died(worker)
             return
         for message in messages:
@@ -246,6 +254,7 @@ class LocalBackend(Backend):
         tag = message[0]
         if tag == P.DONE:
             self.scheduler.task_done(worker, message[1], message[2], message[3])
+            self.object_store.drop_unreported(worker.worker_id, message[2])
         elif tag == P.REFS:
             self.scheduler.record_borrow(worker, message[1], message[2])
         elif tag == P.REQUEST:
@@ -257,7 +266,8 @@ class LocalBackend(Backend):
             except Exception as err:  # noqa: BLE001 - the submitter gets it from get()
                 self.scheduler._fail(spec, exc.TaskError.from_exception(err, spec.display_name))
         elif tag == P.PUT:
-            self.object_store.put_from_worker(message[1], message[2], worker.worker_id)
+            self.object_store.put_from_worker(message[1], message[2], worker.worker_id,
+                                              worker.worker_id)
         elif tag == P.CANCEL:
             try:
                 self.scheduler.cancel(message[1], message[2])
@@ -331,6 +341,17 @@ class LocalBackend(Backend):
             self._await(worker, req_id, blocking, ids, num_returns,
                         lambda: self._reply(worker, req_id, True,
                                             store.wait(ids, num_returns, 0)))
+        elif op == "alloc":
+            sizes = args[0]
+            if not isinstance(sizes, list) or not sizes or \
+                    not all(type(n) is int and n > 0 for n in sizes):
+                self._reply(worker, req_id, False, ValueError(f"bad segment sizes {sizes!r}"))
+                return
+            store.allocate(worker.worker_id, sizes,
+                           lambda ok, payload: self._reply(worker, req_id, ok, payload))
+        elif op == "abandon":
+            store.drop_unsealed(worker.worker_id, args[0])
+            self._reply(worker, req_id, True, None)
         elif op == "control":
             name, call_args = args
             try:
@@ -400,5 +421,6 @@ class LocalBackend(Backend):
         self.object_store.close()
         shm.remove_session_segments(self.session)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self._session_lock.release()
         os.close(self._wake_r)
         os.close(self._wake_w)

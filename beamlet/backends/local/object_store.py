@@ -7,6 +7,14 @@ warm segments that later puts reuse. When the segments would exceed
 ``capacity`` bytes, the least recently used objects spill to files on disk
 and come back on the next read; an object that cannot fit even then raises
 ``ObjectStoreFullError`` naming the sizes.
+
+Only the store creates segments, so ``capacity`` bounds what workers write
+too (as in plasma's create/seal): a worker asks for segments (`allocate`),
+which are *unsealed* (counted, not readable, not spillable) until it reports
+the object (`put_from_worker` seals them). A worker that dies leaves its
+unsealed segments to `writer_died`, which unlinks them. An allocation that
+does not fit while other writes are unsealed waits for them (they will seal
+or die); once none is, it fails with ``ObjectStoreFullError``.
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ import mmap
 import os
 import shutil
 import threading
+import time
 from typing import Callable
 
 from ... import exceptions as exc
@@ -23,6 +32,9 @@ from ...core.refcount import ReferenceCounter
 from ...core.serialization import SerializedObject, serialize
 from . import shm
 from .protocol import ShmEntry
+
+#: How long a driver's put waits for workers' unsealed writes to make room.
+PUT_WAIT = 60.0
 
 
 class LocalObjectStore(MemoryObjectStore):
@@ -36,11 +48,19 @@ class LocalObjectStore(MemoryObjectStore):
         self.inline_threshold = inline_threshold
         self._spill_dir = spill_dir
         self.pool = shm.SegmentPool(capacity // 4)
-        self._writers: dict[bytes, shm.Segment] = {}  # mappings of segments written here
+        self._mappings: dict[str, shm.Segment] = {}  # segment name -> our writable mapping
         self._lru: collections.OrderedDict[bytes, ShmEntry] = collections.OrderedDict()
         self._space = threading.RLock()
+        self._space_changed = threading.Condition(self._space)
         self.shm_bytes = 0
         self.spilled_bytes = 0
+        # Segments given to writers and not yet sealed: name -> (writer, size, our
+        # mapping if it came from the pool); by writer; and the allocations waiting
+        # for room as (writer, sizes, answer).
+        self._unsealed: dict[str, tuple[str, int, shm.Segment | None]] = {}
+        self._unsealed_by: dict[str, set[str]] = {}
+        self.unsealed_bytes = 0
+        self._alloc_waiting: collections.deque = collections.deque()
         #: Set by the backend: frees objects whose release is still queued. Never
         #: call it with the space lock held (it takes the scheduler's lock).
         self.reclaim: Callable[[], None] | None = None
@@ -53,41 +73,217 @@ class LocalObjectStore(MemoryObjectStore):
         if value.total_bytes <= self.inline_threshold:
             super().put(object_id, value)  # kept in memory, as a copy
             return
-        _, size, _ = shm.layout(value)
+        header, size, pieces = shm.layout(value)
         if self.reclaim is not None:
             # Free what was released a moment ago, so its segment can be reused (or
             # its room taken) by this put. Not under the space lock: freeing takes
             # the scheduler's lock, and the scheduler takes the space lock.
             self.reclaim()
         with self._space:
-            self._make_room(size)
-            seg = shm.write_object(shm.segment_name(self.session, object_id), value, self.pool)
-            self._writers[object_id] = seg
+            self._check_size(size)
+            seg = self.pool.take(self.session, size)
+            if seg is None:
+                self._wait_for_room(size)
+                seg = shm.create_segment(self.session, size)
+            try:
+                shm.write_into(memoryview(seg.mm), header, pieces)
+            except BaseException:
+                shm.discard(seg)
+                raise
+            self._mappings[seg.name] = seg
+            self.shm_bytes += seg.size  # (counted before it is stored: see _stored)
             self.put_entry(object_id, ShmEntry(seg.name, seg.size, value.is_error, value.refs))
 
-    def put_from_worker(self, object_id: bytes, entry, owner: str | None) -> None:
-        """Store an entry a worker produced (its segment already written)."""
-        if isinstance(entry, ShmEntry) and self.reclaim is not None:
-            self.reclaim()
-        if isinstance(entry, ShmEntry) and entry.size > self.capacity:
-            shm.unlink(entry.name)
-            entry = serialize(exc.ObjectStoreFullError(
-                f"an object of {entry.size} bytes cannot be stored: the object store holds "
-                f"at most {self.capacity} bytes (object_store_memory)"), is_error=True)
+    def _check_size(self, size: int) -> None:
+        if size > self.capacity:
+            raise exc.ObjectStoreFullError(
+                f"an object of {size} bytes cannot be stored: the object store holds at most "
+                f"{self.capacity} bytes (object_store_memory)")
+
+    def _wait_for_room(self, size: int) -> None:
+        """Make room for `size` bytes, waiting for unsealed writes if that is what
+        it takes. Called with the space lock held (waiting lets it go)."""
+        until = time.monotonic() + PUT_WAIT
+        while True:
+            try:
+                self._make_room(size)
+                return
+            except exc.ObjectStoreFullError:
+                left = until - time.monotonic()
+                if not self.unsealed_bytes or left <= 0:
+                    raise
+            self._space_changed.wait(left)
+
+    # -- writers in other processes ---------------------------------------------------
+    def allocate(self, writer: str, sizes: list[int], answer: Callable[[bool, object], None]) -> None:
+        """Give `writer` new segments of these sizes to fill, all or none:
+        ``answer(True, [(name, size), ...])`` (a size may be larger than asked),
+        or ``answer(False, ObjectStoreFullError)``. Answers at once, or later when
+        unsealed writes of others are sealed or their writers die."""
+        if self.reclaim is not None:
+            self.reclaim()  # (not under the space lock: see put)
+        with self._space:
+            if self._alloc_waiting:  # first come, first served
+                self._alloc_waiting.append((writer, sizes, answer))
+                return
+            try:
+                granted = self._try_allocate(writer, sizes)
+            except exc.BeamletError as err:
+                granted = err
+            if granted is None:
+                self._alloc_waiting.append((writer, sizes, answer))
+                return
+        if isinstance(granted, BaseException):
+            answer(False, granted)
+        else:
+            answer(True, granted)
+
+    def _try_allocate(self, writer: str, sizes: list[int]) -> list | None:
+        """Segments for `writer` (None: wait for unsealed writes). Under the space lock."""
+        total = sum(sizes)
+        if total > self.capacity:
+            what = f"an object of {total} bytes" if len(sizes) == 1 else \
+                f"{len(sizes)} objects of {total} bytes in all"
+            raise exc.ObjectStoreFullError(
+                f"{what} cannot be stored: the object store holds at most {self.capacity} "
+                f"bytes (object_store_memory)")
+        # Warm pooled segments first (they are counted already), then room for the rest.
+        pooled = [self.pool.take(self.session, size) for size in sizes]
+        try:
+            self._make_room(sum(size for size, seg in zip(sizes, pooled) if seg is None))
+        except exc.ObjectStoreFullError:
+            self._return_to_pool(pooled)
+            if self.unsealed_bytes:
+                return None
+            raise
+        granted = []
+        try:
+            for size, seg in zip(sizes, pooled):
+                if seg is None:
+                    name = shm.create_unmapped(self.session, size)
+                else:
+                    name, size = seg.name, seg.size
+                self._unsealed[name] = (writer, size, seg)
+                self._unsealed_by.setdefault(writer, set()).add(name)
+                self.unsealed_bytes += size
+                granted.append((name, size))
+        except BaseException:
+            for name, _ in granted:
+                self._drop_unsealed(name)
+            self._return_to_pool(pooled[len(granted):])
+            raise
+        return granted
+
+    def _return_to_pool(self, segments) -> None:
+        for seg in segments:
+            if seg is not None and not self.pool.give(seg):
+                shm.discard(seg)
+
+    def _drop_unsealed(self, name: str) -> None:
+        """Unlink an unsealed segment and stop counting it. Under the space lock."""
+        writer, size, seg = self._unsealed.pop(name)
+        names = self._unsealed_by.get(writer)
+        if names is not None:
+            names.discard(name)
+            if not names:
+                del self._unsealed_by[writer]
+        self.unsealed_bytes -= size
+        if seg is not None:
+            shm.discard(seg)
+        else:
+            shm.unlink(name)
+        self._space_changed.notify_all()
+
+    def _retry_allocations(self) -> None:
+        """Grant (or fail) waiting allocations now that room may have been made.
+        Not under the space lock (answers go out after it is released)."""
+        answers = []
+        with self._space:
+            while self._alloc_waiting:
+                writer, sizes, answer = self._alloc_waiting[0]
+                try:
+                    granted = self._try_allocate(writer, sizes)
+                except exc.BeamletError as err:
+                    granted = err
+                if granted is None:
+                    break
+                self._alloc_waiting.popleft()
+                answers.append((answer, granted))
+        for answer, granted in answers:
+            if isinstance(granted, BaseException):
+                answer(False, granted)
+            else:
+                answer(True, granted)
+
+    def drop_unsealed(self, writer: str, names) -> None:
+        """`writer` will not report these segments (it gave up, or its report
+        was not stored): unlink them."""
+        if not self._unsealed_by.get(writer):
+            return
+        with self._space:
+            mine = self._unsealed_by.get(writer, ())
+            for name in [n for n in names if n in mine]:
+                self._drop_unsealed(name)
+        self._retry_allocations()
+
+    def drop_unreported(self, writer: str, entries) -> None:
+        """After a worker's DONE was handled: its entries that were not stored
+        (e.g. a result dropped for a retry) still hold segments; unlink them."""
+        if self._unsealed_by.get(writer):
+            self.drop_unsealed(writer, [e.name for e in entries if isinstance(e, ShmEntry)])
+
+    def writer_died(self, writer: str) -> None:
+        """`writer` is gone: unlink what it was writing, forget what it asked for."""
+        if not self._unsealed_by.get(writer) and not self._alloc_waiting:
+            return
+        with self._space:
+            for name in list(self._unsealed_by.get(writer, ())):
+                self._drop_unsealed(name)
+            self._alloc_waiting = collections.deque(
+                w for w in self._alloc_waiting if w[0] != writer)
+        self._retry_allocations()
+
+    def _seal(self, entry: ShmEntry, writer: str | None):
+        """The stored form of a worker's ShmEntry, its bytes now counted as stored:
+        its segment must be one given to that writer; otherwise an error entry
+        (the file is left alone)."""
+        with self._space:
+            record = self._unsealed.get(entry.name)
+            if record is None or record[0] != writer:
+                return serialize(exc.ObjectLostError(
+                    f"a worker reported segment {entry.name!r}, which the object store "
+                    f"did not give it"), is_error=True)
+            del self._unsealed[entry.name]
+            names = self._unsealed_by[writer]
+            names.discard(entry.name)
+            if not names:
+                del self._unsealed_by[writer]
+            _, size, seg = record
+            self.unsealed_bytes -= size
+            self.shm_bytes += size
+            if seg is not None:
+                self._mappings[entry.name] = seg
+            self._space_changed.notify_all()
+            return ShmEntry(entry.name, size, entry.is_error, entry.refs)
+
+    def put_from_worker(self, object_id: bytes, entry, owner: str | None,
+                        writer: str | None = None) -> None:
+        """Store an entry that worker `writer` produced (a segment it was given
+        and has written, or an inline value); `owner`: the worker that put it."""
+        sealed = isinstance(entry, ShmEntry)
+        if sealed:
+            entry = self._seal(entry, writer)
         if owner is not None:
             self._owners[object_id] = owner
             self._owned.setdefault(owner, set()).add(object_id)
         self.put_entry(object_id, entry)
-        if isinstance(entry, ShmEntry):
-            with self._space:
-                try:
-                    self._make_room(0)
-                except exc.ObjectStoreFullError:
-                    pass  # over capacity with nothing to spill: the next put will say so
+        if sealed and self._alloc_waiting:
+            self._retry_allocations()
 
     def _stored(self, object_id: bytes, entry) -> None:
+        # Its bytes were counted under the space lock before (put, _seal): this runs
+        # under the store's condition lock, which must not take the space lock.
         if isinstance(entry, ShmEntry):
-            self.shm_bytes += entry.size
             self._lru[object_id] = entry
 
     # -- reading --------------------------------------------------------------
@@ -131,8 +327,16 @@ class LocalObjectStore(MemoryObjectStore):
                     self._pins.pop(object_id, None)
 
     def materialize_entry(self, object_id: bytes, entry) -> SerializedObject:
-        """The SerializedObject of an entry that may not be (or not be the one) stored."""
-        return self._materialize(object_id, entry)
+        """The SerializedObject of an entry a worker reported, before it is stored
+        (it may never be: a second result for an id keeps the first). Raises
+        ObjectLostError for a segment the store did not give out."""
+        if not isinstance(entry, ShmEntry) or self._objects.get(object_id) is entry:
+            return self._materialize(object_id, entry)
+        with self._space:
+            if entry.name not in self._unsealed:
+                raise exc.ObjectLostError(f"segment {entry.name!r} was not given out by "
+                                          f"the object store")
+        return shm.read_object(entry.name)
 
     def wire_entry(self, object_id: bytes):
         """The entry to send to a worker (restored from disk first if spilled), or None."""
@@ -160,20 +364,33 @@ class LocalObjectStore(MemoryObjectStore):
             if entry.spilled:
                 self.spilled_bytes -= entry.size
                 _remove(entry.spilled)
-                return
-            self.shm_bytes -= entry.size
-            seg = self._writers.pop(object_id, None)
-            if seg is None and reuse:
-                seg = _map_for_reuse(entry)
-            if seg is None or not reuse or not self.pool.give(seg):
+            else:
+                self.shm_bytes -= entry.size
+                seg = self._mappings.pop(entry.name, None)
+                if seg is None and reuse:
+                    seg = _map_for_reuse(entry)
+                if seg is None or not reuse or not self.pool.give(seg):
+                    if seg is not None:
+                        seg.close()
+                    shm.unlink(entry.name)
+            self._space_changed.notify_all()
+        if self._alloc_waiting:
+            self._retry_allocations()
+
+    def _discarded(self, object_id: bytes, entry) -> None:
+        if object_id not in self._objects:  # (not a second copy of a stored object)
+            self._forget_owner(object_id)
+        if isinstance(entry, ShmEntry):
+            # Nobody can have mapped it: no ref to this copy ever reached anyone.
+            with self._space:
+                self.shm_bytes -= entry.size  # (counted before put_entry)
+                seg = self._mappings.pop(entry.name, None)
                 if seg is not None:
                     seg.close()
                 shm.unlink(entry.name)
-
-    def _discarded(self, object_id: bytes, entry) -> None:
-        self._forget_owner(object_id)
-        if isinstance(entry, ShmEntry):
-            shm.unlink(entry.name)  # nobody can have mapped it: no ref ever reached anyone
+                self._space_changed.notify_all()
+            if self._alloc_waiting:
+                self._retry_allocations()
 
     def objects_owned_by(self, owner: str) -> list[bytes]:
         """Live objects that worker `owner` put (they die with it, as in Ray)."""
@@ -199,7 +416,7 @@ class LocalObjectStore(MemoryObjectStore):
     def _make_room(self, size: int) -> None:
         """Trim the pool, then spill least recently used objects, until `size`
         more bytes fit. Called with the space lock held."""
-        excess = self.shm_bytes + self.pool.bytes + size - self.capacity
+        excess = self.shm_bytes + self.pool.bytes + self.unsealed_bytes + size - self.capacity
         if excess <= 0:
             return
         excess -= self.pool.trim(excess)
@@ -218,12 +435,12 @@ class LocalObjectStore(MemoryObjectStore):
             raise exc.ObjectStoreFullError(
                 f"cannot store an object of {size} bytes: the object store holds "
                 f"{self.shm_bytes} bytes of {self.capacity} (object_store_memory) in objects "
-                f"that cannot be spilled")
+                f"that cannot be spilled, and {self.unsealed_bytes} bytes are being written")
 
     def _spill(self, object_id: bytes, entry: ShmEntry) -> None:
         path = os.path.join(self._spill_dir(), entry.name)
         shutil.copyfile(shm.segment_path(entry.name), path)
-        seg = self._writers.pop(object_id, None)
+        seg = self._mappings.pop(entry.name, None)
         if seg is not None:
             seg.close()
         shm.unlink(entry.name)
@@ -237,7 +454,8 @@ class LocalObjectStore(MemoryObjectStore):
                 return
             self._make_room(entry.size)
             path = entry.spilled
-            shutil.copyfile(path, shm.segment_path(entry.name))
+            # A new name: the old one was free for anyone to take while it was unused.
+            entry.name = shm.copy_to_new_segment(self.session, path)
             _remove(path)
             entry.spilled = None
             self.spilled_bytes -= entry.size
@@ -245,16 +463,20 @@ class LocalObjectStore(MemoryObjectStore):
             self._lru[object_id] = entry
 
     def stats(self) -> dict:
-        return {"num_objects": len(self._objects), "shm_bytes": self.shm_bytes,
-                "spilled_bytes": self.spilled_bytes, "pool_bytes": self.pool.bytes,
-                "capacity": self.capacity}
+        with self._space:  # (a segment is unlinked under it as its bytes stop counting)
+            return {"num_objects": len(self._objects), "shm_bytes": self.shm_bytes,
+                    "spilled_bytes": self.spilled_bytes, "pool_bytes": self.pool.bytes,
+                    "unsealed_bytes": self.unsealed_bytes, "capacity": self.capacity}
 
     def close(self) -> None:
         super().close()
         with self._space:
-            for seg in self._writers.values():
+            for seg in self._mappings.values():
                 seg.close()
-            self._writers.clear()
+            self._mappings.clear()
+            for name in list(self._unsealed):
+                self._drop_unsealed(name)
+            self._alloc_waiting.clear()
             self.pool.clear()
             self._lru.clear()
 

@@ -9,7 +9,9 @@ Worker -> driver
     (DONE, task_id, entries, retryable)        a task or call finished; entries per return id
     (SUBMIT, spec)                             a task submitted from inside a task
     (PUT, object_id, entry)                    put() inside a task
-    (REQUEST, req_id, op, args)                needs a REPLY: get, wait, ready, control, resources
+    (REQUEST, req_id, op, args)                needs a REPLY: get, wait, control, resources,
+                                               alloc (segments to write results/puts into),
+                                               abandon (granted segments that will not be used)
     (REFS, added_ids, released_ids)            borrow counts changed (sent before anything else)
     (CANCEL, object_id, force) / (KILL_ACTOR, actor_id, no_restart)
     (FORGET, req_id)                           a blocking get gave up (timeout): not waiting now

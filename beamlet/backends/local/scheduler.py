@@ -512,12 +512,17 @@ class LocalScheduler(Scheduler):
             self._running.pop(task_id, None)
             if spec.kind == ACTOR_CREATION:
                 record = self.actors[spec.actor_id]
+                failed = bool(entries) and entries[0].is_error
+                if failed:
+                    # From the entry itself, before it is stored: on a restart the
+                    # store keeps the first start's result and drops this one.
+                    try:
+                        reason = _error_text(self.store.materialize_entry(spec.return_ids[0],
+                                                                           entries[0]))
+                    except exc.BeamletError as err:
+                        reason = repr(err)
                 self._finish(spec, entries, self._outcome(spec, entries), worker)
-                if entries and entries[0].is_error:
-                    # From the entry itself: on a restart the store still holds the
-                    # first start's result.
-                    reason = _error_text(self.store.materialize_entry(spec.return_ids[0],
-                                                                       entries[0]))
+                if failed:
                     self._end_actor(record, f"its constructor raised:\n{reason}", kill=True)
                 else:
                     self._actor_alive(record)
@@ -575,9 +580,9 @@ class LocalScheduler(Scheduler):
         started = worker.dispatched_at if worker is not None else time.perf_counter()
         plugins.notify("beamlet_task_finished", spec=spec, status=status,
                        duration=time.perf_counter() - started)
-        owner = None
+        writer = worker.worker_id if worker is not None else None
         for rid, entry in zip(spec.return_ids, entries):
-            self.store.put_from_worker(rid, entry, owner)
+            self.store.put_from_worker(rid, entry, None, writer)
 
     def _fail(self, spec: TaskSpec, error: BaseException) -> None:
         sobj = serialize(error, is_error=True)

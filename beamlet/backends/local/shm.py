@@ -12,6 +12,13 @@ mapping keeps the object alive: `read_object` takes a reference for it, and a
 finalizer drops the reference when the last view of the mapping is gone, so
 a segment is never freed (or reused) under a live view.
 
+Segment names are ``beamlet-{session}-{random}``: a random part per segment
+(never derived from the object id), so another user of the machine cannot
+guess a name and create the file first. Every segment is created O_EXCL with
+mode 0600; a name found taken is retried with a fresh one. Only the object
+store's owner creates segments (`create_segment`, `create_unmapped`); a
+worker fills one it was given (`fill_segment`).
+
 Writers reuse freed segments from a `SegmentPool` when one is big enough:
 their pages are already allocated and mapped, so a large put runs at memcpy
 speed instead of paying a page fault per 4 KiB.
@@ -21,12 +28,16 @@ from __future__ import annotations
 import mmap
 import os
 import pickle
+import secrets
 import struct
 import threading
 import weakref
-from typing import Callable
+from typing import Callable, Iterable, Iterator, TypeVar
 
+from ... import exceptions as exc
 from ...core.serialization import SerializedObject
+
+T = TypeVar("T")
 
 SHM_DIR = "/dev/shm"
 _MAGIC = b"BMLT"
@@ -38,12 +49,49 @@ def _align(n: int) -> int:
     return (n + _ALIGN - 1) & ~(_ALIGN - 1)
 
 
-def segment_name(session: str, object_id: bytes) -> str:
-    return f"beamlet-{session}-{object_id.hex()}"
+#: How many taken names in a row `claim_name` tries before it gives up. With
+#: 128 random bits per name one collision is already a sign of tampering.
+NAME_ATTEMPTS = 16
+
+
+def segment_prefix(session: str) -> str:
+    """Every segment of `session` is named with this prefix (and nothing else is)."""
+    return f"beamlet-{session}-"
+
+
+def fresh_names(session: str) -> Iterator[str]:
+    """Endless new segment names for `session`, each with 128 random bits."""
+    prefix = segment_prefix(session)
+    while True:
+        yield prefix + secrets.token_hex(16)
 
 
 def segment_path(name: str) -> str:
     return os.path.join(SHM_DIR, name)
+
+
+def claim_name(names: Iterable[str], claim: Callable[[str], T]) -> tuple[str, T]:
+    """Call ``claim(path)`` for the paths of `names` in turn until one does not
+    raise FileExistsError (that name was taken: by a stale file or another
+    user); returns (name, what claim returned). Raises BackendError after
+    NAME_ATTEMPTS taken names, never FileExistsError."""
+    for attempt, name in enumerate(names):
+        if attempt >= NAME_ATTEMPTS:
+            break
+        try:
+            return name, claim(segment_path(name))
+        except FileExistsError:
+            continue
+    raise exc.BackendError(f"no free shared-memory segment name after {NAME_ATTEMPTS} "
+                           f"attempts in {SHM_DIR}: every name tried was taken")
+
+
+def _open_new(path: str) -> int:
+    return os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+
+
+def _link_new(source: str) -> Callable[[str], None]:
+    return lambda path: os.link(source, path)  # fails with EEXIST, unlike rename
 
 
 def layout(sobj: SerializedObject) -> tuple[bytes, int, list]:
@@ -118,21 +166,71 @@ class Segment:
             pass
 
 
-def create_segment(name: str, size: int) -> Segment:
-    fd = os.open(segment_path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+def _new_file(session: str, size: int, names: Iterable[str] | None = None) -> tuple[str, int]:
+    name, fd = claim_name(names if names is not None else fresh_names(session), _open_new)
     try:
         os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        unlink(name)
+        raise
+    return name, fd
+
+
+def create_segment(session: str, size: int) -> Segment:
+    """A new segment of `size` bytes under a fresh name, mapped writable."""
+    name, fd = _new_file(session, size)
+    try:
         mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+    except BaseException:
+        unlink(name)
+        raise
     finally:
         os.close(fd)
     return Segment(name, size, mm)
+
+
+def create_unmapped(session: str, size: int, names: Iterable[str] | None = None) -> str:
+    """A new segment of `size` bytes (not mapped here) for another process to
+    fill; its name (from `names`, default `fresh_names(session)`)."""
+    name, fd = _new_file(session, size, names)
+    os.close(fd)
+    return name
+
+
+def rename_fresh(session: str, name: str) -> str:
+    """Give segment `name` a fresh name (readers holding the old name then find
+    nothing, rather than another object's data); returns the new name."""
+    new, _ = claim_name(fresh_names(session), _link_new(segment_path(name)))
+    unlink(name)
+    return new
+
+
+def copy_to_new_segment(session: str, path: str) -> str:
+    """A new segment holding a copy of the file at `path`; its name."""
+    with open(path, "rb") as src:
+        size = os.fstat(src.fileno()).st_size
+        name, fd = _new_file(session, size)
+        try:
+            offset = 0
+            while offset < size:
+                sent = os.sendfile(fd, src.fileno(), offset, size - offset)
+                if not sent:
+                    raise OSError(f"{path} ended after {offset} of {size} bytes")
+                offset += sent
+        except BaseException:
+            unlink(name)
+            raise
+        finally:
+            os.close(fd)
+    return name
 
 
 class SegmentPool:
     """Freed segments kept allocated and mapped for reuse by later puts.
 
     Bounded by `capacity` bytes; `take` hands out the smallest segment that
-    fits (and is not more than twice too big), renamed to the new object's name.
+    fits (and is not more than twice too big), under a fresh name.
     """
 
     def __init__(self, capacity: int):
@@ -150,7 +248,8 @@ class SegmentPool:
             self.bytes += segment.size
             return True
 
-    def take(self, name: str, size: int) -> Segment | None:
+    def take(self, session: str, size: int) -> Segment | None:
+        """A pooled segment of at least `size` bytes (renamed fresh), or None."""
         with self._lock:
             best = None
             for seg in self._free:
@@ -160,8 +259,11 @@ class SegmentPool:
                 return None
             self._free.remove(best)
             self.bytes -= best.size
-        os.rename(segment_path(best.name), segment_path(name))
-        best.name = name
+        try:
+            best.name = rename_fresh(session, best.name)
+        except BaseException:
+            discard(best)
+            raise
         return best
 
     def trim(self, nbytes: int) -> int:
@@ -172,14 +274,14 @@ class SegmentPool:
                 seg = self._free.pop(0)
                 self.bytes -= seg.size
                 released += seg.size
-                _discard(seg)
+                discard(seg)
         return released
 
     def clear(self) -> None:
         self.trim(self.bytes + 1)
 
 
-def _discard(seg: Segment) -> None:
+def discard(seg: Segment) -> None:
     seg.close()
     try:
         os.unlink(segment_path(seg.name))
@@ -187,14 +289,24 @@ def _discard(seg: Segment) -> None:
         pass
 
 
-def write_object(name: str, sobj: SerializedObject, pool: SegmentPool | None = None) -> Segment:
-    """Write `sobj` to a segment named `name` (from the pool when one fits)."""
-    header, total, pieces = layout(sobj)
-    seg = pool.take(name, total) if pool is not None else None
-    if seg is None:
-        seg = create_segment(name, total)
-    write_into(memoryview(seg.mm), header, pieces)
-    return seg
+def fill_segment(name: str, header: bytes, total: int, pieces: list) -> None:
+    """Write a laid-out object (see `layout`) into the existing segment `name`,
+    which must hold at least `total` bytes."""
+    fd = os.open(segment_path(name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if size < total:
+            raise ValueError(f"segment {name} holds {size} bytes, {total} needed")
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+    finally:
+        os.close(fd)
+    try:
+        write_into(memoryview(mm), header, pieces)
+    finally:
+        try:
+            mm.close()
+        except BufferError:  # a view of it is still referenced (an exception's frame)
+            pass
 
 
 def read_object(name: str, on_unmap: Callable[[], None] | None = None) -> SerializedObject:
@@ -203,7 +315,7 @@ def read_object(name: str, on_unmap: Callable[[], None] | None = None) -> Serial
     `on_unmap` runs once the mapping (and every view of it) is gone.
     Raises FileNotFoundError if the segment does not exist.
     """
-    fd = os.open(segment_path(name), os.O_RDONLY)
+    fd = os.open(segment_path(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
         mm = mmap.mmap(fd, size, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED)
@@ -230,7 +342,7 @@ def unlink(name: str) -> None:
 
 def remove_session_segments(session: str) -> int:
     """Unlink every segment of a session (cleanup after a crash); returns how many."""
-    prefix = f"beamlet-{session}-"
+    prefix = segment_prefix(session)
     count = 0
     try:
         names = os.listdir(SHM_DIR)

@@ -99,7 +99,7 @@ class WorkerObjectStore(ObjectStore):
         return entry
 
     def put(self, object_id: bytes, value: SerializedObject) -> None:
-        self._b.send((P.PUT, object_id, self._b.entry_for(object_id, value)))
+        self._b.send((P.PUT, object_id, self._b.entries_for([value])[0]))
 
     def get(self, object_ids: Sequence[bytes], timeout: float | None = None) -> list[SerializedObject]:
         shipped = self.shipped
@@ -267,15 +267,39 @@ class WorkerBackend(Backend):
         req_id, _ = self.requests.new(callback)
         self.send((P.REQUEST, req_id, op, args))
 
-    def entry_for(self, object_id: bytes, value: SerializedObject):
-        """Inline if small, else written to a shared-memory segment."""
-        if value.total_bytes <= self.inline_threshold:
-            return value
-        name = shm.segment_name(self.session, object_id)
-        seg = shm.write_object(name, value)
-        size = seg.size
-        seg.close()
-        return P.ShmEntry(name, size, value.is_error, value.refs)
+    def entries_for(self, values: list[SerializedObject]) -> list:
+        """The entries to report for `values`: small ones inline; large ones written
+        to segments the driver gives out, asked for in one request (all or none,
+        so that a writer never waits for room while holding some).
+        Raises ObjectStoreFullError when the store cannot make room."""
+        threshold = self.inline_threshold
+        large = [i for i, v in enumerate(values) if v.total_bytes > threshold]
+        if not large:
+            return values
+        layouts = [shm.layout(values[i]) for i in large]
+        req_id, fut = self.requests.new()
+        self.send((P.REQUEST, req_id, "alloc", ([total for _, total, _ in layouts],)))
+        try:
+            # No timeout: the driver answers (at once, or when writes in flight
+            # finish), or it is gone and this process ends.
+            granted = fut.result()
+        except BaseException:
+            # Interrupted (a cancel): give back what the driver may grant still.
+            fut.add_done_callback(lambda f: f.exception() is None and self._abandon(f.result()))
+            raise
+        entries = list(values)
+        try:
+            for i, (header, total, pieces), (name, size) in zip(large, layouts, granted):
+                shm.fill_segment(name, header, total, pieces)
+                entries[i] = P.ShmEntry(name, size, values[i].is_error, values[i].refs)
+        except BaseException:
+            self._abandon(granted)
+            raise
+        return entries
+
+    def _abandon(self, granted) -> None:
+        """Tell the driver these segments it gave us will not be reported."""
+        self.request_async("abandon", ([name for name, _ in granted],), lambda ok, payload: None)
 
     # -- reference counting -------------------------------------------------------
     def object_referenced(self, object_id: bytes) -> None:
@@ -434,15 +458,12 @@ class Worker:
         self._finish(spec, result)
 
     def _finish(self, spec: TaskSpec, result) -> None:
-        entries = []
-        for object_id, value in zip(spec.return_ids, result.values):
-            try:
-                entries.append(self.backend.entry_for(object_id, value))
-            except OSError as err:
-                error = exc.ObjectStoreFullError(f"cannot store the result of "
-                                                 f"{spec.display_name}: {err}")
-                entries = [self.executor._failure(spec, error).values[0]] * len(spec.return_ids)
-                break
+        try:
+            entries = self.backend.entries_for(result.values)
+        except (OSError, ValueError, exc.BeamletError) as err:
+            error = exc.ObjectStoreFullError(f"cannot store the result of {spec.display_name}: "
+                                             f"{err}")
+            entries = [self.executor._failure(spec, error).values[0]] * len(spec.return_ids)
         for dep in spec.dependencies():
             self.backend.object_store.shipped.pop(dep, None)
         self.backend.send((P.DONE, spec.task_id, entries, result.retryable))

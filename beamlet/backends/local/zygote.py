@@ -9,8 +9,12 @@ terminal reaches only the driver). It reads commands from stdin, one per line:
 
 End of file on stdin means the driver is gone (even if it was SIGKILLed): the
 zygote kills the workers it forked, removes the session's shared-memory
-segments and temp dir, and exits. The workers also notice the driver's
-socket closing and exit on their own.
+segments, temp dir and lock file, and exits. The workers also notice the
+driver's socket closing and exit on their own.
+
+The zygote holds the session's lock (an inherited descriptor, see
+session.py) until its cleanup is done; workers close it, so that a worker
+that outlives the zygote does not keep a dead session looking alive.
 """
 from __future__ import annotations
 
@@ -34,7 +38,9 @@ def _reap(children: set[int]) -> None:
         children.discard(pid)
 
 
-def _cleanup(children: set[int], session: str, temp_dir: str, grace: float) -> None:
+def _cleanup(children: set[int], session: str, temp_dir: str, grace: float,
+             remove_lock: bool) -> None:
+    from .session import lock_path
     from .shm import remove_session_segments
     until = time.monotonic() + grace
     while children and time.monotonic() < until:
@@ -52,15 +58,21 @@ def _cleanup(children: set[int], session: str, temp_dir: str, grace: float) -> N
     remove_session_segments(session)
     if temp_dir:
         shutil.rmtree(temp_dir, ignore_errors=True)
+    if remove_lock:  # (the driver, when alive, removes it last itself)
+        try:
+            os.unlink(lock_path(session))
+        except FileNotFoundError:
+            pass
 
 
-def _fork_worker(address: str, worker_id: str) -> int:
+def _fork_worker(address: str, worker_id: str, lock_fd: int) -> int:
     pid = os.fork()
     if pid:
         return pid
     # In the child: become a worker. Never return into the zygote's loop.
     code = 0
     try:
+        os.close(lock_fd)
         os.close(0)
         os.open(os.devnull, os.O_RDONLY)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -80,7 +92,7 @@ def _fork_worker(address: str, worker_id: str) -> int:
 
 
 def main() -> None:
-    session, address, temp_dir = sys.argv[1], sys.argv[2], sys.argv[3]
+    session, address, temp_dir, lock_fd = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     # Warm the imports every worker needs, once, before any fork.
     from . import worker  # noqa: F401
     from ...core import execution  # noqa: F401
@@ -102,7 +114,7 @@ def main() -> None:
             continue
         chunk = os.read(stdin.fileno(), 65536)
         if not chunk:  # the driver is gone
-            _cleanup(children, session, temp_dir, grace=0.5)
+            _cleanup(children, session, temp_dir, grace=0.5, remove_lock=True)
             return
         pending += chunk
         *lines, pending = pending.split(b"\n")
@@ -111,9 +123,9 @@ def main() -> None:
             if not words:
                 continue
             if words[0] == "fork":
-                children.add(_fork_worker(address, words[1]))
+                children.add(_fork_worker(address, words[1], lock_fd))
             elif words[0] == "exit":
-                _cleanup(children, session, temp_dir, grace=2.0)
+                _cleanup(children, session, temp_dir, grace=2.0, remove_lock=False)
                 return
 
 
