@@ -420,17 +420,20 @@ class LocalObjectStore(MemoryObjectStore):
         if excess <= 0:
             return
         excess -= self.pool.trim(excess)
-        for object_id in list(self._lru):
-            if excess <= 0:
-                break
-            entry = self._lru.pop(object_id)
+        lru = self._lru
+        kept = []  # in use by running tasks: they stay, first in line for next time
+        while excess > 0 and lru:
+            object_id, entry = lru.popitem(last=False)  # (no copy of the whole LRU)
             if self._objects.get(object_id) is not entry or entry.spilled:
                 continue
             if object_id in self._pins:
-                self._lru[object_id] = entry  # in use by a running task: keep, look again later
+                kept.append((object_id, entry))
                 continue
             self._spill(object_id, entry)
             excess -= entry.size
+        for object_id, entry in reversed(kept):
+            lru[object_id] = entry
+            lru.move_to_end(object_id, last=False)
         if excess > 0:
             raise exc.ObjectStoreFullError(
                 f"cannot store an object of {size} bytes: the object store holds "
