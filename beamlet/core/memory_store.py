@@ -33,6 +33,7 @@ class MemoryObjectStore(ObjectStore):
         self._cond = threading.Condition(threading.RLock())
         self._refs = refs
         self.closed = False
+        self.failure: BaseException | None = None  # see fail()
 
     def put(self, object_id: bytes, value: SerializedObject) -> None:
         self.put_entry(object_id, value.detached())
@@ -75,7 +76,8 @@ class MemoryObjectStore(ObjectStore):
                 if lost:
                     raise exc.ObjectLostError(f"object {lost[0].hex()} was freed")
                 if self.closed:
-                    raise exc.BackendError("the object store was shut down")
+                    raise exc.BackendError(str(self.failure) if self.failure is not None
+                                           else "the object store was shut down")
                 left = remaining(until)
                 if left == 0:
                     raise exc.GetTimeoutError(
@@ -104,7 +106,11 @@ class MemoryObjectStore(ObjectStore):
         with self._cond:
             while True:
                 ready = {i for i in object_ids if i in self._objects}
-                if len(ready) >= num_returns or self.closed:
+                if len(ready) >= num_returns:
+                    return ready
+                if self.failure is not None:
+                    raise exc.BackendError(str(self.failure))
+                if self.closed:
                     return ready
                 left = remaining(until)
                 if left == 0:
@@ -134,15 +140,27 @@ class MemoryObjectStore(ObjectStore):
 
     def on_ready(self, object_id: bytes, callback: Callable[[bytes], object]) -> None:
         with self._cond:
-            if object_id not in self._objects:
+            if object_id not in self._objects and not self.closed:
                 self._callbacks.setdefault(object_id, []).append(callback)
                 return
-        callback(object_id)
+        callback(object_id)  # (closed: its get raises at once)
 
     def stats(self) -> dict:
         with self._cond:
             return {"num_objects": len(self._objects),
                     "bytes_used": sum(getattr(v, "total_bytes", 0) for v in self._objects.values())}
+
+    def fail(self, error: BaseException) -> None:
+        """No value can arrive any more (whatever delivered them died): every
+        blocked and later read of a missing object raises BackendError with
+        `error`'s text, and every pending on_ready callback runs now (its get
+        raises it too). Objects already present stay readable."""
+        with self._cond:
+            self.failure = error
+            self.closed = True
+            self._cond.notify_all()
+            callbacks, self._callbacks = self._callbacks, {}
+        self._run_callbacks(callbacks)
 
     def close(self) -> None:
         """Wake every blocked reader (they raise BackendError) and run every
@@ -153,6 +171,10 @@ class MemoryObjectStore(ObjectStore):
             self._cond.notify_all()
             self._objects.clear()
             callbacks, self._callbacks = self._callbacks, {}
+        self._run_callbacks(callbacks)
+
+    @staticmethod
+    def _run_callbacks(callbacks: dict) -> None:
         for object_id, pending in callbacks.items():
             for callback in pending:
                 try:
