@@ -142,7 +142,11 @@ class Connection(abc.ABC):
 class Transport(abc.ABC):
     """Makes Connections between processes: pipes and Unix sockets on one
     machine, ZeroMQ/TCP between machines. Messages are small (control and
-    inline values); large payloads go through the ObjectStore."""
+    inline values); large payloads go through the ObjectStore.
+
+    A transport is made with the session's secret: `connect` and `accept`
+    yield only connections whose peer proved it holds it (``core/auth.py``),
+    before anything the peer sent is unpickled."""
 
     @abc.abstractmethod
     def listen(self, address: str | None = None) -> "Listener":

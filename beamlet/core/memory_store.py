@@ -59,6 +59,7 @@ class MemoryObjectStore(ObjectStore):
         self._cond = threading.Condition(threading.RLock())
         self._refs = refs
         self.closed = False
+        self.failure: BaseException | None = None  # see fail()
 
     # -- waiters ----------------------------------------------------------------
     def notify_when(self, object_ids: Iterable[bytes], count: int,
@@ -204,10 +205,12 @@ class MemoryObjectStore(ObjectStore):
                     f"{len(object_ids)} objects")
         with self._cond:
             found = [objects.get(i) for i in object_ids]
-            if self.closed:
-                raise exc.BackendError("the object store was shut down")
+            closed, failure = self.closed, self.failure
         for object_id, entry in zip(object_ids, found):
             if entry is None:
+                if closed:
+                    raise exc.BackendError(str(failure) if failure is not None
+                                           else "the object store was shut down")
                 raise exc.ObjectLostError(f"object {object_id.hex()} was freed")
         return [self._materialize(i, entry) for i, entry in zip(object_ids, found)]
 
@@ -236,6 +239,8 @@ class MemoryObjectStore(ObjectStore):
                 ready.add(object_id)
                 if len(ready) >= num_returns:
                     return ready
+        if self.failure is not None:
+            raise exc.BackendError(str(self.failure))
         if timeout == 0 or self.closed:
             return ready
         event = threading.Event()
@@ -243,7 +248,10 @@ class MemoryObjectStore(ObjectStore):
         if waiter is not None and not event.wait(timeout):
             self.cancel_waiter(waiter)
         with self._cond:
-            return objects.keys() & set(object_ids)
+            ready = objects.keys() & set(object_ids)
+            if len(ready) < num_returns and self.failure is not None:
+                raise exc.BackendError(str(self.failure))
+            return ready
 
     def has_at_least(self, object_ids: Sequence[bytes], count: int) -> bool:
         """Whether `count` of the ids are present now (stops looking once they are)."""
@@ -297,12 +305,27 @@ class MemoryObjectStore(ObjectStore):
             return {"num_objects": len(self._objects),
                     "bytes_used": sum(getattr(v, "total_bytes", 0) for v in self._objects.values())}
 
+    def fail(self, error: BaseException) -> None:
+        """No value can arrive any more (whatever delivered them died): every
+        blocked and later read of a missing object raises BackendError with
+        `error`'s text, and every pending on_ready callback runs now (its get
+        raises it too). Objects already present stay readable."""
+        with self._cond:
+            self.failure = error
+            self.closed = True
+        self._wake_all()
+
     def close(self) -> None:
         """Wake every blocked reader (they raise BackendError) and run every
         pending callback (their get raises it too), so no future waits for ever."""
         with self._cond:
             self.closed = True
             self._objects.clear()
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        """Run every pending waiter's callback now (the store closed or failed)."""
+        with self._cond:
             pending = [w for ws in self._indexed.values() for w in ws] + self._broad
             self._indexed, self._broad = {}, []
             due = []

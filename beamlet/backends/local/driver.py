@@ -18,8 +18,10 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 
 from ... import exceptions as exc
+from ...core import auth
 from ...core.control_store import open_control_store
 from ...core.interfaces import Backend
 from ...core.options import check_backend_options
@@ -30,23 +32,35 @@ from . import shm
 from .object_store import LocalObjectStore
 from .scheduler import LocalScheduler, WorkerInfo
 from .session import SessionLock, sweep
-from .transport import SocketConnection, UnixSocketTransport
+from .transport import (PendingConnection, ProtocolError, SocketConnection, UnixSocketTransport,
+                        describe_peer, log_refused)
 
 DEFAULT_STORE_FRACTION = 0.3
 IDLE_WORKER_TIMEOUT = 2.0  # seconds before a surplus idle worker is let go
 WORKER_START_TIMEOUT = 30.0  # seconds before a worker that never said hello is given up
+MAX_ZYGOTE_FAILURES = 3  # zygote deaths in a row (no worker connecting) before giving up
+MAX_PENDING_HANDSHAKES = 64  # connections not yet authenticated; the oldest goes beyond
 
 
 class WorkerLauncher:
     """Starts the zygote and asks it to fork workers; starts a new zygote if the
-    one it had died (workers it forked live on: they belong to the driver)."""
+    one it had died (workers it forked live on: they belong to the driver).
 
-    def __init__(self, session: str, address: str, temp_dir: str, lock_fd: int):
+    The session's secret reaches the zygote as the first line on its stdin
+    (never in its command line or environment, which other users can read);
+    the workers inherit it by fork. A zygote that dies `MAX_ZYGOTE_FAILURES`
+    times in a row without a worker of it connecting in between, or that
+    cannot be started at all, makes the launcher give up: `error` says why,
+    and `fork` raises it."""
+
+    def __init__(self, session: str, address: str, temp_dir: str, secret: bytes,
+                 lock_fd: int):
         # The zygote inherits the session's lock (see session.py), and holds it
         # until it has cleaned up.
         self._argv = [sys.executable, "-m", "beamlet.backends.local.zygote", session, address,
                       temp_dir, str(lock_fd)]
         self._lock_fd = lock_fd
+        self._secret_line = secret.hex().encode() + b"\n"
         env = dict(os.environ)
         # The zygote (and so every worker) imports what the driver can import.
         env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
@@ -57,33 +71,62 @@ class WorkerLauncher:
         env.setdefault("OMP_NUM_THREADS", "1")
         self._env = env
         self._lock = threading.Lock()
+        self._failures = 0  # zygotes that died since a worker last connected
+        self.error: exc.BackendError | None = None
         self._spawn()
 
     def _spawn(self) -> None:
         self.proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE, env=self._env,
                                      start_new_session=True, close_fds=True,
                                      pass_fds=(self._lock_fd,))
+        try:
+            self.proc.stdin.write(self._secret_line)
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # it died at once: seen as dead like any other
+
+    def _respawn(self) -> None:
+        """Start a new zygote in place of the dead one, or give up. Lock held."""
+        self._failures += 1
+        if self._failures > MAX_ZYGOTE_FAILURES:
+            self.error = exc.BackendError(
+                f"cannot start worker processes: the zygote that forks them exited "
+                f"{self._failures} times in a row (last exit status {self.proc.returncode})")
+            return
+        try:
+            self._spawn()
+        except OSError as err:
+            self.error = exc.BackendError(f"cannot start worker processes: starting the "
+                                          f"zygote failed: {err}")
+
+    def worker_started(self) -> None:
+        """A worker connected: the zygote works."""
+        self._failures = 0
 
     def relaunch_if_dead(self) -> bool:
         """Start a new zygote if the current one died; True if it did."""
         with self._lock:
-            if self.proc.poll() is None:
+            if self.error is not None or self.proc.poll() is None:
                 return False
-            self._spawn()
-            return True
+            self._respawn()
+            return self.error is None
 
     def fork(self, worker_id: str) -> None:
+        """Ask for a worker; BackendError if the launcher gave up."""
         with self._lock:
-            for attempt in range(2):
+            while self.error is None:
                 try:
                     self.proc.stdin.write(f"fork {worker_id}\n".encode())
                     self.proc.stdin.flush()
                     return
-                except (BrokenPipeError, ValueError, OSError) as err:
-                    if attempt:
-                        raise exc.BackendError(f"cannot start workers: {err}") from None
-                    self.proc.wait(5)  # it is dead (or its stdin is): reap it, start another
-                    self._spawn()
+                except (BrokenPipeError, ValueError, OSError):
+                    try:
+                        self.proc.wait(5)  # it is dead (or its stdin is): reap it
+                    except subprocess.TimeoutExpired:
+                        self.proc.kill()
+                        self.proc.wait(5)
+                    self._respawn()
+            raise self.error
 
     def close(self, timeout: float = 10.0) -> None:
         with self._lock:
@@ -111,6 +154,13 @@ def _raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError):
             pass  # not allowed here: keep what we have
+
+
+def _log_error(what: str, err: BaseException | None = None) -> None:
+    """Log an unexpected error (with its traceback) that beamlet survives."""
+    detail = ("".join(traceback.format_exception(err)) if err is not None
+              else traceback.format_exc())
+    print(f"beamlet: error {what}:\n{detail}", file=sys.stderr, end="", flush=True)
 
 
 def _default_capacity() -> int:
@@ -156,7 +206,10 @@ class LocalBackend(Backend):
         self.node_id = f"local-{self.session}"
         self.worker_id = f"driver-{os.getpid()}"
         self.temp_dir = self._session_lock.temp_dir
-        self.transport = UnixSocketTransport()
+        #: Every process of the session proves it holds this before it is heard
+        #: (core/auth.py); workers get it from the zygote, which gets it on stdin.
+        self.secret = auth.new_secret()
+        self.transport = UnixSocketTransport(self.secret, P.VERSION)
         self.listener = self.transport.listen(f"@beamlet-{self.session}")
         self.object_store = LocalObjectStore(runtime.refs, self.session, capacity,
                                              self.inline_threshold, self._spill_dir)
@@ -165,9 +218,11 @@ class LocalBackend(Backend):
         max_workers = config.get("max_workers") or 4 * cpus
         self._keep_workers = cpus
         self.launcher = WorkerLauncher(self.session, self.listener.address, self.temp_dir,
-                                       self._session_lock.fd)
+                                       self.secret, self._session_lock.fd)
         self.scheduler = LocalScheduler(self, pool, max_workers)
         self._closed = False
+        #: Why the backend cannot go on (its I/O thread died), once it cannot.
+        self.failure: exc.BackendError | None = None
         self._released: collections.deque[bytes] = collections.deque()
         self._release_pending = False
         self.object_store.reclaim = self._free_released
@@ -184,71 +239,183 @@ class LocalBackend(Backend):
         return path
 
     # -- the I/O thread -----------------------------------------------------------
+    # It accepts connections (authenticating each without blocking on it), reads
+    # every worker's messages and does the periodic chores. Whatever goes wrong
+    # in handling one connection or message is logged and the loop goes on; a
+    # peer that breaks the protocol loses its connection. Should the loop itself
+    # ever die, every waiter is failed (see _io_died) instead of left hanging.
     def _io_loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as err:  # noqa: BLE001 - whatever it was, nobody may hang
+            if not self._closed:
+                self._io_died(err)
+
+    def _serve(self) -> None:
         sel = selectors.DefaultSelector()
+        pending: dict[PendingConnection, None] = {}  # handshakes under way, oldest first
         sel.register(self.listener.sock, selectors.EVENT_READ, None)
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        next_reap = 0.0
-        while not self._closed:
-            now = time.monotonic()
-            if now >= next_reap:
-                self.scheduler.reap_idle(self._keep_workers, IDLE_WORKER_TIMEOUT)
-                relaunched = self.launcher.relaunch_if_dead()
-                if relaunched or self.scheduler.starting:
-                    self.scheduler.restart_lost_forks(relaunched, WORKER_START_TIMEOUT)
-                next_reap = now + 0.5
-            for key, _ in sel.select(timeout=0.5):
-                if key.data is None:
+        next_chores = 0.0
+        try:
+            while not self._closed:
+                now = time.monotonic()
+                if now >= next_chores:
+                    next_chores = now + 0.5
                     try:
-                        conn = self.listener.accept(0)
-                    except (exc.GetTimeoutError, OSError):
-                        continue
-                    sel.register(conn.sock, selectors.EVENT_READ, [conn, None])
-                elif key.data == "wake":
-                    os.read(self._wake_r, 4096)
-                    self._free_released()
-                else:
-                    self._read(sel, key.data)
-        sel.close()
+                        self._chores(sel, pending, now)
+                    except Exception:  # noqa: BLE001
+                        _log_error("in the I/O thread's periodic chores")
+                for key, _ in sel.select(timeout=0.5):
+                    try:
+                        self._ready(sel, pending, key.data)
+                    except Exception:  # noqa: BLE001
+                        if self._closed:
+                            return
+                        _log_error("in the I/O thread")
+        finally:
+            for handshake in pending:
+                handshake.refuse()
+            sel.close()
+
+    def _chores(self, sel, pending: dict, now: float) -> None:
+        for handshake in [h for h in pending if h.deadline <= now]:
+            self._refuse(sel, pending, handshake, auth.AuthenticationError(
+                f"it did not complete the handshake within {auth.HANDSHAKE_TIMEOUT}s"))
+        self.scheduler.reap_idle(self._keep_workers, IDLE_WORKER_TIMEOUT)
+        relaunched = self.launcher.relaunch_if_dead()
+        if self.launcher.error is not None:
+            if self.scheduler.launch_error is None or self.scheduler.starting:
+                self.scheduler.launcher_failed(self.launcher.error)
+        elif relaunched or self.scheduler.starting:
+            self.scheduler.restart_lost_forks(relaunched, WORKER_START_TIMEOUT)
+
+    def _ready(self, sel, pending: dict, data) -> None:
+        if data is None:
+            try:
+                handshake = self.listener.accept_pending()
+            except OSError:
+                return
+            try:
+                handshake.start()
+            except auth.AuthenticationError as err:
+                log_refused(handshake.peer, err)
+                handshake.refuse(err)
+                return
+            if len(pending) >= MAX_PENDING_HANDSHAKES:
+                self._refuse(sel, pending, next(iter(pending)), auth.AuthenticationError(
+                    f"more than {MAX_PENDING_HANDSHAKES} connections were authenticating"))
+            pending[handshake] = None
+            sel.register(handshake.sock, selectors.EVENT_READ, handshake)
+        elif data == "wake":
+            os.read(self._wake_r, 4096)
+            self._free_released()
+        elif isinstance(data, PendingConnection):
+            try:
+                conn = data.advance()
+            except auth.AuthenticationError as err:
+                self._refuse(sel, pending, data, err)
+                return
+            if conn is not None:
+                del pending[data]
+                slot = [conn, None]
+                sel.modify(conn.sock, selectors.EVENT_READ, slot)
+                if conn.buffered:
+                    self._read(sel, slot)
+        else:
+            self._read(sel, data)
+
+    @staticmethod
+    def _refuse(sel, pending: dict, handshake: PendingConnection,
+                err: auth.AuthenticationError) -> None:
+        log_refused(handshake.peer, err)
+        del pending[handshake]
+        sel.unregister(handshake.sock)
+        handshake.refuse(err)
 
     def _read(self, sel, slot: list) -> None:
         conn, worker = slot
         try:
             messages = conn.recv_all()
         except EOFError:
-            sel.unregister(conn.sock)
-            conn.close()
-            if worker is not None:
-                self._forget_worker(worker)
-                self.object_store.writer_died(worker.worker_id)
-                self.scheduler.worker_died(worker)
+            self._drop(sel, slot, None)
+            return
+        except ProtocolError as err:
+            self._drop(sel, slot, err)
             return
         for message in messages:
+            if not P.well_formed(message, P.FROM_WORKER):
+                self._drop(sel, slot, ProtocolError(
+                    f"a message that is not one of the protocol's: {P.describe(message)}"))
+                return
             try:
                 if worker is None:
                     worker = slot[1] = self._hello(conn, message)
                     if worker is None:
-                        sel.unregister(conn.sock)
-                        conn.close()
+                        self._drop(sel, slot, None)
                         return
                 else:
                     self._handle(worker, message)
+            except ProtocolError as err:
+                self._drop(sel, slot, err)
+                return
             except Exception as err:  # noqa: BLE001 - one bad message must not stop the I/O thread
                 if self._closed:
                     return
-                print(f"beamlet: error handling {message[0]} from a worker: {err!r}",
-                      file=sys.stderr)
+                _log_error(f"handling message {message[0]} from worker "
+                           f"{getattr(worker, 'pid', '?')}", err)
+
+    def _drop(self, sel, slot: list, error: BaseException | None) -> None:
+        """Close a connection (`error`: why, logged; None: the peer left); its
+        worker, if it had said hello, is dead to the scheduler."""
+        conn, worker = slot
+        if error is not None:
+            who = (f"worker {worker.worker_id} ({describe_peer(conn.sock)})" if worker is not None
+                   else describe_peer(conn.sock))
+            print(f"beamlet: closed the connection of {who}: {error}", file=sys.stderr,
+                  flush=True)
+        sel.unregister(conn.sock)
+        conn.close()
+        if worker is not None:
+            self._forget_worker(worker)
+            self.object_store.writer_died(worker.worker_id)
+            self.scheduler.worker_died(worker)
 
     def _hello(self, conn: SocketConnection, message) -> WorkerInfo | None:
+        """The first message of an authenticated connection: a worker's HELLO.
+        None for a worker that is not awaited (a duplicate fork, or given up)."""
         if message[0] != P.HELLO:
-            return None
+            raise ProtocolError(f"the first message was not HELLO: {P.describe(message)}")
         _, worker_id, pid = message
+        if type(worker_id) is not str or type(pid) is not int:
+            raise ProtocolError(f"a malformed HELLO: {P.describe(message)}")
+        if not self.scheduler.awaits_worker(worker_id):
+            return None
         conn.send((P.WELCOME, {
             "session": self.session, "node_id": self.node_id, "job_id": self.runtime.job_id,
             "namespace": self.runtime.namespace, "inline_threshold": self.inline_threshold,
             "sys_path": list(sys.path), "cwd": os.getcwd(),
             "resources": self.scheduler.total_resources()}))
-        return self.scheduler.worker_connected(worker_id, pid, conn)
+        worker = self.scheduler.worker_connected(worker_id, pid, conn)
+        if worker is not None:
+            self.launcher.worker_started()
+        return worker
+
+    def _io_died(self, err: BaseException) -> None:
+        """The I/O thread is dying: nothing will be read or answered any more,
+        so fail every waiter (driver get/wait, futures, later submits) with a
+        clear error, and close the workers' connections (they exit)."""
+        _log_error("the I/O thread died", err)
+        self.failure = exc.BackendError(
+            f"the local backend's I/O thread died ({err!r}), so no result can arrive any "
+            f"more; call beamlet.shutdown() and init() again")
+        self.scheduler.fail(self.failure)
+        self.object_store.fail(self.failure)
+        with self.scheduler.lock:
+            workers = list(self.scheduler.workers.values())
+        for worker in workers:
+            if worker.conn is not None:
+                worker.conn.close()
 
     def _handle(self, worker: WorkerInfo, message) -> None:
         tag = message[0]

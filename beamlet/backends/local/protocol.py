@@ -25,6 +25,13 @@ Driver -> worker
 """
 from __future__ import annotations
 
+import reprlib
+
+#: The protocol a connection speaks, bound into its handshake (core/auth.py): a
+#: process of another version is refused, both versions named. Change it with
+#: any change to the messages below.
+VERSION = "beamlet-local/1"
+
 HELLO = 1
 DONE = 2
 SUBMIT = 3
@@ -38,6 +45,26 @@ WELCOME = 10
 EXECUTE = 11
 REPLY = 12
 EXIT = 13
+
+#: Tag -> length of each message a worker may send, and the driver may send.
+FROM_WORKER = {HELLO: 3, DONE: 4, SUBMIT: 2, PUT: 3, REQUEST: 4, REFS: 3, CANCEL: 3,
+               KILL_ACTOR: 3, FORGET: 2}
+FROM_DRIVER = {WELCOME: 2, EXECUTE: 5, REPLY: 4, CANCEL: 3, EXIT: 1}
+
+
+def well_formed(message, allowed: dict) -> bool:
+    """Whether `message` is a tuple of one of the `allowed` tags, of its length.
+    A peer that sends anything else is broken (or hostile): close its connection."""
+    return (type(message) is tuple and len(message) > 0 and type(message[0]) is int
+            and allowed.get(message[0]) == len(message))
+
+
+def describe(message) -> str:
+    """A short description of a (possibly malformed) message, for logs."""
+    try:
+        return reprlib.repr(message)
+    except Exception:  # noqa: BLE001 - describing garbage must not fail
+        return f"a {type(message).__name__}"
 
 
 class ShmEntry:

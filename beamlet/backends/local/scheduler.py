@@ -170,6 +170,8 @@ class LocalScheduler(Scheduler):
         self._cancelled: set[bytes] = set()
         self._shipped: dict[bytes, list[bytes]] = {}  # task id -> shm args pinned for it
         self.closed = False
+        self.failure: BaseException | None = None  # why the backend cannot go on (see fail)
+        self.launch_error: BaseException | None = None  # why no worker can be started any more
 
     # -- submission -----------------------------------------------------------
     def submit(self, spec: TaskSpec) -> None:
@@ -178,7 +180,8 @@ class LocalScheduler(Scheduler):
         plugins.notify("beamlet_task_submitted", spec=spec)
         with self.lock:
             if self.closed:
-                raise exc.BackendError("beamlet has been shut down")
+                raise exc.BackendError(str(self.failure) if self.failure is not None
+                                       else "beamlet has been shut down")
             self._tasks[spec.task_id] = spec
             for rid in spec.return_ids:
                 self._producer[rid] = spec.task_id
@@ -254,6 +257,8 @@ class LocalScheduler(Scheduler):
                 self._queues.pop(shape, None)  # (a nested dispatch may have removed it)
         if starved:
             self._start_workers(self._runnable_now())
+        if self.launch_error is not None:
+            self._fail_unstartable()
 
     def _runnable_now(self) -> int:
         """How many queued tasks and actors would start if there were workers for them."""
@@ -278,15 +283,50 @@ class LocalScheduler(Scheduler):
         return None
 
     def _start_workers(self, wanted: int) -> None:
+        if self.launch_error is not None:
+            return
         running = sum(1 for w in self.workers.values() if w.state in (BUSY, STARTING, IDLE)
                       and not w.blocking)
         room = self.max_workers - running
         n = min(wanted - self.starting, room)
         for _ in range(max(0, n)):
-            self.starting += 1
             worker_id = os.urandom(8).hex()
+            try:
+                self.backend.launcher.fork(worker_id)
+            except exc.BackendError as err:
+                self.launch_error = err  # _dispatch fails what waits for a worker
+                return
+            self.starting += 1
             self.workers[worker_id] = WorkerInfo(worker_id)
-            self.backend.launcher.fork(worker_id)
+
+    def _fail_unstartable(self) -> None:
+        """No worker can be started any more: fail the tasks and actors that
+        wait only for a worker (they fit the free resources), unless a busy
+        worker will come free to run them."""
+        if self.starting or any(w.state in (IDLE, BUSY) and not w.blocking
+                                for w in self.workers.values()):
+            return
+        error = exc.BackendError(f"no worker process can be started for this task: "
+                                 f"{self.launch_error}")
+        tasks, actors = [], []
+        for shape, queue in list(self._queues.items()):
+            keep = collections.deque(s for s in queue if not self.pool.fits(s.resources))
+            for spec in queue:
+                if not self.pool.fits(spec.resources):
+                    continue
+                if spec.kind != ACTOR_CREATION:
+                    tasks.append(spec)
+                elif self.actors[spec.actor_id].state != "DEAD":
+                    actors.append(self.actors[spec.actor_id])
+            if keep:
+                self._queues[shape] = keep
+            else:
+                self._queues.pop(shape, None)
+        for spec in tasks:
+            self._fail(spec, error)
+        for record in actors:
+            self._end_actor(record, f"its worker process cannot be started: "
+                                    f"{self.launch_error}", kill=False)
 
     def _send_execute(self, worker: WorkerInfo, spec: TaskSpec, gpu_ids) -> BaseException | None:
         """Send the task to its worker. Returns the error when its arguments cannot
@@ -633,6 +673,12 @@ class LocalScheduler(Scheduler):
             self.pool.reacquire_cpus(resources)
 
     # -- workers ----------------------------------------------------------------
+    def awaits_worker(self, worker_id: str) -> bool:
+        """Whether `worker_id` is a worker being started that has not connected yet."""
+        with self.lock:
+            worker = self.workers.get(worker_id)
+            return worker is not None and worker.state == STARTING and not self.closed
+
     def worker_connected(self, worker_id: str, pid: int, conn) -> WorkerInfo | None:
         with self.lock:
             worker = self.workers.get(worker_id)
@@ -647,6 +693,24 @@ class LocalScheduler(Scheduler):
             self._dispatch()
             return worker
 
+    def launcher_failed(self, error: BaseException) -> None:
+        """The launcher gave up (it cannot start worker processes any more): the
+        workers being started never will be, and what waits for one fails."""
+        with self.lock:
+            self.launch_error = error
+            for worker in [w for w in self.workers.values() if w.state == STARTING]:
+                worker.state = DEAD
+                self.workers.pop(worker.worker_id, None)
+            self.starting = 0
+            self._dispatch()
+
+    def fail(self, error: BaseException) -> None:
+        """The backend cannot go on (its I/O thread died): every later submit
+        raises `error`; the caller fails the waiters."""
+        with self.lock:
+            self.closed = True
+            self.failure = error
+
     def restart_lost_forks(self, relaunched: bool, deadline: float) -> None:
         """Fork requests may be lost: the zygote died (`relaunched`: ask the new
         one again) or a worker died before saying hello (given up after
@@ -658,8 +722,11 @@ class LocalScheduler(Scheduler):
                     worker.state = DEAD
                     self.workers.pop(worker.worker_id, None)
                     self.starting -= 1
-                elif relaunched:
-                    self.backend.launcher.fork(worker.worker_id)
+                elif relaunched and self.launch_error is None:
+                    try:
+                        self.backend.launcher.fork(worker.worker_id)
+                    except exc.BackendError as err:
+                        self.launch_error = err  # the driver then calls launcher_failed
             self._dispatch()
 
     def reap_idle(self, keep: int, idle_for: float) -> None:

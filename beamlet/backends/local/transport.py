@@ -1,9 +1,17 @@
-"""The local Transport: Unix stream sockets with length-prefixed pickled messages.
+"""The local Transport: authenticated Unix stream sockets carrying
+length-prefixed pickled messages.
 
 Listeners bind Linux abstract-namespace addresses (``@beamlet-...``), so there
-is no socket file to clean up after a crash. Each message is a 4-byte
-little-endian length and a pickle (protocol 5); a reader takes every complete
-message already buffered in one call, so a burst costs one syscall.
+is no socket file to clean up after a crash. Such a name is visible to every
+local user (``/proc/net/unix``) and anyone may connect, so every connection
+first runs the handshake of ``core/auth.py`` with the session's secret, on
+raw byte frames of at most 1 KiB: nothing a peer sends is unpickled before it
+proved it holds the secret. After that each message is a 4-byte
+little-endian length and a pickle (protocol 5), with no further cost per
+message (see ``core/auth.py`` for why a Unix stream needs none); a reader
+takes every complete message already buffered in one call, so a burst costs
+one syscall. A frame over `MAX_FRAME` bytes, or one that does not unpickle,
+raises `ProtocolError`: the connection is then useless and must be closed.
 """
 from __future__ import annotations
 
@@ -12,39 +20,86 @@ import pickle
 import select
 import socket
 import struct
+import sys
 import threading
 import time
 
 from ... import exceptions as exc
+from ...core import auth
 from ...core.interfaces import Connection, Listener, Transport
 
 _HEADER = struct.Struct("<I")
 _RECV_SIZE = 1 << 18
+_PEERCRED = struct.Struct("3i")
+#: The largest message an authenticated peer may send (bytes); large objects
+#: travel through shared memory, not through the socket.
+MAX_FRAME = 1 << 30
+
+
+class ProtocolError(exc.BackendError):
+    """The peer sent a frame that is too large, does not unpickle, or is not a
+    message of the protocol: the connection must be closed."""
 
 
 def _sockaddr(address: str):
     return "\0" + address[1:] if address.startswith("@") else address
 
 
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of the process at the other end of a Unix socket, or None."""
+    try:
+        return _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                _PEERCRED.size))
+    except (OSError, AttributeError, struct.error):
+        return None
+
+
+def describe_peer(sock: socket.socket) -> str:
+    """'pid N (uid U)' of the peer, for log lines."""
+    cred = peer_credentials(sock)
+    return f"pid {cred[0]} (uid {cred[1]})" if cred else "an unknown process"
+
+
+def _too_large(size: int) -> ProtocolError:
+    return ProtocolError(f"a message of {size} bytes cannot be sent: at most {MAX_FRAME} bytes "
+                         f"(large values travel through the object store)")
+
+
 class SocketConnection(Connection):
     """A framed message channel over a connected stream socket.
 
-    `send` and `send_many` may be called from several threads (a lock keeps
-    frames whole); `recv`/`recv_all` from one reader thread only.
+    Made by the transport once the peer is authenticated (`buffered`: the
+    bytes that arrived with the end of the handshake). `send` and `send_many` may
+    be called from several threads (a lock keeps frames whole);
+    `recv`/`recv_all` from one reader thread only.
     """
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, buffered: bytes = b""):
         self.sock = sock
-        self._buf = bytearray()
+        self._buf = bytearray(buffered)
         self._pending: list = []  # parsed by recv() but not yet returned
+        self._error: ProtocolError | None = None  # a bad frame after good ones: raised next
         self._send_lock = threading.Lock()
         self.closed = False
+        if buffered:
+            try:
+                self._pending = self._parse()
+            except ProtocolError as err:
+                self._error = err
+
+    @property
+    def buffered(self) -> bool:
+        """Whether `recv_all` has something to return (or raise) without reading:
+        a selector loop must not wait for the socket to become readable then."""
+        return bool(self._pending) or self._error is not None
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def send(self, message) -> None:
         data = pickle.dumps(message, 5)
+        if len(data) > MAX_FRAME:
+            raise _too_large(len(data))
         frame = _HEADER.pack(len(data)) + data
         with self._send_lock:
             try:
@@ -56,6 +111,8 @@ class SocketConnection(Connection):
         parts = []
         for message in messages:
             data = pickle.dumps(message, 5)
+            if len(data) > MAX_FRAME:
+                raise _too_large(len(data))
             parts.append(_HEADER.pack(len(data)))
             parts.append(data)
         with self._send_lock:
@@ -65,26 +122,44 @@ class SocketConnection(Connection):
                 raise exc.BackendError(f"the peer of this connection is gone: {err}") from None
 
     def _parse(self) -> list:
+        """Every complete message in the buffer. A bad frame raises ProtocolError,
+        at once if it is the first, else at the next call (the messages before
+        it are returned first)."""
         buf = self._buf
         out = []
         pos = 0
         n = len(buf)
-        while n - pos >= 4:
-            (size,) = _HEADER.unpack_from(buf, pos)
-            if n - pos - 4 < size:
-                break
-            out.append(pickle.loads(memoryview(buf)[pos + 4:pos + 4 + size]))
-            pos += 4 + size
+        try:
+            while n - pos >= 4:
+                (size,) = _HEADER.unpack_from(buf, pos)
+                if size > MAX_FRAME:
+                    raise ProtocolError(f"a frame announcing {size} bytes (at most {MAX_FRAME} "
+                                        f"are allowed)")
+                if n - pos - 4 < size:
+                    break
+                try:
+                    out.append(pickle.loads(memoryview(buf)[pos + 4:pos + 4 + size]))
+                except Exception as err:  # noqa: BLE001 - any garbage: the stream is broken
+                    raise ProtocolError(f"a frame of {size} bytes does not unpickle: "
+                                        f"{err!r}") from None
+                pos += 4 + size
+        except ProtocolError as err:
+            if not out:
+                raise
+            self._error = err
         if pos:
             del buf[:pos]
         return out
 
     def recv_all(self) -> list:
         """Read what the socket has now (blocking until at least one byte) and
-        return every complete message; raises EOFError when the peer closed."""
+        return every complete message; raises EOFError when the peer closed,
+        ProtocolError when it sent a bad frame."""
         if self._pending:
             pending, self._pending = self._pending, []
             return pending
+        if self._error is not None:
+            raise self._error
         try:
             chunk = self.sock.recv(_RECV_SIZE)
         except (ConnectionResetError, OSError) as err:
@@ -97,6 +172,8 @@ class SocketConnection(Connection):
     def recv(self, timeout: float | None = None):
         if self._pending:
             return self._pending.pop(0)
+        if self._error is not None:
+            raise self._error
         until = None if timeout is None else time.monotonic() + timeout
         while True:
             messages = self._parse()
@@ -122,9 +199,76 @@ class SocketConnection(Connection):
             self.sock.close()
 
 
+class PendingConnection:
+    """An accepted connection whose handshake is under way, driven by a
+    selector loop without ever blocking on the peer (see
+    `SocketListener.accept_pending`): call `start` once, then `advance`
+    whenever the socket is readable; give it up (`refuse`) after `deadline`."""
+
+    def __init__(self, sock: socket.socket, secret: bytes, version: str):
+        self.sock = sock
+        self.peer = describe_peer(sock)
+        self.deadline = time.monotonic() + auth.HANDSHAKE_TIMEOUT
+        self._handshake = auth.ServerHandshake(secret, version)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def start(self) -> None:
+        """Check the peer's uid and send the challenge; AuthenticationError if
+        the peer is refused already."""
+        cred = peer_credentials(self.sock)
+        if cred is not None and cred[1] != os.geteuid():
+            raise auth.AuthenticationError(f"it runs as uid {cred[1]}, this process as "
+                                           f"uid {os.geteuid()}")
+        self._send_now(self._handshake.greeting)
+
+    def advance(self) -> SocketConnection | None:
+        """Take what the peer sent (without blocking): the authenticated
+        connection once the handshake is done, else None. AuthenticationError
+        if the peer failed it."""
+        try:
+            data = self.sock.recv(4096, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as err:
+            raise auth.AuthenticationError(f"the connection failed: {err}", closed=True) from None
+        if not data:
+            raise auth.AuthenticationError("it closed the connection during the handshake",
+                                           closed=True)
+        reply = self._handshake.feed(data)
+        if reply is None:
+            return None
+        self._send_now(reply)
+        return SocketConnection(self.sock, self._handshake.leftover)
+
+    def _send_now(self, data: bytes) -> None:
+        # A few dozen bytes into an empty socket buffer: they always fit, and a
+        # peer that does not read cannot make us wait.
+        try:
+            sent = self.sock.send(data, socket.MSG_DONTWAIT)
+        except OSError as err:
+            raise auth.AuthenticationError(f"the connection failed: {err}") from None
+        if sent != len(data):
+            raise auth.AuthenticationError("it does not read what it is sent")
+
+    def refuse(self, error: auth.AuthenticationError | None = None) -> None:
+        """Tell the peer why (if there is something to tell) and close."""
+        if error is not None and error.reply:
+            try:
+                self.sock.send(error.reply, socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+        self.sock.close()
+
+
 class SocketListener(Listener):
-    def __init__(self, address: str):
+    """Accepts connections that prove they hold `secret` (speaking `version`)."""
+
+    def __init__(self, address: str, secret: bytes, version: str):
         self.address = address
+        self._secret = secret
+        self._version = version
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(_sockaddr(address))
         self.sock.listen(128)
@@ -132,33 +276,74 @@ class SocketListener(Listener):
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def accept_pending(self) -> PendingConnection:
+        """Accept a connection (the listener must be readable) whose handshake
+        the caller drives; OSError if none was waiting after all."""
+        conn, _ = self.sock.accept()
+        return PendingConnection(conn, self._secret, self._version)
+
     def accept(self, timeout: float | None = None) -> SocketConnection:
-        if timeout is not None:
-            ready, _, _ = select.select([self.sock], [], [], timeout)
+        """The next authenticated connection. Blocks on each peer's handshake
+        (up to `auth.HANDSHAKE_TIMEOUT`): a loop serving many peers should use
+        `accept_pending`. Peers failing it are logged and skipped."""
+        until = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if until is None else max(0.0, until - time.monotonic())
+            ready, _, _ = select.select([self.sock], [], [], left)
             if not ready:
                 raise exc.GetTimeoutError(f"no connection within {timeout}s")
-        conn, _ = self.sock.accept()
-        return SocketConnection(conn)
+            pending = self.accept_pending()
+            try:
+                pending.start()
+                handshake = auth.serve(pending.sock, self._secret, self._version)
+            except auth.AuthenticationError as err:
+                log_refused(pending.peer, err)
+                pending.refuse()
+                continue
+            return SocketConnection(pending.sock, handshake.leftover)
 
     def close(self) -> None:
         self.sock.close()
 
 
+def log_refused(peer: str, error: BaseException) -> None:
+    """The one line logged for a connection refused at the handshake."""
+    print(f"beamlet: refused a connection from {peer}: {error}", file=sys.stderr, flush=True)
+
+
 class UnixSocketTransport(Transport):
-    """Connections between processes of one machine."""
+    """Authenticated connections between the processes of one session on one
+    machine: every process holds the session's `secret`; `version` is the
+    message protocol both ends must speak."""
+
+    def __init__(self, secret: bytes, version: str):
+        auth.check_secret(secret)
+        auth.check_version(version)
+        self._secret = secret
+        self._version = version
 
     def listen(self, address: str | None = None) -> SocketListener:
-        return SocketListener(address or f"@beamlet-{os.getpid()}-{os.urandom(6).hex()}")
+        return SocketListener(address or f"@beamlet-{os.getpid()}-{os.urandom(6).hex()}",
+                              self._secret, self._version)
 
     def connect(self, address: str, timeout: float | None = 10.0) -> SocketConnection:
+        """Connect (retrying until `timeout` while nothing listens), then
+        authenticate: AuthenticationError if the listener refuses us or cannot
+        prove it holds the secret."""
         until = None if timeout is None else time.monotonic() + timeout
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.connect(_sockaddr(address))
-                return SocketConnection(sock)
+                break
             except OSError as err:
                 sock.close()
                 if until is not None and time.monotonic() > until:
                     raise exc.BackendError(f"cannot connect to {address!r}: {err}") from None
                 time.sleep(0.01)
+        try:
+            handshake = auth.join(sock, self._secret, self._version)
+        except auth.AuthenticationError:
+            sock.close()
+            raise
+        return SocketConnection(sock, handshake.leftover)

@@ -31,7 +31,8 @@ from ...core.serialization import SerializedObject
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
 from . import protocol as P
 from . import shm
-from .transport import SocketConnection, UnixSocketTransport
+from ...core.auth import AuthenticationError
+from .transport import ProtocolError, SocketConnection, UnixSocketTransport
 
 
 IDLE_FLUSH_INTERVAL = 0.2  # seconds: how soon an idle worker reports released refs
@@ -378,6 +379,9 @@ class Worker:
         os._exit(1)  # the driver is gone (or we are told to go): nothing left to do
 
     def handle(self, message) -> None:
+        if not P.well_formed(message, P.FROM_DRIVER):
+            raise ProtocolError(f"the driver sent a message that is not one of the "
+                                f"protocol's: {P.describe(message)}")
         tag = message[0]
         if tag == P.EXECUTE:
             self.tasks.put(message)
@@ -509,19 +513,28 @@ class Worker:
             self._finish(spec, result)
 
 
-def main(address: str, worker_id: str) -> None:
-    """Entry point of a worker process (forked by the zygote)."""
+def main(address: str, worker_id: str, secret: bytes) -> None:
+    """Entry point of a worker process (forked by the zygote, which passes on
+    the session's `secret`)."""
     # The driver listens before the zygote starts, so a refused connection (or one
     # closed before WELCOME) means it shut down while this worker was being forked:
     # leave at once and quietly, rather than retrying while the zygote waits for us.
     try:
-        conn = UnixSocketTransport().connect(address, timeout=0)
+        conn = UnixSocketTransport(secret, P.VERSION).connect(address, timeout=0)
+    except AuthenticationError as err:
+        # (The driver logs its side; this one says what the worker saw.)
+        if not err.closed:
+            print(f"beamlet worker {os.getpid()}: {err}", file=sys.stderr, flush=True)
+        return
+    except exc.BackendError:
+        return
+    try:
         conn.send((P.HELLO, worker_id, os.getpid()))
         message = conn.recv(timeout=60)
     except (exc.BackendError, EOFError):
         return
-    if message[0] != P.WELCOME:
-        raise RuntimeError(f"unexpected first message from the driver: {message[0]}")
+    if not P.well_formed(message, P.FROM_DRIVER) or message[0] != P.WELCOME:
+        raise RuntimeError(f"unexpected first message from the driver: {P.describe(message)}")
     config = message[1]
     config["worker_id"] = worker_id
     for path in reversed(config.get("sys_path", [])):

@@ -2,7 +2,10 @@
 first workers are out) and forks a worker in about a millisecond when asked.
 
 Started by the driver in its own session (so a Ctrl-C in the driver's
-terminal reaches only the driver). It reads commands from stdin, one per line:
+terminal reaches only the driver). The first line on its stdin is the
+session's secret (hex): workers prove they hold it when they connect, and
+inherit it by fork; it is never in a command line, which any user can read.
+Then it reads commands from stdin, one per line:
 
     fork WORKER_ID     fork a worker that connects back to the driver
     exit               wait briefly for the workers to leave, then clean up
@@ -65,7 +68,7 @@ def _cleanup(children: set[int], session: str, temp_dir: str, grace: float,
             pass
 
 
-def _fork_worker(address: str, worker_id: str, lock_fd: int) -> int:
+def _fork_worker(address: str, worker_id: str, secret: bytes, lock_fd: int) -> int:
     pid = os.fork()
     if pid:
         return pid
@@ -80,7 +83,7 @@ def _fork_worker(address: str, worker_id: str, lock_fd: int) -> int:
         if "numpy" in sys.modules:
             sys.modules["numpy"].random.seed()  # forked children would share one state
         from .worker import main
-        main(address, worker_id)
+        main(address, worker_id, secret)
     except SystemExit as err:
         code = err.code if isinstance(err.code, int) else 1
     except BaseException:  # noqa: BLE001
@@ -91,17 +94,48 @@ def _fork_worker(address: str, worker_id: str, lock_fd: int) -> int:
         os._exit(code)
 
 
+def _read_secret(fd: int) -> tuple[bytes | None, bytes]:
+    """The secret from the first line on `fd`, and what came after it; (None,
+    b"") at end of file."""
+    data = b""
+    while b"\n" not in data:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return None, b""
+        data += chunk
+    line, rest = data.split(b"\n", 1)
+    try:
+        return bytes.fromhex(line.decode()), rest
+    except ValueError:
+        # (e.g. started by a driver of another beamlet version)
+        raise SystemExit("beamlet zygote: the first line on stdin must be the session's "
+                         "secret, in hex") from None
+
+
 def main() -> None:
     session, address, temp_dir, lock_fd = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    secret, pending = _read_secret(sys.stdin.buffer.fileno())
+    if secret is None:  # the driver died before it could tell us
+        _cleanup(set(), session, temp_dir, grace=0, remove_lock=True)
+        return
     # Warm the imports every worker needs, once, before any fork.
     from . import worker  # noqa: F401
     from ...core import execution  # noqa: F401
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     children: set[int] = set()
     stdin = sys.stdin.buffer
-    pending = b""
     numpy_loaded = False
     while True:
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            words = line.decode().split()
+            if not words:
+                continue
+            if words[0] == "fork":
+                children.add(_fork_worker(address, words[1], secret, lock_fd))
+            elif words[0] == "exit":
+                _cleanup(children, session, temp_dir, grace=2.0, remove_lock=False)
+                return
         # The first workers (asked for at init) are forked before numpy is loaded,
         # which saves its ~70 ms from the time to the first result; it is loaded at
         # the first idle moment, so later workers share its pages.
@@ -117,17 +151,6 @@ def main() -> None:
             _cleanup(children, session, temp_dir, grace=0.5, remove_lock=True)
             return
         pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            words = line.decode().split()
-            if not words:
-                continue
-            if words[0] == "fork":
-                children.add(_fork_worker(address, words[1], lock_fd))
-            elif words[0] == "exit":
-                _cleanup(children, session, temp_dir, grace=2.0, remove_lock=False)
-                return
-
 
 if __name__ == "__main__":
     main()
