@@ -76,7 +76,7 @@ class ActorInfo:
     methods: dict
     state: ActorState = ActorState.PENDING
     reason: str = ""        # why it is RESTARTING or DEAD
-    node_id: str | None = None  # where it last became ALIVE
+    node_id: str | None = None  # the node it runs (or last ran) on
 
     def __post_init__(self):
         object.__setattr__(self, "state", ActorState(self.state))
