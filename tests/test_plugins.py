@@ -437,7 +437,7 @@ def test_control_store_from_plugin_is_used(backend_name):
         assert plugin.opened == ["rec://somewhere:1"]
         [store] = plugin.stores
         # The named actor and the actor's code went to the plugin's store.
-        assert any("registered-in-plugin-store" in k for k in store.keys("named_actors"))
+        assert any(b"registered-in-plugin-store" in k for k in store.keys("named_actors"))
         assert store.keys("functions")
     finally:
         beamlet.shutdown()

@@ -81,14 +81,18 @@ class ActorClass:
         return self._class_id, self._blob
 
     def _create(self, args, kwargs, options: dict) -> "ActorHandle":
+        from .tables import ActorInfo
         rt = _runtime.current()
         name = options.get("name")
         namespace = options.get("namespace") or rt.namespace
-        if name is not None and options.get("get_if_exists"):
+        get_if_exists = name is not None and options.get("get_if_exists")
+        if get_if_exists:
             try:
                 return get_actor(name, namespace)
             except ValueError:
                 pass
+        if name is not None and not name:
+            raise ValueError("actor name must be a non-empty string")
         class_id, blob = self._code()
         rt.register_function(class_id, blob)
         is_async = any(m["is_async"] for m in self._methods.values())
@@ -102,23 +106,23 @@ class ActorClass:
             "detached": options.get("lifetime") == "detached",
             "methods": self._methods,
         }
-        if name is not None:
-            if not name:
-                raise ValueError("actor name must be a non-empty string")
-            rt.reserve_actor_name(name, namespace, actor_id)
+        # Actors hold no CPU while idle unless asked to (Ray's default).
+        resources = resource_request(options, 0.0)
+        spec, _keep = rt.make_spec(ACTOR_CREATION, class_id, self._name, args, kwargs, 1,
+                                   resources, actor_id=actor_id, actor_options=actor_options)
         try:
-            # Actors hold no CPU while idle unless asked to (Ray's default).
-            resources = resource_request(options, 0.0)
-            spec, _keep = rt.make_spec(ACTOR_CREATION, class_id, self._name, args, kwargs, 1,
-                                       resources, actor_id=actor_id, actor_options=actor_options)
-            rt.record_actor(actor_id, {"state": "PENDING", "name": name, "namespace": namespace,
-                                       "class_name": self._name, "methods": self._methods,
-                                       "ready_id": spec.return_ids[0]})
+            rt.tables.create_actor(ActorInfo(actor_id, self._name, name, namespace,
+                                             spec.return_ids[0], self._methods))
+        except exc.ActorAlreadyExistsError:
+            if get_if_exists:  # created elsewhere since the lookup above: that one it is
+                return get_actor(name, namespace)
+            raise
+        try:
             token = rt.submit(spec)[0]
         except BaseException:
-            # Rejected at the call site (an argument that does not pickle, resources no
-            # node has): no actor exists, so its name must not stay taken.
-            rt.forget_actor(actor_id, name, namespace)
+            # Rejected at the call site (e.g. resources no node has): no actor
+            # exists, so its name must not stay taken.
+            rt.tables.forget_actor(actor_id)
             raise
         return ActorHandle(actor_id, self._name, self._methods, token)
 
@@ -216,11 +220,12 @@ def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
     if not isinstance(name, str) or not name:
         raise ValueError(f"get_actor needs a non-empty actor name, got {name!r}")
     rt = _runtime.current()
-    info = rt.lookup_actor(name, namespace)
-    token = ObjectRef(info["ready_id"])
-    actor_id = rt.backend.control_store.get(
-        _runtime.NAMED_ACTORS_TABLE, f"{namespace if namespace is not None else rt.namespace}:{name}")
-    return ActorHandle(actor_id, info["class_name"], info["methods"], token)
+    namespace = rt.namespace if namespace is None else namespace
+    info = rt.tables.named_actor(name, namespace)
+    if info is None:
+        raise ValueError(f"Failed to look up actor with name {name!r} in namespace "
+                         f"{namespace!r}: no live actor has that name")
+    return ActorHandle(info.actor_id, info.class_name, info.methods, ObjectRef(info.ready_id))
 
 
 def exit_actor() -> None:
@@ -249,11 +254,10 @@ def current_actor_handle() -> ActorHandle:
     ctx = _runtime.task_context.get()
     if ctx is None or ctx.actor_id is None:
         raise RuntimeError("current_actor is only available inside an actor")
-    info = _runtime.current().actor_info(ctx.actor_id)
+    info = _runtime.current().tables.actor(ctx.actor_id)
     if info is None:
         raise RuntimeError("this actor is not known to the control store")
-    return ActorHandle(ctx.actor_id, info["class_name"], info["methods"],
-                       ObjectRef(info["ready_id"]))
+    return ActorHandle(ctx.actor_id, info.class_name, info.methods, ObjectRef(info.ready_id))
 
 
 def is_actor_class(obj: Any) -> bool:

@@ -263,8 +263,8 @@ class RuntimeContext:
         an actor."""
         if not self._task or not self._task.actor_id:
             return None
-        info = self._rt.actor_info(self._task.actor_id)
-        return (info or {}).get("name") or ""
+        info = self._rt.tables.actor(self._task.actor_id)
+        return (info.name if info is not None else None) or ""
 
     @property
     def namespace(self) -> str:

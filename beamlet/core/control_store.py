@@ -14,15 +14,37 @@ from .interfaces import ControlStore
 MEMORY_SCHEME = "memory"
 
 
+def _key(key) -> bytes:
+    if type(key) is bytes:
+        return key
+    if isinstance(key, str):
+        return key.encode()
+    if isinstance(key, (bytes, bytearray, memoryview)):
+        return bytes(key)
+    raise TypeError(f"a control store key must be str or bytes, got {type(key).__name__}")
+
+
+def _value(value, what: str):
+    if value is None or type(value) is bytes:
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"a control store {what} must be bytes, got {type(value).__name__}")
+
+
 class MemoryControlStore(ControlStore):
     """Tables of bytes in dicts, behind one lock; callbacks run in the publisher's thread."""
 
     def __init__(self):
-        self._tables: dict[str, dict] = {}
+        self._tables: dict[str, dict[bytes, bytes]] = {}
         self._subscribers: dict[str, list[Callable[[bytes], Any]]] = {}
         self._lock = threading.Lock()
 
     def put(self, table, key, value, overwrite=True) -> bool:
+        key = _key(key)
+        if value is None:
+            raise TypeError("a control store value must be bytes, got None")
+        value = _value(value, "value")
         with self._lock:
             rows = self._tables.setdefault(table, {})
             if not overwrite and key in rows:
@@ -30,10 +52,25 @@ class MemoryControlStore(ControlStore):
             rows[key] = value
             return True
 
+    def compare_and_set(self, table, key, expected, new) -> bool:
+        key = _key(key)
+        expected = _value(expected, "expected value")
+        new = _value(new, "new value")
+        with self._lock:
+            rows = self._tables.setdefault(table, {})
+            if rows.get(key) != expected:
+                return False
+            if new is None:
+                rows.pop(key, None)
+            else:
+                rows[key] = new
+            return True
+
     def get(self, table, key):
-        return self._tables.get(table, {}).get(key)
+        return self._tables.get(table, {}).get(_key(key))
 
     def delete(self, table, key) -> bool:
+        key = _key(key)
         with self._lock:
             return self._tables.get(table, {}).pop(key, None) is not None
 

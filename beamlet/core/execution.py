@@ -15,7 +15,7 @@ import threading
 from typing import Any
 
 from .. import exceptions as exc
-from .runtime import FUNCTIONS_TABLE, Runtime, TaskContext, task_context
+from .runtime import Runtime, TaskContext, task_context
 from .serialization import SerializedObject, deserialize, loads, serialize
 from .task_spec import ACTOR_CREATION, ACTOR_METHOD, ARG_REF, TaskSpec
 
@@ -85,7 +85,7 @@ class Executor:
     def function(self, function_id: bytes) -> Any:
         fn = self._functions.get(function_id)
         if fn is None:
-            blob = self.runtime.backend.control_store.get(FUNCTIONS_TABLE, function_id)
+            blob = self.runtime.tables.function(function_id)
             if blob is None:
                 raise exc.BackendError(f"function {function_id.hex()} is not registered")
             fn = self._functions[function_id] = loads(blob)

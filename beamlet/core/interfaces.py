@@ -9,7 +9,7 @@ builds TaskSpecs, decides what travels inline, resolves errors and counts
 references; the components only store, move and run.
 
     ObjectStore   serialized objects by id: put, blocking get, wait, delete
-    ControlStore  small metadata (functions, named actors, nodes) + pub/sub
+    ControlStore  small metadata (functions, actors, nodes) + compare-and-set, pub/sub
     Transport     messages between processes or machines
     Scheduler     runs TaskSpecs where resources allow, stores their results
 
@@ -84,16 +84,36 @@ class ObjectStore(abc.ABC):
 class ControlStore(abc.ABC):
     """Small durable metadata, shared by every process of a cluster (the GCS).
 
-    Keys live in named tables. Values are bytes (callers serialize). `put`
-    with ``overwrite=False`` is an atomic insert-if-absent: two processes
-    racing for one key, exactly one wins. Subscribers of a channel receive
-    each message published after they subscribed, in publish order.
+    Keys live in named tables. A key is bytes or str, and a str key is the same
+    key as its UTF-8 encoding (`keys` returns bytes). Values are bytes (callers
+    serialize; ``core/tables.py`` holds the tables beamlet itself keeps).
+    Single-key operations are atomic: `compare_and_set` is the primitive every
+    read-modify-write is built on, so that processes sharing a store never
+    lose each other's updates. Subscribers of a channel receive each message
+    published after they subscribed, in publish order.
+
+    On Redis a table is a hash (key = field): `get`/`put`/`delete`/`keys` are
+    HGET/HSET (HSETNX)/HDEL/HKEYS, and `compare_and_set` is one Lua script (or
+    WATCH, HGET, MULTI, HSET/HDEL, EXEC).
     """
 
     @abc.abstractmethod
     def put(self, table: str, key: str | bytes, value: bytes, overwrite: bool = True) -> bool:
         """Store the value; return False (and store nothing) if the key exists
-        and `overwrite` is False."""
+        and `overwrite` is False: then it is an atomic insert-if-absent, the
+        same as ``compare_and_set(table, key, None, value)``."""
+
+    @abc.abstractmethod
+    def compare_and_set(self, table: str, key: str | bytes, expected: bytes | None,
+                        new: bytes | None) -> bool:
+        """Atomically: if the key's value equals `expected` (None: the key is
+        absent), make it `new` (None: delete the key) and return True; otherwise
+        change nothing and return False.
+
+        So ``expected=None`` is insert-if-absent and ``new=None`` is
+        delete-if-equal. A caller that lost (False) re-reads and retries; one
+        whose comparison held knows that nobody wrote the key between its read
+        and its write."""
 
     @abc.abstractmethod
     def get(self, table: str, key: str | bytes) -> bytes | None:

@@ -4,8 +4,10 @@ The public API (``core/api.py``) calls the current Runtime; the Runtime turns
 calls into TaskSpecs and store operations on its Backend. Everything that
 must behave the same on every backend lives here: argument handling (top-level
 refs are resolved, nested refs stay refs, large values go through the store),
-raising stored errors, `wait`'s ordering rules, reference counting, named
-actors and the task context that `get_runtime_context` reports.
+raising stored errors, `wait`'s ordering rules, reference counting and the
+task context that `get_runtime_context` reports. What processes share
+(functions, actors and their names) lives in the control store's tables
+(``core/tables.py``), reached through ``Runtime.tables``.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from .. import exceptions as exc
 from . import ids
 from .refcount import ReferenceCounter
-from .serialization import SerializedObject, deserialize, dumps, loads, serialize
+from .serialization import SerializedObject, deserialize, serialize
 from .task_spec import ACTOR_CREATION, ACTOR_METHOD, ARG_REF, ARG_VALUE, TASK, TaskSpec
 
 if TYPE_CHECKING:
@@ -29,10 +31,6 @@ _current: "Runtime | None" = None
 _ID_OF = operator.attrgetter("id")
 _RUNTIME_OF = operator.attrgetter("_runtime")
 _init_lock = threading.RLock()
-
-FUNCTIONS_TABLE = "functions"
-ACTORS_TABLE = "actors"
-NAMED_ACTORS_TABLE = "named_actors"
 
 
 def current_or_none() -> "Runtime | None":
@@ -84,6 +82,8 @@ class Runtime:
         self._callbacks = None  # the queue of the callback thread, once started
         self._callbacks_lock = threading.Lock()
         self.backend: Backend = backend_factory(config, self)
+        from .tables import Tables  # not at import: `import beamlet` stays fast
+        self.tables = Tables(self.backend.control_store)
         self.inline_threshold = self.backend.inline_threshold
 
     # -- reference counting ---------------------------------------------------
@@ -103,7 +103,7 @@ class Runtime:
     def register_function(self, function_id: bytes, blob: bytes) -> None:
         """Make the pickled function or class known to every worker (once per process)."""
         if function_id not in self._registered_functions:
-            self.backend.control_store.put(FUNCTIONS_TABLE, function_id, blob, overwrite=False)
+            self.tables.register_function(function_id, blob)
             self._registered_functions.add(function_id)
 
     # -- arguments ------------------------------------------------------------
@@ -233,45 +233,6 @@ class Runtime:
         return [refs[pos] for pos in chosen], not_ready
 
     # -- actors ---------------------------------------------------------------
-    def reserve_actor_name(self, name: str, namespace: str, actor_id: bytes) -> None:
-        """Claim a name for an actor, or raise ActorAlreadyExistsError."""
-        key = f"{namespace}:{name}"
-        store = self.backend.control_store
-        if store.put(NAMED_ACTORS_TABLE, key, actor_id, overwrite=False):
-            return
-        holder = store.get(NAMED_ACTORS_TABLE, key)
-        info = store.get(ACTORS_TABLE, holder) if holder else None
-        if info is not None and loads(info).get("state") != "DEAD":
-            raise exc.ActorAlreadyExistsError(
-                f"an actor named {name!r} already exists in namespace {namespace!r}")
-        store.put(NAMED_ACTORS_TABLE, key, actor_id, overwrite=True)
-
-    def forget_actor(self, actor_id: bytes, name: str | None, namespace: str) -> None:
-        """Undo `reserve_actor_name` and `record_actor` for an actor whose creation
-        was rejected before it was submitted."""
-        store = self.backend.control_store
-        store.delete(ACTORS_TABLE, actor_id)
-        if name is not None:
-            key = f"{namespace}:{name}"
-            if store.get(NAMED_ACTORS_TABLE, key) == actor_id:
-                store.delete(NAMED_ACTORS_TABLE, key)
-
-    def record_actor(self, actor_id: bytes, info: dict) -> None:
-        self.backend.control_store.put(ACTORS_TABLE, actor_id, dumps(info))
-
-    def actor_info(self, actor_id: bytes) -> dict | None:
-        raw = self.backend.control_store.get(ACTORS_TABLE, actor_id)
-        return loads(raw) if raw is not None else None
-
-    def lookup_actor(self, name: str, namespace: str | None) -> dict:
-        namespace = self.namespace if namespace is None else namespace
-        actor_id = self.backend.control_store.get(NAMED_ACTORS_TABLE, f"{namespace}:{name}")
-        info = self.actor_info(actor_id) if actor_id else None
-        if info is None or info.get("state") == "DEAD":
-            raise ValueError(f"Failed to look up actor with name {name!r} in namespace "
-                             f"{namespace!r}: no live actor has that name")
-        return info
-
     def kill_actor(self, actor_id: bytes, no_restart: bool) -> None:
         self.backend.scheduler.kill_actor(actor_id, no_restart)
 
@@ -313,23 +274,6 @@ class Runtime:
         with self._callbacks_lock:
             if self._callbacks is not None:
                 self._callbacks.put(None)
-
-
-def set_actor_state(control_store, actor_id: bytes, state: str, reason: str = "") -> dict | None:
-    """Record an actor's state (ALIVE, RESTARTING, DEAD) in the control store; a dead
-    actor's name is freed for reuse. Returns the actor's info."""
-    raw = control_store.get(ACTORS_TABLE, actor_id)
-    if raw is None:
-        return None
-    info = loads(raw)
-    info["state"] = state
-    info["reason"] = reason
-    control_store.put(ACTORS_TABLE, actor_id, dumps(info))
-    if state == "DEAD" and info.get("name") is not None:
-        key = f"{info['namespace']}:{info['name']}"
-        if control_store.get(NAMED_ACTORS_TABLE, key) == actor_id:
-            control_store.delete(NAMED_ACTORS_TABLE, key)
-    return info
 
 
 def _check_timeout(timeout) -> None:

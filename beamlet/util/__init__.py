@@ -14,17 +14,12 @@ def list_named_actors(all_namespaces: bool = False) -> list:
     live named actor anywhere (Ray's ``ray.util.list_named_actors``)."""
     from ..core import runtime as _runtime
     rt = _runtime.current()
-    store = rt.backend.control_store
     out = []
-    for key in store.keys(_runtime.NAMED_ACTORS_TABLE):
-        actor_id = store.get(_runtime.NAMED_ACTORS_TABLE, key)
-        info = rt.actor_info(actor_id) if actor_id else None
-        if info is None or info.get("state") == "DEAD":
-            continue
+    for info in rt.tables.named_actors():
         if all_namespaces:
-            out.append({"namespace": info["namespace"], "name": info["name"]})
-        elif info["namespace"] == rt.namespace:
-            out.append(info["name"])
+            out.append({"namespace": info.namespace, "name": info.name})
+        elif info.namespace == rt.namespace:
+            out.append(info.name)
     return out
 
 

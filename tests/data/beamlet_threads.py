@@ -33,8 +33,8 @@ from beamlet.core.interfaces import Backend, Scheduler
 from beamlet.core.memory_store import MemoryObjectStore
 from beamlet.core.plugins import hookimpl
 from beamlet.core.resources import ResourcePool
-from beamlet.core.runtime import set_actor_state
 from beamlet.core.serialization import serialize
+from beamlet.core.tables import Tables
 from beamlet.core.task_spec import ACTOR_CREATION, ACTOR_METHOD
 
 # The normal task a pool thread is running (None in actor threads and the driver).
@@ -107,7 +107,7 @@ _STOP = object()  # sentinel in an actor's queue: calls queued before it still r
 class ThreadScheduler(Scheduler):
     def __init__(self, runtime, store: "ThreadObjectStore", control_store, pool: ResourcePool):
         self._store = store
-        self._control = control_store
+        self._tables = Tables(control_store)
         self._pool = pool
         self.executor = Executor(runtime)
         self.threads = ThreadPool("beamlet-threads")
@@ -292,10 +292,10 @@ class ThreadScheduler(Scheduler):
         self._dispatch()
 
     def _set_state(self, actor_id: bytes, state: str, reason: str = "") -> None:
-        info = set_actor_state(self._control, actor_id, state, reason)
+        info = self._tables.set_actor_state(actor_id, state, reason)
         hook = plugins.observer("beamlet_actor_state")
         if hook is not None and info is not None:
-            hook(actor_id=actor_id, class_name=info["class_name"], state=state, reason=reason)
+            hook(actor_id=actor_id, class_name=info.class_name, state=state, reason=reason)
 
     def _stop_actor(self, actor_id: bytes, reason: str | None) -> None:
         """End an actor: at once (``reason`` given: queued and later calls fail), or

@@ -35,6 +35,9 @@ from .session import SessionLock, sweep
 from .transport import (PendingConnection, ProtocolError, SocketConnection, UnixSocketTransport,
                         describe_peer, log_refused)
 
+#: The ControlStore methods a worker may call through a "control" request.
+CONTROL_OPS = frozenset({"put", "compare_and_set", "get", "delete", "keys", "publish"})
+
 DEFAULT_STORE_FRACTION = 0.3
 IDLE_WORKER_TIMEOUT = 2.0  # seconds before a surplus idle worker is let go
 WORKER_START_TIMEOUT = 30.0  # seconds before a worker that never said hello is given up
@@ -522,6 +525,8 @@ class LocalBackend(Backend):
         elif op == "control":
             name, call_args = args
             try:
+                if name not in CONTROL_OPS:
+                    raise ValueError(f"unknown control store operation {name!r}")
                 result = getattr(self.control_store, name)(*call_args)
             except Exception as err:  # noqa: BLE001
                 self._reply(worker, req_id, False, err)

@@ -20,8 +20,9 @@ from ...core.interfaces import Backend, Scheduler
 from ...core.memory_store import MemoryObjectStore
 from ...core.options import check_backend_options
 from ...core.resources import ResourcePool
-from ...core.runtime import Runtime, set_actor_state
+from ...core.runtime import Runtime
 from ...core.serialization import serialize
+from ...core.tables import Tables
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
 
 
@@ -41,7 +42,7 @@ class InProcessScheduler(Scheduler):
     def __init__(self, runtime: Runtime, store: MemoryObjectStore, control_store,
                  pool: ResourcePool):
         self._store = store
-        self._control = control_store
+        self._tables = Tables(control_store)
         self._refs = runtime.refs
         self._pool = pool
         self.executor = Executor(runtime)
@@ -122,10 +123,10 @@ class InProcessScheduler(Scheduler):
             return
 
     def _set_state(self, actor_id: bytes, state: str, reason: str = "") -> None:
-        info = set_actor_state(self._control, actor_id, state, reason)
+        info = self._tables.set_actor_state(actor_id, state, reason)
         if info is not None:
             plugins.notify("beamlet_actor_state", actor_id=actor_id,
-                           class_name=info["class_name"], state=state, reason=reason)
+                           class_name=info.class_name, state=state, reason=reason)
 
     def cancel(self, object_id: bytes, force: bool = False) -> None:
         """Every task has finished by the time its ref exists: nothing to cancel."""

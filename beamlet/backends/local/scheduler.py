@@ -27,8 +27,8 @@ from ... import exceptions as exc
 from ...core import plugins
 from ...core.interfaces import Scheduler
 from ...core.resources import ResourcePool
-from ...core.runtime import FUNCTIONS_TABLE, set_actor_state
 from ...core.serialization import SerializedObject, deserialize, serialize
+from ...core.tables import Tables
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, ARG_REF, ARG_VALUE, TaskSpec
 from . import protocol as P
 
@@ -152,7 +152,7 @@ class LocalScheduler(Scheduler):
     def __init__(self, backend: "LocalBackend", pool: ResourcePool, max_workers: int):
         self.backend = backend
         self.store = backend.object_store
-        self.control = backend.control_store
+        self.tables = Tables(backend.control_store)
         self.pool = pool
         self.lock = threading.RLock()
         self.max_workers = max_workers
@@ -338,7 +338,7 @@ class LocalScheduler(Scheduler):
             return err
         blobs = []
         if spec.kind != ACTOR_METHOD and spec.function_id not in worker.known_functions:
-            blobs.append((spec.function_id, self.control.get(FUNCTIONS_TABLE, spec.function_id)))
+            blobs.append((spec.function_id, self.tables.function(spec.function_id)))
             worker.known_functions.add(spec.function_id)
         if entries:
             # The worker maps these when the task starts: they must not spill before.
@@ -475,7 +475,7 @@ class LocalScheduler(Scheduler):
             self._end_actor(record, "all handles to it went out of scope", kill=True)
 
     def _set_state(self, record: ActorRecord, state: str, reason: str = "") -> None:
-        set_actor_state(self.control, record.spec.actor_id, state, reason)
+        self.tables.set_actor_state(record.spec.actor_id, state, reason, self.backend.node_id)
         plugins.notify("beamlet_actor_state", actor_id=record.spec.actor_id,
                        class_name=record.spec.function_name, state=state, reason=reason)
 

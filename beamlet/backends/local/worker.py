@@ -153,7 +153,8 @@ class WorkerObjectStore(ObjectStore):
 
 
 class ControlStoreClient(ControlStore):
-    """The driver's control store, through requests."""
+    """The driver's control store, through requests: each call is one round trip,
+    and the driver's store runs it atomically (so compare-and-set stays atomic)."""
 
     def __init__(self, backend: "WorkerBackend"):
         self._b = backend
@@ -163,6 +164,9 @@ class ControlStoreClient(ControlStore):
 
     def put(self, table, key, value, overwrite=True) -> bool:
         return self._call("put", table, key, value, overwrite)
+
+    def compare_and_set(self, table, key, expected, new) -> bool:
+        return self._call("compare_and_set", table, key, expected, new)
 
     def get(self, table, key):
         return self._call("get", table, key)
