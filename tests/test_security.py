@@ -201,7 +201,7 @@ def test_the_right_secret_is_accepted_and_another_version_refused_naming_both(st
     conn = UnixSocketTransport(backend.secret, P.VERSION).connect(address, timeout=30)
     try:
         # Authenticated, but not a worker the driver awaits: closed without a WELCOME.
-        conn.send((P.HELLO, "not-a-worker", os.getpid()))
+        conn.send(P.Hello("not-a-worker", os.getpid()))
         with pytest.raises(EOFError):
             conn.recv(timeout=60)
     finally:

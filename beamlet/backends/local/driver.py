@@ -222,7 +222,8 @@ class LocalBackend(Backend):
         self._keep_workers = cpus
         self.launcher = WorkerLauncher(self.session, self.listener.address, self.temp_dir,
                                        self.secret, self._session_lock.fd)
-        self.scheduler = LocalScheduler(self, pool, max_workers)
+        self.scheduler = LocalScheduler(self, self.object_store, self.control_store, pool,
+                                        max_workers)
         self._closed = False
         #: Why the backend cannot go on (its I/O thread died), once it cannot.
         self.failure: exc.BackendError | None = None
@@ -230,6 +231,7 @@ class LocalBackend(Backend):
         self._release_pending = False
         self.object_store.reclaim = self._free_released
         self._awaiting: dict[tuple, object] = {}  # (worker id, request id) -> store Waiter
+        self._handlers = self._dispatch_table()
         self._wake_r, self._wake_w = os.pipe()
         self._io = threading.Thread(target=self._io_loop, name="beamlet-io", daemon=True)
         self._io.start()
@@ -347,7 +349,7 @@ class LocalBackend(Backend):
             self._drop(sel, slot, err)
             return
         for message in messages:
-            if not P.well_formed(message, P.FROM_WORKER):
+            if type(message) not in P.FROM_WORKER:
                 self._drop(sel, slot, ProtocolError(
                     f"a message that is not one of the protocol's: {P.describe(message)}"))
                 return
@@ -365,7 +367,7 @@ class LocalBackend(Backend):
             except Exception as err:  # noqa: BLE001 - one bad message must not stop the I/O thread
                 if self._closed:
                     return
-                _log_error(f"handling message {message[0]} from worker "
+                _log_error(f"handling {type(message).__name__} from worker "
                            f"{getattr(worker, 'pid', '?')}", err)
 
     def _drop(self, sel, slot: list, error: BaseException | None) -> None:
@@ -387,14 +389,14 @@ class LocalBackend(Backend):
     def _hello(self, conn: SocketConnection, message) -> WorkerInfo | None:
         """The first message of an authenticated connection: a worker's HELLO.
         None for a worker that is not awaited (a duplicate fork, or given up)."""
-        if message[0] != P.HELLO:
+        if type(message) is not P.Hello:
             raise ProtocolError(f"the first message was not HELLO: {P.describe(message)}")
-        _, worker_id, pid = message
+        worker_id, pid = message
         if type(worker_id) is not str or type(pid) is not int:
             raise ProtocolError(f"a malformed HELLO: {P.describe(message)}")
         if not self.scheduler.awaits_worker(worker_id):
             return None
-        conn.send((P.WELCOME, {
+        conn.send(P.Welcome({
             "session": self.session, "node_id": self.node_id, "job_id": self.runtime.job_id,
             "namespace": self.runtime.namespace, "inline_threshold": self.inline_threshold,
             "sys_path": list(sys.path), "cwd": os.getcwd(),
@@ -421,32 +423,51 @@ class LocalBackend(Backend):
                 worker.conn.close()
 
     def _handle(self, worker: WorkerInfo, message) -> None:
-        tag = message[0]
-        if tag == P.DONE:
-            self.scheduler.task_done(worker, message[1], message[2], message[3])
-            self.object_store.drop_unreported(worker.worker_id, message[2])
-        elif tag == P.REFS:
-            self.scheduler.record_borrow(worker, message[1], message[2])
-        elif tag == P.REQUEST:
-            self._request(worker, message[1], message[2], message[3])
-        elif tag == P.SUBMIT:
-            spec = message[1]
-            try:
-                self.runtime.accept(spec)
-            except Exception as err:  # noqa: BLE001 - the submitter gets it from get()
-                self.scheduler._fail(spec, exc.TaskError.from_exception(err, spec.display_name))
-        elif tag == P.PUT:
-            self.object_store.put_from_worker(message[1], message[2], worker.worker_id,
-                                              worker.worker_id)
-        elif tag == P.CANCEL:
-            try:
-                self.scheduler.cancel(message[1], message[2])
-            except ValueError:
-                pass
-        elif tag == P.KILL_ACTOR:
-            self.scheduler.kill_actor(message[1], message[2])
-        elif tag == P.FORGET:
-            self._forget(worker, message[1])
+        self._handlers[type(message)](worker, message)
+
+    # -- the dispatch table: one handler per message a worker may send -------------
+    def _dispatch_table(self) -> dict:
+        return {
+            P.Hello: self._on_second_hello, P.Done: self._on_done, P.Refs: self._on_refs,
+            P.Submit: self._on_submit, P.Put: self._on_put, P.CancelTask: self._on_cancel,
+            P.KillActor: self._on_kill_actor, P.Forget: self._on_forget,
+            P.GetRequest: self._on_get, P.WaitRequest: self._on_wait,
+            P.AllocRequest: self._on_alloc, P.AbandonRequest: self._on_abandon,
+            P.ControlRequest: self._on_control, P.ResourcesRequest: self._on_resources,
+        }
+
+    def _on_second_hello(self, worker: WorkerInfo, message: P.Hello) -> None:
+        raise ProtocolError("a second HELLO on one connection")
+
+    def _on_done(self, worker: WorkerInfo, message: P.Done) -> None:
+        self.scheduler.task_done(worker, message.task_id, message.entries, message.retryable)
+        self.object_store.drop_unreported(worker.worker_id, message.entries)
+
+    def _on_refs(self, worker: WorkerInfo, message: P.Refs) -> None:
+        self.scheduler.record_borrow(worker, message.added, message.released)
+
+    def _on_submit(self, worker: WorkerInfo, message: P.Submit) -> None:
+        spec = message.spec
+        try:
+            self.runtime.accept(spec)
+        except Exception as err:  # noqa: BLE001 - the submitter gets it from get()
+            self.scheduler._fail(spec, exc.TaskError.from_exception(err, spec.display_name))
+
+    def _on_put(self, worker: WorkerInfo, message: P.Put) -> None:
+        self.object_store.put_from_worker(message.object_id, message.entry, worker.worker_id,
+                                          worker.worker_id)
+
+    def _on_cancel(self, worker: WorkerInfo, message: P.CancelTask) -> None:
+        try:
+            self.scheduler.cancel(message.object_id, message.force)
+        except ValueError:
+            pass  # (the same call in the driver raises; a task cannot be told)
+
+    def _on_kill_actor(self, worker: WorkerInfo, message: P.KillActor) -> None:
+        self.scheduler.kill_actor(message.actor_id, message.no_restart)
+
+    def _on_forget(self, worker: WorkerInfo, message: P.Forget) -> None:
+        self._forget(worker, message.req_id)
 
     def _await(self, worker: WorkerInfo, req_id: int, blocking: bool, ids, count: int,
                answer) -> None:
@@ -486,59 +507,68 @@ class LocalBackend(Backend):
 
     def _reply(self, worker: WorkerInfo, req_id: int, ok: bool, payload) -> None:
         try:
-            worker.conn.send((P.REPLY, req_id, ok, payload))
+            worker.conn.send(P.Reply(req_id, ok, payload))
         except exc.BackendError:
             pass  # it died; its EOF is being handled
 
-    def _request(self, worker: WorkerInfo, req_id: int, op: str, args) -> None:
-        store = self.object_store
-        if op == "get":
-            ids, blocking = args  # blocking: the worker's thread waits (its CPU is free)
+    def _on_get(self, worker: WorkerInfo, message: P.GetRequest) -> None:
+        store, req_id, ids = self.object_store, message.req_id, message.ids
 
-            def answer_get():
-                try:
-                    entries = [store.wire_entry(i) for i in ids]
-                    if any(e is None for e in entries):
-                        raise exc.ObjectLostError("an object was freed before it could be read")
-                except Exception as err:  # noqa: BLE001
-                    self._reply(worker, req_id, False, err)
-                    return
-                self._reply(worker, req_id, True, entries)
-
-            self._await(worker, req_id, blocking, ids, len(set(ids)), answer_get)
-        elif op == "wait":
-            ids, num_returns, blocking = args
-            self._await(worker, req_id, blocking, ids, num_returns,
-                        lambda: self._reply(worker, req_id, True,
-                                            store.wait(ids, num_returns, 0)))
-        elif op == "alloc":
-            sizes = args[0]
-            if not isinstance(sizes, list) or not sizes or \
-                    not all(type(n) is int and n > 0 for n in sizes):
-                self._reply(worker, req_id, False, ValueError(f"bad segment sizes {sizes!r}"))
-                return
-            store.allocate(worker.worker_id, sizes,
-                           lambda ok, payload: self._reply(worker, req_id, ok, payload))
-        elif op == "abandon":
-            store.drop_unsealed(worker.worker_id, args[0])
-            self._reply(worker, req_id, True, None)
-        elif op == "control":
-            name, call_args = args
+        def answer_get():
             try:
-                if name not in CONTROL_OPS:
-                    raise ValueError(f"unknown control store operation {name!r}")
-                result = getattr(self.control_store, name)(*call_args)
+                entries = [store.wire_entry(i) for i in ids]
+                if any(e is None for e in entries):
+                    raise exc.ObjectLostError("an object was freed before it could be read")
             except Exception as err:  # noqa: BLE001
                 self._reply(worker, req_id, False, err)
                 return
-            self._reply(worker, req_id, True, result)
-        elif op == "resources":
-            which = args[0]
-            result = (self.scheduler.total_resources() if which == "total"
-                      else self.scheduler.available_resources())
-            self._reply(worker, req_id, True, result)
-        else:
-            self._reply(worker, req_id, False, ValueError(f"unknown request {op!r}"))
+            self._reply(worker, req_id, True, entries)
+
+        self._await(worker, req_id, message.blocking, ids, len(set(ids)), answer_get)
+
+    def _on_wait(self, worker: WorkerInfo, message: P.WaitRequest) -> None:
+        store, req_id, ids, num_returns = (self.object_store, message.req_id, message.ids,
+                                           message.num_returns)
+        self._await(worker, req_id, message.blocking, ids, num_returns,
+                    lambda: self._reply(worker, req_id, True, store.wait(ids, num_returns, 0)))
+
+    def _on_alloc(self, worker: WorkerInfo, message: P.AllocRequest) -> None:
+        sizes, req_id = message.sizes, message.req_id
+        if not isinstance(sizes, list) or not sizes or \
+                not all(type(n) is int and n > 0 for n in sizes):
+            self._reply(worker, req_id, False, ValueError(f"bad segment sizes {sizes!r}"))
+            return
+        self.object_store.allocate(worker.worker_id, sizes,
+                                   lambda ok, payload: self._reply(worker, req_id, ok, payload))
+
+    def _on_abandon(self, worker: WorkerInfo, message: P.AbandonRequest) -> None:
+        self.object_store.drop_unsealed(worker.worker_id, message.names)
+        self._reply(worker, message.req_id, True, None)
+
+    def _on_control(self, worker: WorkerInfo, message: P.ControlRequest) -> None:
+        try:
+            if message.op not in CONTROL_OPS:
+                raise ValueError(f"unknown control store operation {message.op!r}")
+            result = getattr(self.control_store, message.op)(*message.args)
+        except Exception as err:  # noqa: BLE001 - the asker raises it
+            self._reply(worker, message.req_id, False, err)
+            return
+        self._reply(worker, message.req_id, True, result)
+
+    def _on_resources(self, worker: WorkerInfo, message: P.ResourcesRequest) -> None:
+        result = (self.scheduler.total_resources() if message.which == "total"
+                  else self.scheduler.available_resources())
+        self._reply(worker, message.req_id, True, result)
+
+    # -- SchedulerHost (scheduler.py): what the scheduler may ask of this node ----------
+    def start_worker(self, worker_id: str) -> None:
+        self.launcher.fork(worker_id)
+
+    def pin(self, object_ids) -> None:
+        self.runtime.refs.incr_all(object_ids)
+
+    def unpin(self, object_ids) -> None:
+        self.runtime.refs.decr_all(object_ids)
 
     # -- Backend ------------------------------------------------------------------
     def object_released(self, object_id: bytes) -> None:

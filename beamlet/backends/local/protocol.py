@@ -1,62 +1,164 @@
-"""Messages between the local backend's driver and its workers.
+"""The messages between a node and its workers: typed, versioned, one table.
 
-Every message is a tuple whose first item is one of the tags below. Objects
-travel as *entries*: a ``SerializedObject`` (small values, inline) or a
-``ShmEntry`` (a value in a shared-memory segment, by name).
+Each message is a small ``NamedTuple`` class: it pickles as its class and its
+fields, so the receiver gets a value of a known type with named fields, and
+dispatches on ``type(message)`` through one table (the node's in driver.py,
+the worker's in worker.py). A frame holding anything but a message its
+receiver accepts (`FROM_WORKER`, `FROM_NODE`), or a message with the wrong
+number of fields, is a protocol error: the connection is closed. `VERSION` is
+bound into every connection's handshake (core/auth.py), so a process of
+another version is refused before it sends anything.
 
-Worker -> driver
-    (HELLO, worker_id, pid)
-    (DONE, task_id, entries, retryable)        a task or call finished; entries per return id
-    (SUBMIT, spec)                             a task submitted from inside a task
-    (PUT, object_id, entry)                    put() inside a task
-    (REQUEST, req_id, op, args)                needs a REPLY: get, wait, control, resources,
-                                               alloc (segments to write results/puts into),
-                                               abandon (granted segments that will not be used)
-    (REFS, added_ids, released_ids)            borrow counts changed (sent before anything else)
-    (CANCEL, object_id, force) / (KILL_ACTOR, actor_id, no_restart)
-    (FORGET, req_id)                           a blocking get gave up (timeout): not waiting now
+Objects travel as *entries*: a ``SerializedObject`` (small values, inline) or
+a ``ShmEntry`` (a value in a shared-memory segment, by name).
 
-Driver -> worker
-    (WELCOME, config)                          sys.path, cwd, session, node id
-    (EXECUTE, spec, blobs, entries, gpu_ids)   run it; blobs: code not sent before; entries: args in shm
-    (REPLY, req_id, ok, payload)               payload is the answer, or the exception to raise
-    (CANCEL, task_id, force)                   interrupt the task if it is running
-    (EXIT,)                                    finish now
+Requests (the ``*Request`` messages) carry a ``req_id`` and are answered by
+one ``Reply`` with that id; a worker that stops waiting for one (a timeout)
+sends ``Forget``.
 """
 from __future__ import annotations
 
 import reprlib
+from typing import Any, NamedTuple
 
 #: The protocol a connection speaks, bound into its handshake (core/auth.py): a
 #: process of another version is refused, both versions named. Change it with
 #: any change to the messages below.
-VERSION = "beamlet-local/1"
-
-HELLO = 1
-DONE = 2
-SUBMIT = 3
-PUT = 4
-REQUEST = 5
-REFS = 6
-CANCEL = 7
-KILL_ACTOR = 8
-FORGET = 9
-WELCOME = 10
-EXECUTE = 11
-REPLY = 12
-EXIT = 13
-
-#: Tag -> length of each message a worker may send, and the driver may send.
-FROM_WORKER = {HELLO: 3, DONE: 4, SUBMIT: 2, PUT: 3, REQUEST: 4, REFS: 3, CANCEL: 3,
-               KILL_ACTOR: 3, FORGET: 2}
-FROM_DRIVER = {WELCOME: 2, EXECUTE: 5, REPLY: 4, CANCEL: 3, EXIT: 1}
+VERSION = "beamlet-local/2"
 
 
-def well_formed(message, allowed: dict) -> bool:
-    """Whether `message` is a tuple of one of the `allowed` tags, of its length.
-    A peer that sends anything else is broken (or hostile): close its connection."""
-    return (type(message) is tuple and len(message) > 0 and type(message[0]) is int
-            and allowed.get(message[0]) == len(message))
+# -- worker -> node ----------------------------------------------------------------
+class Hello(NamedTuple):
+    """The first message of a worker's connection."""
+    worker_id: str
+    pid: int
+
+
+class Done(NamedTuple):
+    """A task or actor call finished: one entry per return id."""
+    task_id: bytes
+    entries: list
+    retryable: bool  # it failed and asks for another attempt (retry_exceptions)
+
+
+class Submit(NamedTuple):
+    """A task submitted from inside a task."""
+    spec: Any
+
+
+class Put(NamedTuple):
+    """``put()`` inside a task (a large entry's segment was allocated first)."""
+    object_id: bytes
+    entry: Any
+
+
+class Refs(NamedTuple):
+    """Borrowed references taken and let go since the last message (sent before
+    any other message, so that no object is freed under a borrower)."""
+    added: list
+    released: list
+
+
+class CancelTask(NamedTuple):
+    """``cancel()`` inside a task: cancel the task that makes `object_id`."""
+    object_id: bytes
+    force: bool
+
+
+class KillActor(NamedTuple):
+    """``kill()`` inside a task."""
+    actor_id: bytes
+    no_restart: bool
+
+
+class Forget(NamedTuple):
+    """The worker stopped waiting for request `req_id` (it timed out)."""
+    req_id: int
+
+
+class GetRequest(NamedTuple):
+    """Reply with the entries of `ids` once all exist. `blocking`: the worker's
+    thread waits meanwhile, so its CPUs are lent out."""
+    req_id: int
+    ids: list
+    blocking: bool
+
+
+class WaitRequest(NamedTuple):
+    """Reply with a set of present ids once `num_returns` of `ids` exist (0: at once)."""
+    req_id: int
+    ids: list
+    num_returns: int
+    blocking: bool
+
+
+class AllocRequest(NamedTuple):
+    """Reply with the names of new segments of these sizes (all or none)."""
+    req_id: int
+    sizes: list
+
+
+class AbandonRequest(NamedTuple):
+    """Granted segments that will not be written after all."""
+    req_id: int
+    names: list
+
+
+class ControlRequest(NamedTuple):
+    """A control-store call (`op` is one of its methods)."""
+    req_id: int
+    op: str
+    args: tuple
+
+
+class ResourcesRequest(NamedTuple):
+    """The node's ``"total"`` or ``"available"`` resources."""
+    req_id: int
+    which: str
+
+
+# -- node -> worker ----------------------------------------------------------------
+class Welcome(NamedTuple):
+    """The answer to Hello: session, node id, sys.path, cwd, resources."""
+    config: dict
+
+
+class Execute(NamedTuple):
+    """Run a task or call. `blobs`: code the worker was not sent before;
+    `entries`: its arguments in shared memory; `gpu_ids`: its GPUs (None: none asked)."""
+    spec: Any
+    blobs: list
+    entries: Any
+    gpu_ids: Any
+
+
+class Reply(NamedTuple):
+    """The answer to request `req_id`: the payload, or (ok False) the exception to raise."""
+    req_id: int
+    ok: bool
+    payload: Any
+
+
+class Interrupt(NamedTuple):
+    """Interrupt task `task_id` if it is running (`force`: exit the process)."""
+    task_id: bytes
+    force: bool
+
+
+class Exit(NamedTuple):
+    """Finish now."""
+
+
+#: What each side accepts.
+FROM_WORKER = frozenset({Hello, Done, Submit, Put, Refs, CancelTask, KillActor, Forget,
+                         GetRequest, WaitRequest, AllocRequest, AbandonRequest, ControlRequest,
+                         ResourcesRequest})
+FROM_NODE = frozenset({Welcome, Execute, Reply, Interrupt, Exit})
+
+#: Request messages by the short names the worker's client side uses.
+REQUESTS = {"get": GetRequest, "wait": WaitRequest, "alloc": AllocRequest,
+            "abandon": AbandonRequest, "control": ControlRequest,
+            "resources": ResourcesRequest}
 
 
 def describe(message) -> str:

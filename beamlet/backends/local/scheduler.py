@@ -21,7 +21,7 @@ import os
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable, Protocol
 
 from ... import exceptions as exc
 from ...core import plugins
@@ -33,7 +33,7 @@ from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, ARG_REF, ARG_VALUE, 
 from . import protocol as P
 
 if TYPE_CHECKING:
-    from .driver import LocalBackend
+    from .object_store import LocalObjectStore
 
 STARTING, IDLE, BUSY, ACTOR, EXITING, DEAD = "STARTING", "IDLE", "BUSY", "ACTOR", "EXITING", "DEAD"
 
@@ -148,11 +148,31 @@ class CallQueue:
         return out
 
 
+class SchedulerHost(Protocol):
+    """What the scheduler needs from the node it runs in, and nothing more: the
+    same scheduler serves the single-machine backend and a cluster node."""
+
+    node_id: str
+
+    def start_worker(self, worker_id: str) -> None:
+        """Start a worker process that will connect and say hello as `worker_id`
+        (then `worker_connected` is called); BackendError if none can be started."""
+
+    def pin(self, object_ids: Iterable[bytes]) -> None:
+        """Keep these objects alive (a reference each) until `unpin`."""
+
+    def unpin(self, object_ids: Iterable[bytes]) -> None:
+        """Drop references taken by `pin` (an object may then be freed)."""
+
+
 class LocalScheduler(Scheduler):
-    def __init__(self, backend: "LocalBackend", pool: ResourcePool, max_workers: int):
-        self.backend = backend
-        self.store = backend.object_store
-        self.tables = Tables(backend.control_store)
+    """Runs specs on worker processes of one node; results go to `store`."""
+
+    def __init__(self, host: SchedulerHost, store: "LocalObjectStore", control_store,
+                 pool: ResourcePool, max_workers: int):
+        self.host = host
+        self.store = store
+        self.tables = Tables(control_store)
         self.pool = pool
         self.lock = threading.RLock()
         self.max_workers = max_workers
@@ -198,7 +218,7 @@ class LocalScheduler(Scheduler):
                 if spec.actor_options.get("detached"):
                     # Lives until killed: the owner holds its handle, not the creator.
                     record.pinned.append(record.token)
-                self.backend.runtime.refs.incr_all(record.pinned)
+                self.host.pin(record.pinned)
             deps = [d for d in dict.fromkeys(spec.dependencies()) if not self.store.contains(d)]
             if not deps:
                 self._make_ready(spec)
@@ -292,7 +312,7 @@ class LocalScheduler(Scheduler):
         for _ in range(max(0, n)):
             worker_id = os.urandom(8).hex()
             try:
-                self.backend.launcher.fork(worker_id)
+                self.host.start_worker(worker_id)
             except exc.BackendError as err:
                 self.launch_error = err  # _dispatch fails what waits for a worker
                 return
@@ -348,7 +368,7 @@ class LocalScheduler(Scheduler):
             self._shipped[spec.task_id] = list(entries)
             self.store.pin(entries)
         try:
-            worker.conn.send((P.EXECUTE, shipped, blobs, entries, gpu_ids))
+            worker.conn.send(P.Execute(shipped, blobs, entries, gpu_ids))
         except exc.BackendError:
             pass
         return None
@@ -475,7 +495,7 @@ class LocalScheduler(Scheduler):
             self._end_actor(record, "all handles to it went out of scope", kill=True)
 
     def _set_state(self, record: ActorRecord, state: str, reason: str = "") -> None:
-        self.tables.set_actor_state(record.spec.actor_id, state, reason, self.backend.node_id)
+        self.tables.set_actor_state(record.spec.actor_id, state, reason, self.host.node_id)
         plugins.notify("beamlet_actor_state", actor_id=record.spec.actor_id,
                        class_name=record.spec.function_name, state=state, reason=reason)
 
@@ -491,7 +511,7 @@ class LocalScheduler(Scheduler):
         record.reason = reason
         self._set_state(record, "DEAD", reason)
         if record.pinned:
-            self.backend.runtime.refs.decr_all(record.pinned)
+            self.host.unpin(record.pinned)
             record.pinned = []
         error = exc.ActorDiedError(f"the actor {record.spec.function_name} is dead: {reason}")
         if record.spec.task_id in self._tasks:  # it never finished starting
@@ -724,7 +744,7 @@ class LocalScheduler(Scheduler):
                     self.starting -= 1
                 elif relaunched and self.launch_error is None:
                     try:
-                        self.backend.launcher.fork(worker.worker_id)
+                        self.host.start_worker(worker.worker_id)
                     except exc.BackendError as err:
                         self.launch_error = err  # the driver then calls launcher_failed
             self._dispatch()
@@ -747,7 +767,7 @@ class LocalScheduler(Scheduler):
                 self.idle.remove(worker)
                 surplus -= 1
                 try:
-                    worker.conn.send((P.EXIT,))
+                    worker.conn.send(P.Exit())
                 except exc.BackendError:
                     pass
 
@@ -760,9 +780,7 @@ class LocalScheduler(Scheduler):
             # restart_lost_forks gives those up.)
             worker.state = DEAD
             self.workers.pop(worker.worker_id, None)
-            for object_id, count in worker.borrowed.items():
-                for _ in range(count):
-                    self.backend.runtime.refs.decr(object_id)
+            self.host.unpin(worker.borrowed.elements())
             worker.borrowed.clear()
             self._lose_objects_of(worker)
             if worker.actor_id is not None:
@@ -841,16 +859,18 @@ class LocalScheduler(Scheduler):
                 f"the worker that put this object (pid {worker.pid}) died"))
 
     def record_borrow(self, worker: WorkerInfo, added, released) -> None:
-        refs = self.backend.runtime.refs
+        borrowed = worker.borrowed
         for object_id in added:
-            worker.borrowed[object_id] += 1
-            refs.incr(object_id)
+            borrowed[object_id] += 1
+        self.host.pin(added)
+        let_go = []
         for object_id in released:
-            if worker.borrowed[object_id] > 0:
-                worker.borrowed[object_id] -= 1
-                if not worker.borrowed[object_id]:
-                    del worker.borrowed[object_id]
-                refs.decr(object_id)
+            if borrowed[object_id] > 0:
+                borrowed[object_id] -= 1
+                if not borrowed[object_id]:
+                    del borrowed[object_id]
+                let_go.append(object_id)
+        self.host.unpin(let_go)
 
     # -- cancel -----------------------------------------------------------------
     def cancel(self, object_id: bytes, force: bool = False) -> None:
@@ -871,7 +891,7 @@ class LocalScheduler(Scheduler):
                 elif record is not None and task_id in record.inflight and record.worker:
                     self._cancelled.add(task_id)
                     try:
-                        record.worker.conn.send((P.CANCEL, task_id, False))
+                        record.worker.conn.send(P.Interrupt(task_id, False))
                     except exc.BackendError:
                         pass
                 return
@@ -891,7 +911,7 @@ class LocalScheduler(Scheduler):
                     self._kill_worker(worker)
                 else:
                     try:
-                        worker.conn.send((P.CANCEL, task_id, False))
+                        worker.conn.send(P.Interrupt(task_id, False))
                     except exc.BackendError:
                         pass
 
@@ -910,7 +930,7 @@ class LocalScheduler(Scheduler):
         for worker in workers:
             if worker.conn is not None:
                 try:
-                    worker.conn.send((P.EXIT,))
+                    worker.conn.send(P.Exit())
                 except exc.BackendError:
                     pass
 

@@ -100,7 +100,7 @@ class WorkerObjectStore(ObjectStore):
         return entry
 
     def put(self, object_id: bytes, value: SerializedObject) -> None:
-        self._b.send((P.PUT, object_id, self._b.entries_for([value])[0]))
+        self._b.send(P.Put(object_id, self._b.entries_for([value])[0]))
 
     def get(self, object_ids: Sequence[bytes], timeout: float | None = None) -> list[SerializedObject]:
         shipped = self.shipped
@@ -195,13 +195,13 @@ class SchedulerClient(Scheduler):
     def submit(self, spec: TaskSpec) -> None:
         if spec.kind != ACTOR_METHOD:  # infeasible requests fail here, at the call site
             self._pool.check_feasible(spec.resources, spec.display_name)
-        self._b.send((P.SUBMIT, spec))
+        self._b.send(P.Submit(spec))
 
     def cancel(self, object_id: bytes, force: bool = False) -> None:
-        self._b.send((P.CANCEL, object_id, force))
+        self._b.send(P.CancelTask(object_id, force))
 
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
-        self._b.send((P.KILL_ACTOR, actor_id, no_restart))
+        self._b.send(P.KillActor(actor_id, no_restart))
 
     def total_resources(self) -> dict[str, float]:
         return self._b.request("resources", ("total",), 60.0, "resources timed out")
@@ -244,7 +244,7 @@ class WorkerBackend(Backend):
             added, released = self._added, self._released
             self._added, self._released = [], []
             if added or released:
-                self.conn.send_many([(P.REFS, added, released), message])
+                self.conn.send_many([P.Refs(added, released), message])
             else:
                 self.conn.send(message)
 
@@ -255,22 +255,24 @@ class WorkerBackend(Backend):
             added, released = self._added, self._released
             self._added, self._released = [], []
             if added or released:
-                self.conn.send((P.REFS, added, released))
+                self.conn.send(P.Refs(added, released))
 
     def request(self, op: str, args: tuple, timeout: float | None, timeout_text: str):
+        """Send request `op` (a key of protocol.REQUESTS) with `args` (its fields
+        after req_id) and wait for its reply."""
         req_id, fut = self.requests.new()
-        self.send((P.REQUEST, req_id, op, args))
+        self.send(P.REQUESTS[op](req_id, *args))
         try:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
             self.requests.forget(req_id)
             if op in ("get", "wait"):
-                self.send((P.FORGET, req_id))  # so the driver takes our CPUs back
+                self.send(P.Forget(req_id))  # so the driver takes our CPUs back
             raise exc.GetTimeoutError(timeout_text or f"{op} timed out after {timeout}s") from None
 
     def request_async(self, op: str, args: tuple, callback: Callable[[bool, Any], Any]) -> None:
         req_id, _ = self.requests.new(callback)
-        self.send((P.REQUEST, req_id, op, args))
+        self.send(P.REQUESTS[op](req_id, *args))
 
     def entries_for(self, values: list[SerializedObject]) -> list:
         """The entries to report for `values`: small ones inline; large ones written
@@ -283,7 +285,7 @@ class WorkerBackend(Backend):
             return values
         layouts = [shm.layout(values[i]) for i in large]
         req_id, fut = self.requests.new()
-        self.send((P.REQUEST, req_id, "alloc", ([total for _, total, _ in layouts],)))
+        self.send(P.AllocRequest(req_id, [total for _, total, _ in layouts]))
         try:
             # No timeout: the driver answers (at once, or when writes in flight
             # finish), or it is gone and this process ends.
@@ -383,20 +385,20 @@ class Worker:
         os._exit(1)  # the driver is gone (or we are told to go): nothing left to do
 
     def handle(self, message) -> None:
-        if not P.well_formed(message, P.FROM_DRIVER):
-            raise ProtocolError(f"the driver sent a message that is not one of the "
-                                f"protocol's: {P.describe(message)}")
-        tag = message[0]
-        if tag == P.EXECUTE:
+        kind = type(message)
+        if kind is P.Execute:
             self.tasks.put(message)
-        elif tag == P.REPLY:
-            self.backend.requests.answer(message[1], message[2], message[3])
-        elif tag == P.CANCEL:
-            self.cancel(message[1], message[2])
-        elif tag == P.EXIT:
+        elif kind is P.Reply:
+            self.backend.requests.answer(message.req_id, message.ok, message.payload)
+        elif kind is P.Interrupt:
+            self.cancel(message.task_id, message.force)
+        elif kind is P.Exit:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
+        else:
+            raise ProtocolError(f"the driver sent a message that is not one of the "
+                                f"protocol's: {P.describe(message)}")
 
     def cancel(self, task_id: bytes, force: bool) -> None:
         if force:
@@ -428,7 +430,7 @@ class Worker:
                 # since the last message, e.g. the ones a finished task's result held.
                 self.backend.flush_refs()
                 continue
-            _, spec, blobs, entries, gpu_ids = message
+            spec, blobs, entries, gpu_ids = message
             for function_id, blob in blobs:
                 self.executor.add_function(function_id, blob)
             if entries:
@@ -474,7 +476,7 @@ class Worker:
             entries = [self.executor._failure(spec, error).values[0]] * len(spec.return_ids)
         for dep in spec.dependencies():
             self.backend.object_store.shipped.pop(dep, None)
-        self.backend.send((P.DONE, spec.task_id, entries, result.retryable))
+        self.backend.send(P.Done(spec.task_id, entries, result.retryable))
 
     def _setup_actor(self, spec: TaskSpec) -> None:
         options = spec.actor_options
@@ -533,13 +535,13 @@ def main(address: str, worker_id: str, secret: bytes) -> None:
     except exc.BackendError:
         return
     try:
-        conn.send((P.HELLO, worker_id, os.getpid()))
+        conn.send(P.Hello(worker_id, os.getpid()))
         message = conn.recv(timeout=60)
     except (exc.BackendError, EOFError):
         return
-    if not P.well_formed(message, P.FROM_DRIVER) or message[0] != P.WELCOME:
+    if type(message) is not P.Welcome:
         raise RuntimeError(f"unexpected first message from the driver: {P.describe(message)}")
-    config = message[1]
+    config = message.config
     config["worker_id"] = worker_id
     for path in reversed(config.get("sys_path", [])):
         if path not in sys.path:
