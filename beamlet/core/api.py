@@ -191,9 +191,10 @@ def wait(object_refs: Sequence[ObjectRef], *, num_returns: int = 1,
     if num_returns > len(object_refs):
         raise ValueError(f"num_returns ({num_returns}) cannot exceed the number of refs "
                          f"({len(object_refs)})")
-    if len(set(map(_runtime._ID_OF, object_refs))) != len(object_refs):
+    ids = list(map(_runtime._ID_OF, object_refs))
+    if len(set(ids)) != len(ids):
         raise ValueError("wait() got duplicate ObjectRefs")
-    return _runtime.current().wait(list(object_refs), num_returns, timeout)
+    return _runtime.current().wait(list(object_refs), num_returns, timeout, ids)
 
 
 def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:

@@ -7,6 +7,7 @@ other backend.
 """
 from __future__ import annotations
 
+import itertools
 import threading
 from typing import Callable, Iterable, Sequence
 
@@ -83,7 +84,10 @@ class MemoryObjectStore(ObjectStore):
                 pending = None
             else:
                 ids = object_ids if isinstance(object_ids, (set, frozenset)) else set(object_ids)
-                pending = ids - objects.keys() - self._deleted
+                # (Not ids - objects.keys(): that walks every key of the store.)
+                pending = set(itertools.filterfalse(objects.__contains__, ids))
+                if self._deleted:
+                    pending -= self._deleted
                 count -= len(ids) - len(pending)
             if pending is None or count <= 0:
                 waiter = None
@@ -231,14 +235,13 @@ class MemoryObjectStore(ObjectStore):
     def wait(self, object_ids: Sequence[bytes], num_returns: int,
              timeout: float | None = None) -> set[bytes]:
         objects = self._objects
+        present = map(objects.__contains__, object_ids)  # (C-level steps, no Python loop)
         if num_returns <= 0:
-            return objects.keys() & set(object_ids)
-        ready = set()
-        for object_id in object_ids:  # the common case: enough are there already
-            if object_id in objects:
-                ready.add(object_id)
-                if len(ready) >= num_returns:
-                    return ready
+            return set(itertools.compress(object_ids, present))
+        # The first `num_returns` present ids, if there are that many (the common case).
+        ready = set(itertools.islice(itertools.compress(object_ids, present), num_returns))
+        if len(ready) >= num_returns:
+            return ready
         if self.failure is not None:
             raise exc.BackendError(str(self.failure))
         if timeout == 0 or self.closed:
@@ -248,7 +251,8 @@ class MemoryObjectStore(ObjectStore):
         if waiter is not None and not event.wait(timeout):
             self.cancel_waiter(waiter)
         with self._cond:
-            ready = objects.keys() & set(object_ids)
+            # (Not objects.keys() & ids: that would copy every key of the store.)
+            ready = set(itertools.compress(object_ids, map(objects.__contains__, object_ids)))
             if len(ready) < num_returns and self.failure is not None:
                 raise exc.BackendError(str(self.failure))
             return ready

@@ -12,6 +12,7 @@ task context that `get_runtime_context` reports. What processes share
 from __future__ import annotations
 
 import contextvars
+import itertools
 import operator
 import threading
 import time
@@ -210,26 +211,30 @@ class Runtime:
     def get_one(self, ref: "ObjectRef", timeout: float | None) -> Any:
         return self._value(self.backend.object_store.get(self._ids((ref,)), timeout)[0])
 
-    def wait(self, refs: Sequence["ObjectRef"], num_returns: int, timeout: float | None):
+    def wait(self, refs: Sequence["ObjectRef"], num_returns: int, timeout: float | None,
+             ids: list[bytes] | None = None):
+        """`ids`: the refs' ids, when the caller has them already."""
         _check_timeout(timeout)
-        ids = self._ids(refs)
+        if ids is None:
+            ids = self._ids(refs)
+        elif refs and set(map(_RUNTIME_OF, refs)) != {self}:
+            self._ids(refs)  # raises, naming the stale ref
         ready_ids = self.backend.object_store.wait(ids, num_returns, timeout)
-        # The first `num_returns` ready refs in input order; the scan stops there,
-        # so a wait loop that consumes a long list costs what it consumes.
-        chosen: list[int] = []
-        if ready_ids:
-            wanted = min(num_returns, len(ready_ids))
-            for pos, object_id in enumerate(ids):
-                if object_id in ready_ids:
-                    chosen.append(pos)
-                    if len(chosen) == wanted:
-                        break
-        if not chosen:
+        if not ready_ids:
             return [], list(refs)
+        # The first `num_returns` ready refs in input order, found by C-level
+        # iteration that stops there: a wait loop over a long list must not pay
+        # a Python step per ref per call.
+        wanted = min(num_returns, len(ready_ids))
+        chosen = list(itertools.islice(
+            itertools.compress(range(len(ids)), map(ready_ids.__contains__, ids)), wanted))
         last = chosen[-1]
-        taken = set(chosen)
-        not_ready = [refs[pos] for pos in range(last) if pos not in taken]
-        not_ready.extend(refs[last + 1:])
+        if len(chosen) == last + 1:  # (the usual case: the first ones are ready)
+            not_ready = list(refs[last + 1:])
+        else:
+            taken = set(chosen)
+            not_ready = [refs[pos] for pos in range(last) if pos not in taken]
+            not_ready.extend(refs[last + 1:])
         return [refs[pos] for pos in chosen], not_ready
 
     # -- actors ---------------------------------------------------------------
