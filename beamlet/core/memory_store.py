@@ -7,6 +7,7 @@ other backend.
 """
 from __future__ import annotations
 
+import _thread
 import itertools
 import threading
 from typing import Callable, Iterable, Sequence
@@ -23,6 +24,24 @@ from .serialization import SerializedObject
 # Python loop over the list (a `wait(num_returns=100)` loop over 100,000
 # refs registers a thousand times).
 _INDEXED_MAX = 32
+
+
+class _Signal:
+    """A one-shot wake-up for one waiting thread: a bare lock, cheaper to make
+    than a threading.Event (a get makes one per call). `set` runs at most once
+    (a Waiter's callback runs once)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self):
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        self._lock.release()
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._lock.acquire(True, -1 if timeout is None else timeout)
 
 
 class Waiter:
@@ -197,11 +216,11 @@ class MemoryObjectStore(ObjectStore):
             return [self._materialize(i, objects[i]) for i in object_ids]
         except KeyError:
             pass
-        event = threading.Event()
-        waiter = self.notify_when(object_ids, len(set(object_ids)), event.set)
-        if waiter is not None and not event.wait(timeout):
+        arrived = _Signal()
+        waiter = self.notify_when(object_ids, len(set(object_ids)), arrived.set)
+        if waiter is not None and not arrived.wait(timeout):
             self.cancel_waiter(waiter)
-            if not event.is_set():
+            if not arrived.wait(0):
                 with self._cond:
                     missing = sum(1 for i in set(object_ids) if i not in objects)
                 raise exc.GetTimeoutError(
@@ -246,9 +265,9 @@ class MemoryObjectStore(ObjectStore):
             raise exc.BackendError(str(self.failure))
         if timeout == 0 or self.closed:
             return ready
-        event = threading.Event()
-        waiter = self.notify_when(object_ids, num_returns, event.set)
-        if waiter is not None and not event.wait(timeout):
+        arrived = _Signal()
+        waiter = self.notify_when(object_ids, num_returns, arrived.set)
+        if waiter is not None and not arrived.wait(timeout):
             self.cancel_waiter(waiter)
         with self._cond:
             # (Not objects.keys() & ids: that would copy every key of the store.)

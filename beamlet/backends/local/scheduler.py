@@ -539,7 +539,10 @@ class LocalScheduler(Scheduler):
             self._end_actor(record, "it was killed by beamlet.kill()", kill=True)
 
     def token_released(self, object_id: bytes) -> None:
-        """The last handle to an actor is gone: end it once its calls are done."""
+        """The last handle to an actor is gone: end it once its calls are done.
+        Called for every freed object, so most calls return at the first line."""
+        if object_id not in self._actor_by_token:  # (a dict read needs no lock)
+            return
         with self.lock:
             actor_id = self._actor_by_token.pop(object_id, None)
             record = self.actors.get(actor_id) if actor_id else None
