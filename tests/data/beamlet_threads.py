@@ -33,6 +33,7 @@ from beamlet.core.interfaces import Backend, Scheduler
 from beamlet.core.memory_store import MemoryObjectStore
 from beamlet.core.plugins import hookimpl
 from beamlet.core.resources import ResourcePool
+from beamlet.core.scheduling import run_attempts
 from beamlet.core.serialization import serialize
 from beamlet.core.tables import Tables
 from beamlet.core.task_spec import ACTOR_CREATION, ACTOR_METHOD
@@ -182,19 +183,9 @@ class ThreadScheduler(Scheduler):
                 self.threads.run(lambda spec=spec, gpu_ids=gpu_ids: self._run_task(spec, gpu_ids))
 
     # -- running ----------------------------------------------------------------
-    def _execute(self, spec, attempts_left: int = 0):
-        start = time.perf_counter()
-        result = self.executor.execute(spec)
-        hook = plugins.observer("beamlet_task_finished")
-        if hook is not None:
-            if result.error is None:
-                status = "FINISHED"
-            elif result.retryable and attempts_left != 0:
-                status = "RETRYING"
-            else:
-                status = "FAILED"
-            hook(spec=spec, status=status, duration=time.perf_counter() - start)
-        return result
+    def _execute(self, spec):
+        """One attempt (retries and observer reports: run_attempts)."""
+        return self.executor.execute(spec)
 
     def _put_results(self, spec, values) -> None:
         for object_id, value in zip(spec.return_ids, values):
@@ -206,14 +197,7 @@ class ThreadScheduler(Scheduler):
     def _run_task(self, spec, gpu_ids) -> None:
         _current.spec = spec
         try:
-            attempts_left = spec.max_retries
-            while True:
-                result = self._execute(spec, attempts_left)
-                if result.retryable and attempts_left != 0:
-                    attempts_left -= 1
-                    spec.attempt += 1
-                    continue
-                break
+            result = run_attempts(spec, self._execute)
         finally:
             _current.spec = None
             with self._lock:
@@ -245,7 +229,7 @@ class ThreadScheduler(Scheduler):
 
     def _actor_loop(self, actor: _Actor) -> None:
         spec = actor.spec
-        result = self._execute(spec)
+        result = run_attempts(spec, self._execute, retries=False)
         with self._lock:
             if result.error is not None:
                 actor.state = "DEAD"
@@ -264,13 +248,7 @@ class ThreadScheduler(Scheduler):
                 self._fail(call, exc.ActorDiedError(
                     f"the actor {spec.function_name} is dead: {actor.reason}"))
                 continue
-            attempts_left = max(call.max_retries, spec.actor_options["max_task_retries"])
-            while True:
-                result = self._execute(call, attempts_left)
-                if result.retryable and attempts_left != 0:
-                    attempts_left -= 1
-                    continue
-                break
+            result = run_attempts(call, self._execute, spec)  # (held until stored)
             self._put_results(call, result.values)
         with self._lock:
             if actor.state != "DEAD":

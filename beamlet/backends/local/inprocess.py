@@ -21,6 +21,7 @@ from ...core.memory_store import MemoryObjectStore
 from ...core.options import check_backend_options
 from ...core.resources import ResourcePool
 from ...core.runtime import Runtime
+from ...core.scheduling import run_attempts
 from ...core.serialization import serialize
 from ...core.tables import Tables
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
@@ -60,45 +61,28 @@ class InProcessScheduler(Scheduler):
         else:
             self._run_task(spec)
 
-    def _execute(self, spec: TaskSpec, attempts_left: int = 0):
-        """Run one attempt; `attempts_left` says whether a failed one is retried."""
+    def _execute(self, spec: TaskSpec):
+        """Run one attempt, holding its resources meanwhile."""
         gpu_ids = self._pool.acquire(spec.resources)
-        start = time.perf_counter()
         try:
-            result = self.executor.execute(spec)
+            return self.executor.execute(spec)
         finally:
             self._pool.release(spec.resources, gpu_ids)
-        if result.error is None:
-            status = "FINISHED"
-        elif result.retryable and attempts_left != 0:
-            status = "RETRYING"
-        else:
-            status = "FAILED"
-        plugins.notify("beamlet_task_finished", spec=spec, status=status,
-                       duration=time.perf_counter() - start)
-        return result
 
     def _put_results(self, spec: TaskSpec, values) -> None:
         for object_id, value in zip(spec.return_ids, values):
             self._store.put(object_id, value)
 
     def _run_task(self, spec: TaskSpec) -> None:
-        attempts_left = spec.max_retries
-        while True:
-            result = self._execute(spec, attempts_left)
-            if result.retryable and attempts_left != 0:
-                attempts_left -= 1
-                spec.attempt += 1
-                continue
-            self._put_results(spec, result.values)
-            return
+        result = run_attempts(spec, self._execute)  # (held: it keeps refs in the value alive)
+        self._put_results(spec, result.values)
 
     def _create_actor(self, spec: TaskSpec) -> None:
         self._actors[spec.actor_id] = _Actor(spec)
         self._actor_by_token[spec.return_ids[0]] = spec.actor_id
         if spec.actor_options.get("detached"):
             self._refs.incr(spec.return_ids[0])  # lives until killed, handles or not
-        result = self._execute(spec)
+        result = run_attempts(spec, self._execute, retries=False)
         if result.error is not None:
             self._end_actor(spec.actor_id, f"the actor's constructor raised:\n"
                             f"{getattr(result.error, 'traceback_str', str(result.error))}")
@@ -113,14 +97,8 @@ class InProcessScheduler(Scheduler):
             err = exc.ActorDiedError(f"the actor {spec.function_name} is dead: {reason}")
             self._put_results(spec, [serialize(err, is_error=True)] * len(spec.return_ids))
             return
-        attempts_left = max(spec.max_retries, actor.spec.actor_options["max_task_retries"])
-        while True:
-            result = self._execute(spec, attempts_left)
-            if result.retryable and attempts_left != 0:
-                attempts_left -= 1
-                continue
-            self._put_results(spec, result.values)
-            return
+        result = run_attempts(spec, self._execute, actor.spec)
+        self._put_results(spec, result.values)
 
     def _set_state(self, actor_id: bytes, state: str, reason: str = "") -> None:
         info = self._tables.set_actor_state(actor_id, state, reason)

@@ -27,6 +27,7 @@ from ... import exceptions as exc
 from ...core import plugins
 from ...core.interfaces import Scheduler
 from ...core.resources import ResourcePool
+from ...core.scheduling import RETRYING, attempt_status, may_retry
 from ...core.serialization import SerializedObject, deserialize, serialize
 from ...core.tables import Tables
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, ARG_REF, ARG_VALUE, TaskSpec
@@ -609,24 +610,18 @@ class LocalScheduler(Scheduler):
 
     def _outcome(self, spec: TaskSpec, entries: list) -> str:
         """The status observers are told for a finished attempt."""
-        if spec.task_id in self._cancelled:
-            return "CANCELLED"
-        return "FAILED" if entries and entries[0].is_error else "FINISHED"
+        return attempt_status(bool(entries) and entries[0].is_error,
+                              cancelled=spec.task_id in self._cancelled)
 
     def _retrying(self, spec: TaskSpec, worker: WorkerInfo | None) -> None:
         """The attempt failed and another one follows."""
         started = worker.dispatched_at if worker is not None else time.perf_counter()
-        plugins.notify("beamlet_task_finished", spec=spec, status="RETRYING",
+        plugins.notify("beamlet_task_finished", spec=spec, status=RETRYING,
                        duration=time.perf_counter() - started)
         spec.attempt += 1
 
     def _retry_left(self, spec: TaskSpec, record: ActorRecord | None) -> bool:
-        budgets = [spec.max_retries]
-        if record is not None:
-            budgets.append(record.spec.actor_options["max_task_retries"])
-        if -1 in budgets:  # -1: without limit
-            return True
-        return spec.attempt < max(budgets)
+        return may_retry(spec, record.spec if record is not None else None)
 
     def _resend_actor_call(self, record: ActorRecord, spec: TaskSpec) -> None:
         record.calls.push_front(spec)
@@ -799,7 +794,7 @@ class LocalScheduler(Scheduler):
                 if spec.task_id in self._cancelled:
                     self._fail(spec, exc.TaskCancelledError(
                         f"task {spec.display_name} was cancelled (its worker was killed)"))
-                elif spec.max_retries == -1 or spec.attempt < spec.max_retries:
+                elif may_retry(spec):
                     self._retrying(spec, worker)
                     self._make_ready(spec)
                 else:
