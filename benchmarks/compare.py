@@ -353,7 +353,7 @@ def main(argv=None):
     path = os.path.join(args.out_dir, f"compare-{stamp}.json")
     for target in (path, os.path.join(args.out_dir, "latest.json")):
         with open(target, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+            json.dump(cb.portable(result), f, indent=1, default=str)
     with open(os.path.join(args.out_dir, "latest.md"), "w") as f:
         f.write(f"{title}\n\n{mline}\n\n{cb.format_markdown(header, lines)}\n")
         if il:

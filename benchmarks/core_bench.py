@@ -71,6 +71,24 @@ DEFAULT_PARAMS = {
 }
 
 
+def portable(obj):
+    """`obj` (a report to be written) with this machine's absolute paths made
+    relative to the checkout's parent directory, so that a report kept in the
+    repo names no path of one machine (the Ray venv is "../raybench-venv")."""
+    base = os.path.dirname(os.path.dirname(HERE))  # the directory holding the checkout
+    repo = os.path.dirname(HERE)
+    if isinstance(obj, dict):
+        return {k: portable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v) for v in obj]
+    if isinstance(obj, str):
+        if obj.startswith(repo + os.sep) or obj == repo:
+            return os.path.relpath(obj, repo)
+        if obj.startswith(base + os.sep):
+            return os.path.join("..", os.path.relpath(obj, base))
+    return obj
+
+
 class Row:
     def __init__(self, name, title, unit, better):
         self.name, self.title, self.unit, self.better = name, title, unit, better
@@ -1434,7 +1452,7 @@ def main(argv=None):
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+            json.dump(portable(report), f, indent=1)
     return report
 
 

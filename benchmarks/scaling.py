@@ -711,7 +711,7 @@ def main(argv=None):
     path = os.path.join(args.out_dir, f"scaling-{stamp}.json")
     for target in (path, os.path.join(args.out_dir, "scaling-latest.json")):
         with open(target, "w") as f:
-            json.dump(report, f, indent=1, default=str)
+            json.dump(cb.portable(report), f, indent=1, default=str)
     with open(os.path.join(args.out_dir, "scaling-latest.md"), "w") as f:
         f.write(f"{title}\n\n{mline}\n\n{cb.format_markdown(dh, dl)}\n")
         if "ray" in frameworks:
