@@ -129,6 +129,29 @@ def assert_all_gone(fp: dict, timeout: float = 10.0) -> None:
     assert not left, f"left behind after {timeout}s: {left}"
 
 
+def assert_store_matches_shm(backend, timeout: float = 10.0) -> None:
+    """The session's segment files are exactly the live objects plus the warm
+    pool, and nothing is being written (unsealed).
+
+    Objects whose last ref just went are freed by the I/O thread a moment
+    later (and a freed segment moves to the pool in two steps), so the store's
+    figures and /dev/shm may disagree for that moment: they must agree once
+    it has passed."""
+    store = backend.object_store
+    last = {}
+
+    def agree() -> bool:
+        stats = store.stats()
+        on_disk = segment_bytes(backend.session)
+        last["seen"] = (stats, on_disk)
+        return (stats.get("unsealed_bytes", 0) == 0
+                and stats["pool_bytes"] <= store.pool.capacity
+                and on_disk == stats["shm_bytes"] + stats["pool_bytes"]
+                and store.stats() == stats)  # (nothing moved meanwhile)
+
+    assert wait_until(agree, timeout), f"store figures and /dev/shm disagree: {last['seen']}"
+
+
 # -- memory -------------------------------------------------------------------------
 def mapping_of(address: int) -> str | None:
     """The path of the mapping of this process that holds `address` ("" if anonymous)."""

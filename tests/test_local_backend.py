@@ -170,13 +170,6 @@ def test_large_task_argument_is_readonly_view_in_worker(start):
 # ====================================================================================
 # memory freed after refs drop
 # ====================================================================================
-def _check_accounting(backend) -> None:
-    """The session's segment files are exactly the live objects plus the warm pool."""
-    stats = backend.object_store.stats()
-    assert stats["pool_bytes"] <= backend.object_store.pool.capacity
-    assert procs.segment_bytes(backend.session) == stats["shm_bytes"] + stats["pool_bytes"], stats
-
-
 def test_memory_freed_after_refs_drop(start):
     backend = start(object_store_memory=60 * MB)
     store = backend.object_store
@@ -184,20 +177,20 @@ def test_memory_freed_after_refs_drop(start):
     refs = [ray.put(np.full(MB, i, dtype=np.float64)) for i in range(5)]  # 8 MB each
     assert store.stats()["shm_bytes"] >= base + 5 * 8 * MB
     assert len(procs.segments(backend.session)) >= 5
-    _check_accounting(backend)
+    procs.assert_store_matches_shm(backend)
     del refs
     gc.collect()
     assert procs.wait_until(lambda: store.stats()["shm_bytes"] == base, 10), store.stats()
     # Freed segments may stay warm in the pool, but it is bounded (a quarter of the store).
     assert store.stats()["pool_bytes"] <= store.capacity // 4
-    _check_accounting(backend)
+    procs.assert_store_matches_shm(backend)
     # Objects made by tasks are freed too.
     refs = [make_array.remote(MB, float(i)) for i in range(3)]
     assert [float(x[0]) for x in ray.get(refs, timeout=30)] == [0.0, 1.0, 2.0]
     del refs
     gc.collect()
     assert procs.wait_until(lambda: store.stats()["shm_bytes"] == base, 10), store.stats()
-    _check_accounting(backend)
+    procs.assert_store_matches_shm(backend)
 
 
 def test_object_held_inside_another_object_is_kept_then_freed(start):
@@ -282,7 +275,7 @@ def test_live_view_keeps_its_data_after_ref_dropped(start):
     gc.collect()
     # Once the view is gone, A is freed.
     assert procs.wait_until(lambda: store.stats()["shm_bytes"] < base, 10), store.stats()
-    _check_accounting(backend)
+    procs.assert_store_matches_shm(backend)
 
 
 # ====================================================================================

@@ -40,23 +40,6 @@ def _mode(path: str) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
 
-def _check_accounting(backend) -> None:
-    """No segment but the live objects' and the warm pool's; nothing unsealed.
-
-    Objects whose last ref just went are freed by the I/O thread a moment
-    later, so the store's figures and /dev/shm may disagree for that moment:
-    they must agree once it has passed."""
-    def agree():
-        stats = backend.object_store.stats()
-        on_disk = procs.segment_bytes(backend.session)
-        state["last"] = (stats, on_disk)
-        return (stats["unsealed_bytes"] == 0
-                and on_disk == stats["shm_bytes"] + stats["pool_bytes"]
-                and backend.object_store.stats() == stats)  # (nothing moved meanwhile)
-
-    state = {}
-    assert procs.wait_until(agree, 10), f"store figures and /dev/shm disagree: {state['last']}"
-
 
 @ray.remote
 def make_array(n, value):
@@ -158,7 +141,7 @@ def test_worker_results_stay_within_object_store_memory(start):
         most = stop()
     assert 0 < most <= capacity, (most, backend.object_store.stats())
     assert backend.object_store.stats()["spilled_bytes"] > 0
-    _check_accounting(backend)
+    procs.assert_store_matches_shm(backend)
     del refs
 
 
@@ -184,7 +167,7 @@ def test_results_written_at_once_wait_for_room_instead_of_failing(start, tmp_pat
             del x
         del refs
         gc.collect()
-    _check_accounting(backend)
+    procs.assert_store_matches_shm(backend)
 
 
 @ray.remote
@@ -207,7 +190,7 @@ def test_result_larger_than_the_store_fails_naming_the_sizes(start):
     # The store still works, for workers and for the driver.
     assert float(ray.get(make_array.remote(MB // 8, 3.0), timeout=30)[0]) == 3.0
     assert float(ray.get(ray.put(np.ones(MB)))[0]) == 1.0
-    _check_accounting(backend)
+    procs.assert_store_matches_shm(backend)
 
 
 # ====================================================================================
@@ -249,7 +232,7 @@ def test_worker_killed_mid_write_of_large_result_is_retried_and_leaves_nothing(s
     assert not os.path.exists(shm.segment_path(killed))
     assert a.shape == b.shape == (n,)
     assert (a == 1.0).all() and (b == 2.0).all()
-    _check_accounting(backend)
+    procs.assert_store_matches_shm(backend)
     del a, b, ref
 
 
@@ -283,7 +266,7 @@ def test_repeated_kills_of_tasks_with_2mb_results_lose_nothing(start):
     del values, refs
     gc.collect()
     assert procs.wait_until(lambda: backend.object_store.stats()["shm_bytes"] == 0, 10)
-    _check_accounting(backend)
+    procs.assert_store_matches_shm(backend)
 
 
 # ====================================================================================
