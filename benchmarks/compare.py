@@ -83,12 +83,7 @@ def run_core_bench(label, python, module, init, args, log):
         proc.wait()
         raise
     cb.reap_orphans()
-    left = cb.lingering(grace=3.0)
-    if left:
-        log(f"=== {label}: WARNING processes left behind: {left}; killing them")
-        for pid, _ in left:
-            cb.kill_tree(pid)
-        cb.reap_orphans()
+    cb.kill_lingering(log, f"=== {label}")
     try:
         with open(out) as f:
             report = json.load(f)

@@ -71,6 +71,18 @@ DEFAULT_PARAMS = {
 }
 
 
+def kill_lingering(log, label: str, grace: float = 3.0) -> list:
+    """Kill (by pid, with their trees) the processes of this run still alive
+    `grace` seconds after a child ended, saying so in the log; returns them."""
+    left = lingering(grace=grace)
+    if left:
+        log(f"{label}: WARNING processes left behind: {left}; killing them")
+        for pid, _ in left:
+            kill_tree(pid)
+        reap_orphans()
+    return left
+
+
 def portable(obj):
     """`obj` (a report to be written) with this machine's absolute paths made
     relative to the checkout's parent directory, so that a report kept in the

@@ -392,12 +392,7 @@ def run_row(spec, fw, python, args, log):
         shutil.rmtree(tmp, ignore_errors=True)
     markers = sorted(sampler.markers | set((res or {}).get("markers", ())))
     other = load.result()["other_cpu_share"]
-    left = cb.lingering(grace=3.0)
-    if left:
-        log(f"  {fw} {spec.id}: WARNING processes left behind: {left}; killing them")
-        for pid, _ in left:
-            cb.kill_tree(pid)
-        cb.reap_orphans()
+    left = cb.kill_lingering(log, f"  {fw} {spec.id}")
     if sampler.out_of_memory:
         available, ours = sampler.out_of_memory
         res, err = None, f"out of memory (> {ours / 1024:.1f} GB RSS)"

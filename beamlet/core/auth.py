@@ -139,7 +139,21 @@ class _Frames:
         return rest
 
 
-class ServerHandshake:
+class _Handshake:
+    """What both sides hold: the secret, the version, this side's nonce, the
+    frames read so far, and the outcome (`done`, `leftover`, `session_key`)."""
+
+    def __init__(self, secret: bytes, version: str):
+        self._secret = check_secret(secret)
+        self._version = check_version(version)
+        self._nonce = secrets.token_bytes(NONCE_BYTES)
+        self._frames = _Frames()
+        self.done = False
+        self.leftover = b""
+        self.session_key: bytes | None = None
+
+
+class ServerHandshake(_Handshake):
     """The listener's side. Send `greeting` at once; `feed` it what arrives.
 
     `feed` returns None while more bytes are needed; once the client's
@@ -150,14 +164,8 @@ class ServerHandshake:
     closing."""
 
     def __init__(self, secret: bytes, version: str):
-        self._secret = check_secret(secret)
-        self._version = check_version(version)
-        self._nonce = secrets.token_bytes(NONCE_BYTES)
-        self._frames = _Frames()
+        super().__init__(secret, version)
         self.greeting = _frame(_CHALLENGE, self._nonce + self._version)
-        self.done = False
-        self.leftover = b""
-        self.session_key: bytes | None = None
 
     def feed(self, data: bytes) -> bytes | None:
         if self.done:
@@ -187,7 +195,7 @@ class ServerHandshake:
         return _frame(_ACCEPT, _mac(self._secret, b"server", self._version, nonce_c, self._nonce))
 
 
-class ClientHandshake:
+class ClientHandshake(_Handshake):
     """The connecting side: `feed` it what arrives; it returns the RESPONSE
     frame to send once the challenge is in, then None until the listener's
     ACCEPT is checked (`done`; `leftover`, `session_key` as for the server).
@@ -195,14 +203,8 @@ class ClientHandshake:
     `AuthenticationError`."""
 
     def __init__(self, secret: bytes, version: str):
-        self._secret = check_secret(secret)
-        self._version = check_version(version)
-        self._nonce = secrets.token_bytes(NONCE_BYTES)
-        self._frames = _Frames()
+        super().__init__(secret, version)
         self._nonce_s: bytes | None = None
-        self.done = False
-        self.leftover = b""
-        self.session_key: bytes | None = None
 
     def feed(self, data: bytes) -> bytes | None:
         if self.done:

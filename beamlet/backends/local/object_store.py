@@ -365,17 +365,22 @@ class LocalObjectStore(MemoryObjectStore):
                 self.spilled_bytes -= entry.size
                 _remove(entry.spilled)
             else:
-                self.shm_bytes -= entry.size
-                seg = self._mappings.pop(entry.name, None)
-                if seg is None and reuse:
-                    seg = _map_for_reuse(entry)
-                if seg is None or not reuse or not self.pool.give(seg):
-                    if seg is not None:
-                        seg.close()
-                    shm.unlink(entry.name)
+                self._release_segment(entry, reuse)
             self._space_changed.notify_all()
         if self._alloc_waiting:
             self._retry_allocations()
+
+    def _release_segment(self, entry: ShmEntry, reuse: bool) -> None:
+        """Stop counting `entry`'s segment and give it to the warm pool (`reuse`)
+        or unlink it. Called with the space lock held."""
+        self.shm_bytes -= entry.size
+        seg = self._mappings.pop(entry.name, None)
+        if seg is None and reuse:
+            seg = _map_for_reuse(entry)
+        if seg is None or not reuse or not self.pool.give(seg):
+            if seg is not None:
+                seg.close()
+            shm.unlink(entry.name)
 
     def _discarded(self, object_id: bytes, entry) -> None:
         if object_id not in self._objects:  # (not a second copy of a stored object)
@@ -383,11 +388,7 @@ class LocalObjectStore(MemoryObjectStore):
         if isinstance(entry, ShmEntry):
             # Nobody can have mapped it: no ref to this copy ever reached anyone.
             with self._space:
-                self.shm_bytes -= entry.size  # (counted before put_entry)
-                seg = self._mappings.pop(entry.name, None)
-                if seg is not None:
-                    seg.close()
-                shm.unlink(entry.name)
+                self._release_segment(entry, reuse=False)  # (counted before put_entry)
                 self._space_changed.notify_all()
             if self._alloc_waiting:
                 self._retry_allocations()

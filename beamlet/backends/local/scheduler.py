@@ -105,18 +105,19 @@ class CallQueue:
     def callers(self) -> list[bytes]:
         return list(self._by_caller)
 
-    def push(self, spec: TaskSpec) -> None:
-        calls = self._by_caller.get(spec.caller_id)
+    def _calls_of(self, caller_id: bytes) -> collections.deque:
+        calls = self._by_caller.get(caller_id)
         if calls is None:
-            calls = self._by_caller[spec.caller_id] = collections.deque()
-        calls.append(spec)
+            calls = self._by_caller[caller_id] = collections.deque()
+        return calls
+
+    def push(self, spec: TaskSpec) -> None:
+        self._calls_of(spec.caller_id).append(spec)
         self._len += 1
 
     def push_front(self, spec: TaskSpec) -> None:
-        calls = self._by_caller.get(spec.caller_id)
-        if calls is None:
-            calls = self._by_caller[spec.caller_id] = collections.deque()
-        calls.appendleft(spec)
+        """Queue a call ahead of its caller's others (a retry goes first)."""
+        self._calls_of(spec.caller_id).appendleft(spec)
         self._len += 1
 
     def head(self, caller_id: bytes) -> TaskSpec | None:
