@@ -20,7 +20,7 @@ shuts down (they raise ``BackendError`` instead).
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, NamedTuple, Sequence
 
 from .serialization import SerializedObject
 from .task_spec import TaskSpec
@@ -158,6 +158,13 @@ class Connection(abc.ABC):
         """A file descriptor that is readable when `recv` will not block, for selectors."""
         raise NotImplementedError
 
+    def recv_all(self) -> list:
+        """Every message that has arrived, without blocking (possibly none);
+        ``EOFError`` when the peer closed and nothing is left. For one reader
+        thread (an event loop) that drains the connection when its `fileno`
+        is readable."""
+        raise NotImplementedError
+
 
 class Transport(abc.ABC):
     """Makes Connections between processes: pipes and Unix sockets on one
@@ -177,10 +184,48 @@ class Transport(abc.ABC):
         """Connect to a Listener's address; ``BackendError`` if nothing answers in time."""
 
 
+class Joined(NamedTuple):
+    """A peer connected and proved it holds the secret (`Listener.poll`)."""
+    conn: Connection
+
+
+class Received(NamedTuple):
+    """Messages from a joined peer, in the order it sent them (`Listener.poll`)."""
+    conn: Connection
+    messages: list
+
+
+class Left(NamedTuple):
+    """A joined peer is gone (`Listener.poll`): it closed or died (`error` None),
+    or broke the protocol (`error` says how; the listener closed it)."""
+    conn: Connection
+    error: BaseException | None
+
+
 class Listener(abc.ABC):
-    """The accepting end of a Transport."""
+    """The accepting end of a Transport.
+
+    A process serving many peers (a node's I/O loop) does not block in
+    `accept`: it selects on the listener's `fileno` and calls `poll`, which
+    authenticates newcomers without waiting on any of them and reads every
+    joined peer. Peers refused at the handshake are logged by the listener
+    and never reported.
+    """
 
     address: str
+
+    def fileno(self) -> int:
+        """A file descriptor that is readable when `poll` has something to report."""
+        raise NotImplementedError
+
+    def poll(self) -> "list[Joined | Received | Left]":
+        """What happened since the last call, without blocking, in order per
+        peer: `Joined` before the peer's first `Received`, nothing after its
+        `Left`. Also does the listener's timed chores (giving up handshakes
+        past their deadline), so call it at least once a second even when
+        `fileno` stays quiet. One thread calls it; `Connection.send` on the
+        connections it reports may be called from any thread."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def accept(self, timeout: float | None = None) -> Connection:
