@@ -103,7 +103,7 @@ def footprint(backend) -> dict:
     """What a LocalBackend made, to check later that all of it is gone:
     its session, temp dir, lock file, and zygote and worker processes (as
     proc_ids; "zygote" is the zygote's)."""
-    zygote = backend.launcher.proc.pid
+    zygote = backend.node.launcher.proc.pid
     pids = {zygote}
     pids.update(w.pid for w in list(backend.scheduler.workers.values()) if w.pid)
     pids.update(children_of(zygote))  # also workers still starting

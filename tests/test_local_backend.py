@@ -735,10 +735,10 @@ def test_deep_nested_fanout_does_not_deadlock_on_two_cpus(start):
     assert procs.wait_until(lambda: ray.available_resources().get("CPU") == 2.0, 10), \
         ray.available_resources()
     # The extra workers forked while tasks were blocked go away once idle.
-    forked = procs.children_of(backend.launcher.proc.pid)
+    forked = procs.children_of(backend.node.launcher.proc.pid)
     assert len(forked) > 2
-    assert procs.wait_until(lambda: len(procs.children_of(backend.launcher.proc.pid)) <= 2, 30), \
-        procs.children_of(backend.launcher.proc.pid)
+    assert procs.wait_until(lambda: len(procs.children_of(backend.node.launcher.proc.pid)) <= 2, 30), \
+        procs.children_of(backend.node.launcher.proc.pid)
     assert ray.get(tree.remote(2, 2), timeout=60) == 4
 
 
@@ -1068,12 +1068,12 @@ def test_a_dead_zygote_is_replaced(start):
 
     first = Pid.remote()
     assert ray.get(first.pid.remote(), timeout=30) > 0
-    old = backend.launcher.proc
+    old = backend.node.launcher.proc
     os.kill(old.pid, signal.SIGKILL)
     old.wait(10)
     # New actors need new workers: the launcher starts another zygote for them.
     actors = [Pid.remote() for _ in range(3)]
     pids = ray.get([a.pid.remote() for a in actors], timeout=30)
     assert len(set(pids)) == 3
-    assert backend.launcher.proc is not old and backend.launcher.proc.poll() is None
+    assert backend.node.launcher.proc is not old and backend.node.launcher.proc.poll() is None
     assert ray.get(first.pid.remote(), timeout=30) > 0  # the first actor lived on

@@ -574,7 +574,7 @@ def test_worker_requested_from_a_zygote_that_died_is_started_again(start):
     backend = start(num_cpus=1, prestart_workers=1)
     first = Pid.remote()
     assert ray.get(first.pid.remote(), timeout=30) > 0
-    zygote = backend.launcher.proc
+    zygote = backend.node.launcher.proc
     os.kill(zygote.pid, signal.SIGSTOP)  # it cannot read the next fork request...
     try:
         second = Pid.remote()  # ...which is written to its stdin all the same
@@ -608,7 +608,7 @@ def test_handle_from_get_actor_right_after_the_last_handle_dropped_stays_usable(
         except ValueError:
             continue  # already gone: fine
         # The queued release has been dealt with once the queue is empty.
-        assert procs.wait_until(lambda: not backend._released, 10)
+        assert procs.wait_until(lambda: not backend.node._released, 10)
         assert ray.get(again.ping.remote(), timeout=30) == "pong"
         assert ray.get(again.ping.remote(), timeout=30) == "pong"
 

@@ -117,7 +117,7 @@ def test_a_stranger_is_refused_and_nothing_it_sent_runs(start, tmp_path, capfd, 
     assert_serving()
     in_flight = slow_add.remote(1, 2)  # a get that spans the attack
     target = tmp_path / "pwned"
-    result, pid = run_stranger(backend.listener.address, mode, target)
+    result, pid = run_stranger(backend.node.listener.address, mode, target)
     assert "CLOSED" in result.stdout, (result.stdout, result.stderr)
     if mode == "wrong-key":
         assert "REFUSED the listener refused the connection: authentication failed" \
@@ -134,7 +134,7 @@ def test_a_stranger_is_refused_and_nothing_it_sent_runs(start, tmp_path, capfd, 
 def test_a_process_of_another_user_is_refused(start, tmp_path, capfd):
     backend = start()
     target = tmp_path / "pwned"
-    result, pid = run_stranger(backend.listener.address, "pickle-after-challenge", target,
+    result, pid = run_stranger(backend.node.listener.address, "pickle-after-challenge", target,
                                "65534")
     assert "CLOSED" in result.stdout, (result.stdout, result.stderr)
     assert not target.exists()
@@ -146,9 +146,9 @@ def test_a_process_of_another_user_is_refused(start, tmp_path, capfd):
 def test_a_silent_connection_does_not_stall_the_driver(start):
     """Connections that never finish the handshake (more of them than the
     driver keeps) do not keep workers from connecting or tasks from running."""
-    from beamlet.backends.local.driver import MAX_PENDING_HANDSHAKES
+    from beamlet.backends.local.transport import MAX_PENDING_HANDSHAKES
     backend = start(prestart_workers=0)  # so every worker connects after the silent ones
-    address = "\0" + backend.listener.address[1:]
+    address = "\0" + backend.node.listener.address[1:]
     silent = []
     try:
         for _ in range(MAX_PENDING_HANDSHAKES + 1):
@@ -173,7 +173,7 @@ def test_a_connection_that_never_authenticates_is_closed_at_its_deadline(start, 
     monkeypatch.setattr(auth, "HANDSHAKE_TIMEOUT", 1.0)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(60)
-        s.connect("\0" + backend.listener.address[1:])
+        s.connect("\0" + backend.node.listener.address[1:])
         assert s.recv(4096)  # the challenge
         assert s.recv(4096) == b""  # never answered: closed
     assert "did not complete the handshake within 1.0s" in capfd.readouterr().err
@@ -183,22 +183,22 @@ def test_a_connection_that_never_authenticates_is_closed_at_its_deadline(start, 
 def test_the_secret_is_in_no_command_line_or_environment(start):
     backend = start()
     assert_serving()
-    pids = [backend.launcher.proc.pid] + [w.pid for w in backend.scheduler.workers.values()]
+    pids = [backend.node.launcher.proc.pid] + [w.pid for w in backend.scheduler.workers.values()]
     assert len(pids) >= 3, pids  # the zygote and two workers
-    secret_hex = backend.secret.hex().encode()
+    secret_hex = backend.node.secret.hex().encode()
     for pid in pids:
         for name in ("cmdline", "environ"):
             with open(f"/proc/{pid}/{name}", "rb") as f:
                 data = f.read()
-            assert secret_hex not in data and backend.secret not in data, (pid, name)
+            assert secret_hex not in data and backend.node.secret not in data, (pid, name)
             assert secret_hex.upper() not in data, (pid, name)
 
 
 # -- the handshake ---------------------------------------------------------------------
 def test_the_right_secret_is_accepted_and_another_version_refused_naming_both(start):
     backend = start()
-    address = backend.listener.address
-    conn = UnixSocketTransport(backend.secret, P.VERSION).connect(address, timeout=30)
+    address = backend.node.listener.address
+    conn = UnixSocketTransport(backend.node.secret, P.VERSION).connect(address, timeout=30)
     try:
         # Authenticated, but not a worker the driver awaits: closed without a WELCOME.
         conn.send(P.Hello("not-a-worker", os.getpid()))
@@ -209,7 +209,7 @@ def test_the_right_secret_is_accepted_and_another_version_refused_naming_both(st
     with pytest.raises(auth.AuthenticationError, match="authentication failed"):
         UnixSocketTransport(os.urandom(32), P.VERSION).connect(address, timeout=30)
     with pytest.raises(auth.AuthenticationError) as info:
-        UnixSocketTransport(backend.secret, "beamlet-local/0").connect(address, timeout=30)
+        UnixSocketTransport(backend.node.secret, "beamlet-local/0").connect(address, timeout=30)
     assert "'beamlet-local/0'" in str(info.value) and repr(P.VERSION) in str(info.value)
     assert_serving()
 
@@ -295,7 +295,7 @@ def test_garbage_from_a_worker_closes_only_its_connection(start, tmp_path, capfd
 def test_an_authenticated_peer_sending_garbage_is_closed_alone(start, capfd, frame):
     backend = start()
     in_flight = slow_add.remote(2, 3)
-    conn = UnixSocketTransport(backend.secret, P.VERSION).connect(backend.listener.address,
+    conn = UnixSocketTransport(backend.node.secret, P.VERSION).connect(backend.node.listener.address,
                                                                  timeout=30)
     try:
         if frame == "shape":
@@ -347,11 +347,11 @@ def test_if_the_io_thread_dies_every_waiter_fails(start):
                                                                    timeout=120)))
     getter.start()
     # A fault from outside every handler (a BaseException in the thread itself).
-    hit = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(backend._io.ident),
+    hit = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(backend.node._io.ident),
                                                      ctypes.py_object(_Injected))
     assert hit == 1
-    backend._io.join(60)
-    assert not backend._io.is_alive()
+    backend.node._io.join(60)
+    assert not backend.node._io.is_alive()
     getter.join(120)
     assert not getter.is_alive()
     assert isinstance(errors[0], exc.BackendError) and "I/O thread died" in str(errors[0])
@@ -374,7 +374,7 @@ def _raises(fn, *args, **kwargs):
 @pytest.mark.parametrize("how", ["exits-at-once", "cannot-be-run"])
 def test_a_zygote_that_cannot_be_restarted_fails_what_waits_for_workers(start, how):
     backend = start(prestart_workers=0)
-    launcher = backend.launcher
+    launcher = backend.node.launcher
     # From now on a new zygote dies at once, or cannot even be executed.
     launcher._argv = ([sys.executable, "-c", "raise SystemExit(3)"] if how == "exits-at-once"
                       else [os.path.join(os.sep, "nonexistent", "python")])

@@ -2,7 +2,7 @@
 
 Each message is a small ``NamedTuple`` class: it pickles as its class and its
 fields, so the receiver gets a value of a known type with named fields, and
-dispatches on ``type(message)`` through one table (the node's in driver.py,
+dispatches on ``type(message)`` through one table (the node's in node.py,
 the worker's in worker.py). A frame holding anything but a message its
 receiver accepts (`FROM_WORKER`, `FROM_NODE`), or a message with the wrong
 number of fields, is a protocol error: the connection is closed. `VERSION` is

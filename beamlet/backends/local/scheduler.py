@@ -11,8 +11,8 @@ idle (more workers are forked when none is). A task whose worker blocks in
 Actors each get a worker of their own; calls to an actor are sent to it as
 soon as it is alive, in submission order, and it runs them in that order.
 
-All state is guarded by one lock; the I/O thread (``driver.py``) and the
-threads that submit call in.
+All state is guarded by one lock; the node's I/O thread (``node.py``) and
+the threads that submit call in.
 """
 from __future__ import annotations
 
@@ -642,6 +642,17 @@ class LocalScheduler(Scheduler):
         writer = worker.worker_id if worker is not None else None
         for rid, entry in zip(spec.return_ids, entries):
             self.store.put_from_worker(rid, entry, None, writer)
+
+    def prestart(self, count: int) -> None:
+        """Start `count` workers ahead of the first task."""
+        with self.lock:
+            self._start_workers(count)
+
+    def reject(self, spec: TaskSpec, error: BaseException) -> None:
+        """Fail a task that was never accepted (its submission failed): its
+        results become `error`."""
+        with self.lock:
+            self._fail(spec, error)
 
     def _fail(self, spec: TaskSpec, error: BaseException) -> None:
         sobj = serialize(error, is_error=True)

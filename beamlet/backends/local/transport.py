@@ -26,7 +26,7 @@ import time
 
 from ... import exceptions as exc
 from ...core import auth
-from ...core.interfaces import Connection, Listener, Transport
+from ...core.interfaces import Connection, Joined, Left, Listener, Received, Transport
 
 _HEADER = struct.Struct("<I")
 _RECV_SIZE = 1 << 18
@@ -34,6 +34,7 @@ _PEERCRED = struct.Struct("3i")
 #: The largest message an authenticated peer may send (bytes); large objects
 #: travel through shared memory, not through the socket.
 MAX_FRAME = 1 << 30
+MAX_PENDING_HANDSHAKES = 64  # connections not yet authenticated; the oldest goes beyond
 
 
 class ProtocolError(exc.BackendError):
@@ -76,6 +77,9 @@ class SocketConnection(Connection):
 
     def __init__(self, sock: socket.socket, buffered: bytes = b""):
         self.sock = sock
+        #: Who is at the other end ('pid N (uid U)'), for log lines: known
+        #: while the socket is open, so taken now.
+        self.peer = describe_peer(sock)
         self._buf = bytearray(buffered)
         self._pending: list = []  # parsed by recv() but not yet returned
         self._error: ProtocolError | None = None  # a bad frame after good ones: raised next
@@ -151,17 +155,19 @@ class SocketConnection(Connection):
             del buf[:pos]
         return out
 
-    def recv_all(self) -> list:
-        """Read what the socket has now (blocking until at least one byte) and
-        return every complete message; raises EOFError when the peer closed,
-        ProtocolError when it sent a bad frame."""
+    def recv_all(self, block: bool = False) -> list:
+        """Read what the socket has now and return every complete message
+        (possibly none; `block`: wait for at least one byte first); raises
+        EOFError when the peer closed, ProtocolError when it sent a bad frame."""
         if self._pending:
             pending, self._pending = self._pending, []
             return pending
         if self._error is not None:
             raise self._error
         try:
-            chunk = self.sock.recv(_RECV_SIZE)
+            chunk = self.sock.recv(_RECV_SIZE, 0 if block else socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return []
         except (ConnectionResetError, OSError) as err:
             raise EOFError(str(err)) from None
         if not chunk:
@@ -183,7 +189,7 @@ class SocketConnection(Connection):
                     ready, _, _ = select.select([self.sock], [], [], left)
                     if not ready:
                         raise exc.GetTimeoutError(f"no message within {timeout}s")
-                messages = self.recv_all()
+                messages = self.recv_all(block=True)
                 if not messages:
                     continue
             self._pending.extend(messages[1:])
@@ -263,7 +269,15 @@ class PendingConnection:
 
 
 class SocketListener(Listener):
-    """Accepts connections that prove they hold `secret` (speaking `version`)."""
+    """Accepts connections that prove they hold `secret` (speaking `version`).
+
+    Serves its peers either one at a time (`accept`, blocking on each
+    handshake) or all at once for an event loop (`fileno` + `poll`): it then
+    keeps one epoll set of the listening socket, the handshakes under way
+    (never blocking on any) and the joined connections, and reports what
+    happened as `Joined`/`Received`/`Left`. A connection the caller closes
+    itself is forgotten without a `Left` (the caller knows).
+    """
 
     def __init__(self, address: str, secret: bytes, version: str):
         self.address = address
@@ -272,27 +286,39 @@ class SocketListener(Listener):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(_sockaddr(address))
         self.sock.listen(128)
+        self.sock.setblocking(False)  # a peer gone before accept() must not block the loop
+        self._epoll: select.epoll | None = None  # made by the first poll()
+        self._pending: dict[int, PendingConnection] = {}  # fd -> handshake, oldest first
+        self._joined: dict[int, SocketConnection] = {}  # fd -> connection
+        self._next_chores = 0.0
 
     def fileno(self) -> int:
-        return self.sock.fileno()
+        if self._epoll is None:
+            self._epoll = select.epoll()
+            self._epoll.register(self.sock.fileno(), select.EPOLLIN)
+        return self._epoll.fileno()
 
     def accept_pending(self) -> PendingConnection:
         """Accept a connection (the listener must be readable) whose handshake
         the caller drives; OSError if none was waiting after all."""
         conn, _ = self.sock.accept()
+        conn.setblocking(True)
         return PendingConnection(conn, self._secret, self._version)
 
     def accept(self, timeout: float | None = None) -> SocketConnection:
         """The next authenticated connection. Blocks on each peer's handshake
         (up to `auth.HANDSHAKE_TIMEOUT`): a loop serving many peers should use
-        `accept_pending`. Peers failing it are logged and skipped."""
+        `poll`. Peers failing it are logged and skipped."""
         until = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if until is None else max(0.0, until - time.monotonic())
             ready, _, _ = select.select([self.sock], [], [], left)
             if not ready:
                 raise exc.GetTimeoutError(f"no connection within {timeout}s")
-            pending = self.accept_pending()
+            try:
+                pending = self.accept_pending()
+            except BlockingIOError:
+                continue
             try:
                 pending.start()
                 handshake = auth.serve(pending.sock, self._secret, self._version)
@@ -302,7 +328,104 @@ class SocketListener(Listener):
                 continue
             return SocketConnection(pending.sock, handshake.leftover)
 
+    # -- serving many peers from one event loop -----------------------------------
+    def poll(self) -> list:
+        self.fileno()  # (makes the epoll set on first use)
+        events: list = []
+        now = time.monotonic()
+        if now >= self._next_chores:
+            self._next_chores = now + 0.5
+            for fd, handshake in list(self._pending.items()):
+                if handshake.deadline <= now:
+                    self._refuse(fd, auth.AuthenticationError(
+                        f"it did not complete the handshake within {auth.HANDSHAKE_TIMEOUT}s"))
+            for fd, conn in list(self._joined.items()):
+                if conn.closed:  # closed by its user
+                    del self._joined[fd]
+        for fd, _ in self._epoll.poll(0):
+            if fd == self.sock.fileno():
+                self._accept_new()
+            elif fd in self._pending:
+                self._advance(fd, events)
+            elif fd in self._joined:
+                self._read(fd, events)
+        return events
+
+    def _accept_new(self) -> None:
+        try:
+            handshake = self.accept_pending()
+        except OSError:  # (gone again before we took it)
+            return
+        try:
+            handshake.start()
+        except auth.AuthenticationError as err:
+            log_refused(handshake.peer, err)
+            handshake.refuse(err)
+            return
+        fd = handshake.fileno()
+        stale = self._joined.pop(fd, None)  # closed by its user; its fd number is reused
+        if stale is not None:
+            stale.closed = True
+        if len(self._pending) >= MAX_PENDING_HANDSHAKES:
+            self._refuse(next(iter(self._pending)), auth.AuthenticationError(
+                f"more than {MAX_PENDING_HANDSHAKES} connections were authenticating"))
+        self._pending[fd] = handshake
+        self._epoll.register(fd, select.EPOLLIN)
+
+    def _refuse(self, fd: int, err: auth.AuthenticationError) -> None:
+        handshake = self._pending.pop(fd)
+        log_refused(handshake.peer, err)
+        self._unregister(fd)
+        handshake.refuse(err)
+
+    def _advance(self, fd: int, events: list) -> None:
+        try:
+            conn = self._pending[fd].advance()
+        except auth.AuthenticationError as err:
+            self._refuse(fd, err)
+            return
+        if conn is not None:
+            del self._pending[fd]
+            self._joined[fd] = conn
+            events.append(Joined(conn))
+            if conn.buffered:
+                self._read(fd, events)
+
+    def _read(self, fd: int, events: list) -> None:
+        conn = self._joined[fd]
+        try:
+            messages = conn.recv_all()
+        except EOFError:
+            self._leave(fd, None, events)
+            return
+        except ProtocolError as err:
+            self._leave(fd, err, events)
+            return
+        if messages:
+            events.append(Received(conn, messages))
+        if conn.buffered:  # a bad frame after good ones: report it now
+            self._read(fd, events)
+
+    def _leave(self, fd: int, error: BaseException | None, events: list) -> None:
+        conn = self._joined.pop(fd)
+        self._unregister(fd)
+        conn.close()
+        events.append(Left(conn, error))
+
+    def _unregister(self, fd: int) -> None:
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass  # closed already (which removed it)
+
     def close(self) -> None:
+        """Stop accepting; refuse the handshakes under way. Joined connections
+        stay open (their users close them)."""
+        for fd in list(self._pending):
+            self._unregister(fd)
+            self._pending.pop(fd).refuse()
+        if self._epoll is not None:
+            self._epoll.close()
         self.sock.close()
 
 

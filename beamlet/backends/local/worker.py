@@ -185,7 +185,7 @@ class ControlStoreClient(ControlStore):
 
 
 class SchedulerClient(Scheduler):
-    """The driver's scheduler, through messages."""
+    """The node's scheduler, through messages."""
 
     def __init__(self, backend: "WorkerBackend", totals: dict):
         self._b = backend
@@ -376,7 +376,7 @@ class Worker:
     def read_loop(self) -> None:
         try:
             while True:
-                for message in self.conn.recv_all():
+                for message in self.conn.recv_all(block=True):
                     self.handle(message)
         except EOFError:
             pass

@@ -1,0 +1,503 @@
+"""A node: the engine that runs tasks on one machine.
+
+`Node` is everything of the local backend that is not the driver: the
+session (its lock, private temp directory and secret), the listener its
+workers connect to, the zygote that forks them, the shared-memory object
+store, the scheduler, and one I/O thread that serves every connection and
+answers the requests workers send (the dispatch table below). The
+single-machine backend runs one inside the driver's process
+(``driver.py``); a cluster node daemon runs the same class.
+
+What a node needs from the owner of a job's objects (the driver: it counts
+the references and accepts submissions) is the narrow `JobOwner` interface,
+so the node never reaches into a Runtime or a Backend. Connections are
+served only through the ``Listener.poll`` boundary of
+``core/interfaces.py``, so a listener of another transport (ZeroMQ, for
+drivers and peer nodes on other machines) can be served by the same loop.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import os
+import selectors
+import shutil
+import sys
+import threading
+import time
+import traceback
+from typing import Iterable, Protocol
+
+from ... import exceptions as exc
+from ...core import auth
+from ...core.interfaces import ControlStore, Joined, Left, Received
+from ...core.refcount import ReferenceCounter
+from ...core.resources import ResourcePool
+from ...core.task_spec import TaskSpec
+from . import protocol as P
+from . import shm
+from .launcher import WorkerLauncher
+from .object_store import LocalObjectStore
+from .scheduler import LocalScheduler, WorkerInfo
+from .session import SessionLock, sweep
+from .transport import ProtocolError, SocketConnection, UnixSocketTransport
+
+#: The ControlStore methods a worker may call through a "control" request.
+CONTROL_OPS = frozenset({"put", "compare_and_set", "get", "delete", "keys", "publish"})
+
+DEFAULT_STORE_FRACTION = 0.3
+IDLE_WORKER_TIMEOUT = 2.0  # seconds before a surplus idle worker is let go
+WORKER_START_TIMEOUT = 30.0  # seconds before a worker that never said hello is given up
+CHORES_INTERVAL = 0.5  # seconds between the I/O thread's periodic chores
+
+
+class JobOwner(Protocol):
+    """What a node asks of the process that owns a job's objects (its driver)."""
+
+    #: The job's reference counts: the node takes references on what queued
+    #: tasks and stored objects hold, and frees an object only when its count
+    #: is zero.
+    refs: ReferenceCounter
+
+    def job_config(self) -> dict:
+        """What a worker of the job needs before its first task: ``job_id``,
+        ``namespace``, ``sys_path`` (prepended to the worker's) and ``cwd``."""
+
+    def accept(self, spec: TaskSpec) -> None:
+        """A task submitted by a worker (nested): check, count and schedule it
+        as if the owner had submitted it. An exception fails the task."""
+
+
+def log_error(what: str, err: BaseException | None = None) -> None:
+    """Log an unexpected error (with its traceback) that beamlet survives."""
+    detail = ("".join(traceback.format_exception(err)) if err is not None
+              else traceback.format_exc())
+    print(f"beamlet: error {what}:\n{detail}", file=sys.stderr, end="", flush=True)
+
+
+def default_store_capacity() -> int:
+    """Bytes of shared memory a node's store may use unless told: a fraction
+    of RAM, and no more than what /dev/shm has free."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        st = os.statvfs(shm.SHM_DIR)
+        shm_free = st.f_bavail * st.f_frsize
+    except OSError:
+        shm_free = total
+    return int(min(total * DEFAULT_STORE_FRACTION, shm_free * 0.8))
+
+
+def _raise_open_files_limit() -> None:
+    """Lift the soft limit on open files to the hard one: a node holds a
+    socket per worker, and a thousand actors are a thousand workers (a common
+    default soft limit is 1024)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # not allowed here: keep what we have
+
+
+class Node:
+    """Worker processes, a shared-memory store and a scheduler on this machine.
+
+    Made with validated settings; starts its I/O thread and the first
+    `prestart_workers` workers at once. `close()` stops everything it started
+    and removes every segment and file of its session. Thread-safe: the
+    scheduler and store take their own locks.
+    """
+
+    def __init__(self, owner: JobOwner, control_store: ControlStore, pool: ResourcePool,
+                 capacity: int, inline_threshold: int, max_workers: int | None = None,
+                 prestart_workers: int | None = None):
+        _raise_open_files_limit()
+        self.owner = owner
+        self.control_store = control_store
+        self.inline_threshold = inline_threshold
+        sweep()  # what sessions that died without cleaning up left behind
+        self._session_lock = SessionLock()  # before any segment or file of the session
+        self.session = self._session_lock.session
+        self.node_id = f"local-{self.session}"
+        self.temp_dir = self._session_lock.temp_dir
+        #: Every process of the session proves it holds this before it is heard
+        #: (core/auth.py); workers get it from the zygote, which gets it on stdin.
+        self.secret = auth.new_secret()
+        self.transport = UnixSocketTransport(self.secret, P.VERSION)
+        self.listener = self.transport.listen(f"@beamlet-{self.session}")
+        self.object_store = LocalObjectStore(owner.refs, self.session, capacity,
+                                             inline_threshold, self._spill_dir)
+        cpus = max(1, math.ceil(pool.total()["CPU"]))
+        self._keep_workers = cpus
+        self.launcher = WorkerLauncher(self.session, self.listener.address, self.temp_dir,
+                                       self.secret, self._session_lock.fd)
+        self.scheduler = LocalScheduler(self, self.object_store, control_store, pool,
+                                        max_workers or 4 * cpus)
+        self._closed = False
+        #: Why the node cannot go on (its I/O thread died), once it cannot.
+        self.failure: exc.BackendError | None = None
+        self._released: collections.deque[bytes] = collections.deque()
+        self._release_pending = False
+        self.object_store.reclaim = self._free_released
+        self._workers: dict[SocketConnection, WorkerInfo | None] = {}  # joined -> its worker
+        self._awaiting: dict[tuple, object] = {}  # (worker id, request id) -> store Waiter
+        self._handlers = self._dispatch_table()
+        self._wake_r, self._wake_w = os.pipe()
+        self._io = threading.Thread(target=self._io_loop, name="beamlet-io", daemon=True)
+        self._io.start()
+        self.scheduler.prestart(cpus if prestart_workers is None else prestart_workers)
+
+    def _spill_dir(self) -> str:
+        path = os.path.join(self.temp_dir, "spill")
+        os.makedirs(path, mode=0o700, exist_ok=True)  # (inside the private temp dir)
+        return path
+
+    # -- the I/O thread -----------------------------------------------------------
+    # It serves the listener (which authenticates newcomers without blocking on
+    # them and reads every joined peer), answers the workers' messages and does
+    # the periodic chores. Whatever goes wrong in handling one message is logged
+    # and the loop goes on; a peer that breaks the protocol loses its
+    # connection. Should the loop itself ever die, every waiter is failed (see
+    # _io_died) instead of left hanging.
+    def _io_loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as err:  # noqa: BLE001 - whatever it was, nobody may hang
+            if not self._closed:
+                self._io_died(err)
+
+    def _serve(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self.listener.fileno(), selectors.EVENT_READ, "listener")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        next_chores = 0.0
+        try:
+            while not self._closed:
+                ready = sel.select(timeout=CHORES_INTERVAL)
+                now = time.monotonic()
+                if now >= next_chores:
+                    next_chores = now + CHORES_INTERVAL
+                    try:
+                        self._chores()
+                    except Exception:  # noqa: BLE001
+                        log_error("in the I/O thread's periodic chores")
+                for key, _ in ready:
+                    if key.data == "wake":
+                        os.read(self._wake_r, 4096)
+                        self._free_released()
+                # The listener is polled on every turn: it also gives up
+                # handshakes past their deadline.
+                for event in self.listener.poll():
+                    if self._closed:
+                        return
+                    try:
+                        self._on_event(event)
+                    except Exception:  # noqa: BLE001
+                        log_error("in the I/O thread")
+        finally:
+            sel.close()
+
+    def _chores(self) -> None:
+        self.scheduler.reap_idle(self._keep_workers, IDLE_WORKER_TIMEOUT)
+        relaunched = self.launcher.relaunch_if_dead()
+        if self.launcher.error is not None:
+            if self.scheduler.launch_error is None or self.scheduler.starting:
+                self.scheduler.launcher_failed(self.launcher.error)
+        elif relaunched or self.scheduler.starting:
+            self.scheduler.restart_lost_forks(relaunched, WORKER_START_TIMEOUT)
+
+    def _on_event(self, event) -> None:
+        kind = type(event)
+        if kind is Received:
+            self._received(event.conn, event.messages)
+        elif kind is Joined:
+            self._workers[event.conn] = None  # until it says hello
+        elif kind is Left:
+            self._left(event.conn, event.error)
+
+    def _received(self, conn: SocketConnection, messages: list) -> None:
+        worker = self._workers.get(conn)
+        for message in messages:
+            if type(message) not in P.FROM_WORKER:
+                self._drop(conn, ProtocolError(
+                    f"a message that is not one of the protocol's: {P.describe(message)}"))
+                return
+            try:
+                if worker is None:
+                    worker = self._workers[conn] = self._hello(conn, message)
+                    if worker is None:
+                        self._drop(conn, None)
+                        return
+                else:
+                    self._handlers[type(message)](worker, message)
+            except ProtocolError as err:
+                self._drop(conn, err)
+                return
+            except Exception as err:  # noqa: BLE001 - one bad message must not stop the I/O thread
+                if self._closed:
+                    return
+                log_error(f"handling {type(message).__name__} from worker "
+                          f"{getattr(worker, 'pid', '?')}", err)
+
+    def _drop(self, conn: SocketConnection, error: BaseException | None) -> None:
+        """Close a connection that broke the protocol (`error`) or is not wanted."""
+        conn.close()
+        self._left(conn, error)
+
+    def _left(self, conn: SocketConnection, error: BaseException | None) -> None:
+        """A connection is gone; its worker, if it had said hello, is dead to
+        the scheduler. `error`: why we closed it (logged)."""
+        worker = self._workers.pop(conn, None)
+        if error is not None:
+            who = (f"worker {worker.worker_id} ({conn.peer})" if worker is not None
+                   else conn.peer)
+            print(f"beamlet: closed the connection of {who}: {error}", file=sys.stderr,
+                  flush=True)
+        if worker is not None:
+            self._forget_worker(worker)
+            self.object_store.writer_died(worker.worker_id)
+            self.scheduler.worker_died(worker)
+
+    def _hello(self, conn: SocketConnection, message) -> WorkerInfo | None:
+        """The first message of an authenticated connection: a worker's HELLO.
+        None for a worker that is not awaited (a duplicate fork, or given up)."""
+        if type(message) is not P.Hello:
+            raise ProtocolError(f"the first message was not HELLO: {P.describe(message)}")
+        worker_id, pid = message
+        if type(worker_id) is not str or type(pid) is not int:
+            raise ProtocolError(f"a malformed HELLO: {P.describe(message)}")
+        if not self.scheduler.awaits_worker(worker_id):
+            return None
+        conn.send(P.Welcome({
+            **self.owner.job_config(), "session": self.session, "node_id": self.node_id,
+            "inline_threshold": self.inline_threshold,
+            "resources": self.scheduler.total_resources()}))
+        worker = self.scheduler.worker_connected(worker_id, pid, conn)
+        if worker is not None:
+            self.launcher.worker_started()
+        return worker
+
+    def _io_died(self, err: BaseException) -> None:
+        """The I/O thread is dying: nothing will be read or answered any more,
+        so fail every waiter (driver get/wait, futures, later submits) with a
+        clear error, and close the workers' connections (they exit)."""
+        log_error("the I/O thread died", err)
+        self.failure = exc.BackendError(
+            f"the local backend's I/O thread died ({err!r}), so no result can arrive any "
+            f"more; call beamlet.shutdown() and init() again")
+        self.scheduler.fail(self.failure)
+        self.object_store.fail(self.failure)
+        self._close_worker_connections()
+
+    def _close_worker_connections(self) -> None:
+        with self.scheduler.lock:
+            workers = list(self.scheduler.workers.values())
+        for worker in workers:
+            if worker.conn is not None:
+                worker.conn.close()
+
+    # -- the request service: one handler per message a worker may send ------------
+    def _dispatch_table(self) -> dict:
+        return {
+            P.Hello: self._on_second_hello, P.Done: self._on_done, P.Refs: self._on_refs,
+            P.Submit: self._on_submit, P.Put: self._on_put, P.CancelTask: self._on_cancel,
+            P.KillActor: self._on_kill_actor, P.Forget: self._on_forget,
+            P.GetRequest: self._on_get, P.WaitRequest: self._on_wait,
+            P.AllocRequest: self._on_alloc, P.AbandonRequest: self._on_abandon,
+            P.ControlRequest: self._on_control, P.ResourcesRequest: self._on_resources,
+        }
+
+    def _on_second_hello(self, worker: WorkerInfo, message: P.Hello) -> None:
+        raise ProtocolError("a second HELLO on one connection")
+
+    def _on_done(self, worker: WorkerInfo, message: P.Done) -> None:
+        self.scheduler.task_done(worker, message.task_id, message.entries, message.retryable)
+        self.object_store.drop_unreported(worker.worker_id, message.entries)
+
+    def _on_refs(self, worker: WorkerInfo, message: P.Refs) -> None:
+        self.scheduler.record_borrow(worker, message.added, message.released)
+
+    def _on_submit(self, worker: WorkerInfo, message: P.Submit) -> None:
+        spec = message.spec
+        try:
+            self.owner.accept(spec)
+        except Exception as err:  # noqa: BLE001 - the submitter gets it from get()
+            self.scheduler.reject(spec, exc.TaskError.from_exception(err, spec.display_name))
+
+    def _on_put(self, worker: WorkerInfo, message: P.Put) -> None:
+        self.object_store.put_from_worker(message.object_id, message.entry, worker.worker_id,
+                                          worker.worker_id)
+
+    def _on_cancel(self, worker: WorkerInfo, message: P.CancelTask) -> None:
+        try:
+            self.scheduler.cancel(message.object_id, message.force)
+        except ValueError:
+            pass  # (the same call in the driver raises; a task cannot be told)
+
+    def _on_kill_actor(self, worker: WorkerInfo, message: P.KillActor) -> None:
+        self.scheduler.kill_actor(message.actor_id, message.no_restart)
+
+    def _on_forget(self, worker: WorkerInfo, message: P.Forget) -> None:
+        self._forget(worker, message.req_id)
+
+    def _await(self, worker: WorkerInfo, req_id: int, blocking: bool, ids, count: int,
+               answer) -> None:
+        """Run `answer()` once `count` of `ids` exist. While it waits, a `blocking`
+        request's worker lends out its CPUs (its thread is stuck in get or wait),
+        and the worker may give up on it (FORGET)."""
+        store = self.object_store
+        if blocking and not store.has_at_least(ids, count):
+            self.scheduler.worker_blocked(worker, req_id)
+        else:
+            blocking = False
+        key = (worker.worker_id, req_id)
+
+        def arrived():
+            self._awaiting.pop(key, None)
+            if blocking:
+                self.scheduler.worker_unblocked(worker, req_id)
+            answer()
+
+        waiter = store.notify_when(ids, count, arrived)
+        if waiter is not None:
+            self._awaiting[key] = waiter
+            if waiter.done:  # it ran in another thread before we noted it
+                self._awaiting.pop(key, None)
+
+    def _forget_worker(self, worker: WorkerInfo) -> None:
+        """A worker died: withdraw the requests it was waiting on."""
+        for key in [k for k in self._awaiting if k[0] == worker.worker_id]:
+            self.object_store.cancel_waiter(self._awaiting.pop(key, None))
+
+    def _forget(self, worker: WorkerInfo, req_id: int) -> None:
+        """The worker stopped waiting for request `req_id` (it timed out)."""
+        waiter = self._awaiting.pop((worker.worker_id, req_id), None)
+        if waiter is not None:
+            self.object_store.cancel_waiter(waiter)
+        self.scheduler.worker_unblocked(worker, req_id)
+
+    def _reply(self, worker: WorkerInfo, req_id: int, ok: bool, payload) -> None:
+        try:
+            worker.conn.send(P.Reply(req_id, ok, payload))
+        except exc.BackendError:
+            pass  # it died; its EOF is being handled
+
+    def _on_get(self, worker: WorkerInfo, message: P.GetRequest) -> None:
+        store, req_id, ids = self.object_store, message.req_id, message.ids
+
+        def answer_get():
+            try:
+                entries = [store.wire_entry(i) for i in ids]
+                if any(e is None for e in entries):
+                    raise exc.ObjectLostError("an object was freed before it could be read")
+            except Exception as err:  # noqa: BLE001
+                self._reply(worker, req_id, False, err)
+                return
+            self._reply(worker, req_id, True, entries)
+
+        self._await(worker, req_id, message.blocking, ids, len(set(ids)), answer_get)
+
+    def _on_wait(self, worker: WorkerInfo, message: P.WaitRequest) -> None:
+        store, req_id, ids, num_returns = (self.object_store, message.req_id, message.ids,
+                                           message.num_returns)
+        self._await(worker, req_id, message.blocking, ids, num_returns,
+                    lambda: self._reply(worker, req_id, True, store.wait(ids, num_returns, 0)))
+
+    def _on_alloc(self, worker: WorkerInfo, message: P.AllocRequest) -> None:
+        sizes, req_id = message.sizes, message.req_id
+        if not isinstance(sizes, list) or not sizes or \
+                not all(type(n) is int and n > 0 for n in sizes):
+            self._reply(worker, req_id, False, ValueError(f"bad segment sizes {sizes!r}"))
+            return
+        self.object_store.allocate(worker.worker_id, sizes,
+                                   lambda ok, payload: self._reply(worker, req_id, ok, payload))
+
+    def _on_abandon(self, worker: WorkerInfo, message: P.AbandonRequest) -> None:
+        self.object_store.drop_unsealed(worker.worker_id, message.names)
+        self._reply(worker, message.req_id, True, None)
+
+    def _on_control(self, worker: WorkerInfo, message: P.ControlRequest) -> None:
+        try:
+            if message.op not in CONTROL_OPS:
+                raise ValueError(f"unknown control store operation {message.op!r}")
+            result = getattr(self.control_store, message.op)(*message.args)
+        except Exception as err:  # noqa: BLE001 - the asker raises it
+            self._reply(worker, message.req_id, False, err)
+            return
+        self._reply(worker, message.req_id, True, result)
+
+    def _on_resources(self, worker: WorkerInfo, message: P.ResourcesRequest) -> None:
+        result = (self.scheduler.total_resources() if message.which == "total"
+                  else self.scheduler.available_resources())
+        self._reply(worker, message.req_id, True, result)
+
+    # -- SchedulerHost (scheduler.py): what the scheduler may ask of this node ----------
+    def start_worker(self, worker_id: str) -> None:
+        self.launcher.fork(worker_id)
+
+    def pin(self, object_ids) -> None:
+        self.owner.refs.incr_all(object_ids)
+
+    def unpin(self, object_ids) -> None:
+        self.owner.refs.decr_all(object_ids)
+
+    # -- freeing --------------------------------------------------------------------
+    def release(self, object_id: bytes) -> None:
+        """The owner holds no reference to the object any more: free it soon.
+
+        Safe to call from anywhere, even from ``ObjectRef.__del__`` run by the
+        cyclic GC in a thread that holds the scheduler's or the store's lock:
+        it only queues the id (a deque append takes no lock); the I/O thread
+        frees it, or a put that needs the room does at once."""
+        self._released.append(object_id)
+        if not self._release_pending:
+            self._release_pending = True
+            try:
+                os.write(self._wake_w, b"r")
+            except OSError:
+                pass  # closed: nothing left to free
+
+    def _free_released(self) -> None:
+        """Free the objects whose last reference went away (see `release`)."""
+        self._release_pending = False
+        released = self._released
+        count = self.owner.refs.count
+        while released:
+            try:
+                object_id = released.popleft()
+            except IndexError:
+                break
+            if count(object_id):
+                continue  # referenced again meanwhile (e.g. get_actor made a new handle)
+            self.object_store.delete([object_id])
+            self.scheduler.token_released(object_id)
+
+    def describe(self) -> dict:
+        """This node as ``beamlet.nodes()`` shows it."""
+        return {"NodeID": self.node_id, "Alive": True, "NodeManagerAddress": "127.0.0.1",
+                "Resources": self.scheduler.total_resources(),
+                "ObjectStoreMemory": self.object_store.capacity}
+
+    def close(self) -> None:
+        """Stop the workers, the zygote and the I/O thread; remove every segment
+        and file of the session. Idempotent."""
+        if self._closed:
+            return
+        self.scheduler.shutdown()
+        self._closed = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        self._io.join(5)
+        self._close_worker_connections()
+        self.listener.close()
+        self.launcher.close()
+        self.object_store.close()
+        shm.remove_session_segments(self.session)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self._session_lock.release()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
