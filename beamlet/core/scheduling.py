@@ -1,6 +1,7 @@
 """Scheduling rules that every scheduler applies the same way, whatever runs
-the tasks: how many attempts a task gets, and what observers are told about
-each attempt (the ``beamlet_task_finished`` hook's statuses).
+the tasks: how many attempts a task gets, what observers are told about
+each attempt (the ``beamlet_task_finished`` hook's statuses), and the
+lifecycle an actor goes through (`ActorLifecycle`).
 
 A scheduler that runs attempts one after another in one place (in-process,
 threads) can hand the whole loop to `run_attempts`; one that sends attempts
@@ -9,16 +10,57 @@ attempt comes back failed and reports with `attempt_status`.
 """
 from __future__ import annotations
 
+import enum
 import time
 from typing import Callable
 
 from . import plugins
+from .tables import ActorState
 
 #: What an attempt's end is reported as.
 FINISHED = "FINISHED"    # it returned (its values are the task's results)
 FAILED = "FAILED"        # it raised (or its worker died), and no attempt follows
 RETRYING = "RETRYING"    # it failed, and another attempt follows
 CANCELLED = "CANCELLED"  # it was cancelled
+
+
+class ActorLifecycle(enum.StrEnum):
+    """Where an actor is in its life, as its scheduler tracks it.
+
+    ``PENDING -> STARTING -> ALIVE``; from STARTING or ALIVE its process may
+    die (``RESTARTING``, while restarts are left; back to STARTING when a new
+    process runs the constructor again) or it ends (``DEAD``, final, from any
+    state). The control store records the coarser `ActorState`
+    (`recorded`): STARTING shows there as PENDING.
+    """
+
+    PENDING = "PENDING"        # waiting for its arguments, resources or a worker
+    STARTING = "STARTING"      # its constructor is running
+    ALIVE = "ALIVE"
+    RESTARTING = "RESTARTING"  # its process died; it waits to start again
+    DEAD = "DEAD"
+
+    @property
+    def recorded(self) -> ActorState:
+        """The state the actors table shows for this one."""
+        return ActorState.PENDING if self is ActorLifecycle.STARTING else ActorState(self.value)
+
+    def to(self, new: "ActorLifecycle") -> "ActorLifecycle":
+        """`new`, if an actor may go there from this state; RuntimeError (a
+        scheduler bug) if not."""
+        if new not in _ACTOR_MOVES[self]:
+            raise RuntimeError(f"an actor cannot go from {self} to {new}")
+        return new
+
+
+_ACTOR_MOVES = {
+    ActorLifecycle.PENDING: {ActorLifecycle.STARTING, ActorLifecycle.DEAD},
+    ActorLifecycle.STARTING: {ActorLifecycle.ALIVE, ActorLifecycle.RESTARTING,
+                              ActorLifecycle.DEAD},
+    ActorLifecycle.ALIVE: {ActorLifecycle.RESTARTING, ActorLifecycle.DEAD},
+    ActorLifecycle.RESTARTING: {ActorLifecycle.STARTING, ActorLifecycle.DEAD},
+    ActorLifecycle.DEAD: set(),
+}
 
 
 def may_retry(spec, actor_spec=None) -> bool:

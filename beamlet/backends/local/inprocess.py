@@ -21,7 +21,7 @@ from ...core.memory_store import MemoryObjectStore
 from ...core.options import check_backend_options
 from ...core.resources import ResourcePool
 from ...core.runtime import Runtime
-from ...core.scheduling import run_attempts
+from ...core.scheduling import ActorLifecycle, run_attempts
 from ...core.serialization import serialize
 from ...core.tables import Tables
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
@@ -32,7 +32,7 @@ class _Actor:
 
     def __init__(self, spec: TaskSpec):
         self.spec = spec
-        self.state = "ALIVE"
+        self.state = ActorLifecycle.STARTING  # (it is created at once, at submission)
         self.reason = ""
 
 
@@ -87,12 +87,12 @@ class InProcessScheduler(Scheduler):
             self._end_actor(spec.actor_id, f"the actor's constructor raised:\n"
                             f"{getattr(result.error, 'traceback_str', str(result.error))}")
         else:
-            self._set_state(spec.actor_id, "ALIVE")
+            self._move(spec.actor_id, ActorLifecycle.ALIVE)
         self._put_results(spec, result.values)
 
     def _run_actor_method(self, spec: TaskSpec) -> None:
         actor = self._actors.get(spec.actor_id)
-        if actor is None or actor.state == "DEAD":
+        if actor is None or actor.state is ActorLifecycle.DEAD:
             reason = actor.reason if actor else "the actor is unknown to this backend"
             err = exc.ActorDiedError(f"the actor {spec.function_name} is dead: {reason}")
             self._put_results(spec, [serialize(err, is_error=True)] * len(spec.return_ids))
@@ -100,35 +100,37 @@ class InProcessScheduler(Scheduler):
         result = run_attempts(spec, self._execute, actor.spec)
         self._put_results(spec, result.values)
 
-    def _set_state(self, actor_id: bytes, state: str, reason: str = "") -> None:
-        info = self._tables.set_actor_state(actor_id, state, reason)
+    def _move(self, actor_id: bytes, state: ActorLifecycle, reason: str = "") -> None:
+        actor = self._actors[actor_id]
+        actor.state = actor.state.to(state)
+        info = self._tables.set_actor_state(actor_id, state.recorded, reason)
         if info is not None:
             plugins.notify("beamlet_actor_state", actor_id=actor_id,
-                           class_name=info.class_name, state=state, reason=reason)
+                           class_name=info.class_name, state=state.recorded, reason=reason)
 
     def cancel(self, object_id: bytes, force: bool = False) -> None:
         """Every task has finished by the time its ref exists: nothing to cancel."""
 
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
         actor = self._actors.get(actor_id)
-        if actor is None or actor.state == "DEAD":
+        if actor is None or actor.state is ActorLifecycle.DEAD:
             return
         self._end_actor(actor_id, "it was killed by beamlet.kill()")
 
     def _end_actor(self, actor_id: bytes, reason: str) -> None:
         actor = self._actors[actor_id]
-        was_alive = actor.state != "DEAD"
-        actor.state = "DEAD"
+        if actor.state is ActorLifecycle.DEAD:
+            return
         actor.reason = reason
         self.executor.drop_actor(actor_id)
-        self._set_state(actor_id, "DEAD", reason)
-        if was_alive and actor.spec.actor_options.get("detached"):
+        self._move(actor_id, ActorLifecycle.DEAD, reason)
+        if actor.spec.actor_options.get("detached"):
             self._refs.decr(actor.spec.return_ids[0])  # last: it may free the token
 
     def token_released(self, object_id: bytes) -> None:
         """An actor's last handle is gone: end the actor, as Ray does."""
         actor_id = self._actor_by_token.pop(object_id, None)
-        if actor_id is not None and self._actors[actor_id].state != "DEAD":
+        if actor_id is not None and self._actors[actor_id].state is not ActorLifecycle.DEAD:
             self._end_actor(actor_id, "all handles to it went out of scope")
 
     def total_resources(self) -> dict[str, float]:
@@ -139,7 +141,7 @@ class InProcessScheduler(Scheduler):
 
     def shutdown(self) -> None:
         for actor_id, actor in list(self._actors.items()):
-            if actor.state != "DEAD":
+            if actor.state is not ActorLifecycle.DEAD:
                 self._end_actor(actor_id, "beamlet was shut down")
 
 

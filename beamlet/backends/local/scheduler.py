@@ -27,7 +27,7 @@ from ... import exceptions as exc
 from ...core import plugins
 from ...core.interfaces import Scheduler
 from ...core.resources import ResourcePool
-from ...core.scheduling import RETRYING, attempt_status, may_retry
+from ...core.scheduling import RETRYING, ActorLifecycle, attempt_status, may_retry
 from ...core.serialization import SerializedObject, deserialize, serialize
 from ...core.tables import Tables
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, ARG_REF, ARG_VALUE, TaskSpec
@@ -67,7 +67,7 @@ class ActorRecord:
 
     def __init__(self, spec: TaskSpec):
         self.spec = spec
-        self.state = "PENDING"
+        self.state = ActorLifecycle.PENDING
         self.worker: WorkerInfo | None = None
         self.calls = CallQueue()  # calls not sent to it yet
         self.inflight: dict[bytes, TaskSpec] = {}
@@ -261,7 +261,7 @@ class LocalScheduler(Scheduler):
             while queue:
                 spec = queue[0]
                 record = self.actors.get(spec.actor_id) if spec.kind == ACTOR_CREATION else None
-                if record is not None and record.state == "DEAD":
+                if record is not None and record.state == ActorLifecycle.DEAD:
                     queue.popleft()  # killed while it waited to start
                     continue
                 if not self.pool.fits(spec.resources):
@@ -338,7 +338,7 @@ class LocalScheduler(Scheduler):
                     continue
                 if spec.kind != ACTOR_CREATION:
                     tasks.append(spec)
-                elif self.actors[spec.actor_id].state != "DEAD":
+                elif self.actors[spec.actor_id].state != ActorLifecycle.DEAD:
                     actors.append(self.actors[spec.actor_id])
             if keep:
                 self._queues[shape] = keep
@@ -419,7 +419,7 @@ class LocalScheduler(Scheduler):
         spec = record.spec
         record.gpu_ids = self.pool.acquire(spec.resources)
         record.worker = worker
-        record.state = "STARTING"
+        self._move(record, ActorLifecycle.STARTING)
         worker.state = ACTOR
         worker.actor_id = spec.actor_id
         self._running[spec.task_id] = worker
@@ -441,11 +441,11 @@ class LocalScheduler(Scheduler):
             self._fail(spec, exc.ActorDiedError(
                 f"the actor {spec.function_name} is unknown to this scheduler"))
             return
-        if record.state == "DEAD":
+        if record.state == ActorLifecycle.DEAD:
             self._fail(spec, exc.ActorDiedError(f"the actor {spec.function_name} is dead: "
                                                 f"{record.reason}"))
             return
-        if record.state == "ALIVE" and not record.calls.has_calls_of(spec.caller_id) \
+        if record.state == ActorLifecycle.ALIVE and not record.calls.has_calls_of(spec.caller_id) \
                 and not spec.has_ref_args():
             self._send_actor_call(record, spec)  # the common case: nothing to wait for
             return
@@ -463,7 +463,7 @@ class LocalScheduler(Scheduler):
         Re-entrant (a failed send stores a result another call may wait on): each
         step reads the queue afresh."""
         calls = record.calls
-        while record.state == "ALIVE":
+        while record.state == ActorLifecycle.ALIVE:
             spec = calls.head(caller_id)
             if spec is None or spec.task_id in record.watched:
                 return
@@ -490,28 +490,35 @@ class LocalScheduler(Scheduler):
             self._fail(spec, error)
 
     def _actor_alive(self, record: ActorRecord) -> None:
-        record.state = "ALIVE"
-        self._set_state(record, "ALIVE")
+        self._move(record, ActorLifecycle.ALIVE)
         self._pump_actor(record)
         if record.out_of_scope and not record.inflight and not record.calls:
             self._end_actor(record, "all handles to it went out of scope", kill=True)
 
-    def _set_state(self, record: ActorRecord, state: str, reason: str = "") -> None:
-        self.tables.set_actor_state(record.spec.actor_id, state, reason, self.host.node_id)
+    def _move(self, record: ActorRecord, state: ActorLifecycle, reason: str = "") -> None:
+        """Move the actor to `state`; the actors table and observers hear of
+        the states it records (not STARTING)."""
+        record.state = record.state.to(state)
+        if state is ActorLifecycle.STARTING:
+            return
+        self.tables.set_actor_state(record.spec.actor_id, state.recorded, reason,
+                                    self.host.node_id)
         plugins.notify("beamlet_actor_state", actor_id=record.spec.actor_id,
-                       class_name=record.spec.function_name, state=state, reason=reason)
+                       class_name=record.spec.function_name, state=state.recorded,
+                       reason=reason)
 
-    def _end_actor(self, record: ActorRecord, reason: str, kill: bool) -> None:
-        """The actor is dead for good: fail its calls, free its resources and worker."""
-        if record.state == "DEAD":
+    def _end_actor(self, record: ActorRecord, reason: str, kill: bool,
+                   holding: bool = True) -> None:
+        """The actor is dead for good: fail its calls, free its resources
+        (unless not `holding` them any more) and worker."""
+        if record.state == ActorLifecycle.DEAD:
             return
         worker = record.worker
-        if record.state in ("STARTING", "ALIVE"):
+        if holding and record.state in (ActorLifecycle.STARTING, ActorLifecycle.ALIVE):
             self._take_back_lent(worker, record.spec.resources)
             self.pool.release(record.spec.resources, record.gpu_ids)
-        record.state = "DEAD"
         record.reason = reason
-        self._set_state(record, "DEAD", reason)
+        self._move(record, ActorLifecycle.DEAD, reason)
         if record.pinned:
             self.host.unpin(record.pinned)
             record.pinned = []
@@ -532,7 +539,7 @@ class LocalScheduler(Scheduler):
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
         with self.lock:
             record = self.actors.get(actor_id)
-            if record is None or record.state == "DEAD":
+            if record is None or record.state == ActorLifecycle.DEAD:
                 return
             if not no_restart and record.restarts_left > 0 and record.worker is not None:
                 self._kill_worker(record.worker)  # the EOF handler restarts it
@@ -548,10 +555,10 @@ class LocalScheduler(Scheduler):
         with self.lock:
             actor_id = self._actor_by_token.pop(object_id, None)
             record = self.actors.get(actor_id) if actor_id else None
-            if record is None or record.state == "DEAD":
+            if record is None or record.state == ActorLifecycle.DEAD:
                 return
             record.out_of_scope = True
-            if record.state == "ALIVE" and not record.inflight and not record.calls:
+            if record.state == ActorLifecycle.ALIVE and not record.inflight and not record.calls:
                 self._end_actor(record, "all handles to it went out of scope", kill=True)
 
     # -- completion -----------------------------------------------------------
@@ -571,7 +578,7 @@ class LocalScheduler(Scheduler):
                     return
                 self._finish(spec, entries, self._outcome(spec, entries), worker)
                 if record is not None and record.out_of_scope and not record.inflight \
-                        and not record.calls and record.state == "ALIVE":
+                        and not record.calls and record.state == ActorLifecycle.ALIVE:
                     self._end_actor(record, "all handles to it went out of scope", kill=True)
                 return
             self._running.pop(task_id, None)
@@ -667,7 +674,7 @@ class LocalScheduler(Scheduler):
             return worker.task.resources
         record = self.actors.get(worker.actor_id) if worker.actor_id is not None else None
         if record is not None and record.worker is worker \
-                and record.state in ("STARTING", "ALIVE"):
+                and record.state in (ActorLifecycle.STARTING, ActorLifecycle.ALIVE):
             return record.spec.resources
         return None
 
@@ -818,17 +825,16 @@ class LocalScheduler(Scheduler):
 
     def _actor_worker_died(self, worker: WorkerInfo) -> None:
         record = self.actors.get(worker.actor_id)
-        if record is None or record.state == "DEAD" or record.worker is not worker:
+        if record is None or record.state == ActorLifecycle.DEAD or record.worker is not worker:
             return
-        creating = record.state == "STARTING"
+        creating = record.state == ActorLifecycle.STARTING
         self._running.pop(record.spec.task_id, None)
         self._take_back_lent(worker, record.spec.resources)
         self.pool.release(record.spec.resources, record.gpu_ids)
         if record.restarts_left > 0 and not record.killed:
             record.restarts_left -= 1
-            record.state = "RESTARTING"
             record.worker = None
-            self._set_state(record, "RESTARTING", "its process died")
+            self._move(record, ActorLifecycle.RESTARTING, "its process died")
             unavailable = exc.ActorUnavailableError(
                 f"the actor {record.spec.function_name} died during this call and is "
                 f"restarting; the call may or may not have run")
@@ -847,10 +853,9 @@ class LocalScheduler(Scheduler):
             self._tasks[record.spec.task_id] = record.spec  # its creation runs again
             self._make_ready(record.spec, first=True)
         else:
-            record.state = "DYING"  # its resources were given back just above
             self._end_actor(record, f"its process (pid {worker.pid}) died unexpectedly"
                             if not record.killed else "it was killed by beamlet.kill()",
-                            kill=False)
+                            kill=False, holding=False)  # (given back just above)
 
     def _kill_worker(self, worker: WorkerInfo) -> None:
         if worker.pid:
@@ -947,7 +952,7 @@ class LocalScheduler(Scheduler):
     def stats(self) -> dict:
         with self.lock:
             return {"workers": len(self.workers), "idle": len(self.idle),
-                    "actors": sum(1 for r in self.actors.values() if r.state != "DEAD"),
+                    "actors": sum(1 for r in self.actors.values() if r.state != ActorLifecycle.DEAD),
                     "queued": sum(len(q) for q in self._queues.values()),
                     "waiting": len(self._waiting)}
 
