@@ -180,10 +180,13 @@ class RedisServer:
 
     def _wait_ready(self) -> None:
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
+        # No retries inside redis-py: between two attempts, this loop looks at the process.
         client = redis.Redis(host=self._client_host, port=self.port,
-                             password=self.password, socket_timeout=1.0,
-                             socket_connect_timeout=1.0, protocol=2)
+                             password=self.password, socket_timeout=0.5,
+                             socket_connect_timeout=0.5, protocol=2, retry=Retry(NoBackoff(), 0))
         deadline = time.monotonic() + self.start_timeout
         last = None
         try:
