@@ -245,6 +245,46 @@ def test_subscribing_again_after_unsubscribing_gets_later_messages(store):
         unsubscribe()
 
 
+def test_a_subscriber_may_subscribe_from_its_callback(store):
+    inner, done = _Inbox(), _Inbox()
+
+    def outer(message):
+        store.subscribe("inner", inner)
+        done(message)
+
+    unsubscribe = store.subscribe("outer", outer)
+    store.publish("outer", b"go")
+    done.wait_for(1)
+    unsubscribe()
+    watcher = _Inbox()
+    store.subscribe("inner", watcher)  # returns once "inner" is subscribed
+    store.publish("inner", b"hello")
+    assert watcher.wait_for(1) == [b"hello"]
+    assert inner.wait_for(1) == [b"hello"]
+
+
+def test_a_busy_channel_does_not_hold_up_a_subscription(store):
+    stop, flood = threading.Event(), _Inbox()
+    store.subscribe("busy", flood)
+
+    def publish():
+        while not stop.is_set():
+            store.publish("busy", b"x")
+
+    publisher = threading.Thread(target=publish, daemon=True)
+    publisher.start()
+    try:
+        flood.wait_for(100)  # the listener is busy delivering
+        quiet = _Inbox()
+        store.subscribe("quiet", quiet)
+        store.publish("quiet", b"heard")
+        assert quiet.wait_for(1) == [b"heard"]
+    finally:
+        stop.set()
+        publisher.join(JOIN_TIMEOUT)
+    assert not publisher.is_alive()
+
+
 def test_messages_and_channels_are_checked(store):
     with pytest.raises(TypeError, match="message must be bytes"):
         store.publish("c", "text")

@@ -21,9 +21,9 @@ raises BackendError naming the address and the cause. A refused password
 raises at once. No message ever holds the password.
 
 Pub/sub: one listener thread per store (started by the first `subscribe`)
-owns one connection; callbacks run in it. It polls for (un)subscriptions
-every `POLL_INTERVAL` seconds, and when its connection breaks it reconnects
-and subscribes again by itself. Redis keeps no history of a channel, so a
+owns one connection; callbacks run in it. It looks for (un)subscriptions to
+send between messages, at least every `POLL_INTERVAL` seconds, and when its
+connection breaks it reconnects and subscribes again by itself. Redis keeps no history of a channel, so a
 subscriber misses what was published while its connection was down, and a
 `publish` retried across a restart may be delivered twice: channels carry
 notifications; the tables hold the state.
@@ -186,6 +186,7 @@ class RedisControlStore(ControlStore):
         self._pending: dict[str, threading.Event] = {}  # channels whose SUBSCRIBE is unconfirmed
         self._listener: threading.Thread | None = None
         self._stop = threading.Event()
+        self._changed = threading.Event()  # the set of channels with subscribers changed
         try:
             self._call("connect", self._client.ping)
         except BaseException:
@@ -295,6 +296,7 @@ class RedisControlStore(ControlStore):
                 self._pending[name] = threading.Event()
             entries.append(entry)
             confirmed = self._pending.get(name)
+            self._changed.set()
             self._start_listener()
 
         def unsubscribe():
@@ -303,8 +305,8 @@ class RedisControlStore(ControlStore):
                 entries = self._subscribers.get(name, [])
                 if entry in entries:
                     entries.remove(entry)
-                if not entries:
-                    self._subscribers.pop(name, None)
+                if not entries and self._subscribers.pop(name, None) is not None:
+                    self._changed.set()
 
         if confirmed is not None and threading.current_thread() is not self._listener:
             limit = self.retry_for + self.timeout
@@ -343,6 +345,7 @@ class RedisControlStore(ControlStore):
                     subscribed.clear()
                     outstanding.clear()
                 with self._lock:
+                    self._changed.clear()
                     wanted = set(self._subscribers)
                     for name in wanted & subscribed:  # unsubscribed and subscribed again
                         event = self._pending.get(name)
@@ -358,12 +361,12 @@ class RedisControlStore(ControlStore):
                     conn.send_command("UNSUBSCRIBE", *sorted(drop))
                 subscribed = wanted
                 if not subscribed:
-                    self._stop.wait(POLL_INTERVAL)
+                    self._changed.wait(POLL_INTERVAL)
                     continue
-                while conn.can_read(timeout=POLL_INTERVAL):
+                # Read until a quiet moment, or until the channels change (so that
+                # a busy channel never holds up a subscription).
+                while not self._changed.is_set() and conn.can_read(timeout=POLL_INTERVAL):
                     self._dispatch(conn.read_response(), outstanding)
-                    if self._stop.is_set():
-                        break
                 delay, reported = 0.02, False
             except (redis.exceptions.RedisError, OSError) as err:
                 if conn is not None:
@@ -415,6 +418,7 @@ class RedisControlStore(ControlStore):
             for event in self._pending.values():
                 event.set()
         self._stop.set()
+        self._changed.set()
         if listener is not None and listener is not threading.current_thread():
             listener.join(timeout)
         self._client.close()
