@@ -21,12 +21,12 @@ raises BackendError naming the address and the cause. A refused password
 raises at once. No message ever holds the password.
 
 Pub/sub: one listener thread per store (started by the first `subscribe`)
-owns one connection; callbacks run in it. It looks for (un)subscriptions to
-send between messages, at least every `POLL_INTERVAL` seconds, and when its
-connection breaks it reconnects and subscribes again by itself. Redis keeps no history of a channel, so a
-subscriber misses what was published while its connection was down, and a
-`publish` retried across a restart may be delivered twice: channels carry
-notifications; the tables hold the state.
+owns one connection; callbacks run in it. It sends (un)subscriptions between
+messages, within `POLL_INTERVAL` seconds, and when its connection breaks it
+reconnects and subscribes again by itself. Redis keeps no history of a
+channel, so a subscriber misses what was published while its connection was
+down, and a `publish` retried across a restart may be delivered twice:
+channels carry notifications; the tables hold the state.
 """
 from __future__ import annotations
 

@@ -58,8 +58,9 @@ class RedisServer:
     `host` and `port` (a free one if None) and returns once it answers PING;
     `url` is what `RedisControlStore` opens. `stop` ends it and, unless told
     otherwise, removes its directory; `start` after ``stop(remove_dir=False)``,
-    or `restart`, runs it again on the same port, password and data. If the owner forgets `stop`, the
-    server is stopped at interpreter exit.
+    or `restart`, runs it again on the same port, password and data. If the
+    owner forgets `stop`, the server is stopped at interpreter exit (the data
+    directory then stays).
     """
 
     def __init__(self, port: int | None = None, host: str = "127.0.0.1", *,
