@@ -189,3 +189,25 @@ def start():
     footprint = procs.footprint(backend)
     beamlet.shutdown()
     procs.assert_all_gone(footprint)
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    """One private ``redis-server`` (a ``RedisServer``) for the test module, stopped
+    and its data removed at the end. Tests give each store a namespace of its
+    own instead of flushing. A machine without redis-server fails these tests,
+    saying how to install it: they never skip."""
+    from beamlet.backends.redis.server import RedisServer
+    from beamlet.exceptions import BackendError
+
+    server = RedisServer()
+    try:
+        server.start()
+    except BackendError as err:
+        pytest.fail(f"this test needs a real Redis: {err}")
+    except ModuleNotFoundError as err:
+        pytest.fail(f"this test needs the redis package ({err}): pip install -e '.[test]'")
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -2,17 +2,20 @@
 
 `compare_and_set` is the store's one atomic read-modify-write; the tables of
 ``core/tables.py`` build every update on it. The semantic tests run against
-each store in ``STORE_FACTORIES`` (today the in-memory one; the Redis store
-joins by adding a factory there), the concurrency tests from many threads at
-once with a fine thread switch interval so that reads and writes interleave.
+each store in ``STORE_FACTORIES`` (the in-memory one, and the Redis one on the
+module's own redis-server: a machine without redis-server fails those tests,
+saying how to install it), the concurrency tests from many threads at once
+with a fine thread switch interval so that reads and writes interleave.
 The last tests go through the local backend's workers, whose control store is
-the driver's, reached by requests.
+the driver's, reached by requests. What only Redis does (passwords, restarts,
+the server process) is tested in test_redis.py.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import pickle
+import secrets
 import sys
 import threading
 
@@ -30,18 +33,26 @@ THREADS = 16
 JOIN_TIMEOUT = 120
 
 
-def _memory_store() -> ControlStore:
+def _memory_store(request) -> ControlStore:
     return MemoryControlStore()
 
 
-#: name -> a factory of an empty store. A store that needs a server (Redis) is
-#: added here and skips itself where none runs.
-STORE_FACTORIES = {"memory": _memory_store}
+def _redis_store(request) -> ControlStore:
+    """A store on the module's redis-server, in a namespace no other test uses."""
+    from beamlet.backends.redis.control_store import RedisControlStore
+    server = request.getfixturevalue("redis_server")
+    return RedisControlStore(server.url, namespace=f"test-{secrets.token_hex(8)}")
+
+
+#: name -> ``factory(request)`` of an empty store. A store that needs a server
+#: gets it through a fixture (``request.getfixturevalue``), which fails its tests
+#: when the server cannot run here.
+STORE_FACTORIES = {"memory": _memory_store, "redis": _redis_store}
 
 
 @pytest.fixture(params=sorted(STORE_FACTORIES))
 def store(request):
-    s = STORE_FACTORIES[request.param]()
+    s = STORE_FACTORIES[request.param](request)
     try:
         yield s
     finally:
@@ -159,6 +170,128 @@ def test_compare_and_set_counter_from_many_threads_loses_no_increment(store):
 
     assert _in_threads(THREADS, count) == [None] * THREADS
     assert store.get("t", b"n") == str(THREADS * increments).encode()
+
+
+# -- publish and subscribe -----------------------------------------------------------
+class _Inbox:
+    """Collects what a subscriber is called with, from whichever thread calls it."""
+
+    def __init__(self):
+        self.messages: list[bytes] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, message: bytes) -> None:
+        with self._cond:
+            self.messages.append(message)
+            self._cond.notify_all()
+
+    def wait_for(self, count: int) -> list[bytes]:
+        """The messages, once there are at least `count` (fails after JOIN_TIMEOUT s)."""
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.messages) >= count, JOIN_TIMEOUT), \
+                f"{len(self.messages)} of {count} messages arrived: {self.messages}"
+            return list(self.messages)
+
+
+def test_subscribers_get_every_later_message_in_order(store):
+    store.publish("news", b"before anyone listened")
+    first, second = _Inbox(), _Inbox()
+    store.subscribe("news", first)
+    store.subscribe("news", second)
+    sent = [b"%d" % i for i in range(50)]
+    for message in sent:
+        store.publish("news", message)
+    assert first.wait_for(50) == sent
+    assert second.wait_for(50) == sent
+
+
+def test_channels_are_separate_and_unsubscribe_stops_delivery(store):
+    gone, stays, elsewhere = _Inbox(), _Inbox(), _Inbox()
+    unsubscribe = store.subscribe("a", gone)
+    store.subscribe("a", stays)
+    store.subscribe("b", elsewhere)
+    store.publish("a", b"1")
+    assert stays.wait_for(1) == [b"1"] and gone.wait_for(1) == [b"1"]
+    unsubscribe()
+    unsubscribe()  # a second call changes nothing
+    store.publish("a", b"2")
+    store.publish("b", b"for b")
+    # Subscribers of a channel are called in the order they subscribed: `gone`
+    # would have had b"2" before `stays` did.
+    assert stays.wait_for(2) == [b"1", b"2"]
+    assert gone.messages == [b"1"]
+    assert elsewhere.wait_for(1) == [b"for b"]
+
+
+def test_a_subscriber_that_raises_does_not_stop_the_others(store, capfd):
+    def broken(message):
+        raise RuntimeError("subscriber bug")
+
+    inbox = _Inbox()
+    store.subscribe("c", broken)
+    store.subscribe("c", inbox)
+    store.publish("c", b"x")
+    store.publish("c", b"y")
+    assert inbox.wait_for(2) == [b"x", b"y"]
+    assert "subscriber bug" in capfd.readouterr().err
+
+
+def test_subscribing_again_after_unsubscribing_gets_later_messages(store):
+    for round_ in range(5):
+        inbox = _Inbox()
+        unsubscribe = store.subscribe("again", inbox)
+        store.publish("again", b"%d" % round_)
+        assert inbox.wait_for(1) == [b"%d" % round_]
+        unsubscribe()
+
+
+def test_a_subscriber_may_subscribe_from_its_callback(store):
+    inner, done = _Inbox(), _Inbox()
+
+    def outer(message):
+        store.subscribe("inner", inner)
+        done(message)
+
+    unsubscribe = store.subscribe("outer", outer)
+    store.publish("outer", b"go")
+    done.wait_for(1)
+    unsubscribe()
+    watcher = _Inbox()
+    store.subscribe("inner", watcher)  # returns once "inner" is subscribed
+    store.publish("inner", b"hello")
+    assert watcher.wait_for(1) == [b"hello"]
+    assert inner.wait_for(1) == [b"hello"]
+
+
+def test_a_busy_channel_does_not_hold_up_a_subscription(store):
+    stop, flood = threading.Event(), _Inbox()
+    store.subscribe("busy", flood)
+
+    def publish():
+        while not stop.is_set():
+            store.publish("busy", b"x")
+
+    publisher = threading.Thread(target=publish, daemon=True)
+    publisher.start()
+    try:
+        flood.wait_for(100)  # the listener is busy delivering
+        quiet = _Inbox()
+        store.subscribe("quiet", quiet)
+        store.publish("quiet", b"heard")
+        assert quiet.wait_for(1) == [b"heard"]
+    finally:
+        stop.set()
+        publisher.join(JOIN_TIMEOUT)
+    assert not publisher.is_alive()
+
+
+def test_messages_and_channels_are_checked(store):
+    with pytest.raises(TypeError, match="message must be bytes"):
+        store.publish("c", "text")
+    with pytest.raises(TypeError, match="channel must be a str"):
+        store.publish(b"c", b"x")
+    with pytest.raises(TypeError, match="must be callable"):
+        store.subscribe("c", None)
 
 
 # -- functions ---------------------------------------------------------------------

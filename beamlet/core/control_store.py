@@ -6,6 +6,7 @@ backend's own messages. A cluster uses the Redis ControlStore instead.
 """
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any, Callable
 
@@ -14,7 +15,9 @@ from .interfaces import ControlStore
 MEMORY_SCHEME = "memory"
 
 
-def _key(key) -> bytes:
+def key_bytes(key) -> bytes:
+    """A control store key as bytes (a str is its UTF-8 encoding); TypeError otherwise.
+    Every ControlStore checks its keys with this, so all refuse the same things."""
     if type(key) is bytes:
         return key
     if isinstance(key, str):
@@ -24,12 +27,27 @@ def _key(key) -> bytes:
     raise TypeError(f"a control store key must be str or bytes, got {type(key).__name__}")
 
 
-def _value(value, what: str):
+def value_bytes(value, what: str):
+    """A control store value (or None) as bytes; TypeError, naming `what`, otherwise."""
     if value is None or type(value) is bytes:
         return value
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     raise TypeError(f"a control store {what} must be bytes, got {type(value).__name__}")
+
+
+def message_bytes(message) -> bytes:
+    """A published message as bytes; TypeError otherwise."""
+    if message is None:
+        raise TypeError("a control store message must be bytes, got None")
+    return value_bytes(message, "message")
+
+
+def channel_name(channel) -> str:
+    """`channel`, checked to be a str (TypeError otherwise)."""
+    if not isinstance(channel, str):
+        raise TypeError(f"a control store channel must be a str, got {type(channel).__name__}")
+    return channel
 
 
 class MemoryControlStore(ControlStore):
@@ -41,10 +59,10 @@ class MemoryControlStore(ControlStore):
         self._lock = threading.Lock()
 
     def put(self, table, key, value, overwrite=True) -> bool:
-        key = _key(key)
+        key = key_bytes(key)
         if value is None:
             raise TypeError("a control store value must be bytes, got None")
-        value = _value(value, "value")
+        value = value_bytes(value, "value")
         with self._lock:
             rows = self._tables.setdefault(table, {})
             if not overwrite and key in rows:
@@ -53,9 +71,9 @@ class MemoryControlStore(ControlStore):
             return True
 
     def compare_and_set(self, table, key, expected, new) -> bool:
-        key = _key(key)
-        expected = _value(expected, "expected value")
-        new = _value(new, "new value")
+        key = key_bytes(key)
+        expected = value_bytes(expected, "expected value")
+        new = value_bytes(new, "new value")
         with self._lock:
             rows = self._tables.setdefault(table, {})
             if rows.get(key) != expected:
@@ -67,10 +85,10 @@ class MemoryControlStore(ControlStore):
             return True
 
     def get(self, table, key):
-        return self._tables.get(table, {}).get(_key(key))
+        return self._tables.get(table, {}).get(key_bytes(key))
 
     def delete(self, table, key) -> bool:
-        key = _key(key)
+        key = key_bytes(key)
         with self._lock:
             return self._tables.get(table, {}).pop(key, None) is not None
 
@@ -79,10 +97,19 @@ class MemoryControlStore(ControlStore):
             return list(self._tables.get(table, {}))
 
     def publish(self, channel, message) -> None:
+        channel_name(channel)
+        message = message_bytes(message)
         for callback in list(self._subscribers.get(channel, ())):
-            callback(message)
+            try:
+                callback(message)
+            except Exception as err:  # noqa: BLE001 - one subscriber must not stop the rest
+                print(f"beamlet: a subscriber of {channel!r} raised {err!r}; ignored",
+                      file=sys.stderr)
 
     def subscribe(self, channel, callback):
+        channel_name(channel)
+        if not callable(callback):
+            raise TypeError(f"a subscriber must be callable, got {type(callback).__name__}")
         with self._lock:
             self._subscribers.setdefault(channel, []).append(callback)
 

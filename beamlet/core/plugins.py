@@ -21,6 +21,7 @@ ENTRY_POINT_GROUP = "beamlet"
 # Modules of this package that are plugins; each implements some hooks.
 BUILTIN_PLUGINS = (
     "beamlet.backends.local.plugin",
+    "beamlet.backends.redis.plugin",
 )
 
 _manager: pluggy.PluginManager | None = None

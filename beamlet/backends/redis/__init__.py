@@ -1,3 +1,6 @@
-"""The Redis ControlStore (the cluster's GCS).
+"""Redis for a cluster: the control store (`control_store.RedisControlStore`,
+opened by ``redis://`` URLs through the plugin in `plugin`) and a private
+``redis-server`` for a head node (`server.RedisServer`).
 
-Not built yet: see ROADMAP.md item 1. Nothing registers from here until it is."""
+Nothing here is imported by ``import beamlet``; the redis package is needed
+only when a ``redis://`` store is opened (``pip install 'beamlet[cluster]'``)."""
