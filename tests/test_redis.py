@@ -211,7 +211,7 @@ class Named:
 
 def test_init_with_redis_puts_named_actors_in_redis(start, redis_server):
     url = f"{redis_server.url}?namespace={_namespace()}"
-    start(control_store=url, namespace="apps")
+    backend = start(control_store=url, namespace="apps")
     handle = Named.options(name="kept", lifetime="detached").remote()
     assert ray.get(handle.ping.remote(), timeout=TIMEOUT) == "pong"
     other = RedisControlStore(url)  # as a second driver, or a node, would
@@ -223,6 +223,10 @@ def test_init_with_redis_puts_named_actors_in_redis(start, redis_server):
         ray.kill(handle)
         assert procs.wait_until(lambda: tables.named_actor("kept", "apps") is None, TIMEOUT)
         assert tables.actor(info.actor_id).state is ActorState.DEAD
+        ray.shutdown()  # closes the driver's store: its connections are let go
+        with pytest.raises(exc.BackendError):
+            backend.control_store.get("t", "k")
+        assert other.get("t", "k") is None  # (Redis itself is still there)
     finally:
         other.close()
 

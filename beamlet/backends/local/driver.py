@@ -83,3 +83,4 @@ class LocalBackend(Backend):
 
     def shutdown(self) -> None:
         self.node.close()
+        self.control_store.close()  # (a Redis store's connections and listener thread)

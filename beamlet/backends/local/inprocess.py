@@ -174,3 +174,4 @@ class InProcessBackend(Backend):
     def shutdown(self) -> None:
         self.scheduler.shutdown()
         self.object_store.close()
+        self.control_store.close()  # (a Redis store's connections and listener thread)
