@@ -607,9 +607,13 @@ def test_nothing_listening_is_a_clear_error_not_a_hang(secret, listener):
         ZmqTransport(secret, VERSION).connect(address, timeout=0.5)
 
 
-def test_one_listener_per_transport(secret, listener):
+def test_one_listener_per_transport_and_a_taken_port_is_an_error(secret, listener):
     with pytest.raises(RuntimeError, match="already listens"):
         listener._transport.listen()
+    other = ZmqTransport(secret, VERSION)
+    with pytest.raises(exc.BackendError, match="cannot listen on 127.0.0.1"):
+        other.listen(listener.address)
+    other.close()
 
 
 def test_listening_beyond_loopback_warns(secret, capfd):

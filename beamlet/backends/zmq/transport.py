@@ -232,30 +232,55 @@ def pack(message, max_message: int = MAX_MESSAGE) -> list:
         buffers.append(view)
         return False
 
-    out = io.BytesIO()
     try:
-        _Pickler(out, 5, buffer_callback=out_of_band).dump(message)
-    except (pickle.PicklingError, TypeError, ValueError, AttributeError) as err:
+        data = pickle.dumps(message, 5, buffer_callback=out_of_band)
+    except TypeError as err:
+        if "memoryview" not in str(err):
+            raise TypeError(f"this message cannot be sent: {err}") from err
+        # memoryviews: the (slower) pickler that sends them out of band
+        buffers.clear()
+        out = io.BytesIO()
+        try:
+            _Pickler(out, 5, buffer_callback=out_of_band).dump(message)
+        except (pickle.PicklingError, TypeError, ValueError, AttributeError) as err2:
+            raise TypeError(f"this message cannot be sent: {err2}") from err2
+        data = out.getvalue()
+    except (pickle.PicklingError, ValueError, AttributeError) as err:
         raise TypeError(f"this message cannot be sent: {err}") from err
-    frames = [out.getvalue(), *buffers]
-    size = sum(memoryview(f).nbytes for f in frames)
+    if not buffers:
+        if len(data) > max_message:
+            raise _too_large(len(data), max_message)
+        return [data]
+    size = len(data) + sum(v.nbytes for v in buffers)
     if size > max_message:
-        raise ProtocolError(f"a message of {size} bytes cannot be sent: at most {max_message} "
-                            f"bytes (send large buffers in pieces: chunks())")
-    return frames
+        raise _too_large(size, max_message)
+    return [data, *buffers]
+
+
+def _too_large(size: int, limit: int) -> ProtocolError:
+    return ProtocolError(f"a message of {size} bytes cannot be sent: at most {limit} bytes "
+                         f"(send large buffers in pieces: chunks())")
 
 
 def unpack(frames, max_message: int = MAX_MESSAGE):
     """The message in `frames` (zmq Frames or bytes-like; buffers arrive as views
     of them). `ProtocolError` if it is too large or does not unpickle."""
-    views = [f.buffer if isinstance(f, zmq.Frame) else memoryview(f) for f in frames]
-    size = sum(v.nbytes for v in views)
+    if len(frames) == 1:
+        frame = frames[0]
+        size = len(frame)
+        data = (frame.bytes if size < OOB_MIN_BYTES else frame.buffer) \
+            if isinstance(frame, zmq.Frame) else frame
+        buffers: list = []
+    else:
+        views = [f.buffer if isinstance(f, zmq.Frame) else memoryview(f) for f in frames]
+        size = sum(v.nbytes for v in views)
+        data, buffers = views[0], views[1:]
     if size > max_message:
         raise ProtocolError(f"a message of {size} bytes (at most {max_message} are allowed)")
-    if not views or not views[0].nbytes or views[0][0] != _PICKLE:
+    if not size or data[0] != _PICKLE:
         raise ProtocolError("a frame that is not a message (not a pickle)")
     try:
-        return pickle.loads(views[0], buffers=views[1:])
+        return pickle.loads(data, buffers=buffers)
     except Exception as err:  # noqa: BLE001 - any garbage from the peer is its protocol error
         raise ProtocolError(f"a message of {size} bytes does not unpickle: {err!r}") from None
 
@@ -273,30 +298,43 @@ def chunks(buffer, chunk_size: int = CHUNK_SIZE):
 # -- shared machinery --------------------------------------------------------------------
 class _Waker:
     """One descriptor for a selector: an epoll set holding ZeroMQ sockets'
-    ZMQ_FDs and an eventfd that `wake` makes readable."""
+    ZMQ_FDs and an eventfd that `wake` makes readable.
+
+    A ZMQ_FD is edge-like: it becomes readable when the socket's state may
+    have changed (a message arrived on an idle socket), and stays quiet while
+    messages wait unread. So a reader drains a socket whenever its fd is
+    ready, and whoever else touches the socket (a send in another thread)
+    calls `wake` if it leaves messages waiting."""
 
     def __init__(self):
         self._ep = select.epoll()
-        self._event = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._ep.register(self._event, select.EPOLLIN)
+        self.event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._ep.register(self.event_fd, select.EPOLLIN)
 
-    def add(self, sock: zmq.Socket) -> None:
-        self._ep.register(sock.getsockopt(zmq.FD), select.EPOLLIN)
+    def add(self, sock: zmq.Socket) -> int:
+        """Watch `sock`; its ZMQ_FD."""
+        fd = sock.getsockopt(zmq.FD)
+        self._ep.register(fd, select.EPOLLIN)
+        return fd
 
     def fileno(self) -> int:
         return self._ep.fileno()
 
     def wake(self) -> None:
         try:
-            os.eventfd_write(self._event, 1)
-        except (BlockingIOError, OSError):
-            pass  # already signalled, or closed
+            os.eventfd_write(self.event_fd, 1)
+        except OSError:
+            pass  # closed
 
-    def clear(self) -> None:
-        try:
-            os.eventfd_read(self._event)
-        except (BlockingIOError, OSError):
-            pass
+    def ready(self) -> set:
+        """The descriptors readable now; a wake-up is taken (cleared) here."""
+        fds = {fd for fd, _ in self._ep.poll(0)}
+        if self.event_fd in fds:
+            try:
+                os.eventfd_read(self.event_fd)
+            except OSError:
+                pass
+        return fds
 
     def wait(self, timeout: float | None) -> bool:
         """Whether something became readable within `timeout` seconds."""
@@ -305,9 +343,13 @@ class _Waker:
         except InterruptedError:
             return True
 
+    @property
+    def closed(self) -> bool:
+        return self._ep.closed
+
     def close(self) -> None:
         self._ep.close()
-        os.close(self._event)
+        os.close(self.event_fd)
 
 
 class _RefusalLog:
@@ -397,6 +439,7 @@ class ZmqConnection(Connection):
         self._lock = threading.Lock()
         self._pending: collections.deque = collections.deque()
         self._gone: str | None = None  # why the peer is gone, once it is
+        self._error: ProtocolError | None = None  # raised by the next recv_all
         self.closed = False
         ctx = transport._acquire(self)
         try:
@@ -411,8 +454,8 @@ class ZmqConnection(Connection):
                 sock.setsockopt(zmq.IPV6, 1)
             self._monitor = sock.get_monitor_socket(_MONITORED)
             self._waker = _Waker()
-            self._waker.add(sock)
-            self._waker.add(self._monitor)
+            self._sock_fd = self._waker.add(sock)
+            self._monitor_fd = self._waker.add(self._monitor)
         except BaseException:
             self._release_sockets()
             raise
@@ -445,23 +488,40 @@ class ZmqConnection(Connection):
                          | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL) or \
                     (kind == zmq.EVENT_DISCONNECTED and connected):
                 raise auth.AuthenticationError(self._refusal(kind, value))
-        self._sock.send(_HELLO + auth.check_version(self._transport.version))
+        try:
+            self._sock.send(_HELLO + auth.check_version(self._transport.version), zmq.NOBLOCK)
+        except zmq.ZMQError as err:
+            raise exc.BackendError(f"the connection to {self.address} closed at once: "
+                                   f"{err}") from None
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         while True:
             left = None if until is None else until - time.monotonic()
-            if (left is not None and left <= 0) or not self._sock.poll(
-                    None if left is None else max(1, int(left * 1000))):
+            ready = dict(poller.poll(None if left is None else max(0, int(left * 1000)))) \
+                if left is None or left > 0 else {}
+            if not ready:
                 raise exc.BackendError(f"the listener at {self.address} did not answer our "
                                        f"hello within {timeout}s")
+            if self._monitor in ready:
+                self._read_monitor()
+                if self._gone is not None:
+                    raise exc.BackendError(f"the listener at {self.address} closed the "
+                                           f"connection before answering our hello")
+            if self._sock not in ready:
+                continue
             frame = self._sock.recv()
             if frame == _PROBE:
                 continue
             if frame[:1] == _WELCOME and frame[1:] == self._transport.version.encode():
-                return
+                break
             if frame[:1] == _BYE:
                 raise auth.AuthenticationError(f"the listener at {self.address} refused the "
                                                f"connection: {frame[1:].decode(errors='replace')}")
             raise auth.AuthenticationError(f"the listener at {self.address} did not answer our "
                                            f"hello as a beamlet listener: {frame[:80]!r}")
+        # (polling here took the sockets' wake-ups: the first recv_all must look)
+        self._waker.wake()
 
     def _next_event(self, until: float | None) -> dict | None:
         left = None if until is None else until - time.monotonic()
@@ -491,8 +551,6 @@ class ZmqConnection(Connection):
         with self._lock:
             if self.closed:
                 raise exc.BackendError(f"this connection to {self.address} is closed")
-            if self._gone is None:
-                self._read_monitor()
             if self._gone is not None:
                 raise exc.BackendError(f"the peer at {self.address} is gone: {self._gone}")
             try:
@@ -531,32 +589,46 @@ class ZmqConnection(Connection):
             out = list(self._pending)
             self._pending.clear()
             return out
+        if self._error is not None:
+            raise self._error
         if self.closed:
             raise EOFError(f"this connection to {self.address} is closed")
-        self._waker.clear()
+        ready = self._waker.ready()
         batch = []
-        with self._lock:
-            # The monitor first: every message that came before the connection
-            # closed is in the socket once its DISCONNECTED event is out.
-            self._read_monitor()
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append(self._sock.recv_multipart(zmq.NOBLOCK, copy=False))
-                except zmq.Again:
-                    break
-            else:
-                self._waker.wake()
+        if ready:
+            woken = self._waker.event_fd in ready  # (a sender saw messages waiting)
+            with self._lock:
+                # The monitor first: every message that came before the connection
+                # closed is in the socket once its DISCONNECTED event is out.
+                if woken or self._monitor_fd in ready:
+                    self._read_monitor()
+                drain = woken or self._sock_fd in ready or self._gone is not None
+                while drain and len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(self._sock.recv_multipart(zmq.NOBLOCK, copy=False))
+                    except zmq.Again:
+                        break
+                else:
+                    if drain:
+                        self._waker.wake()  # the rest at the next call
         out = []
         for frames in batch:
-            first = frames[0].bytes[:1] if len(frames[0]) else b""
             if len(frames[0]) == 0:
                 continue  # a liveness probe
-            if first == _BYE:
+            if frames[0].buffer[0] == _BYE[0]:
                 with self._lock:
                     self._set_gone("the listener closed this connection: "
                                    + frames[0].bytes[1:].decode(errors="replace"))
                 break
-            out.append(unpack(frames, self._max))
+            try:
+                out.append(unpack(frames, self._max))
+            except ProtocolError as err:
+                with self._lock:
+                    self._set_gone(f"the listener sent a broken message: {err}")
+                if not out:
+                    raise
+                self._error = err
+                break
         if not out and self._gone is not None:
             raise EOFError(f"the connection to {self.address} is closed: {self._gone}")
         return out
@@ -592,8 +664,8 @@ class ZmqConnection(Connection):
     def _release_sockets(self, linger: float = 0) -> None:
         self.closed = True
         with self._lock:
-            waker = self.__dict__.pop("_waker", None)
-            if waker is not None:
+            waker = self.__dict__.get("_waker")
+            if waker is not None and not waker.closed:
                 waker.close()
             sock = self.__dict__.pop("_sock", None)
             monitor = self.__dict__.pop("_monitor", None)
@@ -669,6 +741,7 @@ class ZmqListener(Listener):
         self._transport = transport
         self.max_message = transport.max_message
         self._lock = threading.Lock()  # the ROUTER socket
+        self._poll_lock = threading.Lock()  # the rest: held by poll, and by close
         self._peers: dict[bytes, PeerConnection] = {}
         self._mode: str | None = None
         self._accepted: collections.deque = collections.deque()
@@ -703,8 +776,11 @@ class ZmqListener(Listener):
             bound = router.getsockopt(zmq.LAST_ENDPOINT).decode()
             self.address = bound[len("tcp://"):]
             self._waker = _Waker()
-            for sock in (router, self._zap, self._monitor):
-                self._waker.add(sock)
+            self._router_fd, self._zap_fd, self._monitor_fd = (
+                self._waker.add(sock) for sock in (router, self._zap, self._monitor))
+            # Setting up took wake-ups of messages already waiting (the monitor's
+            # first events): the first poll must look at every socket.
+            self._waker.wake()
         except BaseException:
             self._release_sockets(0)
             raise
@@ -733,14 +809,22 @@ class ZmqListener(Listener):
 
     def _collect(self) -> list:
         """What happened since the last call (see `Listener.poll`)."""
-        if self.closed:
-            return []
-        self._waker.clear()
-        self._serve_zap()
-        self._read_monitor()
+        with self._poll_lock:
+            if self.closed:
+                return []
+            return self._collect_now()
+
+    def _collect_now(self) -> list:
+        ready = self._waker.ready()
+        woken = self._waker.event_fd in ready  # (read everything: see `_Waker`)
+        if woken or self._zap_fd in ready:
+            self._serve_zap()
+        if woken or self._monitor_fd in ready:
+            self._read_monitor()
         events: list = []
         received: dict = {}
-        self._read_router(events, received)
+        if woken or self._router_fd in ready:
+            self._read_router(events, received)
         now = time.monotonic()
         if self._peers and (now < self._probe_until or now >= self._next_probe):
             self._next_probe = now + PROBE_INTERVAL
@@ -877,6 +961,13 @@ class ZmqListener(Listener):
                 self._router.send_multipart([rid, frame], zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass  # gone already
+            self._after_send()
+
+    def _after_send(self) -> None:
+        """(Under the lock.) A send may take the ROUTER's wake-up (see `_Waker`):
+        if messages wait, make `fileno` readable."""
+        if self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._waker.wake()
 
     def _drop(self, peer: PeerConnection, error: BaseException, events: list) -> None:
         print(f"beamlet: closed the connection of {peer.peer}: {error}", file=sys.stderr,
@@ -909,8 +1000,7 @@ class ZmqListener(Listener):
                 except zmq.ZMQError as err:
                     if err.errno == errno.EHOSTUNREACH:
                         gone.append(peer)
-            if self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                self._waker.wake()
+            self._after_send()
         self._unaccounted = max(0, self._unaccounted - len(gone))
         if not self._unaccounted:
             self._probe_until = 0.0
@@ -928,8 +1018,7 @@ class ZmqListener(Listener):
                     self._waker.wake()
                     raise exc.BackendError(f"{peer.peer} is gone") from None
                 raise exc.BackendError(f"cannot send to {peer.peer}: {err}") from None
-            if self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                self._waker.wake()
+            self._after_send()
 
     # -- accept(): one peer at a time
     def accept(self, timeout: float | None = None) -> PeerConnection:
@@ -965,19 +1054,20 @@ class ZmqListener(Listener):
     def close(self) -> None:
         """Stop listening: every peer's connection closes (they see EOF); the
         address is free when this returns."""
-        with self._lock:
-            if self.closed:
-                return
-            self.closed = True
-        for peer in list(self._peers.values()):
-            self._forget(peer, "the listener closed")
-        self._release_sockets(CLOSE_LINGER)
+        with self._poll_lock:
+            with self._lock:
+                if self.closed:
+                    return
+                self.closed = True
+            for peer in list(self._peers.values()):
+                self._forget(peer, "the listener closed")
+            self._release_sockets(CLOSE_LINGER)
 
     def _release_sockets(self, linger: float) -> None:
         self.closed = True
         with self._lock:
-            waker = self.__dict__.pop("_waker", None)
-            if waker is not None:
+            waker = self.__dict__.get("_waker")
+            if waker is not None and not waker.closed:
                 waker.close()
             router = self.__dict__.pop("_router", None)
             monitor = self.__dict__.pop("_monitor", None)
