@@ -591,6 +591,23 @@ def test_bad_addresses_are_refused_naming_the_problem(secret, address):
             transport.listen(address)
 
 
+def test_ipv6_loopback(secret):
+    transport, client = ZmqTransport(secret, VERSION), ZmqTransport(secret, VERSION)
+    try:
+        try:
+            listener = transport.listen("[::1]:0")
+        except exc.BackendError as err:
+            pytest.skip(f"no IPv6 loopback here: {err}")
+        assert listener.address.startswith("[::1]:")
+        conn, events = connect_while_serving(listener, client)
+        conn.send("over IPv6")
+        got = serve_until(listener, lambda ev: of_kind(ev, Received))
+        assert messages_of(got, of_kind(events, Joined)[0].conn) == ["over IPv6"]
+    finally:
+        client.close()
+        transport.close()
+
+
 def test_bad_transport_arguments_are_refused(secret):
     with pytest.raises(ValueError, match="secret"):
         ZmqTransport(b"short", VERSION)

@@ -22,7 +22,9 @@ Authentication, before anything is unpickled
     Then the client sends a raw hello frame naming its protocol `version`;
     the listener answers ``W`` (welcome) or ``X`` and the reason, e.g. both
     versions when they differ. Only a welcomed peer is `Joined`, and only a
-    joined peer's messages are unpickled.
+    joined peer's messages are unpickled. Both answers (ZAP, hello) come from
+    the listener's loop, so `connect` completes only while it runs (`poll` or
+    `accept` in another thread or process).
 
 Messages
     A message is one ZeroMQ multipart message: a pickle (protocol 5) and its
@@ -47,7 +49,10 @@ Messages
     ``(object_id, offset, view)``) and write each arriving piece at its
     offset on the other side (e.g. into shared memory). Sends never block
     (no high-water mark: queued pieces are references, not copies); TCP
-    paces them.
+    paces them. CURVE encrypts and authenticates every byte in libzmq's I/O
+    thread, and that bounds a connection's throughput (well below what
+    loopback TCP carries: see benchmarks/zmq_transport.py); pieces of about
+    `CHUNK_SIZE` go through it fastest, a single frame of 100 MB much slower.
 
 Liveness
     Both ends run ZMTP heartbeats (`HEARTBEAT_INTERVAL`, `HEARTBEAT_TIMEOUT`),
@@ -111,8 +116,8 @@ from ..local.transport import ProtocolError, log_refused
 
 #: The largest message (all its frames) a peer may send, in bytes.
 MAX_MESSAGE = 1 << 30
-#: The size of the pieces `chunks` cuts a large buffer into.
-CHUNK_SIZE = 8 << 20
+#: The size of the pieces `chunks` cuts a large buffer into (CURVE's sweet spot).
+CHUNK_SIZE = 1 << 20
 #: Buffers smaller than this stay inside the pickle (a frame of their own costs more).
 OOB_MIN_BYTES = 64 << 10
 #: ZMTP heartbeats (seconds): a PING every interval; no traffic for the timeout
