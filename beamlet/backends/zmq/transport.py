@@ -132,6 +132,8 @@ PROBE_WINDOW = 2.0
 CLOSE_LINGER = 1.0
 #: Messages `poll` reads at most per call (it asks to be called again for the rest).
 MAX_BATCH = 4096
+#: How many closed peers' routing ids a listener remembers (see `_newcomer`).
+MAX_CLOSED = 4096
 #: How long a refusal log line suppresses identical ones (seconds).
 LOG_REPEAT = 1.0
 
@@ -748,6 +750,9 @@ class ZmqListener(Listener):
         self._lock = threading.Lock()  # the ROUTER socket
         self._poll_lock = threading.Lock()  # the rest: held by poll, and by close
         self._peers: dict[bytes, PeerConnection] = {}
+        # Routing ids of peers that left or were closed (recent ones): what they still
+        # send is dropped without a word (ROUTER routing ids are never reused).
+        self._closed: collections.OrderedDict = collections.OrderedDict()
         self._mode: str | None = None
         self._accepted: collections.deque = collections.deque()
         self._log = _RefusalLog()
@@ -928,7 +933,7 @@ class ZmqListener(Listener):
                     messages = received[peer] = []
                     events.append(Received(peer, messages))
                 messages.append(message)
-            elif len(frames) == 2 and first.bytes == _CLOSE:
+            elif len(frames) == 2 and len(first) == 1 and lead == _CLOSE[0]:
                 self._forget(peer, "the peer closed the connection")
                 events.append(Left(peer, None))
             else:
@@ -938,6 +943,8 @@ class ZmqListener(Listener):
     def _newcomer(self, rid: bytes, frames: list, events: list) -> None:
         """A frame from a connection that has not joined: its hello, or nothing
         to unpickle."""
+        if rid in self._closed:
+            return  # (sent before it learnt that it was closed)
         first = frames[0]
         address = first.get("Peer-Address") or "an unknown address"
         peer = f"{address} (connection {rid.hex()})"
@@ -956,7 +963,7 @@ class ZmqListener(Listener):
             reason = (f"protocol version mismatch: the listener speaks "
                       f"{mine.decode()!r}, the peer {theirs.decode(errors='replace')!r}")
         else:
-            reason = "it sent a message without having said hello (or after it was closed)"
+            reason = "it sent a message without having said hello"
         self._log(peer, reason)
         self._reply(rid, _BYE + reason.encode())
 
@@ -985,6 +992,9 @@ class ZmqListener(Listener):
         if peer._eof is None:
             peer._eof = why
         self._peers.pop(peer.routing_id, None)
+        self._closed[peer.routing_id] = None
+        if len(self._closed) > MAX_CLOSED:
+            self._closed.popitem(last=False)
 
     def _close_peer(self, peer: PeerConnection, why: str) -> None:
         if peer.closed:
