@@ -1,3 +1,5 @@
-"""The cluster backend's transport and node daemon, over ZeroMQ.
+"""The cluster backend over ZeroMQ (issue 7).
 
-Not built yet: see ROADMAP.md item 1. Nothing registers from here until it is."""
+`transport.py`: the Transport between nodes and drivers (one CURVE-authenticated
+ROUTER port per node). The node daemon is not built yet: nothing registers from
+here until it is."""

@@ -1,0 +1,1198 @@
+"""The cluster's Transport: ZeroMQ over TCP, authenticated and encrypted with
+CURVE keys derived from the cluster's secret.
+
+One node listens on one TCP port: a ROUTER socket bound to ``tcp://HOST:PORT``.
+Every peer (another node, a driver) connects with a DEALER. Addresses are
+``"host:port"`` strings (``"[::1]:port"`` for IPv6); port 0 picks a free one.
+
+Authentication, before anything is unpickled
+    Both ends derive their CURVE key pairs from the secret (`curve_keys`: an
+    HMAC of the secret per role is the Curve25519 secret key). The listener
+    is a CURVE server whose ZAP handler (served by `ZmqListener.poll`, no
+    thread) accepts only the client public key derived from the secret, and
+    a client knows the server's public key only if it holds the secret, so
+    each end proves it holds the secret and everything after the handshake
+    is encrypted and authenticated per message (ZMTP/CURVE). A peer without
+    the key fails the CURVE handshake inside libzmq: it never gets a message
+    through, and the listener logs one line per refusal (repeats of the same
+    line within a second are counted, not printed). A client with the wrong
+    key sees the handshake fail (a monitor on its socket turns libzmq's
+    silent retries into `AuthenticationError` at once).
+
+    Then the client sends a raw hello frame naming its protocol `version`;
+    the listener answers ``W`` (welcome) or ``X`` and the reason, e.g. both
+    versions when they differ. Only a welcomed peer is `Joined`, and only a
+    joined peer's messages are unpickled. Both answers (ZAP, hello) come from
+    the listener's loop, so `connect` completes only while it runs (`poll` or
+    `accept` in another thread or process).
+
+Messages
+    A message is one ZeroMQ multipart message: a pickle (protocol 5) and its
+    out-of-band buffers, one frame each. Out of band go `pickle.PickleBuffer`
+    objects, numpy arrays (which pickle through them), and `memoryview`
+    objects (they arrive as read-only memoryviews of the same format and
+    shape) of at least `OOB_MIN_BYTES`: they are sent without being copied
+    into the pickle or into a ZeroMQ message, and arrive as views of the
+    received frames (no copy either). So a buffer must not change until the
+    peer has it (sealed shared-memory objects never do). ``bytes`` are
+    pickled in-band: wrap a large ``bytes`` in a memoryview to send it out of
+    band. A message's frames together may hold at most `max_message` bytes
+    (`MAX_MESSAGE` by default); a larger one is refused by `send`
+    (`ProtocolError`). A listener drops a joined peer that sends a larger
+    one, or one that does not unpickle, with ``Left(conn, error)``, and
+    serves the others on (ZeroMQ itself cuts off a single frame past the
+    limit at its header, before buffering it, also before authentication:
+    that peer is reported ``Left`` with ``error`` None).
+
+    Large buffers travel in pieces: `chunks` cuts one into views of at most
+    `CHUNK_SIZE` bytes without copying; send each inside a message (e.g.
+    ``(object_id, offset, view)``) and write each arriving piece at its
+    offset on the other side (e.g. into shared memory). Sends never block
+    (no high-water mark: queued pieces are references, not copies); TCP
+    paces them. CURVE encrypts and authenticates every byte in libzmq's I/O
+    thread, and that bounds a connection's throughput (well below what
+    loopback TCP carries: see benchmarks/zmq_transport.py); pieces of about
+    `CHUNK_SIZE` go through it fastest, a single frame of 100 MB much slower.
+
+Liveness
+    Both ends run ZMTP heartbeats (`HEARTBEAT_INTERVAL`, `HEARTBEAT_TIMEOUT`),
+    answered by libzmq's own I/O thread, so a busy Python process is never
+    taken for dead, while a dead or frozen peer's connection is closed within
+    interval + timeout (a killed process's connection closes at once: the
+    kernel sends FIN). A socket monitor reports each closed connection; as a
+    ROUTER does not say which peer a closed connection was, the listener
+    then probes its peers (an empty frame each, ``ROUTER_MANDATORY``: a gone
+    peer's send fails) until the closed connection is accounted for, and
+    also once every `PROBE_INTERVAL`. A gone peer is reported ``Left`` after
+    every message it sent. A client that closes says so (``B``) and is
+    ``Left`` at once. On the client side, a closed connection makes `recv`
+    and `recv_all` raise ``EOFError`` once the messages that arrived before
+    are read, and `send` raise ``BackendError``.
+
+Threads
+    ZeroMQ sockets are not thread-safe: each socket sits behind a lock, held
+    only around socket calls (pickling and unpickling happen outside it).
+    `send` may be called from any thread; `poll`/`accept` (listener) and
+    `recv`/`recv_all` (connection) from one reader thread. A send can consume
+    the wake-up of the socket's file descriptor (ZMQ_FD is edge-like), so
+    after each send the sender checks whether messages wait and, if so,
+    signals an eventfd; `fileno` is an epoll descriptor that holds the
+    sockets' ZMQ_FDs and that eventfd.
+
+Resources
+    One ``zmq.Context`` per transport, made when its first listener or
+    connection opens and terminated when the last one closes (sockets close
+    with at most `CLOSE_LINGER` seconds to flush), so nothing of it (thread,
+    descriptor) outlives `close`. pyzmq releases zero-copy frames through a
+    helper thread of its own; once no beamlet context is left it is stopped
+    too (when it holds nothing).
+"""
+from __future__ import annotations
+
+import collections
+import copyreg
+import errno
+import hashlib
+import hmac
+import io
+import ipaddress
+import os
+import pickle
+import select
+import socket
+import sys
+import threading
+import time
+import weakref
+
+import zmq
+from zmq.utils import z85
+from zmq.utils.monitor import parse_monitor_message
+
+from ... import exceptions as exc
+from ...core import auth
+from ...core.interfaces import Connection, Joined, Left, Listener, Received, Transport
+from ..local.transport import ProtocolError, log_refused
+
+#: The largest message (all its frames) a peer may send, in bytes.
+MAX_MESSAGE = 1 << 30
+#: The size of the pieces `chunks` cuts a large buffer into (CURVE's sweet spot).
+CHUNK_SIZE = 1 << 20
+#: Buffers smaller than this stay inside the pickle (a frame of their own costs more).
+OOB_MIN_BYTES = 64 << 10
+#: ZMTP heartbeats (seconds): a PING every interval; no traffic for the timeout
+#: after one closes the connection.
+HEARTBEAT_INTERVAL = 0.5
+HEARTBEAT_TIMEOUT = 1.5
+#: The listener probes its peers at least this often (seconds), and on every
+#: poll for `PROBE_WINDOW` seconds after a connection closed.
+PROBE_INTERVAL = 1.0
+PROBE_WINDOW = 2.0
+#: How long closing sockets may take to flush what they still hold (seconds).
+CLOSE_LINGER = 1.0
+#: Messages `poll` reads at most per call (it asks to be called again for the rest).
+MAX_BATCH = 4096
+#: How many closed peers' routing ids a listener remembers (see `_newcomer`).
+MAX_CLOSED = 4096
+#: How long a refusal log line suppresses identical ones (seconds).
+LOG_REPEAT = 1.0
+
+_ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+_ZAP_DOMAIN = b"beamlet"
+_PICKLE = 0x80  # the first byte of every pickle of protocol >= 2: a message
+_HELLO, _WELCOME, _BYE, _CLOSE = b"H", b"W", b"X", b"B"
+_PROBE = b""
+_MONITORED = (zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED
+              | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+              | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+              | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+# -- addresses and keys ------------------------------------------------------------------
+def parse_address(address, listening: bool = False) -> tuple[str, int]:
+    """``"host:port"`` -> (host, port); ValueError naming the problem. `listening`
+    allows port 0 (any free port) and None (``127.0.0.1`` on a free port)."""
+    if address is None and listening:
+        return "127.0.0.1", 0
+    example = "'127.0.0.1:6380'" + (" (port 0: any free port)" if listening else "")
+    if not isinstance(address, str):
+        raise ValueError(f"a ZeroMQ address is a 'host:port' string such as {example}, "
+                         f"got {address!r}")
+    host, sep, port_text = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{address!r}: {host!r} is not an IPv6 address") from None
+    if not sep or not host or any(c in host for c in " /[]") or \
+            (":" in host and not address.startswith("[")):
+        raise ValueError(f"a ZeroMQ address is 'host:port' (IPv6: '[addr]:port') such as "
+                         f"{example}, got {address!r}")
+    if not port_text.isdigit() or not (0 if listening else 1) <= int(port_text) <= 65535:
+        raise ValueError(f"{address!r}: the port must be a number from "
+                         f"{0 if listening else 1} to 65535, got {port_text!r}")
+    return host, int(port_text)
+
+
+def _endpoint(host: str, port) -> str:
+    host = f"[{host}]" if ":" in host else host
+    return f"tcp://{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine's loopback interface only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class CurveKeys:
+    """The cluster's CURVE key pairs (Z85 text), all derived from its secret:
+    whoever holds the secret can act as server or client, nobody else can."""
+
+    __slots__ = ("server_public", "server_secret", "client_public", "client_secret")
+
+    def __init__(self, secret: bytes):
+        auth.check_secret(secret)
+        self.server_public, self.server_secret = self._pair(secret, b"server")
+        self.client_public, self.client_secret = self._pair(secret, b"client")
+
+    @staticmethod
+    def _pair(secret: bytes, role: bytes) -> tuple[bytes, bytes]:
+        raw = hmac.new(secret, b"beamlet zmq curve key\0" + role, hashlib.sha256).digest()
+        private = z85.encode(raw)
+        return zmq.curve_public(private), private
+
+
+def curve_keys(secret: bytes) -> CurveKeys:
+    return CurveKeys(secret)
+
+
+# -- messages ----------------------------------------------------------------------------
+def _restore_view(buffer, fmt: str, shape: tuple):
+    view = memoryview(buffer)
+    return view if (fmt, shape) == ("B", (view.nbytes,)) else view.cast("B").cast(fmt, shape)
+
+
+def _reduce_memoryview(view: memoryview):
+    return _restore_view, (pickle.PickleBuffer(view), view.format, view.shape)
+
+
+class _Pickler(pickle.Pickler):
+    dispatch_table = collections.ChainMap({memoryview: _reduce_memoryview},
+                                          copyreg.dispatch_table)
+
+
+def pack(message, max_message: int = MAX_MESSAGE) -> list:
+    """The frames of `message`: its pickle, then its out-of-band buffers.
+    `ProtocolError` if they hold more than `max_message` bytes."""
+    buffers: list = []
+
+    def out_of_band(buf: pickle.PickleBuffer) -> bool:
+        view = buf.raw()
+        if view.nbytes < OOB_MIN_BYTES:
+            return True  # in-band
+        buffers.append(view)
+        return False
+
+    try:
+        data = pickle.dumps(message, 5, buffer_callback=out_of_band)
+    except TypeError as err:
+        if "memoryview" not in str(err):
+            raise TypeError(f"this message cannot be sent: {err}") from err
+        # memoryviews: the (slower) pickler that sends them out of band
+        buffers.clear()
+        out = io.BytesIO()
+        try:
+            _Pickler(out, 5, buffer_callback=out_of_band).dump(message)
+        except (pickle.PicklingError, TypeError, ValueError, AttributeError) as err2:
+            raise TypeError(f"this message cannot be sent: {err2}") from err2
+        data = out.getvalue()
+    except (pickle.PicklingError, ValueError, AttributeError) as err:
+        raise TypeError(f"this message cannot be sent: {err}") from err
+    if not buffers:  # (one frame: sent by copy, cheaper than a zero-copy frame's upkeep)
+        if len(data) > max_message:
+            raise _too_large(len(data), max_message)
+        return [data]
+    size = len(data) + sum(v.nbytes for v in buffers)
+    if size > max_message:
+        raise _too_large(size, max_message)
+    return [data, *buffers]
+
+
+def _too_large(size: int, limit: int) -> ProtocolError:
+    return ProtocolError(f"a message of {size} bytes cannot be sent: at most {limit} bytes "
+                         f"(send large buffers in pieces: chunks())")
+
+
+def unpack(frames, max_message: int = MAX_MESSAGE):
+    """The message in `frames` (zmq Frames or bytes-like; buffers arrive as views
+    of them). `ProtocolError` if it is too large or does not unpickle."""
+    if len(frames) == 1:
+        frame = frames[0]
+        size = len(frame)
+        data = (frame.bytes if size < OOB_MIN_BYTES else frame.buffer) \
+            if isinstance(frame, zmq.Frame) else frame
+        buffers: list = []
+    else:
+        views = [f.buffer if isinstance(f, zmq.Frame) else memoryview(f) for f in frames]
+        size = sum(v.nbytes for v in views)
+        data, buffers = views[0], views[1:]
+    if size > max_message:
+        raise ProtocolError(f"a message of {size} bytes (at most {max_message} are allowed)")
+    if not size or data[0] != _PICKLE:
+        raise ProtocolError("a frame that is not a message (not a pickle)")
+    try:
+        return pickle.loads(data, buffers=buffers)
+    except Exception as err:  # noqa: BLE001 - any garbage from the peer is its protocol error
+        raise ProtocolError(f"a message of {size} bytes does not unpickle: {err!r}") from None
+
+
+def chunks(buffer, chunk_size: int = CHUNK_SIZE):
+    """Yield ``(offset, view)``: `buffer` (any contiguous buffer) in pieces of at
+    most `chunk_size` bytes, as read-only byte views (no copy)."""
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    view = memoryview(buffer).cast("B").toreadonly()
+    for offset in range(0, view.nbytes, chunk_size):
+        yield offset, view[offset:offset + chunk_size]
+
+
+# -- shared machinery --------------------------------------------------------------------
+class _Waker:
+    """One descriptor for a selector: an epoll set holding ZeroMQ sockets'
+    ZMQ_FDs and an eventfd that `wake` makes readable.
+
+    A ZMQ_FD is edge-like: it becomes readable when the socket's state may
+    have changed (a message arrived on an idle socket), and stays quiet while
+    messages wait unread. So a reader drains a socket whenever its fd is
+    ready, and whoever else touches the socket (a send in another thread)
+    calls `wake` if it leaves messages waiting."""
+
+    def __init__(self):
+        self._ep = select.epoll()
+        self.event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._ep.register(self.event_fd, select.EPOLLIN)
+
+    def add(self, sock: zmq.Socket) -> int:
+        """Watch `sock`; its ZMQ_FD."""
+        fd = sock.getsockopt(zmq.FD)
+        self._ep.register(fd, select.EPOLLIN)
+        return fd
+
+    def fileno(self) -> int:
+        return self._ep.fileno()
+
+    def wake(self) -> None:
+        try:
+            os.eventfd_write(self.event_fd, 1)
+        except OSError:
+            pass  # closed
+
+    def ready(self) -> set:
+        """The descriptors readable now; a wake-up is taken (cleared) here."""
+        fds = {fd for fd, _ in self._ep.poll(0)}
+        if self.event_fd in fds:
+            try:
+                os.eventfd_read(self.event_fd)
+            except OSError:
+                pass
+        return fds
+
+    def wait(self, timeout: float | None) -> bool:
+        """Whether something became readable within `timeout` seconds."""
+        try:
+            return bool(self._ep.poll(-1 if timeout is None else max(0.0, timeout), 1))
+        except InterruptedError:
+            return True
+
+    @property
+    def closed(self) -> bool:
+        return self._ep.closed
+
+    def close(self) -> None:
+        self._ep.close()
+        os.close(self.event_fd)
+
+
+class _RefusalLog:
+    """`log_refused` that prints the same reason for the same host at most once
+    per `LOG_REPEAT` seconds (a peer that retries must not flood the log)."""
+
+    def __init__(self):
+        self._last: dict[str, list] = {}
+
+    def __call__(self, peer: str, reason: str) -> None:
+        key = f"{peer.rpartition(':')[0] or peer}\0{reason}"  # (a retrying peer changes port)
+        now = time.monotonic()
+        entry = self._last.get(key)
+        if entry is not None and now - entry[0] < LOG_REPEAT:
+            entry[1] += 1
+            return
+        repeats = entry[1] if entry is not None else 0
+        if len(self._last) > 1000:
+            self._last.clear()
+        self._last[key] = [now, 0]
+        more = f" (and {repeats} more times since the last such line)" if repeats else ""
+        log_refused(peer, auth.AuthenticationError(reason + more))
+
+
+def _peer_of_fd(fd: int) -> str:
+    """'host:port' of the TCP peer on descriptor `fd`, for logs (best effort: a
+    peer refused at once may be gone before the listener reads its fd)."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return "an unknown address"
+    try:
+        host, port = sock.getpeername()[:2]
+        return f"{host}:{port}"
+    except (OSError, ValueError, TypeError):
+        return "an unknown address"
+    finally:
+        sock.close()
+
+
+def _handshake_failure(event: int, value: int) -> str:
+    """Why a CURVE handshake failed, from a monitor event."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return f"it does not hold the cluster's key: its key was refused (ZAP status {value})"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        if value == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
+            return "it does not hold the cluster's key (the CURVE handshake did not decrypt)"
+        if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            return "it does not speak CURVE with the cluster's key (security mechanism mismatch)"
+        return f"it broke the ZeroMQ handshake (protocol error {value:#x})"
+    return (f"the connection closed during the CURVE handshake "
+            f"({os.strerror(value) if value else 'no detail'})")
+
+
+_live_contexts = 0
+_live_lock = threading.Lock()
+
+
+def _context_ended() -> None:
+    """The last beamlet context is gone: stop pyzmq's zero-copy helper thread,
+    if it holds nothing (its frames are freed by then; give its thread a moment
+    to take the notices)."""
+    from zmq.utils import garbage
+
+    gc = garbage.gc
+    if not gc.is_alive():
+        return
+    until = time.monotonic() + 1.0
+    while gc.refs and time.monotonic() < until:
+        time.sleep(0.001)
+    with _live_lock:
+        if _live_contexts == 0 and not gc.refs and gc.is_alive():
+            gc.stop()
+
+
+# -- client side -------------------------------------------------------------------------
+class ZmqConnection(Connection):
+    """A connection to a `ZmqListener` (a DEALER socket), made by
+    `ZmqTransport.connect`. `send` from any thread; `recv`/`recv_all` from one."""
+
+    def __init__(self, transport: "ZmqTransport", address: str, timeout: float | None):
+        host, port = parse_address(address)
+        self.address = address
+        self._endpoint = _endpoint(host, port)
+        self._transport = transport
+        self._max = transport.max_message
+        self._lock = threading.Lock()
+        self._pending: collections.deque = collections.deque()
+        self._gone: str | None = None  # why the peer is gone, once it is
+        self._error: ProtocolError | None = None  # raised by the next recv_all
+        self.closed = False
+        ctx = transport._acquire(self)
+        try:
+            sock = self._sock = ctx.socket(zmq.DEALER)
+            keys = transport.keys
+            sock.curve_serverkey = keys.server_public
+            sock.curve_publickey = keys.client_public
+            sock.curve_secretkey = keys.client_secret
+            transport._tune(sock)
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # no queue before (or after) a live connection
+            if ":" in host:
+                sock.setsockopt(zmq.IPV6, 1)
+            self._monitor = sock.get_monitor_socket(_MONITORED)
+            self._waker = _Waker()
+            self._sock_fd = self._waker.add(sock)
+            self._monitor_fd = self._waker.add(self._monitor)
+        except BaseException:
+            self._release_sockets()
+            raise
+        try:
+            self._join(timeout)
+        except BaseException:
+            self.close(linger=0)
+            raise
+
+    # -- the handshake
+    def _join(self, timeout: float | None) -> None:
+        until = None if timeout is None else time.monotonic() + timeout
+        self._sock.connect(self._endpoint)
+        connected = False
+        while True:
+            event = self._next_event(until)
+            if event is None:
+                if connected:
+                    raise auth.AuthenticationError(
+                        f"the listener at {self.address} did not complete the CURVE handshake "
+                        f"within {timeout}s")
+                raise exc.BackendError(f"nothing answered at {self.address} within {timeout}s: "
+                                       f"is a beamlet listener running there?")
+            kind, value = event["event"], event["value"]
+            if kind == zmq.EVENT_CONNECTED:
+                connected = True
+            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                break
+            elif kind & (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                         | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL) or \
+                    (kind == zmq.EVENT_DISCONNECTED and connected):
+                raise auth.AuthenticationError(self._refusal(kind, value))
+        try:
+            self._sock.send(_HELLO + auth.check_version(self._transport.version), zmq.NOBLOCK)
+        except zmq.ZMQError as err:
+            raise exc.BackendError(f"the connection to {self.address} closed at once: "
+                                   f"{err}") from None
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        while True:
+            left = None if until is None else until - time.monotonic()
+            ready = dict(poller.poll(None if left is None else max(0, int(left * 1000)))) \
+                if left is None or left > 0 else {}
+            if not ready:
+                raise exc.BackendError(f"the listener at {self.address} did not answer our "
+                                       f"hello within {timeout}s")
+            if self._monitor in ready:
+                self._read_monitor()
+                if self._gone is not None:
+                    raise exc.BackendError(f"the listener at {self.address} closed the "
+                                           f"connection before answering our hello")
+            if self._sock not in ready:
+                continue
+            frame = self._sock.recv()
+            if frame == _PROBE:
+                continue
+            if frame[:1] == _WELCOME and frame[1:] == self._transport.version.encode():
+                break
+            if frame[:1] == _BYE:
+                raise auth.AuthenticationError(f"the listener at {self.address} refused the "
+                                               f"connection: {frame[1:].decode(errors='replace')}")
+            raise auth.AuthenticationError(f"the listener at {self.address} did not answer our "
+                                           f"hello as a beamlet listener: {frame[:80]!r}")
+        # (polling here took the sockets' wake-ups: the first recv_all must look)
+        self._waker.wake()
+
+    def _next_event(self, until: float | None) -> dict | None:
+        left = None if until is None else until - time.monotonic()
+        if left is not None and left <= 0:
+            return None
+        if not self._monitor.poll(None if left is None else max(1, int(left * 1000))):
+            return None
+        return parse_monitor_message(self._monitor.recv_multipart())
+
+    def _refusal(self, kind: int, value: int) -> str:
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return (f"the listener at {self.address} refused this process's key (ZAP status "
+                    f"{value}): it does not hold the cluster's key")
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            return (f"the handshake with {self.address} failed: "
+                    + _handshake_failure(kind, value).replace("it ", "the listener ", 1))
+        return (f"the listener at {self.address} refused this process's key: it closed the "
+                f"connection during the CURVE handshake (the two do not hold the same cluster "
+                f"key, or it is not a beamlet listener)")
+
+    # -- messages
+    def fileno(self) -> int:
+        return self._waker.fileno()
+
+    def send(self, message) -> None:
+        frames = pack(message, self._max)
+        with self._lock:
+            if self.closed:
+                raise exc.BackendError(f"this connection to {self.address} is closed")
+            if self._gone is not None:
+                raise exc.BackendError(f"the peer at {self.address} is gone: {self._gone}")
+            try:
+                self._sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) == 1)
+            except zmq.Again:
+                raise exc.BackendError(f"the peer at {self.address} is gone (no connection to "
+                                       f"send on)") from None
+            except zmq.ZMQError as err:
+                raise exc.BackendError(f"cannot send to {self.address}: {err}") from None
+            if self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._waker.wake()
+
+    def _read_monitor(self) -> None:
+        """Note a closed connection (under the lock)."""
+        while self._gone is None:
+            try:
+                event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._set_gone("the connection closed (the listener closed it, died, or "
+                               "stopped answering heartbeats)")
+
+    def _set_gone(self, reason: str) -> None:
+        if self._gone is None:
+            self._gone = reason
+            try:
+                self._sock.disconnect(self._endpoint)  # no reconnecting
+            except zmq.ZMQError:
+                pass
+
+    def recv_all(self) -> list:
+        """Every message that has arrived (possibly none), without blocking;
+        EOFError once the connection closed and nothing is left."""
+        if self._pending:
+            out = list(self._pending)
+            self._pending.clear()
+            return out
+        if self._error is not None:
+            raise self._error
+        if self.closed:
+            raise EOFError(f"this connection to {self.address} is closed")
+        ready = self._waker.ready()
+        batch = []
+        if ready:
+            woken = self._waker.event_fd in ready  # (a sender saw messages waiting)
+            with self._lock:
+                # The monitor first: every message that came before the connection
+                # closed is in the socket once its DISCONNECTED event is out.
+                if woken or self._monitor_fd in ready:
+                    self._read_monitor()
+                drain = woken or self._sock_fd in ready or self._gone is not None
+                while drain and len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(self._sock.recv_multipart(zmq.NOBLOCK, copy=False))
+                    except zmq.Again:
+                        break
+                else:
+                    if drain:
+                        self._waker.wake()  # the rest at the next call
+        out = []
+        for frames in batch:
+            if len(frames[0]) == 0:
+                continue  # a liveness probe
+            if frames[0].buffer[0] == _BYE[0]:
+                with self._lock:
+                    self._set_gone("the listener closed this connection: "
+                                   + frames[0].bytes[1:].decode(errors="replace"))
+                break
+            try:
+                out.append(unpack(frames, self._max))
+            except ProtocolError as err:
+                with self._lock:
+                    self._set_gone(f"the listener sent a broken message: {err}")
+                if not out:
+                    raise
+                self._error = err
+                break
+        if not out and self._gone is not None:
+            raise EOFError(f"the connection to {self.address} is closed: {self._gone}")
+        return out
+
+    def recv(self, timeout: float | None = None):
+        until = None if timeout is None else time.monotonic() + timeout
+        while not self._pending:
+            messages = self.recv_all()
+            if messages:
+                self._pending.extend(messages)
+                break
+            left = None if until is None else until - time.monotonic()
+            if left is not None and left <= 0:
+                raise exc.GetTimeoutError(f"no message within {timeout}s")
+            self._waker.wait(left)
+        return self._pending.popleft()
+
+    def close(self, linger: float = CLOSE_LINGER) -> None:
+        """Say goodbye (the listener reports us ``Left`` at once), close the
+        socket (flushing for at most `linger` seconds) and free the context
+        if this was the transport's last user."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            if self._gone is None:
+                try:
+                    self._sock.send(_CLOSE, zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+        self._release_sockets(linger)
+
+    def _release_sockets(self, linger: float = 0) -> None:
+        self.closed = True
+        with self._lock:
+            waker = self.__dict__.get("_waker")
+            if waker is not None and not waker.closed:
+                waker.close()
+            sock = self.__dict__.pop("_sock", None)
+            monitor = self.__dict__.pop("_monitor", None)
+            if sock is not None and monitor is not None:
+                try:
+                    sock.disable_monitor()
+                except zmq.ZMQError:
+                    pass
+            if monitor is not None:
+                monitor.close(0)
+            if sock is not None:
+                sock.close(int(linger * 1000))
+        self._transport._release(self)
+
+
+# -- listener side -----------------------------------------------------------------------
+class PeerConnection(Connection):
+    """A joined peer, as a listener sees it. `send` from any thread. Its
+    messages are reported by `ZmqListener.poll` (or, for a listener used
+    through `accept`, returned by `recv`/`recv_all`)."""
+
+    def __init__(self, listener: "ZmqListener", routing_id: bytes, peer: str):
+        self._listener = listener
+        self.routing_id = routing_id
+        self.peer = peer
+        self.closed = False  # closed here, or gone
+        self._inbox: collections.deque = collections.deque()
+        self._eof: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<PeerConnection {self.peer}>"
+
+    def fileno(self) -> int:
+        return self._listener.fileno()
+
+    def send(self, message) -> None:
+        self._listener._send(self, pack(message, self._listener.max_message))
+
+    def recv_all(self) -> list:
+        if not self._inbox and self._eof is None:
+            self._listener._pump(time.monotonic())
+        if self._inbox:
+            out = list(self._inbox)
+            self._inbox.clear()
+            return out
+        if self._eof is not None:
+            raise EOFError(f"the connection of {self.peer} is closed: {self._eof}")
+        return []
+
+    def recv(self, timeout: float | None = None):
+        until = None if timeout is None else time.monotonic() + timeout
+        while not self._inbox and self._eof is None:
+            if until is not None and time.monotonic() >= until:
+                raise exc.GetTimeoutError(f"no message within {timeout}s")
+            self._listener._pump(until)
+        if self._inbox:
+            return self._inbox.popleft()
+        raise EOFError(f"the connection of {self.peer} is closed: {self._eof}")
+
+    def close(self) -> None:
+        """Tell the peer we closed (its `recv` raises EOFError) and forget it."""
+        self._listener._close_peer(self, "closed by the listener")
+
+
+class ZmqListener(Listener):
+    """The ROUTER socket a node accepts peers on; see the module docstring.
+
+    Used either by an event loop (`fileno` + `poll`, one thread) or through
+    `accept` and the accepted connections' `recv` (one thread), not both."""
+
+    def __init__(self, transport: "ZmqTransport", address: str | None):
+        host, port = parse_address(address, listening=True)
+        self._transport = transport
+        self.max_message = transport.max_message
+        self._lock = threading.Lock()  # the ROUTER socket
+        self._poll_lock = threading.Lock()  # the rest: held by poll, and by close
+        self._peers: dict[bytes, PeerConnection] = {}
+        # Routing ids of peers that left or were closed (recent ones): what they still
+        # send is dropped without a word (ROUTER routing ids are never reused).
+        self._closed: collections.OrderedDict = collections.OrderedDict()
+        self._mode: str | None = None
+        self._accepted: collections.deque = collections.deque()
+        self._log = _RefusalLog()
+        self._fd_peer: dict[int, str] = {}  # fd -> address, of connections being handshaked
+        self._unaccounted = 0  # connections that closed, not yet matched by a gone peer
+        self._probe_until = 0.0
+        self._next_probe = 0.0
+        self.closed = False
+        self._failure: str | None = None  # a handshake failure, logged at its DISCONNECTED
+        ctx = transport._acquire(self)
+        try:
+            keys = transport.keys
+            # The ZAP handler must be bound before the ROUTER accepts anyone.
+            self._zap = ctx.socket(zmq.REP)
+            self._zap.linger = 0
+            self._zap.bind(_ZAP_ENDPOINT)
+            router = self._router = ctx.socket(zmq.ROUTER)
+            router.curve_server = True
+            router.curve_secretkey = keys.server_secret
+            router.zap_domain = _ZAP_DOMAIN
+            router.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+            router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            transport._tune(router)
+            if ":" in host:
+                router.setsockopt(zmq.IPV6, 1)
+            self._monitor = router.get_monitor_socket(_MONITORED)
+            try:
+                router.bind(_endpoint(host, port or "*"))
+            except zmq.ZMQError as err:
+                raise exc.BackendError(f"cannot listen on {host}:{port}: {err}") from None
+            bound = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+            self.address = bound[len("tcp://"):]
+            self._waker = _Waker()
+            self._router_fd, self._zap_fd, self._monitor_fd = (
+                self._waker.add(sock) for sock in (router, self._zap, self._monitor))
+            # Setting up took wake-ups of messages already waiting (the monitor's
+            # first events): the first poll must look at every socket.
+            self._waker.wake()
+        except BaseException:
+            self._release_sockets(0)
+            raise
+        if not is_loopback(host):
+            print(f"beamlet: warning: listening on {self.address}, beyond loopback: any "
+                  f"machine that reaches this port can try to connect (only holders of the "
+                  f"cluster's key get in)", file=sys.stderr, flush=True)
+
+    def __repr__(self) -> str:
+        return f"<ZmqListener {self.address}{' closed' if self.closed else ''}>"
+
+    def fileno(self) -> int:
+        return self._waker.fileno()
+
+    # -- the event loop
+    def poll(self) -> list:
+        self._use("poll")
+        return self._collect()
+
+    def _use(self, mode: str) -> None:
+        if self._mode is None:
+            self._mode = mode
+        elif self._mode != mode:
+            raise RuntimeError(f"this listener is used through {self._mode}(); it cannot also "
+                               f"be used through {mode}()")
+
+    def _collect(self) -> list:
+        """What happened since the last call (see `Listener.poll`)."""
+        with self._poll_lock:
+            if self.closed:
+                return []
+            return self._collect_now()
+
+    def _collect_now(self) -> list:
+        ready = self._waker.ready()
+        woken = self._waker.event_fd in ready  # (read everything: see `_Waker`)
+        if woken or self._zap_fd in ready:
+            self._serve_zap()
+        if woken or self._monitor_fd in ready:
+            self._read_monitor()
+        events: list = []
+        received: dict = {}
+        if woken or self._router_fd in ready:
+            self._read_router(events, received)
+        now = time.monotonic()
+        if self._peers and (now < self._probe_until or now >= self._next_probe):
+            self._next_probe = now + PROBE_INTERVAL
+            gone = self._probe()
+            if gone:
+                self._read_router(events, received)  # what they sent before they left
+                for peer in gone:
+                    if not peer.closed:
+                        self._forget(peer, "the peer's connection closed (it closed, died, or "
+                                           "stopped answering heartbeats)")
+                        events.append(Left(peer, None))
+        return events
+
+    def _serve_zap(self) -> None:
+        """Answer every pending ZAP request: the client key derived from the
+        secret is accepted, any other refused."""
+        expected = z85.decode(self._transport.keys.client_public)
+        while True:
+            try:
+                request = self._zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            ok = (len(request) >= 7 and request[0] == b"1.0" and request[5] == b"CURVE"
+                  and hmac.compare_digest(request[6], expected))
+            # (a refusal is logged when its connection closes: the monitor knows its address)
+            request_id = request[1] if len(request) > 1 else b""
+            self._zap.send_multipart([b"1.0", request_id, b"200" if ok else b"400",
+                                      b"OK" if ok else b"key refused", b"", b""])
+
+
+    def _read_monitor(self) -> None:
+        """Log refused connections; note closed ones (their peers get probed).
+
+        The values of handshake events are error codes, not descriptors, but
+        with the context's one I/O thread a failed handshake's event comes
+        right before its connection's DISCONNECTED, which has the descriptor,
+        so the address read when it was ACCEPTED. That address is read only
+        if the connection is not closed already (its DISCONNECTED is not in
+        the same batch of events): once closed, its descriptor may be another
+        connection's, and a log must not name the wrong peer."""
+        batch = []
+        while True:
+            try:
+                batch.append(parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK)))
+            except zmq.Again:
+                break
+        closed_at = {e["value"]: i for i, e in enumerate(batch)
+                     if e["event"] == zmq.EVENT_DISCONNECTED}
+        for i, event in enumerate(batch):
+            kind, value = event["event"], event["value"]
+            if kind == zmq.EVENT_ACCEPTED:
+                self._fd_peer[value] = ("an unknown address (it left at once)"
+                                        if closed_at.get(value, -1) > i else _peer_of_fd(value))
+            elif kind & (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                         | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                self._failure = _handshake_failure(kind, value)
+            elif kind == zmq.EVENT_DISCONNECTED:
+                peer = self._fd_peer.pop(value, "an unknown address")
+                if self._failure is not None:
+                    self._log(peer, self._failure)
+                    self._failure = None
+                else:  # a connection past its handshake: whose? probe
+                    self._unaccounted += 1
+                    self._probe_until = time.monotonic() + PROBE_WINDOW
+
+    def _read_router(self, events: list, received: dict) -> None:
+        batch = []
+        with self._lock:
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._router.recv_multipart(zmq.NOBLOCK, copy=False))
+                except zmq.Again:
+                    break
+            else:
+                self._waker.wake()  # the rest at the next call
+        for frames in batch:
+            if len(frames) < 2:
+                continue
+            rid = frames[0].bytes
+            peer = self._peers.get(rid)
+            if peer is None:
+                self._newcomer(rid, frames[1:], events)
+                continue
+            first = frames[1]
+            if len(first) == 0:
+                continue
+            lead = first.buffer[0]
+            if lead == _PICKLE:
+                try:
+                    message = unpack(frames[1:], self.max_message)
+                except ProtocolError as err:
+                    self._drop(peer, err, events)
+                    continue
+                messages = received.get(peer)
+                if messages is None:
+                    messages = received[peer] = []
+                    events.append(Received(peer, messages))
+                messages.append(message)
+            elif len(frames) == 2 and len(first) == 1 and lead == _CLOSE[0]:
+                self._forget(peer, "the peer closed the connection")
+                events.append(Left(peer, None))
+            else:
+                self._drop(peer, ProtocolError(f"a frame that is not a message: "
+                                               f"{bytes(first.buffer[:40])!r}"), events)
+
+    def _newcomer(self, rid: bytes, frames: list, events: list) -> None:
+        """A frame from a connection that has not joined: its hello, or nothing
+        to unpickle."""
+        if rid in self._closed:
+            return  # (sent before it learnt that it was closed)
+        first = frames[0]
+        address = first.get("Peer-Address") or "an unknown address"
+        peer = f"{address} (connection {rid.hex()})"
+        head = bytes(first.buffer[:1 + auth.MAX_VERSION_BYTES + 1])
+        if not head or head == _CLOSE:
+            return
+        mine = self._transport.version.encode()
+        if head[:1] == _HELLO and len(frames) == 1 and len(first) <= 1 + auth.MAX_VERSION_BYTES:
+            theirs = head[1:]
+            if theirs == mine:
+                conn = PeerConnection(self, rid, peer)
+                self._peers[rid] = conn
+                self._reply(rid, _WELCOME + mine)
+                events.append(Joined(conn))
+                return
+            reason = (f"protocol version mismatch: the listener speaks "
+                      f"{mine.decode()!r}, the peer {theirs.decode(errors='replace')!r}")
+        else:
+            reason = "it sent a message without having said hello"
+        self._log(peer, reason)
+        self._reply(rid, _BYE + reason.encode())
+
+    def _reply(self, rid: bytes, frame: bytes) -> None:
+        with self._lock:
+            try:
+                self._router.send_multipart([rid, frame], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # gone already
+            self._after_send()
+
+    def _after_send(self) -> None:
+        """(Under the lock.) A send may take the ROUTER's wake-up (see `_Waker`):
+        if messages wait, make `fileno` readable."""
+        if self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._waker.wake()
+
+    def _drop(self, peer: PeerConnection, error: BaseException, events: list) -> None:
+        print(f"beamlet: closed the connection of {peer.peer}: {error}", file=sys.stderr,
+              flush=True)
+        self._close_peer(peer, f"the listener closed this connection: {error}")
+        events.append(Left(peer, error))
+
+    def _forget(self, peer: PeerConnection, why: str) -> None:
+        peer.closed = True
+        if peer._eof is None:
+            peer._eof = why
+        self._peers.pop(peer.routing_id, None)
+        self._closed[peer.routing_id] = None
+        if len(self._closed) > MAX_CLOSED:
+            self._closed.popitem(last=False)
+
+    def _close_peer(self, peer: PeerConnection, why: str) -> None:
+        if peer.closed:
+            return
+        self._forget(peer, why)
+        if not self.closed:
+            self._reply(peer.routing_id, _BYE + why.encode())
+
+    def _probe(self) -> list:
+        """Peers whose connection is gone (an empty frame to each: a gone
+        peer's send fails with ROUTER_MANDATORY)."""
+        gone = []
+        with self._lock:
+            self._router.getsockopt(zmq.EVENTS)  # take pending pipe terminations first
+            for rid, peer in self._peers.items():
+                try:
+                    self._router.send_multipart([rid, _PROBE], zmq.NOBLOCK)
+                except zmq.ZMQError as err:
+                    if err.errno == errno.EHOSTUNREACH:
+                        gone.append(peer)
+            self._after_send()
+        self._unaccounted = max(0, self._unaccounted - len(gone))
+        if not self._unaccounted:
+            self._probe_until = 0.0
+        return gone
+
+    def _send(self, peer: PeerConnection, frames: list) -> None:
+        with self._lock:
+            if peer.closed or self.closed:
+                raise exc.BackendError(f"the connection of {peer.peer} is closed: {peer._eof}")
+            try:
+                self._router.send_multipart([peer.routing_id, *frames], zmq.NOBLOCK,
+                                            copy=len(frames) == 1)
+            except zmq.ZMQError as err:
+                if err.errno == errno.EHOSTUNREACH:
+                    self._probe_until = time.monotonic() + PROBE_WINDOW  # poll reports it
+                    self._waker.wake()
+                    raise exc.BackendError(f"{peer.peer} is gone") from None
+                raise exc.BackendError(f"cannot send to {peer.peer}: {err}") from None
+            self._after_send()
+
+    # -- accept(): one peer at a time
+    def accept(self, timeout: float | None = None) -> PeerConnection:
+        self._use("accept")
+        until = None if timeout is None else time.monotonic() + timeout
+        while not self._accepted:
+            if self.closed:
+                raise exc.BackendError("the listener is closed")
+            if until is not None and time.monotonic() >= until:
+                raise exc.GetTimeoutError(f"no connection within {timeout}s")
+            self._pump(until)
+        return self._accepted.popleft()
+
+    def _pump(self, until: float | None) -> None:
+        """Wait for something (until `until`, at most a probe interval), then
+        deliver what happened to `accept` and the connections' inboxes."""
+        self._use("accept")
+        if self.closed:
+            return
+        left = PROBE_INTERVAL if until is None else min(PROBE_INTERVAL,
+                                                         until - time.monotonic())
+        if left > 0:
+            self._waker.wait(left)
+        for event in self._collect():
+            if type(event) is Joined:
+                self._accepted.append(event.conn)
+            elif type(event) is Received:
+                event.conn._inbox.extend(event.messages)
+            else:
+                event.conn._eof = (f"{event.error}" if event.error is not None
+                                   else "the peer closed the connection or died")
+
+    def close(self) -> None:
+        """Stop listening: every peer's connection closes (they see EOF); the
+        address is free when this returns."""
+        with self._poll_lock:
+            with self._lock:
+                if self.closed:
+                    return
+                self.closed = True
+            for peer in list(self._peers.values()):
+                self._forget(peer, "the listener closed")
+            self._release_sockets(CLOSE_LINGER)
+
+    def _release_sockets(self, linger: float) -> None:
+        self.closed = True
+        with self._lock:
+            waker = self.__dict__.get("_waker")
+            if waker is not None and not waker.closed:
+                waker.close()
+            router = self.__dict__.pop("_router", None)
+            monitor = self.__dict__.pop("_monitor", None)
+            zap = self.__dict__.pop("_zap", None)
+            if router is not None and monitor is not None:
+                try:
+                    router.disable_monitor()
+                except zmq.ZMQError:
+                    pass
+            for sock in (monitor, zap):
+                if sock is not None:
+                    sock.close(0)
+            if router is not None:
+                router.close(int(linger * 1000))
+        self._transport._release(self)
+
+
+# -- the transport -----------------------------------------------------------------------
+class ZmqTransport(Transport):
+    """Authenticated, encrypted connections between the machines of a
+    cluster: every process holds the cluster's `secret`; `version` is the
+    message protocol both ends must speak. See the module docstring.
+
+    `max_message`: the largest message (bytes) accepted, and sent;
+    `heartbeat_interval`/`heartbeat_timeout` (seconds): how soon a dead or
+    frozen peer's connection is closed (at most their sum)."""
+
+    def __init__(self, secret: bytes, version: str, *, max_message: int = MAX_MESSAGE,
+                 heartbeat_interval: float = HEARTBEAT_INTERVAL,
+                 heartbeat_timeout: float = HEARTBEAT_TIMEOUT):
+        auth.check_version(version)
+        self.keys = CurveKeys(secret)
+        self.version = version
+        if not isinstance(max_message, int) or max_message < 1024:
+            raise ValueError(f"max_message must be an int of at least 1024 bytes, got "
+                             f"{max_message!r}")
+        if not 0 < heartbeat_interval <= heartbeat_timeout:
+            raise ValueError(f"heartbeats need 0 < interval <= timeout, got "
+                             f"{heartbeat_interval} and {heartbeat_timeout}")
+        self.max_message = max_message
+        self._heartbeat = (heartbeat_interval, heartbeat_timeout)
+        self._ctx: zmq.Context | None = None
+        self._open: set = set()
+        self._ctx_lock = threading.Lock()
+
+    def listen(self, address: str | None = None) -> ZmqListener:
+        """Listen on ``"host:port"`` (None: 127.0.0.1 on a free port; port 0:
+        a free one); `ZmqListener.address` says where. One listener per
+        transport at a time (one port per node). A host beyond loopback is
+        allowed, with a warning on stderr."""
+        parse_address(address, listening=True)
+        with self._ctx_lock:
+            if any(isinstance(user, ZmqListener) for user in self._open):
+                raise RuntimeError("this ZmqTransport already listens (one port per node): "
+                                   "close that listener first")
+        return ZmqListener(self, address)
+
+    def connect(self, address: str, timeout: float | None = 10.0) -> ZmqConnection:
+        """A connection to the listener at ``"host:port"``: waits (up to
+        `timeout`) for it to answer, then authenticates. ``BackendError`` if
+        nothing answers in time; ``AuthenticationError`` (at once) if the
+        listener refuses our key, does not hold the key, or speaks another
+        protocol version (both named)."""
+        parse_address(address)
+        return ZmqConnection(self, address, timeout)
+
+    def close(self) -> None:
+        """Close every listener and connection of this transport."""
+        with self._ctx_lock:
+            users = list(self._open)
+        for user in users:
+            user.close()
+
+    # -- the context, shared by this transport's sockets
+    def _acquire(self, user) -> zmq.Context:
+        """The context, made if `user` is the first; `_release(user)` when done."""
+        global _live_contexts
+        with self._ctx_lock:
+            if self._ctx is None:
+                self._ctx = zmq.Context()
+                with _live_lock:
+                    _live_contexts += 1
+            self._open.add(user)
+            return self._ctx
+
+    def _release(self, user) -> None:
+        """`user` closed its sockets: terminate the context if it was the last."""
+        global _live_contexts
+        with self._ctx_lock:
+            if user not in self._open:
+                return
+            self._open.discard(user)
+            if self._open:
+                return
+            ctx, self._ctx = self._ctx, None
+        ctx.term()
+        with _live_lock:
+            _live_contexts -= 1
+            last = _live_contexts == 0
+        if last:
+            _context_ended()
+
+    def _tune(self, sock: zmq.Socket) -> None:
+        interval, timeout = self._heartbeat
+        sock.setsockopt(zmq.SNDHWM, 0)  # sends never block (see "Threads")
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(interval * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(timeout * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TTL, int((interval + timeout) * 1000))
+        sock.setsockopt(zmq.HANDSHAKE_IVL, int(auth.HANDSHAKE_TIMEOUT * 1000))
+        sock.setsockopt(zmq.LINGER, int(CLOSE_LINGER * 1000))

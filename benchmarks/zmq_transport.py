@@ -1,0 +1,217 @@
+"""The ZeroMQ transport over loopback, between two processes (issue 7).
+
+    python benchmarks/zmq_transport.py [--size-mb 100] [--repeat 5] [--pings 2000]
+
+This process listens (its loop: select on `fileno`, then `poll`, as a node's
+I/O loop does); a child process connects (the secret on its stdin) and
+measures:
+
+- round trip: a small message to the listener and its echo back (µs);
+- a buffer of `--size-mb` MB moved child -> listener, as one message with the
+  buffer out of band, and in 4 MiB and 8 MiB chunks (`transport.chunks`); the
+  listener copies what arrives into a preallocated buffer (as it would into
+  shared memory) and answers "ok"; the time is from the first send to the "ok";
+- for reference, the same bytes over a plain TCP socket on loopback (sendall /
+  recv_into), the machine's limit for one stream.
+
+Then how long the listener takes to report a peer `Left` once it is SIGKILLed
+(its TCP connection closes at once) and once it is SIGSTOPped (only the
+heartbeats find it). Prints one table; `--json` writes the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+VERSION = "beamlet-bench/1"
+
+
+def child(address: str, size: int, repeat: int, pings: int, pieces: list) -> None:
+    import numpy as np
+
+    from beamlet.backends.zmq.transport import ZmqTransport, chunks
+
+    secret = bytes.fromhex(sys.stdin.readline().strip())
+    transport = ZmqTransport(secret, VERSION)
+    conn = transport.connect(address, timeout=30)
+    out: dict = {}
+    for i in range(200):  # warm up
+        conn.send(i)
+        conn.recv(timeout=30)
+    rtts = []
+    for i in range(pings):
+        t0 = time.perf_counter()
+        conn.send(i)
+        conn.recv(timeout=30)
+        rtts.append(time.perf_counter() - t0)
+    out["rtt_us"] = {"median": statistics.median(rtts) * 1e6,
+                     "p90": sorted(rtts)[int(0.9 * len(rtts))] * 1e6}
+    data = np.random.default_rng(1).integers(0, 255, size=size, dtype=np.uint8)
+    for name, chunk in pieces:
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            if chunk is None:
+                conn.send(("whole", data))
+            else:
+                conn.send(("size", size))
+                for offset, piece in chunks(data, chunk):
+                    conn.send(("chunk", offset, piece))
+                conn.send(("end",))
+            assert conn.recv(timeout=120) == "ok"
+            times.append(time.perf_counter() - t0)
+        out[name] = times
+    conn.send("stop")
+    conn.close()
+    transport.close()
+    print(json.dumps(out), flush=True)
+
+
+def serve(listener, until_stop) -> None:
+    """The listener's loop: echo small messages, sink buffers."""
+    import numpy as np
+
+    dest = None
+    while True:
+        select.select([listener], [], [], 0.2)
+        for event in listener.poll():
+            name = type(event).__name__
+            if name == "Left":
+                return
+            if name != "Received":
+                continue
+            for m in event.messages:
+                if isinstance(m, int):
+                    event.conn.send(m)
+                elif m == "stop":
+                    until_stop()
+                elif m[0] == "whole":
+                    if dest is None or dest.nbytes != m[1].nbytes:
+                        dest = np.empty(m[1].nbytes, dtype=np.uint8)
+                    np.copyto(dest, m[1])
+                    event.conn.send("ok")
+                elif m[0] == "size":
+                    if dest is None or dest.nbytes != m[1]:
+                        dest = np.empty(m[1], dtype=np.uint8)
+                elif m[0] == "chunk":
+                    dest[m[1]:m[1] + len(m[2])] = np.frombuffer(m[2], dtype=np.uint8)
+                elif m[0] == "end":
+                    event.conn.send("ok")
+
+
+def plain_tcp(size: int, repeat: int) -> list[float]:
+    """Seconds to move `size` bytes over one loopback TCP connection to a child."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    code = (f"import socket,sys\ns=socket.create_connection(('127.0.0.1',{port}))\n"
+            f"buf=bytearray({size})\nfor _ in range({repeat}):\n"
+            f"    v=memoryview(buf); n=0\n"
+            f"    while n<{size}:\n        n+=s.recv_into(v[n:])\n    s.sendall(b'k')\n")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    conn, _ = server.accept()
+    data = os.urandom(size)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        conn.sendall(data)
+        assert conn.recv(1) == b"k"
+        times.append(time.perf_counter() - t0)
+    conn.close()
+    server.close()
+    proc.wait(30)
+    return times
+
+
+def time_to_left(transport_secret: bytes, listener, how: str) -> float:
+    code = ("import sys,time\nsys.path.insert(0, %r)\n"
+            "from beamlet.backends.zmq.transport import ZmqTransport\n"
+            "t=ZmqTransport(bytes.fromhex(sys.stdin.readline().strip()), %r)\n"
+            "c=t.connect(%r, timeout=30)\nprint('JOINED', flush=True)\ntime.sleep(300)\n"
+            % (str(REPO), VERSION, listener.address))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    proc.stdin.write(transport_secret.hex() + "\n")
+    proc.stdin.close()
+    try:
+        joined = False
+        until = time.monotonic() + 60
+        while not joined and time.monotonic() < until:
+            select.select([listener], [], [], 0.2)
+            joined = any(type(e).__name__ == "Joined" for e in listener.poll())
+        assert proc.stdout.readline().startswith("JOINED")
+        os.kill(proc.pid, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 30:
+            select.select([listener], [], [], 0.2)
+            if any(type(e).__name__ == "Left" for e in listener.poll()):
+                return time.monotonic() - t0
+        return float("nan")
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size-mb", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--pings", type=int, default=2000)
+    parser.add_argument("--chunks", default="0,1024,4096",
+                        help="piece sizes in KiB, comma-separated (0: the buffer as one message)")
+    parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    size = args.size_mb * 1024 * 1024
+    pieces = [("whole", None) if not int(k) else (f"chunks {int(k)} KiB", int(k) << 10)
+              for k in args.chunks.split(",")]
+    if args.child:
+        child(args.child, size, args.repeat, args.pings, pieces)
+        return
+
+    from beamlet.backends.zmq.transport import ZmqTransport
+    from beamlet.core import auth
+
+    secret = auth.new_secret()
+    transport = ZmqTransport(secret, VERSION)
+    listener = transport.listen("127.0.0.1:0")
+    proc = subprocess.Popen([sys.executable, __file__, "--child", listener.address,
+                             "--size-mb", str(args.size_mb), "--repeat", str(args.repeat),
+                             "--pings", str(args.pings), "--chunks", args.chunks],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc.stdin.write(secret.hex() + "\n")
+    proc.stdin.close()
+    serve(listener, lambda: None)
+    figures = json.loads(proc.stdout.read())
+    proc.wait(60)
+    figures["plain TCP"] = plain_tcp(size, args.repeat)
+    figures["left after SIGKILL (s)"] = time_to_left(secret, listener, "kill")
+    figures["left after SIGSTOP (s)"] = time_to_left(secret, listener, "stop")
+    transport.close()
+
+    rtt = figures["rtt_us"]
+    print(f"round trip, small message: median {rtt['median']:.0f} µs, p90 {rtt['p90']:.0f} µs")
+    print(f"{args.size_mb} MB buffer, child -> listener (best / median of {args.repeat}):")
+    for name in [name for name, _ in pieces] + ["plain TCP"]:
+        times = figures[name]
+        print(f"  {name:16s} {size / min(times) / 1e9:5.2f} GB/s  /  "
+              f"{size / statistics.median(times) / 1e9:5.2f} GB/s")
+    for key in ("left after SIGKILL (s)", "left after SIGSTOP (s)"):
+        print(f"{key[:-4]}: {figures[key]:.2f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,676 @@
+"""The cluster's transport (backends/zmq/transport.py) with real processes and
+real TCP sockets on 127.0.0.1.
+
+Peers run as subprocesses (`PEER`); the secret reaches them on their standard
+input, never in argv. The listener runs in the test process, driven the way a
+node's I/O loop drives it: select on `fileno`, then `poll`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import select
+import threading
+import time
+
+import numpy as np
+import procs
+import pytest
+
+from beamlet import exceptions as exc
+from beamlet.backends.zmq import transport as zt
+from beamlet.backends.zmq.transport import ZmqTransport
+from beamlet.core import auth
+from beamlet.core.interfaces import Joined, Left, Received
+
+VERSION = "beamlet-test/1"
+BIG = 100 * 1024 * 1024
+
+# A peer process: argv is the listener's address, a mode and its arguments; the
+# secret (hex) is the first line of stdin. It prints what it saw.
+PEER = r'''
+import hashlib, os, pickle, sys, time
+secret = bytes.fromhex(sys.stdin.readline().strip())
+address, mode, *args = sys.argv[1:]
+VERSION = "beamlet-test/1"
+
+def say(*words):
+    print(*words, flush=True)
+
+class Evil:  # unpickling it creates the file args[0]
+    def __reduce__(self):
+        return (open, (args[0], "w"))
+
+if mode.startswith("raw-"):  # a stranger speaking raw ZeroMQ
+    import zmq
+    from zmq.utils.monitor import parse_monitor_message
+    from beamlet.backends.zmq.transport import CurveKeys
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    if mode == "raw-wrong-key":  # a key pair of its own, the listener's (public) key
+        public, private = zmq.curve_keypair()
+        s.curve_serverkey, s.curve_publickey, s.curve_secretkey = args[1].encode(), public, private
+    elif mode in ("raw-wrong-secret", "raw-key-holder"):
+        keys = CurveKeys(os.urandom(32) if mode == "raw-wrong-secret" else secret)
+        s.curve_serverkey = keys.server_public
+        s.curve_publickey, s.curve_secretkey = keys.client_public, keys.client_secret
+    monitor = s.get_monitor_socket()
+    s.connect("tcp://" + address)
+    evil = pickle.dumps(Evil(), 5)
+    until = time.monotonic() + 2.0
+    while time.monotonic() < until:
+        for frames in ([evil], [evil, evil], [b"H" + b"x" * 5000], [b"W"], [b""]):
+            try:
+                s.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        time.sleep(0.05)
+    seen = set()
+    while monitor.poll(0):
+        seen.add(zmq.Event(parse_monitor_message(monitor.recv_multipart())["event"]).name)
+    got = []
+    while s.poll(0):
+        got.append(s.recv_multipart())
+    say("EVENTS", " ".join(sorted(seen)))
+    say("GOT", repr(got[:3]))
+    s.close(0)
+    monitor.close(0)
+    ctx.term()
+    sys.exit(0)
+
+import numpy as np
+from beamlet import exceptions as exc
+from beamlet.backends.zmq.transport import ZmqTransport, chunks
+from beamlet.core import auth
+
+if mode == "connect":  # args: version, timeout
+    t = ZmqTransport(secret, args[0])
+    started = time.monotonic()
+    try:
+        c = t.connect(address, timeout=float(args[1]))
+    except exc.BackendError as err:
+        say("REFUSED", type(err).__name__, f"{time.monotonic() - started:.3f}", err)
+    else:
+        say("ACCEPTED")
+        c.close()
+    sys.exit(0)
+
+if mode == "serve":  # a listener here; the test connects to it. args: version
+    t = ZmqTransport(secret, args[0])
+    listener = t.listen("127.0.0.1:0")
+    say("LISTENING", listener.address)
+    import select
+    until = time.monotonic() + 120
+    while time.monotonic() < until:
+        select.select([listener], [], [], 0.2)
+        for event in listener.poll():
+            if type(event).__name__ == "Joined":
+                event.conn.send("hello")
+            elif type(event).__name__ == "Received":
+                for m in event.messages:
+                    event.conn.send(("echo", m))
+    sys.exit(0)
+
+t = ZmqTransport(secret, VERSION)
+c = t.connect(address, timeout=30)
+say("JOINED")
+
+def finish():
+    c.close()
+    t.close()
+    say("DONE")
+
+def wait_eof():
+    try:
+        while True:
+            c.recv(timeout=30)
+    except EOFError as err:
+        say("EOF", err)
+    except Exception as err:
+        say("ERROR", type(err).__name__, err)
+    try:
+        c.send("after")
+    except exc.BackendError as err:
+        say("SEND REFUSED", err)
+
+if mode == "echo":  # echo every message until "stop"
+    while True:
+        m = c.recv(timeout=60)
+        if isinstance(m, str) and m == "stop":
+            break
+        c.send(("echo", m))
+    finish()
+elif mode == "count":  # args: tag, n: send ("tag", tag), then (tag, i) for i < n
+    tag, n = args[0], int(args[1])
+    c.send(("tag", tag))
+    for i in range(n):
+        c.send((tag, i))
+    assert c.recv(timeout=60) == "bye"
+    finish()
+elif mode == "sleep":
+    time.sleep(300)
+elif mode == "frame":  # args: hex of one raw frame, sent after a good message
+    c.send("before")
+    with c._lock:
+        c._sock.send(bytes.fromhex(args[0]))
+    wait_eof()
+elif mode == "oversize-total":  # args: limit; three buffers, each under it, together over
+    limit = int(args[0])
+    c.send([memoryview(bytes(limit // 2)) for _ in range(3)])
+    wait_eof()
+elif mode == "oversize-frame":  # args: limit; one buffer over it
+    limit = int(args[0])
+    c.send(memoryview(bytes(limit + 4096)))
+    wait_eof()
+elif mode == "big":  # 100 MB, as one message and then in chunks
+    data = np.random.default_rng(7).integers(0, 255, size=int(args[0]), dtype=np.uint8)
+    digest = hashlib.sha256(data).hexdigest()
+    c.send(("whole", digest, data))
+    c.send(("size", data.nbytes))
+    for offset, piece in chunks(data, 4 << 20):
+        c.send(("chunk", offset, piece))
+    c.send(("end", digest))
+    assert c.recv(timeout=120) == "ok"
+    finish()
+'''
+
+
+@pytest.fixture
+def secret():
+    return auth.new_secret()
+
+
+@pytest.fixture
+def listener(secret):
+    transport = ZmqTransport(secret, VERSION)
+    lst = transport.listen("127.0.0.1:0")
+    try:
+        yield lst
+    finally:
+        transport.close()
+
+
+@pytest.fixture
+def peers(tmp_path):
+    """``peers(secret, address, mode, *args)`` starts a PEER process; all are
+    killed (by pid) after the test."""
+    started = []
+
+    def start(secret: bytes, address: str, mode: str, *args) -> procs.Driver:
+        peer = procs.Driver(PEER, tmp_path, args=[address, mode, *map(str, args)],
+                            stdin=secret.hex() + "\n")
+        started.append(peer)
+        return peer
+
+    yield start
+    for peer in started:
+        peer.kill()
+        peer.finish(30)
+
+
+def serve_until(listener, done, timeout: float = 60.0, on_event=None) -> list:
+    """Run the listener's event loop until ``done(events)``; every event so far."""
+    events: list = []
+    until = time.monotonic() + timeout
+    while not done(events):
+        left = until - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"not done within {timeout}s; events: {events}")
+        select.select([listener], [], [], min(left, 0.2))
+        new = listener.poll()
+        for event in new:
+            if on_event is not None:
+                on_event(event)
+        events += new
+    return events
+
+
+def connect_while_serving(listener, transport, timeout: float = 30.0):
+    """Connect to a listener of this process, whose loop must run meanwhile
+    (the handshake needs it): (the connection, the listener's events)."""
+    result: dict = {}
+
+    def connect():
+        try:
+            result["conn"] = transport.connect(listener.address, timeout=timeout)
+        except BaseException as err:  # noqa: BLE001 - raised below, in the test
+            result["error"] = err
+
+    thread = threading.Thread(target=connect)
+    thread.start()
+    try:
+        events = serve_until(listener, lambda ev: of_kind(ev, Joined) or "error" in result,
+                             timeout=timeout + 10)
+    finally:
+        thread.join(timeout + 10)
+    if "error" in result:
+        raise result["error"]
+    return result["conn"], events
+
+
+def of_kind(events, kind) -> list:
+    return [e for e in events if type(e) is kind]
+
+
+def check_order(events) -> None:
+    """Per peer: Joined first, Received between, nothing after Left."""
+    state: dict = {}
+    for e in events:
+        seen = state.get(e.conn)
+        if type(e) is Joined:
+            assert seen is None, f"{e.conn} joined twice"
+            state[e.conn] = "joined"
+        else:
+            assert seen == "joined", f"{type(e).__name__} of {e.conn} in state {seen}"
+            if type(e) is Left:
+                state[e.conn] = "left"
+
+
+def messages_of(events, conn) -> list:
+    return [m for e in events if type(e) is Received and e.conn is conn for m in e.messages]
+
+
+# -- messages -----------------------------------------------------------------------------
+def test_messages_round_trip_both_ways(listener, secret, peers):
+    peer = peers(secret, listener.address, "echo")
+    joined = serve_until(listener, lambda ev: of_kind(ev, Joined))
+    conn = joined[0].conn
+    array = np.arange(200_000, dtype=np.float64)  # 1.6 MB: out of band
+    sent = [1, "two", {"three": [3.0]}, b"x" * 100, array[:10], array,
+            memoryview(array).cast("B")[:300_000], None, ("last",)]
+    for message in sent:
+        conn.send(message)
+    conn.send("stop")
+    events = serve_until(listener, lambda ev: of_kind(ev, Left))
+    check_order(joined + events)
+    echoes = messages_of(events, conn)
+    assert [e[0] for e in echoes] == ["echo"] * len(sent)
+    for mine, (_, back) in zip(sent, echoes):
+        if isinstance(mine, np.ndarray):
+            np.testing.assert_array_equal(back, mine)
+        elif isinstance(mine, memoryview):
+            assert isinstance(back, memoryview) and back.tobytes() == mine.tobytes()
+        else:
+            assert back == mine
+    assert of_kind(events, Left)[0].error is None
+    assert peer.finish(30) == 0 and "DONE" in peer.stdout
+
+
+def test_many_peers_each_message_is_attributed_to_its_connection_in_order(listener, secret,
+                                                                         peers):
+    n = 300
+    tags = [f"peer{i}" for i in range(6)]
+    for tag in tags:
+        peers(secret, listener.address, "count", tag, n)
+    counts: dict = {}
+
+    def on_event(event):
+        if type(event) is Received:
+            counts[event.conn] = counts.get(event.conn, 0) + len(event.messages)
+            if counts[event.conn] == n + 1:
+                event.conn.send("bye")
+
+    events = serve_until(listener, lambda ev: len(of_kind(ev, Left)) == len(tags),
+                         on_event=on_event)
+    check_order(events)
+    conns = [e.conn for e in of_kind(events, Joined)]
+    assert len(set(conns)) == len(tags)
+    seen_tags = []
+    for conn in conns:
+        got = messages_of(events, conn)
+        first, rest = got[0], got[1:]
+        assert first[0] == "tag"
+        seen_tags.append(first[1])
+        assert rest == [(first[1], i) for i in range(n)]
+    assert sorted(seen_tags) == tags
+
+
+def test_accept_and_recv_serve_one_peer_at_a_time(listener, secret, peers):
+    peers(secret, listener.address, "count", "solo", 50)
+    conn = listener.accept(timeout=60)
+    assert conn.recv(timeout=60) == ("tag", "solo")
+    got = [conn.recv(timeout=60) for _ in range(50)]
+    assert got == [("solo", i) for i in range(50)]
+    conn.send("bye")
+    with pytest.raises(EOFError):
+        conn.recv(timeout=60)
+    with pytest.raises(exc.BackendError):
+        conn.send("gone")
+    with pytest.raises(exc.GetTimeoutError):
+        listener.accept(timeout=0.2)
+    with pytest.raises(RuntimeError, match="accept"):
+        listener.poll()
+
+
+def test_sends_from_many_threads_while_the_loop_polls(listener, secret, peers):
+    peers(secret, listener.address, "echo")
+    n_threads, n = 4, 300
+    threads = []
+
+    def start_senders(event):
+        if type(event) is Joined:
+            for k in range(n_threads):
+                th = threading.Thread(target=lambda k=k: [event.conn.send((k, i))
+                                                          for i in range(n)])
+                th.start()
+                threads.append(th)
+
+    events = serve_until(listener, lambda ev: sum(len(e.messages) for e in ev
+                                                  if type(e) is Received) == n_threads * n,
+                         on_event=start_senders)
+    for th in threads:
+        th.join(30)
+    conn = of_kind(events, Joined)[0].conn
+    echoes = [m[1] for m in messages_of(events, conn)]
+    for k in range(n_threads):
+        assert [i for t, i in echoes if t == k] == list(range(n))
+    conn.send("stop")
+    serve_until(listener, lambda ev: of_kind(ev, Left))
+
+
+def test_a_100mb_buffer_arrives_intact_whole_and_in_chunks(listener, secret, peers):
+    peers(secret, listener.address, "big", BIG)
+    state: dict = {}
+
+    def on_event(event):
+        if type(event) is not Received:
+            return
+        for m in event.messages:
+            if m[0] == "whole":
+                state["whole"] = (m[1], hashlib.sha256(m[2]).hexdigest(), m[2].nbytes)
+            elif m[0] == "size":
+                state["dest"] = np.empty(m[1], dtype=np.uint8)
+            elif m[0] == "chunk":
+                state["dest"][m[1]:m[1] + len(m[2])] = np.frombuffer(m[2], dtype=np.uint8)
+                state["chunks"] = state.get("chunks", 0) + 1
+            elif m[0] == "end":
+                state["chunked"] = (m[1], hashlib.sha256(state.pop("dest")).hexdigest())
+                event.conn.send("ok")
+
+    serve_until(listener, lambda ev: of_kind(ev, Left), timeout=120, on_event=on_event)
+    digest, got, size = state["whole"]
+    assert got == digest and size == BIG
+    assert state["chunked"][1] == state["chunked"][0] == digest
+    assert state["chunks"] == BIG // (4 << 20)
+
+
+def test_messages_over_the_limit_are_refused_by_send(secret):
+    with pytest.raises(zt.ProtocolError, match="at most"):
+        zt.pack(memoryview(bytes(4 << 20)), max_message=1 << 20)
+    with pytest.raises(TypeError, match="cannot be sent"):
+        zt.pack(lambda: 1)
+    frames = zt.pack(("x", memoryview(bytes(1 << 20))))
+    assert len(frames) == 2  # the pickle, then the buffer out of band
+    assert zt.unpack(frames)[1].nbytes == 1 << 20
+
+
+def test_chunks_cut_a_buffer_without_copying():
+    data = bytearray(range(256)) * 1000
+    pieces = list(zt.chunks(data, 1000))
+    assert [o for o, _ in pieces] == list(range(0, len(data), 1000))
+    assert b"".join(p for _, p in pieces) == data
+    assert pieces[0][1].readonly and pieces[0][1].obj is data
+    with pytest.raises(ValueError):
+        list(zt.chunks(data, 0))
+
+
+# -- strangers: refused, nothing they sent unpickled -----------------------------------------
+def test_a_peer_with_a_wrong_secret_is_refused_at_once_and_logged(listener, peers, capfd):
+    peer = peers(auth.new_secret(), listener.address, "connect", VERSION, 30)
+    events = []
+    until = time.monotonic() + 60
+    while "REFUSED" not in peer.stdout and "ACCEPTED" not in peer.stdout:
+        assert time.monotonic() < until, peer.stderr
+        select.select([listener], [], [], 0.2)
+        events += listener.poll()
+    assert peer.finish(30) == 0
+    line = peer.wait_line("REFUSED ")
+    assert line.startswith("AuthenticationError "), line  # not a timeout
+    assert "refused this process's key" in line, line
+    assert not events
+    log = capfd.readouterr().err
+    assert "refused a connection from " in log, log
+    assert "does not hold the cluster's key" in log, log
+
+
+def test_a_listener_without_the_secret_is_refused_by_the_client(secret, peers, capfd):
+    server = peers(auth.new_secret(), "-", "serve", VERSION)
+    address = server.wait_line("LISTENING ")
+    with pytest.raises(auth.AuthenticationError, match="refused this process's key"):
+        ZmqTransport(secret, VERSION).connect(address, timeout=30)
+
+
+@pytest.mark.parametrize("mode", ["raw-plain", "raw-wrong-key", "raw-wrong-secret",
+                                  "raw-key-holder"])
+def test_nothing_a_stranger_sends_is_unpickled(listener, secret, peers, tmp_path, capfd, mode):
+    target = tmp_path / "pwned"
+    good = peers(secret, listener.address, "echo")
+    stranger = peers(secret, listener.address, mode, target,
+                     listener._transport.keys.server_public.decode())
+    joined = serve_until(listener, lambda ev: of_kind(ev, Joined))
+    events = serve_until(listener, lambda ev: stranger.proc.poll() is not None)
+    assert stranger.finish(30) == 0, stranger.stderr
+    assert not target.exists(), "a stranger's pickle was unpickled"
+    assert not of_kind(events, Joined) and not of_kind(events, Left), events
+    conn = joined[0].conn
+    conn.send("still serving")
+    back = serve_until(listener, lambda ev: of_kind(ev, Received))
+    assert messages_of(back, conn) == [("echo", "still serving")]
+    conn.send("stop")
+    serve_until(listener, lambda ev: of_kind(ev, Left))
+    assert not target.exists()
+    log = capfd.readouterr().err
+    # (a plain ZeroMQ peer may see the mismatch and hang up before the listener does)
+    reasons = {"raw-plain": ["does not speak CURVE", "closed during the CURVE handshake"],
+               "raw-wrong-key": ["its key was refused"],
+               "raw-wrong-secret": ["does not hold the cluster's key"],
+               "raw-key-holder": ["without having said hello"]}[mode]
+    assert "refused a connection from " in log and any(r in log for r in reasons), log
+    if mode == "raw-key-holder":  # it holds the key: it is told why, but not heard
+        assert "without having said hello" in stranger.wait_line("GOT "), stranger.stdout
+    else:
+        assert "HANDSHAKE_FAILED" in stranger.wait_line("EVENTS "), stranger.stdout
+        assert stranger.wait_line("GOT ") == "[]"
+
+
+def test_another_version_is_refused_naming_both(listener, secret, peers, capfd):
+    peer = peers(secret, listener.address, "connect", "beamlet-test/2", 30)
+    serve_until(listener, lambda ev: peer.proc.poll() is not None)
+    line = peer.wait_line("REFUSED ")
+    assert line.startswith("AuthenticationError "), line
+    assert "beamlet-test/1" in line and "beamlet-test/2" in line, line
+    log = capfd.readouterr().err
+    assert "protocol version mismatch" in log and "beamlet-test/2" in log, log
+
+
+# -- broken peers: dropped alone ---------------------------------------------------------
+@pytest.mark.parametrize("mode,arg,why", [
+    ("frame", b"\x80\x05garbage".hex(), "does not unpickle"),
+    ("frame", b"Znot a message".hex(), "not a message"),
+    ("oversize-total", 1 << 20, "at most"),
+    ("oversize-frame", 1 << 20, None),  # cut by ZeroMQ at the frame's header
+])
+def test_a_broken_peer_is_dropped_and_the_others_served(secret, peers, capfd, mode, arg, why):
+    transport = ZmqTransport(secret, VERSION, max_message=1 << 20)
+    try:
+        listener = transport.listen()
+        good = peers(secret, listener.address, "echo")
+        joined = serve_until(listener, lambda ev: of_kind(ev, Joined))
+        bad = peers(secret, listener.address, mode, arg)
+        events = serve_until(listener, lambda ev: of_kind(ev, Left))
+        check_order(joined + events)
+        left = of_kind(events, Left)[0]
+        assert left.conn is not joined[0].conn
+        if why is None:
+            assert left.error is None
+        else:
+            assert isinstance(left.error, zt.ProtocolError) and why in str(left.error)
+            assert "closed the connection of 127.0.0.1" in capfd.readouterr().err
+        if mode == "frame":
+            assert messages_of(events, left.conn) == ["before"]
+        bad.wait_line("EOF ")  # the peer is told, and cannot send on
+        bad.wait_line("SEND REFUSED ")
+        conn = joined[0].conn
+        conn.send("still serving")
+        back = serve_until(listener, lambda ev: of_kind(ev, Received))
+        assert messages_of(back, conn) == [("echo", "still serving")]
+        conn.send("stop")
+        serve_until(listener, lambda ev: of_kind(ev, Left))
+    finally:
+        transport.close()
+
+
+# -- liveness -----------------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_a_dead_or_frozen_peer_is_reported_left(listener, secret, peers, how):
+    """SIGKILL closes the peer's TCP connection at once; SIGSTOP leaves it open
+    and only the heartbeats find it (within interval + timeout, ~2 s: the
+    deadline here is only a guard against hanging)."""
+    other = peers(secret, listener.address, "echo")
+    victim = peers(secret, listener.address, "sleep")
+    joined = serve_until(listener, lambda ev: len(of_kind(ev, Joined)) == 2)
+    victim.wait_line("JOINED")
+    victim.stop() if how == "stop" else victim.kill()
+    events = serve_until(listener, lambda ev: of_kind(ev, Left), timeout=30)
+    left = of_kind(events, Left)
+    assert len(left) == 1 and left[0].error is None
+    gone = left[0].conn
+    with pytest.raises(exc.BackendError):
+        gone.send("anyone there?")
+    survivor = next(e.conn for e in joined if e.conn is not gone)
+    survivor.send("stop")
+    serve_until(listener, lambda ev: of_kind(ev, Left))
+    assert other.finish(30) == 0
+
+
+def test_a_client_sees_the_listener_die(secret, peers):
+    server = peers(secret, "-", "serve", VERSION)
+    address = server.wait_line("LISTENING ")
+    transport = ZmqTransport(secret, VERSION)
+    try:
+        conn = transport.connect(address, timeout=30)
+        assert conn.recv(timeout=30) == "hello"
+        conn.send("ping")
+        assert conn.recv(timeout=30) == ("echo", "ping")
+        server.kill()
+        with pytest.raises(EOFError):
+            conn.recv(timeout=30)
+        with pytest.raises(EOFError):
+            conn.recv_all()
+        with pytest.raises(exc.BackendError, match="gone"):
+            conn.send("anyone there?")
+    finally:
+        transport.close()
+
+
+def test_a_client_sees_its_connection_closed_by_the_listener(listener, secret):
+    transport = ZmqTransport(secret, VERSION)
+    try:
+        conn, events = connect_while_serving(listener, transport)
+        peer = of_kind(events, Joined)[0].conn
+        peer.send("one")
+        peer.close()
+        assert conn.recv(timeout=30) == "one"
+        with pytest.raises(EOFError, match="closed by the listener"):
+            conn.recv(timeout=30)
+        with pytest.raises(exc.BackendError):
+            peer.send("two")
+    finally:
+        transport.close()
+
+
+# -- addresses and resources ----------------------------------------------------------------
+@pytest.mark.parametrize("address", ["nohost", "host:", ":80", "host:port", "host:70000",
+                                     "a b:1", "::1:80", "[zz]:80", 80, None])
+def test_bad_addresses_are_refused_naming_the_problem(secret, address):
+    transport = ZmqTransport(secret, VERSION)
+    with pytest.raises(ValueError, match="port|address"):
+        transport.connect(address, timeout=1)
+    if address is not None:
+        with pytest.raises(ValueError):
+            transport.listen(address)
+
+
+def test_ipv6_loopback(secret):
+    transport, client = ZmqTransport(secret, VERSION), ZmqTransport(secret, VERSION)
+    try:
+        try:
+            listener = transport.listen("[::1]:0")
+        except exc.BackendError as err:
+            pytest.skip(f"no IPv6 loopback here: {err}")
+        assert listener.address.startswith("[::1]:")
+        conn, events = connect_while_serving(listener, client)
+        conn.send("over IPv6")
+        got = serve_until(listener, lambda ev: of_kind(ev, Received))
+        assert messages_of(got, of_kind(events, Joined)[0].conn) == ["over IPv6"]
+    finally:
+        client.close()
+        transport.close()
+
+
+def test_bad_transport_arguments_are_refused(secret):
+    with pytest.raises(ValueError, match="secret"):
+        ZmqTransport(b"short", VERSION)
+    with pytest.raises(ValueError, match="version"):
+        ZmqTransport(secret, "")
+    with pytest.raises(ValueError, match="max_message"):
+        ZmqTransport(secret, VERSION, max_message=10)
+
+
+def test_nothing_listening_is_a_clear_error_not_a_hang(secret, listener):
+    address = listener.address
+    listener.close()
+    with pytest.raises(exc.BackendError, match="nothing answered"):
+        ZmqTransport(secret, VERSION).connect(address, timeout=0.5)
+
+
+def test_one_listener_per_transport_and_a_taken_port_is_an_error(secret, listener):
+    with pytest.raises(RuntimeError, match="already listens"):
+        listener._transport.listen()
+    other = ZmqTransport(secret, VERSION)
+    with pytest.raises(exc.BackendError, match="cannot listen on 127.0.0.1"):
+        other.listen(listener.address)
+    other.close()
+
+
+def test_listening_beyond_loopback_warns(secret, capfd):
+    transport = ZmqTransport(secret, VERSION)
+    try:
+        listener = transport.listen("0.0.0.0:0")
+        assert listener.address.startswith("0.0.0.0:")
+        assert "beyond loopback" in capfd.readouterr().err
+        listener.close()
+        transport.listen("localhost:0")
+        assert "beyond loopback" not in capfd.readouterr().err
+    finally:
+        transport.close()
+
+
+def _descriptors() -> set:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _threads() -> set:
+    return set(os.listdir("/proc/self/task"))
+
+
+def test_close_leaves_no_thread_and_no_descriptor(secret):
+    fds, threads = _descriptors(), _threads()
+    server_side, client_side = ZmqTransport(secret, VERSION), ZmqTransport(secret, VERSION)
+    listener = server_side.listen()
+    conn, joined = connect_while_serving(listener, client_side)
+    peer = of_kind(joined, Joined)[0].conn
+    array = np.arange(1 << 18)  # 2 MB: a zero-copy send
+    conn.send(array)
+    events = serve_until(listener, lambda ev: of_kind(ev, Received))
+    np.testing.assert_array_equal(messages_of(events, peer)[0], array)
+    peer.send(array)
+    np.testing.assert_array_equal(conn.recv(timeout=30), array)
+    assert _threads() - threads and _descriptors() - fds  # (the check below can fail)
+    conn.close()
+    listener.close()
+    assert procs.wait_until(lambda: not (_threads() - threads) and not (_descriptors() - fds),
+                            10), (_threads() - threads, _descriptors() - fds)
+    with pytest.raises(exc.BackendError):
+        conn.send("closed")
+    assert listener.poll() == []
