@@ -3,7 +3,7 @@
     beamlet demo [--backend NAME]   run the seed's examples (= python -m beamlet.demo)
     beamlet backends                list the installed backends and their capabilities
     beamlet version                 print beamlet's version
-    beamlet start|stop|status       cluster commands (the cluster backend is not built yet)
+    beamlet start|stop|status       the cluster's nodes (added by backends/zmq/plugin.py)
 
 Plugins add sub-commands with the ``beamlet_cli_commands(subparsers)`` hook:
 each command sets ``func=callable(args) -> int`` with ``set_defaults``.
@@ -20,7 +20,7 @@ from .core import plugins
 
 CAPABILITY_FLAGS = ("parallel", "isolated", "zero_copy", "multi_node")
 
-# Exit code of commands that exist but cannot run yet (start/stop/status).
+# Exit code when no command was given (the help is printed).
 NOT_AVAILABLE = 2
 
 
@@ -58,14 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     version = sub.add_parser("version", help="print beamlet's version")
     version.set_defaults(func=_cmd_version)
 
-    for name, what in (("start", "start a cluster node (--head for the head node)"),
-                       ("stop", "stop the cluster processes on this machine"),
-                       ("status", "show the cluster's nodes and resources")):
-        cmd = sub.add_parser(name, help=f"{what} [not available yet]",
-                             description=f"{what[0].upper()}{what[1:]}. Needs the cluster "
-                                         "backend, which is not built yet.")
-        cmd.set_defaults(func=_cmd_cluster, command=name, takes_any_arguments=True)
-
     plugins.manager().hook.beamlet_cli_commands(subparsers=sub)
     return parser
 
@@ -82,13 +74,6 @@ def _cmd_version(args) -> int:
     from . import __version__
     print(f"beamlet {__version__}")
     return 0
-
-
-def _cmd_cluster(args) -> int:
-    print(f"beamlet {args.command}: the cluster backend is not built yet, so there is no "
-          "cluster to start, stop or inspect. On one machine, beamlet.init() starts the "
-          "'local' backend by itself; see `beamlet backends`.", file=sys.stderr)
-    return NOT_AVAILABLE
 
 
 def _cmd_backends(args) -> int:

@@ -73,11 +73,20 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"beamlet {beamlet.__version__}"
 
 
-@pytest.mark.parametrize("command", [["start", "--head"], ["stop"], ["status"]])
-def test_cluster_commands_say_they_are_not_available(command, capsys):
-    assert cli.main(command) == 2
-    err = capsys.readouterr().err
-    assert "cluster backend is not built yet" in err
+def test_cluster_commands_are_listed_with_their_options(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["start", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--head", "--address", "--token", "--port", "--host", "--redis-address",
+                   "--num-cpus", "--num-gpus", "--resources"):
+        assert option in out, option
+
+
+def test_start_needs_a_role(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["start"])
+    assert info.value.code == 2
+    assert "--head" in capsys.readouterr().err
 
 
 def test_no_command_prints_help(capsys):

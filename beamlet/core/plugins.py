@@ -22,6 +22,7 @@ ENTRY_POINT_GROUP = "beamlet"
 BUILTIN_PLUGINS = (
     "beamlet.backends.local.plugin",
     "beamlet.backends.redis.plugin",
+    "beamlet.backends.zmq.plugin",
 )
 
 _manager: pluggy.PluginManager | None = None

@@ -1,0 +1,457 @@
+"""The cluster's node daemons: a head, and members that join it.
+
+Each daemon is one process that runs the node engine of the local backend
+(`Node`: worker launcher, shared-memory store, scheduler) unchanged, with
+the cluster's Redis as its control store, and listens on one TCP port
+(ZeroMQ, every peer authenticated with the cluster's token).
+
+- The **head** starts the cluster's Redis (a private ``redis-server`` with
+  a password and AOF, unless given one), and keeps the membership: members
+  join it over ZeroMQ, heartbeat every `HEARTBEAT_INTERVAL`, and are
+  declared DEAD in the nodes table at once when their connection drops, or
+  after `DEAD_AFTER` seconds of silence. It answers ``beamlet status``.
+- A **member** joins the head, learns the control store's address from it,
+  and heartbeats with its figures. If the head goes away it reconnects as
+  a new node (a node declared dead never comes back under its old id), and
+  exits when the head stays away for `HEAD_LOST_TIMEOUT` seconds.
+
+Started by ``beamlet start`` (``commands.py``) as
+``python -m beamlet.backends.zmq.daemon``: the token arrives as the first
+line on stdin, never in argv or the environment; the daemon reports one JSON
+line on stdout once it is ready (or why it failed), then writes only to its
+log. SIGTERM or SIGINT stop it cleanly: workers, segments, Redis (the head's
+own), files.
+
+Tasks do not run on daemons yet: that needs the driver side of the cluster
+(issue 7's data path). No worker is started before a task needs one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import selectors
+import signal
+import sys
+import time
+import traceback
+
+from ... import exceptions as exc
+from ...core.control_store import open_control_store
+from ...core.interfaces import Left, Received
+from ...core.refcount import ReferenceCounter
+from ...core.resources import ResourcePool
+from ...core.tables import Tables
+from ..local.node import Node, default_store_capacity
+from . import protocol as P
+
+HEAD_LOST_TIMEOUT = 60.0  # seconds a member waits for a lost head before it exits
+REDIS_RETRY = 1.0  # seconds a daemon's Redis call may retry: its loop must not stall
+TICK = 0.25  # seconds between the loop's timed chores
+
+
+def log(message: str) -> None:
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} beamlet daemon {os.getpid()}: {message}",
+          file=sys.stderr, flush=True)
+
+
+class DaemonOwner:
+    """The job owner (`node.JobOwner`) of a daemon's Node: no driver has
+    joined it, so it counts references itself and has no job of its own."""
+
+    def __init__(self):
+        self.node: Node | None = None
+        self.refs = ReferenceCounter(self._released)
+
+    def _released(self, object_id: bytes) -> None:
+        if self.node is not None:
+            self.node.release(object_id)
+
+    def job_config(self) -> dict:
+        return {"job_id": "", "namespace": "", "sys_path": list(sys.path), "cwd": os.getcwd()}
+
+    def accept(self, spec) -> None:
+        raise exc.BackendError("tasks reach a cluster node from drivers, which cannot "
+                               "connect to a cluster yet")
+
+
+def _node_id() -> str:
+    return f"node-{secrets.token_hex(8)}"
+
+
+class Daemon:
+    """What a head and a member share: the Node, the listener, the loop."""
+
+    role = "?"
+
+    def __init__(self, args, secret: bytes):
+        from .transport import ZmqTransport
+        self.args = args
+        self.secret = secret
+        self.node_id = _node_id()
+        self.transport = ZmqTransport(secret, P.VERSION)
+        self.listener = None
+        self.node: Node | None = None
+        self.control_store = None
+        self._stop_r, self._stop_w = os.pipe()
+        self._stopping = False
+
+    def _pool(self) -> ResourcePool:
+        return ResourcePool(self.args.num_cpus, self.args.num_gpus,
+                            json.loads(self.args.resources) if self.args.resources else None)
+
+    def _start_node(self, control_store_url: str) -> None:
+        self.control_store = open_control_store(control_store_url)
+        self.tables = Tables(self.control_store)
+        owner = DaemonOwner()
+        self.node = owner.node = Node(owner, self.control_store, self._pool(),
+                                      self.args.object_store_memory or default_store_capacity(),
+                                      100 * 1024, prestart_workers=0)
+
+    def resources(self) -> dict:
+        return self.node.scheduler.total_resources()
+
+    def stats(self) -> dict:
+        """This node's figures for ``beamlet status``."""
+        store = self.node.object_store.stats()
+        sched = self.node.scheduler.stats()
+        return {"available": self.node.scheduler.available_resources(),
+                "store_bytes_used": store.get("bytes_used", 0),
+                "store_capacity": self.node.object_store.capacity,
+                "queued": sched["queued"] + sched["waiting"], "actors": sched["actors"],
+                "workers": sched["workers"]}
+
+    def stop(self, *_) -> None:
+        """Make the loop end (safe from a signal handler)."""
+        self._stopping = True
+        try:
+            os.write(self._stop_w, b"x")
+        except OSError:
+            pass
+
+    def serve(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._stop_r, selectors.EVENT_READ, "stop")
+        for fileno, what in self.sources():
+            sel.register(fileno, selectors.EVENT_READ, what)
+        next_tick = 0.0
+        try:
+            while not self._stopping:
+                ready = sel.select(timeout=TICK)
+                if any(key.data == "stop" for key, _ in ready):
+                    break
+                for event in self.listener.poll():
+                    self.on_event(event)
+                self.on_ready({key.data for key, _ in ready})
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + TICK
+                    self.tick(now)
+        finally:
+            sel.close()
+
+    def sources(self) -> list:
+        return [(self.listener.fileno(), "listener")]
+
+    def on_ready(self, ready: set) -> None:
+        """Sources of `sources()` other than the listener became readable."""
+
+    def on_event(self, event) -> None:
+        """An event of our listener (peers connecting to this node)."""
+        if type(event) is Received:
+            for message in event.messages:
+                if type(message) is P.StatusRequest:
+                    event.conn.send(P.StatusReply(self.status()))
+
+    def tick(self, now: float) -> None:
+        """The timed chores, every `TICK`."""
+
+    def status(self) -> list:
+        return []
+
+    def close(self) -> None:
+        if self.node is not None:
+            self.node.close()
+        if self.listener is not None:
+            self.listener.close()
+        if self.control_store is not None:
+            self.control_store.close()
+        self.transport.close()
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+
+
+class HeadDaemon(Daemon):
+    """The head: Redis, membership, status."""
+
+    role = "head"
+
+    def __init__(self, args, secret: bytes):
+        super().__init__(args, secret)
+        self.redis = None
+        self._members: dict = {}  # connection -> node id
+        self._last_beat: dict[str, float] = {}  # node id -> monotonic time of its last word
+        self._stats: dict[str, dict] = {}  # node id -> figures from its last heartbeat
+        self._dead: list[str] = []  # declared dead, not yet written to Redis
+        self._redis_ok = True
+        self._next_own_beat = 0.0
+
+    def start(self) -> dict:
+        from ..redis.server import RedisServer
+        if self.args.redis_address:
+            password = os.environ.get("BEAMLET_REDIS_PASSWORD", "")
+            auth = f":{password}@" if password else ""
+            base = f"redis://{auth}{self.args.redis_address}"
+        else:
+            self.redis = RedisServer(host=self.args.host).start()
+            base = self.redis.url
+        self.control_store_url = (f"{base}?namespace=beamlet-{secrets.token_hex(6)}"
+                                  f"&retry_for={REDIS_RETRY}")
+        self._start_node(self.control_store_url)
+        self.listener = self.transport.listen(f"{self.args.host}:{self.args.port or 0}")
+        self.tables.register_node(self.node_id, self.listener.address, self.resources())
+        return {"address": self.listener.address, "node_id": self.node_id,
+                "redis_pid": self.redis.pid if self.redis is not None else None}
+
+    def on_event(self, event) -> None:
+        kind = type(event)
+        if kind is Received:
+            for message in event.messages:
+                if type(message) not in P.TO_HEAD:
+                    log(f"closed a connection that sent {P.describe(message)}")
+                    self._gone(event.conn, "it broke the protocol")
+                    event.conn.close()
+                    return
+                self._on_message(event.conn, message)
+        elif kind is Left:
+            self._gone(event.conn, f"its connection dropped ({event.error})" if event.error
+                       else "its connection dropped")
+
+    def _on_message(self, conn, message) -> None:
+        kind = type(message)
+        if kind is P.Heartbeat:
+            node_id = self._members.get(conn)
+            if node_id == message.node_id:
+                self._last_beat[node_id] = time.monotonic()
+                self._stats[node_id] = message.stats
+        elif kind is P.NodeJoin:
+            self._join(conn, message)
+        elif kind is P.StatusRequest:
+            conn.send(P.StatusReply(self.status()))
+
+    def _join(self, conn, message: P.NodeJoin) -> None:
+        node_id, address, resources = message
+        if not (isinstance(node_id, str) and isinstance(address, str)
+                and isinstance(resources, dict)) or conn in self._members:
+            conn.send(P.Refused("a malformed or repeated join"))
+            return
+        try:
+            self.tables.register_node(node_id, address, resources)
+        except exc.BackendError as err:
+            conn.send(P.Refused(str(err)))
+            return
+        self._members[conn] = node_id
+        self._last_beat[node_id] = time.monotonic()
+        conn.send(P.JoinAccepted(self.control_store_url, P.HEARTBEAT_INTERVAL, P.DEAD_AFTER))
+        log(f"node {node_id} at {address} joined with {resources}")
+
+    def _gone(self, conn, why: str) -> None:
+        node_id = self._members.pop(conn, None)
+        if node_id is not None:
+            self._declare_dead(node_id, why)
+
+    def _declare_dead(self, node_id: str, why: str) -> None:
+        self._last_beat.pop(node_id, None)
+        self._stats.pop(node_id, None)
+        log(f"node {node_id} is dead: {why}")
+        self._dead.append(node_id)
+        self._write_dead()
+
+    def _write_dead(self) -> None:
+        while self._dead:
+            try:
+                self.tables.mark_node_dead(self._dead[0])
+            except exc.BackendError as err:
+                self._redis_down(err)
+                return
+            self._dead.pop(0)
+
+    def _redis_down(self, err: BaseException) -> None:
+        if self._redis_ok:
+            log(f"the control store is unreachable, retrying: {err}")
+        self._redis_ok = False
+
+    def tick(self, now: float) -> None:
+        for conn, node_id in list(self._members.items()):
+            if now - self._last_beat.get(node_id, now) > P.DEAD_AFTER:
+                del self._members[conn]
+                conn.close()
+                self._declare_dead(node_id, f"no heartbeat for {P.DEAD_AFTER}s")
+        if now >= self._next_own_beat:
+            self._next_own_beat = now + 1.0
+            try:
+                self.tables.heartbeat(self.node_id)
+                for node_id in self._last_beat:
+                    self.tables.heartbeat(node_id)
+                if not self._redis_ok:
+                    log("the control store is back")
+                    self._redis_ok = True
+                self._write_dead()
+            except exc.BackendError as err:
+                self._redis_down(err)
+
+    def status(self) -> list:
+        """One dict per node: id, address, state, resources, figures."""
+        try:
+            records = self.tables.nodes()
+        except exc.BackendError:
+            records = []
+        own = {self.node_id: self.stats(), **self._stats}
+        out = []
+        for info in records:
+            out.append({"node_id": info.node_id, "address": info.address,
+                        "state": str(info.state), "resources": info.resources,
+                        "head": info.node_id == self.node_id,
+                        **own.get(info.node_id, {})})
+        return out
+
+    def close(self) -> None:
+        try:
+            self.tables.mark_node_dead(self.node_id)
+        except (exc.BackendError, AttributeError):
+            pass
+        super().close()
+        if self.redis is not None:
+            self.redis.stop()
+
+
+class MemberDaemon(Daemon):
+    """A member: joins the head, heartbeats, rejoins a restarted head."""
+
+    role = "node"
+
+    def __init__(self, args, secret: bytes):
+        super().__init__(args, secret)
+        self.head = None  # the connection to the head
+        self._head_lost_at: float | None = None
+        self._next_beat = 0.0
+        self._next_try = 0.0
+
+    def start(self) -> dict:
+        self.head = self.transport.connect(self.args.address, timeout=10)
+        self.listener = self.transport.listen(f"{self.args.host}:{self.args.port or 0}")
+        accepted = self._join()
+        self._start_node(accepted.control_store_url)
+        return {"address": self.listener.address, "node_id": self.node_id}
+
+    def _join(self) -> P.JoinAccepted:
+        resources = (self.resources() if self.node is not None
+                     else self._pool().total())
+        self.head.send(P.NodeJoin(self.node_id, self.listener.address, resources))
+        reply = self.head.recv(timeout=10)
+        if type(reply) is P.Refused:
+            raise exc.BackendError(f"the head refused this node: {reply.reason}")
+        if type(reply) is not P.JoinAccepted:
+            raise exc.BackendError(f"the head answered {P.describe(reply)} to a join")
+        return reply
+
+    def tick(self, now: float) -> None:
+        if self.head is not None:
+            try:
+                for message in self.head.recv_all():
+                    if type(message) is P.Refused:
+                        log(f"the head dropped this node: {message.reason}")
+                        self._lost_head(now)
+                        return
+            except EOFError:
+                self._lost_head(now)
+                return
+            if now >= self._next_beat:
+                self._next_beat = now + P.HEARTBEAT_INTERVAL
+                try:
+                    self.head.send(P.Heartbeat(self.node_id, self.stats()))
+                except exc.BackendError:
+                    self._lost_head(now)
+        elif now >= self._next_try:
+            self._next_try = now + 1.0
+            self._rejoin(now)
+
+    def _lost_head(self, now: float) -> None:
+        log("lost the head; reconnecting")
+        self.head.close()
+        self.head = None
+        self._head_lost_at = now
+
+    def _rejoin(self, now: float) -> None:
+        if now - self._head_lost_at > HEAD_LOST_TIMEOUT:
+            log(f"the head has been away for {HEAD_LOST_TIMEOUT}s: stopping")
+            self.stop()
+            return
+        try:
+            self.head = self.transport.connect(self.args.address, timeout=2)
+            self.node_id = _node_id()  # it was declared dead under the old one
+            self._join()
+        except exc.BackendError as err:
+            if self.head is not None:
+                self.head.close()
+                self.head = None
+            log(f"cannot rejoin the head yet: {err}")
+            return
+        log(f"rejoined the head as {self.node_id}")
+
+    def close(self) -> None:
+        if self.head is not None:
+            self.head.close()
+        super().close()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m beamlet.backends.zmq.daemon")
+    parser.add_argument("--head", action="store_true")
+    parser.add_argument("--address", help="the head's HOST:PORT (a member)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--redis-address")
+    parser.add_argument("--num-cpus", type=float)
+    parser.add_argument("--num-gpus", type=float)
+    parser.add_argument("--resources")
+    parser.add_argument("--object-store-memory", type=int)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """Run a daemon until SIGTERM/SIGINT; the token comes on stdin."""
+    args = parse_args(argv)
+    token = sys.stdin.readline().strip()
+    try:
+        secret = bytes.fromhex(token)
+    except ValueError:
+        secret = b""
+    daemon = None
+    try:
+        daemon = (HeadDaemon if args.head else MemberDaemon)(args, secret)
+        signal.signal(signal.SIGTERM, daemon.stop)
+        signal.signal(signal.SIGINT, daemon.stop)
+        info = daemon.start()
+    except BaseException as err:  # noqa: BLE001 - the starter is told why, then we exit
+        detail = str(err) or type(err).__name__
+        if not isinstance(err, (exc.BackendError, ValueError, OSError)):
+            detail += "\n" + traceback.format_exc()
+        print(json.dumps({"ok": False, "error": detail}), flush=True)
+        if daemon is not None:
+            daemon.close()
+        return 1
+    print(json.dumps({"ok": True, "role": daemon.role, **info}), flush=True)
+    os.dup2(2, 1)  # from now on stdout goes to the log too
+    log(f"{daemon.role} {daemon.node_id} listening at {info['address']}")
+    try:
+        daemon.serve()
+    finally:
+        log("stopping")
+        daemon.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
