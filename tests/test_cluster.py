@@ -51,11 +51,17 @@ class Cluster:
         return proc
 
     def processes(self) -> list[dict]:
+        """The records of daemons that run (a record may outlive its process)."""
         directory = os.path.join(self.state_dir, "processes")
         out = []
         for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
-            with open(os.path.join(directory, name)) as f:
-                out.append(json.load(f))
+            try:
+                with open(os.path.join(directory, name)) as f:
+                    record = json.load(f)
+            except FileNotFoundError:
+                continue  # (removed as we looked)
+            if procs.alive((record["pid"], record["start_time"])):
+                out.append(record)
         return out
 
     def note_processes(self) -> None:
@@ -203,3 +209,44 @@ def test_a_state_directory_others_can_read_is_refused(cluster):
     started = cluster.run("start", "--head", check=False)
     assert started.returncode == 1 and "chmod 700" in started.stderr, started.stderr
     assert cluster.processes() == []
+
+
+def test_nodes_rejoin_a_restarted_head(cluster):
+    head = cluster.start_head()
+    member = cluster.join(head)
+    port = head["address"].rsplit(":", 1)[1]
+    head_pid = next(r["pid"] for r in cluster.processes() if r["role"] == "head")
+    os.kill(head_pid, signal.SIGTERM)  # (it stops its Redis with it)
+    assert procs.wait_until(lambda: not any(r["role"] == "head" for r in cluster.processes()),
+                            30), cluster.processes()
+    again = cluster.run("start", "--head", "--port", port, "--token", head["token"]).stdout
+    assert f"head started at {head['address']}" in again, again
+
+    def member_back():
+        lines = _node_lines(cluster.status())
+        return len(lines) == 2 and all(" ALIVE " in line for line in lines.values())
+
+    # It rejoins as a new node: a node declared dead never comes back under its id.
+    assert procs.wait_until(member_back, 30, interval=0.5), cluster.status()
+    assert member not in _node_lines(cluster.status())
+    assert len([r for r in cluster.processes() if r["role"] == "node"]) == 1
+
+
+def test_the_cluster_carries_on_when_its_redis_dies(cluster):
+    head = cluster.start_head()
+    member = cluster.join(head)
+    redis = next(r for r in cluster.processes() if r["role"] == "redis")
+    os.kill(redis["pid"], signal.SIGKILL)
+
+    def redis_back():
+        records = [r for r in cluster.processes() if r["role"] == "redis"]
+        return len(records) == 1 and records[0]["pid"] != redis["pid"]
+
+    # The head starts it again on its data (AOF); the nodes table is still there.
+    assert procs.wait_until(redis_back, 30, interval=0.2), cluster.processes()
+    lines = _node_lines(cluster.status())
+    assert set(lines) == {head["node_id"], member}, lines
+    assert all(" ALIVE " in line for line in lines.values()), lines
+    later = cluster.join(head)  # and it takes new nodes
+    assert "3 node(s) alive" in cluster.status()
+    assert later in _node_lines(cluster.status())

@@ -41,7 +41,9 @@ def add_commands(sub) -> None:
     role.add_argument("--head", action="store_true", help="start the head node (and its Redis)")
     role.add_argument("--address", help="join the head at HOST:PORT")
     start.add_argument("--token", help=f"the cluster's token (default: ${TOKEN_ENV}, then the "
-                                       f"cluster file of a head started on this machine)")
+                                       f"cluster file of a head started on this machine); "
+                                       f"with --head, restart a head under its old token so "
+                                       f"that its nodes rejoin")
     start.add_argument("--port", type=int, default=0,
                        help="the one port this node listens on (default: a free one)")
     start.add_argument("--host", default="127.0.0.1",
@@ -89,12 +91,16 @@ def resolve(address: str | None, token: str | None, state: StateDir) -> tuple[st
     if not token:
         raise exc.BackendError(f"no token for the cluster at {address}: give --token or set "
                                f"${TOKEN_ENV} (`beamlet start --head` printed it)")
+    return address, parse_token(token)
+
+
+def parse_token(token: str) -> bytes:
+    """The secret a printed token stands for; BackendError if it is not one."""
     try:
-        secret = auth.check_secret(bytes.fromhex(token))
+        return auth.check_secret(bytes.fromhex(token))
     except (ValueError, TypeError):
         raise exc.BackendError("the token is not the one `beamlet start --head` printed "
                                "(64 hex digits)") from None
-    return address, secret
 
 
 def _daemon_argv(args) -> list[str]:
@@ -117,7 +123,8 @@ def cmd_start(args) -> int:
         if args.resources is not None:
             json.loads(args.resources)
         if args.head:
-            secret = auth.new_secret()
+            # (--token: the token of a head that ran before, so its nodes rejoin.)
+            secret = parse_token(args.token) if args.token else auth.new_secret()
         else:
             args.address, secret = resolve(args.address, args.token, state)
         report, proc = _launch(args, secret, state)

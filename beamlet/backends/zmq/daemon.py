@@ -191,6 +191,7 @@ class HeadDaemon(Daemon):
         super().__init__(args, secret)
         self.redis = None
         self._members: dict = {}  # connection -> node id
+        self._joined: dict[str, tuple] = {}  # node id -> (address, resources), while alive
         self._last_beat: dict[str, float] = {}  # node id -> monotonic time of its last word
         self._stats: dict[str, dict] = {}  # node id -> figures from its last heartbeat
         self._dead: list[str] = []  # declared dead, not yet written to Redis
@@ -252,6 +253,7 @@ class HeadDaemon(Daemon):
             conn.send(P.Refused(str(err)))
             return
         self._members[conn] = node_id
+        self._joined[node_id] = (address, resources)
         self._last_beat[node_id] = time.monotonic()
         conn.send(P.JoinAccepted(self.control_store_url, P.HEARTBEAT_INTERVAL, P.DEAD_AFTER))
         log(f"node {node_id} at {address} joined with {resources}")
@@ -264,6 +266,7 @@ class HeadDaemon(Daemon):
     def _declare_dead(self, node_id: str, why: str) -> None:
         self._last_beat.pop(node_id, None)
         self._stats.pop(node_id, None)
+        self._joined.pop(node_id, None)
         log(f"node {node_id} is dead: {why}")
         self._dead.append(node_id)
         self._write_dead()
@@ -283,6 +286,8 @@ class HeadDaemon(Daemon):
         self._redis_ok = False
 
     def tick(self, now: float) -> None:
+        if self.redis is not None and not self.redis.running():
+            self._restart_redis()
         for conn, node_id in list(self._members.items()):
             if now - self._last_beat.get(node_id, now) > P.DEAD_AFTER:
                 del self._members[conn]
@@ -301,20 +306,41 @@ class HeadDaemon(Daemon):
             except exc.BackendError as err:
                 self._redis_down(err)
 
-    def status(self) -> list:
-        """One dict per node: id, address, state, resources, figures."""
+    def _restart_redis(self) -> None:
+        """Our Redis died: start it again on its port, password and data (AOF),
+        and tell `beamlet stop` its new pid."""
+        from .files import StateDir
+        old = self.redis.pid
+        log(f"the cluster's redis-server (pid {old}) exited; starting it again")
         try:
-            records = self.tables.nodes()
-        except exc.BackendError:
-            records = []
+            self.redis.stop(remove_dir=False)
+            self.redis.start()
+        except exc.BackendError as err:
+            log(f"cannot restart redis-server: {err}")
+            return
+        try:
+            state = StateDir()
+            state.forget_process(old)
+            state.record_process(self.redis.pid, "redis", "")
+        except exc.BackendError as err:
+            log(f"cannot record the new redis-server's pid: {err}")
+
+    def status(self) -> list:
+        """One dict per node: id, address, state, resources, figures. From the
+        nodes table; while the control store is unreachable, from what the
+        head knows itself (the nodes alive now)."""
         own = {self.node_id: self.stats(), **self._stats}
-        out = []
-        for info in records:
-            out.append({"node_id": info.node_id, "address": info.address,
-                        "state": str(info.state), "resources": info.resources,
-                        "head": info.node_id == self.node_id,
-                        **own.get(info.node_id, {})})
-        return out
+        try:
+            records = [(i.node_id, i.address, str(i.state), i.resources)
+                       for i in self.tables.nodes()]
+        except exc.BackendError:
+            records = [(self.node_id, self.listener.address, "ALIVE", self.resources())]
+            records += [(node_id, address, "ALIVE", resources)
+                        for node_id, (address, resources) in self._joined.items()]
+        return [{"node_id": node_id, "address": address, "state": state,
+                 "resources": resources, "head": node_id == self.node_id,
+                 **own.get(node_id, {})}
+                for node_id, address, state, resources in records]
 
     def close(self) -> None:
         try:
