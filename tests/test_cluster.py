@@ -183,6 +183,9 @@ def test_commands_without_a_cluster_say_what_to_do(cluster):
     assert "no beamlet process" in stopped.stdout
     bad = cluster.run("start", "--head", "--resources", "{nope", check=False)
     assert bad.returncode == 1 and "--resources is not JSON" in bad.stderr
+    no_redis = cluster.run("start", "--head", "--redis-address", "127.0.0.1:1", check=False)
+    assert no_redis.returncode == 1 and "127.0.0.1:1" in no_redis.stderr, no_redis.stderr
+    assert cluster.processes() == []
 
 
 def test_stop_ends_what_start_started_and_nothing_else(cluster):
