@@ -33,7 +33,7 @@ from beamlet.core.interfaces import Backend, Scheduler
 from beamlet.core.memory_store import MemoryObjectStore
 from beamlet.core.plugins import hookimpl
 from beamlet.core.resources import ResourcePool
-from beamlet.core.scheduling import run_attempts
+from beamlet.core.scheduling import ActorLifecycle, run_attempts
 from beamlet.core.serialization import serialize
 from beamlet.core.tables import Tables
 from beamlet.core.task_spec import ACTOR_CREATION, ACTOR_METHOD
@@ -96,7 +96,7 @@ class ThreadPool:
 class _Actor:
     def __init__(self, spec):
         self.spec = spec
-        self.state = "PENDING"
+        self.state = ActorLifecycle.PENDING
         self.reason = ""
         self.calls: queue.SimpleQueue = queue.SimpleQueue()
         self.gpu_ids: list = []
@@ -219,7 +219,7 @@ class ThreadScheduler(Scheduler):
     def _actor_call(self, spec) -> None:
         with self._lock:
             actor = self._actors.get(spec.actor_id)
-            alive = actor is not None and actor.state != "DEAD"
+            alive = actor is not None and actor.state is not ActorLifecycle.DEAD
             if alive:
                 actor.calls.put(spec)
         if not alive:
@@ -229,14 +229,19 @@ class ThreadScheduler(Scheduler):
 
     def _actor_loop(self, actor: _Actor) -> None:
         spec = actor.spec
+        with self._lock:
+            if actor.state is not ActorLifecycle.DEAD:  # (it may be killed already)
+                actor.state = actor.state.to(ActorLifecycle.STARTING)
         result = run_attempts(spec, self._execute, retries=False)
         with self._lock:
-            if result.error is not None:
-                actor.state = "DEAD"
+            if actor.state is ActorLifecycle.DEAD:
+                pass
+            elif result.error is not None:
+                actor.state = actor.state.to(ActorLifecycle.DEAD)
                 actor.reason = ("the actor's constructor raised:\n"
                                 f"{getattr(result.error, 'traceback_str', str(result.error))}")
-            elif actor.state != "DEAD":
-                actor.state = "ALIVE"
+            else:
+                actor.state = actor.state.to(ActorLifecycle.ALIVE)
             state, reason = actor.state, actor.reason
         self._set_state(spec.actor_id, state, reason)
         self._put_results(spec, result.values)
@@ -244,15 +249,15 @@ class ThreadScheduler(Scheduler):
             call = actor.calls.get()
             if call is _STOP:
                 break
-            if actor.state == "DEAD":
+            if actor.state is ActorLifecycle.DEAD:
                 self._fail(call, exc.ActorDiedError(
                     f"the actor {spec.function_name} is dead: {actor.reason}"))
                 continue
             result = run_attempts(call, self._execute, spec)  # (held until stored)
             self._put_results(call, result.values)
         with self._lock:
-            if actor.state != "DEAD":
-                actor.state = "DEAD"
+            if actor.state is not ActorLifecycle.DEAD:
+                actor.state = actor.state.to(ActorLifecycle.DEAD)
                 actor.reason = "all handles to it went out of scope"
             left = []
             while True:
@@ -262,30 +267,31 @@ class ThreadScheduler(Scheduler):
                     break
             self._pool.release(spec.resources, actor.gpu_ids)
         self.executor.drop_actor(spec.actor_id)
-        self._set_state(spec.actor_id, "DEAD", actor.reason)
+        self._set_state(spec.actor_id, ActorLifecycle.DEAD, actor.reason)
         for call in left:
             if call is not _STOP:
                 self._fail(call, exc.ActorDiedError(
                     f"the actor {spec.function_name} is dead: {actor.reason}"))
         self._dispatch()
 
-    def _set_state(self, actor_id: bytes, state: str, reason: str = "") -> None:
-        info = self._tables.set_actor_state(actor_id, state, reason)
+    def _set_state(self, actor_id: bytes, state: ActorLifecycle, reason: str = "") -> None:
+        info = self._tables.set_actor_state(actor_id, state.recorded, reason)
         hook = plugins.observer("beamlet_actor_state")
         if hook is not None and info is not None:
-            hook(actor_id=actor_id, class_name=info.class_name, state=state, reason=reason)
+            hook(actor_id=actor_id, class_name=info.class_name, state=state.recorded,
+                 reason=reason)
 
     def _stop_actor(self, actor_id: bytes, reason: str | None) -> None:
         """End an actor: at once (``reason`` given: queued and later calls fail), or
         gracefully (None: the calls queued so far still run, then it ends)."""
         with self._lock:
             actor = self._actors.get(actor_id)
-            if actor is None or actor.state == "DEAD":
+            if actor is None or actor.state is ActorLifecycle.DEAD:
                 return
             if reason is None:
                 actor.calls.put(_STOP)
                 return
-            actor.state = "DEAD"
+            actor.state = actor.state.to(ActorLifecycle.DEAD)
             actor.reason = reason
             creation = self._queued.pop(actor.spec.return_ids[0], None)
             if creation is not None and creation in self._ready:
@@ -294,7 +300,7 @@ class ThreadScheduler(Scheduler):
         if creation is None:
             return  # its thread runs: it fails the queued calls and ends
         # It never started, so no thread will drain its queue: do it here.
-        self._set_state(actor_id, "DEAD", reason)
+        self._set_state(actor_id, ActorLifecycle.DEAD, reason)
         died = exc.ActorDiedError(f"the actor {actor.spec.function_name} is dead: {reason}")
         self._fail(actor.spec, died)
         while True:
@@ -336,7 +342,7 @@ class ThreadScheduler(Scheduler):
             self._closed = True
             self._ready.clear()
             self._queued.clear()
-            actors = [a for a in self._actors.values() if a.state != "DEAD"]
+            actors = [a for a in self._actors.values() if a.state is not ActorLifecycle.DEAD]
         for actor in actors:
             self._stop_actor(actor.spec.actor_id, "beamlet was shut down")
         self.threads.close()
