@@ -85,6 +85,8 @@ class ClusterScheduler(Scheduler):
         self.tasks: dict[bytes, tuple[TaskSpec, NodeLink, set]] = {}  # id -> spec, node, returns left
         self.producer: dict[bytes, bytes] = {}  # return id -> task id
         self.actor_node: dict[bytes, NodeLink] = {}
+        self.actor_spec: dict[bytes, TaskSpec] = {}  # actor id -> its creation, while placed
+        self.token_actor: dict[bytes, bytes] = {}  # actor token (creation's return id) -> id
         self.token_node: dict[bytes, NodeLink] = {}
         self.closed = False
 
@@ -108,6 +110,8 @@ class ClusterScheduler(Scheduler):
                 node = self._place(spec)
                 if spec.kind == ACTOR_CREATION:
                     self.actor_node[spec.actor_id] = node
+                    self.actor_spec[spec.actor_id] = spec
+                    self.token_actor[spec.return_ids[0]] = spec.actor_id
                     self.token_node[spec.return_ids[0]] = node
             self._send(spec, node)
 
@@ -238,7 +242,10 @@ class ClusterScheduler(Scheduler):
                         f"the actor {spec.function_name} is dead: its node {node.node_id} "
                         f"died"))
             for actor_id, where in list(self.actor_node.items()):
-                if where is node and self.tables is not None:
+                if where is not node:
+                    continue
+                self.actor_spec.pop(actor_id, None)
+                if self.tables is not None:
                     try:
                         self.tables.set_actor_state(actor_id, ActorState.DEAD,
                                                     f"its node {node.node_id} died")
@@ -262,11 +269,24 @@ class ClusterScheduler(Scheduler):
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
         with self.lock:
             node = self.actor_node.get(actor_id) or self._find_actor(actor_id)
+            if no_restart:
+                self._actor_ended(actor_id)
         if node is not None and node.alive:
             node.send(P.KillActor(actor_id, no_restart))
 
+    def _actor_ended(self, actor_id: bytes) -> None:
+        """Its resources are free on its node (for placement). Under the lock."""
+        spec = self.actor_spec.pop(actor_id, None)
+        node = self.actor_node.get(actor_id)
+        if spec is not None and node is not None:
+            self._unplace(spec, node)
+
     def release_token(self, object_id: bytes) -> None:
-        node = self.token_node.pop(object_id, None)
+        with self.lock:
+            node = self.token_node.pop(object_id, None)
+            spec = self.actor_spec.get(self.token_actor.pop(object_id, b""))
+            if spec is not None and not spec.actor_options.get("detached"):
+                self._actor_ended(spec.actor_id)
         if node is not None and node.alive:
             node.send(P.Release([object_id]))
 
@@ -386,14 +406,19 @@ class ClusterBackend(Backend):
         sel.register(self._wake_r, selectors.EVENT_READ, None)
         for link in self._links:
             sel.register(link.conn.fileno(), selectors.EVENT_READ, link)
+        watched = set(self._links)
         try:
             while not self._closed:
-                ready = sel.select(timeout=0.5)
+                sel.select(timeout=0.5)
                 # (every link each turn: a closed connection may not wake its fd)
                 for link in self._links:
                     if link.alive:
                         self._drain(link)
-                del ready
+                    if not link.alive and link in watched:
+                        # A dead node's descriptor stays readable: stop watching it.
+                        watched.discard(link)
+                        sel.unregister(link.conn.fileno())
+                        link.conn.close()
         finally:
             sel.close()
 
