@@ -233,3 +233,29 @@ def test_a_seed_program_runs_unchanged_on_a_cluster(program, small_cluster, tmp_
     report = f"exit code {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert proc.returncode == 0, report
     assert any(line.startswith(f"{program} ok") for line in proc.stdout.splitlines()), report
+
+
+SECOND_DRIVER = """
+import sys
+import beamlet
+beamlet.init(address=sys.argv[1], token=sys.argv[2], namespace="shared")
+counter = beamlet.get_actor("counter")
+print("second driver saw", beamlet.get(counter.node.remote(), timeout=60))
+beamlet.shutdown()
+"""
+
+
+def test_a_named_actor_made_by_one_driver_is_used_by_another(cluster, driver, tmp_path):
+    head = cluster.start_head()
+    member = cluster.join(head, "--resources", '{"ssd": 1}')
+    driver(head, namespace="shared")
+    counter = Where.options(name="counter", resources={"ssd": 1}).remote()
+    assert beamlet.get(counter.node.remote(), timeout=GET_TIMEOUT) == (member, 1)
+    script = tmp_path / "second.py"
+    script.write_text(SECOND_DRIVER)
+    proc = subprocess.run([sys.executable, str(script), head["address"], head["token"]],
+                          env=cluster.env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    assert f"second driver saw ('{member}', 2)" in proc.stdout, proc.stdout + proc.stderr
+    # The second driver's leaving does not end the actor: its creator holds it.
+    assert beamlet.get(counter.node.remote(), timeout=GET_TIMEOUT) == (member, 3)
