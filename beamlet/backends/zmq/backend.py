@@ -36,6 +36,7 @@ from ...core.scheduling import may_retry
 from ...core.serialization import serialize
 from ...core.tables import ActorState
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TASK, TaskSpec
+from ..local.transport import ProtocolError
 from . import protocol as P
 
 CONNECT_TIMEOUT = 10.0  # seconds to reach the head or a node
@@ -159,8 +160,21 @@ class ClusterScheduler(Scheduler):
             node.add(spec, 1)
         if spec.kind == ACTOR_CREATION and self.tables is not None:
             self.tables.set_actor_state(spec.actor_id, ActorState.PENDING, node_id=node.node_id)
-        if not node.send(P.RunTask(spec, objects)):
+        try:
+            node.conn.send(P.RunTask(spec, objects))
+        except ProtocolError as err:  # too large: it cannot go anywhere
+            self._forget(spec, node)
+            self._fail(spec, exc.ObjectStoreFullError(
+                f"{spec.display_name} cannot be sent to a node: {err}"))
+        except exc.BackendError:
             self._node_died(node)
+
+    def _forget(self, spec: TaskSpec, node: NodeLink) -> None:
+        """The spec is not (or no longer) placed anywhere. Under the lock."""
+        self.tasks.pop(spec.task_id, None)
+        for rid in spec.return_ids:
+            self.producer.pop(rid, None)
+        self._unplace(spec, node)
 
     def _fail(self, spec: TaskSpec, error: BaseException) -> None:
         sobj = serialize(error, is_error=True)
@@ -195,7 +209,10 @@ class ClusterScheduler(Scheduler):
                     return
                 entry = serialize(exc.ObjectLostError(
                     f"object {object_id.hex()} was freed by its owner"), is_error=True)
-            node.send(P.Objects([(object_id, P.wire(entry))]))
+            try:
+                P.send_object(node.conn, object_id, entry)
+            except exc.BackendError:
+                pass  # the node is gone (the I/O thread sees it)
 
         for object_id in object_ids:
             self.store.on_ready(object_id, send)

@@ -158,7 +158,10 @@ class DriverOwner:
         except exc.BeamletError as err:
             sobj = serialize(exc.ObjectLostError(f"the result was lost on its node: {err}"),
                              is_error=True)
-        link.send(P.Objects([(object_id, P.wire(sobj))]))
+        try:
+            P.send_object(link.conn, object_id, sobj)
+        except exc.BackendError:
+            pass  # it left
         del sobj  # (a shared-memory mapping is a reference: see LocalObjectStore)
         self._released(object_id)
         left[0] -= 1

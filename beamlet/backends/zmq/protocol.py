@@ -127,6 +127,20 @@ def unwire(form):
     return SerializedObject(bytes(data), list(buffers), tuple(refs), bool(is_error))
 
 
+def send_object(conn, object_id: bytes, sobj) -> None:
+    """Send one object (``Objects``); one too large for a message goes as an
+    error that says so, for whoever gets it. BackendError if the peer is gone."""
+    from ..local.transport import ProtocolError
+    try:
+        conn.send(Objects([(object_id, wire(sobj))]))
+    except ProtocolError as err:
+        from ... import exceptions as exc
+        from ...core.serialization import serialize
+        error = exc.ObjectStoreFullError(f"object {object_id.hex()} cannot be sent between "
+                                         f"nodes: {err}")
+        conn.send(Objects([(object_id, wire(serialize(error, is_error=True)))]))
+
+
 #: What the head accepts on a connection, and what a member accepts from the head.
 TO_HEAD = frozenset({NodeJoin, Heartbeat, StatusRequest, DriverJoin})
 #: What a node (head or member) accepts from a driver.
