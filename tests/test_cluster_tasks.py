@@ -259,3 +259,24 @@ def test_a_named_actor_made_by_one_driver_is_used_by_another(cluster, driver, tm
     assert f"second driver saw ('{member}', 2)" in proc.stdout, proc.stdout + proc.stderr
     # The second driver's leaving does not end the actor: its creator holds it.
     assert beamlet.get(counter.node.remote(), timeout=GET_TIMEOUT) == (member, 3)
+
+
+@beamlet.remote
+def put_inside(value):
+    return [beamlet.put(value)]  # an object put on its node, returned by ref
+
+
+@beamlet.remote
+def first_of(refs):
+    return beamlet.get(refs[0], timeout=GET_TIMEOUT)
+
+
+def test_a_ref_put_on_a_node_reaches_the_driver_and_other_tasks(cluster, driver):
+    head = cluster.start_head()
+    cluster.join(head)
+    driver(head)
+    inner = beamlet.get(put_inside.remote("deep"), timeout=GET_TIMEOUT)[0]
+    assert beamlet.get(inner, timeout=GET_TIMEOUT) == "deep"
+    assert beamlet.get(first_of.remote([inner]), timeout=GET_TIMEOUT) == "deep"
+    assert beamlet.get(first_of.remote(put_inside.remote(np.ones(1 << 16))),
+                       timeout=GET_TIMEOUT).sum() == 1 << 16

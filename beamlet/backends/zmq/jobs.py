@@ -76,12 +76,30 @@ class DriverOwner:
         link = self.current
         if link is None:
             raise exc.BackendError("no driver is connected to this node to accept the task")
+        seen: set = set()
+        found = self._held(spec.dependencies(), seen)
+        found.extend(self._held(spec.contained_refs(), seen))
+        link.conn.send(P.NestedSubmit(spec, [(i, P.wire(sobj)) for i, sobj in found]))
+
+    def _held(self, object_ids, seen: set) -> list:
+        """``(id, value)`` of the objects among `object_ids` this node holds, and of
+        the ones their values contain (inner ones first), skipping `seen`. The
+        driver owns every ref: a value put by a worker here must reach it
+        with the first ref to it that leaves this node."""
         store = self.node.object_store
-        objects = []
-        for object_id in dict.fromkeys(spec.dependencies()):
-            if store.contains(object_id):
-                objects.append((object_id, P.wire(store.get([object_id], 0)[0])))
-        link.conn.send(P.NestedSubmit(spec, objects))
+        out = []
+        for object_id in object_ids:
+            if object_id in seen or not store.contains(object_id):
+                continue
+            seen.add(object_id)
+            try:
+                sobj = store.get([object_id], 0)[0]
+            except exc.BeamletError:
+                continue  # freed meanwhile
+            if sobj.refs:
+                out.extend(self._held(sobj.refs, seen))
+            out.append((object_id, sobj))
+        return out
 
     def fetch(self, object_ids) -> None:
         """The node's hook: a worker waits for objects this node lacks; ask the
@@ -159,6 +177,9 @@ class DriverOwner:
             sobj = serialize(exc.ObjectLostError(f"the result was lost on its node: {err}"),
                              is_error=True)
         try:
+            if sobj.refs:  # (first: the driver must hold them when it sees the result)
+                for inner_id, inner in self._held(sobj.refs, {object_id}):
+                    P.send_object(link.conn, inner_id, inner)
             P.send_object(link.conn, object_id, sobj)
         except exc.BackendError:
             pass  # it left
