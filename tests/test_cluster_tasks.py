@@ -160,8 +160,8 @@ def test_nested_tasks_and_ref_arguments(cluster, driver):
 
 
 def test_tasks_of_a_killed_node_are_retried_or_fail(cluster, driver):
-    head = cluster.start_head("--resources", '{"safe": 1}')
-    doomed = cluster.join(head, "--resources", '{"doomed": 2}', "--num-cpus", "3")
+    head = cluster.start_head("--resources", '{"safe": 1, "any": 2}')
+    doomed = cluster.join(head, "--resources", '{"doomed": 2, "any": 2}', "--num-cpus", "3")
     address = _node_lines(cluster.status())[doomed].split()[2]
     driver(head)
 
@@ -179,6 +179,12 @@ def test_tasks_of_a_killed_node_are_retried_or_fail(cluster, driver):
     stuck = hang.remote()
     d = Where.options(resources={"doomed": 1}).remote()
     beamlet.get(d.node.remote(), timeout=GET_TIMEOUT)
+    # One on each node (placement weighs what is placed); the one on the doomed
+    # node starts again on the other, fresh.
+    movers = [Where.options(resources={"any": 1}, num_cpus=0, max_restarts=1).remote() for _ in range(2)]
+    homes = dict(zip(beamlet.get([m.node.remote() for m in movers], timeout=GET_TIMEOUT),
+                     movers))
+    assert set(homes) == {(head["node_id"], 1), (doomed, 1)}
     many = [slow.remote(i) for i in range(20)]
     os.kill(cluster.pid_of(address), signal.SIGKILL)
     assert beamlet.get(many, timeout=GET_TIMEOUT) == list(range(20))
@@ -188,6 +194,10 @@ def test_tasks_of_a_killed_node_are_retried_or_fail(cluster, driver):
         beamlet.get(d.node.remote(), timeout=GET_TIMEOUT)
     with pytest.raises(ValueError, match="'doomed'"):
         hang.remote()
+    assert beamlet.get(homes[(head["node_id"], 1)].node.remote(), timeout=GET_TIMEOUT) == \
+        (head["node_id"], 2)
+    assert beamlet.get(homes[(doomed, 1)].node.remote(), timeout=GET_TIMEOUT) == \
+        (head["node_id"], 1)
 
 
 def test_a_driver_that_leaves_leaves_nothing_on_the_nodes(cluster, driver):

@@ -57,10 +57,11 @@ class NodeLink:
     def fits(self, request: dict) -> bool:
         return all(self.resources.get(k, 0) >= v for k, v in request.items())
 
-    def weight(self) -> float:
-        """How busy it is: the largest fraction of a resource placed here."""
-        return max((v / self.resources[k] for k, v in self.load.items()
-                    if self.resources.get(k)), default=0.0)
+    def weight(self, request: dict) -> float:
+        """How full it would be with `request` placed too: the largest fraction
+        of a requested resource then placed here."""
+        return max(((self.load.get(k, 0) + v) / self.resources[k]
+                    for k, v in request.items() if v and self.resources.get(k)), default=0.0)
 
     def add(self, spec: TaskSpec, sign: int) -> None:
         for k, v in spec.resources.items():
@@ -88,6 +89,7 @@ class ClusterScheduler(Scheduler):
         self.actor_node: dict[bytes, NodeLink] = {}
         self.actor_spec: dict[bytes, TaskSpec] = {}  # actor id -> its creation, while placed
         self.token_actor: dict[bytes, bytes] = {}  # actor token (creation's return id) -> id
+        self.restarts_left: dict[bytes, int] = {}  # actor id -> restarts left, once restarted
         self.token_node: dict[bytes, NodeLink] = {}
         self.closed = False
 
@@ -122,7 +124,7 @@ class ClusterScheduler(Scheduler):
         alive = [n for n in self.nodes if n.alive]
         fitting = [n for n in alive if n.fits(spec.resources)]
         if fitting:
-            return min(fitting, key=NodeLink.weight)
+            return min(fitting, key=lambda n: n.weight(spec.resources))
         for name, amount in spec.resources.items():
             most = max((n.resources.get(name, 0) for n in alive), default=0)
             if most < amount:
@@ -168,6 +170,31 @@ class ClusterScheduler(Scheduler):
                 f"{spec.display_name} cannot be sent to a node: {err}"))
         except exc.BackendError:
             self._node_died(node)
+
+    def _restart(self, spec: TaskSpec, dead: NodeLink) -> bool:
+        """Start an actor whose node died on another node, if restarts are left
+        (``max_restarts``, -1: no limit). Under the lock."""
+        left = self.restarts_left.get(spec.actor_id, spec.actor_options["max_restarts"])
+        if left == 0 or spec.actor_id not in self.actor_spec:
+            return False
+        try:
+            node = self._place(spec)
+        except ValueError:
+            return False
+        self.restarts_left[spec.actor_id] = left - 1 if left > 0 else left
+        spec.attempt += 1
+        token = spec.return_ids[0]
+        self.actor_node[spec.actor_id] = node
+        if token in self.token_node:
+            self.token_node[token] = node
+        if self.tables is not None:
+            try:
+                self.tables.set_actor_state(spec.actor_id, ActorState.RESTARTING,
+                                            f"its node {dead.node_id} died")
+            except exc.BackendError:
+                pass
+        self._send(spec, node)
+        return True
 
     def _forget(self, spec: TaskSpec, node: NodeLink) -> None:
         """The spec is not (or no longer) placed anywhere. Under the lock."""
@@ -254,13 +281,21 @@ class ClusterScheduler(Scheduler):
                         f"the node running {spec.display_name} ({node.node_id} at "
                         f"{node.address}) died; it was tried {spec.attempt + 1} time(s) "
                         f"(max_retries={spec.max_retries})"))
+                elif spec.kind == ACTOR_CREATION and self._restart(spec, node):
+                    continue
+                elif spec.kind == ACTOR_METHOD and self.actor_node.get(spec.actor_id) \
+                        is not node:  # (its actor restarts elsewhere)
+                    self._fail(spec, exc.ActorUnavailableError(
+                        f"the actor {spec.function_name.rsplit('.', 1)[0]} died with its "
+                        f"node during this call and is restarting on another; the call may "
+                        f"or may not have run"))
                 else:
                     self._fail(spec, exc.ActorDiedError(
                         f"the actor {spec.function_name} is dead: its node {node.node_id} "
                         f"died"))
             for actor_id, where in list(self.actor_node.items()):
                 if where is not node:
-                    continue
+                    continue  # (alive elsewhere, or restarted just above)
                 self.actor_spec.pop(actor_id, None)
                 if self.tables is not None:
                     try:
