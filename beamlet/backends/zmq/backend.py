@@ -429,7 +429,14 @@ class ClusterBackend(Backend):
             for info in reply.nodes:
                 if info.get("state") != "ALIVE":
                     continue
-                conn = self.transport.connect(info["address"], timeout=CONNECT_TIMEOUT)
+                try:
+                    conn = self.transport.connect(info["address"], timeout=CONNECT_TIMEOUT)
+                except exc.BackendError as err:  # (dying, not yet declared dead)
+                    if info.get("head"):
+                        raise
+                    print(f"beamlet: leaving out node {info['node_id']}, which does not "
+                          f"answer: {err}", file=sys.stderr, flush=True)
+                    continue
                 link = NodeLink(info, conn)
                 self._links.append(link)
                 conn.send(hello)
@@ -492,6 +499,12 @@ class ClusterBackend(Backend):
         sched = self.scheduler
         for message in messages:
             kind = type(message)
+            if kind not in P.TO_DRIVER:
+                print(f"beamlet: node {link.node_id} sent {P.describe(message)}, which is not "
+                      f"for a driver: dropping it as broken", file=sys.stderr, flush=True)
+                link.conn.close()
+                sched._node_died(link)
+                return
             try:
                 if kind is P.Objects:
                     sched.stored(message.objects)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-VERSION = "beamlet-cluster/1"
+VERSION = "beamlet-cluster/2"  # 2: drivers run tasks on nodes
 
 #: Seconds between a member's heartbeats, and of silence after which the head
 #: declares it dead (at once when its connection drops).
