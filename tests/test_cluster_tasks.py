@@ -31,6 +31,7 @@ def driver(no_backend):
     """``driver(head)`` connects this process to the cluster; it is shut down
     after the test, and must leave no thread of its own behind."""
     before = set(threading.enumerate())
+    fds = set(os.listdir("/proc/self/fd"))
 
     def connect(head: dict, **options):
         return beamlet.init(address=head["address"], token=head["token"], **options)
@@ -41,6 +42,10 @@ def driver(no_backend):
             if t.is_alive() and t.name.startswith("beamlet")
             and t.name != "beamlet-callbacks"]
     assert not left, f"threads left running after shutdown: {left}"
+    opened = {fd: os.path.realpath(f"/proc/self/fd/{fd}")
+              for fd in set(os.listdir("/proc/self/fd")) - fds}
+    opened = {fd: path for fd, path in opened.items() if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not opened, f"descriptors left open after shutdown: {opened}"
 
 
 @beamlet.remote
