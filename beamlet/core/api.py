@@ -14,6 +14,7 @@ from .remote_function import RemoteFunction
 
 DEFAULT_BACKEND = "local"
 BACKEND_ENV_VAR = "BEAMLET_BACKEND"
+ADDRESS_ENV_VAR = "BEAMLET_ADDRESS"  # the cluster a plain init() connects to
 
 
 def init(backend: str | None = None, address: str | None = None, num_cpus: float | None = None,
@@ -22,8 +23,8 @@ def init(backend: str | None = None, address: str | None = None, num_cpus: float
     """Start (or connect to) a backend and make it the current one.
 
     ``backend`` defaults to ``$BEAMLET_BACKEND``, then ``"local"``; ``local_mode=True``
-    means ``"inprocess"``. ``address`` joins a running cluster (``address="local"``
-    means start one here, as in Ray). Extra keyword arguments are the backend's
+    means ``"inprocess"``. ``address`` (default ``$BEAMLET_ADDRESS``) joins a running
+    cluster (``address="local"`` means start one here, as in Ray). Extra keyword arguments are the backend's
     own options (e.g. ``object_store_memory``).
     Returns an InitContext: a dict describing what started, which, like Ray's
     context, also works as ``with init(...):`` and has ``disconnect()``.
@@ -40,6 +41,8 @@ def init(backend: str | None = None, address: str | None = None, num_cpus: float
             backend = "inprocess"
         if backend is None:
             backend = os.environ.get(BACKEND_ENV_VAR) or DEFAULT_BACKEND
+        if address is None and backend == DEFAULT_BACKEND and os.environ.get(ADDRESS_ENV_VAR):
+            address = os.environ[ADDRESS_ENV_VAR]  # as in Ray: a plain init() joins it
         if address == "local":  # Ray: start a new local instance, never connect
             address = None
         if address is not None and backend == DEFAULT_BACKEND and not os.environ.get(BACKEND_ENV_VAR):

@@ -67,6 +67,11 @@ class JobOwner(Protocol):
         """A task submitted by a worker (nested): check, count and schedule it
         as if the owner had submitted it. An exception fails the task."""
 
+    # Optional: ``fetch(object_ids)``, called (I/O thread) when a worker waits
+    # for objects this node's store lacks, for an owner that keeps objects
+    # elsewhere (a cluster driver): it should bring them into the store. An
+    # owner without it (the local driver) has every object in the node's store.
+
 
 def log_error(what: str, err: BaseException | None = None) -> None:
     """Log an unexpected error (with its traceback) that beamlet survives."""
@@ -347,6 +352,9 @@ class Node:
         request's worker lends out its CPUs (its thread is stuck in get or wait),
         and the worker may give up on it (FORGET)."""
         store = self.object_store
+        fetch = getattr(self.owner, "fetch", None)  # (see JobOwner)
+        if fetch is not None and not store.has_at_least(ids, len(ids)):
+            fetch([i for i in ids if not store.contains(i)])
         if blocking and not store.has_at_least(ids, count):
             self.scheduler.worker_blocked(worker, req_id)
         else:

@@ -22,8 +22,9 @@ line on stdout once it is ready (or why it failed), then writes only to its
 log. SIGTERM or SIGINT stop it cleanly: workers, segments, Redis (the head's
 own), files.
 
-Tasks do not run on daemons yet: that needs the driver side of the cluster
-(issue 7's data path). No worker is started before a task needs one.
+Drivers connect to every node's listener and run tasks there: the node's
+side of that is ``jobs.py`` (`DriverOwner`, the Node's job owner). No worker
+is started before a task needs one.
 """
 from __future__ import annotations
 
@@ -40,11 +41,11 @@ import traceback
 from ... import exceptions as exc
 from ...core.control_store import open_control_store
 from ...core.interfaces import Left, Received
-from ...core.refcount import ReferenceCounter
 from ...core.resources import ResourcePool
 from ...core.tables import Tables
 from ..local.node import Node, default_store_capacity
 from . import protocol as P
+from .jobs import DriverOwner
 
 HEAD_LOST_TIMEOUT = 60.0  # seconds a member waits for a lost head before it exits
 REDIS_RETRY = 1.0  # seconds a daemon's Redis call may retry: its loop must not stall
@@ -54,26 +55,6 @@ TICK = 0.25  # seconds between the loop's timed chores
 def log(message: str) -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} beamlet daemon {os.getpid()}: {message}",
           file=sys.stderr, flush=True)
-
-
-class DaemonOwner:
-    """The job owner (`node.JobOwner`) of a daemon's Node: no driver has
-    joined it, so it counts references itself and has no job of its own."""
-
-    def __init__(self):
-        self.node: Node | None = None
-        self.refs = ReferenceCounter(self._released)
-
-    def _released(self, object_id: bytes) -> None:
-        if self.node is not None:
-            self.node.release(object_id)
-
-    def job_config(self) -> dict:
-        return {"job_id": "", "namespace": "", "sys_path": list(sys.path), "cwd": os.getcwd()}
-
-    def accept(self, spec) -> None:
-        raise exc.BackendError("tasks reach a cluster node from drivers, which cannot "
-                               "connect to a cluster yet")
 
 
 def _node_id() -> str:
@@ -94,6 +75,7 @@ class Daemon:
         self.listener = None
         self.node: Node | None = None
         self.control_store = None
+        self.owner: DriverOwner | None = None
         self._stop_r, self._stop_w = os.pipe()
         self._stopping = False
 
@@ -104,10 +86,11 @@ class Daemon:
     def _start_node(self, control_store_url: str) -> None:
         self.control_store = open_control_store(control_store_url)
         self.tables = Tables(self.control_store)
-        owner = DaemonOwner()
+        owner = self.owner = DriverOwner()
         self.node = owner.node = Node(owner, self.control_store, self._pool(),
                                       self.args.object_store_memory or default_store_capacity(),
                                       100 * 1024, prestart_workers=0)
+        self.node.node_id = self.node_id  # (what tasks see as their node's id)
 
     def resources(self) -> dict:
         return self.node.scheduler.total_resources()
@@ -159,10 +142,39 @@ class Daemon:
 
     def on_event(self, event) -> None:
         """An event of our listener (peers connecting to this node)."""
-        if type(event) is Received:
+        kind = type(event)
+        if kind is Received:
             for message in event.messages:
                 if type(message) is P.StatusRequest:
                     event.conn.send(P.StatusReply(self.status()))
+                elif not self.from_driver(event.conn, message):
+                    return
+        elif kind is Left:
+            self.driver_left(event.conn)
+
+    def from_driver(self, conn, message) -> bool:
+        """Serve a driver's message; False (and the connection closed) if it is
+        not one, or breaks the protocol."""
+        if type(message) not in P.FROM_DRIVER or self.owner is None:
+            log(f"closed a connection that sent {P.describe(message)}")
+            conn.close()
+            self.driver_left(conn)
+            return False
+        try:
+            self.owner.on_message(conn, message)
+        except ValueError as err:
+            log(f"closed a driver's connection: {err}")
+            conn.close()
+            self.driver_left(conn)
+            return False
+        except Exception as err:  # noqa: BLE001 - one bad message must not stop the daemon
+            log(f"error handling {type(message).__name__} from a driver: {err!r}\n"
+                f"{traceback.format_exc()}")
+        return True
+
+    def driver_left(self, conn) -> None:
+        if self.owner is not None:
+            self.owner.driver_left(conn)
 
     def tick(self, now: float) -> None:
         """The timed chores, every `TICK`."""
@@ -219,13 +231,17 @@ class HeadDaemon(Daemon):
         kind = type(event)
         if kind is Received:
             for message in event.messages:
-                if type(message) not in P.TO_HEAD:
+                if type(message) in P.TO_HEAD:
+                    self._on_message(event.conn, message)
+                elif event.conn in self._members:
                     log(f"closed a connection that sent {P.describe(message)}")
                     self._gone(event.conn, "it broke the protocol")
                     event.conn.close()
                     return
-                self._on_message(event.conn, message)
+                elif not self.from_driver(event.conn, message):
+                    return
         elif kind is Left:
+            self.driver_left(event.conn)
             self._gone(event.conn, f"its connection dropped ({event.error})" if event.error
                        else "its connection dropped")
 
@@ -240,6 +256,8 @@ class HeadDaemon(Daemon):
             self._join(conn, message)
         elif kind is P.StatusRequest:
             conn.send(P.StatusReply(self.status()))
+        elif kind is P.DriverJoin:
+            conn.send(P.DriverAccepted(self.control_store_url, self.status()))
 
     def _join(self, conn, message: P.NodeJoin) -> None:
         node_id, address, resources = message
@@ -416,7 +434,7 @@ class MemberDaemon(Daemon):
             return
         try:
             self.head = self.transport.connect(self.args.address, timeout=2)
-            self.node_id = _node_id()  # it was declared dead under the old one
+            self.node_id = self.node.node_id = _node_id()  # it was declared dead under the old one
             self._join()
         except exc.BackendError as err:
             if self.head is not None:

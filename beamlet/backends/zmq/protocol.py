@@ -11,12 +11,27 @@ daemon or command of another version is refused at connect, naming both.
     any -> head      StatusRequest()
     head -> any      StatusReply(nodes)
     head -> member   Refused(reason)                          then it closes
+
+A driver (``backend.py``) asks the head to join, then connects to every
+node's own listener and runs its tasks there (``jobs.py`` is the node's
+side). An object travels as its `wire` form: its buffers go out of band.
+
+    driver -> head   DriverJoin()
+    head -> driver   DriverAccepted(control_store_url, nodes)
+    driver -> node   DriverHello(job_config)                  once, first
+    driver -> node   RunTask(spec, objects)     objects: the spec's arguments it holds
+    node -> driver   Objects(objects)           each result, once stored
+    node -> driver   Fetch(object_ids)          a worker or task needs these
+    driver -> node   Objects(objects)           the answer, as each is ready
+    node -> driver   NestedSubmit(spec, objects)   a worker's submission
+    driver -> node   Release(object_ids)        actor tokens the driver let go
+    driver -> node   CancelTask(object_id, force) / KillActor(actor_id, no_restart)
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
-VERSION = "beamlet-cluster/1"
+VERSION = "beamlet-cluster/2"  # 2: drivers run tasks on nodes
 
 #: Seconds between a member's heartbeats, and of silence after which the head
 #: declares it dead (at once when its connection drops).
@@ -53,8 +68,85 @@ class StatusReply(NamedTuple):
     nodes: list  # one dict per node: see HeadDaemon.status()
 
 
+class DriverJoin(NamedTuple):
+    pass
+
+
+class DriverAccepted(NamedTuple):
+    control_store_url: str
+    nodes: list  # as in StatusReply
+
+
+class DriverHello(NamedTuple):
+    job_config: dict  # job_id, namespace, sys_path, cwd (what the node's workers need)
+
+
+class RunTask(NamedTuple):
+    spec: object      # a TaskSpec
+    objects: list     # [(object_id, wire form)]: values of its arguments
+
+
+class Objects(NamedTuple):
+    objects: list     # [(object_id, wire form)]
+
+
+class Fetch(NamedTuple):
+    object_ids: list
+
+
+class NestedSubmit(NamedTuple):
+    spec: object
+    objects: list     # the values of its arguments that the node holds
+
+
+class Release(NamedTuple):
+    object_ids: list
+
+
+class CancelTask(NamedTuple):
+    object_id: bytes
+    force: bool
+
+
+class KillActor(NamedTuple):
+    actor_id: bytes
+    no_restart: bool
+
+
+def wire(sobj) -> tuple:
+    """A SerializedObject as a message carries it: its buffers as memoryviews,
+    which the transport sends out of band without copying (a shared-memory
+    object goes straight from its mapping to the socket)."""
+    return (sobj.data, [memoryview(b) for b in sobj.buffers], tuple(sobj.refs), sobj.is_error)
+
+
+def unwire(form):
+    """The SerializedObject of a `wire` form (buffers: views of the frames, no copy)."""
+    from ...core.serialization import SerializedObject
+    data, buffers, refs, is_error = form
+    return SerializedObject(bytes(data), list(buffers), tuple(refs), bool(is_error))
+
+
+def send_object(conn, object_id: bytes, sobj) -> None:
+    """Send one object (``Objects``); one too large for a message goes as an
+    error that says so, for whoever gets it. BackendError if the peer is gone."""
+    from ..local.transport import ProtocolError
+    try:
+        conn.send(Objects([(object_id, wire(sobj))]))
+    except ProtocolError as err:
+        from ... import exceptions as exc
+        from ...core.serialization import serialize
+        error = exc.ObjectStoreFullError(f"object {object_id.hex()} cannot be sent between "
+                                         f"nodes: {err}")
+        conn.send(Objects([(object_id, wire(serialize(error, is_error=True)))]))
+
+
 #: What the head accepts on a connection, and what a member accepts from the head.
-TO_HEAD = frozenset({NodeJoin, Heartbeat, StatusRequest})
+TO_HEAD = frozenset({NodeJoin, Heartbeat, StatusRequest, DriverJoin})
+#: What a node (head or member) accepts from a driver.
+FROM_DRIVER = frozenset({DriverHello, RunTask, Objects, Release, CancelTask, KillActor})
+#: What a driver accepts from a node.
+TO_DRIVER = frozenset({Objects, Fetch, NestedSubmit})
 TO_MEMBER = frozenset({JoinAccepted, Refused})
 
 

@@ -1,0 +1,548 @@
+"""The ``cluster`` backend: a driver that runs its tasks and actors on the
+nodes of a cluster started with ``beamlet start`` (``daemon.py``).
+
+``init(address="HOST:PORT")`` (or ``"auto"``: the head started on this
+machine; or a plain ``init()`` with ``$BEAMLET_ADDRESS``) asks the head for
+the control store and the alive nodes, then connects to each node's own
+listener. The key comes from ``init(token=...)``, ``$BEAMLET_TOKEN`` or the
+cluster file ``beamlet start --head`` wrote here; a wrong one fails the
+CURVE handshake at once (``AuthenticationError``).
+
+The driver owns its objects: results come back to its in-memory store as
+soon as they are stored on their node, and the values of a task's arguments
+go with the task (``RunTask``); a node asks for what it lacks (``Fetch``).
+`ClusterScheduler` places each task where its resource request fits, on the
+least loaded such node, and each actor's calls on the actor's node, in order.
+A node's own scheduler queues what it cannot run yet: it knows when a task
+blocked in ``get`` lends its CPUs to others, which the driver does not, so
+queueing in the driver could deadlock nested tasks. When a node's connection
+drops, its tasks are retried elsewhere (per ``max_retries``) or fail, and its
+actors' calls fail with ``ActorDiedError``: no ``get`` waits on a dead node.
+"""
+from __future__ import annotations
+
+import os
+import selectors
+import sys
+import threading
+
+from ... import exceptions as exc
+from ...core import plugins
+from ...core.control_store import open_control_store
+from ...core.interfaces import Backend, Scheduler
+from ...core.memory_store import MemoryObjectStore
+from ...core.options import check_backend_options
+from ...core.scheduling import may_retry
+from ...core.serialization import serialize
+from ...core.tables import ActorState
+from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TASK, TaskSpec
+from ..local.transport import ProtocolError
+from . import protocol as P
+
+CONNECT_TIMEOUT = 10.0  # seconds to reach the head or a node
+
+
+class NodeLink:
+    """A node as the driver sees it: its connection and what runs there."""
+
+    def __init__(self, info: dict, conn):
+        self.node_id = info["node_id"]
+        self.address = info["address"]
+        self.resources = dict(info.get("resources") or {})
+        self.conn = conn
+        self.alive = True
+        self.placed: dict[bytes, TaskSpec] = {}  # task id -> unfinished spec placed here
+        self.load: dict[str, float] = {}  # resources of what is placed here
+
+    def fits(self, request: dict) -> bool:
+        return all(self.resources.get(k, 0) >= v for k, v in request.items())
+
+    def weight(self, request: dict) -> float:
+        """How full it would be with `request` placed too: the largest fraction
+        of a requested resource then placed here."""
+        return max(((self.load.get(k, 0) + v) / self.resources[k]
+                    for k, v in request.items() if v and self.resources.get(k)), default=0.0)
+
+    def add(self, spec: TaskSpec, sign: int) -> None:
+        for k, v in spec.resources.items():
+            self.load[k] = self.load.get(k, 0) + sign * v
+
+    def send(self, message) -> bool:
+        try:
+            self.conn.send(message)
+            return True
+        except exc.BackendError:
+            return False
+
+
+class ClusterScheduler(Scheduler):
+    """Places specs on the cluster's nodes; results arrive in the driver's store."""
+
+    def __init__(self, backend: "ClusterBackend", nodes: list[NodeLink]):
+        self.backend = backend
+        self.store = backend.object_store
+        self.tables = None  # set by the backend once it has the control store
+        self.nodes = nodes
+        self.lock = threading.RLock()
+        self.tasks: dict[bytes, tuple[TaskSpec, NodeLink, set]] = {}  # id -> spec, node, returns left
+        self.producer: dict[bytes, bytes] = {}  # return id -> task id
+        self.actor_node: dict[bytes, NodeLink] = {}
+        self.actor_spec: dict[bytes, TaskSpec] = {}  # actor id -> its creation, while placed
+        self.token_actor: dict[bytes, bytes] = {}  # actor token (creation's return id) -> id
+        self.restarts_left: dict[bytes, int] = {}  # actor id -> restarts left, once restarted
+        self.token_node: dict[bytes, NodeLink] = {}
+        self.closed = False
+
+    # -- placement ----------------------------------------------------------------
+    def submit(self, spec: TaskSpec) -> None:
+        plugins.notify("beamlet_task_submitted", spec=spec)
+        with self.lock:
+            if self.closed:
+                raise exc.BackendError("beamlet has been shut down")
+            if spec.kind == ACTOR_METHOD:
+                node = self.actor_node.get(spec.actor_id)
+                if node is None:
+                    node = self._find_actor(spec.actor_id)
+                if node is None or not node.alive:
+                    self._fail(spec, exc.ActorDiedError(
+                        f"the actor {spec.function_name} is dead: "
+                        + ("its node died" if node is not None else
+                           "it is unknown to this cluster")))
+                    return
+            else:
+                node = self._place(spec)
+                if spec.kind == ACTOR_CREATION:
+                    self.actor_node[spec.actor_id] = node
+                    self.actor_spec[spec.actor_id] = spec
+                    self.token_actor[spec.return_ids[0]] = spec.actor_id
+                    self.token_node[spec.return_ids[0]] = node
+            self._send(spec, node)
+
+    def _place(self, spec: TaskSpec) -> NodeLink:
+        """The least loaded alive node where the request fits; ValueError naming
+        the resource if none ever could."""
+        alive = [n for n in self.nodes if n.alive]
+        fitting = [n for n in alive if n.fits(spec.resources)]
+        if fitting:
+            return min(fitting, key=lambda n: n.weight(spec.resources))
+        for name, amount in spec.resources.items():
+            most = max((n.resources.get(name, 0) for n in alive), default=0)
+            if most < amount:
+                if not any(name in n.resources for n in alive):
+                    raise ValueError(f"{spec.display_name} requests resource {name!r} "
+                                     f"({amount}), which no alive node of the cluster has")
+                raise ValueError(f"{spec.display_name} requests {amount} {name}, but no "
+                                 f"alive node of the cluster has more than {most}: it could "
+                                 f"never run")
+        raise ValueError(f"{spec.display_name} fits no single alive node of the cluster "
+                         f"({spec.resources})")
+
+    def _find_actor(self, actor_id: bytes) -> NodeLink | None:
+        """An actor this driver did not create (get_actor): its node, from the table."""
+        info = self.tables.actor(actor_id) if self.tables is not None else None
+        if info is None or info.state is ActorState.DEAD or info.node_id is None:
+            return None
+        node = next((n for n in self.nodes if n.node_id == info.node_id), None)
+        if node is not None:
+            self.actor_node[actor_id] = node
+        return node
+
+    def _send(self, spec: TaskSpec, node: NodeLink) -> None:
+        """Hand the spec to its node, with the values of its arguments we hold."""
+        objects = []
+        for object_id in dict.fromkeys(spec.dependencies()):
+            entry = self.store.entry(object_id)
+            if entry is not None:
+                objects.append((object_id, P.wire(entry)))
+        self.tasks[spec.task_id] = (spec, node, set(spec.return_ids))
+        for rid in spec.return_ids:
+            self.producer[rid] = spec.task_id
+        node.placed[spec.task_id] = spec
+        if spec.kind != ACTOR_METHOD:
+            node.add(spec, 1)
+        if spec.kind == ACTOR_CREATION and self.tables is not None:
+            self.tables.set_actor_state(spec.actor_id, ActorState.PENDING, node_id=node.node_id)
+        try:
+            node.conn.send(P.RunTask(spec, objects))
+        except ProtocolError as err:  # too large: it cannot go anywhere
+            self._forget(spec, node)
+            self._fail(spec, exc.ObjectStoreFullError(
+                f"{spec.display_name} cannot be sent to a node: {err}"))
+        except exc.BackendError:
+            self._node_died(node)
+
+    def _restart(self, spec: TaskSpec, dead: NodeLink) -> bool:
+        """Start an actor whose node died on another node, if restarts are left
+        (``max_restarts``, -1: no limit). Under the lock."""
+        left = self.restarts_left.get(spec.actor_id, spec.actor_options["max_restarts"])
+        if left == 0 or spec.actor_id not in self.actor_spec:
+            return False
+        try:
+            node = self._place(spec)
+        except ValueError:
+            return False
+        self.restarts_left[spec.actor_id] = left - 1 if left > 0 else left
+        spec.attempt += 1
+        token = spec.return_ids[0]
+        self.actor_node[spec.actor_id] = node
+        if token in self.token_node:
+            self.token_node[token] = node
+        if self.tables is not None:
+            try:
+                self.tables.set_actor_state(spec.actor_id, ActorState.RESTARTING,
+                                            f"its node {dead.node_id} died")
+            except exc.BackendError:
+                pass
+        self._send(spec, node)
+        return True
+
+    def _forget(self, spec: TaskSpec, node: NodeLink) -> None:
+        """The spec is not (or no longer) placed anywhere. Under the lock."""
+        self.tasks.pop(spec.task_id, None)
+        for rid in spec.return_ids:
+            self.producer.pop(rid, None)
+        self._unplace(spec, node)
+
+    def _fail(self, spec: TaskSpec, error: BaseException) -> None:
+        sobj = serialize(error, is_error=True)
+        for rid in spec.return_ids:
+            self.store.put_entry(rid, sobj)
+
+    # -- what nodes send (the backend's I/O thread) -------------------------------
+    def stored(self, objects: list) -> None:
+        """Results (or fetched objects) arrived."""
+        for object_id, form in objects:
+            with self.lock:
+                task_id = self.producer.pop(object_id, None)
+                if task_id is not None:
+                    spec, node, left = self.tasks[task_id]
+                    left.discard(object_id)
+                    if not left:
+                        del self.tasks[task_id]
+                        if spec.kind != ACTOR_CREATION:
+                            self._unplace(spec, node)
+            self.store.put_entry(object_id, P.unwire(form))
+
+    def _unplace(self, spec: TaskSpec, node: NodeLink) -> None:
+        if node.placed.pop(spec.task_id, None) is not None and spec.kind != ACTOR_METHOD:
+            node.add(spec, -1)
+
+    def fetch(self, node: NodeLink, object_ids: list) -> None:
+        """A node needs these objects: send each once we have it."""
+        def send(object_id: bytes) -> None:
+            entry = self.store.entry(object_id)
+            if entry is None:
+                if self.store.closed:
+                    return
+                entry = serialize(exc.ObjectLostError(
+                    f"object {object_id.hex()} was freed by its owner"), is_error=True)
+            try:
+                P.send_object(node.conn, object_id, entry)
+            except exc.BackendError:
+                pass  # the node is gone (the I/O thread sees it)
+
+        for object_id in object_ids:
+            self.store.on_ready(object_id, send)
+
+    def nested(self, spec: TaskSpec, objects: list) -> None:
+        """A worker's submission, forwarded by its node: accept it as ours."""
+        for object_id, form in objects:
+            if not self.store.contains(object_id):
+                self.store.put_entry(object_id, P.unwire(form))
+        try:
+            self.backend.runtime.accept(spec)
+        except Exception as err:  # noqa: BLE001 - the submitter gets it from get()
+            self._fail(spec, exc.TaskError.from_exception(err, spec.display_name))
+
+    def _node_died(self, node: NodeLink) -> None:
+        """Retry its tasks elsewhere or fail them; its actors are dead."""
+        with self.lock:
+            if not node.alive:
+                return
+            node.alive = False
+            placed, node.placed = list(node.placed.values()), {}
+            node.load = {}
+            for spec in placed:
+                self.tasks.pop(spec.task_id, None)
+                for rid in spec.return_ids:
+                    self.producer.pop(rid, None)
+                if spec.kind == TASK and may_retry(spec):
+                    spec.attempt += 1
+                    try:
+                        self._send(spec, self._place(spec))
+                        continue
+                    except ValueError as err:
+                        self._fail(spec, exc.WorkerCrashedError(
+                            f"the node running {spec.display_name} ({node.node_id}) died, "
+                            f"and no other node can run it: {err}"))
+                        continue
+                if spec.kind == TASK:
+                    self._fail(spec, exc.WorkerCrashedError(
+                        f"the node running {spec.display_name} ({node.node_id} at "
+                        f"{node.address}) died; it was tried {spec.attempt + 1} time(s) "
+                        f"(max_retries={spec.max_retries})"))
+                elif spec.kind == ACTOR_CREATION and self._restart(spec, node):
+                    continue
+                elif spec.kind == ACTOR_METHOD and self.actor_node.get(spec.actor_id) \
+                        is not node:  # (its actor restarts elsewhere)
+                    self._fail(spec, exc.ActorUnavailableError(
+                        f"the actor {spec.function_name.rsplit('.', 1)[0]} died with its "
+                        f"node during this call and is restarting on another; the call may "
+                        f"or may not have run"))
+                else:
+                    self._fail(spec, exc.ActorDiedError(
+                        f"the actor {spec.function_name} is dead: its node {node.node_id} "
+                        f"died"))
+            for actor_id, where in list(self.actor_node.items()):
+                if where is not node:
+                    continue  # (alive elsewhere, or restarted just above)
+                self.actor_spec.pop(actor_id, None)
+                if self.tables is not None:
+                    try:
+                        self.tables.set_actor_state(actor_id, ActorState.DEAD,
+                                                    f"its node {node.node_id} died")
+                    except exc.BackendError:
+                        pass
+
+    # -- Scheduler ---------------------------------------------------------------
+    def cancel(self, object_id: bytes, force: bool = False) -> None:
+        with self.lock:
+            task_id = self.producer.get(object_id)
+            entry = self.tasks.get(task_id) if task_id is not None else None
+        if entry is None:
+            return
+        spec, node, _ = entry
+        if spec.kind == ACTOR_CREATION:
+            raise ValueError("cancel() cannot cancel an actor's creation; use kill()")
+        if spec.kind == ACTOR_METHOD and force:
+            raise ValueError("force=True is not supported for actor calls; use kill()")
+        node.send(P.CancelTask(object_id, force))
+
+    def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
+        with self.lock:
+            node = self.actor_node.get(actor_id) or self._find_actor(actor_id)
+            if no_restart:
+                self._actor_ended(actor_id)
+        if node is not None and node.alive:
+            node.send(P.KillActor(actor_id, no_restart))
+
+    def _actor_ended(self, actor_id: bytes) -> None:
+        """Its resources are free on its node (for placement). Under the lock."""
+        spec = self.actor_spec.pop(actor_id, None)
+        node = self.actor_node.get(actor_id)
+        if spec is not None and node is not None:
+            self._unplace(spec, node)
+
+    def release_token(self, object_id: bytes) -> None:
+        with self.lock:
+            node = self.token_node.pop(object_id, None)
+            spec = self.actor_spec.get(self.token_actor.pop(object_id, b""))
+            if spec is not None and not spec.actor_options.get("detached"):
+                self._actor_ended(spec.actor_id)
+        if node is not None and node.alive:
+            node.send(P.Release([object_id]))
+
+    def total_resources(self) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for node in self.nodes:
+            if node.alive:
+                for k, v in node.resources.items():
+                    total[k] = total.get(k, 0) + v
+        return total
+
+    def available_resources(self) -> dict[str, float]:
+        free = self.total_resources()
+        with self.lock:
+            for node in self.nodes:
+                if node.alive:
+                    for k, v in node.load.items():
+                        free[k] = max(0.0, free.get(k, 0) - v)
+        return free
+
+    def shutdown(self) -> None:
+        with self.lock:
+            self.closed = True
+
+
+class ClusterBackend(Backend):
+    """A driver of a cluster: its tasks and actors run on the cluster's nodes."""
+
+    name = "cluster"
+    parallel = True
+    isolated = True
+    zero_copy = False  # (results come over the network into the driver's memory)
+    multi_node = True
+
+    #: init() keywords of this backend, beyond the common ones.
+    accepted_options = frozenset({"token"})
+
+    def __init__(self, config: dict, runtime):
+        from ...core.auth import AuthenticationError
+        from .commands import resolve
+        from .files import StateDir
+        from .transport import ZmqTransport
+        check_backend_options(config, self.accepted_options, self.name)
+        for key in ("num_cpus", "num_gpus"):
+            if config.get(key) is not None:
+                raise ValueError(f"{key} cannot be given when connecting to a cluster: its "
+                                 f"nodes were started with their resources")
+        if config.get("resources"):
+            raise ValueError("resources cannot be given when connecting to a cluster: its "
+                             "nodes were started with their resources")
+        address = config.get("address")
+        state = StateDir()
+        if address == "auto":
+            cluster = state.cluster()
+            if not cluster:
+                raise exc.BackendError("init(address='auto') found no cluster started on this "
+                                       "machine: start one with `beamlet start --head`")
+            address = cluster["address"]
+        token = config.get("token")
+        if token is not None and not isinstance(token, str):
+            raise TypeError(f"token must be the hex string `beamlet start --head` printed, "
+                            f"got {type(token).__name__}")
+        address, secret = resolve(address, token, state)
+        self.runtime = runtime
+        self.refs = runtime.refs
+        self.worker_id = f"driver-{os.getpid()}"
+        self.transport = ZmqTransport(secret, P.VERSION)
+        self.object_store = MemoryObjectStore(runtime.refs)
+        self._links: list[NodeLink] = []
+        self._closed = False
+        self.control_store = None
+        try:
+            try:
+                head = self.transport.connect(address, timeout=CONNECT_TIMEOUT)
+            except AuthenticationError as err:
+                raise AuthenticationError(f"the cluster at {address} refused this driver's "
+                                          f"token (wrong token?): {err}") from None
+            try:
+                head.send(P.DriverJoin())
+                reply = head.recv(timeout=CONNECT_TIMEOUT)
+            finally:
+                head.close()
+            if type(reply) is not P.DriverAccepted:
+                raise exc.BackendError(f"the head at {address} answered {P.describe(reply)} "
+                                       f"to a driver's join")
+            self.control_store = open_control_store(reply.control_store_url)
+            hello = P.DriverHello(self.job_config())
+            for info in reply.nodes:
+                if info.get("state") != "ALIVE":
+                    continue
+                try:
+                    conn = self.transport.connect(info["address"], timeout=CONNECT_TIMEOUT)
+                except exc.BackendError as err:  # (dying, not yet declared dead)
+                    if info.get("head"):
+                        raise
+                    print(f"beamlet: leaving out node {info['node_id']}, which does not "
+                          f"answer: {err}", file=sys.stderr, flush=True)
+                    continue
+                link = NodeLink(info, conn)
+                self._links.append(link)
+                conn.send(hello)
+                if info.get("head"):
+                    self.node_id = info["node_id"]
+            if not self._links:
+                raise exc.BackendError(f"the cluster at {address} has no alive node")
+            self.scheduler = ClusterScheduler(self, self._links)
+            from ...core.tables import Tables
+            self.scheduler.tables = Tables(self.control_store)
+            self._wake_r, self._wake_w = os.pipe()
+            self._io = threading.Thread(target=self._io_loop, name="beamlet-cluster-io",
+                                        daemon=True)
+            self._io.start()
+        except BaseException:
+            self._close_links()
+            raise
+
+    def job_config(self) -> dict:
+        return {"job_id": self.runtime.job_id, "namespace": self.runtime.namespace,
+                "sys_path": list(sys.path), "cwd": os.getcwd()}
+
+    # -- the I/O thread: every node's messages ------------------------------------
+    def _io_loop(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._wake_r, selectors.EVENT_READ, None)
+        for link in self._links:
+            sel.register(link.conn.fileno(), selectors.EVENT_READ, link)
+        watched = set(self._links)
+        try:
+            while not self._closed:
+                sel.select(timeout=0.5)
+                # (every link each turn: a closed connection may not wake its fd)
+                for link in self._links:
+                    if link.alive:
+                        self._drain(link)
+                    if not link.alive and link in watched:
+                        # A dead node's descriptor stays readable: stop watching it.
+                        watched.discard(link)
+                        sel.unregister(link.conn.fileno())
+                        link.conn.close()
+        finally:
+            sel.close()
+
+    def _drain(self, link: NodeLink) -> None:
+        try:
+            messages = link.conn.recv_all()
+        except EOFError:
+            if not self._closed:
+                print(f"beamlet: node {link.node_id} at {link.address} is gone",
+                      file=sys.stderr, flush=True)
+                self.scheduler._node_died(link)
+            return
+        except Exception as err:  # noqa: BLE001 - a broken node is a dead node
+            print(f"beamlet: node {link.node_id} broke the protocol: {err}", file=sys.stderr,
+                  flush=True)
+            link.conn.close()
+            self.scheduler._node_died(link)
+            return
+        sched = self.scheduler
+        for message in messages:
+            kind = type(message)
+            if kind not in P.TO_DRIVER:
+                print(f"beamlet: node {link.node_id} sent {P.describe(message)}, which is not "
+                      f"for a driver: dropping it as broken", file=sys.stderr, flush=True)
+                link.conn.close()
+                sched._node_died(link)
+                return
+            try:
+                if kind is P.Objects:
+                    sched.stored(message.objects)
+                elif kind is P.Fetch:
+                    sched.fetch(link, message.object_ids)
+                elif kind is P.NestedSubmit:
+                    sched.nested(message.spec, message.objects)
+            except Exception as err:  # noqa: BLE001 - one bad message must not stop the thread
+                import traceback
+                print(f"beamlet: error handling {kind.__name__} from node {link.node_id}: "
+                      f"{err!r}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+
+    # -- Backend -----------------------------------------------------------------
+    def object_released(self, object_id: bytes) -> None:
+        self.object_store.delete([object_id])
+        if object_id in self.scheduler.token_node:
+            self.scheduler.release_token(object_id)
+
+    def nodes(self) -> list[dict]:
+        return [{"NodeID": n.node_id, "Alive": n.alive,
+                 "NodeManagerAddress": n.address.rsplit(":", 1)[0],
+                 "Resources": dict(n.resources)} for n in self._links]
+
+    def _close_links(self) -> None:
+        for link in self._links:
+            link.conn.close()
+        self.transport.close()
+        if self.control_store is not None:
+            self.control_store.close()
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.scheduler.shutdown()
+        os.write(self._wake_w, b"x")
+        self._io.join(5)
+        self.object_store.close()
+        self._close_links()
+        os.close(self._wake_r)
+        os.close(self._wake_w)

@@ -1,0 +1,297 @@
+"""Running tasks and actors on a cluster: the ``cluster`` backend (a driver)
+against real daemons started with ``beamlet start`` (see test_cluster.py).
+
+The driver runs in the test's process (``init(address=..., token=...)``) or,
+for the seed programs and the environment's defaults, in a subprocess; the
+daemons, their redis-server and their ZeroMQ sockets on 127.0.0.1 are real.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import procs
+import pytest
+
+import beamlet
+from beamlet import exceptions as exc
+from beamlet.core.auth import AuthenticationError
+from conftest import seed_program
+from test_cluster import TIMEOUT, Cluster, _node_lines, cluster  # noqa: F401 - a fixture
+
+GET_TIMEOUT = 60  # seconds any one get may take
+
+
+@pytest.fixture
+def driver(no_backend):
+    """``driver(head)`` connects this process to the cluster; it is shut down
+    after the test, and must leave no thread of its own behind."""
+    before = set(threading.enumerate())
+    fds = set(os.listdir("/proc/self/fd"))
+
+    def connect(head: dict, **options):
+        return beamlet.init(address=head["address"], token=head["token"], **options)
+
+    yield connect
+    beamlet.shutdown()
+    left = [t for t in set(threading.enumerate()) - before
+            if t.is_alive() and t.name.startswith("beamlet")
+            and t.name != "beamlet-callbacks"]
+    assert not left, f"threads left running after shutdown: {left}"
+    opened = {fd: os.path.realpath(f"/proc/self/fd/{fd}")
+              for fd in set(os.listdir("/proc/self/fd")) - fds}
+    opened = {fd: path for fd, path in opened.items() if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not opened, f"descriptors left open after shutdown: {opened}"
+
+
+@beamlet.remote
+def where():
+    """The node this task runs on."""
+    return beamlet.get_runtime_context().get_node_id()
+
+
+@beamlet.remote
+class Where:
+    def __init__(self):
+        self.calls = 0
+
+    def node(self):
+        self.calls += 1
+        return beamlet.get_runtime_context().get_node_id(), self.calls
+
+
+def test_tasks_and_actors_go_where_their_resources_are(cluster, driver):
+    head = cluster.start_head()
+    first = cluster.join(head, "--resources", '{"gpu_box": 1}')
+    second = cluster.join(head, "--resources", '{"ssd": 2}')
+    info = driver(head)
+    assert info["backend"] == "cluster"
+    assert {n["NodeID"] for n in beamlet.nodes()} == {head["node_id"], first, second}
+    assert beamlet.cluster_resources()["ssd"] == 2
+    on_first = [where.options(resources={"gpu_box": 1}).remote() for _ in range(3)]
+    on_second = [where.options(resources={"ssd": 1}).remote() for _ in range(3)]
+    assert beamlet.get(on_first, timeout=GET_TIMEOUT) == [first] * 3
+    assert beamlet.get(on_second, timeout=GET_TIMEOUT) == [second] * 3
+    a = Where.options(resources={"gpu_box": 1}).remote()
+    b = Where.options(resources={"ssd": 2}).remote()
+    assert beamlet.get([a.node.remote() for _ in range(5)], timeout=GET_TIMEOUT) == \
+        [(first, i) for i in range(1, 6)]
+    assert beamlet.get(b.node.remote(), timeout=GET_TIMEOUT) == (second, 1)
+    with pytest.raises(ValueError, match="'tpu'"):
+        where.options(resources={"tpu": 1}).remote()
+    with pytest.raises(ValueError, match="3.0 ssd"):
+        where.options(resources={"ssd": 3}).remote()
+    # A killed actor is dead for later calls; its node goes on.
+    beamlet.kill(a)
+    with pytest.raises(exc.ActorDiedError):
+        beamlet.get(a.node.remote(), timeout=GET_TIMEOUT)
+    assert beamlet.get(where.options(resources={"gpu_box": 1}).remote(),
+                       timeout=GET_TIMEOUT) == first
+
+
+@beamlet.remote(resources={"gpu_box": 1})
+def make_array(megabytes: int):
+    return np.arange(megabytes * (1 << 20) // 8, dtype=np.float64)
+
+
+@beamlet.remote(resources={"ssd": 1})
+def checksum(array):
+    return beamlet.get_runtime_context().get_node_id(), float(array.sum()), array.nbytes
+
+
+def test_a_50_mb_array_made_on_one_node_is_used_on_another(cluster, driver):
+    head = cluster.start_head()
+    first = cluster.join(head, "--resources", '{"gpu_box": 1}')
+    second = cluster.join(head, "--resources", '{"ssd": 1}')
+    driver(head)
+    array = make_array.remote(50)
+    node, total, nbytes = beamlet.get(checksum.remote(array), timeout=GET_TIMEOUT)
+    n = 50 * (1 << 20) // 8
+    assert (node, total, nbytes) == (second, float(n * (n - 1) // 2), 50 << 20)
+    got = beamlet.get(array, timeout=GET_TIMEOUT)
+    assert got.shape == (n,) and got[-1] == n - 1
+    del got, array
+    assert first != second
+
+
+def test_a_wrong_token_is_refused_at_init(cluster, driver):
+    head = cluster.start_head()
+    with pytest.raises(AuthenticationError, match="token"):
+        driver({"address": head["address"], "token": "ab" * 32})
+    assert not beamlet.is_initialized()
+    with pytest.raises(exc.BackendError, match="64 hex digits"):
+        driver({"address": head["address"], "token": "xyz"})
+
+
+def test_an_address_from_the_environment_or_auto(cluster, driver, monkeypatch):
+    head = cluster.start_head()
+    monkeypatch.setenv("BEAMLET_STATE_DIR", cluster.state_dir)
+    monkeypatch.delenv("BEAMLET_TOKEN", raising=False)
+    monkeypatch.delenv("BEAMLET_ADDRESS", raising=False)
+    beamlet.init(address="auto")  # the head started here, its token from the state dir
+    assert beamlet.get(where.remote(), timeout=GET_TIMEOUT) == head["node_id"]
+    beamlet.shutdown()
+    monkeypatch.setenv("BEAMLET_STATE_DIR", os.path.join(cluster.state_dir, "elsewhere"))
+    monkeypatch.setenv("BEAMLET_ADDRESS", head["address"])
+    monkeypatch.setenv("BEAMLET_TOKEN", head["token"])
+    assert beamlet.init()["backend"] == "cluster"  # a plain init() joins $BEAMLET_ADDRESS
+    assert beamlet.get(where.remote(), timeout=GET_TIMEOUT) == head["node_id"]
+
+
+@beamlet.remote
+def square(x):
+    return x * x
+
+
+@beamlet.remote
+def sum_of_squares(n):
+    # Nested: submitted from a worker, placed by the driver, gotten on this node.
+    return sum(beamlet.get([square.remote(i) for i in range(n)], timeout=GET_TIMEOUT))
+
+
+def test_nested_tasks_and_ref_arguments(cluster, driver):
+    head = cluster.start_head()
+    cluster.join(head)
+    driver(head)
+    assert beamlet.get([sum_of_squares.remote(5) for _ in range(3)],
+                       timeout=GET_TIMEOUT) == [30] * 3
+    big = beamlet.put(np.ones(1 << 18))
+    assert beamlet.get(checksum.options(resources={}).remote(big), timeout=GET_TIMEOUT)[1:] \
+        == (float(1 << 18), 1 << 21)
+
+
+def test_tasks_of_a_killed_node_are_retried_or_fail(cluster, driver):
+    head = cluster.start_head("--resources", '{"safe": 1, "any": 2}')
+    doomed = cluster.join(head, "--resources", '{"doomed": 2, "any": 2}', "--num-cpus", "3")
+    address = _node_lines(cluster.status())[doomed].split()[2]
+    driver(head)
+
+    @beamlet.remote(resources={"doomed": 1}, max_retries=0)
+    def hang():
+        import time
+        time.sleep(600)
+
+    @beamlet.remote(max_retries=3)
+    def slow(i):
+        import time
+        time.sleep(0.2)
+        return i
+
+    stuck = hang.remote()
+    d = Where.options(resources={"doomed": 1}).remote()
+    beamlet.get(d.node.remote(), timeout=GET_TIMEOUT)
+    # One on each node (placement weighs what is placed); the one on the doomed
+    # node starts again on the other, fresh.
+    movers = [Where.options(resources={"any": 1}, num_cpus=0, max_restarts=1).remote() for _ in range(2)]
+    homes = dict(zip(beamlet.get([m.node.remote() for m in movers], timeout=GET_TIMEOUT),
+                     movers))
+    assert set(homes) == {(head["node_id"], 1), (doomed, 1)}
+    many = [slow.remote(i) for i in range(20)]
+    os.kill(cluster.pid_of(address), signal.SIGKILL)
+    assert beamlet.get(many, timeout=GET_TIMEOUT) == list(range(20))
+    with pytest.raises(exc.WorkerCrashedError, match="died"):
+        beamlet.get(stuck, timeout=GET_TIMEOUT)
+    with pytest.raises(exc.ActorDiedError):
+        beamlet.get(d.node.remote(), timeout=GET_TIMEOUT)
+    with pytest.raises(ValueError, match="'doomed'"):
+        hang.remote()
+    assert beamlet.get(homes[(head["node_id"], 1)].node.remote(), timeout=GET_TIMEOUT) == \
+        (head["node_id"], 2)
+    assert beamlet.get(homes[(doomed, 1)].node.remote(), timeout=GET_TIMEOUT) == \
+        (head["node_id"], 1)
+
+
+def test_a_driver_that_leaves_leaves_nothing_on_the_nodes(cluster, driver):
+    head = cluster.start_head()
+    member = cluster.join(head)
+    driver(head)
+    actors = [Where.remote() for _ in range(2)]
+    beamlet.get([a.node.remote() for a in actors], timeout=GET_TIMEOUT)
+    beamlet.get(make_array.options(resources={}).remote(8), timeout=GET_TIMEOUT)
+    beamlet.shutdown()
+
+    def idle():
+        lines = _node_lines(cluster.status())
+        return all(line.split()[-4:-2] == ["0", "0"] and " 0.0/" in line
+                   for line in (lines[head["node_id"]], lines[member]))
+
+    assert procs.wait_until(idle, 30, interval=0.5), cluster.status()
+
+
+@pytest.fixture(scope="module")
+def small_cluster(tmp_path_factory):
+    """A head and one node (one CPU each), for the seed programs."""
+    c = Cluster(str(tmp_path_factory.mktemp("cluster") / "state"))
+    try:
+        head = c.start_head()
+        c.join(head)
+        yield c
+    finally:
+        c.run("stop", check=False)
+        left = [pid for pid, started in c.seen if procs.alive((pid, started))]
+        assert not left, f"processes left running after beamlet stop: {left}"
+
+
+@pytest.mark.parametrize("program", ["dynamic_graph", "nested", "parameter_server",
+                                     "simulator", "tune_seed"])
+def test_a_seed_program_runs_unchanged_on_a_cluster(program, small_cluster, tmp_path):
+    env = {**small_cluster.env, "BEAMLET_BACKEND": "cluster", "PYTHONUNBUFFERED": "1"}
+    try:
+        proc = subprocess.run([sys.executable, seed_program(program)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"{program}.py did not finish in {TIMEOUT}s\n{err.stdout}\n{err.stderr}")
+    report = f"exit code {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 0, report
+    assert any(line.startswith(f"{program} ok") for line in proc.stdout.splitlines()), report
+
+
+SECOND_DRIVER = """
+import sys
+import beamlet
+beamlet.init(address=sys.argv[1], token=sys.argv[2], namespace="shared")
+counter = beamlet.get_actor("counter")
+print("second driver saw", beamlet.get(counter.node.remote(), timeout=60))
+beamlet.shutdown()
+"""
+
+
+def test_a_named_actor_made_by_one_driver_is_used_by_another(cluster, driver, tmp_path):
+    head = cluster.start_head()
+    member = cluster.join(head, "--resources", '{"ssd": 1}')
+    driver(head, namespace="shared")
+    counter = Where.options(name="counter", resources={"ssd": 1}).remote()
+    assert beamlet.get(counter.node.remote(), timeout=GET_TIMEOUT) == (member, 1)
+    script = tmp_path / "second.py"
+    script.write_text(SECOND_DRIVER)
+    proc = subprocess.run([sys.executable, str(script), head["address"], head["token"]],
+                          env=cluster.env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    assert f"second driver saw ('{member}', 2)" in proc.stdout, proc.stdout + proc.stderr
+    # The second driver's leaving does not end the actor: its creator holds it.
+    assert beamlet.get(counter.node.remote(), timeout=GET_TIMEOUT) == (member, 3)
+
+
+@beamlet.remote
+def put_inside(value):
+    return [beamlet.put(value)]  # an object put on its node, returned by ref
+
+
+@beamlet.remote
+def first_of(refs):
+    return beamlet.get(refs[0], timeout=GET_TIMEOUT)
+
+
+def test_a_ref_put_on_a_node_reaches_the_driver_and_other_tasks(cluster, driver):
+    head = cluster.start_head()
+    cluster.join(head)
+    driver(head)
+    inner = beamlet.get(put_inside.remote("deep"), timeout=GET_TIMEOUT)[0]
+    assert beamlet.get(inner, timeout=GET_TIMEOUT) == "deep"
+    assert beamlet.get(first_of.remote([inner]), timeout=GET_TIMEOUT) == "deep"
+    assert beamlet.get(first_of.remote(put_inside.remote(np.ones(1 << 16))),
+                       timeout=GET_TIMEOUT).sum() == 1 << 16
