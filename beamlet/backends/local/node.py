@@ -33,6 +33,7 @@ from ...core import auth
 from ...core.interfaces import ControlStore, Joined, Left, Received
 from ...core.refcount import ReferenceCounter
 from ...core.resources import ResourcePool
+from ...core.serialization import SerializedObject
 from ...core.task_spec import TaskSpec
 from . import protocol as P
 from . import shm
@@ -49,6 +50,7 @@ DEFAULT_STORE_FRACTION = 0.3
 IDLE_WORKER_TIMEOUT = 2.0  # seconds before a surplus idle worker is let go
 WORKER_START_TIMEOUT = 30.0  # seconds before a worker that never said hello is given up
 CHORES_INTERVAL = 0.5  # seconds between the I/O thread's periodic chores
+RELEASE_BATCH = 1000  # released small objects that wake the I/O thread to free them
 
 
 class JobOwner(Protocol):
@@ -195,6 +197,8 @@ class Node:
                         self._on_event(event)
                     except Exception:  # noqa: BLE001
                         log_error("in the I/O thread")
+                if self._released:
+                    self._free_released()
         finally:
             sel.close()
 
@@ -449,8 +453,22 @@ class Node:
         Safe to call from anywhere, even from ``ObjectRef.__del__`` run by the
         cyclic GC in a thread that holds the scheduler's or the store's lock:
         it only queues the id (a deque append takes no lock); the I/O thread
-        frees it, or a put that needs the room does at once."""
-        self._released.append(object_id)
+        frees it, or a put that needs the room does at once.
+
+        The I/O thread frees what is queued at each turn of its loop (and at
+        least every `CHORES_INTERVAL`), so it is woken only for what should go
+        at once: a value in shared memory or holding refs, an actor's handle
+        token, or a long queue. A small value just waits for the next turn:
+        waking the I/O thread for it cost a thread switch per task."""
+        released = self._released
+        released.append(object_id)
+        if self._release_pending:
+            return
+        entry = self.object_store.entry(object_id)
+        if entry is None or type(entry) is SerializedObject:
+            if (entry is None or not entry.refs) and len(released) < RELEASE_BATCH \
+                    and object_id not in self.scheduler.actor_tokens:
+                return
         if not self._release_pending:
             self._release_pending = True
             try:

@@ -185,7 +185,8 @@ class LocalScheduler(Scheduler):
         # Resource shape -> ready specs (tasks and actor creations), FIFO per shape.
         self._queues: dict[tuple, collections.deque] = {}
         self.actors: dict[bytes, ActorRecord] = {}
-        self._actor_by_token: dict[bytes, bytes] = {}
+        #: An actor's handle token -> its id (read without the lock: a dict read is atomic).
+        self.actor_tokens: dict[bytes, bytes] = {}
         self._producer: dict[bytes, bytes] = {}    # return id -> task id, while unfinished
         self._tasks: dict[bytes, TaskSpec] = {}    # task id -> spec, while unfinished
         self._running: dict[bytes, WorkerInfo] = {}  # task id -> worker
@@ -213,7 +214,7 @@ class LocalScheduler(Scheduler):
             if spec.kind == ACTOR_CREATION and spec.actor_id not in self.actors:
                 # Known from now on, so calls queue while it waits for its arguments.
                 record = self.actors[spec.actor_id] = ActorRecord(spec)
-                self._actor_by_token[record.token] = spec.actor_id
+                self.actor_tokens[record.token] = spec.actor_id
                 if record.restarts_left:
                     # A restart runs __init__ again with the same arguments: keep them.
                     record.pinned = spec.dependencies() + spec.contained_refs()
@@ -550,10 +551,10 @@ class LocalScheduler(Scheduler):
     def token_released(self, object_id: bytes) -> None:
         """The last handle to an actor is gone: end it once its calls are done.
         Called for every freed object, so most calls return at the first line."""
-        if object_id not in self._actor_by_token:  # (a dict read needs no lock)
+        if object_id not in self.actor_tokens:  # (a dict read needs no lock)
             return
         with self.lock:
-            actor_id = self._actor_by_token.pop(object_id, None)
+            actor_id = self.actor_tokens.pop(object_id, None)
             record = self.actors.get(actor_id) if actor_id else None
             if record is None or record.state == ActorLifecycle.DEAD:
                 return
