@@ -218,7 +218,7 @@ class MemoryObjectStore(ObjectStore):
             pass
         arrived = _Signal()
         waiter = self.notify_when(object_ids, len(set(object_ids)), arrived.set)
-        if waiter is not None and not arrived.wait(timeout):
+        if waiter is not None and not self._block(object_ids, arrived, timeout):
             self.cancel_waiter(waiter)
             if not arrived.wait(0):
                 with self._cond:
@@ -240,6 +240,13 @@ class MemoryObjectStore(ObjectStore):
     def _materialize(self, object_id: bytes, entry) -> SerializedObject:
         """The SerializedObject for a stored entry (subclasses store other kinds)."""
         return entry
+
+    def _block(self, object_ids: Sequence[bytes], arrived: _Signal,
+               timeout: float | None) -> bool:
+        """Wait until `arrived` is set (the objects `get` waits for are in) or
+        `timeout` passes; whether it was set. A subclass may make the objects
+        arrive meanwhile in this very thread (e.g. read them off a socket)."""
+        return arrived.wait(timeout)
 
     def _stored(self, object_id: bytes, entry) -> None:
         """An entry was stored, under the lock (subclasses account for it)."""

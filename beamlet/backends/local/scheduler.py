@@ -667,6 +667,23 @@ class LocalScheduler(Scheduler):
         self._finish(spec, [sobj] * len(spec.return_ids),
                      "CANCELLED" if isinstance(error, exc.TaskCancelledError) else "FAILED")
 
+    def running_on(self, object_id: bytes) -> WorkerInfo | None:
+        """The worker running the task or actor call that makes `object_id`
+        right now (None: none is). Takes no lock (dict reads are atomic), so
+        the answer may be stale by the time it is used: a hint."""
+        task_id = self._producer.get(object_id)
+        if task_id is None:
+            return None
+        worker = self._running.get(task_id)
+        if worker is not None:
+            return worker
+        spec = self._tasks.get(task_id)
+        if spec is not None and spec.kind == ACTOR_METHOD:
+            record = self.actors.get(spec.actor_id)
+            if record is not None and task_id in record.inflight:
+                return record.worker
+        return None
+
     # -- blocking get inside a task -------------------------------------------
     def _lendable(self, worker: WorkerInfo) -> dict | None:
         """The resources whose CPUs a blocked worker lends out: its task's, or its

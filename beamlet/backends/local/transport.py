@@ -290,6 +290,7 @@ class SocketListener(Listener):
         self._epoll: select.epoll | None = None  # made by the first poll()
         self._pending: dict[int, PendingConnection] = {}  # fd -> handshake, oldest first
         self._joined: dict[int, SocketConnection] = {}  # fd -> connection
+        self._paused: set[int] = set()  # joined fds that poll does not read (see pause)
         self._next_chores = 0.0
 
     def fileno(self) -> int:
@@ -342,6 +343,7 @@ class SocketListener(Listener):
             for fd, conn in list(self._joined.items()):
                 if conn.closed:  # closed by its user
                     del self._joined[fd]
+                    self._paused.discard(fd)
         for fd, _ in self._epoll.poll(0):
             if fd == self.sock.fileno():
                 self._accept_new()
@@ -350,6 +352,30 @@ class SocketListener(Listener):
             elif fd in self._joined:
                 self._read(fd, events)
         return events
+
+    def pause(self, conn: SocketConnection) -> bool:
+        """Stop reading `conn` in `poll` until `resume`, so that another thread
+        may read it directly; False (nothing changed) if it is not a joined
+        connection. Neither may run while `poll` does."""
+        fd = conn.fileno()
+        if fd < 0 or fd in self._paused or self._joined.get(fd) is not conn \
+                or self._epoll is None:
+            return False
+        self._unregister(fd)
+        self._paused.add(fd)
+        return True
+
+    def resume(self, conn: SocketConnection) -> None:
+        """Read `conn` in `poll` again (unless it was closed meanwhile)."""
+        fd = conn.fileno()
+        if fd < 0 or fd not in self._paused:
+            return
+        self._paused.discard(fd)
+        if not conn.closed and self._joined.get(fd) is conn:
+            try:
+                self._epoll.register(fd, select.EPOLLIN)
+            except (OSError, ValueError):
+                pass  # (closed meanwhile)
 
     def _accept_new(self) -> None:
         try:
@@ -366,6 +392,7 @@ class SocketListener(Listener):
         stale = self._joined.pop(fd, None)  # closed by its user; its fd number is reused
         if stale is not None:
             stale.closed = True
+        self._paused.discard(fd)
         if len(self._pending) >= MAX_PENDING_HANDSHAKES:
             self._refuse(next(iter(self._pending)), auth.AuthenticationError(
                 f"more than {MAX_PENDING_HANDSHAKES} connections were authenticating"))
