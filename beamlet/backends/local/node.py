@@ -128,7 +128,7 @@ class Node:
         #: Every process of the session proves it holds this before it is heard
         #: (core/auth.py); workers get it from the zygote, which gets it on stdin.
         self.secret = auth.new_secret()
-        self.transport = UnixSocketTransport(self.secret, P.VERSION)
+        self.transport = UnixSocketTransport(self.secret, P.VERSION, P.CODEC)
         self.listener = self.transport.listen(f"@beamlet-{self.session}")
         self.object_store = LocalObjectStore(owner.refs, self.session, capacity,
                                              inline_threshold, self._spill_dir)

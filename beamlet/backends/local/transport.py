@@ -75,11 +75,15 @@ class SocketConnection(Connection):
     Made by the transport once the peer is authenticated (`buffered`: the
     bytes that arrived with the end of the handshake). `send` and `send_many` may
     be called from several threads (a lock keeps frames whole);
-    `recv`/`recv_all` from one reader thread only.
+    `recv`/`recv_all` from one reader thread only. A `codec` (the protocol's:
+    ``encode(message)`` into what is pickled, ``decode`` back, raising for
+    what is not a message) applies to every message.
     """
 
-    def __init__(self, sock: socket.socket, buffered: bytes = b""):
+    def __init__(self, sock: socket.socket, buffered: bytes = b"", codec=None):
         self.sock = sock
+        self._encode = codec.encode if codec is not None else None
+        self._decode = codec.decode if codec is not None else None
         #: Who is at the other end ('pid N (uid U)'), for log lines: known
         #: while the socket is open, so taken now.
         self.peer = describe_peer(sock)
@@ -104,6 +108,8 @@ class SocketConnection(Connection):
         return self.sock.fileno()
 
     def send(self, message) -> None:
+        if self._encode is not None:
+            message = self._encode(message)
         data = pickle.dumps(message, 5)
         if len(data) > MAX_FRAME:
             raise _too_large(len(data))
@@ -116,8 +122,9 @@ class SocketConnection(Connection):
 
     def send_many(self, messages) -> None:
         parts = []
+        encode = self._encode
         for message in messages:
-            data = pickle.dumps(message, 5)
+            data = pickle.dumps(message if encode is None else encode(message), 5)
             if len(data) > MAX_FRAME:
                 raise _too_large(len(data))
             parts.append(_HEADER.pack(len(data)))
@@ -136,6 +143,7 @@ class SocketConnection(Connection):
         out = []
         pos = 0
         n = len(buf)
+        decode = self._decode
         try:
             while n - pos >= 4:
                 (size,) = _HEADER.unpack_from(buf, pos)
@@ -145,10 +153,16 @@ class SocketConnection(Connection):
                 if n - pos - 4 < size:
                     break
                 try:
-                    out.append(pickle.loads(memoryview(buf)[pos + 4:pos + 4 + size]))
+                    message = pickle.loads(memoryview(buf)[pos + 4:pos + 4 + size])
                 except Exception as err:  # noqa: BLE001 - any garbage: the stream is broken
                     raise ProtocolError(f"a frame of {size} bytes does not unpickle: "
                                         f"{err!r}") from None
+                if decode is not None:
+                    try:
+                        message = decode(message)
+                    except Exception as err:  # noqa: BLE001
+                        raise ProtocolError(f"a frame of {size} bytes: {err}") from None
+                out.append(message)
                 pos += 4 + size
         except ProtocolError as err:
             if not out:
@@ -214,8 +228,9 @@ class PendingConnection:
     `SocketListener.accept_pending`): call `start` once, then `advance`
     whenever the socket is readable; give it up (`refuse`) after `deadline`."""
 
-    def __init__(self, sock: socket.socket, secret: bytes, version: str):
+    def __init__(self, sock: socket.socket, secret: bytes, version: str, codec=None):
         self.sock = sock
+        self._codec = codec
         self.peer = describe_peer(sock)
         self.deadline = time.monotonic() + auth.HANDSHAKE_TIMEOUT
         self._handshake = auth.ServerHandshake(secret, version)
@@ -249,7 +264,7 @@ class PendingConnection:
         if reply is None:
             return None
         self._send_now(reply)
-        return SocketConnection(self.sock, self._handshake.leftover)
+        return SocketConnection(self.sock, self._handshake.leftover, self._codec)
 
     def _send_now(self, data: bytes) -> None:
         # A few dozen bytes into an empty socket buffer: they always fit, and a
@@ -282,10 +297,11 @@ class SocketListener(Listener):
     itself is forgotten without a `Left` (the caller knows).
     """
 
-    def __init__(self, address: str, secret: bytes, version: str):
+    def __init__(self, address: str, secret: bytes, version: str, codec=None):
         self.address = address
         self._secret = secret
         self._version = version
+        self._codec = codec
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(_sockaddr(address))
         self.sock.listen(128)
@@ -307,7 +323,7 @@ class SocketListener(Listener):
         the caller drives; OSError if none was waiting after all."""
         conn, _ = self.sock.accept()
         conn.setblocking(True)
-        return PendingConnection(conn, self._secret, self._version)
+        return PendingConnection(conn, self._secret, self._version, self._codec)
 
     def accept(self, timeout: float | None = None) -> SocketConnection:
         """The next authenticated connection. Blocks on each peer's handshake
@@ -330,7 +346,7 @@ class SocketListener(Listener):
                 log_refused(pending.peer, err)
                 pending.refuse()
                 continue
-            return SocketConnection(pending.sock, handshake.leftover)
+            return SocketConnection(pending.sock, handshake.leftover, self._codec)
 
     # -- serving many peers from one event loop -----------------------------------
     def poll(self) -> list:
@@ -467,17 +483,19 @@ def log_refused(peer: str, error: BaseException) -> None:
 class UnixSocketTransport(Transport):
     """Authenticated connections between the processes of one session on one
     machine: every process holds the session's `secret`; `version` is the
-    message protocol both ends must speak."""
+    message protocol both ends must speak, `codec` its wire form (see
+    SocketConnection)."""
 
-    def __init__(self, secret: bytes, version: str):
+    def __init__(self, secret: bytes, version: str, codec=None):
         auth.check_secret(secret)
         auth.check_version(version)
         self._secret = secret
         self._version = version
+        self._codec = codec
 
     def listen(self, address: str | None = None) -> SocketListener:
         return SocketListener(address or f"@beamlet-{os.getpid()}-{os.urandom(6).hex()}",
-                              self._secret, self._version)
+                              self._secret, self._version, self._codec)
 
     def connect(self, address: str, timeout: float | None = 10.0) -> SocketConnection:
         """Connect (retrying until `timeout` while nothing listens), then
@@ -499,4 +517,4 @@ class UnixSocketTransport(Transport):
         except auth.AuthenticationError:
             sock.close()
             raise
-        return SocketConnection(sock, handshake.leftover)
+        return SocketConnection(sock, handshake.leftover, self._codec)

@@ -693,7 +693,7 @@ def main(address: str, worker_id: str, secret: bytes) -> None:
     # closed before WELCOME) means it shut down while this worker was being forked:
     # leave at once and quietly, rather than retrying while the zygote waits for us.
     try:
-        conn = UnixSocketTransport(secret, P.VERSION).connect(address, timeout=0)
+        conn = UnixSocketTransport(secret, P.VERSION, P.CODEC).connect(address, timeout=0)
     except AuthenticationError as err:
         # (The driver logs its side; this one says what the worker saw.)
         if not err.closed:
