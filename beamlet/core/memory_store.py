@@ -212,10 +212,15 @@ class MemoryObjectStore(ObjectStore):
     # -- reading ------------------------------------------------------------------
     def get(self, object_ids: Sequence[bytes], timeout: float | None = None) -> list[SerializedObject]:
         objects = self._objects
-        try:
-            return [self._materialize(i, objects[i]) for i in object_ids]
-        except KeyError:
-            pass
+        if len(object_ids) == 1:  # (the common case: no KeyError raised when it is absent)
+            entry = objects.get(object_ids[0])
+            if entry is not None:
+                return [self._materialize(object_ids[0], entry)]
+        else:
+            try:
+                return [self._materialize(i, objects[i]) for i in object_ids]
+            except KeyError:
+                pass
         arrived = _Signal()
         waiter = self.notify_when(object_ids, len(set(object_ids)), arrived.set)
         if waiter is not None and not self._block(object_ids, arrived, timeout):

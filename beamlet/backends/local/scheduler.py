@@ -30,7 +30,7 @@ from ...core.resources import ResourcePool
 from ...core.scheduling import RETRYING, ActorLifecycle, attempt_status, may_retry
 from ...core.serialization import SerializedObject, deserialize, serialize
 from ...core.tables import Tables
-from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, ARG_REF, ARG_VALUE, TaskSpec
+from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, ARG_REF, ARG_VALUE, TASK, TaskSpec
 from . import protocol as P
 
 if TYPE_CHECKING:
@@ -222,8 +222,16 @@ class LocalScheduler(Scheduler):
                     # Lives until killed: the owner holds its handle, not the creator.
                     record.pinned.append(record.token)
                 self.host.pin(record.pinned)
-            deps = [d for d in dict.fromkeys(spec.dependencies()) if not self.store.contains(d)]
+            deps = spec.dependencies()
+            if deps:
+                deps = [d for d in dict.fromkeys(deps) if not self.store.contains(d)]
             if not deps:
+                if spec.kind == TASK and not self._queues and self.pool.fits(spec.resources):
+                    # Nothing queued ahead of it: straight to an idle worker, if any.
+                    worker = self._take_idle()
+                    if worker is not None:
+                        self._run_task(spec, worker)
+                        return
                 self._make_ready(spec)
                 self._dispatch()
                 return

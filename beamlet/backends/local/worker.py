@@ -590,6 +590,7 @@ class Worker:
         # Idle (or an actor working on other threads): report the refs let go of since
         # the last message, e.g. the ones a finished task's result held.
         on_idle = self.backend.flush_refs
+        has_gpus = bool(self.config.get("resources", {}).get("GPU"))
         while True:
             if not inbox:
                 reading.read_until(inbox, on_idle)
@@ -600,7 +601,7 @@ class Worker:
                 self.backend.object_store.shipped.update(entries)
             if gpu_ids is not None:
                 os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
-            elif spec.kind != ACTOR_METHOD and self.config.get("resources", {}).get("GPU"):
+            elif has_gpus and spec.kind != ACTOR_METHOD:
                 # No GPU asked for: see none (as in Ray), not the last task's device.
                 os.environ["CUDA_VISIBLE_DEVICES"] = ""
             if spec.kind == ACTOR_METHOD and self._loop is not None:
