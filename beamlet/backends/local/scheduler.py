@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 
 STARTING, IDLE, BUSY, ACTOR, EXITING, DEAD = "STARTING", "IDLE", "BUSY", "ACTOR", "EXITING", "DEAD"
 
+#: Calls an actor (one call at a time) is sent ahead of its answers; the calls
+#: submitted beyond that wait and go in one batch (one send) at its next answer.
+ACTOR_WINDOW = 2
+
 
 class WorkerInfo:
     """The scheduler's view of one worker process."""
@@ -63,7 +67,8 @@ class WorkerInfo:
 
 class ActorRecord:
     __slots__ = ("spec", "state", "worker", "calls", "inflight", "restarts_left", "reason",
-                 "gpu_ids", "token", "out_of_scope", "killed", "watched", "pinned")
+                 "gpu_ids", "token", "out_of_scope", "killed", "watched", "pinned", "held",
+                 "batched")
 
     def __init__(self, spec: TaskSpec):
         self.spec = spec
@@ -80,6 +85,13 @@ class ActorRecord:
         self.killed = False
         self.watched: set[bytes] = set()  # queued calls we wait on arguments for
         self.pinned: list[bytes] = []  # constructor args kept for restarts
+        # Calls in `inflight` not sent yet, with their messages: they go in one
+        # batch at the next answer (only `batched` actors, which run one call at
+        # a time, so that a call held back cannot be one that a running call
+        # waits for).
+        self.held: list[tuple[TaskSpec, P.Execute]] = []
+        options = spec.actor_options
+        self.batched = not options.get("is_async") and options.get("max_concurrency", 1) == 1
 
 
 class CallQueue:
@@ -363,6 +375,18 @@ class LocalScheduler(Scheduler):
         """Send the task to its worker. Returns the error when its arguments cannot
         be made available (e.g. the store is too full to restore one from disk);
         then nothing was sent. A dead worker is left to its EOF handler."""
+        message = self._execute_message(worker, spec, gpu_ids)
+        if type(message) is not P.Execute:
+            return message
+        try:
+            worker.conn.send(message)
+        except exc.BackendError:
+            pass
+        return None
+
+    def _execute_message(self, worker: WorkerInfo, spec: TaskSpec, gpu_ids):
+        """The EXECUTE for `worker` (its arguments pinned until the task ends), or
+        the error when its arguments cannot be made available."""
         try:
             shipped, entries = self._ship_args(spec)
         except exc.BeamletError as err:
@@ -378,11 +402,7 @@ class LocalScheduler(Scheduler):
                 self.store.unpin(previous)
             self._shipped[spec.task_id] = list(entries)
             self.store.pin(entries)
-        try:
-            worker.conn.send(P.Execute(shipped, blobs, entries, gpu_ids))
-        except exc.BackendError:
-            pass
-        return None
+        return P.Execute(shipped, blobs, entries, gpu_ids)
 
     def _ship_args(self, spec: TaskSpec):
         """Inline small ready dependencies into the spec; name shared-memory ones."""
@@ -493,10 +513,29 @@ class LocalScheduler(Scheduler):
 
     def _send_actor_call(self, record: ActorRecord, spec: TaskSpec) -> None:
         record.inflight[spec.task_id] = spec
-        error = self._send_execute(record.worker, spec, None)
-        if error is not None:
+        worker = record.worker
+        message = self._execute_message(worker, spec, None)
+        if type(message) is not P.Execute:
             record.inflight.pop(spec.task_id, None)
-            self._fail(spec, error)
+            self._fail(spec, message)
+            return
+        if record.batched and (record.held or
+                               len(record.inflight) - len(record.held) > ACTOR_WINDOW):
+            record.held.append((spec, message))  # (see ActorRecord.held)
+            return
+        try:
+            worker.conn.send(message)
+        except exc.BackendError:
+            pass  # it died; its EOF is being handled
+
+    def _send_held(self, record: ActorRecord) -> None:
+        """Send the actor every held call, in one batch."""
+        held, record.held = record.held, []
+        if held and record.worker is not None:
+            try:
+                record.worker.conn.send_many([message for _, message in held])
+            except exc.BackendError:
+                pass
 
     def _actor_alive(self, record: ActorRecord) -> None:
         self._move(record, ActorLifecycle.ALIVE)
@@ -538,6 +577,7 @@ class LocalScheduler(Scheduler):
             self._fail(record.spec, error)
         calls = list(record.inflight.values()) + record.calls.drain()
         record.inflight.clear()
+        record.held = []
         record.watched.clear()
         for spec in calls:
             self._fail(spec, error)
@@ -581,6 +621,8 @@ class LocalScheduler(Scheduler):
                 record = self.actors.get(spec.actor_id)
                 if record is not None:
                     record.inflight.pop(task_id, None)
+                    if record.held and record.worker is worker:
+                        self._send_held(record)
                 if retryable and self._retry_left(spec, record):
                     self._retrying(spec, worker)
                     self._resend_actor_call(record, spec)
@@ -872,6 +914,7 @@ class LocalScheduler(Scheduler):
                 else:
                     self._fail(spec, unavailable)
             record.inflight.clear()
+            record.held = []
             for spec in reversed(retry):
                 record.calls.push_front(spec)
             if creating:
@@ -926,7 +969,12 @@ class LocalScheduler(Scheduler):
                 if force:
                     raise ValueError("force=True is not supported for actor calls; use kill()")
                 record = self.actors.get(spec.actor_id)
-                if record is not None and record.calls.remove(spec):
+                held = [i for i, (h, _) in enumerate(record.held) if h is spec] if record else ()
+                if held:  # not sent yet: it never runs
+                    del record.held[held[0]]
+                    record.inflight.pop(task_id, None)
+                    self._fail(spec, exc.TaskCancelledError(f"task {spec.display_name} was cancelled"))
+                elif record is not None and record.calls.remove(spec):
                     record.watched.discard(spec.task_id)
                     self._fail(spec, exc.TaskCancelledError(f"task {spec.display_name} was cancelled"))
                 elif record is not None and task_id in record.inflight and record.worker:

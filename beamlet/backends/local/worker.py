@@ -514,6 +514,12 @@ class _Reading:
                             if self._main_reading:
                                 break
                         self._read()
+                        # Not needed any more (the long task ended, no reply is
+                        # awaited)? Then the main thread reads once it runs dry.
+                        since = self._busy_since
+                        if not self._pending() and (
+                                since is None or time.monotonic() - since < READER_TAKEOVER):
+                            break
                 finally:
                     with self._state:
                         self._reader_active = False
