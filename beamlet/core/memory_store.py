@@ -101,6 +101,12 @@ class MemoryObjectStore(ObjectStore):
             objects = self._objects
             if self.closed:
                 pending = None
+            elif type(object_ids) in (list, tuple) and len(object_ids) == 1:
+                object_id = object_ids[0]  # (the common case, without building sets)
+                if object_id in objects or object_id in self._deleted:
+                    pending, count = (), count - 1
+                else:
+                    pending = {object_id}
             else:
                 ids = object_ids if isinstance(object_ids, (set, frozenset)) else set(object_ids)
                 # (Not ids - objects.keys(): that walks every key of the store.)

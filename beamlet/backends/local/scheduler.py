@@ -665,7 +665,8 @@ class LocalScheduler(Scheduler):
                 self._make_ready(spec)
             else:
                 self._finish(spec, entries, self._outcome(spec, entries), worker)
-            self._dispatch()
+            if self._queues:
+                self._dispatch()
 
     def _outcome(self, spec: TaskSpec, entries: list) -> str:
         """The status observers are told for a finished attempt."""
