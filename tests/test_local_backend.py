@@ -571,6 +571,71 @@ def test_actor_max_task_retries_reruns_the_call_after_restart(start, tmp_path):
     assert procs.count(str(tmp_path)) == 2
 
 
+@ray.remote(max_restarts=1, max_task_retries=1)
+class Queue:
+    """Records the calls it runs, in order; `hold` blocks until a file exists."""
+
+    def __init__(self, d):
+        self.d = d
+        self.ran = []
+
+    def hold(self, gate, die_once=False):
+        assert procs.wait_until(lambda: os.path.exists(gate), 60)
+        if die_once and procs.touch_new(self.d, "died") == 0:
+            os._exit(1)
+        return "released"
+
+    def record(self, i):
+        self.ran.append(i)
+        return i
+
+    def log(self):
+        return self.ran
+
+
+def _held_calls(backend, actor) -> int:
+    """How many calls of `actor` the scheduler holds back for its next batch."""
+    with backend.scheduler.lock:
+        return len(backend.scheduler.actors[actor._actor_id].held)
+
+
+def test_calls_behind_a_busy_actor_go_in_order_and_a_held_one_can_be_cancelled(start, tmp_path):
+    backend = start()
+    gate = str(tmp_path / "gate")
+    actor = Queue.remote(str(tmp_path))
+    assert ray.get(actor.log.remote(), timeout=30) == []
+    blocker = actor.hold.remote(gate)
+    calls = [actor.record.remote(i) for i in range(20)]
+    assert _held_calls(backend, actor) > 0  # (beyond the window: they wait for a batch)
+    ray.cancel(calls[10])
+    open(gate, "w").close()
+    assert ray.get(blocker, timeout=60) == "released"
+    with pytest.raises(exc.TaskCancelledError) as info:
+        ray.get(calls[10], timeout=60)
+    assert not isinstance(info.value, exc.TaskError)  # never ran
+    expected = [i for i in range(20) if i != 10]
+    assert ray.get(calls[:10] + calls[11:], timeout=60) == expected
+    assert ray.get(actor.log.remote(), timeout=30) == expected
+    assert _held_calls(backend, actor) == 0
+
+
+def test_calls_held_back_when_an_actor_dies_run_on_its_restart(start, tmp_path):
+    backend = start()
+    gate = str(tmp_path / "gate")
+    actor = Queue.remote(str(tmp_path))
+    assert ray.get(actor.log.remote(), timeout=30) == []
+    dying = actor.hold.remote(gate, die_once=True)
+    calls = [actor.record.remote(i) for i in range(10)]
+    assert _held_calls(backend, actor) > 0
+    open(gate, "w").close()
+    # The call that killed it is retried (max_task_retries=1) on the new process, and
+    # the calls it held back run there after it, in order.
+    assert ray.get(dying, timeout=60) == "released"
+    assert ray.get(calls, timeout=60) == list(range(10))
+    assert ray.get(actor.log.remote(), timeout=30) == list(range(10))
+    assert procs.count(str(tmp_path), "died") == 2  # the run that died, and its retry
+
+
 @ray.remote
 def sleeper(d, seconds=60):
     procs.touch_new(d, "s")

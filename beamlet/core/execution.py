@@ -51,6 +51,17 @@ class ActorInstance:
         self.spec = spec
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
+        self._async_methods: dict[str, tuple] = {}  # name -> (function, is it async)
+
+    def is_async(self, name: str, method) -> bool:
+        """Whether `method` (the bound method `name`) is ``async def`` (asked
+        once per function: inspect is slow next to a call)."""
+        function = getattr(method, "__func__", method)
+        known = self._async_methods.get(name)
+        if known is None or known[0] is not function:
+            known = self._async_methods[name] = (function,
+                                                 inspect.iscoroutinefunction(method))
+        return known[1]
 
     def loop(self) -> asyncio.AbstractEventLoop:
         with self._loop_lock:
@@ -93,6 +104,8 @@ class Executor:
 
     # -- arguments ------------------------------------------------------------
     def _resolve(self, spec: TaskSpec) -> tuple[list, dict]:
+        if not spec.args and not spec.kwargs:
+            return [], {}
         ref_ids = spec.dependencies()
         fetched: dict[bytes, SerializedObject] = {}
         if ref_ids:
@@ -162,7 +175,7 @@ class Executor:
             if actor is None:
                 raise exc.ActorDiedError(f"actor {spec.function_name} is not running here")
             method = _actor_method(actor.instance, spec.method_name)
-            if inspect.iscoroutinefunction(method):
+            if actor.is_async(spec.method_name, method):
                 return asyncio.run_coroutine_threadsafe(_with_context(method, args, kwargs),
                                                         actor.loop()).result()
             return method(*args, **kwargs)

@@ -101,6 +101,12 @@ class MemoryObjectStore(ObjectStore):
             objects = self._objects
             if self.closed:
                 pending = None
+            elif type(object_ids) in (list, tuple) and len(object_ids) == 1:
+                object_id = object_ids[0]  # (the common case, without building sets)
+                if object_id in objects or object_id in self._deleted:
+                    pending, count = (), count - 1
+                else:
+                    pending = {object_id}
             else:
                 ids = object_ids if isinstance(object_ids, (set, frozenset)) else set(object_ids)
                 # (Not ids - objects.keys(): that walks every key of the store.)
@@ -212,13 +218,18 @@ class MemoryObjectStore(ObjectStore):
     # -- reading ------------------------------------------------------------------
     def get(self, object_ids: Sequence[bytes], timeout: float | None = None) -> list[SerializedObject]:
         objects = self._objects
-        try:
-            return [self._materialize(i, objects[i]) for i in object_ids]
-        except KeyError:
-            pass
+        if len(object_ids) == 1:  # (the common case: no KeyError raised when it is absent)
+            entry = objects.get(object_ids[0])
+            if entry is not None:
+                return [self._materialize(object_ids[0], entry)]
+        else:
+            try:
+                return [self._materialize(i, objects[i]) for i in object_ids]
+            except KeyError:
+                pass
         arrived = _Signal()
         waiter = self.notify_when(object_ids, len(set(object_ids)), arrived.set)
-        if waiter is not None and not arrived.wait(timeout):
+        if waiter is not None and not self._block(object_ids, arrived, timeout):
             self.cancel_waiter(waiter)
             if not arrived.wait(0):
                 with self._cond:
@@ -240,6 +251,13 @@ class MemoryObjectStore(ObjectStore):
     def _materialize(self, object_id: bytes, entry) -> SerializedObject:
         """The SerializedObject for a stored entry (subclasses store other kinds)."""
         return entry
+
+    def _block(self, object_ids: Sequence[bytes], arrived: _Signal,
+               timeout: float | None) -> bool:
+        """Wait until `arrived` is set (the objects `get` waits for are in) or
+        `timeout` passes; whether it was set. A subclass may make the objects
+        arrive meanwhile in this very thread (e.g. read them off a socket)."""
+        return arrived.wait(timeout)
 
     def _stored(self, object_id: bytes, entry) -> None:
         """An entry was stored, under the lock (subclasses account for it)."""

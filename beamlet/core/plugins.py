@@ -30,7 +30,9 @@ _lock = threading.Lock()
 
 
 def manager() -> pluggy.PluginManager:
-    """The process-wide PluginManager, built on first use."""
+    """The process-wide PluginManager, built on first use. Add and remove
+    plugins with `register`/`unregister`, not on it directly: `notify`
+    remembers which hooks have observers until one of those is called."""
     global _manager
     if _manager is None:
         with _lock:
@@ -49,11 +51,13 @@ def register(plugin, name: str | None = None) -> None:
     """Register a plugin object or module at run time (as an entry point would)."""
     pm = manager()
     pm.register(plugin, name=name)
+    _observed.clear()
     _apply_serializers(pm)
 
 
 def unregister(plugin) -> None:
     manager().unregister(plugin)
+    _observed.clear()
 
 
 def _merge(results: list[dict], what: str) -> dict:
@@ -88,12 +92,20 @@ def observer(hook_name: str):
     return caller if caller.get_hookimpls() else None
 
 
+#: hook name -> its caller, or None when no plugin implements it (see notify);
+#: emptied whenever a plugin is registered or unregistered.
+_observed: dict = {}
+
+
 def notify(hook_name: str, **kwargs) -> None:
     """Call an observer hook, if any plugin implements it. An observer that
     raises is reported on stderr and otherwise ignored: it runs inside the
     scheduler, where an exception would lose the task it was told about."""
-    caller = getattr(manager().hook, hook_name)
-    if not caller.get_hookimpls():
+    try:
+        caller = _observed[hook_name]
+    except KeyError:
+        caller = _observed[hook_name] = observer(hook_name)
+    if caller is None:
         return
     try:
         caller(**kwargs)

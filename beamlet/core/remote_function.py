@@ -29,6 +29,7 @@ class RemoteFunction:
         self._name = _name(function)
         self._blob: bytes | None = None
         self._function_id: bytes | None = None
+        self._call_options: tuple | None = None  # (see _call_options), made at the first call
         functools.update_wrapper(self, function, updated=())
 
     def __call__(self, *args, **kwargs):
@@ -54,19 +55,18 @@ class RemoteFunction:
     def remote(self, *args, **kwargs):
         return self._remote(args, kwargs, self._options)
 
-    def _remote(self, args, kwargs, options: dict):
+    def _remote(self, args, kwargs, options: dict, call: tuple | None = None):
         rt = _runtime.current()
         function_id, blob = self._code()
         rt.register_function(function_id, blob)
-        num_returns = options.get("num_returns", 1)
-        retry_exceptions = options.get("retry_exceptions", False)
-        if isinstance(retry_exceptions, (list, tuple)):
-            retry_exceptions = _ExceptionTypes(retry_exceptions)
-        spec, _keep = rt.make_spec(
-            TASK, function_id, self._name, args, kwargs, num_returns,
-            resource_request(options, 1.0),
-            max_retries=options.get("max_retries", DEFAULT_MAX_RETRIES),
-            retry_exceptions=retry_exceptions)
+        if call is None:
+            call = self._call_options
+            if call is None:
+                call = self._call_options = _call_options(options)
+        num_returns, resources, max_retries, retry_exceptions = call
+        spec, _keep = rt.make_spec(TASK, function_id, self._name, args, kwargs, num_returns,
+                                   resources, max_retries=max_retries,
+                                   retry_exceptions=retry_exceptions)
         refs = rt.submit(spec)
         return refs[0] if num_returns == 1 else refs
 
@@ -90,14 +90,26 @@ class _BoundOptions:
     def __init__(self, fn: RemoteFunction, options: dict):
         self._fn = fn
         self._options = options
+        self._call = _call_options(options)
 
     def remote(self, *args, **kwargs):
-        return self._fn._remote(args, kwargs, self._options)
+        return self._fn._remote(args, kwargs, self._options, self._call)
 
     def options(self, **options) -> "_BoundOptions":
         merged = dict(self._options)
         merged.update(validate(options, TASK_OPTIONS, f"{self._fn._name}.options()"))
         return _BoundOptions(self._fn, merged)
+
+
+def _call_options(options: dict) -> tuple:
+    """What a call with these (validated) options puts in its spec, worked out
+    once: (num_returns, resources, max_retries, retry_exceptions). The resources
+    dict is shared by the specs of every call: nothing may change it."""
+    retry_exceptions = options.get("retry_exceptions", False)
+    if isinstance(retry_exceptions, (list, tuple)):
+        retry_exceptions = _ExceptionTypes(retry_exceptions)
+    return (options.get("num_returns", 1), resource_request(options, 1.0),
+            options.get("max_retries", DEFAULT_MAX_RETRIES), retry_exceptions)
 
 
 class _ExceptionTypes(tuple):
@@ -127,6 +139,7 @@ def _rebuild_unpickled(function, options: dict) -> RemoteFunction:
     fn._options = options
     fn._name = _name(function)
     fn._blob = fn._function_id = None
+    fn._call_options = None
     return fn
 
 
@@ -139,6 +152,7 @@ def _rebuild_remote_function(blob: bytes, function_id: bytes, options: dict) -> 
     fn._name = _name(function)
     fn._blob = blob
     fn._function_id = function_id
+    fn._call_options = None
     functools.update_wrapper(fn, function, updated=())
     return fn
 

@@ -24,6 +24,10 @@ class ResourcePool:
         totals.update(resources or {})
         self._total = {k: _units(v) for k, v in totals.items()}
         self._free = dict(self._total)
+        # id(request) -> (request, ((name, units), ...)): a request's amounts in
+        # units, worked out once per request dict (specs of one function share it).
+        self._units_of: dict[int, tuple] = {}
+        self._feasible: dict[int, dict] = {}  # id(request) -> request found feasible
         # What is free of each GPU device (a fraction of one can be shared), so a
         # task sees its devices in CUDA_VISIBLE_DEVICES and no whole-GPU task gets
         # a device that fractional tasks use.
@@ -37,6 +41,8 @@ class ResourcePool:
 
     def check_feasible(self, request: dict[str, float], what: str) -> None:
         """Raise ValueError if `request` could never fit, naming the resource."""
+        if self._feasible.get(id(request)) is request:
+            return
         for name, amount in request.items():
             have = self._total.get(name)
             if have is None:
@@ -45,11 +51,25 @@ class ResourcePool:
             if _units(amount) > have:
                 raise ValueError(f"{what} requests {amount} {name}, but the cluster only has "
                                  f"{have / _UNIT}: it could never run")
+        if len(self._feasible) >= 4096:
+            self._feasible.clear()
+        self._feasible[id(request)] = request
+
+    def _request_units(self, request: dict[str, float]) -> tuple:
+        cached = self._units_of.get(id(request))
+        if cached is not None and cached[0] is request:
+            return cached[1]
+        units = tuple((name, _units(amount)) for name, amount in request.items())
+        if len(self._units_of) >= 4096:
+            self._units_of.clear()
+        self._units_of[id(request)] = (request, units)  # (holding it: its id stays its own)
+        return units
 
     def fits(self, request: dict[str, float]) -> bool:
         free = self._free
-        if not all(free.get(name, 0) >= _units(amount) for name, amount in request.items()):
-            return False
+        for name, units in self._request_units(request):
+            if free.get(name, 0) < units:
+                return False
         gpus = request.get("GPU", 0)
         return not gpus or not self._gpu_free or self._gpu_devices(gpus) is not None
 
@@ -66,8 +86,9 @@ class ResourcePool:
 
     def acquire(self, request: dict[str, float]) -> list[int]:
         """Take the request (it must fit); return the GPU ids assigned, if any."""
-        for name, amount in request.items():
-            self._free[name] -= _units(amount)
+        free = self._free
+        for name, units in self._request_units(request):
+            free[name] -= units
         gpus = request.get("GPU", 0)
         if not gpus or not self._gpu_free:
             return []
@@ -78,8 +99,11 @@ class ResourcePool:
         return devices
 
     def release(self, request: dict[str, float], gpu_ids: list[int] = ()) -> None:
-        for name, amount in request.items():
-            self._free[name] += _units(amount)
+        free = self._free
+        for name, units in self._request_units(request):
+            free[name] += units
+        if not gpu_ids:
+            return
         gpus = request.get("GPU", 0)
         share = _UNIT if gpus >= 1 else _units(gpus)
         for i in gpu_ids:

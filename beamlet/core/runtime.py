@@ -136,7 +136,7 @@ class Runtime:
     # -- submission -----------------------------------------------------------
     def submit(self, spec: TaskSpec) -> list["ObjectRef"]:
         """Hand a spec to the scheduler; return refs to its results."""
-        from .object_ref import ObjectRef
+        ObjectRef = _object_ref_class()
         refs = [ObjectRef(rid) for rid in spec.return_ids]
         if self.backend.owns_objects:
             self.accept(spec)
@@ -163,8 +163,12 @@ class Runtime:
                   num_returns: int, resources: dict, max_retries: int = 0,
                   retry_exceptions: Any = False, actor_id: bytes | None = None,
                   method_name: str | None = None, actor_options: dict | None = None):
-        packed, packed_kw, keep = self.pack_args(args, kwargs, function_name)
-        return_ids = tuple(ids.new_id() for _ in range(max(num_returns, 1)))
+        if args or kwargs:
+            packed, packed_kw, keep = self.pack_args(args, kwargs, function_name)
+        else:
+            packed, packed_kw, keep = [], {}, []
+        return_ids = ((ids.new_id(),) if num_returns <= 1
+                      else tuple(ids.new_id() for _ in range(num_returns)))
         spec = TaskSpec(ids.new_id(), kind, function_id, function_name, packed, packed_kw,
                         return_ids, resources, max_retries, retry_exceptions, actor_id,
                         method_name, actor_options, self.caller_id)
@@ -279,6 +283,18 @@ class Runtime:
         with self._callbacks_lock:
             if self._callbacks is not None:
                 self._callbacks.put(None)
+
+
+def _object_ref_class():
+    """ObjectRef (imported on first use: object_ref.py imports this module)."""
+    global _ObjectRef
+    if _ObjectRef is None:
+        from .object_ref import ObjectRef
+        _ObjectRef = ObjectRef
+    return _ObjectRef
+
+
+_ObjectRef = None
 
 
 def _check_timeout(timeout) -> None:

@@ -51,6 +51,8 @@ class SerializedObject:
     @property
     def total_bytes(self) -> int:
         """Size of the stream plus all buffers, in bytes."""
+        if not self.buffers:
+            return len(self.data)
         return len(self.data) + sum(memoryview(b).nbytes for b in self.buffers)
 
     def detached(self) -> "SerializedObject":
@@ -65,7 +67,7 @@ class SerializedObject:
 
     def __reduce__(self):
         # Sent inline (small values): buffers travel as bytes inside the message.
-        copy = self.detached()
+        copy = self.detached() if self.buffers else self
         return (SerializedObject, (copy.data, copy.buffers, copy.refs, copy.is_error))
 
     def __repr__(self) -> str:

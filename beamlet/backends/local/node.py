@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import select
 import selectors
 import shutil
 import sys
@@ -33,6 +34,7 @@ from ...core import auth
 from ...core.interfaces import ControlStore, Joined, Left, Received
 from ...core.refcount import ReferenceCounter
 from ...core.resources import ResourcePool
+from ...core.serialization import SerializedObject
 from ...core.task_spec import TaskSpec
 from . import protocol as P
 from . import shm
@@ -49,6 +51,8 @@ DEFAULT_STORE_FRACTION = 0.3
 IDLE_WORKER_TIMEOUT = 2.0  # seconds before a surplus idle worker is let go
 WORKER_START_TIMEOUT = 30.0  # seconds before a worker that never said hello is given up
 CHORES_INTERVAL = 0.5  # seconds between the I/O thread's periodic chores
+RELEASE_BATCH = 1000  # released small objects that wake the I/O thread to free them
+DIRECT_SLICE = 0.05  # seconds a get reading its result itself waits before looking around
 
 
 class JobOwner(Protocol):
@@ -129,7 +133,7 @@ class Node:
         #: Every process of the session proves it holds this before it is heard
         #: (core/auth.py); workers get it from the zygote, which gets it on stdin.
         self.secret = auth.new_secret()
-        self.transport = UnixSocketTransport(self.secret, P.VERSION)
+        self.transport = UnixSocketTransport(self.secret, P.VERSION, P.CODEC)
         self.listener = self.transport.listen(f"@beamlet-{self.session}")
         self.object_store = LocalObjectStore(owner.refs, self.session, capacity,
                                              inline_threshold, self._spill_dir)
@@ -148,6 +152,12 @@ class Node:
         self._workers: dict[SocketConnection, WorkerInfo | None] = {}  # joined -> its worker
         self._awaiting: dict[tuple, object] = {}  # (worker id, request id) -> store Waiter
         self._handlers = self._dispatch_table()
+        #: Held while handling what peers sent: by the I/O thread, or by a thread
+        #: that reads a worker's connection itself (see `_wait_here`), so the
+        #: handling never runs in two threads at once. `_turn_holder`: its thread.
+        self._turn = threading.Lock()
+        self._turn_holder = 0
+        self.object_store.wait_here = self._wait_here
         self._wake_r, self._wake_w = os.pipe()
         self._io = threading.Thread(target=self._io_loop, name="beamlet-io", daemon=True)
         self._io.start()
@@ -177,6 +187,7 @@ class Node:
         sel.register(self.listener.fileno(), selectors.EVENT_READ, "listener")
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         next_chores = 0.0
+        me = threading.get_ident()
         try:
             while not self._closed:
                 ready = sel.select(timeout=CHORES_INTERVAL)
@@ -193,13 +204,20 @@ class Node:
                         self._free_released()
                 # The listener is polled on every turn: it also gives up
                 # handshakes past their deadline.
-                for event in self.listener.poll():
-                    if self._closed:
-                        return
+                with self._turn:
+                    self._turn_holder = me
                     try:
-                        self._on_event(event)
-                    except Exception:  # noqa: BLE001
-                        log_error("in the I/O thread")
+                        for event in self.listener.poll():
+                            if self._closed:
+                                return
+                            try:
+                                self._on_event(event)
+                            except Exception:  # noqa: BLE001
+                                log_error("in the I/O thread")
+                    finally:
+                        self._turn_holder = 0
+                if self._released:
+                    self._free_released()
         finally:
             sel.close()
 
@@ -375,7 +393,8 @@ class Node:
 
     def _forget_worker(self, worker: WorkerInfo) -> None:
         """A worker died: withdraw the requests it was waiting on."""
-        for key in [k for k in self._awaiting if k[0] == worker.worker_id]:
+        # (A copy first: answers arriving in other threads pop from the dict.)
+        for key in [k for k in list(self._awaiting) if k[0] == worker.worker_id]:
             self.object_store.cancel_waiter(self._awaiting.pop(key, None))
 
     def _forget(self, worker: WorkerInfo, req_id: int) -> None:
@@ -440,6 +459,85 @@ class Node:
                   else self.scheduler.available_resources())
         self._reply(worker, message.req_id, True, result)
 
+    # -- a get that reads its result itself ----------------------------------------
+    def _wait_here(self, object_id: bytes, arrived, timeout: float | None) -> bool:
+        """Block a `get` of one object (in the caller's thread) until `arrived`
+        is set or `timeout` passes; whether it was set.
+
+        Rather than sleep until the I/O thread reads the result and wakes us (a
+        thread switch per call), read it off the socket of the worker that makes
+        it, handling everything that worker sends as the I/O thread would (its
+        connection is paused in the listener meanwhile). Plain waiting when no
+        worker runs that task yet, another thread reads that worker already, or
+        this thread is the one handling messages (a get inside a handler)."""
+        until = None if timeout is None else time.monotonic() + timeout
+        if self._turn_holder != threading.get_ident():
+            tried = None
+            while True:
+                worker = self.scheduler.running_on(object_id)
+                if worker is None or worker is tried or worker.conn is None:
+                    if self._released:
+                        self._free_released()
+                    break
+                tried = worker
+                got = self._read_worker(worker, object_id, arrived, until)
+                if got is not None:
+                    return got
+        return arrived.wait(None if until is None else max(0.0, until - time.monotonic()))
+
+    def _read_worker(self, worker: WorkerInfo, object_id: bytes, arrived,
+                     until: float | None) -> bool | None:
+        """Read and handle `worker`'s messages until `arrived` is set (True),
+        `until` passes (False), or the task moved, the worker died or the
+        connection is read elsewhere (None)."""
+        conn = worker.conn
+        with self._turn:
+            if self._closed or not self.listener.pause(conn):
+                return None
+        gone = False
+        try:
+            if self._released:
+                self._free_released()  # (this thread holds no lock: a good moment)
+            poller = select.poll()
+            poller.register(conn.fileno(), select.POLLIN)
+            running_on = self.scheduler.running_on
+            me = threading.get_ident()
+            while True:
+                # (First: the I/O thread may have handled the result before the pause.)
+                if arrived.wait(0):
+                    return True
+                if self._closed or conn.closed or running_on(object_id) is not worker:
+                    return None
+                left = DIRECT_SLICE if until is None else min(DIRECT_SLICE,
+                                                              until - time.monotonic())
+                if left <= 0:
+                    return False
+                if conn.buffered or poller.poll(left * 1000):
+                    error = None
+                    try:
+                        messages = conn.recv_all()
+                    except EOFError:
+                        messages = None
+                    except ProtocolError as err:
+                        messages, error = None, err
+                    with self._turn:
+                        if self._closed:
+                            return None
+                        self._turn_holder = me
+                        try:
+                            if messages is None:
+                                gone = True
+                                self._drop(conn, error)  # (what the I/O thread does at EOF)
+                                return None
+                            if messages:
+                                self._received(conn, messages)
+                        finally:
+                            self._turn_holder = 0
+        finally:
+            if not gone:
+                with self._turn:
+                    self.listener.resume(conn)
+
     # -- SchedulerHost (scheduler.py): what the scheduler may ask of this node ----------
     def start_worker(self, worker_id: str) -> None:
         self.launcher.fork(worker_id)
@@ -457,8 +555,22 @@ class Node:
         Safe to call from anywhere, even from ``ObjectRef.__del__`` run by the
         cyclic GC in a thread that holds the scheduler's or the store's lock:
         it only queues the id (a deque append takes no lock); the I/O thread
-        frees it, or a put that needs the room does at once."""
-        self._released.append(object_id)
+        frees it, or a put that needs the room does at once.
+
+        The I/O thread frees what is queued at each turn of its loop (and at
+        least every `CHORES_INTERVAL`), so it is woken only for what should go
+        at once: a value in shared memory or holding refs, an actor's handle
+        token, or a long queue. A small value just waits for the next turn:
+        waking the I/O thread for it cost a thread switch per task."""
+        released = self._released
+        released.append(object_id)
+        if self._release_pending:
+            return
+        entry = self.object_store.entry(object_id)
+        if entry is None or type(entry) is SerializedObject:
+            if (entry is None or not entry.refs) and len(released) < RELEASE_BATCH \
+                    and object_id not in self.scheduler.actor_tokens:
+                return
         if not self._release_pending:
             self._release_pending = True
             try:

@@ -64,6 +64,9 @@ class LocalObjectStore(MemoryObjectStore):
         #: Set by the backend: frees objects whose release is still queued. Never
         #: call it with the space lock held (it takes the scheduler's lock).
         self.reclaim: Callable[[], None] | None = None
+        #: Set by the node: ``wait_here(object_id, arrived, timeout)`` blocks a
+        #: `get` of one object like `_block`, reading its result itself.
+        self.wait_here: Callable | None = None
         self._pins: dict[bytes, int] = {}  # objects shipped to running tasks: not spilled
         self._owners: dict[bytes, str] = {}  # object id -> worker that put it
         self._owned: dict[str, set[bytes]] = {}  # worker -> ids it put, still alive
@@ -287,6 +290,11 @@ class LocalObjectStore(MemoryObjectStore):
             self._lru[object_id] = entry
 
     # -- reading --------------------------------------------------------------
+    def _block(self, object_ids, arrived, timeout) -> bool:
+        if len(object_ids) == 1 and self.wait_here is not None:
+            return self.wait_here(object_ids[0], arrived, timeout)
+        return arrived.wait(timeout)
+
     def _materialize(self, object_id: bytes, entry) -> SerializedObject:
         if not isinstance(entry, ShmEntry):
             return entry

@@ -1,13 +1,16 @@
 """The messages between a node and its workers: typed, versioned, one table.
 
-Each message is a small ``NamedTuple`` class: it pickles as its class and its
-fields, so the receiver gets a value of a known type with named fields, and
-dispatches on ``type(message)`` through one table (the node's in node.py,
-the worker's in worker.py). A frame holding anything but a message its
-receiver accepts (`FROM_WORKER`, `FROM_NODE`), or a message with the wrong
-number of fields, is a protocol error: the connection is closed. `VERSION` is
-bound into every connection's handshake (core/auth.py), so a process of
-another version is refused before it sends anything.
+Each message is a small ``NamedTuple`` class, so the receiver gets a value of
+a known type with named fields, and dispatches on ``type(message)`` through
+one table (the node's in node.py, the worker's in worker.py). On the wire
+(`CODEC`) a message is a plain tuple, its class's tag and its fields, with a
+task's spec and inline results as plain tuples too: unpickling a class costs
+an import lookup (about 2 us each), several per message otherwise. A frame
+holding anything but a message its receiver accepts (`FROM_WORKER`,
+`FROM_NODE`), or a message with the wrong number of fields, is a protocol
+error: the connection is closed. `VERSION` is bound into every connection's
+handshake (core/auth.py), so a process of another version is refused before
+it sends anything.
 
 Objects travel as *entries*: a ``SerializedObject`` (small values, inline) or
 a ``ShmEntry`` (a value in a shared-memory segment, by name).
@@ -21,10 +24,13 @@ from __future__ import annotations
 import reprlib
 from typing import Any, NamedTuple
 
+from ...core.serialization import SerializedObject
+from ...core.task_spec import TaskSpec
+
 #: The protocol a connection speaks, bound into its handshake (core/auth.py): a
 #: process of another version is refused, both versions named. Change it with
 #: any change to the messages below.
-VERSION = "beamlet-local/2"
+VERSION = "beamlet-local/3"
 
 
 # -- worker -> node ----------------------------------------------------------------
@@ -154,6 +160,75 @@ FROM_WORKER = frozenset({Hello, Done, Submit, Put, Refs, CancelTask, KillActor, 
                          GetRequest, WaitRequest, AllocRequest, AbandonRequest, ControlRequest,
                          ResourcesRequest})
 FROM_NODE = frozenset({Welcome, Execute, Reply, Interrupt, Exit})
+
+
+def _reduce_message(message):
+    # (class, fields): rebuilt by calling the class, which checks the number of
+    # fields. (A NamedTuple's default reduce goes through copyreg and
+    # __getnewargs__: twice as slow.) Used when a message is pickled whole,
+    # by a connection without the codec.
+    return (type(message), tuple(message))
+
+
+for _message_class in FROM_WORKER | FROM_NODE:
+    _message_class.__reduce__ = _reduce_message
+
+#: Wire tags, by position. Append only (and change VERSION).
+_CLASSES = (Hello, Done, Submit, Put, Refs, CancelTask, KillActor, Forget, GetRequest,
+            WaitRequest, AllocRequest, AbandonRequest, ControlRequest, ResourcesRequest,
+            Welcome, Execute, Reply, Interrupt, Exit)
+_TAGS = {cls: tag for tag, cls in enumerate(_CLASSES)}
+_EXECUTE, _DONE = _TAGS[Execute], _TAGS[Done]
+
+
+def _entry_out(entry):
+    if type(entry) is SerializedObject:
+        if entry.buffers:
+            entry = entry.detached()
+        return (entry.data, entry.buffers, entry.refs, entry.is_error)
+    return entry
+
+
+def _entry_in(entry):
+    return SerializedObject(*entry) if type(entry) is tuple else entry
+
+
+class Codec:
+    """Turns messages into plain tuples for the transport's pickles and back
+    (see the module's docstring). `decode` raises ValueError or TypeError for
+    anything that is not a message (the transport closes the connection)."""
+
+    @staticmethod
+    def encode(message):
+        cls = type(message)
+        if cls is Execute:
+            spec, blobs, entries, gpu_ids = message
+            return (_EXECUTE, spec.__reduce__()[1], blobs, entries, gpu_ids)
+        if cls is Done:
+            task_id, entries, retryable = message
+            return (_DONE, task_id, [_entry_out(e) for e in entries], retryable)
+        tag = _TAGS.get(cls)
+        return message if tag is None else (tag, *message)
+
+    @staticmethod
+    def decode(frame):
+        if type(frame) is not tuple:
+            if type(frame) in _TAGS:
+                return frame  # a message pickled whole (a peer without the codec)
+            raise ValueError(f"a message that is not one of the protocol's: {describe(frame)}")
+        tag = frame[0] if frame else None
+        if type(tag) is not int or not 0 <= tag < len(_CLASSES):
+            raise ValueError(f"a message that is not one of the protocol's: {describe(frame)}")
+        if tag == _EXECUTE:
+            _, spec, blobs, entries, gpu_ids = frame
+            return Execute(TaskSpec(*spec), blobs, entries, gpu_ids)
+        if tag == _DONE:
+            _, task_id, entries, retryable = frame
+            return Done(task_id, [_entry_in(e) for e in entries], retryable)
+        return _CLASSES[tag](*frame[1:])
+
+
+CODEC = Codec()
 
 #: Request messages by the short names the worker's client side uses.
 REQUESTS = {"get": GetRequest, "wait": WaitRequest, "alloc": AllocRequest,

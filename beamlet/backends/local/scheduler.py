@@ -30,13 +30,17 @@ from ...core.resources import ResourcePool
 from ...core.scheduling import RETRYING, ActorLifecycle, attempt_status, may_retry
 from ...core.serialization import SerializedObject, deserialize, serialize
 from ...core.tables import Tables
-from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, ARG_REF, ARG_VALUE, TaskSpec
+from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, ARG_REF, ARG_VALUE, TASK, TaskSpec
 from . import protocol as P
 
 if TYPE_CHECKING:
     from .object_store import LocalObjectStore
 
 STARTING, IDLE, BUSY, ACTOR, EXITING, DEAD = "STARTING", "IDLE", "BUSY", "ACTOR", "EXITING", "DEAD"
+
+#: Calls an actor (one call at a time) is sent ahead of its answers; the calls
+#: submitted beyond that wait and go in one batch (one send) at its next answer.
+ACTOR_WINDOW = 2
 
 
 class WorkerInfo:
@@ -63,7 +67,8 @@ class WorkerInfo:
 
 class ActorRecord:
     __slots__ = ("spec", "state", "worker", "calls", "inflight", "restarts_left", "reason",
-                 "gpu_ids", "token", "out_of_scope", "killed", "watched", "pinned")
+                 "gpu_ids", "token", "out_of_scope", "killed", "watched", "pinned", "held",
+                 "batched")
 
     def __init__(self, spec: TaskSpec):
         self.spec = spec
@@ -80,6 +85,13 @@ class ActorRecord:
         self.killed = False
         self.watched: set[bytes] = set()  # queued calls we wait on arguments for
         self.pinned: list[bytes] = []  # constructor args kept for restarts
+        # Calls in `inflight` not sent yet, with their messages: they go in one
+        # batch at the next answer (only `batched` actors, which run one call at
+        # a time, so that a call held back cannot be one that a running call
+        # waits for).
+        self.held: list[tuple[TaskSpec, P.Execute]] = []
+        options = spec.actor_options
+        self.batched = not options.get("is_async") and options.get("max_concurrency", 1) == 1
 
 
 class CallQueue:
@@ -185,7 +197,8 @@ class LocalScheduler(Scheduler):
         # Resource shape -> ready specs (tasks and actor creations), FIFO per shape.
         self._queues: dict[tuple, collections.deque] = {}
         self.actors: dict[bytes, ActorRecord] = {}
-        self._actor_by_token: dict[bytes, bytes] = {}
+        #: An actor's handle token -> its id (read without the lock: a dict read is atomic).
+        self.actor_tokens: dict[bytes, bytes] = {}
         self._producer: dict[bytes, bytes] = {}    # return id -> task id, while unfinished
         self._tasks: dict[bytes, TaskSpec] = {}    # task id -> spec, while unfinished
         self._running: dict[bytes, WorkerInfo] = {}  # task id -> worker
@@ -213,7 +226,7 @@ class LocalScheduler(Scheduler):
             if spec.kind == ACTOR_CREATION and spec.actor_id not in self.actors:
                 # Known from now on, so calls queue while it waits for its arguments.
                 record = self.actors[spec.actor_id] = ActorRecord(spec)
-                self._actor_by_token[record.token] = spec.actor_id
+                self.actor_tokens[record.token] = spec.actor_id
                 if record.restarts_left:
                     # A restart runs __init__ again with the same arguments: keep them.
                     record.pinned = spec.dependencies() + spec.contained_refs()
@@ -221,8 +234,16 @@ class LocalScheduler(Scheduler):
                     # Lives until killed: the owner holds its handle, not the creator.
                     record.pinned.append(record.token)
                 self.host.pin(record.pinned)
-            deps = [d for d in dict.fromkeys(spec.dependencies()) if not self.store.contains(d)]
+            deps = spec.dependencies()
+            if deps:
+                deps = [d for d in dict.fromkeys(deps) if not self.store.contains(d)]
             if not deps:
+                if spec.kind == TASK and not self._queues and self.pool.fits(spec.resources):
+                    # Nothing queued ahead of it: straight to an idle worker, if any.
+                    worker = self._take_idle()
+                    if worker is not None:
+                        self._run_task(spec, worker)
+                        return
                 self._make_ready(spec)
                 self._dispatch()
                 return
@@ -354,6 +375,18 @@ class LocalScheduler(Scheduler):
         """Send the task to its worker. Returns the error when its arguments cannot
         be made available (e.g. the store is too full to restore one from disk);
         then nothing was sent. A dead worker is left to its EOF handler."""
+        message = self._execute_message(worker, spec, gpu_ids)
+        if type(message) is not P.Execute:
+            return message
+        try:
+            worker.conn.send(message)
+        except exc.BackendError:
+            pass
+        return None
+
+    def _execute_message(self, worker: WorkerInfo, spec: TaskSpec, gpu_ids):
+        """The EXECUTE for `worker` (its arguments pinned until the task ends), or
+        the error when its arguments cannot be made available."""
         try:
             shipped, entries = self._ship_args(spec)
         except exc.BeamletError as err:
@@ -369,11 +402,7 @@ class LocalScheduler(Scheduler):
                 self.store.unpin(previous)
             self._shipped[spec.task_id] = list(entries)
             self.store.pin(entries)
-        try:
-            worker.conn.send(P.Execute(shipped, blobs, entries, gpu_ids))
-        except exc.BackendError:
-            pass
-        return None
+        return P.Execute(shipped, blobs, entries, gpu_ids)
 
     def _ship_args(self, spec: TaskSpec):
         """Inline small ready dependencies into the spec; name shared-memory ones."""
@@ -484,10 +513,29 @@ class LocalScheduler(Scheduler):
 
     def _send_actor_call(self, record: ActorRecord, spec: TaskSpec) -> None:
         record.inflight[spec.task_id] = spec
-        error = self._send_execute(record.worker, spec, None)
-        if error is not None:
+        worker = record.worker
+        message = self._execute_message(worker, spec, None)
+        if type(message) is not P.Execute:
             record.inflight.pop(spec.task_id, None)
-            self._fail(spec, error)
+            self._fail(spec, message)
+            return
+        if record.batched and (record.held or
+                               len(record.inflight) - len(record.held) > ACTOR_WINDOW):
+            record.held.append((spec, message))  # (see ActorRecord.held)
+            return
+        try:
+            worker.conn.send(message)
+        except exc.BackendError:
+            pass  # it died; its EOF is being handled
+
+    def _send_held(self, record: ActorRecord) -> None:
+        """Send the actor every held call, in one batch."""
+        held, record.held = record.held, []
+        if held and record.worker is not None:
+            try:
+                record.worker.conn.send_many([message for _, message in held])
+            except exc.BackendError:
+                pass
 
     def _actor_alive(self, record: ActorRecord) -> None:
         self._move(record, ActorLifecycle.ALIVE)
@@ -529,6 +577,7 @@ class LocalScheduler(Scheduler):
             self._fail(record.spec, error)
         calls = list(record.inflight.values()) + record.calls.drain()
         record.inflight.clear()
+        record.held = []
         record.watched.clear()
         for spec in calls:
             self._fail(spec, error)
@@ -550,10 +599,10 @@ class LocalScheduler(Scheduler):
     def token_released(self, object_id: bytes) -> None:
         """The last handle to an actor is gone: end it once its calls are done.
         Called for every freed object, so most calls return at the first line."""
-        if object_id not in self._actor_by_token:  # (a dict read needs no lock)
+        if object_id not in self.actor_tokens:  # (a dict read needs no lock)
             return
         with self.lock:
-            actor_id = self._actor_by_token.pop(object_id, None)
+            actor_id = self.actor_tokens.pop(object_id, None)
             record = self.actors.get(actor_id) if actor_id else None
             if record is None or record.state == ActorLifecycle.DEAD:
                 return
@@ -572,6 +621,8 @@ class LocalScheduler(Scheduler):
                 record = self.actors.get(spec.actor_id)
                 if record is not None:
                     record.inflight.pop(task_id, None)
+                    if record.held and record.worker is worker:
+                        self._send_held(record)
                 if retryable and self._retry_left(spec, record):
                     self._retrying(spec, worker)
                     self._resend_actor_call(record, spec)
@@ -614,7 +665,8 @@ class LocalScheduler(Scheduler):
                 self._make_ready(spec)
             else:
                 self._finish(spec, entries, self._outcome(spec, entries), worker)
-            self._dispatch()
+            if self._queues:
+                self._dispatch()
 
     def _outcome(self, spec: TaskSpec, entries: list) -> str:
         """The status observers are told for a finished attempt."""
@@ -665,6 +717,23 @@ class LocalScheduler(Scheduler):
         sobj = serialize(error, is_error=True)
         self._finish(spec, [sobj] * len(spec.return_ids),
                      "CANCELLED" if isinstance(error, exc.TaskCancelledError) else "FAILED")
+
+    def running_on(self, object_id: bytes) -> WorkerInfo | None:
+        """The worker running the task or actor call that makes `object_id`
+        right now (None: none is). Takes no lock (dict reads are atomic), so
+        the answer may be stale by the time it is used: a hint."""
+        task_id = self._producer.get(object_id)
+        if task_id is None:
+            return None
+        worker = self._running.get(task_id)
+        if worker is not None:
+            return worker
+        spec = self._tasks.get(task_id)
+        if spec is not None and spec.kind == ACTOR_METHOD:
+            record = self.actors.get(spec.actor_id)
+            if record is not None and task_id in record.inflight:
+                return record.worker
+        return None
 
     # -- blocking get inside a task -------------------------------------------
     def _lendable(self, worker: WorkerInfo) -> dict | None:
@@ -846,6 +915,7 @@ class LocalScheduler(Scheduler):
                 else:
                     self._fail(spec, unavailable)
             record.inflight.clear()
+            record.held = []
             for spec in reversed(retry):
                 record.calls.push_front(spec)
             if creating:
@@ -900,7 +970,12 @@ class LocalScheduler(Scheduler):
                 if force:
                     raise ValueError("force=True is not supported for actor calls; use kill()")
                 record = self.actors.get(spec.actor_id)
-                if record is not None and record.calls.remove(spec):
+                held = [i for i, (h, _) in enumerate(record.held) if h is spec] if record else ()
+                if held:  # not sent yet: it never runs
+                    del record.held[held[0]]
+                    record.inflight.pop(task_id, None)
+                    self._fail(spec, exc.TaskCancelledError(f"task {spec.display_name} was cancelled"))
+                elif record is not None and record.calls.remove(spec):
                     record.watched.discard(spec.task_id)
                     self._fail(spec, exc.TaskCancelledError(f"task {spec.display_name} was cancelled"))
                 elif record is not None and task_id in record.inflight and record.worker:

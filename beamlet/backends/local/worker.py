@@ -3,9 +3,11 @@
 A worker connects to the driver, then runs what it is sent: tasks one at a
 time on its main thread, or, once it hosts an actor, the actor's calls (in
 order; on a thread pool with ``max_concurrency``; on an event loop for async
-actors). A reader thread takes every message off the socket: tasks go to the
-run queue, replies wake the thread that asked, a cancel interrupts the main
-thread, and end-of-file (the driver is gone) ends the process.
+actors). Messages are taken off the socket by the main thread itself while
+it waits for work, and by a reader thread while it runs a task that asks for
+something or runs long (see `_Reading`): tasks go to the inbox, replies wake
+the thread that asked, a cancel interrupts the main thread, and end-of-file
+(the driver is gone) ends the process.
 
 Inside a task the full API works: `WorkerBackend` forwards submissions, puts
 and control-store calls to the driver, reads shared-memory objects directly,
@@ -14,12 +16,14 @@ and reports which objects this process holds references to.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import os
-import queue
+import select
 import signal
 import sys
 import threading
+import time
 from typing import Any, Callable, Sequence
 
 from ... import exceptions as exc
@@ -36,6 +40,12 @@ from .transport import ProtocolError, SocketConnection, UnixSocketTransport
 
 
 IDLE_FLUSH_INTERVAL = 0.2  # seconds: how soon an idle worker reports released refs
+#: Seconds a task runs on the main thread before the reader thread starts
+#: reading for it (a cancel or an exit waits at most about this long).
+READER_TAKEOVER = 0.005
+#: Seconds without a task after which the reader thread stops looking at the
+#: clock and sleeps until the next task starts (an idle worker costs nothing).
+READER_PARK_AFTER = 0.05
 
 
 class _Requests:
@@ -45,6 +55,8 @@ class _Requests:
         self._next = 0
         self._lock = threading.Lock()
         self._waiting: dict[int, Any] = {}
+        #: Called after each new request: someone must read the socket for its reply.
+        self.on_new: Callable[[], None] = lambda: None
 
     def new(self, callback: Callable | None = None) -> tuple[int, concurrent.futures.Future | None]:
         with self._lock:
@@ -52,10 +64,16 @@ class _Requests:
             req_id = self._next
         if callback is not None:
             self._waiting[req_id] = callback
-            return req_id, None
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._waiting[req_id] = fut
+            fut = None
+        else:
+            fut = concurrent.futures.Future()
+            self._waiting[req_id] = fut
+        self.on_new()
         return req_id, fut
+
+    def pending(self) -> bool:
+        """Whether a request still awaits its reply."""
+        return bool(self._waiting)
 
     def forget(self, req_id: int) -> None:
         self._waiting.pop(req_id, None)
@@ -353,6 +371,166 @@ class _PrefixedStream:
         return getattr(self._stream, name)
 
 
+class _Reading:
+    """Who reads the worker's socket, so that running a task needs no thread hand-off.
+
+    The main thread reads the socket itself whenever it waits for work, so a
+    task that arrives wakes the thread that runs it, directly. While the main
+    thread runs a task, the socket must still be read (replies to the task's
+    requests, a cancel, the order to exit, and calls queued behind it, so that
+    the node never blocks sending to us): the reader thread does it, but only
+    once that is needed, i.e. a request awaits its reply or the task has run
+    `READER_TAKEOVER` seconds. A short task that asks for nothing costs no
+    thread switch; what arrives meanwhile waits in the socket's buffer. When
+    the main thread wants the socket back, the reader thread lets it go.
+
+    One thread at a time reads (it holds `_read_lock`); the flags, changed
+    under `_state`, say who should. `dispatch(message)` handles each message
+    in the thread that read it; `pending()` says whether a reply is awaited.
+    """
+
+    def __init__(self, conn: SocketConnection, dispatch: Callable[[Any], None],
+                 pending: Callable[[], bool]):
+        self.conn = conn
+        self._dispatch = dispatch
+        self._pending = pending
+        self._read_lock = threading.Lock()
+        self._state = threading.Lock()
+        self._main_reading = False
+        self._reader_active = False
+        self._parked = False  # the reader thread sleeps until woken (the main thread idles)
+        self._busy_since: float | None = None  # when the main thread's task started
+        self._last_start = 0.0  # when the main thread's last task started
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # wakes the reader thread
+        self._sock_poll = select.poll()
+        self._sock_poll.register(conn.fileno(), select.POLLIN)
+
+    def start(self) -> None:
+        threading.Thread(target=self._reader, name="beamlet-reader", daemon=True).start()
+
+    def _signal(self) -> None:
+        os.eventfd_write(self._wake, 1)
+
+    def _read(self) -> None:
+        """Dispatch what the socket holds now; the process ends with the connection."""
+        try:
+            for message in self.conn.recv_all():
+                self._dispatch(message)
+        except EOFError:
+            os._exit(1)  # the driver is gone: nothing left to do
+        except Exception as err:  # noqa: BLE001 - a broken reader must not hang the worker
+            print(f"beamlet worker reader failed: {err!r}", file=sys.__stderr__, flush=True)
+            os._exit(1)
+
+    # -- the main thread ------------------------------------------------------------
+    def read_until(self, inbox, on_idle: Callable[[], None]) -> None:
+        """Read (in the main thread) until `inbox` holds something; `on_idle()`
+        after each `IDLE_FLUSH_INTERVAL` without a message."""
+        with self._state:
+            self._main_reading = True
+            if self._reader_active:
+                self._signal()  # let go of the socket
+        self._read_lock.acquire()
+        try:
+            conn, poll = self.conn, self._sock_poll
+            timeout = IDLE_FLUSH_INTERVAL * 1000
+            while not inbox:
+                if not conn.buffered and not poll.poll(timeout):
+                    on_idle()
+                    continue
+                self._read()
+        finally:
+            with self._state:
+                self._main_reading = False
+                wake = self._pending() and not self._reader_active
+                if wake:
+                    self._parked = False
+            self._read_lock.release()
+            if wake:
+                self._signal()
+
+    def task_started(self) -> None:
+        # No lock: the reader thread sets _parked before it reads these, and we
+        # set these before we read _parked, so one of us sees the other.
+        self._busy_since = self._last_start = time.monotonic()
+        if self._parked:
+            with self._state:
+                if self._parked:
+                    self._parked = False
+                    self._signal()
+
+    def task_finished(self) -> None:
+        self._busy_since = None
+
+    def nudge(self) -> None:
+        """A reply is awaited: make sure a thread reads the socket."""
+        if self._main_reading or self._reader_active:
+            return  # (it either goes on, or wakes the reader as it stops: see read_until)
+        with self._state:
+            if not self._main_reading and not self._reader_active:
+                self._parked = False
+                self._signal()
+
+    # -- the reader thread ----------------------------------------------------------
+    def _reader(self) -> None:
+        wake_poll = select.poll()
+        wake_poll.register(self._wake, select.POLLIN)
+        both = select.poll()
+        both.register(self.conn.fileno(), select.POLLIN)
+        both.register(self._wake, select.POLLIN)
+        conn = self.conn
+        while True:
+            with self._state:
+                now = time.monotonic()
+                since, last = self._busy_since, self._last_start
+                timeout = None
+                if self._main_reading:
+                    activate = False
+                elif self._pending():
+                    activate = True
+                elif since is not None:
+                    timeout = since + READER_TAKEOVER - now
+                    activate = timeout <= 0
+                else:
+                    activate = False
+                if not activate and timeout is None and now - last < READER_PARK_AFTER:
+                    timeout = READER_TAKEOVER  # tasks come and go: look again soon
+                self._reader_active = activate
+                if not activate and timeout is None:
+                    self._parked = True
+                    if self._busy_since is not since or self._last_start != last:
+                        self._parked = False  # a task started meanwhile
+                        timeout = 0
+            if not activate:
+                wake_poll.poll(None if timeout is None else timeout * 1000)
+                self._drain_wake()
+                continue
+            with self._read_lock:
+                try:
+                    while not self._main_reading:
+                        if not conn.buffered:
+                            both.poll()
+                            self._drain_wake()
+                            if self._main_reading:
+                                break
+                        self._read()
+                        # Not needed any more (the long task ended, no reply is
+                        # awaited)? Then the main thread reads once it runs dry.
+                        since = self._busy_since
+                        if not self._pending() and (
+                                since is None or time.monotonic() - since < READER_TAKEOVER):
+                            break
+                finally:
+                    with self._state:
+                        self._reader_active = False
+
+    def _drain_wake(self) -> None:
+        try:
+            os.eventfd_read(self._wake)
+        except BlockingIOError:
+            pass
+
+
 class Worker:
     """The worker's loop: take EXECUTE messages, run them, send DONE."""
 
@@ -363,7 +541,9 @@ class Worker:
         _runtime.set_current(self.runtime)
         self.backend: WorkerBackend = self.runtime.backend
         self.executor = Executor(self.runtime)
-        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.inbox: collections.deque = collections.deque()  # EXECUTEs read, not yet run
+        self.reading = _Reading(conn, self.handle, self.backend.requests.pending)
+        self.backend.requests.on_new = self.reading.nudge
         self.current_task: bytes | None = None
         self._interrupt_for: bytes | None = None  # the task a cancel signal is meant for
         self.cancelled: set[bytes] = set()
@@ -373,21 +553,11 @@ class Worker:
         self._async_tasks: dict[bytes, asyncio.Task] = {}
 
     # -- reading ------------------------------------------------------------------
-    def read_loop(self) -> None:
-        try:
-            while True:
-                for message in self.conn.recv_all(block=True):
-                    self.handle(message)
-        except EOFError:
-            pass
-        except BaseException as err:  # noqa: BLE001 - a broken reader must not hang the worker
-            print(f"beamlet worker reader failed: {err!r}", file=sys.__stderr__)
-        os._exit(1)  # the driver is gone (or we are told to go): nothing left to do
-
     def handle(self, message) -> None:
+        """Act on a message from the node (in whichever thread read it)."""
         kind = type(message)
         if kind is P.Execute:
-            self.tasks.put(message)
+            self.inbox.append(message)
         elif kind is P.Reply:
             self.backend.requests.answer(message.req_id, message.ok, message.payload)
         elif kind is P.Interrupt:
@@ -421,23 +591,23 @@ class Worker:
 
     def run(self) -> None:
         signal.signal(signal.SIGINT, self._on_sigint)
-        threading.Thread(target=self.read_loop, name="beamlet-reader", daemon=True).start()
+        self.reading.start()
+        inbox, reading = self.inbox, self.reading
+        # Idle (or an actor working on other threads): report the refs let go of since
+        # the last message, e.g. the ones a finished task's result held.
+        on_idle = self.backend.flush_refs
+        has_gpus = bool(self.config.get("resources", {}).get("GPU"))
         while True:
-            try:
-                message = self.tasks.get(timeout=IDLE_FLUSH_INTERVAL)
-            except queue.Empty:
-                # Idle (or an actor working on other threads): report the refs let go of
-                # since the last message, e.g. the ones a finished task's result held.
-                self.backend.flush_refs()
-                continue
-            spec, blobs, entries, gpu_ids = message
+            if not inbox:
+                reading.read_until(inbox, on_idle)
+            spec, blobs, entries, gpu_ids = inbox.popleft()
             for function_id, blob in blobs:
                 self.executor.add_function(function_id, blob)
             if entries:
                 self.backend.object_store.shipped.update(entries)
             if gpu_ids is not None:
                 os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
-            elif spec.kind != ACTOR_METHOD and self.config.get("resources", {}).get("GPU"):
+            elif has_gpus and spec.kind != ACTOR_METHOD:
                 # No GPU asked for: see none (as in Ray), not the last task's device.
                 os.environ["CUDA_VISIBLE_DEVICES"] = ""
             if spec.kind == ACTOR_METHOD and self._loop is not None:
@@ -445,7 +615,11 @@ class Worker:
             elif spec.kind == ACTOR_METHOD and self._pool is not None:
                 self._pool.submit(self._run_one, spec)
             else:
-                self._run_one(spec, main=True)
+                reading.task_started()
+                try:
+                    self._run_one(spec, main=True)
+                finally:
+                    reading.task_finished()
 
     def _run_one(self, spec: TaskSpec, main: bool = False) -> None:
         if spec.task_id in self.cancelled:
@@ -526,7 +700,7 @@ def main(address: str, worker_id: str, secret: bytes) -> None:
     # closed before WELCOME) means it shut down while this worker was being forked:
     # leave at once and quietly, rather than retrying while the zygote waits for us.
     try:
-        conn = UnixSocketTransport(secret, P.VERSION).connect(address, timeout=0)
+        conn = UnixSocketTransport(secret, P.VERSION, P.CODEC).connect(address, timeout=0)
     except AuthenticationError as err:
         # (The driver logs its side; this one says what the worker saw.)
         if not err.closed:
