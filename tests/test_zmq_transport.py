@@ -300,8 +300,7 @@ def test_many_peers_each_message_is_attributed_to_its_connection_in_order(listen
                                                                          peers):
     n = 300
     tags = [f"peer{i}" for i in range(6)]
-    for tag in tags:
-        peers(secret, listener.address, "count", tag, n)
+    started = [peers(secret, listener.address, "count", tag, n) for tag in tags]
     counts: dict = {}
 
     def on_event(event):
@@ -310,8 +309,13 @@ def test_many_peers_each_message_is_attributed_to_its_connection_in_order(listen
             if counts[event.conn] == n + 1:
                 event.conn.send("bye")
 
-    events = serve_until(listener, lambda ev: len(of_kind(ev, Left)) == len(tags),
-                         on_event=on_event)
+    try:
+        events = serve_until(listener, lambda ev: len(of_kind(ev, Left)) == len(tags),
+                             on_event=on_event)
+    except AssertionError:
+        for peer in started:
+            print("PEER", peer.stdout(), peer.stderr() if hasattr(peer, "stderr") else "")
+        raise
     check_order(events)
     conns = [e.conn for e in of_kind(events, Joined)]
     assert len(set(conns)) == len(tags)
