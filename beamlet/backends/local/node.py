@@ -201,6 +201,7 @@ class Node:
                 # handshakes past their deadline.
                 with self._turn:
                     self._turn_holder = me
+                    self.scheduler.defer_sends(True)  # (one send per worker per turn)
                     try:
                         for event in self.listener.poll():
                             if self._closed:
@@ -211,6 +212,7 @@ class Node:
                                 log_error("in the I/O thread")
                     finally:
                         self._turn_holder = 0
+                        self.scheduler.defer_sends(False)
                 if self._released:
                     self._free_released()
         finally:

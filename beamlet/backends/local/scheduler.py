@@ -12,7 +12,10 @@ Actors each get a worker of their own; calls to an actor are sent to it as
 soon as it is alive, in submission order, and it runs them in that order.
 
 All state is guarded by one lock; the node's I/O thread (``node.py``) and
-the threads that submit call in.
+the threads that submit call in. Messages to workers are queued under it and
+sent once it is released (`_SchedulerLock`), in order per worker and several
+in one send when they pile up, so no thread waits on the lock while another
+is in a send.
 """
 from __future__ import annotations
 
@@ -47,7 +50,8 @@ class WorkerInfo:
     """The scheduler's view of one worker process."""
 
     __slots__ = ("worker_id", "pid", "conn", "state", "task", "actor_id", "known_functions",
-                 "blocking", "borrowed", "started", "gpu_ids", "dispatched_at", "idle_since")
+                 "blocking", "borrowed", "started", "gpu_ids", "dispatched_at", "idle_since",
+                 "outbox", "send_lock")
 
     def __init__(self, worker_id: str):
         self.worker_id = worker_id
@@ -55,6 +59,8 @@ class WorkerInfo:
         self.conn = None
         self.state = STARTING
         self.task: TaskSpec | None = None  # the task it runs (normal workers)
+        self.outbox: collections.deque = collections.deque()  # messages to send (see _send)
+        self.send_lock = threading.Lock()  # held while taking from the outbox and sending
         self.actor_id: bytes | None = None
         self.known_functions: set[bytes] = set()
         self.blocking: set[int] = set()  # its get requests still waiting (its CPUs are free)
@@ -162,6 +168,42 @@ class CallQueue:
         return out
 
 
+class _SchedulerLock:
+    """The scheduler's re-entrant lock; the outermost release sends what was
+    queued for workers meanwhile (see LocalScheduler._send), unless the
+    releasing thread defers its sends (`deferring`: a thread ident)."""
+
+    __slots__ = ("_lock", "_depth", "_flush", "_pending", "deferring")
+
+    def __init__(self, flush, pending: collections.deque):
+        self._lock = threading.RLock()
+        self._depth = 0  # (changed only by the thread holding the lock)
+        self._flush = flush
+        self._pending = pending
+        self.deferring = 0
+
+    def __enter__(self):
+        self._lock.acquire()
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._depth -= 1
+        outermost = not self._depth
+        self._lock.release()
+        if outermost and self._pending and self.deferring != threading.get_ident():
+            self._flush()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock.acquire(blocking, timeout):
+            self._depth += 1
+            return True
+        return False
+
+    def release(self) -> None:
+        self.__exit__()
+
+
 class SchedulerHost(Protocol):
     """What the scheduler needs from the node it runs in, and nothing more: the
     same scheduler serves the single-machine backend and a cluster node."""
@@ -188,7 +230,8 @@ class LocalScheduler(Scheduler):
         self.store = store
         self.tables = Tables(control_store)
         self.pool = pool
-        self.lock = threading.RLock()
+        self._unsent: collections.deque[WorkerInfo] = collections.deque()  # workers with an outbox
+        self.lock = _SchedulerLock(self._flush_sends, self._unsent)
         self.max_workers = max_workers
         self.workers: dict[str, WorkerInfo] = {}
         self.idle: list[WorkerInfo] = []
@@ -371,6 +414,46 @@ class LocalScheduler(Scheduler):
             self._end_actor(record, f"its worker process cannot be started: "
                                     f"{self.launch_error}", kill=False)
 
+    def defer_sends(self, deferring: bool) -> None:
+        """While a thread handles a batch of answers (the node's I/O thread, a
+        turn of its loop), let what it queues for workers pile up, to go in one
+        send per worker when it stops deferring."""
+        self.lock.deferring = threading.get_ident() if deferring else 0
+        if not deferring and self._unsent:
+            self._flush_sends()
+
+    def _send(self, worker: WorkerInfo, message) -> None:
+        """Queue a message for `worker` (with the lock held): it goes out when the
+        lock is released (see _flush_sends)."""
+        worker.outbox.append(message)
+        self._unsent.append(worker)
+
+    def _flush_sends(self) -> None:
+        """Send what is queued for workers, without the lock: each worker's
+        messages in order, all that piled up in one send. A dead worker's are
+        dropped (its EOF is being handled)."""
+        unsent = self._unsent
+        while unsent:
+            try:
+                worker = unsent.popleft()
+            except IndexError:
+                return
+            outbox = worker.outbox
+            if not outbox:
+                continue
+            with worker.send_lock:  # (so that what one thread took goes before the rest)
+                messages = []
+                while outbox:
+                    try:
+                        messages.append(outbox.popleft())
+                    except IndexError:
+                        break
+                if messages and worker.conn is not None:
+                    try:
+                        worker.conn.send_many(messages)
+                    except exc.BackendError:
+                        pass
+
     def _send_execute(self, worker: WorkerInfo, spec: TaskSpec, gpu_ids) -> BaseException | None:
         """Send the task to its worker. Returns the error when its arguments cannot
         be made available (e.g. the store is too full to restore one from disk);
@@ -378,10 +461,7 @@ class LocalScheduler(Scheduler):
         message = self._execute_message(worker, spec, gpu_ids)
         if type(message) is not P.Execute:
             return message
-        try:
-            worker.conn.send(message)
-        except exc.BackendError:
-            pass
+        self._send(worker, message)
         return None
 
     def _execute_message(self, worker: WorkerInfo, spec: TaskSpec, gpu_ids):
@@ -523,19 +603,14 @@ class LocalScheduler(Scheduler):
                                len(record.inflight) - len(record.held) > ACTOR_WINDOW):
             record.held.append((spec, message))  # (see ActorRecord.held)
             return
-        try:
-            worker.conn.send(message)
-        except exc.BackendError:
-            pass  # it died; its EOF is being handled
+        self._send(worker, message)
 
     def _send_held(self, record: ActorRecord) -> None:
         """Send the actor every held call, in one batch."""
         held, record.held = record.held, []
         if held and record.worker is not None:
-            try:
-                record.worker.conn.send_many([message for _, message in held])
-            except exc.BackendError:
-                pass
+            for _, message in held:
+                self._send(record.worker, message)
 
     def _actor_alive(self, record: ActorRecord) -> None:
         self._move(record, ActorLifecycle.ALIVE)
@@ -852,10 +927,7 @@ class LocalScheduler(Scheduler):
                 worker.state = EXITING  # worker_died finishes the bookkeeping at its EOF
                 self.idle.remove(worker)
                 surplus -= 1
-                try:
-                    worker.conn.send(P.Exit())
-                except exc.BackendError:
-                    pass
+                self._send(worker, P.Exit())
 
     def worker_died(self, worker: WorkerInfo) -> None:
         """The worker's connection closed: retry, restart or fail what it ran."""
@@ -980,10 +1052,7 @@ class LocalScheduler(Scheduler):
                     self._fail(spec, exc.TaskCancelledError(f"task {spec.display_name} was cancelled"))
                 elif record is not None and task_id in record.inflight and record.worker:
                     self._cancelled.add(task_id)
-                    try:
-                        record.worker.conn.send(P.Interrupt(task_id, False))
-                    except exc.BackendError:
-                        pass
+                    self._send(record.worker, P.Interrupt(task_id, False))
                 return
             if task_id in self._waiting:
                 del self._waiting[task_id]
@@ -1000,10 +1069,7 @@ class LocalScheduler(Scheduler):
                 if force:
                     self._kill_worker(worker)
                 else:
-                    try:
-                        worker.conn.send(P.Interrupt(task_id, False))
-                    except exc.BackendError:
-                        pass
+                    self._send(worker, P.Interrupt(task_id, False))
 
     # -- resources --------------------------------------------------------------
     def total_resources(self) -> dict[str, float]:
