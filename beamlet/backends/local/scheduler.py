@@ -8,6 +8,11 @@ Tasks wait for their dependencies without holding resources, then queue by
 resource shape; a queued task runs when its request fits and a worker is
 idle (more workers are forked when none is). A task whose worker blocks in
 `get` gives its CPUs back while it waits, so nested tasks never deadlock.
+While tasks queue, a busy worker is also sent the next task of its shape
+ahead of time (pipelining, `_fill_next`), so that it starts it without
+waiting for the round trip of its answer; the resources pass from one task
+to the next when the answer arrives. A worker whose task blocks gives the
+task sent ahead back (RETURNED) and it runs elsewhere.
 Actors each get a worker of their own; calls to an actor are sent to it as
 soon as it is alive, in submission order, and it runs them in that order.
 
@@ -51,7 +56,7 @@ class WorkerInfo:
 
     __slots__ = ("worker_id", "pid", "conn", "state", "task", "actor_id", "known_functions",
                  "blocking", "borrowed", "started", "gpu_ids", "dispatched_at", "idle_since",
-                 "outbox", "send_lock")
+                 "next", "revoking", "outbox", "send_lock")
 
     def __init__(self, worker_id: str):
         self.worker_id = worker_id
@@ -59,6 +64,8 @@ class WorkerInfo:
         self.conn = None
         self.state = STARTING
         self.task: TaskSpec | None = None  # the task it runs (normal workers)
+        self.next: TaskSpec | None = None  # the task sent ahead, to run after it (see _fill_next)
+        self.revoking = False  # asked to give `next` back (see _steal)
         self.outbox: collections.deque = collections.deque()  # messages to send (see _send)
         self.send_lock = threading.Lock()  # held while taking from the outbox and sending
         self.actor_id: bytes | None = None
@@ -245,6 +252,7 @@ class LocalScheduler(Scheduler):
         self._producer: dict[bytes, bytes] = {}    # return id -> task id, while unfinished
         self._tasks: dict[bytes, TaskSpec] = {}    # task id -> spec, while unfinished
         self._running: dict[bytes, WorkerInfo] = {}  # task id -> worker
+        self._ahead: set[WorkerInfo] = set()  # workers that were sent a task ahead
         self._cancelled: set[bytes] = set()
         self._shipped: dict[bytes, list[bytes]] = {}  # task id -> shm args pinned for it
         self.closed = False
@@ -339,10 +347,13 @@ class LocalScheduler(Scheduler):
                     self._start_actor(record, worker)
                 else:
                     self._run_task(spec, worker)
+                    self._fill_next(worker)
             if not queue:
                 self._queues.pop(shape, None)  # (a nested dispatch may have removed it)
         if starved:
             self._start_workers(self._runnable_now())
+        if self._ahead and self.idle:
+            self._steal()
         if self.launch_error is not None:
             self._fail_unstartable()
 
@@ -464,7 +475,7 @@ class LocalScheduler(Scheduler):
         self._send(worker, message)
         return None
 
-    def _execute_message(self, worker: WorkerInfo, spec: TaskSpec, gpu_ids):
+    def _execute_message(self, worker: WorkerInfo, spec: TaskSpec, gpu_ids, ahead=False):
         """The EXECUTE for `worker` (its arguments pinned until the task ends), or
         the error when its arguments cannot be made available."""
         try:
@@ -482,7 +493,7 @@ class LocalScheduler(Scheduler):
                 self.store.unpin(previous)
             self._shipped[spec.task_id] = list(entries)
             self.store.pin(entries)
-        return P.Execute(shipped, blobs, entries, gpu_ids)
+        return P.Execute(shipped, blobs, entries, gpu_ids, ahead)
 
     def _ship_args(self, spec: TaskSpec):
         """Inline small ready dependencies into the spec; name shared-memory ones."""
@@ -522,6 +533,97 @@ class LocalScheduler(Scheduler):
             worker.state, worker.task, worker.gpu_ids = IDLE, None, []
             self.idle.append(worker)
             self._fail(spec, error)
+
+    def _fill_next(self, worker: WorkerInfo) -> None:
+        """Pipelining: send a busy worker the next queued task of its task's
+        shape, when the resources to run that one now are not free, to run when
+        its task ends (at most one ahead per worker). It holds no resources
+        until then: at the answer, the running task's pass to it (`_promote`).
+        Not for GPU tasks (their devices are per task), nor tasks with ref
+        arguments (pinned in memory from the send on), nor for a worker whose
+        task waits in get (it would give it back)."""
+        task = worker.task
+        if worker.next is not None or worker.state != BUSY or worker.blocking \
+                or task is None or task.resources.get("GPU"):
+            return
+        shape = tuple(sorted(task.resources.items()))
+        queue = self._queues.get(shape)
+        if not queue or queue[0].kind != TASK or queue[0].has_ref_args() \
+                or self.pool.fits(queue[0].resources):
+            return  # (one that fits gets a worker of its own, as soon as there is one)
+        spec = queue.popleft()
+        if not queue:
+            self._queues.pop(shape, None)
+        message = self._execute_message(worker, spec, None, ahead=True)
+        if type(message) is not P.Execute:
+            self._fail(spec, message)
+            return
+        worker.next = spec
+        self._ahead.add(worker)
+        self._running[spec.task_id] = worker
+        self._send(worker, message)
+
+    def _steal(self) -> None:
+        """A worker is idle while tasks wait on busy ones, sent ahead: ask for
+        those it could run now back (REVOKE; the worker returns one that has
+        not started), so that a long task does not hold up the one behind it."""
+        if not any(w.state == IDLE for w in self.idle):
+            return
+        for worker in list(self._ahead):
+            spec = worker.next
+            if spec is None:
+                self._ahead.discard(worker)
+            elif not worker.revoking and self.pool.fits(spec.resources):
+                worker.revoking = True
+                self._send(worker, P.Revoke(spec.task_id))
+
+    def _clear_next(self, worker: WorkerInfo) -> None:
+        worker.next = None
+        worker.revoking = False
+        self._ahead.discard(worker)
+
+    def _promote(self, worker: WorkerInfo, spec: TaskSpec) -> None:
+        """The task sent ahead to `worker` runs now: it takes the resources (of
+        the same shape) that the task before it just gave back."""
+        self._clear_next(worker)
+        worker.task = spec
+        worker.gpu_ids = self.pool.acquire(spec.resources)
+        worker.dispatched_at = time.perf_counter()
+
+    def _requeue_ahead(self, spec: TaskSpec) -> None:
+        """A task sent ahead never ran: queue it first again (or fail it if it
+        was cancelled meanwhile)."""
+        self._running.pop(spec.task_id, None)
+        if spec.task_id in self._cancelled:
+            self._fail(spec, exc.TaskCancelledError(f"task {spec.display_name} was cancelled"))
+        else:
+            self._make_ready(spec, first=True)
+
+    def tasks_returned(self, worker: WorkerInfo, task_ids) -> None:
+        """`worker` gave back tasks sent ahead to it, unstarted (its task blocks)."""
+        with self.lock:
+            for task_id in task_ids:
+                if worker.next is not None and worker.next.task_id == task_id:
+                    spec = worker.next
+                    self._clear_next(worker)
+                elif worker.task is not None and worker.task.task_id == task_id \
+                        and worker.state == BUSY:
+                    # Its answer to the task before overtook this: it was promoted
+                    # (see _promote) but never ran; what it took goes back.
+                    spec = worker.task
+                    self._take_back_lent(worker, spec.resources)
+                    self.pool.release(spec.resources, worker.gpu_ids)
+                    worker.task, worker.gpu_ids = None, []
+                    if worker.next is not None:
+                        self._promote(worker, worker.next)
+                    else:
+                        worker.state = IDLE
+                        worker.idle_since = time.monotonic()
+                        self.idle.append(worker)
+                else:
+                    continue  # (not one we sent it ahead)
+                self._requeue_ahead(spec)
+            self._dispatch()
 
     # -- actors ---------------------------------------------------------------
     def _start_actor(self, record: ActorRecord, worker: WorkerInfo) -> None:
@@ -732,15 +834,19 @@ class LocalScheduler(Scheduler):
             worker.task = None
             worker.gpu_ids = []
             if worker.state == BUSY:
-                worker.state = IDLE
-                worker.idle_since = time.monotonic()
-                self.idle.append(worker)
+                if worker.next is not None:  # it runs the task sent ahead now
+                    self._promote(worker, worker.next)
+                else:
+                    worker.state = IDLE
+                    worker.idle_since = time.monotonic()
+                    self.idle.append(worker)
             if retryable and task_id not in self._cancelled and self._retry_left(spec, None):
                 self._retrying(spec, worker)
                 self._make_ready(spec)
             else:
                 self._finish(spec, entries, self._outcome(spec, entries), worker)
-            if self._queues:
+            if self._queues or self._ahead:
+                self._fill_next(worker)
                 self._dispatch()
 
     def _outcome(self, spec: TaskSpec, entries: list) -> str:
@@ -941,6 +1047,10 @@ class LocalScheduler(Scheduler):
             self.host.unpin(worker.borrowed.elements())
             worker.borrowed.clear()
             self._lose_objects_of(worker)
+            if worker.next is not None:  # sent ahead, never started (its task was running)
+                spec = worker.next
+                self._clear_next(worker)
+                self._requeue_ahead(spec)
             if worker.actor_id is not None:
                 self._actor_worker_died(worker)
             elif worker.task is not None:
@@ -1066,10 +1176,12 @@ class LocalScheduler(Scheduler):
             worker = self._running.get(task_id)
             if worker is not None:
                 self._cancelled.add(task_id)
-                if force:
+                if force and worker.next is not spec:
                     self._kill_worker(worker)
                 else:
-                    self._send(worker, P.Interrupt(task_id, False))
+                    # (Sent ahead: its worker ends the process only if that task
+                    # runs by now, else fails it when it would start.)
+                    self._send(worker, P.Interrupt(task_id, force))
 
     # -- resources --------------------------------------------------------------
     def total_resources(self) -> dict[str, float]:
