@@ -607,6 +607,8 @@ class Worker:
         with self._inbox_lock:
             self._blocked += 1
             ahead = []
+            if self.executor.actors:
+                return  # (an actor's worker is sent its calls only, never a task ahead)
             for message in list(self.inbox):  # (a copy: the main thread may pop meanwhile)
                 if message.ahead:
                     try:
