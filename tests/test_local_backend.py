@@ -700,6 +700,83 @@ def test_cancel_queued_task(start, tmp_path):
     assert procs.count(d, "ran") == 1
 
 
+# -- pipelining: a task sent ahead to a busy worker -----------------------------------
+@ray.remote
+def quick():
+    return os.getpid()
+
+
+@ray.remote(max_retries=0)
+def hold_then(gate, die=False):
+    assert procs.wait_until(lambda: os.path.exists(gate), 60)
+    if die:
+        os._exit(1)
+    return os.getpid()
+
+
+def _sent_ahead(backend, ref) -> bool:
+    """Whether the task making `ref` waits on a busy worker, sent ahead of time."""
+    with backend.scheduler.lock:
+        return any(w.next is not None and ref.id in w.next.return_ids
+                   for w in backend.scheduler.workers.values())
+
+
+def _queue_behind(backend, gate, die=False):
+    """On one CPU: a task held at `gate` and a task sent ahead to its worker
+    (the first quick task makes the scheduler dispatch from its queue)."""
+    first = quick.remote()
+    held = hold_then.remote(gate, die)
+    ahead = mark_run.options(max_retries=0).remote(os.path.dirname(gate))
+    ray.get(first, timeout=60)
+    assert procs.wait_until(lambda: _sent_ahead(backend, ahead), 30)
+    return held, ahead
+
+
+def test_force_cancel_of_a_task_sent_ahead_leaves_the_running_one_alone(start, tmp_path):
+    backend = start(num_cpus=1)
+    gate = str(tmp_path / "gate")
+    held, ahead = _queue_behind(backend, gate)
+    ray.cancel(ahead, force=True)
+    open(gate, "w").close()
+    assert isinstance(ray.get(held, timeout=60), int)  # its worker was not killed
+    with pytest.raises(exc.TaskCancelledError):
+        ray.get(ahead, timeout=60)
+    assert procs.count(str(tmp_path), "ran") == 0  # the cancelled task never ran
+    assert ray.get(mark_run.remote(str(tmp_path)), timeout=60) == "ran"
+
+
+def test_a_task_sent_ahead_to_a_worker_that_dies_runs_elsewhere_unretried(start, tmp_path):
+    backend = start(num_cpus=1)
+    gate = str(tmp_path / "gate")
+    held, ahead = _queue_behind(backend, gate, die=True)
+    open(gate, "w").close()
+    with pytest.raises(exc.WorkerCrashedError):
+        ray.get(held, timeout=60)
+    # It never started there: not a crash of its own, so max_retries=0 does not fail it.
+    assert ray.get(ahead, timeout=60) == "ran"
+    assert procs.count(str(tmp_path), "ran") == 1
+
+
+@ray.remote
+def outer_get(i):
+    return ray.get(inner_value.remote(i), timeout=60) + 1
+
+
+@ray.remote
+def inner_value(i):
+    return i * 10
+
+
+def test_tasks_sent_ahead_are_given_back_when_their_worker_blocks(start):
+    # On one CPU every outer task blocks in get on its inner task, which queues
+    # behind the others and is sent ahead to busy workers: a worker whose task
+    # blocks gives back what was sent ahead, or the inner tasks would wait for
+    # ever behind the outer ones waiting for them.
+    start(num_cpus=1)
+    assert ray.get([outer_get.remote(i) for i in range(12)], timeout=120) == \
+        [i * 10 + 1 for i in range(12)]
+
+
 @ray.remote
 def boom():
     raise RuntimeError("boom")

@@ -206,6 +206,7 @@ class Node:
                 # handshakes past their deadline.
                 with self._turn:
                     self._turn_holder = me
+                    self.scheduler.defer_sends(True)  # (one send per worker per turn)
                     try:
                         for event in self.listener.poll():
                             if self._closed:
@@ -216,6 +217,7 @@ class Node:
                                 log_error("in the I/O thread")
                     finally:
                         self._turn_holder = 0
+                        self.scheduler.defer_sends(False)
                 if self._released:
                     self._free_released()
         finally:
@@ -329,6 +331,7 @@ class Node:
             P.GetRequest: self._on_get, P.WaitRequest: self._on_wait,
             P.AllocRequest: self._on_alloc, P.AbandonRequest: self._on_abandon,
             P.ControlRequest: self._on_control, P.ResourcesRequest: self._on_resources,
+            P.Returned: self._on_returned,
         }
 
     def _on_second_hello(self, worker: WorkerInfo, message: P.Hello) -> None:
@@ -337,6 +340,9 @@ class Node:
     def _on_done(self, worker: WorkerInfo, message: P.Done) -> None:
         self.scheduler.task_done(worker, message.task_id, message.entries, message.retryable)
         self.object_store.drop_unreported(worker.worker_id, message.entries)
+
+    def _on_returned(self, worker: WorkerInfo, message: P.Returned) -> None:
+        self.scheduler.tasks_returned(worker, message.task_ids)
 
     def _on_refs(self, worker: WorkerInfo, message: P.Refs) -> None:
         self.scheduler.record_borrow(worker, message.added, message.released)

@@ -30,7 +30,7 @@ from ...core.task_spec import TaskSpec
 #: The protocol a connection speaks, bound into its handshake (core/auth.py): a
 #: process of another version is refused, both versions named. Change it with
 #: any change to the messages below.
-VERSION = "beamlet-local/3"
+VERSION = "beamlet-local/4"
 
 
 # -- worker -> node ----------------------------------------------------------------
@@ -82,6 +82,13 @@ class Forget(NamedTuple):
     req_id: int
 
 
+class Returned(NamedTuple):
+    """Tasks sent ahead (see the scheduler's pipelining) that the worker gives
+    back unstarted: its running task waits in get or wait, or the node asked
+    (REVOKE), so they must run elsewhere."""
+    task_ids: list
+
+
 class GetRequest(NamedTuple):
     """Reply with the entries of `ids` once all exist. `blocking`: the worker's
     thread waits meanwhile, so its CPUs are lent out."""
@@ -131,11 +138,13 @@ class Welcome(NamedTuple):
 
 class Execute(NamedTuple):
     """Run a task or call. `blobs`: code the worker was not sent before;
-    `entries`: its arguments in shared memory; `gpu_ids`: its GPUs (None: none asked)."""
+    `entries`: its arguments in shared memory; `gpu_ids`: its GPUs (None: none asked);
+    `ahead`: sent ahead, to run after the task the worker runs now (see Returned)."""
     spec: Any
     blobs: list
     entries: Any
     gpu_ids: Any
+    ahead: bool = False
 
 
 class Reply(NamedTuple):
@@ -146,7 +155,8 @@ class Reply(NamedTuple):
 
 
 class Interrupt(NamedTuple):
-    """Interrupt task `task_id` if it is running (`force`: exit the process)."""
+    """Cancel task `task_id`: interrupt it if it is running (`force`: exit the
+    process, if that task is the one running), else fail it when it starts."""
     task_id: bytes
     force: bool
 
@@ -155,11 +165,17 @@ class Exit(NamedTuple):
     """Finish now."""
 
 
+class Revoke(NamedTuple):
+    """Give task `task_id`, sent ahead, back (RETURNED) unless it started: a
+    worker is idle that can run it now."""
+    task_id: bytes
+
+
 #: What each side accepts.
 FROM_WORKER = frozenset({Hello, Done, Submit, Put, Refs, CancelTask, KillActor, Forget,
                          GetRequest, WaitRequest, AllocRequest, AbandonRequest, ControlRequest,
-                         ResourcesRequest})
-FROM_NODE = frozenset({Welcome, Execute, Reply, Interrupt, Exit})
+                         ResourcesRequest, Returned})
+FROM_NODE = frozenset({Welcome, Execute, Reply, Interrupt, Exit, Revoke})
 
 
 def _reduce_message(message):
@@ -176,7 +192,7 @@ for _message_class in FROM_WORKER | FROM_NODE:
 #: Wire tags, by position. Append only (and change VERSION).
 _CLASSES = (Hello, Done, Submit, Put, Refs, CancelTask, KillActor, Forget, GetRequest,
             WaitRequest, AllocRequest, AbandonRequest, ControlRequest, ResourcesRequest,
-            Welcome, Execute, Reply, Interrupt, Exit)
+            Welcome, Execute, Reply, Interrupt, Exit, Returned, Revoke)
 _TAGS = {cls: tag for tag, cls in enumerate(_CLASSES)}
 _EXECUTE, _DONE = _TAGS[Execute], _TAGS[Done]
 
@@ -202,8 +218,8 @@ class Codec:
     def encode(message):
         cls = type(message)
         if cls is Execute:
-            spec, blobs, entries, gpu_ids = message
-            return (_EXECUTE, spec.__reduce__()[1], blobs, entries, gpu_ids)
+            spec, blobs, entries, gpu_ids, ahead = message
+            return (_EXECUTE, spec.__reduce__()[1], blobs, entries, gpu_ids, ahead)
         if cls is Done:
             task_id, entries, retryable = message
             return (_DONE, task_id, [_entry_out(e) for e in entries], retryable)
@@ -220,8 +236,8 @@ class Codec:
         if type(tag) is not int or not 0 <= tag < len(_CLASSES):
             raise ValueError(f"a message that is not one of the protocol's: {describe(frame)}")
         if tag == _EXECUTE:
-            _, spec, blobs, entries, gpu_ids = frame
-            return Execute(TaskSpec(*spec), blobs, entries, gpu_ids)
+            _, spec, blobs, entries, gpu_ids, ahead = frame
+            return Execute(TaskSpec(*spec), blobs, entries, gpu_ids, ahead)
         if tag == _DONE:
             _, task_id, entries, retryable = frame
             return Done(task_id, [_entry_in(e) for e in entries], retryable)

@@ -8,11 +8,19 @@ Tasks wait for their dependencies without holding resources, then queue by
 resource shape; a queued task runs when its request fits and a worker is
 idle (more workers are forked when none is). A task whose worker blocks in
 `get` gives its CPUs back while it waits, so nested tasks never deadlock.
+While tasks queue, a busy worker is also sent the next task of its shape
+ahead of time (pipelining, `_fill_next`), so that it starts it without
+waiting for the round trip of its answer; the resources pass from one task
+to the next when the answer arrives. A worker whose task blocks gives the
+task sent ahead back (RETURNED) and it runs elsewhere.
 Actors each get a worker of their own; calls to an actor are sent to it as
 soon as it is alive, in submission order, and it runs them in that order.
 
 All state is guarded by one lock; the node's I/O thread (``node.py``) and
-the threads that submit call in.
+the threads that submit call in. Messages to workers are queued under it and
+sent once it is released (`_SchedulerLock`), in order per worker and several
+in one send when they pile up, so no thread waits on the lock while another
+is in a send.
 """
 from __future__ import annotations
 
@@ -47,7 +55,8 @@ class WorkerInfo:
     """The scheduler's view of one worker process."""
 
     __slots__ = ("worker_id", "pid", "conn", "state", "task", "actor_id", "known_functions",
-                 "blocking", "borrowed", "started", "gpu_ids", "dispatched_at", "idle_since")
+                 "blocking", "borrowed", "started", "gpu_ids", "dispatched_at", "idle_since",
+                 "next", "revoking", "outbox", "send_lock")
 
     def __init__(self, worker_id: str):
         self.worker_id = worker_id
@@ -55,6 +64,10 @@ class WorkerInfo:
         self.conn = None
         self.state = STARTING
         self.task: TaskSpec | None = None  # the task it runs (normal workers)
+        self.next: TaskSpec | None = None  # the task sent ahead, to run after it (see _fill_next)
+        self.revoking = False  # asked to give `next` back (see _steal)
+        self.outbox: collections.deque = collections.deque()  # messages to send (see _send)
+        self.send_lock = threading.Lock()  # held while taking from the outbox and sending
         self.actor_id: bytes | None = None
         self.known_functions: set[bytes] = set()
         self.blocking: set[int] = set()  # its get requests still waiting (its CPUs are free)
@@ -162,6 +175,42 @@ class CallQueue:
         return out
 
 
+class _SchedulerLock:
+    """The scheduler's re-entrant lock; the outermost release sends what was
+    queued for workers meanwhile (see LocalScheduler._send), unless the
+    releasing thread defers its sends (`deferring`: a thread ident)."""
+
+    __slots__ = ("_lock", "_depth", "_flush", "_pending", "deferring")
+
+    def __init__(self, flush, pending: collections.deque):
+        self._lock = threading.RLock()
+        self._depth = 0  # (changed only by the thread holding the lock)
+        self._flush = flush
+        self._pending = pending
+        self.deferring = 0
+
+    def __enter__(self):
+        self._lock.acquire()
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._depth -= 1
+        outermost = not self._depth
+        self._lock.release()
+        if outermost and self._pending and self.deferring != threading.get_ident():
+            self._flush()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock.acquire(blocking, timeout):
+            self._depth += 1
+            return True
+        return False
+
+    def release(self) -> None:
+        self.__exit__()
+
+
 class SchedulerHost(Protocol):
     """What the scheduler needs from the node it runs in, and nothing more: the
     same scheduler serves the single-machine backend and a cluster node."""
@@ -188,7 +237,8 @@ class LocalScheduler(Scheduler):
         self.store = store
         self.tables = Tables(control_store)
         self.pool = pool
-        self.lock = threading.RLock()
+        self._unsent: collections.deque[WorkerInfo] = collections.deque()  # workers with an outbox
+        self.lock = _SchedulerLock(self._flush_sends, self._unsent)
         self.max_workers = max_workers
         self.workers: dict[str, WorkerInfo] = {}
         self.idle: list[WorkerInfo] = []
@@ -202,6 +252,7 @@ class LocalScheduler(Scheduler):
         self._producer: dict[bytes, bytes] = {}    # return id -> task id, while unfinished
         self._tasks: dict[bytes, TaskSpec] = {}    # task id -> spec, while unfinished
         self._running: dict[bytes, WorkerInfo] = {}  # task id -> worker
+        self._ahead: set[WorkerInfo] = set()  # workers that were sent a task ahead
         self._cancelled: set[bytes] = set()
         self._shipped: dict[bytes, list[bytes]] = {}  # task id -> shm args pinned for it
         self.closed = False
@@ -296,10 +347,13 @@ class LocalScheduler(Scheduler):
                     self._start_actor(record, worker)
                 else:
                     self._run_task(spec, worker)
+                    self._fill_next(worker)
             if not queue:
                 self._queues.pop(shape, None)  # (a nested dispatch may have removed it)
         if starved:
             self._start_workers(self._runnable_now())
+        if self._ahead and self.idle:
+            self._steal()
         if self.launch_error is not None:
             self._fail_unstartable()
 
@@ -371,6 +425,46 @@ class LocalScheduler(Scheduler):
             self._end_actor(record, f"its worker process cannot be started: "
                                     f"{self.launch_error}", kill=False)
 
+    def defer_sends(self, deferring: bool) -> None:
+        """While a thread handles a batch of answers (the node's I/O thread, a
+        turn of its loop), let what it queues for workers pile up, to go in one
+        send per worker when it stops deferring."""
+        self.lock.deferring = threading.get_ident() if deferring else 0
+        if not deferring and self._unsent:
+            self._flush_sends()
+
+    def _send(self, worker: WorkerInfo, message) -> None:
+        """Queue a message for `worker` (with the lock held): it goes out when the
+        lock is released (see _flush_sends)."""
+        worker.outbox.append(message)
+        self._unsent.append(worker)
+
+    def _flush_sends(self) -> None:
+        """Send what is queued for workers, without the lock: each worker's
+        messages in order, all that piled up in one send. A dead worker's are
+        dropped (its EOF is being handled)."""
+        unsent = self._unsent
+        while unsent:
+            try:
+                worker = unsent.popleft()
+            except IndexError:
+                return
+            outbox = worker.outbox
+            if not outbox:
+                continue
+            with worker.send_lock:  # (so that what one thread took goes before the rest)
+                messages = []
+                while outbox:
+                    try:
+                        messages.append(outbox.popleft())
+                    except IndexError:
+                        break
+                if messages and worker.conn is not None:
+                    try:
+                        worker.conn.send_many(messages)
+                    except exc.BackendError:
+                        pass
+
     def _send_execute(self, worker: WorkerInfo, spec: TaskSpec, gpu_ids) -> BaseException | None:
         """Send the task to its worker. Returns the error when its arguments cannot
         be made available (e.g. the store is too full to restore one from disk);
@@ -378,13 +472,10 @@ class LocalScheduler(Scheduler):
         message = self._execute_message(worker, spec, gpu_ids)
         if type(message) is not P.Execute:
             return message
-        try:
-            worker.conn.send(message)
-        except exc.BackendError:
-            pass
+        self._send(worker, message)
         return None
 
-    def _execute_message(self, worker: WorkerInfo, spec: TaskSpec, gpu_ids):
+    def _execute_message(self, worker: WorkerInfo, spec: TaskSpec, gpu_ids, ahead=False):
         """The EXECUTE for `worker` (its arguments pinned until the task ends), or
         the error when its arguments cannot be made available."""
         try:
@@ -402,7 +493,7 @@ class LocalScheduler(Scheduler):
                 self.store.unpin(previous)
             self._shipped[spec.task_id] = list(entries)
             self.store.pin(entries)
-        return P.Execute(shipped, blobs, entries, gpu_ids)
+        return P.Execute(shipped, blobs, entries, gpu_ids, ahead)
 
     def _ship_args(self, spec: TaskSpec):
         """Inline small ready dependencies into the spec; name shared-memory ones."""
@@ -442,6 +533,97 @@ class LocalScheduler(Scheduler):
             worker.state, worker.task, worker.gpu_ids = IDLE, None, []
             self.idle.append(worker)
             self._fail(spec, error)
+
+    def _fill_next(self, worker: WorkerInfo) -> None:
+        """Pipelining: send a busy worker the next queued task of its task's
+        shape, when the resources to run that one now are not free, to run when
+        its task ends (at most one ahead per worker). It holds no resources
+        until then: at the answer, the running task's pass to it (`_promote`).
+        Not for GPU tasks (their devices are per task), nor tasks with ref
+        arguments (pinned in memory from the send on), nor for a worker whose
+        task waits in get (it would give it back)."""
+        task = worker.task
+        if worker.next is not None or worker.state != BUSY or worker.blocking \
+                or task is None or task.resources.get("GPU"):
+            return
+        shape = tuple(sorted(task.resources.items()))
+        queue = self._queues.get(shape)
+        if not queue or queue[0].kind != TASK or queue[0].has_ref_args() \
+                or self.pool.fits(queue[0].resources):
+            return  # (one that fits gets a worker of its own, as soon as there is one)
+        spec = queue.popleft()
+        if not queue:
+            self._queues.pop(shape, None)
+        message = self._execute_message(worker, spec, None, ahead=True)
+        if type(message) is not P.Execute:
+            self._fail(spec, message)
+            return
+        worker.next = spec
+        self._ahead.add(worker)
+        self._running[spec.task_id] = worker
+        self._send(worker, message)
+
+    def _steal(self) -> None:
+        """A worker is idle while tasks wait on busy ones, sent ahead: ask for
+        those it could run now back (REVOKE; the worker returns one that has
+        not started), so that a long task does not hold up the one behind it."""
+        if not any(w.state == IDLE for w in self.idle):
+            return
+        for worker in list(self._ahead):
+            spec = worker.next
+            if spec is None:
+                self._ahead.discard(worker)
+            elif not worker.revoking and self.pool.fits(spec.resources):
+                worker.revoking = True
+                self._send(worker, P.Revoke(spec.task_id))
+
+    def _clear_next(self, worker: WorkerInfo) -> None:
+        worker.next = None
+        worker.revoking = False
+        self._ahead.discard(worker)
+
+    def _promote(self, worker: WorkerInfo, spec: TaskSpec) -> None:
+        """The task sent ahead to `worker` runs now: it takes the resources (of
+        the same shape) that the task before it just gave back."""
+        self._clear_next(worker)
+        worker.task = spec
+        worker.gpu_ids = self.pool.acquire(spec.resources)
+        worker.dispatched_at = time.perf_counter()
+
+    def _requeue_ahead(self, spec: TaskSpec) -> None:
+        """A task sent ahead never ran: queue it first again (or fail it if it
+        was cancelled meanwhile)."""
+        self._running.pop(spec.task_id, None)
+        if spec.task_id in self._cancelled:
+            self._fail(spec, exc.TaskCancelledError(f"task {spec.display_name} was cancelled"))
+        else:
+            self._make_ready(spec, first=True)
+
+    def tasks_returned(self, worker: WorkerInfo, task_ids) -> None:
+        """`worker` gave back tasks sent ahead to it, unstarted (its task blocks)."""
+        with self.lock:
+            for task_id in task_ids:
+                if worker.next is not None and worker.next.task_id == task_id:
+                    spec = worker.next
+                    self._clear_next(worker)
+                elif worker.task is not None and worker.task.task_id == task_id \
+                        and worker.state == BUSY:
+                    # Its answer to the task before overtook this: it was promoted
+                    # (see _promote) but never ran; what it took goes back.
+                    spec = worker.task
+                    self._take_back_lent(worker, spec.resources)
+                    self.pool.release(spec.resources, worker.gpu_ids)
+                    worker.task, worker.gpu_ids = None, []
+                    if worker.next is not None:
+                        self._promote(worker, worker.next)
+                    else:
+                        worker.state = IDLE
+                        worker.idle_since = time.monotonic()
+                        self.idle.append(worker)
+                else:
+                    continue  # (not one we sent it ahead)
+                self._requeue_ahead(spec)
+            self._dispatch()
 
     # -- actors ---------------------------------------------------------------
     def _start_actor(self, record: ActorRecord, worker: WorkerInfo) -> None:
@@ -523,19 +705,14 @@ class LocalScheduler(Scheduler):
                                len(record.inflight) - len(record.held) > ACTOR_WINDOW):
             record.held.append((spec, message))  # (see ActorRecord.held)
             return
-        try:
-            worker.conn.send(message)
-        except exc.BackendError:
-            pass  # it died; its EOF is being handled
+        self._send(worker, message)
 
     def _send_held(self, record: ActorRecord) -> None:
         """Send the actor every held call, in one batch."""
         held, record.held = record.held, []
         if held and record.worker is not None:
-            try:
-                record.worker.conn.send_many([message for _, message in held])
-            except exc.BackendError:
-                pass
+            for _, message in held:
+                self._send(record.worker, message)
 
     def _actor_alive(self, record: ActorRecord) -> None:
         self._move(record, ActorLifecycle.ALIVE)
@@ -657,15 +834,19 @@ class LocalScheduler(Scheduler):
             worker.task = None
             worker.gpu_ids = []
             if worker.state == BUSY:
-                worker.state = IDLE
-                worker.idle_since = time.monotonic()
-                self.idle.append(worker)
+                if worker.next is not None:  # it runs the task sent ahead now
+                    self._promote(worker, worker.next)
+                else:
+                    worker.state = IDLE
+                    worker.idle_since = time.monotonic()
+                    self.idle.append(worker)
             if retryable and task_id not in self._cancelled and self._retry_left(spec, None):
                 self._retrying(spec, worker)
                 self._make_ready(spec)
             else:
                 self._finish(spec, entries, self._outcome(spec, entries), worker)
-            if self._queues:
+            if self._queues or self._ahead:
+                self._fill_next(worker)
                 self._dispatch()
 
     def _outcome(self, spec: TaskSpec, entries: list) -> str:
@@ -852,10 +1033,7 @@ class LocalScheduler(Scheduler):
                 worker.state = EXITING  # worker_died finishes the bookkeeping at its EOF
                 self.idle.remove(worker)
                 surplus -= 1
-                try:
-                    worker.conn.send(P.Exit())
-                except exc.BackendError:
-                    pass
+                self._send(worker, P.Exit())
 
     def worker_died(self, worker: WorkerInfo) -> None:
         """The worker's connection closed: retry, restart or fail what it ran."""
@@ -869,6 +1047,10 @@ class LocalScheduler(Scheduler):
             self.host.unpin(worker.borrowed.elements())
             worker.borrowed.clear()
             self._lose_objects_of(worker)
+            if worker.next is not None:  # sent ahead, never started (its task was running)
+                spec = worker.next
+                self._clear_next(worker)
+                self._requeue_ahead(spec)
             if worker.actor_id is not None:
                 self._actor_worker_died(worker)
             elif worker.task is not None:
@@ -980,10 +1162,7 @@ class LocalScheduler(Scheduler):
                     self._fail(spec, exc.TaskCancelledError(f"task {spec.display_name} was cancelled"))
                 elif record is not None and task_id in record.inflight and record.worker:
                     self._cancelled.add(task_id)
-                    try:
-                        record.worker.conn.send(P.Interrupt(task_id, False))
-                    except exc.BackendError:
-                        pass
+                    self._send(record.worker, P.Interrupt(task_id, False))
                 return
             if task_id in self._waiting:
                 del self._waiting[task_id]
@@ -997,13 +1176,12 @@ class LocalScheduler(Scheduler):
             worker = self._running.get(task_id)
             if worker is not None:
                 self._cancelled.add(task_id)
-                if force:
+                if force and worker.next is not spec:
                     self._kill_worker(worker)
                 else:
-                    try:
-                        worker.conn.send(P.Interrupt(task_id, False))
-                    except exc.BackendError:
-                        pass
+                    # (Sent ahead: its worker ends the process only if that task
+                    # runs by now, else fails it when it would start.)
+                    self._send(worker, P.Interrupt(task_id, force))
 
     # -- resources --------------------------------------------------------------
     def total_resources(self) -> dict[str, float]:

@@ -252,6 +252,9 @@ class WorkerBackend(Backend):
         self.object_store = WorkerObjectStore(self)
         self.control_store = ControlStoreClient(self)
         self.scheduler = SchedulerClient(self, config.get("resources", {}))
+        #: Set by the Worker: ``worker_blocks(True)`` before a thread waits in a
+        #: blocking get or wait, ``worker_blocks(False)`` after.
+        self.worker_blocks: Callable[[bool], None] = lambda blocked: None
 
     # -- messages ---------------------------------------------------------------
     def send(self, message) -> None:
@@ -278,15 +281,23 @@ class WorkerBackend(Backend):
     def request(self, op: str, args: tuple, timeout: float | None, timeout_text: str):
         """Send request `op` (a key of protocol.REQUESTS) with `args` (its fields
         after req_id) and wait for its reply."""
-        req_id, fut = self.requests.new()
-        self.send(P.REQUESTS[op](req_id, *args))
+        blocking = op in ("get", "wait") and args[-1] is True
+        if blocking:
+            self.worker_blocks(True)  # (gives back tasks sent ahead: see Worker.blocks)
         try:
-            return fut.result(timeout)
-        except concurrent.futures.TimeoutError:
-            self.requests.forget(req_id)
-            if op in ("get", "wait"):
-                self.send(P.Forget(req_id))  # so the driver takes our CPUs back
-            raise exc.GetTimeoutError(timeout_text or f"{op} timed out after {timeout}s") from None
+            req_id, fut = self.requests.new()
+            self.send(P.REQUESTS[op](req_id, *args))
+            try:
+                return fut.result(timeout)
+            except concurrent.futures.TimeoutError:
+                self.requests.forget(req_id)
+                if op in ("get", "wait"):
+                    self.send(P.Forget(req_id))  # so the driver takes our CPUs back
+                raise exc.GetTimeoutError(timeout_text or f"{op} timed out after {timeout}s") \
+                    from None
+        finally:
+            if blocking:
+                self.worker_blocks(False)
 
     def request_async(self, op: str, args: tuple, callback: Callable[[bool, Any], Any]) -> None:
         req_id, _ = self.requests.new(callback)
@@ -544,6 +555,9 @@ class Worker:
         self.inbox: collections.deque = collections.deque()  # EXECUTEs read, not yet run
         self.reading = _Reading(conn, self.handle, self.backend.requests.pending)
         self.backend.requests.on_new = self.reading.nudge
+        self._blocked = 0  # threads waiting in a blocking get or wait (under _inbox_lock)
+        self._inbox_lock = threading.Lock()
+        self.backend.worker_blocks = self.blocks
         self.current_task: bytes | None = None
         self._interrupt_for: bytes | None = None  # the task a cancel signal is meant for
         self.cancelled: set[bytes] = set()
@@ -557,11 +571,20 @@ class Worker:
         """Act on a message from the node (in whichever thread read it)."""
         kind = type(message)
         if kind is P.Execute:
-            self.inbox.append(message)
+            if message.ahead:
+                with self._inbox_lock:
+                    if not self._blocked:
+                        self.inbox.append(message)
+                        return
+                self.backend.send(P.Returned([message.spec.task_id]))  # (see blocks)
+            else:
+                self.inbox.append(message)
         elif kind is P.Reply:
             self.backend.requests.answer(message.req_id, message.ok, message.payload)
         elif kind is P.Interrupt:
             self.cancel(message.task_id, message.force)
+        elif kind is P.Revoke:
+            self.give_back(message.task_id)
         elif kind is P.Exit:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -570,8 +593,49 @@ class Worker:
             raise ProtocolError(f"the driver sent a message that is not one of the "
                                 f"protocol's: {P.describe(message)}")
 
+    def blocks(self, blocked: bool) -> None:
+        """A thread starts (`blocked`) or stops waiting in a blocking get or
+        wait. Meanwhile the node lends this worker's CPUs out, so the tasks it
+        sent ahead to run after the current one (EXECUTE `ahead`: the
+        scheduler's pipelining) must run elsewhere, or one of them may be what
+        the current task waits for: they are given back unstarted (RETURNED),
+        those already here and those that arrive while it waits."""
+        if not blocked:
+            with self._inbox_lock:
+                self._blocked -= 1
+            return
+        with self._inbox_lock:
+            self._blocked += 1
+            ahead = []
+            if self.executor.actors:
+                return  # (an actor's worker is sent its calls only, never a task ahead)
+            for message in list(self.inbox):  # (a copy: the main thread may pop meanwhile)
+                if message.ahead:
+                    try:
+                        self.inbox.remove(message)
+                    except ValueError:
+                        continue  # the main thread took it: it runs here after all
+                    ahead.append(message)
+        if ahead:
+            self.backend.send(P.Returned([m.spec.task_id for m in ahead]))
+
+    def give_back(self, task_id: bytes) -> None:
+        """The node wants task `task_id`, sent ahead, back: return it unless it
+        started (then its answer tells the node where it ran)."""
+        with self._inbox_lock:
+            for message in list(self.inbox):
+                if message.ahead and message.spec.task_id == task_id:
+                    try:
+                        self.inbox.remove(message)
+                    except ValueError:
+                        return  # the main thread took it just now: it runs here
+                    break
+            else:
+                return
+        self.backend.send(P.Returned([task_id]))
+
     def cancel(self, task_id: bytes, force: bool) -> None:
-        if force:
+        if force and self.current_task == task_id:
             os._exit(1)
         self.cancelled.add(task_id)
         task = self._async_tasks.get(task_id)
@@ -600,7 +664,7 @@ class Worker:
         while True:
             if not inbox:
                 reading.read_until(inbox, on_idle)
-            spec, blobs, entries, gpu_ids = inbox.popleft()
+            spec, blobs, entries, gpu_ids, _ = inbox.popleft()
             for function_id, blob in blobs:
                 self.executor.add_function(function_id, blob)
             if entries:
