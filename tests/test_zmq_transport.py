@@ -208,6 +208,16 @@ def peers(tmp_path):
         peer.finish(30)
 
 
+def assert_still_serving(listener, conn) -> None:
+    """An echoing peer on `conn` still gets an answer after what broke another
+    peer; then it is told to stop, and leaves."""
+    conn.send("still serving")
+    back = serve_until(listener, lambda ev: of_kind(ev, Received))
+    assert messages_of(back, conn) == [("echo", "still serving")]
+    conn.send("stop")
+    serve_until(listener, lambda ev: of_kind(ev, Left))
+
+
 def serve_until(listener, done, timeout: float = 60.0, on_event=None) -> list:
     """Run the listener's event loop until ``done(events)``; every event so far."""
     events: list = []
@@ -457,11 +467,7 @@ def test_nothing_a_stranger_sends_is_unpickled(listener, secret, peers, tmp_path
     assert not target.exists(), "a stranger's pickle was unpickled"
     assert not of_kind(events, Joined) and not of_kind(events, Left), events
     conn = joined[0].conn
-    conn.send("still serving")
-    back = serve_until(listener, lambda ev: of_kind(ev, Received))
-    assert messages_of(back, conn) == [("echo", "still serving")]
-    conn.send("stop")
-    serve_until(listener, lambda ev: of_kind(ev, Left))
+    assert_still_serving(listener, conn)
     assert not target.exists()
     log = capfd.readouterr().err
     # (a plain ZeroMQ peer may see the mismatch and hang up before the listener does)
@@ -515,11 +521,7 @@ def test_a_broken_peer_is_dropped_and_the_others_served(secret, peers, capfd, mo
         bad.wait_line("EOF ")  # the peer is told, and cannot send on
         bad.wait_line("SEND REFUSED ")
         conn = joined[0].conn
-        conn.send("still serving")
-        back = serve_until(listener, lambda ev: of_kind(ev, Received))
-        assert messages_of(back, conn) == [("echo", "still serving")]
-        conn.send("stop")
-        serve_until(listener, lambda ev: of_kind(ev, Left))
+        assert_still_serving(listener, conn)
     finally:
         transport.close()
 
