@@ -116,8 +116,7 @@ class Daemon:
     def serve(self) -> None:
         sel = selectors.DefaultSelector()
         sel.register(self._stop_r, selectors.EVENT_READ, "stop")
-        for fileno, what in self.sources():
-            sel.register(fileno, selectors.EVENT_READ, what)
+        sel.register(self.listener.fileno(), selectors.EVENT_READ, "listener")
         next_tick = 0.0
         try:
             while not self._stopping:
@@ -126,19 +125,12 @@ class Daemon:
                     break
                 for event in self.listener.poll():
                     self.on_event(event)
-                self.on_ready({key.data for key, _ in ready})
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + TICK
                     self.tick(now)
         finally:
             sel.close()
-
-    def sources(self) -> list:
-        return [(self.listener.fileno(), "listener")]
-
-    def on_ready(self, ready: set) -> None:
-        """Sources of `sources()` other than the listener became readable."""
 
     def on_event(self, event) -> None:
         """An event of our listener (peers connecting to this node)."""
