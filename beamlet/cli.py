@@ -18,7 +18,7 @@ from typing import Sequence
 
 from .core import plugins
 
-CAPABILITY_FLAGS = ("parallel", "isolated", "zero_copy", "multi_node")
+CAPABILITY_FLAGS = ("parallel", "isolated", "zero_copy", "multi_node", "manages_workers")
 
 # Exit code when no command was given (the help is printed).
 NOT_AVAILABLE = 2
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     backends = sub.add_parser("backends", help="list the installed backends",
                               description="List the installed backends (none is started).")
+    backends.add_argument("--markdown", action="store_true",
+                          help="print the table of flags as Markdown (the README's table)")
     backends.set_defaults(func=_cmd_backends)
 
     version = sub.add_parser("version", help="print beamlet's version")
@@ -79,6 +81,9 @@ def _cmd_version(args) -> int:
 def _cmd_backends(args) -> int:
     from .core.api import BACKEND_ENV_VAR, DEFAULT_BACKEND
     factories = plugins.backend_factories()
+    if args.markdown:
+        print(backends_markdown(factories))
+        return 0
     providers = _providers()
     default = os.environ.get(BACKEND_ENV_VAR) or DEFAULT_BACKEND
     rows = [("NAME", *(f.upper() for f in CAPABILITY_FLAGS), "PROVIDED BY")]
@@ -100,6 +105,19 @@ def _cmd_backends(args) -> int:
 
 
 # -- helpers ----------------------------------------------------------------------
+
+def backends_markdown(factories: dict) -> str:
+    """The Markdown table of the backends' capability flags (the README shows
+    this table, generated, never written by hand)."""
+    lines = ["| backend | " + " | ".join(f"`{f}`" for f in CAPABILITY_FLAGS) + " |",
+             "| --- |" + " --- |" * len(CAPABILITY_FLAGS)]
+    for name in sorted(factories):
+        flags = backend_flags(factories[name])
+        cells = ["?" if flags is None else ("yes" if flags[f] else "no")
+                 for f in CAPABILITY_FLAGS]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
 
 def _providers() -> dict[str, str]:
     """backend name -> the name of the plugin that provides it."""

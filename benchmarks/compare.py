@@ -4,6 +4,7 @@
     python benchmarks/compare.py
     python benchmarks/compare.py --beamlet-init '{"backend": "inprocess"}' --rounds 1
     python benchmarks/compare.py --only task_sync,chain --no-dask
+    python benchmarks/compare.py --on-dask --no-ray   # beamlet's dask backend vs Dask
 
 Runs ``core_bench.py`` for beamlet (with this interpreter) and for Ray (with the
 interpreter of a separate venv, ``--ray-python``; Ray and Dask are never
@@ -156,8 +157,31 @@ def cell(r, row):
     return f"{cb.fmt_value(r['value'])} {cb.ROW_BY_NAME[row].unit}"
 
 
+#: The engine backends' target (issue 10): beamlet on an engine within 10% of
+#: the engine itself on every row.
+ENGINE_OVERHEAD_LIMIT = 1.10
+
+
+def engine_overhead(row, on_engine, native):
+    """How much worse beamlet-on-an-engine is than the engine itself on `row`
+    (1.0 = the same; a time's ratio, or a rate's inverse ratio), and whether
+    that is within ENGINE_OVERHEAD_LIMIT. (None, "-") when not comparable."""
+    ok = lambda x: x is not None and x.get("status") == "ok" and x.get("value")  # noqa: E731
+    target = TARGETS.get(row)
+    if not (ok(on_engine) and ok(native)) or target is None or target[0] not in ("<=", ">="):
+        return None, "-"
+    if target[0] == "<=":  # a time: lower is better
+        overhead = on_engine["value"] / native["value"]
+    else:  # a rate: higher is better
+        overhead = native["value"] / on_engine["value"]
+    return overhead, "yes" if overhead <= ENGINE_OVERHEAD_LIMIT else "NO"
+
+
 def build_table(frameworks, merged):
+    engine = "beamlet-on-dask" in frameworks and "dask" in frameworks
     header = ["workload", *frameworks, "beamlet/ray", "target", "met?"]
+    if engine:
+        header += ["on-dask overhead", "within 10%?"]
     lines = []
     for row in [r.name for r in cb.ROWS]:
         if not any(row in merged[f] for f in frameworks):
@@ -165,9 +189,14 @@ def build_table(frameworks, merged):
         b, r = merged.get("beamlet", {}).get(row), merged.get("ray", {}).get(row)
         ratio, met = ratio_and_verdict(row, b, r)
         target = TARGETS.get(row, (None, None, ""))[2]
-        lines.append([cb.ROW_BY_NAME[row].title,
-                      *[cell(merged[f].get(row), row) for f in frameworks],
-                      "-" if ratio is None else f"{ratio:.3g}x", target or "", met])
+        line = [cb.ROW_BY_NAME[row].title,
+                *[cell(merged[f].get(row), row) for f in frameworks],
+                "-" if ratio is None else f"{ratio:.3g}x", target or "", met]
+        if engine:
+            overhead, within = engine_overhead(row, merged["beamlet-on-dask"].get(row),
+                                               merged["dask"].get(row))
+            line += ["-" if overhead is None else f"{overhead:.3g}x", within]
+        lines.append(line)
     return header, lines
 
 
@@ -222,6 +251,9 @@ def main(argv=None):
     p.add_argument("--dask-init", default='{"processes": true, "n_workers": 2, '
                                           '"threads_per_worker": 1}')
     p.add_argument("--no-dask", action="store_true")
+    p.add_argument("--on-dask", action="store_true",
+                   help="also run beamlet on its dask backend (this interpreter needs "
+                        "'beamlet[dask]') and report its overhead over native Dask")
     p.add_argument("--no-ray", action="store_true")
     p.add_argument("--rounds", type=int, default=2,
                    help="alternating rounds of beamlet and Ray (default %(default)s)")
@@ -252,6 +284,9 @@ def main(argv=None):
         runs["ray"] = (args.ray_python, "ray", args.ray_init)
     if not args.no_dask:
         runs["dask"] = (args.ray_python, "dask", args.dask_init)
+        if args.on_dask:
+            init = dict(json.loads(args.beamlet_init), backend="dask")
+            runs["beamlet-on-dask"] = (args.beamlet_python, "beamlet", json.dumps(init))
     frameworks = list(runs)
     reports = {f: [] for f in frameworks}
     t0 = time.perf_counter()
@@ -265,6 +300,8 @@ def main(argv=None):
             order.reverse()
         if "dask" in runs and rnd < args.dask_rounds:
             order.append("dask")
+            if "beamlet-on-dask" in runs:
+                order.append("beamlet-on-dask")
         for f in order:
             if args.wait_idle > 0:
                 cb.wait_for_quiet(args.wait_idle, log)

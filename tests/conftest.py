@@ -23,12 +23,13 @@ import beamlet
 from beamlet.core import plugins
 from beamlet.core import runtime as _runtime
 
-BACKENDS = ["inprocess", "local"]
+BACKENDS = ["inprocess", "local", "dask"]
 
 # The module that must exist for a backend to run; checked without importing it.
 BACKEND_MODULES = {
     "inprocess": "beamlet.backends.local.inprocess",
     "local": "beamlet.backends.local.driver",
+    "dask": "beamlet.backends.dask.backend",
 }
 
 NUM_CPUS = 2
@@ -61,15 +62,17 @@ class BackendInfo:
     parallel: bool
     isolated: bool
     zero_copy: bool
+    manages_workers: bool
 
     @classmethod
     def current(cls) -> "BackendInfo":
         b = _runtime.current_or_none().backend
-        return cls(b.name, bool(b.parallel), bool(b.isolated), bool(b.zero_copy))
+        return cls(b.name, bool(b.parallel), bool(b.isolated), bool(b.zero_copy),
+                   bool(b.manages_workers))
 
     def require(self, *flags: str) -> None:
         """Skip the running test unless this backend has every capability flag
-        (``parallel``, ``isolated``, ``zero_copy``)."""
+        (``parallel``, ``isolated``, ``zero_copy``, ``manages_workers``)."""
         missing = [f for f in flags if not getattr(self, f)]
         if missing:
             pytest.skip(f"needs a backend with {', '.join(missing)}; on {self.name!r} "
@@ -78,7 +81,9 @@ class BackendInfo:
 
 _WHY_NOT = {"parallel": "tasks run one at a time inside .remote()",
             "isolated": "tasks run in the caller's process",
-            "zero_copy": "get() returns copies, not shared-memory views"}
+            "zero_copy": "get() returns copies, not shared-memory views",
+            "manages_workers": "the engine, not beamlet, restarts crashed workers and "
+                               "retries their tasks, and actors hold no resources while alive"}
 
 
 def _reset() -> None:
@@ -101,14 +106,70 @@ def backend_name(request, monkeypatch):
         _reset()
 
 
+class _DaskCluster:
+    """One Dask cluster (two single-threaded workers, like ``num_cpus=2``) shared
+    by every semantic test on the ``dask`` backend: each test's session joins it
+    with a client of its own, and leaves it as it found it at shutdown.
+    Starting a cluster per test would cost seconds each."""
+
+    def __init__(self):
+        self.process = None
+
+    def client(self):
+        from distributed import Client
+
+        from beamlet.backends.dask.cluster import ClusterProcess
+        if self.process is None:
+            try:
+                self.process = ClusterProcess(NUM_CPUS, {})
+            except ImportError as err:
+                pytest.fail(f"the dask backend needs Dask ({err}): pip install -e '.[test]'")
+        return Client(self.process.address, security=self.process.security, timeout=30)
+
+    def stop(self):
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+
+_dask_cluster = _DaskCluster()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _dask_cluster.stop()
+
+
+def init_options(name: str, **options) -> dict:
+    """The `init` options of a test's backend: ``num_cpus=2``, or for ``dask``
+    a client of the shared test cluster (closed by `close_client`)."""
+    if name == "dask" and "client" not in options and "address" not in options:
+        options.pop("num_cpus", None)
+        options["client"] = _dask_cluster.client()
+    else:
+        options.setdefault("num_cpus", NUM_CPUS)
+    return options
+
+
+def close_client(options: dict) -> None:
+    client = options.get("client")
+    if client is not None:
+        client.close()
+
+
 @pytest.fixture
 def backend(backend_name) -> BackendInfo:
     """A started backend (``num_cpus=2``), shut down after the test whatever happens."""
-    beamlet.init(backend=backend_name, num_cpus=NUM_CPUS)
+    options = init_options(backend_name)
+    try:
+        beamlet.init(backend=backend_name, **options)
+    except BaseException:
+        close_client(options)
+        raise
     try:
         yield BackendInfo.current()
     finally:
         beamlet.shutdown()
+        close_client(options)
 
 
 @pytest.fixture

@@ -57,14 +57,37 @@ def test_backend_flags_are_read_without_starting_the_backend():
         raise AssertionError("backend_flags called the factory")
 
     assert cli.backend_flags(Fast) == {"parallel": True, "isolated": False,
-                                       "zero_copy": True, "multi_node": False}
+                                       "zero_copy": True, "multi_node": False,
+                                       "manages_workers": True}
     factory.backend_class = "beamlet.backends.local.inprocess:InProcessBackend"
     assert cli.backend_flags(factory) == {"parallel": False, "isolated": False,
-                                          "zero_copy": False, "multi_node": False}
+                                          "zero_copy": False, "multi_node": False,
+                                          "manages_workers": True}
     factory.backend_class = "no.such.module:Backend"
     assert cli.backend_flags(factory) is None
     del factory.backend_class
     assert cli.backend_flags(factory) is None
+
+
+def test_readme_table_of_backends_is_the_generated_one(capsys):
+    """The README's table of backends and their flags is `beamlet backends
+    --markdown`, not written by hand: regenerate it when a flag changes."""
+    assert cli.main(["backends", "--markdown"]) == 0
+    table = capsys.readouterr().out.strip()
+    assert table.startswith("| backend |") and "| `dask` |" in table, table
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "README.md")
+    with open(readme) as f:
+        text = f.read()
+    assert table in text, f"README.md's table of backends is stale; it should be:\n{table}"
+
+
+def test_importing_beamlet_does_not_import_dask_or_ray():
+    code = ("import sys, beamlet, beamlet.cli; beamlet.cli.main(['backends']); "
+            "print(sorted(m for m in ('dask', 'distributed', 'ray') if m in sys.modules))")
+    proc = _run(["-c", code])
+    assert proc.returncode == 0, _explain(proc)
+    assert proc.stdout.strip().splitlines()[-1] == "[]", _explain(proc)
 
 
 def test_version(capsys):

@@ -44,10 +44,21 @@ def _redis_store(request) -> ControlStore:
     return RedisControlStore(server.url, namespace=f"test-{secrets.token_hex(8)}")
 
 
+def _dask_store(request) -> ControlStore:
+    """A store in the scheduler of the tests' shared Dask cluster, in a table
+    namespace no other test uses (tables there last as long as the scheduler)."""
+    from conftest import _dask_cluster
+
+    from beamlet.backends.dask.control import DaskControlStore
+    client = _dask_cluster.client()
+    request.addfinalizer(client.close)
+    return DaskControlStore(client, root=f"test-{secrets.token_hex(8)}")
+
+
 #: name -> ``factory(request)`` of an empty store. A store that needs a server
 #: gets it through a fixture (``request.getfixturevalue``), which fails its tests
 #: when the server cannot run here.
-STORE_FACTORIES = {"memory": _memory_store, "redis": _redis_store}
+STORE_FACTORIES = {"memory": _memory_store, "redis": _redis_store, "dask": _dask_store}
 
 
 @pytest.fixture(params=sorted(STORE_FACTORIES))

@@ -741,7 +741,7 @@ def test_retry_exceptions_with_a_class_defined_in_the_program(backend, tmp_path)
 
 
 def test_worker_crash_retried_then_worker_crashed_error(backend):
-    backend.require("isolated")
+    backend.require("isolated", "manages_workers")
 
     @ray.remote(max_retries=1)
     def potentially_fail():
@@ -753,7 +753,7 @@ def test_worker_crash_retried_then_worker_crashed_error(backend):
 
 def test_actor_restart_reruns_constructor(backend):
     """actor_restart.py, with max_task_retries=3 (see the report: -1 is not honoured)."""
-    backend.require("isolated")
+    backend.require("isolated", "manages_workers")
 
     @ray.remote(max_restarts=2, max_task_retries=3)
     class Actor:

@@ -292,6 +292,13 @@ class Backend(abc.ABC):
     - ``isolated``: tasks run in other processes, so globals are not shared.
     - ``zero_copy``: large buffers come back from ``get`` as shared-memory views.
     - ``multi_node``: tasks may run on other machines.
+    - ``manages_workers``: beamlet itself runs the processes tasks and actors
+      run in, so their failures follow beamlet's rules: a crashed worker's
+      task is retried per ``max_retries``, a crashed actor restarted per
+      ``max_restarts``, ``cancel(force=True)`` ends the task's process, a task
+      holds every CPU it asks for, and an actor holds its resources while it
+      lives. False where an engine beneath
+      (Dask) owns the workers and applies its own rules.
 
     ``inline_threshold`` is the size below which values travel inside messages
     rather than through the object store.
@@ -302,6 +309,7 @@ class Backend(abc.ABC):
     isolated: ClassVar[bool] = False
     zero_copy: ClassVar[bool] = False
     multi_node: ClassVar[bool] = False
+    manages_workers: ClassVar[bool] = True
     inline_threshold: ClassVar[int] = 100 * 1024
     #: True where this process owns the objects it creates (the driver); a
     #: worker's client side forwards submissions to the owner, which pins

@@ -1,0 +1,159 @@
+"""DaskBackend: the ``dask`` backend, in the driver and in every Dask worker.
+
+In the driver it connects to the cluster: ``init(backend="dask",
+address="tcp://host:8786")``, ``init(backend="dask", client=client)`` (a
+``distributed.Client`` the user made and keeps), or a ``LocalCluster`` it
+starts itself (one worker process per CPU, one thread each, with an equal
+share of the GPUs and custom resources given to ``init``) and stops at ``shutdown``. In a worker (``worker.py``) the same
+class runs on the worker's own client, so every process owns the objects it
+creates and Dask's reference counting spans them all.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+from ... import exceptions as exc
+from ...core.interfaces import Backend
+from ...core.options import check_backend_options
+
+_CONNECT_TIMEOUT = 10.0
+
+
+def node_of(address: str) -> str:
+    """The node id of the machine at a Dask address (``tls://127.0.0.1:8786`` ->
+    ``dask-127.0.0.1``): a node is a machine, as in Ray, not a Dask worker."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0]
+    return "dask-" + host
+
+
+class DaskBackend(Backend):
+    name = "dask"
+    parallel = True
+    isolated = True
+    zero_copy = False
+    multi_node = True
+    manages_workers = False  # (Dask's nanny restarts workers; Dask retries their tasks)
+
+    accepted_options = frozenset({"client", "dashboard"})
+
+    def __init__(self, config: dict, runtime):
+        from .control import DaskControlStore
+        from .objects import DaskObjectStore
+        from .scheduler import DaskScheduler
+        self.runtime = runtime
+        self._cluster = None
+        self._own_client = False
+        self._is_driver = not config.get("dask_worker")
+        if not self._is_driver:
+            from distributed import get_client
+            self.client = get_client()
+            self.job = config["job"]
+            from distributed import get_worker
+            self.node_id = node_of(get_worker().address)
+        else:
+            check_backend_options(config, self.accepted_options, self.name)
+            self.client = self._connect(config)
+            self.job = {"job_id": runtime.job_id, "namespace": runtime.namespace,
+                        "sys_path": [os.getcwd()] + [p for p in sys.path if p]}
+            self.node_id = node_of(self.client.scheduler.address)
+        self.worker_id = f"dask-{os.getpid()}"
+        self._borrowed: set[bytes] = set()
+        self._borrowed_lock = threading.Lock()
+        self.object_store = DaskObjectStore(self.client, runtime.refs)
+        self.control_store = DaskControlStore(self.client)
+        self.scheduler = DaskScheduler(self)
+
+    def _connect(self, config: dict):
+        from distributed import Client
+        if config.get("client") is not None:
+            client = config["client"]
+            if not isinstance(client, Client):
+                raise TypeError(f"init(backend='dask', client=...) needs a distributed.Client, "
+                                f"got {type(client).__name__}")
+            return client
+        address = config.get("address")
+        self._own_client = True
+        if address:
+            if not isinstance(address, str):
+                raise TypeError(f"address must be a str like 'tcp://host:8786', got "
+                                f"{type(address).__name__}")
+            try:
+                return Client(address, timeout=_CONNECT_TIMEOUT)
+            except (OSError, TimeoutError) as err:
+                raise exc.BackendError(f"no Dask scheduler answered at {address!r} within "
+                                       f"{_CONNECT_TIMEOUT:.0f} s: {err}") from None
+        n = int(config.get("num_cpus") or os.cpu_count() or 1)
+        if n < 1:
+            raise ValueError(f"backend 'dask' needs num_cpus >= 1 to start its LocalCluster, "
+                             f"got {config.get('num_cpus')!r}")
+        resources = {}
+        if config.get("num_gpus"):
+            resources["GPU"] = float(config["num_gpus"]) / n
+        for name, amount in (config.get("resources") or {}).items():
+            resources[name] = float(amount) / n
+        from .cluster import ClusterProcess
+        self._cluster = ClusterProcess(n, resources, bool(config.get("dashboard")))
+        try:
+            return Client(self._cluster.address, security=self._cluster.security,
+                          timeout=_CONNECT_TIMEOUT)
+        except BaseException:
+            self._cluster.stop()
+            raise
+
+    # -- references ---------------------------------------------------------------------
+    def object_referenced(self, object_id: bytes) -> None:
+        # Held lazily (hold_borrowed): the id may be one this process is about to
+        # submit, whose Future the submission makes.
+        with self._borrowed_lock:
+            self._borrowed.add(object_id)
+
+    def object_released(self, object_id: bytes) -> None:
+        with self._borrowed_lock:
+            self._borrowed.discard(object_id)
+        self.object_store.delete([object_id])
+        self.scheduler.token_released(object_id)
+
+    def hold_borrowed(self) -> None:
+        """Hold a Future for every ref this process still has but never used (a
+        worker keeping refs it was passed beyond the task that passed them)."""
+        with self._borrowed_lock:
+            borrowed, self._borrowed = self._borrowed, set()
+        if borrowed:
+            self.object_store.hold_all(borrowed)
+
+    def nodes(self) -> list[dict]:
+        """One entry per machine running Dask workers, their resources summed."""
+        machines: dict[str, dict] = {}
+        for address, resources in self.scheduler._worker_resources(refresh=True).items():
+            total = machines.setdefault(node_of(address), {})
+            for name, amount in resources.items():
+                total[name] = total.get(name, 0.0) + amount
+        return [{"NodeID": node, "Alive": True, "Resources": resources,
+                 "NodeManagerAddress": node.removeprefix("dask-")}
+                for node, resources in machines.items()]
+
+    def shutdown(self) -> None:
+        """Release this process's objects; in the driver also end the job on every
+        worker (its actors stop, what it held is released), then close the
+        client and the LocalCluster if this backend made them."""
+        if self._is_driver:
+            try:
+                self.scheduler.end_job_actors()
+            except Exception:  # noqa: BLE001 - the scheduler is gone already
+                pass
+        self.scheduler.shutdown()
+        self.object_store.close()
+        self.control_store.close()
+        if not self._is_driver:
+            return
+        from .worker import end_job
+        try:
+            self.client.run(end_job, self.job["job_id"])
+        except Exception:  # noqa: BLE001 - the workers are gone already
+            pass
+        if self._own_client:
+            self.client.close()
+        if self._cluster is not None:
+            self._cluster.stop()

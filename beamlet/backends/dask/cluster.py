@@ -1,0 +1,101 @@
+"""The LocalCluster that ``init(backend="dask")`` starts when given no address.
+
+It runs in a child process of the driver (``python -m
+beamlet.backends.dask.cluster``), not in the driver itself: Dask starts its
+worker processes with ``spawn``, which re-runs the parent's main module, and a
+beamlet program's main module is rarely guarded by ``if __name__ ==
+"__main__"``. The child prints the scheduler's address on its first line of
+output and stops the cluster when its standard input closes, which the driver
+does at shutdown (or the kernel does, when the driver dies).
+
+Every connection into that cluster is mutual TLS with a key and certificate
+made for this session alone (Dask's ``Security.temporary()``): a process
+without them cannot connect, submit work or read objects. The driver passes
+them to the child on its standard input, never on the command line (which
+other users can read).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from ... import exceptions as exc
+
+_START_TIMEOUT = 60.0
+_PEM_FIELDS = ("tls_ca_file", "tls_client_key", "tls_client_cert", "tls_scheduler_key",
+               "tls_scheduler_cert", "tls_worker_key", "tls_worker_cert")
+_STOP_TIMEOUT = 20.0
+
+
+class ClusterProcess:
+    """A LocalCluster in a child process: ``address`` once started; `stop()`."""
+
+    def __init__(self, n_workers: int, resources: dict, dashboard: bool = False):
+        from distributed import Security
+        #: What a client needs to connect (the session's TLS key and certificate).
+        self.security = Security.temporary()
+        spec = {"n_workers": n_workers, "resources": resources, "dashboard": dashboard,
+                "tls": {name: getattr(self.security, name) for name in _PEM_FIELDS}}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "beamlet.backends.dask.cluster"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            self._proc.stdin.write(json.dumps(spec) + "\n")
+            self._proc.stdin.flush()
+        except OSError:
+            pass  # (it died at once: _read_address says so)
+        self.address = self._read_address()
+
+    def _read_address(self) -> str:
+        import selectors
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._proc.stdout, selectors.EVENT_READ)
+            if not sel.select(_START_TIMEOUT):
+                self.stop()
+                raise exc.BackendError(f"the Dask LocalCluster did not start within "
+                                       f"{_START_TIMEOUT:.0f} s")
+        line = self._proc.stdout.readline().strip()
+        if not line.startswith("tls://"):
+            self.stop()
+            raise exc.BackendError(f"the Dask LocalCluster failed to start (it said "
+                                   f"{line!r}; its errors are above)")
+        return line
+
+    def stop(self) -> None:
+        """Stop the cluster and wait for its processes (killed if they linger)."""
+        proc = self._proc
+        if proc.poll() is None:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                proc.wait(_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(_STOP_TIMEOUT)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def main() -> None:
+    import logging
+
+    from distributed import LocalCluster, Security
+    spec = json.loads(sys.stdin.readline())
+    security = Security(require_encryption=True, **spec["tls"])
+    cluster = LocalCluster(n_workers=spec["n_workers"], threads_per_worker=1, processes=True,
+                           resources=spec["resources"], host="127.0.0.1",
+                           protocol="tls://", security=security,
+                           dashboard_address=":0" if spec["dashboard"] else None,
+                           silence_logs=logging.ERROR)
+    try:
+        print(cluster.scheduler_address, flush=True)
+        sys.stdin.read()  # until the driver closes it, or dies
+    finally:
+        cluster.close(timeout=_STOP_TIMEOUT)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,362 @@
+"""DaskObjectStore: beamlet objects as Dask keys, one Future per key this process holds.
+
+An object id maps to the key ``beamlet-<id hex>``; its Dask value is the
+beamlet ``SerializedObject`` (a task's result, an error object, or a `put`
+value scattered to a worker). Dask keeps a key's data while some client
+holds a Future for it, so each process keeps one Future per id its Runtime
+references (created when the process submits or puts the object, or when a
+ref to it arrives and is first used) and drops it in `delete`, when the
+Runtime's count for the id reaches zero.
+
+A Future whose task failed at the Dask level (a cancelled task, a worker
+that died too often, a lost scattered value) reads back as the beamlet error
+of that failure, so callers see ``TaskCancelledError``, ``WorkerCrashedError``
+or ``ObjectLostError`` as on any other backend.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Callable, Iterable, Sequence
+
+from ... import exceptions as exc
+from ...core.interfaces import ObjectStore
+from ...core.serialization import SerializedObject, serialize
+
+PREFIX = "beamlet-"
+
+
+def key_of(object_id: bytes) -> str:
+    """The Dask key holding the object `object_id`."""
+    return PREFIX + object_id.hex()
+
+
+def id_of(key: str) -> bytes:
+    return bytes.fromhex(key[len(PREFIX):])
+
+
+_KNOWN_GRACE = 2.0
+
+
+def _scheduler_knows(key: str, dask_scheduler=None) -> bool:
+    """(Runs in the Dask scheduler.)"""
+    return key in dask_scheduler.tasks
+
+
+def _assigned_worker(key: str, dask_scheduler=None) -> str | None:
+    """(Runs in the Dask scheduler.) The worker the key's task is assigned to."""
+    ts = dask_scheduler.tasks.get(key)
+    if ts is None or ts.processing_on is None:
+        return None
+    return ts.processing_on.address
+
+
+def _executing(key: str, dask_worker=None) -> bool:
+    """(Runs in a Dask worker.) Whether the key's task is running there now
+    (the scheduler's "processing" also covers tasks queued on the worker)."""
+    ts = dask_worker.state.tasks.get(key)
+    return ts is not None and ts.state in ("executing", "long-running")
+
+
+@contextlib.contextmanager
+def seceded():
+    """Inside a Dask worker's task thread, give the thread's slot back while
+    blocking (Dask's ``secede``), and take one again afterwards (``rejoin``):
+    a task waiting for its own nested tasks must not hold the slot they need.
+    Elsewhere (the driver, an actor's thread) it does nothing."""
+    from distributed.worker import thread_state
+    in_task = getattr(thread_state, "execution_state", None) is not None and \
+        getattr(thread_state, "key", None) is not None and \
+        not getattr(thread_state, "beamlet_seceded", False)
+    if not in_task:
+        yield
+        return
+    from distributed import rejoin, secede
+    secede()
+    thread_state.beamlet_seceded = True
+    try:
+        yield
+    finally:
+        thread_state.beamlet_seceded = False
+        rejoin()
+
+
+class DaskObjectStore(ObjectStore):
+    """The ObjectStore of one process (driver or worker) on a Dask ``Client``."""
+
+    def __init__(self, client, refs):
+        self.client = client
+        self._refs = refs
+        self._lock = threading.Lock()
+        self._futures: dict[bytes, object] = {}
+        #: Values handed to a task running in this process by Dask itself (its
+        #: resolved ref arguments), read by the executor without a round trip.
+        self._local: dict[bytes, SerializedObject] = {}
+        #: The refs contained in objects this process read, kept alive while it
+        #: holds the containing object (the ObjectStore contract).
+        self._contained: dict[bytes, tuple] = {}
+        self._pinned: list = []
+        self._pinned_ids: set[bytes] = set()
+        #: Ids of the tasks this process submitted: their Futures are kept until
+        #: the task ran even once nobody holds a ref (Dask would cancel a task
+        #: nobody wants; Ray runs it, for its side effects).
+        self._submitted: set[bytes] = set()
+        self._lost: set[str] = set()
+        #: id -> whether its task was running when this process cancelled it.
+        self._cancelled: dict[bytes, bool] = {}  # keys borrowed after the scheduler forgot them
+        self._unwanted: dict[bytes, object] = {}
+        self._closed = False
+
+    # -- futures ------------------------------------------------------------------
+    def adopt(self, object_id: bytes, future) -> None:
+        """Hold `future` (just submitted or scattered by this process) for `object_id`."""
+        with self._lock:
+            self._futures[object_id] = future
+            self._submitted.add(object_id)
+
+    def future(self, object_id: bytes):
+        """The Future for `object_id`, made (and the scheduler told that this
+        client wants the key) on first use in this process."""
+        with self._lock:
+            fut = self._futures.get(object_id)
+        if fut is not None:
+            return fut
+        fut = self.borrow_key(key_of(object_id))  # (a scheduler round trip: not under the lock)
+        with self._lock:
+            held = self._futures.setdefault(object_id, fut)
+        if held is not fut:
+            fut.release()
+        return held
+
+    def borrow_key(self, key: str):
+        """A new Future for an existing Dask `key`, held by this process's client.
+        A key the scheduler does not know (any more) reads back as lost, rather
+        than a Future that never resolves."""
+        from distributed import Future
+        fut = Future(key, self.client)
+        if not self._known(key):
+            self._lost.add(key)
+        # A Future made from a key alone does not tell the scheduler this client
+        # wants it (Dask does that for futures it unpickles in task arguments);
+        # without it the key could be freed under us and the future never resolve.
+        self.client._send_to_scheduler({"op": "client-desires-keys", "keys": [key],
+                                        "client": self.client.id})
+        return fut
+
+    def pin_for_job(self, object_ids: Iterable[bytes]) -> None:
+        """Keep the objects alive until this process's job ends (the refs inside a
+        task's result, until the reader of the result holds them itself)."""
+        object_ids = list(object_ids)
+        pinned = [self.borrow_key(key_of(i)) for i in object_ids]
+        with self._lock:
+            self._pinned.extend(pinned)
+            self._pinned_ids.update(object_ids)
+
+    def is_pinned(self, object_id: bytes) -> bool:
+        return object_id in self._pinned_ids
+
+    def _known(self, key: str) -> bool:
+        """Whether the scheduler knows `key`; asked again for a while, since the
+        submission of a ref that reached us through another process may still
+        be on its way to the scheduler."""
+        deadline = time.monotonic() + _KNOWN_GRACE
+        while True:
+            if self.client.run_on_scheduler(_scheduler_knows, key):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+    def hold_all(self, object_ids: Iterable[bytes]) -> None:
+        """Make sure this process holds a Future for each id (a borrower keeping
+        objects alive beyond the task that passed them)."""
+        for object_id in object_ids:
+            self.future(object_id)
+
+    @contextlib.contextmanager
+    def provided(self, values: dict[bytes, SerializedObject]):
+        """Within the block, `get` of these ids answers from `values` (a task's
+        arguments, which Dask already fetched to this worker)."""
+        with self._lock:
+            self._local.update(values)
+        try:
+            yield
+        finally:
+            with self._lock:
+                for object_id in values:
+                    self._local.pop(object_id, None)
+
+    # -- ObjectStore ------------------------------------------------------------------
+    def put(self, object_id: bytes, value: SerializedObject) -> None:
+        self._check_open()
+        key = key_of(object_id)
+        futures = self.client.scatter({key: value}, hash=False)
+        self.adopt(object_id, futures[key])
+        if value.refs:
+            with self._lock:
+                self._contained[object_id] = value.refs
+            self._refs.incr_all(value.refs)
+
+    def get(self, object_ids: Sequence[bytes], timeout: float | None = None) -> list[SerializedObject]:
+        self._check_open()
+        with self._lock:
+            local = {i: self._local[i] for i in object_ids if i in self._local}
+        missing = [i for i in object_ids if i not in local]
+        if missing:
+            futures = [self.future(i) for i in missing]
+            self._wait_all(futures, timeout)
+            for object_id, fut in zip(missing, futures):
+                local[object_id] = self._value(object_id, fut)
+        return [local[i] for i in object_ids]
+
+    def _wait_all(self, futures: list, timeout: float | None) -> None:
+        from distributed import wait as dask_wait
+        if all(f.done() or f.key in self._lost for f in futures):
+            return
+        if timeout == 0:
+            raise exc.GetTimeoutError("get timed out after 0 s")
+        with seceded():
+            try:
+                dask_wait(futures, timeout=timeout)
+            except TimeoutError:
+                raise exc.GetTimeoutError(f"get timed out after {timeout} s") from None
+
+    def _value(self, object_id: bytes, fut) -> SerializedObject:
+        if fut.key in self._lost:
+            return serialize(exc.ObjectLostError(
+                f"object {object_id.hex()} is gone: nothing in the Dask cluster holds it any "
+                f"more"), is_error=True)
+        status = fut.status
+        if status == "finished":
+            try:
+                value = fut.result(timeout=60)
+            except Exception as err:  # noqa: BLE001 - the data went away meanwhile
+                return serialize(exc.ObjectLostError(f"object {object_id.hex()} was lost: {err}"),
+                                 is_error=True)
+            if value.refs and object_id not in self._contained:
+                self._contained[object_id] = value.refs
+                self._refs.incr_all(value.refs)
+                self.hold_all(value.refs)
+            return value
+        if status == "cancelled":
+            error = exc.TaskCancelledError(f"the task producing {object_id.hex()} was cancelled")
+            if self._cancelled.get(object_id, True):
+                # Running when cancelled (or not cancelled from here: unknown), as
+                # on other backends: a TaskError whose cause is the cancellation.
+                error = exc.TaskError(f"task {object_id.hex()}", "cancelled by beamlet.cancel()",
+                                      error, None).as_instanceof_cause()
+            return serialize(error, is_error=True)
+        if status == "lost":
+            return serialize(exc.ObjectLostError(
+                f"object {object_id.hex()} was lost with the Dask worker holding it"),
+                is_error=True)
+        try:
+            error = fut.exception(timeout=60)
+        except Exception as err:  # noqa: BLE001
+            error = err
+        return serialize(exc.WorkerCrashedError(
+            f"Dask could not compute {object_id.hex()}: {type(error).__name__}: {error}"),
+            is_error=True)
+
+    def wait(self, object_ids: Sequence[bytes], num_returns: int,
+             timeout: float | None = None) -> set[bytes]:
+        self._check_open()
+        from distributed import wait as dask_wait
+        futures = {i: self.future(i) for i in dict.fromkeys(object_ids) if i not in self._local}
+        ready = {i for i in object_ids if i in self._local}
+        until = None if timeout is None else time.monotonic() + timeout
+        with seceded():
+            while True:
+                ready.update(i for i, f in futures.items() if f.done())
+                if len(ready) >= num_returns:
+                    return ready
+                left = None if until is None else until - time.monotonic()
+                if left is not None and left <= 0:
+                    return ready
+                ready.update(i for i, f in futures.items() if f.key in self._lost)
+                if len(ready) >= num_returns:
+                    return ready
+                pending = [f for i, f in futures.items() if i not in ready]
+                try:
+                    dask_wait(pending, timeout=left, return_when="FIRST_COMPLETED")
+                except TimeoutError:
+                    pass
+
+    def contains(self, object_id: bytes) -> bool:
+        if object_id in self._local:
+            return True
+        with self._lock:
+            fut = self._futures.get(object_id)
+        return fut is not None and (fut.done() or fut.key in self._lost)
+
+    def delete(self, object_ids: Iterable[bytes]) -> None:
+        released = []
+        with self._lock:
+            for object_id in object_ids:
+                fut = self._futures.pop(object_id, None)
+                submitted = object_id in self._submitted
+                self._submitted.discard(object_id)
+                if fut is not None and submitted and not fut.done():
+                    self._unwanted[object_id] = fut
+                    fut.add_done_callback(lambda f, i=object_id: self._ran(i))
+                elif fut is not None:
+                    fut.release()
+                contained = self._contained.pop(object_id, None)
+                if contained:
+                    released.extend(contained)
+        if released:
+            self._refs.decr_all(released)
+
+    def cancel(self, object_id: bytes) -> None:
+        """Cancel the task producing `object_id` unless it has finished (Dask's
+        cancel would delete a finished result)."""
+        fut = self.future(object_id)
+        if fut.done():
+            return
+        running = False
+        worker = self.client.run_on_scheduler(_assigned_worker, fut.key)
+        if worker is not None:
+            try:
+                running = bool(self.client.run(_executing, fut.key, workers=[worker])
+                               .get(worker))
+            except Exception:  # noqa: BLE001 - the worker left meanwhile
+                running = False
+        self._cancelled[object_id] = running
+        fut.cancel()
+
+    def _ran(self, object_id: bytes) -> None:
+        with self._lock:
+            fut = self._unwanted.pop(object_id, None)
+        if fut is not None:
+            fut.release()
+
+    def on_ready(self, object_id: bytes, callback: Callable[[bytes], object]) -> None:
+        if object_id in self._local:
+            callback(object_id)
+            return
+        fut = self.future(object_id)
+        if fut.key in self._lost:
+            callback(object_id)
+            return
+        fut.add_done_callback(lambda _f: callback(object_id))
+
+    def stats(self) -> dict:
+        return {"num_objects": len(self._futures), "bytes_used": 0}
+
+    def close(self) -> None:
+        """Release every Future this process holds."""
+        with self._lock:
+            self._closed = True
+            futures, self._futures = list(self._futures.values()), {}
+            futures.extend(self._pinned)
+            futures.extend(self._unwanted.values())
+            self._unwanted = {}
+            self._pinned = []
+            self._contained.clear()
+        for fut in futures:
+            fut.release()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise exc.BackendError("the Dask backend was shut down")

@@ -1,0 +1,267 @@
+"""DaskScheduler: beamlet TaskSpecs as Dask tasks and actors.
+
+- A task is ``Client.submit(run_task, ...)`` under the key of its return id
+  (with several returns, under a task key, plus one ``getitem`` per return).
+  Its ref arguments go as Futures in a dict, which Dask resolves on the worker
+  that runs it once they exist: waiting for dependencies holds no worker.
+- CPUs are Dask's worker threads: a task occupies one while it runs, and a
+  task blocked in ``get`` or ``wait`` secedes and so lends it (as Ray lends a
+  blocked task's CPU). A request for more CPUs than a task can hold (more
+  than one) is accepted when the cluster has that many in all, but holds one
+  thread. GPUs and custom resources become Dask worker resources, held for
+  the task's whole run (Dask keeps them while a task is seceded).
+  ``memory`` is not modelled. A request no worker could meet raises
+  ``ValueError`` at submission, naming the resource.
+- An actor is an ``ActorHost`` (a Dask actor) under ``beamlet-actor-<id>``,
+  plus its creation ref, which resolves once the constructor ran. Method
+  calls are tasks that depend on the host; each carries this process's
+  sequence number for that actor, and the host starts them in that order.
+  An actor ends when killed, when it calls ``exit_actor``, when its job ends,
+  or when the process that created it drops its last handle and no other
+  Dask client holds its creation ref (asked of the scheduler: handles travel
+  between processes as bare ids, which the receiver holds once its task ends).
+
+Retries of user exceptions (``retry_exceptions``) happen inside the task, as
+on every backend; a worker that dies is Dask's to recover from (it reruns
+the task elsewhere, up to its ``allowed-failures``).
+"""
+from __future__ import annotations
+
+import operator
+import threading
+
+from ... import exceptions as exc
+from ...core import plugins
+from ...core.interfaces import Scheduler
+from ...core.scheduling import ActorLifecycle
+from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
+from .objects import key_of
+from .worker import ActorHost, actor_created, call_actor, run_task
+
+ACTOR_PREFIX = "beamlet-actor-"
+JOB_ACTORS = "dask_job_actors"  # control-store table: "<job id>:<actor id hex>" -> b"d" if detached
+TASK_PREFIX = "beamlet-task-"
+_HOST_TIMEOUT = 60.0
+
+
+def _wanted_elsewhere(key: str, client_id: str, dask_scheduler=None) -> bool:
+    """(Runs in the Dask scheduler.) Whether a client other than `client_id`
+    holds `key`, or a task still to run depends on it."""
+    ts = dask_scheduler.tasks.get(key)
+    if ts is None:
+        return False
+    return any(cs.client_key != client_id for cs in ts.who_wants) or \
+        any(dep.state not in ("memory", "erred", "forgotten") for dep in ts.dependents)
+
+
+def _resources_in_use(dask_scheduler) -> dict:
+    """(Runs in the Dask scheduler.) What running tasks hold, summed over workers."""
+    used = {"CPU": 0.0}
+    for ws in dask_scheduler.workers.values():
+        busy = len(ws.processing) - len(ws.long_running)  # (includes tasks queued there)
+        used["CPU"] += float(min(ws.nthreads, busy))
+        for name, amount in (ws.used_resources or {}).items():
+            used[name] = used.get(name, 0.0) + float(amount)
+    return used
+
+
+class DaskScheduler(Scheduler):
+    def __init__(self, backend):
+        self._backend = backend
+        self._client = backend.client
+        self._store = backend.object_store
+        self._lock = threading.Lock()
+        self._seq: dict[bytes, int] = {}           # actor id -> next call number from here
+        self._hosts: dict[bytes, object] = {}      # actor id -> Future of its ActorHost
+        self._workers: dict | None = None          # address -> resources, cached
+        self._tokens: dict[bytes, bytes] = {}      # creation ref id -> actor id, made here
+
+    # -- resources -------------------------------------------------------------------
+    def _worker_resources(self, refresh: bool = False) -> dict:
+        """Each worker's resources, its threads counted as ``CPU``."""
+        if self._workers is None or refresh:
+            info = self._client.scheduler_info()
+            self._workers = {addr: {"CPU": float(w.get("nthreads", 1)),
+                                    **(w.get("resources") or {})}
+                             for addr, w in info.get("workers", {}).items()}
+        return self._workers
+
+    def _resources(self, spec: TaskSpec) -> dict | None:
+        """The Dask resource restriction of `spec` (None: none), checked feasible."""
+        request = {k: float(v) for k, v in (spec.resources or {}).items()
+                   if k != "memory" and v}
+        cpus = request.pop("CPU", 0.0)
+        if cpus:
+            total = sum(w["CPU"] for w in self._worker_resources().values())
+            if cpus > total:
+                total = sum(w["CPU"] for w in self._worker_resources(True).values())
+            if cpus > total:
+                raise ValueError(f"{spec.display_name} requests {cpus:g} CPU, but the Dask "
+                                 f"cluster only has {total:g} worker threads: it could never run")
+        if not request:
+            return None
+        for refresh in (False, True):
+            workers = self._worker_resources(refresh)
+            if any(all(have.get(k, 0.0) >= v for k, v in request.items())
+                   for have in workers.values()):
+                return request
+        known = sorted({k for have in workers.values() for k in have})
+        missing = [k for k in request if k not in known]
+        if missing:
+            raise ValueError(f"{spec.display_name} requests resource {missing[0]!r} "
+                             f"({request[missing[0]]}), which no Dask worker has; known "
+                             f"resources: {', '.join(known) or 'none'}")
+        raise ValueError(f"{spec.display_name} requests {request}, but no single Dask worker "
+                         f"has that much (each worker's resources: "
+                         f"{sorted(workers.values(), key=str)[:4]}): it could never run")
+
+    # -- submission --------------------------------------------------------------------
+    def submit(self, spec: TaskSpec) -> None:
+        plugins.notify("beamlet_task_submitted", spec=spec)
+        deps = {d: self._store.future(d) for d in spec.dependencies()}
+        if spec.kind == ACTOR_METHOD:
+            self._submit_call(spec, deps)
+        elif spec.kind == ACTOR_CREATION:
+            self._submit_actor(spec, deps)
+        else:
+            resources = self._resources(spec)
+            self._submit(run_task, (self._backend.job, spec, deps), spec, resources)
+
+    def _submit(self, fn, args: tuple, spec: TaskSpec, resources: dict | None):
+        """Submit ``fn(*args)``, its value stored under the spec's return ids."""
+        client = self._client
+        rids = spec.return_ids
+        if len(rids) == 1:
+            fut = client.submit(fn, *args, key=key_of(rids[0]), resources=resources,
+                                pure=False)
+            self._store.adopt(rids[0], fut)
+            return [fut]
+        whole = client.submit(fn, *args, key=TASK_PREFIX + spec.task_id.hex(),
+                              resources=resources, pure=False)
+        futures = []
+        for i, rid in enumerate(rids):
+            fut = client.submit(operator.getitem, whole, i, key=key_of(rid), pure=False)
+            self._store.adopt(rid, fut)
+            futures.append(fut)
+        return futures
+
+    def _submit_actor(self, spec: TaskSpec, deps: dict) -> None:
+        resources = self._resources(spec)
+        host = self._client.submit(ActorHost, self._backend.job, spec, deps,
+                                   key=ACTOR_PREFIX + spec.actor_id.hex(), actor=True,
+                                   resources=resources, pure=False)
+        detached = bool((spec.actor_options or {}).get("detached"))
+        with self._lock:
+            self._hosts[spec.actor_id] = host
+            if not detached:
+                self._tokens[spec.return_ids[0]] = spec.actor_id
+        # Recorded for the driver's shutdown, which ends the job's actors' names.
+        self._backend.control_store.put(JOB_ACTORS, f"{self._backend.job['job_id']}:"
+                                        f"{spec.actor_id.hex()}", b"d" if detached else b"")
+        token = self._client.submit(actor_created, host, key=key_of(spec.return_ids[0]),
+                                    pure=False)
+        self._store.adopt(spec.return_ids[0], token)
+
+    def _host(self, actor_id: bytes):
+        with self._lock:
+            host = self._hosts.get(actor_id)
+            if host is None:
+                host = self._hosts[actor_id] = self._store.borrow_key(ACTOR_PREFIX + actor_id.hex())
+            return host
+
+    def _submit_call(self, spec: TaskSpec, deps: dict) -> None:
+        host = self._host(spec.actor_id)
+        with self._lock:
+            seq = self._seq.get(spec.actor_id, 0)
+            self._seq[spec.actor_id] = seq + 1
+        futures = self._submit(call_actor, (self._backend.job, host, spec.caller_id, seq, spec,
+                                            deps), spec, None)
+        futures[0].add_done_callback(
+            lambda fut: fut.status == "finished" or self._skip_later(spec, seq))
+
+    def _skip_later(self, spec: TaskSpec, seq: int) -> None:
+        """A call that failed in Dask (cancelled, lost) never reaches its actor:
+        tell the host, from a thread (this runs on the client's event loop)."""
+        def skip():
+            try:
+                proxy = self._host(spec.actor_id).result(timeout=_HOST_TIMEOUT)
+                proxy.skip(spec.caller_id, seq).result(timeout=_HOST_TIMEOUT)
+            except Exception:  # noqa: BLE001 - the actor or the cluster is gone
+                pass
+        threading.Thread(target=skip, name="beamlet-dask-skip", daemon=True).start()
+
+    # -- control -----------------------------------------------------------------------
+    def cancel(self, object_id: bytes, force: bool = False) -> None:
+        """Dask cannot interrupt a running task: cancelling one (``force`` too)
+        makes its result the cancellation error, and its work runs on."""
+        self._store.cancel(object_id)
+
+    def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
+        self.end_actor(actor_id, "it was killed by beamlet.kill()")
+
+    def end_actor(self, actor_id: bytes, reason: str) -> None:
+        try:
+            proxy = self._host(actor_id).result(timeout=_HOST_TIMEOUT)
+            proxy.stop(reason).result(timeout=_HOST_TIMEOUT)
+        except Exception:  # noqa: BLE001 - already gone with its worker
+            pass
+
+    def token_released(self, object_id: bytes) -> None:
+        """This process dropped its last handle to an actor it created: end the
+        actor unless another client still holds a handle (from a thread: the
+        scheduler is asked)."""
+        with self._lock:
+            actor_id = self._tokens.pop(object_id, None)
+        if actor_id is None or self._store.is_pinned(object_id):
+            return  # (a handle in a task's result: it lives until the job ends)
+
+        def end_if_unreferenced():
+            try:
+                wanted = self._client.run_on_scheduler(_wanted_elsewhere, key_of(object_id),
+                                                       self._client.id)
+            except Exception:  # noqa: BLE001 - the cluster is going away
+                return
+            if not wanted:
+                self.end_actor(actor_id, "all handles to it went out of scope")
+
+        threading.Thread(target=end_if_unreferenced, name="beamlet-dask-actor-gc",
+                         daemon=True).start()
+
+    def end_job_actors(self) -> None:
+        """(The driver, at shutdown.) Record every actor its job made, nested
+        ones included, as dead, except detached ones: the Dask scheduler's
+        tables outlive the job, and their names must be free again."""
+        prefix = self._backend.job["job_id"] + ":"
+        store = self._backend.control_store
+        tables = self._backend.runtime.tables
+        for key in store.keys(JOB_ACTORS):
+            key = key.decode()
+            if not key.startswith(prefix):
+                continue
+            if store.get(JOB_ACTORS, key) != b"d":
+                tables.set_actor_state(bytes.fromhex(key[len(prefix):]),
+                                       ActorLifecycle.DEAD.recorded, "its job ended")
+            store.delete(JOB_ACTORS, key)
+
+    def total_resources(self) -> dict[str, float]:
+        totals: dict[str, float] = {"CPU": 0.0, "GPU": 0.0}
+        for have in self._worker_resources(refresh=True).values():
+            for name, amount in have.items():
+                totals[name] = totals.get(name, 0.0) + amount
+        return totals
+
+    def available_resources(self) -> dict[str, float]:
+        """The totals, less what running tasks hold, as the Dask scheduler sees
+        it now: a thread per running task that has not seceded, and the
+        resources its restriction holds."""
+        used = self._client.run_on_scheduler(_resources_in_use)
+        free = self.total_resources()
+        for name, amount in used.items():
+            free[name] = max(0.0, free.get(name, 0.0) - amount)
+        return free
+
+    def shutdown(self) -> None:
+        with self._lock:
+            hosts, self._hosts = self._hosts, {}
+        for fut in hosts.values():
+            fut.release()

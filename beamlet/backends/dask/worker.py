@@ -1,0 +1,260 @@
+"""What runs on a Dask worker: beamlet tasks, and the hosts of beamlet actors.
+
+Each worker process keeps one beamlet Runtime per job (``_Job``), made on the
+job's first task there, whose backend is ``DaskBackend`` on the worker's own
+Dask client: a task that submits tasks, puts or gets objects talks to the
+Dask scheduler directly. ``end_job`` (run on every worker by the driver's
+``shutdown``) stops the job's actors and releases everything it held.
+
+A beamlet actor lives in an ``ActorHost``, a Dask actor. Its calls arrive as
+ordinary Dask tasks (``call_actor``, keyed by the call's return id, so their
+results are objects like any other) that hand the call to the host and wait.
+Dask runs those tasks in no particular order, so each call carries its
+caller's sequence number and the host starts them in that order; a call that
+never reaches the host (cancelled, or its argument failed in Dask) is skipped
+by its caller (``ActorHost.skip``) so the calls behind it do not wait for ever.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import sys
+import threading
+
+from ... import exceptions as exc
+from ...core import runtime as _runtime
+from ...core.execution import Executor
+from ...core.scheduling import ActorLifecycle, run_attempts
+from ...core.serialization import serialize
+from ...core.task_spec import TaskSpec
+
+_jobs: dict[str, "_Job"] = {}
+_jobs_lock = threading.Lock()
+
+
+class _Job:
+    """One driver's job as this worker process runs it."""
+
+    def __init__(self, job: dict):
+        for path in reversed(job.get("sys_path", ())):
+            if path not in sys.path:
+                sys.path.insert(0, path)
+        from .backend import DaskBackend
+        config = {"job_id": job["job_id"], "namespace": job["namespace"], "dask_worker": True,
+                  "job": job}
+        self.runtime = _runtime.Runtime(DaskBackend, config)
+        self.executor = Executor(self.runtime)
+        self.hosts: list[ActorHost] = []
+
+    def close(self) -> None:
+        for host in self.hosts:
+            host.end("beamlet was shut down", record=False)
+        self.runtime.shutdown()
+
+
+def _job(job: dict) -> _Job:
+    """The job's Runtime in this process (made on first use), made current."""
+    with _jobs_lock:
+        state = _jobs.get(job["job_id"])
+        if state is None:
+            state = _jobs[job["job_id"]] = _Job(job)
+    _runtime.set_current(state.runtime)
+    return state
+
+
+def end_job(job_id: str) -> bool:
+    """Forget the job in this worker process (run by the driver at shutdown)."""
+    with _jobs_lock:
+        state = _jobs.pop(job_id, None)
+    if state is None:
+        return False
+    if _runtime.current_or_none() is state.runtime:
+        _runtime.set_current(None)
+    state.close()
+    return True
+
+
+def _outcome(job: _Job, spec: TaskSpec, values: list):
+    """The Dask value of a finished task: its one result, or the list of them.
+    The refs inside the results stay alive for the rest of the job (the
+    owner reading them takes its own hold)."""
+    store = job.runtime.backend.object_store
+    for value in values:
+        if value.refs:
+            store.pin_for_job(value.refs)
+    job.runtime.backend.hold_borrowed()
+    return values[0] if len(spec.return_ids) == 1 else values
+
+
+def run_task(job: dict, spec: TaskSpec, deps: dict):
+    """A beamlet task, as a Dask task. `deps` maps the ids of its ref arguments
+    to their values, which Dask fetched to this worker."""
+    state = _job(job)
+    with state.runtime.backend.object_store.provided(deps):
+        result = run_attempts(spec, state.executor.execute)
+    return _outcome(state, spec, result.values)
+
+
+def actor_created(host) -> object:
+    """The value of an actor's creation ref: its constructor's outcome."""
+    from .objects import seceded
+    with seceded():
+        return host.created().result()
+
+
+def call_actor(job: dict, host, caller: bytes, seq: int, spec: TaskSpec, deps: dict):
+    """One actor method call, as a Dask task: hand it to the host and wait."""
+    from .objects import seceded
+    state = _job(job)
+    with seceded():
+        try:
+            values = host.call(caller, seq, spec, deps).result()
+        except Exception as err:  # noqa: BLE001 - the host's worker is gone
+            error = exc.ActorDiedError(f"the actor {spec.function_name} is dead: its Dask "
+                                       f"worker is gone ({type(err).__name__}: {err})")
+            values = [serialize(error, is_error=True)] * len(spec.return_ids)
+    return _outcome(state, spec, values)
+
+
+class ActorHost:
+    """Hosts one beamlet actor in a Dask worker (made by ``Client.submit(...,
+    actor=True)``). Its ``async`` methods run on the worker's event loop and
+    never block it; the actor's own code runs on the host's threads (one, or
+    ``max_concurrency``), or on its event loop thread for an async actor."""
+
+    def __init__(self, job: dict, spec: TaskSpec, deps: dict):
+        self._job = _job(job)
+        self._job.hosts.append(self)
+        self._spec = spec
+        options = spec.actor_options or {}
+        self._is_async = bool(options.get("is_async"))
+        threads = 1 if self._is_async else max(1, int(options.get("max_concurrency") or 1))
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads,
+                                                           thread_name_prefix="beamlet-actor")
+        self._dead: str | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._next: dict[bytes, int] = {}
+        self._skipped: dict[bytes, set] = {}
+        self._turns: dict[bytes, dict[int, asyncio.Future]] = {}
+        self._created = self._pool.submit(self._construct, deps)
+
+    # -- construction ---------------------------------------------------------------
+    def _construct(self, deps: dict):
+        _runtime.set_current(self._job.runtime)
+        spec = self._spec
+        with self._job.runtime.backend.object_store.provided(deps):
+            result = run_attempts(spec, self._job.executor.execute, retries=False)
+        if result.error is not None:
+            trace = getattr(result.error, "traceback_str", str(result.error))
+            self.end(f"the actor's constructor raised:\n{trace}")
+        else:
+            self._record(ActorLifecycle.ALIVE)
+        self._job.runtime.backend.hold_borrowed()
+        return result.values[0]
+
+    async def created(self):
+        return await asyncio.wrap_future(self._created)
+
+    # -- calls -------------------------------------------------------------------------
+    async def call(self, caller: bytes, seq: int, spec: TaskSpec, deps: dict):
+        await self._turn(caller, seq)
+        try:
+            await asyncio.wrap_future(self._created)
+            if self._dead is not None:
+                return self._died(spec)
+            if self._is_async:
+                running = asyncio.run_coroutine_threadsafe(
+                    self._call_async(spec, deps), self._instance_loop())
+            else:
+                running = self._pool.submit(self._call_sync, spec, deps)
+        finally:
+            self._advance(caller)
+        return await asyncio.wrap_future(running)
+
+    def _call_sync(self, spec: TaskSpec, deps: dict):
+        if self._dead is not None:
+            return self._died(spec)
+        _runtime.set_current(self._job.runtime)
+        with self._job.runtime.backend.object_store.provided(deps):
+            result = run_attempts(spec, self._job.executor.execute, self._spec)
+        return self._kept(result.values)
+
+    async def _call_async(self, spec: TaskSpec, deps: dict):
+        if self._semaphore is None:  # (made here: it belongs to the actor's own loop)
+            self._semaphore = asyncio.Semaphore(
+                int((self._spec.actor_options or {}).get("max_concurrency") or 1000))
+        async with self._semaphore:
+            if self._dead is not None:
+                return self._died(spec)
+            with self._job.runtime.backend.object_store.provided(deps):
+                result = await self._job.executor.execute_async(spec)
+        return self._kept(result.values)
+
+    def _kept(self, values: list) -> list:
+        """`values`, with the refs inside them kept alive here for the job's life
+        (they cross to the caller's process as bare ids)."""
+        for value in values:
+            if value.refs:
+                self._job.runtime.backend.object_store.pin_for_job(value.refs)
+        self._job.runtime.backend.hold_borrowed()
+        return values
+
+    def _instance_loop(self):
+        return self._job.executor.actors[self._spec.actor_id].loop()
+
+    def _died(self, spec: TaskSpec) -> list:
+        error = exc.ActorDiedError(f"the actor {self._spec.function_name} is dead: {self._dead}")
+        return [serialize(error, is_error=True)] * len(spec.return_ids)
+
+    # -- ordering ----------------------------------------------------------------------
+    async def _turn(self, caller: bytes, seq: int) -> None:
+        if self._next.get(caller, 0) >= seq:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._turns.setdefault(caller, {})[seq] = waiter
+        await waiter
+
+    def _advance(self, caller: bytes) -> None:
+        self._next[caller] = self._next.get(caller, 0) + 1
+        self._settle(caller)
+
+    def _settle(self, caller: bytes) -> None:
+        skipped = self._skipped.get(caller)
+        nxt = self._next.get(caller, 0)
+        while skipped and nxt in skipped:
+            skipped.discard(nxt)
+            nxt += 1
+        self._next[caller] = nxt
+        waiter = self._turns.get(caller, {}).pop(nxt, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def skip(self, caller: bytes, seq: int) -> None:
+        """The call `seq` of `caller` will never arrive: do not wait for it."""
+        if seq >= self._next.get(caller, 0):
+            self._skipped.setdefault(caller, set()).add(seq)
+            self._settle(caller)
+
+    # -- the end -----------------------------------------------------------------------
+    async def stop(self, reason: str) -> None:
+        """End the actor: calls not started yet fail with ActorDiedError."""
+        await asyncio.get_running_loop().run_in_executor(None, self.end, reason)
+
+    def end(self, reason: str, record: bool = True) -> None:
+        if self._dead is not None:
+            return
+        self._dead = reason
+        self._job.executor.drop_actor(self._spec.actor_id)
+        if record:
+            self._record(ActorLifecycle.DEAD, reason)
+
+    def _record(self, state: ActorLifecycle, reason: str = "") -> None:
+        try:
+            self._job.runtime.tables.set_actor_state(self._spec.actor_id, state.recorded, reason)
+        except exc.BeamletError:
+            pass  # (the driver is gone: nobody is left to read it)
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()

@@ -1,0 +1,118 @@
+"""What only the ``dask`` backend does: its own LocalCluster (started in a child
+process, closed to clients without the session's TLS key, gone after
+`shutdown`), joining a scheduler by address, and bad addresses. The semantic
+suite (test_api.py, test_ray_compat.py) and the seed programs run on ``dask``
+too, through ``BACKENDS`` in conftest.py; the control store's contract runs on
+it in test_control_store.py."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+
+import beamlet as ray
+from beamlet import exceptions as exc
+from beamlet.core import runtime as _runtime
+
+GONE_TIMEOUT = 30
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie child of ours counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_gone(pids) -> list[int]:
+    deadline = time.monotonic() + GONE_TIMEOUT
+    while time.monotonic() < deadline:
+        left = [p for p in pids if _alive(p)]
+        if not left:
+            return []
+        time.sleep(0.1)
+    return [p for p in pids if _alive(p)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_init_starts_a_cluster_with_the_requested_resources_and_shutdown_ends_it(no_backend):
+    ray.init(backend="dask", num_cpus=2, resources={"disk": 2})
+    backend = _runtime.current().backend
+    cluster_pid = backend._cluster._proc.pid
+    worker_pids = list(backend.client.run(os.getpid).values())
+    assert len(worker_pids) == 2 and os.getpid() not in worker_pids
+    assert ray.cluster_resources()["CPU"] == 2.0
+    assert ray.cluster_resources()["disk"] == 2.0
+
+    @ray.remote(resources={"disk": 1})
+    def where():
+        return os.getpid()
+
+    assert ray.get(where.remote(), timeout=60) in worker_pids
+    with pytest.raises(ValueError, match="disk"):
+        where.options(resources={"disk": 2}).remote()  # no single worker has 2
+    with pytest.raises(ValueError, match="tape"):
+        where.options(resources={"tape": 1}).remote()
+    ray.shutdown()
+    assert _wait_gone([cluster_pid, *worker_pids]) == []
+
+
+def test_a_client_without_the_session_key_is_refused(no_backend):
+    from distributed import Client, Security
+    ray.init(backend="dask", num_cpus=1)
+    address = _runtime.current().backend._cluster.address
+    assert address.startswith("tls://127.0.0.1:")
+    with pytest.raises((OSError, TimeoutError)):  # a key of its own: the handshake fails
+        Client(address, security=Security.temporary(), timeout=5)
+    plain = "tcp://" + address.split("://", 1)[1]
+    with pytest.raises((OSError, TimeoutError)):
+        Client(plain, timeout=5)
+    assert ray.get(ray.put("still serving"), timeout=30) == "still serving"
+
+
+def test_joins_a_scheduler_by_address_and_leaves_it_running(no_backend):
+    from beamlet.backends.dask.cluster import ClusterProcess
+    from distributed import Client
+    cluster = ClusterProcess(1, {})
+    try:
+        client = Client(cluster.address, security=cluster.security, timeout=30)
+        ray.init(backend="dask", client=client)
+
+        @ray.remote
+        def double(x):
+            return 2 * x
+
+        assert ray.get(double.remote(21), timeout=60) == 42
+        ray.shutdown()
+        assert client.status == "running"  # the user's client stays theirs
+        assert client.submit(sum, [1, 2], pure=False).result(timeout=30) == 3
+        client.close()
+    finally:
+        cluster.stop()
+
+
+def test_nothing_listening_at_the_address_is_a_clear_error_within_seconds(no_backend):
+    start = time.monotonic()
+    with pytest.raises(exc.BackendError, match="no Dask scheduler answered"):
+        ray.init(backend="dask", address=f"tcp://127.0.0.1:{_free_port()}")
+    assert time.monotonic() - start < 60
+    assert not ray.is_initialized()
+
+
+def test_bad_options_are_named(no_backend):
+    with pytest.raises(TypeError, match="distributed.Client"):
+        ray.init(backend="dask", client="not a client")
+    with pytest.raises(ValueError, match="object_store_memory"):
+        ray.init(backend="dask", object_store_memory=10**9)
