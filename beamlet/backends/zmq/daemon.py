@@ -87,9 +87,10 @@ class Daemon:
         self.control_store = open_control_store(control_store_url)
         self.tables = Tables(self.control_store)
         owner = self.owner = DriverOwner()
-        self.node = owner.node = Node(owner, self.control_store, self._pool(),
-                                      self.args.object_store_memory or default_store_capacity(),
-                                      100 * 1024, prestart_workers=0)
+        self.node = Node(owner, self.control_store, self._pool(),
+                         self.args.object_store_memory or default_store_capacity(),
+                         100 * 1024, prestart_workers=0)
+        owner.attach(self.node, self.transport)
         self.node.node_id = self.node_id  # (what tasks see as their node's id)
 
     def resources(self) -> dict:
@@ -100,7 +101,8 @@ class Daemon:
         store = self.node.object_store.stats()
         sched = self.node.scheduler.stats()
         return {"available": self.node.scheduler.available_resources(),
-                "store_bytes_used": store.get("bytes_used", 0),
+                "store_bytes_used": store["shm_bytes"] + store["spilled_bytes"],
+                "store_objects": store["num_objects"],
                 "store_capacity": self.node.object_store.capacity,
                 "queued": sched["queued"] + sched["waiting"], "actors": sched["actors"],
                 "workers": sched["workers"]}
@@ -175,6 +177,8 @@ class Daemon:
         return []
 
     def close(self) -> None:
+        if self.owner is not None:
+            self.owner.close()
         if self.node is not None:
             self.node.close()
         if self.listener is not None:
