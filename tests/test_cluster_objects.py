@@ -38,6 +38,10 @@ def test_an_array_goes_node_to_node_and_every_copy_is_freed(cluster, driver):
     driver(head)
     backend = runtime.current().backend
     array = make_array.remote(50)
+    assert beamlet.wait([array], timeout=GET_TIMEOUT)[0]
+    # A task that may run anywhere goes where its large argument is.
+    assert beamlet.get(checksum.options(resources={}).remote(array),
+                       timeout=GET_TIMEOUT)[0] == first
     node, total, nbytes = beamlet.get(checksum.remote(array), timeout=GET_TIMEOUT)
     n = 50 * MB // 8
     assert (node, total, nbytes) == (second, float(n * (n - 1) // 2), 50 * MB)
@@ -57,6 +61,9 @@ def test_an_array_goes_node_to_node_and_every_copy_is_freed(cluster, driver):
     [inner] = beamlet.get(holder, timeout=GET_TIMEOUT)
     assert beamlet.get(checksum.remote(inner), timeout=GET_TIMEOUT)[1] == total
     del inner, holder
+    # A result whose ref is gone before it is made is freed where it is made.
+    make_array.remote(20)
+    assert beamlet.get(make_array.remote(1), timeout=GET_TIMEOUT).nbytes == MB
 
     def freed():
         return store_mib(cluster, first) == 0 and store_mib(cluster, second) == 0

@@ -128,6 +128,8 @@ class ClusterObjectStore(MemoryObjectStore):
             return entry
         sobj = self.backend.pull(object_id, entry)
         if sobj is None:  # its node died: a copy elsewhere, rebuilt, or lost
+            with self.backend.scheduler.lock:
+                pass  # (the scheduler has dealt with the death once it lets go)
             return self.get([object_id])[0]
         with self._cond:
             if self._objects.get(object_id) is entry:
@@ -203,7 +205,8 @@ class ClusterScheduler(Scheduler):
         alive = [n for n in self.nodes if n.alive]
         fitting = [n for n in alive if n.fits(spec.resources)]
         if fitting:
-            return min(fitting, key=lambda n: n.weight(spec.resources))
+            best = min(fitting, key=lambda n: n.weight(spec.resources))
+            return self._holder_of_arguments(spec, fitting) or best
         for name, amount in spec.resources.items():
             most = max((n.resources.get(name, 0) for n in alive), default=0)
             if most < amount:
@@ -215,6 +218,23 @@ class ClusterScheduler(Scheduler):
                                  f"never run")
         raise ValueError(f"{spec.display_name} fits no single alive node of the cluster "
                          f"({spec.resources})")
+
+    def _holder_of_arguments(self, spec: TaskSpec, fitting: list) -> NodeLink | None:
+        """The fitting node, not full, that holds the most bytes of the spec's
+        arguments kept on nodes (None if none holds any): a task goes to its
+        large arguments rather than they to it. Under the lock."""
+        if not self.remote:
+            return None
+        held: dict = {}
+        for object_id in spec.dependencies():
+            remote = self.remote.get(object_id)
+            if remote is not None:
+                for node in remote.holders:
+                    held[node] = held.get(node, 0) + remote.total_bytes
+        ranked = sorted(((size, node) for node, size in held.items()
+                         if node in fitting and node.weight(spec.resources) <= 1),
+                        key=lambda pair: pair[0], reverse=True)
+        return ranked[0][1] if ranked else None
 
     def _find_actor(self, actor_id: bytes) -> NodeLink | None:
         """An actor this driver did not create (get_actor): its node, from the table."""
@@ -334,6 +354,8 @@ class ClusterScheduler(Scheduler):
             if spec is not None and spec.kind == TASK:
                 self.lineage[object_id] = spec
             self.store.put_entry(object_id, remote)
+            if self.store.entry(object_id) is None:  # we had let go of it already
+                self.released(object_id)
 
     def released(self, object_id: bytes) -> None:
         """Our last ref to an object is gone: every node with a copy lets go."""
@@ -734,8 +756,7 @@ class ClusterBackend(Backend):
                 if source is None:
                     return None
                 pull = self._pulls[object_id] = _Pull(source)
-                if not source.send(P.Pull([object_id])):
-                    pull.done.set()
+                source.send(P.Pull([object_id]))  # (if it fails, the node is dying)
         while not pull.done.wait(0.5):
             if self._closed:
                 raise exc.BackendError("beamlet has been shut down")
