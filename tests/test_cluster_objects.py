@@ -19,6 +19,7 @@ import pytest
 import beamlet
 from beamlet import exceptions as exc
 from beamlet.core import runtime
+from beamlet.core.tables import Tables
 from test_cluster import _node_lines, cluster  # noqa: F401 - a fixture
 from test_cluster_tasks import GET_TIMEOUT, checksum, driver, make_array  # noqa: F401
 
@@ -51,6 +52,10 @@ def test_an_array_goes_node_to_node_and_every_copy_is_freed(cluster, driver):
     assert procs.wait_until(lambda: store_mib(cluster, first) >= 50
                             and store_mib(cluster, second) >= 50, 20, interval=0.2), \
         cluster.status()
+    # ... and say so in the control store (written off the tasks' path).
+    tables, array_id = Tables(backend.control_store), array.id
+    assert procs.wait_until(lambda: tables.object_locations(array_id) == {first, second},
+                            20, interval=0.2), tables.object_locations(array_id)
     got = beamlet.get(array, timeout=GET_TIMEOUT)  # our own get pulls it
     assert got.shape == (n,) and got[-1] == n - 1
     assert backend.object_bytes_received >= 50 * MB
@@ -69,12 +74,13 @@ def test_an_array_goes_node_to_node_and_every_copy_is_freed(cluster, driver):
         return store_mib(cluster, first) == 0 and store_mib(cluster, second) == 0
 
     assert procs.wait_until(freed, 20, interval=0.2), cluster.status()
+    assert procs.wait_until(lambda: not tables.object_locations(array_id), 20, interval=0.2)
 
 
 @beamlet.remote(resources={"maker": 1}, num_returns=2)
-def made_where(megabytes: int):
+def made_where(megabytes: int, fill):
     return (beamlet.get_runtime_context().get_node_id(),
-            np.full(megabytes * MB // 8, 7.0))
+            np.full(megabytes * MB // 8, fill[0]))
 
 
 @beamlet.remote(resources={"maker": 1}, num_returns=2)
@@ -91,7 +97,9 @@ def test_an_object_lost_with_its_node_is_made_again_or_lost(cluster, driver):
                  for node_id in (one, two)}
     driver(head)
     # Placement weighs what is placed: one of each on each node.
-    made = [made_where.remote(4) for _ in range(2)]
+    fill = beamlet.put(np.array([7.0]))
+    made = [made_where.remote(4, fill) for _ in range(2)]
+    del fill  # (kept while what its task made lives: its lineage)
     put = [put_where.remote(4) for _ in range(2)]
     made_on = dict(zip(beamlet.get([m[0] for m in made], timeout=GET_TIMEOUT), made))
     put_on = dict(zip(beamlet.get([p[0] for p in put], timeout=GET_TIMEOUT), put))

@@ -171,7 +171,9 @@ class ClusterScheduler(Scheduler):
         self.restarts_left: dict[bytes, int] = {}  # actor id -> restarts left, once restarted
         self.token_node: dict[bytes, NodeLink] = {}
         self.remote: dict[bytes, RemoteEntry] = {}  # objects held on nodes
-        self.lineage: dict[bytes, TaskSpec] = {}  # remote object -> the task that made it
+        #: remote object -> the task that made it, whose arguments are kept
+        #: (counted) while it lives, to run it again if the object is lost.
+        self.lineage: dict[bytes, TaskSpec] = {}
         self.closed = False
 
     # -- placement ----------------------------------------------------------------
@@ -352,7 +354,9 @@ class ClusterScheduler(Scheduler):
                 remote.holders.append(node)
             spec = self._arrived(object_id) if not pulled else None
             if spec is not None and spec.kind == TASK:
-                self.lineage[object_id] = spec
+                self.backend.refs.incr_all(_lineage_refs(spec))
+                with self.lock:
+                    self.lineage[object_id] = spec
             self.store.put_entry(object_id, remote)
             if self.store.entry(object_id) is None:  # we had let go of it already
                 self.released(object_id)
@@ -361,11 +365,18 @@ class ClusterScheduler(Scheduler):
         """Our last ref to an object is gone: every node with a copy lets go."""
         with self.lock:
             remote = self.remote.pop(object_id, None)
-            self.lineage.pop(object_id, None)
+        self._drop_lineage(object_id)
         if remote is not None:
             for node in remote.holders:
                 if node.alive:
                     node.send(P.Release([object_id]))
+
+    def _drop_lineage(self, object_id: bytes) -> None:
+        """Forget how the object was made: its task's arguments may go."""
+        with self.lock:
+            spec = self.lineage.pop(object_id, None)
+        if spec is not None:
+            self.backend.refs.decr_all(_lineage_refs(spec))
 
     def _objects_lost(self, dead: NodeLink) -> None:
         """`dead` died: each object only it held is made again from lineage, or
@@ -390,7 +401,7 @@ class ClusterScheduler(Scheduler):
         self.remote.pop(object_id, None)
         entry = self.store.entry(object_id)
         if entry is not None and type(entry) is not RemoteEntry:
-            self.lineage.pop(object_id, None)
+            self._drop_lineage(object_id)
             return True  # the driver has a copy of its own: that one lives on
         why = None
         if spec is None:
@@ -407,7 +418,7 @@ class ClusterScheduler(Scheduler):
                     why = f"an argument of its task, {dep.hex()}, is gone too"
                     break
         if why is not None:
-            self.lineage.pop(object_id, None)
+            self._drop_lineage(object_id)
             error = exc.ObjectLostError(f"object {object_id.hex()} was lost with node "
                                         f"{dead.node_id}, and {why}")
             self.store.replace(object_id, serialize(error, is_error=True))
@@ -825,6 +836,11 @@ class ClusterBackend(Backend):
         self._close_links()
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+def _lineage_refs(spec: TaskSpec) -> list:
+    """What a task's rerun needs: its arguments, and the refs inside them."""
+    return spec.dependencies() + spec.contained_refs()
 
 
 def _wire_bytes(form) -> int:

@@ -13,6 +13,9 @@ drivers connected over ZeroMQ (the messages are in ``protocol.py``).
   here, held for the driver, which is told where it is (``Located``) and
   lets go of it with ``Release``. A copy pulled here is held and reported
   the same way, so the driver frees every copy.
+- What a node holds for drivers is recorded in the control store's object
+  locations table off the hot path: `locations` queues each change, and the
+  daemon's loop writes them between messages (`record_locations`).
 - A node serves ``Pull`` requests from its store (``objects.serve_pull``).
 - A worker's nested submission (`accept`) goes to the driver, with the
   values of its arguments that this node holds; a worker's get of an object
@@ -27,6 +30,7 @@ driver too. One driver at a time is what this supports fully.
 """
 from __future__ import annotations
 
+import collections
 import os
 import sys
 import threading
@@ -69,6 +73,9 @@ class DriverOwner:
         self.current: DriverLink | None = None  # the one that joined last
         self._fetching: set[bytes] = set()
         self.puller: Puller | None = None  # set with the node (see attach)
+        #: (add?, object id): changes to what this node holds, to record in the
+        #: control store (``record_locations``).
+        self.locations: collections.deque = collections.deque()
 
     def attach(self, node, transport) -> None:
         """The daemon made its Node: pulls from other nodes go over `transport`."""
@@ -124,9 +131,7 @@ class DriverOwner:
         located, values = [], []
         for object_id, entry in found:
             if type(entry) is ShmEntry:
-                if object_id not in link.held:
-                    self.refs.incr(object_id)
-                    link.held.add(object_id)
+                self._hold(link, object_id)
                 located.append((object_id, entry.size, entry.is_error, tuple(entry.refs)))
                 continue
             try:
@@ -136,6 +141,33 @@ class DriverOwner:
         if located:
             link.conn.send(P.Located(located, False))
         return values
+
+    def _hold(self, link: DriverLink, object_id: bytes) -> None:
+        """Keep an object here for `link`'s driver (until it lets go)."""
+        if object_id not in link.held:
+            self.refs.incr(object_id)
+            link.held.add(object_id)
+            self.locations.append((True, object_id))
+
+    def _let_go(self, link: DriverLink, object_ids) -> None:
+        """`link`'s driver let go of these (tokens or held objects)."""
+        objects = [i for i in object_ids if i in link.held]
+        link.tokens.difference_update(object_ids)
+        link.held.difference_update(objects)
+        self.locations.extend((False, i) for i in objects)
+        self.refs.decr_all(object_ids)
+
+    def record_locations(self, tables, node_id: str, limit: int = 200) -> None:
+        """Write up to `limit` queued changes to the object locations table.
+        BackendError (the control store is down) leaves the rest queued."""
+        queue = self.locations
+        for _ in range(min(limit, len(queue))):
+            add, object_id = queue[0]
+            if add:
+                tables.add_object_location(object_id, node_id)
+            else:
+                tables.remove_object_location(object_id, node_id)
+            queue.popleft()
 
     def fetch(self, object_ids) -> None:
         """The node's hook: a worker waits for objects this node lacks; ask the
@@ -166,9 +198,7 @@ class DriverOwner:
         link = self.current
         if link is None:
             return  # (freed with the store; nobody can ask for it)
-        if object_id not in link.held:
-            self.refs.incr(object_id)
-            link.held.add(object_id)
+        self._hold(link, object_id)
         link.send(P.Located([(object_id, size, is_error, tuple(refs))], True))
 
     def _pull_failed(self, object_ids) -> None:
@@ -205,10 +235,8 @@ class DriverOwner:
             self._pull([(i, a) for i, a in message.locations
                         if not self.node.object_store.contains(i)])
         elif kind is P.Release:
-            held = [i for i in message.object_ids if i in link.tokens or i in link.held]
-            link.tokens.difference_update(held)
-            link.held.difference_update(held)
-            self.refs.decr_all(held)
+            self._let_go(link, [i for i in message.object_ids
+                                if i in link.tokens or i in link.held])
         elif kind is P.CancelTask:
             try:
                 self.node.scheduler.cancel(message.object_id, message.force)
@@ -281,9 +309,7 @@ class DriverOwner:
             return
         if self.current is link:
             self.current = next(iter(self.drivers.values()), None)
-        held = list(link.tokens) + list(link.held)
-        link.tokens, link.held = set(), set()
-        self.refs.decr_all(held)
+        self._let_go(link, list(link.tokens) + list(link.held))
 
     def close(self) -> None:
         if self.puller is not None:
