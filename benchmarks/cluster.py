@@ -1,7 +1,7 @@
 """Cluster rows (issue 7): beamlet's head + node daemons and Ray's multi-node
 cluster on this machine, side by side in one run.
 
-    python benchmarks/cluster.py                 # beamlet and Ray (the venv's), ~2 min
+    python benchmarks/cluster.py                 # beamlet and Ray (the venv's), ~10 min
     python benchmarks/cluster.py --no-ray --repeat 5
 
 Rows, each the median of `--repeat` runs:

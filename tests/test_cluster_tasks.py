@@ -202,6 +202,7 @@ def test_a_driver_that_leaves_leaves_nothing_on_the_nodes(cluster, driver):
     def idle():
         lines = _node_lines(cluster.status())
         return all(line.split()[-4:-2] == ["0", "0"] and " 0.0/" in line
+                   and line.split()[-2].startswith("0.0/")  # (its object store)
                    for line in (lines[head["node_id"]], lines[member]))
 
     assert procs.wait_until(idle, 30, interval=0.5), cluster.status()

@@ -14,8 +14,8 @@ drivers connected over ZeroMQ (the messages are in ``protocol.py``).
   lets go of it with ``Release``. A copy pulled here is held and reported
   the same way, so the driver frees every copy.
 - What a node holds for drivers is recorded in the control store's object
-  locations table off the hot path: `locations` queues each change, and the
-  daemon's loop writes them between messages (`record_locations`).
+  locations table off the hot path: `locations` queues each change, and a
+  thread of the daemon writes them (`record_locations`).
 - A node serves ``Pull`` requests from its store (``objects.serve_pull``).
 - A worker's nested submission (`accept`) goes to the driver, with the
   values of its arguments that this node holds; a worker's get of an object
@@ -131,7 +131,8 @@ class DriverOwner:
         located, values = [], []
         for object_id, entry in found:
             if type(entry) is ShmEntry:
-                self._hold(link, object_id)
+                if not self._hold(link, object_id):
+                    continue  # (its driver is gone)
                 located.append((object_id, entry.size, entry.is_error, tuple(entry.refs)))
                 continue
             try:
@@ -142,12 +143,16 @@ class DriverOwner:
             link.conn.send(P.Located(located, False))
         return values
 
-    def _hold(self, link: DriverLink, object_id: bytes) -> None:
-        """Keep an object here for `link`'s driver (until it lets go)."""
+    def _hold(self, link: DriverLink, object_id: bytes) -> bool:
+        """Keep an object here for `link`'s driver (until it lets go); False if
+        that driver is gone."""
+        if self.drivers.get(link.conn) is not link:
+            return False
         if object_id not in link.held:
             self.refs.incr(object_id)
             link.held.add(object_id)
             self.locations.append((True, object_id))
+        return True
 
     def _let_go(self, link: DriverLink, object_ids) -> None:
         """`link`'s driver let go of these (tokens or held objects)."""
@@ -198,8 +203,10 @@ class DriverOwner:
         link = self.current
         if link is None:
             return  # (freed with the store; nobody can ask for it)
-        self._hold(link, object_id)
-        link.send(P.Located([(object_id, size, is_error, tuple(refs))], True))
+        if self._hold(link, object_id):
+            link.send(P.Located([(object_id, size, is_error, tuple(refs))], True))
+        else:
+            self._released(object_id)
 
     def _pull_failed(self, object_ids) -> None:
         """A node did not have these (freed, or lost with it): ask the driver
@@ -295,9 +302,10 @@ class DriverOwner:
                     self._ship(link, [(object_id, entry)])
                 else:
                     P.send_object(link.conn, object_id, entry)
-                    self._released(object_id)
         except exc.BackendError:
             pass  # it left
+        if object_id not in link.held:
+            self._released(object_id)  # (not kept for its driver: free it)
         left[0] -= 1
         if not left[0]:
             self.refs.decr_all(deps)

@@ -61,13 +61,13 @@ def serve_pull(store, conn, object_ids) -> None:
 
 class Assembly:
     """One object arriving in pieces, written into `target` (a writable buffer
-    of at least `total` bytes)."""
+    of at least `total` bytes: a bytearray, or a segment's mapping)."""
 
     __slots__ = ("target", "view", "total", "received")
 
     def __init__(self, target, total: int):
         self.target = target
-        self.view = memoryview(target) if not hasattr(target, "mm") else memoryview(target.mm)
+        self.view = memoryview(target)
         self.total = total
         self.received = 0
 
@@ -170,8 +170,6 @@ class _Source:
                     message = conn.recv(timeout=READ_SLICE)
                 except exc.GetTimeoutError:
                     continue
-                except TimeoutError:
-                    continue
                 self._handle(message)
         except EOFError:
             pass
@@ -210,7 +208,7 @@ class _Source:
                     self.wanted.discard(object_id)
                 store.put(object_id, serialize(err, is_error=True))
                 return
-            got = self.incoming[object_id] = (Assembly(seg, chunk.total), seg)
+            got = self.incoming[object_id] = (Assembly(seg.mm, chunk.total), seg)
         assembly, seg = got
         if not assembly.add(chunk):
             return
