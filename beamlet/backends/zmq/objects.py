@@ -107,9 +107,9 @@ class Puller:
             if self.closed:
                 return
             source = self.sources.get(address)
-            if source is None or source.dead:
+            if source is None or not source.want(object_ids):  # (none yet, or it died)
                 source = self.sources[address] = _Source(self, address)
-            source.want(object_ids)
+                source.want(object_ids)
 
     def close(self) -> None:
         with self.lock:
@@ -135,15 +135,19 @@ class _Source:
         self.thread = threading.Thread(target=self._run, name="beamlet-pull", daemon=True)
         self.thread.start()
 
-    def want(self, object_ids) -> None:
+    def want(self, object_ids) -> bool:
+        """Ask for these; False if this source's connection is gone (ask a new one)."""
         with self.lock:
+            if self.dead:
+                return False
             new = [i for i in object_ids if i not in self.wanted]
             self.wanted.update(new)
             if self.conn is None:
                 self.queue.extend(new)
-                return
+                return True
         if new:
             self._send(P.Pull(new))
+        return True
 
     def _send(self, message) -> None:
         try:
