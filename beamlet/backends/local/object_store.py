@@ -77,6 +77,19 @@ class LocalObjectStore(MemoryObjectStore):
             super().put(object_id, value)  # kept in memory, as a copy
             return
         header, size, pieces = shm.layout(value)
+        seg = self.reserve(size)
+        try:
+            shm.write_into(memoryview(seg.mm), header, pieces)
+        except BaseException:
+            self.abandon(seg)
+            raise
+        self.commit(object_id, seg, value.is_error, value.refs)
+
+    def reserve(self, size: int) -> shm.Segment:
+        """A writable segment of at least `size` bytes, counted as used, for an
+        object to be written into here (by `put`, or as it arrives from another
+        node); then `commit` it, or `abandon` it. ObjectStoreFullError if it
+        cannot fit."""
         if self.reclaim is not None:
             # Free what was released a moment ago, so its segment can be reused (or
             # its room taken) by this put. Not under the space lock: freeing takes
@@ -88,14 +101,41 @@ class LocalObjectStore(MemoryObjectStore):
             if seg is None:
                 self._wait_for_room(size)
                 seg = shm.create_segment(self.session, size)
-            try:
-                shm.write_into(memoryview(seg.mm), header, pieces)
-            except BaseException:
-                shm.discard(seg)
-                raise
             self._mappings[seg.name] = seg
             self.shm_bytes += seg.size  # (counted before it is stored: see _stored)
-            self.put_entry(object_id, ShmEntry(seg.name, seg.size, value.is_error, value.refs))
+            return seg
+
+    def commit(self, object_id: bytes, seg: shm.Segment, is_error: bool, refs) -> None:
+        """Store the object written into `seg` (from `reserve`) under `object_id`."""
+        self.put_entry(object_id, ShmEntry(seg.name, seg.size, is_error, tuple(refs)))
+
+    def abandon(self, seg: shm.Segment) -> None:
+        """A reserved segment that will not be committed: unlink it."""
+        with self._space:
+            self._mappings.pop(seg.name, None)
+            self.shm_bytes -= seg.size
+            shm.discard(seg)
+            self._space_changed.notify_all()
+
+    def segment_view(self, object_id: bytes):
+        """``(view, is_error, refs)``: a read-only view of the whole segment of a
+        stored object in shared memory (see ``shm.used_size``), which keeps it
+        alive while any view of it lives; None if the object is absent or kept
+        inline (then `get` it)."""
+        entry = self._objects.get(object_id)
+        if not isinstance(entry, ShmEntry):
+            return None
+        refs = self._refs
+        with self._space:
+            if entry.spilled:
+                self._restore(object_id, entry)
+        refs.incr(object_id)  # a mapping is a reference, as in _materialize
+        try:
+            view = shm.map_segment(entry.name, lambda: refs.decr(object_id))
+        except FileNotFoundError:
+            refs.decr(object_id)
+            return None
+        return view, entry.is_error, entry.refs
 
     def _check_size(self, size: int) -> None:
         if size > self.capacity:

@@ -315,21 +315,44 @@ def read_object(name: str, on_unmap: Callable[[], None] | None = None) -> Serial
     `on_unmap` runs once the mapping (and every view of it) is gone.
     Raises FileNotFoundError if the segment does not exist.
     """
+    return object_from_view(map_segment(name, on_unmap), name)
+
+
+def map_segment(name: str, on_unmap: Callable[[], None] | None = None) -> memoryview:
+    """A read-only view of all of segment `name` (for copying it elsewhere as it
+    is: see `used_size`). `on_unmap` runs once every view of it is gone.
+    Raises FileNotFoundError if the segment does not exist."""
     fd = os.open(segment_path(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
         mm = mmap.mmap(fd, size, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED)
     finally:
         os.close(fd)
-    view = memoryview(mm)
+    if on_unmap is not None:
+        weakref.finalize(mm, on_unmap)
+    return memoryview(mm)
+
+
+def _header(view, name: str) -> tuple:
     magic, hlen = _PREFIX.unpack_from(view, 0)
     if magic != _MAGIC:
         raise ValueError(f"segment {name} is not a beamlet object")
-    data_off, data_len, places, is_error, refs = pickle.loads(view[_PREFIX.size:_PREFIX.size + hlen])
+    return pickle.loads(view[_PREFIX.size:_PREFIX.size + hlen])
+
+
+def used_size(view) -> int:
+    """How many leading bytes of a segment's view hold its object (a segment
+    reused from the pool may be larger): a copy of those bytes is the object."""
+    data_off, data_len, places, _, _ = _header(view, "?")
+    return max([data_off + data_len] + [off + n for off, n in places])
+
+
+def object_from_view(view: memoryview, name: str = "(copy)") -> SerializedObject:
+    """The object laid out in `view` (a segment's bytes, or a copy of them),
+    its data and buffers views of `view` (no copy)."""
+    data_off, data_len, places, is_error, refs = _header(view, name)
     data = view[data_off:data_off + data_len]
     buffers = [view[off:off + n] for off, n in places]
-    if on_unmap is not None:
-        weakref.finalize(mm, on_unmap)
     return SerializedObject(data, buffers, refs, is_error)
 
 

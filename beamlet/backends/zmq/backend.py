@@ -8,9 +8,17 @@ listener. The key comes from ``init(token=...)``, ``$BEAMLET_TOKEN`` or the
 cluster file ``beamlet start --head`` wrote here; a wrong one fails the
 CURVE handshake at once (``AuthenticationError``).
 
-The driver owns its objects: results come back to its in-memory store as
-soon as they are stored on their node, and the values of a task's arguments
-go with the task (``RunTask``); a node asks for what it lacks (``Fetch``).
+The driver owns its objects and knows where each one is, without asking
+Redis: a small result comes back to its in-memory store as soon as it is
+stored on its node; a large one stays on its node, and the driver keeps a
+`RemoteEntry` for it (which nodes hold a copy). A task's arguments go with
+it (``RunTask``): small values inline, large ones as the address of a node
+to pull them from, node to node, never through the driver; a node asks for
+what it lacks (``Fetch``). The driver's own get of a remote object pulls it
+from a node that holds it. When the last ref to an object is gone, every
+node holding a copy lets go of it (``Release``). When a node dies, each
+object it alone held is made again by re-running its task (lineage), or
+becomes an ObjectLostError (an object a worker put there, an actor's result).
 `ClusterScheduler` places each task where its resource request fits, on the
 least loaded such node, and each actor's calls on the actor's node, in order.
 A node's own scheduler queues what it cannot run yet: it knows when a task
@@ -36,8 +44,10 @@ from ...core.scheduling import may_retry
 from ...core.serialization import serialize
 from ...core.tables import ActorState
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TASK, TaskSpec
+from ..local import shm
 from ..local.transport import ProtocolError
 from . import protocol as P
+from .objects import Assembly
 
 CONNECT_TIMEOUT = 10.0  # seconds to reach the head or a node
 
@@ -75,6 +85,75 @@ class NodeLink:
             return False
 
 
+class RemoteEntry:
+    """An object held in the stores of nodes (not in the driver's memory):
+    the driver's store holds this in its place, and the scheduler's `remote`
+    table too (it outlives a copy the driver pulls for itself)."""
+
+    __slots__ = ("total_bytes", "is_error", "refs", "holders")
+
+    def __init__(self, size: int, is_error: bool, refs):
+        self.total_bytes = size
+        self.is_error = bool(is_error)
+        self.refs = tuple(refs)
+        self.holders: list[NodeLink] = []  # nodes with a copy, the first made it
+
+    def source(self) -> "NodeLink | None":
+        """An alive node to pull it from."""
+        return next((n for n in self.holders if n.alive), None)
+
+
+class _Pull:
+    """A get of the driver's waiting for a remote object to arrive."""
+
+    __slots__ = ("node", "done", "assembly", "result")
+
+    def __init__(self, node: NodeLink):
+        self.node = node
+        self.done = threading.Event()
+        self.assembly: Assembly | None = None
+        self.result = None  # the SerializedObject; None if its node died
+
+
+class ClusterObjectStore(MemoryObjectStore):
+    """The driver's store: values in memory, and `RemoteEntry`s for objects
+    held on nodes, pulled on the first read."""
+
+    def __init__(self, backend: "ClusterBackend", refs):
+        super().__init__(refs)
+        self.backend = backend
+
+    def _materialize(self, object_id: bytes, entry):
+        if type(entry) is not RemoteEntry:
+            return entry
+        sobj = self.backend.pull(object_id, entry)
+        if sobj is None:  # its node died: a copy elsewhere, rebuilt, or lost
+            with self.backend.scheduler.lock:
+                pass  # (the scheduler has dealt with the death once it lets go)
+            return self.get([object_id])[0]
+        with self._cond:
+            if self._objects.get(object_id) is entry:
+                self._objects[object_id] = sobj  # (later reads need no pull)
+        return sobj
+
+    def forget(self, object_id: bytes) -> None:
+        """Take an entry out as if it never arrived (it is being made again)."""
+        with self._cond:
+            entry = self._objects.pop(object_id, None)
+        if entry is not None and entry.refs and self._refs is not None:
+            self._refs.decr_all(entry.refs)
+
+    def replace(self, object_id: bytes, value) -> None:
+        """Put `value` in place of a stored entry (its refs are the same or none)."""
+        with self._cond:
+            old = self._objects.get(object_id)
+            if old is None:
+                return
+            self._objects[object_id] = value
+        if old.refs and not value.refs and self._refs is not None:
+            self._refs.decr_all(old.refs)
+
+
 class ClusterScheduler(Scheduler):
     """Places specs on the cluster's nodes; results arrive in the driver's store."""
 
@@ -91,6 +170,10 @@ class ClusterScheduler(Scheduler):
         self.token_actor: dict[bytes, bytes] = {}  # actor token (creation's return id) -> id
         self.restarts_left: dict[bytes, int] = {}  # actor id -> restarts left, once restarted
         self.token_node: dict[bytes, NodeLink] = {}
+        self.remote: dict[bytes, RemoteEntry] = {}  # objects held on nodes
+        #: remote object -> the task that made it, whose arguments are kept
+        #: (counted) while it lives, to run it again if the object is lost.
+        self.lineage: dict[bytes, TaskSpec] = {}
         self.closed = False
 
     # -- placement ----------------------------------------------------------------
@@ -124,7 +207,8 @@ class ClusterScheduler(Scheduler):
         alive = [n for n in self.nodes if n.alive]
         fitting = [n for n in alive if n.fits(spec.resources)]
         if fitting:
-            return min(fitting, key=lambda n: n.weight(spec.resources))
+            best = min(fitting, key=lambda n: n.weight(spec.resources))
+            return self._holder_of_arguments(spec, fitting) or best
         for name, amount in spec.resources.items():
             most = max((n.resources.get(name, 0) for n in alive), default=0)
             if most < amount:
@@ -136,6 +220,23 @@ class ClusterScheduler(Scheduler):
                                  f"never run")
         raise ValueError(f"{spec.display_name} fits no single alive node of the cluster "
                          f"({spec.resources})")
+
+    def _holder_of_arguments(self, spec: TaskSpec, fitting: list) -> NodeLink | None:
+        """The fitting node, not full, that holds the most bytes of the spec's
+        arguments kept on nodes (None if none holds any): a task goes to its
+        large arguments rather than they to it. Under the lock."""
+        if not self.remote:
+            return None
+        held: dict = {}
+        for object_id in spec.dependencies():
+            remote = self.remote.get(object_id)
+            if remote is not None:
+                for node in remote.holders:
+                    held[node] = held.get(node, 0) + remote.total_bytes
+        ranked = sorted(((size, node) for node, size in held.items()
+                         if node in fitting and node.weight(spec.resources) <= 1),
+                        key=lambda pair: pair[0], reverse=True)
+        return ranked[0][1] if ranked else None
 
     def _find_actor(self, actor_id: bytes) -> NodeLink | None:
         """An actor this driver did not create (get_actor): its node, from the table."""
@@ -149,10 +250,17 @@ class ClusterScheduler(Scheduler):
 
     def _send(self, spec: TaskSpec, node: NodeLink) -> None:
         """Hand the spec to its node, with the values of its arguments we hold."""
-        objects = []
+        objects, locations = [], []
         for object_id in dict.fromkeys(spec.dependencies()):
+            remote = self.remote.get(object_id)
+            if remote is not None:
+                source = remote.source()
+                if source is not None:
+                    if node not in remote.holders:
+                        locations.append((object_id, source.address))
+                    continue
             entry = self.store.entry(object_id)
-            if entry is not None:
+            if entry is not None and type(entry) is not RemoteEntry:
                 objects.append((object_id, P.wire(entry)))
         self.tasks[spec.task_id] = (spec, node, set(spec.return_ids))
         for rid in spec.return_ids:
@@ -163,7 +271,7 @@ class ClusterScheduler(Scheduler):
         if spec.kind == ACTOR_CREATION and self.tables is not None:
             self.tables.set_actor_state(spec.actor_id, ActorState.PENDING, node_id=node.node_id)
         try:
-            node.conn.send(P.RunTask(spec, objects))
+            node.conn.send(P.RunTask(spec, objects, locations))
         except ProtocolError as err:  # too large: it cannot go anywhere
             self._forget(spec, node)
             self._fail(spec, exc.ObjectStoreFullError(
@@ -212,16 +320,122 @@ class ClusterScheduler(Scheduler):
     def stored(self, objects: list) -> None:
         """Results (or fetched objects) arrived."""
         for object_id, form in objects:
-            with self.lock:
-                task_id = self.producer.pop(object_id, None)
-                if task_id is not None:
-                    spec, node, left = self.tasks[task_id]
-                    left.discard(object_id)
-                    if not left:
-                        del self.tasks[task_id]
-                        if spec.kind != ACTOR_CREATION:
-                            self._unplace(spec, node)
+            self._arrived(object_id)
             self.store.put_entry(object_id, P.unwire(form))
+
+    def _arrived(self, object_id: bytes) -> TaskSpec | None:
+        """A result is in: the task that made it, if this finished it."""
+        with self.lock:
+            task_id = self.producer.pop(object_id, None)
+            if task_id is None:
+                return None
+            spec, node, left = self.tasks[task_id]
+            left.discard(object_id)
+            if not left:
+                del self.tasks[task_id]
+                if spec.kind != ACTOR_CREATION:
+                    self._unplace(spec, node)
+            return spec
+
+    def located(self, node: NodeLink, objects: list, pulled: bool) -> None:
+        """`node` holds these objects for us: results and objects its workers
+        put (kept where they are), or copies it pulled."""
+        for object_id, size, is_error, refs in objects:
+            with self.lock:
+                remote = self.remote.get(object_id)
+                if remote is not None:
+                    if node not in remote.holders:
+                        remote.holders.append(node)
+                    continue
+                if pulled:  # a copy of what we let go of meanwhile
+                    node.send(P.Release([object_id]))
+                    continue
+                remote = self.remote[object_id] = RemoteEntry(size, is_error, refs)
+                remote.holders.append(node)
+            spec = self._arrived(object_id) if not pulled else None
+            if spec is not None and spec.kind == TASK:
+                self.backend.refs.incr_all(_lineage_refs(spec))
+                with self.lock:
+                    self.lineage[object_id] = spec
+            self.store.put_entry(object_id, remote)
+            if self.store.entry(object_id) is None:  # we had let go of it already
+                self.released(object_id)
+
+    def released(self, object_id: bytes) -> None:
+        """Our last ref to an object is gone: every node with a copy lets go."""
+        with self.lock:
+            remote = self.remote.pop(object_id, None)
+        self._drop_lineage(object_id)
+        if remote is not None:
+            for node in remote.holders:
+                if node.alive:
+                    node.send(P.Release([object_id]))
+
+    def _drop_lineage(self, object_id: bytes) -> None:
+        """Forget how the object was made: its task's arguments may go."""
+        with self.lock:
+            spec = self.lineage.pop(object_id, None)
+        if spec is not None:
+            self.backend.refs.decr_all(_lineage_refs(spec))
+
+    def _objects_lost(self, dead: NodeLink) -> None:
+        """`dead` died: each object only it held is made again from lineage, or
+        becomes an ObjectLostError. Under the lock."""
+        lost = []
+        for object_id, remote in self.remote.items():
+            if dead in remote.holders:
+                remote.holders.remove(dead)
+                if not remote.holders:
+                    lost.append(object_id)
+        rebuilding: set[bytes] = set()
+        for object_id in lost:
+            self._rebuild(object_id, rebuilding, dead)
+
+    def _rebuild(self, object_id: bytes, rebuilding: set, dead: NodeLink) -> bool:
+        """Run again the task that made a lost object (and, first, those of its
+        lost arguments); else store ObjectLostError for it. Whether it will be
+        made again. Under the lock."""
+        if object_id in rebuilding or object_id in self.producer:
+            return True
+        spec = self.lineage.get(object_id)
+        self.remote.pop(object_id, None)
+        entry = self.store.entry(object_id)
+        if entry is not None and type(entry) is not RemoteEntry:
+            self._drop_lineage(object_id)
+            return True  # the driver has a copy of its own: that one lives on
+        why = None
+        if spec is None:
+            why = "it cannot be made again (it was put there, or is an actor's result)"
+        elif not may_retry(spec):
+            why = f"its task cannot be run again (max_retries={spec.max_retries})"
+        else:
+            for dep in dict.fromkeys(spec.dependencies()):
+                if dep in self.remote and self.remote[dep].holders:
+                    continue
+                if dep in self.lineage and self._rebuild(dep, rebuilding, dead):
+                    continue
+                if self.store.entry(dep) is None:
+                    why = f"an argument of its task, {dep.hex()}, is gone too"
+                    break
+        if why is not None:
+            self._drop_lineage(object_id)
+            error = exc.ObjectLostError(f"object {object_id.hex()} was lost with node "
+                                        f"{dead.node_id}, and {why}")
+            self.store.replace(object_id, serialize(error, is_error=True))
+            return False
+        rebuilding.update(spec.return_ids)
+        for rid in spec.return_ids:
+            if type(self.store.entry(rid)) is RemoteEntry:
+                self.store.forget(rid)
+                self.remote.pop(rid, None)
+        spec.attempt += 1
+        try:
+            self._send(spec, self._place(spec))
+        except ValueError as err:
+            self._fail(spec, exc.ObjectLostError(
+                f"object {object_id.hex()} was lost with node {dead.node_id}, and no node "
+                f"can run its task again: {err}"))
+        return True
 
     def _unplace(self, spec: TaskSpec, node: NodeLink) -> None:
         if node.placed.pop(spec.task_id, None) is not None and spec.kind != ACTOR_METHOD:
@@ -230,8 +444,16 @@ class ClusterScheduler(Scheduler):
     def fetch(self, node: NodeLink, object_ids: list) -> None:
         """A node needs these objects: send each once we have it."""
         def send(object_id: bytes) -> None:
+            remote = self.remote.get(object_id)
+            source = remote.source() if remote is not None else None
+            if source is not None:
+                node.send(P.Locations([(object_id, source.address)]))
+                return
             entry = self.store.entry(object_id)
-            if entry is None:
+            if entry is None and object_id in self.producer:  # being made again
+                self.store.on_ready(object_id, send)
+                return
+            if entry is None or type(entry) is RemoteEntry:
                 if self.store.closed:
                     return
                 entry = serialize(exc.ObjectLostError(
@@ -260,6 +482,7 @@ class ClusterScheduler(Scheduler):
             if not node.alive:
                 return
             node.alive = False
+            self._objects_lost(node)  # (first: a retried task may need one made again)
             placed, node.placed = list(node.placed.values()), {}
             node.load = {}
             for spec in placed:
@@ -303,6 +526,7 @@ class ClusterScheduler(Scheduler):
                                                     f"its node {node.node_id} died")
                     except exc.BackendError:
                         pass
+        self.backend.node_died(node)
 
     # -- Scheduler ---------------------------------------------------------------
     def cancel(self, object_id: bytes, force: bool = False) -> None:
@@ -406,7 +630,12 @@ class ClusterBackend(Backend):
         self.refs = runtime.refs
         self.worker_id = f"driver-{os.getpid()}"
         self.transport = ZmqTransport(secret, P.VERSION)
-        self.object_store = MemoryObjectStore(runtime.refs)
+        self.object_store = ClusterObjectStore(self, runtime.refs)
+        #: Bytes of object values this driver received from nodes (results,
+        #: fetched and pulled objects): what did not go node to node.
+        self.object_bytes_received = 0
+        self._pulls: dict[bytes, _Pull] = {}
+        self._pulls_lock = threading.Lock()
         self._links: list[NodeLink] = []
         self._closed = False
         self.control_store = None
@@ -507,7 +736,17 @@ class ClusterBackend(Backend):
                 return
             try:
                 if kind is P.Objects:
+                    self.object_bytes_received += sum(_wire_bytes(f) for _, f in message.objects)
                     sched.stored(message.objects)
+                elif kind is P.Located:
+                    sched.located(link, message.objects, message.pulled)
+                elif kind is P.Chunk:
+                    self._chunk(message)
+                elif kind is P.Missing:
+                    for object_id in message.object_ids:
+                        self._pulled(object_id, serialize(exc.ObjectLostError(
+                            f"object {object_id.hex()} is no longer on node {link.node_id}"),
+                            is_error=True))
                 elif kind is P.Fetch:
                     sched.fetch(link, message.object_ids)
                 elif kind is P.NestedSubmit:
@@ -517,9 +756,57 @@ class ClusterBackend(Backend):
                 print(f"beamlet: error handling {kind.__name__} from node {link.node_id}: "
                       f"{err!r}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
 
+    # -- pulling objects held on nodes -------------------------------------------
+    def pull(self, object_id: bytes, entry: RemoteEntry):
+        """The value of a remote object, pulled from a node that holds it; None
+        if that node died meanwhile (see ClusterObjectStore._materialize)."""
+        with self._pulls_lock:
+            pull = self._pulls.get(object_id)
+            if pull is None:
+                source = entry.source()
+                if source is None:
+                    return None
+                pull = self._pulls[object_id] = _Pull(source)
+                source.send(P.Pull([object_id]))  # (if it fails, the node is dying)
+        while not pull.done.wait(0.5):
+            if self._closed:
+                raise exc.BackendError("beamlet has been shut down")
+            if not pull.node.alive:
+                break
+        with self._pulls_lock:
+            if self._pulls.get(object_id) is pull:
+                del self._pulls[object_id]
+        return pull.result
+
+    def _chunk(self, chunk: P.Chunk) -> None:
+        pull = self._pulls.get(chunk.object_id)
+        if pull is None or pull.done.is_set():
+            return
+        if pull.assembly is None:
+            pull.assembly = Assembly(bytearray(chunk.total), chunk.total)
+        self.object_bytes_received += chunk.data.nbytes
+        if pull.assembly.add(chunk):
+            assembly, pull.assembly = pull.assembly, None
+            assembly.release()
+            self._pulled(chunk.object_id, shm.object_from_view(memoryview(assembly.target)))
+
+    def _pulled(self, object_id: bytes, sobj) -> None:
+        pull = self._pulls.get(object_id)
+        if pull is not None:
+            pull.result = sobj
+            pull.done.set()
+
+    def node_died(self, node: NodeLink) -> None:
+        """Pulls from a dead node end (their gets look again where the object is)."""
+        with self._pulls_lock:
+            for pull in self._pulls.values():
+                if pull.node is node:
+                    pull.done.set()
+
     # -- Backend -----------------------------------------------------------------
     def object_released(self, object_id: bytes) -> None:
         self.object_store.delete([object_id])
+        self.scheduler.released(object_id)
         if object_id in self.scheduler.token_node:
             self.scheduler.release_token(object_id)
 
@@ -540,9 +827,22 @@ class ClusterBackend(Backend):
             return
         self._closed = True
         self.scheduler.shutdown()
+        with self._pulls_lock:
+            for pull in self._pulls.values():
+                pull.done.set()
         os.write(self._wake_w, b"x")
         self._io.join(5)
         self.object_store.close()
         self._close_links()
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+def _lineage_refs(spec: TaskSpec) -> list:
+    """What a task's rerun needs: its arguments, and the refs inside them."""
+    return spec.dependencies() + spec.contained_refs()
+
+
+def _wire_bytes(form) -> int:
+    data, buffers, _, _ = form
+    return len(data) + sum(memoryview(b).nbytes for b in buffers)

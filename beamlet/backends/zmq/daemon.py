@@ -35,6 +35,7 @@ import secrets
 import selectors
 import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -50,6 +51,7 @@ from .jobs import DriverOwner
 HEAD_LOST_TIMEOUT = 60.0  # seconds a member waits for a lost head before it exits
 REDIS_RETRY = 1.0  # seconds a daemon's Redis call may retry: its loop must not stall
 TICK = 0.25  # seconds between the loop's timed chores
+LOCATIONS_INTERVAL = 0.25  # seconds between writes of object locations to the control store
 
 
 def log(message: str) -> None:
@@ -87,9 +89,14 @@ class Daemon:
         self.control_store = open_control_store(control_store_url)
         self.tables = Tables(self.control_store)
         owner = self.owner = DriverOwner()
-        self.node = owner.node = Node(owner, self.control_store, self._pool(),
-                                      self.args.object_store_memory or default_store_capacity(),
-                                      100 * 1024, prestart_workers=0)
+        self.node = Node(owner, self.control_store, self._pool(),
+                         self.args.object_store_memory or default_store_capacity(),
+                         100 * 1024, prestart_workers=0)
+        owner.attach(self.node, self.transport)
+        self._locations_wake = threading.Event()
+        self._locations_writer = threading.Thread(target=self._record_locations,
+                                                  name="beamlet-locations", daemon=True)
+        self._locations_writer.start()
         self.node.node_id = self.node_id  # (what tasks see as their node's id)
 
     def resources(self) -> dict:
@@ -100,7 +107,8 @@ class Daemon:
         store = self.node.object_store.stats()
         sched = self.node.scheduler.stats()
         return {"available": self.node.scheduler.available_resources(),
-                "store_bytes_used": store.get("bytes_used", 0),
+                "store_bytes_used": store["shm_bytes"] + store["spilled_bytes"],
+                "store_objects": store["num_objects"],
                 "store_capacity": self.node.object_store.capacity,
                 "queued": sched["queued"] + sched["waiting"], "actors": sched["actors"],
                 "workers": sched["workers"]}
@@ -171,10 +179,31 @@ class Daemon:
     def tick(self, now: float) -> None:
         """The timed chores, every `TICK`."""
 
+    def _record_locations(self) -> None:
+        """The location writer's thread: record what this node holds for
+        drivers in the control store, off every task's path (and off the loop,
+        which a control store that is down would stall); kept for later while
+        it is down."""
+        failing = False
+        while not self._stopping:
+            try:
+                self.owner.record_locations(self.tables, self.node_id)
+                failing = False
+            except exc.BackendError as err:
+                if not failing:
+                    log(f"cannot record object locations yet: {err}")
+                failing = True
+            self._locations_wake.wait(LOCATIONS_INTERVAL * (8 if failing else 1))
+
     def status(self) -> list:
         return []
 
     def close(self) -> None:
+        if self.owner is not None:
+            self._stopping = True
+            self._locations_wake.set()
+            self._locations_writer.join(5)
+            self.owner.close()
         if self.node is not None:
             self.node.close()
         if self.listener is not None:

@@ -14,24 +14,34 @@ daemon or command of another version is refused at connect, naming both.
 
 A driver (``backend.py``) asks the head to join, then connects to every
 node's own listener and runs its tasks there (``jobs.py`` is the node's
-side). An object travels as its `wire` form: its buffers go out of band.
+side). A small object travels as its `wire` form (its buffers out of band);
+a large one stays in the store of the node that made it, which tells the
+driver where it is (``Located``), and whoever needs it (another node, or the
+driver's own get) pulls it from there in chunks (``objects.py``).
 
     driver -> head   DriverJoin()
     head -> driver   DriverAccepted(control_store_url, nodes)
     driver -> node   DriverHello(job_config)                  once, first
-    driver -> node   RunTask(spec, objects)     objects: the spec's arguments it holds
-    node -> driver   Objects(objects)           each result, once stored
+    driver -> node   RunTask(spec, objects, locations)
+                       objects: values of its arguments the driver holds;
+                       locations: [(id, node address)] of ones on other nodes
+    node -> driver   Objects(objects)           each small result, once stored
+    node -> driver   Located(objects)           large results kept on the node,
+                                                and copies a node pulled
     node -> driver   Fetch(object_ids)          a worker or task needs these
-    driver -> node   Objects(objects)           the answer, as each is ready
+    driver -> node   Objects(objects) / Locations(locations)   the answer
     node -> driver   NestedSubmit(spec, objects)   a worker's submission
-    driver -> node   Release(object_ids)        actor tokens the driver let go
+    driver -> node   Release(object_ids)        actor tokens and objects kept for
+                                                the driver that it let go of
     driver -> node   CancelTask(object_id, force) / KillActor(actor_id, no_restart)
+    any -> node      Pull(object_ids)           send me these (a peer node or driver)
+    node -> puller   Chunk(...) per piece, or Missing(object_ids)
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
-VERSION = "beamlet-cluster/2"  # 2: drivers run tasks on nodes
+VERSION = "beamlet-cluster/3"  # 2: drivers run tasks on nodes; 3: nodes pull objects
 
 #: Seconds between a member's heartbeats, and of silence after which the head
 #: declares it dead (at once when its connection drops).
@@ -84,10 +94,39 @@ class DriverHello(NamedTuple):
 class RunTask(NamedTuple):
     spec: object      # a TaskSpec
     objects: list     # [(object_id, wire form)]: values of its arguments
+    locations: list   # [(object_id, address)]: arguments to pull from other nodes
 
 
 class Objects(NamedTuple):
     objects: list     # [(object_id, wire form)]
+
+
+class Located(NamedTuple):
+    objects: list     # [(object_id, size, is_error, refs)]: held by the sender for the driver
+    pulled: bool      # copies it pulled (else: objects made there)
+
+
+class Locations(NamedTuple):
+    locations: list   # [(object_id, address)]: pull these from there
+
+
+class Pull(NamedTuple):
+    object_ids: list
+
+
+class Chunk(NamedTuple):
+    """A piece of an object's shared-memory layout (``shm.py``): `total` bytes
+    in all, `data` at `offset`."""
+    object_id: bytes
+    offset: int
+    total: int
+    is_error: bool
+    refs: tuple
+    data: memoryview
+
+
+class Missing(NamedTuple):
+    object_ids: list  # asked for with Pull, not held here
 
 
 class Fetch(NamedTuple):
@@ -144,9 +183,12 @@ def send_object(conn, object_id: bytes, sobj) -> None:
 #: What the head accepts on a connection, and what a member accepts from the head.
 TO_HEAD = frozenset({NodeJoin, Heartbeat, StatusRequest, DriverJoin})
 #: What a node (head or member) accepts from a driver.
-FROM_DRIVER = frozenset({DriverHello, RunTask, Objects, Release, CancelTask, KillActor})
+FROM_DRIVER = frozenset({DriverHello, RunTask, Objects, Locations, Release, CancelTask,
+                         KillActor, Pull})
 #: What a driver accepts from a node.
-TO_DRIVER = frozenset({Objects, Fetch, NestedSubmit})
+TO_DRIVER = frozenset({Objects, Located, Fetch, NestedSubmit, Chunk, Missing})
+#: What a node accepts from a node it pulls from.
+TO_PULLER = frozenset({Chunk, Missing})
 TO_MEMBER = frozenset({JoinAccepted, Refused})
 
 

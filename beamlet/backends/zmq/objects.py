@@ -1,0 +1,242 @@
+"""Moving objects between a cluster's processes: a node serves ``Pull``
+requests from its store, and the puller (another node, or a driver's get)
+assembles the pieces.
+
+An object goes as its shared-memory layout (``local/shm.py``: a header, the
+pickle stream, the buffers), cut by ``transport.chunks`` into pieces that
+are views of the sender's mapping: nothing is pickled again or copied on
+the way out, and a node writes each piece at its offset straight into a
+segment of its own store. A small object kept inline is laid out into a
+buffer first, the same way.
+
+`Puller` is a node's side of pulling: one connection and one reader thread
+per node it pulls from, made on first use.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Callable
+
+from ... import exceptions as exc
+from ...core.serialization import serialize
+from ..local import shm
+from . import protocol as P
+from .transport import chunks
+
+CONNECT_TIMEOUT = 5.0  # seconds to reach a node to pull from
+READ_SLICE = 0.5  # seconds a reader waits for a message before it looks whether to stop
+
+
+def serve_pull(store, conn, object_ids) -> None:
+    """Send `conn` each of `object_ids` held in `store` (a LocalObjectStore) in
+    ``Chunk`` pieces; ``Missing`` for those it does not hold. The pieces are
+    views of the object's mapping, which stays mapped (and the object alive)
+    until the transport has sent them."""
+    missing = []
+    for object_id in object_ids:
+        held = store.segment_view(object_id)
+        if held is None:
+            if not store.contains(object_id):
+                missing.append(object_id)
+                continue
+            try:
+                sobj = store.get([object_id], 0)[0]
+            except exc.BeamletError:
+                missing.append(object_id)
+                continue
+            header, size, pieces = shm.layout(sobj)
+            view = memoryview(bytearray(size))
+            shm.write_into(view, header, pieces)
+            is_error, refs = sobj.is_error, tuple(sobj.refs)
+        else:
+            view, is_error, refs = held
+        total = shm.used_size(view)
+        for offset, piece in chunks(view[:total]):
+            conn.send(P.Chunk(object_id, offset, total, is_error, refs, piece))
+        del view, held
+    if missing:
+        conn.send(P.Missing(missing))
+
+
+class Assembly:
+    """One object arriving in pieces, written into `target` (a writable buffer
+    of at least `total` bytes: a bytearray, or a segment's mapping)."""
+
+    __slots__ = ("target", "view", "total", "received")
+
+    def __init__(self, target, total: int):
+        self.target = target
+        self.view = memoryview(target)
+        self.total = total
+        self.received = 0
+
+    def add(self, chunk: P.Chunk) -> bool:
+        """Write a piece; whether the object is complete."""
+        n = chunk.data.nbytes
+        if chunk.offset < 0 or chunk.offset + n > self.total:
+            raise ValueError(f"a piece at {chunk.offset} of {n} bytes lies outside the "
+                             f"object's {self.total}")
+        self.view[chunk.offset:chunk.offset + n] = chunk.data
+        self.received += n
+        return self.received >= self.total
+
+    def release(self) -> None:
+        self.view.release()
+
+
+class Puller:
+    """A node's pulls from other nodes into its store.
+
+    `pull(address, ids)` asks the node at `address` for objects; each one that
+    arrives whole is stored and reported to `arrived(object_id, size, is_error,
+    refs)`; the ids a node does not hold, or that were in flight when its
+    connection dropped, go to `failed(object_ids)`. Thread-safe."""
+
+    def __init__(self, transport, store, arrived: Callable, failed: Callable):
+        self.transport = transport
+        self.store = store
+        self.arrived = arrived
+        self.failed = failed
+        self.lock = threading.Lock()
+        self.sources: dict[str, _Source] = {}
+        self.closed = False
+
+    def pull(self, address: str, object_ids) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            source = self.sources.get(address)
+            if source is None or not source.want(object_ids):  # (none yet, or it died)
+                source = self.sources[address] = _Source(self, address)
+                source.want(object_ids)
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            sources, self.sources = list(self.sources.values()), {}
+        for source in sources:
+            source.stop()
+
+
+class _Source:
+    """One node pulled from: its connection and the thread that reads it."""
+
+    def __init__(self, puller: Puller, address: str):
+        self.puller = puller
+        self.address = address
+        self.lock = threading.Lock()
+        self.wanted: set[bytes] = set()  # asked for, not yet complete
+        self.incoming: dict[bytes, tuple[Assembly, object]] = {}
+        self.queue: list = []  # ids to ask for once connected
+        self.conn = None
+        self.dead = False
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="beamlet-pull", daemon=True)
+        self.thread.start()
+
+    def want(self, object_ids) -> bool:
+        """Ask for these; False if this source's connection is gone (ask a new one)."""
+        with self.lock:
+            if self.dead:
+                return False
+            new = [i for i in object_ids if i not in self.wanted]
+            self.wanted.update(new)
+            if self.conn is None:
+                self.queue.extend(new)
+                return True
+        if new:
+            self._send(P.Pull(new))
+        return True
+
+    def _send(self, message) -> None:
+        try:
+            self.conn.send(message)
+        except exc.BackendError:
+            pass  # the reader sees the connection drop
+
+    def _run(self) -> None:
+        try:
+            conn = self.puller.transport.connect(self.address, timeout=CONNECT_TIMEOUT)
+        except Exception as err:  # noqa: BLE001 - whatever it was, the wanted ones failed
+            print(f"beamlet: cannot pull objects from {self.address}: {err}",
+                  file=sys.stderr, flush=True)
+            self._end()
+            return
+        with self.lock:
+            self.conn = conn
+            queued, self.queue = self.queue, []
+        if queued:
+            self._send(P.Pull(queued))
+        try:
+            while not self.stopping:
+                try:
+                    message = conn.recv(timeout=READ_SLICE)
+                except exc.GetTimeoutError:
+                    continue
+                self._handle(message)
+        except EOFError:
+            pass
+        except Exception as err:  # noqa: BLE001 - a broken peer is a gone peer
+            if not self.stopping:
+                print(f"beamlet: pulling from {self.address} failed: {err!r}",
+                      file=sys.stderr, flush=True)
+        finally:
+            conn.close()
+            self._end()
+
+    def _handle(self, message) -> None:
+        kind = type(message)
+        if kind is P.Chunk:
+            self._chunk(message)
+        elif kind is P.Missing:
+            with self.lock:
+                ids = [i for i in message.object_ids if i in self.wanted]
+                self.wanted.difference_update(ids)
+            if ids:
+                self.puller.failed(ids)
+        else:
+            raise ValueError(f"{P.describe(message)} is not an answer to a pull")
+
+    def _chunk(self, chunk: P.Chunk) -> None:
+        store = self.puller.store
+        object_id = chunk.object_id
+        if object_id not in self.wanted:
+            return
+        got = self.incoming.get(object_id)
+        if got is None:
+            try:
+                seg = store.reserve(chunk.total)
+            except exc.ObjectStoreFullError as err:  # (whoever reads it is told why)
+                with self.lock:
+                    self.wanted.discard(object_id)
+                store.put(object_id, serialize(err, is_error=True))
+                return
+            got = self.incoming[object_id] = (Assembly(seg.mm, chunk.total), seg)
+        assembly, seg = got
+        if not assembly.add(chunk):
+            return
+        del self.incoming[object_id]
+        assembly.release()
+        with self.lock:
+            self.wanted.discard(object_id)
+        store.commit(object_id, seg, chunk.is_error, chunk.refs)
+        self.puller.arrived(object_id, chunk.total, chunk.is_error, chunk.refs)
+
+    def _end(self) -> None:
+        """The connection is gone: what was wanted failed."""
+        store = self.puller.store
+        with self.lock:
+            self.dead = True
+            failed = list(self.wanted)
+            self.wanted.clear()
+            incoming, self.incoming = self.incoming, {}
+        for assembly, seg in incoming.values():
+            assembly.release()
+            store.abandon(seg)
+        if failed and not self.stopping:
+            self.puller.failed(failed)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.thread.join(READ_SLICE * 4 + CONNECT_TIMEOUT)
