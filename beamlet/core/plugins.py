@@ -23,6 +23,7 @@ BUILTIN_PLUGINS = (
     "beamlet.backends.local.plugin",
     "beamlet.backends.redis.plugin",
     "beamlet.backends.zmq.plugin",
+    "beamlet.contrib.rl.plugin",
 )
 
 _manager: pluggy.PluginManager | None = None
