@@ -117,7 +117,7 @@ class ActorCriticAlgorithm(Algorithm):
                                       dict(cfg.model), cfg.lr, cfg.grad_clip, cfg.seed)
         spec = RunnerSpec(self.env_creator, dict(cfg.env_config), cfg.num_envs_per_env_runner,
                           cfg.seed, model_factory, ActorCriticPolicy(self.dist_cls),
-                          extra=self.runner_extra())
+                          extra=self.runner_extra(), blas_threads=cfg.blas_threads)
         self.workers = WorkerSet(self.runner_class, lambda i: (spec, i), cfg.num_env_runners,
                                  max_restarts=cfg.max_num_env_runner_restarts,
                                  num_cpus=cfg.num_cpus_per_env_runner,

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import env as _env
+from .blas import set_blas_threads
 from .models import build_model, distribution_class, flat_obs_dim
 
 __all__ = ["AlgorithmConfig", "Algorithm", "CHECKPOINT_FILE"]
@@ -70,6 +71,8 @@ class AlgorithmConfig:
         self.evaluation_duration = 10
         self.evaluation_explore = False
         self.seed: int | None = None
+        # OpenBLAS threads in the driver and the runners (None: leave as is); see blas.py
+        self.blas_threads: int | None = 1
 
     # -- builder methods -------------------------------------------------------------
     def environment(self, env: Any = None, *, env_config: dict | None = None):
@@ -224,6 +227,8 @@ class Algorithm:
             config.environment(env)
         config.validate()
         self.config = config
+        if config.blas_threads is not None:
+            set_blas_threads(config.blas_threads)
         self.iteration = 0
         self.num_env_steps_sampled_lifetime = 0
         self.num_episodes_lifetime = 0

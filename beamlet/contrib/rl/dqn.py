@@ -111,7 +111,7 @@ class DQN(Algorithm):
                           cfg.seed, ModelFactory(self.observation_space, self.action_space,
                                                   heads, dict(cfg.model), cfg.lr, None,
                                                   cfg.seed),
-                          EpsilonGreedyPolicy())
+                          EpsilonGreedyPolicy(), blas_threads=cfg.blas_threads)
         self.workers = WorkerSet(EnvRunner, lambda i: (spec, i), cfg.num_env_runners,
                                  max_restarts=cfg.max_num_env_runner_restarts,
                                  num_cpus=cfg.num_cpus_per_env_runner,

@@ -17,6 +17,7 @@ import numpy as np
 import beamlet
 from beamlet.exceptions import ActorError
 
+from .blas import set_blas_threads
 from .env import make_vector_env, preprocess_obs
 
 __all__ = ["RunnerSpec", "EnvRunner", "WorkerSet", "concat_episodes"]
@@ -37,6 +38,7 @@ class RunnerSpec:
     model_factory: Callable[[], Any]
     policy: Callable
     extra: dict = field(default_factory=dict)
+    blas_threads: int | None = 1
 
 
 def _runner_seed(seed: int | None, index: int) -> int | None:
@@ -49,6 +51,8 @@ class EnvRunner:
     def __init__(self, spec: RunnerSpec, worker_index: int = 0):
         self.spec = spec
         self.worker_index = worker_index
+        if spec.blas_threads is not None:
+            set_blas_threads(spec.blas_threads)
         seed = _runner_seed(spec.seed, worker_index)
         self.env = make_vector_env(spec.env_creator, spec.env_config, spec.num_envs)
         self.obs_space = self.env.single_observation_space

@@ -16,6 +16,7 @@ import numpy as np
 import beamlet
 
 from .algorithm import Algorithm, AlgorithmConfig
+from .blas import set_blas_threads
 from .env import preprocess_obs
 from .env_runner import WorkerSet, _runner_seed
 from .models import Adam, distribution_class
@@ -38,7 +39,10 @@ class ESWorker:
     """Runs perturbed episodes; holds the shared noise table (never copies it)."""
 
     def __init__(self, env_creator, env_config: dict, model_factory, noise: np.ndarray,
-                 seed: int | None, worker_index: int, max_episode_steps: int | None):
+                 seed: int | None, worker_index: int, max_episode_steps: int | None,
+                 blas_threads: int | None = 1):
+        if blas_threads is not None:
+            set_blas_threads(blas_threads)
         self.env = env_creator(dict(env_config))
         self.noise = noise
         self.model = model_factory()
@@ -141,7 +145,7 @@ class ES(Algorithm):
         creator, env_config = self.env_creator, dict(cfg.env_config)
         self.workers = WorkerSet(
             ESWorker, lambda i: (creator, env_config, factory, noise_arg, cfg.seed, i,
-                                 cfg.max_episode_steps),
+                                 cfg.max_episode_steps, cfg.blas_threads),
             cfg.num_env_runners, max_restarts=cfg.max_num_env_runner_restarts,
             num_cpus=cfg.num_cpus_per_env_runner, timeout_s=cfg.sample_timeout_s)
 
