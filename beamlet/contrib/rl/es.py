@@ -49,7 +49,6 @@ class ESWorker:
         self.rng = np.random.default_rng(_runner_seed(seed, worker_index))
         self.dist_cls = distribution_class(self.env.action_space)
         self.max_steps = max_episode_steps
-        self.seeded = seed is not None
 
     def pid(self) -> int:
         return os.getpid()
@@ -58,10 +57,9 @@ class ESWorker:
         """True when the table is a read-only view (zero-copy), not a private copy."""
         return not self.noise.flags.writeable
 
-    def _episode(self, flat: np.ndarray) -> tuple[float, int]:
+    def _episode(self, flat: np.ndarray, seed: int | None) -> tuple[float, int]:
         from gymnasium import spaces
         self.model.set_flat(flat)
-        seed = int(self.rng.integers(2**31)) if self.seeded else None
         obs, _ = self.env.reset(seed=seed)
         total, steps, done = 0.0, 0, False
         box = isinstance(self.env.action_space, spaces.Box)
@@ -84,8 +82,10 @@ class ESWorker:
         for _ in range(int(num_pairs)):
             i = int(self.rng.integers(0, self.noise.size - dim + 1))
             eps = noise_stdev * self.noise[i:i + dim]
-            rp, lp = self._episode(theta + eps)
-            rn, ln = self._episode(theta - eps)
+            # Both halves of a pair start from the same state (common random numbers).
+            seed = int(self.rng.integers(2**31))
+            rp, lp = self._episode(theta + eps, seed)
+            rn, ln = self._episode(theta - eps, seed)
             indices.append(i)
             pos.append(rp)
             neg.append(rn)
