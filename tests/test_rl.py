@@ -111,6 +111,17 @@ def test_env_runner_killed_mid_training_is_replaced(start):
         algo.stop()
 
 
+def test_es_workers_read_one_shared_noise_table(start):
+    start()
+    algo = tiny_config("ES", runners=2).build()
+    try:
+        assert algo.workers.foreach("noise_is_shared") == [True, True]
+        result = algo.train()
+    finally:
+        algo.stop()
+    assert result["episodes_this_iter"] == 4 and result["learner"]["grad_gnorm"] > 0
+
+
 @pytest.mark.parametrize("name", ["PPO", "A2C", "ES"])
 def test_box_actions_with_a_registered_env(inprocess, name):
     rl.register_env("short_pendulum", lambda cfg: gym.wrappers.TimeLimit(

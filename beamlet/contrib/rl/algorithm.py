@@ -332,7 +332,8 @@ class Algorithm:
         """Run `num_episodes` (default ``evaluation_duration``) episodes in the
         driver with ``compute_single_action``; returns ``{"evaluation":
         {"episode_return_mean", "episode_len_mean", "episode_returns", ...}}``.
-        With ``render_mode="rgb_array"``, the frames are appended to `frames`."""
+        With ``render_mode="rgb_array"`` (passed to the env creator in its
+        ``env_config``), each step's ``env.render()`` is appended to `frames`."""
         n = int(num_episodes or self.config.evaluation_duration)
         if n < 1:
             raise ValueError(f"num_episodes must be >= 1, got {n}")
