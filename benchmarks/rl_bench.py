@@ -9,6 +9,7 @@ from another interpreter (``--sb3-python``; never a dependency of beamlet).
 
     python benchmarks/rl_bench.py                          # all algorithms, 5 seeds
     python benchmarks/rl_bench.py --algos PPO --seeds 2    # a quick look
+    python benchmarks/rl_bench.py --algos A2C:2,A3C        # A3C against A2C on 2 runners
     python benchmarks/rl_bench.py --only throughput
     python benchmarks/rl_bench.py --algos PPO,ES --env Pendulum-v1
     python benchmarks/rl_bench.py --sb3-python ../sb3-venv/bin/python
@@ -53,11 +54,19 @@ def example(algo: str, env: str) -> dict:
     return load_tuned_example(path)
 
 
+def split_runners(item: str) -> tuple[str, int | None]:
+    """``"A2C:2"`` -> ("A2C", 2): the tuned example with 2 env runners."""
+    name, _, runners = item.partition(":")
+    return name, (int(runners) if runners else None)
+
+
 def run_to_target(algo: str, env: str, seed: int, goal: float, max_steps: int,
-                  max_time: float) -> dict:
+                  max_time: float, runners: int | None = None) -> dict:
     spec = example(algo, env)
     cls = get_algorithm_class(algo)
     cfg = cls.config_class().update_from_dict(spec["config"]).environment(env)
+    if runners is not None:
+        cfg.env_runners(num_env_runners=runners)
     cfg.debugging(seed=seed).reporting(metrics_num_episodes_for_smoothing=20)
     algo_obj = cls(cfg)
     start = time.time()
@@ -163,7 +172,8 @@ def summarize(rows: list[dict], target: int) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--algos", default="PPO,DQN,A2C,A3C,ES")
+    p.add_argument("--algos", default="PPO,DQN,A2C,A2C:2,A3C,ES",
+                   help="comma-separated; NAME:N runs NAME's tuned example on N env runners")
     p.add_argument("--env", default="CartPole-v1", choices=sorted(TARGETS))
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--only", choices=["learning", "throughput"], default=None)
@@ -179,17 +189,19 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     try:
         if args.only in (None, "learning"):
-            for algo in algos:
+            for item in algos:
+                algo, runners = split_runners(item)
                 if algo not in targets:
                     print(f"{algo}: no target on {args.env}; skipped")
                     continue
                 goal = goal_default if goal_default is not None else PENDULUM_GOALS[algo]
-                print(f"== {algo} on {args.env}: env steps until mean return of the last 20 "
-                      f"episodes >= {goal}", flush=True)
+                where = "" if runners is None else f" ({runners} env runners)"
+                print(f"== {algo}{where} on {args.env}: env steps until mean return of the "
+                      f"last 20 episodes >= {goal}", flush=True)
                 algo_rows = []
                 for seed in range(args.seeds):
                     r = run_to_target(algo, args.env, seed, goal, 2 * targets[algo],
-                                      args.max_time)
+                                      args.max_time, runners)
                     algo_rows.append(r)
                     print(f"  seed {seed}: {'reached' if r['reached'] else 'NOT reached'} "
                           f"at {r['env_steps']} env steps, {r['wall_s']} s "
@@ -206,7 +218,7 @@ def main(argv=None) -> int:
                 print("== SB3 PPO: skipped (give --sb3-python or $BEAMLET_SB3_PYTHON)")
         if args.only in (None, "throughput"):
             print(f"== sampling throughput on {args.env} (env steps/s, no learning)", flush=True)
-            for algo in algos:
+            for algo in dict.fromkeys(split_runners(a)[0] for a in algos):
                 if algo not in targets:
                     continue
                 one = throughput(algo, args.env, 1, args.throughput_seconds)

@@ -16,18 +16,34 @@ Algorithms: PPO, A2C, A3C, DQN, ES (and any a plugin adds through the
 ``beamlet_rl_algorithms`` hook). Env runners are beamlet actors (restarted if
 they crash); models are small numpy networks (:mod:`beamlet.contrib.rl.models`),
 or any :class:`Model` given as ``training(model={"custom_model": factory})``.
-"""
-from .a2c import A2C, A2CConfig, A3C, A3CConfig
-from .algorithm import Algorithm, AlgorithmConfig
-from .dqn import DQN, DQNConfig
-from .env import register_env
-from .env_runner import EnvRunner
-from .es import ES, ESConfig
-from .models import Adam, MLP, Model, NumpyModel
-from .ppo import PPO, PPOConfig
-from .registry import algorithm_classes, get_algorithm_class, get_algorithm_config
 
-__all__ = ["Algorithm", "AlgorithmConfig", "PPO", "PPOConfig", "A2C", "A2CConfig", "A3C",
-           "A3CConfig", "DQN", "DQNConfig", "ES", "ESConfig", "register_env", "EnvRunner",
-           "Model", "NumpyModel", "MLP", "Adam", "algorithm_classes", "get_algorithm_class",
-           "get_algorithm_config"]
+The names below are imported on first use: beamlet loads this package's
+``plugin`` module with every plugin manager, which must not pull numpy and
+the algorithms into programs that never train one.
+"""
+import importlib
+
+_EXPORTS = {
+    "A2C": "a2c", "A2CConfig": "a2c", "A3C": "a2c", "A3CConfig": "a2c",
+    "Algorithm": "algorithm", "AlgorithmConfig": "algorithm",
+    "DQN": "dqn", "DQNConfig": "dqn", "ES": "es", "ESConfig": "es",
+    "PPO": "ppo", "PPOConfig": "ppo", "register_env": "env", "EnvRunner": "env_runner",
+    "Adam": "models", "MLP": "models", "Model": "models", "NumpyModel": "models",
+    "algorithm_classes": "registry", "get_algorithm_class": "registry",
+    "get_algorithm_config": "registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
