@@ -124,8 +124,10 @@ def _stop_reached(result: dict, stop: dict) -> bool:
 
 
 def train_main(algo_name: str, env: str, stop: dict, config: dict, checkpoint_dir: str,
-               checkpoint_freq: int = 10, out=sys.stdout) -> str:
-    """Train until any `stop` criterion is met; return the last checkpoint's path."""
+               checkpoint_freq: int = 10, out=None) -> str:
+    """Train until any `stop` criterion is met, printing a line per iteration to
+    `out` (default: the current ``sys.stdout``); return the last checkpoint's path."""
+    out = sys.stdout if out is None else out
     from beamlet.contrib.tune.loggers import (CSVLoggerCallback, JsonLoggerCallback,
                                               TBXLoggerCallback)
 
