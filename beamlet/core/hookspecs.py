@@ -58,6 +58,21 @@ def beamlet_cli_commands(subparsers) -> None:
     ``func=callable(args) -> int`` with ``set_defaults``."""
 
 
+@hookspec
+def beamlet_rl_algorithms() -> dict:
+    """Return ``{name: cls}`` for the reinforcement-learning algorithms this
+    plugin provides (``cls`` a ``beamlet.rl.Algorithm`` subclass, or the string
+    ``"module:Class"`` so that the plugin imports nothing until it is used).
+    ``beamlet.rl``, ``beamlet rl train --algo NAME`` and ``tune.run(NAME)`` find
+    them by name; two plugins may not claim one."""
+
+
+@hookspec
+def beamlet_tune_trainables() -> dict:
+    """Return ``{name: trainable}``: trainables ``tune.run(name)`` finds without a
+    ``register_trainable`` call (a function or a ``tune.Trainable`` subclass)."""
+
+
 # -- observers ------------------------------------------------------------------
 
 @hookspec

@@ -131,6 +131,19 @@ def get_trainable(name: str) -> Any:
     try:
         return _registry[name]
     except KeyError:
-        known = ", ".join(sorted(_registry)) or "none"
+        provided = _plugin_trainables()
+        if name in provided:
+            return provided[name]
+        known = ", ".join(sorted({*_registry, *provided})) or "none"
         raise ValueError(f"unknown trainable {name!r}: register it first with "
                          f"register_trainable({name!r}, fn); registered: {known}") from None
+
+
+def _plugin_trainables() -> dict:
+    """Trainables provided by plugins (hook ``beamlet_tune_trainables``), e.g.
+    beamlet.rl's algorithms by name."""
+    from beamlet.core import plugins
+    merged: dict = {}
+    for result in plugins.manager().hook.beamlet_tune_trainables():
+        merged.update(result or {})
+    return merged

@@ -1,0 +1,232 @@
+"""Env runners: vectorised environments that sample with the current weights.
+
+An :class:`EnvRunner` owns ``num_envs`` copies of an environment in one Gymnasium
+vector env, a copy of the model, and a random generator; ``sample(weights,
+num_steps)`` loads the weights and steps every copy `num_steps` times. Runners
+are beamlet actors (:class:`WorkerSet`), or one plain object in the driver when
+``num_env_runners=0``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+import beamlet
+from beamlet.exceptions import ActorError
+
+from .blas import set_blas_threads
+from .env import make_vector_env, preprocess_obs
+
+__all__ = ["RunnerSpec", "EnvRunner", "WorkerSet", "concat_episodes"]
+
+
+@dataclass
+class RunnerSpec:
+    """Everything an env runner is built from (shipped to the actor by value).
+
+    ``policy(model, obs, rng, explore, **kwargs) -> (actions, extras)`` picks the
+    actions for a batch of preprocessed observations; ``extras`` is a dict of
+    per-step arrays (e.g. ``logp``, ``vf``) stored in the batch."""
+
+    env_creator: Callable
+    env_config: dict
+    num_envs: int
+    seed: int | None
+    model_factory: Callable[[], Any]
+    policy: Callable
+    extra: dict = field(default_factory=dict)
+    blas_threads: int | None = 1
+
+
+def _runner_seed(seed: int | None, index: int) -> int | None:
+    return None if seed is None else int(seed) * 1000 + 17 * index + 1
+
+
+class EnvRunner:
+    """Steps a vector env with a policy; keeps running episode statistics."""
+
+    def __init__(self, spec: RunnerSpec, worker_index: int = 0):
+        self.spec = spec
+        self.worker_index = worker_index
+        if spec.blas_threads is not None:
+            set_blas_threads(spec.blas_threads)
+        seed = _runner_seed(spec.seed, worker_index)
+        self.env = make_vector_env(spec.env_creator, spec.env_config, spec.num_envs)
+        self.obs_space = self.env.single_observation_space
+        self.act_space = self.env.single_action_space
+        self.rng = np.random.default_rng(seed)
+        self.model = spec.model_factory()
+        raw, _ = self.env.reset(seed=seed)
+        self.obs = preprocess_obs(raw, self.obs_space)
+        self.ep_return = np.zeros(spec.num_envs)
+        self.ep_len = np.zeros(spec.num_envs, dtype=np.int64)
+        from gymnasium import spaces
+        self._box = isinstance(self.act_space, spaces.Box)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def _env_actions(self, actions: np.ndarray) -> np.ndarray:
+        if self._box:
+            return np.clip(actions, self.act_space.low, self.act_space.high).astype(
+                self.act_space.dtype)
+        return actions
+
+    def sample(self, weights: Any, num_steps: int, explore: bool = True, **kwargs) -> dict:
+        """`num_steps` steps of every env copy, time-major: ``obs``/``next_obs``
+        ``(T, N, D)``, ``actions``, ``rewards``, ``terminateds``, ``truncateds``
+        ``(T, N)`` and the policy's extras; ``episodes`` is the list of
+        ``(return, length)`` of the episodes that ended."""
+        if weights is not None:
+            self.model.set_weights(weights)
+        n = self.spec.num_envs
+        obs_b, next_b, act_b, rew_b, term_b, trunc_b = [], [], [], [], [], []
+        extras_b: dict[str, list] = {}
+        episodes = []
+        for _ in range(int(num_steps)):
+            actions, extras = self.spec.policy(self.model, self.obs, self.rng, explore, **kwargs)
+            raw, rew, term, trunc, infos = self.env.step(self._env_actions(actions))
+            nxt = preprocess_obs(raw, self.obs_space)
+            done = np.logical_or(term, trunc)
+            true_next = nxt
+            if done.any():
+                true_next = nxt.copy()
+                final = infos["final_obs"]
+                for i in np.flatnonzero(done):
+                    true_next[i] = preprocess_obs(final[i][None], self.obs_space)[0]
+            obs_b.append(self.obs)
+            next_b.append(true_next)
+            act_b.append(actions)
+            rew_b.append(np.asarray(rew, dtype=np.float64))
+            term_b.append(np.asarray(term, dtype=bool))
+            trunc_b.append(np.asarray(trunc, dtype=bool))
+            for key, value in extras.items():
+                extras_b.setdefault(key, []).append(value)
+            self.ep_return += rew
+            self.ep_len += 1
+            for i in np.flatnonzero(done):
+                episodes.append((float(self.ep_return[i]), int(self.ep_len[i])))
+                self.ep_return[i] = 0.0
+                self.ep_len[i] = 0
+            self.obs = nxt
+        batch = {"obs": np.asarray(obs_b, np.float32).reshape(len(obs_b), n, -1),
+                 "next_obs": np.asarray(next_b, np.float32).reshape(len(obs_b), n, -1),
+                 "actions": np.asarray(act_b), "rewards": np.asarray(rew_b),
+                 "terminateds": np.asarray(term_b), "truncateds": np.asarray(trunc_b),
+                 "episodes": episodes}
+        for key, values in extras_b.items():
+            batch[key] = np.asarray(values)
+        return batch
+
+    def get_state(self) -> dict:
+        """The runner's whole state (envs included) when the envs pickle, so a
+        restored algorithm continues exactly; otherwise only the generator."""
+        import cloudpickle
+        state = {"rng": self.rng.bit_generator.state, "obs": self.obs,
+                 "ep_return": self.ep_return, "ep_len": self.ep_len, "env": None}
+        try:
+            state["env"] = cloudpickle.dumps(self.env.envs)
+        except Exception:  # noqa: BLE001 - an env that does not pickle restarts fresh
+            pass
+        return state
+
+    def set_state(self, state: dict) -> None:
+        import pickle
+        self.rng.bit_generator.state = state["rng"]
+        if state.get("env") is not None:
+            self.env.envs = pickle.loads(state["env"])
+            self.obs = np.array(state["obs"])
+            self.ep_return = np.array(state["ep_return"])
+            self.ep_len = np.array(state["ep_len"])
+
+    def stop(self) -> None:
+        self.env.close()
+
+
+def concat_episodes(batches: list[dict]) -> list:
+    return [ep for b in batches for ep in b["episodes"]]
+
+
+class WorkerSet:
+    """`num_workers` actors of class `cls` built as ``cls(*make_args(i))`` for
+    ``i = 1..num_workers`` (or, with ``num_workers=0``, one local object with
+    index 0). A crashed actor is restarted by beamlet (``max_restarts``); if
+    restarts are used up it is replaced by a new actor. ``num_restarts`` counts
+    both."""
+
+    def __init__(self, cls: type, make_args: Callable[[int], tuple], num_workers: int, *,
+                 max_restarts: int = 3, num_cpus: float = 0, timeout_s: float = 600.0):
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"the number of env runners must be an int >= 0, got "
+                             f"{num_workers!r}")
+        self.cls = cls
+        self.make_args = make_args
+        self.timeout_s = timeout_s
+        self.num_restarts = 0
+        self.local = cls(*make_args(0)) if num_workers == 0 else None
+        self._remote_cls = None
+        self.actors: list = []
+        if num_workers:
+            if not beamlet.is_initialized():
+                beamlet.init(ignore_reinit_error=True)
+            self._remote_cls = beamlet.remote(num_cpus=num_cpus, max_restarts=max_restarts)(cls)
+            self.actors = [self._remote_cls.remote(*make_args(i + 1))
+                           for i in range(num_workers)]
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def replace(self, i: int) -> None:
+        """A fresh actor in slot `i` (the old one is killed if still alive)."""
+        try:
+            beamlet.kill(self.actors[i])
+        except Exception:  # noqa: BLE001 - it is already dead
+            pass
+        self.actors[i] = self._remote_cls.remote(*self.make_args(i + 1))
+        self.num_restarts += 1
+
+    def submit(self, i: int, method: str, *args, **kwargs):
+        return getattr(self.actors[i], method).remote(*args, **kwargs)
+
+    def call(self, i: int, method: str, *args, **kwargs):
+        """Call `method` on worker `i` and return its result; on an actor crash,
+        retry once on the restarted actor, then once on a new one."""
+        for attempt in range(3):
+            try:
+                return beamlet.get(self.submit(i, method, *args, **kwargs),
+                                   timeout=self.timeout_s)
+            except ActorError:
+                if attempt == 0:
+                    self.num_restarts += 1
+                elif attempt == 1:
+                    self.replace(i)
+                else:
+                    raise
+        raise AssertionError("unreachable")
+
+    def foreach(self, method: str, *args, **kwargs) -> list:
+        """`method` on every worker in parallel (on the local one if there are none)."""
+        if self.local is not None:
+            return [getattr(self.local, method)(*args, **kwargs)]
+        refs = [self.submit(i, method, *args, **kwargs) for i in range(len(self.actors))]
+        out = []
+        for i, ref in enumerate(refs):
+            try:
+                out.append(beamlet.get(ref, timeout=self.timeout_s))
+            except ActorError:
+                self.num_restarts += 1
+                out.append(self.call(i, method, *args, **kwargs))
+        return out
+
+    def stop(self) -> None:
+        if self.local is not None and hasattr(self.local, "stop"):
+            self.local.stop()
+        for actor in self.actors:
+            try:
+                beamlet.kill(actor)
+            except Exception:  # noqa: BLE001 - already gone, or the runtime is down
+                pass
+        self.actors = []

@@ -1,0 +1,187 @@
+"""Evolution Strategies, OpenAI style (Salimans et al. 2017).
+
+The driver puts one table of Gaussian noise in the object store once; every
+worker reads it zero-copy (a read-only view on backends that share memory).
+A worker perturbs the flat policy weights by ``±noise_stdev * table[i:i+d]`` for
+random offsets ``i`` (mirrored sampling), runs one episode with each, and sends
+back only the offsets and the returns; the driver rebuilds the noise from the
+same table, forms the gradient estimate with centred ranks, and takes an Adam step.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+import beamlet
+
+from .algorithm import Algorithm, AlgorithmConfig
+from .blas import set_blas_threads
+from .env import preprocess_obs
+from .env_runner import WorkerSet, _runner_seed
+from .models import Adam, distribution_class
+
+__all__ = ["ES", "ESConfig", "ESWorker", "make_noise_table", "centered_ranks"]
+
+
+def make_noise_table(size: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(int(size), dtype=np.float32)
+
+
+def centered_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks of `x` scaled to [-0.5, 0.5] (same shape)."""
+    ranks = np.empty(x.size, dtype=np.float64)
+    ranks[x.ravel().argsort()] = np.arange(x.size)
+    return (ranks / max(1, x.size - 1) - 0.5).reshape(x.shape)
+
+
+class ESWorker:
+    """Runs perturbed episodes; holds the shared noise table (never copies it)."""
+
+    def __init__(self, env_creator, env_config: dict, model_factory, noise: np.ndarray,
+                 seed: int | None, worker_index: int, max_episode_steps: int | None,
+                 blas_threads: int | None = 1):
+        if blas_threads is not None:
+            set_blas_threads(blas_threads)
+        self.env = env_creator(dict(env_config))
+        self.noise = noise
+        self.model = model_factory()
+        self.rng = np.random.default_rng(_runner_seed(seed, worker_index))
+        self.dist_cls = distribution_class(self.env.action_space)
+        self.max_steps = max_episode_steps
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def noise_is_shared(self) -> bool:
+        """True when the table is a read-only view (zero-copy), not a private copy."""
+        return not self.noise.flags.writeable
+
+    def _episode(self, flat: np.ndarray, seed: int | None) -> tuple[float, int]:
+        from gymnasium import spaces
+        self.model.set_flat(flat)
+        obs, _ = self.env.reset(seed=seed)
+        total, steps, done = 0.0, 0, False
+        box = isinstance(self.env.action_space, spaces.Box)
+        while not done:
+            x = preprocess_obs(np.asarray(obs)[None], self.env.observation_space)
+            action = self.dist_cls(self.model(x)["pi"]).deterministic()[0]
+            if box:
+                action = np.clip(action, self.env.action_space.low, self.env.action_space.high)
+            else:
+                action = int(action)
+            obs, rew, term, trunc, _ = self.env.step(action)
+            total += float(rew)
+            steps += 1
+            done = term or trunc or (self.max_steps is not None and steps >= self.max_steps)
+        return total, steps
+
+    def do_rollouts(self, theta: np.ndarray, num_pairs: int, noise_stdev: float) -> dict:
+        dim = theta.size
+        indices, pos, neg, lens = [], [], [], []
+        for _ in range(int(num_pairs)):
+            i = int(self.rng.integers(0, self.noise.size - dim + 1))
+            eps = noise_stdev * self.noise[i:i + dim]
+            # Both halves of a pair start from the same state (common random numbers).
+            seed = int(self.rng.integers(2**31))
+            rp, lp = self._episode(theta + eps, seed)
+            rn, ln = self._episode(theta - eps, seed)
+            indices.append(i)
+            pos.append(rp)
+            neg.append(rn)
+            lens.append((lp, ln))
+        return {"indices": np.asarray(indices, np.int64), "returns": np.asarray([pos, neg]).T,
+                "lengths": np.asarray(lens, np.int64)}
+
+    def get_state(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
+
+class ESConfig(AlgorithmConfig):
+    """ES's settings: ``noise_size`` (floats in the shared table),
+    ``noise_stdev``, ``episodes_per_batch`` (perturbed episodes per iteration,
+    split over the workers in mirrored pairs), ``stepsize`` (Adam's learning
+    rate), ``l2_coeff`` (weight decay), ``max_episode_steps``."""
+
+    def __init__(self, algo_class=None):
+        super().__init__(algo_class or ES)
+        self.noise_size = 25_000_000
+        self.noise_stdev = 0.02
+        self.episodes_per_batch = 40
+        self.stepsize = 0.02
+        self.lr = 0.02
+        self.l2_coeff = 0.005
+        self.max_episode_steps: int | None = None
+        self.model = {"fcnet_hiddens": [32], "fcnet_activation": "tanh", "pi_out_gain": 1.0}
+
+    def training(self, **kwargs):
+        if "stepsize" in kwargs:
+            kwargs.setdefault("lr", kwargs["stepsize"])
+        return super().training(**kwargs)
+
+
+class ES(Algorithm):
+    config_class = ESConfig
+    name = "ES"
+
+    def setup_algorithm(self) -> None:
+        from .actor_critic import ModelFactory
+        cfg = self.config
+        heads = {"pi": self.pi_width()}
+        self.model = self.make_model(heads)
+        self.theta = self.model.get_flat().astype(np.float64)
+        self.optimizer = Adam([self.theta], lr=cfg.lr)
+        seed = 0 if cfg.seed is None else cfg.seed
+        self.noise = make_noise_table(max(cfg.noise_size, self.theta.size + 1), seed + 7)
+        factory = ModelFactory(self.observation_space, self.action_space, heads,
+                               dict(cfg.model), cfg.lr, None, cfg.seed)
+        if cfg.num_env_runners and not beamlet.is_initialized():
+            beamlet.init(ignore_reinit_error=True)
+        noise_arg = beamlet.put(self.noise) if cfg.num_env_runners else self.noise
+        self.noise_ref = noise_arg
+        creator, env_config = self.env_creator, dict(cfg.env_config)
+        self.workers = WorkerSet(
+            ESWorker, lambda i: (creator, env_config, factory, noise_arg, cfg.seed, i,
+                                 cfg.max_episode_steps, cfg.blas_threads),
+            cfg.num_env_runners, max_restarts=cfg.max_num_env_runner_restarts,
+            num_cpus=cfg.num_cpus_per_env_runner, timeout_s=cfg.sample_timeout_s)
+
+    def training_step(self) -> dict:
+        cfg = self.config
+        n_workers = max(1, len(self.workers))
+        pairs = max(1, int(np.ceil(cfg.episodes_per_batch / 2 / n_workers)))
+        theta = self.theta.astype(np.float32)
+        arg = beamlet.put(theta) if self.workers.actors else theta
+        results = self.workers.foreach("do_rollouts", arg, pairs, cfg.noise_stdev)
+        indices = np.concatenate([r["indices"] for r in results])
+        returns = np.concatenate([r["returns"] for r in results])
+        lengths = np.concatenate([r["lengths"] for r in results])
+        self.record_episodes(list(zip(returns.ravel().tolist(), lengths.ravel().tolist())))
+        self.add_env_steps(int(lengths.sum()))
+        ranks = centered_ranks(returns)
+        weights = ranks[:, 0] - ranks[:, 1]
+        dim = self.theta.size
+        grad = np.zeros(dim)
+        for w, i in zip(weights, indices):
+            grad += w * self.noise[i:i + dim]
+        grad /= returns.size
+        gnorm = self.optimizer.step([-grad + cfg.l2_coeff * self.theta])
+        self.model.set_flat(self.theta)
+        return {"grad_gnorm": gnorm, "weights_norm": float(np.linalg.norm(self.theta)),
+                "episodes_this_iter": int(returns.size),
+                "perturbed_return_mean": float(returns.mean())}
+
+    def compute_actions(self, obs, explore):
+        dist = distribution_class(self.action_space)(self.model(obs)["pi"])
+        return dist.sample(self.rng) if explore else dist.deterministic()
+
+    def get_policy_state(self) -> dict:
+        return {"theta": self.theta.copy(), "optimizer": self.optimizer.get_state()}
+
+    def set_policy_state(self, state: dict) -> None:
+        self.theta[...] = state["theta"]
+        self.optimizer.set_state(state["optimizer"])
+        self.model.set_flat(self.theta)

@@ -1,0 +1,238 @@
+"""beamlet.rl learning benchmark (issue 8).
+
+For each algorithm, trains its tuned example (beamlet/contrib/rl/tuned_examples/)
+with several seeds and prints, per seed, the env steps and wall time until the
+mean return of the last 20 training episodes reaches the target (475 on
+CartPole-v1), then the sampling throughput (env steps/s) with 1 and 2 env
+runners. Optionally runs Stable-Baselines3's PPO with its zoo hyperparameters
+from another interpreter (``--sb3-python``; never a dependency of beamlet).
+
+    python benchmarks/rl_bench.py                          # all algorithms, 5 seeds
+    python benchmarks/rl_bench.py --algos PPO --seeds 2    # a quick look
+    python benchmarks/rl_bench.py --algos A2C:2,A3C        # A3C against A2C on 2 runners
+    python benchmarks/rl_bench.py --only throughput
+    python benchmarks/rl_bench.py --algos PPO,ES --env Pendulum-v1
+    python benchmarks/rl_bench.py --sb3-python ../sb3-venv/bin/python
+
+The SB3 venv: ``python3 -m venv ../sb3-venv && ../sb3-venv/bin/pip install
+stable-baselines3 gymnasium`` (it brings torch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import beamlet  # noqa: E402
+from beamlet.contrib.rl.cli import load_tuned_example  # noqa: E402
+from beamlet.contrib.rl.registry import get_algorithm_class  # noqa: E402
+
+EXAMPLES = os.path.join(os.path.dirname(HERE), "beamlet", "contrib", "rl", "tuned_examples")
+
+# env -> (target mean return, {algo: target env steps})
+TARGETS = {
+    "CartPole-v1": (475.0, {"PPO": 50_000, "DQN": 60_000, "A2C": 200_000, "A3C": 200_000,
+                            "ES": 300_000}),
+    "Pendulum-v1": (None, {"PPO": 300_000, "ES": 300_000}),
+}
+PENDULUM_GOALS = {"PPO": -250.0, "ES": -400.0}
+
+
+def example(algo: str, env: str) -> dict:
+    name = f"{algo.lower()}_{env.split('-')[0].lower()}.json"
+    path = os.path.join(EXAMPLES, name)
+    if not os.path.isfile(path):
+        raise SystemExit(f"no tuned example {path}")
+    return load_tuned_example(path)
+
+
+def split_runners(item: str) -> tuple[str, int | None]:
+    """``"A2C:2"`` -> ("A2C", 2): the tuned example with 2 env runners."""
+    name, _, runners = item.partition(":")
+    return name, (int(runners) if runners else None)
+
+
+def run_to_target(algo: str, env: str, seed: int, goal: float, max_steps: int,
+                  max_time: float, runners: int | None = None) -> dict:
+    spec = example(algo, env)
+    cls = get_algorithm_class(algo)
+    cfg = cls.config_class().update_from_dict(spec["config"]).environment(env)
+    if runners is not None:
+        cfg.env_runners(num_env_runners=runners)
+    cfg.debugging(seed=seed).reporting(metrics_num_episodes_for_smoothing=20)
+    algo_obj = cls(cfg)
+    start = time.time()
+    reached = None
+    result = {}
+    try:
+        while True:
+            result = algo_obj.train()
+            steps = result["num_env_steps_sampled_lifetime"]
+            if result["episode_return_mean"] >= goal:
+                reached = steps
+                break
+            if steps >= max_steps or time.time() - start > max_time:
+                break
+    finally:
+        algo_obj.stop()
+    return {"algo": algo, "env": env, "seed": seed, "reached": reached is not None,
+            "env_steps": result.get("num_env_steps_sampled_lifetime"),
+            "wall_s": round(time.time() - start, 2),
+            "final_return": round(result.get("episode_return_mean", float("nan")), 2)}
+
+
+def throughput(algo: str, env: str, runners: int, seconds: float) -> float:
+    """Env steps/s of sampling alone (no learning) with `runners` env runners."""
+    spec = example(algo, env)
+    cls = get_algorithm_class(algo)
+    cfg = cls.config_class().update_from_dict(spec["config"]).environment(env)
+    cfg.env_runners(num_env_runners=runners).debugging(seed=0)
+    a = cls(cfg)
+    try:
+        if algo == "ES":
+            theta = beamlet.put(a.theta.astype("float32"))
+
+            def once():
+                res = a.workers.foreach("do_rollouts", theta, 2, cfg.noise_stdev)
+                return int(sum(r["lengths"].sum() for r in res))
+        else:
+            frag = cfg.get_rollout_fragment_length()
+            weights = beamlet.put(a.model.get_weights())
+            kwargs = {"epsilon": 0.1} if algo == "DQN" else {}
+
+            def once():
+                res = a.workers.foreach("sample", weights, frag, **kwargs)
+                return int(sum(r["rewards"].size for r in res))
+        once()  # warm up
+        steps, start = 0, time.time()
+        while time.time() - start < seconds:
+            steps += once()
+        return steps / (time.time() - start)
+    finally:
+        a.stop()
+
+
+SB3_SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    from collections import deque
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.callbacks import BaseCallback
+    seed, budget = int(sys.argv[1]), int(sys.argv[2])
+    class Stop(BaseCallback):
+        def __init__(self):
+            super().__init__(); self.returns = deque(maxlen=20); self.hit = None
+        def _on_step(self):
+            for info in self.locals["infos"]:
+                if "episode" in info:
+                    self.returns.append(info["episode"]["r"])
+            if len(self.returns) == 20 and sum(self.returns) / 20 >= 475:
+                self.hit = self.num_timesteps
+                return False
+            return True
+    env = make_vec_env("CartPole-v1", n_envs=8, seed=seed)
+    lin = lambda v: (lambda p: p * v)
+    model = PPO("MlpPolicy", env, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98,
+                n_epochs=20, ent_coef=0.0, learning_rate=lin(0.001), clip_range=lin(0.2),
+                seed=seed, device="cpu")
+    cb = Stop(); t = time.time()
+    model.learn(total_timesteps=budget, callback=cb)
+    print(json.dumps({"reached": cb.hit is not None, "env_steps": cb.hit or budget,
+                      "wall_s": round(time.time() - t, 2)}))
+""")
+
+
+def sb3_ppo(python: str, seed: int, budget: int) -> dict:
+    out = subprocess.run([python, "-c", SB3_SCRIPT, str(seed), str(budget)],
+                         capture_output=True, text=True, timeout=1800)
+    if out.returncode:
+        return {"error": out.stderr.strip().splitlines()[-1:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summarize(rows: list[dict], target: int) -> str:
+    steps = [r["env_steps"] for r in rows if r["reached"]]
+    walls = [r["wall_s"] for r in rows if r["reached"]]
+    if not steps:
+        return "no seed reached the goal"
+    med = statistics.median(steps)
+    every = all(r["reached"] and r["env_steps"] <= 2 * target for r in rows)
+    return (f"{len(steps)}/{len(rows)} seeds reached it; median {med:.0f} env steps "
+            f"(target {target}: {'met' if med <= target and every else 'MISSED'}), "
+            f"median wall {statistics.median(walls):.1f} s")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--algos", default="PPO,DQN,A2C,A2C:2,A3C,ES",
+                   help="comma-separated; NAME:N runs NAME's tuned example on N env runners")
+    p.add_argument("--env", default="CartPole-v1", choices=sorted(TARGETS))
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--only", choices=["learning", "throughput"], default=None)
+    p.add_argument("--max-time", type=float, default=600.0, help="seconds per seed at most")
+    p.add_argument("--throughput-seconds", type=float, default=5.0)
+    p.add_argument("--sb3-python", default=os.environ.get("BEAMLET_SB3_PYTHON"))
+    p.add_argument("--backend", default="local")
+    p.add_argument("--json", default=None, help="write every row here")
+    args = p.parse_args(argv)
+    beamlet.init(backend=args.backend, num_cpus=2)
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    goal_default, targets = TARGETS[args.env]
+    rows: list[dict] = []
+    try:
+        if args.only in (None, "learning"):
+            for item in algos:
+                algo, runners = split_runners(item)
+                if algo not in targets:
+                    print(f"{algo}: no target on {args.env}; skipped")
+                    continue
+                goal = goal_default if goal_default is not None else PENDULUM_GOALS[algo]
+                where = "" if runners is None else f" ({runners} env runners)"
+                print(f"== {algo}{where} on {args.env}: env steps until mean return of the "
+                      f"last 20 episodes >= {goal}", flush=True)
+                algo_rows = []
+                for seed in range(args.seeds):
+                    r = run_to_target(algo, args.env, seed, goal, 2 * targets[algo],
+                                      args.max_time, runners)
+                    algo_rows.append(r)
+                    print(f"  seed {seed}: {'reached' if r['reached'] else 'NOT reached'} "
+                          f"at {r['env_steps']} env steps, {r['wall_s']} s "
+                          f"(last mean return {r['final_return']})", flush=True)
+                print("  " + summarize(algo_rows, targets[algo]), flush=True)
+                rows += algo_rows
+            if args.sb3_python and args.env == "CartPole-v1":
+                print("== SB3 PPO (zoo hyperparameters) on CartPole-v1", flush=True)
+                for seed in range(args.seeds):
+                    r = sb3_ppo(args.sb3_python, seed, 100_000)
+                    rows.append({"algo": "SB3-PPO", "seed": seed, **r})
+                    print(f"  seed {seed}: {r}", flush=True)
+            elif args.env == "CartPole-v1":
+                print("== SB3 PPO: skipped (give --sb3-python or $BEAMLET_SB3_PYTHON)")
+        if args.only in (None, "throughput"):
+            print(f"== sampling throughput on {args.env} (env steps/s, no learning)", flush=True)
+            for algo in dict.fromkeys(split_runners(a)[0] for a in algos):
+                if algo not in targets:
+                    continue
+                one = throughput(algo, args.env, 1, args.throughput_seconds)
+                two = throughput(algo, args.env, 2, args.throughput_seconds)
+                rows.append({"algo": algo, "throughput_1": round(one), "throughput_2": round(two)})
+                print(f"  {algo:4s} 1 runner {one:9.0f}   2 runners {two:9.0f}   "
+                      f"x{two / one:.2f}", flush=True)
+    finally:
+        beamlet.shutdown()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""beamlet.rl end to end: every algorithm on every backend, learning, checkpoints,
+env runner crashes, plugins, Tune and the command line. Budgets are tiny: the
+networks are small and each training runs a few iterations."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+
+gym = pytest.importorskip("gymnasium")
+
+import beamlet  # noqa: E402
+from beamlet import rl  # noqa: E402
+from beamlet.contrib.rl.algorithm import Algorithm  # noqa: E402
+
+TINY = {
+    "PPO": dict(train_batch_size=64, minibatch_size=32, num_epochs=2),
+    "A2C": dict(updates_per_iteration=3),
+    "A3C": dict(updates_per_iteration=3),
+    "DQN": dict(num_steps_sampled_before_learning_starts=16, train_batch_size=16,
+                rollout_fragment_length=8),
+    "ES": dict(noise_size=50_000, episodes_per_batch=4),
+}
+SMALL_MODEL = {"fcnet_hiddens": [16]}
+RESULT_KEYS = {"training_iteration", "episode_return_mean", "episode_len_mean",
+               "num_env_steps_sampled", "num_env_steps_sampled_lifetime", "time_this_iter_s",
+               "learner"}
+
+
+def tiny_config(name: str, runners: int = 0, env: str = "CartPole-v1"):
+    return (rl.get_algorithm_config(name).environment(env)
+            .env_runners(num_env_runners=runners, num_envs_per_env_runner=2)
+            .training(model=SMALL_MODEL, **TINY[name]).debugging(seed=0))
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_each_algorithm_trains_on_a_tiny_budget(backend, name):
+    algo = tiny_config(name, runners=1).build()
+    try:
+        first = algo.train()
+        second = algo.train()
+    finally:
+        algo.stop()
+    assert RESULT_KEYS <= set(second)
+    assert second["training_iteration"] == 2
+    assert first["num_env_steps_sampled"] > 0
+    assert second["num_env_steps_sampled_lifetime"] == \
+        first["num_env_steps_sampled"] + second["num_env_steps_sampled"]
+    assert second["episode_return_mean"] > 0
+    assert isinstance(second["learner"], dict) and second["learner"]
+
+
+def test_ppo_at_least_doubles_its_return_on_cartpole(inprocess):
+    algo = (rl.PPOConfig().environment("CartPole-v1")
+            .env_runners(num_env_runners=0, num_envs_per_env_runner=8)
+            .training(lr=1e-3, gamma=0.98, lambda_=0.8, train_batch_size=256,
+                      minibatch_size=64, num_epochs=10)
+            .debugging(seed=0).build())
+    try:
+        start = algo.train()["episode_return_mean"]
+        best = start
+        for _ in range(25):
+            best = max(best, algo.train()["episode_return_mean"])
+            if best >= 2 * start:
+                break
+    finally:
+        algo.stop()
+    assert best >= 2 * start, (start, best)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_checkpoint_round_trip_gives_identical_actions_and_training(inprocess, tmp_path, name):
+    algo = tiny_config(name).build()
+    restored = None
+    try:
+        algo.train()
+        path = algo.save(str(tmp_path / "checkpoint_000001"))
+        restored = Algorithm.from_checkpoint(str(tmp_path))  # finds the latest checkpoint_*
+        assert type(restored) is type(algo) and restored.iteration == 1
+        obs = np.random.default_rng(0).uniform(-0.5, 0.5, size=(20, 4)).astype(np.float32)
+        assert [algo.compute_single_action(o) for o in obs] == \
+            [restored.compute_single_action(o) for o in obs]
+        a, b = algo.train(), restored.train()
+        assert a["learner"] == b["learner"]
+        assert a["num_env_steps_sampled_lifetime"] == b["num_env_steps_sampled_lifetime"]
+        assert path == str(tmp_path / "checkpoint_000001")
+    finally:
+        algo.stop()
+        if restored is not None:
+            restored.stop()
+
+
+def test_env_runner_killed_mid_training_is_replaced(start):
+    start()
+    algo = tiny_config("PPO", runners=2).build()
+    try:
+        algo.train()
+        victim = beamlet.get(algo.workers.actors[0].pid.remote(), timeout=60)
+        os.kill(victim, signal.SIGKILL)
+        result = algo.train()
+        assert result["num_env_runner_restarts"] >= 1
+        assert result["num_env_steps_sampled"] == 64
+        pids = beamlet.get([a.pid.remote() for a in algo.workers.actors], timeout=60)
+        assert victim not in pids
+        assert algo.train()["training_iteration"] == 3
+    finally:
+        algo.stop()
+
+
+def test_es_workers_read_one_shared_noise_table(start):
+    start()
+    algo = tiny_config("ES", runners=2).build()
+    try:
+        assert algo.workers.foreach("noise_is_shared") == [True, True]
+        result = algo.train()
+    finally:
+        algo.stop()
+    assert result["episodes_this_iter"] == 4 and result["learner"]["grad_gnorm"] > 0
+
+
+@pytest.mark.parametrize("name", ["PPO", "A2C", "ES"])
+def test_box_actions_with_a_registered_env(inprocess, name):
+    rl.register_env("short_pendulum", lambda cfg: gym.wrappers.TimeLimit(
+        gym.make("Pendulum-v1").unwrapped, max_episode_steps=cfg.get("steps", 20)))
+    algo = (tiny_config(name, env="short_pendulum").environment(env_config={"steps": 10})
+            .build())
+    try:
+        result = algo.train()
+        action = algo.compute_single_action(np.zeros(3, np.float32))
+    finally:
+        algo.stop()
+    assert result["episode_len_mean"] == 10
+    assert action.shape == (1,) and -2.0 <= float(action[0]) <= 2.0
+
+
+def test_bad_configs_are_rejected_with_the_reason(inprocess):
+    with pytest.raises(ValueError, match="unknown setting 'learning_rate'"):
+        rl.PPOConfig().training(learning_rate=0.1)
+    with pytest.raises(ValueError, match="unknown environment 'NoSuchEnv-v0'"):
+        rl.PPOConfig().environment("NoSuchEnv-v0").build()
+    with pytest.raises(ValueError, match="no environment set"):
+        rl.PPOConfig().build()
+    with pytest.raises(ValueError, match="num_env_runners must be an int >= 0"):
+        rl.PPOConfig().env_runners(num_env_runners=-1)
+    with pytest.raises(ValueError, match="Discrete action space"):
+        rl.DQNConfig().environment("Pendulum-v1").build()
+    with pytest.raises(ValueError, match="unknown RL algorithm 'NOPE'"):
+        rl.get_algorithm_class("NOPE")
+    with pytest.raises(FileNotFoundError, match="no beamlet.rl checkpoint"):
+        Algorithm.from_checkpoint(os.path.dirname(__file__))
+
+
+def test_flat_dict_config_matches_the_builder():
+    built = rl.PPOConfig().environment("CartPole-v1").env_runners(num_env_runners=2) \
+        .training(lr=0.01, lambda_=0.9).debugging(seed=3)
+    flat = rl.PPOConfig.from_dict({"env": "CartPole-v1", "num_env_runners": 2, "lr": 0.01,
+                                   "lambda": 0.9, "seed": 3})
+    assert flat.to_dict() == built.to_dict()
+
+
+class _ThirdPartyPlugin:
+    """An algorithm added by another package through beamlet's plugin hook."""
+
+    @staticmethod
+    @beamlet.core.plugins.hookimpl
+    def beamlet_rl_algorithms():
+        return {"MyPPO": "beamlet.contrib.rl.ppo:PPO"}
+
+
+def test_a_plugin_adds_an_algorithm():
+    from beamlet.core import plugins
+    assert {"PPO", "A2C", "A3C", "DQN", "ES"} <= set(rl.algorithm_classes())
+    plugin = _ThirdPartyPlugin()
+    plugins.register(plugin, name="rl-test-plugin")
+    try:
+        assert rl.get_algorithm_class("MyPPO") is rl.PPO
+        from beamlet.contrib.tune.trainable import get_trainable
+        assert get_trainable("MyPPO").algorithm_name == "MyPPO"
+    finally:
+        plugins.unregister(plugin)
+    with pytest.raises(ValueError, match="unknown RL algorithm"):
+        rl.get_algorithm_class("MyPPO")
+
+
+def test_algorithms_are_tune_trainables(inprocess, tmp_path):
+    from beamlet import tune
+    analysis = tune.run("PPO", config={"env": "CartPole-v1", "num_envs_per_env_runner": 2,
+                                       "model": SMALL_MODEL, **TINY["PPO"],
+                                       "lr": tune.grid_search([1e-3, 1e-4])},
+                        stop={"training_iteration": 2}, storage_path=str(tmp_path),
+                        name="rl", verbose=0)
+    trials = analysis.trials
+    assert len(trials) == 2
+    assert sorted(t.config["lr"] for t in trials) == [1e-4, 1e-3]
+    for t in trials:
+        assert t.last_result["training_iteration"] == 2
+        assert t.last_result["num_env_steps_sampled_lifetime"] == 128
+        assert "learner/vf_loss" in t.last_result
+
+
+class _FrameEnv(gym.Env):
+    """Three steps, one 8x6 frame per step: to test --video without pygame."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, render_mode=None):
+        self.render_mode = render_mode
+        self.t = 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.full(2, self.t / 3, np.float32), 1.0, self.t >= 3, False, {}
+
+    def render(self):
+        frame = np.zeros((6, 8, 3), np.uint8)
+        frame[:, : self.t + 1] = (255, 0, 0)
+        return frame
+
+
+def test_cli_train_evaluate_plot(inprocess, tmp_path, capsys):
+    from beamlet.cli import main
+    out = tmp_path / "run"
+    config = {"num_envs_per_env_runner": 2, "model": SMALL_MODEL, **TINY["PPO"]}
+    assert main(["rl", "train", "--algo", "PPO", "--env", "CartPole-v1",
+                 "--stop", '{"training_iteration": 3}', "--config", json.dumps(config),
+                 "--checkpoint-dir", str(out), "--checkpoint-freq", "2", "--seed", "1"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("iter ") == 3 and "checkpoint:" in text
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint_")) == \
+        ["checkpoint_000002", "checkpoint_000003"]
+    lines = (out / "result.json").read_text().splitlines()
+    assert [json.loads(x)["training_iteration"] for x in lines] == [1, 2, 3]
+    assert (out / "progress.csv").read_text().startswith("training_iteration,")
+    assert Algorithm.from_checkpoint(str(out)).iteration == 3
+
+    assert main(["rl", "evaluate", "--checkpoint", str(out), "--episodes", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "mean return" in text and text.count("episode ") == 2
+
+    assert main(["rl", "plot", str(out)]) == 0
+    png = (out / "learning_curve.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and png.endswith(b"IEND\xaeB`\x82")
+
+
+def test_cli_evaluate_writes_a_gif(inprocess, tmp_path, capsys):
+    from beamlet.cli import main
+    rl.register_env("frames", lambda cfg: _FrameEnv(**cfg))
+    algo = tiny_config("PPO", env="frames").build()
+    try:
+        algo.train()
+        path = algo.save(str(tmp_path / "ckpt"))
+    finally:
+        algo.stop()
+    gif = tmp_path / "out.gif"
+    assert main(["rl", "evaluate", "--checkpoint", path, "--episodes", "2", "--render",
+                 "rgb_array", "--video", str(gif)]) == 0
+    assert "6 frames" in capsys.readouterr().out
+    data = gif.read_bytes()
+    assert data.startswith(b"GIF89a") and data.endswith(b";")
+    assert data.count(b"\x21\xF9\x04") == 6  # one graphic control block per frame
+
+
+def test_cli_rejects_bad_arguments(tmp_path):
+    from beamlet.cli import main
+    with pytest.raises(SystemExit, match="--stop is not valid JSON"):
+        main(["rl", "train", "--algo", "PPO", "--env", "CartPole-v1", "--stop", "{oops"])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"algo": "PPO", "envv": "CartPole-v1"}')
+    with pytest.raises(SystemExit, match="unknown keys"):
+        main(["rl", "train", "-f", str(bad)])
+
+
+def test_tuned_examples_are_valid():
+    from beamlet.contrib.rl.cli import load_tuned_example
+    import beamlet.contrib.rl as package
+    folder = os.path.join(os.path.dirname(package.__file__), "tuned_examples")
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".json"))
+    assert files
+    for f in files:
+        spec = load_tuned_example(os.path.join(folder, f))
+        config = rl.get_algorithm_config(spec["algo"]).update_from_dict(spec["config"])
+        config.environment(spec["env"]).validate()
+        assert spec["stop"] and not math.isnan(list(spec["stop"].values())[0])
