@@ -246,7 +246,11 @@ def test_result_json_progress_csv_and_params(on_backend, storage):
                         storage_path=storage, name="files", verbose=0)
     for trial in analysis.trials:
         results = read_results(trial)
-        assert [r["training_iteration"] for r in results] == [1, 2, 3, 4]
+        # As in Ray: a trainable that returns gets a last row, its last result
+        # again with done: true.
+        assert [r["training_iteration"] for r in results] == [1, 2, 3, 4, 4]
+        assert [r["done"] for r in results] == [False] * 4 + [True]
+        results = results[:4]
         for r in results:
             assert r["config"] == trial.config
             assert r["trial_id"] == trial.trial_id
@@ -261,8 +265,7 @@ def test_result_json_progress_csv_and_params(on_backend, storage):
             assert json.load(f) == trial.config
         with open(os.path.join(trial.path, "progress.csv")) as f:
             rows = list(csv.DictReader(f))
-        assert len(rows) == 4
-        assert [int(r["training_iteration"]) for r in rows] == [1, 2, 3, 4]
+        assert [int(r["training_iteration"]) for r in rows] == [1, 2, 3, 4, 4]
         assert "nested/a" in rows[0] and "config" not in rows[0]
         assert float(rows[-1]["loss"]) == pytest.approx(0.25)
 
@@ -475,7 +478,9 @@ def test_run_experiments_spec_validation(storage):
     register_trainable("report_once", report_once)
     with pytest.raises(ValueError, match="unknown spec key"):
         run_experiments({"e": {"run": "report_once", "bogus": 1, "local_dir": storage}})
-    with pytest.raises(NotImplementedError, match="checkpoint_freq"):
+    with pytest.raises(NotImplementedError, match="checkpoint_score_attr"):
+        run_experiments({"e": {"run": "report_once", "checkpoint_score_attr": "x"}})
+    with pytest.raises(ValueError, match="checkpoint_freq .*class trainables"):
         run_experiments({"e": {"run": "report_once", "checkpoint_freq": 1}})
     with pytest.raises(ValueError, match="unknown trainable"):
         run_experiments({"e": {"run": "never_registered"}})
@@ -504,7 +509,8 @@ def test_report_both_forms(on_backend, storage):
     (trial,) = analysis.trials
     assert trial.status == "TERMINATED", trial.error_msg
     results = read_results(trial)
-    assert [(r["a"], r["b"]) for r in results] == [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10)]
+    assert [(r["a"], r["b"]) for r in results] == [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10),
+                                                   (9, 10)]
     assert results[-1]["seen_id"] == trial.trial_id
     assert results[-1]["seen_dir"] == trial.path
     with pytest.raises(RuntimeError, match="inside a function trainable"):
@@ -639,7 +645,7 @@ def test_logger_plugin_by_name(on_backend, storage):
         tune_plugins.unregister(plugin)
     trial = analysis.trials[0]
     assert recorder.events == [("start", trial.trial_id), ("result", 1), ("result", 2),
-                               ("end", False)]
+                               ("result", 2), ("end", False)]
     assert os.path.exists(os.path.join(trial.path, "result.json"))
     assert not os.path.exists(os.path.join(trial.path, "progress.csv"))
     with pytest.raises(ValueError, match="unknown logger"):

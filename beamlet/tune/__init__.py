@@ -42,11 +42,13 @@ from beamlet.contrib.tune.experiment import Experiment
 from beamlet.contrib.tune.loggers import (CSVLoggerCallback, Callback, JsonLoggerCallback,
                                           LoggerCallback, TBXLoggerCallback)
 from beamlet.contrib.tune.progress import ProgressReporter
+from beamlet.contrib.tune.checkpoint import Checkpoint
 from beamlet.contrib.tune.schedulers import FIFOScheduler, TrialScheduler
 from beamlet.contrib.tune.search_space import (choice, grid_search, lograndint, loguniform,
                                                qloguniform, qrandint, quniform, randint, randn,
                                                sample_from, uniform)
-from beamlet.contrib.tune.session import get_trial_dir, get_trial_id, get_trial_name, report
+from beamlet.contrib.tune.session import (get_checkpoint, get_trial_dir, get_trial_id,
+                                          get_trial_name, report)
 from beamlet.contrib.tune.stopper import (CombinedStopper, FunctionStopper,
                                           MaximumIterationStopper, Stopper, TimeoutStopper)
 from beamlet.contrib.tune.trainable import Trainable, register_trainable
@@ -61,5 +63,7 @@ __all__ = [
     "TimeoutStopper", "TrialScheduler", "FIFOScheduler",
     "Callback", "LoggerCallback", "JsonLoggerCallback", "CSVLoggerCallback",
     "TBXLoggerCallback", "ProgressReporter", "get_trial_id", "get_trial_name",
-    "get_trial_dir", "plugins",
+    "get_trial_dir", "plugins", "Checkpoint", "get_checkpoint", "schedulers",
 ]
+
+from beamlet.tune import schedulers  # noqa: E402 - beamlet.tune.schedulers, as in Ray

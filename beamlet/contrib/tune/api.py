@@ -19,9 +19,7 @@ from .trial import ERROR, Trial
 __all__ = ["run", "run_experiments"]
 
 # tune.run options of Ray that need features beamlet.tune does not have yet.
-_NOT_YET = frozenset({"search_alg", "checkpoint_freq", "checkpoint_at_end",
-                      "keep_checkpoints_num", "checkpoint_score_attr", "max_failures",
-                      "resume", "restore", "sync_config", "reuse_actors", "progress_reporter",
+_NOT_YET = frozenset({"search_alg", "checkpoint_score_attr", "resume", "restore", "sync_config", "reuse_actors", "progress_reporter",
                       "checkpoint_config", "export_formats", "upload_dir"})
 
 
@@ -77,6 +75,8 @@ def _build_callbacks(callbacks, loggers) -> list[Callback]:
 
 def _execute(experiments: list[Experiment], *, scheduler, callbacks, loggers, verbose,
              metric, mode, fail_fast, max_concurrent_trials, time_budget_s) -> TrialRunner:
+    """Run the experiments; raises on bad arguments, a first result without
+    `metric`, or a fail_fast failure."""
     if scheduler is not None and not isinstance(scheduler, TrialScheduler):
         raise TypeError(f"scheduler must be a tune TrialScheduler, got {scheduler!r:.80}")
     if scheduler is not None:
@@ -90,7 +90,7 @@ def _execute(experiments: list[Experiment], *, scheduler, callbacks, loggers, ve
     runner = TrialRunner(experiments, scheduler=scheduler, callbacks=cbs,
                          progress=ProgressReporter(verbose=verbose, metric=metric, mode=mode),
                          max_concurrent_trials=max_concurrent_trials, fail_fast=fail_fast,
-                         stopper=stopper)
+                         stopper=stopper, metric=metric)
     runner.run()
     if runner.fail_fast_trial is not None:
         trial = runner.fail_fast_trial
@@ -117,6 +117,8 @@ def run(run_or_experiment: Any, *, config: dict | None = None, stop: Any = None,
         raise_on_failed_trial: bool = True, fail_fast: bool = False,
         max_concurrent_trials: int | None = None, seed: int | None = None,
         trial_name_creator=None, trial_dirname_creator=None,
+        checkpoint_freq: int = 0, checkpoint_at_end: bool = False,
+        keep_checkpoints_num: int | None = None, max_failures: int = 0,
         **kwargs) -> ExperimentAnalysis:
     """Run a trainable once per variant of `config` (x `num_samples`) and return an
     ExperimentAnalysis.
@@ -126,6 +128,11 @@ def run(run_or_experiment: Any, *, config: dict | None = None, stop: Any = None,
     subclass, a registered name, or an ``Experiment``. Results go to
     ``storage_path`` (default ``~/beamlet_results``) / ``name``. Raises
     TuneError if a trial failed, unless ``raise_on_failed_trial=False``.
+    A trial that fails is retried ``max_failures`` times (-1: always) from its
+    latest checkpoint; ``checkpoint_freq``/``checkpoint_at_end`` make class
+    trainables save checkpoints, of which each trial keeps the latest
+    ``keep_checkpoints_num`` (all if None). ``metric`` must be in every trial's
+    first result (ValueError otherwise).
     """
     _check_unsupported(kwargs, "tune.run()")
     _check_metric_mode(metric, mode)
@@ -140,7 +147,11 @@ def run(run_or_experiment: Any, *, config: dict | None = None, stop: Any = None,
                                   num_samples=num_samples, storage_path=storage_path,
                                   local_dir=local_dir, seed=seed,
                                   trial_name_creator=trial_name_creator,
-                                  trial_dirname_creator=trial_dirname_creator)]
+                                  trial_dirname_creator=trial_dirname_creator,
+                                  checkpoint_freq=checkpoint_freq,
+                                  checkpoint_at_end=checkpoint_at_end,
+                                  keep_checkpoints_num=keep_checkpoints_num,
+                                  max_failures=max_failures)]
     runner = _execute(experiments, scheduler=scheduler, callbacks=callbacks, loggers=loggers,
                       verbose=verbose, metric=metric, mode=mode, fail_fast=fail_fast,
                       max_concurrent_trials=max_concurrent_trials, time_budget_s=time_budget_s)

@@ -9,7 +9,7 @@ import uuid
 from typing import Any
 
 from .stopper import make_stopper
-from .trainable import get_trainable, trainable_name, validate_trainable
+from .trainable import Trainable, get_trainable, trainable_name, validate_trainable
 from .trial import Trial, parse_resources
 from .variant_generator import BasicVariantGenerator, format_params
 
@@ -18,12 +18,31 @@ __all__ = ["Experiment", "DEFAULT_STORAGE", "default_storage_path"]
 DEFAULT_STORAGE = os.path.join("~", "beamlet_results")
 
 # Spec keys that exist in Ray's spec but need features beamlet.tune does not have yet.
-_NOT_YET = frozenset({"checkpoint_freq", "checkpoint_at_end", "keep_checkpoints_num",
-                      "checkpoint_score_attr", "max_failures", "restore", "upload_dir",
+_NOT_YET = frozenset({"checkpoint_score_attr", "restore", "upload_dir",
                       "sync_config", "sync_to_driver", "search_alg", "scheduler"})
 _KEYS = frozenset({"run", "config", "stop", "resources", "resources_per_trial",
                    "trial_resources", "num_samples", "repeat", "local_dir", "storage_path",
-                   "trial_name_creator", "trial_dirname_creator", "seed", "env"})
+                   "trial_name_creator", "trial_dirname_creator", "seed", "env",
+                   "checkpoint_freq", "checkpoint_at_end", "keep_checkpoints_num",
+                   "max_failures"})
+
+
+def _check_checkpointing(trainable, freq, at_end, keep, max_failures) -> None:
+    for name, value in (("checkpoint_freq", freq), ("max_failures", max_failures)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+    if freq < 0:
+        raise ValueError(f"checkpoint_freq must be >= 0, got {freq!r}")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"keep_checkpoints_num must be an integer >= 1 or None, got {keep!r}")
+    is_class = isinstance(trainable, type) and issubclass(trainable, Trainable)
+    if (freq or at_end) and not is_class:
+        raise ValueError("checkpoint_freq and checkpoint_at_end apply to class trainables "
+                         "(tune.Trainable with save_checkpoint); a function trainable "
+                         "checkpoints with tune.report(..., checkpoint=...)")
+    if (freq or at_end) and trainable.save_checkpoint is Trainable.save_checkpoint:
+        raise ValueError(f"checkpoint_freq/checkpoint_at_end need "
+                         f"{trainable.__name__}.save_checkpoint()")
 
 
 def default_storage_path() -> str:
@@ -38,7 +57,9 @@ class Experiment:
                  stop: Any = None, resources_per_trial: dict | None = None,
                  num_samples: int = 1, storage_path: str | None = None,
                  local_dir: str | None = None, seed: int | None = None,
-                 trial_name_creator=None, trial_dirname_creator=None):
+                 trial_name_creator=None, trial_dirname_creator=None,
+                 checkpoint_freq: int = 0, checkpoint_at_end: bool = False,
+                 keep_checkpoints_num: int | None = None, max_failures: int = 0):
         if isinstance(run, str):
             self.trainable = get_trainable(run)
             self.trainable_name = run
@@ -68,6 +89,12 @@ class Experiment:
         self.seed = seed
         self.trial_name_creator = trial_name_creator
         self.trial_dirname_creator = trial_dirname_creator
+        _check_checkpointing(self.trainable, checkpoint_freq, checkpoint_at_end,
+                             keep_checkpoints_num, max_failures)
+        self.checkpoint_freq = checkpoint_freq
+        self.checkpoint_at_end = checkpoint_at_end
+        self.keep_checkpoints_num = keep_checkpoints_num
+        self.max_failures = max_failures
         self._search = BasicVariantGenerator(self.config, num_samples, seed)
         self._id = uuid.uuid4().hex[:5]
         self._count = 0
@@ -105,7 +132,11 @@ class Experiment:
                    num_samples=spec.get("num_samples", spec.get("repeat", 1)),
                    storage_path=spec.get("storage_path"), local_dir=spec.get("local_dir"),
                    seed=spec.get("seed"), trial_name_creator=spec.get("trial_name_creator"),
-                   trial_dirname_creator=spec.get("trial_dirname_creator"))
+                   trial_dirname_creator=spec.get("trial_dirname_creator"),
+                   checkpoint_freq=spec.get("checkpoint_freq", 0),
+                   checkpoint_at_end=spec.get("checkpoint_at_end", False),
+                   keep_checkpoints_num=spec.get("keep_checkpoints_num"),
+                   max_failures=spec.get("max_failures", 0))
 
     # -- trials ------------------------------------------------------------------
     @property
@@ -125,7 +156,10 @@ class Experiment:
                 evaluated_params=params, experiment_tag=tag, resources=self.resources,
                 stop_criteria=self.stop_criteria, stopper=self.stopper,
                 trainable=self.trainable, trial_name_creator=self.trial_name_creator,
-                trial_dirname_creator=self.trial_dirname_creator))
+                trial_dirname_creator=self.trial_dirname_creator,
+                max_failures=self.max_failures, checkpoint_freq=self.checkpoint_freq,
+                checkpoint_at_end=self.checkpoint_at_end,
+                keep_checkpoints_num=self.keep_checkpoints_num))
         return trials
 
     def is_finished(self) -> bool:

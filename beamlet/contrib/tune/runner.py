@@ -33,8 +33,8 @@ from .loggers import Callback
 from .progress import ProgressReporter
 from .result import json_default
 from .schedulers import FIFOScheduler, TrialScheduler
-from .stopper import missing_criteria
-from .trial import ERROR, PENDING, RUNNING, TERMINATED, Trial, resources_to_actor_options
+from .stopper import lookup, missing_criteria
+from .trial import ERROR, PAUSED, PENDING, RUNNING, TERMINATED, Trial, resources_to_actor_options
 from .trial_actor import TrialActor
 
 __all__ = ["TrialRunner"]
@@ -71,7 +71,7 @@ class TrialRunner:
                  callbacks: list[Callback] | None = None,
                  progress: ProgressReporter | None = None,
                  max_concurrent_trials: int | None = None, fail_fast: bool = False,
-                 stopper=None):
+                 stopper=None, metric: str | None = None):
         if max_concurrent_trials is not None and (
                 isinstance(max_concurrent_trials, bool) or
                 not isinstance(max_concurrent_trials, int) or max_concurrent_trials < 1):
@@ -84,9 +84,10 @@ class TrialRunner:
         self._max_concurrent = max_concurrent_trials
         self._fail_fast = fail_fast
         self._global_stopper = stopper
+        self._metrics = {m for m in (metric, getattr(self._scheduler, "metric", None)) if m}
         self._trials: list[Trial] = []
         self._inflight: dict = {}    # step ref -> Trial
-        self._stopping: dict = {}    # stop ref -> (resources, actor, deadline)
+        self._stopping: dict = {}    # stop ref -> (trial, resources, actor, deadline, then)
         self._used: dict[str, float] = {}
         self._total: dict[str, float] = {}
         self._trainable_refs: dict[int, tuple] = {}
@@ -110,6 +111,38 @@ class TrialRunner:
 
     def _num_running(self) -> int:
         return sum(1 for t in self._trials if t.status == RUNNING)
+
+    def stop_trial(self, trial: Trial) -> None:
+        """End a PENDING, PAUSED or RUNNING trial (TERMINATED), for a scheduler."""
+        if trial.status in (PENDING, PAUSED):
+            trial.status = TERMINATED
+            trial.end_time = time.time()
+            self._log_final_row(trial)
+            self._scheduler.on_trial_complete(self, trial, trial.last_result)
+            self._call("on_trial_complete", trial=trial)
+            self._progress.on_trial_complete(trial)
+        elif trial.status == RUNNING and trial._actor is None:
+            trial._stop_requested = True  # it is pausing: end it once it has
+        elif trial.status == RUNNING:
+            for ref, t in list(self._inflight.items()):
+                if t is trial:
+                    del self._inflight[ref]
+            self._log_final_row(trial)
+            self._complete_trial(trial, stop_actor=True)
+
+    def save_trial(self, trial: Trial) -> str | None:
+        """A checkpoint of a RUNNING trial now, between its results (a class
+        trainable saves one; a function trainable's is its latest reported),
+        or None if it cannot make one. Waits for the trial's actor."""
+        if trial._actor is None:
+            return trial.checkpoint
+        try:
+            path = beamlet.get(trial._actor.save.remote(), timeout=_STOP_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - the trial's next step reports the failure
+            return trial.checkpoint
+        if path:
+            trial.on_checkpoint(path)
+        return trial.checkpoint
 
     # -- the loop ---------------------------------------------------------------
     def run(self) -> list[Trial]:
@@ -228,7 +261,7 @@ class TrialRunner:
             if trial is None:
                 self._may_start = False
                 return
-            if trial.status != PENDING:
+            if trial.status not in (PENDING, PAUSED):
                 raise TuneError(f"the scheduler chose trial {trial}, which is {trial.status}")
             self._start_trial(trial)
 
@@ -246,14 +279,18 @@ class TrialRunner:
         trial._stop_requested = False
         self._acquire(trial.resources)
         os.makedirs(trial.path, exist_ok=True)
-        self._call("on_trial_start", trial=trial)
+        if not trial.started:
+            trial.started = True
+            self._call("on_trial_start", trial=trial)
         trainable = self._trainable_ref(trial)
+        options = {"restore": trial.take_restore_path(), "checkpoint_freq": trial.checkpoint_freq,
+                   "checkpoint_at_end": trial.checkpoint_at_end}
         info = {"trial_id": trial.trial_id, "trial_name": trial.trial_name,
                 "experiment_tag": trial.experiment_tag, "logdir": trial.path,
                 "experiment_name": trial.experiment_name}
         try:
             actor = trial_actor_class().options(**resources_to_actor_options(trial.resources)) \
-                .remote(trainable, trial.config, info, trial.stop_criteria)
+                .remote(trainable, trial.config, info, trial.stop_criteria, options)
             ref = actor.step.remote()
         except Exception as err:  # noqa: BLE001 - e.g. a config that cannot be pickled
             trial._actor = None
@@ -273,6 +310,8 @@ class TrialRunner:
             self._on_trial_error(trial, _error_text(err))
             return
         kind = event.get("kind") if isinstance(event, dict) else None
+        if isinstance(event, dict) and event.get("checkpoint"):
+            trial.on_checkpoint(event["checkpoint"])
         if kind == "result":
             self._on_result(trial, event["result"])
         elif kind == "done":
@@ -280,7 +319,19 @@ class TrialRunner:
         else:
             self._on_trial_error(trial, (event or {}).get("error") or f"bad event {event!r:.200}")
 
+    def _check_metrics(self, trial: Trial, result: dict) -> None:
+        """As Ray: the first result of a trial must hold the metric that tune.run
+        and the scheduler optimise, else the search would silently mean nothing."""
+        for metric in self._metrics:
+            if not lookup(result, metric)[0]:
+                shown = ", ".join(sorted(k for k in result if k != "config"))
+                raise ValueError(f"trial {trial} reported a result without the metric "
+                                 f"{metric!r} that tune.run / the scheduler optimise "
+                                 f"(it reported: {shown}); report it with tune.report()")
+
     def _on_result(self, trial: Trial, result: dict) -> None:
+        if trial.num_results == 0 and self._metrics:
+            self._check_metrics(trial, result)
         decision = TrialScheduler.CONTINUE
         ended_itself = bool(result.get("done"))
         if ended_itself or trial._stop_requested or self._stop_everything:
@@ -305,9 +356,7 @@ class TrialRunner:
         elif decision == TrialScheduler.STOP:
             self._complete_trial(trial, stop_actor=not ended_itself)
         elif decision == TrialScheduler.PAUSE:
-            raise TuneError(f"the scheduler {type(self._scheduler).__name__} paused trial "
-                            f"{trial}, but pausing needs checkpoints, which beamlet.tune "
-                            f"does not have yet")
+            self._pause_trial(trial)
         else:
             raise TuneError(f"the scheduler {type(self._scheduler).__name__} returned "
                             f"{decision!r}; expected CONTINUE, PAUSE or STOP")
@@ -315,11 +364,33 @@ class TrialRunner:
     def _on_trial_returned(self, trial: Trial) -> None:
         """The trainable returned without a final result."""
         if trial.last_result:
-            trial.last_result = dict(trial.last_result, done=True)
+            self._log_final_row(trial)
         else:
             trial.last_result = {"done": True, "trial_id": trial.trial_id,
                                  "training_iteration": 0, "config": trial.config}
         self._complete_trial(trial, stop_actor=False)
+
+    def _pause_trial(self, trial: Trial) -> None:
+        """Stop the trial's actor, saving a checkpoint, and make it PAUSED once
+        the actor has stopped; a scheduler resumes it by choosing it to run."""
+        actor, trial._actor = trial._actor, None
+
+        def paused(path: str | None) -> None:
+            if path:
+                trial.on_checkpoint(path)
+            if trial.status == RUNNING:
+                trial.status = PAUSED
+                if trial._stop_requested:
+                    trial._stop_requested = False
+                    self.stop_trial(trial)
+        try:
+            ref = actor.stop.remote(True)
+        except Exception as err:  # noqa: BLE001 - the actor is dead
+            trial._actor = actor
+            self._on_trial_error(trial, _error_text(err))
+            return
+        self._stopping[ref] = (trial, trial.resources, actor,
+                               time.monotonic() + _STOP_TIMEOUT_S, paused)
 
     def _complete_trial(self, trial: Trial, stop_actor: bool) -> None:
         trial.status = TERMINATED
@@ -331,24 +402,31 @@ class TrialRunner:
         self._save_state(trial.experiment_path)
 
     def _on_trial_error(self, trial: Trial, text: str) -> None:
-        trial.status = ERROR
-        trial.end_time = time.time()
         trial.error_msg = text
         try:
             os.makedirs(trial.path, exist_ok=True)
             trial.error_file = os.path.join(trial.path, "error.txt")
-            with open(trial.error_file, "w") as f:
+            with open(trial.error_file, "a") as f:
                 f.write(text)
         except OSError:
             trial.error_file = None
         self._release_actor(trial, "end")
+        if not self._stop_everything and (trial.max_failures < 0 or
+                                          trial.num_failures < trial.max_failures):
+            # Retried from its latest checkpoint (from the start without one).
+            trial.num_failures += 1
+            trial.status = PENDING
+            self._may_start = True
+            return
+        trial.status = ERROR
+        trial.end_time = time.time()
         self._scheduler.on_trial_error(self, trial)
         self._call("on_trial_error", trial=trial)
         self._progress.on_trial_error(trial)
         self._save_state(trial.experiment_path)
         if self._fail_fast and self.fail_fast_trial is None:
             self.fail_fast_trial = trial
-            self._stop_all(kill=True)
+            self._stop_all()
 
     # -- stopping ------------------------------------------------------------------
     def _check_stop_all(self) -> None:
@@ -358,29 +436,35 @@ class TrialRunner:
         if self._global_stopper is not None:
             stoppers.append(self._global_stopper)
         if any(s.stop_all() for s in stoppers):
-            self._stop_all(kill=False)
+            self._stop_all()
 
-    def _stop_all(self, kill: bool) -> None:
-        """End the experiment: pending trials never start; running ones stop at
-        their next result (or at once with `kill`)."""
+    def _stop_all(self) -> None:
+        """End the experiment now: pending trials never start; running ones are
+        stopped at once (their actors killed), not at their next result."""
         self._stop_everything = True
         running = {id(t): ref for ref, t in self._inflight.items()}
         for trial in self._trials:
-            if trial.status == PENDING:
+            if trial.status in (PENDING, PAUSED):
                 trial.status = TERMINATED
                 self._scheduler.on_trial_remove(self, trial)
             elif trial.status == RUNNING:
-                if kill:
-                    ref = running.get(id(trial))
-                    if ref is not None:
-                        del self._inflight[ref]
-                    trial.status = TERMINATED
-                    trial.end_time = time.time()
-                    self._release_actor(trial, "abort")
-                    self._scheduler.on_trial_remove(self, trial)
-                    self._call("on_trial_complete", trial=trial)
-                else:
-                    trial._stop_requested = True
+                ref = running.get(id(trial))
+                if ref is not None:
+                    del self._inflight[ref]
+                trial.status = TERMINATED
+                trial.end_time = time.time()
+                self._release_actor(trial, "abort")
+                self._scheduler.on_trial_remove(self, trial)
+                self._log_final_row(trial)
+                self._call("on_trial_complete", trial=trial)
+
+    def _log_final_row(self, trial: Trial) -> None:
+        """A trial that ended after a result without ``done`` gets, as in Ray, one
+        more row: that result again with ``done: True`` (the last row of
+        ``result.json`` then says the trial is done)."""
+        if trial.last_result and not trial.last_result.get("done"):
+            trial.last_result = dict(trial.last_result, done=True)
+            self._call("on_trial_result", trial=trial, result=trial.last_result)
 
     def _release_actor(self, trial: Trial, how: str) -> None:
         """Let the trial's actor go; its resources count as free once it has stopped.
@@ -398,8 +482,8 @@ class TrialRunner:
             except Exception:  # noqa: BLE001 - the actor is dead already
                 ref = None
             if ref is not None and how == "stop":
-                self._stopping[ref] = (trial.resources, actor,
-                                       time.monotonic() + _STOP_TIMEOUT_S)
+                self._stopping[ref] = (trial, trial.resources, actor,
+                                       time.monotonic() + _STOP_TIMEOUT_S, None)
                 return
         # Killed rather than dropped even when the trainable has ended: the
         # backend then frees the trial's resources at once, for the next trial.
@@ -407,21 +491,27 @@ class TrialRunner:
         self._release(trial.resources)
 
     def _finish_stop(self, ref) -> None:
-        resources, actor, _ = self._stopping.pop(ref)
+        trial, resources, actor, _, then = self._stopping.pop(ref)
         try:
-            beamlet.get(ref, timeout=0)
+            path = beamlet.get(ref, timeout=0)
         except Exception:  # noqa: BLE001 - the actor is going away regardless
-            pass
+            path = None
         self._kill(actor)
         self._release(resources)
+        if isinstance(path, str) and then is None:
+            trial.on_checkpoint(path)  # checkpoint_at_end
+        if then is not None:
+            then(path if isinstance(path, str) else None)
 
     def _expire_stopping(self) -> None:
         now = time.monotonic()
-        for ref, (resources, actor, deadline) in list(self._stopping.items()):
+        for ref, (trial, resources, actor, deadline, then) in list(self._stopping.items()):
             if now >= deadline:
                 del self._stopping[ref]
                 self._kill(actor)
                 self._release(resources)
+                if then is not None:
+                    then(None)
 
     @staticmethod
     def _kill(actor) -> None:
@@ -444,7 +534,7 @@ class TrialRunner:
         for trial in list(self._inflight.values()):
             self._release_actor(trial, "abort")
         self._inflight.clear()
-        for _, actor, _ in self._stopping.values():
+        for _, _, actor, _, _ in self._stopping.values():
             self._kill(actor)
         self._stopping.clear()
 

@@ -36,10 +36,15 @@ def _copy_structure(value: Any) -> Any:
 
 
 def _walk(value: Any, path: Path = ()) -> Iterator[tuple[Path, Any]]:
-    """(path, leaf) for every grid search, Domain or plain leaf, depth first in order."""
+    """(path, leaf) for every grid search, Domain or plain leaf, depth first in order.
+    Raises ValueError for ``{"grid_search": <not a list>}``, a typo for a grid."""
     if is_grid_search(value) or isinstance(value, Domain):
         yield path, value
     elif isinstance(value, dict):
+        if GRID_SEARCH in value:
+            raise ValueError(f"config value {_path_name(path) or '<root>'!r} is {value!r:.80}: "
+                             f"a grid search is {{'grid_search': [values...]}} (use "
+                             f"tune.grid_search(list)) and has no other key")
         for k, v in value.items():
             yield from _walk(v, path + (k,))
     elif isinstance(value, list):

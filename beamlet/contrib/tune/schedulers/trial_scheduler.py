@@ -1,9 +1,9 @@
-"""Trial schedulers: which trial runs next, and what happens after each result.
+"""The scheduler interface, and the FIFO scheduler (every trial runs to its end).
 
 The runner asks the scheduler about every result that did not end its trial:
-``on_trial_result`` returns ``CONTINUE``, ``PAUSE`` or ``STOP``. Early-stopping
-schedulers (HyperBand, ASHA, median stopping, PBT) implement this interface;
-this version ships the FIFO scheduler (every trial runs to its end, in order).
+``on_trial_result`` returns ``CONTINUE``, ``PAUSE`` (the trial's actor stops
+after saving a checkpoint; the trial is PAUSED until the scheduler chooses it
+again, when it restarts from that checkpoint) or ``STOP``.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ __all__ = ["TrialScheduler", "FIFOScheduler"]
 
 class TrialScheduler:
     """The interface a scheduler implements. ``runner`` is the TrialRunner:
-    ``runner.get_trials()``, ``runner.has_resources_for_trial(trial)``."""
+    ``runner.get_trials()``, ``runner.has_resources_for_trial(trial)``,
+    ``runner.stop_trial(trial)``, ``runner.save_trial(trial)``."""
 
     CONTINUE = "CONTINUE"
     PAUSE = "PAUSE"
@@ -28,6 +29,14 @@ class TrialScheduler:
         if self.mode is None:
             self.mode = mode
         return True
+
+    def _require_metric(self) -> tuple[str, float]:
+        """``(metric, sign)``: sign is +1 for "max", -1 for "min" (so larger is
+        better after multiplying); raises if the metric or mode is unknown."""
+        if not self.metric or self.mode not in ("min", "max"):
+            raise ValueError(f"{type(self).__name__} needs a metric and a mode ('min' or "
+                             f"'max'): give them to the scheduler or to tune.run()")
+        return self.metric, (1.0 if self.mode == "max" else -1.0)
 
     def on_trial_add(self, runner, trial) -> None:
         """A trial was added (PENDING)."""
@@ -59,6 +68,9 @@ class FIFOScheduler(TrialScheduler):
     def choose_trial_to_run(self, runner):
         for trial in runner.get_trials():
             if trial.status == "PENDING" and runner.has_resources_for_trial(trial):
+                return trial
+        for trial in runner.get_trials():
+            if trial.status == "PAUSED" and runner.has_resources_for_trial(trial):
                 return trial
         return None
 
