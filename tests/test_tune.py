@@ -228,6 +228,71 @@ def test_time_budget_zero_ends_everything(on_backend, storage):
     assert [t.status for t in analysis.trials] == ["TERMINATED"] * 3
 
 
+def report_then_sleep(config):
+    tune.report(x=1)
+    time.sleep(60)  # a stop that waited for the next report would wait this long
+    tune.report(x=2)
+
+
+class StopAllAfterFirstResult(tune.Stopper):
+    def __init__(self):
+        self.seen = False
+
+    def __call__(self, trial_id, result):
+        self.seen = True
+        return False
+
+    def stop_all(self):
+        return self.seen
+
+
+@pytest.mark.parametrize("how", ["time_budget_s", "stop_all"])
+def test_experiment_stops_running_trials_at_once(start_backend, storage, how):
+    # Only where trials run in other processes: on inprocess the driver itself
+    # runs the trial's step until its next report.
+    start_backend("local")
+    options = {"time_budget_s": 0.5} if how == "time_budget_s" else \
+        {"stop": StopAllAfterFirstResult()}
+    analysis = tune.run(report_then_sleep, config={"a": grid_search([1, 2])},
+                        storage_path=storage, verbose=0, **options)
+    seen = []
+    for trial in analysis.trials:
+        assert trial.status == "TERMINATED"
+        rows = read_results(trial)
+        seen.append([r["x"] for r in rows])
+        # Stopped before (or right after) its first report, never at the second;
+        # after a result, the last row repeats it with done: true.
+        assert seen[-1] in ([], [1, 1])
+        assert not rows or rows[-1]["done"] is True
+    if how == "stop_all":
+        assert [1, 1] in seen
+
+
+def test_metric_missing_from_the_first_result_raises(on_backend, storage):
+    with pytest.raises(ValueError, match="'typo'"):
+        tune.run(report_n, metric="typo", mode="max", storage_path=storage, verbose=0)
+    def nested(config):
+        tune.report(outer={"inner": 1})
+
+    analysis = tune.run(nested, metric="outer/inner", mode="max", storage_path=storage,
+                        verbose=0)
+    assert analysis.trials[0].status == "TERMINATED"
+
+
+def test_grid_search_of_a_non_list_is_rejected():
+    with pytest.raises(ValueError, match="grid_search"):
+        list(generate_variants({"a": {"grid_search": 5}}))
+    with pytest.raises(ValueError, match="grid_search"):
+        list(generate_variants({"a": {"grid_search": [1], "b": 2}}))
+
+
+def test_zero_cpu_trials_ask_for_no_cpu(on_backend, storage):
+    assert parse_resources({"cpu": 0}) == {}
+    analysis = tune.run(report_once, config={"a": grid_search([1, 2, 3])},
+                        resources_per_trial={"cpu": 0}, storage_path=storage, verbose=0)
+    assert all(t.resources == {} and t.status == "TERMINATED" for t in analysis.trials)
+
+
 def test_missing_stop_metric_warns(on_backend, storage):
     with pytest.warns(UserWarning, match="typo_metric"):
         analysis = tune.run(report_n, config={"n": 2}, stop={"typo_metric": 1},

@@ -142,7 +142,7 @@ class _ClassRunner:
         try:
             result = self._trainable.train()
         except BaseException as err:  # noqa: BLE001
-            self.stop()
+            self._close()  # no checkpoint_at_end: the state may be broken
             return _error_event(err)
         if criteria_met(self._stop_criteria, result):
             result["done"] = True
@@ -152,9 +152,9 @@ class _ClassRunner:
                     (result["done"] and self._at_end):
                 event["checkpoint"] = self._trainable.save()
             if result["done"]:
-                self.stop()
+                self._close()
         except BaseException as err:  # noqa: BLE001
-            self.stop()
+            self._close()
             return _error_event(err)
         return event
 
@@ -165,12 +165,15 @@ class _ClassRunner:
 
     def stop(self, save: bool = False) -> str | None:
         path = None
+        if not self._ended and (save or self._at_end):
+            path = self.save()
+        self._close()
+        return path
+
+    def _close(self) -> None:
         if not self._ended:
-            if save or self._at_end:
-                path = self.save()
             self._ended = True
             self._trainable.stop()
-        return path
 
 
 class TrialActor:
