@@ -271,6 +271,10 @@ def test_experiment_stops_running_trials_at_once(start_backend, storage, how):
 def test_metric_missing_from_the_first_result_raises(on_backend, storage):
     with pytest.raises(ValueError, match="'typo'"):
         tune.run(report_n, metric="typo", mode="max", storage_path=storage, verbose=0)
+    # The trial whose result raised was stopped too (on inprocess its thread
+    # would otherwise wait in tune.report forever).
+    with pytest.raises(RuntimeError, match="inside a function trainable"):
+        tune.report(a=1)
     def nested(config):
         tune.report(outer={"inner": 1})
 

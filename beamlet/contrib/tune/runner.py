@@ -531,8 +531,11 @@ class TrialRunner:
 
     def _abort(self) -> None:
         """The driver failed (or Ctrl-C): stop every actor now."""
-        for trial in list(self._inflight.values()):
-            self._release_actor(trial, "abort")
+        # Every trial with an actor, not only those with a step in flight: the
+        # error may have come from handling a trial's result.
+        for trial in self._trials:
+            if trial._actor is not None:
+                self._release_actor(trial, "abort")
         self._inflight.clear()
         for _, _, actor, _, _ in self._stopping.values():
             self._kill(actor)
