@@ -555,7 +555,7 @@ def test_run_experiments_spec_validation(storage):
         run_experiments({"e": {"run": "never_registered"}})
     with pytest.raises(ValueError, match="'run'"):
         run_experiments({"e": {"config": {}}})
-    with pytest.raises(NotImplementedError, match="search_alg"):
+    with pytest.raises(TypeError, match="search_alg"):
         tune.run(report_once, search_alg=object())
     with pytest.raises(TypeError, match="unexpected"):
         tune.run(report_once, no_such_option=1)

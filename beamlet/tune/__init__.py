@@ -35,6 +35,7 @@ the driver, which writes ``result.json``, ``progress.csv``, ``params.json``
 (and TensorBoard files with tensorboardX) under ``~/beamlet_results/<name>``.
 """
 from beamlet.contrib.tune import plugins
+from beamlet.contrib.tune.plugins import create_scheduler, create_searcher
 from beamlet.contrib.tune.analysis import ExperimentAnalysis
 from beamlet.contrib.tune.api import run, run_experiments
 from beamlet.contrib.tune.error import TuneError
@@ -63,7 +64,8 @@ __all__ = [
     "TimeoutStopper", "TrialScheduler", "FIFOScheduler",
     "Callback", "LoggerCallback", "JsonLoggerCallback", "CSVLoggerCallback",
     "TBXLoggerCallback", "ProgressReporter", "get_trial_id", "get_trial_name",
-    "get_trial_dir", "plugins", "Checkpoint", "get_checkpoint", "schedulers",
+    "get_trial_dir", "plugins", "Checkpoint", "get_checkpoint", "schedulers", "search", "create_searcher",
+    "create_scheduler",
 ]
 
-from beamlet.tune import schedulers  # noqa: E402 - beamlet.tune.schedulers, as in Ray
+from beamlet.tune import schedulers, search  # noqa: E402 - Ray's submodule paths

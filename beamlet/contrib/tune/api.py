@@ -19,7 +19,7 @@ from .trial import ERROR, Trial
 __all__ = ["run", "run_experiments"]
 
 # tune.run options of Ray that need features beamlet.tune does not have yet.
-_NOT_YET = frozenset({"search_alg", "checkpoint_score_attr", "resume", "restore", "sync_config", "reuse_actors", "progress_reporter",
+_NOT_YET = frozenset({"checkpoint_score_attr", "resume", "restore", "sync_config", "reuse_actors", "progress_reporter",
                       "checkpoint_config", "export_formats", "upload_dir"})
 
 
@@ -81,6 +81,10 @@ def _execute(experiments: list[Experiment], *, scheduler, callbacks, loggers, ve
         raise TypeError(f"scheduler must be a tune TrialScheduler, got {scheduler!r:.80}")
     if scheduler is not None:
         scheduler.set_search_properties(metric, mode)
+    for exp in experiments:
+        if not exp.search_alg.set_search_properties(metric, mode, exp.config):
+            raise ValueError(f"the search algorithm of experiment {exp.name!r} cannot take "
+                             f"metric={metric!r}, mode={mode!r}")
     names = [e.path for e in experiments]
     if len(set(names)) != len(names):
         raise ValueError("two experiments have the same name and storage path")
@@ -119,7 +123,7 @@ def run(run_or_experiment: Any, *, config: dict | None = None, stop: Any = None,
         trial_name_creator=None, trial_dirname_creator=None,
         checkpoint_freq: int = 0, checkpoint_at_end: bool = False,
         keep_checkpoints_num: int | None = None, max_failures: int = 0,
-        **kwargs) -> ExperimentAnalysis:
+        search_alg=None, **kwargs) -> ExperimentAnalysis:
     """Run a trainable once per variant of `config` (x `num_samples`) and return an
     ExperimentAnalysis.
 
@@ -151,7 +155,7 @@ def run(run_or_experiment: Any, *, config: dict | None = None, stop: Any = None,
                                   checkpoint_freq=checkpoint_freq,
                                   checkpoint_at_end=checkpoint_at_end,
                                   keep_checkpoints_num=keep_checkpoints_num,
-                                  max_failures=max_failures)]
+                                  max_failures=max_failures, search_alg=search_alg)]
     runner = _execute(experiments, scheduler=scheduler, callbacks=callbacks, loggers=loggers,
                       verbose=verbose, metric=metric, mode=mode, fail_fast=fail_fast,
                       max_concurrent_trials=max_concurrent_trials, time_budget_s=time_budget_s)

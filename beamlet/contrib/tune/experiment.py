@@ -11,7 +11,8 @@ from typing import Any
 from .stopper import make_stopper
 from .trainable import Trainable, get_trainable, trainable_name, validate_trainable
 from .trial import Trial, parse_resources
-from .variant_generator import BasicVariantGenerator, format_params
+from .search.search_algorithm import as_search_alg
+from .variant_generator import format_params
 
 __all__ = ["Experiment", "DEFAULT_STORAGE", "default_storage_path"]
 
@@ -19,12 +20,12 @@ DEFAULT_STORAGE = os.path.join("~", "beamlet_results")
 
 # Spec keys that exist in Ray's spec but need features beamlet.tune does not have yet.
 _NOT_YET = frozenset({"checkpoint_score_attr", "restore", "upload_dir",
-                      "sync_config", "sync_to_driver", "search_alg", "scheduler"})
+                      "sync_config", "sync_to_driver", "scheduler"})
 _KEYS = frozenset({"run", "config", "stop", "resources", "resources_per_trial",
                    "trial_resources", "num_samples", "repeat", "local_dir", "storage_path",
                    "trial_name_creator", "trial_dirname_creator", "seed", "env",
                    "checkpoint_freq", "checkpoint_at_end", "keep_checkpoints_num",
-                   "max_failures"})
+                   "max_failures", "search_alg"})
 
 
 def _check_checkpointing(trainable, freq, at_end, keep, max_failures) -> None:
@@ -59,7 +60,8 @@ class Experiment:
                  local_dir: str | None = None, seed: int | None = None,
                  trial_name_creator=None, trial_dirname_creator=None,
                  checkpoint_freq: int = 0, checkpoint_at_end: bool = False,
-                 keep_checkpoints_num: int | None = None, max_failures: int = 0):
+                 keep_checkpoints_num: int | None = None, max_failures: int = 0,
+                 search_alg=None):
         if isinstance(run, str):
             self.trainable = get_trainable(run)
             self.trainable_name = run
@@ -95,7 +97,9 @@ class Experiment:
         self.checkpoint_at_end = checkpoint_at_end
         self.keep_checkpoints_num = keep_checkpoints_num
         self.max_failures = max_failures
-        self._search = BasicVariantGenerator(self.config, num_samples, seed)
+        self.search_alg = as_search_alg(search_alg)
+        self.search_alg.add_configurations(self.config, num_samples, seed)
+        self._pending = 0
         self._id = uuid.uuid4().hex[:5]
         self._count = 0
 
@@ -136,22 +140,31 @@ class Experiment:
                    checkpoint_freq=spec.get("checkpoint_freq", 0),
                    checkpoint_at_end=spec.get("checkpoint_at_end", False),
                    keep_checkpoints_num=spec.get("keep_checkpoints_num"),
-                   max_failures=spec.get("max_failures", 0))
+                   max_failures=spec.get("max_failures", 0),
+                   search_alg=spec.get("search_alg"))
 
     # -- trials ------------------------------------------------------------------
     @property
-    def total_trials(self) -> int:
-        return self._search.total
+    def total_trials(self) -> int | None:
+        return self.search_alg.total
 
-    def next_trials(self, limit: int | None = None) -> list[Trial]:
-        """New trials for the next variants of the search (all that are left if None)."""
+    def next_trials(self, pending: int = 0) -> list[Trial]:
+        """New trials, as many as the search algorithm gives now; with
+        `pending` of this experiment's trials waiting to start, no more than
+        its ``max_pending`` allows."""
+        cap = self.search_alg.max_pending
         trials = []
-        for config, params in self._search.next_configs(limit):
+        while cap is None or pending + len(trials) < cap:
+            trial_id = f"{self._id}_{self._count:05d}"
+            item = self.search_alg.next_trial(trial_id)
+            if item is None:
+                break
+            config, params = item
             index = self._count
             self._count += 1
             tag = f"{index}_{format_params(params)}" if params else str(index)
-            trials.append(Trial(
-                self.trainable_name, config, f"{self._id}_{index:05d}",
+            trial = Trial(
+                self.trainable_name, config, trial_id,
                 experiment_path=self.path, experiment_name=self.name, index=index,
                 evaluated_params=params, experiment_tag=tag, resources=self.resources,
                 stop_criteria=self.stop_criteria, stopper=self.stopper,
@@ -159,11 +172,13 @@ class Experiment:
                 trial_dirname_creator=self.trial_dirname_creator,
                 max_failures=self.max_failures, checkpoint_freq=self.checkpoint_freq,
                 checkpoint_at_end=self.checkpoint_at_end,
-                keep_checkpoints_num=self.keep_checkpoints_num))
+                keep_checkpoints_num=self.keep_checkpoints_num)
+            trial._experiment = self
+            trials.append(trial)
         return trials
 
     def is_finished(self) -> bool:
-        return self._search.is_finished()
+        return self.search_alg.is_finished()
 
     def __repr__(self) -> str:
         return f"Experiment({self.name!r}, run={self.trainable_name!r})"

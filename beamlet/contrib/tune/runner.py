@@ -85,6 +85,8 @@ class TrialRunner:
         self._fail_fast = fail_fast
         self._global_stopper = stopper
         self._metrics = {m for m in (metric, getattr(self._scheduler, "metric", None)) if m}
+        self._metrics.update(e.search_alg.searcher.metric for e in self._experiments
+                             if getattr(getattr(e.search_alg, "searcher", None), "metric", None))
         self._trials: list[Trial] = []
         self._inflight: dict = {}    # step ref -> Trial
         self._stopping: dict = {}    # stop ref -> (trial, resources, actor, deadline, then)
@@ -119,6 +121,7 @@ class TrialRunner:
             trial.end_time = time.time()
             self._log_final_row(trial)
             self._scheduler.on_trial_complete(self, trial, trial.last_result)
+            self._search_complete(trial)
             self._call("on_trial_complete", trial=trial)
             self._progress.on_trial_complete(trial)
         elif trial.status == RUNNING and trial._actor is None:
@@ -206,7 +209,11 @@ class TrialRunner:
         for exp in self._experiments:
             if exp.is_finished():
                 continue
-            for trial in exp.next_trials():
+            pending = 0
+            if exp.search_alg.max_pending is not None:
+                pending = sum(1 for t in self._trials if t._experiment is exp and
+                              t.status == PENDING)
+            for trial in exp.next_trials(pending):
                 self._check_feasible(trial)
                 self._trials.append(trial)
                 self._scheduler.on_trial_add(self, trial)
@@ -346,6 +353,8 @@ class TrialRunner:
             result["done"] = True
         self._warn_missing_criteria(trial, result)
         trial.update_last_result(result)
+        if trial._experiment is not None:
+            trial._experiment.search_alg.on_trial_result(trial.trial_id, result)
         self._call("on_trial_result", trial=trial, result=result)
         self._progress.on_trial_result(trial, result)
         if decision == TrialScheduler.CONTINUE:
@@ -397,6 +406,7 @@ class TrialRunner:
         trial.end_time = time.time()
         self._release_actor(trial, "stop" if stop_actor else "end")
         self._scheduler.on_trial_complete(self, trial, trial.last_result)
+        self._search_complete(trial)
         self._call("on_trial_complete", trial=trial)
         self._progress.on_trial_complete(trial)
         self._save_state(trial.experiment_path)
@@ -421,6 +431,7 @@ class TrialRunner:
         trial.status = ERROR
         trial.end_time = time.time()
         self._scheduler.on_trial_error(self, trial)
+        self._search_complete(trial, error=True)
         self._call("on_trial_error", trial=trial)
         self._progress.on_trial_error(trial)
         self._save_state(trial.experiment_path)
@@ -455,6 +466,7 @@ class TrialRunner:
                 trial.end_time = time.time()
                 self._release_actor(trial, "abort")
                 self._scheduler.on_trial_remove(self, trial)
+                self._search_complete(trial)
                 self._log_final_row(trial)
                 self._call("on_trial_complete", trial=trial)
 
@@ -551,6 +563,12 @@ class TrialRunner:
             self._progress.finish(self._trials)
 
     # -- helpers -------------------------------------------------------------------
+    @staticmethod
+    def _search_complete(trial: Trial, error: bool = False) -> None:
+        if trial._experiment is not None:
+            trial._experiment.search_alg.on_trial_complete(
+                trial.trial_id, result=trial.last_result or None, error=error)
+
     def _call(self, hook: str, **kwargs) -> None:
         for cb in self._callbacks:
             getattr(cb, hook)(iteration=self._iteration, trials=self._trials, **kwargs)

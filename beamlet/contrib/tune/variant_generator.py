@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from .search_space import GRID_SEARCH, Domain, Function, is_grid_search
 
-__all__ = ["generate_variants", "count_variants", "format_params", "BasicVariantGenerator"]
+__all__ = ["generate_variants", "count_variants", "format_params"]
 
 Path = tuple
 
@@ -216,26 +216,3 @@ def format_params(params: dict) -> str:
         parts.append(f"{name.split('/')[-1]}={_clean_value(value)}")
     return ",".join(parts)
 
-
-class BasicVariantGenerator:
-    """The search algorithm for grid and random search: every variant of the
-    config, `num_samples` times. Searchers that suggest configs from past
-    results (Optuna, ...) will implement the same ``next_configs`` protocol."""
-
-    def __init__(self, config: dict | None, num_samples: int = 1, seed: int | None = None):
-        self._variants = generate_variants(config, num_samples, seed)
-        self.total = count_variants(config or {}) * num_samples
-        self._finished = False
-
-    def next_configs(self, limit: int | None = None) -> list[tuple[dict, dict]]:
-        """Up to `limit` new ``(config, params)`` pairs (all that are left if None)."""
-        out = []
-        while not self._finished and (limit is None or len(out) < limit):
-            try:
-                out.append(next(self._variants))
-            except StopIteration:
-                self._finished = True
-        return out
-
-    def is_finished(self) -> bool:
-        return self._finished

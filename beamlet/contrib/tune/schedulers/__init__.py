@@ -8,3 +8,13 @@ from .trial_scheduler import FIFOScheduler, TrialScheduler
 
 __all__ = ["TrialScheduler", "FIFOScheduler", "AsyncHyperBandScheduler", "ASHAScheduler",
            "HyperBandScheduler", "MedianStoppingRule", "PopulationBasedTraining"]
+
+
+from ..plugins import hookimpl  # noqa: E402
+
+
+@hookimpl
+def beamlet_tune_schedulers():
+    return {"fifo": FIFOScheduler, "async_hyperband": AsyncHyperBandScheduler,
+            "asha": ASHAScheduler, "hyperband": HyperBandScheduler,
+            "median_stopping_rule": MedianStoppingRule, "pbt": PopulationBasedTraining}
