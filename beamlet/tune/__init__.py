@@ -54,6 +54,9 @@ from beamlet.contrib.tune.stopper import (CombinedStopper, FunctionStopper,
                                           MaximumIterationStopper, Stopper, TimeoutStopper)
 from beamlet.contrib.tune.trainable import Trainable, register_trainable
 from beamlet.contrib.tune.trial import Trial
+from beamlet.contrib.tune.tuner import (CheckpointConfig, FailureConfig, Result, ResultGrid,
+                                       RunConfig, TuneConfig, Tuner)
+from beamlet.contrib.tune.wrappers import with_parameters, with_resources
 
 __all__ = [
     "run", "run_experiments", "register_trainable", "report", "Trainable", "Experiment",
@@ -65,7 +68,8 @@ __all__ = [
     "Callback", "LoggerCallback", "JsonLoggerCallback", "CSVLoggerCallback",
     "TBXLoggerCallback", "ProgressReporter", "get_trial_id", "get_trial_name",
     "get_trial_dir", "plugins", "Checkpoint", "get_checkpoint", "schedulers", "search", "create_searcher",
-    "create_scheduler",
+    "create_scheduler", "Tuner", "TuneConfig", "RunConfig", "FailureConfig",
+    "CheckpointConfig", "ResultGrid", "Result", "with_parameters", "with_resources",
 ]
 
 from beamlet.tune import schedulers, search  # noqa: E402 - Ray's submodule paths

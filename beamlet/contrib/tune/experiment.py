@@ -13,6 +13,7 @@ from .trainable import Trainable, get_trainable, trainable_name, validate_traina
 from .trial import Trial, parse_resources
 from .search.search_algorithm import as_search_alg
 from .variant_generator import format_params
+from .wrappers import trainable_resources
 
 __all__ = ["Experiment", "DEFAULT_STORAGE", "default_storage_path"]
 
@@ -83,6 +84,8 @@ class Experiment:
         if not isinstance(self.config, dict):
             raise TypeError(f"config must be a dict, got {type(self.config).__name__}")
         self.stopper, self.stop_criteria = make_stopper(stop)
+        if resources_per_trial is None:
+            resources_per_trial = trainable_resources(self.trainable)
         self.resources = parse_resources(resources_per_trial)
         self.num_samples = num_samples
         base = storage_path or local_dir or default_storage_path()
