@@ -10,8 +10,8 @@ from typing import Any
 
 from .stopper import make_stopper
 from .trainable import Trainable, get_trainable, trainable_name, validate_trainable
-from .trial import Trial, parse_resources
-from .search.search_algorithm import as_search_alg
+from .trial import ERROR, PENDING, TERMINATED, Trial, parse_resources
+from .search.search_algorithm import BasicVariantGenerator, as_search_alg
 from .variant_generator import format_params
 from .wrappers import trainable_resources
 
@@ -182,6 +182,43 @@ class Experiment:
 
     def is_finished(self) -> bool:
         return self.search_alg.is_finished()
+
+    def search_state(self) -> dict:
+        return {"search": self.search_alg.get_state(), "count": self._count}
+
+    def restore_trials(self, records: list[dict], search_state: dict | None) -> list[Trial]:
+        """The trials of a killed run, from their records (see experiment_state):
+        ended ones as they were, the others PENDING, to restart from their
+        latest checkpoint; the search algorithm goes on from its saved state."""
+        trials = []
+        for record in records:
+            trial = Trial(self.trainable_name, record.get("config", {}), record["trial_id"],
+                          experiment_path=self.path, experiment_name=self.name,
+                          index=len(trials), evaluated_params=record.get("evaluated_params"),
+                          experiment_tag=record.get("experiment_tag", ""),
+                          resources=self.resources, stop_criteria=self.stop_criteria,
+                          stopper=self.stopper, trainable=self.trainable,
+                          max_failures=self.max_failures, checkpoint_freq=self.checkpoint_freq,
+                          checkpoint_at_end=self.checkpoint_at_end,
+                          keep_checkpoints_num=self.keep_checkpoints_num)
+            trial.path = record.get("path") or trial.path
+            status = record.get("status", PENDING)
+            trial.status = status if status in (TERMINATED, ERROR) else PENDING
+            for key in ("last_result", "metric_analysis", "num_results", "error_msg",
+                        "error_file", "start_time", "end_time", "num_failures"):
+                if record.get(key) is not None:
+                    setattr(trial, key, record[key])
+            if record.get("checkpoint") and os.path.isdir(record["checkpoint"]):
+                trial.on_checkpoint(record["checkpoint"])
+            trial._experiment = self
+            trials.append(trial)
+        self._count = len(trials)
+        state = dict((search_state or {}).get("search") or {})
+        if isinstance(self.search_alg, BasicVariantGenerator):
+            state["emitted"] = max(state.get("emitted", 0), len(trials))
+        if state:
+            self.search_alg.set_state(state)
+        return trials
 
     def __repr__(self) -> str:
         return f"Experiment({self.name!r}, run={self.trainable_name!r})"

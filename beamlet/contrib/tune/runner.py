@@ -35,6 +35,7 @@ from .result import json_default
 from .schedulers import FIFOScheduler, TrialScheduler
 from .stopper import lookup, missing_criteria
 from .trial import ERROR, PAUSED, PENDING, RUNNING, TERMINATED, Trial, resources_to_actor_options
+from .experiment_state import ExperimentStateLog
 from .trial_actor import TrialActor
 
 __all__ = ["TrialRunner"]
@@ -42,7 +43,6 @@ __all__ = ["TrialRunner"]
 _EPS = 1e-9
 _WAIT_TIMEOUT_S = 0.5
 _STOP_TIMEOUT_S = 15.0
-_SAVE_INTERVAL_S = 5.0
 
 _actor_class = None
 
@@ -71,7 +71,7 @@ class TrialRunner:
                  callbacks: list[Callback] | None = None,
                  progress: ProgressReporter | None = None,
                  max_concurrent_trials: int | None = None, fail_fast: bool = False,
-                 stopper=None, metric: str | None = None):
+                 stopper=None, metric: str | None = None, resume: bool = False):
         if max_concurrent_trials is not None and (
                 isinstance(max_concurrent_trials, bool) or
                 not isinstance(max_concurrent_trials, int) or max_concurrent_trials < 1):
@@ -98,7 +98,8 @@ class TrialRunner:
         self._warned_missing: set = set()
         self._interrupted = False
         self._may_start = True       # something changed since the scheduler last chose none
-        self._saved_at: dict[str, float] = {}
+        self._resume = resume
+        self._logs: dict[str, ExperimentStateLog] = {}
         self.fail_fast_trial: Trial | None = None
 
     # -- what schedulers see -------------------------------------------------------
@@ -122,6 +123,7 @@ class TrialRunner:
             self._log_final_row(trial)
             self._scheduler.on_trial_complete(self, trial, trial.last_result)
             self._search_complete(trial)
+            self._log_trial(trial)
             self._call("on_trial_complete", trial=trial)
             self._progress.on_trial_complete(trial)
         elif trial.status == RUNNING and trial._actor is None:
@@ -199,11 +201,25 @@ class TrialRunner:
         self._total = dict(beamlet.cluster_resources())
         for exp in self._experiments:
             os.makedirs(exp.path, exist_ok=True)
+            log = self._logs[exp.path] = ExperimentStateLog(exp.path)
+            if self._resume:
+                self._restore(exp)
+            elif log.exists():
+                os.remove(log.path)  # a new run in the same directory
         self._add_new_trials()
         for cb in self._callbacks:
             cb.setup(total_num_samples=len(self._trials),
                      experiments=[e.name for e in self._experiments])
         self._progress.start(self._experiments, len(self._trials))
+
+    def _restore(self, exp) -> None:
+        records = ExperimentStateLog.read(exp.path)
+        trials = exp.restore_trials(records, ExperimentStateLog.read_search_state(exp.path))
+        for trial in trials:
+            self._check_feasible(trial)
+            self._trials.append(trial)
+            if not trial.is_finished():
+                self._scheduler.on_trial_add(self, trial)
 
     def _add_new_trials(self) -> None:
         for exp in self._experiments:
@@ -213,11 +229,15 @@ class TrialRunner:
             if exp.search_alg.max_pending is not None:
                 pending = sum(1 for t in self._trials if t._experiment is exp and
                               t.status == PENDING)
-            for trial in exp.next_trials(pending):
+            added = exp.next_trials(pending)
+            for trial in added:
                 self._check_feasible(trial)
                 self._trials.append(trial)
                 self._scheduler.on_trial_add(self, trial)
                 self._may_start = True
+                self._log_trial(trial)
+            if added:
+                self._save_search(exp)
 
     def _check_feasible(self, trial: Trial) -> None:
         for name, amount in trial.resources.items():
@@ -319,6 +339,7 @@ class TrialRunner:
         kind = event.get("kind") if isinstance(event, dict) else None
         if isinstance(event, dict) and event.get("checkpoint"):
             trial.on_checkpoint(event["checkpoint"])
+            self._log_trial(trial)
         if kind == "result":
             self._on_result(trial, event["result"])
         elif kind == "done":
@@ -389,6 +410,7 @@ class TrialRunner:
                 trial.on_checkpoint(path)
             if trial.status == RUNNING:
                 trial.status = PAUSED
+                self._log_trial(trial)
                 if trial._stop_requested:
                     trial._stop_requested = False
                     self.stop_trial(trial)
@@ -409,7 +431,9 @@ class TrialRunner:
         self._search_complete(trial)
         self._call("on_trial_complete", trial=trial)
         self._progress.on_trial_complete(trial)
-        self._save_state(trial.experiment_path)
+        self._log_trial(trial)
+        if trial._experiment is not None:
+            self._save_search(trial._experiment)
 
     def _on_trial_error(self, trial: Trial, text: str) -> None:
         trial.error_msg = text
@@ -427,6 +451,7 @@ class TrialRunner:
             trial.num_failures += 1
             trial.status = PENDING
             self._may_start = True
+            self._log_trial(trial)
             return
         trial.status = ERROR
         trial.end_time = time.time()
@@ -434,7 +459,9 @@ class TrialRunner:
         self._search_complete(trial, error=True)
         self._call("on_trial_error", trial=trial)
         self._progress.on_trial_error(trial)
-        self._save_state(trial.experiment_path)
+        self._log_trial(trial)
+        if trial._experiment is not None:
+            self._save_search(trial._experiment)
         if self._fail_fast and self.fail_fast_trial is None:
             self.fail_fast_trial = trial
             self._stop_all()
@@ -458,6 +485,7 @@ class TrialRunner:
             if trial.status in (PENDING, PAUSED):
                 trial.status = TERMINATED
                 self._scheduler.on_trial_remove(self, trial)
+                self._log_trial(trial)
             elif trial.status == RUNNING:
                 ref = running.get(id(trial))
                 if ref is not None:
@@ -468,6 +496,7 @@ class TrialRunner:
                 self._scheduler.on_trial_remove(self, trial)
                 self._search_complete(trial)
                 self._log_final_row(trial)
+                self._log_trial(trial)
                 self._call("on_trial_complete", trial=trial)
 
     def _log_final_row(self, trial: Trial) -> None:
@@ -559,7 +588,9 @@ class TrialRunner:
             self._call_experiment_end()
         finally:
             for exp in self._experiments:
-                self._save_state(exp.path, force=True)
+                self._save_state(exp.path)
+                if exp.path in self._logs:
+                    self._logs[exp.path].close()
             self._progress.finish(self._trials)
 
     # -- helpers -------------------------------------------------------------------
@@ -588,12 +619,25 @@ class TrialRunner:
                               f"(it reported: {', '.join(shown)}); it will not stop trials",
                               stacklevel=2)
 
-    def _save_state(self, experiment_path: str, force: bool = False) -> None:
-        """Write ``experiment_state.json`` (at most every few seconds unless `force`)."""
-        now = time.monotonic()
-        if not force and now - self._saved_at.get(experiment_path, -1e9) < _SAVE_INTERVAL_S:
-            return
-        self._saved_at[experiment_path] = now
+    def _log_trial(self, trial: Trial) -> None:
+        log = self._logs.get(trial.experiment_path)
+        if log is not None:
+            try:
+                log.trial(trial)
+            except OSError as err:
+                warnings.warn(f"could not log the state of trial {trial}: {err}; "
+                              f"resume may rerun it", stacklevel=2)
+
+    def _save_search(self, exp) -> None:
+        try:
+            self._logs[exp.path].search_state(exp.search_state())
+        except Exception as err:  # noqa: BLE001 - e.g. a searcher that cannot be pickled
+            warnings.warn(f"could not save the search state of {exp.name}: {err}; "
+                          f"resume will start the search over", stacklevel=2)
+
+    def _save_state(self, experiment_path: str) -> None:
+        """Write ``experiment_state.json``, the final table of trials that
+        ExperimentAnalysis reads (while running, the log is the state)."""
         trials = [t for t in self._trials if t.experiment_path == experiment_path]
         state = {"experiment_path": experiment_path, "timestamp": time.time(),
                  "trials": [t.to_record() for t in trials]}
@@ -603,5 +647,5 @@ class TrialRunner:
             with open(tmp, "w") as f:
                 json.dump(state, f, default=json_default)
             os.replace(tmp, path)
-        except OSError:  # the state file is a convenience; results are in the trial dirs
+        except OSError:  # a convenience; results are in the trial dirs and the log
             pass

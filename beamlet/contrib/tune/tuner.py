@@ -8,16 +8,25 @@ ResultGrid (``errors``, ``num_errors``, each ``Result.error``).
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from typing import Any
+
+import cloudpickle
 
 from .analysis import ExperimentAnalysis, _pandas
 from .checkpoint import Checkpoint
 from .error import TuneError
+from .experiment import default_storage_path
+from .experiment_state import ExperimentStateLog
 from .result import flatten_dict
+from .trainable import trainable_name
 from .trial import ERROR, TERMINATED, Trial
 
 __all__ = ["Tuner", "TuneConfig", "RunConfig", "FailureConfig", "CheckpointConfig",
            "ResultGrid", "Result"]
+
+_TUNER_FILE = "tuner.pkl"
 
 
 @dataclasses.dataclass
@@ -156,7 +165,7 @@ class Tuner:
 
     def __init__(self, trainable: Any = None, *, param_space: dict | None = None,
                  tune_config: TuneConfig | None = None, run_config: RunConfig | None = None,
-                 _resume: str | None = None):
+                 _resume: bool = False):
         if trainable is None:
             raise ValueError("Tuner needs a trainable")
         if tune_config is not None and not isinstance(tune_config, TuneConfig):
@@ -192,12 +201,54 @@ class Tuner:
             checkpoint_freq=ckpt.checkpoint_frequency,
             checkpoint_at_end=bool(ckpt.checkpoint_at_end), raise_on_failed_trial=False)
 
+    @classmethod
+    def restore(cls, path: str, trainable: Any, *, param_space: dict | None = None,
+                **ignored) -> "Tuner":
+        """The Tuner of the experiment in directory `path`, to ``fit()`` again after
+        its driver was killed: ended trials are kept, unfinished ones restart
+        from their latest checkpoints, the search goes on from its saved state.
+        `trainable` must be given again (it is code, not state)."""
+        path = os.path.abspath(os.path.expanduser(path))
+        if not cls.can_restore(path):
+            raise ValueError(f"Tuner.restore: no experiment to restore at {path}")
+        with open(os.path.join(path, _TUNER_FILE), "rb") as f:
+            saved = cloudpickle.load(f)
+        run_config = dataclasses.replace(saved["run_config"], name=os.path.basename(path),
+                                         storage_path=os.path.dirname(path))
+        return cls(trainable, param_space=param_space if param_space is not None
+                   else saved["param_space"], tune_config=saved["tune_config"],
+                   run_config=run_config, _resume=True)
+
+    @staticmethod
+    def can_restore(path: str) -> bool:
+        path = os.path.abspath(os.path.expanduser(path))
+        return os.path.exists(os.path.join(path, _TUNER_FILE)) and \
+            ExperimentStateLog(path).exists()
+
+    def _save(self, experiment_path: str) -> None:
+        os.makedirs(experiment_path, exist_ok=True)
+        tmp = os.path.join(experiment_path, _TUNER_FILE + ".tmp")
+        with open(tmp, "wb") as f:
+            cloudpickle.dump({"param_space": self.param_space, "tune_config": self.tune_config,
+                              "run_config": self.run_config}, f)
+        os.replace(tmp, os.path.join(experiment_path, _TUNER_FILE))
+
     def fit(self) -> ResultGrid:
         """Run every trial to its end; return their results (failures included)."""
         from .api import run
         kwargs = self._run_kwargs()
-        if self._resume is not None:
-            kwargs["resume"] = self._resume
+        if kwargs["name"] is None:
+            # A name is what a later Tuner.restore finds the experiment by.
+            base = self.trainable if isinstance(self.trainable, str) else \
+                trainable_name(self.trainable)
+            kwargs["name"] = f"{base}_" \
+                             f"{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+        if self._resume:
+            kwargs["resume"] = True
+        else:
+            storage = kwargs["storage_path"] or default_storage_path()
+            self._save(os.path.join(os.path.abspath(os.path.expanduser(storage)),
+                                    kwargs["name"]))
         analysis = run(self.trainable, **kwargs)
         self._results = ResultGrid(analysis)
         return self._results

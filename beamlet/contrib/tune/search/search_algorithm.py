@@ -122,11 +122,15 @@ class BasicVariantGenerator(SearchAlgorithm):
         return {"emitted": self._emitted}
 
     def set_state(self, state: dict) -> None:
-        """Skip the variants made before (the generator is deterministic with a seed)."""
+        """Skip the variants made before: a resumed experiment makes only the
+        rest (the same ones with a seed; new random samples without)."""
         for _ in range(state.get("emitted", 0)):
-            if self.next_trial("") is None:
+            if self._buffer:
+                self._buffer.pop(0)
+            elif next(self._variants, None) is None:
+                self._finished = True
                 break
-        self._live.clear()
+            self._emitted += 1
 
 
 def _merge(base: dict, update: dict) -> dict:
