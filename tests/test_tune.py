@@ -803,3 +803,15 @@ def test_seed_program_runs_unchanged(tmp_path):
         last = results[-1]
         assert last["mean_accuracy"] >= 100 or last["training_iteration"] == 300
         assert all(not r["done"] for r in results[:-1])
+
+
+def test_reuse_actors_runs_trials_in_the_same_workers(start_backend, storage):
+    start_backend("local")
+    analysis = tune.run(report_n, config={"x": grid_search(list(range(6)))},
+                        storage_path=storage, verbose=0)
+    assert all(t.status == "TERMINATED" for t in analysis.trials)
+    # 6 one-CPU trials on 2 CPUs: each new trial runs in the actor of an ended one.
+    assert len({t.last_result["pid"] for t in analysis.trials}) <= 2
+    analysis = tune.run(report_n, config={"x": grid_search(list(range(3)))},
+                        reuse_actors=False, storage_path=storage, verbose=0)
+    assert len({t.last_result["pid"] for t in analysis.trials}) == 3

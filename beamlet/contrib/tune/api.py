@@ -20,7 +20,7 @@ from .trial import ERROR, Trial
 __all__ = ["run", "run_experiments"]
 
 # tune.run options of Ray that need features beamlet.tune does not have yet.
-_NOT_YET = frozenset({"checkpoint_score_attr", "restore", "sync_config", "reuse_actors", "progress_reporter",
+_NOT_YET = frozenset({"checkpoint_score_attr", "restore", "sync_config", "progress_reporter",
                       "checkpoint_config", "export_formats", "upload_dir"})
 
 
@@ -76,7 +76,7 @@ def _build_callbacks(callbacks, loggers) -> list[Callback]:
 
 def _execute(experiments: list[Experiment], *, scheduler, callbacks, loggers, verbose,
              metric, mode, fail_fast, max_concurrent_trials, time_budget_s,
-             resume: bool = False) -> TrialRunner:
+             resume: bool = False, reuse_actors: bool | None = None) -> TrialRunner:
     """Run the experiments; raises on bad arguments, a first result without
     `metric`, or a fail_fast failure."""
     if scheduler is not None and not isinstance(scheduler, TrialScheduler):
@@ -96,7 +96,8 @@ def _execute(experiments: list[Experiment], *, scheduler, callbacks, loggers, ve
     runner = TrialRunner(experiments, scheduler=scheduler, callbacks=cbs,
                          progress=ProgressReporter(verbose=verbose, metric=metric, mode=mode),
                          max_concurrent_trials=max_concurrent_trials, fail_fast=fail_fast,
-                         stopper=stopper, metric=metric, resume=resume)
+                         stopper=stopper, metric=metric, resume=resume,
+                         reuse_actors=reuse_actors)
     runner.run()
     if runner.fail_fast_trial is not None:
         trial = runner.fail_fast_trial
@@ -141,7 +142,8 @@ def run(run_or_experiment: Any, *, config: dict | None = None, stop: Any = None,
         trial_name_creator=None, trial_dirname_creator=None,
         checkpoint_freq: int = 0, checkpoint_at_end: bool = False,
         keep_checkpoints_num: int | None = None, max_failures: int = 0,
-        search_alg=None, resume: bool | str = False, **kwargs) -> ExperimentAnalysis:
+        search_alg=None, resume: bool | str = False, reuse_actors: bool | None = None,
+        **kwargs) -> ExperimentAnalysis:
     """Run a trainable once per variant of `config` (x `num_samples`) and return an
     ExperimentAnalysis.
 
@@ -158,7 +160,9 @@ def run(run_or_experiment: Any, *, config: dict | None = None, stop: Any = None,
     experiment ``name`` in ``storage_path`` after its driver was killed: ended
     trials are kept as they were, the others restart from their latest
     checkpoint, and the search goes on from its saved state (``"AUTO"``:
-    resume if there is a state to resume, else start afresh).
+    resume if there is a state to resume, else start afresh). ``reuse_actors``
+    (default True) runs a new trial in the actor (worker process) of an ended
+    trial with the same resources, instead of starting a new one.
     """
     _check_unsupported(kwargs, "tune.run()")
     _check_metric_mode(metric, mode)
@@ -181,7 +185,7 @@ def run(run_or_experiment: Any, *, config: dict | None = None, stop: Any = None,
     runner = _execute(experiments, scheduler=scheduler, callbacks=callbacks, loggers=loggers,
                       verbose=verbose, metric=metric, mode=mode, fail_fast=fail_fast,
                       max_concurrent_trials=max_concurrent_trials, time_budget_s=time_budget_s,
-                      resume=_check_resume(resume, experiments))
+                      resume=_check_resume(resume, experiments), reuse_actors=reuse_actors)
     trials = runner.get_trials()
     if raise_on_failed_trial:
         _raise_on_failed(trials)

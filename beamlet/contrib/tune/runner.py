@@ -71,7 +71,8 @@ class TrialRunner:
                  callbacks: list[Callback] | None = None,
                  progress: ProgressReporter | None = None,
                  max_concurrent_trials: int | None = None, fail_fast: bool = False,
-                 stopper=None, metric: str | None = None, resume: bool = False):
+                 stopper=None, metric: str | None = None, resume: bool = False,
+                 reuse_actors: bool | None = None):
         if max_concurrent_trials is not None and (
                 isinstance(max_concurrent_trials, bool) or
                 not isinstance(max_concurrent_trials, int) or max_concurrent_trials < 1):
@@ -99,6 +100,10 @@ class TrialRunner:
         self._interrupted = False
         self._may_start = True       # something changed since the scheduler last chose none
         self._resume = resume
+        # Actors of ended trials, kept to run the next trial with the same resources:
+        # no new worker (nor imports) per trial.
+        self._reuse = True if reuse_actors is None else bool(reuse_actors)
+        self._pool: list[tuple[tuple, object]] = []
         self._logs: dict[str, ExperimentStateLog] = {}
         self.fail_fast_trial: Trial | None = None
 
@@ -316,8 +321,13 @@ class TrialRunner:
                 "experiment_tag": trial.experiment_tag, "logdir": trial.path,
                 "experiment_name": trial.experiment_name}
         try:
-            actor = trial_actor_class().options(**resources_to_actor_options(trial.resources)) \
-                .remote(trainable, trial.config, info, trial.stop_criteria, options)
+            actor = self._pooled_actor(trial.resources)
+            if actor is not None:
+                actor.reset.remote(trainable, trial.config, info, trial.stop_criteria, options)
+            else:
+                actor = trial_actor_class() \
+                    .options(**resources_to_actor_options(trial.resources)) \
+                    .remote(trainable, trial.config, info, trial.stop_criteria, options)
             ref = actor.step.remote()
         except Exception as err:  # noqa: BLE001 - e.g. a config that cannot be pickled
             trial._actor = None
@@ -426,7 +436,7 @@ class TrialRunner:
     def _complete_trial(self, trial: Trial, stop_actor: bool) -> None:
         trial.status = TERMINATED
         trial.end_time = time.time()
-        self._release_actor(trial, "stop" if stop_actor else "end")
+        self._release_actor(trial, "stop" if stop_actor else "end", reusable=True)
         self._scheduler.on_trial_complete(self, trial, trial.last_result)
         self._search_complete(trial)
         self._call("on_trial_complete", trial=trial)
@@ -507,7 +517,37 @@ class TrialRunner:
             trial.last_result = dict(trial.last_result, done=True)
             self._call("on_trial_result", trial=trial, result=trial.last_result)
 
-    def _release_actor(self, trial: Trial, how: str) -> None:
+    @staticmethod
+    def _pool_key(resources: dict) -> tuple:
+        return tuple(sorted(resources.items()))
+
+    def _pooled_actor(self, resources: dict):
+        """An idle actor holding exactly `resources`, or None; idle actors holding
+        others are killed then, so that the backend has their resources back."""
+        key = self._pool_key(resources)
+        for i, (pooled_key, actor) in enumerate(self._pool):
+            if pooled_key == key:
+                del self._pool[i]
+                return actor
+        self._drain_pool()
+        return None
+
+    def _drain_pool(self) -> None:
+        pool, self._pool = self._pool, []
+        for _, actor in pool:
+            self._kill(actor)
+
+    def _retire(self, actor, resources: dict, reusable: bool) -> None:
+        """The trial on `actor` has ended: keep the actor for the next trial, or kill it."""
+        if reusable and self._reuse and not self._stop_everything:
+            self._pool.append((self._pool_key(resources), actor))
+        else:
+            # Killed rather than dropped even when the trainable has ended: the
+            # backend then frees the trial's resources at once, for the next trial.
+            self._kill(actor)
+        self._release(resources)
+
+    def _release_actor(self, trial: Trial, how: str, reusable: bool = False) -> None:
         """Let the trial's actor go; its resources count as free once it has stopped.
 
         ``how``: "end" (the trainable has ended), "stop" (it waits in its
@@ -526,19 +566,16 @@ class TrialRunner:
                 self._stopping[ref] = (trial, trial.resources, actor,
                                        time.monotonic() + _STOP_TIMEOUT_S, None)
                 return
-        # Killed rather than dropped even when the trainable has ended: the
-        # backend then frees the trial's resources at once, for the next trial.
-        self._kill(actor)
-        self._release(trial.resources)
+        self._retire(actor, trial.resources, reusable and how == "end")
 
     def _finish_stop(self, ref) -> None:
         trial, resources, actor, _, then = self._stopping.pop(ref)
         try:
             path = beamlet.get(ref, timeout=0)
+            stopped = True
         except Exception:  # noqa: BLE001 - the actor is going away regardless
-            path = None
-        self._kill(actor)
-        self._release(resources)
+            path, stopped = None, False
+        self._retire(actor, resources, reusable=stopped)
         if isinstance(path, str) and then is None:
             trial.on_checkpoint(path)  # checkpoint_at_end
         if then is not None:
@@ -581,8 +618,10 @@ class TrialRunner:
         for _, _, actor, _, _ in self._stopping.values():
             self._kill(actor)
         self._stopping.clear()
+        self._drain_pool()
 
     def _finish(self) -> None:
+        self._drain_pool()
         self._trainable_refs.clear()
         try:
             self._call_experiment_end()

@@ -196,6 +196,15 @@ class TrialActor:
         except BaseException as err:  # noqa: BLE001 - reported by the first step()
             self._error = _error_event(err)
 
+    def reset(self, trainable, config: dict, trial_info: dict, stop_criteria: dict,
+              options: dict | None = None) -> bool:
+        """Run another trial in this actor (``reuse_actors``): the previous one has
+        ended; the new one starts as in a fresh actor, without a new process."""
+        if self._runner is not None:
+            self._runner.stop()
+        self.__init__(trainable, config, trial_info, stop_criteria, options)
+        return True
+
     def step(self) -> dict:
         if self._error is not None:
             error, self._error = self._error, None

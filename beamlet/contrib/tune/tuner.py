@@ -195,6 +195,7 @@ class Tuner:
             max_concurrent_trials=tc.max_concurrent_trials, time_budget_s=tc.time_budget_s,
             trial_name_creator=tc.trial_name_creator,
             trial_dirname_creator=tc.trial_dirname_creator, seed=tc.seed,
+            reuse_actors=tc.reuse_actors,
             name=rc.name, storage_path=rc.storage_path, stop=rc.stop, callbacks=rc.callbacks,
             loggers=rc.loggers, verbose=rc.verbose, max_failures=failure.max_failures,
             fail_fast=failure.fail_fast, keep_checkpoints_num=ckpt.num_to_keep,
