@@ -442,7 +442,7 @@ class TrialRunner:
         self._call("on_trial_complete", trial=trial)
         self._progress.on_trial_complete(trial)
         self._log_trial(trial)
-        if trial._experiment is not None:
+        if trial._experiment is not None and trial._experiment.search_alg.learns:
             self._save_search(trial._experiment)
 
     def _on_trial_error(self, trial: Trial, text: str) -> None:
@@ -470,7 +470,7 @@ class TrialRunner:
         self._call("on_trial_error", trial=trial)
         self._progress.on_trial_error(trial)
         self._log_trial(trial)
-        if trial._experiment is not None:
+        if trial._experiment is not None and trial._experiment.search_alg.learns:
             self._save_search(trial._experiment)
         if self._fail_fast and self.fail_fast_trial is None:
             self.fail_fast_trial = trial

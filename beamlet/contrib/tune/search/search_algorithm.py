@@ -27,6 +27,8 @@ class SearchAlgorithm:
 
     #: How many of the experiment's trials may wait (PENDING) at once; None: any.
     max_pending: int | None = None
+    #: Whether results change its state (then it is saved as trials end, for resume).
+    learns: bool = False
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict,
                               **spec) -> bool:
@@ -168,6 +170,7 @@ class SearchGenerator(SearchAlgorithm):
     says FINISHED)."""
 
     max_pending = 1
+    learns = True
 
     def __init__(self, searcher: Searcher):
         if not isinstance(searcher, Searcher):
