@@ -106,6 +106,10 @@ class TrialRunner:
         self._pool: list[tuple[tuple, object]] = []
         self._logs: dict[str, ExperimentStateLog] = {}
         self.fail_fast_trial: Trial | None = None
+        #: How many times a trial went back to PENDING (a retry): schedulers that
+        #: keep a cursor over the trials start again from the first one.
+        self.requeue_count = 0
+        self._paused: dict[Trial, None] = {}   # PAUSED trials, in the order they paused
 
     # -- what schedulers see -------------------------------------------------------
     def get_trials(self) -> list[Trial]:
@@ -117,11 +121,16 @@ class TrialRunner:
         return all(self._used.get(name, 0.0) + amount <= self._total.get(name, 0.0) + _EPS
                    for name, amount in trial.resources.items())
 
+    def paused_trials(self) -> list[Trial]:
+        """The PAUSED trials, longest paused first."""
+        return list(self._paused)
+
     def _num_running(self) -> int:
         return sum(1 for t in self._trials if t.status == RUNNING)
 
     def stop_trial(self, trial: Trial) -> None:
         """End a PENDING, PAUSED or RUNNING trial (TERMINATED), for a scheduler."""
+        self._paused.pop(trial, None)
         if trial.status in (PENDING, PAUSED):
             trial.status = TERMINATED
             trial.end_time = time.time()
@@ -306,6 +315,7 @@ class TrialRunner:
         return entry[1]
 
     def _start_trial(self, trial: Trial) -> None:
+        self._paused.pop(trial, None)
         trial.status = RUNNING
         trial.start_time = time.time()
         trial._stop_requested = False
@@ -420,6 +430,7 @@ class TrialRunner:
                 trial.on_checkpoint(path)
             if trial.status == RUNNING:
                 trial.status = PAUSED
+                self._paused[trial] = None
                 self._log_trial(trial)
                 if trial._stop_requested:
                     trial._stop_requested = False
@@ -460,6 +471,7 @@ class TrialRunner:
             # Retried from its latest checkpoint (from the start without one).
             trial.num_failures += 1
             trial.status = PENDING
+            self.requeue_count += 1
             self._may_start = True
             self._log_trial(trial)
             return
@@ -490,6 +502,7 @@ class TrialRunner:
         """End the experiment now: pending trials never start; running ones are
         stopped at once (their actors killed), not at their next result."""
         self._stop_everything = True
+        self._paused.clear()
         running = {id(t): ref for ref, t in self._inflight.items()}
         for trial in self._trials:
             if trial.status in (PENDING, PAUSED):

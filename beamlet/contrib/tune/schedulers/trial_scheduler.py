@@ -63,13 +63,50 @@ class TrialScheduler:
 
 
 class FIFOScheduler(TrialScheduler):
-    """Starts trials in the order they were added, each as soon as its resources fit."""
+    """Starts trials in the order they were added, each as soon as its resources
+    fit; then PAUSED trials, in order.
+
+    Choosing is not a scan of every trial: a cursor skips the trials that have
+    started (reset when the runner puts a trial back to PENDING, for a retry),
+    and when every trial asks for the same resources only the first PENDING
+    one is checked."""
+
+    def __init__(self):
+        self._cursor = 0
+        self._requeues = 0
+        self._keys: set = set()
+        self._added = 0
+
+    def on_trial_add(self, runner, trial) -> None:
+        self._keys.add(tuple(sorted(trial.resources.items())))
+        self._added += 1
 
     def choose_trial_to_run(self, runner):
-        for trial in runner.get_trials():
-            if trial.status == "PENDING" and runner.has_resources_for_trial(trial):
+        trials = runner.get_trials()
+        # Subclasses need not call __init__: hence the getattr defaults.
+        if getattr(runner, "requeue_count", 0) != getattr(self, "_requeues", 0):
+            self._requeues = runner.requeue_count
+            self._cursor = 0
+        cursor = getattr(self, "_cursor", 0)
+        while cursor < len(trials) and trials[cursor].status != "PENDING":
+            cursor += 1
+        self._cursor = cursor
+        uniform = len(getattr(self, "_keys", ())) == 1 and \
+            getattr(self, "_added", 0) == len(trials)
+        misfits: set = set()
+        for trial in trials[cursor:]:
+            if trial.status != "PENDING":
+                continue
+            key = tuple(sorted(trial.resources.items()))
+            if key in misfits:
+                continue
+            if runner.has_resources_for_trial(trial):
                 return trial
-        for trial in runner.get_trials():
+            if uniform:
+                break
+            misfits.add(key)
+        paused = runner.paused_trials() if hasattr(runner, "paused_trials") else trials
+        for trial in paused:
             if trial.status == "PAUSED" and runner.has_resources_for_trial(trial):
                 return trial
         return None
