@@ -30,6 +30,16 @@ and the modern one::
                         num_samples=8, metric="loss", mode="min")
     analysis.best_config
 
+or Ray 2's front end, with early stopping and checkpoints::
+
+    from beamlet.tune.schedulers import ASHAScheduler
+
+    tuner = tune.Tuner(train, param_space={"lr": tune.loguniform(1e-4, 1e-1)},
+                       tune_config=tune.TuneConfig(metric="loss", mode="min", num_samples=16,
+                                                   scheduler=ASHAScheduler(max_t=100)),
+                       run_config=tune.RunConfig(name="exp", stop={"training_iteration": 100}))
+    best = tuner.fit().get_best_result()
+
 Trials run as beamlet actors with their resources; results stream back to
 the driver, which writes ``result.json``, ``progress.csv``, ``params.json``
 (and TensorBoard files with tensorboardX) under ``~/beamlet_results/<name>``.
