@@ -3,6 +3,8 @@ ASHA, the median stopping rule, HyperBand (pausing and resuming from
 checkpoints) and population based training."""
 from __future__ import annotations
 
+import os
+import pickle
 import sys
 import tempfile
 
@@ -12,6 +14,7 @@ import pytest
 from test_tune import on_backend, read_results, storage  # noqa: F401 - fixtures
 
 from beamlet import tune
+from beamlet.contrib.tune.experiment_state import ExperimentStateLog
 from beamlet.tune.schedulers import (ASHAScheduler, AsyncHyperBandScheduler,
                                      HyperBandScheduler, MedianStoppingRule,
                                      PopulationBasedTraining)
@@ -143,3 +146,20 @@ def test_pbt_beats_a_fixed_population_of_the_same_size_and_budget(inprocess, sto
     # Explored: some trial's h left the initial population, towards h = 1.
     assert max(t.config["h"] for t in analysis.trials) > max(population)
     assert analysis.best_result["total"] > fixed_best
+
+
+def test_asha_and_median_state_survives_a_resume(on_backend, storage):
+    asha = ASHAScheduler(max_t=9, grace_period=1, reduction_factor=3)
+    tune.run(linear, config={"x": tune.grid_search([3, 2, 1])}, scheduler=asha,
+             metric="score", mode="max", name="asha", storage_path=storage, verbose=0)
+    fresh = ASHAScheduler(max_t=9, grace_period=1, reduction_factor=3)
+    saved = pickle.loads(pickle.dumps(asha.get_state()))
+    fresh.set_state(saved)
+    assert fresh.get_state() == asha.get_state() and fresh.num_stopped == asha.num_stopped
+    # What resume reads: the state saved at the end of the run.
+    state = ExperimentStateLog.read_search_state(os.path.join(storage, "asha"))
+    assert state["scheduler"] == asha.get_state()
+    rule = MedianStoppingRule(grace_period=1)
+    rule.set_state(pickle.loads(pickle.dumps({"results": {"a": [(1.0, 2.0)]},
+                                              "last_judged": {}, "stopped": {"a"}})))
+    assert rule.stopped == {"a"}

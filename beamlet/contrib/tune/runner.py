@@ -43,6 +43,7 @@ __all__ = ["TrialRunner"]
 _EPS = 1e-9
 _WAIT_TIMEOUT_S = 0.5
 _STOP_TIMEOUT_S = 15.0
+_SEARCH_SAVE_INTERVAL_S = 1.0
 
 _actor_class = None
 
@@ -110,6 +111,7 @@ class TrialRunner:
         #: keep a cursor over the trials start again from the first one.
         self.requeue_count = 0
         self._paused: dict[Trial, None] = {}   # PAUSED trials, in the order they paused
+        self._search_saved_at: dict[str, float] = {}
 
     # -- what schedulers see -------------------------------------------------------
     def get_trials(self) -> list[Trial]:
@@ -228,7 +230,10 @@ class TrialRunner:
 
     def _restore(self, exp) -> None:
         records = ExperimentStateLog.read(exp.path)
-        trials = exp.restore_trials(records, ExperimentStateLog.read_search_state(exp.path))
+        saved = ExperimentStateLog.read_search_state(exp.path)
+        trials = exp.restore_trials(records, saved)
+        if saved and saved.get("scheduler") is not None:
+            self._scheduler.set_state(saved["scheduler"])
         for trial in trials:
             self._check_feasible(trial)
             self._trials.append(trial)
@@ -453,8 +458,8 @@ class TrialRunner:
         self._call("on_trial_complete", trial=trial)
         self._progress.on_trial_complete(trial)
         self._log_trial(trial)
-        if trial._experiment is not None and trial._experiment.search_alg.learns:
-            self._save_search(trial._experiment)
+        if trial._experiment is not None:
+            self._save_search(trial._experiment, ended=True)
 
     def _on_trial_error(self, trial: Trial, text: str) -> None:
         trial.error_msg = text
@@ -482,8 +487,8 @@ class TrialRunner:
         self._call("on_trial_error", trial=trial)
         self._progress.on_trial_error(trial)
         self._log_trial(trial)
-        if trial._experiment is not None and trial._experiment.search_alg.learns:
-            self._save_search(trial._experiment)
+        if trial._experiment is not None:
+            self._save_search(trial._experiment, ended=True)
         if self._fail_fast and self.fail_fast_trial is None:
             self.fail_fast_trial = trial
             self._stop_all()
@@ -641,6 +646,8 @@ class TrialRunner:
         finally:
             for exp in self._experiments:
                 self._save_state(exp.path)
+                if exp.path in self._logs and not self._interrupted:
+                    self._save_search(exp, force=True)
                 if exp.path in self._logs:
                     self._logs[exp.path].close()
             self._progress.finish(self._trials)
@@ -680,9 +687,20 @@ class TrialRunner:
                 warnings.warn(f"could not log the state of trial {trial}: {err}; "
                               f"resume may rerun it", stacklevel=2)
 
-    def _save_search(self, exp) -> None:
+    def _save_search(self, exp, ended: bool = False, force: bool = False) -> None:
+        """Save the search algorithm's and the scheduler's state. As trials end,
+        only if either keeps any, and at most once a second (and at the end)."""
+        scheduler_state = self._scheduler.get_state()
+        if ended and not force:
+            if not exp.search_alg.learns and scheduler_state is None:
+                return
+            now = time.monotonic()
+            if now - self._search_saved_at.get(exp.path, -1e9) < _SEARCH_SAVE_INTERVAL_S:
+                return
+            self._search_saved_at[exp.path] = now
         try:
-            self._logs[exp.path].search_state(exp.search_state())
+            self._logs[exp.path].search_state(dict(exp.search_state(),
+                                                   scheduler=scheduler_state))
         except Exception as err:  # noqa: BLE001 - e.g. a searcher that cannot be pickled
             warnings.warn(f"could not save the search state of {exp.name}: {err}; "
                           f"resume will start the search over", stacklevel=2)

@@ -92,10 +92,25 @@ class AsyncHyperBandScheduler(FIFOScheduler):
 
     def on_trial_add(self, runner, trial) -> None:
         self._require_metric()
+        if trial.trial_id in self._trial_bracket:
+            return  # resumed, with its bracket restored
         # Brackets with more rungs are likelier (Ray's weighting).
         sizes = [len(b.rungs) for b in self._brackets]
         weights = [math.exp(n - max(sizes)) for n in sizes]
         self._trial_bracket[trial.trial_id] = self._rng.choices(self._brackets, weights)[0]
+
+    def get_state(self) -> dict:
+        return {"rungs": [[dict(r) for _, r in b.rungs] for b in self._brackets],
+                "trial_bracket": {tid: self._brackets.index(b)
+                                  for tid, b in self._trial_bracket.items()},
+                "num_stopped": self.num_stopped}
+
+    def set_state(self, state: dict) -> None:
+        for bracket, rungs in zip(self._brackets, state["rungs"]):
+            bracket.rungs = [(m, dict(r)) for (m, _), r in zip(bracket.rungs, rungs)]
+        self._trial_bracket = {tid: self._brackets[i]
+                               for tid, i in state["trial_bracket"].items()}
+        self.num_stopped = state["num_stopped"]
 
     def on_trial_result(self, runner, trial, result: dict) -> str:
         metric, sign = self._require_metric()

@@ -62,5 +62,14 @@ class MedianStoppingRule(FIFOScheduler):
             return self.STOP if self.hard_stop else self.PAUSE
         return self.CONTINUE
 
+    def get_state(self) -> dict:
+        return {"results": {k: list(v) for k, v in self._results.items()},
+                "last_judged": dict(self._last_judged), "stopped": set(self.stopped)}
+
+    def set_state(self, state: dict) -> None:
+        self._results = {k: list(v) for k, v in state["results"].items()}
+        self._last_judged = dict(state["last_judged"])
+        self.stopped = set(state["stopped"])
+
     def debug_string(self) -> str:
         return f"Using MedianStoppingRule: num_stopped={len(self.stopped)}."

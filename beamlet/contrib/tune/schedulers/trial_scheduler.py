@@ -58,6 +58,14 @@ class TrialScheduler:
         """The next PENDING (or PAUSED) trial to start, or None."""
         raise NotImplementedError
 
+    def get_state(self) -> dict | None:
+        """What ``resume`` needs to go on deciding as before (picklable, trial ids
+        rather than trials), or None if the scheduler does not keep it."""
+        return None
+
+    def set_state(self, state: dict) -> None:
+        """Take back :meth:`get_state`'s state (before the trials are re-added)."""
+
     def debug_string(self) -> str:
         return type(self).__name__
 
