@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..search_space import Categorical, Domain, Float, Function, Integer
+from ..stopper import lookup
 from .searcher import Searcher
 
 __all__ = ["OptunaSearch"]
@@ -115,7 +116,7 @@ class OptunaSearch(Searcher):
         trial = self._live.pop(trial_id, None)
         if trial is None:
             return
-        value = None if result is None else _lookup(result, self.metric)
+        value = None if result is None else lookup(result, self.metric)[1]
         if error or value is None:
             self._study.tell(trial, state=self._optuna.trial.TrialState.FAIL)
         else:
@@ -131,11 +132,3 @@ class OptunaSearch(Searcher):
         self.__dict__.update(state)
         self._optuna = _import_optuna()
 
-
-def _lookup(result: dict, key: str):
-    value: Any = result
-    for part in key.split("/") if key not in result else [key]:
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value

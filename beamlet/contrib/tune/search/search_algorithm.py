@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from ..result import flatten_dict
 from ..search_space import is_grid_search
 from ..variant_generator import count_variants, generate_variants
 from .searcher import Searcher
@@ -146,17 +147,6 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def _flatten(params: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in params.items():
-        name = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, name))
-        else:
-            out[name] = value
-    return out
-
-
 def _has_grid(value: Any) -> bool:
     if is_grid_search(value):
         return True
@@ -216,7 +206,7 @@ class SearchGenerator(SearchAlgorithm):
         merged = _merge(self._config, suggested)
         seed = None if self._seed is None else self._seed + self._count
         config, params = next(iter(generate_variants(merged, 1, seed)))
-        params = dict(_flatten(suggested), **params)
+        params = dict(flatten_dict(suggested), **params)
         return config, params
 
     def is_finished(self) -> bool:
