@@ -228,6 +228,75 @@ def test_time_budget_zero_ends_everything(on_backend, storage):
     assert [t.status for t in analysis.trials] == ["TERMINATED"] * 3
 
 
+def report_then_sleep(config):
+    tune.report(x=1)
+    time.sleep(60)  # a stop that waited for the next report would wait this long
+    tune.report(x=2)
+
+
+class StopAllAfterFirstResult(tune.Stopper):
+    def __init__(self):
+        self.seen = False
+
+    def __call__(self, trial_id, result):
+        self.seen = True
+        return False
+
+    def stop_all(self):
+        return self.seen
+
+
+@pytest.mark.parametrize("how", ["time_budget_s", "stop_all"])
+def test_experiment_stops_running_trials_at_once(start_backend, storage, how):
+    # Only where trials run in other processes: on inprocess the driver itself
+    # runs the trial's step until its next report.
+    start_backend("local")
+    options = {"time_budget_s": 0.5} if how == "time_budget_s" else \
+        {"stop": StopAllAfterFirstResult()}
+    analysis = tune.run(report_then_sleep, config={"a": grid_search([1, 2])},
+                        storage_path=storage, verbose=0, **options)
+    seen = []
+    for trial in analysis.trials:
+        assert trial.status == "TERMINATED"
+        rows = read_results(trial)
+        seen.append([r["x"] for r in rows])
+        # Stopped before (or right after) its first report, never at the second;
+        # after a result, the last row repeats it with done: true.
+        assert seen[-1] in ([], [1, 1])
+        assert not rows or rows[-1]["done"] is True
+    if how == "stop_all":
+        assert [1, 1] in seen
+
+
+def test_metric_missing_from_the_first_result_raises(on_backend, storage):
+    with pytest.raises(ValueError, match="'typo'"):
+        tune.run(report_n, metric="typo", mode="max", storage_path=storage, verbose=0)
+    # The trial whose result raised was stopped too (on inprocess its thread
+    # would otherwise wait in tune.report forever).
+    with pytest.raises(RuntimeError, match="inside a function trainable"):
+        tune.report(a=1)
+    def nested(config):
+        tune.report(outer={"inner": 1})
+
+    analysis = tune.run(nested, metric="outer/inner", mode="max", storage_path=storage,
+                        verbose=0)
+    assert analysis.trials[0].status == "TERMINATED"
+
+
+def test_grid_search_of_a_non_list_is_rejected():
+    with pytest.raises(ValueError, match="grid_search"):
+        list(generate_variants({"a": {"grid_search": 5}}))
+    with pytest.raises(ValueError, match="grid_search"):
+        list(generate_variants({"a": {"grid_search": [1], "b": 2}}))
+
+
+def test_zero_cpu_trials_ask_for_no_cpu(on_backend, storage):
+    assert parse_resources({"cpu": 0}) == {}
+    analysis = tune.run(report_once, config={"a": grid_search([1, 2, 3])},
+                        resources_per_trial={"cpu": 0}, storage_path=storage, verbose=0)
+    assert all(t.resources == {} and t.status == "TERMINATED" for t in analysis.trials)
+
+
 def test_missing_stop_metric_warns(on_backend, storage):
     with pytest.warns(UserWarning, match="typo_metric"):
         analysis = tune.run(report_n, config={"n": 2}, stop={"typo_metric": 1},
@@ -246,7 +315,11 @@ def test_result_json_progress_csv_and_params(on_backend, storage):
                         storage_path=storage, name="files", verbose=0)
     for trial in analysis.trials:
         results = read_results(trial)
-        assert [r["training_iteration"] for r in results] == [1, 2, 3, 4]
+        # As in Ray: a trainable that returns gets a last row, its last result
+        # again with done: true.
+        assert [r["training_iteration"] for r in results] == [1, 2, 3, 4, 4]
+        assert [r["done"] for r in results] == [False] * 4 + [True]
+        results = results[:4]
         for r in results:
             assert r["config"] == trial.config
             assert r["trial_id"] == trial.trial_id
@@ -261,8 +334,7 @@ def test_result_json_progress_csv_and_params(on_backend, storage):
             assert json.load(f) == trial.config
         with open(os.path.join(trial.path, "progress.csv")) as f:
             rows = list(csv.DictReader(f))
-        assert len(rows) == 4
-        assert [int(r["training_iteration"]) for r in rows] == [1, 2, 3, 4]
+        assert [int(r["training_iteration"]) for r in rows] == [1, 2, 3, 4, 4]
         assert "nested/a" in rows[0] and "config" not in rows[0]
         assert float(rows[-1]["loss"]) == pytest.approx(0.25)
 
@@ -475,13 +547,15 @@ def test_run_experiments_spec_validation(storage):
     register_trainable("report_once", report_once)
     with pytest.raises(ValueError, match="unknown spec key"):
         run_experiments({"e": {"run": "report_once", "bogus": 1, "local_dir": storage}})
-    with pytest.raises(NotImplementedError, match="checkpoint_freq"):
+    with pytest.raises(NotImplementedError, match="checkpoint_score_attr"):
+        run_experiments({"e": {"run": "report_once", "checkpoint_score_attr": "x"}})
+    with pytest.raises(ValueError, match="checkpoint_freq .*class trainables"):
         run_experiments({"e": {"run": "report_once", "checkpoint_freq": 1}})
     with pytest.raises(ValueError, match="unknown trainable"):
         run_experiments({"e": {"run": "never_registered"}})
     with pytest.raises(ValueError, match="'run'"):
         run_experiments({"e": {"config": {}}})
-    with pytest.raises(NotImplementedError, match="search_alg"):
+    with pytest.raises(TypeError, match="search_alg"):
         tune.run(report_once, search_alg=object())
     with pytest.raises(TypeError, match="unexpected"):
         tune.run(report_once, no_such_option=1)
@@ -504,7 +578,8 @@ def test_report_both_forms(on_backend, storage):
     (trial,) = analysis.trials
     assert trial.status == "TERMINATED", trial.error_msg
     results = read_results(trial)
-    assert [(r["a"], r["b"]) for r in results] == [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10)]
+    assert [(r["a"], r["b"]) for r in results] == [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10),
+                                                   (9, 10)]
     assert results[-1]["seen_id"] == trial.trial_id
     assert results[-1]["seen_dir"] == trial.path
     with pytest.raises(RuntimeError, match="inside a function trainable"):
@@ -639,7 +714,7 @@ def test_logger_plugin_by_name(on_backend, storage):
         tune_plugins.unregister(plugin)
     trial = analysis.trials[0]
     assert recorder.events == [("start", trial.trial_id), ("result", 1), ("result", 2),
-                               ("end", False)]
+                               ("result", 2), ("end", False)]
     assert os.path.exists(os.path.join(trial.path, "result.json"))
     assert not os.path.exists(os.path.join(trial.path, "progress.csv"))
     with pytest.raises(ValueError, match="unknown logger"):
@@ -728,3 +803,15 @@ def test_seed_program_runs_unchanged(tmp_path):
         last = results[-1]
         assert last["mean_accuracy"] >= 100 or last["training_iteration"] == 300
         assert all(not r["done"] for r in results[:-1])
+
+
+def test_reuse_actors_runs_trials_in_the_same_workers(start_backend, storage):
+    start_backend("local")
+    analysis = tune.run(report_n, config={"x": grid_search(list(range(6)))},
+                        storage_path=storage, verbose=0)
+    assert all(t.status == "TERMINATED" for t in analysis.trials)
+    # 6 one-CPU trials on 2 CPUs: each new trial runs in the actor of an ended one.
+    assert len({t.last_result["pid"] for t in analysis.trials}) <= 2
+    analysis = tune.run(report_n, config={"x": grid_search(list(range(3)))},
+                        reuse_actors=False, storage_path=storage, verbose=0)
+    assert len({t.last_result["pid"] for t in analysis.trials}) == 3

@@ -30,11 +30,22 @@ and the modern one::
                         num_samples=8, metric="loss", mode="min")
     analysis.best_config
 
+or Ray 2's front end, with early stopping and checkpoints::
+
+    from beamlet.tune.schedulers import ASHAScheduler
+
+    tuner = tune.Tuner(train, param_space={"lr": tune.loguniform(1e-4, 1e-1)},
+                       tune_config=tune.TuneConfig(metric="loss", mode="min", num_samples=16,
+                                                   scheduler=ASHAScheduler(max_t=100)),
+                       run_config=tune.RunConfig(name="exp", stop={"training_iteration": 100}))
+    best = tuner.fit().get_best_result()
+
 Trials run as beamlet actors with their resources; results stream back to
 the driver, which writes ``result.json``, ``progress.csv``, ``params.json``
 (and TensorBoard files with tensorboardX) under ``~/beamlet_results/<name>``.
 """
 from beamlet.contrib.tune import plugins
+from beamlet.contrib.tune.plugins import create_scheduler, create_searcher
 from beamlet.contrib.tune.analysis import ExperimentAnalysis
 from beamlet.contrib.tune.api import run, run_experiments
 from beamlet.contrib.tune.error import TuneError
@@ -42,15 +53,20 @@ from beamlet.contrib.tune.experiment import Experiment
 from beamlet.contrib.tune.loggers import (CSVLoggerCallback, Callback, JsonLoggerCallback,
                                           LoggerCallback, TBXLoggerCallback)
 from beamlet.contrib.tune.progress import ProgressReporter
+from beamlet.contrib.tune.checkpoint import Checkpoint
 from beamlet.contrib.tune.schedulers import FIFOScheduler, TrialScheduler
 from beamlet.contrib.tune.search_space import (choice, grid_search, lograndint, loguniform,
                                                qloguniform, qrandint, quniform, randint, randn,
                                                sample_from, uniform)
-from beamlet.contrib.tune.session import get_trial_dir, get_trial_id, get_trial_name, report
+from beamlet.contrib.tune.session import (get_checkpoint, get_trial_dir, get_trial_id,
+                                          get_trial_name, report)
 from beamlet.contrib.tune.stopper import (CombinedStopper, FunctionStopper,
                                           MaximumIterationStopper, Stopper, TimeoutStopper)
 from beamlet.contrib.tune.trainable import Trainable, register_trainable
 from beamlet.contrib.tune.trial import Trial
+from beamlet.contrib.tune.tuner import (CheckpointConfig, FailureConfig, Result, ResultGrid,
+                                       RunConfig, TuneConfig, Tuner)
+from beamlet.contrib.tune.wrappers import with_parameters, with_resources
 
 __all__ = [
     "run", "run_experiments", "register_trainable", "report", "Trainable", "Experiment",
@@ -61,5 +77,9 @@ __all__ = [
     "TimeoutStopper", "TrialScheduler", "FIFOScheduler",
     "Callback", "LoggerCallback", "JsonLoggerCallback", "CSVLoggerCallback",
     "TBXLoggerCallback", "ProgressReporter", "get_trial_id", "get_trial_name",
-    "get_trial_dir", "plugins",
+    "get_trial_dir", "plugins", "Checkpoint", "get_checkpoint", "schedulers", "search", "create_searcher",
+    "create_scheduler", "Tuner", "TuneConfig", "RunConfig", "FailureConfig",
+    "CheckpointConfig", "ResultGrid", "Result", "with_parameters", "with_resources",
 ]
+
+from beamlet.tune import schedulers, search  # noqa: E402 - Ray's submodule paths

@@ -18,6 +18,7 @@ import warnings
 from typing import Any
 
 from .result import flatten_dict, is_number
+from .experiment_state import ExperimentStateLog
 from .trial import ERROR, TERMINATED, Trial
 
 __all__ = ["ExperimentAnalysis"]
@@ -81,6 +82,9 @@ class ExperimentAnalysis:
             with open(state_file) as f:
                 state = json.load(f)
             return [Trial.from_record(r, path) for r in state.get("trials", [])]
+        records = ExperimentStateLog.read(path)  # a run still going, or killed
+        if records:
+            return [Trial.from_record(r, path) for r in records]
         trials = []
         for name in sorted(os.listdir(path)):
             trial_dir = os.path.join(path, name)

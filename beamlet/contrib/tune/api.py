@@ -8,6 +8,7 @@ import beamlet
 from .analysis import ExperimentAnalysis
 from .error import TuneError
 from .experiment import Experiment
+from .experiment_state import ExperimentStateLog
 from .loggers import Callback
 from .plugins import DEFAULT_LOGGERS, logger_factories
 from .progress import ProgressReporter
@@ -19,9 +20,7 @@ from .trial import ERROR, Trial
 __all__ = ["run", "run_experiments"]
 
 # tune.run options of Ray that need features beamlet.tune does not have yet.
-_NOT_YET = frozenset({"search_alg", "checkpoint_freq", "checkpoint_at_end",
-                      "keep_checkpoints_num", "checkpoint_score_attr", "max_failures",
-                      "resume", "restore", "sync_config", "reuse_actors", "progress_reporter",
+_NOT_YET = frozenset({"checkpoint_score_attr", "restore", "sync_config", "progress_reporter",
                       "checkpoint_config", "export_formats", "upload_dir"})
 
 
@@ -76,11 +75,18 @@ def _build_callbacks(callbacks, loggers) -> list[Callback]:
 
 
 def _execute(experiments: list[Experiment], *, scheduler, callbacks, loggers, verbose,
-             metric, mode, fail_fast, max_concurrent_trials, time_budget_s) -> TrialRunner:
+             metric, mode, fail_fast, max_concurrent_trials, time_budget_s,
+             resume: bool = False, reuse_actors: bool | None = None) -> TrialRunner:
+    """Run the experiments; raises on bad arguments, a first result without
+    `metric`, or a fail_fast failure."""
     if scheduler is not None and not isinstance(scheduler, TrialScheduler):
         raise TypeError(f"scheduler must be a tune TrialScheduler, got {scheduler!r:.80}")
     if scheduler is not None:
         scheduler.set_search_properties(metric, mode)
+    for exp in experiments:
+        if not exp.search_alg.set_search_properties(metric, mode, exp.config):
+            raise ValueError(f"the search algorithm of experiment {exp.name!r} cannot take "
+                             f"metric={metric!r}, mode={mode!r}")
     names = [e.path for e in experiments]
     if len(set(names)) != len(names):
         raise ValueError("two experiments have the same name and storage path")
@@ -90,13 +96,30 @@ def _execute(experiments: list[Experiment], *, scheduler, callbacks, loggers, ve
     runner = TrialRunner(experiments, scheduler=scheduler, callbacks=cbs,
                          progress=ProgressReporter(verbose=verbose, metric=metric, mode=mode),
                          max_concurrent_trials=max_concurrent_trials, fail_fast=fail_fast,
-                         stopper=stopper)
+                         stopper=stopper, metric=metric, resume=resume,
+                         reuse_actors=reuse_actors)
     runner.run()
     if runner.fail_fast_trial is not None:
         trial = runner.fail_fast_trial
         raise TuneError(f"trial {trial} failed and fail_fast=True stopped the experiment:\n"
                         f"{trial.error_msg}", [trial])
     return runner
+
+
+def _check_resume(resume, experiments: list[Experiment]) -> bool:
+    if resume in (False, None):
+        return False
+    if resume not in (True, "AUTO"):
+        raise ValueError(f"resume must be True, False or 'AUTO', got {resume!r}")
+    found = [e for e in experiments if ExperimentStateLog(e.path).exists()]
+    if resume == "AUTO":
+        return bool(found)
+    missing = [e.path for e in experiments if e not in found]
+    if missing:
+        raise ValueError(f"resume=True, but there is no experiment to resume at "
+                         f"{', '.join(missing)} (give the experiment's name and "
+                         f"storage_path; resume='AUTO' starts afresh instead)")
+    return True
 
 
 def _raise_on_failed(trials: list[Trial]) -> None:
@@ -117,6 +140,9 @@ def run(run_or_experiment: Any, *, config: dict | None = None, stop: Any = None,
         raise_on_failed_trial: bool = True, fail_fast: bool = False,
         max_concurrent_trials: int | None = None, seed: int | None = None,
         trial_name_creator=None, trial_dirname_creator=None,
+        checkpoint_freq: int = 0, checkpoint_at_end: bool = False,
+        keep_checkpoints_num: int | None = None, max_failures: int = 0,
+        search_alg=None, resume: bool | str = False, reuse_actors: bool | None = None,
         **kwargs) -> ExperimentAnalysis:
     """Run a trainable once per variant of `config` (x `num_samples`) and return an
     ExperimentAnalysis.
@@ -126,6 +152,17 @@ def run(run_or_experiment: Any, *, config: dict | None = None, stop: Any = None,
     subclass, a registered name, or an ``Experiment``. Results go to
     ``storage_path`` (default ``~/beamlet_results``) / ``name``. Raises
     TuneError if a trial failed, unless ``raise_on_failed_trial=False``.
+    A trial that fails is retried ``max_failures`` times (-1: always) from its
+    latest checkpoint; ``checkpoint_freq``/``checkpoint_at_end`` make class
+    trainables save checkpoints, of which each trial keeps the latest
+    ``keep_checkpoints_num`` (all if None). ``metric`` must be in every trial's
+    first result (ValueError otherwise). ``resume=True`` continues the
+    experiment ``name`` in ``storage_path`` after its driver was killed: ended
+    trials are kept as they were, the others restart from their latest
+    checkpoint, and the search goes on from its saved state (``"AUTO"``:
+    resume if there is a state to resume, else start afresh). ``reuse_actors``
+    (default True) runs a new trial in the actor (worker process) of an ended
+    trial with the same resources, instead of starting a new one.
     """
     _check_unsupported(kwargs, "tune.run()")
     _check_metric_mode(metric, mode)
@@ -140,10 +177,15 @@ def run(run_or_experiment: Any, *, config: dict | None = None, stop: Any = None,
                                   num_samples=num_samples, storage_path=storage_path,
                                   local_dir=local_dir, seed=seed,
                                   trial_name_creator=trial_name_creator,
-                                  trial_dirname_creator=trial_dirname_creator)]
+                                  trial_dirname_creator=trial_dirname_creator,
+                                  checkpoint_freq=checkpoint_freq,
+                                  checkpoint_at_end=checkpoint_at_end,
+                                  keep_checkpoints_num=keep_checkpoints_num,
+                                  max_failures=max_failures, search_alg=search_alg)]
     runner = _execute(experiments, scheduler=scheduler, callbacks=callbacks, loggers=loggers,
                       verbose=verbose, metric=metric, mode=mode, fail_fast=fail_fast,
-                      max_concurrent_trials=max_concurrent_trials, time_budget_s=time_budget_s)
+                      max_concurrent_trials=max_concurrent_trials, time_budget_s=time_budget_s,
+                      resume=_check_resume(resume, experiments), reuse_actors=reuse_actors)
     trials = runner.get_trials()
     if raise_on_failed_trial:
         _raise_on_failed(trials)

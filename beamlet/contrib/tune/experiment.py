@@ -9,21 +9,42 @@ import uuid
 from typing import Any
 
 from .stopper import make_stopper
-from .trainable import get_trainable, trainable_name, validate_trainable
-from .trial import Trial, parse_resources
-from .variant_generator import BasicVariantGenerator, format_params
+from .trainable import Trainable, get_trainable, trainable_name, validate_trainable
+from .trial import ERROR, PENDING, TERMINATED, Trial, parse_resources
+from .search.search_algorithm import BasicVariantGenerator, as_search_alg
+from .variant_generator import format_params
+from .wrappers import trainable_resources
 
 __all__ = ["Experiment", "DEFAULT_STORAGE", "default_storage_path"]
 
 DEFAULT_STORAGE = os.path.join("~", "beamlet_results")
 
 # Spec keys that exist in Ray's spec but need features beamlet.tune does not have yet.
-_NOT_YET = frozenset({"checkpoint_freq", "checkpoint_at_end", "keep_checkpoints_num",
-                      "checkpoint_score_attr", "max_failures", "restore", "upload_dir",
-                      "sync_config", "sync_to_driver", "search_alg", "scheduler"})
+_NOT_YET = frozenset({"checkpoint_score_attr", "restore", "upload_dir",
+                      "sync_config", "sync_to_driver", "scheduler"})
 _KEYS = frozenset({"run", "config", "stop", "resources", "resources_per_trial",
                    "trial_resources", "num_samples", "repeat", "local_dir", "storage_path",
-                   "trial_name_creator", "trial_dirname_creator", "seed", "env"})
+                   "trial_name_creator", "trial_dirname_creator", "seed", "env",
+                   "checkpoint_freq", "checkpoint_at_end", "keep_checkpoints_num",
+                   "max_failures", "search_alg"})
+
+
+def _check_checkpointing(trainable, freq, at_end, keep, max_failures) -> None:
+    for name, value in (("checkpoint_freq", freq), ("max_failures", max_failures)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+    if freq < 0:
+        raise ValueError(f"checkpoint_freq must be >= 0, got {freq!r}")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"keep_checkpoints_num must be an integer >= 1 or None, got {keep!r}")
+    is_class = isinstance(trainable, type) and issubclass(trainable, Trainable)
+    if (freq or at_end) and not is_class:
+        raise ValueError("checkpoint_freq and checkpoint_at_end apply to class trainables "
+                         "(tune.Trainable with save_checkpoint); a function trainable "
+                         "checkpoints with tune.report(..., checkpoint=...)")
+    if (freq or at_end) and trainable.save_checkpoint is Trainable.save_checkpoint:
+        raise ValueError(f"checkpoint_freq/checkpoint_at_end need "
+                         f"{trainable.__name__}.save_checkpoint()")
 
 
 def default_storage_path() -> str:
@@ -38,7 +59,10 @@ class Experiment:
                  stop: Any = None, resources_per_trial: dict | None = None,
                  num_samples: int = 1, storage_path: str | None = None,
                  local_dir: str | None = None, seed: int | None = None,
-                 trial_name_creator=None, trial_dirname_creator=None):
+                 trial_name_creator=None, trial_dirname_creator=None,
+                 checkpoint_freq: int = 0, checkpoint_at_end: bool = False,
+                 keep_checkpoints_num: int | None = None, max_failures: int = 0,
+                 search_alg=None):
         if isinstance(run, str):
             self.trainable = get_trainable(run)
             self.trainable_name = run
@@ -60,6 +84,8 @@ class Experiment:
         if not isinstance(self.config, dict):
             raise TypeError(f"config must be a dict, got {type(self.config).__name__}")
         self.stopper, self.stop_criteria = make_stopper(stop)
+        if resources_per_trial is None:
+            resources_per_trial = trainable_resources(self.trainable)
         self.resources = parse_resources(resources_per_trial)
         self.num_samples = num_samples
         base = storage_path or local_dir or default_storage_path()
@@ -68,7 +94,15 @@ class Experiment:
         self.seed = seed
         self.trial_name_creator = trial_name_creator
         self.trial_dirname_creator = trial_dirname_creator
-        self._search = BasicVariantGenerator(self.config, num_samples, seed)
+        _check_checkpointing(self.trainable, checkpoint_freq, checkpoint_at_end,
+                             keep_checkpoints_num, max_failures)
+        self.checkpoint_freq = checkpoint_freq
+        self.checkpoint_at_end = checkpoint_at_end
+        self.keep_checkpoints_num = keep_checkpoints_num
+        self.max_failures = max_failures
+        self.search_alg = as_search_alg(search_alg)
+        self.search_alg.add_configurations(self.config, num_samples, seed)
+        self._pending = 0
         self._id = uuid.uuid4().hex[:5]
         self._count = 0
 
@@ -105,31 +139,86 @@ class Experiment:
                    num_samples=spec.get("num_samples", spec.get("repeat", 1)),
                    storage_path=spec.get("storage_path"), local_dir=spec.get("local_dir"),
                    seed=spec.get("seed"), trial_name_creator=spec.get("trial_name_creator"),
-                   trial_dirname_creator=spec.get("trial_dirname_creator"))
+                   trial_dirname_creator=spec.get("trial_dirname_creator"),
+                   checkpoint_freq=spec.get("checkpoint_freq", 0),
+                   checkpoint_at_end=spec.get("checkpoint_at_end", False),
+                   keep_checkpoints_num=spec.get("keep_checkpoints_num"),
+                   max_failures=spec.get("max_failures", 0),
+                   search_alg=spec.get("search_alg"))
 
     # -- trials ------------------------------------------------------------------
     @property
-    def total_trials(self) -> int:
-        return self._search.total
+    def total_trials(self) -> int | None:
+        return self.search_alg.total
 
-    def next_trials(self, limit: int | None = None) -> list[Trial]:
-        """New trials for the next variants of the search (all that are left if None)."""
+    def next_trials(self, pending: int = 0) -> list[Trial]:
+        """New trials, as many as the search algorithm gives now; with
+        `pending` of this experiment's trials waiting to start, no more than
+        its ``max_pending`` allows."""
+        cap = self.search_alg.max_pending
         trials = []
-        for config, params in self._search.next_configs(limit):
+        while cap is None or pending + len(trials) < cap:
+            trial_id = f"{self._id}_{self._count:05d}"
+            item = self.search_alg.next_trial(trial_id)
+            if item is None:
+                break
+            config, params = item
             index = self._count
             self._count += 1
             tag = f"{index}_{format_params(params)}" if params else str(index)
-            trials.append(Trial(
-                self.trainable_name, config, f"{self._id}_{index:05d}",
+            trial = Trial(
+                self.trainable_name, config, trial_id,
                 experiment_path=self.path, experiment_name=self.name, index=index,
                 evaluated_params=params, experiment_tag=tag, resources=self.resources,
                 stop_criteria=self.stop_criteria, stopper=self.stopper,
                 trainable=self.trainable, trial_name_creator=self.trial_name_creator,
-                trial_dirname_creator=self.trial_dirname_creator))
+                trial_dirname_creator=self.trial_dirname_creator,
+                max_failures=self.max_failures, checkpoint_freq=self.checkpoint_freq,
+                checkpoint_at_end=self.checkpoint_at_end,
+                keep_checkpoints_num=self.keep_checkpoints_num)
+            trial._experiment = self
+            trials.append(trial)
         return trials
 
     def is_finished(self) -> bool:
-        return self._search.is_finished()
+        return self.search_alg.is_finished()
+
+    def search_state(self) -> dict:
+        return {"search": self.search_alg.get_state(), "count": self._count}
+
+    def restore_trials(self, records: list[dict], search_state: dict | None) -> list[Trial]:
+        """The trials of a killed run, from their records (see experiment_state):
+        ended ones as they were, the others PENDING, to restart from their
+        latest checkpoint; the search algorithm goes on from its saved state."""
+        trials = []
+        for record in records:
+            trial = Trial(self.trainable_name, record.get("config", {}), record["trial_id"],
+                          experiment_path=self.path, experiment_name=self.name,
+                          index=len(trials), evaluated_params=record.get("evaluated_params"),
+                          experiment_tag=record.get("experiment_tag", ""),
+                          resources=self.resources, stop_criteria=self.stop_criteria,
+                          stopper=self.stopper, trainable=self.trainable,
+                          max_failures=self.max_failures, checkpoint_freq=self.checkpoint_freq,
+                          checkpoint_at_end=self.checkpoint_at_end,
+                          keep_checkpoints_num=self.keep_checkpoints_num)
+            trial.path = record.get("path") or trial.path
+            status = record.get("status", PENDING)
+            trial.status = status if status in (TERMINATED, ERROR) else PENDING
+            for key in ("last_result", "metric_analysis", "num_results", "error_msg",
+                        "error_file", "start_time", "end_time", "num_failures"):
+                if record.get(key) is not None:
+                    setattr(trial, key, record[key])
+            if record.get("checkpoint") and os.path.isdir(record["checkpoint"]):
+                trial.on_checkpoint(record["checkpoint"])
+            trial._experiment = self
+            trials.append(trial)
+        self._count = len(trials)
+        state = dict((search_state or {}).get("search") or {})
+        if isinstance(self.search_alg, BasicVariantGenerator):
+            state["emitted"] = max(state.get("emitted", 0), len(trials))
+        if state:
+            self.search_alg.set_state(state)
+        return trials
 
     def __repr__(self) -> str:
         return f"Experiment({self.name!r}, run={self.trainable_name!r})"

@@ -49,8 +49,25 @@ class ResultBuilder:
         self.time_total = 0.0
         self.timesteps_total: float | None = None
         self.episodes_total: float | None = None
+        self._restored_iteration = 0
+        self._restored_time = 0.0
         self._iter_start = time.time()
         self._hostname = socket.gethostname()
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of the counters, for :meth:`restore`."""
+        return {"iteration": self.iteration, "time_total": self.time_total,
+                "timesteps_total": self.timesteps_total, "episodes_total": self.episodes_total}
+
+    def restore(self, state: dict) -> None:
+        """Go on counting from a checkpoint's counters (``training_iteration``
+        continues; ``iterations_since_restore`` starts again)."""
+        self.iteration = int(state.get("iteration", 0))
+        self.time_total = float(state.get("time_total", 0.0))
+        self.timesteps_total = state.get("timesteps_total")
+        self.episodes_total = state.get("episodes_total")
+        self._restored_iteration = self.iteration
+        self._restored_time = self.time_total
 
     def restart_clock(self) -> None:
         """Start timing the next iteration now (after waiting for the driver)."""
@@ -85,8 +102,8 @@ class ResultBuilder:
             "pid": os.getpid(),
             "hostname": self._hostname,
             CONFIG: self.config,
-            "time_since_restore": self.time_total,
-            "iterations_since_restore": self.iteration,
+            "time_since_restore": self.time_total - self._restored_time,
+            "iterations_since_restore": self.iteration - self._restored_iteration,
         })
         if self.experiment_tag:
             result["experiment_tag"] = self.experiment_tag

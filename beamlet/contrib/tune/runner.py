@@ -33,8 +33,9 @@ from .loggers import Callback
 from .progress import ProgressReporter
 from .result import json_default
 from .schedulers import FIFOScheduler, TrialScheduler
-from .stopper import missing_criteria
-from .trial import ERROR, PENDING, RUNNING, TERMINATED, Trial, resources_to_actor_options
+from .stopper import lookup, missing_criteria
+from .trial import ERROR, PAUSED, PENDING, RUNNING, TERMINATED, Trial, resources_to_actor_options
+from .experiment_state import ExperimentStateLog
 from .trial_actor import TrialActor
 
 __all__ = ["TrialRunner"]
@@ -42,7 +43,7 @@ __all__ = ["TrialRunner"]
 _EPS = 1e-9
 _WAIT_TIMEOUT_S = 0.5
 _STOP_TIMEOUT_S = 15.0
-_SAVE_INTERVAL_S = 5.0
+_SEARCH_SAVE_INTERVAL_S = 1.0
 
 _actor_class = None
 
@@ -71,7 +72,8 @@ class TrialRunner:
                  callbacks: list[Callback] | None = None,
                  progress: ProgressReporter | None = None,
                  max_concurrent_trials: int | None = None, fail_fast: bool = False,
-                 stopper=None):
+                 stopper=None, metric: str | None = None, resume: bool = False,
+                 reuse_actors: bool | None = None):
         if max_concurrent_trials is not None and (
                 isinstance(max_concurrent_trials, bool) or
                 not isinstance(max_concurrent_trials, int) or max_concurrent_trials < 1):
@@ -84,9 +86,12 @@ class TrialRunner:
         self._max_concurrent = max_concurrent_trials
         self._fail_fast = fail_fast
         self._global_stopper = stopper
+        self._metrics = {m for m in (metric, getattr(self._scheduler, "metric", None)) if m}
+        self._metrics.update(e.search_alg.searcher.metric for e in self._experiments
+                             if getattr(getattr(e.search_alg, "searcher", None), "metric", None))
         self._trials: list[Trial] = []
         self._inflight: dict = {}    # step ref -> Trial
-        self._stopping: dict = {}    # stop ref -> (resources, actor, deadline)
+        self._stopping: dict = {}    # stop ref -> (trial, resources, actor, deadline, then)
         self._used: dict[str, float] = {}
         self._total: dict[str, float] = {}
         self._trainable_refs: dict[int, tuple] = {}
@@ -95,8 +100,18 @@ class TrialRunner:
         self._warned_missing: set = set()
         self._interrupted = False
         self._may_start = True       # something changed since the scheduler last chose none
-        self._saved_at: dict[str, float] = {}
+        self._resume = resume
+        # Actors of ended trials, kept to run the next trial with the same resources:
+        # no new worker (nor imports) per trial.
+        self._reuse = True if reuse_actors is None else bool(reuse_actors)
+        self._pool: list[tuple[tuple, object]] = []
+        self._logs: dict[str, ExperimentStateLog] = {}
         self.fail_fast_trial: Trial | None = None
+        #: How many times a trial went back to PENDING (a retry): schedulers that
+        #: keep a cursor over the trials start again from the first one.
+        self.requeue_count = 0
+        self._paused: dict[Trial, None] = {}   # PAUSED trials, in the order they paused
+        self._search_saved_at: dict[str, float] = {}
 
     # -- what schedulers see -------------------------------------------------------
     def get_trials(self) -> list[Trial]:
@@ -108,8 +123,47 @@ class TrialRunner:
         return all(self._used.get(name, 0.0) + amount <= self._total.get(name, 0.0) + _EPS
                    for name, amount in trial.resources.items())
 
+    def paused_trials(self) -> list[Trial]:
+        """The PAUSED trials, longest paused first."""
+        return list(self._paused)
+
     def _num_running(self) -> int:
         return sum(1 for t in self._trials if t.status == RUNNING)
+
+    def stop_trial(self, trial: Trial) -> None:
+        """End a PENDING, PAUSED or RUNNING trial (TERMINATED), for a scheduler."""
+        self._paused.pop(trial, None)
+        if trial.status in (PENDING, PAUSED):
+            trial.status = TERMINATED
+            trial.end_time = time.time()
+            self._log_final_row(trial)
+            self._scheduler.on_trial_complete(self, trial, trial.last_result)
+            self._search_complete(trial)
+            self._log_trial(trial)
+            self._call("on_trial_complete", trial=trial)
+            self._progress.on_trial_complete(trial)
+        elif trial.status == RUNNING and trial._actor is None:
+            trial._stop_requested = True  # it is pausing: end it once it has
+        elif trial.status == RUNNING:
+            for ref, t in list(self._inflight.items()):
+                if t is trial:
+                    del self._inflight[ref]
+            self._log_final_row(trial)
+            self._complete_trial(trial, stop_actor=True)
+
+    def save_trial(self, trial: Trial) -> str | None:
+        """A checkpoint of a RUNNING trial now, between its results (a class
+        trainable saves one; a function trainable's is its latest reported),
+        or None if it cannot make one. Waits for the trial's actor."""
+        if trial._actor is None:
+            return trial.checkpoint
+        try:
+            path = beamlet.get(trial._actor.save.remote(), timeout=_STOP_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - the trial's next step reports the failure
+            return trial.checkpoint
+        if path:
+            trial.on_checkpoint(path)
+        return trial.checkpoint
 
     # -- the loop ---------------------------------------------------------------
     def run(self) -> list[Trial]:
@@ -163,21 +217,46 @@ class TrialRunner:
         self._total = dict(beamlet.cluster_resources())
         for exp in self._experiments:
             os.makedirs(exp.path, exist_ok=True)
+            log = self._logs[exp.path] = ExperimentStateLog(exp.path)
+            if self._resume:
+                self._restore(exp)
+            elif log.exists():
+                os.remove(log.path)  # a new run in the same directory
         self._add_new_trials()
         for cb in self._callbacks:
             cb.setup(total_num_samples=len(self._trials),
                      experiments=[e.name for e in self._experiments])
         self._progress.start(self._experiments, len(self._trials))
 
+    def _restore(self, exp) -> None:
+        records = ExperimentStateLog.read(exp.path)
+        saved = ExperimentStateLog.read_search_state(exp.path)
+        trials = exp.restore_trials(records, saved)
+        if saved and saved.get("scheduler") is not None:
+            self._scheduler.set_state(saved["scheduler"])
+        for trial in trials:
+            self._check_feasible(trial)
+            self._trials.append(trial)
+            if not trial.is_finished():
+                self._scheduler.on_trial_add(self, trial)
+
     def _add_new_trials(self) -> None:
         for exp in self._experiments:
             if exp.is_finished():
                 continue
-            for trial in exp.next_trials():
+            pending = 0
+            if exp.search_alg.max_pending is not None:
+                pending = sum(1 for t in self._trials if t._experiment is exp and
+                              t.status == PENDING)
+            added = exp.next_trials(pending)
+            for trial in added:
                 self._check_feasible(trial)
                 self._trials.append(trial)
                 self._scheduler.on_trial_add(self, trial)
                 self._may_start = True
+                self._log_trial(trial)
+            if added:
+                self._save_search(exp)
 
     def _check_feasible(self, trial: Trial) -> None:
         for name, amount in trial.resources.items():
@@ -228,7 +307,7 @@ class TrialRunner:
             if trial is None:
                 self._may_start = False
                 return
-            if trial.status != PENDING:
+            if trial.status not in (PENDING, PAUSED):
                 raise TuneError(f"the scheduler chose trial {trial}, which is {trial.status}")
             self._start_trial(trial)
 
@@ -241,19 +320,29 @@ class TrialRunner:
         return entry[1]
 
     def _start_trial(self, trial: Trial) -> None:
+        self._paused.pop(trial, None)
         trial.status = RUNNING
         trial.start_time = time.time()
         trial._stop_requested = False
         self._acquire(trial.resources)
         os.makedirs(trial.path, exist_ok=True)
-        self._call("on_trial_start", trial=trial)
+        if not trial.started:
+            trial.started = True
+            self._call("on_trial_start", trial=trial)
         trainable = self._trainable_ref(trial)
+        options = {"restore": trial.take_restore_path(), "checkpoint_freq": trial.checkpoint_freq,
+                   "checkpoint_at_end": trial.checkpoint_at_end}
         info = {"trial_id": trial.trial_id, "trial_name": trial.trial_name,
                 "experiment_tag": trial.experiment_tag, "logdir": trial.path,
                 "experiment_name": trial.experiment_name}
         try:
-            actor = trial_actor_class().options(**resources_to_actor_options(trial.resources)) \
-                .remote(trainable, trial.config, info, trial.stop_criteria)
+            actor = self._pooled_actor(trial.resources)
+            if actor is not None:
+                actor.reset.remote(trainable, trial.config, info, trial.stop_criteria, options)
+            else:
+                actor = trial_actor_class() \
+                    .options(**resources_to_actor_options(trial.resources)) \
+                    .remote(trainable, trial.config, info, trial.stop_criteria, options)
             ref = actor.step.remote()
         except Exception as err:  # noqa: BLE001 - e.g. a config that cannot be pickled
             trial._actor = None
@@ -273,6 +362,9 @@ class TrialRunner:
             self._on_trial_error(trial, _error_text(err))
             return
         kind = event.get("kind") if isinstance(event, dict) else None
+        if isinstance(event, dict) and event.get("checkpoint"):
+            trial.on_checkpoint(event["checkpoint"])
+            self._log_trial(trial)
         if kind == "result":
             self._on_result(trial, event["result"])
         elif kind == "done":
@@ -280,7 +372,19 @@ class TrialRunner:
         else:
             self._on_trial_error(trial, (event or {}).get("error") or f"bad event {event!r:.200}")
 
+    def _check_metrics(self, trial: Trial, result: dict) -> None:
+        """As Ray: the first result of a trial must hold the metric that tune.run
+        and the scheduler optimise, else the search would silently mean nothing."""
+        for metric in self._metrics:
+            if not lookup(result, metric)[0]:
+                shown = ", ".join(sorted(k for k in result if k != "config"))
+                raise ValueError(f"trial {trial} reported a result without the metric "
+                                 f"{metric!r} that tune.run / the scheduler optimise "
+                                 f"(it reported: {shown}); report it with tune.report()")
+
     def _on_result(self, trial: Trial, result: dict) -> None:
+        if trial.num_results == 0 and self._metrics:
+            self._check_metrics(trial, result)
         decision = TrialScheduler.CONTINUE
         ended_itself = bool(result.get("done"))
         if ended_itself or trial._stop_requested or self._stop_everything:
@@ -295,6 +399,8 @@ class TrialRunner:
             result["done"] = True
         self._warn_missing_criteria(trial, result)
         trial.update_last_result(result)
+        if trial._experiment is not None:
+            trial._experiment.search_alg.on_trial_result(trial.trial_id, result)
         self._call("on_trial_result", trial=trial, result=result)
         self._progress.on_trial_result(trial, result)
         if decision == TrialScheduler.CONTINUE:
@@ -305,9 +411,7 @@ class TrialRunner:
         elif decision == TrialScheduler.STOP:
             self._complete_trial(trial, stop_actor=not ended_itself)
         elif decision == TrialScheduler.PAUSE:
-            raise TuneError(f"the scheduler {type(self._scheduler).__name__} paused trial "
-                            f"{trial}, but pausing needs checkpoints, which beamlet.tune "
-                            f"does not have yet")
+            self._pause_trial(trial)
         else:
             raise TuneError(f"the scheduler {type(self._scheduler).__name__} returned "
                             f"{decision!r}; expected CONTINUE, PAUSE or STOP")
@@ -315,40 +419,79 @@ class TrialRunner:
     def _on_trial_returned(self, trial: Trial) -> None:
         """The trainable returned without a final result."""
         if trial.last_result:
-            trial.last_result = dict(trial.last_result, done=True)
+            self._log_final_row(trial)
         else:
             trial.last_result = {"done": True, "trial_id": trial.trial_id,
                                  "training_iteration": 0, "config": trial.config}
         self._complete_trial(trial, stop_actor=False)
 
+    def _pause_trial(self, trial: Trial) -> None:
+        """Stop the trial's actor, saving a checkpoint, and make it PAUSED once
+        the actor has stopped; a scheduler resumes it by choosing it to run."""
+        actor, trial._actor = trial._actor, None
+
+        def paused(path: str | None) -> None:
+            if path:
+                trial.on_checkpoint(path)
+            if trial.status == RUNNING:
+                trial.status = PAUSED
+                self._paused[trial] = None
+                self._log_trial(trial)
+                if trial._stop_requested:
+                    trial._stop_requested = False
+                    self.stop_trial(trial)
+        try:
+            ref = actor.stop.remote(True)
+        except Exception as err:  # noqa: BLE001 - the actor is dead
+            trial._actor = actor
+            self._on_trial_error(trial, _error_text(err))
+            return
+        self._stopping[ref] = (trial, trial.resources, actor,
+                               time.monotonic() + _STOP_TIMEOUT_S, paused)
+
     def _complete_trial(self, trial: Trial, stop_actor: bool) -> None:
         trial.status = TERMINATED
         trial.end_time = time.time()
-        self._release_actor(trial, "stop" if stop_actor else "end")
+        self._release_actor(trial, "stop" if stop_actor else "end", reusable=True)
         self._scheduler.on_trial_complete(self, trial, trial.last_result)
+        self._search_complete(trial)
         self._call("on_trial_complete", trial=trial)
         self._progress.on_trial_complete(trial)
-        self._save_state(trial.experiment_path)
+        self._log_trial(trial)
+        if trial._experiment is not None:
+            self._save_search(trial._experiment, ended=True)
 
     def _on_trial_error(self, trial: Trial, text: str) -> None:
-        trial.status = ERROR
-        trial.end_time = time.time()
         trial.error_msg = text
         try:
             os.makedirs(trial.path, exist_ok=True)
             trial.error_file = os.path.join(trial.path, "error.txt")
-            with open(trial.error_file, "w") as f:
+            with open(trial.error_file, "a") as f:
                 f.write(text)
         except OSError:
             trial.error_file = None
         self._release_actor(trial, "end")
+        if not self._stop_everything and (trial.max_failures < 0 or
+                                          trial.num_failures < trial.max_failures):
+            # Retried from its latest checkpoint (from the start without one).
+            trial.num_failures += 1
+            trial.status = PENDING
+            self.requeue_count += 1
+            self._may_start = True
+            self._log_trial(trial)
+            return
+        trial.status = ERROR
+        trial.end_time = time.time()
         self._scheduler.on_trial_error(self, trial)
+        self._search_complete(trial, error=True)
         self._call("on_trial_error", trial=trial)
         self._progress.on_trial_error(trial)
-        self._save_state(trial.experiment_path)
+        self._log_trial(trial)
+        if trial._experiment is not None:
+            self._save_search(trial._experiment, ended=True)
         if self._fail_fast and self.fail_fast_trial is None:
             self.fail_fast_trial = trial
-            self._stop_all(kill=True)
+            self._stop_all()
 
     # -- stopping ------------------------------------------------------------------
     def _check_stop_all(self) -> None:
@@ -358,31 +501,71 @@ class TrialRunner:
         if self._global_stopper is not None:
             stoppers.append(self._global_stopper)
         if any(s.stop_all() for s in stoppers):
-            self._stop_all(kill=False)
+            self._stop_all()
 
-    def _stop_all(self, kill: bool) -> None:
-        """End the experiment: pending trials never start; running ones stop at
-        their next result (or at once with `kill`)."""
+    def _stop_all(self) -> None:
+        """End the experiment now: pending trials never start; running ones are
+        stopped at once (their actors killed), not at their next result."""
         self._stop_everything = True
+        self._paused.clear()
         running = {id(t): ref for ref, t in self._inflight.items()}
         for trial in self._trials:
-            if trial.status == PENDING:
+            if trial.status in (PENDING, PAUSED):
                 trial.status = TERMINATED
                 self._scheduler.on_trial_remove(self, trial)
+                self._log_trial(trial)
             elif trial.status == RUNNING:
-                if kill:
-                    ref = running.get(id(trial))
-                    if ref is not None:
-                        del self._inflight[ref]
-                    trial.status = TERMINATED
-                    trial.end_time = time.time()
-                    self._release_actor(trial, "abort")
-                    self._scheduler.on_trial_remove(self, trial)
-                    self._call("on_trial_complete", trial=trial)
-                else:
-                    trial._stop_requested = True
+                ref = running.get(id(trial))
+                if ref is not None:
+                    del self._inflight[ref]
+                trial.status = TERMINATED
+                trial.end_time = time.time()
+                self._release_actor(trial, "abort")
+                self._scheduler.on_trial_remove(self, trial)
+                self._search_complete(trial)
+                self._log_final_row(trial)
+                self._log_trial(trial)
+                self._call("on_trial_complete", trial=trial)
 
-    def _release_actor(self, trial: Trial, how: str) -> None:
+    def _log_final_row(self, trial: Trial) -> None:
+        """A trial that ended after a result without ``done`` gets, as in Ray, one
+        more row: that result again with ``done: True`` (the last row of
+        ``result.json`` then says the trial is done)."""
+        if trial.last_result and not trial.last_result.get("done"):
+            trial.last_result = dict(trial.last_result, done=True)
+            self._call("on_trial_result", trial=trial, result=trial.last_result)
+
+    @staticmethod
+    def _pool_key(resources: dict) -> tuple:
+        return tuple(sorted(resources.items()))
+
+    def _pooled_actor(self, resources: dict):
+        """An idle actor holding exactly `resources`, or None; idle actors holding
+        others are killed then, so that the backend has their resources back."""
+        key = self._pool_key(resources)
+        for i, (pooled_key, actor) in enumerate(self._pool):
+            if pooled_key == key:
+                del self._pool[i]
+                return actor
+        self._drain_pool()
+        return None
+
+    def _drain_pool(self) -> None:
+        pool, self._pool = self._pool, []
+        for _, actor in pool:
+            self._kill(actor)
+
+    def _retire(self, actor, resources: dict, reusable: bool) -> None:
+        """The trial on `actor` has ended: keep the actor for the next trial, or kill it."""
+        if reusable and self._reuse and not self._stop_everything:
+            self._pool.append((self._pool_key(resources), actor))
+        else:
+            # Killed rather than dropped even when the trainable has ended: the
+            # backend then frees the trial's resources at once, for the next trial.
+            self._kill(actor)
+        self._release(resources)
+
+    def _release_actor(self, trial: Trial, how: str, reusable: bool = False) -> None:
         """Let the trial's actor go; its resources count as free once it has stopped.
 
         ``how``: "end" (the trainable has ended), "stop" (it waits in its
@@ -398,30 +581,33 @@ class TrialRunner:
             except Exception:  # noqa: BLE001 - the actor is dead already
                 ref = None
             if ref is not None and how == "stop":
-                self._stopping[ref] = (trial.resources, actor,
-                                       time.monotonic() + _STOP_TIMEOUT_S)
+                self._stopping[ref] = (trial, trial.resources, actor,
+                                       time.monotonic() + _STOP_TIMEOUT_S, None)
                 return
-        # Killed rather than dropped even when the trainable has ended: the
-        # backend then frees the trial's resources at once, for the next trial.
-        self._kill(actor)
-        self._release(trial.resources)
+        self._retire(actor, trial.resources, reusable and how == "end")
 
     def _finish_stop(self, ref) -> None:
-        resources, actor, _ = self._stopping.pop(ref)
+        trial, resources, actor, _, then = self._stopping.pop(ref)
         try:
-            beamlet.get(ref, timeout=0)
+            path = beamlet.get(ref, timeout=0)
+            stopped = True
         except Exception:  # noqa: BLE001 - the actor is going away regardless
-            pass
-        self._kill(actor)
-        self._release(resources)
+            path, stopped = None, False
+        self._retire(actor, resources, reusable=stopped)
+        if isinstance(path, str) and then is None:
+            trial.on_checkpoint(path)  # checkpoint_at_end
+        if then is not None:
+            then(path if isinstance(path, str) else None)
 
     def _expire_stopping(self) -> None:
         now = time.monotonic()
-        for ref, (resources, actor, deadline) in list(self._stopping.items()):
+        for ref, (trial, resources, actor, deadline, then) in list(self._stopping.items()):
             if now >= deadline:
                 del self._stopping[ref]
                 self._kill(actor)
                 self._release(resources)
+                if then is not None:
+                    then(None)
 
     @staticmethod
     def _kill(actor) -> None:
@@ -441,23 +627,38 @@ class TrialRunner:
 
     def _abort(self) -> None:
         """The driver failed (or Ctrl-C): stop every actor now."""
-        for trial in list(self._inflight.values()):
-            self._release_actor(trial, "abort")
+        # Every trial with an actor, not only those with a step in flight: the
+        # error may have come from handling a trial's result.
+        for trial in self._trials:
+            if trial._actor is not None:
+                self._release_actor(trial, "abort")
         self._inflight.clear()
-        for _, actor, _ in self._stopping.values():
+        for _, _, actor, _, _ in self._stopping.values():
             self._kill(actor)
         self._stopping.clear()
+        self._drain_pool()
 
     def _finish(self) -> None:
+        self._drain_pool()
         self._trainable_refs.clear()
         try:
             self._call_experiment_end()
         finally:
             for exp in self._experiments:
-                self._save_state(exp.path, force=True)
+                self._save_state(exp.path)
+                if exp.path in self._logs and not self._interrupted:
+                    self._save_search(exp, force=True)
+                if exp.path in self._logs:
+                    self._logs[exp.path].close()
             self._progress.finish(self._trials)
 
     # -- helpers -------------------------------------------------------------------
+    @staticmethod
+    def _search_complete(trial: Trial, error: bool = False) -> None:
+        if trial._experiment is not None:
+            trial._experiment.search_alg.on_trial_complete(
+                trial.trial_id, result=trial.last_result or None, error=error)
+
     def _call(self, hook: str, **kwargs) -> None:
         for cb in self._callbacks:
             getattr(cb, hook)(iteration=self._iteration, trials=self._trials, **kwargs)
@@ -477,12 +678,36 @@ class TrialRunner:
                               f"(it reported: {', '.join(shown)}); it will not stop trials",
                               stacklevel=2)
 
-    def _save_state(self, experiment_path: str, force: bool = False) -> None:
-        """Write ``experiment_state.json`` (at most every few seconds unless `force`)."""
-        now = time.monotonic()
-        if not force and now - self._saved_at.get(experiment_path, -1e9) < _SAVE_INTERVAL_S:
-            return
-        self._saved_at[experiment_path] = now
+    def _log_trial(self, trial: Trial) -> None:
+        log = self._logs.get(trial.experiment_path)
+        if log is not None:
+            try:
+                log.trial(trial)
+            except OSError as err:
+                warnings.warn(f"could not log the state of trial {trial}: {err}; "
+                              f"resume may rerun it", stacklevel=2)
+
+    def _save_search(self, exp, ended: bool = False, force: bool = False) -> None:
+        """Save the search algorithm's and the scheduler's state. As trials end,
+        only if either keeps any, and at most once a second (and at the end)."""
+        scheduler_state = self._scheduler.get_state()
+        if ended and not force:
+            if not exp.search_alg.learns and scheduler_state is None:
+                return
+            now = time.monotonic()
+            if now - self._search_saved_at.get(exp.path, -1e9) < _SEARCH_SAVE_INTERVAL_S:
+                return
+            self._search_saved_at[exp.path] = now
+        try:
+            self._logs[exp.path].search_state(dict(exp.search_state(),
+                                                   scheduler=scheduler_state))
+        except Exception as err:  # noqa: BLE001 - e.g. a searcher that cannot be pickled
+            warnings.warn(f"could not save the search state of {exp.name}: {err}; "
+                          f"resume will start the search over", stacklevel=2)
+
+    def _save_state(self, experiment_path: str) -> None:
+        """Write ``experiment_state.json``, the final table of trials that
+        ExperimentAnalysis reads (while running, the log is the state)."""
         trials = [t for t in self._trials if t.experiment_path == experiment_path]
         state = {"experiment_path": experiment_path, "timestamp": time.time(),
                  "trials": [t.to_record() for t in trials]}
@@ -492,5 +717,5 @@ class TrialRunner:
             with open(tmp, "w") as f:
                 json.dump(state, f, default=json_default)
             os.replace(tmp, path)
-        except OSError:  # the state file is a convenience; results are in the trial dirs
+        except OSError:  # a convenience; results are in the trial dirs and the log
             pass

@@ -16,10 +16,12 @@ import queue
 import threading
 from typing import Any
 
+from .checkpoint import Checkpoint, read_metadata, save_into
 from .result import ResultBuilder
 from .stopper import criteria_met
 
 __all__ = ["StopTrial", "TrialSession", "StatusReporter", "report", "get_session",
+           "get_checkpoint",
            "get_trial_id", "get_trial_name", "get_trial_dir"]
 
 _local = threading.local()
@@ -39,7 +41,8 @@ class StopTrial(BaseException):
 class TrialSession:
     """One trial's channel between its trainable's thread and the actor's ``step()``."""
 
-    def __init__(self, trial_info: dict, config: dict, stop_criteria: dict | None = None):
+    def __init__(self, trial_info: dict, config: dict, stop_criteria: dict | None = None,
+                 restore_path: str | None = None):
         self.trial_id = trial_info["trial_id"]
         self.trial_name = trial_info.get("trial_name", self.trial_id)
         self.trial_dir = trial_info.get("logdir")
@@ -49,15 +52,28 @@ class TrialSession:
         self._commands: queue.Queue = queue.Queue()
         self.stop_requested = False
         self.finished = False
+        self.checkpoint = Checkpoint(restore_path) if restore_path else None
+        if restore_path:
+            self.builder.restore(read_metadata(restore_path))
 
     # -- trainable side (its own thread) ---------------------------------------
-    def report(self, metrics: dict, final: bool = False) -> None:
+    def report(self, metrics: dict, final: bool = False, checkpoint=None) -> None:
         if self.stop_requested or self.finished:
             raise StopTrial()
+        if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
+            raise TypeError(f"tune.report(checkpoint=...) takes a tune.Checkpoint, got "
+                            f"{type(checkpoint).__name__}")
         result = self.builder.build(metrics)
         if final or criteria_met(self.stop_criteria, result):
             result["done"] = True
-        self.events.put({"kind": "result", "result": result})
+        event = {"kind": "result", "result": result}
+        if checkpoint is not None:
+            if not self.trial_dir:
+                raise RuntimeError("this trial has no directory to keep checkpoints in")
+            path = save_into(self.trial_dir, self.builder.state(), source=checkpoint.path)
+            self.checkpoint = Checkpoint(path)
+            event["checkpoint"] = path
+        self.events.put(event)
         if result["done"]:
             self.finished = True
             raise StopTrial()
@@ -106,29 +122,39 @@ def _require_session(what: str) -> TrialSession:
     return session
 
 
-def _merge(metrics: Any, kwargs: dict, what: str) -> dict:
+def _merge(metrics: Any, kwargs: dict, what: str) -> tuple[dict, Any]:
+    """``(metrics, checkpoint)`` from the positional dict and the keywords."""
+    kwargs = dict(kwargs)
+    checkpoint = None
+    if "checkpoint" in kwargs and (kwargs["checkpoint"] is None or
+                                   isinstance(kwargs["checkpoint"], Checkpoint)):
+        checkpoint = kwargs.pop("checkpoint")
     if metrics is None and isinstance(kwargs.get("metrics"), dict):
-        kwargs = dict(kwargs)
         metrics = kwargs.pop("metrics")  # report(metrics={...}), Ray 2's keyword form
     if metrics is None:
-        if "checkpoint" in kwargs and not isinstance(kwargs["checkpoint"], (int, float)):
-            raise NotImplementedError("checkpoints are not supported by beamlet.tune yet")
-        return dict(kwargs)
+        return kwargs, checkpoint
     if not isinstance(metrics, dict):
         raise TypeError(f"{what} takes a dict of metrics and/or metrics as keyword "
                         f"arguments, got {type(metrics).__name__}")
-    if "checkpoint" in kwargs:
-        raise NotImplementedError("checkpoints are not supported by beamlet.tune yet")
     merged = dict(metrics)
     merged.update(kwargs)
-    return merged
+    return merged, checkpoint
 
 
 def report(metrics: dict | None = None, /, **kwargs) -> None:
     """Report one result from a function trainable: ``tune.report({"loss": 0.1})``
     or ``tune.report(loss=0.1)`` (both forms may be combined). May end the
-    trainable, if the trial should stop."""
-    _require_session("tune.report()").report(_merge(metrics, kwargs, "tune.report()"))
+    trainable, if the trial should stop. ``checkpoint=tune.Checkpoint.from_directory(d)``
+    saves a copy of directory ``d`` with this result (the trainable may delete
+    ``d`` afterwards); a restarted trial gets it back from :func:`get_checkpoint`."""
+    metrics, checkpoint = _merge(metrics, kwargs, "tune.report()")
+    _require_session("tune.report()").report(metrics, checkpoint=checkpoint)
+
+
+def get_checkpoint() -> Checkpoint | None:
+    """The checkpoint this trial should resume from (after a pause, a failure,
+    or PBT's exploit), or its latest reported one; None on a fresh start."""
+    return _require_session("tune.get_checkpoint()").checkpoint
 
 
 def get_trial_id() -> str:
@@ -151,7 +177,8 @@ class StatusReporter:
         self._session = session
 
     def __call__(self, metrics: dict | None = None, /, **kwargs) -> None:
-        self._session.report(_merge(metrics, kwargs, "reporter()"))
+        metrics, checkpoint = _merge(metrics, kwargs, "reporter()")
+        self._session.report(metrics, checkpoint=checkpoint)
 
     @property
     def trial_id(self) -> str:

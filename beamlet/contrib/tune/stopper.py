@@ -17,7 +17,8 @@ __all__ = ["Stopper", "NoopStopper", "DictStopper", "FunctionStopper",
            "make_stopper"]
 
 
-def _lookup(result: dict, key: str) -> tuple[bool, Any]:
+def lookup(result: dict, key: str) -> tuple[bool, Any]:
+    """``(found, value)`` of metric `key` in `result`; ``a/b`` reads ``result['a']['b']``."""
     if key in result:
         return True, result[key]
     value: Any = result
@@ -32,14 +33,14 @@ def criteria_met(criteria: dict, result: dict) -> bool:
     """True when any metric of `result` is ``>=`` its value in `criteria`.
     Metrics missing from `result` (``"a/b"`` reads ``result["a"]["b"]``) do not count."""
     for key, limit in criteria.items():
-        found, value = _lookup(result, key)
+        found, value = lookup(result, key)
         if found and value is not None and value >= limit:
             return True
     return False
 
 
 def missing_criteria(criteria: dict, result: dict) -> list[str]:
-    return [key for key in criteria if not _lookup(result, key)[0]]
+    return [key for key in criteria if not lookup(result, key)[0]]
 
 
 class Stopper:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 from typing import Any
 
+from .checkpoint import Checkpoint, read_metadata, save_into
 from .result import ResultBuilder
 
 __all__ = ["Trainable", "register_trainable", "get_trainable", "is_registered",
@@ -47,6 +49,42 @@ class Trainable:
 
     def cleanup(self) -> None:
         """Called once when the trial ends."""
+
+    def save_checkpoint(self, checkpoint_dir: str) -> dict | None:
+        """Write the trainable's state into the (existing, empty) directory
+        `checkpoint_dir`, or return it as a picklable dict. Needed for
+        ``checkpoint_freq``/``checkpoint_at_end``, pausing and PBT."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement save_checkpoint()")
+
+    def load_checkpoint(self, checkpoint: dict | str) -> None:
+        """Load what :meth:`save_checkpoint` saved: its dict, or the directory path."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement load_checkpoint()")
+
+    def can_checkpoint(self) -> bool:
+        """Whether the subclass implements :meth:`save_checkpoint`."""
+        return type(self).save_checkpoint is not Trainable.save_checkpoint
+
+    def save(self, trial_dir: str | None = None) -> str:
+        """Save a checkpoint as ``<trial_dir>/checkpoint_<iteration>``; return its path."""
+        trial_dir = trial_dir or self._logdir
+        if not trial_dir:
+            raise RuntimeError("this trainable has no directory to save checkpoints in")
+
+        def fill(directory: str) -> None:
+            data = self.save_checkpoint(directory)
+            if isinstance(data, dict):
+                Checkpoint.from_dict(data, directory)
+            elif data is not None and os.path.abspath(str(data)) != os.path.abspath(directory):
+                raise TypeError(f"{type(self).__name__}.save_checkpoint() must write into "
+                                f"the directory it is given or return a dict, got {data!r:.80}")
+
+        return save_into(trial_dir, self._builder.state(), fill=fill)
+
+    def restore(self, path: str) -> None:
+        """Load the checkpoint in directory `path` (made by :meth:`save`)."""
+        checkpoint = Checkpoint(path)
+        self.load_checkpoint(checkpoint.to_dict() if checkpoint.is_dict() else path)
+        self._builder.restore(read_metadata(path))
 
     # -- what the framework calls ----------------------------------------------
     def train(self) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import time
 from typing import Any
 
@@ -93,7 +94,9 @@ class Trial:
                  evaluated_params: dict | None = None, experiment_tag: str = "",
                  resources: dict[str, float] | None = None, stop_criteria: dict | None = None,
                  stopper=None, trainable=None, trial_name_creator=None,
-                 trial_dirname_creator=None):
+                 trial_dirname_creator=None, max_failures: int = 0,
+                 checkpoint_freq: int = 0, checkpoint_at_end: bool = False,
+                 keep_checkpoints_num: int | None = None):
         self.trainable_name = trainable_name
         self.config = config
         self.trial_id = trial_id
@@ -102,7 +105,7 @@ class Trial:
         self.index = index
         self.evaluated_params = dict(evaluated_params or {})
         self.experiment_tag = experiment_tag or str(index)
-        self.resources = dict(resources or {"CPU": 1.0})
+        self.resources = dict(resources) if resources is not None else {"CPU": 1.0}
         self.stop_criteria = dict(stop_criteria or {})
         self.status = PENDING
         self.last_result: dict = {}
@@ -113,11 +116,21 @@ class Trial:
         self.start_time: float | None = None
         self.end_time: float | None = None
         self._last_values: dict[str, list] = {}
+        self.checkpoint: str | None = None
+        self.checkpoints: list[str] = []
+        self.restore_path: str | None = None
+        self.num_failures = 0
+        self.max_failures = max_failures
+        self.checkpoint_freq = checkpoint_freq
+        self.checkpoint_at_end = checkpoint_at_end
+        self.keep_checkpoints_num = keep_checkpoints_num
+        self.started = False
         # Driver-side state, not part of the trial's record.
         self._stopper = stopper
         self._trainable = trainable
         self._actor = None
         self._stop_requested = False
+        self._experiment = None
         self.custom_trial_name = trial_name_creator(self) if trial_name_creator else None
         dirname = trial_dirname_creator(self) if trial_dirname_creator else self._default_dirname()
         self.path = os.path.join(experiment_path, dirname)
@@ -152,6 +165,25 @@ class Trial:
     def is_finished(self) -> bool:
         return self.status in (TERMINATED, ERROR)
 
+    def on_checkpoint(self, path: str) -> None:
+        """The trial saved a checkpoint at `path`: it becomes the latest; beyond
+        ``keep_checkpoints_num`` the oldest are deleted."""
+        if path in self.checkpoints:
+            self.checkpoints.remove(path)
+        self.checkpoints.append(path)
+        self.checkpoint = path
+        keep = self.keep_checkpoints_num
+        while keep and len(self.checkpoints) > keep:
+            old = self.checkpoints.pop(0)
+            if old != self.restore_path:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def take_restore_path(self) -> str | None:
+        """Where the next start of this trial restores from: a checkpoint set
+        for it (PBT's exploit) or else its latest; the former is used once."""
+        path, self.restore_path = self.restore_path, None
+        return path or self.checkpoint
+
     def update_last_result(self, result: dict) -> None:
         self.last_result = result
         self.num_results += 1
@@ -182,7 +214,8 @@ class Trial:
                 "resources": self.resources, "last_result": self.last_result,
                 "metric_analysis": self.metric_analysis, "num_results": self.num_results,
                 "error_msg": self.error_msg, "error_file": self.error_file,
-                "start_time": self.start_time, "end_time": self.end_time}
+                "start_time": self.start_time, "end_time": self.end_time,
+                "checkpoint": self.checkpoint, "num_failures": self.num_failures}
 
     @classmethod
     def from_record(cls, record: dict, experiment_path: str) -> "Trial":
@@ -206,10 +239,20 @@ class Trial:
         trial.start_time = record.get("start_time")
         trial.end_time = record.get("end_time")
         trial._last_values = {}
+        trial.checkpoint = record.get("checkpoint")
+        trial.checkpoints = [trial.checkpoint] if trial.checkpoint else []
+        trial.restore_path = None
+        trial.num_failures = record.get("num_failures", 0)
+        trial.max_failures = 0
+        trial.checkpoint_freq = 0
+        trial.checkpoint_at_end = False
+        trial.keep_checkpoints_num = None
+        trial.started = False
         trial._stopper = None
         trial._trainable = None
         trial._actor = None
         trial._stop_requested = False
+        trial._experiment = None
         name = record.get("trial_name")
         trial.custom_trial_name = name if name != f"{trial.trainable_name}_{trial.trial_id}" else None
         trial.path = record.get("path") or experiment_path
@@ -220,4 +263,5 @@ class Trial:
         state["_stopper"] = None
         state["_trainable"] = None
         state["_actor"] = None
+        state["_experiment"] = None
         return state

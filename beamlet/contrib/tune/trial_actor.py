@@ -49,10 +49,11 @@ def _error_event(err: BaseException) -> dict:
 class _FunctionRunner:
     """Runs a function trainable in a thread; each report is one step."""
 
-    def __init__(self, fn, config: dict, trial_info: dict, stop_criteria: dict):
+    def __init__(self, fn, config: dict, trial_info: dict, stop_criteria: dict,
+                 options: dict):
         self._fn = fn
         self._config = config
-        self._session = TrialSession(trial_info, config, stop_criteria)
+        self._session = TrialSession(trial_info, config, stop_criteria, options.get("restore"))
         self._pass_reporter = wants_reporter(fn)
         self._thread: threading.Thread | None = None
         self._ended = False
@@ -108,20 +109,31 @@ class _FunctionRunner:
                                 "without reporting", "error_type": "RuntimeError",
                                 "message": "the trainable's thread ended without reporting"}
 
-    def stop(self) -> None:
+    def save(self) -> str | None:
+        """A function trainable checkpoints only when it reports one: its latest."""
+        checkpoint = self._session.checkpoint
+        return checkpoint.path if checkpoint is not None else None
+
+    def stop(self, save: bool = False) -> str | None:
         self._ended = True
         thread = self._thread
         if thread is not None and thread.is_alive():
             self._session.request_stop()
             thread.join(_JOIN_TIMEOUT_S)
+        return self.save() if save else None
 
 
 class _ClassRunner:
     """Runs a Trainable subclass: one ``train()`` per step."""
 
-    def __init__(self, cls, config: dict, trial_info: dict, stop_criteria: dict):
+    def __init__(self, cls, config: dict, trial_info: dict, stop_criteria: dict,
+                 options: dict):
         self._trainable = cls(config, trial_info=trial_info)
+        if options.get("restore"):
+            self._trainable.restore(options["restore"])
         self._stop_criteria = stop_criteria
+        self._freq = options.get("checkpoint_freq") or 0
+        self._at_end = bool(options.get("checkpoint_at_end"))
         self._ended = False
 
     def step(self) -> dict:
@@ -130,18 +142,35 @@ class _ClassRunner:
         try:
             result = self._trainable.train()
         except BaseException as err:  # noqa: BLE001
-            self.stop()
+            self._close()  # no checkpoint_at_end: the state may be broken
             return _error_event(err)
         if criteria_met(self._stop_criteria, result):
             result["done"] = True
-        if result["done"]:
-            try:
-                self.stop()
-            except BaseException as err:  # noqa: BLE001
-                return _error_event(err)
-        return {"kind": "result", "result": result}
+        event = {"kind": "result", "result": result}
+        try:
+            if (self._freq and result["training_iteration"] % self._freq == 0) or \
+                    (result["done"] and self._at_end):
+                event["checkpoint"] = self._trainable.save()
+            if result["done"]:
+                self._close()
+        except BaseException as err:  # noqa: BLE001
+            self._close()
+            return _error_event(err)
+        return event
 
-    def stop(self) -> None:
+    def save(self) -> str | None:
+        if self._ended or not self._trainable.can_checkpoint():
+            return None
+        return self._trainable.save()
+
+    def stop(self, save: bool = False) -> str | None:
+        path = None
+        if not self._ended and (save or self._at_end):
+            path = self.save()
+        self._close()
+        return path
+
+    def _close(self) -> None:
         if not self._ended:
             self._ended = True
             self._trainable.stop()
@@ -150,16 +179,31 @@ class _ClassRunner:
 class TrialActor:
     """One trial, as the body of a beamlet actor (see the module docstring)."""
 
-    def __init__(self, trainable, config: dict, trial_info: dict, stop_criteria: dict):
+    def __init__(self, trainable, config: dict, trial_info: dict, stop_criteria: dict,
+                 options: dict | None = None):
+        """``options``: ``restore`` (a checkpoint directory to start from),
+        ``checkpoint_freq``, ``checkpoint_at_end`` (class trainables)."""
         self._error: dict | None = None
         self._runner = None
+        options = options or {}
         try:
             if isinstance(trainable, type) and issubclass(trainable, Trainable):
-                self._runner = _ClassRunner(trainable, config, trial_info, stop_criteria)
+                self._runner = _ClassRunner(trainable, config, trial_info, stop_criteria,
+                                            options)
             else:
-                self._runner = _FunctionRunner(trainable, config, trial_info, stop_criteria)
+                self._runner = _FunctionRunner(trainable, config, trial_info, stop_criteria,
+                                               options)
         except BaseException as err:  # noqa: BLE001 - reported by the first step()
             self._error = _error_event(err)
+
+    def reset(self, trainable, config: dict, trial_info: dict, stop_criteria: dict,
+              options: dict | None = None) -> bool:
+        """Run another trial in this actor (``reuse_actors``): the previous one has
+        ended; the new one starts as in a fresh actor, without a new process."""
+        if self._runner is not None:
+            self._runner.stop()
+        self.__init__(trainable, config, trial_info, stop_criteria, options)
+        return True
 
     def step(self) -> dict:
         if self._error is not None:
@@ -170,7 +214,12 @@ class TrialActor:
             return {"kind": "done"}
         return self._runner.step()
 
-    def stop(self) -> bool:
+    def save(self) -> str | None:
+        """A checkpoint of the trial now (between steps), or None if it cannot make one."""
+        return self._runner.save() if self._runner is not None else None
+
+    def stop(self, save: bool = False) -> str | None:
+        """End the trial; with `save` (or checkpoint_at_end) return a last checkpoint."""
         if self._runner is not None:
-            self._runner.stop()
-        return True
+            return self._runner.stop(save)
+        return None

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from .search_space import GRID_SEARCH, Domain, Function, is_grid_search
 
-__all__ = ["generate_variants", "count_variants", "format_params", "BasicVariantGenerator"]
+__all__ = ["generate_variants", "count_variants", "format_params"]
 
 Path = tuple
 
@@ -36,10 +36,15 @@ def _copy_structure(value: Any) -> Any:
 
 
 def _walk(value: Any, path: Path = ()) -> Iterator[tuple[Path, Any]]:
-    """(path, leaf) for every grid search, Domain or plain leaf, depth first in order."""
+    """(path, leaf) for every grid search, Domain or plain leaf, depth first in order.
+    Raises ValueError for ``{"grid_search": <not a list>}``, a typo for a grid."""
     if is_grid_search(value) or isinstance(value, Domain):
         yield path, value
     elif isinstance(value, dict):
+        if GRID_SEARCH in value:
+            raise ValueError(f"config value {_path_name(path) or '<root>'!r} is {value!r:.80}: "
+                             f"a grid search is {{'grid_search': [values...]}} (use "
+                             f"tune.grid_search(list)) and has no other key")
         for k, v in value.items():
             yield from _walk(v, path + (k,))
     elif isinstance(value, list):
@@ -211,26 +216,3 @@ def format_params(params: dict) -> str:
         parts.append(f"{name.split('/')[-1]}={_clean_value(value)}")
     return ",".join(parts)
 
-
-class BasicVariantGenerator:
-    """The search algorithm for grid and random search: every variant of the
-    config, `num_samples` times. Searchers that suggest configs from past
-    results (Optuna, ...) will implement the same ``next_configs`` protocol."""
-
-    def __init__(self, config: dict | None, num_samples: int = 1, seed: int | None = None):
-        self._variants = generate_variants(config, num_samples, seed)
-        self.total = count_variants(config or {}) * num_samples
-        self._finished = False
-
-    def next_configs(self, limit: int | None = None) -> list[tuple[dict, dict]]:
-        """Up to `limit` new ``(config, params)`` pairs (all that are left if None)."""
-        out = []
-        while not self._finished and (limit is None or len(out) < limit):
-            try:
-                out.append(next(self._variants))
-            except StopIteration:
-                self._finished = True
-        return out
-
-    def is_finished(self) -> bool:
-        return self._finished

@@ -1,0 +1,155 @@
+"""Synchronous HyperBand (Li et al., "Hyperband", JMLR 2018).
+
+Trials are put in brackets as they are added. Bracket ``s`` (from
+``s_max`` down to 0, then again) takes ``n0 = ceil((s_max + 1) / (s + 1) *
+eta**s)`` trials and first gives each ``r0 = max_t * eta**-s`` of
+``time_attr``. A trial reaching its bracket's milestone is paused (its
+actor saves a checkpoint and stops); once every live trial of the bracket
+is at the milestone, the best ``1/eta`` of them resume from their
+checkpoints with ``eta`` times the budget, and the others stop. Trials that
+reach ``max_t`` stop. Trainables must checkpoint (a class trainable's
+``save_checkpoint``, or a function reporting ``checkpoint=``), or a resumed
+trial starts over.
+"""
+from __future__ import annotations
+
+import math
+
+from ..stopper import lookup
+from .trial_scheduler import FIFOScheduler
+
+__all__ = ["HyperBandScheduler"]
+
+
+class _Bracket:
+    def __init__(self, n0: int, r0: float, eta: float, max_t: float):
+        self.capacity = n0
+        self.eta = eta
+        self.max_t = max_t
+        self.milestone = min(r0, max_t)
+        self.trials: list = []
+        self.live: set[str] = set()          # trial ids not finished nor stopped
+        self.recorded: dict[str, float] = {}  # at the current milestone
+
+    def full(self) -> bool:
+        return len(self.trials) >= self.capacity
+
+    def rung_complete(self) -> bool:
+        return bool(self.live) and all(tid in self.recorded for tid in self.live)
+
+    def promote(self) -> tuple[set[str], set[str]]:
+        """``(keep, drop)`` at the completed milestone; moves to the next one."""
+        ranked = sorted((tid for tid in self.live), key=lambda tid: self.recorded[tid],
+                        reverse=True)
+        count = max(1, int(len(ranked) / self.eta))
+        keep, drop = set(ranked[:count]), set(ranked[count:])
+        self.live = set(keep)
+        self.recorded = {}
+        self.milestone = min(self.milestone * self.eta, self.max_t)
+        return keep, drop
+
+
+class HyperBandScheduler(FIFOScheduler):
+    """HyperBand (see the module docstring); ``reduction_factor`` is eta."""
+
+    def __init__(self, time_attr: str = "training_iteration", metric: str | None = None,
+                 mode: str | None = None, max_t: float = 81, reduction_factor: float = 3,
+                 stop_last_trials: bool = True):
+        if max_t <= 0:
+            raise ValueError(f"max_t must be > 0, got {max_t!r}")
+        if reduction_factor <= 1:
+            raise ValueError(f"reduction_factor must be > 1, got {reduction_factor!r}")
+        if mode not in (None, "min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.metric, self.mode = metric, mode
+        self.time_attr = time_attr
+        self.max_t = max_t
+        self.eta = reduction_factor
+        self.stop_last_trials = stop_last_trials
+        self._s_max_1 = int(round(math.log(max_t) / math.log(reduction_factor))) + 1
+        self._next_s = self._s_max_1 - 1
+        self._brackets: list[_Bracket] = []
+        self._of: dict[str, _Bracket] = {}
+        self._resumable: set[str] = set()
+        self.num_stopped = 0
+
+    def _new_bracket(self) -> _Bracket:
+        s = self._next_s
+        self._next_s = s - 1 if s > 0 else self._s_max_1 - 1
+        n0 = int(math.ceil(self._s_max_1 / (s + 1) * self.eta ** s))
+        bracket = _Bracket(n0, self.max_t * self.eta ** -s, self.eta, self.max_t)
+        self._brackets.append(bracket)
+        return bracket
+
+    def on_trial_add(self, runner, trial) -> None:
+        self._require_metric()
+        bracket = self._brackets[-1] if self._brackets and not self._brackets[-1].full() \
+            else self._new_bracket()
+        bracket.trials.append(trial)
+        bracket.live.add(trial.trial_id)
+        self._of[trial.trial_id] = bracket
+
+    def on_trial_result(self, runner, trial, result: dict) -> str:
+        metric, sign = self._require_metric()
+        now = lookup(result, self.time_attr)[1]
+        if now is None:
+            raise ValueError(f"HyperBandScheduler: result of trial {trial} has no time_attr "
+                             f"{self.time_attr!r}")
+        if now >= self.max_t and self.stop_last_trials:
+            return self.STOP
+        bracket = self._of[trial.trial_id]
+        if now < bracket.milestone:
+            return self.CONTINUE
+        value = lookup(result, metric)[1]
+        bracket.recorded[trial.trial_id] = sign * float(value) if value is not None \
+            else -math.inf
+        if not bracket.rung_complete():
+            return self.PAUSE
+        return self._promote(runner, bracket, current=trial)
+
+    def _promote(self, runner, bracket: _Bracket, current=None) -> str:
+        keep, drop = bracket.promote()
+        action = self.CONTINUE
+        for trial in bracket.trials:
+            if trial.trial_id in drop:
+                self.num_stopped += 1
+                if trial is current:
+                    action = self.STOP
+                else:
+                    runner.stop_trial(trial)
+            elif trial.trial_id in keep and trial is not current:
+                self._resumable.add(trial.trial_id)
+        return action
+
+    def _forget(self, runner, trial) -> None:
+        bracket = self._of.get(trial.trial_id)
+        if bracket is None or trial.trial_id not in bracket.live:
+            return
+        bracket.live.discard(trial.trial_id)
+        bracket.recorded.pop(trial.trial_id, None)
+        if bracket.rung_complete():
+            self._promote(runner, bracket)
+
+    def on_trial_complete(self, runner, trial, result: dict) -> None:
+        self._forget(runner, trial)
+
+    def on_trial_error(self, runner, trial) -> None:
+        self._forget(runner, trial)
+
+    def on_trial_remove(self, runner, trial) -> None:
+        self._forget(runner, trial)
+
+    def choose_trial_to_run(self, runner):
+        for trial in runner.get_trials():
+            if trial.status == "PENDING" and runner.has_resources_for_trial(trial):
+                return trial
+        for trial in runner.get_trials():
+            if trial.status == "PAUSED" and trial.trial_id in self._resumable and \
+                    runner.has_resources_for_trial(trial):
+                self._resumable.discard(trial.trial_id)
+                return trial
+        return None
+
+    def debug_string(self) -> str:
+        return (f"Using HyperBand: {len(self._brackets)} bracket(s), "
+                f"num_stopped={self.num_stopped}")

@@ -1,0 +1,149 @@
+"""beamlet.tune against Ray Tune, side by side in one run (issue 9).
+
+    python benchmarks/tune_bench.py                    # every row, beamlet and Ray
+    python benchmarks/tune_bench.py --only 200x10,asha --no-ray
+    python benchmarks/tune_bench.py --rows 10000x1     # the big row (Ray only if it ends in time)
+
+Rows (each in a fresh child process per framework, ``init(num_cpus=2)``, the
+same code against Ray's API: ``Tuner(...).fit()``):
+
+* ``NxR``: N trials of a no-op trainable reporting R times (default rows
+  200x10, 1000x1, and 100x10 / 400x10 / 1600x10 for the time per trial as the
+  number of trials grows); Ray with and without ``reuse_actors``;
+* ``asha``: ASHA on 64 trials x 50 reports of a seed-fixed objective
+  (score = x * t / (t + 5), x drawn with a fixed seed): the best trial's x
+  must be the same for both.
+
+Ray runs in its own interpreter (``--ray-python``, default ``../raybench-venv``
+next to the checkout, or ``$BEAMLET_BENCH_PYTHON``) and needs ``ray[tune]``
+there; a row whose Ray run fails or exceeds ``--ray-timeout`` says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_RAY_PYTHON = os.path.join(os.path.dirname(REPO), "raybench-venv", "bin", "python")
+DEFAULT_ROWS = "200x10,1000x1,100x10,400x10,1600x10,asha"
+
+
+def _child(framework: str, row: str, reuse: bool, storage: str) -> dict:
+    """Run one row in this process; return its measurements."""
+    if framework == "ray":
+        import ray as fw
+        from ray import tune
+        from ray.tune.schedulers import ASHAScheduler
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+    else:
+        sys.path.insert(0, REPO)
+        import beamlet as fw
+        from beamlet import tune
+        from beamlet.tune.schedulers import ASHAScheduler
+        from beamlet.tune.search import BasicVariantGenerator
+    fw.init(num_cpus=2)
+
+    def noop(config):
+        for i in range(config["reports"]):
+            tune.report({"score": i})
+
+    def objective(config):
+        for t in range(1, 51):
+            tune.report({"score": config["x"] * t / (t + 5)})
+
+    verbose = 0
+    if row == "asha":
+        tuner = tune.Tuner(
+            objective, param_space={"x": tune.uniform(0, 1)},
+            tune_config=tune.TuneConfig(
+                metric="score", mode="max", num_samples=64, reuse_actors=reuse,
+                scheduler=ASHAScheduler(max_t=50, grace_period=1, reduction_factor=4),
+                search_alg=BasicVariantGenerator(random_state=7)),
+            run_config=tune.RunConfig(storage_path=storage, name="asha", verbose=verbose))
+        trials = 64
+    else:
+        trials, reports = (int(v) for v in row.split("x"))
+        tuner = tune.Tuner(
+            noop, param_space={"reports": reports},
+            tune_config=tune.TuneConfig(num_samples=trials, reuse_actors=reuse),
+            run_config=tune.RunConfig(storage_path=storage, name=f"noop{row}",
+                                      verbose=verbose))
+    start = time.perf_counter()
+    grid = tuner.fit()
+    wall = time.perf_counter() - start
+    out = {"wall_s": wall, "per_trial_ms": wall / trials * 1e3, "trials": len(grid),
+           "errors": grid.num_errors}
+    if row == "asha":
+        best = grid.get_best_result()
+        out["best_x"] = best.config["x"]
+        out["best_iterations"] = best.metrics["training_iteration"]
+    fw.shutdown()
+    return out
+
+
+def _run(python: str, framework: str, row: str, reuse: bool, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="tune-bench-") as storage:
+        cmd = [python, os.path.abspath(__file__), "--child", framework, "--row", row,
+               "--storage", storage] + (["--reuse"] if reuse else [])
+        env = dict(os.environ, PYTHONPATH=REPO if framework == "beamlet" else "")
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  env=env)
+        except subprocess.TimeoutExpired:
+            return {"error": f"over {timeout:g} s"}
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {"error": tail[:120]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _cell(result: dict) -> str:
+    if "error" in result:
+        return f"({result['error']})"
+    text = f"{result['wall_s']:.2f} s ({result['per_trial_ms']:.1f} ms/trial)"
+    if "best_x" in result:
+        text += f" best x={result['best_x']:.4f}"
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", "--only", default=DEFAULT_ROWS,
+                        help=f"comma-separated rows (default {DEFAULT_ROWS}; also 10000x1)")
+    parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument("--ray-python", default=os.environ.get("BEAMLET_BENCH_PYTHON",
+                                                               DEFAULT_RAY_PYTHON))
+    parser.add_argument("--ray-timeout", type=float, default=600.0)
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--child", choices=["beamlet", "ray"], help=argparse.SUPPRESS)
+    parser.add_argument("--row", help=argparse.SUPPRESS)
+    parser.add_argument("--storage", help=argparse.SUPPRESS)
+    parser.add_argument("--reuse", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(_child(args.child, args.row, args.reuse, args.storage)))
+        return
+    ray_ok = not args.no_ray and os.path.exists(args.ray_python)
+    results = {}
+    print("| row | beamlet (reuse_actors) | Ray Tune | Ray Tune, reuse_actors=True |")
+    print("|---|---|---|---|")
+    for row in args.rows.split(","):
+        entry = results[row] = {"beamlet": _run(sys.executable, "beamlet", row, True, 3600)}
+        if ray_ok:
+            entry["ray"] = _run(args.ray_python, "ray", row, False, args.ray_timeout)
+            entry["ray_reuse"] = _run(args.ray_python, "ray", row, True, args.ray_timeout)
+        cells = [_cell(entry["beamlet"])] + [_cell(entry[k]) if k in entry else "not run"
+                                             for k in ("ray", "ray_reuse")]
+        print(f"| {row} | " + " | ".join(cells) + " |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""beamlet.tune's checkpoints: function trainables through tune.report /
+tune.get_checkpoint, class trainables through save_checkpoint /
+load_checkpoint, checkpoint_freq / checkpoint_at_end / keep_checkpoints_num,
+and max_failures retrying a failed trial from its latest checkpoint."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import cloudpickle
+import pytest
+
+from test_tune import on_backend, read_results, storage  # noqa: F401 - fixtures
+
+from beamlet import tune
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def fails_once_at_three(config):
+    """Counts to 5, checkpointing each step; the first attempt fails at step 3."""
+    checkpoint = tune.get_checkpoint()
+    restored = checkpoint is not None
+    step = 0
+    if restored:
+        with open(os.path.join(checkpoint.path, "step.txt")) as f:
+            step = int(f.read())
+    while step < 5:
+        step += 1
+        if step == 3 and not restored:
+            raise RuntimeError("failing on purpose")
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "step.txt"), "w") as f:
+                f.write(str(step))
+            tune.report({"step": step, "restored": restored},
+                        checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def test_failed_function_trial_is_retried_from_its_checkpoint(on_backend, storage):
+    analysis = tune.run(fails_once_at_three, max_failures=1, storage_path=storage, verbose=0)
+    (trial,) = analysis.trials
+    assert trial.status == "TERMINATED", trial.error_msg
+    assert trial.num_failures == 1
+    rows = read_results(trial)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 5]
+    assert [r["training_iteration"] for r in rows] == [1, 2, 3, 4, 5, 5]
+    assert [r["restored"] for r in rows[:5]] == [False, False, True, True, True]
+    assert "failing on purpose" in open(trial.error_file).read()
+    assert os.path.basename(trial.checkpoint) == "checkpoint_000005"
+
+    # Without retries the same trainable fails.
+    analysis = tune.run(fails_once_at_three, storage_path=storage, verbose=0,
+                        raise_on_failed_trial=False)
+    assert analysis.trials[0].status == "ERROR"
+    assert analysis.trials[0].num_failures == 0
+
+
+class Counter(tune.Trainable):
+    """Counts; its state is saved as a dict. The first attempt fails at 5."""
+
+    def setup(self, config):
+        self.count = 0
+        self.restored = False
+
+    def step(self):
+        self.count += 1
+        if self.count == 5 and not self.restored:
+            raise RuntimeError("class trainable failing on purpose")
+        return {"count": self.count, "restored": self.restored}
+
+    def save_checkpoint(self, checkpoint_dir):
+        return {"count": self.count}
+
+    def load_checkpoint(self, checkpoint):
+        self.count = checkpoint["count"]
+        self.restored = True
+
+
+def test_class_trainable_checkpoint_freq_keep_num_at_end_and_retry(on_backend, storage):
+    analysis = tune.run(Counter, stop={"training_iteration": 7}, checkpoint_freq=2,
+                        keep_checkpoints_num=2, checkpoint_at_end=True, max_failures=2,
+                        storage_path=storage, verbose=0)
+    (trial,) = analysis.trials
+    assert trial.status == "TERMINATED", trial.error_msg
+    assert trial.num_failures == 1
+    rows = read_results(trial)
+    # Failed at count 5; restored from the checkpoint at 4.
+    assert [r["count"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
+    assert [r["training_iteration"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
+    kept = sorted(d for d in os.listdir(trial.path) if d.startswith("checkpoint_"))
+    assert kept == ["checkpoint_000006", "checkpoint_000007"]
+    assert tune.Checkpoint(trial.checkpoint).to_dict() == {"count": 7}
+
+
+def test_checkpoint_options_are_checked(storage):
+    def fn(config):
+        tune.report(x=1)
+
+    with pytest.raises(ValueError, match="class trainables"):
+        tune.run(fn, checkpoint_freq=1, storage_path=storage, verbose=0)
+
+    class NoSave(tune.Trainable):
+        def step(self):
+            return {"x": 1}
+
+    with pytest.raises(ValueError, match="save_checkpoint"):
+        tune.run(NoSave, checkpoint_at_end=True, storage_path=storage, verbose=0)
+    with pytest.raises(ValueError, match="keep_checkpoints_num"):
+        tune.run(NoSave, keep_checkpoints_num=0, storage_path=storage, verbose=0)
+    with pytest.raises(ValueError, match="not a directory"):
+        tune.Checkpoint.from_directory(os.path.join(storage, "missing"))
+
+
+# -- resuming after the driver was killed -----------------------------------------
+
+RESUMED_SCRIPT = """
+import os, sys, tempfile, time
+import beamlet
+from beamlet import tune
+
+marks, storage, how = sys.argv[1], sys.argv[2], sys.argv[3]
+
+def counts(config):
+    checkpoint = tune.get_checkpoint()
+    i = checkpoint.to_dict()["i"] if checkpoint else 0
+    open(os.path.join(marks, f"start_{config['x']}_{i}"), "w").close()
+    n = 2 if config["x"] < 2 else 30
+    while i < n:
+        i += 1
+        time.sleep(0.02)
+        with tempfile.TemporaryDirectory() as d:
+            tune.report({"i": i}, checkpoint=tune.Checkpoint.from_dict({"i": i}, d))
+
+beamlet.init(num_cpus=2)
+space = {"x": tune.grid_search([0, 1, 2, 3])}
+if how == "tuner":
+    tuner = tune.Tuner(counts, param_space=space, run_config=tune.RunConfig(
+        name="exp", storage_path=storage, verbose=0))
+    tuner.fit()
+elif how == "tuner-restore":
+    tune.Tuner.restore(os.path.join(storage, "exp"), counts).fit()
+else:
+    tune.run(counts, config=space, name="exp", storage_path=storage, verbose=0,
+             resume=(how == "resume"))
+print("finished", flush=True)
+"""
+
+
+@pytest.mark.parametrize("api", ["run", "tuner"])
+def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, api):
+    script = tmp_path / "resumed.py"
+    script.write_text(RESUMED_SCRIPT)
+    marks, results = tmp_path / "marks", tmp_path / "results"
+    marks.mkdir()
+    # inprocess: the trials run inside the driver, so SIGKILL leaves no process behind.
+    env = dict(os.environ, BEAMLET_BACKEND="inprocess")
+    proc = subprocess.Popen([sys.executable, str(script), str(marks), str(results),
+                             "tuner" if api == "tuner" else "fresh"], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        # Killed once trial x=2 has checkpointed a few times (x=0 and x=1 have ended).
+        while not any(p.name.startswith("checkpoint_000005") for p in
+                      results.glob("exp/*x=2*/*")):
+            assert proc.poll() is None, "the run ended before it was killed"
+            assert time.monotonic() < deadline, "trial x=2 never got to 5 results"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    again = subprocess.run([sys.executable, str(script), str(marks), str(results),
+                            "tuner-restore" if api == "tuner" else "resume"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    starts = sorted(p.name for p in marks.iterdir())
+    assert "start_0_0" in starts and "start_1_0" in starts
+    assert not [s for s in starts if s.startswith(("start_0_", "start_1_")) and
+                s not in ("start_0_0", "start_1_0")]  # ended trials were not rerun
+    resumed_x2 = [int(s.split("_")[2]) for s in starts if s.startswith("start_2_")]
+    # x=2 went on from its checkpoint: at least the 4th, which the driver logged
+    # before it let the trial make the 5th.
+    assert 0 in resumed_x2 and max(resumed_x2) >= 4
+    analysis = tune.ExperimentAnalysis(str(results / "exp"))
+    assert sorted(t.config["x"] for t in analysis.trials) == [0, 1, 2, 3]
+    assert all(t.status == "TERMINATED" for t in analysis.trials)
+    assert {t.config["x"]: t.last_result["i"] for t in analysis.trials} == \
+        {0: 2, 1: 2, 2: 30, 3: 30}
+
+
+def test_resume_needs_a_state(storage):
+    with pytest.raises(ValueError, match="no experiment to resume"):
+        tune.run(fails_once_at_three, name="never_ran", storage_path=storage, resume=True,
+                 verbose=0)
