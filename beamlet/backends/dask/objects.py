@@ -32,10 +32,6 @@ def key_of(object_id: bytes) -> str:
     return PREFIX + object_id.hex()
 
 
-def id_of(key: str) -> bytes:
-    return bytes.fromhex(key[len(PREFIX):])
-
-
 _KNOWN_GRACE = 2.0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
 import sys
 import threading
 
@@ -254,7 +253,3 @@ class ActorHost:
             self._job.runtime.tables.set_actor_state(self._spec.actor_id, state.recorded, reason)
         except exc.BeamletError:
             pass  # (the driver is gone: nobody is left to read it)
-
-    @property
-    def pid(self) -> int:
-        return os.getpid()
