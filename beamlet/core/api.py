@@ -184,11 +184,14 @@ def put(value: Any) -> ObjectRef:
 def wait(object_refs: Sequence[ObjectRef], *, num_returns: int = 1,
          timeout: float | None = None, fetch_local: bool = True):
     """``(ready, not_ready)``: at most `num_returns` ready refs, once that many are
-    ready or `timeout` passed; both lists keep the input order."""
+    ready or `timeout` passed; both lists keep the input order. An empty list
+    gives ``([], [])`` at once."""
     if isinstance(object_refs, ObjectRef) or not isinstance(object_refs, (list, tuple)):
         raise TypeError("wait() expects a list of ObjectRefs, got "
                         f"{type(object_refs).__name__}")
     _check_refs(object_refs, "wait()")
+    if not object_refs:
+        return [], []  # (as Ray: before the num_returns checks)
     if not isinstance(num_returns, int) or num_returns < 1:
         raise ValueError(f"num_returns must be an integer >= 1, got {num_returns!r}")
     if num_returns > len(object_refs):

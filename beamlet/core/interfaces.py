@@ -49,8 +49,13 @@ class ObjectStore(abc.ABC):
         """Store `value` under `object_id` and wake everyone waiting for it."""
 
     @abc.abstractmethod
-    def get(self, object_ids: Sequence[bytes], timeout: float | None = None) -> list[SerializedObject]:
-        """The objects, in order, once all are present; ``GetTimeoutError`` after `timeout`."""
+    def get(self, object_ids: Sequence[bytes], timeout: float | None = None,
+            fail_fast: bool = False) -> list[SerializedObject]:
+        """The objects, in order, once all are present; ``GetTimeoutError`` after `timeout`.
+
+        `fail_fast`: return as soon as one of them is present as an error, with
+        None in place of the objects still missing (a store may ignore it and
+        wait for all: that is slower to fail, never wrong)."""
 
     @abc.abstractmethod
     def wait(self, object_ids: Sequence[bytes], num_returns: int,

@@ -209,7 +209,12 @@ class Runtime:
 
     def get(self, refs: Sequence["ObjectRef"], timeout: float | None) -> list:
         _check_timeout(timeout)
-        sobjs = self.backend.object_store.get(self._ids(refs), timeout)
+        ids = self._ids(refs)
+        sobjs = self.backend.object_store.get(ids, timeout, len(ids) > 1)
+        if None in sobjs:  # failed fast: an error arrived before the rest
+            for sobj in sobjs:
+                if sobj is not None and sobj.is_error:
+                    self._value(sobj)  # (raises it)
         return [self._value(s) for s in sobjs]
 
     def get_one(self, ref: "ObjectRef", timeout: float | None) -> Any:

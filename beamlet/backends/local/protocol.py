@@ -91,10 +91,12 @@ class Returned(NamedTuple):
 
 class GetRequest(NamedTuple):
     """Reply with the entries of `ids` once all exist. `blocking`: the worker's
-    thread waits meanwhile, so its CPUs are lent out."""
+    thread waits meanwhile, so its CPUs are lent out. `fail_fast`: reply as soon
+    as one of them exists as an error, with None for those still missing."""
     req_id: int
     ids: list
     blocking: bool
+    fail_fast: bool = False
 
 
 class WaitRequest(NamedTuple):

@@ -120,7 +120,8 @@ class WorkerObjectStore(ObjectStore):
     def put(self, object_id: bytes, value: SerializedObject) -> None:
         self._b.send(P.Put(object_id, self._b.entries_for([value])[0]))
 
-    def get(self, object_ids: Sequence[bytes], timeout: float | None = None) -> list[SerializedObject]:
+    def get(self, object_ids: Sequence[bytes], timeout: float | None = None,
+            fail_fast: bool = False) -> list[SerializedObject]:
         shipped = self.shipped
         if all(i in shipped for i in object_ids):
             try:
@@ -131,10 +132,11 @@ class WorkerObjectStore(ObjectStore):
                 for i in object_ids:
                     shipped.pop(i, None)
         for attempt in range(3):
-            entries = self._b.request("get", (list(object_ids), True), timeout,
+            entries = self._b.request("get", (list(object_ids), True, fail_fast), timeout,
                                       f"get() timed out after {timeout}s")
             try:
-                return [self.materialize(i, e) for i, e in zip(object_ids, entries)]
+                return [None if e is None else self.materialize(i, e)
+                        for i, e in zip(object_ids, entries)]
             except exc.ObjectLostError:
                 # Spilled to disk between the reply and our mapping: asking again
                 # brings it back into shared memory (if it still exists at all).
@@ -281,7 +283,7 @@ class WorkerBackend(Backend):
     def request(self, op: str, args: tuple, timeout: float | None, timeout_text: str):
         """Send request `op` (a key of protocol.REQUESTS) with `args` (its fields
         after req_id) and wait for its reply."""
-        blocking = op in ("get", "wait") and args[-1] is True
+        blocking = (op == "get" and args[1] is True) or (op == "wait" and args[2] is True)
         if blocking:
             self.worker_blocks(True)  # (gives back tasks sent ahead: see Worker.blocks)
         try:
