@@ -10,6 +10,7 @@ from . import runtime as _runtime
 from .object_ref import ObjectRef
 from .options import ACTOR_OPTIONS, METHOD_OPTIONS, resource_request, validate
 from .serialization import dumps
+from .signature import ArgSpec
 from .task_spec import ACTOR_CREATION, ACTOR_METHOD
 
 DEFAULT_ASYNC_CONCURRENCY = 1000
@@ -41,10 +42,21 @@ def _method_table(cls: type) -> dict[str, dict]:
         if not (inspect.isfunction(member) or inspect.ismethod(member)):
             continue
         opts = getattr(member, _METHOD_OPTIONS_ATTR, {})
+        bound = inspect.ismethod(member) or isinstance(inspect.getattr_static(cls, name, None),
+                                                       staticmethod)
+        argspec = ArgSpec.of(member, skip_first=not bound)
         table[name] = {"num_returns": opts.get("num_returns", 1),
                        "is_async": inspect.iscoroutinefunction(member) or
-                       inspect.isasyncgenfunction(member)}
+                       inspect.isasyncgenfunction(member),
+                       # (plain tuples: the table is stored in the control store)
+                       "params": None if argspec is None else argspec.params}
     return table
+
+
+def _constructor_argspec(cls: type) -> "ArgSpec | None":
+    if cls.__init__ is object.__init__:
+        return None if cls.__new__ is not object.__new__ else ArgSpec(())
+    return ArgSpec.of(cls.__init__, skip_first=True)
 
 
 class ActorClass:
@@ -55,6 +67,7 @@ class ActorClass:
         self._name = cls.__qualname__
         self._options = validate(options, ACTOR_OPTIONS, f"actor class {self._name}")
         self._methods = _method_table(cls)
+        self._init_argspec = _constructor_argspec(cls)
         self._blob: bytes | None = None
         self._class_id: bytes | None = None
         self.__doc__ = cls.__doc__
@@ -82,6 +95,8 @@ class ActorClass:
 
     def _create(self, args, kwargs, options: dict) -> "ActorHandle":
         from .tables import ActorInfo
+        if self._init_argspec is not None:
+            self._init_argspec.check(args, kwargs, f"{self._name}.remote()")
         rt = _runtime.current()
         name = options.get("name")
         namespace = options.get("namespace") or rt.namespace
@@ -167,6 +182,18 @@ class ActorHandle:
                                  f"method {name!r}")
         return ActorMethod(self, name, methods[name]["num_returns"])
 
+    def _argspec(self, name: str) -> "ArgSpec | None":
+        """The ArgSpec of method `name` (None: unchecked), made once per handle."""
+        specs = self.__dict__.get("_argspecs")
+        if specs is None:
+            specs = self._argspecs = {}
+        spec = specs.get(name, specs)
+        if spec is specs:
+            entry = self._methods.get(name)
+            params = entry.get("params") if entry is not None else None
+            spec = specs[name] = None if params is None else ArgSpec(params)
+        return spec
+
     def __reduce__(self):
         return (ActorHandle, (self._actor_id, self._class_name, self._methods, self._token))
 
@@ -205,6 +232,9 @@ class ActorMethod:
 
     def remote(self, *args, **kwargs):
         handle = self._handle
+        argspec = handle._argspec(self._name)
+        if argspec is not None:
+            argspec.check(args, kwargs, f"{handle._class_name}.{self._name}.remote()")
         rt = _runtime.current()
         n = self._num_returns
         spec, _keep = rt.make_spec(

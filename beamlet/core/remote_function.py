@@ -8,6 +8,7 @@ from . import ids
 from . import runtime as _runtime
 from .options import TASK_OPTIONS, resource_request, validate
 from .serialization import dumps
+from .signature import ArgSpec
 from .task_spec import TASK
 
 DEFAULT_MAX_RETRIES = 3
@@ -55,7 +56,14 @@ class RemoteFunction:
     def remote(self, *args, **kwargs):
         return self._remote(args, kwargs, self._options)
 
+    _argspec = _UNSET = object()  # (ArgSpec of the function, made at the first call)
+
     def _remote(self, args, kwargs, options: dict, call: tuple | None = None):
+        argspec = self._argspec
+        if argspec is RemoteFunction._UNSET:
+            argspec = self._argspec = ArgSpec.of(self._function)
+        if argspec is not None:
+            argspec.check(args, kwargs, f"{self._name}.remote()")
         rt = _runtime.current()
         function_id, blob = self._code()
         rt.register_function(function_id, blob)
