@@ -29,7 +29,7 @@ __all__ = [
     "BeamletError", "TaskError", "GetTimeoutError", "ActorError", "ActorDiedError",
     "ActorUnavailableError", "ActorAlreadyExistsError", "WorkerCrashedError",
     "TaskCancelledError", "ObjectLostError", "OwnerDiedError", "ObjectStoreFullError",
-    "BackendError",
+    "BackendError", "AsyncioActorExit", "ActorExit",
     # Ray's names, so that `except ray.exceptions.RayTaskError` works unchanged.
     "RayError", "RayTaskError", "RayActorError",
 ]
@@ -55,6 +55,17 @@ class ActorDiedError(ActorError):
 class ActorUnavailableError(ActorError):
     """The actor's process died during the call and the actor is restarting.
     The call may or may not have run; later calls go to the new instance."""
+
+
+class AsyncioActorExit(BeamletError):
+    """Raised by ``exit_actor()`` in an async actor (as Ray's): it unwinds the
+    awaited method, after which the actor exits gracefully."""
+
+
+class ActorExit(SystemExit):
+    """Raised by ``exit_actor()`` in a plain or threaded actor (Ray raises a
+    SystemExit too): it unwinds the method, after which the actor exits
+    gracefully."""
 
 
 class ActorAlreadyExistsError(BeamletError, ValueError):

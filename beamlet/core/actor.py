@@ -259,23 +259,29 @@ def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
 
 
 def exit_actor() -> None:
-    """End the actor this is called in (Ray's ``ray.actor.exit_actor()``).
+    """End the actor this is called in, gracefully (Ray's ``ray.actor.exit_actor()``).
 
     Only valid inside an actor method (or constructor): elsewhere it raises
-    TypeError, as in Ray. The actor is killed for good (no restart), and this
-    raises ActorDiedError, so the call that invoked it fails with
-    ActorDiedError instead of returning; calls queued behind it fail with
-    ActorDiedError too. Unlike Ray, ``atexit`` handlers do not run, and on the
-    local backend calls running at the same time on a threaded or async actor
-    are ended with it rather than allowed to finish.
+    TypeError, as in Ray. It raises (``ActorExit``, a SystemExit, or in an async
+    actor ``AsyncioActorExit``) to unwind the method; the call then fails with
+    ActorDiedError saying the actor called exit_actor(), as do the calls queued
+    behind it, and the actor is not restarted. Before its process ends the
+    actor's ``__ray_shutdown__`` runs, then (on backends that give actors a
+    process of their own) the ``atexit`` handlers.
     """
     ctx = _runtime.task_context.get()
     if ctx is None or ctx.actor_id is None:
         raise TypeError("exit_actor() can only be called inside an actor; use "
                         "kill(handle) to end an actor from outside")
-    _runtime.current().kill_actor(ctx.actor_id, True)
-    raise exc.ActorDiedError(f"the actor {ctx.function_name.rsplit('.', 1)[0]} is dead: it "
-                             f"called exit_actor()")
+    import asyncio
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise exc.ActorExit(0) from None
+    raise exc.AsyncioActorExit("exit_actor() is called")
+
+
+EXIT_REASON = "it called exit_actor()"
 
 
 def current_actor_handle() -> ActorHandle:

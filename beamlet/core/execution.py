@@ -86,6 +86,9 @@ class Executor:
         self._functions: dict[bytes, Any] = {}
         self.actors: dict[bytes, ActorInstance] = {}
         self.pid = os.getpid()
+        #: The actor that called exit_actor(), once one has: the caller ends it
+        #: after storing that call's result (see `end_actor`).
+        self.exiting: bytes | None = None
 
     # -- code -----------------------------------------------------------------
     def add_function(self, function_id: bytes, blob: bytes) -> None:
@@ -164,6 +167,12 @@ class Executor:
             return self._failure(spec, _cancelled_error(spec, err, self.pid))
         if isinstance(err, exc.ActorError):
             return self._failure(spec, err)
+        if isinstance(err, (exc.ActorExit, exc.AsyncioActorExit)) and spec.actor_id is not None:
+            from .actor import EXIT_REASON
+            if spec.kind == ACTOR_METHOD:
+                self.exiting = spec.actor_id
+            return self._failure(spec, exc.ActorDiedError(
+                f"the actor {spec.function_name.rsplit('.', 1)[0]} is dead: {EXIT_REASON}"))
         if isinstance(err, SystemExit) and spec.kind != ACTOR_METHOD:
             err = RuntimeError(f"task called sys.exit({err.code})")
         wrapped = exc.TaskError.from_exception(err, spec.display_name, self.pid)
@@ -219,6 +228,22 @@ class Executor:
             sobj = serialize(exc.TaskError(spec.display_name, str(error), None, self.pid),
                              is_error=True)
         return ExecutionResult([sobj] * len(spec.return_ids), error, retryable)
+
+    def end_actor(self, actor_id: bytes) -> None:
+        """Run the actor's ``__ray_shutdown__`` (if its class has one), then drop
+        it: its graceful end, after exit_actor(). An error in the hook is
+        printed, not raised (the actor ends anyway)."""
+        actor = self.actors.get(actor_id)
+        hook = getattr(actor.instance, "__ray_shutdown__", None) if actor is not None else None
+        if hook is not None:
+            try:
+                result = hook()
+                if inspect.iscoroutine(result):
+                    asyncio.run(result)
+            except BaseException:  # noqa: BLE001 - the actor ends whatever it raises
+                import traceback
+                traceback.print_exc()
+        self.drop_actor(actor_id)
 
     def drop_actor(self, actor_id: bytes) -> None:
         actor = self.actors.pop(actor_id, None)

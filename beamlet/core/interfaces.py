@@ -274,6 +274,13 @@ class Scheduler(abc.ABC):
         """Stop the actor's process; queued and later calls raise ``ActorDiedError``
         (unless it restarts: ``no_restart=False`` and restarts are left)."""
 
+    def actor_exited(self, actor_id: bytes) -> None:
+        """The actor called ``exit_actor()``, and its process ends by itself after
+        its ``__ray_shutdown__`` and atexit handlers: fail its queued and later
+        calls with ``ActorDiedError`` saying so, and never restart it. (This
+        default ends it like ``kill_actor``.)"""
+        self.kill_actor(actor_id, True)
+
     @abc.abstractmethod
     def total_resources(self) -> dict[str, float]:
         """Everything the scheduler can hand out, e.g. ``{"CPU": 8.0, "GPU": 0.0}``."""

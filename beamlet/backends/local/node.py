@@ -365,7 +365,10 @@ class Node:
             pass  # (the same call in the driver raises; a task cannot be told)
 
     def _on_kill_actor(self, worker: WorkerInfo, message: P.KillActor) -> None:
-        self.scheduler.kill_actor(message.actor_id, message.no_restart)
+        if message.exited and worker.actor_id == message.actor_id:
+            self.scheduler.actor_exited(message.actor_id)
+        else:
+            self.scheduler.kill_actor(message.actor_id, message.no_restart)
 
     def _on_forget(self, worker: WorkerInfo, message: P.Forget) -> None:
         self._forget(worker, message.req_id)

@@ -72,9 +72,11 @@ class CancelTask(NamedTuple):
 
 
 class KillActor(NamedTuple):
-    """``kill()`` inside a task."""
+    """``kill()`` inside a task; `exited`: the actor itself called exit_actor()
+    and its process is ending by itself (Scheduler.actor_exited)."""
     actor_id: bytes
     no_restart: bool
+    exited: bool = False
 
 
 class Forget(NamedTuple):

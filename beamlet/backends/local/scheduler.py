@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Iterable, Protocol
 
 from ... import exceptions as exc
 from ...core import plugins
+from ...core.actor import EXIT_REASON
 from ...core.interfaces import Scheduler
 from ...core.resources import ResourcePool
 from ...core.scheduling import RETRYING, ActorLifecycle, attempt_status, may_retry
@@ -772,6 +773,15 @@ class LocalScheduler(Scheduler):
                 return
             record.killed = True
             self._end_actor(record, "it was killed by beamlet.kill()", kill=True)
+
+    def actor_exited(self, actor_id: bytes) -> None:
+        with self.lock:
+            record = self.actors.get(actor_id)
+            if record is None or record.state == ActorLifecycle.DEAD:
+                return
+            record.killed = True  # (no restart)
+            # Not killed: its process runs __ray_shutdown__ and atexit, then exits.
+            self._end_actor(record, EXIT_REASON, kill=False)
 
     def token_released(self, object_id: bytes) -> None:
         """The last handle to an actor is gone: end it once its calls are done.

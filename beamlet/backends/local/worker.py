@@ -223,6 +223,9 @@ class SchedulerClient(Scheduler):
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
         self._b.send(P.KillActor(actor_id, no_restart))
 
+    def actor_exited(self, actor_id: bytes) -> None:
+        self._b.send(P.KillActor(actor_id, True, True))
+
     def total_resources(self) -> dict[str, float]:
         return self._b.request("resources", ("total",), 60.0, "resources timed out")
 
@@ -706,6 +709,8 @@ class Worker:
         if spec.kind == ACTOR_CREATION and result.error is None:
             self._setup_actor(spec)
         self._finish(spec, result)
+        if self.executor.exiting is not None:
+            self._exit_actor()
 
     def _finish(self, spec: TaskSpec, result) -> None:
         try:
@@ -757,6 +762,24 @@ class Worker:
             threading.Thread(target=self._finish, args=(spec, result), daemon=True).start()
         else:
             self._finish(spec, result)
+        if self.executor.exiting is not None:
+            self._exit_actor()
+
+    def _exit_actor(self) -> None:
+        """The actor called exit_actor() (its call's result is sent): end it
+        gracefully. The node fails the calls queued behind it; then its
+        ``__ray_shutdown__`` and this process's atexit handlers run, and the
+        process exits (whatever thread this is)."""
+        import atexit
+        actor_id = self.executor.exiting
+        self.backend.scheduler.actor_exited(actor_id)
+        self.executor.end_actor(actor_id)
+        try:
+            atexit._run_exitfuncs()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
 
 def main(address: str, worker_id: str, secret: bytes) -> None:
