@@ -75,6 +75,22 @@ class ActorClass:
         self.__qualname__ = cls.__qualname__
         self.__module__ = cls.__module__
 
+    def __mro_entries__(self, bases):
+        raise TypeError(f"cannot subclass the actor class {self._name}: inheriting from "
+                        f"actor classes is not allowed (as in Ray); subclass the plain class "
+                        f"and decorate the subclass with @remote instead")
+
+    def __getattr__(self, name: str):
+        # Class attributes, static and class methods of the class, through the
+        # decorated name (``Counter.LIMIT``, ``Counter.helper()``), as in Ray.
+        cls = self.__dict__.get("_cls")
+        if cls is None or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(name)
+        try:
+            return getattr(cls, name)
+        except AttributeError:
+            raise AttributeError(f"actor class {self._name} has no attribute {name!r}") from None
+
     def __call__(self, *args, **kwargs):
         raise TypeError(f"Actors cannot be instantiated directly. Instead of "
                         f"'{self._name}()', use '{self._name}.remote()'.")
