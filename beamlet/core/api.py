@@ -205,10 +205,11 @@ def wait(object_refs: Sequence[ObjectRef], *, num_returns: int = 1,
 
 def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
     """Cancel the task that makes `object_ref` (see Scheduler.cancel); `get` then raises
-    TaskCancelledError."""
+    TaskCancelledError. `recursive` (the default, as in Ray): the tasks it submitted
+    that are still queued or running are cancelled too."""
     if not isinstance(object_ref, ObjectRef):
         raise TypeError(f"cancel() takes an ObjectRef, got {type(object_ref).__name__}")
-    _runtime.current().cancel(object_ref, force)
+    _runtime.current().cancel(object_ref, force, recursive)
 
 
 def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:

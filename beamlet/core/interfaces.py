@@ -264,10 +264,12 @@ class Scheduler(abc.ABC):
         """Queue a task, actor creation or actor method call."""
 
     @abc.abstractmethod
-    def cancel(self, object_id: bytes, force: bool = False) -> None:
+    def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True) -> None:
         """Cancel the task that produces `object_id`: a queued task is dropped,
         a running one is interrupted (``force``: its worker is killed). Its
-        results become ``TaskCancelledError``. Finished tasks are left alone."""
+        results become ``TaskCancelledError``. Finished tasks are left alone.
+        `recursive`: the tasks it submitted (not actors or actor calls) that
+        have not finished are cancelled too, and theirs, with the same `force`."""
 
     @abc.abstractmethod
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:

@@ -250,8 +250,11 @@ class Runtime:
     def kill_actor(self, actor_id: bytes, no_restart: bool) -> None:
         self.backend.scheduler.kill_actor(actor_id, no_restart)
 
-    def cancel(self, ref: "ObjectRef", force: bool) -> None:
-        self.backend.scheduler.cancel(ref.id, force)
+    def cancel(self, ref: "ObjectRef", force: bool, recursive: bool = True) -> None:
+        if recursive:  # (the contract's default: schedulers that predate the flag work too)
+            self.backend.scheduler.cancel(ref.id, force)
+        else:
+            self.backend.scheduler.cancel(ref.id, force, recursive=False)
 
     # -- callbacks --------------------------------------------------------------
     def call_soon(self, fn) -> None:

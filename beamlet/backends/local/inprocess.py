@@ -113,7 +113,7 @@ class InProcessScheduler(Scheduler):
             plugins.notify("beamlet_actor_state", actor_id=actor_id,
                            class_name=info.class_name, state=state.recorded, reason=reason)
 
-    def cancel(self, object_id: bytes, force: bool = False) -> None:
+    def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True) -> None:
         """Every task has finished by the time its ref exists: nothing to cancel."""
 
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:

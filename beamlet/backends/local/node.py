@@ -349,6 +349,7 @@ class Node:
 
     def _on_submit(self, worker: WorkerInfo, message: P.Submit) -> None:
         spec = message.spec
+        self.scheduler.submitted_by(worker, spec)
         try:
             self.owner.accept(spec)
         except Exception as err:  # noqa: BLE001 - the submitter gets it from get()
@@ -360,7 +361,7 @@ class Node:
 
     def _on_cancel(self, worker: WorkerInfo, message: P.CancelTask) -> None:
         try:
-            self.scheduler.cancel(message.object_id, message.force)
+            self.scheduler.cancel(message.object_id, message.force, message.recursive)
         except ValueError:
             pass  # (the same call in the driver raises; a task cannot be told)
 

@@ -69,6 +69,7 @@ class CancelTask(NamedTuple):
     """``cancel()`` inside a task: cancel the task that makes `object_id`."""
     object_id: bytes
     force: bool
+    recursive: bool = True
 
 
 class KillActor(NamedTuple):

@@ -255,6 +255,8 @@ class LocalScheduler(Scheduler):
         self._running: dict[bytes, WorkerInfo] = {}  # task id -> worker
         self._ahead: set[WorkerInfo] = set()  # workers that were sent a task ahead
         self._cancelled: set[bytes] = set()
+        # task id -> return ids of the tasks it submitted (see submitted_by), while it runs
+        self._children: dict[bytes, list[bytes]] = {}
         self._shipped: dict[bytes, list[bytes]] = {}  # task id -> shm args pinned for it
         self.closed = False
         self.failure: BaseException | None = None  # why the backend cannot go on (see fail)
@@ -880,6 +882,8 @@ class LocalScheduler(Scheduler):
 
     def _finish(self, spec: TaskSpec, entries: list, status: str, worker=None) -> None:
         self._tasks.pop(spec.task_id, None)
+        if self._children:
+            self._children.pop(spec.task_id, None)
         shipped = self._shipped.pop(spec.task_id, None)
         if shipped:
             self.store.unpin(shipped)
@@ -1150,12 +1154,26 @@ class LocalScheduler(Scheduler):
         self.host.unpin(let_go)
 
     # -- cancel -----------------------------------------------------------------
-    def cancel(self, object_id: bytes, force: bool = False) -> None:
+    def submitted_by(self, worker: WorkerInfo, spec: TaskSpec) -> None:
+        """`worker` submitted `spec`: note it as a child of the task the worker
+        runs, for a recursive cancel of that task (tasks only: actor calls and
+        creations are not cancelled with their submitter, as in Ray)."""
+        parent = worker.task
+        if parent is None or spec.kind != TASK:
+            return
+        with self.lock:
+            if parent.task_id in self._tasks:
+                self._children.setdefault(parent.task_id, []).append(spec.return_ids[0])
+
+    def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True) -> None:
         with self.lock:
             task_id = self._producer.get(object_id)
             spec = self._tasks.get(task_id) if task_id else None
             if spec is None:
                 return
+            children = self._children.pop(task_id, None) if recursive else None
+            for child in children or ():
+                self.cancel(child, force, True)
             if spec.kind == ACTOR_CREATION:
                 raise ValueError("cancel() cannot cancel an actor's creation; use kill()")
             if spec.kind == ACTOR_METHOD:

@@ -217,8 +217,8 @@ class SchedulerClient(Scheduler):
             self._pool.check_feasible(spec.resources, spec.display_name)
         self._b.send(P.Submit(spec))
 
-    def cancel(self, object_id: bytes, force: bool = False) -> None:
-        self._b.send(P.CancelTask(object_id, force))
+    def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True) -> None:
+        self._b.send(P.CancelTask(object_id, force, recursive))
 
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
         self._b.send(P.KillActor(actor_id, no_restart))
