@@ -57,7 +57,7 @@ class WorkerInfo:
 
     __slots__ = ("worker_id", "pid", "conn", "state", "task", "actor_id", "known_functions",
                  "blocking", "borrowed", "started", "gpu_ids", "dispatched_at", "idle_since",
-                 "next", "revoking", "outbox", "send_lock")
+                 "next", "revoking", "outbox", "send_lock", "gpu_kind")
 
     def __init__(self, worker_id: str):
         self.worker_id = worker_id
@@ -75,6 +75,9 @@ class WorkerInfo:
         self.borrowed: collections.Counter = collections.Counter()
         self.started = time.monotonic()
         self.gpu_ids: list[int] = []
+        # Whether what it ran used GPUs (None: it has run nothing yet). A worker
+        # runs work of one kind only: a GPU task leaves its CUDA state behind.
+        self.gpu_kind: bool | None = None
         self.dispatched_at = 0.0
         self.idle_since = 0.0
 
@@ -294,7 +297,7 @@ class LocalScheduler(Scheduler):
             if not deps:
                 if spec.kind == TASK and not self._queues and self.pool.fits(spec.resources):
                     # Nothing queued ahead of it: straight to an idle worker, if any.
-                    worker = self._take_idle()
+                    worker = self._take_idle(bool(spec.resources.get("GPU")))
                     if worker is not None:
                         self._run_task(spec, worker)
                         return
@@ -341,9 +344,12 @@ class LocalScheduler(Scheduler):
                     continue
                 if not self.pool.fits(spec.resources):
                     break
-                worker = self._take_idle()
+                gpu = bool(spec.resources.get("GPU"))
+                worker = self._take_idle(gpu)
                 if worker is None:
                     starved = True
+                    if not self.starting:
+                        self._retire_idle_of_kind(not gpu)
                     break
                 queue.popleft()
                 if record is not None:
@@ -375,12 +381,30 @@ class LocalScheduler(Scheduler):
                     return count
         return count
 
-    def _take_idle(self) -> WorkerInfo | None:
-        while self.idle:
-            worker = self.idle.pop()
-            if worker.state == IDLE:
+    def _take_idle(self, gpu: bool) -> WorkerInfo | None:
+        """An idle worker for a task that uses GPUs (`gpu`) or not: a fresh one
+        or one that ran the same kind (the most recently idle first)."""
+        idle = self.idle
+        for i in range(len(idle) - 1, -1, -1):
+            worker = idle[i]
+            if worker.state != IDLE:
+                del idle[i]  # (stale: it left the idle state since)
+            elif worker.gpu_kind is None or worker.gpu_kind is gpu:
+                del idle[i]
                 return worker
         return None
+
+    def _retire_idle_of_kind(self, gpu: bool) -> None:
+        """No idle worker may run what waits, but one of the other kind idles:
+        let one such go (it may be what keeps max_workers from starting another).
+        Not one that owns live objects: they would be lost."""
+        for worker in self.idle:
+            if worker.state == IDLE and worker.gpu_kind is gpu \
+                    and not self.store.objects_owned_by(worker.worker_id):
+                worker.state = EXITING  # worker_died finishes the bookkeeping at its EOF
+                self.idle.remove(worker)
+                self._send(worker, P.Exit())
+                return
 
     def _start_workers(self, wanted: int) -> None:
         if self.launch_error is not None:
@@ -526,6 +550,7 @@ class LocalScheduler(Scheduler):
         gpu_ids = self.pool.acquire(spec.resources)
         worker.state = BUSY
         worker.task = spec
+        worker.gpu_kind = bool(spec.resources.get("GPU"))
         worker.gpu_ids = gpu_ids
         worker.dispatched_at = time.perf_counter()
         self._running[spec.task_id] = worker
@@ -635,6 +660,7 @@ class LocalScheduler(Scheduler):
         record.worker = worker
         self._move(record, ActorLifecycle.STARTING)
         worker.state = ACTOR
+        worker.gpu_kind = bool(spec.resources.get("GPU"))
         worker.actor_id = spec.actor_id
         self._running[spec.task_id] = worker
         error = self._send_execute(worker, spec,
