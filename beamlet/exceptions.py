@@ -29,7 +29,7 @@ __all__ = [
     "BeamletError", "TaskError", "GetTimeoutError", "ActorError", "ActorDiedError",
     "ActorUnavailableError", "ActorAlreadyExistsError", "WorkerCrashedError",
     "TaskCancelledError", "ObjectLostError", "OwnerDiedError", "ObjectStoreFullError",
-    "BackendError", "AsyncioActorExit", "ActorExit",
+    "BackendError", "AsyncioActorExit", "ActorExit", "UnserializableException",
     # Ray's names, so that `except ray.exceptions.RayTaskError` works unchanged.
     "RayError", "RayTaskError", "RayActorError",
 ]
@@ -101,8 +101,8 @@ class TaskError(BeamletError):
 
     `get` raises an instance of a class made per cause type that derives from
     both `TaskError` and the cause's class, so ``except ValueError`` catches a
-    remote ``ValueError``. ``.cause`` is the original exception (or a stand-in
-    when it could not be pickled), ``.function_name`` names the task and
+    remote ``ValueError``. ``.cause`` is the original exception (or an
+    UnserializableException standing in when it could not be pickled), ``.function_name`` names the task and
     ``.traceback_str`` holds the remote traceback.
     """
 
@@ -156,8 +156,12 @@ class TaskError(BeamletError):
         return cls(function_name, text, exc, pid).as_instanceof_cause()
 
 
-class _CauseStandIn(Exception):
-    """Stands in for a remote exception that could not be pickled."""
+class UnserializableException(BeamletError):
+    """Stands in for a remote exception that could not be pickled (the cause of
+    its TaskError); its text is the original's type and message."""
+
+
+_CauseStandIn = UnserializableException  # (the name older pickles refer to)
 
 
 _combined_classes: dict[type, type] = {}
@@ -179,18 +183,48 @@ def _combined_class(cause_cls: type) -> type:
     return cls
 
 
-def _picklable_cause(cause: BaseException | None) -> BaseException | None:
+def _picklable_cause(cause: BaseException | None):
+    """What a TaskError pickles as its cause: the cause, if it comes back from a
+    pickle; else its class and state (an exception whose ``__init__`` takes other
+    arguments than its ``args`` cannot be rebuilt by calling the class, but can
+    without calling it: ``except TheirClass`` still catches it); else, when even
+    that does not pickle, an UnserializableException saying what it was."""
     if cause is None:
         return None
     if isinstance(cause, TaskError):
         cause = cause.cause
+    import cloudpickle
     try:
-        import cloudpickle
         cloudpickle.loads(cloudpickle.dumps(cause))
         return cause
     except Exception:
-        stand_in = _CauseStandIn(f"{type(cause).__name__}: {cause}")
-        return stand_in
+        pass
+    try:
+        by_state = _ExceptionByState(cause)
+        cloudpickle.loads(cloudpickle.dumps(by_state))
+        return by_state
+    except Exception:
+        return UnserializableException(f"{type(cause).__name__}: {cause}")
+
+
+class _ExceptionByState:
+    """Pickles an exception as its class, ``args`` and ``__dict__``; unpickles
+    as that exception, made without calling its ``__init__``."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def __reduce__(self):
+        error = self.error
+        return (_rebuild_exception, (type(error), error.args, dict(getattr(error, "__dict__", {}))))
+
+
+def _rebuild_exception(cls: type, args: tuple, state: dict) -> BaseException:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    if state:
+        error.__dict__.update(state)
+    return error
 
 
 def _rebuild_task_error(function_name, traceback_str, cause, pid, input_failed):

@@ -133,22 +133,41 @@ def is_initialized() -> bool:
 def remote(*args, **options):
     """Make a function a remote function or a class an actor class.
 
-    ``@remote``, or ``@remote(num_cpus=..., num_returns=..., ...)``."""
+    ``@remote``, or ``@remote(num_cpus=..., num_returns=..., ...)``; ``@remote()``
+    with empty parentheses is an error, as in Ray (``RemoteUsageError``, both a
+    TypeError and the AssertionError Ray raises). An ``async def`` function is
+    refused (ValueError, as in Ray): async code belongs in actors."""
     if len(args) == 1 and not options and (inspect.isfunction(args[0]) or inspect.isclass(args[0])
                                            or callable(args[0])):
         return _make_remote(args[0], {})
     if args:
         raise TypeError("@remote takes a function or class, or only keyword options: "
                         "@remote(num_cpus=1)")
+    if not options:
+        raise RemoteUsageError(
+            "the @remote decorator must be applied either with no arguments and no "
+            "parentheses, as '@remote', or with some options, as '@remote(num_cpus=1)'")
     return lambda fn_or_cls: _make_remote(fn_or_cls, options)
+
+
+class RemoteUsageError(TypeError, AssertionError):
+    """`@remote()` with empty parentheses (Ray raises AssertionError)."""
 
 
 def _make_remote(obj, options: dict):
     if inspect.isclass(obj):
         return ActorClass(obj, options)
+    if inspect.iscoroutinefunction(obj) or inspect.isasyncgenfunction(obj):
+        raise ValueError(f"'async def' cannot be a remote task ({_qualname(obj)}): wrap it, "
+                         f"as in 'def f(): return asyncio.run(g())', or make it a method of "
+                         f"an actor (async actors run it on their event loop)")
     if callable(obj):
         return RemoteFunction(obj, options)
     raise TypeError(f"@remote needs a function or class, got {obj!r}")
+
+
+def _qualname(obj) -> str:
+    return getattr(obj, "__qualname__", None) or repr(obj)
 
 
 def _check_refs(object_refs, what: str) -> None:

@@ -86,6 +86,9 @@ class Runtime:
         from .tables import Tables  # not at import: `import beamlet` stays fast
         self.tables = Tables(self.backend.control_store)
         self.inline_threshold = self.backend.inline_threshold
+        # Optional parameters a plugin's components may predate (asked once).
+        self._fail_fast = _takes(self.backend.object_store.get, "fail_fast")
+        self._recursive_cancel = _takes(self.backend.scheduler.cancel, "recursive")
 
     # -- reference counting ---------------------------------------------------
     def _referenced(self, object_id: bytes) -> None:
@@ -210,7 +213,10 @@ class Runtime:
     def get(self, refs: Sequence["ObjectRef"], timeout: float | None) -> list:
         _check_timeout(timeout)
         ids = self._ids(refs)
-        sobjs = self.backend.object_store.get(ids, timeout, len(ids) > 1)
+        if self._fail_fast and len(ids) > 1:
+            sobjs = self.backend.object_store.get(ids, timeout, fail_fast=True)
+        else:
+            sobjs = self.backend.object_store.get(ids, timeout)
         if None in sobjs:  # failed fast: an error arrived before the rest
             for sobj in sobjs:
                 if sobj is not None and sobj.is_error:
@@ -251,10 +257,10 @@ class Runtime:
         self.backend.scheduler.kill_actor(actor_id, no_restart)
 
     def cancel(self, ref: "ObjectRef", force: bool, recursive: bool = True) -> None:
-        if recursive:  # (the contract's default: schedulers that predate the flag work too)
+        if self._recursive_cancel:
+            self.backend.scheduler.cancel(ref.id, force, recursive=recursive)
+        else:  # (a scheduler that predates the flag: it decides)
             self.backend.scheduler.cancel(ref.id, force)
-        else:
-            self.backend.scheduler.cancel(ref.id, force, recursive=False)
 
     # -- callbacks --------------------------------------------------------------
     def call_soon(self, fn) -> None:
@@ -291,6 +297,15 @@ class Runtime:
         with self._callbacks_lock:
             if self._callbacks is not None:
                 self._callbacks.put(None)
+
+
+def _takes(method, parameter: str) -> bool:
+    """Whether `method` accepts the keyword `parameter`."""
+    import inspect
+    try:
+        return parameter in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _object_ref_class():
