@@ -12,7 +12,15 @@ Hierarchy (Ray's names in brackets where they differ)::
     ├── WorkerCrashedError        the worker process died and retries ran out
     ├── TaskCancelledError        cancel() stopped the task
     ├── ObjectLostError
-    │   └── OwnerDiedError        the process that owned the object died
+    │   ├── OwnerDiedError        the process that owned the object died
+    │   ├── ObjectFreedError      it was freed before it was read
+    │   └── ObjectReconstructionFailedError
+    ├── ObjectRefStreamEndOfStreamError  a stream of refs has no more items
+    ├── RuntimeEnvSetupError      a runtime_env cannot be set up here
+    ├── NodeDiedError, OutOfMemoryError
+    ├── AsyncioActorExit          exit_actor() in an async actor (ActorExit, a
+    │                             SystemExit, in others)
+    ├── UnserializableException   stands in for a cause that cannot be pickled
     ├── ObjectStoreFullError
     └── BackendError              a backend failed to start or lost its workers
 
@@ -30,6 +38,8 @@ __all__ = [
     "ActorUnavailableError", "ActorAlreadyExistsError", "WorkerCrashedError",
     "TaskCancelledError", "ObjectLostError", "OwnerDiedError", "ObjectStoreFullError",
     "BackendError", "AsyncioActorExit", "ActorExit", "UnserializableException",
+    "ObjectFreedError", "ObjectReconstructionFailedError", "ObjectRefStreamEndOfStreamError",
+    "RuntimeEnvSetupError", "NodeDiedError", "OutOfMemoryError", "RaySystemError",
     # Ray's names, so that `except ray.exceptions.RayTaskError` works unchanged.
     "RayError", "RayTaskError", "RayActorError",
 ]
@@ -86,6 +96,31 @@ class ObjectLostError(BeamletError):
 
 class OwnerDiedError(ObjectLostError):
     """The worker or actor that owned the object (it called `put`) has died."""
+
+
+class ObjectFreedError(ObjectLostError):
+    """The object was freed (no reference to it was left) before it was read."""
+
+
+class ObjectReconstructionFailedError(ObjectLostError):
+    """The object was lost and could not be computed again."""
+
+
+class ObjectRefStreamEndOfStreamError(BeamletError):
+    """A stream of refs (a generator task's) has no more items."""
+
+
+class RuntimeEnvSetupError(BeamletError):
+    """A task's or actor's ``runtime_env`` could not be set up (or asks for
+    something this backend does not do)."""
+
+
+class NodeDiedError(BeamletError):
+    """The node the task or actor ran on died."""
+
+
+class OutOfMemoryError(BeamletError):
+    """The task was killed because its machine ran out of memory."""
 
 
 class ObjectStoreFullError(BeamletError):
@@ -246,3 +281,4 @@ def is_system_error(exc: BaseException) -> bool:
 RayError = BeamletError
 RayTaskError = TaskError
 RayActorError = ActorError
+RaySystemError = BackendError

@@ -8,7 +8,7 @@ from .. import exceptions as exc
 from . import ids
 from . import runtime as _runtime
 from .object_ref import ObjectRef
-from .options import ACTOR_OPTIONS, METHOD_OPTIONS, resource_request, validate
+from .options import ACTOR_OPTIONS, METHOD_OPTIONS, env_vars_of, resource_request, validate
 from .serialization import dumps
 from .signature import ArgSpec
 from .task_spec import ACTOR_CREATION, ACTOR_METHOD
@@ -140,7 +140,8 @@ class ActorClass:
         # Actors hold no CPU while idle unless asked to (Ray's default).
         resources = resource_request(options, 0.0)
         spec, _keep = rt.make_spec(ACTOR_CREATION, class_id, self._name, args, kwargs, 1,
-                                   resources, actor_id=actor_id, actor_options=actor_options)
+                                   resources, actor_id=actor_id, actor_options=actor_options,
+                                   env_vars=env_vars_of(options))
         try:
             rt.tables.create_actor(ActorInfo(actor_id, self._name, name, namespace,
                                              spec.return_ids[0], self._methods))

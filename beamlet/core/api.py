@@ -10,6 +10,7 @@ from . import plugins
 from . import runtime as _runtime
 from .actor import ActorClass, ActorHandle, get_actor, method  # noqa: F401 - re-exported
 from .object_ref import ObjectRef
+from .options import check_runtime_env
 from .remote_function import RemoteFunction
 
 DEFAULT_BACKEND = "local"
@@ -19,12 +20,15 @@ ADDRESS_ENV_VAR = "BEAMLET_ADDRESS"  # the cluster a plain init() connects to
 
 def init(backend: str | None = None, address: str | None = None, num_cpus: float | None = None,
          num_gpus: float | None = None, resources: dict | None = None, local_mode: bool = False,
-         namespace: str | None = None, ignore_reinit_error: bool = False, **backend_options):
+         namespace: str | None = None, ignore_reinit_error: bool = False,
+         runtime_env: dict | None = None, **backend_options):
     """Start (or connect to) a backend and make it the current one.
 
     ``backend`` defaults to ``$BEAMLET_BACKEND``, then ``"local"``; ``local_mode=True``
     means ``"inprocess"``. ``address`` (default ``$BEAMLET_ADDRESS``) joins a running
-    cluster (``address="local"`` means start one here, as in Ray). Extra keyword arguments are the backend's
+    cluster (``address="local"`` means start one here, as in Ray). ``runtime_env``
+    (only ``env_vars``; other fields raise ValueError) applies to every task and
+    actor of the job, under their own. Extra keyword arguments are the backend's
     own options (e.g. ``object_store_memory``).
     Returns an InitContext: a dict describing what started, which, like Ray's
     context, also works as ``with init(...):`` and has ``disconnect()``.
@@ -58,9 +62,11 @@ def init(backend: str | None = None, address: str | None = None, num_cpus: float
         _check_resources(num_cpus, num_gpus, resources)
         if namespace is not None and not isinstance(namespace, str):
             raise TypeError(f"namespace must be a string, got {namespace!r}")
+        runtime_env = check_runtime_env(runtime_env) if runtime_env is not None else {}
         config = dict(backend_options)
         config.update(backend=backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus,
-                      resources=dict(resources or {}), namespace=namespace)
+                      resources=dict(resources or {}), namespace=namespace,
+                      runtime_env=runtime_env)
         rt = _runtime.Runtime(factories[backend], config)
         _runtime.set_current(rt)
         hook = plugins.observer("beamlet_init")

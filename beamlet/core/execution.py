@@ -130,6 +130,7 @@ class Executor:
         """Run `spec` and return its results; never raises for a task's own failure."""
         token = task_context.set(TaskContext(spec.task_id, spec.actor_id, spec.display_name,
                                              spec.resources))
+        saved = self._enter_env(spec)
         try:
             try:
                 args, kwargs = self._resolve(spec)
@@ -138,7 +139,28 @@ class Executor:
                 return self._handle(spec, err)
             return self._results(spec, result)
         finally:
+            if saved is not None:
+                _restore_env(saved)
             task_context.reset(token)
+
+    def _enter_env(self, spec: TaskSpec) -> dict | None:
+        """Set the environment variables of the spec's runtime_env; return what
+        to restore after the call (None: nothing). An actor in a process of its
+        own keeps them for its life; elsewhere (a task on a pooled worker, any
+        call in the caller's process) they last for the call."""
+        env = spec.env_vars
+        isolated = self.runtime.backend.isolated
+        if spec.kind == ACTOR_METHOD and not isolated:
+            actor = self.actors.get(spec.actor_id)
+            env = actor.spec.env_vars if actor is not None else None
+        if not env:
+            return None
+        if spec.kind == ACTOR_CREATION and isolated:
+            os.environ.update(env)
+            return None
+        saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        return saved
 
     async def execute_async(self, spec: TaskSpec) -> ExecutionResult:
         """Run an async actor's method call on the running event loop: awaits the
@@ -264,6 +286,14 @@ def _actor_method(instance: Any, name: str):
             from .actor import exit_actor
             return exit_actor
         raise
+
+
+def _restore_env(saved: dict) -> None:
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 async def _with_context(method, args, kwargs):

@@ -262,7 +262,7 @@ class MemoryObjectStore(ObjectStore):
                 if closed:
                     raise exc.BackendError(str(failure) if failure is not None
                                            else "the object store was shut down")
-                raise exc.ObjectLostError(f"object {object_id.hex()} was freed")
+                raise exc.ObjectFreedError(f"object {object_id.hex()} was freed")
         return [self._materialize(i, entry) for i, entry in zip(object_ids, found)]
 
     def _materialize(self, object_id: bytes, entry) -> SerializedObject:

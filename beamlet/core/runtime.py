@@ -78,6 +78,9 @@ class Runtime:
         self.namespace = config.get("namespace") or "anonymous-" + ids.new_id().hex()[:8]
         self.job_id = config.get("job_id") or ids.new_id().hex()
         self.caller_id = ids.new_id()
+        #: The job's runtime_env (init(runtime_env=...)): its env_vars go into every spec.
+        self.runtime_env = config.get("runtime_env") or {}
+        self._job_env_vars = self.runtime_env.get("env_vars") or None
         self.refs = ReferenceCounter(self._released, self._referenced)
         self._registered_functions: set[bytes] = set()
         self._callbacks = None  # the queue of the callback thread, once started
@@ -165,16 +168,19 @@ class Runtime:
     def make_spec(self, kind: int, function_id: bytes, function_name: str, args, kwargs,
                   num_returns: int, resources: dict, max_retries: int = 0,
                   retry_exceptions: Any = False, actor_id: bytes | None = None,
-                  method_name: str | None = None, actor_options: dict | None = None):
+                  method_name: str | None = None, actor_options: dict | None = None,
+                  env_vars: dict | None = None):
         if args or kwargs:
             packed, packed_kw, keep = self.pack_args(args, kwargs, function_name)
         else:
             packed, packed_kw, keep = [], {}, []
+        if self._job_env_vars:
+            env_vars = {**self._job_env_vars, **env_vars} if env_vars else self._job_env_vars
         return_ids = ((ids.new_id(),) if num_returns <= 1
                       else tuple(ids.new_id() for _ in range(num_returns)))
         spec = TaskSpec(ids.new_id(), kind, function_id, function_name, packed, packed_kw,
                         return_ids, resources, max_retries, retry_exceptions, actor_id,
-                        method_name, actor_options, self.caller_id)
+                        method_name, actor_options, self.caller_id, 0, env_vars)
         return spec, keep
 
     # -- objects --------------------------------------------------------------
