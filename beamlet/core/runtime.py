@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextvars
 import itertools
 import operator
+import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Sequence
@@ -92,12 +93,25 @@ class Runtime:
         # Optional parameters a plugin's components may predate (asked once).
         self._fail_fast = _takes(self.backend.object_store.get, "fail_fast")
         self._recursive_cancel = _takes(self.backend.scheduler.cancel, "recursive")
+        # Unhandled errors (see _released): errors `get` raised, by object id, and
+        # how the owner reads a stored entry without materializing it.
+        self._errors_raised: set[bytes] = set()
+        self._entry = (getattr(self.backend.object_store, "entry", None)
+                       if self.backend.owns_objects and
+                       not os.environ.get(IGNORE_UNHANDLED_ERRORS_ENV_VAR) else None)
 
     # -- reference counting ---------------------------------------------------
     def _referenced(self, object_id: bytes) -> None:
         self.backend.object_referenced(object_id)
 
     def _released(self, object_id: bytes) -> None:
+        if self._entry is not None:
+            entry = self._entry(object_id)
+            if entry is not None and entry.is_error:
+                if object_id in self._errors_raised:
+                    self._errors_raised.discard(object_id)
+                else:
+                    _log_unhandled(object_id, entry)
         self.backend.object_released(object_id)
 
     def _unpin_when_done(self, spec: TaskSpec, pinned: list[bytes]) -> None:
@@ -201,9 +215,11 @@ class Runtime:
             raise TypeError(f"put(): {err}") from None
         return self._put_serialized(sobj)
 
-    def _value(self, sobj: SerializedObject) -> Any:
+    def _value(self, sobj: SerializedObject, object_id: bytes | None = None) -> Any:
         value = deserialize(sobj)
         if sobj.is_error:
+            if object_id is not None and self._entry is not None:
+                self._errors_raised.add(object_id)  # (handled: not logged when released)
             raise value
         return value
 
@@ -224,13 +240,14 @@ class Runtime:
         else:
             sobjs = self.backend.object_store.get(ids, timeout)
         if None in sobjs:  # failed fast: an error arrived before the rest
-            for sobj in sobjs:
+            for object_id, sobj in zip(ids, sobjs):
                 if sobj is not None and sobj.is_error:
-                    self._value(sobj)  # (raises it)
-        return [self._value(s) for s in sobjs]
+                    self._value(sobj, object_id)  # (raises it)
+        return [self._value(s, i) for s, i in zip(sobjs, ids)]
 
     def get_one(self, ref: "ObjectRef", timeout: float | None) -> Any:
-        return self._value(self.backend.object_store.get(self._ids((ref,)), timeout)[0])
+        ids = self._ids((ref,))
+        return self._value(self.backend.object_store.get(ids, timeout)[0], ids[0])
 
     def wait(self, refs: Sequence["ObjectRef"], num_returns: int, timeout: float | None,
              ids: list[bytes] | None = None):
@@ -303,6 +320,23 @@ class Runtime:
         with self._callbacks_lock:
             if self._callbacks is not None:
                 self._callbacks.put(None)
+
+
+IGNORE_UNHANDLED_ERRORS_ENV_VAR = "BEAMLET_IGNORE_UNHANDLED_ERRORS"
+
+
+def _log_unhandled(object_id: bytes, entry) -> None:
+    """A failed task's result was let go of without `get` ever raising it: say
+    so once (Ray prints "Unhandled error"), so that a failure nobody looked at
+    is not silent."""
+    import logging
+    try:
+        text = str(deserialize(entry)) if isinstance(entry, SerializedObject) else \
+            f"the error stored as object {object_id.hex()}"
+    except Exception:  # noqa: BLE001 - describing it must not fail the release
+        text = f"the error stored as object {object_id.hex()}"
+    logging.getLogger("beamlet").error(
+        "Unhandled error (suppress with %s=1): %s", IGNORE_UNHANDLED_ERRORS_ENV_VAR, text)
 
 
 def _takes(method, parameter: str) -> bool:
