@@ -65,7 +65,9 @@ class JobOwner(Protocol):
 
     def job_config(self) -> dict:
         """What a worker of the job needs before its first task: ``job_id``,
-        ``namespace``, ``sys_path`` (prepended to the worker's) and ``cwd``."""
+        ``namespace``, ``sys_path`` (prepended to the worker's), ``cwd`` and
+        (optional) ``runtime_env``, the job's (its env_vars go into the specs
+        the worker submits)."""
 
     def accept(self, spec: TaskSpec) -> None:
         """A task submitted by a worker (nested): check, count and schedule it
