@@ -32,6 +32,8 @@ def test_class_attributes_and_static_methods_through_the_decorated_class(backend
     assert ray.get(Counter.remote().report.remote(), timeout=T) == (5, 2, 6)
     with pytest.raises(AttributeError, match="nothing_here"):
         Counter.nothing_here
+    with pytest.raises(AttributeError, match=r"'report' is a method of the actor class Counter"):
+        Counter.report
 
 
 def test_a_class_defined_in_a_function_reaches_itself_too(backend):

@@ -86,6 +86,13 @@ class ActorClass:
         cls = self.__dict__.get("_cls")
         if cls is None or (name.startswith("__") and name.endswith("__")):
             raise AttributeError(name)
+        if inspect.isfunction(inspect.getattr_static(cls, name, None)):
+            # An instance method runs on an actor, never on the class. Not handing
+            # the plain function out also keeps cloudpickle from pickling the
+            # methods by reference (as ``module.Cls.method``), which would make
+            # every actor's process import the defining module.
+            raise AttributeError(f"{name!r} is a method of the actor class {self._name}: call "
+                                 f"it on an actor, {self._name}.remote().{name}.remote(...)")
         try:
             return getattr(cls, name)
         except AttributeError:
