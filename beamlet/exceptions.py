@@ -12,7 +12,15 @@ Hierarchy (Ray's names in brackets where they differ)::
     ├── WorkerCrashedError        the worker process died and retries ran out
     ├── TaskCancelledError        cancel() stopped the task
     ├── ObjectLostError
-    │   └── OwnerDiedError        the process that owned the object died
+    │   ├── OwnerDiedError        the process that owned the object died
+    │   ├── ObjectFreedError      it was freed before it was read
+    │   └── ObjectReconstructionFailedError
+    ├── ObjectRefStreamEndOfStreamError  a stream of refs has no more items
+    ├── RuntimeEnvSetupError      a runtime_env cannot be set up here
+    ├── NodeDiedError, OutOfMemoryError
+    ├── AsyncioActorExit          exit_actor() in an async actor (ActorExit, a
+    │                             SystemExit, in others)
+    ├── UnserializableException   stands in for a cause that cannot be pickled
     ├── ObjectStoreFullError
     └── BackendError              a backend failed to start or lost its workers
 
@@ -29,7 +37,9 @@ __all__ = [
     "BeamletError", "TaskError", "GetTimeoutError", "ActorError", "ActorDiedError",
     "ActorUnavailableError", "ActorAlreadyExistsError", "WorkerCrashedError",
     "TaskCancelledError", "ObjectLostError", "OwnerDiedError", "ObjectStoreFullError",
-    "BackendError",
+    "BackendError", "AsyncioActorExit", "ActorExit", "UnserializableException",
+    "ObjectFreedError", "ObjectReconstructionFailedError", "ObjectRefStreamEndOfStreamError",
+    "RuntimeEnvSetupError", "NodeDiedError", "OutOfMemoryError", "RaySystemError",
     # Ray's names, so that `except ray.exceptions.RayTaskError` works unchanged.
     "RayError", "RayTaskError", "RayActorError",
 ]
@@ -57,6 +67,17 @@ class ActorUnavailableError(ActorError):
     The call may or may not have run; later calls go to the new instance."""
 
 
+class AsyncioActorExit(BeamletError):
+    """Raised by ``exit_actor()`` in an async actor (as Ray's): it unwinds the
+    awaited method, after which the actor exits gracefully."""
+
+
+class ActorExit(SystemExit):
+    """Raised by ``exit_actor()`` in a plain or threaded actor (Ray raises a
+    SystemExit too): it unwinds the method, after which the actor exits
+    gracefully."""
+
+
 class ActorAlreadyExistsError(BeamletError, ValueError):
     """A named actor with this name already lives in this namespace."""
 
@@ -77,6 +98,31 @@ class OwnerDiedError(ObjectLostError):
     """The worker or actor that owned the object (it called `put`) has died."""
 
 
+class ObjectFreedError(ObjectLostError):
+    """The object was freed (no reference to it was left) before it was read."""
+
+
+class ObjectReconstructionFailedError(ObjectLostError):
+    """The object was lost and could not be computed again."""
+
+
+class ObjectRefStreamEndOfStreamError(BeamletError):
+    """A stream of refs (a generator task's) has no more items."""
+
+
+class RuntimeEnvSetupError(BeamletError):
+    """A task's or actor's ``runtime_env`` could not be set up (or asks for
+    something this backend does not do)."""
+
+
+class NodeDiedError(BeamletError):
+    """The node the task or actor ran on died."""
+
+
+class OutOfMemoryError(BeamletError):
+    """The task was killed because its machine ran out of memory."""
+
+
 class ObjectStoreFullError(BeamletError):
     """The object store cannot hold the object, even after spilling."""
 
@@ -90,8 +136,8 @@ class TaskError(BeamletError):
 
     `get` raises an instance of a class made per cause type that derives from
     both `TaskError` and the cause's class, so ``except ValueError`` catches a
-    remote ``ValueError``. ``.cause`` is the original exception (or a stand-in
-    when it could not be pickled), ``.function_name`` names the task and
+    remote ``ValueError``. ``.cause`` is the original exception (or an
+    UnserializableException standing in when it could not be pickled), ``.function_name`` names the task and
     ``.traceback_str`` holds the remote traceback.
     """
 
@@ -145,8 +191,12 @@ class TaskError(BeamletError):
         return cls(function_name, text, exc, pid).as_instanceof_cause()
 
 
-class _CauseStandIn(Exception):
-    """Stands in for a remote exception that could not be pickled."""
+class UnserializableException(BeamletError):
+    """Stands in for a remote exception that could not be pickled (the cause of
+    its TaskError); its text is the original's type and message."""
+
+
+_CauseStandIn = UnserializableException  # (the name older pickles refer to)
 
 
 _combined_classes: dict[type, type] = {}
@@ -168,18 +218,48 @@ def _combined_class(cause_cls: type) -> type:
     return cls
 
 
-def _picklable_cause(cause: BaseException | None) -> BaseException | None:
+def _picklable_cause(cause: BaseException | None):
+    """What a TaskError pickles as its cause: the cause, if it comes back from a
+    pickle; else its class and state (an exception whose ``__init__`` takes other
+    arguments than its ``args`` cannot be rebuilt by calling the class, but can
+    without calling it: ``except TheirClass`` still catches it); else, when even
+    that does not pickle, an UnserializableException saying what it was."""
     if cause is None:
         return None
     if isinstance(cause, TaskError):
         cause = cause.cause
+    import cloudpickle
     try:
-        import cloudpickle
         cloudpickle.loads(cloudpickle.dumps(cause))
         return cause
     except Exception:
-        stand_in = _CauseStandIn(f"{type(cause).__name__}: {cause}")
-        return stand_in
+        pass
+    try:
+        by_state = _ExceptionByState(cause)
+        cloudpickle.loads(cloudpickle.dumps(by_state))
+        return by_state
+    except Exception:
+        return UnserializableException(f"{type(cause).__name__}: {cause}")
+
+
+class _ExceptionByState:
+    """Pickles an exception as its class, ``args`` and ``__dict__``; unpickles
+    as that exception, made without calling its ``__init__``."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def __reduce__(self):
+        error = self.error
+        return (_rebuild_exception, (type(error), error.args, dict(getattr(error, "__dict__", {}))))
+
+
+def _rebuild_exception(cls: type, args: tuple, state: dict) -> BaseException:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    if state:
+        error.__dict__.update(state)
+    return error
 
 
 def _rebuild_task_error(function_name, traceback_str, cause, pid, input_failed):
@@ -201,3 +281,4 @@ def is_system_error(exc: BaseException) -> bool:
 RayError = BeamletError
 RayTaskError = TaskError
 RayActorError = ActorError
+RaySystemError = BackendError

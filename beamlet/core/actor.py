@@ -8,8 +8,9 @@ from .. import exceptions as exc
 from . import ids
 from . import runtime as _runtime
 from .object_ref import ObjectRef
-from .options import ACTOR_OPTIONS, METHOD_OPTIONS, resource_request, validate
+from .options import ACTOR_OPTIONS, METHOD_OPTIONS, env_vars_of, resource_request, validate
 from .serialization import dumps
+from .signature import ArgSpec
 from .task_spec import ACTOR_CREATION, ACTOR_METHOD
 
 DEFAULT_ASYNC_CONCURRENCY = 1000
@@ -41,10 +42,21 @@ def _method_table(cls: type) -> dict[str, dict]:
         if not (inspect.isfunction(member) or inspect.ismethod(member)):
             continue
         opts = getattr(member, _METHOD_OPTIONS_ATTR, {})
+        bound = inspect.ismethod(member) or isinstance(inspect.getattr_static(cls, name, None),
+                                                       staticmethod)
+        argspec = ArgSpec.of(member, skip_first=not bound)
         table[name] = {"num_returns": opts.get("num_returns", 1),
                        "is_async": inspect.iscoroutinefunction(member) or
-                       inspect.isasyncgenfunction(member)}
+                       inspect.isasyncgenfunction(member),
+                       # (plain tuples: the table is stored in the control store)
+                       "params": None if argspec is None else argspec.params}
     return table
+
+
+def _constructor_argspec(cls: type) -> "ArgSpec | None":
+    if cls.__init__ is object.__init__:
+        return None if cls.__new__ is not object.__new__ else ArgSpec(())
+    return ArgSpec.of(cls.__init__, skip_first=True)
 
 
 class ActorClass:
@@ -55,12 +67,36 @@ class ActorClass:
         self._name = cls.__qualname__
         self._options = validate(options, ACTOR_OPTIONS, f"actor class {self._name}")
         self._methods = _method_table(cls)
+        self._init_argspec = _constructor_argspec(cls)
         self._blob: bytes | None = None
         self._class_id: bytes | None = None
         self.__doc__ = cls.__doc__
         self.__name__ = cls.__name__
         self.__qualname__ = cls.__qualname__
         self.__module__ = cls.__module__
+
+    def __mro_entries__(self, bases):
+        raise TypeError(f"cannot subclass the actor class {self._name}: inheriting from "
+                        f"actor classes is not allowed (as in Ray); subclass the plain class "
+                        f"and decorate the subclass with @remote instead")
+
+    def __getattr__(self, name: str):
+        # Class attributes, static and class methods of the class, through the
+        # decorated name (``Counter.LIMIT``, ``Counter.helper()``), as in Ray.
+        cls = self.__dict__.get("_cls")
+        if cls is None or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(name)
+        if inspect.isfunction(inspect.getattr_static(cls, name, None)):
+            # An instance method runs on an actor, never on the class. Not handing
+            # the plain function out also keeps cloudpickle from pickling the
+            # methods by reference (as ``module.Cls.method``), which would make
+            # every actor's process import the defining module.
+            raise AttributeError(f"{name!r} is a method of the actor class {self._name}: call "
+                                 f"it on an actor, {self._name}.remote().{name}.remote(...)")
+        try:
+            return getattr(cls, name)
+        except AttributeError:
+            raise AttributeError(f"actor class {self._name} has no attribute {name!r}") from None
 
     def __call__(self, *args, **kwargs):
         raise TypeError(f"Actors cannot be instantiated directly. Instead of "
@@ -82,6 +118,8 @@ class ActorClass:
 
     def _create(self, args, kwargs, options: dict) -> "ActorHandle":
         from .tables import ActorInfo
+        if self._init_argspec is not None:
+            self._init_argspec.check(args, kwargs, f"{self._name}.remote()")
         rt = _runtime.current()
         name = options.get("name")
         namespace = options.get("namespace") or rt.namespace
@@ -109,7 +147,8 @@ class ActorClass:
         # Actors hold no CPU while idle unless asked to (Ray's default).
         resources = resource_request(options, 0.0)
         spec, _keep = rt.make_spec(ACTOR_CREATION, class_id, self._name, args, kwargs, 1,
-                                   resources, actor_id=actor_id, actor_options=actor_options)
+                                   resources, actor_id=actor_id, actor_options=actor_options,
+                                   env_vars=env_vars_of(options))
         try:
             rt.tables.create_actor(ActorInfo(actor_id, self._name, name, namespace,
                                              spec.return_ids[0], self._methods))
@@ -167,6 +206,18 @@ class ActorHandle:
                                  f"method {name!r}")
         return ActorMethod(self, name, methods[name]["num_returns"])
 
+    def _argspec(self, name: str) -> "ArgSpec | None":
+        """The ArgSpec of method `name` (None: unchecked), made once per handle."""
+        specs = self.__dict__.get("_argspecs")
+        if specs is None:
+            specs = self._argspecs = {}
+        spec = specs.get(name, specs)
+        if spec is specs:
+            entry = self._methods.get(name)
+            params = entry.get("params") if entry is not None else None
+            spec = specs[name] = None if params is None else ArgSpec(params)
+        return spec
+
     def __reduce__(self):
         return (ActorHandle, (self._actor_id, self._class_name, self._methods, self._token))
 
@@ -205,6 +256,9 @@ class ActorMethod:
 
     def remote(self, *args, **kwargs):
         handle = self._handle
+        argspec = handle._argspec(self._name)
+        if argspec is not None:
+            argspec.check(args, kwargs, f"{handle._class_name}.{self._name}.remote()")
         rt = _runtime.current()
         n = self._num_returns
         spec, _keep = rt.make_spec(
@@ -229,23 +283,29 @@ def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
 
 
 def exit_actor() -> None:
-    """End the actor this is called in (Ray's ``ray.actor.exit_actor()``).
+    """End the actor this is called in, gracefully (Ray's ``ray.actor.exit_actor()``).
 
     Only valid inside an actor method (or constructor): elsewhere it raises
-    TypeError, as in Ray. The actor is killed for good (no restart), and this
-    raises ActorDiedError, so the call that invoked it fails with
-    ActorDiedError instead of returning; calls queued behind it fail with
-    ActorDiedError too. Unlike Ray, ``atexit`` handlers do not run, and on the
-    local backend calls running at the same time on a threaded or async actor
-    are ended with it rather than allowed to finish.
+    TypeError, as in Ray. It raises (``ActorExit``, a SystemExit, or in an async
+    actor ``AsyncioActorExit``) to unwind the method; the call then fails with
+    ActorDiedError saying the actor called exit_actor(), as do the calls queued
+    behind it, and the actor is not restarted. Before its process ends the
+    actor's ``__ray_shutdown__`` runs, then (on backends that give actors a
+    process of their own) the ``atexit`` handlers.
     """
     ctx = _runtime.task_context.get()
     if ctx is None or ctx.actor_id is None:
         raise TypeError("exit_actor() can only be called inside an actor; use "
                         "kill(handle) to end an actor from outside")
-    _runtime.current().kill_actor(ctx.actor_id, True)
-    raise exc.ActorDiedError(f"the actor {ctx.function_name.rsplit('.', 1)[0]} is dead: it "
-                             f"called exit_actor()")
+    import asyncio
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise exc.ActorExit(0) from None
+    raise exc.AsyncioActorExit("exit_actor() is called")
+
+
+EXIT_REASON = "it called exit_actor()"
 
 
 def current_actor_handle() -> ActorHandle:

@@ -10,6 +10,7 @@ from . import plugins
 from . import runtime as _runtime
 from .actor import ActorClass, ActorHandle, get_actor, method  # noqa: F401 - re-exported
 from .object_ref import ObjectRef
+from .options import check_runtime_env
 from .remote_function import RemoteFunction
 
 DEFAULT_BACKEND = "local"
@@ -19,12 +20,15 @@ ADDRESS_ENV_VAR = "BEAMLET_ADDRESS"  # the cluster a plain init() connects to
 
 def init(backend: str | None = None, address: str | None = None, num_cpus: float | None = None,
          num_gpus: float | None = None, resources: dict | None = None, local_mode: bool = False,
-         namespace: str | None = None, ignore_reinit_error: bool = False, **backend_options):
+         namespace: str | None = None, ignore_reinit_error: bool = False,
+         runtime_env: dict | None = None, **backend_options):
     """Start (or connect to) a backend and make it the current one.
 
     ``backend`` defaults to ``$BEAMLET_BACKEND``, then ``"local"``; ``local_mode=True``
     means ``"inprocess"``. ``address`` (default ``$BEAMLET_ADDRESS``) joins a running
-    cluster (``address="local"`` means start one here, as in Ray). Extra keyword arguments are the backend's
+    cluster (``address="local"`` means start one here, as in Ray). ``runtime_env``
+    (only ``env_vars``; other fields raise ValueError) applies to every task and
+    actor of the job, under their own. Extra keyword arguments are the backend's
     own options (e.g. ``object_store_memory``).
     Returns an InitContext: a dict describing what started, which, like Ray's
     context, also works as ``with init(...):`` and has ``disconnect()``.
@@ -58,9 +62,11 @@ def init(backend: str | None = None, address: str | None = None, num_cpus: float
         _check_resources(num_cpus, num_gpus, resources)
         if namespace is not None and not isinstance(namespace, str):
             raise TypeError(f"namespace must be a string, got {namespace!r}")
+        runtime_env = check_runtime_env(runtime_env) if runtime_env is not None else {}
         config = dict(backend_options)
         config.update(backend=backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus,
-                      resources=dict(resources or {}), namespace=namespace)
+                      resources=dict(resources or {}), namespace=namespace,
+                      runtime_env=runtime_env)
         rt = _runtime.Runtime(factories[backend], config)
         _runtime.set_current(rt)
         hook = plugins.observer("beamlet_init")
@@ -133,22 +139,41 @@ def is_initialized() -> bool:
 def remote(*args, **options):
     """Make a function a remote function or a class an actor class.
 
-    ``@remote``, or ``@remote(num_cpus=..., num_returns=..., ...)``."""
+    ``@remote``, or ``@remote(num_cpus=..., num_returns=..., ...)``; ``@remote()``
+    with empty parentheses is an error, as in Ray (``RemoteUsageError``, both a
+    TypeError and the AssertionError Ray raises). An ``async def`` function is
+    refused (ValueError, as in Ray): async code belongs in actors."""
     if len(args) == 1 and not options and (inspect.isfunction(args[0]) or inspect.isclass(args[0])
                                            or callable(args[0])):
         return _make_remote(args[0], {})
     if args:
         raise TypeError("@remote takes a function or class, or only keyword options: "
                         "@remote(num_cpus=1)")
+    if not options:
+        raise RemoteUsageError(
+            "the @remote decorator must be applied either with no arguments and no "
+            "parentheses, as '@remote', or with some options, as '@remote(num_cpus=1)'")
     return lambda fn_or_cls: _make_remote(fn_or_cls, options)
+
+
+class RemoteUsageError(TypeError, AssertionError):
+    """`@remote()` with empty parentheses (Ray raises AssertionError)."""
 
 
 def _make_remote(obj, options: dict):
     if inspect.isclass(obj):
         return ActorClass(obj, options)
+    if inspect.iscoroutinefunction(obj) or inspect.isasyncgenfunction(obj):
+        raise ValueError(f"'async def' cannot be a remote task ({_qualname(obj)}): wrap it, "
+                         f"as in 'def f(): return asyncio.run(g())', or make it a method of "
+                         f"an actor (async actors run it on their event loop)")
     if callable(obj):
         return RemoteFunction(obj, options)
     raise TypeError(f"@remote needs a function or class, got {obj!r}")
+
+
+def _qualname(obj) -> str:
+    return getattr(obj, "__qualname__", None) or repr(obj)
 
 
 def _check_refs(object_refs, what: str) -> None:
@@ -184,11 +209,14 @@ def put(value: Any) -> ObjectRef:
 def wait(object_refs: Sequence[ObjectRef], *, num_returns: int = 1,
          timeout: float | None = None, fetch_local: bool = True):
     """``(ready, not_ready)``: at most `num_returns` ready refs, once that many are
-    ready or `timeout` passed; both lists keep the input order."""
+    ready or `timeout` passed; both lists keep the input order. An empty list
+    gives ``([], [])`` at once."""
     if isinstance(object_refs, ObjectRef) or not isinstance(object_refs, (list, tuple)):
         raise TypeError("wait() expects a list of ObjectRefs, got "
                         f"{type(object_refs).__name__}")
     _check_refs(object_refs, "wait()")
+    if not object_refs:
+        return [], []  # (as Ray: before the num_returns checks)
     if not isinstance(num_returns, int) or num_returns < 1:
         raise ValueError(f"num_returns must be an integer >= 1, got {num_returns!r}")
     if num_returns > len(object_refs):
@@ -202,10 +230,11 @@ def wait(object_refs: Sequence[ObjectRef], *, num_returns: int = 1,
 
 def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
     """Cancel the task that makes `object_ref` (see Scheduler.cancel); `get` then raises
-    TaskCancelledError."""
+    TaskCancelledError. `recursive` (the default, as in Ray): the tasks it submitted
+    that are still queued or running are cancelled too."""
     if not isinstance(object_ref, ObjectRef):
         raise TypeError(f"cancel() takes an ObjectRef, got {type(object_ref).__name__}")
-    _runtime.current().cancel(object_ref, force)
+    _runtime.current().cancel(object_ref, force, recursive)
 
 
 def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:

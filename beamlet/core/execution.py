@@ -86,6 +86,9 @@ class Executor:
         self._functions: dict[bytes, Any] = {}
         self.actors: dict[bytes, ActorInstance] = {}
         self.pid = os.getpid()
+        #: The actor that called exit_actor(), once one has: the caller ends it
+        #: after storing that call's result (see `end_actor`).
+        self.exiting: bytes | None = None
 
     # -- code -----------------------------------------------------------------
     def add_function(self, function_id: bytes, blob: bytes) -> None:
@@ -127,6 +130,7 @@ class Executor:
         """Run `spec` and return its results; never raises for a task's own failure."""
         token = task_context.set(TaskContext(spec.task_id, spec.actor_id, spec.display_name,
                                              spec.resources))
+        saved = self._enter_env(spec)
         try:
             try:
                 args, kwargs = self._resolve(spec)
@@ -135,7 +139,28 @@ class Executor:
                 return self._handle(spec, err)
             return self._results(spec, result)
         finally:
+            if saved is not None:
+                _restore_env(saved)
             task_context.reset(token)
+
+    def _enter_env(self, spec: TaskSpec) -> dict | None:
+        """Set the environment variables of the spec's runtime_env; return what
+        to restore after the call (None: nothing). An actor in a process of its
+        own keeps them for its life; elsewhere (a task on a pooled worker, any
+        call in the caller's process) they last for the call."""
+        env = spec.env_vars
+        isolated = self.runtime.backend.isolated
+        if spec.kind == ACTOR_METHOD and not isolated:
+            actor = self.actors.get(spec.actor_id)
+            env = actor.spec.env_vars if actor is not None else None
+        if not env:
+            return None
+        if spec.kind == ACTOR_CREATION and isolated:
+            os.environ.update(env)
+            return None
+        saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        return saved
 
     async def execute_async(self, spec: TaskSpec) -> ExecutionResult:
         """Run an async actor's method call on the running event loop: awaits the
@@ -164,6 +189,12 @@ class Executor:
             return self._failure(spec, _cancelled_error(spec, err, self.pid))
         if isinstance(err, exc.ActorError):
             return self._failure(spec, err)
+        if isinstance(err, (exc.ActorExit, exc.AsyncioActorExit)) and spec.actor_id is not None:
+            from .actor import EXIT_REASON
+            if spec.kind == ACTOR_METHOD:
+                self.exiting = spec.actor_id
+            return self._failure(spec, exc.ActorDiedError(
+                f"the actor {spec.function_name.rsplit('.', 1)[0]} is dead: {EXIT_REASON}"))
         if isinstance(err, SystemExit) and spec.kind != ACTOR_METHOD:
             err = RuntimeError(f"task called sys.exit({err.code})")
         wrapped = exc.TaskError.from_exception(err, spec.display_name, self.pid)
@@ -220,6 +251,22 @@ class Executor:
                              is_error=True)
         return ExecutionResult([sobj] * len(spec.return_ids), error, retryable)
 
+    def end_actor(self, actor_id: bytes) -> None:
+        """Run the actor's ``__ray_shutdown__`` (if its class has one), then drop
+        it: its graceful end, after exit_actor(). An error in the hook is
+        printed, not raised (the actor ends anyway)."""
+        actor = self.actors.get(actor_id)
+        hook = getattr(actor.instance, "__ray_shutdown__", None) if actor is not None else None
+        if hook is not None:
+            try:
+                result = hook()
+                if inspect.iscoroutine(result):
+                    asyncio.run(result)
+            except BaseException:  # noqa: BLE001 - the actor ends whatever it raises
+                import traceback
+                traceback.print_exc()
+        self.drop_actor(actor_id)
+
     def drop_actor(self, actor_id: bytes) -> None:
         actor = self.actors.pop(actor_id, None)
         if actor is not None:
@@ -239,6 +286,14 @@ def _actor_method(instance: Any, name: str):
             from .actor import exit_actor
             return exit_actor
         raise
+
+
+def _restore_env(saved: dict) -> None:
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 async def _with_context(method, args, kwargs):

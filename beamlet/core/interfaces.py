@@ -49,8 +49,13 @@ class ObjectStore(abc.ABC):
         """Store `value` under `object_id` and wake everyone waiting for it."""
 
     @abc.abstractmethod
-    def get(self, object_ids: Sequence[bytes], timeout: float | None = None) -> list[SerializedObject]:
-        """The objects, in order, once all are present; ``GetTimeoutError`` after `timeout`."""
+    def get(self, object_ids: Sequence[bytes], timeout: float | None = None,
+            fail_fast: bool = False) -> list[SerializedObject]:
+        """The objects, in order, once all are present; ``GetTimeoutError`` after `timeout`.
+
+        `fail_fast`: return as soon as one of them is present as an error, with
+        None in place of the objects still missing (a store may ignore it and
+        wait for all: that is slower to fail, never wrong)."""
 
     @abc.abstractmethod
     def wait(self, object_ids: Sequence[bytes], num_returns: int,
@@ -259,15 +264,24 @@ class Scheduler(abc.ABC):
         """Queue a task, actor creation or actor method call."""
 
     @abc.abstractmethod
-    def cancel(self, object_id: bytes, force: bool = False) -> None:
+    def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True) -> None:
         """Cancel the task that produces `object_id`: a queued task is dropped,
         a running one is interrupted (``force``: its worker is killed). Its
-        results become ``TaskCancelledError``. Finished tasks are left alone."""
+        results become ``TaskCancelledError``. Finished tasks are left alone.
+        `recursive`: the tasks it submitted (not actors or actor calls) that
+        have not finished are cancelled too, and theirs, with the same `force`."""
 
     @abc.abstractmethod
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
         """Stop the actor's process; queued and later calls raise ``ActorDiedError``
         (unless it restarts: ``no_restart=False`` and restarts are left)."""
+
+    def actor_exited(self, actor_id: bytes) -> None:
+        """The actor called ``exit_actor()``, and its process ends by itself after
+        its ``__ray_shutdown__`` and atexit handlers: fail its queued and later
+        calls with ``ActorDiedError`` saying so, and never restart it. (This
+        default ends it like ``kill_actor``.)"""
+        self.kill_actor(actor_id, True)
 
     @abc.abstractmethod
     def total_resources(self) -> dict[str, float]:

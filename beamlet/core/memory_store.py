@@ -48,14 +48,16 @@ class Waiter:
     """A pending `notify_when` registration: `callback()` runs once `needed`
     more of its ids arrived (or were deleted before arriving), or at close."""
 
-    __slots__ = ("needed", "callback", "ids", "broad", "done")
+    __slots__ = ("needed", "callback", "ids", "broad", "done", "fail_fast")
 
-    def __init__(self, needed: int, callback: Callable[[], object], ids: set, broad: bool):
+    def __init__(self, needed: int, callback: Callable[[], object], ids: set, broad: bool,
+                 fail_fast: bool = False):
         self.needed = needed
         self.callback = callback
         self.ids = ids  # the ids not arrived yet when it was registered
         self.broad = broad
         self.done = False
+        self.fail_fast = fail_fast  # due at the first of its ids stored as an error
 
 
 class MemoryObjectStore(ObjectStore):
@@ -83,7 +85,8 @@ class MemoryObjectStore(ObjectStore):
 
     # -- waiters ----------------------------------------------------------------
     def notify_when(self, object_ids: Iterable[bytes], count: int,
-                    callback: Callable[[], object], broad: bool | None = None) -> Waiter | None:
+                    callback: Callable[[], object], broad: bool | None = None,
+                    fail_fast: bool = False) -> Waiter | None:
         """Call ``callback()`` once `count` of the distinct `object_ids` are present
         (an id deleted before its value arrived counts as present: the caller finds
         it missing and reports it lost), or when the store closes. Runs it at once,
@@ -96,7 +99,11 @@ class MemoryObjectStore(ObjectStore):
         object is checked against (True: a C-level set build, but each store pays a
         lookup while it waits). None picks broad for more than a few ids, which
         suits blocked `get`/`wait` calls (few at a time, long lists); a scheduler
-        registering one waiter per queued task passes False."""
+        registering one waiter per queued task passes False.
+
+        `fail_fast`: also due as soon as one of the ids is (or is already) stored
+        as an error, however many are missing (a `get` of a list raises the first
+        error without waiting for the rest, as Ray's does)."""
         with self._cond:
             objects = self._objects
             if self.closed:
@@ -114,12 +121,16 @@ class MemoryObjectStore(ObjectStore):
                 if self._deleted:
                     pending -= self._deleted
                 count -= len(ids) - len(pending)
+                if fail_fast and count > 0 and len(pending) < len(ids) and any(
+                        getattr(objects.get(i), "is_error", False) for i in ids
+                        if i not in pending):
+                    count = 0
             if pending is None or count <= 0:
                 waiter = None
             else:
                 if broad is None:
                     broad = len(pending) > _INDEXED_MAX
-                waiter = Waiter(count, callback, pending, broad)
+                waiter = Waiter(count, callback, pending, broad, fail_fast)
                 if not waiter.broad:
                     indexed = self._indexed
                     for object_id in pending:
@@ -161,15 +172,16 @@ class MemoryObjectStore(ObjectStore):
                 if not waiters:
                     del indexed[object_id]
 
-    def _arrived(self, object_id: bytes) -> list[Waiter]:
-        """Count `object_id` for its waiters; return those now due. Under the lock."""
+    def _arrived(self, object_id: bytes, is_error: bool = False) -> list[Waiter]:
+        """Count `object_id` for its waiters; return those now due. Under the lock.
+        `is_error`: it was stored as an error (fail-fast waiters are due at once)."""
         due = []
         waiters = self._indexed.pop(object_id, None)
         if waiters:
             for waiter in waiters:
                 if not waiter.done:
                     waiter.needed -= 1
-                    if waiter.needed <= 0:
+                    if waiter.needed <= 0 or (is_error and waiter.fail_fast):
                         waiter.done = True
                         due.append(waiter)
         if self._broad:
@@ -177,7 +189,7 @@ class MemoryObjectStore(ObjectStore):
                 if object_id in waiter.ids:
                     waiter.ids.discard(object_id)  # (it may "arrive" twice: deleted, then stored)
                     waiter.needed -= 1
-                    if waiter.needed <= 0:
+                    if waiter.needed <= 0 or (is_error and waiter.fail_fast):
                         waiter.done = True
                         due.append(waiter)
         for waiter in due:
@@ -207,7 +219,7 @@ class MemoryObjectStore(ObjectStore):
                 else:
                     self._objects[object_id] = value
                     self._stored(object_id, value)
-                due = self._arrived(object_id)
+                due = self._arrived(object_id, not discard and value.is_error)
         if discard:
             self._discarded(object_id, value)
         elif value.refs and self._refs is not None:
@@ -216,7 +228,8 @@ class MemoryObjectStore(ObjectStore):
             self._run(due)
 
     # -- reading ------------------------------------------------------------------
-    def get(self, object_ids: Sequence[bytes], timeout: float | None = None) -> list[SerializedObject]:
+    def get(self, object_ids: Sequence[bytes], timeout: float | None = None,
+            fail_fast: bool = False) -> list[SerializedObject]:
         objects = self._objects
         if len(object_ids) == 1:  # (the common case: no KeyError raised when it is absent)
             entry = objects.get(object_ids[0])
@@ -228,7 +241,8 @@ class MemoryObjectStore(ObjectStore):
             except KeyError:
                 pass
         arrived = _Signal()
-        waiter = self.notify_when(object_ids, len(set(object_ids)), arrived.set)
+        waiter = self.notify_when(object_ids, len(set(object_ids)), arrived.set,
+                                  fail_fast=fail_fast)
         if waiter is not None and not self._block(object_ids, arrived, timeout):
             self.cancel_waiter(waiter)
             if not arrived.wait(0):
@@ -240,12 +254,15 @@ class MemoryObjectStore(ObjectStore):
         with self._cond:
             found = [objects.get(i) for i in object_ids]
             closed, failure = self.closed, self.failure
+        if fail_fast and None in found and any(e is not None and e.is_error for e in found):
+            return [None if e is None else self._materialize(i, e)
+                    for i, e in zip(object_ids, found)]
         for object_id, entry in zip(object_ids, found):
             if entry is None:
                 if closed:
                     raise exc.BackendError(str(failure) if failure is not None
                                            else "the object store was shut down")
-                raise exc.ObjectLostError(f"object {object_id.hex()} was freed")
+                raise exc.ObjectFreedError(f"object {object_id.hex()} was freed")
         return [self._materialize(i, entry) for i, entry in zip(object_ids, found)]
 
     def _materialize(self, object_id: bytes, entry) -> SerializedObject:

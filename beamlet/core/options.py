@@ -68,7 +68,39 @@ def validate(options: dict, allowed: frozenset, what: str) -> dict:
     for key in ("name", "namespace"):
         if out.get(key) is not None and not isinstance(out[key], str):
             raise TypeError(f"{key} must be a string, got {out[key]!r}")
+    if out.get("runtime_env") is not None:
+        out["runtime_env"] = check_runtime_env(out["runtime_env"])
     return out
+
+
+#: The runtime_env fields honoured; any other is refused rather than ignored.
+RUNTIME_ENV_FIELDS = frozenset({"env_vars"})
+
+
+def check_runtime_env(runtime_env: Any) -> dict:
+    """A valid ``runtime_env``: a dict (or Ray's RuntimeEnv, a dict too) whose
+    ``env_vars`` map str to str. Fields beamlet does not honour (``working_dir``,
+    ``pip``, ``conda``...) raise ValueError naming them: a program that needs
+    them must not run without them."""
+    if not isinstance(runtime_env, dict):
+        raise TypeError(f"runtime_env must be a dict, got {runtime_env!r}")
+    unsupported = sorted(k for k, v in runtime_env.items()
+                         if k not in RUNTIME_ENV_FIELDS and v not in (None, {}, [], ""))
+    if unsupported:
+        raise ValueError(f"runtime_env field(s) {', '.join(map(repr, unsupported))} are not "
+                         f"supported: beamlet honours only {', '.join(sorted(RUNTIME_ENV_FIELDS))} "
+                         f"(install packages and ship code yourself)")
+    env_vars = runtime_env.get("env_vars") or {}
+    if not isinstance(env_vars, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()):
+        raise TypeError(f"runtime_env['env_vars'] must be a dict of str to str, got {env_vars!r}")
+    return {"env_vars": dict(env_vars)} if env_vars else {}
+
+
+def env_vars_of(options: dict) -> dict | None:
+    """The environment variables a (validated) options dict asks for, or None."""
+    runtime_env = options.get("runtime_env")
+    return (runtime_env or {}).get("env_vars") or None
 
 
 def _check_amount(what: str, value: Any) -> None:
@@ -98,13 +130,13 @@ def resource_request(options: dict, default_cpus: float) -> dict[str, float]:
 
 # Keys every backend's config carries (set by init()).
 INIT_KEYS = frozenset({"backend", "address", "num_cpus", "num_gpus", "resources", "namespace",
-                       "control_store"})
+                       "control_store", "runtime_env"})
 
 # Ray's init() options that have no meaning here: accepted and ignored, so Ray
 # programs run unchanged.
 RAY_INIT_OPTIONS_IGNORED = frozenset({
     "include_dashboard", "dashboard_host", "dashboard_port", "log_to_driver", "logging_level",
-    "logging_format", "logging_config", "configure_logging", "runtime_env", "job_config",
+    "logging_format", "logging_config", "configure_logging", "job_config",
     "_temp_dir", "_system_config", "_metrics_export_port", "_node_ip_address",
     "_enable_object_reconstruction", "_plasma_directory", "_memory", "storage",
     "log_to_stderr"})

@@ -6,8 +6,9 @@ from typing import Any
 
 from . import ids
 from . import runtime as _runtime
-from .options import TASK_OPTIONS, resource_request, validate
+from .options import TASK_OPTIONS, env_vars_of, resource_request, validate
 from .serialization import dumps
+from .signature import ArgSpec
 from .task_spec import TASK
 
 DEFAULT_MAX_RETRIES = 3
@@ -55,7 +56,14 @@ class RemoteFunction:
     def remote(self, *args, **kwargs):
         return self._remote(args, kwargs, self._options)
 
+    _argspec = _UNSET = object()  # (ArgSpec of the function, made at the first call)
+
     def _remote(self, args, kwargs, options: dict, call: tuple | None = None):
+        argspec = self._argspec
+        if argspec is RemoteFunction._UNSET:
+            argspec = self._argspec = ArgSpec.of(self._function)
+        if argspec is not None:
+            argspec.check(args, kwargs, f"{self._name}.remote()")
         rt = _runtime.current()
         function_id, blob = self._code()
         rt.register_function(function_id, blob)
@@ -63,10 +71,10 @@ class RemoteFunction:
             call = self._call_options
             if call is None:
                 call = self._call_options = _call_options(options)
-        num_returns, resources, max_retries, retry_exceptions = call
+        num_returns, resources, max_retries, retry_exceptions, env_vars = call
         spec, _keep = rt.make_spec(TASK, function_id, self._name, args, kwargs, num_returns,
                                    resources, max_retries=max_retries,
-                                   retry_exceptions=retry_exceptions)
+                                   retry_exceptions=retry_exceptions, env_vars=env_vars)
         refs = rt.submit(spec)
         return refs[0] if num_returns == 1 else refs
 
@@ -103,13 +111,15 @@ class _BoundOptions:
 
 def _call_options(options: dict) -> tuple:
     """What a call with these (validated) options puts in its spec, worked out
-    once: (num_returns, resources, max_retries, retry_exceptions). The resources
-    dict is shared by the specs of every call: nothing may change it."""
+    once: (num_returns, resources, max_retries, retry_exceptions, env_vars). The
+    resources and env_vars dicts are shared by the specs of every call: nothing
+    may change them."""
     retry_exceptions = options.get("retry_exceptions", False)
     if isinstance(retry_exceptions, (list, tuple)):
         retry_exceptions = _ExceptionTypes(retry_exceptions)
     return (options.get("num_returns", 1), resource_request(options, 1.0),
-            options.get("max_retries", DEFAULT_MAX_RETRIES), retry_exceptions)
+            options.get("max_retries", DEFAULT_MAX_RETRIES), retry_exceptions,
+            env_vars_of(options))
 
 
 class _ExceptionTypes(tuple):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextvars
 import itertools
 import operator
+import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Sequence
@@ -78,6 +79,9 @@ class Runtime:
         self.namespace = config.get("namespace") or "anonymous-" + ids.new_id().hex()[:8]
         self.job_id = config.get("job_id") or ids.new_id().hex()
         self.caller_id = ids.new_id()
+        #: The job's runtime_env (init(runtime_env=...)): its env_vars go into every spec.
+        self.runtime_env = config.get("runtime_env") or {}
+        self._job_env_vars = self.runtime_env.get("env_vars") or None
         self.refs = ReferenceCounter(self._released, self._referenced)
         self._registered_functions: set[bytes] = set()
         self._callbacks = None  # the queue of the callback thread, once started
@@ -86,12 +90,28 @@ class Runtime:
         from .tables import Tables  # not at import: `import beamlet` stays fast
         self.tables = Tables(self.backend.control_store)
         self.inline_threshold = self.backend.inline_threshold
+        # Optional parameters a plugin's components may predate (asked once).
+        self._fail_fast = _takes(self.backend.object_store.get, "fail_fast")
+        self._recursive_cancel = _takes(self.backend.scheduler.cancel, "recursive")
+        # Unhandled errors (see _released): errors `get` raised, by object id, and
+        # how the owner reads a stored entry without materializing it.
+        self._errors_raised: set[bytes] = set()
+        self._entry = (getattr(self.backend.object_store, "entry", None)
+                       if self.backend.owns_objects and
+                       not os.environ.get(IGNORE_UNHANDLED_ERRORS_ENV_VAR) else None)
 
     # -- reference counting ---------------------------------------------------
     def _referenced(self, object_id: bytes) -> None:
         self.backend.object_referenced(object_id)
 
     def _released(self, object_id: bytes) -> None:
+        if self._entry is not None:
+            entry = self._entry(object_id)
+            if entry is not None and entry.is_error:
+                if object_id in self._errors_raised:
+                    self._errors_raised.discard(object_id)
+                else:
+                    _log_unhandled(object_id, entry)
         self.backend.object_released(object_id)
 
     def _unpin_when_done(self, spec: TaskSpec, pinned: list[bytes]) -> None:
@@ -162,16 +182,19 @@ class Runtime:
     def make_spec(self, kind: int, function_id: bytes, function_name: str, args, kwargs,
                   num_returns: int, resources: dict, max_retries: int = 0,
                   retry_exceptions: Any = False, actor_id: bytes | None = None,
-                  method_name: str | None = None, actor_options: dict | None = None):
+                  method_name: str | None = None, actor_options: dict | None = None,
+                  env_vars: dict | None = None):
         if args or kwargs:
             packed, packed_kw, keep = self.pack_args(args, kwargs, function_name)
         else:
             packed, packed_kw, keep = [], {}, []
+        if self._job_env_vars:
+            env_vars = {**self._job_env_vars, **env_vars} if env_vars else self._job_env_vars
         return_ids = ((ids.new_id(),) if num_returns <= 1
                       else tuple(ids.new_id() for _ in range(num_returns)))
         spec = TaskSpec(ids.new_id(), kind, function_id, function_name, packed, packed_kw,
                         return_ids, resources, max_retries, retry_exceptions, actor_id,
-                        method_name, actor_options, self.caller_id)
+                        method_name, actor_options, self.caller_id, 0, env_vars)
         return spec, keep
 
     # -- objects --------------------------------------------------------------
@@ -192,9 +215,11 @@ class Runtime:
             raise TypeError(f"put(): {err}") from None
         return self._put_serialized(sobj)
 
-    def _value(self, sobj: SerializedObject) -> Any:
+    def _value(self, sobj: SerializedObject, object_id: bytes | None = None) -> Any:
         value = deserialize(sobj)
         if sobj.is_error:
+            if object_id is not None and self._entry is not None:
+                self._errors_raised.add(object_id)  # (handled: not logged when released)
             raise value
         return value
 
@@ -209,11 +234,20 @@ class Runtime:
 
     def get(self, refs: Sequence["ObjectRef"], timeout: float | None) -> list:
         _check_timeout(timeout)
-        sobjs = self.backend.object_store.get(self._ids(refs), timeout)
-        return [self._value(s) for s in sobjs]
+        ids = self._ids(refs)
+        if self._fail_fast and len(ids) > 1:
+            sobjs = self.backend.object_store.get(ids, timeout, fail_fast=True)
+        else:
+            sobjs = self.backend.object_store.get(ids, timeout)
+        if None in sobjs:  # failed fast: an error arrived before the rest
+            for object_id, sobj in zip(ids, sobjs):
+                if sobj is not None and sobj.is_error:
+                    self._value(sobj, object_id)  # (raises it)
+        return [self._value(s, i) for s, i in zip(sobjs, ids)]
 
     def get_one(self, ref: "ObjectRef", timeout: float | None) -> Any:
-        return self._value(self.backend.object_store.get(self._ids((ref,)), timeout)[0])
+        ids = self._ids((ref,))
+        return self._value(self.backend.object_store.get(ids, timeout)[0], ids[0])
 
     def wait(self, refs: Sequence["ObjectRef"], num_returns: int, timeout: float | None,
              ids: list[bytes] | None = None):
@@ -245,8 +279,11 @@ class Runtime:
     def kill_actor(self, actor_id: bytes, no_restart: bool) -> None:
         self.backend.scheduler.kill_actor(actor_id, no_restart)
 
-    def cancel(self, ref: "ObjectRef", force: bool) -> None:
-        self.backend.scheduler.cancel(ref.id, force)
+    def cancel(self, ref: "ObjectRef", force: bool, recursive: bool = True) -> None:
+        if self._recursive_cancel:
+            self.backend.scheduler.cancel(ref.id, force, recursive=recursive)
+        else:  # (a scheduler that predates the flag: it decides)
+            self.backend.scheduler.cancel(ref.id, force)
 
     # -- callbacks --------------------------------------------------------------
     def call_soon(self, fn) -> None:
@@ -283,6 +320,32 @@ class Runtime:
         with self._callbacks_lock:
             if self._callbacks is not None:
                 self._callbacks.put(None)
+
+
+IGNORE_UNHANDLED_ERRORS_ENV_VAR = "BEAMLET_IGNORE_UNHANDLED_ERRORS"
+
+
+def _log_unhandled(object_id: bytes, entry) -> None:
+    """A failed task's result was let go of without `get` ever raising it: say
+    so once (Ray prints "Unhandled error"), so that a failure nobody looked at
+    is not silent."""
+    import logging
+    try:
+        text = str(deserialize(entry)) if isinstance(entry, SerializedObject) else \
+            f"the error stored as object {object_id.hex()}"
+    except Exception:  # noqa: BLE001 - describing it must not fail the release
+        text = f"the error stored as object {object_id.hex()}"
+    logging.getLogger("beamlet").error(
+        "Unhandled error (suppress with %s=1): %s", IGNORE_UNHANDLED_ERRORS_ENV_VAR, text)
+
+
+def _takes(method, parameter: str) -> bool:
+    """Whether `method` accepts the keyword `parameter`."""
+    import inspect
+    try:
+        return parameter in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _object_ref_class():

@@ -20,6 +20,7 @@ import collections
 import io
 import pickle
 import threading
+import types
 from typing import Any, Callable
 
 import cloudpickle
@@ -75,8 +76,21 @@ class SerializedObject:
                 f"{len(self.refs)} refs{', error' if self.is_error else ''})")
 
 
+_CLOUDPICKLE_CODE_REDUCE = cloudpickle.Pickler.dispatch_table[types.CodeType]
+
+
+def _reduce_code(code: types.CodeType) -> tuple:
+    """cloudpickle's reduction of a code object, but keeping its file name
+    (cloudpickle puts ``<dynamic-code>`` there), so that tracebacks of code
+    pickled by value name the real file and line, as Ray's do."""
+    rebuild, args = _CLOUDPICKLE_CODE_REDUCE(code)
+    return rebuild, tuple(code.co_filename if type(a) is str and a == "<dynamic-code>" else a
+                          for a in args)
+
+
 class _Pickler(cloudpickle.Pickler):
-    dispatch_table = collections.ChainMap(_extra_reducers, cloudpickle.Pickler.dispatch_table)
+    dispatch_table = collections.ChainMap(_extra_reducers, {types.CodeType: _reduce_code},
+                                          cloudpickle.Pickler.dispatch_table)
 
 
 def register_serializer(cls: type, reducer: Callable[[Any], tuple]) -> None:
@@ -125,7 +139,9 @@ def dumps(value: Any) -> bytes:
     """Serialize `value` to one bytes object (buffers in band), for control
     messages and metadata rather than for data."""
     try:
-        return cloudpickle.dumps(value, protocol=5)
+        stream = io.BytesIO()
+        _Pickler(stream, protocol=5).dump(value)
+        return stream.getvalue()
     except Exception as exc:
         raise TypeError(f"cannot serialize {_describe(value)}: {type(exc).__name__}: {exc}") from exc
 

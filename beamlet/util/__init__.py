@@ -33,3 +33,11 @@ def get_node_ip_address() -> str:
         if node.get("NodeID") == node_id and node.get("NodeManagerAddress"):
             return node["NodeManagerAddress"]
     return "127.0.0.1"
+
+
+def __getattr__(name: str):
+    # ray.util.queue / ray.util.multiprocessing, loaded on first use.
+    if name in ("queue", "multiprocessing"):
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

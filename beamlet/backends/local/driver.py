@@ -67,7 +67,8 @@ class LocalBackend(Backend):
     # -- JobOwner (node.py): what the node asks of the driver -----------------------
     def job_config(self) -> dict:
         return {"job_id": self.runtime.job_id, "namespace": self.runtime.namespace,
-                "sys_path": list(sys.path), "cwd": os.getcwd()}
+                "sys_path": list(sys.path), "cwd": os.getcwd(),
+                "runtime_env": self.runtime.runtime_env}
 
     def accept(self, spec: TaskSpec) -> None:
         self.runtime.accept(spec)

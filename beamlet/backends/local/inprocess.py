@@ -14,6 +14,7 @@ import time
 
 from ... import exceptions as exc
 from ...core import plugins
+from ...core.actor import EXIT_REASON
 from ...core.control_store import open_control_store
 from ...core.execution import Executor
 from ...core.interfaces import Backend, Scheduler
@@ -99,6 +100,10 @@ class InProcessScheduler(Scheduler):
             return
         result = run_attempts(spec, self._execute, actor.spec)
         self._put_results(spec, result.values)
+        if self.executor.exiting == spec.actor_id:  # it called exit_actor()
+            self.executor.exiting = None
+            self.executor.end_actor(spec.actor_id)
+            self._end_actor(spec.actor_id, EXIT_REASON)
 
     def _move(self, actor_id: bytes, state: ActorLifecycle, reason: str = "") -> None:
         actor = self._actors[actor_id]
@@ -108,7 +113,7 @@ class InProcessScheduler(Scheduler):
             plugins.notify("beamlet_actor_state", actor_id=actor_id,
                            class_name=info.class_name, state=state.recorded, reason=reason)
 
-    def cancel(self, object_id: bytes, force: bool = False) -> None:
+    def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True) -> None:
         """Every task has finished by the time its ref exists: nothing to cancel."""
 
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:

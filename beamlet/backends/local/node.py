@@ -65,7 +65,9 @@ class JobOwner(Protocol):
 
     def job_config(self) -> dict:
         """What a worker of the job needs before its first task: ``job_id``,
-        ``namespace``, ``sys_path`` (prepended to the worker's) and ``cwd``."""
+        ``namespace``, ``sys_path`` (prepended to the worker's), ``cwd`` and
+        (optional) ``runtime_env``, the job's (its env_vars go into the specs
+        the worker submits)."""
 
     def accept(self, spec: TaskSpec) -> None:
         """A task submitted by a worker (nested): check, count and schedule it
@@ -349,6 +351,7 @@ class Node:
 
     def _on_submit(self, worker: WorkerInfo, message: P.Submit) -> None:
         spec = message.spec
+        self.scheduler.submitted_by(worker, spec)
         try:
             self.owner.accept(spec)
         except Exception as err:  # noqa: BLE001 - the submitter gets it from get()
@@ -360,19 +363,23 @@ class Node:
 
     def _on_cancel(self, worker: WorkerInfo, message: P.CancelTask) -> None:
         try:
-            self.scheduler.cancel(message.object_id, message.force)
+            self.scheduler.cancel(message.object_id, message.force, message.recursive)
         except ValueError:
             pass  # (the same call in the driver raises; a task cannot be told)
 
     def _on_kill_actor(self, worker: WorkerInfo, message: P.KillActor) -> None:
-        self.scheduler.kill_actor(message.actor_id, message.no_restart)
+        if message.exited and worker.actor_id == message.actor_id:
+            self.scheduler.actor_exited(message.actor_id)
+        else:
+            self.scheduler.kill_actor(message.actor_id, message.no_restart)
 
     def _on_forget(self, worker: WorkerInfo, message: P.Forget) -> None:
         self._forget(worker, message.req_id)
 
     def _await(self, worker: WorkerInfo, req_id: int, blocking: bool, ids, count: int,
-               answer) -> None:
-        """Run `answer()` once `count` of `ids` exist. While it waits, a `blocking`
+               answer, fail_fast: bool = False) -> None:
+        """Run `answer()` once `count` of `ids` exist (`fail_fast`: or one exists
+        as an error). While it waits, a `blocking`
         request's worker lends out its CPUs (its thread is stuck in get or wait),
         and the worker may give up on it (FORGET)."""
         store = self.object_store
@@ -391,7 +398,7 @@ class Node:
                 self.scheduler.worker_unblocked(worker, req_id)
             answer()
 
-        waiter = store.notify_when(ids, count, arrived)
+        waiter = store.notify_when(ids, count, arrived, fail_fast=fail_fast)
         if waiter is not None:
             self._awaiting[key] = waiter
             if waiter.done:  # it ran in another thread before we noted it
@@ -422,14 +429,16 @@ class Node:
         def answer_get():
             try:
                 entries = [store.wire_entry(i) for i in ids]
-                if any(e is None for e in entries):
+                if None in entries and not (message.fail_fast and any(
+                        e is not None and e.is_error for e in entries)):
                     raise exc.ObjectLostError("an object was freed before it could be read")
             except Exception as err:  # noqa: BLE001
                 self._reply(worker, req_id, False, err)
                 return
             self._reply(worker, req_id, True, entries)
 
-        self._await(worker, req_id, message.blocking, ids, len(set(ids)), answer_get)
+        self._await(worker, req_id, message.blocking, ids, len(set(ids)), answer_get,
+                    message.fail_fast)
 
     def _on_wait(self, worker: WorkerInfo, message: P.WaitRequest) -> None:
         store, req_id, ids, num_returns = (self.object_store, message.req_id, message.ids,

@@ -69,12 +69,15 @@ class CancelTask(NamedTuple):
     """``cancel()`` inside a task: cancel the task that makes `object_id`."""
     object_id: bytes
     force: bool
+    recursive: bool = True
 
 
 class KillActor(NamedTuple):
-    """``kill()`` inside a task."""
+    """``kill()`` inside a task; `exited`: the actor itself called exit_actor()
+    and its process is ending by itself (Scheduler.actor_exited)."""
     actor_id: bytes
     no_restart: bool
+    exited: bool = False
 
 
 class Forget(NamedTuple):
@@ -91,10 +94,12 @@ class Returned(NamedTuple):
 
 class GetRequest(NamedTuple):
     """Reply with the entries of `ids` once all exist. `blocking`: the worker's
-    thread waits meanwhile, so its CPUs are lent out."""
+    thread waits meanwhile, so its CPUs are lent out. `fail_fast`: reply as soon
+    as one of them exists as an error, with None for those still missing."""
     req_id: int
     ids: list
     blocking: bool
+    fail_fast: bool = False
 
 
 class WaitRequest(NamedTuple):

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Iterable, Protocol
 
 from ... import exceptions as exc
 from ...core import plugins
+from ...core.actor import EXIT_REASON
 from ...core.interfaces import Scheduler
 from ...core.resources import ResourcePool
 from ...core.scheduling import RETRYING, ActorLifecycle, attempt_status, may_retry
@@ -56,7 +57,7 @@ class WorkerInfo:
 
     __slots__ = ("worker_id", "pid", "conn", "state", "task", "actor_id", "known_functions",
                  "blocking", "borrowed", "started", "gpu_ids", "dispatched_at", "idle_since",
-                 "next", "revoking", "outbox", "send_lock")
+                 "next", "revoking", "outbox", "send_lock", "gpu_kind")
 
     def __init__(self, worker_id: str):
         self.worker_id = worker_id
@@ -74,6 +75,9 @@ class WorkerInfo:
         self.borrowed: collections.Counter = collections.Counter()
         self.started = time.monotonic()
         self.gpu_ids: list[int] = []
+        # Whether what it ran used GPUs (None: it has run nothing yet). A worker
+        # runs work of one kind only: a GPU task leaves its CUDA state behind.
+        self.gpu_kind: bool | None = None
         self.dispatched_at = 0.0
         self.idle_since = 0.0
 
@@ -254,6 +258,8 @@ class LocalScheduler(Scheduler):
         self._running: dict[bytes, WorkerInfo] = {}  # task id -> worker
         self._ahead: set[WorkerInfo] = set()  # workers that were sent a task ahead
         self._cancelled: set[bytes] = set()
+        # task id -> return ids of the tasks it submitted (see submitted_by), while it runs
+        self._children: dict[bytes, list[bytes]] = {}
         self._shipped: dict[bytes, list[bytes]] = {}  # task id -> shm args pinned for it
         self.closed = False
         self.failure: BaseException | None = None  # why the backend cannot go on (see fail)
@@ -291,7 +297,7 @@ class LocalScheduler(Scheduler):
             if not deps:
                 if spec.kind == TASK and not self._queues and self.pool.fits(spec.resources):
                     # Nothing queued ahead of it: straight to an idle worker, if any.
-                    worker = self._take_idle()
+                    worker = self._take_idle(bool(spec.resources.get("GPU")))
                     if worker is not None:
                         self._run_task(spec, worker)
                         return
@@ -338,9 +344,12 @@ class LocalScheduler(Scheduler):
                     continue
                 if not self.pool.fits(spec.resources):
                     break
-                worker = self._take_idle()
+                gpu = bool(spec.resources.get("GPU"))
+                worker = self._take_idle(gpu)
                 if worker is None:
                     starved = True
+                    if not self.starting:
+                        self._retire_idle_of_kind(not gpu)
                     break
                 queue.popleft()
                 if record is not None:
@@ -372,12 +381,30 @@ class LocalScheduler(Scheduler):
                     return count
         return count
 
-    def _take_idle(self) -> WorkerInfo | None:
-        while self.idle:
-            worker = self.idle.pop()
-            if worker.state == IDLE:
+    def _take_idle(self, gpu: bool) -> WorkerInfo | None:
+        """An idle worker for a task that uses GPUs (`gpu`) or not: a fresh one
+        or one that ran the same kind (the most recently idle first)."""
+        idle = self.idle
+        for i in range(len(idle) - 1, -1, -1):
+            worker = idle[i]
+            if worker.state != IDLE:
+                del idle[i]  # (stale: it left the idle state since)
+            elif worker.gpu_kind is None or worker.gpu_kind is gpu:
+                del idle[i]
                 return worker
         return None
+
+    def _retire_idle_of_kind(self, gpu: bool) -> None:
+        """No idle worker may run what waits, but one of the other kind idles:
+        let one such go (it may be what keeps max_workers from starting another).
+        Not one that owns live objects: they would be lost."""
+        for worker in self.idle:
+            if worker.state == IDLE and worker.gpu_kind is gpu \
+                    and not self.store.objects_owned_by(worker.worker_id):
+                worker.state = EXITING  # worker_died finishes the bookkeeping at its EOF
+                self.idle.remove(worker)
+                self._send(worker, P.Exit())
+                return
 
     def _start_workers(self, wanted: int) -> None:
         if self.launch_error is not None:
@@ -523,6 +550,7 @@ class LocalScheduler(Scheduler):
         gpu_ids = self.pool.acquire(spec.resources)
         worker.state = BUSY
         worker.task = spec
+        worker.gpu_kind = bool(spec.resources.get("GPU"))
         worker.gpu_ids = gpu_ids
         worker.dispatched_at = time.perf_counter()
         self._running[spec.task_id] = worker
@@ -632,6 +660,7 @@ class LocalScheduler(Scheduler):
         record.worker = worker
         self._move(record, ActorLifecycle.STARTING)
         worker.state = ACTOR
+        worker.gpu_kind = bool(spec.resources.get("GPU"))
         worker.actor_id = spec.actor_id
         self._running[spec.task_id] = worker
         error = self._send_execute(worker, spec,
@@ -773,6 +802,15 @@ class LocalScheduler(Scheduler):
             record.killed = True
             self._end_actor(record, "it was killed by beamlet.kill()", kill=True)
 
+    def actor_exited(self, actor_id: bytes) -> None:
+        with self.lock:
+            record = self.actors.get(actor_id)
+            if record is None or record.state == ActorLifecycle.DEAD:
+                return
+            record.killed = True  # (no restart)
+            # Not killed: its process runs __ray_shutdown__ and atexit, then exits.
+            self._end_actor(record, EXIT_REASON, kill=False)
+
     def token_released(self, object_id: bytes) -> None:
         """The last handle to an actor is gone: end it once its calls are done.
         Called for every freed object, so most calls return at the first line."""
@@ -870,6 +908,8 @@ class LocalScheduler(Scheduler):
 
     def _finish(self, spec: TaskSpec, entries: list, status: str, worker=None) -> None:
         self._tasks.pop(spec.task_id, None)
+        if self._children:
+            self._children.pop(spec.task_id, None)
         shipped = self._shipped.pop(spec.task_id, None)
         if shipped:
             self.store.unpin(shipped)
@@ -1140,12 +1180,26 @@ class LocalScheduler(Scheduler):
         self.host.unpin(let_go)
 
     # -- cancel -----------------------------------------------------------------
-    def cancel(self, object_id: bytes, force: bool = False) -> None:
+    def submitted_by(self, worker: WorkerInfo, spec: TaskSpec) -> None:
+        """`worker` submitted `spec`: note it as a child of the task the worker
+        runs, for a recursive cancel of that task (tasks only: actor calls and
+        creations are not cancelled with their submitter, as in Ray)."""
+        parent = worker.task
+        if parent is None or spec.kind != TASK:
+            return
+        with self.lock:
+            if parent.task_id in self._tasks:
+                self._children.setdefault(parent.task_id, []).append(spec.return_ids[0])
+
+    def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True) -> None:
         with self.lock:
             task_id = self._producer.get(object_id)
             spec = self._tasks.get(task_id) if task_id else None
             if spec is None:
                 return
+            children = self._children.pop(task_id, None) if recursive else None
+            for child in children or ():
+                self.cancel(child, force, True)
             if spec.kind == ACTOR_CREATION:
                 raise ValueError("cancel() cannot cancel an actor's creation; use kill()")
             if spec.kind == ACTOR_METHOD:

@@ -120,7 +120,8 @@ class WorkerObjectStore(ObjectStore):
     def put(self, object_id: bytes, value: SerializedObject) -> None:
         self._b.send(P.Put(object_id, self._b.entries_for([value])[0]))
 
-    def get(self, object_ids: Sequence[bytes], timeout: float | None = None) -> list[SerializedObject]:
+    def get(self, object_ids: Sequence[bytes], timeout: float | None = None,
+            fail_fast: bool = False) -> list[SerializedObject]:
         shipped = self.shipped
         if all(i in shipped for i in object_ids):
             try:
@@ -131,10 +132,11 @@ class WorkerObjectStore(ObjectStore):
                 for i in object_ids:
                     shipped.pop(i, None)
         for attempt in range(3):
-            entries = self._b.request("get", (list(object_ids), True), timeout,
+            entries = self._b.request("get", (list(object_ids), True, fail_fast), timeout,
                                       f"get() timed out after {timeout}s")
             try:
-                return [self.materialize(i, e) for i, e in zip(object_ids, entries)]
+                return [None if e is None else self.materialize(i, e)
+                        for i, e in zip(object_ids, entries)]
             except exc.ObjectLostError:
                 # Spilled to disk between the reply and our mapping: asking again
                 # brings it back into shared memory (if it still exists at all).
@@ -215,11 +217,14 @@ class SchedulerClient(Scheduler):
             self._pool.check_feasible(spec.resources, spec.display_name)
         self._b.send(P.Submit(spec))
 
-    def cancel(self, object_id: bytes, force: bool = False) -> None:
-        self._b.send(P.CancelTask(object_id, force))
+    def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True) -> None:
+        self._b.send(P.CancelTask(object_id, force, recursive))
 
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
         self._b.send(P.KillActor(actor_id, no_restart))
+
+    def actor_exited(self, actor_id: bytes) -> None:
+        self._b.send(P.KillActor(actor_id, True, True))
 
     def total_resources(self) -> dict[str, float]:
         return self._b.request("resources", ("total",), 60.0, "resources timed out")
@@ -281,7 +286,7 @@ class WorkerBackend(Backend):
     def request(self, op: str, args: tuple, timeout: float | None, timeout_text: str):
         """Send request `op` (a key of protocol.REQUESTS) with `args` (its fields
         after req_id) and wait for its reply."""
-        blocking = op in ("get", "wait") and args[-1] is True
+        blocking = (op == "get" and args[1] is True) or (op == "wait" and args[2] is True)
         if blocking:
             self.worker_blocks(True)  # (gives back tasks sent ahead: see Worker.blocks)
         try:
@@ -704,6 +709,8 @@ class Worker:
         if spec.kind == ACTOR_CREATION and result.error is None:
             self._setup_actor(spec)
         self._finish(spec, result)
+        if self.executor.exiting is not None:
+            self._exit_actor()
 
     def _finish(self, spec: TaskSpec, result) -> None:
         try:
@@ -755,6 +762,24 @@ class Worker:
             threading.Thread(target=self._finish, args=(spec, result), daemon=True).start()
         else:
             self._finish(spec, result)
+        if self.executor.exiting is not None:
+            self._exit_actor()
+
+    def _exit_actor(self) -> None:
+        """The actor called exit_actor() (its call's result is sent): end it
+        gracefully. The node fails the calls queued behind it; then its
+        ``__ray_shutdown__`` and this process's atexit handlers run, and the
+        process exits (whatever thread this is)."""
+        import atexit
+        actor_id = self.executor.exiting
+        self.backend.scheduler.actor_exited(actor_id)
+        self.executor.end_actor(actor_id)
+        try:
+            atexit._run_exitfuncs()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
 
 def main(address: str, worker_id: str, secret: bytes) -> None:
