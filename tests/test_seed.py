@@ -7,6 +7,7 @@ from an empty temp directory, with a timeout; it must exit 0 and print its
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -21,7 +22,8 @@ TIMEOUT = 100  # seconds per program; under pytest's own 120 s limit
 
 def _run(program: str, backend: str, cwd) -> subprocess.CompletedProcess:
     path = seed_program(program)
-    env = dict(os.environ, BEAMLET_BACKEND=backend, PYTHONUNBUFFERED="1")
+    # HOME too: tune_seed writes its results under ~/beamlet_results.
+    env = dict(os.environ, BEAMLET_BACKEND=backend, PYTHONUNBUFFERED="1", HOME=str(cwd))
     try:
         return subprocess.run([sys.executable, path], cwd=cwd, env=env, capture_output=True,
                               text=True, timeout=TIMEOUT)
@@ -44,3 +46,20 @@ def test_seed_program(program, backend_under_test, tmp_path):
     assert proc.returncode == 0, report
     lines = proc.stdout.splitlines()
     assert any(line.startswith(f"{program} ok") for line in lines), report
+    if program == "tune_seed":
+        _check_tune_results(tmp_path / "beamlet_results" / "my_experiment")
+
+
+def _check_tune_results(exp_dir) -> None:
+    """The seed's experiment left one directory per trial (6), each with a
+    result.json whose rows count iterations from 1 and end with done=True only
+    at the last, after the stopping condition (mean_accuracy >= 100) or 300 steps."""
+    trial_dirs = [d for d in exp_dir.iterdir() if d.is_dir()]
+    assert len(trial_dirs) == 6, sorted(d.name for d in trial_dirs)
+    for d in trial_dirs:
+        results = [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
+        assert results[0]["training_iteration"] == 1
+        assert results[-1]["done"] is True
+        last = results[-1]
+        assert last["mean_accuracy"] >= 100 or last["training_iteration"] == 300
+        assert all(not r["done"] for r in results[:-1])

@@ -16,7 +16,6 @@ import cloudpickle
 import numpy as np
 import pytest
 
-from conftest import seed_program
 
 import beamlet
 from beamlet import tune
@@ -782,27 +781,6 @@ def test_ctrl_c_stops_the_run_cleanly(which, tmp_path):
             proc.communicate()
     assert proc.returncode == 0, out + err
     assert "interrupted" in out and "shut down" in out
-
-
-# -- the seed program -----------------------------------------------------------
-
-def test_seed_program_runs_unchanged(tmp_path):
-    env = dict(os.environ, BEAMLET_BACKEND="inprocess", HOME=str(tmp_path))
-    proc = subprocess.run([sys.executable, seed_program("tune_seed")], env=env, capture_output=True,
-                          text=True, timeout=100)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "tune_seed ok 6 trials" in proc.stdout
-    exp_dir = tmp_path / "beamlet_results" / "my_experiment"
-    trial_dirs = [d for d in exp_dir.iterdir() if d.is_dir()]
-    assert len(trial_dirs) == 6
-    for d in trial_dirs:
-        lines = (d / "result.json").read_text().splitlines()
-        results = [json.loads(line) for line in lines]
-        assert results[0]["training_iteration"] == 1
-        assert results[-1]["done"] is True
-        last = results[-1]
-        assert last["mean_accuracy"] >= 100 or last["training_iteration"] == 300
-        assert all(not r["done"] for r in results[:-1])
 
 
 def test_reuse_actors_runs_trials_in_the_same_workers(start_backend, storage):
