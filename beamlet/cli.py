@@ -18,7 +18,8 @@ from typing import Sequence
 
 from .core import plugins
 
-CAPABILITY_FLAGS = ("parallel", "isolated", "zero_copy", "multi_node", "manages_workers")
+CAPABILITY_FLAGS = ("parallel", "isolated", "zero_copy", "multi_node", "manages_workers",
+                    "task_events")
 
 # Exit code when no command was given (the help is printed).
 NOT_AVAILABLE = 2
@@ -57,6 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
                           help="print the table of flags as Markdown (the README's table)")
     backends.set_defaults(func=_cmd_backends)
 
+    timeline = sub.add_parser(
+        "timeline", help="run a program and write its tasks' timeline (Chrome trace)",
+        description="Run PROGRAM (a Python script, with its arguments) and, when its driver "
+                    "shuts down, write the timeline of its task attempts to FILE, in the "
+                    "Chrome trace format that chrome://tracing and Perfetto load.")
+    timeline.add_argument("file", metavar="FILE", help="where to write the trace (JSON)")
+    timeline.add_argument("program", metavar="PROGRAM", help="the Python script to run")
+    timeline.add_argument("program_args", metavar="ARGS", nargs=argparse.REMAINDER,
+                          help="the script's own arguments")
+    timeline.set_defaults(func=_cmd_timeline)
+
     version = sub.add_parser("version", help="print beamlet's version")
     version.set_defaults(func=_cmd_version)
 
@@ -70,6 +82,26 @@ def _cmd_demo(args) -> int:
     from . import demo
     argv = [] if args.backend is None else ["--backend", args.backend]
     return demo.main(argv)
+
+
+def _cmd_timeline(args) -> int:
+    import subprocess
+
+    from .core.api import TIMELINE_ENV_VAR
+    if not os.path.isfile(args.program):
+        print(f"beamlet timeline: no such program: {args.program}", file=sys.stderr)
+        return NOT_AVAILABLE
+    path = os.path.abspath(args.file)
+    if os.path.exists(path):
+        os.unlink(path)  # (so that a program that never starts beamlet is noticed)
+    env = dict(os.environ, **{TIMELINE_ENV_VAR: path})
+    code = subprocess.call([sys.executable, args.program, *args.program_args], env=env)
+    if not os.path.exists(path):
+        print(f"beamlet timeline: {args.program} ran no beamlet job on a backend that "
+              f"records tasks; nothing written", file=sys.stderr)
+        return code or NOT_AVAILABLE
+    print(f"beamlet timeline: wrote {path}", file=sys.stderr)
+    return code
 
 
 def _cmd_version(args) -> int:

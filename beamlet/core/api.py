@@ -127,9 +127,42 @@ def shutdown() -> None:
             hook(backend_name=rt.backend.name)
         _runtime.set_current(None)
         rt.shutdown()
+        path = os.environ.get(TIMELINE_ENV_VAR)
+        if path and rt.task_events is not None:
+            _write_timeline(rt.task_events, path)
 
 
 atexit.register(shutdown)
+
+#: A file the driver writes its timeline to when it shuts down (see `timeline`;
+#: ``beamlet timeline FILE PROGRAM`` sets it).
+TIMELINE_ENV_VAR = "BEAMLET_TIMELINE"
+
+
+def timeline(filename: str | None = None) -> list[dict] | None:
+    """The job's task attempts so far as Chrome trace events (load the file in
+    chrome://tracing or https://ui.perfetto.dev): returned as a list, or, given
+    `filename`, written there as JSON (as Ray's ``ray.timeline``). Needs a
+    backend with the ``task_events`` flag; the newest 100,000 attempts are kept."""
+    rt = _runtime.current_or_none()
+    if rt is None:
+        raise RuntimeError("timeline(): beamlet is not initialized; call beamlet.init() first")
+    if rt.task_events is None:
+        raise NotImplementedError(f"timeline() needs a backend whose driver sees every task "
+                                  f"(task_events); the {rt.backend.name!r} backend does not")
+    if filename is None:
+        from .task_events import chrome_trace
+        return chrome_trace(rt.task_events.spans())
+    _write_timeline(rt.task_events, filename)
+    return None
+
+
+def _write_timeline(task_events, filename: str) -> None:
+    import json
+
+    from .task_events import chrome_trace
+    with open(filename, "w") as f:
+        json.dump(chrome_trace(task_events.spans()), f)
 
 
 def is_initialized() -> bool:

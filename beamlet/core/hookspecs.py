@@ -91,9 +91,10 @@ def beamlet_task_submitted(spec) -> None:
 
 
 @hookspec
-def beamlet_task_finished(spec, status: str, duration: float) -> None:
+def beamlet_task_finished(spec, status: str, duration: float, pid) -> None:
     """A task attempt ended: ``status`` is ``"FINISHED"``, ``"FAILED"``,
-    ``"RETRYING"`` or ``"CANCELLED"``; ``duration`` is seconds from dispatch."""
+    ``"RETRYING"`` or ``"CANCELLED"``; ``duration`` is seconds from dispatch;
+    ``pid`` is the process it ran in (None if it never reached one)."""
 
 
 @hookspec

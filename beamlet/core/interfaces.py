@@ -313,6 +313,9 @@ class Backend(abc.ABC):
       holds every CPU it asks for, and an actor holds its resources while it
       lives. False where an engine beneath
       (Dask) owns the workers and applies its own rules.
+    - ``task_events``: the driver's observer hooks hear every task's submission
+      and end (nested ones too), and `workers` lists the processes, so the
+      state API (``beamlet.util.state``) and ``beamlet.timeline()`` work.
 
     ``inline_threshold`` is the size below which values travel inside messages
     rather than through the object store.
@@ -324,6 +327,7 @@ class Backend(abc.ABC):
     zero_copy: ClassVar[bool] = False
     multi_node: ClassVar[bool] = False
     manages_workers: ClassVar[bool] = True
+    task_events: ClassVar[bool] = False
     inline_threshold: ClassVar[int] = 100 * 1024
     #: True where this process owns the objects it creates (the driver); a
     #: worker's client side forwards submissions to the owner, which pins
@@ -344,6 +348,13 @@ class Backend(abc.ABC):
         return [{"NodeID": self.node_id, "Alive": True,
                  "Resources": self.scheduler.total_resources(),
                  "NodeManagerAddress": "127.0.0.1"}]
+
+    def workers(self) -> list[dict]:
+        """One dict per process that runs (or ran) this job's tasks: ``worker_id``,
+        ``pid``, ``is_alive``, ``worker_type`` (``"WORKER"`` or ``"DRIVER"``),
+        ``state`` and ``actor_id`` (hex, or None). Backends whose ``task_events``
+        flag is False need not know them."""
+        raise NotImplementedError(f"the {self.name!r} backend cannot list its workers")
 
     def object_referenced(self, object_id: bytes) -> None:
         """This process now holds a reference to the object (its count went 0 -> 1).

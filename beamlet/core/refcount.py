@@ -25,6 +25,11 @@ class ReferenceCounter:
         self._on_referenced = on_referenced
         self.closed = False
 
+    def counts(self) -> dict[bytes, int]:
+        """A copy of the live counts: object id -> references this process holds."""
+        with self._lock:
+            return dict(self._counts)
+
     def incr(self, object_id: bytes) -> None:
         with self._lock:
             count = self._counts.get(object_id, 0)

@@ -87,6 +87,14 @@ class Runtime:
         self._callbacks = None  # the queue of the callback thread, once started
         self._callbacks_lock = threading.Lock()
         self.backend: Backend = backend_factory(config, self)
+        #: What the lifecycle hooks told of this job's tasks (beamlet.util.state),
+        #: where the backend's driver hears them all; else None.
+        self.task_events = None
+        if self.backend.owns_objects and self.backend.task_events:
+            from . import plugins
+            from .task_events import TaskEvents
+            self.task_events = TaskEvents()
+            plugins.register(self.task_events, name=f"beamlet-task-events-{id(self)}")
         from .tables import Tables  # not at import: `import beamlet` stays fast
         self.tables = Tables(self.backend.control_store)
         self.inline_threshold = self.backend.inline_threshold
@@ -316,7 +324,12 @@ class Runtime:
     # -- lifecycle ------------------------------------------------------------
     def shutdown(self) -> None:
         self.refs.close()
-        self.backend.shutdown()  # (runs pending completions: futures fail, not hang)
+        try:
+            self.backend.shutdown()  # (runs pending completions: futures fail, not hang)
+        finally:
+            if self.task_events is not None:
+                from . import plugins
+                plugins.unregister(self.task_events)
         with self._callbacks_lock:
             if self._callbacks is not None:
                 self._callbacks.put(None)

@@ -11,6 +11,7 @@ attempt comes back failed and reports with `attempt_status`.
 from __future__ import annotations
 
 import enum
+import os
 import time
 from typing import Callable
 
@@ -99,7 +100,7 @@ def run_attempts(spec, execute: Callable, actor_spec=None, retries: bool = True)
         retry = retries and result.retryable and may_retry(spec, actor_spec)
         plugins.notify("beamlet_task_finished", spec=spec,
                        status=attempt_status(result.error is not None, retry),
-                       duration=time.perf_counter() - start)
+                       duration=time.perf_counter() - start, pid=os.getpid())
         if not retry:
             return result
         spec.attempt += 1

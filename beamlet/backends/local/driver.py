@@ -18,6 +18,7 @@ from ...core.options import check_backend_options
 from ...core.resources import ResourcePool
 from ...core.runtime import Runtime
 from ...core.task_spec import TaskSpec
+from .inprocess import driver_worker_row
 from .node import Node, default_store_capacity
 
 
@@ -28,6 +29,7 @@ class LocalBackend(Backend):
     parallel = True
     isolated = True
     zero_copy = True
+    task_events = True
 
     #: init() keywords of this backend, beyond the common ones.
     accepted_options = frozenset({"object_store_memory", "max_workers", "prestart_workers"})
@@ -81,6 +83,9 @@ class LocalBackend(Backend):
 
     def nodes(self) -> list[dict]:
         return [self.node.describe()]
+
+    def workers(self) -> list[dict]:
+        return [driver_worker_row(self.worker_id)] + self.scheduler.describe_workers()
 
     def shutdown(self) -> None:
         self.node.close()

@@ -150,6 +150,12 @@ class InProcessScheduler(Scheduler):
                 self._end_actor(actor_id, "beamlet was shut down")
 
 
+def driver_worker_row(worker_id: str) -> dict:
+    """The driver's own row in `Backend.workers`."""
+    return {"worker_id": worker_id, "pid": os.getpid(), "is_alive": True,
+            "worker_type": "DRIVER", "state": "DRIVER", "actor_id": None}
+
+
 class InProcessBackend(Backend):
     """The ``inprocess`` backend (also ``init(local_mode=True)``)."""
 
@@ -157,6 +163,7 @@ class InProcessBackend(Backend):
     parallel = False
     isolated = False
     zero_copy = False
+    task_events = True
 
     # The local backend's options are accepted (and mean nothing here), so that a
     # program switched to this backend for debugging runs unchanged.
@@ -175,6 +182,10 @@ class InProcessBackend(Backend):
     def object_released(self, object_id: bytes) -> None:
         self.object_store.delete([object_id])
         self.scheduler.token_released(object_id)
+
+    def workers(self) -> list[dict]:
+        # Every task and actor runs here, in the driver's process.
+        return [driver_worker_row(self.worker_id)]
 
     def shutdown(self) -> None:
         self.scheduler.shutdown()

@@ -896,7 +896,8 @@ class LocalScheduler(Scheduler):
         """The attempt failed and another one follows."""
         started = worker.dispatched_at if worker is not None else time.perf_counter()
         plugins.notify("beamlet_task_finished", spec=spec, status=RETRYING,
-                       duration=time.perf_counter() - started)
+                       duration=time.perf_counter() - started,
+                       pid=worker.pid if worker is not None else None)
         spec.attempt += 1
 
     def _retry_left(self, spec: TaskSpec, record: ActorRecord | None) -> bool:
@@ -918,10 +919,20 @@ class LocalScheduler(Scheduler):
             self._producer.pop(rid, None)
         started = worker.dispatched_at if worker is not None else time.perf_counter()
         plugins.notify("beamlet_task_finished", spec=spec, status=status,
-                       duration=time.perf_counter() - started)
+                       duration=time.perf_counter() - started,
+                       pid=worker.pid if worker is not None else None)
         writer = worker.worker_id if worker is not None else None
         for rid, entry in zip(spec.return_ids, entries):
             self.store.put_from_worker(rid, entry, None, writer)
+
+    def describe_workers(self) -> list[dict]:
+        """A row per worker process this scheduler has started and not yet seen
+        exit (see `Backend.workers`)."""
+        with self.lock:
+            return [{"worker_id": w.worker_id, "pid": w.pid, "is_alive": w.state != DEAD,
+                     "worker_type": "WORKER", "state": w.state,
+                     "actor_id": w.actor_id.hex() if w.actor_id else None}
+                    for w in self.workers.values()]
 
     def prestart(self, count: int) -> None:
         """Start `count` workers ahead of the first task."""
