@@ -14,7 +14,7 @@ import time
 
 from ... import exceptions as exc
 from ...core import plugins
-from ...core.actor import EXIT_REASON
+from ...core.actor import EXIT_REASON, concurrency_group_of
 from ...core.control_store import open_control_store
 from ...core.execution import Executor
 from ...core.interfaces import Backend, Scheduler
@@ -98,6 +98,12 @@ class InProcessScheduler(Scheduler):
             err = exc.ActorDiedError(f"the actor {spec.function_name} is dead: {reason}")
             self._put_results(spec, [serialize(err, is_error=True)] * len(spec.return_ids))
             return
+        if spec.actor_options is not None:
+            try:  # (calls run one at a time here: a group's limit always holds)
+                concurrency_group_of(spec, actor.spec.actor_options)
+            except ValueError as err:
+                self._put_results(spec, [serialize(err, is_error=True)] * len(spec.return_ids))
+                return
         result = run_attempts(spec, self._execute, actor.spec)
         self._put_results(spec, result.values)
         if self.executor.exiting == spec.actor_id:  # it called exit_actor()

@@ -108,7 +108,8 @@ class ActorRecord:
         # waits for).
         self.held: list[tuple[TaskSpec, P.Execute]] = []
         options = spec.actor_options
-        self.batched = not options.get("is_async") and options.get("max_concurrency", 1) == 1
+        self.batched = not options.get("is_async") and options.get("max_concurrency", 1) == 1 \
+            and not options.get("concurrency_groups")
 
 
 class CallQueue:
