@@ -9,6 +9,7 @@ from . import ids
 from . import runtime as _runtime
 from .object_ref import ObjectRef
 from .options import ACTOR_OPTIONS, METHOD_OPTIONS, env_vars_of, resource_request, validate
+from .placement import placement_request
 from .serialization import dumps
 from .signature import ArgSpec
 from .task_spec import ACTOR_CREATION, ACTOR_METHOD
@@ -154,10 +155,11 @@ class ActorClass:
             "concurrency_groups": options.get("concurrency_groups") or {},
         }
         # Actors hold no CPU while idle unless asked to (Ray's default).
-        resources = resource_request(options, 0.0)
+        resources, placed = placement_request(resource_request(options, 0.0),
+                                              options.get("scheduling_strategy"))
         spec, _keep = rt.make_spec(ACTOR_CREATION, class_id, self._name, args, kwargs, 1,
                                    resources, actor_id=actor_id, actor_options=actor_options,
-                                   env_vars=env_vars_of(options))
+                                   env_vars=env_vars_of(options), placement_group=placed)
         try:
             rt.tables.create_actor(ActorInfo(actor_id, self._name, name, namespace,
                                              spec.return_ids[0], self._methods))

@@ -76,6 +76,9 @@ def validate(options: dict, allowed: frozenset, what: str) -> dict:
             raise TypeError(f"{key} must be a string, got {out[key]!r}")
     if out.get("runtime_env") is not None:
         out["runtime_env"] = check_runtime_env(out["runtime_env"])
+    if out.get("scheduling_strategy") is not None:
+        from .placement import check_strategy
+        out["scheduling_strategy"] = check_strategy(out["scheduling_strategy"])
     return out
 
 

@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 from .actor_pool import ActorPool
+from . import scheduling_strategies
 from .helpers import as_completed, map_unordered
+from .placement_group import (get_current_placement_group, get_placement_group, placement_group,
+                              placement_group_table, remove_placement_group)
 
 __all__ = ["ActorPool", "as_completed", "map_unordered", "list_named_actors",
-           "get_node_ip_address"]
+           "get_node_ip_address", "placement_group", "remove_placement_group",
+           "get_placement_group", "placement_group_table", "get_current_placement_group",
+           "scheduling_strategies"]
 
 
 def list_named_actors(all_namespaces: bool = False) -> list:

@@ -28,6 +28,7 @@ class LocalBackend(Backend):
     parallel = True
     isolated = True
     zero_copy = True
+    placement_groups = True
 
     #: init() keywords of this backend, beyond the common ones.
     accepted_options = frozenset({"object_store_memory", "max_workers", "prestart_workers"})

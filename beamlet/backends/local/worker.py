@@ -214,7 +214,9 @@ class SchedulerClient(Scheduler):
         self._pool = ResourcePool(totals.get("CPU", 0), totals.get("GPU", 0), resources)
 
     def submit(self, spec: TaskSpec) -> None:
-        if spec.kind != ACTOR_METHOD:  # infeasible requests fail here, at the call site
+        # Infeasible requests fail here, at the call site (the node judges those
+        # in placement groups: only it knows them).
+        if spec.kind != ACTOR_METHOD and spec.placement_group is None:
             self._pool.check_feasible(spec.resources, spec.display_name)
         self._b.send(P.Submit(spec))
 
@@ -223,6 +225,12 @@ class SchedulerClient(Scheduler):
 
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
         self._b.send(P.KillActor(actor_id, no_restart))
+
+    def create_placement_group(self, info) -> None:
+        raise ValueError("on the local backend placement groups are created and removed by "
+                         "the driver; pass the group to tasks and actors to use it")
+
+    remove_placement_group = create_placement_group
 
     def actor_exited(self, actor_id: bytes) -> None:
         self._b.send(P.KillActor(actor_id, True, True))
@@ -241,6 +249,7 @@ class WorkerBackend(Backend):
     parallel = True
     isolated = True
     zero_copy = True
+    placement_groups = True  # (tasks run in them; the driver creates and removes them)
     owns_objects = False
 
     def __init__(self, conn: SocketConnection, config: dict, runtime):
