@@ -41,8 +41,8 @@ def get_node_ip_address() -> str:
 
 
 def __getattr__(name: str):
-    # ray.util.queue / ray.util.multiprocessing, loaded on first use.
-    if name in ("queue", "multiprocessing"):
+    # ray.util.queue / ray.util.multiprocessing / ray.util.joblib, loaded on first use.
+    if name in ("queue", "multiprocessing", "joblib"):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
