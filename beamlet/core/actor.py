@@ -150,7 +150,7 @@ class ActorClass:
             "max_restarts": options.get("max_restarts", 0),
             "max_task_retries": options.get("max_task_retries", 0),
             "max_concurrency": concurrency, "is_async": is_async,
-            "detached": options.get("lifetime") == "detached",
+            "detached": (options.get("lifetime") or rt.default_actor_lifetime) == "detached",
             "methods": self._methods,
             "concurrency_groups": options.get("concurrency_groups") or {},
         }

@@ -154,13 +154,13 @@ def resource_request(options: dict, default_cpus: float) -> dict[str, float]:
 
 # Keys every backend's config carries (set by init()).
 INIT_KEYS = frozenset({"backend", "address", "num_cpus", "num_gpus", "resources", "namespace",
-                       "control_store", "runtime_env"})
+                       "control_store", "runtime_env", "job_metadata", "default_actor_lifetime"})
 
 # Ray's init() options that have no meaning here: accepted and ignored, so Ray
 # programs run unchanged.
 RAY_INIT_OPTIONS_IGNORED = frozenset({
     "include_dashboard", "dashboard_host", "dashboard_port", "log_to_driver", "logging_level",
-    "logging_format", "logging_config", "configure_logging", "job_config",
+    "logging_format", "logging_config", "configure_logging",
     "_temp_dir", "_system_config", "_metrics_export_port", "_node_ip_address",
     "_enable_object_reconstruction", "_plasma_directory", "_memory", "storage",
     "log_to_stderr"})

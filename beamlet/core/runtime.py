@@ -84,6 +84,10 @@ class Runtime:
         self.caller_id = ids.new_id()
         #: The job's runtime_env (init(runtime_env=...)): its env_vars go into every spec.
         self.runtime_env = config.get("runtime_env") or {}
+        #: From init(job_config=JobConfig(...)): the job's metadata, and the
+        #: lifetime of actors created without lifetime= ("detached" or not).
+        self.job_metadata: dict = config.get("job_metadata") or {}
+        self.default_actor_lifetime: str = config.get("default_actor_lifetime") or "non_detached"
         self._job_env_vars = self.runtime_env.get("env_vars") or None
         self.refs = ReferenceCounter(self._released, self._referenced)
         self._registered_functions: set[bytes] = set()

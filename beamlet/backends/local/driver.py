@@ -69,7 +69,9 @@ class LocalBackend(Backend):
     def job_config(self) -> dict:
         return {"job_id": self.runtime.job_id, "namespace": self.runtime.namespace,
                 "sys_path": list(sys.path), "cwd": os.getcwd(),
-                "runtime_env": self.runtime.runtime_env}
+                "runtime_env": self.runtime.runtime_env,
+                "job_metadata": self.runtime.job_metadata,
+                "default_actor_lifetime": self.runtime.default_actor_lifetime}
 
     def accept(self, spec: TaskSpec) -> None:
         self.runtime.accept(spec)
