@@ -10,12 +10,15 @@ and machines, with Ray's programming model and pluggable backends.
 
     ray.get([square.remote(i) for i in range(4)])   # [0, 1, 4, 9]
 """
-from . import actor, exceptions, util  # Ray's ray.actor, ray.exceptions, ray.util
+from . import actor, exceptions, job_config, util  # Ray's ray.actor, ray.exceptions...
 from .core.actor import ActorClass, ActorHandle, get_actor, method
 from .core.api import (available_resources, cancel, cluster_resources, get, get_gpu_ids,
                        get_runtime_context, init, is_initialized, kill, nodes, put, remote,
                        shutdown, timeline, wait)
 from .core.object_ref import ObjectRef
+
+#: Ray's old name of ObjectRef.
+ObjectID = ObjectRef
 
 __version__ = "0.1.0"
 
@@ -23,5 +26,5 @@ __all__ = [
     "init", "shutdown", "is_initialized", "remote", "get", "put", "wait", "cancel", "kill",
     "get_actor", "method", "nodes", "cluster_resources", "available_resources",
     "get_runtime_context", "get_gpu_ids", "ObjectRef", "ActorHandle", "ActorClass", "exceptions",
-    "actor", "util", "timeline",
+    "actor", "util", "timeline", "job_config", "ObjectID",
 ]

@@ -40,6 +40,7 @@ __all__ = [
     "BackendError", "AsyncioActorExit", "ActorExit", "UnserializableException",
     "ObjectFreedError", "ObjectReconstructionFailedError", "ObjectRefStreamEndOfStreamError",
     "RuntimeEnvSetupError", "NodeDiedError", "OutOfMemoryError", "RaySystemError",
+    "TaskPlacementGroupRemoved", "ActorPlacementGroupRemoved",
     # Ray's names, so that `except ray.exceptions.RayTaskError` works unchanged.
     "RayError", "RayTaskError", "RayActorError",
 ]
@@ -113,6 +114,15 @@ class ObjectRefStreamEndOfStreamError(BeamletError):
 class RuntimeEnvSetupError(BeamletError):
     """A task's or actor's ``runtime_env`` could not be set up (or asks for
     something this backend does not do)."""
+
+
+class TaskPlacementGroupRemoved(BeamletError):
+    """The placement group the task was scheduled in was removed before it ran
+    (also what ``get(pg.ready())`` raises for a group removed while pending)."""
+
+
+class ActorPlacementGroupRemoved(BeamletError):
+    """The placement group the actor was scheduled in was removed."""
 
 
 class NodeDiedError(BeamletError):

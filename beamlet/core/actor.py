@@ -9,6 +9,7 @@ from . import ids
 from . import runtime as _runtime
 from .object_ref import ObjectRef
 from .options import ACTOR_OPTIONS, METHOD_OPTIONS, env_vars_of, resource_request, validate
+from .placement import placement_request
 from .serialization import dumps
 from .signature import ArgSpec
 from .task_spec import ACTOR_CREATION, ACTOR_METHOD
@@ -49,7 +50,8 @@ def _method_table(cls: type) -> dict[str, dict]:
                        "is_async": inspect.iscoroutinefunction(member) or
                        inspect.isasyncgenfunction(member),
                        # (plain tuples: the table is stored in the control store)
-                       "params": None if argspec is None else argspec.params}
+                       "params": None if argspec is None else argspec.params,
+                       "concurrency_group": opts.get("concurrency_group")}
     return table
 
 
@@ -118,6 +120,13 @@ class ActorClass:
 
     def _create(self, args, kwargs, options: dict) -> "ActorHandle":
         from .tables import ActorInfo
+        groups = options.get("concurrency_groups") or {}
+        for method_name, entry in self._methods.items():
+            group = entry["concurrency_group"]
+            if group is not None and group not in groups:
+                raise ValueError(f"method {self._name}.{method_name} is in concurrency group "
+                                 f"{group!r}, which the actor does not define; its "
+                                 f"concurrency_groups are: {sorted(groups) or 'none'}")
         if self._init_argspec is not None:
             self._init_argspec.check(args, kwargs, f"{self._name}.remote()")
         rt = _runtime.current()
@@ -141,14 +150,16 @@ class ActorClass:
             "max_restarts": options.get("max_restarts", 0),
             "max_task_retries": options.get("max_task_retries", 0),
             "max_concurrency": concurrency, "is_async": is_async,
-            "detached": options.get("lifetime") == "detached",
+            "detached": (options.get("lifetime") or rt.default_actor_lifetime) == "detached",
             "methods": self._methods,
+            "concurrency_groups": options.get("concurrency_groups") or {},
         }
         # Actors hold no CPU while idle unless asked to (Ray's default).
-        resources = resource_request(options, 0.0)
+        resources, placed = placement_request(resource_request(options, 0.0),
+                                              options.get("scheduling_strategy"))
         spec, _keep = rt.make_spec(ACTOR_CREATION, class_id, self._name, args, kwargs, 1,
                                    resources, actor_id=actor_id, actor_options=actor_options,
-                                   env_vars=env_vars_of(options))
+                                   env_vars=env_vars_of(options), placement_group=placed)
         try:
             rt.tables.create_actor(ActorInfo(actor_id, self._name, name, namespace,
                                              spec.return_ids[0], self._methods))
@@ -261,12 +272,30 @@ class ActorMethod:
             argspec.check(args, kwargs, f"{handle._class_name}.{self._name}.remote()")
         rt = _runtime.current()
         n = self._num_returns
+        group = self._options.get("concurrency_group")
+        if group is None:
+            group = (handle._methods.get(self._name) or {}).get("concurrency_group")
         spec, _keep = rt.make_spec(
             ACTOR_METHOD, b"", handle._class_name, args, kwargs, n, {},
             max_retries=self._options.get("max_task_retries", 0),
-            actor_id=handle._actor_id, method_name=self._name)
+            actor_id=handle._actor_id, method_name=self._name,
+            # (a method call's actor_options carry only its concurrency group)
+            actor_options=None if group is None else {"concurrency_group": group})
         refs = rt.submit(spec)
         return refs[0] if n == 1 else refs
+
+
+def concurrency_group_of(spec, actor_options: dict) -> str | None:
+    """The concurrency group a method call runs in: the one it was called with
+    (``.options(concurrency_group=)``) or its method's (``@method``); None for
+    the default group. ValueError if the actor (created with `actor_options`)
+    has no such group."""
+    group = (spec.actor_options or {}).get("concurrency_group")
+    if group is not None and group not in (actor_options.get("concurrency_groups") or {}):
+        raise ValueError(f"{spec.display_name} was called in concurrency group {group!r}, "
+                         f"which the actor does not define; its concurrency_groups are: "
+                         f"{sorted(actor_options.get('concurrency_groups') or {}) or 'none'}")
+    return group
 
 
 def get_actor(name: str, namespace: str | None = None) -> ActorHandle:

@@ -21,14 +21,17 @@ ADDRESS_ENV_VAR = "BEAMLET_ADDRESS"  # the cluster a plain init() connects to
 def init(backend: str | None = None, address: str | None = None, num_cpus: float | None = None,
          num_gpus: float | None = None, resources: dict | None = None, local_mode: bool = False,
          namespace: str | None = None, ignore_reinit_error: bool = False,
-         runtime_env: dict | None = None, **backend_options):
+         runtime_env: dict | None = None, job_config=None, **backend_options):
     """Start (or connect to) a backend and make it the current one.
 
     ``backend`` defaults to ``$BEAMLET_BACKEND``, then ``"local"``; ``local_mode=True``
     means ``"inprocess"``. ``address`` (default ``$BEAMLET_ADDRESS``) joins a running
     cluster (``address="local"`` means start one here, as in Ray). ``runtime_env``
     (only ``env_vars``; other fields raise ValueError) applies to every task and
-    actor of the job, under their own. Extra keyword arguments are the backend's
+    actor of the job, under their own. ``job_config`` (a
+    ``beamlet.job_config.JobConfig``) supplies the runtime_env and namespace
+    not given here, the job's metadata and its default actor lifetime.
+    Extra keyword arguments are the backend's
     own options (e.g. ``object_store_memory``).
     Returns an InitContext: a dict describing what started, which, like Ray's
     context, also works as ``with init(...):`` and has ``disconnect()``.
@@ -62,8 +65,15 @@ def init(backend: str | None = None, address: str | None = None, num_cpus: float
         _check_resources(num_cpus, num_gpus, resources)
         if namespace is not None and not isinstance(namespace, str):
             raise TypeError(f"namespace must be a string, got {namespace!r}")
+        job = _job_options(job_config, namespace)
+        if runtime_env is None:
+            runtime_env = job.get("runtime_env")
+        namespace = namespace if namespace is not None else job.get("namespace")
         runtime_env = check_runtime_env(runtime_env) if runtime_env is not None else {}
         config = dict(backend_options)
+        if job_config is not None:
+            config.update(job_metadata=job["metadata"],
+                          default_actor_lifetime=job["default_actor_lifetime"])
         config.update(backend=backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus,
                       resources=dict(resources or {}), namespace=namespace,
                       runtime_env=runtime_env)
@@ -73,6 +83,20 @@ def init(backend: str | None = None, address: str | None = None, num_cpus: float
         if hook is not None:
             hook(backend_name=backend, config=config)
         return _context_info(rt)
+
+
+def _job_options(job_config, namespace) -> dict:
+    """What init takes from a JobConfig (nothing from None)."""
+    if job_config is None:
+        return {}
+    from ..job_config import JobConfig
+    if not isinstance(job_config, JobConfig):
+        raise TypeError(f"job_config must be a beamlet.job_config.JobConfig, got {job_config!r}")
+    job = job_config._init_options()
+    if namespace is not None and job["namespace"] is not None and namespace != job["namespace"]:
+        raise ValueError(f"init(namespace={namespace!r}) and its JobConfig(ray_namespace="
+                         f"{job['namespace']!r}) disagree")
+    return job
 
 
 def _check_resources(num_cpus, num_gpus, resources) -> None:
@@ -298,6 +322,10 @@ class RuntimeContext:
 
     def get_job_id(self) -> str:
         return self._rt.job_id
+
+    def get_job_metadata(self) -> dict:
+        """The job's metadata (``JobConfig(metadata=...)``); {} without any."""
+        return dict(self._rt.job_metadata)
 
     def get_node_id(self) -> str:
         return self._rt.backend.node_id

@@ -129,7 +129,7 @@ class Executor:
     def execute(self, spec: TaskSpec) -> ExecutionResult:
         """Run `spec` and return its results; never raises for a task's own failure."""
         token = task_context.set(TaskContext(spec.task_id, spec.actor_id, spec.display_name,
-                                             spec.resources))
+                                             spec.resources, _placement(self, spec)))
         saved = self._enter_env(spec)
         try:
             try:
@@ -166,7 +166,7 @@ class Executor:
         """Run an async actor's method call on the running event loop: awaits the
         method, so many calls can be in flight on one loop."""
         token = task_context.set(TaskContext(spec.task_id, spec.actor_id, spec.display_name,
-                                             spec.resources))
+                                             spec.resources, _placement(self, spec)))
         try:
             try:
                 args, kwargs = self._resolve(spec)
@@ -271,6 +271,14 @@ class Executor:
         actor = self.actors.pop(actor_id, None)
         if actor is not None:
             actor.close()
+
+
+def _placement(executor: Executor, spec: TaskSpec):
+    """The placement group a call runs in: its own, or its actor's."""
+    if spec.kind == ACTOR_METHOD:
+        actor = executor.actors.get(spec.actor_id)
+        return actor.spec.placement_group if actor is not None else None
+    return spec.placement_group
 
 
 def _actor_method(instance: Any, name: str):

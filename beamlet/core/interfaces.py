@@ -291,6 +291,20 @@ class Scheduler(abc.ABC):
     def available_resources(self) -> dict[str, float]:
         """What is not held by running tasks and actors now."""
 
+    def create_placement_group(self, info) -> None:
+        """Reserve the bundles of placement group `info` (a
+        ``tables.PlacementGroupInfo``) atomically as soon as they fit; then
+        mark it CREATED in the control store and store the group under
+        ``info.ready_id``. ValueError at once if they could never fit. Only
+        where the backend's ``placement_groups`` flag is set."""
+        raise ValueError("this backend does not support placement groups")
+
+    def remove_placement_group(self, pg_id: bytes) -> None:
+        """Give back the group's reservation (or stop waiting for it; its ready
+        ref then holds an error), end the actors and fail the queued tasks
+        scheduled in it."""
+        raise ValueError("this backend does not support placement groups")
+
     def shutdown(self) -> None:
         """Stop every worker and actor this scheduler started."""
 
@@ -306,6 +320,8 @@ class Backend(abc.ABC):
     - ``isolated``: tasks run in other processes, so globals are not shared.
     - ``zero_copy``: large buffers come back from ``get`` as shared-memory views.
     - ``multi_node``: tasks may run on other machines.
+    - ``placement_groups``: the scheduler reserves placement groups' bundles
+      and runs tasks in them (``Scheduler.create_placement_group``).
     - ``manages_workers``: beamlet itself runs the processes tasks and actors
       run in, so their failures follow beamlet's rules: a crashed worker's
       task is retried per ``max_retries``, a crashed actor restarted per
@@ -326,6 +342,7 @@ class Backend(abc.ABC):
     isolated: ClassVar[bool] = False
     zero_copy: ClassVar[bool] = False
     multi_node: ClassVar[bool] = False
+    placement_groups: ClassVar[bool] = False
     manages_workers: ClassVar[bool] = True
     task_events: ClassVar[bool] = False
     inline_threshold: ClassVar[int] = 100 * 1024

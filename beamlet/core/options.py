@@ -15,7 +15,8 @@ TASK_OPTIONS = frozenset(_RESOURCE_OPTIONS | _IGNORED_OPTIONS | {
 
 ACTOR_OPTIONS = frozenset(_RESOURCE_OPTIONS | _IGNORED_OPTIONS | {
     "name", "namespace", "lifetime", "max_restarts", "max_task_retries", "max_concurrency",
-    "get_if_exists", "scheduling_strategy", "runtime_env", "max_pending_calls"})
+    "get_if_exists", "scheduling_strategy", "runtime_env", "max_pending_calls",
+    "concurrency_groups"})
 
 METHOD_OPTIONS = frozenset(_IGNORED_OPTIONS | {"num_returns", "max_task_retries", "name",
                                                 "concurrency_group"})
@@ -58,6 +59,11 @@ def validate(options: dict, allowed: frozenset, what: str) -> dict:
         v = out["max_concurrency"]
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"max_concurrency must be an integer >= 1, got {v!r}")
+    if out.get("concurrency_groups") is not None:
+        out["concurrency_groups"] = check_concurrency_groups(out["concurrency_groups"])
+    if out.get("concurrency_group") is not None and not isinstance(out["concurrency_group"], str):
+        raise TypeError(f"concurrency_group must be a string naming one of the actor's "
+                        f"concurrency_groups, got {out['concurrency_group']!r}")
     if "retry_exceptions" in out:
         v = out["retry_exceptions"]
         if not (isinstance(v, bool) or (isinstance(v, (list, tuple)) and
@@ -70,7 +76,25 @@ def validate(options: dict, allowed: frozenset, what: str) -> dict:
             raise TypeError(f"{key} must be a string, got {out[key]!r}")
     if out.get("runtime_env") is not None:
         out["runtime_env"] = check_runtime_env(out["runtime_env"])
+    if out.get("scheduling_strategy") is not None:
+        from .placement import check_strategy
+        out["scheduling_strategy"] = check_strategy(out["scheduling_strategy"])
     return out
+
+
+def check_concurrency_groups(groups: Any) -> dict:
+    """A valid ``concurrency_groups``: a dict of group name (a non-empty str) to
+    its max concurrency (an integer >= 1), as in Ray."""
+    if not isinstance(groups, dict):
+        raise TypeError(f"concurrency_groups must be a dict of group name -> max concurrency, "
+                        f"got {groups!r}")
+    for name, limit in groups.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"concurrency group names must be non-empty strings, got {name!r}")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ValueError(f"the max concurrency of concurrency group {name!r} must be an "
+                             f"integer >= 1, got {limit!r}")
+    return dict(groups)
 
 
 #: The runtime_env fields honoured; any other is refused rather than ignored.
@@ -130,13 +154,13 @@ def resource_request(options: dict, default_cpus: float) -> dict[str, float]:
 
 # Keys every backend's config carries (set by init()).
 INIT_KEYS = frozenset({"backend", "address", "num_cpus", "num_gpus", "resources", "namespace",
-                       "control_store", "runtime_env"})
+                       "control_store", "runtime_env", "job_metadata", "default_actor_lifetime"})
 
 # Ray's init() options that have no meaning here: accepted and ignored, so Ray
 # programs run unchanged.
 RAY_INIT_OPTIONS_IGNORED = frozenset({
     "include_dashboard", "dashboard_host", "dashboard_port", "log_to_driver", "logging_level",
-    "logging_format", "logging_config", "configure_logging", "job_config",
+    "logging_format", "logging_config", "configure_logging",
     "_temp_dir", "_system_config", "_metrics_export_port", "_node_ip_address",
     "_enable_object_reconstruction", "_plasma_directory", "_memory", "storage",
     "log_to_stderr"})

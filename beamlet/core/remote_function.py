@@ -7,6 +7,7 @@ from typing import Any
 from . import ids
 from . import runtime as _runtime
 from .options import TASK_OPTIONS, env_vars_of, resource_request, validate
+from .placement import may_be_captured, placement_request
 from .serialization import dumps
 from .signature import ArgSpec
 from .task_spec import TASK
@@ -71,10 +72,13 @@ class RemoteFunction:
             call = self._call_options
             if call is None:
                 call = self._call_options = _call_options(options)
-        num_returns, resources, max_retries, retry_exceptions, env_vars = call
+        num_returns, resources, max_retries, retry_exceptions, env_vars, placed = call
+        if placed is _PER_CALL:
+            resources, placed = placement_request(resources, None)
         spec, _keep = rt.make_spec(TASK, function_id, self._name, args, kwargs, num_returns,
                                    resources, max_retries=max_retries,
-                                   retry_exceptions=retry_exceptions, env_vars=env_vars)
+                                   retry_exceptions=retry_exceptions, env_vars=env_vars,
+                                   placement_group=placed)
         refs = rt.submit(spec)
         return refs[0] if num_returns == 1 else refs
 
@@ -111,15 +115,25 @@ class _BoundOptions:
 
 def _call_options(options: dict) -> tuple:
     """What a call with these (validated) options puts in its spec, worked out
-    once: (num_returns, resources, max_retries, retry_exceptions, env_vars). The
-    resources and env_vars dicts are shared by the specs of every call: nothing
-    may change them."""
+    once: (num_returns, resources, max_retries, retry_exceptions, env_vars,
+    placement: the spec's placement_group, or _PER_CALL when a capturing
+    placement group of the caller decides it per call). The resources and
+    env_vars dicts are shared by the specs of every call: nothing may change them."""
     retry_exceptions = options.get("retry_exceptions", False)
     if isinstance(retry_exceptions, (list, tuple)):
         retry_exceptions = _ExceptionTypes(retry_exceptions)
-    return (options.get("num_returns", 1), resource_request(options, 1.0),
+    resources = resource_request(options, 1.0)
+    strategy = options.get("scheduling_strategy")
+    if may_be_captured(strategy):
+        placed = _PER_CALL
+    else:
+        resources, placed = placement_request(resources, strategy)
+    return (options.get("num_returns", 1), resources,
             options.get("max_retries", DEFAULT_MAX_RETRIES), retry_exceptions,
-            env_vars_of(options))
+            env_vars_of(options), placed)
+
+
+_PER_CALL = object()
 
 
 class _ExceptionTypes(tuple):

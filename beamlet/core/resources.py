@@ -32,6 +32,10 @@ class ResourcePool:
         # task sees its devices in CUDA_VISIBLE_DEVICES and no whole-GPU task gets
         # a device that fractional tasks use.
         self._gpu_free = [_UNIT] * int(num_gpus or 0)
+        # Placement groups (see reserve_group): key -> (what its bundles take
+        # from the node, {its own resource name: units}, reserved yet?).
+        self._groups: dict[str, list] = {}
+        self._group_names: dict[str, int] = {}  # every group's resource names -> capacity
 
     def total(self) -> dict[str, float]:
         return {k: v / _UNIT for k, v in self._total.items()}
@@ -45,6 +49,11 @@ class ResourcePool:
             return
         for name, amount in request.items():
             have = self._total.get(name)
+            if have is None:
+                have = self._group_names.get(name)  # (a group still pending)
+            if have is None and "_group_" in name:
+                raise ValueError(f"{what} is scheduled in a placement group that was removed "
+                                 f"(or never existed here): it could never run")
             if have is None:
                 raise ValueError(f"{what} requests resource {name!r} ({amount}), which no "
                                  f"node has; known resources: {', '.join(sorted(self._total))}")
@@ -101,7 +110,8 @@ class ResourcePool:
     def release(self, request: dict[str, float], gpu_ids: list[int] = ()) -> None:
         free = self._free
         for name, units in self._request_units(request):
-            free[name] += units
+            if name in free:  # (not: a placement group removed while it ran)
+                free[name] += units
         if not gpu_ids:
             return
         gpus = request.get("GPU", 0)
@@ -110,14 +120,99 @@ class ResourcePool:
             self._gpu_free[i] += share
 
     def release_cpus(self, request: dict[str, float]) -> None:
-        """Give back only the CPUs of a request (a task blocked in get)."""
-        if "CPU" in request:
-            self._free["CPU"] += _units(request["CPU"])
+        """Give back only the CPUs of a request (a task blocked in get), the
+        node's or a placement group's."""
+        for name in _cpu_names(request):
+            if name in self._free:
+                self._free[name] += _units(request[name])
 
     def reacquire_cpus(self, request: dict[str, float]) -> None:
         """Take the CPUs back after a blocked get, even if that oversubscribes for a while."""
-        if "CPU" in request:
-            self._free["CPU"] -= _units(request["CPU"])
+        for name in _cpu_names(request):
+            if name in self._free:
+                self._free[name] -= _units(request[name])
+
+
+    # -- placement groups ---------------------------------------------------------
+    def add_group(self, key: str, bundles: list[dict[str, float]]) -> None:
+        """Know placement group `key` (its resources are feasible from now on),
+        not reserved yet: ValueError if its bundles together could never fit
+        this node (every bundle lands on this one machine)."""
+        need: dict[str, float] = {}
+        for bundle in bundles:
+            for name, amount in bundle.items():
+                need[name] = need.get(name, 0) + amount
+        self.check_feasible(need, f"placement group {key} (all its bundles on one node)")
+        names: dict[str, int] = {}
+        for i, bundle in enumerate(bundles):
+            for name, amount in bundle.items():
+                names[group_resource(name, key, i)] = _units(amount)
+                wide = group_resource(name, key)
+                names[wide] = names.get(wide, 0) + _units(amount)
+            names[group_resource("bundle", key, i)] = _units(BUNDLE_CAPACITY)
+        names[group_resource("bundle", key)] = _units(BUNDLE_CAPACITY) * len(bundles)
+        self._groups[key] = [{n: _units(a) for n, a in need.items()}, names, False]
+        self._group_names.update(names)
+
+    def reserve_group(self, key: str) -> bool:
+        """Reserve the bundles of group `key` from what is free, all or none:
+        whether it is reserved now. Tasks in the group then take from its own
+        resources (``CPU_group_<i>_<key>``...), not from the node's."""
+        entry = self._groups.get(key)
+        if entry is None:
+            return False
+        need, names, reserved = entry
+        if reserved:
+            return True
+        free = self._free
+        if any(free.get(name, 0) < units for name, units in need.items()):
+            return False
+        for name, units in need.items():
+            free[name] -= units
+        for name, units in names.items():
+            self._total[name] = units
+            free[name] = units
+        entry[2] = True
+        return True
+
+    def remove_group(self, key: str) -> None:
+        """Forget group `key`, giving back what it reserved. Requests naming its
+        resources are infeasible from now on."""
+        entry = self._groups.pop(key, None)
+        if entry is None:
+            return
+        need, names, reserved = entry
+        for name in names:
+            self._group_names.pop(name, None)
+            if reserved:
+                self._total.pop(name, None)
+                self._free.pop(name, None)
+        if reserved:
+            for name, units in need.items():
+                self._free[name] += units
+        self._feasible.clear()  # (requests found feasible may name its resources)
+
+    def pending_groups(self) -> list[str]:
+        """The keys of the groups not reserved yet, oldest first."""
+        return [key for key, entry in self._groups.items() if not entry[2]]
+
+
+#: What each bundle has of the ``bundle`` resource every task in it takes a
+#: sliver of (as in Ray), so tasks asking for nothing are still tied to it.
+BUNDLE_CAPACITY = 1000.0
+BUNDLE_SHARE = 0.001
+
+
+def group_resource(name: str, key: str, index: int | None = None) -> str:
+    """The resource of placement group `key` standing for `name` in its bundle
+    `index` (None: in any of its bundles), named as in Ray."""
+    return f"{name}_group_{key}" if index is None else f"{name}_group_{index}_{key}"
+
+
+def _cpu_names(request: dict[str, float]) -> list[str]:
+    if "CPU" in request:
+        return ["CPU"]
+    return [name for name in request if name.startswith("CPU_group_")]
 
 
 def _physical_memory() -> int:

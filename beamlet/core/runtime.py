@@ -59,13 +59,16 @@ def set_current(rt: "Runtime | None") -> None:
 class TaskContext:
     """What is running in this thread/coroutine: read by get_runtime_context."""
 
-    __slots__ = ("task_id", "actor_id", "function_name", "resources")
+    __slots__ = ("task_id", "actor_id", "function_name", "resources", "placement_group")
 
-    def __init__(self, task_id=None, actor_id=None, function_name="", resources=None):
+    def __init__(self, task_id=None, actor_id=None, function_name="", resources=None,
+                 placement_group=None):
         self.task_id = task_id
         self.actor_id = actor_id
         self.function_name = function_name
         self.resources = resources or {}
+        #: (PlacementGroup, bundle index, capture child tasks) or None: see core/placement.py
+        self.placement_group = placement_group
 
 
 task_context: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar(
@@ -81,6 +84,10 @@ class Runtime:
         self.caller_id = ids.new_id()
         #: The job's runtime_env (init(runtime_env=...)): its env_vars go into every spec.
         self.runtime_env = config.get("runtime_env") or {}
+        #: From init(job_config=JobConfig(...)): the job's metadata, and the
+        #: lifetime of actors created without lifetime= ("detached" or not).
+        self.job_metadata: dict = config.get("job_metadata") or {}
+        self.default_actor_lifetime: str = config.get("default_actor_lifetime") or "non_detached"
         self._job_env_vars = self.runtime_env.get("env_vars") or None
         self.refs = ReferenceCounter(self._released, self._referenced)
         self._registered_functions: set[bytes] = set()
@@ -191,7 +198,7 @@ class Runtime:
                   num_returns: int, resources: dict, max_retries: int = 0,
                   retry_exceptions: Any = False, actor_id: bytes | None = None,
                   method_name: str | None = None, actor_options: dict | None = None,
-                  env_vars: dict | None = None):
+                  env_vars: dict | None = None, placement_group: tuple | None = None):
         if args or kwargs:
             packed, packed_kw, keep = self.pack_args(args, kwargs, function_name)
         else:
@@ -202,7 +209,8 @@ class Runtime:
                       else tuple(ids.new_id() for _ in range(num_returns)))
         spec = TaskSpec(ids.new_id(), kind, function_id, function_name, packed, packed_kw,
                         return_ids, resources, max_retries, retry_exceptions, actor_id,
-                        method_name, actor_options, self.caller_id, 0, env_vars)
+                        method_name, actor_options, self.caller_id, 0, env_vars,
+                        placement_group)
         return spec, keep
 
     # -- objects --------------------------------------------------------------

@@ -15,6 +15,8 @@ The tables (key -> value):
     named_actors    named_actor_key(namespace, name) -> actor id
     nodes           node id -> NodeInfo
     object_locations  object id -> the ids of the nodes holding a copy
+    placement_groups  placement group id -> PlacementGroupInfo
+    named_placement_groups  name -> placement group id
 
 Records are tuples of plain values (str, bytes, numbers, dicts, tuples, None)
 pickled with a format number in front, and are read back with an unpickler
@@ -38,6 +40,8 @@ ACTORS = "actors"
 NAMED_ACTORS = "named_actors"
 NODES = "nodes"
 OBJECT_LOCATIONS = "object_locations"
+PLACEMENT_GROUPS = "placement_groups"
+NAMED_PLACEMENT_GROUPS = "named_placement_groups"
 
 #: Compare-and-set attempts a read-modify-write makes before it gives up.
 MAX_ATTEMPTS = 100
@@ -96,11 +100,25 @@ class NodeInfo:
         object.__setattr__(self, "state", NodeState(self.state))
 
 
+@dataclasses.dataclass(frozen=True)
+class PlacementGroupInfo:
+    """One row of the placement_groups table. ``state`` is PENDING (waiting for
+    its bundles to fit), CREATED (reserved) or REMOVED (final)."""
+
+    pg_id: bytes
+    name: str | None
+    bundles: tuple  # of {resource: amount} dicts
+    strategy: str
+    state: str = "PENDING"
+    ready_id: bytes = b""  # the object pg.ready() refers to
+
+
 def _field_names(cls) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
-_FIELDS = {ActorInfo: _field_names(ActorInfo), NodeInfo: _field_names(NodeInfo)}
+_FIELDS = {ActorInfo: _field_names(ActorInfo), NodeInfo: _field_names(NodeInfo),
+           PlacementGroupInfo: _field_names(PlacementGroupInfo)}
 
 
 def _encode(values: tuple) -> bytes:
@@ -386,3 +404,47 @@ class Tables:
     def forget_object(self, object_id: bytes) -> None:
         """Remove the object's entry (it was freed everywhere)."""
         self.store.delete(OBJECT_LOCATIONS, object_id)
+
+    # -- placement groups ----------------------------------------------------------
+    def create_placement_group(self, info: PlacementGroupInfo) -> None:
+        """Record a new placement group; ValueError if a live one has its name."""
+        if info.name:
+            if not self.store.put(NAMED_PLACEMENT_GROUPS, info.name, info.pg_id,
+                                  overwrite=False):
+                held = self.store.get(NAMED_PLACEMENT_GROUPS, info.name)
+                other = self.placement_group(held) if held is not None else None
+                if other is not None and other.state != "REMOVED":
+                    raise ValueError(f"a placement group named {info.name!r} already exists")
+                if not self.store.compare_and_set(NAMED_PLACEMENT_GROUPS, info.name, held,
+                                                  info.pg_id):
+                    raise ValueError(f"a placement group named {info.name!r} already exists")
+        self.store.put(PLACEMENT_GROUPS, info.pg_id, _encode_record(info))
+
+    def placement_group(self, pg_id: bytes) -> PlacementGroupInfo | None:
+        return _decode_record(PlacementGroupInfo, self.store.get(PLACEMENT_GROUPS, pg_id),
+                              PLACEMENT_GROUPS, pg_id)
+
+    def set_placement_group_state(self, pg_id: bytes, state: str) -> None:
+        """Move the group to `state`; REMOVED is final and frees its name."""
+        def change(info):
+            if info is None or info.state == "REMOVED":
+                return _KEEP
+            return dataclasses.replace(info, state=state)
+
+        info = self._update_record(PLACEMENT_GROUPS, PlacementGroupInfo, pg_id, change)
+        if info is not None and info.state == "REMOVED" and info.name:
+            self.store.compare_and_set(NAMED_PLACEMENT_GROUPS, info.name, pg_id, None)
+
+    def named_placement_group(self, name: str) -> PlacementGroupInfo | None:
+        """The placement group called `name` that is not removed, or None."""
+        pg_id = self.store.get(NAMED_PLACEMENT_GROUPS, name)
+        info = self.placement_group(pg_id) if pg_id is not None else None
+        return None if info is None or info.state == "REMOVED" else info
+
+    def placement_groups(self) -> list[PlacementGroupInfo]:
+        out = []
+        for key in self.store.keys(PLACEMENT_GROUPS):
+            info = self.placement_group(key)
+            if info is not None:
+                out.append(info)
+        return out

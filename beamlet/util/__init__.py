@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 from .actor_pool import ActorPool
+from . import scheduling_strategies
 from .helpers import as_completed, map_unordered
+from .placement_group import (get_current_placement_group, get_placement_group, placement_group,
+                              placement_group_table, remove_placement_group)
 
 __all__ = ["ActorPool", "as_completed", "map_unordered", "list_named_actors",
-           "get_node_ip_address"]
+           "get_node_ip_address", "placement_group", "remove_placement_group",
+           "get_placement_group", "placement_group_table", "get_current_placement_group",
+           "scheduling_strategies"]
 
 
 def list_named_actors(all_namespaces: bool = False) -> list:
@@ -36,8 +41,8 @@ def get_node_ip_address() -> str:
 
 
 def __getattr__(name: str):
-    # ray.util.queue / ray.util.multiprocessing, loaded on first use.
-    if name in ("queue", "multiprocessing"):
+    # ray.util.queue / ray.util.multiprocessing / ray.util.joblib, loaded on first use.
+    if name in ("queue", "multiprocessing", "joblib"):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

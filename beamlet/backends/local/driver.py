@@ -30,6 +30,7 @@ class LocalBackend(Backend):
     isolated = True
     zero_copy = True
     task_events = True
+    placement_groups = True
 
     #: init() keywords of this backend, beyond the common ones.
     accepted_options = frozenset({"object_store_memory", "max_workers", "prestart_workers"})
@@ -70,7 +71,9 @@ class LocalBackend(Backend):
     def job_config(self) -> dict:
         return {"job_id": self.runtime.job_id, "namespace": self.runtime.namespace,
                 "sys_path": list(sys.path), "cwd": os.getcwd(),
-                "runtime_env": self.runtime.runtime_env}
+                "runtime_env": self.runtime.runtime_env,
+                "job_metadata": self.runtime.job_metadata,
+                "default_actor_lifetime": self.runtime.default_actor_lifetime}
 
     def accept(self, spec: TaskSpec) -> None:
         self.runtime.accept(spec)

@@ -14,12 +14,13 @@ import time
 
 from ... import exceptions as exc
 from ...core import plugins
-from ...core.actor import EXIT_REASON
+from ...core.actor import EXIT_REASON, concurrency_group_of
 from ...core.control_store import open_control_store
 from ...core.execution import Executor
 from ...core.interfaces import Backend, Scheduler
 from ...core.memory_store import MemoryObjectStore
 from ...core.options import check_backend_options
+from ...core.placement import in_group, ready_value, removed_value
 from ...core.resources import ResourcePool
 from ...core.runtime import Runtime
 from ...core.scheduling import ActorLifecycle, run_attempts
@@ -50,6 +51,8 @@ class InProcessScheduler(Scheduler):
         self.executor = Executor(runtime)
         self._actors: dict[bytes, _Actor] = {}
         self._actor_by_token: dict[bytes, bytes] = {}
+        self._groups: dict[str, object] = {}  # placement group key -> PlacementGroupInfo
+        self._groups_pending = False
 
     def submit(self, spec: TaskSpec) -> None:
         plugins.notify("beamlet_task_submitted", spec=spec)
@@ -57,6 +60,12 @@ class InProcessScheduler(Scheduler):
             self._run_actor_method(spec)
             return
         self._pool.check_feasible(spec.resources, spec.display_name)
+        if spec.placement_group is not None:
+            key = spec.placement_group[0].key
+            if key in self._pool.pending_groups():
+                raise ValueError(f"{spec.display_name} is scheduled in placement group {key}, "
+                                 f"which is not ready: on the inprocess backend tasks run "
+                                 f"inside .remote(), so wait for pg.ready() first")
         if spec.kind == ACTOR_CREATION:
             self._create_actor(spec)
         else:
@@ -69,6 +78,8 @@ class InProcessScheduler(Scheduler):
             return self.executor.execute(spec)
         finally:
             self._pool.release(spec.resources, gpu_ids)
+            if self._groups_pending:
+                self._reserve_groups()
 
     def _put_results(self, spec: TaskSpec, values) -> None:
         for object_id, value in zip(spec.return_ids, values):
@@ -98,6 +109,12 @@ class InProcessScheduler(Scheduler):
             err = exc.ActorDiedError(f"the actor {spec.function_name} is dead: {reason}")
             self._put_results(spec, [serialize(err, is_error=True)] * len(spec.return_ids))
             return
+        if spec.actor_options is not None:
+            try:  # (calls run one at a time here: a group's limit always holds)
+                concurrency_group_of(spec, actor.spec.actor_options)
+            except ValueError as err:
+                self._put_results(spec, [serialize(err, is_error=True)] * len(spec.return_ids))
+                return
         result = run_attempts(spec, self._execute, actor.spec)
         self._put_results(spec, result.values)
         if self.executor.exiting == spec.actor_id:  # it called exit_actor()
@@ -112,6 +129,37 @@ class InProcessScheduler(Scheduler):
         if info is not None:
             plugins.notify("beamlet_actor_state", actor_id=actor_id,
                            class_name=info.class_name, state=state.recorded, reason=reason)
+
+    # -- placement groups -------------------------------------------------------
+    def create_placement_group(self, info) -> None:
+        self._pool.add_group(info.pg_id.hex(), list(info.bundles))
+        self._groups[info.pg_id.hex()] = info
+        self._groups_pending = True
+        self._reserve_groups()
+
+    def _reserve_groups(self) -> None:
+        pending = self._pool.pending_groups()
+        for key in pending:
+            if self._pool.reserve_group(key):
+                pending.remove(key)
+                info = self._groups[key]
+                self._tables.set_placement_group_state(info.pg_id, "CREATED")
+                self._store.put(info.ready_id, ready_value(info))
+        self._groups_pending = bool(pending)
+
+    def remove_placement_group(self, pg_id: bytes) -> None:
+        key = pg_id.hex()
+        info = self._groups.pop(key, None)
+        if info is None:
+            return
+        pending = key in self._pool.pending_groups()
+        for actor_id, actor in list(self._actors.items()):
+            if actor.state is not ActorLifecycle.DEAD and in_group(actor.spec.resources, key):
+                self._end_actor(actor_id, "its placement group was removed")
+        self._pool.remove_group(key)
+        if pending:
+            self._store.put(info.ready_id, removed_value(info))
+        self._reserve_groups()
 
     def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True) -> None:
         """Every task has finished by the time its ref exists: nothing to cancel."""
@@ -164,6 +212,7 @@ class InProcessBackend(Backend):
     isolated = False
     zero_copy = False
     task_events = True
+    placement_groups = True
 
     # The local backend's options are accepted (and mean nothing here), so that a
     # program switched to this backend for debugging runs unchanged.

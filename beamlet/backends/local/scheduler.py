@@ -35,6 +35,7 @@ from ... import exceptions as exc
 from ...core import plugins
 from ...core.actor import EXIT_REASON
 from ...core.interfaces import Scheduler
+from ...core.placement import in_group, ready_value, removed_value
 from ...core.resources import ResourcePool
 from ...core.scheduling import RETRYING, ActorLifecycle, attempt_status, may_retry
 from ...core.serialization import SerializedObject, deserialize, serialize
@@ -108,7 +109,8 @@ class ActorRecord:
         # waits for).
         self.held: list[tuple[TaskSpec, P.Execute]] = []
         options = spec.actor_options
-        self.batched = not options.get("is_async") and options.get("max_concurrency", 1) == 1
+        self.batched = not options.get("is_async") and options.get("max_concurrency", 1) == 1 \
+            and not options.get("concurrency_groups")
 
 
 class CallQueue:
@@ -264,6 +266,8 @@ class LocalScheduler(Scheduler):
         self.closed = False
         self.failure: BaseException | None = None  # why the backend cannot go on (see fail)
         self.launch_error: BaseException | None = None  # why no worker can be started any more
+        self._groups: dict[str, object] = {}  # placement group key -> its PlacementGroupInfo
+        self._groups_pending = False  # whether some group waits to be reserved
 
     # -- submission -----------------------------------------------------------
     def submit(self, spec: TaskSpec) -> None:
@@ -334,6 +338,8 @@ class LocalScheduler(Scheduler):
         """Start whatever fits now. Called with the lock held after any change."""
         if self.closed:
             return
+        if self._groups_pending:
+            self._reserve_groups()
         starved = False
         for shape, queue in list(self._queues.items()):
             while queue:
@@ -790,6 +796,57 @@ class LocalScheduler(Scheduler):
         if worker is not None and kill and worker.state != DEAD:
             self._kill_worker(worker)
         self._dispatch()
+
+    # -- placement groups -------------------------------------------------------
+    def create_placement_group(self, info) -> None:
+        with self.lock:
+            self.pool.add_group(info.pg_id.hex(), list(info.bundles))
+            self._groups[info.pg_id.hex()] = info
+            self._groups_pending = True
+            self._dispatch()
+
+    def _reserve_groups(self) -> None:
+        """Reserve the pending groups that fit now, oldest first (ahead of the
+        queued tasks, which may be the ones to run in them)."""
+        pending = self.pool.pending_groups()
+        for key in pending:
+            if self.pool.reserve_group(key):
+                pending.remove(key)
+                info = self._groups[key]
+                self.tables.set_placement_group_state(info.pg_id, "CREATED")
+                self.store.put(info.ready_id, ready_value(info))
+        self._groups_pending = bool(pending)
+
+    def remove_placement_group(self, pg_id: bytes) -> None:
+        key = pg_id.hex()
+        with self.lock:
+            info = self._groups.pop(key, None)
+            if info is None:
+                return
+            pending = key in self.pool.pending_groups()
+            error = exc.TaskPlacementGroupRemoved(f"the placement group {key} the task was "
+                                                  f"scheduled in was removed")
+            for shape, queue in list(self._queues.items()):
+                doomed = [spec for spec in queue if spec.kind == TASK
+                          and in_group(spec.resources, key)]
+                for spec in doomed:
+                    queue.remove(spec)
+                    self._fail(spec, error)
+                if not queue:
+                    self._queues.pop(shape, None)
+            for task_id, spec in list(self._waiting.items()):
+                if spec.kind == TASK and in_group(spec.resources, key):
+                    del self._waiting[task_id]
+                    self._fail(spec, error)
+            # (After the tasks: ending an actor frees its share, which the
+            # queued tasks of the group would otherwise start on.)
+            for record in list(self.actors.values()):
+                if record.state != ActorLifecycle.DEAD and in_group(record.spec.resources, key):
+                    self._end_actor(record, "its placement group was removed", kill=True)
+            self.pool.remove_group(key)
+            if pending:
+                self.store.put(info.ready_id, removed_value(info))
+            self._dispatch()
 
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
         with self.lock:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 
 from ... import exceptions as exc
 from ...core import runtime as _runtime
+from ...core.actor import concurrency_group_of
 from ...core.execution import Executor
 from ...core.interfaces import Backend, ControlStore, ObjectStore, Scheduler
 from ...core.resources import ResourcePool
@@ -213,7 +214,9 @@ class SchedulerClient(Scheduler):
         self._pool = ResourcePool(totals.get("CPU", 0), totals.get("GPU", 0), resources)
 
     def submit(self, spec: TaskSpec) -> None:
-        if spec.kind != ACTOR_METHOD:  # infeasible requests fail here, at the call site
+        # Infeasible requests fail here, at the call site (the node judges those
+        # in placement groups: only it knows them).
+        if spec.kind != ACTOR_METHOD and spec.placement_group is None:
             self._pool.check_feasible(spec.resources, spec.display_name)
         self._b.send(P.Submit(spec))
 
@@ -222,6 +225,12 @@ class SchedulerClient(Scheduler):
 
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
         self._b.send(P.KillActor(actor_id, no_restart))
+
+    def create_placement_group(self, info) -> None:
+        raise ValueError("on the local backend placement groups are created and removed by "
+                         "the driver; pass the group to tasks and actors to use it")
+
+    remove_placement_group = create_placement_group
 
     def actor_exited(self, actor_id: bytes) -> None:
         self._b.send(P.KillActor(actor_id, True, True))
@@ -240,6 +249,7 @@ class WorkerBackend(Backend):
     parallel = True
     isolated = True
     zero_copy = True
+    placement_groups = True  # (tasks run in them; the driver creates and removes them)
     owns_objects = False
 
     def __init__(self, conn: SocketConnection, config: dict, runtime):
@@ -569,6 +579,10 @@ class Worker:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._semaphore: asyncio.Semaphore | None = None
+        # The actor's concurrency groups (Ray's concurrency_groups): name -> its
+        # own thread pool, or semaphore for an async actor; None without groups.
+        self._groups: dict[str, Any] | None = None
+        self._actor_options: dict = {}
         self._async_tasks: dict[bytes, asyncio.Task] = {}
 
     # -- reading ------------------------------------------------------------------
@@ -682,7 +696,12 @@ class Worker:
             if spec.kind == ACTOR_METHOD and self._loop is not None:
                 self._start_async(spec)
             elif spec.kind == ACTOR_METHOD and self._pool is not None:
-                self._pool.submit(self._run_one, spec)
+                pool = self._in_group(spec, self._pool)
+                if pool is not None:
+                    pool.submit(self._run_one, spec)
+            elif spec.kind == ACTOR_METHOD and spec.actor_options is not None \
+                    and self._in_group(spec, self) is None:
+                continue  # (a group the actor does not have: failed)
             else:
                 reading.task_started()
                 try:
@@ -725,19 +744,46 @@ class Worker:
 
     def _setup_actor(self, spec: TaskSpec) -> None:
         options = spec.actor_options
+        self._actor_options = options
+        groups = options.get("concurrency_groups")
         if options["is_async"]:
             loop = asyncio.new_event_loop()
             threading.Thread(target=loop.run_forever, name="beamlet-actor-loop",
                              daemon=True).start()
             self._loop = loop
             self._semaphore = asyncio.Semaphore(options["max_concurrency"])
-        elif options["max_concurrency"] > 1:
+            if groups:
+                self._groups = {name: asyncio.Semaphore(n) for name, n in groups.items()}
+        elif options["max_concurrency"] > 1 or groups:
+            # (With groups even a default group of 1 gets a thread: the main
+            # thread must stay free to hand calls to the other groups.)
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 options["max_concurrency"], thread_name_prefix="beamlet-actor")
+            if groups:
+                self._groups = {name: concurrent.futures.ThreadPoolExecutor(
+                    n, thread_name_prefix=f"beamlet-actor-{name}")
+                    for name, n in groups.items()}
+
+    def _in_group(self, spec: TaskSpec, default):
+        """The pool (or semaphore) of the call's concurrency group, `default`
+        for the default group; None after failing a call to a group the actor
+        does not have."""
+        if self._groups is None and spec.actor_options is None:
+            return default
+        try:
+            group = concurrency_group_of(spec, self._actor_options)
+        except ValueError as err:
+            self._finish(spec, self.executor._failure(spec, err))
+            return None
+        return default if group is None else self._groups[group]
 
     def _start_async(self, spec: TaskSpec) -> None:
+        semaphore = self._in_group(spec, self._semaphore)
+        if semaphore is None:
+            return
+
         async def call():
-            async with self._semaphore:
+            async with semaphore:
                 if spec.task_id in self.cancelled:
                     raise asyncio.CancelledError()
                 return await self.executor.execute_async(spec)
