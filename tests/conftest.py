@@ -70,12 +70,14 @@ class BackendInfo:
     manages_workers: bool
     task_events: bool = False
     placement_groups: bool = False
+    concurrency_groups: bool = False
 
     @classmethod
     def current(cls) -> "BackendInfo":
         b = _runtime.current_or_none().backend
         return cls(b.name, bool(b.parallel), bool(b.isolated), bool(b.zero_copy),
-                   bool(b.manages_workers), bool(b.task_events), bool(b.placement_groups))
+                   bool(b.manages_workers), bool(b.task_events), bool(b.placement_groups),
+                   bool(b.concurrency_groups))
 
     def require(self, *flags: str) -> None:
         """Skip the running test unless this backend has every capability flag
@@ -90,6 +92,7 @@ _WHY_NOT = {"parallel": "tasks run one at a time inside .remote()",
             "isolated": "tasks run in the caller's process",
             "zero_copy": "get() returns copies, not shared-memory views",
             "placement_groups": "its scheduler does not reserve placement groups",
+            "concurrency_groups": "its actors do not run calls in concurrency groups",
             "manages_workers": "the engine, not beamlet, restarts crashed workers and "
                                "retries their tasks, and actors hold no resources while alive",
             "task_events": "the driver does not see every task end (no state API, no timeline)"}

@@ -116,7 +116,7 @@ class Async:
 
 @pytest.mark.parametrize("cls", [Threaded, Async], ids=["threaded", "async"])
 def test_each_group_has_its_own_limit(backend, cls):
-    backend.require("parallel")
+    backend.require("parallel", "concurrency_groups")
     actor = cls.remote()
     io = [actor.io.remote() for _ in range(5)]
     compute = [actor.compute.remote() for _ in range(6)]
@@ -138,7 +138,7 @@ def test_each_group_has_its_own_limit(backend, cls):
 
 
 def test_default_group_keeps_max_concurrency(backend):
-    backend.require("parallel")
+    backend.require("parallel", "concurrency_groups")
     actor = Threaded.options(max_concurrency=2).remote()
     calls = [actor.default.remote() for _ in range(4)]
     _until(lambda: ray.get(actor.stats.remote(), timeout=T)[0]["default"] == 2,
@@ -149,6 +149,10 @@ def test_default_group_keeps_max_concurrency(backend):
 
 
 def test_groups_run_calls_on_every_backend(backend):
+    if not backend.concurrency_groups:
+        with pytest.raises(ValueError, match="does not support concurrency_groups"):
+            Threaded.remote()
+        return
     actor = Threaded.remote()
     ray.get(actor.release.remote(), timeout=T)  # (nothing waits on the gate)
     assert ray.get([actor.io.remote(), actor.compute.remote(), actor.default.remote(),
@@ -158,6 +162,7 @@ def test_groups_run_calls_on_every_backend(backend):
 
 
 def test_a_call_to_a_group_the_actor_lacks_fails(backend):
+    backend.require("concurrency_groups")
     actor = Threaded.remote()
     with pytest.raises(ValueError, match="'nope'"):
         ray.get(actor.stats.options(concurrency_group="nope").remote(), timeout=T)
@@ -173,6 +178,7 @@ def test_a_method_in_an_undefined_group_is_refused_at_creation(backend):
 
     with pytest.raises(ValueError, match="concurrency group 'io'"):
         Lost.remote()
+    backend.require("concurrency_groups")
     assert ray.get(Lost.options(concurrency_groups={"io": 1}).remote().f.remote(),
                    timeout=T) == 1
 

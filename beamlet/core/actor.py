@@ -130,6 +130,10 @@ class ActorClass:
         if self._init_argspec is not None:
             self._init_argspec.check(args, kwargs, f"{self._name}.remote()")
         rt = _runtime.current()
+        if groups and not rt.backend.concurrency_groups:
+            raise ValueError(f"{self._name}: the {rt.backend.name!r} backend does not support "
+                             f"concurrency_groups (refused rather than ignored); use "
+                             f"max_concurrency, or a backend with the concurrency_groups flag")
         name = options.get("name")
         namespace = options.get("namespace") or rt.namespace
         get_if_exists = name is not None and options.get("get_if_exists")

@@ -322,6 +322,8 @@ class Backend(abc.ABC):
     - ``multi_node``: tasks may run on other machines.
     - ``placement_groups``: the scheduler reserves placement groups' bundles
       and runs tasks in them (``Scheduler.create_placement_group``).
+    - ``concurrency_groups``: actors honour ``concurrency_groups`` (a limit per
+      group of methods); elsewhere an actor asking for them is refused.
     - ``manages_workers``: beamlet itself runs the processes tasks and actors
       run in, so their failures follow beamlet's rules: a crashed worker's
       task is retried per ``max_retries``, a crashed actor restarted per
@@ -343,6 +345,7 @@ class Backend(abc.ABC):
     zero_copy: ClassVar[bool] = False
     multi_node: ClassVar[bool] = False
     placement_groups: ClassVar[bool] = False
+    concurrency_groups: ClassVar[bool] = False
     manages_workers: ClassVar[bool] = True
     task_events: ClassVar[bool] = False
     inline_threshold: ClassVar[int] = 100 * 1024

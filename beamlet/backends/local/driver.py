@@ -31,6 +31,7 @@ class LocalBackend(Backend):
     zero_copy = True
     task_events = True
     placement_groups = True
+    concurrency_groups = True
 
     #: init() keywords of this backend, beyond the common ones.
     accepted_options = frozenset({"object_store_memory", "max_workers", "prestart_workers"})

@@ -213,6 +213,7 @@ class InProcessBackend(Backend):
     zero_copy = False
     task_events = True
     placement_groups = True
+    concurrency_groups = True
 
     # The local backend's options are accepted (and mean nothing here), so that a
     # program switched to this backend for debugging runs unchanged.
