@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 from . import ids
 from . import runtime as _runtime
-from .options import TASK_OPTIONS, env_vars_of, resource_request, validate
+from .options import DYNAMIC, STREAMING, TASK_OPTIONS, env_vars_of, resource_request, validate
 from .serialization import dumps
 from .signature import ArgSpec
 from .task_spec import TASK
@@ -15,7 +16,9 @@ DEFAULT_MAX_RETRIES = 3
 
 
 class RemoteFunction:
-    """A function that runs as a task: ``f.remote(*args)`` returns ObjectRef(s) at once.
+    """A function that runs as a task: ``f.remote(*args)`` returns ObjectRef(s) at once
+    (an ObjectRefGenerator for a generator function, unless ``num_returns`` says
+    otherwise: see ``core/generators.py``).
 
     The function is pickled once (lazily, at the first call) and identified by
     a digest of its bytes; that id, not the code, travels with each task.
@@ -70,12 +73,16 @@ class RemoteFunction:
         if call is None:
             call = self._call_options
             if call is None:
-                call = self._call_options = _call_options(options)
-        num_returns, resources, max_retries, retry_exceptions, env_vars = call
+                call = self._call_options = _call_options(options, self._function)
+        num_returns, resources, max_retries, retry_exceptions, env_vars, generator = call
         spec, _keep = rt.make_spec(TASK, function_id, self._name, args, kwargs, num_returns,
                                    resources, max_retries=max_retries,
-                                   retry_exceptions=retry_exceptions, env_vars=env_vars)
+                                   retry_exceptions=retry_exceptions, env_vars=env_vars,
+                                   generator=generator)
         refs = rt.submit(spec)
+        if generator is not None and generator[0] == STREAMING:
+            from .generators import ObjectRefGenerator
+            return ObjectRefGenerator(refs[0], generator[1])
         return refs[0] if num_returns == 1 else refs
 
     def __reduce__(self):
@@ -98,7 +105,7 @@ class _BoundOptions:
     def __init__(self, fn: RemoteFunction, options: dict):
         self._fn = fn
         self._options = options
-        self._call = _call_options(options)
+        self._call = _call_options(options, fn._function)
 
     def remote(self, *args, **kwargs):
         return self._fn._remote(args, kwargs, self._options, self._call)
@@ -109,17 +116,32 @@ class _BoundOptions:
         return _BoundOptions(self._fn, merged)
 
 
-def _call_options(options: dict) -> tuple:
+def _call_options(options: dict, function) -> tuple:
     """What a call with these (validated) options puts in its spec, worked out
-    once: (num_returns, resources, max_retries, retry_exceptions, env_vars). The
-    resources and env_vars dicts are shared by the specs of every call: nothing
-    may change them."""
+    once: (num_returns, resources, max_retries, retry_exceptions, env_vars,
+    generator). The resources and env_vars dicts are shared by the specs of
+    every call: nothing may change them."""
     retry_exceptions = options.get("retry_exceptions", False)
     if isinstance(retry_exceptions, (list, tuple)):
         retry_exceptions = _ExceptionTypes(retry_exceptions)
-    return (options.get("num_returns", 1), resource_request(options, 1.0),
+    num_returns = num_returns_of(options, function)
+    generator = None
+    if num_returns in (STREAMING, DYNAMIC):
+        generator = (num_returns, options.get("_generator_backpressure_num_objects", -1))
+        num_returns = 1
+    return (num_returns, resource_request(options, 1.0),
             options.get("max_retries", DEFAULT_MAX_RETRIES), retry_exceptions,
-            env_vars_of(options))
+            env_vars_of(options), generator)
+
+
+def num_returns_of(options: dict, function) -> Any:
+    """The `num_returns` a call makes: as given, else ``"streaming"`` for a
+    generator function (as in Ray since 2.8), else 1."""
+    num_returns = options.get("num_returns")
+    if num_returns is None:
+        num_returns = STREAMING if (inspect.isgeneratorfunction(function) or
+                                    inspect.isasyncgenfunction(function)) else 1
+    return num_returns
 
 
 class _ExceptionTypes(tuple):

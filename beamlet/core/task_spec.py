@@ -29,19 +29,23 @@ class TaskSpec:
     identifies the submitting process: calls from one caller to one actor run
     in the order they were submitted. ``env_vars`` (from the ``runtime_env``
     option) are set in the environment while the task runs, or for the
-    actor's life.
+    actor's life. ``generator`` is None, or for a generator call
+    ``(num_returns, backpressure)``: ``"streaming"`` or ``"dynamic"``, and the
+    most items the producer may be ahead of its consumer (-1: no limit); its
+    one return id is then the stream's (see ``core/generators.py``).
     """
 
     __slots__ = ("task_id", "kind", "function_id", "function_name", "args", "kwargs",
                  "return_ids", "resources", "max_retries", "retry_exceptions",
-                 "actor_id", "method_name", "actor_options", "caller_id", "attempt", "env_vars")
+                 "actor_id", "method_name", "actor_options", "caller_id", "attempt", "env_vars", "generator")
 
     def __init__(self, task_id: bytes, kind: int, function_id: bytes, function_name: str,
                  args: list, kwargs: dict, return_ids: tuple, resources: dict,
                  max_retries: int = 0, retry_exceptions: Any = False,
                  actor_id: bytes | None = None, method_name: str | None = None,
                  actor_options: dict | None = None, caller_id: bytes = b"",
-                 attempt: int = 0, env_vars: dict | None = None):
+                 attempt: int = 0, env_vars: dict | None = None,
+                 generator: tuple | None = None):
         self.task_id = task_id
         self.kind = kind
         self.function_id = function_id
@@ -58,14 +62,20 @@ class TaskSpec:
         self.caller_id = caller_id
         self.attempt = attempt
         self.env_vars = env_vars
+        self.generator = generator
 
     def __reduce__(self):
         # (Spelled out: a getattr loop over __slots__ made pickling twice as slow.)
-        return (TaskSpec, (self.task_id, self.kind, self.function_id, self.function_name,
-                           self.args, self.kwargs, self.return_ids, self.resources,
-                           self.max_retries, self.retry_exceptions, self.actor_id,
-                           self.method_name, self.actor_options, self.caller_id,
-                           self.attempt, self.env_vars))
+        # `generator` only when set: every other spec keeps the shape it had, so
+        # the backends without generators exchange the same bytes as before.
+        fields = (self.task_id, self.kind, self.function_id, self.function_name,
+                  self.args, self.kwargs, self.return_ids, self.resources,
+                  self.max_retries, self.retry_exceptions, self.actor_id,
+                  self.method_name, self.actor_options, self.caller_id,
+                  self.attempt, self.env_vars)
+        if self.generator is not None:
+            fields += (self.generator,)
+        return (TaskSpec, fields)
 
     def dependencies(self) -> list[bytes]:
         """Ids of the objects that must exist before the task can run."""

@@ -28,6 +28,7 @@ class LocalBackend(Backend):
     parallel = True
     isolated = True
     zero_copy = True
+    streaming_generators = True
 
     #: init() keywords of this backend, beyond the common ones.
     accepted_options = frozenset({"object_store_memory", "max_workers", "prestart_workers"})
@@ -68,7 +69,8 @@ class LocalBackend(Backend):
     def job_config(self) -> dict:
         return {"job_id": self.runtime.job_id, "namespace": self.runtime.namespace,
                 "sys_path": list(sys.path), "cwd": os.getcwd(),
-                "runtime_env": self.runtime.runtime_env}
+                "runtime_env": self.runtime.runtime_env,
+                "streaming_generators": self.streaming_generators}
 
     def accept(self, spec: TaskSpec) -> None:
         self.runtime.accept(spec)
