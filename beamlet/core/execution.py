@@ -376,11 +376,14 @@ class Stream:
     def window(self) -> list[bytes]:
         """The ids one of which lets a held-back producer go on: the consumer's
         acknowledgement of an item late enough that at most half the limit is
-        left unconsumed (or later: only the newest one is kept), or the mark
-        that the consumer is gone."""
-        from .generators import ack_id, closed_id
+        left unconsumed (or of a later one: only the newest is kept; only every
+        `ack_step`-th item is acknowledged), then the mark that the consumer
+        is gone."""
+        from .generators import ack_id, ack_step, closed_id
         target = self.index - self.limit + max(1, self.limit // 2)  # consumed >= target
-        return [ack_id(self.stream_id, i) for i in range(target - 1, self.index)] + \
+        step = ack_step(self.limit)
+        first = target - 1 + (-target) % step  # (the first j >= target - 1 with step | j + 1)
+        return [ack_id(self.stream_id, j) for j in range(first, self.index, step)] + \
             [closed_id(self.stream_id)]
 
     def wait_for_consumer(self, block: bool) -> bool | None:
@@ -397,8 +400,8 @@ class Stream:
             return None
         if ids[-1] in present:
             return True
-        first = self.index - (len(ids) - 1)  # the item ids[0] acknowledges
-        self.consumed = max(first + ids.index(i) for i in present if i != ids[-1]) + 1
+        # (An id's last 8 bytes are the index of the item it acknowledges.)
+        self.consumed = max(int.from_bytes(i[-8:], "little") for i in present) + 1
         return False
 
     def emit(self, value: Any) -> None:

@@ -25,6 +25,7 @@ the task's one ref then holds a `DynamicObjectRefGenerator` of all of them.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from typing import Any, Sequence
@@ -36,24 +37,33 @@ from .object_ref import ObjectRef
 from .serialization import deserialize, serialize
 
 
-def _derived(stream_id: bytes, tag: bytes, index: int = 0) -> bytes:
-    return hashlib.blake2b(stream_id + tag + index.to_bytes(8, "little"),
-                           digest_size=ID_SIZE).digest()
+@functools.lru_cache(maxsize=256)
+def _prefix(stream_id: bytes, tag: bytes) -> bytes:
+    # (Hashed once per stream; an id is this and the index: a hash per item
+    # would cost more than the rest of handing the item over.)
+    return hashlib.blake2b(stream_id + tag, digest_size=ID_SIZE - 8).digest()
 
 
 def item_id(stream_id: bytes, index: int) -> bytes:
     """The object id of item `index` of a stream (0-based)."""
-    return _derived(stream_id, b"i", index)
+    return _prefix(stream_id, b"i") + index.to_bytes(8, "little")
 
 
 def ack_id(stream_id: bytes, index: int) -> bytes:
     """The id a consumer stores when it has taken item `index` (backpressure only)."""
-    return _derived(stream_id, b"a", index)
+    return _prefix(stream_id, b"a") + index.to_bytes(8, "little")
 
 
 def closed_id(stream_id: bytes) -> bytes:
     """The id a consumer stores when it drops the generator before its end."""
-    return _derived(stream_id, b"c")
+    return _prefix(stream_id, b"c") + bytes(8)
+
+
+def ack_step(limit: int) -> int:
+    """Every how many items a consumer acknowledges, for a backpressure `limit`:
+    often enough that a producer waiting for half its window to be taken
+    always hears of it."""
+    return max(1, limit // 4)
 
 
 def end_marker():
@@ -126,7 +136,7 @@ class ObjectRefGenerator:
             self._index += 1
             ref = ObjectRef(item)
             limit = self._backpressure
-            if limit > 0 and self._index % max(1, limit // 4) == 0:
+            if limit > 0 and self._index % ack_step(limit) == 0:
                 self._acknowledge(store)
             return ref
         # The task ended without this item: it failed outside the generator, and
@@ -301,7 +311,9 @@ def is_waitable(obj: Any) -> bool:
 def wait(rt, waitables: list, num_returns: int, timeout: float | None):
     """``wait`` over refs and generators (`api.wait` with a generator among
     them): a generator is ready when its next item, or its end, is there.
-    Returns ``(ready, not_ready)`` in input order, at most `num_returns` ready."""
+    Returns ``(ready, not_ready)`` in input order, at most `num_returns` ready;
+    ObjectLostError for one of a session that was shut down."""
+    rt._ids([w._ref if isinstance(w, ObjectRefGenerator) else w for w in waitables])
     groups = [w._wait_ids() if isinstance(w, ObjectRefGenerator) else [w.id]
               for w in waitables]
     all_ids = [i for ids in groups for i in ids]
