@@ -126,9 +126,13 @@ class ObjectRefGenerator:
         stream = self._ref.id
         item = item_id(stream, self._index)
         store = self._runtime().backend.object_store
-        ready = store.wait([item, stream], 1, timeout_s)
-        if not ready:
-            raise exc.GetTimeoutError(f"no next item of the generator after {timeout_s}s")
+        entry_of = getattr(store, "entry", None)  # (the owner's store: a dict lookup)
+        if entry_of is not None and entry_of(item) is not None:
+            ready = (item,)
+        else:
+            ready = store.wait([item, stream], 1, timeout_s)
+            if not ready:
+                raise exc.GetTimeoutError(f"no next item of the generator after {timeout_s}s")
         if item in ready or store.contains(item):  # (stored before the stream id)
             if _is_end(store, item):
                 self._end(item)
