@@ -191,6 +191,34 @@ def test_actor_method_generators_sync_and_async(gen_backend):
     assert asyncio.run(consume()) == [10, 11, 0, 1, 4]
 
 
+def test_async_actor_generator_with_backpressure(gen_backend):
+    """An async actor's generator held back by backpressure waits without
+    stopping the actor's loop: other calls (here, the count of items it made)
+    go on meanwhile, and it is never more than the limit ahead."""
+    @ray.remote
+    class Source:
+        def __init__(self):
+            self.made = 0
+
+        @ray.method(_generator_backpressure_num_objects=2)
+        async def items(self, n):
+            for i in range(n):
+                self.made += 1
+                yield i
+
+        async def count(self):
+            return self.made
+
+    source = Source.remote()
+    gen = source.items.remote(8)
+    eventually(lambda: ray.get(source.count.remote(), timeout=T) >= 2, "the first items")
+    for consumed in range(1, 9):
+        assert ray.get(take(gen), timeout=T) == consumed - 1
+        assert ray.get(source.count.remote(), timeout=T) <= consumed + 2
+    with pytest.raises(StopIteration):
+        take(gen)
+
+
 def test_dynamic_generators(gen_backend):
     """``num_returns="dynamic"``: the task's one ref holds the refs of every
     item, an exception being the last one; for actor methods too."""
@@ -241,6 +269,23 @@ def test_cancel_mid_stream_stops_the_producer(gen_backend):
     with pytest.raises(StopIteration):
         take(gen)
     ray.get(gen.completed(), timeout=T)
+    if not gen_backend.parallel:
+        return
+
+    @ray.remote
+    def busy():
+        yield "started"
+        for _ in range(T * 100):  # (ends by itself should the cancel not come)
+            time.sleep(0.01)
+        yield "not cancelled"
+
+    gen = busy.remote()
+    assert ray.get(take(gen), timeout=T) == "started"
+    ray.cancel(gen)  # (it runs user code now: interrupted there)
+    with pytest.raises(TaskCancelledError):
+        ray.get(take(gen), timeout=T)
+    with pytest.raises(StopIteration):
+        take(gen)
 
 
 def test_backpressure_bounds_how_far_the_producer_runs_ahead(gen_backend):
