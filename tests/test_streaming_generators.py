@@ -288,6 +288,28 @@ def test_cancel_mid_stream_stops_the_producer(gen_backend):
         take(gen)
 
 
+def test_killing_an_actor_ends_its_generator(gen_backend):
+    """A generator method whose actor is killed mid-stream ends with
+    ActorDiedError after the items it made."""
+    @ray.remote
+    class Endless:
+        @ray.method(_generator_backpressure_num_objects=1)
+        def items(self):
+            yield from itertools.count()
+
+    actor = Endless.remote()
+    gen = actor.items.remote()
+    assert ray.get(take(gen), timeout=T) == 0
+    ray.kill(actor)
+    got = []
+    with pytest.raises(ray.exceptions.ActorDiedError):
+        while True:
+            got.append(ray.get(take(gen), timeout=T))
+    assert got == list(range(1, len(got) + 1))
+    with pytest.raises(StopIteration):
+        take(gen)
+
+
 def test_backpressure_bounds_how_far_the_producer_runs_ahead(gen_backend):
     """With ``_generator_backpressure_num_objects=N`` the producer (which counts
     the items it makes on an actor) is never more than N items ahead of its

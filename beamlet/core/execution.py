@@ -148,16 +148,18 @@ class Executor:
                 _restore_env(saved)
             task_context.reset(token)
 
-    def resume(self, spec: TaskSpec, stream: "Stream", cancel: bool = False) -> ExecutionResult:
+    def resume(self, spec: TaskSpec, stream: "Stream",
+               stop: BaseException | None = None) -> ExecutionResult:
         """Go on with a generator call that stopped to wait for its consumer
-        (`ExecutionResult.stream`), without blocking; `cancel`: end it now,
-        its next item being the cancellation error."""
+        (`ExecutionResult.stream`), without blocking; `stop`: end it now
+        instead, its next item being that error (KeyboardInterrupt: it was
+        cancelled)."""
         token = task_context.set(TaskContext(spec.task_id, spec.actor_id, spec.display_name,
                                              spec.resources))
         saved = self._enter_env(spec)
         try:
-            if cancel:
-                return stream.fail(KeyboardInterrupt())
+            if stop is not None:
+                return stream.fail(stop)
             return stream.run(block=False)
         finally:
             if saved is not None:

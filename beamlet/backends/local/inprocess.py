@@ -94,15 +94,15 @@ class InProcessScheduler(Scheduler):
             return
         self._put_results(spec, result.values)
 
-    def _resume(self, spec: TaskSpec, stream, cancel: bool = False) -> None:
+    def _resume(self, spec: TaskSpec, stream, stop: BaseException | None = None) -> None:
         """Go on with a held-back generator call (in the thread that stored what
-        it waited for: its consumer's)."""
-        if self._held.pop(spec.return_ids[0], None) is None and not cancel and \
+        it waited for: its consumer's), or end it with the error `stop`."""
+        if self._held.pop(spec.return_ids[0], None) is None and stop is None and \
                 self._store.closed:
             return  # (shut down: the store woke every waiter)
         gpu_ids = self._pool.acquire(spec.resources)
         try:
-            result = self.executor.resume(spec, stream, cancel)
+            result = self.executor.resume(spec, stream, stop)
         finally:
             self._pool.release(spec.resources, gpu_ids)
         self._finish(spec, result)
@@ -150,7 +150,7 @@ class InProcessScheduler(Scheduler):
         if held is not None:
             spec, stream, waiter = held
             self._store.cancel_waiter(waiter)
-            self._resume(spec, stream, cancel=True)
+            self._resume(spec, stream, KeyboardInterrupt())
 
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
         actor = self._actors.get(actor_id)
@@ -163,6 +163,12 @@ class InProcessScheduler(Scheduler):
         if actor.state is ActorLifecycle.DEAD:
             return
         actor.reason = reason
+        for stream_id, (spec, stream, waiter) in list(self._held.items()):
+            if spec.actor_id == actor_id:  # its generators end with it
+                del self._held[stream_id]
+                self._store.cancel_waiter(waiter)
+                self._resume(spec, stream, exc.ActorDiedError(
+                    f"the actor {spec.function_name} is dead: {reason}"))
         self.executor.drop_actor(actor_id)
         self._move(actor_id, ActorLifecycle.DEAD, reason)
         if actor.spec.actor_options.get("detached"):
