@@ -15,6 +15,7 @@ from .core.actor import ActorClass, ActorHandle, get_actor, method
 from .core.api import (available_resources, cancel, cluster_resources, get, get_gpu_ids,
                        get_runtime_context, init, is_initialized, kill, nodes, put, remote,
                        shutdown, timeline, wait)
+from .core.generators import DynamicObjectRefGenerator, ObjectRefGenerator
 from .core.object_ref import ObjectRef
 
 #: Ray's old name of ObjectRef.
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "init", "shutdown", "is_initialized", "remote", "get", "put", "wait", "cancel", "kill",
     "get_actor", "method", "nodes", "cluster_resources", "available_resources",
-    "get_runtime_context", "get_gpu_ids", "ObjectRef", "ActorHandle", "ActorClass", "exceptions",
+    "get_runtime_context", "get_gpu_ids", "ObjectRef", "ObjectRefGenerator",
+    "DynamicObjectRefGenerator", "ActorHandle", "ActorClass", "exceptions",
     "actor", "util", "timeline", "job_config", "ObjectID",
 ]

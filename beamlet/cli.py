@@ -19,7 +19,8 @@ from typing import Sequence
 from .core import plugins
 
 CAPABILITY_FLAGS = ("parallel", "isolated", "zero_copy", "multi_node", "manages_workers",
-                    "task_events", "placement_groups", "concurrency_groups")
+                    "task_events", "placement_groups", "concurrency_groups",
+                    "streaming_generators")
 
 # Exit code when no command was given (the help is printed).
 NOT_AVAILABLE = 2

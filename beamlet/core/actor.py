@@ -8,7 +8,8 @@ from .. import exceptions as exc
 from . import ids
 from . import runtime as _runtime
 from .object_ref import ObjectRef
-from .options import ACTOR_OPTIONS, METHOD_OPTIONS, env_vars_of, resource_request, validate
+from .options import (ACTOR_OPTIONS, DYNAMIC, METHOD_OPTIONS, STREAMING, env_vars_of,
+                      resource_request, validate)
 from .placement import placement_request
 from .serialization import dumps
 from .signature import ArgSpec
@@ -35,7 +36,10 @@ def method(**options):
 
 
 def _method_table(cls: type) -> dict[str, dict]:
-    """name -> {"num_returns", "is_async"} for every public method of the class."""
+    """name -> {"num_returns", "is_async", "params", "backpressure"} for every
+    public method of the class (a generator method streams unless its
+    ``num_returns`` says otherwise, as in Ray)."""
+    from .remote_function import num_returns_of
     table = {}
     for name, member in inspect.getmembers(cls):
         if name.startswith("__") and name != "__call__":
@@ -46,7 +50,8 @@ def _method_table(cls: type) -> dict[str, dict]:
         bound = inspect.ismethod(member) or isinstance(inspect.getattr_static(cls, name, None),
                                                        staticmethod)
         argspec = ArgSpec.of(member, skip_first=not bound)
-        table[name] = {"num_returns": opts.get("num_returns", 1),
+        table[name] = {"num_returns": num_returns_of(opts, member),
+                       "backpressure": opts.get("_generator_backpressure_num_objects", -1),
                        "is_async": inspect.iscoroutinefunction(member) or
                        inspect.isasyncgenfunction(member),
                        # (plain tuples: the table is stored in the control store)
@@ -219,7 +224,11 @@ class ActorHandle:
         if methods is None or name not in methods:
             raise AttributeError(f"actor {self.__dict__.get('_class_name', '?')} has no "
                                  f"method {name!r}")
-        return ActorMethod(self, name, methods[name]["num_returns"])
+        entry = methods[name]
+        backpressure = entry.get("backpressure", -1)
+        return ActorMethod(self, name, entry["num_returns"],
+                           {"_generator_backpressure_num_objects": backpressure}
+                           if backpressure != -1 else None)
 
     def _argspec(self, name: str) -> "ArgSpec | None":
         """The ArgSpec of method `name` (None: unchecked), made once per handle."""
@@ -279,13 +288,21 @@ class ActorMethod:
         group = self._options.get("concurrency_group")
         if group is None:
             group = (handle._methods.get(self._name) or {}).get("concurrency_group")
+        generator = None
+        if n in (STREAMING, DYNAMIC):
+            generator = (n, self._options.get("_generator_backpressure_num_objects", -1))
+            n = 1
         spec, _keep = rt.make_spec(
             ACTOR_METHOD, b"", handle._class_name, args, kwargs, n, {},
             max_retries=self._options.get("max_task_retries", 0),
             actor_id=handle._actor_id, method_name=self._name,
             # (a method call's actor_options carry only its concurrency group)
-            actor_options=None if group is None else {"concurrency_group": group})
+            actor_options=None if group is None else {"concurrency_group": group},
+            generator=generator)
         refs = rt.submit(spec)
+        if generator is not None and generator[0] == STREAMING:
+            from .generators import ObjectRefGenerator
+            return ObjectRefGenerator(refs[0], generator[1])
         return refs[0] if n == 1 else refs
 
 

@@ -252,6 +252,11 @@ def get(object_refs, *, timeout: float | None = None):
             _runtime._check_timeout(timeout)
         return rt.get_one(object_refs, timeout)
     if not isinstance(object_refs, (list, tuple)):
+        from .generators import ObjectRefGenerator
+        if isinstance(object_refs, ObjectRefGenerator):
+            raise TypeError("get() of an ObjectRefGenerator is not allowed (as in Ray): get "
+                            "the refs it gives (for ref in gen: get(ref)), or "
+                            "gen.completed() to wait for its task")
         raise TypeError("get() expects an ObjectRef or a list of ObjectRefs, got "
                         f"{type(object_refs).__name__} ({object_refs!r:.60})")
     _check_refs(object_refs, "get()")
@@ -267,11 +272,19 @@ def wait(object_refs: Sequence[ObjectRef], *, num_returns: int = 1,
          timeout: float | None = None, fetch_local: bool = True):
     """``(ready, not_ready)``: at most `num_returns` ready refs, once that many are
     ready or `timeout` passed; both lists keep the input order. An empty list
-    gives ``([], [])`` at once."""
+    gives ``([], [])`` at once. The list may hold ObjectRefGenerators too: one
+    is ready when ``next`` on it would not block (its next item, or its end, is
+    there)."""
     if isinstance(object_refs, ObjectRef) or not isinstance(object_refs, (list, tuple)):
         raise TypeError("wait() expects a list of ObjectRefs, got "
                         f"{type(object_refs).__name__}")
-    _check_refs(object_refs, "wait()")
+    generators = None
+    if set(map(type, object_refs)) - {ObjectRef}:
+        from . import generators
+        if not all(map(generators.is_waitable, object_refs)):
+            generators = None
+    if generators is None:
+        _check_refs(object_refs, "wait()")
     if not object_refs:
         return [], []  # (as Ray: before the num_returns checks)
     if not isinstance(num_returns, int) or num_returns < 1:
@@ -279,6 +292,12 @@ def wait(object_refs: Sequence[ObjectRef], *, num_returns: int = 1,
     if num_returns > len(object_refs):
         raise ValueError(f"num_returns ({num_returns}) cannot exceed the number of refs "
                          f"({len(object_refs)})")
+    if generators is not None:
+        ids = [getattr(w, "_ref", w).id for w in object_refs]
+        if len(set(ids)) != len(ids):
+            raise ValueError("wait() got duplicate ObjectRefs or generators")
+        _runtime._check_timeout(timeout)
+        return generators.wait(_runtime.current(), list(object_refs), num_returns, timeout)
     ids = list(map(_runtime._ID_OF, object_refs))
     if len(set(ids)) != len(ids):
         raise ValueError("wait() got duplicate ObjectRefs")
@@ -288,7 +307,11 @@ def wait(object_refs: Sequence[ObjectRef], *, num_returns: int = 1,
 def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
     """Cancel the task that makes `object_ref` (see Scheduler.cancel); `get` then raises
     TaskCancelledError. `recursive` (the default, as in Ray): the tasks it submitted
-    that are still queued or running are cancelled too."""
+    that are still queued or running are cancelled too. An ObjectRefGenerator
+    cancels its generator task: its next item is then the cancellation error."""
+    from .generators import ObjectRefGenerator
+    if isinstance(object_ref, ObjectRefGenerator):
+        object_ref = object_ref.completed()
     if not isinstance(object_ref, ObjectRef):
         raise TypeError(f"cancel() takes an ObjectRef, got {type(object_ref).__name__}")
     _runtime.current().cancel(object_ref, force, recursive)

@@ -27,14 +27,17 @@ class ExecutionResult:
     it contains alive until the caller has stored ``values`` (which pins them),
     so a task may return a ref to an object it made."""
 
-    __slots__ = ("values", "error", "retryable", "value")
+    __slots__ = ("values", "error", "retryable", "value", "stream")
 
     def __init__(self, values: list[SerializedObject], error: BaseException | None = None,
-                 retryable: bool = False, value: Any = None):
+                 retryable: bool = False, value: Any = None, stream: "Stream | None" = None):
         self.values = values
         self.error = error
         self.retryable = retryable
         self.value = value
+        #: A generator call that has not ended: it waits for its consumer (only
+        #: where tasks may not block, see `Stream`); `values` is empty.
+        self.stream = stream
 
 
 class _ArgumentFailed(Exception):
@@ -137,11 +140,60 @@ class Executor:
                 result = self._call(spec, args, kwargs)
             except BaseException as err:  # noqa: BLE001 - user code may raise anything
                 return self._handle(spec, err)
+            if spec.generator is not None:
+                return self._stream(spec, result).run(block=self.runtime.backend.parallel)
             return self._results(spec, result)
         finally:
             if saved is not None:
                 _restore_env(saved)
             task_context.reset(token)
+
+    def resume(self, spec: TaskSpec, stream: "Stream",
+               stop: BaseException | None = None) -> ExecutionResult:
+        """Go on with a generator call that stopped to wait for its consumer
+        (`ExecutionResult.stream`), without blocking; `stop`: end it now
+        instead, its next item being that error (KeyboardInterrupt: it was
+        cancelled)."""
+        token = task_context.set(TaskContext(spec.task_id, spec.actor_id, spec.display_name,
+                                             spec.resources))
+        saved = self._enter_env(spec)
+        try:
+            if stop is not None:
+                return stream.fail(stop)
+            return stream.run(block=False)
+        finally:
+            if saved is not None:
+                _restore_env(saved)
+            task_context.reset(token)
+
+    def _stream(self, spec: TaskSpec, result: Any) -> "Stream":
+        """The Stream that runs what a generator call returned: a generator, an
+        async generator (an async actor's method: run on the actor's loop) or
+        any iterable."""
+        if inspect.isasyncgen(result):
+            actor = self.actors.get(spec.actor_id)
+            loop = actor.loop() if actor is not None else None
+
+            def next_item():
+                if loop is None:
+                    raise TypeError("an async generator can only run in an async actor")
+                try:
+                    return asyncio.run_coroutine_threadsafe(result.__anext__(), loop).result()
+                except StopAsyncIteration:
+                    raise StopIteration from None
+
+            def close():
+                if loop is not None:
+                    asyncio.run_coroutine_threadsafe(result.aclose(), loop).result()
+            return Stream(self, spec, next_item, close)
+        try:
+            items = iter(result)
+        except TypeError:
+            err = TypeError(f"{spec.display_name} was called with num_returns="
+                            f"{spec.generator[0]!r} but returned {type(result).__name__}, "
+                            f"not a generator")
+            return Stream(self, spec, _raiser(err), lambda: None)
+        return Stream(self, spec, items.__next__, getattr(items, "close", lambda: None))
 
     def _enter_env(self, spec: TaskSpec) -> dict | None:
         """Set the environment variables of the spec's runtime_env; return what
@@ -178,6 +230,8 @@ class Executor:
                     result = await result
             except BaseException as err:  # noqa: BLE001
                 return self._handle(spec, err)
+            if spec.generator is not None:
+                return await _run_async(self, spec, result)
             return self._results(spec, result)
         finally:
             task_context.reset(token)
@@ -279,6 +333,168 @@ def _placement(executor: Executor, spec: TaskSpec):
         actor = executor.actors.get(spec.actor_id)
         return actor.spec.placement_group if actor is not None else None
     return spec.placement_group
+
+
+class Stream:
+    """The producing side of one generator call (see ``core/generators.py``).
+
+    `run` stores each item as it is made (``Backend.put_stream_item``), an
+    exception raised by the generator (or a cancellation) as the next item,
+    then the end-of-stream marker; it returns the call's ExecutionResult, whose
+    value for the stream's own id is None (``"dynamic"``: the refs of the items).
+    With a backpressure limit it holds back while the consumer is that many
+    items behind: blocking where tasks may block, else (``block=False``, the
+    in-process backend) it returns an ExecutionResult whose `stream` is this
+    one, to be resumed (``Executor.resume``) once one of `waiting_for` exists.
+    A retried attempt (``spec.attempt > 0``) is not held back: its consumer may
+    be past what it has made.
+    """
+
+    def __init__(self, executor: Executor, spec: TaskSpec, next_item, close):
+        self.executor = executor
+        self.spec = spec
+        self.stream_id = spec.return_ids[0]
+        self.dynamic = spec.generator[0] == "dynamic"
+        limit = spec.generator[1]
+        self.limit = limit if limit > 0 and spec.attempt == 0 and not self.dynamic else 0
+        self.next_item = next_item
+        self.close = close
+        self.index = 0
+        self.consumed = 0  # items the consumer is known to have taken
+        self.waiting_for: list[bytes] = []
+        self.refs: list = []  # ("dynamic": the items' refs)
+
+    def run(self, block: bool) -> ExecutionResult:
+        try:
+            while True:
+                if self.limit and self.index - self.consumed >= self.limit:
+                    stop = self.wait_for_consumer(block)
+                    if stop is None:
+                        return ExecutionResult([], stream=self)
+                    if stop:
+                        self.close()
+                        break
+                try:
+                    value = self.next_item()
+                except StopIteration:
+                    break
+                self.emit(value)
+        except BaseException as err:  # noqa: BLE001 - user code may raise anything
+            return self.fail(err)
+        return self.finish()
+
+    def window(self) -> list[bytes]:
+        """The ids one of which lets a held-back producer go on: the consumer's
+        acknowledgement of an item late enough that at most half the limit is
+        left unconsumed (or of a later one: only the newest is kept; only every
+        `ack_step`-th item is acknowledged), then the mark that the consumer
+        is gone."""
+        from .generators import ack_id, ack_step, closed_id
+        target = self.index - self.limit + max(1, self.limit // 2)  # consumed >= target
+        step = ack_step(self.limit)
+        first = target - 1 + (-target) % step  # (the first j >= target - 1 with step | j + 1)
+        return [ack_id(self.stream_id, j) for j in range(first, self.index, step)] + \
+            [closed_id(self.stream_id)]
+
+    def wait_for_consumer(self, block: bool) -> bool | None:
+        """Wait until the consumer has caught up: False; True if it is gone (the
+        producer stops); None if `block` is False and it has not caught up."""
+        ids = self.window()
+        present = self.executor.runtime.backend.object_store.wait(
+            ids, 1, None if block else 0)
+        return self.caught_up(ids, present)
+
+    def caught_up(self, ids: list[bytes], present) -> bool | None:
+        if not present:
+            self.waiting_for = ids
+            return None
+        if ids[-1] in present:
+            return True
+        # (An id's last 8 bytes are the index of the item it acknowledges.)
+        self.consumed = max(int.from_bytes(i[-8:], "little") for i in present) + 1
+        return False
+
+    def emit(self, value: Any) -> None:
+        from .generators import item_id
+        try:
+            sobj = serialize(value)
+        except TypeError as err:
+            raise TypeError(f"item {self.index} of {self.spec.display_name} could not be "
+                            f"serialized: {err}") from None
+        object_id = item_id(self.stream_id, self.index)
+        if self.dynamic:
+            from .object_ref import ObjectRef
+            self.refs.append(ObjectRef(object_id))
+        self.executor.runtime.backend.put_stream_item(object_id, sobj)
+        self.index += 1
+
+    def fail(self, err: BaseException) -> ExecutionResult:
+        """Store the error `err` (raised by the generator, or while it was held
+        back) as the next item and end the stream. Never retried: the items
+        before it were delivered."""
+        from .generators import item_id
+        try:
+            self.close()
+        except BaseException:  # noqa: BLE001 - the error that ended it is what counts
+            pass
+        failure = self.executor._handle(self.spec, err)
+        object_id = item_id(self.stream_id, self.index)
+        if self.dynamic:
+            from .object_ref import ObjectRef
+            self.refs.append(ObjectRef(object_id))
+        self.executor.runtime.backend.put_stream_item(object_id, failure.values[0])
+        self.index += 1
+        result = self.finish()
+        result.error = failure.error
+        return result
+
+    def finish(self) -> ExecutionResult:
+        from .generators import DynamicObjectRefGenerator, end_marker, item_id
+        if self.dynamic:
+            refs = self.refs
+            return ExecutionResult([serialize(DynamicObjectRefGenerator(refs))], value=refs)
+        self.executor.runtime.backend.put_stream_item(item_id(self.stream_id, self.index),
+                                                      end_marker())
+        return ExecutionResult([serialize(None)])
+
+
+async def _run_async(executor: Executor, spec: TaskSpec, result: Any) -> ExecutionResult:
+    """`Stream.run` on an async actor's event loop: an async generator is
+    awaited item by item, and waiting for the consumer blocks a thread of the
+    loop's executor, never the loop (other calls go on meanwhile)."""
+    loop = asyncio.get_running_loop()
+    if inspect.isasyncgen(result):
+        stream, agen = Stream(executor, spec, None, lambda: None), result
+    else:  # (a plain generator: its items are made on the loop, like a plain method)
+        stream, agen = executor._stream(spec, result), None
+    try:
+        while True:
+            if stream.limit and stream.index - stream.consumed >= stream.limit:
+                if await loop.run_in_executor(None, stream.wait_for_consumer, True):
+                    if agen is not None:
+                        await agen.aclose()
+                    else:
+                        stream.close()
+                    break
+            try:
+                value = await agen.__anext__() if agen is not None else stream.next_item()
+            except (StopIteration, StopAsyncIteration):
+                break
+            stream.emit(value)
+    except BaseException as err:  # noqa: BLE001 - user code may raise anything
+        if agen is not None:
+            try:
+                await agen.aclose()
+            except BaseException:  # noqa: BLE001 - the error that ended it is what counts
+                pass
+        return stream.fail(err)
+    return stream.finish()
+
+
+def _raiser(err: BaseException):
+    def raise_it():
+        raise err
+    return raise_it
 
 
 def _actor_method(instance: Any, name: str):

@@ -334,6 +334,11 @@ class Backend(abc.ABC):
     - ``task_events``: the driver's observer hooks hear every task's submission
       and end (nested ones too), and `workers` lists the processes, so the
       state API (``beamlet.util.state``) and ``beamlet.timeline()`` work.
+    - ``streaming_generators``: generator tasks and actor methods
+      (``num_returns="streaming"`` or ``"dynamic"``, see ``core/generators.py``)
+      run here: their items are stored as they are made (`put_stream_item`)
+      and a consumer's acknowledgements reach the producer through the object
+      store. False: ``.remote()`` of one raises NotImplementedError.
 
     ``inline_threshold`` is the size below which values travel inside messages
     rather than through the object store.
@@ -348,6 +353,7 @@ class Backend(abc.ABC):
     concurrency_groups: ClassVar[bool] = False
     manages_workers: ClassVar[bool] = True
     task_events: ClassVar[bool] = False
+    streaming_generators: ClassVar[bool] = False
     inline_threshold: ClassVar[int] = 100 * 1024
     #: True where this process owns the objects it creates (the driver); a
     #: worker's client side forwards submissions to the owner, which pins
@@ -384,6 +390,12 @@ class Backend(abc.ABC):
         """No reference to the object is left in this process (count 1 -> 0).
         The owner's backend frees it; a worker's tells the owner it let go."""
         self.object_store.delete([object_id])
+
+    def put_stream_item(self, object_id: bytes, value: SerializedObject) -> None:
+        """Store one item of a generator task running in this process. Unlike a
+        `put`, the item belongs to the job's owner (the generator's caller), not
+        to this process: it outlives the producer. Stored in the order called."""
+        self.object_store.put(object_id, value)
 
     @abc.abstractmethod
     def shutdown(self) -> None:

@@ -11,7 +11,7 @@ _IGNORED_OPTIONS = {"enable_task_events"}
 
 TASK_OPTIONS = frozenset(_RESOURCE_OPTIONS | _IGNORED_OPTIONS | {
     "num_returns", "max_retries", "retry_exceptions", "name", "scheduling_strategy",
-    "runtime_env", "max_calls"})
+    "runtime_env", "max_calls", "_generator_backpressure_num_objects"})
 
 ACTOR_OPTIONS = frozenset(_RESOURCE_OPTIONS | _IGNORED_OPTIONS | {
     "name", "namespace", "lifetime", "max_restarts", "max_task_retries", "max_concurrency",
@@ -19,7 +19,13 @@ ACTOR_OPTIONS = frozenset(_RESOURCE_OPTIONS | _IGNORED_OPTIONS | {
     "concurrency_groups"})
 
 METHOD_OPTIONS = frozenset(_IGNORED_OPTIONS | {"num_returns", "max_task_retries", "name",
-                                                "concurrency_group"})
+                                                "concurrency_group",
+                                                "_generator_backpressure_num_objects"})
+
+#: The `num_returns` of a generator call (see core/generators.py): refs as the
+#: items are made, or one ref to all of them once the task ends (Ray's older form).
+STREAMING = "streaming"
+DYNAMIC = "dynamic"
 
 # Resource names that have their own option: using them in resources={} is an error.
 _RESERVED = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory"}
@@ -48,8 +54,15 @@ def validate(options: dict, allowed: frozenset, what: str) -> dict:
             _check_amount(f"resources[{name!r}]", amount)
     if "num_returns" in out:
         n = out["num_returns"]
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"num_returns must be an integer >= 1, got {n!r}")
+        if n not in (STREAMING, DYNAMIC) and (
+                not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ValueError(f"num_returns must be an integer >= 1, {STREAMING!r} or "
+                             f"{DYNAMIC!r}, got {n!r}")
+    if "_generator_backpressure_num_objects" in out:
+        v = out["_generator_backpressure_num_objects"]
+        if not isinstance(v, int) or isinstance(v, bool) or v == 0 or v < -1:
+            raise ValueError(f"_generator_backpressure_num_objects must be an integer >= 1 "
+                             f"(or -1: no backpressure), got {v!r}")
     for key in ("max_retries", "max_restarts", "max_task_retries"):
         if key in out:
             v = out[key]

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 from . import ids
 from . import runtime as _runtime
-from .options import TASK_OPTIONS, env_vars_of, resource_request, validate
+from .options import DYNAMIC, STREAMING, TASK_OPTIONS, env_vars_of, resource_request, validate
 from .placement import may_be_captured, placement_request
 from .serialization import dumps
 from .signature import ArgSpec
@@ -16,7 +17,9 @@ DEFAULT_MAX_RETRIES = 3
 
 
 class RemoteFunction:
-    """A function that runs as a task: ``f.remote(*args)`` returns ObjectRef(s) at once.
+    """A function that runs as a task: ``f.remote(*args)`` returns ObjectRef(s) at once
+    (an ObjectRefGenerator for a generator function, unless ``num_returns`` says
+    otherwise: see ``core/generators.py``).
 
     The function is pickled once (lazily, at the first call) and identified by
     a digest of its bytes; that id, not the code, travels with each task.
@@ -71,15 +74,18 @@ class RemoteFunction:
         if call is None:
             call = self._call_options
             if call is None:
-                call = self._call_options = _call_options(options)
-        num_returns, resources, max_retries, retry_exceptions, env_vars, placed = call
+                call = self._call_options = _call_options(options, self._function)
+        num_returns, resources, max_retries, retry_exceptions, env_vars, placed, generator = call
         if placed is _PER_CALL:
             resources, placed = placement_request(resources, None)
         spec, _keep = rt.make_spec(TASK, function_id, self._name, args, kwargs, num_returns,
                                    resources, max_retries=max_retries,
                                    retry_exceptions=retry_exceptions, env_vars=env_vars,
-                                   placement_group=placed)
+                                   placement_group=placed, generator=generator)
         refs = rt.submit(spec)
+        if generator is not None and generator[0] == STREAMING:
+            from .generators import ObjectRefGenerator
+            return ObjectRefGenerator(refs[0], generator[1])
         return refs[0] if num_returns == 1 else refs
 
     def __reduce__(self):
@@ -102,7 +108,7 @@ class _BoundOptions:
     def __init__(self, fn: RemoteFunction, options: dict):
         self._fn = fn
         self._options = options
-        self._call = _call_options(options)
+        self._call = _call_options(options, fn._function)
 
     def remote(self, *args, **kwargs):
         return self._fn._remote(args, kwargs, self._options, self._call)
@@ -113,12 +119,12 @@ class _BoundOptions:
         return _BoundOptions(self._fn, merged)
 
 
-def _call_options(options: dict) -> tuple:
+def _call_options(options: dict, function) -> tuple:
     """What a call with these (validated) options puts in its spec, worked out
     once: (num_returns, resources, max_retries, retry_exceptions, env_vars,
     placement: the spec's placement_group, or _PER_CALL when a capturing
-    placement group of the caller decides it per call). The resources and
-    env_vars dicts are shared by the specs of every call: nothing may change them."""
+    placement group of the caller decides it per call, generator). The resources
+    and env_vars dicts are shared by the specs of every call: nothing may change them."""
     retry_exceptions = options.get("retry_exceptions", False)
     if isinstance(retry_exceptions, (list, tuple)):
         retry_exceptions = _ExceptionTypes(retry_exceptions)
@@ -128,12 +134,26 @@ def _call_options(options: dict) -> tuple:
         placed = _PER_CALL
     else:
         resources, placed = placement_request(resources, strategy)
-    return (options.get("num_returns", 1), resources,
-            options.get("max_retries", DEFAULT_MAX_RETRIES), retry_exceptions,
-            env_vars_of(options), placed)
+    num_returns = num_returns_of(options, function)
+    generator = None
+    if num_returns in (STREAMING, DYNAMIC):
+        generator = (num_returns, options.get("_generator_backpressure_num_objects", -1))
+        num_returns = 1
+    return (num_returns, resources, options.get("max_retries", DEFAULT_MAX_RETRIES),
+            retry_exceptions, env_vars_of(options), placed, generator)
 
 
 _PER_CALL = object()
+
+
+def num_returns_of(options: dict, function) -> Any:
+    """The `num_returns` a call makes: as given, else ``"streaming"`` for a
+    generator function (as in Ray since 2.8), else 1."""
+    num_returns = options.get("num_returns")
+    if num_returns is None:
+        num_returns = STREAMING if (inspect.isgeneratorfunction(function) or
+                                    inspect.isasyncgenfunction(function)) else 1
+    return num_returns
 
 
 class _ExceptionTypes(tuple):

@@ -198,7 +198,16 @@ class Runtime:
                   num_returns: int, resources: dict, max_retries: int = 0,
                   retry_exceptions: Any = False, actor_id: bytes | None = None,
                   method_name: str | None = None, actor_options: dict | None = None,
-                  env_vars: dict | None = None, placement_group: tuple | None = None):
+                  env_vars: dict | None = None, placement_group: tuple | None = None,
+                  generator: tuple | None = None):
+        """A TaskSpec for a call, and the refs made for its large arguments (keep
+        them until it is submitted). `generator`: see ``TaskSpec.generator``;
+        NotImplementedError on a backend without ``streaming_generators``."""
+        if generator is not None and not self.backend.streaming_generators:
+            raise NotImplementedError(
+                f"{function_name}: generator tasks (num_returns={generator[0]!r}) are not "
+                f"supported by the {self.backend.name!r} backend; use the 'local' or "
+                f"'inprocess' backend, or return a list")
         if args or kwargs:
             packed, packed_kw, keep = self.pack_args(args, kwargs, function_name)
         else:
@@ -210,7 +219,7 @@ class Runtime:
         spec = TaskSpec(ids.new_id(), kind, function_id, function_name, packed, packed_kw,
                         return_ids, resources, max_retries, retry_exceptions, actor_id,
                         method_name, actor_options, self.caller_id, 0, env_vars,
-                        placement_group)
+                        placement_group, generator)
         return spec, keep
 
     # -- objects --------------------------------------------------------------
@@ -352,7 +361,10 @@ def _log_unhandled(object_id: bytes, entry) -> None:
     is not silent."""
     import logging
     try:
-        text = str(deserialize(entry)) if isinstance(entry, SerializedObject) else \
+        error = deserialize(entry) if isinstance(entry, SerializedObject) else None
+        if isinstance(error, exc.ObjectRefStreamEndOfStreamError):
+            return  # (a generator's end-of-stream marker: not a failure)
+        text = str(error) if error is not None else \
             f"the error stored as object {object_id.hex()}"
     except Exception:  # noqa: BLE001 - describing it must not fail the release
         text = f"the error stored as object {object_id.hex()}"

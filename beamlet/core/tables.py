@@ -76,7 +76,8 @@ class ActorInfo:
     namespace: str
     #: The creation task's return id: a handle holds a ref to it, which keeps the actor alive.
     ready_id: bytes
-    #: method name -> {"num_returns", "is_async"}, for handles made from the record.
+    #: method name -> {"num_returns", "is_async", "params", "backpressure"} (see
+    #: actor._method_table), for handles made from the record.
     methods: dict
     state: ActorState = ActorState.PENDING
     reason: str = ""        # why it is RESTARTING or DEAD

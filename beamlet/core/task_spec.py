@@ -32,12 +32,16 @@ class TaskSpec:
     actor's life. ``placement_group`` is ``(PlacementGroup, bundle index,
     capture child tasks)`` for a call scheduled in a placement group (its
     ``resources`` are then the group's own, see core/placement.py), else None.
+    ``generator`` is None, or for a generator call
+    ``(num_returns, backpressure)``: ``"streaming"`` or ``"dynamic"``, and the
+    most items the producer may be ahead of its consumer (-1: no limit); its
+    one return id is then the stream's (see ``core/generators.py``).
     """
 
     __slots__ = ("task_id", "kind", "function_id", "function_name", "args", "kwargs",
                  "return_ids", "resources", "max_retries", "retry_exceptions",
                  "actor_id", "method_name", "actor_options", "caller_id", "attempt", "env_vars",
-                 "placement_group")
+                 "placement_group", "generator")
 
     def __init__(self, task_id: bytes, kind: int, function_id: bytes, function_name: str,
                  args: list, kwargs: dict, return_ids: tuple, resources: dict,
@@ -45,7 +49,7 @@ class TaskSpec:
                  actor_id: bytes | None = None, method_name: str | None = None,
                  actor_options: dict | None = None, caller_id: bytes = b"",
                  attempt: int = 0, env_vars: dict | None = None,
-                 placement_group: tuple | None = None):
+                 placement_group: tuple | None = None, generator: tuple | None = None):
         self.task_id = task_id
         self.kind = kind
         self.function_id = function_id
@@ -63,14 +67,19 @@ class TaskSpec:
         self.attempt = attempt
         self.env_vars = env_vars
         self.placement_group = placement_group
+        self.generator = generator
 
     def __reduce__(self):
         # (Spelled out: a getattr loop over __slots__ made pickling twice as slow.)
-        return (TaskSpec, (self.task_id, self.kind, self.function_id, self.function_name,
-                           self.args, self.kwargs, self.return_ids, self.resources,
-                           self.max_retries, self.retry_exceptions, self.actor_id,
-                           self.method_name, self.actor_options, self.caller_id,
-                           self.attempt, self.env_vars, self.placement_group))
+        # `generator` only when set: every other spec keeps its shape.
+        fields = (self.task_id, self.kind, self.function_id, self.function_name,
+                  self.args, self.kwargs, self.return_ids, self.resources,
+                  self.max_retries, self.retry_exceptions, self.actor_id,
+                  self.method_name, self.actor_options, self.caller_id,
+                  self.attempt, self.env_vars, self.placement_group)
+        if self.generator is not None:
+            fields += (self.generator,)
+        return (TaskSpec, fields)
 
     def dependencies(self) -> list[bytes]:
         """Ids of the objects that must exist before the task can run."""

@@ -32,6 +32,7 @@ class LocalBackend(Backend):
     task_events = True
     placement_groups = True
     concurrency_groups = True
+    streaming_generators = True
 
     #: init() keywords of this backend, beyond the common ones.
     accepted_options = frozenset({"object_store_memory", "max_workers", "prestart_workers"})
@@ -74,7 +75,8 @@ class LocalBackend(Backend):
                 "sys_path": list(sys.path), "cwd": os.getcwd(),
                 "runtime_env": self.runtime.runtime_env,
                 "job_metadata": self.runtime.job_metadata,
-                "default_actor_lifetime": self.runtime.default_actor_lifetime}
+                "default_actor_lifetime": self.runtime.default_actor_lifetime,
+                "streaming_generators": self.streaming_generators}
 
     def accept(self, spec: TaskSpec) -> None:
         self.runtime.accept(spec)

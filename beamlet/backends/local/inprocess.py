@@ -3,7 +3,10 @@
 For debugging (Ray's retired local mode): ``breakpoint()``, ``print`` and
 profilers work inside tasks and actor methods. Arguments and results are
 still serialized, so what fails to pickle here fails on a cluster too; a
-task's exception is stored in its ref and raised by ``get``. Resources are
+task's exception is stored in its ref and raised by ``get``. A generator
+task runs inside ``.remote()`` too, up to its backpressure limit if it has
+one; then it goes on (in the consumer's thread) each time its consumer has
+taken enough of its items. Resources are
 accounted (``available_resources`` shows them in use while a task runs) but
 never make a task wait; a request no node could meet still raises.
 """
@@ -53,6 +56,9 @@ class InProcessScheduler(Scheduler):
         self._actor_by_token: dict[bytes, bytes] = {}
         self._groups: dict[str, object] = {}  # placement group key -> PlacementGroupInfo
         self._groups_pending = False
+        #: Generator calls held back by their consumer: stream id -> (spec,
+        #: Stream, store waiter).
+        self._held: dict[bytes, tuple] = {}
 
     def submit(self, spec: TaskSpec) -> None:
         plugins.notify("beamlet_task_submitted", spec=spec)
@@ -87,7 +93,30 @@ class InProcessScheduler(Scheduler):
 
     def _run_task(self, spec: TaskSpec) -> None:
         result = run_attempts(spec, self._execute)  # (held: it keeps refs in the value alive)
+        self._finish(spec, result)
+
+    def _finish(self, spec: TaskSpec, result) -> None:
+        if result.stream is not None:  # a generator waiting for its consumer
+            stream = result.stream
+            waiter = self._store.notify_when(stream.waiting_for, 1,
+                                             lambda: self._resume(spec, stream), broad=False)
+            if waiter is not None:
+                self._held[spec.return_ids[0]] = (spec, stream, waiter)
+            return
         self._put_results(spec, result.values)
+
+    def _resume(self, spec: TaskSpec, stream, stop: BaseException | None = None) -> None:
+        """Go on with a held-back generator call (in the thread that stored what
+        it waited for: its consumer's), or end it with the error `stop`."""
+        if self._held.pop(spec.return_ids[0], None) is None and stop is None and \
+                self._store.closed:
+            return  # (shut down: the store woke every waiter)
+        gpu_ids = self._pool.acquire(spec.resources)
+        try:
+            result = self.executor.resume(spec, stream, stop)
+        finally:
+            self._pool.release(spec.resources, gpu_ids)
+        self._finish(spec, result)
 
     def _create_actor(self, spec: TaskSpec) -> None:
         self._actors[spec.actor_id] = _Actor(spec)
@@ -116,7 +145,7 @@ class InProcessScheduler(Scheduler):
                 self._put_results(spec, [serialize(err, is_error=True)] * len(spec.return_ids))
                 return
         result = run_attempts(spec, self._execute, actor.spec)
-        self._put_results(spec, result.values)
+        self._finish(spec, result)
         if self.executor.exiting == spec.actor_id:  # it called exit_actor()
             self.executor.exiting = None
             self.executor.end_actor(spec.actor_id)
@@ -162,7 +191,14 @@ class InProcessScheduler(Scheduler):
         self._reserve_groups()
 
     def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True) -> None:
-        """Every task has finished by the time its ref exists: nothing to cancel."""
+        """Every task has finished by the time its ref exists, but a generator
+        held back by its consumer: that one ends, its next item being the
+        cancellation error."""
+        held = self._held.pop(object_id, None)
+        if held is not None:
+            spec, stream, waiter = held
+            self._store.cancel_waiter(waiter)
+            self._resume(spec, stream, KeyboardInterrupt())
 
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
         actor = self._actors.get(actor_id)
@@ -175,6 +211,12 @@ class InProcessScheduler(Scheduler):
         if actor.state is ActorLifecycle.DEAD:
             return
         actor.reason = reason
+        for stream_id, (spec, stream, waiter) in list(self._held.items()):
+            if spec.actor_id == actor_id:  # its generators end with it
+                del self._held[stream_id]
+                self._store.cancel_waiter(waiter)
+                self._resume(spec, stream, exc.ActorDiedError(
+                    f"the actor {spec.function_name} is dead: {reason}"))
         self.executor.drop_actor(actor_id)
         self._move(actor_id, ActorLifecycle.DEAD, reason)
         if actor.spec.actor_options.get("detached"):
@@ -193,6 +235,9 @@ class InProcessScheduler(Scheduler):
         return self._pool.available()
 
     def shutdown(self) -> None:
+        held, self._held = self._held, {}
+        for _, _, waiter in held.values():
+            self._store.cancel_waiter(waiter)
         for actor_id, actor in list(self._actors.items()):
             if actor.state is not ActorLifecycle.DEAD:
                 self._end_actor(actor_id, "beamlet was shut down")
@@ -214,6 +259,7 @@ class InProcessBackend(Backend):
     task_events = True
     placement_groups = True
     concurrency_groups = True
+    streaming_generators = True
 
     # The local backend's options are accepted (and mean nothing here), so that a
     # program switched to this backend for debugging runs unchanged.

@@ -333,7 +333,7 @@ class Node:
             P.GetRequest: self._on_get, P.WaitRequest: self._on_wait,
             P.AllocRequest: self._on_alloc, P.AbandonRequest: self._on_abandon,
             P.ControlRequest: self._on_control, P.ResourcesRequest: self._on_resources,
-            P.Returned: self._on_returned,
+            P.Returned: self._on_returned, P.StreamItem: self._on_stream_item,
         }
 
     def _on_second_hello(self, worker: WorkerInfo, message: P.Hello) -> None:
@@ -359,6 +359,10 @@ class Node:
 
     def _on_put(self, worker: WorkerInfo, message: P.Put) -> None:
         self.object_store.put_from_worker(message.object_id, message.entry, worker.worker_id,
+                                          worker.worker_id)
+
+    def _on_stream_item(self, worker: WorkerInfo, message: P.StreamItem) -> None:
+        self.object_store.put_from_worker(message.object_id, message.entry, None,
                                           worker.worker_id)
 
     def _on_cancel(self, worker: WorkerInfo, message: P.CancelTask) -> None:

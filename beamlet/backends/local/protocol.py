@@ -30,7 +30,7 @@ from ...core.task_spec import TaskSpec
 #: The protocol a connection speaks, bound into its handshake (core/auth.py): a
 #: process of another version is refused, both versions named. Change it with
 #: any change to the messages below.
-VERSION = "beamlet-local/4"
+VERSION = "beamlet-local/5"
 
 
 # -- worker -> node ----------------------------------------------------------------
@@ -54,6 +54,13 @@ class Submit(NamedTuple):
 
 class Put(NamedTuple):
     """``put()`` inside a task (a large entry's segment was allocated first)."""
+    object_id: bytes
+    entry: Any
+
+
+class StreamItem(NamedTuple):
+    """An item a generator task yielded (core/generators.py): stored like a
+    Put, but owned by the job, not by this worker (it outlives the producer)."""
     object_id: bytes
     entry: Any
 
@@ -179,7 +186,7 @@ class Revoke(NamedTuple):
 #: What each side accepts.
 FROM_WORKER = frozenset({Hello, Done, Submit, Put, Refs, CancelTask, KillActor, Forget,
                          GetRequest, WaitRequest, AllocRequest, AbandonRequest, ControlRequest,
-                         ResourcesRequest, Returned})
+                         ResourcesRequest, Returned, StreamItem})
 FROM_NODE = frozenset({Welcome, Execute, Reply, Interrupt, Exit, Revoke})
 
 
@@ -197,9 +204,9 @@ for _message_class in FROM_WORKER | FROM_NODE:
 #: Wire tags, by position. Append only (and change VERSION).
 _CLASSES = (Hello, Done, Submit, Put, Refs, CancelTask, KillActor, Forget, GetRequest,
             WaitRequest, AllocRequest, AbandonRequest, ControlRequest, ResourcesRequest,
-            Welcome, Execute, Reply, Interrupt, Exit, Returned, Revoke)
+            Welcome, Execute, Reply, Interrupt, Exit, Returned, Revoke, StreamItem)
 _TAGS = {cls: tag for tag, cls in enumerate(_CLASSES)}
-_EXECUTE, _DONE = _TAGS[Execute], _TAGS[Done]
+_EXECUTE, _DONE, _STREAM_ITEM = _TAGS[Execute], _TAGS[Done], _TAGS[StreamItem]
 
 
 def _entry_out(entry):
@@ -228,6 +235,8 @@ class Codec:
         if cls is Done:
             task_id, entries, retryable = message
             return (_DONE, task_id, [_entry_out(e) for e in entries], retryable)
+        if cls is StreamItem:
+            return (_STREAM_ITEM, message.object_id, _entry_out(message.entry))
         tag = _TAGS.get(cls)
         return message if tag is None else (tag, *message)
 
@@ -246,6 +255,9 @@ class Codec:
         if tag == _DONE:
             _, task_id, entries, retryable = frame
             return Done(task_id, [_entry_in(e) for e in entries], retryable)
+        if tag == _STREAM_ITEM:
+            _, object_id, entry = frame
+            return StreamItem(object_id, _entry_in(entry))
         return _CLASSES[tag](*frame[1:])
 
 

@@ -47,6 +47,11 @@ READER_TAKEOVER = 0.005
 #: Seconds without a task after which the reader thread stops looking at the
 #: clock and sleeps until the next task starts (an idle worker costs nothing).
 READER_PARK_AFTER = 0.05
+#: A generator's items are sent in batches (one write for many): at most this
+#: many, and none waits longer than STREAM_FLUSH_DELAY seconds (or past the
+#: next message the worker sends, whichever comes first).
+STREAM_BATCH = 256
+STREAM_FLUSH_DELAY = 0.001
 
 
 class _Requests:
@@ -259,11 +264,17 @@ class WorkerBackend(Backend):
         self.node_id = config["node_id"]
         self.worker_id = config["worker_id"]
         self.inline_threshold = config["inline_threshold"]
+        # As the job's owner says: its items must reach the consumer through it.
+        self.streaming_generators = bool(config.get("streaming_generators"))
         self.requests = _Requests()
         # Re-entrant: sending pickles, the GC may then free a ref, and that reports here.
         self._ref_lock = threading.RLock()
         self._added: list[bytes] = []
         self._released: list[bytes] = []
+        #: Messages held back to go out in one write (generator items, and the
+        #: reference changes made before them), in order; see put_stream_item.
+        self._held: list = []
+        self._flush_soon: threading.Event | None = None  # (the flusher's, once started)
         self.object_store = WorkerObjectStore(self)
         self.control_store = ControlStoreClient(self)
         self.scheduler = SchedulerClient(self, config.get("resources", {}))
@@ -278,20 +289,28 @@ class WorkerBackend(Backend):
         # (a release overtaking its add would leave the object pinned for ever).
         with self._ref_lock:
             added, released = self._added, self._released
-            self._added, self._released = [], []
-            if added or released:
-                self.conn.send_many([P.Refs(added, released), message])
+            if added or released or self._held:
+                self._added, self._released = [], []
+                messages, self._held = self._held, []
+                if added or released:
+                    messages.append(P.Refs(added, released))
+                messages.append(message)
+                self.conn.send_many(messages)
             else:
                 self.conn.send(message)
 
     def flush_refs(self) -> None:
-        """Send pending reference-count changes now (an idle worker would otherwise
-        keep the objects it let go of alive until its next message)."""
+        """Send pending reference-count changes (and held-back items) now (an
+        idle worker would otherwise keep the objects it let go of alive until
+        its next message)."""
         with self._ref_lock:
             added, released = self._added, self._released
             self._added, self._released = [], []
+            messages, self._held = self._held, []
             if added or released:
-                self.conn.send(P.Refs(added, released))
+                messages.append(P.Refs(added, released))
+            if messages:
+                self.conn.send_many(messages)
 
     def request(self, op: str, args: tuple, timeout: float | None, timeout_text: str):
         """Send request `op` (a key of protocol.REQUESTS) with `args` (its fields
@@ -313,6 +332,49 @@ class WorkerBackend(Backend):
         finally:
             if blocking:
                 self.worker_blocks(False)
+
+    def put_stream_item(self, object_id: bytes, value: SerializedObject) -> None:
+        """Queue the item to go out with the next message, in a batch of at most
+        STREAM_BATCH, or STREAM_FLUSH_DELAY seconds from now (one write per item
+        would cost the producer and the node's I/O thread a syscall each)."""
+        message = P.StreamItem(object_id, self.entries_for([value])[0])
+        with self._ref_lock:
+            held = self._held
+            if self._added or self._released:  # (they go before the item, as made)
+                held.append(P.Refs(self._added, self._released))
+                self._added, self._released = [], []
+            held.append(message)
+            if len(held) >= STREAM_BATCH:
+                self._held = []
+                self.conn.send_many(held)
+                return
+            first = len(held) == 1
+        if first:
+            self._flusher().set()
+
+    def _flusher(self) -> threading.Event:
+        """The event that asks the flusher thread to send held messages soon."""
+        if self._flush_soon is None:
+            with self._ref_lock:
+                if self._flush_soon is None:
+                    soon = threading.Event()
+                    threading.Thread(target=self._flush_later, args=(soon,),
+                                     name="beamlet-stream-flush", daemon=True).start()
+                    self._flush_soon = soon
+        return self._flush_soon
+
+    def _flush_later(self, soon: threading.Event) -> None:
+        while True:
+            soon.wait()
+            time.sleep(STREAM_FLUSH_DELAY)
+            soon.clear()  # (what is held after this is sent below, or asks again)
+            with self._ref_lock:
+                held, self._held = self._held, []
+                if held:
+                    try:
+                        self.conn.send_many(held)
+                    except exc.BackendError:
+                        return  # the driver is gone: this process ends
 
     def request_async(self, op: str, args: tuple, callback: Callable[[bool, Any], Any]) -> None:
         req_id, _ = self.requests.new(callback)
