@@ -169,7 +169,7 @@ def test_keys_and_values_must_be_bytes(store):
 
 
 def test_compare_and_set_counter_from_many_threads_loses_no_increment(store):
-    increments = 100
+    increments = 30  # (16 threads contend on every one: enough to lose some if CAS were not atomic)
 
     def count(_):
         for _ in range(increments):
