@@ -250,6 +250,11 @@ def test_killed_driver_resumes_hyperband_with_its_brackets(tmp_path):
     finally:
         proc.kill()
         proc.wait(timeout=30)
+    # The killed experiment's table, from its log (no backend started).
+    status = subprocess.run([sys.executable, "-m", "beamlet.cli", "tune", "status",
+                             str(results / "exp")], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert "9 trials:" in status.stdout and "TERMINATED" in status.stdout
     again = subprocess.run([sys.executable, str(script), str(marks), str(results), "resume"],
                            env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
