@@ -326,6 +326,7 @@ class TrialRunner:
         return entry[1]
 
     def _start_trial(self, trial: Trial) -> None:
+        was_paused = trial.status == PAUSED
         self._paused.pop(trial, None)
         trial.status = RUNNING
         trial.start_time = time.time()
@@ -356,6 +357,10 @@ class TrialRunner:
             return
         trial._actor = actor
         self._inflight[ref] = trial
+        if was_paused:
+            # Else the log would still say PAUSED: resumed, the trial would wait
+            # for a scheduler that no longer means to resume it.
+            self._log_trial(trial)
 
     # -- events --------------------------------------------------------------------
     def _process_event(self, ref, trial: Trial) -> None:

@@ -112,8 +112,12 @@ class HyperBandScheduler(FIFOScheduler):
     def on_trial_add(self, runner, trial) -> None:
         self._require_metric()
         self._trials[trial.trial_id] = trial
-        if trial.trial_id in self._of:
-            return  # resumed, with its bracket restored
+        bracket = self._of.get(trial.trial_id)
+        if bracket is not None:  # resumed, with its bracket restored
+            if trial.status == "PAUSED" and trial.trial_id in bracket.live and \
+                    trial.trial_id not in bracket.recorded:
+                self._resumable.add(trial.trial_id)  # not waiting at a milestone: go on
+            return
         bracket = self._brackets[-1] if self._brackets and not self._brackets[-1].full() \
             else self._new_bracket()
         bracket.trials.append(trial.trial_id)
