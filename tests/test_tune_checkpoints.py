@@ -1,7 +1,8 @@
 """beamlet.tune's checkpoints: function trainables through tune.report /
 tune.get_checkpoint, class trainables through save_checkpoint /
 load_checkpoint, checkpoint_freq / checkpoint_at_end / keep_checkpoints_num,
-and max_failures retrying a failed trial from its latest checkpoint."""
+max_failures retrying a failed trial from its latest checkpoint, and resuming
+after the driver was SIGKILLed (trials, and HyperBand's and PBT's state)."""
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ import pytest
 from test_tune import on_backend, read_results, storage  # noqa: F401 - fixtures
 
 from beamlet import tune
+from beamlet.contrib.tune.experiment_state import ExperimentStateLog
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -120,6 +122,7 @@ RESUMED_SCRIPT = """
 import os, sys, tempfile, time
 import beamlet
 from beamlet import tune
+from beamlet.contrib.tune.experiment_state import ExperimentStateLog
 
 marks, storage, how = sys.argv[1], sys.argv[2], sys.argv[3]
 
@@ -193,3 +196,134 @@ def test_resume_needs_a_state(storage):
     with pytest.raises(ValueError, match="no experiment to resume"):
         tune.run(fails_once_at_three, name="never_ran", storage_path=storage, resume=True,
                  verbose=0)
+
+
+HYPERBAND_SCRIPT = """
+import os, sys, tempfile, time
+import beamlet
+from beamlet import tune
+from beamlet.contrib.tune.experiment_state import ExperimentStateLog
+from beamlet.tune.schedulers import HyperBandScheduler
+
+marks, storage, how = sys.argv[1], sys.argv[2], sys.argv[3]
+
+def climb(config):
+    checkpoint = tune.get_checkpoint()
+    i = checkpoint.to_dict()["i"] if checkpoint else 0
+    open(os.path.join(marks, f"start_{config['x']}_{i}_{time.monotonic_ns()}"), "w").close()
+    while True:
+        i += 1
+        time.sleep(0.05)
+        with tempfile.TemporaryDirectory() as d:
+            tune.report({"i": i, "score": config["x"] * i},
+                        checkpoint=tune.Checkpoint.from_dict({"i": i}, d))
+
+beamlet.init(num_cpus=2)
+# max_t=9, eta=3: the first bracket takes all 9 trials, keeps 3 at i=1, 1 at i=3.
+scheduler = HyperBandScheduler(time_attr="i", metric="score", mode="max", max_t=9,
+                               reduction_factor=3)
+tune.run(climb, config={"x": tune.grid_search(list(range(9)))}, name="exp",
+         storage_path=storage, verbose=0, scheduler=scheduler, resume=(how == "resume"))
+print("finished", flush=True)
+"""
+
+
+def test_killed_driver_resumes_hyperband_with_its_brackets(tmp_path):
+    """Killed after the first milestone's promotion (2 promoted trials running,
+    the third PAUSED and due to resume), the resumed run ends as an
+    uninterrupted one would: x<6 stopped at i=1, x=6,7 at i=3, x=8 at max_t,
+    and no trial dropped at a milestone runs again."""
+    script = tmp_path / "hyperband.py"
+    script.write_text(HYPERBAND_SCRIPT)
+    marks, results = tmp_path / "marks", tmp_path / "results"
+    marks.mkdir()
+    env = dict(os.environ, BEAMLET_BACKEND="inprocess")
+    proc = subprocess.Popen([sys.executable, str(script), str(marks), str(results),
+                             "fresh"], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.name.startswith("start_") and p.name.split("_")[2] != "0"
+                      for p in marks.iterdir()):
+            assert proc.poll() is None, "the run ended before it was killed"
+            assert time.monotonic() < deadline, "no trial was promoted"
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    # The killed experiment's table, from its log (no backend started).
+    status = subprocess.run([sys.executable, "-m", "beamlet.cli", "tune", "status",
+                             str(results / "exp")], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert "9 trials:" in status.stdout and "TERMINATED" in status.stdout
+    again = subprocess.run([sys.executable, str(script), str(marks), str(results), "resume"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    analysis = tune.ExperimentAnalysis(str(results / "exp"))
+    assert all(t.status == "TERMINATED" for t in analysis.trials)
+    assert {t.config["x"]: t.last_result["i"] for t in analysis.trials} == \
+        {0: 1, 1: 1, 2: 1, 3: 1, 4: 1, 5: 1, 6: 3, 7: 3, 8: 9}
+    # Every start of a trial after its first went on from a checkpoint of its own,
+    # and only the 3 promoted trials were started again.
+    restarted = {int(p.name.split("_")[1]) for p in marks.iterdir()
+                 if p.name.split("_")[2] != "0"}
+    assert restarted <= {6, 7, 8} and restarted
+
+
+PBT_SCRIPT = """
+import os, sys, tempfile, time
+import beamlet
+from beamlet import tune
+from beamlet.contrib.tune.experiment_state import ExperimentStateLog
+from beamlet.tune.schedulers import PopulationBasedTraining
+
+storage, how = sys.argv[1], sys.argv[2]
+
+def grow(config):
+    checkpoint = tune.get_checkpoint()
+    i, total = (checkpoint.to_dict()["i"], checkpoint.to_dict()["total"]) if checkpoint \\
+        else (0, 0.0)
+    while True:
+        i += 1
+        total += config["h"]
+        time.sleep(0.02)
+        with tempfile.TemporaryDirectory() as d:
+            tune.report({"i": i, "total": total},
+                        checkpoint=tune.Checkpoint.from_dict({"i": i, "total": total}, d))
+
+beamlet.init(num_cpus=2)
+scheduler = PopulationBasedTraining(time_attr="i", metric="total", mode="max",
+                                    perturbation_interval=2, quantile_fraction=0.25,
+                                    hyperparam_mutations={"h": [1, 2, 3, 4, 5, 6]}, seed=0)
+tune.run(grow, config={"h": tune.grid_search([1, 2, 3, 4])}, name="exp", stop={"i": 14},
+         storage_path=storage, verbose=0, scheduler=scheduler, resume=(how == "resume"))
+print("finished", flush=True)
+"""
+
+
+def test_killed_driver_resumes_pbt_with_its_state(tmp_path):
+    """Killed after a few exploits, the resumed PBT goes on counting them (each
+    exploit copies its donor's checkpoint to a directory numbered by that
+    count: a PBT that forgot would number them from 0 again)."""
+    script = tmp_path / "pbt.py"
+    script.write_text(PBT_SCRIPT)
+    results = tmp_path / "results"
+    env = dict(os.environ, BEAMLET_BACKEND="inprocess")
+    proc = subprocess.Popen([sys.executable, str(script), str(results), "fresh"], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(results.glob("exp/*/exploit_*"))) < 3:
+            assert proc.poll() is None, "the run ended before it was killed"
+            assert time.monotonic() < deadline, "PBT never exploited"
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    again = subprocess.run([sys.executable, str(script), str(results), "resume"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    analysis = tune.ExperimentAnalysis(str(results / "exp"))
+    assert all(t.status == "TERMINATED" and t.last_result["i"] == 14
+               for t in analysis.trials)
+    _, state = ExperimentStateLog.read_all(str(results / "exp"))
+    numbers = {int(p.name.split("_")[1]) for p in results.glob("exp/*/exploit_*")}
+    assert numbers == set(range(state["num_perturbations"]))

@@ -25,6 +25,7 @@ BUILTIN_PLUGINS = (
     "beamlet.backends.zmq.plugin",
     "beamlet.backends.dask.plugin",
     "beamlet.contrib.rl.plugin",
+    "beamlet.contrib.tune.cli",
 )
 
 _manager: pluggy.PluginManager | None = None

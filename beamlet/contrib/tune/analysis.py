@@ -18,7 +18,7 @@ import warnings
 from typing import Any
 
 from .result import flatten_dict, is_number
-from .experiment_state import ExperimentStateLog
+from .experiment_state import STATE_LOG, ExperimentStateLog
 from .trial import ERROR, TERMINATED, Trial
 
 __all__ = ["ExperimentAnalysis"]
@@ -78,7 +78,12 @@ class ExperimentAnalysis:
     @staticmethod
     def _load(path: str) -> list[Trial]:
         state_file = os.path.join(path, "experiment_state.json")
-        if os.path.exists(state_file):
+        log_file = os.path.join(path, STATE_LOG)
+        # The final table, unless the log is newer: a run (or resume) going on, or
+        # killed, in a directory where an earlier run had ended.
+        if os.path.exists(state_file) and not (
+                os.path.exists(log_file) and
+                os.stat(log_file).st_mtime_ns > os.stat(state_file).st_mtime_ns):
             with open(state_file) as f:
                 state = json.load(f)
             return [Trial.from_record(r, path) for r in state.get("trials", [])]

@@ -10,7 +10,7 @@ from typing import Any
 
 from .stopper import make_stopper
 from .trainable import Trainable, get_trainable, trainable_name, validate_trainable
-from .trial import ERROR, PENDING, TERMINATED, Trial, parse_resources
+from .trial import ERROR, PAUSED, PENDING, TERMINATED, Trial, parse_resources
 from .search.search_algorithm import BasicVariantGenerator, as_search_alg
 from .variant_generator import format_params
 from .wrappers import trainable_resources
@@ -188,8 +188,8 @@ class Experiment:
 
     def restore_trials(self, records: list[dict], search_state: dict | None) -> list[Trial]:
         """The trials of a killed run, from their records (see experiment_state):
-        ended ones as they were, the others PENDING, to restart from their
-        latest checkpoint; the search algorithm goes on from its saved state."""
+        ended ones as they were, paused ones PAUSED (their scheduler resumes
+        them), the others PENDING, to restart from their latest checkpoint; the search algorithm goes on from its saved state."""
         trials = []
         for record in records:
             trial = Trial(self.trainable_name, record.get("config", {}), record["trial_id"],
@@ -204,12 +204,17 @@ class Experiment:
             trial.path = record.get("path") or trial.path
             status = record.get("status", PENDING)
             trial.status = status if status in (TERMINATED, ERROR) else PENDING
+            if status == PAUSED and record.get("checkpoint") and \
+                    os.path.isdir(record["checkpoint"]):
+                trial.status = PAUSED  # it waits for its scheduler, as before
             for key in ("last_result", "metric_analysis", "num_results", "error_msg",
                         "error_file", "start_time", "end_time", "num_failures"):
                 if record.get(key) is not None:
                     setattr(trial, key, record[key])
             if record.get("checkpoint") and os.path.isdir(record["checkpoint"]):
                 trial.on_checkpoint(record["checkpoint"])
+            if record.get("restore_path") and os.path.isdir(record["restore_path"]):
+                trial.restore_path = record["restore_path"]  # e.g. PBT's exploit
             trial._experiment = self
             trials.append(trial)
         self._count = len(trials)

@@ -4,7 +4,11 @@
 of a trial (added, checkpointed, paused, ended), each written with a single
 ``write`` on a file opened for appending, so a line is either all there or,
 if the driver died in the middle of it, a cut-off last line that reading
-skips. The latest line of a trial wins. The search algorithm's state is a
+skips. The latest line of a trial wins. A scheduler whose decisions depend
+on what it saw (HyperBand's brackets and rungs, PBT's perturbation times)
+appends its state as a ``{"scheduler": ...}`` line each time that state
+changes, before the lines of the trials the change concerns; the latest
+such line wins on resume. The search algorithm's state is a
 separate small pickle, replaced atomically (written aside, then renamed).
 Nothing is rewritten in full per change, so the cost per event is constant.
 """
@@ -35,7 +39,14 @@ class ExperimentStateLog:
 
     def trial(self, trial) -> None:
         """Append the trial's current record."""
-        line = json.dumps({"trial": trial.to_record()}, default=json_default) + "\n"
+        self._append({"trial": trial.to_record()})
+
+    def scheduler(self, state: dict) -> None:
+        """Append the scheduler's state (JSON data: trial ids, not trials)."""
+        self._append({"scheduler": state})
+
+    def _append(self, entry: dict) -> None:
+        line = json.dumps(entry, default=json_default) + "\n"
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.write(self._fd, line.encode())
@@ -54,18 +65,29 @@ class ExperimentStateLog:
     @staticmethod
     def read(experiment_path: str) -> list[dict]:
         """The latest record of each trial, in the order trials were added."""
+        return ExperimentStateLog.read_all(experiment_path)[0]
+
+    @staticmethod
+    def read_all(experiment_path: str) -> tuple[list[dict], dict | None]:
+        """``(records, scheduler_state)``: the latest record of each trial, in
+        the order trials were added, and the latest scheduler state (or None)."""
         records: dict[str, dict] = {}
+        scheduler = None
         try:
             with open(os.path.join(experiment_path, STATE_LOG)) as f:
                 for line in f:
                     try:
-                        record = json.loads(line)["trial"]
+                        entry = json.loads(line)
+                        if "scheduler" in entry:
+                            scheduler = entry["scheduler"]
+                            continue
+                        record = entry["trial"]
+                        records[record["trial_id"]] = record
                     except (ValueError, KeyError, TypeError):
                         continue  # the cut-off last line of a killed driver
-                    records[record["trial_id"]] = record
         except OSError:
-            return []
-        return list(records.values())
+            return [], None
+        return list(records.values()), scheduler
 
     @staticmethod
     def read_search_state(experiment_path: str) -> dict | None:

@@ -148,7 +148,9 @@ class ProgressReporter:
                 self._print(f"  {t}: {t.error_file or (t.error_msg or '').strip()[-200:]}")
 
     # -- the table ---------------------------------------------------------------
-    def table(self, trials: list) -> str:
+    def table(self, trials: list, max_rows: int | None = _MAX_ROWS) -> str:
+        """The table of `trials` (the first ones and a count of the others
+        beyond `max_rows`; all of them with None)."""
         params: list[str] = []
         for t in trials:
             for name in t.evaluated_params:
@@ -161,7 +163,8 @@ class ProgressReporter:
                     metrics.append(name)
         header = ["Trial name", "status", *params, "iter", "total time (s)", *metrics]
         rows = []
-        shown = trials if len(trials) <= _MAX_ROWS else trials[:_MAX_ROWS - 5]
+        shown = trials if max_rows is None or len(trials) <= max_rows \
+            else trials[:max_rows - 5]
         for t in shown:
             flat = flatten_dict(t.last_result) if t.last_result else {}
             rows.append([str(t), t.status, *(_fmt(t.evaluated_params.get(p)) for p in params),

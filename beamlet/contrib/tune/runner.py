@@ -112,6 +112,7 @@ class TrialRunner:
         self.requeue_count = 0
         self._paused: dict[Trial, None] = {}   # PAUSED trials, in the order they paused
         self._search_saved_at: dict[str, float] = {}
+        self._scheduler_logged = 0   # the scheduler's state_changes last logged
 
     # -- what schedulers see -------------------------------------------------------
     def get_trials(self) -> list[Trial]:
@@ -229,14 +230,19 @@ class TrialRunner:
         self._progress.start(self._experiments, len(self._trials))
 
     def _restore(self, exp) -> None:
-        records = ExperimentStateLog.read(exp.path)
+        records, logged = ExperimentStateLog.read_all(exp.path)
         saved = ExperimentStateLog.read_search_state(exp.path)
         trials = exp.restore_trials(records, saved)
-        if saved and saved.get("scheduler") is not None:
-            self._scheduler.set_state(saved["scheduler"])
+        # The state logged with the trials is newer than the periodic snapshot.
+        state = logged if logged is not None else (saved or {}).get("scheduler")
+        if state is not None:
+            self._scheduler.set_state(state)
+        self._scheduler_logged = getattr(self._scheduler, "state_changes", 0)
         for trial in trials:
             self._check_feasible(trial)
             self._trials.append(trial)
+            if trial.status == PAUSED:
+                self._paused[trial] = None
             if not trial.is_finished():
                 self._scheduler.on_trial_add(self, trial)
 
@@ -320,6 +326,7 @@ class TrialRunner:
         return entry[1]
 
     def _start_trial(self, trial: Trial) -> None:
+        was_paused = trial.status == PAUSED
         self._paused.pop(trial, None)
         trial.status = RUNNING
         trial.start_time = time.time()
@@ -350,6 +357,10 @@ class TrialRunner:
             return
         trial._actor = actor
         self._inflight[ref] = trial
+        if was_paused:
+            # Else the log would still say PAUSED: resumed, the trial would wait
+            # for a scheduler that no longer means to resume it.
+            self._log_trial(trial)
 
     # -- events --------------------------------------------------------------------
     def _process_event(self, ref, trial: Trial) -> None:
@@ -395,6 +406,7 @@ class TrialRunner:
             decision = TrialScheduler.STOP
         else:
             decision = self._scheduler.on_trial_result(self, trial, result)
+            self._log_scheduler()
         if decision == TrialScheduler.STOP:
             result["done"] = True
         self._warn_missing_criteria(trial, result)
@@ -678,7 +690,23 @@ class TrialRunner:
                               f"(it reported: {', '.join(shown)}); it will not stop trials",
                               stacklevel=2)
 
+    def _log_scheduler(self) -> None:
+        """Append the scheduler's state to every experiment's log if it changed
+        (see TrialScheduler.state_changes): before the trial lines that follow."""
+        changes = getattr(self._scheduler, "state_changes", 0)
+        if changes == self._scheduler_logged:
+            return
+        self._scheduler_logged = changes
+        state = self._scheduler.get_state()
+        for log in self._logs.values():
+            try:
+                log.scheduler(state)
+            except OSError as err:
+                warnings.warn(f"could not log the scheduler's state: {err}; resume may "
+                              f"decide differently", stacklevel=2)
+
     def _log_trial(self, trial: Trial) -> None:
+        self._log_scheduler()
         log = self._logs.get(trial.experiment_path)
         if log is not None:
             try:

@@ -215,7 +215,8 @@ class Trial:
                 "metric_analysis": self.metric_analysis, "num_results": self.num_results,
                 "error_msg": self.error_msg, "error_file": self.error_file,
                 "start_time": self.start_time, "end_time": self.end_time,
-                "checkpoint": self.checkpoint, "num_failures": self.num_failures}
+                "checkpoint": self.checkpoint, "restore_path": self.restore_path,
+                "num_failures": self.num_failures}
 
     @classmethod
     def from_record(cls, record: dict, experiment_path: str) -> "Trial":

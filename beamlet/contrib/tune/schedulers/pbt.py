@@ -11,6 +11,12 @@ it takes the checkpoint of a trial drawn from the top quantile, and
 paused and restarts from the copied checkpoint with the new config.
 Trainables must checkpoint (a function reporting ``checkpoint=``, or a class
 trainable's ``save_checkpoint``).
+
+Each trial's last perturbation time and score, the random generator and the
+counters are the scheduler's state, logged at every perturbation point: an
+experiment resumed after its driver was killed perturbs each trial on the
+same schedule as before (the exploit's new config and checkpoint are in the
+trial's own record).
 """
 from __future__ import annotations
 
@@ -112,12 +118,33 @@ class PopulationBasedTraining(FIFOScheduler):
         self.require_attrs = require_attrs
         self._rng = random.Random(seed)
         self._state: dict = {}     # Trial -> _State
+        self._restored: dict = {}  # trial id -> (last_score, last_perturbation_time)
         self.num_perturbations = 0
         self.num_checkpoints = 0
+        self.state_changes = 0
+
+    def get_state(self) -> dict:
+        version, internal, gauss = self._rng.getstate()
+        trials = dict(self._restored)
+        trials.update({t.trial_id: (s.last_score, s.last_perturbation_time)
+                       for t, s in self._state.items()})
+        return {"trials": trials, "rng": [version, list(internal), gauss],
+                "num_perturbations": self.num_perturbations,
+                "num_checkpoints": self.num_checkpoints}
+
+    def set_state(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self._restored = {tid: tuple(v) for tid, v in state["trials"].items()}
+        self.num_perturbations = state["num_perturbations"]
+        self.num_checkpoints = state["num_checkpoints"]
 
     def on_trial_add(self, runner, trial) -> None:
         self._require_metric()
-        self._state[trial] = _State()
+        state = self._state[trial] = _State()
+        if trial.trial_id in self._restored:
+            state.last_score, state.last_perturbation_time = \
+                self._restored.pop(trial.trial_id)
 
     def on_trial_result(self, runner, trial, result: dict) -> str:
         metric, sign = self._require_metric()
@@ -135,6 +162,7 @@ class PopulationBasedTraining(FIFOScheduler):
         if now - state.last_perturbation_time < self.perturbation_interval:
             return self.CONTINUE
         state.last_perturbation_time = now
+        self.state_changes += 1
         lower, upper = self._quantiles()
         if trial in upper:
             runner.save_trial(trial)  # class trainables: checkpoint now, for exploiters

@@ -21,6 +21,11 @@ class TrialScheduler:
 
     metric: str | None = None
     mode: str | None = None
+    #: A scheduler whose state must survive a killed driver exactly (not only as
+    #: of the last periodic save) adds 1 each time :meth:`get_state` would change;
+    #: the runner then appends that state to the experiment's log before logging
+    #: the trials concerned, and :meth:`get_state` must return JSON data.
+    state_changes: int = 0
 
     def set_search_properties(self, metric: str | None, mode: str | None) -> bool:
         """Take tune.run's metric and mode unless the scheduler has its own."""
