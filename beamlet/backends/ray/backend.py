@@ -57,6 +57,8 @@ class RayBackend(Backend):
         else:
             self.job = config["job"]
         context = _ray.get_runtime_context()
+        #: The Ray cluster's address (its GCS), for other drivers' ``init(address=...)``.
+        self.address = context.gcs_address
         self.node_id = context.get_node_id()
         self.worker_id = context.get_worker_id()
         try:
@@ -96,6 +98,7 @@ class RayBackend(Backend):
                          include_dashboard=bool(config.get("dashboard")),
                          _temp_dir=self._temp_dir, **options)
             except BaseException:
+                ray.shutdown()  # (whatever it started before failing)
                 shutil.rmtree(self._temp_dir, ignore_errors=True)
                 raise
         self._connected = True
