@@ -284,6 +284,8 @@ def start_backend(no_backend):
         if reason:
             pytest.fail(reason)
         options.setdefault("num_cpus", NUM_CPUS)
+        if name == "ray":  # (its own Ray, with these options: not the shared one)
+            _ray_cluster.disconnect()
         beamlet.init(backend=name, **options)
         return BackendInfo.current()
 

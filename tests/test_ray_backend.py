@@ -295,7 +295,9 @@ def test_control_store_is_shared_with_workers(session):
 
 def test_another_driver_joins_by_address_and_leaves_ray_running(session, tmp_path):
     address = session.address
-    code = ("import beamlet\n"
+    code = ("import beamlet, pytest\n"
+            "with pytest.raises(ValueError, match='num_gpus'):\n"
+            f"    beamlet.init(backend='ray', address={address!r}, num_gpus=1)\n"
             f"beamlet.init(backend='ray', address={address!r})\n"
             "f = beamlet.remote(lambda x: x + 1)\n"
             f"print(beamlet.get(f.remote(41), timeout={T}))\n"

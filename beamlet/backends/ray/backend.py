@@ -75,10 +75,15 @@ class RayBackend(Backend):
 
     def _connect(self, config: dict) -> None:
         ray = self._ray
+        address = config.get("address")
+        if address or ray.is_initialized():
+            given = [k for k in ("num_cpus", "num_gpus", "resources") if config.get(k)]
+            if given:  # (as Ray refuses them when it joins a cluster)
+                raise ValueError(f"init(backend='ray') joins a running Ray here, whose "
+                                 f"resources are its own: {', '.join(given)} cannot be given")
         if ray.is_initialized():
             return  # the user's own connection: theirs to close
         import logging
-        address = config.get("address")
         options = {"logging_level": logging.WARNING, "log_to_driver": True}
         if address:
             if not isinstance(address, str):

@@ -177,7 +177,9 @@ class RayObjectStore(ObjectStore):
         held = list(refs)
         if held:
             self._counter.incr_all(held)
-        values = {i: self.unpack(i, v) for i, v in zip(dep_ids, dep_values)}
+        # (Not counted under their ids: this process holds no ref to them. The
+        # refs inside are counted once the task deserializes its arguments.)
+        values = {i: self.unpack(None, v) for i, v in zip(dep_ids, dep_values)}
         outer = self._local.get()
         token = self._local.set({**outer, **values} if outer else values)
         try:
