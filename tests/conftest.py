@@ -157,7 +157,9 @@ class _RayCluster:
         try:
             ctx = ray.init(address="local", num_cpus=int(sys.argv[1]), include_dashboard=False,
                            _temp_dir=temp, logging_level=logging.ERROR)
-            print(ctx.address_info["gcs_address"], flush=True)
+            import os
+            print(ctx.address_info["gcs_address"], os.environ.get("RAY_AUTH_MODE", ""),
+                  flush=True)
             sys.stdin.read()
             ray.shutdown()
         finally:
@@ -167,6 +169,7 @@ class _RayCluster:
     def __init__(self):
         self.process = None
         self.address = None
+        self.auth_mode = ""
 
     def start(self) -> str:
         """The address of the shared Ray (started on first use)."""
@@ -184,16 +187,20 @@ class _RayCluster:
                 self.stop()
                 pytest.fail(f"the shared Ray did not start (it said {line!r}): "
                             f"pip install -e '.[test]'")
-            self.address = line
+            self.address, _, self.auth_mode = line.partition(" ")
         return self.address
 
     def connect(self) -> None:
         """Connect this process to the shared Ray (once)."""
         import logging
-
+        address = self.start()
+        if self.auth_mode:
+            # Ray turns token auth on by itself only for a Ray it starts, and reads
+            # the mode when it is imported.
+            os.environ["RAY_AUTH_MODE"] = self.auth_mode
         import ray as real_ray  # (tests call beamlet "ray")
         if not real_ray.is_initialized():
-            real_ray.init(address=self.start(), logging_level=logging.WARNING)
+            real_ray.init(address=address, logging_level=logging.WARNING)
 
     def disconnect(self) -> None:
         """Leave the shared Ray (for tests that start a Ray of their own)."""
