@@ -62,7 +62,7 @@ class RayBackend(Backend):
         self.node_id = context.get_node_id()
         self.worker_id = context.get_worker_id()
         try:
-            self.object_store = RayObjectStore(runtime.refs)
+            self.object_store = RayObjectStore(runtime.refs, self._death_of)
             if config.get("control_store"):
                 from ...core.control_store import open_control_store
                 self.control_store = open_control_store(config["control_store"])
@@ -107,6 +107,15 @@ class RayBackend(Backend):
                 shutil.rmtree(self._temp_dir, ignore_errors=True)
                 raise
         self._connected = True
+
+    def _death_of(self, actor_id: bytes) -> str | None:
+        """That the actor is dead and why, as beamlet recorded it (None: not
+        recorded dead)."""
+        from ...core.tables import ActorState
+        info = self.runtime.tables.actor(actor_id)
+        if info is None or info.state is not ActorState.DEAD:
+            return None
+        return f"the actor {info.class_name} is dead: {info.reason}"
 
     def nodes(self) -> list[dict]:
         from .scheduler import _visible

@@ -72,8 +72,13 @@ def error_of(err: BaseException, what: str = "") -> BaseException:
 class RayObjectStore(ObjectStore):
     """The ObjectStore of one process (driver or Ray worker) on Ray."""
 
-    def __init__(self, refs):
+    def __init__(self, refs, death_of: Callable[[bytes], str | None] | None = None):
+        """`refs`: the Runtime's ReferenceCounter; `death_of(actor_id)`: that the
+        actor is dead and why, as beamlet recorded it (None if it did not), so
+        that a call to it fails saying so rather than Ray's account of its process."""
         self._counter = refs
+        self._death_of = death_of
+        self._calls: dict[bytes, bytes] = {}  # return id of an actor call -> actor id
         self._lock = threading.Lock()
         self._refs: dict[bytes, object] = {}        # id -> Ray ObjectRef
         #: Actors this process holds a handle to: actor id -> Ray ActorHandle, and
@@ -90,10 +95,14 @@ class RayObjectStore(ObjectStore):
         self._closed = False
 
     # -- Ray refs --------------------------------------------------------------------
-    def adopt(self, object_ids: Sequence[bytes], ray_refs: Sequence) -> None:
-        """Hold the Ray refs of objects this process just submitted."""
+    def adopt(self, object_ids: Sequence[bytes], ray_refs: Sequence,
+              actor_id: bytes | None = None) -> None:
+        """Hold the Ray refs of objects this process just submitted (the results
+        of a call to `actor_id`, if given)."""
         with self._lock:
             self._refs.update(zip(object_ids, ray_refs))
+            if actor_id is not None:
+                self._calls.update(dict.fromkeys(object_ids, actor_id))
 
     def adopt_actor(self, actor_id: bytes, token_id: bytes, handle) -> None:
         with self._lock:
@@ -204,36 +213,71 @@ class RayObjectStore(ObjectStore):
         missing = [i for i in dict.fromkeys(object_ids) if i not in out]
         if missing:
             refs = [self.ray_ref(i) for i in missing]
-            try:
-                values = _ray.get(refs, timeout=timeout)
-            except _rex.GetTimeoutError:
-                raise exc.GetTimeoutError(f"get timed out after {timeout} s") from None
-            except _rex.RayError:
-                values = self._one_by_one(missing, refs, timeout, fail_fast)
+            if fail_fast and len(refs) > 1:
+                values = self._until_error(missing, refs, timeout)
             else:
-                values = [self.unpack(i, v) for i, v in zip(missing, values)]
+                values = self._fetch(missing, refs, timeout)
             out.update(zip(missing, values))
         return [out[i] for i in object_ids]
 
-    def _one_by_one(self, object_ids, refs, timeout, fail_fast) -> list:
-        """The values, when some failed in Ray: each failure as its beamlet error;
-        with `fail_fast`, None for those still missing."""
+    def _fetch(self, object_ids, refs, timeout) -> list:
+        """The values, each Ray failure as its beamlet error."""
+        try:
+            values = _ray.get(refs, timeout=timeout)
+        except _rex.GetTimeoutError:
+            raise exc.GetTimeoutError(f"get timed out after {timeout} s") from None
+        except _rex.RayError:
+            return self._one_by_one(object_ids, refs, timeout)
+        return [self.unpack(i, v) for i, v in zip(object_ids, values)]
+
+    def _until_error(self, object_ids, refs, timeout) -> list:
+        """The values once all are ready, or as soon as a ready one is an error
+        (beamlet's or Ray's), with None for those not ready then."""
+        until = deadline(timeout)
+        index = {ref: n for n, ref in enumerate(refs)}
+        values: list = [None] * len(refs)
+        pending, poll = list(refs), 0.0
+        while pending:
+            left = remaining(until)
+            if left == 0 and poll:
+                raise exc.GetTimeoutError(f"get timed out after {timeout} s")
+            step = poll if left is None else min(poll, left)
+            ready, pending = _ray.wait(pending, num_returns=len(pending), timeout=step,
+                                       fetch_local=False)
+            poll = min(0.5, max(0.01, poll * 2))
+            if not ready:
+                continue
+            got = self._fetch([object_ids[index[r]] for r in ready], ready, None)
+            for ref, value in zip(ready, got):
+                values[index[ref]] = value
+            if any(v.is_error for v in got):
+                break
+        return values
+
+    def _one_by_one(self, object_ids, refs, timeout) -> list:
+        """The values, when some failed in Ray: each failure as its beamlet error."""
         until = deadline(timeout)
         values = []
         for object_id, ref in zip(object_ids, refs):
-            if fail_fast:
-                ready, _ = _ray.wait([ref], timeout=0, fetch_local=False)
-                if not ready:
-                    values.append(None)
-                    continue
             try:
                 values.append(self.unpack(object_id, _ray.get(ref, timeout=remaining(until))))
             except _rex.GetTimeoutError:
                 raise exc.GetTimeoutError(f"get timed out after {timeout} s") from None
             except _rex.RayError as err:
-                values.append(serialize(error_of(err, f"object {object_id.hex()}"),
-                                        is_error=True))
+                values.append(serialize(self._error(object_id, err), is_error=True))
         return values
+
+    def _error(self, object_id: bytes, err: BaseException) -> BaseException:
+        actor_id = self._calls.get(object_id)
+        if actor_id is not None and isinstance(err, _rex.RayActorError) and \
+                not isinstance(err, _rex.ActorUnavailableError) and self._death_of is not None:
+            try:
+                reason = self._death_of(actor_id)
+            except exc.BeamletError:
+                reason = None
+            if reason:
+                return exc.ActorDiedError(reason)
+        return error_of(err, f"object {object_id.hex()}")
 
     def wait(self, object_ids: Sequence[bytes], num_returns: int,
              timeout: float | None = None) -> set[bytes]:
@@ -267,6 +311,7 @@ class RayObjectStore(ObjectStore):
         with self._lock:
             for object_id in object_ids:
                 self._refs.pop(object_id, None)
+                self._calls.pop(object_id, None)
                 actor_id = self.tokens.pop(object_id, None)
                 if actor_id is not None:
                     self.actors.pop(actor_id, None)  # (Ray ends it once no handle is left)
@@ -312,6 +357,7 @@ class RayObjectStore(ObjectStore):
         with self._lock:
             self._closed = True
             self._refs.clear()
+            self._calls.clear()
             self.actors.clear()
             self.tokens.clear()
             self._contained.clear()

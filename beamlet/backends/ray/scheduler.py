@@ -102,7 +102,8 @@ class RayScheduler(Scheduler):
                                     retry_exceptions=False, name=spec.display_name,
                                     **self._options(spec)).remote(
                 self._backend.job, spec, dep_ids, carried, *dep_refs)
-        self._store.adopt(spec.return_ids, [refs] if n == 1 else refs)
+        self._store.adopt(spec.return_ids, [refs] if n == 1 else refs,
+                          spec.actor_id if spec.kind == ACTOR_METHOD else None)
 
     def _create_actor(self, spec: TaskSpec, dep_ids, carried, dep_refs) -> None:
         options = spec.actor_options or {}
