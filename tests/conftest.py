@@ -106,6 +106,8 @@ def backend_name(request, monkeypatch):
         pytest.fail(reason)
     monkeypatch.delenv("BEAMLET_BACKEND", raising=False)
     _reset()
+    if request.param == "ray" and "backend" not in request.fixturenames:
+        _ray_cluster.disconnect()  # (the test starts a Ray of its own, with its options)
     try:
         yield request.param
     finally:

@@ -42,16 +42,21 @@ def _cmdline_mentions(pid: int, text: str) -> bool:
         return False
 
 
-def ray_processes(temp_dir: str) -> set[int]:
-    """The processes of the Ray this test process started: its descendants, and
-    any process whose command line names the session's temp dir (Ray passes it
-    to every process of the session)."""
+def _descendants() -> set[int]:
     tree = _children()
     found, todo = set(), [os.getpid()]
     while todo:
         for child in tree.get(todo.pop(), ()):
             found.add(child)
             todo.append(child)
+    return found
+
+
+def ray_processes(temp_dir: str, before: set[int]) -> set[int]:
+    """The processes of the Ray this test process started: its descendants not
+    there `before` it started Ray, and any process whose command line names
+    the session's temp dir (Ray passes it to every process of the session)."""
+    found = _descendants() - before
     found.update(int(p) for p in os.listdir("/proc") if p.isdigit() and
                  _cmdline_mentions(int(p), temp_dir))
     found.discard(os.getpid())
@@ -90,11 +95,15 @@ def session():
     from conftest import _ray_cluster
     ray.shutdown()
     _ray_cluster.disconnect()  # (the semantic suite's connection, if it ran before)
-    os.environ.pop("BEAMLET_BACKEND", None)
+    saved_backend = os.environ.pop("BEAMLET_BACKEND", None)
+    before = _descendants()  # (other tests' processes: a shared cluster, say)
     ray.init(backend="ray", num_cpus=2, resources={"disk": 2})
     backend = _runtime.current().backend
+    backend.test_processes_before = before
     yield backend
     ray.shutdown()
+    if saved_backend is not None:
+        os.environ["BEAMLET_BACKEND"] = saved_backend
 
 
 # -- module-level functions (importable by Ray workers) ---------------------------
@@ -316,7 +325,7 @@ def test_shutdown_stops_the_ray_it_started(session):
     assert temp_dir and os.path.isdir(temp_dir)
     actor = Counter.remote()
     worker_pids = {ray.get(actor.pid.remote(), timeout=T), ray.get(pid.remote(), timeout=T)}
-    pids = ray_processes(temp_dir)
+    pids = ray_processes(temp_dir, session.test_processes_before)
     assert worker_pids <= pids
     ray.shutdown()
     assert _wait_gone(pids) == []

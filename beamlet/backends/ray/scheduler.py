@@ -19,7 +19,6 @@
 """
 from __future__ import annotations
 
-import threading
 
 import ray as _ray
 
@@ -45,7 +44,6 @@ class RayScheduler(Scheduler):
     def __init__(self, backend):
         self._backend = backend
         self._store = backend.object_store
-        self._lock = threading.Lock()
         self._nodes: list[dict] | None = None  # each live node's resources, cached
 
     # -- resources -------------------------------------------------------------------
