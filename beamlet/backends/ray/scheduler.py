@@ -45,6 +45,8 @@ class RayScheduler(Scheduler):
         self._backend = backend
         self._store = backend.object_store
         self._nodes: list[dict] | None = None  # each live node's resources, cached
+        # Ray's .options() builds and checks a new wrapper each call: one per kind of task.
+        self._task_kinds: dict[tuple, object] = {}
 
     # -- resources -------------------------------------------------------------------
     def _node_resources(self, refresh: bool = False) -> list[dict]:
@@ -96,12 +98,21 @@ class RayScheduler(Scheduler):
             self._create_actor(spec, dep_ids, carried, dep_refs)
             return
         else:
-            refs = run_task.options(num_returns=n, max_retries=spec.max_retries,
-                                    retry_exceptions=False, name=spec.display_name,
-                                    **self._options(spec)).remote(
-                self._backend.job, spec, dep_ids, carried, *dep_refs)
+            refs = self._task_kind(spec).remote(self._backend.job, spec, dep_ids, carried,
+                                                *dep_refs)
         self._store.adopt(spec.return_ids, [refs] if n == 1 else refs,
                           spec.actor_id if spec.kind == ACTOR_METHOD else None)
+
+    def _task_kind(self, spec: TaskSpec):
+        """`run_task` with the spec's Ray options (made once per kind of task)."""
+        key = (spec.display_name, len(spec.return_ids), spec.max_retries,
+               tuple(sorted((spec.resources or {}).items())))
+        kind = self._task_kinds.get(key)
+        if kind is None:
+            kind = self._task_kinds[key] = run_task.options(
+                num_returns=key[1], max_retries=spec.max_retries, retry_exceptions=False,
+                name=spec.display_name, **self._options(spec))
+        return kind
 
     def _create_actor(self, spec: TaskSpec, dep_ids, carried, dep_refs) -> None:
         options = spec.actor_options or {}
