@@ -5,6 +5,7 @@
     python benchmarks/compare.py --beamlet-init '{"backend": "inprocess"}' --rounds 1
     python benchmarks/compare.py --only task_sync,chain --no-dask
     python benchmarks/compare.py --on-dask --no-ray   # beamlet's dask backend vs Dask
+    python benchmarks/compare.py --on-ray --no-dask   # beamlet's ray backend vs Ray
 
 Runs ``core_bench.py`` for beamlet (with this interpreter) and for Ray (with the
 interpreter of a separate venv, ``--ray-python``; Ray and Dask are never
@@ -178,10 +179,12 @@ def engine_overhead(row, on_engine, native):
 
 
 def build_table(frameworks, merged):
-    engine = "beamlet-on-dask" in frameworks and "dask" in frameworks
+    # (beamlet on an engine, the engine itself): each pair present adds two columns.
+    engines = [(f"beamlet-on-{e}", e) for e in ("dask", "ray")
+               if f"beamlet-on-{e}" in frameworks and e in frameworks]
     header = ["workload", *frameworks, "beamlet/ray", "target", "met?"]
-    if engine:
-        header += ["on-dask overhead", "within 10%?"]
+    for _, native in engines:
+        header += [f"on-{native} overhead", "within 10%?"]
     lines = []
     for row in [r.name for r in cb.ROWS]:
         if not any(row in merged[f] for f in frameworks):
@@ -192,9 +195,9 @@ def build_table(frameworks, merged):
         line = [cb.ROW_BY_NAME[row].title,
                 *[cell(merged[f].get(row), row) for f in frameworks],
                 "-" if ratio is None else f"{ratio:.3g}x", target or "", met]
-        if engine:
-            overhead, within = engine_overhead(row, merged["beamlet-on-dask"].get(row),
-                                               merged["dask"].get(row))
+        for on_engine, native in engines:
+            overhead, within = engine_overhead(row, merged[on_engine].get(row),
+                                               merged[native].get(row))
             line += ["-" if overhead is None else f"{overhead:.3g}x", within]
         lines.append(line)
     return header, lines
@@ -254,6 +257,9 @@ def main(argv=None):
     p.add_argument("--on-dask", action="store_true",
                    help="also run beamlet on its dask backend (this interpreter needs "
                         "'beamlet[dask]') and report its overhead over native Dask")
+    p.add_argument("--on-ray", action="store_true",
+                   help="also run beamlet on its ray backend (this interpreter needs "
+                        "'beamlet[ray]') and report its overhead over native Ray")
     p.add_argument("--no-ray", action="store_true")
     p.add_argument("--rounds", type=int, default=2,
                    help="alternating rounds of beamlet and Ray (default %(default)s)")
@@ -282,6 +288,9 @@ def main(argv=None):
     runs = {"beamlet": (args.beamlet_python, "beamlet", args.beamlet_init)}
     if not args.no_ray:
         runs["ray"] = (args.ray_python, "ray", args.ray_init)
+        if args.on_ray:
+            init = dict(json.loads(args.beamlet_init), backend="ray")
+            runs["beamlet-on-ray"] = (args.beamlet_python, "beamlet", json.dumps(init))
     if not args.no_dask:
         runs["dask"] = (args.ray_python, "dask", args.dask_init)
         if args.on_dask:
@@ -295,7 +304,7 @@ def main(argv=None):
     limits = cb.machine_limits()
     log(f"machine limits: {json.dumps({k: round(v, 3) for k, v in limits.items() if k != 'note'})}")
     for rnd in range(args.rounds):
-        order = [f for f in ("beamlet", "ray") if f in runs]
+        order = [f for f in ("beamlet", "ray", "beamlet-on-ray") if f in runs]
         if rnd % 2:
             order.reverse()
         if "dask" in runs and rnd < args.dask_rounds:

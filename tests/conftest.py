@@ -23,10 +23,10 @@ import beamlet
 from beamlet.core import plugins
 from beamlet.core import runtime as _runtime
 
-#: The backends the semantic suite runs on. ``dask`` joins with
-#: ``BEAMLET_TEST_BACKENDS=inprocess,local,dask`` (its conformance run takes
-#: longer than CI's budget leaves; test_dask_backend.py and the control-store
-#: tests always run on it).
+#: The backends the semantic suite runs on. ``dask`` and ``ray`` join with
+#: e.g. ``BEAMLET_TEST_BACKENDS=inprocess,local,dask,ray`` (their conformance
+#: runs take longer than CI's budget leaves; test_dask_backend.py, the
+#: control-store tests and test_ray_backend.py always run).
 BACKENDS = [name for name in os.environ.get("BEAMLET_TEST_BACKENDS",
                                             "inprocess,local").split(",") if name]
 
@@ -35,6 +35,7 @@ BACKEND_MODULES = {
     "inprocess": "beamlet.backends.local.inprocess",
     "local": "beamlet.backends.local.driver",
     "dask": "beamlet.backends.dask.backend",
+    "ray": "beamlet.backends.ray.backend",
 }
 
 NUM_CPUS = 2
@@ -112,6 +113,8 @@ def backend_name(request, monkeypatch):
         pytest.fail(reason)
     monkeypatch.delenv("BEAMLET_BACKEND", raising=False)
     _reset()
+    if request.param == "ray" and "backend" not in request.fixturenames:
+        _ray_cluster.disconnect()  # (the test starts a Ray of its own, with its options)
     try:
         yield request.param
     finally:
@@ -147,16 +150,106 @@ class _DaskCluster:
 _dask_cluster = _DaskCluster()
 
 
+class _RayCluster:
+    """One local Ray (2 CPUs) in a child process, shared by every semantic test
+    on the ``ray`` backend. The test process connects to it once (`connect`),
+    so each test's ``init(backend="ray")`` uses that connection and leaves it
+    at shutdown: a new Ray driver per test would cost seconds each (its
+    connection, and new worker processes for its job). The child stops its Ray
+    (Ray ends the processes it started) when its standard input closes, and
+    removes Ray's session files."""
+
+    _SCRIPT = """if True:
+        import logging, shutil, sys, tempfile
+        import ray
+        temp = tempfile.mkdtemp(prefix="beamlet-test-ray-")
+        try:
+            ctx = ray.init(address="local", num_cpus=int(sys.argv[1]), include_dashboard=False,
+                           _temp_dir=temp, logging_level=logging.ERROR)
+            import os
+            print(ctx.address_info["gcs_address"], os.environ.get("RAY_AUTH_MODE", ""),
+                  flush=True)
+            sys.stdin.read()
+            ray.shutdown()
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
+    """
+
+    def __init__(self):
+        self.process = None
+        self.address = None
+        self.auth_mode = ""
+
+    def start(self) -> str:
+        """The address of the shared Ray (started on first use)."""
+        import subprocess
+        import sys
+        if self.process is None:
+            repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                p for p in (repo, os.environ.get("PYTHONPATH")) if p))
+            self.process = subprocess.Popen([sys.executable, "-c", self._SCRIPT, str(NUM_CPUS)],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            text=True, env=env)
+            line = self.process.stdout.readline().strip()  # (Ray's own start timeout applies)
+            if ":" not in line:
+                self.stop()
+                pytest.fail(f"the shared Ray did not start (it said {line!r}): "
+                            f"pip install -e '.[test]'")
+            self.address, _, self.auth_mode = line.partition(" ")
+        return self.address
+
+    def connect(self) -> None:
+        """Connect this process to the shared Ray (once)."""
+        import logging
+        address = self.start()
+        if self.auth_mode:
+            # Ray turns token auth on by itself only for a Ray it starts, and reads
+            # the mode when it is imported.
+            os.environ["RAY_AUTH_MODE"] = self.auth_mode
+        import ray as real_ray  # (tests call beamlet "ray")
+        if not real_ray.is_initialized():
+            real_ray.init(address=address, logging_level=logging.WARNING)
+
+    def disconnect(self) -> None:
+        """Leave the shared Ray (for tests that start a Ray of their own)."""
+        import sys
+        real_ray = sys.modules.get("ray")
+        if real_ray is not None and real_ray.is_initialized():
+            real_ray.shutdown()
+
+    def stop(self):
+        import subprocess
+        self.disconnect()
+        if self.process is not None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(60)
+            self.process.stdout.close()
+            self.process = None
+
+
+_ray_cluster = _RayCluster()
+
+
 def pytest_sessionfinish(session, exitstatus):
     _dask_cluster.stop()
+    _ray_cluster.stop()
 
 
 def init_options(name: str, **options) -> dict:
     """The `init` options of a test's backend: ``num_cpus=2``, or for ``dask``
-    a client of the shared test cluster (closed by `close_client`)."""
+    a client of the shared test cluster (closed by `close_client`); for ``ray``
+    this process connects to the shared Ray first."""
     if name == "dask" and "client" not in options and "address" not in options:
         options.pop("num_cpus", None)
         options["client"] = _dask_cluster.client()
+    elif name == "ray" and "address" not in options:
+        options.pop("num_cpus", None)
+        _ray_cluster.connect()
     else:
         options.setdefault("num_cpus", NUM_CPUS)
     return options
@@ -207,6 +300,8 @@ def start_backend(no_backend):
         if reason:
             pytest.fail(reason)
         options.setdefault("num_cpus", NUM_CPUS)
+        if name == "ray":  # (its own Ray, with these options: not the shared one)
+            _ray_cluster.disconnect()
         beamlet.init(backend=name, **options)
         return BackendInfo.current()
 

@@ -24,6 +24,7 @@ BUILTIN_PLUGINS = (
     "beamlet.backends.redis.plugin",
     "beamlet.backends.zmq.plugin",
     "beamlet.backends.dask.plugin",
+    "beamlet.backends.ray.plugin",
     "beamlet.contrib.rl.plugin",
     "beamlet.contrib.tune.cli",
 )

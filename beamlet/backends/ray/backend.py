@@ -1,0 +1,147 @@
+"""RayBackend: the ``ray`` backend, in the driver and in every Ray worker.
+
+In the driver: ``init(backend="ray")`` starts a local Ray (``num_cpus``,
+``num_gpus`` and ``resources`` given to ``init`` become the node's), with its
+session files in a private temp directory, and stops it at ``shutdown``;
+``init(backend="ray", address="HOST:PORT")`` connects to a running Ray and
+only disconnects at ``shutdown``; if this process is already connected to Ray
+(the user called ``ray.init`` first), that connection is used and left as it
+is. In a Ray worker (``worker.py``) the same class runs on the worker's own
+connection, so every process owns the objects it creates, as in Ray.
+
+This module imports Ray only inside `RayBackend.__init__`: ``beamlet
+backends`` reads the class's flags without importing Ray.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+
+from ... import exceptions as exc
+from ...core.interfaces import Backend
+from ...core.options import check_backend_options
+
+
+class RayBackend(Backend):
+    name = "ray"
+    parallel = True
+    isolated = True
+    zero_copy = False
+    multi_node = True
+    # Ray runs the workers, by the rules beamlet copies from it: a crashed
+    # worker's task is retried per max_retries, a crashed actor restarted per
+    # max_restarts, cancel(force=True) ends the task's process, and tasks and
+    # actors hold the resources they ask for.
+    manages_workers = True
+
+    accepted_options = frozenset({"dashboard"})
+
+    def __init__(self, config: dict, runtime):
+        import ray as _ray
+
+        from .control import RayControlStore
+        from .objects import RayObjectStore
+        from .scheduler import RayScheduler
+        self.runtime = runtime
+        self._ray = _ray
+        self._connected = False   # this backend called ray.init (so calls ray.shutdown)
+        self._temp_dir: str | None = None
+        self._is_driver = not config.get("ray_worker")
+        if self._is_driver:
+            check_backend_options(config, self.accepted_options, self.name)
+            self._connect(config)
+            self.job = {"job_id": runtime.job_id, "namespace": runtime.namespace,
+                        "sys_path": [os.getcwd()] + [p for p in sys.path if p]}
+        else:
+            self.job = config["job"]
+        context = _ray.get_runtime_context()
+        #: The Ray cluster's address (its GCS), for other drivers' ``init(address=...)``.
+        self.address = context.gcs_address
+        self.node_id = context.get_node_id()
+        self.worker_id = context.get_worker_id()
+        try:
+            self.object_store = RayObjectStore(runtime.refs, self._death_of)
+            if config.get("control_store"):
+                from ...core.control_store import open_control_store
+                self.control_store = open_control_store(config["control_store"])
+            else:
+                self.control_store = RayControlStore()
+            self.scheduler = RayScheduler(self)
+        except BaseException:
+            self._disconnect()
+            raise
+
+    def _connect(self, config: dict) -> None:
+        ray = self._ray
+        address = config.get("address")
+        if address or ray.is_initialized():
+            given = [k for k in ("num_cpus", "num_gpus", "resources") if config.get(k)]
+            if given:  # (as Ray refuses them when it joins a cluster)
+                raise ValueError(f"init(backend='ray') joins a running Ray here, whose "
+                                 f"resources are its own: {', '.join(given)} cannot be given")
+        if ray.is_initialized():
+            return  # the user's own connection: theirs to close
+        import logging
+        options = {"logging_level": logging.WARNING, "log_to_driver": True}
+        if address:
+            if not isinstance(address, str):
+                raise TypeError(f"address must be a str like 'HOST:PORT' (Ray's GCS), got "
+                                f"{type(address).__name__}")
+            try:
+                ray.init(address=address, **options)
+            except (ConnectionError, RuntimeError, ValueError) as err:
+                raise exc.BackendError(f"could not connect to Ray at {address!r}: "
+                                       f"{type(err).__name__}: {err}") from None
+        else:
+            resources = dict(config.get("resources") or {})
+            self._temp_dir = tempfile.mkdtemp(prefix="beamlet-ray-")
+            try:
+                ray.init(address="local", num_cpus=config.get("num_cpus"),
+                         num_gpus=config.get("num_gpus"), resources=resources or None,
+                         include_dashboard=bool(config.get("dashboard")),
+                         _temp_dir=self._temp_dir, **options)
+            except BaseException:
+                ray.shutdown()  # (whatever it started before failing)
+                shutil.rmtree(self._temp_dir, ignore_errors=True)
+                raise
+        self._connected = True
+
+    def _death_of(self, actor_id: bytes) -> str | None:
+        """That the actor is dead and why, as beamlet recorded it (None: not
+        recorded dead)."""
+        from ...core.tables import ActorState
+        info = self.runtime.tables.actor(actor_id)
+        if info is None or info.state is not ActorState.DEAD:
+            return None
+        return f"the actor {info.class_name} is dead: {info.reason}"
+
+    def nodes(self) -> list[dict]:
+        from .scheduler import _visible
+        return [{"NodeID": n["NodeID"], "Alive": bool(n["Alive"]),
+                 "Resources": _visible(n.get("Resources") or {}),
+                 "NodeManagerAddress": n.get("NodeManagerAddress", "")}
+                for n in self._ray.nodes()]
+
+    def shutdown(self) -> None:
+        """Drop this process's Ray refs and handles; in the driver also free the
+        names of the job's actors, then disconnect from Ray (stopping it if this
+        backend started it)."""
+        if self._is_driver:
+            try:
+                self.scheduler.end_job_actors()
+            except Exception:  # noqa: BLE001 - Ray is gone already
+                pass
+        self.object_store.close()
+        self.control_store.close()
+        if self._is_driver:
+            self._disconnect()
+
+    def _disconnect(self) -> None:
+        if self._connected:
+            self._connected = False
+            self._ray.shutdown()
+        if self._temp_dir is not None:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+            self._temp_dir = None

@@ -1,0 +1,218 @@
+"""RayControlStore: beamlet's control store held by a detached named Ray actor.
+
+The tables live in one actor, ``beamlet-control`` in the Ray namespace
+``beamlet``, made by the first beamlet process that needs it
+(``get_if_exists``) and ``detached``, so every process of every beamlet job on
+the Ray cluster (drivers, and their tasks and actors on Ray workers) sees the
+same tables, for as long as the cluster runs, as Ray's own GCS does for Ray's
+tables.
+
+Why an actor and not Ray's internal key-value store: that store is reached
+only through private functions (``ray.experimental.internal_kv._internal_kv_*``)
+and has no compare-and-set, the primitive every beamlet read-modify-write is
+built on. An actor's methods run one at a time on its event loop (none of them
+awaits midway), so each is atomic.
+
+Publish/subscribe: the actor keeps the last `_KEPT` messages of each channel,
+numbered; a subscribing process reads from the number current when it
+subscribed, on one thread that long-polls the actor, and runs the callbacks
+there in order. A subscriber more than `_KEPT` messages behind misses the oldest.
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from typing import Any, Callable
+
+import ray as _ray
+
+from ... import exceptions as exc
+from ...core.control_store import channel_name, key_bytes, message_bytes, value_bytes
+from ...core.interfaces import ControlStore
+
+NAME = "beamlet-control"
+NAMESPACE = "beamlet"
+_KEPT = 10_000
+_POLL = 1.0
+_CALL_TIMEOUT = 60.0
+
+
+class _Tables:
+    """(The actor.) Tables of bytes, and numbered messages per channel."""
+
+    def __init__(self):
+        self._tables: dict[str, dict[bytes, bytes]] = {}
+        self._channels: dict[str, list] = {}  # channel -> [first number, messages]
+        self._changed: asyncio.Event | None = None
+
+    async def put(self, table: str, key: bytes, value: bytes, overwrite: bool) -> bool:
+        entries = self._tables.setdefault(table, {})
+        if not overwrite and key in entries:
+            return False
+        entries[key] = value
+        return True
+
+    async def compare_and_set(self, table: str, key: bytes, expected, new) -> bool:
+        entries = self._tables.setdefault(table, {})
+        if entries.get(key) != expected:
+            return False
+        if new is None:
+            entries.pop(key, None)
+        else:
+            entries[key] = new
+        return True
+
+    async def get(self, table: str, key: bytes):
+        return self._tables.get(table, {}).get(key)
+
+    async def delete(self, table: str, key: bytes) -> bool:
+        return self._tables.get(table, {}).pop(key, None) is not None
+
+    async def keys(self, table: str) -> list:
+        return list(self._tables.get(table, {}))
+
+    async def cursor(self, channel: str) -> int:
+        """The number the channel's next message will get."""
+        first, messages = self._channels.get(channel, (0, []))
+        return first + len(messages)
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        state = self._channels.setdefault(channel, [0, []])
+        state[1].append(message)
+        if len(state[1]) > _KEPT:
+            drop = len(state[1]) - _KEPT
+            del state[1][:drop]
+            state[0] += drop
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def poll(self, cursors: dict, timeout: float) -> dict:
+        """``{channel: (next cursor, messages)}`` for the channels with messages at or
+        after their cursor; waits up to `timeout` for one."""
+        found = self._since(cursors)
+        if not found:
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+            found = self._since(cursors)
+        return found
+
+    def _since(self, cursors: dict) -> dict:
+        found = {}
+        for channel, cursor in cursors.items():
+            first, messages = self._channels.get(channel, (0, []))
+            start = max(cursor - first, 0)
+            if start < len(messages):
+                found[channel] = (first + len(messages), messages[start:])
+        return found
+
+
+_TablesActor = _ray.remote(num_cpus=0, max_concurrency=1000)(_Tables)
+
+
+def control_actor():
+    """The cluster's control actor, made if no process has made it yet."""
+    return _TablesActor.options(name=NAME, namespace=NAMESPACE, lifetime="detached",
+                                get_if_exists=True).remote()
+
+
+class RayControlStore(ControlStore):
+    def __init__(self, actor=None):
+        """`actor`: the actor holding the tables (default: the cluster's; tests
+        use one of their own)."""
+        self._actor = actor if actor is not None else control_actor()
+        self._lock = threading.Lock()
+        self._subscribers: dict[str, list[Callable[[bytes], Any]]] = {}
+        self._cursors: dict[str, int] = {}
+        self._poller: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    def _call(self, method: str, *args):
+        try:
+            return _ray.get(getattr(self._actor, method).remote(*args), timeout=_CALL_TIMEOUT)
+        except _ray.exceptions.RayError as err:
+            raise exc.BackendError(f"the beamlet control store (a Ray actor) failed: "
+                                   f"{type(err).__name__}: {err}") from None
+
+    def put(self, table: str, key, value: bytes, overwrite: bool = True) -> bool:
+        value = value_bytes(value, "value")
+        if value is None:
+            raise TypeError("a control store value must be bytes, got None")
+        return self._call("put", table, key_bytes(key), value, bool(overwrite))
+
+    def compare_and_set(self, table: str, key, expected: bytes | None,
+                        new: bytes | None) -> bool:
+        return self._call("compare_and_set", table, key_bytes(key),
+                          value_bytes(expected, "expected value"), value_bytes(new, "new value"))
+
+    def get(self, table: str, key) -> bytes | None:
+        return self._call("get", table, key_bytes(key))
+
+    def delete(self, table: str, key) -> bool:
+        return self._call("delete", table, key_bytes(key))
+
+    def keys(self, table: str) -> list:
+        return self._call("keys", table)
+
+    def publish(self, channel, message) -> None:
+        self._call("publish", channel_name(channel), message_bytes(message))
+
+    def subscribe(self, channel, callback: Callable[[bytes], Any]) -> Callable[[], None]:
+        if not callable(callback):
+            raise TypeError(f"a subscriber must be callable, got {type(callback).__name__}")
+        channel = channel_name(channel)
+        with self._lock:
+            first = channel not in self._cursors
+        if first:  # (asked outside the lock: the poller takes it too)
+            cursor = self._call("cursor", channel)
+        with self._lock:
+            if first:
+                self._cursors.setdefault(channel, cursor)
+            self._subscribers.setdefault(channel, []).append(callback)
+            if self._poller is None:
+                self._poller = threading.Thread(target=self._poll, name="beamlet-ray-events",
+                                                daemon=True)
+                self._poller.start()
+
+        def unsubscribe() -> None:
+            with self._lock:
+                callbacks = self._subscribers.get(channel, [])
+                if callback in callbacks:
+                    callbacks.remove(callback)
+        return unsubscribe
+
+    def _poll(self) -> None:
+        while not self._closed.is_set():
+            with self._lock:
+                cursors = dict(self._cursors)
+            try:
+                found = _ray.get(self._actor.poll.remote(cursors, _POLL),
+                                 timeout=_POLL + _CALL_TIMEOUT)
+            except Exception:  # noqa: BLE001 - Ray is going away (closed, or shut down)
+                if self._closed.wait(_POLL):
+                    return
+                continue
+            for channel, (cursor, messages) in found.items():
+                with self._lock:
+                    self._cursors[channel] = cursor
+                    callbacks = list(self._subscribers.get(channel, ()))
+                for message in messages:
+                    for callback in callbacks:
+                        try:
+                            callback(message)
+                        except Exception as err:  # noqa: BLE001 - one must not stop the rest
+                            print(f"beamlet: a subscriber of {channel!r} raised {err!r}; "
+                                  f"ignored", file=sys.stderr)
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            self._subscribers.clear()
+            poller, self._poller = self._poller, None
+        if poller is not None and poller is not threading.current_thread():
+            poller.join(_POLL + 5)

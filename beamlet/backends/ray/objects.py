@@ -1,0 +1,370 @@
+"""RayObjectStore: beamlet objects as Ray objects, one Ray ObjectRef per id this process holds.
+
+Each process keeps the Ray ObjectRef of every beamlet id its Runtime
+references (made when the process submits or puts the object, or learnt when
+a value naming the id reaches it) and drops it in `delete`, when the
+Runtime's count for the id reaches zero: Ray's own distributed reference
+counting then frees the object once no process holds it.
+
+The Ray value under an id is the beamlet ``SerializedObject`` itself, or,
+when that value contains beamlet refs, ``(SerializedObject, {id: Ray
+ObjectRef}, {actor id: (creation id, Ray ActorHandle)})``: the Ray refs and
+actor handles travel beside the ids they stand for, so Ray counts them as
+borrowed wherever the value goes, and a reader learns them with the value
+(`unpack`). Refs nested in a task's inline arguments travel the same way
+(`carried`). An id that reaches a process by no such way (a bare id) reads
+back as ``ObjectLostError``.
+
+A Ray-level failure (a cancelled task, a crashed worker, a dead actor, a
+lost object) reads back as the beamlet error of that failure (`error_of`).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import queue
+import threading
+from typing import Callable, Iterable, Sequence
+
+import ray as _ray
+import ray.exceptions as _rex
+
+from ... import exceptions as exc
+from ...core.interfaces import ObjectStore
+from ...core.runtime import deadline, remaining
+from ...core.serialization import SerializedObject, serialize
+
+
+def error_of(err: BaseException, what: str = "") -> BaseException:
+    """The beamlet exception for a Ray exception raised by ``ray.get`` of `what`."""
+    text = f"{what}: {err}" if what else str(err)
+    if isinstance(err, _rex.TaskCancelledError):
+        return exc.TaskCancelledError(text)
+    if isinstance(err, _rex.ActorUnavailableError):
+        return exc.ActorUnavailableError(text)
+    if isinstance(err, _rex.RayActorError):
+        return exc.ActorDiedError(text)
+    if isinstance(err, _rex.OwnerDiedError):
+        return exc.OwnerDiedError(text)
+    if isinstance(err, _rex.ObjectFreedError):
+        return exc.ObjectFreedError(text)
+    if isinstance(err, _rex.ObjectReconstructionFailedError):
+        return exc.ObjectReconstructionFailedError(text)
+    if isinstance(err, _rex.ObjectLostError):
+        return exc.ObjectLostError(text)
+    if isinstance(err, _rex.WorkerCrashedError):
+        return exc.WorkerCrashedError(text)
+    if isinstance(err, _rex.NodeDiedError):
+        return exc.NodeDiedError(text)
+    if isinstance(err, _rex.OutOfMemoryError):
+        return exc.OutOfMemoryError(text)
+    if isinstance(err, _rex.RuntimeEnvSetupError):
+        return exc.RuntimeEnvSetupError(text)
+    if isinstance(err, _rex.RayTaskError):
+        # Our own wrapper code failed (user code's errors are stored as values).
+        cause = err.cause if isinstance(getattr(err, "cause", None), BaseException) else None
+        return exc.TaskError(what or "beamlet task", str(err), cause, getattr(err, "pid", None))\
+            .as_instanceof_cause()
+    return exc.BackendError(f"Ray failed to compute {what or 'an object'}: "
+                            f"{type(err).__name__}: {err}")
+
+
+class RayObjectStore(ObjectStore):
+    """The ObjectStore of one process (driver or Ray worker) on Ray."""
+
+    def __init__(self, refs, death_of: Callable[[bytes], str | None] | None = None):
+        """`refs`: the Runtime's ReferenceCounter; `death_of(actor_id)`: that the
+        actor is dead and why, as beamlet recorded it (None if it did not), so
+        that a call to it fails saying so rather than Ray's account of its process."""
+        self._counter = refs
+        self._death_of = death_of
+        self._calls: dict[bytes, bytes] = {}  # return id of an actor call -> actor id
+        self._lock = threading.Lock()
+        self._refs: dict[bytes, object] = {}        # id -> Ray ObjectRef
+        #: Actors this process holds a handle to: actor id -> Ray ActorHandle, and
+        #: the id of each one's creation ref (its "token", which keeps it alive).
+        self.actors: dict[bytes, object] = {}
+        self.tokens: dict[bytes, bytes] = {}          # creation ref id -> actor id
+        #: Values Ray resolved for the task running in this context (its
+        #: arguments): per thread, and per asyncio task in an async actor.
+        self._local: contextvars.ContextVar[dict] = contextvars.ContextVar("beamlet_ray_args",
+                                                                           default={})
+        #: id of an object read here -> the ids it contains, counted while we hold it.
+        self._contained: dict[bytes, tuple] = {}
+        self._callbacks: queue.SimpleQueue | None = None
+        self._closed = False
+
+    # -- Ray refs --------------------------------------------------------------------
+    def adopt(self, object_ids: Sequence[bytes], ray_refs: Sequence,
+              actor_id: bytes | None = None) -> None:
+        """Hold the Ray refs of objects this process just submitted (the results
+        of a call to `actor_id`, if given)."""
+        with self._lock:
+            self._refs.update(zip(object_ids, ray_refs))
+            if actor_id is not None:
+                self._calls.update(dict.fromkeys(object_ids, actor_id))
+
+    def adopt_actor(self, actor_id: bytes, token_id: bytes, handle) -> None:
+        with self._lock:
+            self.actors[actor_id] = handle
+            self.tokens[token_id] = actor_id
+
+    def ray_ref(self, object_id: bytes):
+        """The Ray ObjectRef of `object_id`; for an id this process never learnt, a
+        Ray object holding ``ObjectLostError``."""
+        with self._lock:
+            ref = self._refs.get(object_id)
+        if ref is None:
+            ref = _ray.put(serialize(self._lost(object_id), is_error=True))
+        return ref
+
+    def fail(self, object_ids: Sequence[bytes], error: BaseException) -> None:
+        """Make `error` the value of each id (a submission that cannot reach Ray)."""
+        sobj = serialize(error, is_error=True)
+        self.adopt(object_ids, [_ray.put(sobj) for _ in object_ids])
+
+    @staticmethod
+    def _lost(object_id: bytes) -> exc.ObjectLostError:
+        return exc.ObjectLostError(f"object {object_id.hex()} is unknown in this process: its "
+                                   f"ref reached it without the Ray ref that stands for it, or "
+                                   f"it was freed")
+
+    def carried(self, object_ids: Iterable[bytes]) -> tuple[dict, dict]:
+        """The Ray refs and actor handles standing for `object_ids` (refs inside a
+        value), to travel beside it."""
+        refs, actors = {}, {}
+        with self._lock:
+            for object_id in object_ids:
+                ref = self._refs.get(object_id)
+                if ref is not None:
+                    refs[object_id] = ref
+                actor_id = self.tokens.get(object_id)
+                if actor_id is not None and actor_id in self.actors:
+                    actors[actor_id] = (object_id, self.actors[actor_id])
+        return refs, actors
+
+    def pack(self, sobj: SerializedObject):
+        """The Ray value to store for `sobj` (see the module's docstring)."""
+        if not sobj.refs:
+            return sobj
+        refs, actors = self.carried(sobj.refs)
+        return (sobj, refs, actors)
+
+    def learn(self, refs: dict, actors: dict) -> None:
+        """Remember Ray refs and actor handles that came with a value (those this
+        process has already are kept)."""
+        with self._lock:
+            for object_id, ref in refs.items():
+                self._refs.setdefault(object_id, ref)
+            for actor_id, (token_id, handle) in actors.items():
+                self.actors.setdefault(actor_id, handle)
+                self.tokens.setdefault(token_id, actor_id)
+
+    def unpack(self, object_id: bytes | None, value) -> SerializedObject:
+        """The SerializedObject of a Ray value; what it carries is learnt, and the
+        refs it contains are counted while this process holds `object_id`."""
+        if type(value) is SerializedObject:
+            return value
+        sobj, refs, actors = value
+        self.learn(refs, actors)
+        if object_id is not None:
+            with self._lock:
+                first = object_id not in self._contained
+                if first:
+                    self._contained[object_id] = sobj.refs
+            if first:
+                self._counter.incr_all(sobj.refs)
+        return sobj
+
+    @contextlib.contextmanager
+    def provided(self, dep_ids: Sequence[bytes], dep_values: Sequence, carried: tuple):
+        """Within the block (in this thread), `get` of these ids answers from the
+        values Ray resolved for the running task; the refs nested in its inline
+        arguments (`carried`) are known, and counted until the block ends."""
+        refs, actors = carried
+        self.learn(refs, actors)
+        held = list(refs)
+        if held:
+            self._counter.incr_all(held)
+        # (Not counted under their ids: this process holds no ref to them. The
+        # refs inside are counted once the task deserializes its arguments.)
+        values = {i: self.unpack(None, v) for i, v in zip(dep_ids, dep_values)}
+        outer = self._local.get()
+        token = self._local.set({**outer, **values} if outer else values)
+        try:
+            yield
+        finally:
+            self._local.reset(token)
+            if held:
+                self._counter.decr_all(held)
+
+    # -- ObjectStore -------------------------------------------------------------------
+    def put(self, object_id: bytes, value: SerializedObject) -> None:
+        self._check_open()
+        ref = _ray.put(self.pack(value.detached()))
+        with self._lock:
+            self._refs[object_id] = ref
+
+    def get(self, object_ids: Sequence[bytes], timeout: float | None = None,
+            fail_fast: bool = False) -> list:
+        self._check_open()
+        local = self._local.get()
+        out = {i: local[i] for i in object_ids if i in local}
+        missing = [i for i in dict.fromkeys(object_ids) if i not in out]
+        if missing:
+            refs = [self.ray_ref(i) for i in missing]
+            if fail_fast and len(refs) > 1:
+                values = self._until_error(missing, refs, timeout)
+            else:
+                values = self._fetch(missing, refs, timeout)
+            out.update(zip(missing, values))
+        return [out[i] for i in object_ids]
+
+    def _fetch(self, object_ids, refs, timeout) -> list:
+        """The values, each Ray failure as its beamlet error."""
+        try:
+            values = _ray.get(refs, timeout=timeout)
+        except _rex.GetTimeoutError:
+            raise exc.GetTimeoutError(f"get timed out after {timeout} s") from None
+        except _rex.RayError:
+            return self._one_by_one(object_ids, refs, timeout)
+        return [self.unpack(i, v) for i, v in zip(object_ids, values)]
+
+    def _until_error(self, object_ids, refs, timeout) -> list:
+        """The values once all are ready, or as soon as a ready one is an error
+        (beamlet's or Ray's), with None for those not ready then."""
+        until = deadline(timeout)
+        index = {ref: n for n, ref in enumerate(refs)}
+        values: list = [None] * len(refs)
+        pending, poll = list(refs), 0.0
+        while pending:
+            left = remaining(until)
+            if left == 0 and poll:
+                raise exc.GetTimeoutError(f"get timed out after {timeout} s")
+            step = poll if left is None else min(poll, left)
+            ready, pending = _ray.wait(pending, num_returns=len(pending), timeout=step,
+                                       fetch_local=False)
+            poll = min(0.5, max(0.01, poll * 2))
+            if not ready:
+                continue
+            got = self._fetch([object_ids[index[r]] for r in ready], ready, None)
+            for ref, value in zip(ready, got):
+                values[index[ref]] = value
+            if any(v.is_error for v in got):
+                break
+        return values
+
+    def _one_by_one(self, object_ids, refs, timeout) -> list:
+        """The values, when some failed in Ray: each failure as its beamlet error."""
+        until = deadline(timeout)
+        values = []
+        for object_id, ref in zip(object_ids, refs):
+            try:
+                values.append(self.unpack(object_id, _ray.get(ref, timeout=remaining(until))))
+            except _rex.GetTimeoutError:
+                raise exc.GetTimeoutError(f"get timed out after {timeout} s") from None
+            except _rex.RayError as err:
+                values.append(serialize(self._error(object_id, err), is_error=True))
+        return values
+
+    def _error(self, object_id: bytes, err: BaseException) -> BaseException:
+        actor_id = self._calls.get(object_id)
+        if actor_id is not None and isinstance(err, _rex.RayActorError) and \
+                not isinstance(err, _rex.ActorUnavailableError) and self._death_of is not None:
+            try:
+                reason = self._death_of(actor_id)
+            except exc.BeamletError:
+                reason = None
+            if reason:
+                return exc.ActorDiedError(reason)
+        return error_of(err, f"object {object_id.hex()}")
+
+    def wait(self, object_ids: Sequence[bytes], num_returns: int,
+             timeout: float | None = None) -> set[bytes]:
+        self._check_open()
+        local = self._local.get()
+        unique = list(dict.fromkeys(object_ids))
+        ready = {i for i in unique if i in local}
+        pending = [i for i in unique if i not in ready]
+        if len(ready) >= num_returns or not pending:
+            return ready
+        refs = [self.ray_ref(i) for i in pending]
+        by_ref = dict(zip(refs, pending))
+        done, _ = _ray.wait(refs, num_returns=min(num_returns - len(ready), len(refs)),
+                            timeout=timeout, fetch_local=False)
+        ready.update(by_ref[r] for r in done)
+        return ready
+
+    def contains(self, object_id: bytes) -> bool:
+        local = self._local.get()
+        if object_id in local:
+            return True
+        with self._lock:
+            ref = self._refs.get(object_id)
+        if ref is None:
+            return False
+        ready, _ = _ray.wait([ref], timeout=0, fetch_local=False)
+        return bool(ready)
+
+    def delete(self, object_ids: Iterable[bytes]) -> None:
+        released = []
+        with self._lock:
+            for object_id in object_ids:
+                self._refs.pop(object_id, None)
+                self._calls.pop(object_id, None)
+                actor_id = self.tokens.pop(object_id, None)
+                if actor_id is not None:
+                    self.actors.pop(actor_id, None)  # (Ray ends it once no handle is left)
+                contained = self._contained.pop(object_id, None)
+                if contained:
+                    released.extend(contained)
+        if released:
+            self._counter.decr_all(released)
+
+    def on_ready(self, object_id: bytes, callback: Callable[[bytes], object]) -> None:
+        with self._lock:
+            ref = self._refs.get(object_id)
+            if self._callbacks is None and ref is not None:
+                self._callbacks = queue.SimpleQueue()
+                threading.Thread(target=self._run_callbacks, args=(self._callbacks,),
+                                 name="beamlet-ray-ready", daemon=True).start()
+            callbacks = self._callbacks
+        if ref is None:
+            callback(object_id)  # (unknown here: it reads back as lost, at once)
+            return
+        # Ray completes futures on its own I/O thread, which must not run our
+        # code (a callback may drop Ray refs): hand it to ours.
+        ref.future().add_done_callback(lambda _f: callbacks.put((callback, object_id)))
+
+    @staticmethod
+    def _run_callbacks(pending: queue.SimpleQueue) -> None:
+        while True:
+            item = pending.get()
+            if item is None:
+                return
+            callback, object_id = item
+            try:
+                callback(object_id)
+            except Exception:  # noqa: BLE001 - one bad callback must not stop the rest
+                import traceback
+                traceback.print_exc()
+
+    def stats(self) -> dict:
+        return {"num_objects": len(self._refs), "bytes_used": 0}
+
+    def close(self) -> None:
+        """Drop every Ray ref and actor handle this process holds."""
+        with self._lock:
+            self._closed = True
+            self._refs.clear()
+            self._calls.clear()
+            self.actors.clear()
+            self.tokens.clear()
+            self._contained.clear()
+            callbacks, self._callbacks = self._callbacks, None
+        if callbacks is not None:
+            callbacks.put(None)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise exc.BackendError("the Ray backend was shut down")

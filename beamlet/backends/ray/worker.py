@@ -1,0 +1,162 @@
+"""What runs on a Ray worker: beamlet tasks, and the hosts of beamlet actors.
+
+Each Ray worker process keeps one beamlet Runtime per job (``_Job``), made on
+the job's first task there, whose backend is ``RayBackend`` on the worker's
+own Ray connection: a task that submits tasks, puts or gets objects talks to
+Ray directly, and owns what it makes, as in Ray. (A Ray worker blocked in
+``ray.get`` lends its CPU, so nested tasks cannot deadlock.)
+
+A task is the Ray task `run_task`; its ref arguments are Ray ObjectRefs among
+its top-level arguments, which Ray resolves on the worker before it starts.
+A beamlet actor lives in an ``ActorHost`` (or ``AsyncActorHost`` for an
+actor with ``async`` methods), a Ray actor: Ray orders its calls per caller,
+restarts it (``max_restarts``, rerunning the constructor), kills it, and ends
+it once no handle is left (calling ``__ray_shutdown__``).
+"""
+from __future__ import annotations
+
+import sys
+import threading
+
+import ray as _ray
+
+from ... import exceptions as exc
+from ...core import runtime as _runtime
+from ...core.execution import Executor
+from ...core.scheduling import ActorLifecycle, run_attempts
+from ...core.serialization import serialize
+from ...core.task_spec import TaskSpec
+
+_jobs: dict[str, "_Job"] = {}
+_jobs_lock = threading.Lock()
+
+
+class _Job:
+    """One driver's job as this worker process runs it."""
+
+    def __init__(self, job: dict):
+        for path in reversed(job.get("sys_path", ())):
+            if path not in sys.path:
+                sys.path.insert(0, path)
+        from .backend import RayBackend
+        config = {"job_id": job["job_id"], "namespace": job["namespace"], "ray_worker": True,
+                  "job": job}
+        self.runtime = _runtime.Runtime(RayBackend, config)
+        self.executor = Executor(self.runtime)
+        self.store = self.runtime.backend.object_store
+
+
+def _job(job: dict) -> _Job:
+    """The job's Runtime in this process (made on first use), made current."""
+    with _jobs_lock:
+        state = _jobs.get(job["job_id"])
+        if state is None:
+            state = _jobs[job["job_id"]] = _Job(job)
+    _runtime.set_current(state.runtime)
+    return state
+
+
+def _returns(state: _Job, spec: TaskSpec, values: list):
+    """The Ray return value(s) of a finished task or call."""
+    packed = [state.store.pack(v) for v in values]
+    return packed[0] if len(packed) == 1 else tuple(packed)
+
+
+def _run_task(job: dict, spec: TaskSpec, dep_ids: list, carried: tuple, *dep_values):
+    """A beamlet task as a Ray task: `dep_values` are its ref arguments (ids
+    `dep_ids`), resolved by Ray; `carried` the Ray refs nested in its inline
+    arguments."""
+    state = _job(job)
+    with state.store.provided(dep_ids, dep_values, carried):
+        result = run_attempts(spec, state.executor.execute)
+    return _returns(state, spec, result.values)
+
+
+run_task = _ray.remote(_run_task)
+
+
+class _Host:
+    """The part both actor hosts share: construction and the end."""
+
+    def __init__(self, job: dict, spec: TaskSpec, dep_ids: list, carried: tuple, *dep_values):
+        self._job = _job(job)
+        self._spec = spec
+        self._dead: str | None = None
+        with self._job.store.provided(dep_ids, dep_values, carried):
+            result = run_attempts(spec, self._job.executor.execute, retries=False)
+        self._created = self._job.store.pack(result.values[0])
+        if result.error is not None:
+            trace = getattr(result.error, "traceback_str", str(result.error))
+            self._end(f"the actor's constructor raised:\n{trace}")
+        else:
+            self._record(ActorLifecycle.ALIVE)
+
+    def _died(self, spec: TaskSpec):
+        error = exc.ActorDiedError(f"the actor {self._spec.function_name} is dead: {self._dead}")
+        return _returns(self._job, spec, [serialize(error, is_error=True)] * len(spec.return_ids))
+
+    def _after(self, spec: TaskSpec, values: list):
+        """The call's Ray return value; if the call ran ``exit_actor()``, the actor
+        then ends as Ray's ``exit_actor`` ends one (not restarted)."""
+        returned = _returns(self._job, spec, values)
+        if self._job.executor.exiting == self._spec.actor_id:
+            from ...core.actor import EXIT_REASON
+            self._job.executor.exiting = None
+            self._job.executor.end_actor(self._spec.actor_id)
+            self._end(EXIT_REASON, shutdown=False)
+            _ray.actor.exit_actor()
+        return returned
+
+    def __ray_shutdown__(self):
+        """(Ray calls it when the actor ends gracefully: no handle left.)"""
+        if self._dead is None:
+            self._job.executor.end_actor(self._spec.actor_id)
+            self._end("all handles to it went out of scope", shutdown=False)
+
+    def _end(self, reason: str, shutdown: bool = True) -> None:
+        if self._dead is not None:
+            return
+        self._dead = reason
+        if shutdown:
+            self._job.executor.drop_actor(self._spec.actor_id)
+        self._record(ActorLifecycle.DEAD, reason)
+
+    def _record(self, state: ActorLifecycle, reason: str = "") -> None:
+        try:
+            self._job.runtime.tables.set_actor_state(self._spec.actor_id, state.recorded, reason)
+        except exc.BeamletError:
+            pass  # (the control store is gone: nobody is left to read it)
+
+
+class ActorHost(_Host):
+    """Hosts one beamlet actor whose methods are plain functions (``max_concurrency``
+    threads, as Ray's threaded actors)."""
+
+    def created(self):
+        return self._created
+
+    def call(self, spec: TaskSpec, dep_ids: list, carried: tuple, *dep_values):
+        if self._dead is not None:
+            return self._died(spec)
+        with self._job.store.provided(dep_ids, dep_values, carried):
+            result = run_attempts(spec, self._job.executor.execute, self._spec)
+        return self._after(spec, result.values)
+
+
+class AsyncActorHost(_Host):
+    """Hosts one beamlet actor with ``async`` methods: its calls run on the Ray
+    actor's event loop, up to ``max_concurrency`` at once."""
+
+    async def created(self):
+        return self._created
+
+    async def call(self, spec: TaskSpec, dep_ids: list, carried: tuple, *dep_values):
+        if self._dead is not None:
+            return self._died(spec)
+        with self._job.store.provided(dep_ids, dep_values, carried):
+            result = await self._job.executor.execute_async(spec)
+        return self._after(spec, result.values)
+
+
+ray_actor_host = _ray.remote(ActorHost)
+ray_async_actor_host = _ray.remote(AsyncActorHost)

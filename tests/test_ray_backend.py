@@ -1,0 +1,332 @@
+"""What the ``ray`` backend does, against a real local Ray: one beamlet session
+(``init(backend="ray")``, which starts Ray) serves the module, and the last
+test shuts it down and checks that no process of that Ray is left. The
+semantic suite runs on ``ray`` with ``BEAMLET_TEST_BACKENDS=ray`` (conftest.py).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import beamlet as ray
+from beamlet import exceptions as exc
+from beamlet.core import runtime as _runtime
+
+T = 60  # every blocking call's timeout
+GONE_TIMEOUT = 30
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def _cmdline_mentions(pid: int, text: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return text.encode() in f.read()
+    except OSError:
+        return False
+
+
+def _descendants() -> set[int]:
+    tree = _children()
+    found, todo = set(), [os.getpid()]
+    while todo:
+        for child in tree.get(todo.pop(), ()):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def ray_processes(temp_dir: str, before: set[int]) -> set[int]:
+    """The processes of the Ray this test process started: its descendants not
+    there `before` it started Ray, and any process whose command line names
+    the session's temp dir (Ray passes it to every process of the session)."""
+    found = _descendants() - before
+    found.update(int(p) for p in os.listdir("/proc") if p.isdigit() and
+                 _cmdline_mentions(int(p), temp_dir))
+    found.discard(os.getpid())
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_gone(pids) -> list[int]:
+    deadline = time.monotonic() + GONE_TIMEOUT
+    while time.monotonic() < deadline:
+        left = [p for p in pids if _alive(p)]
+        if not left:
+            return []
+        time.sleep(0.1)
+    return [p for p in pids if _alive(p)]
+
+
+def _eventually(predicate, timeout=T):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def session():
+    """One beamlet session on a Ray it started (2 CPUs, a custom resource)."""
+    from conftest import _ray_cluster
+    ray.shutdown()
+    _ray_cluster.disconnect()  # (the semantic suite's connection, if it ran before)
+    saved_backend = os.environ.pop("BEAMLET_BACKEND", None)
+    before = _descendants()  # (other tests' processes: a shared cluster, say)
+    ray.init(backend="ray", num_cpus=2, resources={"disk": 2})
+    backend = _runtime.current().backend
+    backend.test_processes_before = before
+    yield backend
+    ray.shutdown()
+    if saved_backend is not None:
+        os.environ["BEAMLET_BACKEND"] = saved_backend
+
+
+# -- module-level functions (importable by Ray workers) ---------------------------
+
+@ray.remote
+def square(x):
+    return x * x
+
+
+@ray.remote
+def total_of_squares(n):
+    return sum(ray.get([square.remote(i) for i in range(n)], timeout=T))
+
+
+@ray.remote
+def first_of(refs):
+    return ray.get(refs[0], timeout=T)
+
+
+@ray.remote
+def fail(message):
+    raise KeyError(message)
+
+
+@ray.remote
+def make_ref(value):
+    return [ray.put(value)]
+
+
+@ray.remote
+def sleep_in_steps(path, seconds):
+    open(path, "w").close()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:  # (Ray's cancel interrupts between bytecodes)
+        time.sleep(0.05)
+    return "finished"
+
+
+@ray.remote
+def pid():
+    return os.getpid()
+
+
+@ray.remote
+class Counter:
+    def __init__(self, start=0):
+        self.value = start
+
+    def add(self, n=1):
+        self.value += n
+        return self.value
+
+    def pid(self):
+        return os.getpid()
+
+
+@ray.remote
+def add_through(counter, n):
+    return ray.get(counter.add.remote(n), timeout=T)
+
+
+# -- tests ---------------------------------------------------------------------------
+
+def test_importing_beamlet_and_listing_backends_does_not_import_ray():
+    code = ("import sys, beamlet, beamlet.cli; beamlet.cli.main(['backends']);"
+            "from beamlet.core import plugins; from beamlet.backends.ray import plugin;"
+            "assert 'ray' in plugins.backend_factories();"
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=T, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+
+
+def test_tasks_run_in_ray_workers_with_their_resources(session):
+    assert ray.get(square.remote(7), timeout=T) == 49
+    assert ray.cluster_resources()["CPU"] == 2.0
+    assert ray.cluster_resources()["disk"] == 2.0
+    assert ray.get(pid.options(resources={"disk": 2}).remote(), timeout=T) != os.getpid()
+    with pytest.raises(ValueError, match="disk"):
+        pid.options(resources={"disk": 3}).remote()
+    with pytest.raises(ValueError, match="tape"):
+        pid.options(resources={"tape": 1}).remote()
+
+
+def test_nested_tasks_and_refs_as_arguments(session):
+    assert ray.get(total_of_squares.remote(5), timeout=T) == 30
+    ref = ray.put(6)
+    assert ray.get(square.remote(ref), timeout=T) == 36  # resolved on the worker
+    assert ray.get(first_of.remote([ref]), timeout=T) == 6  # a nested ref stays a ref
+    inner = ray.get(make_ref.remote("made in a worker"), timeout=T)[0]
+    assert ray.get(inner, timeout=T) == "made in a worker"
+
+
+def test_put_get_and_wait_with_timeouts(session, tmp_path):
+    assert ray.get(ray.put({"a": [1, 2]}), timeout=T) == {"a": [1, 2]}
+    slow = sleep_in_steps.remote(str(tmp_path / "started"), 30)
+    with pytest.raises(exc.GetTimeoutError):
+        ray.get(slow, timeout=0.2)
+    fast = square.remote(3)
+    ready, not_ready = ray.wait([slow, fast], num_returns=1, timeout=T)
+    assert ready == [fast] and not_ready == [slow]
+    assert ray.wait([slow], timeout=0.2) == ([], [slow])
+    ray.cancel(slow, force=True)
+
+
+def test_an_error_arrives_as_a_task_error_with_its_cause(session):
+    with pytest.raises(KeyError) as info:
+        ray.get(fail.remote("no such key"), timeout=T)
+    assert isinstance(info.value, exc.TaskError)
+    assert isinstance(info.value.cause, KeyError)
+    assert "no such key" in str(info.value)
+    with pytest.raises(KeyError):  # a failed argument fails the task that uses it
+        ray.get(square.remote(fail.remote("upstream")), timeout=T)
+
+
+def test_actors_keep_state_in_order_and_can_be_passed(session):
+    counter = Counter.remote(10)
+    assert ray.get([counter.add.remote() for _ in range(20)], timeout=T) == list(range(11, 31))
+    assert ray.get(add_through.remote(counter, 5), timeout=T) == 35  # a handle as an argument
+    assert ray.get(counter.pid.remote(), timeout=T) != os.getpid()
+
+
+def test_named_actor_lookup_in_its_namespace(session):
+    counter = Counter.options(name="tally", namespace="books").remote()
+    ray.get(counter.add.remote(2), timeout=T)
+    found = ray.get_actor("tally", namespace="books")
+    assert ray.get(found.add.remote(1), timeout=T) == 3
+    with pytest.raises(ValueError):
+        ray.get_actor("tally", namespace="elsewhere")
+    with pytest.raises(exc.ActorAlreadyExistsError):
+        Counter.options(name="tally", namespace="books").remote()
+    ray.kill(counter)
+    with pytest.raises(ValueError):  # a dead actor's name is free
+        ray.get_actor("tally", namespace="books")
+
+
+def test_killed_actor_raises_actor_died(session):
+    counter = Counter.remote()
+    actor_pid = ray.get(counter.pid.remote(), timeout=T)
+    ray.kill(counter)
+    with pytest.raises(exc.ActorDiedError):
+        ray.get(counter.add.remote(), timeout=T)
+    assert _wait_gone([actor_pid]) == []
+
+
+def test_actor_restarts_after_its_process_dies(session):
+    counter = Counter.options(max_restarts=1).remote(100)
+    first = ray.get(counter.pid.remote(), timeout=T)
+    ray.kill(counter, no_restart=False)
+    _eventually(lambda: not _alive(first))
+    second = None
+    deadline = time.monotonic() + T
+    while second is None and time.monotonic() < deadline:
+        try:
+            second = ray.get(counter.pid.remote(), timeout=T)
+        except exc.ActorUnavailableError:  # (Ray: restarting)
+            time.sleep(0.1)
+    assert second != first
+    assert ray.get(counter.add.remote(), timeout=T) == 101  # constructed again
+
+
+def test_cancel_running_queued_and_forced(session, tmp_path):
+    running = sleep_in_steps.remote(str(tmp_path / "running"), 60)
+    _eventually(lambda: (tmp_path / "running").exists())
+    ray.cancel(running)
+    with pytest.raises(exc.TaskCancelledError):
+        ray.get(running, timeout=T)
+
+    hog = sleep_in_steps.options(num_cpus=2).remote(str(tmp_path / "hog"), 60)
+    _eventually(lambda: (tmp_path / "hog").exists())
+    queued = square.options(num_cpus=2).remote(3)
+    ray.cancel(queued)
+    with pytest.raises(exc.TaskCancelledError) as info:
+        ray.get(queued, timeout=T)
+    assert not isinstance(info.value, exc.TaskError)  # it never started
+    ray.cancel(hog, force=True)
+    with pytest.raises(exc.TaskCancelledError):
+        ray.get(hog, timeout=T)
+    assert ray.get(square.remote(4), timeout=T) == 16  # Ray carries on
+
+
+def test_control_store_is_shared_with_workers(session):
+    store = session.control_store
+    assert store.put("t", "k", b"1", overwrite=False)
+    assert not store.put("t", "k", b"2", overwrite=False)
+    assert store.compare_and_set("t", "k", b"1", b"3")
+    assert not store.compare_and_set("t", "k", b"1", b"4")
+    received = []
+    unsubscribe = store.subscribe("news", received.append)
+    store.publish("news", b"first")
+    store.publish("news", b"second")
+    _eventually(lambda: received == [b"first", b"second"])
+    unsubscribe()
+    assert store.delete("t", "k") and store.get("t", "k") is None
+
+
+def test_another_driver_joins_by_address_and_leaves_ray_running(session, tmp_path):
+    address = session.address
+    code = ("import beamlet, pytest\n"
+            "with pytest.raises(ValueError, match='num_gpus'):\n"
+            f"    beamlet.init(backend='ray', address={address!r}, num_gpus=1)\n"
+            f"beamlet.init(backend='ray', address={address!r})\n"
+            "f = beamlet.remote(lambda x: x + 1)\n"
+            f"print(beamlet.get(f.remote(41), timeout={T}))\n"
+            "beamlet.shutdown()\n")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=2 * T, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "42"
+    assert ray.get(square.remote(5), timeout=T) == 25  # our Ray still serves
+
+
+def test_shutdown_stops_the_ray_it_started(session):
+    """(Last: it ends the module's session.)"""
+    temp_dir = session._temp_dir
+    assert temp_dir and os.path.isdir(temp_dir)
+    actor = Counter.remote()
+    worker_pids = {ray.get(actor.pid.remote(), timeout=T), ray.get(pid.remote(), timeout=T)}
+    pids = ray_processes(temp_dir, session.test_processes_before)
+    assert worker_pids <= pids
+    ray.shutdown()
+    assert _wait_gone(pids) == []
+    assert not os.path.exists(temp_dir)
