@@ -26,7 +26,8 @@ from beamlet.core import runtime as _runtime
 #: The backends the semantic suite runs on. ``dask`` joins with
 #: ``BEAMLET_TEST_BACKENDS=inprocess,local,dask`` (its conformance run takes
 #: longer than CI's budget leaves; test_dask_backend.py and the control-store
-#: tests always run on it).
+#: tests always run on it), ``cluster`` likewise (a head and one node started
+#: once for the session; tests/test_cluster*.py always run on clusters of their own).
 BACKENDS = [name for name in os.environ.get("BEAMLET_TEST_BACKENDS",
                                             "inprocess,local").split(",") if name]
 
@@ -35,6 +36,7 @@ BACKEND_MODULES = {
     "inprocess": "beamlet.backends.local.inprocess",
     "local": "beamlet.backends.local.driver",
     "dask": "beamlet.backends.dask.backend",
+    "cluster": "beamlet.backends.zmq.backend",
 }
 
 NUM_CPUS = 2
@@ -111,6 +113,10 @@ def backend_name(request, monkeypatch):
     if reason:
         pytest.fail(reason)
     monkeypatch.delenv("BEAMLET_BACKEND", raising=False)
+    if request.param == "cluster":  # (for the tests that call init() themselves)
+        options = _beamlet_cluster.options()
+        monkeypatch.setenv("BEAMLET_ADDRESS", options["address"])
+        monkeypatch.setenv("BEAMLET_TOKEN", options["token"])
     _reset()
     try:
         yield request.param
@@ -147,17 +153,86 @@ class _DaskCluster:
 _dask_cluster = _DaskCluster()
 
 
+class _BeamletCluster:
+    """One beamlet cluster (a head and one node with one CPU each, like
+    ``num_cpus=2``, and the head's redis-server: real processes on 127.0.0.1)
+    shared by every semantic test on the ``cluster`` backend: each test's driver
+    joins it with ``init(address=..., token=...)``. It is started by the
+    `Cluster` helper of tests/test_cluster.py, as the cluster tests start
+    theirs, and stopped at the end of the session, leaving no process."""
+
+    def __init__(self):
+        self.cluster = None
+        self.head = None
+        self.state = None
+
+    def options(self) -> dict:
+        """The `init` options that join the cluster, starting it on first use."""
+        if self.head is None:
+            import shutil
+            import tempfile
+
+            from test_cluster import Cluster
+            if shutil.which("redis-server") is None:
+                pytest.fail("the cluster backend's tests need redis-server (apt-get install "
+                            "redis-server): its head starts one")
+            self.state = tempfile.mkdtemp(prefix="beamlet-test-cluster-")
+            self.cluster = Cluster(os.path.join(self.state, "state"))
+            try:
+                head = self.cluster.start_head()
+                self.cluster.join(head)
+            except BaseException:
+                self.stop()
+                raise
+            self.head = head
+        return {"address": self.head["address"], "token": self.head["token"]}
+
+    def stop(self) -> list[int]:
+        """Stop the cluster; the pids of its processes still running after that."""
+        import shutil
+
+        import procs
+        left = []
+        if self.cluster is not None:
+            self.cluster.run("stop", check=False)
+            left = [pid for pid, started in self.cluster.seen if procs.alive((pid, started))]
+            shutil.rmtree(self.state, ignore_errors=True)
+        self.cluster = self.head = self.state = None
+        return left
+
+
+_beamlet_cluster = _BeamletCluster()
+
+
 def pytest_sessionfinish(session, exitstatus):
     _dask_cluster.stop()
+    left = _beamlet_cluster.stop()
+    if left:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print(f"\nthe test cluster left processes running after beamlet stop: {left}")
 
 
 def init_options(name: str, **options) -> dict:
-    """The `init` options of a test's backend: ``num_cpus=2``, or for ``dask``
-    a client of the shared test cluster (closed by `close_client`)."""
+    """The `init` options of a test's backend: ``num_cpus=2``; for ``dask``
+    a client of the shared test cluster (closed by `close_client`); for
+    ``cluster`` the address and token of the shared beamlet cluster."""
     if name == "dask" and "client" not in options and "address" not in options:
         options.pop("num_cpus", None)
         options["client"] = _dask_cluster.client()
+    elif name == "cluster" and "address" not in options:
+        options.pop("num_cpus", None)
+        options.update(_beamlet_cluster.options())
     else:
+        options.setdefault("num_cpus", NUM_CPUS)
+    return options
+
+
+def own_init_options(name: str, **options) -> dict:
+    """The options of an ``init(backend=name, ...)`` a test calls itself:
+    ``num_cpus=2``, but none on ``cluster``, whose nodes bring their resources
+    (its driver finds the test cluster through ``BEAMLET_ADDRESS`` and
+    ``BEAMLET_TOKEN``, which `backend_name` sets)."""
+    if name != "cluster":
         options.setdefault("num_cpus", NUM_CPUS)
     return options
 

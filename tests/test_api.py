@@ -23,6 +23,7 @@ import beamlet as ray
 from beamlet import exceptions as E
 from beamlet.core import runtime as _runtime
 from beamlet.util import ActorPool
+from conftest import own_init_options
 
 LONG = 60  # seconds: an upper bound for waits that should end at once
 
@@ -318,7 +319,7 @@ class Fragile:
 
 def test_init_shutdown_and_is_initialized(backend_name):
     assert not ray.is_initialized()
-    info = ray.init(backend=backend_name, num_cpus=2)
+    info = ray.init(backend=backend_name, **own_init_options(backend_name))
     assert ray.is_initialized()
     assert info["backend"] == backend_name
     assert ray.get_runtime_context().backend == backend_name
@@ -327,20 +328,21 @@ def test_init_shutdown_and_is_initialized(backend_name):
     assert not ray.is_initialized()
     ray.shutdown()  # idempotent
     # and it starts again after a shutdown
-    ray.init(backend=backend_name, num_cpus=2)
+    ray.init(backend=backend_name, **own_init_options(backend_name))
     assert ray.get(square.remote(4)) == 16
 
 
 def test_backend_env_var_selects_backend(backend_name, monkeypatch):
     monkeypatch.setenv("BEAMLET_BACKEND", backend_name)
-    info = ray.init(num_cpus=2)
+    info = ray.init(**own_init_options(backend_name))
     assert info["backend"] == backend_name
     assert ray.get_runtime_context().backend == backend_name
 
 
 def test_explicit_backend_wins_over_env_var(backend_name, monkeypatch):
     monkeypatch.setenv("BEAMLET_BACKEND", "no-such-backend")
-    assert ray.init(backend=backend_name, num_cpus=2)["backend"] == backend_name
+    info = ray.init(backend=backend_name, **own_init_options(backend_name))
+    assert info["backend"] == backend_name
 
 
 def test_local_mode_means_inprocess(no_backend):
@@ -374,7 +376,7 @@ def test_auto_init_before_init(backend_name, monkeypatch, first_call):
 
 
 def test_namespace_option(backend_name):
-    info = ray.init(backend=backend_name, num_cpus=2, namespace="team-a")
+    info = ray.init(backend=backend_name, **own_init_options(backend_name), namespace="team-a")
     assert info["namespace"] == "team-a"
     assert ray.get_runtime_context().namespace == "team-a"
     assert ray.get_runtime_context().get_namespace() == "team-a"
