@@ -22,6 +22,7 @@ import pytest
 import beamlet as ray
 from beamlet import exceptions as E
 from beamlet.core import runtime as _runtime
+from beamlet.core.remote_function import _call_options
 from beamlet.util import ActorPool
 from conftest import own_init_options
 
@@ -837,6 +838,23 @@ def test_retry_exceptions_list_matches_types(backend, tmp_path):
         ray.get(raise_type.options(retry_exceptions=[KeyError], max_retries=2)
                 .remote(str(not_retried), ValueError), timeout=LONG)
     assert read_count(not_retried) == 1
+
+
+def test_a_retry_exceptions_list_of_the_programs_own_class_survives_being_handed_on():
+    """A process that received a task spec by plain pickle can pickle it again for
+    the next (as a cluster node hands a task to its worker), even when
+    ``retry_exceptions`` lists a class defined in the program, not importable."""
+    class ProgramsOwnError(Exception):
+        pass
+
+    def task():
+        pass
+
+    in_spec = _call_options({"retry_exceptions": [ProgramsOwnError]}, task)[3]
+    handed_on = pickle.loads(pickle.dumps(in_spec))
+    received = pickle.loads(pickle.dumps(handed_on))
+    assert [cls.__name__ for cls in received] == ["ProgramsOwnError"]
+    assert issubclass(received[0], Exception)
 
 
 def test_worker_crash_is_retried(backend, tmp_path):
