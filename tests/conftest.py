@@ -26,7 +26,7 @@ from beamlet.core import runtime as _runtime
 #: The backends the semantic suite runs on. ``dask`` joins with
 #: ``BEAMLET_TEST_BACKENDS=inprocess,local,dask`` (its conformance run takes
 #: longer than CI's budget leaves; test_dask_backend.py and the control-store
-#: tests always run on it), ``cluster`` likewise (a head and one node started
+#: tests always run on it), ``cluster`` likewise (a head and a node started
 #: once for the session; tests/test_cluster*.py always run on clusters of their own).
 BACKENDS = [name for name in os.environ.get("BEAMLET_TEST_BACKENDS",
                                             "inprocess,local").split(",") if name]
@@ -73,13 +73,14 @@ class BackendInfo:
     task_events: bool = False
     placement_groups: bool = False
     concurrency_groups: bool = False
+    multi_node: bool = False
 
     @classmethod
     def current(cls) -> "BackendInfo":
         b = _runtime.current_or_none().backend
         return cls(b.name, bool(b.parallel), bool(b.isolated), bool(b.zero_copy),
                    bool(b.manages_workers), bool(b.task_events), bool(b.placement_groups),
-                   bool(b.concurrency_groups))
+                   bool(b.concurrency_groups), bool(b.multi_node))
 
     def require(self, *flags: str) -> None:
         """Skip the running test unless this backend has every capability flag
@@ -154,7 +155,7 @@ _dask_cluster = _DaskCluster()
 
 
 class _BeamletCluster:
-    """One beamlet cluster (a head and one node with one CPU each, like
+    """One beamlet cluster (a head without CPUs and one node with two, like
     ``num_cpus=2``, and the head's redis-server: real processes on 127.0.0.1)
     shared by every semantic test on the ``cluster`` backend: each test's driver
     joins it with ``init(address=..., token=...)``. It is started by the
@@ -179,8 +180,9 @@ class _BeamletCluster:
             self.state = tempfile.mkdtemp(prefix="beamlet-test-cluster-")
             self.cluster = Cluster(os.path.join(self.state, "state"))
             try:
-                head = self.cluster.start_head()
-                self.cluster.join(head)
+                # (argparse: the last --num-cpus wins over the helper's own)
+                head = self.cluster.start_head("--num-cpus", "0")
+                self.cluster.join(head, "--num-cpus", str(NUM_CPUS))
             except BaseException:
                 self.stop()
                 raise
