@@ -23,10 +23,11 @@ import beamlet
 from beamlet.core import plugins
 from beamlet.core import runtime as _runtime
 
-#: The backends the semantic suite runs on. ``dask`` and ``ray`` join with
-#: e.g. ``BEAMLET_TEST_BACKENDS=inprocess,local,dask,ray`` (their conformance
-#: runs take longer than CI's budget leaves; test_dask_backend.py, the
-#: control-store tests and test_ray_backend.py always run).
+#: The backends the semantic suite runs on. ``dask``, ``ray`` and ``cluster``
+#: join with e.g. ``BEAMLET_TEST_BACKENDS=inprocess,local,dask,ray,cluster``
+#: (their conformance runs take longer than CI's budget leaves;
+#: test_dask_backend.py, the control-store tests, test_ray_backend.py and
+#: tests/test_cluster*.py always run, on engines and clusters of their own).
 BACKENDS = [name for name in os.environ.get("BEAMLET_TEST_BACKENDS",
                                             "inprocess,local").split(",") if name]
 
@@ -36,6 +37,7 @@ BACKEND_MODULES = {
     "local": "beamlet.backends.local.driver",
     "dask": "beamlet.backends.dask.backend",
     "ray": "beamlet.backends.ray.backend",
+    "cluster": "beamlet.backends.zmq.backend",
 }
 
 NUM_CPUS = 2
@@ -72,13 +74,14 @@ class BackendInfo:
     task_events: bool = False
     placement_groups: bool = False
     concurrency_groups: bool = False
+    multi_node: bool = False
 
     @classmethod
     def current(cls) -> "BackendInfo":
         b = _runtime.current_or_none().backend
         return cls(b.name, bool(b.parallel), bool(b.isolated), bool(b.zero_copy),
                    bool(b.manages_workers), bool(b.task_events), bool(b.placement_groups),
-                   bool(b.concurrency_groups))
+                   bool(b.concurrency_groups), bool(b.multi_node))
 
     def require(self, *flags: str) -> None:
         """Skip the running test unless this backend has every capability flag
@@ -112,6 +115,10 @@ def backend_name(request, monkeypatch):
     if reason:
         pytest.fail(reason)
     monkeypatch.delenv("BEAMLET_BACKEND", raising=False)
+    if request.param == "cluster":  # (for the tests that call init() themselves)
+        options = _beamlet_cluster.options()
+        monkeypatch.setenv("BEAMLET_ADDRESS", options["address"])
+        monkeypatch.setenv("BEAMLET_TOKEN", options["token"])
     _reset()
     if request.param == "ray" and "backend" not in request.fixturenames:
         _ray_cluster.disconnect()  # (the test starts a Ray of its own, with its options)
@@ -235,22 +242,92 @@ class _RayCluster:
 _ray_cluster = _RayCluster()
 
 
+class _BeamletCluster:
+    """One beamlet cluster (a head without CPUs and one node with two, like
+    ``num_cpus=2``, and the head's redis-server: real processes on 127.0.0.1)
+    shared by every semantic test on the ``cluster`` backend: each test's driver
+    joins it with ``init(address=..., token=...)``. It is started by the
+    `Cluster` helper of tests/test_cluster.py, as the cluster tests start
+    theirs, and stopped at the end of the session, leaving no process."""
+
+    def __init__(self):
+        self.cluster = None
+        self.head = None
+        self.state = None
+
+    def options(self) -> dict:
+        """The `init` options that join the cluster, starting it on first use."""
+        if self.head is None:
+            import shutil
+            import tempfile
+
+            from test_cluster import Cluster
+            if shutil.which("redis-server") is None:
+                pytest.fail("the cluster backend's tests need redis-server (apt-get install "
+                            "redis-server): its head starts one")
+            self.state = tempfile.mkdtemp(prefix="beamlet-test-cluster-")
+            self.cluster = Cluster(os.path.join(self.state, "state"))
+            try:
+                # (argparse: the last --num-cpus wins over the helper's own)
+                head = self.cluster.start_head("--num-cpus", "0")
+                self.cluster.join(head, "--num-cpus", str(NUM_CPUS))
+            except BaseException:
+                self.stop()
+                raise
+            self.head = head
+        return {"address": self.head["address"], "token": self.head["token"]}
+
+    def stop(self) -> list[int]:
+        """Stop the cluster; the pids of its processes still running after that."""
+        import shutil
+
+        import procs
+        left = []
+        if self.cluster is not None:
+            self.cluster.run("stop", check=False)
+            left = [pid for pid, started in self.cluster.seen if procs.alive((pid, started))]
+            shutil.rmtree(self.state, ignore_errors=True)
+        self.cluster = self.head = self.state = None
+        return left
+
+
+_beamlet_cluster = _BeamletCluster()
+
+
 def pytest_sessionfinish(session, exitstatus):
     _dask_cluster.stop()
     _ray_cluster.stop()
+    left = _beamlet_cluster.stop()
+    if left:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print(f"\nthe test cluster left processes running after beamlet stop: {left}")
 
 
 def init_options(name: str, **options) -> dict:
-    """The `init` options of a test's backend: ``num_cpus=2``, or for ``dask``
+    """The `init` options of a test's backend: ``num_cpus=2``; for ``dask``
     a client of the shared test cluster (closed by `close_client`); for ``ray``
-    this process connects to the shared Ray first."""
+    this process connects to the shared Ray first; for ``cluster`` the address
+    and token of the shared beamlet cluster."""
     if name == "dask" and "client" not in options and "address" not in options:
         options.pop("num_cpus", None)
         options["client"] = _dask_cluster.client()
     elif name == "ray" and "address" not in options:
         options.pop("num_cpus", None)
         _ray_cluster.connect()
+    elif name == "cluster" and "address" not in options:
+        options.pop("num_cpus", None)
+        options.update(_beamlet_cluster.options())
     else:
+        options.setdefault("num_cpus", NUM_CPUS)
+    return options
+
+
+def own_init_options(name: str, **options) -> dict:
+    """The options of an ``init(backend=name, ...)`` a test calls itself:
+    ``num_cpus=2``, but none on ``cluster``, whose nodes bring their resources
+    (its driver finds the test cluster through ``BEAMLET_ADDRESS`` and
+    ``BEAMLET_TOKEN``, which `backend_name` sets)."""
+    if name != "cluster":
         options.setdefault("num_cpus", NUM_CPUS)
     return options
 

@@ -10,6 +10,7 @@ import pytest
 
 import beamlet as ray
 from beamlet.job_config import JobConfig
+from conftest import own_init_options
 
 T = 30
 
@@ -28,7 +29,7 @@ class Box:
 def test_job_config_applies_to_the_job(backend_name):
     config = JobConfig(runtime_env={"env_vars": {"JOB_VAR": "job"}}, metadata={"team": "a"},
                        ray_namespace="jobs", default_actor_lifetime="detached")
-    ray.init(backend=backend_name, num_cpus=2, job_config=config)
+    ray.init(backend=backend_name, **own_init_options(backend_name), job_config=config)
     assert ray.get(job_view.remote(), timeout=T) == ("job", {"team": "a"})
     assert ray.get_runtime_context().get_job_metadata() == {"team": "a"}
     assert ray.get_runtime_context().namespace == "jobs"
@@ -40,7 +41,7 @@ def test_job_config_applies_to_the_job(backend_name):
 
 def test_init_arguments_win_over_the_job_config(backend_name):
     config = JobConfig(runtime_env={"env_vars": {"JOB_VAR": "job"}})
-    ray.init(backend=backend_name, num_cpus=2, job_config=config,
+    ray.init(backend=backend_name, **own_init_options(backend_name), job_config=config,
              runtime_env={"env_vars": {"JOB_VAR": "init"}})
     assert ray.get(job_view.remote(), timeout=T) == ("init", {})
 

@@ -25,7 +25,7 @@ import pytest
 import beamlet
 from beamlet.core import plugins
 from beamlet.core.plugins import hookimpl
-from conftest import BackendInfo, seed_program
+from conftest import BackendInfo, own_init_options, seed_program
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -290,7 +290,7 @@ def test_runtime_observer_plugin_sees_task_events(backend_name):
     recorder = TaskRecorder()
     plugins.register(recorder)
     try:
-        beamlet.init(backend=backend_name, num_cpus=2)
+        beamlet.init(backend=backend_name, **own_init_options(backend_name))
         info = BackendInfo.current()
         assert beamlet.get(square.remote(3), timeout=30) == 9
         with pytest.raises(KeyError):
@@ -315,7 +315,7 @@ def test_runtime_observer_plugin_sees_task_events(backend_name):
     assert statuses == expected, recorder.finished
 
     # Unregistered: no more events.
-    beamlet.init(backend=backend_name, num_cpus=2)
+    beamlet.init(backend=backend_name, **own_init_options(backend_name))
     try:
         beamlet.get(square.remote(4), timeout=30)
     finally:

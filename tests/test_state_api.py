@@ -14,6 +14,7 @@ import pytest
 
 import beamlet as ray
 from beamlet.util import state
+from conftest import own_init_options
 
 T = 60
 
@@ -159,7 +160,7 @@ def test_workers_are_the_driver_and_the_processes_tasks_ran_in(backend):
 
 def test_the_record_is_bounded(backend_name, monkeypatch):
     monkeypatch.setenv("BEAMLET_STATE_MAX_TASKS", "50")
-    ray.init(backend=backend_name, num_cpus=2)
+    ray.init(backend=backend_name, **own_init_options(backend_name))
     if not _runtime_has_events():
         pytest.skip(f"needs a backend with task_events; {backend_name!r} has none")
     ray.get([pid_of.remote(i) for i in range(200)], timeout=T)

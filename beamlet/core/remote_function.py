@@ -172,9 +172,13 @@ class _ExceptionTypes(tuple):
         return (_load_exception_types, (blob,))
 
 
-def _load_exception_types(blob: bytes) -> tuple:
+def _load_exception_types(blob: bytes) -> _ExceptionTypes:
+    # Still an _ExceptionTypes (keeping its blob): a process that received the
+    # spec may hand it on (a cluster node to its worker), again by plain pickle.
     from .serialization import loads
-    return loads(blob)
+    types = _ExceptionTypes(loads(blob))
+    types._blob = blob
+    return types
 
 
 def _rebuild_unpickled(function, options: dict) -> RemoteFunction:

@@ -685,8 +685,14 @@ class ClusterBackend(Backend):
             raise
 
     def job_config(self) -> dict:
+        """What the nodes' workers run this job with: as the local driver's
+        (LocalBackend.job_config), so that tasks see the job's metadata and
+        their nested tasks and actors get its runtime_env and actor lifetime."""
         return {"job_id": self.runtime.job_id, "namespace": self.runtime.namespace,
-                "sys_path": list(sys.path), "cwd": os.getcwd()}
+                "sys_path": list(sys.path), "cwd": os.getcwd(),
+                "runtime_env": self.runtime.runtime_env,
+                "job_metadata": self.runtime.job_metadata,
+                "default_actor_lifetime": self.runtime.default_actor_lifetime}
 
     # -- the I/O thread: every node's messages ------------------------------------
     def _io_loop(self) -> None:

@@ -88,7 +88,7 @@ class DriverAccepted(NamedTuple):
 
 
 class DriverHello(NamedTuple):
-    job_config: dict  # job_id, namespace, sys_path, cwd (what the node's workers need)
+    job_config: dict  # job id, namespace, sys_path, cwd, runtime_env, metadata, actor lifetime
 
 
 class RunTask(NamedTuple):
