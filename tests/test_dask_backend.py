@@ -53,6 +53,9 @@ def test_init_starts_a_cluster_with_the_requested_resources_and_shutdown_ends_it
     cluster_pid = backend._cluster._proc.pid
     worker_pids = list(backend.client.run(os.getpid).values())
     assert len(worker_pids) == 2 and os.getpid() not in worker_pids
+    # The workers' scratch space is the cluster's own (not a shared /tmp/dask-scratch-space).
+    scratch = list(backend.client.run(lambda dask_worker: dask_worker.local_directory).values())
+    assert scratch and all("beamlet-dask-" in d and os.path.isdir(d) for d in scratch), scratch
     assert ray.cluster_resources()["CPU"] == 2.0
     assert ray.cluster_resources()["disk"] == 2.0
 
@@ -67,6 +70,7 @@ def test_init_starts_a_cluster_with_the_requested_resources_and_shutdown_ends_it
         where.options(resources={"tape": 1}).remote()
     ray.shutdown()
     assert _wait_gone([cluster_pid, *worker_pids]) == []
+    assert [d for d in scratch if os.path.exists(d)] == []
 
 
 def test_a_client_without_the_session_key_is_refused(no_backend):

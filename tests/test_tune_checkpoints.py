@@ -159,7 +159,8 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, api):
     marks, results = tmp_path / "marks", tmp_path / "results"
     marks.mkdir()
     # inprocess: the trials run inside the driver, so SIGKILL leaves no process behind.
-    env = dict(os.environ, BEAMLET_BACKEND="inprocess")
+    # (TMPDIR: the trainables' temporary checkpoint dirs, left by the SIGKILL, stay in tmp_path)
+    env = dict(os.environ, BEAMLET_BACKEND="inprocess", TMPDIR=str(tmp_path))
     proc = subprocess.Popen([sys.executable, str(script), str(marks), str(results),
                              "tuner" if api == "tuner" else "fresh"], env=env)
     try:
@@ -237,7 +238,8 @@ def test_killed_driver_resumes_hyperband_with_its_brackets(tmp_path):
     script.write_text(HYPERBAND_SCRIPT)
     marks, results = tmp_path / "marks", tmp_path / "results"
     marks.mkdir()
-    env = dict(os.environ, BEAMLET_BACKEND="inprocess")
+    # (TMPDIR: the trainables' temporary checkpoint dirs, left by the SIGKILL, stay in tmp_path)
+    env = dict(os.environ, BEAMLET_BACKEND="inprocess", TMPDIR=str(tmp_path))
     proc = subprocess.Popen([sys.executable, str(script), str(marks), str(results),
                              "fresh"], env=env)
     try:
@@ -307,7 +309,8 @@ def test_killed_driver_resumes_pbt_with_its_state(tmp_path):
     script = tmp_path / "pbt.py"
     script.write_text(PBT_SCRIPT)
     results = tmp_path / "results"
-    env = dict(os.environ, BEAMLET_BACKEND="inprocess")
+    # (TMPDIR: the trainables' temporary checkpoint dirs, left by the SIGKILL, stay in tmp_path)
+    env = dict(os.environ, BEAMLET_BACKEND="inprocess", TMPDIR=str(tmp_path))
     proc = subprocess.Popen([sys.executable, str(script), str(results), "fresh"], env=env)
     try:
         deadline = time.monotonic() + 60

@@ -17,8 +17,10 @@ other users can read).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 
 from ... import exceptions as exc
 
@@ -85,16 +87,24 @@ def main() -> None:
     from distributed import LocalCluster, Security
     spec = json.loads(sys.stdin.readline())
     security = Security(require_encryption=True, **spec["tls"])
-    cluster = LocalCluster(n_workers=spec["n_workers"], threads_per_worker=1, processes=True,
-                           resources=spec["resources"], host="127.0.0.1",
-                           protocol="tls://", security=security,
-                           dashboard_address=":0" if spec["dashboard"] else None,
-                           silence_logs=logging.ERROR)
+    # The workers' scratch space (Dask's default is a shared /tmp/dask-scratch-space):
+    # private to this cluster and removed with it.
+    scratch = tempfile.mkdtemp(prefix="beamlet-dask-")
+    import dask
+    dask.config.set({"temporary-directory": scratch})
     try:
-        print(cluster.scheduler_address, flush=True)
-        sys.stdin.read()  # until the driver closes it, or dies
+        cluster = LocalCluster(n_workers=spec["n_workers"], threads_per_worker=1,
+                               processes=True, resources=spec["resources"], host="127.0.0.1",
+                               protocol="tls://", security=security, local_directory=scratch,
+                               dashboard_address=":0" if spec["dashboard"] else None,
+                               silence_logs=logging.ERROR)
+        try:
+            print(cluster.scheduler_address, flush=True)
+            sys.stdin.read()  # until the driver closes it, or dies
+        finally:
+            cluster.close(timeout=_STOP_TIMEOUT)
     finally:
-        cluster.close(timeout=_STOP_TIMEOUT)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":
