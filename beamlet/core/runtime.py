@@ -98,10 +98,9 @@ class Runtime:
         #: where the backend's driver hears them all; else None.
         self.task_events = None
         if self.backend.owns_objects and self.backend.task_events:
-            from . import plugins
             from .task_events import TaskEvents
             self.task_events = TaskEvents()
-            plugins.register(self.task_events, name=f"beamlet-task-events-{id(self)}")
+            self.task_events.listen()
         from .tables import Tables  # not at import: `import beamlet` stays fast
         self.tables = Tables(self.backend.control_store)
         self.inline_threshold = self.backend.inline_threshold
@@ -345,8 +344,7 @@ class Runtime:
             self.backend.shutdown()  # (runs pending completions: futures fail, not hang)
         finally:
             if self.task_events is not None:
-                from . import plugins
-                plugins.unregister(self.task_events)
+                self.task_events.close()
         with self._callbacks_lock:
             if self._callbacks is not None:
                 self._callbacks.put(None)

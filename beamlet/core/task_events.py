@@ -1,12 +1,15 @@
 """What happened to the job's tasks and actors, as the driver's observer hooks
 tell it: the record behind ``beamlet.util.state`` and ``beamlet.timeline()``.
 
-`TaskEvents` is a plugin (it implements the lifecycle hooks of
-``hookspecs.py``) that the driver's runtime registers while it runs, on
-backends whose ``task_events`` flag says their driver hears every task's
-submission and end. It is bounded: it keeps the newest `max_tasks` tasks and
-`max_spans` timeline spans, dropping the oldest first, so a job of millions of
-tasks does not grow the driver without limit.
+`TaskEvents` listens to the lifecycle hooks of ``hookspecs.py`` (through
+``plugins.add_listener``: no pluggy dispatch on the hot path) while the
+driver's runtime runs, on backends whose ``task_events`` flag says their driver
+hears every task's submission and end. Recording is an append of a small
+tuple to a bounded deque (no lock, no object per task, no reference to the
+spec, so arguments are not kept alive); the rows are folded from those events
+only when someone reads them. It keeps the newest `max_tasks` submissions and
+`max_spans` ended attempts, dropping the oldest, so a job of millions of tasks
+does not grow the driver without limit.
 """
 from __future__ import annotations
 
@@ -15,7 +18,6 @@ import os
 import threading
 import time
 
-from .plugins import hookimpl
 from .task_spec import ACTOR_CREATION, ACTOR_METHOD
 
 #: Environment variables that change the bounds (read when the job starts).
@@ -23,26 +25,26 @@ MAX_TASKS_ENV_VAR = "BEAMLET_STATE_MAX_TASKS"
 MAX_SPANS_ENV_VAR = "BEAMLET_TIMELINE_MAX_SPANS"
 
 TASK_TYPES = {ACTOR_CREATION: "ACTOR_CREATION_TASK", ACTOR_METHOD: "ACTOR_TASK"}
+HOOKS = ("beamlet_task_submitted", "beamlet_task_finished", "beamlet_actor_state")
 
 
 class TaskRecord:
-    """One task (all its attempts): the mutable row behind a ``TaskState``."""
+    """One task (all its attempts), as folded from its events."""
 
     __slots__ = ("task_id", "name", "type", "state", "actor_id", "attempt_number",
-                 "creation_time", "start_time", "end_time", "pid", "error_type")
+                 "creation_time", "start_time", "end_time", "pid")
 
-    def __init__(self, spec, now: float):
-        self.task_id = spec.task_id
-        self.name = spec.display_name
-        self.type = TASK_TYPES.get(spec.kind, "NORMAL_TASK")
+    def __init__(self, task_id: bytes, kind: int, name: str, actor_id):
+        self.task_id = task_id
+        self.name = name
+        self.type = TASK_TYPES.get(kind, "NORMAL_TASK")
         self.state = "PENDING"
-        self.actor_id = spec.actor_id
+        self.actor_id = actor_id
         self.attempt_number = 0
-        self.creation_time = now
+        self.creation_time: float | None = None
         self.start_time: float | None = None
         self.end_time: float | None = None
         self.pid: int | None = None
-        self.error_type: str | None = None
 
 
 class ActorRecord:
@@ -63,61 +65,53 @@ class ActorRecord:
 
 
 class TaskEvents:
-    """The observer plugin. Its hooks run on scheduler threads: every method
-    takes the lock, and readers get copies (`tasks`, `actors`, `spans`)."""
+    """The recorder. Its listeners run on scheduler threads; a deque's append
+    is atomic, and the rare actor events take a lock."""
 
     def __init__(self, max_tasks: int | None = None, max_spans: int | None = None):
         self.max_tasks = max_tasks or _env_int(MAX_TASKS_ENV_VAR, 10_000)
         self.max_spans = max_spans or _env_int(MAX_SPANS_ENV_VAR, 100_000)
-        self._tasks: collections.OrderedDict[bytes, TaskRecord] = collections.OrderedDict()
+        #: (task id, kind, function name, method name, actor id, time) per submission.
+        self._submitted: collections.deque = collections.deque(maxlen=self.max_tasks)
+        #: (task id, kind, function name, method name, actor id, end time, status,
+        #: duration, pid, attempt) per ended attempt.
+        self._ended: collections.deque = collections.deque(maxlen=self.max_spans)
         self._actors: dict[bytes, ActorRecord] = {}
-        #: Ended attempts, oldest first: (name, task id, status, start, end, pid).
-        self._spans: collections.deque = collections.deque(maxlen=self.max_spans)
         self._lock = threading.Lock()
-        self.dropped_tasks = 0
 
-    # -- hooks ------------------------------------------------------------------
-    @hookimpl
+    def listen(self) -> None:
+        """Start hearing the lifecycle hooks (see `close`)."""
+        from . import plugins
+        for hook in HOOKS:
+            plugins.add_listener(hook, getattr(self, hook))
+
+    def close(self) -> None:
+        from . import plugins
+        for hook in HOOKS:
+            plugins.remove_listener(hook, getattr(self, hook))
+
+    # -- the hooks ----------------------------------------------------------------
     def beamlet_task_submitted(self, spec) -> None:
-        now = time.time()
-        with self._lock:
-            record = self._tasks.get(spec.task_id)
-            if record is None:
-                self._tasks[spec.task_id] = TaskRecord(spec, now)
-                if len(self._tasks) > self.max_tasks:
-                    self._tasks.popitem(last=False)
-                    self.dropped_tasks += 1
-            if spec.kind == ACTOR_CREATION and spec.actor_id not in self._actors:
-                actor = self._actors[spec.actor_id] = ActorRecord(
-                    spec.actor_id, spec.function_name)
-                options = spec.actor_options or {}
-                actor.name = options.get("name")
-                actor.namespace = options.get("namespace")
+        self._submitted.append((spec.task_id, spec.kind, spec.function_name, spec.method_name,
+                                spec.actor_id, time.time()))
+        if spec.kind == ACTOR_CREATION:
+            options = spec.actor_options or {}
+            with self._lock:
+                if spec.actor_id not in self._actors:
+                    actor = self._actors[spec.actor_id] = ActorRecord(spec.actor_id,
+                                                                      spec.function_name)
+                    actor.name = options.get("name")
+                    actor.namespace = options.get("namespace")
 
-    @hookimpl
     def beamlet_task_finished(self, spec, status: str, duration: float, pid) -> None:
-        end = time.time()
-        start = end - duration
-        with self._lock:
-            self._spans.append((spec.display_name, spec.task_id, status, start, end, pid))
-            record = self._tasks.get(spec.task_id)
-            if record is None:
-                return  # (submitted before recording began, or dropped)
-            record.attempt_number = spec.attempt
-            record.start_time = start
-            record.pid = pid
-            if status == "RETRYING":
-                record.state = "PENDING"
-                record.attempt_number = spec.attempt + 1
-            else:
-                record.state = status
-                record.end_time = end
-            if spec.kind == ACTOR_CREATION and status == "FINISHED":
+        self._ended.append((spec.task_id, spec.kind, spec.function_name, spec.method_name,
+                            spec.actor_id, time.time(), status, duration, pid, spec.attempt))
+        if spec.kind == ACTOR_CREATION and status == "FINISHED":
+            with self._lock:
                 actor = self._actors.get(spec.actor_id)
                 if actor is not None:
                     actor.pid = pid
 
-    @hookimpl
     def beamlet_actor_state(self, actor_id: bytes, class_name: str, state: str,
                             reason: str) -> None:
         state = getattr(state, "value", state)  # (schedulers may pass their enum)
@@ -133,9 +127,31 @@ class TaskEvents:
 
     # -- reading ----------------------------------------------------------------
     def tasks(self) -> list[TaskRecord]:
-        """Copies of the task rows, oldest first."""
-        with self._lock:
-            return [_copy(r) for r in self._tasks.values()]
+        """The tasks submitted most recently (at most `max_tasks`), in order of
+        submission, folded from the recorded events."""
+        submitted, ended = list(self._submitted), list(self._ended)
+        rows: dict[bytes, TaskRecord] = {}
+        for task_id, kind, function, method, actor_id, when in submitted:
+            record = rows.get(task_id)
+            if record is None:
+                record = rows[task_id] = TaskRecord(task_id, kind, _name(kind, function, method),
+                                                    actor_id)
+                record.creation_time = when
+        for task_id, kind, function, method, actor_id, end, status, duration, pid, attempt \
+                in ended:
+            record = rows.get(task_id)
+            if record is None:
+                continue  # (its submission is no longer kept)
+            record.start_time = end - duration
+            record.pid = pid
+            if status == "RETRYING":
+                record.state = "PENDING"
+                record.attempt_number = attempt + 1
+            else:
+                record.state = status
+                record.attempt_number = attempt
+                record.end_time = end
+        return list(rows.values())
 
     def actors(self) -> list[ActorRecord]:
         with self._lock:
@@ -144,8 +160,18 @@ class TaskEvents:
     def spans(self) -> list[tuple]:
         """The ended attempts, oldest first: ``(name, task_id, status, start,
         end, pid)`` with times in seconds since the epoch (pid None: unknown)."""
-        with self._lock:
-            return list(self._spans)
+        return [(_name(kind, function, method), task_id, status, end - duration, end, pid)
+                for task_id, kind, function, method, _actor, end, status, duration, pid, _a
+                in list(self._ended)]
+
+
+def _name(kind: int, function: str, method: str | None) -> str:
+    """A task's display name (as TaskSpec.display_name)."""
+    if kind == ACTOR_METHOD:
+        return f"{function}.{method}"
+    if kind == ACTOR_CREATION:
+        return f"{function}.__init__"
+    return function
 
 
 def _copy(record):
