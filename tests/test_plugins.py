@@ -442,3 +442,28 @@ def test_control_store_from_plugin_is_used(backend_name):
     finally:
         beamlet.shutdown()
         plugins.unregister(plugin)
+
+
+def test_listeners_hear_observer_hooks_before_plugins_and_may_fail(capsys):
+    """plugins.add_listener: beamlet's own observers, called by notify without
+    pluggy; one that raises is reported and the others still hear the event."""
+    heard = []
+
+    def broken(**kwargs):
+        raise RuntimeError("listener broke")
+
+    def listener(spec, status, duration, pid):
+        heard.append((spec, status, pid))
+
+    with pytest.raises(AttributeError):
+        plugins.add_listener("beamlet_no_such_hook", listener)
+    plugins.add_listener("beamlet_task_finished", broken)
+    plugins.add_listener("beamlet_task_finished", listener)
+    try:
+        plugins.notify("beamlet_task_finished", spec="s", status="FINISHED", duration=0.1, pid=7)
+    finally:
+        plugins.remove_listener("beamlet_task_finished", broken)
+        plugins.remove_listener("beamlet_task_finished", listener)
+    plugins.notify("beamlet_task_finished", spec="t", status="FAILED", duration=0.1, pid=8)
+    assert heard == [("s", "FINISHED", 7)]
+    assert "listener broke" in capsys.readouterr().err
