@@ -17,6 +17,8 @@ The tables (key -> value):
     object_locations  object id -> the ids of the nodes holding a copy
     placement_groups  placement group id -> PlacementGroupInfo
     named_placement_groups  name -> placement group id
+    job_actors      "<job id>:<actor id hex>" -> b"d" if detached, else b"" (for
+                    backends whose actor records outlive the job: see end_job_actors)
 
 Records are tuples of plain values (str, bytes, numbers, dicts, tuples, None)
 pickled with a format number in front, and are read back with an unpickler
@@ -42,6 +44,7 @@ NODES = "nodes"
 OBJECT_LOCATIONS = "object_locations"
 PLACEMENT_GROUPS = "placement_groups"
 NAMED_PLACEMENT_GROUPS = "named_placement_groups"
+JOB_ACTORS = "job_actors"
 
 #: Compare-and-set attempts a read-modify-write makes before it gives up.
 MAX_ATTEMPTS = 100
@@ -301,6 +304,25 @@ class Tables:
             self.store.compare_and_set(NAMED_ACTORS, named_actor_key(info.namespace, info.name),
                                        actor_id, None)
         return info
+
+    def note_job_actor(self, job_id: str, actor_id: bytes, detached: bool) -> None:
+        """Remember that job `job_id` made this actor, for `end_job_actors`."""
+        self.store.put(JOB_ACTORS, f"{job_id}:{actor_id.hex()}", b"d" if detached else b"")
+
+    def end_job_actors(self, job_id: str) -> None:
+        """(A driver, at shutdown, where the actor records outlive the job, e.g.
+        in an engine's scheduler.) Record every actor the job made (nested ones
+        included) as dead, detached ones excepted, so that their names are free
+        again; forget the job's list."""
+        prefix = job_id + ":"
+        for key in self.store.keys(JOB_ACTORS):
+            key = key.decode()
+            if not key.startswith(prefix):
+                continue
+            if self.store.get(JOB_ACTORS, key) != b"d":
+                self.set_actor_state(bytes.fromhex(key[len(prefix):]), ActorState.DEAD,
+                                     "its job ended")
+            self.store.delete(JOB_ACTORS, key)
 
     def named_actor(self, name: str, namespace: str) -> ActorInfo | None:
         """The live (not DEAD) actor called `name` in `namespace`, or None."""

@@ -33,13 +33,11 @@ import threading
 from ... import exceptions as exc
 from ...core import plugins
 from ...core.interfaces import Scheduler
-from ...core.scheduling import ActorLifecycle
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
 from .objects import key_of
 from .worker import ActorHost, actor_created, call_actor, run_task
 
 ACTOR_PREFIX = "beamlet-actor-"
-JOB_ACTORS = "dask_job_actors"  # control-store table: "<job id>:<actor id hex>" -> b"d" if detached
 TASK_PREFIX = "beamlet-task-"
 _HOST_TIMEOUT = 60.0
 
@@ -156,8 +154,8 @@ class DaskScheduler(Scheduler):
             if not detached:
                 self._tokens[spec.return_ids[0]] = spec.actor_id
         # Recorded for the driver's shutdown, which ends the job's actors' names.
-        self._backend.control_store.put(JOB_ACTORS, f"{self._backend.job['job_id']}:"
-                                        f"{spec.actor_id.hex()}", b"d" if detached else b"")
+        self._backend.runtime.tables.note_job_actor(self._backend.job["job_id"], spec.actor_id,
+                                                    detached)
         token = self._client.submit(actor_created, host, key=key_of(spec.return_ids[0]),
                                     pure=False)
         self._store.adopt(spec.return_ids[0], token)
@@ -228,20 +226,9 @@ class DaskScheduler(Scheduler):
                          daemon=True).start()
 
     def end_job_actors(self) -> None:
-        """(The driver, at shutdown.) Record every actor its job made, nested
-        ones included, as dead, except detached ones: the Dask scheduler's
-        tables outlive the job, and their names must be free again."""
-        prefix = self._backend.job["job_id"] + ":"
-        store = self._backend.control_store
-        tables = self._backend.runtime.tables
-        for key in store.keys(JOB_ACTORS):
-            key = key.decode()
-            if not key.startswith(prefix):
-                continue
-            if store.get(JOB_ACTORS, key) != b"d":
-                tables.set_actor_state(bytes.fromhex(key[len(prefix):]),
-                                       ActorLifecycle.DEAD.recorded, "its job ended")
-            store.delete(JOB_ACTORS, key)
+        """(The driver, at shutdown.) The job's actors' records outlive it here
+        (in the engine): mark them dead so that their names are free again."""
+        self._backend.runtime.tables.end_job_actors(self._backend.job["job_id"])
 
     def total_resources(self) -> dict[str, float]:
         totals: dict[str, float] = {"CPU": 0.0, "GPU": 0.0}

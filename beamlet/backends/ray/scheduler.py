@@ -31,7 +31,6 @@ from .control import NAMESPACE
 from .worker import ray_actor_host, ray_async_actor_host, run_task
 
 ACTOR_PREFIX = "beamlet-actor-"
-JOB_ACTORS = "ray_job_actors"  # control-store table: "<job id>:<actor id hex>" -> b"d" if detached
 _HIDDEN = ("node:", "accelerator_type:")
 
 
@@ -126,8 +125,8 @@ class RayScheduler(Scheduler):
             max_concurrency=options.get("max_concurrency") or 1,
             **self._options(spec)).remote(self._backend.job, spec, dep_ids, carried, *dep_refs)
         # Recorded for the driver's shutdown, which frees the job's actors' names.
-        self._backend.control_store.put(JOB_ACTORS, f"{self._backend.job['job_id']}:"
-                                        f"{spec.actor_id.hex()}", b"d" if detached else b"")
+        self._backend.runtime.tables.note_job_actor(self._backend.job["job_id"], spec.actor_id,
+                                                    detached)
         token = spec.return_ids[0]
         self._store.adopt_actor(spec.actor_id, token, host)
         self._store.adopt([token], [host.created.remote()])
@@ -165,20 +164,9 @@ class RayScheduler(Scheduler):
                 actor_id, ActorLifecycle.DEAD.recorded, "it was killed by beamlet.kill()")
 
     def end_job_actors(self) -> None:
-        """(The driver, at shutdown.) Record every actor its job made, nested ones
-        included, as dead, except detached ones: Ray ends them with the job, and
-        the control actor outlives it, so their names must be freed."""
-        prefix = self._backend.job["job_id"] + ":"
-        store = self._backend.control_store
-        tables = self._backend.runtime.tables
-        for key in store.keys(JOB_ACTORS):
-            key = key.decode()
-            if not key.startswith(prefix):
-                continue
-            if store.get(JOB_ACTORS, key) != b"d":
-                tables.set_actor_state(bytes.fromhex(key[len(prefix):]),
-                                       ActorLifecycle.DEAD.recorded, "its job ended")
-            store.delete(JOB_ACTORS, key)
+        """(The driver, at shutdown.) The job's actors' records outlive it here
+        (in the engine): mark them dead so that their names are free again."""
+        self._backend.runtime.tables.end_job_actors(self._backend.job["job_id"])
 
     def total_resources(self) -> dict[str, float]:
         return {"CPU": 0.0, "GPU": 0.0, **_visible(_ray.cluster_resources())}
