@@ -353,6 +353,24 @@ def test_a_dead_actors_name_is_freed(tables):
     assert tables.named_actor("counter", "ns").actor_id == second.actor_id
 
 
+def test_the_end_of_a_job_kills_its_actors_but_detached_ones(tables):
+    mine, kept, theirs = _actor("a"), _actor("b"), _actor("c")
+    for info in (mine, kept, theirs):
+        tables.create_actor(info)
+    tables.note_job_actor("job-1", mine.actor_id, detached=False)
+    tables.note_job_actor("job-1", kept.actor_id, detached=True)
+    tables.note_job_actor("job-2", theirs.actor_id, detached=False)
+    tables.end_job_actors("job-1")
+    assert tables.actor(mine.actor_id).state == ActorState.DEAD
+    assert tables.named_actor("a", "ns") is None  # (its name is free again)
+    assert tables.actor(kept.actor_id).state != ActorState.DEAD
+    assert tables.actor(theirs.actor_id).state != ActorState.DEAD
+    tables.end_job_actors("job-1")  # (its list is gone: nothing more happens)
+    tables.end_job_actors("job-2")
+    assert tables.actor(theirs.actor_id).state == ActorState.DEAD
+    assert tables.actor(kept.actor_id).state != ActorState.DEAD
+
+
 def test_a_dead_holders_name_is_taken_over_by_exactly_one(tables, store):
     dead = _actor()
     tables.create_actor(dead)
