@@ -444,6 +444,11 @@ def test_control_store_from_plugin_is_used(backend_name):
         plugins.unregister(plugin)
 
 
+class _Listening:
+    def hear(self, **kwargs):
+        raise AssertionError("removed, so never called")
+
+
 def test_listeners_hear_observer_hooks_before_plugins_and_may_fail(capsys):
     """plugins.add_listener: beamlet's own observers, called by notify without
     pluggy; one that raises is reported and the others still hear the event."""
@@ -459,6 +464,9 @@ def test_listeners_hear_observer_hooks_before_plugins_and_may_fail(capsys):
         plugins.add_listener("beamlet_no_such_hook", listener)
     plugins.add_listener("beamlet_task_finished", broken)
     plugins.add_listener("beamlet_task_finished", listener)
+    bound = _Listening()
+    plugins.add_listener("beamlet_task_finished", bound.hear)
+    plugins.remove_listener("beamlet_task_finished", bound.hear)  # (a new bound method object)
     try:
         plugins.notify("beamlet_task_finished", spec="s", status="FINISHED", duration=0.1, pid=7)
     finally:

@@ -186,6 +186,15 @@ def test_bad_filters_and_limits_name_the_problem(backend):
         state.list_workers(address="127.0.0.1:6379")
 
 
+def test_shutdown_stops_the_record_listening(backend_name):
+    from beamlet.core import plugins
+    before = {hook: len(fns) for hook, fns in plugins._listeners.items()}
+    for _ in range(3):
+        ray.init(backend=backend_name, num_cpus=2)
+        ray.shutdown()
+    assert {hook: len(fns) for hook, fns in plugins._listeners.items()} == before
+
+
 def test_without_init_it_says_to_call_init(no_backend):
     with pytest.raises(RuntimeError, match="init"):
         state.list_tasks()

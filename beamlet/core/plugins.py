@@ -115,8 +115,9 @@ def add_listener(hook_name: str, fn) -> None:
 
 
 def remove_listener(hook_name: str, fn) -> None:
-    """Undo `add_listener` (nothing if `fn` is not listening)."""
-    left = [f for f in _listeners.get(hook_name, ()) if f is not fn]
+    """Undo `add_listener` (nothing if `fn` is not listening). Compared with
+    ``==``, not ``is``: each ``obj.method`` is a new bound-method object."""
+    left = [f for f in _listeners.get(hook_name, ()) if f != fn]
     if left:
         _listeners[hook_name] = left
     else:
