@@ -74,6 +74,14 @@ def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
         time.sleep(interval)
 
 
+def wait_gone(pids, timeout: float) -> list[int]:
+    """Wait up to `timeout` s for the processes `pids` to end (a zombie counts
+    as ended); the pids still alive then."""
+    procs = [proc_id(pid) for pid in pids]
+    wait_until(lambda: not any(alive(p) for p in procs), timeout, interval=0.1)
+    return [p[0] for p in procs if alive(p)]
+
+
 # -- the local backend's footprint -----------------------------------------------------
 def segments(session: str) -> list[str]:
     """Names of the shared-memory segments of a local-backend session."""

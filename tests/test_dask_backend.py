@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+import procs
+
 import beamlet as ray
 from beamlet import exceptions as exc
 from beamlet.core import runtime as _runtime
@@ -19,26 +21,6 @@ from beamlet.core import runtime as _runtime
 GONE_TIMEOUT = 30
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie child of ours counts as gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _wait_gone(pids) -> list[int]:
-    deadline = time.monotonic() + GONE_TIMEOUT
-    while time.monotonic() < deadline:
-        left = [p for p in pids if _alive(p)]
-        if not left:
-            return []
-        time.sleep(0.1)
-    return [p for p in pids if _alive(p)]
 
 
 def _free_port() -> int:
@@ -69,7 +51,7 @@ def test_init_starts_a_cluster_with_the_requested_resources_and_shutdown_ends_it
     with pytest.raises(ValueError, match="tape"):
         where.options(resources={"tape": 1}).remote()
     ray.shutdown()
-    assert _wait_gone([cluster_pid, *worker_pids]) == []
+    assert procs.wait_gone([cluster_pid, *worker_pids], GONE_TIMEOUT) == []
     assert [d for d in scratch if os.path.exists(d)] == []
 
 

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+import procs
+
 import beamlet as ray
 from beamlet import exceptions as exc
 from beamlet.core import runtime as _runtime
@@ -63,22 +65,6 @@ def ray_processes(temp_dir: str, before: set[int]) -> set[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _wait_gone(pids) -> list[int]:
-    deadline = time.monotonic() + GONE_TIMEOUT
-    while time.monotonic() < deadline:
-        left = [p for p in pids if _alive(p)]
-        if not left:
-            return []
-        time.sleep(0.1)
-    return [p for p in pids if _alive(p)]
 
 
 def _eventually(predicate, timeout=T):
@@ -248,14 +234,14 @@ def test_killed_actor_raises_actor_died(session):
     ray.kill(counter)
     with pytest.raises(exc.ActorDiedError):
         ray.get(counter.add.remote(), timeout=T)
-    assert _wait_gone([actor_pid]) == []
+    assert procs.wait_gone([actor_pid], GONE_TIMEOUT) == []
 
 
 def test_actor_restarts_after_its_process_dies(session):
     counter = Counter.options(max_restarts=1).remote(100)
     first = ray.get(counter.pid.remote(), timeout=T)
     ray.kill(counter, no_restart=False)
-    _eventually(lambda: not _alive(first))
+    _eventually(lambda: not procs.alive(procs.proc_id(first)))
     second = None
     deadline = time.monotonic() + T
     while second is None and time.monotonic() < deadline:
@@ -328,5 +314,5 @@ def test_shutdown_stops_the_ray_it_started(session):
     pids = ray_processes(temp_dir, session.test_processes_before)
     assert worker_pids <= pids
     ray.shutdown()
-    assert _wait_gone(pids) == []
+    assert procs.wait_gone(pids, GONE_TIMEOUT) == []
     assert not os.path.exists(temp_dir)
