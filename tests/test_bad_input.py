@@ -10,6 +10,7 @@ import threading
 import pytest
 
 import beamlet as ray
+import procs
 from beamlet import exceptions as E
 
 
@@ -377,3 +378,38 @@ def test_bad_object_store_memory(no_backend):
     with pytest.raises(ValueError, match="object_store_memory"):
         ray.init(backend="local", object_store_memory=-5)
     assert not ray.is_initialized()
+
+
+# A bad value for a local-backend option is named in the error, raised before the
+# zygote or the I/O thread starts, so nothing is left running.
+BAD_OPTION_DRIVER = """
+import json, os, sys, threading, time
+import beamlet as ray
+import procs
+
+option = json.loads(sys.argv[1])
+try:
+    ray.init(backend="local", num_cpus=2, **option)
+    print("ERROR none", flush=True)
+except (TypeError, ValueError) as err:
+    print("ERROR " + json.dumps(str(err)), flush=True)
+procs.wait_until(lambda: not procs.children_of(os.getpid()), 5)
+print("LEFT " + json.dumps({"children": procs.children_of(os.getpid()),
+                           "io_threads": [t.name for t in threading.enumerate()
+                                          if t.name == "beamlet-io"]}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("option", [{"prestart_workers": "2"}, {"max_workers": "many"}])
+def test_bad_local_option_is_named_and_leaves_nothing_running(tmp_path, option):
+    import json
+    import subprocess
+    import sys
+    script = tmp_path / "driver.py"
+    script.write_text(BAD_OPTION_DRIVER)
+    out = subprocess.run([sys.executable, str(script), json.dumps(option)], capture_output=True,
+                         text=True, timeout=60, env=procs.driver_env(), cwd=str(tmp_path))
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+    assert "ERROR" in lines and "LEFT" in lines, (out.stdout, out.stderr[-2000:])
+    assert next(iter(option)) in lines["ERROR"], lines["ERROR"]  # the error names the option
+    assert json.loads(lines["LEFT"]) == {"children": [], "io_threads": []}, lines["LEFT"]

@@ -475,3 +475,26 @@ def test_listeners_hear_observer_hooks_before_plugins_and_may_fail(capsys):
     plugins.notify("beamlet_task_finished", spec="t", status="FAILED", duration=0.1, pid=8)
     assert heard == [("s", "FINISHED", 7)]
     assert "listener broke" in capsys.readouterr().err
+
+
+# An observer plugin that raises does not lose the task's result.
+@beamlet.remote
+def answer():
+    return 42
+
+
+def test_raising_task_finished_observer_does_not_lose_results(start):
+    from beamlet.core import plugins
+
+    class BrokenMetrics:
+        @plugins.hookimpl
+        def beamlet_task_finished(self, spec, status, duration):
+            raise RuntimeError("metrics backend unreachable")
+
+    plugin = BrokenMetrics()
+    start()
+    plugins.register(plugin)
+    try:
+        assert beamlet.get(answer.remote(), timeout=15) == 42
+    finally:
+        plugins.unregister(plugin)
