@@ -8,6 +8,7 @@ belong to the node that awaits them, not to the zygote.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -111,6 +112,9 @@ class WorkerLauncher:
                 self.proc.stdin.close()
             except (BrokenPipeError, ValueError, OSError):
                 pass
+            if self.proc.poll() is None:
+                # (The same as "exit", but heard even while it is loading numpy.)
+                self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -10,6 +10,12 @@ Then it reads commands from stdin, one per line:
     fork WORKER_ID     fork a worker that connects back to the driver
     exit               wait briefly for the workers to leave, then clean up
 
+SIGTERM (sent by the driver right after ``exit``) means the same, and is
+acted on even while the zygote is loading numpy, which can take a good part
+of a second that `shutdown()` would otherwise spend waiting. It is blocked
+except while the zygote is idle (waiting on stdin, or loading numpy), so it
+never interrupts a fork or the reaping of a child.
+
 End of file on stdin means the driver is gone (even if it was SIGKILLed): the
 zygote kills the workers it forked, removes the session's shared-memory
 segments, temp dir and lock file, and exits. The workers also notice the
@@ -27,6 +33,24 @@ import shutil
 import signal
 import sys
 import time
+
+
+class _Stop(Exception):
+    """SIGTERM arrived: stop serving and clean up."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Stop
+
+
+class _interruptible:
+    """Lets a blocked SIGTERM through (raising `_Stop`) for the duration of the block."""
+
+    def __enter__(self):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+    def __exit__(self, *exc_info):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
 
 def _reap(children: set[int]) -> None:
@@ -79,6 +103,7 @@ def _fork_worker(address: str, worker_id: str, secret: bytes, lock_fd: int) -> i
         os.close(0)
         os.open(os.devnull, os.O_RDONLY)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # (inherited blocked)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         if "numpy" in sys.modules:
             sys.modules["numpy"].random.seed()  # forked children would share one state
@@ -114,15 +139,29 @@ def _read_secret(fd: int) -> tuple[bytes | None, bytes]:
 
 def main() -> None:
     session, address, temp_dir, lock_fd = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    secret, pending = _read_secret(sys.stdin.buffer.fileno())
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    children: set[int] = set()
+    try:
+        grace, remove_lock = _serve(session, address, lock_fd, children)
+    except _Stop:
+        grace, remove_lock = 2.0, False  # (from the driver, which removes the lock itself)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _cleanup(children, session, temp_dir, grace=grace, remove_lock=remove_lock)
+
+
+def _serve(session: str, address: str, lock_fd: int, children: set[int]) -> tuple[float, bool]:
+    """Fork workers on request until told to stop; returns how long to give them
+    to leave and whether to remove the session's lock file (the driver, when
+    alive, removes it last itself)."""
+    with _interruptible():
+        secret, pending = _read_secret(sys.stdin.buffer.fileno())
     if secret is None:  # the driver died before it could tell us
-        _cleanup(set(), session, temp_dir, grace=0, remove_lock=True)
-        return
+        return 0.0, True
     # Warm the imports every worker needs, once, before any fork.
     from . import worker  # noqa: F401
     from ...core import execution  # noqa: F401
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    children: set[int] = set()
     stdin = sys.stdin.buffer
     numpy_loaded = False
     while True:
@@ -134,23 +173,29 @@ def main() -> None:
             if words[0] == "fork":
                 children.add(_fork_worker(address, words[1], secret, lock_fd))
             elif words[0] == "exit":
-                _cleanup(children, session, temp_dir, grace=2.0, remove_lock=False)
-                return
+                return 2.0, False
         # The first workers (asked for at init) are forked before numpy is loaded,
         # which saves its ~70 ms from the time to the first result; it is loaded at
         # the first idle moment, so later workers share its pages.
-        ready, _, _ = select.select([stdin], [], [], 0 if not numpy_loaded else 0.5)
+        with _interruptible():
+            ready, _, _ = select.select([stdin], [], [], 0 if not numpy_loaded else 0.5)
         _reap(children)
         if not ready:
             if not numpy_loaded:
-                import numpy  # noqa: F401
+                with _interruptible():
+                    import numpy  # noqa: F401
                 numpy_loaded = True
             continue
         chunk = os.read(stdin.fileno(), 65536)
         if not chunk:  # the driver is gone
-            _cleanup(children, session, temp_dir, grace=0.5, remove_lock=True)
-            return
+            return 0.5, True
         pending += chunk
+
 
 if __name__ == "__main__":
     main()
+    # Everything is cleaned up: skip the interpreter's teardown, which takes a
+    # good part of a second with numpy loaded (and `shutdown()` waits for it).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
