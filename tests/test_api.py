@@ -1267,6 +1267,12 @@ def test_cluster_and_available_resources(backend):
 
 
 def test_custom_resources(start_backend, backend_name):
+    if backend_name == "cluster":
+        # As in Ray, a driver joining a running cluster cannot declare resources:
+        # its nodes bring theirs (`beamlet start --resources`, see test_cluster.py).
+        with pytest.raises(ValueError, match="resources cannot be given when connecting"):
+            ray.init(resources={"widget": 2})
+        return
     start_backend(backend_name, resources={"widget": 2})
     assert ray.cluster_resources()["widget"] == 2.0
     assert ray.nodes()[0]["Resources"]["widget"] == 2.0

@@ -108,7 +108,13 @@ def test_an_object_lost_with_its_node_is_made_again_or_lost(cluster, driver):
     lost_made = made_on[doomed][1]
     [lost_put] = beamlet.get(put_on[doomed][1], timeout=GET_TIMEOUT)
     [kept_put] = beamlet.get(put_on[survivor][1], timeout=GET_TIMEOUT)
+    tables = Tables(runtime.current().backend.control_store)
+    assert procs.wait_until(lambda: doomed in tables.object_locations(lost_put.id), 20,
+                            interval=0.1)
     os.kill(cluster.pid_of(addresses[doomed]), signal.SIGKILL)
+    # The head forgets what the dead node held, in the locations table too.
+    assert procs.wait_until(lambda: doomed not in tables.object_locations(lost_put.id), 20,
+                            interval=0.1)
     # Made by a task: its task runs again on the other node.
     value = beamlet.get(lost_made, timeout=GET_TIMEOUT)
     assert value.shape == (4 * MB // 8,) and (value == 7.0).all()

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import procs
@@ -19,7 +20,10 @@ import pytest
 
 import beamlet
 from beamlet import exceptions as exc
+from beamlet.core import runtime
 from beamlet.core.auth import AuthenticationError
+from beamlet.core.task_spec import TASK
+from beamlet.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from conftest import seed_program
 from test_cluster import TIMEOUT, Cluster, _node_lines, cluster  # noqa: F401 - a fixture
 
@@ -67,11 +71,24 @@ class Where:
 def test_tasks_and_actors_go_where_their_resources_are(cluster, driver):
     head = cluster.start_head()
     first = cluster.join(head, "--resources", '{"gpu_box": 1}')
-    second = cluster.join(head, "--resources", '{"ssd": 2}')
     info = driver(head)
     assert info["backend"] == "cluster"
-    assert {n["NodeID"] for n in beamlet.nodes()} == {head["node_id"], first, second}
+    # A node that joins after the driver's init gets work too.
+    second = cluster.join(head, "--resources", '{"ssd": 2}')
+    assert procs.wait_until(lambda: {n["NodeID"] for n in beamlet.nodes()} ==
+                            {head["node_id"], first, second}, 20, interval=0.1)
     assert beamlet.cluster_resources()["ssd"] == 2
+    # NodeAffinitySchedulingStrategy: soft=False runs there or is refused; soft=True
+    # falls back to another node.
+    pinned = NodeAffinitySchedulingStrategy(second, soft=False)
+    assert beamlet.get([where.options(scheduling_strategy=pinned).remote() for _ in range(2)],
+                       timeout=GET_TIMEOUT) == [second] * 2
+    assert beamlet.get(where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        "f" * 16, soft=True)).remote(), timeout=GET_TIMEOUT) in {first, second}
+    with pytest.raises(ValueError, match="not an alive node"):
+        where.options(scheduling_strategy=NodeAffinitySchedulingStrategy("f" * 16, soft=False))
+    with pytest.raises(ValueError, match="cannot hold"):
+        where.options(resources={"gpu_box": 1}, scheduling_strategy=pinned).remote()
     on_first = [where.options(resources={"gpu_box": 1}).remote() for _ in range(3)]
     on_second = [where.options(resources={"ssd": 1}).remote() for _ in range(3)]
     assert beamlet.get(on_first, timeout=GET_TIMEOUT) == [first] * 3
@@ -138,6 +155,19 @@ def sum_of_squares(n):
     return sum(beamlet.get([square.remote(i) for i in range(n)], timeout=GET_TIMEOUT))
 
 
+class _Relock:
+    """Pickles here, and arrives on a node as a lock, which cannot be pickled again."""
+
+    def __reduce__(self):
+        return (threading.Lock, ())
+
+
+@beamlet.remote
+def ones_later(seconds: float):
+    time.sleep(seconds)
+    return np.ones(1 << 15)  # (256 KiB: it stays on its node)
+
+
 def test_nested_tasks_and_ref_arguments(cluster, driver):
     head = cluster.start_head()
     cluster.join(head)
@@ -147,6 +177,19 @@ def test_nested_tasks_and_ref_arguments(cluster, driver):
     big = beamlet.put(np.ones(1 << 18))
     assert beamlet.get(checksum.options(resources={}).remote(big), timeout=GET_TIMEOUT)[1:] \
         == (float(1 << 18), 1 << 21)
+    # A task its node cannot send on to a worker (its spec does not pickle there,
+    # here when its argument is made on that node) fails, saying why; the node
+    # goes on (its threads, and the worker and CPU that task was given).
+    rt = runtime.current()
+    rt.register_function(*square._code())
+    spec, _keep = rt.make_spec(TASK, square._code()[0], "square", (ones_later.remote(0.5),),
+                               {}, 1, {"CPU": 1.0})
+    spec.retry_exceptions = _Relock()
+    [unsendable] = rt.submit(spec)
+    with pytest.raises(TypeError, match="cannot be sent to its worker"):
+        beamlet.get(unsendable, timeout=GET_TIMEOUT)
+    assert beamlet.get([square.remote(i) for i in range(4)], timeout=GET_TIMEOUT) == \
+        [0, 1, 4, 9]
 
 
 def test_tasks_of_a_killed_node_are_retried_or_fail(cluster, driver):

@@ -167,8 +167,14 @@ def test_what_could_never_be_placed_is_an_error(pgs):
     assert set(placement_group_table()) >= {pg.id.hex()}
 
 
+@ray.remote
+def node_of_task():
+    return ray.get_runtime_context().get_node_id()
+
+
 def test_node_affinity_named_strategies_and_backends_without_groups(backend):
-    node = ray.get_runtime_context().get_node_id()
+    # (a node that runs tasks: on a cluster, the driver's head may have no CPUs)
+    node = ray.get(node_of_task.remote(), timeout=T)
     assert ray.get(where.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(),
         timeout=T) is None

@@ -190,7 +190,7 @@ def test_shutdown_stops_the_record_listening(backend_name):
     from beamlet.core import plugins
     before = {hook: len(fns) for hook, fns in plugins._listeners.items()}
     for _ in range(3):
-        ray.init(backend=backend_name, num_cpus=2)
+        ray.init(backend=backend_name, **own_init_options(backend_name))
         ray.shutdown()
     assert {hook: len(fns) for hook, fns in plugins._listeners.items()} == before
 

@@ -320,6 +320,11 @@ class Backend(abc.ABC):
     - ``isolated``: tasks run in other processes, so globals are not shared.
     - ``zero_copy``: large buffers come back from ``get`` as shared-memory views.
     - ``multi_node``: tasks may run on other machines.
+    - ``node_affinity``: the scheduler runs a call on the node its
+      ``NodeAffinitySchedulingStrategy`` names: the request then holds
+      `core.placement.node_affinity_key` (see `placement_request`), which the
+      scheduler takes out before placing it. False: soft=False is refused
+      when there are several nodes.
     - ``placement_groups``: the scheduler reserves placement groups' bundles
       and runs tasks in them (``Scheduler.create_placement_group``).
     - ``concurrency_groups``: actors honour ``concurrency_groups`` (a limit per
@@ -349,6 +354,7 @@ class Backend(abc.ABC):
     isolated: ClassVar[bool] = False
     zero_copy: ClassVar[bool] = False
     multi_node: ClassVar[bool] = False
+    node_affinity: ClassVar[bool] = False
     placement_groups: ClassVar[bool] = False
     concurrency_groups: ClassVar[bool] = False
     manages_workers: ClassVar[bool] = True

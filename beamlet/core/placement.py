@@ -148,7 +148,10 @@ def placement_request(resources: dict, strategy: Any) -> tuple[dict, tuple | Non
         index = strategy.placement_group_bundle_index
         capture = strategy.placement_group_capture_child_tasks
     elif isinstance(strategy, NodeAffinitySchedulingStrategy):
-        _check_node(strategy)
+        pins = bool(getattr(_runtime.current().backend, "node_affinity", False))
+        _check_node(strategy, pins)
+        if pins:
+            return {**resources, node_affinity_key(strategy.node_id, strategy.soft): 1.0}, None
         return resources, None
     else:  # "SPREAD": a hint; every place is as good on the nodes beamlet sees
         return resources, None
@@ -167,7 +170,28 @@ def placement_request(resources: dict, strategy: Any) -> tuple[dict, tuple | Non
     return request, (pg, index, capture)
 
 
-def _check_node(strategy: NodeAffinitySchedulingStrategy) -> None:
+#: How a request names the node a call must (``!``) or should (``?``) run on,
+#: for a backend with the ``node_affinity`` flag.
+NODE_AFFINITY_PREFIX = "node_affinity"
+
+
+def node_affinity_key(node_id: str, soft: bool) -> str:
+    """The resource key that pins a call to `node_id` (`soft`: if it is alive)."""
+    return f"{NODE_AFFINITY_PREFIX}{'?' if soft else '!'}{node_id}"
+
+
+def split_node_affinity(resources: dict) -> tuple[dict, str | None, bool]:
+    """(`resources` without a node-affinity key, the node it names or None,
+    soft?): for a scheduler with the ``node_affinity`` flag."""
+    for key in resources:
+        if key.startswith(NODE_AFFINITY_PREFIX):
+            rest = {k: v for k, v in resources.items() if k != key}
+            marker = key[len(NODE_AFFINITY_PREFIX)]
+            return rest, key[len(NODE_AFFINITY_PREFIX) + 1:], marker == "?"
+    return resources, None, False
+
+
+def _check_node(strategy: NodeAffinitySchedulingStrategy, pins: bool) -> None:
     from .api import nodes
     if strategy.soft:
         return
@@ -176,7 +200,7 @@ def _check_node(strategy: NodeAffinitySchedulingStrategy) -> None:
         raise ValueError(f"NodeAffinitySchedulingStrategy(soft=False): node "
                          f"{strategy.node_id!r} is not an alive node; alive nodes: "
                          f"{', '.join(sorted(alive))}")
-    if len(alive) > 1:
+    if len(alive) > 1 and not pins:
         raise ValueError(f"the {_runtime.current().backend.name!r} backend cannot pin tasks "
                          f"to a node (NodeAffinitySchedulingStrategy with soft=False)")
 

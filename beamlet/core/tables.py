@@ -424,6 +424,12 @@ class Tables:
 
         self._update(OBJECT_LOCATIONS, object_id, change)
 
+    def remove_node_locations(self, node_id: str) -> None:
+        """Record that `node_id` (dead) holds no copy of anything (a scan of the
+        table: for a node's death, not for the hot path)."""
+        for object_id in self.store.keys(OBJECT_LOCATIONS):
+            self.remove_object_location(object_id, node_id)
+
     def forget_object(self, object_id: bytes) -> None:
         """Remove the object's entry (it was freed everywhere)."""
         self.store.delete(OBJECT_LOCATIONS, object_id)

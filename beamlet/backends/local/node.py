@@ -77,6 +77,9 @@ class JobOwner(Protocol):
     # for objects this node's store lacks, for an owner that keeps objects
     # elsewhere (a cluster driver): it should bring them into the store. An
     # owner without it (the local driver) has every object in the node's store.
+    # Optional: ``pin(object_ids)`` / ``unpin(object_ids)``, called for the refs
+    # the node's workers hold (borrow) and let go of, for an owner whose own
+    # counts are elsewhere (a cluster driver); without them, ``refs`` counts them.
 
 
 def log_error(what: str, err: BaseException | None = None) -> None:
@@ -562,10 +565,18 @@ class Node:
         self.launcher.fork(worker_id)
 
     def pin(self, object_ids) -> None:
-        self.owner.refs.incr_all(object_ids)
+        pin = getattr(self.owner, "pin", None)  # (see JobOwner)
+        if pin is not None:
+            pin(object_ids)
+        else:
+            self.owner.refs.incr_all(object_ids)
 
     def unpin(self, object_ids) -> None:
-        self.owner.refs.decr_all(object_ids)
+        unpin = getattr(self.owner, "unpin", None)
+        if unpin is not None:
+            unpin(object_ids)
+        else:
+            self.owner.refs.decr_all(object_ids)
 
     # -- freeing --------------------------------------------------------------------
     def release(self, object_id: bytes) -> None:

@@ -445,8 +445,14 @@ class LocalObjectStore(MemoryObjectStore):
         """Live objects that worker `owner` put (they die with it, as in Ray)."""
         return list(self._owned.get(owner, ()))
 
+    #: Called as ``on_lost(object_ids, error)`` after `mark_lost` (a cluster
+    #: node tells the drivers that hold copies); None: nobody to tell.
+    on_lost: Callable[[list, BaseException], None] | None = None
+
     def mark_lost(self, object_ids: list[bytes], error: BaseException) -> None:
         """Replace the objects' values with `error` (their owner died)."""
+        if self.on_lost is not None:
+            self.on_lost(object_ids, error)
         sobj = serialize(error, is_error=True)
         freed = []
         with self._cond:

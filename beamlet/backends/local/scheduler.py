@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import os
 import signal
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Iterable, Protocol
@@ -497,6 +498,33 @@ class LocalScheduler(Scheduler):
                         worker.conn.send_many(messages)
                     except exc.BackendError:
                         pass
+                    except Exception as err:  # noqa: BLE001 - one that does not pickle
+                        self._send_one_by_one(worker, messages, err)
+
+    def _send_one_by_one(self, worker: WorkerInfo, messages: list, err: BaseException) -> None:
+        """A message of `messages` cannot be sent (it does not pickle: a spec that
+        arrived from another process holding what cannot be pickled again): send
+        the others; a task that cannot be sent fails with the reason (as if its
+        worker had reported the error), and the thread that flushes goes on."""
+        for message in messages:
+            try:
+                worker.conn.send_many([message])
+                continue
+            except exc.BackendError:
+                return  # (its EOF is being handled)
+            except Exception as one:  # noqa: BLE001
+                err = one
+            if type(message) is P.Execute:
+                spec = message.spec
+                error = exc.TaskError.from_exception(TypeError(
+                    f"{spec.display_name} cannot be sent to its worker: {err}"),
+                    spec.display_name)
+                self.task_done(worker, spec.task_id,
+                               [serialize(error, is_error=True)] * len(spec.return_ids), False)
+            else:
+                print(f"beamlet: dropped a {type(message).__name__} message for worker "
+                      f"{worker.worker_id}, which cannot be sent: {err!r}", file=sys.stderr,
+                      flush=True)
 
     def _send_execute(self, worker: WorkerInfo, spec: TaskSpec, gpu_ids) -> BaseException | None:
         """Send the task to its worker. Returns the error when its arguments cannot
@@ -1259,15 +1287,23 @@ class LocalScheduler(Scheduler):
             if parent.task_id in self._tasks:
                 self._children.setdefault(parent.task_id, []).append(spec.return_ids[0])
 
-    def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True) -> None:
+    def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True) -> list:
+        """Cancel the task making `object_id` (and, `recursive`, its children).
+        Returns the children (first return ids) it does not know (finished, or
+        placed on another node by their owner), for an owner that cancels
+        them where they run."""
         with self.lock:
             task_id = self._producer.get(object_id)
             spec = self._tasks.get(task_id) if task_id else None
             if spec is None:
-                return
+                return []
             children = self._children.pop(task_id, None) if recursive else None
+            unknown = []
             for child in children or ():
-                self.cancel(child, force, True)
+                if child in self._producer:
+                    unknown.extend(self.cancel(child, force, True))
+                else:
+                    unknown.append(child)
             if spec.kind == ACTOR_CREATION:
                 raise ValueError("cancel() cannot cancel an actor's creation; use kill()")
             if spec.kind == ACTOR_METHOD:
@@ -1285,16 +1321,16 @@ class LocalScheduler(Scheduler):
                 elif record is not None and task_id in record.inflight and record.worker:
                     self._cancelled.add(task_id)
                     self._send(record.worker, P.Interrupt(task_id, False))
-                return
+                return unknown
             if task_id in self._waiting:
                 del self._waiting[task_id]
                 self._fail(spec, exc.TaskCancelledError(f"task {spec.display_name} was cancelled"))
-                return
+                return unknown
             for queue in self._queues.values():
                 if spec in queue:
                     queue.remove(spec)
                     self._fail(spec, exc.TaskCancelledError(f"task {spec.display_name} was cancelled"))
-                    return
+                    return unknown
             worker = self._running.get(task_id)
             if worker is not None:
                 self._cancelled.add(task_id)
@@ -1304,6 +1340,7 @@ class LocalScheduler(Scheduler):
                     # (Sent ahead: its worker ends the process only if that task
                     # runs by now, else fails it when it would start.)
                     self._send(worker, P.Interrupt(task_id, force))
+        return unknown
 
     # -- resources --------------------------------------------------------------
     def total_resources(self) -> dict[str, float]:

@@ -26,6 +26,12 @@ blocked in ``get`` lends its CPUs to others, which the driver does not, so
 queueing in the driver could deadlock nested tasks. When a node's connection
 drops, its tasks are retried elsewhere (per ``max_retries``) or fail, and its
 actors' calls fail with ``ActorDiedError``: no ``get`` waits on a dead node.
+A ``NodeAffinitySchedulingStrategy`` pins a call to its node (soft: while
+that node is alive and fits it). Nodes that join after ``init`` are found in
+the nodes table (every `NODES_POLL` seconds) and get work too. The nodes
+report what their schedulers tell observers, so the driver's plugins hear
+of every attempt's end and actor state as on the local backend (see
+``jobs.py``).
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ import os
 import selectors
 import sys
 import threading
+import time
 
 from ... import exceptions as exc
 from ...core import plugins
@@ -40,6 +47,7 @@ from ...core.control_store import open_control_store
 from ...core.interfaces import Backend, Scheduler
 from ...core.memory_store import MemoryObjectStore
 from ...core.options import check_backend_options
+from ...core.placement import split_node_affinity
 from ...core.scheduling import may_retry
 from ...core.serialization import serialize
 from ...core.tables import ActorState
@@ -50,6 +58,8 @@ from . import protocol as P
 from .objects import Assembly
 
 CONNECT_TIMEOUT = 10.0  # seconds to reach the head or a node
+NODES_POLL = 1.0  # seconds between looks at the nodes table, for nodes that joined since
+JOIN_TIMEOUT = 2.0  # seconds to reach a node that joined since (else: tried at the next look)
 
 
 class NodeLink:
@@ -63,6 +73,7 @@ class NodeLink:
         self.alive = True
         self.placed: dict[bytes, TaskSpec] = {}  # task id -> unfinished spec placed here
         self.load: dict[str, float] = {}  # resources of what is placed here
+        self.borrowed: set[bytes] = set()  # objects its workers hold refs to (Borrow)
 
     def fits(self, request: dict) -> bool:
         return all(self.resources.get(k, 0) >= v for k, v in request.items())
@@ -174,6 +185,9 @@ class ClusterScheduler(Scheduler):
         #: remote object -> the task that made it, whose arguments are kept
         #: (counted) while it lives, to run it again if the object is lost.
         self.lineage: dict[bytes, TaskSpec] = {}
+        #: task id -> (node id, soft): where a NodeAffinitySchedulingStrategy
+        #: pins it (taken out of its request at submit), while it is placed.
+        self.pins: dict[bytes, tuple[str, bool]] = {}
         self.closed = False
 
     # -- placement ----------------------------------------------------------------
@@ -193,7 +207,15 @@ class ClusterScheduler(Scheduler):
                            "it is unknown to this cluster")))
                     return
             else:
-                node = self._place(spec)
+                resources, pin, soft = split_node_affinity(spec.resources)
+                if pin is not None:
+                    spec.resources = resources
+                    self.pins[spec.task_id] = (pin, soft)
+                try:
+                    node = self._place(spec)
+                except ValueError:
+                    self.pins.pop(spec.task_id, None)
+                    raise
                 if spec.kind == ACTOR_CREATION:
                     self.actor_node[spec.actor_id] = node
                     self.actor_spec[spec.actor_id] = spec
@@ -202,9 +224,21 @@ class ClusterScheduler(Scheduler):
             self._send(spec, node)
 
     def _place(self, spec: TaskSpec) -> NodeLink:
-        """The least loaded alive node where the request fits; ValueError naming
-        the resource if none ever could."""
+        """The node its NodeAffinitySchedulingStrategy names, else the least
+        loaded alive node where the request fits; ValueError naming the
+        resource if none ever could (or the pinned node if it is gone)."""
         alive = [n for n in self.nodes if n.alive]
+        pin = self.pins.get(spec.task_id)
+        if pin is not None:
+            node = next((n for n in alive if n.node_id == pin[0]), None)
+            if node is not None and node.fits(spec.resources):
+                return node
+            if not pin[1]:
+                raise ValueError(
+                    f"{spec.display_name} is pinned to node {pin[0]} "
+                    f"(NodeAffinitySchedulingStrategy(soft=False)), which "
+                    + ("is not an alive node of the cluster" if node is None else
+                       f"cannot hold its request {spec.resources}"))
         fitting = [n for n in alive if n.fits(spec.resources)]
         if fitting:
             best = min(fitting, key=lambda n: n.weight(spec.resources))
@@ -307,11 +341,13 @@ class ClusterScheduler(Scheduler):
     def _forget(self, spec: TaskSpec, node: NodeLink) -> None:
         """The spec is not (or no longer) placed anywhere. Under the lock."""
         self.tasks.pop(spec.task_id, None)
+        self.pins.pop(spec.task_id, None)
         for rid in spec.return_ids:
             self.producer.pop(rid, None)
         self._unplace(spec, node)
 
     def _fail(self, spec: TaskSpec, error: BaseException) -> None:
+        self.pins.pop(spec.task_id, None)
         sobj = serialize(error, is_error=True)
         for rid in spec.return_ids:
             self.store.put_entry(rid, sobj)
@@ -335,6 +371,8 @@ class ClusterScheduler(Scheduler):
                 del self.tasks[task_id]
                 if spec.kind != ACTOR_CREATION:
                     self._unplace(spec, node)
+                    if self.pins:
+                        self.pins.pop(task_id, None)
             return spec
 
     def located(self, node: NodeLink, objects: list, pulled: bool) -> None:
@@ -443,15 +481,17 @@ class ClusterScheduler(Scheduler):
 
     def fetch(self, node: NodeLink, object_ids: list) -> None:
         """A node needs these objects: send each once we have it."""
-        def send(object_id: bytes) -> None:
+        def send(object_id: bytes, again: bool = False) -> None:
             remote = self.remote.get(object_id)
             source = remote.source() if remote is not None else None
             if source is not None:
                 node.send(P.Locations([(object_id, source.address)]))
                 return
             entry = self.store.entry(object_id)
-            if entry is None and object_id in self.producer:  # being made again
-                self.store.on_ready(object_id, send)
+            if entry is None and object_id in self.producer and not again:
+                # Being made (again): send it once it is in (or, if the store says
+                # so at once, it was let go of meanwhile: then the error below).
+                self.store.on_ready(object_id, lambda i: send(i, True))
                 return
             if entry is None or type(entry) is RemoteEntry:
                 if self.store.closed:
@@ -476,12 +516,57 @@ class ClusterScheduler(Scheduler):
         except Exception as err:  # noqa: BLE001 - the submitter gets it from get()
             self._fail(spec, exc.TaskError.from_exception(err, spec.display_name))
 
+    def borrow(self, node: NodeLink, added: list, released: list) -> None:
+        """`node`'s workers hold refs to `added` now, and to `released` no more:
+        it counts as one holder of each (until it lets go, or dies)."""
+        refs = self.backend.refs
+        with self.lock:
+            if not node.alive:
+                return
+            added = [i for i in added if i not in node.borrowed]
+            node.borrowed.update(added)
+            released = [i for i in released if i in node.borrowed]
+            node.borrowed.difference_update(released)
+        refs.incr_all(added)
+        refs.decr_all(released)
+
+    def task_finished(self, event: "P.TaskFinished") -> None:
+        """An attempt of our task ended on its node: the driver's observers hear
+        of it, as on the local backend (before its results arrive)."""
+        with self.lock:
+            entry = self.tasks.get(event.task_id)
+        if entry is None:
+            return
+        spec = entry[0]
+        spec.attempt = event.attempt
+        plugins.notify("beamlet_task_finished", spec=spec, status=event.status,
+                       duration=event.duration, pid=event.pid)
+
+    def actor_state(self, event: "P.ActorState") -> None:
+        """Our actor changed state on its node: observers hear of it; a dead
+        one's resources are free on its node at once (not when its handle goes)."""
+        if event.state == ActorState.DEAD.value:
+            with self.lock:
+                self._actor_ended(event.actor_id)
+        plugins.notify("beamlet_actor_state", actor_id=event.actor_id,
+                       class_name=event.class_name, state=event.state, reason=event.reason)
+
+    def owner_died(self, object_ids: list, reason: str) -> None:
+        """The worker (an actor) that put these objects on a node died: they die
+        with it, here too (OwnerDiedError), as on the local backend."""
+        sobj = serialize(exc.OwnerDiedError(reason), is_error=True)
+        for object_id in object_ids:
+            with self.lock:
+                self.remote.pop(object_id, None)
+            self.store.replace(object_id, sobj)
+
     def _node_died(self, node: NodeLink) -> None:
         """Retry its tasks elsewhere or fail them; its actors are dead."""
         with self.lock:
             if not node.alive:
                 return
             node.alive = False
+            borrowed, node.borrowed = list(node.borrowed), set()
             self._objects_lost(node)  # (first: a retried task may need one made again)
             placed, node.placed = list(node.placed.values()), {}
             node.load = {}
@@ -527,9 +612,13 @@ class ClusterScheduler(Scheduler):
                     except exc.BackendError:
                         pass
         self.backend.node_died(node)
+        self.backend.refs.decr_all(borrowed)  # (its workers hold nothing any more)
 
     # -- Scheduler ---------------------------------------------------------------
-    def cancel(self, object_id: bytes, force: bool = False) -> None:
+    def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True) -> None:
+        """Cancel on its node; with `recursive`, that node cancels the children
+        it runs too and names the others (``CancelChildren``), which are
+        cancelled where they run (`cancel_children`)."""
         with self.lock:
             task_id = self.producer.get(object_id)
             entry = self.tasks.get(task_id) if task_id is not None else None
@@ -540,7 +629,15 @@ class ClusterScheduler(Scheduler):
             raise ValueError("cancel() cannot cancel an actor's creation; use kill()")
         if spec.kind == ACTOR_METHOD and force:
             raise ValueError("force=True is not supported for actor calls; use kill()")
-        node.send(P.CancelTask(object_id, force))
+        node.send(P.CancelTask(object_id, force, recursive))
+
+    def cancel_children(self, object_ids: list, force: bool) -> None:
+        """A node cancelled a task whose children (these) it does not run."""
+        for object_id in object_ids:
+            try:
+                self.cancel(object_id, force, True)
+            except ValueError:
+                pass  # (not a task: children are tasks, but a node's word is not checked)
 
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
         with self.lock:
@@ -554,8 +651,10 @@ class ClusterScheduler(Scheduler):
         """Its resources are free on its node (for placement). Under the lock."""
         spec = self.actor_spec.pop(actor_id, None)
         node = self.actor_node.get(actor_id)
-        if spec is not None and node is not None:
-            self._unplace(spec, node)
+        if spec is not None:
+            self.pins.pop(spec.task_id, None)
+            if node is not None:
+                self._unplace(spec, node)
 
     def release_token(self, object_id: bytes) -> None:
         with self.lock:
@@ -596,6 +695,7 @@ class ClusterBackend(Backend):
     isolated = True
     zero_copy = False  # (results come over the network into the driver's memory)
     multi_node = True
+    node_affinity = True
 
     #: init() keywords of this backend, beyond the common ones.
     accepted_options = frozenset({"token"})
@@ -692,7 +792,10 @@ class ClusterBackend(Backend):
                 "sys_path": list(sys.path), "cwd": os.getcwd(),
                 "runtime_env": self.runtime.runtime_env,
                 "job_metadata": self.runtime.job_metadata,
-                "default_actor_lifetime": self.runtime.default_actor_lifetime}
+                "default_actor_lifetime": self.runtime.default_actor_lifetime,
+                # (each attempt's end costs a message: only for a driver with
+                # plugins that observe it, as they stand at init)
+                "task_events": plugins.observer("beamlet_task_finished") is not None}
 
     # -- the I/O thread: every node's messages ------------------------------------
     def _io_loop(self) -> None:
@@ -701,9 +804,15 @@ class ClusterBackend(Backend):
         for link in self._links:
             sel.register(link.conn.fileno(), selectors.EVENT_READ, link)
         watched = set(self._links)
+        next_look = time.monotonic() + NODES_POLL
         try:
             while not self._closed:
                 sel.select(timeout=0.5)
+                if time.monotonic() >= next_look:
+                    for link in self._join_new_nodes():
+                        sel.register(link.conn.fileno(), selectors.EVENT_READ, link)
+                        watched.add(link)
+                    next_look = time.monotonic() + NODES_POLL
                 # (every link each turn: a closed connection may not wake its fd)
                 for link in self._links:
                     if link.alive:
@@ -715,6 +824,32 @@ class ClusterBackend(Backend):
                         link.conn.close()
         finally:
             sel.close()
+
+    def _join_new_nodes(self) -> list[NodeLink]:
+        """Connect to the nodes that joined the cluster since we looked (the
+        nodes table), so that they get work too. The new links (the I/O thread)."""
+        try:
+            infos = self.scheduler.tables.nodes()
+        except exc.BackendError:
+            return []  # (the control store is away: next time)
+        known = {link.node_id for link in self._links}
+        new = []
+        for info in infos:
+            if info.node_id in known or info.state != "ALIVE":
+                continue
+            try:
+                conn = self.transport.connect(info.address, timeout=JOIN_TIMEOUT)
+            except exc.BackendError:
+                continue  # (dying, or not listening yet: next time)
+            link = NodeLink({"node_id": info.node_id, "address": info.address,
+                             "resources": info.resources}, conn)
+            if not link.send(P.DriverHello(self.job_config())):
+                conn.close()
+                continue
+            with self.scheduler.lock:
+                self._links.append(link)  # (the scheduler's `nodes` too)
+            new.append(link)
+        return new
 
     def _drain(self, link: NodeLink) -> None:
         try:
@@ -757,6 +892,16 @@ class ClusterBackend(Backend):
                     sched.fetch(link, message.object_ids)
                 elif kind is P.NestedSubmit:
                     sched.nested(message.spec, message.objects)
+                elif kind is P.CancelChildren:
+                    sched.cancel_children(message.object_ids, message.force)
+                elif kind is P.TaskFinished:
+                    sched.task_finished(message)
+                elif kind is P.ActorState:
+                    sched.actor_state(message)
+                elif kind is P.Borrow:
+                    sched.borrow(link, message.added, message.released)
+                elif kind is P.OwnerDied:
+                    sched.owner_died(message.object_ids, message.reason)
             except Exception as err:  # noqa: BLE001 - one bad message must not stop the thread
                 import traceback
                 print(f"beamlet: error handling {kind.__name__} from node {link.node_id}: "

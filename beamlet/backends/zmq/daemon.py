@@ -314,6 +314,7 @@ class HeadDaemon(Daemon):
         while self._dead:
             try:
                 self.tables.mark_node_dead(self._dead[0])
+                self.tables.remove_node_locations(self._dead[0])
             except exc.BackendError as err:
                 self._redis_down(err)
                 return

@@ -23,10 +23,25 @@ drivers connected over ZeroMQ (the messages are in ``protocol.py``).
   answers with the value or where to pull it from.
 - An actor's creation result (its token) is held until the driver lets go
   of the actor (``Release``) or leaves: then the node's scheduler ends it.
+- Refs the node's workers hold (the Node's `pin`/`unpin`) are counted for
+  the driver, which owns the objects: it hears when the first is held here
+  and when the last goes (``Borrow``), so it never frees what a worker here
+  still holds (e.g. refs kept in an actor).
+- What the node's scheduler tells its observers (a task attempt's end, an
+  actor's state) goes to the driver whose task or actor it is
+  (``TaskFinished``, ``ActorState``), for the driver's hooks (task ends only
+  to a driver whose plugins observe them: ``task_events`` in its job
+  settings); objects a dead
+  worker put die in the drivers too (``OwnerDied``). A recursive cancel
+  cancels the children the node runs, and names the others to the driver
+  (``CancelChildren``).
 
 Workers are shared by the node's drivers, and get the job settings of the
 driver that joined last (``job_config``); nested submissions go to that
-driver too. One driver at a time is what this supports fully.
+driver too. When that driver changes (one joins, or the last one leaves),
+the idle workers are let go: a worker keeps the settings it started with
+(sys.path, cwd, runtime_env, metadata), so a later job must not inherit
+them. One driver at a time is what this supports fully.
 """
 from __future__ import annotations
 
@@ -36,7 +51,9 @@ import sys
 import threading
 
 from ... import exceptions as exc
+from ...core import plugins
 from ...core.refcount import ReferenceCounter
+from ...core.scheduling import RETRYING
 from ...core.serialization import serialize
 from ...core.task_spec import ACTOR_CREATION
 from ..local.protocol import ShmEntry
@@ -76,11 +93,76 @@ class DriverOwner:
         #: (add?, object id): changes to what this node holds, to record in the
         #: control store (``record_locations``).
         self.locations: collections.deque = collections.deque()
+        #: task id -> the driver whose task it is, until its last attempt ends;
+        #: actor id -> the driver whose actor it is, until it is dead (whom
+        #: the node's observer hooks are reported to).
+        self.task_driver: dict[bytes, DriverLink] = {}
+        self.actor_driver: dict[bytes, DriverLink] = {}
+        #: object id -> refs to it the node's workers hold (the driver is told
+        #: when one is first held here, and when none is any more: ``Borrow``).
+        self.borrowed: collections.Counter = collections.Counter()
 
     def attach(self, node, transport) -> None:
         """The daemon made its Node: pulls from other nodes go over `transport`."""
         self.node = node
         self.puller = Puller(transport, node.object_store, self._pulled, self._pull_failed)
+        node.object_store.on_lost = self._owner_died
+        plugins.add_listener("beamlet_task_finished", self._task_finished)
+        plugins.add_listener("beamlet_actor_state", self._actor_state)
+
+    # -- refs the node's workers hold (the Node's pin/unpin) ---------------------
+    def pin(self, object_ids) -> None:
+        """Workers here hold these refs: keep the objects here, and have the
+        driver (which owns them) count this node among their holders, so that
+        it does not free what only a worker here still holds."""
+        self.refs.incr_all(object_ids)
+        added = []
+        with self.lock:
+            borrowed = self.borrowed
+            for object_id in object_ids:
+                borrowed[object_id] += 1
+                if borrowed[object_id] == 1:
+                    added.append(object_id)
+        link = self.current
+        if added and link is not None:
+            link.send(P.Borrow(added, []))
+
+    def unpin(self, object_ids) -> None:
+        released = []
+        with self.lock:
+            borrowed = self.borrowed
+            for object_id in object_ids:
+                if borrowed[object_id] <= 1:
+                    if borrowed.pop(object_id, 0):
+                        released.append(object_id)
+                else:
+                    borrowed[object_id] -= 1
+        link = self.current
+        if released and link is not None:
+            link.send(P.Borrow([], released))
+        self.refs.decr_all(object_ids)
+
+    # -- what the node's scheduler tells observers: for the driver's --------------
+    def _task_finished(self, spec, status, duration, pid) -> None:
+        if status == RETRYING:
+            link = self.task_driver.get(spec.task_id)
+        else:
+            link = self.task_driver.pop(spec.task_id, None)
+        if link is not None:
+            link.send(P.TaskFinished(spec.task_id, spec.attempt, status, duration, pid))
+
+    def _actor_state(self, actor_id, class_name, state, reason) -> None:
+        if state == "DEAD":
+            link = self.actor_driver.pop(actor_id, None)
+        else:
+            link = self.actor_driver.get(actor_id)
+        if link is not None:
+            link.send(P.ActorState(actor_id, class_name, str(state), reason))
+
+    def _owner_died(self, object_ids, error) -> None:
+        """Objects a dead worker put here die with it: in the drivers too."""
+        for link in list(self.drivers.values()):
+            link.send(P.OwnerDied(list(object_ids), str(error)))
 
     def _released(self, object_id: bytes) -> None:
         # Only present objects: deleting an absent id would make the store
@@ -230,7 +312,7 @@ class DriverOwner:
         if kind is P.DriverHello:
             if link is None and isinstance(message.job_config, dict):
                 link = self.drivers[conn] = DriverLink(conn, message.job_config)
-                self.current = link
+                self._set_current(link)
             return
         if link is None:
             raise ValueError(f"{P.describe(message)} before DriverHello")
@@ -246,11 +328,22 @@ class DriverOwner:
                                 if i in link.tokens or i in link.held])
         elif kind is P.CancelTask:
             try:
-                self.node.scheduler.cancel(message.object_id, message.force)
+                elsewhere = self.node.scheduler.cancel(message.object_id, message.force,
+                                                       message.recursive)
             except ValueError:
-                pass  # the driver checked what it could; the rest cannot be told
+                return  # the driver checked what it could; the rest cannot be told
+            if elsewhere:
+                link.send(P.CancelChildren(elsewhere, message.force))
         elif kind is P.KillActor:
             self.node.scheduler.kill_actor(message.actor_id, message.no_restart)
+
+    def _set_current(self, link: DriverLink | None) -> None:
+        """`link`'s driver is the one whose job settings new workers get. Idle
+        workers started with another job's settings are let go (busy ones
+        finish their task first, and are reused: see the module's note)."""
+        old, self.current = self.current, link
+        if link is not None and (old is None or old.job_config != link.job_config):
+            self.node.scheduler.reap_idle(0, 0.0)
 
     def _store(self, objects) -> None:
         store = self.node.object_store
@@ -270,7 +363,10 @@ class DriverOwner:
         missing = [d for d in deps if d not in located and not store.contains(d)]
         if missing:
             self.fetch(missing)
+        if link.job_config.get("task_events"):
+            self.task_driver[spec.task_id] = link
         if spec.kind == ACTOR_CREATION:
+            self.actor_driver[spec.actor_id] = link
             token = spec.return_ids[0]
             self.refs.incr(token)  # until the driver lets go of the actor
             link.tokens.add(token)
@@ -315,10 +411,15 @@ class DriverOwner:
         link = self.drivers.pop(conn, None)
         if link is None:
             return
+        for table in (self.task_driver, self.actor_driver):
+            for key in [k for k, v in table.items() if v is link]:
+                table.pop(key, None)
         if self.current is link:
-            self.current = next(iter(self.drivers.values()), None)
+            self._set_current(next(iter(self.drivers.values()), None))
         self._let_go(link, list(link.tokens) + list(link.held))
 
     def close(self) -> None:
+        plugins.remove_listener("beamlet_task_finished", self._task_finished)
+        plugins.remove_listener("beamlet_actor_state", self._actor_state)
         if self.puller is not None:
             self.puller.close()

@@ -33,7 +33,15 @@ driver's own get) pulls it from there in chunks (``objects.py``).
     node -> driver   NestedSubmit(spec, objects)   a worker's submission
     driver -> node   Release(object_ids)        actor tokens and objects kept for
                                                 the driver that it let go of
-    driver -> node   CancelTask(object_id, force) / KillActor(actor_id, no_restart)
+    driver -> node   CancelTask(object_id, force, recursive) / KillActor(actor_id, no_restart)
+    node -> driver   CancelChildren(object_ids, force)   cancel these children of a
+                                                cancelled task (not run on this node)
+    node -> driver   TaskFinished(...) / ActorState(...)   what the node's
+                                                scheduler told its observers, for
+                                                the driver's (plugins' hooks)
+    node -> driver   OwnerDied(object_ids, reason)   objects a dead worker put
+    node -> driver   Borrow(added, released)    refs the node's workers hold
+                                                (first one) or let go of (last)
     any -> node      Pull(object_ids)           send me these (a peer node or driver)
     node -> puller   Chunk(...) per piece, or Missing(object_ids)
 """
@@ -41,7 +49,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-VERSION = "beamlet-cluster/3"  # 2: drivers run tasks on nodes; 3: nodes pull objects
+VERSION = "beamlet-cluster/4"  # 2: drivers run tasks on nodes; 3: nodes pull objects;
+# 4: nodes report task ends and actor states, recursive cancel across nodes
 
 #: Seconds between a member's heartbeats, and of silence after which the head
 #: declares it dead (at once when its connection drops).
@@ -145,6 +154,43 @@ class Release(NamedTuple):
 class CancelTask(NamedTuple):
     object_id: bytes
     force: bool
+    recursive: bool
+
+
+class CancelChildren(NamedTuple):
+    object_ids: list  # the first return ids of the children to cancel, recursively
+    force: bool
+
+
+class Borrow(NamedTuple):
+    """The node's workers now hold refs to `added`, and none any more to
+    `released`: the driver counts the node as one holder of each."""
+    added: list
+    released: list
+
+
+class OwnerDied(NamedTuple):
+    """Objects a worker put on the node died with it (OwnerDiedError)."""
+    object_ids: list
+    reason: str
+
+
+class TaskFinished(NamedTuple):
+    """An attempt of the driver's task ended on the node (the
+    ``beamlet_task_finished`` hook's arguments; sent before its results)."""
+    task_id: bytes
+    attempt: int
+    status: str
+    duration: float
+    pid: int | None
+
+
+class ActorState(NamedTuple):
+    """The driver's actor changed state on the node (``beamlet_actor_state``)."""
+    actor_id: bytes
+    class_name: str
+    state: str
+    reason: str
 
 
 class KillActor(NamedTuple):
@@ -186,7 +232,8 @@ TO_HEAD = frozenset({NodeJoin, Heartbeat, StatusRequest, DriverJoin})
 FROM_DRIVER = frozenset({DriverHello, RunTask, Objects, Locations, Release, CancelTask,
                          KillActor, Pull})
 #: What a driver accepts from a node.
-TO_DRIVER = frozenset({Objects, Located, Fetch, NestedSubmit, Chunk, Missing})
+TO_DRIVER = frozenset({Objects, Located, Fetch, NestedSubmit, Chunk, Missing, CancelChildren,
+                       TaskFinished, ActorState, OwnerDied, Borrow})
 #: What a node accepts from a node it pulls from.
 TO_PULLER = frozenset({Chunk, Missing})
 TO_MEMBER = frozenset({JoinAccepted, Refused})
