@@ -116,6 +116,8 @@ def main() -> None:
     parser.add_argument("--rows", "--only", default=DEFAULT_ROWS,
                         help=f"comma-separated rows (default {DEFAULT_ROWS}; also 10000x1)")
     parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument("--columns", default="beamlet,ray,ray_reuse",
+                        help="which of beamlet,ray,ray_reuse to run (default all)")
     parser.add_argument("--ray-python", default=os.environ.get("BEAMLET_BENCH_PYTHON",
                                                                DEFAULT_RAY_PYTHON))
     parser.add_argument("--ray-timeout", type=float, default=600.0)
@@ -132,13 +134,20 @@ def main() -> None:
     results = {}
     print("| row | beamlet (reuse_actors) | Ray Tune | Ray Tune, reuse_actors=True |")
     print("|---|---|---|---|")
+    columns = set(args.columns.split(","))
+    unknown = columns - {"beamlet", "ray", "ray_reuse"}
+    if unknown:
+        parser.error(f"unknown column(s) {', '.join(sorted(unknown))}")
     for row in args.rows.split(","):
-        entry = results[row] = {"beamlet": _run(sys.executable, "beamlet", row, True, 3600)}
-        if ray_ok:
+        entry = results[row] = {}
+        if "beamlet" in columns:
+            entry["beamlet"] = _run(sys.executable, "beamlet", row, True, 3600)
+        if ray_ok and "ray" in columns:
             entry["ray"] = _run(args.ray_python, "ray", row, False, args.ray_timeout)
+        if ray_ok and "ray_reuse" in columns:
             entry["ray_reuse"] = _run(args.ray_python, "ray", row, True, args.ray_timeout)
-        cells = [_cell(entry["beamlet"])] + [_cell(entry[k]) if k in entry else "not run"
-                                             for k in ("ray", "ray_reuse")]
+        cells = [_cell(entry[k]) if k in entry else "not run"
+                 for k in ("beamlet", "ray", "ray_reuse")]
         print(f"| {row} | " + " | ".join(cells) + " |", flush=True)
     if args.json:
         with open(args.json, "w") as f:

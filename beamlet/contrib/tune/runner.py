@@ -27,6 +27,7 @@ import warnings
 
 import beamlet
 from beamlet import exceptions as bexc
+from beamlet.core import runtime
 
 from .error import TuneError
 from .loggers import Callback
@@ -216,6 +217,11 @@ class TrialRunner:
 
     def _setup(self) -> None:
         self._total = dict(beamlet.cluster_resources())
+        # Workers started from now on have the trial actor's module imported
+        # (~50 ms less per new worker, where the backend can do it).
+        preload = getattr(runtime.current().backend, "preload", None)
+        if preload is not None:
+            preload([TrialActor.__module__])
         for exp in self._experiments:
             os.makedirs(exp.path, exist_ok=True)
             log = self._logs[exp.path] = ExperimentStateLog(exp.path)
