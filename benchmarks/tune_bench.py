@@ -14,6 +14,9 @@ same code against Ray's API: ``Tuner(...).fit()``):
   (score = x * t / (t + 5), x drawn with a fixed seed): the best trial's x
   must be the same for both.
 
+Each cell: wall time of ``fit()`` (per trial), and the machine's 1-minute
+load average before and after it (the driver's CPU time is in ``--json``).
+
 Ray runs in its own interpreter (``--ray-python``, default ``../raybench-venv``
 next to the checkout, or ``$BEAMLET_BENCH_PYTHON``) and needs ``ray[tune]``
 there; a row whose Ray run fails or exceeds ``--ray-timeout`` says so.
@@ -73,11 +76,13 @@ def _child(framework: str, row: str, reuse: bool, storage: str) -> dict:
             tune_config=tune.TuneConfig(num_samples=trials, reuse_actors=reuse),
             run_config=tune.RunConfig(storage_path=storage, name=f"noop{row}",
                                       verbose=verbose))
-    start = time.perf_counter()
+    load = os.getloadavg()[0]
+    start, cpu = time.perf_counter(), time.process_time()
     grid = tuner.fit()
     wall = time.perf_counter() - start
     out = {"wall_s": wall, "per_trial_ms": wall / trials * 1e3, "trials": len(grid),
-           "errors": grid.num_errors}
+           "errors": grid.num_errors, "driver_cpu_s": time.process_time() - cpu,
+           "load": [load, os.getloadavg()[0]]}
     if row == "asha":
         best = grid.get_best_result()
         out["best_x"] = best.config["x"]
@@ -106,6 +111,8 @@ def _cell(result: dict) -> str:
     if "error" in result:
         return f"({result['error']})"
     text = f"{result['wall_s']:.2f} s ({result['per_trial_ms']:.1f} ms/trial)"
+    if "load" in result:  # the machine's 1-minute load average, before and after
+        text += " load {:.0f}-{:.0f}".format(*result["load"])
     if "best_x" in result:
         text += f" best x={result['best_x']:.4f}"
     return text

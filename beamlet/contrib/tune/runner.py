@@ -763,7 +763,7 @@ class TrialRunner:
         tmp = path + ".tmp"
         try:
             with open(tmp, "w") as f:
-                json.dump(state, f, default=json_default)
+                f.write(json.dumps(state, default=json_default))  # (dump: no C encoder)
             os.replace(tmp, path)
         except OSError:  # a convenience; results are in the trial dirs and the log
             pass
