@@ -92,6 +92,16 @@ def _child(framework: str, row: str, reuse: bool, storage: str) -> dict:
 
 
 def _run(python: str, framework: str, row: str, reuse: bool, timeout: float) -> dict:
+    # Ray gives its node 30 s to start (fixed in ray/_private/node.py): on a loaded
+    # machine it may not, which says nothing of Tune; try again (at most twice).
+    for _ in range(3):
+        result = _run_once(python, framework, row, reuse, timeout)
+        if "timed out during startup" not in result.get("error", ""):
+            break
+    return result
+
+
+def _run_once(python: str, framework: str, row: str, reuse: bool, timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="tune-bench-") as storage:
         cmd = [python, os.path.abspath(__file__), "--child", framework, "--row", row,
                "--storage", storage] + (["--reuse"] if reuse else [])

@@ -675,9 +675,11 @@ class TrialRunner:
     # -- helpers -------------------------------------------------------------------
     def _search_complete(self, trial: Trial, error: bool = False) -> None:
         if trial._experiment is not None:
-            trial._experiment.search_alg.on_trial_complete(
-                trial.trial_id, result=trial.last_result or None, error=error)
-            self._search_dirty.add(trial.experiment_path)
+            search_alg = trial._experiment.search_alg
+            search_alg.on_trial_complete(trial.trial_id, result=trial.last_result or None,
+                                         error=error)
+            if search_alg.learns:
+                self._search_dirty.add(trial.experiment_path)
 
     def _call(self, hook: str, **kwargs) -> None:
         for cb in self._callbacks:
