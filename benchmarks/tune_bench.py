@@ -11,8 +11,9 @@ same code against Ray's API: ``Tuner(...).fit()``):
   200x10, 1000x1, and 100x10 / 400x10 / 1600x10 for the time per trial as the
   number of trials grows); Ray with and without ``reuse_actors``;
 * ``asha``: ASHA on 64 trials x 50 reports of a seed-fixed objective
-  (score = x * t / (t + 5), x drawn with a fixed seed): the best trial's x
-  must be the same for both.
+  (score = x * t / (t + 5), the same 64 x for both, drawn with a fixed
+  seed): the best trial's x (the largest, if ASHA keeps the best trial) must
+  be the same for both.
 
 Each cell: wall time of ``fit()`` (per trial), and the machine's 1-minute
 load average before and after it (the driver's CPU time is in ``--json``).
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -42,13 +44,11 @@ def _child(framework: str, row: str, reuse: bool, storage: str) -> dict:
         import ray as fw
         from ray import tune
         from ray.tune.schedulers import ASHAScheduler
-        from ray.tune.search.basic_variant import BasicVariantGenerator
     else:
         sys.path.insert(0, REPO)
         import beamlet as fw
         from beamlet import tune
         from beamlet.tune.schedulers import ASHAScheduler
-        from beamlet.tune.search import BasicVariantGenerator
     fw.init(num_cpus=2)
 
     def noop(config):
@@ -61,12 +61,14 @@ def _child(framework: str, row: str, reuse: bool, storage: str) -> dict:
 
     verbose = 0
     if row == "asha":
+        # The same 64 x for both (each framework's own sampling would draw others).
+        rng = random.Random(7)
+        xs = [rng.random() for _ in range(64)]
         tuner = tune.Tuner(
-            objective, param_space={"x": tune.uniform(0, 1)},
+            objective, param_space={"x": tune.grid_search(xs)},
             tune_config=tune.TuneConfig(
-                metric="score", mode="max", num_samples=64, reuse_actors=reuse,
-                scheduler=ASHAScheduler(max_t=50, grace_period=1, reduction_factor=4),
-                search_alg=BasicVariantGenerator(random_state=7)),
+                metric="score", mode="max", num_samples=1, reuse_actors=reuse,
+                scheduler=ASHAScheduler(max_t=50, grace_period=1, reduction_factor=4)),
             run_config=tune.RunConfig(storage_path=storage, name="asha", verbose=verbose))
         trials = 64
     else:
