@@ -11,8 +11,12 @@ same code against Ray's API: ``Tuner(...).fit()``):
   200x10, 1000x1, and 100x10 / 400x10 / 1600x10 for the time per trial as the
   number of trials grows); Ray with and without ``reuse_actors``;
 * ``asha``: ASHA on 64 trials x 50 reports of a seed-fixed objective
-  (score = x * t / (t + 5), x drawn with a fixed seed): the best trial's x
-  must be the same for both.
+  (score = x * t / (t + 5), the same 64 x for both, drawn with a fixed
+  seed): the best trial's x (the largest, if ASHA keeps the best trial) must
+  be the same for both.
+
+Each cell: wall time of ``fit()`` (per trial), and the machine's 1-minute
+load average before and after it (the driver's CPU time is in ``--json``).
 
 Ray runs in its own interpreter (``--ray-python``, default ``../raybench-venv``
 next to the checkout, or ``$BEAMLET_BENCH_PYTHON``) and needs ``ray[tune]``
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -39,13 +44,11 @@ def _child(framework: str, row: str, reuse: bool, storage: str) -> dict:
         import ray as fw
         from ray import tune
         from ray.tune.schedulers import ASHAScheduler
-        from ray.tune.search.basic_variant import BasicVariantGenerator
     else:
         sys.path.insert(0, REPO)
         import beamlet as fw
         from beamlet import tune
         from beamlet.tune.schedulers import ASHAScheduler
-        from beamlet.tune.search import BasicVariantGenerator
     fw.init(num_cpus=2)
 
     def noop(config):
@@ -58,12 +61,14 @@ def _child(framework: str, row: str, reuse: bool, storage: str) -> dict:
 
     verbose = 0
     if row == "asha":
+        # The same 64 x for both (each framework's own sampling would draw others).
+        rng = random.Random(7)
+        xs = [rng.random() for _ in range(64)]
         tuner = tune.Tuner(
-            objective, param_space={"x": tune.uniform(0, 1)},
+            objective, param_space={"x": tune.grid_search(xs)},
             tune_config=tune.TuneConfig(
-                metric="score", mode="max", num_samples=64, reuse_actors=reuse,
-                scheduler=ASHAScheduler(max_t=50, grace_period=1, reduction_factor=4),
-                search_alg=BasicVariantGenerator(random_state=7)),
+                metric="score", mode="max", num_samples=1, reuse_actors=reuse,
+                scheduler=ASHAScheduler(max_t=50, grace_period=1, reduction_factor=4)),
             run_config=tune.RunConfig(storage_path=storage, name="asha", verbose=verbose))
         trials = 64
     else:
@@ -73,11 +78,13 @@ def _child(framework: str, row: str, reuse: bool, storage: str) -> dict:
             tune_config=tune.TuneConfig(num_samples=trials, reuse_actors=reuse),
             run_config=tune.RunConfig(storage_path=storage, name=f"noop{row}",
                                       verbose=verbose))
-    start = time.perf_counter()
+    load = os.getloadavg()[0]
+    start, cpu = time.perf_counter(), time.process_time()
     grid = tuner.fit()
     wall = time.perf_counter() - start
     out = {"wall_s": wall, "per_trial_ms": wall / trials * 1e3, "trials": len(grid),
-           "errors": grid.num_errors}
+           "errors": grid.num_errors, "driver_cpu_s": time.process_time() - cpu,
+           "load": [load, os.getloadavg()[0]]}
     if row == "asha":
         best = grid.get_best_result()
         out["best_x"] = best.config["x"]
@@ -87,6 +94,16 @@ def _child(framework: str, row: str, reuse: bool, storage: str) -> dict:
 
 
 def _run(python: str, framework: str, row: str, reuse: bool, timeout: float) -> dict:
+    # Ray gives its node 30 s to start (fixed in ray/_private/node.py): on a loaded
+    # machine it may not, which says nothing of Tune; try again (at most twice).
+    for _ in range(3):
+        result = _run_once(python, framework, row, reuse, timeout)
+        if "timed out during startup" not in result.get("error", ""):
+            break
+    return result
+
+
+def _run_once(python: str, framework: str, row: str, reuse: bool, timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="tune-bench-") as storage:
         cmd = [python, os.path.abspath(__file__), "--child", framework, "--row", row,
                "--storage", storage] + (["--reuse"] if reuse else [])
@@ -106,6 +123,8 @@ def _cell(result: dict) -> str:
     if "error" in result:
         return f"({result['error']})"
     text = f"{result['wall_s']:.2f} s ({result['per_trial_ms']:.1f} ms/trial)"
+    if "load" in result:  # the machine's 1-minute load average, before and after
+        text += " load {:.0f}-{:.0f}".format(*result["load"])
     if "best_x" in result:
         text += f" best x={result['best_x']:.4f}"
     return text
@@ -116,6 +135,8 @@ def main() -> None:
     parser.add_argument("--rows", "--only", default=DEFAULT_ROWS,
                         help=f"comma-separated rows (default {DEFAULT_ROWS}; also 10000x1)")
     parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument("--columns", default="beamlet,ray,ray_reuse",
+                        help="which of beamlet,ray,ray_reuse to run (default all)")
     parser.add_argument("--ray-python", default=os.environ.get("BEAMLET_BENCH_PYTHON",
                                                                DEFAULT_RAY_PYTHON))
     parser.add_argument("--ray-timeout", type=float, default=600.0)
@@ -132,13 +153,20 @@ def main() -> None:
     results = {}
     print("| row | beamlet (reuse_actors) | Ray Tune | Ray Tune, reuse_actors=True |")
     print("|---|---|---|---|")
+    columns = set(args.columns.split(","))
+    unknown = columns - {"beamlet", "ray", "ray_reuse"}
+    if unknown:
+        parser.error(f"unknown column(s) {', '.join(sorted(unknown))}")
     for row in args.rows.split(","):
-        entry = results[row] = {"beamlet": _run(sys.executable, "beamlet", row, True, 3600)}
-        if ray_ok:
+        entry = results[row] = {}
+        if "beamlet" in columns:
+            entry["beamlet"] = _run(sys.executable, "beamlet", row, True, 3600)
+        if ray_ok and "ray" in columns:
             entry["ray"] = _run(args.ray_python, "ray", row, False, args.ray_timeout)
+        if ray_ok and "ray_reuse" in columns:
             entry["ray_reuse"] = _run(args.ray_python, "ray", row, True, args.ray_timeout)
-        cells = [_cell(entry["beamlet"])] + [_cell(entry[k]) if k in entry else "not run"
-                                             for k in ("ray", "ray_reuse")]
+        cells = [_cell(entry[k]) if k in entry else "not run"
+                 for k in ("beamlet", "ray", "ray_reuse")]
         print(f"| {row} | " + " | ".join(cells) + " |", flush=True)
     if args.json:
         with open(args.json, "w") as f:

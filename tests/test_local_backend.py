@@ -1718,3 +1718,23 @@ def test_a_dead_zygote_is_replaced(start):
     assert len(set(pids)) == 3
     assert backend.node.launcher.proc is not old and backend.node.launcher.proc.poll() is None
     assert ray.get(first.pid.remote(), timeout=30) > 0  # the first actor lived on
+
+
+def test_workers_forked_after_preload_have_the_modules(start):
+    """Backend.preload: the zygote imports the modules, so workers forked after
+    start with them (beamlet.tune preloads its trial actor's module)."""
+    backend = start()
+
+    @ray.remote(num_cpus=0)
+    class Has:
+        def has(self, name):
+            return name in sys.modules
+
+    # (three: they take the workers forked at init, and one more)
+    before = [Has.remote() for _ in range(3)]
+    assert ray.get([a.has.remote("wave") for a in before], timeout=30) == [False] * 3
+    backend.preload(["wave"])
+    after = Has.remote()
+    assert ray.get(after.has.remote("wave"), timeout=30) is True
+    with pytest.raises(ValueError, match="not a module name"):
+        backend.preload(["wave; rm"])

@@ -351,11 +351,38 @@ def test_default_storage_is_home_beamlet_results(on_backend, tmp_path, monkeypat
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboardX") is None,
-                    reason="tensorboardX is not installed")
+                    reason="tensorboardX (whose protobuf and CRC-32C read the file back) "
+                           "is not installed")
 def test_tensorboard_event_files(on_backend, storage):
-    analysis = tune.run(report_n, storage_path=storage, verbose=0)
-    assert any(name.startswith("events.out.tfevents")
-               for name in os.listdir(analysis.trials[0].path))
+    """The event file (written without tensorboardX), read back with
+    tensorboardX's Event protobuf and CRC-32C: the file version, then each
+    result's scalars at its training_iteration."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.record_writer import masked_crc32c
+
+    analysis = tune.run(report_n, config={"n": 3, "x": 2}, storage_path=storage, verbose=0)
+    path = analysis.trials[0].path
+    names = [n for n in os.listdir(path) if n.startswith("events.out.tfevents")]
+    assert len(names) == 1
+    with open(os.path.join(path, names[0]), "rb") as f:
+        data = f.read()
+    events, pos = [], 0
+    while pos < len(data):
+        header = data[pos:pos + 8]
+        (length,) = struct.unpack("<Q", header)
+        assert struct.unpack("<I", data[pos + 8:pos + 12])[0] == masked_crc32c(header)
+        body = data[pos + 12:pos + 12 + length]
+        assert struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])[0] == \
+            masked_crc32c(body)
+        events.append(Event.FromString(body))
+        pos += 16 + length
+    assert events[0].file_version == "brain.Event:2"
+    scalars = [(e.step, {v.tag: v.simple_value for v in e.summary.value}) for e in events[1:]]
+    # (the last result twice: as in Ray, a trial's end logs it again with done=True)
+    assert [step for step, _ in scalars] == [1, 2, 3, 3]
+    assert [values["beamlet/tune/score"] for _, values in scalars] == [2.0, 4.0, 6.0, 6.0]
 
 
 # -- statuses and errors --------------------------------------------------------

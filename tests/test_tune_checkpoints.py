@@ -2,9 +2,10 @@
 tune.get_checkpoint, class trainables through save_checkpoint /
 load_checkpoint, checkpoint_freq / checkpoint_at_end / keep_checkpoints_num,
 max_failures retrying a failed trial from its latest checkpoint, and resuming
-after the driver was SIGKILLed (trials, and HyperBand's and PBT's state)."""
+after the driver was SIGKILLed (trials, and the schedulers' and searchers' state)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -330,3 +331,82 @@ def test_killed_driver_resumes_pbt_with_its_state(tmp_path):
     _, state = ExperimentStateLog.read_all(str(results / "exp"))
     numbers = {int(p.name.split("_")[1]) for p in results.glob("exp/*/exploit_*")}
     assert numbers == set(range(state["num_perturbations"]))
+
+
+RULES_SCRIPT = """
+import json, os, sys, time
+import beamlet
+from beamlet import tune
+from beamlet.tune.schedulers import ASHAScheduler, MedianStoppingRule
+from beamlet.tune.search import ConcurrencyLimiter, Searcher
+
+marks, storage, which, how = sys.argv[1:5]
+
+def steps(config):
+    if config["x"] == 3 and how == "fresh":
+        open(os.path.join(marks, "blocked"), "w").close()
+        time.sleep(120)  # killed here, before its first result
+    for i in range(1, 5):
+        tune.report({"i": i, "score": config["x"]})
+
+class InOrder(Searcher):
+    def __init__(self):
+        super().__init__()
+        self.todo, self.ended = [1, 5, 6, 3], {}
+    def suggest(self, trial_id):
+        return {"x": self.todo.pop(0)}
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        self.ended[trial_id] = result["score"]
+
+beamlet.init(num_cpus=1)
+kwargs = dict(name="exp", storage_path=storage, verbose=0, metric="score", mode="max",
+              max_concurrent_trials=1, resume=(how == "resume"))
+if which == "asha":
+    limiter = ConcurrencyLimiter(InOrder(), max_concurrent=2)
+    tune.run(steps, num_samples=4, search_alg=limiter, **kwargs,
+             scheduler=ASHAScheduler(time_attr="i", max_t=4, grace_period=1,
+                                     reduction_factor=2))
+    print(json.dumps({"ended": sorted(limiter.searcher.ended.values()),
+                      "live": len(limiter.live)}))
+else:
+    tune.run(steps, config={"x": tune.grid_search([5, 6, 4, 3])}, **kwargs,
+             scheduler=MedianStoppingRule(time_attr="i", grace_period=1,
+                                          min_samples_required=2))
+"""
+
+
+@pytest.mark.parametrize("which", ["asha", "median"])
+def test_killed_driver_resumes_asha_median_and_searcher_with_their_state(tmp_path, which):
+    """Trials run one at a time; the driver is killed as the last one (x=3)
+    starts. Resumed, it is judged against all three ended trials, as in an
+    uninterrupted run (stopped at i=1: below ASHA's rung cutoff 5, below the
+    median 5 of the others' means), and the searcher has seen every trial
+    end (a resume from a once-a-second snapshot had forgotten the last
+    trials' results, and let x=3 run to the end)."""
+    script = tmp_path / "rules.py"
+    script.write_text(RULES_SCRIPT)
+    marks, results = tmp_path / "marks", tmp_path / "results"
+    marks.mkdir()
+    env = dict(os.environ, BEAMLET_BACKEND="inprocess", TMPDIR=str(tmp_path))
+    args = [sys.executable, str(script), str(marks), str(results), which]
+    proc = subprocess.Popen(args + ["fresh"], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not (marks / "blocked").exists():
+            assert proc.poll() is None, "the run ended before it was killed"
+            assert time.monotonic() < deadline, "trial x=3 never started"
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    again = subprocess.run(args + ["resume"], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0, again.stderr
+    analysis = tune.ExperimentAnalysis(str(results / "exp"))
+    assert all(t.status == "TERMINATED" for t in analysis.trials)
+    last = {t.config["x"]: t.last_result["i"] for t in analysis.trials}
+    if which == "asha":
+        assert last == {1: 4, 5: 4, 6: 4, 3: 1}
+        assert json.loads(again.stdout.splitlines()[-1]) == {"ended": [1, 3, 5, 6], "live": 0}
+    else:
+        assert last == {5: 4, 6: 4, 4: 1, 3: 1}

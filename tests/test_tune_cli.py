@@ -89,3 +89,21 @@ def test_bad_directory_or_metric_is_named(experiment, tmp_path):
     assert proc.returncode == 1 and "no experiment directory" in proc.stderr
     proc = _beamlet("status", str(tmp_path))
     assert proc.returncode == 1 and "no beamlet.tune experiment" in proc.stderr
+
+
+def test_analysis_and_result_grid_plot(experiment, tmp_path):
+    """analysis.plot() / ResultGrid.plot() draw a PNG; without matplotlib (an
+    optional extra) they say what to install and write nothing."""
+    with pytest.raises(ValueError, match="needs a metric"):
+        experiment.plot()
+    with pytest.raises(ValueError, match="'no_such_metric'"):
+        experiment.plot("no_such_metric")
+    out = tmp_path / "loss.png"
+    grid = tune.ResultGrid(experiment)
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert grid.plot("loss", str(out)) == str(out)
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        return
+    with pytest.raises(ImportError, match=r"matplotlib.*pip install 'beamlet\[plot\]'"):
+        grid.plot("loss", str(out))
+    assert not out.exists()

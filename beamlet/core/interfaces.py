@@ -403,6 +403,11 @@ class Backend(abc.ABC):
         to this process: it outlives the producer. Stored in the order called."""
         self.object_store.put(object_id, value)
 
+    def preload(self, modules: list[str]) -> None:
+        """A hint: import `modules` where this backend's new workers start from,
+        so that they start with them imported (a library about to make many
+        workers, e.g. beamlet.tune's trial actors). Default: nothing."""
+
     @abc.abstractmethod
     def shutdown(self) -> None:
         """Stop everything this backend started in this process and below it:

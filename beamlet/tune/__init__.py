@@ -42,7 +42,7 @@ or Ray 2's front end, with early stopping and checkpoints::
 
 Trials run as beamlet actors with their resources; results stream back to
 the driver, which writes ``result.json``, ``progress.csv``, ``params.json``
-(and TensorBoard files with tensorboardX) under ``~/beamlet_results/<name>``.
+and TensorBoard event files under ``~/beamlet_results/<name>``.
 """
 from beamlet.contrib.tune import plugins
 from beamlet.contrib.tune.plugins import create_scheduler, create_searcher

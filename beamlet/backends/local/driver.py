@@ -90,6 +90,9 @@ class LocalBackend(Backend):
     def nodes(self) -> list[dict]:
         return [self.node.describe()]
 
+    def preload(self, modules: list[str]) -> None:
+        self.node.launcher.preload(modules)
+
     def workers(self) -> list[dict]:
         return [driver_worker_row(self.worker_id)] + self.scheduler.describe_workers()
 

@@ -48,6 +48,7 @@ class WorkerLauncher:
         self._env = env
         self._lock = threading.Lock()
         self._failures = 0  # zygotes that died since a worker last connected
+        self._preloaded: list[str] = []  # modules the zygote imports (see preload)
         self.error: exc.BackendError | None = None
         self._spawn()
 
@@ -56,7 +57,8 @@ class WorkerLauncher:
                                      start_new_session=True, close_fds=True,
                                      pass_fds=(self._lock_fd,))
         try:
-            self.proc.stdin.write(self._secret_line)
+            self.proc.stdin.write(self._secret_line +
+                                  b"".join(f"import {m}\n".encode() for m in self._preloaded))
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
             pass  # it died at once: seen as dead like any other
@@ -86,6 +88,22 @@ class WorkerLauncher:
                 return False
             self._respawn()
             return self.error is None
+
+    def preload(self, modules: list[str]) -> None:
+        """Have the zygote (and any that replaces it) import `modules`, so that
+        the workers it forks from then on have them (see zygote.py)."""
+        with self._lock:
+            new = [m for m in modules if m not in self._preloaded]
+            for name in new:
+                if not name.replace(".", "").replace("_", "").isalnum():
+                    raise ValueError(f"not a module name: {name!r}")
+            self._preloaded.extend(new)
+            if new and self.error is None:
+                try:
+                    self.proc.stdin.write(b"".join(f"import {m}\n".encode() for m in new))
+                    self.proc.stdin.flush()
+                except (BrokenPipeError, ValueError, OSError):
+                    pass  # dead: the next fork respawns it, with the modules
 
     def fork(self, worker_id: str) -> None:
         """Ask for a worker; BackendError if the launcher gave up."""

@@ -8,6 +8,9 @@ inherit it by fork; it is never in a command line, which any user can read.
 Then it reads commands from stdin, one per line:
 
     fork WORKER_ID     fork a worker that connects back to the driver
+    import MODULE      import MODULE now, so that the workers forked after have
+                       it (a library about to make many workers, e.g. beamlet.tune;
+                       a module that fails to import is left to the workers)
     exit               wait briefly for the workers to leave, then clean up
 
 SIGTERM (sent by the driver right after ``exit``) means the same, and is
@@ -27,6 +30,7 @@ that outlives the zygote does not keep a dead session looking alive.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import select
 import shutil
@@ -172,6 +176,11 @@ def _serve(session: str, address: str, lock_fd: int, children: set[int]) -> tupl
                 continue
             if words[0] == "fork":
                 children.add(_fork_worker(address, words[1], secret, lock_fd))
+            elif words[0] == "import" and len(words) == 2:
+                try:
+                    importlib.import_module(words[1])
+                except BaseException:  # noqa: BLE001 - the worker that needs it reports it
+                    pass
             elif words[0] == "exit":
                 return 2.0, False
         # The first workers (asked for at init) are forked before numpy is loaded,

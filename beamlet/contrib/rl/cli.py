@@ -8,7 +8,7 @@
     beamlet rl plot DIR [--metric episode_return_mean] [--output curve.png]
 
 ``train`` prints one line per iteration, writes Tune's ``result.json``,
-``progress.csv``, ``params.json`` (and TensorBoard files with tensorboardX) in
+``progress.csv``, ``params.json`` and TensorBoard event files in
 the checkpoint directory, and saves ``checkpoint_NNNNNN`` there every
 ``--checkpoint-freq`` iterations and at the end.
 """

@@ -233,5 +233,25 @@ class ExperimentAnalysis:
         return {t.path: pd.DataFrame([flatten_dict(r) for r in _read_results(t.path)])
                 for t in self.trials}
 
+    # -- plotting ------------------------------------------------------------------
+    def plot(self, metric: str | None = None, file: str | None = None) -> str:
+        """Draw each trial's `metric` (default: tune.run's) per training
+        iteration into PNG `file` (default: ``METRIC.png`` in the experiment
+        directory), the trials stopped early marked with an x; returns the
+        file. Raises ValueError if no result holds the metric, ImportError
+        (saying what to install) without matplotlib, an optional extra."""
+        from .plot import default_file, draw_png, trial_curves
+
+        metric = metric if metric is not None else self.default_metric
+        if metric is None:
+            raise ValueError("plot() needs a metric: pass metric=, or metric= to tune.run()")
+        curves = trial_curves(self.trials, metric)
+        if file is None:
+            if self.experiment_path is None:
+                raise ValueError("plot(): no experiment directory to write to; pass file=")
+            file = default_file(self.experiment_path, metric, ".png")
+        title = os.path.basename(os.path.abspath(self.experiment_path or file))
+        return draw_png(curves, metric, file, title)
+
     def __repr__(self) -> str:
         return f"ExperimentAnalysis({len(self.trials)} trials, path={self.experiment_path!r})"

@@ -16,7 +16,6 @@ the rest of beamlet.tune is imported when a command runs.
 """
 from __future__ import annotations
 
-import csv
 import os
 import sys
 
@@ -90,58 +89,17 @@ def write_curves(path: str, metric: str, out: str | None = None) -> tuple[str, s
     """Draw each trial's `metric` per training iteration into `out`; returns
     ``(file, "png" or "csv")``: CSV (to `out` with a .csv suffix) if matplotlib
     is not installed. Raises ValueError if no result holds `metric`."""
-    from .analysis import _read_results
-    from .result import flatten_dict, is_number
+    from .plot import default_file, draw_png, have_matplotlib, trial_curves, write_csv
 
-    curves = []
-    for trial in load_trials(path):
-        points = []
-        for row in _read_results(trial.path):
-            flat = flatten_dict(row)
-            if is_number(flat.get(metric)):
-                points.append((flat.get("training_iteration", len(points) + 1),
-                               float(flat[metric])))
-        curves.append((trial, points))
-    if not any(points for _, points in curves):
-        raise ValueError(f"no result of the experiment in {path} holds the metric {metric!r}")
-    stem = os.path.splitext(out)[0] if out else \
-        os.path.join(path, metric.replace("/", "_"))
     try:
-        import matplotlib
-    except ImportError:
-        return _write_csv(stem + ".csv", metric, curves), "csv"
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    longest = max(points[-1][0] for _, points in curves if points)
-    fig, ax = pyplot.subplots(figsize=(8, 5))
-    for trial, points in curves:
-        if not points:
-            continue
-        xs, ys = zip(*points)
-        line, = ax.plot(xs, ys, linewidth=1, label=str(trial),
-                        color="red" if trial.status == "ERROR" else None)
-        ax.plot(xs[-1], ys[-1], "x" if xs[-1] < longest else "o", color=line.get_color())
-    ax.set_xlabel("training_iteration")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{os.path.basename(os.path.abspath(path))}: {metric} "
-                 f"(x: stopped early)")
-    if len(curves) <= 12:
-        ax.legend(fontsize="small")
-    file = out if out else stem + ".png"
-    fig.savefig(file)
-    pyplot.close(fig)
-    return file, "png"
-
-
-def _write_csv(file: str, metric: str, curves: list) -> str:
-    with open(file, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["trial_name", "status", "training_iteration", metric])
-        for trial, points in curves:
-            for iteration, value in points:
-                writer.writerow([str(trial), trial.status, iteration, value])
-    return file
+        curves = trial_curves(load_trials(path), metric)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    stem = os.path.splitext(out)[0] if out else default_file(path, metric, "")
+    if not have_matplotlib():
+        return write_csv(curves, metric, stem + ".csv"), "csv"
+    title = os.path.basename(os.path.abspath(path))
+    return draw_png(curves, metric, out if out else stem + ".png", title), "png"
 
 
 def _cmd_plot(args) -> int:

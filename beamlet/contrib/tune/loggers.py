@@ -7,8 +7,7 @@ Every trial directory gets (with the default loggers ``json``, ``csv``,
 * ``result.json``: one JSON line per result;
 * ``progress.csv``: one row per result (the first result's columns,
   nested metrics flattened as ``a/b``, without the config);
-* TensorBoard event files, when ``tensorboardX`` is installed (the optional
-  extra ``beamlet[tune]``); skipped silently otherwise.
+* a TensorBoard event file (``events.out.tfevents.*``), one event per result.
 """
 from __future__ import annotations
 
@@ -155,30 +154,17 @@ _TB_SKIP = frozenset({"config", "pid", "timestamp", "done", TRAINING_ITERATION,
 
 class TBXLoggerCallback(LoggerCallback):
     """TensorBoard event files in each trial directory, scalars under
-    ``beamlet/tune/<metric>`` by ``training_iteration``. Does nothing when
-    ``tensorboardX`` is not installed."""
+    ``beamlet/tune/<metric>`` by ``training_iteration``, one event per result
+    (written by :mod:`.tb_events`: no tensorboardX needed)."""
 
     def __init__(self):
         self._writers: dict[Any, Any] = {}
-        self._summary_writer = None
-        self._unavailable = False
-
-    def _writer_class(self):
-        if self._summary_writer is None and not self._unavailable:
-            try:
-                from tensorboardX import SummaryWriter
-            except Exception:  # noqa: BLE001 - optional: any import failure means "absent"
-                self._unavailable = True
-            else:
-                self._summary_writer = SummaryWriter
-        return self._summary_writer
 
     def log_trial_start(self, trial) -> None:
-        cls = self._writer_class()
-        if cls is None:
-            return
+        from .tb_events import EventFileWriter
+
         os.makedirs(trial.path, exist_ok=True)
-        self._writers[trial] = cls(trial.path, flush_secs=5)
+        self._writers[trial] = EventFileWriter(trial.path)
 
     def log_trial_result(self, iteration, trial, result) -> None:
         writer = self._writers.get(trial)
@@ -186,9 +172,8 @@ class TBXLoggerCallback(LoggerCallback):
             return
         step = result.get(TRAINING_ITERATION, iteration)
         flat = flatten_dict({k: v for k, v in result.items() if k not in _TB_SKIP})
-        for name, value in flat.items():
-            if is_number(value):
-                writer.add_scalar(f"beamlet/tune/{name}", float(value), global_step=step)
+        writer.add_scalars(step, [(f"beamlet/tune/{name}", float(value))
+                                  for name, value in flat.items() if is_number(value)])
 
     def log_trial_end(self, trial, failed=False) -> None:
         writer = self._writers.pop(trial, None)

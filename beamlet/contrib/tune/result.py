@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import os
 import socket
 import time
@@ -144,16 +145,17 @@ def to_json(value: Any) -> str:
 
 def is_number(value: Any) -> bool:
     """A real number (numpy scalars too), not a bool."""
+    kind = type(value)
+    if kind is float or kind is int:  # (the common case, first: called per metric per result)
+        return True
     if isinstance(value, bool):
         return False
-    try:
-        import numpy as np
+    np = sys.modules.get("numpy")  # (a numpy scalar means numpy is loaded)
+    if np is not None:
         if isinstance(value, np.bool_):
             return False
         if isinstance(value, (np.integer, np.floating)):
             return True
-    except ImportError:  # pragma: no cover
-        pass
     return isinstance(value, (int, float))
 
 

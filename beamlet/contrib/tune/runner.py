@@ -27,6 +27,7 @@ import warnings
 
 import beamlet
 from beamlet import exceptions as bexc
+from beamlet.core import runtime
 
 from .error import TuneError
 from .loggers import Callback
@@ -43,7 +44,6 @@ __all__ = ["TrialRunner"]
 _EPS = 1e-9
 _WAIT_TIMEOUT_S = 0.5
 _STOP_TIMEOUT_S = 15.0
-_SEARCH_SAVE_INTERVAL_S = 1.0
 
 _actor_class = None
 
@@ -111,8 +111,9 @@ class TrialRunner:
         #: keep a cursor over the trials start again from the first one.
         self.requeue_count = 0
         self._paused: dict[Trial, None] = {}   # PAUSED trials, in the order they paused
-        self._search_saved_at: dict[str, float] = {}
+        self._search_dirty: set[str] = set()  # experiments whose search state changed
         self._scheduler_logged = 0   # the scheduler's state_changes last logged
+        self._warned_search: set[str] = set()
 
     # -- what schedulers see -------------------------------------------------------
     def get_trials(self) -> list[Trial]:
@@ -216,6 +217,11 @@ class TrialRunner:
 
     def _setup(self) -> None:
         self._total = dict(beamlet.cluster_resources())
+        # Workers started from now on have the trial actor's module imported
+        # (~50 ms less per new worker, where the backend can do it).
+        preload = getattr(runtime.current().backend, "preload", None)
+        if preload is not None:
+            preload([TrialActor.__module__])
         for exp in self._experiments:
             os.makedirs(exp.path, exist_ok=True)
             log = self._logs[exp.path] = ExperimentStateLog(exp.path)
@@ -230,13 +236,19 @@ class TrialRunner:
         self._progress.start(self._experiments, len(self._trials))
 
     def _restore(self, exp) -> None:
-        records, logged = ExperimentStateLog.read_all(exp.path)
-        saved = ExperimentStateLog.read_search_state(exp.path)
-        trials = exp.restore_trials(records, saved)
-        # The state logged with the trials is newer than the periodic snapshot.
-        state = logged if logged is not None else (saved or {}).get("scheduler")
-        if state is not None:
-            self._scheduler.set_state(state)
+        logged = ExperimentStateLog.read_log(exp.path)
+        search = None
+        if logged.search is not None:
+            try:
+                search = ExperimentStateLog.load_search(logged.search)
+            except Exception as err:  # noqa: BLE001 - e.g. the searcher's module is gone
+                raise TuneError(f"cannot resume {exp.path}: its search algorithm's state "
+                                f"does not load ({type(err).__name__}: {err})") from err
+        trials = exp.restore_trials(logged.records, search)
+        if logged.scheduler is not None:
+            self._scheduler.set_state(logged.scheduler)
+        if logged.scheduler_updates:
+            self._scheduler.apply_state_updates(logged.scheduler_updates)
         self._scheduler_logged = getattr(self._scheduler, "state_changes", 0)
         for trial in trials:
             self._check_feasible(trial)
@@ -260,9 +272,9 @@ class TrialRunner:
                 self._trials.append(trial)
                 self._scheduler.on_trial_add(self, trial)
                 self._may_start = True
-                self._log_trial(trial)
             if added:
-                self._save_search(exp)
+                self._search_dirty.add(exp.path)
+                self._log_trials(exp.path, added)
 
     def _check_feasible(self, trial: Trial) -> None:
         for name, amount in trial.resources.items():
@@ -406,7 +418,9 @@ class TrialRunner:
             decision = TrialScheduler.STOP
         else:
             decision = self._scheduler.on_trial_result(self, trial, result)
-            self._log_scheduler()
+            if decision != TrialScheduler.STOP:
+                # (a STOP's state goes in one write with the trial's end, below)
+                self._log_scheduler()
         if decision == TrialScheduler.STOP:
             result["done"] = True
         self._warn_missing_criteria(trial, result)
@@ -470,8 +484,6 @@ class TrialRunner:
         self._call("on_trial_complete", trial=trial)
         self._progress.on_trial_complete(trial)
         self._log_trial(trial)
-        if trial._experiment is not None:
-            self._save_search(trial._experiment, ended=True)
 
     def _on_trial_error(self, trial: Trial, text: str) -> None:
         trial.error_msg = text
@@ -499,8 +511,6 @@ class TrialRunner:
         self._call("on_trial_error", trial=trial)
         self._progress.on_trial_error(trial)
         self._log_trial(trial)
-        if trial._experiment is not None:
-            self._save_search(trial._experiment, ended=True)
         if self._fail_fast and self.fail_fast_trial is None:
             self.fail_fast_trial = trial
             self._stop_all()
@@ -658,18 +668,18 @@ class TrialRunner:
         finally:
             for exp in self._experiments:
                 self._save_state(exp.path)
-                if exp.path in self._logs and not self._interrupted:
-                    self._save_search(exp, force=True)
                 if exp.path in self._logs:
                     self._logs[exp.path].close()
             self._progress.finish(self._trials)
 
     # -- helpers -------------------------------------------------------------------
-    @staticmethod
-    def _search_complete(trial: Trial, error: bool = False) -> None:
+    def _search_complete(self, trial: Trial, error: bool = False) -> None:
         if trial._experiment is not None:
-            trial._experiment.search_alg.on_trial_complete(
-                trial.trial_id, result=trial.last_result or None, error=error)
+            search_alg = trial._experiment.search_alg
+            search_alg.on_trial_complete(trial.trial_id, result=trial.last_result or None,
+                                         error=error)
+            if search_alg.learns:
+                self._search_dirty.add(trial.experiment_path)
 
     def _call(self, hook: str, **kwargs) -> None:
         for cb in self._callbacks:
@@ -690,48 +700,60 @@ class TrialRunner:
                               f"(it reported: {', '.join(shown)}); it will not stop trials",
                               stacklevel=2)
 
-    def _log_scheduler(self) -> None:
-        """Append the scheduler's state to every experiment's log if it changed
-        (see TrialScheduler.state_changes): before the trial lines that follow."""
+    def _scheduler_entries(self) -> list[dict]:
+        """Log lines for what changed in the scheduler's state since the last
+        ones: its whole state (see TrialScheduler.state_changes), its updates
+        (TrialScheduler.pop_state_updates)."""
+        entries = []
         changes = getattr(self._scheduler, "state_changes", 0)
-        if changes == self._scheduler_logged:
-            return
-        self._scheduler_logged = changes
-        state = self._scheduler.get_state()
-        for log in self._logs.values():
-            try:
-                log.scheduler(state)
-            except OSError as err:
-                warnings.warn(f"could not log the scheduler's state: {err}; resume may "
-                              f"decide differently", stacklevel=2)
+        if changes != self._scheduler_logged:
+            self._scheduler_logged = changes
+            entries.append(ExperimentStateLog.scheduler_entry(self._scheduler.get_state()))
+        pop = getattr(self._scheduler, "pop_state_updates", None)
+        ops = pop() if pop is not None else None
+        if ops:
+            entries.append(ExperimentStateLog.scheduler_update_entry(ops))
+        return entries
+
+    def _log_scheduler(self) -> None:
+        """Append the scheduler's changes to every experiment's log, now."""
+        self._log_trials(None, [])
 
     def _log_trial(self, trial: Trial) -> None:
-        self._log_scheduler()
-        log = self._logs.get(trial.experiment_path)
-        if log is not None:
-            try:
-                log.trial(trial)
-            except OSError as err:
-                warnings.warn(f"could not log the state of trial {trial}: {err}; "
-                              f"resume may rerun it", stacklevel=2)
+        self._log_trials(trial.experiment_path, [trial])
 
-    def _save_search(self, exp, ended: bool = False, force: bool = False) -> None:
-        """Save the search algorithm's and the scheduler's state. As trials end,
-        only if either keeps any, and at most once a second (and at the end)."""
-        scheduler_state = self._scheduler.get_state()
-        if ended and not force:
-            if not exp.search_alg.learns and scheduler_state is None:
-                return
-            now = time.monotonic()
-            if now - self._search_saved_at.get(exp.path, -1e9) < _SEARCH_SAVE_INTERVAL_S:
-                return
-            self._search_saved_at[exp.path] = now
+    def _log_trials(self, experiment_path: str | None, trials: list[Trial]) -> None:
+        """Append the records of `trials` (all of one experiment) to its log,
+        after the scheduler's changes and, if it changed, the experiment's
+        search state, in one write: a trial line is never on disk without the
+        state that made it. Other experiments' logs get the scheduler's lines."""
+        scheduler = self._scheduler_entries()
+        for path, log in self._logs.items():
+            entries = list(scheduler)
+            if path == experiment_path:
+                if path in self._search_dirty:
+                    self._search_dirty.discard(path)
+                    entries.extend(self._search_entry(trials[0]._experiment))
+                entries.extend(ExperimentStateLog.trial_entry(t) for t in trials)
+            if not entries:
+                continue
+            try:
+                log.append(entries)
+            except OSError as err:
+                warnings.warn(f"could not log the experiment's state in {path}: {err}; "
+                              f"resume may rerun trials or decide differently", stacklevel=2)
+
+    def _search_entry(self, exp) -> list[dict]:
+        if exp is None:
+            return []
         try:
-            self._logs[exp.path].search_state(dict(exp.search_state(),
-                                                   scheduler=scheduler_state))
+            return [ExperimentStateLog.search_entry(exp.search_state())]
         except Exception as err:  # noqa: BLE001 - e.g. a searcher that cannot be pickled
-            warnings.warn(f"could not save the search state of {exp.name}: {err}; "
-                          f"resume will start the search over", stacklevel=2)
+            if exp.path not in self._warned_search:
+                self._warned_search.add(exp.path)
+                warnings.warn(f"could not save the search state of {exp.name}: {err}; "
+                              f"resume will start the search over", stacklevel=2)
+            return []
 
     def _save_state(self, experiment_path: str) -> None:
         """Write ``experiment_state.json``, the final table of trials that
@@ -743,7 +765,7 @@ class TrialRunner:
         tmp = path + ".tmp"
         try:
             with open(tmp, "w") as f:
-                json.dump(state, f, default=json_default)
+                f.write(json.dumps(state, default=json_default))  # (dump: no C encoder)
             os.replace(tmp, path)
         except OSError:  # a convenience; results are in the trial dirs and the log
             pass

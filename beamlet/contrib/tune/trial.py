@@ -187,21 +187,34 @@ class Trial:
     def update_last_result(self, result: dict) -> None:
         self.last_result = result
         self.num_results += 1
-        for name, value in flatten_dict({k: v for k, v in result.items() if k != "config"}).items():
-            if not is_number(value):
+        analysis, last_values = self.metric_analysis, self._last_values
+        nested = any(type(v) is dict and k != "config" for k, v in result.items())
+        items = flatten_dict({k: v for k, v in result.items() if k != "config"}).items() \
+            if nested else result.items()
+        for name, value in items:
+            if name == "config" or not is_number(value):
                 continue
             value = float(value)
-            stats = self.metric_analysis.get(name)
+            stats = analysis.get(name)
+            recent = last_values.get(name)
             if stats is None:
-                stats = self.metric_analysis[name] = {"max": value, "min": value, "avg": value,
-                                                      "last": value, "_n": 1}
-            else:
-                n = stats["_n"] + 1
-                stats.update(max=max(stats["max"], value), min=min(stats["min"], value),
-                             avg=stats["avg"] + (value - stats["avg"]) / n, last=value, _n=n)
-            recent = self._last_values.setdefault(name, [])
+                analysis[name] = {"max": value, "min": value, "avg": value, "last": value,
+                                  "_n": 1, "last-5-avg": value, "last-10-avg": value}
+                last_values[name] = [value]
+                continue
+            n = stats["_n"] + 1
+            if value > stats["max"]:
+                stats["max"] = value
+            if value < stats["min"]:
+                stats["min"] = value
+            stats["avg"] += (value - stats["avg"]) / n
+            stats["last"] = value
+            stats["_n"] = n
+            if recent is None:  # (a restored trial: its analysis without the values)
+                recent = last_values[name] = []
             recent.append(value)
-            del recent[:-10]
+            if len(recent) > 10:
+                del recent[0]
             stats["last-5-avg"] = sum(recent[-5:]) / len(recent[-5:])
             stats["last-10-avg"] = sum(recent) / len(recent)
 

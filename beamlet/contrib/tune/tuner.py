@@ -109,7 +109,7 @@ class Result:
 
 class ResultGrid:
     """The results of a Tuner's trials: iterate, index, ``get_best_result``,
-    ``get_dataframe`` (pandas), ``errors``."""
+    ``get_dataframe`` (pandas), ``errors``, ``plot`` (matplotlib)."""
 
     def __init__(self, analysis: ExperimentAnalysis):
         self._analysis = analysis
@@ -154,6 +154,10 @@ class ResultGrid:
         """One row per trial (its last result, or its best in `filter_metric`), with
         ``config/...`` columns; needs pandas."""
         return self._analysis.dataframe(filter_metric, filter_mode)
+
+    def plot(self, metric: str | None = None, file: str | None = None) -> str:
+        """Each trial's `metric` curve as a PNG (see ExperimentAnalysis.plot)."""
+        return self._analysis.plot(metric, file)
 
     def __repr__(self) -> str:
         return f"ResultGrid<{len(self)} results, {self.num_errors} errors>"

@@ -44,20 +44,18 @@ class _Bracket:
             return None
         return _percentile(list(recorded.values()), (1 - 1 / self.rf) * 100)
 
-    def on_result(self, trial_id: str, now: float, value: float) -> bool:
-        """Record the trial at the rung it just reached; False means stop it."""
-        keep = True
-        for milestone, recorded in self.rungs:
+    def on_result(self, trial_id: str, now: float, value: float) -> tuple[bool, int | None]:
+        """Record the trial at the rung it just reached: ``(keep, rung index)``,
+        keep False meaning stop it; the index is None if nothing was recorded."""
+        for index, (milestone, recorded) in enumerate(self.rungs):
             if now < milestone or trial_id in recorded:
                 if now >= milestone:
                     break  # it was judged at this rung already
                 continue
             cutoff = self.cutoff(recorded)
-            if cutoff is not None and value < cutoff:
-                keep = False
             recorded[trial_id] = value
-            break
-        return keep
+            return cutoff is None or value >= cutoff, index
+        return True, None
 
 
 class AsyncHyperBandScheduler(FIFOScheduler):
@@ -89,6 +87,8 @@ class AsyncHyperBandScheduler(FIFOScheduler):
         self._trial_bracket: dict[str, _Bracket] = {}
         self._rng = random.Random(seed)
         self.num_stopped = 0
+        self._stopped: set[str] = set()
+        self._ops: list = []   # state changes not yet logged (pop_state_updates)
 
     def on_trial_add(self, runner, trial) -> None:
         self._require_metric()
@@ -97,13 +97,15 @@ class AsyncHyperBandScheduler(FIFOScheduler):
         # Brackets with more rungs are likelier (Ray's weighting).
         sizes = [len(b.rungs) for b in self._brackets]
         weights = [math.exp(n - max(sizes)) for n in sizes]
-        self._trial_bracket[trial.trial_id] = self._rng.choices(self._brackets, weights)[0]
+        bracket = self._rng.choices(self._brackets, weights)[0]
+        self._trial_bracket[trial.trial_id] = bracket
+        self._ops.append(["add", trial.trial_id, self._brackets.index(bracket)])
 
     def get_state(self) -> dict:
         return {"rungs": [[dict(r) for _, r in b.rungs] for b in self._brackets],
                 "trial_bracket": {tid: self._brackets.index(b)
                                   for tid, b in self._trial_bracket.items()},
-                "num_stopped": self.num_stopped}
+                "num_stopped": self.num_stopped, "stopped": sorted(self._stopped)}
 
     def set_state(self, state: dict) -> None:
         for bracket, rungs in zip(self._brackets, state["rungs"]):
@@ -111,6 +113,27 @@ class AsyncHyperBandScheduler(FIFOScheduler):
         self._trial_bracket = {tid: self._brackets[i]
                                for tid, i in state["trial_bracket"].items()}
         self.num_stopped = state["num_stopped"]
+        self._stopped = set(state.get("stopped", ()))
+
+    def pop_state_updates(self) -> list:
+        ops, self._ops = self._ops, []
+        return ops
+
+    def apply_state_updates(self, ops: list) -> None:
+        """Ops: ``["add", trial, bracket]`` (a bracket chosen: the seeded
+        choice of the next one goes on as it would have), ``["rung", bracket,
+        rung, trial, value]``, ``["stop", trial]``."""
+        for op in ops:
+            if op[0] == "add":
+                self._trial_bracket[op[1]] = self._brackets[op[2]]
+                self._rng.random()  # what choices() drew for it
+            elif op[0] == "rung":
+                self._brackets[op[1]].rungs[op[2]][1][op[3]] = op[4]
+            elif op[0] == "stop":
+                self._stopped.add(op[1])
+                self.num_stopped += 1
+            else:
+                raise ValueError(f"{type(self).__name__}: unknown state update {op!r}")
 
     def on_trial_result(self, runner, trial, result: dict) -> str:
         metric, sign = self._require_metric()
@@ -120,22 +143,32 @@ class AsyncHyperBandScheduler(FIFOScheduler):
                              f"time_attr {self.time_attr!r}")
         if now >= self.max_t and self.stop_last_trials:
             return self.STOP
+        if trial.trial_id in self._stopped:
+            return self.STOP  # stopped at a rung before the driver was killed
         found, value = lookup(result, metric)
         if not found or value is None:
             return self.CONTINUE
-        bracket = self._trial_bracket[trial.trial_id]
-        if bracket.on_result(trial.trial_id, now, sign * float(value)):
+        keep = self._record(trial.trial_id, now, sign * float(value))
+        if keep:
             return self.CONTINUE
         self.num_stopped += 1
+        self._stopped.add(trial.trial_id)
+        self._ops.append(["stop", trial.trial_id])
         return self.STOP
+
+    def _record(self, trial_id: str, now: float, value: float) -> bool:
+        bracket = self._trial_bracket[trial_id]
+        keep, rung = bracket.on_result(trial_id, now, value)
+        if rung is not None:
+            self._ops.append(["rung", self._brackets.index(bracket), rung, trial_id, value])
+        return keep
 
     def on_trial_complete(self, runner, trial, result: dict) -> None:
         metric, sign = self._require_metric()
         found, value = lookup(result or {}, metric)
-        bracket = self._trial_bracket.get(trial.trial_id)
-        if found and value is not None and bracket is not None:
-            bracket.on_result(trial.trial_id, lookup(result, self.time_attr)[1] or 0,
-                              sign * float(value))
+        if found and value is not None and trial.trial_id in self._trial_bracket:
+            self._record(trial.trial_id, lookup(result, self.time_attr)[1] or 0,
+                         sign * float(value))
 
     def debug_string(self) -> str:
         rungs = "; ".join(", ".join(f"{m:g}: {len(r)}" for m, r in b.rungs)

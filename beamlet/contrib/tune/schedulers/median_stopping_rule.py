@@ -34,6 +34,7 @@ class MedianStoppingRule(FIFOScheduler):
         self._results: dict[str, list[tuple[float, float]]] = {}  # id -> [(time, value)]
         self._last_judged: dict[str, float] = {}
         self.stopped: set[str] = set()
+        self._ops: list = []   # state changes not yet logged (pop_state_updates)
 
     def on_trial_add(self, runner, trial) -> None:
         self._require_metric()
@@ -44,13 +45,16 @@ class MedianStoppingRule(FIFOScheduler):
         found_v, value = lookup(result, metric)
         if not found_t or not found_v or value is None:
             return self.CONTINUE
-        mine = self._results.setdefault(trial.trial_id, [])
-        mine.append((float(now), sign * float(value)))
+        if self.hard_stop and trial.trial_id in self.stopped:
+            return self.STOP  # stopped before the driver was killed
+        mine = self._add_result(trial.trial_id, float(now), sign * float(value))
+        self._ops.append(["result", trial.trial_id, float(now), sign * float(value)])
         if now < self.grace_period:
             return self.CONTINUE
         if now - self._last_judged.get(trial.trial_id, -float("inf")) < self.min_time_slice:
             return self.CONTINUE
         self._last_judged[trial.trial_id] = now
+        self._ops.append(["judged", trial.trial_id, now])
         others = [values for tid, values in self._results.items()
                   if tid != trial.trial_id and values and values[-1][0] >= now]
         if len(others) < self.min_samples_required:
@@ -59,6 +63,7 @@ class MedianStoppingRule(FIFOScheduler):
         best = max(v for _, v in mine)
         if best < statistics.median(means):
             self.stopped.add(trial.trial_id)
+            self._ops.append(["stop", trial.trial_id])
             return self.STOP if self.hard_stop else self.PAUSE
         return self.CONTINUE
 
@@ -70,6 +75,30 @@ class MedianStoppingRule(FIFOScheduler):
         self._results = {k: list(v) for k, v in state["results"].items()}
         self._last_judged = dict(state["last_judged"])
         self.stopped = set(state["stopped"])
+
+    def _add_result(self, trial_id: str, now: float, value: float) -> list:
+        mine = self._results.setdefault(trial_id, [])
+        while mine and mine[-1][0] >= now:
+            mine.pop()  # the trial went back to a checkpoint (a retry, a resume)
+        mine.append((now, value))
+        return mine
+
+    def pop_state_updates(self) -> list:
+        ops, self._ops = self._ops, []
+        return ops
+
+    def apply_state_updates(self, ops: list) -> None:
+        """Ops: ``["result", trial, time, signed value]``, ``["judged", trial,
+        time]``, ``["stop", trial]``."""
+        for op in ops:
+            if op[0] == "result":
+                self._add_result(op[1], op[2], op[3])
+            elif op[0] == "judged":
+                self._last_judged[op[1]] = op[2]
+            elif op[0] == "stop":
+                self.stopped.add(op[1])
+            else:
+                raise ValueError(f"{type(self).__name__}: unknown state update {op!r}")
 
     def debug_string(self) -> str:
         return f"Using MedianStoppingRule: num_stopped={len(self.stopped)}."

@@ -27,6 +27,21 @@ class TrialScheduler:
     #: the trials concerned, and :meth:`get_state` must return JSON data.
     state_changes: int = 0
 
+    def pop_state_updates(self) -> list:
+        """The changes of the scheduler's state since the last call, as JSON ops
+        the runner appends to the experiment's log (before the trial lines
+        they concern) and gives back to :meth:`apply_state_updates` on resume.
+        For a scheduler whose state grows with the trials (ASHA, the median
+        rule): constant work per change, where logging the whole state would
+        grow with the experiment. Default: none."""
+        return []
+
+    def apply_state_updates(self, ops: list) -> None:
+        """Replay :meth:`pop_state_updates`' ops, in order (on resume, after
+        :meth:`set_state` with the latest whole state, if any)."""
+        if ops:
+            raise NotImplementedError(f"{type(self).__name__} logs no state updates")
+
     def set_search_properties(self, metric: str | None, mode: str | None) -> bool:
         """Take tune.run's metric and mode unless the scheduler has its own."""
         if self.metric is None:
