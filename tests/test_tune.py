@@ -354,9 +354,9 @@ def test_default_storage_is_home_beamlet_results(on_backend, tmp_path, monkeypat
                     reason="tensorboardX (whose protobuf and CRC-32C read the file back) "
                            "is not installed")
 def test_tensorboard_event_files(on_backend, storage):
-    """The event file (written without tensorboardX), read back with
-    tensorboardX's Event protobuf and CRC-32C: the file version, then each
-    result's scalars at its training_iteration."""
+    """The event file, read back record by record (length, CRC-32C, Event
+    protobuf, CRC-32C): the file version, then each result's scalars at its
+    training_iteration."""
     import struct
 
     from tensorboardX.proto.event_pb2 import Event

@@ -1,109 +1,66 @@
-"""TensorBoard event files, written directly: the TFRecord framing (length,
-masked CRC-32C, an ``Event`` protocol buffer, its masked CRC-32C) of
-``Event`` messages that each hold the scalars of one result.
+"""TensorBoard event files through tensorboardX's synchronous ``EventsWriter``:
+one ``Event`` protocol buffer (tensorboardX's) per result, holding its scalars.
 
-Only what scalars need is encoded (``Event.wall_time``, ``step``,
-``file_version``, ``summary.value[].tag`` / ``simple_value``), by hand: no
-tensorboardX, protobuf or numpy import, and no writer thread per trial, so
-a trial's events cost a few microseconds per result in the driver.
+tensorboardX's ``SummaryWriter`` starts a writer thread and a queue per
+writer and fsyncs at every flush; a Tune driver keeps a writer per running
+trial, so that cost is paid per trial. Here a result is one event written in
+the caller's thread, and the file is flushed at most every few seconds and
+on close.
 """
 from __future__ import annotations
 
 import os
-import socket
-import struct
+import sys
 import time
 
-__all__ = ["EventFileWriter", "crc32c"]
+__all__ = ["EventFileWriter", "load_tensorboardx"]
 
 _FLUSH_INTERVAL_S = 5.0
-_table: list[int] | None = None
 
 
-def _crc_table() -> list[int]:
-    global _table
-    if _table is None:
-        table = []
-        for n in range(256):
-            c = n
-            for _ in range(8):
-                c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-            table.append(c)
-        _table = table
-    return _table
+def load_tensorboardx():
+    """tensorboardX's ``(EventsWriter, Event, Summary)``; ImportError without it.
 
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), as TFRecord files use."""
-    table = _crc_table()
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked(data: bytes) -> bytes:
-    crc = crc32c(data)
-    return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
-
-
-def _varint(value: int) -> bytes:
-    value &= 0xFFFFFFFFFFFFFFFF  # int64, two's complement
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _field_bytes(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _event(wall_time: float, step: int | None = None, *, file_version: str | None = None,
-           scalars: list[tuple[str, float]] = ()) -> bytes:
-    out = b"\x09" + struct.pack("<d", wall_time)                 # 1: wall_time (double)
-    if step is not None:
-        out += b"\x10" + _varint(int(step))                      # 2: step (int64)
-    if file_version is not None:
-        out += _field_bytes(3, file_version.encode())            # 3: file_version
-    if scalars:
-        values = b"".join(
-            _field_bytes(1, _field_bytes(1, tag.encode()) +     # Value.tag
-                         b"\x15" + struct.pack("<f", value))     # Value.simple_value
-            for tag, value in scalars)
-        out += _field_bytes(5, values)                           # 5: summary
-    return out
-
-
-def _record(data: bytes) -> bytes:
-    header = struct.pack("<Q", len(data))
-    return header + _masked(header) + data + _masked(data)
+    tensorboardX's record writer imports boto3, when installed, only to offer
+    ``s3://`` log paths (about 1.4 s here, once per driver); trial directories
+    are local, so boto3 is hidden from that first import."""
+    hide = "boto3" not in sys.modules
+    if hide:
+        sys.modules["boto3"] = None  # (makes `import boto3` raise ImportError)
+    try:
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+    finally:
+        if hide and sys.modules.get("boto3", 0) is None:
+            del sys.modules["boto3"]
+    return EventsWriter, Event, Summary
 
 
 class EventFileWriter:
-    """One ``events.out.tfevents.<time>.<host>.<pid>.<n>`` file in `logdir`."""
+    """One ``events.out.tfevents.<time>.<host>.<pid>.<n>`` file in `logdir`.
+    Raises ImportError when tensorboardX is not installed."""
 
     _count = 0
 
     def __init__(self, logdir: str):
+        events_writer, self._event, self._summary = load_tensorboardx()
         EventFileWriter._count += 1
-        name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
-                f"{os.getpid()}.{EventFileWriter._count}")
-        self.path = os.path.join(logdir, name)
-        self._file = open(self.path, "ab")
-        self._file.write(_record(_event(time.time(), 0, file_version="brain.Event:2")))
+        self._writer = events_writer(os.path.join(logdir, "events"),
+                                     f".{os.getpid()}.{EventFileWriter._count}")
         self._flushed = time.monotonic()
 
     def add_scalars(self, step: int, scalars: list[tuple[str, float]]) -> None:
         """One event holding `scalars` (``(tag, value)``) at `step`; flushed to
         the file at most every few seconds, and on close."""
-        self._file.write(_record(_event(time.time(), step, scalars=scalars)))
+        value = self._summary.Value
+        summary = self._summary(value=[value(tag=tag, simple_value=v) for tag, v in scalars])
+        self._writer.write_event(self._event(wall_time=time.time(), step=int(step),
+                                             summary=summary))
         now = time.monotonic()
         if now - self._flushed >= _FLUSH_INTERVAL_S:
-            self._file.flush()
+            self._writer.flush()
             self._flushed = now
 
     def close(self) -> None:
-        self._file.close()
+        self._writer.close()
