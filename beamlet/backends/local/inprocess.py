@@ -29,6 +29,7 @@ from ...core.runtime import Runtime
 from ...core.scheduling import ActorLifecycle, run_attempts
 from ...core.serialization import serialize
 from ...core.tables import Tables
+from ...core.task_events import RUNNING
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
 
 
@@ -80,6 +81,9 @@ class InProcessScheduler(Scheduler):
     def _execute(self, spec: TaskSpec):
         """Run one attempt, holding its resources meanwhile."""
         gpu_ids = self._pool.acquire(spec.resources)
+        if self.task_progress is not None:
+            self.task_progress((spec.task_id, spec.attempt, RUNNING, os.getpid(),
+                                time.perf_counter()))
         try:
             return self.executor.execute(spec)
         finally:

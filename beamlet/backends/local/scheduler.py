@@ -40,6 +40,8 @@ from ...core.resources import ResourcePool
 from ...core.scheduling import RETRYING, ActorLifecycle, attempt_status, may_retry
 from ...core.serialization import SerializedObject, deserialize, serialize
 from ...core.tables import Tables
+from ...core.task_events import (PENDING_ARGS_AVAIL, PENDING_NODE_ASSIGNMENT, RUNNING,
+                                 SUBMITTED_TO_WORKER)
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, ARG_REF, ARG_VALUE, TASK, TaskSpec
 from . import protocol as P
 
@@ -309,6 +311,9 @@ class LocalScheduler(Scheduler):
                 self._dispatch()
                 return
             self._waiting[spec.task_id] = spec
+            if self.task_progress is not None:
+                self.task_progress((spec.task_id, spec.attempt, PENDING_ARGS_AVAIL, None,
+                                    time.perf_counter()))
             # (Registered under the lock: if they arrived meanwhile, the callback
             # runs right here, and the lock is re-entrant.)
             self.store.notify_when(deps, len(deps), lambda: self._deps_ready(spec.task_id),
@@ -319,6 +324,9 @@ class LocalScheduler(Scheduler):
             spec = self._waiting.pop(task_id, None)
             if spec is None:
                 return  # cancelled meanwhile
+            if self.task_progress is not None:
+                self.task_progress((task_id, spec.attempt, PENDING_NODE_ASSIGNMENT, None,
+                                    time.perf_counter()))
             self._make_ready(spec)
             self._dispatch()
 
@@ -560,6 +568,9 @@ class LocalScheduler(Scheduler):
         worker.gpu_ids = gpu_ids
         worker.dispatched_at = time.perf_counter()
         self._running[spec.task_id] = worker
+        if self.task_progress is not None:
+            self.task_progress((spec.task_id, spec.attempt, RUNNING, worker.pid,
+                                worker.dispatched_at))
         error = self._send_execute(worker, spec, gpu_ids if spec.resources.get("GPU") else None)
         if error is not None:
             self._running.pop(spec.task_id, None)
@@ -623,6 +634,9 @@ class LocalScheduler(Scheduler):
         worker.task = spec
         worker.gpu_ids = self.pool.acquire(spec.resources)
         worker.dispatched_at = time.perf_counter()
+        if self.task_progress is not None:
+            self.task_progress((spec.task_id, spec.attempt, RUNNING, worker.pid,
+                                worker.dispatched_at))
 
     def _requeue_ahead(self, spec: TaskSpec) -> None:
         """A task sent ahead never ran: queue it first again (or fail it if it
@@ -669,6 +683,9 @@ class LocalScheduler(Scheduler):
         worker.gpu_kind = bool(spec.resources.get("GPU"))
         worker.actor_id = spec.actor_id
         self._running[spec.task_id] = worker
+        if self.task_progress is not None:
+            self.task_progress((spec.task_id, spec.attempt, RUNNING, worker.pid,
+                                time.perf_counter()))
         error = self._send_execute(worker, spec,
                                    record.gpu_ids if spec.resources.get("GPU") else None)
         if error is not None:
@@ -717,6 +734,9 @@ class LocalScheduler(Scheduler):
                        if not self.store.contains(d)]
             if missing:
                 record.watched.add(spec.task_id)
+                if self.task_progress is not None:
+                    self.task_progress((spec.task_id, spec.attempt, PENDING_ARGS_AVAIL, None,
+                                        time.perf_counter()))
                 self.store.notify_when(missing, len(missing),
                                        lambda: self._call_args_ready(record, spec), broad=False)
                 return
@@ -736,6 +756,11 @@ class LocalScheduler(Scheduler):
             record.inflight.pop(spec.task_id, None)
             self._fail(spec, message)
             return
+        if self.task_progress is not None:
+            # (Running if nothing is ahead of it in the actor; else it starts
+            # when the call before it ends: see task_done.)
+            self.task_progress((spec.task_id, spec.attempt, RUNNING if len(record.inflight) == 1
+                                else SUBMITTED_TO_WORKER, worker.pid, time.perf_counter()))
         if record.batched and (record.held or
                                len(record.inflight) - len(record.held) > ACTOR_WINDOW):
             record.held.append((spec, message))  # (see ActorRecord.held)
@@ -895,6 +920,10 @@ class LocalScheduler(Scheduler):
                     record.inflight.pop(task_id, None)
                     if record.held and record.worker is worker:
                         self._send_held(record)
+                    if record.inflight and self.task_progress is not None:
+                        after = next(iter(record.inflight.values()))
+                        self.task_progress((after.task_id, after.attempt, RUNNING, worker.pid,
+                                            time.perf_counter()))
                 if retryable and self._retry_left(spec, record):
                     self._retrying(spec, worker)
                     self._resend_actor_call(record, spec)
