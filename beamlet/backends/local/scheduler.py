@@ -36,7 +36,7 @@ from ...core import plugins
 from ...core.actor import EXIT_REASON
 from ...core.interfaces import Scheduler
 from ...core.placement import in_group, ready_value, removed_value
-from ...core.resources import ResourcePool
+from ...core.resources import ResourcePool, asks_gpu
 from ...core.scheduling import RETRYING, ActorLifecycle, attempt_status, may_retry
 from ...core.serialization import SerializedObject, deserialize, serialize
 from ...core.tables import Tables
@@ -262,6 +262,9 @@ class LocalScheduler(Scheduler):
         self._running: dict[bytes, WorkerInfo] = {}  # task id -> worker
         self._ahead: set[WorkerInfo] = set()  # workers that were sent a task ahead
         self._cancelled: set[bytes] = set()
+        #: task id -> why it fails, for running tasks whose placement group was
+        #: removed (their workers were killed; no retry).
+        self._group_removed: dict[bytes, BaseException] = {}
         # task id -> return ids of the tasks it submitted (see submitted_by), while it runs
         self._children: dict[bytes, list[bytes]] = {}
         self._shipped: dict[bytes, list[bytes]] = {}  # task id -> shm args pinned for it
@@ -303,7 +306,8 @@ class LocalScheduler(Scheduler):
             if not deps:
                 if spec.kind == TASK and not self._queues and self.pool.fits(spec.resources):
                     # Nothing queued ahead of it: straight to an idle worker, if any.
-                    worker = self._take_idle(bool(spec.resources.get("GPU")))
+                    worker = self._take_idle(bool(spec.resources.get("GPU")) or (
+                        spec.placement_group is not None and asks_gpu(spec.resources)))
                     if worker is not None:
                         self._run_task(spec, worker)
                         return
@@ -358,7 +362,8 @@ class LocalScheduler(Scheduler):
                     continue
                 if not self.pool.fits(spec.resources):
                     break
-                gpu = bool(spec.resources.get("GPU"))
+                gpu = bool(spec.resources.get("GPU")) or (
+                    spec.placement_group is not None and asks_gpu(spec.resources))
                 worker = self._take_idle(gpu)
                 if worker is None:
                     starved = True
@@ -564,14 +569,15 @@ class LocalScheduler(Scheduler):
         gpu_ids = self.pool.acquire(spec.resources)
         worker.state = BUSY
         worker.task = spec
-        worker.gpu_kind = bool(spec.resources.get("GPU"))
+        worker.gpu_kind = gpu = bool(spec.resources.get("GPU")) or (
+            spec.placement_group is not None and asks_gpu(spec.resources))
         worker.gpu_ids = gpu_ids
         worker.dispatched_at = time.perf_counter()
         self._running[spec.task_id] = worker
         if self.task_progress is not None:
             self.task_progress((spec.task_id, spec.attempt, RUNNING, worker.pid,
                                 worker.dispatched_at))
-        error = self._send_execute(worker, spec, gpu_ids if spec.resources.get("GPU") else None)
+        error = self._send_execute(worker, spec, gpu_ids if gpu else None)
         if error is not None:
             self._running.pop(spec.task_id, None)
             self.pool.release(spec.resources, gpu_ids)
@@ -589,7 +595,7 @@ class LocalScheduler(Scheduler):
         task waits in get (it would give it back)."""
         task = worker.task
         if worker.next is not None or worker.state != BUSY or worker.blocking \
-                or task is None or task.resources.get("GPU"):
+                or task is None or worker.gpu_kind:
             return
         shape = tuple(sorted(task.resources.items()))
         queue = self._queues.get(shape)
@@ -644,6 +650,8 @@ class LocalScheduler(Scheduler):
         self._running.pop(spec.task_id, None)
         if spec.task_id in self._cancelled:
             self._fail(spec, exc.TaskCancelledError(f"task {spec.display_name} was cancelled"))
+        elif spec.task_id in self._group_removed:
+            self._fail(spec, self._group_removed[spec.task_id])
         else:
             self._make_ready(spec, first=True)
 
@@ -680,14 +688,14 @@ class LocalScheduler(Scheduler):
         record.worker = worker
         self._move(record, ActorLifecycle.STARTING)
         worker.state = ACTOR
-        worker.gpu_kind = bool(spec.resources.get("GPU"))
+        worker.gpu_kind = gpu = asks_gpu(spec.resources)
         worker.actor_id = spec.actor_id
         self._running[spec.task_id] = worker
         if self.task_progress is not None:
             self.task_progress((spec.task_id, spec.attempt, RUNNING, worker.pid,
                                 time.perf_counter()))
         error = self._send_execute(worker, spec,
-                                   record.gpu_ids if spec.resources.get("GPU") else None)
+                                   record.gpu_ids if gpu else None)
         if error is not None:
             self._running.pop(spec.task_id, None)
             worker.state, worker.actor_id = IDLE, None
@@ -863,6 +871,13 @@ class LocalScheduler(Scheduler):
                 if spec.kind == TASK and in_group(spec.resources, key):
                     del self._waiting[task_id]
                     self._fail(spec, error)
+            # Running ones are killed, as in Ray (their worker_died fails them).
+            for task_id, worker in list(self._running.items()):
+                spec = self._tasks.get(task_id)
+                if spec is not None and spec.kind == TASK and in_group(spec.resources, key):
+                    self._group_removed[task_id] = error
+                    if worker.next is not spec:  # (sent ahead: fails when requeued)
+                        self._kill_worker(worker)
             # (After the tasks: ending an actor frees its share, which the
             # queued tasks of the group would otherwise start on.)
             for record in list(self.actors.values()):
@@ -964,7 +979,8 @@ class LocalScheduler(Scheduler):
                     worker.state = IDLE
                     worker.idle_since = time.monotonic()
                     self.idle.append(worker)
-            if retryable and task_id not in self._cancelled and self._retry_left(spec, None):
+            if retryable and task_id not in self._cancelled and self._retry_left(spec, None) \
+                    and task_id not in self._group_removed:
                 self._retrying(spec, worker)
                 self._make_ready(spec)
             else:
@@ -1001,6 +1017,8 @@ class LocalScheduler(Scheduler):
         if shipped:
             self.store.unpin(shipped)
         self._cancelled.discard(spec.task_id)
+        if self._group_removed:
+            self._group_removed.pop(spec.task_id, None)
         for rid in spec.return_ids:
             self._producer.pop(rid, None)
         started = worker.dispatched_at if worker is not None else time.perf_counter()
@@ -1201,6 +1219,8 @@ class LocalScheduler(Scheduler):
                 if spec.task_id in self._cancelled:
                     self._fail(spec, exc.TaskCancelledError(
                         f"task {spec.display_name} was cancelled (its worker was killed)"))
+                elif spec.task_id in self._group_removed:
+                    self._fail(spec, self._group_removed[spec.task_id])
                 elif may_retry(spec):
                     self._retrying(spec, worker)
                     self._make_ready(spec)
