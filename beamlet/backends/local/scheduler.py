@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Iterable, Protocol
 from ... import exceptions as exc
 from ...core import plugins
 from ...core.actor import EXIT_REASON
+from ...core.generators import item_id
 from ...core.interfaces import Scheduler
 from ...core.placement import in_group, ready_value, removed_value
 from ...core.resources import ResourcePool, asks_gpu
@@ -268,6 +269,9 @@ class LocalScheduler(Scheduler):
         # task id -> return ids of the tasks it submitted (see submitted_by), while it runs
         self._children: dict[bytes, list[bytes]] = {}
         self._shipped: dict[bytes, list[bytes]] = {}  # task id -> shm args pinned for it
+        #: A running generator's item-id prefix -> how many items it delivered
+        #: (the node counts them; a retry does not store them again).
+        self.streamed: dict[bytes, int] = {}
         self.closed = False
         self.failure: BaseException | None = None  # why the backend cannot go on (see fail)
         self.launch_error: BaseException | None = None  # why no worker can be started any more
@@ -1001,6 +1005,14 @@ class LocalScheduler(Scheduler):
                        duration=time.perf_counter() - started,
                        pid=worker.pid if worker is not None else None)
         spec.attempt += 1
+        if spec.generator is not None:
+            self._skip_delivered(spec)
+
+    def _skip_delivered(self, spec: TaskSpec) -> None:
+        """A generator call runs again: the items it delivered are not stored again."""
+        delivered = self.streamed.get(item_id(spec.return_ids[0], 0)[:-8], 0)
+        if delivered and spec.generator[0] == "streaming":
+            spec.generator = spec.generator[:2] + (delivered,)
 
     def _retry_left(self, spec: TaskSpec, record: ActorRecord | None) -> bool:
         return may_retry(spec, record.spec if record is not None else None)
@@ -1017,6 +1029,8 @@ class LocalScheduler(Scheduler):
         if shipped:
             self.store.unpin(shipped)
         self._cancelled.discard(spec.task_id)
+        if spec.generator is not None:
+            self.streamed.pop(item_id(spec.return_ids[0], 0)[:-8], None)
         if self._group_removed:
             self._group_removed.pop(spec.task_id, None)
         for rid in spec.return_ids:
@@ -1250,6 +1264,8 @@ class LocalScheduler(Scheduler):
             for spec in record.inflight.values():
                 if self._retry_left(spec, record):
                     spec.attempt += 1
+                    if spec.generator is not None:
+                        self._skip_delivered(spec)
                     retry.append(spec)
                 else:
                     self._fail(spec, unavailable)
