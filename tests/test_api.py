@@ -313,6 +313,9 @@ class Fragile:
     def crash(self):
         os._exit(1)
 
+    def reconstructed(self):
+        return ray.get_runtime_context().was_current_actor_reconstructed
+
 
 # ======================================================================================
 # init, shutdown, backend selection
@@ -1103,13 +1106,13 @@ def test_actor_restarts_after_crash(backend):
     backend.require("isolated", "manages_workers")
     a = Fragile.options(max_restarts=1).remote()
     pid1, calls = ray.get(a.state.remote(), timeout=LONG)
-    assert calls == 1
+    assert calls == 1 and ray.get(a.reconstructed.remote(), timeout=LONG) is False
     with pytest.raises(E.ActorError) as info:
         ray.get(a.crash.remote(), timeout=LONG)
     assert not isinstance(info.value, E.ActorDiedError)  # restarting, not dead
     pid2, calls = ray.get(a.state.remote(), timeout=LONG)
     assert calls == 1  # a fresh instance: __init__ ran again
-    assert pid2 != pid1
+    assert pid2 != pid1 and ray.get(a.reconstructed.remote(), timeout=LONG) is True
     with pytest.raises(E.ActorDiedError):  # restarts used up
         ray.get(a.crash.remote(), timeout=LONG)
     with pytest.raises(E.ActorDiedError):

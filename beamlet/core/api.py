@@ -375,6 +375,13 @@ class RuntimeContext:
         from .actor import current_actor_handle
         return current_actor_handle()
 
+    @property
+    def was_current_actor_reconstructed(self) -> bool:
+        """Whether the actor this is called in was restarted (its process died
+        or was killed with ``no_restart=False``); False outside an actor."""
+        from .execution import reconstructed_actors
+        return bool(self._task and self._task.actor_id in reconstructed_actors)
+
     def get_actor_name(self) -> str | None:
         """The name of the actor this is called in ("" if it has none), None outside
         an actor."""

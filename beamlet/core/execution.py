@@ -45,6 +45,11 @@ class _ArgumentFailed(Exception):
         self.error = error
 
 
+#: The actors of this process that are restarts (their creation's attempt > 0):
+#: ``get_runtime_context().was_current_actor_reconstructed``.
+reconstructed_actors: set[bytes] = set()
+
+
 class ActorInstance:
     """An actor's object plus what it runs on: a lock-free direct call for plain
     methods; an event loop thread for ``async def`` methods."""
@@ -267,6 +272,8 @@ class Executor:
         fn = self.function(spec.function_id)
         if spec.kind == ACTOR_CREATION:
             self.actors[spec.actor_id] = ActorInstance(fn(*args, **kwargs), spec)
+            if spec.attempt:
+                reconstructed_actors.add(spec.actor_id)
             return None
         result = fn(*args, **kwargs)
         if inspect.iscoroutine(result):

@@ -1273,8 +1273,7 @@ class LocalScheduler(Scheduler):
             record.held = []
             for spec in reversed(retry):
                 record.calls.push_front(spec)
-            if creating:
-                record.spec.attempt += 1
+            record.spec.attempt += 1  # (its restarted process sees it was reconstructed)
             self._tasks[record.spec.task_id] = record.spec  # its creation runs again
             self._make_ready(record.spec, first=True)
         else:
