@@ -446,6 +446,36 @@ def test_options_num_returns_on_plain_function(backend):
     assert ray.get([a, b]) == ["x", "y"]
 
 
+@ray.remote
+class Tally:
+    def __init__(self):
+        self.n = 0
+
+    def add(self):
+        self.n += 1
+
+    def total(self):
+        return self.n
+
+
+@ray.remote(num_returns=0)
+def bump(tally):
+    ray.get(tally.add.remote(), timeout=LONG)
+
+
+def test_num_returns_zero_runs_for_effects_and_returns_none(backend):
+    """As in Ray: no ref to wait on; the call still runs (calls from one
+    caller to one actor keep their order)."""
+    tally = Tally.remote()
+    assert tally.add.options(num_returns=0).remote() is None
+    assert ray.get(tally.total.remote(), timeout=LONG) == 1
+    assert bump.remote(tally) is None
+    until = time.monotonic() + LONG
+    while ray.get(tally.total.remote(), timeout=LONG) != 2:
+        assert time.monotonic() < until, "the num_returns=0 task never ran"
+        time.sleep(0.01)
+
+
 def test_ref_to_ref_is_not_flattened(backend):
     outer = make_ref.remote("deep")
     inner = ray.get(outer)

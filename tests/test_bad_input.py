@@ -212,7 +212,7 @@ def test_unknown_option_on_method(backend):
     ({"num_cpus": -1}, "num_cpus"),
     ({"num_gpus": -0.5}, "num_gpus"),
     ({"resources": {"widget": -1}}, "widget"),
-    ({"num_returns": 0}, "num_returns"),
+    ({"num_returns": -1}, "num_returns"),
     ({"max_retries": -2}, "max_retries"),
 ])
 def test_invalid_option_values(backend, options, needle):

@@ -16,13 +16,36 @@ import io
 import json
 import os
 import runpy
+import signal
 import sys
 import time
 
 import ray
 
 
+#: Seconds a program may take before it is stopped (it "prints" EXIT 1: Timeout).
+PROGRAM_TIMEOUT = 90
+
+
+class Timeout(BaseException):
+    """A program ran past PROGRAM_TIMEOUT."""
+
+
+def _alarm(signum, frame):
+    raise Timeout()
+
+
+def _wait_idle(limit: float = 60.0) -> None:
+    """Wait (up to `limit` s) until every CPU is free again: what a program left
+    running (a cancelled task still ending) must not starve the next one."""
+    until = time.monotonic() + limit
+    while time.monotonic() < until and \
+            ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        time.sleep(0.2)
+
+
 def main(out: str, paths: list[str]) -> None:
+    signal.signal(signal.SIGALRM, _alarm)
     ray.init(num_cpus=2, include_dashboard=False)
     plain_init, plain_shutdown = ray.init, ray.shutdown
     ray.init = lambda *args, **kwargs: None
@@ -33,16 +56,22 @@ def main(out: str, paths: list[str]) -> None:
             buffer = io.StringIO()
             start = time.monotonic()
             with contextlib.redirect_stdout(buffer):
+                signal.alarm(PROGRAM_TIMEOUT)
                 try:
                     sys.argv = [path]
                     runpy.run_path(path, run_name="__main__")
                     failure = ""
                 except BaseException as err:  # noqa: BLE001 - the program's outcome
                     failure = f"\nEXIT 1: {type(err).__name__}"
+                finally:
+                    signal.alarm(0)
             output = (buffer.getvalue().rstrip("\n") + failure).strip("\n")
+            from run import normalise
+            output = normalise(output)
             results[os.path.basename(path)] = {"output": output, "stderr_tail": "",
                                                "seconds": round(time.monotonic() - start, 2)}
             print(f"ray: {os.path.basename(path)} done", file=sys.stderr, flush=True)
+            _wait_idle()
             with open(out, "w") as f:  # (after each: a crash keeps what ran)
                 json.dump(results, f)
     finally:

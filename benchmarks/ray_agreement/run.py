@@ -52,8 +52,17 @@ def run_one(command: list[str], timeout: float, env: dict | None = None) -> dict
         output = ((err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes)
                   else (err.stdout or "")).rstrip("\n") + f"\nTIMEOUT after {timeout}s"
         stderr_tail = ""
-    return {"output": output.strip("\n"), "seconds": round(time.monotonic() - start, 2),
+    return {"output": normalise(output), "seconds": round(time.monotonic() - start, 2),
             "stderr_tail": stderr_tail}
+
+
+def normalise(output: str) -> str:
+    """A program's stdout without the log lines Ray's log monitor prints into it
+    (``(raylet) ...``, ``(pid=...) ...``, colour codes): they are not the program's."""
+    import re
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in output.splitlines()]
+    return "\n".join(line for line in lines
+                     if not re.match(r"\s*\((raylet|pid=|\w+ pid=)", line)).strip("\n")
 
 
 def _exception_type(stderr: str) -> str:
