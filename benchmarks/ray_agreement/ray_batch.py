@@ -46,7 +46,14 @@ def _wait_idle(limit: float = 60.0) -> None:
 
 def main(out: str, paths: list[str]) -> None:
     signal.signal(signal.SIGALRM, _alarm)
-    ray.init(num_cpus=2, include_dashboard=False)
+    for attempt in range(3):  # (on a loaded machine Ray may miss its own start-up limit)
+        try:
+            ray.init(num_cpus=2, include_dashboard=False)
+            break
+        except Exception:  # noqa: BLE001 - Ray raises a bare Exception for it
+            if attempt == 2:
+                raise
+            ray.shutdown()
     plain_init, plain_shutdown = ray.init, ray.shutdown
     ray.init = lambda *args, **kwargs: None
     ray.shutdown = lambda *args, **kwargs: None
