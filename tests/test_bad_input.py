@@ -130,7 +130,7 @@ def test_put_of_an_object_ref(backend):
 
 @pytest.mark.parametrize("value", [5, "ref", None, {"a": 1}])
 def test_get_of_a_non_ref(backend, value):
-    with pytest.raises(TypeError, match="ObjectRef"):
+    with pytest.raises(ValueError, match="ObjectRef"):  # (as in Ray)
         ray.get(value)
 
 

@@ -257,8 +257,9 @@ def get(object_refs, *, timeout: float | None = None):
             raise TypeError("get() of an ObjectRefGenerator is not allowed (as in Ray): get "
                             "the refs it gives (for ref in gen: get(ref)), or "
                             "gen.completed() to wait for its task")
-        raise TypeError("get() expects an ObjectRef or a list of ObjectRefs, got "
-                        f"{type(object_refs).__name__} ({object_refs!r:.60})")
+        # (ValueError, as Ray raises here; a list holding a non-ref: TypeError)
+        raise ValueError("get() expects an ObjectRef or a list of ObjectRefs, got "
+                         f"{type(object_refs).__name__} ({object_refs!r:.60})")
     _check_refs(object_refs, "get()")
     return rt.get(list(object_refs), timeout)
 
