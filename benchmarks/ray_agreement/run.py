@@ -61,8 +61,17 @@ def normalise(output: str) -> str:
     (``(raylet) ...``, ``(pid=...) ...``, colour codes): they are not the program's."""
     import re
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in output.splitlines()]
-    return "\n".join(line for line in lines
-                     if not re.match(r"\s*\((raylet|pid=|\w+ pid=)", line)).strip("\n")
+    kept, in_traceback = [], False
+    for line in lines:
+        if re.match(r"ray::\S+\(\) \(pid=", line):  # (a retried attempt's error, logged)
+            in_traceback = True
+            continue
+        if in_traceback:
+            in_traceback = line[:1].isspace()  # (its last line, "Error: ...", goes too)
+            continue
+        if not re.match(r"\s*\((raylet|pid=|\w+ pid=)", line):
+            kept.append(line)
+    return "\n".join(kept).strip("\n")
 
 
 def _exception_type(stderr: str) -> str:
