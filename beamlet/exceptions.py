@@ -17,7 +17,8 @@ Hierarchy (Ray's names in brackets where they differ)::
     │   └── ObjectReconstructionFailedError
     ├── ObjectRefStreamEndOfStreamError  a stream of refs has no more items
     ├── RuntimeEnvSetupError      a runtime_env cannot be set up here
-    ├── NodeDiedError, OutOfMemoryError
+    ├── NodeDiedError, OutOfMemoryError, LocalRayletDiedError
+    ├── PendingCallsLimitExceeded
     ├── AsyncioActorExit          exit_actor() in an async actor (ActorExit, a
     │                             SystemExit, in others)
     ├── UnserializableException   stands in for a cause that cannot be pickled
@@ -40,7 +41,8 @@ __all__ = [
     "BackendError", "AsyncioActorExit", "ActorExit", "UnserializableException",
     "ObjectFreedError", "ObjectReconstructionFailedError", "ObjectRefStreamEndOfStreamError",
     "RuntimeEnvSetupError", "NodeDiedError", "OutOfMemoryError", "RaySystemError",
-    "TaskPlacementGroupRemoved", "ActorPlacementGroupRemoved",
+    "TaskPlacementGroupRemoved", "ActorPlacementGroupRemoved", "LocalRayletDiedError",
+    "PendingCallsLimitExceeded",
     # Ray's names, so that `except ray.exceptions.RayTaskError` works unchanged.
     "RayError", "RayTaskError", "RayActorError",
 ]
@@ -131,6 +133,16 @@ class NodeDiedError(BeamletError):
 
 class OutOfMemoryError(BeamletError):
     """The task was killed because its machine ran out of memory."""
+
+
+class LocalRayletDiedError(BeamletError):
+    """The node the task was submitted from died (Ray's name; raised by no
+    beamlet backend today, defined so that programs catching it import)."""
+
+
+class PendingCallsLimitExceeded(BeamletError):
+    """An actor has more pending calls than its ``max_pending_calls`` (Ray's
+    name; defined so that programs catching it import)."""
 
 
 class ObjectStoreFullError(BeamletError):

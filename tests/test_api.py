@@ -313,6 +313,9 @@ class Fragile:
     def crash(self):
         os._exit(1)
 
+    def reconstructed(self):
+        return ray.get_runtime_context().was_current_actor_reconstructed
+
 
 # ======================================================================================
 # init, shutdown, backend selection
@@ -441,6 +444,36 @@ def test_options_num_returns_one_on_k_return_function(backend):
 def test_options_num_returns_on_plain_function(backend):
     a, b = identity.options(num_returns=2).remote(["x", "y"])
     assert ray.get([a, b]) == ["x", "y"]
+
+
+@ray.remote
+class Tally:
+    def __init__(self):
+        self.n = 0
+
+    def add(self):
+        self.n += 1
+
+    def total(self):
+        return self.n
+
+
+@ray.remote(num_returns=0)
+def bump(tally):
+    ray.get(tally.add.remote(), timeout=LONG)
+
+
+def test_num_returns_zero_runs_for_effects_and_returns_none(backend):
+    """As in Ray: no ref to wait on; the call still runs (calls from one
+    caller to one actor keep their order)."""
+    tally = Tally.remote()
+    assert tally.add.options(num_returns=0).remote() is None
+    assert ray.get(tally.total.remote(), timeout=LONG) == 1
+    assert bump.remote(tally) is None
+    until = time.monotonic() + LONG
+    while ray.get(tally.total.remote(), timeout=LONG) != 2:
+        assert time.monotonic() < until, "the num_returns=0 task never ran"
+        time.sleep(0.01)
 
 
 def test_ref_to_ref_is_not_flattened(backend):
@@ -1103,13 +1136,13 @@ def test_actor_restarts_after_crash(backend):
     backend.require("isolated", "manages_workers")
     a = Fragile.options(max_restarts=1).remote()
     pid1, calls = ray.get(a.state.remote(), timeout=LONG)
-    assert calls == 1
+    assert calls == 1 and ray.get(a.reconstructed.remote(), timeout=LONG) is False
     with pytest.raises(E.ActorError) as info:
         ray.get(a.crash.remote(), timeout=LONG)
     assert not isinstance(info.value, E.ActorDiedError)  # restarting, not dead
     pid2, calls = ray.get(a.state.remote(), timeout=LONG)
     assert calls == 1  # a fresh instance: __init__ ran again
-    assert pid2 != pid1
+    assert pid2 != pid1 and ray.get(a.reconstructed.remote(), timeout=LONG) is True
     with pytest.raises(E.ActorDiedError):  # restarts used up
         ray.get(a.crash.remote(), timeout=LONG)
     with pytest.raises(E.ActorDiedError):

@@ -131,7 +131,7 @@ def test_put_of_an_object_ref(backend):
 
 @pytest.mark.parametrize("value", [5, "ref", None, {"a": 1}])
 def test_get_of_a_non_ref(backend, value):
-    with pytest.raises(TypeError, match="ObjectRef"):
+    with pytest.raises(ValueError, match="ObjectRef"):  # (as in Ray)
         ray.get(value)
 
 
@@ -213,7 +213,7 @@ def test_unknown_option_on_method(backend):
     ({"num_cpus": -1}, "num_cpus"),
     ({"num_gpus": -0.5}, "num_gpus"),
     ({"resources": {"widget": -1}}, "widget"),
-    ({"num_returns": 0}, "num_returns"),
+    ({"num_returns": -1}, "num_returns"),
     ({"max_retries": -2}, "max_retries"),
 ])
 def test_invalid_option_values(backend, options, needle):

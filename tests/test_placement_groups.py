@@ -198,3 +198,80 @@ def test_a_placement_group_pickles_by_value():
     import pickle
     pg = PlacementGroup(b"\x01" * 16, [{"CPU": 1.0}], b"\x02" * 16)
     assert pickle.loads(pickle.dumps(pg)) == pg and pg.bundle_count == 1
+
+
+@ray.remote
+class Greeter:
+    def hi(self):
+        return "hi"
+
+
+def test_what_is_scheduled_in_a_pending_group_waits_for_it(pgs):
+    blocker = placement_group([{"CPU": 2}])
+    assert blocker.wait(T)
+    pending = placement_group([{"CPU": 2}])
+    task = where.options(scheduling_strategy=_in(pending)).remote()  # (returns at once)
+    actor = Greeter.options(num_cpus=1, scheduling_strategy=_in(pending)).remote()
+    call = actor.hi.remote()
+    assert ray.wait([task, call], num_returns=2, timeout=0.2)[0] == []
+    remove_placement_group(blocker)  # frees the CPUs: the group is placed, they run
+    assert ray.get([task, call], timeout=T) == [pending.id, "hi"]
+    never = placement_group([{"CPU": 2}])
+    assert ray.get(pending.ready(), timeout=T) == pending  # (holds both CPUs)
+    task = where.options(scheduling_strategy=_in(never)).remote()
+    actor = Greeter.options(scheduling_strategy=_in(never)).remote()
+    call = actor.hi.remote()
+    remove_placement_group(never)
+    with pytest.raises(ray.exceptions.TaskPlacementGroupRemoved):
+        ray.get(task, timeout=T)
+    with pytest.raises(ray.exceptions.ActorDiedError, match="placement group was removed"):
+        ray.get(call, timeout=T)
+
+
+@ray.remote(max_retries=3)
+def runs_until_killed(path):
+    import os
+    import time
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(path + ".tmp", path)
+    time.sleep(T)
+    return "not killed"
+
+
+def test_removing_a_group_kills_the_tasks_running_in_it(pgs, tmp_path):
+    pgs.require("parallel", "isolated")
+    import os
+
+    from procs import proc_id, wait_gone, wait_until
+    pg = placement_group([{"CPU": 1}])
+    assert pg.wait(T)
+    path = str(tmp_path / "pid")
+    ref = runs_until_killed.options(scheduling_strategy=_in(pg)).remote(path)
+    assert wait_until(lambda: os.path.exists(path), T)
+    pid = int(open(path).read())
+    remove_placement_group(pg)
+    with pytest.raises(ray.exceptions.TaskPlacementGroupRemoved):  # (not retried)
+        ray.get(ref, timeout=T)
+    assert wait_gone([proc_id(pid)], T) == []
+    assert ray.available_resources()["CPU"] == 2
+
+
+@ray.remote(num_gpus=1, num_cpus=0)
+def visible_devices():
+    import os
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_gpu_bundles_reserve_devices(start_backend):
+    start_backend("local", num_cpus=2, num_gpus=3)
+    pg = placement_group([{"GPU": 1}, {"GPU": 2}])
+    assert pg.wait(T)
+    assert ray.get(visible_devices.options(scheduling_strategy=_in(pg, 0)).remote(),
+                   timeout=T) == "0"
+    two = visible_devices.options(num_gpus=2, scheduling_strategy=_in(pg, 1)).remote()
+    half = visible_devices.options(num_gpus=0.5, scheduling_strategy=_in(pg, 1)).remote()
+    assert ray.get(two, timeout=T) == "1,2" and ray.get(half, timeout=T) in ("1", "2")
+    assert ray.available_resources()["GPU"] == 0
+    remove_placement_group(pg)
+    assert ray.get(visible_devices.options(num_gpus=3).remote(), timeout=T) == "0,1,2"

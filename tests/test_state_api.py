@@ -90,16 +90,75 @@ def test_tasks_are_listed_with_their_outcome_and_the_process_that_ran_them(backe
     assert len(state.list_tasks(filters=[("state", "!=", "FINISHED")])) == 1
 
 
-def test_a_task_is_pending_until_it_ends(backend):
+@ray.remote
+def waits_for_file(path, *_after):
+    import time
+    deadline = time.monotonic() + T
+    while not os.path.exists(path):  # (no get: a task blocked in get lends its CPU)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.01)
+    return "through"
+
+
+@ray.remote
+class Worker:
+    def block(self, path):
+        return ray.get(waits_for_file.remote(path), timeout=T)
+
+    def quick(self):
+        return "quick"
+
+
+def _states(name: str) -> list[str]:
+    return [r.state for r in state.list_tasks(filters=[("name", "=", name)])]
+
+
+def _wait_for_state(name: str, wanted: str) -> None:
+    import time
+    deadline = time.monotonic() + T
+    while _states(name) != [wanted]:
+        assert time.monotonic() < deadline, f"{name} stayed {_states(name)}"
+        time.sleep(0.01)
+
+
+def test_queued_and_running_tasks_are_told_apart_as_in_ray(backend, tmp_path):
     backend.require("task_events", "parallel")
-    gate = Gate.remote()
-    ref = waits_for.remote(gate)
-    assert [r.state for r in state.list_tasks(filters=[("name", "=", "waits_for")])] \
-        == ["PENDING"]
-    ray.get(gate.set_open.remote(), timeout=T)
-    assert ray.get(ref, timeout=T) == "through"
-    (row,) = state.list_tasks(filters=[("name", "=", "waits_for")])
-    assert row.state == "FINISHED" and row.end_time_ms is not None
+    path = str(tmp_path / "open")
+    running = waits_for_file.remote(path)
+    _wait_for_state("waits_for_file", "RUNNING")
+    after = pid_of.remote(running)  # its argument is being computed
+    everything = ray.cluster_resources()["CPU"]
+    queued = fails.options(num_cpus=everything).remote()  # a CPU is held by `running`
+    actor = Worker.remote()
+    blocked = actor.block.remote(path)
+    _wait_for_state("Worker.block", "RUNNING")
+    behind = actor.quick.remote()
+    _wait_for_state("Worker.quick", "SUBMITTED_TO_WORKER")
+    assert (_states("pid_of"), _states("fails")) == \
+        (["PENDING_ARGS_AVAIL"], ["PENDING_NODE_ASSIGNMENT"])
+    (row,) = state.list_tasks(filters=[("name", "=", "waits_for_file")], limit=1)
+    assert row.start_time_ms is not None and row.end_time_ms is None and row.worker_pid
+    open(path, "w").close()
+    assert ray.get([running, blocked, behind], timeout=T) == ["through", "through", "quick"]
+    ray.get(after, timeout=T)
+    with pytest.raises(ValueError):
+        ray.get(queued, timeout=T)
+    assert _states("pid_of") == ["FINISHED"] and _states("fails") == ["FAILED"]
+    assert _states("Worker.quick") == ["FINISHED"]
+    (row,) = state.list_tasks(filters=[("name", "=", "waits_for_file")], limit=1)
+    assert row.state == "FINISHED" and row.end_time_ms >= row.start_time_ms
+
+
+def test_a_cancelled_task_is_failed_with_its_error_type(backend, tmp_path):
+    backend.require("task_events", "parallel")
+    ref = waits_for_file.remote(str(tmp_path / "never"))
+    _wait_for_state("waits_for_file", "RUNNING")
+    ray.cancel(ref, force=True)
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        ray.get(ref, timeout=T)
+    (row,) = state.list_tasks(filters=[("name", "=", "waits_for_file")])
+    assert (row.state, row.error_type) == ("FAILED", "TASK_CANCELLED")
 
 
 @ray.remote(max_retries=2, retry_exceptions=True)

@@ -448,3 +448,54 @@ def test_backends_without_generators_refuse_them(backend):
         pytest.skip(f"the {backend.name!r} backend runs generator tasks")
     with pytest.raises(NotImplementedError, match="generator"):
         count_to.remote(3)
+
+
+@ray.remote(max_retries=1)
+def crashes_once(marker, go):
+    import os
+    yield from range(3)
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        until = time.monotonic() + T
+        while not os.path.exists(go) and time.monotonic() < until:
+            time.sleep(0.01)
+        os._exit(1)  # the worker dies: the task is retried from the start
+    yield from range(3, 5)
+
+
+def test_a_retry_does_not_store_again_the_items_already_delivered(gen_backend, tmp_path):
+    """As Ray ignores items a retried generator reports again: the items the
+    consumer took and freed before the crash are not stored again (leaked)."""
+    gen_backend.require("isolated")
+    gen = crashes_once.remote(str(tmp_path / "crashed"), str(tmp_path / "go"))
+    stream = gen.completed().id
+    assert [ray.get(take(gen), timeout=T) for _ in range(3)] == [0, 1, 2]  # (and freed)
+    eventually(lambda: not any(store().contains(item_id(stream, i)) for i in range(3)),
+               "freeing the items taken")
+    open(tmp_path / "go", "w").close()
+    assert values(gen) == [3, 4]
+    ray.get(gen.completed(), timeout=T)
+    assert not any(store().contains(item_id(stream, i)) for i in range(3))
+
+
+def test_next_with_a_timeout_gives_the_nil_ref_when_nothing_came(gen_backend):
+    """``_next_sync(timeout_s)`` (which Ray's own libraries call) returns
+    ``ObjectRef.nil()`` when no item came in time, as Ray's does."""
+    gen_backend.require("parallel")
+    signal = Signal.remote()
+
+    @ray.remote
+    def waits(signal):
+        yield 1
+        ray.get(signal.wait.remote(), timeout=T)
+        yield 2
+
+    gen = waits.remote(signal)
+    assert ray.get(gen._next_sync(T), timeout=T) == 1
+    nothing = gen._next_sync(0.05)
+    assert nothing.is_nil() and nothing == ray.ObjectRef.nil()
+    assert asyncio.run(gen._next_async(0.05)).is_nil()
+    ray.get(signal.send.remote(), timeout=T)
+    assert ray.get(gen._next_sync(-1), timeout=T) == 2
+    with pytest.raises(StopIteration):
+        gen._next_sync(T)

@@ -303,6 +303,8 @@ class ActorMethod:
         if generator is not None and generator[0] == STREAMING:
             from .generators import ObjectRefGenerator
             return ObjectRefGenerator(refs[0], generator[1])
+        if n == 0:
+            return None  # (as in Ray: it runs for its effects)
         return refs[0] if n == 1 else refs
 
 

@@ -257,8 +257,9 @@ def get(object_refs, *, timeout: float | None = None):
             raise TypeError("get() of an ObjectRefGenerator is not allowed (as in Ray): get "
                             "the refs it gives (for ref in gen: get(ref)), or "
                             "gen.completed() to wait for its task")
-        raise TypeError("get() expects an ObjectRef or a list of ObjectRefs, got "
-                        f"{type(object_refs).__name__} ({object_refs!r:.60})")
+        # (ValueError, as Ray raises here; a list holding a non-ref: TypeError)
+        raise ValueError("get() expects an ObjectRef or a list of ObjectRefs, got "
+                         f"{type(object_refs).__name__} ({object_refs!r:.60})")
     _check_refs(object_refs, "get()")
     return rt.get(list(object_refs), timeout)
 
@@ -374,6 +375,13 @@ class RuntimeContext:
         """A handle to the actor this is called in; RuntimeError outside an actor."""
         from .actor import current_actor_handle
         return current_actor_handle()
+
+    @property
+    def was_current_actor_reconstructed(self) -> bool:
+        """Whether the actor this is called in was restarted (its process died
+        or was killed with ``no_restart=False``); False outside an actor."""
+        from .execution import reconstructed_actors
+        return bool(self._task and self._task.actor_id in reconstructed_actors)
 
     def get_actor_name(self) -> str | None:
         """The name of the actor this is called in ("" if it has none), None outside

@@ -45,6 +45,11 @@ class _ArgumentFailed(Exception):
         self.error = error
 
 
+#: The actors of this process that are restarts (their creation's attempt > 0):
+#: ``get_runtime_context().was_current_actor_reconstructed``.
+reconstructed_actors: set[bytes] = set()
+
+
 class ActorInstance:
     """An actor's object plus what it runs on: a lock-free direct call for plain
     methods; an event loop thread for ``async def`` methods."""
@@ -267,6 +272,8 @@ class Executor:
         fn = self.function(spec.function_id)
         if spec.kind == ACTOR_CREATION:
             self.actors[spec.actor_id] = ActorInstance(fn(*args, **kwargs), spec)
+            if spec.attempt:
+                reconstructed_actors.add(spec.actor_id)
             return None
         result = fn(*args, **kwargs)
         if inspect.iscoroutine(result):
@@ -356,6 +363,8 @@ class Stream:
         self.stream_id = spec.return_ids[0]
         self.dynamic = spec.generator[0] == "dynamic"
         limit = spec.generator[1]
+        #: Items delivered by earlier attempts: made again, not stored again.
+        self.skip = spec.generator[2] if len(spec.generator) > 2 else 0
         self.limit = limit if limit > 0 and spec.attempt == 0 and not self.dynamic else 0
         self.next_item = next_item
         self.close = close
@@ -425,7 +434,8 @@ class Stream:
         if self.dynamic:
             from .object_ref import ObjectRef
             self.refs.append(ObjectRef(object_id))
-        self.executor.runtime.backend.put_stream_item(object_id, sobj)
+        if self.index >= self.skip:
+            self.executor.runtime.backend.put_stream_item(object_id, sobj)
         self.index += 1
 
     def fail(self, err: BaseException) -> ExecutionResult:
@@ -442,7 +452,8 @@ class Stream:
         if self.dynamic:
             from .object_ref import ObjectRef
             self.refs.append(ObjectRef(object_id))
-        self.executor.runtime.backend.put_stream_item(object_id, failure.values[0])
+        if self.index >= self.skip:
+            self.executor.runtime.backend.put_stream_item(object_id, failure.values[0])
         self.index += 1
         result = self.finish()
         result.error = failure.error
@@ -453,8 +464,9 @@ class Stream:
         if self.dynamic:
             refs = self.refs
             return ExecutionResult([serialize(DynamicObjectRefGenerator(refs))], value=refs)
-        self.executor.runtime.backend.put_stream_item(item_id(self.stream_id, self.index),
-                                                      end_marker())
+        if self.index >= self.skip:
+            self.executor.runtime.backend.put_stream_item(item_id(self.stream_id, self.index),
+                                                          end_marker())
         return ExecutionResult([serialize(None)])
 
 

@@ -119,10 +119,12 @@ class ObjectRefGenerator:
         return self._next_sync()
 
     def _next_sync(self, timeout_s: float | None = None) -> ObjectRef:
-        """The next item's ref, waiting at most `timeout_s` (None: no limit) for
-        it; ``GetTimeoutError`` when it runs out (Ray returns a nil ref there)."""
+        """The next item's ref, waiting at most `timeout_s` (None or -1: no
+        limit) for it; ``ObjectRef.nil()`` when it runs out, as in Ray."""
         if self._finished:
             raise StopIteration
+        if timeout_s is not None and timeout_s < 0:
+            timeout_s = None
         stream = self._ref.id
         item = item_id(stream, self._index)
         store = self._runtime().backend.object_store
@@ -132,7 +134,7 @@ class ObjectRefGenerator:
         else:
             ready = store.wait([item, stream], 1, timeout_s)
             if not ready:
-                raise exc.GetTimeoutError(f"no next item of the generator after {timeout_s}s")
+                return ObjectRef.nil()
         if item in ready or store.contains(item):  # (stored before the stream id)
             if _is_end(store, item):
                 self._end(item)
@@ -168,13 +170,13 @@ class ObjectRefGenerator:
         return await self._next_async()
 
     async def _next_async(self, timeout_s: float | None = None) -> ObjectRef:
+        """As `_next_sync`, without blocking the loop (nil ref: timed out)."""
         try:
-            return self._next_sync(0)
+            ref = self._next_sync(0)
         except StopIteration:
             raise StopAsyncIteration from None
-        except exc.GetTimeoutError:
-            if timeout_s == 0:
-                raise
+        if not ref.is_nil() or timeout_s == 0:
+            return ref
         import asyncio
         # Waiting blocks a thread of the loop's executor, not the loop.
         ref = await asyncio.get_running_loop().run_in_executor(None, self._next_or_end,

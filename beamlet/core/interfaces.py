@@ -259,6 +259,15 @@ class Scheduler(abc.ABC):
       ``actor_options["max_restarts"]``.
     """
 
+    #: Set by the driver's task record (core/task_events.py) where the
+    #: backend has the ``task_events`` flag: a scheduler that tells how its
+    #: tasks progress calls it with ``(task_id, attempt, state, pid,
+    #: time.perf_counter())`` when an attempt waits for its arguments
+    #: (``"PENDING_ARGS_AVAIL"``), has them (``"PENDING_NODE_ASSIGNMENT"``),
+    #: is sent behind earlier calls to its actor (``"SUBMITTED_TO_WORKER"``)
+    #: or starts (``"RUNNING"``). None: nobody listens.
+    task_progress = None
+
     @abc.abstractmethod
     def submit(self, spec: TaskSpec) -> None:
         """Queue a task, actor creation or actor method call."""

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 from . import runtime as _runtime
-from .ids import short
+from .ids import ID_SIZE, short
 from .serialization import note_contained_ref
+
+
+NIL_ID = bytes(ID_SIZE)
 
 
 class ObjectRef:
@@ -49,6 +52,18 @@ class ObjectRef:
 
     def __repr__(self) -> str:
         return f"ObjectRef({self.id.hex()})"
+
+    @classmethod
+    def nil(cls) -> "ObjectRef":
+        """The nil ref (all-zero id; Ray's ``ObjectRef.nil()``): refers to no
+        object and holds no reference."""
+        ref = cls.__new__(cls)
+        ref.id = NIL_ID
+        ref._runtime = None
+        return ref
+
+    def is_nil(self) -> bool:
+        return self.id == NIL_ID
 
     def hex(self) -> str:
         return self.id.hex()

@@ -55,8 +55,8 @@ def validate(options: dict, allowed: frozenset, what: str) -> dict:
     if "num_returns" in out:
         n = out["num_returns"]
         if n not in (STREAMING, DYNAMIC) and (
-                not isinstance(n, int) or isinstance(n, bool) or n < 1):
-            raise ValueError(f"num_returns must be an integer >= 1, {STREAMING!r} or "
+                not isinstance(n, int) or isinstance(n, bool) or n < 0):
+            raise ValueError(f"num_returns must be an integer >= 0, {STREAMING!r} or "
                              f"{DYNAMIC!r}, got {n!r}")
     if "_generator_backpressure_num_objects" in out:
         v = out["_generator_backpressure_num_objects"]

@@ -86,6 +86,8 @@ class RemoteFunction:
         if generator is not None and generator[0] == STREAMING:
             from .generators import ObjectRefGenerator
             return ObjectRefGenerator(refs[0], generator[1])
+        if num_returns == 0:
+            return None  # (as in Ray: it runs for its effects; its one hidden ref is let go)
         return refs[0] if num_returns == 1 else refs
 
     def __reduce__(self):

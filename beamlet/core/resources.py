@@ -36,6 +36,10 @@ class ResourcePool:
         # from the node, {its own resource name: units}, reserved yet?).
         self._groups: dict[str, list] = {}
         self._group_names: dict[str, int] = {}  # every group's resource names -> capacity
+        # The GPU devices reserved groups hold: key -> per bundle, [{device:
+        # units it reserved}, {device: units free of those}] (only groups with GPUs).
+        self._group_gpus: dict[str, list] = {}
+        self._bundles: dict[str, list] = {}  # key -> its bundles, as asked
 
     def total(self) -> dict[str, float]:
         return {k: v / _UNIT for k, v in self._total.items()}
@@ -80,6 +84,9 @@ class ResourcePool:
             if free.get(name, 0) < units:
                 return False
         gpus = request.get("GPU", 0)
+        if not gpus and self._group_gpus:
+            wanted = _group_gpu_request(request)
+            return wanted is None or self._group_devices(*wanted, take=False) is not None
         return not gpus or not self._gpu_free or self._gpu_devices(gpus) is not None
 
     def _gpu_devices(self, gpus: float) -> list[int] | None:
@@ -99,6 +106,9 @@ class ResourcePool:
         for name, units in self._request_units(request):
             free[name] -= units
         gpus = request.get("GPU", 0)
+        if not gpus and self._group_gpus:
+            wanted = _group_gpu_request(request)
+            return [] if wanted is None else self._group_devices(*wanted, take=True) or []
         if not gpus or not self._gpu_free:
             return []
         devices = self._gpu_devices(gpus) or []
@@ -115,6 +125,11 @@ class ResourcePool:
         if not gpu_ids:
             return
         gpus = request.get("GPU", 0)
+        if not gpus:
+            wanted = _group_gpu_request(request)
+            if wanted is not None:
+                self._group_give_back(*wanted, gpu_ids)
+            return
         share = _UNIT if gpus >= 1 else _units(gpus)
         for i in gpu_ids:
             self._gpu_free[i] += share
@@ -152,6 +167,7 @@ class ResourcePool:
             names[group_resource("bundle", key, i)] = _units(BUNDLE_CAPACITY)
         names[group_resource("bundle", key)] = _units(BUNDLE_CAPACITY) * len(bundles)
         self._groups[key] = [{n: _units(a) for n, a in need.items()}, names, False]
+        self._bundles[key] = [dict(b) for b in bundles]
         self._group_names.update(names)
 
     def reserve_group(self, key: str) -> bool:
@@ -167,6 +183,11 @@ class ResourcePool:
         free = self._free
         if any(free.get(name, 0) < units for name, units in need.items()):
             return False
+        devices = self._reserve_group_gpus(self._bundles[key])
+        if devices is None:
+            return False
+        if devices:
+            self._group_gpus[key] = devices
         for name, units in need.items():
             free[name] -= units
         for name, units in names.items():
@@ -182,6 +203,10 @@ class ResourcePool:
         if entry is None:
             return
         need, names, reserved = entry
+        self._bundles.pop(key, None)
+        for bundle in self._group_gpus.pop(key, ()):
+            for device, units in bundle[0].items():
+                self._gpu_free[device] += units
         for name in names:
             self._group_names.pop(name, None)
             if reserved:
@@ -191,6 +216,69 @@ class ResourcePool:
             for name, units in need.items():
                 self._free[name] += units
         self._feasible.clear()  # (requests found feasible may name its resources)
+
+    def _reserve_group_gpus(self, bundles: list[dict]) -> list | None:
+        """Take GPU devices for each bundle that asks for GPUs, all or none
+        (None: they do not fit now); [] when no bundle asks or the node has
+        no devices to tell apart."""
+        if not self._gpu_free or not any(b.get("GPU") for b in bundles):
+            return []
+        taken: list = []
+        for bundle in bundles:
+            gpus = bundle.get("GPU", 0)
+            devices = self._gpu_devices(gpus) if gpus else []
+            if devices is None:
+                for held, _ in taken:  # (undo: all or none)
+                    for device, units in held.items():
+                        self._gpu_free[device] += units
+                return None
+            share = _UNIT if gpus >= 1 else _units(gpus)
+            held = {}
+            for device in devices:
+                self._gpu_free[device] -= share
+                held[device] = share
+            taken.append((held, dict(held)))
+        return [list(pair) for pair in taken]
+
+    def _group_devices(self, key: str, index: int | None, gpus: float,
+                       take: bool) -> list[int] | None:
+        """The devices of group `key` (its bundle `index`, or any) a task
+        asking for `gpus` gets, as `_gpu_devices` does for the node; taken
+        if `take`. [] if the group holds no devices (nothing to tell apart)."""
+        bundles = self._group_gpus.get(key)
+        if not bundles:
+            return []
+        share = _UNIT if gpus >= 1 else _units(gpus)
+        chosen = None
+        for i, (_, free) in enumerate(bundles):
+            if index is not None and i != index:
+                continue
+            if gpus >= 1:
+                whole = [d for d, f in free.items() if f == _UNIT]
+                if len(whole) >= int(gpus):
+                    chosen = (free, whole[:int(gpus)])
+                    break
+            else:
+                fitting = [d for d, f in free.items() if f >= share]
+                if fitting:
+                    chosen = (free, [min(fitting, key=lambda d: (free[d], d))])
+                    break
+        if chosen is None:
+            return None
+        if take:
+            for device in chosen[1]:
+                chosen[0][device] -= share
+        return chosen[1]
+
+    def _group_give_back(self, key: str, index: int | None, gpus: float,
+                         gpu_ids: list[int]) -> None:
+        share = _UNIT if gpus >= 1 else _units(gpus)
+        for device in gpu_ids:
+            for i, (held, free) in enumerate(self._group_gpus.get(key, ())):
+                if (index is None or i == index) and device in held \
+                        and free[device] + share <= held[device]:
+                    free[device] += share
+                    break
 
     def pending_groups(self) -> list[str]:
         """The keys of the groups not reserved yet, oldest first."""
@@ -207,6 +295,25 @@ def group_resource(name: str, key: str, index: int | None = None) -> str:
     """The resource of placement group `key` standing for `name` in its bundle
     `index` (None: in any of its bundles), named as in Ray."""
     return f"{name}_group_{key}" if index is None else f"{name}_group_{index}_{key}"
+
+
+def asks_gpu(request: dict[str, float]) -> bool:
+    """Whether a request wants GPUs, the node's or a placement group's."""
+    return bool(request.get("GPU")) or _group_gpu_request(request) is not None
+
+
+def _group_gpu_request(request: dict[str, float]) -> tuple | None:
+    """``(group key, bundle index or None, GPUs)`` of a request renamed into a
+    placement group (core/placement.py) that asks for GPUs; else None."""
+    found = None
+    for name, amount in request.items():
+        if name.startswith("GPU_group_") and amount:
+            rest = name[len("GPU_group_"):]
+            index, _, key = rest.partition("_")
+            if key:
+                return key, int(index), amount  # (the bundle's own name: the narrowest)
+            found = (rest, None, amount)
+    return found
 
 
 def _cpu_names(request: dict[str, float]) -> list[str]:

@@ -101,6 +101,7 @@ class Runtime:
             from .task_events import TaskEvents
             self.task_events = TaskEvents()
             self.task_events.listen()
+            self.backend.scheduler.task_progress = self.task_events.progress
         from .tables import Tables  # not at import: `import beamlet` stays fast
         self.tables = Tables(self.backend.control_store)
         self.inline_threshold = self.backend.inline_threshold

@@ -10,6 +10,18 @@ spec, so arguments are not kept alive); the rows are folded from those events
 only when someone reads them. It keeps the newest `max_tasks` submissions and
 `max_spans` ended attempts, dropping the oldest, so a job of millions of tasks
 does not grow the driver without limit.
+
+States are Ray's (``ray.util.state``): a task is ``PENDING_ARGS_AVAIL`` while
+its arguments are being computed, ``PENDING_NODE_ASSIGNMENT`` while it waits
+for resources or a worker (also between a failed attempt and its retry),
+``SUBMITTED_TO_WORKER`` when it is an actor call sent to its actor's process
+behind earlier calls, ``RUNNING`` from when its attempt starts (as the driver
+sees it: dispatched to an idle process), then ``FINISHED`` or ``FAILED`` (a
+cancelled task is ``FAILED`` with ``error_type`` ``TASK_CANCELLED``, as in Ray).
+The progress between submission and end comes from the scheduler, which
+appends ``(task id, attempt, state, pid, time.perf_counter())`` to
+`TaskEvents.progress` (see ``Scheduler.task_progress``); a scheduler that
+does not tell leaves its tasks ``PENDING_NODE_ASSIGNMENT`` until they end.
 """
 from __future__ import annotations
 
@@ -24,6 +36,11 @@ from .task_spec import ACTOR_CREATION, ACTOR_METHOD
 MAX_TASKS_ENV_VAR = "BEAMLET_STATE_MAX_TASKS"
 MAX_SPANS_ENV_VAR = "BEAMLET_TIMELINE_MAX_SPANS"
 
+PENDING_ARGS_AVAIL = "PENDING_ARGS_AVAIL"
+PENDING_NODE_ASSIGNMENT = "PENDING_NODE_ASSIGNMENT"
+SUBMITTED_TO_WORKER = "SUBMITTED_TO_WORKER"
+RUNNING = "RUNNING"
+
 TASK_TYPES = {ACTOR_CREATION: "ACTOR_CREATION_TASK", ACTOR_METHOD: "ACTOR_TASK"}
 HOOKS = ("beamlet_task_submitted", "beamlet_task_finished", "beamlet_actor_state")
 
@@ -32,19 +49,20 @@ class TaskRecord:
     """One task (all its attempts), as folded from its events."""
 
     __slots__ = ("task_id", "name", "type", "state", "actor_id", "attempt_number",
-                 "creation_time", "start_time", "end_time", "pid")
+                 "creation_time", "start_time", "end_time", "pid", "error_type")
 
     def __init__(self, task_id: bytes, kind: int, name: str, actor_id):
         self.task_id = task_id
         self.name = name
         self.type = TASK_TYPES.get(kind, "NORMAL_TASK")
-        self.state = "PENDING"
+        self.state = PENDING_NODE_ASSIGNMENT
         self.actor_id = actor_id
         self.attempt_number = 0
         self.creation_time: float | None = None
         self.start_time: float | None = None
         self.end_time: float | None = None
         self.pid: int | None = None
+        self.error_type: str | None = None
 
 
 class ActorRecord:
@@ -76,6 +94,12 @@ class TaskEvents:
         #: (task id, kind, function name, method name, actor id, end time, status,
         #: duration, pid, attempt) per ended attempt.
         self._ended: collections.deque = collections.deque(maxlen=self.max_spans)
+        #: (task id, attempt, state, pid, time.perf_counter()) as a task
+        #: progresses between submission and end; `progress` appends one.
+        self._progress: collections.deque = collections.deque(maxlen=self.max_spans)
+        self.progress = self._progress.append
+        #: time.time() - time.perf_counter(): the progress times as epoch times.
+        self._clock = time.time() - time.perf_counter()
         self._actors: dict[bytes, ActorRecord] = {}
         self._lock = threading.Lock()
 
@@ -129,7 +153,8 @@ class TaskEvents:
     def tasks(self) -> list[TaskRecord]:
         """The tasks submitted most recently (at most `max_tasks`), in order of
         submission, folded from the recorded events."""
-        submitted, ended = list(self._submitted), list(self._ended)
+        submitted, progress, ended = list(self._submitted), list(self._progress), \
+            list(self._ended)
         rows: dict[bytes, TaskRecord] = {}
         for task_id, kind, function, method, actor_id, when in submitted:
             record = rows.get(task_id)
@@ -137,6 +162,11 @@ class TaskEvents:
                 record = rows[task_id] = TaskRecord(task_id, kind, _name(kind, function, method),
                                                     actor_id)
                 record.creation_time = when
+        # Each task's newest progress (attempt, state, pid, time); an attempt's
+        # end overrides it unless a later attempt has progressed since.
+        latest: dict[bytes, tuple] = {}
+        for task_id, attempt, status, pid, when in progress:
+            latest[task_id] = (attempt, status, pid, when)
         for task_id, kind, function, method, actor_id, end, status, duration, pid, attempt \
                 in ended:
             record = rows.get(task_id)
@@ -145,12 +175,23 @@ class TaskEvents:
             record.start_time = end - duration
             record.pid = pid
             if status == "RETRYING":
-                record.state = "PENDING"
+                record.state = PENDING_NODE_ASSIGNMENT
                 record.attempt_number = attempt + 1
             else:
                 record.state = status
                 record.attempt_number = attempt
                 record.end_time = end
+                if status == "CANCELLED":
+                    record.state, record.error_type = "FAILED", "TASK_CANCELLED"
+        for task_id, (attempt, status, pid, when) in latest.items():
+            record = rows.get(task_id)
+            if record is None or record.end_time is not None \
+                    or attempt < record.attempt_number:
+                continue
+            record.state, record.attempt_number = status, attempt
+            if status in (RUNNING, SUBMITTED_TO_WORKER):
+                record.pid = pid
+                record.start_time = when + self._clock
         return list(rows.values())
 
     def actors(self) -> list[ActorRecord]:

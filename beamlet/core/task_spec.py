@@ -35,7 +35,11 @@ class TaskSpec:
     ``generator`` is None, or for a generator call
     ``(num_returns, backpressure)``: ``"streaming"`` or ``"dynamic"``, and the
     most items the producer may be ahead of its consumer (-1: no limit); its
-    one return id is then the stream's (see ``core/generators.py``).
+    one return id is then the stream's (see ``core/generators.py``). A retried
+    streaming call has a third element: how many items (counting an error or
+    the end marker) its earlier attempts delivered; the retry makes them again
+    without storing them, as Ray ignores items already reported, since the
+    consumer may have taken and freed them.
     """
 
     __slots__ = ("task_id", "kind", "function_id", "function_name", "args", "kwargs",

@@ -6,9 +6,14 @@
 Tasks and actors come from the lifecycle hooks (``beamlet_task_submitted``,
 ``beamlet_task_finished``, ``beamlet_actor_state``), recorded in the driver
 while the job runs; the newest 10,000 tasks are kept (``$BEAMLET_STATE_MAX_TASKS``).
-A task is ``PENDING`` from its submission until its last attempt ends
-(queued and running are not told apart), then ``FINISHED``, ``FAILED`` or
-``CANCELLED``. Backends whose ``task_events`` flag is False (their tasks end on
+A task's state is Ray's: ``PENDING_ARGS_AVAIL`` while its arguments are
+being computed, ``PENDING_NODE_ASSIGNMENT`` while it is queued for resources
+or a worker (and between an attempt that failed and its retry), ``RUNNING``
+from when its attempt is dispatched to a process, then ``FINISHED`` or
+``FAILED`` (``error_type`` ``"TASK_CANCELLED"`` for a cancelled task). An
+actor call sent to its actor behind earlier calls is ``SUBMITTED_TO_WORKER``
+until the call before it ends (calls of actors that run several at once
+may show so while they run). Backends whose ``task_events`` flag is False (their tasks end on
 other machines or engines) raise NotImplementedError here.
 
 Every ``list_*`` takes ``filters``, a list of ``(field, "=" or "!=", value)``
@@ -55,6 +60,7 @@ class TaskState(_Row):
     creation_time_ms: int
     start_time_ms: int | None
     end_time_ms: int | None
+    error_type: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +177,7 @@ def _task_row(record, job_id: str) -> TaskState:
     return TaskState(record.task_id.hex(), record.name, record.state, record.type,
                      record.name, record.actor_id.hex() if record.actor_id else None, job_id,
                      record.attempt_number, record.pid, _ms(record.creation_time),
-                     _ms(record.start_time), _ms(record.end_time))
+                     _ms(record.start_time), _ms(record.end_time), record.error_type)
 
 
 def _ms(seconds: float | None) -> int | None:

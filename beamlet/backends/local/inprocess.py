@@ -8,7 +8,12 @@ task runs inside ``.remote()`` too, up to its backpressure limit if it has
 one; then it goes on (in the consumer's thread) each time its consumer has
 taken enough of its items. Resources are
 accounted (``available_resources`` shows them in use while a task runs) but
-never make a task wait; a request no node could meet still raises.
+never make a task wait; a request no node could meet still raises. A task or
+actor scheduled in a placement group that is still pending waits, as in
+Ray: ``.remote()`` returns at once and it runs when the group is reserved
+(inside whatever frees the resources: another thread's task ending, a kill, a
+group's removal), or fails with ``TaskPlacementGroupRemoved`` (an actor: is
+dead) if its group is removed first.
 """
 from __future__ import annotations
 
@@ -29,16 +34,19 @@ from ...core.runtime import Runtime
 from ...core.scheduling import ActorLifecycle, run_attempts
 from ...core.serialization import serialize
 from ...core.tables import Tables
+from ...core.task_events import RUNNING
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
 
 
 class _Actor:
-    __slots__ = ("spec", "state", "reason")
+    __slots__ = ("spec", "state", "reason", "waiting")
 
     def __init__(self, spec: TaskSpec):
         self.spec = spec
         self.state = ActorLifecycle.STARTING  # (it is created at once, at submission)
         self.reason = ""
+        #: While its placement group is pending: the calls made to it meanwhile.
+        self.waiting: list[TaskSpec] | None = None
 
 
 class InProcessScheduler(Scheduler):
@@ -59,6 +67,8 @@ class InProcessScheduler(Scheduler):
         #: Generator calls held back by their consumer: stream id -> (spec,
         #: Stream, store waiter).
         self._held: dict[bytes, tuple] = {}
+        #: Placement group key -> the specs waiting for it to be reserved.
+        self._unplaced: dict[str, list[TaskSpec]] = {}
 
     def submit(self, spec: TaskSpec) -> None:
         plugins.notify("beamlet_task_submitted", spec=spec)
@@ -69,9 +79,15 @@ class InProcessScheduler(Scheduler):
         if spec.placement_group is not None:
             key = spec.placement_group[0].key
             if key in self._pool.pending_groups():
-                raise ValueError(f"{spec.display_name} is scheduled in placement group {key}, "
-                                 f"which is not ready: on the inprocess backend tasks run "
-                                 f"inside .remote(), so wait for pg.ready() first")
+                if spec.kind == ACTOR_CREATION:  # (known now: its calls wait with it)
+                    actor = self._actors[spec.actor_id] = _Actor(spec)
+                    actor.waiting = []
+                    self._actor_by_token[spec.return_ids[0]] = spec.actor_id
+                self._unplaced.setdefault(key, []).append(spec)
+                return
+        self._start(spec)
+
+    def _start(self, spec: TaskSpec) -> None:
         if spec.kind == ACTOR_CREATION:
             self._create_actor(spec)
         else:
@@ -80,6 +96,9 @@ class InProcessScheduler(Scheduler):
     def _execute(self, spec: TaskSpec):
         """Run one attempt, holding its resources meanwhile."""
         gpu_ids = self._pool.acquire(spec.resources)
+        if self.task_progress is not None:
+            self.task_progress((spec.task_id, spec.attempt, RUNNING, os.getpid(),
+                                time.perf_counter()))
         try:
             return self.executor.execute(spec)
         finally:
@@ -119,6 +138,9 @@ class InProcessScheduler(Scheduler):
         self._finish(spec, result)
 
     def _create_actor(self, spec: TaskSpec) -> None:
+        waited = self._actors.get(spec.actor_id)
+        if waited is not None and waited.state is ActorLifecycle.DEAD:
+            return  # (killed while its group was pending)
         self._actors[spec.actor_id] = _Actor(spec)
         self._actor_by_token[spec.return_ids[0]] = spec.actor_id
         if spec.actor_options.get("detached"):
@@ -130,9 +152,14 @@ class InProcessScheduler(Scheduler):
         else:
             self._move(spec.actor_id, ActorLifecycle.ALIVE)
         self._put_results(spec, result.values)
+        for call in waited.waiting if waited is not None and waited.waiting else ():
+            self._run_actor_method(call)
 
     def _run_actor_method(self, spec: TaskSpec) -> None:
         actor = self._actors.get(spec.actor_id)
+        if actor is not None and actor.waiting is not None:
+            actor.waiting.append(spec)  # (its creation waits for its placement group)
+            return
         if actor is None or actor.state is ActorLifecycle.DEAD:
             reason = actor.reason if actor else "the actor is unknown to this backend"
             err = exc.ActorDiedError(f"the actor {spec.function_name} is dead: {reason}")
@@ -168,13 +195,17 @@ class InProcessScheduler(Scheduler):
 
     def _reserve_groups(self) -> None:
         pending = self._pool.pending_groups()
-        for key in pending:
+        placed = []
+        for key in list(pending):
             if self._pool.reserve_group(key):
                 pending.remove(key)
                 info = self._groups[key]
                 self._tables.set_placement_group_state(info.pg_id, "CREATED")
                 self._store.put(info.ready_id, ready_value(info))
+                placed.extend(self._unplaced.pop(key, ()))
         self._groups_pending = bool(pending)
+        for spec in placed:  # (after: they may free or reserve more themselves)
+            self._start(spec)
 
     def remove_placement_group(self, pg_id: bytes) -> None:
         key = pg_id.hex()
@@ -182,6 +213,12 @@ class InProcessScheduler(Scheduler):
         if info is None:
             return
         pending = key in self._pool.pending_groups()
+        error = serialize(exc.TaskPlacementGroupRemoved(
+            f"the placement group {key} the task was scheduled in was removed"), is_error=True)
+        for spec in self._unplaced.pop(key, ()):
+            self._put_results(spec, [error] * len(spec.return_ids))
+            if spec.kind == ACTOR_CREATION:
+                self._end_actor(spec.actor_id, "its placement group was removed")
         for actor_id, actor in list(self._actors.items()):
             if actor.state is not ActorLifecycle.DEAD and in_group(actor.spec.resources, key):
                 self._end_actor(actor_id, "its placement group was removed")
@@ -211,6 +248,18 @@ class InProcessScheduler(Scheduler):
         if actor.state is ActorLifecycle.DEAD:
             return
         actor.reason = reason
+        if actor.waiting is not None:  # it never started: its group is pending
+            died = serialize(exc.ActorDiedError(
+                f"the actor {actor.spec.function_name} is dead: {reason}"), is_error=True)
+            for specs in self._unplaced.values():
+                if actor.spec in specs:
+                    specs.remove(actor.spec)
+                    self._put_results(actor.spec, [died] * len(actor.spec.return_ids))
+            waiting, actor.waiting = actor.waiting, None
+            for call in waiting:
+                self._put_results(call, [died] * len(call.return_ids))
+            self._move(actor_id, ActorLifecycle.DEAD, reason)
+            return
         for stream_id, (spec, stream, waiter) in list(self._held.items()):
             if spec.actor_id == actor_id:  # its generators end with it
                 del self._held[stream_id]

@@ -365,6 +365,8 @@ class Node:
                                           worker.worker_id)
 
     def _on_stream_item(self, worker: WorkerInfo, message: P.StreamItem) -> None:
+        object_id = message.object_id  # (the stream's prefix, then the item's index)
+        self.scheduler.streamed[object_id[:-8]] = int.from_bytes(object_id[-8:], "little") + 1
         self.object_store.put_from_worker(message.object_id, message.entry, None,
                                           worker.worker_id)
 

@@ -35,12 +35,15 @@ from typing import TYPE_CHECKING, Iterable, Protocol
 from ... import exceptions as exc
 from ...core import plugins
 from ...core.actor import EXIT_REASON
+from ...core.generators import item_id
 from ...core.interfaces import Scheduler
 from ...core.placement import in_group, ready_value, removed_value
-from ...core.resources import ResourcePool
+from ...core.resources import ResourcePool, asks_gpu
 from ...core.scheduling import RETRYING, ActorLifecycle, attempt_status, may_retry
 from ...core.serialization import SerializedObject, deserialize, serialize
 from ...core.tables import Tables
+from ...core.task_events import (PENDING_ARGS_AVAIL, PENDING_NODE_ASSIGNMENT, RUNNING,
+                                 SUBMITTED_TO_WORKER)
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, ARG_REF, ARG_VALUE, TASK, TaskSpec
 from . import protocol as P
 
@@ -261,9 +264,15 @@ class LocalScheduler(Scheduler):
         self._running: dict[bytes, WorkerInfo] = {}  # task id -> worker
         self._ahead: set[WorkerInfo] = set()  # workers that were sent a task ahead
         self._cancelled: set[bytes] = set()
+        #: task id -> why it fails, for running tasks whose placement group was
+        #: removed (their workers were killed; no retry).
+        self._group_removed: dict[bytes, BaseException] = {}
         # task id -> return ids of the tasks it submitted (see submitted_by), while it runs
         self._children: dict[bytes, list[bytes]] = {}
         self._shipped: dict[bytes, list[bytes]] = {}  # task id -> shm args pinned for it
+        #: A running generator's item-id prefix -> how many items it delivered
+        #: (the node counts them; a retry does not store them again).
+        self.streamed: dict[bytes, int] = {}
         self.closed = False
         self.failure: BaseException | None = None  # why the backend cannot go on (see fail)
         self.launch_error: BaseException | None = None  # why no worker can be started any more
@@ -302,7 +311,8 @@ class LocalScheduler(Scheduler):
             if not deps:
                 if spec.kind == TASK and not self._queues and self.pool.fits(spec.resources):
                     # Nothing queued ahead of it: straight to an idle worker, if any.
-                    worker = self._take_idle(bool(spec.resources.get("GPU")))
+                    worker = self._take_idle(bool(spec.resources.get("GPU")) or (
+                        spec.placement_group is not None and asks_gpu(spec.resources)))
                     if worker is not None:
                         self._run_task(spec, worker)
                         return
@@ -310,6 +320,9 @@ class LocalScheduler(Scheduler):
                 self._dispatch()
                 return
             self._waiting[spec.task_id] = spec
+            if self.task_progress is not None:
+                self.task_progress((spec.task_id, spec.attempt, PENDING_ARGS_AVAIL, None,
+                                    time.perf_counter()))
             # (Registered under the lock: if they arrived meanwhile, the callback
             # runs right here, and the lock is re-entrant.)
             self.store.notify_when(deps, len(deps), lambda: self._deps_ready(spec.task_id),
@@ -320,6 +333,9 @@ class LocalScheduler(Scheduler):
             spec = self._waiting.pop(task_id, None)
             if spec is None:
                 return  # cancelled meanwhile
+            if self.task_progress is not None:
+                self.task_progress((task_id, spec.attempt, PENDING_NODE_ASSIGNMENT, None,
+                                    time.perf_counter()))
             self._make_ready(spec)
             self._dispatch()
 
@@ -351,7 +367,8 @@ class LocalScheduler(Scheduler):
                     continue
                 if not self.pool.fits(spec.resources):
                     break
-                gpu = bool(spec.resources.get("GPU"))
+                gpu = bool(spec.resources.get("GPU")) or (
+                    spec.placement_group is not None and asks_gpu(spec.resources))
                 worker = self._take_idle(gpu)
                 if worker is None:
                     starved = True
@@ -584,11 +601,15 @@ class LocalScheduler(Scheduler):
         gpu_ids = self.pool.acquire(spec.resources)
         worker.state = BUSY
         worker.task = spec
-        worker.gpu_kind = bool(spec.resources.get("GPU"))
+        worker.gpu_kind = gpu = bool(spec.resources.get("GPU")) or (
+            spec.placement_group is not None and asks_gpu(spec.resources))
         worker.gpu_ids = gpu_ids
         worker.dispatched_at = time.perf_counter()
         self._running[spec.task_id] = worker
-        error = self._send_execute(worker, spec, gpu_ids if spec.resources.get("GPU") else None)
+        if self.task_progress is not None:
+            self.task_progress((spec.task_id, spec.attempt, RUNNING, worker.pid,
+                                worker.dispatched_at))
+        error = self._send_execute(worker, spec, gpu_ids if gpu else None)
         if error is not None:
             self._running.pop(spec.task_id, None)
             self.pool.release(spec.resources, gpu_ids)
@@ -606,7 +627,7 @@ class LocalScheduler(Scheduler):
         task waits in get (it would give it back)."""
         task = worker.task
         if worker.next is not None or worker.state != BUSY or worker.blocking \
-                or task is None or task.resources.get("GPU"):
+                or task is None or worker.gpu_kind:
             return
         shape = tuple(sorted(task.resources.items()))
         queue = self._queues.get(shape)
@@ -651,6 +672,9 @@ class LocalScheduler(Scheduler):
         worker.task = spec
         worker.gpu_ids = self.pool.acquire(spec.resources)
         worker.dispatched_at = time.perf_counter()
+        if self.task_progress is not None:
+            self.task_progress((spec.task_id, spec.attempt, RUNNING, worker.pid,
+                                worker.dispatched_at))
 
     def _requeue_ahead(self, spec: TaskSpec) -> None:
         """A task sent ahead never ran: queue it first again (or fail it if it
@@ -658,6 +682,8 @@ class LocalScheduler(Scheduler):
         self._running.pop(spec.task_id, None)
         if spec.task_id in self._cancelled:
             self._fail(spec, exc.TaskCancelledError(f"task {spec.display_name} was cancelled"))
+        elif spec.task_id in self._group_removed:
+            self._fail(spec, self._group_removed[spec.task_id])
         else:
             self._make_ready(spec, first=True)
 
@@ -694,11 +720,14 @@ class LocalScheduler(Scheduler):
         record.worker = worker
         self._move(record, ActorLifecycle.STARTING)
         worker.state = ACTOR
-        worker.gpu_kind = bool(spec.resources.get("GPU"))
+        worker.gpu_kind = gpu = asks_gpu(spec.resources)
         worker.actor_id = spec.actor_id
         self._running[spec.task_id] = worker
+        if self.task_progress is not None:
+            self.task_progress((spec.task_id, spec.attempt, RUNNING, worker.pid,
+                                time.perf_counter()))
         error = self._send_execute(worker, spec,
-                                   record.gpu_ids if spec.resources.get("GPU") else None)
+                                   record.gpu_ids if gpu else None)
         if error is not None:
             self._running.pop(spec.task_id, None)
             worker.state, worker.actor_id = IDLE, None
@@ -745,6 +774,9 @@ class LocalScheduler(Scheduler):
                        if not self.store.contains(d)]
             if missing:
                 record.watched.add(spec.task_id)
+                if self.task_progress is not None:
+                    self.task_progress((spec.task_id, spec.attempt, PENDING_ARGS_AVAIL, None,
+                                        time.perf_counter()))
                 self.store.notify_when(missing, len(missing),
                                        lambda: self._call_args_ready(record, spec), broad=False)
                 return
@@ -764,6 +796,11 @@ class LocalScheduler(Scheduler):
             record.inflight.pop(spec.task_id, None)
             self._fail(spec, message)
             return
+        if self.task_progress is not None:
+            # (Running if nothing is ahead of it in the actor; else it starts
+            # when the call before it ends: see task_done.)
+            self.task_progress((spec.task_id, spec.attempt, RUNNING if len(record.inflight) == 1
+                                else SUBMITTED_TO_WORKER, worker.pid, time.perf_counter()))
         if record.batched and (record.held or
                                len(record.inflight) - len(record.held) > ACTOR_WINDOW):
             record.held.append((spec, message))  # (see ActorRecord.held)
@@ -866,6 +903,13 @@ class LocalScheduler(Scheduler):
                 if spec.kind == TASK and in_group(spec.resources, key):
                     del self._waiting[task_id]
                     self._fail(spec, error)
+            # Running ones are killed, as in Ray (their worker_died fails them).
+            for task_id, worker in list(self._running.items()):
+                spec = self._tasks.get(task_id)
+                if spec is not None and spec.kind == TASK and in_group(spec.resources, key):
+                    self._group_removed[task_id] = error
+                    if worker.next is not spec:  # (sent ahead: fails when requeued)
+                        self._kill_worker(worker)
             # (After the tasks: ending an actor frees its share, which the
             # queued tasks of the group would otherwise start on.)
             for record in list(self.actors.values()):
@@ -923,6 +967,10 @@ class LocalScheduler(Scheduler):
                     record.inflight.pop(task_id, None)
                     if record.held and record.worker is worker:
                         self._send_held(record)
+                    if record.inflight and self.task_progress is not None:
+                        after = next(iter(record.inflight.values()))
+                        self.task_progress((after.task_id, after.attempt, RUNNING, worker.pid,
+                                            time.perf_counter()))
                 if retryable and self._retry_left(spec, record):
                     self._retrying(spec, worker)
                     self._resend_actor_call(record, spec)
@@ -963,7 +1011,8 @@ class LocalScheduler(Scheduler):
                     worker.state = IDLE
                     worker.idle_since = time.monotonic()
                     self.idle.append(worker)
-            if retryable and task_id not in self._cancelled and self._retry_left(spec, None):
+            if retryable and task_id not in self._cancelled and self._retry_left(spec, None) \
+                    and task_id not in self._group_removed:
                 self._retrying(spec, worker)
                 self._make_ready(spec)
             else:
@@ -984,6 +1033,14 @@ class LocalScheduler(Scheduler):
                        duration=time.perf_counter() - started,
                        pid=worker.pid if worker is not None else None)
         spec.attempt += 1
+        if spec.generator is not None:
+            self._skip_delivered(spec)
+
+    def _skip_delivered(self, spec: TaskSpec) -> None:
+        """A generator call runs again: the items it delivered are not stored again."""
+        delivered = self.streamed.get(item_id(spec.return_ids[0], 0)[:-8], 0)
+        if delivered and spec.generator[0] == "streaming":
+            spec.generator = spec.generator[:2] + (delivered,)
 
     def _retry_left(self, spec: TaskSpec, record: ActorRecord | None) -> bool:
         return may_retry(spec, record.spec if record is not None else None)
@@ -1000,6 +1057,10 @@ class LocalScheduler(Scheduler):
         if shipped:
             self.store.unpin(shipped)
         self._cancelled.discard(spec.task_id)
+        if spec.generator is not None:
+            self.streamed.pop(item_id(spec.return_ids[0], 0)[:-8], None)
+        if self._group_removed:
+            self._group_removed.pop(spec.task_id, None)
         for rid in spec.return_ids:
             self._producer.pop(rid, None)
         started = worker.dispatched_at if worker is not None else time.perf_counter()
@@ -1200,6 +1261,8 @@ class LocalScheduler(Scheduler):
                 if spec.task_id in self._cancelled:
                     self._fail(spec, exc.TaskCancelledError(
                         f"task {spec.display_name} was cancelled (its worker was killed)"))
+                elif spec.task_id in self._group_removed:
+                    self._fail(spec, self._group_removed[spec.task_id])
                 elif may_retry(spec):
                     self._retrying(spec, worker)
                     self._make_ready(spec)
@@ -1229,6 +1292,8 @@ class LocalScheduler(Scheduler):
             for spec in record.inflight.values():
                 if self._retry_left(spec, record):
                     spec.attempt += 1
+                    if spec.generator is not None:
+                        self._skip_delivered(spec)
                     retry.append(spec)
                 else:
                     self._fail(spec, unavailable)
@@ -1236,8 +1301,7 @@ class LocalScheduler(Scheduler):
             record.held = []
             for spec in reversed(retry):
                 record.calls.push_front(spec)
-            if creating:
-                record.spec.attempt += 1
+            record.spec.attempt += 1  # (its restarted process sees it was reconstructed)
             self._tasks[record.spec.task_id] = record.spec  # its creation runs again
             self._make_ready(record.spec, first=True)
         else:
