@@ -240,8 +240,9 @@ class MemoryObjectStore(ObjectStore):
                 return [self._materialize(i, objects[i]) for i in object_ids]
             except KeyError:
                 pass
+        one = len(object_ids) == 1
         arrived = _Signal()
-        waiter = self.notify_when(object_ids, len(set(object_ids)), arrived.set,
+        waiter = self.notify_when(object_ids, 1 if one else len(set(object_ids)), arrived.set,
                                   fail_fast=fail_fast)
         if waiter is not None and not self._block(object_ids, arrived, timeout):
             self.cancel_waiter(waiter)
@@ -252,8 +253,10 @@ class MemoryObjectStore(ObjectStore):
                     f"get() timed out after {timeout}s waiting for {missing} of "
                     f"{len(object_ids)} objects")
         with self._cond:
-            found = [objects.get(i) for i in object_ids]
+            found = [objects.get(object_ids[0])] if one else [objects.get(i) for i in object_ids]
             closed, failure = self.closed, self.failure
+        if one and found[0] is not None:
+            return [self._materialize(object_ids[0], found[0])]
         if fail_fast and None in found and any(e is not None and e.is_error for e in found):
             return [None if e is None else self._materialize(i, e)
                     for i, e in zip(object_ids, found)]

@@ -96,8 +96,9 @@ def observer(hook_name: str):
     return caller if caller.get_hookimpls() else None
 
 
-#: hook name -> its caller, or None when no plugin implements it (see notify);
-#: emptied whenever a plugin is registered or unregistered.
+#: hook name -> what `notify` calls for it: its listeners, then the plugins'
+#: hook caller if any plugin implements it; emptied whenever a plugin or a
+#: listener comes or goes.
 _observed: dict = {}
 
 
@@ -112,6 +113,7 @@ def add_listener(hook_name: str, fn) -> None:
     observers, such as the driver's task record (core/task_events.py)."""
     getattr(hookspecs, hook_name)  # (AttributeError for a hook that does not exist)
     _listeners[hook_name] = _listeners.get(hook_name, []) + [fn]
+    _observed.clear()
 
 
 def remove_listener(hook_name: str, fn) -> None:
@@ -122,6 +124,7 @@ def remove_listener(hook_name: str, fn) -> None:
         _listeners[hook_name] = left
     else:
         _listeners.pop(hook_name, None)
+    _observed.clear()
 
 
 def notify(hook_name: str, **kwargs) -> None:
@@ -129,23 +132,25 @@ def notify(hook_name: str, **kwargs) -> None:
     that implement it. An observer that raises is reported on stderr and
     otherwise ignored: it runs inside the scheduler, where an exception would
     lose the task it was told about."""
-    listeners = _listeners.get(hook_name)
-    if listeners:
-        for fn in listeners:
-            try:
-                fn(**kwargs)
-            except Exception as err:  # noqa: BLE001
-                _report(hook_name, err)
     try:
-        caller = _observed[hook_name]
+        callers = _observed[hook_name]
     except KeyError:
-        caller = _observed[hook_name] = observer(hook_name)
-    if caller is None:
-        return
-    try:
-        caller(**kwargs)
-    except Exception as err:  # noqa: BLE001
-        _report(hook_name, err)
+        callers = _callers(hook_name)
+    for fn in callers:
+        try:
+            fn(**kwargs)
+        except Exception as err:  # noqa: BLE001
+            _report(hook_name, err)
+
+
+def _callers(hook_name: str) -> tuple:
+    listeners = _listeners.get(hook_name)  # (a list that is replaced, never changed)
+    caller = observer(hook_name)
+    callers = tuple(listeners or ()) + ((caller,) if caller is not None else ())
+    _observed[hook_name] = callers
+    if _listeners.get(hook_name) is not listeners:
+        _observed.pop(hook_name, None)  # changed meanwhile: worked out again next time
+    return callers
 
 
 def _report(hook_name: str, err: Exception) -> None:

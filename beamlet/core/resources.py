@@ -24,8 +24,8 @@ class ResourcePool:
         totals.update(resources or {})
         self._total = {k: _units(v) for k, v in totals.items()}
         self._free = dict(self._total)
-        # id(request) -> (request, ((name, units), ...)): a request's amounts in
-        # units, worked out once per request dict (specs of one function share it).
+        # id(request) -> (request, ((name, units), ...), shape): a request's amounts
+        # in units, worked out once per request dict (specs of one function share it).
         self._units_of: dict[int, tuple] = {}
         self._feasible: dict[int, dict] = {}  # id(request) -> request found feasible
         # What is free of each GPU device (a fraction of one can be shared), so a
@@ -68,19 +68,29 @@ class ResourcePool:
             self._feasible.clear()
         self._feasible[id(request)] = request
 
-    def _request_units(self, request: dict[str, float]) -> tuple:
-        cached = self._units_of.get(id(request))
-        if cached is not None and cached[0] is request:
-            return cached[1]
-        units = tuple((name, _units(amount)) for name, amount in request.items())
+    def _remember(self, request: dict[str, float]) -> tuple:
+        """(request, its amounts in units, its shape), worked out once per request."""
+        cached = (request, tuple((name, _units(amount)) for name, amount in request.items()),
+                  tuple(sorted(request.items())))
         if len(self._units_of) >= 4096:
             self._units_of.clear()
-        self._units_of[id(request)] = (request, units)  # (holding it: its id stays its own)
-        return units
+        self._units_of[id(request)] = cached  # (holding it: its id stays its own)
+        return cached
+
+    def shape(self, request: dict[str, float]) -> tuple:
+        """The request as a sorted tuple of its items: equal for equal requests
+        (a scheduler's queue key), worked out once per request dict."""
+        cached = self._units_of.get(id(request))
+        if cached is None or cached[0] is not request:
+            cached = self._remember(request)
+        return cached[2]
 
     def fits(self, request: dict[str, float]) -> bool:
         free = self._free
-        for name, units in self._request_units(request):
+        cached = self._units_of.get(id(request))  # (inline, not a method: a hot path)
+        units_of = cached[1] if cached is not None and cached[0] is request \
+            else self._remember(request)[1]
+        for name, units in units_of:
             if free.get(name, 0) < units:
                 return False
         gpus = request.get("GPU", 0)
@@ -103,7 +113,10 @@ class ResourcePool:
     def acquire(self, request: dict[str, float]) -> list[int]:
         """Take the request (it must fit); return the GPU ids assigned, if any."""
         free = self._free
-        for name, units in self._request_units(request):
+        cached = self._units_of.get(id(request))
+        units_of = cached[1] if cached is not None and cached[0] is request \
+            else self._remember(request)[1]
+        for name, units in units_of:
             free[name] -= units
         gpus = request.get("GPU", 0)
         if not gpus and self._group_gpus:
@@ -119,7 +132,10 @@ class ResourcePool:
 
     def release(self, request: dict[str, float], gpu_ids: list[int] = ()) -> None:
         free = self._free
-        for name, units in self._request_units(request):
+        cached = self._units_of.get(id(request))
+        units_of = cached[1] if cached is not None and cached[0] is request \
+            else self._remember(request)[1]
+        for name, units in units_of:
             if name in free:  # (not: a placement group removed while it ran)
                 free[name] += units
         if not gpu_ids:

@@ -271,8 +271,10 @@ class Runtime:
         return [self._value(s, i) for s, i in zip(sobjs, ids)]
 
     def get_one(self, ref: "ObjectRef", timeout: float | None) -> Any:
-        ids = self._ids((ref,))
-        return self._value(self.backend.object_store.get(ids, timeout)[0], ids[0])
+        if ref._runtime is not self:
+            self._ids((ref,))  # (raises, naming it)
+        object_id = ref.id
+        return self._value(self.backend.object_store.get([object_id], timeout)[0], object_id)
 
     def wait(self, refs: Sequence["ObjectRef"], num_returns: int, timeout: float | None,
              ids: list[bytes] | None = None):

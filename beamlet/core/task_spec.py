@@ -86,7 +86,9 @@ class TaskSpec:
         return (TaskSpec, fields)
 
     def dependencies(self) -> list[bytes]:
-        """Ids of the objects that must exist before the task can run."""
+        """Ids of the objects that must exist before the task can run (a new list)."""
+        if not self.args and not self.kwargs:
+            return []  # (the common no-argument call, without a comprehension)
         deps = [value for kind, value in self.args if kind == ARG_REF]
         if self.kwargs:
             deps.extend(value for kind, value in self.kwargs.values() if kind == ARG_REF)
@@ -102,6 +104,8 @@ class TaskSpec:
     def contained_refs(self) -> list[bytes]:
         """Ids of refs nested inside inline argument values (kept alive, not resolved)."""
         out = []
+        if not self.args and not self.kwargs:
+            return out
         for kind, value in self.args:
             if kind == ARG_VALUE and value.refs:
                 out.extend(value.refs)

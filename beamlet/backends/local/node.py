@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import math
 import os
-import select
 import selectors
 import shutil
 import sys
@@ -522,21 +521,22 @@ class Node:
         try:
             if self._released:
                 self._free_released()  # (this thread holds no lock: a good moment)
-            poller = select.poll()
-            poller.register(conn.fileno(), select.POLLIN)
             running_on = self.scheduler.running_on
             me = threading.get_ident()
+            first = True  # (the caller has just found the task on this worker)
             while True:
                 # (First: the I/O thread may have handled the result before the pause.)
                 if arrived.wait(0):
                     return True
-                if self._closed or conn.closed or running_on(object_id) is not worker:
+                if self._closed or conn.closed or (
+                        not first and running_on(object_id) is not worker):
                     return None
+                first = False
                 left = DIRECT_SLICE if until is None else min(DIRECT_SLICE,
                                                               until - time.monotonic())
                 if left <= 0:
                     return False
-                if conn.buffered or poller.poll(left * 1000):
+                if conn.readable(left):
                     error = None
                     try:
                         messages = conn.recv_all()

@@ -341,7 +341,7 @@ class LocalScheduler(Scheduler):
 
     def _make_ready(self, spec: TaskSpec, first: bool = False) -> None:
         """Queue a spec whose arguments exist (`first`: ahead of its shape's queue)."""
-        shape = tuple(sorted(spec.resources.items()))
+        shape = self.pool.shape(spec.resources)
         queue = self._queues.get(shape)
         if queue is None:
             queue = self._queues[shape] = collections.deque()
@@ -512,7 +512,10 @@ class LocalScheduler(Scheduler):
                         break
                 if messages and worker.conn is not None:
                     try:
-                        worker.conn.send_many(messages)
+                        if len(messages) == 1:
+                            worker.conn.send(messages[0])
+                        else:
+                            worker.conn.send_many(messages)
                     except exc.BackendError:
                         pass
                     except Exception as err:  # noqa: BLE001 - one that does not pickle
@@ -629,7 +632,7 @@ class LocalScheduler(Scheduler):
         if worker.next is not None or worker.state != BUSY or worker.blocking \
                 or task is None or worker.gpu_kind:
             return
-        shape = tuple(sorted(task.resources.items()))
+        shape = self.pool.shape(task.resources)
         queue = self._queues.get(shape)
         if not queue or queue[0].kind != TASK or queue[0].has_ref_args() \
                 or self.pool.fits(queue[0].resources):
@@ -1050,19 +1053,23 @@ class LocalScheduler(Scheduler):
         self._pump_caller(record, spec.caller_id)
 
     def _finish(self, spec: TaskSpec, entries: list, status: str, worker=None) -> None:
-        self._tasks.pop(spec.task_id, None)
+        task_id = spec.task_id
+        self._tasks.pop(task_id, None)
         if self._children:
-            self._children.pop(spec.task_id, None)
-        shipped = self._shipped.pop(spec.task_id, None)
-        if shipped:
-            self.store.unpin(shipped)
-        self._cancelled.discard(spec.task_id)
+            self._children.pop(task_id, None)
+        if self._shipped:
+            shipped = self._shipped.pop(task_id, None)
+            if shipped:
+                self.store.unpin(shipped)
+        if self._cancelled:
+            self._cancelled.discard(task_id)
         if spec.generator is not None:
             self.streamed.pop(item_id(spec.return_ids[0], 0)[:-8], None)
         if self._group_removed:
-            self._group_removed.pop(spec.task_id, None)
+            self._group_removed.pop(task_id, None)
+        producer = self._producer
         for rid in spec.return_ids:
-            self._producer.pop(rid, None)
+            producer.pop(rid, None)
         started = worker.dispatched_at if worker is not None else time.perf_counter()
         plugins.notify("beamlet_task_finished", spec=spec, status=status,
                        duration=time.perf_counter() - started,

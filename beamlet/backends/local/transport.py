@@ -91,6 +91,7 @@ class SocketConnection(Connection):
         self._pending: list = []  # parsed by recv() but not yet returned
         self._error: ProtocolError | None = None  # a bad frame after good ones: raised next
         self._send_lock = threading.Lock()
+        self._poller = None  # (see readable)
         self.closed = False
         if buffered:
             try:
@@ -106,6 +107,18 @@ class SocketConnection(Connection):
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def readable(self, timeout: float) -> bool:
+        """Whether `recv_all` has something to return (or raise), waiting up to
+        `timeout` seconds for the socket to become readable. For the thread
+        that reads the connection (its poll object is made once, not per wait)."""
+        if self._pending or self._error is not None:
+            return True
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
 
     def send(self, message) -> None:
         if self._encode is not None:
