@@ -223,6 +223,8 @@ def main(argv=None) -> int:
                    help="comma-separated; NAME:N runs NAME's tuned example on N env runners")
     p.add_argument("--env", default="CartPole-v1", choices=sorted(TARGETS))
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--seed-list", default=None,
+                   help="comma-separated seeds to run instead of range(--seeds)")
     p.add_argument("--only", choices=["learning", "throughput", "scaling"], default=None)
     p.add_argument("--scaling-workers", default="1,2,4",
                    help="ES worker counts for the scaling table (--only scaling)")
@@ -232,6 +234,8 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="local")
     p.add_argument("--json", default=None, help="write every row here")
     args = p.parse_args(argv)
+    seeds = ([int(x) for x in args.seed_list.split(",")] if args.seed_list
+             else list(range(args.seeds)))
     beamlet.init(backend=args.backend, num_cpus=2)
     algos = [a.strip() for a in args.algos.split(",") if a.strip()]
     goal_default, targets = TARGETS[args.env]
@@ -248,7 +252,7 @@ def main(argv=None) -> int:
                 print(f"== {algo}{where} on {args.env}: env steps until mean return of the "
                       f"last 20 episodes >= {goal}", flush=True)
                 algo_rows = []
-                for seed in range(args.seeds):
+                for seed in seeds:
                     r = run_to_target(algo, args.env, seed, goal, 2 * targets[algo],
                                       args.max_time, runners)
                     algo_rows.append(r)
@@ -259,7 +263,7 @@ def main(argv=None) -> int:
                 rows += algo_rows
             if args.sb3_python and args.env == "CartPole-v1":
                 print("== SB3 PPO (zoo hyperparameters) on CartPole-v1", flush=True)
-                for seed in range(args.seeds):
+                for seed in seeds:
                     r = sb3_ppo(args.sb3_python, seed, 100_000)
                     rows.append({"algo": "SB3-PPO", "seed": seed, **r})
                     print(f"  seed {seed}: {r}", flush=True)

@@ -121,6 +121,8 @@ def test_target_network_is_synced_every_freq_steps():
         tiny_dqn(tau=0.0)
     with pytest.raises(ValueError, match="n_step must be"):
         tiny_dqn(n_step=0)
+    with pytest.raises(ValueError, match="lr_schedule must be"):
+        tiny_dqn(lr_schedule="cosine")
 
 
 def test_obs_stats_give_the_running_mean_and_std():

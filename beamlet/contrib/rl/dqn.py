@@ -118,7 +118,8 @@ class DQNConfig(AlgorithmConfig):
     ``tau`` (1.0: the target network is copied; below: moved that fraction of
     the way, Polyak averaging), ``double_q``, ``n_step`` (rewards summed per
     transition before bootstrapping), ``epsilon_initial``/``epsilon_final``/
-    ``epsilon_timesteps``."""
+    ``epsilon_timesteps``, ``lr_schedule`` (None or ``"linear"``: decays to 0
+    over ``lr_decay_env_steps``, as PPO's)."""
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class or DQN)
@@ -131,6 +132,8 @@ class DQNConfig(AlgorithmConfig):
         self.tau = 1.0
         self.double_q = True
         self.n_step = 1
+        self.lr_schedule: str | None = None
+        self.lr_decay_env_steps = 100_000
         self.epsilon_initial = 1.0
         self.epsilon_final = 0.04
         self.epsilon_timesteps = 10_000
@@ -160,6 +163,8 @@ class DQN(Algorithm):
             raise ValueError(f"n_step must be an int >= 1, got {cfg.n_step!r}")
         if not 0.0 < float(cfg.tau) <= 1.0:
             raise ValueError(f"tau must be in (0, 1], got {cfg.tau!r}")
+        if cfg.lr_schedule not in (None, "linear"):
+            raise ValueError(f"lr_schedule must be None or 'linear', got {cfg.lr_schedule!r}")
         # Per env runner, its last n_step - 1 steps (their n-step windows are incomplete).
         self._pending: dict[int, dict] = {}
         self._restarts_seen = 0
@@ -183,6 +188,9 @@ class DQN(Algorithm):
         import beamlet
         cfg = self.config
         eps = self.epsilon()
+        if cfg.lr_schedule == "linear":
+            frac = max(0.0, 1.0 - self.num_env_steps_sampled_lifetime / cfg.lr_decay_env_steps)
+            self.model.set_lr(max(cfg.lr * frac, 1e-8))
         weights = self.model.get_weights()
         arg = beamlet.put(weights) if self.workers.actors else weights
         batches = self.workers.foreach("sample", arg, cfg.get_rollout_fragment_length(),
