@@ -11,11 +11,13 @@ from another interpreter (``--sb3-python``; never a dependency of beamlet).
     python benchmarks/rl_bench.py --algos PPO --seeds 2    # a quick look
     python benchmarks/rl_bench.py --algos A2C:2,A3C        # A3C against A2C on 2 runners
     python benchmarks/rl_bench.py --only throughput
+    python benchmarks/rl_bench.py --only scaling --scaling-workers 1,2,4
     python benchmarks/rl_bench.py --algos PPO,ES --env Pendulum-v1
     python benchmarks/rl_bench.py --sb3-python ../sb3-venv/bin/python
 
 The SB3 venv: ``python3 -m venv ../sb3-venv && ../sb3-venv/bin/pip install
-stable-baselines3 gymnasium`` (it brings torch).
+torch stable-baselines3 gymnasium``; SB3 runs with one torch thread, as beamlet.rl
+keeps BLAS to one.
 """
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ def run_to_target(algo: str, env: str, seed: int, goal: float, max_steps: int,
         cfg.env_runners(num_env_runners=runners)
     cfg.debugging(seed=seed).reporting(metrics_num_episodes_for_smoothing=20)
     algo_obj = cls(cfg)
-    start = time.time()
+    start, cpu0 = time.time(), time.process_time()
     reached = None
     result = {}
     try:
@@ -86,6 +88,7 @@ def run_to_target(algo: str, env: str, seed: int, goal: float, max_steps: int,
     return {"algo": algo, "env": env, "seed": seed, "reached": reached is not None,
             "env_steps": result.get("num_env_steps_sampled_lifetime"),
             "wall_s": round(time.time() - start, 2),
+            "driver_cpu_s": round(time.process_time() - cpu0, 2),
             "final_return": round(result.get("episode_return_mean", float("nan")), 2)}
 
 
@@ -101,7 +104,8 @@ def throughput(algo: str, env: str, runners: int, seconds: float) -> float:
             theta = beamlet.put(a.theta.astype("float32"))
 
             def once():
-                res = a.workers.foreach("do_rollouts", theta, 2, cfg.noise_stdev)
+                norm = a.obs_stats.mean_std() if a.obs_stats is not None else None
+                res = a.workers.foreach("do_rollouts", theta, 2, cfg.noise_stdev, norm)
                 return int(sum(r["lengths"].sum() for r in res))
         else:
             frag = cfg.get_rollout_fragment_length()
@@ -118,6 +122,47 @@ def throughput(algo: str, env: str, runners: int, seconds: float) -> float:
         return steps / (time.time() - start)
     finally:
         a.stop()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (from /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def es_scaling(env: str, workers: int, seconds: float, pairs: int = 4) -> dict:
+    """ES sampling with `workers` actors: env steps/s (wall), and the CPU time
+    the workers and the driver spent per 1,000 env steps, read from /proc, so
+    that the scaling can be judged on a machine other programs load too."""
+    spec = example("ES", env)
+    cls = get_algorithm_class("ES")
+    cfg = cls.config_class().update_from_dict(spec["config"]).environment(env)
+    cfg.env_runners(num_env_runners=workers).debugging(seed=0)
+    a = cls(cfg)
+    try:
+        pids = a.workers.foreach("pid")
+        norm = a.obs_stats.mean_std() if a.obs_stats is not None else None
+
+        def once():
+            theta = beamlet.put(a.theta.astype("float32"))
+            res = a.workers.foreach("do_rollouts", theta, pairs, cfg.noise_stdev, norm)
+            return int(sum(r["lengths"].sum() for r in res))
+        once()  # warm up
+        w0 = sum(_cpu_seconds(p) for p in pids)
+        d0, steps, start = time.process_time(), 0, time.time()
+        while time.time() - start < seconds:
+            steps += once()
+        wall = time.time() - start
+        worker_cpu = sum(_cpu_seconds(p) for p in pids) - w0
+        driver_cpu = time.process_time() - d0
+    finally:
+        a.stop()
+    return {"algo": "ES", "env": env, "workers": workers, "env_steps": steps,
+            "wall_s": round(wall, 2), "env_steps_per_s": round(steps / wall),
+            "worker_cpu_ms_per_1k_steps": round(1e6 * worker_cpu / steps, 1),
+            "driver_cpu_ms_per_1k_steps": round(1e6 * driver_cpu / steps, 1),
+            "load_avg_1m": os.getloadavg()[0]}
 
 
 SB3_SCRIPT = textwrap.dedent("""
@@ -138,15 +183,17 @@ SB3_SCRIPT = textwrap.dedent("""
                 self.hit = self.num_timesteps
                 return False
             return True
+    import torch; torch.set_num_threads(1)  # as beamlet.rl keeps BLAS to one thread
     env = make_vec_env("CartPole-v1", n_envs=8, seed=seed)
     lin = lambda v: (lambda p: p * v)
     model = PPO("MlpPolicy", env, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98,
                 n_epochs=20, ent_coef=0.0, learning_rate=lin(0.001), clip_range=lin(0.2),
                 seed=seed, device="cpu")
-    cb = Stop(); t = time.time()
+    cb = Stop(); t = time.time(); c = time.process_time()
     model.learn(total_timesteps=budget, callback=cb)
     print(json.dumps({"reached": cb.hit is not None, "env_steps": cb.hit or budget,
-                      "wall_s": round(time.time() - t, 2)}))
+                      "wall_s": round(time.time() - t, 2),
+                      "driver_cpu_s": round(time.process_time() - c, 2)}))
 """)
 
 
@@ -176,13 +223,19 @@ def main(argv=None) -> int:
                    help="comma-separated; NAME:N runs NAME's tuned example on N env runners")
     p.add_argument("--env", default="CartPole-v1", choices=sorted(TARGETS))
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--only", choices=["learning", "throughput"], default=None)
+    p.add_argument("--seed-list", default=None,
+                   help="comma-separated seeds to run instead of range(--seeds)")
+    p.add_argument("--only", choices=["learning", "throughput", "scaling"], default=None)
+    p.add_argument("--scaling-workers", default="1,2,4",
+                   help="ES worker counts for the scaling table (--only scaling)")
     p.add_argument("--max-time", type=float, default=600.0, help="seconds per seed at most")
     p.add_argument("--throughput-seconds", type=float, default=5.0)
     p.add_argument("--sb3-python", default=os.environ.get("BEAMLET_SB3_PYTHON"))
     p.add_argument("--backend", default="local")
     p.add_argument("--json", default=None, help="write every row here")
     args = p.parse_args(argv)
+    seeds = ([int(x) for x in args.seed_list.split(",")] if args.seed_list
+             else list(range(args.seeds)))
     beamlet.init(backend=args.backend, num_cpus=2)
     algos = [a.strip() for a in args.algos.split(",") if a.strip()]
     goal_default, targets = TARGETS[args.env]
@@ -199,7 +252,7 @@ def main(argv=None) -> int:
                 print(f"== {algo}{where} on {args.env}: env steps until mean return of the "
                       f"last 20 episodes >= {goal}", flush=True)
                 algo_rows = []
-                for seed in range(args.seeds):
+                for seed in seeds:
                     r = run_to_target(algo, args.env, seed, goal, 2 * targets[algo],
                                       args.max_time, runners)
                     algo_rows.append(r)
@@ -210,12 +263,24 @@ def main(argv=None) -> int:
                 rows += algo_rows
             if args.sb3_python and args.env == "CartPole-v1":
                 print("== SB3 PPO (zoo hyperparameters) on CartPole-v1", flush=True)
-                for seed in range(args.seeds):
+                for seed in seeds:
                     r = sb3_ppo(args.sb3_python, seed, 100_000)
                     rows.append({"algo": "SB3-PPO", "seed": seed, **r})
                     print(f"  seed {seed}: {r}", flush=True)
             elif args.env == "CartPole-v1":
                 print("== SB3 PPO: skipped (give --sb3-python or $BEAMLET_SB3_PYTHON)")
+        if args.only == "scaling":
+            print(f"== ES sampling on {args.env} by number of workers", flush=True)
+            base = None
+            for n in (int(w) for w in args.scaling_workers.split(",")):
+                r = es_scaling(args.env, n, args.throughput_seconds)
+                base = base or r["env_steps_per_s"]
+                rows.append(r)
+                print(f"  {n} workers: {r['env_steps_per_s']:7d} env steps/s "
+                      f"(x{r['env_steps_per_s'] / base:.2f}); per 1k steps: workers "
+                      f"{r['worker_cpu_ms_per_1k_steps']} ms CPU, driver "
+                      f"{r['driver_cpu_ms_per_1k_steps']} ms CPU; load {r['load_avg_1m']:.1f}",
+                      flush=True)
         if args.only in (None, "throughput"):
             print(f"== sampling throughput on {args.env} (env steps/s, no learning)", flush=True)
             for algo in dict.fromkeys(split_runners(a)[0] for a in algos):

@@ -1,6 +1,7 @@
 """Deep Q-Networks (Mnih et al. 2015) with a target network, double-Q targets
-(van Hasselt et al. 2016), a uniform replay buffer, Huber loss and a linearly
-decaying epsilon-greedy exploration. Discrete action spaces only."""
+(van Hasselt et al. 2016), a uniform replay buffer, Huber loss, a linearly
+decaying epsilon-greedy exploration and optional n-step returns (Sutton 1988;
+as in Rainbow, Hessel et al. 2018). Discrete action spaces only."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,11 +9,15 @@ import numpy as np
 from .algorithm import Algorithm, AlgorithmConfig
 from .env_runner import EnvRunner, RunnerSpec, WorkerSet
 
-__all__ = ["DQN", "DQNConfig", "ReplayBuffer", "EpsilonGreedyPolicy"]
+__all__ = ["DQN", "DQNConfig", "ReplayBuffer", "EpsilonGreedyPolicy", "n_step_transitions"]
 
 
 class ReplayBuffer:
-    """A ring buffer of transitions ``(obs, action, reward, next_obs, terminated)``."""
+    """A ring buffer of transitions ``(obs, action, reward, next_obs, terminated,
+    discount)``; ``discount`` is what multiplies the bootstrapped value of
+    ``next_obs`` (``gamma ** n`` for an n-step transition)."""
+
+    _FIELDS = ("obs", "next_obs", "actions", "rewards", "terminateds", "discounts")
 
     def __init__(self, capacity: int, obs_dim: int):
         if capacity < 1:
@@ -23,35 +28,75 @@ class ReplayBuffer:
         self.actions = np.zeros(capacity, np.int64)
         self.rewards = np.zeros(capacity, np.float64)
         self.terminateds = np.zeros(capacity, np.float64)
+        self.discounts = np.zeros(capacity, np.float64)
         self.size = 0
         self.pos = 0
 
-    def add(self, obs, actions, rewards, next_obs, terminateds) -> None:
-        for i in range(len(obs)):
-            p = self.pos
-            self.obs[p], self.next_obs[p] = obs[i], next_obs[i]
-            self.actions[p], self.rewards[p] = actions[i], rewards[i]
-            self.terminateds[p] = terminateds[i]
-            self.pos = (p + 1) % self.capacity
-            self.size = min(self.size + 1, self.capacity)
+    def add(self, obs, actions, rewards, next_obs, terminateds, discounts) -> None:
+        n = len(obs)
+        if n > self.capacity:  # only the newest `capacity` survive anyway
+            obs, actions, rewards, next_obs, terminateds, discounts = (
+                np.asarray(a)[-self.capacity:] for a in
+                (obs, actions, rewards, next_obs, terminateds, discounts))
+            n = self.capacity
+        idx = (self.pos + np.arange(n)) % self.capacity
+        self.obs[idx], self.next_obs[idx] = obs, next_obs
+        self.actions[idx], self.rewards[idx] = actions, rewards
+        self.terminateds[idx], self.discounts[idx] = terminateds, discounts
+        self.pos = int((self.pos + n) % self.capacity)
+        self.size = min(self.size + n, self.capacity)
 
     def sample(self, rng: np.random.Generator, batch_size: int) -> dict:
         idx = rng.integers(0, self.size, size=batch_size)
-        return {"obs": self.obs[idx], "next_obs": self.next_obs[idx],
-                "actions": self.actions[idx], "rewards": self.rewards[idx],
-                "terminateds": self.terminateds[idx]}
+        return {k: getattr(self, k)[idx] for k in self._FIELDS}
 
     def __len__(self) -> int:
         return self.size
 
     def get_state(self) -> dict:
-        return {k: getattr(self, k).copy() if isinstance(getattr(self, k), np.ndarray)
-                else getattr(self, k)
-                for k in ("obs", "next_obs", "actions", "rewards", "terminateds", "size", "pos")}
+        state = {k: getattr(self, k).copy() for k in self._FIELDS}
+        state.update(size=self.size, pos=self.pos)
+        return state
 
     def set_state(self, state: dict) -> None:
         for k, v in state.items():
             setattr(self, k, v.copy() if isinstance(v, np.ndarray) else v)
+
+
+def n_step_transitions(batch: dict, n: int, gamma: float) -> dict:
+    """The n-step transitions of a time-major batch (``(T, N)`` arrays as an env
+    runner returns them), one per start ``t = 0 .. T-n``: the discounted sum of
+    up to `n` rewards, stopping early where an episode ends (terminated or
+    truncated); ``next_obs`` and ``terminated`` of the last step summed; and
+    ``discount = gamma ** (steps summed)``. The last ``n - 1`` starts are left out
+    (their windows are incomplete): the caller carries those steps over to the
+    next batch. Flat arrays ``(S * N, ...)`` are returned."""
+    steps = len(batch["rewards"])
+    starts = steps - n + 1
+    if starts <= 0:
+        return {}
+    dones = np.logical_or(batch["terminateds"], batch["truncateds"])
+    shape = batch["rewards"][:starts].shape
+    ret = np.zeros(shape)
+    alive = np.ones(shape, bool)
+    last = np.zeros(shape, np.int64)
+    term = np.zeros(shape, bool)
+    disc = np.ones(shape)
+    for k in range(n):
+        ret += np.where(alive, gamma ** k * batch["rewards"][k:k + starts], 0.0)
+        last = np.where(alive, k, last)
+        term = np.where(alive, batch["terminateds"][k:k + starts], term)
+        disc = np.where(alive, gamma ** (k + 1), disc)
+        alive &= ~dones[k:k + starts]
+    t_idx = np.arange(starts)[:, None] + last
+    env_idx = np.broadcast_to(np.arange(shape[1]), shape)
+    d = batch["obs"].shape[-1]
+    return {"obs": batch["obs"][:starts].reshape(-1, d),
+            "actions": batch["actions"][:starts].reshape(-1),
+            "rewards": ret.reshape(-1),
+            "next_obs": batch["next_obs"][t_idx, env_idx].reshape(-1, d),
+            "terminateds": term.reshape(-1).astype(np.float64),
+            "discounts": disc.reshape(-1)}
 
 
 class EpsilonGreedyPolicy:
@@ -70,7 +115,11 @@ class DQNConfig(AlgorithmConfig):
     """DQN's settings: ``replay_buffer_capacity``, ``num_steps_sampled_before_learning_starts``,
     ``train_batch_size`` (per gradient step), ``training_intensity`` (gradient
     steps per sampled env step), ``target_network_update_freq`` (env steps),
-    ``double_q``, ``epsilon_initial``/``epsilon_final``/``epsilon_timesteps``."""
+    ``tau`` (1.0: the target network is copied; below: moved that fraction of
+    the way, Polyak averaging), ``double_q``, ``n_step`` (rewards summed per
+    transition before bootstrapping), ``epsilon_initial``/``epsilon_final``/
+    ``epsilon_timesteps``, ``lr_schedule`` (None or ``"linear"``: decays to 0
+    over ``lr_decay_env_steps``, as PPO's)."""
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class or DQN)
@@ -80,7 +129,11 @@ class DQNConfig(AlgorithmConfig):
         self.num_steps_sampled_before_learning_starts = 1000
         self.training_intensity = 0.5
         self.target_network_update_freq = 500
+        self.tau = 1.0
         self.double_q = True
+        self.n_step = 1
+        self.lr_schedule: str | None = None
+        self.lr_decay_env_steps = 100_000
         self.epsilon_initial = 1.0
         self.epsilon_final = 0.04
         self.epsilon_timesteps = 10_000
@@ -106,6 +159,15 @@ class DQN(Algorithm):
         self.buffer = ReplayBuffer(cfg.replay_buffer_capacity, self.obs_dim)
         self._last_target_update = 0
         self._grad_credit = 0.0
+        if int(cfg.n_step) < 1:
+            raise ValueError(f"n_step must be an int >= 1, got {cfg.n_step!r}")
+        if not 0.0 < float(cfg.tau) <= 1.0:
+            raise ValueError(f"tau must be in (0, 1], got {cfg.tau!r}")
+        if cfg.lr_schedule not in (None, "linear"):
+            raise ValueError(f"lr_schedule must be None or 'linear', got {cfg.lr_schedule!r}")
+        # Per env runner, its last n_step - 1 steps (their n-step windows are incomplete).
+        self._pending: dict[int, dict] = {}
+        self._restarts_seen = 0
         from .actor_critic import ModelFactory  # noqa: I001
         spec = RunnerSpec(self.env_creator, dict(cfg.env_config), cfg.num_envs_per_env_runner,
                           cfg.seed, ModelFactory(self.observation_space, self.action_space,
@@ -126,21 +188,19 @@ class DQN(Algorithm):
         import beamlet
         cfg = self.config
         eps = self.epsilon()
+        if cfg.lr_schedule == "linear":
+            frac = max(0.0, 1.0 - self.num_env_steps_sampled_lifetime / cfg.lr_decay_env_steps)
+            self.model.set_lr(max(cfg.lr * frac, 1e-8))
         weights = self.model.get_weights()
         arg = beamlet.put(weights) if self.workers.actors else weights
         batches = self.workers.foreach("sample", arg, cfg.get_rollout_fragment_length(),
                                        epsilon=eps)
         self.record_batches(batches)
-        sampled = 0
-        for b in batches:
-            d = b["obs"].shape[-1]
-            self.buffer.add(b["obs"].reshape(-1, d), b["actions"].reshape(-1),
-                            b["rewards"].reshape(-1), b["next_obs"].reshape(-1, d),
-                            b["terminateds"].reshape(-1))
-            sampled += b["rewards"].size
+        sampled = sum(b["rewards"].size for b in batches)
+        self._add_to_buffer(batches)
         total = self.num_env_steps_sampled_lifetime + sampled
         stats: dict[str, list] = {}
-        if total >= cfg.num_steps_sampled_before_learning_starts:
+        if total >= cfg.num_steps_sampled_before_learning_starts and len(self.buffer):
             self._grad_credit += sampled * cfg.training_intensity
             while self._grad_credit >= 1.0:
                 self._grad_credit -= 1.0
@@ -148,23 +208,58 @@ class DQN(Algorithm):
                                                               cfg.train_batch_size)).items():
                     stats.setdefault(k, []).append(v)
             if total - self._last_target_update >= cfg.target_network_update_freq:
-                self.target.set_weights(self.model.get_weights())
+                self.update_target()
                 self._last_target_update = total
         out = {k: float(np.mean(v)) for k, v in stats.items()}
         out.update(epsilon=eps, replay_buffer_size=len(self.buffer))
         return out
 
-    def _learn_on(self, mb: dict) -> dict:
-        cfg = self.config
-        out, cache = self.model.forward(mb["obs"])
-        q = out["q"]
+    def _add_to_buffer(self, batches: list[dict]) -> None:
+        """Turn each runner's batch into n-step transitions, joining it to that
+        runner's steps carried over from the last iteration."""
+        n = int(self.config.n_step)
+        restarts = self.workers.num_restarts
+        if restarts != self._restarts_seen:  # a restarted runner's envs began anew
+            self._pending.clear()
+            self._restarts_seen = restarts
+        keys = ("obs", "next_obs", "actions", "rewards", "terminateds", "truncateds")
+        for i, b in enumerate(batches):
+            b = {k: b[k] for k in keys}
+            prev = self._pending.get(i)
+            if prev is not None:
+                b = {k: np.concatenate([prev[k], b[k]]) for k in keys}
+            tr = n_step_transitions(b, n, self.config.gamma)
+            if tr:
+                self.buffer.add(tr["obs"], tr["actions"], tr["rewards"], tr["next_obs"],
+                                tr["terminateds"], tr["discounts"])
+            keep = min(n - 1, len(b["rewards"]))
+            self._pending[i] = {k: v[len(v) - keep:] for k, v in b.items()} if keep else None
+
+    def update_target(self) -> None:
+        """Copy the online network into the target one (or move it by ``tau``)."""
+        tau = float(self.config.tau)
+        if tau >= 1.0:
+            self.target.set_weights(self.model.get_weights())
+        else:
+            self.target.set_weights([tau * w + (1.0 - tau) * t for w, t in
+                                     zip(self.model.get_weights(), self.target.get_weights())])
+
+    def td_targets(self, mb: dict) -> np.ndarray:
+        """``r + discount * (1 - terminated) * Q_target(s', a*)`` for a batch of
+        transitions, where ``a*`` is the online network's greedy action in
+        ``s'`` with ``double_q`` (van Hasselt et al.), else the target network's."""
         q_next_target = self.target(mb["next_obs"])["q"]
-        if cfg.double_q:
+        if self.config.double_q:
             best = self.model(mb["next_obs"])["q"].argmax(axis=1)
         else:
             best = q_next_target.argmax(axis=1)
         next_q = q_next_target[np.arange(len(best)), best]
-        target = mb["rewards"] + cfg.gamma * (1.0 - mb["terminateds"]) * next_q
+        return mb["rewards"] + mb["discounts"] * (1.0 - mb["terminateds"]) * next_q
+
+    def _learn_on(self, mb: dict) -> dict:
+        out, cache = self.model.forward(mb["obs"])
+        q = out["q"]
+        target = self.td_targets(mb)
         rows = np.arange(len(target))
         td = q[rows, mb["actions"]] - target
         d_q = np.zeros_like(q)
@@ -182,10 +277,11 @@ class DQN(Algorithm):
     def get_policy_state(self) -> dict:
         return {"target": self.target.get_weights(), "buffer": self.buffer.get_state(),
                 "last_target_update": self._last_target_update,
-                "grad_credit": self._grad_credit}
+                "grad_credit": self._grad_credit, "pending": dict(self._pending)}
 
     def set_policy_state(self, state: dict) -> None:
         self.target.set_weights(state["target"])
         self.buffer.set_state(state["buffer"])
         self._last_target_update = state["last_target_update"]
         self._grad_credit = state["grad_credit"]
+        self._pending = dict(state.get("pending") or {})

@@ -6,6 +6,10 @@ A worker perturbs the flat policy weights by ``±noise_stdev * table[i:i+d]`` fo
 random offsets ``i`` (mirrored sampling), runs one episode with each, and sends
 back only the offsets and the returns; the driver rebuilds the noise from the
 same table, forms the gradient estimate with centred ranks, and takes an Adam step.
+With ``observation_filter="MeanStdFilter"`` the policy sees observations
+normalised by the running mean and standard deviation of every observation the
+workers have met (they send back the sums, the driver merges them and sends the
+current statistics with the weights), as in the paper's MuJoCo runs.
 """
 from __future__ import annotations
 
@@ -21,7 +25,9 @@ from .env import preprocess_obs
 from .env_runner import WorkerSet, _runner_seed
 from .models import Adam, distribution_class
 
-__all__ = ["ES", "ESConfig", "ESWorker", "make_noise_table", "centered_ranks"]
+__all__ = ["ES", "ESConfig", "ESWorker", "make_noise_table", "centered_ranks", "ObsStats"]
+
+FILTERS = ("NoFilter", "MeanStdFilter")
 
 
 def make_noise_table(size: int, seed: int) -> np.ndarray:
@@ -33,6 +39,37 @@ def centered_ranks(x: np.ndarray) -> np.ndarray:
     ranks = np.empty(x.size, dtype=np.float64)
     ranks[x.ravel().argsort()] = np.arange(x.size)
     return (ranks / max(1, x.size - 1) - 0.5).reshape(x.shape)
+
+
+class ObsStats:
+    """Running count, sum and sum of squares of observations (per dimension)."""
+
+    def __init__(self, dim: int):
+        self.count = 0
+        self.sum = np.zeros(dim)
+        self.sumsq = np.zeros(dim)
+
+    def add(self, count: int, total: np.ndarray, totalsq: np.ndarray) -> None:
+        self.count += int(count)
+        self.sum += total
+        self.sumsq += totalsq
+
+    def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        """The mean and standard deviation (0 and 1 before any observation; the
+        std is floored at 1e-2 so a constant dimension is not blown up)."""
+        if self.count < 2:
+            return np.zeros_like(self.sum), np.ones_like(self.sum)
+        mean = self.sum / self.count
+        var = np.maximum(self.sumsq / self.count - mean * mean, 0.0)
+        return mean, np.maximum(np.sqrt(var), 1e-2)
+
+    def get_state(self) -> dict:
+        return {"count": self.count, "sum": self.sum.copy(), "sumsq": self.sumsq.copy()}
+
+    def set_state(self, state: dict) -> None:
+        self.count = state["count"]
+        self.sum = state["sum"].copy()
+        self.sumsq = state["sumsq"].copy()
 
 
 class ESWorker:
@@ -57,7 +94,8 @@ class ESWorker:
         """True when the table is a read-only view (zero-copy), not a private copy."""
         return not self.noise.flags.writeable
 
-    def _episode(self, flat: np.ndarray, seed: int | None) -> tuple[float, int]:
+    def _episode(self, flat: np.ndarray, seed: int | None, norm, stats: list | None
+                 ) -> tuple[float, int]:
         from gymnasium import spaces
         self.model.set_flat(flat)
         obs, _ = self.env.reset(seed=seed)
@@ -65,6 +103,12 @@ class ESWorker:
         box = isinstance(self.env.action_space, spaces.Box)
         while not done:
             x = preprocess_obs(np.asarray(obs)[None], self.env.observation_space)
+            if stats is not None:
+                stats[0] += 1
+                stats[1] += x[0]
+                stats[2] += x[0].astype(np.float64) ** 2
+            if norm is not None:
+                x = (x - norm[0]) / norm[1]
             action = self.dist_cls(self.model(x)["pi"]).deterministic()[0]
             if box:
                 action = np.clip(action, self.env.action_space.low, self.env.action_space.high)
@@ -76,22 +120,33 @@ class ESWorker:
             done = term or trunc or (self.max_steps is not None and steps >= self.max_steps)
         return total, steps
 
-    def do_rollouts(self, theta: np.ndarray, num_pairs: int, noise_stdev: float) -> dict:
+    def do_rollouts(self, theta: np.ndarray, num_pairs: int, noise_stdev: float,
+                    obs_norm: tuple | None = None) -> dict:
+        """`num_pairs` mirrored pairs of episodes around `theta`. With `obs_norm`
+        ``(mean, std)`` the policy sees normalised observations, and the result
+        also holds ``obs_stats`` ``(count, sum, sum of squares)`` of the raw ones."""
         dim = theta.size
         indices, pos, neg, lens = [], [], [], []
+        stats = None
+        if obs_norm is not None:
+            d = len(obs_norm[0])
+            stats = [0, np.zeros(d), np.zeros(d)]
         for _ in range(int(num_pairs)):
             i = int(self.rng.integers(0, self.noise.size - dim + 1))
             eps = noise_stdev * self.noise[i:i + dim]
             # Both halves of a pair start from the same state (common random numbers).
             seed = int(self.rng.integers(2**31))
-            rp, lp = self._episode(theta + eps, seed)
-            rn, ln = self._episode(theta - eps, seed)
+            rp, lp = self._episode(theta + eps, seed, obs_norm, stats)
+            rn, ln = self._episode(theta - eps, seed, obs_norm, stats)
             indices.append(i)
             pos.append(rp)
             neg.append(rn)
             lens.append((lp, ln))
-        return {"indices": np.asarray(indices, np.int64), "returns": np.asarray([pos, neg]).T,
-                "lengths": np.asarray(lens, np.int64)}
+        out = {"indices": np.asarray(indices, np.int64), "returns": np.asarray([pos, neg]).T,
+               "lengths": np.asarray(lens, np.int64)}
+        if stats is not None:
+            out["obs_stats"] = tuple(stats)
+        return out
 
     def get_state(self) -> dict:
         return {"rng": self.rng.bit_generator.state}
@@ -104,7 +159,8 @@ class ESConfig(AlgorithmConfig):
     """ES's settings: ``noise_size`` (floats in the shared table),
     ``noise_stdev``, ``episodes_per_batch`` (perturbed episodes per iteration,
     split over the workers in mirrored pairs), ``stepsize`` (Adam's learning
-    rate), ``l2_coeff`` (weight decay), ``max_episode_steps``."""
+    rate), ``l2_coeff`` (weight decay), ``max_episode_steps``,
+    ``observation_filter`` ("NoFilter" or "MeanStdFilter")."""
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class or ES)
@@ -115,6 +171,7 @@ class ESConfig(AlgorithmConfig):
         self.lr = 0.02
         self.l2_coeff = 0.005
         self.max_episode_steps: int | None = None
+        self.observation_filter = "NoFilter"
         self.model = {"fcnet_hiddens": [32], "fcnet_activation": "tanh", "pi_out_gain": 1.0}
 
     def training(self, **kwargs):
@@ -134,6 +191,11 @@ class ES(Algorithm):
         self.model = self.make_model(heads)
         self.theta = self.model.get_flat().astype(np.float64)
         self.optimizer = Adam([self.theta], lr=cfg.lr)
+        if cfg.observation_filter not in FILTERS:
+            raise ValueError(f"observation_filter must be one of {FILTERS}, got "
+                             f"{cfg.observation_filter!r}")
+        self.obs_stats = (ObsStats(self.obs_dim) if cfg.observation_filter == "MeanStdFilter"
+                          else None)
         seed = 0 if cfg.seed is None else cfg.seed
         self.noise = make_noise_table(max(cfg.noise_size, self.theta.size + 1), seed + 7)
         factory = ModelFactory(self.observation_space, self.action_space, heads,
@@ -155,7 +217,11 @@ class ES(Algorithm):
         pairs = max(1, int(np.ceil(cfg.episodes_per_batch / 2 / n_workers)))
         theta = self.theta.astype(np.float32)
         arg = beamlet.put(theta) if self.workers.actors else theta
-        results = self.workers.foreach("do_rollouts", arg, pairs, cfg.noise_stdev)
+        norm = self.obs_stats.mean_std() if self.obs_stats is not None else None
+        results = self.workers.foreach("do_rollouts", arg, pairs, cfg.noise_stdev, norm)
+        if self.obs_stats is not None:
+            for r in results:
+                self.obs_stats.add(*r["obs_stats"])
         indices = np.concatenate([r["indices"] for r in results])
         returns = np.concatenate([r["returns"] for r in results])
         lengths = np.concatenate([r["lengths"] for r in results])
@@ -175,13 +241,19 @@ class ES(Algorithm):
                 "perturbed_return_mean": float(returns.mean())}
 
     def compute_actions(self, obs, explore):
+        if self.obs_stats is not None:
+            mean, std = self.obs_stats.mean_std()
+            obs = (obs - mean) / std
         dist = distribution_class(self.action_space)(self.model(obs)["pi"])
         return dist.sample(self.rng) if explore else dist.deterministic()
 
     def get_policy_state(self) -> dict:
-        return {"theta": self.theta.copy(), "optimizer": self.optimizer.get_state()}
+        return {"theta": self.theta.copy(), "optimizer": self.optimizer.get_state(),
+                "obs_stats": self.obs_stats.get_state() if self.obs_stats else None}
 
     def set_policy_state(self, state: dict) -> None:
         self.theta[...] = state["theta"]
         self.optimizer.set_state(state["optimizer"])
+        if self.obs_stats is not None and state.get("obs_stats") is not None:
+            self.obs_stats.set_state(state["obs_stats"])
         self.model.set_flat(self.theta)

@@ -1,0 +1,157 @@
+"""The mechanics inside beamlet.rl's learners, on tiny hand-checked cases: DQN's
+n-step transitions, double-Q targets and target-network syncs; ES's observation
+filter. Learning itself is measured in benchmarks/rl_bench.py."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gymnasium")
+
+from beamlet import rl  # noqa: E402
+from beamlet.contrib.rl.dqn import ReplayBuffer, n_step_transitions  # noqa: E402
+from beamlet.contrib.rl.es import ObsStats  # noqa: E402
+
+
+def tiny_dqn(**training):
+    settings = dict(num_steps_sampled_before_learning_starts=16, train_batch_size=16,
+                    rollout_fragment_length=8, model={"fcnet_hiddens": [8]})
+    settings.update(training)
+    return (rl.DQNConfig().environment("CartPole-v1")
+            .env_runners(num_env_runners=0, num_envs_per_env_runner=2)
+            .training(**settings).debugging(seed=0).build())
+
+
+def time_major_batch(steps: int, envs: int) -> dict:
+    obs = np.arange(steps * envs, dtype=np.float32).reshape(steps, envs, 1)
+    return {"obs": obs, "next_obs": obs + 100, "actions": np.zeros((steps, envs), np.int64),
+            "rewards": np.ones((steps, envs)), "terminateds": np.zeros((steps, envs), bool),
+            "truncateds": np.zeros((steps, envs), bool)}
+
+
+def test_n_step_transitions_stop_at_episode_ends():
+    batch = time_major_batch(5, 2)
+    batch["terminateds"][1, 0] = True   # env 0's episode ends in a terminal state
+    batch["truncateds"][3, 1] = True    # env 1's is cut by a time limit
+    tr = n_step_transitions(batch, 3, 0.5)
+    col = {k: v.reshape(3, 2, -1)[..., 0] if v.ndim > 1 else v.reshape(3, 2)
+           for k, v in tr.items()}
+    # env 0: start 0 sums r0 + .5 r1 and stops (terminal), start 2 sums three steps
+    assert col["rewards"][:, 0].tolist() == [1.5, 1.0, 1.75]
+    assert col["next_obs"][:, 0].tolist() == [102, 102, 108]
+    assert col["terminateds"][:, 0].tolist() == [1, 1, 0]
+    assert col["discounts"][:, 0].tolist() == [0.25, 0.5, 0.125]
+    # env 1: the truncation stops the sum but is bootstrapped (not terminal)
+    assert col["rewards"][:, 1].tolist() == [1.75, 1.75, 1.5]
+    assert col["next_obs"][:, 1].tolist() == [105, 107, 107]
+    assert col["terminateds"][:, 1].tolist() == [0, 0, 0]
+    assert col["discounts"][:, 1].tolist() == [0.125, 0.125, 0.25]
+    one = n_step_transitions(batch, 1, 0.5)   # n=1 is the plain transition
+    assert np.array_equal(one["next_obs"], batch["next_obs"].reshape(-1, 1))
+    assert np.all(one["discounts"] == 0.5)
+    assert n_step_transitions(time_major_batch(2, 2), 3, 0.9) == {}
+
+
+def test_replay_buffer_wraps_around_keeping_the_newest():
+    buf = ReplayBuffer(4, 1)
+    for start in (0, 3):
+        vals = np.arange(start, start + 3, dtype=np.float32)
+        buf.add(vals[:, None], vals.astype(np.int64), vals, vals[:, None], vals * 0, vals)
+    assert len(buf) == 4 and sorted(buf.rewards.tolist()) == [2, 3, 4, 5]
+    buf.add(np.zeros((6, 1)), np.arange(6), np.arange(6.0), np.zeros((6, 1)),
+            np.zeros(6), np.ones(6))
+    assert sorted(buf.rewards.tolist()) == [2, 3, 4, 5]  # only the last 4 of 6 kept
+
+
+def test_n_step_dqn_carries_steps_across_iterations():
+    algo = tiny_dqn(n_step=3)
+    try:
+        algo.train()
+        assert len(algo.buffer) == 2 * (8 - 2)       # 2 steps per env wait for the next batch
+        algo.train()
+        assert len(algo.buffer) == 2 * (16 - 2)
+        assert set(np.round(algo.buffer.discounts[:len(algo.buffer)], 6)) <= \
+            {0.99, round(0.99 ** 2, 6), round(0.99 ** 3, 6)}
+    finally:
+        algo.stop()
+
+
+@pytest.mark.parametrize("double_q", [True, False])
+def test_double_q_target_uses_the_online_argmax(double_q):
+    algo = tiny_dqn(double_q=double_q)
+    try:
+        next_obs = np.random.default_rng(1).normal(size=(64, 4)).astype(np.float32)
+        # A target network unlike the online one, so the two argmaxes differ somewhere.
+        algo.target.set_weights([w + np.random.default_rng(2).normal(size=w.shape)
+                                 for w in algo.model.get_weights()])
+        q_online, q_target = algo.model(next_obs)["q"], algo.target(next_obs)["q"]
+        assert (q_online.argmax(1) != q_target.argmax(1)).any()
+        mb = {"next_obs": next_obs, "rewards": np.full(64, 1.0),
+              "discounts": np.full(64, 0.5), "terminateds": (np.arange(64) % 2).astype(float)}
+        got = algo.td_targets(mb)
+    finally:
+        algo.stop()
+    pick = q_online.argmax(1) if double_q else q_target.argmax(1)
+    want = 1.0 + 0.5 * (1 - mb["terminateds"]) * q_target[np.arange(64), pick]
+    assert np.allclose(got, want)
+    assert np.all(got[1::2] == 1.0)  # terminal transitions are not bootstrapped
+
+
+def test_target_network_is_synced_every_freq_steps():
+    never = tiny_dqn(target_network_update_freq=10**9)
+    every = tiny_dqn(target_network_update_freq=16)
+    soft = tiny_dqn(target_network_update_freq=16, tau=0.25)
+    try:
+        start = [w.copy() for w in never.target.get_weights()]
+        for algo in (never, every, soft):
+            algo.train()
+            algo.train()
+        assert all(np.array_equal(a, b) for a, b in zip(never.target.get_weights(), start))
+        assert not all(np.array_equal(a, b)
+                       for a, b in zip(never.model.get_weights(), start))  # it learned
+        assert all(np.array_equal(a, b) for a, b in
+                   zip(every.target.get_weights(), every.model.get_weights()))
+        # Polyak: each sync moves the target a quarter of the way, never all of it.
+        assert not any(np.array_equal(a, b) for a, b in
+                       zip(soft.target.get_weights()[::2], soft.model.get_weights()[::2]))
+    finally:
+        for algo in (never, every, soft):
+            algo.stop()
+    with pytest.raises(ValueError, match="tau must be in"):
+        tiny_dqn(tau=0.0)
+    with pytest.raises(ValueError, match="n_step must be"):
+        tiny_dqn(n_step=0)
+    with pytest.raises(ValueError, match="lr_schedule must be"):
+        tiny_dqn(lr_schedule="cosine")
+
+
+def test_obs_stats_give_the_running_mean_and_std():
+    x = np.random.default_rng(0).normal([1.0, -3.0, 5.0], [2.0, 0.5, 0.0], size=(500, 3))
+    stats = ObsStats(3)
+    assert [a.tolist() for a in stats.mean_std()] == [[0, 0, 0], [1, 1, 1]]
+    for part in np.array_split(x, 3):
+        stats.add(len(part), part.sum(0), (part ** 2).sum(0))
+    mean, std = stats.mean_std()
+    assert np.allclose(mean, x.mean(0)) and np.allclose(std[:2], x.std(0)[:2])
+    assert std[2] == 1e-2   # a constant dimension is floored, not divided by zero
+
+
+def test_es_mean_std_filter_learns_the_stats_and_checkpoints_them(tmp_path):
+    algo = (rl.ESConfig().environment("CartPole-v1")
+            .training(noise_size=50_000, episodes_per_batch=4, model={"fcnet_hiddens": []},
+                      observation_filter="MeanStdFilter").debugging(seed=0).build())
+    try:
+        result = algo.train()
+        assert algo.obs_stats.count == result["num_env_steps_sampled"]
+        restored = rl.Algorithm.from_checkpoint(algo.save(str(tmp_path)))
+        try:
+            assert restored.obs_stats.count == algo.obs_stats.count
+            obs = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
+            assert [algo.compute_single_action(o) for o in obs] == \
+                [restored.compute_single_action(o) for o in obs]
+        finally:
+            restored.stop()
+    finally:
+        algo.stop()
+    with pytest.raises(ValueError, match="observation_filter must be one of"):
+        rl.ESConfig().environment("CartPole-v1").training(observation_filter="Zero").build()
