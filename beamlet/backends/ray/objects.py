@@ -6,8 +6,11 @@ a value naming the id reaches it) and drops it in `delete`, when the
 Runtime's count for the id reaches zero: Ray's own distributed reference
 counting then frees the object once no process holds it.
 
-The Ray value under an id is the beamlet ``SerializedObject`` itself, or,
-when that value contains beamlet refs, ``(SerializedObject, {id: Ray
+The Ray value under an id is the beamlet ``SerializedObject`` itself, or
+only its pickle stream (``bytes``) when it has no buffers, refs or error (the
+common small value: Ray passes bytes through without pickling them again,
+where pickling a ``SerializedObject`` costs it some 50-100 us), or, when that
+value contains beamlet refs, ``(SerializedObject, {id: Ray
 ObjectRef}, {actor id: (creation id, Ray ActorHandle)})``: the Ray refs and
 actor handles travel beside the ids they stand for, so Ray counts them as
 borrowed wherever the value goes, and a reader learns them with the value
@@ -146,6 +149,8 @@ class RayObjectStore(ObjectStore):
     def pack(self, sobj: SerializedObject):
         """The Ray value to store for `sobj` (see the module's docstring)."""
         if not sobj.refs:
+            if not sobj.buffers and not sobj.is_error:
+                return sobj.data  # (see the module docstring)
             return sobj
         refs, actors = self.carried(sobj.refs)
         return (sobj, refs, actors)
@@ -163,7 +168,10 @@ class RayObjectStore(ObjectStore):
     def unpack(self, object_id: bytes | None, value) -> SerializedObject:
         """The SerializedObject of a Ray value; what it carries is learnt, and the
         refs it contains are counted while this process holds `object_id`."""
-        if type(value) is SerializedObject:
+        kind = type(value)
+        if kind is bytes:
+            return SerializedObject(value)
+        if kind is SerializedObject:
             return value
         sobj, refs, actors = value
         self.learn(refs, actors)

@@ -28,7 +28,7 @@ from ...core.interfaces import Scheduler
 from ...core.scheduling import ActorLifecycle
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
 from .control import NAMESPACE
-from .worker import ray_actor_host, ray_async_actor_host, run_task
+from .worker import ray_actor_host, ray_async_actor_host, run_task, wire
 
 ACTOR_PREFIX = "beamlet-actor-"
 _HIDDEN = ("node:", "accelerator_type:")
@@ -81,9 +81,15 @@ class RayScheduler(Scheduler):
     # -- submission --------------------------------------------------------------------
     def submit(self, spec: TaskSpec) -> None:
         plugins.notify("beamlet_task_submitted", spec=spec)
-        dep_ids = list(dict.fromkeys(spec.dependencies()))
-        dep_refs = [self._store.ray_ref(d) for d in dep_ids]
-        carried = self._store.carried(spec.contained_refs())
+        if spec.has_ref_args():
+            dep_ids = list(dict.fromkeys(spec.dependencies()))
+            dep_refs = [self._store.ray_ref(d) for d in dep_ids]
+        else:
+            dep_ids = dep_refs = []
+        contained = spec.contained_refs()
+        # (Ray refs and handles go as Ray values, so that Ray counts them as borrowed.)
+        carried = self._store.carried(contained) if contained else None
+        payload = wire(spec, dep_ids)
         n = len(spec.return_ids)
         if spec.kind == ACTOR_METHOD:
             host = self.actor(spec.actor_id)
@@ -92,13 +98,12 @@ class RayScheduler(Scheduler):
                     f"the actor {spec.function_name} is dead (no Ray actor has its id)"))
                 return
             refs = host.call.options(num_returns=n, name=spec.display_name).remote(
-                spec, dep_ids, carried, *dep_refs)
+                payload, carried, *dep_refs)
         elif spec.kind == ACTOR_CREATION:
-            self._create_actor(spec, dep_ids, carried, dep_refs)
+            self._create_actor(spec, payload, carried, dep_refs)
             return
         else:
-            refs = self._task_kind(spec).remote(self._backend.job, spec, dep_ids, carried,
-                                                *dep_refs)
+            refs = self._task_kind(spec).remote(self._backend.job, payload, carried, *dep_refs)
         self._store.adopt(spec.return_ids, [refs] if n == 1 else refs,
                           spec.actor_id if spec.kind == ACTOR_METHOD else None)
 
@@ -113,7 +118,7 @@ class RayScheduler(Scheduler):
                 name=spec.display_name, **self._options(spec))
         return kind
 
-    def _create_actor(self, spec: TaskSpec, dep_ids, carried, dep_refs) -> None:
+    def _create_actor(self, spec: TaskSpec, payload, carried, dep_refs) -> None:
         options = spec.actor_options or {}
         host_class = ray_async_actor_host if options.get("is_async") else ray_actor_host
         detached = bool(options.get("detached"))
@@ -123,7 +128,7 @@ class RayScheduler(Scheduler):
             max_restarts=options.get("max_restarts", 0),
             max_task_retries=options.get("max_task_retries", 0),
             max_concurrency=options.get("max_concurrency") or 1,
-            **self._options(spec)).remote(self._backend.job, spec, dep_ids, carried, *dep_refs)
+            **self._options(spec)).remote(self._backend.job, payload, carried, *dep_refs)
         # Recorded for the driver's shutdown, which frees the job's actors' names.
         self._backend.runtime.tables.note_job_actor(self._backend.job["job_id"], spec.actor_id,
                                                     detached)
