@@ -6,7 +6,7 @@ own Ray connection: a task that submits tasks, puts or gets objects talks to
 Ray directly, and owns what it makes, as in Ray. (A Ray worker blocked in
 ``ray.get`` lends its CPU, so nested tasks cannot deadlock.)
 
-A task is the Ray task `run_task`; its ref arguments are Ray ObjectRefs among
+A task is a call of the job's Ray task (`task_function`); its ref arguments are Ray ObjectRefs among
 its top-level arguments, which Ray resolves on the worker before it starts.
 A beamlet actor lives in an ``ActorHost`` (or ``AsyncActorHost`` for an
 actor with ``async`` methods), a Ray actor: Ray orders its calls per caller,
@@ -90,7 +90,13 @@ def _run_task(job: dict, payload: bytes, carried, *dep_values):
     return _returns(state, spec, result.values)
 
 
-run_task = _ray.remote(_run_task)
+def task_function(job: dict):
+    """`_run_task` for one job as a Ray remote function, with the job bound:
+    Ray ships a function to a worker once, where an argument would travel
+    (and be serialized by Ray) with every task."""
+    def run_task(payload: bytes, carried=None, *dep_values):
+        return _run_task(job, payload, carried, *dep_values)
+    return _ray.remote(run_task)
 
 
 class _Host:
@@ -154,7 +160,7 @@ class ActorHost(_Host):
     def created(self):
         return self._created
 
-    def call(self, payload: bytes, carried, *dep_values):
+    def call(self, payload: bytes, carried=None, *dep_values):
         spec, dep_ids, carried = _unwire(payload, carried)
         if self._dead is not None:
             return self._died(spec)
@@ -170,7 +176,7 @@ class AsyncActorHost(_Host):
     async def created(self):
         return self._created
 
-    async def call(self, payload: bytes, carried, *dep_values):
+    async def call(self, payload: bytes, carried=None, *dep_values):
         spec, dep_ids, carried = _unwire(payload, carried)
         if self._dead is not None:
             return self._died(spec)
