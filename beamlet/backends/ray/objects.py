@@ -38,6 +38,10 @@ from ...core.runtime import deadline, remaining
 from ...core.serialization import SerializedObject, serialize
 
 
+#: What `entry` answers for a value read here that is not an error.
+_READ_OK = SerializedObject(b"")
+
+
 def error_of(err: BaseException, what: str = "") -> BaseException:
     """The beamlet exception for a Ray exception raised by ``ray.get`` of `what`."""
     text = f"{what}: {err}" if what else str(err)
@@ -94,6 +98,8 @@ class RayObjectStore(ObjectStore):
                                                                            default={})
         #: id of an object read here -> the ids it contains, counted while we hold it.
         self._contained: dict[bytes, tuple] = {}
+        #: id of an object read here -> its value if an error, else _READ_OK (`entry`).
+        self._read: dict[bytes, SerializedObject] = {}
         self._callbacks: queue.SimpleQueue | None = None
         self._closed = False
 
@@ -170,10 +176,16 @@ class RayObjectStore(ObjectStore):
         refs it contains are counted while this process holds `object_id`."""
         kind = type(value)
         if kind is bytes:
+            if object_id is not None:
+                self._read[object_id] = _READ_OK
             return SerializedObject(value)
         if kind is SerializedObject:
+            if object_id is not None:
+                self._read[object_id] = value if value.is_error else _READ_OK
             return value
         sobj, refs, actors = value
+        if object_id is not None:
+            self._read[object_id] = _READ_OK
         self.learn(refs, actors)
         if object_id is not None:
             with self._lock:
@@ -273,7 +285,29 @@ class RayObjectStore(ObjectStore):
                 raise exc.GetTimeoutError(f"get timed out after {timeout} s") from None
             except _rex.RayError as err:
                 values.append(serialize(self._error(object_id, err), is_error=True))
+                self._read[object_id] = values[-1]
         return values
+
+    def entry(self, object_id: bytes) -> SerializedObject | None:
+        """The object's value as far as it can be known without waiting (None: not
+        ready, or unknown here), for the Runtime's log of errors nobody read
+        when the last ref goes: a value read here is not read again."""
+        known = self._read.pop(object_id, None)
+        if known is not None:
+            return known
+        with self._lock:
+            ref = self._refs.get(object_id)
+        if ref is None or self._closed:
+            return None
+        try:
+            ready, _ = _ray.wait([ref], timeout=0, fetch_local=False)
+            if not ready:
+                return None
+            return self.unpack(None, _ray.get(ref, timeout=0))
+        except _rex.GetTimeoutError:
+            return None
+        except _rex.RayError as err:
+            return serialize(self._error(object_id, err), is_error=True)
 
     def _error(self, object_id: bytes, err: BaseException) -> BaseException:
         actor_id = self._calls.get(object_id)
@@ -320,6 +354,7 @@ class RayObjectStore(ObjectStore):
             for object_id in object_ids:
                 self._refs.pop(object_id, None)
                 self._calls.pop(object_id, None)
+                self._read.pop(object_id, None)
                 actor_id = self.tokens.pop(object_id, None)
                 if actor_id is not None:
                     self.actors.pop(actor_id, None)  # (Ray ends it once no handle is left)
@@ -369,6 +404,7 @@ class RayObjectStore(ObjectStore):
             self.actors.clear()
             self.tokens.clear()
             self._contained.clear()
+            self._read.clear()
             callbacks, self._callbacks = self._callbacks, None
         if callbacks is not None:
             callbacks.put(None)
