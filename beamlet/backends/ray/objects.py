@@ -308,6 +308,8 @@ class RayObjectStore(ObjectStore):
             return None
         except _rex.RayError as err:
             return serialize(self._error(object_id, err), is_error=True)
+        except Exception:  # noqa: BLE001 - (a release may come late, as Ray disconnects)
+            return None
 
     def _error(self, object_id: bytes, err: BaseException) -> BaseException:
         actor_id = self._calls.get(object_id)
