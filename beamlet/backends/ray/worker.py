@@ -6,8 +6,9 @@ own Ray connection: a task that submits tasks, puts or gets objects talks to
 Ray directly, and owns what it makes, as in Ray. (A Ray worker blocked in
 ``ray.get`` lends its CPU, so nested tasks cannot deadlock.)
 
-A task is a call of the job's Ray task (`task_function`); its ref arguments are Ray ObjectRefs among
-its top-level arguments, which Ray resolves on the worker before it starts.
+A task is a call of the job's Ray task (`task_function`); its ref arguments
+are Ray ObjectRefs among its top-level arguments, which Ray resolves on the
+worker before it starts.
 A beamlet actor lives in an ``ActorHost`` (or ``AsyncActorHost`` for an
 actor with ``async`` methods), a Ray actor: Ray orders its calls per caller,
 restarts it (``max_restarts``, rerunning the constructor), kills it, and ends
