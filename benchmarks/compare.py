@@ -114,6 +114,10 @@ def merge(reports):
             for k, v in r.items():
                 if k in ("samples", "value", "status"):
                     continue
+                if k == "workload_cpu_s":
+                    m.setdefault("workload_cpu_s_runs", []).append(v)
+                    m[k] = cb._median(m["workload_cpu_s_runs"])
+                    continue
                 if k in ("zero_copy", "read_only", "view", "updates_correct"):
                     m[k] = m.get(k, True) and v
                 elif k == "leftover_after_shutdown":
@@ -199,6 +203,29 @@ def build_table(frameworks, merged):
             overhead, within = engine_overhead(row, merged[on_engine].get(row),
                                                merged[native].get(row))
             line += ["-" if overhead is None else f"{overhead:.3g}x", within]
+        lines.append(line)
+    return header, lines
+
+
+def cpu_table(frameworks, merged):
+    """The CPU seconds each workload cost (all its processes; median over the
+    runs), and beamlet-on-an-engine's over the engine's: the same work done, so
+    this ratio is the adapter's overhead in CPU, which load from other programs
+    skews far less than the wall-time rows."""
+    engines = [(f"beamlet-on-{e}", e) for e in ("dask", "ray")
+               if f"beamlet-on-{e}" in frameworks and e in frameworks]
+    header = ["workload", *[f"{f} CPU s" for f in frameworks]]
+    header += [f"on-{native} CPU overhead" for _, native in engines]
+    lines = []
+    for row in [r.name for r in cb.ROWS]:
+        cpus = [merged[f].get(row, {}).get("workload_cpu_s") for f in frameworks]
+        if all(c is None for c in cpus):
+            continue
+        line = [cb.ROW_BY_NAME[row].title, *["-" if c is None else f"{c:.2f}" for c in cpus]]
+        for on_engine, native in engines:
+            a = merged[on_engine].get(row, {}).get("workload_cpu_s")
+            b = merged[native].get(row, {}).get("workload_cpu_s")
+            line.append(f"{a / b:.3g}x" if a and b else "-")
         lines.append(line)
     return header, lines
 
@@ -343,7 +370,11 @@ def main(argv=None):
              f"{machine.get('python')}, numpy {machine.get('numpy_beamlet_python')}")
     text = cb.format_text(header, lines)
     ih, il = ray_vs_issue(merged)
+    ch, cl = cpu_table(frameworks, merged)
     print(f"\n{title}\n{mline}\n\n{text}")
+    if cl:
+        print(f"\nCPU seconds per workload (driver and all its descendants):\n"
+              f"{cb.format_text(ch, cl)}")
     if il:
         print(f"\nRay measured here vs the Ray medians stated in issue 3:\n"
               f"{cb.format_text(ih, il)}")
@@ -390,6 +421,7 @@ def main(argv=None):
     result = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "title": title, "machine": machine,
               "args": vars(args), "targets": {k: v[2] for k, v in TARGETS.items()},
               "issue_ray_medians": ISSUE_RAY, "machine_limits": limits, "table": {"header": header, "rows": lines},
+              "cpu_table": {"header": ch, "rows": cl},
               "merged": merged, "runs": reports, "notes": notes}
     path = os.path.join(args.out_dir, f"compare-{stamp}.json")
     for target in (path, os.path.join(args.out_dir, "latest.json")):
@@ -397,6 +429,9 @@ def main(argv=None):
             json.dump(cb.portable(result), f, indent=1, default=str)
     with open(os.path.join(args.out_dir, "latest.md"), "w") as f:
         f.write(f"{title}\n\n{mline}\n\n{cb.format_markdown(header, lines)}\n")
+        if cl:
+            f.write(f"\nCPU seconds per workload (driver and all its descendants):\n\n"
+                    f"{cb.format_markdown(ch, cl)}\n")
         if il:
             f.write(f"\nRay measured here vs the Ray medians stated in issue 3:\n\n"
                     f"{cb.format_markdown(ih, il)}\n")

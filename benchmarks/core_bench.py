@@ -506,6 +506,24 @@ def descendants(root, table=None):
     return out
 
 
+def tree_cpu_s(root=None):
+    """CPU seconds (user + system, with the reaped children's) used so far by
+    `root` (default: this process) and every live descendant: the driver, the
+    engine's daemons and its workers. Taken before and after a workload, the
+    difference is the CPU that workload cost, which other programs on the
+    machine inflate far less than its wall time."""
+    root = os.getpid() if root is None else root
+    ticks = 0
+    for pid in [root] + descendants(root):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        ticks += sum(int(x) for x in data[data.rfind(")") + 2:].split()[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def kill_tree(root, include_root=True):
     """SIGSTOP the whole tree (so nothing forks or respawns), then SIGKILL it.
     Only ever called on processes this run started (our children and theirs)."""
@@ -1111,13 +1129,16 @@ def child_main(args):
         # Dump the stacks shortly before the orchestrator would kill us for a timeout.
         faulthandler.dump_traceback_later(max(1.0, P["timeout"] - 2), exit=False)
         emit(event="start", name=name)
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), tree_cpu_s()
         try:
             rows = w.fn(ray, P)
         except BaseException as e:   # noqa: BLE001 - report and go on
             emit(event="error", name=name, error=f"{type(e).__name__}: {e}",
                  traceback=traceback.format_exc())
         else:
+            cpu_s = tree_cpu_s() - cpu
+            for r in rows.values():   # (the whole workload's: warm-up and repeats)
+                r["workload_cpu_s"] = cpu_s
             emit(event="result", name=name, rows=rows, wall_s=time.perf_counter() - t)
         gc.collect()
         me = os.getpid()

@@ -37,7 +37,8 @@ def test_init_starts_a_cluster_with_the_requested_resources_and_shutdown_ends_it
     assert len(worker_pids) == 2 and os.getpid() not in worker_pids
     # The workers' scratch space is the cluster's own (not a shared /tmp/dask-scratch-space).
     scratch = list(backend.client.run(lambda dask_worker: dask_worker.local_directory).values())
-    assert scratch and all("beamlet-dask-" in d and os.path.isdir(d) for d in scratch), scratch
+    assert scratch and all(os.path.basename(_scratch_of(d)).startswith("beamlet-") and
+                           os.path.isdir(d) for d in scratch), scratch
     assert ray.cluster_resources()["CPU"] == 2.0
     assert ray.cluster_resources()["disk"] == 2.0
 
@@ -53,6 +54,44 @@ def test_init_starts_a_cluster_with_the_requested_resources_and_shutdown_ends_it
     ray.shutdown()
     assert procs.wait_gone([cluster_pid, *worker_pids], GONE_TIMEOUT) == []
     assert [d for d in scratch if os.path.exists(d)] == []
+
+
+def _scratch_of(worker_dir: str) -> str:
+    """The cluster's scratch dir that holds a worker's local directory."""
+    while not os.path.basename(worker_dir).startswith("beamlet-"):
+        parent = os.path.dirname(worker_dir)
+        assert parent != worker_dir, f"no beamlet- scratch dir above {worker_dir}"
+        worker_dir = parent
+    return worker_dir
+
+
+def test_a_killed_clusters_scratch_dir_is_swept_at_the_next_start(no_backend):
+    import signal
+
+    from beamlet.backends.dask.cluster import ClusterProcess
+    cluster = ClusterProcess(1, {})
+    # Its scratch dir is named in the session lock file it holds open.
+    fds = [os.readlink(f"/proc/{cluster._proc.pid}/fd/{fd}")
+           for fd in os.listdir(f"/proc/{cluster._proc.pid}/fd")]
+    locks = [path for path in fds if path.endswith(".lock") and "beamlet-" in path]
+    assert len(locks) == 1, fds
+    with open(locks[0]) as f:
+        scratch = f.read()
+    assert os.path.isdir(scratch)
+    # The cluster process dies with no chance to clean up (as when CI's timeout
+    # kills it), its nanny and worker with it.
+    tree = [cluster._proc.pid]
+    for pid in tree:
+        tree.extend(procs.children_of(pid))
+    for pid in tree:
+        os.kill(pid, signal.SIGKILL)
+    assert procs.wait_gone(tree, GONE_TIMEOUT) == []
+    cluster.stop()
+    # (Any start sweeps it, a local-backend one of another program too: the next
+    # one here, at the latest.)
+    ray.init(backend="dask", num_cpus=1)
+    assert not os.path.exists(scratch) and not os.path.exists(locks[0])
+    ray.shutdown()
 
 
 def test_a_client_without_the_session_key_is_refused(no_backend):

@@ -6,7 +6,9 @@ worker processes with ``spawn``, which re-runs the parent's main module, and a
 beamlet program's main module is rarely guarded by ``if __name__ ==
 "__main__"``. The child prints the scheduler's address on its first line of
 output and stops the cluster when its standard input closes, which the driver
-does at shutdown (or the kernel does, when the driver dies).
+does at shutdown (or the kernel does, when the driver dies). Its workers'
+scratch dir is swept at a later start if the child is killed before removing
+it (see `main`).
 
 Every connection into that cluster is mutual TLS with a key and certificate
 made for this session alone (Dask's ``Security.temporary()``): a process
@@ -20,7 +22,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 
 from ... import exceptions as exc
 
@@ -85,11 +86,18 @@ def main() -> None:
     import logging
 
     from distributed import LocalCluster, Security
+
+    from ..local.session import SessionLock, sweep
     spec = json.loads(sys.stdin.readline())
     security = Security(require_encryption=True, **spec["tls"])
     # The workers' scratch space (Dask's default is a shared /tmp/dask-scratch-space):
-    # private to this cluster and removed with it.
-    scratch = tempfile.mkdtemp(prefix="beamlet-dask-")
+    # private to this cluster and removed with it. It is a local-backend session's
+    # temp dir, under that session's lock, which this process holds: if it is
+    # killed before its cleanup, the next start (ours or the local backend's)
+    # finds the lock free and sweeps the dir.
+    sweep()
+    session = SessionLock()
+    scratch = session.temp_dir
     import dask
     dask.config.set({"temporary-directory": scratch})
     try:
@@ -105,6 +113,7 @@ def main() -> None:
             cluster.close(timeout=_STOP_TIMEOUT)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        session.release()
 
 
 if __name__ == "__main__":

@@ -132,6 +132,7 @@ class ActorHost:
         self._pool = concurrent.futures.ThreadPoolExecutor(threads,
                                                            thread_name_prefix="beamlet-actor")
         self._dead: str | None = None
+        self._exit_pending = False  # (see call)
         self._semaphore: asyncio.Semaphore | None = None
         self._next: dict[bytes, int] = {}
         self._skipped: dict[bytes, set] = {}
@@ -169,7 +170,11 @@ class ActorHost:
                 running = self._pool.submit(self._call_sync, spec, deps)
         finally:
             self._advance(caller)
-        return await asyncio.wrap_future(running)
+        values = await asyncio.wrap_future(running)
+        if self._exit_pending:  # (an async call ran exit_actor(): end it off its loop)
+            self._exit_pending = False
+            await asyncio.get_running_loop().run_in_executor(None, self._finish_exit)
+        return values
 
     def _call_sync(self, spec: TaskSpec, deps: dict):
         if self._dead is not None:
@@ -177,7 +182,29 @@ class ActorHost:
         _runtime.set_current(self._job.runtime)
         with self._job.runtime.backend.object_store.provided(deps):
             result = run_attempts(spec, self._job.executor.execute, self._spec)
+        if self._exited():
+            self._finish_exit()
         return self._kept(result.values)
+
+    def _exited(self) -> bool:
+        """Whether the call that just ran called ``exit_actor()``; if so the
+        actor is dead from now on (calls not started yet fail), as Ray ends one
+        gracefully. Run on the thread that ran the call, before the next starts."""
+        executor = self._job.executor
+        if executor.exiting != self._spec.actor_id:
+            return False
+        from ...core.actor import EXIT_REASON
+        executor.exiting = None
+        if self._dead is None:
+            self._dead = EXIT_REASON
+        return True
+
+    def _finish_exit(self) -> None:
+        """The rest of the graceful end: the actor's ``__ray_shutdown__``, then
+        its record (its worker process, shared with other tasks, lives on)."""
+        from ...core.actor import EXIT_REASON
+        self._job.executor.end_actor(self._spec.actor_id)
+        self._record(ActorLifecycle.DEAD, EXIT_REASON)
 
     async def _call_async(self, spec: TaskSpec, deps: dict):
         if self._semaphore is None:  # (made here: it belongs to the actor's own loop)
@@ -188,6 +215,8 @@ class ActorHost:
                 return self._died(spec)
             with self._job.runtime.backend.object_store.provided(deps):
                 result = await self._job.executor.execute_async(spec)
+            if self._exited():
+                self._exit_pending = True
         return self._kept(result.values)
 
     def _kept(self, values: list) -> list:

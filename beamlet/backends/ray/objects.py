@@ -6,8 +6,11 @@ a value naming the id reaches it) and drops it in `delete`, when the
 Runtime's count for the id reaches zero: Ray's own distributed reference
 counting then frees the object once no process holds it.
 
-The Ray value under an id is the beamlet ``SerializedObject`` itself, or,
-when that value contains beamlet refs, ``(SerializedObject, {id: Ray
+The Ray value under an id is the beamlet ``SerializedObject`` itself, or
+only its pickle stream (``bytes``) when it has no buffers, refs or error (the
+common small value: Ray passes bytes through without pickling them again,
+where pickling a ``SerializedObject`` costs it some 50-100 us), or, when that
+value contains beamlet refs, ``(SerializedObject, {id: Ray
 ObjectRef}, {actor id: (creation id, Ray ActorHandle)})``: the Ray refs and
 actor handles travel beside the ids they stand for, so Ray counts them as
 borrowed wherever the value goes, and a reader learns them with the value
@@ -33,6 +36,10 @@ from ... import exceptions as exc
 from ...core.interfaces import ObjectStore
 from ...core.runtime import deadline, remaining
 from ...core.serialization import SerializedObject, serialize
+
+
+#: What `entry` answers for a value read here that is not an error.
+_READ_OK = SerializedObject(b"")
 
 
 def error_of(err: BaseException, what: str = "") -> BaseException:
@@ -91,6 +98,8 @@ class RayObjectStore(ObjectStore):
                                                                            default={})
         #: id of an object read here -> the ids it contains, counted while we hold it.
         self._contained: dict[bytes, tuple] = {}
+        #: id of an object read here -> its value if an error, else _READ_OK (`entry`).
+        self._read: dict[bytes, SerializedObject] = {}
         self._callbacks: queue.SimpleQueue | None = None
         self._closed = False
 
@@ -146,6 +155,8 @@ class RayObjectStore(ObjectStore):
     def pack(self, sobj: SerializedObject):
         """The Ray value to store for `sobj` (see the module's docstring)."""
         if not sobj.refs:
+            if not sobj.buffers and not sobj.is_error:
+                return sobj.data  # (see the module docstring)
             return sobj
         refs, actors = self.carried(sobj.refs)
         return (sobj, refs, actors)
@@ -163,9 +174,18 @@ class RayObjectStore(ObjectStore):
     def unpack(self, object_id: bytes | None, value) -> SerializedObject:
         """The SerializedObject of a Ray value; what it carries is learnt, and the
         refs it contains are counted while this process holds `object_id`."""
-        if type(value) is SerializedObject:
+        kind = type(value)
+        if kind is bytes:
+            if object_id is not None:
+                self._read[object_id] = _READ_OK
+            return SerializedObject(value)
+        if kind is SerializedObject:
+            if object_id is not None:
+                self._read[object_id] = value if value.is_error else _READ_OK
             return value
         sobj, refs, actors = value
+        if object_id is not None:
+            self._read[object_id] = _READ_OK
         self.learn(refs, actors)
         if object_id is not None:
             with self._lock:
@@ -265,7 +285,31 @@ class RayObjectStore(ObjectStore):
                 raise exc.GetTimeoutError(f"get timed out after {timeout} s") from None
             except _rex.RayError as err:
                 values.append(serialize(self._error(object_id, err), is_error=True))
+                self._read[object_id] = values[-1]
         return values
+
+    def entry(self, object_id: bytes) -> SerializedObject | None:
+        """The object's value as far as it can be known without waiting (None: not
+        ready, or unknown here), for the Runtime's log of errors nobody read
+        when the last ref goes: a value read here is not read again."""
+        known = self._read.pop(object_id, None)
+        if known is not None:
+            return known
+        with self._lock:
+            ref = self._refs.get(object_id)
+        if ref is None or self._closed:
+            return None
+        try:
+            ready, _ = _ray.wait([ref], timeout=0, fetch_local=False)
+            if not ready:
+                return None
+            return self.unpack(None, _ray.get(ref, timeout=0))
+        except _rex.GetTimeoutError:
+            return None
+        except _rex.RayError as err:
+            return serialize(self._error(object_id, err), is_error=True)
+        except Exception:  # noqa: BLE001 - (a release may come late, as Ray disconnects)
+            return None
 
     def _error(self, object_id: bytes, err: BaseException) -> BaseException:
         actor_id = self._calls.get(object_id)
@@ -312,6 +356,7 @@ class RayObjectStore(ObjectStore):
             for object_id in object_ids:
                 self._refs.pop(object_id, None)
                 self._calls.pop(object_id, None)
+                self._read.pop(object_id, None)
                 actor_id = self.tokens.pop(object_id, None)
                 if actor_id is not None:
                     self.actors.pop(actor_id, None)  # (Ray ends it once no handle is left)
@@ -361,6 +406,7 @@ class RayObjectStore(ObjectStore):
             self.actors.clear()
             self.tokens.clear()
             self._contained.clear()
+            self._read.clear()
             callbacks, self._callbacks = self._callbacks, None
         if callbacks is not None:
             callbacks.put(None)

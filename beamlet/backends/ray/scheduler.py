@@ -1,6 +1,7 @@
 """RayScheduler: beamlet TaskSpecs as Ray tasks and actors.
 
-- A task is ``run_task.remote(...)`` with Ray's options from the spec:
+- A task is a call of the job's Ray task (``worker.task_function``), its
+  spec one bytes argument (``worker.wire``), with Ray's options from the spec:
   ``num_cpus``/``num_gpus``/``memory``/custom ``resources`` from its request,
   ``num_returns``, ``max_retries`` (a crashed worker; Ray retries), and its
   display name as the Ray task's name (the dashboard shows it). Its ref
@@ -28,7 +29,7 @@ from ...core.interfaces import Scheduler
 from ...core.scheduling import ActorLifecycle
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
 from .control import NAMESPACE
-from .worker import ray_actor_host, ray_async_actor_host, run_task
+from .worker import ray_actor_host, ray_async_actor_host, task_function, wire
 
 ACTOR_PREFIX = "beamlet-actor-"
 _HIDDEN = ("node:", "accelerator_type:")
@@ -46,6 +47,7 @@ class RayScheduler(Scheduler):
         self._nodes: list[dict] | None = None  # each live node's resources, cached
         # Ray's .options() builds and checks a new wrapper each call: one per kind of task.
         self._task_kinds: dict[tuple, object] = {}
+        self._run_task = task_function(backend.job)
 
     # -- resources -------------------------------------------------------------------
     def _node_resources(self, refresh: bool = False) -> list[dict]:
@@ -81,9 +83,17 @@ class RayScheduler(Scheduler):
     # -- submission --------------------------------------------------------------------
     def submit(self, spec: TaskSpec) -> None:
         plugins.notify("beamlet_task_submitted", spec=spec)
-        dep_ids = list(dict.fromkeys(spec.dependencies()))
-        dep_refs = [self._store.ray_ref(d) for d in dep_ids]
-        carried = self._store.carried(spec.contained_refs())
+        if spec.has_ref_args():
+            dep_ids = list(dict.fromkeys(spec.dependencies()))
+            dep_refs = [self._store.ray_ref(d) for d in dep_ids]
+        else:
+            dep_ids = dep_refs = []
+        contained = spec.contained_refs()
+        # (Ray refs and handles go as Ray values, so that Ray counts them as borrowed.)
+        carried = self._store.carried(contained) if contained else None
+        payload = wire(spec, dep_ids)
+        # (The fewer arguments, the less Ray serializes: the common call has one.)
+        args = (payload,) if carried is None and not dep_refs else (payload, carried, *dep_refs)
         n = len(spec.return_ids)
         if spec.kind == ACTOR_METHOD:
             host = self.actor(spec.actor_id)
@@ -91,29 +101,27 @@ class RayScheduler(Scheduler):
                 self._store.fail(spec.return_ids, exc.ActorDiedError(
                     f"the actor {spec.function_name} is dead (no Ray actor has its id)"))
                 return
-            refs = host.call.options(num_returns=n, name=spec.display_name).remote(
-                spec, dep_ids, carried, *dep_refs)
+            refs = host.call.options(num_returns=n, name=spec.display_name).remote(*args)
         elif spec.kind == ACTOR_CREATION:
-            self._create_actor(spec, dep_ids, carried, dep_refs)
+            self._create_actor(spec, payload, carried, dep_refs)
             return
         else:
-            refs = self._task_kind(spec).remote(self._backend.job, spec, dep_ids, carried,
-                                                *dep_refs)
+            refs = self._task_kind(spec).remote(*args)
         self._store.adopt(spec.return_ids, [refs] if n == 1 else refs,
                           spec.actor_id if spec.kind == ACTOR_METHOD else None)
 
     def _task_kind(self, spec: TaskSpec):
-        """`run_task` with the spec's Ray options (made once per kind of task)."""
+        """The job's Ray task with the spec's Ray options (made once per kind of task)."""
         key = (spec.display_name, len(spec.return_ids), spec.max_retries,
                tuple(sorted((spec.resources or {}).items())))
         kind = self._task_kinds.get(key)
         if kind is None:
-            kind = self._task_kinds[key] = run_task.options(
+            kind = self._task_kinds[key] = self._run_task.options(
                 num_returns=key[1], max_retries=spec.max_retries, retry_exceptions=False,
                 name=spec.display_name, **self._options(spec))
         return kind
 
-    def _create_actor(self, spec: TaskSpec, dep_ids, carried, dep_refs) -> None:
+    def _create_actor(self, spec: TaskSpec, payload, carried, dep_refs) -> None:
         options = spec.actor_options or {}
         host_class = ray_async_actor_host if options.get("is_async") else ray_actor_host
         detached = bool(options.get("detached"))
@@ -123,7 +131,7 @@ class RayScheduler(Scheduler):
             max_restarts=options.get("max_restarts", 0),
             max_task_retries=options.get("max_task_retries", 0),
             max_concurrency=options.get("max_concurrency") or 1,
-            **self._options(spec)).remote(self._backend.job, spec, dep_ids, carried, *dep_refs)
+            **self._options(spec)).remote(self._backend.job, payload, carried, *dep_refs)
         # Recorded for the driver's shutdown, which frees the job's actors' names.
         self._backend.runtime.tables.note_job_actor(self._backend.job["job_id"], spec.actor_id,
                                                     detached)

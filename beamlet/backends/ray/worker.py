@@ -6,8 +6,9 @@ own Ray connection: a task that submits tasks, puts or gets objects talks to
 Ray directly, and owns what it makes, as in Ray. (A Ray worker blocked in
 ``ray.get`` lends its CPU, so nested tasks cannot deadlock.)
 
-A task is the Ray task `run_task`; its ref arguments are Ray ObjectRefs among
-its top-level arguments, which Ray resolves on the worker before it starts.
+A task is a call of the job's Ray task (`task_function`); its ref arguments
+are Ray ObjectRefs among its top-level arguments, which Ray resolves on the
+worker before it starts.
 A beamlet actor lives in an ``ActorHost`` (or ``AsyncActorHost`` for an
 actor with ``async`` methods), a Ray actor: Ray orders its calls per caller,
 restarts it (``max_restarts``, rerunning the constructor), kills it, and ends
@@ -15,6 +16,7 @@ it once no handle is left (calling ``__ray_shutdown__``).
 """
 from __future__ import annotations
 
+import pickle
 import sys
 import threading
 
@@ -62,23 +64,47 @@ def _returns(state: _Job, spec: TaskSpec, values: list):
     return packed[0] if len(packed) == 1 else tuple(packed)
 
 
-def _run_task(job: dict, spec: TaskSpec, dep_ids: list, carried: tuple, *dep_values):
-    """A beamlet task as a Ray task: `dep_values` are its ref arguments (ids
-    `dep_ids`), resolved by Ray; `carried` the Ray refs nested in its inline
-    arguments."""
+def wire(spec: TaskSpec, dep_ids: list) -> bytes:
+    """The spec and the ids of its ref arguments as Ray sees them: one pickle
+    stream (specs pickle plainly, see TaskSpec). Ray passes bytes through
+    as they are, where pickling a TaskSpec with its own serializer costs it
+    ten times more than plain pickle."""
+    return pickle.dumps((spec, dep_ids), 5)
+
+
+def _unwire(payload: bytes, carried) -> tuple:
+    spec, dep_ids = pickle.loads(payload)
+    return spec, dep_ids, carried or _NOTHING_CARRIED
+
+
+_NOTHING_CARRIED = ({}, {})
+
+
+def _run_task(job: dict, payload: bytes, carried, *dep_values):
+    """A beamlet task as a Ray task: `payload` its spec and the ids of its ref
+    arguments (`wire`), `dep_values` those arguments' values, resolved by Ray;
+    `carried` the Ray refs nested in its inline arguments (None: none)."""
+    spec, dep_ids, carried = _unwire(payload, carried)
     state = _job(job)
     with state.store.provided(dep_ids, dep_values, carried):
         result = run_attempts(spec, state.executor.execute)
     return _returns(state, spec, result.values)
 
 
-run_task = _ray.remote(_run_task)
+def task_function(job: dict):
+    """`_run_task` for one job as a Ray remote function, with the job bound:
+    Ray ships a function to a worker once, where an argument would travel
+    (and be serialized by Ray) with every task."""
+    def run_task(payload: bytes, carried=None, *dep_values):
+        return _run_task(job, payload, carried, *dep_values)
+    return _ray.remote(run_task)
 
 
 class _Host:
     """The part both actor hosts share: construction and the end."""
 
-    def __init__(self, job: dict, spec: TaskSpec, dep_ids: list, carried: tuple, *dep_values):
+    def __init__(self, job: dict, payload: bytes, carried, *dep_values):
+        spec, dep_ids, carried = _unwire(payload, carried)
         self._job = _job(job)
         self._spec = spec
         self._dead: str | None = None
@@ -135,7 +161,8 @@ class ActorHost(_Host):
     def created(self):
         return self._created
 
-    def call(self, spec: TaskSpec, dep_ids: list, carried: tuple, *dep_values):
+    def call(self, payload: bytes, carried=None, *dep_values):
+        spec, dep_ids, carried = _unwire(payload, carried)
         if self._dead is not None:
             return self._died(spec)
         with self._job.store.provided(dep_ids, dep_values, carried):
@@ -150,7 +177,8 @@ class AsyncActorHost(_Host):
     async def created(self):
         return self._created
 
-    async def call(self, spec: TaskSpec, dep_ids: list, carried: tuple, *dep_values):
+    async def call(self, payload: bytes, carried=None, *dep_values):
+        spec, dep_ids, carried = _unwire(payload, carried)
         if self._dead is not None:
             return self._died(spec)
         with self._job.store.provided(dep_ids, dep_values, carried):
