@@ -1081,20 +1081,29 @@ def test_actor_method_option_max_task_retries_minus_one_retries(start, tmp_path)
     assert procs.count(str(tmp_path)) == 2
 
 
-# A ref from a session that was shut down, passed to .remote(), raises clearly.
+# A ref from a session that was shut down, passed to .remote() (as an argument, or
+# inside a container that the task gets it from), raises clearly instead of hanging.
 @ray.remote
 def identity(x):
     return x
 
 
-def test_ref_from_a_previous_session_as_an_argument_raises_clearly(start):
+@ray.remote
+def get_first(box):
+    return ray.get(box[0])
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["argument", "in-a-container"])
+def test_ref_from_a_previous_session_passed_to_a_task_raises_clearly(start, inside):
     start()
     stale = ray.put(7)
     ray.shutdown()
     start()
-    # get(stale) raises ObjectLostError at once; passing it to a task must not hang.
+    # get(stale) raises ObjectLostError at once; a task given it must not hang (the
+    # error may come at .remote() or at get).
     with pytest.raises((exc.ObjectLostError, ValueError, TypeError)):
-        ray.get(identity.remote(stale), timeout=15)
+        ref = get_first.remote([stale]) if inside else identity.remote(stale)
+        ray.get(ref, timeout=15)
 
 
 # A constructor that raises when the actor is restarted: every later call's error
@@ -1161,21 +1170,6 @@ def test_detached_actor_outlives_the_worker_that_created_it(start):
     actor = ray.get_actor("survivor")
     assert ray.get(actor.ping.remote(), timeout=30) == "alive"
     ray.kill(actor)
-
-
-# The same stale ref inside a container argument: the task's get raises.
-@ray.remote
-def get_first(box):
-    return ray.get(box[0])
-
-
-def test_ref_from_a_previous_session_inside_a_container_raises_clearly(start):
-    start()
-    stale = ray.put(7)
-    ray.shutdown()
-    start()
-    with pytest.raises((exc.ObjectLostError, ValueError, TypeError)):
-        ray.get(get_first.remote([stale]), timeout=15)
 
 
 # A fork request the zygote never carried out (it died first) is not counted as

@@ -20,6 +20,22 @@ from test_tune import on_backend, read_results, storage  # noqa: F401 - fixtures
 from beamlet import tune
 from beamlet.contrib.tune.experiment_state import ExperimentStateLog
 
+
+def _run_until_killed(args: list, env: dict, ready, what: str, interval: float = 0.02) -> None:
+    """Run the experiment script `args` and SIGKILL it (our own child, by pid) as
+    soon as `ready()` holds; fails saying `what` never happened within 60 s, or if
+    the run ended before it was killed."""
+    proc = subprocess.Popen(args, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready():
+            assert proc.poll() is None, "the run ended before it was killed"
+            assert time.monotonic() < deadline, what
+            time.sleep(interval)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
@@ -162,19 +178,12 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, api):
     # inprocess: the trials run inside the driver, so SIGKILL leaves no process behind.
     # (TMPDIR: the trainables' temporary checkpoint dirs, left by the SIGKILL, stay in tmp_path)
     env = dict(os.environ, BEAMLET_BACKEND="inprocess", TMPDIR=str(tmp_path))
-    proc = subprocess.Popen([sys.executable, str(script), str(marks), str(results),
-                             "tuner" if api == "tuner" else "fresh"], env=env)
-    try:
-        deadline = time.monotonic() + 60
-        # Killed once trial x=2 has checkpointed a few times (x=0 and x=1 have ended).
-        while not any(p.name.startswith("checkpoint_000005") for p in
-                      results.glob("exp/*x=2*/*")):
-            assert proc.poll() is None, "the run ended before it was killed"
-            assert time.monotonic() < deadline, "trial x=2 never got to 5 results"
-            time.sleep(0.05)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
+    # Killed once trial x=2 has checkpointed a few times (x=0 and x=1 have ended).
+    _run_until_killed([sys.executable, str(script), str(marks), str(results),
+                       "tuner" if api == "tuner" else "fresh"], env,
+                      lambda: any(p.name.startswith("checkpoint_000005")
+                                  for p in results.glob("exp/*x=2*/*")),
+                      "trial x=2 never got to 5 results", interval=0.05)
     again = subprocess.run([sys.executable, str(script), str(marks), str(results),
                             "tuner-restore" if api == "tuner" else "resume"], env=env,
                            capture_output=True, text=True, timeout=120)
@@ -241,18 +250,10 @@ def test_killed_driver_resumes_hyperband_with_its_brackets(tmp_path):
     marks.mkdir()
     # (TMPDIR: the trainables' temporary checkpoint dirs, left by the SIGKILL, stay in tmp_path)
     env = dict(os.environ, BEAMLET_BACKEND="inprocess", TMPDIR=str(tmp_path))
-    proc = subprocess.Popen([sys.executable, str(script), str(marks), str(results),
-                             "fresh"], env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while not any(p.name.startswith("start_") and p.name.split("_")[2] != "0"
-                      for p in marks.iterdir()):
-            assert proc.poll() is None, "the run ended before it was killed"
-            assert time.monotonic() < deadline, "no trial was promoted"
-            time.sleep(0.02)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
+    _run_until_killed([sys.executable, str(script), str(marks), str(results), "fresh"], env,
+                      lambda: any(p.name.startswith("start_") and p.name.split("_")[2] != "0"
+                                  for p in marks.iterdir()),
+                      "no trial was promoted")
     # The killed experiment's table, from its log (no backend started).
     status = subprocess.run([sys.executable, "-m", "beamlet.cli", "tune", "status",
                              str(results / "exp")], capture_output=True, text=True, timeout=60)
@@ -312,16 +313,9 @@ def test_killed_driver_resumes_pbt_with_its_state(tmp_path):
     results = tmp_path / "results"
     # (TMPDIR: the trainables' temporary checkpoint dirs, left by the SIGKILL, stay in tmp_path)
     env = dict(os.environ, BEAMLET_BACKEND="inprocess", TMPDIR=str(tmp_path))
-    proc = subprocess.Popen([sys.executable, str(script), str(results), "fresh"], env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while len(list(results.glob("exp/*/exploit_*"))) < 3:
-            assert proc.poll() is None, "the run ended before it was killed"
-            assert time.monotonic() < deadline, "PBT never exploited"
-            time.sleep(0.02)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
+    _run_until_killed([sys.executable, str(script), str(results), "fresh"], env,
+                      lambda: len(list(results.glob("exp/*/exploit_*"))) >= 3,
+                      "PBT never exploited")
     again = subprocess.run([sys.executable, str(script), str(results), "resume"],
                            env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
@@ -389,16 +383,8 @@ def test_killed_driver_resumes_asha_median_and_searcher_with_their_state(tmp_pat
     marks.mkdir()
     env = dict(os.environ, BEAMLET_BACKEND="inprocess", TMPDIR=str(tmp_path))
     args = [sys.executable, str(script), str(marks), str(results), which]
-    proc = subprocess.Popen(args + ["fresh"], env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while not (marks / "blocked").exists():
-            assert proc.poll() is None, "the run ended before it was killed"
-            assert time.monotonic() < deadline, "trial x=3 never started"
-            time.sleep(0.02)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
+    _run_until_killed(args + ["fresh"], env, (marks / "blocked").exists,
+                      "trial x=3 never started")
     again = subprocess.run(args + ["resume"], env=env, capture_output=True, text=True,
                            timeout=120)
     assert again.returncode == 0, again.stderr
