@@ -305,6 +305,48 @@ def test_another_driver_joins_by_address_and_leaves_ray_running(session, tmp_pat
     assert ray.get(square.remote(5), timeout=T) == 25  # our Ray still serves
 
 
+def test_a_killed_drivers_ray_dir_is_swept_at_the_next_start(session, tmp_path):
+    """A driver SIGKILLed with the Ray it started: Ray's processes die with it
+    (Ray's fate sharing), and the next ``init()`` on the machine removes the
+    session's temp dir and lock file."""
+    import signal
+    code = ("import sys, time, beamlet\n"
+            "from beamlet.core import runtime\n"
+            "beamlet.init(backend='ray', num_cpus=1)\n"
+            "print(runtime.current().backend._temp_dir, flush=True)\n"
+            "time.sleep(600)\n")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env=env, cwd=str(tmp_path))
+    try:
+        temp_dir = proc.stdout.readline().strip()
+        assert temp_dir and os.path.isdir(temp_dir), f"the driver printed {temp_dir!r}"
+        fds = [os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+               for fd in os.listdir(f"/proc/{proc.pid}/fd")]
+        locks = [path for path in fds if path.endswith(".lock") and "beamlet-" in path]
+        assert len(locks) == 1, fds
+        with open(locks[0]) as f:
+            assert f.read() == temp_dir
+        theirs = {pid for pid in ray_processes(temp_dir, _descendants())
+                  if pid != proc.pid}  # (named by the dir; none of this module's Ray)
+        assert theirs, "no process of that driver's Ray names its temp dir"
+    finally:
+        proc.kill()
+        proc.wait(GONE_TIMEOUT)
+        proc.stdout.close()
+    left = procs.wait_gone(theirs, GONE_TIMEOUT)
+    for pid in left:  # (started by this test's driver: ours to end)
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], "Ray's processes outlived their driver"
+    assert os.path.isdir(temp_dir) and os.path.exists(locks[0])  # nobody cleaned up
+    # The next start on the machine, of any backend, in another program:
+    start = subprocess.run([sys.executable, "-c", "import beamlet\n"
+                            "beamlet.init(backend='local', num_cpus=1)\nbeamlet.shutdown()\n"],
+                           capture_output=True, text=True, timeout=2 * T, env=env, cwd=str(tmp_path))
+    assert start.returncode == 0, start.stderr[-3000:]
+    assert not os.path.exists(temp_dir) and not os.path.exists(locks[0])
+
+
 def test_shutdown_stops_the_ray_it_started(session):
     """(Last: it ends the module's session.)"""
     temp_dir = session._temp_dir

@@ -2,7 +2,10 @@
 
 In the driver: ``init(backend="ray")`` starts a local Ray (``num_cpus``,
 ``num_gpus`` and ``resources`` given to ``init`` become the node's), with its
-session files in a private temp directory, and stops it at ``shutdown``;
+session files in a private temp directory, and stops it at ``shutdown``
+(the directory is a local-backend session's, under its lock: if the driver
+is killed, Ray's processes die with it and the next ``init()`` on the
+machine sweeps the directory);
 ``init(backend="ray", address="HOST:PORT")`` connects to a running Ray and
 only disconnects at ``shutdown``; if this process is already connected to Ray
 (the user called ``ray.init`` first), that connection is used and left as it
@@ -17,7 +20,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 
 from ... import exceptions as exc
 from ...core.interfaces import Backend
@@ -48,6 +50,7 @@ class RayBackend(Backend):
         self._ray = _ray
         self._connected = False   # this backend called ray.init (so calls ray.shutdown)
         self._temp_dir: str | None = None
+        self._session = None  # the lock on _temp_dir (a local-backend SessionLock)
         self._is_driver = not config.get("ray_worker")
         if self._is_driver:
             check_backend_options(config, self.accepted_options, self.name)
@@ -96,7 +99,10 @@ class RayBackend(Backend):
                                        f"{type(err).__name__}: {err}") from None
         else:
             resources = dict(config.get("resources") or {})
-            self._temp_dir = tempfile.mkdtemp(prefix="beamlet-ray-")
+            from ..local.session import SessionLock, sweep
+            sweep()
+            self._session = SessionLock()
+            self._temp_dir = self._session.temp_dir
             try:
                 ray.init(address="local", num_cpus=config.get("num_cpus"),
                          num_gpus=config.get("num_gpus"), resources=resources or None,
@@ -104,7 +110,7 @@ class RayBackend(Backend):
                          _temp_dir=self._temp_dir, **options)
             except BaseException:
                 ray.shutdown()  # (whatever it started before failing)
-                shutil.rmtree(self._temp_dir, ignore_errors=True)
+                self._remove_temp_dir()
                 raise
         self._connected = True
 
@@ -142,6 +148,12 @@ class RayBackend(Backend):
         if self._connected:
             self._connected = False
             self._ray.shutdown()
+        self._remove_temp_dir()
+
+    def _remove_temp_dir(self) -> None:
         if self._temp_dir is not None:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
             self._temp_dir = None
+        if self._session is not None:
+            self._session.release()
+            self._session = None
