@@ -164,12 +164,16 @@ class _RayCluster:
     at shutdown: a new Ray driver per test would cost seconds each (its
     connection, and new worker processes for its job). The child stops its Ray
     (Ray ends the processes it started) when its standard input closes, and
-    removes Ray's session files."""
+    removes Ray's session files (a beamlet session's temp dir under its lock,
+    so that the next start sweeps them if the run was killed)."""
 
     _SCRIPT = """if True:
-        import logging, shutil, sys, tempfile
+        import logging, shutil, sys
         import ray
-        temp = tempfile.mkdtemp(prefix="beamlet-test-ray-")
+        from beamlet.backends.local.session import SessionLock, sweep
+        sweep()
+        session = SessionLock()
+        temp = session.temp_dir
         try:
             ctx = ray.init(address="local", num_cpus=int(sys.argv[1]), include_dashboard=False,
                            _temp_dir=temp, logging_level=logging.ERROR)
@@ -180,6 +184,7 @@ class _RayCluster:
             ray.shutdown()
         finally:
             shutil.rmtree(temp, ignore_errors=True)
+            session.release()
     """
 
     def __init__(self):
