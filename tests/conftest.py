@@ -75,13 +75,15 @@ class BackendInfo:
     placement_groups: bool = False
     concurrency_groups: bool = False
     multi_node: bool = False
+    owner_fate_sharing: bool = False
 
     @classmethod
     def current(cls) -> "BackendInfo":
         b = _runtime.current_or_none().backend
         return cls(b.name, bool(b.parallel), bool(b.isolated), bool(b.zero_copy),
                    bool(b.manages_workers), bool(b.task_events), bool(b.placement_groups),
-                   bool(b.concurrency_groups), bool(b.multi_node))
+                   bool(b.concurrency_groups), bool(b.multi_node),
+                   bool(b.owner_fate_sharing))
 
     def require(self, *flags: str) -> None:
         """Skip the running test unless this backend has every capability flag

@@ -354,6 +354,13 @@ class Backend(abc.ABC):
       and a consumer's acknowledgements reach the producer through the object
       store. False: ``.remote()`` of one raises NotImplementedError.
 
+    - ``owner_fate_sharing``: Ray's ownership model: the objects a process
+      creates (the results of the tasks it submits, its ``put``s) are lost
+      with it, so once a task that submitted children dies (e.g. killed by
+      ``cancel(force=True)``), ``get`` of its children's refs raises
+      ``OwnerDiedError``. False: the node keeps every object while a ref to
+      it lives anywhere.
+
     ``inline_threshold`` is the size below which values travel inside messages
     rather than through the object store.
     """
@@ -369,6 +376,7 @@ class Backend(abc.ABC):
     manages_workers: ClassVar[bool] = True
     task_events: ClassVar[bool] = False
     streaming_generators: ClassVar[bool] = False
+    owner_fate_sharing: ClassVar[bool] = False
     inline_threshold: ClassVar[int] = 100 * 1024
     #: True where this process owns the objects it creates (the driver); a
     #: worker's client side forwards submissions to the owner, which pins

@@ -37,6 +37,8 @@ class RayBackend(Backend):
     # max_restarts, cancel(force=True) ends the task's process, and tasks and
     # actors hold the resources they ask for.
     manages_workers = True
+    # Ray's ownership: a task's children's results die with the task's worker.
+    owner_fate_sharing = True
 
     accepted_options = frozenset({"dashboard"})
 
