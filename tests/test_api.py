@@ -180,7 +180,7 @@ def crash_until(path, succeed_on):
 
 @ray.remote
 def available_cpus():
-    return ray.available_resources().get("CPU")
+    return ray.available_resources().get("CPU", 0.0)
 
 
 @ray.remote
@@ -1410,9 +1410,19 @@ def test_resources_come_back_after_an_actor_crashes(backend):
     assert ray.available_resources()["CPU"] == total - 1
     with pytest.raises(E.ActorDiedError):
         ray.get(actor.crash.remote(), timeout=LONG)
-    eventually(lambda: ray.available_resources()["CPU"] == total)
+    eventually(lambda: ray.available_resources().get("CPU", 0) == total)
     time.sleep(0.2)  # given back once, not twice
     assert ray.available_resources()["CPU"] == total
+
+
+def test_a_resource_with_nothing_free_is_left_out_of_available_resources(backend):
+    backend.require("isolated", "manages_workers")
+    total = ray.cluster_resources()["CPU"]
+    actor = _Crasher.options(num_cpus=total).remote()
+    assert ray.get(actor.ping.remote(), timeout=LONG) == "pong"
+    assert "CPU" not in ray.available_resources()  # (as Ray: not "CPU": 0.0)
+    ray.kill(actor)
+    eventually(lambda: ray.available_resources().get("CPU") == total)
 
 
 # ======================================================================================

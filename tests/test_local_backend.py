@@ -522,7 +522,7 @@ def test_spilled_argument_that_cannot_be_restored_yet_does_not_lose_the_task(sta
     small, big = str(tmp_path / "small"), str(tmp_path / "big")
     h1, h2 = hold_until.remote(b1, big), hold_until.remote(b2, big)  # pin b1, b2 while running
     h0 = hold_until.remote(None, small)                              # the third CPU
-    assert procs.wait_until(lambda: ray.available_resources()["CPU"] == 0.0, 20)
+    assert procs.wait_until(lambda: ray.available_resources().get("CPU", 0) == 0.0, 20)
     t3 = total.remote(a)  # queued: no CPU free
     open(small, "w").close()  # t3 is dispatched now, while b1 and b2 fill the store
     assert ray.get(h0, timeout=30) == 0.0
@@ -532,7 +532,7 @@ def test_spilled_argument_that_cannot_be_restored_yet_does_not_lose_the_task(sta
         assert ray.get(t3, timeout=15) == float(MB)
     except exc.ObjectStoreFullError:
         pass  # failing it clearly would be fine too; losing it is not
-    assert procs.wait_until(lambda: ray.available_resources()["CPU"] == 3.0, 10), \
+    assert procs.wait_until(lambda: ray.available_resources().get("CPU", 0) == 3.0, 10), \
         ray.available_resources()
 
 
@@ -1288,7 +1288,7 @@ def test_stale_get_callback_does_not_take_back_a_blocked_workers_cpu(start, tmp_
     pid_a = ray.get(get_with_short_timeout.remote([g1]), timeout=30)
     out = get_nested.remote([g2])
     # The outer task is blocked in get: it gave its CPU back.
-    assert procs.wait_until(lambda: ray.available_resources()["CPU"] == 1.0, 20)
+    assert procs.wait_until(lambda: ray.available_resources().get("CPU", 0) == 1.0, 20)
     open(p1, "w").close()
     assert ray.get(g1, timeout=30) == p1
     open(p2, "w").close()

@@ -334,7 +334,9 @@ def cluster_resources() -> dict:
 
 
 def available_resources() -> dict:
-    return dict(_runtime.current().backend.scheduler.available_resources())
+    """What is free now; as in Ray, a resource with nothing free is left out."""
+    return {name: amount for name, amount in
+            _runtime.current().backend.scheduler.available_resources().items() if amount > 0}
 
 
 class RuntimeContext:
