@@ -792,6 +792,7 @@ class ZmqListener(Listener):
             keys = transport.keys
             # The ZAP handler must be bound before the ROUTER accepts anyone.
             self._zap = ctx.socket(zmq.REP)
+            self._zap_key = z85.decode(transport.keys.client_public)  # (once: see _serve_zap)
             self._zap.linger = 0
             self._zap.bind(_ZAP_ENDPOINT)
             router = self._router = ctx.socket(zmq.ROUTER)
@@ -876,7 +877,7 @@ class ZmqListener(Listener):
     def _serve_zap(self) -> None:
         """Answer every pending ZAP request: the client key derived from the
         secret is accepted, any other refused."""
-        expected = z85.decode(self._transport.keys.client_public)
+        expected = self._zap_key
         while True:
             try:
                 request = self._zap.recv_multipart(zmq.NOBLOCK)
