@@ -822,6 +822,8 @@ class ClusterBackend(Backend):
                 "runtime_env": self.runtime.runtime_env,
                 "job_metadata": self.runtime.job_metadata,
                 "default_actor_lifetime": self.runtime.default_actor_lifetime,
+                # (its workers' nested calls are placed by this driver, on any node)
+                "cluster": True,
                 # (each attempt's end costs a message: only for a driver with
                 # plugins that observe it, as they stand at init)
                 "task_events": plugins.observer("beamlet_task_finished") is not None}
