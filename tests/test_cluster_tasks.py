@@ -68,6 +68,16 @@ class Where:
         return beamlet.get_runtime_context().get_node_id(), self.calls
 
 
+@beamlet.remote(resources={"gpu_box": 1})
+def where_pinned(node_id: str, resources: dict | None = None):
+    """Where it runs, and where a task of its runs: pinned to `node_id`
+    (soft=False), or, given `resources`, placed by them."""
+    options = ({"resources": resources} if resources else
+               {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)})
+    return (beamlet.get_runtime_context().get_node_id(),
+            beamlet.get(where.options(**options).remote(), timeout=60))
+
+
 def test_tasks_and_actors_go_where_their_resources_are(cluster, driver):
     head = cluster.start_head()
     first = cluster.join(head, "--resources", '{"gpu_box": 1}')
@@ -87,6 +97,11 @@ def test_tasks_and_actors_go_where_their_resources_are(cluster, driver):
         "f" * 16, soft=True)).remote(), timeout=GET_TIMEOUT) in {head["node_id"], first, second}
     with pytest.raises(ValueError, match="not an alive node"):
         where.options(scheduling_strategy=NodeAffinitySchedulingStrategy("f" * 16, soft=False))
+    # A task's own task pinned to another node (soft=False) runs there; one whose
+    # request only another node's resources fit runs there too.
+    assert beamlet.get(where_pinned.remote(second), timeout=GET_TIMEOUT) == (first, second)
+    assert beamlet.get(where_pinned.remote(second, {"ssd": 1}),
+                       timeout=GET_TIMEOUT) == (first, second)
     with pytest.raises(ValueError, match="cannot hold"):
         where.options(resources={"gpu_box": 1}, scheduling_strategy=pinned).remote()
     on_first = [where.options(resources={"gpu_box": 1}).remote() for _ in range(3)]

@@ -79,6 +79,10 @@ class JobOwner(Protocol):
     # Optional: ``pin(object_ids)`` / ``unpin(object_ids)``, called for the refs
     # the node's workers hold (borrow) and let go of, for an owner whose own
     # counts are elsewhere (a cluster driver); without them, ``refs`` counts them.
+    # Optional: ``defer_results(deferring)``, called (I/O thread) with True before
+    # and False after each turn of the loop that handles workers' messages: an
+    # owner that ships results elsewhere (a cluster node) may send those stored
+    # meanwhile together at the end.
 
 
 def log_error(what: str, err: BaseException | None = None) -> None:
@@ -192,6 +196,7 @@ class Node:
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         next_chores = 0.0
         me = threading.get_ident()
+        defer_results = getattr(self.owner, "defer_results", None)
         try:
             while not self._closed:
                 ready = sel.select(timeout=CHORES_INTERVAL)
@@ -211,6 +216,8 @@ class Node:
                 with self._turn:
                     self._turn_holder = me
                     self.scheduler.defer_sends(True)  # (one send per worker per turn)
+                    if defer_results is not None:
+                        defer_results(True)
                     try:
                         for event in self.listener.poll():
                             if self._closed:
@@ -222,6 +229,8 @@ class Node:
                     finally:
                         self._turn_holder = 0
                         self.scheduler.defer_sends(False)
+                        if defer_results is not None:
+                            defer_results(False)
                 if self._released:
                     self._free_released()
         finally:

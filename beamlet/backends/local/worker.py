@@ -220,8 +220,9 @@ class SchedulerClient(Scheduler):
 
     def submit(self, spec: TaskSpec) -> None:
         # Infeasible requests fail here, at the call site (the node judges those
-        # in placement groups: only it knows them).
-        if spec.kind != ACTOR_METHOD and spec.placement_group is None:
+        # in placement groups: only it knows them; a cluster's driver judges a
+        # cluster job's against every node, and its get raises the error).
+        if spec.kind != ACTOR_METHOD and spec.placement_group is None and not self._b.cluster:
             self._pool.check_feasible(spec.resources, spec.display_name)
         self._b.send(P.Submit(spec))
 
@@ -266,6 +267,11 @@ class WorkerBackend(Backend):
         self.inline_threshold = config["inline_threshold"]
         # As the job's owner says: its items must reach the consumer through it.
         self.streaming_generators = bool(config.get("streaming_generators"))
+        # A cluster's job: the tasks we submit are placed by its driver, which
+        # can pin them to any of the cluster's nodes (see `nodes`).
+        self.cluster = bool(config.get("cluster"))
+        if self.cluster:
+            self.node_affinity = self.multi_node = True
         self.requests = _Requests()
         # Re-entrant: sending pickles, the GC may then free a ref, and that reports here.
         self._ref_lock = threading.RLock()
@@ -281,6 +287,16 @@ class WorkerBackend(Backend):
         #: Set by the Worker: ``worker_blocks(True)`` before a thread waits in a
         #: blocking get or wait, ``worker_blocks(False)`` after.
         self.worker_blocks: Callable[[bool], None] = lambda blocked: None
+
+    def nodes(self) -> list[dict]:
+        """This node; in a cluster's job, every node of the cluster (its nodes table)."""
+        if not self.cluster:
+            return super().nodes()
+        from ...core.tables import Tables
+        return [{"NodeID": n.node_id, "Alive": str(n.state) == "ALIVE",
+                 "Resources": dict(n.resources),
+                 "NodeManagerAddress": n.address.rsplit(":", 1)[0]}
+                for n in Tables(self.control_store).nodes()]
 
     # -- messages ---------------------------------------------------------------
     def send(self, message) -> None:

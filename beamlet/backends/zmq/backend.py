@@ -36,7 +36,7 @@ of every attempt's end and actor state as on the local backend (see
 from __future__ import annotations
 
 import os
-import selectors
+import select
 import sys
 import threading
 import time
@@ -60,6 +60,9 @@ from .objects import Assembly
 CONNECT_TIMEOUT = 10.0  # seconds to reach the head or a node
 NODES_POLL = 1.0  # seconds between looks at the nodes table, for nodes that joined since
 JOIN_TIMEOUT = 2.0  # seconds to reach a node that joined since (else: tried at the next look)
+#: Seconds a get reading its result off its node's connection (`wait_on`)
+#: waits before looking again whether the result came another way.
+DIRECT_SLICE = 0.05
 
 
 class NodeLink:
@@ -74,6 +77,10 @@ class NodeLink:
         self.placed: dict[bytes, TaskSpec] = {}  # task id -> unfinished spec placed here
         self.load: dict[str, float] = {}  # resources of what is placed here
         self.borrowed: set[bytes] = set()  # objects its workers hold refs to (Borrow)
+        #: Held by the thread reading the connection: the I/O thread, or a
+        #: thread whose get waits for a result from this node (`wait_on`).
+        self.reading = threading.Lock()
+        self.bytes_received = 0  # object values that came from it (see object_bytes_received)
 
     def fits(self, request: dict) -> bool:
         return all(self.resources.get(k, 0) >= v for k, v in request.items())
@@ -146,6 +153,13 @@ class ClusterObjectStore(MemoryObjectStore):
             if self._objects.get(object_id) is entry:
                 self._objects[object_id] = sobj  # (later reads need no pull)
         return sobj
+
+    def _block(self, object_ids, arrived, timeout) -> bool:
+        if len(object_ids) == 1:
+            node = self.backend.scheduler.node_making(object_ids[0])
+            if node is not None:
+                return self.backend.wait_on(node, arrived, timeout)
+        return arrived.wait(timeout)
 
     def forget(self, object_id: bytes) -> None:
         """Take an entry out as if it never arrived (it is being made again)."""
@@ -312,6 +326,17 @@ class ClusterScheduler(Scheduler):
                 f"{spec.display_name} cannot be sent to a node: {err}"))
         except exc.BackendError:
             self._node_died(node)
+
+    def node_making(self, object_id: bytes) -> NodeLink | None:
+        """The alive node running the task that returns `object_id`, if any
+        (read without the lock: a stale answer only costs a wait elsewhere)."""
+        task_id = self.producer.get(object_id)
+        if task_id is None:
+            return None
+        placed = self.tasks.get(task_id)
+        if placed is None or not placed[1].alive:
+            return None
+        return placed[1]
 
     def _restart(self, spec: TaskSpec, dead: NodeLink) -> bool:
         """Start an actor whose node died on another node, if restarts are left
@@ -731,9 +756,6 @@ class ClusterBackend(Backend):
         self.worker_id = f"driver-{os.getpid()}"
         self.transport = ZmqTransport(secret, P.VERSION)
         self.object_store = ClusterObjectStore(self, runtime.refs)
-        #: Bytes of object values this driver received from nodes (results,
-        #: fetched and pulled objects): what did not go node to node.
-        self.object_bytes_received = 0
         self._pulls: dict[bytes, _Pull] = {}
         self._pulls_lock = threading.Lock()
         self._links: list[NodeLink] = []
@@ -777,12 +799,19 @@ class ClusterBackend(Backend):
             from ...core.tables import Tables
             self.scheduler.tables = Tables(self.control_store)
             self._wake_r, self._wake_w = os.pipe()
+            self._ep = select.epoll()
             self._io = threading.Thread(target=self._io_loop, name="beamlet-cluster-io",
                                         daemon=True)
             self._io.start()
         except BaseException:
             self._close_links()
             raise
+
+    @property
+    def object_bytes_received(self) -> int:
+        """Bytes of object values this driver received from nodes (results,
+        fetched and pulled objects): what did not go node to node."""
+        return sum(link.bytes_received for link in self._links)
 
     def job_config(self) -> dict:
         """What the nodes' workers run this job with: as the local driver's
@@ -793,37 +822,100 @@ class ClusterBackend(Backend):
                 "runtime_env": self.runtime.runtime_env,
                 "job_metadata": self.runtime.job_metadata,
                 "default_actor_lifetime": self.runtime.default_actor_lifetime,
+                # (its workers' nested calls are placed by this driver, on any node)
+                "cluster": True,
                 # (each attempt's end costs a message: only for a driver with
                 # plugins that observe it, as they stand at init)
                 "task_events": plugins.observer("beamlet_task_finished") is not None}
 
     # -- the I/O thread: every node's messages ------------------------------------
     def _io_loop(self) -> None:
-        sel = selectors.DefaultSelector()
-        sel.register(self._wake_r, selectors.EVENT_READ, None)
+        # (A bare epoll: the selectors module's wrapper costs more Python per
+        # wake-up than handling a result does.)
+        ep = self._ep
+        ep.register(self._wake_r, select.EPOLLIN)
         for link in self._links:
-            sel.register(link.conn.fileno(), selectors.EVENT_READ, link)
+            ep.register(link.conn.fileno(), select.EPOLLIN)
         watched = set(self._links)
         next_look = time.monotonic() + NODES_POLL
         try:
             while not self._closed:
-                sel.select(timeout=0.5)
+                ep.poll(0.5)
                 if time.monotonic() >= next_look:
                     for link in self._join_new_nodes():
-                        sel.register(link.conn.fileno(), selectors.EVENT_READ, link)
+                        ep.register(link.conn.fileno(), select.EPOLLIN)
                         watched.add(link)
                     next_look = time.monotonic() + NODES_POLL
                 # (every link each turn: a closed connection may not wake its fd)
                 for link in self._links:
-                    if link.alive:
-                        self._drain(link)
+                    if link.alive and link.reading.acquire(False):  # (else a get reads it)
+                        try:
+                            self._drain(link)
+                        finally:
+                            link.reading.release()
                     if not link.alive and link in watched:
                         # A dead node's descriptor stays readable: stop watching it.
-                        watched.discard(link)
-                        sel.unregister(link.conn.fileno())
-                        link.conn.close()
+                        with link.reading:
+                            watched.discard(link)
+                            try:
+                                ep.unregister(link.conn.fileno())
+                            except (OSError, ValueError):
+                                pass
+                            link.conn.close()
         finally:
-            sel.close()
+            ep.close()
+
+    def wait_on(self, link: NodeLink, arrived, timeout: float | None) -> bool:
+        """Block a `get` of one object that `link`'s node is making (in the
+        caller's thread) until `arrived` is set or `timeout` passes; whether it
+        was set.
+
+        Rather than sleep until the I/O thread reads the result and wakes us (a
+        thread switch per call, and both threads then contend for the GIL),
+        read that node's connection here, handling everything it sends as the
+        I/O thread would (which leaves the connection alone meanwhile: one
+        reader per connection, so its messages are still handled in order).
+        Plain waiting when another thread reads it already, and once the node
+        is dead (its tasks are retried elsewhere)."""
+        until = None if timeout is None else time.monotonic() + timeout
+        if link.reading.acquire(False):
+            try:
+                got = self._read_link(link, arrived, until)
+            finally:
+                link.reading.release()
+            if got is not None:
+                return got
+        return arrived.wait(None if until is None else max(0.0, until - time.monotonic()))
+
+    def _read_link(self, link: NodeLink, arrived, until: float | None) -> bool | None:
+        """(`wait_on`, holding the link's reading lock.) True once `arrived` is
+        set, False when `until` passes, None if the link died or closed."""
+        if self._closed or not link.alive:
+            return None
+        try:
+            fd = link.conn.fileno()
+            self._ep.modify(fd, 0)  # (the I/O thread is not woken by what we read)
+        except (OSError, ValueError):
+            return None
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            while True:
+                if arrived.wait(0):
+                    return True
+                if self._closed or not link.alive:
+                    return None
+                left = DIRECT_SLICE if until is None else min(DIRECT_SLICE,
+                                                              until - time.monotonic())
+                if left <= 0:
+                    return False
+                if poller.poll(left * 1000):
+                    self._drain(link)
+        finally:
+            try:
+                self._ep.modify(fd, select.EPOLLIN)
+            except (OSError, ValueError):
+                pass  # (closed: the node died)
 
     def _join_new_nodes(self) -> list[NodeLink]:
         """Connect to the nodes that joined the cluster since we looked (the
@@ -877,12 +969,12 @@ class ClusterBackend(Backend):
                 return
             try:
                 if kind is P.Objects:
-                    self.object_bytes_received += sum(_wire_bytes(f) for _, f in message.objects)
+                    link.bytes_received += sum(_wire_bytes(f) for _, f in message.objects)
                     sched.stored(message.objects)
                 elif kind is P.Located:
                     sched.located(link, message.objects, message.pulled)
                 elif kind is P.Chunk:
-                    self._chunk(message)
+                    self._chunk(link, message)
                 elif kind is P.Missing:
                     for object_id in message.object_ids:
                         self._pulled(object_id, serialize(exc.ObjectLostError(
@@ -929,13 +1021,13 @@ class ClusterBackend(Backend):
                 del self._pulls[object_id]
         return pull.result
 
-    def _chunk(self, chunk: P.Chunk) -> None:
+    def _chunk(self, link: NodeLink, chunk: P.Chunk) -> None:
         pull = self._pulls.get(chunk.object_id)
         if pull is None or pull.done.is_set():
             return
         if pull.assembly is None:
             pull.assembly = Assembly(bytearray(chunk.total), chunk.total)
-        self.object_bytes_received += chunk.data.nbytes
+        link.bytes_received += chunk.data.nbytes
         if pull.assembly.add(chunk):
             assembly, pull.assembly = pull.assembly, None
             assembly.release()

@@ -57,10 +57,14 @@ from ...core.scheduling import RETRYING
 from ...core.serialization import serialize
 from ...core.task_spec import ACTOR_CREATION
 from ..local.protocol import ShmEntry
+from ..local.transport import ProtocolError
 from . import protocol as P
 from .objects import Puller, serve_pull
 
 REFETCH_DELAY = 0.2  # seconds before asking the driver again for an object a pull missed
+#: Bytes of small results queued for a driver during a turn of the node's
+#: loop past which they are sent at once.
+RESULTS_BATCH_BYTES = 4 << 20
 
 
 class DriverLink:
@@ -71,12 +75,47 @@ class DriverLink:
         self.job_config = job_config
         self.tokens: set[bytes] = set()  # actor tokens held for it
         self.held: set[bytes] = set()  # objects kept here for it (until Release)
+        #: Small results stored during a turn of the node's loop, to go in one
+        #: ``Objects`` at its end (see DriverOwner.defer_results); every other
+        #: message to the driver first sends these, so the order is kept.
+        self.results: list = []
+        self.results_bytes = 0
+        self.results_lock = threading.Lock()
 
     def send(self, message) -> None:
         try:
-            self.conn.send(message)
+            self.send_now(message)
         except exc.BackendError:
             pass  # it left; its Left event cleans up
+
+    def send_now(self, message) -> None:
+        """Send `message` after the queued results; BackendError if the driver left."""
+        if self.results:
+            self.flush()
+        self.conn.send(message)
+
+    def queue_result(self, object_id: bytes, sobj) -> None:
+        with self.results_lock:
+            self.results.append((object_id, sobj))
+            self.results_bytes += sobj.total_bytes
+            full = self.results_bytes >= RESULTS_BATCH_BYTES
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the queued results (BackendError if the driver left)."""
+        with self.results_lock:
+            results, self.results, self.results_bytes = self.results, [], 0
+            if not results:
+                return
+            if len(results) == 1:
+                P.send_object(self.conn, *results[0])
+                return
+            try:
+                self.conn.send(P.Objects([(i, P.wire(sobj)) for i, sobj in results]))
+            except ProtocolError:  # (one too large: each alone, the culprit as an error)
+                for object_id, sobj in results:
+                    P.send_object(self.conn, object_id, sobj)
 
 
 class DriverOwner:
@@ -101,6 +140,10 @@ class DriverOwner:
         #: object id -> refs to it the node's workers hold (the driver is told
         #: when one is first held here, and when none is any more: ``Borrow``).
         self.borrowed: collections.Counter = collections.Counter()
+        #: The thread in a turn of the node's loop (results wait for its end),
+        #: and the links with results queued meanwhile.
+        self._deferring = 0
+        self._deferred: set = set()
 
     def attach(self, node, transport) -> None:
         """The daemon made its Node: pulls from other nodes go over `transport`."""
@@ -171,6 +214,21 @@ class DriverOwner:
             self.node.release(object_id)
 
     # -- JobOwner ----------------------------------------------------------------
+    def defer_results(self, deferring: bool) -> None:
+        """The node's hook around each turn of its loop: small results stored
+        during the turn go to each driver in one message at its end (many calls
+        finishing together cost one send, not one each)."""
+        if deferring:
+            self._deferring = threading.get_ident()
+            return
+        self._deferring = 0
+        while self._deferred:
+            link = self._deferred.pop()
+            try:
+                link.flush()
+            except exc.BackendError:
+                pass  # it left; its Left event cleans up
+
     def job_config(self) -> dict:
         link = self.current
         if link is not None:
@@ -184,7 +242,7 @@ class DriverOwner:
         seen: set = set()
         found = self._held(spec.dependencies(), seen)
         found.extend(self._held(spec.contained_refs(), seen))
-        link.conn.send(P.NestedSubmit(spec, self._ship(link, found)))
+        link.send_now(P.NestedSubmit(spec, self._ship(link, found)))
 
     def _held(self, object_ids, seen: set) -> list:
         """``(id, entry)`` of the objects among `object_ids` this node holds, and
@@ -222,7 +280,7 @@ class DriverOwner:
             except exc.BeamletError:
                 continue  # freed meanwhile
         if located:
-            link.conn.send(P.Located(located, False))
+            link.send_now(P.Located(located, False))
         return values
 
     def _hold(self, link: DriverLink, object_id: bytes) -> bool:
@@ -356,13 +414,16 @@ class DriverOwner:
     def _run(self, link: DriverLink, spec, objects, locations) -> None:
         store = self.node.object_store
         deps = list(dict.fromkeys(spec.dependencies()))
-        self.refs.incr_all(deps)  # until its results are out
-        self._store(objects)
-        located = {i: a for i, a in locations if not store.contains(i)}
-        self._pull(located.items())
-        missing = [d for d in deps if d not in located and not store.contains(d)]
-        if missing:
-            self.fetch(missing)
+        if deps:
+            self.refs.incr_all(deps)  # until its results are out
+            if objects:
+                self._store(objects)
+            located = {i: a for i, a in locations if not store.contains(i)}
+            if located:
+                self._pull(located.items())
+            missing = [d for d in deps if d not in located and not store.contains(d)]
+            if missing:
+                self.fetch(missing)
         if link.job_config.get("task_events"):
             self.task_driver[spec.task_id] = link
         if spec.kind == ACTOR_CREATION:
@@ -388,22 +449,27 @@ class DriverOwner:
             if entry is None:
                 sobj = serialize(exc.ObjectLostError("the result was lost on its node"),
                                  is_error=True)
+                link.flush()
                 P.send_object(link.conn, object_id, sobj)
             else:
-                # (inner ones first: the driver must hold them when it sees the result)
-                values = self._ship(link, self._held(entry.refs, {object_id}))
-                if values:
-                    link.conn.send(P.Objects(values))
+                if entry.refs:  # (inner ones first: the driver must hold them when it sees the result)
+                    values = self._ship(link, self._held(entry.refs, {object_id}))
+                    if values:
+                        link.send_now(P.Objects(values))
                 if type(entry) is ShmEntry:
                     self._ship(link, [(object_id, entry)])
+                elif self._deferring == threading.get_ident():
+                    link.queue_result(object_id, entry)
+                    self._deferred.add(link)
                 else:
+                    link.flush()
                     P.send_object(link.conn, object_id, entry)
         except exc.BackendError:
             pass  # it left
         if object_id not in link.held:
             self._released(object_id)  # (not kept for its driver: free it)
         left[0] -= 1
-        if not left[0]:
+        if not left[0] and deps:
             self.refs.decr_all(deps)
 
     def driver_left(self, conn) -> None:

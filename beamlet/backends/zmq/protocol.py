@@ -49,6 +49,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from ... import exceptions as exc
+from ...core.serialization import SerializedObject, serialize
+from ..local.transport import ProtocolError
+
 VERSION = "beamlet-cluster/4"  # 2: drivers run tasks on nodes; 3: nodes pull objects;
 # 4: nodes report task ends and actor states, recursive cancel across nodes
 
@@ -207,7 +211,6 @@ def wire(sobj) -> tuple:
 
 def unwire(form):
     """The SerializedObject of a `wire` form (buffers: views of the frames, no copy)."""
-    from ...core.serialization import SerializedObject
     data, buffers, refs, is_error = form
     return SerializedObject(bytes(data), list(buffers), tuple(refs), bool(is_error))
 
@@ -215,12 +218,9 @@ def unwire(form):
 def send_object(conn, object_id: bytes, sobj) -> None:
     """Send one object (``Objects``); one too large for a message goes as an
     error that says so, for whoever gets it. BackendError if the peer is gone."""
-    from ..local.transport import ProtocolError
     try:
         conn.send(Objects([(object_id, wire(sobj))]))
     except ProtocolError as err:
-        from ... import exceptions as exc
-        from ...core.serialization import serialize
         error = exc.ObjectStoreFullError(f"object {object_id.hex()} cannot be sent between "
                                          f"nodes: {err}")
         conn.send(Objects([(object_id, wire(serialize(error, is_error=True)))]))

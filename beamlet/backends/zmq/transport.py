@@ -142,6 +142,10 @@ _ZAP_DOMAIN = b"beamlet"
 _PICKLE = 0x80  # the first byte of every pickle of protocol >= 2: a message
 _HELLO, _WELCOME, _BYE, _CLOSE = b"H", b"W", b"X", b"B"
 _PROBE = b""
+# (Plain ints: an enum operand makes pyzmq build an enum member per call.)
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_MORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
 _MONITORED = (zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED
               | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -290,6 +294,27 @@ def unpack(frames, max_message: int = MAX_MESSAGE):
         return pickle.loads(data, buffers=buffers)
     except Exception as err:  # noqa: BLE001 - any garbage from the peer is its protocol error
         raise ProtocolError(f"a message of {size} bytes does not unpickle: {err!r}") from None
+
+
+def _recv_frames(sock: zmq.Socket) -> list:
+    """``sock.recv_multipart(zmq.NOBLOCK, copy=False)`` on the hot path: each
+    Frame says whether more follow, where pyzmq asks the socket (an option
+    lookup through an enum) per part. zmq.Again if nothing waits."""
+    frame = sock.recv(_NOBLOCK, copy=False)
+    frames = [frame]
+    while frame.more:
+        frame = sock.recv(_NOBLOCK, copy=False)
+        frames.append(frame)
+    return frames
+
+
+def _send_frames(sock: zmq.Socket, frames: list, copy: bool) -> None:
+    """``sock.send_multipart(frames, zmq.NOBLOCK, copy=copy)`` with plain int
+    flags (pyzmq's ORs an enum per part)."""
+    last = frames[-1]
+    for frame in frames[:-1]:
+        sock.send(frame, _NOBLOCK_MORE, copy=copy)
+    sock.send(last, _NOBLOCK, copy=copy)
 
 
 def chunks(buffer, chunk_size: int = CHUNK_SIZE):
@@ -561,13 +586,13 @@ class ZmqConnection(Connection):
             if self._gone is not None:
                 raise exc.BackendError(f"the peer at {self.address} is gone: {self._gone}")
             try:
-                self._sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) == 1)
+                _send_frames(self._sock, frames, len(frames) == 1)
             except zmq.Again:
                 raise exc.BackendError(f"the peer at {self.address} is gone (no connection to "
                                        f"send on)") from None
             except zmq.ZMQError as err:
                 raise exc.BackendError(f"cannot send to {self.address}: {err}") from None
-            if self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if self._sock.getsockopt(zmq.EVENTS) & _POLLIN:
                 self._waker.wake()
 
     def _read_monitor(self) -> None:
@@ -612,7 +637,7 @@ class ZmqConnection(Connection):
                 drain = woken or self._sock_fd in ready or self._gone is not None
                 while drain and len(batch) < MAX_BATCH:
                     try:
-                        batch.append(self._sock.recv_multipart(zmq.NOBLOCK, copy=False))
+                        batch.append(_recv_frames(self._sock))
                     except zmq.Again:
                         break
                 else:
@@ -767,6 +792,7 @@ class ZmqListener(Listener):
             keys = transport.keys
             # The ZAP handler must be bound before the ROUTER accepts anyone.
             self._zap = ctx.socket(zmq.REP)
+            self._zap_key = z85.decode(transport.keys.client_public)  # (once: see _serve_zap)
             self._zap.linger = 0
             self._zap.bind(_ZAP_ENDPOINT)
             router = self._router = ctx.socket(zmq.ROUTER)
@@ -851,7 +877,7 @@ class ZmqListener(Listener):
     def _serve_zap(self) -> None:
         """Answer every pending ZAP request: the client key derived from the
         secret is accepted, any other refused."""
-        expected = z85.decode(self._transport.keys.client_public)
+        expected = self._zap_key
         while True:
             try:
                 request = self._zap.recv_multipart(zmq.NOBLOCK)
@@ -905,7 +931,7 @@ class ZmqListener(Listener):
         with self._lock:
             while len(batch) < MAX_BATCH:
                 try:
-                    batch.append(self._router.recv_multipart(zmq.NOBLOCK, copy=False))
+                    batch.append(_recv_frames(self._router))
                 except zmq.Again:
                     break
             else:
@@ -978,7 +1004,7 @@ class ZmqListener(Listener):
     def _after_send(self) -> None:
         """(Under the lock.) A send may take the ROUTER's wake-up (see `_Waker`):
         if messages wait, make `fileno` readable."""
-        if self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if self._router.getsockopt(zmq.EVENTS) & _POLLIN:
             self._waker.wake()
 
     def _drop(self, peer: PeerConnection, error: BaseException, events: list) -> None:
@@ -1026,8 +1052,7 @@ class ZmqListener(Listener):
             if peer.closed or self.closed:
                 raise exc.BackendError(f"the connection of {peer.peer} is closed: {peer._eof}")
             try:
-                self._router.send_multipart([peer.routing_id, *frames], zmq.NOBLOCK,
-                                            copy=len(frames) == 1)
+                _send_frames(self._router, [peer.routing_id, *frames], len(frames) == 1)
             except zmq.ZMQError as err:
                 if err.errno == errno.EHOSTUNREACH:
                     self._probe_until = time.monotonic() + PROBE_WINDOW  # poll reports it
