@@ -27,6 +27,17 @@ __all__ = ["Callback", "LoggerCallback", "JsonLoggerCallback", "CSVLoggerCallbac
            "TBXLoggerCallback"]
 
 
+def _open_in(trial, name: str, mode: str, **kwargs):
+    """``open(trial.path/name)``, making the trial's directory if it is not
+    there yet (the runner has made it, so this is one system call per file)."""
+    path = os.path.join(trial.path, name)
+    try:
+        return open(path, mode, **kwargs)
+    except FileNotFoundError:
+        os.makedirs(trial.path, exist_ok=True)
+        return open(path, mode, **kwargs)
+
+
 class Callback:
     """Hooks called in the driver. ``iteration`` counts the runner's loop steps,
     ``trials`` is the list of all trials; more keyword arguments may come."""
@@ -84,15 +95,16 @@ class JsonLoggerCallback(LoggerCallback):
         self._files: dict[Any, Any] = {}
 
     def log_trial_start(self, trial) -> None:
-        os.makedirs(trial.path, exist_ok=True)
-        with open(os.path.join(trial.path, "params.json"), "w") as f:
-            json.dump(trial.config, f, indent=2, sort_keys=True, default=json_default)
+        with _open_in(trial, "params.json", "w") as f:
+            f.write(json.dumps(trial.config, indent=2, sort_keys=True, default=json_default))
         try:
-            with open(os.path.join(trial.path, "params.pkl"), "wb") as f:
-                cloudpickle.dump(trial.config, f)
+            data = cloudpickle.dumps(trial.config)
         except Exception:  # noqa: BLE001 - the JSON copy is the one that matters
-            pass
-        self._files[trial] = open(os.path.join(trial.path, "result.json"), "a")
+            data = None
+        if data is not None:
+            with _open_in(trial, "params.pkl", "wb") as f:
+                f.write(data)
+        self._files[trial] = _open_in(trial, "result.json", "a")
 
     def log_trial_result(self, iteration, trial, result) -> None:
         f = self._files.get(trial)
@@ -119,9 +131,7 @@ class CSVLoggerCallback(LoggerCallback):
         self._files: dict[Any, tuple] = {}
 
     def log_trial_start(self, trial) -> None:
-        os.makedirs(trial.path, exist_ok=True)
-        self._files[trial] = (open(os.path.join(trial.path, "progress.csv"), "a", newline=""),
-                              None)
+        self._files[trial] = (_open_in(trial, "progress.csv", "a", newline=""), None)
 
     def log_trial_result(self, iteration, trial, result) -> None:
         entry = self._files.get(trial)
@@ -168,7 +178,6 @@ class TBXLoggerCallback(LoggerCallback):
             return
         from .tb_events import EventFileWriter
 
-        os.makedirs(trial.path, exist_ok=True)
         try:
             self._writers[trial] = EventFileWriter(trial.path)
         except ImportError:  # optional: without tensorboardX there are no event files

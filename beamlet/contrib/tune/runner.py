@@ -357,12 +357,13 @@ class TrialRunner:
         try:
             actor = self._pooled_actor(trial.resources)
             if actor is not None:
-                actor.reset.remote(trainable, trial.config, info, trial.stop_criteria, options)
+                ref = actor.reset_and_step.remote(trainable, trial.config, info,
+                                                  trial.stop_criteria, options)
             else:
                 actor = trial_actor_class() \
                     .options(**resources_to_actor_options(trial.resources)) \
                     .remote(trainable, trial.config, info, trial.stop_criteria, options)
-            ref = actor.step.remote()
+                ref = actor.step.remote()
         except Exception as err:  # noqa: BLE001 - e.g. a config that cannot be pickled
             trial._actor = None
             self._on_trial_error(trial, f"the trial could not start:\n{_error_text(err)}")

@@ -205,6 +205,13 @@ class TrialActor:
         self.__init__(trainable, config, trial_info, stop_criteria, options)
         return True
 
+    def reset_and_step(self, trainable, config: dict, trial_info: dict, stop_criteria: dict,
+                       options: dict | None = None) -> dict:
+        """:meth:`reset` then :meth:`step`: a reused actor starts its next trial
+        in one call."""
+        self.reset(trainable, config, trial_info, stop_criteria, options)
+        return self.step()
+
     def step(self) -> dict:
         if self._error is not None:
             error, self._error = self._error, None
