@@ -96,6 +96,7 @@ class TrialRunner:
         self._total: dict[str, float] = {}
         self._trainable_refs: dict[int, tuple] = {}
         self._iteration = 0
+        self._finished_upto = 0      # self._trials[:this] are all finished
         self._stop_everything = False
         self._warned_missing: set = set()
         self._interrupted = False
@@ -285,9 +286,16 @@ class TrialRunner:
                                 f"Lower resources_per_trial, or init() with more.")
 
     def is_finished(self) -> bool:
-        return (not self._inflight and not self._stopping
-                and all(exp.is_finished() for exp in self._experiments)
-                and all(t.is_finished() for t in self._trials))
+        if self._inflight or self._stopping or \
+                not all(exp.is_finished() for exp in self._experiments):
+            return False
+        # A finished trial stays finished (TERMINATED, ERROR): those before the
+        # cursor are not looked at again, so the check is not a scan per step.
+        trials, i = self._trials, self._finished_upto
+        while i < len(trials) and trials[i].is_finished():
+            i += 1
+        self._finished_upto = i
+        return i == len(trials)
 
     def step(self) -> None:
         """One turn of the loop: start what fits, then handle what is ready."""
@@ -424,6 +432,13 @@ class TrialRunner:
                 self._log_scheduler()
         if decision == TrialScheduler.STOP:
             result["done"] = True
+        step_error = None
+        if decision == TrialScheduler.CONTINUE:
+            # Asked for first: the trial goes on while its result is logged here.
+            try:
+                self._inflight[trial._actor.step.remote()] = trial
+            except Exception as err:  # noqa: BLE001
+                step_error = err
         self._warn_missing_criteria(trial, result)
         trial.update_last_result(result)
         if trial._experiment is not None:
@@ -431,10 +446,8 @@ class TrialRunner:
         self._call("on_trial_result", trial=trial, result=result)
         self._progress.on_trial_result(trial, result)
         if decision == TrialScheduler.CONTINUE:
-            try:
-                self._inflight[trial._actor.step.remote()] = trial
-            except Exception as err:  # noqa: BLE001
-                self._on_trial_error(trial, _error_text(err))
+            if step_error is not None:
+                self._on_trial_error(trial, _error_text(step_error))
         elif decision == TrialScheduler.STOP:
             self._complete_trial(trial, stop_actor=not ended_itself)
         elif decision == TrialScheduler.PAUSE:
