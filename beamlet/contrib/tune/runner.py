@@ -365,8 +365,9 @@ class TrialRunner:
         try:
             actor = self._pooled_actor(trial.resources)
             if actor is not None:
-                ref = actor.reset_and_step.remote(trainable, trial.config, info,
-                                                  trial.stop_criteria, options)
+                ref = actor.reset_and_step.remote(trainable, {
+                    "config": trial.config, "trial_info": info,
+                    "stop_criteria": trial.stop_criteria, "options": options})
             else:
                 actor = trial_actor_class() \
                     .options(**resources_to_actor_options(trial.resources)) \

@@ -205,11 +205,11 @@ class TrialActor:
         self.__init__(trainable, config, trial_info, stop_criteria, options)
         return True
 
-    def reset_and_step(self, trainable, config: dict, trial_info: dict, stop_criteria: dict,
-                       options: dict | None = None) -> dict:
-        """:meth:`reset` then :meth:`step`: a reused actor starts its next trial
-        in one call."""
-        self.reset(trainable, config, trial_info, stop_criteria, options)
+    def reset_and_step(self, trainable, arguments: dict) -> dict:
+        """:meth:`reset` (with `arguments`: ``config``, ``trial_info``,
+        ``stop_criteria``, ``options``) then :meth:`step`: a reused actor starts
+        its next trial in one call, its arguments serialized as one."""
+        self.reset(trainable, **arguments)
         return self.step()
 
     def step(self) -> dict:
