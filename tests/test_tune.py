@@ -410,6 +410,35 @@ def test_tensorboard_encoding_is_protobufs():
         assert masked_crc32c(data) == reference_crc(data)
 
 
+def test_logs_are_readable_while_the_trial_runs(on_backend, storage):
+    """The loggers write on a thread of their own, but a running trial's
+    result.json and progress.csv get its rows while it runs, not only at the
+    end: the trainable waits for each of its rows (failing if one never comes)."""
+    def watches(config):
+        trial_dir = tune.get_trial_dir()
+        for i in range(1, 4):
+            tune.report(i=i)
+            deadline = time.monotonic() + 60
+            while True:
+                counts = []
+                for name, header in (("result.json", 0), ("progress.csv", 1)):
+                    try:
+                        with open(os.path.join(trial_dir, name)) as f:
+                            counts.append(len(f.read().splitlines()) - header)
+                    except FileNotFoundError:
+                        counts.append(0)
+                if min(counts) >= i:
+                    break
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"after report {i} the logs have {counts} rows")
+                time.sleep(0.01)
+
+    analysis = tune.run(watches, storage_path=storage, verbose=0)
+    trial = analysis.trials[0]
+    assert trial.status == "TERMINATED", trial.error_msg
+    assert [r["i"] for r in read_results(trial)] == [1, 2, 3, 3]
+
+
 # -- statuses and errors --------------------------------------------------------
 
 def test_statuses_and_failed_trials(on_backend, storage):

@@ -16,6 +16,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import queue
+import threading
+import warnings
 from typing import Any
 
 import cloudpickle
@@ -25,7 +28,7 @@ from .result import TRAINING_ITERATION, flatten_dict, is_number, json_default, t
 from .tb_events import EventFileWriter
 
 __all__ = ["Callback", "LoggerCallback", "JsonLoggerCallback", "CSVLoggerCallback",
-           "TBXLoggerCallback"]
+           "TBXLoggerCallback", "BackgroundLoggers"]
 
 
 def _open_in(trial, name: str, mode: str, **kwargs):
@@ -194,6 +197,81 @@ class TBXLoggerCallback(LoggerCallback):
         for writer in self._writers.values():
             writer.close()
         self._writers.clear()
+
+
+_CLOSE_TIMEOUT_S = 120.0
+
+
+class BackgroundLoggers:
+    """Runs the hooks of the built-in loggers (JSON, CSV, TensorBoard) among
+    `callbacks` on a thread of their own, in the order they were called.
+
+    Creating a trial's files waits on the disk (about half a millisecond per
+    file here, more when it is busy, five files per trial): the runner's loop
+    goes on meanwhile, and the thread mostly runs while the loop waits for
+    results. Files lag the loop by what is queued (milliseconds); everything
+    is written by :meth:`close`. A driver killed before that may lose the
+    last rows; ``resume`` does not read them (it reads the experiment's state
+    log, which the runner writes itself). An error in a logger is raised in
+    the runner's thread, at its next call or at :meth:`close`."""
+
+    BUILTIN = (JsonLoggerCallback, CSVLoggerCallback, TBXLoggerCallback)
+
+    def __init__(self, callbacks: list):
+        #: The callbacks this runs (the others are the caller's to call).
+        self.callbacks = [cb for cb in callbacks if type(cb) in self.BUILTIN]
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def call(self, hook: str, kwargs: dict) -> None:
+        """Queue ``hook(**kwargs)`` of every callback (a result is copied: the
+        caller may change the dict afterwards)."""
+        self._raise_error()
+        if not self.callbacks:
+            return
+        if "result" in kwargs:
+            kwargs["result"] = dict(kwargs["result"])
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="beamlet-tune-loggers",
+                                            daemon=True)
+            self._thread.start()
+        self._queue.put((hook, kwargs))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # (the runner raises it; what follows it is dropped)
+            hook, kwargs = item
+            try:
+                for cb in self.callbacks:
+                    getattr(cb, hook)(**kwargs)
+            except BaseException as err:  # noqa: BLE001 - raised in the runner's thread
+                self._error = err
+
+    def close(self, trials: list) -> None:
+        """Run what is queued and the loggers' ``on_experiment_end``; return once
+        they have (at most ``_CLOSE_TIMEOUT_S``: a warning then)."""
+        if self._thread is None:
+            for cb in self.callbacks:
+                cb.on_experiment_end(trials=trials)
+        else:
+            thread, self._thread = self._thread, None
+            self._queue.put(("on_experiment_end", {"trials": trials}))
+            self._queue.put(None)
+            thread.join(_CLOSE_TIMEOUT_S)
+            if thread.is_alive():
+                warnings.warn(f"the Tune loggers did not finish writing within "
+                              f"{_CLOSE_TIMEOUT_S:g} s; the logs may be incomplete", stacklevel=2)
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 @hookimpl

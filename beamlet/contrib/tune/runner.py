@@ -10,6 +10,8 @@ did the trial end itself (a dict stop criterion or ``done``)? does the
 experiment's stopper say stop? and otherwise the scheduler, which answers
 CONTINUE, PAUSE or STOP. Then it logs the result (callbacks: JSON, CSV,
 TensorBoard, the user's) and either calls ``step()`` again or stops the trial.
+The built-in loggers run on a thread of their own (``BackgroundLoggers``):
+creating a trial's files waits on the disk, and the loop need not.
 
 Only beamlet's public API is used, so this runs on any backend. On
 ``inprocess`` each ``.remote()`` runs at once, so trials advance one result
@@ -30,7 +32,7 @@ from beamlet import exceptions as bexc
 from beamlet.core import runtime
 
 from .error import TuneError
-from .loggers import Callback
+from .loggers import BackgroundLoggers, Callback
 from .progress import ProgressReporter
 from .result import json_default
 from .schedulers import FIFOScheduler, TrialScheduler
@@ -82,6 +84,10 @@ class TrialRunner:
         self._experiments = list(experiments)
         self._scheduler = scheduler if scheduler is not None else FIFOScheduler()
         self._callbacks = list(callbacks or [])
+        # The built-in loggers run on a thread of their own (see BackgroundLoggers).
+        self._background = BackgroundLoggers(self._callbacks)
+        self._foreground = [cb for cb in self._callbacks
+                            if not any(cb is b for b in self._background.callbacks)]
         self._progress = progress if progress is not None else ProgressReporter(verbose=0)
         self._max_concurrent = max_concurrent_trials
         self._fail_fast = fail_fast
@@ -433,13 +439,6 @@ class TrialRunner:
                 self._log_scheduler()
         if decision == TrialScheduler.STOP:
             result["done"] = True
-        step_error = None
-        if decision == TrialScheduler.CONTINUE:
-            # Asked for first: the trial goes on while its result is logged here.
-            try:
-                self._inflight[trial._actor.step.remote()] = trial
-            except Exception as err:  # noqa: BLE001
-                step_error = err
         self._warn_missing_criteria(trial, result)
         trial.update_last_result(result)
         if trial._experiment is not None:
@@ -447,8 +446,10 @@ class TrialRunner:
         self._call("on_trial_result", trial=trial, result=result)
         self._progress.on_trial_result(trial, result)
         if decision == TrialScheduler.CONTINUE:
-            if step_error is not None:
-                self._on_trial_error(trial, _error_text(step_error))
+            try:
+                self._inflight[trial._actor.step.remote()] = trial
+            except Exception as err:  # noqa: BLE001
+                self._on_trial_error(trial, _error_text(err))
         elif decision == TrialScheduler.STOP:
             self._complete_trial(trial, stop_actor=not ended_itself)
         elif decision == TrialScheduler.PAUSE:
@@ -697,12 +698,17 @@ class TrialRunner:
                 self._search_dirty.add(trial.experiment_path)
 
     def _call(self, hook: str, **kwargs) -> None:
-        for cb in self._callbacks:
-            getattr(cb, hook)(iteration=self._iteration, trials=self._trials, **kwargs)
+        kwargs["iteration"], kwargs["trials"] = self._iteration, self._trials
+        self._background.call(hook, kwargs)
+        for cb in self._foreground:
+            getattr(cb, hook)(**kwargs)
 
     def _call_experiment_end(self) -> None:
-        for cb in self._callbacks:
-            cb.on_experiment_end(trials=self._trials)
+        try:
+            for cb in self._foreground:
+                cb.on_experiment_end(trials=self._trials)
+        finally:
+            self._background.close(self._trials)
 
     def _warn_missing_criteria(self, trial: Trial, result: dict) -> None:
         if not trial.stop_criteria or trial.num_results > 0:
