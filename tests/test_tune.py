@@ -439,6 +439,30 @@ def test_logs_are_readable_while_the_trial_runs(on_backend, storage):
     assert [r["i"] for r in read_results(trial)] == [1, 2, 3, 3]
 
 
+def test_a_logger_error_is_raised_in_the_driver(tmp_path):
+    """A built-in logger fails on its thread: the error reaches the caller (at
+    its next call or at close), and the other loggers still close their files."""
+    from beamlet.contrib.tune.loggers import (BackgroundLoggers, CSVLoggerCallback,
+                                              JsonLoggerCallback)
+
+    class Where:  # what the loggers read of a trial
+        def __init__(self, path):
+            self.path, self.config, self.trial_id = str(path), {"x": 1}, str(path)
+
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")  # (a trial directory that is a file: opening in it fails)
+    good, bad = Where(tmp_path / "good"), Where(blocked)
+    loggers = BackgroundLoggers([JsonLoggerCallback(), CSVLoggerCallback()])
+    loggers.call("on_trial_start", {"iteration": 0, "trials": [], "trial": good})
+    loggers.call("on_trial_result", {"iteration": 0, "trials": [], "trial": good,
+                                     "result": {"training_iteration": 1, "x": 1}})
+    loggers.call("on_trial_start", {"iteration": 0, "trials": [], "trial": bad})
+    with pytest.raises(NotADirectoryError):
+        loggers.close([])
+    assert len((tmp_path / "good" / "result.json").read_text().splitlines()) == 1
+    assert len((tmp_path / "good" / "progress.csv").read_text().splitlines()) == 2
+
+
 # -- statuses and errors --------------------------------------------------------
 
 def test_statuses_and_failed_trials(on_backend, storage):

@@ -243,14 +243,15 @@ class BackgroundLoggers:
             item = self._queue.get()
             if item is None:
                 return
-            if self._error is not None:
-                continue  # (the runner raises it; what follows it is dropped)
             hook, kwargs = item
-            try:
-                for cb in self.callbacks:
+            if self._error is not None and hook != "on_experiment_end":
+                continue  # (the runner raises it; the rest is dropped, but files are closed)
+            for cb in self.callbacks:
+                try:
                     getattr(cb, hook)(**kwargs)
-            except BaseException as err:  # noqa: BLE001 - raised in the runner's thread
-                self._error = err
+                except BaseException as err:  # noqa: BLE001 - raised in the runner's thread
+                    if self._error is None:
+                        self._error = err
 
     def close(self, trials: list) -> None:
         """Run what is queued and the loggers' ``on_experiment_end``; return once
