@@ -385,31 +385,6 @@ def test_tensorboard_event_files(on_backend, storage):
     assert [values["beamlet/tune/score"] for _, values in scalars] == [2.0, 4.0, 6.0, 6.0]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorboardX") is None,
-                    reason="tensorboardX (whose protobuf and CRC-32C are the reference) "
-                           "is not installed")
-def test_tensorboard_encoding_is_protobufs():
-    """The event bytes Tune encodes by hand are those of the Event protobuf,
-    and its checksum is tensorboardX's, for edge values too."""
-    from tensorboardX.proto.event_pb2 import Event
-    from tensorboardX.proto.summary_pb2 import Summary
-    from tensorboardX.record_writer import masked_crc32c as reference_crc
-
-    from beamlet.contrib.tune.tb_events import encode_event, masked_crc32c
-
-    assert encode_event(1700000000.25, file_version="brain.Event:2") == \
-        Event(wall_time=1700000000.25, file_version="brain.Event:2").SerializeToString()
-    for wall_time, step, scalars in [
-            (1700000000.5, 3, [("beamlet/tune/score", 2.0), ("a/b", -1.5)]),
-            (0.0, 0, [("zero", 0.0)]), (1.0, -7, [("big", 1e40), ("nan", float("nan"))]),
-            (2.0, 2 ** 40, [("é" * 70, 1e-3)]), (3.0, 1, [])]:
-        expected = Event(wall_time=wall_time, step=step, summary=Summary(value=[
-            Summary.Value(tag=tag, simple_value=value) for tag, value in scalars]))
-        assert encode_event(wall_time, step, scalars) == expected.SerializeToString()
-    for data in [b"", b"a", bytes(range(256)), b"\xff" * 1000]:
-        assert masked_crc32c(data) == reference_crc(data)
-
-
 def test_logs_are_readable_while_the_trial_runs(on_backend, storage):
     """The loggers write on a thread of their own, but a running trial's
     result.json and progress.csv get its rows while it runs, not only at the

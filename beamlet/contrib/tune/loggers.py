@@ -7,9 +7,9 @@ Every trial directory gets (with the default loggers ``json``, ``csv``,
 * ``result.json``: one JSON line per result;
 * ``progress.csv``: one row per result (the first result's columns,
   nested metrics flattened as ``a/b``, without the config);
-* a TensorBoard event file (``events.out.tfevents.*``), one event per result
-  (written by :mod:`.tb_events`: TensorBoard reads it, nothing is needed to
-  write it).
+* a TensorBoard event file (``events.out.tfevents.*``), one event per result,
+  when ``tensorboardX`` is installed (the optional extra ``beamlet[tune]``);
+  skipped otherwise.
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ import cloudpickle
 
 from .plugins import hookimpl
 from .result import TRAINING_ITERATION, flatten_dict, is_number, json_default, to_json
-from .tb_events import EventFileWriter
 
 __all__ = ["Callback", "LoggerCallback", "JsonLoggerCallback", "CSVLoggerCallback",
            "TBXLoggerCallback", "BackgroundLoggers"]
@@ -171,13 +170,23 @@ _TB_SKIP = frozenset({"config", "pid", "timestamp", "done", TRAINING_ITERATION,
 class TBXLoggerCallback(LoggerCallback):
     """TensorBoard event files in each trial directory, scalars under
     ``beamlet/tune/<metric>`` by ``training_iteration``, one event per result
-    (see :mod:`.tb_events`)."""
+    (see :mod:`.tb_events`). Does nothing when ``tensorboardX`` is not installed.
+    Run by `BackgroundLoggers`, so importing tensorboardX and its writer's fsync
+    at each flush and close cost the runner's loop nothing."""
 
     def __init__(self):
         self._writers: dict[Any, Any] = {}
+        self._unavailable = False
 
     def log_trial_start(self, trial) -> None:
-        self._writers[trial] = EventFileWriter(trial.path)
+        if self._unavailable:
+            return
+        from .tb_events import EventFileWriter
+        os.makedirs(trial.path, exist_ok=True)
+        try:
+            self._writers[trial] = EventFileWriter(trial.path)
+        except ImportError:  # optional: without tensorboardX there are no event files
+            self._unavailable = True
 
     def log_trial_result(self, iteration, trial, result) -> None:
         writer = self._writers.get(trial)
