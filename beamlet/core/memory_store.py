@@ -176,8 +176,21 @@ class MemoryObjectStore(ObjectStore):
     def _arrived(self, object_id: bytes, is_error: bool = False) -> list[Waiter]:
         """Count `object_id` for its waiters; return those now due. Under the lock.
         `is_error`: it was stored as an error (fail-fast waiters are due at once)."""
-        due = []
         waiters = self._indexed.pop(object_id, None)
+        if waiters is not None and len(waiters) == 1 and not self._broad:
+            # (The usual case: one get waits for it. A waiter on this id alone was
+            # registered only here, which the pop undid: nothing to unregister.)
+            waiter = waiters[0]
+            if waiter.done:
+                return []
+            waiter.needed -= 1
+            if waiter.needed > 0 and not (is_error and waiter.fail_fast):
+                return []
+            waiter.done = True
+            if len(waiter.ids) > 1:
+                self._unregister(waiter)
+            return waiters
+        due = []
         if waiters:
             for waiter in waiters:
                 if not waiter.done:
@@ -226,7 +239,8 @@ class MemoryObjectStore(ObjectStore):
         elif value.refs and self._refs is not None:
             self._refs.incr_all(value.refs)
         if due:
-            self._run(due)
+            for waiter in due:  # (what _run does)
+                waiter.callback()
 
     # -- reading ------------------------------------------------------------------
     def get(self, object_ids: Sequence[bytes], timeout: float | None = None,

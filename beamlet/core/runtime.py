@@ -107,6 +107,7 @@ class Runtime:
         self._callbacks = None  # the queue of the callback thread, once started
         self._callbacks_lock = threading.Lock()
         self.backend: Backend = backend_factory(config, self)
+        self._object_released = self.backend.object_released  # (see _released)
         from .interfaces import Backend as _Backend
         if getattr(type(self.backend), "object_referenced", None) is _Backend.object_referenced:
             self.refs.skip_referenced()  # (the owner's backend needs no word of a 0 -> 1)
@@ -143,7 +144,7 @@ class Runtime:
                     self._errors_raised.discard(object_id)
                 else:
                     _log_unhandled(object_id, entry)
-        self.backend.object_released(object_id)
+        self._object_released(object_id)
 
     def _unpin_when_done(self, spec: TaskSpec, pinned: list[bytes]) -> None:
         if not pinned:
