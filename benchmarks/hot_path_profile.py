@@ -185,6 +185,11 @@ def main() -> None:
         return local
 
     import beamlet as ray
+    # The zygote runs with -m, which puts its working directory first on its
+    # path: from inside a checkout, the workers would import that checkout's
+    # beamlet, not the one measured (PYTHONPATH).
+    import tempfile
+    os.chdir(tempfile.gettempdir())
     if args.cpu:
         cpu_profile(ray, args.row, args.n)
         return
@@ -192,7 +197,6 @@ def main() -> None:
     if args.workers:
         # Workers fork from the zygote, a fresh interpreter: a sitecustomize on
         # its path installs the same counting there (see WORKER_TRACER).
-        import tempfile
         trace_dir = tempfile.mkdtemp(prefix="beamlet-hot-")
         with open(os.path.join(trace_dir, "sitecustomize.py"), "w") as f:
             f.write(WORKER_TRACER)
@@ -211,6 +215,7 @@ def main() -> None:
     if trace_dir:
         _signal_workers(signal.SIGUSR1, workers)
         counts.clear()
+        calls.clear()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and len(
                 [f for f in os.listdir(trace_dir) if f.endswith(".done")]) < len(workers):
