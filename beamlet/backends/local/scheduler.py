@@ -303,52 +303,27 @@ class LocalScheduler(Scheduler):
             if kind == ACTOR_METHOD:
                 self._submit_actor_call(spec)
                 return
-            if kind == TASK and not spec.args and not spec.kwargs and not self._queues:
-                # The common case, straight to an idle worker if one is there and
-                # the resources are free (what the general path below does).
-                idle = self.idle
-                if idle:
-                    resources = spec.resources
-                    worker = idle[-1]
-                    gpu = bool(resources.get("GPU")) or (
-                        spec.placement_group is not None and asks_gpu(resources))
-                    if worker.state == IDLE and (worker.gpu_kind is None
-                                                 or worker.gpu_kind is gpu):
-                        gpu_ids = self.pool.try_acquire(resources)
-                        if gpu_ids is not None:
-                            del idle[-1]
-                            self._run_task(spec, worker, gpu_ids)
-                            return
-                    elif self.pool.fits(resources):
-                        worker = self._take_idle(gpu)
-                        if worker is not None:
-                            self._run_task(spec, worker)
-                            return
-                self._make_ready(spec)
-                self._dispatch()
-                return
-            if spec.kind == ACTOR_CREATION and spec.actor_id not in self.actors:
-                # Known from now on, so calls queue while it waits for its arguments.
-                record = self.actors[spec.actor_id] = ActorRecord(spec)
-                self.actor_tokens[record.token] = spec.actor_id
-                if record.restarts_left:
-                    # A restart runs __init__ again with the same arguments: keep them.
-                    record.pinned = spec.dependencies() + spec.contained_refs()
-                if spec.actor_options.get("detached"):
-                    # Lives until killed: the owner holds its handle, not the creator.
-                    record.pinned.append(record.token)
-                self.host.pin(record.pinned)
-            deps = spec.dependencies()
-            if deps:
-                deps = [d for d in dict.fromkeys(deps) if not self.store.contains(d)]
+            if kind == TASK and not spec.args and not spec.kwargs:
+                deps = None  # (the common case: nothing to wait for, no dependency scan)
+            else:
+                if kind == ACTOR_CREATION and spec.actor_id not in self.actors:
+                    # Known from now on, so calls queue while it waits for its arguments.
+                    record = self.actors[spec.actor_id] = ActorRecord(spec)
+                    self.actor_tokens[record.token] = spec.actor_id
+                    if record.restarts_left:
+                        # A restart runs __init__ again with the same arguments: keep them.
+                        record.pinned = spec.dependencies() + spec.contained_refs()
+                    if spec.actor_options.get("detached"):
+                        # Lives until killed: the owner holds its handle, not the creator.
+                        record.pinned.append(record.token)
+                    self.host.pin(record.pinned)
+                deps = spec.dependencies()
+                if deps:
+                    deps = [d for d in dict.fromkeys(deps) if not self.store.contains(d)]
             if not deps:
-                if spec.kind == TASK and not self._queues and self.pool.fits(spec.resources):
-                    # Nothing queued ahead of it: straight to an idle worker, if any.
-                    worker = self._take_idle(bool(spec.resources.get("GPU")) or (
-                        spec.placement_group is not None and asks_gpu(spec.resources)))
-                    if worker is not None:
-                        self._run_task(spec, worker)
-                        return
+                # Nothing queued ahead of it: straight to an idle worker, if any.
+                if kind == TASK and not self._queues and self._run_on_idle(spec):
+                    return
                 self._make_ready(spec)
                 self._dispatch()
                 return
@@ -360,6 +335,31 @@ class LocalScheduler(Scheduler):
             # runs right here, and the lock is re-entrant.)
             self.store.notify_when(deps, len(deps), lambda: self._deps_ready(spec.task_id),
                                    broad=False)
+
+    def _run_on_idle(self, spec: TaskSpec) -> bool:
+        """Run a ready task on an idle worker of its kind now, if there is one
+        and its resources are free; whether it did."""
+        idle = self.idle
+        if not idle:
+            return False
+        resources = spec.resources
+        gpu = bool(resources.get("GPU")) or (
+            spec.placement_group is not None and asks_gpu(resources))
+        worker = idle[-1]
+        if worker.state == IDLE and (worker.gpu_kind is None or worker.gpu_kind is gpu):
+            gpu_ids = self.pool.try_acquire(resources)  # (the usual case, in one step)
+            if gpu_ids is None:
+                return False
+            del idle[-1]
+            self._run_task(spec, worker, gpu_ids)
+            return True
+        if not self.pool.fits(resources):
+            return False
+        worker = self._take_idle(gpu)
+        if worker is None:
+            return False
+        self._run_task(spec, worker)
+        return True
 
     def _deps_ready(self, task_id: bytes) -> None:
         with self.lock:
