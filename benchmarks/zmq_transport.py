@@ -11,6 +11,9 @@ measures:
   buffer out of band, and in 4 MiB and 8 MiB chunks (`transport.chunks`); the
   listener copies what arrives into a preallocated buffer (as it would into
   shared memory) and answers "ok"; the time is from the first send to the "ok";
+- the same bytes moved listener -> child as a pull moves an object: the
+  child asks, the listener sends `send_piece` pieces of 1 MiB, the child
+  decrypts each straight into its buffer (`Piece.read_into`);
 - for reference, the same bytes over a plain TCP socket on loopback (sendall /
   recv_into), the machine's limit for one stream.
 
@@ -41,6 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 VERSION = "beamlet-bench/1"
+PULL = "pull, 1 MiB pieces"
 
 
 def _cpu() -> float:
@@ -86,19 +90,40 @@ def child(address: str, size: int, repeat: int, pings: int, pieces: list) -> Non
             cpus.append(_cpu() - c0)
         out[name] = times
         out[name + " cpu"] = cpus
+    dest = np.empty(size, dtype=np.uint8)
+    dest[:] = 0
+    times, cpus = [], []
+    for _ in range(repeat):
+        c0 = _cpu()
+        t0 = time.perf_counter()
+        conn.send(("pull", size))
+        got = 0
+        while got < size:
+            piece = conn.recv(timeout=120)
+            offset = piece.header
+            piece.read_into(dest[offset:offset + piece.nbytes])
+            got += piece.nbytes
+        times.append(time.perf_counter() - t0)
+        cpus.append(_cpu() - c0)
+        conn.send(("pulled",))
+    assert bytes(dest[-1000:]) == bytes(data[-1000:])
+    out[PULL], out[PULL + " cpu"] = times, cpus
     conn.send("stop")
     conn.close()
     transport.close()
     print(json.dumps(out), flush=True)
 
 
-def serve(listener, until_stop) -> list:
+def serve(listener, until_stop, size: int) -> list:
     """The listener's loop: echo small messages, sink buffers. Returns its CPU
     seconds per transfer, in order."""
     import numpy as np
 
+    from beamlet.backends.zmq.transport import chunks
+
     dest = None
     cpus, c0 = [], 0.0
+    source = np.random.default_rng(1).integers(0, 255, size=size, dtype=np.uint8)
     while True:
         select.select([listener], [], [], 0.2)
         for event in listener.poll():
@@ -125,6 +150,12 @@ def serve(listener, until_stop) -> list:
                         dest = np.empty(m[1], dtype=np.uint8)
                 elif m[0] == "chunk":
                     dest[m[1]:m[1] + len(m[2])] = np.frombuffer(m[2], dtype=np.uint8)
+                elif m[0] == "pull":
+                    c0 = _cpu()
+                    for offset, piece in chunks(source, 1 << 20):
+                        event.conn.send_piece(offset, piece)
+                elif m[0] == "pulled":
+                    cpus.append(_cpu() - c0)
                 elif m[0] == "end":
                     cpus.append(_cpu() - c0)
                     event.conn.send("ok")
@@ -211,9 +242,9 @@ def main() -> None:
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     proc.stdin.write(secret.hex() + "\n")
     proc.stdin.close()
-    listener_cpus = serve(listener, lambda: None)
+    listener_cpus = serve(listener, lambda: None, size)
     figures = json.loads(proc.stdout.read())
-    for i, (name, _) in enumerate(pieces):  # (both processes' CPU per transfer)
+    for i, name in enumerate([name for name, _ in pieces] + [PULL]):  # (both processes')
         mine = listener_cpus[i * args.repeat:(i + 1) * args.repeat]
         figures[name + " cpu"] = [a + b for a, b in zip(figures[name + " cpu"], mine)]
     proc.wait(60)
@@ -227,7 +258,7 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.1f}")
     print(f"{args.size_mb} MB buffer, child -> listener (best / median of {args.repeat}; "
           f"CPU of both processes, median):")
-    for name in [name for name, _ in pieces] + ["plain TCP"]:
+    for name in [name for name, _ in pieces] + [PULL, "plain TCP"]:
         times = figures[name]
         cpu = figures.get(name + " cpu")
         per_gb = f"   {statistics.median(cpu) / (size / 1e9):5.2f} CPU s per GB" if cpu else ""

@@ -55,7 +55,7 @@ from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TASK, TaskSpec
 from ..local import shm
 from ..local.transport import ProtocolError
 from . import protocol as P
-from .objects import Assembly
+from .objects import Assembly, as_chunk
 
 CONNECT_TIMEOUT = 10.0  # seconds to reach the head or a node
 NODES_POLL = 1.0  # seconds between looks at the nodes table, for nodes that joined since
@@ -868,6 +868,7 @@ class ClusterBackend(Backend):
             return
         sched = self.scheduler
         for message in messages:
+            message = as_chunk(message)  # (a piece of a pulled object)
             kind = type(message)
             if kind not in P.TO_DRIVER:
                 print(f"beamlet: node {link.node_id} sent {P.describe(message)}, which is not "

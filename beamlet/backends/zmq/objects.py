@@ -4,9 +4,12 @@ assembles the pieces.
 
 An object goes as its shared-memory layout (``local/shm.py``: a header, the
 pickle stream, the buffers), cut by ``transport.chunks`` into pieces that
-are views of the sender's mapping: nothing is pickled again or copied on
-the way out, and a node writes each piece at its offset straight into a
-segment of its own store. A small object kept inline is laid out into a
+are views of the sender's mapping: nothing is pickled again on the way out,
+each piece is encrypted from the mapping into the message sent
+(``send_piece``), and the puller decrypts (and authenticates) it at its
+offset straight into a segment of its own store. A piece that does not
+authenticate fails the transfer (its segment is dropped, never read) and
+closes that connection. A small object kept inline is laid out into a
 buffer first, the same way.
 
 `Puller` is a node's side of pulling: one connection and one reader thread
@@ -22,7 +25,7 @@ from ... import exceptions as exc
 from ...core.serialization import serialize
 from ..local import shm
 from . import protocol as P
-from .transport import chunks
+from .transport import Piece, chunks
 
 CONNECT_TIMEOUT = 5.0  # seconds to reach a node to pull from
 READ_SLICE = 0.5  # seconds a reader waits for a message before it looks whether to stop
@@ -53,10 +56,18 @@ def serve_pull(store, conn, object_ids) -> None:
             view, is_error, refs = held
         total = shm.used_size(view)
         for offset, piece in chunks(view[:total]):
-            conn.send(P.Chunk(object_id, offset, total, is_error, refs, piece))
+            conn.send_piece(P.Chunk(object_id, offset, total, is_error, refs, None), piece)
         del view, held
     if missing:
         conn.send(P.Missing(missing))
+
+
+def as_chunk(message):
+    """A received `Piece` whose header is a ``Chunk``, as that Chunk (its data
+    the Piece); any other message as it is."""
+    if type(message) is Piece and type(message.header) is P.Chunk:
+        return message.header._replace(data=message)
+    return message
 
 
 class Assembly:
@@ -72,12 +83,17 @@ class Assembly:
         self.received = 0
 
     def add(self, chunk: P.Chunk) -> bool:
-        """Write a piece; whether the object is complete."""
+        """Write a piece (its `data` a buffer, or a `Piece` to decrypt into
+        place: ProtocolError if it does not authenticate); whether the object
+        is complete."""
         n = chunk.data.nbytes
         if chunk.offset < 0 or chunk.offset + n > self.total:
             raise ValueError(f"a piece at {chunk.offset} of {n} bytes lies outside the "
                              f"object's {self.total}")
-        self.view[chunk.offset:chunk.offset + n] = chunk.data
+        if type(chunk.data) is Piece:
+            chunk.data.read_into(self.view[chunk.offset:chunk.offset + n])
+        else:
+            self.view[chunk.offset:chunk.offset + n] = chunk.data
         self.received += n
         return self.received >= self.total
 
@@ -186,6 +202,7 @@ class _Source:
             self._end()
 
     def _handle(self, message) -> None:
+        message = as_chunk(message)
         kind = type(message)
         if kind is P.Chunk:
             self._chunk(message)

@@ -137,6 +137,12 @@ from ..local.transport import ProtocolError, log_refused
 MAX_MESSAGE = 1 << 30
 #: The size of the pieces `chunks` cuts a large buffer into.
 CHUNK_SIZE = 1 << 20
+#: The largest frame AES-GCM seals here (cryptography's limit is 2**31 - 1 bytes).
+MAX_FRAME = (1 << 31) - 1024
+#: Freed buffers up to this size stay in the process for reuse, and up to this much
+#: free memory (see `_keep_freed_buffers`).
+MALLOC_MMAP_MAX = 4 << 20
+MALLOC_KEEP = 256 << 20
 #: Buffers smaller than this stay inside the pickle (a frame of their own costs more).
 OOB_MIN_BYTES = 64 << 10
 #: ZMTP heartbeats (seconds): a PING every interval; no traffic for the timeout
@@ -162,7 +168,7 @@ LOG_REPEAT = 1.0
 
 _PICKLE = 0x80  # the first byte of every pickle of protocol >= 2
 _HELLO, _CHALLENGE, _RESPONSE, _WELCOME = b"H", b"C", b"R", b"W"
-_BYE, _CLOSE, _SEALED = b"X", b"B", b"S"
+_BYE, _CLOSE, _SEALED, _PIECE = b"X", b"B", b"S", b"P"
 _PROBE = b""
 _MONITORED = (zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED
               | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -253,12 +259,12 @@ class _Sealer:
         self._seq = 0
         self.lock = threading.Lock()
 
-    def seal(self, frames: list) -> list:
+    def seal(self, frames: list, mark: bytes = _SEALED) -> list:
         seq = self._seq
         self._seq = seq + 1
         count = _FRAMES.pack(len(frames))
         encrypt = self._encrypt
-        out = [_SEALED + encrypt(_NONCE.pack(seq, 0), frames[0], count)]
+        out = [mark + encrypt(_NONCE.pack(seq, 0), frames[0], count)]
         for i in range(1, len(frames)):
             out.append(encrypt(_NONCE.pack(seq, i), frames[i], count))
         return out
@@ -277,17 +283,18 @@ class _Opener:
         self._into = getattr(self._aead, "decrypt_into", None)  # (cryptography >= 47)
         self._seq = 0
 
-    def open(self, frames: list, max_message: int) -> list:
+    def open(self, frames: list, max_message: int, count: int | None = None) -> list:
         """The plaintexts of a sealed message's frames (zmq Frames or
         bytes-likes; the first starts with the sealed mark): writable
-        bytearrays, so that buffers unpickled from them are writable too."""
+        bytearrays, so that buffers unpickled from them are writable too.
+        (`count`: the message's frames, if only the first of them are given.)"""
         views = [f.buffer if isinstance(f, zmq.Frame) else memoryview(f) for f in frames]
         views[0] = views[0][1:]
         size = sum(v.nbytes for v in views) - _TAG * len(views)
         if size > max_message:
             raise ProtocolError(f"a message of {size} bytes (at most {max_message} are allowed)")
         seq = self._seq
-        count = _FRAMES.pack(len(views))
+        count = _FRAMES.pack(len(views) if count is None else count)
         out = []
         try:
             for i, view in enumerate(views):
@@ -305,6 +312,65 @@ class _Opener:
                                 f"of it was unpickled") from None
         self._seq = seq + 1
         return out
+
+    def open_piece(self, frames: list, max_message: int, broken) -> "Piece":
+        """A sealed piece (see `PeerConnection.send_piece`): its header frame is
+        opened and unpickled here, its data only by `Piece.read_into`."""
+        if len(frames) != 2:
+            raise ProtocolError(f"a piece of {len(frames)} frames (a piece has two)")
+        header = unpack(self.open(frames[:1], max_message, count=2), max_message)
+        frame = frames[1]
+        view = frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame)
+        if not _TAG <= view.nbytes <= max_message + _TAG:
+            raise ProtocolError(f"a piece of {view.nbytes} bytes")
+        return Piece(header, view, _NONCE.pack(self._seq - 1, 1), self, broken)
+
+    def read_into(self, nonce: bytes, ciphertext, target) -> None:
+        try:
+            if self._into is not None:
+                self._into(nonce, ciphertext, _FRAMES.pack(2), target)
+            else:
+                target[:] = self._aead.decrypt(nonce, ciphertext, _FRAMES.pack(2))
+        except InvalidTag:
+            raise ProtocolError("a piece does not authenticate with its connection's key "
+                                "(forged, altered, cut, reordered or replayed)") from None
+
+
+class Piece:
+    """A large buffer that came sealed apart from its `header` (the message
+    sent with it, already authenticated and unpickled): `nbytes` bytes that
+    `read_into` decrypts straight into where they belong (e.g. a segment of
+    shared memory), checking them as it goes.
+
+    If they do not authenticate, `read_into` raises `ProtocolError` (what it
+    wrote into the target is garbage: drop it, never use it) and the
+    connection is closed (its `recv` ends with EOFError): a connection that
+    carried one forged byte is not trusted again."""
+
+    __slots__ = ("header", "nbytes", "_data", "_nonce", "_opener", "_broken")
+
+    def __init__(self, header, data: memoryview, nonce: bytes, opener: _Opener, broken):
+        self.header = header
+        self.nbytes = data.nbytes - _TAG
+        self._data = data
+        self._nonce = nonce
+        self._opener = opener
+        self._broken = broken
+
+    def __repr__(self) -> str:
+        return f"<Piece of {self.nbytes} bytes with {type(self.header).__name__}>"
+
+    def read_into(self, target) -> None:
+        """Decrypt into `target` (a writable buffer of exactly `nbytes` bytes)."""
+        view = memoryview(target)
+        if view.nbytes != self.nbytes or view.readonly:
+            raise ValueError(f"a piece of {self.nbytes} bytes needs a writable target of that "
+                             f"size, got {view.nbytes} bytes{' (read-only)' if view.readonly else ''}")
+        try:
+            self._opener.read_into(self._nonce, self._data, view)
+        except ProtocolError as err:
+            self._broken(err)
+            raise
 
 
 # -- messages ----------------------------------------------------------------------------
@@ -504,6 +570,37 @@ def _handshake_failure(event: int, value: int) -> str:
         return f"its ZeroMQ handshake was refused (status {value})"
     return (f"the connection closed during the ZeroMQ handshake "
             f"({os.strerror(value) if value else 'no detail'})")
+
+
+_malloc_tuned = False
+
+
+def _keep_freed_buffers() -> None:
+    """Make glibc's malloc keep freed buffers of up to `MALLOC_MMAP_MAX` bytes
+    (and up to `MALLOC_KEEP` bytes of free memory) for reuse, once per process.
+
+    Every piece in flight is a buffer of its own (its ciphertext on the way
+    out, libzmq's on the way in). By default glibc may hand such buffers back
+    to the kernel when they are freed, and the next ones are fresh pages:
+    a page fault each, which on this project's VMs cost more than the
+    transfer itself (touching fresh memory ~1.5-2.7 s per GB against ~0.1
+    for memory in use; benchmarks/README.md). These are glibc's own tunables
+    (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, which it adapts
+    by itself within the same range); set in the environment they win."""
+    global _malloc_tuned
+    if _malloc_tuned:
+        return
+    _malloc_tuned = True
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return
+    try:
+        import ctypes
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return  # not glibc
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, MALLOC_MMAP_MAX)
+    mallopt(m_trim_threshold, MALLOC_KEEP)
 
 
 _live_contexts = 0
@@ -755,10 +852,13 @@ class ZmqConnection(Connection):
                                    + frames[0].bytes[1:].decode(errors="replace"))
                 break
             try:
-                if lead != _SEALED[0]:
+                if lead == _SEALED[0]:
+                    out.append(unpack(self._opener.open(frames, self._max), self._max))
+                elif lead == _PIECE[0]:
+                    out.append(self._opener.open_piece(frames, self._max, self._piece_broken))
+                else:
                     raise ProtocolError(f"a frame that is not a sealed message: "
                                         f"{bytes(frames[0].buffer[:40])!r}")
-                out.append(unpack(self._opener.open(frames, self._max), self._max))
             except ProtocolError as err:
                 with self._lock:
                     self._set_gone(f"the listener sent a broken message: {err}")
@@ -769,6 +869,10 @@ class ZmqConnection(Connection):
         if not out and self._gone is not None:
             raise EOFError(f"the connection to {self.address} is closed: {self._gone}")
         return out
+
+    def _piece_broken(self, error: ProtocolError) -> None:
+        with self._lock:
+            self._set_gone(f"the listener sent a broken piece: {error}")
 
     def recv(self, timeout: float | None = None):
         until = None if timeout is None else time.monotonic() + timeout
@@ -846,6 +950,20 @@ class PeerConnection(Connection):
         sealer = self._sealer
         with sealer.lock:  # (sealed and sent in number order)
             self._listener._send(self, sealer.seal(frames))
+
+    def send_piece(self, header, data) -> None:
+        """Send `data` (a contiguous buffer) sealed apart from `header` (a small
+        message with no large buffer of its own): the peer's `recv` returns a
+        `Piece`, which decrypts `data` straight into where it belongs."""
+        frames = pack(header, self._listener.max_message)
+        if len(frames) != 1:
+            raise ValueError("a piece's header must not hold large buffers")
+        data = memoryview(data).cast("B")
+        if len(frames[0]) + data.nbytes > self._listener.max_message:
+            raise _too_large(len(frames[0]) + data.nbytes, self._listener.max_message)
+        sealer = self._sealer
+        with sealer.lock:
+            self._listener._send(self, sealer.seal([frames[0], data], _PIECE))
 
     def recv_all(self) -> list:
         if not self._inbox and self._eof is None:
@@ -1032,7 +1150,7 @@ class ZmqListener(Listener):
             if len(first) == 0:
                 continue
             lead = first.buffer[0]
-            if lead == _SEALED[0]:
+            if lead == _SEALED[0]:  # (pieces go only to clients: see send_piece)
                 try:
                     message = unpack(peer._opener.open(frames[1:], self.max_message),
                                      self.max_message)
@@ -1255,9 +1373,10 @@ class ZmqTransport(Transport):
         auth.check_version(version)
         self.keys = ClusterKey(secret)
         self.version = version
-        if not isinstance(max_message, int) or max_message < 1024:
-            raise ValueError(f"max_message must be an int of at least 1024 bytes, got "
+        if not isinstance(max_message, int) or not 1024 <= max_message <= MAX_FRAME:
+            raise ValueError(f"max_message must be an int from 1024 to {MAX_FRAME} bytes, got "
                              f"{max_message!r}")
+        _keep_freed_buffers()
         if not 0 < heartbeat_interval <= heartbeat_timeout:
             raise ValueError(f"heartbeats need 0 < interval <= timeout, got "
                              f"{heartbeat_interval} and {heartbeat_timeout}")
