@@ -133,9 +133,10 @@ def test_an_object_lost_with_its_node_is_made_again_or_lost(cluster, driver):
 # flip a byte, cut a piece, replay one of A's pieces in B's place, swap two). Later
 # connections are served honestly. argv: the mode; stdin: the cluster's secret (hex).
 TAMPERING_NODE = r'''
-import select, sys, tempfile
+import select, signal, sys
 import numpy as np
 from beamlet.backends.local.object_store import LocalObjectStore
+from beamlet.backends.local.session import SessionLock
 from beamlet.backends.zmq import objects, protocol as P
 from beamlet.exceptions import BackendError
 from beamlet.backends.zmq.transport import ZmqTransport
@@ -145,7 +146,8 @@ from beamlet.core.serialization import serialize
 secret = bytes.fromhex(sys.stdin.readline().strip())
 mode = sys.argv[1]
 refs = ReferenceCounter(lambda oid: None)
-store = LocalObjectStore(refs, "tamper" + str(id(secret)), 1 << 30, 1024, tempfile.mkdtemp)
+session = SessionLock()  # (a session's lock: another init()'s sweep leaves it be)
+store = LocalObjectStore(refs, session.session, 1 << 30, 1024, lambda: session.temp_dir)
 for name, seed in ((b"A", 1), (b"B", 2)):
     refs.incr(name * 16)  # (held: not freed)
     store.put(name * 16, serialize(np.random.default_rng(seed).integers(
@@ -179,8 +181,12 @@ def on_the_wire(peer, frames):
 
 listener._send = on_the_wire
 print("LISTENING", listener.address, flush=True)
-while True:
-    select.select([listener], [], [], 0.5)
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+for _ in range(240):  # (a minute at most: the test stops it sooner)
+    if stop:
+        break
+    select.select([listener], [], [], 0.25)
     for event in listener.poll():
         if type(event).__name__ == "Received":
             for message in event.messages:
@@ -188,6 +194,10 @@ while True:
                     objects.serve_pull(store, event.conn, message.object_ids)
                 except BackendError:
                     pass  # (the puller hung up: as a node's loop does)
+transport.close()
+store.delete([b"A" * 16, b"B" * 16])
+store.close()
+session.release()
 '''
 
 
@@ -200,6 +210,7 @@ def test_a_tampered_piece_fails_the_pull_and_the_node_pulls_on(tmp_path, capfd, 
     import threading
 
     from beamlet.backends.local.object_store import LocalObjectStore
+    from beamlet.backends.local.session import SessionLock
     from beamlet.backends.zmq import protocol as P
     from beamlet.backends.zmq.objects import Puller
     from beamlet.backends.zmq.transport import ZmqTransport
@@ -210,9 +221,10 @@ def test_a_tampered_piece_fails_the_pull_and_the_node_pulls_on(tmp_path, capfd, 
     secret = auth.new_secret()
     node = procs.Driver(TAMPERING_NODE, tmp_path, args=[mode], stdin=secret.hex() + "\n")
     transport = ZmqTransport(secret, P.VERSION)
-    session = "pull" + os.urandom(6).hex()
+    lock = SessionLock()  # (a session's lock: another init()'s sweep leaves it be)
+    session = lock.session
     refs = ReferenceCounter(lambda oid: None)
-    store = LocalObjectStore(refs, session, 1 << 30, 1024, lambda: str(tmp_path))
+    store = LocalObjectStore(refs, session, 1 << 30, 1024, lambda: lock.temp_dir)
     arrived, failed, changed = [], [], threading.Condition()
 
     def note(into):
@@ -226,7 +238,8 @@ def test_a_tampered_piece_fails_the_pull_and_the_node_pulls_on(tmp_path, capfd, 
 
     def wait_for(condition):
         with changed:
-            assert changed.wait_for(condition, 60), (arrived, failed, node.stderr)
+            assert changed.wait_for(condition, 60), (arrived, failed, node.stderr,
+                                                     capfd.readouterr().err)
 
     a, b = b"A" * 16, b"B" * 16
     refs.incr(a)  # (held: kept once they arrive)
@@ -239,9 +252,11 @@ def test_a_tampered_piece_fails_the_pull_and_the_node_pulls_on(tmp_path, capfd, 
         wait_for(lambda: failed)
         assert failed == [[b]] and arrived == [a]
         assert not store.contains(b)
-        assert "does not authenticate" in capfd.readouterr().err
+        err = capfd.readouterr().err
+        assert "does not authenticate" in err, (err, node.stderr)
         assert not [n for n in os.listdir("/dev/shm") if session in n and
-                    n not in store._mappings], "the failed pull's segment is left behind"
+                    n not in store._mappings and not n.endswith(".lock")], \
+            "the failed pull's segment is left behind"
         puller.pull(address, [b])  # a new connection (the old one was closed)
         wait_for(lambda: len(arrived) == 2)
         for name, seed in ((a, 1), (b, 2)):
@@ -253,4 +268,8 @@ def test_a_tampered_piece_fails_the_pull_and_the_node_pulls_on(tmp_path, capfd, 
         store.delete([a, b])
         store.close()
         transport.close()
-        node.kill()
+        node.proc.terminate()  # (it cleans up after itself)
+        assert node.finish(30) == 0, node.stderr
+        os.rmdir(lock.temp_dir)
+        lock.release()
+    assert not [n for n in os.listdir("/dev/shm") if session in n]

@@ -6,7 +6,7 @@ machine; or a plain ``init()`` with ``$BEAMLET_ADDRESS``) asks the head for
 the control store and the alive nodes, then connects to each node's own
 listener. The key comes from ``init(token=...)``, ``$BEAMLET_TOKEN`` or the
 cluster file ``beamlet start --head`` wrote here; a wrong one fails the
-CURVE handshake at once (``AuthenticationError``).
+transport's handshake at once (``AuthenticationError``).
 
 The driver owns its objects and knows where each one is, without asking
 Redis: a small result comes back to its in-memory store as soon as it is
