@@ -12,7 +12,8 @@ measures:
   listener copies what arrives into a preallocated buffer (as it would into
   shared memory) and answers "ok"; the time is from the first send to the "ok";
 - the same bytes moved listener -> child as a pull moves an object: the
-  child asks, the listener sends `send_piece` pieces of 1 MiB, the child
+  child asks, the listener sends `send_piece` pieces of 1 MiB (at most
+  `objects.SEND_WINDOW` in flight, as a node serves a pull), the child
   decrypts each straight into its buffer (`Piece.read_into`);
 - for reference, the same bytes over a plain TCP socket on loopback (sendall /
   recv_into), the machine's limit for one stream.
@@ -28,6 +29,7 @@ heartbeats find it). Prints one table; `--json` writes the figures.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import resource
@@ -119,6 +121,7 @@ def serve(listener, until_stop, size: int) -> list:
     seconds per transfer, in order."""
     import numpy as np
 
+    from beamlet.backends.zmq.objects import SEND_WINDOW, _sent
     from beamlet.backends.zmq.transport import chunks
 
     dest = None
@@ -152,8 +155,11 @@ def serve(listener, until_stop, size: int) -> list:
                     dest[m[1]:m[1] + len(m[2])] = np.frombuffer(m[2], dtype=np.uint8)
                 elif m[0] == "pull":
                     c0 = _cpu()
+                    in_flight = collections.deque()  # (paced as a node's serve_pull is)
                     for offset, piece in chunks(source, 1 << 20):
-                        event.conn.send_piece(offset, piece)
+                        if len(in_flight) >= SEND_WINDOW:
+                            _sent(in_flight.popleft(), event.conn)
+                        in_flight.append(event.conn.send_piece(offset, piece, track=True))
                 elif m[0] == "pulled":
                     cpus.append(_cpu() - c0)
                 elif m[0] == "end":

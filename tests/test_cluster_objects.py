@@ -156,14 +156,14 @@ transport = ZmqTransport(secret, P.VERSION)
 listener = transport.listen("127.0.0.1:0")
 send, first, pieces_of_a, pieces_of_b = listener._send, [], [], []
 
-def on_the_wire(peer, frames):
+def on_the_wire(peer, frames, track=False):
     if not first:
         first.append(peer)
     if peer is not first[0] or frames[0][:1] != b"P":
-        return send(peer, frames)
+        return send(peer, frames, track)
     if len(pieces_of_a) < 4:  # (A: 3 MiB and a header in 4 pieces)
         pieces_of_a.append(frames)
-        return send(peer, frames)
+        return send(peer, frames, track)
     pieces_of_b.append(frames)
     if len(pieces_of_b) == 2:
         if mode == "forged":
@@ -173,11 +173,11 @@ def on_the_wire(peer, frames):
         elif mode == "replayed":  # A's piece at the same offset
             frames = pieces_of_a[1]
         elif mode == "reordered":  # the third piece first
-            return
+            return send(peer, [b""], track)  # (a probe, to have a tracker)
     elif len(pieces_of_b) == 3 and mode == "reordered":
         send(peer, frames)
         frames = pieces_of_b[1]
-    send(peer, frames)
+    return send(peer, frames, track)
 
 listener._send = on_the_wire
 print("LISTENING", listener.address, flush=True)

@@ -17,9 +17,12 @@ per node it pulls from, made on first use.
 """
 from __future__ import annotations
 
+import collections
 import sys
 import threading
 from typing import Callable
+
+import zmq
 
 from ... import exceptions as exc
 from ...core.serialization import serialize
@@ -28,14 +31,29 @@ from . import protocol as P
 from .transport import Piece, chunks
 
 CONNECT_TIMEOUT = 5.0  # seconds to reach a node to pull from
+SEND_WINDOW = 8  # sealed pieces a serving node lets wait in the transport
 READ_SLICE = 0.5  # seconds a reader waits for a message before it looks whether to stop
 
 
 def serve_pull(store, conn, object_ids) -> None:
     """Send `conn` each of `object_ids` held in `store` (a LocalObjectStore) in
-    ``Chunk`` pieces; ``Missing`` for those it does not hold. The pieces are
-    views of the object's mapping, which stays mapped (and the object alive)
-    until the transport has sent them."""
+    ``Chunk`` pieces, from a thread of its own (the caller goes on at once);
+    ``Missing`` for those it does not hold. Each piece is sealed from the
+    object's mapping, which stays mapped (and the object alive) meanwhile; at
+    most `SEND_WINDOW` sealed pieces wait in the transport at a time, so
+    serving an object does not hold a second copy of it in memory."""
+    threading.Thread(target=_serve, args=(store, conn, list(object_ids)),
+                     name="beamlet-serve-pull", daemon=True).start()
+
+
+def _serve(store, conn, object_ids) -> None:
+    try:
+        _send_objects(store, conn, object_ids)
+    except exc.BackendError:
+        pass  # the puller left (or this node is closing)
+
+
+def _send_objects(store, conn, object_ids) -> None:
     missing = []
     for object_id in object_ids:
         held = store.segment_view(object_id)
@@ -55,9 +73,13 @@ def serve_pull(store, conn, object_ids) -> None:
         else:
             view, is_error, refs = held
         total = shm.used_size(view)
+        in_flight: collections.deque = collections.deque()
         for offset, piece in chunks(view[:total]):
-            conn.send_piece(P.Chunk(object_id, offset, total, is_error, refs, None), piece)
-        del view, held
+            if len(in_flight) >= SEND_WINDOW and not _sent(in_flight.popleft(), conn):
+                return
+            in_flight.append(conn.send_piece(P.Chunk(object_id, offset, total, is_error, refs,
+                                                     None), piece, track=True))
+        view = held = piece = None  # (unmapped once the transport lets go too)
     if missing:
         conn.send(P.Missing(missing))
 
@@ -68,6 +90,19 @@ def as_chunk(message):
     if type(message) is Piece and type(message.header) is P.Chunk:
         return message.header._replace(data=message)
     return message
+
+
+def _sent(tracker, conn) -> bool:
+    """Wait until a tracked piece has left; False if its connection closed
+    first (a peer that stops reading is closed by the transport's heartbeats)."""
+    while not tracker.done:
+        if conn.closed:
+            return False
+        try:
+            tracker.wait(READ_SLICE)
+        except zmq.NotDone:
+            pass
+    return True
 
 
 class Assembly:

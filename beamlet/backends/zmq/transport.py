@@ -64,13 +64,15 @@ Messages
     Large buffers travel in pieces: `chunks` cuts one into views of at most
     `CHUNK_SIZE` bytes without copying; send each inside a message (e.g.
     ``(object_id, offset, view)``) and write each arriving piece at its
-    offset on the other side (e.g. into shared memory). Sends never block
-    (no high-water mark: queued pieces are references, not copies); TCP
-    paces them. Each frame is encrypted into a new buffer when it is sent
-    (so a queued piece costs its size in memory until it is sent) and
-    decrypted into another when it arrives, so buffers arrive as writable
-    views of those (no further copy); pieces of about `CHUNK_SIZE` go
-    fastest (see benchmarks/zmq_transport.py).
+    offset on the other side (e.g. into shared memory); or, from a listener
+    to its client, with `PeerConnection.send_piece`, whose data the client
+    decrypts straight into place (`Piece.read_into`). Sends never block (no
+    high-water mark); TCP paces them. Each frame is encrypted into a new
+    buffer when it is sent (so a queued piece costs its size in memory until
+    it has left: `send_piece`'s tracker lets a sender bound that) and
+    decrypted into another when it arrives (buffers arrive as writable views
+    of those, no further copy); pieces of about `CHUNK_SIZE` go fastest (see
+    benchmarks/zmq_transport.py).
 
 Liveness
     Both ends run ZMTP heartbeats (`HEARTBEAT_INTERVAL`, `HEARTBEAT_TIMEOUT`),
@@ -951,10 +953,13 @@ class PeerConnection(Connection):
         with sealer.lock:  # (sealed and sent in number order)
             self._listener._send(self, sealer.seal(frames))
 
-    def send_piece(self, header, data) -> None:
+    def send_piece(self, header, data, track: bool = False):
         """Send `data` (a contiguous buffer) sealed apart from `header` (a small
         message with no large buffer of its own): the peer's `recv` returns a
-        `Piece`, which decrypts `data` straight into where it belongs."""
+        `Piece`, which decrypts `data` straight into where it belongs. With
+        `track`, returns a ``zmq.MessageTracker`` that is done once the sealed
+        copy of `data` has left this process (or was dropped with its
+        connection): a sender can bound how much it has in flight."""
         frames = pack(header, self._listener.max_message)
         if len(frames) != 1:
             raise ValueError("a piece's header must not hold large buffers")
@@ -963,7 +968,7 @@ class PeerConnection(Connection):
             raise _too_large(len(frames[0]) + data.nbytes, self._listener.max_message)
         sealer = self._sealer
         with sealer.lock:
-            self._listener._send(self, sealer.seal([frames[0], data], _PIECE))
+            return self._listener._send(self, sealer.seal([frames[0], data], _PIECE), track)
 
     def recv_all(self) -> list:
         if not self._inbox and self._eof is None:
@@ -1279,13 +1284,15 @@ class ZmqListener(Listener):
             self._probe_until = 0.0
         return gone
 
-    def _send(self, peer: PeerConnection, frames: list) -> None:
+    def _send(self, peer: PeerConnection, frames: list, track: bool = False):
+        """(None, or with `track` the last frame's MessageTracker.)"""
         with self._lock:
             if peer.closed or self.closed:
                 raise exc.BackendError(f"the connection of {peer.peer} is closed: {peer._eof}")
             try:
-                self._router.send_multipart([peer.routing_id, *frames], zmq.NOBLOCK,
-                                            copy=len(frames) == 1)
+                tracker = self._router.send_multipart([peer.routing_id, *frames], zmq.NOBLOCK,
+                                                      copy=len(frames) == 1 and not track,
+                                                      track=track)
             except zmq.ZMQError as err:
                 if err.errno == errno.EHOSTUNREACH:
                     self._probe_until = time.monotonic() + PROBE_WINDOW  # poll reports it
@@ -1293,6 +1300,7 @@ class ZmqListener(Listener):
                     raise exc.BackendError(f"{peer.peer} is gone") from None
                 raise exc.BackendError(f"cannot send to {peer.peer}: {err}") from None
             self._after_send()
+            return tracker
 
     # -- accept(): one peer at a time
     def accept(self, timeout: float | None = None) -> PeerConnection:
