@@ -124,3 +124,152 @@ def test_an_object_lost_with_its_node_is_made_again_or_lost(cluster, driver):
         beamlet.get(lost_put, timeout=GET_TIMEOUT)
     assert (beamlet.get(kept_put, timeout=GET_TIMEOUT) == 3.0).all()
     assert (beamlet.get(made_on[survivor][1], timeout=GET_TIMEOUT) == 7.0).all()
+
+
+# -- a pull's pieces are authenticated ------------------------------------------------------
+# A node serving two objects (A, then B) to the pulls of one connection, as `serve_pull`
+# does, while it plays an attacker on the wire for its first connection: it alters the
+# sealed frames of B's pieces on their way to the socket (what someone on the path can do:
+# flip a byte, cut a piece, replay one of A's pieces in B's place, swap two). Later
+# connections are served honestly. argv: the mode; stdin: the cluster's secret (hex).
+TAMPERING_NODE = r'''
+import select, signal, sys
+import numpy as np
+from beamlet.backends.local.object_store import LocalObjectStore
+from beamlet.backends.local.session import SessionLock
+from beamlet.backends.zmq import objects, protocol as P
+from beamlet.exceptions import BackendError
+from beamlet.backends.zmq.transport import ZmqTransport
+from beamlet.core.refcount import ReferenceCounter
+from beamlet.core.serialization import serialize
+
+secret = bytes.fromhex(sys.stdin.readline().strip())
+mode = sys.argv[1]
+refs = ReferenceCounter(lambda oid: None)
+session = SessionLock()  # (a session's lock: another init()'s sweep leaves it be)
+store = LocalObjectStore(refs, session.session, 1 << 30, 1024, lambda: session.temp_dir)
+for name, seed in ((b"A", 1), (b"B", 2)):
+    refs.incr(name * 16)  # (held: not freed)
+    store.put(name * 16, serialize(np.random.default_rng(seed).integers(
+        0, 255, size=3 << 20, dtype=np.uint8)))
+transport = ZmqTransport(secret, P.VERSION)
+listener = transport.listen("127.0.0.1:0")
+send, first, pieces_of_a, pieces_of_b = listener._send, [], [], []
+
+def on_the_wire(peer, frames, track=False):
+    if not first:
+        first.append(peer)
+    if peer is not first[0] or frames[0][:1] != b"P":
+        return send(peer, frames, track)
+    if len(pieces_of_a) < 4:  # (A: 3 MiB and a header in 4 pieces)
+        pieces_of_a.append(frames)
+        return send(peer, frames, track)
+    pieces_of_b.append(frames)
+    if len(pieces_of_b) == 2:
+        if mode == "forged":
+            frames = [frames[0], bytes([frames[1][0] ^ 1]) + frames[1][1:]]
+        elif mode == "truncated":
+            frames = [frames[0], frames[1][:-100]]
+        elif mode == "replayed":  # A's piece at the same offset
+            frames = pieces_of_a[1]
+        elif mode == "reordered":  # the third piece first
+            return send(peer, [b""], track)  # (a probe, to have a tracker)
+    elif len(pieces_of_b) == 3 and mode == "reordered":
+        send(peer, frames)
+        frames = pieces_of_b[1]
+    return send(peer, frames, track)
+
+listener._send = on_the_wire
+print("LISTENING", listener.address, flush=True)
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+for _ in range(240):  # (a minute at most: the test stops it sooner)
+    if stop:
+        break
+    select.select([listener], [], [], 0.25)
+    for event in listener.poll():
+        if type(event).__name__ == "Received":
+            for message in event.messages:
+                try:
+                    objects.serve_pull(store, event.conn, message.object_ids)
+                except BackendError:
+                    pass  # (the puller hung up: as a node's loop does)
+transport.close()
+store.delete([b"A" * 16, b"B" * 16])
+store.close()
+session.release()
+'''
+
+
+@pytest.mark.parametrize("mode", ["forged", "truncated", "replayed", "reordered"])
+def test_a_tampered_piece_fails_the_pull_and_the_node_pulls_on(tmp_path, capfd, mode):
+    """A piece that does not authenticate fails its object's pull (nothing of it
+    is stored or unpickled, its segment is dropped) and closes the connection;
+    the object pulled before it on that connection arrived whole, and the same
+    object pulled again (on a new connection) arrives whole."""
+    import threading
+
+    from beamlet.backends.local.object_store import LocalObjectStore
+    from beamlet.backends.local.session import SessionLock
+    from beamlet.backends.zmq import protocol as P
+    from beamlet.backends.zmq.objects import Puller
+    from beamlet.backends.zmq.transport import ZmqTransport
+    from beamlet.core import auth
+    from beamlet.core.refcount import ReferenceCounter
+    from beamlet.core.serialization import deserialize
+
+    secret = auth.new_secret()
+    node = procs.Driver(TAMPERING_NODE, tmp_path, args=[mode], stdin=secret.hex() + "\n")
+    transport = ZmqTransport(secret, P.VERSION)
+    lock = SessionLock()  # (a session's lock: another init()'s sweep leaves it be)
+    session = lock.session
+    refs = ReferenceCounter(lambda oid: None)
+    store = LocalObjectStore(refs, session, 1 << 30, 1024, lambda: lock.temp_dir)
+    arrived, failed, changed = [], [], threading.Condition()
+
+    def note(into):
+        def record(object_ids, *rest):
+            with changed:
+                into.append(object_ids)
+                changed.notify_all()
+        return record
+
+    puller = Puller(transport, store, note(arrived), lambda ids: note(failed)(list(ids)))
+
+    def wait_for(condition):
+        with changed:
+            assert changed.wait_for(condition, 60), (arrived, failed, node.stderr,
+                                                     capfd.readouterr().err)
+
+    a, b = b"A" * 16, b"B" * 16
+    refs.incr(a)  # (held: kept once they arrive)
+    refs.incr(b)
+    try:
+        address = node.wait_line("LISTENING ").strip()
+        puller.pull(address, [a])
+        wait_for(lambda: arrived)
+        puller.pull(address, [b])
+        wait_for(lambda: failed)
+        assert failed == [[b]] and arrived == [a]
+        assert not store.contains(b)
+        err = capfd.readouterr().err
+        assert "does not authenticate" in err, (err, node.stderr)
+        assert not [n for n in os.listdir("/dev/shm") if session in n and
+                    n not in store._mappings and not n.endswith(".lock")], \
+            "the failed pull's segment is left behind"
+        puller.pull(address, [b])  # a new connection (the old one was closed)
+        wait_for(lambda: len(arrived) == 2)
+        for name, seed in ((a, 1), (b, 2)):
+            value = deserialize(store.get([name], 10)[0])
+            assert np.array_equal(value, np.random.default_rng(seed).integers(
+                0, 255, size=3 << 20, dtype=np.uint8))
+    finally:
+        puller.close()
+        store.delete([a, b])
+        store.close()
+        transport.close()
+        node.proc.terminate()  # (it cleans up after itself)
+        assert node.finish(30) == 0, node.stderr
+        os.rmdir(lock.temp_dir)
+        lock.release()
+    assert not [n for n in os.listdir("/dev/shm") if session in n]

@@ -44,22 +44,29 @@ class Evil:  # unpickling it creates the file args[0]
 if mode.startswith("raw-"):  # a stranger speaking raw ZeroMQ
     import zmq
     from zmq.utils.monitor import parse_monitor_message
-    from beamlet.backends.zmq.transport import CurveKeys
+    from beamlet.backends.zmq.transport import ClusterKey
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
-    if mode == "raw-wrong-key":  # a key pair of its own, the listener's (public) key
+    if mode == "raw-curve":  # another security mechanism (a key pair of its own)
         public, private = zmq.curve_keypair()
-        s.curve_serverkey, s.curve_publickey, s.curve_secretkey = args[1].encode(), public, private
-    elif mode in ("raw-wrong-secret", "raw-key-holder"):
-        keys = CurveKeys(os.urandom(32) if mode == "raw-wrong-secret" else secret)
-        s.curve_serverkey = keys.server_public
-        s.curve_publickey, s.curve_secretkey = keys.client_public, keys.client_secret
+        s.curve_serverkey, s.curve_publickey, s.curve_secretkey = (zmq.curve_keypair()[0],
+                                                                   public, private)
     monitor = s.get_monitor_socket()
     s.connect("tcp://" + address)
+    got = []
+    if mode == "raw-wrong-secret":  # beamlet's handshake with a key of its own
+        keys = ClusterKey(os.urandom(32))
+        nonce_c = os.urandom(32)
+        s.send(b"H" + nonce_c + VERSION.encode())
+        if s.poll(10000):
+            challenge = s.recv()
+            got.append([challenge[:1]])
+            s.send(b"R" + keys.mac(b"client", VERSION.encode(), challenge[1:33], nonce_c))
     evil = pickle.dumps(Evil(), 5)
     until = time.monotonic() + 2.0
     while time.monotonic() < until:
-        for frames in ([evil], [evil, evil], [b"H" + b"x" * 5000], [b"W"], [b""]):
+        for frames in ([evil], [evil, evil], [b"S" + os.urandom(200)], [b"H" + b"x" * 5000],
+                       [b"R" + os.urandom(32)], [b"W"], [b""]):
             try:
                 s.send_multipart(frames, zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -68,7 +75,6 @@ if mode.startswith("raw-"):  # a stranger speaking raw ZeroMQ
     seen = set()
     while monitor.poll(0):
         seen.add(zmq.Event(parse_monitor_message(monitor.recv_multipart())["event"]).name)
-    got = []
     while s.poll(0):
         got.append(s.recv_multipart())
     say("EVENTS", " ".join(sorted(seen)))
@@ -153,6 +159,40 @@ elif mode == "frame":  # args: hex of one raw frame, sent after a good message
     c.send("before")
     with c._lock:
         c._sock.send(bytes.fromhex(args[0]))
+    wait_eof()
+elif mode == "sealed":  # args: hex of one raw frame, sealed as a message of the connection
+    c.send("before")
+    with c._sealer.lock, c._lock:
+        c._sock.send_multipart(c._sealer.seal([bytes.fromhex(args[0])]))
+    wait_eof()
+elif mode in ("replay", "reorder", "truncate", "other-connection"):
+    # What an attacker on the wire can do to sealed messages, done to the frames
+    # (each would unpickle an Evil, creating the file args[0], if it got through).
+    def sealed(conn, message):
+        from beamlet.backends.zmq.transport import pack
+        with conn._sealer.lock:
+            return conn._sealer.seal(pack(message))
+    def raw(conn, frames):
+        with conn._lock:
+            conn._sock.send_multipart(frames)
+    if mode == "replay":  # a message sent again (delivered once only)
+        frames = sealed(c, "before")
+        raw(c, frames)
+        raw(c, frames)
+    else:
+        c.send("before")
+    if mode == "replay":
+        pass
+    elif mode == "reorder":  # two messages swapped
+        first, second = sealed(c, ("first", 1)), sealed(c, ("evil", Evil()))
+        raw(c, second)
+        raw(c, first)
+    elif mode == "truncate":  # a large piece cut short (the rest never sent)
+        frames = sealed(c, ("evil", Evil(), memoryview(bytes(1 << 19))))
+        raw(c, [frames[0], frames[1][:-4096]])
+    else:  # a message of another connection of the same process, with the same key
+        c2 = t.connect(address, timeout=30)
+        raw(c, sealed(c2, ("evil", Evil())))
     wait_eof()
 elif mode == "oversize-total":  # args: limit; three buffers, each under it, together over
     limit = int(args[0])
@@ -440,7 +480,7 @@ def test_a_peer_with_a_wrong_secret_is_refused_at_once_and_logged(listener, peer
     assert peer.finish(30) == 0
     line = peer.wait_line("REFUSED ")
     assert line.startswith("AuthenticationError "), line  # not a timeout
-    assert "refused this process's key" in line, line
+    assert "refused the connection" in line and "different cluster keys" in line, line
     assert not events
     log = capfd.readouterr().err
     assert "refused a connection from " in log, log
@@ -450,17 +490,15 @@ def test_a_peer_with_a_wrong_secret_is_refused_at_once_and_logged(listener, peer
 def test_a_listener_without_the_secret_is_refused_by_the_client(secret, peers, capfd):
     server = peers(auth.new_secret(), "-", "serve", VERSION)
     address = server.wait_line("LISTENING ")
-    with pytest.raises(auth.AuthenticationError, match="refused this process's key"):
+    with pytest.raises(auth.AuthenticationError, match="hold different cluster keys"):
         ZmqTransport(secret, VERSION).connect(address, timeout=30)
 
 
-@pytest.mark.parametrize("mode", ["raw-plain", "raw-wrong-key", "raw-wrong-secret",
-                                  "raw-key-holder"])
+@pytest.mark.parametrize("mode", ["raw-plain", "raw-curve", "raw-wrong-secret"])
 def test_nothing_a_stranger_sends_is_unpickled(listener, secret, peers, tmp_path, capfd, mode):
     target = tmp_path / "pwned"
     good = peers(secret, listener.address, "echo")
-    stranger = peers(secret, listener.address, mode, target,
-                     listener._transport.keys.server_public.decode())
+    stranger = peers(secret, listener.address, mode, target)
     joined = serve_until(listener, lambda ev: of_kind(ev, Joined))
     events = serve_until(listener, lambda ev: stranger.proc.poll() is not None)
     assert stranger.finish(30) == 0, stranger.stderr
@@ -471,16 +509,19 @@ def test_nothing_a_stranger_sends_is_unpickled(listener, secret, peers, tmp_path
     assert not target.exists()
     log = capfd.readouterr().err
     # (a plain ZeroMQ peer may see the mismatch and hang up before the listener does)
-    reasons = {"raw-plain": ["does not speak CURVE", "closed during the CURVE handshake"],
-               "raw-wrong-key": ["its key was refused"],
+    reasons = {"raw-curve": ["does not speak this transport",
+                             "closed during the ZeroMQ handshake"],
                "raw-wrong-secret": ["does not hold the cluster's key"],
-               "raw-key-holder": ["without having said hello"]}[mode]
+               "raw-plain": ["without having said hello"]}[mode]
     assert "refused a connection from " in log and any(r in log for r in reasons), log
-    if mode == "raw-key-holder":  # it holds the key: it is told why, but not heard
-        assert "without having said hello" in stranger.wait_line("GOT "), stranger.stdout
-    else:
+    if mode == "raw-curve":  # refused by ZeroMQ itself
         assert "HANDSHAKE_FAILED" in stranger.wait_line("EVENTS "), stranger.stdout
         assert stranger.wait_line("GOT ") == "[]"
+    else:  # told why (once: what it sends next is not even read), never heard
+        told = {"raw-plain": "without having said hello",
+                "raw-wrong-secret": "authentication failed"}[mode]
+        assert told in stranger.wait_line("GOT "), stranger.stdout
+        assert log.count("refused a connection from ") == 1, log
 
 
 def test_another_version_is_refused_naming_both(listener, secret, peers, capfd):
@@ -495,12 +536,25 @@ def test_another_version_is_refused_naming_both(listener, secret, peers, capfd):
 
 # -- broken peers: dropped alone ---------------------------------------------------------
 @pytest.mark.parametrize("mode,arg,why", [
-    ("frame", b"\x80\x05garbage".hex(), "does not unpickle"),
-    ("frame", b"Znot a message".hex(), "not a message"),
+    ("sealed", b"\x80\x05garbage".hex(), "does not unpickle"),
+    ("frame", b"\x80\x05garbage".hex(), "not a sealed message"),  # a pickle, not sealed
+    ("frame", b"Znot a message".hex(), "not a sealed message"),
+    ("frame", (b"S" + bytes(100)).hex(), "does not authenticate"),  # forged
+    ("replay", None, "does not authenticate"),
+    ("reorder", None, "does not authenticate"),
+    ("truncate", None, "does not authenticate"),
+    ("other-connection", None, "does not authenticate"),
     ("oversize-total", 1 << 20, "at most"),
     ("oversize-frame", 1 << 20, None),  # cut by ZeroMQ at the frame's header
 ])
-def test_a_broken_peer_is_dropped_and_the_others_served(secret, peers, capfd, mode, arg, why):
+def test_a_broken_peer_is_dropped_and_the_others_served(secret, peers, capfd, tmp_path, mode,
+                                                       arg, why):
+    """A joined peer that breaks the protocol is dropped alone. Sealed messages
+    replayed, reordered, cut, forged or moved from another connection (what an
+    attacker on the wire can do) are refused before anything is unpickled."""
+    target = tmp_path / "pwned"
+    if arg is None:
+        arg = target
     transport = ZmqTransport(secret, VERSION, max_message=1 << 20)
     try:
         listener = transport.listen()
@@ -516,8 +570,9 @@ def test_a_broken_peer_is_dropped_and_the_others_served(secret, peers, capfd, mo
         else:
             assert isinstance(left.error, zt.ProtocolError) and why in str(left.error)
             assert "closed the connection of 127.0.0.1" in capfd.readouterr().err
-        if mode == "frame":
+        if not mode.startswith("oversize"):
             assert messages_of(events, left.conn) == ["before"]
+        assert not target.exists(), "a tampered message was unpickled"
         bad.wait_line("EOF ")  # the peer is told, and cannot send on
         bad.wait_line("SEND REFUSED ")
         conn = joined[0].conn

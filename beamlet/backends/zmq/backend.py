@@ -6,7 +6,7 @@ machine; or a plain ``init()`` with ``$BEAMLET_ADDRESS``) asks the head for
 the control store and the alive nodes, then connects to each node's own
 listener. The key comes from ``init(token=...)``, ``$BEAMLET_TOKEN`` or the
 cluster file ``beamlet start --head`` wrote here; a wrong one fails the
-CURVE handshake at once (``AuthenticationError``).
+transport's handshake at once (``AuthenticationError``).
 
 The driver owns its objects and knows where each one is, without asking
 Redis: a small result comes back to its in-memory store as soon as it is
@@ -55,7 +55,7 @@ from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TASK, TaskSpec
 from ..local import shm
 from ..local.transport import ProtocolError
 from . import protocol as P
-from .objects import Assembly
+from .objects import Assembly, as_chunk
 
 CONNECT_TIMEOUT = 10.0  # seconds to reach the head or a node
 NODES_POLL = 1.0  # seconds between looks at the nodes table, for nodes that joined since
@@ -960,6 +960,7 @@ class ClusterBackend(Backend):
             return
         sched = self.scheduler
         for message in messages:
+            message = as_chunk(message)  # (a piece of a pulled object)
             kind = type(message)
             if kind not in P.TO_DRIVER:
                 print(f"beamlet: node {link.node_id} sent {P.describe(message)}, which is not "

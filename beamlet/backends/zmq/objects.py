@@ -4,9 +4,12 @@ assembles the pieces.
 
 An object goes as its shared-memory layout (``local/shm.py``: a header, the
 pickle stream, the buffers), cut by ``transport.chunks`` into pieces that
-are views of the sender's mapping: nothing is pickled again or copied on
-the way out, and a node writes each piece at its offset straight into a
-segment of its own store. A small object kept inline is laid out into a
+are views of the sender's mapping: nothing is pickled again on the way out,
+each piece is encrypted from the mapping into the message sent
+(``send_piece``), and the puller decrypts (and authenticates) it at its
+offset straight into a segment of its own store. A piece that does not
+authenticate fails the transfer (its segment is dropped, never read) and
+closes that connection. A small object kept inline is laid out into a
 buffer first, the same way.
 
 `Puller` is a node's side of pulling: one connection and one reader thread
@@ -14,25 +17,43 @@ per node it pulls from, made on first use.
 """
 from __future__ import annotations
 
+import collections
 import sys
 import threading
 from typing import Callable
+
+import zmq
 
 from ... import exceptions as exc
 from ...core.serialization import serialize
 from ..local import shm
 from . import protocol as P
-from .transport import chunks
+from .transport import Piece, chunks
 
 CONNECT_TIMEOUT = 5.0  # seconds to reach a node to pull from
+SEND_WINDOW = 8  # sealed pieces a serving node lets wait in the transport
 READ_SLICE = 0.5  # seconds a reader waits for a message before it looks whether to stop
 
 
 def serve_pull(store, conn, object_ids) -> None:
     """Send `conn` each of `object_ids` held in `store` (a LocalObjectStore) in
-    ``Chunk`` pieces; ``Missing`` for those it does not hold. The pieces are
-    views of the object's mapping, which stays mapped (and the object alive)
-    until the transport has sent them."""
+    ``Chunk`` pieces, from a thread of its own (the caller goes on at once);
+    ``Missing`` for those it does not hold. Each piece is sealed from the
+    object's mapping, which stays mapped (and the object alive) meanwhile; at
+    most `SEND_WINDOW` sealed pieces wait in the transport at a time, so
+    serving an object does not hold a second copy of it in memory."""
+    threading.Thread(target=_serve, args=(store, conn, list(object_ids)),
+                     name="beamlet-serve-pull", daemon=True).start()
+
+
+def _serve(store, conn, object_ids) -> None:
+    try:
+        _send_objects(store, conn, object_ids)
+    except exc.BackendError:
+        pass  # the puller left (or this node is closing)
+
+
+def _send_objects(store, conn, object_ids) -> None:
     missing = []
     for object_id in object_ids:
         held = store.segment_view(object_id)
@@ -52,11 +73,36 @@ def serve_pull(store, conn, object_ids) -> None:
         else:
             view, is_error, refs = held
         total = shm.used_size(view)
+        in_flight: collections.deque = collections.deque()
         for offset, piece in chunks(view[:total]):
-            conn.send(P.Chunk(object_id, offset, total, is_error, refs, piece))
-        del view, held
+            if len(in_flight) >= SEND_WINDOW and not _sent(in_flight.popleft(), conn):
+                return
+            in_flight.append(conn.send_piece(P.Chunk(object_id, offset, total, is_error, refs,
+                                                     None), piece, track=True))
+        view = held = piece = None  # (unmapped once the transport lets go too)
     if missing:
         conn.send(P.Missing(missing))
+
+
+def as_chunk(message):
+    """A received `Piece` whose header is a ``Chunk``, as that Chunk (its data
+    the Piece); any other message as it is."""
+    if type(message) is Piece and type(message.header) is P.Chunk:
+        return message.header._replace(data=message)
+    return message
+
+
+def _sent(tracker, conn) -> bool:
+    """Wait until a tracked piece has left; False if its connection closed
+    first (a peer that stops reading is closed by the transport's heartbeats)."""
+    while not tracker.done:
+        if conn.closed:
+            return False
+        try:
+            tracker.wait(READ_SLICE)
+        except zmq.NotDone:
+            pass
+    return True
 
 
 class Assembly:
@@ -72,12 +118,17 @@ class Assembly:
         self.received = 0
 
     def add(self, chunk: P.Chunk) -> bool:
-        """Write a piece; whether the object is complete."""
+        """Write a piece (its `data` a buffer, or a `Piece` to decrypt into
+        place: ProtocolError if it does not authenticate); whether the object
+        is complete."""
         n = chunk.data.nbytes
         if chunk.offset < 0 or chunk.offset + n > self.total:
             raise ValueError(f"a piece at {chunk.offset} of {n} bytes lies outside the "
                              f"object's {self.total}")
-        self.view[chunk.offset:chunk.offset + n] = chunk.data
+        if type(chunk.data) is Piece:
+            chunk.data.read_into(self.view[chunk.offset:chunk.offset + n])
+        else:
+            self.view[chunk.offset:chunk.offset + n] = chunk.data
         self.received += n
         return self.received >= self.total
 
@@ -186,6 +237,7 @@ class _Source:
             self._end()
 
     def _handle(self, message) -> None:
+        message = as_chunk(message)
         kind = type(message)
         if kind is P.Chunk:
             self._chunk(message)

@@ -43,7 +43,8 @@ driver's own get) pulls it from there in chunks (``objects.py``).
     node -> driver   Borrow(added, released)    refs the node's workers hold
                                                 (first one) or let go of (last)
     any -> node      Pull(object_ids)           send me these (a peer node or driver)
-    node -> puller   Chunk(...) per piece, or Missing(object_ids)
+    node -> puller   Chunk(...) per piece (sent with send_piece: its data sealed
+                       apart, decrypted into place), or Missing(object_ids)
 """
 from __future__ import annotations
 

@@ -1,40 +1,57 @@
-"""The cluster's Transport: ZeroMQ over TCP, authenticated and encrypted with
-CURVE keys derived from the cluster's secret.
+"""The cluster's Transport: ZeroMQ over TCP, every message encrypted and
+authenticated (AES-256-GCM) with keys derived from the cluster's secret.
 
 One node listens on one TCP port: a ROUTER socket bound to ``tcp://HOST:PORT``.
 Every peer (another node, a driver) connects with a DEALER. Addresses are
 ``"host:port"`` strings (``"[::1]:port"`` for IPv6); port 0 picks a free one.
 
 Authentication, before anything is unpickled
-    Both ends derive their CURVE key pairs from the secret (`curve_keys`: an
-    HMAC of the secret per role is the Curve25519 secret key). The listener
-    is a CURVE server whose ZAP handler (served by `ZmqListener.poll`, no
-    thread) accepts only the client public key derived from the secret, and
-    a client knows the server's public key only if it holds the secret, so
-    each end proves it holds the secret and everything after the handshake
-    is encrypted and authenticated per message (ZMTP/CURVE). A peer without
-    the key fails the CURVE handshake inside libzmq: it never gets a message
-    through, and the listener logs one line per refusal (repeats of the same
-    line within a second are counted, not printed). A client with the wrong
-    key sees the handshake fail (a monitor on its socket turns libzmq's
-    silent retries into `AuthenticationError` at once).
+    The sockets use ZeroMQ's NULL mechanism (no security of its own: CURVE,
+    its encrypting one, carries at most about 0.3-1 GB/s per connection here,
+    below issue 7's target; see benchmarks/transfer_candidates.py); the
+    security is beamlet's, on top, in raw frames that are never unpickled.
+    Everything is keyed by `ClusterKey` (HMAC-SHA256 of the secret with a
+    label of its own)::
 
-    Then the client sends a raw hello frame naming its protocol `version`;
-    the listener answers ``W`` (welcome) or ``X`` and the reason, e.g. both
-    versions when they differ. Only a welcomed peer is `Joined`, and only a
-    joined peer's messages are unpickled. Both answers (ZAP, hello) come from
-    the listener's loop, so `connect` completes only while it runs (`poll` or
-    `accept` in another thread or process).
+        client -> listener   H  nonce_c, version
+        listener -> client   C  nonce_s, MAC("listener" | version | nonce_c | nonce_s)
+        client -> listener   R  MAC("client" | version | nonce_s | nonce_c)
+        listener -> client   W  version              (or X and the reason, at any step)
+
+    Both nonces are fresh random bytes, so a recorded answer is worth nothing
+    on another connection. A listener of another version answers the hello
+    with ``X`` naming both versions. A client checks the listener's proof,
+    a listener the client's answer (`hmac.compare_digest`): a peer without
+    the key is refused (``X``), logged (one line per refusal; repeats of the
+    same line within a second are counted, not printed), and what it sends
+    next is dropped unread; a client with a wrong key, or facing a listener
+    with another, raises `AuthenticationError` at once. Only a welcomed peer
+    is `Joined`. The answers come from the listener's loop, so `connect`
+    completes only while it runs (`poll` or `accept` in another thread or
+    process). A peer speaking another ZeroMQ mechanism (CURVE: an older
+    beamlet) fails the ZeroMQ handshake and is logged too.
+
+    Then every message is sealed: each direction of each connection has its
+    own AES-256-GCM key (from the secret and both nonces), and frame i of
+    the connection's message number n is encrypted under nonce (n, i), with
+    the message's frame count as associated data. So a frame that is forged,
+    altered, cut short, dropped, moved to another position, message or
+    connection, or replayed fails its tag: the receiver closes that
+    connection (``Left`` with a `ProtocolError` on a listener; `recv` raises
+    it on a client) and nothing of that message is unpickled. Probes and the
+    goodbye frames (``B``, ``X``) are not sealed: someone on the path could
+    close a connection with one, as it could by resetting the TCP stream,
+    but never make a peer accept a message. Not hidden: the sizes and timing
+    of messages. A stranger may make the listener read one frame of up to
+    `max_message` bytes before it is refused (with CURVE, nothing).
 
 Messages
     A message is one ZeroMQ multipart message: a pickle (protocol 5) and its
     out-of-band buffers, one frame each. Out of band go `pickle.PickleBuffer`
     objects, numpy arrays (which pickle through them), and `memoryview`
-    objects (they arrive as read-only memoryviews of the same format and
-    shape) of at least `OOB_MIN_BYTES`: they are sent without being copied
-    into the pickle or into a ZeroMQ message, and arrive as views of the
-    received frames (no copy either). So a buffer must not change until the
-    peer has it (sealed shared-memory objects never do). ``bytes`` are
+    objects (they arrive as memoryviews of the same format and
+    shape) of at least `OOB_MIN_BYTES`: they are not copied into the pickle,
+    and arrive as views of their decrypted frames. ``bytes`` are
     pickled in-band: wrap a large ``bytes`` in a memoryview to send it out of
     band. A message's frames together may hold at most `max_message` bytes
     (`MAX_MESSAGE` by default); a larger one is refused by `send`
@@ -47,12 +64,15 @@ Messages
     Large buffers travel in pieces: `chunks` cuts one into views of at most
     `CHUNK_SIZE` bytes without copying; send each inside a message (e.g.
     ``(object_id, offset, view)``) and write each arriving piece at its
-    offset on the other side (e.g. into shared memory). Sends never block
-    (no high-water mark: queued pieces are references, not copies); TCP
-    paces them. CURVE encrypts and authenticates every byte in libzmq's I/O
-    thread, and that bounds a connection's throughput (well below what
-    loopback TCP carries: see benchmarks/zmq_transport.py); pieces of about
-    `CHUNK_SIZE` go through it fastest, a single frame of 100 MB much slower.
+    offset on the other side (e.g. into shared memory); or, from a listener
+    to its client, with `PeerConnection.send_piece`, whose data the client
+    decrypts straight into place (`Piece.read_into`). Sends never block (no
+    high-water mark); TCP paces them. Each frame is encrypted into a new
+    buffer when it is sent (so a queued piece costs its size in memory until
+    it has left: `send_piece`'s tracker lets a sender bound that) and
+    decrypted into another when it arrives (buffers arrive as writable views
+    of those, no further copy); pieces of about `CHUNK_SIZE` go fastest (see
+    benchmarks/zmq_transport.py).
 
 Liveness
     Both ends run ZMTP heartbeats (`HEARTBEAT_INTERVAL`, `HEARTBEAT_TIMEOUT`),
@@ -92,21 +112,22 @@ from __future__ import annotations
 import collections
 import copyreg
 import errno
-import hashlib
 import hmac
 import io
 import ipaddress
 import os
 import pickle
 import select
+import secrets
 import socket
+import struct
 import sys
 import threading
 import time
-import weakref
 
 import zmq
-from zmq.utils import z85
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from zmq.utils.monitor import parse_monitor_message
 
 from ... import exceptions as exc
@@ -116,8 +137,14 @@ from ..local.transport import ProtocolError, log_refused
 
 #: The largest message (all its frames) a peer may send, in bytes.
 MAX_MESSAGE = 1 << 30
-#: The size of the pieces `chunks` cuts a large buffer into (CURVE's sweet spot).
+#: The size of the pieces `chunks` cuts a large buffer into.
 CHUNK_SIZE = 1 << 20
+#: The largest frame AES-GCM seals here (cryptography's limit is 2**31 - 1 bytes).
+MAX_FRAME = (1 << 31) - 1024
+#: Freed buffers up to this size stay in the process for reuse, and up to this much
+#: free memory (see `_keep_freed_buffers`).
+MALLOC_MMAP_MAX = 4 << 20
+MALLOC_KEEP = 256 << 20
 #: Buffers smaller than this stay inside the pickle (a frame of their own costs more).
 OOB_MIN_BYTES = 64 << 10
 #: ZMTP heartbeats (seconds): a PING every interval; no traffic for the timeout
@@ -134,13 +161,16 @@ CLOSE_LINGER = 1.0
 MAX_BATCH = 4096
 #: How many closed peers' routing ids a listener remembers (see `_newcomer`).
 MAX_CLOSED = 4096
+#: How many handshakes under way a listener keeps (the oldest is dropped past it).
+MAX_HANDSHAKES = 1024
+#: How long a client that found the listener's key wrong waits for its refusal (seconds).
+REFUSAL_WAIT = 1.0
 #: How long a refusal log line suppresses identical ones (seconds).
 LOG_REPEAT = 1.0
 
-_ZAP_ENDPOINT = "inproc://zeromq.zap.01"
-_ZAP_DOMAIN = b"beamlet"
-_PICKLE = 0x80  # the first byte of every pickle of protocol >= 2: a message
-_HELLO, _WELCOME, _BYE, _CLOSE = b"H", b"W", b"X", b"B"
+_PICKLE = 0x80  # the first byte of every pickle of protocol >= 2
+_HELLO, _CHALLENGE, _RESPONSE, _WELCOME = b"H", b"C", b"R", b"W"
+_BYE, _CLOSE, _SEALED, _PIECE = b"X", b"B", b"S", b"P"
 _PROBE = b""
 # (Plain ints: an enum operand makes pyzmq build an enum member per call.)
 _POLLIN = int(zmq.POLLIN)
@@ -194,26 +224,159 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class CurveKeys:
-    """The cluster's CURVE key pairs (Z85 text), all derived from its secret:
-    whoever holds the secret can act as server or client, nobody else can."""
+class ClusterKey:
+    """The transport's keys, all derived from the cluster's secret (and
+    distinct from every other use of it): `mac` proves, in the handshake,
+    that a side holds the secret; `session` gives a connection's two AES-256
+    keys (one per direction) from the handshake's two fresh nonces."""
 
-    __slots__ = ("server_public", "server_secret", "client_public", "client_secret")
+    __slots__ = ("_key",)
 
     def __init__(self, secret: bytes):
         auth.check_secret(secret)
-        self.server_public, self.server_secret = self._pair(secret, b"server")
-        self.client_public, self.client_secret = self._pair(secret, b"client")
+        self._key = hmac.digest(secret, b"beamlet zmq transport\0handshake", "sha256")
 
-    @staticmethod
-    def _pair(secret: bytes, role: bytes) -> tuple[bytes, bytes]:
-        raw = hmac.new(secret, b"beamlet zmq curve key\0" + role, hashlib.sha256).digest()
-        private = z85.encode(raw)
-        return zmq.curve_public(private), private
+    def mac(self, label: bytes, version: bytes, first: bytes, second: bytes) -> bytes:
+        return hmac.digest(self._key, label + b"\0" + version + b"\0" + first + second,
+                           "sha256")
+
+    def session(self, version: bytes, nonce_c: bytes, nonce_s: bytes) -> tuple[bytes, bytes]:
+        """(client -> listener key, listener -> client key)."""
+        prk = self.mac(b"session", version, nonce_c, nonce_s)
+        return (hmac.digest(prk, b"client to listener", "sha256"),
+                hmac.digest(prk, b"listener to client", "sha256"))
 
 
-def curve_keys(secret: bytes) -> CurveKeys:
-    return CurveKeys(secret)
+_NONCE = struct.Struct("<QI")  # a message's number on its connection, a frame's index
+_FRAMES = struct.Struct("<I")  # (associated data) how many frames the message has
+_TAG = 16
+
+
+class _Sealer:
+    """Encrypts and authenticates one direction of one connection: message
+    number n (counted from 0) has its frame i sealed with AES-256-GCM under
+    nonce (n, i) and the frame count as associated data. Hold `lock` around
+    `seal` and the send of its frames, so that they go in number order."""
+
+    __slots__ = ("_encrypt", "_seq", "lock")
+
+    def __init__(self, key: bytes):
+        self._encrypt = AESGCM(key).encrypt
+        self._seq = 0
+        self.lock = threading.Lock()
+
+    def seal(self, frames: list, mark: bytes = _SEALED) -> list:
+        seq = self._seq
+        self._seq = seq + 1
+        count = _FRAMES.pack(len(frames))
+        encrypt = self._encrypt
+        out = [mark + encrypt(_NONCE.pack(seq, 0), frames[0], count)]
+        for i in range(1, len(frames)):
+            out.append(encrypt(_NONCE.pack(seq, i), frames[i], count))
+        return out
+
+
+class _Opener:
+    """The receiving side of a `_Sealer`: opens the messages in order. A frame
+    that was forged, altered, cut, moved to another message or position, or
+    replayed (from this connection or another) fails, and `open` raises
+    ProtocolError before anything of the message is used."""
+
+    __slots__ = ("_aead", "_into", "_seq")
+
+    def __init__(self, key: bytes):
+        self._aead = AESGCM(key)
+        self._into = getattr(self._aead, "decrypt_into", None)  # (cryptography >= 47)
+        self._seq = 0
+
+    def open(self, frames: list, max_message: int, count: int | None = None) -> list:
+        """The plaintexts of a sealed message's frames (zmq Frames or
+        bytes-likes; the first starts with the sealed mark): writable
+        bytearrays, so that buffers unpickled from them are writable too.
+        (`count`: the message's frames, if only the first of them are given.)"""
+        views = [f.buffer if isinstance(f, zmq.Frame) else memoryview(f) for f in frames]
+        views[0] = views[0][1:]
+        size = sum(v.nbytes for v in views) - _TAG * len(views)
+        if size > max_message:
+            raise ProtocolError(f"a message of {size} bytes (at most {max_message} are allowed)")
+        seq = self._seq
+        count = _FRAMES.pack(len(views) if count is None else count)
+        out = []
+        try:
+            for i, view in enumerate(views):
+                if view.nbytes < _TAG:
+                    raise InvalidTag
+                if self._into is not None:
+                    plain = bytearray(view.nbytes - _TAG)
+                    self._into(_NONCE.pack(seq, i), view, count, plain)
+                else:
+                    plain = bytearray(self._aead.decrypt(_NONCE.pack(seq, i), view, count))
+                out.append(plain)
+        except InvalidTag:
+            raise ProtocolError(f"message {seq} does not authenticate with this connection's "
+                                f"key (forged, altered, cut, reordered or replayed): nothing "
+                                f"of it was unpickled") from None
+        self._seq = seq + 1
+        return out
+
+    def open_piece(self, frames: list, max_message: int, broken) -> "Piece":
+        """A sealed piece (see `PeerConnection.send_piece`): its header frame is
+        opened and unpickled here, its data only by `Piece.read_into`."""
+        if len(frames) != 2:
+            raise ProtocolError(f"a piece of {len(frames)} frames (a piece has two)")
+        header = unpack(self.open(frames[:1], max_message, count=2), max_message)
+        frame = frames[1]
+        view = frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame)
+        if not _TAG <= view.nbytes <= max_message + _TAG:
+            raise ProtocolError(f"a piece of {view.nbytes} bytes")
+        return Piece(header, view, _NONCE.pack(self._seq - 1, 1), self, broken)
+
+    def read_into(self, nonce: bytes, ciphertext, target) -> None:
+        try:
+            if self._into is not None:
+                self._into(nonce, ciphertext, _FRAMES.pack(2), target)
+            else:
+                target[:] = self._aead.decrypt(nonce, ciphertext, _FRAMES.pack(2))
+        except InvalidTag:
+            raise ProtocolError("a piece does not authenticate with its connection's key "
+                                "(forged, altered, cut, reordered or replayed)") from None
+
+
+class Piece:
+    """A large buffer that came sealed apart from its `header` (the message
+    sent with it, already authenticated and unpickled): `nbytes` bytes that
+    `read_into` decrypts straight into where they belong (e.g. a segment of
+    shared memory), checking them as it goes.
+
+    If they do not authenticate, `read_into` raises `ProtocolError` (what it
+    wrote into the target is garbage: drop it, never use it) and the
+    connection is closed (its `recv` ends with EOFError): a connection that
+    carried one forged byte is not trusted again."""
+
+    __slots__ = ("header", "nbytes", "_data", "_nonce", "_opener", "_broken")
+
+    def __init__(self, header, data: memoryview, nonce: bytes, opener: _Opener, broken):
+        self.header = header
+        self.nbytes = data.nbytes - _TAG
+        self._data = data
+        self._nonce = nonce
+        self._opener = opener
+        self._broken = broken
+
+    def __repr__(self) -> str:
+        return f"<Piece of {self.nbytes} bytes with {type(self.header).__name__}>"
+
+    def read_into(self, target) -> None:
+        """Decrypt into `target` (a writable buffer of exactly `nbytes` bytes)."""
+        view = memoryview(target)
+        if view.nbytes != self.nbytes or view.readonly:
+            raise ValueError(f"a piece of {self.nbytes} bytes needs a writable target of that "
+                             f"size, got {view.nbytes} bytes{' (read-only)' if view.readonly else ''}")
+        try:
+            self._opener.read_into(self._nonce, self._data, view)
+        except ProtocolError as err:
+            self._broken(err)
+            raise
 
 
 # -- messages ----------------------------------------------------------------------------
@@ -423,17 +586,48 @@ def _peer_of_fd(fd: int) -> str:
 
 
 def _handshake_failure(event: int, value: int) -> str:
-    """Why a CURVE handshake failed, from a monitor event."""
-    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-        return f"it does not hold the cluster's key: its key was refused (ZAP status {value})"
+    """Why a ZeroMQ (ZMTP) handshake failed, from a monitor event: the peer is
+    not a beamlet peer of this transport (beamlet's own handshake comes after)."""
     if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-        if value == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
-            return "it does not hold the cluster's key (the CURVE handshake did not decrypt)"
         if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-            return "it does not speak CURVE with the cluster's key (security mechanism mismatch)"
+            return ("it does not speak this transport (another ZeroMQ security mechanism, "
+                    "e.g. CURVE: a beamlet of an older version?)")
         return f"it broke the ZeroMQ handshake (protocol error {value:#x})"
-    return (f"the connection closed during the CURVE handshake "
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return f"its ZeroMQ handshake was refused (status {value})"
+    return (f"the connection closed during the ZeroMQ handshake "
             f"({os.strerror(value) if value else 'no detail'})")
+
+
+_malloc_tuned = False
+
+
+def _keep_freed_buffers() -> None:
+    """Make glibc's malloc keep freed buffers of up to `MALLOC_MMAP_MAX` bytes
+    (and up to `MALLOC_KEEP` bytes of free memory) for reuse, once per process.
+
+    Every piece in flight is a buffer of its own (its ciphertext on the way
+    out, libzmq's on the way in). By default glibc may hand such buffers back
+    to the kernel when they are freed, and the next ones are fresh pages:
+    a page fault each, which on this project's VMs cost more than the
+    transfer itself (touching fresh memory ~1.5-2.7 s per GB against ~0.1
+    for memory in use; benchmarks/README.md). These are glibc's own tunables
+    (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, which it adapts
+    by itself within the same range); set in the environment they win."""
+    global _malloc_tuned
+    if _malloc_tuned:
+        return
+    _malloc_tuned = True
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return
+    try:
+        import ctypes
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return  # not glibc
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, MALLOC_MMAP_MAX)
+    mallopt(m_trim_threshold, MALLOC_KEEP)
 
 
 _live_contexts = 0
@@ -472,14 +666,12 @@ class ZmqConnection(Connection):
         self._pending: collections.deque = collections.deque()
         self._gone: str | None = None  # why the peer is gone, once it is
         self._error: ProtocolError | None = None  # raised by the next recv_all
+        self._sealer: _Sealer | None = None  # (set by the handshake)
+        self._opener: _Opener | None = None
         self.closed = False
         ctx = transport._acquire(self)
         try:
             sock = self._sock = ctx.socket(zmq.DEALER)
-            keys = transport.keys
-            sock.curve_serverkey = keys.server_public
-            sock.curve_publickey = keys.client_public
-            sock.curve_secretkey = keys.client_secret
             transport._tune(sock)
             sock.setsockopt(zmq.IMMEDIATE, 1)  # no queue before (or after) a live connection
             if ":" in host:
@@ -507,7 +699,7 @@ class ZmqConnection(Connection):
             if event is None:
                 if connected:
                     raise auth.AuthenticationError(
-                        f"the listener at {self.address} did not complete the CURVE handshake "
+                        f"the listener at {self.address} did not complete the ZeroMQ handshake "
                         f"within {timeout}s")
                 raise exc.BackendError(f"nothing answered at {self.address} within {timeout}s: "
                                        f"is a beamlet listener running there?")
@@ -520,40 +712,72 @@ class ZmqConnection(Connection):
                          | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL) or \
                     (kind == zmq.EVENT_DISCONNECTED and connected):
                 raise auth.AuthenticationError(self._refusal(kind, value))
-        try:
-            self._sock.send(_HELLO + auth.check_version(self._transport.version), zmq.NOBLOCK)
-        except zmq.ZMQError as err:
-            raise exc.BackendError(f"the connection to {self.address} closed at once: "
-                                   f"{err}") from None
+        version = auth.check_version(self._transport.version)
+        keys = self._transport.keys
+        nonce_c = secrets.token_bytes(auth.NONCE_BYTES)
+        self._raw_send(_HELLO + nonce_c + version)
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
+        frame = self._answer(poller, until, timeout)
+        if frame[:1] != _CHALLENGE or len(frame) != 1 + auth.NONCE_BYTES + auth.MAC_BYTES:
+            raise auth.AuthenticationError(f"the listener at {self.address} did not answer our "
+                                           f"hello as a beamlet listener: {frame[:80]!r}")
+        nonce_s, proof = frame[1:1 + auth.NONCE_BYTES], frame[1 + auth.NONCE_BYTES:]
+        # (answered before the listener's proof is checked, so that a listener with
+        # another key logs this peer's refusal; the answer is worth nothing elsewhere)
+        self._raw_send(_RESPONSE + keys.mac(b"client", version, nonce_s, nonce_c))
+        if not hmac.compare_digest(proof, keys.mac(b"listener", version, nonce_c, nonce_s)):
+            try:  # its refusal: it has our answer (and logged us) before we close
+                self._answer(poller, time.monotonic() + REFUSAL_WAIT, REFUSAL_WAIT)
+            except exc.BackendError:
+                pass
+            raise auth.AuthenticationError(
+                f"the listener at {self.address} refused the connection: it and this process "
+                f"hold different cluster keys (was a wrong token given?)")
+        frame = self._answer(poller, until, timeout)
+        if frame[:1] != _WELCOME or frame[1:] != version:
+            raise auth.AuthenticationError(f"the listener at {self.address} did not welcome "
+                                           f"us as a beamlet listener: {frame[:80]!r}")
+        up, down = keys.session(version, nonce_c, nonce_s)
+        self._sealer, self._opener = _Sealer(up), _Opener(down)
+        # (polling here took the sockets' wake-ups: the first recv_all must look)
+        self._waker.wake()
+
+    def _raw_send(self, frame: bytes) -> None:
+        try:
+            self._sock.send(frame, zmq.NOBLOCK)
+        except zmq.ZMQError as err:
+            raise exc.BackendError(f"the connection to {self.address} closed at once: "
+                                   f"{err}") from None
+
+    def _answer(self, poller, until: float | None, timeout) -> bytes:
+        """The listener's next handshake frame; AuthenticationError if it is a
+        refusal (with its reason), BackendError if none comes in time."""
         while True:
             left = None if until is None else until - time.monotonic()
             ready = dict(poller.poll(None if left is None else max(0, int(left * 1000)))) \
                 if left is None or left > 0 else {}
             if not ready:
                 raise exc.BackendError(f"the listener at {self.address} did not answer our "
-                                       f"hello within {timeout}s")
+                                       f"handshake within {timeout}s")
             if self._monitor in ready:
                 self._read_monitor()
                 if self._gone is not None:
                     raise exc.BackendError(f"the listener at {self.address} closed the "
-                                           f"connection before answering our hello")
+                                           f"connection during our handshake")
             if self._sock not in ready:
                 continue
-            frame = self._sock.recv()
+            try:
+                frame = self._sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                continue
             if frame == _PROBE:
                 continue
-            if frame[:1] == _WELCOME and frame[1:] == self._transport.version.encode():
-                break
             if frame[:1] == _BYE:
                 raise auth.AuthenticationError(f"the listener at {self.address} refused the "
                                                f"connection: {frame[1:].decode(errors='replace')}")
-            raise auth.AuthenticationError(f"the listener at {self.address} did not answer our "
-                                           f"hello as a beamlet listener: {frame[:80]!r}")
-        # (polling here took the sockets' wake-ups: the first recv_all must look)
-        self._waker.wake()
+            return frame
 
     def _next_event(self, until: float | None) -> dict | None:
         left = None if until is None else until - time.monotonic()
@@ -564,15 +788,11 @@ class ZmqConnection(Connection):
         return parse_monitor_message(self._monitor.recv_multipart())
 
     def _refusal(self, kind: int, value: int) -> str:
-        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            return (f"the listener at {self.address} refused this process's key (ZAP status "
-                    f"{value}): it does not hold the cluster's key")
         if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-            return (f"the handshake with {self.address} failed: "
+            return (f"the ZeroMQ handshake with {self.address} failed: "
                     + _handshake_failure(kind, value).replace("it ", "the listener ", 1))
-        return (f"the listener at {self.address} refused this process's key: it closed the "
-                f"connection during the CURVE handshake (the two do not hold the same cluster "
-                f"key, or it is not a beamlet listener)")
+        return (f"the listener at {self.address} closed the connection during the ZeroMQ "
+                f"handshake: it is not a beamlet listener of this version")
 
     # -- messages
     def fileno(self) -> int:
@@ -580,20 +800,25 @@ class ZmqConnection(Connection):
 
     def send(self, message) -> None:
         frames = pack(message, self._max)
-        with self._lock:
+        sealer = self._sealer
+        with sealer.lock:  # (sealed and sent in number order; the socket's lock is shorter)
             if self.closed:
                 raise exc.BackendError(f"this connection to {self.address} is closed")
-            if self._gone is not None:
-                raise exc.BackendError(f"the peer at {self.address} is gone: {self._gone}")
-            try:
-                _send_frames(self._sock, frames, len(frames) == 1)
-            except zmq.Again:
-                raise exc.BackendError(f"the peer at {self.address} is gone (no connection to "
-                                       f"send on)") from None
-            except zmq.ZMQError as err:
-                raise exc.BackendError(f"cannot send to {self.address}: {err}") from None
-            if self._sock.getsockopt(zmq.EVENTS) & _POLLIN:
-                self._waker.wake()
+            sealed = sealer.seal(frames)
+            with self._lock:
+                if self.closed:
+                    raise exc.BackendError(f"this connection to {self.address} is closed")
+                if self._gone is not None:
+                    raise exc.BackendError(f"the peer at {self.address} is gone: {self._gone}")
+                try:
+                    _send_frames(self._sock, sealed, False)
+                except zmq.Again:
+                    raise exc.BackendError(f"the peer at {self.address} is gone (no "
+                                           f"connection to send on)") from None
+                except zmq.ZMQError as err:
+                    raise exc.BackendError(f"cannot send to {self.address}: {err}") from None
+                if self._sock.getsockopt(zmq.EVENTS) & _POLLIN:
+                    self._waker.wake()
 
     def _read_monitor(self) -> None:
         """Note a closed connection (under the lock)."""
@@ -647,13 +872,20 @@ class ZmqConnection(Connection):
         for frames in batch:
             if len(frames[0]) == 0:
                 continue  # a liveness probe
-            if frames[0].buffer[0] == _BYE[0]:
+            lead = frames[0].buffer[0]
+            if lead == _BYE[0]:
                 with self._lock:
                     self._set_gone("the listener closed this connection: "
                                    + frames[0].bytes[1:].decode(errors="replace"))
                 break
             try:
-                out.append(unpack(frames, self._max))
+                if lead == _SEALED[0]:
+                    out.append(unpack(self._opener.open(frames, self._max), self._max))
+                elif lead == _PIECE[0]:
+                    out.append(self._opener.open_piece(frames, self._max, self._piece_broken))
+                else:
+                    raise ProtocolError(f"a frame that is not a sealed message: "
+                                        f"{bytes(frames[0].buffer[:40])!r}")
             except ProtocolError as err:
                 with self._lock:
                     self._set_gone(f"the listener sent a broken message: {err}")
@@ -664,6 +896,10 @@ class ZmqConnection(Connection):
         if not out and self._gone is not None:
             raise EOFError(f"the connection to {self.address} is closed: {self._gone}")
         return out
+
+    def _piece_broken(self, error: ProtocolError) -> None:
+        with self._lock:
+            self._set_gone(f"the listener sent a broken piece: {error}")
 
     def recv(self, timeout: float | None = None):
         until = None if timeout is None else time.monotonic() + timeout
@@ -719,10 +955,13 @@ class PeerConnection(Connection):
     messages are reported by `ZmqListener.poll` (or, for a listener used
     through `accept`, returned by `recv`/`recv_all`)."""
 
-    def __init__(self, listener: "ZmqListener", routing_id: bytes, peer: str):
+    def __init__(self, listener: "ZmqListener", routing_id: bytes, peer: str,
+                 sealer: _Sealer, opener: _Opener):
         self._listener = listener
         self.routing_id = routing_id
         self.peer = peer
+        self._sealer = sealer
+        self._opener = opener
         self.closed = False  # closed here, or gone
         self._inbox: collections.deque = collections.deque()
         self._eof: str | None = None
@@ -734,7 +973,27 @@ class PeerConnection(Connection):
         return self._listener.fileno()
 
     def send(self, message) -> None:
-        self._listener._send(self, pack(message, self._listener.max_message))
+        frames = pack(message, self._listener.max_message)
+        sealer = self._sealer
+        with sealer.lock:  # (sealed and sent in number order)
+            self._listener._send(self, sealer.seal(frames))
+
+    def send_piece(self, header, data, track: bool = False):
+        """Send `data` (a contiguous buffer) sealed apart from `header` (a small
+        message with no large buffer of its own): the peer's `recv` returns a
+        `Piece`, which decrypts `data` straight into where it belongs. With
+        `track`, returns a ``zmq.MessageTracker`` that is done once the sealed
+        copy of `data` has left this process (or was dropped with its
+        connection): a sender can bound how much it has in flight."""
+        frames = pack(header, self._listener.max_message)
+        if len(frames) != 1:
+            raise ValueError("a piece's header must not hold large buffers")
+        data = memoryview(data).cast("B")
+        if len(frames[0]) + data.nbytes > self._listener.max_message:
+            raise _too_large(len(frames[0]) + data.nbytes, self._listener.max_message)
+        sealer = self._sealer
+        with sealer.lock:
+            return self._listener._send(self, sealer.seal([frames[0], data], _PIECE), track)
 
     def recv_all(self) -> list:
         if not self._inbox and self._eof is None:
@@ -787,19 +1046,11 @@ class ZmqListener(Listener):
         self._next_probe = 0.0
         self.closed = False
         self._failure: str | None = None  # a handshake failure, logged at its DISCONNECTED
+        # Handshakes under way: routing id -> (client nonce, our nonce), oldest first.
+        self._handshakes: collections.OrderedDict = collections.OrderedDict()
         ctx = transport._acquire(self)
         try:
-            keys = transport.keys
-            # The ZAP handler must be bound before the ROUTER accepts anyone.
-            self._zap = ctx.socket(zmq.REP)
-            self._zap_key = z85.decode(transport.keys.client_public)  # (once: see _serve_zap)
-            self._zap.linger = 0
-            self._zap.bind(_ZAP_ENDPOINT)
             router = self._router = ctx.socket(zmq.ROUTER)
-            router.curve_server = True
-            router.curve_secretkey = keys.server_secret
-            router.zap_domain = _ZAP_DOMAIN
-            router.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
             transport._tune(router)
             if ":" in host:
@@ -812,8 +1063,8 @@ class ZmqListener(Listener):
             bound = router.getsockopt(zmq.LAST_ENDPOINT).decode()
             self.address = bound[len("tcp://"):]
             self._waker = _Waker()
-            self._router_fd, self._zap_fd, self._monitor_fd = (
-                self._waker.add(sock) for sock in (router, self._zap, self._monitor))
+            self._router_fd, self._monitor_fd = (
+                self._waker.add(sock) for sock in (router, self._monitor))
             # Setting up took wake-ups of messages already waiting (the monitor's
             # first events): the first poll must look at every socket.
             self._waker.wake()
@@ -853,8 +1104,6 @@ class ZmqListener(Listener):
     def _collect_now(self) -> list:
         ready = self._waker.ready()
         woken = self._waker.event_fd in ready  # (read everything: see `_Waker`)
-        if woken or self._zap_fd in ready:
-            self._serve_zap()
         if woken or self._monitor_fd in ready:
             self._read_monitor()
         events: list = []
@@ -873,23 +1122,6 @@ class ZmqListener(Listener):
                                            "stopped answering heartbeats)")
                         events.append(Left(peer, None))
         return events
-
-    def _serve_zap(self) -> None:
-        """Answer every pending ZAP request: the client key derived from the
-        secret is accepted, any other refused."""
-        expected = self._zap_key
-        while True:
-            try:
-                request = self._zap.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            ok = (len(request) >= 7 and request[0] == b"1.0" and request[5] == b"CURVE"
-                  and hmac.compare_digest(request[6], expected))
-            # (a refusal is logged when its connection closes: the monitor knows its address)
-            request_id = request[1] if len(request) > 1 else b""
-            self._zap.send_multipart([b"1.0", request_id, b"200" if ok else b"400",
-                                      b"OK" if ok else b"key refused", b"", b""])
-
 
     def _read_monitor(self) -> None:
         """Log refused connections; note closed ones (their peers get probed).
@@ -948,9 +1180,10 @@ class ZmqListener(Listener):
             if len(first) == 0:
                 continue
             lead = first.buffer[0]
-            if lead == _PICKLE:
+            if lead == _SEALED[0]:  # (pieces go only to clients: see send_piece)
                 try:
-                    message = unpack(frames[1:], self.max_message)
+                    message = unpack(peer._opener.open(frames[1:], self.max_message),
+                                     self.max_message)
                 except ProtocolError as err:
                     self._drop(peer, err, events)
                     continue
@@ -963,35 +1196,66 @@ class ZmqListener(Listener):
                 self._forget(peer, "the peer closed the connection")
                 events.append(Left(peer, None))
             else:
-                self._drop(peer, ProtocolError(f"a frame that is not a message: "
+                self._drop(peer, ProtocolError(f"a frame that is not a sealed message: "
                                                f"{bytes(first.buffer[:40])!r}"), events)
 
     def _newcomer(self, rid: bytes, frames: list, events: list) -> None:
-        """A frame from a connection that has not joined: its hello, or nothing
-        to unpickle."""
+        """A frame from a connection that has not joined: a step of its
+        handshake (see the module docstring), never anything to unpickle."""
         if rid in self._closed:
             return  # (sent before it learnt that it was closed)
         first = frames[0]
         address = first.get("Peer-Address") or "an unknown address"
         peer = f"{address} (connection {rid.hex()})"
-        head = bytes(first.buffer[:1 + auth.MAX_VERSION_BYTES + 1])
+        size = len(first)
+        head = bytes(first.buffer[:1 + auth.NONCE_BYTES + auth.MAX_VERSION_BYTES + 1])
         if not head or head == _CLOSE:
+            self._handshakes.pop(rid, None)
             return
         mine = self._transport.version.encode()
-        if head[:1] == _HELLO and len(frames) == 1 and len(first) <= 1 + auth.MAX_VERSION_BYTES:
-            theirs = head[1:]
-            if theirs == mine:
-                conn = PeerConnection(self, rid, peer)
+        keys = self._transport.keys
+        kind = head[:1]
+        reply = None
+        if kind == _HELLO and len(frames) == 1 and \
+                auth.NONCE_BYTES < size <= 1 + auth.NONCE_BYTES + auth.MAX_VERSION_BYTES:
+            nonce_c, theirs = head[1:1 + auth.NONCE_BYTES], head[1 + auth.NONCE_BYTES:]
+            if theirs == mine and rid not in self._handshakes:
+                nonce_s = secrets.token_bytes(auth.NONCE_BYTES)
+                self._handshakes[rid] = (nonce_c, nonce_s)
+                if len(self._handshakes) > MAX_HANDSHAKES:
+                    self._handshakes.popitem(last=False)
+                self._reply(rid, _CHALLENGE + nonce_s + keys.mac(b"listener", mine, nonce_c,
+                                                                 nonce_s))
+                return
+            reason = (f"protocol version mismatch: the listener speaks "
+                      f"{mine.decode()!r}, the peer {theirs.decode(errors='replace')!r}"
+                      if theirs != mine else "it said hello twice")
+        elif kind == _RESPONSE and len(frames) == 1 and size == 1 + auth.MAC_BYTES and \
+                rid in self._handshakes:
+            nonce_c, nonce_s = self._handshakes.pop(rid)
+            if hmac.compare_digest(head[1:], keys.mac(b"client", mine, nonce_s, nonce_c)):
+                up, down = keys.session(mine, nonce_c, nonce_s)
+                conn = PeerConnection(self, rid, peer, _Sealer(down), _Opener(up))
                 self._peers[rid] = conn
                 self._reply(rid, _WELCOME + mine)
                 events.append(Joined(conn))
                 return
-            reason = (f"protocol version mismatch: the listener speaks "
-                      f"{mine.decode()!r}, the peer {theirs.decode(errors='replace')!r}")
+            reason = "it does not hold the cluster's key (its answer to our challenge is wrong)"
+            reply = "authentication failed: this process does not hold the cluster's key"
+        elif rid in self._handshakes:
+            self._handshakes.pop(rid)
+            reason = "it broke the handshake (it sent something else than its answer)"
         else:
             reason = "it sent a message without having said hello"
         self._log(peer, reason)
-        self._reply(rid, _BYE + reason.encode())
+        self._forget_rid(rid)
+        self._reply(rid, _BYE + (reply or reason).encode())
+
+    def _forget_rid(self, rid: bytes) -> None:
+        """What a refused connection sends next is dropped without a word."""
+        self._closed[rid] = None
+        if len(self._closed) > MAX_CLOSED:
+            self._closed.popitem(last=False)
 
     def _reply(self, rid: bytes, frame: bytes) -> None:
         with self._lock:
@@ -1018,9 +1282,7 @@ class ZmqListener(Listener):
         if peer._eof is None:
             peer._eof = why
         self._peers.pop(peer.routing_id, None)
-        self._closed[peer.routing_id] = None
-        if len(self._closed) > MAX_CLOSED:
-            self._closed.popitem(last=False)
+        self._forget_rid(peer.routing_id)
 
     def _close_peer(self, peer: PeerConnection, why: str) -> None:
         if peer.closed:
@@ -1047,12 +1309,18 @@ class ZmqListener(Listener):
             self._probe_until = 0.0
         return gone
 
-    def _send(self, peer: PeerConnection, frames: list) -> None:
+    def _send(self, peer: PeerConnection, frames: list, track: bool = False):
+        """(None, or with `track` the last frame's MessageTracker.)"""
         with self._lock:
             if peer.closed or self.closed:
                 raise exc.BackendError(f"the connection of {peer.peer} is closed: {peer._eof}")
             try:
-                _send_frames(self._router, [peer.routing_id, *frames], len(frames) == 1)
+                if track:
+                    tracker = self._router.send_multipart([peer.routing_id, *frames], zmq.NOBLOCK,
+                                                          copy=False, track=True)
+                else:
+                    tracker = None
+                    _send_frames(self._router, [peer.routing_id, *frames], len(frames) == 1)
             except zmq.ZMQError as err:
                 if err.errno == errno.EHOSTUNREACH:
                     self._probe_until = time.monotonic() + PROBE_WINDOW  # poll reports it
@@ -1060,6 +1328,7 @@ class ZmqListener(Listener):
                     raise exc.BackendError(f"{peer.peer} is gone") from None
                 raise exc.BackendError(f"cannot send to {peer.peer}: {err}") from None
             self._after_send()
+            return tracker
 
     # -- accept(): one peer at a time
     def accept(self, timeout: float | None = None) -> PeerConnection:
@@ -1112,15 +1381,13 @@ class ZmqListener(Listener):
                 waker.close()
             router = self.__dict__.pop("_router", None)
             monitor = self.__dict__.pop("_monitor", None)
-            zap = self.__dict__.pop("_zap", None)
             if router is not None and monitor is not None:
                 try:
                     router.disable_monitor()
                 except zmq.ZMQError:
                     pass
-            for sock in (monitor, zap):
-                if sock is not None:
-                    sock.close(0)
+            if monitor is not None:
+                monitor.close(0)
             if router is not None:
                 router.close(int(linger * 1000))
         self._transport._release(self)
@@ -1140,11 +1407,12 @@ class ZmqTransport(Transport):
                  heartbeat_interval: float = HEARTBEAT_INTERVAL,
                  heartbeat_timeout: float = HEARTBEAT_TIMEOUT):
         auth.check_version(version)
-        self.keys = CurveKeys(secret)
+        self.keys = ClusterKey(secret)
         self.version = version
-        if not isinstance(max_message, int) or max_message < 1024:
-            raise ValueError(f"max_message must be an int of at least 1024 bytes, got "
+        if not isinstance(max_message, int) or not 1024 <= max_message <= MAX_FRAME:
+            raise ValueError(f"max_message must be an int from 1024 to {MAX_FRAME} bytes, got "
                              f"{max_message!r}")
+        _keep_freed_buffers()
         if not 0 < heartbeat_interval <= heartbeat_timeout:
             raise ValueError(f"heartbeats need 0 < interval <= timeout, got "
                              f"{heartbeat_interval} and {heartbeat_timeout}")
