@@ -16,8 +16,9 @@ from another interpreter (``--sb3-python``; never a dependency of beamlet).
     python benchmarks/rl_bench.py --sb3-python ../sb3-venv/bin/python
 
 The SB3 venv: ``python3 -m venv ../sb3-venv && ../sb3-venv/bin/pip install
-torch stable-baselines3 gymnasium``; SB3 runs with one torch thread, as beamlet.rl
-keeps BLAS to one.
+torch stable-baselines3 gymnasium`` (a CPU build of torch); SB3 runs with one torch
+thread, as beamlet.rl keeps BLAS to one, and each of its seeds right after the same
+seed of beamlet's PPO, so that the pair meets about the same load.
 """
 from __future__ import annotations
 
@@ -217,6 +218,21 @@ def summarize(rows: list[dict], target: int) -> str:
             f"median wall {statistics.median(walls):.1f} s")
 
 
+def compare_sb3(ours: list[dict], sb3: list[dict]) -> str:
+    """The median wall and CPU time to the goal, ours against SB3's (seeds that
+    reached it; a seed that did not counts as its whole run)."""
+    if any("error" in r for r in sb3):
+        return f"SB3 failed: {[r['error'] for r in sb3 if 'error' in r]}"
+    med = {name: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "driver_cpu_s",
+                                                                    "env_steps")}
+           for name, rs in (("beamlet", ours), ("SB3", sb3))}
+    b, o = med["beamlet"], med["SB3"]
+    return (f"median to the goal: beamlet {b['env_steps']:.0f} env steps, {b['wall_s']:.1f} s "
+            f"wall, {b['driver_cpu_s']:.1f} s CPU; SB3 {o['env_steps']:.0f} env steps, "
+            f"{o['wall_s']:.1f} s wall, {o['driver_cpu_s']:.1f} s CPU; wall below SB3's: "
+            f"{'yes' if b['wall_s'] < o['wall_s'] else 'NO'}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--algos", default="PPO,DQN,A2C,A2C:2,A3C,ES",
@@ -251,23 +267,31 @@ def main(argv=None) -> int:
                 where = "" if runners is None else f" ({runners} env runners)"
                 print(f"== {algo}{where} on {args.env}: env steps until mean return of the "
                       f"last 20 episodes >= {goal}", flush=True)
-                algo_rows = []
+                # SB3's PPO runs right after each seed of ours, so that both of a
+                # seed's runs meet about the same load.
+                with_sb3 = (algo == "PPO" and runners is None and args.env == "CartPole-v1"
+                            and bool(args.sb3_python))
+                algo_rows, sb3_rows = [], []
                 for seed in seeds:
                     r = run_to_target(algo, args.env, seed, goal, 2 * targets[algo],
                                       args.max_time, runners)
+                    r["load_avg_1m"] = os.getloadavg()[0]
                     algo_rows.append(r)
                     print(f"  seed {seed}: {'reached' if r['reached'] else 'NOT reached'} "
-                          f"at {r['env_steps']} env steps, {r['wall_s']} s "
-                          f"(last mean return {r['final_return']})", flush=True)
+                          f"at {r['env_steps']} env steps, {r['wall_s']} s, "
+                          f"CPU {r['driver_cpu_s']} s (last mean return {r['final_return']}; "
+                          f"load {r['load_avg_1m']:.1f})", flush=True)
+                    if with_sb3:
+                        s = {"algo": "SB3-PPO", "env": args.env, "seed": seed,
+                             **sb3_ppo(args.sb3_python, seed, 100_000),
+                             "load_avg_1m": os.getloadavg()[0]}
+                        sb3_rows.append(s)
+                        print(f"  seed {seed} SB3: {s}", flush=True)
                 print("  " + summarize(algo_rows, targets[algo]), flush=True)
-                rows += algo_rows
-            if args.sb3_python and args.env == "CartPole-v1":
-                print("== SB3 PPO (zoo hyperparameters) on CartPole-v1", flush=True)
-                for seed in seeds:
-                    r = sb3_ppo(args.sb3_python, seed, 100_000)
-                    rows.append({"algo": "SB3-PPO", "seed": seed, **r})
-                    print(f"  seed {seed}: {r}", flush=True)
-            elif args.env == "CartPole-v1":
+                if sb3_rows:
+                    print("  " + compare_sb3(algo_rows, sb3_rows), flush=True)
+                rows += algo_rows + sb3_rows
+            if args.env == "CartPole-v1" and not args.sb3_python and "PPO" in algos:
                 print("== SB3 PPO: skipped (give --sb3-python or $BEAMLET_SB3_PYTHON)")
         if args.only == "scaling":
             print(f"== ES sampling on {args.env} by number of workers", flush=True)
