@@ -361,6 +361,11 @@ def leaf(x):
 
 
 @beamlet.remote
+def worker_pid():
+    return os.getpid()
+
+
+@beamlet.remote
 def fan(n):
     return job(), beamlet.get([leaf.remote(i) for i in range(n)], timeout=60)
 
@@ -396,6 +401,9 @@ class Keeper:
     def kept_values(self):
         return beamlet.get(self.kept, timeout=60)
 
+    def pid(self):
+        return os.getpid()
+
 
 def one_round(tag, keeper, i):
     me = job()
@@ -427,7 +435,10 @@ while not os.path.exists(stop) or rounds < 2:
         open(started, "w").close()
 assert beamlet.get(keeper.kept_values.remote(), timeout=60) == [
     f"second-{i}" for i in range(rounds)]
+pids = {beamlet.get(keeper.pid.remote(), timeout=60)} | set(
+    beamlet.get([side_work.worker_pid.remote() for _ in range(4)], timeout=60))
 print("second driver ran", rounds, "rounds in job", side_work.job(), flush=True)
+print("PIDS", *sorted(pids), flush=True)
 beamlet.shutdown()
 """
 
@@ -471,3 +482,11 @@ def test_two_drivers_at_once_each_get_their_own_nested_results(cluster, driver, 
     side_work.one_round("first", keeper, 4)
     assert beamlet.get(keeper.kept_values.remote(), timeout=GET_TIMEOUT) == [
         f"first-{i}" for i in range(5)]
+    # The second driver's workers (its actor's, idle ones) are let go.
+    pids = [int(p) for p in out.split("PIDS", 1)[1].split()]
+    ours = {beamlet.get(keeper.pid.remote(), timeout=GET_TIMEOUT)}
+    assert pids and not ours & set(pids)
+    deadline = time.monotonic() + TIMEOUT
+    while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in pids if os.path.exists(f"/proc/{p}")], "its workers live on"

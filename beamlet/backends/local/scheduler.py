@@ -457,14 +457,23 @@ class LocalScheduler(Scheduler):
         """Start workers for `wanted` tasks (of `job`: see job_of)."""
         if self.launch_error is not None:
             return
-        running = sum(1 for w in self.workers.values() if w.state in (BUSY, STARTING, IDLE)
-                      and not w.blocking)
+        # (Idle workers of other jobs do not count: they cannot run these, and
+        # may not be let go if they own live objects. One is let go per worker
+        # started beyond max_workers with them, if it can be.)
+        running = others = 0
+        for w in self.workers.values():
+            if w.state in (BUSY, STARTING, IDLE) and not w.blocking:
+                if w.state == IDLE and w.job is not job:
+                    others += 1
+                else:
+                    running += 1
         room = self.max_workers - running
         starting = self.starting if self.job_of is None else sum(
             1 for w in self.workers.values() if w.state == STARTING and w.job is job)
-        if self.job_of is not None and room <= 0 < wanted - starting:
-            self._retire_idle_of_other_job(job)
         n = min(wanted - starting, room)
+        for _ in range(min(others, running + others + n - self.max_workers)):
+            if not self._retire_idle_of_other_job(job):
+                break
         for _ in range(max(0, n)):
             worker_id = os.urandom(8).hex()
             try:
@@ -476,16 +485,17 @@ class LocalScheduler(Scheduler):
             self.workers[worker_id] = worker = WorkerInfo(worker_id)
             worker.job = job
 
-    def _retire_idle_of_other_job(self, job) -> None:
-        """No room for a worker of `job`, while one of another job idles: let it
-        go (not one that owns live objects: they would be lost)."""
+    def _retire_idle_of_other_job(self, job) -> bool:
+        """Let an idle worker of another job than `job` go (not one that owns
+        live objects: they would be lost); whether there was one."""
         for worker in self.idle:
             if worker.state == IDLE and worker.job is not job \
                     and not self.store.objects_owned_by(worker.worker_id):
                 worker.state = EXITING  # worker_died finishes the bookkeeping at its EOF
                 self.idle.remove(worker)
                 self._send(worker, P.Exit())
-                return
+                return True
+        return False
 
     def job_ended(self, job) -> None:
         """`job` will submit nothing more: its idle workers are let go (now, and
