@@ -15,8 +15,10 @@ same code against Ray's API: ``Tuner(...).fit()``):
   seed): the best trial's x (the largest, if ASHA keeps the best trial) must
   be the same for both.
 
-Each cell: wall time of ``fit()`` (per trial), and the machine's 1-minute
-load average before and after it (the driver's CPU time is in ``--json``).
+Each cell: wall time of ``fit()`` (per trial); CPU seconds of the driver during
+``fit()`` / of the whole process tree (driver, workers, daemons: start-up and
+shutdown included, from ``RUSAGE_CHILDREN``), which load on the machine hardly
+moves; and the machine's 1-minute load average before and after.
 
 Ray runs in its own interpreter (``--ray-python``, default ``../raybench-venv``
 next to the checkout, or ``$BEAMLET_BENCH_PYTHON``) and needs ``ray[tune]``
@@ -28,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -108,21 +111,30 @@ def _run_once(python: str, framework: str, row: str, reuse: bool, timeout: float
         cmd = [python, os.path.abspath(__file__), "--child", framework, "--row", row,
                "--storage", storage] + (["--reuse"] if reuse else [])
         env = dict(os.environ, PYTHONPATH=REPO if framework == "beamlet" else "")
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                                   env=env)
         except subprocess.TimeoutExpired:
             return {"error": f"over {timeout:g} s"}
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return {"error": tail[:120]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # CPU of the child and every descendant it (or they) waited for, start-up and
+    # shutdown included: unlike wall time, other load on the machine hardly moves it.
+    result["tree_cpu_s"] = (after.ru_utime + after.ru_stime
+                            - before.ru_utime - before.ru_stime)
+    return result
 
 
 def _cell(result: dict) -> str:
     if "error" in result:
         return f"({result['error']})"
     text = f"{result['wall_s']:.2f} s ({result['per_trial_ms']:.1f} ms/trial)"
+    if "tree_cpu_s" in result:
+        text += f" cpu {result['driver_cpu_s']:.2f}/{result['tree_cpu_s']:.2f} s"
     if "load" in result:  # the machine's 1-minute load average, before and after
         text += " load {:.0f}-{:.0f}".format(*result["load"])
     if "best_x" in result:

@@ -385,6 +385,59 @@ def test_tensorboard_event_files(on_backend, storage):
     assert [values["beamlet/tune/score"] for _, values in scalars] == [2.0, 4.0, 6.0, 6.0]
 
 
+def test_logs_are_readable_while_the_trial_runs(on_backend, storage):
+    """The loggers write on a thread of their own, but a running trial's
+    result.json and progress.csv get its rows while it runs, not only at the
+    end: the trainable waits for each of its rows (failing if one never comes)."""
+    def watches(config):
+        trial_dir = tune.get_trial_dir()
+        for i in range(1, 4):
+            tune.report(i=i)
+            deadline = time.monotonic() + 60
+            while True:
+                counts = []
+                for name, header in (("result.json", 0), ("progress.csv", 1)):
+                    try:
+                        with open(os.path.join(trial_dir, name)) as f:
+                            counts.append(len(f.read().splitlines()) - header)
+                    except FileNotFoundError:
+                        counts.append(0)
+                if min(counts) >= i:
+                    break
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"after report {i} the logs have {counts} rows")
+                time.sleep(0.01)
+
+    analysis = tune.run(watches, storage_path=storage, verbose=0)
+    trial = analysis.trials[0]
+    assert trial.status == "TERMINATED", trial.error_msg
+    assert [r["i"] for r in read_results(trial)] == [1, 2, 3, 3]
+
+
+def test_a_logger_error_is_raised_in_the_driver(tmp_path):
+    """A built-in logger fails on its thread: the error reaches the caller (at
+    its next call or at close), and the other loggers still close their files."""
+    from beamlet.contrib.tune.loggers import (BackgroundLoggers, CSVLoggerCallback,
+                                              JsonLoggerCallback)
+
+    class Where:  # what the loggers read of a trial
+        def __init__(self, path):
+            self.path, self.config, self.trial_id = str(path), {"x": 1}, str(path)
+
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")  # (a trial directory that is a file: opening in it fails)
+    good, bad = Where(tmp_path / "good"), Where(blocked)
+    loggers = BackgroundLoggers([JsonLoggerCallback(), CSVLoggerCallback()])
+    loggers.call("on_trial_start", {"iteration": 0, "trials": [], "trial": good})
+    loggers.call("on_trial_result", {"iteration": 0, "trials": [], "trial": good,
+                                     "result": {"training_iteration": 1, "x": 1}})
+    loggers.call("on_trial_start", {"iteration": 0, "trials": [], "trial": bad})
+    with pytest.raises(NotADirectoryError):
+        loggers.close([])
+    assert len((tmp_path / "good" / "result.json").read_text().splitlines()) == 1
+    assert len((tmp_path / "good" / "progress.csv").read_text().splitlines()) == 2
+
+
 # -- statuses and errors --------------------------------------------------------
 
 def test_statuses_and_failed_trials(on_backend, storage):

@@ -13,7 +13,7 @@ from .options import (ACTOR_OPTIONS, DYNAMIC, METHOD_OPTIONS, STREAMING, env_var
 from .placement import placement_request
 from .serialization import dumps
 from .signature import ArgSpec
-from .task_spec import ACTOR_CREATION, ACTOR_METHOD
+from .task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
 
 DEFAULT_ASYNC_CONCURRENCY = 1000
 _METHOD_OPTIONS_ATTR = "__beamlet_method_options__"
@@ -280,6 +280,28 @@ class ActorMethod:
 
     def remote(self, *args, **kwargs):
         handle = self._handle
+        rt = _runtime._current
+        if rt is not None and not self._options:
+            fast = rt.plain_calls.get((handle._actor_id, self._name))
+            if fast is not None:
+                # A plain call (see below, where `fast` is made): the spec in one step.
+                argspec, what, submit, owns, actor_options, env_vars = fast
+                if argspec is not None:
+                    argspec.check(args, kwargs, what)
+                return_id = ids.new_id()
+                if args or kwargs:
+                    packed, packed_kw, _keep = rt.pack_args(args, kwargs, handle._class_name)
+                    if owns:
+                        submit = rt.accept
+                else:
+                    packed, packed_kw = [], {}
+                spec = TaskSpec(ids.new_id(), ACTOR_METHOD, b"", handle._class_name, packed,
+                                packed_kw, (return_id,), {}, 0, False, handle._actor_id,
+                                self._name, actor_options, rt.caller_id, 0, env_vars, None,
+                                None)
+                ref = ObjectRef(return_id)
+                submit(spec)
+                return ref
         argspec = handle._argspec(self._name)
         if argspec is not None:
             argspec.check(args, kwargs, f"{handle._class_name}.{self._name}.remote()")
@@ -300,6 +322,13 @@ class ActorMethod:
             actor_options=None if group is None else {"concurrency_group": group},
             generator=generator)
         refs = rt.submit(spec)
+        if not self._options and n == 1 and generator is None:
+            # What every later plain call of this method of this actor in this
+            # runtime puts in its spec (the Runtime's `plain_calls`).
+            rt.remember_plain_call((handle._actor_id, self._name), (
+                argspec, f"{handle._class_name}.{self._name}.remote()",
+                rt.backend.scheduler.submit, rt.backend.owns_objects, spec.actor_options,
+                spec.env_vars))
         if generator is not None and generator[0] == STREAMING:
             from .generators import ObjectRefGenerator
             return ObjectRefGenerator(refs[0], generator[1])

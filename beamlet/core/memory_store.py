@@ -78,7 +78,8 @@ class MemoryObjectStore(ObjectStore):
         self._deleted: set[bytes] = set()  # deleted before their value arrived
         # Re-entrant: an ObjectRef collected by the cyclic GC while this thread
         # holds the lock frees its object through delete(), which takes it again.
-        self._cond = threading.Condition(threading.RLock())
+        # (A bare RLock, not a Condition: nothing waits on it, and its `with` runs in C.)
+        self._guard = threading.RLock()
         self._refs = refs
         self.closed = False
         self.failure: BaseException | None = None  # see fail()
@@ -104,7 +105,7 @@ class MemoryObjectStore(ObjectStore):
         `fail_fast`: also due as soon as one of the ids is (or is already) stored
         as an error, however many are missing (a `get` of a list raises the first
         error without waiting for the rest, as Ray's does)."""
-        with self._cond:
+        with self._guard:
             objects = self._objects
             if self.closed:
                 pending = None
@@ -149,7 +150,7 @@ class MemoryObjectStore(ObjectStore):
         """Withdraw a waiter (its callback will not run); harmless once it ran."""
         if waiter is None:
             return
-        with self._cond:
+        with self._guard:
             if not waiter.done:
                 waiter.done = True
                 self._unregister(waiter)
@@ -175,8 +176,21 @@ class MemoryObjectStore(ObjectStore):
     def _arrived(self, object_id: bytes, is_error: bool = False) -> list[Waiter]:
         """Count `object_id` for its waiters; return those now due. Under the lock.
         `is_error`: it was stored as an error (fail-fast waiters are due at once)."""
-        due = []
         waiters = self._indexed.pop(object_id, None)
+        if waiters is not None and len(waiters) == 1 and not self._broad:
+            # (The usual case: one get waits for it. A waiter on this id alone was
+            # registered only here, which the pop undid: nothing to unregister.)
+            waiter = waiters[0]
+            if waiter.done:
+                return []
+            waiter.needed -= 1
+            if waiter.needed > 0 and not (is_error and waiter.fail_fast):
+                return []
+            waiter.done = True
+            if len(waiter.ids) > 1:
+                self._unregister(waiter)
+            return waiters
+        due = []
         if waiters:
             for waiter in waiters:
                 if not waiter.done:
@@ -209,7 +223,7 @@ class MemoryObjectStore(ObjectStore):
         """Store an entry: a SerializedObject here; subclasses may store other
         kinds with ``refs`` and ``is_error`` attributes. A second value for a
         stored id is not stored (the first stays): it goes to `_discarded`."""
-        with self._cond:
+        with self._guard:
             if object_id in self._objects:
                 discard, due = True, ()  # (its waiters were woken by the first)
             else:
@@ -225,16 +239,19 @@ class MemoryObjectStore(ObjectStore):
         elif value.refs and self._refs is not None:
             self._refs.incr_all(value.refs)
         if due:
-            self._run(due)
+            for waiter in due:  # (what _run does)
+                waiter.callback()
 
     # -- reading ------------------------------------------------------------------
     def get(self, object_ids: Sequence[bytes], timeout: float | None = None,
             fail_fast: bool = False) -> list[SerializedObject]:
         objects = self._objects
         if len(object_ids) == 1:  # (the common case: no KeyError raised when it is absent)
-            entry = objects.get(object_ids[0])
+            object_id = object_ids[0]
+            entry = objects.get(object_id)
             if entry is not None:
-                return [self._materialize(object_ids[0], entry)]
+                return [self._materialize(object_id, entry)]
+            return [self._get_one(object_id, timeout)]
         else:
             try:
                 return [self._materialize(i, objects[i]) for i in object_ids]
@@ -247,12 +264,12 @@ class MemoryObjectStore(ObjectStore):
         if waiter is not None and not self._block(object_ids, arrived, timeout):
             self.cancel_waiter(waiter)
             if not arrived.wait(0):
-                with self._cond:
+                with self._guard:
                     missing = sum(1 for i in set(object_ids) if i not in objects)
                 raise exc.GetTimeoutError(
                     f"get() timed out after {timeout}s waiting for {missing} of "
                     f"{len(object_ids)} objects")
-        with self._cond:
+        with self._guard:
             found = [objects.get(object_ids[0])] if one else [objects.get(i) for i in object_ids]
             closed, failure = self.closed, self.failure
         if one and found[0] is not None:
@@ -267,6 +284,38 @@ class MemoryObjectStore(ObjectStore):
                                            else "the object store was shut down")
                 raise exc.ObjectFreedError(f"object {object_id.hex()} was freed")
         return [self._materialize(i, entry) for i, entry in zip(object_ids, found)]
+
+    def _get_one(self, object_id: bytes, timeout: float | None) -> SerializedObject:
+        """`get` of one id that was absent a moment ago: what the general path
+        does for it, with its waiter registered inline (a sync task's get)."""
+        arrived = _Signal()
+        objects = self._objects
+        with self._guard:
+            entry = objects.get(object_id)
+            if entry is None and not self.closed and object_id not in self._deleted:
+                waiter = Waiter(1, arrived.set, (object_id,), False)
+                waiters = self._indexed.get(object_id)
+                if waiters is None:
+                    self._indexed[object_id] = [waiter]
+                else:
+                    waiters.append(waiter)
+            else:
+                waiter = None
+        if waiter is not None:
+            if not self._block((object_id,), arrived, timeout):
+                self.cancel_waiter(waiter)
+                if not arrived.wait(0):
+                    raise exc.GetTimeoutError(
+                        f"get() timed out after {timeout}s waiting for 1 of 1 objects")
+            with self._guard:
+                entry = objects.get(object_id)
+        if entry is not None:
+            return self._materialize(object_id, entry)
+        if self.closed:
+            failure = self.failure
+            raise exc.BackendError(str(failure) if failure is not None
+                                   else "the object store was shut down")
+        raise exc.ObjectFreedError(f"object {object_id.hex()} was freed")
 
     def _materialize(self, object_id: bytes, entry) -> SerializedObject:
         """The SerializedObject for a stored entry (subclasses store other kinds)."""
@@ -307,7 +356,7 @@ class MemoryObjectStore(ObjectStore):
         waiter = self.notify_when(object_ids, num_returns, arrived.set)
         if waiter is not None and not arrived.wait(timeout):
             self.cancel_waiter(waiter)
-        with self._cond:
+        with self._guard:
             # (Not objects.keys() & ids: that would copy every key of the store.)
             ready = set(itertools.compress(object_ids, map(objects.__contains__, object_ids)))
             if len(ready) < num_returns and self.failure is not None:
@@ -336,7 +385,7 @@ class MemoryObjectStore(ObjectStore):
     def delete(self, object_ids: Iterable[bytes]) -> None:
         freed = []
         due = []
-        with self._cond:
+        with self._guard:
             for object_id in object_ids:
                 value = self._objects.pop(object_id, None)
                 if value is None:  # not arrived yet: drop it when it does
@@ -362,7 +411,7 @@ class MemoryObjectStore(ObjectStore):
         self.notify_when((object_id,), 1, lambda: callback(object_id))
 
     def stats(self) -> dict:
-        with self._cond:
+        with self._guard:
             return {"num_objects": len(self._objects),
                     "bytes_used": sum(getattr(v, "total_bytes", 0) for v in self._objects.values())}
 
@@ -371,7 +420,7 @@ class MemoryObjectStore(ObjectStore):
         blocked and later read of a missing object raises BackendError with
         `error`'s text, and every pending on_ready callback runs now (its get
         raises it too). Objects already present stay readable."""
-        with self._cond:
+        with self._guard:
             self.failure = error
             self.closed = True
         self._wake_all()
@@ -379,14 +428,14 @@ class MemoryObjectStore(ObjectStore):
     def close(self) -> None:
         """Wake every blocked reader (they raise BackendError) and run every
         pending callback (their get raises it too), so no future waits for ever."""
-        with self._cond:
+        with self._guard:
             self.closed = True
             self._objects.clear()
         self._wake_all()
 
     def _wake_all(self) -> None:
         """Run every pending waiter's callback now (the store closed or failed)."""
-        with self._cond:
+        with self._guard:
             pending = [w for ws in self._indexed.values() for w in ws] + self._broad
             self._indexed, self._broad = {}, []
             due = []

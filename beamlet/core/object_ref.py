@@ -22,7 +22,7 @@ class ObjectRef:
 
     def __init__(self, object_id: bytes, _add_reference: bool = True):
         self.id = object_id
-        rt = _runtime.current_or_none()
+        rt = _runtime._current  # (current_or_none(), without the call: a hot path)
         self._runtime = rt
         if rt is not None and _add_reference:
             rt.refs.incr(object_id)

@@ -25,6 +25,10 @@ class ReferenceCounter:
         self._on_referenced = on_referenced
         self.closed = False
 
+    def skip_referenced(self) -> None:
+        """Run no callback when a count goes 0 -> 1 (its receiver does nothing)."""
+        self._on_referenced = None
+
     def counts(self) -> dict[bytes, int]:
         """A copy of the live counts: object id -> references this process holds."""
         with self._lock:

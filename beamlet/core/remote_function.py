@@ -7,11 +7,12 @@ from typing import Any
 
 from . import ids
 from . import runtime as _runtime
+from .object_ref import ObjectRef
 from .options import DYNAMIC, STREAMING, TASK_OPTIONS, env_vars_of, resource_request, validate
 from .placement import may_be_captured, placement_request
 from .serialization import dumps
 from .signature import ArgSpec
-from .task_spec import TASK
+from .task_spec import TASK, TaskSpec
 
 DEFAULT_MAX_RETRIES = 3
 
@@ -58,7 +59,28 @@ class RemoteFunction:
         return _BoundOptions(self, merged)
 
     def remote(self, *args, **kwargs):
-        return self._remote(args, kwargs, self._options)
+        rt = _runtime._current
+        fast = rt.plain_calls.get(self) if rt is not None else None
+        if fast is None:
+            return self._remote(args, kwargs, self._options)
+        # The common call (see Runtime.plain_calls): the spec built in one step.
+        (argspec, what, submit, owns, function_id, resources, max_retries,
+         retry_exceptions, env_vars, placed) = fast
+        if argspec is not None:
+            argspec.check(args, kwargs, what)
+        return_id = ids.new_id()
+        if args or kwargs:
+            packed, packed_kw, _keep = rt.pack_args(args, kwargs, self._name)
+            if owns:
+                submit = rt.accept  # (pins its ref arguments until it ends)
+        else:
+            packed, packed_kw = [], {}
+        spec = TaskSpec(ids.new_id(), TASK, function_id, self._name, packed, packed_kw,
+                        (return_id,), resources, max_retries, retry_exceptions, None, None,
+                        None, rt.caller_id, 0, env_vars, placed, None)
+        ref = ObjectRef(return_id)
+        submit(spec)
+        return ref
 
     _argspec = _UNSET = object()  # (ArgSpec of the function, made at the first call)
 
@@ -83,6 +105,14 @@ class RemoteFunction:
                                    retry_exceptions=retry_exceptions, env_vars=env_vars,
                                    placement_group=placed, generator=generator)
         refs = rt.submit(spec)
+        if call is self._call_options and num_returns == 1 and generator is None \
+                and placed is not _PER_CALL:
+            # What every later plain call of this function in this runtime puts
+            # in its spec (see Runtime.plain_calls).
+            rt.remember_plain_call(self, (argspec, f"{self._name}.remote()",
+                                          rt.backend.scheduler.submit, rt.backend.owns_objects,
+                                          function_id, resources, max_retries,
+                                          retry_exceptions, spec.env_vars, placed))
         if generator is not None and generator[0] == STREAMING:
             from .generators import ObjectRefGenerator
             return ObjectRefGenerator(refs[0], generator[1])

@@ -27,7 +27,9 @@ class ResourcePool:
         # id(request) -> (request, ((name, units), ...), shape): a request's amounts
         # in units, worked out once per request dict (specs of one function share it).
         self._units_of: dict[int, tuple] = {}
-        self._feasible: dict[int, dict] = {}  # id(request) -> request found feasible
+        #: id(request) -> request found feasible (check_feasible returns at once for
+        #: those; callers on a hot path may look here first). Cleared, never replaced.
+        self.feasible: dict[int, dict] = {}
         # What is free of each GPU device (a fraction of one can be shared), so a
         # task sees its devices in CUDA_VISIBLE_DEVICES and no whole-GPU task gets
         # a device that fractional tasks use.
@@ -49,7 +51,7 @@ class ResourcePool:
 
     def check_feasible(self, request: dict[str, float], what: str) -> None:
         """Raise ValueError if `request` could never fit, naming the resource."""
-        if self._feasible.get(id(request)) is request:
+        if self.feasible.get(id(request)) is request:
             return
         for name, amount in request.items():
             have = self._total.get(name)
@@ -64,9 +66,9 @@ class ResourcePool:
             if _units(amount) > have:
                 raise ValueError(f"{what} requests {amount} {name}, but the cluster only has "
                                  f"{have / _UNIT}: it could never run")
-        if len(self._feasible) >= 4096:
-            self._feasible.clear()
-        self._feasible[id(request)] = request
+        if len(self.feasible) >= 4096:
+            self.feasible.clear()
+        self.feasible[id(request)] = request
 
     def _remember(self, request: dict[str, float]) -> tuple:
         """(request, its amounts in units, its shape), worked out once per request."""
@@ -90,6 +92,10 @@ class ResourcePool:
         cached = self._units_of.get(id(request))  # (inline, not a method: a hot path)
         units_of = cached[1] if cached is not None and cached[0] is request \
             else self._remember(request)[1]
+        if len(units_of) == 1 and not self._group_gpus:  # (e.g. {"CPU": 1.0})
+            ((name, units),) = units_of
+            if name != "GPU":
+                return free.get(name, 0) >= units
         for name, units in units_of:
             if free.get(name, 0) < units:
                 return False
@@ -109,6 +115,30 @@ class ResourcePool:
         # Pack fractions onto the busiest device they fit on, keeping whole ones free.
         fitting = [i for i, f in enumerate(self._gpu_free) if f >= need]
         return [min(fitting, key=lambda i: (self._gpu_free[i], i))] if fitting else None
+
+    def try_acquire(self, request: dict[str, float]) -> list[int] | None:
+        """`fits` then `acquire` in one step: the GPU ids assigned, or None
+        (nothing taken) if the request does not fit now."""
+        free = self._free
+        cached = self._units_of.get(id(request))
+        units_of = cached[1] if cached is not None and cached[0] is request \
+            else self._remember(request)[1]
+        if len(units_of) == 1 and not self._group_gpus:  # (e.g. {"CPU": 1.0})
+            ((name, units),) = units_of
+            if name == "GPU":
+                return self.acquire(request) if self.fits(request) else None
+            if free.get(name, 0) < units:
+                return None
+            free[name] -= units
+            return []
+        for name, units in units_of:
+            if free.get(name, 0) < units:
+                return None
+        if "GPU" in request or self._group_gpus:
+            return self.acquire(request) if self.fits(request) else None
+        for name, units in units_of:
+            free[name] -= units
+        return []
 
     def acquire(self, request: dict[str, float]) -> list[int]:
         """Take the request (it must fit); return the GPU ids assigned, if any."""
@@ -231,7 +261,7 @@ class ResourcePool:
         if reserved:
             for name, units in need.items():
                 self._free[name] += units
-        self._feasible.clear()  # (requests found feasible may name its resources)
+        self.feasible.clear()  # (requests found feasible may name its resources)
 
     def _reserve_group_gpus(self, bundles: list[dict]) -> list | None:
         """Take GPU devices for each bundle that asks for GPUs, all or none

@@ -91,9 +91,26 @@ class Runtime:
         self._job_env_vars = self.runtime_env.get("env_vars") or None
         self.refs = ReferenceCounter(self._released, self._referenced)
         self._registered_functions: set[bytes] = set()
+        #: What plain calls put in their specs, worked out at the first one here
+        #: and shared by the specs of the later ones (nothing may change them).
+        #: A RemoteFunction -> for ``f.remote(...)`` with its default options,
+        #: one return, no generator, no placement decided per call: (ArgSpec,
+        #: its error label, the scheduler's submit, whether a spec with
+        #: arguments goes through `accept` instead (the backend owns objects),
+        #: function id, resources, max_retries, retry_exceptions, env_vars with
+        #: the job's, placement). (actor id, method name) -> for
+        #: ``handle.method.remote(...)`` without .options(), one return, no
+        #: generator: (ArgSpec, its error label, submit, whether `accept`,
+        #: actor_options, env_vars). A call in another runtime (after init()
+        #: again) finds none. See `remember_plain_call`.
+        self.plain_calls: dict = {}
         self._callbacks = None  # the queue of the callback thread, once started
         self._callbacks_lock = threading.Lock()
         self.backend: Backend = backend_factory(config, self)
+        self._object_released = self.backend.object_released  # (see _released)
+        from .interfaces import Backend as _Backend
+        if getattr(type(self.backend), "object_referenced", None) is _Backend.object_referenced:
+            self.refs.skip_referenced()  # (the owner's backend needs no word of a 0 -> 1)
         #: What the lifecycle hooks told of this job's tasks (beamlet.util.state),
         #: where the backend's driver hears them all; else None.
         self.task_events = None
@@ -127,7 +144,7 @@ class Runtime:
                     self._errors_raised.discard(object_id)
                 else:
                     _log_unhandled(object_id, entry)
-        self.backend.object_released(object_id)
+        self._object_released(object_id)
 
     def _unpin_when_done(self, spec: TaskSpec, pinned: list[bytes]) -> None:
         if not pinned:
@@ -141,6 +158,13 @@ class Runtime:
         if function_id not in self._registered_functions:
             self.tables.register_function(function_id, blob)
             self._registered_functions.add(function_id)
+
+    def remember_plain_call(self, key, template: tuple) -> None:
+        """Keep what plain calls of `key` put in their specs (see `plain_calls`;
+        at most PLAIN_CALLS_KEPT keys: then it starts over)."""
+        if len(self.plain_calls) >= PLAIN_CALLS_KEPT:
+            self.plain_calls.clear()
+        self.plain_calls[key] = template
 
     # -- arguments ------------------------------------------------------------
     def _pack_arg(self, value: Any, what: str, function_name: str, keep: list) -> tuple:
@@ -342,6 +366,7 @@ class Runtime:
 
     # -- lifecycle ------------------------------------------------------------
     def shutdown(self) -> None:
+        self.plain_calls.clear()
         self.refs.close()
         try:
             self.backend.shutdown()  # (runs pending completions: futures fail, not hang)
@@ -354,6 +379,7 @@ class Runtime:
 
 
 IGNORE_UNHANDLED_ERRORS_ENV_VAR = "BEAMLET_IGNORE_UNHANDLED_ERRORS"
+PLAIN_CALLS_KEPT = 4096  # (see Runtime.remember_plain_call)
 
 
 def _log_unhandled(object_id: bytes, entry) -> None:

@@ -63,6 +63,10 @@ class LocalBackend(Backend):
         self.transport = self.node.transport
         self.object_store = self.node.object_store
         self.scheduler = self.node.scheduler
+        # Called from ObjectRef.__del__, perhaps by the cyclic GC holding a lock:
+        # the node only queues it (see Node.release). Bound here: one call less
+        # per freed object than the method below.
+        self.object_released = self.node.release
 
     @property
     def failure(self):
@@ -83,9 +87,7 @@ class LocalBackend(Backend):
 
     # -- Backend ------------------------------------------------------------------
     def object_released(self, object_id: bytes) -> None:
-        # Called from ObjectRef.__del__, perhaps by the cyclic GC holding a lock:
-        # the node only queues it (see Node.release).
-        self.node.release(object_id)
+        self.node.release(object_id)  # (replaced per instance in __init__)
 
     def nodes(self) -> list[dict]:
         return [self.node.describe()]

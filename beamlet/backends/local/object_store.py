@@ -455,7 +455,7 @@ class LocalObjectStore(MemoryObjectStore):
             self.on_lost(object_ids, error)
         sobj = serialize(error, is_error=True)
         freed = []
-        with self._cond:
+        with self._guard:
             for object_id in object_ids:
                 old = self._objects.get(object_id)
                 if old is not None:

@@ -209,6 +209,11 @@ _TAGS = {cls: tag for tag, cls in enumerate(_CLASSES)}
 _EXECUTE, _DONE, _STREAM_ITEM = _TAGS[Execute], _TAGS[Done], _TAGS[StreamItem]
 
 
+#: Makes a message from a tuple of all its fields, in C (a NamedTuple's own
+#: __new__ is a Python function); only where the count of fields is known right.
+_new_tuple = tuple.__new__
+
+
 def _entry_out(entry):
     if type(entry) is SerializedObject:
         if entry.buffers:
@@ -234,6 +239,13 @@ class Codec:
             return (_EXECUTE, spec.__reduce__()[1], blobs, entries, gpu_ids, ahead)
         if cls is Done:
             task_id, entries, retryable = message
+            if len(entries) == 1:
+                entry = entries[0]
+                if type(entry) is SerializedObject and not entry.buffers:
+                    # (_entry_out of the usual one entry, inline)
+                    return (_DONE, task_id, [(entry.data, entry.buffers, entry.refs,
+                                              entry.is_error)],
+                            retryable)
             return (_DONE, task_id, [_entry_out(e) for e in entries], retryable)
         if cls is StreamItem:
             return (_STREAM_ITEM, message.object_id, _entry_out(message.entry))
@@ -251,9 +263,13 @@ class Codec:
             raise ValueError(f"a message that is not one of the protocol's: {describe(frame)}")
         if tag == _EXECUTE:
             _, spec, blobs, entries, gpu_ids, ahead = frame
-            return Execute(TaskSpec(*spec), blobs, entries, gpu_ids, ahead)
+            return _new_tuple(Execute, (TaskSpec(*spec), blobs, entries, gpu_ids, ahead))
         if tag == _DONE:
             _, task_id, entries, retryable = frame
+            if type(entries) is list and len(entries) == 1:
+                entry = entries[0]
+                return _new_tuple(Done, (task_id, [SerializedObject(*entry) if type(entry) is tuple
+                                                   else entry], retryable))
             return Done(task_id, [_entry_in(e) for e in entries], retryable)
         if tag == _STREAM_ITEM:
             _, object_id, entry = frame

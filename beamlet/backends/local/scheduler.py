@@ -50,6 +50,11 @@ from . import protocol as P
 if TYPE_CHECKING:
     from .object_store import LocalObjectStore
 
+_get_ident = threading.get_ident
+#: Makes a message (a NamedTuple) from a tuple of all its fields, in C: its class's
+#: own __new__ is a Python function (a call per message on the hot path).
+_new_tuple = tuple.__new__
+
 STARTING, IDLE, BUSY, ACTOR, EXITING, DEAD = "STARTING", "IDLE", "BUSY", "ACTOR", "EXITING", "DEAD"
 
 #: Calls an actor (one call at a time) is sent ahead of its answers; the calls
@@ -207,10 +212,9 @@ class _SchedulerLock:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self._depth -= 1
-        outermost = not self._depth
+        depth = self._depth = self._depth - 1
         self._lock.release()
-        if outermost and self._pending and self.deferring != threading.get_ident():
+        if not depth and self._pending and self.deferring != _get_ident():
             self._flush()
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
@@ -292,43 +296,46 @@ class LocalScheduler(Scheduler):
 
     # -- submission -----------------------------------------------------------
     def submit(self, spec: TaskSpec) -> None:
-        if spec.kind != ACTOR_METHOD:
-            self.pool.check_feasible(spec.resources, spec.display_name)
+        kind = spec.kind
+        if kind != ACTOR_METHOD:
+            resources = spec.resources
+            if self.pool.feasible.get(id(resources)) is not resources:  # (checked before)
+                self.pool.check_feasible(resources, spec.display_name)
         plugins.notify("beamlet_task_submitted", spec=spec)
         with self.lock:
             if self.closed:
                 raise exc.BackendError(str(self.failure) if self.failure is not None
                                        else "beamlet has been shut down")
-            self._tasks[spec.task_id] = spec
+            task_id = spec.task_id
+            self._tasks[task_id] = spec
+            producer = self._producer
             for rid in spec.return_ids:
-                self._producer[rid] = spec.task_id
-            if spec.kind == ACTOR_METHOD:
+                producer[rid] = task_id
+            if kind == ACTOR_METHOD:
                 self._submit_actor_call(spec)
                 return
-            if spec.kind == ACTOR_CREATION and spec.actor_id not in self.actors:
-                # Known from now on, so calls queue while it waits for its arguments.
-                record = self.actors[spec.actor_id] = ActorRecord(spec)
-                self.actor_tokens[record.token] = spec.actor_id
-                if record.restarts_left:
-                    # A restart runs __init__ again with the same arguments: keep them.
-                    record.pinned = spec.dependencies() + spec.contained_refs()
-                if spec.actor_options.get("detached"):
-                    # Lives until killed: the owner holds its handle, not the creator.
-                    record.pinned.append(record.token)
-                self.host.pin(record.pinned,
-                              None if self.job_of is None else self.job_of(spec))
-            deps = spec.dependencies()
-            if deps:
-                deps = [d for d in dict.fromkeys(deps) if not self.store.contains(d)]
+            if kind == TASK and not spec.args and not spec.kwargs:
+                deps = None  # (the common case: nothing to wait for, no dependency scan)
+            else:
+                if kind == ACTOR_CREATION and spec.actor_id not in self.actors:
+                    # Known from now on, so calls queue while it waits for its arguments.
+                    record = self.actors[spec.actor_id] = ActorRecord(spec)
+                    self.actor_tokens[record.token] = spec.actor_id
+                    if record.restarts_left:
+                        # A restart runs __init__ again with the same arguments: keep them.
+                        record.pinned = spec.dependencies() + spec.contained_refs()
+                    if spec.actor_options.get("detached"):
+                        # Lives until killed: the owner holds its handle, not the creator.
+                        record.pinned.append(record.token)
+                    self.host.pin(record.pinned,
+                                  None if self.job_of is None else self.job_of(spec))
+                deps = spec.dependencies()
+                if deps:
+                    deps = [d for d in dict.fromkeys(deps) if not self.store.contains(d)]
             if not deps:
-                if spec.kind == TASK and not self._queues and self.pool.fits(spec.resources):
-                    # Nothing queued ahead of it: straight to an idle worker, if any.
-                    worker = self._take_idle(bool(spec.resources.get("GPU")) or (
-                        spec.placement_group is not None and asks_gpu(spec.resources)),
-                        None if self.job_of is None else self.job_of(spec))
-                    if worker is not None:
-                        self._run_task(spec, worker)
-                        return
+                # Nothing queued ahead of it: straight to an idle worker, if any.
+                if kind == TASK and not self._queues and self._run_on_idle(spec):
+                    return
                 self._make_ready(spec)
                 self._dispatch()
                 return
@@ -340,6 +347,33 @@ class LocalScheduler(Scheduler):
             # runs right here, and the lock is re-entrant.)
             self.store.notify_when(deps, len(deps), lambda: self._deps_ready(spec.task_id),
                                    broad=False)
+
+    def _run_on_idle(self, spec: TaskSpec) -> bool:
+        """Run a ready task on an idle worker of its kind and job now, if there is one
+        and its resources are free; whether it did."""
+        idle = self.idle
+        if not idle:
+            return False
+        resources = spec.resources
+        gpu = bool(resources.get("GPU")) or (
+            spec.placement_group is not None and asks_gpu(resources))
+        job = None if self.job_of is None else self.job_of(spec)
+        worker = idle[-1]
+        if worker.state == IDLE and (worker.gpu_kind is None or worker.gpu_kind is gpu) \
+                and worker.job is job:
+            gpu_ids = self.pool.try_acquire(resources)  # (the usual case, in one step)
+            if gpu_ids is None:
+                return False
+            del idle[-1]
+            self._run_task(spec, worker, gpu_ids)
+            return True
+        if not self.pool.fits(resources):
+            return False
+        worker = self._take_idle(gpu, job)
+        if worker is None:
+            return False
+        self._run_task(spec, worker)
+        return True
 
     def _deps_ready(self, task_id: bytes) -> None:
         with self.lock:
@@ -561,12 +595,18 @@ class LocalScheduler(Scheduler):
             if not outbox:
                 continue
             with worker.send_lock:  # (so that what one thread took goes before the rest)
-                messages = []
-                while outbox:
+                if len(outbox) == 1:  # (the usual case: no list to build)
                     try:
-                        messages.append(outbox.popleft())
+                        messages = [outbox.popleft()]
                     except IndexError:
-                        break
+                        continue
+                else:
+                    messages = []
+                    while outbox:
+                        try:
+                            messages.append(outbox.popleft())
+                        except IndexError:
+                            break
                 if messages and worker.conn is not None:
                     try:
                         if len(messages) == 1:
@@ -657,18 +697,33 @@ class LocalScheduler(Scheduler):
             spec = shipped
         return spec, entries or None
 
-    def _run_task(self, spec: TaskSpec, worker: WorkerInfo) -> None:
-        gpu_ids = self.pool.acquire(spec.resources)
+    def _run_task(self, spec: TaskSpec, worker: WorkerInfo, gpu_ids=None) -> None:
+        """Run `spec` on `worker` (taking its resources, unless taken already:
+        then `gpu_ids` are the GPUs they came with)."""
+        resources = spec.resources
+        if gpu_ids is None:
+            gpu_ids = self.pool.acquire(resources)
         worker.state = BUSY
         worker.task = spec
-        worker.gpu_kind = gpu = bool(spec.resources.get("GPU")) or (
-            spec.placement_group is not None and asks_gpu(spec.resources))
+        worker.gpu_kind = gpu = bool(resources.get("GPU")) or (
+            spec.placement_group is not None and asks_gpu(resources))
         worker.gpu_ids = gpu_ids
-        worker.dispatched_at = time.perf_counter()
+        worker.dispatched_at = now = time.perf_counter()
         self._running[spec.task_id] = worker
         if self.task_progress is not None:
-            self.task_progress((spec.task_id, spec.attempt, RUNNING, worker.pid,
-                                worker.dispatched_at))
+            self.task_progress((spec.task_id, spec.attempt, RUNNING, worker.pid, now))
+        if not spec.args and not spec.kwargs:
+            # (What _send_execute does, for a task with no argument to ship.)
+            function_id = spec.function_id
+            if function_id in worker.known_functions:
+                blobs = []
+            else:
+                blobs = [(function_id, self.tables.function(function_id))]
+                worker.known_functions.add(function_id)
+            worker.outbox.append(_new_tuple(P.Execute, (spec, blobs, None,
+                                                         gpu_ids if gpu else None, False)))
+            self._unsent.append(worker)
+            return
         error = self._send_execute(worker, spec, gpu_ids if gpu else None)
         if error is not None:
             self._running.pop(spec.task_id, None)
@@ -691,8 +746,11 @@ class LocalScheduler(Scheduler):
             return
         shape = self.pool.shape(task.resources)
         queue = self._queues.get(shape)
-        if not queue or queue[0].kind != TASK or queue[0].has_ref_args() \
-                or self.pool.fits(queue[0].resources):
+        if not queue:
+            return
+        head = queue[0]
+        if head.kind != TASK or ((head.args or head.kwargs) and head.has_ref_args()) \
+                or self.pool.fits(head.resources):
             return  # (one that fits gets a worker of its own, as soon as there is one)
         if self.job_of is not None and self.job_of(queue[0]) is not worker.job:
             return  # (a worker runs its job's tasks only)
@@ -727,12 +785,13 @@ class LocalScheduler(Scheduler):
         worker.revoking = False
         self._ahead.discard(worker)
 
-    def _promote(self, worker: WorkerInfo, spec: TaskSpec) -> None:
+    def _promote(self, worker: WorkerInfo, spec: TaskSpec, taken: bool = False) -> None:
         """The task sent ahead to `worker` runs now: it takes the resources (of
-        the same shape) that the task before it just gave back."""
+        the same shape) that the task before it just gave back (`taken`: it
+        kept them, no GPUs among them)."""
         self._clear_next(worker)
         worker.task = spec
-        worker.gpu_ids = self.pool.acquire(spec.resources)
+        worker.gpu_ids = [] if taken else self.pool.acquire(spec.resources)
         worker.dispatched_at = time.perf_counter()
         if self.task_progress is not None:
             self.task_progress((spec.task_id, spec.attempt, RUNNING, worker.pid,
@@ -810,8 +869,10 @@ class LocalScheduler(Scheduler):
             self._fail(spec, exc.ActorDiedError(f"the actor {spec.function_name} is dead: "
                                                 f"{record.reason}"))
             return
-        if record.state == ActorLifecycle.ALIVE and not record.calls.has_calls_of(spec.caller_id) \
-                and not spec.has_ref_args():
+        # (CallQueue.has_calls_of and TaskSpec.has_ref_args, without the calls)
+        if record.state == ActorLifecycle.ALIVE \
+                and spec.caller_id not in record.calls._by_caller \
+                and (not spec.args and not spec.kwargs or not spec.has_ref_args()):
             self._send_actor_call(record, spec)  # the common case: nothing to wait for
             return
         record.calls.push(spec)
@@ -853,11 +914,14 @@ class LocalScheduler(Scheduler):
     def _send_actor_call(self, record: ActorRecord, spec: TaskSpec) -> None:
         record.inflight[spec.task_id] = spec
         worker = record.worker
-        message = self._execute_message(worker, spec, None)
-        if type(message) is not P.Execute:
-            record.inflight.pop(spec.task_id, None)
-            self._fail(spec, message)
-            return
+        if not spec.args and not spec.kwargs:  # (_execute_message's, with nothing to ship)
+            message = _new_tuple(P.Execute, (spec, [], None, None, False))
+        else:
+            message = self._execute_message(worker, spec, None)
+            if type(message) is not P.Execute:
+                record.inflight.pop(spec.task_id, None)
+                self._fail(spec, message)
+                return
         if self.task_progress is not None:
             # (Running if nothing is ahead of it in the actor; else it starts
             # when the call before it ends: see task_done.)
@@ -867,7 +931,8 @@ class LocalScheduler(Scheduler):
                                len(record.inflight) - len(record.held) > ACTOR_WINDOW):
             record.held.append((spec, message))  # (see ActorRecord.held)
             return
-        self._send(worker, message)
+        worker.outbox.append(message)  # (what _send does)
+        self._unsent.append(worker)
 
     def _send_held(self, record: ActorRecord) -> None:
         """Send the actor every held call, in one batch."""
@@ -1064,13 +1129,19 @@ class LocalScheduler(Scheduler):
             if worker.blocking:  # a get timed out and it went on without telling us
                 worker.blocking.clear()
                 self.pool.reacquire_cpus(spec.resources)
-            self.pool.release(spec.resources, worker.gpu_ids)
-            worker.task = None
-            worker.gpu_ids = []
-            if worker.state == BUSY:
-                if worker.next is not None:  # it runs the task sent ahead now
-                    self._promote(worker, worker.next)
-                else:
+            after = worker.next if worker.state == BUSY else None
+            if after is not None and after.resources is spec.resources and not worker.gpu_ids:
+                # The task sent ahead takes the very resources this one gives back
+                # (what release, then acquire in _promote, would do).
+                worker.task = None
+                self._promote(worker, after, taken=True)
+            else:
+                self.pool.release(spec.resources, worker.gpu_ids)
+                worker.task = None
+                worker.gpu_ids = []
+                if after is not None:  # it runs the task sent ahead now
+                    self._promote(worker, after)
+                elif worker.state == BUSY:
                     worker.state = IDLE
                     worker.idle_since = time.monotonic()
                     self.idle.append(worker)

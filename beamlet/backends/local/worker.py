@@ -402,6 +402,8 @@ class WorkerBackend(Backend):
         so that a writer never waits for room while holding some).
         Raises ObjectStoreFullError when the store cannot make room."""
         threshold = self.inline_threshold
+        if len(values) == 1 and values[0].total_bytes <= threshold:
+            return values  # (the common case, without a list to build)
         large = [i for i, v in enumerate(values) if v.total_bytes > threshold]
         if not large:
             return values
@@ -816,9 +818,10 @@ class Worker:
             error = exc.ObjectStoreFullError(f"cannot store the result of {spec.display_name}: "
                                              f"{err}")
             entries = [self.executor._failure(spec, error).values[0]] * len(spec.return_ids)
-        for dep in spec.dependencies():
-            self.backend.object_store.shipped.pop(dep, None)
-        self.backend.send(P.Done(spec.task_id, entries, result.retryable))
+        if spec.args or spec.kwargs:
+            for dep in spec.dependencies():
+                self.backend.object_store.shipped.pop(dep, None)
+        self.backend.send(tuple.__new__(P.Done, (spec.task_id, entries, result.retryable)))
 
     def _setup_actor(self, spec: TaskSpec) -> None:
         options = spec.actor_options

@@ -149,7 +149,7 @@ class ClusterObjectStore(MemoryObjectStore):
             with self.backend.scheduler.lock:
                 pass  # (the scheduler has dealt with the death once it lets go)
             return self.get([object_id])[0]
-        with self._cond:
+        with self._guard:
             if self._objects.get(object_id) is entry:
                 self._objects[object_id] = sobj  # (later reads need no pull)
         return sobj
@@ -163,14 +163,14 @@ class ClusterObjectStore(MemoryObjectStore):
 
     def forget(self, object_id: bytes) -> None:
         """Take an entry out as if it never arrived (it is being made again)."""
-        with self._cond:
+        with self._guard:
             entry = self._objects.pop(object_id, None)
         if entry is not None and entry.refs and self._refs is not None:
             self._refs.decr_all(entry.refs)
 
     def replace(self, object_id: bytes, value) -> None:
         """Put `value` in place of a stored entry (its refs are the same or none)."""
-        with self._cond:
+        with self._guard:
             old = self._objects.get(object_id)
             if old is None:
                 return

@@ -16,6 +16,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import queue
+import threading
+import warnings
 from typing import Any
 
 import cloudpickle
@@ -24,7 +27,18 @@ from .plugins import hookimpl
 from .result import TRAINING_ITERATION, flatten_dict, is_number, json_default, to_json
 
 __all__ = ["Callback", "LoggerCallback", "JsonLoggerCallback", "CSVLoggerCallback",
-           "TBXLoggerCallback"]
+           "TBXLoggerCallback", "BackgroundLoggers"]
+
+
+def _open_in(trial, name: str, mode: str, **kwargs):
+    """``open(trial.path/name)``, making the trial's directory if it is not
+    there yet (the runner has made it, so this is one system call per file)."""
+    path = os.path.join(trial.path, name)
+    try:
+        return open(path, mode, **kwargs)
+    except FileNotFoundError:
+        os.makedirs(trial.path, exist_ok=True)
+        return open(path, mode, **kwargs)
 
 
 class Callback:
@@ -84,15 +98,16 @@ class JsonLoggerCallback(LoggerCallback):
         self._files: dict[Any, Any] = {}
 
     def log_trial_start(self, trial) -> None:
-        os.makedirs(trial.path, exist_ok=True)
-        with open(os.path.join(trial.path, "params.json"), "w") as f:
-            json.dump(trial.config, f, indent=2, sort_keys=True, default=json_default)
+        with _open_in(trial, "params.json", "w") as f:
+            f.write(json.dumps(trial.config, indent=2, sort_keys=True, default=json_default))
         try:
-            with open(os.path.join(trial.path, "params.pkl"), "wb") as f:
-                cloudpickle.dump(trial.config, f)
+            data = cloudpickle.dumps(trial.config)
         except Exception:  # noqa: BLE001 - the JSON copy is the one that matters
-            pass
-        self._files[trial] = open(os.path.join(trial.path, "result.json"), "a")
+            data = None
+        if data is not None:
+            with _open_in(trial, "params.pkl", "wb") as f:
+                f.write(data)
+        self._files[trial] = _open_in(trial, "result.json", "a")
 
     def log_trial_result(self, iteration, trial, result) -> None:
         f = self._files.get(trial)
@@ -119,9 +134,7 @@ class CSVLoggerCallback(LoggerCallback):
         self._files: dict[Any, tuple] = {}
 
     def log_trial_start(self, trial) -> None:
-        os.makedirs(trial.path, exist_ok=True)
-        self._files[trial] = (open(os.path.join(trial.path, "progress.csv"), "a", newline=""),
-                              None)
+        self._files[trial] = (_open_in(trial, "progress.csv", "a", newline=""), None)
 
     def log_trial_result(self, iteration, trial, result) -> None:
         entry = self._files.get(trial)
@@ -157,7 +170,9 @@ _TB_SKIP = frozenset({"config", "pid", "timestamp", "done", TRAINING_ITERATION,
 class TBXLoggerCallback(LoggerCallback):
     """TensorBoard event files in each trial directory, scalars under
     ``beamlet/tune/<metric>`` by ``training_iteration``, one event per result
-    (see :mod:`.tb_events`). Does nothing when ``tensorboardX`` is not installed."""
+    (see :mod:`.tb_events`). Does nothing when ``tensorboardX`` is not installed.
+    Run by `BackgroundLoggers`, so importing tensorboardX and its writer's fsync
+    at each flush and close cost the runner's loop nothing."""
 
     def __init__(self):
         self._writers: dict[Any, Any] = {}
@@ -167,7 +182,6 @@ class TBXLoggerCallback(LoggerCallback):
         if self._unavailable:
             return
         from .tb_events import EventFileWriter
-
         os.makedirs(trial.path, exist_ok=True)
         try:
             self._writers[trial] = EventFileWriter(trial.path)
@@ -192,6 +206,82 @@ class TBXLoggerCallback(LoggerCallback):
         for writer in self._writers.values():
             writer.close()
         self._writers.clear()
+
+
+_CLOSE_TIMEOUT_S = 120.0
+
+
+class BackgroundLoggers:
+    """Runs the hooks of the built-in loggers (JSON, CSV, TensorBoard) among
+    `callbacks` on a thread of their own, in the order they were called.
+
+    Creating a trial's files waits on the disk (about half a millisecond per
+    file here, more when it is busy, five files per trial): the runner's loop
+    goes on meanwhile, and the thread mostly runs while the loop waits for
+    results. Files lag the loop by what is queued (milliseconds); everything
+    is written by :meth:`close`. A driver killed before that may lose the
+    last rows; ``resume`` does not read them (it reads the experiment's state
+    log, which the runner writes itself). An error in a logger is raised in
+    the runner's thread, at its next call or at :meth:`close`."""
+
+    BUILTIN = (JsonLoggerCallback, CSVLoggerCallback, TBXLoggerCallback)
+
+    def __init__(self, callbacks: list):
+        #: The callbacks this runs (the others are the caller's to call).
+        self.callbacks = [cb for cb in callbacks if type(cb) in self.BUILTIN]
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def call(self, hook: str, kwargs: dict) -> None:
+        """Queue ``hook(**kwargs)`` of every callback (a result is copied: the
+        caller may change the dict afterwards)."""
+        self._raise_error()
+        if not self.callbacks:
+            return
+        if "result" in kwargs:
+            kwargs["result"] = dict(kwargs["result"])
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="beamlet-tune-loggers",
+                                            daemon=True)
+            self._thread.start()
+        self._queue.put((hook, kwargs))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            hook, kwargs = item
+            if self._error is not None and hook != "on_experiment_end":
+                continue  # (the runner raises it; the rest is dropped, but files are closed)
+            for cb in self.callbacks:
+                try:
+                    getattr(cb, hook)(**kwargs)
+                except BaseException as err:  # noqa: BLE001 - raised in the runner's thread
+                    if self._error is None:
+                        self._error = err
+
+    def close(self, trials: list) -> None:
+        """Run what is queued and the loggers' ``on_experiment_end``; return once
+        they have (at most ``_CLOSE_TIMEOUT_S``: a warning then)."""
+        if self._thread is None:
+            for cb in self.callbacks:
+                cb.on_experiment_end(trials=trials)
+        else:
+            thread, self._thread = self._thread, None
+            self._queue.put(("on_experiment_end", {"trials": trials}))
+            self._queue.put(None)
+            thread.join(_CLOSE_TIMEOUT_S)
+            if thread.is_alive():
+                warnings.warn(f"the Tune loggers did not finish writing within "
+                              f"{_CLOSE_TIMEOUT_S:g} s; the logs may be incomplete", stacklevel=2)
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 @hookimpl

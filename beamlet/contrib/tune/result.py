@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import sys
+import numbers
 import os
 import socket
 import time
@@ -148,15 +148,10 @@ def is_number(value: Any) -> bool:
     kind = type(value)
     if kind is float or kind is int:  # (the common case, first: called per metric per result)
         return True
-    if isinstance(value, bool):
-        return False
-    np = sys.modules.get("numpy")  # (a numpy scalar means numpy is loaded)
-    if np is not None:
-        if isinstance(value, np.bool_):
-            return False
-        if isinstance(value, (np.integer, np.floating)):
-            return True
-    return isinstance(value, (int, float))
+    # numpy registers its integer and floating scalars as numbers.Real, not its
+    # bool_. (Not by peeking at sys.modules["numpy"]: the loggers' thread may be
+    # importing numpy right then, and a half-imported module lacks its names.)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def is_finite_number(value: Any) -> bool:

@@ -10,6 +10,8 @@ did the trial end itself (a dict stop criterion or ``done``)? does the
 experiment's stopper say stop? and otherwise the scheduler, which answers
 CONTINUE, PAUSE or STOP. Then it logs the result (callbacks: JSON, CSV,
 TensorBoard, the user's) and either calls ``step()`` again or stops the trial.
+The built-in loggers run on a thread of their own (``BackgroundLoggers``):
+creating a trial's files waits on the disk, and the loop need not.
 
 Only beamlet's public API is used, so this runs on any backend. On
 ``inprocess`` each ``.remote()`` runs at once, so trials advance one result
@@ -30,7 +32,7 @@ from beamlet import exceptions as bexc
 from beamlet.core import runtime
 
 from .error import TuneError
-from .loggers import Callback
+from .loggers import BackgroundLoggers, Callback
 from .progress import ProgressReporter
 from .result import json_default
 from .schedulers import FIFOScheduler, TrialScheduler
@@ -82,6 +84,10 @@ class TrialRunner:
         self._experiments = list(experiments)
         self._scheduler = scheduler if scheduler is not None else FIFOScheduler()
         self._callbacks = list(callbacks or [])
+        # The built-in loggers run on a thread of their own (see BackgroundLoggers).
+        self._background = BackgroundLoggers(self._callbacks)
+        self._foreground = [cb for cb in self._callbacks
+                            if not any(cb is b for b in self._background.callbacks)]
         self._progress = progress if progress is not None else ProgressReporter(verbose=0)
         self._max_concurrent = max_concurrent_trials
         self._fail_fast = fail_fast
@@ -96,6 +102,7 @@ class TrialRunner:
         self._total: dict[str, float] = {}
         self._trainable_refs: dict[int, tuple] = {}
         self._iteration = 0
+        self._finished_upto = 0      # self._trials[:this] are all finished
         self._stop_everything = False
         self._warned_missing: set = set()
         self._interrupted = False
@@ -285,9 +292,16 @@ class TrialRunner:
                                 f"Lower resources_per_trial, or init() with more.")
 
     def is_finished(self) -> bool:
-        return (not self._inflight and not self._stopping
-                and all(exp.is_finished() for exp in self._experiments)
-                and all(t.is_finished() for t in self._trials))
+        if self._inflight or self._stopping or \
+                not all(exp.is_finished() for exp in self._experiments):
+            return False
+        # A finished trial stays finished (TERMINATED, ERROR): those before the
+        # cursor are not looked at again, so the check is not a scan per step.
+        trials, i = self._trials, self._finished_upto
+        while i < len(trials) and trials[i].is_finished():
+            i += 1
+        self._finished_upto = i
+        return i == len(trials)
 
     def step(self) -> None:
         """One turn of the loop: start what fits, then handle what is ready."""
@@ -357,12 +371,14 @@ class TrialRunner:
         try:
             actor = self._pooled_actor(trial.resources)
             if actor is not None:
-                actor.reset.remote(trainable, trial.config, info, trial.stop_criteria, options)
+                ref = actor.reset_and_step.remote(trainable, {
+                    "config": trial.config, "trial_info": info,
+                    "stop_criteria": trial.stop_criteria, "options": options})
             else:
                 actor = trial_actor_class() \
                     .options(**resources_to_actor_options(trial.resources)) \
                     .remote(trainable, trial.config, info, trial.stop_criteria, options)
-            ref = actor.step.remote()
+                ref = actor.step.remote()
         except Exception as err:  # noqa: BLE001 - e.g. a config that cannot be pickled
             trial._actor = None
             self._on_trial_error(trial, f"the trial could not start:\n{_error_text(err)}")
@@ -682,12 +698,17 @@ class TrialRunner:
                 self._search_dirty.add(trial.experiment_path)
 
     def _call(self, hook: str, **kwargs) -> None:
-        for cb in self._callbacks:
-            getattr(cb, hook)(iteration=self._iteration, trials=self._trials, **kwargs)
+        kwargs["iteration"], kwargs["trials"] = self._iteration, self._trials
+        self._background.call(hook, kwargs)
+        for cb in self._foreground:
+            getattr(cb, hook)(**kwargs)
 
     def _call_experiment_end(self) -> None:
-        for cb in self._callbacks:
-            cb.on_experiment_end(trials=self._trials)
+        try:
+            for cb in self._foreground:
+                cb.on_experiment_end(trials=self._trials)
+        finally:
+            self._background.close(self._trials)
 
     def _warn_missing_criteria(self, trial: Trial, result: dict) -> None:
         if not trial.stop_criteria or trial.num_results > 0:

@@ -205,6 +205,13 @@ class TrialActor:
         self.__init__(trainable, config, trial_info, stop_criteria, options)
         return True
 
+    def reset_and_step(self, trainable, arguments: dict) -> dict:
+        """:meth:`reset` (with `arguments`: ``config``, ``trial_info``,
+        ``stop_criteria``, ``options``) then :meth:`step`: a reused actor starts
+        its next trial in one call, its arguments serialized as one."""
+        self.reset(trainable, **arguments)
+        return self.step()
+
     def step(self) -> dict:
         if self._error is not None:
             error, self._error = self._error, None
