@@ -48,6 +48,11 @@ node lacks (``fetch``), the refs it holds (``pin``/``unpin``), and the
 objects it put that leave with them. Several drivers run side by side; when
 one leaves, its idle workers are let go (its busy ones once they are idle,
 ``LocalScheduler.job_ended``) and the others' work goes on.
+An actor's calls run in its creator's job, whoever calls it (a named actor
+used by a second driver): the call's results go to the caller, but what its
+worker submits, fetches and holds goes to the creator, so a ref of the
+caller's that the actor keeps is not counted for the caller; and a detached
+actor whose creator left cannot submit tasks any more.
 """
 from __future__ import annotations
 
