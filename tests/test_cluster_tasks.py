@@ -490,3 +490,57 @@ def test_two_drivers_at_once_each_get_their_own_nested_results(cluster, driver, 
     while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [p for p in pids if os.path.exists(f"/proc/{p}")], "its workers live on"
+
+
+@beamlet.remote(num_cpus=0)
+def put_when_told(started: str, go: str):
+    """Say it started, wait for `go`, then put a large object (kept on its
+    node for the driver, owned by this worker) and return its ref."""
+    open(f"{started}-{os.getpid()}", "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [beamlet.put(np.ones(1 << 16))]
+
+
+PINNED_DRIVER = """
+import sys
+import beamlet
+from beamlet.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+beamlet.init(address=sys.argv[1], token=sys.argv[2])
+
+
+@beamlet.remote
+def where():
+    return beamlet.get_runtime_context().get_node_id()
+
+
+pin = NodeAffinitySchedulingStrategy(sys.argv[3], soft=False)
+print("ran on", beamlet.get(where.options(scheduling_strategy=pin).remote(), timeout=60))
+beamlet.shutdown()
+"""
+
+
+def test_idle_workers_of_one_driver_do_not_keep_another_from_a_node(cluster, driver,
+                                                                     tmp_path):
+    head = cluster.start_head()
+    member = cluster.join(head)  # one CPU: at most 4 workers, unless...
+    driver(head)
+    pin = NodeAffinitySchedulingStrategy(member, soft=False)
+    started, go = tmp_path / "started", tmp_path / "go"
+    refs = [put_when_told.options(scheduling_strategy=pin).remote(str(started), str(go))
+            for _ in range(4)]
+    deadline = time.monotonic() + TIMEOUT
+    while len(list(tmp_path.glob("started-*"))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(list(tmp_path.glob("started-*"))) == 4, "the four tasks did not run at once"
+    go.touch()
+    held = beamlet.get(refs, timeout=GET_TIMEOUT)  # 4 idle workers, each owning an object
+    script = tmp_path / "pinned.py"
+    script.write_text(PINNED_DRIVER)
+    proc = subprocess.run([sys.executable, str(script), head["address"], head["token"], member],
+                          env=cluster.env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"ran on {member}" in proc.stdout, proc.stdout + proc.stderr
+    assert [beamlet.get(inner[0], timeout=GET_TIMEOUT).sum() for inner in held] == [1 << 16] * 4
