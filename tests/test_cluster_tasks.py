@@ -339,3 +339,208 @@ def test_a_ref_put_on_a_node_reaches_the_driver_and_other_tasks(cluster, driver)
     assert beamlet.get(first_of.remote([inner]), timeout=GET_TIMEOUT) == "deep"
     assert beamlet.get(first_of.remote(put_inside.remote(np.ones(1 << 16))),
                        timeout=GET_TIMEOUT).sum() == 1 << 16
+
+
+#: The work each of two drivers runs at once (a module both import, so that
+#: both jobs' workers can): a task that submits tasks and gets them, a task
+#: that puts an object and returns its ref inside a list, an actor that keeps
+#: refs it put and submits tasks. Each result names the job it ran in.
+SIDE_WORK = """
+import os
+import time
+import beamlet
+
+
+def job():
+    return beamlet.get_runtime_context().get_job_id()
+
+
+@beamlet.remote
+def leaf(x):
+    return x * 2, job()
+
+
+@beamlet.remote
+def worker_pid():
+    return os.getpid()
+
+
+@beamlet.remote
+def fan(n):
+    return job(), beamlet.get([leaf.remote(i) for i in range(n)], timeout=60)
+
+
+@beamlet.remote
+def put_inside(value):
+    return [beamlet.put(value)]
+
+
+@beamlet.remote
+def first_of(refs):
+    return beamlet.get(refs[0], timeout=60)
+
+
+@beamlet.remote(num_cpus=0)  # (it waits holding no CPU: the other driver's work goes on)
+def after_file(path):
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return beamlet.get(fan.remote(3), timeout=60)
+
+
+@beamlet.remote
+class Keeper:
+    def __init__(self, tag):
+        self.tag = tag
+        self.kept = []
+
+    def keep(self, value):
+        self.kept.append(beamlet.put(value))
+        return self.tag, job(), beamlet.get(leaf.remote(len(self.kept)), timeout=60)
+
+    def kept_values(self):
+        return beamlet.get(self.kept, timeout=60)
+
+    def pid(self):
+        return os.getpid()
+
+
+def one_round(tag, keeper, i):
+    me = job()
+    value = f"{tag}-{i}"
+    fanned = beamlet.get(fan.remote(4), timeout=60)
+    assert fanned == (me, [(2 * k, me) for k in range(4)]), (tag, me, fanned)
+    inner = beamlet.get(put_inside.remote(value), timeout=60)[0]
+    assert beamlet.get(inner, timeout=60) == value
+    assert beamlet.get(first_of.remote([inner]), timeout=60) == value
+    assert beamlet.get(first_of.remote(put_inside.remote(value)), timeout=60) == value
+    kept = beamlet.get(keeper.keep.remote(value), timeout=60)
+    assert kept == (tag, me, (2 * (i + 1), me)), (tag, me, kept)
+"""
+
+SIDE_DRIVER = """
+import os
+import sys
+import beamlet
+import side_work
+
+address, token, started, stop = sys.argv[1:5]
+beamlet.init(address=address, token=token)
+keeper = side_work.Keeper.remote("second")
+rounds = 0
+while not os.path.exists(stop) or rounds < 2:
+    side_work.one_round("second", keeper, rounds)
+    rounds += 1
+    if rounds == 1:
+        open(started, "w").close()
+assert beamlet.get(keeper.kept_values.remote(), timeout=60) == [
+    f"second-{i}" for i in range(rounds)]
+pids = {beamlet.get(keeper.pid.remote(), timeout=60)} | set(
+    beamlet.get([side_work.worker_pid.remote() for _ in range(4)], timeout=60))
+print("second driver ran", rounds, "rounds in job", side_work.job(), flush=True)
+print("PIDS", *sorted(pids), flush=True)
+beamlet.shutdown()
+"""
+
+
+def test_two_drivers_at_once_each_get_their_own_nested_results(cluster, driver, tmp_path,
+                                                               monkeypatch):
+    head = cluster.start_head()
+    cluster.join(head)
+    (tmp_path / "side_work.py").write_text(SIDE_WORK)
+    (tmp_path / "second.py").write_text(SIDE_DRIVER)
+    monkeypatch.syspath_prepend(str(tmp_path))  # (so this job's workers import it too)
+    import side_work
+    driver(head)
+    keeper = side_work.Keeper.remote("first")
+    side_work.one_round("first", keeper, 0)  # this job's workers run before the second joins
+    started, stop = tmp_path / "started", tmp_path / "stop"
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "second.py"), head["address"],
+                             head["token"], str(started), str(stop)], env=cluster.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), "the second driver did not finish its first round"
+        for i in range(1, 4):  # while the second driver runs its rounds
+            side_work.one_round("first", keeper, i)
+        go = tmp_path / "go"
+        waiting = side_work.after_file.remote(str(go))  # runs while the second one leaves
+        stop.touch()
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out + err
+    assert "second driver ran" in out, out + err
+    assert side_work.job() not in out  # (its own job, not this one)
+    go.touch()
+    me = side_work.job()
+    assert beamlet.get(waiting, timeout=GET_TIMEOUT) == (me, [(2 * k, me) for k in range(3)])
+    side_work.one_round("first", keeper, 4)
+    assert beamlet.get(keeper.kept_values.remote(), timeout=GET_TIMEOUT) == [
+        f"first-{i}" for i in range(5)]
+    # The second driver's workers (its actor's, idle ones) are let go.
+    pids = [int(p) for p in out.split("PIDS", 1)[1].split()]
+    ours = {beamlet.get(keeper.pid.remote(), timeout=GET_TIMEOUT)}
+    assert pids and not ours & set(pids)
+    deadline = time.monotonic() + TIMEOUT
+    while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in pids if os.path.exists(f"/proc/{p}")], "its workers live on"
+
+
+@beamlet.remote(num_cpus=0)
+def put_when_told(started: str, go: str):
+    """Say it started, wait for `go`, then put a large object (kept on its
+    node for the driver, owned by this worker) and return its ref."""
+    open(f"{started}-{os.getpid()}", "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [beamlet.put(np.ones(1 << 16))]
+
+
+PINNED_DRIVER = """
+import sys
+import beamlet
+from beamlet.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+beamlet.init(address=sys.argv[1], token=sys.argv[2])
+
+
+@beamlet.remote
+def where():
+    return beamlet.get_runtime_context().get_node_id()
+
+
+pin = NodeAffinitySchedulingStrategy(sys.argv[3], soft=False)
+print("ran on", beamlet.get(where.options(scheduling_strategy=pin).remote(), timeout=60))
+beamlet.shutdown()
+"""
+
+
+def test_idle_workers_of_one_driver_do_not_keep_another_from_a_node(cluster, driver,
+                                                                     tmp_path):
+    head = cluster.start_head()
+    member = cluster.join(head)  # one CPU: at most 4 workers, unless...
+    driver(head)
+    pin = NodeAffinitySchedulingStrategy(member, soft=False)
+    started, go = tmp_path / "started", tmp_path / "go"
+    refs = [put_when_told.options(scheduling_strategy=pin).remote(str(started), str(go))
+            for _ in range(4)]
+    deadline = time.monotonic() + TIMEOUT
+    while len(list(tmp_path.glob("started-*"))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(list(tmp_path.glob("started-*"))) == 4, "the four tasks did not run at once"
+    go.touch()
+    held = beamlet.get(refs, timeout=GET_TIMEOUT)  # 4 idle workers, each owning an object
+    script = tmp_path / "pinned.py"
+    script.write_text(PINNED_DRIVER)
+    proc = subprocess.run([sys.executable, str(script), head["address"], head["token"], member],
+                          env=cluster.env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"ran on {member}" in proc.stdout, proc.stdout + proc.stderr
+    assert [beamlet.get(inner[0], timeout=GET_TIMEOUT).sum() for inner in held] == [1 << 16] * 4

@@ -83,6 +83,11 @@ class JobOwner(Protocol):
     # and False after each turn of the loop that handles workers' messages: an
     # owner that ships results elsewhere (a cluster node) may send those stored
     # meanwhile together at the end.
+    # Several jobs (a cluster node's drivers): the owner sets the scheduler's
+    # ``job_of`` (spec -> its job). A job is itself a JobOwner (its
+    # ``job_config``, ``accept``, ``fetch``, ``pin``, ``unpin``): what a worker
+    # sends about its task goes to its worker's job (``WorkerInfo.job``), and
+    # what has no job (None) to this owner.
 
 
 def log_error(what: str, err: BaseException | None = None) -> None:
@@ -307,8 +312,10 @@ class Node:
             raise ProtocolError(f"a malformed HELLO: {P.describe(message)}")
         if not self.scheduler.awaits_worker(worker_id):
             return None
+        starting = self.scheduler.workers.get(worker_id)
+        job = (starting.job if starting is not None else None) or self.owner
         conn.send(P.Welcome({
-            **self.owner.job_config(), "session": self.session, "node_id": self.node_id,
+            **job.job_config(), "session": self.session, "node_id": self.node_id,
             "inline_threshold": self.inline_threshold,
             "resources": self.scheduler.total_resources()}))
         worker = self.scheduler.worker_connected(worker_id, pid, conn)
@@ -364,7 +371,7 @@ class Node:
         spec = message.spec
         self.scheduler.submitted_by(worker, spec)
         try:
-            self.owner.accept(spec)
+            (worker.job or self.owner).accept(spec)
         except Exception as err:  # noqa: BLE001 - the submitter gets it from get()
             self.scheduler.reject(spec, exc.TaskError.from_exception(err, spec.display_name))
 
@@ -400,7 +407,7 @@ class Node:
         request's worker lends out its CPUs (its thread is stuck in get or wait),
         and the worker may give up on it (FORGET)."""
         store = self.object_store
-        fetch = getattr(self.owner, "fetch", None)  # (see JobOwner)
+        fetch = getattr(worker.job or self.owner, "fetch", None)  # (see JobOwner)
         if fetch is not None and not store.has_at_least(ids, len(ids)):
             fetch([i for i in ids if not store.contains(i)])
         if blocking and not store.has_at_least(ids, count):
@@ -575,15 +582,15 @@ class Node:
     def start_worker(self, worker_id: str) -> None:
         self.launcher.fork(worker_id)
 
-    def pin(self, object_ids) -> None:
-        pin = getattr(self.owner, "pin", None)  # (see JobOwner)
+    def pin(self, object_ids, job=None) -> None:
+        pin = getattr(job or self.owner, "pin", None)  # (see JobOwner)
         if pin is not None:
             pin(object_ids)
         else:
             self.owner.refs.incr_all(object_ids)
 
-    def unpin(self, object_ids) -> None:
-        unpin = getattr(self.owner, "unpin", None)
+    def unpin(self, object_ids, job=None) -> None:
+        unpin = getattr(job or self.owner, "unpin", None)
         if unpin is not None:
             unpin(object_ids)
         else:

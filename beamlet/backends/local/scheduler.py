@@ -67,7 +67,7 @@ class WorkerInfo:
 
     __slots__ = ("worker_id", "pid", "conn", "state", "task", "actor_id", "known_functions",
                  "blocking", "borrowed", "started", "gpu_ids", "dispatched_at", "idle_since",
-                 "next", "revoking", "outbox", "send_lock", "gpu_kind")
+                 "next", "revoking", "outbox", "send_lock", "gpu_kind", "job")
 
     def __init__(self, worker_id: str):
         self.worker_id = worker_id
@@ -90,6 +90,8 @@ class WorkerInfo:
         self.gpu_kind: bool | None = None
         self.dispatched_at = 0.0
         self.idle_since = 0.0
+        #: The job it runs tasks of (see LocalScheduler.job_of); None: the node's one.
+        self.job = None
 
 
 class ActorRecord:
@@ -235,10 +237,11 @@ class SchedulerHost(Protocol):
         """Start a worker process that will connect and say hello as `worker_id`
         (then `worker_connected` is called); BackendError if none can be started."""
 
-    def pin(self, object_ids: Iterable[bytes]) -> None:
-        """Keep these objects alive (a reference each) until `unpin`."""
+    def pin(self, object_ids: Iterable[bytes], job=None) -> None:
+        """Keep these objects alive (a reference each) until `unpin`; `job`:
+        whose they are (see LocalScheduler.job_of)."""
 
-    def unpin(self, object_ids: Iterable[bytes]) -> None:
+    def unpin(self, object_ids: Iterable[bytes], job=None) -> None:
         """Drop references taken by `pin` (an object may then be freed)."""
 
 
@@ -282,6 +285,14 @@ class LocalScheduler(Scheduler):
         self.launch_error: BaseException | None = None  # why no worker can be started any more
         self._groups: dict[str, object] = {}  # placement group key -> its PlacementGroupInfo
         self._groups_pending = False  # whether some group waits to be reserved
+        #: A node that runs the tasks of several jobs (a cluster node's drivers)
+        #: sets this: spec -> its job. A worker runs the tasks of one job only
+        #: (it keeps the job's settings it started with): it is started for the
+        #: job of the task that waits for it (`WorkerInfo.job`), and an idle one
+        #: is given only its job's tasks. None: one job (`job` None everywhere).
+        self.job_of = None
+        #: Jobs that ended (see job_ended): their idle workers are let go.
+        self.ended_jobs: set = set()
 
     # -- submission -----------------------------------------------------------
     def submit(self, spec: TaskSpec) -> None:
@@ -316,7 +327,8 @@ class LocalScheduler(Scheduler):
                     if spec.actor_options.get("detached"):
                         # Lives until killed: the owner holds its handle, not the creator.
                         record.pinned.append(record.token)
-                    self.host.pin(record.pinned)
+                    self.host.pin(record.pinned,
+                                  None if self.job_of is None else self.job_of(spec))
                 deps = spec.dependencies()
                 if deps:
                     deps = [d for d in dict.fromkeys(deps) if not self.store.contains(d)]
@@ -337,7 +349,7 @@ class LocalScheduler(Scheduler):
                                    broad=False)
 
     def _run_on_idle(self, spec: TaskSpec) -> bool:
-        """Run a ready task on an idle worker of its kind now, if there is one
+        """Run a ready task on an idle worker of its kind and job now, if there is one
         and its resources are free; whether it did."""
         idle = self.idle
         if not idle:
@@ -345,8 +357,10 @@ class LocalScheduler(Scheduler):
         resources = spec.resources
         gpu = bool(resources.get("GPU")) or (
             spec.placement_group is not None and asks_gpu(resources))
+        job = None if self.job_of is None else self.job_of(spec)
         worker = idle[-1]
-        if worker.state == IDLE and (worker.gpu_kind is None or worker.gpu_kind is gpu):
+        if worker.state == IDLE and (worker.gpu_kind is None or worker.gpu_kind is gpu) \
+                and worker.job is job:
             gpu_ids = self.pool.try_acquire(resources)  # (the usual case, in one step)
             if gpu_ids is None:
                 return False
@@ -355,7 +369,7 @@ class LocalScheduler(Scheduler):
             return True
         if not self.pool.fits(resources):
             return False
-        worker = self._take_idle(gpu)
+        worker = self._take_idle(gpu, job)
         if worker is None:
             return False
         self._run_task(spec, worker)
@@ -391,6 +405,7 @@ class LocalScheduler(Scheduler):
         if self._groups_pending:
             self._reserve_groups()
         starved = False
+        starved_jobs: dict = {}  # (with job_of: the jobs whose tasks wait for a worker)
         for shape, queue in list(self._queues.items()):
             while queue:
                 spec = queue[0]
@@ -402,9 +417,11 @@ class LocalScheduler(Scheduler):
                     break
                 gpu = bool(spec.resources.get("GPU")) or (
                     spec.placement_group is not None and asks_gpu(spec.resources))
-                worker = self._take_idle(gpu)
+                job = None if self.job_of is None else self.job_of(spec)
+                worker = self._take_idle(gpu, job)
                 if worker is None:
                     starved = True
+                    starved_jobs[job] = None
                     if not self.starting:
                         self._retire_idle_of_kind(not gpu)
                     break
@@ -417,14 +434,19 @@ class LocalScheduler(Scheduler):
             if not queue:
                 self._queues.pop(shape, None)  # (a nested dispatch may have removed it)
         if starved:
-            self._start_workers(self._runnable_now())
+            if self.job_of is None:
+                self._start_workers(self._runnable_now())
+            else:
+                for job in starved_jobs:
+                    self._start_workers(self._runnable_now(job), job)
         if self._ahead and self.idle:
             self._steal()
         if self.launch_error is not None:
             self._fail_unstartable()
 
-    def _runnable_now(self) -> int:
-        """How many queued tasks and actors would start if there were workers for them."""
+    def _runnable_now(self, job=None) -> int:
+        """How many queued tasks and actors would start if there were workers for
+        them (with `job_of`: of those, how many are `job`'s)."""
         free = self.pool.available()
         count = 0
         for queue in self._queues.values():
@@ -433,20 +455,22 @@ class LocalScheduler(Scheduler):
                     break
                 for k, v in spec.resources.items():
                     free[k] -= v
+                if job is not None and self.job_of(spec) is not job:
+                    continue
                 count += 1
                 if count >= self.max_workers:
                     return count
         return count
 
-    def _take_idle(self, gpu: bool) -> WorkerInfo | None:
-        """An idle worker for a task that uses GPUs (`gpu`) or not: a fresh one
-        or one that ran the same kind (the most recently idle first)."""
+    def _take_idle(self, gpu: bool, job=None) -> WorkerInfo | None:
+        """An idle worker of `job` for a task that uses GPUs (`gpu`) or not: a
+        fresh one or one that ran the same kind (the most recently idle first)."""
         idle = self.idle
         for i in range(len(idle) - 1, -1, -1):
             worker = idle[i]
             if worker.state != IDLE:
                 del idle[i]  # (stale: it left the idle state since)
-            elif worker.gpu_kind is None or worker.gpu_kind is gpu:
+            elif (worker.gpu_kind is None or worker.gpu_kind is gpu) and worker.job is job:
                 del idle[i]
                 return worker
         return None
@@ -463,13 +487,27 @@ class LocalScheduler(Scheduler):
                 self._send(worker, P.Exit())
                 return
 
-    def _start_workers(self, wanted: int) -> None:
+    def _start_workers(self, wanted: int, job=None) -> None:
+        """Start workers for `wanted` tasks (of `job`: see job_of)."""
         if self.launch_error is not None:
             return
-        running = sum(1 for w in self.workers.values() if w.state in (BUSY, STARTING, IDLE)
-                      and not w.blocking)
+        # (Idle workers of other jobs do not count: they cannot run these, and
+        # may not be let go if they own live objects. One is let go per worker
+        # started beyond max_workers with them, if it can be.)
+        running = others = 0
+        for w in self.workers.values():
+            if w.state in (BUSY, STARTING, IDLE) and not w.blocking:
+                if w.state == IDLE and w.job is not job:
+                    others += 1
+                else:
+                    running += 1
         room = self.max_workers - running
-        n = min(wanted - self.starting, room)
+        starting = self.starting if self.job_of is None else sum(
+            1 for w in self.workers.values() if w.state == STARTING and w.job is job)
+        n = min(wanted - starting, room)
+        for _ in range(min(others, running + others + n - self.max_workers)):
+            if not self._retire_idle_of_other_job(job):
+                break
         for _ in range(max(0, n)):
             worker_id = os.urandom(8).hex()
             try:
@@ -478,7 +516,27 @@ class LocalScheduler(Scheduler):
                 self.launch_error = err  # _dispatch fails what waits for a worker
                 return
             self.starting += 1
-            self.workers[worker_id] = WorkerInfo(worker_id)
+            self.workers[worker_id] = worker = WorkerInfo(worker_id)
+            worker.job = job
+
+    def _retire_idle_of_other_job(self, job) -> bool:
+        """Let an idle worker of another job than `job` go (not one that owns
+        live objects: they would be lost); whether there was one."""
+        for worker in self.idle:
+            if worker.state == IDLE and worker.job is not job \
+                    and not self.store.objects_owned_by(worker.worker_id):
+                worker.state = EXITING  # worker_died finishes the bookkeeping at its EOF
+                self.idle.remove(worker)
+                self._send(worker, P.Exit())
+                return True
+        return False
+
+    def job_ended(self, job) -> None:
+        """`job` will submit nothing more: its idle workers are let go (now, and
+        its busy ones once idle: see reap_idle)."""
+        with self.lock:
+            self.ended_jobs.add(job)
+        self.reap_idle(1 << 30, 1e9)
 
     def _fail_unstartable(self) -> None:
         """No worker can be started any more: fail the tasks and actors that
@@ -694,6 +752,8 @@ class LocalScheduler(Scheduler):
         if head.kind != TASK or ((head.args or head.kwargs) and head.has_ref_args()) \
                 or self.pool.fits(head.resources):
             return  # (one that fits gets a worker of its own, as soon as there is one)
+        if self.job_of is not None and self.job_of(queue[0]) is not worker.job:
+            return  # (a worker runs its job's tasks only)
         spec = queue.popleft()
         if not queue:
             self._queues.pop(shape, None)
@@ -910,9 +970,10 @@ class LocalScheduler(Scheduler):
             self._take_back_lent(worker, record.spec.resources)
             self.pool.release(record.spec.resources, record.gpu_ids)
         record.reason = reason
+        job = None if self.job_of is None else self.job_of(record.spec)  # (before it is dead)
         self._move(record, ActorLifecycle.DEAD, reason)
         if record.pinned:
-            self.host.unpin(record.pinned)
+            self.host.unpin(record.pinned, job)
             record.pinned = []
         error = exc.ActorDiedError(f"the actor {record.spec.function_name} is dead: {reason}")
         if record.spec.task_id in self._tasks:  # it never finished starting
@@ -1294,6 +1355,8 @@ class LocalScheduler(Scheduler):
         """Let workers beyond the first `keep` go once idle for `idle_for` seconds
         (the extra ones forked while tasks were blocked in get)."""
         with self.lock:
+            if self.ended_jobs:
+                self._reap_ended_jobs()
             pool_workers = [w for w in self.workers.values() if w.actor_id is None]
             surplus = len(pool_workers) - keep
             if surplus <= 0:
@@ -1309,6 +1372,18 @@ class LocalScheduler(Scheduler):
                 surplus -= 1
                 self._send(worker, P.Exit())
 
+    def _reap_ended_jobs(self) -> None:
+        """Let the idle workers of ended jobs go (lock held); forget a job that
+        has no worker left."""
+        for worker in list(self.idle):
+            if worker.state == IDLE and worker.job in self.ended_jobs \
+                    and not self.store.objects_owned_by(worker.worker_id):
+                worker.state = EXITING  # worker_died finishes the bookkeeping at its EOF
+                self.idle.remove(worker)
+                self._send(worker, P.Exit())
+        alive = {w.job for w in self.workers.values() if w.state != DEAD}
+        self.ended_jobs &= alive
+
     def worker_died(self, worker: WorkerInfo) -> None:
         """The worker's connection closed: retry, restart or fail what it ran."""
         with self.lock:
@@ -1318,7 +1393,7 @@ class LocalScheduler(Scheduler):
             # restart_lost_forks gives those up.)
             worker.state = DEAD
             self.workers.pop(worker.worker_id, None)
-            self.host.unpin(worker.borrowed.elements())
+            self.host.unpin(worker.borrowed.elements(), worker.job)
             worker.borrowed.clear()
             self._lose_objects_of(worker)
             if worker.next is not None:  # sent ahead, never started (its task was running)
@@ -1406,7 +1481,7 @@ class LocalScheduler(Scheduler):
         borrowed = worker.borrowed
         for object_id in added:
             borrowed[object_id] += 1
-        self.host.pin(added)
+        self.host.pin(added, worker.job)
         let_go = []
         for object_id in released:
             if borrowed[object_id] > 0:
@@ -1414,7 +1489,7 @@ class LocalScheduler(Scheduler):
                 if not borrowed[object_id]:
                     del borrowed[object_id]
                 let_go.append(object_id)
-        self.host.unpin(let_go)
+        self.host.unpin(let_go, worker.job)
 
     # -- cancel -----------------------------------------------------------------
     def submitted_by(self, worker: WorkerInfo, spec: TaskSpec) -> None:

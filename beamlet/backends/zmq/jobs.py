@@ -36,12 +36,23 @@ drivers connected over ZeroMQ (the messages are in ``protocol.py``).
   cancels the children the node runs, and names the others to the driver
   (``CancelChildren``).
 
-Workers are shared by the node's drivers, and get the job settings of the
-driver that joined last (``job_config``); nested submissions go to that
-driver too. When that driver changes (one joins, or the last one leaves),
-the idle workers are let go: a worker keeps the settings it started with
-(sys.path, cwd, runtime_env, metadata), so a later job must not inherit
-them. One driver at a time is what this supports fully.
+Each driver is a job of the node (its `DriverLink` is the job, for the
+node's scheduler: ``LocalScheduler.job_of`` names a task's job, the driver
+that sent it; an actor's is the one that created it). A worker runs the
+tasks of one job only: it is started for the job of the task that waits for
+it, with that driver's settings (sys.path, cwd, runtime_env, metadata),
+which it keeps, and an idle worker is given only its job's tasks. So what a
+worker sends about its task goes to the driver that owns the task: its
+nested submissions (`DriverLink.accept`), the objects it needs that the
+node lacks (``fetch``), the refs it holds (``pin``/``unpin``), and the
+objects it put that leave with them. Several drivers run side by side; when
+one leaves, its idle workers are let go (its busy ones once they are idle,
+``LocalScheduler.job_ended``) and the others' work goes on.
+An actor's calls run in its creator's job, whoever calls it (a named actor
+used by a second driver): the call's results go to the caller, but what its
+worker submits, fetches and holds goes to the creator, so a ref of the
+caller's that the actor keeps is not counted for the caller; and a detached
+actor whose creator left cannot submit tasks any more.
 """
 from __future__ import annotations
 
@@ -68,11 +79,13 @@ RESULTS_BATCH_BYTES = 4 << 20
 
 
 class DriverLink:
-    """One connected driver, as its node sees it."""
+    """One connected driver, as its node sees it: a job of the node, and the
+    JobOwner (``local/node.py``) of that job's workers."""
 
-    def __init__(self, conn, job_config: dict):
+    def __init__(self, owner: "DriverOwner", conn, job_config: dict):
+        self.owner = owner
         self.conn = conn
-        self.job_config = job_config
+        self.config = job_config
         self.tokens: set[bytes] = set()  # actor tokens held for it
         self.held: set[bytes] = set()  # objects kept here for it (until Release)
         #: Small results stored during a turn of the node's loop, to go in one
@@ -81,6 +94,22 @@ class DriverLink:
         self.results: list = []
         self.results_bytes = 0
         self.results_lock = threading.Lock()
+
+    # -- JobOwner, for this job's workers ------------------------------------------
+    def job_config(self) -> dict:
+        return dict(self.config)
+
+    def accept(self, spec) -> None:
+        self.owner.accept(spec, self)
+
+    def fetch(self, object_ids) -> None:
+        self.owner.fetch(object_ids, self)
+
+    def pin(self, object_ids) -> None:
+        self.owner.pin(object_ids, self)
+
+    def unpin(self, object_ids) -> None:
+        self.owner.unpin(object_ids, self)
 
     def send(self, message) -> None:
         try:
@@ -126,8 +155,8 @@ class DriverOwner:
         self.refs = ReferenceCounter(self._released)
         self.lock = threading.Lock()
         self.drivers: dict = {}  # connection -> DriverLink
-        self.current: DriverLink | None = None  # the one that joined last
-        self._fetching: set[bytes] = set()
+        #: object id -> the driver it is asked of (or pulled for), until it is here
+        self._fetching: dict[bytes, DriverLink] = {}
         self.puller: Puller | None = None  # set with the node (see attach)
         #: (add?, object id): changes to what this node holds, to record in the
         #: control store (``record_locations``).
@@ -137,8 +166,12 @@ class DriverOwner:
         #: the node's observer hooks are reported to).
         self.task_driver: dict[bytes, DriverLink] = {}
         self.actor_driver: dict[bytes, DriverLink] = {}
-        #: object id -> refs to it the node's workers hold (the driver is told
-        #: when one is first held here, and when none is any more: ``Borrow``).
+        #: task id -> the driver that sent it, until its results are out (its
+        #: job, for the node's scheduler: `job_of`).
+        self.task_job: dict[bytes, DriverLink] = {}
+        #: (driver, object id) -> refs to it the workers of that driver's job
+        #: hold (it is told when one is first held here, and when none is any
+        #: more: ``Borrow``).
         self.borrowed: collections.Counter = collections.Counter()
         #: The thread in a turn of the node's loop (results wait for its end),
         #: and the links with results queued meanwhile.
@@ -148,40 +181,50 @@ class DriverOwner:
     def attach(self, node, transport) -> None:
         """The daemon made its Node: pulls from other nodes go over `transport`."""
         self.node = node
+        node.scheduler.job_of = self.job_of
         self.puller = Puller(transport, node.object_store, self._pulled, self._pull_failed)
         node.object_store.on_lost = self._owner_died
         plugins.add_listener("beamlet_task_finished", self._task_finished)
         plugins.add_listener("beamlet_actor_state", self._actor_state)
 
+    def job_of(self, spec) -> DriverLink | None:
+        """The node scheduler's hook: the job (driver) of a task or actor it runs."""
+        if spec.kind == ACTOR_CREATION:
+            return self.actor_driver.get(spec.actor_id)
+        return self.task_job.get(spec.task_id)
+
     # -- refs the node's workers hold (the Node's pin/unpin) ---------------------
-    def pin(self, object_ids) -> None:
-        """Workers here hold these refs: keep the objects here, and have the
-        driver (which owns them) count this node among their holders, so that
-        it does not free what only a worker here still holds."""
+    def pin(self, object_ids, link: DriverLink | None = None) -> None:
+        """Workers of `link`'s job hold these refs: keep the objects here, and
+        have that driver (which owns them) count this node among their holders,
+        so that it does not free what only a worker here still holds."""
         self.refs.incr_all(object_ids)
+        if link is None:
+            return  # (no job: nobody to tell)
         added = []
         with self.lock:
             borrowed = self.borrowed
             for object_id in object_ids:
-                borrowed[object_id] += 1
-                if borrowed[object_id] == 1:
+                key = (link, object_id)
+                borrowed[key] += 1
+                if borrowed[key] == 1:
                     added.append(object_id)
-        link = self.current
-        if added and link is not None:
+        if added:
             link.send(P.Borrow(added, []))
 
-    def unpin(self, object_ids) -> None:
+    def unpin(self, object_ids, link: DriverLink | None = None) -> None:
         released = []
-        with self.lock:
-            borrowed = self.borrowed
-            for object_id in object_ids:
-                if borrowed[object_id] <= 1:
-                    if borrowed.pop(object_id, 0):
-                        released.append(object_id)
-                else:
-                    borrowed[object_id] -= 1
-        link = self.current
-        if released and link is not None:
+        if link is not None:
+            with self.lock:
+                borrowed = self.borrowed
+                for object_id in object_ids:
+                    key = (link, object_id)
+                    if borrowed[key] <= 1:
+                        if borrowed.pop(key, 0):
+                            released.append(object_id)
+                    else:
+                        borrowed[key] -= 1
+        if released:
             link.send(P.Borrow([], released))
         self.refs.decr_all(object_ids)
 
@@ -230,15 +273,14 @@ class DriverOwner:
                 pass  # it left; its Left event cleans up
 
     def job_config(self) -> dict:
-        link = self.current
-        if link is not None:
-            return dict(link.job_config)
+        """The settings of a worker of no job (the node's own)."""
         return {"job_id": "", "namespace": "", "sys_path": list(sys.path), "cwd": os.getcwd()}
 
-    def accept(self, spec) -> None:
-        link = self.current
-        if link is None:
-            raise exc.BackendError("no driver is connected to this node to accept the task")
+    def accept(self, spec, link: DriverLink | None = None) -> None:
+        """A task submitted by a worker of `link`'s job: to that driver."""
+        if link is None or self.drivers.get(link.conn) is not link:
+            raise exc.BackendError("the driver of this task's job is not connected to this "
+                                   "node to accept the task")
         seen: set = set()
         found = self._held(spec.dependencies(), seen)
         found.extend(self._held(spec.contained_refs(), seen))
@@ -314,36 +356,37 @@ class DriverOwner:
                 tables.remove_object_location(object_id, node_id)
             queue.popleft()
 
-    def fetch(self, object_ids) -> None:
-        """The node's hook: a worker waits for objects this node lacks; ask the
-        driver for them (it sends each once it has it, or where to pull it)."""
-        link = self.current
+    def fetch(self, object_ids, link: DriverLink | None = None) -> None:
+        """The node's hook: a worker of `link`'s job waits for objects this node
+        lacks; ask that driver for them (it sends each once it has it, or where
+        to pull it)."""
         if link is None:
             return
         with self.lock:
             new = [i for i in dict.fromkeys(object_ids) if i not in self._fetching]
-            self._fetching.update(new)
+            for object_id in new:
+                self._fetching[object_id] = link
         if new:
             link.send(P.Fetch(new))
 
-    def _pull(self, locations) -> None:
+    def _pull(self, link: DriverLink, locations) -> None:
+        """Pull these ``(id, address)`` for `link`'s driver."""
         by_source: dict = {}
         for object_id, address in locations:
             by_source.setdefault(address, []).append(object_id)
         for address, ids in by_source.items():
             with self.lock:
-                self._fetching.update(ids)
+                for object_id in ids:
+                    self._fetching[object_id] = link
             self.puller.pull(address, ids)
 
     def _pulled(self, object_id: bytes, size: int, is_error: bool, refs) -> None:
         """A pulled copy is stored (the puller's thread): keep it for the driver
-        until it lets go, and say so (so that it frees every copy)."""
+        it was pulled for until it lets go, and say so (so that it frees every
+        copy)."""
         with self.lock:
-            self._fetching.discard(object_id)
-        link = self.current
-        if link is None:
-            return  # (freed with the store; nobody can ask for it)
-        if self._hold(link, object_id):
+            link = self._fetching.pop(object_id, None)
+        if link is not None and self._hold(link, object_id):
             link.send(P.Located([(object_id, size, is_error, tuple(refs))], True))
         else:
             self._released(object_id)
@@ -351,11 +394,16 @@ class DriverOwner:
     def _pull_failed(self, object_ids) -> None:
         """A node did not have these (freed, or lost with it): ask the driver
         again, a moment later (by then it knows whether that node died)."""
+        by_link: dict = {}
         with self.lock:
-            self._fetching.difference_update(object_ids)
-        timer = threading.Timer(REFETCH_DELAY, self.fetch, (list(object_ids),))
-        timer.daemon = True
-        timer.start()
+            for object_id in object_ids:
+                link = self._fetching.pop(object_id, None)
+                if link is not None:
+                    by_link.setdefault(link, []).append(object_id)
+        for link, ids in by_link.items():
+            timer = threading.Timer(REFETCH_DELAY, self.fetch, (ids, link))
+            timer.daemon = True
+            timer.start()
 
     # -- messages from drivers (the daemon's loop) --------------------------------
     def on_message(self, conn, message) -> None:
@@ -369,8 +417,7 @@ class DriverOwner:
         link = self.drivers.get(conn)
         if kind is P.DriverHello:
             if link is None and isinstance(message.job_config, dict):
-                link = self.drivers[conn] = DriverLink(conn, message.job_config)
-                self._set_current(link)
+                link = self.drivers[conn] = DriverLink(self, conn, message.job_config)
             return
         if link is None:
             raise ValueError(f"{P.describe(message)} before DriverHello")
@@ -379,8 +426,8 @@ class DriverOwner:
         elif kind is P.Objects:
             self._store(message.objects)
         elif kind is P.Locations:
-            self._pull([(i, a) for i, a in message.locations
-                        if not self.node.object_store.contains(i)])
+            self._pull(link, [(i, a) for i, a in message.locations
+                              if not self.node.object_store.contains(i)])
         elif kind is P.Release:
             self._let_go(link, [i for i in message.object_ids
                                 if i in link.tokens or i in link.held])
@@ -395,19 +442,11 @@ class DriverOwner:
         elif kind is P.KillActor:
             self.node.scheduler.kill_actor(message.actor_id, message.no_restart)
 
-    def _set_current(self, link: DriverLink | None) -> None:
-        """`link`'s driver is the one whose job settings new workers get. Idle
-        workers started with another job's settings are let go (busy ones
-        finish their task first, and are reused: see the module's note)."""
-        old, self.current = self.current, link
-        if link is not None and (old is None or old.job_config != link.job_config):
-            self.node.scheduler.reap_idle(0, 0.0)
-
     def _store(self, objects) -> None:
         store = self.node.object_store
         for object_id, form in objects:
             with self.lock:
-                self._fetching.discard(object_id)
+                self._fetching.pop(object_id, None)
             if not store.contains(object_id):
                 store.put(object_id, P.unwire(form))
 
@@ -420,11 +459,12 @@ class DriverOwner:
                 self._store(objects)
             located = {i: a for i, a in locations if not store.contains(i)}
             if located:
-                self._pull(located.items())
+                self._pull(link, located.items())
             missing = [d for d in deps if d not in located and not store.contains(d)]
             if missing:
-                self.fetch(missing)
-        if link.job_config.get("task_events"):
+                self.fetch(missing, link)
+        self.task_job[spec.task_id] = link
+        if link.config.get("task_events"):
             self.task_driver[spec.task_id] = link
         if spec.kind == ACTOR_CREATION:
             self.actor_driver[spec.actor_id] = link
@@ -433,14 +473,16 @@ class DriverOwner:
             link.tokens.add(token)
         left = [len(spec.return_ids)]
         for rid in spec.return_ids:
-            store.on_ready(rid, lambda object_id: self._result(link, object_id, left, deps))
+            store.on_ready(rid, lambda object_id: self._result(link, object_id, left, deps,
+                                                               spec.task_id))
         try:
             self.node.scheduler.submit(spec)
         except Exception as err:  # noqa: BLE001 - its results say why
             self.node.scheduler.reject(spec, exc.TaskError.from_exception(err,
                                                                          spec.display_name))
 
-    def _result(self, link: DriverLink, object_id: bytes, left: list, deps: list) -> None:
+    def _result(self, link: DriverLink, object_id: bytes, left: list, deps: list,
+                task_id: bytes) -> None:
         """A result is stored here: send it to its driver (or, if large, where it
         is); free our copy of a small one."""
         store = self.node.object_store
@@ -469,8 +511,11 @@ class DriverOwner:
         if object_id not in link.held:
             self._released(object_id)  # (not kept for its driver: free it)
         left[0] -= 1
-        if not left[0] and deps:
-            self.refs.decr_all(deps)
+        if not left[0]:
+            if self.task_job.get(task_id) is link:
+                self.task_job.pop(task_id, None)
+            if deps:
+                self.refs.decr_all(deps)
 
     def driver_left(self, conn) -> None:
         """A driver is gone: let go of its actors and of what was kept for it."""
@@ -480,8 +525,10 @@ class DriverOwner:
         for table in (self.task_driver, self.actor_driver):
             for key in [k for k, v in table.items() if v is link]:
                 table.pop(key, None)
-        if self.current is link:
-            self._set_current(next(iter(self.drivers.values()), None))
+        with self.lock:
+            for object_id in [i for i, v in self._fetching.items() if v is link]:
+                self._fetching.pop(object_id, None)
+        self.node.scheduler.job_ended(link)
         self._let_go(link, list(link.tokens) + list(link.held))
 
     def close(self) -> None:
