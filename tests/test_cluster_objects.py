@@ -133,7 +133,7 @@ def test_an_object_lost_with_its_node_is_made_again_or_lost(cluster, driver):
 # flip a byte, cut a piece, replay one of A's pieces in B's place, swap two). Later
 # connections are served honestly. argv: the mode; stdin: the cluster's secret (hex).
 TAMPERING_NODE = r'''
-import select, signal, sys
+import os, select, signal, sys
 import numpy as np
 from beamlet.backends.local.object_store import LocalObjectStore
 from beamlet.backends.local.session import SessionLock
@@ -197,6 +197,7 @@ for _ in range(240):  # (a minute at most: the test stops it sooner)
 transport.close()
 store.delete([b"A" * 16, b"B" * 16])
 store.close()
+os.rmdir(session.temp_dir)
 session.release()
 '''
 
