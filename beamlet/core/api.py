@@ -197,8 +197,8 @@ def remote(*args, **options):
     """Make a function a remote function or a class an actor class.
 
     ``@remote``, or ``@remote(num_cpus=..., num_returns=..., ...)``; ``@remote()``
-    with empty parentheses is an error, as in Ray (``RemoteUsageError``, both a
-    TypeError and the AssertionError Ray raises). An ``async def`` function is
+    with empty parentheses is an error, as in Ray (the AssertionError Ray raises,
+    here raised explicitly, so also under ``python -O``). An ``async def`` function is
     refused (ValueError, as in Ray): async code belongs in actors."""
     if len(args) == 1 and not options and (inspect.isfunction(args[0]) or inspect.isclass(args[0])
                                            or callable(args[0])):
@@ -207,14 +207,10 @@ def remote(*args, **options):
         raise TypeError("@remote takes a function or class, or only keyword options: "
                         "@remote(num_cpus=1)")
     if not options:
-        raise RemoteUsageError(
+        raise AssertionError(
             "the @remote decorator must be applied either with no arguments and no "
             "parentheses, as '@remote', or with some options, as '@remote(num_cpus=1)'")
     return lambda fn_or_cls: _make_remote(fn_or_cls, options)
-
-
-class RemoteUsageError(TypeError, AssertionError):
-    """`@remote()` with empty parentheses (Ray raises AssertionError)."""
 
 
 def _make_remote(obj, options: dict):
