@@ -227,14 +227,16 @@ class Driver:
     """A driver program run as a subprocess; threads collect its stdout and stderr
     line by line, so a test can wait for a line and still get all output at the end."""
 
-    def __init__(self, script: str, tmp_path: Path, args=(), stdin: str | None = None):
-        """Run `script` with `args`; `stdin` (e.g. a secret, never in argv) is written
-        to its standard input, which is then closed."""
+    def __init__(self, script: str, tmp_path: Path, args=(), stdin: str | None = None,
+                 cwd: Path | None = None):
+        """Run `script` (written to `tmp_path`) with `args`, in `cwd` (default
+        `tmp_path`); `stdin` (e.g. a secret, never in argv) is written to its
+        standard input, which is then closed."""
         path = tmp_path / "driver.py"
         path.write_text(script)
         self.proc = subprocess.Popen([sys.executable, str(path), *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env=driver_env(),
-                                     cwd=str(tmp_path),
+                                     cwd=str(cwd or tmp_path),
                                      stdin=None if stdin is None else subprocess.PIPE)
         if stdin is not None:
             self.proc.stdin.write(stdin)

@@ -1635,6 +1635,48 @@ def test_ctrl_c_in_driver_blocked_in_get_leaves_nothing_behind(tmp_path):
     procs.assert_all_gone(fp, 10)
 
 
+def test_a_shutdown_while_the_zygote_loads_numpy_stops_it_cleanly(tmp_path):
+    """The zygote loads numpy at its first idle moment, and a shutdown may stop it
+    inside that import, where numpy's own handling turns the stop into an
+    ImportError: still a clean stop, with no traceback and nothing left. (The
+    numpy here is a stand-in that the zygote finds first on its path, its working
+    directory, and whose import takes long and fails as numpy's does.)"""
+    work = tmp_path / "work"
+    (work / "numpy").mkdir(parents=True)
+    started = tmp_path / "numpy-import-started"
+    (work / "numpy" / "__init__.py").write_text(textwrap.dedent(f"""
+        import time
+        open({str(started)!r}, "w").close()
+        try:
+            time.sleep(60)
+        except BaseException as err:
+            raise ImportError("Importing the numpy C-extensions failed.") from err
+    """))
+    script = textwrap.dedent(f"""
+        import os, time
+        import beamlet as ray
+        ray.init(backend="local", num_cpus=1)
+        assert ray.get(ray.remote(lambda: 1).remote(), timeout=60) == 1
+    """) + procs.PRINT_FOOTPRINT + textwrap.dedent(f"""
+        deadline = time.monotonic() + 60
+        while not os.path.exists({str(started)!r}) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print("LOADING", os.path.exists({str(started)!r}), flush=True)
+        ray.shutdown()
+        print("DONE", flush=True)
+    """)
+    driver = procs.Driver(script, tmp_path, cwd=work)
+    try:
+        fp = driver.footprint()
+        assert driver.wait_line("LOADING ", 90) == "True", "the zygote never began its numpy"
+        code = driver.finish(SUBPROCESS_TIMEOUT)
+    finally:
+        driver.kill()
+    assert code == 0 and "DONE" in driver.stdout, driver.stderr[-3000:]
+    assert "Traceback" not in driver.stderr, driver.stderr[-3000:]
+    procs.assert_all_gone(fp, 10)
+
+
 def test_twenty_init_shutdown_cycles_leak_nothing():
     ray.shutdown()  # whatever an earlier test left running
 

@@ -43,7 +43,12 @@ class _Stop(Exception):
     """SIGTERM arrived: stop serving and clean up."""
 
 
+_stopping = False  # a SIGTERM arrived (see the numpy preload in _serve)
+
+
 def _on_sigterm(signum, frame):
+    global _stopping
+    _stopping = True
     raise _Stop
 
 
@@ -191,8 +196,18 @@ def _serve(session: str, address: str, lock_fd: int, children: set[int]) -> tupl
         _reap(children)
         if not ready:
             if not numpy_loaded:
-                with _interruptible():
-                    import numpy  # noqa: F401
+                try:
+                    with _interruptible():
+                        import numpy  # noqa: F401
+                except Exception as err:  # noqa: BLE001
+                    # A SIGTERM landing inside numpy's C import comes out as another
+                    # error (numpy's ImportError: our _Stop swallowed on the way): stop
+                    # as asked, without a traceback. A numpy that does not import:
+                    # workers that need it import it themselves, and say so.
+                    if _stopping:
+                        raise _Stop from None
+                    if not isinstance(err, ImportError):
+                        raise
                 numpy_loaded = True
             continue
         chunk = os.read(stdin.fileno(), 65536)
