@@ -47,7 +47,8 @@ def run_one(command: list[str], timeout: float, env: dict | None = None) -> dict
         output = done.stdout.rstrip("\n")
         if done.returncode != 0:
             output += f"\nEXIT {done.returncode}: {_exception_type(done.stderr)}"
-        stderr_tail = done.stderr[-2000:]
+        # (paths inside the checkout as relative ones: the results are committed)
+        stderr_tail = done.stderr.replace(REPO + os.sep, "")[-2000:]
     except subprocess.TimeoutExpired as err:
         output = ((err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes)
                   else (err.stdout or "")).rstrip("\n") + f"\nTIMEOUT after {timeout}s"
