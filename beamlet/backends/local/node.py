@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Iterable, Protocol
+from typing import Protocol
 
 from ... import exceptions as exc
 from ...core import auth

@@ -1429,7 +1429,6 @@ class LocalScheduler(Scheduler):
         record = self.actors.get(worker.actor_id)
         if record is None or record.state == ActorLifecycle.DEAD or record.worker is not worker:
             return
-        creating = record.state == ActorLifecycle.STARTING
         self._running.pop(record.spec.task_id, None)
         self._take_back_lent(worker, record.spec.resources)
         self.pool.release(record.spec.resources, record.gpu_ids)
