@@ -44,6 +44,7 @@ import time
 from ... import exceptions as exc
 from ...core import plugins
 from ...core.control_store import open_control_store
+from ...core.generators import item_id
 from ...core.interfaces import Backend, Scheduler
 from ...core.memory_store import MemoryObjectStore
 from ...core.options import check_backend_options
@@ -202,6 +203,9 @@ class ClusterScheduler(Scheduler):
         #: task id -> (node id, soft): where a NodeAffinitySchedulingStrategy
         #: pins it (taken out of its request at submit), while it is placed.
         self.pins: dict[bytes, tuple[str, bool]] = {}
+        #: A streaming generator call's item-id prefix -> [its spec, items
+        #: delivered], while it runs: a retry elsewhere skips those.
+        self.streams: dict[bytes, list] = {}
         self.closed = False
 
     # -- placement ----------------------------------------------------------------
@@ -235,6 +239,8 @@ class ClusterScheduler(Scheduler):
                     self.actor_spec[spec.actor_id] = spec
                     self.token_actor[spec.return_ids[0]] = spec.actor_id
                     self.token_node[spec.return_ids[0]] = node
+            if spec.generator is not None and spec.generator[0] == "streaming":
+                self.streams[item_id(spec.return_ids[0], 0)[:-8]] = [spec, 0]
             self._send(spec, node)
 
     def _place(self, spec: TaskSpec) -> NodeLink:
@@ -373,6 +379,8 @@ class ClusterScheduler(Scheduler):
 
     def _fail(self, spec: TaskSpec, error: BaseException) -> None:
         self.pins.pop(spec.task_id, None)
+        if spec.generator is not None and self.streams:
+            self.streams.pop(item_id(spec.return_ids[0], 0)[:-8], None)
         sobj = serialize(error, is_error=True)
         for rid in spec.return_ids:
             self.store.put_entry(rid, sobj)
@@ -381,8 +389,16 @@ class ClusterScheduler(Scheduler):
     def stored(self, objects: list) -> None:
         """Results (or fetched objects) arrived."""
         for object_id, form in objects:
+            if self.streams:
+                self._streamed(object_id)
             self._arrived(object_id)
             self.store.put_entry(object_id, P.unwire(form))
+
+    def _streamed(self, object_id: bytes) -> None:
+        """If it is an item of a running stream, count it delivered."""
+        stream = self.streams.get(object_id[:-8])
+        if stream is not None:
+            stream[1] = max(stream[1], int.from_bytes(object_id[-8:], "little") + 1)
 
     def _arrived(self, object_id: bytes) -> TaskSpec | None:
         """A result is in: the task that made it, if this finished it."""
@@ -394,6 +410,8 @@ class ClusterScheduler(Scheduler):
             left.discard(object_id)
             if not left:
                 del self.tasks[task_id]
+                if spec.generator is not None and self.streams:
+                    self.streams.pop(item_id(spec.return_ids[0], 0)[:-8], None)
                 if spec.kind != ACTOR_CREATION:
                     self._unplace(spec, node)
                     if self.pins:
@@ -404,6 +422,8 @@ class ClusterScheduler(Scheduler):
         """`node` holds these objects for us: results and objects its workers
         put (kept where they are), or copies it pulled."""
         for object_id, size, is_error, refs in objects:
+            if self.streams and not pulled:
+                self._streamed(object_id)
             with self.lock:
                 remote = self.remote.get(object_id)
                 if remote is not None:
@@ -499,6 +519,14 @@ class ClusterScheduler(Scheduler):
                 f"object {object_id.hex()} was lost with node {dead.node_id}, and no node "
                 f"can run its task again: {err}"))
         return True
+
+    def _skip_delivered(self, spec: TaskSpec) -> None:
+        """A streaming call runs again: the items it delivered are not sent again
+        (as the node's scheduler does for a retry on one node). Under the lock."""
+        if spec.generator is not None and spec.generator[0] == "streaming":
+            stream = self.streams.get(item_id(spec.return_ids[0], 0)[:-8])
+            if stream is not None and stream[1]:
+                spec.generator = spec.generator[:2] + (stream[1],)
 
     def _unplace(self, spec: TaskSpec, node: NodeLink) -> None:
         if node.placed.pop(spec.task_id, None) is not None and spec.kind != ACTOR_METHOD:
@@ -601,6 +629,7 @@ class ClusterScheduler(Scheduler):
                     self.producer.pop(rid, None)
                 if spec.kind == TASK and may_retry(spec):
                     spec.attempt += 1
+                    self._skip_delivered(spec)
                     try:
                         self._send(spec, self._place(spec))
                         continue
@@ -721,6 +750,7 @@ class ClusterBackend(Backend):
     zero_copy = False  # (results come over the network into the driver's memory)
     multi_node = True
     node_affinity = True
+    streaming_generators = True
 
     #: init() keywords of this backend, beyond the common ones.
     accepted_options = frozenset({"token"})
@@ -824,6 +854,7 @@ class ClusterBackend(Backend):
                 "default_actor_lifetime": self.runtime.default_actor_lifetime,
                 # (its workers' nested calls are placed by this driver, on any node)
                 "cluster": True,
+                "streaming_generators": self.streaming_generators,
                 # (each attempt's end costs a message: only for a driver with
                 # plugins that observe it, as they stand at init)
                 "task_events": plugins.observer("beamlet_task_finished") is not None}

@@ -63,6 +63,7 @@ import threading
 
 from ... import exceptions as exc
 from ...core import plugins
+from ...core.generators import _is_end, ack_id, closed_id, item_id
 from ...core.refcount import ReferenceCounter
 from ...core.scheduling import RETRYING
 from ...core.serialization import serialize
@@ -76,6 +77,9 @@ REFETCH_DELAY = 0.2  # seconds before asking the driver again for an object a pu
 #: Bytes of small results queued for a driver during a turn of the node's
 #: loop past which they are sent at once.
 RESULTS_BATCH_BYTES = 4 << 20
+#: Streams that ended whose consumers' late acknowledgements are dropped
+#: (not stored here for nobody), the newest this many.
+ENDED_STREAMS_KEPT = 1024
 
 
 class DriverLink:
@@ -147,6 +151,29 @@ class DriverLink:
                     P.send_object(self.conn, object_id, sobj)
 
 
+class _Stream:
+    """A streaming generator call this node runs for a driver: each item is
+    sent to the driver as soon as it is stored here, in order (`follow`)."""
+
+    __slots__ = ("link", "stream_id", "index", "waiter", "lock", "busy", "again", "done",
+                 "prefixes", "signals")
+
+    def __init__(self, link: DriverLink, stream_id: bytes, index: int):
+        self.link = link
+        self.stream_id = stream_id
+        self.index = index  # the next item to send
+        self.waiter = None  # the store's waiter for that item
+        self.lock = threading.Lock()
+        self.busy = False  # a thread is sending items (see DriverOwner._follow)
+        self.again = False  # an item arrived meanwhile: that thread looks again
+        self.done = False
+        #: The id prefixes of the consumer's acknowledgements and closed mark
+        #: (``core/generators.py``), which the producer waits for here, and
+        #: the ones of them stored here (freed when the stream ends).
+        self.prefixes = (ack_id(stream_id, 0)[:-8], closed_id(stream_id)[:-8])
+        self.signals: list[bytes] = []
+
+
 class DriverOwner:
     """The job owner of a daemon's Node: the drivers connected to the node."""
 
@@ -177,6 +204,12 @@ class DriverOwner:
         #: and the links with results queued meanwhile.
         self._deferring = 0
         self._deferred: set = set()
+        #: Streaming generator calls running here: stream id -> its _Stream;
+        #: the id prefixes of their consumers' signals -> the _Stream; those of
+        #: streams that ended (see _store).
+        self.streams: dict[bytes, _Stream] = {}
+        self._signals: dict[bytes, _Stream] = {}
+        self._ended_signals: collections.OrderedDict = collections.OrderedDict()
 
     def attach(self, node, transport) -> None:
         """The daemon made its Node: pulls from other nodes go over `transport`."""
@@ -447,6 +480,13 @@ class DriverOwner:
         for object_id, form in objects:
             with self.lock:
                 self._fetching.pop(object_id, None)
+            if self._signals or self._ended_signals:
+                prefix = object_id[:-8]
+                if prefix in self._ended_signals:
+                    continue  # (a consumer's signal to a stream that ended)
+                stream = self._signals.get(prefix)
+                if stream is not None:
+                    stream.signals.append(object_id)
             if not store.contains(object_id):
                 store.put(object_id, P.unwire(form))
 
@@ -475,6 +515,8 @@ class DriverOwner:
         for rid in spec.return_ids:
             store.on_ready(rid, lambda object_id: self._result(link, object_id, left, deps,
                                                                spec.task_id))
+        if spec.generator is not None and spec.generator[0] == "streaming":
+            self._stream_started(link, spec)
         try:
             self.node.scheduler.submit(spec)
         except Exception as err:  # noqa: BLE001 - its results say why
@@ -485,6 +527,19 @@ class DriverOwner:
                 task_id: bytes) -> None:
         """A result is stored here: send it to its driver (or, if large, where it
         is); free our copy of a small one."""
+        self._send_result(link, object_id)
+        left[0] -= 1
+        if not left[0]:
+            if self.task_job.get(task_id) is link:
+                self.task_job.pop(task_id, None)
+            if deps:
+                self.refs.decr_all(deps)
+            if self.streams:
+                self._stream_ended(object_id)
+
+    def _send_result(self, link: DriverLink, object_id: bytes) -> None:
+        """Send a stored object to `link`'s driver (or, if large, where it is,
+        kept here for it); free our copy of a small one."""
         store = self.node.object_store
         entry = store.entry(object_id)
         try:
@@ -510,12 +565,84 @@ class DriverOwner:
             pass  # it left
         if object_id not in link.held:
             self._released(object_id)  # (not kept for its driver: free it)
-        left[0] -= 1
-        if not left[0]:
-            if self.task_job.get(task_id) is link:
-                self.task_job.pop(task_id, None)
-            if deps:
-                self.refs.decr_all(deps)
+
+    # -- streaming generator calls: items to the driver as they are made ---------
+    def _stream_started(self, link: DriverLink, spec) -> None:
+        """Before the call runs: send its items to `link`'s driver as they come
+        (from the first its earlier attempts did not deliver)."""
+        stream_id = spec.return_ids[0]
+        if stream_id in self.streams:
+            return
+        skip = spec.generator[2] if len(spec.generator) > 2 else 0
+        stream = self.streams[stream_id] = _Stream(link, stream_id, skip)
+        for prefix in stream.prefixes:
+            self._signals[prefix] = stream
+        self._follow(stream)
+
+    def _follow(self, stream: _Stream) -> None:
+        """Send the stream's items stored here, in order, up to the first that
+        is not (then wait for that one); the end-of-stream marker ends it.
+        One thread at a time sends: one called meanwhile has the sender look
+        again (so the items' order is the order they reach the driver in)."""
+        with stream.lock:
+            if stream.busy:
+                stream.again = True
+                return
+            stream.busy = True
+        store = self.node.object_store
+        try:
+            while True:
+                while not stream.done:
+                    object_id = item_id(stream.stream_id, stream.index)
+                    if store.contains(object_id):
+                        end = _is_end(store, object_id)
+                        stream.index += 1
+                        self._send_result(stream.link, object_id)
+                        if end:
+                            self._stream_done(stream)
+                        continue
+                    stream.waiter = store.notify_when([object_id], 1,
+                                                      lambda: self._follow(stream), broad=False)
+                    if stream.waiter is None and not store.contains(object_id):
+                        self._stream_done(stream)  # (the store closed, or it was let go of)
+                    if stream.waiter is not None:
+                        break
+                with stream.lock:
+                    if not stream.again:
+                        stream.busy = False
+                        return
+                    stream.again = False
+        except BaseException:
+            with stream.lock:
+                stream.busy = False
+            raise
+
+    def _stream_ended(self, stream_id: bytes) -> None:
+        """The call's own result is out (after its items, or it failed before
+        its end): nothing more to send."""
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            self._stream_done(stream)
+
+    def _stream_done(self, stream: _Stream) -> None:
+        """Stop following the stream; free its consumer's signals stored here
+        (and drop the ones that come late)."""
+        stream.done = True
+        self.node.object_store.cancel_waiter(stream.waiter)
+        if self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
+        ended = self._ended_signals
+        for prefix in stream.prefixes:
+            self._signals.pop(prefix, None)
+            ended[prefix] = None
+        while len(ended) > ENDED_STREAMS_KEPT:
+            ended.popitem(last=False)
+        with self.lock:
+            for object_id in [i for i in self._fetching if i[:-8] in stream.prefixes]:
+                del self._fetching[object_id]
+        for object_id in stream.signals:
+            self._released(object_id)
+        stream.signals = []
 
     def driver_left(self, conn) -> None:
         """A driver is gone: let go of its actors and of what was kept for it."""
@@ -528,6 +655,8 @@ class DriverOwner:
         with self.lock:
             for object_id in [i for i, v in self._fetching.items() if v is link]:
                 self._fetching.pop(object_id, None)
+        for stream in [s for s in self.streams.values() if s.link is link]:
+            self._stream_done(stream)
         self.node.scheduler.job_ended(link)
         self._let_go(link, list(link.tokens) + list(link.held))
 
