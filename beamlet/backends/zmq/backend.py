@@ -751,6 +751,7 @@ class ClusterBackend(Backend):
     multi_node = True
     node_affinity = True
     streaming_generators = True
+    concurrency_groups = True
 
     #: init() keywords of this backend, beyond the common ones.
     accepted_options = frozenset({"token"})
