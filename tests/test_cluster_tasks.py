@@ -544,3 +544,51 @@ def test_idle_workers_of_one_driver_do_not_keep_another_from_a_node(cluster, dri
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"ran on {member}" in proc.stdout, proc.stdout + proc.stderr
     assert [beamlet.get(inner[0], timeout=GET_TIMEOUT).sum() for inner in held] == [1 << 16] * 4
+
+
+# -- placement groups across nodes ------------------------------------------------------
+def in_bundle(pg, index: int = -1):
+    from beamlet.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
+
+
+def test_placement_groups_reserve_bundles_across_nodes(cluster, driver):
+    """Bundles are reserved on the nodes the strategy says, all or none: a
+    STRICT_SPREAD group puts each bundle on a node of its own, and what runs in
+    bundle i runs on its node; a group that does not fit waits until a group
+    is removed, then PACK spreads over as few nodes as hold it; a STRICT_PACK
+    group no node can hold is an error at once; what the driver reserved is
+    given back on every node when it leaves."""
+    from beamlet.util import placement_group, remove_placement_group
+    head = cluster.start_head()
+    members = {cluster.join(head), cluster.join(head)}
+    nodes = members | {head["node_id"]}
+    driver(head)
+    spread = placement_group([{"CPU": 1}] * 3, strategy="STRICT_SPREAD")
+    assert spread.wait(GET_TIMEOUT)
+    assert beamlet.available_resources().get("CPU", 0) == 0
+    placed = beamlet.get([where.options(scheduling_strategy=in_bundle(spread, i)).remote()
+                          for i in range(3)], timeout=GET_TIMEOUT)
+    assert set(placed) == nodes  # one bundle on each node
+    again = beamlet.get([where.options(scheduling_strategy=in_bundle(spread, i)).remote()
+                         for i in range(3)], timeout=GET_TIMEOUT)
+    assert again == placed  # bundle i stays on its node
+    with pytest.raises(ValueError, match="STRICT_PACK"):
+        placement_group([{"CPU": 1}, {"CPU": 1}], strategy="STRICT_PACK")  # no node has 2
+    pack = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="PACK")
+    assert not pack.wait(0.5)  # every CPU is in `spread`: it waits, none taken
+    remove_placement_group(spread)
+    assert beamlet.get(pack.ready(), timeout=GET_TIMEOUT) == pack
+    assert beamlet.available_resources().get("CPU", 0) == 1
+    first, second = beamlet.get([where.options(scheduling_strategy=in_bundle(pack, i)).remote()
+                                 for i in range(2)], timeout=GET_TIMEOUT)
+    assert first != second and {first, second} <= nodes
+    actor = Where.options(scheduling_strategy=in_bundle(pack, 1)).remote()
+    assert beamlet.get(actor.node.remote(), timeout=GET_TIMEOUT)[0] == second
+    beamlet.shutdown()
+
+    def given_back():
+        lines = _node_lines(cluster.status())
+        return all("CPU 1.0/1.0" in lines[n] and "_group_" not in lines[n] for n in nodes)
+
+    assert procs.wait_until(given_back, 30, interval=0.5), cluster.status()

@@ -35,6 +35,8 @@ of every attempt's end and actor state as on the local backend (see
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import select
 import sys
@@ -48,7 +50,8 @@ from ...core.generators import item_id
 from ...core.interfaces import Backend, Scheduler
 from ...core.memory_store import MemoryObjectStore
 from ...core.options import check_backend_options
-from ...core.placement import split_node_affinity
+from ...core.placement import ready_value, removed_value, split_node_affinity
+from ...core.resources import BUNDLE_CAPACITY, group_resource
 from ...core.scheduling import may_retry
 from ...core.serialization import serialize
 from ...core.tables import ActorState
@@ -180,6 +183,100 @@ class ClusterObjectStore(MemoryObjectStore):
             self._refs.decr_all(old.refs)
 
 
+class _Group:
+    """A placement group as the driver sees it: its bundles, the node each is
+    reserved on (empty while it waits for room), and what waits for it."""
+
+    __slots__ = ("info", "key", "placed", "capacity", "waiting", "node_ready", "waiter",
+                 "ready")
+
+    def __init__(self, info):
+        self.info = info
+        self.key = info.pg_id.hex()
+        self.placed: dict[int, NodeLink] = {}  # bundle index -> its node, once reserved
+        #: Its resource names (as `placement_request` renames a request) -> how
+        #: much there is of each: what a call in it may ask for at most.
+        self.capacity: dict[str, float] = {}
+        for i, bundle in enumerate(info.bundles):
+            for name, amount in list(bundle.items()) + [("bundle", BUNDLE_CAPACITY)]:
+                self.capacity[group_resource(name, self.key, i)] = amount
+                wide = group_resource(name, self.key)
+                self.capacity[wide] = self.capacity.get(wide, 0) + amount
+        self.waiting: list[TaskSpec] = []  # submitted while it waits for room, in order
+        self.node_ready: list[bytes] = []  # each node's ready id (see _reserve_group)
+        self.waiter = None
+        self.ready = False  # its ready value is stored
+
+    def resources_on(self, node: NodeLink) -> dict[str, float]:
+        """The group's resource names `node` holds (its bundles there)."""
+        out: dict[str, float] = {}
+        for i, where in self.placed.items():
+            if where is node:
+                for name, amount in list(self.info.bundles[i].items()) + [("bundle", BUNDLE_CAPACITY)]:
+                    out[group_resource(name, self.key, i)] = amount
+                    wide = group_resource(name, self.key)
+                    out[wide] = out.get(wide, 0) + amount
+        return out
+
+
+def _assign(bundles, strategy: str, free: dict) -> dict[int, "NodeLink"] | None:
+    """Which node each bundle goes to, as `strategy` says (Ray's meaning:
+    STRICT_PACK all on one node; PACK on as few as can hold them; STRICT_SPREAD
+    each on a node of its own; SPREAD on as many as can), given `free`
+    ({node: {resource: amount}}); None if they do not fit so."""
+    nodes = list(free)
+
+    def fits(node, bundle, taken) -> bool:
+        return all(free[node].get(k, 0) - taken.get(node, {}).get(k, 0) >= v - 1e-9
+                   for k, v in bundle.items())
+
+    def take(node, bundle, taken) -> None:
+        mine = taken.setdefault(node, {})
+        for k, v in bundle.items():
+            mine[k] = mine.get(k, 0) + v
+
+    need: dict[str, float] = {}
+    for bundle in bundles:
+        for k, v in bundle.items():
+            need[k] = need.get(k, 0) + v
+    whole = [n for n in nodes if fits(n, need, {})]
+    if strategy in ("PACK", "STRICT_PACK") and whole:
+        best = max(whole, key=lambda n: sum(free[n].values()))
+        return {i: best for i in range(len(bundles))}
+    if strategy == "STRICT_PACK":
+        return None
+    if strategy == "STRICT_SPREAD":
+        def spread(i, used, taken):  # (backtracking: a few bundles, a few nodes)
+            if i == len(bundles):
+                return {}
+            for node in sorted(nodes, key=lambda n: -sum(free[n].values())):
+                if node not in used and fits(node, bundles[i], taken):
+                    take(node, bundles[i], taken)
+                    rest = spread(i + 1, used | {node}, taken)
+                    for k, v in bundles[i].items():
+                        taken[node][k] -= v
+                    if rest is not None:
+                        return {i: node, **rest}
+            return None
+        return spread(0, frozenset(), {})
+    # PACK that fits no single node, and SPREAD: greedy, largest bundles first.
+    taken: dict = {}
+    count: dict = {}
+    out = {}
+    for i in sorted(range(len(bundles)), key=lambda i: -sum(bundles[i].values())):
+        fitting = [n for n in nodes if fits(n, bundles[i], taken)]
+        if not fitting:
+            return None
+        if strategy == "PACK":
+            node = max(fitting, key=lambda n: (count.get(n, 0), sum(free[n].values())))
+        else:
+            node = min(fitting, key=lambda n: (count.get(n, 0), -sum(free[n].values())))
+        take(node, bundles[i], taken)
+        count[node] = count.get(node, 0) + 1
+        out[i] = node
+    return out
+
+
 class ClusterScheduler(Scheduler):
     """Places specs on the cluster's nodes; results arrive in the driver's store."""
 
@@ -206,16 +303,30 @@ class ClusterScheduler(Scheduler):
         #: A streaming generator call's item-id prefix -> [its spec, items
         #: delivered], while it runs: a retry elsewhere skips those.
         self.streams: dict[bytes, list] = {}
+        #: Placement groups (key -> _Group), and the keys of those waiting for
+        #: room, oldest first; actor id -> the group whose room its creation
+        #: waits for (its calls wait there too).
+        self.groups: dict[str, _Group] = {}
+        self.groups_pending: list[str] = []
+        self.actor_group: dict[bytes, _Group] = {}
         self.closed = False
 
     # -- placement ----------------------------------------------------------------
     def submit(self, spec: TaskSpec) -> None:
         plugins.notify("beamlet_task_submitted", spec=spec)
+        self._submit(spec)
+
+    def _submit(self, spec: TaskSpec) -> None:
         with self.lock:
             if self.closed:
                 raise exc.BackendError("beamlet has been shut down")
             if spec.kind == ACTOR_METHOD:
                 node = self.actor_node.get(spec.actor_id)
+                if node is None and self.actor_group:
+                    group = self.actor_group.get(spec.actor_id)
+                    if group is not None:  # (its creation waits for its group's room)
+                        group.waiting.append(spec)
+                        return
                 if node is None:
                     node = self._find_actor(spec.actor_id)
                 if node is None or not node.alive:
@@ -225,6 +336,8 @@ class ClusterScheduler(Scheduler):
                            "it is unknown to this cluster")))
                     return
             else:
+                if spec.placement_group is not None and self._waits_for_group(spec):
+                    return
                 resources, pin, soft = split_node_affinity(spec.resources)
                 if pin is not None:
                     spec.resources = resources
@@ -274,6 +387,139 @@ class ClusterScheduler(Scheduler):
                                  f"never run")
         raise ValueError(f"{spec.display_name} fits no single alive node of the cluster "
                          f"({spec.resources})")
+
+    # -- placement groups ------------------------------------------------------------
+    def create_placement_group(self, info) -> None:
+        """Reserve the bundles on the nodes as the strategy says, all at once,
+        against what this driver has placed on them (or wait until they fit,
+        trying again whenever something placed ends); ValueError at once if
+        they could never fit the alive nodes."""
+        with self.lock:
+            alive = [n for n in self.nodes if n.alive]
+            if _assign(info.bundles, info.strategy,
+                       {n: dict(n.resources) for n in alive}) is None:
+                raise ValueError(
+                    f"placement group {info.pg_id.hex()} ({info.strategy}, bundles "
+                    f"{list(info.bundles)}) could never be placed on the cluster's "
+                    f"{len(alive)} alive node(s): "
+                    + "; ".join(f"{n.node_id} has {n.resources}" for n in alive))
+            group = self.groups[info.pg_id.hex()] = _Group(info)
+            if not self._reserve_group(group):
+                self.groups_pending.append(group.key)
+
+    def _free(self, node: NodeLink) -> dict[str, float]:
+        return {k: v - node.load.get(k, 0) for k, v in node.resources.items()}
+
+    def _reserve_group(self, group: _Group) -> bool:
+        """Reserve its bundles if they fit now (whether they do), and send each
+        node its share; the group is ready once every node says so. Under the lock."""
+        alive = [n for n in self.nodes if n.alive]
+        placed = _assign(group.info.bundles, group.info.strategy,
+                         {n: self._free(n) for n in alive})
+        if placed is None:
+            return False
+        group.placed = placed
+        by_node: dict[NodeLink, list[int]] = {}
+        for i, node in placed.items():
+            by_node.setdefault(node, []).append(i)
+            for k, v in group.info.bundles[i].items():
+                node.load[k] = node.load.get(k, 0) + v
+        for node, hosted in by_node.items():
+            node.resources.update(group.resources_on(node))
+            ready_id = hashlib.blake2b(group.info.ready_id + node.node_id.encode(),
+                                       digest_size=len(group.info.ready_id)).digest()
+            group.node_ready.append(ready_id)
+            node.send(P.CreateGroup(dataclasses.replace(group.info, ready_id=ready_id),
+                                    sorted(hosted)))
+        group.waiter = self.store.notify_when(group.node_ready, len(group.node_ready),
+                                              lambda: self._group_ready(group), broad=False)
+        waiting, group.waiting = group.waiting, []
+        for spec in waiting:
+            if spec.kind == ACTOR_CREATION:
+                self.actor_group.pop(spec.actor_id, None)
+            try:
+                self._submit(spec)
+            except ValueError as err:
+                self._fail(spec, err)
+        return True
+
+    def _group_ready(self, group: _Group) -> None:
+        """Every node reserved its bundles: the group is ready (its nodes' word
+        on it, an error if one could not)."""
+        with self.lock:
+            if self.groups.get(group.key) is not group or group.ready:
+                return
+            group.ready = True
+            answers = [self.store.entry(i) for i in group.node_ready]
+        failed = next((a for a in answers if a is not None and a.is_error), None)
+        self.store.put_entry(group.info.ready_id,
+                             failed if failed is not None else ready_value(group.info))
+        self.store.delete(group.node_ready)
+        if failed is None and self.tables is not None:
+            try:
+                self.tables.set_placement_group_state(group.info.pg_id, "CREATED")
+            except exc.BackendError:
+                pass
+
+    def _waits_for_group(self, spec: TaskSpec) -> bool:
+        """Check a call in a placement group (ValueError if it could never run
+        there); whether it waits for the group's room (then it is queued).
+        Under the lock."""
+        key = spec.placement_group[0].key
+        group = self.groups.get(key)
+        if group is None:
+            raise ValueError(f"{spec.display_name} is scheduled in a placement group that "
+                             f"was removed (or never existed here): it could never run")
+        for name, amount in spec.resources.items():
+            if name.endswith(key) and amount > group.capacity.get(name, 0) + 1e-9:
+                raise ValueError(f"{spec.display_name} requests {amount} {name}, but its "
+                                 f"placement group only has {group.capacity.get(name, 0)}: "
+                                 f"it could never run")
+        if group.placed:
+            return False
+        group.waiting.append(spec)
+        if spec.kind == ACTOR_CREATION:
+            self.actor_group[spec.actor_id] = group
+        return True
+
+    def _try_groups(self) -> None:
+        """Reserve the waiting groups that fit now, oldest first. Under the lock."""
+        for key in list(self.groups_pending):
+            group = self.groups.get(key)
+            if group is None or self._reserve_group(group):
+                self.groups_pending.remove(key)
+
+    def remove_placement_group(self, pg_id: bytes) -> None:
+        """Give the bundles back (their nodes end what runs in them); what
+        waits for the group fails; its ready ref holds an error if it was not ready."""
+        with self.lock:
+            group = self.groups.pop(pg_id.hex(), None)
+            if group is None:
+                return
+            if group.key in self.groups_pending:
+                self.groups_pending.remove(group.key)
+            self.store.cancel_waiter(group.waiter)
+            for node in set(group.placed.values()):
+                for name in group.resources_on(node):
+                    node.resources.pop(name, None)
+                    node.load.pop(name, None)
+                node.send(P.RemoveGroup(pg_id))
+            for i, node in group.placed.items():
+                for k, v in group.info.bundles[i].items():
+                    node.load[k] = node.load.get(k, 0) - v
+            removed = exc.TaskPlacementGroupRemoved(
+                f"the placement group {group.key} the task was scheduled in was removed")
+            dead = exc.ActorDiedError("the actor cannot run: its placement group was removed")
+            for spec in group.waiting:
+                if spec.kind == ACTOR_CREATION:
+                    self.actor_group.pop(spec.actor_id, None)
+                self._fail(spec, removed if spec.kind == TASK else dead)
+            group.waiting = []
+            ready, group.ready = group.ready, True
+            self.store.delete(group.node_ready)
+            self._try_groups()
+        if not ready:
+            self.store.put_entry(group.info.ready_id, removed_value(group.info))
 
     def _holder_of_arguments(self, spec: TaskSpec, fitting: list) -> NodeLink | None:
         """The fitting node, not full, that holds the most bytes of the spec's
@@ -531,6 +777,8 @@ class ClusterScheduler(Scheduler):
     def _unplace(self, spec: TaskSpec, node: NodeLink) -> None:
         if node.placed.pop(spec.task_id, None) is not None and spec.kind != ACTOR_METHOD:
             node.add(spec, -1)
+            if self.groups_pending:
+                self._try_groups()
 
     def fetch(self, node: NodeLink, object_ids: list) -> None:
         """A node needs these objects: send each once we have it."""
@@ -733,7 +981,8 @@ class ClusterScheduler(Scheduler):
             for node in self.nodes:
                 if node.alive:
                     for k, v in node.load.items():
-                        free[k] = max(0.0, free.get(k, 0) - v)
+                        if k in free:
+                            free[k] = max(0.0, free[k] - v)
         return free
 
     def shutdown(self) -> None:
@@ -752,6 +1001,7 @@ class ClusterBackend(Backend):
     node_affinity = True
     streaming_generators = True
     concurrency_groups = True
+    placement_groups = True
 
     #: init() keywords of this backend, beyond the common ones.
     accepted_options = frozenset({"token"})

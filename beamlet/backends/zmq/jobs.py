@@ -91,6 +91,7 @@ class DriverLink:
         self.conn = conn
         self.config = job_config
         self.tokens: set[bytes] = set()  # actor tokens held for it
+        self.groups: set[bytes] = set()  # its placement groups with bundles here
         self.held: set[bytes] = set()  # objects kept here for it (until Release)
         #: Small results stored during a turn of the node's loop, to go in one
         #: ``Objects`` at its end (see DriverOwner.defer_results); every other
@@ -474,6 +475,26 @@ class DriverOwner:
                 link.send(P.CancelChildren(elsewhere, message.force))
         elif kind is P.KillActor:
             self.node.scheduler.kill_actor(message.actor_id, message.no_restart)
+        elif kind is P.CreateGroup:
+            self._create_group(link, message.info, message.hosted)
+        elif kind is P.RemoveGroup:
+            if message.pg_id in link.groups:
+                link.groups.discard(message.pg_id)
+                self.node.scheduler.remove_placement_group(message.pg_id)
+
+    def _create_group(self, link: DriverLink, info, hosted) -> None:
+        """Reserve the bundles of a driver's placement group placed here; tell
+        it (a result under the node's ready id) once they are."""
+        if not isinstance(hosted, list) or not hosted or info.pg_id in link.groups:
+            return
+        store = self.node.object_store
+        store.on_ready(info.ready_id, lambda object_id: self._send_result(link, object_id))
+        link.groups.add(info.pg_id)
+        try:
+            self.node.scheduler.create_placement_group(info, hosted)
+        except ValueError as err:  # (the driver saw it fit: the node disagrees)
+            link.groups.discard(info.pg_id)
+            store.put(info.ready_id, serialize(err, is_error=True))
 
     def _store(self, objects) -> None:
         store = self.node.object_store
@@ -657,6 +678,9 @@ class DriverOwner:
                 self._fetching.pop(object_id, None)
         for stream in [s for s in self.streams.values() if s.link is link]:
             self._stream_done(stream)
+        for pg_id in list(link.groups):
+            self.node.scheduler.remove_placement_group(pg_id)
+        link.groups.clear()
         self.node.scheduler.job_ended(link)
         self._let_go(link, list(link.tokens) + list(link.held))
 

@@ -34,6 +34,9 @@ driver's own get) pulls it from there in chunks (``objects.py``).
     driver -> node   Release(object_ids)        actor tokens and objects kept for
                                                 the driver that it let go of
     driver -> node   CancelTask(object_id, force, recursive) / KillActor(actor_id, no_restart)
+    driver -> node   CreateGroup(info, hosted) / RemoveGroup(pg_id)   a placement
+                                                group's bundles placed here (the node
+                                                sends info.ready_id once reserved)
     node -> driver   CancelChildren(object_ids, force)   cancel these children of a
                                                 cancelled task (not run on this node)
     node -> driver   TaskFinished(...) / ActorState(...)   what the node's
@@ -54,8 +57,9 @@ from ... import exceptions as exc
 from ...core.serialization import SerializedObject, serialize
 from ..local.transport import ProtocolError
 
-VERSION = "beamlet-cluster/4"  # 2: drivers run tasks on nodes; 3: nodes pull objects;
-# 4: nodes report task ends and actor states, recursive cancel across nodes
+VERSION = "beamlet-cluster/5"  # 2: drivers run tasks on nodes; 3: nodes pull objects;
+# 4: nodes report task ends and actor states, recursive cancel across nodes;
+# 5: placement groups' bundles reserved on nodes
 
 #: Seconds between a member's heartbeats, and of silence after which the head
 #: declares it dead (at once when its connection drops).
@@ -203,6 +207,19 @@ class KillActor(NamedTuple):
     no_restart: bool
 
 
+class CreateGroup(NamedTuple):
+    """Reserve the bundles `hosted` (indices) of placement group `info` (a
+    ``tables.PlacementGroupInfo``) on this node; its ``ready_id`` is this
+    node's own, stored (and sent to the driver as a result) once they are."""
+    info: object
+    hosted: list
+
+
+class RemoveGroup(NamedTuple):
+    """Give back placement group `pg_id`'s bundles here; end what runs in them."""
+    pg_id: bytes
+
+
 def wire(sobj) -> tuple:
     """A SerializedObject as a message carries it: its buffers as memoryviews,
     which the transport sends out of band without copying (a shared-memory
@@ -231,7 +248,7 @@ def send_object(conn, object_id: bytes, sobj) -> None:
 TO_HEAD = frozenset({NodeJoin, Heartbeat, StatusRequest, DriverJoin})
 #: What a node (head or member) accepts from a driver.
 FROM_DRIVER = frozenset({DriverHello, RunTask, Objects, Locations, Release, CancelTask,
-                         KillActor, Pull})
+                         KillActor, Pull, CreateGroup, RemoveGroup})
 #: What a driver accepts from a node.
 TO_DRIVER = frozenset({Objects, Located, Fetch, NestedSubmit, Chunk, Missing, CancelChildren,
                        TaskFinished, ActorState, OwnerDied, Borrow})
