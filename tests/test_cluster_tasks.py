@@ -592,3 +592,41 @@ def test_placement_groups_reserve_bundles_across_nodes(cluster, driver):
         return all("CPU 1.0/1.0" in lines[n] and "_group_" not in lines[n] for n in nodes)
 
     assert procs.wait_until(given_back, 30, interval=0.5), cluster.status()
+
+
+# -- the state API across nodes -----------------------------------------------------------
+@beamlet.remote
+def pid_and_node(path: str | None = None):
+    deadline = time.monotonic() + GET_TIMEOUT
+    while path is not None and not os.path.exists(path):  # (until the test lets it end)
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+    return os.getpid(), beamlet.get_runtime_context().get_node_id()
+
+
+def test_the_state_api_sees_the_tasks_and_workers_of_every_node(cluster, driver, tmp_path):
+    """list_tasks follows a task running on a member node (RUNNING, then
+    FINISHED with the pid of the worker there), list_workers lists the
+    workers of every node, and the timeline has each task on its process."""
+    from beamlet.util import state
+    head = cluster.start_head()
+    member = cluster.join(head, "--resources", '{"far": 1}')
+    driver(head)
+    path = str(tmp_path / "go")
+    far = pid_and_node.options(resources={"far": 1}).remote(path)
+    deadline = time.monotonic() + GET_TIMEOUT
+    while [r.state for r in state.list_tasks(filters=[("name", "=", "pid_and_node")])] \
+            != ["RUNNING"]:
+        assert time.monotonic() < deadline, state.list_tasks()
+        time.sleep(0.05)
+    open(path, "w").close()
+    (far_pid, far_node), (near_pid, near_node) = beamlet.get(
+        [far, pid_and_node.options(resources={}).remote()], timeout=GET_TIMEOUT)
+    assert far_node == member
+    rows = state.list_tasks(filters=[("name", "=", "pid_and_node")])
+    assert {(r.state, r.worker_pid) for r in rows} == {("FINISHED", far_pid),
+                                                       ("FINISHED", near_pid)}
+    workers = {r.pid for r in state.list_workers(limit=1000) if r.worker_type == "WORKER"}
+    assert {far_pid, near_pid} <= workers
+    spans = [e for e in beamlet.timeline() if e["ph"] == "X" and e["name"] == "pid_and_node"]
+    assert {e["pid"] for e in spans} == {far_pid, near_pid}

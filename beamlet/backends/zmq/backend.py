@@ -309,6 +309,9 @@ class ClusterScheduler(Scheduler):
         self.groups: dict[str, _Group] = {}
         self.groups_pending: list[str] = []
         self.actor_group: dict[bytes, _Group] = {}
+        #: time.time() - time.perf_counter(): the nodes' progress times (epoch)
+        #: as this process's perf_counter times (see TaskEvents).
+        self._clock = time.time() - time.perf_counter()
         self.closed = False
 
     # -- placement ----------------------------------------------------------------
@@ -831,6 +834,15 @@ class ClusterScheduler(Scheduler):
         refs.incr_all(added)
         refs.decr_all(released)
 
+    def report(self, events: list) -> None:
+        """What the nodes' schedulers told of our tasks (before their results)."""
+        for event in events:
+            if type(event) is P.TaskFinished:
+                self.task_finished(event)
+            elif self.task_progress is not None:  # (TaskProgress: for the task record)
+                self.task_progress((event.task_id, event.attempt, event.state, event.pid,
+                                    event.when - self._clock))
+
     def task_finished(self, event: "P.TaskFinished") -> None:
         """An attempt of our task ended on its node: the driver's observers hear
         of it, as on the local backend (before its results arrive)."""
@@ -1002,6 +1014,7 @@ class ClusterBackend(Backend):
     streaming_generators = True
     concurrency_groups = True
     placement_groups = True
+    task_events = True
 
     #: init() keywords of this backend, beyond the common ones.
     accepted_options = frozenset({"token"})
@@ -1106,9 +1119,9 @@ class ClusterBackend(Backend):
                 # (its workers' nested calls are placed by this driver, on any node)
                 "cluster": True,
                 "streaming_generators": self.streaming_generators,
-                # (each attempt's end costs a message: only for a driver with
-                # plugins that observe it, as they stand at init)
-                "task_events": plugins.observer("beamlet_task_finished") is not None}
+                # (the nodes report each attempt's progress and end, for the
+                # driver's task record: batched with the results)
+                "task_events": self.task_events}
 
     # -- the I/O thread: every node's messages ------------------------------------
     def _io_loop(self) -> None:
@@ -1254,6 +1267,11 @@ class ClusterBackend(Backend):
                 if kind is P.Objects:
                     link.bytes_received += sum(_wire_bytes(f) for _, f in message.objects)
                     sched.stored(message.objects)
+                elif kind is P.Report:
+                    sched.report(message.events)
+                    if message.objects:
+                        link.bytes_received += sum(_wire_bytes(f) for _, f in message.objects)
+                        sched.stored(message.objects)
                 elif kind is P.Located:
                     sched.located(link, message.objects, message.pulled)
                 elif kind is P.Chunk:
@@ -1335,6 +1353,27 @@ class ClusterBackend(Backend):
         self.scheduler.released(object_id)
         if object_id in self.scheduler.token_node:
             self.scheduler.release_token(object_id)
+
+    def workers(self) -> list[dict]:
+        """The driver, and the worker processes of every alive node (asked on
+        a connection of its own, so the node's answer is not among its results)."""
+        from ..local.inprocess import driver_worker_row
+        rows = [driver_worker_row(self.worker_id)]
+        for link in [n for n in self._links if n.alive]:
+            try:
+                conn = self.transport.connect(link.address, timeout=CONNECT_TIMEOUT)
+                try:
+                    conn.send(P.WorkersRequest())
+                    reply = conn.recv(timeout=CONNECT_TIMEOUT)
+                finally:
+                    conn.close()
+            except exc.BackendError as err:
+                print(f"beamlet: the workers of node {link.node_id} are left out: {err}",
+                      file=sys.stderr, flush=True)
+                continue
+            if type(reply) is P.WorkersReply:
+                rows.extend(reply.workers)
+        return rows
 
     def nodes(self) -> list[dict]:
         return [{"NodeID": n.node_id, "Alive": n.alive,

@@ -60,6 +60,7 @@ import collections
 import os
 import sys
 import threading
+import time
 
 from ... import exceptions as exc
 from ...core import plugins
@@ -99,6 +100,9 @@ class DriverLink:
         self.results: list = []
         self.results_bytes = 0
         self.results_lock = threading.Lock()
+        #: TaskFinished / TaskProgress of its tasks, to go before the next
+        #: results (in one ``Report``), or at the daemon's next tick.
+        self.events: list = []
 
     # -- JobOwner, for this job's workers ------------------------------------------
     def job_config(self) -> dict:
@@ -124,7 +128,7 @@ class DriverLink:
 
     def send_now(self, message) -> None:
         """Send `message` after the queued results; BackendError if the driver left."""
-        if self.results:
+        if self.results or self.events:
             self.flush()
         self.conn.send(message)
 
@@ -136,10 +140,21 @@ class DriverLink:
         if full:
             self.flush()
 
+    def queue_event(self, event) -> None:
+        with self.results_lock:
+            self.events.append(event)
+
     def flush(self) -> None:
-        """Send the queued results (BackendError if the driver left)."""
+        """Send the queued events and results (BackendError if the driver left)."""
         with self.results_lock:
             results, self.results, self.results_bytes = self.results, [], 0
+            if self.events:
+                events, self.events = self.events, []
+                try:
+                    self.conn.send(P.Report(events, [(i, P.wire(sobj)) for i, sobj in results]))
+                    return
+                except ProtocolError:  # (a result too large: the events, then each alone)
+                    self.conn.send(P.Report(events, []))
             if not results:
                 return
             if len(results) == 1:
@@ -205,6 +220,10 @@ class DriverOwner:
         #: and the links with results queued meanwhile.
         self._deferring = 0
         self._deferred: set = set()
+        #: Links with events queued outside a turn (see flush_events).
+        self._idle_events: set = set()
+        #: time.time() - time.perf_counter(): progress times as epoch times.
+        self._clock = time.time() - time.perf_counter()
         #: Streaming generator calls running here: stream id -> its _Stream;
         #: the id prefixes of their consumers' signals -> the _Stream; those of
         #: streams that ended (see _store).
@@ -216,6 +235,7 @@ class DriverOwner:
         """The daemon made its Node: pulls from other nodes go over `transport`."""
         self.node = node
         node.scheduler.job_of = self.job_of
+        node.scheduler.task_progress = self._task_progress
         self.puller = Puller(transport, node.object_store, self._pulled, self._pull_failed)
         node.object_store.on_lost = self._owner_died
         plugins.add_listener("beamlet_task_finished", self._task_finished)
@@ -268,8 +288,35 @@ class DriverOwner:
             link = self.task_driver.get(spec.task_id)
         else:
             link = self.task_driver.pop(spec.task_id, None)
+        if link is not None:  # (before its results: they flush it first)
+            link.queue_event(P.TaskFinished(spec.task_id, spec.attempt, status, duration, pid))
+            self._events_queued(link)
+
+    def _task_progress(self, event) -> None:
+        """The node scheduler's ``task_progress``: for the task's driver (which
+        records it, if it asked: ``task_events`` in its job settings)."""
+        task_id, attempt, state, pid, when = event
+        link = self.task_driver.get(task_id)
         if link is not None:
-            link.send(P.TaskFinished(spec.task_id, spec.attempt, status, duration, pid))
+            link.queue_event(P.TaskProgress(task_id, attempt, state, pid,
+                                            when + self._clock))
+            self._events_queued(link)
+
+    def _events_queued(self, link: DriverLink) -> None:
+        if self._deferring == threading.get_ident():
+            self._deferred.add(link)  # (sent at the end of the loop's turn)
+        else:
+            self._idle_events.add(link)  # (sent with its next results, or at the tick)
+
+    def flush_events(self) -> None:
+        """The daemon's tick: send the events queued without results to go with."""
+        while self._idle_events:
+            link = self._idle_events.pop()
+            if link.events:
+                try:
+                    link.flush()
+                except exc.BackendError:
+                    pass  # it left
 
     def _actor_state(self, actor_id, class_name, state, reason) -> None:
         if state == "DEAD":
@@ -673,6 +720,8 @@ class DriverOwner:
         for table in (self.task_driver, self.actor_driver):
             for key in [k for k, v in table.items() if v is link]:
                 table.pop(key, None)
+        self._idle_events.discard(link)
+        self._deferred.discard(link)
         with self.lock:
             for object_id in [i for i, v in self._fetching.items() if v is link]:
                 self._fetching.pop(object_id, None)
