@@ -630,3 +630,66 @@ def test_the_state_api_sees_the_tasks_and_workers_of_every_node(cluster, driver,
     assert {far_pid, near_pid} <= workers
     spans = [e for e in beamlet.timeline() if e["ph"] == "X" and e["name"] == "pid_and_node"]
     assert {e["pid"] for e in spans} == {far_pid, near_pid}
+
+
+HOLDS_A_CPU = """
+import sys
+import beamlet
+beamlet.init(address=sys.argv[1], token=sys.argv[2])
+
+@beamlet.remote(num_cpus=1, resources={"far": 1})
+class Hog:
+    def ping(self):
+        return "held"
+
+hog = Hog.remote()
+print(beamlet.get(hog.ping.remote(), timeout=60), flush=True)
+sys.stdin.readline()  # (holds the member's CPU until the test is done)
+"""
+
+
+def test_a_group_whose_node_dies_before_it_is_ready_says_so(cluster, driver, tmp_path):
+    """Another driver's actor holds the member's CPU, which this driver does
+    not see: the bundle it reserves there waits on the member; when the member
+    dies, the group's ready ref raises NodeDiedError (no get waits for ever),
+    and calls in the dead node's bundle cannot be placed."""
+    from beamlet.util import placement_group
+    head = cluster.start_head()
+    member = cluster.join(head, "--resources", '{"far": 1}')
+    address = _node_lines(cluster.status())[member].split()[2]
+    script = tmp_path / "hog.py"
+    script.write_text(HOLDS_A_CPU)
+    hog = subprocess.Popen([sys.executable, str(script), head["address"], head["token"]],
+                           env=cluster.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           text=True)
+    try:
+        assert hog.stdout.readline().strip() == "held"
+        driver(head)
+        pg = placement_group([{"CPU": 1, "far": 1}])
+        assert not pg.wait(0.5)  # (reserved by this driver; the member has no room yet)
+        os.kill(cluster.pid_of(address), signal.SIGKILL)
+        with pytest.raises(exc.NodeDiedError, match=member):
+            beamlet.get(pg.ready(), timeout=GET_TIMEOUT)
+        with pytest.raises(ValueError, match="no alive node"):
+            where.options(scheduling_strategy=in_bundle(pg, 0)).remote()
+    finally:
+        hog.communicate("\n", timeout=TIMEOUT)
+
+
+@beamlet.remote(resources={"producer": 1}, _generator_backpressure_num_objects=4)
+def produce_far(n):
+    yield from range(n)
+
+
+@beamlet.remote(resources={"consumer": 1})
+def consume_far(n):
+    return sum(beamlet.get(ref, timeout=GET_TIMEOUT) for ref in produce_far.remote(n))
+
+
+def test_a_stream_consumed_in_a_task_on_another_node(cluster, driver):
+    """A task consumes a generator whose producer runs on another node, held
+    back by backpressure: the consumer's acknowledgements reach the producer."""
+    head = cluster.start_head("--resources", '{"consumer": 1}')
+    cluster.join(head, "--resources", '{"producer": 1}')
+    driver(head)
+    assert beamlet.get(consume_far.remote(200), timeout=GET_TIMEOUT) == sum(range(200))

@@ -492,6 +492,18 @@ class ClusterScheduler(Scheduler):
             if group is None or self._reserve_group(group):
                 self.groups_pending.remove(key)
 
+    def _groups_lost(self, dead: NodeLink) -> list:
+        """`dead` died: its bundles are gone (calls in them cannot be placed any
+        more; they are not reserved again elsewhere). The groups it made
+        unready for ever, whose ready ref then holds the error. Under the lock."""
+        unready = []
+        for group in self.groups.values():
+            if dead in group.placed.values() and not group.ready:
+                group.ready = True
+                self.store.cancel_waiter(group.waiter)
+                unready.append(group)
+        return unready
+
     def remove_placement_group(self, pg_id: bytes) -> None:
         """Give the bundles back (their nodes end what runs in them); what
         waits for the group fails; its ready ref holds an error if it was not ready."""
@@ -880,6 +892,7 @@ class ClusterScheduler(Scheduler):
                 return
             node.alive = False
             borrowed, node.borrowed = list(node.borrowed), set()
+            unready = self._groups_lost(node)
             self._objects_lost(node)  # (first: a retried task may need one made again)
             placed, node.placed = list(node.placed.values()), {}
             node.load = {}
@@ -925,6 +938,10 @@ class ClusterScheduler(Scheduler):
                                                     f"its node {node.node_id} died")
                     except exc.BackendError:
                         pass
+        for group in unready:
+            self.store.put_entry(group.info.ready_id, serialize(exc.NodeDiedError(
+                f"placement group {group.key} cannot be ready: node {node.node_id}, where "
+                f"some of its bundles were reserved, died"), is_error=True))
         self.backend.node_died(node)
         self.backend.refs.decr_all(borrowed)  # (its workers hold nothing any more)
 
