@@ -322,3 +322,8 @@ def test_a_stream_from_another_node_leaves_nothing_on_the_nodes(cluster, driver)
     del done
     assert procs.wait_until(lambda: store_objects(head) == before, 20, interval=0.2), \
         (before, store_objects(head))
+    # The driver forgot both streams, and withdrew the nodes' fetches of
+    # acknowledgements that never came (none waits in its store).
+    sched = runtime.current().backend.scheduler
+    assert not sched.streams and not sched.signal_fetches
+    assert not sched.store._indexed, list(sched.store._indexed)

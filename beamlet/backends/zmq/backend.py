@@ -46,7 +46,7 @@ import time
 from ... import exceptions as exc
 from ...core import plugins
 from ...core.control_store import open_control_store
-from ...core.generators import item_id
+from ...core.generators import ack_id, closed_id, item_id
 from ...core.interfaces import Backend, Scheduler
 from ...core.memory_store import MemoryObjectStore
 from ...core.options import check_backend_options
@@ -303,6 +303,10 @@ class ClusterScheduler(Scheduler):
         #: A streaming generator call's item-id prefix -> [its spec, items
         #: delivered], while it runs: a retry elsewhere skips those.
         self.streams: dict[bytes, list] = {}
+        #: The id prefixes of a running stream's consumer signals (acknowledgements,
+        #: the closed mark) -> the waiters of the nodes' fetches of them (a
+        #: producer held back asks for several; the rest are withdrawn at its end).
+        self.signal_fetches: dict[bytes, list] = {}
         #: Placement groups (key -> _Group), and the keys of those waiting for
         #: room, oldest first; actor id -> the group whose room its creation
         #: waits for (its calls wait there too).
@@ -356,7 +360,10 @@ class ClusterScheduler(Scheduler):
                     self.token_actor[spec.return_ids[0]] = spec.actor_id
                     self.token_node[spec.return_ids[0]] = node
             if spec.generator is not None and spec.generator[0] == "streaming":
-                self.streams[item_id(spec.return_ids[0], 0)[:-8]] = [spec, 0]
+                stream_id = spec.return_ids[0]
+                self.streams[item_id(stream_id, 0)[:-8]] = [spec, 0]
+                for signal in (ack_id(stream_id, 0), closed_id(stream_id)):
+                    self.signal_fetches.setdefault(signal[:-8], [])
             self._send(spec, node)
 
     def _place(self, spec: TaskSpec) -> NodeLink:
@@ -641,7 +648,7 @@ class ClusterScheduler(Scheduler):
     def _fail(self, spec: TaskSpec, error: BaseException) -> None:
         self.pins.pop(spec.task_id, None)
         if spec.generator is not None and self.streams:
-            self.streams.pop(item_id(spec.return_ids[0], 0)[:-8], None)
+            self._stream_over(spec)
         sobj = serialize(error, is_error=True)
         for rid in spec.return_ids:
             self.store.put_entry(rid, sobj)
@@ -654,6 +661,16 @@ class ClusterScheduler(Scheduler):
                 self._streamed(object_id)
             self._arrived(object_id)
             self.store.put_entry(object_id, P.unwire(form))
+
+    def _stream_over(self, spec: TaskSpec) -> None:
+        """A streaming call ended: forget it, and withdraw the fetches of its
+        consumer's signals still waiting (its producer needs none any more)."""
+        stream_id = spec.return_ids[0]
+        if self.streams.pop(item_id(stream_id, 0)[:-8], None) is None:
+            return
+        for signal in (ack_id(stream_id, 0), closed_id(stream_id)):
+            for waiter in self.signal_fetches.pop(signal[:-8], ()):
+                self.store.cancel_waiter(waiter)
 
     def _streamed(self, object_id: bytes) -> None:
         """If it is an item of a running stream, count it delivered."""
@@ -672,7 +689,7 @@ class ClusterScheduler(Scheduler):
             if not left:
                 del self.tasks[task_id]
                 if spec.generator is not None and self.streams:
-                    self.streams.pop(item_id(spec.return_ids[0], 0)[:-8], None)
+                    self._stream_over(spec)
                 if spec.kind != ACTOR_CREATION:
                     self._unplace(spec, node)
                     if self.pins:
@@ -820,7 +837,14 @@ class ClusterScheduler(Scheduler):
                 pass  # the node is gone (the I/O thread sees it)
 
         for object_id in object_ids:
-            self.store.on_ready(object_id, send)
+            fetches = self.signal_fetches.get(object_id[:-8]) if self.signal_fetches else None
+            if fetches is None:
+                self.store.on_ready(object_id, send)
+            else:  # (a stream's signal: withdrawn at its end if it never comes)
+                waiter = self.store.notify_when((object_id,), 1,
+                                                lambda i=object_id: send(i), broad=False)
+                if waiter is not None:
+                    fetches.append(waiter)
 
     def nested(self, spec: TaskSpec, objects: list) -> None:
         """A worker's submission, forwarded by its node: accept it as ours."""
