@@ -91,7 +91,20 @@ class LoggerCallback(Callback):
         self.log_trial_end(trial, failed=True)
 
 
-class JsonLoggerCallback(LoggerCallback):
+class _FlushingLogger(LoggerCallback):
+    """A logger of open files that writes each row through at once
+    (``flush_each_result``), or leaves that to the caller's :meth:`flush`:
+    `BackgroundLoggers` calls it when it has caught up with the runner, so a
+    burst of results costs one write per file, not one per row."""
+
+    #: Write each row through when it is logged (BackgroundLoggers clears it).
+    flush_each_result = True
+
+    def flush(self) -> None:
+        """Write through what was logged to the open files."""
+
+
+class JsonLoggerCallback(_FlushingLogger):
     """``params.json``, ``params.pkl`` and ``result.json`` (one line per result)."""
 
     def __init__(self):
@@ -114,7 +127,12 @@ class JsonLoggerCallback(LoggerCallback):
         if f is None:
             return
         f.write(to_json(result) + "\n")
-        f.flush()
+        if self.flush_each_result:
+            f.flush()
+
+    def flush(self) -> None:
+        for f in self._files.values():
+            f.flush()
 
     def log_trial_end(self, trial, failed=False) -> None:
         f = self._files.pop(trial, None)
@@ -127,7 +145,7 @@ class JsonLoggerCallback(LoggerCallback):
         self._files.clear()
 
 
-class CSVLoggerCallback(LoggerCallback):
+class CSVLoggerCallback(_FlushingLogger):
     """``progress.csv``: the columns of the trial's first result."""
 
     def __init__(self):
@@ -149,7 +167,12 @@ class CSVLoggerCallback(LoggerCallback):
             self._files[trial] = (f, writer)
         writer.writerow({k: (json.dumps(v, default=json_default)
                              if isinstance(v, (list, dict)) else v) for k, v in row.items()})
-        f.flush()
+        if self.flush_each_result:
+            f.flush()
+
+    def flush(self) -> None:
+        for f, _ in self._files.values():
+            f.flush()
 
     def log_trial_end(self, trial, failed=False) -> None:
         entry = self._files.pop(trial, None)
@@ -182,9 +205,12 @@ class TBXLoggerCallback(LoggerCallback):
         if self._unavailable:
             return
         from .tb_events import EventFileWriter
-        os.makedirs(trial.path, exist_ok=True)
         try:
-            self._writers[trial] = EventFileWriter(trial.path)
+            try:
+                self._writers[trial] = EventFileWriter(trial.path)
+            except FileNotFoundError:  # (as in _open_in: the runner has made it)
+                os.makedirs(trial.path, exist_ok=True)
+                self._writers[trial] = EventFileWriter(trial.path)
         except ImportError:  # optional: without tensorboardX there are no event files
             self._unavailable = True
 
@@ -218,8 +244,9 @@ class BackgroundLoggers:
     Creating a trial's files waits on the disk (about half a millisecond per
     file here, more when it is busy, five files per trial): the runner's loop
     goes on meanwhile, and the thread mostly runs while the loop waits for
-    results. Files lag the loop by what is queued (milliseconds); everything
-    is written by :meth:`close`. A driver killed before that may lose the
+    results. Files lag the loop by what is queued (milliseconds): the rows
+    of result.json and progress.csv are written through whenever the thread
+    has caught up, not at each row; everything is written by :meth:`close`. A driver killed before that may lose the
     last rows; ``resume`` does not read them (it reads the experiment's state
     log, which the runner writes itself). An error in a logger is raised in
     the runner's thread, at its next call or at :meth:`close`."""
@@ -229,6 +256,9 @@ class BackgroundLoggers:
     def __init__(self, callbacks: list):
         #: The callbacks this runs (the others are the caller's to call).
         self.callbacks = [cb for cb in callbacks if type(cb) in self.BUILTIN]
+        self._flushing = [cb for cb in self.callbacks if isinstance(cb, _FlushingLogger)]
+        for cb in self._flushing:
+            cb.flush_each_result = False  # (the thread flushes them: see _run)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -248,8 +278,17 @@ class BackgroundLoggers:
         self._queue.put((hook, kwargs))
 
     def _run(self) -> None:
+        flushing = self._flushing
+        get, empty = self._queue.get, self._queue.empty
         while True:
-            item = self._queue.get()
+            if flushing and empty():  # caught up with the runner: write the rows through
+                for cb in flushing:
+                    try:
+                        cb.flush()
+                    except BaseException as err:  # noqa: BLE001 - as for a hook, below
+                        if self._error is None:
+                            self._error = err
+            item = get()
             if item is None:
                 return
             hook, kwargs = item
