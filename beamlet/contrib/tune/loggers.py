@@ -158,15 +158,17 @@ class CSVLoggerCallback(_FlushingLogger):
         entry = self._files.get(trial)
         if entry is None:
             return
-        f, writer = entry
+        f, columns = entry
         row = flatten_dict({k: v for k, v in result.items() if k != "config"})
-        if writer is None:
-            writer = csv.DictWriter(f, fieldnames=list(row), extrasaction="ignore")
+        if columns is None:
+            columns = (csv.writer(f), list(row))
             if f.tell() == 0:
-                writer.writeheader()
-            self._files[trial] = (f, writer)
-        writer.writerow({k: (json.dumps(v, default=json_default)
-                             if isinstance(v, (list, dict)) else v) for k, v in row.items()})
+                columns[0].writerow(columns[1])
+            self._files[trial] = (f, columns)
+        writer, fields = columns
+        # (a csv.DictWriter's row, restval "" and extra keys ignored, without its checks)
+        writer.writerow([json.dumps(v, default=json_default) if isinstance(v, (list, dict))
+                         else v for v in (row.get(k, "") for k in fields)])
         if self.flush_each_result:
             f.flush()
 

@@ -322,7 +322,7 @@ class TrialRunner:
                                 f"{type(self._scheduler).__name__}")
             return
         ready, _ = beamlet.wait(refs, num_returns=1, timeout=_WAIT_TIMEOUT_S)
-        if ready:
+        if ready and len(refs) > 1:
             ready, _ = beamlet.wait(refs, num_returns=len(refs), timeout=0)
         for ref in ready:
             if ref in self._inflight:
@@ -358,7 +358,8 @@ class TrialRunner:
         trial.start_time = time.time()
         trial._stop_requested = False
         self._acquire(trial.resources)
-        os.makedirs(trial.path, exist_ok=True)
+        # (The trial's directory is made by its actor, before the trainable starts,
+        # and by the loggers if they get there first: not here, in the loop.)
         if not trial.started:
             trial.started = True
             self._call("on_trial_start", trial=trial)

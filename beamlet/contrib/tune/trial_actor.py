@@ -187,6 +187,8 @@ class TrialActor:
         self._runner = None
         options = options or {}
         try:
+            if trial_info.get("logdir"):  # (the driver leaves it to the trial: see runner)
+                os.makedirs(trial_info["logdir"], exist_ok=True)
             if isinstance(trainable, type) and issubclass(trainable, Trainable):
                 self._runner = _ClassRunner(trainable, config, trial_info, stop_criteria,
                                             options)
