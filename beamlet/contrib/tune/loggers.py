@@ -18,6 +18,7 @@ import json
 import os
 import queue
 import threading
+import time
 import warnings
 from typing import Any
 
@@ -93,9 +94,9 @@ class LoggerCallback(Callback):
 
 class _FlushingLogger(LoggerCallback):
     """A logger of open files that writes each row through at once
-    (``flush_each_result``), or leaves that to the caller's :meth:`flush`:
-    `BackgroundLoggers` calls it when it has caught up with the runner, so a
-    burst of results costs one write per file, not one per row."""
+    (``flush_each_result``), or leaves that to the caller's :meth:`flush`
+    (`BackgroundLoggers` calls it a moment after a row: a burst of results
+    costs one write per file, not one per row)."""
 
     #: Write each row through when it is logged (BackgroundLoggers clears it).
     flush_each_result = True
@@ -237,6 +238,9 @@ class TBXLoggerCallback(LoggerCallback):
 
 
 _CLOSE_TIMEOUT_S = 120.0
+#: How long a row of result.json / progress.csv may wait in its file's buffer
+#: (BackgroundLoggers): rows that come in a burst go out in one write.
+_FLUSH_DELAY_S = 0.1
 
 
 class BackgroundLoggers:
@@ -246,9 +250,11 @@ class BackgroundLoggers:
     Creating a trial's files waits on the disk (about half a millisecond per
     file here, more when it is busy, five files per trial): the runner's loop
     goes on meanwhile, and the thread mostly runs while the loop waits for
-    results. Files lag the loop by what is queued (milliseconds): the rows
-    of result.json and progress.csv are written through whenever the thread
-    has caught up, not at each row; everything is written by :meth:`close`. A driver killed before that may lose the
+    results. Files lag the loop by what is queued (milliseconds), and the
+    rows of result.json and progress.csv by at most ``_FLUSH_DELAY_S`` more
+    (a trial's rows are written through when it ends, else those that came
+    within that delay in one write per file); everything is written by
+    :meth:`close`. A driver killed before that may lose the
     last rows; ``resume`` does not read them (it reads the experiment's state
     log, which the runner writes itself). An error in a logger is raised in
     the runner's thread, at its next call or at :meth:`close`."""
@@ -280,20 +286,26 @@ class BackgroundLoggers:
         self._queue.put((hook, kwargs))
 
     def _run(self) -> None:
-        flushing = self._flushing
-        get, empty = self._queue.get, self._queue.empty
+        get = self._queue.get
+        due = None  # when rows written since the last flush are to be written through
         while True:
-            if flushing and empty():  # caught up with the runner: write the rows through
-                for cb in flushing:
-                    try:
-                        cb.flush()
-                    except BaseException as err:  # noqa: BLE001 - as for a hook, below
-                        if self._error is None:
-                            self._error = err
-            item = get()
+            if due is None:
+                item = get()
+            else:
+                try:
+                    item = get(timeout=max(0.0, due - time.monotonic()))
+                except queue.Empty:
+                    item = False
+                if item is False or time.monotonic() >= due:
+                    due = None
+                    self._flush()
+                    if item is False:
+                        continue
             if item is None:
                 return
             hook, kwargs = item
+            if due is None and hook == "on_trial_result" and self._flushing:
+                due = time.monotonic() + _FLUSH_DELAY_S
             if self._error is not None and hook != "on_experiment_end":
                 continue  # (the runner raises it; the rest is dropped, but files are closed)
             for cb in self.callbacks:
@@ -302,6 +314,14 @@ class BackgroundLoggers:
                 except BaseException as err:  # noqa: BLE001 - raised in the runner's thread
                     if self._error is None:
                         self._error = err
+
+    def _flush(self) -> None:
+        for cb in self._flushing:
+            try:
+                cb.flush()
+            except BaseException as err:  # noqa: BLE001 - as for a hook
+                if self._error is None:
+                    self._error = err
 
     def close(self, trials: list) -> None:
         """Run what is queued and the loggers' ``on_experiment_end``; return once
