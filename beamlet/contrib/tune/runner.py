@@ -727,10 +727,14 @@ class TrialRunner:
         self._drain_pool()
         self._trainable_refs.clear()
         try:
-            self._call_experiment_end()
+            try:
+                # (First: the loggers' thread meanwhile writes what is still queued.)
+                for exp in self._experiments:
+                    self._save_state(exp.path)
+            finally:
+                self._call_experiment_end()
         finally:
             for exp in self._experiments:
-                self._save_state(exp.path)
                 if exp.path in self._logs:
                     self._logs[exp.path].close()
             self._progress.finish(self._trials)
