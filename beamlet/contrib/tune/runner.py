@@ -116,6 +116,8 @@ class TrialRunner:
         # no new worker (nor imports) per trial.
         self._reuse = True if reuse_actors is None else bool(reuse_actors)
         self._pool: list[tuple[tuple, object]] = []
+        self._actors_made = 0
+        self._preloaded = False
         self._logs: dict[str, ExperimentStateLog] = {}
         self.fail_fast_trial: Trial | None = None
         #: How many times a trial went back to PENDING (a retry): schedulers that
@@ -233,11 +235,8 @@ class TrialRunner:
     def _setup(self) -> None:
         self._total = dict(beamlet.cluster_resources())
         self._parallel = runtime.current().backend.parallel
-        # Workers started from now on have the trial actor's module imported
-        # (~50 ms less per new worker, where the backend can do it).
-        preload = getattr(runtime.current().backend, "preload", None)
-        if preload is not None:
-            preload([TrialActor.__module__])
+        if not self._reuse:  # (every trial a new actor: see _preload)
+            self._preload()
         for exp in self._experiments:
             os.makedirs(exp.path, exist_ok=True)
             log = self._logs[exp.path] = ExperimentStateLog(exp.path)
@@ -360,6 +359,17 @@ class TrialRunner:
                 raise TuneError(f"the scheduler chose trial {trial}, which is {trial.status}")
             self._start_trial(trial)
 
+    def _preload(self) -> None:
+        """Have the workers started from now on import the trial actor's module
+        (~50 ms less per new worker, where the backend can do it). Not at the
+        start when actors are reused: the workers the backend keeps ready
+        would run every trial, and the import would only take CPU from them
+        just when the trials start."""
+        self._preloaded = True
+        preload = getattr(runtime.current().backend, "preload", None)
+        if preload is not None:
+            preload([TrialActor.__module__])
+
     def _trainable_ref(self, trial: Trial):
         """The trainable in the object store: pickled once per experiment, not per trial."""
         key = id(trial._trainable)
@@ -393,6 +403,9 @@ class TrialRunner:
                     "config": trial.config, "trial_info": info,
                     "stop_criteria": trial.stop_criteria, "options": options})
             else:
+                self._actors_made += 1
+                if not self._preloaded and self._actors_made > self._total.get("CPU", 0):
+                    self._preload()  # (more actors than the workers kept ready)
                 actor = trial_actor_class() \
                     .options(**resources_to_actor_options(trial.resources)) \
                     .remote(trainable, trial.config, info, trial.stop_criteria, options)
