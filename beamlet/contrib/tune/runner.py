@@ -115,7 +115,8 @@ class TrialRunner:
         # Actors of ended trials, kept to run the next trial with the same resources:
         # no new worker (nor imports) per trial.
         self._reuse = True if reuse_actors is None else bool(reuse_actors)
-        self._pool: list[tuple[tuple, object]] = []
+        # (resources key, actor, id of the trainable it has)
+        self._pool: list[tuple[tuple, object, int]] = []
         self._actors_made = 0
         self._preloaded = False
         self._logs: dict[str, ExperimentStateLog] = {}
@@ -397,9 +398,11 @@ class TrialRunner:
                 "experiment_tag": trial.experiment_tag, "logdir": trial.path,
                 "experiment_name": trial.experiment_name}
         try:
-            actor = self._pooled_actor(trial.resources)
+            actor, has = self._pooled_actor(trial.resources)
             if actor is not None:
-                ref = actor.reset_and_step.remote(trainable, {
+                # (None: the one it has, which it need not load again)
+                ref = actor.reset_and_step.remote(
+                    None if has == id(trial._trainable) else trainable, {
                     "config": trial.config, "trial_info": info,
                     "stop_criteria": trial.stop_criteria, "options": options})
             else:
@@ -639,22 +642,22 @@ class TrialRunner:
         """An idle actor holding exactly `resources`, or None; idle actors holding
         others are killed then, so that the backend has their resources back."""
         key = self._pool_key(resources)
-        for i, (pooled_key, actor) in enumerate(self._pool):
+        for i, (pooled_key, actor, has) in enumerate(self._pool):
             if pooled_key == key:
                 del self._pool[i]
-                return actor
+                return actor, has
         self._drain_pool()
-        return None
+        return None, None
 
     def _drain_pool(self) -> None:
         pool, self._pool = self._pool, []
-        for _, actor in pool:
+        for _, actor, _ in pool:
             self._kill(actor)
 
-    def _retire(self, actor, resources: dict, reusable: bool) -> None:
+    def _retire(self, actor, resources: dict, reusable: bool, trial: Trial) -> None:
         """The trial on `actor` has ended: keep the actor for the next trial, or kill it."""
         if reusable and self._reuse and not self._stop_everything:
-            self._pool.append((self._pool_key(resources), actor))
+            self._pool.append((self._pool_key(resources), actor, id(trial._trainable)))
         else:
             # Killed rather than dropped even when the trainable has ended: the
             # backend then frees the trial's resources at once, for the next trial.
@@ -681,7 +684,7 @@ class TrialRunner:
                 self._stopping[ref] = (trial, trial.resources, actor,
                                        time.monotonic() + _STOP_TIMEOUT_S, None)
                 return
-        self._retire(actor, trial.resources, reusable and how == "end")
+        self._retire(actor, trial.resources, reusable and how == "end", trial)
 
     def _finish_stop(self, ref) -> None:
         trial, resources, actor, _, then = self._stopping.pop(ref)
@@ -690,7 +693,7 @@ class TrialRunner:
             stopped = True
         except Exception:  # noqa: BLE001 - the actor is going away regardless
             path, stopped = None, False
-        self._retire(actor, resources, reusable=stopped)
+        self._retire(actor, resources, stopped, trial)
         if isinstance(path, str) and then is None:
             trial.on_checkpoint(path)  # checkpoint_at_end
         if then is not None:
