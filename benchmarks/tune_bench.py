@@ -96,18 +96,20 @@ def _child(framework: str, row: str, reuse: bool, storage: str) -> dict:
     return out
 
 
-def _run(python: str, framework: str, row: str, reuse: bool, timeout: float) -> dict:
+def _run(python: str, framework: str, row: str, reuse: bool, timeout: float,
+         storage_dir: str | None = None) -> dict:
     # Ray gives its node 30 s to start (fixed in ray/_private/node.py): on a loaded
     # machine it may not, which says nothing of Tune; try again (at most twice).
     for _ in range(3):
-        result = _run_once(python, framework, row, reuse, timeout)
+        result = _run_once(python, framework, row, reuse, timeout, storage_dir)
         if "timed out during startup" not in result.get("error", ""):
             break
     return result
 
 
-def _run_once(python: str, framework: str, row: str, reuse: bool, timeout: float) -> dict:
-    with tempfile.TemporaryDirectory(prefix="tune-bench-") as storage:
+def _run_once(python: str, framework: str, row: str, reuse: bool, timeout: float,
+              storage_dir: str | None = None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="tune-bench-", dir=storage_dir) as storage:
         cmd = [python, os.path.abspath(__file__), "--child", framework, "--row", row,
                "--storage", storage] + (["--reuse"] if reuse else [])
         env = dict(os.environ, PYTHONPATH=REPO if framework == "beamlet" else "")
@@ -153,6 +155,9 @@ def main() -> None:
                                                                DEFAULT_RAY_PYTHON))
     parser.add_argument("--ray-timeout", type=float, default=600.0)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--storage-dir", help="where each run's results go (a temporary "
+                        "directory in it; default: the system's, e.g. /tmp). Both frameworks "
+                        "create a few files per trial there, whose cost depends on the disk")
     parser.add_argument("--child", choices=["beamlet", "ray"], help=argparse.SUPPRESS)
     parser.add_argument("--row", help=argparse.SUPPRESS)
     parser.add_argument("--storage", help=argparse.SUPPRESS)
@@ -172,11 +177,13 @@ def main() -> None:
     for row in args.rows.split(","):
         entry = results[row] = {}
         if "beamlet" in columns:
-            entry["beamlet"] = _run(sys.executable, "beamlet", row, True, 3600)
+            entry["beamlet"] = _run(sys.executable, "beamlet", row, True, 3600, args.storage_dir)
         if ray_ok and "ray" in columns:
-            entry["ray"] = _run(args.ray_python, "ray", row, False, args.ray_timeout)
+            entry["ray"] = _run(args.ray_python, "ray", row, False, args.ray_timeout,
+                                args.storage_dir)
         if ray_ok and "ray_reuse" in columns:
-            entry["ray_reuse"] = _run(args.ray_python, "ray", row, True, args.ray_timeout)
+            entry["ray_reuse"] = _run(args.ray_python, "ray", row, True, args.ray_timeout,
+                                      args.storage_dir)
         cells = [_cell(entry[k]) if k in entry else "not run"
                  for k in ("beamlet", "ray", "ray_reuse")]
         print(f"| {row} | " + " | ".join(cells) + " |", flush=True)

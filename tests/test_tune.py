@@ -497,6 +497,28 @@ def test_trial_whose_process_dies_errors(on_backend, storage):
     assert by_die[False].status == "TERMINATED" and by_die[False].last_result["x"] == 2
 
 
+def test_trial_a_step_ahead_whose_process_dies_keeps_its_results(on_backend, storage):
+    """From its second result on, a FIFO trial's next step is asked for before
+    the driver has its result (the trial goes on at once): a result it
+    reported just before its process died still counts, and the step asked
+    for ahead is not taken for another event of the trial."""
+    if on_backend == "inprocess":
+        pytest.skip("on inprocess the trial runs in the test's own process")
+
+    def dies_late(config):
+        for x in range(1, 5):
+            tune.report(x=x)
+        os._exit(3)
+
+    analysis = tune.run(dies_late, storage_path=storage, verbose=0,
+                        raise_on_failed_trial=False, max_failures=1)
+    trial = analysis.trials[0]
+    assert trial.status == "ERROR" and "ActorDiedError" in trial.error_msg
+    assert trial.num_failures == 1  # (retried once, and died the same way)
+    assert trial.last_result["x"] == 4
+    assert [r["x"] for r in read_results(trial)] == [1, 2, 3, 4, 1, 2, 3, 4]
+
+
 def test_experiment_objects(on_backend, storage):
     exps = [tune.Experiment("first", report_n, config={"n": 2}, storage_path=storage),
             tune.Experiment("second", parabola, config={"x": grid_search([2, 3])},

@@ -18,6 +18,7 @@ import json
 import os
 import queue
 import threading
+import time
 import warnings
 from typing import Any
 
@@ -91,7 +92,20 @@ class LoggerCallback(Callback):
         self.log_trial_end(trial, failed=True)
 
 
-class JsonLoggerCallback(LoggerCallback):
+class _FlushingLogger(LoggerCallback):
+    """A logger of open files that writes each row through at once
+    (``flush_each_result``), or leaves that to the caller's :meth:`flush`
+    (`BackgroundLoggers` calls it a moment after a row: a burst of results
+    costs one write per file, not one per row)."""
+
+    #: Write each row through when it is logged (BackgroundLoggers clears it).
+    flush_each_result = True
+
+    def flush(self) -> None:
+        """Write through what was logged to the open files."""
+
+
+class JsonLoggerCallback(_FlushingLogger):
     """``params.json``, ``params.pkl`` and ``result.json`` (one line per result)."""
 
     def __init__(self):
@@ -114,7 +128,12 @@ class JsonLoggerCallback(LoggerCallback):
         if f is None:
             return
         f.write(to_json(result) + "\n")
-        f.flush()
+        if self.flush_each_result:
+            f.flush()
+
+    def flush(self) -> None:
+        for f in self._files.values():
+            f.flush()
 
     def log_trial_end(self, trial, failed=False) -> None:
         f = self._files.pop(trial, None)
@@ -127,7 +146,7 @@ class JsonLoggerCallback(LoggerCallback):
         self._files.clear()
 
 
-class CSVLoggerCallback(LoggerCallback):
+class CSVLoggerCallback(_FlushingLogger):
     """``progress.csv``: the columns of the trial's first result."""
 
     def __init__(self):
@@ -140,16 +159,23 @@ class CSVLoggerCallback(LoggerCallback):
         entry = self._files.get(trial)
         if entry is None:
             return
-        f, writer = entry
+        f, columns = entry
         row = flatten_dict({k: v for k, v in result.items() if k != "config"})
-        if writer is None:
-            writer = csv.DictWriter(f, fieldnames=list(row), extrasaction="ignore")
+        if columns is None:
+            columns = (csv.writer(f), list(row))
             if f.tell() == 0:
-                writer.writeheader()
-            self._files[trial] = (f, writer)
-        writer.writerow({k: (json.dumps(v, default=json_default)
-                             if isinstance(v, (list, dict)) else v) for k, v in row.items()})
-        f.flush()
+                columns[0].writerow(columns[1])
+            self._files[trial] = (f, columns)
+        writer, fields = columns
+        # (a csv.DictWriter's row, restval "" and extra keys ignored, without its checks)
+        writer.writerow([json.dumps(v, default=json_default) if isinstance(v, (list, dict))
+                         else v for v in (row.get(k, "") for k in fields)])
+        if self.flush_each_result:
+            f.flush()
+
+    def flush(self) -> None:
+        for f, _ in self._files.values():
+            f.flush()
 
     def log_trial_end(self, trial, failed=False) -> None:
         entry = self._files.pop(trial, None)
@@ -182,9 +208,12 @@ class TBXLoggerCallback(LoggerCallback):
         if self._unavailable:
             return
         from .tb_events import EventFileWriter
-        os.makedirs(trial.path, exist_ok=True)
         try:
-            self._writers[trial] = EventFileWriter(trial.path)
+            try:
+                self._writers[trial] = EventFileWriter(trial.path)
+            except FileNotFoundError:  # (as in _open_in: the runner has made it)
+                os.makedirs(trial.path, exist_ok=True)
+                self._writers[trial] = EventFileWriter(trial.path)
         except ImportError:  # optional: without tensorboardX there are no event files
             self._unavailable = True
 
@@ -209,6 +238,9 @@ class TBXLoggerCallback(LoggerCallback):
 
 
 _CLOSE_TIMEOUT_S = 120.0
+#: How long a row of result.json / progress.csv may wait in its file's buffer
+#: (BackgroundLoggers): rows that come in a burst go out in one write.
+_FLUSH_DELAY_S = 0.1
 
 
 class BackgroundLoggers:
@@ -218,8 +250,11 @@ class BackgroundLoggers:
     Creating a trial's files waits on the disk (about half a millisecond per
     file here, more when it is busy, five files per trial): the runner's loop
     goes on meanwhile, and the thread mostly runs while the loop waits for
-    results. Files lag the loop by what is queued (milliseconds); everything
-    is written by :meth:`close`. A driver killed before that may lose the
+    results. Files lag the loop by what is queued (milliseconds), and the
+    rows of result.json and progress.csv by at most ``_FLUSH_DELAY_S`` more
+    (a trial's rows are written through when it ends, else those that came
+    within that delay in one write per file); everything is written by
+    :meth:`close`. A driver killed before that may lose the
     last rows; ``resume`` does not read them (it reads the experiment's state
     log, which the runner writes itself). An error in a logger is raised in
     the runner's thread, at its next call or at :meth:`close`."""
@@ -229,6 +264,9 @@ class BackgroundLoggers:
     def __init__(self, callbacks: list):
         #: The callbacks this runs (the others are the caller's to call).
         self.callbacks = [cb for cb in callbacks if type(cb) in self.BUILTIN]
+        self._flushing = [cb for cb in self.callbacks if isinstance(cb, _FlushingLogger)]
+        for cb in self._flushing:
+            cb.flush_each_result = False  # (the thread flushes them: see _run)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -248,11 +286,26 @@ class BackgroundLoggers:
         self._queue.put((hook, kwargs))
 
     def _run(self) -> None:
+        get = self._queue.get
+        due = None  # when rows written since the last flush are to be written through
         while True:
-            item = self._queue.get()
+            if due is None:
+                item = get()
+            else:
+                try:
+                    item = get(timeout=max(0.0, due - time.monotonic()))
+                except queue.Empty:
+                    item = False
+                if item is False or time.monotonic() >= due:
+                    due = None
+                    self._flush()
+                    if item is False:
+                        continue
             if item is None:
                 return
             hook, kwargs = item
+            if due is None and hook == "on_trial_result" and self._flushing:
+                due = time.monotonic() + _FLUSH_DELAY_S
             if self._error is not None and hook != "on_experiment_end":
                 continue  # (the runner raises it; the rest is dropped, but files are closed)
             for cb in self.callbacks:
@@ -261,6 +314,14 @@ class BackgroundLoggers:
                 except BaseException as err:  # noqa: BLE001 - raised in the runner's thread
                     if self._error is None:
                         self._error = err
+
+    def _flush(self) -> None:
+        for cb in self._flushing:
+            try:
+                cb.flush()
+            except BaseException as err:  # noqa: BLE001 - as for a hook
+                if self._error is None:
+                    self._error = err
 
     def close(self, trials: list) -> None:
         """Run what is queued and the loggers' ``on_experiment_end``; return once

@@ -36,7 +36,7 @@ from .loggers import BackgroundLoggers, Callback
 from .progress import ProgressReporter
 from .result import json_default
 from .schedulers import FIFOScheduler, TrialScheduler
-from .stopper import lookup, missing_criteria
+from .stopper import DictStopper, NoopStopper, lookup, missing_criteria
 from .trial import ERROR, PAUSED, PENDING, RUNNING, TERMINATED, Trial, resources_to_actor_options
 from .experiment_state import ExperimentStateLog
 from .trial_actor import TrialActor
@@ -44,6 +44,9 @@ from .trial_actor import TrialActor
 __all__ = ["TrialRunner"]
 
 _EPS = 1e-9
+# A trial's own stoppers that stop nothing its trial does not stop itself (a
+# dict's criteria are also checked by the trial's reporter).
+_STOPPERS_THE_TRIAL_APPLIES = (type(None), NoopStopper, DictStopper)
 _WAIT_TIMEOUT_S = 0.5
 _STOP_TIMEOUT_S = 15.0
 
@@ -97,6 +100,7 @@ class TrialRunner:
                              if getattr(getattr(e.search_alg, "searcher", None), "metric", None))
         self._trials: list[Trial] = []
         self._inflight: dict = {}    # step ref -> Trial
+        self._strays: dict = {}      # step refs of trials that ended first -> None
         self._stopping: dict = {}    # stop ref -> (trial, resources, actor, deadline, then)
         self._used: dict[str, float] = {}
         self._total: dict[str, float] = {}
@@ -111,7 +115,10 @@ class TrialRunner:
         # Actors of ended trials, kept to run the next trial with the same resources:
         # no new worker (nor imports) per trial.
         self._reuse = True if reuse_actors is None else bool(reuse_actors)
-        self._pool: list[tuple[tuple, object]] = []
+        # (resources key, actor, id of the trainable it has)
+        self._pool: list[tuple[tuple, object, int]] = []
+        self._actors_made = 0
+        self._preloaded = False
         self._logs: dict[str, ExperimentStateLog] = {}
         self.fail_fast_trial: Trial | None = None
         #: How many times a trial went back to PENDING (a retry): schedulers that
@@ -121,6 +128,12 @@ class TrialRunner:
         self._search_dirty: set[str] = set()  # experiments whose search state changed
         self._scheduler_logged = 0   # the scheduler's state_changes last logged
         self._warned_search: set[str] = set()
+        # Whether each result that does not end its trial is answered "continue"
+        # (the scheduler does not decide per result, no stopper does): then a
+        # trial's next step is asked for before its result is in (see _pipelined).
+        self._always_continue = stopper is None and \
+            type(self._scheduler).on_trial_result is TrialScheduler.on_trial_result
+        self._parallel = False  # (the backend's, at _setup)
 
     # -- what schedulers see -------------------------------------------------------
     def get_trials(self) -> list[Trial]:
@@ -154,9 +167,7 @@ class TrialRunner:
         elif trial.status == RUNNING and trial._actor is None:
             trial._stop_requested = True  # it is pausing: end it once it has
         elif trial.status == RUNNING:
-            for ref, t in list(self._inflight.items()):
-                if t is trial:
-                    del self._inflight[ref]
+            self._drop_steps(trial)
             self._log_final_row(trial)
             self._complete_trial(trial, stop_actor=True)
 
@@ -224,11 +235,9 @@ class TrialRunner:
 
     def _setup(self) -> None:
         self._total = dict(beamlet.cluster_resources())
-        # Workers started from now on have the trial actor's module imported
-        # (~50 ms less per new worker, where the backend can do it).
-        preload = getattr(runtime.current().backend, "preload", None)
-        if preload is not None:
-            preload([TrialActor.__module__])
+        self._parallel = runtime.current().backend.parallel
+        if not self._reuse:  # (every trial a new actor: see _preload)
+            self._preload()
         for exp in self._experiments:
             os.makedirs(exp.path, exist_ok=True)
             log = self._logs[exp.path] = ExperimentStateLog(exp.path)
@@ -292,7 +301,7 @@ class TrialRunner:
                                 f"Lower resources_per_trial, or init() with more.")
 
     def is_finished(self) -> bool:
-        if self._inflight or self._stopping or \
+        if self._inflight or self._stopping or self._strays or \
                 not all(exp.is_finished() for exp in self._experiments):
             return False
         # A finished trial stays finished (TERMINATED, ERROR): those before the
@@ -311,7 +320,7 @@ class TrialRunner:
             self._add_new_trials()
             self._start_trials()
         self._progress.maybe_report(self._trials)
-        refs = list(self._inflight) + list(self._stopping)
+        refs = list(self._inflight) + list(self._stopping) + list(self._strays)
         if not refs:
             if not self.is_finished():
                 if self._stop_everything:
@@ -322,13 +331,21 @@ class TrialRunner:
                                 f"{type(self._scheduler).__name__}")
             return
         ready, _ = beamlet.wait(refs, num_returns=1, timeout=_WAIT_TIMEOUT_S)
-        if ready:
+        if ready and len(refs) > 1:
             ready, _ = beamlet.wait(refs, num_returns=len(refs), timeout=0)
         for ref in ready:
-            if ref in self._inflight:
-                self._process_event(ref, self._inflight.pop(ref))
+            trial = self._inflight.pop(ref, None)
+            if trial is not None:
+                trial._steps.remove(ref)
+                self._process_event(ref, trial)
             elif ref in self._stopping:
                 self._finish_stop(ref)
+            elif ref in self._strays:
+                del self._strays[ref]
+                try:  # (its trial has ended: what it says is of no use, but is taken)
+                    beamlet.get(ref, timeout=0)
+                except Exception:  # noqa: BLE001 - e.g. the actor was killed meanwhile
+                    pass
         self._expire_stopping()
 
     def _start_trials(self) -> None:
@@ -342,6 +359,17 @@ class TrialRunner:
             if trial.status not in (PENDING, PAUSED):
                 raise TuneError(f"the scheduler chose trial {trial}, which is {trial.status}")
             self._start_trial(trial)
+
+    def _preload(self) -> None:
+        """Have the workers started from now on import the trial actor's module
+        (~50 ms less per new worker, where the backend can do it). Not at the
+        start when actors are reused: the workers the backend keeps ready
+        would run every trial, and the import would only take CPU from them
+        just when the trials start."""
+        self._preloaded = True
+        preload = getattr(runtime.current().backend, "preload", None)
+        if preload is not None:
+            preload([TrialActor.__module__])
 
     def _trainable_ref(self, trial: Trial):
         """The trainable in the object store: pickled once per experiment, not per trial."""
@@ -358,7 +386,8 @@ class TrialRunner:
         trial.start_time = time.time()
         trial._stop_requested = False
         self._acquire(trial.resources)
-        os.makedirs(trial.path, exist_ok=True)
+        # (The trial's directory is made by its actor, before the trainable starts,
+        # and by the loggers if they get there first: not here, in the loop.)
         if not trial.started:
             trial.started = True
             self._call("on_trial_start", trial=trial)
@@ -369,12 +398,17 @@ class TrialRunner:
                 "experiment_tag": trial.experiment_tag, "logdir": trial.path,
                 "experiment_name": trial.experiment_name}
         try:
-            actor = self._pooled_actor(trial.resources)
+            actor, has = self._pooled_actor(trial.resources)
             if actor is not None:
-                ref = actor.reset_and_step.remote(trainable, {
+                # (None: the one it has, which it need not load again)
+                ref = actor.reset_and_step.remote(
+                    None if has == id(trial._trainable) else trainable, {
                     "config": trial.config, "trial_info": info,
                     "stop_criteria": trial.stop_criteria, "options": options})
             else:
+                self._actors_made += 1
+                if not self._preloaded and self._actors_made > self._total.get("CPU", 0):
+                    self._preload()  # (more actors than the workers kept ready)
                 actor = trial_actor_class() \
                     .options(**resources_to_actor_options(trial.resources)) \
                     .remote(trainable, trial.config, info, trial.stop_criteria, options)
@@ -385,6 +419,7 @@ class TrialRunner:
             return
         trial._actor = actor
         self._inflight[ref] = trial
+        trial._steps.append(ref)
         if was_paused:
             # Else the log would still say PAUSED: resumed, the trial would wait
             # for a scheduler that no longer means to resume it.
@@ -410,6 +445,34 @@ class TrialRunner:
             self._on_trial_returned(trial)
         else:
             self._on_trial_error(trial, (event or {}).get("error") or f"bad event {event!r:.200}")
+
+    def _pipelined(self, trial: Trial) -> bool:
+        """Whether `trial` keeps a second step asked for ahead: its actor goes on
+        with the trial as soon as it has sent a result, while the driver
+        handles it. Only where the answer is known to be "continue" (else the
+        trial would run a step it should not), and where calls run apart from
+        the driver (on ``inprocess`` the step would run inside the loop, before
+        the result it follows is even logged)."""
+        return self._always_continue and self._parallel and \
+            type(trial._stopper) in _STOPPERS_THE_TRIAL_APPLIES
+
+    def _ask_step(self, trial: Trial) -> None:
+        """Ask the trial's actor for its next event."""
+        try:
+            ref = trial._actor.step.remote()
+        except Exception as err:  # noqa: BLE001 - e.g. the actor is dead
+            self._on_trial_error(trial, _error_text(err))
+            return
+        self._inflight[ref] = trial
+        trial._steps.append(ref)
+
+    def _drop_steps(self, trial: Trial) -> None:
+        """The trial's steps still asked for will not be handled as its events
+        (it ended, pauses or fails): they are waited for and ignored."""
+        for ref in trial._steps:
+            if self._inflight.pop(ref, None) is not None:
+                self._strays[ref] = None
+        trial._steps.clear()
 
     def _check_metrics(self, trial: Trial, result: dict) -> None:
         """As Ray: the first result of a trial must hold the metric that tune.run
@@ -446,10 +509,11 @@ class TrialRunner:
         self._call("on_trial_result", trial=trial, result=result)
         self._progress.on_trial_result(trial, result)
         if decision == TrialScheduler.CONTINUE:
-            try:
-                self._inflight[trial._actor.step.remote()] = trial
-            except Exception as err:  # noqa: BLE001
-                self._on_trial_error(trial, _error_text(err))
+            self._ask_step(trial)
+            if trial.num_results >= 2 and len(trial._steps) == 1 and self._pipelined(trial):
+                # From its second result on (a trial of one result would leave a
+                # step asked for in vain), the trial is a step ahead.
+                self._ask_step(trial)
         elif decision == TrialScheduler.STOP:
             self._complete_trial(trial, stop_actor=not ended_itself)
         elif decision == TrialScheduler.PAUSE:
@@ -470,6 +534,7 @@ class TrialRunner:
     def _pause_trial(self, trial: Trial) -> None:
         """Stop the trial's actor, saving a checkpoint, and make it PAUSED once
         the actor has stopped; a scheduler resumes it by choosing it to run."""
+        self._drop_steps(trial)
         actor, trial._actor = trial._actor, None
 
         def paused(path: str | None) -> None:
@@ -546,16 +611,12 @@ class TrialRunner:
         stopped at once (their actors killed), not at their next result."""
         self._stop_everything = True
         self._paused.clear()
-        running = {id(t): ref for ref, t in self._inflight.items()}
         for trial in self._trials:
             if trial.status in (PENDING, PAUSED):
                 trial.status = TERMINATED
                 self._scheduler.on_trial_remove(self, trial)
                 self._log_trial(trial)
             elif trial.status == RUNNING:
-                ref = running.get(id(trial))
-                if ref is not None:
-                    del self._inflight[ref]
                 trial.status = TERMINATED
                 trial.end_time = time.time()
                 self._release_actor(trial, "abort")
@@ -581,22 +642,22 @@ class TrialRunner:
         """An idle actor holding exactly `resources`, or None; idle actors holding
         others are killed then, so that the backend has their resources back."""
         key = self._pool_key(resources)
-        for i, (pooled_key, actor) in enumerate(self._pool):
+        for i, (pooled_key, actor, has) in enumerate(self._pool):
             if pooled_key == key:
                 del self._pool[i]
-                return actor
+                return actor, has
         self._drain_pool()
-        return None
+        return None, None
 
     def _drain_pool(self) -> None:
         pool, self._pool = self._pool, []
-        for _, actor in pool:
+        for _, actor, _ in pool:
             self._kill(actor)
 
-    def _retire(self, actor, resources: dict, reusable: bool) -> None:
+    def _retire(self, actor, resources: dict, reusable: bool, trial: Trial) -> None:
         """The trial on `actor` has ended: keep the actor for the next trial, or kill it."""
         if reusable and self._reuse and not self._stop_everything:
-            self._pool.append((self._pool_key(resources), actor))
+            self._pool.append((self._pool_key(resources), actor, id(trial._trainable)))
         else:
             # Killed rather than dropped even when the trainable has ended: the
             # backend then frees the trial's resources at once, for the next trial.
@@ -609,6 +670,7 @@ class TrialRunner:
         ``how``: "end" (the trainable has ended), "stop" (it waits in its
         reporter: let it unwind first) or "abort" (it may be running: ask it
         to stop, and kill it at once)."""
+        self._drop_steps(trial)
         actor, trial._actor = trial._actor, None
         if actor is None:
             self._release(trial.resources)
@@ -622,7 +684,7 @@ class TrialRunner:
                 self._stopping[ref] = (trial, trial.resources, actor,
                                        time.monotonic() + _STOP_TIMEOUT_S, None)
                 return
-        self._retire(actor, trial.resources, reusable and how == "end")
+        self._retire(actor, trial.resources, reusable and how == "end", trial)
 
     def _finish_stop(self, ref) -> None:
         trial, resources, actor, _, then = self._stopping.pop(ref)
@@ -631,7 +693,7 @@ class TrialRunner:
             stopped = True
         except Exception:  # noqa: BLE001 - the actor is going away regardless
             path, stopped = None, False
-        self._retire(actor, resources, reusable=stopped)
+        self._retire(actor, resources, stopped, trial)
         if isinstance(path, str) and then is None:
             trial.on_checkpoint(path)  # checkpoint_at_end
         if then is not None:
@@ -671,6 +733,7 @@ class TrialRunner:
             if trial._actor is not None:
                 self._release_actor(trial, "abort")
         self._inflight.clear()
+        self._strays.clear()
         for _, _, actor, _, _ in self._stopping.values():
             self._kill(actor)
         self._stopping.clear()
@@ -680,10 +743,14 @@ class TrialRunner:
         self._drain_pool()
         self._trainable_refs.clear()
         try:
-            self._call_experiment_end()
+            try:
+                # (First: the loggers' thread meanwhile writes what is still queued.)
+                for exp in self._experiments:
+                    self._save_state(exp.path)
+            finally:
+                self._call_experiment_end()
         finally:
             for exp in self._experiments:
-                self._save_state(exp.path)
                 if exp.path in self._logs:
                     self._logs[exp.path].close()
             self._progress.finish(self._trials)

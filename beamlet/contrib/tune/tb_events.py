@@ -1,15 +1,20 @@
-"""TensorBoard event files through tensorboardX's synchronous ``EventsWriter``:
-one ``Event`` protocol buffer (tensorboardX's) per result, holding its scalars.
+"""TensorBoard event files through tensorboardX's ``RecordWriter`` (the
+record framing and CRCs under its ``EventsWriter``): one ``Event`` protocol
+buffer (tensorboardX's) per result, holding its scalars.
 
 tensorboardX's ``SummaryWriter`` starts a writer thread and a queue per
-writer and fsyncs at every flush; a Tune driver keeps a writer per running
-trial, so that cost is paid per trial. Here a result is one event written in
-the caller's thread, and the file is flushed at most every few seconds and
-on close.
+writer, and its ``EventsWriter`` fsyncs at every flush, close included; a
+Tune driver keeps a writer per trial, so that cost would be paid per trial
+(an fsync waits for the disk: milliseconds each, more when it is busy, which
+at 1,000 short trials was most of the run). Here a result is one event
+written in the caller's thread, flushed (with an fsync) at most every few
+seconds, and the file is closed without one: the data is in the page cache
+for any reader, and a machine crash is not what the logs must survive.
 """
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 
@@ -19,7 +24,7 @@ _FLUSH_INTERVAL_S = 5.0
 
 
 def load_tensorboardx():
-    """tensorboardX's ``(EventsWriter, Event, Summary)``; ImportError without it.
+    """tensorboardX's ``(RecordWriter, Event, Summary)``; ImportError without it.
 
     tensorboardX's record writer imports boto3, when installed, only to offer
     ``s3://`` log paths (about 1.4 s here, once per driver); trial directories
@@ -28,13 +33,13 @@ def load_tensorboardx():
     if hide:
         sys.modules["boto3"] = None  # (makes `import boto3` raise ImportError)
     try:
-        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.record_writer import RecordWriter
         from tensorboardX.proto.event_pb2 import Event
         from tensorboardX.proto.summary_pb2 import Summary
     finally:
         if hide and sys.modules.get("boto3", 0) is None:
             del sys.modules["boto3"]
-    return EventsWriter, Event, Summary
+    return RecordWriter, Event, Summary
 
 
 class EventFileWriter:
@@ -42,12 +47,20 @@ class EventFileWriter:
     Raises ImportError when tensorboardX is not installed."""
 
     _count = 0
+    _host: str | None = None
 
     def __init__(self, logdir: str):
-        events_writer, self._event, self._summary = load_tensorboardx()
+        record_writer, self._event, self._summary = load_tensorboardx()
         EventFileWriter._count += 1
-        self._writer = events_writer(os.path.join(logdir, "events"),
-                                     f".{os.getpid()}.{EventFileWriter._count}")
+        if EventFileWriter._host is None:
+            EventFileWriter._host = socket.gethostname()
+        now = time.time()
+        # (the name and first event tensorboardX's EventsWriter gives a file)
+        name = f"events.out.tfevents.{str(now)[:10]}.{EventFileWriter._host}." \
+               f"{os.getpid()}.{EventFileWriter._count}"
+        self._writer = record_writer(os.path.join(logdir, name))
+        self._writer.write(self._event(wall_time=now, file_version="brain.Event:2")
+                           .SerializeToString())
         self._flushed = time.monotonic()
 
     def add_scalars(self, step: int, scalars: list[tuple[str, float]]) -> None:
@@ -55,12 +68,13 @@ class EventFileWriter:
         the file at most every few seconds, and on close."""
         value = self._summary.Value
         summary = self._summary(value=[value(tag=tag, simple_value=v) for tag, v in scalars])
-        self._writer.write_event(self._event(wall_time=time.time(), step=int(step),
-                                             summary=summary))
+        self._writer.write(self._event(wall_time=time.time(), step=int(step),
+                                       summary=summary).SerializeToString())
         now = time.monotonic()
         if now - self._flushed >= _FLUSH_INTERVAL_S:
             self._writer.flush()
             self._flushed = now
 
     def close(self) -> None:
+        """Close the file (no fsync: see the module's docstring)."""
         self._writer.close()

@@ -131,6 +131,7 @@ class Trial:
         self._actor = None
         self._stop_requested = False
         self._experiment = None
+        self._steps: list = []  # its step refs the runner waits for, in order
         self.custom_trial_name = trial_name_creator(self) if trial_name_creator else None
         dirname = trial_dirname_creator(self) if trial_dirname_creator else self._default_dirname()
         self.path = os.path.join(experiment_path, dirname)
@@ -267,6 +268,7 @@ class Trial:
         trial._actor = None
         trial._stop_requested = False
         trial._experiment = None
+        trial._steps = []
         name = record.get("trial_name")
         trial.custom_trial_name = name if name != f"{trial.trainable_name}_{trial.trial_id}" else None
         trial.path = record.get("path") or experiment_path
@@ -278,4 +280,5 @@ class Trial:
         state["_trainable"] = None
         state["_actor"] = None
         state["_experiment"] = None
+        state["_steps"] = []
         return state

@@ -185,8 +185,11 @@ class TrialActor:
         ``checkpoint_freq``, ``checkpoint_at_end`` (class trainables)."""
         self._error: dict | None = None
         self._runner = None
+        self._trainable = trainable
         options = options or {}
         try:
+            if trial_info.get("logdir"):  # (the driver leaves it to the trial: see runner)
+                os.makedirs(trial_info["logdir"], exist_ok=True)
             if isinstance(trainable, type) and issubclass(trainable, Trainable):
                 self._runner = _ClassRunner(trainable, config, trial_info, stop_criteria,
                                             options)
@@ -208,8 +211,9 @@ class TrialActor:
     def reset_and_step(self, trainable, arguments: dict) -> dict:
         """:meth:`reset` (with `arguments`: ``config``, ``trial_info``,
         ``stop_criteria``, ``options``) then :meth:`step`: a reused actor starts
-        its next trial in one call, its arguments serialized as one."""
-        self.reset(trainable, **arguments)
+        its next trial in one call, its arguments serialized as one.
+        `trainable` None: the one of the previous trial (not sent again)."""
+        self.reset(self._trainable if trainable is None else trainable, **arguments)
         return self.step()
 
     def step(self) -> dict:
