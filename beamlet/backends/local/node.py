@@ -18,6 +18,7 @@ drivers and peer nodes on other machines) can be served by the same loop.
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import os
 import selectors
@@ -171,6 +172,7 @@ class Node:
         self._turn = threading.Lock()
         self._turn_holder = 0
         self.object_store.wait_here = self._wait_here
+        self.object_store.read_here = self.read_here
         self._wake_r, self._wake_w = os.pipe()
         self._io = threading.Thread(target=self._io_loop, name="beamlet-io", daemon=True)
         self._io.start()
@@ -510,25 +512,38 @@ class Node:
         worker runs that task yet, another thread reads that worker already, or
         this thread is the one handling messages (a get inside a handler)."""
         until = None if timeout is None else time.monotonic() + timeout
-        if self._turn_holder != threading.get_ident():
-            tried = None
-            while True:
-                worker = self.scheduler.running_on(object_id)
-                if worker is None or worker is tried or worker.conn is None:
-                    if self._released:
-                        self._free_released()
-                    break
-                tried = worker
-                got = self._read_worker(worker, object_id, arrived, until)
-                if got is not None:
-                    return got
+        got = self.read_here(object_id, functools.partial(arrived.wait, 0), until)
+        if got is not None:
+            return got
         return arrived.wait(None if until is None else max(0.0, until - time.monotonic()))
 
-    def _read_worker(self, worker: WorkerInfo, object_id: bytes, arrived,
+    def read_here(self, object_id: bytes, done, until: float | None) -> bool | None:
+        """Read and handle, in this thread, the messages of the worker that makes
+        `object_id` until ``done()`` (True), `until` passes (False), or that is
+        not possible (None: no worker runs that task, the task moved, its worker
+        died, another thread reads that worker, or this thread is the one
+        handling messages). What a `get` of one object does instead of
+        sleeping until the I/O thread stores the result: no thread switch, and
+        (with a `done` that looks at the store) no waiter to register and wake."""
+        if self._turn_holder == threading.get_ident():
+            return None
+        tried = None
+        while True:
+            worker = self.scheduler.running_on(object_id)
+            if worker is None or worker is tried or worker.conn is None:
+                if self._released:
+                    self._free_released()
+                return None
+            tried = worker
+            got = self._read_worker(worker, object_id, done, until)
+            if got is not None:
+                return got
+
+    def _read_worker(self, worker: WorkerInfo, object_id: bytes, done,
                      until: float | None) -> bool | None:
-        """Read and handle `worker`'s messages until `arrived` is set (True),
-        `until` passes (False), or the task moved, the worker died or the
-        connection is read elsewhere (None)."""
+        """Read and handle `worker`'s messages until ``done()`` (True), `until`
+        passes (False), or the task moved, the worker died or the connection
+        is read elsewhere (None)."""
         conn = worker.conn
         with self._turn:
             if self._closed or not self.listener.pause(conn):
@@ -542,7 +557,7 @@ class Node:
             first = True  # (the caller has just found the task on this worker)
             while True:
                 # (First: the I/O thread may have handled the result before the pause.)
-                if arrived.wait(0):
+                if done():
                     return True
                 if self._closed or conn.closed or (
                         not first and running_on(object_id) is not worker):
@@ -631,6 +646,8 @@ class Node:
         self._release_pending = False
         released = self._released
         count = self.owner.refs.count
+        delete = self.object_store.delete
+        tokens = self.scheduler.actor_tokens
         while released:
             try:
                 object_id = released.popleft()
@@ -638,8 +655,9 @@ class Node:
                 break
             if count(object_id):
                 continue  # referenced again meanwhile (e.g. get_actor made a new handle)
-            self.object_store.delete([object_id])
-            self.scheduler.token_released(object_id)
+            delete((object_id,))
+            if object_id in tokens:  # (what token_released looks at first)
+                self.scheduler.token_released(object_id)
 
     def describe(self) -> dict:
         """This node as ``beamlet.nodes()`` shows it."""

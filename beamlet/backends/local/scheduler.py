@@ -55,6 +55,8 @@ _get_ident = threading.get_ident
 #: own __new__ is a Python function (a call per message on the hot path).
 _new_tuple = tuple.__new__
 
+_ALIVE = ActorLifecycle.ALIVE
+
 STARTING, IDLE, BUSY, ACTOR, EXITING, DEAD = "STARTING", "IDLE", "BUSY", "ACTOR", "EXITING", "DEAD"
 
 #: Calls an actor (one call at a time) is sent ahead of its answers; the calls
@@ -312,7 +314,14 @@ class LocalScheduler(Scheduler):
             for rid in spec.return_ids:
                 producer[rid] = task_id
             if kind == ACTOR_METHOD:
-                self._submit_actor_call(spec)
+                # (_submit_actor_call's common case, inline: nothing to wait for)
+                record = self.actors.get(spec.actor_id)
+                if record is not None and record.state is _ALIVE \
+                        and spec.caller_id not in record.calls._by_caller \
+                        and not spec.args and not spec.kwargs:
+                    self._send_actor_call(record, spec)
+                else:
+                    self._submit_actor_call(spec)
                 return
             if kind == TASK and not spec.args and not spec.kwargs:
                 deps = None  # (the common case: nothing to wait for, no dependency scan)
@@ -595,11 +604,19 @@ class LocalScheduler(Scheduler):
             if not outbox:
                 continue
             with worker.send_lock:  # (so that what one thread took goes before the rest)
-                if len(outbox) == 1:  # (the usual case: no list to build)
+                if len(outbox) == 1:  # (the usual case: one message, no list to build)
                     try:
-                        messages = [outbox.popleft()]
+                        message = outbox.popleft()
                     except IndexError:
                         continue
+                    if worker.conn is not None:
+                        try:
+                            worker.conn.send(message)
+                        except exc.BackendError:
+                            pass
+                        except Exception as err:  # noqa: BLE001 - one that does not pickle
+                            self._send_one_by_one(worker, [message], err)
+                    continue
                 else:
                     messages = []
                     while outbox:
