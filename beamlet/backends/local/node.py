@@ -161,6 +161,7 @@ class Node:
         #: Why the node cannot go on (its I/O thread died), once it cannot.
         self.failure: exc.BackendError | None = None
         self._released: collections.deque[bytes] = collections.deque()
+        self._later = owner.refs.later  # (see drop_ref)
         self._release_pending = False
         self.object_store.reclaim = self._free_released
         self._workers: dict[SocketConnection, WorkerInfo | None] = {}  # joined -> its worker
@@ -173,6 +174,9 @@ class Node:
         self._turn_holder = 0
         self.object_store.wait_here = self._wait_here
         self.object_store.read_here = self.read_here
+        self._peek = self.object_store.peek
+        self._decr = owner.refs.decr
+        self._tokens = self.scheduler.actor_tokens
         self._wake_r, self._wake_w = os.pipe()
         self._io = threading.Thread(target=self._io_loop, name="beamlet-io", daemon=True)
         self._io.start()
@@ -238,7 +242,7 @@ class Node:
                         self.scheduler.defer_sends(False)
                         if defer_results is not None:
                             defer_results(False)
-                if self._released:
+                if self._released or self._later:
                     self._free_released()
         finally:
             sel.close()
@@ -531,7 +535,7 @@ class Node:
         while True:
             worker = self.scheduler.running_on(object_id)
             if worker is None or worker is tried or worker.conn is None:
-                if self._released:
+                if self._released or self._later:
                     self._free_released()
                 return None
             tried = worker
@@ -550,7 +554,7 @@ class Node:
                 return None
         gone = False
         try:
-            if self._released:
+            if self._released or self._later:
                 self._free_released()  # (this thread holds no lock: a good moment)
             running_on = self.scheduler.running_on
             me = threading.get_ident()
@@ -588,6 +592,8 @@ class Node:
                                 self._received(conn, messages)
                         finally:
                             self._turn_holder = 0
+                    if messages and done():
+                        return True
         finally:
             if not gone:
                 with self._turn:
@@ -629,7 +635,7 @@ class Node:
         released.append(object_id)
         if self._release_pending:
             return
-        entry = self.object_store.entry(object_id)
+        entry = self._peek(object_id)  # (LocalObjectStore keeps `entry`'s)
         if entry is None or type(entry) is SerializedObject:
             if (entry is None or not entry.refs) and len(released) < RELEASE_BATCH \
                     and object_id not in self.scheduler.actor_tokens:
@@ -641,11 +647,30 @@ class Node:
             except OSError:
                 pass  # closed: nothing left to free
 
+    def drop_ref(self, object_id: bytes) -> None:
+        """How an ``ObjectRef`` of the owner lets go of its reference (the
+        owner's ``refs.drop``): a ref to a small inline value that holds no refs,
+        is no error and no actor's handle token hands its decrement over to
+        `_free_released` (the caller's next wait for a result, or the I/O
+        thread's next turn), which would only then free the value anyway: the
+        caller goes on at once. Any other at once (`release` decides how soon
+        its object goes; an unhandled error is logged at once)."""
+        entry = self._peek(object_id)
+        if type(entry) is SerializedObject and not entry.refs and not entry.is_error \
+                and object_id not in self._tokens:
+            self._later.append(object_id)
+        else:
+            self._decr(object_id)
+
     def _free_released(self) -> None:
-        """Free the objects whose last reference went away (see `release`)."""
+        """Free the objects whose last reference went away (see `release`),
+        after the decrements handed over by `drop_ref`."""
         self._release_pending = False
+        refs = self.owner.refs
+        if self._later:
+            refs.settle()
         released = self._released
-        count = self.owner.refs.count
+        count = refs.count
         delete = self.object_store.delete
         tokens = self.scheduler.actor_tokens
         while released:

@@ -39,7 +39,8 @@ from ...core.generators import item_id
 from ...core.interfaces import Scheduler
 from ...core.placement import in_group, ready_value, removed_value
 from ...core.resources import ResourcePool, asks_gpu
-from ...core.scheduling import RETRYING, ActorLifecycle, attempt_status, may_retry
+from ...core.scheduling import (CANCELLED, FAILED, FINISHED, RETRYING, ActorLifecycle,
+                                attempt_status, may_retry)
 from ...core.serialization import SerializedObject, deserialize, serialize
 from ...core.tables import Tables
 from ...core.task_events import (PENDING_ARGS_AVAIL, PENDING_NODE_ASSIGNMENT, RUNNING,
@@ -299,10 +300,12 @@ class LocalScheduler(Scheduler):
     # -- submission -----------------------------------------------------------
     def submit(self, spec: TaskSpec) -> None:
         kind = spec.kind
-        if kind != ACTOR_METHOD:
-            resources = spec.resources
-            if self.pool.feasible.get(id(resources)) is not resources:  # (checked before)
-                self.pool.check_feasible(resources, spec.display_name)
+        if kind == ACTOR_METHOD:
+            self._submit_call(spec)
+            return
+        resources = spec.resources
+        if self.pool.feasible.get(id(resources)) is not resources:  # (checked before)
+            self.pool.check_feasible(resources, spec.display_name)
         plugins.notify("beamlet_task_submitted", spec=spec)
         with self.lock:
             if self.closed:
@@ -313,16 +316,6 @@ class LocalScheduler(Scheduler):
             producer = self._producer
             for rid in spec.return_ids:
                 producer[rid] = task_id
-            if kind == ACTOR_METHOD:
-                # (_submit_actor_call's common case, inline: nothing to wait for)
-                record = self.actors.get(spec.actor_id)
-                if record is not None and record.state is _ALIVE \
-                        and spec.caller_id not in record.calls._by_caller \
-                        and not spec.args and not spec.kwargs:
-                    self._send_actor_call(record, spec)
-                else:
-                    self._submit_actor_call(spec)
-                return
             if kind == TASK and not spec.args and not spec.kwargs:
                 deps = None  # (the common case: nothing to wait for, no dependency scan)
             else:
@@ -356,6 +349,35 @@ class LocalScheduler(Scheduler):
             # runs right here, and the lock is re-entrant.)
             self.store.notify_when(deps, len(deps), lambda: self._deps_ready(spec.task_id),
                                    broad=False)
+
+    def _submit_call(self, spec: TaskSpec) -> None:
+        """`submit` of an actor method call."""
+        plugins.notify("beamlet_task_submitted", spec=spec)
+        lock = self.lock
+        lock._lock.acquire()  # (what `with self.lock` does, without its two calls)
+        lock._depth += 1
+        try:
+            if self.closed:
+                raise exc.BackendError(str(self.failure) if self.failure is not None
+                                       else "beamlet has been shut down")
+            task_id = spec.task_id
+            self._tasks[task_id] = spec
+            producer = self._producer
+            for rid in spec.return_ids:
+                producer[rid] = task_id
+            # (_submit_actor_call's common case, inline: nothing to wait for)
+            record = self.actors.get(spec.actor_id)
+            if record is not None and record.state is _ALIVE \
+                    and spec.caller_id not in record.calls._by_caller \
+                    and not spec.args and not spec.kwargs:
+                self._send_actor_call(record, spec)
+            else:
+                self._submit_actor_call(spec)
+        finally:
+            depth = lock._depth = lock._depth - 1
+            lock._lock.release()
+            if not depth and self._unsent and lock.deferring != _get_ident():
+                self._flush_sends()
 
     def _run_on_idle(self, spec: TaskSpec) -> bool:
         """Run a ready task on an idle worker of its kind and job now, if there is one
@@ -1120,7 +1142,9 @@ class LocalScheduler(Scheduler):
                     self._retrying(spec, worker)
                     self._resend_actor_call(record, spec)
                     return
-                self._finish(spec, entries, self._outcome(spec, entries), worker)
+                # (_outcome's answer, without the calls)
+                self._finish(spec, entries, CANCELLED if task_id in self._cancelled else
+                             FAILED if entries and entries[0].is_error else FINISHED, worker)
                 if record is not None and record.out_of_scope and not record.inflight \
                         and not record.calls and record.state == ActorLifecycle.ALIVE:
                     self._end_actor(record, "all handles to it went out of scope", kill=True)
@@ -1222,6 +1246,10 @@ class LocalScheduler(Scheduler):
         plugins.notify("beamlet_task_finished", spec=spec, status=status,
                        duration=time.perf_counter() - started,
                        pid=worker.pid if worker is not None else None)
+        if len(entries) == 1 and type(entries[0]) is SerializedObject:
+            # (what put_from_worker does with an inline entry nobody owns)
+            self.store.put_entry(spec.return_ids[0], entries[0])
+            return
         writer = worker.worker_id if worker is not None else None
         for rid, entry in zip(spec.return_ids, entries):
             self.store.put_from_worker(rid, entry, None, writer)
