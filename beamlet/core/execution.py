@@ -66,7 +66,7 @@ class ActorInstance:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
         self._async_methods: dict[str, tuple] = {}  # name -> (function, is it async)
-        #: method name -> its calls' display name (see Executor._execute_method)
+        #: method name -> its calls' display name (see Executor._execute_plain)
         self.display_names: dict[str, str] = {}
 
     def is_async(self, name: str, method) -> bool:
@@ -150,7 +150,7 @@ class Executor:
             if spec.kind == ACTOR_METHOD:
                 actor = self.actors.get(spec.actor_id)
                 if actor is not None and actor.own_env:
-                    return self._execute_method(spec, actor)
+                    return self._execute_plain(spec, actor)
         token = task_context.set(TaskContext(spec.task_id, spec.actor_id, spec.display_name,
                                              spec.resources, _placement(self, spec)))
         saved = self._enter_env(spec)
@@ -168,60 +168,47 @@ class Executor:
                 _restore_env(saved)
             task_context.reset(token)
 
-    def _execute_plain(self, spec: TaskSpec) -> ExecutionResult:
-        """`execute` of the common task (one return, no generator, no
-        runtime_env): the same steps, fewer layers."""
-        token = task_context.set(TaskContext(spec.task_id, None, spec.function_name,
-                                             spec.resources, spec.placement_group))
-        try:
-            try:
-                fn = self._functions.get(spec.function_id)
-                if fn is None:
-                    fn = self.function(spec.function_id)
-                if spec.args or spec.kwargs:
-                    args, kwargs = self._resolve(spec)
-                    result = fn(*args, **kwargs)
-                else:
-                    result = fn()
-                if type(result) is _CoroutineType:
-                    result = asyncio.run(result)
-            except BaseException as err:  # noqa: BLE001 - user code may raise anything
-                return self._handle(spec, err)
-            try:
-                value = serialize(result)
-            except TypeError as err:
-                return self._failure(spec, exc.TaskError.from_exception(err, spec.display_name,
-                                                                         self.pid))
-            return ExecutionResult([value], None, False, result)
-        finally:
-            task_context.reset(token)
-
-    def _execute_method(self, spec: TaskSpec, actor: ActorInstance) -> ExecutionResult:
-        """`execute` of the common actor call (one return, no generator, no
-        runtime_env to enter, its actor here): the same steps, fewer layers."""
-        name = spec.method_name
-        display = actor.display_names.get(name)
-        if display is None:
-            display = actor.display_names[name] = spec.display_name
-        token = task_context.set(TaskContext(spec.task_id, spec.actor_id, display,
-                                             spec.resources, actor.spec.placement_group))
+    def _execute_plain(self, spec: TaskSpec, actor: ActorInstance | None = None
+                       ) -> ExecutionResult:
+        """`execute` of the common task or actor call (one return, no generator,
+        no runtime_env to enter; for a call, `actor` is its actor, here): the
+        same steps, fewer layers."""
+        if actor is None:
+            context = TaskContext(spec.task_id, None, spec.function_name, spec.resources,
+                                  spec.placement_group)
+        else:
+            name = spec.method_name
+            display = actor.display_names.get(name)
+            if display is None:
+                display = actor.display_names[name] = spec.display_name
+            context = TaskContext(spec.task_id, spec.actor_id, display, spec.resources,
+                                  actor.spec.placement_group)
+        token = task_context.set(context)
         try:
             try:
                 if spec.args or spec.kwargs:
                     args, kwargs = self._resolve(spec)
                 else:
                     args, kwargs = (), {}
-                method = getattr(actor.instance, name, None)
-                if method is None:
-                    method = _actor_method(actor.instance, name)
-                known = actor._async_methods.get(name)  # (what actor.is_async does)
-                if known is None or known[0] is not getattr(method, "__func__", method):
-                    known = (None, actor.is_async(name, method))
-                if known[1]:
-                    result = asyncio.run_coroutine_threadsafe(
-                        _with_context(method, args, kwargs), actor.loop()).result()
+                if actor is None:
+                    fn = self._functions.get(spec.function_id)
+                    if fn is None:
+                        fn = self.function(spec.function_id)
+                    result = fn(*args, **kwargs)
+                    if type(result) is _CoroutineType:
+                        result = asyncio.run(result)
                 else:
-                    result = method(*args, **kwargs)
+                    method = getattr(actor.instance, name, None)
+                    if method is None:
+                        method = _actor_method(actor.instance, name)
+                    known = actor._async_methods.get(name)  # (what actor.is_async does)
+                    if known is None or known[0] is not getattr(method, "__func__", method):
+                        known = (None, actor.is_async(name, method))
+                    if known[1]:
+                        result = asyncio.run_coroutine_threadsafe(
+                            _with_context(method, args, kwargs), actor.loop()).result()
+                    else:
+                        result = method(*args, **kwargs)
             except BaseException as err:  # noqa: BLE001 - user code may raise anything
                 return self._handle(spec, err)
             try:

@@ -300,14 +300,15 @@ class LocalScheduler(Scheduler):
     # -- submission -----------------------------------------------------------
     def submit(self, spec: TaskSpec) -> None:
         kind = spec.kind
-        if kind == ACTOR_METHOD:
-            self._submit_call(spec)
-            return
-        resources = spec.resources
-        if self.pool.feasible.get(id(resources)) is not resources:  # (checked before)
-            self.pool.check_feasible(resources, spec.display_name)
+        if kind != ACTOR_METHOD:
+            resources = spec.resources
+            if self.pool.feasible.get(id(resources)) is not resources:  # (checked before)
+                self.pool.check_feasible(resources, spec.display_name)
         plugins.notify("beamlet_task_submitted", spec=spec)
-        with self.lock:
+        lock = self.lock
+        lock._lock.acquire()  # (what `with self.lock` does, without its two calls)
+        lock._depth += 1
+        try:
             if self.closed:
                 raise exc.BackendError(str(self.failure) if self.failure is not None
                                        else "beamlet has been shut down")
@@ -316,6 +317,16 @@ class LocalScheduler(Scheduler):
             producer = self._producer
             for rid in spec.return_ids:
                 producer[rid] = task_id
+            if kind == ACTOR_METHOD:
+                # (_submit_actor_call's common case, inline: nothing to wait for)
+                record = self.actors.get(spec.actor_id)
+                if record is not None and record.state is _ALIVE \
+                        and spec.caller_id not in record.calls._by_caller \
+                        and not spec.args and not spec.kwargs:
+                    self._send_actor_call(record, spec)
+                else:
+                    self._submit_actor_call(spec)
+                return
             if kind == TASK and not spec.args and not spec.kwargs:
                 deps = None  # (the common case: nothing to wait for, no dependency scan)
             else:
@@ -349,30 +360,6 @@ class LocalScheduler(Scheduler):
             # runs right here, and the lock is re-entrant.)
             self.store.notify_when(deps, len(deps), lambda: self._deps_ready(spec.task_id),
                                    broad=False)
-
-    def _submit_call(self, spec: TaskSpec) -> None:
-        """`submit` of an actor method call."""
-        plugins.notify("beamlet_task_submitted", spec=spec)
-        lock = self.lock
-        lock._lock.acquire()  # (what `with self.lock` does, without its two calls)
-        lock._depth += 1
-        try:
-            if self.closed:
-                raise exc.BackendError(str(self.failure) if self.failure is not None
-                                       else "beamlet has been shut down")
-            task_id = spec.task_id
-            self._tasks[task_id] = spec
-            producer = self._producer
-            for rid in spec.return_ids:
-                producer[rid] = task_id
-            # (_submit_actor_call's common case, inline: nothing to wait for)
-            record = self.actors.get(spec.actor_id)
-            if record is not None and record.state is _ALIVE \
-                    and spec.caller_id not in record.calls._by_caller \
-                    and not spec.args and not spec.kwargs:
-                self._send_actor_call(record, spec)
-            else:
-                self._submit_actor_call(spec)
         finally:
             depth = lock._depth = lock._depth - 1
             lock._lock.release()

@@ -121,17 +121,7 @@ class SocketConnection(Connection):
         return bool(poller.poll(timeout * 1000))
 
     def send(self, message) -> None:
-        if self._encode is not None:
-            message = self._encode(message)
-        data = pickle.dumps(message, 5)
-        if len(data) > MAX_FRAME:
-            raise _too_large(len(data))
-        frame = _HEADER.pack(len(data)) + data
-        with self._send_lock:
-            try:
-                self.sock.sendall(frame)
-            except OSError as err:
-                raise exc.BackendError(f"the peer of this connection is gone: {err}") from None
+        self.send_encoded(message if self._encode is None else self._encode(message))
 
     def send_encoded(self, frame) -> None:
         """`send` of a message already in its codec's wire form."""
