@@ -286,15 +286,17 @@ class ActorMethod:
             if fast is not None:
                 # A plain call (see below, where `fast` is made): the spec in one step.
                 argspec, what, submit, owns, actor_options, env_vars = fast
-                if argspec is not None:
-                    argspec.check(args, kwargs, what)
-                return_id = ids.new_id()
                 if args or kwargs:
+                    if argspec is not None:
+                        argspec.check(args, kwargs, what)
                     packed, packed_kw, _keep = rt.pack_args(args, kwargs, handle._class_name)
                     if owns:
                         submit = rt.accept
                 else:
+                    if argspec is not None and not argspec.takes_nothing:
+                        argspec.check(args, kwargs, what)  # (raises)
                     packed, packed_kw = [], {}
+                return_id = ids.new_id()
                 spec = TaskSpec(ids.new_id(), ACTOR_METHOD, b"", handle._class_name, packed,
                                 packed_kw, (return_id,), {}, 0, False, handle._actor_id,
                                 self._name, actor_options, rt.caller_id, 0, env_vars, None,

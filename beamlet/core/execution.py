@@ -57,12 +57,17 @@ class ActorInstance:
     """An actor's object plus what it runs on: a lock-free direct call for plain
     methods; an event loop thread for ``async def`` methods."""
 
-    def __init__(self, instance: Any, spec: TaskSpec):
+    def __init__(self, instance: Any, spec: TaskSpec, own_env: bool = True):
         self.instance = instance
         self.spec = spec
+        #: Whether its calls run in the environment they ask for (their runtime_env):
+        #: an actor in a process of its own, or one without env_vars.
+        self.own_env = own_env or not spec.env_vars
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
         self._async_methods: dict[str, tuple] = {}  # name -> (function, is it async)
+        #: method name -> its calls' display name (see Executor._execute_plain)
+        self.display_names: dict[str, str] = {}
 
     def is_async(self, name: str, method) -> bool:
         """Whether `method` (the bound method `name`) is ``async def`` (asked
@@ -139,9 +144,13 @@ class Executor:
     # -- running --------------------------------------------------------------
     def execute(self, spec: TaskSpec) -> ExecutionResult:
         """Run `spec` and return its results; never raises for a task's own failure."""
-        if spec.kind == TASK and spec.generator is None and not spec.env_vars \
-                and len(spec.return_ids) == 1:
-            return self._execute_plain(spec)
+        if spec.generator is None and not spec.env_vars and len(spec.return_ids) == 1:
+            if spec.kind == TASK:
+                return self._execute_plain(spec)
+            if spec.kind == ACTOR_METHOD:
+                actor = self.actors.get(spec.actor_id)
+                if actor is not None and actor.own_env:
+                    return self._execute_plain(spec, actor)
         token = task_context.set(TaskContext(spec.task_id, spec.actor_id, spec.display_name,
                                              spec.resources, _placement(self, spec)))
         saved = self._enter_env(spec)
@@ -159,23 +168,47 @@ class Executor:
                 _restore_env(saved)
             task_context.reset(token)
 
-    def _execute_plain(self, spec: TaskSpec) -> ExecutionResult:
-        """`execute` of the common task (one return, no generator, no
-        runtime_env): the same steps, fewer layers."""
-        token = task_context.set(TaskContext(spec.task_id, None, spec.function_name,
-                                             spec.resources, spec.placement_group))
+    def _execute_plain(self, spec: TaskSpec, actor: ActorInstance | None = None
+                       ) -> ExecutionResult:
+        """`execute` of the common task or actor call (one return, no generator,
+        no runtime_env to enter; for a call, `actor` is its actor, here): the
+        same steps, fewer layers."""
+        if actor is None:
+            context = TaskContext(spec.task_id, None, spec.function_name, spec.resources,
+                                  spec.placement_group)
+        else:
+            name = spec.method_name
+            display = actor.display_names.get(name)
+            if display is None:
+                display = actor.display_names[name] = spec.display_name
+            context = TaskContext(spec.task_id, spec.actor_id, display, spec.resources,
+                                  actor.spec.placement_group)
+        token = task_context.set(context)
         try:
             try:
-                fn = self._functions.get(spec.function_id)
-                if fn is None:
-                    fn = self.function(spec.function_id)
                 if spec.args or spec.kwargs:
                     args, kwargs = self._resolve(spec)
-                    result = fn(*args, **kwargs)
                 else:
-                    result = fn()
-                if type(result) is _CoroutineType:
-                    result = asyncio.run(result)
+                    args, kwargs = (), {}
+                if actor is None:
+                    fn = self._functions.get(spec.function_id)
+                    if fn is None:
+                        fn = self.function(spec.function_id)
+                    result = fn(*args, **kwargs)
+                    if type(result) is _CoroutineType:
+                        result = asyncio.run(result)
+                else:
+                    method = getattr(actor.instance, name, None)
+                    if method is None:
+                        method = _actor_method(actor.instance, name)
+                    known = actor._async_methods.get(name)  # (what actor.is_async does)
+                    if known is None or known[0] is not getattr(method, "__func__", method):
+                        known = (None, actor.is_async(name, method))
+                    if known[1]:
+                        result = asyncio.run_coroutine_threadsafe(
+                            _with_context(method, args, kwargs), actor.loop()).result()
+                    else:
+                        result = method(*args, **kwargs)
             except BaseException as err:  # noqa: BLE001 - user code may raise anything
                 return self._handle(spec, err)
             try:
@@ -305,7 +338,8 @@ class Executor:
             return method(*args, **kwargs)
         fn = self.function(spec.function_id)
         if spec.kind == ACTOR_CREATION:
-            self.actors[spec.actor_id] = ActorInstance(fn(*args, **kwargs), spec)
+            self.actors[spec.actor_id] = ActorInstance(fn(*args, **kwargs), spec,
+                                                       self.runtime.backend.isolated)
             if spec.attempt:
                 reconstructed_actors.add(spec.actor_id)
             return None

@@ -81,6 +81,9 @@ class MemoryObjectStore(ObjectStore):
         # (A bare RLock, not a Condition: nothing waits on it, and its `with` runs in C.)
         self._guard = threading.RLock()
         self._refs = refs
+        #: ``peek(object_id)``: the stored entry as it is, or None: what `entry`
+        #: returns (unless a subclass changes `entry`), in one C-level step.
+        self.peek = self._objects.get
         self.closed = False
         self.failure: BaseException | None = None  # see fail()
 
@@ -233,7 +236,9 @@ class MemoryObjectStore(ObjectStore):
                 else:
                     self._objects[object_id] = value
                     self._stored(object_id, value)
-                due = self._arrived(object_id, not discard and value.is_error)
+                # (Nobody waits for it, the usual case: no _arrived call.)
+                due = self._arrived(object_id, not discard and value.is_error) \
+                    if object_id in self._indexed or self._broad else ()
         if discard:
             self._discarded(object_id, value)
         elif value.refs and self._refs is not None:

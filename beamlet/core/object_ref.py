@@ -31,7 +31,7 @@ class ObjectRef:
         rt = self._runtime
         if rt is not None and not rt.refs.closed:
             try:
-                rt.refs.decr(self.id)
+                rt.refs.drop(self.id)  # (decr, or handed over for later: see refcount.py)
             except Exception:  # interpreter shutdown: nothing left to free
                 pass
 

@@ -10,6 +10,7 @@ outside the lock (they may re-enter the counter).
 """
 from __future__ import annotations
 
+import collections
 import threading
 from typing import Callable, Iterable
 
@@ -24,6 +25,23 @@ class ReferenceCounter:
         self._on_released = on_released
         self._on_referenced = on_referenced
         self.closed = False
+        #: Decrements handed over for later (`settle` does them); only a backend
+        #: that settles them soon (the local driver's node) puts ids here.
+        self.later: collections.deque[bytes] = collections.deque()
+        #: How ``ObjectRef.__del__`` lets go of its reference: `decr`, unless
+        #: the backend replaces it with a function that may instead append the
+        #: id to `later` (taking the decrement off the caller's path).
+        self.drop: Callable[[bytes], None] = self.decr
+
+    def settle(self) -> None:
+        """Do the decrements handed over for later (see `later`)."""
+        later = self.later
+        while later:
+            try:
+                object_id = later.popleft()
+            except IndexError:
+                return
+            self.decr(object_id)
 
     def skip_referenced(self) -> None:
         """Run no callback when a count goes 0 -> 1 (its receiver does nothing)."""
@@ -31,6 +49,8 @@ class ReferenceCounter:
 
     def counts(self) -> dict[bytes, int]:
         """A copy of the live counts: object id -> references this process holds."""
+        if self.later:
+            self.settle()
         with self._lock:
             return dict(self._counts)
 
@@ -60,9 +80,13 @@ class ReferenceCounter:
             self.decr(object_id)
 
     def count(self, object_id: bytes) -> int:
+        if self.later:
+            self.settle()
         return self._counts.get(object_id, 0)
 
     def __len__(self) -> int:
+        if self.later:
+            self.settle()
         return len(self._counts)
 
     def close(self) -> None:

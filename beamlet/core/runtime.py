@@ -128,7 +128,7 @@ class Runtime:
         # Unhandled errors (see _released): errors `get` raised, by object id, and
         # how the owner reads a stored entry without materializing it.
         self._errors_raised: set[bytes] = set()
-        self._entry = (getattr(self.backend.object_store, "entry", None)
+        self._entry = (_entry_reader(self.backend.object_store)
                        if self.backend.owns_objects and
                        not os.environ.get(IGNORE_UNHANDLED_ERRORS_ENV_VAR) else None)
 
@@ -397,6 +397,15 @@ def _log_unhandled(object_id: bytes, entry) -> None:
         text = f"the error stored as object {object_id.hex()}"
     logging.getLogger("beamlet").error(
         "Unhandled error (suppress with %s=1): %s", IGNORE_UNHANDLED_ERRORS_ENV_VAR, text)
+
+
+def _entry_reader(store):
+    """How to read a stored entry of `store` as it is (its `entry`), at C speed
+    where it can be (MemoryObjectStore's `peek`); None if it cannot."""
+    from .memory_store import MemoryObjectStore
+    if getattr(type(store), "entry", None) is MemoryObjectStore.entry:
+        return store.peek
+    return getattr(store, "entry", None)
 
 
 def _takes(method, parameter: str) -> bool:

@@ -17,7 +17,7 @@ class ArgSpec:
     A plain positional call is checked by counting; anything else by
     ``inspect.Signature.bind`` on a stand-in signature built once."""
 
-    __slots__ = ("params", "_min", "_max", "_signature")
+    __slots__ = ("params", "_min", "_max", "_signature", "takes_nothing")
 
     def __init__(self, params: tuple):
         self.params = params  # ((name, kind, has_default), ...)
@@ -29,6 +29,8 @@ class ArgSpec:
         self._min = sum(1 for _, kind, has_default in params
                         if kind in _POSITIONAL and not has_default)
         self._signature = None
+        #: Whether a call without arguments binds (`check` of none passes).
+        self.takes_nothing = self._min == 0
 
     @classmethod
     def of(cls, function: Callable, skip_first: bool = False) -> "ArgSpec | None":

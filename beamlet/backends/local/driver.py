@@ -67,6 +67,9 @@ class LocalBackend(Backend):
         # the node only queues it (see Node.release). Bound here: one call less
         # per freed object than the method below.
         self.object_released = self.node.release
+        # Small values' refs let go of their count off the caller's path (the
+        # node settles it at its next chance: see Node.drop_ref).
+        self.refs.drop = self.node.drop_ref
 
     @property
     def failure(self):

@@ -18,6 +18,7 @@ drivers and peer nodes on other machines) can be served by the same loop.
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import os
 import selectors
@@ -160,6 +161,7 @@ class Node:
         #: Why the node cannot go on (its I/O thread died), once it cannot.
         self.failure: exc.BackendError | None = None
         self._released: collections.deque[bytes] = collections.deque()
+        self._later = owner.refs.later  # (see drop_ref)
         self._release_pending = False
         self.object_store.reclaim = self._free_released
         self._workers: dict[SocketConnection, WorkerInfo | None] = {}  # joined -> its worker
@@ -171,6 +173,10 @@ class Node:
         self._turn = threading.Lock()
         self._turn_holder = 0
         self.object_store.wait_here = self._wait_here
+        self.object_store.read_here = self.read_here
+        self._peek = self.object_store.peek
+        self._decr = owner.refs.decr
+        self._tokens = self.scheduler.actor_tokens
         self._wake_r, self._wake_w = os.pipe()
         self._io = threading.Thread(target=self._io_loop, name="beamlet-io", daemon=True)
         self._io.start()
@@ -236,7 +242,7 @@ class Node:
                         self.scheduler.defer_sends(False)
                         if defer_results is not None:
                             defer_results(False)
-                if self._released:
+                if self._released or self._later:
                     self._free_released()
         finally:
             sel.close()
@@ -510,39 +516,52 @@ class Node:
         worker runs that task yet, another thread reads that worker already, or
         this thread is the one handling messages (a get inside a handler)."""
         until = None if timeout is None else time.monotonic() + timeout
-        if self._turn_holder != threading.get_ident():
-            tried = None
-            while True:
-                worker = self.scheduler.running_on(object_id)
-                if worker is None or worker is tried or worker.conn is None:
-                    if self._released:
-                        self._free_released()
-                    break
-                tried = worker
-                got = self._read_worker(worker, object_id, arrived, until)
-                if got is not None:
-                    return got
+        got = self.read_here(object_id, functools.partial(arrived.wait, 0), until)
+        if got is not None:
+            return got
         return arrived.wait(None if until is None else max(0.0, until - time.monotonic()))
 
-    def _read_worker(self, worker: WorkerInfo, object_id: bytes, arrived,
+    def read_here(self, object_id: bytes, done, until: float | None) -> bool | None:
+        """Read and handle, in this thread, the messages of the worker that makes
+        `object_id` until ``done()`` (True), `until` passes (False), or that is
+        not possible (None: no worker runs that task, the task moved, its worker
+        died, another thread reads that worker, or this thread is the one
+        handling messages). What a `get` of one object does instead of
+        sleeping until the I/O thread stores the result: no thread switch, and
+        (with a `done` that looks at the store) no waiter to register and wake."""
+        if self._turn_holder == threading.get_ident():
+            return None
+        tried = None
+        while True:
+            worker = self.scheduler.running_on(object_id)
+            if worker is None or worker is tried or worker.conn is None:
+                if self._released or self._later:
+                    self._free_released()
+                return None
+            tried = worker
+            got = self._read_worker(worker, object_id, done, until)
+            if got is not None:
+                return got
+
+    def _read_worker(self, worker: WorkerInfo, object_id: bytes, done,
                      until: float | None) -> bool | None:
-        """Read and handle `worker`'s messages until `arrived` is set (True),
-        `until` passes (False), or the task moved, the worker died or the
-        connection is read elsewhere (None)."""
+        """Read and handle `worker`'s messages until ``done()`` (True), `until`
+        passes (False), or the task moved, the worker died or the connection
+        is read elsewhere (None)."""
         conn = worker.conn
         with self._turn:
             if self._closed or not self.listener.pause(conn):
                 return None
         gone = False
         try:
-            if self._released:
+            if self._released or self._later:
                 self._free_released()  # (this thread holds no lock: a good moment)
             running_on = self.scheduler.running_on
             me = threading.get_ident()
             first = True  # (the caller has just found the task on this worker)
             while True:
                 # (First: the I/O thread may have handled the result before the pause.)
-                if arrived.wait(0):
+                if done():
                     return True
                 if self._closed or conn.closed or (
                         not first and running_on(object_id) is not worker):
@@ -573,6 +592,8 @@ class Node:
                                 self._received(conn, messages)
                         finally:
                             self._turn_holder = 0
+                    if messages and done():
+                        return True
         finally:
             if not gone:
                 with self._turn:
@@ -614,7 +635,7 @@ class Node:
         released.append(object_id)
         if self._release_pending:
             return
-        entry = self.object_store.entry(object_id)
+        entry = self._peek(object_id)  # (LocalObjectStore keeps `entry`'s)
         if entry is None or type(entry) is SerializedObject:
             if (entry is None or not entry.refs) and len(released) < RELEASE_BATCH \
                     and object_id not in self.scheduler.actor_tokens:
@@ -626,11 +647,32 @@ class Node:
             except OSError:
                 pass  # closed: nothing left to free
 
+    def drop_ref(self, object_id: bytes) -> None:
+        """How an ``ObjectRef`` of the owner lets go of its reference (the
+        owner's ``refs.drop``): a ref to a small inline value that holds no refs,
+        is no error and no actor's handle token hands its decrement over to
+        `_free_released` (the caller's next wait for a result, or the I/O
+        thread's next turn), which would only then free the value anyway: the
+        caller goes on at once. Any other at once (`release` decides how soon
+        its object goes; an unhandled error is logged at once)."""
+        entry = self._peek(object_id)
+        if type(entry) is SerializedObject and not entry.refs and not entry.is_error \
+                and object_id not in self._tokens:
+            self._later.append(object_id)
+        else:
+            self._decr(object_id)
+
     def _free_released(self) -> None:
-        """Free the objects whose last reference went away (see `release`)."""
+        """Free the objects whose last reference went away (see `release`),
+        after the decrements handed over by `drop_ref`."""
         self._release_pending = False
+        refs = self.owner.refs
+        if self._later:
+            refs.settle()
         released = self._released
-        count = self.owner.refs.count
+        count = refs.count
+        delete = self.object_store.delete
+        tokens = self.scheduler.actor_tokens
         while released:
             try:
                 object_id = released.popleft()
@@ -638,8 +680,9 @@ class Node:
                 break
             if count(object_id):
                 continue  # referenced again meanwhile (e.g. get_actor made a new handle)
-            self.object_store.delete([object_id])
-            self.scheduler.token_released(object_id)
+            delete((object_id,))
+            if object_id in tokens:  # (what token_released looks at first)
+                self.scheduler.token_released(object_id)
 
     def describe(self) -> dict:
         """This node as ``beamlet.nodes()`` shows it."""

@@ -19,6 +19,7 @@ or die); once none is, it fails with ``ObjectStoreFullError``.
 from __future__ import annotations
 
 import collections
+import functools
 import mmap
 import os
 import shutil
@@ -67,6 +68,10 @@ class LocalObjectStore(MemoryObjectStore):
         #: Set by the node: ``wait_here(object_id, arrived, timeout)`` blocks a
         #: `get` of one object like `_block`, reading its result itself.
         self.wait_here: Callable | None = None
+        #: Set by the node: ``read_here(object_id, done, until)`` reads the result
+        #: of a `get` of one object in the caller's thread until ``done()``
+        #: (True), `until` (a monotonic time) passes (False), or it cannot (None).
+        self.read_here: Callable | None = None
         self._pins: dict[bytes, int] = {}  # objects shipped to running tasks: not spilled
         self._owners: dict[bytes, str] = {}  # object id -> worker that put it
         self._owned: dict[str, set[bytes]] = {}  # worker -> ids it put, still alive
@@ -330,6 +335,26 @@ class LocalObjectStore(MemoryObjectStore):
             self._lru[object_id] = entry
 
     # -- reading --------------------------------------------------------------
+    def _get_one(self, object_id: bytes, timeout: float | None) -> SerializedObject:
+        # Read the result off its worker's socket in this thread, looking for it
+        # in the store after each message handled: no waiter to register, no
+        # wake-up (a sync call's get). Else the general path.
+        read_here = self.read_here
+        if read_here is not None and not self.closed:
+            until = None if timeout is None else time.monotonic() + timeout
+            got = read_here(object_id, functools.partial(self._objects.__contains__, object_id),
+                            until)
+            if got is not None:
+                entry = self._objects.get(object_id)  # (False: stored just after the look?)
+                if entry is not None:
+                    return self._materialize(object_id, entry)
+            if got is False:
+                raise exc.GetTimeoutError(
+                    f"get() timed out after {timeout}s waiting for 1 of 1 objects")
+            if until is not None:
+                timeout = max(0.0, until - time.monotonic())
+        return super()._get_one(object_id, timeout)
+
     def _block(self, object_ids, arrived, timeout) -> bool:
         if len(object_ids) == 1 and self.wait_here is not None:
             return self.wait_here(object_ids[0], arrived, timeout)

@@ -226,6 +226,13 @@ def _entry_in(entry):
     return SerializedObject(*entry) if type(entry) is tuple else entry
 
 
+def inline_done(task_id: bytes, value: SerializedObject, retryable: bool) -> tuple:
+    """The wire form (`CODEC`'s encoding) of ``Done(task_id, [value], retryable)``
+    for a value without buffers: what a worker sends after most calls, made
+    without the encoder's dispatch (send it with ``send_encoded``)."""
+    return (_DONE, task_id, [(value.data, (), value.refs, value.is_error)], retryable)
+
+
 class Codec:
     """Turns messages into plain tuples for the transport's pickles and back
     (see the module's docstring). `decode` raises ValueError or TypeError for
@@ -236,7 +243,7 @@ class Codec:
         cls = type(message)
         if cls is Execute:
             spec, blobs, entries, gpu_ids, ahead = message
-            return (_EXECUTE, spec.__reduce__()[1], blobs, entries, gpu_ids, ahead)
+            return (_EXECUTE, spec.fields(), blobs, entries, gpu_ids, ahead)
         if cls is Done:
             task_id, entries, retryable = message
             if len(entries) == 1:
@@ -259,9 +266,9 @@ class Codec:
                 return frame  # a message pickled whole (a peer without the codec)
             raise ValueError(f"a message that is not one of the protocol's: {describe(frame)}")
         tag = frame[0] if frame else None
-        if type(tag) is not int or not 0 <= tag < len(_CLASSES):
+        if type(tag) is not int:
             raise ValueError(f"a message that is not one of the protocol's: {describe(frame)}")
-        if tag == _EXECUTE:
+        if tag == _EXECUTE:  # (the two usual messages first)
             _, spec, blobs, entries, gpu_ids, ahead = frame
             return _new_tuple(Execute, (TaskSpec(*spec), blobs, entries, gpu_ids, ahead))
         if tag == _DONE:
@@ -271,6 +278,8 @@ class Codec:
                 return _new_tuple(Done, (task_id, [SerializedObject(*entry) if type(entry) is tuple
                                                    else entry], retryable))
             return Done(task_id, [_entry_in(e) for e in entries], retryable)
+        if not 0 <= tag < len(_CLASSES):
+            raise ValueError(f"a message that is not one of the protocol's: {describe(frame)}")
         if tag == _STREAM_ITEM:
             _, object_id, entry = frame
             return StreamItem(object_id, _entry_in(entry))

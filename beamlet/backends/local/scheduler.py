@@ -39,7 +39,8 @@ from ...core.generators import item_id
 from ...core.interfaces import Scheduler
 from ...core.placement import in_group, ready_value, removed_value
 from ...core.resources import ResourcePool, asks_gpu
-from ...core.scheduling import RETRYING, ActorLifecycle, attempt_status, may_retry
+from ...core.scheduling import (CANCELLED, FAILED, FINISHED, RETRYING, ActorLifecycle,
+                                attempt_status, may_retry)
 from ...core.serialization import SerializedObject, deserialize, serialize
 from ...core.tables import Tables
 from ...core.task_events import (PENDING_ARGS_AVAIL, PENDING_NODE_ASSIGNMENT, RUNNING,
@@ -54,6 +55,8 @@ _get_ident = threading.get_ident
 #: Makes a message (a NamedTuple) from a tuple of all its fields, in C: its class's
 #: own __new__ is a Python function (a call per message on the hot path).
 _new_tuple = tuple.__new__
+
+_ALIVE = ActorLifecycle.ALIVE
 
 STARTING, IDLE, BUSY, ACTOR, EXITING, DEAD = "STARTING", "IDLE", "BUSY", "ACTOR", "EXITING", "DEAD"
 
@@ -302,7 +305,10 @@ class LocalScheduler(Scheduler):
             if self.pool.feasible.get(id(resources)) is not resources:  # (checked before)
                 self.pool.check_feasible(resources, spec.display_name)
         plugins.notify("beamlet_task_submitted", spec=spec)
-        with self.lock:
+        lock = self.lock
+        lock._lock.acquire()  # (what `with self.lock` does, without its two calls)
+        lock._depth += 1
+        try:
             if self.closed:
                 raise exc.BackendError(str(self.failure) if self.failure is not None
                                        else "beamlet has been shut down")
@@ -312,7 +318,14 @@ class LocalScheduler(Scheduler):
             for rid in spec.return_ids:
                 producer[rid] = task_id
             if kind == ACTOR_METHOD:
-                self._submit_actor_call(spec)
+                # (_submit_actor_call's common case, inline: nothing to wait for)
+                record = self.actors.get(spec.actor_id)
+                if record is not None and record.state is _ALIVE \
+                        and spec.caller_id not in record.calls._by_caller \
+                        and not spec.args and not spec.kwargs:
+                    self._send_actor_call(record, spec)
+                else:
+                    self._submit_actor_call(spec)
                 return
             if kind == TASK and not spec.args and not spec.kwargs:
                 deps = None  # (the common case: nothing to wait for, no dependency scan)
@@ -347,6 +360,11 @@ class LocalScheduler(Scheduler):
             # runs right here, and the lock is re-entrant.)
             self.store.notify_when(deps, len(deps), lambda: self._deps_ready(spec.task_id),
                                    broad=False)
+        finally:
+            depth = lock._depth = lock._depth - 1
+            lock._lock.release()
+            if not depth and self._unsent and lock.deferring != _get_ident():
+                self._flush_sends()
 
     def _run_on_idle(self, spec: TaskSpec) -> bool:
         """Run a ready task on an idle worker of its kind and job now, if there is one
@@ -595,11 +613,19 @@ class LocalScheduler(Scheduler):
             if not outbox:
                 continue
             with worker.send_lock:  # (so that what one thread took goes before the rest)
-                if len(outbox) == 1:  # (the usual case: no list to build)
+                if len(outbox) == 1:  # (the usual case: one message, no list to build)
                     try:
-                        messages = [outbox.popleft()]
+                        message = outbox.popleft()
                     except IndexError:
                         continue
+                    if worker.conn is not None:
+                        try:
+                            worker.conn.send(message)
+                        except exc.BackendError:
+                            pass
+                        except Exception as err:  # noqa: BLE001 - one that does not pickle
+                            self._send_one_by_one(worker, [message], err)
+                    continue
                 else:
                     messages = []
                     while outbox:
@@ -1104,7 +1130,9 @@ class LocalScheduler(Scheduler):
                     self._retrying(spec, worker)
                     self._resend_actor_call(record, spec)
                     return
-                self._finish(spec, entries, self._outcome(spec, entries), worker)
+                # (_outcome's answer, without the calls)
+                self._finish(spec, entries, CANCELLED if task_id in self._cancelled else
+                             FAILED if entries and entries[0].is_error else FINISHED, worker)
                 if record is not None and record.out_of_scope and not record.inflight \
                         and not record.calls and record.state == ActorLifecycle.ALIVE:
                     self._end_actor(record, "all handles to it went out of scope", kill=True)
@@ -1206,6 +1234,10 @@ class LocalScheduler(Scheduler):
         plugins.notify("beamlet_task_finished", spec=spec, status=status,
                        duration=time.perf_counter() - started,
                        pid=worker.pid if worker is not None else None)
+        if len(entries) == 1 and type(entries[0]) is SerializedObject:
+            # (what put_from_worker does with an inline entry nobody owns)
+            self.store.put_entry(spec.return_ids[0], entries[0])
+            return
         writer = worker.worker_id if worker is not None else None
         for rid, entry in zip(spec.return_ids, entries):
             self.store.put_from_worker(rid, entry, None, writer)

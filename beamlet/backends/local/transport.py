@@ -121,9 +121,11 @@ class SocketConnection(Connection):
         return bool(poller.poll(timeout * 1000))
 
     def send(self, message) -> None:
-        if self._encode is not None:
-            message = self._encode(message)
-        data = pickle.dumps(message, 5)
+        self.send_encoded(message if self._encode is None else self._encode(message))
+
+    def send_encoded(self, frame) -> None:
+        """`send` of a message already in its codec's wire form."""
+        data = pickle.dumps(frame, 5)
         if len(data) > MAX_FRAME:
             raise _too_large(len(data))
         frame = _HEADER.pack(len(data)) + data
@@ -202,6 +204,22 @@ class SocketConnection(Connection):
             raise EOFError(str(err)) from None
         if not chunk:
             raise EOFError("connection closed by peer")
+        if not self._buf and len(chunk) > 4:
+            (size,) = _HEADER.unpack_from(chunk)
+            if size == len(chunk) - 4:
+                # Exactly one whole frame (the usual): what _parse does, without
+                # the buffer.
+                try:
+                    message = pickle.loads(memoryview(chunk)[4:])
+                except Exception as err:  # noqa: BLE001 - any garbage: the stream is broken
+                    raise ProtocolError(f"a frame of {size} bytes does not unpickle: "
+                                        f"{err!r}") from None
+                if self._decode is not None:
+                    try:
+                        message = self._decode(message)
+                    except Exception as err:  # noqa: BLE001
+                        raise ProtocolError(f"a frame of {size} bytes: {err}") from None
+                return [message]
         self._buf += chunk
         return self._parse()
 

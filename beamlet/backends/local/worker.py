@@ -315,6 +315,15 @@ class WorkerBackend(Backend):
             else:
                 self.conn.send(message)
 
+    def send_done(self, task_id: bytes, value: SerializedObject, retryable: bool) -> None:
+        """`send` of ``Done(task_id, [value], retryable)``, `value` inline without
+        buffers (the usual answer to a call), in its wire form at once."""
+        with self._ref_lock:
+            if not (self._added or self._released or self._held):
+                self.conn.send_encoded(P.inline_done(task_id, value, retryable))
+                return
+        self.send(tuple.__new__(P.Done, (task_id, [value], retryable)))
+
     def flush_refs(self) -> None:
         """Send pending reference-count changes (and held-back items) now (an
         idle worker would otherwise keep the objects it let go of alive until
@@ -764,30 +773,32 @@ class Worker:
             if not inbox:
                 reading.read_until(inbox, on_idle)
             spec, blobs, entries, gpu_ids, _ = inbox.popleft()
-            for function_id, blob in blobs:
-                self.executor.add_function(function_id, blob)
-            if entries:
-                self.backend.object_store.shipped.update(entries)
-            if gpu_ids is not None:
-                os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
-            elif has_gpus and spec.kind != ACTOR_METHOD:
-                # No GPU asked for: see none (as in Ray), not the last task's device.
-                os.environ["CUDA_VISIBLE_DEVICES"] = ""
-            if spec.kind == ACTOR_METHOD and self._loop is not None:
-                self._start_async(spec)
-            elif spec.kind == ACTOR_METHOD and self._pool is not None:
-                pool = self._in_group(spec, self._pool)
-                if pool is not None:
-                    pool.submit(self._run_one, spec)
-            elif spec.kind == ACTOR_METHOD and spec.actor_options is not None \
-                    and self._in_group(spec, self) is None:
-                continue  # (a group the actor does not have: failed)
-            else:
-                reading.task_started()
-                try:
-                    self._run_one(spec, main=True)
-                finally:
-                    reading.task_finished()
+            if blobs or entries or gpu_ids is not None or has_gpus:
+                for function_id, blob in blobs:
+                    self.executor.add_function(function_id, blob)
+                if entries:
+                    self.backend.object_store.shipped.update(entries)
+                if gpu_ids is not None:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
+                elif has_gpus and spec.kind != ACTOR_METHOD:
+                    # No GPU asked for: see none (as in Ray), not the last task's device.
+                    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+            if spec.kind == ACTOR_METHOD:
+                if self._loop is not None:
+                    self._start_async(spec)
+                    continue
+                if self._pool is not None:
+                    pool = self._in_group(spec, self._pool)
+                    if pool is not None:
+                        pool.submit(self._run_one, spec)
+                    continue
+                if spec.actor_options is not None and self._in_group(spec, self) is None:
+                    continue  # (a group the actor does not have: failed)
+            reading.task_started()
+            try:
+                self._run_one(spec, main=True)
+            finally:
+                reading.task_finished()
 
     def _run_one(self, spec: TaskSpec, main: bool = False) -> None:
         if spec.task_id in self.cancelled:
@@ -804,7 +815,8 @@ class Worker:
             self.current_task = None
             result = self.executor._failure(
                 spec, exc.TaskCancelledError(f"task {spec.display_name} was cancelled"))
-        self.cancelled.discard(spec.task_id)
+        if self.cancelled:
+            self.cancelled.discard(spec.task_id)
         if spec.kind == ACTOR_CREATION and result.error is None:
             self._setup_actor(spec)
         self._finish(spec, result)
@@ -812,15 +824,22 @@ class Worker:
             self._exit_actor()
 
     def _finish(self, spec: TaskSpec, result) -> None:
+        if spec.args or spec.kwargs:
+            for dep in spec.dependencies():
+                self.backend.object_store.shipped.pop(dep, None)
+        values = result.values
+        if len(values) == 1:
+            value = values[0]
+            if not value.buffers and len(value.data) <= self.backend.inline_threshold:
+                # (entries_for's answer, and its Done in wire form at once)
+                self.backend.send_done(spec.task_id, value, result.retryable)
+                return
         try:
-            entries = self.backend.entries_for(result.values)
+            entries = self.backend.entries_for(values)
         except (OSError, ValueError, exc.BeamletError) as err:
             error = exc.ObjectStoreFullError(f"cannot store the result of {spec.display_name}: "
                                              f"{err}")
             entries = [self.executor._failure(spec, error).values[0]] * len(spec.return_ids)
-        if spec.args or spec.kwargs:
-            for dep in spec.dependencies():
-                self.backend.object_store.shipped.pop(dep, None)
         self.backend.send(tuple.__new__(P.Done, (spec.task_id, entries, result.retryable)))
 
     def _setup_actor(self, spec: TaskSpec) -> None:
