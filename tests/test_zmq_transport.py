@@ -364,7 +364,7 @@ def test_many_peers_each_message_is_attributed_to_its_connection_in_order(listen
                              on_event=on_event)
     except AssertionError:
         for peer in started:
-            print("PEER", peer.stdout(), peer.stderr() if hasattr(peer, "stderr") else "")
+            print("PEER", peer.stdout, peer.stderr[-3000:])
         raise
     check_order(events)
     conns = [e.conn for e in of_kind(events, Joined)]
