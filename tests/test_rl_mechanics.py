@@ -1,6 +1,6 @@
 """The mechanics inside beamlet.rl's learners, on tiny hand-checked cases: DQN's
 n-step transitions, double-Q targets and target-network syncs; ES's observation
-filter. Learning itself is measured in benchmarks/rl_bench.py."""
+filter, its gradient's sign and its discretised Box actions. Learning itself is measured in benchmarks/rl_bench.py."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +10,7 @@ pytest.importorskip("gymnasium")
 
 from beamlet import rl  # noqa: E402
 from beamlet.contrib.rl.dqn import ReplayBuffer, n_step_transitions  # noqa: E402
-from beamlet.contrib.rl.es import ObsStats  # noqa: E402
+from beamlet.contrib.rl.es import BinnedActions, ObsStats  # noqa: E402
 
 
 def tiny_dqn(**training):
@@ -155,3 +155,88 @@ def test_es_mean_std_filter_learns_the_stats_and_checkpoints_them(tmp_path):
         algo.stop()
     with pytest.raises(ValueError, match="observation_filter must be one of"):
         rl.ESConfig().environment("CartPole-v1").training(observation_filter="Zero").build()
+
+
+class _OneStepTarget:
+    """A one-step episode whose reward is ``-(action - 1.5) ** 2`` (a constant
+    observation), so the best policy outputs 1.5."""
+
+    def __init__(self, config):
+        from gymnasium import spaces
+        self.observation_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
+        self.action_space = spaces.Box(-2.0, 2.0, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        return np.ones(1, np.float32), {}
+
+    def step(self, action):
+        return np.ones(1, np.float32), -float((np.asarray(action)[0] - 1.5) ** 2), True, False, {}
+
+    def close(self):
+        pass
+
+
+def test_es_climbs_the_return_on_a_one_step_task():
+    """The gradient estimate's sign: ES moves a linear policy's action from ~0 to
+    the best one, continuous (clipped) and on a grid of 9 values (spacing 0.5,
+    where the initial argmax is some other grid value)."""
+    rl.register_env("es-one-step-target", _OneStepTarget)
+    for bins, tol, away in ((None, 0.15, 1.0), (9, 1e-6, 0.4)):
+        algo = (rl.ESConfig().environment("es-one-step-target")
+                .training(noise_size=20_000, episodes_per_batch=20, noise_stdev=0.1,
+                          stepsize=0.05, l2_coeff=0.0, action_bins=bins,
+                          model={"fcnet_hiddens": [], "pi_out_gain": 0.01})
+                .debugging(seed=0).build())
+        try:
+            first = float(algo.compute_single_action(np.ones(1, np.float32))[0])
+            for _ in range(60):
+                algo.train()
+            last = float(algo.compute_single_action(np.ones(1, np.float32))[0])
+        finally:
+            algo.stop()
+        assert abs(first - 1.5) > away, (bins, first)
+        assert abs(last - 1.5) <= tol, (bins, first, last)
+
+
+def test_binned_actions_map_scores_to_the_grid():
+    from gymnasium import spaces
+    one = BinnedActions(spaces.Box(-2.0, 2.0, (1,), np.float32), 5)
+    assert one.width == 5
+    scores = np.eye(5)[[0, 2, 4, 3]]
+    assert one.actions(scores).tolist() == [[-2.0], [0.0], [2.0], [1.0]]
+    two = BinnedActions(spaces.Box(np.array([-1.0, 0.0]), np.array([1.0, 10.0])), 3)
+    # dimension-major: scores 0-2 are the first dimension's grid, 3-5 the second's
+    acts = two.actions(np.array([[0, 0, 1, 1, 0, 0], [0, 1, 0, 0, 0, 1]], float))
+    assert acts.tolist() == [[1.0, 0.0], [0.0, 10.0]]
+    for bad in (1, 2.5, True, None):
+        with pytest.raises(ValueError, match="action_bins must be an integer >= 2"):
+            BinnedActions(spaces.Box(-1.0, 1.0, (1,)), bad)
+    with pytest.raises(ValueError, match="needs a Box action space"):
+        BinnedActions(spaces.Discrete(3), 5)
+    with pytest.raises(ValueError, match="finite action bounds"):
+        BinnedActions(spaces.Box(-np.inf, np.inf, (1,)), 5)
+    with pytest.raises(ValueError, match="needs a Box action space"):
+        rl.ESConfig().environment("CartPole-v1").training(action_bins=5).build()
+
+
+def test_es_with_action_bins_acts_on_the_grid_and_checkpoints(tmp_path):
+    algo = (rl.ESConfig().environment("Pendulum-v1")
+            .env_runners(num_env_runners=1)
+            .training(noise_size=50_000, episodes_per_batch=2, action_bins=5,
+                      observation_filter="MeanStdFilter", model={"fcnet_hiddens": [8]})
+            .debugging(seed=0).build())
+    try:
+        result = algo.train()
+        assert result["num_env_steps_sampled"] == 400   # a mirrored pair of full episodes
+        assert algo.model.num_params() == 3 * 8 + 8 + 8 * 5 + 5   # no log-std
+        obs = np.random.default_rng(0).uniform(-1, 1, size=(20, 3)).astype(np.float32)
+        actions = [algo.compute_single_action(o) for o in obs]
+        assert {float(a[0]) for a in actions} <= {-2.0, -1.0, 0.0, 1.0, 2.0}
+        restored = rl.Algorithm.from_checkpoint(algo.save(str(tmp_path)))
+        try:
+            assert [restored.compute_single_action(o).tolist() for o in obs] == \
+                [a.tolist() for a in actions]
+        finally:
+            restored.stop()
+    finally:
+        algo.stop()

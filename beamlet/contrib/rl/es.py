@@ -10,6 +10,11 @@ With ``observation_filter="MeanStdFilter"`` the policy sees observations
 normalised by the running mean and standard deviation of every observation the
 workers have met (they send back the sums, the driver merges them and sends the
 current statistics with the weights), as in the paper's MuJoCo runs.
+With ``action_bins=k`` a Box action space is discretised as the paper did for
+Hopper and Swimmer: the policy outputs ``k`` scores per action dimension and
+takes the value of the best one on a grid of ``k`` points from ``low`` to
+``high``. The piecewise-constant policy explores far better than a continuous
+one clipped to the bounds; on Pendulum-v1 it is what lets ES find the swing-up.
 """
 from __future__ import annotations
 
@@ -23,9 +28,10 @@ from .algorithm import Algorithm, AlgorithmConfig
 from .blas import set_blas_threads
 from .env import preprocess_obs
 from .env_runner import WorkerSet, _runner_seed
-from .models import Adam, distribution_class
+from .models import Adam, build_model, distribution_class
 
-__all__ = ["ES", "ESConfig", "ESWorker", "make_noise_table", "centered_ranks", "ObsStats"]
+__all__ = ["ES", "ESConfig", "ESWorker", "make_noise_table", "centered_ranks", "ObsStats",
+           "BinnedActions"]
 
 FILTERS = ("NoFilter", "MeanStdFilter")
 
@@ -39,6 +45,38 @@ def centered_ranks(x: np.ndarray) -> np.ndarray:
     ranks = np.empty(x.size, dtype=np.float64)
     ranks[x.ravel().argsort()] = np.arange(x.size)
     return (ranks / max(1, x.size - 1) - 0.5).reshape(x.shape)
+
+
+class BinnedActions:
+    """A Box space's actions on a grid of `bins` values per dimension: the
+    policy's ``bins * dim`` outputs are scores, dimension-major, and the action is
+    the grid value with the highest score in each dimension."""
+
+    def __init__(self, space, bins: int):
+        from gymnasium import spaces
+        if not isinstance(space, spaces.Box):
+            raise ValueError(f"action_bins needs a Box action space, got {space}")
+        if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 2:
+            raise ValueError(f"action_bins must be an integer >= 2, got {bins!r}")
+        low = np.asarray(space.low, np.float64).ravel()
+        high = np.asarray(space.high, np.float64).ravel()
+        if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+            raise ValueError(f"action_bins needs finite action bounds, got {space}")
+        self.bins = int(bins)
+        self.shape = space.shape
+        self.dim = low.size
+        self.grid = low[:, None] + (high - low)[:, None] * np.linspace(0.0, 1.0, self.bins)
+        self.dtype = space.dtype
+
+    @property
+    def width(self) -> int:
+        return self.dim * self.bins
+
+    def actions(self, scores: np.ndarray) -> np.ndarray:
+        """``(N, dim * bins)`` scores -> ``(N, *shape)`` actions."""
+        idx = scores.reshape(len(scores), self.dim, self.bins).argmax(axis=-1)
+        acts = np.take_along_axis(self.grid[None], idx[..., None], -1)[..., 0]
+        return acts.reshape(len(scores), *self.shape).astype(self.dtype)
 
 
 class ObsStats:
@@ -77,7 +115,7 @@ class ESWorker:
 
     def __init__(self, env_creator, env_config: dict, model_factory, noise: np.ndarray,
                  seed: int | None, worker_index: int, max_episode_steps: int | None,
-                 blas_threads: int | None = 1):
+                 blas_threads: int | None = 1, action_bins: int | None = None):
         if blas_threads is not None:
             set_blas_threads(blas_threads)
         self.env = env_creator(dict(env_config))
@@ -86,6 +124,7 @@ class ESWorker:
         self.rng = np.random.default_rng(_runner_seed(seed, worker_index))
         self.dist_cls = distribution_class(self.env.action_space)
         self.max_steps = max_episode_steps
+        self.binned = BinnedActions(self.env.action_space, action_bins) if action_bins else None
 
     def pid(self) -> int:
         return os.getpid()
@@ -109,11 +148,13 @@ class ESWorker:
                 stats[2] += x[0].astype(np.float64) ** 2
             if norm is not None:
                 x = (x - norm[0]) / norm[1]
-            action = self.dist_cls(self.model(x)["pi"]).deterministic()[0]
-            if box:
+            if self.binned is not None:
+                action = self.binned.actions(self.model(x)["pi"])[0]
+            elif box:
+                action = self.dist_cls(self.model(x)["pi"]).deterministic()[0]
                 action = np.clip(action, self.env.action_space.low, self.env.action_space.high)
             else:
-                action = int(action)
+                action = int(self.dist_cls(self.model(x)["pi"]).deterministic()[0])
             obs, rew, term, trunc, _ = self.env.step(action)
             total += float(rew)
             steps += 1
@@ -160,7 +201,9 @@ class ESConfig(AlgorithmConfig):
     ``noise_stdev``, ``episodes_per_batch`` (perturbed episodes per iteration,
     split over the workers in mirrored pairs), ``stepsize`` (Adam's learning
     rate), ``l2_coeff`` (weight decay), ``max_episode_steps``,
-    ``observation_filter`` ("NoFilter" or "MeanStdFilter")."""
+    ``observation_filter`` ("NoFilter" or "MeanStdFilter"), ``action_bins``
+    (None: a continuous Box action, clipped to the bounds; k >= 2: k grid values
+    per action dimension, see :class:`BinnedActions`)."""
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class or ES)
@@ -172,6 +215,7 @@ class ESConfig(AlgorithmConfig):
         self.l2_coeff = 0.005
         self.max_episode_steps: int | None = None
         self.observation_filter = "NoFilter"
+        self.action_bins: int | None = None
         self.model = {"fcnet_hiddens": [32], "fcnet_activation": "tanh", "pi_out_gain": 1.0}
 
     def training(self, **kwargs):
@@ -187,8 +231,15 @@ class ES(Algorithm):
     def setup_algorithm(self) -> None:
         from .actor_critic import ModelFactory
         cfg = self.config
-        heads = {"pi": self.pi_width()}
-        self.model = self.make_model(heads)
+        self.binned = (BinnedActions(self.action_space, cfg.action_bins)
+                       if cfg.action_bins is not None else None)
+        heads = {"pi": self.binned.width if self.binned else self.pi_width()}
+        model_config = dict(cfg.model)
+        if self.binned:
+            model_config["free_log_std"] = False  # all of "pi" are scores
+        self.model = build_model(self.observation_space, self.action_space, heads,
+                                 model_config, lr=cfg.lr, grad_clip=cfg.grad_clip,
+                                 seed=cfg.seed)
         self.theta = self.model.get_flat().astype(np.float64)
         self.optimizer = Adam([self.theta], lr=cfg.lr)
         if cfg.observation_filter not in FILTERS:
@@ -199,7 +250,7 @@ class ES(Algorithm):
         seed = 0 if cfg.seed is None else cfg.seed
         self.noise = make_noise_table(max(cfg.noise_size, self.theta.size + 1), seed + 7)
         factory = ModelFactory(self.observation_space, self.action_space, heads,
-                               dict(cfg.model), cfg.lr, None, cfg.seed)
+                               model_config, cfg.lr, cfg.grad_clip, cfg.seed)
         if cfg.num_env_runners and not beamlet.is_initialized():
             beamlet.init(ignore_reinit_error=True)
         noise_arg = beamlet.put(self.noise) if cfg.num_env_runners else self.noise
@@ -207,7 +258,7 @@ class ES(Algorithm):
         creator, env_config = self.env_creator, dict(cfg.env_config)
         self.workers = WorkerSet(
             ESWorker, lambda i: (creator, env_config, factory, noise_arg, cfg.seed, i,
-                                 cfg.max_episode_steps, cfg.blas_threads),
+                                 cfg.max_episode_steps, cfg.blas_threads, cfg.action_bins),
             cfg.num_env_runners, max_restarts=cfg.max_num_env_runner_restarts,
             num_cpus=cfg.num_cpus_per_env_runner, timeout_s=cfg.sample_timeout_s)
 
@@ -244,6 +295,8 @@ class ES(Algorithm):
         if self.obs_stats is not None:
             mean, std = self.obs_stats.mean_std()
             obs = (obs - mean) / std
+        if self.binned is not None:
+            return self.binned.actions(self.model(obs)["pi"])
         dist = distribution_class(self.action_space)(self.model(obs)["pi"])
         return dist.sample(self.rng) if explore else dist.deterministic()
 
