@@ -39,6 +39,9 @@ class RayBackend(Backend):
     manages_workers = True
     # Ray's ownership: a task's children's results die with the task's worker.
     owner_fate_sharing = True
+    # Ray's own placement groups and concurrency groups (groups.py, scheduler.py).
+    placement_groups = True
+    concurrency_groups = True
 
     accepted_options = frozenset({"dashboard"})
 
@@ -133,11 +136,13 @@ class RayBackend(Backend):
                 for n in self._ray.nodes()]
 
     def shutdown(self) -> None:
-        """Drop this process's Ray refs and handles; in the driver also free the
-        names of the job's actors, then disconnect from Ray (stopping it if this
+        """Drop this process's Ray refs and handles; in the driver also remove
+        the placement groups it made and free the names of the job's actors,
+        then disconnect from Ray (stopping it if this
         backend started it)."""
         if self._is_driver:
             try:
+                self.scheduler.groups.remove_made()
                 self.scheduler.end_job_actors()
             except Exception:  # noqa: BLE001 - Ray is gone already
                 pass

@@ -45,6 +45,10 @@ _READ_OK = SerializedObject(b"")
 def error_of(err: BaseException, what: str = "") -> BaseException:
     """The beamlet exception for a Ray exception raised by ``ray.get`` of `what`."""
     text = f"{what}: {err}" if what else str(err)
+    if isinstance(err, _rex.TaskPlacementGroupRemoved):
+        return exc.TaskPlacementGroupRemoved(text)
+    if isinstance(err, _rex.ActorPlacementGroupRemoved):
+        return exc.ActorDiedError(f"the actor is dead: its placement group was removed ({text})")
     if isinstance(err, _rex.TaskCancelledError):
         return exc.TaskCancelledError(text)
     if isinstance(err, _rex.ActorUnavailableError):

@@ -16,6 +16,7 @@ it once no handle is left (calling ``__ray_shutdown__``).
 """
 from __future__ import annotations
 
+import asyncio
 import pickle
 import sys
 import threading
@@ -100,6 +101,17 @@ def task_function(job: dict):
     return _ray.remote(run_task)
 
 
+def _placement_group_ready(job: dict, pg_id: bytes, value):
+    """(Runs in the group, once its bundles are reserved.) Record the group
+    CREATED, then return `value` (the group, packed): whoever gets the ready
+    ref reads CREATED in the tables. A group removed meanwhile stays REMOVED."""
+    _job(job).runtime.tables.set_placement_group_state(pg_id, "CREATED")
+    return value
+
+
+ray_placement_group_ready = _ray.remote(num_cpus=0, max_retries=0)(_placement_group_ready)
+
+
 class _Host:
     """The part both actor hosts share: construction and the end."""
 
@@ -172,7 +184,22 @@ class ActorHost(_Host):
 
 class AsyncActorHost(_Host):
     """Hosts one beamlet actor with ``async`` methods: its calls run on the Ray
-    actor's event loop, up to ``max_concurrency`` at once."""
+    actor's event loop, up to ``max_concurrency`` at once.
+
+    Its concurrency groups are kept here, as semaphores on that one loop (the
+    Ray actor's ``max_concurrency`` is the sum of all the limits): Ray would
+    run each group on an event loop of its own, in a thread of its own, where
+    beamlet's async actor has one loop, so that its methods may share asyncio
+    objects (an ``asyncio.Event`` set by a call in one group and awaited by
+    one in another)."""
+
+    def __init__(self, job: dict, payload: bytes, carried, *dep_values):
+        super().__init__(job, payload, carried, *dep_values)
+        options = self._spec.actor_options or {}
+        self._limits = {name: asyncio.Semaphore(limit) for name, limit in
+                        (options.get("concurrency_groups") or {}).items()}
+        if self._limits:
+            self._limits[None] = asyncio.Semaphore(options.get("max_concurrency") or 1)
 
     async def created(self):
         return self._created
@@ -181,6 +208,13 @@ class AsyncActorHost(_Host):
         spec, dep_ids, carried = _unwire(payload, carried)
         if self._dead is not None:
             return self._died(spec)
+        if not self._limits:
+            return await self._call(spec, dep_ids, dep_values, carried)
+        group = (spec.actor_options or {}).get("concurrency_group")
+        async with self._limits[group]:
+            return await self._call(spec, dep_ids, dep_values, carried)
+
+    async def _call(self, spec: TaskSpec, dep_ids, dep_values, carried):
         with self._job.store.provided(dep_ids, dep_values, carried):
             result = await self._job.executor.execute_async(spec)
         return self._after(spec, result.values)
@@ -188,3 +222,19 @@ class AsyncActorHost(_Host):
 
 ray_actor_host = _ray.remote(ActorHost)
 ray_async_actor_host = _ray.remote(AsyncActorHost)
+_grouped_hosts: dict[tuple, object] = {}
+
+
+def actor_host_class(is_async: bool, concurrency_groups: dict):
+    """The Ray actor class that hosts a beamlet actor: for a threaded actor with
+    `concurrency_groups` (Ray takes them only where a class is declared, not in
+    ``.options()``), one class per set of groups, made once per process; an
+    async actor keeps its groups itself (`AsyncActorHost`)."""
+    if not concurrency_groups or is_async:
+        return ray_async_actor_host if is_async else ray_actor_host
+    key = (is_async, tuple(sorted(concurrency_groups.items())))
+    host = _grouped_hosts.get(key)
+    if host is None:
+        host = _grouped_hosts[key] = _ray.remote(concurrency_groups=dict(key[1]))(
+            AsyncActorHost if is_async else ActorHost)
+    return host
