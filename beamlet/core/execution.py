@@ -205,6 +205,80 @@ class Executor:
                 _restore_env(saved)
             task_context.reset(token)
 
+    def execute_stream(self, spec: TaskSpec):
+        """`execute` of a generator call for an engine that holds the producer
+        back itself (Ray's streaming generators): a generator that yields None
+        after each item it stores (``Backend.put_stream_item``), then the
+        call's ExecutionResult. The spec's backpressure limit is not applied
+        here: the engine stops asking for the next step instead."""
+        token = task_context.set(TaskContext(spec.task_id, spec.actor_id, spec.display_name,
+                                             spec.resources, _placement(self, spec)))
+        saved = self._enter_env(spec)
+        try:
+            try:
+                args, kwargs = self._resolve(spec)
+                result = self._call(spec, args, kwargs)
+            except BaseException as err:  # noqa: BLE001 - user code may raise anything
+                yield self._handle(spec, err)
+                return
+            stream = self._stream(spec, result)
+            stream.limit = 0
+            while True:
+                try:
+                    stream.emit(stream.next_item())
+                except StopIteration:
+                    break
+                except BaseException as err:  # noqa: BLE001
+                    yield stream.fail(err)
+                    return
+                yield None
+            yield stream.finish()
+        finally:
+            if saved is not None:
+                _restore_env(saved)
+            task_context.reset(token)
+
+    async def execute_async_stream(self, spec: TaskSpec):
+        """`execute_stream` of an async actor's generator method, on the running
+        event loop (an async generator: an async method's items are awaited)."""
+        token = task_context.set(TaskContext(spec.task_id, spec.actor_id, spec.display_name,
+                                             spec.resources, _placement(self, spec)))
+        try:
+            try:
+                args, kwargs = self._resolve(spec)
+                actor = self.actors.get(spec.actor_id)
+                if actor is None:
+                    raise exc.ActorDiedError(f"actor {spec.function_name} is not running here")
+                result = _actor_method(actor.instance, spec.method_name)(*args, **kwargs)
+                if inspect.isawaitable(result):
+                    result = await result
+            except BaseException as err:  # noqa: BLE001
+                yield self._handle(spec, err)
+                return
+            if inspect.isasyncgen(result):
+                stream, agen = Stream(self, spec, None, lambda: None), result
+            else:
+                stream, agen = self._stream(spec, result), None
+            stream.limit = 0
+            while True:
+                try:
+                    stream.emit(await agen.__anext__() if agen is not None
+                                else stream.next_item())
+                except (StopIteration, StopAsyncIteration):
+                    break
+                except BaseException as err:  # noqa: BLE001
+                    if agen is not None:
+                        try:
+                            await agen.aclose()
+                        except BaseException:  # noqa: BLE001 - the error that ended it counts
+                            pass
+                    yield stream.fail(err)
+                    return
+                yield None
+            yield stream.finish()
+        finally:
+            task_context.reset(token)
+
     def _stream(self, spec: TaskSpec, result: Any) -> "Stream":
         """The Stream that runs what a generator call returned: a generator, an
         async generator (an async actor's method: run on the actor's loop) or

@@ -17,11 +17,13 @@ backends`` reads the class's flags without importing Ray.
 """
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import sys
 
 from ... import exceptions as exc
+from ...core.generators import item_id
 from ...core.interfaces import Backend
 from ...core.options import check_backend_options
 
@@ -42,6 +44,8 @@ class RayBackend(Backend):
     # Ray's own placement groups and concurrency groups (groups.py, scheduler.py).
     placement_groups = True
     concurrency_groups = True
+    # Generator calls are Ray generator tasks (worker.py, objects.py).
+    streaming_generators = True
 
     accepted_options = frozenset({"dashboard"})
 
@@ -57,6 +61,8 @@ class RayBackend(Backend):
         self._temp_dir: str | None = None
         self._session = None  # the lock on _temp_dir (a local-backend SessionLock)
         self._is_driver = not config.get("ray_worker")
+        #: item prefix -> the items a generator call running here made (stream_out)
+        self._stream_out: dict[bytes, collections.deque] = {}
         if self._is_driver:
             check_backend_options(config, self.accepted_options, self.name)
             self._connect(config)
@@ -118,6 +124,25 @@ class RayBackend(Backend):
                 self._remove_temp_dir()
                 raise
         self._connected = True
+
+    # -- generator calls running here (worker.py) ----------------------------------------
+    def stream_out(self, stream_id: bytes) -> collections.deque:
+        """Where `put_stream_item` leaves the items of the generator call with
+        `stream_id` that runs in this process, for its Ray generator to yield
+        (Ray, not this process, then owns them: the caller does)."""
+        out = collections.deque()
+        self._stream_out[item_id(stream_id, 0)[:-8]] = out
+        return out
+
+    def stream_done(self, stream_id: bytes) -> None:
+        self._stream_out.pop(item_id(stream_id, 0)[:-8], None)
+
+    def put_stream_item(self, object_id: bytes, value) -> None:
+        out = self._stream_out.get(object_id[:-8])  # (an item id: the stream's prefix, index)
+        if out is None:
+            raise exc.BackendError(f"item {object_id.hex()} of a generator call that is not "
+                                   f"running in this Ray worker")
+        out.append(value.detached())
 
     def _death_of(self, actor_id: bytes) -> str | None:
         """That the actor is dead and why, as beamlet recorded it (None: not

@@ -30,13 +30,22 @@ from ...core.interfaces import Scheduler
 from ...core.scheduling import ActorLifecycle
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
 from .control import NAMESPACE
-from .worker import actor_host_class, task_function, wire
+from .worker import actor_host_class, stream_function, task_function, wire
 
 ACTOR_PREFIX = "beamlet-actor-"
 #: actor id -> its concurrency groups' names, one a line (in the control store)
 _GROUPS_TABLE = "ray_concurrency_groups"
 _ASYNC = frozenset({None})  # (among an async actor's group names: see _note_groups)
 _HIDDEN = ("node:", "accelerator_type:")
+
+
+def _stream_options(spec: TaskSpec) -> dict:
+    """Ray's options for a generator call: Ray holds the producer back."""
+    mode, limit = spec.generator[0], spec.generator[1]
+    options = {"num_returns": mode}
+    if mode == "streaming" and limit > 0:
+        options["_generator_backpressure_num_objects"] = limit
+    return options
 
 
 def _visible(resources: dict) -> dict:
@@ -52,6 +61,7 @@ class RayScheduler(Scheduler):
         # Ray's .options() builds and checks a new wrapper each call: one per kind of task.
         self._task_kinds: dict[tuple, object] = {}
         self._run_task = task_function(backend.job)
+        self._run_stream = None  # (made on the first generator task)
         from .groups import RayPlacementGroups
         self.groups = RayPlacementGroups(backend, self._node_resources)
         #: actor id -> the names of its concurrency groups (those this process knows)
@@ -121,14 +131,17 @@ class RayScheduler(Scheduler):
                     f"the actor {spec.function_name} is dead (no Ray actor has its id)"))
                 return
             group = (spec.actor_options or {}).get("concurrency_group")
+            method, options = host.call, {"num_returns": n, "name": spec.display_name}
+            if spec.generator is not None:
+                method = host.call_stream
+                options.update(_stream_options(spec))
             if group is None:
-                refs = host.call.options(num_returns=n, name=spec.display_name).remote(*args)
+                refs = method.options(**options).remote(*args)
             elif group in self._groups_of(spec.actor_id):
                 # (An async actor's host keeps its groups itself: see worker.py.)
-                by_ray = {} if self._groups_of(spec.actor_id) & _ASYNC else \
-                    {"concurrency_group": group}
-                refs = host.call.options(num_returns=n, name=spec.display_name,
-                                         **by_ray).remote(*args)
+                if not self._groups_of(spec.actor_id) & _ASYNC:
+                    options["concurrency_group"] = group
+                refs = method.options(**options).remote(*args)
             else:
                 # (Ray would crash the actor's process on a group it lacks.)
                 self._store.fail(spec.return_ids, ValueError(
@@ -145,6 +158,11 @@ class RayScheduler(Scheduler):
             refs = self._task_kind(spec).remote(*args)
             if spec.placement_group is not None:
                 self.groups.note_task(spec, [refs] if n == 1 else list(refs))
+        if spec.generator is not None and spec.generator[0] == "streaming":
+            # (The stream's own id stands for the task's end; its items come from
+            # Ray's generator as the consumer asks for them: objects.py.)
+            self._store.adopt_stream(spec.return_ids[0], refs)
+            return
         self._store.adopt(spec.return_ids, [refs] if n == 1 else refs,
                           spec.actor_id if spec.kind == ACTOR_METHOD else None)
 
@@ -152,12 +170,20 @@ class RayScheduler(Scheduler):
         """The job's Ray task with the spec's Ray options (made once per kind of task)."""
         key = (spec.display_name, len(spec.return_ids), spec.max_retries,
                tuple(sorted((spec.resources or {}).items())),
-               spec.placement_group and spec.placement_group[1])
+               spec.placement_group and spec.placement_group[1], spec.generator)
         kind = self._task_kinds.get(key)
         if kind is None:
-            kind = self._task_kinds[key] = self._run_task.options(
-                num_returns=key[1], max_retries=spec.max_retries, retry_exceptions=False,
-                name=spec.display_name, **self._options(spec))
+            if spec.generator is not None:
+                if self._run_stream is None:
+                    self._run_stream = stream_function(self._backend.job)
+                kind = self._run_stream.options(
+                    max_retries=spec.max_retries, retry_exceptions=False,
+                    name=spec.display_name, **_stream_options(spec), **self._options(spec))
+            else:
+                kind = self._run_task.options(
+                    num_returns=key[1], max_retries=spec.max_retries, retry_exceptions=False,
+                    name=spec.display_name, **self._options(spec))
+            self._task_kinds[key] = kind
         return kind
 
     def _create_actor(self, spec: TaskSpec, payload, carried, dep_refs) -> None:

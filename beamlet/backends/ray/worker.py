@@ -92,6 +92,74 @@ def _run_task(job: dict, payload: bytes, carried, *dep_values):
     return _returns(state, spec, result.values)
 
 
+def _stream_values(state: _Job, spec: TaskSpec, steps):
+    """The Ray items of a generator call (`steps`: ``Executor.execute_stream``):
+    each item the call stores (``put_stream_item``), packed, as it is made;
+    for ``"dynamic"``, then the call's own value (the refs of the items). A
+    call that failed before it stored anything gives its error, then the end
+    of the stream."""
+    backend = state.runtime.backend
+    stream_id = spec.return_ids[0]
+    out = backend.stream_out(stream_id)
+    stored, final = False, None
+    try:
+        for step in steps:
+            while out:
+                stored = True
+                yield state.store.pack(out.popleft())
+            if step is not None:
+                final = step
+        yield from _stream_end(state, spec, out, stored, final)
+    finally:
+        steps.close()  # (here, not when collected: it resets this thread's context)
+        backend.stream_done(stream_id)
+
+
+def _stream_end(state: _Job, spec: TaskSpec, out, stored: bool, final):
+    while out:
+        stored = True
+        yield state.store.pack(out.popleft())
+    if final is None:
+        return
+    if spec.generator[0] == "dynamic":
+        yield state.store.pack(final.values[0])
+    elif not stored and final.values and final.values[0].is_error:
+        from ...core.generators import end_marker
+        yield state.store.pack(final.values[0])
+        yield state.store.pack(end_marker())
+
+
+async def _async_stream_values(state: _Job, spec: TaskSpec, steps):
+    """`_stream_values` of an async actor's generator method."""
+    backend = state.runtime.backend
+    stream_id = spec.return_ids[0]
+    out = backend.stream_out(stream_id)
+    stored, final = False, None
+    try:
+        async for step in steps:
+            while out:
+                stored = True
+                yield state.store.pack(out.popleft())
+            if step is not None:
+                final = step
+        for value in _stream_end(state, spec, out, stored, final):
+            yield value
+    finally:
+        await steps.aclose()
+        backend.stream_done(stream_id)
+
+
+def stream_function(job: dict):
+    """`task_function` for generator tasks: a Ray generator, called with
+    ``num_returns="streaming"`` or ``"dynamic"``."""
+    def run_stream(payload: bytes, carried=None, *dep_values):
+        spec, dep_ids, carried = _unwire(payload, carried)
+        state = _job(job)
+        with state.store.provided(dep_ids, dep_values, carried):
+            yield from _stream_values(state, spec, state.executor.execute_stream(spec))
+    return _ray.remote(run_stream)
+
+
 def task_function(job: dict):
     """`_run_task` for one job as a Ray remote function, with the job bound:
     Ray ships a function to a worker once, where an argument would travel
@@ -132,6 +200,13 @@ class _Host:
     def _died(self, spec: TaskSpec):
         error = exc.ActorDiedError(f"the actor {self._spec.function_name} is dead: {self._dead}")
         return _returns(self._job, spec, [serialize(error, is_error=True)] * len(spec.return_ids))
+
+    def _died_stream(self, spec: TaskSpec):
+        """The Ray items of a generator call to this dead actor."""
+        from ...core.execution import ExecutionResult
+        error = exc.ActorDiedError(f"the actor {self._spec.function_name} is dead: {self._dead}")
+        yield from _stream_end(self._job, spec, (), False,
+                               ExecutionResult([serialize(error, is_error=True)], error))
 
     def _after(self, spec: TaskSpec, values: list):
         """The call's Ray return value; if the call ran ``exit_actor()``, the actor
@@ -181,6 +256,15 @@ class ActorHost(_Host):
             result = run_attempts(spec, self._job.executor.execute, self._spec)
         return self._after(spec, result.values)
 
+    def call_stream(self, payload: bytes, carried=None, *dep_values):
+        """A generator method's call (a Ray generator: see `_stream_values`)."""
+        spec, dep_ids, carried = _unwire(payload, carried)
+        if self._dead is not None:
+            yield from self._died_stream(spec)
+            return
+        with self._job.store.provided(dep_ids, dep_values, carried):
+            yield from _stream_values(self._job, spec, self._job.executor.execute_stream(spec))
+
 
 class AsyncActorHost(_Host):
     """Hosts one beamlet actor with ``async`` methods: its calls run on the Ray
@@ -213,6 +297,26 @@ class AsyncActorHost(_Host):
         group = (spec.actor_options or {}).get("concurrency_group")
         async with self._limits[group]:
             return await self._call(spec, dep_ids, dep_values, carried)
+
+    async def call_stream(self, payload: bytes, carried=None, *dep_values):
+        """A generator method's call (a Ray async generator: see `_stream_values`)."""
+        spec, dep_ids, carried = _unwire(payload, carried)
+        if self._dead is not None:
+            for value in self._died_stream(spec):
+                yield value
+            return
+        limit = self._limits.get((spec.actor_options or {}).get("concurrency_group")) \
+            if self._limits else None
+        if limit is not None:
+            await limit.acquire()
+        try:
+            with self._job.store.provided(dep_ids, dep_values, carried):
+                async for value in _async_stream_values(
+                        self._job, spec, self._job.executor.execute_async_stream(spec)):
+                    yield value
+        finally:
+            if limit is not None:
+                limit.release()
 
     async def _call(self, spec: TaskSpec, dep_ids, dep_values, carried):
         with self._job.store.provided(dep_ids, dep_values, carried):
