@@ -81,7 +81,7 @@ class RayBackend(Backend):
                 from ...core.control_store import open_control_store
                 self.control_store = open_control_store(config["control_store"])
             else:
-                self.control_store = RayControlStore()
+                self.control_store = RayControlStore(in_worker=not self._is_driver)
             self.scheduler = RayScheduler(self)
         except BaseException:
             self._disconnect()
