@@ -76,7 +76,8 @@ class RayBackend(Backend):
         self.node_id = context.get_node_id()
         self.worker_id = context.get_worker_id()
         try:
-            self.object_store = RayObjectStore(runtime.refs, self._death_of)
+            self.object_store = RayObjectStore(runtime.refs, self._death_of,
+                                               in_worker=not self._is_driver)
             if config.get("control_store"):
                 from ...core.control_store import open_control_store
                 self.control_store = open_control_store(config["control_store"])
