@@ -245,13 +245,7 @@ class Executor:
                                              spec.resources, _placement(self, spec)))
         try:
             try:
-                args, kwargs = self._resolve(spec)
-                actor = self.actors.get(spec.actor_id)
-                if actor is None:
-                    raise exc.ActorDiedError(f"actor {spec.function_name} is not running here")
-                result = _actor_method(actor.instance, spec.method_name)(*args, **kwargs)
-                if inspect.isawaitable(result):
-                    result = await result
+                result = await self._call_async(spec)
             except BaseException as err:  # noqa: BLE001
                 yield self._handle(spec, err)
                 return
@@ -327,6 +321,17 @@ class Executor:
         os.environ.update(env)
         return saved
 
+    async def _call_async(self, spec: TaskSpec) -> Any:
+        """An async actor's method called (and awaited, if it returns an awaitable)."""
+        args, kwargs = self._resolve(spec)
+        actor = self.actors.get(spec.actor_id)
+        if actor is None:
+            raise exc.ActorDiedError(f"actor {spec.function_name} is not running here")
+        result = _actor_method(actor.instance, spec.method_name)(*args, **kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
     async def execute_async(self, spec: TaskSpec) -> ExecutionResult:
         """Run an async actor's method call on the running event loop: awaits the
         method, so many calls can be in flight on one loop."""
@@ -334,13 +339,7 @@ class Executor:
                                              spec.resources, _placement(self, spec)))
         try:
             try:
-                args, kwargs = self._resolve(spec)
-                actor = self.actors.get(spec.actor_id)
-                if actor is None:
-                    raise exc.ActorDiedError(f"actor {spec.function_name} is not running here")
-                result = _actor_method(actor.instance, spec.method_name)(*args, **kwargs)
-                if inspect.isawaitable(result):
-                    result = await result
+                result = await self._call_async(spec)
             except BaseException as err:  # noqa: BLE001
                 return self._handle(spec, err)
             if spec.generator is not None:
