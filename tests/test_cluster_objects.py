@@ -274,3 +274,56 @@ def test_a_tampered_piece_fails_the_pull_and_the_node_pulls_on(tmp_path, capfd, 
         os.rmdir(lock.temp_dir)
         lock.release()
     assert not [n for n in os.listdir("/dev/shm") if session in n]
+
+
+# -- streaming generators: items go to the driver as made, and leave the nodes -------------
+def store_objects(head: dict) -> dict[str, int]:
+    """node id -> how many objects its store holds (from its last heartbeat)."""
+    from beamlet.backends.zmq.commands import parse_token, status
+    return {n["node_id"]: n.get("store_objects", -1)
+            for n in status(head["address"], parse_token(head["token"]))
+            if n["state"] == "ALIVE"}
+
+
+@beamlet.remote(resources={"maker": 1}, _generator_backpressure_num_objects=40)
+def stream_from_member(n: int, big_every: int):
+    """Items made on the member: every `big_every`-th one large (kept in its
+    shared memory, pulled by the consumer), the others inline."""
+    for i in range(n):
+        yield np.full(MB // 8, float(i)) if i % big_every == 0 else i
+
+
+def test_a_stream_from_another_node_leaves_nothing_on_the_nodes(cluster, driver):
+    """A generator task on a member streams small and large items to the
+    driver, held back by backpressure; once consumed and dropped, neither its
+    items nor its consumer's acknowledgements stay in any node's store; a
+    stream dropped half-way stops its producer and frees its items too."""
+    head = cluster.start_head()
+    member = cluster.join(head, "--resources", '{"maker": 1}')
+    driver(head)
+    assert procs.wait_until(lambda: set(store_objects(head)) == {head["node_id"], member},
+                            20, interval=0.2)
+    before = store_objects(head)
+    total = big = 0
+    for i, ref in enumerate(stream_from_member.remote(600, 50)):
+        value = beamlet.get(ref, timeout=GET_TIMEOUT)
+        if i % 50 == 0:
+            assert value.shape == (MB // 8,) and value[0] == i
+            big += 1
+        else:
+            total += value
+    assert big == 12 and total == sum(i for i in range(600) if i % 50)
+    del ref, value
+    gen = stream_from_member.remote(10**6, 50)  # (endless but for backpressure)
+    assert beamlet.get(next(gen), timeout=GET_TIMEOUT)[0] == 0.0
+    done = gen.completed()
+    del gen
+    assert beamlet.get(done, timeout=GET_TIMEOUT) is None  # its producer stopped
+    del done
+    assert procs.wait_until(lambda: store_objects(head) == before, 20, interval=0.2), \
+        (before, store_objects(head))
+    # The driver forgot both streams, and withdrew the nodes' fetches of
+    # acknowledgements that never came (none waits in its store).
+    sched = runtime.current().backend.scheduler
+    assert not sched.streams and not sched.signal_fetches
+    assert not sched.store._indexed, list(sched.store._indexed)

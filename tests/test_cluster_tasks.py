@@ -544,3 +544,152 @@ def test_idle_workers_of_one_driver_do_not_keep_another_from_a_node(cluster, dri
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"ran on {member}" in proc.stdout, proc.stdout + proc.stderr
     assert [beamlet.get(inner[0], timeout=GET_TIMEOUT).sum() for inner in held] == [1 << 16] * 4
+
+
+# -- placement groups across nodes ------------------------------------------------------
+def in_bundle(pg, index: int = -1):
+    from beamlet.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
+
+
+def test_placement_groups_reserve_bundles_across_nodes(cluster, driver):
+    """Bundles are reserved on the nodes the strategy says, all or none: a
+    STRICT_SPREAD group puts each bundle on a node of its own, and what runs in
+    bundle i runs on its node; a group that does not fit waits until a group
+    is removed, then PACK spreads over as few nodes as hold it; a STRICT_PACK
+    group no node can hold is an error at once; what the driver reserved is
+    given back on every node when it leaves."""
+    from beamlet.util import placement_group, remove_placement_group
+    head = cluster.start_head()
+    members = {cluster.join(head), cluster.join(head)}
+    nodes = members | {head["node_id"]}
+    driver(head)
+    spread = placement_group([{"CPU": 1}] * 3, strategy="STRICT_SPREAD")
+    assert spread.wait(GET_TIMEOUT)
+    assert beamlet.available_resources().get("CPU", 0) == 0
+    placed = beamlet.get([where.options(scheduling_strategy=in_bundle(spread, i)).remote()
+                          for i in range(3)], timeout=GET_TIMEOUT)
+    assert set(placed) == nodes  # one bundle on each node
+    again = beamlet.get([where.options(scheduling_strategy=in_bundle(spread, i)).remote()
+                         for i in range(3)], timeout=GET_TIMEOUT)
+    assert again == placed  # bundle i stays on its node
+    with pytest.raises(ValueError, match="STRICT_PACK"):
+        placement_group([{"CPU": 1}, {"CPU": 1}], strategy="STRICT_PACK")  # no node has 2
+    pack = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="PACK")
+    assert not pack.wait(0.5)  # every CPU is in `spread`: it waits, none taken
+    remove_placement_group(spread)
+    assert beamlet.get(pack.ready(), timeout=GET_TIMEOUT) == pack
+    assert beamlet.available_resources().get("CPU", 0) == 1
+    first, second = beamlet.get([where.options(scheduling_strategy=in_bundle(pack, i)).remote()
+                                 for i in range(2)], timeout=GET_TIMEOUT)
+    assert first != second and {first, second} <= nodes
+    actor = Where.options(scheduling_strategy=in_bundle(pack, 1)).remote()
+    assert beamlet.get(actor.node.remote(), timeout=GET_TIMEOUT)[0] == second
+    beamlet.shutdown()
+
+    def given_back():
+        lines = _node_lines(cluster.status())
+        return all("CPU 1.0/1.0" in lines[n] and "_group_" not in lines[n] for n in nodes)
+
+    assert procs.wait_until(given_back, 30, interval=0.5), cluster.status()
+
+
+# -- the state API across nodes -----------------------------------------------------------
+@beamlet.remote
+def pid_and_node(path: str | None = None):
+    deadline = time.monotonic() + GET_TIMEOUT
+    while path is not None and not os.path.exists(path):  # (until the test lets it end)
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+    return os.getpid(), beamlet.get_runtime_context().get_node_id()
+
+
+def test_the_state_api_sees_the_tasks_and_workers_of_every_node(cluster, driver, tmp_path):
+    """list_tasks follows a task running on a member node (RUNNING, then
+    FINISHED with the pid of the worker there), list_workers lists the
+    workers of every node, and the timeline has each task on its process."""
+    from beamlet.util import state
+    head = cluster.start_head()
+    member = cluster.join(head, "--resources", '{"far": 1}')
+    driver(head)
+    path = str(tmp_path / "go")
+    far = pid_and_node.options(resources={"far": 1}).remote(path)
+    deadline = time.monotonic() + GET_TIMEOUT
+    while [r.state for r in state.list_tasks(filters=[("name", "=", "pid_and_node")])] \
+            != ["RUNNING"]:
+        assert time.monotonic() < deadline, state.list_tasks()
+        time.sleep(0.05)
+    open(path, "w").close()
+    (far_pid, far_node), (near_pid, near_node) = beamlet.get(
+        [far, pid_and_node.options(resources={}).remote()], timeout=GET_TIMEOUT)
+    assert far_node == member
+    rows = state.list_tasks(filters=[("name", "=", "pid_and_node")])
+    assert {(r.state, r.worker_pid) for r in rows} == {("FINISHED", far_pid),
+                                                       ("FINISHED", near_pid)}
+    workers = {r.pid for r in state.list_workers(limit=1000) if r.worker_type == "WORKER"}
+    assert {far_pid, near_pid} <= workers
+    spans = [e for e in beamlet.timeline() if e["ph"] == "X" and e["name"] == "pid_and_node"]
+    assert {e["pid"] for e in spans} == {far_pid, near_pid}
+
+
+HOLDS_A_CPU = """
+import sys
+import beamlet
+beamlet.init(address=sys.argv[1], token=sys.argv[2])
+
+@beamlet.remote(num_cpus=1, resources={"far": 1})
+class Hog:
+    def ping(self):
+        return "held"
+
+hog = Hog.remote()
+print(beamlet.get(hog.ping.remote(), timeout=60), flush=True)
+sys.stdin.readline()  # (holds the member's CPU until the test is done)
+"""
+
+
+def test_a_group_whose_node_dies_before_it_is_ready_says_so(cluster, driver, tmp_path):
+    """Another driver's actor holds the member's CPU, which this driver does
+    not see: the bundle it reserves there waits on the member; when the member
+    dies, the group's ready ref raises NodeDiedError (no get waits for ever),
+    and calls in the dead node's bundle cannot be placed."""
+    from beamlet.util import placement_group
+    head = cluster.start_head()
+    member = cluster.join(head, "--resources", '{"far": 1}')
+    address = _node_lines(cluster.status())[member].split()[2]
+    script = tmp_path / "hog.py"
+    script.write_text(HOLDS_A_CPU)
+    hog = subprocess.Popen([sys.executable, str(script), head["address"], head["token"]],
+                           env=cluster.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           text=True)
+    try:
+        assert hog.stdout.readline().strip() == "held"
+        driver(head)
+        pg = placement_group([{"CPU": 1, "far": 1}])
+        assert not pg.wait(0.5)  # (reserved by this driver; the member has no room yet)
+        os.kill(cluster.pid_of(address), signal.SIGKILL)
+        with pytest.raises(exc.NodeDiedError, match=member):
+            beamlet.get(pg.ready(), timeout=GET_TIMEOUT)
+        with pytest.raises(ValueError, match="no alive node"):
+            where.options(scheduling_strategy=in_bundle(pg, 0)).remote()
+    finally:
+        hog.communicate("\n", timeout=TIMEOUT)
+
+
+@beamlet.remote(resources={"producer": 1}, _generator_backpressure_num_objects=4)
+def produce_far(n):
+    yield from range(n)
+
+
+@beamlet.remote(resources={"consumer": 1})
+def consume_far(n):
+    return sum(beamlet.get(ref, timeout=GET_TIMEOUT) for ref in produce_far.remote(n))
+
+
+def test_a_stream_consumed_in_a_task_on_another_node(cluster, driver):
+    """A task consumes a generator whose producer runs on another node, held
+    back by backpressure: the consumer's acknowledgements reach the producer."""
+    head = cluster.start_head("--resources", '{"consumer": 1}')
+    cluster.join(head, "--resources", '{"producer": 1}')
+    driver(head)
+    assert beamlet.get(consume_far.remote(200), timeout=GET_TIMEOUT) == sum(range(200))

@@ -135,6 +135,14 @@ class ObjectRefGenerator:
             ready = store.wait([item, stream], 1, timeout_s)
             if not ready:
                 return ObjectRef.nil()
+        if item not in ready and not store.contains(item) \
+                and not store.get([stream], None)[0].is_error:  # (present: no wait)
+            # The task ended well, so it stored every item and the end marker
+            # before the stream id: this store let go of its copy (a cluster
+            # node frees what it sent to the owner), which has it.
+            if not store.wait([item], 1, timeout_s):
+                return ObjectRef.nil()
+            ready = (item,)
         if item in ready or store.contains(item):  # (stored before the stream id)
             if _is_end(store, item):
                 self._end(item)
@@ -148,9 +156,7 @@ class ObjectRefGenerator:
         # The task ended without this item: it failed outside the generator, and
         # the stream's own ref holds the error (given once, as Ray does).
         self._end(None)
-        if store.get([stream], None)[0].is_error:  # (present: no wait)
-            return self._ref
-        raise StopIteration
+        return self._ref
 
     def _acknowledge(self, store) -> None:
         ack = ObjectRef(ack_id(self._ref.id, self._index - 1))

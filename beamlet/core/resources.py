@@ -195,10 +195,15 @@ class ResourcePool:
 
 
     # -- placement groups ---------------------------------------------------------
-    def add_group(self, key: str, bundles: list[dict[str, float]]) -> None:
+    def add_group(self, key: str, bundles: list[dict[str, float]],
+                  hosted: list[int] | None = None) -> None:
         """Know placement group `key` (its resources are feasible from now on),
         not reserved yet: ValueError if its bundles together could never fit
-        this node (every bundle lands on this one machine)."""
+        this node (every bundle lands on this one machine). `hosted`: the
+        indices of the bundles this node holds (a cluster places the others
+        on other nodes); None: all."""
+        if hosted is not None:
+            bundles = [b if i in hosted else {} for i, b in enumerate(bundles)]
         need: dict[str, float] = {}
         for bundle in bundles:
             for name, amount in bundle.items():
@@ -206,12 +211,15 @@ class ResourcePool:
         self.check_feasible(need, f"placement group {key} (all its bundles on one node)")
         names: dict[str, int] = {}
         for i, bundle in enumerate(bundles):
+            if hosted is not None and i not in hosted:
+                continue
             for name, amount in bundle.items():
                 names[group_resource(name, key, i)] = _units(amount)
                 wide = group_resource(name, key)
                 names[wide] = names.get(wide, 0) + _units(amount)
             names[group_resource("bundle", key, i)] = _units(BUNDLE_CAPACITY)
-        names[group_resource("bundle", key)] = _units(BUNDLE_CAPACITY) * len(bundles)
+        names[group_resource("bundle", key)] = _units(BUNDLE_CAPACITY) * (
+            len(bundles) if hosted is None else len(hosted))
         self._groups[key] = [{n: _units(a) for n, a in need.items()}, names, False]
         self._bundles[key] = [dict(b) for b in bundles]
         self._group_names.update(names)

@@ -991,9 +991,10 @@ class LocalScheduler(Scheduler):
         self._dispatch()
 
     # -- placement groups -------------------------------------------------------
-    def create_placement_group(self, info) -> None:
+    def create_placement_group(self, info, hosted: list[int] | None = None) -> None:
+        """(`hosted`: on a cluster node, the indices of the bundles it holds.)"""
         with self.lock:
-            self.pool.add_group(info.pg_id.hex(), list(info.bundles))
+            self.pool.add_group(info.pg_id.hex(), list(info.bundles), hosted)
             self._groups[info.pg_id.hex()] = info
             self._groups_pending = True
             self._dispatch()

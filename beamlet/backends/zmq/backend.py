@@ -35,6 +35,8 @@ of every attempt's end and actor state as on the local backend (see
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import select
 import sys
@@ -44,10 +46,12 @@ import time
 from ... import exceptions as exc
 from ...core import plugins
 from ...core.control_store import open_control_store
+from ...core.generators import ack_id, closed_id, item_id
 from ...core.interfaces import Backend, Scheduler
 from ...core.memory_store import MemoryObjectStore
 from ...core.options import check_backend_options
-from ...core.placement import split_node_affinity
+from ...core.placement import ready_value, removed_value, split_node_affinity
+from ...core.resources import BUNDLE_CAPACITY, group_resource
 from ...core.scheduling import may_retry
 from ...core.serialization import serialize
 from ...core.tables import ActorState
@@ -179,6 +183,100 @@ class ClusterObjectStore(MemoryObjectStore):
             self._refs.decr_all(old.refs)
 
 
+class _Group:
+    """A placement group as the driver sees it: its bundles, the node each is
+    reserved on (empty while it waits for room), and what waits for it."""
+
+    __slots__ = ("info", "key", "placed", "capacity", "waiting", "node_ready", "waiter",
+                 "ready")
+
+    def __init__(self, info):
+        self.info = info
+        self.key = info.pg_id.hex()
+        self.placed: dict[int, NodeLink] = {}  # bundle index -> its node, once reserved
+        #: Its resource names (as `placement_request` renames a request) -> how
+        #: much there is of each: what a call in it may ask for at most.
+        self.capacity: dict[str, float] = {}
+        for i, bundle in enumerate(info.bundles):
+            for name, amount in list(bundle.items()) + [("bundle", BUNDLE_CAPACITY)]:
+                self.capacity[group_resource(name, self.key, i)] = amount
+                wide = group_resource(name, self.key)
+                self.capacity[wide] = self.capacity.get(wide, 0) + amount
+        self.waiting: list[TaskSpec] = []  # submitted while it waits for room, in order
+        self.node_ready: list[bytes] = []  # each node's ready id (see _reserve_group)
+        self.waiter = None
+        self.ready = False  # its ready value is stored
+
+    def resources_on(self, node: NodeLink) -> dict[str, float]:
+        """The group's resource names `node` holds (its bundles there)."""
+        out: dict[str, float] = {}
+        for i, where in self.placed.items():
+            if where is node:
+                for name, amount in list(self.info.bundles[i].items()) + [("bundle", BUNDLE_CAPACITY)]:
+                    out[group_resource(name, self.key, i)] = amount
+                    wide = group_resource(name, self.key)
+                    out[wide] = out.get(wide, 0) + amount
+        return out
+
+
+def _assign(bundles, strategy: str, free: dict) -> dict[int, "NodeLink"] | None:
+    """Which node each bundle goes to, as `strategy` says (Ray's meaning:
+    STRICT_PACK all on one node; PACK on as few as can hold them; STRICT_SPREAD
+    each on a node of its own; SPREAD on as many as can), given `free`
+    ({node: {resource: amount}}); None if they do not fit so."""
+    nodes = list(free)
+
+    def fits(node, bundle, taken) -> bool:
+        return all(free[node].get(k, 0) - taken.get(node, {}).get(k, 0) >= v - 1e-9
+                   for k, v in bundle.items())
+
+    def take(node, bundle, taken) -> None:
+        mine = taken.setdefault(node, {})
+        for k, v in bundle.items():
+            mine[k] = mine.get(k, 0) + v
+
+    need: dict[str, float] = {}
+    for bundle in bundles:
+        for k, v in bundle.items():
+            need[k] = need.get(k, 0) + v
+    whole = [n for n in nodes if fits(n, need, {})]
+    if strategy in ("PACK", "STRICT_PACK") and whole:
+        best = max(whole, key=lambda n: sum(free[n].values()))
+        return {i: best for i in range(len(bundles))}
+    if strategy == "STRICT_PACK":
+        return None
+    if strategy == "STRICT_SPREAD":
+        def spread(i, used, taken):  # (backtracking: a few bundles, a few nodes)
+            if i == len(bundles):
+                return {}
+            for node in sorted(nodes, key=lambda n: -sum(free[n].values())):
+                if node not in used and fits(node, bundles[i], taken):
+                    take(node, bundles[i], taken)
+                    rest = spread(i + 1, used | {node}, taken)
+                    for k, v in bundles[i].items():
+                        taken[node][k] -= v
+                    if rest is not None:
+                        return {i: node, **rest}
+            return None
+        return spread(0, frozenset(), {})
+    # PACK that fits no single node, and SPREAD: greedy, largest bundles first.
+    taken: dict = {}
+    count: dict = {}
+    out = {}
+    for i in sorted(range(len(bundles)), key=lambda i: -sum(bundles[i].values())):
+        fitting = [n for n in nodes if fits(n, bundles[i], taken)]
+        if not fitting:
+            return None
+        if strategy == "PACK":
+            node = max(fitting, key=lambda n: (count.get(n, 0), sum(free[n].values())))
+        else:
+            node = min(fitting, key=lambda n: (count.get(n, 0), -sum(free[n].values())))
+        take(node, bundles[i], taken)
+        count[node] = count.get(node, 0) + 1
+        out[i] = node
+    return out
+
+
 class ClusterScheduler(Scheduler):
     """Places specs on the cluster's nodes; results arrive in the driver's store."""
 
@@ -202,16 +300,40 @@ class ClusterScheduler(Scheduler):
         #: task id -> (node id, soft): where a NodeAffinitySchedulingStrategy
         #: pins it (taken out of its request at submit), while it is placed.
         self.pins: dict[bytes, tuple[str, bool]] = {}
+        #: A streaming generator call's item-id prefix -> [its spec, items
+        #: delivered], while it runs: a retry elsewhere skips those.
+        self.streams: dict[bytes, list] = {}
+        #: The id prefixes of a running stream's consumer signals (acknowledgements,
+        #: the closed mark) -> the waiters of the nodes' fetches of them (a
+        #: producer held back asks for several; the rest are withdrawn at its end).
+        self.signal_fetches: dict[bytes, list] = {}
+        #: Placement groups (key -> _Group), and the keys of those waiting for
+        #: room, oldest first; actor id -> the group whose room its creation
+        #: waits for (its calls wait there too).
+        self.groups: dict[str, _Group] = {}
+        self.groups_pending: list[str] = []
+        self.actor_group: dict[bytes, _Group] = {}
+        #: time.time() - time.perf_counter(): the nodes' progress times (epoch)
+        #: as this process's perf_counter times (see TaskEvents).
+        self._clock = time.time() - time.perf_counter()
         self.closed = False
 
     # -- placement ----------------------------------------------------------------
     def submit(self, spec: TaskSpec) -> None:
         plugins.notify("beamlet_task_submitted", spec=spec)
+        self._submit(spec)
+
+    def _submit(self, spec: TaskSpec) -> None:
         with self.lock:
             if self.closed:
                 raise exc.BackendError("beamlet has been shut down")
             if spec.kind == ACTOR_METHOD:
                 node = self.actor_node.get(spec.actor_id)
+                if node is None and self.actor_group:
+                    group = self.actor_group.get(spec.actor_id)
+                    if group is not None:  # (its creation waits for its group's room)
+                        group.waiting.append(spec)
+                        return
                 if node is None:
                     node = self._find_actor(spec.actor_id)
                 if node is None or not node.alive:
@@ -221,6 +343,8 @@ class ClusterScheduler(Scheduler):
                            "it is unknown to this cluster")))
                     return
             else:
+                if spec.placement_group is not None and self._waits_for_group(spec):
+                    return
                 resources, pin, soft = split_node_affinity(spec.resources)
                 if pin is not None:
                     spec.resources = resources
@@ -235,6 +359,11 @@ class ClusterScheduler(Scheduler):
                     self.actor_spec[spec.actor_id] = spec
                     self.token_actor[spec.return_ids[0]] = spec.actor_id
                     self.token_node[spec.return_ids[0]] = node
+            if spec.generator is not None and spec.generator[0] == "streaming":
+                stream_id = spec.return_ids[0]
+                self.streams[item_id(stream_id, 0)[:-8]] = [spec, 0]
+                for signal in (ack_id(stream_id, 0), closed_id(stream_id)):
+                    self.signal_fetches.setdefault(signal[:-8], [])
             self._send(spec, node)
 
     def _place(self, spec: TaskSpec) -> NodeLink:
@@ -268,6 +397,151 @@ class ClusterScheduler(Scheduler):
                                  f"never run")
         raise ValueError(f"{spec.display_name} fits no single alive node of the cluster "
                          f"({spec.resources})")
+
+    # -- placement groups ------------------------------------------------------------
+    def create_placement_group(self, info) -> None:
+        """Reserve the bundles on the nodes as the strategy says, all at once,
+        against what this driver has placed on them (or wait until they fit,
+        trying again whenever something placed ends); ValueError at once if
+        they could never fit the alive nodes."""
+        with self.lock:
+            alive = [n for n in self.nodes if n.alive]
+            if _assign(info.bundles, info.strategy,
+                       {n: dict(n.resources) for n in alive}) is None:
+                raise ValueError(
+                    f"placement group {info.pg_id.hex()} ({info.strategy}, bundles "
+                    f"{list(info.bundles)}) could never be placed on the cluster's "
+                    f"{len(alive)} alive node(s): "
+                    + "; ".join(f"{n.node_id} has {n.resources}" for n in alive))
+            group = self.groups[info.pg_id.hex()] = _Group(info)
+            if not self._reserve_group(group):
+                self.groups_pending.append(group.key)
+
+    def _free(self, node: NodeLink) -> dict[str, float]:
+        return {k: v - node.load.get(k, 0) for k, v in node.resources.items()}
+
+    def _reserve_group(self, group: _Group) -> bool:
+        """Reserve its bundles if they fit now (whether they do), and send each
+        node its share; the group is ready once every node says so. Under the lock."""
+        alive = [n for n in self.nodes if n.alive]
+        placed = _assign(group.info.bundles, group.info.strategy,
+                         {n: self._free(n) for n in alive})
+        if placed is None:
+            return False
+        group.placed = placed
+        by_node: dict[NodeLink, list[int]] = {}
+        for i, node in placed.items():
+            by_node.setdefault(node, []).append(i)
+            for k, v in group.info.bundles[i].items():
+                node.load[k] = node.load.get(k, 0) + v
+        for node, hosted in by_node.items():
+            node.resources.update(group.resources_on(node))
+            ready_id = hashlib.blake2b(group.info.ready_id + node.node_id.encode(),
+                                       digest_size=len(group.info.ready_id)).digest()
+            group.node_ready.append(ready_id)
+            node.send(P.CreateGroup(dataclasses.replace(group.info, ready_id=ready_id),
+                                    sorted(hosted)))
+        group.waiter = self.store.notify_when(group.node_ready, len(group.node_ready),
+                                              lambda: self._group_ready(group), broad=False)
+        waiting, group.waiting = group.waiting, []
+        for spec in waiting:
+            if spec.kind == ACTOR_CREATION:
+                self.actor_group.pop(spec.actor_id, None)
+            try:
+                self._submit(spec)
+            except ValueError as err:
+                self._fail(spec, err)
+        return True
+
+    def _group_ready(self, group: _Group) -> None:
+        """Every node reserved its bundles: the group is ready (its nodes' word
+        on it, an error if one could not)."""
+        with self.lock:
+            if self.groups.get(group.key) is not group or group.ready:
+                return
+            group.ready = True
+            answers = [self.store.entry(i) for i in group.node_ready]
+        failed = next((a for a in answers if a is not None and a.is_error), None)
+        self.store.put_entry(group.info.ready_id,
+                             failed if failed is not None else ready_value(group.info))
+        self.store.delete(group.node_ready)
+        if failed is None and self.tables is not None:
+            try:
+                self.tables.set_placement_group_state(group.info.pg_id, "CREATED")
+            except exc.BackendError:
+                pass
+
+    def _waits_for_group(self, spec: TaskSpec) -> bool:
+        """Check a call in a placement group (ValueError if it could never run
+        there); whether it waits for the group's room (then it is queued).
+        Under the lock."""
+        key = spec.placement_group[0].key
+        group = self.groups.get(key)
+        if group is None:
+            raise ValueError(f"{spec.display_name} is scheduled in a placement group that "
+                             f"was removed (or never existed here): it could never run")
+        for name, amount in spec.resources.items():
+            if name.endswith(key) and amount > group.capacity.get(name, 0) + 1e-9:
+                raise ValueError(f"{spec.display_name} requests {amount} {name}, but its "
+                                 f"placement group only has {group.capacity.get(name, 0)}: "
+                                 f"it could never run")
+        if group.placed:
+            return False
+        group.waiting.append(spec)
+        if spec.kind == ACTOR_CREATION:
+            self.actor_group[spec.actor_id] = group
+        return True
+
+    def _try_groups(self) -> None:
+        """Reserve the waiting groups that fit now, oldest first. Under the lock."""
+        for key in list(self.groups_pending):
+            group = self.groups.get(key)
+            if group is None or self._reserve_group(group):
+                self.groups_pending.remove(key)
+
+    def _groups_lost(self, dead: NodeLink) -> list:
+        """`dead` died: its bundles are gone (calls in them cannot be placed any
+        more; they are not reserved again elsewhere). The groups it made
+        unready for ever, whose ready ref then holds the error. Under the lock."""
+        unready = []
+        for group in self.groups.values():
+            if dead in group.placed.values() and not group.ready:
+                group.ready = True
+                self.store.cancel_waiter(group.waiter)
+                unready.append(group)
+        return unready
+
+    def remove_placement_group(self, pg_id: bytes) -> None:
+        """Give the bundles back (their nodes end what runs in them); what
+        waits for the group fails; its ready ref holds an error if it was not ready."""
+        with self.lock:
+            group = self.groups.pop(pg_id.hex(), None)
+            if group is None:
+                return
+            if group.key in self.groups_pending:
+                self.groups_pending.remove(group.key)
+            self.store.cancel_waiter(group.waiter)
+            for node in set(group.placed.values()):
+                for name in group.resources_on(node):
+                    node.resources.pop(name, None)
+                    node.load.pop(name, None)
+                node.send(P.RemoveGroup(pg_id))
+            for i, node in group.placed.items():
+                for k, v in group.info.bundles[i].items():
+                    node.load[k] = node.load.get(k, 0) - v
+            removed = exc.TaskPlacementGroupRemoved(
+                f"the placement group {group.key} the task was scheduled in was removed")
+            dead = exc.ActorDiedError("the actor cannot run: its placement group was removed")
+            for spec in group.waiting:
+                if spec.kind == ACTOR_CREATION:
+                    self.actor_group.pop(spec.actor_id, None)
+                self._fail(spec, removed if spec.kind == TASK else dead)
+            group.waiting = []
+            ready, group.ready = group.ready, True
+            self.store.delete(group.node_ready)
+            self._try_groups()
+        if not ready:
+            self.store.put_entry(group.info.ready_id, removed_value(group.info))
 
     def _holder_of_arguments(self, spec: TaskSpec, fitting: list) -> NodeLink | None:
         """The fitting node, not full, that holds the most bytes of the spec's
@@ -373,6 +647,8 @@ class ClusterScheduler(Scheduler):
 
     def _fail(self, spec: TaskSpec, error: BaseException) -> None:
         self.pins.pop(spec.task_id, None)
+        if spec.generator is not None and self.streams:
+            self._stream_over(spec)
         sobj = serialize(error, is_error=True)
         for rid in spec.return_ids:
             self.store.put_entry(rid, sobj)
@@ -381,8 +657,26 @@ class ClusterScheduler(Scheduler):
     def stored(self, objects: list) -> None:
         """Results (or fetched objects) arrived."""
         for object_id, form in objects:
+            if self.streams:
+                self._streamed(object_id)
             self._arrived(object_id)
             self.store.put_entry(object_id, P.unwire(form))
+
+    def _stream_over(self, spec: TaskSpec) -> None:
+        """A streaming call ended: forget it, and withdraw the fetches of its
+        consumer's signals still waiting (its producer needs none any more)."""
+        stream_id = spec.return_ids[0]
+        if self.streams.pop(item_id(stream_id, 0)[:-8], None) is None:
+            return
+        for signal in (ack_id(stream_id, 0), closed_id(stream_id)):
+            for waiter in self.signal_fetches.pop(signal[:-8], ()):
+                self.store.cancel_waiter(waiter)
+
+    def _streamed(self, object_id: bytes) -> None:
+        """If it is an item of a running stream, count it delivered."""
+        stream = self.streams.get(object_id[:-8])
+        if stream is not None:
+            stream[1] = max(stream[1], int.from_bytes(object_id[-8:], "little") + 1)
 
     def _arrived(self, object_id: bytes) -> TaskSpec | None:
         """A result is in: the task that made it, if this finished it."""
@@ -394,6 +688,8 @@ class ClusterScheduler(Scheduler):
             left.discard(object_id)
             if not left:
                 del self.tasks[task_id]
+                if spec.generator is not None and self.streams:
+                    self._stream_over(spec)
                 if spec.kind != ACTOR_CREATION:
                     self._unplace(spec, node)
                     if self.pins:
@@ -404,6 +700,8 @@ class ClusterScheduler(Scheduler):
         """`node` holds these objects for us: results and objects its workers
         put (kept where they are), or copies it pulled."""
         for object_id, size, is_error, refs in objects:
+            if self.streams and not pulled:
+                self._streamed(object_id)
             with self.lock:
                 remote = self.remote.get(object_id)
                 if remote is not None:
@@ -500,9 +798,19 @@ class ClusterScheduler(Scheduler):
                 f"can run its task again: {err}"))
         return True
 
+    def _skip_delivered(self, spec: TaskSpec) -> None:
+        """A streaming call runs again: the items it delivered are not sent again
+        (as the node's scheduler does for a retry on one node). Under the lock."""
+        if spec.generator is not None and spec.generator[0] == "streaming":
+            stream = self.streams.get(item_id(spec.return_ids[0], 0)[:-8])
+            if stream is not None and stream[1]:
+                spec.generator = spec.generator[:2] + (stream[1],)
+
     def _unplace(self, spec: TaskSpec, node: NodeLink) -> None:
         if node.placed.pop(spec.task_id, None) is not None and spec.kind != ACTOR_METHOD:
             node.add(spec, -1)
+            if self.groups_pending:
+                self._try_groups()
 
     def fetch(self, node: NodeLink, object_ids: list) -> None:
         """A node needs these objects: send each once we have it."""
@@ -529,7 +837,14 @@ class ClusterScheduler(Scheduler):
                 pass  # the node is gone (the I/O thread sees it)
 
         for object_id in object_ids:
-            self.store.on_ready(object_id, send)
+            fetches = self.signal_fetches.get(object_id[:-8]) if self.signal_fetches else None
+            if fetches is None:
+                self.store.on_ready(object_id, send)
+            else:  # (a stream's signal: withdrawn at its end if it never comes)
+                waiter = self.store.notify_when((object_id,), 1,
+                                                lambda i=object_id: send(i), broad=False)
+                if waiter is not None:
+                    fetches.append(waiter)
 
     def nested(self, spec: TaskSpec, objects: list) -> None:
         """A worker's submission, forwarded by its node: accept it as ours."""
@@ -554,6 +869,15 @@ class ClusterScheduler(Scheduler):
             node.borrowed.difference_update(released)
         refs.incr_all(added)
         refs.decr_all(released)
+
+    def report(self, events: list) -> None:
+        """What the nodes' schedulers told of our tasks (before their results)."""
+        for event in events:
+            if type(event) is P.TaskFinished:
+                self.task_finished(event)
+            elif self.task_progress is not None:  # (TaskProgress: for the task record)
+                self.task_progress((event.task_id, event.attempt, event.state, event.pid,
+                                    event.when - self._clock))
 
     def task_finished(self, event: "P.TaskFinished") -> None:
         """An attempt of our task ended on its node: the driver's observers hear
@@ -592,6 +916,7 @@ class ClusterScheduler(Scheduler):
                 return
             node.alive = False
             borrowed, node.borrowed = list(node.borrowed), set()
+            unready = self._groups_lost(node)
             self._objects_lost(node)  # (first: a retried task may need one made again)
             placed, node.placed = list(node.placed.values()), {}
             node.load = {}
@@ -601,6 +926,7 @@ class ClusterScheduler(Scheduler):
                     self.producer.pop(rid, None)
                 if spec.kind == TASK and may_retry(spec):
                     spec.attempt += 1
+                    self._skip_delivered(spec)
                     try:
                         self._send(spec, self._place(spec))
                         continue
@@ -636,6 +962,10 @@ class ClusterScheduler(Scheduler):
                                                     f"its node {node.node_id} died")
                     except exc.BackendError:
                         pass
+        for group in unready:
+            self.store.put_entry(group.info.ready_id, serialize(exc.NodeDiedError(
+                f"placement group {group.key} cannot be ready: node {node.node_id}, where "
+                f"some of its bundles were reserved, died"), is_error=True))
         self.backend.node_died(node)
         self.backend.refs.decr_all(borrowed)  # (its workers hold nothing any more)
 
@@ -704,7 +1034,8 @@ class ClusterScheduler(Scheduler):
             for node in self.nodes:
                 if node.alive:
                     for k, v in node.load.items():
-                        free[k] = max(0.0, free.get(k, 0) - v)
+                        if k in free:
+                            free[k] = max(0.0, free[k] - v)
         return free
 
     def shutdown(self) -> None:
@@ -721,6 +1052,10 @@ class ClusterBackend(Backend):
     zero_copy = False  # (results come over the network into the driver's memory)
     multi_node = True
     node_affinity = True
+    streaming_generators = True
+    concurrency_groups = True
+    placement_groups = True
+    task_events = True
 
     #: init() keywords of this backend, beyond the common ones.
     accepted_options = frozenset({"token"})
@@ -824,9 +1159,10 @@ class ClusterBackend(Backend):
                 "default_actor_lifetime": self.runtime.default_actor_lifetime,
                 # (its workers' nested calls are placed by this driver, on any node)
                 "cluster": True,
-                # (each attempt's end costs a message: only for a driver with
-                # plugins that observe it, as they stand at init)
-                "task_events": plugins.observer("beamlet_task_finished") is not None}
+                "streaming_generators": self.streaming_generators,
+                # (the nodes report each attempt's progress and end, for the
+                # driver's task record: batched with the results)
+                "task_events": self.task_events}
 
     # -- the I/O thread: every node's messages ------------------------------------
     def _io_loop(self) -> None:
@@ -972,6 +1308,11 @@ class ClusterBackend(Backend):
                 if kind is P.Objects:
                     link.bytes_received += sum(_wire_bytes(f) for _, f in message.objects)
                     sched.stored(message.objects)
+                elif kind is P.Report:
+                    sched.report(message.events)
+                    if message.objects:
+                        link.bytes_received += sum(_wire_bytes(f) for _, f in message.objects)
+                        sched.stored(message.objects)
                 elif kind is P.Located:
                     sched.located(link, message.objects, message.pulled)
                 elif kind is P.Chunk:
@@ -1053,6 +1394,27 @@ class ClusterBackend(Backend):
         self.scheduler.released(object_id)
         if object_id in self.scheduler.token_node:
             self.scheduler.release_token(object_id)
+
+    def workers(self) -> list[dict]:
+        """The driver, and the worker processes of every alive node (asked on
+        a connection of its own, so the node's answer is not among its results)."""
+        from ..local.inprocess import driver_worker_row
+        rows = [driver_worker_row(self.worker_id)]
+        for link in [n for n in self._links if n.alive]:
+            try:
+                conn = self.transport.connect(link.address, timeout=CONNECT_TIMEOUT)
+                try:
+                    conn.send(P.WorkersRequest())
+                    reply = conn.recv(timeout=CONNECT_TIMEOUT)
+                finally:
+                    conn.close()
+            except exc.BackendError as err:
+                print(f"beamlet: the workers of node {link.node_id} are left out: {err}",
+                      file=sys.stderr, flush=True)
+                continue
+            if type(reply) is P.WorkersReply:
+                rows.extend(reply.workers)
+        return rows
 
     def nodes(self) -> list[dict]:
         return [{"NodeID": n.node_id, "Alive": n.alive,

@@ -142,6 +142,8 @@ class Daemon:
                 if now >= next_tick:
                     next_tick = now + TICK
                     self.tick(now)
+                    if self.owner is not None:
+                        self.owner.flush_events()
         finally:
             ep.close()
 
@@ -160,6 +162,9 @@ class Daemon:
     def from_driver(self, conn, message) -> bool:
         """Serve a driver's message; False (and the connection closed) if it is
         not one, or breaks the protocol."""
+        if type(message) is P.WorkersRequest and self.node is not None:
+            conn.send(P.WorkersReply(self.node.scheduler.describe_workers()))
+            return True
         if type(message) not in P.FROM_DRIVER or self.owner is None:
             log(f"closed a connection that sent {P.describe(message)}")
             conn.close()

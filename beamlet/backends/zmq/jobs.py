@@ -60,9 +60,11 @@ import collections
 import os
 import sys
 import threading
+import time
 
 from ... import exceptions as exc
 from ...core import plugins
+from ...core.generators import _is_end, ack_id, closed_id, item_id
 from ...core.refcount import ReferenceCounter
 from ...core.scheduling import RETRYING
 from ...core.serialization import serialize
@@ -76,6 +78,9 @@ REFETCH_DELAY = 0.2  # seconds before asking the driver again for an object a pu
 #: Bytes of small results queued for a driver during a turn of the node's
 #: loop past which they are sent at once.
 RESULTS_BATCH_BYTES = 4 << 20
+#: Streams that ended whose consumers' late acknowledgements are dropped
+#: (not stored here for nobody), the newest this many.
+ENDED_STREAMS_KEPT = 1024
 
 
 class DriverLink:
@@ -87,6 +92,7 @@ class DriverLink:
         self.conn = conn
         self.config = job_config
         self.tokens: set[bytes] = set()  # actor tokens held for it
+        self.groups: set[bytes] = set()  # its placement groups with bundles here
         self.held: set[bytes] = set()  # objects kept here for it (until Release)
         #: Small results stored during a turn of the node's loop, to go in one
         #: ``Objects`` at its end (see DriverOwner.defer_results); every other
@@ -94,6 +100,9 @@ class DriverLink:
         self.results: list = []
         self.results_bytes = 0
         self.results_lock = threading.Lock()
+        #: TaskFinished / TaskProgress of its tasks, to go before the next
+        #: results (in one ``Report``), or at the daemon's next tick.
+        self.events: list = []
 
     # -- JobOwner, for this job's workers ------------------------------------------
     def job_config(self) -> dict:
@@ -119,7 +128,7 @@ class DriverLink:
 
     def send_now(self, message) -> None:
         """Send `message` after the queued results; BackendError if the driver left."""
-        if self.results:
+        if self.results or self.events:
             self.flush()
         self.conn.send(message)
 
@@ -131,10 +140,21 @@ class DriverLink:
         if full:
             self.flush()
 
+    def queue_event(self, event) -> None:
+        with self.results_lock:
+            self.events.append(event)
+
     def flush(self) -> None:
-        """Send the queued results (BackendError if the driver left)."""
+        """Send the queued events and results (BackendError if the driver left)."""
         with self.results_lock:
             results, self.results, self.results_bytes = self.results, [], 0
+            if self.events:
+                events, self.events = self.events, []
+                try:
+                    self.conn.send(P.Report(events, [(i, P.wire(sobj)) for i, sobj in results]))
+                    return
+                except ProtocolError:  # (a result too large: the events, then each alone)
+                    self.conn.send(P.Report(events, []))
             if not results:
                 return
             if len(results) == 1:
@@ -145,6 +165,29 @@ class DriverLink:
             except ProtocolError:  # (one too large: each alone, the culprit as an error)
                 for object_id, sobj in results:
                     P.send_object(self.conn, object_id, sobj)
+
+
+class _Stream:
+    """A streaming generator call this node runs for a driver: each item is
+    sent to the driver as soon as it is stored here, in order (`follow`)."""
+
+    __slots__ = ("link", "stream_id", "index", "waiter", "lock", "busy", "again", "done",
+                 "prefixes", "signals")
+
+    def __init__(self, link: DriverLink, stream_id: bytes, index: int):
+        self.link = link
+        self.stream_id = stream_id
+        self.index = index  # the next item to send
+        self.waiter = None  # the store's waiter for that item
+        self.lock = threading.Lock()
+        self.busy = False  # a thread is sending items (see DriverOwner._follow)
+        self.again = False  # an item arrived meanwhile: that thread looks again
+        self.done = False
+        #: The id prefixes of the consumer's acknowledgements and closed mark
+        #: (``core/generators.py``), which the producer waits for here, and
+        #: the ones of them stored here (freed when the stream ends).
+        self.prefixes = (ack_id(stream_id, 0)[:-8], closed_id(stream_id)[:-8])
+        self.signals: list[bytes] = []
 
 
 class DriverOwner:
@@ -177,11 +220,22 @@ class DriverOwner:
         #: and the links with results queued meanwhile.
         self._deferring = 0
         self._deferred: set = set()
+        #: Links with events queued outside a turn (see flush_events).
+        self._idle_events: set = set()
+        #: time.time() - time.perf_counter(): progress times as epoch times.
+        self._clock = time.time() - time.perf_counter()
+        #: Streaming generator calls running here: stream id -> its _Stream;
+        #: the id prefixes of their consumers' signals -> the _Stream; those of
+        #: streams that ended (see _store).
+        self.streams: dict[bytes, _Stream] = {}
+        self._signals: dict[bytes, _Stream] = {}
+        self._ended_signals: collections.OrderedDict = collections.OrderedDict()
 
     def attach(self, node, transport) -> None:
         """The daemon made its Node: pulls from other nodes go over `transport`."""
         self.node = node
         node.scheduler.job_of = self.job_of
+        node.scheduler.task_progress = self._task_progress
         self.puller = Puller(transport, node.object_store, self._pulled, self._pull_failed)
         node.object_store.on_lost = self._owner_died
         plugins.add_listener("beamlet_task_finished", self._task_finished)
@@ -234,8 +288,35 @@ class DriverOwner:
             link = self.task_driver.get(spec.task_id)
         else:
             link = self.task_driver.pop(spec.task_id, None)
+        if link is not None:  # (before its results: they flush it first)
+            link.queue_event(P.TaskFinished(spec.task_id, spec.attempt, status, duration, pid))
+            self._events_queued(link)
+
+    def _task_progress(self, event) -> None:
+        """The node scheduler's ``task_progress``: for the task's driver (which
+        records it, if it asked: ``task_events`` in its job settings)."""
+        task_id, attempt, state, pid, when = event
+        link = self.task_driver.get(task_id)
         if link is not None:
-            link.send(P.TaskFinished(spec.task_id, spec.attempt, status, duration, pid))
+            link.queue_event(P.TaskProgress(task_id, attempt, state, pid,
+                                            when + self._clock))
+            self._events_queued(link)
+
+    def _events_queued(self, link: DriverLink) -> None:
+        if self._deferring == threading.get_ident():
+            self._deferred.add(link)  # (sent at the end of the loop's turn)
+        else:
+            self._idle_events.add(link)  # (sent with its next results, or at the tick)
+
+    def flush_events(self) -> None:
+        """The daemon's tick: send the events queued without results to go with."""
+        while self._idle_events:
+            link = self._idle_events.pop()
+            if link.events:
+                try:
+                    link.flush()
+                except exc.BackendError:
+                    pass  # it left
 
     def _actor_state(self, actor_id, class_name, state, reason) -> None:
         if state == "DEAD":
@@ -441,12 +522,39 @@ class DriverOwner:
                 link.send(P.CancelChildren(elsewhere, message.force))
         elif kind is P.KillActor:
             self.node.scheduler.kill_actor(message.actor_id, message.no_restart)
+        elif kind is P.CreateGroup:
+            self._create_group(link, message.info, message.hosted)
+        elif kind is P.RemoveGroup:
+            if message.pg_id in link.groups:
+                link.groups.discard(message.pg_id)
+                self.node.scheduler.remove_placement_group(message.pg_id)
+
+    def _create_group(self, link: DriverLink, info, hosted) -> None:
+        """Reserve the bundles of a driver's placement group placed here; tell
+        it (a result under the node's ready id) once they are."""
+        if not isinstance(hosted, list) or not hosted or info.pg_id in link.groups:
+            return
+        store = self.node.object_store
+        store.on_ready(info.ready_id, lambda object_id: self._send_result(link, object_id))
+        link.groups.add(info.pg_id)
+        try:
+            self.node.scheduler.create_placement_group(info, hosted)
+        except ValueError as err:  # (the driver saw it fit: the node disagrees)
+            link.groups.discard(info.pg_id)
+            store.put(info.ready_id, serialize(err, is_error=True))
 
     def _store(self, objects) -> None:
         store = self.node.object_store
         for object_id, form in objects:
             with self.lock:
                 self._fetching.pop(object_id, None)
+            if self._signals or self._ended_signals:
+                prefix = object_id[:-8]
+                if prefix in self._ended_signals:
+                    continue  # (a consumer's signal to a stream that ended)
+                stream = self._signals.get(prefix)
+                if stream is not None:
+                    stream.signals.append(object_id)
             if not store.contains(object_id):
                 store.put(object_id, P.unwire(form))
 
@@ -475,6 +583,8 @@ class DriverOwner:
         for rid in spec.return_ids:
             store.on_ready(rid, lambda object_id: self._result(link, object_id, left, deps,
                                                                spec.task_id))
+        if spec.generator is not None and spec.generator[0] == "streaming":
+            self._stream_started(link, spec)
         try:
             self.node.scheduler.submit(spec)
         except Exception as err:  # noqa: BLE001 - its results say why
@@ -485,6 +595,19 @@ class DriverOwner:
                 task_id: bytes) -> None:
         """A result is stored here: send it to its driver (or, if large, where it
         is); free our copy of a small one."""
+        self._send_result(link, object_id)
+        left[0] -= 1
+        if not left[0]:
+            if self.task_job.get(task_id) is link:
+                self.task_job.pop(task_id, None)
+            if deps:
+                self.refs.decr_all(deps)
+            if self.streams:
+                self._stream_ended(object_id)
+
+    def _send_result(self, link: DriverLink, object_id: bytes) -> None:
+        """Send a stored object to `link`'s driver (or, if large, where it is,
+        kept here for it); free our copy of a small one."""
         store = self.node.object_store
         entry = store.entry(object_id)
         try:
@@ -510,12 +633,84 @@ class DriverOwner:
             pass  # it left
         if object_id not in link.held:
             self._released(object_id)  # (not kept for its driver: free it)
-        left[0] -= 1
-        if not left[0]:
-            if self.task_job.get(task_id) is link:
-                self.task_job.pop(task_id, None)
-            if deps:
-                self.refs.decr_all(deps)
+
+    # -- streaming generator calls: items to the driver as they are made ---------
+    def _stream_started(self, link: DriverLink, spec) -> None:
+        """Before the call runs: send its items to `link`'s driver as they come
+        (from the first its earlier attempts did not deliver)."""
+        stream_id = spec.return_ids[0]
+        if stream_id in self.streams:
+            return
+        skip = spec.generator[2] if len(spec.generator) > 2 else 0
+        stream = self.streams[stream_id] = _Stream(link, stream_id, skip)
+        for prefix in stream.prefixes:
+            self._signals[prefix] = stream
+        self._follow(stream)
+
+    def _follow(self, stream: _Stream) -> None:
+        """Send the stream's items stored here, in order, up to the first that
+        is not (then wait for that one); the end-of-stream marker ends it.
+        One thread at a time sends: one called meanwhile has the sender look
+        again (so the items' order is the order they reach the driver in)."""
+        with stream.lock:
+            if stream.busy:
+                stream.again = True
+                return
+            stream.busy = True
+        store = self.node.object_store
+        try:
+            while True:
+                while not stream.done:
+                    object_id = item_id(stream.stream_id, stream.index)
+                    if store.contains(object_id):
+                        end = _is_end(store, object_id)
+                        stream.index += 1
+                        self._send_result(stream.link, object_id)
+                        if end:
+                            self._stream_done(stream)
+                        continue
+                    stream.waiter = store.notify_when([object_id], 1,
+                                                      lambda: self._follow(stream), broad=False)
+                    if stream.waiter is None and not store.contains(object_id):
+                        self._stream_done(stream)  # (the store closed, or it was let go of)
+                    if stream.waiter is not None:
+                        break
+                with stream.lock:
+                    if not stream.again:
+                        stream.busy = False
+                        return
+                    stream.again = False
+        except BaseException:
+            with stream.lock:
+                stream.busy = False
+            raise
+
+    def _stream_ended(self, stream_id: bytes) -> None:
+        """The call's own result is out (after its items, or it failed before
+        its end): nothing more to send."""
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            self._stream_done(stream)
+
+    def _stream_done(self, stream: _Stream) -> None:
+        """Stop following the stream; free its consumer's signals stored here
+        (and drop the ones that come late)."""
+        stream.done = True
+        self.node.object_store.cancel_waiter(stream.waiter)
+        if self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
+        ended = self._ended_signals
+        for prefix in stream.prefixes:
+            self._signals.pop(prefix, None)
+            ended[prefix] = None
+        while len(ended) > ENDED_STREAMS_KEPT:
+            ended.popitem(last=False)
+        with self.lock:
+            for object_id in [i for i in self._fetching if i[:-8] in stream.prefixes]:
+                del self._fetching[object_id]
+        for object_id in stream.signals:
+            self._released(object_id)
+        stream.signals = []
 
     def driver_left(self, conn) -> None:
         """A driver is gone: let go of its actors and of what was kept for it."""
@@ -525,9 +720,16 @@ class DriverOwner:
         for table in (self.task_driver, self.actor_driver):
             for key in [k for k, v in table.items() if v is link]:
                 table.pop(key, None)
+        self._idle_events.discard(link)
+        self._deferred.discard(link)
         with self.lock:
             for object_id in [i for i, v in self._fetching.items() if v is link]:
                 self._fetching.pop(object_id, None)
+        for stream in [s for s in self.streams.values() if s.link is link]:
+            self._stream_done(stream)
+        for pg_id in list(link.groups):
+            self.node.scheduler.remove_placement_group(pg_id)
+        link.groups.clear()
         self.node.scheduler.job_ended(link)
         self._let_go(link, list(link.tokens) + list(link.held))
 

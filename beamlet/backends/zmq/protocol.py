@@ -11,6 +11,8 @@ daemon or command of another version is refused at connect, naming both.
     any -> head      StatusRequest()
     head -> any      StatusReply(nodes)
     head -> member   Refused(reason)                          then it closes
+    any -> node      WorkersRequest()     (a connection of its own, as StatusRequest)
+    node -> any      WorkersReply(workers)
 
 A driver (``backend.py``) asks the head to join, then connects to every
 node's own listener and runs its tasks there (``jobs.py`` is the node's
@@ -34,11 +36,18 @@ driver's own get) pulls it from there in chunks (``objects.py``).
     driver -> node   Release(object_ids)        actor tokens and objects kept for
                                                 the driver that it let go of
     driver -> node   CancelTask(object_id, force, recursive) / KillActor(actor_id, no_restart)
+    driver -> node   CreateGroup(info, hosted) / RemoveGroup(pg_id)   a placement
+                                                group's bundles placed here (the node
+                                                sends info.ready_id once reserved)
     node -> driver   CancelChildren(object_ids, force)   cancel these children of a
                                                 cancelled task (not run on this node)
-    node -> driver   TaskFinished(...) / ActorState(...)   what the node's
-                                                scheduler told its observers, for
-                                                the driver's (plugins' hooks)
+    node -> driver   Report(events, objects)    TaskFinished / TaskProgress events
+                                                (what the node's scheduler told its
+                                                observers, for the driver's hooks and
+                                                task record), then results; queued and
+                                                sent with the next results (or within
+                                                the daemon's tick)
+    node -> driver   ActorState(...)            (also for the driver's hooks)
     node -> driver   OwnerDied(object_ids, reason)   objects a dead worker put
     node -> driver   Borrow(added, released)    refs the node's workers hold
                                                 (first one) or let go of (last)
@@ -54,8 +63,9 @@ from ... import exceptions as exc
 from ...core.serialization import SerializedObject, serialize
 from ..local.transport import ProtocolError
 
-VERSION = "beamlet-cluster/4"  # 2: drivers run tasks on nodes; 3: nodes pull objects;
-# 4: nodes report task ends and actor states, recursive cancel across nodes
+VERSION = "beamlet-cluster/5"  # 2: drivers run tasks on nodes; 3: nodes pull objects;
+# 4: nodes report task ends and actor states, recursive cancel across nodes;
+# 5: placement groups' bundles reserved on nodes, task progress reported (Report)
 
 #: Seconds between a member's heartbeats, and of silence after which the head
 #: declares it dead (at once when its connection drops).
@@ -90,6 +100,14 @@ class StatusRequest(NamedTuple):
 
 class StatusReply(NamedTuple):
     nodes: list  # one dict per node: see HeadDaemon.status()
+
+
+class WorkersRequest(NamedTuple):
+    pass
+
+
+class WorkersReply(NamedTuple):
+    workers: list  # one dict per worker process of the node (Backend.workers' rows)
 
 
 class DriverJoin(NamedTuple):
@@ -190,6 +208,24 @@ class TaskFinished(NamedTuple):
     pid: int | None
 
 
+class TaskProgress(NamedTuple):
+    """The driver's task moved on the node (the scheduler's ``task_progress``:
+    waiting for arguments or resources, sent to its worker, running)."""
+    task_id: bytes
+    attempt: int
+    state: str
+    pid: int | None
+    when: float  # time.time() on the node
+
+
+class Report(NamedTuple):
+    """What the node's scheduler told of the driver's tasks (``TaskFinished``
+    and ``TaskProgress``, in order), then results (as ``Objects``): one
+    message where there would be several."""
+    events: list
+    objects: list     # [(object_id, wire form)]
+
+
 class ActorState(NamedTuple):
     """The driver's actor changed state on the node (``beamlet_actor_state``)."""
     actor_id: bytes
@@ -201,6 +237,19 @@ class ActorState(NamedTuple):
 class KillActor(NamedTuple):
     actor_id: bytes
     no_restart: bool
+
+
+class CreateGroup(NamedTuple):
+    """Reserve the bundles `hosted` (indices) of placement group `info` (a
+    ``tables.PlacementGroupInfo``) on this node; its ``ready_id`` is this
+    node's own, stored (and sent to the driver as a result) once they are."""
+    info: object
+    hosted: list
+
+
+class RemoveGroup(NamedTuple):
+    """Give back placement group `pg_id`'s bundles here; end what runs in them."""
+    pg_id: bytes
 
 
 def wire(sobj) -> tuple:
@@ -231,10 +280,10 @@ def send_object(conn, object_id: bytes, sobj) -> None:
 TO_HEAD = frozenset({NodeJoin, Heartbeat, StatusRequest, DriverJoin})
 #: What a node (head or member) accepts from a driver.
 FROM_DRIVER = frozenset({DriverHello, RunTask, Objects, Locations, Release, CancelTask,
-                         KillActor, Pull})
+                         KillActor, Pull, CreateGroup, RemoveGroup})
 #: What a driver accepts from a node.
 TO_DRIVER = frozenset({Objects, Located, Fetch, NestedSubmit, Chunk, Missing, CancelChildren,
-                       TaskFinished, ActorState, OwnerDied, Borrow})
+                       TaskFinished, ActorState, OwnerDied, Borrow, Report})
 #: What a node accepts from a node it pulls from.
 TO_PULLER = frozenset({Chunk, Missing})
 TO_MEMBER = frozenset({JoinAccepted, Refused})
