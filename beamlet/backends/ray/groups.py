@@ -142,6 +142,11 @@ class RayPlacementGroups:
             return
         group.removed = True
         before = _ray.available_resources()
+        # (Whether Ray had reserved it: its ready task ran. Ray's view of the
+        # cluster's resources, `before`, may not show that yet.)
+        reserved = any(group.ray_pg.id.hex() in name for name in before) or (
+            group.ready is not None and
+            bool(_ray.wait([group.ready], timeout=0, fetch_local=False)[0]))
         _remove_ray_pg(group.ray_pg)
         store = self._backend.object_store
         # Tasks: cancelled where they still run or wait, their results the error.
@@ -172,29 +177,31 @@ class RayPlacementGroups:
                 not _ray.wait([group.ready], timeout=0, fetch_local=False)[0]:
             _ray.cancel(group.ready, force=True)
             store.adopt([group.info.ready_id], [_ray.put(removed_value(group.info))])
-        self._await_release(group, before)
+        self._await_release(group, before, reserved)
 
     @staticmethod
-    def _await_release(group: _Group, before: dict) -> None:
+    def _await_release(group: _Group, before: dict, reserved: bool) -> None:
         """Until Ray's view of the available resources shows the group's given
-        back: its own resources gone and, if it was reserved (`before` shows
-        them), the node's grown by its bundles. Ray gives them back after
-        `remove_placement_group` returns, and reports them later still. At
-        most `_RELEASE_TIMEOUT` s (what others take meanwhile can keep the
-        second condition from ever holding: then the wait ends there)."""
+        back: its own resources gone and, if it was `reserved`, the free pool
+        grown by its bundles from `before` (at most to the cluster's total).
+        Ray gives them back after `remove_placement_group` returns, and
+        reports them later still. At most `_RELEASE_TIMEOUT` s (what others
+        take meanwhile can keep the second condition from ever holding: then
+        the wait ends there)."""
         key = group.ray_pg.id.hex()
-        back: dict[str, float] = {}
-        if any(key in name for name in before):
+        target: dict[str, float] = {}
+        if reserved:
+            total = _ray.cluster_resources()
             for bundle in group.bundles:
                 for name, amount in bundle.items():
-                    back[name] = back.get(name, 0.0) + amount
+                    target[name] = target.get(name, before.get(name, 0.0)) + amount
+            target = {name: min(amount, total.get(name, 0.0)) for name, amount in target.items()}
         deadline = time.monotonic() + _RELEASE_TIMEOUT
         pause = 0.005
         while time.monotonic() < deadline:
             now = _ray.available_resources()
             if not any(key in name for name in now) and all(
-                    now.get(name, 0.0) >= before.get(name, 0.0) + amount - 1e-6
-                    for name, amount in back.items()):
+                    now.get(name, 0.0) >= amount - 1e-6 for name, amount in target.items()):
                 return
             time.sleep(pause)
             pause = min(pause * 2, 0.1)
