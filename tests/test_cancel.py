@@ -77,7 +77,9 @@ def test_cancel_cancels_the_children_of_the_task(backend, force):
 
 def _opened():
     registry = Registry.remote()
-    registry.open_gate.remote()
+    # (Waited for: the calls of another caller, a task's wait_gate, may reach the
+    # one-thread actor first, and would then hold it for T seconds.)
+    ray.get(registry.open_gate.remote(), timeout=T)
     return registry
 
 

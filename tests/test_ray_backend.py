@@ -273,6 +273,64 @@ def test_cancel_running_queued_and_forced(session, tmp_path):
     assert ray.get(square.remote(4), timeout=T) == 16  # Ray carries on
 
 
+PROBE = "beamlet-test-control-probe"
+
+
+@ray.remote
+def control_call_then_wait():
+    """Calls a control store (whose actor is the probe) from the task's own
+    thread, as beamlet does for its tables; the call lasts until cancelled."""
+    import ray as real_ray
+
+    from beamlet.backends.ray.control import RayControlStore
+    probe = real_ray.get_actor(PROBE, namespace="beamlet-tests")
+    store = RayControlStore(actor=probe, in_worker=True)
+    try:
+        return store.put("t", b"slow", b"v")
+    finally:
+        store.close()
+
+
+def test_cancelling_a_task_leaves_its_control_store_calls_alone(session):
+    """cancel(task) (recursive, the default) cancels the actor calls the task
+    submitted; the control store's calls are not the task's to cancel (and
+    Ray 2.60, cancelling one on the control actor as it ended, crashed that
+    actor: every table of the cluster lost)."""
+    import asyncio
+
+    import ray as real_ray
+
+    @real_ray.remote(num_cpus=0, max_concurrency=10)
+    class Probe:
+        def __init__(self):
+            self.calls = []
+
+        async def put(self, table, key, value, overwrite):
+            self.calls.append("started")
+            try:
+                await asyncio.sleep(3)
+            except asyncio.CancelledError:
+                self.calls.append("cancelled")
+                raise
+            self.calls.append("done")
+            return True
+
+        async def seen(self):
+            return list(self.calls)
+
+    probe = Probe.options(name=PROBE, namespace="beamlet-tests").remote()
+    try:
+        ref = control_call_then_wait.remote()
+        _eventually(lambda: real_ray.get(probe.seen.remote(), timeout=T) == ["started"])
+        ray.cancel(ref)  # (the put is in flight in the probe now)
+        with pytest.raises(exc.TaskCancelledError):
+            ray.get(ref, timeout=T)
+        _eventually(lambda: len(real_ray.get(probe.seen.remote(), timeout=T)) > 1)
+        assert real_ray.get(probe.seen.remote(), timeout=T) == ["started", "done"]
+    finally:
+        real_ray.kill(probe)
+
+
 def test_control_store_is_shared_with_workers(session):
     store = session.control_store
     assert store.put("t", "k", b"1", overwrite=False)

@@ -238,6 +238,74 @@ class Executor:
                 _restore_env(saved)
             task_context.reset(token)
 
+    def execute_stream(self, spec: TaskSpec):
+        """`execute` of a generator call for an engine that holds the producer
+        back itself (Ray's streaming generators): a generator that yields None
+        after each item it stores (``Backend.put_stream_item``), then the
+        call's ExecutionResult. The spec's backpressure limit is not applied
+        here: the engine stops asking for the next step instead."""
+        token = task_context.set(TaskContext(spec.task_id, spec.actor_id, spec.display_name,
+                                             spec.resources, _placement(self, spec)))
+        saved = self._enter_env(spec)
+        try:
+            try:
+                args, kwargs = self._resolve(spec)
+                result = self._call(spec, args, kwargs)
+            except BaseException as err:  # noqa: BLE001 - user code may raise anything
+                yield self._handle(spec, err)
+                return
+            stream = self._stream(spec, result)
+            stream.limit = 0
+            while True:
+                try:
+                    stream.emit(stream.next_item())
+                except StopIteration:
+                    break
+                except BaseException as err:  # noqa: BLE001
+                    yield stream.fail(err)
+                    return
+                yield None
+            yield stream.finish()
+        finally:
+            if saved is not None:
+                _restore_env(saved)
+            task_context.reset(token)
+
+    async def execute_async_stream(self, spec: TaskSpec):
+        """`execute_stream` of an async actor's generator method, on the running
+        event loop (an async generator: an async method's items are awaited)."""
+        token = task_context.set(TaskContext(spec.task_id, spec.actor_id, spec.display_name,
+                                             spec.resources, _placement(self, spec)))
+        try:
+            try:
+                result = await self._call_async(spec)
+            except BaseException as err:  # noqa: BLE001
+                yield self._handle(spec, err)
+                return
+            if inspect.isasyncgen(result):
+                stream, agen = Stream(self, spec, None, lambda: None), result
+            else:
+                stream, agen = self._stream(spec, result), None
+            stream.limit = 0
+            while True:
+                try:
+                    stream.emit(await agen.__anext__() if agen is not None
+                                else stream.next_item())
+                except (StopIteration, StopAsyncIteration):
+                    break
+                except BaseException as err:  # noqa: BLE001
+                    if agen is not None:
+                        try:
+                            await agen.aclose()
+                        except BaseException:  # noqa: BLE001 - the error that ended it counts
+                            pass
+                    yield stream.fail(err)
+                    return
+                yield None
+            yield stream.finish()
+        finally:
+            task_context.reset(token)
+
     def _stream(self, spec: TaskSpec, result: Any) -> "Stream":
         """The Stream that runs what a generator call returned: a generator, an
         async generator (an async actor's method: run on the actor's loop) or
@@ -286,6 +354,17 @@ class Executor:
         os.environ.update(env)
         return saved
 
+    async def _call_async(self, spec: TaskSpec) -> Any:
+        """An async actor's method called (and awaited, if it returns an awaitable)."""
+        args, kwargs = self._resolve(spec)
+        actor = self.actors.get(spec.actor_id)
+        if actor is None:
+            raise exc.ActorDiedError(f"actor {spec.function_name} is not running here")
+        result = _actor_method(actor.instance, spec.method_name)(*args, **kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
     async def execute_async(self, spec: TaskSpec) -> ExecutionResult:
         """Run an async actor's method call on the running event loop: awaits the
         method, so many calls can be in flight on one loop."""
@@ -293,13 +372,7 @@ class Executor:
                                              spec.resources, _placement(self, spec)))
         try:
             try:
-                args, kwargs = self._resolve(spec)
-                actor = self.actors.get(spec.actor_id)
-                if actor is None:
-                    raise exc.ActorDiedError(f"actor {spec.function_name} is not running here")
-                result = _actor_method(actor.instance, spec.method_name)(*args, **kwargs)
-                if inspect.isawaitable(result):
-                    result = await result
+                result = await self._call_async(spec)
             except BaseException as err:  # noqa: BLE001
                 return self._handle(spec, err)
             if spec.generator is not None:

@@ -17,11 +17,13 @@ backends`` reads the class's flags without importing Ray.
 """
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import sys
 
 from ... import exceptions as exc
+from ...core.generators import item_id
 from ...core.interfaces import Backend
 from ...core.options import check_backend_options
 
@@ -39,6 +41,11 @@ class RayBackend(Backend):
     manages_workers = True
     # Ray's ownership: a task's children's results die with the task's worker.
     owner_fate_sharing = True
+    # Ray's own placement groups and concurrency groups (groups.py, scheduler.py).
+    placement_groups = True
+    concurrency_groups = True
+    # Generator calls are Ray generator tasks (worker.py, objects.py).
+    streaming_generators = True
 
     accepted_options = frozenset({"dashboard"})
 
@@ -54,6 +61,8 @@ class RayBackend(Backend):
         self._temp_dir: str | None = None
         self._session = None  # the lock on _temp_dir (a local-backend SessionLock)
         self._is_driver = not config.get("ray_worker")
+        #: item prefix -> the items a generator call running here made (stream_out)
+        self._stream_out: dict[bytes, collections.deque] = {}
         if self._is_driver:
             check_backend_options(config, self.accepted_options, self.name)
             self._connect(config)
@@ -67,12 +76,13 @@ class RayBackend(Backend):
         self.node_id = context.get_node_id()
         self.worker_id = context.get_worker_id()
         try:
-            self.object_store = RayObjectStore(runtime.refs, self._death_of)
+            self.object_store = RayObjectStore(runtime.refs, self._death_of,
+                                               in_worker=not self._is_driver)
             if config.get("control_store"):
                 from ...core.control_store import open_control_store
                 self.control_store = open_control_store(config["control_store"])
             else:
-                self.control_store = RayControlStore()
+                self.control_store = RayControlStore(in_worker=not self._is_driver)
             self.scheduler = RayScheduler(self)
         except BaseException:
             self._disconnect()
@@ -116,6 +126,25 @@ class RayBackend(Backend):
                 raise
         self._connected = True
 
+    # -- generator calls running here (worker.py) ----------------------------------------
+    def stream_out(self, stream_id: bytes) -> collections.deque:
+        """Where `put_stream_item` leaves the items of the generator call with
+        `stream_id` that runs in this process, for its Ray generator to yield
+        (Ray, not this process, then owns them: the caller does)."""
+        out = collections.deque()
+        self._stream_out[item_id(stream_id, 0)[:-8]] = out
+        return out
+
+    def stream_done(self, stream_id: bytes) -> None:
+        self._stream_out.pop(item_id(stream_id, 0)[:-8], None)
+
+    def put_stream_item(self, object_id: bytes, value) -> None:
+        out = self._stream_out.get(object_id[:-8])  # (an item id: the stream's prefix, index)
+        if out is None:
+            raise exc.BackendError(f"item {object_id.hex()} of a generator call that is not "
+                                   f"running in this Ray worker")
+        out.append(value.detached())
+
     def _death_of(self, actor_id: bytes) -> str | None:
         """That the actor is dead and why, as beamlet recorded it (None: not
         recorded dead)."""
@@ -133,11 +162,13 @@ class RayBackend(Backend):
                 for n in self._ray.nodes()]
 
     def shutdown(self) -> None:
-        """Drop this process's Ray refs and handles; in the driver also free the
-        names of the job's actors, then disconnect from Ray (stopping it if this
+        """Drop this process's Ray refs and handles; in the driver also remove
+        the placement groups it made and free the names of the job's actors,
+        then disconnect from Ray (stopping it if this
         backend started it)."""
         if self._is_driver:
             try:
+                self.scheduler.groups.remove_made()
                 self.scheduler.end_job_actors()
             except Exception:  # noqa: BLE001 - Ray is gone already
                 pass

@@ -21,6 +21,7 @@ there in order. A subscriber more than `_KEPT` messages behind misses the oldest
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import sys
 import threading
 from typing import Any, Callable
@@ -122,10 +123,13 @@ def control_actor():
 
 
 class RayControlStore(ControlStore):
-    def __init__(self, actor=None):
+    def __init__(self, actor=None, in_worker: bool = False):
         """`actor`: the actor holding the tables (default: the cluster's; tests
-        use one of their own)."""
+        use one of their own). `in_worker`: this process is a Ray worker, whose
+        calls to the actor are submitted from a thread of their own (`_call`)."""
         self._actor = actor if actor is not None else control_actor()
+        self._submitter = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="beamlet-ray-control") if in_worker else None
         self._lock = threading.Lock()
         self._subscribers: dict[str, list[Callable[[bytes], Any]]] = {}
         self._cursors: dict[str, int] = {}
@@ -133,8 +137,25 @@ class RayControlStore(ControlStore):
         self._closed = threading.Event()
 
     def _call(self, method: str, *args):
+        """Call the actor's `method` and wait for its answer (`_CALL_TIMEOUT`).
+
+        In a Ray worker the call is submitted from the store's own thread: Ray
+        counts an actor call submitted from a task's thread as that task's
+        child, so ``cancel(task)`` (recursive, the default) would cancel the
+        control store's calls in flight too, leaving a write half-known to its
+        caller; and Ray 2.60 cancelling a call on this async actor as it
+        finishes can crash the actor's process (a Ray-internal check, "Check
+        failed: erased == 1"), losing every table of the cluster."""
+        call = getattr(self._actor, method).remote
         try:
-            return _ray.get(getattr(self._actor, method).remote(*args), timeout=_CALL_TIMEOUT)
+            if self._submitter is None:
+                ref = call(*args)
+            else:
+                ref = self._submitter.submit(call, *args).result(_CALL_TIMEOUT)
+            return _ray.get(ref, timeout=_CALL_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            raise exc.BackendError(f"the beamlet control store (a Ray actor) did not take a "
+                                   f"call within {_CALL_TIMEOUT} s") from None
         except _ray.exceptions.RayError as err:
             raise exc.BackendError(f"the beamlet control store (a Ray actor) failed: "
                                    f"{type(err).__name__}: {err}") from None
@@ -211,6 +232,8 @@ class RayControlStore(ControlStore):
 
     def close(self) -> None:
         self._closed.set()
+        if self._submitter is not None:
+            self._submitter.shutdown(wait=False)
         with self._lock:
             self._subscribers.clear()
             poller, self._poller = self._poller, None

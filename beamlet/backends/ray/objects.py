@@ -33,9 +33,30 @@ import ray as _ray
 import ray.exceptions as _rex
 
 from ... import exceptions as exc
+from ...core.generators import closed_id, end_marker, item_id
 from ...core.interfaces import ObjectStore
 from ...core.runtime import deadline, remaining
 from ...core.serialization import SerializedObject, serialize
+
+
+_RayDynamic = _ray.DynamicObjectRefGenerator
+_DYNAMIC_TIMEOUT = 60.0
+
+
+class _Stream:
+    """A generator call this process consumes: Ray's ObjectRefGenerator, and
+    how many refs were taken from it (items ``0..taken-1`` are in ``_refs``
+    while referenced)."""
+
+    __slots__ = ("stream_id", "prefix", "generator", "taken", "ended", "lock")
+
+    def __init__(self, stream_id: bytes, generator):
+        self.stream_id = stream_id
+        self.prefix = item_id(stream_id, 0)[:-8]
+        self.generator = generator
+        self.taken = 0
+        self.ended = False
+        self.lock = threading.Lock()
 
 
 #: What `entry` answers for a value read here that is not an error.
@@ -45,6 +66,10 @@ _READ_OK = SerializedObject(b"")
 def error_of(err: BaseException, what: str = "") -> BaseException:
     """The beamlet exception for a Ray exception raised by ``ray.get`` of `what`."""
     text = f"{what}: {err}" if what else str(err)
+    if isinstance(err, _rex.TaskPlacementGroupRemoved):
+        return exc.TaskPlacementGroupRemoved(text)
+    if isinstance(err, _rex.ActorPlacementGroupRemoved):
+        return exc.ActorDiedError(f"the actor is dead: its placement group was removed ({text})")
     if isinstance(err, _rex.TaskCancelledError):
         return exc.TaskCancelledError(text)
     if isinstance(err, _rex.ActorUnavailableError):
@@ -79,11 +104,14 @@ def error_of(err: BaseException, what: str = "") -> BaseException:
 class RayObjectStore(ObjectStore):
     """The ObjectStore of one process (driver or Ray worker) on Ray."""
 
-    def __init__(self, refs, death_of: Callable[[bytes], str | None] | None = None):
+    def __init__(self, refs, death_of: Callable[[bytes], str | None] | None = None,
+                 in_worker: bool = False):
         """`refs`: the Runtime's ReferenceCounter; `death_of(actor_id)`: that the
         actor is dead and why, as beamlet recorded it (None if it did not), so
-        that a call to it fails saying so rather than Ray's account of its process."""
+        that a call to it fails saying so rather than Ray's account of its process.
+        `in_worker`: this process is a Ray worker (see `entry`)."""
         self._counter = refs
+        self._in_worker = in_worker
         self._death_of = death_of
         self._calls: dict[bytes, bytes] = {}  # return id of an actor call -> actor id
         self._lock = threading.Lock()
@@ -102,6 +130,8 @@ class RayObjectStore(ObjectStore):
         self._read: dict[bytes, SerializedObject] = {}
         self._callbacks: queue.SimpleQueue | None = None
         self._closed = False
+        #: Streams this process consumes: item prefix (and closed id) -> _Stream.
+        self._streams: dict[bytes, _Stream] = {}
 
     # -- Ray refs --------------------------------------------------------------------
     def adopt(self, object_ids: Sequence[bytes], ray_refs: Sequence,
@@ -113,6 +143,55 @@ class RayObjectStore(ObjectStore):
             if actor_id is not None:
                 self._calls.update(dict.fromkeys(object_ids, actor_id))
 
+    def adopt_stream(self, stream_id: bytes, generator) -> None:
+        """Hold the Ray ObjectRefGenerator of a generator call this process just
+        submitted: the stream's id stands for its ``completed()`` ref, and item
+        ``i`` (``generators.item_id``) for the ``i``-th ref it gives."""
+        stream = _Stream(stream_id, generator)
+        with self._lock:
+            self._refs[stream_id] = generator.completed()
+            self._streams[stream.prefix] = stream
+            self._streams[closed_id(stream_id)] = stream
+
+    def _stream_of(self, object_id: bytes) -> "_Stream | None":
+        return self._streams.get(object_id[:-8]) if self._streams else None
+
+    def _pull(self, object_id: bytes, timeout: float | None) -> bool:
+        """Take refs from the stream `object_id` is an item of, until that item's
+        (or the stream's end); whether it is known now. Waits up to `timeout`."""
+        stream = self._stream_of(object_id)
+        if stream is None:
+            return False
+        index = int.from_bytes(object_id[-8:], "little")
+        until = deadline(timeout)
+        with stream.lock:
+            while stream.taken <= index and not stream.ended:
+                generator = stream.generator
+                if generator is None:  # (the consumer is gone: nothing more comes)
+                    return False
+                try:
+                    ref = generator._next_sync(remaining(until))
+                except StopIteration:
+                    stream.ended = True
+                    break
+                if ref.is_nil():
+                    return False
+                with self._lock:
+                    self._refs[item_id(stream.stream_id, stream.taken)] = ref
+                stream.taken += 1
+        with self._lock:
+            return object_id in self._refs or (stream.ended and index >= stream.taken)
+
+    def _end_of(self, object_id: bytes):
+        """For an item past the end of its (ended) stream: a Ray ref holding the
+        end-of-stream marker (Ray ends a failed call's stream with its error,
+        without beamlet's marker). None for any other id."""
+        stream = self._stream_of(object_id)
+        if stream is None or not stream.ended or \
+                int.from_bytes(object_id[-8:], "little") < stream.taken:
+            return None
+        return _ray.put(end_marker())
+
     def adopt_actor(self, actor_id: bytes, token_id: bytes, handle) -> None:
         with self._lock:
             self.actors[actor_id] = handle
@@ -123,6 +202,11 @@ class RayObjectStore(ObjectStore):
         Ray object holding ``ObjectLostError``."""
         with self._lock:
             ref = self._refs.get(object_id)
+        if ref is None and self._streams and self._pull(object_id, 0):
+            with self._lock:
+                ref = self._refs.get(object_id)
+            if ref is None:
+                ref = self._end_of(object_id)
         if ref is None:
             ref = _ray.put(serialize(self._lost(object_id), is_error=True))
         return ref
@@ -183,6 +267,12 @@ class RayObjectStore(ObjectStore):
             if object_id is not None:
                 self._read[object_id] = value if value.is_error else _READ_OK
             return value
+        if kind is _RayDynamic:
+            return self._unpack_dynamic(object_id, value)
+        if value is None:  # (a generator call's completed() ref: its end)
+            if object_id is not None:
+                self._read[object_id] = _READ_OK
+            return serialize(None)
         sobj, refs, actors = value
         if object_id is not None:
             self._read[object_id] = _READ_OK
@@ -196,6 +286,18 @@ class RayObjectStore(ObjectStore):
                 self._counter.incr_all(sobj.refs)
         return sobj
 
+    def _unpack_dynamic(self, object_id: bytes | None, value) -> SerializedObject:
+        """A ``num_returns="dynamic"`` call's value, as Ray gives it (the refs of
+        everything its generator yielded: the items, then the call's own value,
+        worker.py): the items' refs are learnt under their item ids."""
+        refs = list(value)
+        if object_id is not None:
+            with self._lock:
+                for index, ref in enumerate(refs[:-1]):
+                    self._refs.setdefault(item_id(object_id, index), ref)
+        own = _ray.get(refs[-1], timeout=_DYNAMIC_TIMEOUT)  # (stored before the call ended)
+        return self.unpack(object_id, own)
+
     @contextlib.contextmanager
     def provided(self, dep_ids: Sequence[bytes], dep_values: Sequence, carried: tuple):
         """Within the block (in this thread), `get` of these ids answers from the
@@ -208,7 +310,8 @@ class RayObjectStore(ObjectStore):
             self._counter.incr_all(held)
         # (Not counted under their ids: this process holds no ref to them. The
         # refs inside are counted once the task deserializes its arguments.)
-        values = {i: self.unpack(None, v) for i, v in zip(dep_ids, dep_values)}
+        values = {i: self._unpack_dynamic(i, v) if type(v) is _RayDynamic else
+                  self.unpack(None, v) for i, v in zip(dep_ids, dep_values)}
         outer = self._local.get()
         token = self._local.set({**outer, **values} if outer else values)
         try:
@@ -221,6 +324,19 @@ class RayObjectStore(ObjectStore):
     # -- ObjectStore -------------------------------------------------------------------
     def put(self, object_id: bytes, value: SerializedObject) -> None:
         self._check_open()
+        if self._streams:
+            stream = self._streams.get(object_id)
+            if stream is not None and object_id == closed_id(stream.stream_id):
+                # The consumer dropped the generator: the producer is stopped
+                # (Ray, told only that the stream is gone, would let it run on
+                # unchecked), and this process lets go of Ray's generator.
+                with stream.lock:
+                    generator, stream.generator = stream.generator, None
+                if generator is not None and not stream.ended:
+                    try:
+                        _ray.cancel(generator, force=False, recursive=True)
+                    except Exception:  # noqa: BLE001 - it ended meanwhile
+                        pass
         ref = _ray.put(self.pack(value.detached()))
         with self._lock:
             self._refs[object_id] = ref
@@ -232,6 +348,12 @@ class RayObjectStore(ObjectStore):
         out = {i: local[i] for i in object_ids if i in local}
         missing = [i for i in dict.fromkeys(object_ids) if i not in out]
         if missing:
+            if self._streams:
+                until = deadline(timeout)
+                for i in missing:
+                    if i not in self._refs and self._stream_of(i) is not None and \
+                            not self._pull(i, remaining(until)):
+                        raise exc.GetTimeoutError(f"get timed out after {timeout} s")
             refs = [self.ray_ref(i) for i in missing]
             if fail_fast and len(refs) > 1:
                 values = self._until_error(missing, refs, timeout)
@@ -284,9 +406,21 @@ class RayObjectStore(ObjectStore):
             except _rex.GetTimeoutError:
                 raise exc.GetTimeoutError(f"get timed out after {timeout} s") from None
             except _rex.RayError as err:
+                if self._stream_id(object_id):
+                    # Ray gave the failure as the stream's last item already
+                    # (beamlet's stream id then holds None: the task is over).
+                    values.append(self.unpack(object_id, None))
+                    continue
                 values.append(serialize(self._error(object_id, err), is_error=True))
                 self._read[object_id] = values[-1]
         return values
+
+    def _stream_id(self, object_id: bytes) -> bool:
+        """Whether `object_id` is the own id of a stream this process consumes."""
+        if not self._streams:
+            return False
+        stream = self._streams.get(item_id(object_id, 0)[:-8])
+        return stream is not None and stream.stream_id == object_id
 
     def entry(self, object_id: bytes) -> SerializedObject | None:
         """The object's value as far as it can be known without waiting (None: not
@@ -295,6 +429,14 @@ class RayObjectStore(ObjectStore):
         known = self._read.pop(object_id, None)
         if known is not None:
             return known
+        if self._in_worker and threading.current_thread() is threading.main_thread():
+            # No Ray call here: Ray delivers cancel() to the task running in this
+            # thread as a KeyboardInterrupt out of its next blocking call, and
+            # this runs when a ref is released, often in ObjectRef.__del__, where
+            # Python swallows it: the cancelled task then ran on, holding its
+            # resources (seen under load in test_cancel). So in a worker's task
+            # thread an error nobody read is logged only if it was read here.
+            return None
         with self._lock:
             ref = self._refs.get(object_id)
         if ref is None or self._closed:
@@ -307,6 +449,8 @@ class RayObjectStore(ObjectStore):
         except _rex.GetTimeoutError:
             return None
         except _rex.RayError as err:
+            if self._stream_id(object_id):
+                return _READ_OK  # (see _one_by_one)
             return serialize(self._error(object_id, err), is_error=True)
         except Exception:  # noqa: BLE001 - (a release may come late, as Ray disconnects)
             return None
@@ -332,12 +476,54 @@ class RayObjectStore(ObjectStore):
         pending = [i for i in unique if i not in ready]
         if len(ready) >= num_returns or not pending:
             return ready
+        if self._streams and any(self._stream_of(i) is not None for i in pending):
+            return self._wait_streams(ready, pending, num_returns, timeout)
         refs = [self.ray_ref(i) for i in pending]
         by_ref = dict(zip(refs, pending))
         done, _ = _ray.wait(refs, num_returns=min(num_returns - len(ready), len(refs)),
                             timeout=timeout, fetch_local=False)
         ready.update(by_ref[r] for r in done)
         return ready
+
+    def _wait_streams(self, ready: set, pending: list, num_returns: int,
+                      timeout: float | None) -> set:
+        """`wait` where some ids are items of streams not taken from Ray yet: for
+        those, Ray's generator is what is waited on (ready: its next ref, or its
+        end, is there); one that is ready is taken from, and waited on again
+        while it has not reached the item."""
+        until = deadline(timeout)
+        while True:
+            waitables, whose = [], {}
+            for object_id in pending:
+                if object_id in ready:
+                    continue
+                with self._lock:
+                    ref = self._refs.get(object_id)
+                stream = self._stream_of(object_id) if ref is None else None
+                if stream is not None:
+                    if self._pull(object_id, 0):
+                        ready.add(object_id)
+                        continue
+                    if stream.generator is None:
+                        continue  # (dropped: it never comes)
+                    ref = stream.generator
+                elif ref is None:
+                    ref = self.ray_ref(object_id)
+                if ref not in whose:
+                    waitables.append(ref)
+                whose.setdefault(ref, []).append(object_id)
+            need = num_returns - len(ready)
+            if need <= 0 or not waitables:
+                return ready
+            left = remaining(until)
+            done, _ = _ray.wait(waitables, num_returns=min(need, len(waitables)), timeout=left,
+                                fetch_local=False)
+            for waitable in done:
+                for object_id in whose[waitable]:
+                    if self._stream_of(object_id) is None or object_id in self._refs:
+                        ready.add(object_id)
+            if not done and left is not None and left <= 0:
+                return ready
 
     def contains(self, object_id: bytes) -> bool:
         local = self._local.get()
@@ -346,7 +532,7 @@ class RayObjectStore(ObjectStore):
         with self._lock:
             ref = self._refs.get(object_id)
         if ref is None:
-            return False
+            return bool(self._streams) and self._pull(object_id, 0)
         ready, _ = _ray.wait([ref], timeout=0, fetch_local=False)
         return bool(ready)
 
@@ -363,6 +549,11 @@ class RayObjectStore(ObjectStore):
                 contained = self._contained.pop(object_id, None)
                 if contained:
                     released.extend(contained)
+                if self._streams:
+                    stream = self._streams.get(item_id(object_id, 0)[:-8])
+                    if stream is not None and stream.stream_id == object_id:
+                        del self._streams[stream.prefix]
+                        self._streams.pop(closed_id(object_id), None)
         if released:
             self._counter.decr_all(released)
 
@@ -407,6 +598,7 @@ class RayObjectStore(ObjectStore):
             self.tokens.clear()
             self._contained.clear()
             self._read.clear()
+            self._streams.clear()
             callbacks, self._callbacks = self._callbacks, None
         if callbacks is not None:
             callbacks.put(None)

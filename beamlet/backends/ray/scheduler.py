@@ -20,6 +20,7 @@
 """
 from __future__ import annotations
 
+import json
 
 import ray as _ray
 
@@ -29,10 +30,22 @@ from ...core.interfaces import Scheduler
 from ...core.scheduling import ActorLifecycle
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
 from .control import NAMESPACE
-from .worker import ray_actor_host, ray_async_actor_host, task_function, wire
+from .worker import actor_host_class, stream_function, task_function, wire
 
 ACTOR_PREFIX = "beamlet-actor-"
+#: actor id -> its concurrency groups' names, one a line (in the control store)
+_GROUPS_TABLE = "ray_concurrency_groups"
+_ASYNC = frozenset({None})  # (among an async actor's group names: see _note_groups)
 _HIDDEN = ("node:", "accelerator_type:")
+
+
+def _stream_options(spec: TaskSpec) -> dict:
+    """Ray's options for a generator call: Ray holds the producer back."""
+    mode, limit = spec.generator[0], spec.generator[1]
+    options = {"num_returns": mode}
+    if mode == "streaming" and limit > 0:
+        options["_generator_backpressure_num_objects"] = limit
+    return options
 
 
 def _visible(resources: dict) -> dict:
@@ -48,6 +61,11 @@ class RayScheduler(Scheduler):
         # Ray's .options() builds and checks a new wrapper each call: one per kind of task.
         self._task_kinds: dict[tuple, object] = {}
         self._run_task = task_function(backend.job)
+        self._run_stream = None  # (made on the first generator task)
+        from .groups import RayPlacementGroups
+        self.groups = RayPlacementGroups(backend, self._node_resources)
+        #: actor id -> the names of its concurrency groups (those this process knows)
+        self._concurrency_groups: dict[bytes, frozenset] = {}
 
     # -- resources -------------------------------------------------------------------
     def _node_resources(self, refresh: bool = False) -> list[dict]:
@@ -57,7 +75,13 @@ class RayScheduler(Scheduler):
         return self._nodes
 
     def _options(self, spec: TaskSpec) -> dict:
-        """Ray's resource options for `spec`, checked feasible on some node."""
+        """Ray's resource and placement options for `spec`, checked feasible on
+        some node (in its placement group: in a bundle it may use)."""
+        if spec.placement_group is not None:
+            request, strategy = self.groups.options(spec)
+            options = self._resource_options({k: float(v) for k, v in request.items() if v})
+            options["scheduling_strategy"] = strategy
+            return options
         request = {k: float(v) for k, v in (spec.resources or {}).items() if v}
         for refresh in (False, True):
             nodes = self._node_resources(refresh)
@@ -73,6 +97,11 @@ class RayScheduler(Scheduler):
             raise ValueError(f"{spec.display_name} requests {request}, but no Ray node has "
                              f"that much (each node's resources: {nodes[:4]}): it could "
                              f"never run")
+        return self._resource_options(request)
+
+    @staticmethod
+    def _resource_options(request: dict) -> dict:
+        request = dict(request)
         options = {"num_cpus": request.pop("CPU", 0.0), "num_gpus": request.pop("GPU", 0.0)}
         if "memory" in request:
             options["memory"] = request.pop("memory")
@@ -101,43 +130,114 @@ class RayScheduler(Scheduler):
                 self._store.fail(spec.return_ids, exc.ActorDiedError(
                     f"the actor {spec.function_name} is dead (no Ray actor has its id)"))
                 return
-            refs = host.call.options(num_returns=n, name=spec.display_name).remote(*args)
+            group = (spec.actor_options or {}).get("concurrency_group")
+            method, options = host.call, {"num_returns": n, "name": spec.display_name}
+            if spec.generator is not None:
+                method = host.call_stream
+                options.update(_stream_options(spec))
+            if group is None:
+                refs = method.options(**options).remote(*args)
+            elif group in self._groups_of(spec.actor_id):
+                # (An async actor's host keeps its groups itself: see worker.py.)
+                if not self._groups_of(spec.actor_id) & _ASYNC:
+                    options["concurrency_group"] = group
+                refs = method.options(**options).remote(*args)
+            else:
+                # (Ray would crash the actor's process on a group it lacks.)
+                self._store.fail(spec.return_ids, ValueError(
+                    f"{spec.display_name} was called in concurrency group {group!r}, which "
+                    f"the actor does not define; its concurrency_groups are: "
+                    f"{sorted(self._groups_of(spec.actor_id) - _ASYNC) or 'none'}"))
+                return
         elif spec.kind == ACTOR_CREATION:
             self._create_actor(spec, payload, carried, dep_refs)
             return
         else:
+            if spec.placement_group is not None:
+                self.groups.options(spec)  # (its group may be gone: the kind is cached)
             refs = self._task_kind(spec).remote(*args)
+            if spec.placement_group is not None:
+                self.groups.note_task(spec, [refs] if n == 1 else list(refs))
+        if spec.generator is not None and spec.generator[0] == "streaming":
+            # (The stream's own id stands for the task's end; its items come from
+            # Ray's generator as the consumer asks for them: objects.py.)
+            self._store.adopt_stream(spec.return_ids[0], refs)
+            return
         self._store.adopt(spec.return_ids, [refs] if n == 1 else refs,
                           spec.actor_id if spec.kind == ACTOR_METHOD else None)
 
     def _task_kind(self, spec: TaskSpec):
         """The job's Ray task with the spec's Ray options (made once per kind of task)."""
         key = (spec.display_name, len(spec.return_ids), spec.max_retries,
-               tuple(sorted((spec.resources or {}).items())))
+               tuple(sorted((spec.resources or {}).items())),
+               spec.placement_group and spec.placement_group[1], spec.generator)
         kind = self._task_kinds.get(key)
         if kind is None:
-            kind = self._task_kinds[key] = self._run_task.options(
-                num_returns=key[1], max_retries=spec.max_retries, retry_exceptions=False,
-                name=spec.display_name, **self._options(spec))
+            if spec.generator is not None:
+                if self._run_stream is None:
+                    self._run_stream = stream_function(self._backend.job)
+                kind = self._run_stream.options(
+                    max_retries=spec.max_retries, retry_exceptions=False,
+                    name=spec.display_name, **_stream_options(spec), **self._options(spec))
+            else:
+                kind = self._run_task.options(
+                    num_returns=key[1], max_retries=spec.max_retries, retry_exceptions=False,
+                    name=spec.display_name, **self._options(spec))
+            self._task_kinds[key] = kind
         return kind
 
     def _create_actor(self, spec: TaskSpec, payload, carried, dep_refs) -> None:
         options = spec.actor_options or {}
-        host_class = ray_async_actor_host if options.get("is_async") else ray_actor_host
+        groups = options.get("concurrency_groups") or {}
+        is_async = bool(options.get("is_async"))
+        concurrency = options.get("max_concurrency") or 1
+        if groups:
+            self._note_groups(spec.actor_id, groups, is_async)
+            if is_async:  # (its host holds each group to its limit)
+                concurrency += sum(groups.values())
+        host_class = actor_host_class(is_async, groups)
         detached = bool(options.get("detached"))
         host = host_class.options(
             name=ACTOR_PREFIX + spec.actor_id.hex(), namespace=NAMESPACE,
             lifetime="detached" if detached else None,
             max_restarts=options.get("max_restarts", 0),
             max_task_retries=options.get("max_task_retries", 0),
-            max_concurrency=options.get("max_concurrency") or 1,
+            max_concurrency=concurrency,
             **self._options(spec)).remote(self._backend.job, payload, carried, *dep_refs)
         # Recorded for the driver's shutdown, which frees the job's actors' names.
         self._backend.runtime.tables.note_job_actor(self._backend.job["job_id"], spec.actor_id,
                                                     detached)
+        if spec.placement_group is not None:
+            self.groups.note_actor(spec, host)
         token = spec.return_ids[0]
         self._store.adopt_actor(spec.actor_id, token, host)
         self._store.adopt([token], [host.created.remote()])
+
+    # -- concurrency groups ------------------------------------------------------------
+    def _note_groups(self, actor_id: bytes, groups: dict, is_async: bool) -> None:
+        """Record the actor's concurrency groups where every process finds them
+        (with `_ASYNC` among them for an async actor)."""
+        names = frozenset(groups) | (_ASYNC if is_async else frozenset())
+        self._concurrency_groups[actor_id] = names
+        self._backend.control_store.put(_GROUPS_TABLE, actor_id, json.dumps(
+            {"groups": sorted(groups), "async": is_async}).encode())
+
+    def _groups_of(self, actor_id: bytes) -> frozenset:
+        """The names of the actor's concurrency groups (none: it has none)."""
+        names = self._concurrency_groups.get(actor_id)
+        if names is None:
+            raw = self._backend.control_store.get(_GROUPS_TABLE, actor_id)
+            record = json.loads(raw) if raw else {"groups": [], "async": False}
+            names = frozenset(record["groups"]) | (_ASYNC if record["async"] else frozenset())
+            self._concurrency_groups[actor_id] = names
+        return names
+
+    # -- placement groups --------------------------------------------------------------
+    def create_placement_group(self, info) -> None:
+        self.groups.create(info)
+
+    def remove_placement_group(self, pg_id: bytes) -> None:
+        self.groups.remove(pg_id)
 
     def actor(self, actor_id: bytes):
         """The Ray handle of the actor: held here, or found by its Ray name (then

@@ -16,6 +16,7 @@ it once no handle is left (calling ``__ray_shutdown__``).
 """
 from __future__ import annotations
 
+import asyncio
 import pickle
 import sys
 import threading
@@ -91,6 +92,74 @@ def _run_task(job: dict, payload: bytes, carried, *dep_values):
     return _returns(state, spec, result.values)
 
 
+def _stream_values(state: _Job, spec: TaskSpec, steps):
+    """The Ray items of a generator call (`steps`: ``Executor.execute_stream``):
+    each item the call stores (``put_stream_item``), packed, as it is made;
+    for ``"dynamic"``, then the call's own value (the refs of the items). A
+    call that failed before it stored anything gives its error, then the end
+    of the stream."""
+    backend = state.runtime.backend
+    stream_id = spec.return_ids[0]
+    out = backend.stream_out(stream_id)
+    stored, final = False, None
+    try:
+        for step in steps:
+            while out:
+                stored = True
+                yield state.store.pack(out.popleft())
+            if step is not None:
+                final = step
+        yield from _stream_end(state, spec, out, stored, final)
+    finally:
+        steps.close()  # (here, not when collected: it resets this thread's context)
+        backend.stream_done(stream_id)
+
+
+def _stream_end(state: _Job, spec: TaskSpec, out, stored: bool, final):
+    while out:
+        stored = True
+        yield state.store.pack(out.popleft())
+    if final is None:
+        return
+    if spec.generator[0] == "dynamic":
+        yield state.store.pack(final.values[0])
+    elif not stored and final.values and final.values[0].is_error:
+        from ...core.generators import end_marker
+        yield state.store.pack(final.values[0])
+        yield state.store.pack(end_marker())
+
+
+async def _async_stream_values(state: _Job, spec: TaskSpec, steps):
+    """`_stream_values` of an async actor's generator method."""
+    backend = state.runtime.backend
+    stream_id = spec.return_ids[0]
+    out = backend.stream_out(stream_id)
+    stored, final = False, None
+    try:
+        async for step in steps:
+            while out:
+                stored = True
+                yield state.store.pack(out.popleft())
+            if step is not None:
+                final = step
+        for value in _stream_end(state, spec, out, stored, final):
+            yield value
+    finally:
+        await steps.aclose()
+        backend.stream_done(stream_id)
+
+
+def stream_function(job: dict):
+    """`task_function` for generator tasks: a Ray generator, called with
+    ``num_returns="streaming"`` or ``"dynamic"``."""
+    def run_stream(payload: bytes, carried=None, *dep_values):
+        spec, dep_ids, carried = _unwire(payload, carried)
+        state = _job(job)
+        with state.store.provided(dep_ids, dep_values, carried):
+            yield from _stream_values(state, spec, state.executor.execute_stream(spec))
+    return _ray.remote(run_stream)
+
+
 def task_function(job: dict):
     """`_run_task` for one job as a Ray remote function, with the job bound:
     Ray ships a function to a worker once, where an argument would travel
@@ -98,6 +167,17 @@ def task_function(job: dict):
     def run_task(payload: bytes, carried=None, *dep_values):
         return _run_task(job, payload, carried, *dep_values)
     return _ray.remote(run_task)
+
+
+def _placement_group_ready(job: dict, pg_id: bytes, value):
+    """(Runs in the group, once its bundles are reserved.) Record the group
+    CREATED, then return `value` (the group, packed): whoever gets the ready
+    ref reads CREATED in the tables. A group removed meanwhile stays REMOVED."""
+    _job(job).runtime.tables.set_placement_group_state(pg_id, "CREATED")
+    return value
+
+
+ray_placement_group_ready = _ray.remote(num_cpus=0, max_retries=0)(_placement_group_ready)
 
 
 class _Host:
@@ -120,6 +200,13 @@ class _Host:
     def _died(self, spec: TaskSpec):
         error = exc.ActorDiedError(f"the actor {self._spec.function_name} is dead: {self._dead}")
         return _returns(self._job, spec, [serialize(error, is_error=True)] * len(spec.return_ids))
+
+    def _died_stream(self, spec: TaskSpec):
+        """The Ray items of a generator call to this dead actor."""
+        from ...core.execution import ExecutionResult
+        error = exc.ActorDiedError(f"the actor {self._spec.function_name} is dead: {self._dead}")
+        yield from _stream_end(self._job, spec, (), False,
+                               ExecutionResult([serialize(error, is_error=True)], error))
 
     def _after(self, spec: TaskSpec, values: list):
         """The call's Ray return value; if the call ran ``exit_actor()``, the actor
@@ -169,10 +256,34 @@ class ActorHost(_Host):
             result = run_attempts(spec, self._job.executor.execute, self._spec)
         return self._after(spec, result.values)
 
+    def call_stream(self, payload: bytes, carried=None, *dep_values):
+        """A generator method's call (a Ray generator: see `_stream_values`)."""
+        spec, dep_ids, carried = _unwire(payload, carried)
+        if self._dead is not None:
+            yield from self._died_stream(spec)
+            return
+        with self._job.store.provided(dep_ids, dep_values, carried):
+            yield from _stream_values(self._job, spec, self._job.executor.execute_stream(spec))
+
 
 class AsyncActorHost(_Host):
     """Hosts one beamlet actor with ``async`` methods: its calls run on the Ray
-    actor's event loop, up to ``max_concurrency`` at once."""
+    actor's event loop, up to ``max_concurrency`` at once.
+
+    Its concurrency groups are kept here, as semaphores on that one loop (the
+    Ray actor's ``max_concurrency`` is the sum of all the limits): Ray would
+    run each group on an event loop of its own, in a thread of its own, where
+    beamlet's async actor has one loop, so that its methods may share asyncio
+    objects (an ``asyncio.Event`` set by a call in one group and awaited by
+    one in another)."""
+
+    def __init__(self, job: dict, payload: bytes, carried, *dep_values):
+        super().__init__(job, payload, carried, *dep_values)
+        options = self._spec.actor_options or {}
+        self._limits = {name: asyncio.Semaphore(limit) for name, limit in
+                        (options.get("concurrency_groups") or {}).items()}
+        if self._limits:
+            self._limits[None] = asyncio.Semaphore(options.get("max_concurrency") or 1)
 
     async def created(self):
         return self._created
@@ -181,6 +292,33 @@ class AsyncActorHost(_Host):
         spec, dep_ids, carried = _unwire(payload, carried)
         if self._dead is not None:
             return self._died(spec)
+        if not self._limits:
+            return await self._call(spec, dep_ids, dep_values, carried)
+        group = (spec.actor_options or {}).get("concurrency_group")
+        async with self._limits[group]:
+            return await self._call(spec, dep_ids, dep_values, carried)
+
+    async def call_stream(self, payload: bytes, carried=None, *dep_values):
+        """A generator method's call (a Ray async generator: see `_stream_values`)."""
+        spec, dep_ids, carried = _unwire(payload, carried)
+        if self._dead is not None:
+            for value in self._died_stream(spec):
+                yield value
+            return
+        limit = self._limits.get((spec.actor_options or {}).get("concurrency_group")) \
+            if self._limits else None
+        if limit is not None:
+            await limit.acquire()
+        try:
+            with self._job.store.provided(dep_ids, dep_values, carried):
+                async for value in _async_stream_values(
+                        self._job, spec, self._job.executor.execute_async_stream(spec)):
+                    yield value
+        finally:
+            if limit is not None:
+                limit.release()
+
+    async def _call(self, spec: TaskSpec, dep_ids, dep_values, carried):
         with self._job.store.provided(dep_ids, dep_values, carried):
             result = await self._job.executor.execute_async(spec)
         return self._after(spec, result.values)
@@ -188,3 +326,19 @@ class AsyncActorHost(_Host):
 
 ray_actor_host = _ray.remote(ActorHost)
 ray_async_actor_host = _ray.remote(AsyncActorHost)
+_grouped_hosts: dict[tuple, object] = {}
+
+
+def actor_host_class(is_async: bool, concurrency_groups: dict):
+    """The Ray actor class that hosts a beamlet actor: for a threaded actor with
+    `concurrency_groups` (Ray takes them only where a class is declared, not in
+    ``.options()``), one class per set of groups, made once per process; an
+    async actor keeps its groups itself (`AsyncActorHost`)."""
+    if not concurrency_groups or is_async:
+        return ray_async_actor_host if is_async else ray_actor_host
+    key = (is_async, tuple(sorted(concurrency_groups.items())))
+    host = _grouped_hosts.get(key)
+    if host is None:
+        host = _grouped_hosts[key] = _ray.remote(concurrency_groups=dict(key[1]))(
+            AsyncActorHost if is_async else ActorHost)
+    return host
