@@ -573,7 +573,8 @@ class ClusterScheduler(Scheduler):
     def _send(self, spec: TaskSpec, node: NodeLink) -> None:
         """Hand the spec to its node, with the values of its arguments we hold."""
         objects, locations = [], []
-        for object_id in dict.fromkeys(spec.dependencies()):
+        for object_id in (dict.fromkeys(spec.dependencies()) if spec.args or spec.kwargs
+                          else ()):
             remote = self.remote.get(object_id)
             if remote is not None:
                 source = remote.source()
@@ -724,6 +725,11 @@ class ClusterScheduler(Scheduler):
 
     def released(self, object_id: bytes) -> None:
         """Our last ref to an object is gone: every node with a copy lets go."""
+        if object_id not in self.remote and object_id not in self.lineage:
+            # (Most objects: a small result. Read without the lock: `located`
+            # records a remote object before storing its entry, and looks
+            # again, after, whether it was let go of meanwhile.)
+            return
         with self.lock:
             remote = self.remote.pop(object_id, None)
         self._drop_lineage(object_id)
@@ -1306,8 +1312,12 @@ class ClusterBackend(Backend):
                 return
             try:
                 if kind is P.Objects:
-                    link.bytes_received += sum(_wire_bytes(f) for _, f in message.objects)
-                    sched.stored(message.objects)
+                    objects = message.objects
+                    if len(objects) == 1:  # (a result: the usual case)
+                        link.bytes_received += _wire_bytes(objects[0][1])
+                    else:
+                        link.bytes_received += sum(_wire_bytes(f) for _, f in objects)
+                    sched.stored(objects)
                 elif kind is P.Report:
                     sched.report(message.events)
                     if message.objects:
@@ -1451,4 +1461,6 @@ def _lineage_refs(spec: TaskSpec) -> list:
 
 def _wire_bytes(form) -> int:
     data, buffers, _, _ = form
+    if not buffers:
+        return len(data)
     return len(data) + sum(memoryview(b).nbytes for b in buffers)
