@@ -85,6 +85,7 @@ class NodeLink:
         #: thread whose get waits for a result from this node (`wait_on`).
         self.reading = threading.Lock()
         self.bytes_received = 0  # object values that came from it (see object_bytes_received)
+        self.poller = None  # (a poll object on its connection, for `wait_on`: made once)
 
     def fits(self, request: dict) -> bool:
         return all(self.resources.get(k, 0) >= v for k, v in request.items())
@@ -1240,8 +1241,10 @@ class ClusterBackend(Backend):
         except (OSError, ValueError):
             return None
         try:
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
+            poller = link.poller
+            if poller is None:
+                poller = link.poller = select.poll()
+                poller.register(fd, select.POLLIN)
             while True:
                 if arrived.wait(0):
                     return True

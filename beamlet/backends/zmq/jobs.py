@@ -93,6 +93,9 @@ class DriverLink:
         self.owner = owner
         self.conn = conn
         self.config = job_config
+        #: Whether its driver's plugins observe each attempt's end (see
+        #: ClusterBackend.job_config): then it is sent ``TaskFinished``.
+        self.task_events = bool(job_config.get("task_events"))
         self.tokens: set[bytes] = set()  # actor tokens held for it
         self.groups: set[bytes] = set()  # its placement groups with bundles here
         self.held: set[bytes] = set()  # objects kept here for it (until Release)
@@ -235,6 +238,7 @@ class DriverOwner:
         #: task id -> (its driver, [results left], its dependencies): a task or
         #: call whose small results go straight to its driver (`_deliver`).
         self._direct: dict[bytes, tuple] = {}
+        self._observing = False  # (see _observe_task_ends)
 
     def attach(self, node, transport) -> None:
         """The daemon made its Node: pulls from other nodes go over `transport`."""
@@ -244,7 +248,6 @@ class DriverOwner:
         node.scheduler.deliver = self._deliver
         self.puller = Puller(transport, node.object_store, self._pulled, self._pull_failed)
         node.object_store.on_lost = self._owner_died
-        plugins.add_listener("beamlet_task_finished", self._task_finished)
         plugins.add_listener("beamlet_actor_state", self._actor_state)
 
     def job_of(self, spec) -> DriverLink | None:
@@ -505,6 +508,8 @@ class DriverOwner:
         if kind is P.DriverHello:
             if link is None and isinstance(message.job_config, dict):
                 link = self.drivers[conn] = DriverLink(self, conn, message.job_config)
+                if link.task_events:
+                    self._observe_task_ends()
             return
         if link is None:
             raise ValueError(f"{P.describe(message)} before DriverHello")
@@ -566,7 +571,7 @@ class DriverOwner:
 
     def _run(self, link: DriverLink, spec, objects, locations) -> None:
         store = self.node.object_store
-        deps = list(dict.fromkeys(spec.dependencies()))
+        deps = list(dict.fromkeys(spec.dependencies())) if spec.args or spec.kwargs else []
         if deps:
             self.refs.incr_all(deps)  # until its results are out
             if objects:
@@ -578,7 +583,7 @@ class DriverOwner:
             if missing:
                 self.fetch(missing, link)
         self.task_job[spec.task_id] = link
-        if link.config.get("task_events"):
+        if link.task_events:
             self.task_driver[spec.task_id] = link
         if spec.kind == ACTOR_CREATION:
             self.actor_driver[spec.actor_id] = link
@@ -756,11 +761,23 @@ class DriverOwner:
             self._released(object_id)
         stream.signals = []
 
+    def _observe_task_ends(self) -> None:
+        """Listen to the node scheduler's task ends (for `_task_finished`) while
+        a connected driver wants them, only then: a listener costs every call."""
+        wanted = any(link.task_events for link in list(self.drivers.values()))
+        if wanted and not self._observing:
+            plugins.add_listener("beamlet_task_finished", self._task_finished)
+        elif self._observing and not wanted:
+            plugins.remove_listener("beamlet_task_finished", self._task_finished)
+        self._observing = wanted
+
     def driver_left(self, conn) -> None:
         """A driver is gone: let go of its actors and of what was kept for it."""
         link = self.drivers.pop(conn, None)
         if link is None:
             return
+        if link.task_events:
+            self._observe_task_ends()
         for table in (self.task_driver, self.actor_driver):
             for key in [k for k, v in table.items() if v is link]:
                 table.pop(key, None)
