@@ -505,6 +505,9 @@ class DriverOwner:
                 pass  # it left
             return
         link = self.drivers.get(conn)
+        if kind is P.RunTask and link is not None:  # (the usual message first)
+            self._run(link, *message)
+            return
         if kind is P.DriverHello:
             if link is None and isinstance(message.job_config, dict):
                 link = self.drivers[conn] = DriverLink(self, conn, message.job_config)
