@@ -1096,7 +1096,7 @@ class ClusterBackend(Backend):
         self.runtime = runtime
         self.refs = runtime.refs
         self.worker_id = f"driver-{os.getpid()}"
-        self.transport = ZmqTransport(secret, P.VERSION)
+        self.transport = ZmqTransport(secret, P.VERSION, codec=P.CODEC)
         self.object_store = ClusterObjectStore(self, runtime.refs)
         self._pulls: dict[bytes, _Pull] = {}
         self._pulls_lock = threading.Lock()

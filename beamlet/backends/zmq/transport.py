@@ -47,7 +47,8 @@ Authentication, before anything is unpickled
 
 Messages
     A message is one ZeroMQ multipart message: a pickle (protocol 5) and its
-    out-of-band buffers, one frame each. Out of band go `pickle.PickleBuffer`
+    out-of-band buffers, one frame each (with a `codec`, the pickle is of its
+    wire form: see ZmqTransport). Out of band go `pickle.PickleBuffer`
     objects, numpy arrays (which pickle through them), and `memoryview`
     objects (they arrive as memoryviews of the same format and
     shape) of at least `OOB_MIN_BYTES`: they are not copied into the pickle,
@@ -325,19 +326,27 @@ class _Opener:
         self._seq = seq + 1
         return out
 
-    def message(self, frames: list, max_message: int):
+    def message(self, frames: list, max_message: int, decode=None):
         """The message a sealed message's frames hold: ``unpack(open(frames))``,
-        in fewer steps for one frame (most messages). ProtocolError as there."""
+        in fewer steps for one frame (most messages), passed through `decode`
+        (the transport's codec's). ProtocolError as there, or if `decode` raises."""
         if len(frames) != 1 or self._into is None:
-            return unpack(self.open(frames, max_message), max_message)
-        plain = self._open_one(frames[0], max_message)
-        if not plain or plain[0] != _PICKLE:
-            raise ProtocolError("a frame that is not a message (not a pickle)")
+            message = unpack(self.open(frames, max_message), max_message)
+        else:
+            plain = self._open_one(frames[0], max_message)
+            if not plain or plain[0] != _PICKLE:
+                raise ProtocolError("a frame that is not a message (not a pickle)")
+            try:
+                message = pickle.loads(plain)
+            except Exception as err:  # noqa: BLE001 - any garbage from the peer is its protocol error
+                raise ProtocolError(f"a message of {len(plain)} bytes does not unpickle: "
+                                    f"{err!r}") from None
+        if decode is None:
+            return message
         try:
-            return pickle.loads(plain)
-        except Exception as err:  # noqa: BLE001 - any garbage from the peer is its protocol error
-            raise ProtocolError(f"a message of {len(plain)} bytes does not unpickle: "
-                                f"{err!r}") from None
+            return decode(message)
+        except Exception as err:  # noqa: BLE001 - as garbage that does not unpickle
+            raise ProtocolError(f"a message that is not one of the protocol's: {err}") from None
 
     def _open_one(self, frame, max_message: int) -> bytearray:
         """`open` of a message of one frame (most are), in fewer steps."""
@@ -720,6 +729,7 @@ class ZmqConnection(Connection):
         self._endpoint = _endpoint(host, port)
         self._transport = transport
         self._max = transport.max_message
+        self._encode, self._decode = transport.encode, transport.decode
         self._lock = threading.Lock()
         self._pending: collections.deque = collections.deque()
         self._gone: str | None = None  # why the peer is gone, once it is
@@ -857,7 +867,7 @@ class ZmqConnection(Connection):
         return self._waker.fileno()
 
     def send(self, message) -> None:
-        frames = pack(message, self._max)
+        frames = pack(message if self._encode is None else self._encode(message), self._max)
         sealer = self._sealer
         with sealer.lock:  # (sealed and sent in number order; the socket's lock is shorter)
             if self.closed:
@@ -932,7 +942,7 @@ class ZmqConnection(Connection):
                 break
             try:
                 if lead == _SEALED[0]:
-                    out.append(self._opener.message(frames, self._max))
+                    out.append(self._opener.message(frames, self._max, self._decode))
                 elif lead == _PIECE[0]:
                     out.append(self._opener.open_piece(frames, self._max, self._piece_broken))
                 else:
@@ -1025,7 +1035,9 @@ class PeerConnection(Connection):
         return self._listener.fileno()
 
     def send(self, message) -> None:
-        frames = pack(message, self._listener.max_message)
+        encode = self._listener._transport.encode
+        frames = pack(message if encode is None else encode(message),
+                      self._listener.max_message)
         sealer = self._sealer
         with sealer.lock:  # (sealed and sent in number order)
             self._listener._send(self, sealer.seal(frames))
@@ -1229,7 +1241,8 @@ class ZmqListener(Listener):
             lead = first.buffer[0]
             if lead == _SEALED[0]:  # (pieces go only to clients: see send_piece)
                 try:
-                    message = peer._opener.message(frames[1:], self.max_message)
+                    message = peer._opener.message(frames[1:], self.max_message,
+                                                   self._transport.decode)
                 except ProtocolError as err:
                     self._drop(peer, err, events)
                     continue
@@ -1447,12 +1460,18 @@ class ZmqTransport(Transport):
 
     `max_message`: the largest message (bytes) accepted, and sent;
     `heartbeat_interval`/`heartbeat_timeout` (seconds): how soon a dead or
-    frozen peer's connection is closed (at most their sum)."""
+    frozen peer's connection is closed (at most their sum). A `codec` (the
+    protocol's: ``encode(message)`` into what is pickled, ``decode`` back,
+    raising for what is not a message, which closes that connection as a
+    message that does not unpickle would) applies to every message `send`
+    sends and `recv`/`poll` return (not to a piece's header)."""
 
     def __init__(self, secret: bytes, version: str, *, max_message: int = MAX_MESSAGE,
                  heartbeat_interval: float = HEARTBEAT_INTERVAL,
-                 heartbeat_timeout: float = HEARTBEAT_TIMEOUT):
+                 heartbeat_timeout: float = HEARTBEAT_TIMEOUT, codec=None):
         auth.check_version(version)
+        self.encode = codec.encode if codec is not None else None
+        self.decode = codec.decode if codec is not None else None
         self.keys = ClusterKey(secret)
         self.version = version
         if not isinstance(max_message, int) or not 1024 <= max_message <= MAX_FRAME:
