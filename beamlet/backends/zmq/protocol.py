@@ -300,6 +300,7 @@ _CLASSES = (NodeJoin, JoinAccepted, Heartbeat, Refused, StatusRequest, StatusRep
             TaskProgress, Report, CreateGroup, RemoveGroup)
 _TAGS = {cls: tag for tag, cls in enumerate(_CLASSES)}
 _RUN_TASK, _NESTED_SUBMIT = _TAGS[RunTask], _TAGS[NestedSubmit]
+_ARITY = tuple(len(cls._fields) for cls in _CLASSES)
 #: Makes a message from a tuple of all its fields, in C (where their count is known right).
 _new_tuple = tuple.__new__
 
@@ -336,7 +337,9 @@ class Codec:
             return _new_tuple(RunTask, (TaskSpec(*spec), objects, locations))
         if tag == _NESTED_SUBMIT and len(frame) == 3:
             return _new_tuple(NestedSubmit, (TaskSpec(*frame[1]), frame[2]))
-        return _CLASSES[tag](*frame[1:])
+        if len(frame) - 1 == _ARITY[tag]:
+            return _new_tuple(_CLASSES[tag], frame[1:])
+        return _CLASSES[tag](*frame[1:])  # (TypeError, naming the count, unless defaults fill it)
 
 
 CODEC = Codec()
