@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import select
 import threading
 import time
@@ -21,6 +22,7 @@ from beamlet import exceptions as exc
 from beamlet.backends.zmq import transport as zt
 from beamlet.backends.zmq.transport import ZmqTransport
 from beamlet.core import auth
+from beamlet.backends.local.transport import ProtocolError
 from beamlet.core.interfaces import Joined, Left, Received
 
 VERSION = "beamlet-test/1"
@@ -638,6 +640,78 @@ def test_a_client_sees_its_connection_closed_by_the_listener(listener, secret):
             peer.send("two")
     finally:
         transport.close()
+
+
+class _Wrapping:
+    """A codec for the tests: a message travels as ``("wire", message)``;
+    anything else that arrives is refused."""
+
+    @staticmethod
+    def encode(message):
+        return ("wire", message)
+
+    @staticmethod
+    def decode(frame):
+        if type(frame) is not tuple or len(frame) != 2 or frame[0] != "wire":
+            raise ValueError("not this codec's wire form")
+        return frame[1]
+
+
+def test_a_codec_applies_to_every_message_and_what_it_refuses_drops_the_peer(secret):
+    transport = ZmqTransport(secret, VERSION, codec=_Wrapping)
+    plain = ZmqTransport(secret, VERSION)
+    try:
+        listener = transport.listen("127.0.0.1:0")
+        conn, events = connect_while_serving(listener, transport)
+        peer = of_kind(events, Joined)[0].conn
+        conn.send({"to": "listener"})
+        events = serve_until(listener, lambda ev: of_kind(ev, Received))
+        assert messages_of(events, peer) == [{"to": "listener"}]
+        peer.send(["to", "client"])
+        assert conn.recv(timeout=30) == ["to", "client"]
+        # A peer without the codec: its message is not the codec's form.
+        other, events = connect_while_serving(listener, plain)
+        stranger = of_kind(events, Joined)[0].conn
+        other.send(("wire",))
+        events = serve_until(listener, lambda ev: of_kind(ev, Left))
+        (left,) = of_kind(events, Left)
+        assert left.conn is stranger
+        assert "not one of the protocol's" in str(left.error), left.error
+        conn.send("still served")
+        events = serve_until(listener, lambda ev: of_kind(ev, Received))
+        assert messages_of(events, peer) == ["still served"]
+        # ... and the client side refuses what its codec does not take the same way.
+        stranger_listener = plain.listen("127.0.0.1:0")
+        client, events = connect_while_serving(stranger_listener, transport)
+        of_kind(events, Joined)[0].conn.send("unwrapped")
+        with pytest.raises(ProtocolError, match="not one of the protocol's"):
+            client.recv(timeout=30)
+    finally:
+        transport.close()
+        plain.close()
+
+
+def test_the_cluster_codec_round_trips_its_messages_and_refuses_other_tuples():
+    from beamlet.backends.zmq import protocol as P
+    from beamlet.core.task_spec import ACTOR_METHOD, TaskSpec
+    spec = TaskSpec(b"t" * 16, ACTOR_METHOD, b"", "A", [], {}, (b"r" * 16,), {}, 0, False,
+                    b"a" * 16, "m", {"concurrency_group": "io"}, b"c" * 16, 2)
+    for message in (P.RunTask(spec, [(b"o" * 16, (b"x", [], (), False))], [(b"p", "h:1")]),
+                    P.NestedSubmit(spec, []), P.Objects([(b"r" * 16, (b"\x80", [], (), True))]),
+                    P.StatusRequest(), P.Release([b"r" * 16]), P.KillActor(b"a", True)):
+        wire = P.CODEC.encode(message)
+        assert type(wire) is tuple and type(wire[0]) is int  # (no class to unpickle)
+        back = P.CODEC.decode(pickle.loads(pickle.dumps(wire, 5)))
+        assert type(back) is type(message)
+        if hasattr(message, "spec"):
+            assert back.spec.__reduce__() == message.spec.__reduce__()
+            assert back[1:] == message[1:]
+        else:
+            assert back == message
+    for garbage in [(), ("RunTask",), (999, 1), (-1,), (P.CODEC.encode(P.StatusRequest())[0], 1),
+                    P.CODEC.encode(P.RunTask(spec, [], []))[:2] + (1, 2, 3)]:
+        with pytest.raises((ValueError, TypeError)):
+            P.CODEC.decode(garbage)
 
 
 # -- addresses and resources ----------------------------------------------------------------

@@ -294,6 +294,11 @@ class LocalScheduler(Scheduler):
         #: job of the task that waits for it (`WorkerInfo.job`), and an idle one
         #: is given only its job's tasks. None: one job (`job` None everywhere).
         self.job_of = None
+        #: A node that can hand a result to its owner without storing it sets
+        #: this: (spec, return id, entry) -> whether it took the entry (else it
+        #: is stored as usual). Called once per result of a finished task or
+        #: call, under the lock, in place of the store's put.
+        self.deliver = None
         #: Jobs that ended (see job_ended): their idle workers are let go.
         self.ended_jobs: set = set()
 
@@ -1234,13 +1239,16 @@ class LocalScheduler(Scheduler):
         plugins.notify("beamlet_task_finished", spec=spec, status=status,
                        duration=time.perf_counter() - started,
                        pid=worker.pid if worker is not None else None)
+        deliver = self.deliver
         if len(entries) == 1 and type(entries[0]) is SerializedObject:
             # (what put_from_worker does with an inline entry nobody owns)
-            self.store.put_entry(spec.return_ids[0], entries[0])
+            if deliver is None or not deliver(spec, spec.return_ids[0], entries[0]):
+                self.store.put_entry(spec.return_ids[0], entries[0])
             return
         writer = worker.worker_id if worker is not None else None
         for rid, entry in zip(spec.return_ids, entries):
-            self.store.put_from_worker(rid, entry, None, writer)
+            if deliver is None or not deliver(spec, rid, entry):
+                self.store.put_from_worker(rid, entry, None, writer)
 
     def describe_workers(self) -> list[dict]:
         """A row per worker process this scheduler has started and not yet seen

@@ -85,6 +85,7 @@ class NodeLink:
         #: thread whose get waits for a result from this node (`wait_on`).
         self.reading = threading.Lock()
         self.bytes_received = 0  # object values that came from it (see object_bytes_received)
+        self.poller = None  # (a poll object on its connection, for `wait_on`: made once)
 
     def fits(self, request: dict) -> bool:
         return all(self.resources.get(k, 0) >= v for k, v in request.items())
@@ -573,7 +574,8 @@ class ClusterScheduler(Scheduler):
     def _send(self, spec: TaskSpec, node: NodeLink) -> None:
         """Hand the spec to its node, with the values of its arguments we hold."""
         objects, locations = [], []
-        for object_id in dict.fromkeys(spec.dependencies()):
+        for object_id in (dict.fromkeys(spec.dependencies()) if spec.args or spec.kwargs
+                          else ()):
             remote = self.remote.get(object_id)
             if remote is not None:
                 source = remote.source()
@@ -724,6 +726,11 @@ class ClusterScheduler(Scheduler):
 
     def released(self, object_id: bytes) -> None:
         """Our last ref to an object is gone: every node with a copy lets go."""
+        if object_id not in self.remote and object_id not in self.lineage:
+            # (Most objects: a small result. Read without the lock: `located`
+            # records a remote object before storing its entry, and looks
+            # again, after, whether it was let go of meanwhile.)
+            return
         with self.lock:
             remote = self.remote.pop(object_id, None)
         self._drop_lineage(object_id)
@@ -1089,7 +1096,7 @@ class ClusterBackend(Backend):
         self.runtime = runtime
         self.refs = runtime.refs
         self.worker_id = f"driver-{os.getpid()}"
-        self.transport = ZmqTransport(secret, P.VERSION)
+        self.transport = ZmqTransport(secret, P.VERSION, codec=P.CODEC)
         self.object_store = ClusterObjectStore(self, runtime.refs)
         self._pulls: dict[bytes, _Pull] = {}
         self._pulls_lock = threading.Lock()
@@ -1234,8 +1241,10 @@ class ClusterBackend(Backend):
         except (OSError, ValueError):
             return None
         try:
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
+            poller = link.poller
+            if poller is None:
+                poller = link.poller = select.poll()
+                poller.register(fd, select.POLLIN)
             while True:
                 if arrived.wait(0):
                     return True
@@ -1306,8 +1315,12 @@ class ClusterBackend(Backend):
                 return
             try:
                 if kind is P.Objects:
-                    link.bytes_received += sum(_wire_bytes(f) for _, f in message.objects)
-                    sched.stored(message.objects)
+                    objects = message.objects
+                    if len(objects) == 1:  # (a result: the usual case)
+                        link.bytes_received += _wire_bytes(objects[0][1])
+                    else:
+                        link.bytes_received += sum(_wire_bytes(f) for _, f in objects)
+                    sched.stored(objects)
                 elif kind is P.Report:
                     sched.report(message.events)
                     if message.objects:
@@ -1451,4 +1464,6 @@ def _lineage_refs(spec: TaskSpec) -> list:
 
 def _wire_bytes(form) -> int:
     data, buffers, _, _ = form
+    if not buffers:
+        return len(data)
     return len(data) + sum(memoryview(b).nbytes for b in buffers)

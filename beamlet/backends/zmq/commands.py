@@ -238,7 +238,7 @@ def status(address: str, secret: bytes, timeout: float = 10.0) -> list[dict]:
     """The head's view of the cluster: one dict per node."""
     from . import protocol as P
     from .transport import ZmqTransport
-    transport = ZmqTransport(secret, P.VERSION)
+    transport = ZmqTransport(secret, P.VERSION, codec=P.CODEC)
     try:
         conn = transport.connect(address, timeout=timeout)
         try:

@@ -73,7 +73,7 @@ class Daemon:
         self.args = args
         self.secret = secret
         self.node_id = _node_id()
-        self.transport = ZmqTransport(secret, P.VERSION)
+        self.transport = ZmqTransport(secret, P.VERSION, codec=P.CODEC)
         self.listener = None
         self.node: Node | None = None
         self.control_store = None

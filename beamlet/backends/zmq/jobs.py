@@ -8,8 +8,10 @@ drivers connected over ZeroMQ (the messages are in ``protocol.py``).
   stored in the node's store (held until the task's results are out), the
   ones held on other nodes are pulled from there (``objects.Puller``), and
   the rest are fetched from the driver; then the spec goes to the node's
-  scheduler. Each small result is sent to the driver as soon as it is
-  stored, and the node's copy freed; a large one (in shared memory) stays
+  scheduler. Each small result holding no refs goes to the driver as it
+  comes from the worker, without being stored here (an actor's creation
+  result and a generator's are stored, then sent, and the node's copy
+  freed; so is a small result holding refs); a large one (in shared memory) stays
   here, held for the driver, which is told where it is (``Located``) and
   lets go of it with ``Release``. A copy pulled here is held and reported
   the same way, so the driver frees every copy.
@@ -91,6 +93,9 @@ class DriverLink:
         self.owner = owner
         self.conn = conn
         self.config = job_config
+        #: Whether its driver's plugins observe each attempt's end (see
+        #: ClusterBackend.job_config): then it is sent ``TaskFinished``.
+        self.task_events = bool(job_config.get("task_events"))
         self.tokens: set[bytes] = set()  # actor tokens held for it
         self.groups: set[bytes] = set()  # its placement groups with bundles here
         self.held: set[bytes] = set()  # objects kept here for it (until Release)
@@ -230,15 +235,19 @@ class DriverOwner:
         self.streams: dict[bytes, _Stream] = {}
         self._signals: dict[bytes, _Stream] = {}
         self._ended_signals: collections.OrderedDict = collections.OrderedDict()
+        #: task id -> (its driver, [results left], its dependencies): a task or
+        #: call whose small results go straight to its driver (`_deliver`).
+        self._direct: dict[bytes, tuple] = {}
+        self._observing = False  # (see _observe_task_ends)
 
     def attach(self, node, transport) -> None:
         """The daemon made its Node: pulls from other nodes go over `transport`."""
         self.node = node
         node.scheduler.job_of = self.job_of
         node.scheduler.task_progress = self._task_progress
+        node.scheduler.deliver = self._deliver
         self.puller = Puller(transport, node.object_store, self._pulled, self._pull_failed)
         node.object_store.on_lost = self._owner_died
-        plugins.add_listener("beamlet_task_finished", self._task_finished)
         plugins.add_listener("beamlet_actor_state", self._actor_state)
 
     def job_of(self, spec) -> DriverLink | None:
@@ -496,9 +505,14 @@ class DriverOwner:
                 pass  # it left
             return
         link = self.drivers.get(conn)
+        if kind is P.RunTask and link is not None:  # (the usual message first)
+            self._run(link, *message)
+            return
         if kind is P.DriverHello:
             if link is None and isinstance(message.job_config, dict):
                 link = self.drivers[conn] = DriverLink(self, conn, message.job_config)
+                if link.task_events:
+                    self._observe_task_ends()
             return
         if link is None:
             raise ValueError(f"{P.describe(message)} before DriverHello")
@@ -560,7 +574,7 @@ class DriverOwner:
 
     def _run(self, link: DriverLink, spec, objects, locations) -> None:
         store = self.node.object_store
-        deps = list(dict.fromkeys(spec.dependencies()))
+        deps = list(dict.fromkeys(spec.dependencies())) if spec.args or spec.kwargs else []
         if deps:
             self.refs.incr_all(deps)  # until its results are out
             if objects:
@@ -572,7 +586,7 @@ class DriverOwner:
             if missing:
                 self.fetch(missing, link)
         self.task_job[spec.task_id] = link
-        if link.config.get("task_events"):
+        if link.task_events:
             self.task_driver[spec.task_id] = link
         if spec.kind == ACTOR_CREATION:
             self.actor_driver[spec.actor_id] = link
@@ -580,9 +594,12 @@ class DriverOwner:
             self.refs.incr(token)  # until the driver lets go of the actor
             link.tokens.add(token)
         left = [len(spec.return_ids)]
-        for rid in spec.return_ids:
-            store.on_ready(rid, lambda object_id: self._result(link, object_id, left, deps,
-                                                               spec.task_id))
+        if spec.kind != ACTOR_CREATION and spec.generator is None:
+            self._direct[spec.task_id] = (link, left, deps)  # (see _deliver)
+        else:
+            for rid in spec.return_ids:
+                store.on_ready(rid, lambda object_id: self._result(link, object_id, left,
+                                                                   deps, spec.task_id))
         if spec.generator is not None and spec.generator[0] == "streaming":
             self._stream_started(link, spec)
         try:
@@ -591,19 +608,54 @@ class DriverOwner:
             self.node.scheduler.reject(spec, exc.TaskError.from_exception(err,
                                                                          spec.display_name))
 
+    def _deliver(self, spec, object_id: bytes, entry) -> bool:
+        """The node scheduler's hook (``LocalScheduler.deliver``): a result of a
+        task or call a driver sent (not an actor's creation, not a generator's).
+        A small one holding no refs goes to the driver as it comes, never
+        stored here (a task or worker here that waits for it later asks the
+        driver for it, ``Fetch``); any other is
+        stored, then sent as `_result` sends it; so is one this node asked the
+        driver for meanwhile (a worker or task here waits for it: `fetch`).
+        Whether it took `entry`."""
+        direct = self._direct.get(spec.task_id)
+        if direct is None:
+            return False
+        link, left, deps = direct
+        if type(entry) is ShmEntry or entry.refs or object_id in self._fetching:
+            self.node.object_store.on_ready(
+                object_id, lambda object_id: self._result(link, object_id, left, deps,
+                                                          spec.task_id))
+            return False
+        try:
+            if self._deferring == threading.get_ident():
+                link.queue_result(object_id, entry)
+                self._deferred.add(link)
+            else:
+                link.flush()
+                P.send_object(link.conn, object_id, entry)
+        except exc.BackendError:
+            pass  # it left
+        self._result_out(link, left, deps, spec.task_id)
+        return True
+
+    def _result_out(self, link: DriverLink, left: list, deps: list, task_id: bytes) -> None:
+        """One more result of the task is out: once all are, its arguments may go."""
+        left[0] -= 1
+        if not left[0]:
+            self._direct.pop(task_id, None)
+            if self.task_job.get(task_id) is link:
+                self.task_job.pop(task_id, None)
+            if deps:
+                self.refs.decr_all(deps)
+
     def _result(self, link: DriverLink, object_id: bytes, left: list, deps: list,
                 task_id: bytes) -> None:
         """A result is stored here: send it to its driver (or, if large, where it
         is); free our copy of a small one."""
         self._send_result(link, object_id)
-        left[0] -= 1
-        if not left[0]:
-            if self.task_job.get(task_id) is link:
-                self.task_job.pop(task_id, None)
-            if deps:
-                self.refs.decr_all(deps)
-            if self.streams:
-                self._stream_ended(object_id)
+        self._result_out(link, left, deps, task_id)
+        if not left[0] and self.streams:
+            self._stream_ended(object_id)
 
     def _send_result(self, link: DriverLink, object_id: bytes) -> None:
         """Send a stored object to `link`'s driver (or, if large, where it is,
@@ -712,11 +764,23 @@ class DriverOwner:
             self._released(object_id)
         stream.signals = []
 
+    def _observe_task_ends(self) -> None:
+        """Listen to the node scheduler's task ends (for `_task_finished`) while
+        a connected driver wants them, only then: a listener costs every call."""
+        wanted = any(link.task_events for link in list(self.drivers.values()))
+        if wanted and not self._observing:
+            plugins.add_listener("beamlet_task_finished", self._task_finished)
+        elif self._observing and not wanted:
+            plugins.remove_listener("beamlet_task_finished", self._task_finished)
+        self._observing = wanted
+
     def driver_left(self, conn) -> None:
         """A driver is gone: let go of its actors and of what was kept for it."""
         link = self.drivers.pop(conn, None)
         if link is None:
             return
+        if link.task_events:
+            self._observe_task_ends()
         for table in (self.task_driver, self.actor_driver):
             for key in [k for k, v in table.items() if v is link]:
                 table.pop(key, None)

@@ -2,8 +2,9 @@
 that ask them), over the ZeroMQ transport: typed, versioned, one table.
 
 Like the node's protocol (``backends/local/protocol.py``), each message is
-a ``NamedTuple``; `VERSION` is bound into every connection's handshake, so a
-daemon or command of another version is refused at connect, naming both.
+a ``NamedTuple``, which travels as a plain tuple (`CODEC`); `VERSION` is
+bound into every connection's handshake, so a daemon or command of another
+version is refused at connect, naming both.
 
     member -> head   NodeJoin(node_id, address, resources)   once, first
     head -> member   JoinAccepted(control_store_url, heartbeat_s, dead_after_s)
@@ -61,11 +62,13 @@ from typing import NamedTuple
 
 from ... import exceptions as exc
 from ...core.serialization import SerializedObject, serialize
+from ...core.task_spec import TaskSpec
 from ..local.transport import ProtocolError
 
-VERSION = "beamlet-cluster/5"  # 2: drivers run tasks on nodes; 3: nodes pull objects;
+VERSION = "beamlet-cluster/6"  # 2: drivers run tasks on nodes; 3: nodes pull objects;
 # 4: nodes report task ends and actor states, recursive cancel across nodes;
-# 5: placement groups' bundles reserved on nodes, task progress reported (Report)
+# 5: placement groups' bundles reserved on nodes, task progress reported (Report);
+# 6: messages travel as plain tuples (CODEC)
 
 #: Seconds between a member's heartbeats, and of silence after which the head
 #: declares it dead (at once when its connection drops).
@@ -287,6 +290,59 @@ TO_DRIVER = frozenset({Objects, Located, Fetch, NestedSubmit, Chunk, Missing, Ca
 #: What a node accepts from a node it pulls from.
 TO_PULLER = frozenset({Chunk, Missing})
 TO_MEMBER = frozenset({JoinAccepted, Refused})
+
+
+#: Wire tags, by position. Append only (and change VERSION).
+_CLASSES = (NodeJoin, JoinAccepted, Heartbeat, Refused, StatusRequest, StatusReply, DriverJoin,
+            DriverAccepted, DriverHello, RunTask, Objects, Located, Locations, Pull, Chunk,
+            Missing, Fetch, NestedSubmit, Release, CancelTask, CancelChildren, Borrow,
+            OwnerDied, TaskFinished, ActorState, KillActor, WorkersRequest, WorkersReply,
+            TaskProgress, Report, CreateGroup, RemoveGroup)
+_TAGS = {cls: tag for tag, cls in enumerate(_CLASSES)}
+_RUN_TASK, _NESTED_SUBMIT = _TAGS[RunTask], _TAGS[NestedSubmit]
+_ARITY = tuple(len(cls._fields) for cls in _CLASSES)
+#: Makes a message from a tuple of all its fields, in C (where their count is known right).
+_new_tuple = tuple.__new__
+
+
+class Codec:
+    """The messages' wire form (the transports' `codec`): a plain tuple, the
+    class's tag and its fields, with a task's spec as the tuple of its fields
+    too. Unpickling a class costs an import lookup on each side (several us
+    per class, two per RunTask), a tuple none; as the node's protocol does
+    (``local/protocol.py``). A message of a class not listed travels whole.
+    `decode` raises ValueError or TypeError for a tuple that is not a message
+    (the transport closes that connection)."""
+
+    @staticmethod
+    def encode(message):
+        cls = type(message)
+        if cls is RunTask:
+            spec, objects, locations = message
+            return (_RUN_TASK, spec.__reduce__()[1], objects, locations)
+        if cls is NestedSubmit:
+            return (_NESTED_SUBMIT, message.spec.__reduce__()[1], message.objects)
+        tag = _TAGS.get(cls)
+        return message if tag is None else (tag, *message)
+
+    @staticmethod
+    def decode(frame):
+        if type(frame) is not tuple:
+            return frame  # (a message that travels whole)
+        tag = frame[0] if frame else None
+        if type(tag) is not int or not 0 <= tag < len(_CLASSES):
+            raise ValueError(f"a tuple that is not a message ({len(frame)} fields)")
+        if tag == _RUN_TASK and len(frame) == 4:
+            _, spec, objects, locations = frame
+            return _new_tuple(RunTask, (TaskSpec(*spec), objects, locations))
+        if tag == _NESTED_SUBMIT and len(frame) == 3:
+            return _new_tuple(NestedSubmit, (TaskSpec(*frame[1]), frame[2]))
+        if len(frame) - 1 == _ARITY[tag]:
+            return _new_tuple(_CLASSES[tag], frame[1:])
+        return _CLASSES[tag](*frame[1:])  # (TypeError, naming the count, unless defaults fill it)
+
+
+CODEC = Codec()
 
 
 def describe(message) -> str:

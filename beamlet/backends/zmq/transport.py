@@ -47,7 +47,8 @@ Authentication, before anything is unpickled
 
 Messages
     A message is one ZeroMQ multipart message: a pickle (protocol 5) and its
-    out-of-band buffers, one frame each. Out of band go `pickle.PickleBuffer`
+    out-of-band buffers, one frame each (with a `codec`, the pickle is of its
+    wire form: see ZmqTransport). Out of band go `pickle.PickleBuffer`
     objects, numpy arrays (which pickle through them), and `memoryview`
     objects (they arrive as memoryviews of the same format and
     shape) of at least `OOB_MIN_BYTES`: they are not copied into the pickle,
@@ -174,6 +175,7 @@ _BYE, _CLOSE, _SEALED, _PIECE = b"X", b"B", b"S", b"P"
 _PROBE = b""
 # (Plain ints: an enum operand makes pyzmq build an enum member per call.)
 _POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
 _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
 _MONITORED = (zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED
@@ -250,6 +252,7 @@ class ClusterKey:
 _NONCE = struct.Struct("<QI")  # a message's number on its connection, a frame's index
 _FRAMES = struct.Struct("<I")  # (associated data) how many frames the message has
 _TAG = 16
+_ONE_FRAME = _FRAMES.pack(1)
 
 
 class _Sealer:
@@ -268,6 +271,8 @@ class _Sealer:
     def seal(self, frames: list, mark: bytes = _SEALED) -> list:
         seq = self._seq
         self._seq = seq + 1
+        if len(frames) == 1:  # (most messages)
+            return [mark + self._encrypt(_NONCE.pack(seq, 0), frames[0], _ONE_FRAME)]
         count = _FRAMES.pack(len(frames))
         encrypt = self._encrypt
         out = [mark + encrypt(_NONCE.pack(seq, 0), frames[0], count)]
@@ -294,6 +299,8 @@ class _Opener:
         bytes-likes; the first starts with the sealed mark): writable
         bytearrays, so that buffers unpickled from them are writable too.
         (`count`: the message's frames, if only the first of them are given.)"""
+        if len(frames) == 1 and count is None and self._into is not None:
+            return [self._open_one(frames[0], max_message)]
         views = [f.buffer if isinstance(f, zmq.Frame) else memoryview(f) for f in frames]
         views[0] = views[0][1:]
         size = sum(v.nbytes for v in views) - _TAG * len(views)
@@ -318,6 +325,47 @@ class _Opener:
                                 f"of it was unpickled") from None
         self._seq = seq + 1
         return out
+
+    def message(self, frames: list, max_message: int, decode=None):
+        """The message a sealed message's frames hold: ``unpack(open(frames))``,
+        in fewer steps for one frame (most messages), passed through `decode`
+        (the transport's codec's). ProtocolError as there, or if `decode` raises."""
+        if len(frames) != 1 or self._into is None:
+            message = unpack(self.open(frames, max_message), max_message)
+        else:
+            plain = self._open_one(frames[0], max_message)
+            if not plain or plain[0] != _PICKLE:
+                raise ProtocolError("a frame that is not a message (not a pickle)")
+            try:
+                message = pickle.loads(plain)
+            except Exception as err:  # noqa: BLE001 - any garbage from the peer is its protocol error
+                raise ProtocolError(f"a message of {len(plain)} bytes does not unpickle: "
+                                    f"{err!r}") from None
+        if decode is None:
+            return message
+        try:
+            return decode(message)
+        except Exception as err:  # noqa: BLE001 - as garbage that does not unpickle
+            raise ProtocolError(f"a message that is not one of the protocol's: {err}") from None
+
+    def _open_one(self, frame, max_message: int) -> bytearray:
+        """`open` of a message of one frame (most are), in fewer steps."""
+        view = (frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame))[1:]
+        size = view.nbytes - _TAG
+        if size > max_message:
+            raise ProtocolError(f"a message of {size} bytes (at most {max_message} are allowed)")
+        seq = self._seq
+        try:
+            if size < 0:
+                raise InvalidTag
+            plain = bytearray(size)
+            self._into(_NONCE.pack(seq, 0), view, _ONE_FRAME, plain)
+        except InvalidTag:
+            raise ProtocolError(f"message {seq} does not authenticate with this connection's "
+                                f"key (forged, altered, cut, reordered or replayed): nothing "
+                                f"of it was unpickled") from None
+        self._seq = seq + 1
+        return plain
 
     def open_piece(self, frames: list, max_message: int, broken) -> "Piece":
         """A sealed piece (see `PeerConnection.send_piece`): its header frame is
@@ -469,6 +517,25 @@ def _recv_frames(sock: zmq.Socket) -> list:
         frame = sock.recv(_NOBLOCK, copy=False)
         frames.append(frame)
     return frames
+
+
+def _recv_waiting(sock: zmq.Socket, batch: list) -> bool:
+    """Append the messages waiting on `sock` to `batch` (each its list of
+    Frames), up to `MAX_BATCH` in it; whether it stopped there (more may
+    wait). After each message it asks the socket whether another waits
+    (ZMQ_EVENTS) rather than trying a recv that fails: pyzmq builds a
+    zmq.Again for that, costlier than the question (and usually one message
+    waits)."""
+    getsockopt = sock.getsockopt
+    while True:
+        if len(batch) >= MAX_BATCH:
+            return True
+        try:
+            batch.append(_recv_frames(sock))
+        except zmq.Again:
+            return False
+        if not getsockopt(_EVENTS) & _POLLIN:
+            return False
 
 
 def _send_frames(sock: zmq.Socket, frames: list, copy: bool) -> None:
@@ -662,6 +729,7 @@ class ZmqConnection(Connection):
         self._endpoint = _endpoint(host, port)
         self._transport = transport
         self._max = transport.max_message
+        self._encode, self._decode = transport.encode, transport.decode
         self._lock = threading.Lock()
         self._pending: collections.deque = collections.deque()
         self._gone: str | None = None  # why the peer is gone, once it is
@@ -799,7 +867,7 @@ class ZmqConnection(Connection):
         return self._waker.fileno()
 
     def send(self, message) -> None:
-        frames = pack(message, self._max)
+        frames = pack(message if self._encode is None else self._encode(message), self._max)
         sealer = self._sealer
         with sealer.lock:  # (sealed and sent in number order; the socket's lock is shorter)
             if self.closed:
@@ -860,14 +928,8 @@ class ZmqConnection(Connection):
                 if woken or self._monitor_fd in ready:
                     self._read_monitor()
                 drain = woken or self._sock_fd in ready or self._gone is not None
-                while drain and len(batch) < MAX_BATCH:
-                    try:
-                        batch.append(_recv_frames(self._sock))
-                    except zmq.Again:
-                        break
-                else:
-                    if drain:
-                        self._waker.wake()  # the rest at the next call
+                if drain and _recv_waiting(self._sock, batch):
+                    self._waker.wake()  # the rest at the next call
         out = []
         for frames in batch:
             if len(frames[0]) == 0:
@@ -880,7 +942,7 @@ class ZmqConnection(Connection):
                 break
             try:
                 if lead == _SEALED[0]:
-                    out.append(unpack(self._opener.open(frames, self._max), self._max))
+                    out.append(self._opener.message(frames, self._max, self._decode))
                 elif lead == _PIECE[0]:
                     out.append(self._opener.open_piece(frames, self._max, self._piece_broken))
                 else:
@@ -973,7 +1035,9 @@ class PeerConnection(Connection):
         return self._listener.fileno()
 
     def send(self, message) -> None:
-        frames = pack(message, self._listener.max_message)
+        encode = self._listener._transport.encode
+        frames = pack(message if encode is None else encode(message),
+                      self._listener.max_message)
         sealer = self._sealer
         with sealer.lock:  # (sealed and sent in number order)
             self._listener._send(self, sealer.seal(frames))
@@ -1161,12 +1225,7 @@ class ZmqListener(Listener):
     def _read_router(self, events: list, received: dict) -> None:
         batch = []
         with self._lock:
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append(_recv_frames(self._router))
-                except zmq.Again:
-                    break
-            else:
+            if _recv_waiting(self._router, batch):
                 self._waker.wake()  # the rest at the next call
         for frames in batch:
             if len(frames) < 2:
@@ -1182,8 +1241,8 @@ class ZmqListener(Listener):
             lead = first.buffer[0]
             if lead == _SEALED[0]:  # (pieces go only to clients: see send_piece)
                 try:
-                    message = unpack(peer._opener.open(frames[1:], self.max_message),
-                                     self.max_message)
+                    message = peer._opener.message(frames[1:], self.max_message,
+                                                   self._transport.decode)
                 except ProtocolError as err:
                     self._drop(peer, err, events)
                     continue
@@ -1401,12 +1460,18 @@ class ZmqTransport(Transport):
 
     `max_message`: the largest message (bytes) accepted, and sent;
     `heartbeat_interval`/`heartbeat_timeout` (seconds): how soon a dead or
-    frozen peer's connection is closed (at most their sum)."""
+    frozen peer's connection is closed (at most their sum). A `codec` (the
+    protocol's: ``encode(message)`` into what is pickled, ``decode`` back,
+    raising for what is not a message, which closes that connection as a
+    message that does not unpickle would) applies to every message `send`
+    sends and `recv`/`poll` return (not to a piece's header)."""
 
     def __init__(self, secret: bytes, version: str, *, max_message: int = MAX_MESSAGE,
                  heartbeat_interval: float = HEARTBEAT_INTERVAL,
-                 heartbeat_timeout: float = HEARTBEAT_TIMEOUT):
+                 heartbeat_timeout: float = HEARTBEAT_TIMEOUT, codec=None):
         auth.check_version(version)
+        self.encode = codec.encode if codec is not None else None
+        self.decode = codec.decode if codec is not None else None
         self.keys = ClusterKey(secret)
         self.version = version
         if not isinstance(max_message, int) or not 1024 <= max_message <= MAX_FRAME:
