@@ -299,18 +299,21 @@ class WorkerBackend(Backend):
                 for n in Tables(self.control_store).nodes()]
 
     # -- messages ---------------------------------------------------------------
-    def send(self, message) -> None:
-        """Send a message, preceded by any pending reference-count changes."""
+    def send(self, message, then=None) -> None:
+        """Send a message, preceded by any pending reference-count changes (and
+        followed by `then`, if given, in the same write)."""
         # Under the lock: two threads must not send their batches out of order
         # (a release overtaking its add would leave the object pinned for ever).
         with self._ref_lock:
             added, released = self._added, self._released
-            if added or released or self._held:
+            if added or released or self._held or then is not None:
                 self._added, self._released = [], []
                 messages, self._held = self._held, []
                 if added or released:
                     messages.append(P.Refs(added, released))
                 messages.append(message)
+                if then is not None:
+                    messages.append(then)
                 self.conn.send_many(messages)
             else:
                 self.conn.send(message)
@@ -819,16 +822,21 @@ class Worker:
             self.cancelled.discard(spec.task_id)
         if spec.kind == ACTOR_CREATION and result.error is None:
             self._setup_actor(spec)
-        self._finish(spec, result)
         if self.executor.exiting is not None:
-            self._exit_actor()
+            self._exit_actor(spec, result)
+        else:
+            self._finish(spec, result)
 
-    def _finish(self, spec: TaskSpec, result) -> None:
+    def _finish(self, spec: TaskSpec, result, exiting: bytes | None = None) -> None:
+        """Send the call's result; with `exiting` (the actor's id, which called
+        exit_actor()), the actor's exit notice right behind it in the same
+        write: the node must learn of the exit before it hands the result to
+        the caller, who could otherwise send its next call to the dying actor."""
         if spec.args or spec.kwargs:
             for dep in spec.dependencies():
                 self.backend.object_store.shipped.pop(dep, None)
         values = result.values
-        if len(values) == 1:
+        if len(values) == 1 and exiting is None:
             value = values[0]
             if not value.buffers and len(value.data) <= self.backend.inline_threshold:
                 # (entries_for's answer, and its Done in wire form at once)
@@ -840,7 +848,8 @@ class Worker:
             error = exc.ObjectStoreFullError(f"cannot store the result of {spec.display_name}: "
                                              f"{err}")
             entries = [self.executor._failure(spec, error).values[0]] * len(spec.return_ids)
-        self.backend.send(tuple.__new__(P.Done, (spec.task_id, entries, result.retryable)))
+        self.backend.send(tuple.__new__(P.Done, (spec.task_id, entries, result.retryable)),
+                          None if exiting is None else P.KillActor(exiting, True, True))
 
     def _setup_actor(self, spec: TaskSpec) -> None:
         options = spec.actor_options
@@ -903,22 +912,23 @@ class Worker:
                 spec, exc.TaskCancelledError(f"task {spec.display_name} was cancelled"))
         else:
             result = task.result()
-        if any(v.total_bytes > self.backend.inline_threshold for v in result.values):
+        if self.executor.exiting is not None:
+            self._exit_actor(spec, result)
+        elif any(v.total_bytes > self.backend.inline_threshold for v in result.values):
             # Writing a large result to shared memory must not stall the event loop.
             threading.Thread(target=self._finish, args=(spec, result), daemon=True).start()
         else:
             self._finish(spec, result)
-        if self.executor.exiting is not None:
-            self._exit_actor()
 
-    def _exit_actor(self) -> None:
-        """The actor called exit_actor() (its call's result is sent): end it
-        gracefully. The node fails the calls queued behind it; then its
-        ``__ray_shutdown__`` and this process's atexit handlers run, and the
-        process exits (whatever thread this is)."""
+    def _exit_actor(self, spec: TaskSpec, result) -> None:
+        """The actor called exit_actor() in the call `spec`: send its `result`
+        with the exit notice, and end the actor gracefully. The node fails the
+        calls queued behind it; then its ``__ray_shutdown__`` and this
+        process's atexit handlers run, and the process exits (whatever thread
+        this is)."""
         import atexit
         actor_id = self.executor.exiting
-        self.backend.scheduler.actor_exited(actor_id)
+        self._finish(spec, result, exiting=actor_id)
         self.executor.end_actor(actor_id)
         try:
             atexit._run_exitfuncs()
