@@ -91,8 +91,10 @@ def put_where(megabytes: int):
 
 def test_an_object_lost_with_its_node_is_made_again_or_lost(cluster, driver):
     head = cluster.start_head()
-    one = cluster.join(head, "--resources", '{"maker": 1}')
-    two = cluster.join(head, "--resources", '{"maker": 1}')
+    # (Room for two tasks on each node: a task that fits no node at once waits
+    # in the driver for the first that frees, spillback, wherever that is.)
+    one = cluster.join(head, "--num-cpus", "2", "--resources", '{"maker": 2}')
+    two = cluster.join(head, "--num-cpus", "2", "--resources", '{"maker": 2}')
     addresses = {node_id: _node_lines(cluster.status())[node_id].split()[2]
                  for node_id in (one, two)}
     driver(head)
