@@ -8,6 +8,7 @@ and sockets (see test_cluster.py).
 """
 from __future__ import annotations
 
+import gc
 import os
 import re
 import signal
@@ -75,6 +76,14 @@ def test_an_array_goes_node_to_node_and_every_copy_is_freed(cluster, driver):
 
     assert procs.wait_until(freed, 20, interval=0.2), cluster.status()
     assert procs.wait_until(lambda: not tables.object_locations(array_id), 20, interval=0.2)
+    # The buffer our get pulled the 50 MB into came back once its last view went,
+    # and the next pull of that size reuses it (its pages are in place).
+    gc.collect()
+    kept = backend._buffers.bytes
+    assert kept >= 50 * MB
+    again = beamlet.get(make_array.remote(50), timeout=GET_TIMEOUT)
+    assert backend._buffers.bytes <= kept - 50 * MB and again[-1] == n - 1
+    again[0] = 7.0  # (writable, as an array pulled into a bytearray was)
 
 
 @beamlet.remote(resources={"maker": 1}, num_returns=2)

@@ -66,7 +66,7 @@ from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TASK, TaskSpec
 from ..local import shm
 from ..local.transport import ProtocolError
 from . import protocol as P
-from .objects import Assembly, as_chunk
+from .objects import Assembly, BufferPool, as_chunk
 
 CONNECT_TIMEOUT = 10.0  # seconds to reach the head or a node
 NODES_POLL = 1.0  # seconds between looks at the nodes table, for nodes that joined since
@@ -78,6 +78,8 @@ DIRECT_SLICE = 0.05
 #: many as it finished in the last period (seconds; see `NodeLink.window`).
 WINDOW_PERIOD = 0.1
 HOLD_MAX = 1.0
+#: Bytes of freed pull buffers a driver keeps for its next pulls (see BufferPool).
+PULL_BUFFERS_KEPT = 256 << 20
 
 
 class NodeLink:
@@ -918,6 +920,7 @@ class ClusterBackend(Backend):
         self.object_store = ClusterObjectStore(self, runtime.refs)
         self._pulls: dict[bytes, _Pull] = {}
         self._pulls_lock = threading.Lock()
+        self._buffers = BufferPool(PULL_BUFFERS_KEPT)
         self._links: list[NodeLink] = []
         self._closed = False
         self.control_store = None
@@ -1193,12 +1196,12 @@ class ClusterBackend(Backend):
         if pull is None or pull.done.is_set():
             return
         if pull.assembly is None:
-            pull.assembly = Assembly(bytearray(chunk.total), chunk.total)
+            pull.assembly = Assembly(self._buffers.take(chunk.total), chunk.total)
         link.bytes_received += chunk.data.nbytes
         if pull.assembly.add(chunk):
             assembly, pull.assembly = pull.assembly, None
             assembly.release()
-            self._pulled(chunk.object_id, shm.object_from_view(memoryview(assembly.target)))
+            self._pulled(chunk.object_id, shm.object_from_view(assembly.target))
 
     def _pulled(self, object_id: bytes, sobj) -> None:
         pull = self._pulls.get(object_id)
@@ -1244,6 +1247,7 @@ class ClusterBackend(Backend):
         self._io.join(5)
         self.object_store.close()
         self._close_links()
+        self._buffers.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
 
