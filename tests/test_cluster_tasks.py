@@ -20,6 +20,7 @@ import pytest
 
 import beamlet
 from beamlet import exceptions as exc
+from beamlet.backends.zmq.backend import WINDOW_PERIOD
 from beamlet.core import runtime
 from beamlet.core.auth import AuthenticationError
 from beamlet.core.task_spec import TASK
@@ -580,12 +581,12 @@ def test_work_queued_behind_a_long_task_spills_to_a_free_node(cluster, driver, t
     finally:
         go.touch()
     assert beamlet.get(long_ref, timeout=GET_TIMEOUT) == slow
-    # Cancelling a task still held in the driver: it never runs.
+    # Cancelling a task the driver holds (or, if the slow node finished nothing
+    # for HOLD_MAX meanwhile, one it sent there after all) fails it.
     go.unlink()
-    time.sleep(0.3)  # (the slow node's pace, a task per 0.1 s, is then forgotten)
+    time.sleep(2 * WINDOW_PERIOD + 0.1)  # (then the slow node's pace is forgotten: 0)
     blocker = long_task.remote(str(go))
     held = long_task.remote(str(go))
-    assert held.binary() in runtime.current().backend.scheduler.held_returns  # (held)
     beamlet.cancel(held)
     with pytest.raises(exc.TaskCancelledError):
         beamlet.get(held, timeout=GET_TIMEOUT)

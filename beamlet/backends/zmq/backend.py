@@ -76,8 +76,8 @@ JOIN_TIMEOUT = 2.0  # seconds to reach a node that joined since (else: tried at 
 DIRECT_SLICE = 0.05
 #: Spillback: a node is sent tasks beyond what its resources hold at most as
 #: many as it finished in the last period (seconds; see `NodeLink.window`).
-WINDOW_PERIOD = 0.1
-HOLD_MAX = 1.0
+WINDOW_PERIOD = 0.25
+HOLD_MAX = 2.0
 #: Bytes of freed pull buffers a driver keeps for its next pulls (see BufferPool).
 PULL_BUFFERS_KEPT = 256 << 20
 
@@ -272,6 +272,9 @@ class ClusterScheduler(Scheduler):
                     spec.resources = resources
                     self.pins[spec.task_id] = (pin, soft)
                 hold = spec.kind == TASK and not self._discard_unheld(spec.task_id)
+                if hold and self.held.get(self._shape(spec)):
+                    self._hold(spec)  # (behind those of its kind held already)
+                    return
                 try:
                     node = self._place(spec, hold)
                 except ValueError:
@@ -334,9 +337,12 @@ class ClusterScheduler(Scheduler):
             return True
         return False
 
+    def _shape(self, spec: TaskSpec) -> tuple:
+        return tuple(sorted(spec.resources.items())), self.pins.get(spec.task_id)
+
     def _hold(self, spec: TaskSpec) -> None:
         """Keep a task until a node can take it (`_release_held`). Under the lock."""
-        shape = (tuple(sorted(spec.resources.items())), self.pins.get(spec.task_id))
+        shape = self._shape(spec)
         queue = self.held.get(shape)
         if queue is None:
             queue = self.held[shape] = collections.deque()
