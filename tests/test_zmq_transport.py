@@ -625,15 +625,21 @@ def test_a_dead_or_frozen_peer_is_reported_left(listener, secret, peers, how):
     assert other.finish(30) == 0
 
 
+def served(transport, address: str):
+    """A connection to a "serve" peer at `address`, which greets and echoes."""
+    conn = transport.connect(address, timeout=30)
+    assert conn.recv(timeout=30) == "hello"
+    conn.send("ping")
+    assert conn.recv(timeout=30) == ("echo", "ping")
+    return conn
+
+
 def test_a_client_sees_the_listener_die(secret, peers):
     server = peers(secret, "-", "serve", VERSION)
     address = server.wait_line("LISTENING ")
     transport = ZmqTransport(secret, VERSION)
     try:
-        conn = transport.connect(address, timeout=30)
-        assert conn.recv(timeout=30) == "hello"
-        conn.send("ping")
-        assert conn.recv(timeout=30) == ("echo", "ping")
+        conn = served(transport, address)
         server.kill()
         with pytest.raises(EOFError):
             conn.recv(timeout=30)
@@ -823,10 +829,7 @@ def test_a_stranger_cannot_make_a_listener_hold_more_than_a_frame(secret, peers,
     # A client with the key still gets in, and is served.
     transport = ZmqTransport(secret, VERSION)
     try:
-        conn = transport.connect(address, timeout=30)
-        assert conn.recv(timeout=30) == "hello"
-        conn.send("ping")
-        assert conn.recv(timeout=30) == ("echo", "ping")
+        served(transport, address)
     finally:
         transport.close()
     server.kill()
