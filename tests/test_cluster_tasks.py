@@ -20,6 +20,7 @@ import pytest
 
 import beamlet
 from beamlet import exceptions as exc
+from beamlet.backends.zmq.backend import WINDOW_PERIOD
 from beamlet.core import runtime
 from beamlet.core.auth import AuthenticationError
 from beamlet.core.task_spec import TASK
@@ -693,3 +694,50 @@ def test_a_stream_consumed_in_a_task_on_another_node(cluster, driver):
     cluster.join(head, "--resources", '{"producer": 1}')
     driver(head)
     assert beamlet.get(consume_far.remote(200), timeout=GET_TIMEOUT) == sum(range(200))
+
+
+@beamlet.remote(resources={"slow": 1})
+def long_task(go: str):
+    """Runs until the file `go` exists (or a minute passes); its node's id."""
+    deadline = time.monotonic() + 60
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return beamlet.get_runtime_context().get_node_id()
+
+
+@beamlet.remote
+def short_task():
+    return beamlet.get_runtime_context().get_node_id()
+
+
+def test_work_queued_behind_a_long_task_spills_to_a_free_node(cluster, driver, tmp_path):
+    # Spillback: the driver sends a node no more than it can run plus its recent
+    # pace; the rest waits in the driver for the first node that can take it.
+    head = cluster.start_head("--num-cpus", "0")
+    slow = cluster.join(head, "--resources", '{"slow": 1}')
+    free = cluster.join(head)
+    driver(head)
+    pin = NodeAffinitySchedulingStrategy(free, soft=False)
+    assert beamlet.get([short_task.options(scheduling_strategy=pin).remote()
+                        for _ in range(4)], timeout=GET_TIMEOUT) == [free] * 4  # (warm)
+    go = tmp_path / "go"
+    long_ref = long_task.remote(str(go))  # the slow node's only CPU, until told
+    try:
+        # Each of these fits either node; none may wait behind the long task.
+        shorts = [short_task.remote() for _ in range(12)]
+        assert beamlet.get(shorts, timeout=GET_TIMEOUT) == [free] * 12
+        assert beamlet.wait([long_ref], timeout=0)[0] == [], "the long task ended early"
+    finally:
+        go.touch()
+    assert beamlet.get(long_ref, timeout=GET_TIMEOUT) == slow
+    # Cancelling a task the driver holds (or, if the slow node finished nothing
+    # for HOLD_MAX meanwhile, one it sent there after all) fails it.
+    go.unlink()
+    time.sleep(2 * WINDOW_PERIOD + 0.1)  # (then the slow node's pace is forgotten: 0)
+    blocker = long_task.remote(str(go))
+    held = long_task.remote(str(go))
+    beamlet.cancel(held)
+    with pytest.raises(exc.TaskCancelledError):
+        beamlet.get(held, timeout=GET_TIMEOUT)
+    go.touch()
+    assert beamlet.get(blocker, timeout=GET_TIMEOUT) == slow
