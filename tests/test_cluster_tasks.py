@@ -24,6 +24,7 @@ from beamlet.backends.zmq.backend import WINDOW_PERIOD
 from beamlet.core import runtime
 from beamlet.core.auth import AuthenticationError
 from beamlet.core.task_spec import TASK
+from beamlet.util.queue import Queue
 from beamlet.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from conftest import seed_program
 from test_cluster import TIMEOUT, Cluster, _node_lines, cluster  # noqa: F401 - a fixture
@@ -741,3 +742,41 @@ def test_work_queued_behind_a_long_task_spills_to_a_free_node(cluster, driver, t
         beamlet.get(held, timeout=GET_TIMEOUT)
     go.touch()
     assert beamlet.get(blocker, timeout=GET_TIMEOUT) == slow
+
+
+@beamlet.remote
+def consume_from(queue, timeout: float):
+    """Blocks in get on a queue (an actor's call) for a list of refs, then on them."""
+    refs = queue.get(timeout=timeout)
+    return sum(beamlet.get(refs, timeout=timeout))
+
+
+@beamlet.remote
+def produce(value: int) -> int:
+    return value
+
+
+def test_held_tasks_go_to_a_node_whose_task_waits_for_them(cluster, driver, monkeypatch):
+    # Spillback: a task blocked in get lends its CPU to its node's other tasks,
+    # and the node tells the driver, which sends the tasks it holds there at
+    # once. Here the node's one CPU is the consumer's, which waits (in get) for
+    # tasks submitted after it, which the driver holds (the node finished
+    # nothing yet: its window is 0). With the stall rule out of the way (an
+    # hour), only the node's word on the lent CPU lets them go.
+    monkeypatch.setenv("BEAMLET_SPILLBACK_HOLD_MAX", "3600")
+    head = cluster.start_head("--num-cpus", "0")
+    cluster.join(head, "--num-cpus", "1")
+    driver(head)
+    queue = Queue(actor_options={"num_cpus": 0})
+    consumer = consume_from.remote(queue, GET_TIMEOUT)
+    producers = [produce.remote(i) for i in range(1, 4)]
+    queue.put(producers)
+    assert beamlet.get(consumer, timeout=GET_TIMEOUT) == 6
+    assert beamlet.get(producers, timeout=GET_TIMEOUT) == [1, 2, 3]
+
+
+def test_a_bad_spillback_hold_max_is_refused_at_init(cluster, driver, monkeypatch):
+    head = cluster.start_head()
+    monkeypatch.setenv("BEAMLET_SPILLBACK_HOLD_MAX", "soon")
+    with pytest.raises(ValueError, match="BEAMLET_SPILLBACK_HOLD_MAX"):
+        driver(head)

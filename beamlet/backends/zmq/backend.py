@@ -29,14 +29,18 @@ window is the node's recent pace (tasks it finished in the last
 behind long ones nothing waits; the driver keeps the rest and places each
 as soon as a node can take it, on whichever node frees first. A worker's
 nested submissions, retries and rebuilds are never held (a parent blocked
-in ``get`` must not wait on the driver for its child); and as a node's
-scheduler lends the CPUs of tasks blocked in ``get`` to others, which the
-driver cannot see, a held task waits at most `HOLD_MAX` seconds while no
-node it fits finishes anything (then the oldest goes to the least loaded,
-one per `HOLD_MAX`): tasks that wait for each other are slowed, never stuck. When a node's connection
-drops, its tasks are retried elsewhere (per ``max_retries``) or fail, and its
-actors' calls fail with ``ActorDiedError``: no ``get`` waits on a dead node.
-A ``NodeAffinitySchedulingStrategy`` pins a call to its node (soft: while
+in ``get`` must not wait on the driver for its child). When a node's
+scheduler lends the CPUs of a task (or actor) blocked in ``get`` or
+``wait`` to others, the node tells the driver that placed it (``Lent``, with
+its next report), which counts them free meanwhile: held tasks go at once
+to a node whose tasks wait for them. As a last resort for waits a node
+cannot see (a task polling in a loop), a held task waits at most
+`HOLD_MAX` seconds (``BEAMLET_SPILLBACK_HOLD_MAX``) while no node it fits
+finishes anything; then the oldest goes to the least loaded, one per
+`HOLD_MAX`: tasks that wait for each other that way are slowed, never
+stuck. When a node's connection drops, its tasks are retried elsewhere (per
+``max_retries``) or fail, and its actors' calls fail with ``ActorDiedError``:
+no ``get`` waits on a dead node. A ``NodeAffinitySchedulingStrategy`` pins a call to its node (soft: while
 that node is alive and fits it). Nodes that join after ``init`` are found in
 the nodes table (every `NODES_POLL` seconds) and get work too. The nodes
 report what their schedulers tell observers, so the driver's plugins hear
@@ -62,7 +66,7 @@ from ...core.interfaces import Backend, Scheduler
 from ...core.memory_store import MemoryObjectStore
 from ...core.options import check_backend_options
 from ...core.placement import ready_value, removed_value, split_node_affinity
-from ...core.resources import BUNDLE_CAPACITY, group_resource
+from ...core.resources import BUNDLE_CAPACITY, cpu_names, group_resource
 from ...core.scheduling import may_retry
 from ...core.serialization import serialize
 from ...core.tables import ActorState
@@ -81,6 +85,9 @@ DIRECT_SLICE = 0.05
 #: Spillback: a node is sent tasks beyond what its resources hold at most as
 #: many as it finished in the last period (seconds; see `NodeLink.window`).
 WINDOW_PERIOD = 0.25
+#: Spillback's last resort: seconds a held task waits while no node it fits
+#: finishes anything, before it is sent anyway (see the module's docstring);
+#: the environment's ``BEAMLET_SPILLBACK_HOLD_MAX`` overrides it.
 HOLD_MAX = 2.0
 #: Bytes of freed pull buffers a driver keeps for its next pulls (see BufferPool).
 PULL_BUFFERS_KEPT = 256 << 20
@@ -104,15 +111,25 @@ class NodeLink:
         self.bytes_received = 0  # object values that came from it (see object_bytes_received)
         self.extra: set[bytes] = set()  # tasks sent beyond what its resources held then
         self.finished = [0, 0]  # tasks finished here in the period before, in this one
-        self.period_start = self.last_finished = time.monotonic()
+        self.period_start = time.monotonic()
+        #: Tasks finished here ever, and that count when `unstall` last saw it
+        #: change (with when): a node that finished nothing for HOLD_MAX.
+        self.finished_total = 0
+        self.stall_seen = (0, self.period_start)
+        #: task id -> the CPUs its worker lends out while it waits in get or
+        #: wait (the node said so: ``Lent``), taken off `load` meanwhile.
+        self.lent: dict[bytes, dict] = {}
 
     def fits(self, request: dict) -> bool:
         return all(self.resources.get(k, 0) >= v for k, v in request.items())
 
     def fits_now(self, request: dict) -> bool:
         """Whether `request` fits beside what is placed here now."""
-        return all(self.load.get(k, 0) + v <= self.resources.get(k, 0) + 1e-9
-                   for k, v in request.items())
+        load, resources = self.load, self.resources
+        for k, v in request.items():
+            if load.get(k, 0) + v > resources.get(k, 0) + 1e-9:
+                return False
+        return True
 
     def window(self, now: float) -> int:
         """How many tasks beyond its resources it may queue: as many as it
@@ -126,6 +143,24 @@ class NodeLink:
     def can_take(self, request: dict, now: float) -> bool:
         """Whether a task may be sent here now: it fits, or the window has room."""
         return self.fits_now(request) or len(self.extra) < self.window(now)
+
+    def lend(self, spec: TaskSpec, lent: bool) -> bool:
+        """Its node lent out the CPUs of `spec` placed here (`lent`), or took
+        them back: count them free meanwhile. Whether anything changed."""
+        if lent:
+            if spec.task_id in self.lent:
+                return False
+            cpus = self.lent[spec.task_id] = {k: spec.resources[k]
+                                              for k in cpu_names(spec.resources)}
+            sign = -1
+        else:
+            cpus = self.lent.pop(spec.task_id, None)
+            if cpus is None:
+                return False
+            sign = 1
+        for k, v in cpus.items():
+            self.load[k] = self.load.get(k, 0) + sign * v
+        return True
 
     def weight(self, request: dict) -> float:
         """How full it would be with `request` placed too: the largest fraction
@@ -315,6 +350,21 @@ def _assign(bundles, strategy: str, free: dict) -> dict[int, "NodeLink"] | None:
     return out
 
 
+def _hold_max() -> float:
+    """`HOLD_MAX`, or ``BEAMLET_SPILLBACK_HOLD_MAX`` (seconds) if set."""
+    value = os.environ.get("BEAMLET_SPILLBACK_HOLD_MAX")
+    if value is None:
+        return HOLD_MAX
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"BEAMLET_SPILLBACK_HOLD_MAX must be a positive number of "
+                         f"seconds, got {value!r}")
+    return seconds
+
+
 class ClusterScheduler(Scheduler):
     """Places specs on the cluster's nodes; results arrive in the driver's store."""
 
@@ -362,6 +412,7 @@ class ClusterScheduler(Scheduler):
         self.held_returns: dict[bytes, bytes] = {}
         self.unheld: set[bytes] = set()
         self._releasing = False
+        self.hold_max = HOLD_MAX  # (see `_hold_max`)
         self.closed = False
 
     # -- placement ----------------------------------------------------------------
@@ -396,7 +447,7 @@ class ClusterScheduler(Scheduler):
                     spec.resources = resources
                     self.pins[spec.task_id] = (pin, soft)
                 hold = spec.kind == TASK and not self._discard_unheld(spec.task_id)
-                if hold and self.held.get(self._shape(spec)):
+                if hold and self.held and self.held.get(self._shape(spec)):
                     node = None  # (behind those of its kind held already)
                 else:
                     try:
@@ -440,9 +491,9 @@ class ClusterScheduler(Scheduler):
                     + ("is not an alive node of the cluster" if node is None else
                        f"cannot hold its request {spec.resources}"))
         fitting = [n for n in alive if n.fits(spec.resources)]
-        if fitting and hold:
-            now = time.monotonic()
-            fitting = [n for n in fitting if n.can_take(spec.resources, now)]
+        if fitting and hold and not any(n.fits_now(spec.resources) for n in fitting):
+            now = time.monotonic()  # (no node has room: one whose window has)
+            fitting = [n for n in fitting if len(n.extra) < n.window(now)]
             if not fitting:
                 return None
         if fitting:
@@ -669,12 +720,16 @@ class ClusterScheduler(Scheduler):
 
     def unstall(self) -> None:
         """(The I/O thread, now and then.) Held tasks whose nodes all finished
-        nothing for `HOLD_MAX` seconds: the oldest of each request goes to the
-        least loaded of them (its tasks may be blocked on what is held)."""
+        nothing for `hold_max` seconds: the oldest of each request goes to the
+        least loaded of them (its tasks may wait for what is held in a way
+        their node cannot see: not in get or wait)."""
         with self.lock:
             if not self.held or self._releasing or self.closed:
                 return
             now = time.monotonic()
+            for node in self.nodes:
+                if node.finished_total != node.stall_seen[0]:
+                    node.stall_seen = (node.finished_total, now)
             for shape, queue in list(self.held.items()):
                 while queue and queue[0].task_id not in self.held_tasks:
                     queue.popleft()
@@ -683,7 +738,7 @@ class ClusterScheduler(Scheduler):
                     continue
                 spec = queue[0]
                 fitting = [n for n in self.nodes if n.alive and n.fits(spec.resources)]
-                if any(now - n.last_finished < HOLD_MAX for n in fitting):
+                if any(now - n.stall_seen[1] < self.hold_max for n in fitting):
                     continue
                 queue.popleft()
                 self._unhold(spec)
@@ -692,7 +747,7 @@ class ClusterScheduler(Scheduler):
                 except ValueError as err:
                     self._fail(spec, exc.TaskError.from_exception(err, spec.display_name))
                     continue
-                node.last_finished = now  # (the next one after another HOLD_MAX)
+                node.stall_seen = (node.finished_total, now)  # (the next after another)
                 self._send(spec, node)
 
     def _holder_of_arguments(self, spec: TaskSpec, fitting: list) -> NodeLink | None:
@@ -963,12 +1018,13 @@ class ClusterScheduler(Scheduler):
     def _unplace(self, spec: TaskSpec, node: NodeLink) -> None:
         """`spec` holds nothing on `node` any more: held tasks may go. Under the lock."""
         if node.placed.pop(spec.task_id, None) is not None and spec.kind != ACTOR_METHOD:
+            if node.lent:
+                node.lend(spec, False)
             node.add(spec, -1)
             if spec.kind == TASK:
                 node.extra.discard(spec.task_id)
-                node.last_finished = now = time.monotonic()
-                node.window(now)
-                node.finished[1] += 1
+                node.finished[1] += 1  # (periods roll in `tick`, and in `window`)
+                node.finished_total += 1
             if self.groups_pending:
                 self._try_groups()
             if self.held:
@@ -1036,14 +1092,35 @@ class ClusterScheduler(Scheduler):
         refs.incr_all(added)
         refs.decr_all(released)
 
-    def report(self, events: list) -> None:
-        """What the nodes' schedulers told of our tasks (before their results)."""
+    def report(self, node: NodeLink, events: list) -> None:
+        """What `node`'s scheduler told of our tasks (before their results)."""
         for event in events:
-            if type(event) is P.TaskFinished:
+            kind = type(event)
+            if kind is P.TaskFinished:
                 self.task_finished(event)
+            elif kind is P.Lent:
+                self.lent(node, event.task_id, event.lent)
             elif self.task_progress is not None:  # (TaskProgress: for the task record)
                 self.task_progress((event.task_id, event.attempt, event.state, event.pid,
                                     event.when - self._clock))
+
+    def lent(self, node: NodeLink, task_id: bytes, lent: bool) -> None:
+        """`node` lent out the CPUs of our task or actor (`task_id`: the actor's
+        creation) while it waits in get or wait, or took them back: held
+        tasks may go there meanwhile."""
+        with self.lock:
+            spec = node.placed.get(task_id)
+            if spec is None or not node.alive or not node.lend(spec, lent):
+                return
+            if lent and self.held:
+                self._release_held()
+
+    def tick(self, now: float) -> None:
+        """(The I/O thread, every `WINDOW_PERIOD` or so.) Each node's window
+        moves on to the next period (see `NodeLink.window`)."""
+        with self.lock:
+            for node in self.nodes:
+                node.window(now)
 
     def task_finished(self, event: "P.TaskFinished") -> None:
         """An attempt of our task ended on its node: the driver's observers hear
@@ -1087,6 +1164,7 @@ class ClusterScheduler(Scheduler):
             placed, node.placed = list(node.placed.values()), {}
             node.load = {}
             node.extra = set()
+            node.lent = {}
             for spec in placed:
                 self.tasks.pop(spec.task_id, None)
                 for rid in spec.return_ids:
@@ -1248,6 +1326,7 @@ class ClusterBackend(Backend):
         if config.get("resources"):
             raise ValueError("resources cannot be given when connecting to a cluster: its "
                              "nodes were started with their resources")
+        hold_max = _hold_max()  # (a bad setting is an error before connecting)
         address = config.get("address")
         state = StateDir()
         if address == "auto":
@@ -1307,6 +1386,7 @@ class ClusterBackend(Backend):
             if not self._links:
                 raise exc.BackendError(f"the cluster at {address} has no alive node")
             self.scheduler = ClusterScheduler(self, self._links)
+            self.scheduler.hold_max = hold_max
             from ...core.tables import Tables
             self.scheduler.tables = Tables(self.control_store)
             self._wake_r, self._wake_w = os.pipe()
@@ -1350,15 +1430,19 @@ class ClusterBackend(Backend):
             ep.register(link.conn.fileno(), select.EPOLLIN)
         watched = set(self._links)
         next_look = time.monotonic() + NODES_POLL
-        next_unstall = 0.0
+        next_tick = next_unstall = 0.0
         try:
             sched = self.scheduler
             while not self._closed:
-                ep.poll(0.5)
-                if sched.held and time.monotonic() >= next_unstall:
-                    sched.unstall()
-                    next_unstall = time.monotonic() + HOLD_MAX / 4
-                if time.monotonic() >= next_look:
+                ep.poll(WINDOW_PERIOD)
+                now = time.monotonic()
+                if now >= next_tick:  # (once per wake-up at most: not per task)
+                    sched.tick(now)
+                    next_tick = now + WINDOW_PERIOD
+                    if sched.held and now >= next_unstall:
+                        sched.unstall()
+                        next_unstall = now + sched.hold_max / 4
+                if now >= next_look:
                     for link in self._join_new_nodes():
                         ep.register(link.conn.fileno(), select.EPOLLIN)
                         watched.add(link)
@@ -1491,7 +1575,7 @@ class ClusterBackend(Backend):
                     link.bytes_received += sum(_wire_bytes(f) for _, f in message.objects)
                     sched.stored(message.objects)
                 elif kind is P.Report:
-                    sched.report(message.events)
+                    sched.report(link, message.events)
                     if message.objects:
                         link.bytes_received += sum(_wire_bytes(f) for _, f in message.objects)
                         sched.stored(message.objects)
