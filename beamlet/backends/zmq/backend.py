@@ -447,7 +447,8 @@ class ClusterScheduler(Scheduler):
                     spec.resources = resources
                     self.pins[spec.task_id] = (pin, soft)
                 hold = spec.kind == TASK and not self._discard_unheld(spec.task_id)
-                if hold and self.held and self.held.get(self._shape(spec)):
+                shape = self._shape(spec) if hold and self.held else None
+                if shape is not None and self.held.get(shape):
                     node = None  # (behind those of its kind held already)
                 else:
                     try:
@@ -466,7 +467,7 @@ class ClusterScheduler(Scheduler):
                 for signal in (ack_id(stream_id, 0), closed_id(stream_id)):
                     self.signal_fetches.setdefault(signal[:-8], [])
             if node is None:
-                self._hold(spec)  # (a stream is known from its submission: see _fail)
+                self._hold(spec, shape)  # (a stream is known from its submission: see _fail)
                 return
             self._send(spec, node)
 
@@ -490,14 +491,17 @@ class ClusterScheduler(Scheduler):
                     f"(NodeAffinitySchedulingStrategy(soft=False)), which "
                     + ("is not an alive node of the cluster" if node is None else
                        f"cannot hold its request {spec.resources}"))
-        fitting = [n for n in alive if n.fits(spec.resources)]
-        if fitting and hold and not any(n.fits_now(spec.resources) for n in fitting):
-            now = time.monotonic()  # (no node has room: one whose window has)
-            fitting = [n for n in fitting if len(n.extra) < n.window(now)]
-            if not fitting:
-                return None
+        request = spec.resources
+        fitting = [n for n in alive if n.fits(request)]
         if fitting:
-            best = min(fitting, key=lambda n: n.weight(spec.resources))
+            best = fitting[0] if len(fitting) == 1 else \
+                min(fitting, key=lambda n: n.weight(request))
+            if hold and not best.fits_now(request):  # (then none has room now:
+                now = time.monotonic()  # one whose window has, if any)
+                fitting = [n for n in fitting if len(n.extra) < n.window(now)]
+                if not fitting:
+                    return None
+                best = min(fitting, key=lambda n: n.weight(request))
             return self._holder_of_arguments(spec, fitting) or best
         for name, amount in spec.resources.items():
             most = max((n.resources.get(name, 0) for n in alive), default=0)
@@ -672,9 +676,10 @@ class ClusterScheduler(Scheduler):
     def _shape(self, spec: TaskSpec) -> tuple:
         return tuple(sorted(spec.resources.items())), self.pins.get(spec.task_id)
 
-    def _hold(self, spec: TaskSpec) -> None:
+    def _hold(self, spec: TaskSpec, shape: tuple | None = None) -> None:
         """Keep a task until a node can take it (`_release_held`). Under the lock."""
-        shape = self._shape(spec)
+        if shape is None:
+            shape = self._shape(spec)
         queue = self.held.get(shape)
         if queue is None:
             queue = self.held[shape] = collections.deque()
@@ -713,6 +718,38 @@ class ClusterScheduler(Scheduler):
                     queue.popleft()
                     self._unhold(spec)
                     self._send(spec, node)
+                if not queue:
+                    del self.held[shape]
+        finally:
+            self._releasing = False
+
+    def _release_to(self, node: NodeLink) -> None:
+        """`node` has room again (something placed there ended, or it lends
+        the CPUs of a blocked task): the held tasks it can take now go there,
+        in order per request. (No other node could take any when it last
+        changed: only a full `_release_held` looks at them all.) Under the lock."""
+        if self._releasing or self.closed or not node.alive:
+            return
+        self._releasing = True
+        try:
+            for shape, queue in list(self.held.items()):
+                pin = shape[1]
+                if pin is not None and pin[0] != node.node_id:
+                    continue
+                while queue:
+                    spec = queue[0]
+                    if spec.task_id not in self.held_tasks:  # (cancelled)
+                        queue.popleft()
+                        continue
+                    request = spec.resources
+                    if not node.fits(request):
+                        break
+                    fits = node.fits_now(request)
+                    if not fits and len(node.extra) >= max(node.finished):
+                        break  # (its window, as the I/O thread last rolled it)
+                    queue.popleft()
+                    self._unhold(spec)
+                    self._send(spec, node, fits)
                 if not queue:
                     del self.held[shape]
         finally:
@@ -777,8 +814,9 @@ class ClusterScheduler(Scheduler):
             self.actor_node[actor_id] = node
         return node
 
-    def _send(self, spec: TaskSpec, node: NodeLink) -> None:
-        """Hand the spec to its node, with the values of its arguments we hold."""
+    def _send(self, spec: TaskSpec, node: NodeLink, fits: bool | None = None) -> None:
+        """Hand the spec to its node, with the values of its arguments we hold
+        (`fits`: whether it fits beside what is placed there, if known)."""
         objects, locations = [], []
         for object_id in dict.fromkeys(spec.dependencies()):
             remote = self.remote.get(object_id)
@@ -794,7 +832,7 @@ class ClusterScheduler(Scheduler):
         self.tasks[spec.task_id] = (spec, node, set(spec.return_ids))
         for rid in spec.return_ids:
             self.producer[rid] = spec.task_id
-        if spec.kind == TASK and not node.fits_now(spec.resources):
+        if spec.kind == TASK and not (node.fits_now(spec.resources) if fits is None else fits):
             node.extra.add(spec.task_id)
         node.placed[spec.task_id] = spec
         if spec.kind != ACTOR_METHOD:
@@ -1028,7 +1066,7 @@ class ClusterScheduler(Scheduler):
             if self.groups_pending:
                 self._try_groups()
             if self.held:
-                self._release_held()
+                self._release_to(node)
 
     def fetch(self, node: NodeLink, object_ids: list) -> None:
         """A node needs these objects: send each once we have it."""
@@ -1113,7 +1151,7 @@ class ClusterScheduler(Scheduler):
             if spec is None or not node.alive or not node.lend(spec, lent):
                 return
             if lent and self.held:
-                self._release_held()
+                self._release_to(node)
 
     def tick(self, now: float) -> None:
         """(The I/O thread, every `WINDOW_PERIOD` or so.) Each node's window
