@@ -20,9 +20,11 @@ import pytest
 
 import beamlet
 from beamlet import exceptions as exc
+from beamlet.backends.zmq.backend import WINDOW_PERIOD
 from beamlet.core import runtime
 from beamlet.core.auth import AuthenticationError
 from beamlet.core.task_spec import TASK
+from beamlet.util.queue import Queue
 from beamlet.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from conftest import seed_program
 from test_cluster import TIMEOUT, Cluster, _node_lines, cluster  # noqa: F401 - a fixture
@@ -693,3 +695,88 @@ def test_a_stream_consumed_in_a_task_on_another_node(cluster, driver):
     cluster.join(head, "--resources", '{"producer": 1}')
     driver(head)
     assert beamlet.get(consume_far.remote(200), timeout=GET_TIMEOUT) == sum(range(200))
+
+
+@beamlet.remote(resources={"slow": 1})
+def long_task(go: str):
+    """Runs until the file `go` exists (or a minute passes); its node's id."""
+    deadline = time.monotonic() + 60
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return beamlet.get_runtime_context().get_node_id()
+
+
+@beamlet.remote
+def short_task():
+    return beamlet.get_runtime_context().get_node_id()
+
+
+def test_work_queued_behind_a_long_task_spills_to_a_free_node(cluster, driver, tmp_path):
+    # Spillback: the driver sends a node no more than it can run plus its recent
+    # pace; the rest waits in the driver for the first node that can take it.
+    head = cluster.start_head("--num-cpus", "0")
+    slow = cluster.join(head, "--resources", '{"slow": 1}')
+    free = cluster.join(head)
+    driver(head)
+    pin = NodeAffinitySchedulingStrategy(free, soft=False)
+    assert beamlet.get([short_task.options(scheduling_strategy=pin).remote()
+                        for _ in range(4)], timeout=GET_TIMEOUT) == [free] * 4  # (warm)
+    go = tmp_path / "go"
+    long_ref = long_task.remote(str(go))  # the slow node's only CPU, until told
+    try:
+        # Each of these fits either node; none may wait behind the long task.
+        shorts = [short_task.remote() for _ in range(12)]
+        assert beamlet.get(shorts, timeout=GET_TIMEOUT) == [free] * 12
+        assert beamlet.wait([long_ref], timeout=0)[0] == [], "the long task ended early"
+    finally:
+        go.touch()
+    assert beamlet.get(long_ref, timeout=GET_TIMEOUT) == slow
+    # Cancelling a task the driver holds (or, if the slow node finished nothing
+    # for HOLD_MAX meanwhile, one it sent there after all) fails it.
+    go.unlink()
+    time.sleep(2 * WINDOW_PERIOD + 0.1)  # (then the slow node's pace is forgotten: 0)
+    blocker = long_task.remote(str(go))
+    held = long_task.remote(str(go))
+    beamlet.cancel(held)
+    with pytest.raises(exc.TaskCancelledError):
+        beamlet.get(held, timeout=GET_TIMEOUT)
+    go.touch()
+    assert beamlet.get(blocker, timeout=GET_TIMEOUT) == slow
+
+
+@beamlet.remote
+def consume_from(queue, timeout: float):
+    """Blocks in get on a queue (an actor's call) for a list of refs, then on them."""
+    refs = queue.get(timeout=timeout)
+    return sum(beamlet.get(refs, timeout=timeout))
+
+
+@beamlet.remote
+def produce(value: int) -> int:
+    return value
+
+
+def test_held_tasks_go_to_a_node_whose_task_waits_for_them(cluster, driver, monkeypatch):
+    # Spillback: a task blocked in get lends its CPU to its node's other tasks,
+    # and the node tells the driver, which sends the tasks it holds there at
+    # once. Here the node's one CPU is the consumer's, which waits (in get) for
+    # tasks submitted after it, which the driver holds (the node finished
+    # nothing yet: its window is 0). With the stall rule out of the way (an
+    # hour), only the node's word on the lent CPU lets them go.
+    monkeypatch.setenv("BEAMLET_SPILLBACK_HOLD_MAX", "3600")
+    head = cluster.start_head("--num-cpus", "0")
+    cluster.join(head, "--num-cpus", "1")
+    driver(head)
+    queue = Queue(actor_options={"num_cpus": 0})
+    consumer = consume_from.remote(queue, GET_TIMEOUT)
+    producers = [produce.remote(i) for i in range(1, 4)]
+    queue.put(producers)
+    assert beamlet.get(consumer, timeout=GET_TIMEOUT) == 6
+    assert beamlet.get(producers, timeout=GET_TIMEOUT) == [1, 2, 3]
+
+
+def test_a_bad_spillback_hold_max_is_refused_at_init(cluster, driver, monkeypatch):
+    head = cluster.start_head()
+    monkeypatch.setenv("BEAMLET_SPILLBACK_HOLD_MAX", "soon")
+    with pytest.raises(ValueError, match="BEAMLET_SPILLBACK_HOLD_MAX"):
+        driver(head)

@@ -11,6 +11,8 @@ import hashlib
 import os
 import pickle
 import select
+import socket
+import struct
 import threading
 import time
 
@@ -53,17 +55,24 @@ if mode.startswith("raw-"):  # a stranger speaking raw ZeroMQ
         public, private = zmq.curve_keypair()
         s.curve_serverkey, s.curve_publickey, s.curve_secretkey = (zmq.curve_keypair()[0],
                                                                    public, private)
+    elif mode == "raw-wrong-secret":  # ZeroMQ credentials made with a key of its own
+        s.plain_username, s.plain_password = ClusterKey(os.urandom(32)).credentials()
+    elif mode in ("raw-no-hello", "raw-replayed"):  # good ones (it holds the key)
+        s.plain_username, s.plain_password = ClusterKey(secret).credentials()
+    if mode == "raw-replayed":  # another connection used them first
+        first = ctx.socket(zmq.DEALER)
+        first.plain_username, first.plain_password = s.plain_username, s.plain_password
+        first_monitor = first.get_monitor_socket()
+        first.connect("tcp://" + address)
+        until = time.monotonic() + 30
+        while time.monotonic() < until and first_monitor.poll(int((until - time.monotonic()) * 1000)):
+            if parse_monitor_message(first_monitor.recv_multipart())["event"] == \
+                    zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                say("FIRST IN")
+                break
     monitor = s.get_monitor_socket()
     s.connect("tcp://" + address)
     got = []
-    if mode == "raw-wrong-secret":  # beamlet's handshake with a key of its own
-        keys = ClusterKey(os.urandom(32))
-        nonce_c = os.urandom(32)
-        s.send(b"H" + nonce_c + VERSION.encode())
-        if s.poll(10000):
-            challenge = s.recv()
-            got.append([challenge[:1]])
-            s.send(b"R" + keys.mac(b"client", VERSION.encode(), challenge[1:33], nonce_c))
     evil = pickle.dumps(Evil(), 5)
     until = time.monotonic() + 2.0
     while time.monotonic() < until:
@@ -83,6 +92,9 @@ if mode.startswith("raw-"):  # a stranger speaking raw ZeroMQ
     say("GOT", repr(got[:3]))
     s.close(0)
     monitor.close(0)
+    if mode == "raw-replayed":
+        first.close(0)
+        first_monitor.close(0)
     ctx.term()
     sys.exit(0)
 
@@ -173,7 +185,7 @@ elif mode in ("replay", "reorder", "truncate", "other-connection"):
     def sealed(conn, message):
         from beamlet.backends.zmq.transport import pack
         with conn._sealer.lock:
-            return conn._sealer.seal(pack(message))
+            return conn._sealer.seal_parts(pack(message))
     def raw(conn, frames):
         with conn._lock:
             conn._sock.send_multipart(frames)
@@ -189,9 +201,9 @@ elif mode in ("replay", "reorder", "truncate", "other-connection"):
         first, second = sealed(c, ("first", 1)), sealed(c, ("evil", Evil()))
         raw(c, second)
         raw(c, first)
-    elif mode == "truncate":  # a large piece cut short (the rest never sent)
+    elif mode == "truncate":  # a large buffer's last part cut short
         frames = sealed(c, ("evil", Evil(), memoryview(bytes(1 << 19))))
-        raw(c, [frames[0], frames[1][:-4096]])
+        raw(c, [*frames[:-1], frames[-1][:-4096]])
     else:  # a message of another connection of the same process, with the same key
         c2 = t.connect(address, timeout=30)
         raw(c, sealed(c2, ("evil", Evil())))
@@ -200,9 +212,11 @@ elif mode == "oversize-total":  # args: limit; three buffers, each under it, tog
     limit = int(args[0])
     c.send([memoryview(bytes(limit // 2)) for _ in range(3)])
     wait_eof()
-elif mode == "oversize-frame":  # args: limit; one buffer over it
+elif mode == "oversize-frame":  # args: limit; one frame over it (send would cut it in parts)
+    from beamlet.backends.zmq.transport import pack
     limit = int(args[0])
-    c.send(memoryview(bytes(limit + 4096)))
+    with c._sealer.lock, c._lock:
+        c._sock.send_multipart(c._sealer.seal(pack(memoryview(bytes(limit + 4096)))))
     wait_eof()
 elif mode == "big":  # 100 MB, as one message and then in chunks
     data = np.random.default_rng(7).integers(0, 255, size=int(args[0]), dtype=np.uint8)
@@ -496,8 +510,14 @@ def test_a_listener_without_the_secret_is_refused_by_the_client(secret, peers, c
         ZmqTransport(secret, VERSION).connect(address, timeout=30)
 
 
-@pytest.mark.parametrize("mode", ["raw-plain", "raw-curve", "raw-wrong-secret"])
+@pytest.mark.parametrize("mode", ["raw-plain", "raw-curve", "raw-wrong-secret", "raw-replayed",
+                                  "raw-no-hello"])
 def test_nothing_a_stranger_sends_is_unpickled(listener, secret, peers, tmp_path, capfd, mode):
+    """Strangers: without ZeroMQ credentials (NULL), with another mechanism
+    (CURVE), with credentials made with another key, or replaying another
+    connection's, are refused by ZeroMQ before they can send a message; a
+    peer with good credentials that skips beamlet's handshake is refused by
+    it. Nothing any of them sends is unpickled."""
     target = tmp_path / "pwned"
     good = peers(secret, listener.address, "echo")
     stranger = peers(secret, listener.address, mode, target)
@@ -511,18 +531,19 @@ def test_nothing_a_stranger_sends_is_unpickled(listener, secret, peers, tmp_path
     assert not target.exists()
     log = capfd.readouterr().err
     # (a plain ZeroMQ peer may see the mismatch and hang up before the listener does)
-    reasons = {"raw-curve": ["does not speak this transport",
-                             "closed during the ZeroMQ handshake"],
+    mismatch = ["does not speak this transport", "closed during the ZeroMQ handshake"]
+    reasons = {"raw-curve": mismatch, "raw-plain": mismatch,
                "raw-wrong-secret": ["does not hold the cluster's key"],
-               "raw-plain": ["without having said hello"]}[mode]
+               "raw-replayed": ["replayed credentials"],
+               "raw-no-hello": ["without having said hello"]}[mode]
     assert "refused a connection from " in log and any(r in log for r in reasons), log
-    if mode == "raw-curve":  # refused by ZeroMQ itself
+    if mode != "raw-no-hello":  # refused by ZeroMQ itself
         assert "HANDSHAKE_FAILED" in stranger.wait_line("EVENTS "), stranger.stdout
         assert stranger.wait_line("GOT ") == "[]"
+        if mode == "raw-replayed":
+            stranger.wait_line("FIRST IN")
     else:  # told why (once: what it sends next is not even read), never heard
-        told = {"raw-plain": "without having said hello",
-                "raw-wrong-secret": "authentication failed"}[mode]
-        assert told in stranger.wait_line("GOT "), stranger.stdout
+        assert "without having said hello" in stranger.wait_line("GOT "), stranger.stdout
         assert log.count("refused a connection from ") == 1, log
 
 
@@ -606,15 +627,21 @@ def test_a_dead_or_frozen_peer_is_reported_left(listener, secret, peers, how):
     assert other.finish(30) == 0
 
 
+def served(transport, address: str):
+    """A connection to a "serve" peer at `address`, which greets and echoes."""
+    conn = transport.connect(address, timeout=30)
+    assert conn.recv(timeout=30) == "hello"
+    conn.send("ping")
+    assert conn.recv(timeout=30) == ("echo", "ping")
+    return conn
+
+
 def test_a_client_sees_the_listener_die(secret, peers):
     server = peers(secret, "-", "serve", VERSION)
     address = server.wait_line("LISTENING ")
     transport = ZmqTransport(secret, VERSION)
     try:
-        conn = transport.connect(address, timeout=30)
-        assert conn.recv(timeout=30) == "hello"
-        conn.send("ping")
-        assert conn.recv(timeout=30) == ("echo", "ping")
+        conn = served(transport, address)
         server.kill()
         with pytest.raises(EOFError):
             conn.recv(timeout=30)
@@ -809,3 +836,78 @@ def test_close_leaves_no_thread_and_no_descriptor(secret):
     with pytest.raises(exc.BackendError):
         conn.send("closed")
     assert listener.poll() == []
+
+
+# -- what a stranger can make a listener hold ---------------------------------------------
+MIB = 1 << 20
+
+
+def _greeting(mechanism: bytes) -> bytes:
+    """A ZMTP 3.0 greeting, as a client sends it."""
+    return b"\xff" + bytes(8) + b"\x7f\x03\x00" + mechanism.ljust(20, b"\0") + b"\0" + bytes(31)
+
+
+def _memory_peak(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def _offer(address: str, opening: bytes, stream) -> int:
+    """A stranger on a plain TCP socket: sends `opening`, then the byte strings
+    of `stream` until the listener stops taking them (it closed the connection,
+    or for 5 s it read nothing). How many bytes it got rid of."""
+    host, port = address.rsplit(":", 1)
+    sent = 0
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        try:
+            sock.sendall(opening)
+            for data in stream:
+                sock.sendall(data)
+                sent += len(data)
+        except OSError:  # (reset, broken pipe, or the listener stopped reading: timeout)
+            pass
+    return sent
+
+
+@pytest.mark.parametrize("attack", ["null-multipart", "plain-huge-hello",
+                                    "plain-frames-before-hello", "plain-huge-frame"])
+def test_a_stranger_cannot_make_a_listener_hold_more_than_a_frame(secret, peers, attack):
+    """Before a peer proves that it holds the key, a listener reads at most one
+    frame of `FRAME_LIMIT` bytes from it: ZeroMQ takes no message before the
+    ZAP handler accepted the peer's credentials, and reads no frame (a
+    handshake command included) larger than that. 256 MiB offered in each way
+    a plain TCP client can: the listener's peak memory grows by far less, the
+    stranger is cut off, and a client with the key still gets in."""
+    server = peers(secret, "-", "serve", VERSION)
+    address = server.wait_line("LISTENING ")
+    before = _memory_peak(server.proc.pid)
+    block = bytes(MIB)
+    offered = 256 * MIB
+    if attack == "null-multipart":  # no credentials; a message's frames, never its end
+        opening = _greeting(b"NULL") + b"\x04\x1c\x05READY\x0bSocket-Type\x00\x00\x00\x06DEALER"
+        stream = (b"\x03" + struct.pack(">Q", len(block)) + block for _ in range(256))
+    elif attack == "plain-huge-hello":  # credentials that never end
+        opening = _greeting(b"PLAIN") + b"\x06" + struct.pack(">Q", offered) + b"\x05HELLO"
+        stream = (block for _ in range(256))
+    elif attack == "plain-frames-before-hello":  # a message's frames instead of a hello
+        opening = _greeting(b"PLAIN")
+        stream = (b"\x03" + struct.pack(">Q", len(block)) + block for _ in range(256))
+    else:  # one huge message frame instead of a hello
+        opening = _greeting(b"PLAIN") + b"\x02" + struct.pack(">Q", offered)
+        stream = (block for _ in range(256))
+    sent = _offer(address, opening, stream)
+    grown = _memory_peak(server.proc.pid) - before
+    assert grown < 32 * MIB, f"the listener grew by {grown >> 20} MiB ({sent >> 20} MiB sent)"
+    # A client with the key still gets in, and is served.
+    transport = ZmqTransport(secret, VERSION)
+    try:
+        served(transport, address)
+    finally:
+        transport.close()
+    server.kill()
+    server.finish(30)
+    assert "refused a connection from " in server.stderr and any(
+        why in server.stderr for why in ("cut off in the ZeroMQ handshake",
+                                         "does not speak this transport")), server.stderr

@@ -183,13 +183,13 @@ class ResourcePool:
     def release_cpus(self, request: dict[str, float]) -> None:
         """Give back only the CPUs of a request (a task blocked in get), the
         node's or a placement group's."""
-        for name in _cpu_names(request):
+        for name in cpu_names(request):
             if name in self._free:
                 self._free[name] += _units(request[name])
 
     def reacquire_cpus(self, request: dict[str, float]) -> None:
         """Take the CPUs back after a blocked get, even if that oversubscribes for a while."""
-        for name in _cpu_names(request):
+        for name in cpu_names(request):
             if name in self._free:
                 self._free[name] -= _units(request[name])
 
@@ -370,7 +370,9 @@ def _group_gpu_request(request: dict[str, float]) -> tuple | None:
     return found
 
 
-def _cpu_names(request: dict[str, float]) -> list[str]:
+def cpu_names(request: dict[str, float]) -> list[str]:
+    """The names of a request's CPUs (the node's, or a placement group's): what
+    a task blocked in get lends out."""
     if "CPU" in request:
         return ["CPU"]
     return [name for name in request if name.startswith("CPU_group_")]

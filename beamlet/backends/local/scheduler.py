@@ -299,6 +299,11 @@ class LocalScheduler(Scheduler):
         #: is stored as usual). Called once per result of a finished task or
         #: call, under the lock, in place of the store's put.
         self.deliver = None
+        #: A cluster node sets this: (spec, lent) -> None, told when the CPUs of
+        #: `spec` (a task, or an actor's creation) are lent out while its worker
+        #: waits in get or wait (True), and when they are taken back (False),
+        #: so that the driver that placed it can count them free meanwhile.
+        self.lending = None
         #: Jobs that ended (see job_ended): their idle workers are let go.
         self.ended_jobs: set = set()
 
@@ -1293,26 +1298,28 @@ class LocalScheduler(Scheduler):
         return None
 
     # -- blocking get inside a task -------------------------------------------
-    def _lendable(self, worker: WorkerInfo) -> dict | None:
-        """The resources whose CPUs a blocked worker lends out: its task's, or its
-        live actor's (None when it holds nothing)."""
+    def _lendable(self, worker: WorkerInfo) -> TaskSpec | None:
+        """The spec whose CPUs a blocked worker lends out: its task, or its live
+        actor's creation (None when it holds nothing)."""
         if worker.task is not None:
-            return worker.task.resources
+            return worker.task
         record = self.actors.get(worker.actor_id) if worker.actor_id is not None else None
         if record is not None and record.worker is worker \
                 and record.state in (ActorLifecycle.STARTING, ActorLifecycle.ALIVE):
-            return record.spec.resources
+            return record.spec
         return None
 
     def worker_blocked(self, worker: WorkerInfo, req_id: int) -> None:
         """The worker's task or actor waits in get or wait (request `req_id`): lend
         its CPUs out, so that what it waits for can run."""
         with self.lock:
-            resources = self._lendable(worker)
-            if resources is None:
+            spec = self._lendable(worker)
+            if spec is None:
                 return
             if not worker.blocking:
-                self.pool.release_cpus(resources)
+                self.pool.release_cpus(spec.resources)
+                if self.lending is not None:
+                    self.lending(spec, True)
             worker.blocking.add(req_id)
             self._dispatch()
 
@@ -1324,9 +1331,11 @@ class LocalScheduler(Scheduler):
                 return
             worker.blocking.discard(req_id)
             if not worker.blocking:
-                resources = self._lendable(worker)
-                if resources is not None:
-                    self.pool.reacquire_cpus(resources)
+                spec = self._lendable(worker)
+                if spec is not None:
+                    self.pool.reacquire_cpus(spec.resources)
+                    if self.lending is not None:
+                        self.lending(spec, False)
 
     def _take_back_lent(self, worker: WorkerInfo | None, resources: dict) -> None:
         """Before `resources` held by `worker` are released: undo any CPU lending,
@@ -1334,6 +1343,10 @@ class LocalScheduler(Scheduler):
         if worker is not None and worker.blocking:
             worker.blocking.clear()
             self.pool.reacquire_cpus(resources)
+            if self.lending is not None:
+                spec = self._lendable(worker)
+                if spec is not None:
+                    self.lending(spec, False)
 
     # -- workers ----------------------------------------------------------------
     def awaits_worker(self, worker_id: str) -> bool:

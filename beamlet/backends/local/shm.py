@@ -178,10 +178,11 @@ def _new_file(session: str, size: int, names: Iterable[str] | None = None) -> tu
 
 
 def create_segment(session: str, size: int) -> Segment:
-    """A new segment of `size` bytes under a fresh name, mapped writable."""
+    """A new segment of `size` bytes under a fresh name, mapped writable (and
+    faulted in at once, MAP_POPULATE: it is about to be written whole)."""
     name, fd = _new_file(session, size)
     try:
-        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
     except BaseException:
         unlink(name)
         raise

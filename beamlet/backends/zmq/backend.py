@@ -21,12 +21,26 @@ object it alone held is made again by re-running its task (lineage), or
 becomes an ObjectLostError (an object a worker put there, an actor's result).
 `ClusterScheduler` places each task where its resource request fits, on the
 least loaded such node, and each actor's calls on the actor's node, in order.
-A node's own scheduler queues what it cannot run yet: it knows when a task
-blocked in ``get`` lends its CPUs to others, which the driver does not, so
-queueing in the driver could deadlock nested tasks. When a node's connection
-drops, its tasks are retried elsewhere (per ``max_retries``) or fail, and its
-actors' calls fail with ``ActorDiedError``: no ``get`` waits on a dead node.
-A ``NodeAffinitySchedulingStrategy`` pins a call to its node (soft: while
+A node's own scheduler queues what it cannot run yet (it knows when a task
+blocked in ``get`` lends its CPUs to others, which the driver does not), but
+only a window of tasks beyond what its resources hold (spillback): the
+window is the node's recent pace (tasks it finished in the last
+`WINDOW_PERIOD`), so short tasks keep each node's pipeline full, while
+behind long ones nothing waits; the driver keeps the rest and places each
+as soon as a node can take it, on whichever node frees first. A worker's
+nested submissions, retries and rebuilds are never held (a parent blocked
+in ``get`` must not wait on the driver for its child). When a node's
+scheduler lends the CPUs of a task (or actor) blocked in ``get`` or
+``wait`` to others, the node tells the driver that placed it (``Lent``, with
+its next report), which counts them free meanwhile: held tasks go at once
+to a node whose tasks wait for them. As a last resort for waits a node
+cannot see (a task polling in a loop), a held task waits at most
+`HOLD_MAX` seconds (``BEAMLET_SPILLBACK_HOLD_MAX``) while no node it fits
+finishes anything; then the oldest goes to the least loaded, one per
+`HOLD_MAX`: tasks that wait for each other that way are slowed, never
+stuck. When a node's connection drops, its tasks are retried elsewhere (per
+``max_retries``) or fail, and its actors' calls fail with ``ActorDiedError``:
+no ``get`` waits on a dead node. A ``NodeAffinitySchedulingStrategy`` pins a call to its node (soft: while
 that node is alive and fits it). Nodes that join after ``init`` are found in
 the nodes table (every `NODES_POLL` seconds) and get work too. The nodes
 report what their schedulers tell observers, so the driver's plugins hear
@@ -35,6 +49,7 @@ of every attempt's end and actor state as on the local backend (see
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import os
@@ -51,7 +66,7 @@ from ...core.interfaces import Backend, Scheduler
 from ...core.memory_store import MemoryObjectStore
 from ...core.options import check_backend_options
 from ...core.placement import ready_value, removed_value, split_node_affinity
-from ...core.resources import BUNDLE_CAPACITY, group_resource
+from ...core.resources import BUNDLE_CAPACITY, cpu_names, group_resource
 from ...core.scheduling import may_retry
 from ...core.serialization import serialize
 from ...core.tables import ActorState
@@ -59,7 +74,7 @@ from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TASK, TaskSpec
 from ..local import shm
 from ..local.transport import ProtocolError
 from . import protocol as P
-from .objects import Assembly, as_chunk
+from .objects import Assembly, BufferPool, as_chunk
 
 CONNECT_TIMEOUT = 10.0  # seconds to reach the head or a node
 NODES_POLL = 1.0  # seconds between looks at the nodes table, for nodes that joined since
@@ -67,6 +82,15 @@ JOIN_TIMEOUT = 2.0  # seconds to reach a node that joined since (else: tried at 
 #: Seconds a get reading its result off its node's connection (`wait_on`)
 #: waits before looking again whether the result came another way.
 DIRECT_SLICE = 0.05
+#: Spillback: a node is sent tasks beyond what its resources hold at most as
+#: many as it finished in the last period (seconds; see `NodeLink.window`).
+WINDOW_PERIOD = 0.25
+#: Spillback's last resort: seconds a held task waits while no node it fits
+#: finishes anything, before it is sent anyway (see the module's docstring);
+#: the environment's ``BEAMLET_SPILLBACK_HOLD_MAX`` overrides it.
+HOLD_MAX = 2.0
+#: Bytes of freed pull buffers a driver keeps for its next pulls (see BufferPool).
+PULL_BUFFERS_KEPT = 256 << 20
 
 
 class NodeLink:
@@ -86,9 +110,58 @@ class NodeLink:
         self.reading = threading.Lock()
         self.bytes_received = 0  # object values that came from it (see object_bytes_received)
         self.poller = None  # (a poll object on its connection, for `wait_on`: made once)
+        self.extra: set[bytes] = set()  # tasks sent beyond what its resources held then
+        self.finished = [0, 0]  # tasks finished here in the period before, in this one
+        self.period_start = time.monotonic()
+        #: Tasks finished here ever, and that count when `unstall` last saw it
+        #: change (with when): a node that finished nothing for HOLD_MAX.
+        self.finished_total = 0
+        self.stall_seen = (0, self.period_start)
+        #: task id -> the CPUs its worker lends out while it waits in get or
+        #: wait (the node said so: ``Lent``), taken off `load` meanwhile.
+        self.lent: dict[bytes, dict] = {}
 
     def fits(self, request: dict) -> bool:
         return all(self.resources.get(k, 0) >= v for k, v in request.items())
+
+    def fits_now(self, request: dict) -> bool:
+        """Whether `request` fits beside what is placed here now."""
+        load, resources = self.load, self.resources
+        for k, v in request.items():
+            if load.get(k, 0) + v > resources.get(k, 0) + 1e-9:
+                return False
+        return True
+
+    def window(self, now: float) -> int:
+        """How many tasks beyond its resources it may queue: as many as it
+        finished in the last period (the one before, or this one if more)."""
+        elapsed = now - self.period_start
+        if elapsed >= WINDOW_PERIOD:
+            self.finished = [self.finished[1] if elapsed < 2 * WINDOW_PERIOD else 0, 0]
+            self.period_start = now
+        return max(self.finished)
+
+    def can_take(self, request: dict, now: float) -> bool:
+        """Whether a task may be sent here now: it fits, or the window has room."""
+        return self.fits_now(request) or len(self.extra) < self.window(now)
+
+    def lend(self, spec: TaskSpec, lent: bool) -> bool:
+        """Its node lent out the CPUs of `spec` placed here (`lent`), or took
+        them back: count them free meanwhile. Whether anything changed."""
+        if lent:
+            if spec.task_id in self.lent:
+                return False
+            cpus = self.lent[spec.task_id] = {k: spec.resources[k]
+                                              for k in cpu_names(spec.resources)}
+            sign = -1
+        else:
+            cpus = self.lent.pop(spec.task_id, None)
+            if cpus is None:
+                return False
+            sign = 1
+        for k, v in cpus.items():
+            self.load[k] = self.load.get(k, 0) + sign * v
+        return True
 
     def weight(self, request: dict) -> float:
         """How full it would be with `request` placed too: the largest fraction
@@ -278,6 +351,21 @@ def _assign(bundles, strategy: str, free: dict) -> dict[int, "NodeLink"] | None:
     return out
 
 
+def _hold_max() -> float:
+    """`HOLD_MAX`, or ``BEAMLET_SPILLBACK_HOLD_MAX`` (seconds) if set."""
+    value = os.environ.get("BEAMLET_SPILLBACK_HOLD_MAX")
+    if value is None:
+        return HOLD_MAX
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"BEAMLET_SPILLBACK_HOLD_MAX must be a positive number of "
+                         f"seconds, got {value!r}")
+    return seconds
+
+
 class ClusterScheduler(Scheduler):
     """Places specs on the cluster's nodes; results arrive in the driver's store."""
 
@@ -317,6 +405,15 @@ class ClusterScheduler(Scheduler):
         #: time.time() - time.perf_counter(): the nodes' progress times (epoch)
         #: as this process's perf_counter times (see TaskEvents).
         self._clock = time.time() - time.perf_counter()
+        #: Spillback: tasks no node can take yet (see `NodeLink.can_take`), in
+        #: submission order per request (resources and pin), by task id, and the
+        #: task id of each of their returns; and submissions never to be held.
+        self.held: dict[tuple, collections.deque] = {}
+        self.held_tasks: dict[bytes, TaskSpec] = {}
+        self.held_returns: dict[bytes, bytes] = {}
+        self.unheld: set[bytes] = set()
+        self._releasing = False
+        self.hold_max = HOLD_MAX  # (see `_hold_max`)
         self.closed = False
 
     # -- placement ----------------------------------------------------------------
@@ -350,11 +447,16 @@ class ClusterScheduler(Scheduler):
                 if pin is not None:
                     spec.resources = resources
                     self.pins[spec.task_id] = (pin, soft)
-                try:
-                    node = self._place(spec)
-                except ValueError:
-                    self.pins.pop(spec.task_id, None)
-                    raise
+                hold = spec.kind == TASK and not self._discard_unheld(spec.task_id)
+                shape = self._shape(spec) if hold and self.held else None
+                if shape is not None and self.held.get(shape):
+                    node = None  # (behind those of its kind held already)
+                else:
+                    try:
+                        node = self._place(spec, hold)
+                    except ValueError:
+                        self.pins.pop(spec.task_id, None)
+                        raise
                 if spec.kind == ACTOR_CREATION:
                     self.actor_node[spec.actor_id] = node
                     self.actor_spec[spec.actor_id] = spec
@@ -365,17 +467,24 @@ class ClusterScheduler(Scheduler):
                 self.streams[item_id(stream_id, 0)[:-8]] = [spec, 0]
                 for signal in (ack_id(stream_id, 0), closed_id(stream_id)):
                     self.signal_fetches.setdefault(signal[:-8], [])
+            if node is None:
+                self._hold(spec, shape)  # (a stream is known from its submission: see _fail)
+                return
             self._send(spec, node)
 
-    def _place(self, spec: TaskSpec) -> NodeLink:
+    def _place(self, spec: TaskSpec, hold: bool = False) -> NodeLink | None:
         """The node its NodeAffinitySchedulingStrategy names, else the least
         loaded alive node where the request fits; ValueError naming the
-        resource if none ever could (or the pinned node if it is gone)."""
+        resource if none ever could (or the pinned node if it is gone). With
+        `hold`, only a node that can take it now (`NodeLink.can_take`), and
+        None if there is none yet."""
         alive = [n for n in self.nodes if n.alive]
         pin = self.pins.get(spec.task_id)
         if pin is not None:
             node = next((n for n in alive if n.node_id == pin[0]), None)
             if node is not None and node.fits(spec.resources):
+                if hold and not node.can_take(spec.resources, time.monotonic()):
+                    return None
                 return node
             if not pin[1]:
                 raise ValueError(
@@ -383,9 +492,17 @@ class ClusterScheduler(Scheduler):
                     f"(NodeAffinitySchedulingStrategy(soft=False)), which "
                     + ("is not an alive node of the cluster" if node is None else
                        f"cannot hold its request {spec.resources}"))
-        fitting = [n for n in alive if n.fits(spec.resources)]
+        request = spec.resources
+        fitting = [n for n in alive if n.fits(request)]
         if fitting:
-            best = min(fitting, key=lambda n: n.weight(spec.resources))
+            best = fitting[0] if len(fitting) == 1 else \
+                min(fitting, key=lambda n: n.weight(request))
+            if hold and not best.fits_now(request):  # (then none has room now:
+                now = time.monotonic()  # one whose window has, if any)
+                fitting = [n for n in fitting if len(n.extra) < n.window(now)]
+                if not fitting:
+                    return None
+                best = min(fitting, key=lambda n: n.weight(request))
             return self._holder_of_arguments(spec, fitting) or best
         for name, amount in spec.resources.items():
             most = max((n.resources.get(name, 0) for n in alive), default=0)
@@ -538,11 +655,138 @@ class ClusterScheduler(Scheduler):
                     self.actor_group.pop(spec.actor_id, None)
                 self._fail(spec, removed if spec.kind == TASK else dead)
             group.waiting = []
+            for spec in [s for s in self.held_tasks.values()
+                         if s.placement_group is not None
+                         and s.placement_group[0].key == group.key]:
+                self._unhold(spec)  # (left in its queue: skipped as cancelled)
+                self._fail(spec, removed)
             ready, group.ready = group.ready, True
             self.store.delete(group.node_ready)
             self._try_groups()
+            if self.held:
+                self._release_held()  # (its reserved resources are free again)
         if not ready:
             self.store.put_entry(group.info.ready_id, removed_value(group.info))
+
+    def _discard_unheld(self, task_id: bytes) -> bool:
+        if task_id in self.unheld:
+            self.unheld.discard(task_id)
+            return True
+        return False
+
+    def _shape(self, spec: TaskSpec) -> tuple:
+        return tuple(sorted(spec.resources.items())), self.pins.get(spec.task_id)
+
+    def _hold(self, spec: TaskSpec, shape: tuple | None = None) -> None:
+        """Keep a task until a node can take it (`_release_held`). Under the lock."""
+        if shape is None:
+            shape = self._shape(spec)
+        queue = self.held.get(shape)
+        if queue is None:
+            queue = self.held[shape] = collections.deque()
+        queue.append(spec)
+        self.held_tasks[spec.task_id] = spec
+        for rid in spec.return_ids:
+            self.held_returns[rid] = spec.task_id
+
+    def _unhold(self, spec: TaskSpec) -> None:
+        self.held_tasks.pop(spec.task_id, None)
+        for rid in spec.return_ids:
+            self.held_returns.pop(rid, None)
+
+    def _release_held(self) -> None:
+        """Send held tasks to the nodes that can take them now, in order per
+        request; fail those no alive node could ever run. Under the lock."""
+        if self._releasing or self.closed:
+            return
+        self._releasing = True
+        try:
+            for shape, queue in list(self.held.items()):
+                while queue:
+                    spec = queue[0]
+                    if spec.task_id not in self.held_tasks:  # (cancelled)
+                        queue.popleft()
+                        continue
+                    try:
+                        node = self._place(spec, hold=True)
+                    except ValueError as err:
+                        queue.popleft()
+                        self._unhold(spec)
+                        self._fail(spec, exc.TaskError.from_exception(err, spec.display_name))
+                        continue
+                    if node is None:
+                        break
+                    queue.popleft()
+                    self._unhold(spec)
+                    self._send(spec, node)
+                if not queue:
+                    del self.held[shape]
+        finally:
+            self._releasing = False
+
+    def _release_to(self, node: NodeLink) -> None:
+        """`node` has room again (something placed there ended, or it lends
+        the CPUs of a blocked task): the held tasks it can take now go there,
+        in order per request. (No other node could take any when it last
+        changed: only a full `_release_held` looks at them all.) Under the lock."""
+        if self._releasing or self.closed or not node.alive:
+            return
+        self._releasing = True
+        try:
+            for shape, queue in list(self.held.items()):
+                pin = shape[1]
+                if pin is not None and pin[0] != node.node_id:
+                    continue
+                while queue:
+                    spec = queue[0]
+                    if spec.task_id not in self.held_tasks:  # (cancelled)
+                        queue.popleft()
+                        continue
+                    request = spec.resources
+                    if not node.fits(request):
+                        break
+                    fits = node.fits_now(request)
+                    if not fits and len(node.extra) >= max(node.finished):
+                        break  # (its window, as the I/O thread last rolled it)
+                    queue.popleft()
+                    self._unhold(spec)
+                    self._send(spec, node, fits)
+                if not queue:
+                    del self.held[shape]
+        finally:
+            self._releasing = False
+
+    def unstall(self) -> None:
+        """(The I/O thread, now and then.) Held tasks whose nodes all finished
+        nothing for `hold_max` seconds: the oldest of each request goes to the
+        least loaded of them (its tasks may wait for what is held in a way
+        their node cannot see: not in get or wait)."""
+        with self.lock:
+            if not self.held or self._releasing or self.closed:
+                return
+            now = time.monotonic()
+            for node in self.nodes:
+                if node.finished_total != node.stall_seen[0]:
+                    node.stall_seen = (node.finished_total, now)
+            for shape, queue in list(self.held.items()):
+                while queue and queue[0].task_id not in self.held_tasks:
+                    queue.popleft()
+                if not queue:
+                    del self.held[shape]
+                    continue
+                spec = queue[0]
+                fitting = [n for n in self.nodes if n.alive and n.fits(spec.resources)]
+                if any(now - n.stall_seen[1] < self.hold_max for n in fitting):
+                    continue
+                queue.popleft()
+                self._unhold(spec)
+                try:
+                    node = self._place(spec)
+                except ValueError as err:
+                    self._fail(spec, exc.TaskError.from_exception(err, spec.display_name))
+                    continue
+                node.stall_seen = (node.finished_total, now)  # (the next after another)
+                self._send(spec, node)
 
     def _holder_of_arguments(self, spec: TaskSpec, fitting: list) -> NodeLink | None:
         """The fitting node, not full, that holds the most bytes of the spec's
@@ -571,8 +815,9 @@ class ClusterScheduler(Scheduler):
             self.actor_node[actor_id] = node
         return node
 
-    def _send(self, spec: TaskSpec, node: NodeLink) -> None:
-        """Hand the spec to its node, with the values of its arguments we hold."""
+    def _send(self, spec: TaskSpec, node: NodeLink, fits: bool | None = None) -> None:
+        """Hand the spec to its node, with the values of its arguments we hold
+        (`fits`: whether it fits beside what is placed there, if known)."""
         objects, locations = [], []
         for object_id in (dict.fromkeys(spec.dependencies()) if spec.args or spec.kwargs
                           else ()):
@@ -589,6 +834,8 @@ class ClusterScheduler(Scheduler):
         self.tasks[spec.task_id] = (spec, node, set(spec.return_ids))
         for rid in spec.return_ids:
             self.producer[rid] = spec.task_id
+        if spec.kind == TASK and not (node.fits_now(spec.resources) if fits is None else fits):
+            node.extra.add(spec.task_id)
         node.placed[spec.task_id] = spec
         if spec.kind != ACTOR_METHOD:
             node.add(spec, 1)
@@ -814,10 +1061,19 @@ class ClusterScheduler(Scheduler):
                 spec.generator = spec.generator[:2] + (stream[1],)
 
     def _unplace(self, spec: TaskSpec, node: NodeLink) -> None:
+        """`spec` holds nothing on `node` any more: held tasks may go. Under the lock."""
         if node.placed.pop(spec.task_id, None) is not None and spec.kind != ACTOR_METHOD:
+            if node.lent:
+                node.lend(spec, False)
             node.add(spec, -1)
+            if spec.kind == TASK:
+                node.extra.discard(spec.task_id)
+                node.finished[1] += 1  # (periods roll in `tick`, and in `window`)
+                node.finished_total += 1
             if self.groups_pending:
                 self._try_groups()
+            if self.held:
+                self._release_to(node)
 
     def fetch(self, node: NodeLink, object_ids: list) -> None:
         """A node needs these objects: send each once we have it."""
@@ -858,9 +1114,13 @@ class ClusterScheduler(Scheduler):
         for object_id, form in objects:
             if not self.store.contains(object_id):
                 self.store.put_entry(object_id, P.unwire(form))
+        with self.lock:
+            self.unheld.add(spec.task_id)  # (its parent may wait for it: never held)
         try:
             self.backend.runtime.accept(spec)
         except Exception as err:  # noqa: BLE001 - the submitter gets it from get()
+            with self.lock:
+                self.unheld.discard(spec.task_id)
             self._fail(spec, exc.TaskError.from_exception(err, spec.display_name))
 
     def borrow(self, node: NodeLink, added: list, released: list) -> None:
@@ -877,14 +1137,35 @@ class ClusterScheduler(Scheduler):
         refs.incr_all(added)
         refs.decr_all(released)
 
-    def report(self, events: list) -> None:
-        """What the nodes' schedulers told of our tasks (before their results)."""
+    def report(self, node: NodeLink, events: list) -> None:
+        """What `node`'s scheduler told of our tasks (before their results)."""
         for event in events:
-            if type(event) is P.TaskFinished:
+            kind = type(event)
+            if kind is P.TaskFinished:
                 self.task_finished(event)
+            elif kind is P.Lent:
+                self.lent(node, event.task_id, event.lent)
             elif self.task_progress is not None:  # (TaskProgress: for the task record)
                 self.task_progress((event.task_id, event.attempt, event.state, event.pid,
                                     event.when - self._clock))
+
+    def lent(self, node: NodeLink, task_id: bytes, lent: bool) -> None:
+        """`node` lent out the CPUs of our task or actor (`task_id`: the actor's
+        creation) while it waits in get or wait, or took them back: held
+        tasks may go there meanwhile."""
+        with self.lock:
+            spec = node.placed.get(task_id)
+            if spec is None or not node.alive or not node.lend(spec, lent):
+                return
+            if lent and self.held:
+                self._release_to(node)
+
+    def tick(self, now: float) -> None:
+        """(The I/O thread, every `WINDOW_PERIOD` or so.) Each node's window
+        moves on to the next period (see `NodeLink.window`)."""
+        with self.lock:
+            for node in self.nodes:
+                node.window(now)
 
     def task_finished(self, event: "P.TaskFinished") -> None:
         """An attempt of our task ended on its node: the driver's observers hear
@@ -927,6 +1208,8 @@ class ClusterScheduler(Scheduler):
             self._objects_lost(node)  # (first: a retried task may need one made again)
             placed, node.placed = list(node.placed.values()), {}
             node.load = {}
+            node.extra = set()
+            node.lent = {}
             for spec in placed:
                 self.tasks.pop(spec.task_id, None)
                 for rid in spec.return_ids:
@@ -969,6 +1252,8 @@ class ClusterScheduler(Scheduler):
                                                     f"its node {node.node_id} died")
                     except exc.BackendError:
                         pass
+            if self.held:
+                self._release_held()  # (what only it could run fails)
         for group in unready:
             self.store.put_entry(group.info.ready_id, serialize(exc.NodeDiedError(
                 f"placement group {group.key} cannot be ready: node {node.node_id}, where "
@@ -984,6 +1269,12 @@ class ClusterScheduler(Scheduler):
         with self.lock:
             task_id = self.producer.get(object_id)
             entry = self.tasks.get(task_id) if task_id is not None else None
+            if entry is None:
+                held = self.held_tasks.get(self.held_returns.get(object_id, b""))
+                if held is not None:  # (not sent yet: it never runs)
+                    self._unhold(held)
+                    self._fail(held, exc.TaskCancelledError(
+                        f"task {held.display_name} was cancelled"))
         if entry is None:
             return
         spec, node, _ = entry
@@ -1080,6 +1371,7 @@ class ClusterBackend(Backend):
         if config.get("resources"):
             raise ValueError("resources cannot be given when connecting to a cluster: its "
                              "nodes were started with their resources")
+        hold_max = _hold_max()  # (a bad setting is an error before connecting)
         address = config.get("address")
         state = StateDir()
         if address == "auto":
@@ -1100,6 +1392,7 @@ class ClusterBackend(Backend):
         self.object_store = ClusterObjectStore(self, runtime.refs)
         self._pulls: dict[bytes, _Pull] = {}
         self._pulls_lock = threading.Lock()
+        self._buffers = BufferPool(PULL_BUFFERS_KEPT)
         self._links: list[NodeLink] = []
         self._closed = False
         self.control_store = None
@@ -1138,6 +1431,7 @@ class ClusterBackend(Backend):
             if not self._links:
                 raise exc.BackendError(f"the cluster at {address} has no alive node")
             self.scheduler = ClusterScheduler(self, self._links)
+            self.scheduler.hold_max = hold_max
             from ...core.tables import Tables
             self.scheduler.tables = Tables(self.control_store)
             self._wake_r, self._wake_w = os.pipe()
@@ -1181,10 +1475,19 @@ class ClusterBackend(Backend):
             ep.register(link.conn.fileno(), select.EPOLLIN)
         watched = set(self._links)
         next_look = time.monotonic() + NODES_POLL
+        next_tick = next_unstall = 0.0
         try:
+            sched = self.scheduler
             while not self._closed:
-                ep.poll(0.5)
-                if time.monotonic() >= next_look:
+                ep.poll(WINDOW_PERIOD)
+                now = time.monotonic()
+                if now >= next_tick:  # (once per wake-up at most: not per task)
+                    sched.tick(now)
+                    next_tick = now + WINDOW_PERIOD
+                    if sched.held and now >= next_unstall:
+                        sched.unstall()
+                        next_unstall = now + sched.hold_max / 4
+                if now >= next_look:
                     for link in self._join_new_nodes():
                         ep.register(link.conn.fileno(), select.EPOLLIN)
                         watched.add(link)
@@ -1285,6 +1588,7 @@ class ClusterBackend(Backend):
                 continue
             with self.scheduler.lock:
                 self._links.append(link)  # (the scheduler's `nodes` too)
+                self.scheduler._release_held()  # (held tasks may go there)
             new.append(link)
         return new
 
@@ -1322,7 +1626,7 @@ class ClusterBackend(Backend):
                         link.bytes_received += sum(_wire_bytes(f) for _, f in objects)
                     sched.stored(objects)
                 elif kind is P.Report:
-                    sched.report(message.events)
+                    sched.report(link, message.events)
                     if message.objects:
                         link.bytes_received += sum(_wire_bytes(f) for _, f in message.objects)
                         sched.stored(message.objects)
@@ -1381,12 +1685,12 @@ class ClusterBackend(Backend):
         if pull is None or pull.done.is_set():
             return
         if pull.assembly is None:
-            pull.assembly = Assembly(bytearray(chunk.total), chunk.total)
+            pull.assembly = Assembly(self._buffers.take(chunk.total), chunk.total)
         link.bytes_received += chunk.data.nbytes
         if pull.assembly.add(chunk):
             assembly, pull.assembly = pull.assembly, None
             assembly.release()
-            self._pulled(chunk.object_id, shm.object_from_view(memoryview(assembly.target)))
+            self._pulled(chunk.object_id, shm.object_from_view(assembly.target))
 
     def _pulled(self, object_id: bytes, sobj) -> None:
         pull = self._pulls.get(object_id)
@@ -1453,6 +1757,7 @@ class ClusterBackend(Backend):
         self._io.join(5)
         self.object_store.close()
         self._close_links()
+        self._buffers.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
 

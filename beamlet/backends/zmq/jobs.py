@@ -33,7 +33,8 @@ drivers connected over ZeroMQ (the messages are in ``protocol.py``).
   actor's state) goes to the driver whose task or actor it is
   (``TaskFinished``, ``ActorState``), for the driver's hooks (task ends only
   to a driver whose plugins observe them: ``task_events`` in its job
-  settings); objects a dead
+  settings); so do the CPUs it lends out while a task or actor waits in get
+  or wait, and takes back (``Lent``), for the driver's spillback; objects a dead
   worker put die in the drivers too (``OwnerDied``). A recursive cancel
   cancels the children the node runs, and names the others to the driver
   (``CancelChildren``).
@@ -246,6 +247,7 @@ class DriverOwner:
         node.scheduler.job_of = self.job_of
         node.scheduler.task_progress = self._task_progress
         node.scheduler.deliver = self._deliver
+        node.scheduler.lending = self._lending
         self.puller = Puller(transport, node.object_store, self._pulled, self._pull_failed)
         node.object_store.on_lost = self._owner_died
         plugins.add_listener("beamlet_actor_state", self._actor_state)
@@ -309,6 +311,14 @@ class DriverOwner:
         if link is not None:
             link.queue_event(P.TaskProgress(task_id, attempt, state, pid,
                                             when + self._clock))
+            self._events_queued(link)
+
+    def _lending(self, spec, lent: bool) -> None:
+        """The node scheduler's ``lending``: the driver that placed `spec` hears
+        that its CPUs are lent out (or taken back), with its next report."""
+        link = self.job_of(spec)
+        if link is not None:
+            link.queue_event(P.Lent(spec.task_id, lent))
             self._events_queued(link)
 
     def _events_queued(self, link: DriverLink) -> None:

@@ -13,13 +13,20 @@ closes that connection. A small object kept inline is laid out into a
 buffer first, the same way.
 
 `Puller` is a node's side of pulling: one connection and one reader thread
-per node it pulls from, made on first use.
+per node it pulls from, made on first use. (Its store reuses freed segments
+of the same size class, already mapped and faulted in.) A driver, which has
+no store, pulls into a `BufferPool`'s buffers: anonymous memory faulted in
+at once when new, and reused once every view of an object pulled into it
+is gone.
 """
 from __future__ import annotations
 
 import collections
+import ctypes
+import mmap
 import sys
 import threading
+import weakref
 from typing import Callable
 
 import zmq
@@ -134,6 +141,57 @@ class Assembly:
 
     def release(self) -> None:
         self.view.release()
+
+
+class BufferPool:
+    """Writable buffers for objects a driver pulls, kept for reuse.
+
+    A buffer `take` hands out is a view whose memory (a private anonymous
+    mapping, faulted in at once with MAP_POPULATE when new: one kernel pass
+    instead of a fault per 4 KiB page) comes back to the pool when the last
+    view of it (the object, numpy arrays made from it) is gone; the pool
+    keeps at most `capacity` bytes of such free memory and hands out the
+    smallest free buffer that fits (and is at most twice too big). Nothing of
+    it is a file: `close` unmaps what is free, the rest goes with its views."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.bytes = 0
+        self._free: list[mmap.mmap] = []
+        self._lock = threading.RLock()  # (a finalizer may run inside `take`)
+        self.closed = False
+
+    def take(self, size: int) -> memoryview:
+        """A writable byte view of `size` bytes (contents undefined)."""
+        with self._lock:
+            best = None
+            for mm in self._free:
+                if size <= len(mm) <= 2 * size and (best is None or len(mm) < len(best)):
+                    best = mm
+            if best is not None:
+                self._free.remove(best)
+                self.bytes -= len(best)
+        if best is None:
+            best = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                             | getattr(mmap, "MAP_POPULATE", 0))
+        holder = (ctypes.c_char * size).from_buffer(best)
+        weakref.finalize(holder, self._give, best)
+        return memoryview(holder).cast("B")
+
+    def _give(self, mm: mmap.mmap) -> None:
+        with self._lock:
+            if not self.closed and self.bytes + len(mm) <= self.capacity:
+                self._free.append(mm)
+                self.bytes += len(mm)
+                return
+        mm.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            free, self._free, self.bytes = self._free, [], 0
+        for mm in free:
+            mm.close()
 
 
 class Puller:

@@ -42,7 +42,7 @@ driver's own get) pulls it from there in chunks (``objects.py``).
                                                 sends info.ready_id once reserved)
     node -> driver   CancelChildren(object_ids, force)   cancel these children of a
                                                 cancelled task (not run on this node)
-    node -> driver   Report(events, objects)    TaskFinished / TaskProgress events
+    node -> driver   Report(events, objects)    TaskFinished / TaskProgress / Lent events
                                                 (what the node's scheduler told its
                                                 observers, for the driver's hooks and
                                                 task record), then results; queued and
@@ -65,10 +65,11 @@ from ...core.serialization import SerializedObject, serialize
 from ...core.task_spec import TaskSpec
 from ..local.transport import ProtocolError
 
-VERSION = "beamlet-cluster/6"  # 2: drivers run tasks on nodes; 3: nodes pull objects;
+VERSION = "beamlet-cluster/7"  # 2: drivers run tasks on nodes; 3: nodes pull objects;
 # 4: nodes report task ends and actor states, recursive cancel across nodes;
 # 5: placement groups' bundles reserved on nodes, task progress reported (Report);
 # 6: messages travel as plain tuples (CODEC)
+# 7: nodes report CPUs lent by tasks blocked in get (Lent, in Report)
 
 #: Seconds between a member's heartbeats, and of silence after which the head
 #: declares it dead (at once when its connection drops).
@@ -221,10 +222,18 @@ class TaskProgress(NamedTuple):
     when: float  # time.time() on the node
 
 
+class Lent(NamedTuple):
+    """The CPUs of the driver's task (or actor: its creation's task id) on the
+    node are lent out while its worker waits in get or wait (`lent`), or were
+    taken back: the driver counts them free meanwhile (spillback)."""
+    task_id: bytes
+    lent: bool
+
+
 class Report(NamedTuple):
-    """What the node's scheduler told of the driver's tasks (``TaskFinished``
-    and ``TaskProgress``, in order), then results (as ``Objects``): one
-    message where there would be several."""
+    """What the node's scheduler told of the driver's tasks (``TaskFinished``,
+    ``TaskProgress`` and ``Lent``, in order), then results (as ``Objects``):
+    one message where there would be several."""
     events: list
     objects: list     # [(object_id, wire form)]
 

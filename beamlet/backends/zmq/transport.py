@@ -6,12 +6,35 @@ Every peer (another node, a driver) connects with a DEALER. Addresses are
 ``"host:port"`` strings (``"[::1]:port"`` for IPv6); port 0 picks a free one.
 
 Authentication, before anything is unpickled
-    The sockets use ZeroMQ's NULL mechanism (no security of its own: CURVE,
-    its encrypting one, carries at most about 0.3-1 GB/s per connection here,
-    below issue 7's target; see benchmarks/transfer_candidates.py); the
-    security is beamlet's, on top, in raw frames that are never unpickled.
-    Everything is keyed by `ClusterKey` (HMAC-SHA256 of the secret with a
-    label of its own)::
+    ZeroMQ's own encryption (CURVE) carries at most about 0.3-1 GB/s per
+    connection here, below issue 7's target (see
+    benchmarks/transfer_candidates.py): the security is beamlet's, on top,
+    in raw frames that are never unpickled. Everything is keyed by
+    `ClusterKey` (HMAC-SHA256 of the secret with a label of its own).
+
+    First, at the gate, what a stranger can make a listener hold is bounded:
+    the sockets use ZeroMQ's PLAIN mechanism (not encrypting either), whose
+    credentials beamlet makes and checks itself. A client's are a fresh
+    nonce and its clock's time, with their MAC (`ClusterKey.credentials`);
+    the listener's ZAP handler (a socket of the listener's context, answered
+    by its loop) accepts them only if the MAC is right, the time within
+    `CLOCK_SKEW` of its own clock and the nonce not used before (a recorded
+    hello cannot be replayed). ZeroMQ takes no message from a connection
+    before its handshake, ZAP included, succeeded, and a listener's socket
+    reads no frame over `FRAME_LIMIT` bytes (ZMQ_MAXMSGSIZE, a handshake
+    command included): so a peer without the key makes a listener read one
+    frame of at most `FRAME_LIMIT` bytes (65 KiB) before it is cut off (with
+    ZeroMQ's NULL mechanism a stranger could send one frame of up to the
+    message limit, or a message of endless frames, which ZeroMQ holds until
+    it is complete). A client cuts larger frames of its messages into parts
+    (`_Sealer.seal_parts`); a listener's messages to its clients are not cut
+    (a client reads what the listener it chose sends). Refused credentials
+    are logged by the ZAP handler (the key is wrong; the clocks differ; a
+    replay), a peer of another mechanism (NULL, or CURVE: an older beamlet)
+    or one cut off by the frame limit by the socket's monitor, and a client
+    whose credentials are refused raises `AuthenticationError` at once.
+
+    Then beamlet's handshake, in frames of the now-accepted connection::
 
         client -> listener   H  nonce_c, version
         listener -> client   C  nonce_s, MAC("listener" | version | nonce_c | nonce_s)
@@ -42,8 +65,7 @@ Authentication, before anything is unpickled
     goodbye frames (``B``, ``X``) are not sealed: someone on the path could
     close a connection with one, as it could by resetting the TCP stream,
     but never make a peer accept a message. Not hidden: the sizes and timing
-    of messages. A stranger may make the listener read one frame of up to
-    `max_message` bytes before it is refused (with CURVE, nothing).
+    of messages.
 
 Messages
     A message is one ZeroMQ multipart message: a pickle (protocol 5) and its
@@ -58,9 +80,9 @@ Messages
     (`MAX_MESSAGE` by default); a larger one is refused by `send`
     (`ProtocolError`). A listener drops a joined peer that sends a larger
     one, or one that does not unpickle, with ``Left(conn, error)``, and
-    serves the others on (ZeroMQ itself cuts off a single frame past the
-    limit at its header, before buffering it, also before authentication:
-    that peer is reported ``Left`` with ``error`` None).
+    serves the others on (ZeroMQ itself cuts off a single frame past
+    `FRAME_LIMIT` at its header, before buffering it: that peer is reported
+    ``Left`` with ``error`` None).
 
     Large buffers travel in pieces: `chunks` cuts one into views of at most
     `CHUNK_SIZE` bytes without copying; send each inside a message (e.g.
@@ -140,6 +162,17 @@ from ..local.transport import ProtocolError, log_refused
 MAX_MESSAGE = 1 << 30
 #: The size of the pieces `chunks` cuts a large buffer into.
 CHUNK_SIZE = 1 << 20
+#: A client cuts each frame of a message larger than this into parts of at most
+#: this many bytes (see `_Sealer.seal_parts`)...
+PART_SIZE = 64 << 10
+#: ... as a listener reads no frame larger than this (its socket's ZMQ_MAXMSGSIZE):
+#: all that a peer, before it is authenticated, can make it buffer.
+FRAME_LIMIT = PART_SIZE + 1024
+#: ZeroMQ credentials (see "Authentication") are good this long either side of
+#: the listener's clock (seconds), and remembered twice as long against replays.
+CLOCK_SKEW = 300.0
+#: How many used credentials a listener remembers at most (the oldest go first).
+MAX_CREDENTIALS_SEEN = 1 << 16
 #: The largest frame AES-GCM seals here (cryptography's limit is 2**31 - 1 bytes).
 MAX_FRAME = (1 << 31) - 1024
 #: Freed buffers up to this size stay in the process for reuse, and up to this much
@@ -171,7 +204,11 @@ LOG_REPEAT = 1.0
 
 _PICKLE = 0x80  # the first byte of every pickle of protocol >= 2
 _HELLO, _CHALLENGE, _RESPONSE, _WELCOME = b"H", b"C", b"R", b"W"
-_BYE, _CLOSE, _SEALED, _PIECE = b"X", b"B", b"S", b"P"
+_BYE, _CLOSE, _SEALED, _PIECE, _PARTS = b"X", b"B", b"S", b"P", b"T"
+_ZAP_DOMAIN = b"beamlet"
+_ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+_CREDENTIAL = struct.Struct(">16sd")  # a fresh nonce, the client's clock (time.time())
+_PART_HEAD = struct.Struct("<QI")  # (split messages) a frame's size, how many parts
 _PROBE = b""
 # (Plain ints: an enum operand makes pyzmq build an enum member per call.)
 _POLLIN = int(zmq.POLLIN)
@@ -242,6 +279,16 @@ class ClusterKey:
         return hmac.digest(self._key, label + b"\0" + version + b"\0" + first + second,
                            "sha256")
 
+    def credentials(self) -> tuple[bytes, bytes]:
+        """Fresh ZeroMQ PLAIN credentials for one connection: (a nonce and the
+        time, their MAC)."""
+        name = _CREDENTIAL.pack(secrets.token_bytes(16), time.time())
+        return name, self.mac(b"zeromq plain", b"", name, b"")
+
+    def check_credentials(self, name: bytes, password: bytes) -> bool:
+        return len(name) == _CREDENTIAL.size and hmac.compare_digest(
+            password, self.mac(b"zeromq plain", b"", name, b""))
+
     def session(self, version: bytes, nonce_c: bytes, nonce_s: bytes) -> tuple[bytes, bytes]:
         """(client -> listener key, listener -> client key)."""
         prk = self.mac(b"session", version, nonce_c, nonce_s)
@@ -279,6 +326,36 @@ class _Sealer:
         for i in range(1, len(frames)):
             out.append(encrypt(_NONCE.pack(seq, i), frames[i], count))
         return out
+
+    def seal_parts(self, frames: list, part: int = PART_SIZE) -> list:
+        """`seal`, with no frame sent larger than `part` bytes (plus its tag):
+        a message with a larger frame goes split (mark ``T``), each frame as
+        a small one saying its size and how many parts follow, then those
+        parts; all sealed as one message (each frame under its own nonce, the
+        count of all as associated data). `_Opener.open_parts` puts it back."""
+        if len(frames) == 1:  # (a pickle: bytes)
+            if len(frames[0]) <= part:
+                return self.seal(frames)
+        elif all(memoryview(f).nbytes <= part for f in frames):
+            return self.seal(frames)
+        pieces: list = []
+        for frame in frames:
+            view = memoryview(frame).cast("B")
+            n = view.nbytes
+            pieces.append(_PART_HEAD.pack(n, -(-n // part)))
+            pieces.extend(view[offset:offset + part] for offset in range(0, n, part))
+        return self.seal(pieces, _PARTS)
+
+
+def _decoded(message, decode):
+    """`message` passed through the transport's codec's `decode` (if any);
+    ProtocolError if it is not one of the protocol's messages."""
+    if decode is None:
+        return message
+    try:
+        return decode(message)
+    except Exception as err:  # noqa: BLE001 - as garbage that does not unpickle
+        raise ProtocolError(f"a message that is not one of the protocol's: {err}") from None
 
 
 class _Opener:
@@ -341,12 +418,7 @@ class _Opener:
             except Exception as err:  # noqa: BLE001 - any garbage from the peer is its protocol error
                 raise ProtocolError(f"a message of {len(plain)} bytes does not unpickle: "
                                     f"{err!r}") from None
-        if decode is None:
-            return message
-        try:
-            return decode(message)
-        except Exception as err:  # noqa: BLE001 - as garbage that does not unpickle
-            raise ProtocolError(f"a message that is not one of the protocol's: {err}") from None
+        return _decoded(message, decode)
 
     def _open_one(self, frame, max_message: int) -> bytearray:
         """`open` of a message of one frame (most are), in fewer steps."""
@@ -366,6 +438,56 @@ class _Opener:
                                 f"of it was unpickled") from None
         self._seq = seq + 1
         return plain
+
+    def open_parts(self, frames: list, max_message: int) -> list:
+        """The frames of a split message (see `_Sealer.seal_parts`), each put
+        back together into a writable bytearray, decrypted into place;
+        ProtocolError as `open`, or if the parts do not add up."""
+        views = [f.buffer if isinstance(f, zmq.Frame) else memoryview(f) for f in frames]
+        views[0] = views[0][1:]
+        seq = self._seq
+        count = _FRAMES.pack(len(views))
+        aead, into = self._aead, self._into
+        out: list = []
+        total = 0
+        i = 0
+        try:
+            while i < len(views):
+                head = aead.decrypt(_NONCE.pack(seq, i), views[i], count)
+                if len(head) != _PART_HEAD.size:
+                    raise ProtocolError("a split message's frame head is malformed")
+                size, parts = _PART_HEAD.unpack(head)
+                total += size
+                if total > max_message:
+                    raise ProtocolError(f"a message of over {total} bytes (at most "
+                                        f"{max_message} are allowed)")
+                if i + 1 + parts > len(views):
+                    raise ProtocolError("a split message has fewer parts than it says")
+                plain = bytearray(size)
+                target = memoryview(plain)
+                offset = 0
+                for i in range(i + 1, i + 1 + parts):
+                    n = views[i].nbytes - _TAG
+                    if n < 0 or offset + n > size:
+                        raise ProtocolError("a split message's parts overrun their frame")
+                    if into is not None:
+                        into(_NONCE.pack(seq, i), views[i], count, target[offset:offset + n])
+                    else:
+                        target[offset:offset + n] = aead.decrypt(_NONCE.pack(seq, i), views[i],
+                                                                 count)
+                    offset += n
+                if offset != size:
+                    raise ProtocolError("a split message's parts fall short of their frame")
+                out.append(plain)
+                i += 1
+        except InvalidTag:
+            raise ProtocolError(f"message {seq} does not authenticate with this connection's "
+                                f"key (forged, altered, cut, reordered or replayed): nothing "
+                                f"of it was unpickled") from None
+        if not out:
+            raise ProtocolError("an empty split message")
+        self._seq = seq + 1
+        return out
 
     def open_piece(self, frames: list, max_message: int, broken) -> "Piece":
         """A sealed piece (see `PeerConnection.send_piece`): its header frame is
@@ -657,8 +779,8 @@ def _handshake_failure(event: int, value: int) -> str:
     not a beamlet peer of this transport (beamlet's own handshake comes after)."""
     if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
         if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-            return ("it does not speak this transport (another ZeroMQ security mechanism, "
-                    "e.g. CURVE: a beamlet of an older version?)")
+            return ("it does not speak this transport (another ZeroMQ security mechanism: "
+                    "none, or CURVE: a beamlet of an older version?)")
         return f"it broke the ZeroMQ handshake (protocol error {value:#x})"
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return f"its ZeroMQ handshake was refused (status {value})"
@@ -741,6 +863,9 @@ class ZmqConnection(Connection):
         try:
             sock = self._sock = ctx.socket(zmq.DEALER)
             transport._tune(sock)
+            name, password = transport.keys.credentials()
+            sock.setsockopt(zmq.PLAIN_USERNAME, name)
+            sock.setsockopt(zmq.PLAIN_PASSWORD, password)
             sock.setsockopt(zmq.IMMEDIATE, 1)  # no queue before (or after) a live connection
             if ":" in host:
                 sock.setsockopt(zmq.IPV6, 1)
@@ -856,6 +981,10 @@ class ZmqConnection(Connection):
         return parse_monitor_message(self._monitor.recv_multipart())
 
     def _refusal(self, kind: int, value: int) -> str:
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return (f"the listener at {self.address} refused the connection: it and this "
+                    f"process hold different cluster keys (was a wrong token given?), or the "
+                    f"clocks of the two machines differ by more than {CLOCK_SKEW:.0f} s")
         if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             return (f"the ZeroMQ handshake with {self.address} failed: "
                     + _handshake_failure(kind, value).replace("it ", "the listener ", 1))
@@ -872,7 +1001,7 @@ class ZmqConnection(Connection):
         with sealer.lock:  # (sealed and sent in number order; the socket's lock is shorter)
             if self.closed:
                 raise exc.BackendError(f"this connection to {self.address} is closed")
-            sealed = sealer.seal(frames)
+            sealed = sealer.seal_parts(frames)
             with self._lock:
                 if self.closed:
                     raise exc.BackendError(f"this connection to {self.address} is closed")
@@ -1105,6 +1234,7 @@ class ZmqListener(Listener):
         self._accepted: collections.deque = collections.deque()
         self._log = _RefusalLog()
         self._fd_peer: dict[int, str] = {}  # fd -> address, of connections being handshaked
+        self._fd_spoke: set[int] = set()  # fds of connections that got a frame to us
         self._unaccounted = 0  # connections that closed, not yet matched by a gone peer
         self._probe_until = 0.0
         self._next_probe = 0.0
@@ -1112,11 +1242,21 @@ class ZmqListener(Listener):
         self._failure: str | None = None  # a handshake failure, logged at its DISCONNECTED
         # Handshakes under way: routing id -> (client nonce, our nonce), oldest first.
         self._handshakes: collections.OrderedDict = collections.OrderedDict()
+        # ZeroMQ credentials used: name -> when it may be forgotten (in that order).
+        self._credentials_seen: collections.OrderedDict = collections.OrderedDict()
         ctx = transport._acquire(self)
         try:
+            # (ZeroMQ asks the context's ZAP handler about every connection: ours
+            # is this socket, answered by `poll`; bound before anyone can connect)
+            zap = self._zap = ctx.socket(zmq.REP)
+            zap.setsockopt(zmq.LINGER, 0)
+            zap.bind(_ZAP_ENDPOINT)
             router = self._router = ctx.socket(zmq.ROUTER)
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
             transport._tune(router)
+            router.setsockopt(zmq.MAXMSGSIZE, FRAME_LIMIT)
+            router.setsockopt(zmq.PLAIN_SERVER, 1)
+            router.setsockopt(zmq.ZAP_DOMAIN, _ZAP_DOMAIN)
             if ":" in host:
                 router.setsockopt(zmq.IPV6, 1)
             self._monitor = router.get_monitor_socket(_MONITORED)
@@ -1127,8 +1267,8 @@ class ZmqListener(Listener):
             bound = router.getsockopt(zmq.LAST_ENDPOINT).decode()
             self.address = bound[len("tcp://"):]
             self._waker = _Waker()
-            self._router_fd, self._monitor_fd = (
-                self._waker.add(sock) for sock in (router, self._monitor))
+            self._router_fd, self._monitor_fd, self._zap_fd = (
+                self._waker.add(sock) for sock in (router, self._monitor, zap))
             # Setting up took wake-ups of messages already waiting (the monitor's
             # first events): the first poll must look at every socket.
             self._waker.wake()
@@ -1168,6 +1308,8 @@ class ZmqListener(Listener):
     def _collect_now(self) -> list:
         ready = self._waker.ready()
         woken = self._waker.event_fd in ready  # (read everything: see `_Waker`)
+        if woken or self._zap_fd in ready:
+            self._serve_zap()
         if woken or self._monitor_fd in ready:
             self._read_monitor()
         events: list = []
@@ -1186,6 +1328,43 @@ class ZmqListener(Listener):
                                            "stopped answering heartbeats)")
                         events.append(Left(peer, None))
         return events
+
+    def _serve_zap(self) -> None:
+        """Answer ZeroMQ's questions (ZAP) about connections in their ZeroMQ
+        handshake: only a client whose credentials prove that it holds the
+        key, fresh ones (see `ClusterKey.credentials`), gets to send anything."""
+        while True:
+            try:
+                request = self._zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            why = self._zap_refusal(request)
+            if why is not None:
+                address = request[3].decode(errors="replace") if len(request) > 3 else ""
+                self._log(address or "an unknown address", why)
+            self._zap.send_multipart([b"1.0", request[1] if len(request) > 1 else b"",
+                                      b"400" if why else b"200", b"refused" if why else b"OK",
+                                      b"", b""])
+
+    def _zap_refusal(self, request: list) -> str | None:
+        """Why a ZAP request is refused (None: it is not)."""
+        if len(request) != 8 or request[0] != b"1.0" or request[5] != b"PLAIN":
+            return "it does not speak this transport (not ZeroMQ PLAIN credentials)"
+        name, password = request[6], request[7]
+        if not self._transport.keys.check_credentials(name, password):
+            return ("it does not hold the cluster's key (its ZeroMQ credentials are "
+                    "wrong)")
+        skew = time.time() - _CREDENTIAL.unpack(name)[1]
+        if not abs(skew) <= CLOCK_SKEW:
+            return (f"its credentials are {skew:+.0f} s off this machine's clock (at most "
+                    f"{CLOCK_SKEW:.0f} s are allowed: are both machines' clocks set?)")
+        seen, now = self._credentials_seen, time.monotonic()
+        while seen and (next(iter(seen.values())) < now or len(seen) >= MAX_CREDENTIALS_SEEN):
+            seen.popitem(last=False)
+        if name in seen:
+            return "it replayed credentials another connection used"
+        seen[name] = now + 2 * CLOCK_SKEW
+        return None
 
     def _read_monitor(self) -> None:
         """Log refused connections; note closed ones (their peers get probed).
@@ -1210,15 +1389,24 @@ class ZmqListener(Listener):
             if kind == zmq.EVENT_ACCEPTED:
                 self._fd_peer[value] = ("an unknown address (it left at once)"
                                         if closed_at.get(value, -1) > i else _peer_of_fd(value))
-            elif kind & (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._failure = ""  # (refused by `_serve_zap`, which logged why)
+            elif kind & (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                          | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
                 self._failure = _handshake_failure(kind, value)
             elif kind == zmq.EVENT_DISCONNECTED:
                 peer = self._fd_peer.pop(value, "an unknown address")
                 if self._failure is not None:
-                    self._log(peer, self._failure)
+                    if self._failure:
+                        self._log(peer, self._failure)
                     self._failure = None
+                elif value not in self._fd_spoke:
+                    # (ZeroMQ reports no event for a protocol error in its handshake)
+                    self._log(peer, f"it was cut off in the ZeroMQ handshake: a frame over "
+                                    f"{FRAME_LIMIT} bytes, or a message before its credentials "
+                                    f"(or it gave up before it said anything)")
                 else:  # a connection past its handshake: whose? probe
+                    self._fd_spoke.discard(value)
                     self._unaccounted += 1
                     self._probe_until = time.monotonic() + PROBE_WINDOW
 
@@ -1239,10 +1427,16 @@ class ZmqListener(Listener):
             if len(first) == 0:
                 continue
             lead = first.buffer[0]
-            if lead == _SEALED[0]:  # (pieces go only to clients: see send_piece)
+            if lead == _SEALED[0] or lead == _PARTS[0]:  # (pieces go only to clients)
                 try:
-                    message = peer._opener.message(frames[1:], self.max_message,
-                                                   self._transport.decode)
+                    opener = peer._opener
+                    if lead == _SEALED[0]:
+                        message = opener.message(frames[1:], self.max_message,
+                                                 self._transport.decode)
+                    else:
+                        message = _decoded(unpack(opener.open_parts(frames[1:],
+                                                                    self.max_message),
+                                                  self.max_message), self._transport.decode)
                 except ProtocolError as err:
                     self._drop(peer, err, events)
                     continue
@@ -1264,6 +1458,7 @@ class ZmqListener(Listener):
         if rid in self._closed:
             return  # (sent before it learnt that it was closed)
         first = frames[0]
+        self._fd_spoke.add(first.get(zmq.SRCFD))
         address = first.get("Peer-Address") or "an unknown address"
         peer = f"{address} (connection {rid.hex()})"
         size = len(first)
@@ -1440,6 +1635,9 @@ class ZmqListener(Listener):
                 waker.close()
             router = self.__dict__.pop("_router", None)
             monitor = self.__dict__.pop("_monitor", None)
+            zap = self.__dict__.pop("_zap", None)
+            if zap is not None:
+                zap.close(0)
             if router is not None and monitor is not None:
                 try:
                     router.disable_monitor()

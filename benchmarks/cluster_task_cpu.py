@@ -1,0 +1,173 @@
+"""CPU per no-op task on a cluster (driver + node daemons + their workers),
+for two or more checkouts of beamlet, in alternating runs.
+
+    python benchmarks/cluster_task_cpu.py --tree main=/work/main --tree spill=. --rounds 4
+
+Each run: a head and one node (`--cpus` CPUs each) started from that
+checkout, a driver that warms up, then submits `--tasks` no-op tasks at once
+and gets them (`--bursts` times). CPU is counted, not wall time (the machine
+is shared): the driver's own (getrusage, all its threads) over the bursts,
+and the daemons' and their workers' (psutil cpu_times of each process tree,
+children that exited included) over the same span. The table gives the median
+per checkout of microseconds of CPU per task; `results/cluster-task-cpu-<date>.json`
+keeps every run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import psutil
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+_DRIVER = r"""
+import json, resource, sys
+import beamlet
+beamlet.init(address=sys.argv[1])
+tasks, bursts = int(sys.argv[2]), int(sys.argv[3])
+
+@beamlet.remote
+def nop():
+    return None
+
+beamlet.get([nop.remote() for _ in range(200)], timeout=300)  # (workers started)
+print("READY", flush=True)
+sys.stdin.readline()
+before = resource.getrusage(resource.RUSAGE_SELF)
+for _ in range(bursts):
+    beamlet.get([nop.remote() for _ in range(tasks)], timeout=600)
+after = resource.getrusage(resource.RUSAGE_SELF)
+print("DRIVER " + json.dumps(after.ru_utime + after.ru_stime
+                              - before.ru_utime - before.ru_stime), flush=True)
+print("FROM " + beamlet.__file__, flush=True)
+sys.stdin.readline()
+beamlet.shutdown()
+"""
+
+
+def _tree_cpu(pids: list[int]) -> float:
+    """CPU seconds of these processes and their descendants (alive; each
+    process's exited children too)."""
+    total = 0.0
+    seen = set()
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs = [root] + root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            continue
+        for proc in procs:
+            if proc.pid in seen:
+                continue
+            seen.add(proc.pid)
+            try:
+                t = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def run(tree: str, tasks: int, bursts: int, cpus: int) -> dict:
+    # (Every process runs in a directory of its own: `-m` and `-c` put the
+    # working directory first on the path, where a checkout would win.)
+    state = tempfile.mkdtemp(prefix="beamlet-cpu-bench-")
+    env = dict(os.environ, BEAMLET_STATE_DIR=state, PYTHONPATH=tree)
+    env.pop("BEAMLET_ADDRESS", None)
+    env.pop("BEAMLET_SPILLBACK_HOLD_MAX", None)
+
+    def cli(*args) -> str:
+        proc = subprocess.run([sys.executable, "-m", "beamlet.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=120, cwd=state)
+        if proc.returncode != 0:
+            raise RuntimeError(f"beamlet {' '.join(args)} failed:\n{proc.stderr}")
+        return proc.stdout
+
+    try:
+        out = cli("start", "--head", "--num-cpus", str(cpus))
+        address = re.search(r"head started at (\S+)", out).group(1)
+        cli("start", "--address", address, "--num-cpus", str(cpus))
+        daemons = []
+        for name in os.listdir(os.path.join(state, "processes")):
+            with open(os.path.join(state, "processes", name)) as f:
+                daemons.append(json.load(f)["pid"])
+        driver = subprocess.Popen([sys.executable, "-c", _DRIVER, address, str(tasks),
+                                   str(bursts)], env=env, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, cwd=state)
+        try:
+            line = driver.stdout.readline()
+            if not line.startswith("READY"):
+                raise RuntimeError(f"the driver failed: {line}")
+            nodes_before = _tree_cpu(daemons)
+            driver.stdin.write("\n")
+            driver.stdin.flush()
+            line = driver.stdout.readline()
+            nodes_after = _tree_cpu(daemons)
+            if not line.startswith("DRIVER "):
+                raise RuntimeError(f"the driver failed: {line}")
+            driver_cpu = json.loads(line[len("DRIVER "):])
+            where = driver.stdout.readline()
+            if os.path.realpath(where.split(" ", 1)[1].strip()) != os.path.realpath(
+                    os.path.join(tree, "beamlet", "__init__.py")):
+                raise RuntimeError(f"the driver ran another checkout's beamlet: {where}")
+            driver.stdin.write("\n")
+            driver.stdin.flush()
+            driver.wait(60)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait()
+    finally:
+        try:
+            cli("stop")
+        finally:
+            shutil.rmtree(state, ignore_errors=True)
+    n = tasks * bursts
+    return {"driver_us": driver_cpu / n * 1e6, "nodes_us": (nodes_after - nodes_before) / n * 1e6,
+            "total_us": (driver_cpu + nodes_after - nodes_before) / n * 1e6}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tree", action="append", required=True,
+                        help="NAME=PATH of a checkout (give two or more)")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--bursts", type=int, default=3)
+    parser.add_argument("--cpus", type=int, default=1)
+    args = parser.parse_args(argv)
+    trees = [t.split("=", 1) for t in args.tree]
+    runs: dict[str, list] = {name: [] for name, _ in trees}
+    for r in range(args.rounds):
+        for name, path in (trees if r % 2 == 0 else trees[::-1]):
+            result = run(os.path.abspath(path), args.tasks, args.bursts, args.cpus)
+            result["load"] = os.getloadavg()[0]
+            runs[name].append(result)
+            print(f"round {r} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in result.items()),
+                  flush=True)
+    print(f"\nCPU microseconds per no-op task ({args.tasks} x {args.bursts} per run, head + "
+          f"node of {args.cpus} CPU each), median of {args.rounds} runs")
+    print(f"{'checkout':<12}{'driver':>10}{'nodes':>10}{'total':>10}")
+    for name, results in runs.items():
+        med = {k: statistics.median(x[k] for x in results)
+               for k in ("driver_us", "nodes_us", "total_us")}
+        print(f"{name:<12}{med['driver_us']:>10.1f}{med['nodes_us']:>10.1f}"
+              f"{med['total_us']:>10.1f}")
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    day = datetime.date.today().isoformat()
+    with open(os.path.join(HERE, "results", f"cluster-task-cpu-{day}.json"), "w") as f:
+        json.dump({"args": vars(args), "runs": runs}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
