@@ -637,16 +637,22 @@ class DriverOwner:
                                                           spec.task_id))
             return False
         try:
-            if self._deferring == threading.get_ident():
-                link.queue_result(object_id, entry)
-                self._deferred.add(link)
-            else:
-                link.flush()
-                P.send_object(link.conn, object_id, entry)
+            self._send_small(link, object_id, entry)
         except exc.BackendError:
             pass  # it left
         self._result_out(link, left, deps, spec.task_id)
         return True
+
+    def _send_small(self, link: DriverLink, object_id: bytes, entry) -> None:
+        """Send an object held inline to `link`'s driver: into this turn's
+        batch while the node defers results (see defer_results), else at once
+        (behind what was batched). BackendError if the driver left."""
+        if self._deferring == threading.get_ident():
+            link.queue_result(object_id, entry)
+            self._deferred.add(link)
+        else:
+            link.flush()
+            P.send_object(link.conn, object_id, entry)
 
     def _result_out(self, link: DriverLink, left: list, deps: list, task_id: bytes) -> None:
         """One more result of the task is out: once all are, its arguments may go."""
@@ -685,12 +691,8 @@ class DriverOwner:
                         link.send_now(P.Objects(values))
                 if type(entry) is ShmEntry:
                     self._ship(link, [(object_id, entry)])
-                elif self._deferring == threading.get_ident():
-                    link.queue_result(object_id, entry)
-                    self._deferred.add(link)
                 else:
-                    link.flush()
-                    P.send_object(link.conn, object_id, entry)
+                    self._send_small(link, object_id, entry)
         except exc.BackendError:
             pass  # it left
         if object_id not in link.held:
