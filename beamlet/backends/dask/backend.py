@@ -15,6 +15,7 @@ import sys
 import threading
 
 from ... import exceptions as exc
+from ...core import ids
 from ...core.interfaces import Backend
 from ...core.options import check_backend_options
 
@@ -104,8 +105,14 @@ class DaskBackend(Backend):
 
     # -- references ---------------------------------------------------------------------
     def object_referenced(self, object_id: bytes) -> None:
-        # Held lazily (hold_borrowed): the id may be one this process is about to
-        # submit, whose Future the submission makes.
+        # Held lazily (hold_borrowed), and only ids from other processes: an id
+        # made here is one this process submits or puts, whose Future the
+        # submission makes. Were hold_borrowed (run by another task or actor
+        # call in this process) to make it first, between the ref's creation
+        # and its submission, Dask would take the submission for a duplicate of
+        # a key this client has and drop it: the task would never run.
+        if ids.minted_here(object_id):
+            return
         with self._borrowed_lock:
             self._borrowed.add(object_id)
 
