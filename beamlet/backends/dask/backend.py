@@ -20,6 +20,7 @@ from ...core.interfaces import Backend
 from ...core.options import check_backend_options
 
 _CONNECT_TIMEOUT = 10.0
+_END_JOB_TIMEOUT = 30.0
 
 
 def node_of(address: str) -> str:
@@ -157,8 +158,9 @@ class DaskBackend(Backend):
             return
         from .worker import end_job
         try:
-            self.client.run(end_job, self.job["job_id"])
-        except Exception:  # noqa: BLE001 - the workers are gone already
+            # (callback_timeout is Client.sync's: run() passes it on.)
+            self.client.run(end_job, self.job["job_id"], callback_timeout=_END_JOB_TIMEOUT)
+        except Exception:  # noqa: BLE001 - the workers are gone already, or stuck
             pass
         if self._own_client:
             self.client.close()

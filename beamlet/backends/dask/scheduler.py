@@ -33,6 +33,7 @@ import threading
 from ... import exceptions as exc
 from ...core import plugins
 from ...core.interfaces import Scheduler
+from ...core.tables import ActorState
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
 from .objects import key_of
 from .worker import ActorHost, actor_created, call_actor, run_task
@@ -50,6 +51,12 @@ def _wanted_elsewhere(key: str, client_id: str, dask_scheduler=None) -> bool:
         return False
     return any(cs.client_key != client_id for cs in ts.who_wants) or \
         any(dep.state not in ("memory", "erred", "forgotten") for dep in ts.dependents)
+
+
+def _key_state(key: str, dask_scheduler=None) -> str | None:
+    """(Runs in the Dask scheduler.) The key's task's state, None if unknown."""
+    ts = dask_scheduler.tasks.get(key)
+    return None if ts is None else ts.state
 
 
 def _resources_in_use(dask_scheduler) -> dict:
@@ -156,8 +163,8 @@ class DaskScheduler(Scheduler):
         # Recorded for the driver's shutdown, which ends the job's actors' names.
         self._backend.runtime.tables.note_job_actor(self._backend.job["job_id"], spec.actor_id,
                                                     detached)
-        token = self._client.submit(actor_created, host, key=key_of(spec.return_ids[0]),
-                                    pure=False)
+        token = self._client.submit(actor_created, host, spec.function_name,
+                                    key=key_of(spec.return_ids[0]), pure=False)
         self._store.adopt(spec.return_ids[0], token)
 
     def _host(self, actor_id: bytes):
@@ -198,8 +205,34 @@ class DaskScheduler(Scheduler):
         self.end_actor(actor_id, "it was killed by beamlet.kill()")
 
     def end_actor(self, actor_id: bytes, reason: str) -> None:
+        """End the actor: when this returns its record says DEAD (its name is
+        free) and, if its host exists, every call to it fails with
+        ActorDiedError, the running ones included. It never waits for the
+        actor's code, nor for a host still to be made (waiting for its arguments
+        or a free worker thread): that host finds the record when it starts and
+        never runs the constructor, and is stopped once it exists in case it
+        read the record first. Its calls wait for it to exist, then fail."""
         try:
-            proxy = self._host(actor_id).result(timeout=_HOST_TIMEOUT)
+            self._backend.runtime.tables.set_actor_state(actor_id, ActorState.DEAD, reason)
+        except exc.BeamletError:
+            pass  # (the cluster is going away)
+        host = self._host(actor_id)
+        try:
+            exists = host.done() or self._client.run_on_scheduler(
+                _key_state, host.key) in ("memory", "erred")
+        except Exception:  # noqa: BLE001 - the cluster is going away
+            return
+        if exists:
+            self._stop(host, reason)
+        else:
+            host.add_done_callback(lambda fut: threading.Thread(
+                target=self._stop, args=(fut, reason), name="beamlet-dask-kill",
+                daemon=True).start())
+
+    @staticmethod
+    def _stop(host, reason: str) -> None:
+        try:
+            proxy = host.result(timeout=_HOST_TIMEOUT)
             proxy.stop(reason).result(timeout=_HOST_TIMEOUT)
         except Exception:  # noqa: BLE001 - already gone with its worker
             pass

@@ -13,6 +13,13 @@ Dask runs those tasks in no particular order, so each call carries its
 caller's sequence number and the host starts them in that order; a call that
 never reaches the host (cancelled, or its argument failed in Dask) is skipped
 by its caller (``ActorHost.skip``) so the calls behind it do not wait for ever.
+
+A killed actor's calls end at once with ActorDiedError, the one running
+included: Dask cannot stop a thread, so the host abandons that call (its
+thread runs on, its outcome unread) rather than wait for it, as a kill must
+not wait for the actor's code. No call waits for a host without bound: a
+call's task checks every `_POLL` seconds that the host's Dask actor is still
+there.
 """
 from __future__ import annotations
 
@@ -25,8 +32,12 @@ from ... import exceptions as exc
 from ...core import runtime as _runtime
 from ...core.execution import Executor
 from ...core.scheduling import ActorLifecycle, run_attempts
+from ...core.tables import ActorState
 from ...core.serialization import serialize
 from ...core.task_spec import TaskSpec
+
+_POLL = 5.0  # seconds between checks that an actor's host is still there
+_CANCEL_GRACE = 1.0  # seconds a killed async actor's calls get to unwind
 
 _jobs: dict[str, "_Job"] = {}
 _jobs_lock = threading.Lock()
@@ -62,15 +73,19 @@ def _job(job: dict) -> _Job:
     return state
 
 
-def end_job(job_id: str) -> bool:
-    """Forget the job in this worker process (run by the driver at shutdown)."""
+async def end_job(job_id: str) -> bool:
+    """Forget the job in this worker process (run by the driver at shutdown,
+    through ``Client.run``, on the worker's event loop). Its Runtime is shut
+    down on another thread: that talks to the scheduler through the worker's
+    client, whose blocking calls on the event loop's own thread would return
+    unawaited coroutines (Dask's rule for that thread) and do nothing."""
     with _jobs_lock:
         state = _jobs.pop(job_id, None)
     if state is None:
         return False
     if _runtime.current_or_none() is state.runtime:
         _runtime.set_current(None)
-    state.close()
+    await asyncio.get_running_loop().run_in_executor(None, state.close)
     return True
 
 
@@ -95,24 +110,44 @@ def run_task(job: dict, spec: TaskSpec, deps: dict):
     return _outcome(state, spec, result.values)
 
 
-def actor_created(host) -> object:
-    """The value of an actor's creation ref: its constructor's outcome."""
+def _answer(host, pending):
+    """The outcome of `pending`, a call to the Dask actor `host`, waited for in
+    turns of `_POLL` seconds, between which the host must still be there (Dask
+    has not lost or released its key); RuntimeError if it is not. Its own errors
+    (e.g. the host's worker went away mid-call) are raised."""
     from .objects import seceded
     with seceded():
-        return host.created().result()
+        while True:
+            try:
+                return pending.result(timeout=_POLL)
+            except TimeoutError:
+                key = getattr(host, "_future", None)
+                if key is not None and key.status != "finished":
+                    raise RuntimeError(f"the Dask actor holding it is {key.status}") from None
+
+
+def _died_of(name: str, err: Exception):
+    """The error object of a call to an actor whose host went away."""
+    error = exc.ActorDiedError(f"the actor {name} is dead: its Dask worker is gone "
+                               f"({type(err).__name__}: {err})")
+    return serialize(error, is_error=True)
+
+
+def actor_created(host, name: str) -> object:
+    """The value of an actor's creation ref: its constructor's outcome."""
+    try:
+        return _answer(host, host.created())
+    except Exception as err:  # noqa: BLE001 - the host's worker is gone
+        return _died_of(name, err)
 
 
 def call_actor(job: dict, host, caller: bytes, seq: int, spec: TaskSpec, deps: dict):
     """One actor method call, as a Dask task: hand it to the host and wait."""
-    from .objects import seceded
     state = _job(job)
-    with seceded():
-        try:
-            values = host.call(caller, seq, spec, deps).result()
-        except Exception as err:  # noqa: BLE001 - the host's worker is gone
-            error = exc.ActorDiedError(f"the actor {spec.function_name} is dead: its Dask "
-                                       f"worker is gone ({type(err).__name__}: {err})")
-            values = [serialize(error, is_error=True)] * len(spec.return_ids)
+    try:
+        values = _answer(host, host.call(caller, seq, spec, deps))
+    except Exception as err:  # noqa: BLE001 - the host's worker is gone
+        values = [_died_of(spec.function_name, err)] * len(spec.return_ids)
     return _outcome(state, spec, values)
 
 
@@ -132,7 +167,13 @@ class ActorHost:
         self._pool = concurrent.futures.ThreadPoolExecutor(threads,
                                                            thread_name_prefix="beamlet-actor")
         self._dead: str | None = None
+        #: Set (on the worker's event loop) when the actor ends: what its
+        #: calls wait for stops being waited for.
+        self._ended = asyncio.Event()
+        from distributed import get_worker
+        self._loop = get_worker().loop.asyncio_loop
         self._exit_pending = False  # (see call)
+        self._async_calls: set[asyncio.Task] = set()  # (on the actor's own loop)
         self._semaphore: asyncio.Semaphore | None = None
         self._next: dict[bytes, int] = {}
         self._skipped: dict[bytes, set] = {}
@@ -143,6 +184,11 @@ class ActorHost:
     def _construct(self, deps: dict):
         _runtime.set_current(self._job.runtime)
         spec = self._spec
+        record = self._job.runtime.tables.actor(spec.actor_id)
+        if record is not None and record.state is ActorState.DEAD:
+            # (Killed before its host existed: see DaskScheduler.end_actor.)
+            self.end(record.reason, record=False)
+            return self._died(spec)[0]
         with self._job.runtime.backend.object_store.provided(deps):
             result = run_attempts(spec, self._job.executor.execute, retries=False)
         if result.error is not None:
@@ -154,23 +200,50 @@ class ActorHost:
         return result.values[0]
 
     async def created(self):
-        return await asyncio.wrap_future(self._created)
+        """The constructor's outcome (an ActorDiedError if the actor ends first)."""
+        constructing = asyncio.wrap_future(self._created)
+        if not await self._unless_ended(constructing) or constructing.cancelled():
+            return self._died(self._spec)[0]
+        return constructing.result()
+
+    async def _unless_ended(self, awaitable) -> bool:
+        """Await `awaitable`, unless the actor ends first: then it is cancelled
+        (a call running on a thread runs on, its outcome unread) and False
+        returned."""
+        waiting = asyncio.ensure_future(awaitable)
+        if not waiting.done():
+            ended = asyncio.ensure_future(self._ended.wait())
+            try:
+                await asyncio.wait((waiting, ended), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ended.cancel()
+        if waiting.done():
+            return True
+        waiting.cancel()
+        return False
 
     # -- calls -------------------------------------------------------------------------
     async def call(self, caller: bytes, seq: int, spec: TaskSpec, deps: dict):
-        await self._turn(caller, seq)
         try:
-            await asyncio.wrap_future(self._created)
-            if self._dead is not None:
+            if not await self._unless_ended(self._turn(caller, seq)):
                 return self._died(spec)
-            if self._is_async:
-                running = asyncio.run_coroutine_threadsafe(
-                    self._call_async(spec, deps), self._instance_loop())
-            else:
-                running = self._pool.submit(self._call_sync, spec, deps)
+            constructing = asyncio.wrap_future(self._created)
+            if not await self._unless_ended(constructing) or self._dead is not None:
+                return self._died(spec)
+            try:
+                if self._is_async:
+                    running = asyncio.run_coroutine_threadsafe(
+                        self._call_async(spec, deps), self._instance_loop())
+                else:
+                    running = self._pool.submit(self._call_sync, spec, deps)
+            except (RuntimeError, KeyError):  # (it ended since, on another thread)
+                return self._died(spec)
         finally:
             self._advance(caller)
-        values = await asyncio.wrap_future(running)
+        answer = asyncio.wrap_future(running)
+        if not await self._unless_ended(answer) or answer.cancelled():
+            return self._died(spec)  # (killed while it ran, or before it started)
+        values = answer.result()
         if self._exit_pending:  # (an async call ran exit_actor(): end it off its loop)
             self._exit_pending = False
             await asyncio.get_running_loop().run_in_executor(None, self._finish_exit)
@@ -210,14 +283,29 @@ class ActorHost:
         if self._semaphore is None:  # (made here: it belongs to the actor's own loop)
             self._semaphore = asyncio.Semaphore(
                 int((self._spec.actor_options or {}).get("max_concurrency") or 1000))
-        async with self._semaphore:
-            if self._dead is not None:
-                return self._died(spec)
-            with self._job.runtime.backend.object_store.provided(deps):
-                result = await self._job.executor.execute_async(spec)
-            if self._exited():
-                self._exit_pending = True
+        task = asyncio.current_task()
+        self._async_calls.add(task)
+        try:
+            async with self._semaphore:
+                if self._dead is not None:
+                    return self._died(spec)
+                with self._job.runtime.backend.object_store.provided(deps):
+                    result = await self._job.executor.execute_async(spec)
+                if self._exited():
+                    self._exit_pending = True
+        finally:
+            self._async_calls.discard(task)
         return self._kept(result.values)
+
+    async def _cancel_async_calls(self) -> None:
+        """(On the actor's own loop, as it ends.) Cancel its running calls and
+        give them `_CANCEL_GRACE` seconds to unwind, so that the loop is not
+        stopped under them."""
+        calls = list(self._async_calls)
+        for task in calls:
+            task.cancel()
+        if calls:
+            await asyncio.wait(calls, timeout=_CANCEL_GRACE)
 
     def _kept(self, values: list) -> list:
         """`values`, with the refs inside them kept alive here for the job's life
@@ -266,14 +354,28 @@ class ActorHost:
 
     # -- the end -----------------------------------------------------------------------
     async def stop(self, reason: str) -> None:
-        """End the actor: calls not started yet fail with ActorDiedError."""
-        await asyncio.get_running_loop().run_in_executor(None, self.end, reason)
+        """End the actor (its record is the caller's to update): its calls, the
+        running ones included, fail with ActorDiedError."""
+        self.end(reason, record=False)
 
     def end(self, reason: str, record: bool = True) -> None:
+        """End the actor (from any thread; never blocks on the actor's code)."""
         if self._dead is not None:
             return
         self._dead = reason
-        self._job.executor.drop_actor(self._spec.actor_id)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            self._loop.call_soon_threadsafe(self._ended.set)
+        except RuntimeError:
+            pass  # (the worker's loop is closed: nothing waits there any more)
+        actor_id = self._spec.actor_id
+        instance = self._job.executor.actors.get(actor_id)
+        if self._is_async and instance is not None:
+            ending = asyncio.run_coroutine_threadsafe(self._cancel_async_calls(),
+                                                      instance.loop())
+            ending.add_done_callback(lambda _f: self._job.executor.drop_actor(actor_id))
+        else:
+            self._job.executor.drop_actor(actor_id)
         if record:
             self._record(ActorLifecycle.DEAD, reason)
 
