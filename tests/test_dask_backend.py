@@ -180,3 +180,26 @@ def test_submissions_from_a_worker_race_no_call_ending_there(no_backend):
     while not ray.wait([done], timeout=0)[0]:  # calls ending beside call_each
         assert ray.get(caller.ping.remote(), timeout=LONG) == "pong"
     assert ray.get(done, timeout=LONG) == list(range(12))
+
+
+def test_shutdown_as_a_fresh_worker_starts_the_job(no_backend):
+    # A job's first task in a worker process makes the job's runtime there,
+    # which first connects the worker's own Dask client, on the worker's event
+    # loop. The shutdown's end_job, which runs on that loop, once waited there
+    # for a lock the maker held through it: the worker's loop hung for good,
+    # and the next job's calls with it (this get's timeout).
+    from beamlet.backends.dask.cluster import ClusterProcess
+    from distributed import Client
+    for _ in range(3):
+        cluster = ClusterProcess(1, {})
+        try:
+            client = Client(cluster.address, security=cluster.security, timeout=30)
+            ray.init(backend="dask", client=client)
+            _Echo.remote()  # (its host: the worker's first task)
+            ray.shutdown()
+            ray.init(backend="dask", client=client)
+            assert ray.get(_Echo.remote().echo.remote("next job"), timeout=LONG) == "next job"
+            ray.shutdown()
+            client.close()
+        finally:
+            cluster.stop()

@@ -40,7 +40,11 @@ _POLL = 5.0  # seconds between checks that an actor's host is still there
 _CANCEL_GRACE = 1.0  # seconds a killed async actor's calls get to unwind
 
 _jobs: dict[str, "_Job"] = {}
+_ended_jobs: set[str] = set()  # (their tasks arriving late must not make them again)
+#: Guards `_jobs` and `_ended_jobs`, briefly: `end_job` takes it on the worker's
+#: event loop, so it is never held while a Runtime is made (which needs that loop).
 _jobs_lock = threading.Lock()
+_making_lock = threading.Lock()  # (one Runtime made at a time)
 
 
 class _Job:
@@ -64,13 +68,31 @@ class _Job:
 
 
 def _job(job: dict) -> _Job:
-    """The job's Runtime in this process (made on first use), made current."""
-    with _jobs_lock:
-        state = _jobs.get(job["job_id"])
-        if state is None:
-            state = _jobs[job["job_id"]] = _Job(job)
+    """The job's Runtime in this process (made on first use), made current;
+    BackendError if the job ended here already."""
+    job_id = job["job_id"]
+    state = _known_job(job_id)
+    if state is None:
+        with _making_lock:
+            state = _known_job(job_id)
+            if state is None:
+                made = _Job(job)
+                with _jobs_lock:
+                    ended = job_id in _ended_jobs
+                    if not ended:
+                        state = _jobs[job_id] = made
+                if ended:  # (while it was being made)
+                    made.close()
+                    state = _known_job(job_id)
     _runtime.set_current(state.runtime)
     return state
+
+
+def _known_job(job_id: str) -> _Job | None:
+    with _jobs_lock:
+        if job_id in _ended_jobs:
+            raise exc.BackendError(f"beamlet job {job_id} has ended")
+        return _jobs.get(job_id)
 
 
 async def end_job(job_id: str) -> bool:
@@ -80,6 +102,7 @@ async def end_job(job_id: str) -> bool:
     client, whose blocking calls on the event loop's own thread would return
     unawaited coroutines (Dask's rule for that thread) and do nothing."""
     with _jobs_lock:
+        _ended_jobs.add(job_id)
         state = _jobs.pop(job_id, None)
     if state is None:
         return False
