@@ -203,3 +203,23 @@ def test_shutdown_as_a_fresh_worker_starts_the_job(no_backend):
             client.close()
         finally:
             cluster.stop()
+
+
+@ray.remote
+class _Sleeper:
+    def sleep(self, seconds):
+        time.sleep(seconds)
+        return seconds
+
+
+def test_an_actor_call_longer_than_the_hosts_check_interval(no_backend):
+    # An actor call's task checks, in turns, that the actor's Dask worker still
+    # holds it; a call running many turns is not taken for a dead actor.
+    def set_poll(seconds):  # (nested: Dask ships it by value)
+        from beamlet.backends.dask import worker
+        worker._POLL = seconds
+
+    ray.init(backend="dask", num_cpus=1)
+    _runtime.current().backend.client.run(set_poll, 0.05)
+    sleeper = _Sleeper.remote()
+    assert ray.get(sleeper.sleep.remote(1.0), timeout=LONG) == 1.0

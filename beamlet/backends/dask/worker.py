@@ -36,7 +36,7 @@ from ...core.tables import ActorState
 from ...core.serialization import serialize
 from ...core.task_spec import TaskSpec
 
-_POLL = 5.0  # seconds between checks that an actor's host is still there
+_POLL = 10.0  # seconds between checks that an actor's host is still there
 _CANCEL_GRACE = 1.0  # seconds a killed async actor's calls get to unwind
 
 _jobs: dict[str, "_Job"] = {}
@@ -133,20 +133,30 @@ def run_task(job: dict, spec: TaskSpec, deps: dict):
     return _outcome(state, spec, result.values)
 
 
+def _hosted_at(key: str, address: str, dask_scheduler=None) -> bool:
+    """(Runs in the Dask scheduler.) Whether the worker at `address` holds `key`."""
+    ts = dask_scheduler.tasks.get(key)
+    return ts is not None and ts.state == "memory" and \
+        any(ws.address == address for ws in ts.who_has)
+
+
 def _answer(host, pending):
     """The outcome of `pending`, a call to the Dask actor `host`, waited for in
-    turns of `_POLL` seconds, between which the host must still be there (Dask
-    has not lost or released its key); RuntimeError if it is not. Its own errors
-    (e.g. the host's worker went away mid-call) are raised."""
+    turns of `_POLL` seconds, between which the scheduler is asked whether the
+    host's worker still holds it; RuntimeError if not. (Dask's own wait would
+    not end: a worker's Actor proxy waits for its key's Future, which in a
+    worker is never told the key's state.) The call's own errors are raised."""
+    from distributed import get_client
+
     from .objects import seceded
     with seceded():
         while True:
             try:
                 return pending.result(timeout=_POLL)
             except TimeoutError:
-                key = getattr(host, "_future", None)
-                if key is not None and key.status != "finished":
-                    raise RuntimeError(f"the Dask actor holding it is {key.status}") from None
+                # (Actor._address: where Dask placed it, the same for as long as it lives.)
+                if not get_client().run_on_scheduler(_hosted_at, host.key, host._address):
+                    raise RuntimeError("the Dask worker holding it left the cluster") from None
 
 
 def _died_of(name: str, err: Exception):
