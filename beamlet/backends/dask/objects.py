@@ -55,6 +55,18 @@ def _executing(key: str, dask_worker=None) -> bool:
     return ts is not None and ts.state in ("executing", "long-running")
 
 
+def _dask_wait(futures: list, timeout: float | None, return_when: str = "ALL_COMPLETED"):
+    """Dask's ``wait``, which returns as it does but raises FuturesCancelledError
+    once its condition holds if some future was cancelled: that is an outcome
+    here (read by `DaskObjectStore._value`), not an error. TimeoutError as Dask's."""
+    from distributed import wait
+    from distributed.client import FuturesCancelledError
+    try:
+        wait(futures, timeout=timeout, return_when=return_when)
+    except FuturesCancelledError:
+        pass
+
+
 @contextlib.contextmanager
 def seceded():
     """Inside a Dask worker's task thread, give the thread's slot back while
@@ -207,14 +219,13 @@ class DaskObjectStore(ObjectStore):
         return [local[i] for i in object_ids]
 
     def _wait_all(self, futures: list, timeout: float | None) -> None:
-        from distributed import wait as dask_wait
         if all(f.done() or f.key in self._lost for f in futures):
             return
         if timeout == 0:
             raise exc.GetTimeoutError("get timed out after 0 s")
         with seceded():
             try:
-                dask_wait(futures, timeout=timeout)
+                _dask_wait(futures, timeout)
             except TimeoutError:
                 raise exc.GetTimeoutError(f"get timed out after {timeout} s") from None
 
@@ -258,7 +269,6 @@ class DaskObjectStore(ObjectStore):
     def wait(self, object_ids: Sequence[bytes], num_returns: int,
              timeout: float | None = None) -> set[bytes]:
         self._check_open()
-        from distributed import wait as dask_wait
         futures = {i: self.future(i) for i in dict.fromkeys(object_ids) if i not in self._local}
         ready = {i for i in object_ids if i in self._local}
         until = None if timeout is None else time.monotonic() + timeout
@@ -275,7 +285,7 @@ class DaskObjectStore(ObjectStore):
                     return ready
                 pending = [f for i, f in futures.items() if i not in ready]
                 try:
-                    dask_wait(pending, timeout=left, return_when="FIRST_COMPLETED")
+                    _dask_wait(pending, left, "FIRST_COMPLETED")
                 except TimeoutError:
                     pass
 
@@ -319,7 +329,7 @@ class DaskObjectStore(ObjectStore):
             except Exception:  # noqa: BLE001 - the worker left meanwhile
                 running = False
         self._cancelled[object_id] = running
-        fut.cancel()
+        fut.cancel(force=True)  # (also when other clients hold the ref: a cancel is the task's)
 
     def _ran(self, object_id: bytes) -> None:
         with self._lock:

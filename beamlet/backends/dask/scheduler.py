@@ -36,7 +36,7 @@ from ...core.interfaces import Scheduler
 from ...core.tables import ActorState
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
 from .objects import key_of
-from .worker import ActorHost, actor_created, call_actor, run_task
+from .worker import ActorHost, actor_created, call_actor, cancel_children, note_child, run_task
 
 ACTOR_PREFIX = "beamlet-actor-"
 TASK_PREFIX = "beamlet-task-"
@@ -131,6 +131,8 @@ class DaskScheduler(Scheduler):
         else:
             resources = self._resources(spec)
             self._submit(run_task, (self._backend.job, spec, deps), spec, resources)
+            if not self._backend._is_driver:
+                note_child(self._store, spec)
 
     def _submit(self, fn, args: tuple, spec: TaskSpec, resources: dict | None):
         """Submit ``fn(*args)``, its value stored under the spec's return ids."""
@@ -196,10 +198,20 @@ class DaskScheduler(Scheduler):
         threading.Thread(target=skip, name="beamlet-dask-skip", daemon=True).start()
 
     # -- control -----------------------------------------------------------------------
-    def cancel(self, object_id: bytes, force: bool = False) -> None:
+    def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True) -> None:
         """Dask cannot interrupt a running task: cancelling one (``force`` too)
-        makes its result the cancellation error, and its work runs on."""
+        makes its result the cancellation error, and its work runs on.
+        `recursive`: so are the unfinished tasks it submitted, theirs, and so on
+        (each worker knows what its running tasks submitted; asked level by level)."""
         self._store.cancel(object_id)
+        parents = [object_id]
+        while recursive and parents:
+            try:
+                found = self._client.run(cancel_children, parents,
+                                         callback_timeout=_HOST_TIMEOUT)
+            except Exception:  # noqa: BLE001 - a worker left meanwhile: what was found stands
+                return
+            parents = [child for children in found.values() for child in children]
 
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
         self.end_actor(actor_id, "it was killed by beamlet.kill()")

@@ -124,13 +124,63 @@ def _outcome(job: _Job, spec: TaskSpec, values: list):
     return values[0] if len(spec.return_ids) == 1 else values
 
 
+#: For recursive cancels: while a task runs here, its task id -> its first
+#: return id (its ref), and that ref -> (object store, return id) of each task
+#: it submitted.
+_running: dict[bytes, bytes] = {}
+_children: dict[bytes, list] = {}
+_children_lock = threading.Lock()
+
+
 def run_task(job: dict, spec: TaskSpec, deps: dict):
     """A beamlet task, as a Dask task. `deps` maps the ids of its ref arguments
     to their values, which Dask fetched to this worker."""
     state = _job(job)
-    with state.runtime.backend.object_store.provided(deps):
-        result = run_attempts(spec, state.executor.execute)
+    ref = spec.return_ids[0] if spec.return_ids else None
+    if ref is not None:
+        with _children_lock:
+            _running[spec.task_id] = ref
+            _children[ref] = []
+    try:
+        with state.runtime.backend.object_store.provided(deps):
+            result = run_attempts(spec, state.executor.execute)
+    finally:
+        if ref is not None:
+            with _children_lock:
+                _running.pop(spec.task_id, None)
+                _children.pop(ref, None)
     return _outcome(state, spec, result.values)
+
+
+def note_child(store, spec: TaskSpec) -> None:
+    """(DaskScheduler, in a worker.) `spec` was just submitted: if a task running
+    here submitted it, remember it as that task's child."""
+    context = _runtime.task_context.get()
+    if context is None or not spec.return_ids:
+        return
+    with _children_lock:
+        ref = _running.get(context.task_id)
+        if ref is not None:
+            _children[ref].append((store, spec.return_ids[0]))
+
+
+async def cancel_children(refs: list) -> list:
+    """(Run on every worker by a recursive cancel.) Cancel the unfinished tasks
+    that the running tasks of `refs` submitted here; return their refs, whose
+    own children are next."""
+    with _children_lock:
+        children = [child for ref in refs for child in _children.get(ref, ())]
+    if not children:
+        return []
+
+    def cancel():  # (off the event loop: it asks the scheduler)
+        for store, child in children:
+            try:
+                store.cancel(child)
+            except exc.BeamletError:
+                pass  # (its job is over)
+    await asyncio.get_running_loop().run_in_executor(None, cancel)
+    return [child for _store, child in children]
 
 
 def _hosted_at(key: str, address: str, dask_scheduler=None) -> bool:
