@@ -77,7 +77,10 @@ def test_cancel_cancels_the_children_of_the_task(backend, force):
 
 def _opened():
     registry = Registry.remote()
-    registry.open_gate.remote()
+    # (Waited for: a child's wait_gate, from another caller, could otherwise
+    # reach the one-thread actor first and hold it; no backend orders calls
+    # across callers.)
+    ray.get(registry.open_gate.remote(), timeout=T)
     return registry
 
 
