@@ -206,17 +206,50 @@ class DaskObjectStore(ObjectStore):
                 self._contained[object_id] = value.refs
             self._refs.incr_all(value.refs)
 
-    def get(self, object_ids: Sequence[bytes], timeout: float | None = None) -> list[SerializedObject]:
+    def get(self, object_ids: Sequence[bytes], timeout: float | None = None,
+            fail_fast: bool = False) -> list[SerializedObject]:
         self._check_open()
         with self._lock:
             local = {i: self._local[i] for i in object_ids if i in self._local}
-        missing = [i for i in object_ids if i not in local]
+        missing = [i for i in dict.fromkeys(object_ids) if i not in local]
+        if missing and fail_fast and (len(missing) > 1 or
+                                      any(v.is_error for v in local.values())):
+            self._read_failing_fast(missing, local, timeout)
+            return [local.get(i) for i in object_ids]
         if missing:
             futures = [self.future(i) for i in missing]
             self._wait_all(futures, timeout)
             for object_id, fut in zip(missing, futures):
                 local[object_id] = self._value(object_id, fut)
         return [local[i] for i in object_ids]
+
+    def _read_failing_fast(self, missing: list, local: dict, timeout: float | None) -> None:
+        """Read the `missing` objects into `local` as they arrive, until all are
+        there or one is an error (or one in `local` is already)."""
+        import queue
+        if any(v.is_error for v in local.values()):
+            return
+        pending = {i: self.future(i) for i in missing}
+        arrived: queue.SimpleQueue = queue.SimpleQueue()
+        for object_id, fut in pending.items():
+            if fut.key in self._lost or fut.done():  # (a callback would come later)
+                arrived.put(object_id)
+            else:
+                fut.add_done_callback(lambda _f, i=object_id: arrived.put(i))
+        until = None if timeout is None else time.monotonic() + timeout
+        with seceded():
+            while pending:
+                left = None if until is None else max(0.0, until - time.monotonic())
+                try:
+                    object_id = arrived.get(timeout=left)
+                except queue.Empty:
+                    raise exc.GetTimeoutError(f"get timed out after {timeout} s") from None
+                fut = pending.pop(object_id, None)
+                if fut is None:
+                    continue
+                value = local[object_id] = self._value(object_id, fut)
+                if value.is_error:
+                    return
 
     def _wait_all(self, futures: list, timeout: float | None) -> None:
         if all(f.done() or f.key in self._lost for f in futures):
