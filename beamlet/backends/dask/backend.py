@@ -58,7 +58,9 @@ class DaskBackend(Backend):
             check_backend_options(config, self.accepted_options, self.name)
             self.client = self._connect(config)
             self.job = {"job_id": runtime.job_id, "namespace": runtime.namespace,
-                        "sys_path": [os.getcwd()] + [p for p in sys.path if p]}
+                        "sys_path": [os.getcwd()] + [p for p in sys.path if p],
+                        "job_metadata": runtime.job_metadata,
+                        "default_actor_lifetime": runtime.default_actor_lifetime}
             self.node_id = node_of(self.client.scheduler.address)
         self.worker_id = f"dask-{os.getpid()}"
         self._borrowed: set[bytes] = set()

@@ -56,7 +56,8 @@ class _Job:
                 sys.path.insert(0, path)
         from .backend import DaskBackend
         config = {"job_id": job["job_id"], "namespace": job["namespace"], "dask_worker": True,
-                  "job": job}
+                  "job": job, "job_metadata": job.get("job_metadata"),
+                  "default_actor_lifetime": job.get("default_actor_lifetime")}
         self.runtime = _runtime.Runtime(DaskBackend, config)
         self.executor = Executor(self.runtime)
         self.hosts: list[ActorHost] = []
