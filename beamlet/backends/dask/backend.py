@@ -15,12 +15,17 @@ import sys
 import threading
 
 from ... import exceptions as exc
-from ...core import ids
+from ...core import ids, plugins
 from ...core.interfaces import Backend
 from ...core.options import check_backend_options
 
 _CONNECT_TIMEOUT = 10.0
 _END_JOB_TIMEOUT = 30.0
+
+
+def task_events_channel(job_id: str) -> str:
+    """The control-store channel on which a job's workers report its attempts."""
+    return "task-events-" + job_id
 
 
 def node_of(address: str) -> str:
@@ -60,7 +65,10 @@ class DaskBackend(Backend):
             self.job = {"job_id": runtime.job_id, "namespace": runtime.namespace,
                         "sys_path": [os.getcwd()] + [p for p in sys.path if p],
                         "job_metadata": runtime.job_metadata,
-                        "default_actor_lifetime": runtime.default_actor_lifetime}
+                        "default_actor_lifetime": runtime.default_actor_lifetime,
+                        # Whether the workers send each attempt's end here (the
+                        # driver's plugins observe them): see worker._Job.
+                        "task_events": plugins.observer("beamlet_task_finished") is not None}
             self.node_id = node_of(self.client.scheduler.address)
         self.worker_id = f"dask-{os.getpid()}"
         self._borrowed: set[bytes] = set()
@@ -68,6 +76,9 @@ class DaskBackend(Backend):
         self.object_store = DaskObjectStore(self.client, runtime.refs)
         self.control_store = DaskControlStore(self.client)
         self.scheduler = DaskScheduler(self)
+        if self._is_driver and self.job["task_events"]:
+            self.control_store.subscribe(task_events_channel(self.job["job_id"]),
+                                         self.scheduler.task_event)
 
     def _connect(self, config: dict):
         from distributed import Client

@@ -347,12 +347,12 @@ class DaskObjectStore(ObjectStore):
         if released:
             self._refs.decr_all(released)
 
-    def cancel(self, object_id: bytes) -> None:
+    def cancel(self, object_id: bytes) -> bool:
         """Cancel the task producing `object_id` unless it has finished (Dask's
-        cancel would delete a finished result)."""
+        cancel would delete a finished result); whether it was cancelled."""
         fut = self.future(object_id)
         if fut.done():
-            return
+            return False
         running = False
         worker = self.client.run_on_scheduler(_assigned_worker, fut.key)
         if worker is not None:
@@ -363,6 +363,7 @@ class DaskObjectStore(ObjectStore):
                 running = False
         self._cancelled[object_id] = running
         fut.cancel(force=True)  # (also when other clients hold the ref: a cancel is the task's)
+        return True
 
     def _ran(self, object_id: bytes) -> None:
         with self._lock:

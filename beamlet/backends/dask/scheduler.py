@@ -33,6 +33,7 @@ import threading
 from ... import exceptions as exc
 from ...core import plugins
 from ...core.interfaces import Scheduler
+from ...core.scheduling import CANCELLED, RETRYING
 from ...core.tables import ActorState
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
 from .objects import key_of
@@ -80,6 +81,9 @@ class DaskScheduler(Scheduler):
         self._hosts: dict[bytes, object] = {}      # actor id -> Future of its ActorHost
         self._workers: dict | None = None          # address -> resources, cached
         self._tokens: dict[bytes, bytes] = {}      # creation ref id -> actor id, made here
+        #: (Only while the driver's plugins observe attempts: job["task_events"].)
+        #: Task id -> its spec, for each task submitted here that has not ended.
+        self._observed: dict[bytes, TaskSpec] = {}
 
     # -- resources -------------------------------------------------------------------
     def _worker_resources(self, refresh: bool = False) -> dict:
@@ -130,9 +134,25 @@ class DaskScheduler(Scheduler):
             self._submit_actor(spec, deps)
         else:
             resources = self._resources(spec)
+            if self._backend.job.get("task_events") and self._backend._is_driver:
+                with self._lock:
+                    self._observed[spec.task_id] = spec
             self._submit(run_task, (self._backend.job, spec, deps), spec, resources)
             if not self._backend._is_driver:
                 note_child(self._store, spec)
+
+    def task_event(self, message: bytes) -> None:
+        """(The driver's plugins observe attempts.) A worker reports the end of
+        an attempt of a task submitted here: tell them."""
+        task_hex, attempt, status, duration, pid = message.decode().split(",")
+        task_id = bytes.fromhex(task_hex)
+        with self._lock:
+            spec = self._observed.get(task_id) if status == RETRYING else \
+                self._observed.pop(task_id, None)
+        if spec is not None:
+            spec.attempt = int(attempt)
+            plugins.notify("beamlet_task_finished", spec=spec, status=status,
+                           duration=float(duration), pid=int(pid))
 
     def _submit(self, fn, args: tuple, spec: TaskSpec, resources: dict | None):
         """Submit ``fn(*args)``, its value stored under the spec's return ids."""
@@ -203,7 +223,16 @@ class DaskScheduler(Scheduler):
         makes its result the cancellation error, and its work runs on.
         `recursive`: so are the unfinished tasks it submitted, theirs, and so on
         (each worker knows what its running tasks submitted; asked level by level)."""
-        self._store.cancel(object_id)
+        cancelled = self._store.cancel(object_id)
+        if cancelled and self._observed:
+            with self._lock:
+                spec = next((s for s in self._observed.values()
+                             if object_id in s.return_ids), None)
+                if spec is not None:
+                    del self._observed[spec.task_id]
+            if spec is not None:  # (its attempt runs on, unreported: Dask cannot stop it)
+                plugins.notify("beamlet_task_finished", spec=spec, status=CANCELLED,
+                               duration=0.0, pid=0)
         parents = [object_id]
         while recursive and parents:
             try:

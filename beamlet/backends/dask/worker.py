@@ -29,6 +29,7 @@ import sys
 import threading
 
 from ... import exceptions as exc
+from ...core import plugins
 from ...core import runtime as _runtime
 from ...core.execution import Executor
 from ...core.scheduling import ActorLifecycle, run_attempts
@@ -61,8 +62,24 @@ class _Job:
         self.runtime = _runtime.Runtime(DaskBackend, config)
         self.executor = Executor(self.runtime)
         self.hosts: list[ActorHost] = []
+        if job.get("task_events"):
+            from .backend import task_events_channel
+            self._channel = task_events_channel(job["job_id"])
+            plugins.add_listener("beamlet_task_finished", self._task_finished)
+
+    def _task_finished(self, spec, status, duration, pid) -> None:
+        """Send an attempt's end of this job's task to the driver (whose plugins
+        observe them), as ``task id hex, attempt, status, duration, pid``."""
+        if _runtime.current_or_none() is not self.runtime:
+            return  # (another job's, in this process)
+        message = f"{spec.task_id.hex()},{spec.attempt},{status},{duration!r},{pid}"
+        try:
+            self.runtime.backend.control_store.publish(self._channel, message.encode())
+        except Exception:  # noqa: BLE001 - the cluster is going away: nobody to tell
+            pass
 
     def close(self) -> None:
+        plugins.remove_listener("beamlet_task_finished", self._task_finished)
         for host in self.hosts:
             host.end("beamlet was shut down", record=False)
         self.runtime.shutdown()
