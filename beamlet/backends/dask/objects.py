@@ -55,7 +55,7 @@ def _executing(key: str, dask_worker=None) -> bool:
     return ts is not None and ts.state in ("executing", "long-running")
 
 
-def _dask_wait(futures: list, timeout: float | None, return_when: str = "ALL_COMPLETED"):
+def wait_futures(futures: list, timeout: float | None, return_when: str = "ALL_COMPLETED"):
     """Dask's ``wait``, which returns as it does but raises FuturesCancelledError
     once its condition holds if some future was cancelled: that is an outcome
     here (read by `DaskObjectStore._value`), not an error. TimeoutError as Dask's."""
@@ -258,7 +258,7 @@ class DaskObjectStore(ObjectStore):
             raise exc.GetTimeoutError("get timed out after 0 s")
         with seceded():
             try:
-                _dask_wait(futures, timeout)
+                wait_futures(futures, timeout)
             except TimeoutError:
                 raise exc.GetTimeoutError(f"get timed out after {timeout} s") from None
 
@@ -318,7 +318,7 @@ class DaskObjectStore(ObjectStore):
                     return ready
                 pending = [f for i, f in futures.items() if i not in ready]
                 try:
-                    _dask_wait(pending, left, "FIRST_COMPLETED")
+                    wait_futures(pending, left, "FIRST_COMPLETED")
                 except TimeoutError:
                     pass
 

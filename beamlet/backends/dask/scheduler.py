@@ -36,7 +36,7 @@ from ...core.interfaces import Scheduler
 from ...core.scheduling import CANCELLED, RETRYING
 from ...core.tables import ActorState
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
-from .objects import key_of
+from .objects import wait_futures, key_of
 from .worker import ActorHost, actor_created, call_actor, cancel_children, note_child, run_task
 
 ACTOR_PREFIX = "beamlet-actor-"
@@ -52,6 +52,16 @@ def _wanted_elsewhere(key: str, client_id: str, dask_scheduler=None) -> bool:
         return False
     return any(cs.client_key != client_id for cs in ts.who_wants) or \
         any(dep.state not in ("memory", "erred", "forgotten") for dep in ts.dependents)
+
+
+def _calls_pending(key: str, dask_scheduler=None) -> list:
+    """(Runs in the Dask scheduler.) The keys of the tasks still to end that
+    depend on `key` (an actor host's: the calls to it in flight)."""
+    ts = dask_scheduler.tasks.get(key)
+    if ts is None:
+        return []
+    return [dep.key for dep in ts.dependents
+            if dep.state not in ("memory", "erred", "forgotten", "released")]
 
 
 def _key_state(key: str, dask_scheduler=None) -> str | None:
@@ -288,13 +298,28 @@ class DaskScheduler(Scheduler):
             return  # (a handle in a task's result: it lives until the job ends)
 
         def end_if_unreferenced():
+            # As in Ray, the calls in flight run first (their handle is gone,
+            # their refs may not be): the end waits for them, round by round.
+            client = self._client
             try:
-                wanted = self._client.run_on_scheduler(_wanted_elsewhere, key_of(object_id),
-                                                       self._client.id)
+                while True:
+                    if client.run_on_scheduler(_wanted_elsewhere, key_of(object_id), client.id):
+                        return
+                    pending = client.run_on_scheduler(_calls_pending,
+                                                      ACTOR_PREFIX + actor_id.hex())
+                    if not pending:
+                        break
+                    calls = [self._store.borrow_key(key) for key in pending]
+                    try:
+                        wait_futures(calls, _HOST_TIMEOUT, "ALL_COMPLETED")
+                    except TimeoutError:
+                        pass
+                    finally:
+                        for call in calls:
+                            call.release()
             except Exception:  # noqa: BLE001 - the cluster is going away
                 return
-            if not wanted:
-                self.end_actor(actor_id, "all handles to it went out of scope")
+            self.end_actor(actor_id, "all handles to it went out of scope")
 
         threading.Thread(target=end_if_unreferenced, name="beamlet-dask-actor-gc",
                          daemon=True).start()
