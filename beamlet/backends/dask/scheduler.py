@@ -17,9 +17,13 @@
   calls are tasks that depend on the host; each carries this process's
   sequence number for that actor, and the host starts them in that order.
   An actor ends when killed, when it calls ``exit_actor``, when its job ends,
-  or when the process that created it drops its last handle and no other
-  Dask client holds its creation ref (asked of the scheduler: handles travel
-  between processes as bare ids, which the receiver holds once its task ends).
+  or when the process that created it drops its last handle, no other Dask
+  client holds its creation ref (asked of the scheduler: handles travel
+  between processes as bare ids, which the receiver holds once its task ends)
+  and the calls in flight to it have run.
+- ``cancel`` cancels the task's Dask future (its work runs on: Dask cannot
+  stop a thread) and, recursively, the unfinished tasks it submitted, which
+  the workers running them remember.
 
 Retries of user exceptions (``retry_exceptions``) happen inside the task, as
 on every backend; a worker that dies is Dask's to recover from (it reruns
