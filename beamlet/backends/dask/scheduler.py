@@ -269,10 +269,10 @@ class DaskScheduler(Scheduler):
         read the record first. Its calls wait for it to exist, then fail."""
         try:
             self._backend.runtime.tables.set_actor_state(actor_id, ActorState.DEAD, reason)
-        except exc.BeamletError:
-            pass  # (the cluster is going away)
-        host = self._host(actor_id)
+        except Exception:  # noqa: BLE001 - the cluster (or this client) is going away
+            pass
         try:
+            host = self._host(actor_id)
             exists = host.done() or self._client.run_on_scheduler(
                 _key_state, host.key) in ("memory", "erred")
         except Exception:  # noqa: BLE001 - the cluster is going away
