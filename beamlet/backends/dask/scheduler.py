@@ -34,7 +34,6 @@ from __future__ import annotations
 import operator
 import threading
 
-from ... import exceptions as exc
 from ...core import plugins
 from ...core.interfaces import Scheduler
 from ...core.scheduling import CANCELLED, RETRYING
