@@ -35,6 +35,30 @@ def key_of(object_id: bytes) -> str:
 _KNOWN_GRACE = 2.0
 
 
+class FailedObject(SerializedObject):
+    """A stored error (``is_error``) as a Dask task's value. Dask tells every
+    client holding the key its value's type, so `get` of a list can fail fast
+    without fetching each value as it comes (it reads back as a plain
+    SerializedObject)."""
+
+    __slots__ = ()
+
+
+def as_stored(value: SerializedObject) -> SerializedObject:
+    """`value` as a task's Dask value: a FailedObject if it is an error."""
+    if value.is_error and not isinstance(value, FailedObject):
+        return FailedObject(value.data, value.buffers, value.refs, True)
+    return value
+
+
+def _may_be_error(fut) -> bool:
+    """Whether a finished future's value may be an error (a FailedObject, or
+    of a type Dask did not say)."""
+    kind = fut.type
+    return not (isinstance(kind, type) and issubclass(kind, SerializedObject)) or \
+        issubclass(kind, FailedObject)
+
+
 def _scheduler_knows(key: str, dask_scheduler=None) -> bool:
     """(Runs in the Dask scheduler.)"""
     return key in dask_scheduler.tasks
@@ -237,6 +261,7 @@ class DaskObjectStore(ObjectStore):
             else:
                 fut.add_done_callback(lambda _f, i=object_id: arrived.put(i))
         until = None if timeout is None else time.monotonic() + timeout
+        fine = []  # (finished with a value Dask says is no error: read at the end)
         with seceded():
             while pending:
                 left = None if until is None else max(0.0, until - time.monotonic())
@@ -247,9 +272,15 @@ class DaskObjectStore(ObjectStore):
                 fut = pending.pop(object_id, None)
                 if fut is None:
                     continue
+                if fut.key not in self._lost and fut.status == "finished" and \
+                        not _may_be_error(fut):
+                    fine.append((object_id, fut))
+                    continue
                 value = local[object_id] = self._value(object_id, fut)
                 if value.is_error:
                     return
+        for object_id, fut in fine:
+            local[object_id] = self._value(object_id, fut)
 
     def _wait_all(self, futures: list, timeout: float | None) -> None:
         if all(f.done() or f.key in self._lost for f in futures):

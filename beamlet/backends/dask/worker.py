@@ -36,6 +36,7 @@ from ...core.scheduling import ActorLifecycle, run_attempts
 from ...core.tables import ActorState
 from ...core.serialization import serialize
 from ...core.task_spec import TaskSpec
+from .objects import as_stored
 
 _POLL = 10.0  # seconds between checks that an actor's host is still there
 _CANCEL_GRACE = 1.0  # seconds a killed async actor's calls get to unwind
@@ -139,6 +140,7 @@ def _outcome(job: _Job, spec: TaskSpec, values: list):
         if value.refs:
             store.pin_for_job(value.refs)
     job.runtime.backend.hold_borrowed()
+    values = [as_stored(value) for value in values]
     return values[0] if len(spec.return_ids) == 1 else values
 
 
@@ -237,9 +239,9 @@ def _died_of(name: str, err: Exception):
 def actor_created(host, name: str) -> object:
     """The value of an actor's creation ref: its constructor's outcome."""
     try:
-        return _answer(host, host.created())
+        return as_stored(_answer(host, host.created()))
     except Exception as err:  # noqa: BLE001 - the host's worker is gone
-        return _died_of(name, err)
+        return as_stored(_died_of(name, err))
 
 
 def call_actor(job: dict, host, caller: bytes, seq: int, spec: TaskSpec, deps: dict):
