@@ -94,6 +94,7 @@ class DaskScheduler(Scheduler):
         self._hosts: dict[bytes, object] = {}      # actor id -> Future of its ActorHost
         self._workers: dict | None = None          # address -> resources, cached
         self._tokens: dict[bytes, bytes] = {}      # creation ref id -> actor id, made here
+        self._inflight: dict[bytes, set] = {}      # actor id -> futures of calls from here
         #: (Only while the driver's plugins observe attempts: job["task_events"].)
         #: Task id -> its spec, for each task submitted here that has not ended.
         self._observed: dict[bytes, TaskSpec] = {}
@@ -216,8 +217,20 @@ class DaskScheduler(Scheduler):
             self._seq[spec.actor_id] = seq + 1
         futures = self._submit(call_actor, (self._backend.job, host, spec.caller_id, seq, spec,
                                             deps), spec, None)
-        futures[0].add_done_callback(
-            lambda fut: fut.status == "finished" or self._skip_later(spec, seq))
+        call = futures[0]
+        with self._lock:
+            self._inflight.setdefault(spec.actor_id, set()).add(call)
+        call.add_done_callback(lambda fut: self._call_ended(spec, seq, fut))
+
+    def _call_ended(self, spec: TaskSpec, seq: int, fut) -> None:
+        with self._lock:
+            calls = self._inflight.get(spec.actor_id)
+            if calls is not None:
+                calls.discard(fut)
+                if not calls:
+                    del self._inflight[spec.actor_id]
+        if fut.status != "finished":
+            self._skip_later(spec, seq)
 
     def _skip_later(self, spec: TaskSpec, seq: int) -> None:
         """A call that failed in Dask (cancelled, lost) never reaches its actor:
@@ -305,6 +318,14 @@ class DaskScheduler(Scheduler):
             # their refs may not be): the end waits for them, round by round.
             client = self._client
             try:
+                with self._lock:  # (the scheduler may not know of the latest ones yet)
+                    mine = list(self._inflight.get(actor_id, ()))
+                while mine:
+                    try:
+                        wait_futures(mine, _HOST_TIMEOUT, "ALL_COMPLETED")
+                    except TimeoutError:
+                        pass
+                    mine = [call for call in mine if not call.done()]
                 while True:
                     if client.run_on_scheduler(_wanted_elsewhere, key_of(object_id), client.id):
                         return
