@@ -330,6 +330,19 @@ class DaskObjectStore(ObjectStore):
             f"Dask could not compute {object_id.hex()}: {type(error).__name__}: {error}"),
             is_error=True)
 
+    def entry(self, object_id: bytes) -> SerializedObject | None:
+        """The object if it is a stored error that has arrived (Dask names a
+        finished key's type: only a FailedObject is fetched), else None: for
+        the Runtime's log of errors nobody read, as the last ref goes."""
+        with self._lock:
+            fut = self._futures.get(object_id)
+        if fut is None or self.client.asynchronous or fut.status != "finished":
+            return None  # (not here, or on the client's event loop, where it cannot block)
+        kind = fut.type
+        if not (isinstance(kind, type) and issubclass(kind, FailedObject)):
+            return None
+        return self._value(object_id, fut)
+
     def wait(self, object_ids: Sequence[bytes], num_returns: int,
              timeout: float | None = None) -> set[bytes]:
         self._check_open()
