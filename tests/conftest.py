@@ -150,6 +150,18 @@ class _DaskCluster:
                 pytest.fail(f"the dask backend needs Dask ({err}): pip install -e '.[test]'")
         return Client(self.process.address, security=self.process.security, timeout=30)
 
+    def reset(self, client) -> None:
+        """Restart the workers still running a task once a test's session has
+        shut down. Dask cannot stop a running task (a cancelled one runs on, a
+        test's `time.sleep(10e6)` too): left running, it would hold one of the
+        two worker threads from every test after it."""
+        def tasks_running(dask_worker) -> int:  # (nested: Dask ships it by value)
+            return len(dask_worker.active_threads)  # (seceded tasks too)
+
+        busy = [address for address, running in client.run(tasks_running).items() if running]
+        if busy:
+            client.restart_workers(busy, timeout=60)
+
     def stop(self):
         if self.process is not None:
             self.process.stop()
@@ -358,7 +370,11 @@ def backend(backend_name) -> BackendInfo:
         yield BackendInfo.current()
     finally:
         beamlet.shutdown()
-        close_client(options)
+        try:
+            if backend_name == "dask":
+                _dask_cluster.reset(options["client"])
+        finally:
+            close_client(options)
 
 
 @pytest.fixture

@@ -1029,6 +1029,97 @@ def test_kill_actor(backend):
         assert "kill" in str(info.value).lower()
 
 
+@ray.remote
+class _Gate:
+    """Counts the callers that arrived; `wait` blocks until `open` is called."""
+
+    def __init__(self):
+        self.arrived = 0
+        self.opened = asyncio.Event()
+
+    async def arrive(self):
+        self.arrived += 1
+
+    async def count(self):
+        return self.arrived
+
+    async def wait(self):
+        await self.opened.wait()
+
+    async def open(self):
+        self.opened.set()
+
+
+@ray.remote
+class _GateWaiter:
+    def ping(self):
+        return "pong"
+
+    def wait_at(self, gate):
+        ray.get(gate.arrive.remote(), timeout=LONG)
+        ray.get(gate.wait.remote(), timeout=5 * LONG)
+        return "through"
+
+
+@ray.remote
+class _AsyncGateWaiter:
+    async def ping(self):
+        return "pong"
+
+    async def wait_at(self, gate):
+        await gate.arrive.remote()
+        await gate.wait.remote()
+        return "through"
+
+
+@pytest.mark.parametrize("waiter_class", [_GateWaiter, _AsyncGateWaiter], ids=["sync", "async"])
+def test_killing_an_actor_fails_its_running_call(backend, waiter_class):
+    # As in Ray: the call that runs (here blocked on another actor) fails at
+    # once, and so do the calls queued behind it (an async actor runs them
+    # beside it) and any later one.
+    backend.require("parallel")
+    gate, waiter = _Gate.remote(), waiter_class.remote()
+    assert ray.get(waiter.ping.remote(), timeout=LONG) == "pong"
+    running = waiter.wait_at.remote(gate)
+    queued = [waiter.ping.remote()] if waiter_class is _GateWaiter else []
+    eventually(lambda: ray.get(gate.count.remote(), timeout=LONG) == 1)
+    ray.kill(waiter)
+    for ref in [running, *queued, waiter.ping.remote()]:
+        with pytest.raises(E.ActorDiedError, match="kill"):
+            ray.get(ref, timeout=LONG)
+    ray.get(gate.open.remote(), timeout=LONG)  # (a call left running in a thread ends)
+
+
+@ray.remote
+def _after_gate(gate, value):
+    ray.get(gate.wait.remote(), timeout=5 * LONG)
+    return value
+
+
+@ray.remote
+class _GateCounter:
+    def __init__(self, gate, value):
+        ray.get(gate.arrive.remote(), timeout=LONG)
+
+    def ping(self):
+        return "pong"
+
+
+def test_killing_an_actor_before_its_arguments_are_ready(backend):
+    # kill() does not wait for the actor to start (this test's timeout, if it
+    # did: the argument is ready only after it returns); it never starts.
+    backend.require("parallel")
+    gate = _Gate.remote()
+    actor = _GateCounter.remote(gate, _after_gate.remote(gate, 1))
+    call = actor.ping.remote()
+    ray.kill(actor)
+    ray.get(gate.open.remote(), timeout=LONG)
+    for ref in (call, actor.ping.remote()):
+        with pytest.raises(E.ActorDiedError, match="kill"):
+            ray.get(ref, timeout=LONG)
+    assert ray.get(gate.count.remote(), timeout=LONG) == 0  # its constructor never ran
+
+
 def test_named_actor_get_actor(backend):
     c = Counter.options(name="counter").remote()
     ray.get(c.inc.remote())

@@ -77,8 +77,9 @@ def test_cancel_cancels_the_children_of_the_task(backend, force):
 
 def _opened():
     registry = Registry.remote()
-    # (Waited for: the calls of another caller, a task's wait_gate, may reach the
-    # one-thread actor first, and would then hold it for T seconds.)
+    # (Waited for: a child's wait_gate, from another caller, could otherwise
+    # reach the one-thread actor first and hold it; no backend orders calls
+    # across callers.)
     ray.get(registry.open_gate.remote(), timeout=T)
     return registry
 

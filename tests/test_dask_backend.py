@@ -19,8 +19,7 @@ from beamlet import exceptions as exc
 from beamlet.core import runtime as _runtime
 
 GONE_TIMEOUT = 30
-
-
+LONG = 60  # seconds: an upper bound for waits that should end at once
 
 
 def _free_port() -> int:
@@ -145,3 +144,82 @@ def test_bad_options_are_named(no_backend):
         ray.init(backend="dask", client="not a client")
     with pytest.raises(ValueError, match="object_store_memory"):
         ray.init(backend="dask", object_store_memory=10**9)
+
+
+
+@ray.remote
+class _Echo:
+    def echo(self, x):
+        return x
+
+
+@ray.remote(max_concurrency=2)
+class _Caller:
+    def call_each(self, actors):
+        """Each actor's first call from this process (its Dask actor is looked
+        up first: a scheduler round trip between the call's ref and its
+        submission)."""
+        return ray.get([a.echo.remote(i) for i, a in enumerate(actors)], timeout=LONG)
+
+    def ping(self):
+        return "pong"
+
+
+def test_submissions_from_a_worker_race_no_call_ending_there(no_backend):
+    # A task or actor call ending in a worker holds the refs its process
+    # borrowed; it once also took refs that another thread there had made but
+    # not yet submitted, and held them first: Dask then took the submission for
+    # a duplicate of a key the process held and dropped it, and the nested get
+    # never returned (this test's pytest timeout).
+    ray.init(backend="dask", num_cpus=2)
+    caller = _Caller.remote()
+    actors = [_Echo.remote() for _ in range(12)]
+    assert ray.get([a.echo.remote("up") for a in actors] + [caller.ping.remote()],
+                   timeout=LONG) == ["up"] * 12 + ["pong"]
+    done = caller.call_each.remote(actors)
+    while not ray.wait([done], timeout=0)[0]:  # calls ending beside call_each
+        assert ray.get(caller.ping.remote(), timeout=LONG) == "pong"
+    assert ray.get(done, timeout=LONG) == list(range(12))
+
+
+def test_shutdown_as_a_fresh_worker_starts_the_job(no_backend):
+    # A job's first task in a worker process makes the job's runtime there,
+    # which first connects the worker's own Dask client, on the worker's event
+    # loop. The shutdown's end_job, which runs on that loop, once waited there
+    # for a lock the maker held through it: the worker's loop hung for good,
+    # and the next job's calls with it (this get's timeout).
+    from beamlet.backends.dask.cluster import ClusterProcess
+    from distributed import Client
+    for _ in range(3):
+        cluster = ClusterProcess(1, {})
+        try:
+            client = Client(cluster.address, security=cluster.security, timeout=30)
+            ray.init(backend="dask", client=client)
+            _Echo.remote()  # (its host: the worker's first task)
+            ray.shutdown()
+            ray.init(backend="dask", client=client)
+            assert ray.get(_Echo.remote().echo.remote("next job"), timeout=LONG) == "next job"
+            ray.shutdown()
+            client.close()
+        finally:
+            cluster.stop()
+
+
+@ray.remote
+class _Sleeper:
+    def sleep(self, seconds):
+        time.sleep(seconds)
+        return seconds
+
+
+def test_an_actor_call_longer_than_the_hosts_check_interval(no_backend):
+    # An actor call's task checks, in turns, that the actor's Dask worker still
+    # holds it; a call running many turns is not taken for a dead actor.
+    def set_poll(seconds):  # (nested: Dask ships it by value)
+        from beamlet.backends.dask import worker
+        worker._POLL = seconds
+
+    ray.init(backend="dask", num_cpus=1)
+    _runtime.current().backend.client.run(set_poll, 0.05)
+    sleeper = _Sleeper.remote()
+    assert ray.get(sleeper.sleep.remote(1.0), timeout=LONG) == 1.0

@@ -32,6 +32,11 @@ def new_id() -> bytes:
     return _prefix + next(_counter).to_bytes(8, "little")
 
 
+def minted_here(id_: bytes) -> bool:
+    """Whether `new_id` made `id_` in this process (since its last fork)."""
+    return id_[:8] == _prefix
+
+
 def function_id(blob: bytes) -> bytes:
     """The id of a pickled function or class: a digest of its bytes, so the same
     code always gets the same id and is shipped to each worker only once."""

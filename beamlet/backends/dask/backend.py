@@ -15,10 +15,17 @@ import sys
 import threading
 
 from ... import exceptions as exc
+from ...core import ids, plugins
 from ...core.interfaces import Backend
 from ...core.options import check_backend_options
 
 _CONNECT_TIMEOUT = 10.0
+_END_JOB_TIMEOUT = 30.0
+
+
+def task_events_channel(job_id: str) -> str:
+    """The control-store channel on which a job's workers report its attempts."""
+    return "task-events-" + job_id
 
 
 def node_of(address: str) -> str:
@@ -56,7 +63,12 @@ class DaskBackend(Backend):
             check_backend_options(config, self.accepted_options, self.name)
             self.client = self._connect(config)
             self.job = {"job_id": runtime.job_id, "namespace": runtime.namespace,
-                        "sys_path": [os.getcwd()] + [p for p in sys.path if p]}
+                        "sys_path": [os.getcwd()] + [p for p in sys.path if p],
+                        "job_metadata": runtime.job_metadata,
+                        "default_actor_lifetime": runtime.default_actor_lifetime,
+                        # Whether the workers send each attempt's end here (the
+                        # driver's plugins observe them): see worker._Job.
+                        "task_events": plugins.observer("beamlet_task_finished") is not None}
             self.node_id = node_of(self.client.scheduler.address)
         self.worker_id = f"dask-{os.getpid()}"
         self._borrowed: set[bytes] = set()
@@ -64,6 +76,9 @@ class DaskBackend(Backend):
         self.object_store = DaskObjectStore(self.client, runtime.refs)
         self.control_store = DaskControlStore(self.client)
         self.scheduler = DaskScheduler(self)
+        if self._is_driver and self.job["task_events"]:
+            self.control_store.subscribe(task_events_channel(self.job["job_id"]),
+                                         self.scheduler.task_event)
 
     def _connect(self, config: dict):
         from distributed import Client
@@ -104,8 +119,14 @@ class DaskBackend(Backend):
 
     # -- references ---------------------------------------------------------------------
     def object_referenced(self, object_id: bytes) -> None:
-        # Held lazily (hold_borrowed): the id may be one this process is about to
-        # submit, whose Future the submission makes.
+        # Held lazily (hold_borrowed), and only ids from other processes: an id
+        # made here is one this process submits or puts, whose Future the
+        # submission makes. Were hold_borrowed (run by another task or actor
+        # call in this process) to make it first, between the ref's creation
+        # and its submission, Dask would take the submission for a duplicate of
+        # a key this client has and drop it: the task would never run.
+        if ids.minted_here(object_id):
+            return
         with self._borrowed_lock:
             self._borrowed.add(object_id)
 
@@ -150,8 +171,9 @@ class DaskBackend(Backend):
             return
         from .worker import end_job
         try:
-            self.client.run(end_job, self.job["job_id"])
-        except Exception:  # noqa: BLE001 - the workers are gone already
+            # (callback_timeout is Client.sync's: run() passes it on.)
+            self.client.run(end_job, self.job["job_id"], callback_timeout=_END_JOB_TIMEOUT)
+        except Exception:  # noqa: BLE001 - the workers are gone already, or stuck
             pass
         if self._own_client:
             self.client.close()

@@ -35,6 +35,30 @@ def key_of(object_id: bytes) -> str:
 _KNOWN_GRACE = 2.0
 
 
+class FailedObject(SerializedObject):
+    """A stored error (``is_error``) as a Dask task's value. Dask tells every
+    client holding the key its value's type, so `get` of a list can fail fast
+    without fetching each value as it comes (it reads back as a plain
+    SerializedObject)."""
+
+    __slots__ = ()
+
+
+def as_stored(value: SerializedObject) -> SerializedObject:
+    """`value` as a task's Dask value: a FailedObject if it is an error."""
+    if value.is_error and not isinstance(value, FailedObject):
+        return FailedObject(value.data, value.buffers, value.refs, True)
+    return value
+
+
+def _may_be_error(fut) -> bool:
+    """Whether a finished future's value may be an error (a FailedObject, or
+    of a type Dask did not say)."""
+    kind = fut.type
+    return not (isinstance(kind, type) and issubclass(kind, SerializedObject)) or \
+        issubclass(kind, FailedObject)
+
+
 def _scheduler_knows(key: str, dask_scheduler=None) -> bool:
     """(Runs in the Dask scheduler.)"""
     return key in dask_scheduler.tasks
@@ -53,6 +77,18 @@ def _executing(key: str, dask_worker=None) -> bool:
     (the scheduler's "processing" also covers tasks queued on the worker)."""
     ts = dask_worker.state.tasks.get(key)
     return ts is not None and ts.state in ("executing", "long-running")
+
+
+def wait_futures(futures: list, timeout: float | None, return_when: str = "ALL_COMPLETED"):
+    """Dask's ``wait``, which returns as it does but raises FuturesCancelledError
+    once its condition holds if some future was cancelled: that is an outcome
+    here (read by `DaskObjectStore._value`), not an error. TimeoutError as Dask's."""
+    from distributed import wait
+    from distributed.client import FuturesCancelledError
+    try:
+        wait(futures, timeout=timeout, return_when=return_when)
+    except FuturesCancelledError:
+        pass
 
 
 @contextlib.contextmanager
@@ -194,11 +230,16 @@ class DaskObjectStore(ObjectStore):
                 self._contained[object_id] = value.refs
             self._refs.incr_all(value.refs)
 
-    def get(self, object_ids: Sequence[bytes], timeout: float | None = None) -> list[SerializedObject]:
+    def get(self, object_ids: Sequence[bytes], timeout: float | None = None,
+            fail_fast: bool = False) -> list[SerializedObject]:
         self._check_open()
         with self._lock:
             local = {i: self._local[i] for i in object_ids if i in self._local}
-        missing = [i for i in object_ids if i not in local]
+        missing = [i for i in dict.fromkeys(object_ids) if i not in local]
+        if missing and fail_fast and (len(missing) > 1 or
+                                      any(v.is_error for v in local.values())):
+            self._read_failing_fast(missing, local, timeout)
+            return [local.get(i) for i in object_ids]
         if missing:
             futures = [self.future(i) for i in missing]
             self._wait_all(futures, timeout)
@@ -206,15 +247,49 @@ class DaskObjectStore(ObjectStore):
                 local[object_id] = self._value(object_id, fut)
         return [local[i] for i in object_ids]
 
+    def _read_failing_fast(self, missing: list, local: dict, timeout: float | None) -> None:
+        """Read the `missing` objects into `local` as they arrive, until all are
+        there or one is an error (or one in `local` is already)."""
+        import queue
+        if any(v.is_error for v in local.values()):
+            return
+        pending = {i: self.future(i) for i in missing}
+        arrived: queue.SimpleQueue = queue.SimpleQueue()
+        for object_id, fut in pending.items():
+            if fut.key in self._lost or fut.done():  # (a callback would come later)
+                arrived.put(object_id)
+            else:
+                fut.add_done_callback(lambda _f, i=object_id: arrived.put(i))
+        until = None if timeout is None else time.monotonic() + timeout
+        fine = []  # (finished with a value Dask says is no error: read at the end)
+        with seceded():
+            while pending:
+                left = None if until is None else max(0.0, until - time.monotonic())
+                try:
+                    object_id = arrived.get(timeout=left)
+                except queue.Empty:
+                    raise exc.GetTimeoutError(f"get timed out after {timeout} s") from None
+                fut = pending.pop(object_id, None)
+                if fut is None:
+                    continue
+                if fut.key not in self._lost and fut.status == "finished" and \
+                        not _may_be_error(fut):
+                    fine.append((object_id, fut))
+                    continue
+                value = local[object_id] = self._value(object_id, fut)
+                if value.is_error:
+                    return
+        for object_id, fut in fine:
+            local[object_id] = self._value(object_id, fut)
+
     def _wait_all(self, futures: list, timeout: float | None) -> None:
-        from distributed import wait as dask_wait
         if all(f.done() or f.key in self._lost for f in futures):
             return
         if timeout == 0:
             raise exc.GetTimeoutError("get timed out after 0 s")
         with seceded():
             try:
-                dask_wait(futures, timeout=timeout)
+                wait_futures(futures, timeout)
             except TimeoutError:
                 raise exc.GetTimeoutError(f"get timed out after {timeout} s") from None
 
@@ -255,10 +330,22 @@ class DaskObjectStore(ObjectStore):
             f"Dask could not compute {object_id.hex()}: {type(error).__name__}: {error}"),
             is_error=True)
 
+    def entry(self, object_id: bytes) -> SerializedObject | None:
+        """The object if it is a stored error that has arrived (Dask names a
+        finished key's type: only a FailedObject is fetched), else None: for
+        the Runtime's log of errors nobody read, as the last ref goes."""
+        with self._lock:
+            fut = self._futures.get(object_id)
+        if fut is None or self.client.asynchronous or fut.status != "finished":
+            return None  # (not here, or on the client's event loop, where it cannot block)
+        kind = fut.type
+        if not (isinstance(kind, type) and issubclass(kind, FailedObject)):
+            return None
+        return self._value(object_id, fut)
+
     def wait(self, object_ids: Sequence[bytes], num_returns: int,
              timeout: float | None = None) -> set[bytes]:
         self._check_open()
-        from distributed import wait as dask_wait
         futures = {i: self.future(i) for i in dict.fromkeys(object_ids) if i not in self._local}
         ready = {i for i in object_ids if i in self._local}
         until = None if timeout is None else time.monotonic() + timeout
@@ -275,7 +362,7 @@ class DaskObjectStore(ObjectStore):
                     return ready
                 pending = [f for i, f in futures.items() if i not in ready]
                 try:
-                    dask_wait(pending, timeout=left, return_when="FIRST_COMPLETED")
+                    wait_futures(pending, left, "FIRST_COMPLETED")
                 except TimeoutError:
                     pass
 
@@ -304,12 +391,12 @@ class DaskObjectStore(ObjectStore):
         if released:
             self._refs.decr_all(released)
 
-    def cancel(self, object_id: bytes) -> None:
+    def cancel(self, object_id: bytes) -> bool:
         """Cancel the task producing `object_id` unless it has finished (Dask's
-        cancel would delete a finished result)."""
+        cancel would delete a finished result); whether it was cancelled."""
         fut = self.future(object_id)
         if fut.done():
-            return
+            return False
         running = False
         worker = self.client.run_on_scheduler(_assigned_worker, fut.key)
         if worker is not None:
@@ -319,7 +406,8 @@ class DaskObjectStore(ObjectStore):
             except Exception:  # noqa: BLE001 - the worker left meanwhile
                 running = False
         self._cancelled[object_id] = running
-        fut.cancel()
+        fut.cancel(force=True)  # (also when other clients hold the ref: a cancel is the task's)
+        return True
 
     def _ran(self, object_id: bytes) -> None:
         with self._lock:

@@ -17,9 +17,13 @@
   calls are tasks that depend on the host; each carries this process's
   sequence number for that actor, and the host starts them in that order.
   An actor ends when killed, when it calls ``exit_actor``, when its job ends,
-  or when the process that created it drops its last handle and no other
-  Dask client holds its creation ref (asked of the scheduler: handles travel
-  between processes as bare ids, which the receiver holds once its task ends).
+  or when the process that created it drops its last handle, no other Dask
+  client holds its creation ref (asked of the scheduler: handles travel
+  between processes as bare ids, which the receiver holds once its task ends)
+  and the calls in flight to it have run.
+- ``cancel`` cancels the task's Dask future (its work runs on: Dask cannot
+  stop a thread) and, recursively, the unfinished tasks it submitted, which
+  the workers running them remember.
 
 Retries of user exceptions (``retry_exceptions``) happen inside the task, as
 on every backend; a worker that dies is Dask's to recover from (it reruns
@@ -30,12 +34,13 @@ from __future__ import annotations
 import operator
 import threading
 
-from ... import exceptions as exc
 from ...core import plugins
 from ...core.interfaces import Scheduler
+from ...core.scheduling import CANCELLED, RETRYING
+from ...core.tables import ActorState
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
-from .objects import key_of
-from .worker import ActorHost, actor_created, call_actor, run_task
+from .objects import wait_futures, key_of
+from .worker import ActorHost, actor_created, call_actor, cancel_children, note_child, run_task
 
 ACTOR_PREFIX = "beamlet-actor-"
 TASK_PREFIX = "beamlet-task-"
@@ -50,6 +55,22 @@ def _wanted_elsewhere(key: str, client_id: str, dask_scheduler=None) -> bool:
         return False
     return any(cs.client_key != client_id for cs in ts.who_wants) or \
         any(dep.state not in ("memory", "erred", "forgotten") for dep in ts.dependents)
+
+
+def _calls_pending(key: str, dask_scheduler=None) -> list:
+    """(Runs in the Dask scheduler.) The keys of the tasks still to end that
+    depend on `key` (an actor host's: the calls to it in flight)."""
+    ts = dask_scheduler.tasks.get(key)
+    if ts is None:
+        return []
+    return [dep.key for dep in ts.dependents
+            if dep.state not in ("memory", "erred", "forgotten", "released")]
+
+
+def _key_state(key: str, dask_scheduler=None) -> str | None:
+    """(Runs in the Dask scheduler.) The key's task's state, None if unknown."""
+    ts = dask_scheduler.tasks.get(key)
+    return None if ts is None else ts.state
 
 
 def _resources_in_use(dask_scheduler) -> dict:
@@ -73,6 +94,10 @@ class DaskScheduler(Scheduler):
         self._hosts: dict[bytes, object] = {}      # actor id -> Future of its ActorHost
         self._workers: dict | None = None          # address -> resources, cached
         self._tokens: dict[bytes, bytes] = {}      # creation ref id -> actor id, made here
+        self._inflight: dict[bytes, set] = {}      # actor id -> futures of calls from here
+        #: (Only while the driver's plugins observe attempts: job["task_events"].)
+        #: Task id -> its spec, for each task submitted here that has not ended.
+        self._observed: dict[bytes, TaskSpec] = {}
 
     # -- resources -------------------------------------------------------------------
     def _worker_resources(self, refresh: bool = False) -> dict:
@@ -123,7 +148,25 @@ class DaskScheduler(Scheduler):
             self._submit_actor(spec, deps)
         else:
             resources = self._resources(spec)
+            if self._backend.job.get("task_events") and self._backend._is_driver:
+                with self._lock:
+                    self._observed[spec.task_id] = spec
             self._submit(run_task, (self._backend.job, spec, deps), spec, resources)
+            if not self._backend._is_driver:
+                note_child(self._store, spec)
+
+    def task_event(self, message: bytes) -> None:
+        """(The driver's plugins observe attempts.) A worker reports the end of
+        an attempt of a task submitted here: tell them."""
+        task_hex, attempt, status, duration, pid = message.decode().split(",")
+        task_id = bytes.fromhex(task_hex)
+        with self._lock:
+            spec = self._observed.get(task_id) if status == RETRYING else \
+                self._observed.pop(task_id, None)
+        if spec is not None:
+            spec.attempt = int(attempt)
+            plugins.notify("beamlet_task_finished", spec=spec, status=status,
+                           duration=float(duration), pid=int(pid))
 
     def _submit(self, fn, args: tuple, spec: TaskSpec, resources: dict | None):
         """Submit ``fn(*args)``, its value stored under the spec's return ids."""
@@ -156,8 +199,8 @@ class DaskScheduler(Scheduler):
         # Recorded for the driver's shutdown, which ends the job's actors' names.
         self._backend.runtime.tables.note_job_actor(self._backend.job["job_id"], spec.actor_id,
                                                     detached)
-        token = self._client.submit(actor_created, host, key=key_of(spec.return_ids[0]),
-                                    pure=False)
+        token = self._client.submit(actor_created, host, spec.function_name,
+                                    key=key_of(spec.return_ids[0]), pure=False)
         self._store.adopt(spec.return_ids[0], token)
 
     def _host(self, actor_id: bytes):
@@ -174,8 +217,20 @@ class DaskScheduler(Scheduler):
             self._seq[spec.actor_id] = seq + 1
         futures = self._submit(call_actor, (self._backend.job, host, spec.caller_id, seq, spec,
                                             deps), spec, None)
-        futures[0].add_done_callback(
-            lambda fut: fut.status == "finished" or self._skip_later(spec, seq))
+        call = futures[0]
+        with self._lock:
+            self._inflight.setdefault(spec.actor_id, set()).add(call)
+        call.add_done_callback(lambda fut: self._call_ended(spec, seq, fut))
+
+    def _call_ended(self, spec: TaskSpec, seq: int, fut) -> None:
+        with self._lock:
+            calls = self._inflight.get(spec.actor_id)
+            if calls is not None:
+                calls.discard(fut)
+                if not calls:
+                    del self._inflight[spec.actor_id]
+        if fut.status != "finished":
+            self._skip_later(spec, seq)
 
     def _skip_later(self, spec: TaskSpec, seq: int) -> None:
         """A call that failed in Dask (cancelled, lost) never reaches its actor:
@@ -189,17 +244,62 @@ class DaskScheduler(Scheduler):
         threading.Thread(target=skip, name="beamlet-dask-skip", daemon=True).start()
 
     # -- control -----------------------------------------------------------------------
-    def cancel(self, object_id: bytes, force: bool = False) -> None:
+    def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True) -> None:
         """Dask cannot interrupt a running task: cancelling one (``force`` too)
-        makes its result the cancellation error, and its work runs on."""
-        self._store.cancel(object_id)
+        makes its result the cancellation error, and its work runs on.
+        `recursive`: so are the unfinished tasks it submitted, theirs, and so on
+        (each worker knows what its running tasks submitted; asked level by level)."""
+        cancelled = self._store.cancel(object_id)
+        if cancelled and self._observed:
+            with self._lock:
+                spec = next((s for s in self._observed.values()
+                             if object_id in s.return_ids), None)
+                if spec is not None:
+                    del self._observed[spec.task_id]
+            if spec is not None:  # (its attempt runs on, unreported: Dask cannot stop it)
+                plugins.notify("beamlet_task_finished", spec=spec, status=CANCELLED,
+                               duration=0.0, pid=0)
+        parents = [object_id]
+        while recursive and parents:
+            try:
+                found = self._client.run(cancel_children, parents,
+                                         callback_timeout=_HOST_TIMEOUT)
+            except Exception:  # noqa: BLE001 - a worker left meanwhile: what was found stands
+                return
+            parents = [child for children in found.values() for child in children]
 
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
         self.end_actor(actor_id, "it was killed by beamlet.kill()")
 
     def end_actor(self, actor_id: bytes, reason: str) -> None:
+        """End the actor: when this returns its record says DEAD (its name is
+        free) and, if its host exists, every call to it fails with
+        ActorDiedError, the running ones included. It never waits for the
+        actor's code, nor for a host still to be made (waiting for its arguments
+        or a free worker thread): that host finds the record when it starts and
+        never runs the constructor, and is stopped once it exists in case it
+        read the record first. Its calls wait for it to exist, then fail."""
         try:
-            proxy = self._host(actor_id).result(timeout=_HOST_TIMEOUT)
+            self._backend.runtime.tables.set_actor_state(actor_id, ActorState.DEAD, reason)
+        except Exception:  # noqa: BLE001 - the cluster (or this client) is going away
+            pass
+        try:
+            host = self._host(actor_id)
+            exists = host.done() or self._client.run_on_scheduler(
+                _key_state, host.key) in ("memory", "erred")
+        except Exception:  # noqa: BLE001 - the cluster is going away
+            return
+        if exists:
+            self._stop(host, reason)
+        else:
+            host.add_done_callback(lambda fut: threading.Thread(
+                target=self._stop, args=(fut, reason), name="beamlet-dask-kill",
+                daemon=True).start())
+
+    @staticmethod
+    def _stop(host, reason: str) -> None:
+        try:
+            proxy = host.result(timeout=_HOST_TIMEOUT)
             proxy.stop(reason).result(timeout=_HOST_TIMEOUT)
         except Exception:  # noqa: BLE001 - already gone with its worker
             pass
@@ -214,13 +314,36 @@ class DaskScheduler(Scheduler):
             return  # (a handle in a task's result: it lives until the job ends)
 
         def end_if_unreferenced():
+            # As in Ray, the calls in flight run first (their handle is gone,
+            # their refs may not be): the end waits for them, round by round.
+            client = self._client
             try:
-                wanted = self._client.run_on_scheduler(_wanted_elsewhere, key_of(object_id),
-                                                       self._client.id)
+                with self._lock:  # (the scheduler may not know of the latest ones yet)
+                    mine = list(self._inflight.get(actor_id, ()))
+                while mine:
+                    try:
+                        wait_futures(mine, _HOST_TIMEOUT, "ALL_COMPLETED")
+                    except TimeoutError:
+                        pass
+                    mine = [call for call in mine if not call.done()]
+                while True:
+                    if client.run_on_scheduler(_wanted_elsewhere, key_of(object_id), client.id):
+                        return
+                    pending = client.run_on_scheduler(_calls_pending,
+                                                      ACTOR_PREFIX + actor_id.hex())
+                    if not pending:
+                        break
+                    calls = [self._store.borrow_key(key) for key in pending]
+                    try:
+                        wait_futures(calls, _HOST_TIMEOUT, "ALL_COMPLETED")
+                    except TimeoutError:
+                        pass
+                    finally:
+                        for call in calls:
+                            call.release()
             except Exception:  # noqa: BLE001 - the cluster is going away
                 return
-            if not wanted:
-                self.end_actor(actor_id, "all handles to it went out of scope")
+            self.end_actor(actor_id, "all handles to it went out of scope")
 
         threading.Thread(target=end_if_unreferenced, name="beamlet-dask-actor-gc",
                          daemon=True).start()
