@@ -234,6 +234,27 @@ def test_es_reports_the_unperturbed_policys_returns():
         algo.stop()
 
 
+def test_es_unperturbed_episodes_do_not_change_training():
+    """Their start states come from their own stream and their observations stay
+    out of the filter: the weights after three iterations are the same with 1 or
+    5 of them per iteration (and the env steps differ by theirs)."""
+    thetas, steps = [], []
+    for k in (1, 5):
+        algo = (rl.ESConfig().environment("CartPole-v1")
+                .training(noise_size=50_000, episodes_per_batch=4, episodes_per_eval=k,
+                          observation_filter="MeanStdFilter", model={"fcnet_hiddens": []})
+                .debugging(seed=0).build())
+        try:
+            for _ in range(3):
+                result = algo.train()
+            thetas.append(algo.theta.copy())
+            steps.append(result["num_env_steps_sampled_lifetime"])
+        finally:
+            algo.stop()
+    assert np.array_equal(thetas[0], thetas[1])
+    assert steps[0] < steps[1]
+
+
 def test_binned_actions_map_scores_to_the_grid():
     one = BinnedActions(spaces.Box(-2.0, 2.0, (1,), np.float32), 5)
     assert one.width == 5

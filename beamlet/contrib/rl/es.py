@@ -11,6 +11,9 @@ of ``episodes_per_eval`` episodes per iteration of the unperturbed policy
 (``theta`` itself), run by the workers next to the perturbed ones, as RLlib's
 and OpenAI's ES report; the perturbed episodes' mean return is the learner stat
 ``perturbed_return_mean``. Both kinds of episode count in ``num_env_steps_sampled``.
+The unperturbed episodes draw their start states from a stream of their own and
+leave the observation filter alone, so training is the same whatever
+``episodes_per_eval`` is.
 With ``observation_filter="MeanStdFilter"`` the policy sees observations
 normalised by the running mean and standard deviation of every observation the
 workers have met (they send back the sums, the driver merges them and sends the
@@ -127,6 +130,10 @@ class ESWorker:
         self.noise = noise
         self.model = model_factory()
         self.rng = np.random.default_rng(_runner_seed(seed, worker_index))
+        # The unperturbed episodes' start states come from their own stream, so
+        # that reporting them does not change what is trained.
+        runner_seed = _runner_seed(seed, worker_index)
+        self.eval_rng = np.random.default_rng(None if runner_seed is None else [runner_seed, 1])
         self.dist_cls = distribution_class(self.env.action_space)
         self.max_steps = max_episode_steps
         self.binned = BinnedActions(self.env.action_space, action_bins) if action_bins else None
@@ -191,7 +198,7 @@ class ESWorker:
             pos.append(rp)
             neg.append(rn)
             lens.append((lp, ln))
-        evals = [self._episode(theta, int(self.rng.integers(2**31)), obs_norm, None)
+        evals = [self._episode(theta, int(self.eval_rng.integers(2**31)), obs_norm, None)
                  for _ in range(int(num_eval))]
         out = {"indices": np.asarray(indices, np.int64), "returns": np.asarray([pos, neg]).T,
                "lengths": np.asarray(lens, np.int64),
@@ -202,10 +209,13 @@ class ESWorker:
         return out
 
     def get_state(self) -> dict:
-        return {"rng": self.rng.bit_generator.state}
+        return {"rng": self.rng.bit_generator.state,
+                "eval_rng": self.eval_rng.bit_generator.state}
 
     def set_state(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
+        if "eval_rng" in state:   # checkpoints from before the unperturbed episodes
+            self.eval_rng.bit_generator.state = state["eval_rng"]
 
 
 class ESConfig(AlgorithmConfig):
