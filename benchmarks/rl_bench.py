@@ -2,7 +2,8 @@
 
 For each algorithm, trains its tuned example (beamlet/contrib/rl/tuned_examples/)
 with several seeds and prints, per seed, the env steps and wall time until the
-mean return of the last 20 training episodes reaches the target (475 on
+mean return of the last 20 training episodes (for ES: episodes of its unperturbed
+policy, ``episodes_per_eval`` per iteration) reaches the target (475 on
 CartPole-v1), then the sampling throughput (env steps/s) with 1 and 2 env
 runners. Optionally runs Stable-Baselines3's PPO with its zoo hyperparameters
 from another interpreter (``--sb3-python``; never a dependency of beamlet).
@@ -49,6 +50,7 @@ TARGETS = {
     "Pendulum-v1": (None, {"PPO": 300_000, "ES": 3_000_000}),
 }
 PENDULUM_GOALS = {"PPO": -250.0, "ES": -400.0}
+WINDOW = 20   # training episodes in the mean that must reach the goal
 
 
 def example(algo: str, env: str) -> dict:
@@ -68,14 +70,16 @@ def split_runners(item: str) -> tuple[str, int | None]:
 def run_to_target(algo: str, env: str, seed: int, goal: float, max_steps: int,
                   max_time: float, runners: int | None = None, eval_episodes: int = 0) -> dict:
     """Trains until the mean return of the last 20 training episodes reaches
-    `goal`; with `eval_episodes`, then also the final policy's own mean return
+    `goal` (not before 20 episodes have been reported: ES reports a few
+    episodes of its unperturbed policy per iteration, and a policy that scores
+    well from the start must do so over 20 of them); with `eval_episodes`, then also the final policy's own mean return
     (``evaluate()``: deterministic, no ES perturbation) over that many episodes."""
     spec = example(algo, env)
     cls = get_algorithm_class(algo)
     cfg = cls.config_class().update_from_dict(spec["config"]).environment(env)
     if runners is not None:
         cfg.env_runners(num_env_runners=runners)
-    cfg.debugging(seed=seed).reporting(metrics_num_episodes_for_smoothing=20)
+    cfg.debugging(seed=seed).reporting(metrics_num_episodes_for_smoothing=WINDOW)
     algo_obj = cls(cfg)
     start, cpu0 = time.time(), time.process_time()
     reached = None
@@ -84,7 +88,8 @@ def run_to_target(algo: str, env: str, seed: int, goal: float, max_steps: int,
         while True:
             result = algo_obj.train()
             steps = result["num_env_steps_sampled_lifetime"]
-            if result["episode_return_mean"] >= goal:
+            if (result["episode_return_mean"] >= goal
+                    and result["num_episodes_lifetime"] >= WINDOW):
                 reached = steps
                 break
             if steps >= max_steps or time.time() - start > max_time:

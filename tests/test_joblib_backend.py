@@ -10,7 +10,11 @@ import pytest
 
 import beamlet as ray
 
-joblib = pytest.importorskip("joblib")
+try:
+    import joblib
+except ImportError as err:  # a missing test dependency fails, saying what to install
+    pytest.fail(f"the joblib backend's tests need joblib ({err}): pip install -e '.[joblib]' "
+                f"(it is in the test extra too)", pytrace=False)
 
 from beamlet.util.joblib import BeamletBackend, register_beamlet  # noqa: E402
 

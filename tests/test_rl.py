@@ -11,7 +11,11 @@ import signal
 import numpy as np
 import pytest
 
-gym = pytest.importorskip("gymnasium")
+try:
+    import gymnasium as gym
+except ImportError as err:  # a missing test dependency fails, saying what to install
+    pytest.fail(f"beamlet.rl's tests need gymnasium ({err}): pip install -e '.[rl]' "
+                f"(it is in the test extra too)", pytrace=False)
 
 import beamlet  # noqa: E402
 from beamlet import rl  # noqa: E402
@@ -119,7 +123,11 @@ def test_es_workers_read_one_shared_noise_table(start):
         result = algo.train()
     finally:
         algo.stop()
+    # 4 unperturbed episodes (the default episodes_per_eval, 2 per worker) are the
+    # reported ones; the 4 perturbed ones are the learner's
     assert result["episodes_this_iter"] == 4 and result["learner"]["grad_gnorm"] > 0
+    assert result["learner"]["perturbed_episodes_this_iter"] == 4
+    assert result["learner"]["eval_episodes_this_iter"] == 4
 
 
 @pytest.mark.parametrize("name", ["PPO", "A2C", "ES"])

@@ -6,7 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("gymnasium")
+try:
+    from gymnasium import spaces
+except ImportError as err:  # a missing test dependency fails, saying what to install
+    pytest.fail(f"beamlet.rl's tests need gymnasium ({err}): pip install -e '.[rl]' "
+                f"(it is in the test extra too)", pytrace=False)
 
 from beamlet import rl  # noqa: E402
 from beamlet.contrib.rl.dqn import ReplayBuffer, n_step_transitions  # noqa: E402
@@ -142,7 +146,9 @@ def test_es_mean_std_filter_learns_the_stats_and_checkpoints_them(tmp_path):
                       observation_filter="MeanStdFilter").debugging(seed=0).build())
     try:
         result = algo.train()
-        assert algo.obs_stats.count == result["num_env_steps_sampled"]
+        # the perturbed episodes' observations; the unperturbed ones' are not counted
+        eval_steps = result["episode_len_mean"] * result["episodes_this_iter"]
+        assert algo.obs_stats.count == result["num_env_steps_sampled"] - eval_steps > 0
         restored = rl.Algorithm.from_checkpoint(algo.save(str(tmp_path)))
         try:
             assert restored.obs_stats.count == algo.obs_stats.count
@@ -162,7 +168,6 @@ class _OneStepTarget:
     observation), so the best policy outputs 1.5."""
 
     def __init__(self, config):
-        from gymnasium import spaces
         self.observation_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
         self.action_space = spaces.Box(-2.0, 2.0, (1,), np.float32)
 
@@ -198,8 +203,59 @@ def test_es_climbs_the_return_on_a_one_step_task():
         assert abs(last - 1.5) <= tol, (bins, first, last)
 
 
+def test_es_reports_the_unperturbed_policys_returns():
+    """On the one-step task (return ``-(a - 1.5) ** 2``, concave), every mirrored
+    pair around the policy scores below the policy itself, so the perturbed
+    returns and the policy's own differ in a known way: ``episode_return_mean``
+    is exactly the return of the policy the iteration started from (the driver's
+    own action for the constant observation), ``perturbed_return_mean`` is lower,
+    and the env steps count both kinds of episode."""
+    rl.register_env("es-one-step-target", _OneStepTarget)
+    algo = (rl.ESConfig().environment("es-one-step-target")
+            .training(noise_size=20_000, episodes_per_batch=10, episodes_per_eval=3,
+                      noise_stdev=0.5, stepsize=0.05, l2_coeff=0.0,
+                      model={"fcnet_hiddens": [], "pi_out_gain": 0.01})
+            .reporting(metrics_num_episodes_for_smoothing=3)   # this iteration's only
+            .debugging(seed=0).build())
+    try:
+        for _ in range(3):
+            action = float(algo.compute_single_action(np.ones(1, np.float32))[0])
+            result = algo.train()
+            own = -(action - 1.5) ** 2
+            assert result["episode_return_mean"] == pytest.approx(own, rel=1e-5, abs=1e-6)
+            assert result["episode_return_min"] == result["episode_return_max"]
+            assert result["learner"]["perturbed_return_mean"] < own - 1e-3
+            assert result["episode_len_mean"] == 1 and result["episodes_this_iter"] == 3
+            assert result["learner"]["perturbed_episodes_this_iter"] == 10
+            assert result["num_env_steps_sampled"] == 10 + 3
+        with pytest.raises(ValueError, match="episodes_per_eval must be an integer >= 1"):
+            rl.ESConfig().environment("CartPole-v1").training(episodes_per_eval=0).build()
+    finally:
+        algo.stop()
+
+
+def test_es_unperturbed_episodes_do_not_change_training():
+    """Their start states come from their own stream and their observations stay
+    out of the filter: the weights after three iterations are the same with 1 or
+    5 of them per iteration (and the env steps differ by theirs)."""
+    thetas, steps = [], []
+    for k in (1, 5):
+        algo = (rl.ESConfig().environment("CartPole-v1")
+                .training(noise_size=50_000, episodes_per_batch=4, episodes_per_eval=k,
+                          observation_filter="MeanStdFilter", model={"fcnet_hiddens": []})
+                .debugging(seed=0).build())
+        try:
+            for _ in range(3):
+                result = algo.train()
+            thetas.append(algo.theta.copy())
+            steps.append(result["num_env_steps_sampled_lifetime"])
+        finally:
+            algo.stop()
+    assert np.array_equal(thetas[0], thetas[1])
+    assert steps[0] < steps[1]
+
+
 def test_binned_actions_map_scores_to_the_grid():
-    from gymnasium import spaces
     one = BinnedActions(spaces.Box(-2.0, 2.0, (1,), np.float32), 5)
     assert one.width == 5
     scores = np.eye(5)[[0, 2, 4, 3]]
@@ -222,12 +278,13 @@ def test_binned_actions_map_scores_to_the_grid():
 def test_es_with_action_bins_acts_on_the_grid_and_checkpoints(tmp_path):
     algo = (rl.ESConfig().environment("Pendulum-v1")
             .env_runners(num_env_runners=1)
-            .training(noise_size=50_000, episodes_per_batch=2, action_bins=5,
+            .training(noise_size=50_000, episodes_per_batch=2, episodes_per_eval=1, action_bins=5,
                       observation_filter="MeanStdFilter", model={"fcnet_hiddens": [8]})
             .debugging(seed=0).build())
     try:
         result = algo.train()
-        assert result["num_env_steps_sampled"] == 400   # a mirrored pair of full episodes
+        # a mirrored pair of full episodes and one of the unperturbed policy
+        assert result["num_env_steps_sampled"] == 600
         assert algo.model.num_params() == 3 * 8 + 8 + 8 * 5 + 5   # no log-std
         obs = np.random.default_rng(0).uniform(-1, 1, size=(20, 3)).astype(np.float32)
         actions = [algo.compute_single_action(o) for o in obs]

@@ -6,6 +6,14 @@ A worker perturbs the flat policy weights by ``±noise_stdev * table[i:i+d]`` fo
 random offsets ``i`` (mirrored sampling), runs one episode with each, and sends
 back only the offsets and the returns; the driver rebuilds the noise from the
 same table, forms the gradient estimate with centred ranks, and takes an Adam step.
+The returns reported as ``episode_return_mean`` / ``episode_len_mean`` are those
+of ``episodes_per_eval`` episodes per iteration of the unperturbed policy
+(``theta`` itself), run by the workers next to the perturbed ones, as RLlib's
+and OpenAI's ES report; the perturbed episodes' mean return is the learner stat
+``perturbed_return_mean``. Both kinds of episode count in ``num_env_steps_sampled``.
+The unperturbed episodes draw their start states from a stream of their own and
+leave the observation filter alone, so training is the same whatever
+``episodes_per_eval`` is.
 With ``observation_filter="MeanStdFilter"`` the policy sees observations
 normalised by the running mean and standard deviation of every observation the
 workers have met (they send back the sums, the driver merges them and sends the
@@ -122,6 +130,10 @@ class ESWorker:
         self.noise = noise
         self.model = model_factory()
         self.rng = np.random.default_rng(_runner_seed(seed, worker_index))
+        # The unperturbed episodes' start states come from their own stream, so
+        # that reporting them does not change what is trained.
+        runner_seed = _runner_seed(seed, worker_index)
+        self.eval_rng = np.random.default_rng(None if runner_seed is None else [runner_seed, 1])
         self.dist_cls = distribution_class(self.env.action_space)
         self.max_steps = max_episode_steps
         self.binned = BinnedActions(self.env.action_space, action_bins) if action_bins else None
@@ -162,10 +174,13 @@ class ESWorker:
         return total, steps
 
     def do_rollouts(self, theta: np.ndarray, num_pairs: int, noise_stdev: float,
-                    obs_norm: tuple | None = None) -> dict:
-        """`num_pairs` mirrored pairs of episodes around `theta`. With `obs_norm`
-        ``(mean, std)`` the policy sees normalised observations, and the result
-        also holds ``obs_stats`` ``(count, sum, sum of squares)`` of the raw ones."""
+                    obs_norm: tuple | None = None, num_eval: int = 0) -> dict:
+        """`num_pairs` mirrored pairs of episodes around `theta`, then `num_eval`
+        episodes of `theta` itself (unperturbed; their ``eval_returns`` and
+        ``eval_lengths`` are in the result, and their observations are not in
+        ``obs_stats``). With `obs_norm` ``(mean, std)`` the policy sees normalised
+        observations, and the result also holds ``obs_stats`` ``(count, sum, sum
+        of squares)`` of the raw ones of the perturbed episodes."""
         dim = theta.size
         indices, pos, neg, lens = [], [], [], []
         stats = None
@@ -183,23 +198,32 @@ class ESWorker:
             pos.append(rp)
             neg.append(rn)
             lens.append((lp, ln))
+        evals = [self._episode(theta, int(self.eval_rng.integers(2**31)), obs_norm, None)
+                 for _ in range(int(num_eval))]
         out = {"indices": np.asarray(indices, np.int64), "returns": np.asarray([pos, neg]).T,
-               "lengths": np.asarray(lens, np.int64)}
+               "lengths": np.asarray(lens, np.int64),
+               "eval_returns": np.asarray([r for r, _ in evals], np.float64),
+               "eval_lengths": np.asarray([n for _, n in evals], np.int64)}
         if stats is not None:
             out["obs_stats"] = tuple(stats)
         return out
 
     def get_state(self) -> dict:
-        return {"rng": self.rng.bit_generator.state}
+        return {"rng": self.rng.bit_generator.state,
+                "eval_rng": self.eval_rng.bit_generator.state}
 
     def set_state(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
+        if "eval_rng" in state:   # checkpoints from before the unperturbed episodes
+            self.eval_rng.bit_generator.state = state["eval_rng"]
 
 
 class ESConfig(AlgorithmConfig):
     """ES's settings: ``noise_size`` (floats in the shared table),
     ``noise_stdev``, ``episodes_per_batch`` (perturbed episodes per iteration,
-    split over the workers in mirrored pairs), ``stepsize`` (Adam's learning
+    split over the workers in mirrored pairs), ``episodes_per_eval`` (episodes
+    of the unperturbed policy per iteration, split over the workers, at least
+    one each: the source of ``episode_return_mean``), ``stepsize`` (Adam's learning
     rate), ``l2_coeff`` (weight decay), ``max_episode_steps``,
     ``observation_filter`` ("NoFilter" or "MeanStdFilter"), ``action_bins``
     (None: a continuous Box action, clipped to the bounds; k >= 2: k grid values
@@ -210,6 +234,7 @@ class ESConfig(AlgorithmConfig):
         self.noise_size = 25_000_000
         self.noise_stdev = 0.02
         self.episodes_per_batch = 40
+        self.episodes_per_eval = 4
         self.stepsize = 0.02
         self.lr = 0.02
         self.l2_coeff = 0.005
@@ -242,6 +267,11 @@ class ES(Algorithm):
                                  seed=cfg.seed)
         self.theta = self.model.get_flat().astype(np.float64)
         self.optimizer = Adam([self.theta], lr=cfg.lr)
+        if (isinstance(cfg.episodes_per_eval, bool)
+                or not isinstance(cfg.episodes_per_eval, (int, np.integer))
+                or cfg.episodes_per_eval < 1):
+            raise ValueError(f"episodes_per_eval must be an integer >= 1, got "
+                             f"{cfg.episodes_per_eval!r}")
         if cfg.observation_filter not in FILTERS:
             raise ValueError(f"observation_filter must be one of {FILTERS}, got "
                              f"{cfg.observation_filter!r}")
@@ -266,18 +296,21 @@ class ES(Algorithm):
         cfg = self.config
         n_workers = max(1, len(self.workers))
         pairs = max(1, int(np.ceil(cfg.episodes_per_batch / 2 / n_workers)))
+        n_eval = int(np.ceil(cfg.episodes_per_eval / n_workers))
         theta = self.theta.astype(np.float32)
         arg = beamlet.put(theta) if self.workers.actors else theta
         norm = self.obs_stats.mean_std() if self.obs_stats is not None else None
-        results = self.workers.foreach("do_rollouts", arg, pairs, cfg.noise_stdev, norm)
+        results = self.workers.foreach("do_rollouts", arg, pairs, cfg.noise_stdev, norm, n_eval)
         if self.obs_stats is not None:
             for r in results:
                 self.obs_stats.add(*r["obs_stats"])
         indices = np.concatenate([r["indices"] for r in results])
         returns = np.concatenate([r["returns"] for r in results])
         lengths = np.concatenate([r["lengths"] for r in results])
-        self.record_episodes(list(zip(returns.ravel().tolist(), lengths.ravel().tolist())))
-        self.add_env_steps(int(lengths.sum()))
+        eval_returns = np.concatenate([r["eval_returns"] for r in results])
+        eval_lengths = np.concatenate([r["eval_lengths"] for r in results])
+        self.record_episodes(list(zip(eval_returns.tolist(), eval_lengths.tolist())))
+        self.add_env_steps(int(lengths.sum() + eval_lengths.sum()))
         ranks = centered_ranks(returns)
         weights = ranks[:, 0] - ranks[:, 1]
         dim = self.theta.size
@@ -288,8 +321,10 @@ class ES(Algorithm):
         gnorm = self.optimizer.step([-grad + cfg.l2_coeff * self.theta])
         self.model.set_flat(self.theta)
         return {"grad_gnorm": gnorm, "weights_norm": float(np.linalg.norm(self.theta)),
-                "episodes_this_iter": int(returns.size),
-                "perturbed_return_mean": float(returns.mean())}
+                "perturbed_episodes_this_iter": int(returns.size),
+                "perturbed_return_mean": float(returns.mean()),
+                "perturbed_len_mean": float(lengths.mean()),
+                "eval_episodes_this_iter": int(eval_returns.size)}
 
     def compute_actions(self, obs, explore):
         if self.obs_stats is not None:
