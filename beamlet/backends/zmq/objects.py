@@ -183,8 +183,9 @@ class BufferPool:
             if not self.closed and self.bytes + len(mm) <= self.capacity:
                 self._free.append(mm)
                 self.bytes += len(mm)
-                return
-        mm.close()
+        # Else not kept: it is unmapped as the dying view lets go of it, just
+        # after this finalizer (which runs while that view still exports it,
+        # so closing it here would raise BufferError).
 
     def close(self) -> None:
         with self._lock:
