@@ -1,7 +1,7 @@
 """CPU per no-op task on a cluster (driver + node daemons + their workers),
 for two or more checkouts of beamlet, in alternating runs.
 
-    python benchmarks/cluster_task_cpu.py --tree main=/work/main --tree spill=. --rounds 4
+    python benchmarks/cluster_task_cpu.py --tree main=../beamlet-main --tree mine=. --rounds 4
 
 Each run: a head and one node (`--cpus` CPUs each) started from that
 checkout, a driver that warms up, then submits `--tasks` no-op tasks at once
