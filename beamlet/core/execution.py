@@ -9,6 +9,7 @@ them. It decides nothing about scheduling; the caller stores the results.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import threading
@@ -151,10 +152,7 @@ class Executor:
                 actor = self.actors.get(spec.actor_id)
                 if actor is not None and actor.own_env:
                     return self._execute_plain(spec, actor)
-        token = task_context.set(TaskContext(spec.task_id, spec.actor_id, spec.display_name,
-                                             spec.resources, _placement(self, spec)))
-        saved = self._enter_env(spec)
-        try:
+        with self._task_scope(spec):
             try:
                 args, kwargs = self._resolve(spec)
                 result = self._call(spec, args, kwargs)
@@ -163,6 +161,16 @@ class Executor:
             if spec.generator is not None:
                 return self._stream(spec, result).run(block=self.runtime.backend.parallel)
             return self._results(spec, result)
+
+    @contextlib.contextmanager
+    def _task_scope(self, spec: TaskSpec, env: bool = True):
+        """Run the body as `spec`: its task context (get_runtime_context) and,
+        with `env`, its runtime_env's variables set, and put back after."""
+        token = task_context.set(TaskContext(spec.task_id, spec.actor_id, spec.display_name,
+                                             spec.resources, _placement(self, spec)))
+        saved = self._enter_env(spec) if env else None
+        try:
+            yield
         finally:
             if saved is not None:
                 _restore_env(saved)
@@ -244,10 +252,7 @@ class Executor:
         after each item it stores (``Backend.put_stream_item``), then the
         call's ExecutionResult. The spec's backpressure limit is not applied
         here: the engine stops asking for the next step instead."""
-        token = task_context.set(TaskContext(spec.task_id, spec.actor_id, spec.display_name,
-                                             spec.resources, _placement(self, spec)))
-        saved = self._enter_env(spec)
-        try:
+        with self._task_scope(spec):
             try:
                 args, kwargs = self._resolve(spec)
                 result = self._call(spec, args, kwargs)
@@ -266,17 +271,11 @@ class Executor:
                     return
                 yield None
             yield stream.finish()
-        finally:
-            if saved is not None:
-                _restore_env(saved)
-            task_context.reset(token)
 
     async def execute_async_stream(self, spec: TaskSpec):
         """`execute_stream` of an async actor's generator method, on the running
         event loop (an async generator: an async method's items are awaited)."""
-        token = task_context.set(TaskContext(spec.task_id, spec.actor_id, spec.display_name,
-                                             spec.resources, _placement(self, spec)))
-        try:
+        with self._task_scope(spec, env=False):
             try:
                 result = await self._call_async(spec)
             except BaseException as err:  # noqa: BLE001
@@ -303,8 +302,6 @@ class Executor:
                     return
                 yield None
             yield stream.finish()
-        finally:
-            task_context.reset(token)
 
     def _stream(self, spec: TaskSpec, result: Any) -> "Stream":
         """The Stream that runs what a generator call returned: a generator, an
@@ -368,9 +365,7 @@ class Executor:
     async def execute_async(self, spec: TaskSpec) -> ExecutionResult:
         """Run an async actor's method call on the running event loop: awaits the
         method, so many calls can be in flight on one loop."""
-        token = task_context.set(TaskContext(spec.task_id, spec.actor_id, spec.display_name,
-                                             spec.resources, _placement(self, spec)))
-        try:
+        with self._task_scope(spec, env=False):
             try:
                 result = await self._call_async(spec)
             except BaseException as err:  # noqa: BLE001
@@ -378,8 +373,6 @@ class Executor:
             if spec.generator is not None:
                 return await _run_async(self, spec, result)
             return self._results(spec, result)
-        finally:
-            task_context.reset(token)
 
     def _handle(self, spec: TaskSpec, err: BaseException) -> ExecutionResult:
         if isinstance(err, _ArgumentFailed):

@@ -347,6 +347,13 @@ class _Sealer:
         return self.seal(pieces, _PARTS)
 
 
+def _unauthentic(seq: int) -> ProtocolError:
+    """The error for sealed message `seq` that fails authentication."""
+    return ProtocolError(f"message {seq} does not authenticate with this connection's key "
+                         f"(forged, altered, cut, reordered or replayed): nothing of it was "
+                         f"unpickled")
+
+
 def _decoded(message, decode):
     """`message` passed through the transport's codec's `decode` (if any);
     ProtocolError if it is not one of the protocol's messages."""
@@ -397,9 +404,7 @@ class _Opener:
                     plain = bytearray(self._aead.decrypt(_NONCE.pack(seq, i), view, count))
                 out.append(plain)
         except InvalidTag:
-            raise ProtocolError(f"message {seq} does not authenticate with this connection's "
-                                f"key (forged, altered, cut, reordered or replayed): nothing "
-                                f"of it was unpickled") from None
+            raise _unauthentic(seq) from None
         self._seq = seq + 1
         return out
 
@@ -433,9 +438,7 @@ class _Opener:
             plain = bytearray(size)
             self._into(_NONCE.pack(seq, 0), view, _ONE_FRAME, plain)
         except InvalidTag:
-            raise ProtocolError(f"message {seq} does not authenticate with this connection's "
-                                f"key (forged, altered, cut, reordered or replayed): nothing "
-                                f"of it was unpickled") from None
+            raise _unauthentic(seq) from None
         self._seq = seq + 1
         return plain
 
@@ -481,9 +484,7 @@ class _Opener:
                 out.append(plain)
                 i += 1
         except InvalidTag:
-            raise ProtocolError(f"message {seq} does not authenticate with this connection's "
-                                f"key (forged, altered, cut, reordered or replayed): nothing "
-                                f"of it was unpickled") from None
+            raise _unauthentic(seq) from None
         if not out:
             raise ProtocolError("an empty split message")
         self._seq = seq + 1
