@@ -42,6 +42,9 @@ class ResourcePool:
         # units it reserved}, {device: units free of those}] (only groups with GPUs).
         self._group_gpus: dict[str, list] = {}
         self._bundles: dict[str, list] = {}  # key -> its bundles, as asked
+        #: Bundles added to a reserved group, not reserved yet (`add_group`):
+        #: key -> [what they take, their resource names, their bundles].
+        self._more: dict[str, list] = {}
 
     def total(self) -> dict[str, float]:
         return {k: v / _UNIT for k, v in self._total.items()}
@@ -201,7 +204,9 @@ class ResourcePool:
         not reserved yet: ValueError if its bundles together could never fit
         this node (every bundle lands on this one machine). `hosted`: the
         indices of the bundles this node holds (a cluster places the others
-        on other nodes); None: all."""
+        on other nodes); None: all. Adding bundles of a group this node holds
+        some of already (a cluster placing again those lost with another
+        node) reserves them on their own, then merges them into the group."""
         if hosted is not None:
             bundles = [b if i in hosted else {} for i, b in enumerate(bundles)]
         need: dict[str, float] = {}
@@ -220,9 +225,29 @@ class ResourcePool:
             names[group_resource("bundle", key, i)] = _units(BUNDLE_CAPACITY)
         names[group_resource("bundle", key)] = _units(BUNDLE_CAPACITY) * (
             len(bundles) if hosted is None else len(hosted))
-        self._groups[key] = [{n: _units(a) for n, a in need.items()}, names, False]
-        self._bundles[key] = [dict(b) for b in bundles]
-        self._group_names.update(names)
+        part = [{n: _units(a) for n, a in need.items()}, names, bundles]
+        _add_units(self._group_names, names)
+        entry = self._groups.get(key)
+        if entry is None:
+            self._groups[key] = [part[0], names, False]
+            self._bundles[key] = [dict(b) for b in bundles]
+        elif not entry[2]:  # (none reserved yet: all are, together)
+            self._merge_part(key, part)
+        else:
+            more = self._more.get(key)
+            if more is None:
+                self._more[key] = part
+            else:
+                _add_units(more[0], part[0])
+                _add_units(more[1], names)
+                more[2] = [b or more[2][i] for i, b in enumerate(bundles)]
+
+    def _merge_part(self, key: str, part: list) -> None:
+        """Count bundles added to group `key` (`add_group`) as its own."""
+        entry = self._groups[key]
+        _add_units(entry[0], part[0])
+        _add_units(entry[1], part[1])
+        self._bundles[key] = [b or self._bundles[key][i] for i, b in enumerate(part[2])]
 
     def reserve_group(self, key: str) -> bool:
         """Reserve the bundles of group `key` from what is free, all or none:
@@ -233,20 +258,32 @@ class ResourcePool:
             return False
         need, names, reserved = entry
         if reserved:
-            return True
+            more = self._more.get(key)
+            if more is None:
+                return True
+            need, names, bundles = more
+        else:
+            bundles = self._bundles[key]
         free = self._free
         if any(free.get(name, 0) < units for name, units in need.items()):
             return False
-        devices = self._reserve_group_gpus(self._bundles[key])
+        devices = self._reserve_group_gpus(bundles)
         if devices is None:
             return False
         if devices:
-            self._group_gpus[key] = devices
+            held = self._group_gpus.get(key)
+            if held is None:
+                self._group_gpus[key] = devices
+            else:  # (added bundles: theirs by index, the others' as they were)
+                self._group_gpus[key] = [new if new[0] else old
+                                         for new, old in zip(devices, held)]
         for name, units in need.items():
             free[name] -= units
         for name, units in names.items():
-            self._total[name] = units
-            free[name] = units
+            self._total[name] = self._total.get(name, 0) + units if reserved else units
+            free[name] = free.get(name, 0) + units if reserved else units
+        if reserved:
+            self._merge_part(key, self._more.pop(key))
         entry[2] = True
         return True
 
@@ -258,6 +295,10 @@ class ResourcePool:
             return
         need, names, reserved = entry
         self._bundles.pop(key, None)
+        more = self._more.pop(key, None)
+        if more is not None:
+            for name in more[1]:
+                self._group_names.pop(name, None)
         for bundle in self._group_gpus.pop(key, ()):
             for device, units in bundle[0].items():
                 self._gpu_free[device] += units
@@ -336,13 +377,19 @@ class ResourcePool:
 
     def pending_groups(self) -> list[str]:
         """The keys of the groups not reserved yet, oldest first."""
-        return [key for key, entry in self._groups.items() if not entry[2]]
+        return [key for key, entry in self._groups.items()
+                if not entry[2] or key in self._more]
 
 
 #: What each bundle has of the ``bundle`` resource every task in it takes a
 #: sliver of (as in Ray), so tasks asking for nothing are still tied to it.
 BUNDLE_CAPACITY = 1000.0
 BUNDLE_SHARE = 0.001
+
+
+def _add_units(into: dict, more: dict) -> None:
+    for name, units in more.items():
+        into[name] = into.get(name, 0) + units
 
 
 def group_resource(name: str, key: str, index: int | None = None) -> str:

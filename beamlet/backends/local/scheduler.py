@@ -288,6 +288,7 @@ class LocalScheduler(Scheduler):
         self.launch_error: BaseException | None = None  # why no worker can be started any more
         self._groups: dict[str, object] = {}  # placement group key -> its PlacementGroupInfo
         self._groups_pending = False  # whether some group waits to be reserved
+        self._hosted_groups: set[str] = set()  # those a cluster's driver placed some bundles of
         #: A node that runs the tasks of several jobs (a cluster node's drivers)
         #: sets this: spec -> its job. A worker runs the tasks of one job only
         #: (it keeps the job's settings it started with): it is started for the
@@ -1028,10 +1029,15 @@ class LocalScheduler(Scheduler):
 
     # -- placement groups -------------------------------------------------------
     def create_placement_group(self, info, hosted: list[int] | None = None) -> None:
-        """(`hosted`: on a cluster node, the indices of the bundles it holds.)"""
+        """(`hosted`: on a cluster node, the indices of the bundles it holds;
+        more of a group it holds some of: the bundles the driver placed here
+        again, lost with another node. Their driver keeps the group's state in
+        the tables; this node answers under `info`'s ready id, the latest.)"""
         with self.lock:
             self.pool.add_group(info.pg_id.hex(), list(info.bundles), hosted)
             self._groups[info.pg_id.hex()] = info
+            if hosted is not None:
+                self._hosted_groups.add(info.pg_id.hex())
             self._groups_pending = True
             self._dispatch()
 
@@ -1043,7 +1049,8 @@ class LocalScheduler(Scheduler):
             if self.pool.reserve_group(key):
                 pending.remove(key)
                 info = self._groups[key]
-                self.tables.set_placement_group_state(info.pg_id, "CREATED")
+                if key not in self._hosted_groups:
+                    self.tables.set_placement_group_state(info.pg_id, "CREATED")
                 self.store.put(info.ready_id, ready_value(info))
         self._groups_pending = bool(pending)
 
@@ -1053,6 +1060,7 @@ class LocalScheduler(Scheduler):
             info = self._groups.pop(key, None)
             if info is None:
                 return
+            self._hosted_groups.discard(key)
             pending = key in self.pool.pending_groups()
             error = exc.TaskPlacementGroupRemoved(f"the placement group {key} the task was "
                                                   f"scheduled in was removed")

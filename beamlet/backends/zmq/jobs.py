@@ -555,16 +555,20 @@ class DriverOwner:
 
     def _create_group(self, link: DriverLink, info, hosted) -> None:
         """Reserve the bundles of a driver's placement group placed here; tell
-        it (a result under the node's ready id) once they are."""
-        if not isinstance(hosted, list) or not hosted or info.pg_id in link.groups:
+        it (a result under the node's ready id) once they are. Again for a
+        group with bundles here: more of its bundles (placed again after
+        another node died), answered under the new ready id."""
+        if not isinstance(hosted, list) or not hosted:
             return
         store = self.node.object_store
         store.on_ready(info.ready_id, lambda object_id: self._send_result(link, object_id))
+        more = info.pg_id in link.groups
         link.groups.add(info.pg_id)
         try:
             self.node.scheduler.create_placement_group(info, hosted)
         except ValueError as err:  # (the driver saw it fit: the node disagrees)
-            link.groups.discard(info.pg_id)
+            if not more:
+                link.groups.discard(info.pg_id)
             store.put(info.ready_id, serialize(err, is_error=True))
 
     def _store(self, objects) -> None:
