@@ -650,12 +650,14 @@ sys.stdin.readline()  # (holds the member's CPU until the test is done)
 """
 
 
-def test_a_group_whose_node_dies_before_it_is_ready_says_so(cluster, driver, tmp_path):
+def test_a_group_whose_node_dies_before_it_is_ready_waits_for_a_node_that_fits(
+        cluster, driver, tmp_path):
     """Another driver's actor holds the member's CPU, which this driver does
-    not see: the bundle it reserves there waits on the member; when the member
-    dies, the group's ready ref raises NodeDiedError (no get waits for ever),
-    and calls in the dead node's bundle cannot be placed."""
-    from beamlet.util import placement_group
+    not see: the bundle it reserves there waits on the member. When the member
+    dies, the group waits (PENDING, its ready ref unresolved, a call in its
+    bundle queued) for a node that can hold the bundle; one joins: the bundle
+    is reserved there and the call runs there."""
+    from beamlet.util import placement_group, placement_group_table
     head = cluster.start_head()
     member = cluster.join(head, "--resources", '{"far": 1}')
     address = _node_lines(cluster.status())[member].split()[2]
@@ -670,13 +672,114 @@ def test_a_group_whose_node_dies_before_it_is_ready_says_so(cluster, driver, tmp
         pg = placement_group([{"CPU": 1, "far": 1}])
         assert not pg.wait(0.5)  # (reserved by this driver; the member has no room yet)
         os.kill(cluster.pid_of(address), signal.SIGKILL)
-        with pytest.raises(exc.NodeDiedError, match=member):
-            beamlet.get(pg.ready(), timeout=GET_TIMEOUT)
-        with pytest.raises(ValueError, match="no alive node"):
-            where.options(scheduling_strategy=in_bundle(pg, 0)).remote()
+        assert procs.wait_until(lambda: member not in {
+            n["NodeID"] for n in beamlet.nodes() if n["Alive"]}, 30, interval=0.1)
+        assert not pg.wait(0.5)
+        assert placement_group_table(pg)["state"] == "PENDING"
+        call = where.options(scheduling_strategy=in_bundle(pg, 0)).remote()
+        newcomer = cluster.join(head, "--resources", '{"far": 1}')
+        assert beamlet.get(pg.ready(), timeout=GET_TIMEOUT) == pg
+        assert placement_group_table(pg)["state"] == "CREATED"
+        assert beamlet.get(call, timeout=GET_TIMEOUT) == newcomer
     finally:
         hog.communicate("\n", timeout=TIMEOUT)
 
+
+@beamlet.remote(max_retries=2)
+def node_once(go: str):
+    """Runs until the file `go` exists (or a minute passes); its node's id."""
+    deadline = time.monotonic() + GET_TIMEOUT
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return beamlet.get_runtime_context().get_node_id()
+
+
+def test_bundles_lost_with_their_node_are_placed_again_when_a_node_fits(
+        cluster, driver, tmp_path):
+    """A node holding a bundle of a STRICT_SPREAD group is SIGKILLed: the group
+    is RESCHEDULING (as in Ray), its ready ref unresolved, and, no alive node
+    without a bundle of it having room, it waits; the actor of the other
+    bundle lives on. A node that fits joins: the lost bundle is reserved
+    there, the group is CREATED again, the task that was running in the bundle
+    runs again there (max_retries), and so do what was queued for the bundle
+    meanwhile and its actor (max_restarts), fresh."""
+    from beamlet.util import placement_group, placement_group_table
+    head = cluster.start_head()
+    members = [cluster.join(head, "--resources", '{"member": 1}') for _ in range(2)]
+    driver(head)
+    pg = placement_group([{"CPU": 1, "member": 1}] * 2, strategy="STRICT_SPREAD")
+    assert beamlet.get(pg.ready(), timeout=GET_TIMEOUT) == pg
+    assert placement_group_table(pg)["state"] == "CREATED"
+    homes = beamlet.get([where.options(scheduling_strategy=in_bundle(pg, i)).remote()
+                         for i in range(2)], timeout=GET_TIMEOUT)
+    assert sorted(homes) == sorted(members)
+    actors = [Where.options(num_cpus=0, max_restarts=1,
+                            scheduling_strategy=in_bundle(pg, i)).remote() for i in range(2)]
+    assert beamlet.get([a.node.remote() for a in actors], timeout=GET_TIMEOUT) == \
+        [(homes[0], 1), (homes[1], 1)]
+    go = tmp_path / "go"
+    running = node_once.options(scheduling_strategy=in_bundle(pg, 1)).remote(str(go))
+    address = _node_lines(cluster.status())[homes[1]].split()[2]
+    os.kill(cluster.pid_of(address), signal.SIGKILL)
+    assert procs.wait_until(lambda: placement_group_table(pg)["state"] == "RESCHEDULING",
+                            30, interval=0.1), placement_group_table(pg)
+    assert not pg.wait(0.5)  # (the head has no "member": it cannot hold the bundle)
+    queued = where.options(scheduling_strategy=in_bundle(pg, 1)).remote()
+    call = actors[1].node.remote()
+    assert beamlet.wait([running, queued, call], timeout=0.5)[0] == []
+    assert beamlet.get(actors[0].node.remote(), timeout=GET_TIMEOUT) == (homes[0], 2)
+    newcomer = cluster.join(head, "--resources", '{"member": 1}')
+    assert beamlet.get(pg.ready(), timeout=GET_TIMEOUT) == pg
+    assert placement_group_table(pg)["state"] == "CREATED"
+    go.touch()
+    assert beamlet.get([running, queued], timeout=GET_TIMEOUT) == [newcomer] * 2
+    assert beamlet.get(call, timeout=GET_TIMEOUT) == (newcomer, 1)
+    assert beamlet.get(where.options(scheduling_strategy=in_bundle(pg, 0)).remote(),
+                       timeout=GET_TIMEOUT) == homes[0]
+
+
+def test_lost_bundles_join_the_group_on_a_node_that_holds_some(cluster, driver):
+    """A SPREAD group has a bundle on each node; the member dies: its bundle is
+    reserved on the head beside the other one (the head adds it to the group
+    it holds), and bundle 1's calls run there. A STRICT_PACK group wholly on
+    the member moves whole: it waits (RESCHEDULING) until the head has room
+    for all its bundles, then both are reserved there."""
+    from beamlet.util import placement_group, placement_group_table, remove_placement_group
+    head = cluster.start_head("--num-cpus", "2")
+    member = cluster.join(head, "--num-cpus", "3")
+    address = _node_lines(cluster.status())[member].split()[2]
+    driver(head)
+    spread = placement_group([{"CPU": 1}] * 2, strategy="SPREAD")
+    assert beamlet.get(spread.ready(), timeout=GET_TIMEOUT) == spread
+    homes = beamlet.get([where.options(scheduling_strategy=in_bundle(spread, i)).remote()
+                         for i in range(2)], timeout=GET_TIMEOUT)
+    assert sorted(homes) == sorted([head["node_id"], member])
+    lost = homes.index(member)
+    packed = placement_group([{"CPU": 1}] * 2, strategy="STRICT_PACK")
+    assert beamlet.get(packed.ready(), timeout=GET_TIMEOUT) == packed
+    assert beamlet.get(where.options(scheduling_strategy=in_bundle(packed, 0)).remote(),
+                       timeout=GET_TIMEOUT) == member  # (the head has one CPU left)
+    os.kill(cluster.pid_of(address), signal.SIGKILL)
+    assert beamlet.get(where.options(scheduling_strategy=in_bundle(spread, lost)).remote(),
+                       timeout=GET_TIMEOUT) == head["node_id"]
+    assert beamlet.get(spread.ready(), timeout=GET_TIMEOUT) == spread
+    assert placement_group_table(spread)["state"] == "CREATED"
+    assert beamlet.get([where.options(scheduling_strategy=in_bundle(spread)).remote()
+                        for _ in range(2)], timeout=GET_TIMEOUT) == [head["node_id"]] * 2
+    assert placement_group_table(packed)["state"] == "RESCHEDULING"
+    assert not packed.wait(0.5)  # (the head's two CPUs are in `spread`)
+    moved = [where.options(scheduling_strategy=in_bundle(packed, i)).remote() for i in range(2)]
+    remove_placement_group(spread)
+    assert beamlet.get(packed.ready(), timeout=GET_TIMEOUT) == packed
+    assert placement_group_table(packed)["state"] == "CREATED"
+    assert beamlet.get(moved, timeout=GET_TIMEOUT) == [head["node_id"]] * 2
+    remove_placement_group(packed)
+
+    def given_back():  # (the head's share of both groups, the one added too)
+        line = _node_lines(cluster.status())[head["node_id"]]
+        return "CPU 2.0/2.0" in line and "_group_" not in line
+
+    assert procs.wait_until(given_back, 30, interval=0.5), cluster.status()
 
 @beamlet.remote(resources={"producer": 1}, _generator_backpressure_num_objects=4)
 def produce_far(n):
@@ -773,6 +876,59 @@ def test_held_tasks_go_to_a_node_whose_task_waits_for_them(cluster, driver, monk
     queue.put(producers)
     assert beamlet.get(consumer, timeout=GET_TIMEOUT) == 6
     assert beamlet.get(producers, timeout=GET_TIMEOUT) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("locality_wait", ["3600", "0.2"])
+def test_a_held_task_goes_to_the_node_with_its_large_argument(cluster, driver, monkeypatch,
+                                                              tmp_path, locality_wait):
+    # Spillback and locality: both nodes are busy (their windows are 0), so the
+    # driver holds the two tasks submitted next: `near`, whose 50 MB argument
+    # is on node b, and `other`. Node a frees first: `other` goes there, while
+    # `near` waits for b (for BEAMLET_LOCALITY_WAIT). Waiting an hour, it runs
+    # on b once b frees; waiting 0.2 s, it does not starve while b stays busy:
+    # a, which is free, runs it. (The stall rule is out of the way: an hour.)
+    monkeypatch.setenv("BEAMLET_SPILLBACK_HOLD_MAX", "3600")
+    monkeypatch.setenv("BEAMLET_LOCALITY_WAIT", locality_wait)
+    head = cluster.start_head("--num-cpus", "0")
+    a = cluster.join(head, "--resources", '{"a": 1}')
+    b = cluster.join(head, "--resources", '{"b": 1}')
+    driver(head)
+    array = make_array.options(resources={"b": 1}).remote(50)
+    assert beamlet.wait([array], timeout=GET_TIMEOUT)[0] == [array]  # (made; kept on b)
+    scheduler = runtime.current().backend.scheduler
+
+    def paced_out():  # (b's pace is forgotten: no node's window has room)
+        with scheduler.lock:
+            now = time.monotonic()
+            return all(node.window(now) == 0 for node in scheduler.nodes)
+
+    assert procs.wait_until(paced_out, 30, interval=0.05)
+    go_a, go_b = tmp_path / "a", tmp_path / "b"
+    busy_a = long_task.options(resources={"a": 1}).remote(str(go_a))
+    busy_b = long_task.options(resources={"b": 1}).remote(str(go_b))
+    near = checksum.options(resources={}).remote(array)
+    other = short_task.remote()
+    assert len(scheduler.held_tasks) == 2, "the driver did not hold them (the test's premise)"
+    try:
+        go_a.touch()
+        assert beamlet.get([busy_a, other], timeout=GET_TIMEOUT) == [a, a]
+        if locality_wait == "0.2":
+            assert beamlet.get(near, timeout=GET_TIMEOUT)[0] == a
+            assert beamlet.wait([busy_b], timeout=0)[0] == []
+        else:
+            assert beamlet.wait([near], timeout=0.5)[0] == []
+    finally:
+        go_b.touch()
+    assert beamlet.get(busy_b, timeout=GET_TIMEOUT) == b
+    node, total, nbytes = beamlet.get(near, timeout=GET_TIMEOUT)
+    assert (node, nbytes) == (b if locality_wait == "3600" else a, 50 << 20)
+
+
+def test_a_bad_locality_wait_is_refused_at_init(cluster, driver, monkeypatch):
+    head = cluster.start_head()
+    monkeypatch.setenv("BEAMLET_LOCALITY_WAIT", "-1")
+    with pytest.raises(ValueError, match="BEAMLET_LOCALITY_WAIT"):
+        driver(head)
 
 
 def test_a_bad_spillback_hold_max_is_refused_at_init(cluster, driver, monkeypatch):

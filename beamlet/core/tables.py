@@ -107,7 +107,9 @@ class NodeInfo:
 @dataclasses.dataclass(frozen=True)
 class PlacementGroupInfo:
     """One row of the placement_groups table. ``state`` is PENDING (waiting for
-    its bundles to fit), CREATED (reserved) or REMOVED (final)."""
+    its bundles to fit), CREATED (reserved), RESCHEDULING (created, then some
+    bundles were lost with their node: they wait to be placed again) or
+    REMOVED (final)."""
 
     pg_id: bytes
     name: str | None

@@ -110,7 +110,8 @@ def get_placement_group(placement_group_name: str) -> PlacementGroup:
 def placement_group_table(placement_group: PlacementGroup | None = None) -> dict:
     """What the control store knows of a group (or of every group, by id):
     ``placement_group_id``, ``name``, ``bundles`` (index -> dict),
-    ``strategy``, ``state`` (PENDING, CREATED or REMOVED)."""
+    ``strategy``, ``state`` (PENDING, CREATED, REMOVED, or, on a cluster,
+    RESCHEDULING: bundles lost with a dead node wait to be placed again)."""
     tables = _runtime.current().tables
     if placement_group is not None:
         info = tables.placement_group(placement_group.id)

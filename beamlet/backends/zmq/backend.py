@@ -38,11 +38,19 @@ cannot see (a task polling in a loop), a held task waits at most
 `HOLD_MAX` seconds (``BEAMLET_SPILLBACK_HOLD_MAX``) while no node it fits
 finishes anything; then the oldest goes to the least loaded, one per
 `HOLD_MAX`: tasks that wait for each other that way are slowed, never
-stuck. When a node's connection drops, its tasks are retried elsewhere (per
-``max_retries``) or fail, and its actors' calls fail with ``ActorDiedError``:
-no ``get`` waits on a dead node. A ``NodeAffinitySchedulingStrategy`` pins a call to its node (soft: while
-that node is alive and fits it). Nodes that join after ``init`` are found in
-the nodes table (every `NODES_POLL` seconds) and get work too. The nodes
+stuck. A held task whose large arguments are on a node waits for that node
+(it goes there as soon as that node can take it) for `LOCALITY_WAIT`
+seconds at most (``BEAMLET_LOCALITY_WAIT``), then goes to whichever node
+can take it; the others held go on meanwhile. When a node's connection
+drops, its tasks are retried elsewhere (per ``max_retries``) or fail, and
+its actors' calls fail with ``ActorDiedError``: no ``get`` waits on a dead
+node. The bundles of placement groups it held are placed again on the
+alive nodes as each group's strategy says (the group is RESCHEDULING
+meanwhile, waiting for room or for a node that fits to join), and what ran
+or waited in them runs there (per ``max_retries`` and ``max_restarts``). A
+``NodeAffinitySchedulingStrategy`` pins a call to its node (soft: while that
+node is alive and fits it). Nodes that join after ``init`` are found in the
+nodes table (every `NODES_POLL` seconds) and get work too. The nodes
 report what their schedulers tell observers, so the driver's plugins hear
 of every attempt's end and actor state as on the local backend (see
 ``jobs.py``).
@@ -89,6 +97,10 @@ WINDOW_PERIOD = 0.25
 #: finishes anything, before it is sent anyway (see the module's docstring);
 #: the environment's ``BEAMLET_SPILLBACK_HOLD_MAX`` overrides it.
 HOLD_MAX = 2.0
+#: Spillback and locality: seconds a held task whose large arguments are on a
+#: node waits for that node to take it, before any node may (see `_hold`);
+#: the environment's ``BEAMLET_LOCALITY_WAIT`` overrides it.
+LOCALITY_WAIT = 0.5
 #: Bytes of freed pull buffers a driver keeps for its next pulls (see BufferPool).
 PULL_BUFFERS_KEPT = 256 << 20
 
@@ -259,10 +271,11 @@ class ClusterObjectStore(MemoryObjectStore):
 
 class _Group:
     """A placement group as the driver sees it: its bundles, the node each is
-    reserved on (empty while it waits for room), and what waits for it."""
+    reserved on (none while it waits for room; some while those lost with a
+    dead node wait to be placed again), and what waits for it."""
 
-    __slots__ = ("info", "key", "placed", "capacity", "waiting", "node_ready", "waiter",
-                 "ready")
+    __slots__ = ("info", "key", "placed", "capacity", "waiting", "node_ready", "issued",
+                 "shares", "waiter", "ready", "created")
 
     def __init__(self, info):
         self.info = info
@@ -277,9 +290,18 @@ class _Group:
                 wide = group_resource(name, self.key)
                 self.capacity[wide] = self.capacity.get(wide, 0) + amount
         self.waiting: list[TaskSpec] = []  # submitted while it waits for room, in order
-        self.node_ready: list[bytes] = []  # each node's ready id (see _reserve_group)
+        #: The ready id each node answers under that did not answer yet (see
+        #: _reserve_group), and every ready id given out since it was last ready.
+        self.node_ready: dict[bytes, NodeLink] = {}
+        self.issued: list[bytes] = []
+        self.shares = 0  # shares sent to nodes ever (each answers under an id of its own)
         self.waiter = None
         self.ready = False  # its ready value is stored
+        self.created = False  # it was ready once (lost bundles: RESCHEDULING, not PENDING)
+
+    def complete(self) -> bool:
+        """Whether every bundle is reserved on a node."""
+        return len(self.placed) == len(self.info.bundles)
 
     def resources_on(self, node: NodeLink) -> dict[str, float]:
         """The group's resource names `node` holds (its bundles there)."""
@@ -293,11 +315,16 @@ class _Group:
         return out
 
 
-def _assign(bundles, strategy: str, free: dict) -> dict[int, "NodeLink"] | None:
-    """Which node each bundle goes to, as `strategy` says (Ray's meaning:
-    STRICT_PACK all on one node; PACK on as few as can hold them; STRICT_SPREAD
-    each on a node of its own; SPREAD on as many as can), given `free`
-    ({node: {resource: amount}}); None if they do not fit so."""
+def _assign(bundles: dict, strategy: str, free: dict,
+            used: dict | None = None) -> dict[int, "NodeLink"] | None:
+    """Which node each bundle (index -> bundle) goes to, as `strategy` says
+    (Ray's meaning: STRICT_PACK all on one node; PACK on as few as can hold
+    them; STRICT_SPREAD each on a node of its own; SPREAD on as many as can),
+    given `free` ({node: {resource: amount}}); None if they do not fit so.
+    `used`: node -> how many of the group's other bundles it holds (bundles
+    placed again after their node died join those: STRICT_PACK and PACK go to
+    their node first, STRICT_SPREAD never does, SPREAD prefers other nodes)."""
+    used = used or {}
     nodes = list(free)
 
     def fits(node, bundle, taken) -> bool:
@@ -310,34 +337,39 @@ def _assign(bundles, strategy: str, free: dict) -> dict[int, "NodeLink"] | None:
             mine[k] = mine.get(k, 0) + v
 
     need: dict[str, float] = {}
-    for bundle in bundles:
+    for bundle in bundles.values():
         for k, v in bundle.items():
             need[k] = need.get(k, 0) + v
-    whole = [n for n in nodes if fits(n, need, {})]
+    whole = [n for n in nodes if fits(n, need, {})
+             and (strategy != "STRICT_PACK" or not used or used.get(n))]
     if strategy in ("PACK", "STRICT_PACK") and whole:
-        best = max(whole, key=lambda n: sum(free[n].values()))
-        return {i: best for i in range(len(bundles))}
+        best = max(whole, key=lambda n: (used.get(n, 0), sum(free[n].values())))
+        return {i: best for i in bundles}
     if strategy == "STRICT_PACK":
         return None
+    order = sorted(bundles, key=lambda i: -sum(bundles[i].values()))  # largest first
     if strategy == "STRICT_SPREAD":
-        def spread(i, used, taken):  # (backtracking: a few bundles, a few nodes)
-            if i == len(bundles):
+        nodes = [n for n in nodes if not used.get(n)]
+
+        def spread(k, busy, taken):  # (backtracking: a few bundles, a few nodes)
+            if k == len(order):
                 return {}
+            i = order[k]
             for node in sorted(nodes, key=lambda n: -sum(free[n].values())):
-                if node not in used and fits(node, bundles[i], taken):
+                if node not in busy and fits(node, bundles[i], taken):
                     take(node, bundles[i], taken)
-                    rest = spread(i + 1, used | {node}, taken)
-                    for k, v in bundles[i].items():
-                        taken[node][k] -= v
+                    rest = spread(k + 1, busy | {node}, taken)
+                    for name, v in bundles[i].items():
+                        taken[node][name] -= v
                     if rest is not None:
                         return {i: node, **rest}
             return None
         return spread(0, frozenset(), {})
     # PACK that fits no single node, and SPREAD: greedy, largest bundles first.
     taken: dict = {}
-    count: dict = {}
+    count: dict = dict(used)
     out = {}
-    for i in sorted(range(len(bundles)), key=lambda i: -sum(bundles[i].values())):
+    for i in order:
         fitting = [n for n in nodes if fits(n, bundles[i], taken)]
         if not fitting:
             return None
@@ -353,16 +385,24 @@ def _assign(bundles, strategy: str, free: dict) -> dict[int, "NodeLink"] | None:
 
 def _hold_max() -> float:
     """`HOLD_MAX`, or ``BEAMLET_SPILLBACK_HOLD_MAX`` (seconds) if set."""
-    value = os.environ.get("BEAMLET_SPILLBACK_HOLD_MAX")
+    return _seconds("BEAMLET_SPILLBACK_HOLD_MAX", HOLD_MAX)
+
+
+def _locality_wait() -> float:
+    """`LOCALITY_WAIT`, or ``BEAMLET_LOCALITY_WAIT`` (seconds) if set."""
+    return _seconds("BEAMLET_LOCALITY_WAIT", LOCALITY_WAIT)
+
+
+def _seconds(variable: str, default: float) -> float:
+    value = os.environ.get(variable)
     if value is None:
-        return HOLD_MAX
+        return default
     try:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
     if not seconds > 0:
-        raise ValueError(f"BEAMLET_SPILLBACK_HOLD_MAX must be a positive number of "
-                         f"seconds, got {value!r}")
+        raise ValueError(f"{variable} must be a positive number of seconds, got {value!r}")
     return seconds
 
 
@@ -412,8 +452,13 @@ class ClusterScheduler(Scheduler):
         self.held_tasks: dict[bytes, TaskSpec] = {}
         self.held_returns: dict[bytes, bytes] = {}
         self.unheld: set[bytes] = set()
+        #: Held tasks whose large arguments are on a node (the one holding the
+        #: most of their bytes): node -> [(until when they wait for it, shape,
+        #: spec)], in order; past that, they join `held` (see `_hold`).
+        self.held_near: dict[NodeLink, collections.deque] = {}
         self._releasing = False
         self.hold_max = HOLD_MAX  # (see `_hold_max`)
+        self.locality_wait = LOCALITY_WAIT  # (see `_locality_wait`)
         self.closed = False
 
     # -- placement ----------------------------------------------------------------
@@ -455,6 +500,8 @@ class ClusterScheduler(Scheduler):
                     try:
                         node = self._place(spec, hold)
                     except ValueError:
+                        if self._waits_for_bundles(spec):
+                            return
                         self.pins.pop(spec.task_id, None)
                         raise
                 if spec.kind == ACTOR_CREATION:
@@ -520,11 +567,11 @@ class ClusterScheduler(Scheduler):
     def create_placement_group(self, info) -> None:
         """Reserve the bundles on the nodes as the strategy says, all at once,
         against what this driver has placed on them (or wait until they fit,
-        trying again whenever something placed ends); ValueError at once if
-        they could never fit the alive nodes."""
+        trying again whenever something placed ends or a node joins);
+        ValueError at once if they could never fit the alive nodes."""
         with self.lock:
             alive = [n for n in self.nodes if n.alive]
-            if _assign(info.bundles, info.strategy,
+            if _assign(dict(enumerate(info.bundles)), info.strategy,
                        {n: dict(n.resources) for n in alive}) is None:
                 raise ValueError(
                     f"placement group {info.pg_id.hex()} ({info.strategy}, bundles "
@@ -539,59 +586,86 @@ class ClusterScheduler(Scheduler):
         return {k: v - node.load.get(k, 0) for k, v in node.resources.items()}
 
     def _reserve_group(self, group: _Group) -> bool:
-        """Reserve its bundles if they fit now (whether they do), and send each
-        node its share; the group is ready once every node says so. Under the lock."""
-        alive = [n for n in self.nodes if n.alive]
-        placed = _assign(group.info.bundles, group.info.strategy,
-                         {n: self._free(n) for n in alive})
+        """Reserve its bundles not reserved yet (all; or those lost with a dead
+        node, beside the others as its strategy says) if they fit now (whether
+        they do), and send each node its share; the group is ready once every
+        node with a new share says so. Under the lock."""
+        bundles = group.info.bundles
+        missing = {i: bundles[i] for i in range(len(bundles)) if i not in group.placed}
+        if not missing:
+            return True
+        used: dict[NodeLink, int] = {}
+        for node in group.placed.values():
+            used[node] = used.get(node, 0) + 1
+        placed = _assign(missing, group.info.strategy,
+                         {n: self._free(n) for n in self.nodes if n.alive}, used)
         if placed is None:
             return False
-        group.placed = placed
+        group.placed.update(placed)
         by_node: dict[NodeLink, list[int]] = {}
         for i, node in placed.items():
             by_node.setdefault(node, []).append(i)
-            for k, v in group.info.bundles[i].items():
+            for k, v in bundles[i].items():
                 node.load[k] = node.load.get(k, 0) + v
         for node, hosted in by_node.items():
             node.resources.update(group.resources_on(node))
-            ready_id = hashlib.blake2b(group.info.ready_id + node.node_id.encode(),
+            seed = group.info.ready_id + node.node_id.encode()
+            ready_id = hashlib.blake2b(seed + group.shares.to_bytes(4, "little"),
                                        digest_size=len(group.info.ready_id)).digest()
-            group.node_ready.append(ready_id)
+            group.shares += 1
+            for earlier in [r for r, where in group.node_ready.items() if where is node]:
+                del group.node_ready[earlier]  # (the node answers for all under the new id)
+            group.node_ready[ready_id] = node
+            group.issued.append(ready_id)
             node.send(P.CreateGroup(dataclasses.replace(group.info, ready_id=ready_id),
                                     sorted(hosted)))
-        group.waiter = self.store.notify_when(group.node_ready, len(group.node_ready),
-                                              lambda: self._group_ready(group), broad=False)
+        self.store.cancel_waiter(group.waiter)
+        ids = list(group.node_ready)
+        group.waiter = self.store.notify_when(ids, len(ids),
+                                              lambda: self._group_ready(group, ids), broad=False)
         waiting, group.waiting = group.waiting, []
         for spec in waiting:
             if spec.kind == ACTOR_CREATION:
                 self.actor_group.pop(spec.actor_id, None)
+                if spec.attempt and spec.actor_id not in self.actor_spec:
+                    continue  # (a restart whose actor was let go of meanwhile)
             try:
                 self._submit(spec)
             except ValueError as err:
                 self._fail(spec, err)
         return True
 
-    def _group_ready(self, group: _Group) -> None:
-        """Every node reserved its bundles: the group is ready (its nodes' word
-        on it, an error if one could not)."""
+    def _group_ready(self, group: _Group, ids: list) -> None:
+        """Every node with a share of the group (`ids`: their ready ids)
+        reserved it: the group is ready (its nodes' word on it, an error if
+        one could not), CREATED in the tables first."""
         with self.lock:
-            if self.groups.get(group.key) is not group or group.ready:
-                return
+            if self.groups.get(group.key) is not group or group.ready \
+                    or not group.complete() or list(group.node_ready) != ids:
+                return  # (removed, or a node died meanwhile: waited for again)
+            answers = [self.store.entry(i) for i in ids]
+            failed = next((a for a in answers if a is not None and a.is_error), None)
             group.ready = True
-            answers = [self.store.entry(i) for i in group.node_ready]
-        failed = next((a for a in answers if a is not None and a.is_error), None)
-        self.store.put_entry(group.info.ready_id,
-                             failed if failed is not None else ready_value(group.info))
-        self.store.delete(group.node_ready)
-        if failed is None and self.tables is not None:
+            group.node_ready = {}
+            issued, group.issued = group.issued, []
+            if failed is None:
+                group.created = True
+                self._set_group_state(group, "CREATED")
+            self.store.put_entry(group.info.ready_id,
+                                 failed if failed is not None else ready_value(group.info))
+        self.store.delete(issued)
+
+    def _set_group_state(self, group: _Group, state: str) -> None:
+        if self.tables is not None:
             try:
-                self.tables.set_placement_group_state(group.info.pg_id, "CREATED")
+                self.tables.set_placement_group_state(group.info.pg_id, state)
             except exc.BackendError:
                 pass
 
     def _waits_for_group(self, spec: TaskSpec) -> bool:
         """Check a call in a placement group (ValueError if it could never run
-        there); whether it waits for the group's room (then it is queued).
+        there); whether it waits for the group's room (then it is queued):
+        none of its bundles is reserved, or not the one it asks for.
         Under the lock."""
         key = spec.placement_group[0].key
         group = self.groups.get(key)
@@ -603,31 +677,70 @@ class ClusterScheduler(Scheduler):
                 raise ValueError(f"{spec.display_name} requests {amount} {name}, but its "
                                  f"placement group only has {group.capacity.get(name, 0)}: "
                                  f"it could never run")
-        if group.placed:
+        index = spec.placement_group[1]
+        if group.placed and (index == -1 or index in group.placed):
             return False
+        self._wait_in_group(group, spec)
+        return True
+
+    def _wait_in_group(self, group: _Group, spec: TaskSpec) -> None:
         group.waiting.append(spec)
         if spec.kind == ACTOR_CREATION:
             self.actor_group[spec.actor_id] = group
+
+    def _waits_for_bundles(self, spec: TaskSpec) -> bool:
+        """A call no node can take now (`_place` said so): if it is in a group
+        some of whose bundles wait to be placed again (lost with their node),
+        it waits for them, queued (whether it does). Under the lock."""
+        if spec.placement_group is None:
+            return False
+        group = self.groups.get(spec.placement_group[0].key)
+        if group is None or group.complete():
+            return False
+        self._wait_in_group(group, spec)
         return True
 
     def _try_groups(self) -> None:
-        """Reserve the waiting groups that fit now, oldest first. Under the lock."""
+        """Reserve the waiting groups that fit now, oldest first (those placing
+        bundles again after a node died come first). Under the lock."""
         for key in list(self.groups_pending):
             group = self.groups.get(key)
             if group is None or self._reserve_group(group):
                 self.groups_pending.remove(key)
 
-    def _groups_lost(self, dead: NodeLink) -> list:
-        """`dead` died: its bundles are gone (calls in them cannot be placed any
-        more; they are not reserved again elsewhere). The groups it made
-        unready for ever, whose ready ref then holds the error. Under the lock."""
-        unready = []
-        for group in self.groups.values():
-            if dead in group.placed.values() and not group.ready:
-                group.ready = True
-                self.store.cancel_waiter(group.waiter)
-                unready.append(group)
-        return unready
+    def _groups_lost(self, dead: NodeLink) -> None:
+        """`dead` died: the bundles it held are placed again on the alive nodes
+        as each group's strategy says (STRICT_PACK moves them all; beside the
+        group's other bundles otherwise), at once if they fit, else as soon as
+        they do (something placed ends, a node joins): meanwhile the group is
+        RESCHEDULING in the tables (PENDING if it was never ready) and its
+        ready ref unresolved. What was placed in those bundles is placed again
+        once they are (see `_waits_for_bundles`). Under the lock."""
+        for group in list(self.groups.values()):
+            lost = [i for i, node in group.placed.items() if node is dead]
+            if not lost:
+                continue
+            for i in lost:
+                del group.placed[i]
+            for ready_id in [r for r, where in group.node_ready.items() if where is dead]:
+                del group.node_ready[ready_id]
+            self.store.cancel_waiter(group.waiter)
+            group.waiter = None
+            if group.ready:
+                group.ready = False
+                self.store.forget(group.info.ready_id)  # (pg.ready() waits again)
+            self._set_group_state(group, "RESCHEDULING" if group.created else "PENDING")
+            if self._reserve_group(group):
+                continue
+            if group.key not in self.groups_pending:
+                self.groups_pending.insert(0, group.key)  # (first, as in Ray)
+            alive = [n for n in self.nodes if n.alive]
+            used = {n: 1 for n in group.placed.values()}
+            if _assign({i: group.info.bundles[i] for i in lost}, group.info.strategy,
+                       {n: dict(n.resources) for n in alive}, used) is None:
+                print(f"beamlet: placement group {group.key} lost bundles {lost} with node "
+                      f"{dead.node_id}, and no alive node can hold them: it waits for a "
+                      f"node that can to join", file=sys.stderr, flush=True)
 
     def remove_placement_group(self, pg_id: bytes) -> None:
         """Give the bundles back (their nodes end what runs in them); what
@@ -661,9 +774,9 @@ class ClusterScheduler(Scheduler):
                 self._unhold(spec)  # (left in its queue: skipped as cancelled)
                 self._fail(spec, removed)
             ready, group.ready = group.ready, True
-            self.store.delete(group.node_ready)
+            self.store.delete(group.issued)
             self._try_groups()
-            if self.held:
+            if self.held or self.held_near:
                 self._release_held()  # (its reserved resources are free again)
         if not ready:
             self.store.put_entry(group.info.ready_id, removed_value(group.info))
@@ -678,13 +791,27 @@ class ClusterScheduler(Scheduler):
         return tuple(sorted(spec.resources.items())), self.pins.get(spec.task_id)
 
     def _hold(self, spec: TaskSpec, shape: tuple | None = None) -> None:
-        """Keep a task until a node can take it (`_release_held`). Under the lock."""
+        """Keep a task until a node can take it (`_release_held`). One whose
+        large arguments are on a node waits for that node first (the first
+        node to have room is not it), as long as `locality_wait`: then any
+        node may take it, in order with the others of its request (`tick`).
+        Under the lock."""
         if shape is None:
             shape = self._shape(spec)
-        queue = self.held.get(shape)
-        if queue is None:
-            queue = self.held[shape] = collections.deque()
-        queue.append(spec)
+        near = None
+        if self.remote and shape[1] is None and (spec.args or spec.kwargs):
+            near = self._holder_of_arguments(
+                spec, [n for n in self.nodes if n.alive and n.fits(spec.resources)], room=False)
+        if near is not None:
+            queue = self.held_near.get(near)
+            if queue is None:
+                queue = self.held_near[near] = collections.deque()
+            queue.append((time.monotonic() + self.locality_wait, shape, spec))
+        else:
+            queue = self.held.get(shape)
+            if queue is None:
+                queue = self.held[shape] = collections.deque()
+            queue.append(spec)
         self.held_tasks[spec.task_id] = spec
         for rid in spec.return_ids:
             self.held_returns[rid] = spec.task_id
@@ -701,6 +828,13 @@ class ClusterScheduler(Scheduler):
             return
         self._releasing = True
         try:
+            if self.held_near:
+                now = time.monotonic()
+                for node in list(self.held_near):
+                    if node.alive:
+                        self._release_near(node, now)
+                    else:  # (what it held is gone: any node may take them)
+                        self._unhold_near(node, None)
             for shape, queue in list(self.held.items()):
                 while queue:
                     spec = queue[0]
@@ -712,7 +846,9 @@ class ClusterScheduler(Scheduler):
                     except ValueError as err:
                         queue.popleft()
                         self._unhold(spec)
-                        self._fail(spec, exc.TaskError.from_exception(err, spec.display_name))
+                        if not self._waits_for_bundles(spec):
+                            self._fail(spec, exc.TaskError.from_exception(
+                                err, spec.display_name))
                         continue
                     if node is None:
                         break
@@ -733,11 +869,13 @@ class ClusterScheduler(Scheduler):
             return
         self._releasing = True
         try:
+            if self.held_near and node in self.held_near:
+                self._release_near(node, None)
             for shape, queue in list(self.held.items()):
                 pin = shape[1]
                 if pin is not None and pin[0] != node.node_id:
                     continue
-                while queue:
+                while queue and node.alive:  # (a send that fails kills it)
                     spec = queue[0]
                     if spec.task_id not in self.held_tasks:  # (cancelled)
                         queue.popleft()
@@ -755,6 +893,45 @@ class ClusterScheduler(Scheduler):
                     del self.held[shape]
         finally:
             self._releasing = False
+
+    def _release_near(self, node: NodeLink, now: float | None) -> None:
+        """Send `node` the held tasks waiting for it (their arguments are
+        there) that it can take now, in order (`now`: roll its window first,
+        else as the I/O thread last rolled it). Under the lock."""
+        queue = self.held_near[node]
+        while queue and node.alive:
+            spec = queue[0][2]
+            if spec.task_id not in self.held_tasks:  # (cancelled)
+                queue.popleft()
+                continue
+            fits = node.fits_now(spec.resources)
+            if not fits and len(node.extra) >= (max(node.finished) if now is None
+                                                else node.window(now)):
+                break
+            queue.popleft()
+            self._unhold(spec)
+            self._send(spec, node, fits)
+        if not queue:
+            del self.held_near[node]
+
+    def _unhold_near(self, node: NodeLink, now: float | None) -> bool:
+        """The tasks waiting for `node` that waited long enough (all, if `now`
+        is None) join the others held (ahead of them: they waited longest);
+        whether any did. Under the lock."""
+        queue = self.held_near[node]
+        moved: dict[tuple, list] = {}
+        while queue and (now is None or queue[0][0] <= now):
+            _, shape, spec = queue.popleft()
+            if spec.task_id in self.held_tasks:
+                moved.setdefault(shape, []).append(spec)
+        if not queue:
+            del self.held_near[node]
+        for shape, specs in moved.items():
+            held = self.held.get(shape)
+            if held is None:
+                held = self.held[shape] = collections.deque()
+            held.extendleft(reversed(specs))
+        return bool(moved)
 
     def unstall(self) -> None:
         """(The I/O thread, now and then.) Held tasks whose nodes all finished
@@ -783,15 +960,17 @@ class ClusterScheduler(Scheduler):
                 try:
                     node = self._place(spec)
                 except ValueError as err:
-                    self._fail(spec, exc.TaskError.from_exception(err, spec.display_name))
+                    if not self._waits_for_bundles(spec):
+                        self._fail(spec, exc.TaskError.from_exception(err, spec.display_name))
                     continue
                 node.stall_seen = (node.finished_total, now)  # (the next after another)
                 self._send(spec, node)
 
-    def _holder_of_arguments(self, spec: TaskSpec, fitting: list) -> NodeLink | None:
-        """The fitting node, not full, that holds the most bytes of the spec's
-        arguments kept on nodes (None if none holds any): a task goes to its
-        large arguments rather than they to it. Under the lock."""
+    def _holder_of_arguments(self, spec: TaskSpec, fitting: list,
+                             room: bool = True) -> NodeLink | None:
+        """The fitting node, not full (with `room`), that holds the most bytes
+        of the spec's arguments kept on nodes (None if none holds any): a task
+        goes to its large arguments rather than they to it. Under the lock."""
         if not self.remote:
             return None
         held: dict = {}
@@ -801,7 +980,8 @@ class ClusterScheduler(Scheduler):
                 for node in remote.holders:
                     held[node] = held.get(node, 0) + remote.total_bytes
         ranked = sorted(((size, node) for node, size in held.items()
-                         if node in fitting and node.weight(spec.resources) <= 1),
+                         if node in fitting
+                         and (not room or node.weight(spec.resources) <= 1)),
                         key=lambda pair: pair[0], reverse=True)
         return ranked[0][1] if ranked else None
 
@@ -870,11 +1050,16 @@ class ClusterScheduler(Scheduler):
         try:
             node = self._place(spec)
         except ValueError:
+            node = None
+        if node is None and not self._waits_for_bundles(spec):
             return False
         self.restarts_left[spec.actor_id] = left - 1 if left > 0 else left
         spec.attempt += 1
         token = spec.return_ids[0]
-        self.actor_node[spec.actor_id] = node
+        if node is None:  # (it starts once its bundle is placed again; its calls wait)
+            self.actor_node.pop(spec.actor_id, None)
+        else:
+            self.actor_node[spec.actor_id] = node
         if token in self.token_node:
             self.token_node[token] = node
         if self.tables is not None:
@@ -883,7 +1068,8 @@ class ClusterScheduler(Scheduler):
                                             f"its node {dead.node_id} died")
             except exc.BackendError:
                 pass
-        self._send(spec, node)
+        if node is not None:
+            self._send(spec, node)
         return True
 
     def _forget(self, spec: TaskSpec, node: NodeLink) -> None:
@@ -1047,6 +1233,8 @@ class ClusterScheduler(Scheduler):
         try:
             self._send(spec, self._place(spec))
         except ValueError as err:
+            if self._waits_for_bundles(spec):
+                return True
             self._fail(spec, exc.ObjectLostError(
                 f"object {object_id.hex()} was lost with node {dead.node_id}, and no node "
                 f"can run its task again: {err}"))
@@ -1072,7 +1260,7 @@ class ClusterScheduler(Scheduler):
                 node.finished_total += 1
             if self.groups_pending:
                 self._try_groups()
-            if self.held:
+            if self.held or self.held_near:
                 self._release_to(node)
 
     def fetch(self, node: NodeLink, object_ids: list) -> None:
@@ -1157,15 +1345,23 @@ class ClusterScheduler(Scheduler):
             spec = node.placed.get(task_id)
             if spec is None or not node.alive or not node.lend(spec, lent):
                 return
-            if lent and self.held:
+            if lent and (self.held or self.held_near):
                 self._release_to(node)
 
     def tick(self, now: float) -> None:
         """(The I/O thread, every `WINDOW_PERIOD` or so.) Each node's window
-        moves on to the next period (see `NodeLink.window`)."""
+        moves on to the next period (see `NodeLink.window`); held tasks that
+        waited long enough for the node with their arguments (`_hold`) may go
+        to any node."""
         with self.lock:
             for node in self.nodes:
                 node.window(now)
+            if self.held_near:
+                moved = False
+                for node in list(self.held_near):
+                    moved |= self._unhold_near(node, now if node.alive else None)
+                if moved:
+                    self._release_held()
 
     def task_finished(self, event: "P.TaskFinished") -> None:
         """An attempt of our task ended on its node: the driver's observers hear
@@ -1204,7 +1400,7 @@ class ClusterScheduler(Scheduler):
                 return
             node.alive = False
             borrowed, node.borrowed = list(node.borrowed), set()
-            unready = self._groups_lost(node)
+            self._groups_lost(node)
             self._objects_lost(node)  # (first: a retried task may need one made again)
             placed, node.placed = list(node.placed.values()), {}
             node.load = {}
@@ -1221,6 +1417,8 @@ class ClusterScheduler(Scheduler):
                         self._send(spec, self._place(spec))
                         continue
                     except ValueError as err:
+                        if self._waits_for_bundles(spec):
+                            continue  # (its bundle is placed again: it runs there)
                         self._fail(spec, exc.WorkerCrashedError(
                             f"the node running {spec.display_name} ({node.node_id}) died, "
                             f"and no other node can run it: {err}"))
@@ -1252,12 +1450,8 @@ class ClusterScheduler(Scheduler):
                                                     f"its node {node.node_id} died")
                     except exc.BackendError:
                         pass
-            if self.held:
+            if self.held or self.held_near:
                 self._release_held()  # (what only it could run fails)
-        for group in unready:
-            self.store.put_entry(group.info.ready_id, serialize(exc.NodeDiedError(
-                f"placement group {group.key} cannot be ready: node {node.node_id}, where "
-                f"some of its bundles were reserved, died"), is_error=True))
         self.backend.node_died(node)
         self.backend.refs.decr_all(borrowed)  # (its workers hold nothing any more)
 
@@ -1372,6 +1566,7 @@ class ClusterBackend(Backend):
             raise ValueError("resources cannot be given when connecting to a cluster: its "
                              "nodes were started with their resources")
         hold_max = _hold_max()  # (a bad setting is an error before connecting)
+        locality_wait = _locality_wait()
         address = config.get("address")
         state = StateDir()
         if address == "auto":
@@ -1432,6 +1627,7 @@ class ClusterBackend(Backend):
                 raise exc.BackendError(f"the cluster at {address} has no alive node")
             self.scheduler = ClusterScheduler(self, self._links)
             self.scheduler.hold_max = hold_max
+            self.scheduler.locality_wait = locality_wait
             from ...core.tables import Tables
             self.scheduler.tables = Tables(self.control_store)
             self._wake_r, self._wake_w = os.pipe()
@@ -1588,6 +1784,7 @@ class ClusterBackend(Backend):
                 continue
             with self.scheduler.lock:
                 self._links.append(link)  # (the scheduler's `nodes` too)
+                self.scheduler._try_groups()  # (waiting groups may fit there)
                 self.scheduler._release_held()  # (held tasks may go there)
             new.append(link)
         return new
