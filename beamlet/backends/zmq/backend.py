@@ -697,6 +697,8 @@ class ClusterScheduler(Scheduler):
         group = self.groups.get(spec.placement_group[0].key)
         if group is None or group.complete():
             return False
+        if spec.kind == TASK:  # (a retry or a rebuild: never held once its bundle is back)
+            self.unheld.add(spec.task_id)
         self._wait_in_group(group, spec)
         return True
 
@@ -766,6 +768,7 @@ class ClusterScheduler(Scheduler):
             for spec in group.waiting:
                 if spec.kind == ACTOR_CREATION:
                     self.actor_group.pop(spec.actor_id, None)
+                self.unheld.discard(spec.task_id)
                 self._fail(spec, removed if spec.kind == TASK else dead)
             group.waiting = []
             for spec in [s for s in self.held_tasks.values()
