@@ -322,6 +322,163 @@ def test_a_named_actor_made_by_one_driver_is_used_by_another(cluster, driver, tm
     assert beamlet.get(counter.node.remote(), timeout=GET_TIMEOUT) == (member, 3)
 
 
+#: A module the creator's job imports (its workers, and so the detached
+#: actor's nested tasks, find it on that job's sys.path).
+DETACHED_WORK = """
+import os
+
+import numpy as np
+
+import beamlet
+
+
+@beamlet.remote
+def square(x):
+    return x * x
+
+
+@beamlet.remote
+def ones(n):
+    return np.ones(n)
+
+
+@beamlet.remote
+class Helper:
+    def job(self):
+        return beamlet.get_runtime_context().get_job_id()
+
+
+@beamlet.remote
+class Keeper:
+    def __init__(self):
+        self.kept = []
+        self.helper = None
+
+    def job(self):
+        return beamlet.get_runtime_context().get_job_id()
+
+    def pid(self):
+        return os.getpid()
+
+    def fan_out(self, n, resources=None):
+        task = square.options(resources=resources) if resources else square
+        return beamlet.get([task.remote(i) for i in range(n)], timeout=60)
+
+    def keep(self, n):
+        # a nested result the actor keeps, and returns by ref (large, or small)
+        ref = ones.remote(n) if n > 1000 else square.remote(n)
+        self.kept.append(ref)
+        return [ref]
+
+    def kept_values(self):
+        return [beamlet.get(r, timeout=60) for r in self.kept]
+
+    def ones_here(self, n):
+        return np.ones(n)
+
+    def helper_job(self):
+        if self.helper is None:
+            self.helper = Helper.remote()
+        return beamlet.get(self.helper.job.remote(), timeout=60)
+"""
+
+CREATOR = """
+import os
+import sys
+import time
+
+import beamlet
+from detached_work import Keeper
+
+beamlet.init(address=sys.argv[1], token=sys.argv[2], namespace="shared")
+keeper = Keeper.options(name="keeper", lifetime="detached", resources={"ssd": 1}).remote()
+mortal = Keeper.options(name="mortal", resources={"ssd": 1}).remote()
+print("creator saw", beamlet.get(keeper.fan_out.remote(3), timeout=60),
+      beamlet.get(mortal.job.remote(), timeout=60), flush=True)
+open(sys.argv[3], "w").close()
+deadline = time.monotonic() + 60
+while not os.path.exists(sys.argv[4]) and time.monotonic() < deadline:
+    time.sleep(0.05)
+beamlet.shutdown()
+"""
+
+
+def test_a_detached_actor_outlives_its_creator_and_a_plain_one_dies_with_it(
+        cluster, driver, tmp_path):
+    """Ray's semantics across drivers: a named actor's calls run in its
+    creator's job, whoever calls; the caller owns what its calls return; when
+    the creator leaves, its non-detached actors die (ActorDiedError), while a
+    detached one lives on, still submits nested tasks (now owned on its node),
+    and is cleaned up when killed."""
+    head = cluster.start_head()
+    member = cluster.join(head, "--resources", '{"ssd": 2}')
+    (tmp_path / "detached_work.py").write_text(DETACHED_WORK)
+    (tmp_path / "creator.py").write_text(CREATOR)
+    created, go = tmp_path / "created", tmp_path / "go"
+    creator = subprocess.Popen([sys.executable, str(tmp_path / "creator.py"), head["address"],
+                                head["token"], str(created), str(go)], env=cluster.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert procs.wait_until(lambda: created.exists() or creator.poll() is not None,
+                                TIMEOUT, interval=0.05)
+        assert created.exists(), "the creator did not make its actors"
+        driver(head, namespace="shared")
+        keeper, mortal = beamlet.get_actor("keeper"), beamlet.get_actor("mortal")
+        creator_job = beamlet.get(keeper.job.remote(), timeout=GET_TIMEOUT)
+        assert creator_job == beamlet.get(mortal.job.remote(), timeout=GET_TIMEOUT)
+        assert creator_job != beamlet.get_runtime_context().get_job_id()
+        # What this driver's calls return is its own; a nested result the
+        # actor returns by ref (the creator's, while it is here) reaches it too.
+        mine = keeper.ones_here.remote(1 << 17)
+        kept_before = beamlet.get(keeper.keep.remote(1 << 17), timeout=GET_TIMEOUT)[0]
+        assert beamlet.get(kept_before, timeout=GET_TIMEOUT).sum() == 1 << 17
+        go.touch()
+        out, err = creator.communicate(timeout=TIMEOUT)
+    finally:
+        if creator.poll() is None:
+            creator.kill()
+            creator.communicate()
+    assert creator.returncode == 0, out + err
+    assert "creator saw [0, 1, 4]" in out, out + err
+    # The creator's plain actor died with its job; its name is free again.
+    with pytest.raises(exc.ActorDiedError):
+        beamlet.get(mortal.job.remote(), timeout=GET_TIMEOUT)
+    with pytest.raises(ValueError):
+        beamlet.get_actor("mortal")
+    # What this driver got back before the creator left is still there.
+    assert beamlet.get(mine, timeout=GET_TIMEOUT).sum() == 1 << 17
+    assert beamlet.get(kept_before, timeout=GET_TIMEOUT).sum() == 1 << 17
+    # The detached actor lives on, in its creator's job, and its nested tasks
+    # and actors run (on its node, which owns them now).
+    assert beamlet.get_actor("keeper")._actor_id == keeper._actor_id
+    assert beamlet.get(keeper.job.remote(), timeout=GET_TIMEOUT) == creator_job
+    assert beamlet.get(keeper.fan_out.remote(4), timeout=GET_TIMEOUT) == [0, 1, 4, 9]
+    assert beamlet.get(keeper.helper_job.remote(), timeout=GET_TIMEOUT) == creator_job
+    large = beamlet.get(keeper.keep.remote(1 << 16), timeout=GET_TIMEOUT)[0]
+    small = beamlet.get(keeper.keep.remote(7), timeout=GET_TIMEOUT)[0]
+    assert beamlet.get(large, timeout=GET_TIMEOUT).sum() == 1 << 16
+    assert beamlet.get(small, timeout=GET_TIMEOUT) == 49
+    kept = beamlet.get(keeper.kept_values.remote(), timeout=GET_TIMEOUT)
+    assert [k.sum() for k in kept[:2]] == [1 << 17, 1 << 16] and kept[2] == 49
+    # A request its node could never hold says why.
+    with pytest.raises(ValueError, match="detached actor whose driver left"):
+        beamlet.get(keeper.fan_out.remote(1, {"ssd": 5}), timeout=GET_TIMEOUT)
+    pid = beamlet.get(keeper.pid.remote(), timeout=GET_TIMEOUT)
+    beamlet.kill(keeper)
+    with pytest.raises(exc.ActorDiedError):
+        beamlet.get(keeper.job.remote(), timeout=GET_TIMEOUT)
+    # This driver's copies outlive the actor; the node keeps nothing else.
+    assert beamlet.get(large, timeout=GET_TIMEOUT).sum() == 1 << 16
+    del mine, kept_before, large, small, kept
+    assert procs.wait_until(lambda: not os.path.exists(f"/proc/{pid}"), TIMEOUT, interval=0.1)
+
+    def idle():
+        line = _node_lines(cluster.status())[member]
+        return line.split()[-4:-2] == ["0", "0"] and line.split()[-2].startswith("0.0/")
+
+    assert procs.wait_until(idle, 30, interval=0.5), cluster.status()
+
+
 @beamlet.remote
 def put_inside(value):
     return [beamlet.put(value)]  # an object put on its node, returned by ref

@@ -52,10 +52,21 @@ objects it put that leave with them. Several drivers run side by side; when
 one leaves, its idle workers are let go (its busy ones once they are idle,
 ``LocalScheduler.job_ended``) and the others' work goes on.
 An actor's calls run in its creator's job, whoever calls it (a named actor
-used by a second driver): the call's results go to the caller, but what its
-worker submits, fetches and holds goes to the creator, so a ref of the
-caller's that the actor keeps is not counted for the caller; and a detached
-actor whose creator left cannot submit tasks any more.
+used by a second driver), as in Ray: the call's results go to the caller,
+which owns them (a large one is kept here for it until it lets go, whoever
+else leaves), but what its worker submits, fetches and holds goes to the
+creator, so a ref of the caller's that the actor keeps is not counted for
+the caller. When the creator leaves, its actors end (the node's scheduler
+ends an actor whose token nobody holds: later calls raise
+``ActorDiedError``), except the detached ones: their job lives on here
+(`DriverLink.left`) until the last of them is dead, and this node owns what
+their workers submit from then on (`adopt`), as Ray's actor worker owns its
+tasks: they run on this node (the actor's), their results are stored here
+for the refs the workers hold, and freed once none is (an actor killed lets
+go of all of its); a call returning such a ref ships the object to the
+calling driver, as any result holding refs. What the workers then wait for
+that is not here and not being made here was the creator's: it is lost with
+it (``OwnerDiedError``).
 """
 from __future__ import annotations
 
@@ -71,7 +82,7 @@ from ...core.generators import _is_end, ack_id, closed_id, item_id
 from ...core.refcount import ReferenceCounter
 from ...core.scheduling import RETRYING
 from ...core.serialization import serialize
-from ...core.task_spec import ACTOR_CREATION
+from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD
 from ..local.protocol import ShmEntry
 from ..local.transport import ProtocolError
 from . import protocol as P
@@ -109,6 +120,10 @@ class DriverLink:
         #: TaskFinished / TaskProgress of its tasks, to go before the next
         #: results (in one ``Report``), or at the daemon's next tick.
         self.events: list = []
+        #: Its detached actors (created by it, here); `left`: the driver is gone
+        #: and the job lives on in those still alive (see DriverOwner.adopt).
+        self.detached: set[bytes] = set()
+        self.left = False
 
     # -- JobOwner, for this job's workers ------------------------------------------
     def job_config(self) -> dict:
@@ -127,6 +142,8 @@ class DriverLink:
         self.owner.unpin(object_ids, self)
 
     def send(self, message) -> None:
+        if self.left:
+            return
         try:
             self.send_now(message)
         except exc.BackendError:
@@ -134,6 +151,8 @@ class DriverLink:
 
     def send_now(self, message) -> None:
         """Send `message` after the queued results; BackendError if the driver left."""
+        if self.left:
+            raise exc.BackendError("the driver of this job left")
         if self.results or self.events:
             self.flush()
         self.conn.send(message)
@@ -240,6 +259,9 @@ class DriverOwner:
         #: call whose small results go straight to its driver (`_deliver`).
         self._direct: dict[bytes, tuple] = {}
         self._observing = False  # (see _observe_task_ends)
+        #: task id -> the job (driver) of the actor, for a call of an actor of
+        #: another driver's job, until its results are out (see `_lend`).
+        self._call_job: dict[bytes, DriverLink] = {}
 
     def attach(self, node, transport) -> None:
         """The daemon made its Node: pulls from other nodes go over `transport`."""
@@ -264,8 +286,8 @@ class DriverOwner:
         have that driver (which owns them) count this node among their holders,
         so that it does not free what only a worker here still holds."""
         self.refs.incr_all(object_ids)
-        if link is None:
-            return  # (no job: nobody to tell)
+        if link is None or link.left:
+            return  # (no job, or its driver left: nobody to tell)
         added = []
         with self.lock:
             borrowed = self.borrowed
@@ -278,6 +300,8 @@ class DriverOwner:
             link.send(P.Borrow(added, []))
 
     def unpin(self, object_ids, link: DriverLink | None = None) -> None:
+        if type(object_ids) is not list:
+            object_ids = list(object_ids)  # (read twice: a dead worker's are an iterator)
         released = []
         if link is not None:
             with self.lock:
@@ -289,7 +313,7 @@ class DriverOwner:
                             released.append(object_id)
                     else:
                         borrowed[key] -= 1
-        if released:
+        if released and not link.left:
             link.send(P.Borrow([], released))
         self.refs.decr_all(object_ids)
 
@@ -317,7 +341,7 @@ class DriverOwner:
         """The node scheduler's ``lending``: the driver that placed `spec` hears
         that its CPUs are lent out (or taken back), with its next report."""
         link = self.job_of(spec)
-        if link is not None:
+        if link is not None and not link.left:
             link.queue_event(P.Lent(spec.task_id, lent))
             self._events_queued(link)
 
@@ -342,8 +366,12 @@ class DriverOwner:
             link = self.actor_driver.pop(actor_id, None)
         else:
             link = self.actor_driver.get(actor_id)
-        if link is not None:
+        if link is None:
+            return
+        if not link.left:
             link.send(P.ActorState(actor_id, class_name, str(state), reason))
+        elif state == "DEAD" and link not in self.actor_driver.values():
+            self.node.scheduler.job_ended(link)  # (its last actor: the job is over)
 
     def _owner_died(self, object_ids, error) -> None:
         """Objects a dead worker put here die with it: in the drivers too."""
@@ -377,7 +405,11 @@ class DriverOwner:
         return {"job_id": "", "namespace": "", "sys_path": list(sys.path), "cwd": os.getcwd()}
 
     def accept(self, spec, link: DriverLink | None = None) -> None:
-        """A task submitted by a worker of `link`'s job: to that driver."""
+        """A task submitted by a worker of `link`'s job: to that driver (or, if it
+        left, to this node: `adopt`)."""
+        if link is not None and link.left:
+            self.adopt(spec, link)
+            return
         if link is None or self.drivers.get(link.conn) is not link:
             raise exc.BackendError("the driver of this task's job is not connected to this "
                                    "node to accept the task")
@@ -385,6 +417,62 @@ class DriverOwner:
         found = self._held(spec.dependencies(), seen)
         found.extend(self._held(spec.contained_refs(), seen))
         link.send_now(P.NestedSubmit(spec, self._ship(link, found)))
+
+    def adopt(self, spec, link: DriverLink) -> None:
+        """A task (or actor, or call) a worker of `link`'s job submitted after
+        its driver left (a detached actor's): this node owns it, and runs it.
+        Its arguments are kept until it ends; its results are stored here,
+        held by the refs the node's workers hold (the submitter's first: its
+        ``Refs`` come before its ``Submit``), and freed once none is. A
+        request this node could never hold raises ValueError (the submitter's
+        get raises it)."""
+        deps = spec.dependencies()
+        deps.extend(spec.contained_refs())
+        self.task_job[spec.task_id] = link
+        if spec.kind == ACTOR_CREATION:
+            self.actor_driver[spec.actor_id] = link
+        if deps:
+            self.refs.incr_all(deps)
+
+        def done(_first) -> None:
+            if self.task_job.get(spec.task_id) is link:
+                del self.task_job[spec.task_id]
+            if deps:
+                self.refs.decr_all(deps)
+            for rid in spec.return_ids:
+                if not self.refs.count(rid):
+                    self._released(rid)  # (its refs went before it came)
+
+        try:
+            self.node.scheduler.submit(spec)
+        except BaseException as err:
+            self.task_job.pop(spec.task_id, None)
+            if spec.kind == ACTOR_CREATION:
+                self.actor_driver.pop(spec.actor_id, None)
+            if deps:
+                self.refs.decr_all(deps)
+            if isinstance(err, ValueError):
+                raise ValueError(
+                    f"{err} (submitted by a detached actor whose driver left: this node, "
+                    f"the actor's, runs what it submits)") from None
+            raise
+        self.node.object_store.on_ready(spec.return_ids[0], done)
+
+    def _lost_with_driver(self, object_ids) -> None:
+        """Workers of a job whose driver left wait for these objects, which
+        this node lacks: the ones it is not making were the driver's, and are
+        lost with it (as in Ray when an object's owner dies)."""
+        store, scheduler = self.node.object_store, self.node.scheduler
+        for object_id in object_ids:
+            with self.lock:
+                if object_id in self._fetching:
+                    continue  # (being pulled here)
+            if object_id in scheduler._producer or store.contains(object_id):
+                continue  # (being made here)
+            store.put(object_id, serialize(exc.OwnerDiedError(
+                f"object {object_id.hex()} was owned by a driver that left"), is_error=True))
+            if not self.refs.count(object_id):
+                self._released(object_id)
 
     def _held(self, object_ids, seen: set) -> list:
         """``(id, entry)`` of the objects among `object_ids` this node holds, and
@@ -461,6 +549,9 @@ class DriverOwner:
         lacks; ask that driver for them (it sends each once it has it, or where
         to pull it)."""
         if link is None:
+            return
+        if link.left:
+            self._lost_with_driver(object_ids)
             return
         with self.lock:
             new = [i for i in dict.fromkeys(object_ids) if i not in self._fetching]
@@ -604,9 +695,15 @@ class DriverOwner:
             self.task_driver[spec.task_id] = link
         if spec.kind == ACTOR_CREATION:
             self.actor_driver[spec.actor_id] = link
+            if spec.actor_options.get("detached"):
+                link.detached.add(spec.actor_id)
             token = spec.return_ids[0]
             self.refs.incr(token)  # until the driver lets go of the actor
             link.tokens.add(token)
+        elif spec.kind == ACTOR_METHOD:
+            job = self.actor_driver.get(spec.actor_id)
+            if job is not None and job is not link:
+                self._call_job[spec.task_id] = job
         left = [len(spec.return_ids)]
         if spec.kind != ACTOR_CREATION and spec.generator is None:
             self._direct[spec.task_id] = (link, left, deps)  # (see _deliver)
@@ -663,6 +760,8 @@ class DriverOwner:
         left[0] -= 1
         if not left[0]:
             self._direct.pop(task_id, None)
+            if self._call_job:
+                self._call_job.pop(task_id, None)
             if self.task_job.get(task_id) is link:
                 self.task_job.pop(task_id, None)
             if deps:
@@ -672,14 +771,16 @@ class DriverOwner:
                 task_id: bytes) -> None:
         """A result is stored here: send it to its driver (or, if large, where it
         is); free our copy of a small one."""
-        self._send_result(link, object_id)
+        self._send_result(link, object_id, self._call_job.get(task_id))
         self._result_out(link, left, deps, task_id)
         if not left[0] and self.streams:
             self._stream_ended(object_id)
 
-    def _send_result(self, link: DriverLink, object_id: bytes) -> None:
+    def _send_result(self, link: DriverLink, object_id: bytes,
+                     job: DriverLink | None = None) -> None:
         """Send a stored object to `link`'s driver (or, if large, where it is,
-        kept here for it); free our copy of a small one."""
+        kept here for it); free our copy of a small one. `job`: the driver
+        whose actor made it, if not `link`'s (see `_lend`)."""
         store = self.node.object_store
         entry = store.entry(object_id)
         try:
@@ -693,6 +794,9 @@ class DriverOwner:
                     values = self._ship(link, self._held(entry.refs, {object_id}))
                     if values:
                         link.send_now(P.Objects(values))
+                    if job is not None:
+                        self._lend(link, job, [i for i in entry.refs
+                                               if not store.contains(i)])
                 if type(entry) is ShmEntry:
                     self._ship(link, [(object_id, entry)])
                 else:
@@ -701,6 +805,30 @@ class DriverOwner:
             pass  # it left
         if object_id not in link.held:
             self._released(object_id)  # (not kept for its driver: free it)
+
+    def _lend(self, link: DriverLink, job: DriverLink, object_ids: list) -> None:
+        """A call by `link`'s driver of an actor of `job`'s returned refs to
+        these objects, which `job`'s driver owns and this node lacks: fetch
+        them from it, and ship each to `link`'s driver as it comes (as a
+        result's inner objects held here are), so that the caller holds a copy
+        of its own (if `job`'s driver left, each is an ``OwnerDiedError``)."""
+        if not object_ids:
+            return
+        store = self.node.object_store
+
+        def arrived(object_id: bytes) -> None:
+            try:
+                values = self._ship(link, self._held([object_id], set()))
+                if values:
+                    link.send_now(P.Objects(values))
+            except exc.BackendError:
+                pass  # it left
+            if not self.refs.count(object_id):
+                self._released(object_id)  # (a small copy nobody here holds)
+
+        for object_id in object_ids:
+            store.on_ready(object_id, arrived)
+        self.fetch(object_ids, job)
 
     # -- streaming generator calls: items to the driver as they are made ---------
     def _stream_started(self, link: DriverLink, spec) -> None:
@@ -791,15 +919,23 @@ class DriverOwner:
         self._observing = wanted
 
     def driver_left(self, conn) -> None:
-        """A driver is gone: let go of its actors and of what was kept for it."""
+        """A driver is gone: let go of its actors (its detached ones live on,
+        and its job with them: see `adopt`) and of what was kept for it."""
         link = self.drivers.pop(conn, None)
         if link is None:
             return
         if link.task_events:
             self._observe_task_ends()
-        for table in (self.task_driver, self.actor_driver):
-            for key in [k for k, v in table.items() if v is link]:
-                table.pop(key, None)
+        actor_driver = self.actor_driver
+        living = {a for a in link.detached if actor_driver.get(a) is link}
+        link.left = bool(living)
+        for task_id in [k for k, v in self.task_driver.items() if v is link]:
+            self.task_driver.pop(task_id, None)
+        for actor_id in [k for k, v in actor_driver.items() if v is link and k not in living]:
+            actor_driver.pop(actor_id, None)
+        with self.lock:
+            for key in [k for k in self.borrowed if k[0] is link]:
+                del self.borrowed[key]  # (its workers' refs: counted here only, now)
         self._idle_events.discard(link)
         self._deferred.discard(link)
         with self.lock:
@@ -810,7 +946,8 @@ class DriverOwner:
         for pg_id in list(link.groups):
             self.node.scheduler.remove_placement_group(pg_id)
         link.groups.clear()
-        self.node.scheduler.job_ended(link)
+        if not link.left:
+            self.node.scheduler.job_ended(link)
         self._let_go(link, list(link.tokens) + list(link.held))
 
     def close(self) -> None:
