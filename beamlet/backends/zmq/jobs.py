@@ -262,6 +262,8 @@ class DriverOwner:
         #: task id -> the job (driver) of the actor, for a call of an actor of
         #: another driver's job, until its results are out (see `_lend`).
         self._call_job: dict[bytes, DriverLink] = {}
+        #: The results of the tasks this node owns (see `adopt`), until made.
+        self._adopted: set[bytes] = set()
 
     def attach(self, node, transport) -> None:
         """The daemon made its Node: pulls from other nodes go over `transport`."""
@@ -433,8 +435,10 @@ class DriverOwner:
             self.actor_driver[spec.actor_id] = link
         if deps:
             self.refs.incr_all(deps)
+        self._adopted.update(spec.return_ids)
 
         def done(_first) -> None:
+            self._adopted.difference_update(spec.return_ids)
             if self.task_job.get(spec.task_id) is link:
                 del self.task_job[spec.task_id]
             if deps:
@@ -446,6 +450,7 @@ class DriverOwner:
         try:
             self.node.scheduler.submit(spec)
         except BaseException as err:
+            self._adopted.difference_update(spec.return_ids)
             self.task_job.pop(spec.task_id, None)
             if spec.kind == ACTOR_CREATION:
                 self.actor_driver.pop(spec.actor_id, None)
@@ -462,12 +467,12 @@ class DriverOwner:
         """Workers of a job whose driver left wait for these objects, which
         this node lacks: the ones it is not making were the driver's, and are
         lost with it (as in Ray when an object's owner dies)."""
-        store, scheduler = self.node.object_store, self.node.scheduler
+        store = self.node.object_store
         for object_id in object_ids:
             with self.lock:
                 if object_id in self._fetching:
                     continue  # (being pulled here)
-            if object_id in scheduler._producer or store.contains(object_id):
+            if object_id in self._adopted or store.contains(object_id):
                 continue  # (being made here)
             store.put(object_id, serialize(exc.OwnerDiedError(
                 f"object {object_id.hex()} was owned by a driver that left"), is_error=True))
