@@ -268,6 +268,37 @@ def test_a_driver_that_leaves_leaves_nothing_on_the_nodes(cluster, driver):
     assert procs.wait_until(idle, 30, interval=0.5), cluster.status()
 
 
+@beamlet.remote
+class Holder:
+    """Keeps the refs it is given (inside a list: they arrive as refs)."""
+
+    def __init__(self):
+        self.kept = []
+
+    def keep(self, refs):
+        self.kept.extend(refs)
+        return float(sum(beamlet.get(r, timeout=GET_TIMEOUT).sum() for r in self.kept))
+
+
+def test_an_actor_killed_lets_go_of_the_refs_its_worker_held(cluster, driver):
+    head = cluster.start_head()
+    member = cluster.join(head)
+    driver(head)
+    holder = Holder.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        member, soft=False)).remote()
+    array = make_array.options(resources={}, scheduling_strategy=NodeAffinitySchedulingStrategy(
+        member, soft=False)).remote(2)
+    assert beamlet.get(holder.keep.remote([array]), timeout=GET_TIMEOUT) > 0
+    del array  # (now only the actor's worker holds it)
+    beamlet.kill(holder)
+
+    def freed():
+        line = _node_lines(cluster.status())[member]
+        return line.split()[-2].startswith("0.0/")
+
+    assert procs.wait_until(freed, 30, interval=0.5), cluster.status()
+
+
 @pytest.fixture(scope="module")
 def small_cluster(tmp_path_factory):
     """A head and one node (one CPU each), for the seed programs."""
