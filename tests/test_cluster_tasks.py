@@ -517,6 +517,8 @@ def test_a_detached_actor_outlives_its_creator_and_a_plain_one_dies_with_it(
     beamlet.kill(keeper)
     with pytest.raises(exc.ActorDiedError):
         beamlet.get(keeper.job.remote(), timeout=GET_TIMEOUT)
+    with pytest.raises(ValueError):
+        beamlet.get_actor("keeper")  # (its name is free again)
     # This driver's copies outlive the actor; the node keeps nothing else.
     assert beamlet.get(large, timeout=GET_TIMEOUT).sum() == 1 << 16
     del mine, kept_before, small_before, large, small, kept
