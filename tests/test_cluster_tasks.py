@@ -412,6 +412,9 @@ class Keeper:
     def unseen_value(self):
         return beamlet.get(self.unseen, timeout=60)
 
+    def call(self, handles, method):
+        return beamlet.get(getattr(handles[0], method).remote(), timeout=60)
+
     def ones_here(self, n):
         return np.ones(n)
 
@@ -510,9 +513,13 @@ def test_a_detached_actor_outlives_its_creator_and_a_plain_one_dies_with_it(
     # lost with the creator: an error, not a hang. Ray's actor owns it.)
     with pytest.raises(exc.ObjectLostError):
         beamlet.get(keeper.unseen_value.remote(), timeout=GET_TIMEOUT)
-    # A request its node could never hold says why.
+    # A request its node could never hold says why; so does a call of an
+    # actor elsewhere.
     with pytest.raises(ValueError, match="detached actor whose driver left"):
         beamlet.get(keeper.fan_out.remote(1, {"ssd": 5}), timeout=GET_TIMEOUT)
+    elsewhere = Where.options(resources={"head_box": 1}).remote()
+    with pytest.raises(ValueError, match="not on this node"):
+        beamlet.get(keeper.call.remote([elsewhere], "node"), timeout=GET_TIMEOUT)
     pid = beamlet.get(keeper.pid.remote(), timeout=GET_TIMEOUT)
     beamlet.kill(keeper)
     with pytest.raises(exc.ActorDiedError):
@@ -521,7 +528,7 @@ def test_a_detached_actor_outlives_its_creator_and_a_plain_one_dies_with_it(
         beamlet.get_actor("keeper")  # (its name is free again)
     # This driver's copies outlive the actor; the node keeps nothing else.
     assert beamlet.get(large, timeout=GET_TIMEOUT).sum() == 1 << 16
-    del mine, kept_before, small_before, large, small, kept
+    del mine, kept_before, small_before, large, small, kept, elsewhere
     assert procs.wait_until(lambda: not os.path.exists(f"/proc/{pid}"), TIMEOUT, interval=0.1)
 
     def idle():

@@ -426,8 +426,12 @@ class DriverOwner:
         Its arguments are kept until it ends; its results are stored here,
         held by the refs the node's workers hold (the submitter's first: its
         ``Refs`` come before its ``Submit``), and freed once none is. A
-        request this node could never hold raises ValueError (the submitter's
-        get raises it)."""
+        request this node could never hold, or a call of an actor elsewhere,
+        raises ValueError (the submitter's get raises it)."""
+        why = " (submitted by a detached actor whose driver left: this node, the actor's, " \
+              "runs what it submits)"
+        if spec.kind == ACTOR_METHOD and spec.actor_id not in self.node.scheduler.actors:
+            raise ValueError(f"{spec.display_name}: the actor is not on this node{why}")
         deps = spec.dependencies()
         deps.extend(spec.contained_refs())
         self.task_job[spec.task_id] = link
@@ -457,9 +461,7 @@ class DriverOwner:
             if deps:
                 self.refs.decr_all(deps)
             if isinstance(err, ValueError):
-                raise ValueError(
-                    f"{err} (submitted by a detached actor whose driver left: this node, "
-                    f"the actor's, runs what it submits)") from None
+                raise ValueError(f"{err}{why}") from None
             raise
         self.node.object_store.on_ready(spec.return_ids[0], done)
 
