@@ -44,6 +44,8 @@ from .scheduler import LocalScheduler, WorkerInfo
 from .session import SessionLock, sweep
 from .transport import ProtocolError, SocketConnection, UnixSocketTransport
 
+_EXECUTE = P.Execute
+
 #: The ControlStore methods a worker may call through a "control" request.
 CONTROL_OPS = frozenset({"put", "compare_and_set", "get", "delete", "keys", "publish"})
 
@@ -194,6 +196,8 @@ class Node:
         self._io = threading.Thread(target=self._io_loop, name="beamlet-io", daemon=True)
         self._io.start()
         self._io_ident = self._io.ident
+        self._actors = self.scheduler.actors
+        self.direct_calls = direct_calls
         if direct_calls:
             self.scheduler.claim = self.claim
             self.object_store.claims = self._claims
@@ -598,6 +602,7 @@ class Node:
             if self._claims.pop(conn, None) is None and not self.listener.pause(conn):
                 return None
         gone = False
+        got = None
         try:
             if self._released or self._later:
                 self._free_released()  # (this thread holds no lock: a good moment)
@@ -607,6 +612,7 @@ class Node:
             while True:
                 # (First: the I/O thread may have handled the result before the pause.)
                 if done():
+                    got = True
                     return True
                 if self._closed or conn.closed or (
                         not first and running_on(object_id) is not worker):
@@ -638,11 +644,27 @@ class Node:
                         finally:
                             self._turn_holder = 0
                     if messages and done():
+                        got = True
                         return True
         finally:
             if not gone:
-                with self._turn:
-                    self.listener.resume(conn)
+                self._put_back(conn, got and worker.actor_id is not None)
+
+    def _put_back(self, conn: SocketConnection, keep: bool) -> None:
+        """End a direct read of `conn`: the I/O thread reads it again, or
+        (`keep`: an actor's, read up to its reply, and nobody waits in the
+        store for anything the I/O thread could bring) it stays claimed (see
+        `claim`), so that the caller's next sync call to that actor needs
+        neither the pause nor this resume (two epoll_ctl calls)."""
+        with self._turn:
+            if not (keep and self.direct_calls) or self._closed or conn.closed \
+                    or self.object_store.has_waiters():
+                self.listener.resume(conn)
+                return
+            self._last_claim = now = time.monotonic()
+            deadline = self._claims[conn] = now + CLAIM_TIMEOUT
+        if deadline < self._io_deadline:
+            self._wake_io()
 
     # -- claims: a sync call's reply read by its caller only ---------------------------
     def claim(self, worker: WorkerInfo, message) -> None:
@@ -654,31 +676,51 @@ class Node:
         gets there: a reply quicker than the caller's way from its send to its
         get (the actor often runs as soon as the send wakes it) would wake the
         I/O thread, which then handles it while the caller waits for its turn,
-        two thread switches more per call. `_read_worker` takes the claim over.
-        If none does within CLAIM_TIMEOUT, or anything else is sent to that
-        worker, or a thread waits on the store otherwise (`release_claims`),
-        the I/O thread reads the connection again. (Only with `direct_calls`.)"""
+        two thread switches more per call. `_read_worker` takes the claim over
+        (and may leave it in place after the reply, for the next call: see
+        `_put_back`). If no get does within CLAIM_TIMEOUT, or anything else is
+        sent to that worker, or a thread waits on the store otherwise
+        (`release_claims`), the I/O thread reads the connection again.
+        (Only with `direct_calls`.)"""
         conn = worker.conn
-        if conn in self._claims:
-            self.release_claims()  # (a second message: not a lone sync call after all)
-            return
-        if type(message) is not P.Execute or message.ahead \
+        claims = self._claims
+        if type(message) is not _EXECUTE or message.ahead \
                 or message.spec.kind != ACTOR_METHOD:
+            if claims and conn in claims:
+                self._unclaim(conn)  # (not a lone sync call's: let the I/O thread read)
             return
-        record = self.scheduler.actors.get(message.spec.actor_id)
+        record = self._actors.get(message.spec.actor_id)
         if record is None or len(record.inflight) != 1 or threading.get_ident() == self._io_ident:
+            if claims and conn in claims:
+                self._unclaim(conn)
             return
         turn = self._turn
         if not turn.acquire(False):
             return  # (messages are being handled, perhaps by this very thread)
         try:
-            if self._closed or not self.listener.pause(conn):
+            if self._closed or (conn not in claims and not self.listener.pause(conn)):
                 return
             self._last_claim = now = time.monotonic()
-            deadline = self._claims[conn] = now + CLAIM_TIMEOUT
+            deadline = claims[conn] = now + CLAIM_TIMEOUT
         finally:
             turn.release()
         if deadline < self._io_deadline:  # (it would sleep past it: see _claims_timeout)
+            self._wake_io()
+
+    def _unclaim(self, conn: SocketConnection) -> None:
+        """Give one claimed connection back to the I/O thread (see `release_claims`)."""
+        turn = self._turn
+        if self._turn_holder == threading.get_ident():
+            if self._claims.pop(conn, None) is not None:
+                self.listener.resume(conn)
+        elif turn.acquire(False):
+            try:
+                if self._claims.pop(conn, None) is not None:
+                    self.listener.resume(conn)
+            finally:
+                turn.release()
+        else:
+            self._claims_due = True
             self._wake_io()
 
     def release_claims(self) -> None:

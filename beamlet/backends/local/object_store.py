@@ -347,6 +347,10 @@ class LocalObjectStore(MemoryObjectStore):
         return MemoryObjectStore.notify_when(self, object_ids, count, callback, broad,
                                              fail_fast)
 
+    def has_waiters(self) -> bool:
+        """Whether anything waits here for an object to arrive (see `notify_when`)."""
+        return bool(self._indexed or self._broad)
+
     def wait(self, object_ids, num_returns, timeout=None):
         if self.claims:
             self.release_claims()  # (so that a loop of wait(timeout=0) sees results come)
