@@ -137,7 +137,9 @@ class Node:
     Made with validated settings; starts its I/O thread and the first
     `prestart_workers` workers at once. `close()` stops everything it started
     and removes every segment and file of its session. Thread-safe: the
-    scheduler and store take their own locks.
+    scheduler and store take their own locks. `direct_calls`: the owner's
+    threads submit and get here themselves (the single-machine driver), so a
+    sync actor call's reply is left for its caller to read (see `claim`).
     """
 
     def __init__(self, owner: JobOwner, control_store: ControlStore, pool: ResourcePool,
