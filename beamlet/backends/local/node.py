@@ -689,12 +689,12 @@ class Node:
         if type(message) is not _EXECUTE or message.ahead \
                 or message.spec.kind != ACTOR_METHOD:
             if claims and conn in claims:
-                self._unclaim(conn)  # (not a lone sync call's: let the I/O thread read)
+                self.release_claims(conn)  # (not a lone sync call's: let the I/O thread read)
             return
         record = self._actors.get(message.spec.actor_id)
         if record is None or len(record.inflight) != 1 or threading.get_ident() == self._io_ident:
             if claims and conn in claims:
-                self._unclaim(conn)
+                self.release_claims(conn)
             return
         turn = self._turn
         if not turn.acquire(False):
@@ -709,47 +709,32 @@ class Node:
         if deadline < self._io_deadline:  # (it would sleep past it: see _claims_timeout)
             self._wake_io()
 
-    def _unclaim(self, conn: SocketConnection) -> None:
-        """Give one claimed connection back to the I/O thread (see `release_claims`)."""
-        turn = self._turn
-        if self._turn_holder == threading.get_ident():
-            if self._claims.pop(conn, None) is not None:
-                self.listener.resume(conn)
-        elif turn.acquire(False):
-            try:
-                if self._claims.pop(conn, None) is not None:
-                    self.listener.resume(conn)
-            finally:
-                turn.release()
-        else:
-            self._claims_due = True
-            self._wake_io()
-
-    def release_claims(self) -> None:
-        """Have the I/O thread read every claimed connection again (see
-        `claim`): at once, or at its next turn if messages are being handled
-        in another thread. Called before a driver thread waits on the store
-        otherwise than by reading a worker itself, or registers a callback
-        there: what it waits for may need a reply a claim holds back."""
+    def release_claims(self, conn: SocketConnection | None = None) -> None:
+        """Have the I/O thread read the claimed connection `conn` (default:
+        every one) again (see `claim`): at once, or at its next turn if
+        messages are being handled in another thread. Called before a driver
+        thread waits on the store otherwise than by reading a worker itself,
+        or registers a callback there: what it waits for may need a reply a
+        claim holds back."""
         if not self._claims:
             return
         turn = self._turn
         if self._turn_holder == threading.get_ident():
-            self._release_all_claims()  # (this thread has the turn)
+            self._release(conn)  # (this thread has the turn)
         elif turn.acquire(False):
             try:
-                self._release_all_claims()
+                self._release(conn)
             finally:
                 turn.release()
         else:
-            self._claims_due = True
+            self._claims_due = True  # (all of them: rare)
             self._wake_io()
 
-    def _release_all_claims(self) -> None:
+    def _release(self, conn: SocketConnection | None) -> None:
         claims = self._claims
-        for conn in list(claims):
-            if claims.pop(conn, None) is not None:
-                self.listener.resume(conn)
+        for one in list(claims) if conn is None else (conn,):
+            if claims.pop(one, None) is not None:
+                self.listener.resume(one)
 
     def _wake_io(self) -> None:
         try:
