@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 import procs
 import pytest
@@ -183,8 +184,15 @@ def test_a_connection_that_never_authenticates_is_closed_at_its_deadline(start, 
 def test_the_secret_is_in_no_command_line_or_environment(start):
     backend = start()
     assert_serving()
-    pids = [backend.node.launcher.proc.pid] + [w.pid for w in backend.scheduler.workers.values()]
-    assert len(pids) >= 3, pids  # the zygote and two workers
+    # A worker's pid is known once it has connected (0 before): wait for both.
+    deadline = time.monotonic() + 60
+    while True:
+        workers = [w.pid for w in backend.scheduler.workers.values()]
+        if len(workers) >= 2 and all(workers) or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    pids = [backend.node.launcher.proc.pid] + workers
+    assert len(pids) >= 3 and all(pids), pids  # the zygote and two connected workers
     secret_hex = backend.node.secret.hex().encode()
     for pid in pids:
         for name in ("cmdline", "environ"):
