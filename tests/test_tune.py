@@ -478,7 +478,16 @@ def test_failing_setup_and_fail_fast(on_backend, storage):
                  stop={"i": 3}, storage_path=storage, verbose=0, fail_fast=True)
 
 
-def test_trial_whose_process_dies_errors(on_backend, storage):
+def _never_stops(trial_id, result):
+    return False
+
+
+@pytest.mark.parametrize("per_result", [False, True], ids=["runs_ahead", "per_result"])
+def test_trial_whose_process_dies_errors(on_backend, storage, per_result):
+    """A trial whose process dies ends in ERROR. With a stopper function (the
+    driver decides on each result) the trial waits for the driver after each
+    report, so the result reported just before its death counts; running
+    ahead (FIFO, no such stopper) it may be lost, never anything else."""
     if on_backend == "inprocess":
         pytest.skip("on inprocess the trial runs in the test's own process")
 
@@ -489,19 +498,24 @@ def test_trial_whose_process_dies_errors(on_backend, storage):
         tune.report(x=2)
 
     analysis = tune.run(dies, config={"die": grid_search([True, False])},
-                        storage_path=storage, verbose=0, raise_on_failed_trial=False)
+                        storage_path=storage, verbose=0, raise_on_failed_trial=False,
+                        stop=_never_stops if per_result else None)
     by_die = {t.config["die"]: t for t in analysis.trials}
     assert by_die[True].status == "ERROR"
     assert "ActorDiedError" in by_die[True].error_msg
-    assert by_die[True].last_result["x"] == 1
+    logged = [r["x"] for r in read_results(by_die[True])]
+    assert logged == [1] if per_result else logged in ([], [1])
+    assert by_die[True].last_result.get("x") == (logged[-1] if logged else None)
     assert by_die[False].status == "TERMINATED" and by_die[False].last_result["x"] == 2
+    assert [r["x"] for r in read_results(by_die[False])] == [1, 2, 2]
 
 
-def test_trial_a_step_ahead_whose_process_dies_keeps_its_results(on_backend, storage):
-    """From its second result on, a FIFO trial's next step is asked for before
-    the driver has its result (the trial goes on at once): a result it
-    reported just before its process died still counts, and the step asked
-    for ahead is not taken for another event of the trial."""
+@pytest.mark.parametrize("per_result", [False, True], ids=["runs_ahead", "per_result"])
+def test_trial_whose_process_dies_late_keeps_its_results(on_backend, storage, per_result):
+    """A trial retried after its process died: with per-result decisions every
+    result it reported counts; running ahead, those it reported since its
+    last batch went to the driver may be lost, but what is logged is, per
+    run, the results in the order reported, none twice."""
     if on_backend == "inprocess":
         pytest.skip("on inprocess the trial runs in the test's own process")
 
@@ -511,12 +525,29 @@ def test_trial_a_step_ahead_whose_process_dies_keeps_its_results(on_backend, sto
         os._exit(3)
 
     analysis = tune.run(dies_late, storage_path=storage, verbose=0,
-                        raise_on_failed_trial=False, max_failures=1)
+                        raise_on_failed_trial=False, max_failures=1,
+                        stop=_never_stops if per_result else None)
     trial = analysis.trials[0]
     assert trial.status == "ERROR" and "ActorDiedError" in trial.error_msg
     assert trial.num_failures == 1  # (retried once, and died the same way)
-    assert trial.last_result["x"] == 4
-    assert [r["x"] for r in read_results(trial)] == [1, 2, 3, 4, 1, 2, 3, 4]
+    logged = [r["x"] for r in read_results(trial)]
+    if per_result:
+        assert trial.last_result["x"] == 4
+        assert logged == [1, 2, 3, 4, 1, 2, 3, 4]
+    else:
+        runs = _split_runs(logged)
+        assert len(runs) <= 2 and all(run == list(range(1, len(run) + 1)) for run in runs)
+        assert trial.last_result.get("x") == (logged[-1] if logged else None)
+
+
+def _split_runs(values: list) -> list[list]:
+    """[1, 2, 1, 2, 3] -> [[1, 2], [1, 2, 3]]: a new run where x starts over at 1."""
+    runs: list[list] = []
+    for value in values:
+        if value == 1 or not runs:
+            runs.append([])
+        runs[-1].append(value)
+    return runs
 
 
 def test_experiment_objects(on_backend, storage):
