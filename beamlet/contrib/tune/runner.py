@@ -5,7 +5,8 @@ Each trial is one actor created with the trial's resources (``num_cpus``,
 own account of what the running trials hold and starts a trial only when it
 fits (6 one-CPU trials on 2 CPUs run 2 at a time). The loop waits on the
 trials' ``step()`` refs with ``beamlet.wait``; each ready ref is one event of
-one trial (see ``trial_actor``). For each result the runner asks, in order:
+one trial, or a batch of them from a trial that runs ahead (see
+``trial_actor`` and ``_runs_ahead``). For each result the runner asks, in order:
 did the trial end itself (a dict stop criterion or ``done``)? does the
 experiment's stopper say stop? and otherwise the scheduler, which answers
 CONTINUE, PAUSE or STOP. Then it logs the result (callbacks: JSON, CSV,
@@ -36,7 +37,7 @@ from .loggers import BackgroundLoggers, Callback
 from .progress import ProgressReporter
 from .result import json_default
 from .schedulers import FIFOScheduler, TrialScheduler
-from .stopper import DictStopper, NoopStopper, lookup, missing_criteria
+from .stopper import DictStopper, NoopStopper, TimeoutStopper, lookup, missing_criteria
 from .trial import ERROR, PAUSED, PENDING, RUNNING, TERMINATED, Trial, resources_to_actor_options
 from .experiment_state import ExperimentStateLog
 from .trial_actor import TrialActor
@@ -44,9 +45,10 @@ from .trial_actor import TrialActor
 __all__ = ["TrialRunner"]
 
 _EPS = 1e-9
-# A trial's own stoppers that stop nothing its trial does not stop itself (a
-# dict's criteria are also checked by the trial's reporter).
-_STOPPERS_THE_TRIAL_APPLIES = (type(None), NoopStopper, DictStopper)
+# Stoppers that stop no trial at a result unless the trial stops itself there
+# (a dict's criteria are also checked by the trial's reporter; a timeout ends
+# the experiment between results, not at one).
+_STOPPERS_THE_TRIAL_APPLIES = (type(None), NoopStopper, DictStopper, TimeoutStopper)
 _WAIT_TIMEOUT_S = 0.5
 _STOP_TIMEOUT_S = 15.0
 
@@ -131,7 +133,7 @@ class TrialRunner:
         # Whether each result that does not end its trial is answered "continue"
         # (the scheduler does not decide per result, no stopper does): then a
         # trial runs ahead of the driver (see _runs_ahead).
-        self._always_continue = stopper is None and \
+        self._always_continue = type(stopper) in (type(None), NoopStopper, TimeoutStopper) and \
             type(self._scheduler).on_trial_result is TrialScheduler.on_trial_result
         self._parallel = False  # (the backend's, at _setup)
 
