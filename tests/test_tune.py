@@ -186,6 +186,42 @@ def test_nested_config_and_sample_from():
 
 # -- stopping -------------------------------------------------------------------
 
+def test_a_trial_that_runs_ahead_reports_without_waiting_and_hands_over_in_order(tmp_path):
+    """run_ahead (what the runner asks for where every result is answered
+    "continue"): after the first step the trainable goes on reporting with
+    no further step() (the per-result protocol would hold it at its first
+    report); the steps then hand over every result once, in order, the
+    trial's end last; and it stops exactly at its stop criterion."""
+    import threading
+
+    from beamlet.contrib.tune.trial_actor import TrialActor
+
+    reached = threading.Event()
+
+    def reports(config):
+        for i in range(1, 100):
+            tune.report(i=i)
+            if i == 10:
+                reached.set()
+
+    info = {"trial_id": "t1", "logdir": str(tmp_path / "t1"), "log_files": ["result.json"]}
+    actor = TrialActor(reports, {}, info, {"i": 12}, {"run_ahead": True})
+    first = actor.step()
+    assert first["kind"] == "batch" and first["events"]
+    assert reached.wait(60), "the trainable waited for the driver after a report"
+    events = list(first["events"])
+    while not (events[-1]["kind"] != "result" or events[-1]["result"]["done"]):
+        batch = actor.step()
+        assert batch["kind"] == "batch" and batch["events"]
+        events.extend(batch["events"])
+    assert [e["kind"] for e in events] == ["result"] * 12
+    assert [e["result"]["i"] for e in events] == list(range(1, 13))
+    assert [e["result"]["done"] for e in events] == [False] * 11 + [True]
+    assert actor.step() == {"kind": "done"}  # (it has ended)
+    # (the directory and the loggers' files, made by the trial's actor)
+    assert os.listdir(tmp_path / "t1") == ["result.json"]
+
+
 def test_stop_at_first_result_meeting_a_criterion(on_backend, storage):
     # x counts 1, 2, 3, ...: the trial ends at the result where x >= 5, i.e. x == 5.
     analysis = tune.run(count_forever, stop={"x": 5, "y": 10 ** 9}, storage_path=storage,
