@@ -218,8 +218,12 @@ def test_a_trial_that_runs_ahead_reports_without_waiting_and_hands_over_in_order
     assert [e["result"]["i"] for e in events] == list(range(1, 13))
     assert [e["result"]["done"] for e in events] == [False] * 11 + [True]
     assert actor.step() == {"kind": "done"}  # (it has ended)
-    # (the directory and the loggers' files, made by the trial's actor)
-    assert os.listdir(tmp_path / "t1") == ["result.json"]
+    # The directory, made by the trial's actor before the trainable starts, and
+    # the loggers' files, which it makes meanwhile, on a thread of its own.
+    deadline = time.monotonic() + 60
+    while os.listdir(tmp_path / "t1") != ["result.json"]:
+        assert time.monotonic() < deadline, os.listdir(tmp_path / "t1")
+        time.sleep(0.01)
 
 
 def test_stop_at_first_result_meeting_a_criterion(on_backend, storage):
@@ -792,6 +796,14 @@ def test_import_forms():
     assert issubclass(tune.TuneError, beamlet.exceptions.BeamletError)
     for name in tune_module.__all__:
         assert hasattr(tune_module, name), name
+    # A trial's worker that unpickles a trainable using tune.report imports the
+    # session, not the driver's machinery (each name is imported on first use).
+    code = ("import sys; from beamlet import tune; tune.report; "
+            "print(sorted(m for m in sys.modules if m.startswith('beamlet.contrib.tune.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert "beamlet.contrib.tune.session" in out
+    assert "beamlet.contrib.tune.runner" not in out and "beamlet.contrib.tune.api" not in out
 
 
 # -- resources and concurrency --------------------------------------------------

@@ -65,18 +65,31 @@ def _error_event(err: BaseException) -> dict:
             "message": str(err)}
 
 
+_to_create: queue.SimpleQueue | None = None
+
+
 def _prepare_dir(logdir: str, files) -> None:
-    """Make the trial's directory and, empty, the files the driver's loggers
-    will write there (see BackgroundLoggers.trial_files): creating them costs
-    the kernel more than opening them, and this runs beside the driver.
-    Never truncates: the loggers may have written to them first."""
+    """Make the trial's directory and (on a thread of this process, so that
+    the trial need not wait for it) the files the driver's loggers will write
+    there, empty (see BackgroundLoggers.trial_files): creating a file costs
+    the kernel more than opening it, and this process runs beside the driver."""
+    global _to_create
     os.makedirs(logdir, exist_ok=True)
-    for name in files:
-        try:
-            os.close(os.open(os.path.join(logdir, name), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
-                             0o644))
-        except OSError:  # (the logger creates it then)
-            pass
+    if files:
+        if _to_create is None:
+            _to_create = queue.SimpleQueue()
+            threading.Thread(target=_create_files, args=(_to_create,), daemon=True,
+                             name="beamlet-tune-files").start()
+        _to_create.put([os.path.join(logdir, name) for name in files])
+
+
+def _create_files(paths_queue: queue.SimpleQueue) -> None:
+    while True:
+        for path in paths_queue.get():
+            try:  # (never truncating: the loggers may have written to it first)
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
+            except OSError:  # (the logger creates it then)
+                pass
 
 
 class _FunctionRunner:
