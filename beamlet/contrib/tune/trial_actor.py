@@ -21,7 +21,10 @@ decides per result) the trainable does not wait, and ``step()`` returns
 ``{"kind": "batch", "events": [...]}``: the events that are there (at
 least one, in order, the trial's last event last), one round trip for many
 results. The trial still ends exactly where it should: the dict stop
-criteria and ``done`` are applied in the trial itself.
+criteria and ``done`` are applied in the trial itself. What it costs (as
+Ray Tune's result buffering): if the trial's process dies (a segfault,
+``os._exit``, the OOM killer), the results it reported since its last batch
+went out die with it; a trial that waits for the driver loses none.
 """
 from __future__ import annotations
 
