@@ -95,6 +95,20 @@ def _create_files(paths_queue: queue.SimpleQueue) -> None:
                 pass
 
 
+_last_signature: tuple = (None, False)  # (a trainable, wants_reporter of it)
+
+
+def _wants_reporter(fn) -> bool:
+    """wants_reporter(fn), not computed again for the trainable of the
+    previous trial (an actor that is reused runs the same one)."""
+    global _last_signature
+    last, value = _last_signature
+    if fn is not last:
+        value = wants_reporter(fn)
+        _last_signature = (fn, value)
+    return value
+
+
 class _FunctionRunner:
     """Runs a function trainable in a thread; each report is one step."""
 
@@ -104,7 +118,7 @@ class _FunctionRunner:
         self._config = config
         self._session = TrialSession(trial_info, config, stop_criteria, options.get("restore"),
                                      run_ahead=bool(options.get("run_ahead")))
-        self._pass_reporter = wants_reporter(fn)
+        self._pass_reporter = _wants_reporter(fn)
         self._thread: threading.Thread | None = None
         self._ended = False
 
