@@ -186,6 +186,46 @@ def test_nested_config_and_sample_from():
 
 # -- stopping -------------------------------------------------------------------
 
+def test_a_trial_that_runs_ahead_reports_without_waiting_and_hands_over_in_order(tmp_path):
+    """run_ahead (what the runner asks for where every result is answered
+    "continue"): after the first step the trainable goes on reporting with
+    no further step() (the per-result protocol would hold it at its first
+    report); the steps then hand over every result once, in order, the
+    trial's end last; and it stops exactly at its stop criterion."""
+    import threading
+
+    from beamlet.contrib.tune.trial_actor import TrialActor
+
+    reached = threading.Event()
+
+    def reports(config):
+        for i in range(1, 100):
+            tune.report(i=i)
+            if i == 10:
+                reached.set()
+
+    info = {"trial_id": "t1", "logdir": str(tmp_path / "t1"), "log_files": ["result.json"]}
+    actor = TrialActor(reports, {}, info, {"i": 12}, {"run_ahead": True})
+    first = actor.step()
+    assert first["kind"] == "batch" and first["events"]
+    assert reached.wait(60), "the trainable waited for the driver after a report"
+    events = list(first["events"])
+    while not (events[-1]["kind"] != "result" or events[-1]["result"]["done"]):
+        batch = actor.step()
+        assert batch["kind"] == "batch" and batch["events"]
+        events.extend(batch["events"])
+    assert [e["kind"] for e in events] == ["result"] * 12
+    assert [e["result"]["i"] for e in events] == list(range(1, 13))
+    assert [e["result"]["done"] for e in events] == [False] * 11 + [True]
+    assert actor.step() == {"kind": "done"}  # (it has ended)
+    # The directory, made by the trial's actor before the trainable starts, and
+    # the loggers' files, which it makes meanwhile, on a thread of its own.
+    deadline = time.monotonic() + 60
+    while os.listdir(tmp_path / "t1") != ["result.json"]:
+        assert time.monotonic() < deadline, os.listdir(tmp_path / "t1")
+        time.sleep(0.01)
+
+
 def test_stop_at_first_result_meeting_a_criterion(on_backend, storage):
     # x counts 1, 2, 3, ...: the trial ends at the result where x >= 5, i.e. x == 5.
     analysis = tune.run(count_forever, stop={"x": 5, "y": 10 ** 9}, storage_path=storage,
@@ -478,7 +518,16 @@ def test_failing_setup_and_fail_fast(on_backend, storage):
                  stop={"i": 3}, storage_path=storage, verbose=0, fail_fast=True)
 
 
-def test_trial_whose_process_dies_errors(on_backend, storage):
+def _never_stops(trial_id, result):
+    return False
+
+
+@pytest.mark.parametrize("per_result", [False, True], ids=["runs_ahead", "per_result"])
+def test_trial_whose_process_dies_errors(on_backend, storage, per_result):
+    """A trial whose process dies ends in ERROR. With a stopper function (the
+    driver decides on each result) the trial waits for the driver after each
+    report, so the result reported just before its death counts; running
+    ahead (FIFO, no such stopper) it may be lost, never anything else."""
     if on_backend == "inprocess":
         pytest.skip("on inprocess the trial runs in the test's own process")
 
@@ -489,19 +538,24 @@ def test_trial_whose_process_dies_errors(on_backend, storage):
         tune.report(x=2)
 
     analysis = tune.run(dies, config={"die": grid_search([True, False])},
-                        storage_path=storage, verbose=0, raise_on_failed_trial=False)
+                        storage_path=storage, verbose=0, raise_on_failed_trial=False,
+                        stop=_never_stops if per_result else None)
     by_die = {t.config["die"]: t for t in analysis.trials}
     assert by_die[True].status == "ERROR"
     assert "ActorDiedError" in by_die[True].error_msg
-    assert by_die[True].last_result["x"] == 1
+    logged = [r["x"] for r in read_results(by_die[True])]
+    assert logged == [1] if per_result else logged in ([], [1])
+    assert by_die[True].last_result.get("x") == (logged[-1] if logged else None)
     assert by_die[False].status == "TERMINATED" and by_die[False].last_result["x"] == 2
+    assert [r["x"] for r in read_results(by_die[False])] == [1, 2, 2]
 
 
-def test_trial_a_step_ahead_whose_process_dies_keeps_its_results(on_backend, storage):
-    """From its second result on, a FIFO trial's next step is asked for before
-    the driver has its result (the trial goes on at once): a result it
-    reported just before its process died still counts, and the step asked
-    for ahead is not taken for another event of the trial."""
+@pytest.mark.parametrize("per_result", [False, True], ids=["runs_ahead", "per_result"])
+def test_trial_whose_process_dies_late_keeps_its_results(on_backend, storage, per_result):
+    """A trial retried after its process died: with per-result decisions every
+    result it reported counts; running ahead, those it reported since its
+    last batch went to the driver may be lost, but what is logged is, per
+    run, the results in the order reported, none twice."""
     if on_backend == "inprocess":
         pytest.skip("on inprocess the trial runs in the test's own process")
 
@@ -511,12 +565,29 @@ def test_trial_a_step_ahead_whose_process_dies_keeps_its_results(on_backend, sto
         os._exit(3)
 
     analysis = tune.run(dies_late, storage_path=storage, verbose=0,
-                        raise_on_failed_trial=False, max_failures=1)
+                        raise_on_failed_trial=False, max_failures=1,
+                        stop=_never_stops if per_result else None)
     trial = analysis.trials[0]
     assert trial.status == "ERROR" and "ActorDiedError" in trial.error_msg
     assert trial.num_failures == 1  # (retried once, and died the same way)
-    assert trial.last_result["x"] == 4
-    assert [r["x"] for r in read_results(trial)] == [1, 2, 3, 4, 1, 2, 3, 4]
+    logged = [r["x"] for r in read_results(trial)]
+    if per_result:
+        assert trial.last_result["x"] == 4
+        assert logged == [1, 2, 3, 4, 1, 2, 3, 4]
+    else:
+        runs = _split_runs(logged)
+        assert len(runs) <= 2 and all(run == list(range(1, len(run) + 1)) for run in runs)
+        assert trial.last_result.get("x") == (logged[-1] if logged else None)
+
+
+def _split_runs(values: list) -> list[list]:
+    """[1, 2, 1, 2, 3] -> [[1, 2], [1, 2, 3]]: a new run where x starts over at 1."""
+    runs: list[list] = []
+    for value in values:
+        if value == 1 or not runs:
+            runs.append([])
+        runs[-1].append(value)
+    return runs
 
 
 def test_experiment_objects(on_backend, storage):
@@ -725,6 +796,14 @@ def test_import_forms():
     assert issubclass(tune.TuneError, beamlet.exceptions.BeamletError)
     for name in tune_module.__all__:
         assert hasattr(tune_module, name), name
+    # A trial's worker that unpickles a trainable using tune.report imports the
+    # session, not the driver's machinery (each name is imported on first use).
+    code = ("import sys; from beamlet import tune; tune.report; "
+            "print(sorted(m for m in sys.modules if m.startswith('beamlet.contrib.tune.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert "beamlet.contrib.tune.session" in out
+    assert "beamlet.contrib.tune.runner" not in out and "beamlet.contrib.tune.api" not in out
 
 
 # -- resources and concurrency --------------------------------------------------

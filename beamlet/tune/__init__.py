@@ -44,29 +44,43 @@ Trials run as beamlet actors with their resources; results stream back to
 the driver, which writes ``result.json``, ``progress.csv``, ``params.json``
 and TensorBoard event files under ``~/beamlet_results/<name>``.
 """
-from beamlet.contrib.tune import plugins
-from beamlet.contrib.tune.plugins import create_scheduler, create_searcher
-from beamlet.contrib.tune.analysis import ExperimentAnalysis
-from beamlet.contrib.tune.api import run, run_experiments
-from beamlet.contrib.tune.error import TuneError
-from beamlet.contrib.tune.experiment import Experiment
-from beamlet.contrib.tune.loggers import (CSVLoggerCallback, Callback, JsonLoggerCallback,
-                                          LoggerCallback, TBXLoggerCallback)
-from beamlet.contrib.tune.progress import ProgressReporter
-from beamlet.contrib.tune.checkpoint import Checkpoint
-from beamlet.contrib.tune.schedulers import FIFOScheduler, TrialScheduler
-from beamlet.contrib.tune.search_space import (choice, grid_search, lograndint, loguniform,
-                                               qloguniform, qrandint, quniform, randint, randn,
-                                               sample_from, uniform)
-from beamlet.contrib.tune.session import (get_checkpoint, get_trial_dir, get_trial_id,
-                                          get_trial_name, report)
-from beamlet.contrib.tune.stopper import (CombinedStopper, FunctionStopper,
-                                          MaximumIterationStopper, Stopper, TimeoutStopper)
-from beamlet.contrib.tune.trainable import Trainable, register_trainable
-from beamlet.contrib.tune.trial import Trial
-from beamlet.contrib.tune.tuner import (CheckpointConfig, FailureConfig, Result, ResultGrid,
-                                       RunConfig, TuneConfig, Tuner)
-from beamlet.contrib.tune.wrappers import with_parameters, with_resources
+import importlib
+
+# Each public name and the module that defines it, imported when the name is
+# first used (PEP 562): a trial's worker that unpickles a trainable using
+# ``tune.report`` imports the session, not the driver's whole machinery
+# (runner, schedulers, searchers, loggers, analysis: most of a new worker's
+# first trial, at about 0.1 s).
+_C = "beamlet.contrib.tune."
+_MODULES = {
+    "plugins": "beamlet.contrib.tune.plugins",
+    "schedulers": "beamlet.tune.schedulers",   # Ray's submodule paths
+    "search": "beamlet.tune.search",
+}
+_NAMES = {
+    _C + "plugins": ["create_scheduler", "create_searcher"],
+    _C + "analysis": ["ExperimentAnalysis"],
+    _C + "api": ["run", "run_experiments"],
+    _C + "error": ["TuneError"],
+    _C + "experiment": ["Experiment"],
+    _C + "loggers": ["CSVLoggerCallback", "Callback", "JsonLoggerCallback", "LoggerCallback",
+                     "TBXLoggerCallback"],
+    _C + "progress": ["ProgressReporter"],
+    _C + "checkpoint": ["Checkpoint"],
+    _C + "schedulers": ["FIFOScheduler", "TrialScheduler"],
+    _C + "search_space": ["choice", "grid_search", "lograndint", "loguniform", "qloguniform",
+                          "qrandint", "quniform", "randint", "randn", "sample_from", "uniform"],
+    _C + "session": ["get_checkpoint", "get_trial_dir", "get_trial_id", "get_trial_name",
+                     "report"],
+    _C + "stopper": ["CombinedStopper", "FunctionStopper", "MaximumIterationStopper", "Stopper",
+                     "TimeoutStopper"],
+    _C + "trainable": ["Trainable", "register_trainable"],
+    _C + "trial": ["Trial"],
+    _C + "tuner": ["CheckpointConfig", "FailureConfig", "Result", "ResultGrid", "RunConfig",
+                   "TuneConfig", "Tuner"],
+    _C + "wrappers": ["with_parameters", "with_resources"],
+}
+_WHERE = {name: module for module, names in _NAMES.items() for name in names}
 
 __all__ = [
     "run", "run_experiments", "register_trainable", "report", "Trainable", "Experiment",
@@ -82,4 +96,17 @@ __all__ = [
     "CheckpointConfig", "ResultGrid", "Result", "with_parameters", "with_resources",
 ]
 
-from beamlet.tune import schedulers, search  # noqa: E402 - Ray's submodule paths
+
+def __getattr__(name: str):
+    if name in _MODULES:
+        value = importlib.import_module(_MODULES[name])
+    elif name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+    else:
+        raise AttributeError(f"module 'beamlet.tune' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -5,7 +5,8 @@ Each trial is one actor created with the trial's resources (``num_cpus``,
 own account of what the running trials hold and starts a trial only when it
 fits (6 one-CPU trials on 2 CPUs run 2 at a time). The loop waits on the
 trials' ``step()`` refs with ``beamlet.wait``; each ready ref is one event of
-one trial (see ``trial_actor``). For each result the runner asks, in order:
+one trial, or a batch of them from a trial that runs ahead (see
+``trial_actor`` and ``_runs_ahead``). For each result the runner asks, in order:
 did the trial end itself (a dict stop criterion or ``done``)? does the
 experiment's stopper say stop? and otherwise the scheduler, which answers
 CONTINUE, PAUSE or STOP. Then it logs the result (callbacks: JSON, CSV,
@@ -36,7 +37,7 @@ from .loggers import BackgroundLoggers, Callback
 from .progress import ProgressReporter
 from .result import json_default
 from .schedulers import FIFOScheduler, TrialScheduler
-from .stopper import DictStopper, NoopStopper, lookup, missing_criteria
+from .stopper import DictStopper, NoopStopper, TimeoutStopper, lookup, missing_criteria
 from .trial import ERROR, PAUSED, PENDING, RUNNING, TERMINATED, Trial, resources_to_actor_options
 from .experiment_state import ExperimentStateLog
 from .trial_actor import TrialActor
@@ -44,9 +45,10 @@ from .trial_actor import TrialActor
 __all__ = ["TrialRunner"]
 
 _EPS = 1e-9
-# A trial's own stoppers that stop nothing its trial does not stop itself (a
-# dict's criteria are also checked by the trial's reporter).
-_STOPPERS_THE_TRIAL_APPLIES = (type(None), NoopStopper, DictStopper)
+# Stoppers that stop no trial at a result unless the trial stops itself there
+# (a dict's criteria are also checked by the trial's reporter; a timeout ends
+# the experiment between results, not at one).
+_STOPPERS_THE_TRIAL_APPLIES = (type(None), NoopStopper, DictStopper, TimeoutStopper)
 _WAIT_TIMEOUT_S = 0.5
 _STOP_TIMEOUT_S = 15.0
 
@@ -130,8 +132,8 @@ class TrialRunner:
         self._warned_search: set[str] = set()
         # Whether each result that does not end its trial is answered "continue"
         # (the scheduler does not decide per result, no stopper does): then a
-        # trial's next step is asked for before its result is in (see _pipelined).
-        self._always_continue = stopper is None and \
+        # trial runs ahead of the driver (see _runs_ahead).
+        self._always_continue = type(stopper) in (type(None), NoopStopper, TimeoutStopper) and \
             type(self._scheduler).on_trial_result is TrialScheduler.on_trial_result
         self._parallel = False  # (the backend's, at _setup)
 
@@ -387,16 +389,19 @@ class TrialRunner:
         trial._stop_requested = False
         self._acquire(trial.resources)
         # (The trial's directory is made by its actor, before the trainable starts,
-        # and by the loggers if they get there first: not here, in the loop.)
-        if not trial.started:
-            trial.started = True
-            self._call("on_trial_start", trial=trial)
-        trainable = self._trainable_ref(trial)
-        options = {"restore": trial.take_restore_path(), "checkpoint_freq": trial.checkpoint_freq,
-                   "checkpoint_at_end": trial.checkpoint_at_end}
+        # with the loggers' files, and by the loggers if they get there first:
+        # not here, in the loop.)
         info = {"trial_id": trial.trial_id, "trial_name": trial.trial_name,
                 "experiment_tag": trial.experiment_tag, "logdir": trial.path,
                 "experiment_name": trial.experiment_name}
+        if not trial.started:
+            trial.started = True
+            info["log_files"] = self._background.trial_files(trial)  # (before they start)
+            self._call("on_trial_start", trial=trial)
+        trainable = self._trainable_ref(trial)
+        options = {"restore": trial.take_restore_path(), "checkpoint_freq": trial.checkpoint_freq,
+                   "checkpoint_at_end": trial.checkpoint_at_end,
+                   "run_ahead": self._runs_ahead(trial)}
         try:
             actor, has = self._pooled_actor(trial.resources)
             if actor is not None:
@@ -435,24 +440,42 @@ class TrialRunner:
         except Exception as err:  # noqa: BLE001 - the actor died, the worker crashed, ...
             self._on_trial_error(trial, _error_text(err))
             return
+        if isinstance(event, dict) and event.get("kind") == "batch":
+            self._process_batch(trial, event["events"])
+            return
+        self._handle_event(trial, event)
+
+    def _process_batch(self, trial: Trial, events: list) -> None:
+        """The events of a trial that runs ahead, in order; then ask for more
+        unless the trial has ended (or a scheduler stopped it meanwhile)."""
+        actor = trial._actor
+        for event in events:
+            if trial.status != RUNNING or trial._actor is not actor:
+                return  # (it ended: the rest is of no use, as a stray step's)
+            self._handle_event(trial, event, ask=False)
+        if trial.status == RUNNING and trial._actor is actor and not trial._steps and \
+                events[-1].get("kind") == "result" and not events[-1]["result"].get("done"):
+            self._ask_step(trial)
+
+    def _handle_event(self, trial: Trial, event, ask: bool = True) -> None:
         kind = event.get("kind") if isinstance(event, dict) else None
         if isinstance(event, dict) and event.get("checkpoint"):
             trial.on_checkpoint(event["checkpoint"])
             self._log_trial(trial)
         if kind == "result":
-            self._on_result(trial, event["result"])
+            self._on_result(trial, event["result"], ask)
         elif kind == "done":
             self._on_trial_returned(trial)
         else:
             self._on_trial_error(trial, (event or {}).get("error") or f"bad event {event!r:.200}")
 
-    def _pipelined(self, trial: Trial) -> bool:
-        """Whether `trial` keeps a second step asked for ahead: its actor goes on
-        with the trial as soon as it has sent a result, while the driver
-        handles it. Only where the answer is known to be "continue" (else the
-        trial would run a step it should not), and where calls run apart from
-        the driver (on ``inprocess`` the step would run inside the loop, before
-        the result it follows is even logged)."""
+    def _runs_ahead(self, trial: Trial) -> bool:
+        """Whether `trial` runs ahead (see trial_actor): its trainable goes on
+        without waiting for the driver's answer to each result, and each step
+        returns the results that came meanwhile. Only where the answer is
+        known to be "continue" (else the trial would run a step it should not),
+        and where calls run apart from the driver (on ``inprocess`` the trial
+        would run inside the loop, before the results it follows are even logged)."""
         return self._always_continue and self._parallel and \
             type(trial._stopper) in _STOPPERS_THE_TRIAL_APPLIES
 
@@ -484,7 +507,9 @@ class TrialRunner:
                                  f"{metric!r} that tune.run / the scheduler optimise "
                                  f"(it reported: {shown}); report it with tune.report()")
 
-    def _on_result(self, trial: Trial, result: dict) -> None:
+    def _on_result(self, trial: Trial, result: dict, ask: bool = True) -> None:
+        """Decide on `result`, log it, then go on with the trial (`ask`: ask for
+        its next step; else its caller does, see _process_batch) or end it."""
         if trial.num_results == 0 and self._metrics:
             self._check_metrics(trial, result)
         decision = TrialScheduler.CONTINUE
@@ -497,7 +522,7 @@ class TrialRunner:
             decision = TrialScheduler.STOP
         else:
             decision = self._scheduler.on_trial_result(self, trial, result)
-            if decision != TrialScheduler.STOP:
+            if decision != TrialScheduler.STOP and not self._always_continue:
                 # (a STOP's state goes in one write with the trial's end, below)
                 self._log_scheduler()
         if decision == TrialScheduler.STOP:
@@ -509,10 +534,7 @@ class TrialRunner:
         self._call("on_trial_result", trial=trial, result=result)
         self._progress.on_trial_result(trial, result)
         if decision == TrialScheduler.CONTINUE:
-            self._ask_step(trial)
-            if trial.num_results >= 2 and len(trial._steps) == 1 and self._pipelined(trial):
-                # From its second result on (a trial of one result would leave a
-                # step asked for in vain), the trial is a step ahead.
+            if ask:
                 self._ask_step(trial)
         elif decision == TrialScheduler.STOP:
             self._complete_trial(trial, stop_actor=not ended_itself)

@@ -3,7 +3,10 @@
 
 A function trainable runs in a thread of its trial actor. Each report hands
 one result to the actor's ``step()`` (which returns it to the driver) and
-then waits for the driver's decision: continue, or stop. The reporter itself
+then waits for the driver's decision: continue, or stop; or, when the
+driver has said it will always continue (``run_ahead``: no scheduler or
+stopper of its decides per result), goes on at once, at most
+``_MAX_AHEAD`` results ahead of what the actor has handed on. The reporter itself
 checks the dict stop criteria; when a result meets one (or is ``done``) the
 reporter ends the trainable at once by raising :class:`StopTrial`, which the
 trial catches. So a ``while True:`` trainable ends on every backend,
@@ -30,6 +33,9 @@ _active_lock = threading.Lock()
 
 CONTINUE = "continue"
 STOP = "stop"
+#: How many results a trainable that runs ahead may have reported that the
+#: actor has not handed on yet (then its next report waits).
+_MAX_AHEAD = 256
 
 
 class StopTrial(BaseException):
@@ -42,7 +48,7 @@ class TrialSession:
     """One trial's channel between its trainable's thread and the actor's ``step()``."""
 
     def __init__(self, trial_info: dict, config: dict, stop_criteria: dict | None = None,
-                 restore_path: str | None = None):
+                 restore_path: str | None = None, run_ahead: bool = False):
         self.trial_id = trial_info["trial_id"]
         self.trial_name = trial_info.get("trial_name", self.trial_id)
         self.trial_dir = trial_info.get("logdir")
@@ -52,6 +58,8 @@ class TrialSession:
         self._commands: queue.Queue = queue.Queue()
         self.stop_requested = False
         self.finished = False
+        #: Released once per result handed on (run_ahead): the room ahead.
+        self.room = threading.Semaphore(_MAX_AHEAD) if run_ahead else None
         self.checkpoint = Checkpoint(restore_path) if restore_path else None
         if restore_path:
             self.builder.restore(read_metadata(restore_path))
@@ -63,6 +71,11 @@ class TrialSession:
         if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
             raise TypeError(f"tune.report(checkpoint=...) takes a tune.Checkpoint, got "
                             f"{type(checkpoint).__name__}")
+        room = self.room
+        if room is not None:
+            room.acquire()
+            if self.stop_requested:
+                raise StopTrial()
         result = self.builder.build(metrics)
         if final or criteria_met(self.stop_criteria, result):
             result["done"] = True
@@ -77,6 +90,8 @@ class TrialSession:
         if result["done"]:
             self.finished = True
             raise StopTrial()
+        if room is not None:
+            return  # (and the clock runs on: no wait to leave out of the next iteration)
         command = self._commands.get()
         if command == STOP:
             self.stop_requested = True
@@ -90,6 +105,8 @@ class TrialSession:
     def request_stop(self) -> None:
         self.stop_requested = True
         self._commands.put(STOP)
+        if self.room is not None:
+            self.room.release(_MAX_AHEAD)  # (a report waiting for room: it ends)
 
     def activate(self) -> None:
         _local.session = self

@@ -13,12 +13,14 @@ for any reader, and a machine crash is not what the logs must survive.
 """
 from __future__ import annotations
 
+import importlib.util
+import itertools
 import os
 import socket
 import sys
 import time
 
-__all__ = ["EventFileWriter", "load_tensorboardx"]
+__all__ = ["EventFileWriter", "available", "event_file_name", "load_tensorboardx"]
 
 _FLUSH_INTERVAL_S = 5.0
 
@@ -42,22 +44,36 @@ def load_tensorboardx():
     return RecordWriter, Event, Summary
 
 
+_count = itertools.count(1)
+_host: str | None = None
+_available: bool | None = None
+
+
+def available() -> bool:
+    """Whether tensorboardX is installed (without importing it)."""
+    global _available
+    if _available is None:
+        _available = importlib.util.find_spec("tensorboardX") is not None
+    return _available
+
+
+def event_file_name() -> str:
+    """A new ``events.out.tfevents.<time>.<host>.<pid>.<n>`` (the name
+    tensorboardX's EventsWriter gives a file)."""
+    global _host
+    if _host is None:
+        _host = socket.gethostname()
+    return f"events.out.tfevents.{str(time.time())[:10]}.{_host}.{os.getpid()}.{next(_count)}"
+
+
 class EventFileWriter:
-    """One ``events.out.tfevents.<time>.<host>.<pid>.<n>`` file in `logdir`.
-    Raises ImportError when tensorboardX is not installed."""
+    """One event file in `logdir`, named `name` (by default a new
+    :func:`event_file_name`). Raises ImportError when tensorboardX is not installed."""
 
-    _count = 0
-    _host: str | None = None
-
-    def __init__(self, logdir: str):
+    def __init__(self, logdir: str, name: str | None = None):
         record_writer, self._event, self._summary = load_tensorboardx()
-        EventFileWriter._count += 1
-        if EventFileWriter._host is None:
-            EventFileWriter._host = socket.gethostname()
         now = time.time()
-        # (the name and first event tensorboardX's EventsWriter gives a file)
-        name = f"events.out.tfevents.{str(now)[:10]}.{EventFileWriter._host}." \
-               f"{os.getpid()}.{EventFileWriter._count}"
+        name = name or event_file_name()
         self._writer = record_writer(os.path.join(logdir, name))
         self._writer.write(self._event(wall_time=now, file_version="brain.Event:2")
                            .SerializeToString())

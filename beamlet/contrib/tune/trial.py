@@ -19,6 +19,8 @@ TERMINATED = "TERMINATED"
 ERROR = "ERROR"
 
 _MAX_TAG_LEN = 100
+#: A trial's metric_analysis takes in its latest results at least this often.
+_FOLD_EVERY = 64
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.,=+-]+")
 
 
@@ -109,7 +111,7 @@ class Trial:
         self.stop_criteria = dict(stop_criteria or {})
         self.status = PENDING
         self.last_result: dict = {}
-        self.metric_analysis: dict[str, dict[str, float]] = {}
+        self.metric_analysis = {}
         self.num_results = 0
         self.error_msg: str | None = None
         self.error_file: str | None = None
@@ -188,35 +190,81 @@ class Trial:
     def update_last_result(self, result: dict) -> None:
         self.last_result = result
         self.num_results += 1
-        analysis, last_values = self.metric_analysis, self._last_values
-        nested = any(type(v) is dict and k != "config" for k, v in result.items())
-        items = flatten_dict({k: v for k, v in result.items() if k != "config"}).items() \
-            if nested else result.items()
-        for name, value in items:
-            if name == "config" or not is_number(value):
-                continue
-            value = float(value)
+        # ``metric_analysis`` is brought up to date when read, or every
+        # _FOLD_EVERY results: per result only its items are kept (a copy: the
+        # caller may change the dict afterwards).
+        pending = self._pending
+        pending.append(tuple(result.items()))
+        if len(pending) >= _FOLD_EVERY:
+            self._fold()
+
+    @property
+    def metric_analysis(self) -> dict[str, dict[str, float]]:
+        """Per numeric metric of the results (nested ones as ``a/b``): its
+        ``max``, ``min``, ``avg``, ``last``, ``last-5-avg``, ``last-10-avg``."""
+        if self._pending:
+            self._fold()
+        return self._metric_analysis
+
+    @metric_analysis.setter
+    def metric_analysis(self, value: dict) -> None:
+        self._metric_analysis = value
+        self._pending = []
+
+    def _fold(self) -> None:
+        """Add the results kept by update_last_result to ``metric_analysis``,
+        as if each had been added when it came."""
+        pending, self._pending = self._pending, []
+        columns: dict[str, list] = {}  # metric -> its values, in order
+        for items in pending:
+            for name, value in items:
+                kind = type(value)
+                if kind is float or kind is int:
+                    pass
+                elif kind is str or kind is bool or value is None:
+                    continue
+                elif kind is dict:
+                    if name == "config":
+                        continue
+                    for flat_name, flat_value in flatten_dict(value, prefix=name).items():
+                        if is_number(flat_value):
+                            column = columns.get(flat_name)
+                            if column is None:
+                                columns[flat_name] = [float(flat_value)]
+                            else:
+                                column.append(float(flat_value))
+                    continue
+                elif name == "config" or not is_number(value):
+                    continue
+                column = columns.get(name)
+                if column is None:
+                    columns[name] = [float(value)]
+                else:
+                    column.append(float(value))
+        analysis, last_values = self._metric_analysis, self._last_values
+        for name, values in columns.items():
             stats = analysis.get(name)
-            recent = last_values.get(name)
             if stats is None:
-                analysis[name] = {"max": value, "min": value, "avg": value, "last": value,
-                                  "_n": 1, "last-5-avg": value, "last-10-avg": value}
-                last_values[name] = [value]
-                continue
-            n = stats["_n"] + 1
-            if value > stats["max"]:
-                stats["max"] = value
-            if value < stats["min"]:
-                stats["min"] = value
-            stats["avg"] += (value - stats["avg"]) / n
-            stats["last"] = value
-            stats["_n"] = n
-            if recent is None:  # (a restored trial: its analysis without the values)
-                recent = last_values[name] = []
-            recent.append(value)
-            if len(recent) > 10:
-                del recent[0]
-            stats["last-5-avg"] = sum(recent[-5:]) / len(recent[-5:])
+                first = values[0]
+                stats = analysis[name] = {"max": first, "min": first, "avg": first,
+                                          "last": first, "_n": 1, "last-5-avg": first,
+                                          "last-10-avg": first}
+                last_values[name] = [first]
+                values = values[1:]
+                if not values:
+                    continue
+            # (max/min as comparing one value at a time would: NaN never replaces)
+            stats["max"] = max(stats["max"], *values)
+            stats["min"] = min(stats["min"], *values)
+            n, avg = stats["_n"], stats["avg"]
+            for value in values:
+                n += 1
+                avg += (value - avg) / n
+            stats["avg"], stats["_n"], stats["last"] = avg, n, values[-1]
+            recent = last_values.get(name) or []  # (a restored trial: its analysis without them)
+            recent = last_values[name] = (recent + values)[-10:]
+            last5 = recent[-5:]
+            stats["last-5-avg"] = sum(last5) / len(last5)
             stats["last-10-avg"] = sum(recent) / len(recent)
 
     def to_record(self) -> dict:
@@ -275,6 +323,8 @@ class Trial:
         return trial
 
     def __getstate__(self) -> dict:
+        if self._pending:
+            self._fold()
         state = dict(self.__dict__)
         state["_stopper"] = None
         state["_trainable"] = None

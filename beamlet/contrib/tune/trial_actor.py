@@ -14,6 +14,17 @@ After a non-final result the trainable waits for the driver: the next
 ``step()`` lets it continue, ``stop()`` ends it. This is what lets a
 scheduler decide CONTINUE / PAUSE / STOP on every result. ``step()`` never
 raises for the trainable's own failures.
+
+With the option ``run_ahead`` (the driver will answer every result that
+does not end the trial with "continue": no scheduler or stopper of its
+decides per result) the trainable does not wait, and ``step()`` returns
+``{"kind": "batch", "events": [...]}``: the events that are there (at
+least one, in order, the trial's last event last), one round trip for many
+results. The trial still ends exactly where it should: the dict stop
+criteria and ``done`` are applied in the trial itself. What it costs (as
+Ray Tune's result buffering): if the trial's process dies (a segfault,
+``os._exit``, the OOM killer), the results it reported since its last batch
+went out die with it; a trial that waits for the driver loses none.
 """
 from __future__ import annotations
 
@@ -21,6 +32,7 @@ import contextvars
 import os
 import queue
 import threading
+import time
 import traceback
 
 from .session import StatusReporter, StopTrial, TrialSession
@@ -30,6 +42,16 @@ from .trainable import Trainable, wants_reporter
 __all__ = ["TrialActor"]
 
 _JOIN_TIMEOUT_S = 10.0
+#: The most events one batch (``run_ahead``) holds.
+_MAX_BATCH = 256
+#: A class trainable that runs ahead goes on with ``train()`` within one
+#: ``step()`` for about this long (a slow ``train()`` is one result per step).
+_CLASS_BATCH_S = 0.02
+
+
+def _is_last(event: dict) -> bool:
+    """Whether `event` is the trial's last (its trainable has ended)."""
+    return event["kind"] != "result" or bool(event["result"].get("done"))
 
 
 _TUNE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -46,6 +68,47 @@ def _error_event(err: BaseException) -> dict:
             "message": str(err)}
 
 
+_to_create: queue.SimpleQueue | None = None
+
+
+def _prepare_dir(logdir: str, files) -> None:
+    """Make the trial's directory and (on a thread of this process, so that
+    the trial need not wait for it) the files the driver's loggers will write
+    there, empty (see BackgroundLoggers.trial_files): creating a file costs
+    the kernel more than opening it, and this process runs beside the driver."""
+    global _to_create
+    os.makedirs(logdir, exist_ok=True)
+    if files:
+        if _to_create is None:
+            _to_create = queue.SimpleQueue()
+            threading.Thread(target=_create_files, args=(_to_create,), daemon=True,
+                             name="beamlet-tune-files").start()
+        _to_create.put([os.path.join(logdir, name) for name in files])
+
+
+def _create_files(paths_queue: queue.SimpleQueue) -> None:
+    while True:
+        for path in paths_queue.get():
+            try:  # (never truncating: the loggers may have written to it first)
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
+            except OSError:  # (the logger creates it then)
+                pass
+
+
+_last_signature: tuple = (None, False)  # (a trainable, wants_reporter of it)
+
+
+def _wants_reporter(fn) -> bool:
+    """wants_reporter(fn), not computed again for the trainable of the
+    previous trial (an actor that is reused runs the same one)."""
+    global _last_signature
+    last, value = _last_signature
+    if fn is not last:
+        value = wants_reporter(fn)
+        _last_signature = (fn, value)
+    return value
+
+
 class _FunctionRunner:
     """Runs a function trainable in a thread; each report is one step."""
 
@@ -53,8 +116,9 @@ class _FunctionRunner:
                  options: dict):
         self._fn = fn
         self._config = config
-        self._session = TrialSession(trial_info, config, stop_criteria, options.get("restore"))
-        self._pass_reporter = wants_reporter(fn)
+        self._session = TrialSession(trial_info, config, stop_criteria, options.get("restore"),
+                                     run_ahead=bool(options.get("run_ahead")))
+        self._pass_reporter = _wants_reporter(fn)
         self._thread: threading.Thread | None = None
         self._ended = False
 
@@ -87,13 +151,33 @@ class _FunctionRunner:
             self._thread = threading.Thread(target=ctx.run, args=(self._main,), daemon=True,
                                             name=f"beamlet-tune-{self._session.trial_id}")
             self._thread.start()
-        else:
+        elif self._session.room is None:
             self._session.resume()
         event = self._next_event()
-        if event["kind"] != "result" or event["result"].get("done"):
+        room = self._session.room
+        if room is not None:
+            return self._batch(event, room)
+        if _is_last(event):
             self._ended = True
             self._thread.join(_JOIN_TIMEOUT_S)
         return event
+
+    def _batch(self, event: dict, room) -> dict:
+        """`event` and those queued after it, each result giving its room back."""
+        events, get = [event], self._session.events.get_nowait
+        while not _is_last(event) and len(events) < _MAX_BATCH:
+            try:
+                event = get()
+            except queue.Empty:
+                break
+            events.append(event)
+        results = sum(1 for e in events if e["kind"] == "result")
+        if results:
+            room.release(results)
+        if _is_last(event):
+            self._ended = True
+            self._thread.join(_JOIN_TIMEOUT_S)
+        return {"kind": "batch", "events": events}
 
     def _next_event(self) -> dict:
         events = self._session.events
@@ -134,9 +218,20 @@ class _ClassRunner:
         self._stop_criteria = stop_criteria
         self._freq = options.get("checkpoint_freq") or 0
         self._at_end = bool(options.get("checkpoint_at_end"))
+        self._run_ahead = bool(options.get("run_ahead"))
         self._ended = False
 
     def step(self) -> dict:
+        if not self._run_ahead:
+            return self._step()
+        deadline = time.monotonic() + _CLASS_BATCH_S
+        events = [self._step()]
+        while not _is_last(events[-1]) and len(events) < _MAX_BATCH and \
+                time.monotonic() < deadline:
+            events.append(self._step())
+        return {"kind": "batch", "events": events}
+
+    def _step(self) -> dict:
         if self._ended:
             return {"kind": "done"}
         try:
@@ -189,7 +284,7 @@ class TrialActor:
         options = options or {}
         try:
             if trial_info.get("logdir"):  # (the driver leaves it to the trial: see runner)
-                os.makedirs(trial_info["logdir"], exist_ok=True)
+                _prepare_dir(trial_info["logdir"], trial_info.get("log_files") or ())
             if isinstance(trainable, type) and issubclass(trainable, Trainable):
                 self._runner = _ClassRunner(trainable, config, trial_info, stop_criteria,
                                             options)

@@ -15,6 +15,7 @@ from typing import Any
 import cloudpickle
 
 from .analysis import ExperimentAnalysis, _pandas
+from .api import run
 from .checkpoint import Checkpoint
 from .error import TuneError
 from .experiment import default_storage_path
@@ -240,7 +241,6 @@ class Tuner:
 
     def fit(self) -> ResultGrid:
         """Run every trial to its end; return their results (failures included)."""
-        from .api import run
         kwargs = self._run_kwargs()
         if kwargs["name"] is None:
             # A name is what a later Tuner.restore finds the experiment by.
