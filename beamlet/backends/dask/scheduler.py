@@ -42,6 +42,7 @@ import asyncio
 import concurrent.futures
 import operator
 import threading
+import time
 
 from ...core import plugins
 from ...core.interfaces import Scheduler
@@ -54,6 +55,7 @@ from .worker import ActorHost, actor_created, cancel_children, died_of, note_chi
 ACTOR_PREFIX = "beamlet-actor-"
 TASK_PREFIX = "beamlet-task-"
 _HOST_TIMEOUT = 60.0
+_UNKNOWN_GRACE = 10.0  # seconds an actor's host may be unknown to the scheduler at first
 
 
 def _wanted_elsewhere(key: str, client_id: str, dask_scheduler=None) -> bool:
@@ -278,13 +280,24 @@ class DaskScheduler(Scheduler):
         actor's host, once Dask has placed it (it may wait for its arguments or
         for resources meanwhile); RuntimeError if its key is gone or failed."""
         delay = 0.005
+        unknown_since = None
         while True:
             state, address = await self._client._run_on_scheduler(_host_location, host.key)
             if address is not None:
                 self._addresses[actor_id] = address
                 return address
-            if state in (None, "erred", "forgotten", "released"):
-                raise RuntimeError(f"its Dask actor is {state or 'unknown to the scheduler'}")
+            if state in ("erred", "forgotten"):
+                raise RuntimeError(f"its Dask actor is {state}")
+            if state in (None, "released"):
+                # (Also a host just submitted: the submission and this question
+                # reach the scheduler on different connections.)
+                now = time.monotonic()
+                unknown_since = unknown_since or now
+                if now - unknown_since > _UNKNOWN_GRACE:
+                    raise RuntimeError(f"its Dask actor is "
+                                       f"{state or 'unknown to the scheduler'}")
+            else:
+                unknown_since = None
             await asyncio.sleep(delay)
             delay = min(2 * delay, 0.5)
 
