@@ -42,6 +42,7 @@ def key_of(object_id: bytes) -> str:
 
 
 _KNOWN_GRACE = 2.0
+_GATHER_TIMEOUT = 300.0  # seconds for one fetch of finished values
 
 
 class FailedObject(SerializedObject):
@@ -373,9 +374,35 @@ class DaskObjectStore(ObjectStore):
         if missing:
             futures = [self._pending(i) for i in missing]
             self._wait_all(futures, timeout)
-            for object_id, fut in zip(missing, futures):
-                local[object_id] = self._value(object_id, fut)
+            local.update(self._values(list(zip(missing, futures))))
         return [local[i] for i in object_ids]
+
+    def _values(self, settled: list) -> dict[bytes, SerializedObject]:
+        """`_value` of each settled (id, call result or Future), the finished
+        Futures fetched in one gather rather than a round trip each."""
+        batch = [(i, f) for i, f in settled if not isinstance(f, concurrent.futures.Future)
+                 and f.status == "finished" and f.key not in self._lost]
+        out = {}
+        if len(batch) > 1:
+            try:
+                from distributed import get_worker
+                try:
+                    worker = get_worker()
+                except ValueError:
+                    worker = None
+                values = self.client.sync(self.client._gather, [f for _, f in batch],
+                                          local_worker=worker,
+                                          callback_timeout=_GATHER_TIMEOUT)
+            except Exception:  # noqa: BLE001 - some value went away: each is read alone
+                values = None
+            if values is not None:
+                for (object_id, _fut), value in zip(batch, values):
+                    self._hold_contained(object_id, value)
+                    out[object_id] = value
+        for object_id, fut in settled:
+            if object_id not in out:
+                out[object_id] = self._value(object_id, fut)
+        return out
 
     def _read_failing_fast(self, missing: list, local: dict, timeout: float | None) -> None:
         """Read the `missing` objects into `local` as they arrive, until all are
@@ -410,8 +437,7 @@ class DaskObjectStore(ObjectStore):
                 value = local[object_id] = self._value(object_id, fut)
                 if value.is_error:
                     return
-        for object_id, fut in fine:
-            local[object_id] = self._value(object_id, fut)
+        local.update(self._values(fine))
 
     def _settled(self, fut) -> bool:
         """Whether a call result or Dask Future can be read without waiting."""
