@@ -55,6 +55,8 @@ from .worker import ActorHost, actor_created, cancel_children, died_of, note_chi
 ACTOR_PREFIX = "beamlet-actor-"
 TASK_PREFIX = "beamlet-task-"
 _HOST_TIMEOUT = 60.0
+_SENDING = 32  # calls to one actor in flight from one process (see _send_call)
+_SLOT_HOLD = 0.5  # seconds a call in flight keeps its sending slot at most
 _UNKNOWN_GRACE = 10.0  # seconds an actor's host may be unknown to the scheduler at first
 
 
@@ -108,6 +110,7 @@ class DaskScheduler(Scheduler):
         self._tokens: dict[bytes, bytes] = {}      # creation ref id -> actor id, made here
         self._inflight: dict[bytes, set] = {}      # actor id -> results of calls from here
         self._addresses: dict[bytes, str] = {}     # actor id -> its Dask worker's address
+        self._slots: dict[bytes, asyncio.Semaphore] = {}  # actor id -> sending slots (loop's)
         #: (Only while the driver's plugins observe attempts: job["task_events"].)
         #: Task id -> its spec, for each task submitted here that has not ended.
         self._observed: dict[bytes, TaskSpec] = {}
@@ -255,7 +258,27 @@ class DaskScheduler(Scheduler):
         self._client.loop.add_callback(self._send_call, host, seq, spec, results)
 
     async def _send_call(self, host, seq: int, spec: TaskSpec, results: list) -> None:
+        """(On the client's event loop.) Send the call and set its results.
+
+        Each call in flight holds a connection to the host's worker (Dask's
+        rpc pool), so calls to one actor take one of `_SENDING` slots: a burst
+        of thousands would otherwise open as many connections at once (TLS
+        handshakes enough to time out). A call holds its slot for at most
+        `_SLOT_HOLD` s, so that calls blocked in the actor until later calls
+        from here arrive cannot keep those from being sent."""
         from distributed.protocol import to_serialize
+        slots = self._slots.get(spec.actor_id)
+        if slots is None:
+            slots = self._slots[spec.actor_id] = asyncio.Semaphore(_SENDING)
+        await slots.acquire()
+        held = True
+
+        def free() -> None:
+            nonlocal held
+            if held:
+                held = False
+                slots.release()
+        freeing = asyncio.get_running_loop().call_later(_SLOT_HOLD, free)
         try:
             address = self._addresses.get(spec.actor_id)
             if address is None:
@@ -268,6 +291,9 @@ class DaskScheduler(Scheduler):
             values = answer["result"]
         except Exception as err:  # noqa: BLE001 - the host or its worker is gone
             values = [died_of(spec.function_name, err)] * len(results)
+        finally:
+            freeing.cancel()
+            free()
         for result, value in zip(results, values):
             if not result.done():  # (cancelled meanwhile: that stands)
                 try:

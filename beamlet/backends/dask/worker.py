@@ -270,6 +270,8 @@ class ActorHost:
         self._semaphore: asyncio.Semaphore | None = None
         self._next: dict[bytes, int] = {}
         self._in_flight = 0  # (calls arrived and not answered: see quiesce)
+        #: The outcomes of the calls running now, awaited on the worker's loop.
+        self._answers: set[asyncio.Future] = set()
         self._turns: dict[bytes, dict[int, asyncio.Future]] = {}
         self._created = self._pool.submit(self._construct, deps)
 
@@ -326,11 +328,17 @@ class ActorHost:
             self._in_flight -= 1
 
     async def _call(self, caller: bytes, seq: int, spec: TaskSpec):
+        # (The waits are skipped when there is nothing to wait for, the usual
+        # case: each costs event-loop tasks, a call's main cost here.)
         try:
-            if not await self._unless_ended(self._turn(caller, seq)):
+            if self._next.get(caller, 0) < seq and \
+                    not await self._unless_ended(self._turn(caller, seq)):
                 return self._died(spec)
-            constructing = asyncio.wrap_future(self._created)
-            if not await self._unless_ended(constructing) or self._dead is not None:
+            if not self._created.done():
+                constructing = asyncio.wrap_future(self._created)
+                if not await self._unless_ended(constructing):
+                    return self._died(spec)
+            if self._dead is not None:
                 return self._died(spec)
             deps = {}
             if spec.args or spec.kwargs:
@@ -353,9 +361,15 @@ class ActorHost:
         finally:
             self._advance(caller)
         answer = asyncio.wrap_future(running)
-        if not await self._unless_ended(answer) or answer.cancelled():
+        self._answers.add(answer)  # (cancelled by `end`)
+        try:
+            values = await answer
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise  # (this call itself is cancelled: the worker is closing)
             return self._died(spec)  # (killed while it ran, or before it started)
-        values = answer.result()
+        finally:
+            self._answers.discard(answer)
         if self._exit_pending:  # (an async call ran exit_actor(): end it off its loop)
             self._exit_pending = False
             await asyncio.get_running_loop().run_in_executor(None, self._finish_exit)
@@ -470,7 +484,7 @@ class ActorHost:
         self._dead = reason
         self._pool.shutdown(wait=False, cancel_futures=True)
         try:
-            self._loop.call_soon_threadsafe(self._ended.set)
+            self._loop.call_soon_threadsafe(self._end_waits)
         except RuntimeError:
             pass  # (the worker's loop is closed: nothing waits there any more)
         actor_id = self._spec.actor_id
@@ -483,6 +497,12 @@ class ActorHost:
             self._job.executor.drop_actor(actor_id)
         if record:
             self._record(ActorLifecycle.DEAD, reason)
+
+    def _end_waits(self) -> None:
+        """(On the worker's loop.) Stop waiting for anything the actor does."""
+        self._ended.set()
+        for answer in list(self._answers):
+            answer.cancel()
 
     def _record(self, state: ActorLifecycle, reason: str = "") -> None:
         try:
