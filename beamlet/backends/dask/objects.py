@@ -211,7 +211,7 @@ class DaskObjectStore(ObjectStore):
                     if i in calls and i not in self._futures]
         if not todo:
             return
-        arrived = {key_of(i): entry.result() for i, entry in todo if entry.done()}
+        arrived = {key_of(i): as_stored(entry.result()) for i, entry in todo if entry.done()}
         if arrived:
             futures = self.client.scatter(arrived, hash=False)
             for object_id, entry in todo:
@@ -248,14 +248,19 @@ class DaskObjectStore(ObjectStore):
         def hand_over(value: SerializedObject) -> None:
             from distributed import Variable
             try:
-                scattered = self.client.scatter([value], hash=False)[0]
+                scattered = self.client.scatter([as_stored(value)], hash=False)[0]
                 Variable(name, client=self.client).set(scattered)
                 scattered.release()  # (the Variable holds it now)
             except Exception:  # noqa: BLE001 - the cluster is going away: nobody reads it
                 pass
         # (The callback runs on the thread that set the value, the client's
         # event loop, where blocking client calls are not allowed.)
-        entry.add_done_callback(lambda e: handover.submit(hand_over, e.result()))
+        def arrived(done: concurrent.futures.Future) -> None:
+            try:
+                handover.submit(hand_over, done.result())
+            except RuntimeError:
+                pass  # (this store was closed: nobody reads it)
+        entry.add_done_callback(arrived)
 
     def _pending(self, object_id: bytes):
         """What to wait on for `object_id`: its call result, else its Dask Future."""

@@ -55,7 +55,7 @@ from .worker import ActorHost, actor_created, cancel_children, died_of, note_chi
 ACTOR_PREFIX = "beamlet-actor-"
 TASK_PREFIX = "beamlet-task-"
 _HOST_TIMEOUT = 60.0
-_SENDING = 32  # calls to one actor in flight from one process (see _send_call)
+_SENDING = 8  # calls to one actor in flight from one process (see _send_call)
 _SLOT_HOLD = 0.5  # seconds a call in flight keeps its sending slot at most
 _UNKNOWN_GRACE = 10.0  # seconds an actor's host may be unknown to the scheduler at first
 
@@ -266,6 +266,7 @@ class DaskScheduler(Scheduler):
         handshakes enough to time out). A call holds its slot for at most
         `_SLOT_HOLD` s, so that calls blocked in the actor until later calls
         from here arrive cannot keep those from being sent."""
+        from distributed.core import send_recv
         from distributed.protocol import to_serialize
         slots = self._slots.get(spec.actor_id)
         if slots is None:
@@ -283,9 +284,15 @@ class DaskScheduler(Scheduler):
             address = self._addresses.get(spec.actor_id)
             if address is None:
                 address = await self._locate(spec.actor_id, host)
-            answer = await self._client.rpc(address).actor_execute(
-                actor=host.key, function="call",
-                args=[to_serialize(spec.caller_id), seq, to_serialize(spec)])
+            pool = self._client.rpc
+            comm = await self._connect(pool, address, host.key)
+            try:
+                answer = await send_recv(
+                    comm=comm, op="actor_execute", serializers=pool.serializers,
+                    deserializers=pool.deserializers, actor=host.key, function="call",
+                    args=[to_serialize(spec.caller_id), seq, to_serialize(spec)])
+            finally:
+                pool.reuse(address, comm)
             if answer["status"] != "OK":
                 raise answer["exception"]
             values = answer["result"]
@@ -300,6 +307,20 @@ class DaskScheduler(Scheduler):
                     result.set_result(value)
                 except Exception:  # noqa: BLE001 - InvalidStateError: cancelled just now
                     pass
+
+    async def _connect(self, pool, address: str, key: str):
+        """(On the client's event loop.) A connection to the worker at `address`
+        from the client's pool. A worker slow to accept it (a loaded machine)
+        is tried again for as long as the scheduler says it holds the actor
+        (`_HOST_TIMEOUT` s at most): nothing was sent, so nothing runs twice."""
+        until = time.monotonic() + _HOST_TIMEOUT
+        while True:
+            try:
+                return await pool.connect(address)
+            except OSError:
+                _, where = await self._client._run_on_scheduler(_host_location, key)
+                if where != address or time.monotonic() > until:
+                    raise
 
     async def _locate(self, actor_id: bytes, host) -> str:
         """(On the client's event loop.) The address of the worker holding the
