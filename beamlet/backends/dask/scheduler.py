@@ -76,8 +76,12 @@ def _host_location(key: str, dask_scheduler=None) -> tuple:
     ts = dask_scheduler.tasks.get(key)
     if ts is None:
         return None, None
-    if ts.state == "memory" and ts.who_has:
-        return ts.state, next(iter(ts.who_has)).address
+    if ts.state == "memory":
+        # (Not any worker in who_has: one that ran a task taking the host as
+        # an argument, actor_created's, holds a proxy to it under its key too.)
+        for ws in ts.who_has:
+            if ts in ws.actors:
+                return ts.state, ws.address
     return ts.state, None
 
 
