@@ -362,6 +362,8 @@ class ActorHost:
             self._advance(caller)
         answer = asyncio.wrap_future(running)
         self._answers.add(answer)  # (cancelled by `end`)
+        if self._ended.is_set():  # (killed since it was handed over)
+            answer.cancel()
         try:
             values = await answer
         except asyncio.CancelledError:
