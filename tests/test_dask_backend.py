@@ -213,8 +213,9 @@ class _Sleeper:
 
 
 def test_an_actor_call_longer_than_the_hosts_check_interval(no_backend):
-    # An actor call's task checks, in turns, that the actor's Dask worker still
-    # holds it; a call running many turns is not taken for a dead actor.
+    # The creation ref's task checks, in turns, that the actor's Dask worker
+    # still holds it, and a call waits for its answer on its connection to that
+    # worker: neither takes a call running many turns for a dead actor.
     def set_poll(seconds):  # (nested: Dask ships it by value)
         from beamlet.backends.dask import worker
         worker._POLL = seconds
@@ -223,3 +224,100 @@ def test_an_actor_call_longer_than_the_hosts_check_interval(no_backend):
     _runtime.current().backend.client.run(set_poll, 0.05)
     sleeper = _Sleeper.remote()
     assert ray.get(sleeper.sleep.remote(1.0), timeout=LONG) == 1.0
+
+
+@ray.remote(max_concurrency=8)
+class _Gate:
+    """A call that waits (in the actor) until another call opens the gate."""
+
+    def __init__(self):
+        import threading
+        self.gate = threading.Event()
+
+    def value_when_open(self, value):
+        assert self.gate.wait(LONG), "the gate never opened"
+        return value
+
+    def open(self):
+        self.gate.set()
+
+    def plus(self, x, y):
+        return x + y
+
+
+@ray.remote
+def _plus_one(x):
+    return x + 1
+
+
+@ray.remote
+def _first_plus_one(refs):
+    return ray.get(refs[0], timeout=LONG) + 1
+
+
+def test_actor_call_results_leave_the_caller_arrived_or_not(no_backend):
+    # A call's result comes back to its caller only; a ref to it that leaves
+    # the caller (a task's or call's argument, inside a list, inside a put)
+    # is published: scattered once it arrived, else a relay task that the
+    # value is handed to when it arrives.
+    ray.init(backend="dask", num_cpus=2)
+    gate, other = _Gate.remote(), _Gate.remote()
+    arrived = gate.plus.remote(1, 2)
+    assert ray.get(arrived, timeout=LONG) == 3
+    pending = [gate.value_when_open.remote(10 * i) for i in range(1, 5)]
+    as_task_arg = _plus_one.remote(pending[0])
+    as_call_arg = other.plus.remote(pending[1], arrived)
+    nested = _first_plus_one.remote([pending[2]])
+    put_holding = ray.put([pending[3]])
+    assert not ray.wait(pending, num_returns=1, timeout=0)[0]  # (none arrived yet)
+    gate.open.remote()
+    assert ray.get([as_task_arg, as_call_arg, nested, _plus_one.remote(arrived)],
+                   timeout=LONG) == [11, 23, 31, 4]
+    assert ray.get(ray.get(put_holding, timeout=LONG)[0], timeout=LONG) == 40
+
+
+@ray.remote
+class _Counter:
+    def __init__(self):
+        self.n = 0
+
+    def inc(self):
+        self.n += 1
+        return self.n
+
+
+def test_thousands_of_calls_at_once_run_in_order(no_backend):
+    # Calls to one actor travel on a few connections (2,000 at once once
+    # opened as many, and timed out connecting), still in submission order.
+    ray.init(backend="dask", num_cpus=2)
+    counter = _Counter.remote()
+    assert ray.get([counter.inc.remote() for _ in range(2000)], timeout=300) == \
+        list(range(1, 2001))
+
+
+@ray.remote
+class _Barrier:
+    """Async: each `arrive` waits until `n` calls arrived."""
+
+    def __init__(self, n):
+        import asyncio
+        self.n = n
+        self.arrived = 0
+        self.all_in = asyncio.Event()
+
+    async def arrive(self):
+        self.arrived += 1
+        if self.arrived == self.n:
+            self.all_in.set()
+        await self.all_in.wait()
+        return self.arrived
+
+
+def test_calls_blocked_until_later_calls_arrive_do_not_hold_those_back(no_backend):
+    # More calls than a process keeps in flight to one actor (8) each wait
+    # in the actor for the later ones: a call in flight gives its sending
+    # slot up after a while, so the later ones are sent.
+    ray.init(backend="dask", num_cpus=2)
+    n = 80
+    barrier = _Barrier.remote(n)
+    assert ray.get([barrier.arrive.remote() for _ in range(n)], timeout=LONG * 2) == [n] * n

@@ -111,8 +111,10 @@ class DaskBackend(Backend):
         from .cluster import ClusterProcess
         self._cluster = ClusterProcess(n, resources, bool(config.get("dashboard")))
         try:
+            # (Its workers are on this machine: values are fetched from them
+            # directly, not relayed by the scheduler.)
             return Client(self._cluster.address, security=self._cluster.security,
-                          timeout=_CONNECT_TIMEOUT)
+                          timeout=_CONNECT_TIMEOUT, direct_to_workers=True)
         except BaseException:
             self._cluster.stop()
             raise

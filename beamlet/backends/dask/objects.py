@@ -8,6 +8,14 @@ references (created when the process submits or puts the object, or when a
 ref to it arrives and is first used) and drops it in `delete`, when the
 Runtime's count for the id reaches zero.
 
+The results of actor calls are the exception: they come straight back to the
+caller over one Dask actor call (see ``scheduler.py``), so each is held here
+as a local *call result* (a ``concurrent.futures.Future`` of its value),
+unknown to Dask. Only when such a ref leaves the process (an argument of a
+task or actor call, a ref inside a ``put`` value or a result) is it
+*published* under its key (`publish`): scattered if its value is here, else
+through a relay task that the value is handed to once it arrives.
+
 A Future whose task failed at the Dask level (a cancelled task, a worker
 that died too often, a lost scattered value) reads back as the beamlet error
 of that failure, so callers see ``TaskCancelledError``, ``WorkerCrashedError``
@@ -15,6 +23,7 @@ or ``ObjectLostError`` as on any other backend.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import threading
 import time
@@ -33,6 +42,7 @@ def key_of(object_id: bytes) -> str:
 
 
 _KNOWN_GRACE = 2.0
+_GATHER_TIMEOUT = 300.0  # seconds for one fetch of finished values
 
 
 class FailedObject(SerializedObject):
@@ -77,6 +87,35 @@ def _executing(key: str, dask_worker=None) -> bool:
     (the scheduler's "processing" also covers tasks queued on the worker)."""
     ts = dask_worker.state.tasks.get(key)
     return ts is not None and ts.state in ("executing", "long-running")
+
+
+_RELAY_POLL = 10.0  # seconds between a relay's checks that its value is still wanted
+
+
+def _relay(name: str):
+    """(A Dask task, under the key of a published call result whose value had
+    not arrived.) Wait, seceded, for the caller to hand the value over (a
+    Future in the Dask ``Variable`` `name`) and return it; give up once the
+    scheduler no longer wants this task (its caller is gone)."""
+    from distributed import Variable, get_worker, rejoin, secede
+    from distributed.worker import thread_state
+    key = thread_state.key
+    variable = Variable(name)
+    secede()
+    try:
+        while True:
+            try:
+                handed = variable.get(timeout=_RELAY_POLL)
+                break
+            except TimeoutError:
+                if key not in get_worker().state.tasks:
+                    raise exc.ObjectLostError("the caller of the actor call went away "
+                                              "before its result arrived") from None
+        value = handed.result()
+    finally:
+        rejoin()
+    variable.delete()
+    return value
 
 
 def wait_futures(futures: list, timeout: float | None, return_when: str = "ALL_COMPLETED"):
@@ -138,6 +177,10 @@ class DaskObjectStore(ObjectStore):
         #: id -> whether its task was running when this process cancelled it.
         self._cancelled: dict[bytes, bool] = {}  # keys borrowed after the scheduler forgot them
         self._unwanted: dict[bytes, object] = {}
+        #: The results of actor calls made here: id -> a concurrent Future of
+        #: its SerializedObject, set when the answer arrives (see `expect`).
+        self._calls: dict[bytes, concurrent.futures.Future] = {}
+        self._handover = None  # (a thread handing values to relays: see publish)
         self._closed = False
 
     # -- futures ------------------------------------------------------------------
@@ -146,6 +189,83 @@ class DaskObjectStore(ObjectStore):
         with self._lock:
             self._futures[object_id] = future
             self._submitted.add(object_id)
+
+    # -- call results -------------------------------------------------------------------
+    def expect(self, object_id: bytes) -> concurrent.futures.Future:
+        """Hold `object_id` as the result of an actor call made here: the
+        returned Future is set to its SerializedObject when the answer arrives."""
+        entry = concurrent.futures.Future()
+        self._calls[object_id] = entry
+        return entry
+
+    def publish(self, object_ids: Iterable[bytes]) -> None:
+        """Make sure each id that is a call result held here also exists as a
+        Dask key (it is about to leave this process): its value is scattered,
+        or, until it arrives, a relay task stands under its key. Other ids
+        are left alone. Never waits for a call."""
+        calls = self._calls
+        if not calls:
+            return
+        with self._lock:
+            todo = [(i, calls[i]) for i in dict.fromkeys(object_ids)
+                    if i in calls and i not in self._futures]
+        if not todo:
+            return
+        arrived = {key_of(i): as_stored(entry.result()) for i, entry in todo if entry.done()}
+        if arrived:
+            futures = self.client.scatter(arrived, hash=False)
+            for object_id, entry in todo:
+                fut = futures.get(key_of(object_id))
+                if fut is not None:
+                    self._adopt_published(object_id, fut)
+        for object_id, entry in todo:
+            if not entry.done():
+                self._relay(object_id, entry)
+
+    def _adopt_published(self, object_id: bytes, fut) -> None:
+        with self._lock:
+            held = self._futures.setdefault(object_id, fut)
+        if held is not fut:
+            fut.release()  # (published meanwhile by another thread)
+
+    def _relay(self, object_id: bytes, entry: concurrent.futures.Future) -> None:
+        """Publish a call result whose value has not arrived: a `_relay` task
+        under its key, handed the value (through a Dask Variable) once it does."""
+        name = f"beamlet-relay-{object_id.hex()}"
+        fut = self.client.submit(_relay, name, key=key_of(object_id), pure=False)
+        with self._lock:
+            held = self._futures.setdefault(object_id, fut)
+            if held is fut:
+                self._submitted.add(object_id)
+            if self._handover is None:
+                self._handover = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="beamlet-dask-relay")
+            handover = self._handover
+        if held is not fut:
+            fut.release()
+            return
+
+        def hand_over(value: SerializedObject) -> None:
+            from distributed import Variable
+            try:
+                scattered = self.client.scatter([as_stored(value)], hash=False)[0]
+                Variable(name, client=self.client).set(scattered)
+                scattered.release()  # (the Variable holds it now)
+            except Exception:  # noqa: BLE001 - the cluster is going away: nobody reads it
+                pass
+        # (The callback runs on the thread that set the value, the client's
+        # event loop, where blocking client calls are not allowed.)
+        def arrived(done: concurrent.futures.Future) -> None:
+            try:
+                handover.submit(hand_over, done.result())
+            except RuntimeError:
+                pass  # (this store was closed: nobody reads it)
+        entry.add_done_callback(arrived)
+
+    def _pending(self, object_id: bytes):
+        """What to wait on for `object_id`: its call result, else its Dask Future."""
+        entry = self._calls.get(object_id)
+        return entry if entry is not None else self.future(object_id)
 
     def future(self, object_id: bytes):
         """The Future for `object_id`, made (and the scheduler told that this
@@ -180,6 +300,7 @@ class DaskObjectStore(ObjectStore):
         """Keep the objects alive until this process's job ends (the refs inside a
         task's result, until the reader of the result holds them itself)."""
         object_ids = list(object_ids)
+        self.publish(object_ids)
         pinned = [self.borrow_key(key_of(i)) for i in object_ids]
         with self._lock:
             self._pinned.extend(pinned)
@@ -206,6 +327,19 @@ class DaskObjectStore(ObjectStore):
         for object_id in object_ids:
             self.future(object_id)
 
+    def read_borrowed(self, object_ids: Sequence[bytes]) -> dict[bytes, SerializedObject]:
+        """The values of objects other processes hold (an actor call's ref
+        arguments, which its caller keeps until the call ends), read without
+        holding them here afterwards; waits for them (seceded in a task)."""
+        futures = [self.borrow_key(key_of(i)) for i in object_ids]
+        try:
+            self._wait_all(futures, None)
+            return {i: self._value(i, fut, contained=False)
+                    for i, fut in zip(object_ids, futures)}
+        finally:
+            for fut in futures:
+                fut.release()
+
     @contextlib.contextmanager
     def provided(self, values: dict[bytes, SerializedObject]):
         """Within the block, `get` of these ids answers from `values` (a task's
@@ -223,6 +357,8 @@ class DaskObjectStore(ObjectStore):
     def put(self, object_id: bytes, value: SerializedObject) -> None:
         self._check_open()
         key = key_of(object_id)
+        if value.refs:
+            self.publish(value.refs)
         futures = self.client.scatter({key: value}, hash=False)
         self.adopt(object_id, futures[key])
         if value.refs:
@@ -241,11 +377,37 @@ class DaskObjectStore(ObjectStore):
             self._read_failing_fast(missing, local, timeout)
             return [local.get(i) for i in object_ids]
         if missing:
-            futures = [self.future(i) for i in missing]
+            futures = [self._pending(i) for i in missing]
             self._wait_all(futures, timeout)
-            for object_id, fut in zip(missing, futures):
-                local[object_id] = self._value(object_id, fut)
+            local.update(self._values(list(zip(missing, futures))))
         return [local[i] for i in object_ids]
+
+    def _values(self, settled: list) -> dict[bytes, SerializedObject]:
+        """`_value` of each settled (id, call result or Future), the finished
+        Futures fetched in one gather rather than a round trip each."""
+        batch = [(i, f) for i, f in settled if not isinstance(f, concurrent.futures.Future)
+                 and f.status == "finished" and f.key not in self._lost]
+        out = {}
+        if len(batch) > 1:
+            try:
+                from distributed import get_worker
+                try:
+                    worker = get_worker()
+                except ValueError:
+                    worker = None
+                values = self.client.sync(self.client._gather, [f for _, f in batch],
+                                          local_worker=worker,
+                                          callback_timeout=_GATHER_TIMEOUT)
+            except Exception:  # noqa: BLE001 - some value went away: each is read alone
+                values = None
+            if values is not None:
+                for (object_id, _fut), value in zip(batch, values):
+                    self._hold_contained(object_id, value)
+                    out[object_id] = value
+        for object_id, fut in settled:
+            if object_id not in out:
+                out[object_id] = self._value(object_id, fut)
+        return out
 
     def _read_failing_fast(self, missing: list, local: dict, timeout: float | None) -> None:
         """Read the `missing` objects into `local` as they arrive, until all are
@@ -253,10 +415,10 @@ class DaskObjectStore(ObjectStore):
         import queue
         if any(v.is_error for v in local.values()):
             return
-        pending = {i: self.future(i) for i in missing}
+        pending = {i: self._pending(i) for i in missing}
         arrived: queue.SimpleQueue = queue.SimpleQueue()
         for object_id, fut in pending.items():
-            if fut.key in self._lost or fut.done():  # (a callback would come later)
+            if self._settled(fut):  # (a callback would come later)
                 arrived.put(object_id)
             else:
                 fut.add_done_callback(lambda _f, i=object_id: arrived.put(i))
@@ -272,28 +434,50 @@ class DaskObjectStore(ObjectStore):
                 fut = pending.pop(object_id, None)
                 if fut is None:
                     continue
-                if fut.key not in self._lost and fut.status == "finished" and \
+                if not isinstance(fut, concurrent.futures.Future) and \
+                        fut.key not in self._lost and fut.status == "finished" and \
                         not _may_be_error(fut):
                     fine.append((object_id, fut))
                     continue
                 value = local[object_id] = self._value(object_id, fut)
                 if value.is_error:
                     return
-        for object_id, fut in fine:
-            local[object_id] = self._value(object_id, fut)
+        local.update(self._values(fine))
+
+    def _settled(self, fut) -> bool:
+        """Whether a call result or Dask Future can be read without waiting."""
+        return fut.done() or (not isinstance(fut, concurrent.futures.Future) and
+                              fut.key in self._lost)
 
     def _wait_all(self, futures: list, timeout: float | None) -> None:
-        if all(f.done() or f.key in self._lost for f in futures):
+        """Wait for call results and Dask Futures alike; GetTimeoutError."""
+        if all(self._settled(f) for f in futures):
             return
         if timeout == 0:
             raise exc.GetTimeoutError("get timed out after 0 s")
+        calls = [f for f in futures if isinstance(f, concurrent.futures.Future)]
+        dask = [f for f in futures if not isinstance(f, concurrent.futures.Future)]
+        until = None if timeout is None else time.monotonic() + timeout
         with seceded():
-            try:
-                wait_futures(futures, timeout)
-            except TimeoutError:
-                raise exc.GetTimeoutError(f"get timed out after {timeout} s") from None
+            if calls:
+                _, not_done = concurrent.futures.wait(calls, timeout)
+                if not_done:
+                    raise exc.GetTimeoutError(f"get timed out after {timeout} s")
+            if dask:
+                left = None if until is None else max(0.0, until - time.monotonic())
+                try:
+                    wait_futures(dask, left)
+                except TimeoutError:
+                    raise exc.GetTimeoutError(f"get timed out after {timeout} s") from None
 
-    def _value(self, object_id: bytes, fut) -> SerializedObject:
+    def _value(self, object_id: bytes, fut, contained: bool = True) -> SerializedObject:
+        """The value of a settled call result or Dask Future. `contained`: hold
+        the refs inside it while this process holds `object_id`."""
+        if isinstance(fut, concurrent.futures.Future):
+            value = fut.result()
+            if contained:
+                self._hold_contained(object_id, value)
+            return value
         if fut.key in self._lost:
             return serialize(exc.ObjectLostError(
                 f"object {object_id.hex()} is gone: nothing in the Dask cluster holds it any "
@@ -305,10 +489,8 @@ class DaskObjectStore(ObjectStore):
             except Exception as err:  # noqa: BLE001 - the data went away meanwhile
                 return serialize(exc.ObjectLostError(f"object {object_id.hex()} was lost: {err}"),
                                  is_error=True)
-            if value.refs and object_id not in self._contained:
-                self._contained[object_id] = value.refs
-                self._refs.incr_all(value.refs)
-                self.hold_all(value.refs)
+            if contained:
+                self._hold_contained(object_id, value)
             return value
         if status == "cancelled":
             error = exc.TaskCancelledError(f"the task producing {object_id.hex()} was cancelled")
@@ -330,10 +512,22 @@ class DaskObjectStore(ObjectStore):
             f"Dask could not compute {object_id.hex()}: {type(error).__name__}: {error}"),
             is_error=True)
 
+    def _hold_contained(self, object_id: bytes, value: SerializedObject) -> None:
+        if value.refs and object_id not in self._contained:
+            self._contained[object_id] = value.refs
+            self._refs.incr_all(value.refs)
+            self.hold_all(value.refs)
+
     def entry(self, object_id: bytes) -> SerializedObject | None:
         """The object if it is a stored error that has arrived (Dask names a
         finished key's type: only a FailedObject is fetched), else None: for
         the Runtime's log of errors nobody read, as the last ref goes."""
+        call = self._calls.get(object_id)
+        if call is not None:
+            if not call.done():
+                return None
+            value = call.result()
+            return value if value.is_error else None
         with self._lock:
             fut = self._futures.get(object_id)
         if fut is None or self.client.asynchronous or fut.status != "finished":
@@ -346,7 +540,8 @@ class DaskObjectStore(ObjectStore):
     def wait(self, object_ids: Sequence[bytes], num_returns: int,
              timeout: float | None = None) -> set[bytes]:
         self._check_open()
-        futures = {i: self.future(i) for i in dict.fromkeys(object_ids) if i not in self._local}
+        futures = {i: self._pending(i) for i in dict.fromkeys(object_ids)
+                   if i not in self._local}
         ready = {i for i in object_ids if i in self._local}
         until = None if timeout is None else time.monotonic() + timeout
         with seceded():
@@ -357,26 +552,41 @@ class DaskObjectStore(ObjectStore):
                 left = None if until is None else until - time.monotonic()
                 if left is not None and left <= 0:
                     return ready
-                ready.update(i for i, f in futures.items() if f.key in self._lost)
+                ready.update(i for i, f in futures.items() if self._settled(f))
                 if len(ready) >= num_returns:
                     return ready
                 pending = [f for i, f in futures.items() if i not in ready]
-                try:
-                    wait_futures(pending, left, "FIRST_COMPLETED")
-                except TimeoutError:
-                    pass
+                calls = [f for f in pending if isinstance(f, concurrent.futures.Future)]
+                if not calls:
+                    try:
+                        wait_futures(pending, left, "FIRST_COMPLETED")
+                    except TimeoutError:
+                        pass
+                elif len(calls) == len(pending):
+                    concurrent.futures.wait(calls, left, concurrent.futures.FIRST_COMPLETED)
+                else:
+                    some = threading.Event()
+                    for fut in pending:
+                        fut.add_done_callback(lambda _f: some.set())
+                    some.wait(left)
 
     def contains(self, object_id: bytes) -> bool:
         if object_id in self._local:
             return True
+        call = self._calls.get(object_id)
+        if call is not None:
+            return call.done()
         with self._lock:
             fut = self._futures.get(object_id)
         return fut is not None and (fut.done() or fut.key in self._lost)
 
     def delete(self, object_ids: Iterable[bytes]) -> None:
         released = []
+        calls = self._calls
         with self._lock:
             for object_id in object_ids:
+                if calls:
+                    calls.pop(object_id, None)
                 fut = self._futures.pop(object_id, None)
                 submitted = object_id in self._submitted
                 self._submitted.discard(object_id)
@@ -393,7 +603,20 @@ class DaskObjectStore(ObjectStore):
 
     def cancel(self, object_id: bytes) -> bool:
         """Cancel the task producing `object_id` unless it has finished (Dask's
-        cancel would delete a finished result); whether it was cancelled."""
+        cancel would delete a finished result); whether it was cancelled. An
+        actor call's result reads as cancelled from now on (the call itself,
+        sent already, runs: as on Dask, nothing stops it)."""
+        call = self._calls.get(object_id)
+        if call is not None:
+            error = exc.TaskError(f"task {object_id.hex()}", "cancelled by beamlet.cancel()",
+                                  exc.TaskCancelledError(f"the actor call producing "
+                                                         f"{object_id.hex()} was cancelled"),
+                                  None).as_instanceof_cause()
+            try:
+                call.set_result(as_stored(serialize(error, is_error=True)))
+            except concurrent.futures.InvalidStateError:
+                return False  # (it ended already)
+            return True
         fut = self.future(object_id)
         if fut.done():
             return False
@@ -419,6 +642,10 @@ class DaskObjectStore(ObjectStore):
         if object_id in self._local:
             callback(object_id)
             return
+        call = self._calls.get(object_id)
+        if call is not None:  # (called at once if it is done, else where it is set)
+            call.add_done_callback(lambda _f: callback(object_id))
+            return
         fut = self.future(object_id)
         if fut.key in self._lost:
             callback(object_id)
@@ -426,7 +653,7 @@ class DaskObjectStore(ObjectStore):
         fut.add_done_callback(lambda _f: callback(object_id))
 
     def stats(self) -> dict:
-        return {"num_objects": len(self._futures), "bytes_used": 0}
+        return {"num_objects": len(self._futures.keys() | self._calls.keys()), "bytes_used": 0}
 
     def close(self) -> None:
         """Release every Future this process holds."""
@@ -438,8 +665,12 @@ class DaskObjectStore(ObjectStore):
             self._unwanted = {}
             self._pinned = []
             self._contained.clear()
+            self._calls = {}
+            handover, self._handover = self._handover, None
         for fut in futures:
             fut.release()
+        if handover is not None:
+            handover.shutdown(wait=False)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -13,9 +13,16 @@
   ``memory`` is not modelled. A request no worker could meet raises
   ``ValueError`` at submission, naming the resource.
 - An actor is an ``ActorHost`` (a Dask actor) under ``beamlet-actor-<id>``,
-  plus its creation ref, which resolves once the constructor ran. Method
-  calls are tasks that depend on the host; each carries this process's
-  sequence number for that actor, and the host starts them in that order.
+  plus its creation ref, which resolves once the constructor ran. A method
+  call is one Dask actor call (``actor_execute``, the message Dask's own
+  ``actor.method()`` sends), from this process straight to the worker
+  holding the host, whose answer is the call's values: the Dask scheduler
+  never hears of it. Its refs are call results in this process's object
+  store, published as Dask keys only if they leave it (``objects.py``).
+  Each call carries this process's sequence number for that actor, and the
+  host starts them in that order; its ref arguments (published first) the
+  host reads from Dask before the call's turn ends, so the calls behind it
+  wait for them as in Ray.
   An actor ends when killed, when it calls ``exit_actor``, when its job ends,
   or when the process that created it drops its last handle, no other Dask
   client holds its creation ref (asked of the scheduler: handles travel
@@ -31,20 +38,26 @@ the task elsewhere, up to its ``allowed-failures``).
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import operator
 import threading
+import time
 
 from ...core import plugins
 from ...core.interfaces import Scheduler
 from ...core.scheduling import CANCELLED, RETRYING
 from ...core.tables import ActorState
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
-from .objects import wait_futures, key_of
-from .worker import ActorHost, actor_created, call_actor, cancel_children, note_child, run_task
+from .objects import key_of
+from .worker import ActorHost, actor_created, cancel_children, died_of, note_child, run_task
 
 ACTOR_PREFIX = "beamlet-actor-"
 TASK_PREFIX = "beamlet-task-"
 _HOST_TIMEOUT = 60.0
+_SENDING = 8  # calls to one actor in flight from one process (see _send_call)
+_SLOT_HOLD = 0.5  # seconds a call in flight keeps its sending slot at most
+_UNKNOWN_GRACE = 10.0  # seconds an actor's host may be unknown to the scheduler at first
 
 
 def _wanted_elsewhere(key: str, client_id: str, dask_scheduler=None) -> bool:
@@ -57,14 +70,19 @@ def _wanted_elsewhere(key: str, client_id: str, dask_scheduler=None) -> bool:
         any(dep.state not in ("memory", "erred", "forgotten") for dep in ts.dependents)
 
 
-def _calls_pending(key: str, dask_scheduler=None) -> list:
-    """(Runs in the Dask scheduler.) The keys of the tasks still to end that
-    depend on `key` (an actor host's: the calls to it in flight)."""
+def _host_location(key: str, dask_scheduler=None) -> tuple:
+    """(Runs in the Dask scheduler.) The state of an actor host's key and, once
+    it is in memory, the address of the worker holding it."""
     ts = dask_scheduler.tasks.get(key)
     if ts is None:
-        return []
-    return [dep.key for dep in ts.dependents
-            if dep.state not in ("memory", "erred", "forgotten", "released")]
+        return None, None
+    if ts.state == "memory":
+        # (Not any worker in who_has: one that ran a task taking the host as
+        # an argument, actor_created's, holds a proxy to it under its key too.)
+        for ws in ts.who_has:
+            if ts in ws.actors:
+                return ts.state, ws.address
+    return ts.state, None
 
 
 def _key_state(key: str, dask_scheduler=None) -> str | None:
@@ -94,7 +112,9 @@ class DaskScheduler(Scheduler):
         self._hosts: dict[bytes, object] = {}      # actor id -> Future of its ActorHost
         self._workers: dict | None = None          # address -> resources, cached
         self._tokens: dict[bytes, bytes] = {}      # creation ref id -> actor id, made here
-        self._inflight: dict[bytes, set] = {}      # actor id -> futures of calls from here
+        self._inflight: dict[bytes, set] = {}      # actor id -> results of calls from here
+        self._addresses: dict[bytes, str] = {}     # actor id -> its Dask worker's address
+        self._slots: dict[bytes, asyncio.Semaphore] = {}  # actor id -> sending slots (loop's)
         #: (Only while the driver's plugins observe attempts: job["task_events"].)
         #: Task id -> its spec, for each task submitted here that has not ended.
         self._observed: dict[bytes, TaskSpec] = {}
@@ -141,10 +161,18 @@ class DaskScheduler(Scheduler):
     # -- submission --------------------------------------------------------------------
     def submit(self, spec: TaskSpec) -> None:
         plugins.notify("beamlet_task_submitted", spec=spec)
-        deps = {d: self._store.future(d) for d in spec.dependencies()}
+        if spec.args or spec.kwargs:
+            deps = spec.dependencies()
+            leaving = deps + spec.contained_refs()
+            if leaving:  # (call results held here alone become Dask keys)
+                self._store.publish(leaving)
+        else:
+            deps = ()
         if spec.kind == ACTOR_METHOD:
-            self._submit_call(spec, deps)
-        elif spec.kind == ACTOR_CREATION:
+            self._submit_call(spec)
+            return
+        deps = {d: self._store.future(d) for d in deps}
+        if spec.kind == ACTOR_CREATION:
             self._submit_actor(spec, deps)
         else:
             resources = self._resources(spec)
@@ -204,44 +232,133 @@ class DaskScheduler(Scheduler):
         self._store.adopt(spec.return_ids[0], token)
 
     def _host(self, actor_id: bytes):
+        """The Future of the actor's host (borrowed by key if made elsewhere).
+        (Never borrowed under the lock: a borrow waits on the client's event
+        loop, whose call answers take the lock.)"""
         with self._lock:
             host = self._hosts.get(actor_id)
-            if host is None:
-                host = self._hosts[actor_id] = self._store.borrow_key(ACTOR_PREFIX + actor_id.hex())
+        if host is not None:
             return host
-
-    def _submit_call(self, spec: TaskSpec, deps: dict) -> None:
-        host = self._host(spec.actor_id)
+        borrowed = self._store.borrow_key(ACTOR_PREFIX + actor_id.hex())
         with self._lock:
-            seq = self._seq.get(spec.actor_id, 0)
-            self._seq[spec.actor_id] = seq + 1
-        futures = self._submit(call_actor, (self._backend.job, host, spec.caller_id, seq, spec,
-                                            deps), spec, None)
-        call = futures[0]
-        with self._lock:
-            self._inflight.setdefault(spec.actor_id, set()).add(call)
-        call.add_done_callback(lambda fut: self._call_ended(spec, seq, fut))
+            host = self._hosts.setdefault(actor_id, borrowed)
+        if host is not borrowed:
+            borrowed.release()
+        return host
 
-    def _call_ended(self, spec: TaskSpec, seq: int, fut) -> None:
+    def _submit_call(self, spec: TaskSpec) -> None:
+        """One Dask actor call to the host, sent from the client's event loop."""
+        actor_id = spec.actor_id
+        host = self._host(actor_id)
+        results = [self._store.expect(rid) for rid in spec.return_ids]
         with self._lock:
-            calls = self._inflight.get(spec.actor_id)
-            if calls is not None:
-                calls.discard(fut)
-                if not calls:
-                    del self._inflight[spec.actor_id]
-        if fut.status != "finished":
-            self._skip_later(spec, seq)
+            seq = self._seq.get(actor_id, 0)
+            self._seq[actor_id] = seq + 1
+            calls = self._inflight.get(actor_id)
+            if calls is None:
+                calls = self._inflight[actor_id] = set()
+            calls.add(results[0])
+        results[0].add_done_callback(lambda done: self._call_ended(actor_id, done))
+        self._client.loop.add_callback(self._send_call, host, seq, spec, results)
 
-    def _skip_later(self, spec: TaskSpec, seq: int) -> None:
-        """A call that failed in Dask (cancelled, lost) never reaches its actor:
-        tell the host, from a thread (this runs on the client's event loop)."""
-        def skip():
+    async def _send_call(self, host, seq: int, spec: TaskSpec, results: list) -> None:
+        """(On the client's event loop.) Send the call and set its results.
+
+        Each call in flight holds a connection to the host's worker (Dask's
+        rpc pool), so calls to one actor take one of `_SENDING` slots: a burst
+        of thousands would otherwise open as many connections at once (TLS
+        handshakes enough to time out). A call holds its slot for at most
+        `_SLOT_HOLD` s, so that calls blocked in the actor until later calls
+        from here arrive cannot keep those from being sent."""
+        from distributed.core import send_recv
+        from distributed.protocol import to_serialize
+        slots = self._slots.get(spec.actor_id)
+        if slots is None:
+            slots = self._slots[spec.actor_id] = asyncio.Semaphore(_SENDING)
+        await slots.acquire()
+        held = True
+
+        def free() -> None:
+            nonlocal held
+            if held:
+                held = False
+                slots.release()
+        freeing = asyncio.get_running_loop().call_later(_SLOT_HOLD, free)
+        try:
+            address = self._addresses.get(spec.actor_id)
+            if address is None:
+                address = await self._locate(spec.actor_id, host)
+            pool = self._client.rpc
+            comm = await self._connect(pool, address, host.key)
             try:
-                proxy = self._host(spec.actor_id).result(timeout=_HOST_TIMEOUT)
-                proxy.skip(spec.caller_id, seq).result(timeout=_HOST_TIMEOUT)
-            except Exception:  # noqa: BLE001 - the actor or the cluster is gone
-                pass
-        threading.Thread(target=skip, name="beamlet-dask-skip", daemon=True).start()
+                answer = await send_recv(
+                    comm=comm, op="actor_execute", serializers=pool.serializers,
+                    deserializers=pool.deserializers, actor=host.key, function="call",
+                    args=[to_serialize(spec.caller_id), seq, to_serialize(spec)])
+            finally:
+                pool.reuse(address, comm)
+            if answer["status"] != "OK":
+                raise answer["exception"]
+            values = answer["result"]
+        except Exception as err:  # noqa: BLE001 - the host or its worker is gone
+            values = [died_of(spec.function_name, err)] * len(results)
+        finally:
+            freeing.cancel()
+            free()
+        for result, value in zip(results, values):
+            if not result.done():  # (cancelled meanwhile: that stands)
+                try:
+                    result.set_result(value)
+                except Exception:  # noqa: BLE001 - InvalidStateError: cancelled just now
+                    pass
+
+    async def _connect(self, pool, address: str, key: str):
+        """(On the client's event loop.) A connection to the worker at `address`
+        from the client's pool. A worker slow to accept it (a loaded machine)
+        is tried again for as long as the scheduler says it holds the actor
+        (`_HOST_TIMEOUT` s at most): nothing was sent, so nothing runs twice."""
+        until = time.monotonic() + _HOST_TIMEOUT
+        while True:
+            try:
+                return await pool.connect(address)
+            except OSError:
+                _, where = await self._client._run_on_scheduler(_host_location, key)
+                if where != address or time.monotonic() > until:
+                    raise
+
+    async def _locate(self, actor_id: bytes, host) -> str:
+        """(On the client's event loop.) The address of the worker holding the
+        actor's host, once Dask has placed it (it may wait for its arguments or
+        for resources meanwhile); RuntimeError if its key is gone or failed."""
+        delay = 0.005
+        unknown_since = None
+        while True:
+            state, address = await self._client._run_on_scheduler(_host_location, host.key)
+            if address is not None:
+                self._addresses[actor_id] = address
+                return address
+            if state in ("erred", "forgotten"):
+                raise RuntimeError(f"its Dask actor is {state}")
+            if state in (None, "released"):
+                # (Also a host just submitted: the submission and this question
+                # reach the scheduler on different connections.)
+                now = time.monotonic()
+                unknown_since = unknown_since or now
+                if now - unknown_since > _UNKNOWN_GRACE:
+                    raise RuntimeError(f"its Dask actor is "
+                                       f"{state or 'unknown to the scheduler'}")
+            else:
+                unknown_since = None
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.5)
+
+    def _call_ended(self, actor_id: bytes, result) -> None:
+        with self._lock:
+            calls = self._inflight.get(actor_id)
+            if calls is not None:
+                calls.discard(result)
+                if not calls:
+                    del self._inflight[actor_id]
 
     # -- control -----------------------------------------------------------------------
     def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True) -> None:
@@ -318,29 +435,20 @@ class DaskScheduler(Scheduler):
             # their refs may not be): the end waits for them, round by round.
             client = self._client
             try:
-                with self._lock:  # (the scheduler may not know of the latest ones yet)
+                with self._lock:
                     mine = list(self._inflight.get(actor_id, ()))
                 while mine:
-                    try:
-                        wait_futures(mine, _HOST_TIMEOUT, "ALL_COMPLETED")
-                    except TimeoutError:
-                        pass
+                    concurrent.futures.wait(mine, _HOST_TIMEOUT)
                     mine = [call for call in mine if not call.done()]
+                proxy = None
                 while True:
                     if client.run_on_scheduler(_wanted_elsewhere, key_of(object_id), client.id):
                         return
-                    pending = client.run_on_scheduler(_calls_pending,
-                                                      ACTOR_PREFIX + actor_id.hex())
-                    if not pending:
+                    # (Calls from other processes: only the host has seen them.)
+                    if proxy is None:
+                        proxy = self._host(actor_id).result(timeout=_HOST_TIMEOUT)
+                    if proxy.quiesce(_HOST_TIMEOUT).result(timeout=2 * _HOST_TIMEOUT):
                         break
-                    calls = [self._store.borrow_key(key) for key in pending]
-                    try:
-                        wait_futures(calls, _HOST_TIMEOUT, "ALL_COMPLETED")
-                    except TimeoutError:
-                        pass
-                    finally:
-                        for call in calls:
-                            call.release()
             except Exception:  # noqa: BLE001 - the cluster is going away
                 return
             self.end_actor(actor_id, "all handles to it went out of scope")

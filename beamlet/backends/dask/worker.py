@@ -6,20 +6,20 @@ Dask client: a task that submits tasks, puts or gets objects talks to the
 Dask scheduler directly. ``end_job`` (run on every worker by the driver's
 ``shutdown``) stops the job's actors and releases everything it held.
 
-A beamlet actor lives in an ``ActorHost``, a Dask actor. Its calls arrive as
-ordinary Dask tasks (``call_actor``, keyed by the call's return id, so their
-results are objects like any other) that hand the call to the host and wait.
-Dask runs those tasks in no particular order, so each call carries its
-caller's sequence number and the host starts them in that order; a call that
-never reaches the host (cancelled, or its argument failed in Dask) is skipped
-by its caller (``ActorHost.skip``) so the calls behind it do not wait for ever.
+A beamlet actor lives in an ``ActorHost``, a Dask actor. Each call arrives
+as one Dask actor call of ``ActorHost.call`` (``actor_execute``, straight
+from the caller), whose answer is the call's values. Several calls from one
+caller may travel on several connections, so each carries its caller's
+sequence number and the host starts them in that order. A call whose
+arguments include refs reads them from Dask during its turn, so the calls
+behind it wait, as in Ray.
 
 A killed actor's calls end at once with ActorDiedError, the one running
 included: Dask cannot stop a thread, so the host abandons that call (its
 thread runs on, its outcome unread) rather than wait for it, as a kill must
-not wait for the actor's code. No call waits for a host without bound: a
-call's task checks every `_POLL` seconds that the host's Dask actor is still
-there.
+not wait for the actor's code. A call whose host's worker dies ends with
+ActorDiedError when its connection closes. The creation ref's task checks
+every `_POLL` seconds that the host's Dask actor is still there.
 """
 from __future__ import annotations
 
@@ -229,7 +229,7 @@ def _answer(host, pending):
                     raise RuntimeError("the Dask worker holding it left the cluster") from None
 
 
-def _died_of(name: str, err: Exception):
+def died_of(name: str, err: Exception):
     """The error object of a call to an actor whose host went away."""
     error = exc.ActorDiedError(f"the actor {name} is dead: its Dask worker is gone "
                                f"({type(err).__name__}: {err})")
@@ -241,17 +241,7 @@ def actor_created(host, name: str) -> object:
     try:
         return as_stored(_answer(host, host.created()))
     except Exception as err:  # noqa: BLE001 - the host's worker is gone
-        return as_stored(_died_of(name, err))
-
-
-def call_actor(job: dict, host, caller: bytes, seq: int, spec: TaskSpec, deps: dict):
-    """One actor method call, as a Dask task: hand it to the host and wait."""
-    state = _job(job)
-    try:
-        values = _answer(host, host.call(caller, seq, spec, deps))
-    except Exception as err:  # noqa: BLE001 - the host's worker is gone
-        values = [_died_of(spec.function_name, err)] * len(spec.return_ids)
-    return _outcome(state, spec, values)
+        return as_stored(died_of(name, err))
 
 
 class ActorHost:
@@ -279,7 +269,9 @@ class ActorHost:
         self._async_calls: set[asyncio.Task] = set()  # (on the actor's own loop)
         self._semaphore: asyncio.Semaphore | None = None
         self._next: dict[bytes, int] = {}
-        self._skipped: dict[bytes, set] = {}
+        self._in_flight = 0  # (calls arrived and not answered: see quiesce)
+        #: The outcomes of the calls running now, awaited on the worker's loop.
+        self._answers: set[asyncio.Future] = set()
         self._turns: dict[bytes, dict[int, asyncio.Future]] = {}
         self._created = self._pool.submit(self._construct, deps)
 
@@ -326,13 +318,38 @@ class ActorHost:
         return False
 
     # -- calls -------------------------------------------------------------------------
-    async def call(self, caller: bytes, seq: int, spec: TaskSpec, deps: dict):
+    async def call(self, caller: bytes, seq: int, spec: TaskSpec):
+        """One method call (a Dask actor call from its caller): its values, the
+        error objects of what failed included."""
+        self._in_flight += 1
         try:
-            if not await self._unless_ended(self._turn(caller, seq)):
+            return await self._call(caller, seq, spec)
+        finally:
+            self._in_flight -= 1
+
+    async def _call(self, caller: bytes, seq: int, spec: TaskSpec):
+        # (The waits are skipped when there is nothing to wait for, the usual
+        # case: each costs event-loop tasks, a call's main cost here.)
+        try:
+            if self._next.get(caller, 0) < seq and \
+                    not await self._unless_ended(self._turn(caller, seq)):
                 return self._died(spec)
-            constructing = asyncio.wrap_future(self._created)
-            if not await self._unless_ended(constructing) or self._dead is not None:
+            if not self._created.done():
+                constructing = asyncio.wrap_future(self._created)
+                if not await self._unless_ended(constructing):
+                    return self._died(spec)
+            if self._dead is not None:
                 return self._died(spec)
+            deps = {}
+            if spec.args or spec.kwargs:
+                ids = spec.dependencies()
+                if ids:  # (read off the event loop: the caller holds them until we answer)
+                    store = self._job.runtime.backend.object_store
+                    reading = asyncio.get_running_loop().run_in_executor(
+                        None, store.read_borrowed, ids)
+                    if not await self._unless_ended(reading):
+                        return self._died(spec)
+                    deps = reading.result()
             try:
                 if self._is_async:
                     running = asyncio.run_coroutine_threadsafe(
@@ -344,9 +361,17 @@ class ActorHost:
         finally:
             self._advance(caller)
         answer = asyncio.wrap_future(running)
-        if not await self._unless_ended(answer) or answer.cancelled():
+        self._answers.add(answer)  # (cancelled by `end`)
+        if self._ended.is_set():  # (killed since it was handed over)
+            answer.cancel()
+        try:
+            values = await answer
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise  # (this call itself is cancelled: the worker is closing)
             return self._died(spec)  # (killed while it ran, or before it started)
-        values = answer.result()
+        finally:
+            self._answers.discard(answer)
         if self._exit_pending:  # (an async call ran exit_actor(): end it off its loop)
             self._exit_pending = False
             await asyncio.get_running_loop().run_in_executor(None, self._finish_exit)
@@ -435,25 +460,18 @@ class ActorHost:
         await waiter
 
     def _advance(self, caller: bytes) -> None:
-        self._next[caller] = self._next.get(caller, 0) + 1
-        self._settle(caller)
-
-    def _settle(self, caller: bytes) -> None:
-        skipped = self._skipped.get(caller)
-        nxt = self._next.get(caller, 0)
-        while skipped and nxt in skipped:
-            skipped.discard(nxt)
-            nxt += 1
-        self._next[caller] = nxt
+        nxt = self._next[caller] = self._next.get(caller, 0) + 1
         waiter = self._turns.get(caller, {}).pop(nxt, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def skip(self, caller: bytes, seq: int) -> None:
-        """The call `seq` of `caller` will never arrive: do not wait for it."""
-        if seq >= self._next.get(caller, 0):
-            self._skipped.setdefault(caller, set()).add(seq)
-            self._settle(caller)
+    async def quiesce(self, timeout: float) -> bool:
+        """Wait (up to `timeout` s) until no call is in progress here; whether none is."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout
+        while self._in_flight and loop.time() < until and self._dead is None:
+            await asyncio.sleep(0.02)
+        return not self._in_flight or self._dead is not None
 
     # -- the end -----------------------------------------------------------------------
     async def stop(self, reason: str) -> None:
@@ -468,7 +486,7 @@ class ActorHost:
         self._dead = reason
         self._pool.shutdown(wait=False, cancel_futures=True)
         try:
-            self._loop.call_soon_threadsafe(self._ended.set)
+            self._loop.call_soon_threadsafe(self._end_waits)
         except RuntimeError:
             pass  # (the worker's loop is closed: nothing waits there any more)
         actor_id = self._spec.actor_id
@@ -481,6 +499,12 @@ class ActorHost:
             self._job.executor.drop_actor(actor_id)
         if record:
             self._record(ActorLifecycle.DEAD, reason)
+
+    def _end_waits(self) -> None:
+        """(On the worker's loop.) Stop waiting for anything the actor does."""
+        self._ended.set()
+        for answer in list(self._answers):
+            answer.cancel()
 
     def _record(self, state: ActorLifecycle, reason: str = "") -> None:
         try:
