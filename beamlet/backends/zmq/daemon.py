@@ -127,14 +127,13 @@ class Daemon:
         ep = select.epoll()
         ep.register(self._stop_r, select.EPOLLIN)
         ep.register(self.listener.fileno(), select.EPOLLIN)
-        stop = self._stop_r
         poll = self.listener.poll
         on_event = self.on_event
         next_tick = 0.0
         try:
-            while not self._stopping:
-                ready = ep.poll(TICK)
-                if any(fd == stop for fd, _ in ready):
+            while True:
+                ep.poll(TICK)
+                if self._stopping:  # (set before the stop pipe wakes us)
                     break
                 for event in poll():
                     on_event(event)

@@ -205,6 +205,7 @@ LOG_REPEAT = 1.0
 _PICKLE = 0x80  # the first byte of every pickle of protocol >= 2
 _HELLO, _CHALLENGE, _RESPONSE, _WELCOME = b"H", b"C", b"R", b"W"
 _BYE, _CLOSE, _SEALED, _PIECE, _PARTS = b"X", b"B", b"S", b"P", b"T"
+_SEALED_LEAD, _PARTS_LEAD, _PIECE_LEAD, _BYE_LEAD = _SEALED[0], _PARTS[0], _PIECE[0], _BYE[0]
 _ZAP_DOMAIN = b"beamlet"
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 _CREDENTIAL = struct.Struct(">16sd")  # a fresh nonce, the client's clock (time.time())
@@ -409,21 +410,31 @@ class _Opener:
         return out
 
     def message(self, frames: list, max_message: int, decode=None):
-        """The message a sealed message's frames hold: ``unpack(open(frames))``,
-        in fewer steps for one frame (most messages), passed through `decode`
-        (the transport's codec's). ProtocolError as there, or if `decode` raises."""
-        if len(frames) != 1 or self._into is None:
-            message = unpack(self.open(frames, max_message), max_message)
-        else:
-            plain = self._open_one(frames[0], max_message)
-            if not plain or plain[0] != _PICKLE:
-                raise ProtocolError("a frame that is not a message (not a pickle)")
-            try:
-                message = pickle.loads(plain)
-            except Exception as err:  # noqa: BLE001 - any garbage from the peer is its protocol error
-                raise ProtocolError(f"a message of {len(plain)} bytes does not unpickle: "
-                                    f"{err!r}") from None
-        return _decoded(message, decode)
+        """The message a sealed message's frames hold: ``unpack(open(frames))``
+        passed through `decode` (the transport's codec's). ProtocolError as
+        there, or if `decode` raises."""
+        if len(frames) == 1:
+            return self.message_one(frames[0], max_message, decode)
+        return _decoded(unpack(self.open(frames, max_message), max_message), decode)
+
+    def message_one(self, frame, max_message: int, decode=None):
+        """`message` of a sealed message of one frame (most are), in fewer steps."""
+        if self._into is None:
+            return _decoded(unpack(self.open([frame], max_message), max_message), decode)
+        plain = self._open_one(frame, max_message)
+        if not plain or plain[0] != _PICKLE:
+            raise ProtocolError("a frame that is not a message (not a pickle)")
+        try:
+            message = pickle.loads(plain)
+        except Exception as err:  # noqa: BLE001 - any garbage from the peer is its protocol error
+            raise ProtocolError(f"a message of {len(plain)} bytes does not unpickle: "
+                                f"{err!r}") from None
+        if decode is None:
+            return message
+        try:
+            return decode(message)
+        except Exception as err:  # noqa: BLE001 - as garbage that does not unpickle
+            raise ProtocolError(f"a message that is not one of the protocol's: {err}") from None
 
     def _open_one(self, frame, max_message: int) -> bytearray:
         """`open` of a message of one frame (most are), in fewer steps."""
@@ -859,6 +870,9 @@ class ZmqConnection(Connection):
         self._error: ProtocolError | None = None  # raised by the next recv_all
         self._sealer: _Sealer | None = None  # (set by the handshake)
         self._opener: _Opener | None = None
+        #: Whether the next `recv_all` reads the monitor whatever is ready: a
+        #: wake-up of the waker is otherwise only for the DEALER (see `send`).
+        self._look_all = False
         self.closed = False
         ctx = transport._acquire(self)
         try:
@@ -936,6 +950,7 @@ class ZmqConnection(Connection):
         up, down = keys.session(version, nonce_c, nonce_s)
         self._sealer, self._opener = _Sealer(up), _Opener(down)
         # (polling here took the sockets' wake-ups: the first recv_all must look)
+        self._look_all = True
         self._waker.wake()
 
     def _raw_send(self, frame: bytes) -> None:
@@ -1054,8 +1069,11 @@ class ZmqConnection(Connection):
             woken = self._waker.event_fd in ready  # (a sender saw messages waiting)
             with self._lock:
                 # The monitor first: every message that came before the connection
-                # closed is in the socket once its DISCONNECTED event is out.
-                if woken or self._monitor_fd in ready:
+                # closed is in the socket once its DISCONNECTED event is out. (Only
+                # when its descriptor says so: no other thread touches it, and a
+                # try on an empty socket costs pyzmq an exception.)
+                if self._monitor_fd in ready or self._look_all:
+                    self._look_all = False
                     self._read_monitor()
                 drain = woken or self._sock_fd in ready or self._gone is not None
                 if drain and _recv_waiting(self._sock, batch):
@@ -1065,15 +1083,19 @@ class ZmqConnection(Connection):
             if len(frames[0]) == 0:
                 continue  # a liveness probe
             lead = frames[0].buffer[0]
-            if lead == _BYE[0]:
+            if lead == _BYE_LEAD:
                 with self._lock:
                     self._set_gone("the listener closed this connection: "
                                    + frames[0].bytes[1:].decode(errors="replace"))
                 break
             try:
-                if lead == _SEALED[0]:
-                    out.append(self._opener.message(frames, self._max, self._decode))
-                elif lead == _PIECE[0]:
+                if lead == _SEALED_LEAD:
+                    if len(frames) == 1:  # (most messages)
+                        out.append(self._opener.message_one(frames[0], self._max,
+                                                            self._decode))
+                    else:
+                        out.append(self._opener.message(frames, self._max, self._decode))
+                elif lead == _PIECE_LEAD:
                     out.append(self._opener.open_piece(frames, self._max, self._piece_broken))
                 else:
                     raise ProtocolError(f"a frame that is not a sealed message: "
@@ -1240,6 +1262,7 @@ class ZmqListener(Listener):
         self._probe_until = 0.0
         self._next_probe = 0.0
         self.closed = False
+        self._look_all = False  # (see _collect_now)
         self._failure: str | None = None  # a handshake failure, logged at its DISCONNECTED
         # Handshakes under way: routing id -> (client nonce, our nonce), oldest first.
         self._handshakes: collections.OrderedDict = collections.OrderedDict()
@@ -1272,6 +1295,7 @@ class ZmqListener(Listener):
                 self._waker.add(sock) for sock in (router, self._monitor, zap))
             # Setting up took wake-ups of messages already waiting (the monitor's
             # first events): the first poll must look at every socket.
+            self._look_all = True
             self._waker.wake()
         except BaseException:
             self._release_sockets(0)
@@ -1289,7 +1313,8 @@ class ZmqListener(Listener):
 
     # -- the event loop
     def poll(self) -> list:
-        self._use("poll")
+        if self._mode != "poll":
+            self._use("poll")
         return self._collect()
 
     def _use(self, mode: str) -> None:
@@ -1308,10 +1333,17 @@ class ZmqListener(Listener):
 
     def _collect_now(self) -> list:
         ready = self._waker.ready()
-        woken = self._waker.event_fd in ready  # (read everything: see `_Waker`)
-        if woken or self._zap_fd in ready:
+        woken = self._waker.event_fd in ready  # (the ROUTER: see `_Waker`)
+        # (The ZAP and monitor sockets are read only here, each until it is empty,
+        # so only their own descriptors, or the first poll, say they hold something;
+        # a wake-up is for the ROUTER, which other threads send on. A try on an
+        # empty socket costs pyzmq an exception.)
+        look_all = self._look_all
+        if look_all:
+            self._look_all = False
+        if look_all or self._zap_fd in ready:
             self._serve_zap()
-        if woken or self._monitor_fd in ready:
+        if look_all or self._monitor_fd in ready:
             self._read_monitor()
         events: list = []
         received: dict = {}
@@ -1428,16 +1460,19 @@ class ZmqListener(Listener):
             if len(first) == 0:
                 continue
             lead = first.buffer[0]
-            if lead == _SEALED[0] or lead == _PARTS[0]:  # (pieces go only to clients)
+            if lead == _SEALED_LEAD or lead == _PARTS_LEAD:  # (pieces go only to clients)
                 try:
                     opener = peer._opener
-                    if lead == _SEALED[0]:
-                        message = opener.message(frames[1:], self.max_message,
-                                                 self._transport.decode)
-                    else:
+                    if lead != _SEALED_LEAD:
                         message = _decoded(unpack(opener.open_parts(frames[1:],
                                                                     self.max_message),
                                                   self.max_message), self._transport.decode)
+                    elif len(frames) == 2:  # (most messages)
+                        message = opener.message_one(first, self.max_message,
+                                                     self._transport.decode)
+                    else:
+                        message = opener.message(frames[1:], self.max_message,
+                                                 self._transport.decode)
                 except ProtocolError as err:
                     self._drop(peer, err, events)
                     continue
