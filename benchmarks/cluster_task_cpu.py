@@ -5,12 +5,15 @@ for two or more checkouts of beamlet, in alternating runs.
 
 Each run: a head and one node (`--cpus` CPUs each) started from that
 checkout, a driver that warms up, then submits `--tasks` no-op tasks at once
-and gets them (`--bursts` times). CPU is counted, not wall time (the machine
+and gets them (`--bursts` times); with ``--work actor-calls`` the same with
+calls of an actor's no-op method on the node (not the head), and with
+``--work actor-sync`` those calls one at a time (``get(a.m.remote())``). CPU is counted, not wall time (the machine
 is shared): the driver's own (getrusage, all its threads) over the bursts,
 and the daemons' and their workers' (psutil cpu_times of each process tree,
 children that exited included) over the same span. The table gives the median
-per checkout of microseconds of CPU per task; `results/cluster-task-cpu-<date>.json`
-keeps every run.
+per checkout of microseconds of CPU per task (or call);
+`results/cluster-task-cpu-<date>.json` (``cluster-actor-sync-cpu-...`` for
+``--work actor-sync``, and so on) keeps every run.
 """
 from __future__ import annotations
 
@@ -184,7 +187,7 @@ def main(argv=None) -> int:
               f"{med['total_us']:>10.1f}")
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     day = datetime.date.today().isoformat()
-    with open(os.path.join(HERE, "results", f"cluster-{args.work}-cpu-{day}.json"), "w") as f:
+    with open(os.path.join(HERE, "results", f"cluster-{'task' if args.work == 'tasks' else args.work}-cpu-{day}.json"), "w") as f:
         json.dump({"args": vars(args), "runs": runs}, f, indent=1)
     return 0
 

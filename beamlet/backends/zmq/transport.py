@@ -437,12 +437,7 @@ class _Opener:
         except Exception as err:  # noqa: BLE001 - any garbage from the peer is its protocol error
             raise ProtocolError(f"a message of {len(plain)} bytes does not unpickle: "
                                 f"{err!r}") from None
-        if decode is None:
-            return message
-        try:
-            return decode(message)
-        except Exception as err:  # noqa: BLE001 - as garbage that does not unpickle
-            raise ProtocolError(f"a message that is not one of the protocol's: {err}") from None
+        return message if decode is None else _decoded(message, decode)
 
     def _open_one(self, frame, max_message: int) -> bytearray:
         """`open` of a message of one frame (most are), in fewer steps."""
@@ -1665,10 +1660,10 @@ class ZmqListener(Listener):
 
     def _send_one(self, peer: PeerConnection, frame: bytes) -> None:
         """`_send` of a message of one frame (most are), in fewer steps."""
-        router = self._router
         with self._lock:
             if peer.closed or self.closed:
                 raise exc.BackendError(f"the connection of {peer.peer} is closed: {peer._eof}")
+            router = self._router
             try:
                 _send(router, peer.routing_id, _NOBLOCK_MORE)
                 _send(router, frame, _NOBLOCK)
