@@ -5,12 +5,15 @@ for two or more checkouts of beamlet, in alternating runs.
 
 Each run: a head and one node (`--cpus` CPUs each) started from that
 checkout, a driver that warms up, then submits `--tasks` no-op tasks at once
-and gets them (`--bursts` times). CPU is counted, not wall time (the machine
+and gets them (`--bursts` times); with ``--work actor-calls`` the same with
+calls of an actor's no-op method on the node (not the head), and with
+``--work actor-sync`` those calls one at a time (``get(a.m.remote())``). CPU is counted, not wall time (the machine
 is shared): the driver's own (getrusage, all its threads) over the bursts,
 and the daemons' and their workers' (psutil cpu_times of each process tree,
 children that exited included) over the same span. The table gives the median
-per checkout of microseconds of CPU per task; `results/cluster-task-cpu-<date>.json`
-keeps every run.
+per checkout of microseconds of CPU per task (or call);
+`results/cluster-task-cpu-<date>.json` (``cluster-actor-sync-cpu-...`` for
+``--work actor-sync``, and so on) keeps every run.
 """
 from __future__ import annotations
 
@@ -33,18 +36,33 @@ _DRIVER = r"""
 import json, resource, sys
 import beamlet
 beamlet.init(address=sys.argv[1])
-tasks, bursts = int(sys.argv[2]), int(sys.argv[3])
+tasks, bursts, work = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 
 @beamlet.remote
 def nop():
     return None
 
+@beamlet.remote(num_cpus=0)
+class Actor:
+    def m(self):
+        return None
+
 beamlet.get([nop.remote() for _ in range(200)], timeout=300)  # (workers started)
+if work == "tasks":
+    call = nop.remote
+else:
+    actor = Actor.options(resources={"far": 0.001}).remote()
+    call = actor.m.remote
+    beamlet.get([call() for _ in range(200)], timeout=300)
 print("READY", flush=True)
 sys.stdin.readline()
 before = resource.getrusage(resource.RUSAGE_SELF)
 for _ in range(bursts):
-    beamlet.get([nop.remote() for _ in range(tasks)], timeout=600)
+    if work == "actor-sync":
+        for _ in range(tasks):
+            beamlet.get(call(), timeout=60)
+    else:
+        beamlet.get([call() for _ in range(tasks)], timeout=600)
 after = resource.getrusage(resource.RUSAGE_SELF)
 print("DRIVER " + json.dumps(after.ru_utime + after.ru_stime
                               - before.ru_utime - before.ru_stime), flush=True)
@@ -77,7 +95,7 @@ def _tree_cpu(pids: list[int]) -> float:
     return total
 
 
-def run(tree: str, tasks: int, bursts: int, cpus: int) -> dict:
+def run(tree: str, tasks: int, bursts: int, cpus: int, work: str = "tasks") -> dict:
     # (Every process runs in a directory of its own: `-m` and `-c` put the
     # working directory first on the path, where a checkout would win.)
     state = tempfile.mkdtemp(prefix="beamlet-cpu-bench-")
@@ -95,13 +113,14 @@ def run(tree: str, tasks: int, bursts: int, cpus: int) -> dict:
     try:
         out = cli("start", "--head", "--num-cpus", str(cpus))
         address = re.search(r"head started at (\S+)", out).group(1)
-        cli("start", "--address", address, "--num-cpus", str(cpus))
+        cli("start", "--address", address, "--num-cpus", str(cpus),
+            "--resources", json.dumps({"far": 1}))
         daemons = []
         for name in os.listdir(os.path.join(state, "processes")):
             with open(os.path.join(state, "processes", name)) as f:
                 daemons.append(json.load(f)["pid"])
         driver = subprocess.Popen([sys.executable, "-c", _DRIVER, address, str(tasks),
-                                   str(bursts)], env=env, stdin=subprocess.PIPE,
+                                   str(bursts), work], env=env, stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True, cwd=state)
         try:
             line = driver.stdout.readline()
@@ -144,17 +163,21 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--bursts", type=int, default=3)
     parser.add_argument("--cpus", type=int, default=1)
+    parser.add_argument("--work", choices=("tasks", "actor-calls", "actor-sync"),
+                        default="tasks", help="no-op tasks, or calls of a no-op actor "
+                        "method on the node (not the head) in bursts, or one at a time")
     args = parser.parse_args(argv)
     trees = [t.split("=", 1) for t in args.tree]
     runs: dict[str, list] = {name: [] for name, _ in trees}
     for r in range(args.rounds):
         for name, path in (trees if r % 2 == 0 else trees[::-1]):
-            result = run(os.path.abspath(path), args.tasks, args.bursts, args.cpus)
+            result = run(os.path.abspath(path), args.tasks, args.bursts, args.cpus,
+                         args.work)
             result["load"] = os.getloadavg()[0]
             runs[name].append(result)
             print(f"round {r} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in result.items()),
                   flush=True)
-    print(f"\nCPU microseconds per no-op task ({args.tasks} x {args.bursts} per run, head + "
+    print(f"\nCPU microseconds per {args.work} item ({args.tasks} x {args.bursts} per run, head + "
           f"node of {args.cpus} CPU each), median of {args.rounds} runs")
     print(f"{'checkout':<12}{'driver':>10}{'nodes':>10}{'total':>10}")
     for name, results in runs.items():
@@ -164,7 +187,7 @@ def main(argv=None) -> int:
               f"{med['total_us']:>10.1f}")
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     day = datetime.date.today().isoformat()
-    with open(os.path.join(HERE, "results", f"cluster-task-cpu-{day}.json"), "w") as f:
+    with open(os.path.join(HERE, "results", f"cluster-{'task' if args.work == 'tasks' else args.work}-cpu-{day}.json"), "w") as f:
         json.dump({"args": vars(args), "runs": runs}, f, indent=1)
     return 0
 

@@ -725,18 +725,29 @@ def test_the_cluster_codec_round_trips_its_messages_and_refuses_other_tuples():
                     b"a" * 16, "m", {"concurrency_group": "io"}, b"c" * 16, 2)
     for message in (P.RunTask(spec, [(b"o" * 16, (b"x", [], (), False))], [(b"p", "h:1")]),
                     P.NestedSubmit(spec, []), P.Objects([(b"r" * 16, (b"\x80", [], (), True))]),
-                    P.StatusRequest(), P.Release([b"r" * 16]), P.KillActor(b"a", True)):
+                    P.StatusRequest(), P.Release([b"r" * 16]), P.KillActor(b"a", True),
+                    P.Report([P.TaskProgress(b"t" * 16, 0, "RUNNING", 7, 1.5),
+                              P.TaskFinished(b"t" * 16, 0, "FINISHED", 0.1, 7),
+                              P.Lent(b"t" * 16, True)],
+                             [(b"r" * 16, (b"\x80", [], (), False))])):
         wire = P.CODEC.encode(message)
         assert type(wire) is tuple and type(wire[0]) is int  # (no class to unpickle)
+        assert b"protocol" not in pickle.dumps(wire, 5)  # (not even an event's)
         back = P.CODEC.decode(pickle.loads(pickle.dumps(wire, 5)))
         assert type(back) is type(message)
+        if type(message) is P.Report:
+            assert [type(e) for e in back.events] == [type(e) for e in message.events]
         if hasattr(message, "spec"):
             assert back.spec.__reduce__() == message.spec.__reduce__()
             assert back[1:] == message[1:]
         else:
             assert back == message
     for garbage in [(), ("RunTask",), (999, 1), (-1,), (P.CODEC.encode(P.StatusRequest())[0], 1),
-                    P.CODEC.encode(P.RunTask(spec, [], []))[:2] + (1, 2, 3)]:
+                    P.CODEC.encode(P.RunTask(spec, [], []))[:2] + (1, 2, 3),
+                    P.CODEC.encode(P.Report([], []))[:1] + ([(0, "n", "a", {})], []),
+                    P.CODEC.encode(P.Report([], []))[:1] + ([P.CODEC.encode(P.Lent(b"t", 1))[:2]],
+                                                            []),
+                    P.CODEC.encode(P.Report([], []))[:1] + (["event"], [])]:
         with pytest.raises((ValueError, TypeError)):
             P.CODEC.decode(garbage)
 

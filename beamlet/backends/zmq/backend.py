@@ -83,6 +83,7 @@ from ..local import shm
 from ..local.transport import ProtocolError
 from . import protocol as P
 from .objects import Assembly, BufferPool, as_chunk
+from .transport import Piece
 
 CONNECT_TIMEOUT = 10.0  # seconds to reach the head or a node
 NODES_POLL = 1.0  # seconds between looks at the nodes table, for nodes that joined since
@@ -121,7 +122,6 @@ class NodeLink:
         #: thread whose get waits for a result from this node (`wait_on`).
         self.reading = threading.Lock()
         self.bytes_received = 0  # object values that came from it (see object_bytes_received)
-        self.poller = None  # (a poll object on its connection, for `wait_on`: made once)
         self.extra: set[bytes] = set()  # tasks sent beyond what its resources held then
         self.finished = [0, 0]  # tasks finished here in the period before, in this one
         self.period_start = time.monotonic()
@@ -1330,15 +1330,17 @@ class ClusterScheduler(Scheduler):
 
     def report(self, node: NodeLink, events: list) -> None:
         """What `node`'s scheduler told of our tasks (before their results)."""
+        progress = self.task_progress
         for event in events:
             kind = type(event)
-            if kind is P.TaskFinished:
+            if kind is P.TaskProgress:
+                if progress is not None:  # (for the task record)
+                    task_id, attempt, state, pid, when = event
+                    progress((task_id, attempt, state, pid, when - self._clock))
+            elif kind is P.TaskFinished:
                 self.task_finished(event)
             elif kind is P.Lent:
                 self.lent(node, event.task_id, event.lent)
-            elif self.task_progress is not None:  # (TaskProgress: for the task record)
-                self.task_progress((event.task_id, event.attempt, event.state, event.pid,
-                                    event.when - self._clock))
 
     def lent(self, node: NodeLink, task_id: bytes, lent: bool) -> None:
         """`node` lent out the CPUs of our task or actor (`task_id`: the actor's
@@ -1743,10 +1745,7 @@ class ClusterBackend(Backend):
         except (OSError, ValueError):
             return None
         try:
-            poller = link.poller
-            if poller is None:
-                poller = link.poller = select.poll()
-                poller.register(fd, select.POLLIN)
+            conn = link.conn
             while True:
                 if arrived.wait(0):
                     return True
@@ -1756,7 +1755,7 @@ class ClusterBackend(Backend):
                                                               until - time.monotonic())
                 if left <= 0:
                     return False
-                if poller.poll(left * 1000):
+                if conn.wait(left):
                     self._drain(link)
         finally:
             try:
@@ -1809,8 +1808,10 @@ class ClusterBackend(Backend):
             return
         sched = self.scheduler
         for message in messages:
-            message = as_chunk(message)  # (a piece of a pulled object)
             kind = type(message)
+            if kind is Piece:
+                message = as_chunk(message)  # (a piece of a pulled object)
+                kind = type(message)
             if kind not in P.TO_DRIVER:
                 print(f"beamlet: node {link.node_id} sent {P.describe(message)}, which is not "
                       f"for a driver: dropping it as broken", file=sys.stderr, flush=True)
@@ -1818,18 +1819,13 @@ class ClusterBackend(Backend):
                 sched._node_died(link)
                 return
             try:
-                if kind is P.Objects:
-                    objects = message.objects
-                    if len(objects) == 1:  # (a result: the usual case)
-                        link.bytes_received += _wire_bytes(objects[0][1])
-                    else:
-                        link.bytes_received += sum(_wire_bytes(f) for _, f in objects)
-                    sched.stored(objects)
-                elif kind is P.Report:
-                    sched.report(link, message.events)
-                    if message.objects:
-                        link.bytes_received += sum(_wire_bytes(f) for _, f in message.objects)
-                        sched.stored(message.objects)
+                if kind is P.Report or kind is P.Objects:  # (results: the usual messages)
+                    if kind is P.Report:
+                        sched.report(link, message.events)
+                    objects = message[-1]
+                    if objects:
+                        link.bytes_received += _objects_bytes(objects)
+                        sched.stored(objects)
                 elif kind is P.Located:
                     sched.located(link, message.objects, message.pulled)
                 elif kind is P.Chunk:
@@ -1965,6 +1961,13 @@ class ClusterBackend(Backend):
 def _lineage_refs(spec: TaskSpec) -> list:
     """What a task's rerun needs: its arguments, and the refs inside them."""
     return spec.dependencies() + spec.contained_refs()
+
+
+def _objects_bytes(objects: list) -> int:
+    """The bytes of the values of ``[(object_id, wire form)]``."""
+    if len(objects) == 1:  # (a result: the usual case)
+        return _wire_bytes(objects[0][1])
+    return sum(_wire_bytes(form) for _, form in objects)
 
 
 def _wire_bytes(form) -> int:

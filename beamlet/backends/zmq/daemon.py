@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import secrets
-import select
 import signal
 import sys
 import threading
@@ -78,7 +77,6 @@ class Daemon:
         self.node: Node | None = None
         self.control_store = None
         self.owner: DriverOwner | None = None
-        self._stop_r, self._stop_w = os.pipe()
         self._stopping = False
 
     def _pool(self) -> ResourcePool:
@@ -116,36 +114,25 @@ class Daemon:
     def stop(self, *_) -> None:
         """Make the loop end (safe from a signal handler)."""
         self._stopping = True
-        try:
-            os.write(self._stop_w, b"x")
-        except OSError:
-            pass
+        listener = self.listener
+        if listener is not None and not listener.closed:
+            listener.wake()
 
     def serve(self) -> None:
-        # (A bare epoll: the selectors module's wrapper costs more Python per
-        # wake-up than the rest of a message's relay on the loop.)
-        ep = select.epoll()
-        ep.register(self._stop_r, select.EPOLLIN)
-        ep.register(self.listener.fileno(), select.EPOLLIN)
-        stop = self._stop_r
+        # (The listener's own wait: one epoll per wake-up, where a selector
+        # over its descriptor costs a second one, and Python, per message.)
         poll = self.listener.poll
         on_event = self.on_event
         next_tick = 0.0
-        try:
-            while not self._stopping:
-                ready = ep.poll(TICK)
-                if any(fd == stop for fd, _ in ready):
-                    break
-                for event in poll():
-                    on_event(event)
-                now = time.monotonic()
-                if now >= next_tick:
-                    next_tick = now + TICK
-                    self.tick(now)
-                    if self.owner is not None:
-                        self.owner.flush_events()
-        finally:
-            ep.close()
+        while not self._stopping:
+            for event in poll(TICK):
+                on_event(event)
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + TICK
+                self.tick(now)
+                if self.owner is not None:
+                    self.owner.flush_events()
 
     def on_event(self, event) -> None:
         """An event of our listener (peers connecting to this node)."""
@@ -221,8 +208,6 @@ class Daemon:
         if self.control_store is not None:
             self.control_store.close()
         self.transport.close()
-        os.close(self._stop_r)
-        os.close(self._stop_w)
 
 
 class HeadDaemon(Daemon):

@@ -157,18 +157,6 @@ class DriverLink:
             self.flush()
         self.conn.send(message)
 
-    def queue_result(self, object_id: bytes, sobj) -> None:
-        with self.results_lock:
-            self.results.append((object_id, sobj))
-            self.results_bytes += sobj.total_bytes
-            full = self.results_bytes >= RESULTS_BATCH_BYTES
-        if full:
-            self.flush()
-
-    def queue_event(self, event) -> None:
-        with self.results_lock:
-            self.events.append(event)
-
     def flush(self) -> None:
         """Send the queued events and results (BackendError if the driver left)."""
         with self.results_lock:
@@ -326,8 +314,8 @@ class DriverOwner:
         else:
             link = self.task_driver.pop(spec.task_id, None)
         if link is not None:  # (before its results: they flush it first)
-            link.queue_event(P.TaskFinished(spec.task_id, spec.attempt, status, duration, pid))
-            self._events_queued(link)
+            self._queue_event(link, P.TaskFinished(spec.task_id, spec.attempt, status, duration,
+                                                   pid))
 
     def _task_progress(self, event) -> None:
         """The node scheduler's ``task_progress``: for the task's driver (which
@@ -335,19 +323,20 @@ class DriverOwner:
         task_id, attempt, state, pid, when = event
         link = self.task_driver.get(task_id)
         if link is not None:
-            link.queue_event(P.TaskProgress(task_id, attempt, state, pid,
-                                            when + self._clock))
-            self._events_queued(link)
+            self._queue_event(link, P.TaskProgress(task_id, attempt, state, pid,
+                                                   when + self._clock))
 
     def _lending(self, spec, lent: bool) -> None:
         """The node scheduler's ``lending``: the driver that placed `spec` hears
         that its CPUs are lent out (or taken back), with its next report."""
         link = self.job_of(spec)
         if link is not None and not link.left:
-            link.queue_event(P.Lent(spec.task_id, lent))
-            self._events_queued(link)
+            self._queue_event(link, P.Lent(spec.task_id, lent))
 
-    def _events_queued(self, link: DriverLink) -> None:
+    def _queue_event(self, link: DriverLink, event) -> None:
+        """Queue `event` for `link`'s driver, to go with its next results."""
+        with link.results_lock:
+            link.events.append(event)
         if self._deferring == threading.get_ident():
             self._deferred.add(link)  # (sent at the end of the loop's turn)
         else:
@@ -756,8 +745,13 @@ class DriverOwner:
         batch while the node defers results (see defer_results), else at once
         (behind what was batched). BackendError if the driver left."""
         if self._deferring == threading.get_ident():
-            link.queue_result(object_id, entry)
+            with link.results_lock:
+                link.results.append((object_id, entry))
+                link.results_bytes += entry.total_bytes
+                full = link.results_bytes >= RESULTS_BATCH_BYTES
             self._deferred.add(link)
+            if full:
+                link.flush()
         else:
             link.flush()
             P.send_object(link.conn, object_id, entry)

@@ -65,11 +65,12 @@ from ...core.serialization import SerializedObject, serialize
 from ...core.task_spec import TaskSpec
 from ..local.transport import ProtocolError
 
-VERSION = "beamlet-cluster/7"  # 2: drivers run tasks on nodes; 3: nodes pull objects;
+VERSION = "beamlet-cluster/8"  # 2: drivers run tasks on nodes; 3: nodes pull objects;
 # 4: nodes report task ends and actor states, recursive cancel across nodes;
 # 5: placement groups' bundles reserved on nodes, task progress reported (Report);
 # 6: messages travel as plain tuples (CODEC)
 # 7: nodes report CPUs lent by tasks blocked in get (Lent, in Report)
+# 8: a Report's events travel as plain tuples too (CODEC)
 
 #: Seconds between a member's heartbeats, and of silence after which the head
 #: declares it dead (at once when its connection drops).
@@ -306,9 +307,12 @@ _CLASSES = (NodeJoin, JoinAccepted, Heartbeat, Refused, StatusRequest, StatusRep
             DriverAccepted, DriverHello, RunTask, Objects, Located, Locations, Pull, Chunk,
             Missing, Fetch, NestedSubmit, Release, CancelTask, CancelChildren, Borrow,
             OwnerDied, TaskFinished, ActorState, KillActor, WorkersRequest, WorkersReply,
-            TaskProgress, Report, CreateGroup, RemoveGroup)
+            TaskProgress, Report, CreateGroup, RemoveGroup, Lent)
 _TAGS = {cls: tag for tag, cls in enumerate(_CLASSES)}
-_RUN_TASK, _NESTED_SUBMIT = _TAGS[RunTask], _TAGS[NestedSubmit]
+_RUN_TASK, _NESTED_SUBMIT, _REPORT = _TAGS[RunTask], _TAGS[NestedSubmit], _TAGS[Report]
+#: What a Report's events may be: tag -> (class, length of its wire form).
+_EVENTS = {_TAGS[cls]: (cls, len(cls._fields) + 1) for cls in (TaskFinished, TaskProgress, Lent)}
+_NOT_AN_EVENT = (None, -1)
 _ARITY = tuple(len(cls._fields) for cls in _CLASSES)
 #: Makes a message from a tuple of all its fields, in C (where their count is known right).
 _new_tuple = tuple.__new__
@@ -317,9 +321,11 @@ _new_tuple = tuple.__new__
 class Codec:
     """The messages' wire form (the transports' `codec`): a plain tuple, the
     class's tag and its fields, with a task's spec as the tuple of its fields
-    too. Unpickling a class costs an import lookup on each side (several us
-    per class, two per RunTask), a tuple none; as the node's protocol does
-    (``local/protocol.py``). A message of a class not listed travels whole.
+    too, and a Report's events as tuples of the same form. Unpickling a class
+    costs an import lookup on each side (several us per class, two per
+    RunTask, two per Report of a call's progress and end), a tuple none; as
+    the node's protocol does (``local/protocol.py``). A message of a class
+    not listed travels whole.
     `decode` raises ValueError or TypeError for a tuple that is not a message
     (the transport closes that connection)."""
 
@@ -331,6 +337,8 @@ class Codec:
             return (_RUN_TASK, spec.__reduce__()[1], objects, locations)
         if cls is NestedSubmit:
             return (_NESTED_SUBMIT, message.spec.__reduce__()[1], message.objects)
+        if cls is Report:
+            return (_REPORT, [(_TAGS[type(e)], *e) for e in message.events], message.objects)
         tag = _TAGS.get(cls)
         return message if tag is None else (tag, *message)
 
@@ -346,6 +354,15 @@ class Codec:
             return _new_tuple(RunTask, (TaskSpec(*spec), objects, locations))
         if tag == _NESTED_SUBMIT and len(frame) == 3:
             return _new_tuple(NestedSubmit, (TaskSpec(*frame[1]), frame[2]))
+        if tag == _REPORT and len(frame) == 3 and type(frame[1]) is list:
+            events = []
+            shape = _EVENTS.get
+            for event in frame[1]:
+                cls, size = shape(event[0], _NOT_AN_EVENT)
+                if len(event) != size:
+                    raise ValueError("a Report with an event that is not one")
+                events.append(_new_tuple(cls, event[1:]))
+            return _new_tuple(Report, (events, frame[2]))
         if len(frame) - 1 == _ARITY[tag]:
             return _new_tuple(_CLASSES[tag], frame[1:])
         return _CLASSES[tag](*frame[1:])  # (TypeError, naming the count, unless defaults fill it)

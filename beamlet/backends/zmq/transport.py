@@ -205,6 +205,7 @@ LOG_REPEAT = 1.0
 _PICKLE = 0x80  # the first byte of every pickle of protocol >= 2
 _HELLO, _CHALLENGE, _RESPONSE, _WELCOME = b"H", b"C", b"R", b"W"
 _BYE, _CLOSE, _SEALED, _PIECE, _PARTS = b"X", b"B", b"S", b"P", b"T"
+_SEALED_LEAD, _PARTS_LEAD, _PIECE_LEAD, _BYE_LEAD = _SEALED[0], _PARTS[0], _PIECE[0], _BYE[0]
 _ZAP_DOMAIN = b"beamlet"
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 _CREDENTIAL = struct.Struct(">16sd")  # a fresh nonce, the client's clock (time.time())
@@ -315,10 +316,18 @@ class _Sealer:
         self._seq = 0
         self.lock = threading.Lock()
 
-    def seal(self, frames: list, mark: bytes = _SEALED) -> list:
+    def seal_one(self, frame) -> bytes:
+        """The one frame of a sealed message of one frame (`seal`'s, unlisted)."""
         seq = self._seq
         self._seq = seq + 1
-        if len(frames) == 1:  # (most messages)
+        return _SEALED + self._encrypt(_NONCE.pack(seq, 0), frame, _ONE_FRAME)
+
+    def seal(self, frames: list, mark: bytes = _SEALED) -> list:
+        if len(frames) == 1 and mark is _SEALED:  # (most messages)
+            return [self.seal_one(frames[0])]
+        seq = self._seq
+        self._seq = seq + 1
+        if len(frames) == 1:
             return [mark + self._encrypt(_NONCE.pack(seq, 0), frames[0], _ONE_FRAME)]
         count = _FRAMES.pack(len(frames))
         encrypt = self._encrypt
@@ -409,21 +418,26 @@ class _Opener:
         return out
 
     def message(self, frames: list, max_message: int, decode=None):
-        """The message a sealed message's frames hold: ``unpack(open(frames))``,
-        in fewer steps for one frame (most messages), passed through `decode`
-        (the transport's codec's). ProtocolError as there, or if `decode` raises."""
-        if len(frames) != 1 or self._into is None:
-            message = unpack(self.open(frames, max_message), max_message)
-        else:
-            plain = self._open_one(frames[0], max_message)
-            if not plain or plain[0] != _PICKLE:
-                raise ProtocolError("a frame that is not a message (not a pickle)")
-            try:
-                message = pickle.loads(plain)
-            except Exception as err:  # noqa: BLE001 - any garbage from the peer is its protocol error
-                raise ProtocolError(f"a message of {len(plain)} bytes does not unpickle: "
-                                    f"{err!r}") from None
-        return _decoded(message, decode)
+        """The message a sealed message's frames hold: ``unpack(open(frames))``
+        passed through `decode` (the transport's codec's). ProtocolError as
+        there, or if `decode` raises."""
+        if len(frames) == 1:
+            return self.message_one(frames[0], max_message, decode)
+        return _decoded(unpack(self.open(frames, max_message), max_message), decode)
+
+    def message_one(self, frame, max_message: int, decode=None):
+        """`message` of a sealed message of one frame (most are), in fewer steps."""
+        if self._into is None:
+            return _decoded(unpack(self.open([frame], max_message), max_message), decode)
+        plain = self._open_one(frame, max_message)
+        if not plain or plain[0] != _PICKLE:
+            raise ProtocolError("a frame that is not a message (not a pickle)")
+        try:
+            message = pickle.loads(plain)
+        except Exception as err:  # noqa: BLE001 - any garbage from the peer is its protocol error
+            raise ProtocolError(f"a message of {len(plain)} bytes does not unpickle: "
+                                f"{err!r}") from None
+        return message if decode is None else _decoded(message, decode)
 
     def _open_one(self, frame, max_message: int) -> bytearray:
         """`open` of a message of one frame (most are), in fewer steps."""
@@ -649,7 +663,6 @@ def _recv_waiting(sock: zmq.Socket, batch: list) -> bool:
     (ZMQ_EVENTS) rather than trying a recv that fails: pyzmq builds a
     zmq.Again for that, costlier than the question (and usually one message
     waits)."""
-    getsockopt = sock.getsockopt
     while True:
         if len(batch) >= MAX_BATCH:
             return True
@@ -657,8 +670,14 @@ def _recv_waiting(sock: zmq.Socket, batch: list) -> bool:
             batch.append(_recv_frames(sock))
         except zmq.Again:
             return False
-        if not getsockopt(_EVENTS) & _POLLIN:
+        if not _get(sock, _EVENTS) & _POLLIN:
             return False
+
+
+#: pyzmq's socket methods without its Python wrappers (whose send checks
+#: arguments we never pass, and whose getsockopt looks the option up as an enum).
+_send = zmq.backend.Socket.send
+_get = zmq.backend.Socket.get
 
 
 def _send_frames(sock: zmq.Socket, frames: list, copy: bool) -> None:
@@ -711,9 +730,13 @@ class _Waker:
         except OSError:
             pass  # closed
 
-    def ready(self) -> set:
-        """The descriptors readable now; a wake-up is taken (cleared) here."""
-        fds = {fd for fd, _ in self._ep.poll(0)}
+    def ready(self, timeout: float = 0) -> set:
+        """The descriptors readable now (or within `timeout` seconds, if none
+        is); a wake-up is taken (cleared) here."""
+        try:
+            fds = {fd for fd, _ in self._ep.poll(timeout)}
+        except InterruptedError:
+            return set()
         if self.event_fd in fds:
             try:
                 os.eventfd_read(self.event_fd)
@@ -859,6 +882,10 @@ class ZmqConnection(Connection):
         self._error: ProtocolError | None = None  # raised by the next recv_all
         self._sealer: _Sealer | None = None  # (set by the handshake)
         self._opener: _Opener | None = None
+        #: Whether the next `recv_all` reads the monitor whatever is ready: a
+        #: wake-up of the waker is otherwise only for the DEALER (see `send`).
+        self._look_all = False
+        self._ready: set | None = None  # (what `wait` found, for the next recv_all)
         self.closed = False
         ctx = transport._acquire(self)
         try:
@@ -936,6 +963,7 @@ class ZmqConnection(Connection):
         up, down = keys.session(version, nonce_c, nonce_s)
         self._sealer, self._opener = _Sealer(up), _Opener(down)
         # (polling here took the sockets' wake-ups: the first recv_all must look)
+        self._look_all = True
         self._waker.wake()
 
     def _raw_send(self, frame: bytes) -> None:
@@ -1002,20 +1030,27 @@ class ZmqConnection(Connection):
         with sealer.lock:  # (sealed and sent in number order; the socket's lock is shorter)
             if self.closed:
                 raise exc.BackendError(f"this connection to {self.address} is closed")
-            sealed = sealer.seal_parts(frames)
+            if len(frames) == 1 and len(frames[0]) <= PART_SIZE:  # (most messages)
+                sealed = sealer.seal_one(frames[0])
+            else:
+                sealed = sealer.seal_parts(frames)
             with self._lock:
                 if self.closed:
                     raise exc.BackendError(f"this connection to {self.address} is closed")
                 if self._gone is not None:
                     raise exc.BackendError(f"the peer at {self.address} is gone: {self._gone}")
+                sock = self._sock
                 try:
-                    _send_frames(self._sock, sealed, False)
+                    if type(sealed) is bytes:
+                        _send(sock, sealed, _NOBLOCK)
+                    else:
+                        _send_frames(sock, sealed, False)
                 except zmq.Again:
                     raise exc.BackendError(f"the peer at {self.address} is gone (no "
                                            f"connection to send on)") from None
                 except zmq.ZMQError as err:
                     raise exc.BackendError(f"cannot send to {self.address}: {err}") from None
-                if self._sock.getsockopt(zmq.EVENTS) & _POLLIN:
+                if _get(sock, _EVENTS) & _POLLIN:
                     self._waker.wake()
 
     def _read_monitor(self) -> None:
@@ -1048,14 +1083,21 @@ class ZmqConnection(Connection):
             raise self._error
         if self.closed:
             raise EOFError(f"this connection to {self.address} is closed")
-        ready = self._waker.ready()
+        ready = self._ready
+        if ready is None:
+            ready = self._waker.ready()
+        else:
+            self._ready = None
         batch = []
         if ready:
             woken = self._waker.event_fd in ready  # (a sender saw messages waiting)
             with self._lock:
                 # The monitor first: every message that came before the connection
-                # closed is in the socket once its DISCONNECTED event is out.
-                if woken or self._monitor_fd in ready:
+                # closed is in the socket once its DISCONNECTED event is out. (Only
+                # when its descriptor says so: no other thread touches it, and a
+                # try on an empty socket costs pyzmq an exception.)
+                if self._monitor_fd in ready or self._look_all:
+                    self._look_all = False
                     self._read_monitor()
                 drain = woken or self._sock_fd in ready or self._gone is not None
                 if drain and _recv_waiting(self._sock, batch):
@@ -1065,15 +1107,19 @@ class ZmqConnection(Connection):
             if len(frames[0]) == 0:
                 continue  # a liveness probe
             lead = frames[0].buffer[0]
-            if lead == _BYE[0]:
+            if lead == _BYE_LEAD:
                 with self._lock:
                     self._set_gone("the listener closed this connection: "
                                    + frames[0].bytes[1:].decode(errors="replace"))
                 break
             try:
-                if lead == _SEALED[0]:
-                    out.append(self._opener.message(frames, self._max, self._decode))
-                elif lead == _PIECE[0]:
+                if lead == _SEALED_LEAD:
+                    if len(frames) == 1:  # (most messages)
+                        out.append(self._opener.message_one(frames[0], self._max,
+                                                            self._decode))
+                    else:
+                        out.append(self._opener.message(frames, self._max, self._decode))
+                elif lead == _PIECE_LEAD:
                     out.append(self._opener.open_piece(frames, self._max, self._piece_broken))
                 else:
                     raise ProtocolError(f"a frame that is not a sealed message: "
@@ -1093,6 +1139,23 @@ class ZmqConnection(Connection):
         with self._lock:
             self._set_gone(f"the listener sent a broken piece: {error}")
 
+    def wait(self, timeout: float | None) -> bool:
+        """(The reader's thread.) Wait up to `timeout` seconds (None: no limit)
+        until `recv_all` may have something; whether it may. As a wait on
+        `fileno`, without that descriptor's own wake-up and the second look
+        `recv_all` would then take."""
+        if self._pending or self._error is not None or self.closed:
+            return True
+        if self._ready:
+            return True
+        try:
+            ready = self._waker.ready(-1 if timeout is None else max(0.0, timeout))
+        except (ValueError, OSError):
+            return True  # (closed meanwhile: recv_all says so)
+        if ready:
+            self._ready = ready
+        return bool(ready)
+
     def recv(self, timeout: float | None = None):
         until = None if timeout is None else time.monotonic() + timeout
         while not self._pending:
@@ -1103,7 +1166,7 @@ class ZmqConnection(Connection):
             left = None if until is None else until - time.monotonic()
             if left is not None and left <= 0:
                 raise exc.GetTimeoutError(f"no message within {timeout}s")
-            self._waker.wait(left)
+            self.wait(left)
         return self._pending.popleft()
 
     def close(self, linger: float = CLOSE_LINGER) -> None:
@@ -1165,12 +1228,15 @@ class PeerConnection(Connection):
         return self._listener.fileno()
 
     def send(self, message) -> None:
-        encode = self._listener._transport.encode
-        frames = pack(message if encode is None else encode(message),
-                      self._listener.max_message)
+        listener = self._listener
+        encode = listener._transport.encode
+        frames = pack(message if encode is None else encode(message), listener.max_message)
         sealer = self._sealer
         with sealer.lock:  # (sealed and sent in number order)
-            self._listener._send(self, sealer.seal(frames))
+            if len(frames) == 1:  # (most messages)
+                listener._send_one(self, sealer.seal_one(frames[0]))
+            else:
+                listener._send(self, sealer.seal(frames))
 
     def send_piece(self, header, data, track: bool = False):
         """Send `data` (a contiguous buffer) sealed apart from `header` (a small
@@ -1240,6 +1306,7 @@ class ZmqListener(Listener):
         self._probe_until = 0.0
         self._next_probe = 0.0
         self.closed = False
+        self._look_all = False  # (see _collect_now)
         self._failure: str | None = None  # a handshake failure, logged at its DISCONNECTED
         # Handshakes under way: routing id -> (client nonce, our nonce), oldest first.
         self._handshakes: collections.OrderedDict = collections.OrderedDict()
@@ -1272,6 +1339,7 @@ class ZmqListener(Listener):
                 self._waker.add(sock) for sock in (router, self._monitor, zap))
             # Setting up took wake-ups of messages already waiting (the monitor's
             # first events): the first poll must look at every socket.
+            self._look_all = True
             self._waker.wake()
         except BaseException:
             self._release_sockets(0)
@@ -1288,9 +1356,17 @@ class ZmqListener(Listener):
         return self._waker.fileno()
 
     # -- the event loop
-    def poll(self) -> list:
-        self._use("poll")
-        return self._collect()
+    def poll(self, timeout: float = 0) -> list:
+        """`Listener.poll`; with `timeout`, waiting up to that many seconds for
+        something to happen if nothing has (as a wait on `fileno` would,
+        without that descriptor's own wake-up). `wake` ends such a wait."""
+        if self._mode != "poll":
+            self._use("poll")
+        return self._collect(timeout)
+
+    def wake(self) -> None:
+        """End a `poll` that waits (safe from a signal handler)."""
+        self._waker.wake()
 
     def _use(self, mode: str) -> None:
         if self._mode is None:
@@ -1299,19 +1375,34 @@ class ZmqListener(Listener):
             raise RuntimeError(f"this listener is used through {self._mode}(); it cannot also "
                                f"be used through {mode}()")
 
-    def _collect(self) -> list:
-        """What happened since the last call (see `Listener.poll`)."""
+    def _collect(self, timeout: float = 0) -> list:
+        """What happened since the last call (see `Listener.poll`), waiting up
+        to `timeout` seconds (outside the lock, which `close` takes) if nothing has."""
+        ready = None
+        if timeout:
+            try:
+                ready = self._waker.ready(timeout)
+            except (ValueError, OSError):
+                return []  # (closed)
         with self._poll_lock:
             if self.closed:
                 return []
-            return self._collect_now()
+            return self._collect_now(ready)
 
-    def _collect_now(self) -> list:
-        ready = self._waker.ready()
-        woken = self._waker.event_fd in ready  # (read everything: see `_Waker`)
-        if woken or self._zap_fd in ready:
+    def _collect_now(self, ready: set | None = None) -> list:
+        if ready is None:
+            ready = self._waker.ready()
+        woken = self._waker.event_fd in ready  # (the ROUTER: see `_Waker`)
+        # (The ZAP and monitor sockets are read only here, each until it is empty,
+        # so only their own descriptors, or the first poll, say they hold something;
+        # a wake-up is for the ROUTER, which other threads send on. A try on an
+        # empty socket costs pyzmq an exception.)
+        look_all = self._look_all
+        if look_all:
+            self._look_all = False
+        if look_all or self._zap_fd in ready:
             self._serve_zap()
-        if woken or self._monitor_fd in ready:
+        if look_all or self._monitor_fd in ready:
             self._read_monitor()
         events: list = []
         received: dict = {}
@@ -1428,16 +1519,19 @@ class ZmqListener(Listener):
             if len(first) == 0:
                 continue
             lead = first.buffer[0]
-            if lead == _SEALED[0] or lead == _PARTS[0]:  # (pieces go only to clients)
+            if lead == _SEALED_LEAD or lead == _PARTS_LEAD:  # (pieces go only to clients)
                 try:
                     opener = peer._opener
-                    if lead == _SEALED[0]:
-                        message = opener.message(frames[1:], self.max_message,
-                                                 self._transport.decode)
-                    else:
+                    if lead != _SEALED_LEAD:
                         message = _decoded(unpack(opener.open_parts(frames[1:],
                                                                     self.max_message),
                                                   self.max_message), self._transport.decode)
+                    elif len(frames) == 2:  # (most messages)
+                        message = opener.message_one(first, self.max_message,
+                                                     self._transport.decode)
+                    else:
+                        message = opener.message(frames[1:], self.max_message,
+                                                 self._transport.decode)
                 except ProtocolError as err:
                     self._drop(peer, err, events)
                     continue
@@ -1523,7 +1617,7 @@ class ZmqListener(Listener):
     def _after_send(self) -> None:
         """(Under the lock.) A send may take the ROUTER's wake-up (see `_Waker`):
         if messages wait, make `fileno` readable."""
-        if self._router.getsockopt(zmq.EVENTS) & _POLLIN:
+        if _get(self._router, _EVENTS) & _POLLIN:
             self._waker.wake()
 
     def _drop(self, peer: PeerConnection, error: BaseException, events: list) -> None:
@@ -1564,6 +1658,28 @@ class ZmqListener(Listener):
             self._probe_until = 0.0
         return gone
 
+    def _send_one(self, peer: PeerConnection, frame: bytes) -> None:
+        """`_send` of a message of one frame (most are), in fewer steps."""
+        with self._lock:
+            if peer.closed or self.closed:
+                raise exc.BackendError(f"the connection of {peer.peer} is closed: {peer._eof}")
+            router = self._router
+            try:
+                _send(router, peer.routing_id, _NOBLOCK_MORE)
+                _send(router, frame, _NOBLOCK)
+            except zmq.ZMQError as err:
+                self._send_failed(peer, err)
+            if _get(router, _EVENTS) & _POLLIN:
+                self._waker.wake()
+
+    def _send_failed(self, peer: PeerConnection, err: zmq.ZMQError):
+        """(Under the lock.) Raise the BackendError for a failed send to `peer`."""
+        if err.errno == errno.EHOSTUNREACH:
+            self._probe_until = time.monotonic() + PROBE_WINDOW  # poll reports it
+            self._waker.wake()
+            raise exc.BackendError(f"{peer.peer} is gone") from None
+        raise exc.BackendError(f"cannot send to {peer.peer}: {err}") from None
+
     def _send(self, peer: PeerConnection, frames: list, track: bool = False):
         """(None, or with `track` the last frame's MessageTracker.)"""
         with self._lock:
@@ -1577,11 +1693,7 @@ class ZmqListener(Listener):
                     tracker = None
                     _send_frames(self._router, [peer.routing_id, *frames], len(frames) == 1)
             except zmq.ZMQError as err:
-                if err.errno == errno.EHOSTUNREACH:
-                    self._probe_until = time.monotonic() + PROBE_WINDOW  # poll reports it
-                    self._waker.wake()
-                    raise exc.BackendError(f"{peer.peer} is gone") from None
-                raise exc.BackendError(f"cannot send to {peer.peer}: {err}") from None
+                self._send_failed(peer, err)
             self._after_send()
             return tracker
 
