@@ -273,6 +273,141 @@ def test_cancel_running_queued_and_forced(session, tmp_path):
     assert ray.get(square.remote(4), timeout=T) == 16  # Ray carries on
 
 
+# (Functions of their own: the record holds the module session's every task.)
+@ray.remote
+def listed_pid():
+    return os.getpid()
+
+
+@ray.remote
+def listed_fail():
+    raise KeyError("recorded")
+
+
+@ray.remote
+def listed_sleep(path):
+    open(path, "w").close()
+    while True:
+        time.sleep(0.05)
+
+
+@ray.remote
+def listed_child(x):
+    return x * x
+
+
+@ray.remote
+def listed_parent(n):
+    return sum(ray.get([listed_child.remote(i) for i in range(n)], timeout=T))
+
+
+def test_the_state_api_sees_the_jobs_tasks_nested_ones_too(session, tmp_path):
+    """``task_events`` on ray: the driver's record holds the end of each task
+    whose result it has as soon as it has it (workers send their events later
+    than the results: the read waits for them), and the tasks that tasks
+    submit, as their workers send them."""
+    from beamlet.util import state
+    ran = {ray.get(listed_pid.remote(), timeout=T) for _ in range(3)}  # (refs dropped)
+    rows = state.list_tasks(filters=[("name", "=", "listed_pid")])
+    assert [r.state for r in rows] == ["FINISHED"] * 3
+    assert {r.worker_pid for r in rows} == ran and os.getpid() not in ran
+    workers = state.list_workers(limit=1000)
+    assert {"DRIVER", "WORKER"} == {w.worker_type for w in workers}
+    assert ran <= {w.pid for w in workers if w.worker_type == "WORKER" and w.is_alive}
+    spans = [e for e in ray.timeline() if e["ph"] == "X" and e["name"] == "listed_pid"]
+    assert {e["pid"] for e in spans} == ran
+    with pytest.raises(KeyError):
+        ray.get(listed_fail.remote(), timeout=T)
+    (failed,) = state.list_tasks(filters=[("name", "=", "listed_fail")])
+    assert failed.state == "FAILED" and failed.start_time_ms <= failed.end_time_ms
+
+    hog = listed_sleep.remote(str(tmp_path / "hog"))
+    _eventually(lambda: (tmp_path / "hog").exists())
+    ray.cancel(hog, force=True)  # (its worker is killed: only Ray tells of its end)
+    with pytest.raises(exc.TaskCancelledError):
+        ray.get(hog, timeout=T)
+    (row,) = state.list_tasks(filters=[("name", "=", "listed_sleep")])
+    assert (row.state, row.error_type) == ("FAILED", "TASK_CANCELLED")
+
+    assert ray.get(listed_parent.remote(4), timeout=T) == 14
+    (outer,) = state.list_tasks(filters=[("name", "=", "listed_parent")])
+    assert outer.state == "FINISHED"
+
+    def nested_done():
+        rows = state.list_tasks(filters=[("name", "=", "listed_child")], limit=1000)
+        return len(rows) == 4 and {r.state for r in rows} == {"FINISHED"} and \
+            all(r.worker_pid and r.worker_pid != os.getpid() for r in rows)
+    _eventually(nested_done)
+
+
+def test_the_record_follows_an_actor_through_a_restart(session):
+    from beamlet.util import state
+    counter = Counter.options(name="restarted", namespace="state", max_restarts=1).remote(1)
+    first = ray.get(counter.pid.remote(), timeout=T)
+    (row,) = state.list_actors(filters=[("name", "=", "restarted")])
+    assert (row.state, row.pid, row.num_restarts) == ("ALIVE", first, 0)
+    ray.kill(counter, no_restart=False)
+    _eventually(lambda: not procs.alive(procs.proc_id(first)))
+    second = None
+    deadline = time.monotonic() + T
+    while second is None and time.monotonic() < deadline:
+        try:
+            second = ray.get(counter.pid.remote(), timeout=T)
+        except exc.ActorUnavailableError:  # (Ray: restarting)
+            time.sleep(0.1)
+    _eventually(lambda: state.get_actor(row.actor_id).num_restarts == 1)
+    assert state.get_actor(row.actor_id).state == "ALIVE"
+    ray.kill(counter)
+    (row,) = state.list_actors(filters=[("name", "=", "restarted")])
+    assert row.state == "DEAD" and "kill" in row.death_cause
+
+
+def test_the_drivers_plugins_hear_what_workers_run(session):
+    """The driver's observer plugins hear the attempts of nested tasks, which
+    run and end in Ray workers."""
+    from beamlet.core import plugins
+    from beamlet.core.plugins import hookimpl
+
+    class Recorder:
+        def __init__(self):
+            self.submitted, self.finished = [], []
+
+        @hookimpl
+        def beamlet_task_submitted(self, spec):
+            self.submitted.append(spec.display_name)
+
+        @hookimpl
+        def beamlet_task_finished(self, spec, status, duration):
+            self.finished.append((spec.display_name, status))
+
+    recorder = Recorder()
+    plugins.register(recorder)
+    try:
+        assert ray.get(listed_parent.remote(2), timeout=T) == 1
+        _eventually(lambda: sorted(recorder.finished) == [("listed_child", "FINISHED")] * 2 +
+                    [("listed_parent", "FINISHED")])
+    finally:
+        plugins.unregister(recorder)
+    assert sorted(recorder.submitted) == ["listed_child", "listed_child", "listed_parent"]
+
+
+def test_task_events_can_be_turned_off(session, tmp_path):
+    code = ("import beamlet, pytest\n"
+            "from beamlet.util import state\n"
+            f"beamlet.init(backend='ray', address={session.address!r}, task_events=False)\n"
+            "f = beamlet.remote(lambda x: x + 1)\n"
+            f"assert beamlet.get(f.remote(1), timeout={T}) == 2\n"
+            "with pytest.raises(NotImplementedError, match='ray'):\n"
+            "    state.list_tasks()\n"
+            "beamlet.shutdown()\n"
+            "print('off')\n")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=2 * T, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "off"
+
+
 PROBE = "beamlet-test-control-probe"
 
 

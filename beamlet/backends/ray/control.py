@@ -17,10 +17,14 @@ Publish/subscribe: the actor keeps the last `_KEPT` messages of each channel,
 numbered; a subscribing process reads from the number current when it
 subscribed, on one thread that long-polls the actor, and runs the callbacks
 there in order. A subscriber more than `_KEPT` messages behind misses the oldest.
+
+Task events (``events.py``): batches a job's workers send for its driver,
+kept per job until the driver takes them, dropped when it leaves.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import sys
 import threading
@@ -35,6 +39,8 @@ from ...core.interfaces import ControlStore
 NAME = "beamlet-control"
 NAMESPACE = "beamlet"
 _KEPT = 10_000
+_EVENTS_KEPT = 10_000    # task-event batches kept per job for its driver
+_ENDED_JOBS_KEPT = 10_000
 _POLL = 1.0
 _CALL_TIMEOUT = 60.0
 
@@ -46,6 +52,9 @@ class _Tables:
         self._tables: dict[str, dict[bytes, bytes]] = {}
         self._channels: dict[str, list] = {}  # channel -> [first number, messages]
         self._changed: asyncio.Event | None = None
+        #: job id -> [its task events' batches, the Event its driver's take waits on]
+        self._events: dict[str, list] = {}
+        self._ended_jobs: dict[str, None] = {}  # (insertion-ordered: oldest dropped)
 
     async def put(self, table: str, key: bytes, value: bytes, overwrite: bool) -> bool:
         entries = self._tables.setdefault(table, {})
@@ -102,6 +111,51 @@ class _Tables:
                 pass
             found = self._since(cursors)
         return found
+
+    # -- task events (events.py) -----------------------------------------------------
+    async def add_events(self, job_id: str, payload: bytes) -> None:
+        """Keep a batch of the job's task events for its driver (the newest
+        `_EVENTS_KEPT` batches; none once the driver has left)."""
+        if job_id in self._ended_jobs:
+            return
+        state = self._events.get(job_id)
+        if state is None:
+            state = self._events[job_id] = [collections.deque(maxlen=_EVENTS_KEPT), None]
+        state[0].append(payload)
+        if state[1] is not None:
+            state[1].set()
+            state[1] = None
+
+    async def take_events(self, job_id: str, timeout: float):
+        """The job's batches kept so far, taken (waits up to `timeout` for one);
+        None once the job has ended (`end_events`)."""
+        if job_id in self._ended_jobs:
+            return None
+        state = self._events.get(job_id)
+        if state is None:
+            state = self._events[job_id] = [collections.deque(maxlen=_EVENTS_KEPT), None]
+        if not state[0]:
+            if state[1] is None:
+                state[1] = asyncio.Event()
+            try:
+                await asyncio.wait_for(state[1].wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+            if job_id in self._ended_jobs:
+                return None
+        taken = list(state[0])
+        state[0].clear()
+        return taken
+
+    async def end_events(self, job_id: str) -> None:
+        """The job's driver has left: drop its batches, refuse later ones, and
+        end its `take_events` waiting now."""
+        self._ended_jobs[job_id] = None
+        while len(self._ended_jobs) > _ENDED_JOBS_KEPT:
+            self._ended_jobs.pop(next(iter(self._ended_jobs)))
+        state = self._events.pop(job_id, None)
+        if state is not None and state[1] is not None:
+            state[1].set()
 
     def _since(self, cursors: dict) -> dict:
         found = {}

@@ -197,6 +197,11 @@ class RayObjectStore(ObjectStore):
             self.actors[actor_id] = handle
             self.tokens[token_id] = actor_id
 
+    def held_ref(self, object_id: bytes):
+        """The Ray ObjectRef this process holds for `object_id` (None: none)."""
+        with self._lock:
+            return self._refs.get(object_id)
+
     def ray_ref(self, object_id: bytes):
         """The Ray ObjectRef of `object_id`; for an id this process never learnt, a
         Ray object holding ``ObjectLostError``."""
