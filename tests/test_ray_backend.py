@@ -408,6 +408,31 @@ def test_task_events_can_be_turned_off(session, tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == "off"
 
 
+def test_cancelling_tasks_whose_results_are_in_leaves_the_driver_alive(session, tmp_path):
+    """``get(ref)`` then ``cancel(ref)`` at once: a cancel of a finished task
+    does nothing, and reaches no Ray. (Ray 2.60 stores a task's results, waking
+    ``get``, just before its owner ends its record of the task; a
+    ``ray.cancel`` in between killed the driver on a Ray-internal check, exit
+    code 1 and no word from Python: within 50 rounds here under load.) In a
+    driver of its own, so that such a death fails this test only."""
+    code = ("import beamlet\n"
+            f"beamlet.init(backend='ray', address={session.address!r})\n"
+            "f = beamlet.remote(lambda x: x)\n"
+            "for i in range(500):\n"
+            "    ref = f.remote(i)\n"
+            f"    assert beamlet.get(ref, timeout={T}) == i\n"
+            "    beamlet.cancel(ref)\n"
+            "    beamlet.cancel(ref, force=True, recursive=False)\n"
+            f"    assert beamlet.get(ref, timeout={T}) == i\n"
+            "beamlet.shutdown()\n"
+            "print('alive')\n")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=10 * T, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "alive"
+
+
 PROBE = "beamlet-test-control-probe"
 
 

@@ -337,7 +337,10 @@ class RayObjectStore(ObjectStore):
                 # unchecked), and this process lets go of Ray's generator.
                 with stream.lock:
                     generator, stream.generator = stream.generator, None
-                if generator is not None and not stream.ended:
+                if generator is not None and not stream.ended and \
+                        not _ray.wait([generator.completed()], timeout=0,
+                                      fetch_local=False)[0]:
+                    # (Not once its task has ended: see scheduler._finished.)
                     try:
                         _ray.cancel(generator, force=False, recursive=True)
                     except Exception:  # noqa: BLE001 - it ended meanwhile

@@ -56,6 +56,20 @@ def _visible(resources: dict) -> dict:
             if not k.startswith(_HIDDEN) and k != "object_store_memory"}
 
 
+def _finished(ref) -> bool:
+    """Whether the task of `ref` has ended as this process sees it (its result
+    is here), so that cancelling it must do nothing, and must not reach Ray.
+
+    Ray 2.60's owner stores a task's results (waking ``ray.get``) a moment
+    before it finishes its own record of the task; a ``ray.cancel`` in that
+    moment (``get(ref)`` then ``cancel(ref)``, at once) fails the task a second
+    time, and the owner's process dies on Ray's internal check ("Tried to
+    complete task that was not pending"): exit code 1, without a word from
+    Python. Seen under load in test_cancel."""
+    ready, _ = _ray.wait([ref], timeout=0, fetch_local=False)
+    return bool(ready)
+
+
 class RayScheduler(Scheduler):
     def __init__(self, backend):
         self._backend = backend
@@ -345,6 +359,8 @@ class RayScheduler(Scheduler):
     # -- control -----------------------------------------------------------------------
     def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True) -> None:
         ref = self._store.ray_ref(object_id)
+        if _finished(ref):
+            return
         try:
             _ray.cancel(ref, force=force, recursive=recursive)
         except ValueError:  # (Ray: force is not for actor calls) as on other backends: no force
