@@ -391,6 +391,40 @@ def test_the_drivers_plugins_hear_what_workers_run(session):
     assert sorted(recorder.submitted) == ["listed_child", "listed_child", "listed_parent"]
 
 
+def test_the_control_actor_keeps_task_events_bounded_until_their_driver_takes_them(session):
+    """Workers' batches wait in the control actor for their driver: the newest
+    8 MB per job, for 256 jobs at most (a driver killed before its end never
+    takes again), none after the job's end."""
+    import ray as real_ray
+
+    from beamlet.backends.ray import control
+    actor = control._TablesActor.remote()  # (one of its own, not the cluster's)
+    try:
+        def call(method, *args):
+            return real_ray.get(getattr(actor, method).remote(*args), timeout=T)
+        big = b"x" * (1 << 20)
+        for i in range(10):
+            call("add_events", "job-a", bytes([i]) + big[1:])  # (1 MB each)
+        kept = call("take_events", "job-a", 0.1)
+        assert [b[0] for b in kept] == [2, 3, 4, 5, 6, 7, 8, 9]
+        assert call("take_events", "job-a", 0.01) == []
+        waiting = actor.take_events.remote("job-a", T)  # (wakes on the next batch)
+        call("add_events", "job-a", b"next")
+        assert real_ray.get(waiting, timeout=T) == [b"next"]
+        call("add_events", "job-a", b"unread")
+        for j in range(control._EVENTS_JOBS):  # (job-a, taken least recently, goes)
+            call("add_events", f"job-{j}", b"old")
+        assert call("take_events", "job-0", 0.01) == [b"old"]
+        assert call("take_events", "job-a", 0.01) == []
+        waiting = actor.take_events.remote("job-a", T)
+        call("end_events", "job-a")
+        assert real_ray.get(waiting, timeout=T) is None
+        call("add_events", "job-a", b"late")
+        assert call("take_events", "job-a", 0.01) is None
+    finally:
+        real_ray.kill(actor)
+
+
 def test_task_events_can_be_turned_off(session, tmp_path):
     code = ("import beamlet, pytest\n"
             "from beamlet.util import state\n"
