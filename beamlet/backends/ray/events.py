@@ -16,10 +16,12 @@ So each process tells what it sees:
   (nested ones), each attempt's start (``RUNNING``, with its pid) and end, the
   actors it hosts going alive or dead, and itself (its worker id and node).
   Each is a tuple appended to a list; a thread of the sender's own sends the
-  list every `FLUSH_INTERVAL` at most, as one call of the control store's
-  actor (``control.py``), which keeps the batches per job.
-- The driver's `EventReceiver` takes them from there on a thread of its own
-  and tells its task record (and the driver's observer plugins).
+  list `FLUSH_DELAY` after its first event, and at most every
+  `FLUSH_INTERVAL`, as one call of the control store's actor (``control.py``),
+  which keeps the batches per job.
+- The driver's `EventReceiver` takes them from there when the record is read,
+  and otherwise every `DRAIN_INTERVAL` on a thread of its own, and tells its
+  task record (and the driver's observer plugins).
 
 A worker's events reach the driver after the results they belong to, so
 before the record is read (`EventReceiver.settle`) the driver checks which of
@@ -45,11 +47,16 @@ from ...core.scheduling import CANCELLED, FAILED, FINISHED, RETRYING
 from ...core.task_events import RUNNING, _name
 from ...core.task_spec import ACTOR_CREATION
 
-#: Seconds a worker gathers events before sending them (at most one call each).
-FLUSH_INTERVAL = 0.02
+#: Seconds a worker gathers events before it sends them (in one call)...
+FLUSH_DELAY = 0.02
+#: ...and at least this many seconds between two sends, however busy it is:
+#: each send is an actor call (some 0.5 ms of CPU over the processes involved).
+FLUSH_INTERVAL = 0.2
+#: Seconds between two takes of the driver's receiver when nobody reads:
+#: the record is brought up to date when it is read (`EventReceiver.settle`).
+DRAIN_INTERVAL = 1.0
 #: Seconds a read of the record waits for the ends of tasks whose results are in.
 SETTLE_TIMEOUT = 10.0
-_TAKE_TIMEOUT = 1.0       # the receiver's long poll
 _CALL_TIMEOUT = 60.0
 
 # Event kinds (the first item of each event tuple).
@@ -153,8 +160,9 @@ class EventSender:
     def _run(self) -> None:
         while True:
             self._wake.wait()
-            time.sleep(FLUSH_INTERVAL)  # (what comes meanwhile goes in the same call)
+            time.sleep(FLUSH_DELAY)  # (what comes meanwhile goes in the same call)
             self._send()
+            time.sleep(FLUSH_INTERVAL - FLUSH_DELAY)
 
     def _take(self) -> dict:
         with self._lock:
@@ -239,8 +247,9 @@ class EventReceiver:
         #: pid -> {worker_id, pid, node_id, actor_id} of the processes that told.
         self.workers: dict[int, dict] = {}
         self._thread: threading.Thread | None = None
-        self._closed = False
+        self._closed = threading.Event()
         self._actor = None
+        self._taking = threading.Lock()  # (one take and its replay at a time, in order)
 
     # -- the driver's side ---------------------------------------------------------
     def submitted(self, spec) -> None:
@@ -252,7 +261,7 @@ class EventReceiver:
             if len(pending) > self._max_pending:
                 old, _ = pending.popitem(last=False)
                 self._started.pop(old, None)
-            if self._thread is None and not self._closed:
+            if self._thread is None and not self._closed.is_set():
                 self._actor = _control_actor()
                 self._thread = threading.Thread(target=self._run, name="beamlet-ray-task-events",
                                                 daemon=True)
@@ -276,18 +285,22 @@ class EventReceiver:
 
     # -- taking ----------------------------------------------------------------------
     def _run(self) -> None:
-        actor = self._actor
-        while not self._closed:
+        while not self._closed.wait(DRAIN_INTERVAL):
+            self.take()
+
+    def take(self, wait: float = 0.0) -> bool:
+        """Take what the workers sent (waiting up to `wait` for something) and
+        record it; False once the job's events have ended or Ray is gone."""
+        with self._taking:
+            if self._closed.is_set() or self._actor is None:
+                return False
             try:
-                batches = _ray.get(actor.take_events.remote(self._job_id, _TAKE_TIMEOUT),
-                                   timeout=_TAKE_TIMEOUT + _CALL_TIMEOUT)
-            except Exception:  # noqa: BLE001 - Ray is going away (or a slow moment)
-                if self._closed:
-                    return
-                time.sleep(_TAKE_TIMEOUT)
-                continue
+                batches = _ray.get(self._actor.take_events.remote(self._job_id, wait),
+                                   timeout=wait + _CALL_TIMEOUT)
+            except Exception:  # noqa: BLE001 - Ray is going away
+                return False
             if batches is None:
-                return
+                return False
             for payload in batches:
                 try:
                     self._replay(pickle.loads(payload))
@@ -295,6 +308,7 @@ class EventReceiver:
                     import sys
                     print(f"beamlet: a batch of task events could not be recorded: {err!r}",
                           file=sys.stderr)
+            return True
 
     def _replay(self, events: list) -> None:
         record = self._backend.runtime.task_events
@@ -351,6 +365,7 @@ class EventReceiver:
         """Return once the record holds the end of every task submitted here
         whose result is ready (see the module's docstring), or after `timeout`:
         then the ends still missing are recorded from the results."""
+        self.take()
         with self._cond:
             items = list(self._pending.items())
         if not items:
@@ -379,13 +394,12 @@ class EventReceiver:
         if not owed:
             return
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
+        while True:
+            with self._cond:
                 missing = [t for t in owed if t in self._pending]
-                left = deadline - time.monotonic()
-                if not missing or left <= 0:
-                    break
-                self._cond.wait(left)
+            left = deadline - time.monotonic()
+            if not missing or left <= 0 or not self.take(min(left, 1.0)):
+                break
         for task_id in missing:  # (its worker's report was lost: it ended as it was)
             spec, value = owed[task_id]
             self._record_end(task_id, spec, None, getattr(value, "is_error", False))
@@ -413,20 +427,20 @@ class EventReceiver:
 
     def close(self) -> None:
         """Settle, then stop taking events; the job's kept batches are dropped."""
-        if self._thread is not None:
-            try:
-                self.settle(min(SETTLE_TIMEOUT, 5.0))
-            except Exception:  # noqa: BLE001 - Ray is going away
-                pass
-        self._closed = True
-        thread, self._thread = self._thread, None
+        if self._thread is None:
+            return  # (nothing was submitted: nothing was sent)
         try:
-            actor = self._actor or _control_actor()
-            _ray.get(actor.end_events.remote(self._job_id), timeout=_CALL_TIMEOUT)
+            self.settle(min(SETTLE_TIMEOUT, 5.0))
         except Exception:  # noqa: BLE001 - Ray is going away
             pass
-        if thread is not None:
-            thread.join(_TAKE_TIMEOUT + 5)
+        with self._taking:
+            self._closed.set()
+        thread, self._thread = self._thread, None
+        try:
+            _ray.get(self._actor.end_events.remote(self._job_id), timeout=_CALL_TIMEOUT)
+        except Exception:  # noqa: BLE001 - Ray is going away
+            pass
+        thread.join(_CALL_TIMEOUT)
 
 
 def _observe(hook, **kwargs) -> None:
