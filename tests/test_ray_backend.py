@@ -237,9 +237,9 @@ def test_killed_actor_raises_actor_died(session):
     assert procs.wait_gone([actor_pid], GONE_TIMEOUT) == []
 
 
-def test_actor_restarts_after_its_process_dies(session):
-    counter = Counter.options(max_restarts=1).remote(100)
-    first = ray.get(counter.pid.remote(), timeout=T)
+def _restarted(counter, first: int):
+    """Kill the process (pid `first`) of `counter`, whose restart is left; the
+    pid of its next process, once it answers."""
     ray.kill(counter, no_restart=False)
     _eventually(lambda: not procs.alive(procs.proc_id(first)))
     second = None
@@ -249,6 +249,13 @@ def test_actor_restarts_after_its_process_dies(session):
             second = ray.get(counter.pid.remote(), timeout=T)
         except exc.ActorUnavailableError:  # (Ray: restarting)
             time.sleep(0.1)
+    return second
+
+
+def test_actor_restarts_after_its_process_dies(session):
+    counter = Counter.options(max_restarts=1).remote(100)
+    first = ray.get(counter.pid.remote(), timeout=T)
+    second = _restarted(counter, first)
     assert second != first
     assert ray.get(counter.add.remote(), timeout=T) == 101  # constructed again
 
@@ -346,17 +353,12 @@ def test_the_record_follows_an_actor_through_a_restart(session):
     first = ray.get(counter.pid.remote(), timeout=T)
     (row,) = state.list_actors(filters=[("name", "=", "restarted")])
     assert (row.state, row.pid, row.num_restarts) == ("ALIVE", first, 0)
-    ray.kill(counter, no_restart=False)
-    _eventually(lambda: not procs.alive(procs.proc_id(first)))
-    second = None
-    deadline = time.monotonic() + T
-    while second is None and time.monotonic() < deadline:
-        try:
-            second = ray.get(counter.pid.remote(), timeout=T)
-        except exc.ActorUnavailableError:  # (Ray: restarting)
-            time.sleep(0.1)
-    _eventually(lambda: state.get_actor(row.actor_id).num_restarts == 1)
-    assert state.get_actor(row.actor_id).state == "ALIVE"
+    second = _restarted(counter, first)
+
+    def restarted_alive():
+        now = state.get_actor(row.actor_id)
+        return (now.state, now.pid, now.num_restarts) == ("ALIVE", second, 1)
+    _eventually(restarted_alive)
     ray.kill(counter)
     (row,) = state.list_actors(filters=[("name", "=", "restarted")])
     assert row.state == "DEAD" and "kill" in row.death_cause

@@ -15,7 +15,7 @@ So each process tells what it sees:
 - A Ray worker (`EventSender`, one per process) tells the tasks it submits
   (nested ones), each attempt's start (``RUNNING``, with its pid) and end, the
   actors it hosts going alive or dead, and itself (its worker id and node).
-  Each is a tuple appended to a list; a thread of the sender's own sends the
+  Each is a tuple appended to a deque; a thread of the sender's own sends the
   list `FLUSH_DELAY` after its first event, and at most every
   `FLUSH_INTERVAL`, as one call of the control store's actor (``control.py``),
   which keeps the batches per job.
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import os
+import _thread
 import pickle
 import threading
 import time
@@ -98,31 +99,36 @@ def _control_actor():
 class EventSender:
     """(A Ray worker process.) Gathers the events of every job that runs here
     and sends them, per job, from a thread of its own (a call made from a
-    task's thread would count as that task's child, and be cancelled with it)."""
+    task's thread would count as that task's child, and be cancelled with it).
+
+    What a task's thread does here holds no Python lock: Ray's ``cancel``
+    raises KeyboardInterrupt in that thread between any two bytecodes, and a
+    lock it left held would stop every later task of the process. An event
+    is a ``deque.append``, and the sending thread is woken by releasing a raw
+    lock it waits on (both single C calls)."""
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self._buffer: list = []          # (job id, event)
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._buffer: collections.deque = collections.deque()  # (job id, event)
+        self._wake = _thread.allocate_lock()  # held while there is nothing to send
+        self._wake.acquire()
         self._actor = None
         self._told: set[str] = set()     # jobs this process has told it exists to
         self.pid = os.getpid()
         self._worker = None              # (worker id hex, node id hex)
+        self._thread = threading.Thread(target=self._run, name="beamlet-ray-task-events",
+                                        daemon=True)
+        self._thread.start()
 
     def _emit(self, job_id: str, event: tuple) -> None:
-        with self._lock:
-            self._buffer.append((job_id, event))
-            first = len(self._buffer) == 1
-            if job_id not in self._told:
-                self._told.add(job_id)
-                self._buffer.append((job_id, self._worker_event(None)))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="beamlet-ray-task-events",
-                                                daemon=True)
-                self._thread.start()
-        if first:
-            self._wake.set()
+        if job_id not in self._told:  # (twice at worst, which the driver folds)
+            self._told.add(job_id)
+            self._buffer.append((job_id, self._worker_event(None)))
+        self._buffer.append((job_id, event))
+        if self._wake.locked():
+            try:
+                self._wake.release()
+            except RuntimeError:  # (another thread released it first)
+                pass
 
     def _worker_event(self, actor_id) -> tuple:
         if self._worker is None:
@@ -159,17 +165,16 @@ class EventSender:
     # -- sending ---------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            self._wake.wait()
+            self._wake.acquire()  # (released by the next event: see _emit)
             time.sleep(FLUSH_DELAY)  # (what comes meanwhile goes in the same call)
             self._send()
             time.sleep(FLUSH_INTERVAL - FLUSH_DELAY)
 
     def _take(self) -> dict:
-        with self._lock:
-            taken, self._buffer = self._buffer, []
-            self._wake.clear()
         per_job: dict = {}
-        for job_id, event in taken:
+        buffer = self._buffer
+        while buffer:
+            job_id, event = buffer.popleft()
             per_job.setdefault(job_id, []).append(event)
         return per_job
 
