@@ -83,7 +83,7 @@ def session():
     _ray_cluster.disconnect()  # (the semantic suite's connection, if it ran before)
     saved_backend = os.environ.pop("BEAMLET_BACKEND", None)
     before = _descendants()  # (other tests' processes: a shared cluster, say)
-    ray.init(backend="ray", num_cpus=2, resources={"disk": 2})
+    ray.init(backend="ray", num_cpus=2, resources={"disk": 2}, task_events=True)
     backend = _runtime.current().backend
     backend.test_processes_before = before
     yield backend
@@ -427,10 +427,11 @@ def test_the_control_actor_keeps_task_events_bounded_until_their_driver_takes_th
         real_ray.kill(actor)
 
 
-def test_task_events_can_be_turned_off(session, tmp_path):
+def test_task_events_are_off_unless_asked_for(session, tmp_path):
+    """(They cost some 10% more CPU per task.)"""
     code = ("import beamlet, pytest\n"
             "from beamlet.util import state\n"
-            f"beamlet.init(backend='ray', address={session.address!r}, task_events=False)\n"
+            f"beamlet.init(backend='ray', address={session.address!r})\n"
             "f = beamlet.remote(lambda x: x + 1)\n"
             f"assert beamlet.get(f.remote(1), timeout={T}) == 2\n"
             "with pytest.raises(NotImplementedError, match='ray'):\n"
