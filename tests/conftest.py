@@ -332,6 +332,7 @@ def init_options(name: str, **options) -> dict:
         options["client"] = _dask_cluster.client()
     elif name == "ray" and "address" not in options:
         options.pop("num_cpus", None)
+        options.setdefault("task_events", True)  # (off by default: it costs CPU)
         _ray_cluster.connect()
     elif name == "cluster" and "address" not in options:
         options.pop("num_cpus", None)
@@ -348,6 +349,8 @@ def own_init_options(name: str, **options) -> dict:
     ``BEAMLET_TOKEN``, which `backend_name` sets)."""
     if name != "cluster":
         options.setdefault("num_cpus", NUM_CPUS)
+    if name == "ray":
+        options.setdefault("task_events", True)  # (off by default: it costs CPU)
     return options
 
 

@@ -174,6 +174,7 @@ def timeline(filename: str | None = None) -> list[dict] | None:
     if rt.task_events is None:
         raise NotImplementedError(f"timeline() needs a backend whose driver sees every task "
                                   f"(task_events); the {rt.backend.name!r} backend does not")
+    rt.backend.settle_task_events()
     if filename is None:
         from .task_events import chrome_trace
         return chrome_trace(rt.task_events.spans())

@@ -405,6 +405,13 @@ class Backend(abc.ABC):
         flag is False need not know them."""
         raise NotImplementedError(f"the {self.name!r} backend cannot list its workers")
 
+    def settle_task_events(self) -> None:
+        """(The driver, where the backend has the ``task_events`` flag.) Called
+        before the task record is read: a backend whose events reach the driver
+        after the results they belong to returns once the record holds the end
+        of every task whose result is ready here (waiting a bounded time).
+        Elsewhere nothing to do."""
+
     def object_referenced(self, object_id: bytes) -> None:
         """This process now holds a reference to the object (its count went 0 -> 1).
         The owner's backend needs nothing; a worker's tells the owner it borrows it."""

@@ -16,6 +16,7 @@ import time
 from typing import Callable
 
 from . import plugins
+from ..exceptions import TaskCancelledError
 from .tables import ActorState
 
 #: What an attempt's end is reported as.
@@ -93,13 +94,16 @@ def run_attempts(spec, execute: Callable, actor_spec=None, retries: bool = True)
     """Run `spec` through ``execute(spec) -> ExecutionResult`` until an attempt
     succeeds, fails for good, or (``retries=False``) once; observers hear of
     each attempt. Returns the last attempt's result. Only failures that
-    ``spec.retry_exceptions`` asks to retry (``result.retryable``) are retried."""
+    ``spec.retry_exceptions`` asks to retry (``result.retryable``) are retried.
+    An attempt interrupted by ``cancel`` (its error a ``TaskCancelledError``)
+    is reported ``CANCELLED``."""
     while True:
         start = time.perf_counter()
         result = execute(spec)
         retry = retries and result.retryable and may_retry(spec, actor_spec)
         plugins.notify("beamlet_task_finished", spec=spec,
-                       status=attempt_status(result.error is not None, retry),
+                       status=attempt_status(result.error is not None, retry,
+                                             isinstance(result.error, TaskCancelledError)),
                        duration=time.perf_counter() - start, pid=os.getpid())
         if not retry:
             return result

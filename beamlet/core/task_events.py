@@ -115,9 +115,11 @@ class TaskEvents:
             plugins.remove_listener(hook, getattr(self, hook))
 
     # -- the hooks ----------------------------------------------------------------
-    def beamlet_task_submitted(self, spec) -> None:
+    def beamlet_task_submitted(self, spec, when: float | None = None) -> None:
+        """(`when`: the epoch time of a submission told late, e.g. by another
+        process; default now.)"""
         self._submitted.append((spec.task_id, spec.kind, spec.function_name, spec.method_name,
-                                spec.actor_id, time.time()))
+                                spec.actor_id, time.time() if when is None else when))
         if spec.kind == ACTOR_CREATION:
             options = spec.actor_options or {}
             with self._lock:
@@ -127,9 +129,12 @@ class TaskEvents:
                     actor.name = options.get("name")
                     actor.namespace = options.get("namespace")
 
-    def beamlet_task_finished(self, spec, status: str, duration: float, pid) -> None:
+    def beamlet_task_finished(self, spec, status: str, duration: float, pid,
+                              end: float | None = None) -> None:
+        """(`end`: the epoch time of an end told late; default now.)"""
         self._ended.append((spec.task_id, spec.kind, spec.function_name, spec.method_name,
-                            spec.actor_id, time.time(), status, duration, pid, spec.attempt))
+                            spec.actor_id, time.time() if end is None else end, status,
+                            duration, pid, spec.attempt))
         if spec.kind == ACTOR_CREATION and status == "FINISHED":
             with self._lock:
                 actor = self._actors.get(spec.actor_id)
@@ -148,6 +153,11 @@ class TaskEvents:
             actor.state = state
             if state == "DEAD":
                 actor.death_cause = reason
+
+    def progressed(self, task_id: bytes, attempt: int, state: str, pid, when: float) -> None:
+        """`progress` with an epoch time (`when`), for progress another process
+        tells (its ``time.perf_counter`` is not this one's)."""
+        self._progress.append((task_id, attempt, state, pid, when - self._clock))
 
     # -- reading ----------------------------------------------------------------
     def tasks(self) -> list[TaskRecord]:

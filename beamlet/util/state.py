@@ -170,6 +170,7 @@ def _events(what: str, address: str | None = None):
         raise NotImplementedError(
             f"{what}() needs a backend whose driver sees every task (task_events); the "
             f"{rt.backend.name!r} backend does not")
+    rt.backend.settle_task_events()
     return rt, rt.task_events
 
 

@@ -17,10 +17,14 @@ Publish/subscribe: the actor keeps the last `_KEPT` messages of each channel,
 numbered; a subscribing process reads from the number current when it
 subscribed, on one thread that long-polls the actor, and runs the callbacks
 there in order. A subscriber more than `_KEPT` messages behind misses the oldest.
+
+Task events (``events.py``): batches a job's workers send for its driver,
+kept per job until the driver takes them, dropped when it leaves.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import sys
 import threading
@@ -35,6 +39,9 @@ from ...core.interfaces import ControlStore
 NAME = "beamlet-control"
 NAMESPACE = "beamlet"
 _KEPT = 10_000
+_EVENTS_BYTES = 8 << 20  # task-event batches kept per job for its driver, in bytes
+_EVENTS_JOBS = 256       # jobs whose batches are kept at once
+_ENDED_JOBS_KEPT = 10_000
 _POLL = 1.0
 _CALL_TIMEOUT = 60.0
 
@@ -46,6 +53,10 @@ class _Tables:
         self._tables: dict[str, dict[bytes, bytes]] = {}
         self._channels: dict[str, list] = {}  # channel -> [first number, messages]
         self._changed: asyncio.Event | None = None
+        #: job id -> [its task events' batches, their bytes, the Event its driver's
+        #: take waits on], least recently taken first (`_events_of`)
+        self._events: dict[str, list] = {}
+        self._ended_jobs: dict[str, None] = {}  # (insertion-ordered: oldest dropped)
 
     async def put(self, table: str, key: bytes, value: bytes, overwrite: bool) -> bool:
         entries = self._tables.setdefault(table, {})
@@ -102,6 +113,67 @@ class _Tables:
                 pass
             found = self._since(cursors)
         return found
+
+    # -- task events (events.py) -----------------------------------------------------
+    def _events_of(self, job_id: str) -> list:
+        """The job's [batches, their bytes, the Event its driver's take waits on];
+        made (as the newest) if it has none. Beyond `_EVENTS_JOBS` jobs, the one
+        whose driver took least recently loses what it kept (a driver killed
+        before it ended its events never takes again)."""
+        state = self._events.get(job_id)
+        if state is None:
+            state = self._events[job_id] = [collections.deque(), 0, None]
+            while len(self._events) > _EVENTS_JOBS:
+                self._events.pop(next(iter(self._events)))
+        return state
+
+    async def add_events(self, job_id: str, payload: bytes) -> None:
+        """Keep a batch of the job's task events for its driver (the newest
+        `_EVENTS_BYTES` of them; none once the driver has left)."""
+        if job_id in self._ended_jobs:
+            return
+        state = self._events_of(job_id)
+        state[0].append(payload)
+        state[1] += len(payload)
+        while state[1] > _EVENTS_BYTES and len(state[0]) > 1:
+            state[1] -= len(state[0].popleft())
+        if state[2] is not None:
+            state[2].set()
+            state[2] = None
+
+    async def take_events(self, job_id: str, timeout: float):
+        """The job's batches kept so far, taken (waits up to `timeout` for one);
+        None once the job has ended (`end_events`)."""
+        if job_id in self._ended_jobs:
+            return None
+        state = self._events.pop(job_id, None)  # (taken from now: the newest)
+        if state is None:
+            state = self._events_of(job_id)
+        else:
+            self._events[job_id] = state
+        if not state[0]:
+            if state[2] is None:
+                state[2] = asyncio.Event()
+            try:
+                await asyncio.wait_for(state[2].wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+            if job_id in self._ended_jobs:
+                return None
+        taken = list(state[0])
+        state[0].clear()
+        state[1] = 0
+        return taken
+
+    async def end_events(self, job_id: str) -> None:
+        """The job's driver has left: drop its batches, refuse later ones, and
+        end its `take_events` waiting now."""
+        self._ended_jobs[job_id] = None
+        while len(self._ended_jobs) > _ENDED_JOBS_KEPT:
+            self._ended_jobs.pop(next(iter(self._ended_jobs)))
+        state = self._events.pop(job_id, None)
+        if state is not None and state[2] is not None:
+            state[2].set()
 
     def _since(self, cursors: dict) -> dict:
         found = {}

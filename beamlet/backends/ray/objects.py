@@ -197,6 +197,11 @@ class RayObjectStore(ObjectStore):
             self.actors[actor_id] = handle
             self.tokens[token_id] = actor_id
 
+    def held_ref(self, object_id: bytes):
+        """The Ray ObjectRef this process holds for `object_id` (None: none)."""
+        with self._lock:
+            return self._refs.get(object_id)
+
     def ray_ref(self, object_id: bytes):
         """The Ray ObjectRef of `object_id`; for an id this process never learnt, a
         Ray object holding ``ObjectLostError``."""
@@ -332,7 +337,10 @@ class RayObjectStore(ObjectStore):
                 # unchecked), and this process lets go of Ray's generator.
                 with stream.lock:
                     generator, stream.generator = stream.generator, None
-                if generator is not None and not stream.ended:
+                if generator is not None and not stream.ended and \
+                        not _ray.wait([generator.completed()], timeout=0,
+                                      fetch_local=False)[0]:
+                    # (Not once its task has ended: see scheduler._finished.)
                     try:
                         _ray.cancel(generator, force=False, recursive=True)
                     except Exception:  # noqa: BLE001 - it ended meanwhile

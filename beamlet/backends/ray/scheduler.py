@@ -21,6 +21,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import ray as _ray
 
@@ -28,6 +30,7 @@ from ... import exceptions as exc
 from ...core import plugins
 from ...core.interfaces import Scheduler
 from ...core.scheduling import ActorLifecycle
+from ...core.task_events import PENDING_ARGS_AVAIL, PENDING_NODE_ASSIGNMENT, SUBMITTED_TO_WORKER
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
 from .control import NAMESPACE
 from .worker import actor_host_class, stream_function, task_function, wire
@@ -53,6 +56,20 @@ def _visible(resources: dict) -> dict:
             if not k.startswith(_HIDDEN) and k != "object_store_memory"}
 
 
+def _finished(ref) -> bool:
+    """Whether the task of `ref` has ended as this process sees it (its result
+    is here), so that cancelling it must do nothing, and must not reach Ray.
+
+    Ray 2.60's owner stores a task's results (waking ``ray.get``) a moment
+    before it finishes its own record of the task; a ``ray.cancel`` in that
+    moment (``get(ref)`` then ``cancel(ref)``, at once) fails the task a second
+    time, and the owner's process dies on Ray's internal check ("Tried to
+    complete task that was not pending"): exit code 1, without a word from
+    Python. Seen under load in test_cancel."""
+    ready, _ = _ray.wait([ref], timeout=0, fetch_local=False)
+    return bool(ready)
+
+
 class RayScheduler(Scheduler):
     def __init__(self, backend):
         self._backend = backend
@@ -66,6 +83,13 @@ class RayScheduler(Scheduler):
         self.groups = RayPlacementGroups(backend, self._node_resources)
         #: actor id -> the names of its concurrency groups (those this process knows)
         self._concurrency_groups: dict[bytes, frozenset] = {}
+        #: Whether submissions made here are told to the job's task record
+        #: (events.py): by the driver's receiver, or a worker's sender.
+        self._events_on = bool(backend.job.get("task_events"))
+        self._sender = None
+        if self._events_on and backend.events is None:
+            from .events import sender
+            self._sender = sender()
 
     # -- resources -------------------------------------------------------------------
     def _node_resources(self, refresh: bool = False) -> list[dict]:
@@ -111,12 +135,37 @@ class RayScheduler(Scheduler):
 
     # -- submission --------------------------------------------------------------------
     def submit(self, spec: TaskSpec) -> None:
+        # A request no node could meet raises here, before the hooks hear of it.
+        if spec.kind == ACTOR_CREATION:
+            placed = self._options(spec)
+        elif spec.kind == ACTOR_METHOD:
+            placed = None
+        else:
+            if spec.placement_group is not None:
+                self.groups.options(spec)  # (its group may be gone: the kind is cached)
+            placed = self._task_kind(spec)
         plugins.notify("beamlet_task_submitted", spec=spec)
         if spec.has_ref_args():
             dep_ids = list(dict.fromkeys(spec.dependencies()))
             dep_refs = [self._store.ray_ref(d) for d in dep_ids]
         else:
             dep_ids = dep_refs = []
+        if not self._events_on:
+            self._submit(spec, dep_ids, dep_refs, placed)
+            return
+        self._tell_submitted(spec, dep_refs)
+        try:
+            self._submit(spec, dep_ids, dep_refs, placed)
+        except BaseException as err:
+            self._told_failed(spec, err)
+            raise
+        if self._backend.events is not None and spec.return_ids:
+            self._backend.events.submitted_ref(spec.task_id,
+                                               self._store.held_ref(spec.return_ids[0]))
+
+    def _submit(self, spec: TaskSpec, dep_ids: list, dep_refs: list, placed) -> None:
+        """Hand the spec to Ray (`placed`: a task's Ray remote function with its
+        options, or an actor's Ray options)."""
         contained = spec.contained_refs()
         # (Ray refs and handles go as Ray values, so that Ray counts them as borrowed.)
         carried = self._store.carried(contained) if contained else None
@@ -127,7 +176,7 @@ class RayScheduler(Scheduler):
         if spec.kind == ACTOR_METHOD:
             host = self.actor(spec.actor_id)
             if host is None:
-                self._store.fail(spec.return_ids, exc.ActorDiedError(
+                self._fail(spec, exc.ActorDiedError(
                     f"the actor {spec.function_name} is dead (no Ray actor has its id)"))
                 return
             group = (spec.actor_options or {}).get("concurrency_group")
@@ -144,18 +193,16 @@ class RayScheduler(Scheduler):
                 refs = method.options(**options).remote(*args)
             else:
                 # (Ray would crash the actor's process on a group it lacks.)
-                self._store.fail(spec.return_ids, ValueError(
+                self._fail(spec, ValueError(
                     f"{spec.display_name} was called in concurrency group {group!r}, which "
                     f"the actor does not define; its concurrency_groups are: "
                     f"{sorted(self._groups_of(spec.actor_id) - _ASYNC) or 'none'}"))
                 return
         elif spec.kind == ACTOR_CREATION:
-            self._create_actor(spec, payload, carried, dep_refs)
+            self._create_actor(spec, payload, carried, dep_refs, placed)
             return
         else:
-            if spec.placement_group is not None:
-                self.groups.options(spec)  # (its group may be gone: the kind is cached)
-            refs = self._task_kind(spec).remote(*args)
+            refs = placed.remote(*args)
             if spec.placement_group is not None:
                 self.groups.note_task(spec, [refs] if n == 1 else list(refs))
         if spec.generator is not None and spec.generator[0] == "streaming":
@@ -165,6 +212,61 @@ class RayScheduler(Scheduler):
             return
         self._store.adopt(spec.return_ids, [refs] if n == 1 else refs,
                           spec.actor_id if spec.kind == ACTOR_METHOD else None)
+
+    # -- task events (events.py) -------------------------------------------------------
+    def _tell_submitted(self, spec: TaskSpec, dep_refs: list) -> None:
+        """Tell the task record of a submission made here, and how far it is:
+        waiting for arguments not ready yet, then (an actor call) sent to its actor."""
+        backend = self._backend
+        if backend.events is not None:
+            backend.events.submitted(spec)
+        else:
+            self._sender.submitted(backend.job["job_id"], spec)
+        task_id, attempt = spec.task_id, spec.attempt
+        state = SUBMITTED_TO_WORKER if spec.kind == ACTOR_METHOD else None
+        if dep_refs:
+            _, waiting = _ray.wait(dep_refs, num_returns=len(dep_refs), timeout=0,
+                                   fetch_local=False)
+            if waiting:
+                self._progress(task_id, attempt, PENDING_ARGS_AVAIL)
+                after = state or PENDING_NODE_ASSIGNMENT
+                left = [len(waiting)]
+                lock = threading.Lock()
+
+                # (Runs on Ray's I/O thread: it holds no spec, whose refs it might drop.)
+                def arrived(_future):
+                    with lock:
+                        left[0] -= 1
+                        done = left[0] == 0
+                    if done:
+                        self._progress(task_id, attempt, after)
+                for ref in waiting:
+                    ref.future().add_done_callback(arrived)
+                return
+        if state is not None:
+            self._progress(task_id, attempt, state)
+
+    def _progress(self, task_id: bytes, attempt: int, state: str) -> None:
+        backend = self._backend
+        if backend.events is not None:
+            tell = self.task_progress
+            if tell is not None:
+                tell((task_id, attempt, state, None, time.perf_counter()))
+        else:
+            self._sender.progress(backend.job["job_id"], task_id, attempt, state)
+
+    def _fail(self, spec: TaskSpec, error: BaseException) -> None:
+        """Fail a submission that cannot reach Ray: its results are `error`."""
+        self._store.fail(spec.return_ids, error)
+        if self._events_on:
+            self._told_failed(spec, error)
+
+    def _told_failed(self, spec: TaskSpec, error: BaseException) -> None:
+        """Tell the task record that a submission made here failed before Ray ran it."""
+        if self._backend.events is not None:
+            self._backend.events.failed_here(spec, error)
+        else:
+            self._sender.finished(self._backend.job["job_id"], spec, "FAILED", 0.0, None)
 
     def _task_kind(self, spec: TaskSpec):
         """The job's Ray task with the spec's Ray options (made once per kind of task)."""
@@ -186,7 +288,7 @@ class RayScheduler(Scheduler):
             self._task_kinds[key] = kind
         return kind
 
-    def _create_actor(self, spec: TaskSpec, payload, carried, dep_refs) -> None:
+    def _create_actor(self, spec: TaskSpec, payload, carried, dep_refs, placed: dict) -> None:
         options = spec.actor_options or {}
         groups = options.get("concurrency_groups") or {}
         is_async = bool(options.get("is_async"))
@@ -203,7 +305,7 @@ class RayScheduler(Scheduler):
             max_restarts=options.get("max_restarts", 0),
             max_task_retries=options.get("max_task_retries", 0),
             max_concurrency=concurrency,
-            **self._options(spec)).remote(self._backend.job, payload, carried, *dep_refs)
+            **placed).remote(self._backend.job, payload, carried, *dep_refs)
         # Recorded for the driver's shutdown, which frees the job's actors' names.
         self._backend.runtime.tables.note_job_actor(self._backend.job["job_id"], spec.actor_id,
                                                     detached)
@@ -257,6 +359,8 @@ class RayScheduler(Scheduler):
     # -- control -----------------------------------------------------------------------
     def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True) -> None:
         ref = self._store.ray_ref(object_id)
+        if _finished(ref):
+            return
         try:
             _ray.cancel(ref, force=force, recursive=recursive)
         except ValueError:  # (Ray: force is not for actor calls) as on other backends: no force
@@ -268,8 +372,18 @@ class RayScheduler(Scheduler):
             return
         _ray.kill(handle, no_restart=no_restart)
         if no_restart:
+            reason = "it was killed by beamlet.kill()"
             self._backend.runtime.tables.set_actor_state(
-                actor_id, ActorLifecycle.DEAD.recorded, "it was killed by beamlet.kill()")
+                actor_id, ActorLifecycle.DEAD.recorded, reason)
+            if self._events_on:
+                info = self._backend.runtime.tables.actor(actor_id)
+                name = info.class_name if info is not None else "?"
+                if self._backend.events is not None:
+                    plugins.notify("beamlet_actor_state", actor_id=actor_id, class_name=name,
+                                   state="DEAD", reason=reason)
+                else:
+                    self._sender.actor_state(self._backend.job["job_id"], actor_id, name,
+                                             "DEAD", reason)
 
     def end_job_actors(self) -> None:
         """(The driver, at shutdown.) The job's actors' records outlive it here

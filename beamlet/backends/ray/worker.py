@@ -17,13 +17,16 @@ it once no handle is left (calling ``__ray_shutdown__``).
 from __future__ import annotations
 
 import asyncio
+import os
 import pickle
 import sys
 import threading
+import time
 
 import ray as _ray
 
 from ... import exceptions as exc
+from ...core import plugins
 from ...core import runtime as _runtime
 from ...core.execution import Executor
 from ...core.scheduling import ActorLifecycle, run_attempts
@@ -47,6 +50,12 @@ class _Job:
         self.runtime = _runtime.Runtime(RayBackend, config)
         self.executor = Executor(self.runtime)
         self.store = self.runtime.backend.object_store
+        self.job_id = job["job_id"]
+        #: Where this process tells the job's task record what it runs (events.py).
+        self.events = None
+        if job.get("task_events"):
+            from .events import sender
+            self.events = sender()
 
 
 def _job(job: dict) -> _Job:
@@ -87,6 +96,8 @@ def _run_task(job: dict, payload: bytes, carried, *dep_values):
     `carried` the Ray refs nested in its inline arguments (None: none)."""
     spec, dep_ids, carried = _unwire(payload, carried)
     state = _job(job)
+    if state.events is not None:
+        state.events.running(state.job_id, spec)
     with state.store.provided(dep_ids, dep_values, carried):
         result = run_attempts(spec, state.executor.execute)
     return _returns(state, spec, result.values)
@@ -102,6 +113,7 @@ def _stream_values(state: _Job, spec: TaskSpec, steps):
     stream_id = spec.return_ids[0]
     out = backend.stream_out(stream_id)
     stored, final = False, None
+    start = _started(state, spec)
     try:
         for step in steps:
             while out:
@@ -113,6 +125,25 @@ def _stream_values(state: _Job, spec: TaskSpec, steps):
     finally:
         steps.close()  # (here, not when collected: it resets this thread's context)
         backend.stream_done(stream_id)
+        _stream_finished(state, spec, start, final)
+
+
+def _started(state: _Job, spec: TaskSpec) -> float:
+    """Tell the job's task record that `spec` runs here (if it listens); when."""
+    if state.events is not None:
+        state.events.running(state.job_id, spec)
+    return time.perf_counter()
+
+
+def _stream_finished(state: _Job, spec: TaskSpec, start: float, final) -> None:
+    """Tell how a generator call ended (none of its attempts goes through
+    ``run_attempts``): stopped before its end (``final`` None) is cancelled."""
+    from ...core.scheduling import attempt_status
+    status = attempt_status(final is None or final.error is not None, False,
+                            final is None or isinstance(final.error, exc.TaskCancelledError))
+    duration = time.perf_counter() - start
+    plugins.notify("beamlet_task_finished", spec=spec, status=status, duration=duration,
+                   pid=os.getpid())
 
 
 def _stream_end(state: _Job, spec: TaskSpec, out, stored: bool, final):
@@ -135,6 +166,7 @@ async def _async_stream_values(state: _Job, spec: TaskSpec, steps):
     stream_id = spec.return_ids[0]
     out = backend.stream_out(stream_id)
     stored, final = False, None
+    start = _started(state, spec)
     try:
         async for step in steps:
             while out:
@@ -147,6 +179,7 @@ async def _async_stream_values(state: _Job, spec: TaskSpec, steps):
     finally:
         await steps.aclose()
         backend.stream_done(stream_id)
+        _stream_finished(state, spec, start, final)
 
 
 def stream_function(job: dict):
@@ -180,6 +213,20 @@ def _placement_group_ready(job: dict, pg_id: bytes, value):
 ray_placement_group_ready = _ray.remote(num_cpus=0, max_retries=0)(_placement_group_ready)
 
 
+def _reconstructed() -> bool:
+    """Whether Ray is restarting the actor whose constructor runs here."""
+    import warnings
+    with warnings.catch_warnings():  # (Ray's property reads its own deprecated actor_id)
+        warnings.simplefilter("ignore")
+        return _ray.get_runtime_context().was_current_actor_reconstructed
+
+
+def _refused(spec: TaskSpec) -> None:
+    """Tell the observers of a call refused here (its actor is dead)."""
+    plugins.notify("beamlet_task_finished", spec=spec, status="FAILED", duration=0.0,
+                   pid=os.getpid())
+
+
 class _Host:
     """The part both actor hosts share: construction and the end."""
 
@@ -188,6 +235,10 @@ class _Host:
         self._job = _job(job)
         self._spec = spec
         self._dead: str | None = None
+        if self._job.events is not None:
+            if _reconstructed():
+                self._tell(ActorLifecycle.RESTARTING, "its process died")
+            self._job.events.running(self._job.job_id, spec)
         with self._job.store.provided(dep_ids, dep_values, carried):
             result = run_attempts(spec, self._job.executor.execute, retries=False)
         self._created = self._job.store.pack(result.values[0])
@@ -198,15 +249,21 @@ class _Host:
             self._record(ActorLifecycle.ALIVE)
 
     def _died(self, spec: TaskSpec):
+        _refused(spec)
         error = exc.ActorDiedError(f"the actor {self._spec.function_name} is dead: {self._dead}")
         return _returns(self._job, spec, [serialize(error, is_error=True)] * len(spec.return_ids))
 
     def _died_stream(self, spec: TaskSpec):
         """The Ray items of a generator call to this dead actor."""
         from ...core.execution import ExecutionResult
+        _refused(spec)
         error = exc.ActorDiedError(f"the actor {self._spec.function_name} is dead: {self._dead}")
         yield from _stream_end(self._job, spec, (), False,
                                ExecutionResult([serialize(error, is_error=True)], error))
+
+    def _running(self, spec: TaskSpec) -> None:
+        if self._job.events is not None:
+            self._job.events.running(self._job.job_id, spec)
 
     def _after(self, spec: TaskSpec, values: list):
         """The call's Ray return value; if the call ran ``exit_actor()``, the actor
@@ -217,6 +274,8 @@ class _Host:
             self._job.executor.exiting = None
             self._job.executor.end_actor(self._spec.actor_id)
             self._end(EXIT_REASON, shutdown=False)
+            if self._job.events is not None:
+                self._job.events.flush()  # (this process ends next)
             _ray.actor.exit_actor()
         return returned
 
@@ -239,6 +298,12 @@ class _Host:
             self._job.runtime.tables.set_actor_state(self._spec.actor_id, state.recorded, reason)
         except exc.BeamletError:
             pass  # (the control store is gone: nobody is left to read it)
+        self._tell(state, reason)
+
+    def _tell(self, state: ActorLifecycle, reason: str) -> None:
+        if self._job.events is not None:
+            self._job.events.actor_state(self._job.job_id, self._spec.actor_id,
+                                         self._spec.function_name, state.value, reason)
 
 
 class ActorHost(_Host):
@@ -252,6 +317,7 @@ class ActorHost(_Host):
         spec, dep_ids, carried = _unwire(payload, carried)
         if self._dead is not None:
             return self._died(spec)
+        self._running(spec)
         with self._job.store.provided(dep_ids, dep_values, carried):
             result = run_attempts(spec, self._job.executor.execute, self._spec)
         return self._after(spec, result.values)
@@ -319,8 +385,16 @@ class AsyncActorHost(_Host):
                 limit.release()
 
     async def _call(self, spec: TaskSpec, dep_ids, dep_values, carried):
+        self._running(spec)
+        start = time.perf_counter()
         with self._job.store.provided(dep_ids, dep_values, carried):
             result = await self._job.executor.execute_async(spec)
+        # (Not through run_attempts: an async call has no retries of its own.)
+        from ...core.scheduling import attempt_status
+        plugins.notify("beamlet_task_finished", spec=spec,
+                       status=attempt_status(result.error is not None, False,
+                                             isinstance(result.error, exc.TaskCancelledError)),
+                       duration=time.perf_counter() - start, pid=os.getpid())
         return self._after(spec, result.values)
 
 
