@@ -434,7 +434,7 @@ def test_task_events_are_off_unless_asked_for(session, tmp_path):
             f"beamlet.init(backend='ray', address={session.address!r})\n"
             "f = beamlet.remote(lambda x: x + 1)\n"
             f"assert beamlet.get(f.remote(1), timeout={T}) == 2\n"
-            "with pytest.raises(NotImplementedError, match='ray'):\n"
+            "with pytest.raises(NotImplementedError, match='task_events=True'):\n"
             "    state.list_tasks()\n"
             "beamlet.shutdown()\n"
             "print('off')\n")

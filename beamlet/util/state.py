@@ -167,9 +167,14 @@ def _events(what: str, address: str | None = None):
     if rt is None:
         raise RuntimeError(f"{what}(): beamlet is not initialized; call beamlet.init() first")
     if rt.task_events is None:
+        name = rt.backend.name
+        if "task_events" in getattr(rt.backend, "accepted_options", ()):
+            raise NotImplementedError(
+                f"{what}() needs task events, which the {name!r} backend records only "
+                f"when asked: beamlet.init(backend={name!r}, task_events=True)")
         raise NotImplementedError(
             f"{what}() needs a backend whose driver sees every task (task_events); the "
-            f"{rt.backend.name!r} backend does not")
+            f"{name!r} backend does not")
     rt.backend.settle_task_events()
     return rt, rt.task_events
 
