@@ -117,12 +117,9 @@ def throughput(algo: str, env: str, runners: int, seconds: float) -> float:
     a = cls(cfg)
     try:
         if algo == "ES":
-            theta = beamlet.put(a.theta.astype("float32"))
-
             def once():
-                norm = a.obs_stats.mean_std() if a.obs_stats is not None else None
-                res = a.workers.foreach("do_rollouts", theta, 2, cfg.noise_stdev, norm)
-                return int(sum(r["lengths"].sum() for r in res))
+                out, _ = a.run_units(a.draw_units(2 * runners, 0))
+                return int(out[:, 2:].sum())
         else:
             frag = cfg.get_rollout_fragment_length()
             weights = beamlet.put(a.model.get_weights())
@@ -148,9 +145,11 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def es_scaling(env: str, workers: int, seconds: float, pairs: int = 4) -> dict:
-    """ES sampling with `workers` actors: env steps/s (wall), and the CPU time
-    the workers and the driver spent per 1,000 env steps, read from /proc, so
-    that the scaling can be judged on a machine other programs load too."""
+    """ES sampling with `workers` actors, `pairs` mirrored pairs per worker per
+    call at the initial weights (the shortest episodes, so the most round
+    trips per env step): env steps/s (wall), and the CPU time the workers and
+    the driver spent per 1,000 env steps, read from /proc, so that the scaling
+    can be judged on a machine other programs load too."""
     spec = example("ES", env)
     cls = get_algorithm_class("ES")
     cfg = cls.config_class().update_from_dict(spec["config"]).environment(env)
@@ -158,12 +157,10 @@ def es_scaling(env: str, workers: int, seconds: float, pairs: int = 4) -> dict:
     a = cls(cfg)
     try:
         pids = a.workers.foreach("pid")
-        norm = a.obs_stats.mean_std() if a.obs_stats is not None else None
 
         def once():
-            theta = beamlet.put(a.theta.astype("float32"))
-            res = a.workers.foreach("do_rollouts", theta, pairs, cfg.noise_stdev, norm)
-            return int(sum(r["lengths"].sum() for r in res))
+            out, _ = a.run_units(a.draw_units(pairs * workers, 0))
+            return int(out[:, 2:].sum())
         once()  # warm up
         w0 = sum(_cpu_seconds(p) for p in pids)
         d0, steps, start = time.process_time(), 0, time.time()
@@ -174,11 +171,46 @@ def es_scaling(env: str, workers: int, seconds: float, pairs: int = 4) -> dict:
         driver_cpu = time.process_time() - d0
     finally:
         a.stop()
-    return {"algo": "ES", "env": env, "workers": workers, "env_steps": steps,
-            "wall_s": round(wall, 2), "env_steps_per_s": round(steps / wall),
+    return {"algo": "ES", "env": env, "what": "sampling", "workers": workers,
+            "env_steps": steps, "wall_s": round(wall, 2),
+            "env_steps_per_s": round(steps / wall),
             "worker_cpu_ms_per_1k_steps": round(1e6 * worker_cpu / steps, 1),
             "driver_cpu_ms_per_1k_steps": round(1e6 * driver_cpu / steps, 1),
             "load_avg_1m": os.getloadavg()[0]}
+
+
+def es_training_scaling(env: str, workers: int, iterations: int) -> dict:
+    """The tuned example's first `iterations` training iterations (seed 0) with
+    `workers` actors: env steps/s (wall) of the whole iteration (episodes, the
+    driver's update, the unperturbed episodes), and CPU per 1,000 env steps of
+    the workers and of the driver (/proc). ES draws every perturbation on the
+    driver, so the runs do the very same episodes whatever `workers` is (the
+    row's ``weights`` digest shows it)."""
+    import hashlib
+    spec = example("ES", env)
+    cls = get_algorithm_class("ES")
+    cfg = cls.config_class().update_from_dict(spec["config"]).environment(env)
+    cfg.env_runners(num_env_runners=workers).debugging(seed=0)
+    a = cls(cfg)
+    try:
+        pids = a.workers.foreach("pid")
+        w0 = sum(_cpu_seconds(p) for p in pids)
+        d0, steps, start = time.process_time(), 0, time.time()
+        for _ in range(iterations):
+            steps += a.train()["num_env_steps_sampled"]
+        wall = time.time() - start
+        worker_cpu = sum(_cpu_seconds(p) for p in pids) - w0
+        driver_cpu = time.process_time() - d0
+        digest = hashlib.sha1(a.theta.tobytes()).hexdigest()[:12]
+    finally:
+        a.stop()
+    return {"algo": "ES", "env": env, "what": "training", "workers": workers,
+            "iterations": iterations, "env_steps": steps, "wall_s": round(wall, 2),
+            "env_steps_per_s": round(steps / wall),
+            "worker_cpu_ms_per_1k_steps": round(1e6 * worker_cpu / steps, 1),
+            "driver_cpu_ms_per_1k_steps": round(1e6 * driver_cpu / steps, 2),
+            "driver_cpu_ms_per_iter": round(1e3 * driver_cpu / iterations, 2),
+            "weights": digest, "load_avg_1m": os.getloadavg()[0]}
 
 
 SB3_SCRIPT = textwrap.dedent("""
@@ -258,7 +290,9 @@ def main(argv=None) -> int:
                    help="comma-separated seeds to run instead of range(--seeds)")
     p.add_argument("--only", choices=["learning", "throughput", "scaling"], default=None)
     p.add_argument("--scaling-workers", default="1,2,4",
-                   help="ES worker counts for the scaling table (--only scaling)")
+                   help="ES worker counts for the scaling tables (--only scaling)")
+    p.add_argument("--scaling-iterations", type=int, default=40,
+                   help="ES training iterations per row of the training scaling table")
     p.add_argument("--max-time", type=float, default=600.0, help="seconds per seed at most")
     p.add_argument("--throughput-seconds", type=float, default=5.0)
     p.add_argument("--eval-episodes", type=int, default=50,
@@ -314,9 +348,11 @@ def main(argv=None) -> int:
             if args.env == "CartPole-v1" and not args.sb3_python and "PPO" in algos:
                 print("== SB3 PPO: skipped (give --sb3-python or $BEAMLET_SB3_PYTHON)")
         if args.only == "scaling":
-            print(f"== ES sampling on {args.env} by number of workers", flush=True)
+            counts = [int(w) for w in args.scaling_workers.split(",")]
+            print(f"== ES sampling on {args.env} by number of workers (4 pairs per worker "
+                  f"per call, initial weights)", flush=True)
             base = None
-            for n in (int(w) for w in args.scaling_workers.split(",")):
+            for n in counts:
                 r = es_scaling(args.env, n, args.throughput_seconds)
                 base = base or r["env_steps_per_s"]
                 rows.append(r)
@@ -325,6 +361,20 @@ def main(argv=None) -> int:
                       f"{r['worker_cpu_ms_per_1k_steps']} ms CPU, driver "
                       f"{r['driver_cpu_ms_per_1k_steps']} ms CPU; load {r['load_avg_1m']:.1f}",
                       flush=True)
+            print(f"== ES training on {args.env} by number of workers (the tuned example's "
+                  f"first {args.scaling_iterations} iterations, the same episodes each run)",
+                  flush=True)
+            base = None
+            for n in counts:
+                r = es_training_scaling(args.env, n, args.scaling_iterations)
+                base = base or r["env_steps_per_s"]
+                rows.append(r)
+                print(f"  {n} workers: {r['env_steps_per_s']:7d} env steps/s "
+                      f"(x{r['env_steps_per_s'] / base:.2f}), {r['env_steps']} env steps in "
+                      f"{r['wall_s']} s; per 1k steps: workers {r['worker_cpu_ms_per_1k_steps']} "
+                      f"ms CPU, driver {r['driver_cpu_ms_per_1k_steps']} ms CPU "
+                      f"({r['driver_cpu_ms_per_iter']} ms per iteration); weights "
+                      f"{r['weights']}; load {r['load_avg_1m']:.1f}", flush=True)
         if args.only in (None, "throughput"):
             print(f"== sampling throughput on {args.env} (env steps/s, no learning)", flush=True)
             for algo in dict.fromkeys(split_runners(a)[0] for a in algos):
