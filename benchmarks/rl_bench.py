@@ -213,6 +213,16 @@ def es_training_scaling(env: str, workers: int, iterations: int) -> dict:
             "weights": digest, "load_avg_1m": os.getloadavg()[0]}
 
 
+def cpu_bound(base: dict, row: dict) -> float:
+    """Amdahl's bound on `row`'s speed-up over `base` from their CPU per env
+    step: the driver's CPU counted as wholly serial, the workers' as spread
+    evenly over ``row["workers"]`` free cores (no waiting for the slowest)."""
+    serial = row["driver_cpu_ms_per_1k_steps"]
+    parallel = row["worker_cpu_ms_per_1k_steps"] / row["workers"]
+    one = base["driver_cpu_ms_per_1k_steps"] + base["worker_cpu_ms_per_1k_steps"]
+    return round(one / (serial + parallel) * base["workers"], 2)
+
+
 SB3_SCRIPT = textwrap.dedent("""
     import json, sys, time
     from collections import deque
@@ -354,27 +364,30 @@ def main(argv=None) -> int:
             base = None
             for n in counts:
                 r = es_scaling(args.env, n, args.throughput_seconds)
-                base = base or r["env_steps_per_s"]
+                base = base or r
+                r["cpu_bound_speedup"] = cpu_bound(base, r)
                 rows.append(r)
                 print(f"  {n} workers: {r['env_steps_per_s']:7d} env steps/s "
-                      f"(x{r['env_steps_per_s'] / base:.2f}); per 1k steps: workers "
-                      f"{r['worker_cpu_ms_per_1k_steps']} ms CPU, driver "
-                      f"{r['driver_cpu_ms_per_1k_steps']} ms CPU; load {r['load_avg_1m']:.1f}",
-                      flush=True)
+                      f"(x{r['env_steps_per_s'] / base['env_steps_per_s']:.2f}); per 1k steps: "
+                      f"workers {r['worker_cpu_ms_per_1k_steps']} ms CPU, driver "
+                      f"{r['driver_cpu_ms_per_1k_steps']} ms CPU (bound from CPU "
+                      f"x{r['cpu_bound_speedup']:.2f}); load {r['load_avg_1m']:.1f}", flush=True)
             print(f"== ES training on {args.env} by number of workers (the tuned example's "
                   f"first {args.scaling_iterations} iterations, the same episodes each run)",
                   flush=True)
             base = None
             for n in counts:
                 r = es_training_scaling(args.env, n, args.scaling_iterations)
-                base = base or r["env_steps_per_s"]
+                base = base or r
+                r["cpu_bound_speedup"] = cpu_bound(base, r)
                 rows.append(r)
                 print(f"  {n} workers: {r['env_steps_per_s']:7d} env steps/s "
-                      f"(x{r['env_steps_per_s'] / base:.2f}), {r['env_steps']} env steps in "
-                      f"{r['wall_s']} s; per 1k steps: workers {r['worker_cpu_ms_per_1k_steps']} "
-                      f"ms CPU, driver {r['driver_cpu_ms_per_1k_steps']} ms CPU "
-                      f"({r['driver_cpu_ms_per_iter']} ms per iteration); weights "
-                      f"{r['weights']}; load {r['load_avg_1m']:.1f}", flush=True)
+                      f"(x{r['env_steps_per_s'] / base['env_steps_per_s']:.2f}), "
+                      f"{r['env_steps']} env steps in {r['wall_s']} s; per 1k steps: workers "
+                      f"{r['worker_cpu_ms_per_1k_steps']} ms CPU, driver "
+                      f"{r['driver_cpu_ms_per_1k_steps']} ms CPU ({r['driver_cpu_ms_per_iter']} "
+                      f"ms per iteration; bound from CPU x{r['cpu_bound_speedup']:.2f}); "
+                      f"weights {r['weights']}; load {r['load_avg_1m']:.1f}", flush=True)
         if args.only in (None, "throughput"):
             print(f"== sampling throughput on {args.env} (env steps/s, no learning)", flush=True)
             for algo in dict.fromkeys(split_runners(a)[0] for a in algos):

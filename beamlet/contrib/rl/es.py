@@ -361,17 +361,19 @@ class ES(Algorithm):
             return self.workers.local.rollouts(theta, cfg.noise_stdev, norm, units)
         theta_arg = beamlet.put(theta) if theta.nbytes > _PUT_THETA_BYTES else theta
         args = (theta_arg, cfg.noise_stdev, norm)
-        shares = split_units(units, len(self.workers))
-        jobs = [[units[i] for i in rows] for rows in shares]
-        refs = [self.workers.submit(w, "rollouts", *args, job) for w, job in enumerate(jobs)]
+        shares = [(w, rows) for w, rows in enumerate(split_units(units, len(self.workers)))
+                  if rows]   # a worker with no share of a small batch gets no task
+        jobs = [[units[i] for i in rows] for _, rows in shares]
+        refs = [self.workers.submit(w, "rollouts", *args, job)
+                for (w, _), job in zip(shares, jobs)]
         out = np.empty((len(units), 4))
         stats = None if norm is None else np.empty((len(units), 1 + 2 * len(norm[0])))
-        for w, (ref, rows) in enumerate(zip(refs, shares)):
+        for (w, rows), job, ref in zip(shares, jobs, refs):
             try:
                 part = beamlet.get(ref, timeout=cfg.sample_timeout_s)
             except ActorError:
                 self.workers.num_restarts += 1
-                part = self.workers.call(w, "rollouts", *args, jobs[w])
+                part = self.workers.call(w, "rollouts", *args, job)
             out[rows] = part[0]
             if stats is not None:
                 stats[rows] = part[1]
