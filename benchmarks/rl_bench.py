@@ -144,6 +144,30 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class Shares:
+    """How evenly ES's calls spread env steps over the workers: ``imbalance()``
+    is the sum over calls of the busiest worker's env steps over the sum of
+    the mean worker's (1.0: even), from the units' episode lengths and the
+    split ES makes (``split_units``); the load does not change it."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.reset()
+
+    def reset(self) -> None:
+        self.most = self.mean = 0.0
+
+    def add(self, units: list, out) -> None:
+        from beamlet.contrib.rl.es import split_units
+        steps = out[:, 2:].sum(1)
+        per = [float(steps[rows].sum()) for rows in split_units(units, self.workers)]
+        self.most += max(per)
+        self.mean += sum(per) / self.workers
+
+    def imbalance(self) -> float:
+        return round(self.most / self.mean, 3) if self.mean else 1.0
+
+
 def es_scaling(env: str, workers: int, seconds: float, pairs: int = 4) -> dict:
     """ES sampling with `workers` actors, `pairs` mirrored pairs per worker per
     call at the initial weights (the shortest episodes, so the most round
@@ -158,10 +182,15 @@ def es_scaling(env: str, workers: int, seconds: float, pairs: int = 4) -> dict:
     try:
         pids = a.workers.foreach("pid")
 
+        shares = Shares(workers)
+
         def once():
-            out, _ = a.run_units(a.draw_units(pairs * workers, 0))
+            units = a.draw_units(pairs * workers, 0)
+            out, _ = a.run_units(units)
+            shares.add(units, out)
             return int(out[:, 2:].sum())
         once()  # warm up
+        shares.reset()
         w0 = sum(_cpu_seconds(p) for p in pids)
         d0, steps, start = time.process_time(), 0, time.time()
         while time.time() - start < seconds:
@@ -172,7 +201,7 @@ def es_scaling(env: str, workers: int, seconds: float, pairs: int = 4) -> dict:
     finally:
         a.stop()
     return {"algo": "ES", "env": env, "what": "sampling", "workers": workers,
-            "env_steps": steps, "wall_s": round(wall, 2),
+            "env_steps": steps, "wall_s": round(wall, 2), "imbalance": shares.imbalance(),
             "env_steps_per_s": round(steps / wall),
             "worker_cpu_ms_per_1k_steps": round(1e6 * worker_cpu / steps, 1),
             "driver_cpu_ms_per_1k_steps": round(1e6 * driver_cpu / steps, 1),
@@ -194,6 +223,13 @@ def es_training_scaling(env: str, workers: int, iterations: int) -> dict:
     a = cls(cfg)
     try:
         pids = a.workers.foreach("pid")
+        shares, run_units = Shares(workers), a.run_units
+
+        def counted(units):
+            out, stats = run_units(units)
+            shares.add(units, out)
+            return out, stats
+        a.run_units = counted
         w0 = sum(_cpu_seconds(p) for p in pids)
         d0, steps, start = time.process_time(), 0, time.time()
         for _ in range(iterations):
@@ -206,6 +242,7 @@ def es_training_scaling(env: str, workers: int, iterations: int) -> dict:
         a.stop()
     return {"algo": "ES", "env": env, "what": "training", "workers": workers,
             "iterations": iterations, "env_steps": steps, "wall_s": round(wall, 2),
+            "imbalance": shares.imbalance(),
             "env_steps_per_s": round(steps / wall),
             "worker_cpu_ms_per_1k_steps": round(1e6 * worker_cpu / steps, 1),
             "driver_cpu_ms_per_1k_steps": round(1e6 * driver_cpu / steps, 2),
@@ -216,11 +253,13 @@ def es_training_scaling(env: str, workers: int, iterations: int) -> dict:
 def cpu_bound(base: dict, row: dict) -> float:
     """Amdahl's bound on `row`'s speed-up over `base` from their CPU per env
     step: the driver's CPU counted as wholly serial, the workers' as spread
-    evenly over ``row["workers"]`` free cores (no waiting for the slowest)."""
-    serial = row["driver_cpu_ms_per_1k_steps"]
-    parallel = row["worker_cpu_ms_per_1k_steps"] / row["workers"]
-    one = base["driver_cpu_ms_per_1k_steps"] + base["worker_cpu_ms_per_1k_steps"]
-    return round(one / (serial + parallel) * base["workers"], 2)
+    over ``row["workers"]`` free cores, each call lasting as long as its
+    busiest worker (``row["imbalance"]``); what it leaves out is the time
+    messages spend in flight and the cores other programs take."""
+    def per_step(r):
+        return (r["driver_cpu_ms_per_1k_steps"]
+                + r["worker_cpu_ms_per_1k_steps"] / r["workers"] * r["imbalance"])
+    return round(per_step(base) / per_step(row), 2)
 
 
 SB3_SCRIPT = textwrap.dedent("""
@@ -370,8 +409,9 @@ def main(argv=None) -> int:
                 print(f"  {n} workers: {r['env_steps_per_s']:7d} env steps/s "
                       f"(x{r['env_steps_per_s'] / base['env_steps_per_s']:.2f}); per 1k steps: "
                       f"workers {r['worker_cpu_ms_per_1k_steps']} ms CPU, driver "
-                      f"{r['driver_cpu_ms_per_1k_steps']} ms CPU (bound from CPU "
-                      f"x{r['cpu_bound_speedup']:.2f}); load {r['load_avg_1m']:.1f}", flush=True)
+                      f"{r['driver_cpu_ms_per_1k_steps']} ms CPU; busiest worker x{r['imbalance']} "
+                      f"the mean; bound from CPU x{r['cpu_bound_speedup']:.2f}; load "
+                      f"{r['load_avg_1m']:.1f}", flush=True)
             print(f"== ES training on {args.env} by number of workers (the tuned example's "
                   f"first {args.scaling_iterations} iterations, the same episodes each run)",
                   flush=True)
@@ -386,7 +426,8 @@ def main(argv=None) -> int:
                       f"{r['env_steps']} env steps in {r['wall_s']} s; per 1k steps: workers "
                       f"{r['worker_cpu_ms_per_1k_steps']} ms CPU, driver "
                       f"{r['driver_cpu_ms_per_1k_steps']} ms CPU ({r['driver_cpu_ms_per_iter']} "
-                      f"ms per iteration; bound from CPU x{r['cpu_bound_speedup']:.2f}); "
+                      f"ms per iteration); busiest worker x{r['imbalance']} the mean; bound "
+                      f"from CPU x{r['cpu_bound_speedup']:.2f}; "
                       f"weights {r['weights']}; load {r['load_avg_1m']:.1f}", flush=True)
         if args.only in (None, "throughput"):
             print(f"== sampling throughput on {args.env} (env steps/s, no learning)", flush=True)

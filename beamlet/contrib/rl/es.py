@@ -239,7 +239,7 @@ class ESWorker:
             d = len(obs_norm[0])
             stats = np.zeros((len(units), 1 + 2 * d))
         for row, (offset, seed) in enumerate(units):
-            if offset < 0:
+            if offset == -1:
                 ret, length = self._episode(theta, seed, obs_norm, None)
                 out[row] = ret, 0.0, length, 0
                 continue
