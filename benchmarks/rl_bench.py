@@ -147,22 +147,18 @@ def _cpu_seconds(pid: int) -> float:
 class Shares:
     """How evenly ES's calls spread env steps over the workers: ``imbalance()``
     is the sum over calls of the busiest worker's env steps over the sum of
-    the mean worker's (1.0: even), from the units' episode lengths and the
-    split ES makes (``split_units``); the load does not change it."""
+    the mean worker's (1.0: even), from ``ES.last_worker_steps``; the load
+    does not change it."""
 
-    def __init__(self, workers: int):
-        self.workers = workers
+    def __init__(self):
         self.reset()
 
     def reset(self) -> None:
         self.most = self.mean = 0.0
 
-    def add(self, units: list, out) -> None:
-        from beamlet.contrib.rl.es import split_units
-        steps = out[:, 2:].sum(1)
-        per = [float(steps[rows].sum()) for rows in split_units(units, self.workers)]
-        self.most += max(per)
-        self.mean += sum(per) / self.workers
+    def add(self, per_worker: list) -> None:
+        self.most += max(per_worker)
+        self.mean += sum(per_worker) / len(per_worker)
 
     def imbalance(self) -> float:
         return round(self.most / self.mean, 3) if self.mean else 1.0
@@ -182,12 +178,11 @@ def es_scaling(env: str, workers: int, seconds: float, pairs: int = 4) -> dict:
     try:
         pids = a.workers.foreach("pid")
 
-        shares = Shares(workers)
+        shares = Shares()
 
         def once():
-            units = a.draw_units(pairs * workers, 0)
-            out, _ = a.run_units(units)
-            shares.add(units, out)
+            out, _ = a.run_units(a.draw_units(pairs * workers, 0))
+            shares.add(a.last_worker_steps)
             return int(out[:, 2:].sum())
         once()  # warm up
         shares.reset()
@@ -223,17 +218,12 @@ def es_training_scaling(env: str, workers: int, iterations: int) -> dict:
     a = cls(cfg)
     try:
         pids = a.workers.foreach("pid")
-        shares, run_units = Shares(workers), a.run_units
-
-        def counted(units):
-            out, stats = run_units(units)
-            shares.add(units, out)
-            return out, stats
-        a.run_units = counted
+        shares = Shares()
         w0 = sum(_cpu_seconds(p) for p in pids)
         d0, steps, start = time.process_time(), 0, time.time()
         for _ in range(iterations):
             steps += a.train()["num_env_steps_sampled"]
+            shares.add(a.last_worker_steps)
         wall = time.time() - start
         worker_cpu = sum(_cpu_seconds(p) for p in pids) - w0
         driver_cpu = time.process_time() - d0

@@ -326,6 +326,9 @@ class ES(Algorithm):
         # workers run the episodes, nor on which runs which.
         self.perturb_rng = np.random.default_rng(None if cfg.seed is None else [cfg.seed, 8])
         self.eval_rng = np.random.default_rng(None if cfg.seed is None else [cfg.seed, 9])
+        #: env steps each worker ran in the last run_units call (how evenly
+        #: the work was spread; the driver's local worker counts as one)
+        self.last_worker_steps: list[int] = []
         factory = ModelFactory(self.observation_space, self.action_space, heads,
                                model_config, cfg.lr, cfg.grad_clip, cfg.seed)
         if cfg.num_env_runners and not beamlet.is_initialized():
@@ -357,8 +360,11 @@ class ES(Algorithm):
         cfg = self.config
         theta = self.theta.astype(np.float32)
         norm = self.obs_stats.mean_std() if self.obs_stats is not None else None
+        self.last_worker_steps = [0] * max(1, len(self.workers))
         if self.workers.local is not None:
-            return self.workers.local.rollouts(theta, cfg.noise_stdev, norm, units)
+            out, stats = self.workers.local.rollouts(theta, cfg.noise_stdev, norm, units)
+            self.last_worker_steps[0] = int(out[:, 2:].sum())
+            return out, stats
         theta_arg = beamlet.put(theta) if theta.nbytes > _PUT_THETA_BYTES else theta
         args = (theta_arg, cfg.noise_stdev, norm)
         shares = [(w, rows) for w, rows in enumerate(split_units(units, len(self.workers)))
@@ -375,6 +381,7 @@ class ES(Algorithm):
                 self.workers.num_restarts += 1
                 part = self.workers.call(w, "rollouts", *args, job)
             out[rows] = part[0]
+            self.last_worker_steps[w] = int(part[0][:, 2:].sum())
             if stats is not None:
                 stats[rows] = part[1]
         return out, stats
