@@ -7,6 +7,10 @@ policy, ``episodes_per_eval`` per iteration) reaches the target (475 on
 CartPole-v1), then the sampling throughput (env steps/s) with 1 and 2 env
 runners. Optionally runs Stable-Baselines3's PPO with its zoo hyperparameters
 from another interpreter (``--sb3-python``; never a dependency of beamlet).
+``--only scaling`` times ES with 1, 2, ... workers twice: sampling alone, and
+the tuned example's first training iterations (the same episodes whatever the
+number of workers), each row with the CPU per env step of the workers and of
+the driver, how unevenly the work fell, and the speed-up those bound.
 
     python benchmarks/rl_bench.py                          # all algorithms, 5 seeds
     python benchmarks/rl_bench.py --algos PPO --seeds 2    # a quick look
@@ -177,7 +181,6 @@ def es_scaling(env: str, workers: int, seconds: float, pairs: int = 4) -> dict:
     a = cls(cfg)
     try:
         pids = a.workers.foreach("pid")
-
         shares = Shares()
 
         def once():
