@@ -168,12 +168,13 @@ class Shares:
         return round(self.most / self.mean, 3) if self.mean else 1.0
 
 
-def es_scaling(env: str, workers: int, seconds: float, pairs: int = 4) -> dict:
-    """ES sampling with `workers` actors, `pairs` mirrored pairs per worker per
-    call at the initial weights (the shortest episodes, so the most round
-    trips per env step): env steps/s (wall), and the CPU time the workers and
-    the driver spent per 1,000 env steps, read from /proc, so that the scaling
-    can be judged on a machine other programs load too."""
+def _es_timed(env: str, workers: int, body, warm_up=None) -> dict:
+    """The tuned ES example (seed 0) with `workers` actors, timed while
+    ``body(algo, shares)`` runs (it returns the env steps it sampled; `warm_up`,
+    the same kind of callable, runs first, untimed): env steps/s (wall), the
+    CPU the workers and the driver spent per 1,000 env steps, read from /proc
+    so that the scaling can be judged on a machine other programs load too,
+    and how unevenly the steps fell on the workers (`Shares`)."""
     spec = example("ES", env)
     cls = get_algorithm_class("ES")
     cfg = cls.config_class().update_from_dict(spec["config"]).environment(env)
@@ -181,66 +182,61 @@ def es_scaling(env: str, workers: int, seconds: float, pairs: int = 4) -> dict:
     a = cls(cfg)
     try:
         pids = a.workers.foreach("pid")
+        if warm_up is not None:
+            warm_up(a, Shares())
         shares = Shares()
-
-        def once():
-            out, _ = a.run_units(a.draw_units(pairs * workers, 0))
-            shares.add(a.last_worker_steps)
-            return int(out[:, 2:].sum())
-        once()  # warm up
-        shares.reset()
         w0 = sum(_cpu_seconds(p) for p in pids)
-        d0, steps, start = time.process_time(), 0, time.time()
-        while time.time() - start < seconds:
-            steps += once()
+        d0, start = time.process_time(), time.time()
+        steps = body(a, shares)
         wall = time.time() - start
         worker_cpu = sum(_cpu_seconds(p) for p in pids) - w0
         driver_cpu = time.process_time() - d0
     finally:
         a.stop()
-    return {"algo": "ES", "env": env, "what": "sampling", "workers": workers,
-            "env_steps": steps, "wall_s": round(wall, 2), "imbalance": shares.imbalance(),
-            "env_steps_per_s": round(steps / wall),
+    return {"algo": "ES", "env": env, "workers": workers, "env_steps": steps,
+            "wall_s": round(wall, 2), "env_steps_per_s": round(steps / wall),
+            "imbalance": shares.imbalance(),
             "worker_cpu_ms_per_1k_steps": round(1e6 * worker_cpu / steps, 1),
-            "driver_cpu_ms_per_1k_steps": round(1e6 * driver_cpu / steps, 1),
-            "load_avg_1m": os.getloadavg()[0]}
+            "driver_cpu_ms_per_1k_steps": round(1e6 * driver_cpu / steps, 2),
+            "driver_cpu_s": round(driver_cpu, 3), "load_avg_1m": os.getloadavg()[0]}
+
+
+def es_scaling(env: str, workers: int, seconds: float, pairs: int = 4) -> dict:
+    """ES sampling alone for `seconds`, `pairs` mirrored pairs per worker per
+    call at the initial weights (the shortest episodes, so the most round trips
+    per env step); see `_es_timed` for the row."""
+    def once(a, shares):
+        out, _ = a.run_units(a.draw_units(pairs * workers, 0))
+        shares.add(a.last_worker_steps)
+        return int(out[:, 2:].sum())
+
+    def body(a, shares):
+        steps, start = 0, time.time()
+        while time.time() - start < seconds:
+            steps += once(a, shares)
+        return steps
+    return {"what": "sampling", **_es_timed(env, workers, body, warm_up=once)}
 
 
 def es_training_scaling(env: str, workers: int, iterations: int) -> dict:
-    """The tuned example's first `iterations` training iterations (seed 0) with
-    `workers` actors: env steps/s (wall) of the whole iteration (episodes, the
-    driver's update, the unperturbed episodes), and CPU per 1,000 env steps of
-    the workers and of the driver (/proc). ES draws every perturbation on the
-    driver, so the runs do the very same episodes whatever `workers` is (the
-    row's ``weights`` digest shows it)."""
+    """The tuned example's first `iterations` training iterations: the whole
+    iteration (episodes, the unperturbed episodes, the driver's update). ES
+    draws every perturbation on the driver, so the runs do the very same
+    episodes whatever `workers` is (the row's ``weights`` digest shows it); see
+    `_es_timed` for the rest of the row."""
     import hashlib
-    spec = example("ES", env)
-    cls = get_algorithm_class("ES")
-    cfg = cls.config_class().update_from_dict(spec["config"]).environment(env)
-    cfg.env_runners(num_env_runners=workers).debugging(seed=0)
-    a = cls(cfg)
-    try:
-        pids = a.workers.foreach("pid")
-        shares = Shares()
-        w0 = sum(_cpu_seconds(p) for p in pids)
-        d0, steps, start = time.process_time(), 0, time.time()
+    digest = {}
+
+    def body(a, shares):
+        steps = 0
         for _ in range(iterations):
             steps += a.train()["num_env_steps_sampled"]
             shares.add(a.last_worker_steps)
-        wall = time.time() - start
-        worker_cpu = sum(_cpu_seconds(p) for p in pids) - w0
-        driver_cpu = time.process_time() - d0
-        digest = hashlib.sha1(a.theta.tobytes()).hexdigest()[:12]
-    finally:
-        a.stop()
-    return {"algo": "ES", "env": env, "what": "training", "workers": workers,
-            "iterations": iterations, "env_steps": steps, "wall_s": round(wall, 2),
-            "imbalance": shares.imbalance(),
-            "env_steps_per_s": round(steps / wall),
-            "worker_cpu_ms_per_1k_steps": round(1e6 * worker_cpu / steps, 1),
-            "driver_cpu_ms_per_1k_steps": round(1e6 * driver_cpu / steps, 2),
-            "driver_cpu_ms_per_iter": round(1e3 * driver_cpu / iterations, 2),
-            "weights": digest, "load_avg_1m": os.getloadavg()[0]}
+        digest["weights"] = hashlib.sha1(a.theta.tobytes()).hexdigest()[:12]
+        return steps
+    row = {"what": "training", "iterations": iterations, **_es_timed(env, workers, body)}
+    row["driver_cpu_ms_per_iter"] = round(1e3 * row["driver_cpu_s"] / iterations, 2)
+    return {**row, **digest}
 
 
 def cpu_bound(base: dict, row: dict) -> float:
@@ -391,37 +387,31 @@ def main(argv=None) -> int:
                 print("== SB3 PPO: skipped (give --sb3-python or $BEAMLET_SB3_PYTHON)")
         if args.only == "scaling":
             counts = [int(w) for w in args.scaling_workers.split(",")]
-            print(f"== ES sampling on {args.env} by number of workers (4 pairs per worker "
-                  f"per call, initial weights)", flush=True)
-            base = None
-            for n in counts:
-                r = es_scaling(args.env, n, args.throughput_seconds)
-                base = base or r
-                r["cpu_bound_speedup"] = cpu_bound(base, r)
-                rows.append(r)
-                print(f"  {n} workers: {r['env_steps_per_s']:7d} env steps/s "
-                      f"(x{r['env_steps_per_s'] / base['env_steps_per_s']:.2f}); per 1k steps: "
-                      f"workers {r['worker_cpu_ms_per_1k_steps']} ms CPU, driver "
-                      f"{r['driver_cpu_ms_per_1k_steps']} ms CPU; busiest worker x{r['imbalance']} "
-                      f"the mean; bound from CPU x{r['cpu_bound_speedup']:.2f}; load "
-                      f"{r['load_avg_1m']:.1f}", flush=True)
-            print(f"== ES training on {args.env} by number of workers (the tuned example's "
-                  f"first {args.scaling_iterations} iterations, the same episodes each run)",
-                  flush=True)
-            base = None
-            for n in counts:
-                r = es_training_scaling(args.env, n, args.scaling_iterations)
-                base = base or r
-                r["cpu_bound_speedup"] = cpu_bound(base, r)
-                rows.append(r)
-                print(f"  {n} workers: {r['env_steps_per_s']:7d} env steps/s "
-                      f"(x{r['env_steps_per_s'] / base['env_steps_per_s']:.2f}), "
-                      f"{r['env_steps']} env steps in {r['wall_s']} s; per 1k steps: workers "
-                      f"{r['worker_cpu_ms_per_1k_steps']} ms CPU, driver "
-                      f"{r['driver_cpu_ms_per_1k_steps']} ms CPU ({r['driver_cpu_ms_per_iter']} "
-                      f"ms per iteration); busiest worker x{r['imbalance']} the mean; bound "
-                      f"from CPU x{r['cpu_bound_speedup']:.2f}; "
-                      f"weights {r['weights']}; load {r['load_avg_1m']:.1f}", flush=True)
+            tables = [(f"sampling on {args.env} by number of workers (4 pairs per worker per "
+                       f"call, initial weights)",
+                       lambda n: es_scaling(args.env, n, args.throughput_seconds)),
+                      (f"training on {args.env} by number of workers (the tuned example's first "
+                       f"{args.scaling_iterations} iterations, the same episodes each run)",
+                       lambda n: es_training_scaling(args.env, n, args.scaling_iterations))]
+            for title, measure in tables:
+                print(f"== ES {title}", flush=True)
+                base = None
+                for n in counts:
+                    r = measure(n)
+                    base = base or r
+                    r["cpu_bound_speedup"] = cpu_bound(base, r)
+                    rows.append(r)
+                    per_iter = (f" ({r['driver_cpu_ms_per_iter']} ms per iteration)"
+                                if "driver_cpu_ms_per_iter" in r else "")
+                    print(f"  {n} workers: {r['env_steps_per_s']:7d} env steps/s (x"
+                          f"{r['env_steps_per_s'] / base['env_steps_per_s']:.2f}), "
+                          f"{r['env_steps']} env steps in {r['wall_s']} s; per 1k steps: "
+                          f"workers {r['worker_cpu_ms_per_1k_steps']} ms CPU, driver "
+                          f"{r['driver_cpu_ms_per_1k_steps']} ms CPU{per_iter}; busiest worker "
+                          f"x{r['imbalance']} the mean; bound from CPU "
+                          f"x{r['cpu_bound_speedup']:.2f}"
+                          + (f"; weights {r['weights']}" if "weights" in r else "")
+                          + f"; load {r['load_avg_1m']:.1f}", flush=True)
         if args.only in (None, "throughput"):
             print(f"== sampling throughput on {args.env} (env steps/s, no learning)", flush=True)
             for algo in dict.fromkeys(split_runners(a)[0] for a in algos):
