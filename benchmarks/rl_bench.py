@@ -7,6 +7,10 @@ policy, ``episodes_per_eval`` per iteration) reaches the target (475 on
 CartPole-v1), then the sampling throughput (env steps/s) with 1 and 2 env
 runners. Optionally runs Stable-Baselines3's PPO with its zoo hyperparameters
 from another interpreter (``--sb3-python``; never a dependency of beamlet).
+``--only scaling`` times ES with 1, 2, ... workers twice: sampling alone, and
+the tuned example's first training iterations (the same episodes whatever the
+number of workers), each row with the CPU per env step of the workers and of
+the driver, how unevenly the work fell, and the speed-up those bound.
 
     python benchmarks/rl_bench.py                          # all algorithms, 5 seeds
     python benchmarks/rl_bench.py --algos PPO --seeds 2    # a quick look
@@ -117,12 +121,9 @@ def throughput(algo: str, env: str, runners: int, seconds: float) -> float:
     a = cls(cfg)
     try:
         if algo == "ES":
-            theta = beamlet.put(a.theta.astype("float32"))
-
             def once():
-                norm = a.obs_stats.mean_std() if a.obs_stats is not None else None
-                res = a.workers.foreach("do_rollouts", theta, 2, cfg.noise_stdev, norm)
-                return int(sum(r["lengths"].sum() for r in res))
+                out, _ = a.run_units(a.draw_units(2 * runners, 0))
+                return int(out[:, 2:].sum())
         else:
             frag = cfg.get_rollout_fragment_length()
             weights = beamlet.put(a.model.get_weights())
@@ -147,10 +148,33 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def es_scaling(env: str, workers: int, seconds: float, pairs: int = 4) -> dict:
-    """ES sampling with `workers` actors: env steps/s (wall), and the CPU time
-    the workers and the driver spent per 1,000 env steps, read from /proc, so
-    that the scaling can be judged on a machine other programs load too."""
+class Shares:
+    """How evenly ES's calls spread env steps over the workers: ``imbalance()``
+    is the sum over calls of the busiest worker's env steps over the sum of
+    the mean worker's (1.0: even), from ``ES.last_worker_steps``; the load
+    does not change it."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.most = self.mean = 0.0
+
+    def add(self, per_worker: list) -> None:
+        self.most += max(per_worker)
+        self.mean += sum(per_worker) / len(per_worker)
+
+    def imbalance(self) -> float:
+        return round(self.most / self.mean, 3) if self.mean else 1.0
+
+
+def _es_timed(env: str, workers: int, body, warm_up=None) -> dict:
+    """The tuned ES example (seed 0) with `workers` actors, timed while
+    ``body(algo, shares)`` runs (it returns the env steps it sampled; `warm_up`,
+    the same kind of callable, runs first, untimed): env steps/s (wall), the
+    CPU the workers and the driver spent per 1,000 env steps, read from /proc
+    so that the scaling can be judged on a machine other programs load too,
+    and how unevenly the steps fell on the workers (`Shares`)."""
     spec = example("ES", env)
     cls = get_algorithm_class("ES")
     cfg = cls.config_class().update_from_dict(spec["config"]).environment(env)
@@ -158,17 +182,12 @@ def es_scaling(env: str, workers: int, seconds: float, pairs: int = 4) -> dict:
     a = cls(cfg)
     try:
         pids = a.workers.foreach("pid")
-        norm = a.obs_stats.mean_std() if a.obs_stats is not None else None
-
-        def once():
-            theta = beamlet.put(a.theta.astype("float32"))
-            res = a.workers.foreach("do_rollouts", theta, pairs, cfg.noise_stdev, norm)
-            return int(sum(r["lengths"].sum() for r in res))
-        once()  # warm up
+        if warm_up is not None:
+            warm_up(a, Shares())
+        shares = Shares()
         w0 = sum(_cpu_seconds(p) for p in pids)
-        d0, steps, start = time.process_time(), 0, time.time()
-        while time.time() - start < seconds:
-            steps += once()
+        d0, start = time.process_time(), time.time()
+        steps = body(a, shares)
         wall = time.time() - start
         worker_cpu = sum(_cpu_seconds(p) for p in pids) - w0
         driver_cpu = time.process_time() - d0
@@ -176,9 +195,60 @@ def es_scaling(env: str, workers: int, seconds: float, pairs: int = 4) -> dict:
         a.stop()
     return {"algo": "ES", "env": env, "workers": workers, "env_steps": steps,
             "wall_s": round(wall, 2), "env_steps_per_s": round(steps / wall),
+            "imbalance": shares.imbalance(),
             "worker_cpu_ms_per_1k_steps": round(1e6 * worker_cpu / steps, 1),
-            "driver_cpu_ms_per_1k_steps": round(1e6 * driver_cpu / steps, 1),
-            "load_avg_1m": os.getloadavg()[0]}
+            "driver_cpu_ms_per_1k_steps": round(1e6 * driver_cpu / steps, 2),
+            "driver_cpu_s": round(driver_cpu, 3), "load_avg_1m": os.getloadavg()[0]}
+
+
+def es_scaling(env: str, workers: int, seconds: float, pairs: int = 4) -> dict:
+    """ES sampling alone for `seconds`, `pairs` mirrored pairs per worker per
+    call at the initial weights (the shortest episodes, so the most round trips
+    per env step); see `_es_timed` for the row."""
+    def once(a, shares):
+        out, _ = a.run_units(a.draw_units(pairs * workers, 0))
+        shares.add(a.last_worker_steps)
+        return int(out[:, 2:].sum())
+
+    def body(a, shares):
+        steps, start = 0, time.time()
+        while time.time() - start < seconds:
+            steps += once(a, shares)
+        return steps
+    return {"what": "sampling", **_es_timed(env, workers, body, warm_up=once)}
+
+
+def es_training_scaling(env: str, workers: int, iterations: int) -> dict:
+    """The tuned example's first `iterations` training iterations: the whole
+    iteration (episodes, the unperturbed episodes, the driver's update). ES
+    draws every perturbation on the driver, so the runs do the very same
+    episodes whatever `workers` is (the row's ``weights`` digest shows it); see
+    `_es_timed` for the rest of the row."""
+    import hashlib
+    digest = {}
+
+    def body(a, shares):
+        steps = 0
+        for _ in range(iterations):
+            steps += a.train()["num_env_steps_sampled"]
+            shares.add(a.last_worker_steps)
+        digest["weights"] = hashlib.sha1(a.theta.tobytes()).hexdigest()[:12]
+        return steps
+    row = {"what": "training", "iterations": iterations, **_es_timed(env, workers, body)}
+    row["driver_cpu_ms_per_iter"] = round(1e3 * row["driver_cpu_s"] / iterations, 2)
+    return {**row, **digest}
+
+
+def cpu_bound(base: dict, row: dict) -> float:
+    """Amdahl's bound on `row`'s speed-up over `base` from their CPU per env
+    step: the driver's CPU counted as wholly serial, the workers' as spread
+    over ``row["workers"]`` free cores, each call lasting as long as its
+    busiest worker (``row["imbalance"]``); what it leaves out is the time
+    messages spend in flight and the cores other programs take."""
+    def per_step(r):
+        return (r["driver_cpu_ms_per_1k_steps"]
+                + r["worker_cpu_ms_per_1k_steps"] / r["workers"] * r["imbalance"])
+    return round(per_step(base) / per_step(row), 2)
 
 
 SB3_SCRIPT = textwrap.dedent("""
@@ -258,7 +328,9 @@ def main(argv=None) -> int:
                    help="comma-separated seeds to run instead of range(--seeds)")
     p.add_argument("--only", choices=["learning", "throughput", "scaling"], default=None)
     p.add_argument("--scaling-workers", default="1,2,4",
-                   help="ES worker counts for the scaling table (--only scaling)")
+                   help="ES worker counts for the scaling tables (--only scaling)")
+    p.add_argument("--scaling-iterations", type=int, default=40,
+                   help="ES training iterations per row of the training scaling table")
     p.add_argument("--max-time", type=float, default=600.0, help="seconds per seed at most")
     p.add_argument("--throughput-seconds", type=float, default=5.0)
     p.add_argument("--eval-episodes", type=int, default=50,
@@ -314,17 +386,32 @@ def main(argv=None) -> int:
             if args.env == "CartPole-v1" and not args.sb3_python and "PPO" in algos:
                 print("== SB3 PPO: skipped (give --sb3-python or $BEAMLET_SB3_PYTHON)")
         if args.only == "scaling":
-            print(f"== ES sampling on {args.env} by number of workers", flush=True)
-            base = None
-            for n in (int(w) for w in args.scaling_workers.split(",")):
-                r = es_scaling(args.env, n, args.throughput_seconds)
-                base = base or r["env_steps_per_s"]
-                rows.append(r)
-                print(f"  {n} workers: {r['env_steps_per_s']:7d} env steps/s "
-                      f"(x{r['env_steps_per_s'] / base:.2f}); per 1k steps: workers "
-                      f"{r['worker_cpu_ms_per_1k_steps']} ms CPU, driver "
-                      f"{r['driver_cpu_ms_per_1k_steps']} ms CPU; load {r['load_avg_1m']:.1f}",
-                      flush=True)
+            counts = [int(w) for w in args.scaling_workers.split(",")]
+            tables = [(f"sampling on {args.env} by number of workers (4 pairs per worker per "
+                       f"call, initial weights)",
+                       lambda n: es_scaling(args.env, n, args.throughput_seconds)),
+                      (f"training on {args.env} by number of workers (the tuned example's first "
+                       f"{args.scaling_iterations} iterations, the same episodes each run)",
+                       lambda n: es_training_scaling(args.env, n, args.scaling_iterations))]
+            for title, measure in tables:
+                print(f"== ES {title}", flush=True)
+                base = None
+                for n in counts:
+                    r = measure(n)
+                    base = base or r
+                    r["cpu_bound_speedup"] = cpu_bound(base, r)
+                    rows.append(r)
+                    per_iter = (f" ({r['driver_cpu_ms_per_iter']} ms per iteration)"
+                                if "driver_cpu_ms_per_iter" in r else "")
+                    print(f"  {n} workers: {r['env_steps_per_s']:7d} env steps/s (x"
+                          f"{r['env_steps_per_s'] / base['env_steps_per_s']:.2f}), "
+                          f"{r['env_steps']} env steps in {r['wall_s']} s; per 1k steps: "
+                          f"workers {r['worker_cpu_ms_per_1k_steps']} ms CPU, driver "
+                          f"{r['driver_cpu_ms_per_1k_steps']} ms CPU{per_iter}; busiest worker "
+                          f"x{r['imbalance']} the mean; bound from CPU "
+                          f"x{r['cpu_bound_speedup']:.2f}"
+                          + (f"; weights {r['weights']}" if "weights" in r else "")
+                          + f"; load {r['load_avg_1m']:.1f}", flush=True)
         if args.only in (None, "throughput"):
             print(f"== sampling throughput on {args.env} (env steps/s, no learning)", flush=True)
             for algo in dict.fromkeys(split_runners(a)[0] for a in algos):

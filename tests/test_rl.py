@@ -130,6 +130,56 @@ def test_es_workers_read_one_shared_noise_table(start):
     assert result["learner"]["eval_episodes_this_iter"] == 4
 
 
+def _es_run(runners: int, iterations: int = 3, kill_after: int | None = None):
+    """ES on CartPole with `runners` workers (MeanStdFilter, so the observation
+    sums travel too): the weights, filter count and results after `iterations`;
+    with `kill_after`, worker 0 is SIGKILLed after that many iterations."""
+    algo = (rl.ESConfig().environment("CartPole-v1").env_runners(num_env_runners=runners)
+            .training(noise_size=50_000, episodes_per_batch=10, episodes_per_eval=3,
+                      observation_filter="MeanStdFilter", model=SMALL_MODEL)
+            .debugging(seed=0).build())
+    try:
+        results = []
+        for i in range(iterations):
+            if i == kill_after:
+                os.kill(beamlet.get(algo.workers.actors[0].pid.remote(), timeout=60),
+                        signal.SIGKILL)
+            results.append(algo.train())
+        return algo.theta.copy(), algo.obs_stats.count, results
+    finally:
+        algo.stop()
+
+
+def test_es_trains_the_same_whatever_the_number_of_workers(start):
+    """The driver draws every perturbation and start state, so the episodes,
+    and with them the weights, do not depend on how many workers ran them (the
+    5 pairs and 3 unperturbed episodes of an iteration go to the driver's
+    local worker, to one, as 3+1 / 2+2, or as 2+1 / 2+1 / 1+1)."""
+    start()
+    runs = {n: _es_run(n) for n in (0, 1, 2, 3)}
+    theta, count, results = runs[0]
+    for n, (other_theta, other_count, other_results) in runs.items():
+        assert np.array_equal(other_theta, theta), n
+        assert other_count == count, n
+        for a, b in zip(results, other_results):
+            assert a["learner"] == b["learner"], n
+            assert a["episode_return_mean"] == b["episode_return_mean"], n
+            assert a["num_env_steps_sampled"] == b["num_env_steps_sampled"], n
+            assert b["episodes_this_iter"] == 3 and b["learner"]["perturbed_episodes_this_iter"] == 10
+
+
+def test_es_worker_killed_mid_training_changes_nothing_learned(start):
+    """A killed ES worker's share of the episodes is run again on its
+    replacement: the training goes on, to the very weights of a run without
+    the kill."""
+    start()
+    theta, count, results = _es_run(2, iterations=3, kill_after=1)
+    assert results[1]["num_env_runner_restarts"] >= 1
+    assert results[2]["training_iteration"] == 3
+    same_theta, same_count, _ = _es_run(2, iterations=3)
+    assert np.array_equal(theta, same_theta) and count == same_count
+
+
 @pytest.mark.parametrize("name", ["PPO", "A2C", "ES"])
 def test_box_actions_with_a_registered_env(inprocess, name):
     rl.register_env("short_pendulum", lambda cfg: gym.wrappers.TimeLimit(

@@ -14,7 +14,8 @@ except ImportError as err:  # a missing test dependency fails, saying what to in
 
 from beamlet import rl  # noqa: E402
 from beamlet.contrib.rl.dqn import ReplayBuffer, n_step_transitions  # noqa: E402
-from beamlet.contrib.rl.es import BinnedActions, ObsStats  # noqa: E402
+from beamlet.contrib.rl.es import (BinnedActions, ObsStats, split_units,  # noqa: E402
+                                   weighted_noise_sum)
 
 
 def tiny_dqn(**training):
@@ -253,6 +254,33 @@ def test_es_unperturbed_episodes_do_not_change_training():
             algo.stop()
     assert np.array_equal(thetas[0], thetas[1])
     assert steps[0] < steps[1]
+
+
+def test_es_units_split_evenly_over_the_workers():
+    """Every row goes to exactly one worker, and no worker has more than one
+    episode (a pair is two) more than another."""
+    for pairs, evals, n in ((10, 4, 2), (5, 3, 2), (5, 3, 3), (1, 1, 4), (7, 0, 3), (0, 2, 2)):
+        units = [[i, 100 + i] for i in range(pairs)] + [[-1, 200 + i] for i in range(evals)]
+        shares = split_units(units, n)
+        assert len(shares) == n
+        assert sorted(i for rows in shares for i in rows) == list(range(pairs + evals))
+        episodes = [sum(2 if units[i][0] >= 0 else 1 for i in rows) for rows in shares]
+        pair_counts = [sum(units[i][0] >= 0 for i in rows) for rows in shares]
+        assert max(pair_counts) - min(pair_counts) <= 1, (pairs, evals, n, shares)
+        assert max(episodes) - min(episodes) <= 2, (pairs, evals, n, episodes)
+
+
+def test_weighted_noise_sum_matches_slice_by_slice():
+    noise = np.random.default_rng(0).standard_normal(100_000).astype(np.float32)
+    rng = np.random.default_rng(1)
+    for dim, rows in ((7, 30), (300_000 // 100, 700)):   # the second spans several blocks
+        offsets = rng.integers(0, noise.size - dim + 1, size=rows)
+        weights = rng.uniform(-0.5, 0.5, size=rows)
+        expected = np.zeros(dim)
+        for w, i in zip(weights, offsets):
+            expected += w * noise[i:i + dim]
+        assert np.allclose(weighted_noise_sum(noise, offsets, weights, dim), expected,
+                           rtol=1e-9, atol=1e-9)
 
 
 def test_binned_actions_map_scores_to_the_grid():

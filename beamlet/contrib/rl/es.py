@@ -2,10 +2,14 @@
 
 The driver puts one table of Gaussian noise in the object store once; every
 worker reads it zero-copy (a read-only view on backends that share memory).
-A worker perturbs the flat policy weights by ``±noise_stdev * table[i:i+d]`` for
-random offsets ``i`` (mirrored sampling), runs one episode with each, and sends
-back only the offsets and the returns; the driver rebuilds the noise from the
-same table, forms the gradient estimate with centred ranks, and takes an Adam step.
+Each iteration the driver draws random offsets ``i`` into the table and a start
+state (a seed) for each; a worker perturbs the flat policy weights by
+``±noise_stdev * table[i:i+d]`` (mirrored sampling), runs one episode with each
+from that start state, and sends back only the returns and lengths, a few
+numbers per pair; the driver rebuilds the noise from the same table, forms the
+gradient estimate with centred ranks, and takes an Adam step. Each worker gets
+one task per iteration, an equal share of the episodes; since the driver draws
+everything, training is the same whatever the number of workers.
 The returns reported as ``episode_return_mean`` / ``episode_len_mean`` are those
 of ``episodes_per_eval`` episodes per iteration of the unperturbed policy
 (``theta`` itself), run by the workers next to the perturbed ones, as RLlib's
@@ -31,17 +35,21 @@ import os
 import numpy as np
 
 import beamlet
+from beamlet.exceptions import ActorError
 
 from .algorithm import Algorithm, AlgorithmConfig
 from .blas import set_blas_threads
 from .env import preprocess_obs
-from .env_runner import WorkerSet, _runner_seed
+from .env_runner import WorkerSet
 from .models import Adam, build_model, distribution_class
 
 __all__ = ["ES", "ESConfig", "ESWorker", "make_noise_table", "centered_ranks", "ObsStats",
-           "BinnedActions"]
+           "BinnedActions", "weighted_noise_sum", "split_units"]
 
 FILTERS = ("NoFilter", "MeanStdFilter")
+# Weights up to this size travel inside each task's message; larger ones are
+# put in the object store once per iteration.
+_PUT_THETA_BYTES = 64 * 1024
 
 
 def make_noise_table(size: int, seed: int) -> np.ndarray:
@@ -53,6 +61,47 @@ def centered_ranks(x: np.ndarray) -> np.ndarray:
     ranks = np.empty(x.size, dtype=np.float64)
     ranks[x.ravel().argsort()] = np.arange(x.size)
     return (ranks / max(1, x.size - 1) - 0.5).reshape(x.shape)
+
+
+def weighted_noise_sum(noise: np.ndarray, offsets: np.ndarray, weights: np.ndarray,
+                       dim: int) -> np.ndarray:
+    """``sum_k weights[k] * noise[offsets[k]:offsets[k] + dim]`` (float64), a
+    block of rows at a time (a matrix product per block, of about a million
+    floats) instead of one slice at a time."""
+    offsets = np.asarray(offsets, np.int64)
+    weights = np.asarray(weights, np.float64)
+    total = np.zeros(dim)
+    block = max(1, (1 << 20) // max(1, dim))
+    cols = np.arange(dim)
+    for s in range(0, len(offsets), block):
+        rows = noise[offsets[s:s + block, None] + cols]
+        total += weights[s:s + block] @ rows
+    return total
+
+
+def split_units(units: list, n: int) -> list[list[int]]:
+    """The row indices of `units` (rows ``(offset, seed)``, ``offset == -1``
+    for an unperturbed episode) for each of `n` workers: the pairs in `n`
+    contiguous blocks of sizes differing by at most one, the unperturbed
+    episodes likewise, with their larger blocks going to the workers with the
+    smaller blocks of pairs, so that no worker has more than one episode
+    more than another."""
+    pairs = [i for i, (offset, _) in enumerate(units) if offset >= 0]
+    evals = [i for i, (offset, _) in enumerate(units) if offset < 0]
+    pair_blocks = _blocks(pairs, n)
+    eval_blocks = _blocks(evals, n)[::-1]
+    return [p + e for p, e in zip(pair_blocks, eval_blocks)]
+
+
+def _blocks(items: list, n: int) -> list[list]:
+    """`items` in `n` contiguous blocks, the first ones one longer when needed."""
+    size, extra = divmod(len(items), n)
+    out, start = [], 0
+    for k in range(n):
+        stop = start + size + (k < extra)
+        out.append(items[start:stop])
+        start = stop
+    return out
 
 
 class BinnedActions:
@@ -119,24 +168,23 @@ class ObsStats:
 
 
 class ESWorker:
-    """Runs perturbed episodes; holds the shared noise table (never copies it)."""
+    """Runs episodes of perturbed policies; holds the shared noise table (never
+    copies it). It draws nothing at random: the driver sends the noise offsets
+    and start-state seeds, so an episode depends only on what it was sent."""
 
     def __init__(self, env_creator, env_config: dict, model_factory, noise: np.ndarray,
-                 seed: int | None, worker_index: int, max_episode_steps: int | None,
-                 blas_threads: int | None = 1, action_bins: int | None = None):
+                 max_episode_steps: int | None, blas_threads: int | None = 1,
+                 action_bins: int | None = None):
+        from gymnasium import spaces
         if blas_threads is not None:
             set_blas_threads(blas_threads)
         self.env = env_creator(dict(env_config))
         self.noise = noise
         self.model = model_factory()
-        self.rng = np.random.default_rng(_runner_seed(seed, worker_index))
-        # The unperturbed episodes' start states come from their own stream, so
-        # that reporting them does not change what is trained.
-        runner_seed = _runner_seed(seed, worker_index)
-        self.eval_rng = np.random.default_rng(None if runner_seed is None else [runner_seed, 1])
         self.dist_cls = distribution_class(self.env.action_space)
         self.max_steps = max_episode_steps
         self.binned = BinnedActions(self.env.action_space, action_bins) if action_bins else None
+        self.box = isinstance(self.env.action_space, spaces.Box)
 
     def pid(self) -> int:
         return os.getpid()
@@ -145,24 +193,23 @@ class ESWorker:
         """True when the table is a read-only view (zero-copy), not a private copy."""
         return not self.noise.flags.writeable
 
-    def _episode(self, flat: np.ndarray, seed: int | None, norm, stats: list | None
+    def _episode(self, flat: np.ndarray, seed: int, norm, seen: list | None
                  ) -> tuple[float, int]:
-        from gymnasium import spaces
+        """One episode of the policy with weights `flat` from the start state of
+        `seed`; with `seen`, its preprocessed observations are appended to it."""
         self.model.set_flat(flat)
         obs, _ = self.env.reset(seed=seed)
+        space = self.env.observation_space
         total, steps, done = 0.0, 0, False
-        box = isinstance(self.env.action_space, spaces.Box)
         while not done:
-            x = preprocess_obs(np.asarray(obs)[None], self.env.observation_space)
-            if stats is not None:
-                stats[0] += 1
-                stats[1] += x[0]
-                stats[2] += x[0].astype(np.float64) ** 2
+            x = preprocess_obs(np.asarray(obs)[None], space)
+            if seen is not None:
+                seen.append(x[0])
             if norm is not None:
                 x = (x - norm[0]) / norm[1]
             if self.binned is not None:
                 action = self.binned.actions(self.model(x)["pi"])[0]
-            elif box:
+            elif self.box:
                 action = self.dist_cls(self.model(x)["pi"]).deterministic()[0]
                 action = np.clip(action, self.env.action_space.low, self.env.action_space.high)
             else:
@@ -173,57 +220,51 @@ class ESWorker:
             done = term or trunc or (self.max_steps is not None and steps >= self.max_steps)
         return total, steps
 
-    def do_rollouts(self, theta: np.ndarray, num_pairs: int, noise_stdev: float,
-                    obs_norm: tuple | None = None, num_eval: int = 0) -> dict:
-        """`num_pairs` mirrored pairs of episodes around `theta`, then `num_eval`
-        episodes of `theta` itself (unperturbed; their ``eval_returns`` and
-        ``eval_lengths`` are in the result, and their observations are not in
-        ``obs_stats``). With `obs_norm` ``(mean, std)`` the policy sees normalised
-        observations, and the result also holds ``obs_stats`` ``(count, sum, sum
-        of squares)`` of the raw ones of the perturbed episodes."""
+    def rollouts(self, theta: np.ndarray, noise_stdev: float, obs_norm: tuple | None,
+                 units: list) -> tuple[np.ndarray, np.ndarray | None]:
+        """The episodes of `units`, a list of rows ``(offset, seed)`` (ints): a
+        row with ``offset >= 0`` is a mirrored pair, ``theta ± noise_stdev *
+        noise[offset:offset + theta.size]``, both from the start state of `seed`
+        (common random numbers); ``offset == -1`` is one episode of `theta`
+        itself (unperturbed). Returns ``(out, stats)``: `out` float64 rows
+        ``(return+, return-, length+, length-)`` (an unperturbed row:
+        ``(return, 0, length, 0)``); with `obs_norm` ``(mean, std)`` the policy
+        sees normalised observations and `stats` holds per row ``(count, sum...,
+        sum of squares...)`` of the raw observations of a pair's two episodes
+        (zeros for an unperturbed row), else None."""
         dim = theta.size
-        indices, pos, neg, lens = [], [], [], []
+        out = np.zeros((len(units), 4))
         stats = None
         if obs_norm is not None:
             d = len(obs_norm[0])
-            stats = [0, np.zeros(d), np.zeros(d)]
-        for _ in range(int(num_pairs)):
-            i = int(self.rng.integers(0, self.noise.size - dim + 1))
-            eps = noise_stdev * self.noise[i:i + dim]
-            # Both halves of a pair start from the same state (common random numbers).
-            seed = int(self.rng.integers(2**31))
-            rp, lp = self._episode(theta + eps, seed, obs_norm, stats)
-            rn, ln = self._episode(theta - eps, seed, obs_norm, stats)
-            indices.append(i)
-            pos.append(rp)
-            neg.append(rn)
-            lens.append((lp, ln))
-        evals = [self._episode(theta, int(self.eval_rng.integers(2**31)), obs_norm, None)
-                 for _ in range(int(num_eval))]
-        out = {"indices": np.asarray(indices, np.int64), "returns": np.asarray([pos, neg]).T,
-               "lengths": np.asarray(lens, np.int64),
-               "eval_returns": np.asarray([r for r, _ in evals], np.float64),
-               "eval_lengths": np.asarray([n for _, n in evals], np.int64)}
-        if stats is not None:
-            out["obs_stats"] = tuple(stats)
-        return out
-
-    def get_state(self) -> dict:
-        return {"rng": self.rng.bit_generator.state,
-                "eval_rng": self.eval_rng.bit_generator.state}
-
-    def set_state(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["rng"]
-        if "eval_rng" in state:   # checkpoints from before the unperturbed episodes
-            self.eval_rng.bit_generator.state = state["eval_rng"]
+            stats = np.zeros((len(units), 1 + 2 * d))
+        for row, (offset, seed) in enumerate(units):
+            if offset == -1:
+                ret, length = self._episode(theta, seed, obs_norm, None)
+                out[row] = ret, 0.0, length, 0
+                continue
+            if not 0 <= offset <= self.noise.size - dim:
+                raise ValueError(f"noise offset {offset} is outside the table "
+                                 f"({self.noise.size} floats, {dim} weights)")
+            eps = noise_stdev * self.noise[offset:offset + dim]
+            seen = [] if stats is not None else None
+            rp, lp = self._episode(theta + eps, seed, obs_norm, seen)
+            rn, ln = self._episode(theta - eps, seed, obs_norm, seen)
+            out[row] = rp, rn, lp, ln
+            if seen:
+                x = np.asarray(seen, np.float64)
+                stats[row, 0] = len(x)
+                stats[row, 1:1 + d] = x.sum(0)
+                stats[row, 1 + d:] = (x * x).sum(0)
+        return out, stats
 
 
 class ESConfig(AlgorithmConfig):
     """ES's settings: ``noise_size`` (floats in the shared table),
     ``noise_stdev``, ``episodes_per_batch`` (perturbed episodes per iteration,
-    split over the workers in mirrored pairs), ``episodes_per_eval`` (episodes
-    of the unperturbed policy per iteration, split over the workers, at least
-    one each: the source of ``episode_return_mean``), ``stepsize`` (Adam's learning
+    in mirrored pairs: rounded up to an even number), ``episodes_per_eval``
+    (episodes of the unperturbed policy per iteration: the source of
+    ``episode_return_mean``), ``stepsize`` (Adam's learning
     rate), ``l2_coeff`` (weight decay), ``max_episode_steps``,
     ``observation_filter`` ("NoFilter" or "MeanStdFilter"), ``action_bins``
     (None: a continuous Box action, clipped to the bounds; k >= 2: k grid values
@@ -279,6 +320,15 @@ class ES(Algorithm):
                           else None)
         seed = 0 if cfg.seed is None else cfg.seed
         self.noise = make_noise_table(max(cfg.noise_size, self.theta.size + 1), seed + 7)
+        # The driver draws every perturbation and start state, from streams of
+        # its own (the unperturbed episodes' apart, so that reporting them does
+        # not change what is trained): training does not depend on how many
+        # workers run the episodes, nor on which runs which.
+        self.perturb_rng = np.random.default_rng(None if cfg.seed is None else [cfg.seed, 8])
+        self.eval_rng = np.random.default_rng(None if cfg.seed is None else [cfg.seed, 9])
+        #: env steps each worker ran in the last run_units call (how evenly
+        #: the work was spread; the driver's local worker counts as one)
+        self.last_worker_steps: list[int] = []
         factory = ModelFactory(self.observation_space, self.action_space, heads,
                                model_config, cfg.lr, cfg.grad_clip, cfg.seed)
         if cfg.num_env_runners and not beamlet.is_initialized():
@@ -287,44 +337,81 @@ class ES(Algorithm):
         self.noise_ref = noise_arg
         creator, env_config = self.env_creator, dict(cfg.env_config)
         self.workers = WorkerSet(
-            ESWorker, lambda i: (creator, env_config, factory, noise_arg, cfg.seed, i,
+            ESWorker, lambda i: (creator, env_config, factory, noise_arg,
                                  cfg.max_episode_steps, cfg.blas_threads, cfg.action_bins),
             cfg.num_env_runners, max_restarts=cfg.max_num_env_runner_restarts,
             num_cpus=cfg.num_cpus_per_env_runner, timeout_s=cfg.sample_timeout_s)
 
+    def draw_units(self, num_pairs: int, num_eval: int) -> list:
+        """The rows ``[offset, seed]`` of :meth:`ESWorker.rollouts` for
+        `num_pairs` mirrored pairs then `num_eval` unperturbed episodes."""
+        rng = self.perturb_rng
+        offsets = rng.integers(0, self.noise.size - self.theta.size + 1, size=num_pairs)
+        seeds = rng.integers(2**31, size=num_pairs)
+        return ([[o, s] for o, s in zip(offsets.tolist(), seeds.tolist())]
+                + [[-1, s] for s in self.eval_rng.integers(2**31, size=num_eval).tolist()])
+
+    def run_units(self, units: list) -> tuple[np.ndarray, np.ndarray | None]:
+        """The episodes of `units` (rows of :meth:`draw_units`) with the current
+        weights, as :meth:`ESWorker.rollouts` returns them (rows in the order
+        of `units`). Each worker gets one task per call, an equal share of the
+        pairs and of the unperturbed episodes (see :func:`split_units`): the
+        fewer round trips, the less serial work on the driver."""
+        cfg = self.config
+        theta = self.theta.astype(np.float32)
+        norm = self.obs_stats.mean_std() if self.obs_stats is not None else None
+        self.last_worker_steps = [0] * max(1, len(self.workers))
+        if self.workers.local is not None:
+            out, stats = self.workers.local.rollouts(theta, cfg.noise_stdev, norm, units)
+            self.last_worker_steps[0] = int(out[:, 2:].sum())
+            return out, stats
+        theta_arg = beamlet.put(theta) if theta.nbytes > _PUT_THETA_BYTES else theta
+        args = (theta_arg, cfg.noise_stdev, norm)
+        shares = [(w, rows) for w, rows in enumerate(split_units(units, len(self.workers)))
+                  if rows]   # a worker with no share of a small batch gets no task
+        jobs = [[units[i] for i in rows] for _, rows in shares]
+        refs = [self.workers.submit(w, "rollouts", *args, job)
+                for (w, _), job in zip(shares, jobs)]
+        out = np.empty((len(units), 4))
+        stats = None if norm is None else np.empty((len(units), 1 + 2 * len(norm[0])))
+        for (w, rows), job, ref in zip(shares, jobs, refs):
+            try:
+                part = beamlet.get(ref, timeout=cfg.sample_timeout_s)
+            except ActorError:
+                self.workers.num_restarts += 1
+                part = self.workers.call(w, "rollouts", *args, job)
+            out[rows] = part[0]
+            self.last_worker_steps[w] = int(part[0][:, 2:].sum())
+            if stats is not None:
+                stats[rows] = part[1]
+        return out, stats
+
     def training_step(self) -> dict:
         cfg = self.config
-        n_workers = max(1, len(self.workers))
-        pairs = max(1, int(np.ceil(cfg.episodes_per_batch / 2 / n_workers)))
-        n_eval = int(np.ceil(cfg.episodes_per_eval / n_workers))
-        theta = self.theta.astype(np.float32)
-        arg = beamlet.put(theta) if self.workers.actors else theta
-        norm = self.obs_stats.mean_std() if self.obs_stats is not None else None
-        results = self.workers.foreach("do_rollouts", arg, pairs, cfg.noise_stdev, norm, n_eval)
+        pairs = max(1, int(np.ceil(cfg.episodes_per_batch / 2)))
+        units = self.draw_units(pairs, int(cfg.episodes_per_eval))
+        out, stats = self.run_units(units)
+        perturbed, unperturbed = out[:pairs], out[pairs:]
         if self.obs_stats is not None:
-            for r in results:
-                self.obs_stats.add(*r["obs_stats"])
-        indices = np.concatenate([r["indices"] for r in results])
-        returns = np.concatenate([r["returns"] for r in results])
-        lengths = np.concatenate([r["lengths"] for r in results])
-        eval_returns = np.concatenate([r["eval_returns"] for r in results])
-        eval_lengths = np.concatenate([r["eval_lengths"] for r in results])
-        self.record_episodes(list(zip(eval_returns.tolist(), eval_lengths.tolist())))
-        self.add_env_steps(int(lengths.sum() + eval_lengths.sum()))
+            d = self.obs_dim
+            total = stats[:pairs].sum(0)
+            self.obs_stats.add(int(total[0]), total[1:1 + d], total[1 + d:])
+        returns = perturbed[:, :2]
+        self.record_episodes(list(zip(unperturbed[:, 0].tolist(),
+                                      unperturbed[:, 2].astype(np.int64).tolist())))
+        self.add_env_steps(int(perturbed[:, 2:].sum() + unperturbed[:, 2].sum()))
         ranks = centered_ranks(returns)
-        weights = ranks[:, 0] - ranks[:, 1]
-        dim = self.theta.size
-        grad = np.zeros(dim)
-        for w, i in zip(weights, indices):
-            grad += w * self.noise[i:i + dim]
+        offsets = np.array([offset for offset, _ in units[:pairs]], np.int64)
+        grad = weighted_noise_sum(self.noise, offsets, ranks[:, 0] - ranks[:, 1],
+                                  self.theta.size)
         grad /= returns.size
         gnorm = self.optimizer.step([-grad + cfg.l2_coeff * self.theta])
         self.model.set_flat(self.theta)
         return {"grad_gnorm": gnorm, "weights_norm": float(np.linalg.norm(self.theta)),
                 "perturbed_episodes_this_iter": int(returns.size),
                 "perturbed_return_mean": float(returns.mean()),
-                "perturbed_len_mean": float(lengths.mean()),
-                "eval_episodes_this_iter": int(eval_returns.size)}
+                "perturbed_len_mean": float(perturbed[:, 2:].mean()),
+                "eval_episodes_this_iter": len(unperturbed)}
 
     def compute_actions(self, obs, explore):
         if self.obs_stats is not None:
@@ -337,11 +424,20 @@ class ES(Algorithm):
 
     def get_policy_state(self) -> dict:
         return {"theta": self.theta.copy(), "optimizer": self.optimizer.get_state(),
-                "obs_stats": self.obs_stats.get_state() if self.obs_stats else None}
+                "obs_stats": self.obs_stats.get_state() if self.obs_stats else None,
+                "perturb_rng": self.perturb_rng.bit_generator.state,
+                "eval_rng": self.eval_rng.bit_generator.state}
 
     def set_policy_state(self, state: dict) -> None:
         self.theta[...] = state["theta"]
         self.optimizer.set_state(state["optimizer"])
+        if "perturb_rng" in state:   # checkpoints from before kept them in the workers
+            self.perturb_rng.bit_generator.state = state["perturb_rng"]
+            self.eval_rng.bit_generator.state = state["eval_rng"]
         if self.obs_stats is not None and state.get("obs_stats") is not None:
             self.obs_stats.set_state(state["obs_stats"])
         self.model.set_flat(self.theta)
+
+    def set_state(self, state: dict) -> None:
+        # The workers hold no state (checkpoints from before held their generators).
+        super().set_state({**state, "runners": []})
