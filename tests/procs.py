@@ -232,8 +232,12 @@ class Driver:
         """Run `script` (written to `tmp_path`) with `args`, in `cwd` (default
         `tmp_path`); `stdin` (e.g. a secret, never in argv) is written to its
         standard input, which is then closed."""
-        path = tmp_path / "driver.py"
-        path.write_text(script)
+        # Each driver its own file: rewriting a shared one could truncate it under
+        # an earlier driver still starting (which then runs an empty program).
+        fd, name = tempfile.mkstemp(prefix="driver-", suffix=".py", dir=tmp_path)
+        with os.fdopen(fd, "w") as f:
+            f.write(script)
+        path = Path(name)
         self.proc = subprocess.Popen([sys.executable, str(path), *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env=driver_env(),
                                      cwd=str(cwd or tmp_path),
