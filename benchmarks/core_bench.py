@@ -237,7 +237,7 @@ def w_small_objects(ray, P):
         n = P["small_n"]
         dt, refs = _timed(lambda: [ray.put(value) for _ in range(n)])
         put_s.append(n / dt)
-        dt, out = _timed(lambda: [ray.get(r) for r in refs])
+        dt, out = _timed(lambda refs=refs: [ray.get(r) for r in refs])
         assert out[-1] == value
         get_s.append(n / dt)
         del refs, out
