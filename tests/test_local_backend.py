@@ -1348,6 +1348,28 @@ def test_actor_call_whose_argument_needs_the_same_actor(start):
     assert ray.get(store.write.remote(read_and_double.remote(store)), timeout=15) == 20
 
 
+@ray.remote
+class Asker:
+    def ask(self, directory):
+        # A request the node must read and answer while the caller does not get.
+        cpus = ray.cluster_resources()["CPU"]
+        procs.touch_new(directory, "asked")
+        return cpus
+
+
+def test_actor_call_not_followed_by_a_get_is_still_served(start, tmp_path):
+    """An actor's requests to the node are answered while its caller is not in
+    `get` (the driver must not leave the actor's connection to a get that may
+    never come)."""
+    start(num_cpus=2)
+    asker = Asker.remote()
+    assert ray.get(asker.ask.remote(str(tmp_path)), timeout=30) == 2
+    ref = asker.ask.remote(str(tmp_path))
+    # No beamlet call here: only the node's I/O thread can answer the actor.
+    assert procs.wait_until(lambda: procs.count(str(tmp_path), "asked") == 2, 30)
+    assert ray.get(ref, timeout=30) == 2
+
+
 # ====================================================================================
 # resources
 # ====================================================================================
