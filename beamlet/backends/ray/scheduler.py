@@ -186,9 +186,9 @@ class RayScheduler(Scheduler):
                 options.update(_stream_options(spec))
             if group is None:
                 refs = method.options(**options).remote(*args)
-            elif group in self._groups_of(spec.actor_id):
+            elif group in (names := self._groups_of(spec.actor_id)):
                 # (An async actor's host keeps its groups itself: see worker.py.)
-                if not self._groups_of(spec.actor_id) & _ASYNC:
+                if not names & _ASYNC:
                     options["concurrency_group"] = group
                 refs = method.options(**options).remote(*args)
             else:
@@ -196,7 +196,7 @@ class RayScheduler(Scheduler):
                 self._fail(spec, ValueError(
                     f"{spec.display_name} was called in concurrency group {group!r}, which "
                     f"the actor does not define; its concurrency_groups are: "
-                    f"{sorted(self._groups_of(spec.actor_id) - _ASYNC) or 'none'}"))
+                    f"{sorted(names - _ASYNC) or 'none'}"))
                 return
         elif spec.kind == ACTOR_CREATION:
             self._create_actor(spec, payload, carried, dep_refs, placed)

@@ -96,8 +96,7 @@ def _run_task(job: dict, payload: bytes, carried, *dep_values):
     `carried` the Ray refs nested in its inline arguments (None: none)."""
     spec, dep_ids, carried = _unwire(payload, carried)
     state = _job(job)
-    if state.events is not None:
-        state.events.running(state.job_id, spec)
+    _started(state, spec)
     with state.store.provided(dep_ids, dep_values, carried):
         result = run_attempts(spec, state.executor.execute)
     return _returns(state, spec, result.values)
@@ -125,7 +124,7 @@ def _stream_values(state: _Job, spec: TaskSpec, steps):
     finally:
         steps.close()  # (here, not when collected: it resets this thread's context)
         backend.stream_done(stream_id)
-        _stream_finished(state, spec, start, final)
+        _attempt_finished(state, spec, start, final)
 
 
 def _started(state: _Job, spec: TaskSpec) -> float:
@@ -135,9 +134,10 @@ def _started(state: _Job, spec: TaskSpec) -> float:
     return time.perf_counter()
 
 
-def _stream_finished(state: _Job, spec: TaskSpec, start: float, final) -> None:
-    """Tell how a generator call ended (none of its attempts goes through
-    ``run_attempts``): stopped before its end (``final`` None) is cancelled."""
+def _attempt_finished(state: _Job, spec: TaskSpec, start: float, final) -> None:
+    """Tell how a call that does not go through ``run_attempts`` ended (a
+    generator call, an async actor's call): `final` its ExecutionResult; a
+    generator stopped before its end (``final`` None) is cancelled."""
     from ...core.scheduling import attempt_status
     status = attempt_status(final is None or final.error is not None, False,
                             final is None or isinstance(final.error, exc.TaskCancelledError))
@@ -179,7 +179,7 @@ async def _async_stream_values(state: _Job, spec: TaskSpec, steps):
     finally:
         await steps.aclose()
         backend.stream_done(stream_id)
-        _stream_finished(state, spec, start, final)
+        _attempt_finished(state, spec, start, final)
 
 
 def stream_function(job: dict):
@@ -261,10 +261,6 @@ class _Host:
         yield from _stream_end(self._job, spec, (), False,
                                ExecutionResult([serialize(error, is_error=True)], error))
 
-    def _running(self, spec: TaskSpec) -> None:
-        if self._job.events is not None:
-            self._job.events.running(self._job.job_id, spec)
-
     def _after(self, spec: TaskSpec, values: list):
         """The call's Ray return value; if the call ran ``exit_actor()``, the actor
         then ends as Ray's ``exit_actor`` ends one (not restarted)."""
@@ -317,7 +313,7 @@ class ActorHost(_Host):
         spec, dep_ids, carried = _unwire(payload, carried)
         if self._dead is not None:
             return self._died(spec)
-        self._running(spec)
+        _started(self._job, spec)
         with self._job.store.provided(dep_ids, dep_values, carried):
             result = run_attempts(spec, self._job.executor.execute, self._spec)
         return self._after(spec, result.values)
@@ -385,16 +381,11 @@ class AsyncActorHost(_Host):
                 limit.release()
 
     async def _call(self, spec: TaskSpec, dep_ids, dep_values, carried):
-        self._running(spec)
-        start = time.perf_counter()
+        start = _started(self._job, spec)
         with self._job.store.provided(dep_ids, dep_values, carried):
             result = await self._job.executor.execute_async(spec)
         # (Not through run_attempts: an async call has no retries of its own.)
-        from ...core.scheduling import attempt_status
-        plugins.notify("beamlet_task_finished", spec=spec,
-                       status=attempt_status(result.error is not None, False,
-                                             isinstance(result.error, exc.TaskCancelledError)),
-                       duration=time.perf_counter() - start, pid=os.getpid())
+        _attempt_finished(self._job, spec, start, result)
         return self._after(spec, result.values)
 
 
@@ -410,9 +401,8 @@ def actor_host_class(is_async: bool, concurrency_groups: dict):
     async actor keeps its groups itself (`AsyncActorHost`)."""
     if not concurrency_groups or is_async:
         return ray_async_actor_host if is_async else ray_actor_host
-    key = (is_async, tuple(sorted(concurrency_groups.items())))
+    key = tuple(sorted(concurrency_groups.items()))
     host = _grouped_hosts.get(key)
     if host is None:
-        host = _grouped_hosts[key] = _ray.remote(concurrency_groups=dict(key[1]))(
-            AsyncActorHost if is_async else ActorHost)
+        host = _grouped_hosts[key] = _ray.remote(concurrency_groups=dict(key))(ActorHost)
     return host

@@ -392,8 +392,6 @@ class _Opener:
         bytes-likes; the first starts with the sealed mark): writable
         bytearrays, so that buffers unpickled from them are writable too.
         (`count`: the message's frames, if only the first of them are given.)"""
-        if len(frames) == 1 and count is None and self._into is not None:
-            return [self._open_one(frames[0], max_message)]
         views = [f.buffer if isinstance(f, zmq.Frame) else memoryview(f) for f in frames]
         views[0] = views[0][1:]
         size = sum(v.nbytes for v in views) - _TAG * len(views)
@@ -1669,8 +1667,7 @@ class ZmqListener(Listener):
                 _send(router, frame, _NOBLOCK)
             except zmq.ZMQError as err:
                 self._send_failed(peer, err)
-            if _get(router, _EVENTS) & _POLLIN:
-                self._waker.wake()
+            self._after_send()
 
     def _send_failed(self, peer: PeerConnection, err: zmq.ZMQError):
         """(Under the lock.) Raise the BackendError for a failed send to `peer`."""

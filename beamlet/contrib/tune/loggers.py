@@ -33,7 +33,7 @@ __all__ = ["Callback", "LoggerCallback", "JsonLoggerCallback", "CSVLoggerCallbac
 
 def _open_in(trial, name: str, mode: str, **kwargs):
     """``open(trial.path/name)``, making the trial's directory if it is not
-    there yet (the runner has made it, so this is one system call per file)."""
+    there yet (the trial's actor usually has, so this is one system call per file)."""
     path = os.path.join(trial.path, name)
     try:
         return open(path, mode, **kwargs)
@@ -244,7 +244,7 @@ class TBXLoggerCallback(LoggerCallback):
         try:
             try:
                 self._writers[trial] = EventFileWriter(trial.path, name)
-            except FileNotFoundError:  # (as in _open_in: the runner has made it)
+            except FileNotFoundError:  # (as in _open_in: the trial's actor usually made it)
                 os.makedirs(trial.path, exist_ok=True)
                 self._writers[trial] = EventFileWriter(trial.path, name)
         except ImportError:  # optional: without tensorboardX there are no event files

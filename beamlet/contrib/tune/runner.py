@@ -48,7 +48,9 @@ _EPS = 1e-9
 # Stoppers that stop no trial at a result unless the trial stops itself there
 # (a dict's criteria are also checked by the trial's reporter; a timeout ends
 # the experiment between results, not at one).
-_STOPPERS_THE_TRIAL_APPLIES = (type(None), NoopStopper, DictStopper, TimeoutStopper)
+# Of those, the ones that need no per-result check at all.
+_STOPPERS_NONE_PER_RESULT = (type(None), NoopStopper, TimeoutStopper)
+_STOPPERS_THE_TRIAL_APPLIES = _STOPPERS_NONE_PER_RESULT + (DictStopper,)
 _WAIT_TIMEOUT_S = 0.5
 _STOP_TIMEOUT_S = 15.0
 
@@ -133,7 +135,7 @@ class TrialRunner:
         # Whether each result that does not end its trial is answered "continue"
         # (the scheduler does not decide per result, no stopper does): then a
         # trial runs ahead of the driver (see _runs_ahead).
-        self._always_continue = type(stopper) in (type(None), NoopStopper, TimeoutStopper) and \
+        self._always_continue = type(stopper) in _STOPPERS_NONE_PER_RESULT and \
             type(self._scheduler).on_trial_result is TrialScheduler.on_trial_result
         self._parallel = False  # (the backend's, at _setup)
 

@@ -228,19 +228,11 @@ class Trial:
                         continue
                     for flat_name, flat_value in flatten_dict(value, prefix=name).items():
                         if is_number(flat_value):
-                            column = columns.get(flat_name)
-                            if column is None:
-                                columns[flat_name] = [float(flat_value)]
-                            else:
-                                column.append(float(flat_value))
+                            columns.setdefault(flat_name, []).append(float(flat_value))
                     continue
                 elif name == "config" or not is_number(value):
                     continue
-                column = columns.get(name)
-                if column is None:
-                    columns[name] = [float(value)]
-                else:
-                    column.append(float(value))
+                columns.setdefault(name, []).append(float(value))
         analysis, last_values = self._metric_analysis, self._last_values
         for name, values in columns.items():
             stats = analysis.get(name)
