@@ -529,7 +529,7 @@ def test_a_detached_actor_outlives_its_creator_and_a_plain_one_dies_with_it(
     # This driver's copies outlive the actor; the node keeps nothing else.
     assert beamlet.get(large, timeout=GET_TIMEOUT).sum() == 1 << 16
     del mine, kept_before, small_before, large, small, kept, elsewhere
-    assert procs.wait_until(lambda: not os.path.exists(f"/proc/{pid}"), TIMEOUT, interval=0.1)
+    assert procs.wait_gone([pid], TIMEOUT) == []
 
     def idle():
         lines = _node_lines(cluster.status())
@@ -899,7 +899,12 @@ def test_a_group_whose_node_dies_before_it_is_ready_waits_for_a_node_that_fits(
         assert placement_group_table(pg)["state"] == "CREATED"
         assert beamlet.get(call, timeout=GET_TIMEOUT) == newcomer
     finally:
-        hog.communicate("\n", timeout=TIMEOUT)
+        try:
+            hog.communicate("\n", timeout=TIMEOUT)
+        finally:
+            if hog.poll() is None:
+                hog.kill()
+                hog.communicate()
 
 
 @beamlet.remote(max_retries=2)

@@ -16,7 +16,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 
 import procs
 import pytest
@@ -185,13 +184,10 @@ def test_the_secret_is_in_no_command_line_or_environment(start):
     backend = start()
     assert_serving()
     # A worker's pid is known once it has connected (0 before): wait for both.
-    deadline = time.monotonic() + 60
-    while True:
-        workers = [w.pid for w in backend.scheduler.workers.values()]
-        if len(workers) >= 2 and all(workers) or time.monotonic() > deadline:
-            break
-        time.sleep(0.01)
-    pids = [backend.node.launcher.proc.pid] + workers
+    def worker_pids():
+        return [w.pid for w in backend.scheduler.workers.values()]
+    procs.wait_until(lambda: len(worker_pids()) >= 2 and all(worker_pids()), 60)
+    pids = [backend.node.launcher.proc.pid] + worker_pids()
     assert len(pids) >= 3 and all(pids), pids  # the zygote and two connected workers
     secret_hex = backend.node.secret.hex().encode()
     for pid in pids:
