@@ -257,7 +257,6 @@ class DriverOwner:
         """The daemon made its Node: pulls from other nodes go over `transport`."""
         self.node = node
         node.scheduler.job_of = self.job_of
-        node.scheduler.task_progress = self._task_progress
         node.scheduler.deliver = self._deliver
         node.scheduler.lending = self._lending
         self.puller = Puller(transport, node.object_store, self._pulled, self._pull_failed)
@@ -910,13 +909,17 @@ class DriverOwner:
         stream.signals = []
 
     def _observe_task_ends(self) -> None:
-        """Listen to the node scheduler's task ends (for `_task_finished`) while
-        a connected driver wants them, only then: a listener costs every call."""
+        """Listen to the node scheduler's task ends (for `_task_finished`) and
+        progress (`_task_progress`) while a connected driver wants them, only
+        then: a listener costs every call, the progress hook a tuple a step."""
         wanted = any(link.task_events for link in list(self.drivers.values()))
         if wanted and not self._observing:
             plugins.add_listener("beamlet_task_finished", self._task_finished)
         elif self._observing and not wanted:
             plugins.remove_listener("beamlet_task_finished", self._task_finished)
+        scheduler = self.node.scheduler
+        with scheduler.lock:  # (its callers test the hook, then call it, under the lock)
+            scheduler.task_progress = self._task_progress if wanted else None
         self._observing = wanted
 
     def driver_left(self, conn) -> None:
