@@ -158,26 +158,30 @@ class DriverLink:
         self.conn.send(message)
 
     def flush(self) -> None:
-        """Send the queued events and results (BackendError if the driver left)."""
+        """Send the queued events and results (BackendError if the driver left).
+        A batch too large for one message goes as its events, then each result
+        alone: one too large for a message goes as an error that says so."""
         with self.results_lock:
             results, self.results, self.results_bytes = self.results, [], 0
-            if self.events:
-                events, self.events = self.events, []
-                try:
-                    self.conn.send(P.Report(events, [(i, P.wire(sobj)) for i, sobj in results]))
-                    return
-                except ProtocolError:  # (a result too large: the events, then each alone)
-                    self.conn.send(P.Report(events, []))
-            if not results:
-                return
-            if len(results) == 1:
-                P.send_object(self.conn, *results[0])
+            events = self.events
+            if events:
+                self.events = []
+            elif not results:
                 return
             try:
-                self.conn.send(P.Objects([(i, P.wire(sobj)) for i, sobj in results]))
-            except ProtocolError:  # (one too large: each alone, the culprit as an error)
-                for object_id, sobj in results:
-                    P.send_object(self.conn, object_id, sobj)
+                if events:
+                    self.conn.send(P.Report(events, [(i, P.wire(sobj)) for i, sobj in results]))
+                elif len(results) == 1:
+                    P.send_object(self.conn, *results[0])
+                else:
+                    self.conn.send(P.Objects([(i, P.wire(sobj)) for i, sobj in results]))
+                return
+            except ProtocolError:  # (too large: nothing was sent)
+                pass
+            if events:
+                self.conn.send(P.Report(events, []))
+            for object_id, sobj in results:
+                P.send_object(self.conn, object_id, sobj)
 
 
 class _Stream:
