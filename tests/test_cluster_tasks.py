@@ -20,7 +20,6 @@ import pytest
 
 import beamlet
 from beamlet import exceptions as exc
-from beamlet.backends.zmq.backend import WINDOW_PERIOD
 from beamlet.core import runtime
 from beamlet.core.auth import AuthenticationError
 from beamlet.core.task_spec import TASK
@@ -1036,6 +1035,14 @@ def short_task():
     return beamlet.get_runtime_context().get_node_id()
 
 
+def paced_out(scheduler) -> bool:
+    """Whether the driver's `scheduler` forgot every node's pace: no node's
+    window has room for a task beyond what its resources hold."""
+    with scheduler.lock:
+        now = time.monotonic()
+        return all(node.window(now) == 0 for node in scheduler.nodes)
+
+
 def test_work_queued_behind_a_long_task_spills_to_a_free_node(cluster, driver, tmp_path):
     # Spillback: the driver sends a node no more than it can run plus its recent
     # pace; the rest waits in the driver for the first node that can take it.
@@ -1059,7 +1066,8 @@ def test_work_queued_behind_a_long_task_spills_to_a_free_node(cluster, driver, t
     # Cancelling a task the driver holds (or, if the slow node finished nothing
     # for HOLD_MAX meanwhile, one it sent there after all) fails it.
     go.unlink()
-    time.sleep(2 * WINDOW_PERIOD + 0.1)  # (then the slow node's pace is forgotten: 0)
+    scheduler = runtime.current().backend.scheduler
+    assert procs.wait_until(lambda: paced_out(scheduler), 30, interval=0.05)
     blocker = long_task.remote(str(go))
     held = long_task.remote(str(go))
     beamlet.cancel(held)
@@ -1118,13 +1126,7 @@ def test_a_held_task_goes_to_the_node_with_its_large_argument(cluster, driver, m
     array = make_array.options(resources={"b": 1}).remote(50)
     assert beamlet.wait([array], timeout=GET_TIMEOUT)[0] == [array]  # (made; kept on b)
     scheduler = runtime.current().backend.scheduler
-
-    def paced_out():  # (b's pace is forgotten: no node's window has room)
-        with scheduler.lock:
-            now = time.monotonic()
-            return all(node.window(now) == 0 for node in scheduler.nodes)
-
-    assert procs.wait_until(paced_out, 30, interval=0.05)
+    assert procs.wait_until(lambda: paced_out(scheduler), 30, interval=0.05)  # (b's too)
     go_a, go_b = tmp_path / "a", tmp_path / "b"
     busy_a = long_task.options(resources={"a": 1}).remote(str(go_a))
     busy_b = long_task.options(resources={"b": 1}).remote(str(go_b))

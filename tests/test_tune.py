@@ -425,6 +425,28 @@ def test_tensorboard_event_files(on_backend, storage):
     assert [values["beamlet/tune/score"] for _, values in scalars] == [2.0, 4.0, 6.0, 6.0]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorboardX") is None,
+                    reason="tensorboardX is not installed")
+def test_loggers_make_a_missing_trial_directory(tmp_path):
+    """Each logger makes the trial's directory if the trial's actor has not
+    yet: the JSON, CSV and TensorBoard files all land in it."""
+    from beamlet.contrib.tune.loggers import (CSVLoggerCallback, JsonLoggerCallback,
+                                              TBXLoggerCallback)
+
+    class Where:  # what the loggers read of a trial
+        def __init__(self, path):
+            self.path, self.config, self.trial_id = str(path), {"x": 1}, str(path)
+
+    for logger in (JsonLoggerCallback(), CSVLoggerCallback(), TBXLoggerCallback()):
+        trial = Where(tmp_path / type(logger).__name__ / "trial")
+        logger.log_trial_start(trial)
+        logger.log_trial_result(0, trial, {"training_iteration": 1, "x": 1})
+        logger.log_trial_end(trial)
+        assert os.listdir(trial.path), type(logger).__name__
+    assert any(n.startswith("events.out.tfevents")
+               for n in os.listdir(tmp_path / "TBXLoggerCallback" / "trial"))
+
+
 def test_logs_are_readable_while_the_trial_runs(on_backend, storage):
     """The loggers write on a thread of their own, but a running trial's
     result.json and progress.csv get its rows while it runs, not only at the

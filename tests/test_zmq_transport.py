@@ -752,6 +752,42 @@ def test_the_cluster_codec_round_trips_its_messages_and_refuses_other_tuples():
             P.CODEC.decode(garbage)
 
 
+def test_a_nodes_batch_too_large_for_a_message_goes_as_events_then_each_result_alone(secret):
+    """A node's queued events and results (``DriverLink.flush``) past the
+    largest message: the events go alone, then each result in a message of its
+    own, the one too large for any as an error that says so, in order."""
+    from beamlet.backends.zmq import protocol as P
+    from beamlet.backends.zmq.jobs import DriverLink
+    from beamlet.core.serialization import deserialize, serialize
+
+    transport = ZmqTransport(secret, P.VERSION, max_message=1 << 20, codec=P.CODEC)
+    try:
+        listener = transport.listen("127.0.0.1:0")
+        conn, events = connect_while_serving(listener, transport)
+        link = DriverLink(None, of_kind(events, Joined)[0].conn, {})
+        sent = [(b"a" * 16, serialize(b"x" * 1000)),
+                (b"b" * 16, serialize(np.zeros(2 << 20, np.uint8))),  # (beyond any message)
+                (b"c" * 16, serialize(np.ones(600 << 10, np.uint8)))]
+        link.events = [P.Lent(b"t" * 16, True)]
+        link.results = list(sent)
+        link.flush()
+        report = conn.recv(timeout=30)
+        assert type(report) is P.Report
+        assert report.events == [P.Lent(b"t" * 16, True)] and report.objects == []
+        got = []
+        for _ in sent:
+            message = conn.recv(timeout=30)
+            assert type(message) is P.Objects and len(message.objects) == 1
+            got.append((message.objects[0][0], P.unwire(message.objects[0][1])))
+        assert [i for i, _ in got] == [i for i, _ in sent]
+        assert deserialize(got[0][1]) == b"x" * 1000
+        assert got[1][1].is_error and "cannot be sent between nodes" in str(deserialize(got[1][1]))
+        assert (np.asarray(deserialize(got[2][1])) == 1).all()
+        assert not link.results and not link.events
+    finally:
+        transport.close()
+
+
 # -- addresses and resources ----------------------------------------------------------------
 @pytest.mark.parametrize("address", ["nohost", "host:", ":80", "host:port", "host:70000",
                                      "a b:1", "::1:80", "[zz]:80", 80, None])

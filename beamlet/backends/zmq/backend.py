@@ -129,9 +129,9 @@ class NodeLink:
         #: change (with when): a node that finished nothing for HOLD_MAX.
         self.finished_total = 0
         self.stall_seen = (0, self.period_start)
-        #: task id -> the CPUs its worker lends out while it waits in get or
-        #: wait (the node said so: ``Lent``), taken off `load` meanwhile.
-        self.lent: dict[bytes, dict] = {}
+        #: Tasks whose worker lends out its CPUs while it waits in get or wait
+        #: (the node said so: ``Lent``): those are taken off `load` meanwhile.
+        self.lent: set[bytes] = set()
 
     def fits(self, request: dict) -> bool:
         return all(self.resources.get(k, 0) >= v for k, v in request.items())
@@ -160,19 +160,16 @@ class NodeLink:
     def lend(self, spec: TaskSpec, lent: bool) -> bool:
         """Its node lent out the CPUs of `spec` placed here (`lent`), or took
         them back: count them free meanwhile. Whether anything changed."""
+        if (spec.task_id in self.lent) is lent:
+            return False
         if lent:
-            if spec.task_id in self.lent:
-                return False
-            cpus = self.lent[spec.task_id] = {k: spec.resources[k]
-                                              for k in cpu_names(spec.resources)}
-            sign = -1
+            self.lent.add(spec.task_id)
         else:
-            cpus = self.lent.pop(spec.task_id, None)
-            if cpus is None:
-                return False
-            sign = 1
-        for k, v in cpus.items():
-            self.load[k] = self.load.get(k, 0) + sign * v
+            self.lent.discard(spec.task_id)
+        sign = -1 if lent else 1
+        resources = spec.resources  # (unchanged while it is placed)
+        for k in cpu_names(resources):
+            self.load[k] = self.load.get(k, 0) + sign * resources[k]
         return True
 
     def weight(self, request: dict) -> float:
@@ -283,12 +280,7 @@ class _Group:
         self.placed: dict[int, NodeLink] = {}  # bundle index -> its node, once reserved
         #: Its resource names (as `placement_request` renames a request) -> how
         #: much there is of each: what a call in it may ask for at most.
-        self.capacity: dict[str, float] = {}
-        for i, bundle in enumerate(info.bundles):
-            for name, amount in list(bundle.items()) + [("bundle", BUNDLE_CAPACITY)]:
-                self.capacity[group_resource(name, self.key, i)] = amount
-                wide = group_resource(name, self.key)
-                self.capacity[wide] = self.capacity.get(wide, 0) + amount
+        self.capacity: dict[str, float] = self._resources(range(len(info.bundles)))
         self.waiting: list[TaskSpec] = []  # submitted while it waits for room, in order
         #: The ready id each node answers under that did not answer yet (see
         #: _reserve_group), and every ready id given out since it was last ready.
@@ -305,13 +297,17 @@ class _Group:
 
     def resources_on(self, node: NodeLink) -> dict[str, float]:
         """The group's resource names `node` holds (its bundles there)."""
+        return self._resources([i for i, where in self.placed.items() if where is node])
+
+    def _resources(self, indices) -> dict[str, float]:
+        """The group's resource names (each bundle's, and the group-wide ones)
+        -> how much its bundles `indices` hold of each."""
         out: dict[str, float] = {}
-        for i, where in self.placed.items():
-            if where is node:
-                for name, amount in list(self.info.bundles[i].items()) + [("bundle", BUNDLE_CAPACITY)]:
-                    out[group_resource(name, self.key, i)] = amount
-                    wide = group_resource(name, self.key)
-                    out[wide] = out.get(wide, 0) + amount
+        for i in indices:
+            for name, amount in list(self.info.bundles[i].items()) + [("bundle", BUNDLE_CAPACITY)]:
+                out[group_resource(name, self.key, i)] = amount
+                wide = group_resource(name, self.key)
+                out[wide] = out.get(wide, 0) + amount
         return out
 
 
@@ -1410,7 +1406,7 @@ class ClusterScheduler(Scheduler):
             placed, node.placed = list(node.placed.values()), {}
             node.load = {}
             node.extra = set()
-            node.lent = {}
+            node.lent = set()
             for spec in placed:
                 self.tasks.pop(spec.task_id, None)
                 for rid in spec.return_ids:

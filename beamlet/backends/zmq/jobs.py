@@ -158,26 +158,30 @@ class DriverLink:
         self.conn.send(message)
 
     def flush(self) -> None:
-        """Send the queued events and results (BackendError if the driver left)."""
+        """Send the queued events and results (BackendError if the driver left).
+        A batch too large for one message goes as its events, then each result
+        alone: one too large for a message goes as an error that says so."""
         with self.results_lock:
             results, self.results, self.results_bytes = self.results, [], 0
-            if self.events:
-                events, self.events = self.events, []
-                try:
-                    self.conn.send(P.Report(events, [(i, P.wire(sobj)) for i, sobj in results]))
-                    return
-                except ProtocolError:  # (a result too large: the events, then each alone)
-                    self.conn.send(P.Report(events, []))
-            if not results:
-                return
-            if len(results) == 1:
-                P.send_object(self.conn, *results[0])
+            events = self.events
+            if events:
+                self.events = []
+            elif not results:
                 return
             try:
-                self.conn.send(P.Objects([(i, P.wire(sobj)) for i, sobj in results]))
-            except ProtocolError:  # (one too large: each alone, the culprit as an error)
-                for object_id, sobj in results:
-                    P.send_object(self.conn, object_id, sobj)
+                if events:
+                    self.conn.send(P.Report(events, [(i, P.wire(sobj)) for i, sobj in results]))
+                elif len(results) == 1:
+                    P.send_object(self.conn, *results[0])
+                else:
+                    self.conn.send(P.Objects([(i, P.wire(sobj)) for i, sobj in results]))
+                return
+            except ProtocolError:  # (too large: nothing was sent)
+                pass
+            if events:
+                self.conn.send(P.Report(events, []))
+            for object_id, sobj in results:
+                P.send_object(self.conn, object_id, sobj)
 
 
 class _Stream:
@@ -257,7 +261,6 @@ class DriverOwner:
         """The daemon made its Node: pulls from other nodes go over `transport`."""
         self.node = node
         node.scheduler.job_of = self.job_of
-        node.scheduler.task_progress = self._task_progress
         node.scheduler.deliver = self._deliver
         node.scheduler.lending = self._lending
         self.puller = Puller(transport, node.object_store, self._pulled, self._pull_failed)
@@ -910,13 +913,17 @@ class DriverOwner:
         stream.signals = []
 
     def _observe_task_ends(self) -> None:
-        """Listen to the node scheduler's task ends (for `_task_finished`) while
-        a connected driver wants them, only then: a listener costs every call."""
+        """Listen to the node scheduler's task ends (for `_task_finished`) and
+        progress (`_task_progress`) while a connected driver wants them, only
+        then: a listener costs every call, the progress hook a tuple a step."""
         wanted = any(link.task_events for link in list(self.drivers.values()))
         if wanted and not self._observing:
             plugins.add_listener("beamlet_task_finished", self._task_finished)
         elif self._observing and not wanted:
             plugins.remove_listener("beamlet_task_finished", self._task_finished)
+        scheduler = self.node.scheduler
+        with scheduler.lock:  # (its callers test the hook, then call it, under the lock)
+            scheduler.task_progress = self._task_progress if wanted else None
         self._observing = wanted
 
     def driver_left(self, conn) -> None:

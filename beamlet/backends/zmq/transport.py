@@ -1188,18 +1188,23 @@ class ZmqConnection(Connection):
             waker = self.__dict__.get("_waker")
             if waker is not None and not waker.closed:
                 waker.close()
-            sock = self.__dict__.pop("_sock", None)
-            monitor = self.__dict__.pop("_monitor", None)
-            if sock is not None and monitor is not None:
-                try:
-                    sock.disable_monitor()
-                except zmq.ZMQError:
-                    pass
-            if monitor is not None:
-                monitor.close(0)
-            if sock is not None:
-                sock.close(int(linger * 1000))
+            _close_monitored(self.__dict__.pop("_sock", None),
+                             self.__dict__.pop("_monitor", None), linger)
         self._transport._release(self)
+
+
+def _close_monitored(sock, monitor, linger: float) -> None:
+    """Close `sock` (flushing for at most `linger` seconds) and the socket
+    `monitor` that watches it; either may be None (never made)."""
+    if sock is not None and monitor is not None:
+        try:
+            sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+    if monitor is not None:
+        monitor.close(0)
+    if sock is not None:
+        sock.close(int(linger * 1000))
 
 
 # -- listener side -----------------------------------------------------------------------
@@ -1748,15 +1753,7 @@ class ZmqListener(Listener):
             zap = self.__dict__.pop("_zap", None)
             if zap is not None:
                 zap.close(0)
-            if router is not None and monitor is not None:
-                try:
-                    router.disable_monitor()
-                except zmq.ZMQError:
-                    pass
-            if monitor is not None:
-                monitor.close(0)
-            if router is not None:
-                router.close(int(linger * 1000))
+            _close_monitored(router, monitor, linger)
         self._transport._release(self)
 
 

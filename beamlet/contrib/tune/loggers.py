@@ -31,15 +31,20 @@ __all__ = ["Callback", "LoggerCallback", "JsonLoggerCallback", "CSVLoggerCallbac
            "TBXLoggerCallback", "BackgroundLoggers"]
 
 
-def _open_in(trial, name: str, mode: str, **kwargs):
-    """``open(trial.path/name)``, making the trial's directory if it is not
-    there yet (the trial's actor usually has, so this is one system call per file)."""
-    path = os.path.join(trial.path, name)
+def _in_trial_dir(trial, make, *args, **kwargs):
+    """``make(*args, **kwargs)``, which creates a file in the trial's directory,
+    making that directory first if it is not there yet (the trial's actor
+    usually has, so this costs no ``makedirs`` per file)."""
     try:
-        return open(path, mode, **kwargs)
+        return make(*args, **kwargs)
     except FileNotFoundError:
         os.makedirs(trial.path, exist_ok=True)
-        return open(path, mode, **kwargs)
+        return make(*args, **kwargs)
+
+
+def _open_in(trial, name: str, mode: str, **kwargs):
+    """``open(trial.path/name)``, making the trial's directory if need be."""
+    return _in_trial_dir(trial, open, os.path.join(trial.path, name), mode, **kwargs)
 
 
 class Callback:
@@ -242,11 +247,7 @@ class TBXLoggerCallback(LoggerCallback):
         from .tb_events import EventFileWriter
         name = self._names.pop(trial, None)
         try:
-            try:
-                self._writers[trial] = EventFileWriter(trial.path, name)
-            except FileNotFoundError:  # (as in _open_in: the trial's actor usually made it)
-                os.makedirs(trial.path, exist_ok=True)
-                self._writers[trial] = EventFileWriter(trial.path, name)
+            self._writers[trial] = _in_trial_dir(trial, EventFileWriter, trial.path, name)
         except ImportError:  # optional: without tensorboardX there are no event files
             self._unavailable = True
 
