@@ -27,6 +27,7 @@ import json
 import os
 import pickle
 import resource
+import select
 import socket
 import statistics
 import struct
@@ -160,6 +161,13 @@ def caller(mode: str, port: int, calls: int) -> dict:
             "caller_cpu_us": cpu / n * 1e6}
 
 
+def _line(stream, timeout: float) -> str:
+    """The worker's next line on `stream`, or "" if none comes within `timeout` seconds."""
+    if not select.select([stream], [], [], timeout)[0]:
+        return ""
+    return stream.readline()
+
+
 def run(mode: str, calls: int) -> dict:
     read_fd, write_fd = os.pipe()
     proc = subprocess.Popen([sys.executable, __file__, "--serve", mode,
@@ -168,9 +176,11 @@ def run(mode: str, calls: int) -> dict:
     os.close(write_fd)
     try:
         with os.fdopen(read_fd) as ready:
-            port = int(ready.readline())
+            port = int(_line(ready, 60) or 0)
+            if not port:
+                raise RuntimeError(f"the {mode} worker did not start")
             result = caller(mode, port, calls)
-            line = ready.readline()
+            line = _line(ready, 60)
         proc.wait(60)
     finally:
         if proc.poll() is None:
