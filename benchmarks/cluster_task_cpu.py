@@ -14,6 +14,14 @@ children that exited included) over the same span. The table gives the median
 per checkout of microseconds of CPU per task (or call);
 `results/cluster-task-cpu-<date>.json` (``cluster-actor-sync-cpu-...`` for
 ``--work actor-sync``, and so on) keeps every run.
+
+``--threads`` also splits that CPU by thread (from ``/proc/<pid>/task/*/schedstat``,
+threads alive at the end): per process (the driver, the head's and the node's
+daemons, the workers under each) its main thread, libzmq's I/O threads
+(``ZMQbg/IO``) and its other threads together (in a daemon: mostly the node
+engine's I/O thread, which reads the workers), each with its voluntary context
+switches per task: how many times it was woken, the hops of a call (written
+to ``cluster-<work>-cpu-threads-<date>.json``).
 """
 from __future__ import annotations
 
@@ -95,7 +103,75 @@ def _tree_cpu(pids: list[int]) -> float:
     return total
 
 
-def run(tree: str, tasks: int, bursts: int, cpus: int, work: str = "tasks") -> dict:
+def _thread_kind(pid: int, tid: str, comm: str) -> str:
+    """A thread's kind: its process's main thread, a libzmq I/O thread, or other."""
+    if tid == str(pid):
+        return "main"
+    return "zmq-io" if comm.startswith("ZMQbg/IO") else "other"
+
+
+def _threads(roles: dict) -> dict:
+    """(role, thread kind) -> [CPU seconds, voluntary switches] of the threads
+    alive now of each process in `roles` (role -> pid)."""
+    out: dict = {}
+    for role, pid in roles.items():
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            base = f"/proc/{pid}/task/{tid}"
+            try:
+                with open(f"{base}/comm") as f:
+                    comm = f.read().strip()
+                with open(f"{base}/schedstat") as f:
+                    cpu = int(f.read().split()[0]) / 1e9
+                with open(f"{base}/status") as f:
+                    switches = int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", f.read(),
+                                             re.M).group(1))
+            except (OSError, AttributeError):
+                continue
+            entry = out.setdefault((role, _thread_kind(pid, tid, comm)), [0.0, 0])
+            entry[0] += cpu
+            entry[1] += switches
+    return out
+
+
+def _roles(driver: int, daemons: list[int], head: int) -> dict:
+    """role -> pid: the driver, each daemon, and the processes under each daemon
+    (its workers and zygote; the head's redis-server too), named after their daemon."""
+    roles = {"driver": driver}
+    for pid in daemons:
+        name = "head" if pid == head else "node"
+        roles[name] = pid
+        try:
+            children = psutil.Process(pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            continue
+        for child in children:
+            try:
+                what = "redis" if "redis" in child.name() else "worker"
+            except psutil.NoSuchProcess:
+                continue
+            roles[f"{name} {what} {child.pid}"] = child.pid
+    return roles
+
+
+def _per_thread(before: dict, after: dict, n: int) -> dict:
+    """'role/kind' -> (CPU us, voluntary switches) per item, workers of a node summed."""
+    out: dict = {}
+    for (role, kind), (cpu, switches) in after.items():
+        cpu0, switches0 = before.get((role, kind), (0.0, 0))
+        parts = role.split()
+        key = f"{' '.join(parts[:2])}/{kind}"  # (drops a worker's pid)
+        entry = out.setdefault(key, [0.0, 0.0])
+        entry[0] += (cpu - cpu0) / n * 1e6
+        entry[1] += (switches - switches0) / n
+    return {k: v for k, v in out.items() if v[0] >= 0.5 or v[1] >= 0.01}
+
+
+def run(tree: str, tasks: int, bursts: int, cpus: int, work: str = "tasks",
+        threads: bool = False) -> dict:
     # (Every process runs in a directory of its own: `-m` and `-c` put the
     # working directory first on the path, where a checkout would win.)
     state = tempfile.mkdtemp(prefix="beamlet-cpu-bench-")
@@ -115,10 +191,15 @@ def run(tree: str, tasks: int, bursts: int, cpus: int, work: str = "tasks") -> d
         address = re.search(r"head started at (\S+)", out).group(1)
         cli("start", "--address", address, "--num-cpus", str(cpus),
             "--resources", json.dumps({"far": 1}))
-        daemons = []
+        daemons, head = [], None
         for name in os.listdir(os.path.join(state, "processes")):
             with open(os.path.join(state, "processes", name)) as f:
-                daemons.append(json.load(f)["pid"])
+                record = json.load(f)
+            if record.get("role") == "redis":
+                continue
+            daemons.append(record["pid"])
+            if record.get("role") == "head":
+                head = record["pid"]
         driver = subprocess.Popen([sys.executable, "-c", _DRIVER, address, str(tasks),
                                    str(bursts), work], env=env, stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True, cwd=state)
@@ -126,11 +207,14 @@ def run(tree: str, tasks: int, bursts: int, cpus: int, work: str = "tasks") -> d
             line = driver.stdout.readline()
             if not line.startswith("READY"):
                 raise RuntimeError(f"the driver failed: {line}")
+            roles = _roles(driver.pid, daemons, head) if threads else {}
+            threads_before = _threads(roles)
             nodes_before = _tree_cpu(daemons)
             driver.stdin.write("\n")
             driver.stdin.flush()
             line = driver.stdout.readline()
             nodes_after = _tree_cpu(daemons)
+            threads_after = _threads(roles)
             if not line.startswith("DRIVER "):
                 raise RuntimeError(f"the driver failed: {line}")
             driver_cpu = json.loads(line[len("DRIVER "):])
@@ -151,8 +235,12 @@ def run(tree: str, tasks: int, bursts: int, cpus: int, work: str = "tasks") -> d
         finally:
             shutil.rmtree(state, ignore_errors=True)
     n = tasks * bursts
-    return {"driver_us": driver_cpu / n * 1e6, "nodes_us": (nodes_after - nodes_before) / n * 1e6,
-            "total_us": (driver_cpu + nodes_after - nodes_before) / n * 1e6}
+    result = {"driver_us": driver_cpu / n * 1e6,
+              "nodes_us": (nodes_after - nodes_before) / n * 1e6,
+              "total_us": (driver_cpu + nodes_after - nodes_before) / n * 1e6}
+    if threads:
+        result["threads"] = _per_thread(threads_before, threads_after, n)
+    return result
 
 
 def main(argv=None) -> int:
@@ -166,17 +254,20 @@ def main(argv=None) -> int:
     parser.add_argument("--work", choices=("tasks", "actor-calls", "actor-sync"),
                         default="tasks", help="no-op tasks, or calls of a no-op actor "
                         "method on the node (not the head) in bursts, or one at a time")
+    parser.add_argument("--threads", action="store_true",
+                        help="also split the CPU by process and thread (main, libzmq's "
+                        "I/O, others), with each one's wake-ups per item")
     args = parser.parse_args(argv)
     trees = [t.split("=", 1) for t in args.tree]
     runs: dict[str, list] = {name: [] for name, _ in trees}
     for r in range(args.rounds):
         for name, path in (trees if r % 2 == 0 else trees[::-1]):
             result = run(os.path.abspath(path), args.tasks, args.bursts, args.cpus,
-                         args.work)
+                         args.work, args.threads)
             result["load"] = os.getloadavg()[0]
             runs[name].append(result)
-            print(f"round {r} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in result.items()),
-                  flush=True)
+            print(f"round {r} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in result.items()
+                                                    if k != "threads"), flush=True)
     print(f"\nCPU microseconds per {args.work} item ({args.tasks} x {args.bursts} per run, head + "
           f"node of {args.cpus} CPU each), median of {args.rounds} runs")
     print(f"{'checkout':<12}{'driver':>10}{'nodes':>10}{'total':>10}")
@@ -185,9 +276,21 @@ def main(argv=None) -> int:
                for k in ("driver_us", "nodes_us", "total_us")}
         print(f"{name:<12}{med['driver_us']:>10.1f}{med['nodes_us']:>10.1f}"
               f"{med['total_us']:>10.1f}")
+    if args.threads:
+        print(f"\nBy thread: CPU microseconds and wake-ups (voluntary switches) per item, "
+              f"median of {args.rounds} runs")
+        for name, results in runs.items():
+            keys = sorted({k for x in results for k in x["threads"]})
+            print(f"{name}:")
+            for key in keys:
+                cpu = statistics.median(x["threads"].get(key, (0.0, 0.0))[0] for x in results)
+                woken = statistics.median(x["threads"].get(key, (0.0, 0.0))[1] for x in results)
+                print(f"  {key:<28}{cpu:>8.1f} us{woken:>8.2f} wake-ups")
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     day = datetime.date.today().isoformat()
-    with open(os.path.join(HERE, "results", f"cluster-{'task' if args.work == 'tasks' else args.work}-cpu-{day}.json"), "w") as f:
+    kind = "task" if args.work == "tasks" else args.work
+    name = f"cluster-{kind}-cpu{'-threads' if args.threads else ''}-{day}.json"
+    with open(os.path.join(HERE, "results", name), "w") as f:
         json.dump({"args": vars(args), "runs": runs}, f, indent=1)
     return 0
 
