@@ -1556,6 +1556,8 @@ class ClusterBackend(Backend):
 
     #: init() keywords of this backend, beyond the common ones.
     accepted_options = frozenset({"token"})
+    #: What places its specs (a node's heir driver has its own: ``heir.py``).
+    scheduler_class = ClusterScheduler
 
     def __init__(self, config: dict, runtime):
         from ...core.auth import AuthenticationError
@@ -1630,7 +1632,7 @@ class ClusterBackend(Backend):
                     self.node_id = info["node_id"]
             if not self._links:
                 raise exc.BackendError(f"the cluster at {address} has no alive node")
-            self.scheduler = ClusterScheduler(self, self._links)
+            self.scheduler = self.scheduler_class(self, self._links)
             self.scheduler.hold_max = hold_max
             self.scheduler.locality_wait = locality_wait
             from ...core.tables import Tables
