@@ -1019,8 +1019,9 @@ def node_once(go: str):
 def test_bundles_lost_with_their_node_are_placed_again_when_a_node_fits(
         cluster, driver, tmp_path):
     """A node holding a bundle of a STRICT_SPREAD group is SIGKILLed: the group
-    is RESCHEDULING (as in Ray), its ready ref unresolved, and, no alive node
-    without a bundle of it having room, it waits; the actor of the other
+    is RESCHEDULING (as in Ray), a ready ref asked for now unresolved (one
+    from before keeps its value: each ``pg.ready()`` is a fresh ref, as in
+    Ray), and, no alive node without a bundle of it having room, it waits; the actor of the other
     bundle lives on. A node that fits joins: the lost bundle is reserved
     there, the group is CREATED again, the task that was running in the bundle
     runs again there (max_retries), and so do what was queued for the bundle
@@ -1041,16 +1042,22 @@ def test_bundles_lost_with_their_node_are_placed_again_when_a_node_fits(
         [(homes[0], 1), (homes[1], 1)]
     go = tmp_path / "go"
     running = node_once.options(scheduling_strategy=in_bundle(pg, 1)).remote(str(go))
+    before = pg.ready()
+    assert pg.ready() != before  # (a fresh ref per call)
     address = _node_lines(cluster.status())[homes[1]].split()[2]
     os.kill(cluster.pid_of(address), signal.SIGKILL)
     assert procs.wait_until(lambda: placement_group_table(pg)["state"] == "RESCHEDULING",
                             30, interval=0.1), placement_group_table(pg)
     assert not pg.wait(0.5)  # (the head has no "member": it cannot hold the bundle)
+    during = pg.ready()
+    assert beamlet.wait([during], timeout=0.5)[0] == []
+    assert beamlet.get(before, timeout=GET_TIMEOUT) == pg
     queued = where.options(scheduling_strategy=in_bundle(pg, 1)).remote()
     call = actors[1].node.remote()
     assert beamlet.wait([running, queued, call], timeout=0.5)[0] == []
     assert beamlet.get(actors[0].node.remote(), timeout=GET_TIMEOUT) == (homes[0], 2)
     newcomer = cluster.join(head, "--resources", '{"member": 1}')
+    assert beamlet.get(during, timeout=GET_TIMEOUT) == pg
     assert beamlet.get(pg.ready(), timeout=GET_TIMEOUT) == pg
     assert placement_group_table(pg)["state"] == "CREATED"
     go.touch()
