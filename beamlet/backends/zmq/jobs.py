@@ -95,6 +95,9 @@ RESULTS_BATCH_BYTES = 4 << 20
 #: Streams that ended whose consumers' late acknowledgements are dropped
 #: (not stored here for nobody), the newest this many.
 ENDED_STREAMS_KEPT = 1024
+#: Seconds a call of an actor this node has not heard of waits for its
+#: creation (another driver's, on a connection of its own) before it fails.
+EARLY_CALL_WAIT = 10.0
 #: What a job's workers ask for while its heir joins: kept for it (see
 #: DriverOwner._successor).
 _LATER = object()
@@ -276,6 +279,9 @@ class DriverOwner:
         #: asked of its driver as soon as they are made (see `accept`) and not
         #: waited for by a worker here: stored only while a ref to them is held.
         self._eager: set[bytes] = set()
+        #: actor id -> [(until when, driver, RunTask fields)]: calls of an actor
+        #: whose creation has not reached this node yet (see `_run`).
+        self._early_calls: dict[bytes, list] = {}
 
     def attach(self, node, transport) -> None:
         """The daemon made its Node: pulls from other nodes go over `transport`."""
@@ -454,7 +460,10 @@ class DriverOwner:
             self._idle_events.add(link)  # (sent with its next results, or at the tick)
 
     def flush_events(self) -> None:
-        """The daemon's tick: send the events queued without results to go with."""
+        """The daemon's tick: send the events queued without results to go with
+        (and fail the calls that waited too long for their actor's creation)."""
+        if self._early_calls:
+            self._expire_early_calls()
         while self._idle_events:
             link = self._idle_events.pop()
             if link.events:
@@ -809,7 +818,14 @@ class DriverOwner:
             if not store.contains(object_id):
                 store.put(object_id, P.unwire(form))
 
-    def _run(self, link: DriverLink, spec, objects, locations) -> None:
+    def _run(self, link: DriverLink, spec, objects, locations, waited: bool = False) -> None:
+        if spec.kind == ACTOR_METHOD and not waited \
+                and spec.actor_id not in self.node.scheduler.actors:
+            # Another driver's (or an heir's) creation of it may still be on
+            # its way here, on another connection: the call waits for it.
+            self._early_calls.setdefault(spec.actor_id, []).append(
+                (time.monotonic() + EARLY_CALL_WAIT, link, spec, objects, locations))
+            return
         store = self.node.object_store
         deps = list(dict.fromkeys(spec.dependencies())) if spec.args or spec.kwargs else []
         if deps:
@@ -850,6 +866,22 @@ class DriverOwner:
         except Exception as err:  # noqa: BLE001 - its results say why
             self.node.scheduler.reject(spec, exc.TaskError.from_exception(err,
                                                                          spec.display_name))
+        if self._early_calls and spec.kind == ACTOR_CREATION:
+            for _, caller, call, objects, locations in self._early_calls.pop(spec.actor_id, ()):
+                self._run_call(caller, call, objects, locations)
+
+    def _run_call(self, link: DriverLink, spec, objects, locations) -> None:
+        """Run a call that waited for its actor's creation (the node's
+        scheduler fails it if that never came), unless its driver left."""
+        if self.drivers.get(link.conn) is link:
+            self._run(link, spec, objects, locations, waited=True)
+
+    def _expire_early_calls(self) -> None:
+        """(The daemon's tick.) Calls that waited too long for their actor fail."""
+        now = time.monotonic()
+        for actor_id in [a for a, calls in self._early_calls.items() if calls[0][0] <= now]:
+            for _, caller, call, objects, locations in self._early_calls.pop(actor_id):
+                self._run_call(caller, call, objects, locations)
 
     def _deliver(self, spec, object_id: bytes, entry) -> bool:
         """The node scheduler's hook (``LocalScheduler.deliver``): a result of a
