@@ -759,8 +759,14 @@ class DriverOwner:
         elif kind is P.Objects:
             self._store(message.objects)
         elif kind is P.Locations:
-            self._pull(link, [(i, a) for i, a in message.locations
-                              if not self.node.object_store.contains(i)])
+            store = self.node.object_store
+            here = [i for i, _ in message.locations if store.contains(i)]
+            if here:  # (made here: nothing to pull, nor to wait for)
+                with self.lock:
+                    for object_id in here:
+                        self._fetching.pop(object_id, None)
+                self._eager.difference_update(here)
+            self._pull(link, [(i, a) for i, a in message.locations if i not in here])
         elif kind is P.Release:
             self._let_go(link, [i for i in message.object_ids
                                 if i in link.tokens or i in link.held])
