@@ -377,6 +377,9 @@ class Helper:
     def job(self):
         return beamlet.get_runtime_context().get_job_id()
 
+    def node(self):
+        return beamlet.get_runtime_context().get_node_id()
+
 
 @beamlet.remote
 class Keeper:
@@ -421,6 +424,40 @@ class Keeper:
         if self.helper is None:
             self.helper = Helper.remote()
         return beamlet.get(self.helper.job.remote(), timeout=60)
+
+    def nodes(self, n, resources):
+        # where nested tasks of its, and an actor of its, run
+        task = node_of.options(resources=resources) if resources else node_of
+        tasks = beamlet.get([task.remote() for _ in range(n)], timeout=60)
+        helper = Helper.options(resources=resources).remote()  # (after: it holds one)
+        return tasks, beamlet.get(helper.node.remote(), timeout=60)
+
+
+    def wait_for(self, refs, started):
+        # what each get of the creator's objects gives, the creator leaving
+        open(started, "w").close()
+        self.outcomes = []
+        for ref in refs:
+            try:
+                value = beamlet.get(ref, timeout=30)
+                self.outcomes.append(("value", int(np.sum(value))))
+            except Exception as err:
+                self.outcomes.append((type(err).__name__, 0))
+
+    def outcomes_of_wait(self):
+        return self.outcomes
+
+
+@beamlet.remote
+def node_of():
+    return beamlet.get_runtime_context().get_node_id()
+
+
+@beamlet.remote
+def later(seconds, n):
+    import time
+    time.sleep(seconds)
+    return np.ones(n)
 """
 
 CREATOR = """
@@ -449,8 +486,10 @@ def test_a_detached_actor_outlives_its_creator_and_a_plain_one_dies_with_it(
     """Ray's semantics across drivers: a named actor's calls run in its
     creator's job, whoever calls; the caller owns what its calls return; when
     the creator leaves, its non-detached actors die (ActorDiedError), while a
-    detached one lives on, still submits nested tasks (now owned on its node),
-    and is cleaned up when killed."""
+    detached one lives on and still submits nested tasks and actors, placed
+    anywhere in the cluster and owned by an heir its node starts (as Ray's
+    actor owns what it submits), calls actors on other nodes, keeps what it
+    submitted while its creator was here, and is cleaned up when killed."""
     head = cluster.start_head("--resources", '{"head_box": 2}')
     member = cluster.join(head, "--resources", '{"ssd": 2}')
     (tmp_path / "detached_work.py").write_text(DETACHED_WORK)
@@ -496,7 +535,7 @@ def test_a_detached_actor_outlives_its_creator_and_a_plain_one_dies_with_it(
     assert beamlet.get(kept_before, timeout=GET_TIMEOUT).sum() == 1 << 17
     assert beamlet.get(small_before, timeout=GET_TIMEOUT) == 9
     # The detached actor lives on, in its creator's job, and its nested tasks
-    # and actors run (on its node, which owns them now).
+    # and actors run (placed by its node's heir, which owns them now).
     assert beamlet.get_actor("keeper")._actor_id == keeper._actor_id
     assert beamlet.get(keeper.job.remote(), timeout=GET_TIMEOUT) == creator_job
     assert beamlet.get(keeper.fan_out.remote(4), timeout=GET_TIMEOUT) == [0, 1, 4, 9]
@@ -507,18 +546,24 @@ def test_a_detached_actor_outlives_its_creator_and_a_plain_one_dies_with_it(
     assert beamlet.get(small, timeout=GET_TIMEOUT) == 49
     kept = beamlet.get(keeper.kept_values.remote(), timeout=GET_TIMEOUT)
     assert [kept[0].sum(), kept[1], kept[2].sum(), kept[3]] == [1 << 17, 9, 1 << 16, 49]
-    # (beamlet: what the actor submitted while its creator was here is the
-    # creator's; a small result of it that never reached the actor's node is
-    # lost with the creator: an error, not a hang. Ray's actor owns it.)
-    with pytest.raises(exc.ObjectLostError):
-        beamlet.get(keeper.unseen_value.remote(), timeout=GET_TIMEOUT)
-    # A request its node could never hold says why; so does a call of an
-    # actor elsewhere.
-    with pytest.raises(ValueError, match="detached actor whose driver left"):
-        beamlet.get(keeper.fan_out.remote(1, {"ssd": 5}), timeout=GET_TIMEOUT)
+    # What the actor submitted while its creator was here is its own (as in
+    # Ray): a small result of it that never reached the actor's node before
+    # the creator left is still there.
+    assert beamlet.get(keeper.unseen_value.remote(), timeout=GET_TIMEOUT) == 25
+    # Its nested tasks and actors go where their resources are, on any node
+    # (Ray's spillback and placement), not only its own; it calls an actor
+    # on another node; a request no node could hold says why.
+    assert beamlet.get(keeper.nodes.remote(3, on_head), timeout=GET_TIMEOUT) == (
+        [head["node_id"]] * 3, head["node_id"])
+    assert beamlet.get(keeper.nodes.remote(2, {"ssd": 1}), timeout=GET_TIMEOUT) == (
+        [member] * 2, member)
     elsewhere = Where.options(resources={"head_box": 1}).remote()
-    with pytest.raises(ValueError, match="not on this node"):
-        beamlet.get(keeper.call.remote([elsewhere], "node"), timeout=GET_TIMEOUT)
+    # (its call may reach the head before its creation, from this driver:
+    # it waits for it there)
+    assert beamlet.get(keeper.call.remote([elsewhere], "node"), timeout=GET_TIMEOUT) == (
+        head["node_id"], 1)
+    with pytest.raises(ValueError, match="ssd"):
+        beamlet.get(keeper.fan_out.remote(1, {"ssd": 5}), timeout=GET_TIMEOUT)
     pid = beamlet.get(keeper.pid.remote(), timeout=GET_TIMEOUT)
     beamlet.kill(keeper)
     with pytest.raises(exc.ActorDiedError):
@@ -536,6 +581,61 @@ def test_a_detached_actor_outlives_its_creator_and_a_plain_one_dies_with_it(
                    for line in (lines[head["node_id"]], lines[member]))
 
     assert procs.wait_until(idle, 30, interval=0.5), cluster.status()
+
+
+#: A creator whose detached actor waits for objects it owns (two still being
+#: made on the head, one made there and pulled to the actor's node) as it leaves.
+LEAVING_CREATOR = """
+import os
+import sys
+import time
+
+import beamlet
+from detached_work import Keeper, later, ones
+
+beamlet.init(address=sys.argv[1], token=sys.argv[2], namespace="shared")
+keeper = Keeper.options(name="keeper", lifetime="detached", resources={"ssd": 1}).remote()
+on_head = {"resources": {"head_box": 1}, "num_cpus": 0}
+made = ones.options(**on_head).remote(1 << 18)
+beamlet.wait([made], timeout=60)
+refs = [later.options(**on_head).remote(5, 3), later.options(**on_head).remote(5, 1 << 18),
+        made]
+keeper.wait_for.remote(refs, sys.argv[3])
+deadline = time.monotonic() + 60
+while not os.path.exists(sys.argv[3]) and time.monotonic() < deadline:
+    time.sleep(0.01)
+beamlet.shutdown()
+"""
+
+
+def test_a_detached_actor_waiting_for_what_its_creator_was_sending_as_it_left_never_hangs(
+        cluster, driver, tmp_path):
+    """The creator leaves while its detached actor's gets of objects it owns
+    are asked of it (two still being made, one being pulled from another
+    node): each get gives the value or ObjectLostError (OwnerDiedError), in
+    bounded time, never a hang."""
+    head = cluster.start_head("--resources", '{"head_box": 2}')
+    member = cluster.join(head, "--resources", '{"ssd": 2}')
+    (tmp_path / "detached_work.py").write_text(DETACHED_WORK)
+    (tmp_path / "creator.py").write_text(LEAVING_CREATOR)
+    started = tmp_path / "started"
+    creator = subprocess.run([sys.executable, str(tmp_path / "creator.py"), head["address"],
+                              head["token"], str(started)], env=cluster.env,
+                             capture_output=True, text=True, timeout=TIMEOUT)
+    assert creator.returncode == 0, creator.stdout + creator.stderr
+    assert started.exists()
+    driver(head, namespace="shared")
+    keeper = beamlet.get_actor("keeper")
+    outcomes = beamlet.get(keeper.outcomes_of_wait.remote(), timeout=GET_TIMEOUT)
+    assert len(outcomes) == 3, outcomes
+    for (kind, total), size in zip(outcomes, [3, 1 << 18, 1 << 18]):
+        assert kind in ("value", "ObjectLostError", "OwnerDiedError"), outcomes
+        assert kind != "value" or total == size, outcomes
+    assert beamlet.get(keeper.job.remote(), timeout=GET_TIMEOUT)  # (it lives on)
+    pid = beamlet.get(keeper.pid.remote(), timeout=GET_TIMEOUT)
+    beamlet.kill(keeper)
+    assert procs.wait_gone([pid], TIMEOUT) == []
+    assert member
 
 
 @beamlet.remote
@@ -918,8 +1018,9 @@ def node_once(go: str):
 def test_bundles_lost_with_their_node_are_placed_again_when_a_node_fits(
         cluster, driver, tmp_path):
     """A node holding a bundle of a STRICT_SPREAD group is SIGKILLed: the group
-    is RESCHEDULING (as in Ray), its ready ref unresolved, and, no alive node
-    without a bundle of it having room, it waits; the actor of the other
+    is RESCHEDULING (as in Ray), a ready ref asked for now unresolved (one
+    from before keeps its value: each ``pg.ready()`` is a fresh ref, as in
+    Ray), and, no alive node without a bundle of it having room, it waits; the actor of the other
     bundle lives on. A node that fits joins: the lost bundle is reserved
     there, the group is CREATED again, the task that was running in the bundle
     runs again there (max_retries), and so do what was queued for the bundle
@@ -940,16 +1041,22 @@ def test_bundles_lost_with_their_node_are_placed_again_when_a_node_fits(
         [(homes[0], 1), (homes[1], 1)]
     go = tmp_path / "go"
     running = node_once.options(scheduling_strategy=in_bundle(pg, 1)).remote(str(go))
+    before = pg.ready()
+    assert pg.ready() != before  # (a fresh ref per call)
     address = _node_lines(cluster.status())[homes[1]].split()[2]
     os.kill(cluster.pid_of(address), signal.SIGKILL)
     assert procs.wait_until(lambda: placement_group_table(pg)["state"] == "RESCHEDULING",
                             30, interval=0.1), placement_group_table(pg)
     assert not pg.wait(0.5)  # (the head has no "member": it cannot hold the bundle)
+    during = pg.ready()
+    assert beamlet.wait([during], timeout=0.5)[0] == []
+    assert beamlet.get(before, timeout=GET_TIMEOUT) == pg
     queued = where.options(scheduling_strategy=in_bundle(pg, 1)).remote()
     call = actors[1].node.remote()
     assert beamlet.wait([running, queued, call], timeout=0.5)[0] == []
     assert beamlet.get(actors[0].node.remote(), timeout=GET_TIMEOUT) == (homes[0], 2)
     newcomer = cluster.join(head, "--resources", '{"member": 1}')
+    assert beamlet.get(during, timeout=GET_TIMEOUT) == pg
     assert beamlet.get(pg.ready(), timeout=GET_TIMEOUT) == pg
     assert placement_group_table(pg)["state"] == "CREATED"
     go.touch()

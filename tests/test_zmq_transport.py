@@ -103,7 +103,10 @@ from beamlet import exceptions as exc
 from beamlet.backends.zmq.transport import ZmqTransport, chunks
 from beamlet.core import auth
 
-if mode == "connect":  # args: version, timeout
+if mode in ("connect", "connect-skewed"):  # args: version, timeout[, clock skew (s)]
+    if mode == "connect-skewed":  # (this process's clock, as another machine's might be)
+        real_time = time.time
+        time.time = lambda: real_time() + float(args[2])
     t = ZmqTransport(secret, args[0])
     started = time.monotonic()
     try:
@@ -501,6 +504,28 @@ def test_a_peer_with_a_wrong_secret_is_refused_at_once_and_logged(listener, peer
     log = capfd.readouterr().err
     assert "refused a connection from " in log, log
     assert "does not hold the cluster's key" in log, log
+
+
+def test_a_peer_whose_clock_is_off_is_refused_at_once_and_logged(listener, secret, peers, capfd):
+    """A peer with the key whose clock is more than CLOCK_SKEW off the
+    listener's is refused at once (its credentials could be replayed ones),
+    and its error names the clocks; the listener logs the skew. (ZeroMQ
+    tells the client a ZAP status code only, so it cannot tell this from a
+    wrong key: a status of 300 makes ZeroMQ retry, not fail.)"""
+    peer = peers(secret, listener.address, "connect-skewed", VERSION, 30, 2 * zt.CLOCK_SKEW)
+    events = []
+    until = time.monotonic() + 60
+    while "REFUSED" not in peer.stdout and "ACCEPTED" not in peer.stdout:
+        assert time.monotonic() < until, peer.stderr
+        select.select([listener], [], [], 0.2)
+        events += listener.poll()
+    assert peer.finish(30) == 0
+    line = peer.wait_line("REFUSED ")
+    assert line.startswith("AuthenticationError "), line
+    assert "clocks of the two machines differ by more than" in line, line
+    assert not events
+    log = capfd.readouterr().err
+    assert "s off this machine's clock" in log, log
 
 
 def test_a_listener_without_the_secret_is_refused_by_the_client(secret, peers, capfd):

@@ -39,7 +39,15 @@ class PlacementGroup:
     def ready(self) -> ObjectRef:
         """A ref whose value is this placement group once its bundles are
         reserved; ``get`` of it waits until then (it raises if the group is
-        removed first)."""
+        removed first). As in Ray, a backend that places bundles lost with a
+        node again (its scheduler's ``placement_group_ready``) gives a fresh
+        ref per call: one asked for meanwhile resolves once they are placed
+        again, and an earlier one keeps its value."""
+        rt = _runtime.current_or_none()
+        fresh = getattr(getattr(rt.backend, "scheduler", None), "placement_group_ready",
+                        None) if rt is not None else None
+        if fresh is not None:
+            return fresh(self._ready_id)
         return ObjectRef(self._ready_id)
 
     def wait(self, timeout_seconds: float = 30) -> bool:

@@ -72,6 +72,8 @@ from ...core.control_store import open_control_store
 from ...core.generators import ack_id, closed_id, item_id
 from ...core.interfaces import Backend, Scheduler
 from ...core.memory_store import MemoryObjectStore
+from ...core.ids import new_id
+from ...core.object_ref import ObjectRef
 from ...core.options import check_backend_options
 from ...core.placement import ready_value, removed_value, split_node_affinity
 from ...core.resources import BUNDLE_CAPACITY, cpu_names, group_resource
@@ -577,6 +579,24 @@ class ClusterScheduler(Scheduler):
             group = self.groups[info.pg_id.hex()] = _Group(info)
             if not self._reserve_group(group):
                 self.groups_pending.append(group.key)
+
+    def placement_group_ready(self, ready_id: bytes):
+        """A fresh ref for ``pg.ready()`` (Ray gives one per call): its value is
+        the group's ready value (under `ready_id`) as soon as that is stored,
+        at once if the group is ready now, else once it is reserved or, after
+        losing bundles with a node, placed again (`_groups_lost` hides it
+        meanwhile); an earlier one keeps its value."""
+        ref = ObjectRef(new_id())
+        fresh = ref.id
+        refs = self.backend.refs
+
+        def copy(_ready_id: bytes) -> None:
+            entry = self.store.entry(ready_id)
+            if entry is not None and refs.count(fresh):  # (else: let go of meanwhile)
+                self.store.put_entry(fresh, entry)
+
+        self.store.on_ready(ready_id, copy)
+        return ref
 
     def _free(self, node: NodeLink) -> dict[str, float]:
         return {k: v - node.load.get(k, 0) for k, v in node.resources.items()}
@@ -1552,6 +1572,8 @@ class ClusterBackend(Backend):
 
     #: init() keywords of this backend, beyond the common ones.
     accepted_options = frozenset({"token"})
+    #: What places its specs (a node's heir driver has its own: ``heir.py``).
+    scheduler_class = ClusterScheduler
 
     def __init__(self, config: dict, runtime):
         from ...core.auth import AuthenticationError
@@ -1626,7 +1648,7 @@ class ClusterBackend(Backend):
                     self.node_id = info["node_id"]
             if not self._links:
                 raise exc.BackendError(f"the cluster at {address} has no alive node")
-            self.scheduler = ClusterScheduler(self, self._links)
+            self.scheduler = self.scheduler_class(self, self._links)
             self.scheduler.hold_max = hold_max
             self.scheduler.locality_wait = locality_wait
             from ...core.tables import Tables

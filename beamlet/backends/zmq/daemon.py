@@ -91,6 +91,7 @@ class Daemon:
                          self.args.object_store_memory or default_store_capacity(),
                          100 * 1024, prestart_workers=0)
         owner.attach(self.node, self.transport)
+        owner.secret = self.secret  # (for heirs of jobs whose drivers left: jobs.py)
         self._locations_wake = threading.Event()
         self._locations_writer = threading.Thread(target=self._record_locations,
                                                   name="beamlet-locations", daemon=True)
@@ -240,6 +241,7 @@ class HeadDaemon(Daemon):
         self._start_node(self.control_store_url)
         self.listener = self.transport.listen(f"{self.args.host}:{self.args.port or 0}")
         self.tables.register_node(self.node_id, self.listener.address, self.resources())
+        self.owner.heir_address = self.listener.address
         return {"address": self.listener.address, "node_id": self.node_id,
                 "redis_pid": self.redis.pid if self.redis is not None else None}
 
@@ -404,6 +406,7 @@ class MemberDaemon(Daemon):
         self.listener = self.transport.listen(f"{self.args.host}:{self.args.port or 0}")
         accepted = self._join()
         self._start_node(accepted.control_store_url)
+        self.owner.heir_address = self.args.address
         return {"address": self.listener.address, "node_id": self.node_id}
 
     def _join(self) -> P.JoinAccepted:

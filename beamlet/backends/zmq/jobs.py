@@ -95,6 +95,12 @@ RESULTS_BATCH_BYTES = 4 << 20
 #: Streams that ended whose consumers' late acknowledgements are dropped
 #: (not stored here for nobody), the newest this many.
 ENDED_STREAMS_KEPT = 1024
+#: Seconds a call of an actor this node has not heard of waits for its
+#: creation (another driver's, on a connection of its own) before it fails.
+EARLY_CALL_WAIT = 10.0
+#: What a job's workers ask for while its heir joins: kept for it (see
+#: DriverOwner._successor).
+_LATER = object()
 
 
 class DriverLink:
@@ -124,6 +130,15 @@ class DriverLink:
         #: and the job lives on in those still alive (see DriverOwner.adopt).
         self.detached: set[bytes] = set()
         self.left = False
+        self.ended = False  # (its driver left, and then its last detached actor here died)
+        #: Once its driver left (`left`): the heir that owns what the job's
+        #: workers submit from then on (the DriverLink of a driver this node
+        #: started, ``heir.py``), if one joined; `waiting`: what the workers
+        #: asked of it while it joins, ``[(what, argument)]``, done once it
+        #: has joined (or failed to: then as if no heir, see DriverOwner.adopt).
+        self.heir: DriverLink | None = None
+        self.waiting: list | None = None
+        self.heir_lock = threading.Lock()
 
     # -- JobOwner, for this job's workers ------------------------------------------
     def job_config(self) -> dict:
@@ -256,6 +271,21 @@ class DriverOwner:
         self._call_job: dict[bytes, DriverLink] = {}
         #: The results of the tasks this node owns (see `adopt`), until made.
         self._adopted: set[bytes] = set()
+        #: Where heirs join the cluster (the head's address; None: no heirs)
+        #: and with what key (set by the daemon); the heirs starting (their
+        #: nonce -> the job they are the heir of), and the Runtime of each
+        #: heir that started, by job (see `_start_heir`).
+        self.heir_address: str | None = None
+        self.secret = b""
+        self._heirs: dict[str, DriverLink] = {}
+        self._heir_runtimes: dict[DriverLink, object] = {}
+        #: Results of nested tasks a job with detached actors here submitted,
+        #: asked of its driver as soon as they are made (see `accept`) and not
+        #: waited for by a worker here: stored only while a ref to them is held.
+        self._eager: set[bytes] = set()
+        #: actor id -> [(until when, driver, RunTask fields)]: calls of an actor
+        #: whose creation has not reached this node yet (see `_run`).
+        self._early_calls: dict[bytes, list] = {}
 
     def attach(self, node, transport) -> None:
         """The daemon made its Node: pulls from other nodes go over `transport`."""
@@ -279,8 +309,15 @@ class DriverOwner:
         have that driver (which owns them) count this node among their holders,
         so that it does not free what only a worker here still holds."""
         self.refs.incr_all(object_ids)
-        if link is None or link.left:
-            return  # (no job, or its driver left: nobody to tell)
+        if link is not None and link.left:
+            link = self._successor(link, "borrow", object_ids)
+        if link is None or link is _LATER:
+            return  # (no job, or its driver left: nobody to tell, or its heir later)
+        self._borrow(link, object_ids)
+
+    def _borrow(self, link: DriverLink, object_ids) -> None:
+        """Count refs to these that `link`'s job's workers hold; tell its
+        driver of the first one to each."""
         added = []
         with self.lock:
             borrowed = self.borrowed
@@ -295,20 +332,100 @@ class DriverOwner:
     def unpin(self, object_ids, link: DriverLink | None = None) -> None:
         if type(object_ids) is not list:
             object_ids = list(object_ids)  # (read twice: a dead worker's are an iterator)
+        if link is not None and link.left:
+            link = self._successor(link, "unborrow", object_ids)
+        if link is not None and link is not _LATER:
+            self._unborrow(link, object_ids)
+        self.refs.decr_all(object_ids)
+
+    def _unborrow(self, link: DriverLink, object_ids: list) -> None:
+        """`link`'s job's workers let go of refs to these; tell its driver of
+        the last one to each."""
         released = []
-        if link is not None:
-            with self.lock:
-                borrowed = self.borrowed
-                for object_id in object_ids:
-                    key = (link, object_id)
-                    if borrowed[key] <= 1:
-                        if borrowed.pop(key, 0):
-                            released.append(object_id)
-                    else:
-                        borrowed[key] -= 1
+        with self.lock:
+            borrowed = self.borrowed
+            for object_id in object_ids:
+                key = (link, object_id)
+                if borrowed[key] <= 1:
+                    if borrowed.pop(key, 0):
+                        released.append(object_id)
+                else:
+                    borrowed[key] -= 1
         if released and not link.left:
             link.send(P.Borrow([], released))
-        self.refs.decr_all(object_ids)
+
+    # -- an heir for a job whose driver left (heir.py) ------------------------------
+    def _successor(self, link: DriverLink, what: str, argument):
+        """Who owns what `link`'s job's workers ask for now that its driver
+        left: its heir, None (no heir: this node, see `adopt`), or `_LATER`
+        (the heir is joining: kept as ``(what, argument)`` for it)."""
+        with link.heir_lock:
+            if link.waiting is not None:
+                link.waiting.append((what, argument))
+                return _LATER
+            return link.heir
+
+    def _start_heir(self, link: DriverLink) -> None:
+        """`link`'s driver left while detached actors of its job live here:
+        start its heir (what the workers ask for waits until it joined)."""
+        if self.heir_address is None:
+            return
+        from .heir import start_heir
+        nonce, thread = start_heir(self.heir_address, self.secret, link.config,
+                                   lambda runtime: self._heir_started(link, runtime),
+                                   lambda err: self._heir_failed(link, nonce, err))
+        self._heirs[nonce] = link
+        thread.start()
+
+    def _heir_started(self, link: DriverLink, runtime) -> None:
+        """(The heir's starting thread.) Keep its runtime to end it with the job."""
+        with link.heir_lock:
+            self._heir_runtimes[link] = runtime
+            ended = link.ended
+        if ended:
+            self._end_heir(link)
+
+    def _heir_failed(self, link: DriverLink, nonce: str, err: BaseException) -> None:
+        self._heirs.pop(nonce, None)
+        print(f"beamlet node: no heir for a job whose driver left ({err}); this node owns "
+              f"what its detached actors submit", file=sys.stderr, flush=True)
+        self._heir_joined(link, None)
+
+    def _heir_joined(self, link: DriverLink, heir: DriverLink | None) -> None:
+        """`heir` (or None: none will) owns what `link`'s job's workers ask
+        for from now on: do what they asked for meanwhile."""
+        with link.heir_lock:
+            waiting, link.waiting = link.waiting or [], None
+            link.heir = heir
+        if heir is not None:
+            print(f"beamlet node: an heir owns what job {link.config.get('job_id')}'s "
+                  f"detached actors here submit from now on (its driver left)",
+                  file=sys.stderr, flush=True)
+        target = heir or link
+        for what, argument in waiting:
+            try:
+                if what == "accept":
+                    try:
+                        self.accept(argument, target)
+                    except Exception as err:  # noqa: BLE001 - the submitter gets it from get()
+                        self.node.scheduler.reject(argument, exc.TaskError.from_exception(
+                            err, argument.display_name))
+                elif what == "fetch":
+                    self.fetch(argument, target)
+                elif heir is not None:
+                    (self._borrow if what == "borrow" else self._unborrow)(heir, argument)
+            except exc.BackendError:
+                pass  # (the heir left meanwhile)
+
+    def _end_heir(self, link: DriverLink) -> None:
+        """`link`'s job is over (its last detached actor here is dead): its heir
+        leaves (in a thread of its own: it says goodbye to this node too)."""
+        with link.heir_lock:
+            link.ended = True
+            runtime = self._heir_runtimes.pop(link, None)
+        if runtime is not None:
+            threading.Thread(target=runtime.shutdown, name="beamlet-heir-end",
+                             daemon=True).start()
 
     # -- what the node's scheduler tells observers: for the driver's --------------
     def _task_finished(self, spec, status, duration, pid) -> None:
@@ -346,7 +463,10 @@ class DriverOwner:
             self._idle_events.add(link)  # (sent with its next results, or at the tick)
 
     def flush_events(self) -> None:
-        """The daemon's tick: send the events queued without results to go with."""
+        """The daemon's tick: send the events queued without results to go with
+        (and fail the calls that waited too long for their actor's creation)."""
+        if self._early_calls:
+            self._expire_early_calls()
         while self._idle_events:
             link = self._idle_events.pop()
             if link.events:
@@ -366,6 +486,7 @@ class DriverOwner:
             link.send(P.ActorState(actor_id, class_name, str(state), reason))
         elif state == "DEAD" and link not in self.actor_driver.values():
             self.node.scheduler.job_ended(link)  # (its last actor: the job is over)
+            self._end_heir(link)
 
     def _owner_died(self, object_ids, error) -> None:
         """Objects a dead worker put here die with it: in the drivers too."""
@@ -402,8 +523,13 @@ class DriverOwner:
         """A task submitted by a worker of `link`'s job: to that driver (or, if it
         left, to this node: `adopt`)."""
         if link is not None and link.left:
-            self.adopt(spec, link)
-            return
+            heir = self._successor(link, "accept", spec)
+            if heir is _LATER:
+                return
+            if heir is None:
+                self.adopt(spec, link)
+                return
+            link = heir
         if link is None or self.drivers.get(link.conn) is not link:
             raise exc.BackendError("the driver of this task's job is not connected to this "
                                    "node to accept the task")
@@ -411,6 +537,12 @@ class DriverOwner:
         found = self._held(spec.dependencies(), seen)
         found.extend(self._held(spec.contained_refs(), seen))
         link.send_now(P.NestedSubmit(spec, self._ship(link, found)))
+        if link.detached and spec.kind != ACTOR_CREATION and spec.generator is None:
+            # What a detached actor submits is its own (Ray: the actor owns
+            # it), so its results must outlive the driver: a copy comes here
+            # as each is made, while the driver is here to send it.
+            self._eager.update(spec.return_ids)
+            self.fetch(spec.return_ids, link)
 
     def adopt(self, spec, link: DriverLink) -> None:
         """A task (or actor, or call) a worker of `link`'s job submitted after
@@ -550,8 +682,13 @@ class DriverOwner:
         if link is None:
             return
         if link.left:
-            self._lost_with_driver(object_ids)
-            return
+            heir = self._successor(link, "fetch", list(object_ids))
+            if heir is _LATER:
+                return
+            if heir is None:
+                self._lost_with_driver(object_ids)
+                return
+            link = heir
         with self.lock:
             new = [i for i in dict.fromkeys(object_ids) if i not in self._fetching]
             for object_id in new:
@@ -576,6 +713,7 @@ class DriverOwner:
         copy)."""
         with self.lock:
             link = self._fetching.pop(object_id, None)
+        self._eager.discard(object_id)
         if link is not None and self._hold(link, object_id):
             link.send(P.Located([(object_id, size, is_error, tuple(refs))], True))
         else:
@@ -613,6 +751,9 @@ class DriverOwner:
                 link = self.drivers[conn] = DriverLink(self, conn, message.job_config)
                 if link.task_events:
                     self._observe_task_ends()
+                kept = self._heirs.pop(message.job_config.get("heir_of"), None)
+                if kept is not None:
+                    self._heir_joined(kept, link)
             return
         if link is None:
             raise ValueError(f"{P.describe(message)} before DriverHello")
@@ -621,8 +762,14 @@ class DriverOwner:
         elif kind is P.Objects:
             self._store(message.objects)
         elif kind is P.Locations:
-            self._pull(link, [(i, a) for i, a in message.locations
-                              if not self.node.object_store.contains(i)])
+            store = self.node.object_store
+            here = [i for i, _ in message.locations if store.contains(i)]
+            if here:  # (made here: nothing to pull, nor to wait for)
+                with self.lock:
+                    for object_id in here:
+                        self._fetching.pop(object_id, None)
+                self._eager.difference_update(here)
+            self._pull(link, [(i, a) for i, a in message.locations if i not in here])
         elif kind is P.Release:
             self._let_go(link, [i for i in message.object_ids
                                 if i in link.tokens or i in link.held])
@@ -666,6 +813,10 @@ class DriverOwner:
         for object_id, form in objects:
             with self.lock:
                 self._fetching.pop(object_id, None)
+            if self._eager and object_id in self._eager:
+                self._eager.discard(object_id)
+                if not self.refs.count(object_id):
+                    continue  # (nobody here holds it any more)
             if self._signals or self._ended_signals:
                 prefix = object_id[:-8]
                 if prefix in self._ended_signals:
@@ -676,7 +827,14 @@ class DriverOwner:
             if not store.contains(object_id):
                 store.put(object_id, P.unwire(form))
 
-    def _run(self, link: DriverLink, spec, objects, locations) -> None:
+    def _run(self, link: DriverLink, spec, objects, locations, waited: bool = False) -> None:
+        if spec.kind == ACTOR_METHOD and not waited \
+                and spec.actor_id not in self.node.scheduler.actors:
+            # Another driver's (or an heir's) creation of it may still be on
+            # its way here, on another connection: the call waits for it.
+            self._early_calls.setdefault(spec.actor_id, []).append(
+                (time.monotonic() + EARLY_CALL_WAIT, link, spec, objects, locations))
+            return
         store = self.node.object_store
         deps = list(dict.fromkeys(spec.dependencies())) if spec.args or spec.kwargs else []
         if deps:
@@ -717,6 +875,22 @@ class DriverOwner:
         except Exception as err:  # noqa: BLE001 - its results say why
             self.node.scheduler.reject(spec, exc.TaskError.from_exception(err,
                                                                          spec.display_name))
+        if self._early_calls and spec.kind == ACTOR_CREATION:
+            for _, caller, call, objects, locations in self._early_calls.pop(spec.actor_id, ()):
+                self._run_call(caller, call, objects, locations)
+
+    def _run_call(self, link: DriverLink, spec, objects, locations) -> None:
+        """Run a call that waited for its actor's creation (the node's
+        scheduler fails it if that never came), unless its driver left."""
+        if self.drivers.get(link.conn) is link:
+            self._run(link, spec, objects, locations, waited=True)
+
+    def _expire_early_calls(self) -> None:
+        """(The daemon's tick.) Calls that waited too long for their actor fail."""
+        now = time.monotonic()
+        for actor_id in [a for a, calls in self._early_calls.items() if calls[0][0] <= now]:
+            for _, caller, call, objects, locations in self._early_calls.pop(actor_id):
+                self._run_call(caller, call, objects, locations)
 
     def _deliver(self, spec, object_id: bytes, entry) -> bool:
         """The node scheduler's hook (``LocalScheduler.deliver``): a result of a
@@ -807,8 +981,9 @@ class DriverOwner:
                     self._send_small(link, object_id, entry)
         except exc.BackendError:
             pass  # it left
-        if object_id not in link.held:
-            self._released(object_id)  # (not kept for its driver: free it)
+        if object_id not in link.held and not (
+                self._eager and object_id in self._eager and self.refs.count(object_id)):
+            self._released(object_id)  # (not kept for its driver, nor for a worker here)
 
     def _lend(self, link: DriverLink, job: DriverLink, object_ids: list) -> None:
         """A call by `link`'s driver of an actor of `job`'s returned refs to
@@ -934,9 +1109,15 @@ class DriverOwner:
             return
         if link.task_events:
             self._observe_task_ends()
+        for kept in [k for k, r in list(self._heir_runtimes.items()) if k.heir is link]:
+            with kept.heir_lock:  # (its heir left: this node owns what it submits now)
+                kept.heir = None
+                self._heir_runtimes.pop(kept, None)
         actor_driver = self.actor_driver
         living = {a for a in link.detached if actor_driver.get(a) is link}
         link.left = bool(living)
+        if link.left and self.heir_address is not None:
+            link.waiting = []  # (for its heir: see `_start_heir`)
         for task_id in [k for k, v in self.task_driver.items() if v is link]:
             self.task_driver.pop(task_id, None)
         for actor_id in [k for k, v in actor_driver.items() if v is link and k not in living]:
@@ -947,8 +1128,10 @@ class DriverOwner:
         self._idle_events.discard(link)
         self._deferred.discard(link)
         with self.lock:
-            for object_id in [i for i, v in self._fetching.items() if v is link]:
+            asked = [i for i, v in self._fetching.items() if v is link]
+            for object_id in asked:
                 self._fetching.pop(object_id, None)
+        self._eager.difference_update(asked)
         for stream in [s for s in self.streams.values() if s.link is link]:
             self._stream_done(stream)
         for pg_id in list(link.groups):
@@ -957,8 +1140,18 @@ class DriverOwner:
         if not link.left:
             self.node.scheduler.job_ended(link)
         self._let_go(link, list(link.tokens) + list(link.held))
+        if link.left:
+            self._start_heir(link)
+            asked = [i for i in asked if self.refs.count(i)]
+            if asked:
+                # Its workers may wait for what it was sending as it left (asked
+                # of it, or being pulled): whatever never comes is lost with it.
+                self.fetch(asked, link)
 
     def close(self) -> None:
+        for runtime in list(self._heir_runtimes.values()):
+            runtime.shutdown()
+        self._heir_runtimes.clear()
         plugins.remove_listener("beamlet_task_finished", self._task_finished)
         plugins.remove_listener("beamlet_actor_state", self._actor_state)
         if self.puller is not None:
