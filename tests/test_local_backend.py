@@ -874,6 +874,32 @@ def test_cancel_queued_task(start, tmp_path):
     assert procs.count(d, "ran") == 1
 
 
+@ray.remote(num_cpus=1)
+class WholeCpu:
+    def pid(self):
+        return os.getpid()
+
+
+def test_force_cancel_of_a_task_whose_answer_is_unread_leaves_no_dead_worker_idle(start):
+    """A force cancel kills the worker of a task that has just finished: the
+    answer it sent before the kill is still unread. Handling that answer must
+    not make the dead worker idle again: what is placed on it next (here an
+    actor, waiting for the task's CPU) would die with it."""
+    backend = start(num_cpus=1)
+    ray.get(quick.remote(), timeout=60)  # (its worker is up)
+    node = backend.node
+    with node._turn:  # (the node reads no worker meanwhile)
+        ref = quick.remote()
+        worker = backend.scheduler.running_on(ref.id)
+        assert worker is not None
+        assert procs.wait_until(lambda: worker.conn.readable(0), 30)  # its answer came
+        pid = worker.pid
+        ray.cancel(ref, force=True)
+        assert procs.wait_gone([pid], 10) == []
+        actor = WholeCpu.remote()  # (waits for the task's CPU)
+    assert ray.get(actor.pid.remote(), timeout=60) != pid
+
+
 # -- pipelining: a task sent ahead to a busy worker -----------------------------------
 @ray.remote
 def quick():

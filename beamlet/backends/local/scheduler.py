@@ -1523,6 +1523,11 @@ class LocalScheduler(Scheduler):
                             kill=False, holding=False)  # (given back just above)
 
     def _kill_worker(self, worker: WorkerInfo) -> None:
+        # Nothing more is placed on it: an answer it sent before the signal
+        # landed may still be unread, and handling it must not make the dead
+        # process idle (see task_done); worker_died finishes at its EOF.
+        if worker.state != DEAD:
+            worker.state = EXITING
         if worker.pid:
             try:
                 os.kill(worker.pid, signal.SIGKILL)
