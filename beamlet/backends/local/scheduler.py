@@ -307,6 +307,11 @@ class LocalScheduler(Scheduler):
         self.lending = None
         #: Jobs that ended (see job_ended): their idle workers are let go.
         self.ended_jobs: set = set()
+        #: A node whose callers read a worker's replies in their own thread sets
+        #: this: ``(worker, message)``, called (without the lock) just before
+        #: each message for `worker` goes out (`message` None: several at once).
+        #: See Node.claim.
+        self.claim = None
 
     # -- submission -----------------------------------------------------------
     def submit(self, spec: TaskSpec) -> None:
@@ -615,6 +620,7 @@ class LocalScheduler(Scheduler):
         messages in order, all that piled up in one send. A dead worker's are
         dropped (its EOF is being handled)."""
         unsent = self._unsent
+        claim = self.claim
         while unsent:
             try:
                 worker = unsent.popleft()
@@ -630,6 +636,8 @@ class LocalScheduler(Scheduler):
                     except IndexError:
                         continue
                     if worker.conn is not None:
+                        if claim is not None:
+                            claim(worker, message)
                         try:
                             worker.conn.send(message)
                         except exc.BackendError:
@@ -645,6 +653,8 @@ class LocalScheduler(Scheduler):
                         except IndexError:
                             break
                 if messages and worker.conn is not None:
+                    if claim is not None:
+                        claim(worker, messages[0] if len(messages) == 1 else None)
                     try:
                         if len(messages) == 1:
                             worker.conn.send(messages[0])
