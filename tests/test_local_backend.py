@@ -1396,6 +1396,27 @@ def test_actor_call_not_followed_by_a_get_is_still_served(start, tmp_path):
     assert ray.get(ref, timeout=30) == 2
 
 
+
+@ray.remote
+def ask(directory):
+    cpus = ray.cluster_resources()["CPU"]  # (a request the node must answer)
+    procs.touch_new(directory, "asked")
+    return cpus
+
+
+def test_task_not_followed_by_a_get_is_still_served(start, tmp_path):
+    """The same for a task sent to an idle worker (its caller may be about
+    to get it, see Node.claim), and for a burst of tasks."""
+    start(num_cpus=2)
+    assert ray.get(ask.remote(str(tmp_path)), timeout=30) == 2
+    ref = ask.remote(str(tmp_path))
+    # No beamlet call here: only the node's I/O thread can answer the task.
+    assert procs.wait_until(lambda: procs.count(str(tmp_path), "asked") == 2, 30)
+    assert ray.get(ref, timeout=30) == 2
+    refs = [ask.remote(str(tmp_path)) for _ in range(20)]
+    assert procs.wait_until(lambda: procs.count(str(tmp_path), "asked") == 22, 60)
+    assert ray.get(refs, timeout=30) == [2] * 20
+
 # ====================================================================================
 # resources
 # ====================================================================================

@@ -35,7 +35,7 @@ from ...core.interfaces import ControlStore, Joined, Left, Received
 from ...core.refcount import ReferenceCounter
 from ...core.resources import ResourcePool
 from ...core.serialization import SerializedObject
-from ...core.task_spec import ACTOR_METHOD, TaskSpec
+from ...core.task_spec import ACTOR_METHOD, TASK, TaskSpec
 from . import protocol as P
 from . import shm
 from .launcher import WorkerLauncher
@@ -202,6 +202,8 @@ class Node:
         self.direct_calls = direct_calls
         if direct_calls:
             self.scheduler.claim = self.claim
+            self.scheduler.claims = self._claims
+            self.scheduler.release_claims = self.release_claims
             self.object_store.claims = self._claims
             self.object_store.release_claims = self.release_claims
         self.scheduler.prestart(cpus if prestart_workers is None else prestart_workers)
@@ -671,28 +673,35 @@ class Node:
     # -- claims: a sync call's reply read by its caller only ---------------------------
     def claim(self, worker: WorkerInfo, message) -> None:
         """(The scheduler's `claim`: `message` is about to be sent to `worker`.)
-        Before a call that is its actor's only one in flight goes out from a
-        thread that is not handling messages (the caller's, which is about to
-        `get` its result: a sync call), stop reading the actor's connection in
-        the I/O thread now, as the caller's `_read_worker` would only once it
-        gets there: a reply quicker than the caller's way from its send to its
-        get (the actor often runs as soon as the send wakes it) would wake the
-        I/O thread, which then handles it while the caller waits for its turn,
-        two thread switches more per call. `_read_worker` takes the claim over
-        (and may leave it in place after the reply, for the next call: see
+        Before a call that is its actor's only one in flight, or a task that is
+        all its worker is sent, goes out from a thread that is not handling
+        messages (the caller's, which is about to `get` its result: a sync
+        call), stop reading the worker's connection in the I/O thread now, as
+        the caller's `_read_worker` would only once it gets there: a reply
+        quicker than the caller's way from its send to its get (the worker
+        often runs as soon as the send wakes it) would wake the I/O thread,
+        which then handles it while the caller waits for its turn, two thread
+        switches more per call. `_read_worker` takes the claim over (and, for
+        an actor, may leave it in place after the reply, for the next call: see
         `_put_back`). If no get does within CLAIM_TIMEOUT, or anything else is
         sent to that worker, or a thread waits on the store otherwise
         (`release_claims`), the I/O thread reads the connection again.
         (Only with `direct_calls`.)"""
         conn = worker.conn
         claims = self._claims
-        if type(message) is not _EXECUTE or message.ahead \
-                or message.spec.kind != ACTOR_METHOD:
+        if type(message) is not _EXECUTE or message.ahead:
             if claims and conn in claims:
                 self.release_claims(conn)  # (not a lone sync call's: let the I/O thread read)
             return
-        record = self._actors.get(message.spec.actor_id)
-        if record is None or len(record.inflight) != 1 or threading.get_ident() == self._io_ident:
+        spec = message.spec
+        if spec.kind == ACTOR_METHOD:
+            record = self._actors.get(spec.actor_id)
+            lone = record is not None and len(record.inflight) == 1
+        else:  # (a task, alone on its worker: nothing sent ahead of it)
+            task = worker.task
+            lone = spec.kind == TASK and task is not None and task.task_id == spec.task_id \
+                and worker.next is None
+        if not lone or threading.get_ident() == self._io_ident:
             if claims and conn in claims:
                 self.release_claims(conn)
             return

@@ -312,11 +312,19 @@ class LocalScheduler(Scheduler):
         #: each message for `worker` goes out (`message` None: several at once).
         #: See Node.claim.
         self.claim = None
+        #: That node's claimed connections, and what hands them all back to
+        #: its I/O thread: a task submitted behind a claimed one means that
+        #: its caller is not about to get, so the claim would only hold a
+        #: reply back.
+        self.claims: dict | None = None
+        self.release_claims = None
 
     # -- submission -----------------------------------------------------------
     def submit(self, spec: TaskSpec) -> None:
         kind = spec.kind
         if kind != ACTOR_METHOD:
+            if self.claims:
+                self.release_claims()
             resources = spec.resources
             if self.pool.feasible.get(id(resources)) is not resources:  # (checked before)
                 self.pool.check_feasible(resources, spec.display_name)
