@@ -683,9 +683,10 @@ class Node:
         which then handles it while the caller waits for its turn, two thread
         switches more per call. `_read_worker` takes the claim over (and, for
         an actor, may leave it in place after the reply, for the next call: see
-        `_put_back`). If no get does within CLAIM_TIMEOUT, or anything else is
-        sent to that worker, or a thread waits on the store otherwise
-        (`release_claims`), the I/O thread reads the connection again.
+        `_put_back`). If no get does within CLAIM_TIMEOUT (of the claim, or of
+        the reply it was kept after), or anything else is sent to that worker,
+        or a thread waits on the store otherwise (`release_claims`), or a task
+        is submitted, the I/O thread reads the connection again.
         (Only with `direct_calls`.)"""
         conn = worker.conn
         claims = self._claims
@@ -705,11 +706,15 @@ class Node:
             if claims and conn in claims:
                 self.release_claims(conn)
             return
+        if conn in claims:
+            # Kept since its last reply (see _put_back): nothing to do. (Should
+            # the I/O thread take it back meanwhile, it reads the reply: no harm.)
+            return
         turn = self._turn
         if not turn.acquire(False):
             return  # (messages are being handled, perhaps by this very thread)
         try:
-            if self._closed or (conn not in claims and not self.listener.pause(conn)):
+            if self._closed or not self.listener.pause(conn):
                 return
             self._last_claim = now = time.monotonic()
             deadline = claims[conn] = now + CLAIM_TIMEOUT
