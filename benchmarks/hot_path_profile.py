@@ -6,6 +6,7 @@
     python benchmarks/hot_path_profile.py actor_sync  # get(a.inc.remote()), one at a time
     python benchmarks/hot_path_profile.py actor_tput  # 1,000 calls, then get of the list
     python benchmarks/hot_path_profile.py sync --cpu -n 20000   # CPU us per task instead
+    python benchmarks/hot_path_profile.py actor_sync --latency -n 3000  # median round trip
 
 With ``--cpu`` no tracer runs: the row runs ``-n`` times and the script prints
 the CPU time (user + system) per task of the driver and of all its
@@ -118,6 +119,42 @@ def make_rows(ray, n: int) -> dict:
             "actor_tput": lambda: tput(actor.inc.remote)}
 
 
+def latency_profile(ray, row: str, n: int) -> None:
+    """Print the quartiles and the 90th percentile of the round trip of each
+    sync call, timed one by one: the median holds at a load that the mean over
+    many calls (core_bench) does not, whose stalls of milliseconds it takes in."""
+    if row not in ("sync", "actor_sync"):
+        raise SystemExit("--latency times the sync rows only (sync, actor_sync)")
+    ray.init(num_cpus=2)
+
+    @ray.remote
+    def noop():
+        return 1
+
+    @ray.remote
+    class Counter:
+        def inc(self):
+            return 1
+
+    actor = Counter.remote()
+    call = (lambda: ray.get(noop.remote())) if row == "sync" else \
+        (lambda: ray.get(actor.inc.remote()))
+    for _ in range(300):  # warm: workers started, functions shipped
+        call()
+    clock = time.perf_counter_ns
+    times = []
+    for _ in range(n):
+        start = clock()
+        call()
+        times.append(clock() - start)
+    ray.shutdown()
+    times.sort()
+    at = {q: times[min(n - 1, int(q * n))] / 1e3 for q in (0.25, 0.5, 0.75, 0.9)}
+    print(f"{row}: round trip median {at[0.5]:.0f} us (quartiles {at[0.25]:.0f}-"
+          f"{at[0.75]:.0f}, 90th percentile {at[0.9]:.0f}) over {n} calls, "
+          f"load average {os.getloadavg()[0]:.2f}")
+
+
 def cpu_profile(ray, row: str, n: int) -> None:
     """Print the CPU time per task of the driver and of its descendants."""
     import time
@@ -158,6 +195,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=40, help="functions listed")
     parser.add_argument("--workers", action="store_true",
                         help="count the bytecodes of the worker processes instead")
+    parser.add_argument("--latency", action="store_true",
+                        help="print the median round trip of a sync call, no tracer")
     parser.add_argument("--cpu", action="store_true",
                         help="print CPU us per task (driver and descendants), no tracer")
     args = parser.parse_args()
@@ -192,6 +231,9 @@ def main() -> None:
     os.chdir(tempfile.gettempdir())
     if args.cpu:
         cpu_profile(ray, args.row, args.n)
+        return
+    if args.latency:
+        latency_profile(ray, args.row, args.n)
         return
     trace_dir = None
     if args.workers:

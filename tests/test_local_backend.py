@@ -874,6 +874,32 @@ def test_cancel_queued_task(start, tmp_path):
     assert procs.count(d, "ran") == 1
 
 
+@ray.remote(num_cpus=1)
+class WholeCpu:
+    def pid(self):
+        return os.getpid()
+
+
+def test_force_cancel_of_a_task_whose_answer_is_unread_leaves_no_dead_worker_idle(start):
+    """A force cancel kills the worker of a task that has just finished: the
+    answer it sent before the kill is still unread. Handling that answer must
+    not make the dead worker idle again: what is placed on it next (here an
+    actor, waiting for the task's CPU) would die with it."""
+    backend = start(num_cpus=1)
+    ray.get(quick.remote(), timeout=60)  # (its worker is up)
+    node = backend.node
+    with node._turn:  # (the node reads no worker meanwhile)
+        ref = quick.remote()
+        worker = backend.scheduler.running_on(ref.id)
+        assert worker is not None
+        assert procs.wait_until(lambda: worker.conn.readable(0), 30)  # its answer came
+        pid = worker.pid
+        ray.cancel(ref, force=True)
+        assert procs.wait_gone([pid], 10) == []
+        actor = WholeCpu.remote()  # (waits for the task's CPU)
+    assert ray.get(actor.pid.remote(), timeout=60) != pid
+
+
 # -- pipelining: a task sent ahead to a busy worker -----------------------------------
 @ray.remote
 def quick():
@@ -1369,6 +1395,27 @@ def test_actor_call_not_followed_by_a_get_is_still_served(start, tmp_path):
     assert procs.wait_until(lambda: procs.count(str(tmp_path), "asked") == 2, 30)
     assert ray.get(ref, timeout=30) == 2
 
+
+
+@ray.remote
+def ask(directory):
+    cpus = ray.cluster_resources()["CPU"]  # (a request the node must answer)
+    procs.touch_new(directory, "asked")
+    return cpus
+
+
+def test_task_not_followed_by_a_get_is_still_served(start, tmp_path):
+    """The same for a task sent to an idle worker (its caller may be about
+    to get it, see Node.claim), and for a burst of tasks."""
+    start(num_cpus=2)
+    assert ray.get(ask.remote(str(tmp_path)), timeout=30) == 2
+    ref = ask.remote(str(tmp_path))
+    # No beamlet call here: only the node's I/O thread can answer the task.
+    assert procs.wait_until(lambda: procs.count(str(tmp_path), "asked") == 2, 30)
+    assert ray.get(ref, timeout=30) == 2
+    refs = [ask.remote(str(tmp_path)) for _ in range(20)]
+    assert procs.wait_until(lambda: procs.count(str(tmp_path), "asked") == 22, 60)
+    assert ray.get(refs, timeout=30) == [2] * 20
 
 # ====================================================================================
 # resources

@@ -56,7 +56,8 @@ class LocalBackend(Backend):
         self.refs = runtime.refs  # (JobOwner)
         self.worker_id = f"driver-{os.getpid()}"
         self.node = Node(self, self.control_store, pool, capacity, self.inline_threshold,
-                         config.get("max_workers"), config.get("prestart_workers"))
+                         config.get("max_workers"), config.get("prestart_workers"),
+                         direct_calls=True)
         self.node_id = self.node.node_id
         self.session = self.node.session
         self.temp_dir = self.node.temp_dir

@@ -35,7 +35,7 @@ from ...core.interfaces import ControlStore, Joined, Left, Received
 from ...core.refcount import ReferenceCounter
 from ...core.resources import ResourcePool
 from ...core.serialization import SerializedObject
-from ...core.task_spec import TaskSpec
+from ...core.task_spec import ACTOR_METHOD, TASK, TaskSpec
 from . import protocol as P
 from . import shm
 from .launcher import WorkerLauncher
@@ -43,6 +43,8 @@ from .object_store import LocalObjectStore
 from .scheduler import LocalScheduler, WorkerInfo
 from .session import SessionLock, sweep
 from .transport import ProtocolError, SocketConnection, UnixSocketTransport
+
+_EXECUTE = P.Execute
 
 #: The ControlStore methods a worker may call through a "control" request.
 CONTROL_OPS = frozenset({"put", "compare_and_set", "get", "delete", "keys", "publish"})
@@ -53,6 +55,12 @@ WORKER_START_TIMEOUT = 30.0  # seconds before a worker that never said hello is 
 CHORES_INTERVAL = 0.5  # seconds between the I/O thread's periodic chores
 RELEASE_BATCH = 1000  # released small objects that wake the I/O thread to free them
 DIRECT_SLICE = 0.05  # seconds a get reading its result itself waits before looking around
+#: Seconds a worker's connection claimed for a sync call's reply (see
+#: `Node.claim`) goes unread at most, when no get comes to read it.
+CLAIM_TIMEOUT = 0.005
+#: Seconds after the last claim during which the I/O thread looks at the claims
+#: every CLAIM_TIMEOUT, instead of being woken for each new one.
+CLAIM_LINGER = 0.05
 
 
 class JobOwner(Protocol):
@@ -129,12 +137,14 @@ class Node:
     Made with validated settings; starts its I/O thread and the first
     `prestart_workers` workers at once. `close()` stops everything it started
     and removes every segment and file of its session. Thread-safe: the
-    scheduler and store take their own locks.
+    scheduler and store take their own locks. `direct_calls`: the owner's
+    threads submit and get here themselves (the single-machine driver), so a
+    sync actor call's reply is left for its caller to read (see `claim`).
     """
 
     def __init__(self, owner: JobOwner, control_store: ControlStore, pool: ResourcePool,
                  capacity: int, inline_threshold: int, max_workers: int | None = None,
-                 prestart_workers: int | None = None):
+                 prestart_workers: int | None = None, direct_calls: bool = False):
         _raise_open_files_limit()
         self.owner = owner
         self.control_store = control_store
@@ -177,9 +187,25 @@ class Node:
         self._peek = self.object_store.peek
         self._decr = owner.refs.decr
         self._tokens = self.scheduler.actor_tokens
+        #: Worker connections claimed for the reply of a sync actor call (see
+        #: `claim`) -> when the I/O thread reads them again, unless a get took
+        #: them over first. `_claims_due`: release them all at its next turn.
+        self._claims: dict[SocketConnection, float] = {}
+        self._claims_due = False
+        self._last_claim = 0.0
+        self._io_deadline = math.inf  # when the I/O thread's wait ends at the latest
         self._wake_r, self._wake_w = os.pipe()
         self._io = threading.Thread(target=self._io_loop, name="beamlet-io", daemon=True)
         self._io.start()
+        self._io_ident = self._io.ident
+        self._actors = self.scheduler.actors
+        self.direct_calls = direct_calls
+        if direct_calls:
+            self.scheduler.claim = self.claim
+            self.scheduler.claims = self._claims
+            self.scheduler.release_claims = self.release_claims
+            self.object_store.claims = self._claims
+            self.object_store.release_claims = self.release_claims
         self.scheduler.prestart(cpus if prestart_workers is None else prestart_workers)
 
     def _spill_dir(self) -> str:
@@ -210,7 +236,8 @@ class Node:
         defer_results = getattr(self.owner, "defer_results", None)
         try:
             while not self._closed:
-                ready = sel.select(timeout=CHORES_INTERVAL)
+                ready = sel.select(timeout=self._claims_timeout() if self._last_claim
+                                   else CHORES_INTERVAL)
                 now = time.monotonic()
                 if now >= next_chores:
                     next_chores = now + CHORES_INTERVAL
@@ -246,6 +273,26 @@ class Node:
                     self._free_released()
         finally:
             sel.close()
+
+    def _claims_timeout(self) -> float:
+        """(I/O thread, before it waits) Read again the claimed connections
+        that are due (see `claim`); how long to wait."""
+        self._io_deadline = math.inf  # (first: a claim made from now on wakes us)
+        now = time.monotonic()
+        timeout = CHORES_INTERVAL
+        if self._claims or self._claims_due:
+            with self._turn:
+                due, self._claims_due = self._claims_due, False
+                for conn, deadline in list(self._claims.items()):
+                    if due or deadline <= now:
+                        del self._claims[conn]
+                        self.listener.resume(conn)
+                    else:
+                        timeout = min(timeout, deadline - now)
+        if now - self._last_claim < CLAIM_LINGER:
+            timeout = min(timeout, CLAIM_TIMEOUT)
+        self._io_deadline = now + timeout
+        return timeout
 
     def _chores(self) -> None:
         self.scheduler.reap_idle(self._keep_workers, IDLE_WORKER_TIMEOUT)
@@ -298,6 +345,7 @@ class Node:
         """A connection is gone; its worker, if it had said hello, is dead to
         the scheduler. `error`: why we closed it (logged)."""
         worker = self._workers.pop(conn, None)
+        self._claims.pop(conn, None)
         if error is not None:
             who = (f"worker {worker.worker_id} ({conn.peer})" if worker is not None
                    else conn.peer)
@@ -519,6 +567,8 @@ class Node:
         got = self.read_here(object_id, functools.partial(arrived.wait, 0), until)
         if got is not None:
             return got
+        if self._claims:
+            self.release_claims()  # (what we wait for may need a reply they hold back)
         return arrived.wait(None if until is None else max(0.0, until - time.monotonic()))
 
     def read_here(self, object_id: bytes, done, until: float | None) -> bool | None:
@@ -550,9 +600,13 @@ class Node:
         is read elsewhere (None)."""
         conn = worker.conn
         with self._turn:
-            if self._closed or not self.listener.pause(conn):
+            if self._closed:
+                return None
+            # (Claimed for this call: paused already, see `claim`.)
+            if self._claims.pop(conn, None) is None and not self.listener.pause(conn):
                 return None
         gone = False
+        got = None
         try:
             if self._released or self._later:
                 self._free_released()  # (this thread holds no lock: a good moment)
@@ -562,6 +616,7 @@ class Node:
             while True:
                 # (First: the I/O thread may have handled the result before the pause.)
                 if done():
+                    got = True
                     return True
                 if self._closed or conn.closed or (
                         not first and running_on(object_id) is not worker):
@@ -593,11 +648,113 @@ class Node:
                         finally:
                             self._turn_holder = 0
                     if messages and done():
+                        got = True
                         return True
         finally:
             if not gone:
-                with self._turn:
-                    self.listener.resume(conn)
+                self._put_back(conn, got and worker.actor_id is not None)
+
+    def _put_back(self, conn: SocketConnection, keep: bool) -> None:
+        """End a direct read of `conn`: the I/O thread reads it again, or
+        (`keep`: an actor's, read up to its reply, and nobody waits in the
+        store for anything the I/O thread could bring) it stays claimed (see
+        `claim`), so that the caller's next sync call to that actor needs
+        neither the pause nor this resume (two epoll_ctl calls)."""
+        with self._turn:
+            if not (keep and self.direct_calls) or self._closed or conn.closed \
+                    or self.object_store.has_waiters():
+                self.listener.resume(conn)
+                return
+            self._last_claim = now = time.monotonic()
+            deadline = self._claims[conn] = now + CLAIM_TIMEOUT
+        if deadline < self._io_deadline:
+            self._wake_io()
+
+    # -- claims: a sync call's reply read by its caller only ---------------------------
+    def claim(self, worker: WorkerInfo, message) -> None:
+        """(The scheduler's `claim`: `message` is about to be sent to `worker`.)
+        Before a call that is its actor's only one in flight, or a task that is
+        all its worker is sent, goes out from a thread that is not handling
+        messages (the caller's, which is about to `get` its result: a sync
+        call), stop reading the worker's connection in the I/O thread now, as
+        the caller's `_read_worker` would only once it gets there: a reply
+        quicker than the caller's way from its send to its get (the worker
+        often runs as soon as the send wakes it) would wake the I/O thread,
+        which then handles it while the caller waits for its turn, two thread
+        switches more per call. `_read_worker` takes the claim over (and, for
+        an actor, may leave it in place after the reply, for the next call: see
+        `_put_back`). If no get does within CLAIM_TIMEOUT (of the claim, or of
+        the reply it was kept after), or anything else is sent to that worker,
+        or a thread waits on the store otherwise (`release_claims`), or a task
+        is submitted, the I/O thread reads the connection again.
+        (Only with `direct_calls`.)"""
+        conn = worker.conn
+        claims = self._claims
+        if type(message) is not _EXECUTE or message.ahead:
+            if claims and conn in claims:
+                self.release_claims(conn)  # (not a lone sync call's: let the I/O thread read)
+            return
+        spec = message.spec
+        if spec.kind == ACTOR_METHOD:
+            record = self._actors.get(spec.actor_id)
+            lone = record is not None and len(record.inflight) == 1
+        else:  # (a task, alone on its worker: nothing sent ahead of it)
+            task = worker.task
+            lone = spec.kind == TASK and task is not None and task.task_id == spec.task_id \
+                and worker.next is None
+        if not lone or threading.get_ident() == self._io_ident:
+            if claims and conn in claims:
+                self.release_claims(conn)
+            return
+        if conn in claims:
+            # Kept since its last reply (see _put_back): nothing to do. (Should
+            # the I/O thread take it back meanwhile, it reads the reply: no harm.)
+            return
+        turn = self._turn
+        if not turn.acquire(False):
+            return  # (messages are being handled, perhaps by this very thread)
+        try:
+            if self._closed or not self.listener.pause(conn):
+                return
+            self._last_claim = now = time.monotonic()
+            deadline = claims[conn] = now + CLAIM_TIMEOUT
+        finally:
+            turn.release()
+        if deadline < self._io_deadline:  # (it would sleep past it: see _claims_timeout)
+            self._wake_io()
+
+    def release_claims(self, conn: SocketConnection | None = None) -> None:
+        """Have the I/O thread read the claimed connection `conn` (default:
+        every one) again (see `claim`): at once, or at its next turn if
+        messages are being handled in another thread. Called before a driver
+        thread waits on the store otherwise than by reading a worker itself,
+        or registers a callback there: what it waits for may need a reply a
+        claim holds back."""
+        if not self._claims:
+            return
+        turn = self._turn
+        if self._turn_holder == threading.get_ident():
+            self._release(conn)  # (this thread has the turn)
+        elif turn.acquire(False):
+            try:
+                self._release(conn)
+            finally:
+                turn.release()
+        else:
+            self._claims_due = True  # (all of them: rare)
+            self._wake_io()
+
+    def _release(self, conn: SocketConnection | None) -> None:
+        claims = self._claims
+        for one in list(claims) if conn is None else (conn,):
+            if claims.pop(one, None) is not None:
+                self.listener.resume(one)
+
+    def _wake_io(self) -> None:
+        try:
+            os.write(self._wake_w, b"c")
+        except OSError:
+            pass  # closed: the node is shutting down
 
     # -- SchedulerHost (scheduler.py): what the scheduler may ask of this node ----------
     def start_worker(self, worker_id: str) -> None:

@@ -72,6 +72,12 @@ class LocalObjectStore(MemoryObjectStore):
         #: of a `get` of one object in the caller's thread until ``done()``
         #: (True), `until` (a monotonic time) passes (False), or it cannot (None).
         self.read_here: Callable | None = None
+        #: Set by a node whose callers read their sync calls' replies themselves:
+        #: its claimed connections (their replies held back until a get reads
+        #: them), and what gives them back to its I/O thread; called before
+        #: anything waits on this store otherwise (see Node.claim).
+        self.claims: dict | None = None
+        self.release_claims: Callable[[], None] | None = None
         self._pins: dict[bytes, int] = {}  # objects shipped to running tasks: not spilled
         self._owners: dict[bytes, str] = {}  # object id -> worker that put it
         self._owned: dict[str, set[bytes]] = {}  # worker -> ids it put, still alive
@@ -335,6 +341,21 @@ class LocalObjectStore(MemoryObjectStore):
             self._lru[object_id] = entry
 
     # -- reading --------------------------------------------------------------
+    def notify_when(self, object_ids, count, callback, broad=None, fail_fast=False):
+        if self.claims:
+            self.release_claims()  # (a waiter here may need what a claim holds back)
+        return MemoryObjectStore.notify_when(self, object_ids, count, callback, broad,
+                                             fail_fast)
+
+    def has_waiters(self) -> bool:
+        """Whether anything waits here for an object to arrive (see `notify_when`)."""
+        return bool(self._indexed or self._broad)
+
+    def wait(self, object_ids, num_returns, timeout=None):
+        if self.claims:
+            self.release_claims()  # (so that a loop of wait(timeout=0) sees results come)
+        return MemoryObjectStore.wait(self, object_ids, num_returns, timeout)
+
     def _get_one(self, object_id: bytes, timeout: float | None) -> SerializedObject:
         # Read the result off its worker's socket in this thread, looking for it
         # in the store after each message handled: no waiter to register, no

@@ -307,11 +307,24 @@ class LocalScheduler(Scheduler):
         self.lending = None
         #: Jobs that ended (see job_ended): their idle workers are let go.
         self.ended_jobs: set = set()
+        #: A node whose callers read a worker's replies in their own thread sets
+        #: this: ``(worker, message)``, called (without the lock) just before
+        #: each message for `worker` goes out (`message` None: several at once).
+        #: See Node.claim.
+        self.claim = None
+        #: That node's claimed connections, and what hands them all back to
+        #: its I/O thread: a task submitted behind a claimed one means that
+        #: its caller is not about to get, so the claim would only hold a
+        #: reply back.
+        self.claims: dict | None = None
+        self.release_claims = None
 
     # -- submission -----------------------------------------------------------
     def submit(self, spec: TaskSpec) -> None:
         kind = spec.kind
         if kind != ACTOR_METHOD:
+            if self.claims:
+                self.release_claims()
             resources = spec.resources
             if self.pool.feasible.get(id(resources)) is not resources:  # (checked before)
                 self.pool.check_feasible(resources, spec.display_name)
@@ -615,6 +628,7 @@ class LocalScheduler(Scheduler):
         messages in order, all that piled up in one send. A dead worker's are
         dropped (its EOF is being handled)."""
         unsent = self._unsent
+        claim = self.claim
         while unsent:
             try:
                 worker = unsent.popleft()
@@ -630,6 +644,8 @@ class LocalScheduler(Scheduler):
                     except IndexError:
                         continue
                     if worker.conn is not None:
+                        if claim is not None:
+                            claim(worker, message)
                         try:
                             worker.conn.send(message)
                         except exc.BackendError:
@@ -645,6 +661,8 @@ class LocalScheduler(Scheduler):
                         except IndexError:
                             break
                 if messages and worker.conn is not None:
+                    if claim is not None:
+                        claim(worker, messages[0] if len(messages) == 1 else None)
                     try:
                         if len(messages) == 1:
                             worker.conn.send(messages[0])
@@ -1523,6 +1541,11 @@ class LocalScheduler(Scheduler):
                             kill=False, holding=False)  # (given back just above)
 
     def _kill_worker(self, worker: WorkerInfo) -> None:
+        # Nothing more is placed on it: an answer it sent before the signal
+        # landed may still be unread, and handling it must not make the dead
+        # process idle (see task_done); worker_died finishes at its EOF.
+        if worker.state != DEAD:
+            worker.state = EXITING
         if worker.pid:
             try:
                 os.kill(worker.pid, signal.SIGKILL)
