@@ -39,6 +39,7 @@ import time
 import numpy as np
 
 import beamlet
+
 from .algorithm import Algorithm, AlgorithmConfig
 from .blas import set_blas_threads
 from .env import preprocess_obs
@@ -343,7 +344,7 @@ class ES(Algorithm):
             num_cpus=cfg.num_cpus_per_env_runner, timeout_s=cfg.sample_timeout_s)
 
     def draw_units(self, num_pairs: int, num_eval: int) -> list:
-        """The rows ``[offset, seed]`` of :meth:`ESWorker.rollouts` for
+        """The rows ``[offset, seed]`` of :meth:`run_units` for
         `num_pairs` mirrored pairs then `num_eval` unperturbed episodes."""
         rng = self.perturb_rng
         offsets = rng.integers(0, self.noise.size - self.theta.size + 1, size=num_pairs)
