@@ -152,8 +152,11 @@ class Shares:
     """How evenly ES's calls spread env steps over the workers, and how long
     each side waited, summed over `run_units` calls (``ES.last_worker_steps``
     etc.): ``imbalance()`` is the sum over calls of the busiest worker's env
-    steps over the sum of the mean worker's (1.0: even; the load does not
-    change it); ``worker_idle()`` the share of the calls' wall time the
+    steps over the sum of the mean worker's (1.0: even; with one share per
+    worker the load does not change it, but with slices handed to the first
+    worker free, a worker that other programs slow down gets fewer, so under
+    load it measures the load as much as the split, and `cpu_bound` is then
+    pessimistic); ``worker_idle()`` the share of the calls' wall time the
     workers spent outside a call (waiting for work, or for the others at the
     end of a call); ``driver_wait()`` the share the driver spent waiting for
     results."""
