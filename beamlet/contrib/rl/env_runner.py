@@ -269,6 +269,13 @@ class WorkerSet:
             for i in range(n):
                 if slices:
                     hand_out(i)
+        if not slices:   # all handed out at once (one slice each): no wait needed
+            for ref, (i, a, b) in pending.items():
+                start = time.perf_counter()
+                result = self._result(i, ref, method, (*args, items[a:b]), {})
+                self.last_wait_s += time.perf_counter() - start
+                yield i, a, b, result
+            return
         while pending:
             start = time.perf_counter()
             ready, _ = beamlet.wait(list(pending), num_returns=1, timeout=self.timeout_s)
