@@ -149,23 +149,42 @@ def _cpu_seconds(pid: int) -> float:
 
 
 class Shares:
-    """How evenly ES's calls spread env steps over the workers: ``imbalance()``
-    is the sum over calls of the busiest worker's env steps over the sum of
-    the mean worker's (1.0: even), from ``ES.last_worker_steps``; the load
-    does not change it."""
+    """How evenly ES's calls spread env steps over the workers, and how long
+    each side waited, summed over `run_units` calls (``ES.last_worker_steps``
+    etc.): ``imbalance()`` is the sum over calls of the busiest worker's env
+    steps over the sum of the mean worker's (1.0: even; with one share per
+    worker the load does not change it, but with slices handed to the first
+    worker free, a worker that other programs slow down gets fewer, so under
+    load it measures the load as much as the split, and `cpu_bound` is then
+    pessimistic); ``worker_idle()`` the share of the calls' wall time the
+    workers spent outside a call (waiting for work, or for the others at the
+    end of a call); ``driver_wait()`` the share the driver spent waiting for
+    results."""
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
-        self.most = self.mean = 0.0
+        self.most = self.mean = self.run = self.busy = self.wait = 0.0
+        self.workers = 1
 
-    def add(self, per_worker: list) -> None:
+    def add(self, algo) -> None:
+        per_worker = algo.last_worker_steps
         self.most += max(per_worker)
         self.mean += sum(per_worker) / len(per_worker)
+        self.workers = len(per_worker)
+        self.run += algo.last_run_s
+        self.busy += sum(algo.last_worker_busy_s)
+        self.wait += algo.last_wait_s
 
     def imbalance(self) -> float:
         return round(self.most / self.mean, 3) if self.mean else 1.0
+
+    def worker_idle(self) -> float:
+        return round(max(0.0, 1 - self.busy / (self.workers * self.run)), 3) if self.run else 0.0
+
+    def driver_wait(self) -> float:
+        return round(self.wait / self.run, 3) if self.run else 0.0
 
 
 def _es_timed(env: str, workers: int, body, warm_up=None) -> dict:
@@ -195,7 +214,8 @@ def _es_timed(env: str, workers: int, body, warm_up=None) -> dict:
         a.stop()
     return {"algo": "ES", "env": env, "workers": workers, "env_steps": steps,
             "wall_s": round(wall, 2), "env_steps_per_s": round(steps / wall),
-            "imbalance": shares.imbalance(),
+            "imbalance": shares.imbalance(), "worker_idle": shares.worker_idle(),
+            "driver_wait": shares.driver_wait(),
             "worker_cpu_ms_per_1k_steps": round(1e6 * worker_cpu / steps, 1),
             "driver_cpu_ms_per_1k_steps": round(1e6 * driver_cpu / steps, 2),
             "driver_cpu_s": round(driver_cpu, 3), "load_avg_1m": os.getloadavg()[0]}
@@ -207,7 +227,7 @@ def es_scaling(env: str, workers: int, seconds: float, pairs: int = 4) -> dict:
     per env step); see `_es_timed` for the row."""
     def once(a, shares):
         out, _ = a.run_units(a.draw_units(pairs * workers, 0))
-        shares.add(a.last_worker_steps)
+        shares.add(a)
         return int(out[:, 2:].sum())
 
     def body(a, shares):
@@ -231,7 +251,7 @@ def es_training_scaling(env: str, workers: int, iterations: int) -> dict:
         steps = 0
         for _ in range(iterations):
             steps += a.train()["num_env_steps_sampled"]
-            shares.add(a.last_worker_steps)
+            shares.add(a)
         digest["weights"] = hashlib.sha1(a.theta.tobytes()).hexdigest()[:12]
         return steps
     row = {"what": "training", "iterations": iterations, **_es_timed(env, workers, body)}
@@ -408,7 +428,9 @@ def main(argv=None) -> int:
                           f"{r['env_steps']} env steps in {r['wall_s']} s; per 1k steps: "
                           f"workers {r['worker_cpu_ms_per_1k_steps']} ms CPU, driver "
                           f"{r['driver_cpu_ms_per_1k_steps']} ms CPU{per_iter}; busiest worker "
-                          f"x{r['imbalance']} the mean; bound from CPU "
+                          f"x{r['imbalance']} the mean; idle: workers "
+                          f"{100 * r['worker_idle']:.0f}%, driver waiting "
+                          f"{100 * r['driver_wait']:.0f}% of the calls; bound from CPU "
                           f"x{r['cpu_bound_speedup']:.2f}"
                           + (f"; weights {r['weights']}" if "weights" in r else "")
                           + f"; load {r['load_avg_1m']:.1f}", flush=True)

@@ -614,6 +614,62 @@ def test_numpy_from_get_is_read_only_on_zero_copy_backends(backend, n):
     assert not out2.flags.writeable
 
 
+def _array_samples() -> list:
+    """Arrays of every layout a value can hold: C and F order, 0-d, empty,
+    structured, big-endian, strings, datetimes, non-contiguous, objects."""
+    grid = np.arange(12, dtype=np.int32).reshape(3, 4)
+    return [np.arange(10.0), grid, np.asfortranarray(grid), np.arange(20)[::2], grid.T[1:],
+            np.array(2.5, np.float32), np.float32(3.0), np.zeros(0), np.zeros((0, 3), np.int8),
+            np.zeros(3, dtype=[("a", "<i4"), ("b", "<f8")]), np.arange(5, dtype=">i4"),
+            np.array(["ab", "c"]), np.array(["2026-12-01"], dtype="datetime64[D]"),
+            np.array([1, "a", None], dtype=object), np.zeros((2, 2), dtype=("f8", (3,)))]
+
+
+def _assert_same_array(out, arr):
+    assert type(out) is type(arr) and out.dtype == arr.dtype and out.shape == arr.shape
+    if arr.dtype.hasobject:
+        assert out.tolist() == arr.tolist()
+    else:
+        np.testing.assert_array_equal(out, arr)
+    if isinstance(arr, np.ndarray) and arr.ndim > 1:
+        assert out.flags.f_contiguous == arr.flags.f_contiguous
+
+
+def test_small_arrays_travel_in_the_stream_and_large_ones_out_of_band():
+    """Small arrays are pickled in the stream while the value's arrays total at
+    most SMALL_ARRAY_BYTES, and come back the same (dtype, shape, order,
+    values), the contiguous ones read-only as from shared memory; past that
+    budget, and for any large array, the buffers stay out of band."""
+    from beamlet.core.serialization import SMALL_ARRAY_BYTES, deserialize, serialize
+    for arr in _array_samples():
+        sobj = serialize(arr)
+        assert not sobj.buffers, arr
+        out = deserialize(sobj)
+        _assert_same_array(out, arr)
+        if isinstance(arr, np.ndarray) and not arr.dtype.hasobject and (
+                arr.flags.c_contiguous or arr.flags.f_contiguous):
+            assert not out.flags.writeable, arr
+    step = np.ones(SMALL_ARRAY_BYTES // 8 // 4)    # a quarter of the budget each
+    value = {"small": [step.copy() for _ in range(6)], "large": np.ones(SMALL_ARRAY_BYTES)}
+    sobj = serialize(value)
+    # 4 small arrays fill the budget: the 2 after them and the large one are out of band
+    assert len(sobj.buffers) == 3
+    assert max(memoryview(b).nbytes for b in sobj.buffers) == 8 * SMALL_ARRAY_BYTES
+    out = deserialize(sobj)
+    assert all(np.array_equal(a, step) for a in out["small"])
+    assert out["large"].sum() == SMALL_ARRAY_BYTES
+    # The budget is per value: the next one starts afresh.
+    assert not serialize([step.copy() for _ in range(4)]).buffers
+
+
+def test_arrays_of_every_layout_round_trip_through_put_and_tasks(backend):
+    samples = _array_samples()
+    for arr, out in zip(samples, ray.get([ray.put(a) for a in samples])):
+        _assert_same_array(out, arr)
+    for arr, out in zip(samples, ray.get([identity.remote(a) for a in samples], timeout=LONG)):
+        _assert_same_array(out, arr)
+
+
 def test_object_ref_hashable_and_comparable(backend):
     a = ray.put(1)
     b = ray.put(1)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -20,6 +21,8 @@ except ImportError as err:  # a missing test dependency fails, saying what to in
 import beamlet  # noqa: E402
 from beamlet import rl  # noqa: E402
 from beamlet.contrib.rl.algorithm import Algorithm  # noqa: E402
+from beamlet.contrib.rl import es as es_module  # noqa: E402
+from beamlet.contrib.rl.env_runner import WorkerSet  # noqa: E402
 
 TINY = {
     "PPO": dict(train_batch_size=64, minibatch_size=32, num_epochs=2),
@@ -130,6 +133,61 @@ def test_es_workers_read_one_shared_noise_table(start):
     assert result["learner"]["eval_episodes_this_iter"] == 4
 
 
+class Slicer:
+    """A worker for WorkerSet.balanced: tags the items of each slice; the slice
+    holding item 0 waits until the file `gate` exists."""
+
+    def __init__(self, gate: str):
+        self.gate = gate
+
+    def run(self, tag: int, items: list) -> list:
+        if 0 in items:
+            deadline = time.monotonic() + 60
+            while not os.path.exists(self.gate):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the test never opened the gate")
+                time.sleep(0.01)
+        return [tag + x for x in items]
+
+
+def test_worker_set_hands_each_slice_to_the_first_worker_free(start, tmp_path):
+    """While worker 0 is held on its first slice, worker 1 runs every slice but
+    the two handed to worker 0 at the start; each item is covered once, by
+    slices that shrink, each result with its own slice. (A static split would
+    leave worker 1 idle and the driver waiting: a GetTimeoutError.) Cheap items
+    (`min_size`) and a single worker get one slice per worker."""
+    start()
+    gate = str(tmp_path / "gate")
+    items = list(range(40))
+    workers = WorkerSet(Slicer, lambda i: (gate,), 2, timeout_s=30)
+    try:
+        seen = []
+        for w, a, b, result in workers.balanced("run", (1000,), items):
+            assert result == [1000 + x for x in items[a:b]]
+            seen.append((w, a, b))
+            if sum(b - a for _, a, b in seen) == 40 - 10 - 6:   # all but worker 0's
+                open(gate, "w").close()
+        assert sorted((a, b) for _, a, b in seen if _ == 0) == [(0, 10), (18, 24)]
+        bounds = sorted((a, b) for _, a, b in seen)
+        assert [a for a, _ in bounds] == [0] + [b for _, b in bounds[:-1]]
+        assert bounds[-1][1] == 40
+        sizes = [b - a for a, b in bounds]
+        assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 1
+        assert workers.last_wait_s > 0
+        # Items too cheap to balance (a share of at most two slices of min_size):
+        # one equal slice each.
+        halves = sorted((a, b) for _, a, b, _ in workers.balanced("run", (0,), items,
+                                                                  min_size=10))
+        assert halves == [(0, 20), (20, 40)]
+    finally:
+        workers.stop()
+    one = WorkerSet(Slicer, lambda i: (gate,), 1, timeout_s=30)
+    try:   # one worker: nothing to balance, one slice
+        assert [(w, a, b) for w, a, b, _ in one.balanced("run", (0,), items)] == [(0, 0, 40)]
+    finally:
+        one.stop()
+
+
 def _es_run(runners: int, iterations: int = 3, kill_after: int | None = None):
     """ES on CartPole with `runners` workers (MeanStdFilter, so the observation
     sums travel too): the weights, filter count and results after `iterations`;
@@ -142,21 +200,28 @@ def _es_run(runners: int, iterations: int = 3, kill_after: int | None = None):
         results = []
         for i in range(iterations):
             if i == kill_after:
-                os.kill(beamlet.get(algo.workers.actors[0].pid.remote(), timeout=60),
-                        signal.SIGKILL)
+                killed = beamlet.get(algo.workers.actors[0].pid.remote(), timeout=60)
+                os.kill(killed, signal.SIGKILL)
             results.append(algo.train())
+        if kill_after is not None:
+            # the actor was restarted (or replaced): a new process in its slot
+            assert killed not in algo.workers.foreach("pid")
         return algo.theta.copy(), algo.obs_stats.count, results
     finally:
         algo.stop()
 
 
-def test_es_trains_the_same_whatever_the_number_of_workers(start):
+def test_es_trains_the_same_whatever_the_number_of_workers(start, monkeypatch):
     """The driver draws every perturbation and start state, so the episodes,
     and with them the weights, do not depend on how many workers ran them (the
-    5 pairs and 3 unperturbed episodes of an iteration go to the driver's
-    local worker, to one, as 3+1 / 2+2, or as 2+1 / 2+1 / 1+1)."""
+    13 episodes of an iteration, 5 pairs and 3 unperturbed, go to the driver's
+    local worker, to one, or in slices to whichever of 2 or 3 is free)."""
     start()
     runs = {n: _es_run(n) for n in (0, 1, 2, 3)}
+    # Slices of one episode and up (the episodes of this small net are too short
+    # for the default to balance them: one slice per worker).
+    monkeypatch.setattr(es_module, "_SLICE_MIN_STEPS", 1)
+    runs.update({f"{n}, sliced": _es_run(n) for n in (2, 3)})
     theta, count, results = runs[0]
     for n, (other_theta, other_count, other_results) in runs.items():
         assert np.array_equal(other_theta, theta), n
@@ -169,12 +234,13 @@ def test_es_trains_the_same_whatever_the_number_of_workers(start):
 
 
 def test_es_worker_killed_mid_training_changes_nothing_learned(start):
-    """A killed ES worker's share of the episodes is run again on its
-    replacement: the training goes on, to the very weights of a run without
-    the kill."""
+    """An ES worker SIGKILLed between iterations is restarted (its calls that
+    failed are run again): the training goes on, to the very weights of a run
+    without the kill."""
     start()
     theta, count, results = _es_run(2, iterations=3, kill_after=1)
-    assert results[1]["num_env_runner_restarts"] >= 1
+    # (num_env_runner_restarts counts calls that failed: none does when beamlet
+    # has restarted the actor before the next call reaches it)
     assert results[2]["training_iteration"] == 3
     same_theta, same_count, _ = _es_run(2, iterations=3)
     assert np.array_equal(theta, same_theta) and count == same_count

@@ -14,7 +14,7 @@ except ImportError as err:  # a missing test dependency fails, saying what to in
 
 from beamlet import rl  # noqa: E402
 from beamlet.contrib.rl.dqn import ReplayBuffer, n_step_transitions  # noqa: E402
-from beamlet.contrib.rl.es import (BinnedActions, ObsStats, split_units,  # noqa: E402
+from beamlet.contrib.rl.es import (BinnedActions, ObsStats, unit_episodes,  # noqa: E402
                                    weighted_noise_sum)
 
 
@@ -256,18 +256,14 @@ def test_es_unperturbed_episodes_do_not_change_training():
     assert steps[0] < steps[1]
 
 
-def test_es_units_split_evenly_over_the_workers():
-    """Every row goes to exactly one worker, and no worker has more than one
-    episode (a pair is two) more than another."""
-    for pairs, evals, n in ((10, 4, 2), (5, 3, 2), (5, 3, 3), (1, 1, 4), (7, 0, 3), (0, 2, 2)):
-        units = [[i, 100 + i] for i in range(pairs)] + [[-1, 200 + i] for i in range(evals)]
-        shares = split_units(units, n)
-        assert len(shares) == n
-        assert sorted(i for rows in shares for i in rows) == list(range(pairs + evals))
-        episodes = [sum(2 if units[i][0] >= 0 else 1 for i in rows) for rows in shares]
-        pair_counts = [sum(units[i][0] >= 0 for i in rows) for rows in shares]
-        assert max(pair_counts) - min(pair_counts) <= 1, (pairs, evals, n, shares)
-        assert max(episodes) - min(episodes) <= 2, (pairs, evals, n, episodes)
+def test_es_units_become_episodes_pairs_first_sign_then_the_other():
+    units = [[5, 100], [-1, 200], [7, 101], [-1, 201]]
+    rows, first = unit_episodes(units)
+    assert rows == [[5, 100, 1], [5, 100, -1], [-1, 200, 0], [7, 101, 1], [7, 101, -1],
+                    [-1, 201, 0]]
+    assert first.tolist() == [0, 2, 3, 5]
+    rows, first = unit_episodes([])
+    assert rows == [] and first.size == 0
 
 
 def test_weighted_noise_sum_matches_slice_by_slice():

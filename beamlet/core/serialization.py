@@ -5,7 +5,12 @@
 arrays above all, are kept out of band in ``SerializedObject.buffers`` instead
 of being copied into the pickle stream. An object store can lay them out in
 shared memory and `deserialize` rebuilds arrays as views of that memory, with
-no copy.
+no copy. Small numpy arrays are the exception: while the value's arrays
+pickled so far total at most ``SMALL_ARRAY_BYTES``, each C- or F-contiguous
+one (plain ``ndarray``, no Python objects in it) goes into the stream as
+bytes and comes back as a read-only array over them, as an out-of-band one
+would. An out-of-band buffer costs each message that carries it more than
+copying a few KiB does.
 
 ObjectRefs and ActorHandles inside a value pickle as their ids; the ids of the
 refs met while pickling are collected in ``SerializedObject.refs`` so that the
@@ -19,6 +24,7 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import sys
 import threading
 import types
 from typing import Any, Callable
@@ -31,7 +37,14 @@ from ..exceptions import BeamletError as _BeamletError
 # for them and there is nothing cloudpickle would do differently.
 _PLAIN_TYPES = frozenset({type(None), bool, int, float, complex, str, bytes})
 
+#: While a value's arrays pickled so far total at most this many bytes, each
+#: contiguous one is pickled in the stream (see the module's docstring).
+SMALL_ARRAY_BYTES = 64 * 1024
+
 _extra_reducers: dict[type, Callable[[Any], tuple]] = {}
+# Filled with numpy.ndarray's reducer once numpy has been imported (beamlet
+# does not import it; no array can exist before it is).
+_array_reducers: dict[type, Callable[[Any], tuple]] = {}
 _local = threading.local()
 
 
@@ -88,8 +101,38 @@ def _reduce_code(code: types.CodeType) -> tuple:
                           for a in args)
 
 
+def _small_array(data: bytes, dtype, shape: tuple, order: str):
+    """The array `_reduce_array` pickled: read-only, over `data` (no copy)."""
+    import numpy
+    return numpy.frombuffer(data, dtype).reshape(shape, order=order)
+
+
+def _reduce_array(arr) -> tuple:
+    """A numpy array in the stream when it is small (see the module's
+    docstring), else numpy's own reduction (large contiguous arrays out of band)."""
+    left = getattr(_local, "small_left", 0)
+    nbytes = arr.nbytes
+    if nbytes <= left and not arr.dtype.hasobject and arr.dtype.itemsize:
+        flags = arr.flags
+        order = "C" if flags.c_contiguous else "F" if flags.f_contiguous else None
+        if order is not None:
+            _local.small_left = left - nbytes
+            dtype = arr.dtype
+            if dtype.fields is None and dtype.subdtype is None and dtype.metadata is None:
+                dtype = dtype.str   # (a dtype object pickles as a class and a state)
+            return _small_array, (arr.tobytes(order), dtype, arr.shape, order)
+    return arr.__reduce_ex__(5)
+
+
+def _note_numpy() -> None:
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and hasattr(numpy, "ndarray"):   # (not while it is half imported)
+        _array_reducers[numpy.ndarray] = _reduce_array
+
+
 class _Pickler(cloudpickle.Pickler):
-    dispatch_table = collections.ChainMap(_extra_reducers, {types.CodeType: _reduce_code},
+    dispatch_table = collections.ChainMap(_array_reducers, _extra_reducers,
+                                          {types.CodeType: _reduce_code},
                                           cloudpickle.Pickler.dispatch_table)
 
 
@@ -112,9 +155,13 @@ def serialize(value: Any, is_error: bool = False) -> SerializedObject:
     """Serialize `value`. Raises TypeError naming the type when it cannot be pickled."""
     if type(value) in _PLAIN_TYPES:
         return SerializedObject(pickle.dumps(value, 5), (), (), is_error)
+    if not _array_reducers:
+        _note_numpy()
     buffers: list[pickle.PickleBuffer] = []
     outer = getattr(_local, "refs", None)
+    outer_left = getattr(_local, "small_left", 0)
     _local.refs = refs = []
+    _local.small_left = SMALL_ARRAY_BYTES
     try:
         stream = io.BytesIO()
         _Pickler(stream, protocol=5, buffer_callback=buffers.append).dump(value)
@@ -124,6 +171,7 @@ def serialize(value: Any, is_error: bool = False) -> SerializedObject:
         raise TypeError(f"cannot serialize {_describe(value)}: {type(exc).__name__}: {exc}") from exc
     finally:
         _local.refs = outer
+        _local.small_left = outer_left
     if outer is not None:
         outer.extend(refs)
     raw = [b.raw() for b in buffers]

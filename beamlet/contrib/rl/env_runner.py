@@ -9,13 +9,15 @@ are beamlet actors (:class:`WorkerSet`), or one plain object in the driver when
 from __future__ import annotations
 
 import os
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
 import beamlet
-from beamlet.exceptions import ActorError
+from beamlet.exceptions import ActorError, GetTimeoutError
 
 from .blas import set_blas_threads
 from .env import make_vector_env, preprocess_obs
@@ -166,6 +168,7 @@ class WorkerSet:
         self.make_args = make_args
         self.timeout_s = timeout_s
         self.num_restarts = 0
+        self.last_wait_s = 0.0
         self.local = cls(*make_args(0)) if num_workers == 0 else None
         self._remote_cls = None
         self.actors: list = []
@@ -207,19 +210,84 @@ class WorkerSet:
                     raise
         raise AssertionError("unreachable")
 
+    def _result(self, i: int, ref, method: str, args: tuple, kwargs: dict):
+        """The result of `ref`, the call ``method(*args, **kwargs)`` submitted
+        to worker `i`; if the actor crashed, the call is run again (`call`)."""
+        try:
+            return beamlet.get(ref, timeout=self.timeout_s)
+        except ActorError:
+            self.num_restarts += 1
+            return self.call(i, method, *args, **kwargs)
+
     def foreach(self, method: str, *args, **kwargs) -> list:
         """`method` on every worker in parallel (on the local one if there are none)."""
         if self.local is not None:
             return [getattr(self.local, method)(*args, **kwargs)]
         refs = [self.submit(i, method, *args, **kwargs) for i in range(len(self.actors))]
-        out = []
-        for i, ref in enumerate(refs):
-            try:
-                out.append(beamlet.get(ref, timeout=self.timeout_s))
-            except ActorError:
-                self.num_restarts += 1
-                out.append(self.call(i, method, *args, **kwargs))
-        return out
+        return [self._result(i, ref, method, args, kwargs) for i, ref in enumerate(refs)]
+
+    def balanced(self, method: str, args: tuple, items: list, *, min_size: int = 1,
+                 in_flight: int = 2, divisor: int = 2):
+        """``method(*args, items[a:b])`` over consecutive slices of `items` that
+        cover it once, each slice run by whichever worker is free first; yields
+        ``(worker index, a, b, result)`` as the results arrive.
+
+        The slices shrink as the items run out (``ceil(left / (divisor *
+        workers))`` items, at least `min_size`), so that the workers end about
+        together however unequal the items' costs; each worker has up to
+        `in_flight` slices handed to it, so that it does not wait for the
+        driver between two. When a worker's share is at most two slices of
+        `min_size` (cheap items: a slice would cost more than it balances),
+        and with one actor, each worker gets one equal slice; with the local
+        worker, it is one call. The boundaries depend only on ``len(items)``,
+        `min_size` and the number of workers, never on timing. A slice whose
+        actor crashed is run again (`call`). ``last_wait_s`` is the time the
+        driver spent waiting for results. Raises GetTimeoutError if no result
+        arrives within ``timeout_s``."""
+        self.last_wait_s = 0.0
+        if self.local is not None:
+            yield 0, 0, len(items), getattr(self.local, method)(*args, items)
+            return
+        n, total = len(self.actors), len(items)
+        slices = deque()
+        if n == 1 or 2 * min_size * n >= total:
+            bounds = [total * k // n for k in range(n + 1)]
+            slices.extend((a, b) for a, b in zip(bounds, bounds[1:]) if b > a)
+        else:
+            start = 0
+            while start < total:
+                size = max(min_size, -(-(total - start) // (divisor * n)))
+                slices.append((start, min(total, start + size)))
+                start += size
+        pending: dict = {}
+
+        def hand_out(i: int) -> None:
+            a, b = slices.popleft()
+            pending[self.submit(i, method, *args, items[a:b])] = (i, a, b)
+
+        for _ in range(in_flight):
+            for i in range(n):
+                if slices:
+                    hand_out(i)
+        if not slices:   # all handed out at once (one slice each): no wait needed
+            for ref, (i, a, b) in pending.items():
+                start = time.perf_counter()
+                result = self._result(i, ref, method, (*args, items[a:b]), {})
+                self.last_wait_s += time.perf_counter() - start
+                yield i, a, b, result
+            return
+        while pending:
+            start = time.perf_counter()
+            ready, _ = beamlet.wait(list(pending), num_returns=1, timeout=self.timeout_s)
+            self.last_wait_s += time.perf_counter() - start
+            if not ready:
+                raise GetTimeoutError(f"no env runner answered {method} within "
+                                      f"{self.timeout_s} s")
+            i, a, b = pending.pop(ready[0])
+            result = self._result(i, ready[0], method, (*args, items[a:b]), {})
+            if slices:
+                hand_out(i)
+            yield i, a, b, result
 
     def stop(self) -> None:
         if self.local is not None and hasattr(self.local, "stop"):

@@ -7,9 +7,12 @@ state (a seed) for each; a worker perturbs the flat policy weights by
 ``±noise_stdev * table[i:i+d]`` (mirrored sampling), runs one episode with each
 from that start state, and sends back only the returns and lengths, a few
 numbers per pair; the driver rebuilds the noise from the same table, forms the
-gradient estimate with centred ranks, and takes an Adam step. Each worker gets
-one task per iteration, an equal share of the episodes; since the driver draws
-everything, training is the same whatever the number of workers.
+gradient estimate with centred ranks, and takes an Adam step. The episodes are
+handed out in slices that shrink as they run out, each to the first worker free
+(:meth:`WorkerSet.balanced`), so that the workers end an iteration together
+although CartPole's episodes last from 10 to 500 steps; since the driver draws
+everything and an episode depends only on what it was sent, training is the
+same whatever the number of workers and whichever worker ran what.
 The returns reported as ``episode_return_mean`` / ``episode_len_mean`` are those
 of ``episodes_per_eval`` episodes per iteration of the unperturbed policy
 (``theta`` itself), run by the workers next to the perturbed ones, as RLlib's
@@ -31,11 +34,11 @@ one clipped to the bounds; on Pendulum-v1 it is what lets ES find the swing-up.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
 import beamlet
-from beamlet.exceptions import ActorError
 
 from .algorithm import Algorithm, AlgorithmConfig
 from .blas import set_blas_threads
@@ -44,12 +47,18 @@ from .env_runner import WorkerSet
 from .models import Adam, build_model, distribution_class
 
 __all__ = ["ES", "ESConfig", "ESWorker", "make_noise_table", "centered_ranks", "ObsStats",
-           "BinnedActions", "weighted_noise_sum", "split_units"]
+           "BinnedActions", "weighted_noise_sum", "unit_episodes"]
 
 FILTERS = ("NoFilter", "MeanStdFilter")
-# Weights up to this size travel inside each task's message; larger ones are
-# put in the object store once per iteration.
-_PUT_THETA_BYTES = 64 * 1024
+# Weights up to this size travel inside each slice's message (in the pickle
+# stream: cheaper than a ref to resolve); larger ones are put in the object
+# store once per iteration and the slices carry the ref.
+_PUT_THETA_BYTES = 16 * 1024
+# A slice of episodes handed to a worker is at least this many env steps'
+# worth (by the last call's mean episode length): a slice costs the driver and
+# the worker a message each way, which short episodes (CartPole's first ones,
+# ~20 steps) do not repay.
+_SLICE_MIN_STEPS = 100
 
 
 def make_noise_table(size: int, seed: int) -> np.ndarray:
@@ -79,29 +88,19 @@ def weighted_noise_sum(noise: np.ndarray, offsets: np.ndarray, weights: np.ndarr
     return total
 
 
-def split_units(units: list, n: int) -> list[list[int]]:
-    """The row indices of `units` (rows ``(offset, seed)``, ``offset == -1``
-    for an unperturbed episode) for each of `n` workers: the pairs in `n`
-    contiguous blocks of sizes differing by at most one, the unperturbed
-    episodes likewise, with their larger blocks going to the workers with the
-    smaller blocks of pairs, so that no worker has more than one episode
-    more than another."""
-    pairs = [i for i, (offset, _) in enumerate(units) if offset >= 0]
-    evals = [i for i, (offset, _) in enumerate(units) if offset < 0]
-    pair_blocks = _blocks(pairs, n)
-    eval_blocks = _blocks(evals, n)[::-1]
-    return [p + e for p, e in zip(pair_blocks, eval_blocks)]
-
-
-def _blocks(items: list, n: int) -> list[list]:
-    """`items` in `n` contiguous blocks, the first ones one longer when needed."""
-    size, extra = divmod(len(items), n)
-    out, start = [], 0
-    for k in range(n):
-        stop = start + size + (k < extra)
-        out.append(items[start:stop])
-        start = stop
-    return out
+def unit_episodes(units: list) -> tuple[list, np.ndarray]:
+    """The episodes of `units` (rows ``(offset, seed)``, ``offset == -1`` for an
+    unperturbed episode), as the rows ``(offset, seed, sign)`` of
+    :meth:`ESWorker.episodes`: a pair's ``+1`` then its ``-1`` episode, an
+    unperturbed one with sign 0; and the index of each unit's first episode."""
+    rows, first = [], np.empty(len(units), np.int64)
+    for u, (offset, seed) in enumerate(units):
+        first[u] = len(rows)
+        if offset >= 0:
+            rows += [[offset, seed, 1], [offset, seed, -1]]
+        else:
+            rows.append([-1, seed, 0])
+    return rows, first
 
 
 class BinnedActions:
@@ -220,43 +219,42 @@ class ESWorker:
             done = term or trunc or (self.max_steps is not None and steps >= self.max_steps)
         return total, steps
 
-    def rollouts(self, theta: np.ndarray, noise_stdev: float, obs_norm: tuple | None,
-                 units: list) -> tuple[np.ndarray, np.ndarray | None]:
-        """The episodes of `units`, a list of rows ``(offset, seed)`` (ints): a
-        row with ``offset >= 0`` is a mirrored pair, ``theta ± noise_stdev *
-        noise[offset:offset + theta.size]``, both from the start state of `seed`
-        (common random numbers); ``offset == -1`` is one episode of `theta`
-        itself (unperturbed). Returns ``(out, stats)``: `out` float64 rows
-        ``(return+, return-, length+, length-)`` (an unperturbed row:
-        ``(return, 0, length, 0)``); with `obs_norm` ``(mean, std)`` the policy
-        sees normalised observations and `stats` holds per row ``(count, sum...,
-        sum of squares...)`` of the raw observations of a pair's two episodes
-        (zeros for an unperturbed row), else None."""
+    def episodes(self, theta: np.ndarray, noise_stdev: float, obs_norm: tuple | None,
+                 rows: list) -> tuple[np.ndarray, np.ndarray | None, float]:
+        """One episode per row ``(offset, seed, sign)`` (ints) from the start
+        state of `seed`: with sign ``±1`` of the weights ``theta ± noise_stdev *
+        noise[offset:offset + theta.size]`` (a mirrored pair is two rows with
+        the same offset and seed: common random numbers), with sign 0 of
+        `theta` itself (unperturbed). Returns ``(out, stats, seconds)``: `out`
+        float64 rows ``(return, length)``; with `obs_norm` ``(mean, std)`` the
+        policy sees normalised observations and `stats` holds per row
+        ``(count, sum..., sum of squares...)`` of the raw observations of a
+        perturbed episode (zeros for an unperturbed one), else None; `seconds`,
+        the time the call took here."""
+        start = time.perf_counter()
         dim = theta.size
-        out = np.zeros((len(units), 4))
+        out = np.zeros((len(rows), 2))
         stats = None
         if obs_norm is not None:
             d = len(obs_norm[0])
-            stats = np.zeros((len(units), 1 + 2 * d))
-        for row, (offset, seed) in enumerate(units):
-            if offset == -1:
-                ret, length = self._episode(theta, seed, obs_norm, None)
-                out[row] = ret, 0.0, length, 0
+            stats = np.zeros((len(rows), 1 + 2 * d))
+        for row, (offset, seed, sign) in enumerate(rows):
+            if sign == 0:
+                out[row] = self._episode(theta, seed, obs_norm, None)
                 continue
             if not 0 <= offset <= self.noise.size - dim:
                 raise ValueError(f"noise offset {offset} is outside the table "
                                  f"({self.noise.size} floats, {dim} weights)")
             eps = noise_stdev * self.noise[offset:offset + dim]
             seen = [] if stats is not None else None
-            rp, lp = self._episode(theta + eps, seed, obs_norm, seen)
-            rn, ln = self._episode(theta - eps, seed, obs_norm, seen)
-            out[row] = rp, rn, lp, ln
+            out[row] = self._episode(theta + eps if sign > 0 else theta - eps, seed,
+                                     obs_norm, seen)
             if seen:
                 x = np.asarray(seen, np.float64)
                 stats[row, 0] = len(x)
                 stats[row, 1:1 + d] = x.sum(0)
                 stats[row, 1 + d:] = (x * x).sum(0)
-        return out, stats
+        return out, stats, time.perf_counter() - start
 
 
 class ESConfig(AlgorithmConfig):
@@ -326,9 +324,12 @@ class ES(Algorithm):
         # workers run the episodes, nor on which runs which.
         self.perturb_rng = np.random.default_rng(None if cfg.seed is None else [cfg.seed, 8])
         self.eval_rng = np.random.default_rng(None if cfg.seed is None else [cfg.seed, 9])
-        #: env steps each worker ran in the last run_units call (how evenly
-        #: the work was spread; the driver's local worker counts as one)
+        #: what the last run_units call took (see there); the driver's local
+        #: worker counts as one worker
         self.last_worker_steps: list[int] = []
+        self.last_worker_busy_s: list[float] = []
+        self.last_wait_s = self.last_run_s = 0.0
+        self._mean_episode_len = float(_SLICE_MIN_STEPS)   # (until the first call)
         factory = ModelFactory(self.observation_space, self.action_space, heads,
                                model_config, cfg.lr, cfg.grad_clip, cfg.seed)
         if cfg.num_env_runners and not beamlet.is_initialized():
@@ -343,7 +344,7 @@ class ES(Algorithm):
             num_cpus=cfg.num_cpus_per_env_runner, timeout_s=cfg.sample_timeout_s)
 
     def draw_units(self, num_pairs: int, num_eval: int) -> list:
-        """The rows ``[offset, seed]`` of :meth:`ESWorker.rollouts` for
+        """The rows ``[offset, seed]`` of :meth:`run_units` for
         `num_pairs` mirrored pairs then `num_eval` unperturbed episodes."""
         rng = self.perturb_rng
         offsets = rng.integers(0, self.noise.size - self.theta.size + 1, size=num_pairs)
@@ -353,37 +354,49 @@ class ES(Algorithm):
 
     def run_units(self, units: list) -> tuple[np.ndarray, np.ndarray | None]:
         """The episodes of `units` (rows of :meth:`draw_units`) with the current
-        weights, as :meth:`ESWorker.rollouts` returns them (rows in the order
-        of `units`). Each worker gets one task per call, an equal share of the
-        pairs and of the unperturbed episodes (see :func:`split_units`): the
-        fewer round trips, the less serial work on the driver."""
+        weights: ``(out, stats)``, per unit ``(return+, return-, length+,
+        length-)`` (an unperturbed unit: ``(return, 0, length, 0)``) and, with
+        the observation filter, the sums of :meth:`ESWorker.episodes` over the
+        unit's episodes (else None), in the order of `units`. The episodes go
+        out in slices to the first worker free (:meth:`WorkerSet.balanced`),
+        each at least ``_SLICE_MIN_STEPS`` env steps by the last call's mean
+        episode length; which worker ran what changes nothing in the result. Sets
+        ``last_worker_steps`` and ``last_worker_busy_s`` (env steps and time
+        spent per worker), ``last_wait_s`` (the driver's time waiting for
+        results) and ``last_run_s`` (the whole call)."""
+        began = time.perf_counter()
         cfg = self.config
         theta = self.theta.astype(np.float32)
         norm = self.obs_stats.mean_std() if self.obs_stats is not None else None
-        self.last_worker_steps = [0] * max(1, len(self.workers))
-        if self.workers.local is not None:
-            out, stats = self.workers.local.rollouts(theta, cfg.noise_stdev, norm, units)
-            self.last_worker_steps[0] = int(out[:, 2:].sum())
-            return out, stats
-        theta_arg = beamlet.put(theta) if theta.nbytes > _PUT_THETA_BYTES else theta
-        args = (theta_arg, cfg.noise_stdev, norm)
-        shares = [(w, rows) for w, rows in enumerate(split_units(units, len(self.workers)))
-                  if rows]   # a worker with no share of a small batch gets no task
-        jobs = [[units[i] for i in rows] for _, rows in shares]
-        refs = [self.workers.submit(w, "rollouts", *args, job)
-                for (w, _), job in zip(shares, jobs)]
-        out = np.empty((len(units), 4))
-        stats = None if norm is None else np.empty((len(units), 1 + 2 * len(norm[0])))
-        for (w, rows), job, ref in zip(shares, jobs, refs):
-            try:
-                part = beamlet.get(ref, timeout=cfg.sample_timeout_s)
-            except ActorError:
-                self.workers.num_restarts += 1
-                part = self.workers.call(w, "rollouts", *args, job)
-            out[rows] = part[0]
-            self.last_worker_steps[w] = int(part[0][:, 2:].sum())
-            if stats is not None:
-                stats[rows] = part[1]
+        rows, first = unit_episodes(units)
+        theta_arg = (beamlet.put(theta) if self.workers.local is None
+                     and theta.nbytes > _PUT_THETA_BYTES else theta)
+        eps_out = np.empty((len(rows), 2))
+        eps_stats = None if norm is None else np.empty((len(rows), 1 + 2 * len(norm[0])))
+        n = max(1, len(self.workers))
+        steps, busy = [0] * n, [0.0] * n
+        min_size = max(1, round(_SLICE_MIN_STEPS / self._mean_episode_len))
+        for w, a, b, (part, part_stats, seconds) in self.workers.balanced(
+                "episodes", (theta_arg, cfg.noise_stdev, norm), rows, min_size=min_size):
+            eps_out[a:b] = part
+            if eps_stats is not None:
+                eps_stats[a:b] = part_stats
+            steps[w] += int(part[:, 1].sum())
+            busy[w] += seconds
+        pair = np.array([offset >= 0 for offset, _ in units], bool)
+        second = first[pair] + 1
+        out = np.zeros((len(units), 4))
+        out[:, 0::2] = eps_out[first]
+        out[pair, 1::2] = eps_out[second]
+        stats = None
+        if eps_stats is not None:
+            stats = eps_stats[first]
+            stats[pair] += eps_stats[second]
+        if rows:
+            self._mean_episode_len = max(1.0, sum(steps) / len(rows))
+        self.last_worker_steps, self.last_worker_busy_s = steps, busy
+        self.last_wait_s = self.workers.last_wait_s
+        self.last_run_s = time.perf_counter() - began
         return out, stats
 
     def training_step(self) -> dict:
