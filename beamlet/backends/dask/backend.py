@@ -81,8 +81,8 @@ class DaskBackend(Backend):
                                          self.scheduler.task_event)
 
     def _connect(self, config: dict):
-        from distributed import Client
         if config.get("client") is not None:
+            from distributed import Client
             client = config["client"]
             if not isinstance(client, Client):
                 raise TypeError(f"init(backend='dask', client=...) needs a distributed.Client, "
@@ -91,6 +91,7 @@ class DaskBackend(Backend):
         address = config.get("address")
         self._own_client = True
         if address:
+            from distributed import Client
             if not isinstance(address, str):
                 raise TypeError(f"address must be a str like 'tcp://host:8786', got "
                                 f"{type(address).__name__}")
@@ -111,6 +112,7 @@ class DaskBackend(Backend):
         from .cluster import ClusterProcess
         self._cluster = ClusterProcess(n, resources, bool(config.get("dashboard")))
         try:
+            from distributed import Client
             # (Its workers are on this machine: values are fetched from them
             # directly, not relayed by the scheduler.)
             return Client(self._cluster.address, security=self._cluster.security,

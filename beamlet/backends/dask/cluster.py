@@ -35,14 +35,21 @@ class ClusterProcess:
     """A LocalCluster in a child process: ``address`` once started; `stop()`."""
 
     def __init__(self, n_workers: int, resources: dict, dashboard: bool = False):
-        from distributed import Security
-        #: What a client needs to connect (the session's TLS key and certificate).
-        self.security = Security.temporary()
-        spec = {"n_workers": n_workers, "resources": resources, "dashboard": dashboard,
-                "tls": {name: getattr(self.security, name) for name in _PEM_FIELDS}}
+        # (Started first: it imports Dask while this process does, and makes the key.)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "beamlet.backends.dask.cluster"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            from distributed import Security
+            #: What a client needs to connect (the session's TLS key and certificate).
+            self.security = Security.temporary()
+        except BaseException:
+            self._proc.stdin.close()  # (it exits at once, unstarted)
+            self._proc.wait(_STOP_TIMEOUT)
+            self._proc.stdout.close()
+            raise
+        spec = {"n_workers": n_workers, "resources": resources, "dashboard": dashboard,
+                "tls": {name: getattr(self.security, name) for name in _PEM_FIELDS}}
         try:
             self._proc.stdin.write(json.dumps(spec) + "\n")
             self._proc.stdin.flush()
@@ -88,7 +95,10 @@ def main() -> None:
     from distributed import LocalCluster, Security
 
     from ..local.session import SessionLock, sweep
-    spec = json.loads(sys.stdin.readline())
+    line = sys.stdin.readline()
+    if not line:
+        return  # (the driver gave up before sending the spec)
+    spec = json.loads(line)
     security = Security(require_encryption=True, **spec["tls"])
     # The workers' scratch space (Dask's default is a shared /tmp/dask-scratch-space):
     # private to this cluster and removed with it. It is a local-backend session's

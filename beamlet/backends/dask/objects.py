@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import pickle
 import threading
 import time
 from typing import Callable, Iterable, Sequence
@@ -32,6 +33,7 @@ from typing import Callable, Iterable, Sequence
 from ... import exceptions as exc
 from ...core.interfaces import ObjectStore
 from ...core.serialization import SerializedObject, serialize
+from ...core.task_spec import ARG_VALUE
 
 PREFIX = "beamlet-"
 
@@ -45,6 +47,63 @@ _KNOWN_GRACE = 2.0
 _GATHER_TIMEOUT = 300.0  # seconds for one fetch of finished values
 
 
+#: Bytes from which a buffer travels as a Dask frame of its own (see DaskObject).
+_OWN_FRAME = 64 * 1024
+
+
+class DaskObject(SerializedObject):
+    """A SerializedObject as Dask carries it (a task's argument or result, a
+    `put` value): its large buffers leave the pickle stream (protocol 5, out
+    of band) and travel as frames of their own, without a copy into the
+    stream, as Dask sends a numpy array. They read back as read-only views of
+    the frames received (a numpy array made from them is read-only, as from
+    the bytes that a plain SerializedObject carries), as a DaskObject again,
+    so that a process passing it on (the Dask scheduler, handing a task's
+    arguments to a worker) does not copy them either."""
+
+    __slots__ = ()
+
+    def __reduce_ex__(self, protocol):
+        if protocol < 5:
+            return super().__reduce__()
+        return (_received, (self.data, [_wire(b) for b in self.buffers], self.refs,
+                            self.is_error))
+
+
+def _wire(buffer):
+    """A buffer as it goes into the pickle stream: out of band (as its raw bytes:
+    Dask sends frames of bytes) if large, else as bytes."""
+    if isinstance(buffer, bytes) and len(buffer) < _OWN_FRAME:
+        return buffer
+    raw = pickle.PickleBuffer(buffer).raw()
+    return pickle.PickleBuffer(raw) if raw.nbytes >= _OWN_FRAME else raw.tobytes()
+
+
+def _received(data, buffers, refs, is_error) -> DaskObject:
+    return DaskObject(data, [b if isinstance(b, bytes) else memoryview(b).toreadonly()
+                             for b in buffers], refs, is_error)
+
+
+def carried(value: SerializedObject) -> SerializedObject:
+    """`value`, as a DaskObject if it has a buffer large enough for a frame of its own."""
+    if value.buffers and type(value) is SerializedObject and \
+            any(memoryview(b).nbytes >= _OWN_FRAME for b in value.buffers):
+        return DaskObject(value.data, value.buffers, value.refs, value.is_error)
+    return value
+
+
+def carry_args(spec) -> None:
+    """Make the large by-value arguments of a TaskSpec (about to be handed to
+    Dask) `carried` ones, in place."""
+    if any(kind == ARG_VALUE and value.buffers for kind, value in spec.args):
+        spec.args = [(kind, carried(value)) if kind == ARG_VALUE else (kind, value)
+                     for kind, value in spec.args]
+    if spec.kwargs and any(kind == ARG_VALUE and value.buffers
+                           for kind, value in spec.kwargs.values()):
+        spec.kwargs = {name: (kind, carried(value)) if kind == ARG_VALUE else (kind, value)
+                       for name, (kind, value) in spec.kwargs.items()}
+
+
 class FailedObject(SerializedObject):
     """A stored error (``is_error``) as a Dask task's value. Dask tells every
     client holding the key its value's type, so `get` of a list can fail fast
@@ -55,10 +114,11 @@ class FailedObject(SerializedObject):
 
 
 def as_stored(value: SerializedObject) -> SerializedObject:
-    """`value` as a task's Dask value: a FailedObject if it is an error."""
+    """`value` as a task's Dask value: a FailedObject if it is an error, else
+    `carried`."""
     if value.is_error and not isinstance(value, FailedObject):
         return FailedObject(value.data, value.buffers, value.refs, True)
-    return value
+    return carried(value)
 
 
 def _may_be_error(fut) -> bool:
@@ -359,7 +419,7 @@ class DaskObjectStore(ObjectStore):
         key = key_of(object_id)
         if value.refs:
             self.publish(value.refs)
-        futures = self.client.scatter({key: value}, hash=False)
+        futures = self.client.scatter({key: carried(value)}, hash=False)
         self.adopt(object_id, futures[key])
         if value.refs:
             with self._lock:
@@ -378,9 +438,42 @@ class DaskObjectStore(ObjectStore):
             return [local.get(i) for i in object_ids]
         if missing:
             futures = [self._pending(i) for i in missing]
-            self._wait_all(futures, timeout)
-            local.update(self._values(list(zip(missing, futures))))
+            if timeout != 0 and not any(isinstance(f, concurrent.futures.Future) or
+                                        f.key in self._lost or f.done() for f in futures):
+                local.update(self._gathered(missing, futures, timeout))
+            else:
+                self._wait_all(futures, timeout)
+                local.update(self._values(list(zip(missing, futures))))
         return [local[i] for i in object_ids]
+
+    def _gathered(self, object_ids: list, futures: list,
+                  timeout: float | None) -> dict[bytes, SerializedObject]:
+        """Wait for unfinished Dask Futures and fetch their values in one round
+        trip to the client's event loop (Dask's gather, which waits for them),
+        rather than a wait and then a fetch; those that did not finish (or whose
+        value went away) read as `_value` says. GetTimeoutError."""
+        from distributed import get_worker
+        try:
+            worker = get_worker()
+        except ValueError:
+            worker = None
+        with seceded():
+            try:
+                values = self.client.sync(self.client._gather, futures, errors="skip",
+                                          local_worker=worker, callback_timeout=timeout)
+            except TimeoutError:
+                raise exc.GetTimeoutError(f"get timed out after {timeout} s") from None
+            except Exception:  # noqa: BLE001 - some value went away: each is read alone
+                values = [None] * len(futures)
+        out = {}
+        for object_id, fut, value in zip(object_ids, futures, values):
+            if value is None or fut.status != "finished":
+                self._wait_all([fut], timeout)
+                value = self._value(object_id, fut)
+            else:
+                self._hold_contained(object_id, value)
+            out[object_id] = value
+        return out
 
     def _values(self, settled: list) -> dict[bytes, SerializedObject]:
         """`_value` of each settled (id, call result or Future), the finished

@@ -49,7 +49,7 @@ from ...core.interfaces import Scheduler
 from ...core.scheduling import CANCELLED, RETRYING
 from ...core.tables import ActorState
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
-from .objects import key_of
+from .objects import carry_args, key_of
 from .worker import ActorHost, actor_created, cancel_children, died_of, note_child, run_task
 
 ACTOR_PREFIX = "beamlet-actor-"
@@ -166,6 +166,7 @@ class DaskScheduler(Scheduler):
             leaving = deps + spec.contained_refs()
             if leaving:  # (call results held here alone become Dask keys)
                 self._store.publish(leaving)
+            carry_args(spec)
         else:
             deps = ()
         if spec.kind == ACTOR_METHOD:
