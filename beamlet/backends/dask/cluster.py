@@ -10,11 +10,11 @@ does at shutdown (or the kernel does, when the driver dies). Its workers'
 scratch dir is swept at a later start if the child is killed before removing
 it (see `main`).
 
-Every connection into that cluster is mutual TLS with a key and certificate
-made for this session alone (Dask's ``Security.temporary()``): a process
-without them cannot connect, submit work or read objects. The driver passes
-them to the child on its standard input, never on the command line (which
-other users can read).
+Every connection into that cluster (``beamlet://``, see ``comm.py``) proves
+first that it holds a key made for this session alone: a process without it
+cannot connect, submit work or read objects. The driver passes the key to
+the child on its standard input, never on the command line (which other
+users can read).
 """
 from __future__ import annotations
 
@@ -26,8 +26,7 @@ import sys
 from ... import exceptions as exc
 
 _START_TIMEOUT = 60.0
-_PEM_FIELDS = ("tls_ca_file", "tls_client_key", "tls_client_cert", "tls_scheduler_key",
-               "tls_scheduler_cert", "tls_worker_key", "tls_worker_cert")
+_SCHEME = "beamlet"  # (comm.SCHEME: not imported here, which would import Dask)
 _STOP_TIMEOUT = 20.0
 
 
@@ -40,16 +39,17 @@ class ClusterProcess:
             [sys.executable, "-m", "beamlet.backends.dask.cluster"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
-            from distributed import Security
-            #: What a client needs to connect (the session's TLS key and certificate).
-            self.security = Security.temporary()
+            from .comm import KeyedSecurity, new_key
+            key = new_key()
+            #: What a client needs to connect (it holds the session's key).
+            self.security = KeyedSecurity(key)
         except BaseException:
             self._proc.stdin.close()  # (it exits at once, unstarted)
             self._proc.wait(_STOP_TIMEOUT)
             self._proc.stdout.close()
             raise
         spec = {"n_workers": n_workers, "resources": resources, "dashboard": dashboard,
-                "tls": {name: getattr(self.security, name) for name in _PEM_FIELDS}}
+                "key": key.hex()}
         try:
             self._proc.stdin.write(json.dumps(spec) + "\n")
             self._proc.stdin.flush()
@@ -66,7 +66,7 @@ class ClusterProcess:
                 raise exc.BackendError(f"the Dask LocalCluster did not start within "
                                        f"{_START_TIMEOUT:.0f} s")
         line = self._proc.stdout.readline().strip()
-        if not line.startswith("tls://"):
+        if not line.startswith(_SCHEME + "://"):
             self.stop()
             raise exc.BackendError(f"the Dask LocalCluster failed to start (it said "
                                    f"{line!r}; its errors are above)")
@@ -92,14 +92,15 @@ class ClusterProcess:
 def main() -> None:
     import logging
 
-    from distributed import LocalCluster, Security
+    from distributed import LocalCluster
 
     from ..local.session import SessionLock, sweep
+    from .comm import SCHEME, KeyedSecurity
     line = sys.stdin.readline()
     if not line:
         return  # (the driver gave up before sending the spec)
     spec = json.loads(line)
-    security = Security(require_encryption=True, **spec["tls"])
+    security = KeyedSecurity(bytes.fromhex(spec["key"]))
     # The workers' scratch space (Dask's default is a shared /tmp/dask-scratch-space):
     # private to this cluster and removed with it. It is a local-backend session's
     # temp dir, under that session's lock, which this process holds: if it is
@@ -113,7 +114,7 @@ def main() -> None:
     try:
         cluster = LocalCluster(n_workers=spec["n_workers"], threads_per_worker=1,
                                processes=True, resources=spec["resources"], host="127.0.0.1",
-                               protocol="tls://", security=security, local_directory=scratch,
+                               protocol=SCHEME + "://", security=security, local_directory=scratch,
                                dashboard_address=":0" if spec["dashboard"] else None,
                                silence_logs=logging.ERROR)
         try:
