@@ -170,6 +170,7 @@ class DaskScheduler(Scheduler):
         else:
             deps = ()
         if spec.kind == ACTOR_METHOD:
+            self._store.flush()  # (its ref arguments' tasks are known before it runs)
             self._submit_call(spec)
             return
         deps = {d: self._store.future(d) for d in deps}
@@ -201,6 +202,12 @@ class DaskScheduler(Scheduler):
         """Submit ``fn(*args)``, its value stored under the spec's return ids."""
         client = self._client
         rids = spec.return_ids
+        if len(rids) == 1 and self._backend._is_driver:
+            # (Not in a worker: Dask ranks a task submitted from a task's thread
+            # above that task, which a batch sent from elsewhere would lose.)
+            self._store.submit_batched(rids[0], fn, args, resources)
+            return
+        self._store.flush()
         if len(rids) == 1:
             fut = client.submit(fn, *args, key=key_of(rids[0]), resources=resources,
                                 pure=False)
@@ -217,6 +224,7 @@ class DaskScheduler(Scheduler):
 
     def _submit_actor(self, spec: TaskSpec, deps: dict) -> None:
         resources = self._resources(spec)
+        self._store.flush()
         host = self._client.submit(ActorHost, self._backend.job, spec, deps,
                                    key=ACTOR_PREFIX + spec.actor_id.hex(), actor=True,
                                    resources=resources, pure=False)
@@ -480,6 +488,7 @@ class DaskScheduler(Scheduler):
         return free
 
     def shutdown(self) -> None:
+        self._store.flush()
         with self._lock:
             hosts, self._hosts = self._hosts, {}
         for fut in hosts.values():
