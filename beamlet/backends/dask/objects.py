@@ -530,14 +530,17 @@ class DaskObjectStore(ObjectStore):
             worker = None
         with seceded():
             try:
-                values = self.client.sync(self.client._gather, futures, errors="skip",
-                                          local_worker=worker, callback_timeout=timeout)
+                # (A dict: Dask leaves failed futures out of a gathered list.)
+                values = self.client.sync(self.client._gather, {f.key: f for f in futures},
+                                          errors="skip", local_worker=worker,
+                                          callback_timeout=timeout)
             except TimeoutError:
                 raise exc.GetTimeoutError(f"get timed out after {timeout} s") from None
             except Exception:  # noqa: BLE001 - some value went away: each is read alone
-                values = [None] * len(futures)
+                values = {}
         out = {}
-        for object_id, fut, value in zip(object_ids, futures, values):
+        for object_id, fut in zip(object_ids, futures):
+            value = values.get(fut.key)
             if value is None or fut.status != "finished":
                 self._wait_all([fut], timeout)
                 value = self._value(object_id, fut)
