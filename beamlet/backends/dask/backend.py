@@ -79,6 +79,12 @@ class DaskBackend(Backend):
         if self._is_driver and self.job["task_events"]:
             self.control_store.subscribe(task_events_channel(self.job["job_id"]),
                                          self.scheduler.task_event)
+        if self._cluster is not None:  # (its workers started while this connected)
+            try:
+                self._cluster.ready()
+            except BaseException:
+                self.client.close()
+                raise
 
     def _connect(self, config: dict):
         if config.get("client") is not None:
@@ -110,7 +116,8 @@ class DaskBackend(Backend):
         for name, amount in (config.get("resources") or {}).items():
             resources[name] = float(amount) / n
         from .cluster import ClusterProcess
-        self._cluster = ClusterProcess(n, resources, bool(config.get("dashboard")))
+        self._cluster = ClusterProcess(n, resources, bool(config.get("dashboard")),
+                                       wait=False)  # (see __init__'s end)
         try:
             from distributed import Client
             # (Its workers are on this machine: values are fetched from them

@@ -31,9 +31,13 @@ _STOP_TIMEOUT = 20.0
 
 
 class ClusterProcess:
-    """A LocalCluster in a child process: ``address`` once started; `stop()`."""
+    """A LocalCluster in a child process: ``address`` once its scheduler listens;
+    `ready()` once its workers do; `stop()`."""
 
-    def __init__(self, n_workers: int, resources: dict, dashboard: bool = False):
+    def __init__(self, n_workers: int, resources: dict, dashboard: bool = False,
+                 wait: bool = True):
+        """`wait`: return once the workers are up (else the caller calls `ready`
+        when it needs them, having connected to the scheduler meanwhile)."""
         # (Started first: it imports Dask while this process does, and makes the key.)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "beamlet.backends.dask.cluster"],
@@ -56,6 +60,26 @@ class ClusterProcess:
         except OSError:
             pass  # (it died at once: _read_address says so)
         self.address = self._read_address()
+        if wait:
+            self.ready()
+
+    def ready(self) -> None:
+        """Wait until every worker has joined; BackendError if they do not
+        within the start timeout (the cluster is then stopped)."""
+        import threading
+        said: list = []
+        reader = threading.Thread(target=lambda: said.append(self._proc.stdout.readline()),
+                                  name="beamlet-dask-ready", daemon=True)
+        reader.start()
+        reader.join(_START_TIMEOUT)
+        line = said[0].strip() if said else None
+        if line != "ready":
+            self.stop()
+            reader.join(_STOP_TIMEOUT)
+            raise exc.BackendError(
+                f"the Dask LocalCluster's workers did not start within {_START_TIMEOUT:.0f} s"
+                if line is None else f"the Dask LocalCluster's workers failed to start (it "
+                f"said {line!r}; its errors are above)")
 
     def _read_address(self) -> str:
         import selectors
@@ -112,13 +136,17 @@ def main() -> None:
     import dask
     dask.config.set({"temporary-directory": scratch})
     try:
-        cluster = LocalCluster(n_workers=spec["n_workers"], threads_per_worker=1,
+        # (Its address first, then its workers: the driver connects meanwhile.)
+        cluster = LocalCluster(n_workers=0, threads_per_worker=1,
                                processes=True, resources=spec["resources"], host="127.0.0.1",
                                protocol=SCHEME + "://", security=security, local_directory=scratch,
                                dashboard_address=":0" if spec["dashboard"] else None,
                                silence_logs=logging.ERROR)
         try:
             print(cluster.scheduler_address, flush=True)
+            cluster.scale(spec["n_workers"])
+            cluster.wait_for_workers(spec["n_workers"], timeout=_START_TIMEOUT)
+            print("ready", flush=True)
             sys.stdin.read()  # until the driver closes it, or dies
         finally:
             cluster.close(timeout=_STOP_TIMEOUT)
