@@ -275,7 +275,7 @@ class DaskScheduler(Scheduler):
 
         Each call in flight holds a connection to the host's worker (Dask's
         rpc pool), so calls to one actor take one of `_SENDING` slots: a burst
-        of thousands would otherwise open as many connections at once (TLS
+        of thousands would otherwise open as many connections at once (their
         handshakes enough to time out). A call holds its slot for at most
         `_SLOT_HOLD` s, so that calls blocked in the actor until later calls
         from here arrive cannot keep those from being sent."""
