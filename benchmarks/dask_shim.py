@@ -11,13 +11,14 @@
   while it waits, so nested tasks do not deadlock); ``put`` is ``client.scatter``.
 - Actors are Dask actors (``client.submit(cls, actor=True)``); ``h.m.remote()`` is
   ``h.m()``, an ActorFuture.
+- ``distributed`` is imported by ``init()``, not by importing this module: beamlet
+  imports it in ``init(backend="dask")`` too, so both cold starts include it.
 """
 from __future__ import annotations
 
-import distributed
-from distributed.actor import BaseActorFuture
+import importlib.metadata
 
-__version__ = distributed.__version__
+__version__ = importlib.metadata.version("distributed")
 
 _client = None
 DEFAULTS = {"processes": True, "n_workers": 2, "threads_per_worker": 1}
@@ -25,6 +26,7 @@ DEFAULTS = {"processes": True, "n_workers": 2, "threads_per_worker": 1}
 
 def init(**kw):
     global _client
+    import distributed
     if "num_cpus" in kw:      # Ray's spelling: one single-threaded worker per CPU
         kw.setdefault("n_workers", int(kw.pop("num_cpus")))
     _client = distributed.Client(**dict(DEFAULTS, **kw))
@@ -39,6 +41,7 @@ def shutdown():
 
 
 def _in_worker():
+    import distributed
     try:
         distributed.get_worker()
         return True
@@ -49,6 +52,7 @@ def _in_worker():
 def _c():
     if _client is not None and not _in_worker():
         return _client
+    import distributed
     return distributed.get_client()
 
 
@@ -100,6 +104,7 @@ def put(value):
 
 
 def _gather(refs):
+    from distributed.actor import BaseActorFuture
     futures = [r for r in refs if not isinstance(r, BaseActorFuture)]
     values = iter(_c().gather(futures)) if futures else iter(())
     return [r.result() if isinstance(r, BaseActorFuture) else next(values) for r in refs]
@@ -109,6 +114,7 @@ def get(refs, timeout=None):
     single = not isinstance(refs, (list, tuple))
     refs = [refs] if single else list(refs)
     if _in_worker():
+        import distributed
         distributed.secede()
         try:
             out = _gather(refs)

@@ -1,5 +1,5 @@
 """What only the ``dask`` backend does: its own LocalCluster (started in a child
-process, closed to clients without the session's TLS key, gone after
+process, closed to clients without the session's key, gone after
 `shutdown`), joining a scheduler by address, and bad addresses. The semantic
 suite (test_api.py, test_ray_compat.py) and the seed programs run on ``dask``
 too, through ``BACKENDS`` in conftest.py; the control store's contract runs on
@@ -98,15 +98,28 @@ def test_a_killed_clusters_scratch_dir_is_swept_at_the_next_start(no_backend):
 
 
 def test_a_client_without_the_session_key_is_refused(no_backend):
-    from distributed import Client, Security
+    from distributed import Client
+
+    from beamlet.backends.dask.comm import KeyedSecurity, new_key
     ray.init(backend="dask", num_cpus=1)
     address = _runtime.current().backend._cluster.address
-    assert address.startswith("tls://127.0.0.1:")
-    with pytest.raises((OSError, TimeoutError)):  # a key of its own: the handshake fails
-        Client(address, security=Security.temporary(), timeout=5)
-    plain = "tcp://" + address.split("://", 1)[1]
-    with pytest.raises((OSError, TimeoutError)):
-        Client(plain, timeout=5)
+    assert address.startswith("beamlet://127.0.0.1:")
+    with pytest.raises((OSError, TimeoutError)):  # a key of its own: the proof fails
+        Client(address, security=KeyedSecurity(new_key()), timeout=5)
+    with pytest.raises((OSError, TimeoutError)):  # (the client's end refuses to try)
+        Client(address, timeout=5)
+    # A stranger speaking first (as Dask's plain tcp:// or tls:// client would)
+    # gets nothing back but the scheduler's nonce, and is cut off.
+    host, port = address.split("://", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(os.urandom(64))
+        received = b""
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+        assert len(received) == 32, received
     assert ray.get(ray.put("still serving"), timeout=30) == "still serving"
 
 

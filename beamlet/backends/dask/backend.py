@@ -79,10 +79,16 @@ class DaskBackend(Backend):
         if self._is_driver and self.job["task_events"]:
             self.control_store.subscribe(task_events_channel(self.job["job_id"]),
                                          self.scheduler.task_event)
+        if self._cluster is not None:  # (its workers started while this connected)
+            try:
+                self._cluster.ready()
+            except BaseException:
+                self.client.close()
+                raise
 
     def _connect(self, config: dict):
-        from distributed import Client
         if config.get("client") is not None:
+            from distributed import Client
             client = config["client"]
             if not isinstance(client, Client):
                 raise TypeError(f"init(backend='dask', client=...) needs a distributed.Client, "
@@ -91,6 +97,7 @@ class DaskBackend(Backend):
         address = config.get("address")
         self._own_client = True
         if address:
+            from distributed import Client
             if not isinstance(address, str):
                 raise TypeError(f"address must be a str like 'tcp://host:8786', got "
                                 f"{type(address).__name__}")
@@ -109,8 +116,10 @@ class DaskBackend(Backend):
         for name, amount in (config.get("resources") or {}).items():
             resources[name] = float(amount) / n
         from .cluster import ClusterProcess
-        self._cluster = ClusterProcess(n, resources, bool(config.get("dashboard")))
+        self._cluster = ClusterProcess(n, resources, bool(config.get("dashboard")),
+                                       wait=False)  # (see __init__'s end)
         try:
+            from distributed import Client
             # (Its workers are on this machine: values are fetched from them
             # directly, not relayed by the scheduler.)
             return Client(self._cluster.address, security=self._cluster.security,

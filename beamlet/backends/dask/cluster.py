@@ -10,11 +10,11 @@ does at shutdown (or the kernel does, when the driver dies). Its workers'
 scratch dir is swept at a later start if the child is killed before removing
 it (see `main`).
 
-Every connection into that cluster is mutual TLS with a key and certificate
-made for this session alone (Dask's ``Security.temporary()``): a process
-without them cannot connect, submit work or read objects. The driver passes
-them to the child on its standard input, never on the command line (which
-other users can read).
+Every connection into that cluster (``beamlet://``, see ``comm.py``) proves
+first that it holds a key made for this session alone: a process without it
+cannot connect, submit work or read objects. The driver passes the key to
+the child on its standard input, never on the command line (which other
+users can read).
 """
 from __future__ import annotations
 
@@ -26,29 +26,60 @@ import sys
 from ... import exceptions as exc
 
 _START_TIMEOUT = 60.0
-_PEM_FIELDS = ("tls_ca_file", "tls_client_key", "tls_client_cert", "tls_scheduler_key",
-               "tls_scheduler_cert", "tls_worker_key", "tls_worker_cert")
+_SCHEME = "beamlet"  # (comm.SCHEME: not imported here, which would import Dask)
 _STOP_TIMEOUT = 20.0
 
 
 class ClusterProcess:
-    """A LocalCluster in a child process: ``address`` once started; `stop()`."""
+    """A LocalCluster in a child process: ``address`` once its scheduler listens;
+    `ready()` once its workers do; `stop()`."""
 
-    def __init__(self, n_workers: int, resources: dict, dashboard: bool = False):
-        from distributed import Security
-        #: What a client needs to connect (the session's TLS key and certificate).
-        self.security = Security.temporary()
-        spec = {"n_workers": n_workers, "resources": resources, "dashboard": dashboard,
-                "tls": {name: getattr(self.security, name) for name in _PEM_FIELDS}}
+    def __init__(self, n_workers: int, resources: dict, dashboard: bool = False,
+                 wait: bool = True):
+        """`wait`: return once the workers are up (else the caller calls `ready`
+        when it needs them, having connected to the scheduler meanwhile)."""
+        # (Started first: it imports Dask while this process does, and makes the key.)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "beamlet.backends.dask.cluster"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            from .comm import KeyedSecurity, new_key
+            key = new_key()
+            #: What a client needs to connect (it holds the session's key).
+            self.security = KeyedSecurity(key)
+        except BaseException:
+            self._proc.stdin.close()  # (it exits at once, unstarted)
+            self._proc.wait(_STOP_TIMEOUT)
+            self._proc.stdout.close()
+            raise
+        spec = {"n_workers": n_workers, "resources": resources, "dashboard": dashboard,
+                "key": key.hex()}
         try:
             self._proc.stdin.write(json.dumps(spec) + "\n")
             self._proc.stdin.flush()
         except OSError:
             pass  # (it died at once: _read_address says so)
         self.address = self._read_address()
+        if wait:
+            self.ready()
+
+    def ready(self) -> None:
+        """Wait until every worker has joined; BackendError if they do not
+        within the start timeout (the cluster is then stopped)."""
+        import threading
+        said: list = []
+        reader = threading.Thread(target=lambda: said.append(self._proc.stdout.readline()),
+                                  name="beamlet-dask-ready", daemon=True)
+        reader.start()
+        reader.join(_START_TIMEOUT)
+        line = said[0].strip() if said else None
+        if line != "ready":
+            self.stop()
+            reader.join(_STOP_TIMEOUT)
+            raise exc.BackendError(
+                f"the Dask LocalCluster's workers did not start within {_START_TIMEOUT:.0f} s"
+                if line is None else f"the Dask LocalCluster's workers failed to start (it "
+                f"said {line!r}; its errors are above)")
 
     def _read_address(self) -> str:
         import selectors
@@ -59,7 +90,7 @@ class ClusterProcess:
                 raise exc.BackendError(f"the Dask LocalCluster did not start within "
                                        f"{_START_TIMEOUT:.0f} s")
         line = self._proc.stdout.readline().strip()
-        if not line.startswith("tls://"):
+        if not line.startswith(_SCHEME + "://"):
             self.stop()
             raise exc.BackendError(f"the Dask LocalCluster failed to start (it said "
                                    f"{line!r}; its errors are above)")
@@ -85,11 +116,15 @@ class ClusterProcess:
 def main() -> None:
     import logging
 
-    from distributed import LocalCluster, Security
+    from distributed import LocalCluster
 
     from ..local.session import SessionLock, sweep
-    spec = json.loads(sys.stdin.readline())
-    security = Security(require_encryption=True, **spec["tls"])
+    from .comm import SCHEME, KeyedSecurity
+    line = sys.stdin.readline()
+    if not line:
+        return  # (the driver gave up before sending the spec)
+    spec = json.loads(line)
+    security = KeyedSecurity(bytes.fromhex(spec["key"]))
     # The workers' scratch space (Dask's default is a shared /tmp/dask-scratch-space):
     # private to this cluster and removed with it. It is a local-backend session's
     # temp dir, under that session's lock, which this process holds: if it is
@@ -101,13 +136,17 @@ def main() -> None:
     import dask
     dask.config.set({"temporary-directory": scratch})
     try:
-        cluster = LocalCluster(n_workers=spec["n_workers"], threads_per_worker=1,
+        # (Its address first, then its workers: the driver connects meanwhile.)
+        cluster = LocalCluster(n_workers=0, threads_per_worker=1,
                                processes=True, resources=spec["resources"], host="127.0.0.1",
-                               protocol="tls://", security=security, local_directory=scratch,
+                               protocol=SCHEME + "://", security=security, local_directory=scratch,
                                dashboard_address=":0" if spec["dashboard"] else None,
                                silence_logs=logging.ERROR)
         try:
             print(cluster.scheduler_address, flush=True)
+            cluster.scale(spec["n_workers"])
+            cluster.wait_for_workers(spec["n_workers"], timeout=_START_TIMEOUT)
+            print("ready", flush=True)
             sys.stdin.read()  # until the driver closes it, or dies
         finally:
             cluster.close(timeout=_STOP_TIMEOUT)

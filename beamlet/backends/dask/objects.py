@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import pickle
 import threading
 import time
+import uuid
 from typing import Callable, Iterable, Sequence
 
 from ... import exceptions as exc
 from ...core.interfaces import ObjectStore
 from ...core.serialization import SerializedObject, serialize
+from ...core.task_spec import ARG_VALUE
 
 PREFIX = "beamlet-"
 
@@ -42,7 +45,65 @@ def key_of(object_id: bytes) -> str:
 
 
 _KNOWN_GRACE = 2.0
+_BATCH_MAX = 1000  # tasks in one submission to the Dask scheduler at most
 _GATHER_TIMEOUT = 300.0  # seconds for one fetch of finished values
+
+
+#: Bytes from which a buffer travels as a Dask frame of its own (see DaskObject).
+_OWN_FRAME = 64 * 1024
+
+
+class DaskObject(SerializedObject):
+    """A SerializedObject as Dask carries it (a task's argument or result, a
+    `put` value): its large buffers leave the pickle stream (protocol 5, out
+    of band) and travel as frames of their own, without a copy into the
+    stream, as Dask sends a numpy array. They read back as read-only views of
+    the frames received (a numpy array made from them is read-only, as from
+    the bytes that a plain SerializedObject carries), as a DaskObject again,
+    so that a process passing it on (the Dask scheduler, handing a task's
+    arguments to a worker) does not copy them either."""
+
+    __slots__ = ()
+
+    def __reduce_ex__(self, protocol):
+        if protocol < 5:
+            return super().__reduce__()
+        return (_received, (self.data, [_wire(b) for b in self.buffers], self.refs,
+                            self.is_error))
+
+
+def _wire(buffer):
+    """A buffer as it goes into the pickle stream: out of band (as its raw bytes:
+    Dask sends frames of bytes) if large, else as bytes."""
+    if isinstance(buffer, bytes) and len(buffer) < _OWN_FRAME:
+        return buffer
+    raw = pickle.PickleBuffer(buffer).raw()
+    return pickle.PickleBuffer(raw) if raw.nbytes >= _OWN_FRAME else raw.tobytes()
+
+
+def _received(data, buffers, refs, is_error) -> DaskObject:
+    return DaskObject(data, [b if isinstance(b, bytes) else memoryview(b).toreadonly()
+                             for b in buffers], refs, is_error)
+
+
+def carried(value: SerializedObject) -> SerializedObject:
+    """`value`, as a DaskObject if it has a buffer large enough for a frame of its own."""
+    if value.buffers and type(value) is SerializedObject and \
+            any(memoryview(b).nbytes >= _OWN_FRAME for b in value.buffers):
+        return DaskObject(value.data, value.buffers, value.refs, value.is_error)
+    return value
+
+
+def carry_args(spec) -> None:
+    """Make the large by-value arguments of a TaskSpec (about to be handed to
+    Dask) `carried` ones, in place."""
+    if any(kind == ARG_VALUE and value.buffers for kind, value in spec.args):
+        spec.args = [(kind, carried(value)) if kind == ARG_VALUE else (kind, value)
+                     for kind, value in spec.args]
+    if spec.kwargs and any(kind == ARG_VALUE and value.buffers
+                           for kind, value in spec.kwargs.values()):
+        spec.kwargs = {name: (kind, carried(value)) if kind == ARG_VALUE else (kind, value)
+                       for name, (kind, value) in spec.kwargs.items()}
 
 
 class FailedObject(SerializedObject):
@@ -55,10 +116,11 @@ class FailedObject(SerializedObject):
 
 
 def as_stored(value: SerializedObject) -> SerializedObject:
-    """`value` as a task's Dask value: a FailedObject if it is an error."""
+    """`value` as a task's Dask value: a FailedObject if it is an error, else
+    `carried`."""
     if value.is_error and not isinstance(value, FailedObject):
         return FailedObject(value.data, value.buffers, value.refs, True)
-    return value
+    return carried(value)
 
 
 def _may_be_error(fut) -> bool:
@@ -182,6 +244,11 @@ class DaskObjectStore(ObjectStore):
         self._calls: dict[bytes, concurrent.futures.Future] = {}
         self._handover = None  # (a thread handing values to relays: see publish)
         self._closed = False
+        #: Tasks submitted here and not yet sent to the scheduler (see `submit_batched`).
+        self._batch: list = []
+        self._batch_armed = False
+        self._batch_lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # (batches are sent in the order made)
 
     # -- futures ------------------------------------------------------------------
     def adopt(self, object_id: bytes, future) -> None:
@@ -189,6 +256,66 @@ class DaskObjectStore(ObjectStore):
         with self._lock:
             self._futures[object_id] = future
             self._submitted.add(object_id)
+
+    # -- batched submission -------------------------------------------------------------
+    def submit_batched(self, object_id: bytes, fn, args: tuple, resources: dict | None) -> None:
+        """Submit the task ``fn(*args)`` under the key of `object_id` with others
+        made at about the same time: one graph sent to the Dask scheduler for
+        many tasks, as Dask's ``Client.map`` does, costs it far less per task
+        than one each. The batch is sent (`flush`) when it is full, before
+        anything else of this store or its scheduler talks to Dask (so the
+        scheduler hears of every key before anything that uses it), and else
+        from the client's event loop as soon as that runs. Batches go out in
+        the order made, each task keeping its place (its Dask priority)."""
+        from distributed import Future
+        key = key_of(object_id)
+        self.adopt(object_id, Future(key, self.client))
+        with self._batch_lock:
+            self._batch.append((key, fn, args, resources))
+            arm = not self._batch_armed
+            self._batch_armed = True
+            full = len(self._batch) >= _BATCH_MAX
+        if full:
+            self.flush()
+        elif arm:
+            self.client.loop.add_callback(self.flush)
+
+    def flush(self) -> None:
+        """Send the tasks `submit_batched` holds to the Dask scheduler (from any thread)."""
+        if not self._batch:
+            return
+        with self._flush_lock:
+            with self._batch_lock:
+                batch, self._batch = self._batch, []
+                self._batch_armed = False
+            start = 0
+            while start < len(batch):  # (one graph per run of equal resource requests)
+                end = start + 1
+                while end < len(batch) and batch[end][3] == batch[start][3]:
+                    end += 1
+                self._send_graph(batch[start:end])
+                start = end
+
+    def _send_graph(self, tasks: list) -> None:
+        from dask._expr import LLGExpr
+        from dask._task_spec import Task, parse_input
+        from distributed.spans import SpanMetadata
+        client = self.client
+        try:
+            graph = {key: Task(key, fn, *map(parse_input, args)) for key, fn, args, _ in tasks}
+            client._graph_to_futures(
+                LLGExpr(graph, _determ_token=uuid.uuid4().hex), list(graph),
+                span_metadata=SpanMetadata(collections=[{"type": "Future"}]),
+                internal_priority={key: i for i, key in enumerate(graph)},
+                resources=tasks[0][3], fifo_timeout="100 ms", actors=False)
+        except Exception as err:  # noqa: BLE001 - e.g. an argument Dask cannot pickle
+            if len(tasks) > 1:  # (each alone: only the culprit fails)
+                for task in tasks:
+                    self._send_graph([task])
+                return
+            state = client.futures.get(tasks[0][0])
+            if state is not None:
+                state.set_error(err, err.__traceback__)
 
     # -- call results -------------------------------------------------------------------
     def expect(self, object_id: bytes) -> concurrent.futures.Future:
@@ -203,6 +330,7 @@ class DaskObjectStore(ObjectStore):
         Dask key (it is about to leave this process): its value is scattered,
         or, until it arrives, a relay task stands under its key. Other ids
         are left alone. Never waits for a call."""
+        self.flush()
         calls = self._calls
         if not calls:
             return
@@ -286,6 +414,7 @@ class DaskObjectStore(ObjectStore):
         A key the scheduler does not know (any more) reads back as lost, rather
         than a Future that never resolves."""
         from distributed import Future
+        self.flush()
         fut = Future(key, self.client)
         if not self._known(key):
             self._lost.add(key)
@@ -356,10 +485,11 @@ class DaskObjectStore(ObjectStore):
     # -- ObjectStore ------------------------------------------------------------------
     def put(self, object_id: bytes, value: SerializedObject) -> None:
         self._check_open()
+        self.flush()
         key = key_of(object_id)
         if value.refs:
             self.publish(value.refs)
-        futures = self.client.scatter({key: value}, hash=False)
+        futures = self.client.scatter({key: carried(value)}, hash=False)
         self.adopt(object_id, futures[key])
         if value.refs:
             with self._lock:
@@ -369,6 +499,7 @@ class DaskObjectStore(ObjectStore):
     def get(self, object_ids: Sequence[bytes], timeout: float | None = None,
             fail_fast: bool = False) -> list[SerializedObject]:
         self._check_open()
+        self.flush()
         with self._lock:
             local = {i: self._local[i] for i in object_ids if i in self._local}
         missing = [i for i in dict.fromkeys(object_ids) if i not in local]
@@ -378,9 +509,45 @@ class DaskObjectStore(ObjectStore):
             return [local.get(i) for i in object_ids]
         if missing:
             futures = [self._pending(i) for i in missing]
-            self._wait_all(futures, timeout)
-            local.update(self._values(list(zip(missing, futures))))
+            if timeout != 0 and not any(isinstance(f, concurrent.futures.Future) or
+                                        f.key in self._lost or f.done() for f in futures):
+                local.update(self._gathered(missing, futures, timeout))
+            else:
+                self._wait_all(futures, timeout)
+                local.update(self._values(list(zip(missing, futures))))
         return [local[i] for i in object_ids]
+
+    def _gathered(self, object_ids: list, futures: list,
+                  timeout: float | None) -> dict[bytes, SerializedObject]:
+        """Wait for unfinished Dask Futures and fetch their values in one round
+        trip to the client's event loop (Dask's gather, which waits for them),
+        rather than a wait and then a fetch; those that did not finish (or whose
+        value went away) read as `_value` says. GetTimeoutError."""
+        from distributed import get_worker
+        try:
+            worker = get_worker()
+        except ValueError:
+            worker = None
+        with seceded():
+            try:
+                # (A dict: Dask leaves failed futures out of a gathered list.)
+                values = self.client.sync(self.client._gather, {f.key: f for f in futures},
+                                          errors="skip", local_worker=worker,
+                                          callback_timeout=timeout)
+            except TimeoutError:
+                raise exc.GetTimeoutError(f"get timed out after {timeout} s") from None
+            except Exception:  # noqa: BLE001 - some value went away: each is read alone
+                values = {}
+        out = {}
+        for object_id, fut in zip(object_ids, futures):
+            value = values.get(fut.key)
+            if value is None or fut.status != "finished":
+                self._wait_all([fut], timeout)
+                value = self._value(object_id, fut)
+            else:
+                self._hold_contained(object_id, value)
+            out[object_id] = value
+        return out
 
     def _values(self, settled: list) -> dict[bytes, SerializedObject]:
         """`_value` of each settled (id, call result or Future), the finished
@@ -540,6 +707,7 @@ class DaskObjectStore(ObjectStore):
     def wait(self, object_ids: Sequence[bytes], num_returns: int,
              timeout: float | None = None) -> set[bytes]:
         self._check_open()
+        self.flush()
         futures = {i: self._pending(i) for i in dict.fromkeys(object_ids)
                    if i not in self._local}
         ready = {i for i in object_ids if i in self._local}
@@ -617,6 +785,7 @@ class DaskObjectStore(ObjectStore):
             except concurrent.futures.InvalidStateError:
                 return False  # (it ended already)
             return True
+        self.flush()
         fut = self.future(object_id)
         if fut.done():
             return False
@@ -657,6 +826,7 @@ class DaskObjectStore(ObjectStore):
 
     def close(self) -> None:
         """Release every Future this process holds."""
+        self.flush()  # (submitted tasks run, as on every backend)
         with self._lock:
             self._closed = True
             futures, self._futures = list(self._futures.values()), {}

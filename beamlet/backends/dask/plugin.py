@@ -5,9 +5,10 @@ from ...core.plugins import hookimpl
 
 
 def _dask(config, runtime):
-    try:
-        import distributed  # noqa: F401 - only to give a clear message
-    except ImportError:
+    import importlib.util
+    # (Found, not imported: a LocalCluster's process starts before this one
+    # imports Dask, so that both import it at once.)
+    if importlib.util.find_spec("distributed") is None:
         raise ValueError("backend 'dask' needs Dask's distributed package: "
                          "pip install 'beamlet[dask]'") from None
     from .backend import DaskBackend

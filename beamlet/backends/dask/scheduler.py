@@ -49,7 +49,7 @@ from ...core.interfaces import Scheduler
 from ...core.scheduling import CANCELLED, RETRYING
 from ...core.tables import ActorState
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
-from .objects import key_of
+from .objects import carry_args, key_of
 from .worker import ActorHost, actor_created, cancel_children, died_of, note_child, run_task
 
 ACTOR_PREFIX = "beamlet-actor-"
@@ -166,9 +166,11 @@ class DaskScheduler(Scheduler):
             leaving = deps + spec.contained_refs()
             if leaving:  # (call results held here alone become Dask keys)
                 self._store.publish(leaving)
+            carry_args(spec)
         else:
             deps = ()
         if spec.kind == ACTOR_METHOD:
+            self._store.flush()  # (its ref arguments' tasks are known before it runs)
             self._submit_call(spec)
             return
         deps = {d: self._store.future(d) for d in deps}
@@ -200,6 +202,12 @@ class DaskScheduler(Scheduler):
         """Submit ``fn(*args)``, its value stored under the spec's return ids."""
         client = self._client
         rids = spec.return_ids
+        if len(rids) == 1 and self._backend._is_driver:
+            # (Not in a worker: Dask ranks a task submitted from a task's thread
+            # above that task, which a batch sent from elsewhere would lose.)
+            self._store.submit_batched(rids[0], fn, args, resources)
+            return
+        self._store.flush()
         if len(rids) == 1:
             fut = client.submit(fn, *args, key=key_of(rids[0]), resources=resources,
                                 pure=False)
@@ -216,6 +224,7 @@ class DaskScheduler(Scheduler):
 
     def _submit_actor(self, spec: TaskSpec, deps: dict) -> None:
         resources = self._resources(spec)
+        self._store.flush()
         host = self._client.submit(ActorHost, self._backend.job, spec, deps,
                                    key=ACTOR_PREFIX + spec.actor_id.hex(), actor=True,
                                    resources=resources, pure=False)
@@ -266,7 +275,7 @@ class DaskScheduler(Scheduler):
 
         Each call in flight holds a connection to the host's worker (Dask's
         rpc pool), so calls to one actor take one of `_SENDING` slots: a burst
-        of thousands would otherwise open as many connections at once (TLS
+        of thousands would otherwise open as many connections at once (their
         handshakes enough to time out). A call holds its slot for at most
         `_SLOT_HOLD` s, so that calls blocked in the actor until later calls
         from here arrive cannot keep those from being sent."""
@@ -479,6 +488,7 @@ class DaskScheduler(Scheduler):
         return free
 
     def shutdown(self) -> None:
+        self._store.flush()
         with self._lock:
             hosts, self._hosts = self._hosts, {}
         for fut in hosts.values():

@@ -36,7 +36,7 @@ from ...core.scheduling import ActorLifecycle, run_attempts
 from ...core.tables import ActorState
 from ...core.serialization import serialize
 from ...core.task_spec import TaskSpec
-from .objects import as_stored
+from .objects import as_stored, carried
 
 _POLL = 10.0  # seconds between checks that an actor's host is still there
 _CANCEL_GRACE = 1.0  # seconds a killed async actor's calls get to unwind
@@ -442,7 +442,7 @@ class ActorHost:
             if value.refs:
                 self._job.runtime.backend.object_store.pin_for_job(value.refs)
         self._job.runtime.backend.hold_borrowed()
-        return values
+        return [carried(value) for value in values]
 
     def _instance_loop(self):
         return self._job.executor.actors[self._spec.actor_id].loop()
