@@ -66,6 +66,7 @@ class _Stream:
 
 #: What `entry` answers for a value read here that is not an error.
 _READ_OK = SerializedObject(b"")
+_NOTHING_PROVIDED = contextlib.nullcontext()
 
 
 class _OutOfBand:
@@ -327,11 +328,17 @@ class RayObjectStore(ObjectStore):
         own = _ray.get(refs[-1], timeout=_DYNAMIC_TIMEOUT)  # (stored before the call ended)
         return self.unpack(object_id, own)
 
-    @contextlib.contextmanager
     def provided(self, dep_ids: Sequence[bytes], dep_values: Sequence, carried: tuple):
-        """Within the block (in this thread), `get` of these ids answers from the
-        values Ray resolved for the running task; the refs nested in its inline
-        arguments (`carried`) are known, and counted until the block ends."""
+        """A context manager: within the block (in this thread), `get` of these
+        ids answers from the values Ray resolved for the running task; the refs
+        nested in its inline arguments (`carried`) are known, and counted until
+        the block ends."""
+        if not dep_ids and not carried[0] and not carried[1]:
+            return _NOTHING_PROVIDED  # (the common call: nothing to set up or undo)
+        return self._provided(dep_ids, dep_values, carried)
+
+    @contextlib.contextmanager
+    def _provided(self, dep_ids: Sequence[bytes], dep_values: Sequence, carried: tuple):
         refs, actors = carried
         self.learn(refs, actors)
         held = list(refs)

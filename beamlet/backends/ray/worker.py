@@ -60,16 +60,20 @@ class _Job:
 
 def _job(job: dict) -> _Job:
     """The job's Runtime in this process (made on first use), made current."""
-    with _jobs_lock:
-        state = _jobs.get(job["job_id"])
-        if state is None:
-            state = _jobs[job["job_id"]] = _Job(job)
+    state = _jobs.get(job["job_id"])
+    if state is None:
+        with _jobs_lock:
+            state = _jobs.get(job["job_id"])
+            if state is None:
+                state = _jobs[job["job_id"]] = _Job(job)
     _runtime.set_current(state.runtime)
     return state
 
 
 def _returns(state: _Job, spec: TaskSpec, values: list):
     """The Ray return value(s) of a finished task or call."""
+    if len(values) == 1:
+        return state.store.pack(values[0])
     packed = [state.store.pack(v) for v in values]
     return packed[0] if len(packed) == 1 else tuple(packed)
 
