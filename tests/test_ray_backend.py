@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 import procs
@@ -151,6 +152,20 @@ def add_through(counter, n):
     return ray.get(counter.add.remote(n), timeout=T)
 
 
+@ray.remote
+def views_of(a, refs):
+    """Whether the argument `a` and a get of ``refs[0]`` here (the same object)
+    are views of the same memory (Ray's store), not copies; whether `a` may
+    be written to; its sum."""
+    again = ray.get(refs[0], timeout=T)
+    return bool(np.shares_memory(a, again)), bool(a.flags.writeable), float(a.sum())
+
+
+@ray.remote
+def make_array(n):
+    return np.arange(n, dtype=np.float64)
+
+
 # -- tests ---------------------------------------------------------------------------
 
 def test_importing_beamlet_and_listing_backends_does_not_import_ray():
@@ -195,6 +210,25 @@ def test_put_get_and_wait_with_timeouts(session, tmp_path):
     assert ready == [fast] and not_ready == [slow]
     assert ray.wait([slow], timeout=0.2) == ([], [slow])
     ray.cancel(slow, force=True)
+
+
+def test_arrays_are_read_back_as_read_only_views_of_rays_store(session):
+    big = np.arange(500_000, dtype=np.float64)  # 4 MB: past the inline threshold
+    ref = ray.put(big)
+    big[0] = -1.0  # (put copied it into Ray's store: this changes nothing stored)
+    out = ray.get(ref, timeout=T)
+    assert out[0] == 0.0 and out[-1] == 499_999.0 and not np.shares_memory(out, big)
+    # Zero-copy, as Ray's own get: two gets are views of the one stored object.
+    assert not out.flags.writeable and np.shares_memory(out, ray.get(ref, timeout=T))
+    with pytest.raises(ValueError):
+        out[1] = 5.0
+    # In a task too: its argument, resolved by Ray, and a get of the same object.
+    assert ray.get(views_of.remote(ref, [ref]), timeout=T) == (True, False, float(out.sum()))
+    made = make_array.remote(500_000)
+    first = ray.get(made, timeout=T)
+    assert first[-1] == 499_999.0 and np.shares_memory(first, ray.get(made, timeout=T))
+    # A large argument by value is stored once and passed by ref (zero_copy).
+    assert ray.get(views_of.remote(big, [ref]), timeout=T)[1:] == (False, float(big.sum()))
 
 
 def test_an_error_arrives_as_a_task_error_with_its_cause(session):

@@ -49,6 +49,12 @@ def item_id(stream_id: bytes, index: int) -> bytes:
     return _prefix(stream_id, b"i") + index.to_bytes(8, "little")
 
 
+def stream_prefix(stream_id: bytes) -> bytes:
+    """What the ids of a stream's items start with (``item_id(stream_id, i)``
+    is this and `i` in 8 bytes): ``item_id[:-8]`` of any of its items."""
+    return _prefix(stream_id, b"i")
+
+
 def ack_id(stream_id: bytes, index: int) -> bytes:
     """The id a consumer stores when it has taken item `index` (backpressure only)."""
     return _prefix(stream_id, b"a") + index.to_bytes(8, "little")

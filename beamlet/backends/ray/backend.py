@@ -23,7 +23,7 @@ import shutil
 import sys
 
 from ... import exceptions as exc
-from ...core.generators import item_id
+from ...core.generators import stream_prefix
 from ...core.interfaces import Backend
 from ...core.options import check_backend_options
 
@@ -32,7 +32,9 @@ class RayBackend(Backend):
     name = "ray"
     parallel = True
     isolated = True
-    zero_copy = False
+    # Large buffers are Ray's: stored by Ray's serializer, read back as read-only
+    # views of its object store (objects.py), and large arguments go by ref.
+    zero_copy = True
     multi_node = True
     # Ray runs the workers, by the rules beamlet copies from it: a crashed
     # worker's task is retried per max_retries, a crashed actor restarted per
@@ -146,11 +148,11 @@ class RayBackend(Backend):
         `stream_id` that runs in this process, for its Ray generator to yield
         (Ray, not this process, then owns them: the caller does)."""
         out = collections.deque()
-        self._stream_out[item_id(stream_id, 0)[:-8]] = out
+        self._stream_out[stream_prefix(stream_id)] = out
         return out
 
     def stream_done(self, stream_id: bytes) -> None:
-        self._stream_out.pop(item_id(stream_id, 0)[:-8], None)
+        self._stream_out.pop(stream_prefix(stream_id), None)
 
     def put_stream_item(self, object_id: bytes, value) -> None:
         out = self._stream_out.get(object_id[:-8])  # (an item id: the stream's prefix, index)

@@ -9,8 +9,12 @@ counting then frees the object once no process holds it.
 The Ray value under an id is the beamlet ``SerializedObject`` itself, or
 only its pickle stream (``bytes``) when it has no buffers, refs or error (the
 common small value: Ray passes bytes through without pickling them again,
-where pickling a ``SerializedObject`` costs it some 50-100 us), or, when that
-value contains beamlet refs, ``(SerializedObject, {id: Ray
+where pickling a ``SerializedObject`` costs it some 50-100 us). Its
+out-of-band buffers (numpy arrays' data) go to Ray as ``PickleBuffer``s
+(`_OutOfBand`), which Ray's serializer writes into its object store and
+hands back to a reader as read-only views of it: ``get`` of a large array
+is zero-copy and read-only, as Ray's own and beamlet's local backend's are.
+When the value contains beamlet refs, the Ray value is ``(SerializedObject, {id: Ray
 ObjectRef}, {actor id: (creation id, Ray ActorHandle)})``: the Ray refs and
 actor handles travel beside the ids they stand for, so Ray counts them as
 borrowed wherever the value goes, and a reader learns them with the value
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import pickle
 import queue
 import threading
 from typing import Callable, Iterable, Sequence
@@ -33,7 +38,7 @@ import ray as _ray
 import ray.exceptions as _rex
 
 from ... import exceptions as exc
-from ...core.generators import closed_id, end_marker, item_id
+from ...core.generators import closed_id, end_marker, item_id, stream_prefix
 from ...core.interfaces import ObjectStore
 from ...core.runtime import deadline, remaining
 from ...core.serialization import SerializedObject, serialize
@@ -52,7 +57,7 @@ class _Stream:
 
     def __init__(self, stream_id: bytes, generator):
         self.stream_id = stream_id
-        self.prefix = item_id(stream_id, 0)[:-8]
+        self.prefix = stream_prefix(stream_id)
         self.generator = generator
         self.taken = 0
         self.ended = False
@@ -61,6 +66,25 @@ class _Stream:
 
 #: What `entry` answers for a value read here that is not an error.
 _READ_OK = SerializedObject(b"")
+_NOTHING_PROVIDED = contextlib.nullcontext()
+
+
+class _OutOfBand:
+    """A SerializedObject with buffers, as Ray stores it: unpickled by Ray as
+    that SerializedObject again, its buffers Ray's read-only views of the
+    stored object. (Ray copies the buffers into its store during ``ray.put``
+    or as the task returns, so the caller's arrays need no copy of their own
+    first: changing them later changes nothing stored.)"""
+
+    __slots__ = ("sobj",)
+
+    def __init__(self, sobj: SerializedObject):
+        self.sobj = sobj
+
+    def __reduce__(self):
+        sobj = self.sobj
+        return (SerializedObject, (sobj.data, [pickle.PickleBuffer(b) for b in sobj.buffers],
+                                   sobj.refs, sobj.is_error))
 
 
 def error_of(err: BaseException, what: str = "") -> BaseException:
@@ -243,12 +267,13 @@ class RayObjectStore(ObjectStore):
 
     def pack(self, sobj: SerializedObject):
         """The Ray value to store for `sobj` (see the module's docstring)."""
+        value = _OutOfBand(sobj) if sobj.buffers else sobj
         if not sobj.refs:
-            if not sobj.buffers and not sobj.is_error:
+            if value is sobj and not sobj.is_error:
                 return sobj.data  # (see the module docstring)
-            return sobj
+            return value
         refs, actors = self.carried(sobj.refs)
-        return (sobj, refs, actors)
+        return (value, refs, actors)
 
     def learn(self, refs: dict, actors: dict) -> None:
         """Remember Ray refs and actor handles that came with a value (those this
@@ -303,11 +328,17 @@ class RayObjectStore(ObjectStore):
         own = _ray.get(refs[-1], timeout=_DYNAMIC_TIMEOUT)  # (stored before the call ended)
         return self.unpack(object_id, own)
 
-    @contextlib.contextmanager
     def provided(self, dep_ids: Sequence[bytes], dep_values: Sequence, carried: tuple):
-        """Within the block (in this thread), `get` of these ids answers from the
-        values Ray resolved for the running task; the refs nested in its inline
-        arguments (`carried`) are known, and counted until the block ends."""
+        """A context manager: within the block (in this thread), `get` of these
+        ids answers from the values Ray resolved for the running task; the refs
+        nested in its inline arguments (`carried`) are known, and counted until
+        the block ends."""
+        if not dep_ids and not carried[0] and not carried[1]:
+            return _NOTHING_PROVIDED  # (the common call: nothing to set up or undo)
+        return self._provided(dep_ids, dep_values, carried)
+
+    @contextlib.contextmanager
+    def _provided(self, dep_ids: Sequence[bytes], dep_values: Sequence, carried: tuple):
         refs, actors = carried
         self.learn(refs, actors)
         held = list(refs)
@@ -345,7 +376,7 @@ class RayObjectStore(ObjectStore):
                         _ray.cancel(generator, force=False, recursive=True)
                     except Exception:  # noqa: BLE001 - it ended meanwhile
                         pass
-        ref = _ray.put(self.pack(value.detached()))
+        ref = _ray.put(self.pack(value))  # (Ray copies the buffers: see _OutOfBand)
         with self._lock:
             self._refs[object_id] = ref
 
@@ -427,7 +458,7 @@ class RayObjectStore(ObjectStore):
         """Whether `object_id` is the own id of a stream this process consumes."""
         if not self._streams:
             return False
-        stream = self._streams.get(item_id(object_id, 0)[:-8])
+        stream = self._streams.get(stream_prefix(object_id))
         return stream is not None and stream.stream_id == object_id
 
     def entry(self, object_id: bytes) -> SerializedObject | None:
@@ -558,7 +589,7 @@ class RayObjectStore(ObjectStore):
                 if contained:
                     released.extend(contained)
                 if self._streams:
-                    stream = self._streams.get(item_id(object_id, 0)[:-8])
+                    stream = self._streams.get(stream_prefix(object_id))
                     if stream is not None and stream.stream_id == object_id:
                         del self._streams[stream.prefix]
                         self._streams.pop(closed_id(object_id), None)

@@ -60,16 +60,20 @@ class _Job:
 
 def _job(job: dict) -> _Job:
     """The job's Runtime in this process (made on first use), made current."""
-    with _jobs_lock:
-        state = _jobs.get(job["job_id"])
-        if state is None:
-            state = _jobs[job["job_id"]] = _Job(job)
+    state = _jobs.get(job["job_id"])
+    if state is None:
+        with _jobs_lock:
+            state = _jobs.get(job["job_id"])
+            if state is None:
+                state = _jobs[job["job_id"]] = _Job(job)
     _runtime.set_current(state.runtime)
     return state
 
 
 def _returns(state: _Job, spec: TaskSpec, values: list):
     """The Ray return value(s) of a finished task or call."""
+    if len(values) == 1:
+        return state.store.pack(values[0])
     packed = [state.store.pack(v) for v in values]
     return packed[0] if len(packed) == 1 else tuple(packed)
 
@@ -82,19 +86,28 @@ def wire(spec: TaskSpec, dep_ids: list) -> bytes:
     return pickle.dumps((spec, dep_ids), 5)
 
 
-def _unwire(payload: bytes, carried) -> tuple:
-    spec, dep_ids = pickle.loads(payload)
-    return spec, dep_ids, carried or _NOTHING_CARRIED
+def _unwire(args: tuple) -> tuple:
+    """``(spec, dep_ids, carried, dep_values)`` from the Ray arguments of a
+    call, ``(payload,)`` or ``(payload, carried, *dep_values)``: `payload` the
+    spec and the ids of its ref arguments (`wire`), `carried` the Ray refs
+    nested in its inline arguments (None: none), `dep_values` the values of
+    its ref arguments, resolved by Ray.
+
+    (Ray's entry points take ``*args``: Ray checks each call's arguments
+    against the function's signature with ``inspect``, at a cost that grows
+    with the number of parameters.)"""
+    spec, dep_ids = pickle.loads(args[0])
+    if len(args) == 1:
+        return spec, dep_ids, _NOTHING_CARRIED, ()
+    return spec, dep_ids, args[1] or _NOTHING_CARRIED, args[2:]
 
 
 _NOTHING_CARRIED = ({}, {})
 
 
-def _run_task(job: dict, payload: bytes, carried, *dep_values):
-    """A beamlet task as a Ray task: `payload` its spec and the ids of its ref
-    arguments (`wire`), `dep_values` those arguments' values, resolved by Ray;
-    `carried` the Ray refs nested in its inline arguments (None: none)."""
-    spec, dep_ids, carried = _unwire(payload, carried)
+def _run_task(job: dict, args: tuple):
+    """A beamlet task as a Ray task, `args` its Ray arguments (`_unwire`)."""
+    spec, dep_ids, carried, dep_values = _unwire(args)
     state = _job(job)
     _started(state, spec)
     with state.store.provided(dep_ids, dep_values, carried):
@@ -185,8 +198,8 @@ async def _async_stream_values(state: _Job, spec: TaskSpec, steps):
 def stream_function(job: dict):
     """`task_function` for generator tasks: a Ray generator, called with
     ``num_returns="streaming"`` or ``"dynamic"``."""
-    def run_stream(payload: bytes, carried=None, *dep_values):
-        spec, dep_ids, carried = _unwire(payload, carried)
+    def run_stream(*args):
+        spec, dep_ids, carried, dep_values = _unwire(args)
         state = _job(job)
         with state.store.provided(dep_ids, dep_values, carried):
             yield from _stream_values(state, spec, state.executor.execute_stream(spec))
@@ -197,8 +210,8 @@ def task_function(job: dict):
     """`_run_task` for one job as a Ray remote function, with the job bound:
     Ray ships a function to a worker once, where an argument would travel
     (and be serialized by Ray) with every task."""
-    def run_task(payload: bytes, carried=None, *dep_values):
-        return _run_task(job, payload, carried, *dep_values)
+    def run_task(*args):
+        return _run_task(job, args)
     return _ray.remote(run_task)
 
 
@@ -230,8 +243,8 @@ def _refused(spec: TaskSpec) -> None:
 class _Host:
     """The part both actor hosts share: construction and the end."""
 
-    def __init__(self, job: dict, payload: bytes, carried, *dep_values):
-        spec, dep_ids, carried = _unwire(payload, carried)
+    def __init__(self, job: dict, *args):
+        spec, dep_ids, carried, dep_values = _unwire(args)
         self._job = _job(job)
         self._spec = spec
         self._dead: str | None = None
@@ -309,8 +322,8 @@ class ActorHost(_Host):
     def created(self):
         return self._created
 
-    def call(self, payload: bytes, carried=None, *dep_values):
-        spec, dep_ids, carried = _unwire(payload, carried)
+    def call(self, *args):
+        spec, dep_ids, carried, dep_values = _unwire(args)
         if self._dead is not None:
             return self._died(spec)
         _started(self._job, spec)
@@ -318,9 +331,9 @@ class ActorHost(_Host):
             result = run_attempts(spec, self._job.executor.execute, self._spec)
         return self._after(spec, result.values)
 
-    def call_stream(self, payload: bytes, carried=None, *dep_values):
+    def call_stream(self, *args):
         """A generator method's call (a Ray generator: see `_stream_values`)."""
-        spec, dep_ids, carried = _unwire(payload, carried)
+        spec, dep_ids, carried, dep_values = _unwire(args)
         if self._dead is not None:
             yield from self._died_stream(spec)
             return
@@ -339,8 +352,8 @@ class AsyncActorHost(_Host):
     objects (an ``asyncio.Event`` set by a call in one group and awaited by
     one in another)."""
 
-    def __init__(self, job: dict, payload: bytes, carried, *dep_values):
-        super().__init__(job, payload, carried, *dep_values)
+    def __init__(self, job: dict, *args):
+        super().__init__(job, *args)
         options = self._spec.actor_options or {}
         self._limits = {name: asyncio.Semaphore(limit) for name, limit in
                         (options.get("concurrency_groups") or {}).items()}
@@ -350,8 +363,8 @@ class AsyncActorHost(_Host):
     async def created(self):
         return self._created
 
-    async def call(self, payload: bytes, carried=None, *dep_values):
-        spec, dep_ids, carried = _unwire(payload, carried)
+    async def call(self, *args):
+        spec, dep_ids, carried, dep_values = _unwire(args)
         if self._dead is not None:
             return self._died(spec)
         if not self._limits:
@@ -360,9 +373,9 @@ class AsyncActorHost(_Host):
         async with self._limits[group]:
             return await self._call(spec, dep_ids, dep_values, carried)
 
-    async def call_stream(self, payload: bytes, carried=None, *dep_values):
+    async def call_stream(self, *args):
         """A generator method's call (a Ray async generator: see `_stream_values`)."""
-        spec, dep_ids, carried = _unwire(payload, carried)
+        spec, dep_ids, carried, dep_values = _unwire(args)
         if self._dead is not None:
             for value in self._died_stream(spec):
                 yield value
