@@ -1417,6 +1417,86 @@ def test_task_not_followed_by_a_get_is_still_served(start, tmp_path):
     assert procs.wait_until(lambda: procs.count(str(tmp_path), "asked") == 22, 60)
     assert ray.get(refs, timeout=30) == [2] * 20
 
+
+def test_a_spinning_poll_sees_a_message_sent_meanwhile_and_gives_up_after_its_time():
+    """`poll_spinning` (a sync get's and a waiting worker's first look): True
+    when the peer writes during the spin, False once its time is up, with
+    nothing consumed; `readable` then still waits its whole timeout."""
+    import select
+    import socket
+
+    from beamlet.backends.local.transport import poll_spinning
+
+    ours, theirs = socket.socketpair()
+    try:
+        poller = select.poll()
+        poller.register(ours.fileno(), select.POLLIN)
+        started = time.perf_counter()
+        assert poll_spinning(poller, 0.002) is False
+        assert time.perf_counter() - started >= 0.002  # (it looked for its whole time)
+        writer = threading.Timer(0.01, theirs.send, args=(b"x",))
+        writer.start()
+        assert poll_spinning(poller, 30.0) is True  # (returns at the write, not after 30 s)
+        writer.join()
+        assert ours.recv(1) == b"x"
+        assert poll_spinning(poller, 0.0) is False
+    finally:
+        ours.close()
+        theirs.close()
+
+
+@pytest.mark.parametrize("value, problem", [("fast", "a number of microseconds"),
+                                            ("-5", "0 or more")])
+def test_a_bad_spin_setting_is_refused_naming_it(value, problem):
+    import subprocess
+
+    run = subprocess.run(
+        [sys.executable, "-c", "import beamlet.backends.local.transport"],
+        env={**os.environ, "BEAMLET_SPIN_US": value}, capture_output=True, text=True,
+        timeout=60)
+    assert run.returncode != 0
+    assert "BEAMLET_SPIN_US" in run.stderr and problem in run.stderr
+
+
+@pytest.mark.parametrize("spin_us", ["0", "300"])
+def test_sync_calls_are_answered_with_spinning_off_or_long(spin_us, tmp_path):
+    """Spinning only changes how a thread waits: with it off or long, a driver
+    and its workers (children: they read the same setting) answer sync tasks,
+    actor calls and a burst alike."""
+    import subprocess
+
+    script = textwrap.dedent("""
+        import beamlet as ray
+        from beamlet.backends.local import transport
+        ray.init(num_cpus=2)
+        @ray.remote
+        def square(x):
+            from beamlet.backends.local import transport
+            return x * x, transport.SPIN
+        @ray.remote
+        class Counter:
+            def __init__(self):
+                self.n = 0
+            def add(self):
+                self.n += 1
+                return self.n
+        values = [ray.get(square.remote(i), timeout=30) for i in range(50)]
+        counter = Counter.remote()
+        calls = [ray.get(counter.add.remote(), timeout=30) for _ in range(50)]
+        burst = ray.get([square.remote(i) for i in range(200)], timeout=60)
+        assert [v for v, _ in values] == [i * i for i in range(50)], values
+        assert calls == list(range(1, 51)), calls
+        assert [v for v, _ in burst] == [i * i for i in range(200)]
+        print("spins", transport.SPIN, sorted({s for _, s in values + burst}))
+        ray.shutdown()
+    """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path),
+                         env={**os.environ, "BEAMLET_SPIN_US": spin_us},
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    spin = float(spin_us) / 1e6
+    assert f"spins {spin} [{spin}]" in run.stdout, run.stdout
+
 # ====================================================================================
 # resources
 # ====================================================================================

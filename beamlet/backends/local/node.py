@@ -42,7 +42,7 @@ from .launcher import WorkerLauncher
 from .object_store import LocalObjectStore
 from .scheduler import LocalScheduler, WorkerInfo
 from .session import SessionLock, sweep
-from .transport import ProtocolError, SocketConnection, UnixSocketTransport
+from .transport import SPIN, ProtocolError, SocketConnection, UnixSocketTransport
 
 _EXECUTE = P.Execute
 
@@ -613,6 +613,7 @@ class Node:
             running_on = self.scheduler.running_on
             me = threading.get_ident()
             first = True  # (the caller has just found the task on this worker)
+            spin = SPIN  # (the first wait only: a sync call's answer is often that quick)
             while True:
                 # (First: the I/O thread may have handled the result before the pause.)
                 if done():
@@ -626,7 +627,9 @@ class Node:
                                                               until - time.monotonic())
                 if left <= 0:
                     return False
-                if conn.readable(left):
+                readable = conn.readable(left, spin)
+                spin = 0.0
+                if readable:
                     error = None
                     try:
                         messages = conn.recv_all()

@@ -37,7 +37,7 @@ from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
 from . import protocol as P
 from . import shm
 from ...core.auth import AuthenticationError
-from .transport import ProtocolError, SocketConnection, UnixSocketTransport
+from .transport import SPIN, ProtocolError, SocketConnection, UnixSocketTransport, poll_spinning
 
 
 IDLE_FLUSH_INTERVAL = 0.2  # seconds: how soon an idle worker reports released refs
@@ -552,6 +552,8 @@ class _Reading:
         try:
             conn, poll = self.conn, self._sock_poll
             timeout = IDLE_FLUSH_INTERVAL * 1000
+            if SPIN and not inbox and not conn.buffered:
+                poll_spinning(poll, SPIN)  # (a sync caller's next call is often that quick)
             while not inbox:
                 if not conn.buffered and not poll.poll(timeout):
                     on_idle()
