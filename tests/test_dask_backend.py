@@ -123,6 +123,68 @@ def test_a_client_without_the_session_key_is_refused(no_backend):
     assert ray.get(ray.put("still serving"), timeout=30) == "still serving"
 
 
+def test_a_proof_relayed_from_another_port_is_refused(no_backend):
+    """A stranger listening elsewhere (say on a dead worker's freed port) that
+    forwards every byte between an honest client and the scheduler cannot get
+    the proofs accepted: they name the listener dialled."""
+    import threading
+
+    from distributed import Client
+
+    ray.init(backend="dask", num_cpus=1)
+    cluster = _runtime.current().backend._cluster
+    host, port = cluster.address.split("://", 1)[1].rsplit(":", 1)
+    relay = socket.create_server(("127.0.0.1", 0))
+    relay.settimeout(60)
+    relayed = []
+
+    def pump(source, sink):
+        try:
+            while chunk := source.recv(65536):
+                relayed.append(len(chunk))
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    opened = []
+
+    def serve():  # (every connection the client opens, each relayed both ways)
+        while True:
+            try:
+                honest, _ = relay.accept()
+            except OSError:
+                return  # (closed by the test)
+            upstream = socket.create_connection((host, int(port)), timeout=30)
+            upstream.settimeout(None)
+            honest.settimeout(None)
+            opened.extend((honest, upstream))
+            for pair in ((honest, upstream), (upstream, honest)):
+                threading.Thread(target=pump, args=pair, daemon=True).start()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        relayed_address = f"beamlet://127.0.0.1:{relay.getsockname()[1]}"
+        with pytest.raises((OSError, TimeoutError)):
+            Client(relayed_address, security=cluster.security, timeout=10)
+        assert relayed, "the relay carried nothing: the test did not reach the proof"
+    finally:
+        relay.close()
+        server.join(30)
+        for end in opened:
+            end.close()
+    # The same key at the scheduler's own address is accepted.
+    client = Client(cluster.address, security=cluster.security, timeout=30)
+    assert client.submit(sum, [1, 2], pure=False).result(timeout=30) == 3
+    client.close()
+
+
 def test_joins_a_scheduler_by_address_and_leaves_it_running(no_backend):
     from beamlet.backends.dask.cluster import ClusterProcess
     from distributed import Client

@@ -1446,7 +1446,7 @@ def test_a_spinning_poll_sees_a_message_sent_meanwhile_and_gives_up_after_its_ti
 
 
 @pytest.mark.parametrize("value, problem", [("fast", "a number of microseconds"),
-                                            ("-5", "0 or more")])
+                                            ("-5", "0 to 10000"), ("inf", "0 to 10000")])
 def test_a_bad_spin_setting_is_refused_naming_it(value, problem):
     import subprocess
 

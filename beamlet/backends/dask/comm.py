@@ -6,8 +6,10 @@ workers must first show that it holds the session's key: both ends send a
 fresh random nonce, then an HMAC-SHA256 under the key of both nonces and of
 its side, and each checks the other's before anything else is read (Dask's
 own handshake, and so anything unpickled, comes after; the connecting end
-proves first, the listening end answers only one that did). A connection that
-fails or stalls (`_PROOF_TIMEOUT`) is closed. After that the bytes travel as
+proves first, the listening end answers only one that did). Both proofs also
+cover the listener's address (dialled, accepted on), so a proof cannot be
+relayed to another listener. A connection that fails or stalls
+(`_PROOF_TIMEOUT`) is closed. After that the bytes travel as
 on Dask's plain ``tcp://``: on loopback, where only root could read them,
 TLS (``tls://``) would cost the encryption of every byte twice or more per
 hop (a 100 MB task argument: about twice the CPU of plain TCP here) and
@@ -59,25 +61,41 @@ def _key_of(connection_args: dict) -> bytes | None:
     return (connection_args.get("extra_conn_args") or {}).get("beamlet_key")
 
 
-def _proof(key: bytes, side: bytes, connector_nonce: bytes, listener_nonce: bytes) -> bytes:
-    return hmac.new(key, side + connector_nonce + listener_nonce, hashlib.sha256).digest()
+def _proof(key: bytes, side: bytes, listener: bytes, connector_nonce: bytes,
+           listener_nonce: bytes) -> bytes:
+    return hmac.new(key, b"|".join((side, listener, connector_nonce, listener_nonce)),
+                    hashlib.sha256).digest()
+
+
+def _listening_end(stream, connector: bool) -> bytes:
+    """The listener's address as this end sees it: the one dialled (connecting
+    end) or the one accepted on (listening end). In both proofs, so that a
+    stranger listening elsewhere (say on a dead worker's freed port) cannot
+    relay an honest end's proof to the real listener and sit in the middle."""
+    sock = stream.socket
+    host, port = (sock.getpeername() if connector else sock.getsockname())[:2]
+    return f"{host}:{port}".encode()
 
 
 async def _prove(stream, key: bytes, connector: bool) -> None:
     """Exchange nonces and proofs over a fresh stream; CommClosedError unless
-    the other end proved it holds `key`. The connecting end proves first: the
-    listening end sends its proof only to one that has proved itself."""
+    the other end proved it holds `key` for this very listener. The connecting
+    end proves first: the listening end sends its proof only to one that has
+    proved itself."""
+    listener = _listening_end(stream, connector)
     mine = os.urandom(_NONCE)
     await stream.write(mine)
     theirs = await asyncio.wait_for(stream.read_bytes(_NONCE), _PROOF_TIMEOUT)
     nonces = (mine, theirs) if connector else (theirs, mine)
     if connector:
-        await stream.write(_proof(key, b"c", *nonces))
+        await stream.write(_proof(key, b"c", listener, *nonces))
     proof = await asyncio.wait_for(stream.read_bytes(32), _PROOF_TIMEOUT)
-    if not hmac.compare_digest(proof, _proof(key, b"s" if connector else b"c", *nonces)):
-        raise CommClosedError("the other end does not hold the beamlet session key")
+    expected = _proof(key, b"s" if connector else b"c", listener, *nonces)
+    if not hmac.compare_digest(proof, expected):
+        raise CommClosedError("the other end does not hold the beamlet session key "
+                              "(or is not the listener dialled)")
     if not connector:
-        await stream.write(_proof(key, b"s", *nonces))
+        await stream.write(_proof(key, b"s", listener, *nonces))
 
 
 class _Connector(TCPConnector):
@@ -111,9 +129,13 @@ class _Listener(TCPListener):
 
     async def _prepare_stream(self, stream, address):
         try:
-            await _prove(stream, self._key, connector=False)
-        except Exception:  # noqa: BLE001 - refused: a stranger, a stall, a closed stream
+            # (one deadline for the whole proof, not one per read)
+            await asyncio.wait_for(_prove(stream, self._key, connector=False),
+                                   _PROOF_TIMEOUT)
+        except BaseException as err:  # refused: a stranger, a stall, a closed stream
             stream.close()
+            if not isinstance(err, Exception):
+                raise  # (cancelled: the listener is stopping)
             return None
         return stream
 

@@ -48,8 +48,8 @@ def _spin_seconds() -> float:
     except ValueError:
         raise ValueError(f"BEAMLET_SPIN_US must be a number of microseconds, not {value!r}") \
             from None
-    if not micros >= 0:
-        raise ValueError(f"BEAMLET_SPIN_US must be 0 or more, not {value!r}")
+    if not 0 <= micros <= 10_000:  # (a longer spin is a busy worker, not a quick look)
+        raise ValueError(f"BEAMLET_SPIN_US must be 0 to 10000 microseconds, not {value!r}")
     return micros / 1e6
 
 

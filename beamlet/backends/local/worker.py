@@ -521,6 +521,7 @@ class _Reading:
         self._last_start = 0.0  # when the main thread's last task started
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # wakes the reader thread
         self._sock_poll = select.poll()
+        self._spin_next = True  # (see read_until)
         self._sock_poll.register(conn.fileno(), select.POLLIN)
 
     def start(self) -> None:
@@ -553,7 +554,19 @@ class _Reading:
             conn, poll = self.conn, self._sock_poll
             timeout = IDLE_FLUSH_INTERVAL * 1000
             if SPIN and not inbox and not conn.buffered:
-                poll_spinning(poll, SPIN)  # (a sync caller's next call is often that quick)
+                # Spin only while messages have been coming that quickly (a sync
+                # caller's next call): a worker whose last wait was longer, or
+                # whose last spin found nothing, sleeps at once, so idle workers
+                # on a busy machine burn no CPU (they look again, by the time
+                # their next wait took, after each message).
+                if self._spin_next:
+                    self._spin_next = poll_spinning(poll, SPIN)
+                else:
+                    started = time.perf_counter()
+                    if poll.poll(timeout):
+                        self._spin_next = time.perf_counter() - started <= SPIN
+                    else:
+                        on_idle()
             while not inbox:
                 if not conn.buffered and not poll.poll(timeout):
                     on_idle()
