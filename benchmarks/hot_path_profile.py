@@ -93,8 +93,8 @@ def _signal_workers(signum: int, pids=None) -> list:
     return pids
 
 
-def make_rows(ray, n: int) -> dict:
-    """The four rows as callables running ``n`` tasks each, warmed up."""
+def _targets(ray):
+    """The rows' work: a no-op task, and an actor with a no-op method."""
     @ray.remote
     def noop():
         return 1
@@ -104,7 +104,12 @@ def make_rows(ray, n: int) -> dict:
         def inc(self):
             return 1
 
-    actor = Counter.remote()
+    return noop, Counter.remote()
+
+
+def make_rows(ray, n: int) -> dict:
+    """The four rows as callables running ``n`` tasks each, warmed up."""
+    noop, actor = _targets(ray)
     for _ in range(100):  # warm: workers started, functions shipped
         ray.get(noop.remote())
         ray.get(actor.inc.remote())
@@ -126,17 +131,7 @@ def latency_profile(ray, row: str, n: int) -> None:
     if row not in ("sync", "actor_sync"):
         raise SystemExit("--latency times the sync rows only (sync, actor_sync)")
     ray.init(num_cpus=2)
-
-    @ray.remote
-    def noop():
-        return 1
-
-    @ray.remote
-    class Counter:
-        def inc(self):
-            return 1
-
-    actor = Counter.remote()
+    noop, actor = _targets(ray)
     call = (lambda: ray.get(noop.remote())) if row == "sync" else \
         (lambda: ray.get(actor.inc.remote()))
     for _ in range(300):  # warm: workers started, functions shipped

@@ -488,14 +488,21 @@ def test_chunks_cut_a_buffer_without_copying():
 
 
 # -- strangers: refused, nothing they sent unpickled -----------------------------------------
-def test_a_peer_with_a_wrong_secret_is_refused_at_once_and_logged(listener, peers, capfd):
-    peer = peers(auth.new_secret(), listener.address, "connect", VERSION, 30)
+def _serve_until_answered(listener, peer) -> list:
+    """Run `listener` until `peer` reports it was accepted or refused (60 s at
+    most); the listener's events meanwhile."""
     events = []
     until = time.monotonic() + 60
     while "REFUSED" not in peer.stdout and "ACCEPTED" not in peer.stdout:
         assert time.monotonic() < until, peer.stderr
         select.select([listener], [], [], 0.2)
         events += listener.poll()
+    return events
+
+
+def test_a_peer_with_a_wrong_secret_is_refused_at_once_and_logged(listener, peers, capfd):
+    peer = peers(auth.new_secret(), listener.address, "connect", VERSION, 30)
+    events = _serve_until_answered(listener, peer)
     assert peer.finish(30) == 0
     line = peer.wait_line("REFUSED ")
     assert line.startswith("AuthenticationError "), line  # not a timeout
@@ -513,12 +520,7 @@ def test_a_peer_whose_clock_is_off_is_refused_at_once_and_logged(listener, secre
     tells the client a ZAP status code only, so it cannot tell this from a
     wrong key: a status of 300 makes ZeroMQ retry, not fail.)"""
     peer = peers(secret, listener.address, "connect-skewed", VERSION, 30, 2 * zt.CLOCK_SKEW)
-    events = []
-    until = time.monotonic() + 60
-    while "REFUSED" not in peer.stdout and "ACCEPTED" not in peer.stdout:
-        assert time.monotonic() < until, peer.stderr
-        select.select([listener], [], [], 0.2)
-        events += listener.poll()
+    events = _serve_until_answered(listener, peer)
     assert peer.finish(30) == 0
     line = peer.wait_line("REFUSED ")
     assert line.startswith("AuthenticationError "), line
