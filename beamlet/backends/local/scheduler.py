@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Iterable, Protocol
 from ... import exceptions as exc
 from ...core import plugins
 from ...core.actor import EXIT_REASON
-from ...core.generators import item_id
+from ...core.generators import stream_prefix
 from ...core.interfaces import Scheduler
 from ...core.placement import in_group, ready_value, removed_value
 from ...core.resources import ResourcePool, asks_gpu
@@ -1237,7 +1237,7 @@ class LocalScheduler(Scheduler):
 
     def _skip_delivered(self, spec: TaskSpec) -> None:
         """A generator call runs again: the items it delivered are not stored again."""
-        delivered = self.streamed.get(item_id(spec.return_ids[0], 0)[:-8], 0)
+        delivered = self.streamed.get(stream_prefix(spec.return_ids[0]), 0)
         if delivered and spec.generator[0] == "streaming":
             spec.generator = spec.generator[:2] + (delivered,)
 
@@ -1260,7 +1260,7 @@ class LocalScheduler(Scheduler):
         if self._cancelled:
             self._cancelled.discard(task_id)
         if spec.generator is not None:
-            self.streamed.pop(item_id(spec.return_ids[0], 0)[:-8], None)
+            self.streamed.pop(stream_prefix(spec.return_ids[0]), None)
         if self._group_removed:
             self._group_removed.pop(task_id, None)
         producer = self._producer

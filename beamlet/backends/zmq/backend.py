@@ -69,7 +69,7 @@ import time
 from ... import exceptions as exc
 from ...core import plugins
 from ...core.control_store import open_control_store
-from ...core.generators import ack_id, closed_id, item_id
+from ...core.generators import ack_id, closed_id, stream_prefix
 from ...core.interfaces import Backend, Scheduler
 from ...core.memory_store import MemoryObjectStore
 from ...core.ids import new_id
@@ -509,7 +509,7 @@ class ClusterScheduler(Scheduler):
                     self.token_node[spec.return_ids[0]] = node
             if spec.generator is not None and spec.generator[0] == "streaming":
                 stream_id = spec.return_ids[0]
-                self.streams[item_id(stream_id, 0)[:-8]] = [spec, 0]
+                self.streams[stream_prefix(stream_id)] = [spec, 0]
                 for signal in (ack_id(stream_id, 0), closed_id(stream_id)):
                     self.signal_fetches.setdefault(signal[:-8], [])
             if node is None:
@@ -1120,7 +1120,7 @@ class ClusterScheduler(Scheduler):
         """A streaming call ended: forget it, and withdraw the fetches of its
         consumer's signals still waiting (its producer needs none any more)."""
         stream_id = spec.return_ids[0]
-        if self.streams.pop(item_id(stream_id, 0)[:-8], None) is None:
+        if self.streams.pop(stream_prefix(stream_id), None) is None:
             return
         for signal in (ack_id(stream_id, 0), closed_id(stream_id)):
             for waiter in self.signal_fetches.pop(signal[:-8], ()):
@@ -1263,7 +1263,7 @@ class ClusterScheduler(Scheduler):
         """A streaming call runs again: the items it delivered are not sent again
         (as the node's scheduler does for a retry on one node). Under the lock."""
         if spec.generator is not None and spec.generator[0] == "streaming":
-            stream = self.streams.get(item_id(spec.return_ids[0], 0)[:-8])
+            stream = self.streams.get(stream_prefix(spec.return_ids[0]))
             if stream is not None and stream[1]:
                 spec.generator = spec.generator[:2] + (stream[1],)
 

@@ -25,7 +25,7 @@ import secrets
 import threading
 
 from ... import exceptions as exc
-from ...core.generators import ack_id, closed_id, item_id
+from ...core.generators import ack_id, closed_id, stream_prefix
 from ...core.serialization import serialize
 from ...core.tables import ActorState
 from . import protocol as P
@@ -56,7 +56,7 @@ class HeirScheduler(ClusterScheduler):
             self.owned.update(spec.return_ids)
             if spec.generator is not None:
                 stream_id = spec.return_ids[0]
-                self.owned_prefixes.update((item_id(stream_id, 0)[:-8],
+                self.owned_prefixes.update((stream_prefix(stream_id),
                                             ack_id(stream_id, 0)[:-8],
                                             closed_id(stream_id)[:-8]))
         super().nested(spec, objects)
