@@ -98,14 +98,24 @@ class ActorInstance:
 class Executor:
     """Runs specs in this process. One per process; thread-safe."""
 
-    def __init__(self, runtime: Runtime):
+    def __init__(self, runtime: Runtime, actors_own_process: bool | None = None):
+        """`actors_own_process`: whether each actor runs in a process of its own, so
+        that its runtime_env's variables can stay set for its life (default: the
+        backend's ``isolated`` flag; False where actors share worker processes)."""
         self.runtime = runtime
+        self._actors_own_process = actors_own_process
         self._functions: dict[bytes, Any] = {}
         self.actors: dict[bytes, ActorInstance] = {}
         self.pid = os.getpid()
         #: The actor that called exit_actor(), once one has: the caller ends it
         #: after storing that call's result (see `end_actor`).
         self.exiting: bytes | None = None
+
+    @property
+    def actors_own_process(self) -> bool:
+        if self._actors_own_process is None:
+            return self.runtime.backend.isolated
+        return self._actors_own_process
 
     # -- code -----------------------------------------------------------------
     def add_function(self, function_id: bytes, blob: bytes) -> None:
@@ -338,13 +348,13 @@ class Executor:
         own keeps them for its life; elsewhere (a task on a pooled worker, any
         call in the caller's process) they last for the call."""
         env = spec.env_vars
-        isolated = self.runtime.backend.isolated
-        if spec.kind == ACTOR_METHOD and not isolated:
+        own_process = self.actors_own_process
+        if spec.kind == ACTOR_METHOD and not own_process:
             actor = self.actors.get(spec.actor_id)
             env = actor.spec.env_vars if actor is not None else None
         if not env:
             return None
-        if spec.kind == ACTOR_CREATION and isolated:
+        if spec.kind == ACTOR_CREATION and own_process:
             os.environ.update(env)
             return None
         saved = {name: os.environ.get(name) for name in env}
@@ -405,7 +415,7 @@ class Executor:
         fn = self.function(spec.function_id)
         if spec.kind == ACTOR_CREATION:
             self.actors[spec.actor_id] = ActorInstance(fn(*args, **kwargs), spec,
-                                                       self.runtime.backend.isolated)
+                                                       self.actors_own_process)
             if spec.attempt:
                 reconstructed_actors.add(spec.actor_id)
             return None

@@ -61,7 +61,9 @@ class _Job:
                   "job": job, "job_metadata": job.get("job_metadata"),
                   "default_actor_lifetime": job.get("default_actor_lifetime")}
         self.runtime = _runtime.Runtime(DaskBackend, config)
-        self.executor = Executor(self.runtime)
+        # A Dask worker process hosts many actors and tasks at once, so an actor's
+        # runtime_env variables are set around each of its calls, not for its life.
+        self.executor = Executor(self.runtime, actors_own_process=False)
         self.hosts: list[ActorHost] = []
         if job.get("task_events"):
             from .backend import task_events_channel
