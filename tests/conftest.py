@@ -210,6 +210,12 @@ class _RayCluster:
         """The address of the shared Ray (started on first use)."""
         import subprocess
         import sys
+        if self.process is not None and self.process.poll() is not None:
+            # Connecting to a Ray whose processes are gone waits in Ray's own GCS
+            # client for many minutes: fail at once instead.
+            code = self.process.returncode
+            self.process = None
+            pytest.fail(f"the shared Ray exited (code {code}) before this test")
         if self.process is None:
             repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(
