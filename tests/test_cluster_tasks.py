@@ -1006,6 +1006,29 @@ def test_a_group_whose_node_dies_before_it_is_ready_waits_for_a_node_that_fits(
                 hog.communicate()
 
 
+def test_ready_refs_of_a_group_that_never_places_leave_nothing_behind(cluster, driver):
+    """Each ``pg.ready()`` waits for the group's ready value: one let go of
+    before the group is placed (a wait that timed out) stops waiting, so a
+    driver polling a group that never places holds nothing for each poll;
+    the group's removal fails the ready refs still held."""
+    from beamlet.util import placement_group, remove_placement_group
+    head = cluster.start_head()
+    driver(head)
+    holder = placement_group([{"CPU": 1}])
+    assert holder.wait(GET_TIMEOUT)
+    starved = placement_group([{"CPU": 1}])  # (fits the cluster, never while `holder` is)
+    for _ in range(20):
+        assert not starved.wait(0.01)
+    store = runtime.current().backend.object_store
+    assert store._indexed.get(starved._ready_id, []) == []
+    held = starved.ready()
+    remove_placement_group(starved)
+    with pytest.raises(Exception, match="removed"):
+        beamlet.get(held, timeout=GET_TIMEOUT)
+    assert store._indexed.get(starved._ready_id, []) == []
+    remove_placement_group(holder)
+
+
 @beamlet.remote(max_retries=2)
 def node_once(go: str):
     """Runs until the file `go` exists (or a minute passes); its node's id."""
