@@ -46,7 +46,11 @@ class HeirScheduler(ClusterScheduler):
     def __init__(self, backend, nodes):
         super().__init__(backend, nodes)
         self.owned: set[bytes] = set()  # returns of the submissions it accepted
-        self.owned_prefixes: set[bytes] = set()  # id prefixes of their streams' items
+        #: The id prefixes of their streams' items and consumer signals, while
+        #: each stream runs (then its items are held here, or freed), and the
+        #: prefixes of each stream by its id (to drop them when it is over).
+        self.owned_prefixes: set[bytes] = set()
+        self.stream_prefixes: dict[bytes, tuple] = {}
 
     def submit(self, spec) -> None:
         self._submit(spec)
@@ -56,10 +60,27 @@ class HeirScheduler(ClusterScheduler):
             self.owned.update(spec.return_ids)
             if spec.generator is not None:
                 stream_id = spec.return_ids[0]
-                self.owned_prefixes.update((stream_prefix(stream_id),
-                                            ack_id(stream_id, 0)[:-8],
-                                            closed_id(stream_id)[:-8]))
+                prefixes = (stream_prefix(stream_id), ack_id(stream_id, 0)[:-8],
+                            closed_id(stream_id)[:-8])
+                self.stream_prefixes[stream_id] = prefixes
+                self.owned_prefixes.update(prefixes)
         super().nested(spec, objects)
+
+    def _stream_over(self, spec) -> None:
+        self._forget_stream(spec)
+        super()._stream_over(spec)
+
+    def _fail(self, spec, error: BaseException) -> None:
+        if spec.generator is not None:
+            self._forget_stream(spec)
+        super()._fail(spec, error)
+
+    def _forget_stream(self, spec) -> None:
+        """The generator call is over: its items are here (or freed), and its
+        producer waits for no signal any more."""
+        prefixes = self.stream_prefixes.pop(spec.return_ids[0], None)
+        if prefixes is not None:
+            self.owned_prefixes.difference_update(prefixes)
 
     def released(self, object_id: bytes) -> None:
         self.owned.discard(object_id)

@@ -98,6 +98,9 @@ ENDED_STREAMS_KEPT = 1024
 #: Seconds a call of an actor this node has not heard of waits for its
 #: creation (another driver's, on a connection of its own) before it fails.
 EARLY_CALL_WAIT = 10.0
+#: Seconds what a job's workers ask of its heir waits for the heir to join;
+#: then the node does without one (see DriverOwner._heir_failed).
+HEIR_START_WAIT = 30.0
 #: What a job's workers ask for while its heir joins: kept for it (see
 #: DriverOwner._successor).
 _LATER = object()
@@ -139,6 +142,13 @@ class DriverLink:
         self.heir: DriverLink | None = None
         self.waiting: list | None = None
         self.heir_lock = threading.Lock()
+        #: While its heir starts: the monotonic time past which the node does
+        #: without it; `heir_failed`: it will never have one (it failed to
+        #: start, or it left), the node owns what the workers submit.
+        self.heir_deadline = 0.0
+        self.heir_failed = False
+        #: For an heir's own link: the kept job it is the heir of.
+        self.heir_of: DriverLink | None = None
 
     # -- JobOwner, for this job's workers ------------------------------------------
     def job_config(self) -> dict:
@@ -279,6 +289,9 @@ class DriverOwner:
         self.secret = b""
         self._heirs: dict[str, DriverLink] = {}
         self._heir_runtimes: dict[DriverLink, object] = {}
+        self._closing = False  # (close() began: an heir that starts now is ended)
+        #: What other threads hand to the daemon's loop (run by flush_events).
+        self._loop_calls: collections.deque = collections.deque()
         #: Results of nested tasks a job with detached actors here submitted,
         #: asked of its driver as soon as they are made (see `accept`) and not
         #: waited for by a worker here: stored only while a ref to them is held.
@@ -367,26 +380,39 @@ class DriverOwner:
 
     def _start_heir(self, link: DriverLink) -> None:
         """`link`'s driver left while detached actors of its job live here:
-        start its heir (what the workers ask for waits until it joined)."""
+        start its heir (what the workers ask for waits until it joined, or
+        until `HEIR_START_WAIT` has passed: see `flush_events`)."""
         if self.heir_address is None:
             return
         from .heir import start_heir
-        nonce, thread = start_heir(self.heir_address, self.secret, link.config,
-                                   lambda runtime: self._heir_started(link, runtime),
-                                   lambda err: self._heir_failed(link, nonce, err))
+        with link.heir_lock:
+            link.heir_deadline = time.monotonic() + HEIR_START_WAIT
+        nonce, thread = start_heir(
+            self.heir_address, self.secret, link.config,
+            lambda runtime: self._heir_started(link, runtime),
+            lambda err: self._loop_calls.append(lambda: self._heir_failed(link, nonce, err)))
         self._heirs[nonce] = link
         thread.start()
 
     def _heir_started(self, link: DriverLink, runtime) -> None:
-        """(The heir's starting thread.) Keep its runtime to end it with the job."""
-        with link.heir_lock:
-            self._heir_runtimes[link] = runtime
-            ended = link.ended
-        if ended:
-            self._end_heir(link)
+        """(The heir's starting thread.) Keep its runtime to end it with the
+        job; end it now if the job is over, the node does without it (it
+        failed to join in time, or left) or the daemon is closing."""
+        with self.lock:  # (close() sets _closing under it, then ends the heirs kept)
+            with link.heir_lock:
+                stop = link.ended or link.heir_failed or self._closing
+                if not stop:
+                    self._heir_runtimes[link] = runtime
+        if stop:
+            runtime.shutdown()  # (not the loop's thread: it says goodbye to this node)
 
     def _heir_failed(self, link: DriverLink, nonce: str, err: BaseException) -> None:
-        self._heirs.pop(nonce, None)
+        """(The daemon's loop.) No heir for `link`'s job: this node owns what
+        its workers submit (see `adopt`); an heir that joins later is ended."""
+        if self._heirs.pop(nonce, None) is None:
+            return  # (it joined, or was given up on, already)
+        with link.heir_lock:
+            link.heir_failed = True
         print(f"beamlet node: no heir for a job whose driver left ({err}); this node owns "
               f"what its detached actors submit", file=sys.stderr, flush=True)
         self._heir_joined(link, None)
@@ -398,6 +424,7 @@ class DriverOwner:
             waiting, link.waiting = link.waiting or [], None
             link.heir = heir
         if heir is not None:
+            heir.heir_of = link
             print(f"beamlet node: an heir owns what job {link.config.get('job_id')}'s "
                   f"detached actors here submit from now on (its driver left)",
                   file=sys.stderr, flush=True)
@@ -419,13 +446,32 @@ class DriverOwner:
 
     def _end_heir(self, link: DriverLink) -> None:
         """`link`'s job is over (its last detached actor here is dead): its heir
-        leaves (in a thread of its own: it says goodbye to this node too)."""
+        leaves."""
         with link.heir_lock:
             link.ended = True
+        self._stop_heir(link)
+
+    def _stop_heir(self, link: DriverLink) -> None:
+        """End the heir of `link`'s job if it started (in a thread of its own:
+        it says goodbye to this node too, which this loop must answer)."""
+        with self.lock:
             runtime = self._heir_runtimes.pop(link, None)
         if runtime is not None:
             threading.Thread(target=runtime.shutdown, name="beamlet-heir-end",
                              daemon=True).start()
+
+    def _heir_left(self, heir: DriverLink) -> None:
+        """An heir's connection to this node dropped: this node owns what its
+        job's workers submit from now on; the heir is ended (its connections
+        to the other nodes with it)."""
+        kept = heir.heir_of
+        if kept is None:
+            return
+        with kept.heir_lock:
+            if kept.heir is heir:
+                kept.heir = None
+            kept.heir_failed = True
+        self._stop_heir(kept)
 
     # -- what the node's scheduler tells observers: for the driver's --------------
     def _task_finished(self, spec, status, duration, pid) -> None:
@@ -464,7 +510,17 @@ class DriverOwner:
 
     def flush_events(self) -> None:
         """The daemon's tick: send the events queued without results to go with
-        (and fail the calls that waited too long for their actor's creation)."""
+        (and fail the calls that waited too long for their actor's creation;
+        do without an heir that did not join in time; run what other threads
+        handed to the loop)."""
+        while self._loop_calls:
+            self._loop_calls.popleft()()
+        if self._heirs:
+            now = time.monotonic()
+            for nonce, link in list(self._heirs.items()):
+                if link.heir_deadline <= now:
+                    self._heir_failed(link, nonce, TimeoutError(
+                        f"it did not join within {HEIR_START_WAIT:g} s"))
         if self._early_calls:
             self._expire_early_calls()
         while self._idle_events:
@@ -588,6 +644,9 @@ class DriverOwner:
                 raise ValueError(f"{err}{why}") from None
             raise
         self.node.object_store.on_ready(spec.return_ids[0], done)
+        if self._early_calls and spec.kind == ACTOR_CREATION:
+            actor_id = spec.actor_id  # (its waiting calls run on the daemon's loop, as all calls)
+            self._loop_calls.append(lambda: self._release_early_calls(actor_id))
 
     def _lost_with_driver(self, object_ids) -> None:
         """Workers of a job whose driver left wait for these objects, which
@@ -813,7 +872,8 @@ class DriverOwner:
         for object_id, form in objects:
             with self.lock:
                 self._fetching.pop(object_id, None)
-            if self._eager and object_id in self._eager:
+            eager = bool(self._eager) and object_id in self._eager
+            if eager:
                 self._eager.discard(object_id)
                 if not self.refs.count(object_id):
                     continue  # (nobody here holds it any more)
@@ -826,6 +886,10 @@ class DriverOwner:
                     stream.signals.append(object_id)
             if not store.contains(object_id):
                 store.put(object_id, P.unwire(form))
+                if eager and not self.refs.count(object_id):
+                    # (its last ref went between the count above and the put:
+                    # its release found nothing to free)
+                    self._released(object_id)
 
     def _run(self, link: DriverLink, spec, objects, locations, waited: bool = False) -> None:
         if spec.kind == ACTOR_METHOD and not waited \
@@ -876,8 +940,13 @@ class DriverOwner:
             self.node.scheduler.reject(spec, exc.TaskError.from_exception(err,
                                                                          spec.display_name))
         if self._early_calls and spec.kind == ACTOR_CREATION:
-            for _, caller, call, objects, locations in self._early_calls.pop(spec.actor_id, ()):
-                self._run_call(caller, call, objects, locations)
+            self._release_early_calls(spec.actor_id)
+
+    def _release_early_calls(self, actor_id: bytes) -> None:
+        """The actor's creation reached this node (from a driver, an heir, or
+        adopted): the calls that waited for it run."""
+        for _, caller, call, objects, locations in self._early_calls.pop(actor_id, ()):
+            self._run_call(caller, call, objects, locations)
 
     def _run_call(self, link: DriverLink, spec, objects, locations) -> None:
         """Run a call that waited for its actor's creation (the node's
@@ -888,8 +957,16 @@ class DriverOwner:
     def _expire_early_calls(self) -> None:
         """(The daemon's tick.) Calls that waited too long for their actor fail."""
         now = time.monotonic()
-        for actor_id in [a for a, calls in self._early_calls.items() if calls[0][0] <= now]:
-            for _, caller, call, objects, locations in self._early_calls.pop(actor_id):
+        for actor_id, calls in list(self._early_calls.items()):
+            due = [c for c in calls if c[0] <= now]
+            if not due:
+                continue
+            kept = [c for c in calls if c[0] > now]  # (each call waits its own while)
+            if kept:
+                self._early_calls[actor_id] = kept
+            else:
+                del self._early_calls[actor_id]
+            for _, caller, call, objects, locations in due:
                 self._run_call(caller, call, objects, locations)
 
     def _deliver(self, spec, object_id: bytes, entry) -> bool:
@@ -1109,10 +1186,8 @@ class DriverOwner:
             return
         if link.task_events:
             self._observe_task_ends()
-        for kept in [k for k, r in list(self._heir_runtimes.items()) if k.heir is link]:
-            with kept.heir_lock:  # (its heir left: this node owns what it submits now)
-                kept.heir = None
-                self._heir_runtimes.pop(kept, None)
+        if link.heir_of is not None:
+            self._heir_left(link)
         actor_driver = self.actor_driver
         living = {a for a in link.detached if actor_driver.get(a) is link}
         link.left = bool(living)
@@ -1149,9 +1224,12 @@ class DriverOwner:
                 self.fetch(asked, link)
 
     def close(self) -> None:
-        for runtime in list(self._heir_runtimes.values()):
+        with self.lock:  # (an heir still starting is ended as it starts: _heir_started)
+            self._closing = True
+            runtimes = list(self._heir_runtimes.values())
+            self._heir_runtimes.clear()
+        for runtime in runtimes:
             runtime.shutdown()
-        self._heir_runtimes.clear()
         plugins.remove_listener("beamlet_task_finished", self._task_finished)
         plugins.remove_listener("beamlet_actor_state", self._actor_state)
         if self.puller is not None:
