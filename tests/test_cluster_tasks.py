@@ -380,6 +380,9 @@ class Helper:
     def node(self):
         return beamlet.get_runtime_context().get_node_id()
 
+    def pid(self):
+        return os.getpid()
+
 
 @beamlet.remote
 class Keeper:
@@ -419,6 +422,12 @@ class Keeper:
 
     def ones_here(self, n):
         return np.ones(n)
+
+    def helper_pid(self, resources):
+        # (an actor of its own, made once: Ray's owner of it is this actor)
+        if self.helper is None:
+            self.helper = Helper.options(resources=resources).remote()
+        return beamlet.get(self.helper.pid.remote(), timeout=60)
 
     def helper_job(self):
         if self.helper is None:
@@ -636,6 +645,95 @@ def test_a_detached_actor_waiting_for_what_its_creator_was_sending_as_it_left_ne
     beamlet.kill(keeper)
     assert procs.wait_gone([pid], TIMEOUT) == []
     assert member
+
+
+#: A creator that makes a detached actor and leaves.
+BRIEF_CREATOR = """
+import sys
+
+import beamlet
+from detached_work import Keeper
+
+beamlet.init(address=sys.argv[1], token=sys.argv[2], namespace="shared")
+keeper = Keeper.options(name="keeper", lifetime="detached", resources={"ssd": 1}).remote()
+beamlet.get(keeper.job.remote(), timeout=60)
+beamlet.shutdown()
+"""
+
+HEIR_JOINED = "detached actors here submit from now on"
+
+
+def _logs(cluster) -> str:
+    """What every daemon of `cluster` logged so far."""
+    directory = os.path.join(cluster.state_dir, "logs")
+    out = []
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), errors="replace") as f:
+            out.append(f.read())
+    return "\n".join(out)
+
+
+def test_an_heir_starts_only_once_a_detached_actor_submits_work(cluster, driver, tmp_path):
+    """A detached actor whose creator left gets an heir (a driver with
+    connections to every node) only when it first submits work: one that
+    only answers calls has none; its first nested task starts it, and runs."""
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"ssd": 1}')
+    (tmp_path / "detached_work.py").write_text(DETACHED_WORK)
+    (tmp_path / "creator.py").write_text(BRIEF_CREATOR)
+    creator = subprocess.run([sys.executable, str(tmp_path / "creator.py"), head["address"],
+                              head["token"]], env=cluster.env, capture_output=True, text=True,
+                             timeout=TIMEOUT)
+    assert creator.returncode == 0, creator.stdout + creator.stderr
+    driver(head, namespace="shared")
+    keeper = beamlet.get_actor("keeper")
+    assert beamlet.get(keeper.job.remote(), timeout=GET_TIMEOUT)
+    # (An heir started when the creator left would have joined by now.)
+    assert not procs.wait_until(lambda: HEIR_JOINED in _logs(cluster), 10, interval=0.5)
+    assert beamlet.get(keeper.fan_out.remote(3), timeout=GET_TIMEOUT) == [0, 1, 4]
+    assert HEIR_JOINED in _logs(cluster)
+    pid = beamlet.get(keeper.pid.remote(), timeout=GET_TIMEOUT)
+    beamlet.kill(keeper)
+    assert procs.wait_gone([pid], TIMEOUT) == []
+
+
+#: A creator whose detached actor makes an actor of its own (on the head),
+#: then leaves.
+OWNER_CREATOR = """
+import sys
+
+import beamlet
+from detached_work import Keeper
+
+beamlet.init(address=sys.argv[1], token=sys.argv[2], namespace="shared")
+keeper = Keeper.options(name="keeper", lifetime="detached", resources={"ssd": 1}).remote()
+print("helper pid", beamlet.get(keeper.helper_pid.remote({"head_box": 1}), timeout=60),
+      flush=True)
+beamlet.shutdown()
+"""
+
+
+def test_an_actor_a_detached_actor_made_lives_and_dies_with_it(cluster, driver, tmp_path):
+    """Ray's ownership: an actor that a detached actor created (on another
+    node, while the creator driver was here) is owned by that actor, not by
+    the driver: it outlives the driver, and dies when its owner is killed."""
+    head = cluster.start_head("--resources", '{"head_box": 1}')
+    cluster.join(head, "--resources", '{"ssd": 1}')
+    (tmp_path / "detached_work.py").write_text(DETACHED_WORK)
+    (tmp_path / "creator.py").write_text(OWNER_CREATOR)
+    creator = subprocess.run([sys.executable, str(tmp_path / "creator.py"), head["address"],
+                              head["token"]], env=cluster.env, capture_output=True, text=True,
+                             timeout=TIMEOUT)
+    assert creator.returncode == 0, creator.stdout + creator.stderr
+    helper_pid = int(creator.stdout.split("helper pid")[1].split()[0])
+    driver(head, namespace="shared")
+    keeper = beamlet.get_actor("keeper")
+    # The same actor answers after its creator driver left.
+    assert beamlet.get(keeper.helper_pid.remote({"head_box": 1}),
+                       timeout=GET_TIMEOUT) == helper_pid
+    pid = beamlet.get(keeper.pid.remote(), timeout=GET_TIMEOUT)
+    beamlet.kill(keeper)
+    assert procs.wait_gone([pid, helper_pid], TIMEOUT) == []
 
 
 @beamlet.remote

@@ -82,6 +82,7 @@ from ...core.generators import _is_end, ack_id, closed_id, item_id
 from ...core.refcount import ReferenceCounter
 from ...core.scheduling import RETRYING
 from ...core.serialization import serialize
+from ...core.tables import ActorState, NodeState
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD
 from ..local.protocol import ShmEntry
 from ..local.transport import ProtocolError
@@ -104,6 +105,13 @@ HEIR_START_WAIT = 30.0
 #: What a job's workers ask for while its heir joins: kept for it (see
 #: DriverOwner._successor).
 _LATER = object()
+#: The key of a creation's ``actor_options`` naming the detached actor that
+#: created it (its owner, with which it lives and dies once the driver of
+#: their job left: see DriverOwner.driver_left).
+OWNER_KEY = "owner_actor"
+#: Seconds between looks in the control store for the owners of the actors
+#: kept for them (see DriverOwner.check_owners).
+OWNERS_INTERVAL = 1.0
 
 
 class DriverLink:
@@ -147,14 +155,29 @@ class DriverLink:
         #: start, or it left), the node owns what the workers submit.
         self.heir_deadline = 0.0
         self.heir_failed = False
+        #: Once its driver left: an heir may start, on the first submission of
+        #: the job's workers (a job whose detached actors submit nothing never
+        #: has one); until then, the refs its workers take (`pending`, object id
+        #: -> count), told to the heir before that submission.
+        self.may_heir = False
+        self.pending: collections.Counter = collections.Counter()
         #: For an heir's own link: the kept job it is the heir of.
         self.heir_of: DriverLink | None = None
+        #: Its actors here that a detached actor of its job created: actor id
+        #: -> (that owner's id, its token); kept when the driver leaves, until
+        #: their owner is dead (see DriverOwner.driver_left).
+        self.owned_actors: dict[bytes, tuple[bytes, bytes]] = {}
 
     # -- JobOwner, for this job's workers ------------------------------------------
     def job_config(self) -> dict:
         return dict(self.config)
 
-    def accept(self, spec) -> None:
+    def accept(self, spec, actor_id: bytes | None = None) -> None:
+        if actor_id is not None and spec.kind == ACTOR_CREATION and actor_id in self.detached \
+                and not self.left and not spec.actor_options.get("detached"):
+            # (Ray: an actor's owner is the worker that created it, so one a
+            # detached actor creates dies with it, not with this driver.)
+            spec.actor_options = {**spec.actor_options, OWNER_KEY: actor_id}
         self.owner.accept(spec, self)
 
     def fetch(self, object_ids) -> None:
@@ -299,6 +322,11 @@ class DriverOwner:
         #: actor id -> [(until when, driver, RunTask fields)]: calls of an actor
         #: whose creation has not reached this node yet (see `_run`).
         self._early_calls: dict[bytes, list] = {}
+        #: Actors kept for their owner (a detached actor, maybe on another
+        #: node) after their job's driver left: actor id -> (owner id, token),
+        #: until the owner is dead (`check_owners`) or they are.
+        self._kept_actors: dict[bytes, tuple[bytes, bytes]] = {}
+        self._owners_checked = 0.0
 
     def attach(self, node, transport) -> None:
         """The daemon made its Node: pulls from other nodes go over `transport`."""
@@ -371,12 +399,35 @@ class DriverOwner:
     def _successor(self, link: DriverLink, what: str, argument):
         """Who owns what `link`'s job's workers ask for now that its driver
         left: its heir, None (no heir: this node, see `adopt`), or `_LATER`
-        (the heir is joining: kept as ``(what, argument)`` for it)."""
+        (the heir is joining: kept as ``(what, argument)`` for it). The first
+        submission starts the heir (see `DriverLink.may_heir`)."""
         with link.heir_lock:
             if link.waiting is not None:
                 link.waiting.append((what, argument))
                 return _LATER
-            return link.heir
+            if link.heir is not None or not link.may_heir:
+                return link.heir
+            if what != "accept":
+                # (Nothing the heir owns exists yet: a fetch is of the driver's,
+                # lost with it; refs taken now are told to the heir as it joins,
+                # since the submitter's refs to a submission's results come
+                # before the submission itself.)
+                pending = link.pending
+                if what == "borrow":
+                    pending.update(argument)
+                elif what == "unborrow":
+                    for object_id in argument:
+                        if pending[object_id] > 1:
+                            pending[object_id] -= 1
+                        else:
+                            pending.pop(object_id, None)
+                return None
+            link.may_heir = False
+            held = list(link.pending.elements())
+            link.pending.clear()
+            link.waiting = ([("borrow", held)] if held else []) + [(what, argument)]
+        self._start_heir(link)
+        return _LATER
 
     def _start_heir(self, link: DriverLink) -> None:
         """`link`'s driver left while detached actors of its job live here:
@@ -534,6 +585,10 @@ class DriverOwner:
     def _actor_state(self, actor_id, class_name, state, reason) -> None:
         if state == "DEAD":
             link = self.actor_driver.pop(actor_id, None)
+            if self._kept_actors:
+                kept = self._kept_actors.pop(actor_id, None)
+                if kept is not None:
+                    self.refs.decr(kept[1])
         else:
             link = self.actor_driver.get(actor_id)
         if link is None:
@@ -721,6 +776,34 @@ class DriverOwner:
         link.held.difference_update(objects)
         self.locations.extend((False, i) for i in objects)
         self.refs.decr_all(object_ids)
+
+    def check_owners(self, tables) -> None:
+        """(The daemon's location writer, off the loop.) Every
+        `OWNERS_INTERVAL`: end the actors kept for an owner that is dead (its
+        record says so, or is gone, or its node is dead). BackendError if the
+        control store is down."""
+        now = time.monotonic()
+        if not self._kept_actors or now < self._owners_checked + OWNERS_INTERVAL:
+            return
+        self._owners_checked = now
+        dead = set()
+        for owner in {o for o, _ in list(self._kept_actors.values())}:
+            info = tables.actor(owner)
+            if info is None or info.state is ActorState.DEAD:
+                dead.add(owner)
+            elif info.node_id is not None:
+                node = tables.node(info.node_id)
+                if node is None or node.state is NodeState.DEAD:
+                    dead.add(owner)
+        if dead:
+            self._loop_calls.append(lambda: self._owners_died(dead))
+
+    def _owners_died(self, owners: set) -> None:
+        """(The daemon's loop.) These owners are dead: the actors kept for
+        them end (nothing holds their tokens any more)."""
+        for actor_id, (owner, token) in list(self._kept_actors.items()):
+            if owner in owners and self._kept_actors.pop(actor_id, None) is not None:
+                self.refs.decr(token)
 
     def record_locations(self, tables, node_id: str, limit: int = 200) -> None:
         """Write up to `limit` queued changes to the object locations table.
@@ -918,6 +1001,9 @@ class DriverOwner:
             self.actor_driver[spec.actor_id] = link
             if spec.actor_options.get("detached"):
                 link.detached.add(spec.actor_id)
+            elif spec.actor_options.get(OWNER_KEY) and link.heir_of is None:
+                link.owned_actors[spec.actor_id] = (spec.actor_options[OWNER_KEY],
+                                                    spec.return_ids[0])
             token = spec.return_ids[0]
             self.refs.incr(token)  # until the driver lets go of the actor
             link.tokens.add(token)
@@ -1190,9 +1276,11 @@ class DriverOwner:
             self._heir_left(link)
         actor_driver = self.actor_driver
         living = {a for a in link.detached if actor_driver.get(a) is link}
+        owned = {a: v for a, v in link.owned_actors.items() if actor_driver.get(a) is link}
+        living.update(owned)
         link.left = bool(living)
         if link.left and self.heir_address is not None:
-            link.waiting = []  # (for its heir: see `_start_heir`)
+            link.may_heir = True  # (started by the job's next submission: see `_successor`)
         for task_id in [k for k, v in self.task_driver.items() if v is link]:
             self.task_driver.pop(task_id, None)
         for actor_id in [k for k, v in actor_driver.items() if v is link and k not in living]:
@@ -1214,9 +1302,11 @@ class DriverOwner:
         link.groups.clear()
         if not link.left:
             self.node.scheduler.job_ended(link)
+        if owned:  # (their tokens stay counted until their owner is dead)
+            self._kept_actors.update(owned)
+            link.tokens.difference_update(token for _, token in owned.values())
         self._let_go(link, list(link.tokens) + list(link.held))
         if link.left:
-            self._start_heir(link)
             asked = [i for i in asked if self.refs.count(i)]
             if asked:
                 # Its workers may wait for what it was sending as it left (asked
