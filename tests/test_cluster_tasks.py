@@ -423,6 +423,10 @@ class Keeper:
     def ones_here(self, n):
         return np.ones(n)
 
+    def stream_sum(self, n):
+        return sum(beamlet.get(r, timeout=60)
+                   for r in count_to.options(num_returns="streaming").remote(n))
+
     def helper_pid(self, resources):
         # (an actor of its own, made once: Ray's owner of it is this actor)
         if self.helper is None:
@@ -460,6 +464,13 @@ class Keeper:
 @beamlet.remote
 def node_of():
     return beamlet.get_runtime_context().get_node_id()
+
+
+@beamlet.remote
+def count_to(n):
+    for i in range(n):
+        yield i
+
 
 
 @beamlet.remote
@@ -734,6 +745,82 @@ def test_an_actor_a_detached_actor_made_lives_and_dies_with_it(cluster, driver, 
     pid = beamlet.get(keeper.pid.remote(), timeout=GET_TIMEOUT)
     beamlet.kill(keeper)
     assert procs.wait_gone([pid, helper_pid], TIMEOUT) == []
+
+
+@pytest.fixture
+def node_here():
+    """``node_here(head, *options)`` runs a member node daemon in this process
+    (its loop in a thread; its workers are processes, its sockets real), so
+    that a test can look at what the node keeps; closed after the test."""
+    from beamlet.backends.zmq.daemon import MemberDaemon, parse_args
+    started = []
+
+    def start(head: dict, *options: str):
+        args = parse_args(["--address", head["address"], "--num-cpus", "1", *options])
+        daemon = MemberDaemon(args, bytes.fromhex(head["token"]))
+        thread = threading.Thread(target=daemon.serve, name="node-here", daemon=True)
+        started.append((daemon, thread))
+        daemon.start()
+        thread.start()
+        return daemon
+
+    yield start
+    for daemon, thread in started:
+        daemon.stop()
+        if thread.is_alive():
+            thread.join(TIMEOUT)
+        daemon.close()
+
+
+#: A second driver that calls the detached actor: ``caller.py ADDRESS TOKEN
+#: METHOD ARG``, printing what the call returns.
+CALLER = """
+import sys
+
+import beamlet
+
+beamlet.init(address=sys.argv[1], token=sys.argv[2], namespace="shared")
+keeper = beamlet.get_actor("keeper")
+print("got", beamlet.get(getattr(keeper, sys.argv[3]).remote(int(sys.argv[4])), timeout=60),
+      flush=True)
+beamlet.shutdown()
+"""
+
+
+def test_an_heir_forgets_streams_that_ended_and_is_ended_when_its_connection_drops(
+        cluster, node_here, tmp_path):
+    """A detached actor whose creator left consumes a stream through its
+    node's heir: once the stream is over the heir keeps nothing of it. When
+    the heir's connection to its node drops, the heir is ended (with its
+    connections to every node), and the node runs what the actor submits."""
+    head = cluster.start_head()
+    member = node_here(head, "--resources", '{"ssd": 1}')
+    (tmp_path / "detached_work.py").write_text(DETACHED_WORK)
+    (tmp_path / "creator.py").write_text(BRIEF_CREATOR)
+    (tmp_path / "caller.py").write_text(CALLER)
+
+    def run(script: str, *args: str) -> str:
+        proc = subprocess.run([sys.executable, str(tmp_path / script), head["address"],
+                               head["token"], *args], env=cluster.env, capture_output=True,
+                              text=True, timeout=TIMEOUT)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    run("creator.py")
+    assert "got 6" in run("caller.py", "stream_sum", "4")
+    owner = member.owner
+    assert len(owner._heir_runtimes) == 1, owner._heir_runtimes
+    (kept, runtime), = owner._heir_runtimes.items()
+    scheduler = runtime.backend.scheduler
+    assert procs.wait_until(lambda: not scheduler.owned_prefixes, 30, interval=0.1), \
+        scheduler.owned_prefixes
+    assert scheduler.stream_prefixes == {}
+    heir = kept.heir
+    # (as the daemon drops a connection that breaks the protocol: on its loop)
+    owner._loop_calls.append(lambda: (heir.conn.close(), member.driver_left(heir.conn)))
+    assert procs.wait_until(lambda: runtime.backend._closed, TIMEOUT, interval=0.1)
+    assert not owner._heir_runtimes
+    assert "got [0, 1, 4]" in run("caller.py", "fan_out", "3")
 
 
 @beamlet.remote

@@ -311,6 +311,7 @@ class DriverOwner:
         self.heir_address: str | None = None
         self.secret = b""
         self._heirs: dict[str, DriverLink] = {}
+        self._heir_hellos: dict[str, DriverLink] = {}  # nonce -> its link, until it started
         self._heir_runtimes: dict[DriverLink, object] = {}
         self._closing = False  # (close() began: an heir that starts now is ended)
         #: What other threads hand to the daemon's loop (run by flush_events).
@@ -440,15 +441,17 @@ class DriverOwner:
             link.heir_deadline = time.monotonic() + HEIR_START_WAIT
         nonce, thread = start_heir(
             self.heir_address, self.secret, link.config,
-            lambda runtime: self._heir_started(link, runtime),
+            lambda runtime: self._heir_started(link, nonce, runtime),
             lambda err: self._loop_calls.append(lambda: self._heir_failed(link, nonce, err)))
         self._heirs[nonce] = link
         thread.start()
 
-    def _heir_started(self, link: DriverLink, runtime) -> None:
-        """(The heir's starting thread.) Keep its runtime to end it with the
-        job; end it now if the job is over, the node does without it (it
-        failed to join in time, or left) or the daemon is closing."""
+    def _heir_started(self, link: DriverLink, nonce: str, runtime) -> None:
+        """(The heir's starting thread, once its Runtime is made: not before,
+        or what is sent to it would reach a half-made runtime.) Keep its
+        runtime to end it with the job, and have the loop hand it what waits
+        (`_heir_ready`); end it now if the job is over, the node does without
+        it (it failed to join in time, or left) or the daemon is closing."""
         with self.lock:  # (close() sets _closing under it, then ends the heirs kept)
             with link.heir_lock:
                 stop = link.ended or link.heir_failed or self._closing
@@ -456,16 +459,33 @@ class DriverOwner:
                     self._heir_runtimes[link] = runtime
         if stop:
             runtime.shutdown()  # (not the loop's thread: it says goodbye to this node)
+        else:
+            self._loop_calls.append(lambda: self._heir_ready(link, nonce))
+
+    def _heir_ready(self, link: DriverLink, nonce: str) -> None:
+        """(The daemon's loop.) The heir started: it owns what `link`'s job's
+        workers ask for from now on (if its connection here is still up)."""
+        heir = self._heir_hellos.pop(nonce, None)
+        if self._heirs.get(nonce) is not link:
+            return  # (given up on: `_heir_failed` ended it)
+        if heir is None or self.drivers.get(heir.conn) is not heir or link.ended:
+            self._heir_failed(link, nonce, exc.BackendError("its connection to this node "
+                                                            "dropped as it started"))
+            return
+        del self._heirs[nonce]
+        self._heir_joined(link, heir)
 
     def _heir_failed(self, link: DriverLink, nonce: str, err: BaseException) -> None:
         """(The daemon's loop.) No heir for `link`'s job: this node owns what
-        its workers submit (see `adopt`); an heir that joins later is ended."""
+        its workers submit (see `adopt`); an heir that starts later is ended."""
+        self._heir_hellos.pop(nonce, None)
         if self._heirs.pop(nonce, None) is None:
             return  # (it joined, or was given up on, already)
         with link.heir_lock:
             link.heir_failed = True
         print(f"beamlet node: no heir for a job whose driver left ({err}); this node owns "
               f"what its detached actors submit", file=sys.stderr, flush=True)
+        self._stop_heir(link)  # (if it started meanwhile)
         self._heir_joined(link, None)
 
     def _heir_joined(self, link: DriverLink, heir: DriverLink | None) -> None:
@@ -893,9 +913,9 @@ class DriverOwner:
                 link = self.drivers[conn] = DriverLink(self, conn, message.job_config)
                 if link.task_events:
                     self._observe_task_ends()
-                kept = self._heirs.pop(message.job_config.get("heir_of"), None)
-                if kept is not None:
-                    self._heir_joined(kept, link)
+                nonce = message.job_config.get("heir_of")
+                if nonce in self._heirs:  # (it is told what waits once started: _heir_ready)
+                    self._heir_hellos[nonce] = link
             return
         if link is None:
             raise ValueError(f"{P.describe(message)} before DriverHello")
@@ -1274,6 +1294,8 @@ class DriverOwner:
             self._observe_task_ends()
         if link.heir_of is not None:
             self._heir_left(link)
+        for nonce in [n for n, heir in self._heir_hellos.items() if heir is link]:
+            del self._heir_hellos[nonce]  # (an heir starting: see `_heir_ready`)
         actor_driver = self.actor_driver
         living = {a for a in link.detached if actor_driver.get(a) is link}
         owned = {a: v for a, v in link.owned_actors.items() if actor_driver.get(a) is link}
