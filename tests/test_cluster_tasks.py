@@ -823,6 +823,37 @@ def test_an_heir_forgets_streams_that_ended_and_is_ended_when_its_connection_dro
     assert "got [0, 1, 4]" in run("caller.py", "fan_out", "3")
 
 
+def test_a_node_does_without_an_heir_that_does_not_join_in_time(
+        cluster, node_here, tmp_path, monkeypatch, capsys):
+    """An heir that cannot join (here: its cluster address accepts the
+    connection and never answers) is given up on after HEIR_START_WAIT: what
+    the detached actor submitted meanwhile runs on its node, long before the
+    heir's own connection attempt would give up."""
+    import socket
+
+    from beamlet.backends.zmq import jobs
+    monkeypatch.setattr(jobs, "HEIR_START_WAIT", 1.0)
+    head = cluster.start_head()
+    member = node_here(head, "--resources", '{"ssd": 1}')
+    (tmp_path / "detached_work.py").write_text(DETACHED_WORK)
+    (tmp_path / "creator.py").write_text(BRIEF_CREATOR)
+    (tmp_path / "caller.py").write_text(CALLER.replace("timeout=60", "timeout=9"))
+    creator = subprocess.run([sys.executable, str(tmp_path / "creator.py"), head["address"],
+                              head["token"]], env=cluster.env, capture_output=True, text=True,
+                             timeout=TIMEOUT)
+    assert creator.returncode == 0, creator.stdout + creator.stderr
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        member.owner.heir_address = f"127.0.0.1:{silent.getsockname()[1]}"
+        caller = subprocess.run([sys.executable, str(tmp_path / "caller.py"), head["address"],
+                                 head["token"], "fan_out", "3"], env=cluster.env,
+                                capture_output=True, text=True, timeout=TIMEOUT)
+    assert caller.returncode == 0, caller.stdout + caller.stderr
+    assert "got [0, 1, 4]" in caller.stdout
+    assert "did not join within 1 s" in capsys.readouterr().err
+
+
 @beamlet.remote
 def put_inside(value):
     return [beamlet.put(value)]  # an object put on its node, returned by ref
