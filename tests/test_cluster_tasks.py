@@ -427,6 +427,13 @@ class Keeper:
         return sum(beamlet.get(r, timeout=60)
                    for r in count_to.options(num_returns="streaming").remote(n))
 
+    def start_slow(self, go, resources):
+        # a nested task still running when its creator driver leaves
+        self.slow = until_file.options(resources=resources).remote(go)
+
+    def slow_value(self):
+        return beamlet.get(self.slow, timeout=60)
+
     def helper_pid(self, resources):
         # (an actor of its own, made once: Ray's owner of it is this actor)
         if self.helper is None:
@@ -464,6 +471,15 @@ class Keeper:
 @beamlet.remote
 def node_of():
     return beamlet.get_runtime_context().get_node_id()
+
+
+@beamlet.remote
+def until_file(go):
+    import time
+    deadline = time.monotonic() + 60
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return 42
 
 
 @beamlet.remote
@@ -852,6 +868,44 @@ def test_a_node_does_without_an_heir_that_does_not_join_in_time(
     assert caller.returncode == 0, caller.stdout + caller.stderr
     assert "got [0, 1, 4]" in caller.stdout
     assert "did not join within 1 s" in capsys.readouterr().err
+
+
+#: A creator that leaves while its detached actor's nested task still runs.
+SLOW_CREATOR = """
+import sys
+
+import beamlet
+from detached_work import Keeper
+
+beamlet.init(address=sys.argv[1], token=sys.argv[2], namespace="shared")
+keeper = Keeper.options(name="keeper", lifetime="detached", resources={"ssd": 1}).remote()
+beamlet.get(keeper.start_slow.remote(sys.argv[3], {"ssd": 1}), timeout=60)
+beamlet.shutdown()
+"""
+
+
+def test_a_detached_actors_nested_task_running_as_its_creator_leaves_keeps_its_result(
+        cluster, driver, tmp_path):
+    """Ray's ownership: what a detached actor submits is the actor's. Its
+    nested task (on the actor's node) still runs when the creator driver
+    leaves; its result still reaches the actor, not OwnerDiedError."""
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"ssd": 2}')
+    (tmp_path / "detached_work.py").write_text(DETACHED_WORK)
+    (tmp_path / "creator.py").write_text(SLOW_CREATOR)
+    go = tmp_path / "go"
+    creator = subprocess.run([sys.executable, str(tmp_path / "creator.py"), head["address"],
+                              head["token"], str(go)], env=cluster.env, capture_output=True,
+                             text=True, timeout=TIMEOUT)
+    assert creator.returncode == 0, creator.stdout + creator.stderr
+    driver(head, namespace="shared")
+    keeper = beamlet.get_actor("keeper")
+    value = keeper.slow_value.remote()
+    go.touch()
+    assert beamlet.get(value, timeout=GET_TIMEOUT) == 42
+    pid = beamlet.get(keeper.pid.remote(), timeout=GET_TIMEOUT)
+    beamlet.kill(keeper)
+    assert procs.wait_gone([pid], TIMEOUT) == []
 
 
 @beamlet.remote

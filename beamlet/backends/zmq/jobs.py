@@ -844,7 +844,11 @@ class DriverOwner:
         if link is None:
             return
         if link.left:
-            heir = self._successor(link, "fetch", list(object_ids))
+            making = self.node.scheduler.making
+            object_ids = [i for i in object_ids if not making(i)]  # (stored here once made)
+            if not object_ids:
+                return
+            heir = self._successor(link, "fetch", object_ids)
             if heir is _LATER:
                 return
             if heir is None:
@@ -1088,7 +1092,8 @@ class DriverOwner:
         if direct is None:
             return False
         link, left, deps = direct
-        if type(entry) is ShmEntry or entry.refs or object_id in self._fetching:
+        if type(entry) is ShmEntry or entry.refs or object_id in self._fetching \
+                or (self._eager and object_id in self._eager):
             self.node.object_store.on_ready(
                 object_id, lambda object_id: self._result(link, object_id, left, deps,
                                                           spec.task_id))
@@ -1164,8 +1169,12 @@ class DriverOwner:
                     self._send_small(link, object_id, entry)
         except exc.BackendError:
             pass  # it left
-        if object_id not in link.held and not (
-                self._eager and object_id in self._eager and self.refs.count(object_id)):
+        eager = bool(self._eager) and object_id in self._eager
+        if eager and object_id not in self._fetching:
+            self._eager.discard(object_id)  # (no copy is coming for it any more: see `_store`)
+        if eager and self.refs.count(object_id):
+            pass  # (kept for a worker here)
+        elif object_id not in link.held:
             self._released(object_id)  # (not kept for its driver, nor for a worker here)
 
     def _lend(self, link: DriverLink, job: DriverLink, object_ids: list) -> None:
@@ -1316,7 +1325,11 @@ class DriverOwner:
             asked = [i for i, v in self._fetching.items() if v is link]
             for object_id in asked:
                 self._fetching.pop(object_id, None)
-        self._eager.difference_update(asked)
+        making = self.node.scheduler.making
+        # (What its job's workers asked of it that a task here makes stays
+        # theirs: stored here as it is made, see `_deliver`.)
+        self._eager.difference_update(i for i in asked if not making(i))
+        asked = [i for i in asked if not making(i)]
         for stream in [s for s in self.streams.values() if s.link is link]:
             self._stream_done(stream)
         for pg_id in list(link.groups):
