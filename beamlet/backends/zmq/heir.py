@@ -3,12 +3,13 @@ driver that created it has left.
 
 In Ray an actor owns what it submits: its nested tasks are placed anywhere
 in the cluster, and it may call actors on any node. Here a driver owns what
-its job's workers submit (``jobs.py``); when it leaves while a detached
-actor of its job lives on a node, that node starts an heir: a driver of
+its job's workers submit (``jobs.py``); when it has left while a detached
+actor of its job lives on a node, that node starts an heir on the first
+submission of the job's workers there (`DriverOwner._successor`): a driver of
 its own, in the node daemon's process (`start_heir`), which joins the
 cluster as any driver does (the head, every node, the control store) with
-the job's settings (its id, namespace, sys.path, cwd, runtime_env). From
-then on the job's workers on that node send it their submissions, fetches
+the job's settings (its id, namespace, sys.path, cwd, runtime_env). Once
+its Runtime is made, the job's workers on that node send it their submissions, fetches
 and held refs, as they sent them to the creator (``DriverLink.heir``): it
 places their tasks and actors on any node (spillback, resources, placement
 groups, calls of actors elsewhere), owns their results, and frees them once

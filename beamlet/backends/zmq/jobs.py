@@ -58,15 +58,20 @@ else leaves), but what its worker submits, fetches and holds goes to the
 creator, so a ref of the caller's that the actor keeps is not counted for
 the caller. When the creator leaves, its actors end (the node's scheduler
 ends an actor whose token nobody holds: later calls raise
-``ActorDiedError``), except the detached ones: their job lives on here
-(`DriverLink.left`) until the last of them is dead, and this node owns what
-their workers submit from then on (`adopt`), as Ray's actor worker owns its
-tasks: they run on this node (the actor's), their results are stored here
-for the refs the workers hold, and freed once none is (an actor killed lets
-go of all of its); a call returning such a ref ships the object to the
-calling driver, as any result holding refs. What the workers then wait for
-that is not here and not being made here was the creator's: it is lost with
-it (``OwnerDiedError``).
+``ActorDiedError``), except the detached ones and the actors a detached
+actor created (Ray: their owner is that actor, not the driver; their
+creation names it, ``OWNER_KEY``, and they end once the control store says
+it is dead: `check_owners`): their job lives on here (`DriverLink.left`)
+until the last of them is dead. What their workers submit from then on is
+owned by an heir this node starts on the first such submission
+(``heir.py``; `_successor`), or, without one, by this node (`adopt`), as
+Ray's actor worker owns its tasks: they run on this node (the actor's),
+their results are stored here for the refs the workers hold, and freed once
+none is (an actor killed lets go of all of its); a call returning such a ref
+ships the object to the calling driver, as any result holding refs. What
+the workers then wait for that is not here and not being made here was the
+creator's: it is lost with it (``OwnerDiedError``); a result of the
+creator's that a task here still makes is stored here for them.
 """
 from __future__ import annotations
 
@@ -605,6 +610,8 @@ class DriverOwner:
     def _actor_state(self, actor_id, class_name, state, reason) -> None:
         if state == "DEAD":
             link = self.actor_driver.pop(actor_id, None)
+            if link is not None and link.owned_actors:
+                link.owned_actors.pop(actor_id, None)
             if self._kept_actors:
                 kept = self._kept_actors.pop(actor_id, None)
                 if kept is not None:
