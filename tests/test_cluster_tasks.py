@@ -700,18 +700,25 @@ def _logs(cluster) -> str:
     return "\n".join(out)
 
 
+def _run_creator(cluster, head: dict, tmp_path, script: str, *args: str) -> str:
+    """Run `script` (a driver importing DETACHED_WORK, given the head's
+    address and token, then `args`) to its end; what it printed."""
+    (tmp_path / "detached_work.py").write_text(DETACHED_WORK)
+    (tmp_path / "creator.py").write_text(script)
+    proc = subprocess.run([sys.executable, str(tmp_path / "creator.py"), head["address"],
+                           head["token"], *args], env=cluster.env, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
 def test_an_heir_starts_only_once_a_detached_actor_submits_work(cluster, driver, tmp_path):
     """A detached actor whose creator left gets an heir (a driver with
     connections to every node) only when it first submits work: one that
     only answers calls has none; its first nested task starts it, and runs."""
     head = cluster.start_head()
     cluster.join(head, "--resources", '{"ssd": 1}')
-    (tmp_path / "detached_work.py").write_text(DETACHED_WORK)
-    (tmp_path / "creator.py").write_text(BRIEF_CREATOR)
-    creator = subprocess.run([sys.executable, str(tmp_path / "creator.py"), head["address"],
-                              head["token"]], env=cluster.env, capture_output=True, text=True,
-                             timeout=TIMEOUT)
-    assert creator.returncode == 0, creator.stdout + creator.stderr
+    _run_creator(cluster, head, tmp_path, BRIEF_CREATOR)
     driver(head, namespace="shared")
     keeper = beamlet.get_actor("keeper")
     assert beamlet.get(keeper.job.remote(), timeout=GET_TIMEOUT)
@@ -746,13 +753,8 @@ def test_an_actor_a_detached_actor_made_lives_and_dies_with_it(cluster, driver, 
     the driver: it outlives the driver, and dies when its owner is killed."""
     head = cluster.start_head("--resources", '{"head_box": 1}')
     cluster.join(head, "--resources", '{"ssd": 1}')
-    (tmp_path / "detached_work.py").write_text(DETACHED_WORK)
-    (tmp_path / "creator.py").write_text(OWNER_CREATOR)
-    creator = subprocess.run([sys.executable, str(tmp_path / "creator.py"), head["address"],
-                              head["token"]], env=cluster.env, capture_output=True, text=True,
-                             timeout=TIMEOUT)
-    assert creator.returncode == 0, creator.stdout + creator.stderr
-    helper_pid = int(creator.stdout.split("helper pid")[1].split()[0])
+    out = _run_creator(cluster, head, tmp_path, OWNER_CREATOR)
+    helper_pid = int(out.split("helper pid")[1].split()[0])
     driver(head, namespace="shared")
     keeper = beamlet.get_actor("keeper")
     # The same actor answers after its creator driver left.
@@ -811,19 +813,12 @@ def test_an_heir_forgets_streams_that_ended_and_is_ended_when_its_connection_dro
     connections to every node), and the node runs what the actor submits."""
     head = cluster.start_head()
     member = node_here(head, "--resources", '{"ssd": 1}')
-    (tmp_path / "detached_work.py").write_text(DETACHED_WORK)
-    (tmp_path / "creator.py").write_text(BRIEF_CREATOR)
-    (tmp_path / "caller.py").write_text(CALLER)
+    _run_creator(cluster, head, tmp_path, BRIEF_CREATOR)
 
-    def run(script: str, *args: str) -> str:
-        proc = subprocess.run([sys.executable, str(tmp_path / script), head["address"],
-                               head["token"], *args], env=cluster.env, capture_output=True,
-                              text=True, timeout=TIMEOUT)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        return proc.stdout
+    def call(*args: str) -> str:
+        return _run_creator(cluster, head, tmp_path, CALLER, *args)
 
-    run("creator.py")
-    assert "got 6" in run("caller.py", "stream_sum", "4")
+    assert "got 6" in call("stream_sum", "4")
     owner = member.owner
     assert len(owner._heir_runtimes) == 1, owner._heir_runtimes
     (kept, runtime), = owner._heir_runtimes.items()
@@ -836,7 +831,7 @@ def test_an_heir_forgets_streams_that_ended_and_is_ended_when_its_connection_dro
     owner._loop_calls.append(lambda: (heir.conn.close(), member.driver_left(heir.conn)))
     assert procs.wait_until(lambda: runtime.backend._closed, TIMEOUT, interval=0.1)
     assert not owner._heir_runtimes
-    assert "got [0, 1, 4]" in run("caller.py", "fan_out", "3")
+    assert "got [0, 1, 4]" in call("fan_out", "3")
 
 
 def test_a_node_does_without_an_heir_that_does_not_join_in_time(
@@ -851,22 +846,14 @@ def test_a_node_does_without_an_heir_that_does_not_join_in_time(
     monkeypatch.setattr(jobs, "HEIR_START_WAIT", 1.0)
     head = cluster.start_head()
     member = node_here(head, "--resources", '{"ssd": 1}')
-    (tmp_path / "detached_work.py").write_text(DETACHED_WORK)
-    (tmp_path / "creator.py").write_text(BRIEF_CREATOR)
-    (tmp_path / "caller.py").write_text(CALLER.replace("timeout=60", "timeout=9"))
-    creator = subprocess.run([sys.executable, str(tmp_path / "creator.py"), head["address"],
-                              head["token"]], env=cluster.env, capture_output=True, text=True,
-                             timeout=TIMEOUT)
-    assert creator.returncode == 0, creator.stdout + creator.stderr
+    _run_creator(cluster, head, tmp_path, BRIEF_CREATOR)
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         member.owner.heir_address = f"127.0.0.1:{silent.getsockname()[1]}"
-        caller = subprocess.run([sys.executable, str(tmp_path / "caller.py"), head["address"],
-                                 head["token"], "fan_out", "3"], env=cluster.env,
-                                capture_output=True, text=True, timeout=TIMEOUT)
-    assert caller.returncode == 0, caller.stdout + caller.stderr
-    assert "got [0, 1, 4]" in caller.stdout
+        out = _run_creator(cluster, head, tmp_path, CALLER.replace("timeout=60", "timeout=9"),
+                           "fan_out", "3")
+    assert "got [0, 1, 4]" in out
     assert "did not join within 1 s" in capsys.readouterr().err
 
 
@@ -891,13 +878,8 @@ def test_a_detached_actors_nested_task_running_as_its_creator_leaves_keeps_its_r
     leaves; its result still reaches the actor, not OwnerDiedError."""
     head = cluster.start_head()
     cluster.join(head, "--resources", '{"ssd": 2}')
-    (tmp_path / "detached_work.py").write_text(DETACHED_WORK)
-    (tmp_path / "creator.py").write_text(SLOW_CREATOR)
     go = tmp_path / "go"
-    creator = subprocess.run([sys.executable, str(tmp_path / "creator.py"), head["address"],
-                              head["token"], str(go)], env=cluster.env, capture_output=True,
-                             text=True, timeout=TIMEOUT)
-    assert creator.returncode == 0, creator.stdout + creator.stderr
+    _run_creator(cluster, head, tmp_path, SLOW_CREATOR, str(go))
     driver(head, namespace="shared")
     keeper = beamlet.get_actor("keeper")
     value = keeper.slow_value.remote()
