@@ -380,6 +380,9 @@ class Helper:
     def node(self):
         return beamlet.get_runtime_context().get_node_id()
 
+    def pid(self):
+        return os.getpid()
+
 
 @beamlet.remote
 class Keeper:
@@ -420,6 +423,23 @@ class Keeper:
     def ones_here(self, n):
         return np.ones(n)
 
+    def stream_sum(self, n):
+        return sum(beamlet.get(r, timeout=60)
+                   for r in count_to.options(num_returns="streaming").remote(n))
+
+    def start_slow(self, go, resources):
+        # a nested task still running when its creator driver leaves
+        self.slow = until_file.options(resources=resources).remote(go)
+
+    def slow_value(self):
+        return beamlet.get(self.slow, timeout=60)
+
+    def helper_pid(self, resources):
+        # (an actor of its own, made once: Ray's owner of it is this actor)
+        if self.helper is None:
+            self.helper = Helper.options(resources=resources).remote()
+        return beamlet.get(self.helper.pid.remote(), timeout=60)
+
     def helper_job(self):
         if self.helper is None:
             self.helper = Helper.remote()
@@ -451,6 +471,22 @@ class Keeper:
 @beamlet.remote
 def node_of():
     return beamlet.get_runtime_context().get_node_id()
+
+
+@beamlet.remote
+def until_file(go):
+    import time
+    deadline = time.monotonic() + 60
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return 42
+
+
+@beamlet.remote
+def count_to(n):
+    for i in range(n):
+        yield i
+
 
 
 @beamlet.remote
@@ -636,6 +672,222 @@ def test_a_detached_actor_waiting_for_what_its_creator_was_sending_as_it_left_ne
     beamlet.kill(keeper)
     assert procs.wait_gone([pid], TIMEOUT) == []
     assert member
+
+
+#: A creator that makes a detached actor and leaves.
+BRIEF_CREATOR = """
+import sys
+
+import beamlet
+from detached_work import Keeper
+
+beamlet.init(address=sys.argv[1], token=sys.argv[2], namespace="shared")
+keeper = Keeper.options(name="keeper", lifetime="detached", resources={"ssd": 1}).remote()
+beamlet.get(keeper.job.remote(), timeout=60)
+beamlet.shutdown()
+"""
+
+HEIR_JOINED = "detached actors here submit from now on"
+
+
+def _logs(cluster) -> str:
+    """What every daemon of `cluster` logged so far."""
+    directory = os.path.join(cluster.state_dir, "logs")
+    out = []
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), errors="replace") as f:
+            out.append(f.read())
+    return "\n".join(out)
+
+
+def _run_creator(cluster, head: dict, tmp_path, script: str, *args: str) -> str:
+    """Run `script` (a driver importing DETACHED_WORK, given the head's
+    address and token, then `args`) to its end; what it printed."""
+    (tmp_path / "detached_work.py").write_text(DETACHED_WORK)
+    (tmp_path / "creator.py").write_text(script)
+    proc = subprocess.run([sys.executable, str(tmp_path / "creator.py"), head["address"],
+                           head["token"], *args], env=cluster.env, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_an_heir_starts_only_once_a_detached_actor_submits_work(cluster, driver, tmp_path):
+    """A detached actor whose creator left gets an heir (a driver with
+    connections to every node) only when it first submits work: one that
+    only answers calls has none; its first nested task starts it, and runs."""
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"ssd": 1}')
+    _run_creator(cluster, head, tmp_path, BRIEF_CREATOR)
+    driver(head, namespace="shared")
+    keeper = beamlet.get_actor("keeper")
+    assert beamlet.get(keeper.job.remote(), timeout=GET_TIMEOUT)
+    # (An heir started when the creator left would have joined by now.)
+    assert not procs.wait_until(lambda: HEIR_JOINED in _logs(cluster), 10, interval=0.5)
+    assert beamlet.get(keeper.fan_out.remote(3), timeout=GET_TIMEOUT) == [0, 1, 4]
+    assert HEIR_JOINED in _logs(cluster)
+    pid = beamlet.get(keeper.pid.remote(), timeout=GET_TIMEOUT)
+    beamlet.kill(keeper)
+    assert procs.wait_gone([pid], TIMEOUT) == []
+
+
+#: A creator whose detached actor makes an actor of its own (on the head),
+#: then leaves.
+OWNER_CREATOR = """
+import sys
+
+import beamlet
+from detached_work import Keeper
+
+beamlet.init(address=sys.argv[1], token=sys.argv[2], namespace="shared")
+keeper = Keeper.options(name="keeper", lifetime="detached", resources={"ssd": 1}).remote()
+print("helper pid", beamlet.get(keeper.helper_pid.remote({"head_box": 1}), timeout=60),
+      flush=True)
+beamlet.shutdown()
+"""
+
+
+def test_an_actor_a_detached_actor_made_lives_and_dies_with_it(cluster, driver, tmp_path):
+    """Ray's ownership: an actor that a detached actor created (on another
+    node, while the creator driver was here) is owned by that actor, not by
+    the driver: it outlives the driver, and dies when its owner is killed."""
+    head = cluster.start_head("--resources", '{"head_box": 1}')
+    cluster.join(head, "--resources", '{"ssd": 1}')
+    out = _run_creator(cluster, head, tmp_path, OWNER_CREATOR)
+    helper_pid = int(out.split("helper pid")[1].split()[0])
+    driver(head, namespace="shared")
+    keeper = beamlet.get_actor("keeper")
+    # The same actor answers after its creator driver left.
+    assert beamlet.get(keeper.helper_pid.remote({"head_box": 1}),
+                       timeout=GET_TIMEOUT) == helper_pid
+    pid = beamlet.get(keeper.pid.remote(), timeout=GET_TIMEOUT)
+    beamlet.kill(keeper)
+    assert procs.wait_gone([pid, helper_pid], TIMEOUT) == []
+
+
+@pytest.fixture
+def node_here():
+    """``node_here(head, *options)`` runs a member node daemon in this process
+    (its loop in a thread; its workers are processes, its sockets real), so
+    that a test can look at what the node keeps; closed after the test."""
+    from beamlet.backends.zmq.daemon import MemberDaemon, parse_args
+    started = []
+
+    def start(head: dict, *options: str):
+        args = parse_args(["--address", head["address"], "--num-cpus", "1", *options])
+        daemon = MemberDaemon(args, bytes.fromhex(head["token"]))
+        thread = threading.Thread(target=daemon.serve, name="node-here", daemon=True)
+        started.append((daemon, thread))
+        daemon.start()
+        thread.start()
+        return daemon
+
+    yield start
+    for daemon, thread in started:
+        daemon.stop()
+        if thread.is_alive():
+            thread.join(TIMEOUT)
+        daemon.close()
+
+
+#: A second driver that calls the detached actor: ``caller.py ADDRESS TOKEN
+#: METHOD ARG``, printing what the call returns.
+CALLER = """
+import sys
+
+import beamlet
+
+beamlet.init(address=sys.argv[1], token=sys.argv[2], namespace="shared")
+keeper = beamlet.get_actor("keeper")
+print("got", beamlet.get(getattr(keeper, sys.argv[3]).remote(int(sys.argv[4])), timeout=60),
+      flush=True)
+beamlet.shutdown()
+"""
+
+
+def test_an_heir_forgets_streams_that_ended_and_is_ended_when_its_connection_drops(
+        cluster, node_here, tmp_path):
+    """A detached actor whose creator left consumes a stream through its
+    node's heir: once the stream is over the heir keeps nothing of it. When
+    the heir's connection to its node drops, the heir is ended (with its
+    connections to every node), and the node runs what the actor submits."""
+    head = cluster.start_head()
+    member = node_here(head, "--resources", '{"ssd": 1}')
+    _run_creator(cluster, head, tmp_path, BRIEF_CREATOR)
+
+    def call(*args: str) -> str:
+        return _run_creator(cluster, head, tmp_path, CALLER, *args)
+
+    assert "got 6" in call("stream_sum", "4")
+    owner = member.owner
+    assert len(owner._heir_runtimes) == 1, owner._heir_runtimes
+    (kept, runtime), = owner._heir_runtimes.items()
+    scheduler = runtime.backend.scheduler
+    assert procs.wait_until(lambda: not scheduler.owned_prefixes, 30, interval=0.1), \
+        scheduler.owned_prefixes
+    assert scheduler.stream_prefixes == {}
+    heir = kept.heir
+    # (as the daemon drops a connection that breaks the protocol: on its loop)
+    owner._loop_calls.append(lambda: (heir.conn.close(), member.driver_left(heir.conn)))
+    assert procs.wait_until(lambda: runtime.backend._closed, TIMEOUT, interval=0.1)
+    assert not owner._heir_runtimes
+    assert "got [0, 1, 4]" in call("fan_out", "3")
+
+
+def test_a_node_does_without_an_heir_that_does_not_join_in_time(
+        cluster, node_here, tmp_path, monkeypatch, capsys):
+    """An heir that cannot join (here: its cluster address accepts the
+    connection and never answers) is given up on after HEIR_START_WAIT: what
+    the detached actor submitted meanwhile runs on its node, long before the
+    heir's own connection attempt would give up."""
+    import socket
+
+    from beamlet.backends.zmq import jobs
+    monkeypatch.setattr(jobs, "HEIR_START_WAIT", 1.0)
+    head = cluster.start_head()
+    member = node_here(head, "--resources", '{"ssd": 1}')
+    _run_creator(cluster, head, tmp_path, BRIEF_CREATOR)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        member.owner.heir_address = f"127.0.0.1:{silent.getsockname()[1]}"
+        out = _run_creator(cluster, head, tmp_path, CALLER.replace("timeout=60", "timeout=9"),
+                           "fan_out", "3")
+    assert "got [0, 1, 4]" in out
+    assert "did not join within 1 s" in capsys.readouterr().err
+
+
+#: A creator that leaves while its detached actor's nested task still runs.
+SLOW_CREATOR = """
+import sys
+
+import beamlet
+from detached_work import Keeper
+
+beamlet.init(address=sys.argv[1], token=sys.argv[2], namespace="shared")
+keeper = Keeper.options(name="keeper", lifetime="detached", resources={"ssd": 1}).remote()
+beamlet.get(keeper.start_slow.remote(sys.argv[3], {"ssd": 1}), timeout=60)
+beamlet.shutdown()
+"""
+
+
+def test_a_detached_actors_nested_task_running_as_its_creator_leaves_keeps_its_result(
+        cluster, driver, tmp_path):
+    """Ray's ownership: what a detached actor submits is the actor's. Its
+    nested task (on the actor's node) still runs when the creator driver
+    leaves; its result still reaches the actor, not OwnerDiedError."""
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"ssd": 2}')
+    go = tmp_path / "go"
+    _run_creator(cluster, head, tmp_path, SLOW_CREATOR, str(go))
+    driver(head, namespace="shared")
+    keeper = beamlet.get_actor("keeper")
+    value = keeper.slow_value.remote()
+    go.touch()
+    assert beamlet.get(value, timeout=GET_TIMEOUT) == 42
+    pid = beamlet.get(keeper.pid.remote(), timeout=GET_TIMEOUT)
+    beamlet.kill(keeper)
+    assert procs.wait_gone([pid], TIMEOUT) == []
 
 
 @beamlet.remote
@@ -1004,6 +1256,29 @@ def test_a_group_whose_node_dies_before_it_is_ready_waits_for_a_node_that_fits(
             if hog.poll() is None:
                 hog.kill()
                 hog.communicate()
+
+
+def test_ready_refs_of_a_group_that_never_places_leave_nothing_behind(cluster, driver):
+    """Each ``pg.ready()`` waits for the group's ready value: one let go of
+    before the group is placed (a wait that timed out) stops waiting, so a
+    driver polling a group that never places holds nothing for each poll;
+    the group's removal fails the ready refs still held."""
+    from beamlet.util import placement_group, remove_placement_group
+    head = cluster.start_head()
+    driver(head)
+    holder = placement_group([{"CPU": 1}])
+    assert holder.wait(GET_TIMEOUT)
+    starved = placement_group([{"CPU": 1}])  # (fits the cluster, never while `holder` is)
+    for _ in range(20):
+        assert not starved.wait(0.01)
+    store = runtime.current().backend.object_store
+    assert store._indexed.get(starved._ready_id, []) == []
+    held = starved.ready()
+    remove_placement_group(starved)
+    with pytest.raises(Exception, match="removed"):
+        beamlet.get(held, timeout=GET_TIMEOUT)
+    assert store._indexed.get(starved._ready_id, []) == []
+    remove_placement_group(holder)
 
 
 @beamlet.remote(max_retries=2)

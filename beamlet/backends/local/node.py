@@ -94,7 +94,8 @@ class JobOwner(Protocol):
     # meanwhile together at the end.
     # Several jobs (a cluster node's drivers): the owner sets the scheduler's
     # ``job_of`` (spec -> its job). A job is itself a JobOwner (its
-    # ``job_config``, ``accept``, ``fetch``, ``pin``, ``unpin``): what a worker
+    # ``job_config``, ``accept`` (told also the actor whose worker submitted,
+    # or None: ``accept(spec, actor_id)``), ``fetch``, ``pin``, ``unpin``): what a worker
     # sends about its task goes to its worker's job (``WorkerInfo.job``), and
     # what has no job (None) to this owner.
 
@@ -425,7 +426,10 @@ class Node:
         spec = message.spec
         self.scheduler.submitted_by(worker, spec)
         try:
-            (worker.job or self.owner).accept(spec)
+            if worker.job is not None:
+                worker.job.accept(spec, worker.actor_id)
+            else:
+                self.owner.accept(spec)
         except Exception as err:  # noqa: BLE001 - the submitter gets it from get()
             self.scheduler.reject(spec, exc.TaskError.from_exception(err, spec.display_name))
 

@@ -1661,6 +1661,10 @@ class LocalScheduler(Scheduler):
                 except exc.BackendError:
                     pass
 
+    def making(self, object_id: bytes) -> bool:
+        """Whether an unfinished task here is to produce `object_id`."""
+        return object_id in self._producer
+
     def stats(self) -> dict:
         with self.lock:
             return {"workers": len(self.workers), "idle": len(self.idle),

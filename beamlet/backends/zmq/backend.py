@@ -440,6 +440,9 @@ class ClusterScheduler(Scheduler):
         self.groups: dict[str, _Group] = {}
         self.groups_pending: list[str] = []
         self.actor_group: dict[bytes, _Group] = {}
+        #: A ``pg.ready()`` ref -> the store's waiter that gives it the group's
+        #: ready value, until it does, or the ref is let go of.
+        self.ready_waiters: dict[bytes, object] = {}
         #: time.time() - time.perf_counter(): the nodes' progress times (epoch)
         #: as this process's perf_counter times (see TaskEvents).
         self._clock = time.time() - time.perf_counter()
@@ -590,12 +593,15 @@ class ClusterScheduler(Scheduler):
         fresh = ref.id
         refs = self.backend.refs
 
-        def copy(_ready_id: bytes) -> None:
+        def copy() -> None:
+            self.ready_waiters.pop(fresh, None)
             entry = self.store.entry(ready_id)
             if entry is not None and refs.count(fresh):  # (else: let go of meanwhile)
                 self.store.put_entry(fresh, entry)
 
-        self.store.on_ready(ready_id, copy)
+        waiter = self.store.notify_when((ready_id,), 1, copy, broad=False)
+        if waiter is not None:  # (withdrawn if the ref goes first: see `released`)
+            self.ready_waiters[fresh] = waiter
         return ref
 
     def _free(self, node: NodeLink) -> dict[str, float]:
@@ -1178,6 +1184,10 @@ class ClusterScheduler(Scheduler):
 
     def released(self, object_id: bytes) -> None:
         """Our last ref to an object is gone: every node with a copy lets go."""
+        if self.ready_waiters:
+            waiter = self.ready_waiters.pop(object_id, None)
+            if waiter is not None:  # (a ``pg.ready()`` ref let go of before the group was)
+                self.store.cancel_waiter(waiter)
         if object_id not in self.remote and object_id not in self.lineage:
             # (Most objects: a small result. Read without the lock: `located`
             # records a remote object before storing its entry, and looks

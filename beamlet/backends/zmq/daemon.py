@@ -186,6 +186,7 @@ class Daemon:
         while not self._stopping:
             try:
                 self.owner.record_locations(self.tables, self.node_id)
+                self.owner.check_owners(self.tables)
                 failing = False
             except exc.BackendError as err:
                 if not failing:

@@ -3,12 +3,13 @@ driver that created it has left.
 
 In Ray an actor owns what it submits: its nested tasks are placed anywhere
 in the cluster, and it may call actors on any node. Here a driver owns what
-its job's workers submit (``jobs.py``); when it leaves while a detached
-actor of its job lives on a node, that node starts an heir: a driver of
+its job's workers submit (``jobs.py``); when it has left while a detached
+actor of its job lives on a node, that node starts an heir on the first
+submission of the job's workers there (`DriverOwner._successor`): a driver of
 its own, in the node daemon's process (`start_heir`), which joins the
 cluster as any driver does (the head, every node, the control store) with
-the job's settings (its id, namespace, sys.path, cwd, runtime_env). From
-then on the job's workers on that node send it their submissions, fetches
+the job's settings (its id, namespace, sys.path, cwd, runtime_env). Once
+its Runtime is made, the job's workers on that node send it their submissions, fetches
 and held refs, as they sent them to the creator (``DriverLink.heir``): it
 places their tasks and actors on any node (spillback, resources, placement
 groups, calls of actors elsewhere), owns their results, and frees them once
@@ -46,7 +47,11 @@ class HeirScheduler(ClusterScheduler):
     def __init__(self, backend, nodes):
         super().__init__(backend, nodes)
         self.owned: set[bytes] = set()  # returns of the submissions it accepted
-        self.owned_prefixes: set[bytes] = set()  # id prefixes of their streams' items
+        #: The id prefixes of their streams' items and consumer signals, while
+        #: each stream runs (then its items are held here, or freed), and the
+        #: prefixes of each stream by its id (to drop them when it is over).
+        self.owned_prefixes: set[bytes] = set()
+        self.stream_prefixes: dict[bytes, tuple] = {}
 
     def submit(self, spec) -> None:
         self._submit(spec)
@@ -56,10 +61,27 @@ class HeirScheduler(ClusterScheduler):
             self.owned.update(spec.return_ids)
             if spec.generator is not None:
                 stream_id = spec.return_ids[0]
-                self.owned_prefixes.update((stream_prefix(stream_id),
-                                            ack_id(stream_id, 0)[:-8],
-                                            closed_id(stream_id)[:-8]))
+                prefixes = (stream_prefix(stream_id), ack_id(stream_id, 0)[:-8],
+                            closed_id(stream_id)[:-8])
+                self.stream_prefixes[stream_id] = prefixes
+                self.owned_prefixes.update(prefixes)
         super().nested(spec, objects)
+
+    def _stream_over(self, spec) -> None:
+        self._forget_stream(spec)
+        super()._stream_over(spec)
+
+    def _fail(self, spec, error: BaseException) -> None:
+        if spec.generator is not None:
+            self._forget_stream(spec)
+        super()._fail(spec, error)
+
+    def _forget_stream(self, spec) -> None:
+        """The generator call is over: its items are here (or freed), and its
+        producer waits for no signal any more."""
+        prefixes = self.stream_prefixes.pop(spec.return_ids[0], None)
+        if prefixes is not None:
+            self.owned_prefixes.difference_update(prefixes)
 
     def released(self, object_id: bytes) -> None:
         self.owned.discard(object_id)

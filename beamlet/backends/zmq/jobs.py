@@ -58,15 +58,20 @@ else leaves), but what its worker submits, fetches and holds goes to the
 creator, so a ref of the caller's that the actor keeps is not counted for
 the caller. When the creator leaves, its actors end (the node's scheduler
 ends an actor whose token nobody holds: later calls raise
-``ActorDiedError``), except the detached ones: their job lives on here
-(`DriverLink.left`) until the last of them is dead, and this node owns what
-their workers submit from then on (`adopt`), as Ray's actor worker owns its
-tasks: they run on this node (the actor's), their results are stored here
-for the refs the workers hold, and freed once none is (an actor killed lets
-go of all of its); a call returning such a ref ships the object to the
-calling driver, as any result holding refs. What the workers then wait for
-that is not here and not being made here was the creator's: it is lost with
-it (``OwnerDiedError``).
+``ActorDiedError``), except the detached ones and the actors a detached
+actor created (Ray: their owner is that actor, not the driver; their
+creation names it, ``OWNER_KEY``, and they end once the control store says
+it is dead: `check_owners`): their job lives on here (`DriverLink.left`)
+until the last of them is dead. What their workers submit from then on is
+owned by an heir this node starts on the first such submission
+(``heir.py``; `_successor`), or, without one, by this node (`adopt`), as
+Ray's actor worker owns its tasks: they run on this node (the actor's),
+their results are stored here for the refs the workers hold, and freed once
+none is (an actor killed lets go of all of its); a call returning such a ref
+ships the object to the calling driver, as any result holding refs. What
+the workers then wait for that is not here and not being made here was the
+creator's: it is lost with it (``OwnerDiedError``); a result of the
+creator's that a task here still makes is stored here for them.
 """
 from __future__ import annotations
 
@@ -82,6 +87,7 @@ from ...core.generators import _is_end, ack_id, closed_id, item_id
 from ...core.refcount import ReferenceCounter
 from ...core.scheduling import RETRYING
 from ...core.serialization import serialize
+from ...core.tables import ActorState, NodeState
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD
 from ..local.protocol import ShmEntry
 from ..local.transport import ProtocolError
@@ -98,9 +104,19 @@ ENDED_STREAMS_KEPT = 1024
 #: Seconds a call of an actor this node has not heard of waits for its
 #: creation (another driver's, on a connection of its own) before it fails.
 EARLY_CALL_WAIT = 10.0
+#: Seconds what a job's workers ask of its heir waits for the heir to join;
+#: then the node does without one (see DriverOwner._heir_failed).
+HEIR_START_WAIT = 30.0
 #: What a job's workers ask for while its heir joins: kept for it (see
 #: DriverOwner._successor).
 _LATER = object()
+#: The key of a creation's ``actor_options`` naming the detached actor that
+#: created it (its owner, with which it lives and dies once the driver of
+#: their job left: see DriverOwner.driver_left).
+OWNER_KEY = "owner_actor"
+#: Seconds between looks in the control store for the owners of the actors
+#: kept for them (see DriverOwner.check_owners).
+OWNERS_INTERVAL = 1.0
 
 
 class DriverLink:
@@ -139,12 +155,34 @@ class DriverLink:
         self.heir: DriverLink | None = None
         self.waiting: list | None = None
         self.heir_lock = threading.Lock()
+        #: While its heir starts: the monotonic time past which the node does
+        #: without it; `heir_failed`: it will never have one (it failed to
+        #: start, or it left), the node owns what the workers submit.
+        self.heir_deadline = 0.0
+        self.heir_failed = False
+        #: Once its driver left: an heir may start, on the first submission of
+        #: the job's workers (a job whose detached actors submit nothing never
+        #: has one); until then, the refs its workers take (`pending`, object id
+        #: -> count), told to the heir before that submission.
+        self.may_heir = False
+        self.pending: collections.Counter = collections.Counter()
+        #: For an heir's own link: the kept job it is the heir of.
+        self.heir_of: DriverLink | None = None
+        #: Its actors here that a detached actor of its job created: actor id
+        #: -> (that owner's id, its token); kept when the driver leaves, until
+        #: their owner is dead (see DriverOwner.driver_left).
+        self.owned_actors: dict[bytes, tuple[bytes, bytes]] = {}
 
     # -- JobOwner, for this job's workers ------------------------------------------
     def job_config(self) -> dict:
         return dict(self.config)
 
-    def accept(self, spec) -> None:
+    def accept(self, spec, actor_id: bytes | None = None) -> None:
+        if actor_id is not None and spec.kind == ACTOR_CREATION and actor_id in self.detached \
+                and not self.left and not spec.actor_options.get("detached"):
+            # (Ray: an actor's owner is the worker that created it, so one a
+            # detached actor creates dies with it, not with this driver.)
+            spec.actor_options = {**spec.actor_options, OWNER_KEY: actor_id}
         self.owner.accept(spec, self)
 
     def fetch(self, object_ids) -> None:
@@ -278,7 +316,11 @@ class DriverOwner:
         self.heir_address: str | None = None
         self.secret = b""
         self._heirs: dict[str, DriverLink] = {}
+        self._heir_hellos: dict[str, DriverLink] = {}  # nonce -> its link, until it started
         self._heir_runtimes: dict[DriverLink, object] = {}
+        self._closing = False  # (close() began: an heir that starts now is ended)
+        #: What other threads hand to the daemon's loop (run by flush_events).
+        self._loop_calls: collections.deque = collections.deque()
         #: Results of nested tasks a job with detached actors here submitted,
         #: asked of its driver as soon as they are made (see `accept`) and not
         #: waited for by a worker here: stored only while a ref to them is held.
@@ -286,6 +328,11 @@ class DriverOwner:
         #: actor id -> [(until when, driver, RunTask fields)]: calls of an actor
         #: whose creation has not reached this node yet (see `_run`).
         self._early_calls: dict[bytes, list] = {}
+        #: Actors kept for their owner (a detached actor, maybe on another
+        #: node) after their job's driver left: actor id -> (owner id, token),
+        #: until the owner is dead (`check_owners`) or they are.
+        self._kept_actors: dict[bytes, tuple[bytes, bytes]] = {}
+        self._owners_checked = 0.0
 
     def attach(self, node, transport) -> None:
         """The daemon made its Node: pulls from other nodes go over `transport`."""
@@ -358,37 +405,92 @@ class DriverOwner:
     def _successor(self, link: DriverLink, what: str, argument):
         """Who owns what `link`'s job's workers ask for now that its driver
         left: its heir, None (no heir: this node, see `adopt`), or `_LATER`
-        (the heir is joining: kept as ``(what, argument)`` for it)."""
+        (the heir is joining: kept as ``(what, argument)`` for it). The first
+        submission starts the heir (see `DriverLink.may_heir`)."""
         with link.heir_lock:
             if link.waiting is not None:
                 link.waiting.append((what, argument))
                 return _LATER
-            return link.heir
+            if link.heir is not None or not link.may_heir:
+                return link.heir
+            if what != "accept":
+                # (Nothing the heir owns exists yet: a fetch is of the driver's,
+                # lost with it; refs taken now are told to the heir as it joins,
+                # since the submitter's refs to a submission's results come
+                # before the submission itself.)
+                pending = link.pending
+                if what == "borrow":
+                    pending.update(argument)
+                elif what == "unborrow":
+                    for object_id in argument:
+                        if pending[object_id] > 1:
+                            pending[object_id] -= 1
+                        else:
+                            pending.pop(object_id, None)
+                return None
+            link.may_heir = False
+            held = list(link.pending.elements())
+            link.pending.clear()
+            link.waiting = ([("borrow", held)] if held else []) + [(what, argument)]
+        self._start_heir(link)
+        return _LATER
 
     def _start_heir(self, link: DriverLink) -> None:
         """`link`'s driver left while detached actors of its job live here:
-        start its heir (what the workers ask for waits until it joined)."""
+        start its heir (what the workers ask for waits until it joined, or
+        until `HEIR_START_WAIT` has passed: see `flush_events`)."""
         if self.heir_address is None:
             return
         from .heir import start_heir
-        nonce, thread = start_heir(self.heir_address, self.secret, link.config,
-                                   lambda runtime: self._heir_started(link, runtime),
-                                   lambda err: self._heir_failed(link, nonce, err))
+        with link.heir_lock:
+            link.heir_deadline = time.monotonic() + HEIR_START_WAIT
+        nonce, thread = start_heir(
+            self.heir_address, self.secret, link.config,
+            lambda runtime: self._heir_started(link, nonce, runtime),
+            lambda err: self._loop_calls.append(lambda: self._heir_failed(link, nonce, err)))
         self._heirs[nonce] = link
         thread.start()
 
-    def _heir_started(self, link: DriverLink, runtime) -> None:
-        """(The heir's starting thread.) Keep its runtime to end it with the job."""
-        with link.heir_lock:
-            self._heir_runtimes[link] = runtime
-            ended = link.ended
-        if ended:
-            self._end_heir(link)
+    def _heir_started(self, link: DriverLink, nonce: str, runtime) -> None:
+        """(The heir's starting thread, once its Runtime is made: not before,
+        or what is sent to it would reach a half-made runtime.) Keep its
+        runtime to end it with the job, and have the loop hand it what waits
+        (`_heir_ready`); end it now if the job is over, the node does without
+        it (it failed to join in time, or left) or the daemon is closing."""
+        with self.lock:  # (close() sets _closing under it, then ends the heirs kept)
+            with link.heir_lock:
+                stop = link.ended or link.heir_failed or self._closing
+                if not stop:
+                    self._heir_runtimes[link] = runtime
+        if stop:
+            runtime.shutdown()  # (not the loop's thread: it says goodbye to this node)
+        else:
+            self._loop_calls.append(lambda: self._heir_ready(link, nonce))
+
+    def _heir_ready(self, link: DriverLink, nonce: str) -> None:
+        """(The daemon's loop.) The heir started: it owns what `link`'s job's
+        workers ask for from now on (if its connection here is still up)."""
+        heir = self._heir_hellos.pop(nonce, None)
+        if self._heirs.get(nonce) is not link:
+            return  # (given up on: `_heir_failed` ended it)
+        if heir is None or self.drivers.get(heir.conn) is not heir or link.ended:
+            self._heir_failed(link, nonce, exc.BackendError("its connection to this node "
+                                                            "dropped as it started"))
+            return
+        del self._heirs[nonce]
+        self._heir_joined(link, heir)
 
     def _heir_failed(self, link: DriverLink, nonce: str, err: BaseException) -> None:
-        self._heirs.pop(nonce, None)
+        """(The daemon's loop.) No heir for `link`'s job: this node owns what
+        its workers submit (see `adopt`); an heir that starts later is ended."""
+        self._heir_hellos.pop(nonce, None)
+        if self._heirs.pop(nonce, None) is None:
+            return  # (it joined, or was given up on, already)
+        with link.heir_lock:
+            link.heir_failed = True
         print(f"beamlet node: no heir for a job whose driver left ({err}); this node owns "
               f"what its detached actors submit", file=sys.stderr, flush=True)
+        self._stop_heir(link)  # (if it started meanwhile)
         self._heir_joined(link, None)
 
     def _heir_joined(self, link: DriverLink, heir: DriverLink | None) -> None:
@@ -398,6 +500,7 @@ class DriverOwner:
             waiting, link.waiting = link.waiting or [], None
             link.heir = heir
         if heir is not None:
+            heir.heir_of = link
             print(f"beamlet node: an heir owns what job {link.config.get('job_id')}'s "
                   f"detached actors here submit from now on (its driver left)",
                   file=sys.stderr, flush=True)
@@ -419,13 +522,32 @@ class DriverOwner:
 
     def _end_heir(self, link: DriverLink) -> None:
         """`link`'s job is over (its last detached actor here is dead): its heir
-        leaves (in a thread of its own: it says goodbye to this node too)."""
+        leaves."""
         with link.heir_lock:
             link.ended = True
+        self._stop_heir(link)
+
+    def _stop_heir(self, link: DriverLink) -> None:
+        """End the heir of `link`'s job if it started (in a thread of its own:
+        it says goodbye to this node too, which this loop must answer)."""
+        with self.lock:
             runtime = self._heir_runtimes.pop(link, None)
         if runtime is not None:
             threading.Thread(target=runtime.shutdown, name="beamlet-heir-end",
                              daemon=True).start()
+
+    def _heir_left(self, heir: DriverLink) -> None:
+        """An heir's connection to this node dropped: this node owns what its
+        job's workers submit from now on; the heir is ended (its connections
+        to the other nodes with it)."""
+        kept = heir.heir_of
+        if kept is None:
+            return
+        with kept.heir_lock:
+            if kept.heir is heir:
+                kept.heir = None
+            kept.heir_failed = True
+        self._stop_heir(kept)
 
     # -- what the node's scheduler tells observers: for the driver's --------------
     def _task_finished(self, spec, status, duration, pid) -> None:
@@ -464,7 +586,17 @@ class DriverOwner:
 
     def flush_events(self) -> None:
         """The daemon's tick: send the events queued without results to go with
-        (and fail the calls that waited too long for their actor's creation)."""
+        (and fail the calls that waited too long for their actor's creation;
+        do without an heir that did not join in time; run what other threads
+        handed to the loop)."""
+        while self._loop_calls:
+            self._loop_calls.popleft()()
+        if self._heirs:
+            now = time.monotonic()
+            for nonce, link in list(self._heirs.items()):
+                if link.heir_deadline <= now:
+                    self._heir_failed(link, nonce, TimeoutError(
+                        f"it did not join within {HEIR_START_WAIT:g} s"))
         if self._early_calls:
             self._expire_early_calls()
         while self._idle_events:
@@ -478,6 +610,12 @@ class DriverOwner:
     def _actor_state(self, actor_id, class_name, state, reason) -> None:
         if state == "DEAD":
             link = self.actor_driver.pop(actor_id, None)
+            if link is not None and link.owned_actors:
+                link.owned_actors.pop(actor_id, None)
+            if self._kept_actors:
+                kept = self._kept_actors.pop(actor_id, None)
+                if kept is not None:
+                    self.refs.decr(kept[1])
         else:
             link = self.actor_driver.get(actor_id)
         if link is None:
@@ -588,6 +726,9 @@ class DriverOwner:
                 raise ValueError(f"{err}{why}") from None
             raise
         self.node.object_store.on_ready(spec.return_ids[0], done)
+        if self._early_calls and spec.kind == ACTOR_CREATION:
+            actor_id = spec.actor_id  # (its waiting calls run on the daemon's loop, as all calls)
+            self._loop_calls.append(lambda: self._release_early_calls(actor_id))
 
     def _lost_with_driver(self, object_ids) -> None:
         """Workers of a job whose driver left wait for these objects, which
@@ -663,6 +804,34 @@ class DriverOwner:
         self.locations.extend((False, i) for i in objects)
         self.refs.decr_all(object_ids)
 
+    def check_owners(self, tables) -> None:
+        """(The daemon's location writer, off the loop.) Every
+        `OWNERS_INTERVAL`: end the actors kept for an owner that is dead (its
+        record says so, or is gone, or its node is dead). BackendError if the
+        control store is down."""
+        now = time.monotonic()
+        if not self._kept_actors or now < self._owners_checked + OWNERS_INTERVAL:
+            return
+        self._owners_checked = now
+        dead = set()
+        for owner in {o for o, _ in list(self._kept_actors.values())}:
+            info = tables.actor(owner)
+            if info is None or info.state is ActorState.DEAD:
+                dead.add(owner)
+            elif info.node_id is not None:
+                node = tables.node(info.node_id)
+                if node is None or node.state is NodeState.DEAD:
+                    dead.add(owner)
+        if dead:
+            self._loop_calls.append(lambda: self._owners_died(dead))
+
+    def _owners_died(self, owners: set) -> None:
+        """(The daemon's loop.) These owners are dead: the actors kept for
+        them end (nothing holds their tokens any more)."""
+        for actor_id, (owner, token) in list(self._kept_actors.items()):
+            if owner in owners and self._kept_actors.pop(actor_id, None) is not None:
+                self.refs.decr(token)
+
     def record_locations(self, tables, node_id: str, limit: int = 200) -> None:
         """Write up to `limit` queued changes to the object locations table.
         BackendError (the control store is down) leaves the rest queued."""
@@ -682,7 +851,11 @@ class DriverOwner:
         if link is None:
             return
         if link.left:
-            heir = self._successor(link, "fetch", list(object_ids))
+            making = self.node.scheduler.making
+            object_ids = [i for i in object_ids if not making(i)]  # (stored here once made)
+            if not object_ids:
+                return
+            heir = self._successor(link, "fetch", object_ids)
             if heir is _LATER:
                 return
             if heir is None:
@@ -751,9 +924,9 @@ class DriverOwner:
                 link = self.drivers[conn] = DriverLink(self, conn, message.job_config)
                 if link.task_events:
                     self._observe_task_ends()
-                kept = self._heirs.pop(message.job_config.get("heir_of"), None)
-                if kept is not None:
-                    self._heir_joined(kept, link)
+                nonce = message.job_config.get("heir_of")
+                if nonce in self._heirs:  # (it is told what waits once started: _heir_ready)
+                    self._heir_hellos[nonce] = link
             return
         if link is None:
             raise ValueError(f"{P.describe(message)} before DriverHello")
@@ -813,7 +986,8 @@ class DriverOwner:
         for object_id, form in objects:
             with self.lock:
                 self._fetching.pop(object_id, None)
-            if self._eager and object_id in self._eager:
+            eager = bool(self._eager) and object_id in self._eager
+            if eager:
                 self._eager.discard(object_id)
                 if not self.refs.count(object_id):
                     continue  # (nobody here holds it any more)
@@ -826,6 +1000,10 @@ class DriverOwner:
                     stream.signals.append(object_id)
             if not store.contains(object_id):
                 store.put(object_id, P.unwire(form))
+                if eager and not self.refs.count(object_id):
+                    # (its last ref went between the count above and the put:
+                    # its release found nothing to free)
+                    self._released(object_id)
 
     def _run(self, link: DriverLink, spec, objects, locations, waited: bool = False) -> None:
         if spec.kind == ACTOR_METHOD and not waited \
@@ -854,6 +1032,9 @@ class DriverOwner:
             self.actor_driver[spec.actor_id] = link
             if spec.actor_options.get("detached"):
                 link.detached.add(spec.actor_id)
+            elif spec.actor_options.get(OWNER_KEY) and link.heir_of is None:
+                link.owned_actors[spec.actor_id] = (spec.actor_options[OWNER_KEY],
+                                                    spec.return_ids[0])
             token = spec.return_ids[0]
             self.refs.incr(token)  # until the driver lets go of the actor
             link.tokens.add(token)
@@ -876,8 +1057,13 @@ class DriverOwner:
             self.node.scheduler.reject(spec, exc.TaskError.from_exception(err,
                                                                          spec.display_name))
         if self._early_calls and spec.kind == ACTOR_CREATION:
-            for _, caller, call, objects, locations in self._early_calls.pop(spec.actor_id, ()):
-                self._run_call(caller, call, objects, locations)
+            self._release_early_calls(spec.actor_id)
+
+    def _release_early_calls(self, actor_id: bytes) -> None:
+        """The actor's creation reached this node (from a driver, an heir, or
+        adopted): the calls that waited for it run."""
+        for _, caller, call, objects, locations in self._early_calls.pop(actor_id, ()):
+            self._run_call(caller, call, objects, locations)
 
     def _run_call(self, link: DriverLink, spec, objects, locations) -> None:
         """Run a call that waited for its actor's creation (the node's
@@ -888,8 +1074,16 @@ class DriverOwner:
     def _expire_early_calls(self) -> None:
         """(The daemon's tick.) Calls that waited too long for their actor fail."""
         now = time.monotonic()
-        for actor_id in [a for a, calls in self._early_calls.items() if calls[0][0] <= now]:
-            for _, caller, call, objects, locations in self._early_calls.pop(actor_id):
+        for actor_id, calls in list(self._early_calls.items()):
+            due = [c for c in calls if c[0] <= now]
+            if not due:
+                continue
+            kept = [c for c in calls if c[0] > now]  # (each call waits its own while)
+            if kept:
+                self._early_calls[actor_id] = kept
+            else:
+                del self._early_calls[actor_id]
+            for _, caller, call, objects, locations in due:
                 self._run_call(caller, call, objects, locations)
 
     def _deliver(self, spec, object_id: bytes, entry) -> bool:
@@ -905,7 +1099,8 @@ class DriverOwner:
         if direct is None:
             return False
         link, left, deps = direct
-        if type(entry) is ShmEntry or entry.refs or object_id in self._fetching:
+        if type(entry) is ShmEntry or entry.refs or object_id in self._fetching \
+                or (self._eager and object_id in self._eager):
             self.node.object_store.on_ready(
                 object_id, lambda object_id: self._result(link, object_id, left, deps,
                                                           spec.task_id))
@@ -981,8 +1176,12 @@ class DriverOwner:
                     self._send_small(link, object_id, entry)
         except exc.BackendError:
             pass  # it left
-        if object_id not in link.held and not (
-                self._eager and object_id in self._eager and self.refs.count(object_id)):
+        eager = bool(self._eager) and object_id in self._eager
+        if eager and object_id not in self._fetching:
+            self._eager.discard(object_id)  # (no copy is coming for it any more: see `_store`)
+        if eager and self.refs.count(object_id):
+            pass  # (kept for a worker here)
+        elif object_id not in link.held:
             self._released(object_id)  # (not kept for its driver, nor for a worker here)
 
     def _lend(self, link: DriverLink, job: DriverLink, object_ids: list) -> None:
@@ -1109,15 +1308,17 @@ class DriverOwner:
             return
         if link.task_events:
             self._observe_task_ends()
-        for kept in [k for k, r in list(self._heir_runtimes.items()) if k.heir is link]:
-            with kept.heir_lock:  # (its heir left: this node owns what it submits now)
-                kept.heir = None
-                self._heir_runtimes.pop(kept, None)
+        if link.heir_of is not None:
+            self._heir_left(link)
+        for nonce in [n for n, heir in self._heir_hellos.items() if heir is link]:
+            del self._heir_hellos[nonce]  # (an heir starting: see `_heir_ready`)
         actor_driver = self.actor_driver
         living = {a for a in link.detached if actor_driver.get(a) is link}
+        owned = {a: v for a, v in link.owned_actors.items() if actor_driver.get(a) is link}
+        living.update(owned)
         link.left = bool(living)
         if link.left and self.heir_address is not None:
-            link.waiting = []  # (for its heir: see `_start_heir`)
+            link.may_heir = True  # (started by the job's next submission: see `_successor`)
         for task_id in [k for k, v in self.task_driver.items() if v is link]:
             self.task_driver.pop(task_id, None)
         for actor_id in [k for k, v in actor_driver.items() if v is link and k not in living]:
@@ -1131,7 +1332,11 @@ class DriverOwner:
             asked = [i for i, v in self._fetching.items() if v is link]
             for object_id in asked:
                 self._fetching.pop(object_id, None)
-        self._eager.difference_update(asked)
+        making = self.node.scheduler.making
+        # (What its job's workers asked of it that a task here makes stays
+        # theirs: stored here as it is made, see `_deliver`.)
+        self._eager.difference_update(i for i in asked if not making(i))
+        asked = [i for i in asked if not making(i)]
         for stream in [s for s in self.streams.values() if s.link is link]:
             self._stream_done(stream)
         for pg_id in list(link.groups):
@@ -1139,9 +1344,11 @@ class DriverOwner:
         link.groups.clear()
         if not link.left:
             self.node.scheduler.job_ended(link)
+        if owned:  # (their tokens stay counted until their owner is dead)
+            self._kept_actors.update(owned)
+            link.tokens.difference_update(token for _, token in owned.values())
         self._let_go(link, list(link.tokens) + list(link.held))
         if link.left:
-            self._start_heir(link)
             asked = [i for i in asked if self.refs.count(i)]
             if asked:
                 # Its workers may wait for what it was sending as it left (asked
@@ -1149,9 +1356,12 @@ class DriverOwner:
                 self.fetch(asked, link)
 
     def close(self) -> None:
-        for runtime in list(self._heir_runtimes.values()):
+        with self.lock:  # (an heir still starting is ended as it starts: _heir_started)
+            self._closing = True
+            runtimes = list(self._heir_runtimes.values())
+            self._heir_runtimes.clear()
+        for runtime in runtimes:
             runtime.shutdown()
-        self._heir_runtimes.clear()
         plugins.remove_listener("beamlet_task_finished", self._task_finished)
         plugins.remove_listener("beamlet_actor_state", self._actor_state)
         if self.puller is not None:
