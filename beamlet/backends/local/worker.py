@@ -523,6 +523,10 @@ class _Reading:
         self._sock_poll = select.poll()
         self._spin_next = True  # (see read_until)
         self._sock_poll.register(conn.fileno(), select.POLLIN)
+        #: Wakes the main thread when a direct channel's reader put a call in
+        #: the inbox (cluster actors: see `Worker._serve_direct`), once one is open.
+        self._posted = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.direct = False
 
     def start(self) -> None:
         threading.Thread(target=self._reader, name="beamlet-reader", daemon=True).start()
@@ -530,8 +534,24 @@ class _Reading:
     def _signal(self) -> None:
         os.eventfd_write(self._wake, 1)
 
+    def open_direct(self) -> None:
+        """From now on `post` wakes the main thread waiting in `read_until`."""
+        with self._state:
+            if not self.direct:
+                self._sock_poll.register(self._posted, select.POLLIN)
+                self.direct = True
+
+    def post(self) -> None:
+        """The inbox got a call (from a direct channel): wake the main thread."""
+        os.eventfd_write(self._posted, 1)
+
     def _read(self) -> None:
         """Dispatch what the socket holds now; the process ends with the connection."""
+        if self.direct:
+            try:
+                os.eventfd_read(self._posted)
+            except BlockingIOError:
+                pass
         try:
             for message in self.conn.recv_all():
                 self._dispatch(message)
@@ -664,6 +684,11 @@ class _Reading:
             pass
 
 
+def _new_execute(spec: TaskSpec) -> P.Execute:
+    """The inbox's form of a call that came over a direct channel."""
+    return tuple.__new__(P.Execute, (spec, [], None, None, False))
+
+
 class Worker:
     """The worker's loop: take EXECUTE messages, run them, send DONE."""
 
@@ -691,6 +716,9 @@ class Worker:
         self._groups: dict[str, Any] | None = None
         self._actor_options: dict = {}
         self._async_tasks: dict[bytes, asyncio.Task] = {}
+        #: Calls that came over a direct channel (cluster actors, zmq/direct.py):
+        #: task id -> (the channel, its token, when it came), until answered there.
+        self._direct_calls: dict[bytes, tuple] = {}
 
     # -- reading ------------------------------------------------------------------
     def handle(self, message) -> None:
@@ -715,6 +743,9 @@ class Worker:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
+        elif kind is P.DirectConnect:
+            threading.Thread(target=self._serve_direct, args=tuple(message),
+                             name="beamlet-direct", daemon=True).start()
         else:
             raise ProtocolError(f"the driver sent a message that is not one of the "
                                 f"protocol's: {P.describe(message)}")
@@ -847,6 +878,11 @@ class Worker:
         exit_actor()), the actor's exit notice right behind it in the same
         write: the node must learn of the exit before it hands the result to
         the caller, who could otherwise send its next call to the dying actor."""
+        if self._direct_calls:
+            call = self._direct_calls.pop(spec.task_id, None)
+            if call is not None:
+                self._finish_direct(call, spec, result, exiting)
+                return
         if spec.args or spec.kwargs:
             for dep in spec.dependencies():
                 self.backend.object_store.shipped.pop(dep, None)
@@ -865,6 +901,82 @@ class Worker:
             entries = [self.executor._failure(spec, error).values[0]] * len(spec.return_ids)
         self.backend.send(tuple.__new__(P.Done, (spec.task_id, entries, result.retryable)),
                           None if exiting is None else P.KillActor(exiting, True, True))
+
+    # -- direct channels (a cluster actor's calls from a driver: zmq/direct.py) ------
+    def _serve_direct(self, token: bytes, address: str, key: bytes) -> None:
+        """(A thread per channel.) Connect to the driver that asked, then put
+        each call it sends in the inbox, as the node's calls are; end with the
+        channel (the driver left, or broke it: it hears from the node)."""
+        from ..zmq import direct as D
+        try:
+            wire = D.connect(address, key, token)
+        except (exc.BeamletError, OSError) as err:
+            print(f"beamlet worker {os.getpid()}: no direct channel to {address}: {err}",
+                  file=sys.__stderr__, flush=True)
+            return
+        self.reading.open_direct()
+        poller = select.poll()
+        poller.register(wire.fileno(), select.POLLIN)
+        calls, inbox, post = self._direct_calls, self.inbox, self.reading.post
+        try:
+            while True:
+                if not wire.buffered():
+                    poller.poll()
+                for message in wire.recv_all():
+                    tag = message[0] if type(message) is tuple and message else None
+                    if tag == "call" and len(message) == 2:
+                        spec = TaskSpec(*message[1])
+                        if spec.kind != ACTOR_METHOD:
+                            raise ProtocolError("a direct channel's call that is not an "
+                                                "actor call")
+                        calls[spec.task_id] = (wire, token, time.perf_counter())
+                        inbox.append(_new_execute(spec))
+                        post()
+                    elif tag == "cancel" and len(message) == 2:
+                        self.cancel(message[1], False)
+                    else:
+                        raise ProtocolError(f"a message that is not one of the direct "
+                                            f"channel's: {P.describe(message)}")
+        except EOFError:
+            pass
+        except Exception as err:  # noqa: BLE001 - a broken channel is closed, not fatal
+            print(f"beamlet worker {os.getpid()}: closed a direct channel: {err!r}",
+                  file=sys.__stderr__, flush=True)
+        finally:
+            wire.close()
+
+    def _finish_direct(self, call: tuple, spec: TaskSpec, result,
+                       exiting: bytes | None) -> None:
+        """`_finish` of a call that came over a direct channel: a small result
+        holding no refs goes back on it; any other through the node's store
+        (``DirectDone``), the channel saying so (``routed``)."""
+        from ..zmq.direct import RESULT_MAX
+        wire, token, came = call
+        values = result.values
+        value = values[0] if len(values) == 1 else None
+        if value is not None and not value.refs and not result.retryable \
+                and value.total_bytes <= RESULT_MAX:
+            if exiting is not None:  # (the node first: the caller's next call fails)
+                self.backend.send(P.KillActor(exiting, True, True))
+            buffers = [memoryview(b).tobytes() for b in value.buffers] if value.buffers else []
+            try:
+                wire.send(("done", spec.task_id, (value.data, buffers, (), value.is_error),
+                           time.perf_counter() - came))
+            except exc.BackendError:
+                pass  # (its driver left, or will hear from the node: DirectLost)
+            return
+        try:
+            entries = self.backend.entries_for(values)
+        except (OSError, ValueError, exc.BeamletError) as err:
+            error = exc.ObjectStoreFullError(f"cannot store the result of {spec.display_name}: "
+                                             f"{err}")
+            entries = [self.executor._failure(spec, error).values[0]] * len(spec.return_ids)
+        self.backend.send(P.DirectDone(token, spec.fields(), entries, result.retryable),
+                          None if exiting is None else P.KillActor(exiting, True, True))
+        try:
+            wire.send(("routed", spec.task_id))
+        except exc.BackendError:
+            pass
 
     def _setup_actor(self, spec: TaskSpec) -> None:
         options = spec.actor_options
