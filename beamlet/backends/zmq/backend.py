@@ -1077,6 +1077,9 @@ class ClusterScheduler(Scheduler):
             hub.calls[actor_id] = count
             if count >= D.OPEN_AFTER and \
                     time.monotonic() - hub.closed_at.get(actor_id, -1e9) >= D.REOPEN_AFTER:
+                creation = self.actor_spec.get(actor_id)
+                if creation is not None and creation.return_ids[0] in self.producer:
+                    return False  # (still starting: its node would not ask its worker)
                 hub.calls[actor_id] = 0
                 hub.ask(actor_id, node, [rid for s in node.placed.values()
                                          if s.kind == ACTOR_METHOD and s.actor_id == actor_id
@@ -1108,6 +1111,7 @@ class ClusterScheduler(Scheduler):
         if self.task_progress is not None:
             self.task_progress((task_id, spec.attempt, RUNNING if len(channel.inflight) == 1
                                 else "SUBMITTED_TO_WORKER", channel.pid, time.perf_counter()))
+        channel.sent += 1
         try:
             channel.wire.send_pickled(data)
         except exc.BackendError:
@@ -1642,6 +1646,10 @@ class ClusterScheduler(Scheduler):
                 self._actor_ended(actor_id)
         if node is not None and node.alive:
             node.send(P.KillActor(actor_id, no_restart))
+        hub = self.backend.direct
+        channel = hub.by_actor.get(actor_id) if hub is not None else None
+        if channel is not None:  # (its later calls go behind the kill, through the node)
+            self.backend.direct_lost(channel)
 
     def _actor_ended(self, actor_id: bytes) -> None:
         """Its resources are free on its node (for placement). Under the lock."""

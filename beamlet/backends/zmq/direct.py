@@ -264,7 +264,7 @@ class Channel:
     """(The driver's side.) A direct channel to one actor's worker."""
 
     __slots__ = ("actor_id", "node", "token", "wire", "state", "inflight", "after",
-                 "node_rids", "asked_at", "pid", "reading", "releases")
+                 "node_rids", "asked_at", "pid", "reading", "releases", "sent")
 
     def __init__(self, actor_id: bytes, node, token: bytes, node_rids: list):
         self.actor_id = actor_id
@@ -279,6 +279,7 @@ class Channel:
         self.pid = None
         self.reading = threading.Lock()  # (one reader at a time: see ClusterBackend)
         self.releases: list = []  # the actor's token, released once nothing is in flight
+        self.sent = 0  # calls sent over it
 
 
 class DirectHub:
