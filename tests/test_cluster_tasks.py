@@ -1469,3 +1469,51 @@ def test_a_driver_with_direct_channels_leaves_nothing_behind(cluster, driver):
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((host, int(port)), timeout=10).close()
     assert not procs.wait_gone(pids, 30)
+
+
+@beamlet.remote(resources={"far": 1}, max_restarts=2)
+class Leaver:
+    def work(self, x=None):
+        return os.getpid()
+
+    def leave(self):
+        beamlet.actor.exit_actor()
+        return "not reached"
+
+    def add(self, x=None):  # (for _open_channel)
+        return x
+
+
+def test_exit_actor_over_a_direct_channel_fails_the_calls_behind_it(cluster, driver):
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"far": 1}')
+    driver(head)
+    leaver = Leaver.remote()
+    channel = _open_channel(leaver)
+    pid = beamlet.get(leaver.work.remote(), timeout=GET_TIMEOUT)
+    sent = channel.sent
+    leaving = leaver.leave.remote()
+    queued = [leaver.work.remote(i) for i in range(3)]
+    assert channel.sent == sent + 4  # (all four went over the channel)
+    for ref in [leaving] + queued:
+        with pytest.raises(exc.ActorDiedError, match="exit_actor()") as info:
+            beamlet.get(ref, timeout=GET_TIMEOUT)
+        assert "kill" not in str(info.value)
+    with pytest.raises(exc.ActorDiedError, match="exit_actor()"):
+        beamlet.get(leaver.work.remote(), timeout=GET_TIMEOUT)
+    assert procs.wait_gone([pid], 30) == []
+
+
+def test_direct_calls_can_be_turned_off_and_a_bad_setting_is_refused(cluster, driver,
+                                                                     monkeypatch):
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"far": 1}')
+    monkeypatch.setenv("BEAMLET_DIRECT_CALLS", "yes")
+    with pytest.raises(ValueError, match="BEAMLET_DIRECT_CALLS"):
+        driver(head)
+    monkeypatch.setenv("BEAMLET_DIRECT_CALLS", "0")
+    driver(head)
+    assert runtime.current().backend.direct is None
+    counter = Counter.remote()
+    answers = [beamlet.get(counter.add.remote(i), timeout=GET_TIMEOUT) for i in range(5)]
+    assert answers == [(i + 1, i) for i in range(5)]
