@@ -502,6 +502,9 @@ class _Reading:
     thread switch; what arrives meanwhile waits in the socket's buffer. When
     the main thread wants the socket back, the reader thread lets it go.
 
+    A cluster actor's direct channels to drivers (``zmq/direct.py``) are read
+    the same way, by whichever thread reads the socket (`add_direct`).
+
     One thread at a time reads (it holds `_read_lock`); the flags, changed
     under `_state`, say who should. `dispatch(message)` handles each message
     in the thread that read it; `pending()` says whether a reply is awaited.
@@ -523,10 +526,15 @@ class _Reading:
         self._sock_poll = select.poll()
         self._spin_next = True  # (see read_until)
         self._sock_poll.register(conn.fileno(), select.POLLIN)
-        #: Wakes the main thread when a direct channel's reader put a call in
-        #: the inbox (cluster actors: see `Worker._serve_direct`), once one is open.
+        #: Direct channels (cluster actors: see `Worker.open_direct`), read by
+        #: whichever thread reads the socket: channel -> its handler; those
+        #: connected and not yet watched; the eventfd that wakes the main
+        #: thread for them; the reader thread's poll (see `_adopt`).
+        self.direct: dict = {}
+        self._new_direct: list = []
         self._posted = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.direct = False
+        self._sock_poll.register(self._posted, select.POLLIN)
+        self._both: select.poll | None = None
 
     def start(self) -> None:
         threading.Thread(target=self._reader, name="beamlet-reader", daemon=True).start()
@@ -534,24 +542,59 @@ class _Reading:
     def _signal(self) -> None:
         os.eventfd_write(self._wake, 1)
 
-    def open_direct(self) -> None:
-        """From now on `post` wakes the main thread waiting in `read_until`."""
+    def add_direct(self, wire, handle: Callable[[Any], None]) -> None:
+        """(Any thread.) Read `wire` from now on as the socket is read,
+        `handle(message)` for each message (it raises to close the channel)."""
         with self._state:
-            if not self.direct:
-                self._sock_poll.register(self._posted, select.POLLIN)
-                self.direct = True
-
-    def post(self) -> None:
-        """The inbox got a call (from a direct channel): wake the main thread."""
+            self._new_direct.append((wire, handle))
+        # (The main thread adopts it as it waits for work, else whichever
+        # thread reads the socket next: see _read.)
         os.eventfd_write(self._posted, 1)
 
-    def _read(self) -> None:
-        """Dispatch what the socket holds now; the process ends with the connection."""
-        if self.direct:
+    def _adopt(self) -> None:
+        """(The thread holding the read lock.) Watch the channels connected since."""
+        try:
+            os.eventfd_read(self._posted)
+        except BlockingIOError:
+            pass
+        with self._state:
+            new, self._new_direct = self._new_direct, []
+        for wire, handle in new:
+            self.direct[wire] = handle
+            self._sock_poll.register(wire.fileno(), select.POLLIN)
+            if self._both is not None:
+                self._both.register(wire.fileno(), select.POLLIN)
+
+    def _read_direct(self) -> None:
+        """Dispatch what the direct channels hold now; close those that ended or broke."""
+        if self._new_direct:
+            self._adopt()
+        for wire, handle in list(self.direct.items()):
             try:
-                os.eventfd_read(self._posted)
-            except BlockingIOError:
-                pass
+                for message in wire.recv_all():
+                    handle(message)
+            except EOFError:
+                self._drop_direct(wire)
+            except Exception as err:  # noqa: BLE001 - a broken channel is closed, not fatal
+                print(f"beamlet worker {os.getpid()}: closed a direct channel: {err!r}",
+                      file=sys.__stderr__, flush=True)
+                self._drop_direct(wire)
+
+    def _drop_direct(self, wire) -> None:
+        self.direct.pop(wire, None)
+        for poll in (self._sock_poll, self._both):
+            if poll is not None:
+                try:
+                    poll.unregister(wire.fileno())
+                except (KeyError, ValueError):
+                    pass
+        wire.close()
+
+    def _read(self) -> None:
+        """Dispatch what the socket (and the direct channels) hold now; the
+        process ends with the socket's connection."""
+        if self.direct or self._new_direct:
+            self._read_direct()
         try:
             for message in self.conn.recv_all():
                 self._dispatch(message)
@@ -631,6 +674,10 @@ class _Reading:
         both = select.poll()
         both.register(self.conn.fileno(), select.POLLIN)
         both.register(self._wake, select.POLLIN)
+        with self._read_lock:  # (the channels' descriptors are added under it: _adopt)
+            self._both = both
+            for wire in self.direct:
+                both.register(wire.fileno(), select.POLLIN)
         conn = self.conn
         while True:
             with self._state:
@@ -893,20 +940,16 @@ class Worker:
                 # (entries_for's answer, and its Done in wire form at once)
                 self.backend.send_done(spec.task_id, value, result.retryable)
                 return
-        try:
-            entries = self.backend.entries_for(values)
-        except (OSError, ValueError, exc.BeamletError) as err:
-            error = exc.ObjectStoreFullError(f"cannot store the result of {spec.display_name}: "
-                                             f"{err}")
-            entries = [self.executor._failure(spec, error).values[0]] * len(spec.return_ids)
+        entries = self._entries(spec, values)
         self.backend.send(tuple.__new__(P.Done, (spec.task_id, entries, result.retryable)),
                           None if exiting is None else P.KillActor(exiting, True, True))
 
     # -- direct channels (a cluster actor's calls from a driver: zmq/direct.py) ------
     def _serve_direct(self, token: bytes, address: str, key: bytes) -> None:
-        """(A thread per channel.) Connect to the driver that asked, then put
-        each call it sends in the inbox, as the node's calls are; end with the
-        channel (the driver left, or broke it: it hears from the node)."""
+        """(A thread, until connected.) Connect to the driver that asked; from
+        then on the channel is read as the node's socket is (`_Reading`), each
+        call it sends put in the inbox, as the node's calls are; it ends with
+        the channel (the driver left, or broke it: it hears from the node)."""
         from ..zmq import direct as D
         try:
             wire = D.connect(address, key, token)
@@ -914,36 +957,23 @@ class Worker:
             print(f"beamlet worker {os.getpid()}: no direct channel to {address}: {err}",
                   file=sys.__stderr__, flush=True)
             return
-        self.reading.open_direct()
-        poller = select.poll()
-        poller.register(wire.fileno(), select.POLLIN)
-        calls, inbox, post = self._direct_calls, self.inbox, self.reading.post
-        try:
-            while True:
-                if not wire.buffered():
-                    poller.poll()
-                for message in wire.recv_all():
-                    tag = message[0] if type(message) is tuple and message else None
-                    if tag == "call" and len(message) == 2:
-                        spec = TaskSpec(*message[1])
-                        if spec.kind != ACTOR_METHOD:
-                            raise ProtocolError("a direct channel's call that is not an "
-                                                "actor call")
-                        calls[spec.task_id] = (wire, token, time.perf_counter())
-                        inbox.append(_new_execute(spec))
-                        post()
-                    elif tag == "cancel" and len(message) == 2:
-                        self.cancel(message[1], False)
-                    else:
-                        raise ProtocolError(f"a message that is not one of the direct "
-                                            f"channel's: {P.describe(message)}")
-        except EOFError:
-            pass
-        except Exception as err:  # noqa: BLE001 - a broken channel is closed, not fatal
-            print(f"beamlet worker {os.getpid()}: closed a direct channel: {err!r}",
-                  file=sys.__stderr__, flush=True)
-        finally:
-            wire.close()
+        calls, inbox = self._direct_calls, self.inbox
+
+        def handle(message) -> None:
+            tag = message[0] if type(message) is tuple and message else None
+            if tag == "call" and len(message) == 2:
+                spec = TaskSpec(*message[1])
+                if spec.kind != ACTOR_METHOD:
+                    raise ProtocolError("a direct channel's call that is not an actor call")
+                calls[spec.task_id] = (wire, token, time.perf_counter())
+                inbox.append(_new_execute(spec))
+            elif tag == "cancel" and len(message) == 2:
+                self.cancel(message[1], False)
+            else:
+                raise ProtocolError(f"a message that is not one of the direct channel's: "
+                                    f"{P.describe(message)}")
+
+        self.reading.add_direct(wire, handle)
 
     def _finish_direct(self, call: tuple, spec: TaskSpec, result,
                        exiting: bytes | None) -> None:
@@ -965,18 +995,23 @@ class Worker:
             except exc.BackendError:
                 pass  # (its driver left, or will hear from the node: DirectLost)
             return
-        try:
-            entries = self.backend.entries_for(values)
-        except (OSError, ValueError, exc.BeamletError) as err:
-            error = exc.ObjectStoreFullError(f"cannot store the result of {spec.display_name}: "
-                                             f"{err}")
-            entries = [self.executor._failure(spec, error).values[0]] * len(spec.return_ids)
+        entries = self._entries(spec, values)
         self.backend.send(P.DirectDone(token, spec.fields(), entries, result.retryable),
                           None if exiting is None else P.KillActor(exiting, True, True))
         try:
             wire.send(("routed", spec.task_id))
         except exc.BackendError:
             pass
+
+    def _entries(self, spec: TaskSpec, values: list) -> list:
+        """The entries to report for a call's result `values` (large ones in
+        shared memory); an error entry per return if they cannot be stored."""
+        try:
+            return self.backend.entries_for(values)
+        except (OSError, ValueError, exc.BeamletError) as err:
+            error = exc.ObjectStoreFullError(f"cannot store the result of {spec.display_name}: "
+                                             f"{err}")
+            return [self.executor._failure(spec, error).values[0]] * len(spec.return_ids)
 
     def _setup_actor(self, spec: TaskSpec) -> None:
         options = spec.actor_options

@@ -1923,27 +1923,38 @@ class ClusterBackend(Backend):
             return None
         try:
             fd = link.conn.fileno()
+        except (OSError, ValueError):
+            return None
+        return self._read_here(fd, link.conn.wait, lambda: self._drain(link),
+                               lambda: link.alive, arrived, until)
+
+    def _read_here(self, fd: int, wait, drain, alive, arrived,
+                   until: float | None) -> bool | None:
+        """Read one connection (descriptor `fd`) in the caller's thread, the I/O
+        thread not woken by it meanwhile: `drain()` whenever `wait(seconds)`
+        says something came, until `arrived` is set (True), `until` passes
+        (False), or `alive()` turns false or the backend closes (None)."""
+        try:
             self._ep.modify(fd, 0)  # (the I/O thread is not woken by what we read)
         except (OSError, ValueError):
             return None
         try:
-            conn = link.conn
             while True:
                 if arrived.wait(0):
                     return True
-                if self._closed or not link.alive:
+                if self._closed or not alive():
                     return None
                 left = DIRECT_SLICE if until is None else min(DIRECT_SLICE,
                                                               until - time.monotonic())
                 if left <= 0:
                     return False
-                if conn.wait(left):
-                    self._drain(link)
+                if wait(left):
+                    drain()
         finally:
             try:
                 self._ep.modify(fd, select.EPOLLIN)
             except (OSError, ValueError):
-                pass  # (closed: the node died)
+                pass  # (closed: the node died, or the channel was lost)
 
     # -- direct channels (direct.py) ------------------------------------------------
     def _direct_opened(self, channel, wire, pid: int) -> bool:
@@ -1960,37 +1971,20 @@ class ClusterBackend(Backend):
 
     def wait_on_direct(self, channel, arrived, timeout: float | None) -> bool:
         """`wait_on` for a call in flight on a direct channel: read the channel
-        in the caller's thread (the I/O thread is not woken meanwhile) until
-        `arrived` is set or `timeout` passes."""
+        in the caller's thread until `arrived` is set or `timeout` passes."""
         until = None if timeout is None else time.monotonic() + timeout
         if channel.reading.acquire(False):
             try:
-                wire = channel.wire
-                fd = wire.fileno()
-                try:
-                    self._ep.modify(fd, 0)
-                except (OSError, ValueError):
-                    pass
-                try:
-                    while not arrived.wait(0):
-                        if self._closed or channel.state != "open":
-                            break
-                        left = DIRECT_SLICE if until is None else min(DIRECT_SLICE,
-                                                                      until - time.monotonic())
-                        if left <= 0:
-                            return False
-                        if wire.wait(left):
-                            self._drain_direct(channel)
-                    else:
-                        return True
-                finally:
-                    if channel.state == "open":
-                        try:
-                            self._ep.modify(fd, select.EPOLLIN)
-                        except (OSError, ValueError):
-                            pass
+                got = None
+                if channel.state == "open":
+                    wire = channel.wire
+                    got = self._read_here(wire.fileno(), wire.wait,
+                                          lambda: self._drain_direct(channel),
+                                          lambda: channel.state == "open", arrived, until)
             finally:
                 channel.reading.release()
+            if got is not None:
+                return got
         return arrived.wait(None if until is None else max(0.0, until - time.monotonic()))
 
     def _drain_direct(self, channel) -> None:

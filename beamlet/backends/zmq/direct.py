@@ -41,8 +41,11 @@ Authentication, before anything is unpickled
 Calls and results
     A call of that actor with inline arguments only (no refs among its
     arguments, one return value, not a generator, no ``retry_exceptions``)
-    goes over the channel as its spec's fields; the worker runs it in turn
-    with the calls its node sends, and answers on the channel: the value if
+    goes over the channel as its spec's fields; the worker reads its channels
+    as it reads its node's socket (its main thread while it waits for work,
+    its reader thread while a call runs long: ``local/worker.py``'s
+    `_Reading`), runs the call in turn with those its node sends, and
+    answers on the channel: the value if
     small (at most `RESULT_MAX` bytes) and holding no refs, else the node
     stores it as its own calls' results and sends it (or where it is) to the
     driver, and the channel says ``routed``. The node keeps the actor's
