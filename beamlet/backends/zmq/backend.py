@@ -20,7 +20,9 @@ node holding a copy lets go of it (``Release``). When a node dies, each
 object it alone held is made again by re-running its task (lineage), or
 becomes an ObjectLostError (an object a worker put there, an actor's result).
 `ClusterScheduler` places each task where its resource request fits, on the
-least loaded such node, and each actor's calls on the actor's node, in order.
+least loaded such node, and each actor's calls on the actor's node, in order
+(most of them, once the actor was called twice, straight to its worker over
+a direct channel to the driver's own port: ``direct.py``).
 A node's own scheduler queues what it cannot run yet (it knows when a task
 blocked in ``get`` lends its CPUs to others, which the driver does not), but
 only a window of tasks beyond what its resources hold (spillback): the

@@ -19,6 +19,12 @@ drivers connected over ZeroMQ (the messages are in ``protocol.py``).
   locations table off the hot path: `locations` queues each change, and a
   thread of the daemon writes them (`record_locations`).
 - A node serves ``Pull`` requests from its store (``objects.serve_pull``).
+- Direct channels (``direct.py``): ``DirectOpen`` has an actor's worker
+  connect to the driver that asked; its results that are large or hold refs
+  come back here (the worker's ``DirectDone``) and go to that driver as the
+  node's own calls' results do; ``DirectLost`` names the calls a channel
+  lost, answered once the node saw the worker die as that worker's calls in
+  flight (`_rerun_lost`), before that driver's later calls of the actor.
 - A worker's nested submission (`accept`) goes to the driver, with the
   values of its arguments that this node holds; a worker's get of an object
   the node lacks asks the driver for it (`fetch`, the node's hook), which
