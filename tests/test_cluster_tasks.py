@@ -1542,3 +1542,253 @@ def test_a_bad_spillback_hold_max_is_refused_at_init(cluster, driver, monkeypatc
     monkeypatch.setenv("BEAMLET_SPILLBACK_HOLD_MAX", "soon")
     with pytest.raises(ValueError, match="BEAMLET_SPILLBACK_HOLD_MAX"):
         driver(head)
+
+
+# -- direct driver -> actor-worker channels (backends/zmq/direct.py) ---------------------
+@beamlet.remote(resources={"far": 1})
+class Counter:
+    """Counts its calls: each answer is the count so far (and what it was given)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def add(self, x=None):
+        self.calls.append(x)
+        return len(self.calls), x
+
+    def pid(self):
+        return os.getpid()
+
+    def big(self, n):
+        return np.ones(n, dtype=np.uint8)
+
+    def holding(self):
+        return [beamlet.put(len(self.calls))]
+
+    def slow(self, marker: str, seconds: float):
+        """Its pid, after writing it to `marker` (then `seconds` of sleep)."""
+        with open(marker + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(marker + ".tmp", marker)
+        time.sleep(seconds)
+        return os.getpid()
+
+
+def _channel(actor):
+    """The driver's direct channel to `actor`'s worker, once open (None: none)."""
+    hub = runtime.current().backend.direct
+    channel = hub.by_actor.get(actor._actor_id)
+    return channel if channel is not None and channel.state == "open" else None
+
+
+def _open_channel(actor, timeout: float = 30.0):
+    """Call `actor` until its direct channel is open; the channel."""
+    def opened():
+        beamlet.get(actor.add.remote("warm-up"), timeout=GET_TIMEOUT)
+        return _channel(actor) is not None
+    assert procs.wait_until(opened, timeout, interval=0.05), "no direct channel opened"
+    return _channel(actor)
+
+
+def test_actor_calls_go_over_a_direct_channel_in_order_with_those_through_the_node(
+        cluster, driver):
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"far": 1}')
+    driver(head)
+    counter = Counter.remote()
+    channel = _open_channel(counter)
+    assert channel.pid == beamlet.get(counter.pid.remote(), timeout=GET_TIMEOUT)
+    sent = channel.sent
+    assert beamlet.get(counter.add.remote(7), timeout=GET_TIMEOUT)[1] == 7
+    assert channel.sent == sent + 1  # (it went over the channel)
+    # Inline calls (direct), calls with a ref (through the node), a large result and
+    # one holding a ref (both through the node's store), mixed: answered in order.
+    ref = beamlet.put("by-ref")
+    refs = []
+    for i in range(60):
+        refs.append(counter.add.remote(ref if i % 20 == 10 else i))
+    big = counter.big.remote(3 << 20)
+    refs += [counter.add.remote(i) for i in range(60, 80)]
+    holding = counter.holding.remote()
+    refs += [counter.add.remote(i) for i in range(80, 100)]
+    answers = beamlet.get(refs, timeout=GET_TIMEOUT)
+    counts = [n for n, _ in answers]
+    assert counts == sorted(counts) and len(set(counts)) == len(counts), counts
+    assert [x for _, x in answers] == [("by-ref" if i % 20 == 10 and i < 60 else i)
+                                       for i in range(100)]
+    assert beamlet.get(big, timeout=GET_TIMEOUT).sum() == 3 << 20
+    inner = beamlet.get(holding, timeout=GET_TIMEOUT)
+    assert beamlet.get(inner[0], timeout=GET_TIMEOUT) == counts[79]  # (in its place)
+    # The calls before the first with a ref went direct; the rest of the burst through
+    # the node (behind it); once all are answered, calls go direct again.
+    assert channel.sent >= sent + 10
+    sent = channel.sent
+    assert beamlet.get(counter.add.remote("again"), timeout=GET_TIMEOUT)[1] == "again"
+    assert channel.sent == sent + 1 and _channel(counter) is channel
+    # A direct call can be cancelled: its worker is interrupted.
+    marker = os.path.join(cluster.state_dir, "slow")
+    slow = counter.slow.remote(marker, 30)
+    assert procs.wait_until(lambda: os.path.exists(marker), 30)
+    beamlet.cancel(slow)
+    with pytest.raises((exc.TaskCancelledError, exc.TaskError)):
+        beamlet.get(slow, timeout=GET_TIMEOUT)
+    assert beamlet.get(counter.add.remote("after"), timeout=GET_TIMEOUT)[1] == "after"
+
+
+def _kill_mid_call(counter, marker: str):
+    """Start a slow call of `counter`, SIGKILL its worker in the middle; its ref."""
+    ref = counter.slow.remote(marker, 3)
+    assert procs.wait_until(lambda: os.path.exists(marker), 30), "the call never started"
+    with open(marker) as f:
+        pid = int(f.read())
+    os.remove(marker)
+    os.kill(pid, signal.SIGKILL)
+    return ref, pid
+
+
+def test_an_actor_whose_worker_dies_mid_call_on_a_direct_channel_restarts_or_dies(
+        cluster, driver):
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"far": 1}')
+    driver(head)
+    marker = os.path.join(cluster.state_dir, "slow")
+    # Retries left: the call runs again on the restarted actor.
+    counter = Counter.options(max_restarts=1, max_task_retries=1).remote()
+    _open_channel(counter)
+    ref, pid = _kill_mid_call(counter, marker)
+    again = beamlet.get(ref, timeout=GET_TIMEOUT)
+    assert again != pid and procs.start_time(again) is not None
+    # No restart left: the call in flight, and the calls after, raise ActorDiedError.
+    _open_channel(counter)
+    ref, pid = _kill_mid_call(counter, marker)
+    with pytest.raises(exc.ActorDiedError):
+        beamlet.get(ref, timeout=GET_TIMEOUT)
+    with pytest.raises(exc.ActorDiedError):
+        beamlet.get(counter.add.remote(1), timeout=GET_TIMEOUT)
+    # Restarts left but no retries: the call fails (it may have run), the actor lives on.
+    other = Counter.options(max_restarts=1).remote()
+    _open_channel(other)
+    ref, pid = _kill_mid_call(other, marker)
+    with pytest.raises(exc.ActorUnavailableError):
+        beamlet.get(ref, timeout=GET_TIMEOUT)
+    assert beamlet.get(other.pid.remote(), timeout=GET_TIMEOUT) != pid
+
+
+def test_a_peer_without_the_key_is_refused_by_a_drivers_direct_port(cluster, driver,
+                                                                   tmp_path):
+    import pickle
+    import socket
+
+    from beamlet.backends.zmq import direct
+    from beamlet.core import auth
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"far": 1}')
+    driver(head)
+    hub = runtime.current().backend.direct
+    host, port = hub.address.rsplit(":", 1)
+    touched = tmp_path / "unpickled"
+
+    class Bomb:
+        def __reduce__(self):
+            return (open, (str(touched), "w"))
+
+    def refused(payload: bytes) -> bool:
+        """Whether the driver closes the connection after `payload`, unread."""
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.settimeout(30)
+            try:
+                sock.sendall(payload)
+                while sock.recv(65536):
+                    pass  # (its challenge, then the end)
+            except (ConnectionResetError, BrokenPipeError):
+                pass
+            return True
+
+    bomb = pickle.dumps(Bomb(), 5)
+    assert refused(bomb)  # a pickle as it is
+    assert refused(len(bomb).to_bytes(4, "little") + bomb)  # a pickle as a frame
+    assert refused(b"\xff" * (8 << 20))  # more than a handshake frame: cut off at once
+    assert not touched.exists()
+    # A wrong key: the handshake fails, both ways.
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        with pytest.raises(auth.AuthenticationError):
+            auth.join(sock, b"k" * 32, direct.VERSION, timeout=10)
+    # The right key, a token the driver never gave out: closed before any call.
+    key = direct.channel_key(bytes.fromhex(head["token"]))
+    wire = direct.connect(hub.address, key, b"t" * 16, timeout=10)
+    try:
+        assert wire.wait(30)
+        with pytest.raises(EOFError):
+            wire.recv_all()
+    finally:
+        wire.close()
+    # The channels that were asked for still work.
+    counter = Counter.remote()
+    channel = _open_channel(counter)
+    assert beamlet.get(counter.add.remote(1), timeout=GET_TIMEOUT)[1] == 1
+    assert channel.state == "open"
+
+
+def test_a_driver_with_direct_channels_leaves_nothing_behind(cluster, driver):
+    import socket
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"far": 1}')
+    driver(head)
+    counters = [Counter.options(resources={"far": 0.3}).remote() for _ in range(3)]
+    for counter in counters:
+        _open_channel(counter)
+    pids = [beamlet.get(c.pid.remote(), timeout=GET_TIMEOUT) for c in counters]
+    address = runtime.current().backend.direct.address
+    host, port = address.rsplit(":", 1)
+    beamlet.shutdown()  # (the fixture checks this process's threads and descriptors)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((host, int(port)), timeout=10).close()
+    assert not procs.wait_gone(pids, 30)
+
+
+@beamlet.remote(resources={"far": 1}, max_restarts=2)
+class Leaver:
+    def work(self, x=None):
+        return os.getpid()
+
+    def leave(self):
+        beamlet.actor.exit_actor()
+        return "not reached"
+
+    def add(self, x=None):  # (for _open_channel)
+        return x
+
+
+def test_exit_actor_over_a_direct_channel_fails_the_calls_behind_it(cluster, driver):
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"far": 1}')
+    driver(head)
+    leaver = Leaver.remote()
+    channel = _open_channel(leaver)
+    pid = beamlet.get(leaver.work.remote(), timeout=GET_TIMEOUT)
+    sent = channel.sent
+    leaving = leaver.leave.remote()
+    queued = [leaver.work.remote(i) for i in range(3)]
+    assert channel.sent == sent + 4  # (all four went over the channel)
+    for ref in [leaving] + queued:
+        with pytest.raises(exc.ActorDiedError, match="exit_actor()") as info:
+            beamlet.get(ref, timeout=GET_TIMEOUT)
+        assert "kill" not in str(info.value)
+    with pytest.raises(exc.ActorDiedError, match="exit_actor()"):
+        beamlet.get(leaver.work.remote(), timeout=GET_TIMEOUT)
+    assert procs.wait_gone([pid], 30) == []
+
+
+def test_direct_calls_can_be_turned_off_and_a_bad_setting_is_refused(cluster, driver,
+                                                                     monkeypatch):
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"far": 1}')
+    monkeypatch.setenv("BEAMLET_DIRECT_CALLS", "yes")
+    with pytest.raises(ValueError, match="BEAMLET_DIRECT_CALLS"):
+        driver(head)
+    monkeypatch.setenv("BEAMLET_DIRECT_CALLS", "0")
+    driver(head)
+    assert runtime.current().backend.direct is None
+    counter = Counter.remote()
+    answers = [beamlet.get(counter.add.remote(i), timeout=GET_TIMEOUT) for i in range(5)]
+    assert answers == [(i + 1, i) for i in range(5)]

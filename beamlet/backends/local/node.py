@@ -407,6 +407,7 @@ class Node:
             P.AllocRequest: self._on_alloc, P.AbandonRequest: self._on_abandon,
             P.ControlRequest: self._on_control, P.ResourcesRequest: self._on_resources,
             P.Returned: self._on_returned, P.StreamItem: self._on_stream_item,
+            P.DirectDone: self._on_direct_done,
         }
 
     def _on_second_hello(self, worker: WorkerInfo, message: P.Hello) -> None:
@@ -414,6 +415,15 @@ class Node:
 
     def _on_done(self, worker: WorkerInfo, message: P.Done) -> None:
         self.scheduler.task_done(worker, message.task_id, message.entries, message.retryable)
+        self.object_store.drop_unreported(worker.worker_id, message.entries)
+
+    def _on_direct_done(self, worker: WorkerInfo, message: P.DirectDone) -> None:
+        """(A cluster node's: see zmq/direct.py.) Results of a call that came to
+        the worker over a direct channel, which the node's store hands on."""
+        direct_done = getattr(self.owner, "direct_done", None)
+        if direct_done is None:
+            raise ProtocolError("DirectDone from a worker of a node without direct channels")
+        direct_done(worker, message)
         self.object_store.drop_unreported(worker.worker_id, message.entries)
 
     def _on_returned(self, worker: WorkerInfo, message: P.Returned) -> None:

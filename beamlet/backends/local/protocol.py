@@ -30,7 +30,7 @@ from ...core.task_spec import TaskSpec
 #: The protocol a connection speaks, bound into its handshake (core/auth.py): a
 #: process of another version is refused, both versions named. Change it with
 #: any change to the messages below.
-VERSION = "beamlet-local/5"
+VERSION = "beamlet-local/6"
 
 
 # -- worker -> node ----------------------------------------------------------------
@@ -142,6 +142,17 @@ class ResourcesRequest(NamedTuple):
     which: str
 
 
+class DirectDone(NamedTuple):
+    """(A cluster node's actor worker.) A call that came over a direct channel
+    (`token`, see ``zmq/direct.py``) finished with results that go through the
+    node's store (large, or holding refs): the node hands them to the
+    channel's driver as it does its own calls' results."""
+    token: bytes
+    spec: Any
+    entries: list
+    retryable: bool
+
+
 # -- node -> worker ----------------------------------------------------------------
 class Welcome(NamedTuple):
     """The answer to Hello: session, node id, sys.path, cwd, resources."""
@@ -183,11 +194,19 @@ class Revoke(NamedTuple):
     task_id: bytes
 
 
+class DirectConnect(NamedTuple):
+    """(A cluster node, to an actor's worker.) Open direct channel `token` to
+    the driver listening at `address`, proving `key` (see ``zmq/direct.py``)."""
+    token: bytes
+    address: str
+    key: bytes
+
+
 #: What each side accepts.
 FROM_WORKER = frozenset({Hello, Done, Submit, Put, Refs, CancelTask, KillActor, Forget,
                          GetRequest, WaitRequest, AllocRequest, AbandonRequest, ControlRequest,
-                         ResourcesRequest, Returned, StreamItem})
-FROM_NODE = frozenset({Welcome, Execute, Reply, Interrupt, Exit, Revoke})
+                         ResourcesRequest, Returned, StreamItem, DirectDone})
+FROM_NODE = frozenset({Welcome, Execute, Reply, Interrupt, Exit, Revoke, DirectConnect})
 
 
 def _reduce_message(message):
@@ -204,7 +223,8 @@ for _message_class in FROM_WORKER | FROM_NODE:
 #: Wire tags, by position. Append only (and change VERSION).
 _CLASSES = (Hello, Done, Submit, Put, Refs, CancelTask, KillActor, Forget, GetRequest,
             WaitRequest, AllocRequest, AbandonRequest, ControlRequest, ResourcesRequest,
-            Welcome, Execute, Reply, Interrupt, Exit, Returned, Revoke, StreamItem)
+            Welcome, Execute, Reply, Interrupt, Exit, Returned, Revoke, StreamItem, DirectDone,
+            DirectConnect)
 _TAGS = {cls: tag for tag, cls in enumerate(_CLASSES)}
 _EXECUTE, _DONE, _STREAM_ITEM = _TAGS[Execute], _TAGS[Done], _TAGS[StreamItem]
 

@@ -502,6 +502,9 @@ class _Reading:
     thread switch; what arrives meanwhile waits in the socket's buffer. When
     the main thread wants the socket back, the reader thread lets it go.
 
+    A cluster actor's direct channels to drivers (``zmq/direct.py``) are read
+    the same way, by whichever thread reads the socket (`add_direct`).
+
     One thread at a time reads (it holds `_read_lock`); the flags, changed
     under `_state`, say who should. `dispatch(message)` handles each message
     in the thread that read it; `pending()` says whether a reply is awaited.
@@ -523,6 +526,15 @@ class _Reading:
         self._sock_poll = select.poll()
         self._spin_next = True  # (see read_until)
         self._sock_poll.register(conn.fileno(), select.POLLIN)
+        #: Direct channels (cluster actors: see `Worker.open_direct`), read by
+        #: whichever thread reads the socket: channel -> its handler; those
+        #: connected and not yet watched; the eventfd that wakes the main
+        #: thread for them; the reader thread's poll (see `_adopt`).
+        self.direct: dict = {}
+        self._new_direct: list = []
+        self._posted = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._sock_poll.register(self._posted, select.POLLIN)
+        self._both: select.poll | None = None
 
     def start(self) -> None:
         threading.Thread(target=self._reader, name="beamlet-reader", daemon=True).start()
@@ -530,8 +542,59 @@ class _Reading:
     def _signal(self) -> None:
         os.eventfd_write(self._wake, 1)
 
+    def add_direct(self, wire, handle: Callable[[Any], None]) -> None:
+        """(Any thread.) Read `wire` from now on as the socket is read,
+        `handle(message)` for each message (it raises to close the channel)."""
+        with self._state:
+            self._new_direct.append((wire, handle))
+        # (The main thread adopts it as it waits for work, else whichever
+        # thread reads the socket next: see _read.)
+        os.eventfd_write(self._posted, 1)
+
+    def _adopt(self) -> None:
+        """(The thread holding the read lock.) Watch the channels connected since."""
+        try:
+            os.eventfd_read(self._posted)
+        except BlockingIOError:
+            pass
+        with self._state:
+            new, self._new_direct = self._new_direct, []
+        for wire, handle in new:
+            self.direct[wire] = handle
+            self._sock_poll.register(wire.fileno(), select.POLLIN)
+            if self._both is not None:
+                self._both.register(wire.fileno(), select.POLLIN)
+
+    def _read_direct(self) -> None:
+        """Dispatch what the direct channels hold now; close those that ended or broke."""
+        if self._new_direct:
+            self._adopt()
+        for wire, handle in list(self.direct.items()):
+            try:
+                for message in wire.recv_all():
+                    handle(message)
+            except EOFError:
+                self._drop_direct(wire)
+            except Exception as err:  # noqa: BLE001 - a broken channel is closed, not fatal
+                print(f"beamlet worker {os.getpid()}: closed a direct channel: {err!r}",
+                      file=sys.__stderr__, flush=True)
+                self._drop_direct(wire)
+
+    def _drop_direct(self, wire) -> None:
+        self.direct.pop(wire, None)
+        for poll in (self._sock_poll, self._both):
+            if poll is not None:
+                try:
+                    poll.unregister(wire.fileno())
+                except (KeyError, ValueError):
+                    pass
+        wire.close()
+
     def _read(self) -> None:
-        """Dispatch what the socket holds now; the process ends with the connection."""
+        """Dispatch what the socket (and the direct channels) hold now; the
+        process ends with the socket's connection."""
+        if self.direct or self._new_direct:
+            self._read_direct()
         try:
             for message in self.conn.recv_all():
                 self._dispatch(message)
@@ -611,6 +674,10 @@ class _Reading:
         both = select.poll()
         both.register(self.conn.fileno(), select.POLLIN)
         both.register(self._wake, select.POLLIN)
+        with self._read_lock:  # (the channels' descriptors are added under it: _adopt)
+            self._both = both
+            for wire in self.direct:
+                both.register(wire.fileno(), select.POLLIN)
         conn = self.conn
         while True:
             with self._state:
@@ -664,6 +731,11 @@ class _Reading:
             pass
 
 
+def _new_execute(spec: TaskSpec) -> P.Execute:
+    """The inbox's form of a call that came over a direct channel."""
+    return tuple.__new__(P.Execute, (spec, [], None, None, False))
+
+
 class Worker:
     """The worker's loop: take EXECUTE messages, run them, send DONE."""
 
@@ -691,6 +763,9 @@ class Worker:
         self._groups: dict[str, Any] | None = None
         self._actor_options: dict = {}
         self._async_tasks: dict[bytes, asyncio.Task] = {}
+        #: Calls that came over a direct channel (cluster actors, zmq/direct.py):
+        #: task id -> (the channel, its token, when it came), until answered there.
+        self._direct_calls: dict[bytes, tuple] = {}
 
     # -- reading ------------------------------------------------------------------
     def handle(self, message) -> None:
@@ -715,6 +790,9 @@ class Worker:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
+        elif kind is P.DirectConnect:
+            threading.Thread(target=self._serve_direct, args=tuple(message),
+                             name="beamlet-direct", daemon=True).start()
         else:
             raise ProtocolError(f"the driver sent a message that is not one of the "
                                 f"protocol's: {P.describe(message)}")
@@ -847,6 +925,11 @@ class Worker:
         exit_actor()), the actor's exit notice right behind it in the same
         write: the node must learn of the exit before it hands the result to
         the caller, who could otherwise send its next call to the dying actor."""
+        if self._direct_calls:
+            call = self._direct_calls.pop(spec.task_id, None)
+            if call is not None:
+                self._finish_direct(call, spec, result, exiting)
+                return
         if spec.args or spec.kwargs:
             for dep in spec.dependencies():
                 self.backend.object_store.shipped.pop(dep, None)
@@ -857,14 +940,78 @@ class Worker:
                 # (entries_for's answer, and its Done in wire form at once)
                 self.backend.send_done(spec.task_id, value, result.retryable)
                 return
+        entries = self._entries(spec, values)
+        self.backend.send(tuple.__new__(P.Done, (spec.task_id, entries, result.retryable)),
+                          None if exiting is None else P.KillActor(exiting, True, True))
+
+    # -- direct channels (a cluster actor's calls from a driver: zmq/direct.py) ------
+    def _serve_direct(self, token: bytes, address: str, key: bytes) -> None:
+        """(A thread, until connected.) Connect to the driver that asked; from
+        then on the channel is read as the node's socket is (`_Reading`), each
+        call it sends put in the inbox, as the node's calls are; it ends with
+        the channel (the driver left, or broke it: it hears from the node)."""
+        from ..zmq import direct as D
         try:
-            entries = self.backend.entries_for(values)
+            wire = D.connect(address, key, token)
+        except (exc.BeamletError, OSError) as err:
+            print(f"beamlet worker {os.getpid()}: no direct channel to {address}: {err}",
+                  file=sys.__stderr__, flush=True)
+            return
+        calls, inbox = self._direct_calls, self.inbox
+
+        def handle(message) -> None:
+            tag = message[0] if type(message) is tuple and message else None
+            if tag == "call" and len(message) == 2:
+                spec = TaskSpec(*message[1])
+                if spec.kind != ACTOR_METHOD:
+                    raise ProtocolError("a direct channel's call that is not an actor call")
+                calls[spec.task_id] = (wire, token, time.perf_counter())
+                inbox.append(_new_execute(spec))
+            elif tag == "cancel" and len(message) == 2:
+                self.cancel(message[1], False)
+            else:
+                raise ProtocolError(f"a message that is not one of the direct channel's: "
+                                    f"{P.describe(message)}")
+
+        self.reading.add_direct(wire, handle)
+
+    def _finish_direct(self, call: tuple, spec: TaskSpec, result,
+                       exiting: bytes | None) -> None:
+        """`_finish` of a call that came over a direct channel: a small result
+        holding no refs goes back on it; any other through the node's store
+        (``DirectDone``), the channel saying so (``routed``)."""
+        from ..zmq.direct import RESULT_MAX
+        wire, token, came = call
+        values = result.values
+        value = values[0] if len(values) == 1 else None
+        if value is not None and not value.refs and not result.retryable \
+                and value.total_bytes <= RESULT_MAX:
+            if exiting is not None:  # (the node first: the caller's next call fails)
+                self.backend.send(P.KillActor(exiting, True, True))
+            buffers = [memoryview(b).tobytes() for b in value.buffers] if value.buffers else []
+            try:
+                wire.send(("done", spec.task_id, (value.data, buffers, (), value.is_error),
+                           time.perf_counter() - came))
+            except exc.BackendError:
+                pass  # (its driver left, or will hear from the node: DirectLost)
+            return
+        entries = self._entries(spec, values)
+        self.backend.send(P.DirectDone(token, spec.fields(), entries, result.retryable),
+                          None if exiting is None else P.KillActor(exiting, True, True))
+        try:
+            wire.send(("routed", spec.task_id))
+        except exc.BackendError:
+            pass
+
+    def _entries(self, spec: TaskSpec, values: list) -> list:
+        """The entries to report for a call's result `values` (large ones in
+        shared memory); an error entry per return if they cannot be stored."""
+        try:
+            return self.backend.entries_for(values)
         except (OSError, ValueError, exc.BeamletError) as err:
             error = exc.ObjectStoreFullError(f"cannot store the result of {spec.display_name}: "
                                              f"{err}")
-            entries = [self.executor._failure(spec, error).values[0]] * len(spec.return_ids)
-        self.backend.send(tuple.__new__(P.Done, (spec.task_id, entries, result.retryable)),
-                          None if exiting is None else P.KillActor(exiting, True, True))
+            return [self.executor._failure(spec, error).values[0]] * len(spec.return_ids)
 
     def _setup_actor(self, spec: TaskSpec) -> None:
         options = spec.actor_options

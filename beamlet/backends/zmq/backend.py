@@ -20,7 +20,9 @@ node holding a copy lets go of it (``Release``). When a node dies, each
 object it alone held is made again by re-running its task (lineage), or
 becomes an ObjectLostError (an object a worker put there, an actor's result).
 `ClusterScheduler` places each task where its resource request fits, on the
-least loaded such node, and each actor's calls on the actor's node, in order.
+least loaded such node, and each actor's calls on the actor's node, in order
+(most of them, once the actor was called twice, straight to its worker over
+a direct channel to the driver's own port: ``direct.py``).
 A node's own scheduler queues what it cannot run yet (it knows when a task
 blocked in ``get`` lends its CPUs to others, which the driver does not), but
 only a window of tasks beyond what its resources hold (spillback): the
@@ -80,9 +82,11 @@ from ...core.resources import BUNDLE_CAPACITY, cpu_names, group_resource
 from ...core.scheduling import may_retry
 from ...core.serialization import serialize
 from ...core.tables import ActorState
+from ...core.task_events import RUNNING
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TASK, TaskSpec
 from ..local import shm
 from ..local.transport import ProtocolError
+from . import direct as D
 from . import protocol as P
 from .objects import Assembly, BufferPool, as_chunk
 from .transport import Piece
@@ -245,6 +249,10 @@ class ClusterObjectStore(MemoryObjectStore):
 
     def _block(self, object_ids, arrived, timeout) -> bool:
         if len(object_ids) == 1:
+            if self.backend.direct is not None:
+                channel = self.backend.scheduler.channel_making(object_ids[0])
+                if channel is not None:
+                    return self.backend.wait_on_direct(channel, arrived, timeout)
             node = self.backend.scheduler.node_making(object_ids[0])
             if node is not None:
                 return self.backend.wait_on(node, arrived, timeout)
@@ -485,6 +493,9 @@ class ClusterScheduler(Scheduler):
                         f"the actor {spec.function_name} is dead: "
                         + ("its node died" if node is not None else
                            "it is unknown to this cluster")))
+                    return
+                hub = self.backend.direct
+                if hub is not None and self._direct(spec, node, hub):
                     return
             else:
                 if spec.placement_group is not None and self._waits_for_group(spec):
@@ -1044,6 +1055,13 @@ class ClusterScheduler(Scheduler):
         node.placed[spec.task_id] = spec
         if spec.kind != ACTOR_METHOD:
             node.add(spec, 1)
+        elif self.backend.direct is not None:
+            channel = self.backend.direct.by_actor.get(spec.actor_id)
+            if channel is not None:  # (calls through the node, that the channel waits for)
+                rids = channel.node_rids
+                rids.extend(spec.return_ids)
+                if len(rids) > 64:
+                    channel.node_rids = [r for r in rids if r in self.producer]
         if spec.kind == ACTOR_CREATION and self.tables is not None:
             self.tables.set_actor_state(spec.actor_id, ActorState.PENDING, node_id=node.node_id)
         try:
@@ -1054,6 +1072,102 @@ class ClusterScheduler(Scheduler):
                 f"{spec.display_name} cannot be sent to a node: {err}"))
         except exc.BackendError:
             self._node_died(node)
+
+    # -- direct channels (direct.py) --------------------------------------------------
+    def _direct(self, spec: TaskSpec, node: NodeLink, hub: "D.DirectHub") -> bool:
+        """(Under the lock.) Send an actor call over its actor's direct channel,
+        or queue it there behind the calls in flight on it; False: it goes
+        through the node (asking for a channel after `D.OPEN_AFTER` calls)."""
+        actor_id = spec.actor_id
+        channel = hub.by_actor.get(actor_id)
+        if channel is None:
+            count = hub.calls.get(actor_id, 0) + 1
+            hub.calls[actor_id] = count
+            if count >= D.OPEN_AFTER and \
+                    time.monotonic() - hub.closed_at.get(actor_id, -1e9) >= D.REOPEN_AFTER:
+                creation = self.actor_spec.get(actor_id)
+                if creation is not None and creation.return_ids[0] in self.producer:
+                    return False  # (still starting: its node would not ask its worker)
+                hub.calls[actor_id] = 0
+                hub.ask(actor_id, node, [rid for s in node.placed.values()
+                                         if s.kind == ACTOR_METHOD and s.actor_id == actor_id
+                                         for rid in s.return_ids])
+            return False
+        if channel.state != "open" or channel.node is not node:
+            if channel.state == "opening" and \
+                    time.monotonic() - channel.asked_at > D.OPEN_TIMEOUT:
+                self.backend.direct_lost(channel)  # (never came: the node's path, for now)
+            return False
+        if channel.after or not D.eligible(spec):
+            if channel.inflight or channel.after:
+                channel.after.append(spec)  # (per-caller order: behind those in flight)
+                return True
+            return False
+        if channel.node_rids:  # (not before the calls sent through the node are answered)
+            producer = self.producer
+            channel.node_rids = [r for r in channel.node_rids if r in producer]
+            if channel.node_rids:
+                return False
+        data = D.pickle.dumps(("call", spec.fields()), 5)
+        if len(data) > D.CALL_MAX:
+            return False
+        task_id = spec.task_id
+        self.tasks[task_id] = (spec, node, set(spec.return_ids))
+        self.producer[spec.return_ids[0]] = task_id
+        node.placed[task_id] = spec
+        channel.inflight[task_id] = spec
+        if self.task_progress is not None:
+            self.task_progress((task_id, spec.attempt, RUNNING if len(channel.inflight) == 1
+                                else "SUBMITTED_TO_WORKER", channel.pid, time.perf_counter()))
+        channel.sent += 1
+        try:
+            channel.wire.send_pickled(data)
+        except exc.BackendError:
+            self.backend.direct_lost(channel)  # (the node answers it: DirectLost)
+        return True
+
+    def channel_making(self, object_id: bytes):
+        """The direct channel whose call makes `object_id`, if any (a hint, read
+        without the lock)."""
+        task_id = self.producer.get(object_id)
+        placed = self.tasks.get(task_id) if task_id is not None else None
+        if placed is None or placed[0].kind != ACTOR_METHOD:
+            return None
+        channel = self.backend.direct.by_actor.get(placed[0].actor_id)
+        if channel is not None and task_id in channel.inflight:
+            return channel
+        return None
+
+    def direct_answered(self, channel, task_id: bytes, form, duration) -> None:
+        """A call's answer came over its channel: its result (`form`, a wire
+        form), or None (``routed``: it comes through the node)."""
+        with self.lock:
+            spec = channel.inflight.pop(task_id, None)
+            if spec is None:
+                return
+            if not channel.inflight and (channel.after or channel.releases):
+                self.direct_drained(channel)
+        if form is not None:
+            plugins.notify("beamlet_task_finished", spec=spec,
+                           status="FAILED" if form[3] else "FINISHED", duration=duration,
+                           pid=channel.pid)
+            self.stored([(spec.return_ids[0], form)])
+
+    def direct_drained(self, channel) -> None:
+        """(Under the lock.) Nothing is in flight on the channel any more: the
+        calls that waited for that go through the node, and the actor's token
+        is let go of if its handle went meanwhile."""
+        after, channel.after = channel.after, []
+        releases, channel.releases = channel.releases, []
+        node = channel.node
+        for spec in after:
+            if node.alive:
+                self._send(spec, node)
+            else:
+                self._fail(spec, exc.ActorDiedError(
+                    f"the actor {spec.function_name} is dead: its node {node.node_id} died"))
+        if releases and node.alive:
+            node.send(P.Release(releases))
 
     def node_making(self, object_id: bytes) -> NodeLink | None:
         """The alive node running the task that returns `object_id`, if any
@@ -1500,6 +1614,18 @@ class ClusterScheduler(Scheduler):
                     self._unhold(held)
                     self._fail(held, exc.TaskCancelledError(
                         f"task {held.display_name} was cancelled"))
+            if entry is None and self.backend.direct is not None:
+                for channel in self.backend.direct.by_actor.values():
+                    queued = next((s for s in channel.after if object_id in s.return_ids),
+                                  None)
+                    if queued is not None:
+                        if force:
+                            raise ValueError("force=True is not supported for actor calls; "
+                                             "use kill()")
+                        channel.after.remove(queued)
+                        self._fail(queued, exc.TaskCancelledError(
+                            f"task {queued.display_name} was cancelled"))
+                        break
         if entry is None:
             return
         spec, node, _ = entry
@@ -1507,6 +1633,14 @@ class ClusterScheduler(Scheduler):
             raise ValueError("cancel() cannot cancel an actor's creation; use kill()")
         if spec.kind == ACTOR_METHOD and force:
             raise ValueError("force=True is not supported for actor calls; use kill()")
+        if spec.kind == ACTOR_METHOD and self.backend.direct is not None:
+            channel = self.backend.direct.by_actor.get(spec.actor_id)
+            if channel is not None and spec.task_id in channel.inflight:
+                try:
+                    channel.wire.send(("cancel", spec.task_id))
+                except exc.BackendError:
+                    pass  # (lost: the node answers it)
+                return
         node.send(P.CancelTask(object_id, force, recursive))
 
     def cancel_children(self, object_ids: list, force: bool) -> None:
@@ -1524,6 +1658,10 @@ class ClusterScheduler(Scheduler):
                 self._actor_ended(actor_id)
         if node is not None and node.alive:
             node.send(P.KillActor(actor_id, no_restart))
+        hub = self.backend.direct
+        channel = hub.by_actor.get(actor_id) if hub is not None else None
+        if channel is not None:  # (its later calls go behind the kill, through the node)
+            self.backend.direct_lost(channel)
 
     def _actor_ended(self, actor_id: bytes) -> None:
         """Its resources are free on its node (for placement). Under the lock."""
@@ -1537,9 +1675,18 @@ class ClusterScheduler(Scheduler):
     def release_token(self, object_id: bytes) -> None:
         with self.lock:
             node = self.token_node.pop(object_id, None)
-            spec = self.actor_spec.get(self.token_actor.pop(object_id, b""))
+            actor_id = self.token_actor.pop(object_id, b"")
+            spec = self.actor_spec.get(actor_id)
             if spec is not None and not spec.actor_options.get("detached"):
                 self._actor_ended(spec.actor_id)
+            hub = self.backend.direct
+            if hub is not None:
+                hub.calls.pop(actor_id, None)
+                hub.closed_at.pop(actor_id, None)
+                channel = hub.by_actor.get(actor_id)
+                if channel is not None and (channel.inflight or channel.after):
+                    channel.releases.append(object_id)  # (its node ends it once idle)
+                    return
         if node is not None and node.alive:
             node.send(P.Release([object_id]))
 
@@ -1584,6 +1731,10 @@ class ClusterBackend(Backend):
     accepted_options = frozenset({"token"})
     #: What places its specs (a node's heir driver has its own: ``heir.py``).
     scheduler_class = ClusterScheduler
+    #: Whether it opens direct channels to its actors' workers (``direct.py``;
+    #: ``BEAMLET_DIRECT_CALLS`` turns them off); its `DirectHub` if it does.
+    direct_calls = True
+    direct: "D.DirectHub | None" = None
 
     def __init__(self, config: dict, runtime):
         from ...core.auth import AuthenticationError
@@ -1599,6 +1750,7 @@ class ClusterBackend(Backend):
             raise ValueError("resources cannot be given when connecting to a cluster: its "
                              "nodes were started with their resources")
         hold_max = _hold_max()  # (a bad setting is an error before connecting)
+        direct_calls = self.direct_calls and D.enabled()
         locality_wait = _locality_wait()
         address = config.get("address")
         state = StateDir()
@@ -1665,6 +1817,11 @@ class ClusterBackend(Backend):
             self.scheduler.tables = Tables(self.control_store)
             self._wake_r, self._wake_w = os.pipe()
             self._ep = select.epoll()
+            self._direct_fds: dict = {}  # a direct channel's descriptor -> the channel
+            if direct_calls:
+                from .transport import parse_address
+                self.direct = D.DirectHub(secret, parse_address(address)[0],
+                                          self._direct_opened)
             self._io = threading.Thread(target=self._io_loop, name="beamlet-cluster-io",
                                         daemon=True)
             self._io.start()
@@ -1707,8 +1864,17 @@ class ClusterBackend(Backend):
         next_tick = next_unstall = 0.0
         try:
             sched = self.scheduler
+            channels = self._direct_fds
             while not self._closed:
-                ep.poll(WINDOW_PERIOD)
+                ready = ep.poll(WINDOW_PERIOD)
+                if channels:
+                    for fd, _ in ready:
+                        channel = channels.get(fd)
+                        if channel is not None and channel.reading.acquire(False):
+                            try:  # (else a get reads it: wait_on_direct)
+                                self._drain_direct(channel)
+                            finally:
+                                channel.reading.release()
                 now = time.monotonic()
                 if now >= next_tick:  # (once per wake-up at most: not per task)
                     sched.tick(now)
@@ -1769,27 +1935,132 @@ class ClusterBackend(Backend):
             return None
         try:
             fd = link.conn.fileno()
+        except (OSError, ValueError):
+            return None
+        return self._read_here(fd, link.conn.wait, lambda: self._drain(link),
+                               lambda: link.alive, arrived, until)
+
+    def _read_here(self, fd: int, wait, drain, alive, arrived,
+                   until: float | None) -> bool | None:
+        """Read one connection (descriptor `fd`) in the caller's thread, the I/O
+        thread not woken by it meanwhile: `drain()` whenever `wait(seconds)`
+        says something came, until `arrived` is set (True), `until` passes
+        (False), or `alive()` turns false or the backend closes (None)."""
+        try:
             self._ep.modify(fd, 0)  # (the I/O thread is not woken by what we read)
         except (OSError, ValueError):
             return None
         try:
-            conn = link.conn
             while True:
                 if arrived.wait(0):
                     return True
-                if self._closed or not link.alive:
+                if self._closed or not alive():
                     return None
                 left = DIRECT_SLICE if until is None else min(DIRECT_SLICE,
                                                               until - time.monotonic())
                 if left <= 0:
                     return False
-                if conn.wait(left):
-                    self._drain(link)
+                if wait(left):
+                    drain()
         finally:
             try:
                 self._ep.modify(fd, select.EPOLLIN)
             except (OSError, ValueError):
-                pass  # (closed: the node died)
+                pass  # (closed: the node died, or the channel was lost)
+
+    # -- direct channels (direct.py) ------------------------------------------------
+    def _direct_opened(self, channel, wire, pid: int) -> bool:
+        """(The hub's acceptor thread.) The worker of `channel` connected and
+        proved the key: calls may go over it (whether it was still wanted)."""
+        with self.scheduler.lock:
+            if self._closed or channel.state != "opening" or not channel.node.alive \
+                    or self.direct.by_actor.get(channel.actor_id) is not channel:
+                return False
+            channel.wire, channel.pid, channel.state = wire, pid, "open"
+            self._direct_fds[wire.fileno()] = channel
+            self._ep.register(wire.fileno(), select.EPOLLIN)
+        return True
+
+    def wait_on_direct(self, channel, arrived, timeout: float | None) -> bool:
+        """`wait_on` for a call in flight on a direct channel: read the channel
+        in the caller's thread until `arrived` is set or `timeout` passes."""
+        until = None if timeout is None else time.monotonic() + timeout
+        if channel.reading.acquire(False):
+            try:
+                got = None
+                if channel.state == "open":
+                    wire = channel.wire
+                    got = self._read_here(wire.fileno(), wire.wait,
+                                          lambda: self._drain_direct(channel),
+                                          lambda: channel.state == "open", arrived, until)
+            finally:
+                channel.reading.release()
+            if got is not None:
+                return got
+        return arrived.wait(None if until is None else max(0.0, until - time.monotonic()))
+
+    def _drain_direct(self, channel) -> None:
+        """Handle what came over a direct channel (holding its reading lock)."""
+        if channel.state != "open":
+            return
+        try:
+            messages = channel.wire.recv_all()
+        except EOFError:
+            self.direct_lost(channel)
+            return
+        except Exception as err:  # noqa: BLE001 - a broken channel is a lost one
+            print(f"beamlet: closed the direct channel to actor {channel.actor_id.hex()}: "
+                  f"{err}", file=sys.stderr, flush=True)
+            self.direct_lost(channel)
+            return
+        answered = self.scheduler.direct_answered
+        for message in messages:
+            try:
+                tag = message[0] if type(message) is tuple and message else None
+                if tag == "done" and len(message) == 4 and type(message[2]) is tuple \
+                        and len(message[2]) == 4:
+                    answered(channel, message[1], message[2], message[3])
+                elif tag == "routed" and len(message) == 2:
+                    answered(channel, message[1], None, None)
+                else:
+                    raise ProtocolError(f"a message that is not one of the direct "
+                                        f"channel's: {P.describe(message)}")
+            except Exception as err:  # noqa: BLE001 - a broken channel is a lost one
+                print(f"beamlet: closed the direct channel to actor "
+                      f"{channel.actor_id.hex()}: {err!r}", file=sys.stderr, flush=True)
+                self.direct_lost(channel)
+                return
+
+    def direct_lost(self, channel) -> None:
+        """The channel closed (its worker died), broke, or never opened: the
+        calls in flight on it go to its node (``DirectLost``, which answers them
+        as a dead worker's calls), then those that waited behind them."""
+        sched = self.scheduler
+        hub = self.direct
+        with sched.lock:
+            if channel.state == "closed":
+                return
+            was_open = channel.state == "open"
+            channel.state = "closed"
+            if hub.by_actor.get(channel.actor_id) is channel:
+                del hub.by_actor[channel.actor_id]
+            hub.pending.pop(channel.token, None)
+            hub.closed_at[channel.actor_id] = time.monotonic()
+            lost = [s for s in channel.inflight.values() if s.task_id in sched.tasks]
+            channel.inflight.clear()
+            node = channel.node
+            if was_open and node.alive and not self._closed:
+                node.send(P.DirectLost(channel.token, [s.fields() for s in lost]))
+            if not self._closed:
+                sched.direct_drained(channel)
+        wire = channel.wire
+        if wire is not None:
+            self._direct_fds.pop(wire.fileno(), None)
+            try:
+                self._ep.unregister(wire.fileno())
+            except (OSError, ValueError):
+                pass
+            wire.close()
 
     def _join_new_nodes(self) -> list[NodeLink]:
         """Connect to the nodes that joined the cluster since we looked (the
@@ -1963,6 +2234,8 @@ class ClusterBackend(Backend):
                  "Resources": dict(n.resources)} for n in self._links]
 
     def _close_links(self) -> None:
+        if self.direct is not None:
+            self.direct.close()
         for link in self._links:
             link.conn.close()
         self.transport.close()
@@ -1979,6 +2252,11 @@ class ClusterBackend(Backend):
                 pull.done.set()
         os.write(self._wake_w, b"x")
         self._io.join(5)
+        if self.direct is not None:
+            self.direct.close()
+            for channel in list(self._direct_fds.values()):
+                channel.wire.close()
+            self._direct_fds.clear()
         self.object_store.close()
         self._close_links()
         self._buffers.close()

@@ -123,6 +123,7 @@ class HeirBackend(ClusterBackend):
     accepted_options = frozenset({"token", "heir", "job_id"})
     scheduler_class = HeirScheduler
     task_events = False  # (its job's tasks report to nobody)
+    direct_calls = False  # (its actors' calls stay on the node's path: no port of its own)
 
     def __init__(self, config: dict, runtime):
         self._heir_config = config["heir"]

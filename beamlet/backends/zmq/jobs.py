@@ -19,6 +19,12 @@ drivers connected over ZeroMQ (the messages are in ``protocol.py``).
   locations table off the hot path: `locations` queues each change, and a
   thread of the daemon writes them (`record_locations`).
 - A node serves ``Pull`` requests from its store (``objects.serve_pull``).
+- Direct channels (``direct.py``): ``DirectOpen`` has an actor's worker
+  connect to the driver that asked; its results that are large or hold refs
+  come back here (the worker's ``DirectDone``) and go to that driver as the
+  node's own calls' results do; ``DirectLost`` names the calls a channel
+  lost, answered once the node saw the worker die as that worker's calls in
+  flight (`_rerun_lost`), before that driver's later calls of the actor.
 - A worker's nested submission (`accept`) goes to the driver, with the
   values of its arguments that this node holds; a worker's get of an object
   the node lacks asks the driver for it (`fetch`, the node's hook), which
@@ -85,10 +91,11 @@ from ... import exceptions as exc
 from ...core import plugins
 from ...core.generators import _is_end, ack_id, closed_id, item_id
 from ...core.refcount import ReferenceCounter
-from ...core.scheduling import RETRYING
+from ...core.scheduling import RETRYING, may_retry
 from ...core.serialization import serialize
 from ...core.tables import ActorState, NodeState
-from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD
+from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
+from ..local import protocol as LP
 from ..local.protocol import ShmEntry
 from ..local.transport import ProtocolError
 from . import protocol as P
@@ -107,6 +114,9 @@ EARLY_CALL_WAIT = 10.0
 #: Seconds what a job's workers ask of its heir waits for the heir to join;
 #: then the node does without one (see DriverOwner._heir_failed).
 HEIR_START_WAIT = 30.0
+#: Seconds a lost direct channel's calls wait for this node to see its worker
+#: die (see direct.py's "Failures").
+LOST_WAIT = 5.0
 #: What a job's workers ask for while its heir joins: kept for it (see
 #: DriverOwner._successor).
 _LATER = object()
@@ -333,6 +343,13 @@ class DriverOwner:
         #: until the owner is dead (`check_owners`) or they are.
         self._kept_actors: dict[bytes, tuple[bytes, bytes]] = {}
         self._owners_checked = 0.0
+        #: Direct channels (``direct.py``) this node asked a worker to open:
+        #: token -> (driver, worker, actor id); and the calls of lost ones
+        #: waiting for the node to see their worker die: (driver, actor id) ->
+        #: [until when, worker, [lost specs], [(spec, objects, locations)]
+        #: of that driver's later calls of the actor].
+        self._channels: dict[bytes, tuple] = {}
+        self._lost: dict[tuple, list] = {}
 
     def attach(self, node, transport) -> None:
         """The daemon made its Node: pulls from other nodes go over `transport`."""
@@ -599,6 +616,8 @@ class DriverOwner:
                         f"it did not join within {HEIR_START_WAIT:g} s"))
         if self._early_calls:
             self._expire_early_calls()
+        if self._lost:
+            self._settle_lost()
         while self._idle_events:
             link = self._idle_events.pop()
             if link.events:
@@ -917,6 +936,10 @@ class DriverOwner:
             return
         link = self.drivers.get(conn)
         if kind is P.RunTask and link is not None:  # (the usual message first)
+            if self._lost and message.spec.kind == ACTOR_METHOD \
+                    and (link, message.spec.actor_id) in self._lost:
+                self._lost[link, message.spec.actor_id][3].append(tuple(message[:3]))
+                return  # (behind the calls of its lost channel)
             self._run(link, *message)
             return
         if kind is P.DriverHello:
@@ -956,12 +979,121 @@ class DriverOwner:
                 link.send(P.CancelChildren(elsewhere, message.force))
         elif kind is P.KillActor:
             self.node.scheduler.kill_actor(message.actor_id, message.no_restart)
+        elif kind is P.DirectOpen:
+            self._direct_open(link, message.actor_id, message.address, message.token)
+        elif kind is P.DirectLost:
+            self._direct_lost(link, message.token, [TaskSpec(*f) for f in message.specs])
         elif kind is P.CreateGroup:
             self._create_group(link, message.info, message.hosted)
         elif kind is P.RemoveGroup:
             if message.pg_id in link.groups:
                 link.groups.discard(message.pg_id)
                 self.node.scheduler.remove_placement_group(message.pg_id)
+
+    # -- direct channels (direct.py) ------------------------------------------------
+    def _direct_open(self, link: DriverLink, actor_id: bytes, address: str,
+                     token: bytes) -> None:
+        """A driver asks for a direct channel to an actor alive here: its worker
+        connects (if it is not alive here, or no longer, nothing happens: the
+        driver's calls stay on this node's path)."""
+        from .direct import channel_key
+        if type(address) is not str or type(token) is not bytes:
+            raise ValueError("a malformed DirectOpen")
+        sched = self.node.scheduler
+        with sched.lock:
+            record = sched.actors.get(actor_id)
+            worker = record.worker if record is not None else None
+            if worker is None or record.state.name != "ALIVE" or worker.conn is None:
+                return
+            if len(self._channels) >= 4096:  # (tokens of channels that never opened)
+                self._forget_channels()
+            self._channels[token] = (link, worker, actor_id)
+            sched._send(worker, LP.DirectConnect(token, address, channel_key(self.secret)))
+
+    def _forget_channels(self) -> None:
+        """Drop the channels of workers that died (their drivers were told, or left)."""
+        for token, (link, worker, _) in list(self._channels.items()):
+            if worker.state == "DEAD" or self.drivers.get(link.conn) is not link:
+                self._channels.pop(token, None)
+
+    def direct_done(self, worker, message) -> None:
+        """(The node's I/O thread: ``DirectDone``.) A direct call's results go
+        through this node's store: to its driver, as this node's own calls'."""
+        sched = self.node.scheduler
+        spec = TaskSpec(*message.spec)
+        channel = self._channels.get(message.token)
+        with sched.lock:
+            if channel is None or channel[1] is not worker or \
+                    self.drivers.get(channel[0].conn) is not channel[0]:
+                return  # (its driver left: nobody wants them; the node drops them)
+            link = channel[0]
+            self.task_job[spec.task_id] = link
+            job = self.actor_driver.get(spec.actor_id)
+            if job is not None and job is not link:
+                self._call_job[spec.task_id] = job
+            self._direct[spec.task_id] = (link, [len(spec.return_ids)], [])
+            entries = message.entries
+            sched._finish(spec, entries, "FAILED" if entries and entries[0].is_error
+                          else "FINISHED", worker)
+
+    def _direct_lost(self, link: DriverLink, token: bytes, specs: list) -> None:
+        """A driver's channel closed with `specs` unanswered: once this node has
+        seen the channel's worker die (at once if it has), they are answered as
+        the calls that worker had in flight (see `_rerun_lost`)."""
+        channel = self._channels.pop(token, None)
+        if channel is None:
+            for spec in specs:  # (not a channel of ours: as calls of a lost worker)
+                self._rerun_lost(link, spec, broken=True)
+            return
+        _, worker, actor_id = channel
+        key = (link, actor_id)
+        if key in self._lost:  # (an older channel's calls are still waiting)
+            self._lost[key][2].extend(specs)
+            return
+        self._lost[key] = [time.monotonic() + LOST_WAIT, worker, specs, []]
+        self._settle_lost()
+
+    def _settle_lost(self) -> None:
+        """(Each DirectLost, and the daemon's tick.) The lost channels whose
+        worker died (or that waited `LOST_WAIT`): their calls, then the calls
+        that waited behind them."""
+        now = time.monotonic()
+        sched = self.node.scheduler
+        for key, (until, worker, specs, later) in list(self._lost.items()):
+            with sched.lock:
+                dead = worker.state == "DEAD"
+            if not dead and now < until:
+                continue
+            del self._lost[key]
+            link = key[0]
+            if self.drivers.get(link.conn) is not link:
+                continue  # (the driver left)
+            for spec in specs:
+                self._rerun_lost(link, spec, broken=not dead)
+            for call in later:
+                self._run(link, *call)
+
+    def _rerun_lost(self, link: DriverLink, spec, broken: bool) -> None:
+        """A call lost with its direct channel: as a call in flight on a worker
+        that died (``_actor_worker_died``): again on the restarted actor if
+        retries are left (``max_task_retries``), else ActorUnavailableError;
+        ActorDiedError if the actor is dead; ActorUnavailableError if the
+        channel broke with its worker alive (`broken`: it may have run)."""
+        record = self.node.scheduler.actors.get(spec.actor_id)
+        name = spec.function_name.rsplit(".", 1)[0]
+        error = None
+        if broken:
+            error = exc.ActorUnavailableError(
+                f"the direct channel to actor {name} broke during this call; the call may "
+                f"or may not have run")
+        elif record is not None and record.state.name != "DEAD":
+            if may_retry(spec, record.spec):
+                spec.attempt += 1
+            else:
+                error = exc.ActorUnavailableError(
+                    f"the actor {name} died during this call and is restarting; the call "
+                    f"may or may not have run")
+        self._run(link, spec, [], [], waited=True, error=error)
 
     def _create_group(self, link: DriverLink, info, hosted) -> None:
         """Reserve the bundles of a driver's placement group placed here; tell
@@ -1005,7 +1137,8 @@ class DriverOwner:
                     # its release found nothing to free)
                     self._released(object_id)
 
-    def _run(self, link: DriverLink, spec, objects, locations, waited: bool = False) -> None:
+    def _run(self, link: DriverLink, spec, objects, locations, waited: bool = False,
+             error: BaseException | None = None) -> None:
         if spec.kind == ACTOR_METHOD and not waited \
                 and spec.actor_id not in self.node.scheduler.actors:
             # Another driver's (or an heir's) creation of it may still be on
@@ -1051,6 +1184,9 @@ class DriverOwner:
                                                                    deps, spec.task_id))
         if spec.generator is not None and spec.generator[0] == "streaming":
             self._stream_started(link, spec)
+        if error is not None:  # (a lost direct call that fails: see _rerun_lost)
+            self.node.scheduler.reject(spec, error)
+            return
         try:
             self.node.scheduler.submit(spec)
         except Exception as err:  # noqa: BLE001 - its results say why
@@ -1306,6 +1442,10 @@ class DriverOwner:
         link = self.drivers.pop(conn, None)
         if link is None:
             return
+        for key in [k for k in self._lost if k[0] is link]:
+            del self._lost[key]
+        for token in [t for t, c in self._channels.items() if c[0] is link]:
+            del self._channels[token]
         if link.task_events:
             self._observe_task_ends()
         if link.heir_of is not None:

@@ -65,12 +65,13 @@ from ...core.serialization import SerializedObject, serialize
 from ...core.task_spec import TaskSpec
 from ..local.transport import ProtocolError
 
-VERSION = "beamlet-cluster/8"  # 2: drivers run tasks on nodes; 3: nodes pull objects;
+VERSION = "beamlet-cluster/9"  # 2: drivers run tasks on nodes; 3: nodes pull objects;
 # 4: nodes report task ends and actor states, recursive cancel across nodes;
 # 5: placement groups' bundles reserved on nodes, task progress reported (Report);
 # 6: messages travel as plain tuples (CODEC)
 # 7: nodes report CPUs lent by tasks blocked in get (Lent, in Report)
 # 8: a Report's events travel as plain tuples too (CODEC)
+# 9: direct driver -> actor-worker channels (DirectOpen, DirectLost; see direct.py)
 
 #: Seconds between a member's heartbeats, and of silence after which the head
 #: declares it dead (at once when its connection drops).
@@ -265,6 +266,24 @@ class RemoveGroup(NamedTuple):
     pg_id: bytes
 
 
+class DirectOpen(NamedTuple):
+    """Ask the worker of actor `actor_id` (alive on this node) to open a direct
+    channel to the driver's port at `address`, naming it by `token` (see
+    ``direct.py``)."""
+    actor_id: bytes
+    address: str
+    token: bytes
+
+
+class DirectLost(NamedTuple):
+    """The direct channel `token` closed with these calls (their specs' fields)
+    unanswered: the node treats them as calls in flight on the actor's worker
+    when it died (retried per ``max_task_retries``, else failed), in order,
+    before the driver's later calls of that actor."""
+    token: bytes
+    specs: list
+
+
 def wire(sobj) -> tuple:
     """A SerializedObject as a message carries it: its buffers as memoryviews,
     which the transport sends out of band without copying (a shared-memory
@@ -293,7 +312,7 @@ def send_object(conn, object_id: bytes, sobj) -> None:
 TO_HEAD = frozenset({NodeJoin, Heartbeat, StatusRequest, DriverJoin})
 #: What a node (head or member) accepts from a driver.
 FROM_DRIVER = frozenset({DriverHello, RunTask, Objects, Locations, Release, CancelTask,
-                         KillActor, Pull, CreateGroup, RemoveGroup})
+                         KillActor, Pull, CreateGroup, RemoveGroup, DirectOpen, DirectLost})
 #: What a driver accepts from a node.
 TO_DRIVER = frozenset({Objects, Located, Fetch, NestedSubmit, Chunk, Missing, CancelChildren,
                        TaskFinished, ActorState, OwnerDied, Borrow, Report})
@@ -307,7 +326,7 @@ _CLASSES = (NodeJoin, JoinAccepted, Heartbeat, Refused, StatusRequest, StatusRep
             DriverAccepted, DriverHello, RunTask, Objects, Located, Locations, Pull, Chunk,
             Missing, Fetch, NestedSubmit, Release, CancelTask, CancelChildren, Borrow,
             OwnerDied, TaskFinished, ActorState, KillActor, WorkersRequest, WorkersReply,
-            TaskProgress, Report, CreateGroup, RemoveGroup, Lent)
+            TaskProgress, Report, CreateGroup, RemoveGroup, Lent, DirectOpen, DirectLost)
 _TAGS = {cls: tag for tag, cls in enumerate(_CLASSES)}
 _RUN_TASK, _NESTED_SUBMIT, _REPORT = _TAGS[RunTask], _TAGS[NestedSubmit], _TAGS[Report]
 #: What a Report's events may be: tag -> (class, length of its wire form).

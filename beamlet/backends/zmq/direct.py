@@ -1,0 +1,373 @@
+"""Direct driver -> actor-worker channels (issue 7): a sync actor call in two
+thread wake-ups instead of eight.
+
+Through a node, a call wakes the driver, its libzmq I/O thread, the node's
+libzmq I/O thread, the daemon's main thread, the worker, the daemon's engine
+thread, the node's libzmq I/O thread again, the driver's libzmq I/O thread
+and the driver (benchmarks/README.md, "Where a cross-node actor call's time
+goes"). A direct channel is one TCP connection from an actor's worker to
+the driver that calls it: the call goes from the driver's thread to the
+worker, its result back the same way.
+
+Opening one
+    The driver listens on one port of its own (`DirectHub`: plain TCP, on the
+    address it reaches the head from, like Ray's driver; a node keeps its one
+    port). After `OPEN_AFTER` calls of an actor through its node (one call
+    never pays for a connection and a thread), the driver sends that node
+    ``DirectOpen`` (the actor, its port, a fresh random token); the node,
+    if the actor is alive there, tells the actor's worker (``DirectConnect``,
+    on their authenticated Unix socket) to connect to the driver, with the
+    channel key: `channel_key`, derived from the cluster's secret (a worker
+    never holds the secret itself). Calls go through the node meanwhile; an
+    answer that does not come within `OPEN_TIMEOUT` leaves the actor on the
+    node's path (asked again later).
+
+Authentication, before anything is unpickled
+    Both ends run ``core/auth.py``'s handshake on the raw stream, keyed by the
+    channel key, with fresh nonces from both sides and this protocol's
+    `VERSION` inside both MACs: the driver proves the key to the worker and
+    the worker to the driver. Handshake frames are at most
+    ``auth.MAX_HANDSHAKE_FRAME`` bytes, so a peer without the key makes the
+    driver read at most a few KiB (well under the cluster transport's
+    ``FRAME_LIMIT``) before it is refused and logged; nothing it sends is
+    unpickled. Then every frame is sealed as the cluster's transport seals a
+    message: AES-256-GCM, one key per direction (derived from the
+    handshake's session key, itself from both nonces), frame n under nonce
+    n (`transport._Sealer`/`_Opener`): a frame forged, altered, replayed,
+    reordered or cut fails its tag and closes the channel, unread. The
+    worker's first sealed frame names the channel's token (and its pid); a
+    token the driver did not hand out closes the connection.
+
+Calls and results
+    A call of that actor with inline arguments only (no refs among its
+    arguments, one return value, not a generator, no ``retry_exceptions``)
+    goes over the channel as its spec's fields; the worker reads its channels
+    as it reads its node's socket (its main thread while it waits for work,
+    its reader thread while a call runs long: ``local/worker.py``'s
+    `_Reading`), runs the call in turn with those its node sends, and
+    answers on the channel: the value if
+    small (at most `RESULT_MAX` bytes) and holding no refs, else the node
+    stores it as its own calls' results and sends it (or where it is) to the
+    driver, and the channel says ``routed``. The node keeps the actor's
+    state and CPUs, its other callers' calls, task ends as its observers see
+    them; the driver records a direct call's progress and end itself (the
+    worker sends its duration). Per caller, calls keep their order: the
+    driver switches an actor's calls from the node's path to the channel only
+    when none it sent through the node is unanswered, and back (a call that
+    may not go direct) only once none is in flight on the channel (such a call
+    waits in the channel's `after` queue meanwhile, and so do the calls
+    behind it).
+
+Failures
+    A worker that dies closes its end at once (the kernel does). The driver
+    then sends its node ``DirectLost`` with the calls still in flight on the
+    channel; the node waits until it has seen the worker die (at most
+    `LOST_WAIT` seconds: a channel that broke with its worker alive fails
+    them with ``ActorUnavailableError``), then treats them as the calls that
+    worker had in flight: retried on the restarted actor per
+    ``max_task_retries`` (``ActorUnavailableError`` without retries left),
+    or ``ActorDiedError`` if it is dead; the driver's later calls of that
+    actor run behind them. A node that dies fails its direct calls as all
+    calls placed there. Every blocking step has a timeout (connect,
+    handshake, the first frame, each send: `SEND_TIMEOUT`).
+"""
+from __future__ import annotations
+
+import hmac
+import os
+import pickle
+import secrets
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+
+from ... import exceptions as exc
+from ...core import auth
+from ..local.transport import ProtocolError
+from . import protocol as P
+from .transport import _Opener, _Sealer, parse_address
+
+#: Bound into the handshake's MACs: a peer of another version is refused.
+VERSION = P.VERSION + "/direct-1"
+#: Calls of an actor through its node before its channel is asked for.
+OPEN_AFTER = 2
+#: Seconds the driver waits for an asked-for channel before giving up (for now).
+OPEN_TIMEOUT = 5.0
+#: Seconds before a channel that was refused or lost may be asked for again.
+REOPEN_AFTER = 2.0
+#: Seconds each side gives the handshake and the worker's first frame.
+HANDSHAKE_TIMEOUT = 5.0
+#: Seconds a send may block on a peer that does not read (then the channel is broken).
+SEND_TIMEOUT = 30.0
+#: The largest sealed frame either side reads (bytes), checked at its header.
+MAX_FRAME = 64 << 20
+#: A call whose spec pickles larger than this goes through the node.
+CALL_MAX = 1 << 20
+#: A result larger than this (bytes) goes through the node's store.
+RESULT_MAX = 1 << 20
+#: Seconds a node waits to see the worker of a lost channel die (see "Failures").
+LOST_WAIT = 5.0
+_HEAD = struct.Struct("<I")
+_RECV = 1 << 16
+
+
+def enabled() -> bool:
+    """``BEAMLET_DIRECT_CALLS`` (1, the default: drivers open direct channels; 0: never)."""
+    value = os.environ.get("BEAMLET_DIRECT_CALLS", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"BEAMLET_DIRECT_CALLS must be 0 or 1, not {value!r}")
+    return value == "1"
+
+
+def channel_key(secret: bytes) -> bytes:
+    """The key both ends of a direct channel prove (from the cluster's secret)."""
+    return hmac.digest(auth.check_secret(secret), b"beamlet direct channel\0key", "sha256")
+
+
+def eligible(spec) -> bool:
+    """Whether an actor call may go over a direct channel (see "Calls and results")."""
+    if spec.generator is not None or len(spec.return_ids) != 1 or spec.retry_exceptions:
+        return False
+    if spec.args or spec.kwargs:
+        if spec.has_ref_args() or spec.contained_refs():
+            return False
+    return True
+
+
+class Wire:
+    """One authenticated direct channel: length-prefixed frames, each sealed
+    (AES-256-GCM, a key per direction). `send` from any thread; `recv_all`
+    from one reader at a time."""
+
+    def __init__(self, sock: socket.socket, session_key: bytes, driver: bool,
+                 leftover: bytes = b""):
+        up = hmac.digest(session_key, b"worker to driver", "sha256")
+        down = hmac.digest(session_key, b"driver to worker", "sha256")
+        self.sock = sock
+        self._sealer = _Sealer(down if driver else up)
+        self._opener = _Opener(up if driver else down)
+        self._buf = bytearray(leftover)
+        self.closed = False
+        sock.settimeout(None)
+        # (An OS-level send timeout: a blocking send to a peer that stopped
+        # reading fails instead of hanging; reads never block: MSG_DONTWAIT.)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", int(SEND_TIMEOUT), 0))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, message) -> None:
+        """Send `message` (a tuple of plain values); BackendError if the channel is broken."""
+        self.send_pickled(pickle.dumps(message, 5))
+
+    def send_pickled(self, data: bytes) -> None:
+        """`send` of a message pickled already."""
+        sealer = self._sealer
+        try:
+            with sealer.lock:
+                sealed = sealer.seal_one(data)
+                self.sock.sendall(_HEAD.pack(len(sealed)) + sealed)
+        except OSError as err:
+            raise exc.BackendError(f"the direct channel is broken: {err}") from None
+
+    def buffered(self) -> bool:
+        buf = self._buf
+        return len(buf) >= 4 and len(buf) - 4 >= _HEAD.unpack_from(buf)[0]
+
+    def wait(self, timeout: float) -> bool:
+        """Whether something can be read within `timeout` seconds."""
+        return self.buffered() or bool(self._poll.poll(max(0.0, timeout) * 1000))
+
+    def recv_all(self) -> list:
+        """Every whole message that arrived (possibly none), without blocking.
+        EOFError once the peer closed; ProtocolError for a frame that is too
+        large or does not authenticate (then the channel must be closed)."""
+        buf = self._buf
+        eof = False
+        for _ in range(64):  # (a large result: read on, a bounded while)
+            try:
+                chunk = self.sock.recv(_RECV, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except OSError:
+                eof = True
+                break
+            if not chunk:
+                eof = True
+                break
+            buf += chunk
+            if len(chunk) < _RECV:
+                break
+        out = []
+        while len(buf) >= 4:
+            (size,) = _HEAD.unpack_from(buf)
+            if size > MAX_FRAME or size < 17:
+                raise ProtocolError(f"a direct channel's frame of {size} bytes (1 + 16 to "
+                                    f"{MAX_FRAME} are allowed)")
+            if len(buf) < 4 + size:
+                break
+            frame = bytes(buf[4:4 + size])
+            del buf[:4 + size]
+            if frame[:1] != b"S":
+                raise ProtocolError("a direct channel's frame that is not sealed")
+            out.append(self._opener.message_one(frame, MAX_FRAME))
+        if eof and not out:
+            raise EOFError("the direct channel was closed by its peer")
+        return out
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def connect(address: str, key: bytes, token: bytes, timeout: float = HANDSHAKE_TIMEOUT) -> Wire:
+    """(A worker.) Connect to the driver's port, prove `key` and check the
+    driver's proof, name the channel (`token`); AuthenticationError or
+    BackendError within `timeout` seconds."""
+    host, port = parse_address(address)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as err:
+        raise exc.BackendError(f"cannot reach the driver's direct port {address}: {err}") \
+            from None
+    try:
+        handshake = auth.join(sock, key, VERSION, timeout)
+        wire = Wire(sock, handshake.session_key, driver=False, leftover=handshake.leftover)
+        wire.send(("hello", token, os.getpid()))
+    except BaseException:
+        sock.close()
+        raise
+    return wire
+
+
+def _local_address_towards(host: str) -> str:
+    """This machine's address on the route to `host` (no packet is sent)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((host, 9))
+            return probe.getsockname()[0]
+        except OSError:
+            return "127.0.0.1" if family == socket.AF_INET else "::1"
+
+
+class Channel:
+    """(The driver's side.) A direct channel to one actor's worker."""
+
+    __slots__ = ("actor_id", "node", "token", "wire", "state", "inflight", "after",
+                 "node_rids", "asked_at", "pid", "reading", "releases", "sent")
+
+    def __init__(self, actor_id: bytes, node, token: bytes, node_rids: list):
+        self.actor_id = actor_id
+        self.node = node  # the NodeLink of the actor's node
+        self.token = token
+        self.wire: Wire | None = None
+        self.state = "opening"  # -> "open" -> "closed"
+        self.inflight: dict = {}  # task id -> spec, sent on the channel, unanswered
+        self.after: list = []  # calls for the node's path, behind those in flight here
+        self.node_rids: list = node_rids  # returns of the calls sent through the node
+        self.asked_at = time.monotonic()
+        self.pid = None
+        self.reading = threading.Lock()  # (one reader at a time: see ClusterBackend)
+        self.releases: list = []  # the actor's token, released once nothing is in flight
+        self.sent = 0  # calls sent over it
+
+
+class DirectHub:
+    """The driver's direct channels: its listening port (an acceptor thread
+    runs the handshakes) and a `Channel` per actor (see the module's
+    docstring). Under the scheduler's lock: `by_actor`, `pending`, `calls`."""
+
+    def __init__(self, secret: bytes, head_host: str, on_open):
+        self.key = channel_key(secret)
+        host = _local_address_towards(head_host)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((host, 0))
+        self._listener.listen(64)
+        port = self._listener.getsockname()[1]
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self._on_open = on_open  # on_open(channel, wire, pid) -> whether it was taken
+        self.by_actor: dict = {}  # actor id -> Channel (opening or open)
+        self.pending: dict = {}  # token -> Channel, until its worker connects
+        self.calls: dict = {}  # actor id -> its calls through the node (see OPEN_AFTER)
+        self.closed_at: dict = {}  # actor id -> when its channel was lost (REOPEN_AFTER)
+        self._wake_r, self._wake_w = os.pipe()
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept_loop, name="beamlet-direct-accept",
+                                        daemon=True)
+        self._thread.start()
+
+    def ask(self, actor_id: bytes, node, node_rids: list) -> Channel:
+        """A new channel to the actor's worker on `node`, asked for (under the lock)."""
+        token = secrets.token_bytes(16)
+        channel = Channel(actor_id, node, token, node_rids)
+        self.by_actor[actor_id] = channel
+        self.pending[token] = channel
+        node.send(P.DirectOpen(actor_id, self.address, token))
+        return channel
+
+    def _accept_loop(self) -> None:
+        poller = select.poll()
+        poller.register(self._listener.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while not self._closed:
+            ready = dict(poller.poll(1000))
+            if self._closed or self._wake_r in ready:
+                break
+            if not ready:
+                continue
+            try:
+                sock, peer = self._listener.accept()
+            except OSError:
+                continue
+            try:
+                self._admit(sock, peer)
+            except Exception as err:  # noqa: BLE001 - a bad peer must not stop the acceptor
+                print(f"beamlet: refused a direct channel from {peer}: {err}",
+                      file=sys.stderr, flush=True)
+                sock.close()
+
+    def _admit(self, sock: socket.socket, peer) -> None:
+        """The handshake, then the first frame (the channel's token), within
+        `HANDSHAKE_TIMEOUT`; raises for a peer that fails either."""
+        until = time.monotonic() + HANDSHAKE_TIMEOUT
+        handshake = auth.serve(sock, self.key, VERSION, HANDSHAKE_TIMEOUT)
+        wire = Wire(sock, handshake.session_key, driver=True, leftover=handshake.leftover)
+        messages: list = []
+        while not messages:
+            left = until - time.monotonic()
+            if left <= 0 or not wire.wait(left):
+                raise exc.BackendError("no first frame within the handshake's time")
+            messages = wire.recv_all()
+        hello = messages[0]
+        if not (type(hello) is tuple and len(hello) == 3 and hello[0] == "hello"
+                and type(hello[1]) is bytes and type(hello[2]) is int):
+            raise ProtocolError("the first frame is not a direct channel's hello")
+        channel = self.pending.pop(hello[1], None)
+        if channel is None or len(messages) > 1 or not self._on_open(channel, wire, hello[2]):
+            raise ProtocolError("a direct channel nobody asked for (or no longer)")
+
+    def close(self) -> None:
+        """Stop accepting (the channels are closed by their owner)."""
+        if self._closed:
+            return
+        self._closed = True
+        os.write(self._wake_w, b"x")
+        self._thread.join(5)
+        self._listener.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
