@@ -321,3 +321,48 @@ def test_es_with_action_bins_acts_on_the_grid_and_checkpoints(tmp_path):
             restored.stop()
     finally:
         algo.stop()
+
+
+def _claim_all(ticket, out):
+    """(In a child process) claim indices below 5,000 until none is left."""
+    from beamlet.contrib.rl.claims import attach
+    with attach(ticket) as counter:
+        out.put(list(counter.indices(5_000)))
+
+
+def test_claim_counter_gives_each_index_to_one_process():
+    """Two processes claiming at once from one ticket share the indices: each
+    goes to exactly one of them. A ticket of an earlier round claims nothing;
+    what is not the counter's memory file (another fd, another token) is not
+    attached to; a closed counter hands out no ticket."""
+    import multiprocessing
+    import os
+    import tempfile
+    from beamlet.contrib.rl.claims import ClaimCounter, attach
+    counter = ClaimCounter()
+    try:
+        old = counter.ticket()
+        ticket = counter.ticket()
+        ctx = multiprocessing.get_context("spawn")
+        out = ctx.Queue()
+        procs = [ctx.Process(target=_claim_all, args=(ticket, out)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        got = [out.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0
+        assert sorted(got[0] + got[1]) == list(range(5_000))
+        with attach(old) as stale:
+            assert stale.claim() is None
+        pid, fd, token, generation = counter.ticket()
+        with attach((pid, fd, token, generation)) as fresh:
+            assert list(fresh.indices(3)) == [0, 1, 2]
+        assert attach((pid, fd, os.urandom(16), generation)) is None
+        with tempfile.TemporaryFile() as f:   # a file that is not a claim counter
+            assert attach((os.getpid(), f.fileno(), token, generation)) is None
+        assert attach((pid, 10_000, token, generation)) is None   # no such descriptor
+    finally:
+        counter.close()
+    with pytest.raises(ValueError, match="closed"):
+        counter.ticket()
