@@ -154,34 +154,46 @@ def _cpu_seconds(pid: int) -> float:
 class Shares:
     """How evenly ES's calls spread env steps over the workers, and how long
     each side waited, summed over `run_units` calls (``ES.last_worker_steps``
-    etc.): ``imbalance()`` is the sum over calls of the busiest worker's env
-    steps over the sum of the mean worker's (1.0: even; with one share per
-    worker the load does not change it, but with slices handed to the first
-    worker free, a worker that other programs slow down gets fewer, so under
-    load it measures the load as much as the split, and `cpu_bound` is then
-    pessimistic); ``worker_idle()`` the share of the calls' wall time the
-    workers spent outside a call (waiting for work, or for the others at the
-    end of a call); ``driver_wait()`` the share the driver spent waiting for
-    results."""
+    etc.). ``imbalance()`` is the sum over calls of the busiest worker's env
+    steps over the sum of the mean worker's (1.0: even): the workers take the
+    episodes whenever they are free, so a worker that other programs slow
+    down runs fewer, and under load it measures the load as much as the split.
+    ``split()`` is the same ratio for the split alone, load-free: the calls'
+    episodes (``ES.last_episode_steps``) taken in their order by as many
+    workers of equal speed, each episode by the first one free (the busiest
+    one's steps over the mean's). ``worker_idle()`` is the share of the calls'
+    wall time the workers spent outside a call (waiting for work, or for the
+    others at the end of a call); ``driver_wait()`` the share the driver spent
+    waiting for results."""
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
         self.most = self.mean = self.run = self.busy = self.wait = 0.0
+        self.split_most = self.split_mean = 0.0
         self.workers = 1
 
     def add(self, algo) -> None:
         per_worker = algo.last_worker_steps
+        n = len(per_worker)
         self.most += max(per_worker)
-        self.mean += sum(per_worker) / len(per_worker)
-        self.workers = len(per_worker)
+        self.mean += sum(per_worker) / n
+        self.workers = n
         self.run += algo.last_run_s
         self.busy += sum(algo.last_worker_busy_s)
         self.wait += algo.last_wait_s
+        free = [0] * n
+        for steps in algo.last_episode_steps.tolist():
+            free[free.index(min(free))] += steps
+        self.split_most += max(free)
+        self.split_mean += sum(free) / n
 
     def imbalance(self) -> float:
         return round(self.most / self.mean, 3) if self.mean else 1.0
+
+    def split(self) -> float:
+        return round(self.split_most / self.split_mean, 3) if self.split_mean else 1.0
 
     def worker_idle(self) -> float:
         return round(max(0.0, 1 - self.busy / (self.workers * self.run)), 3) if self.run else 0.0
@@ -234,7 +246,8 @@ class _TimedES:
         return {"algo": "ES", "env": self.env, "workers": self.workers, "env_steps": steps,
                 "calls": self.calls, "wall_s": round(self.wall, 3),
                 "env_steps_per_s": round(steps / self.wall),
-                "imbalance": shares.imbalance(), "worker_idle": shares.worker_idle(),
+                "imbalance": shares.imbalance(), "split": shares.split(),
+                "worker_idle": shares.worker_idle(),
                 "driver_wait": shares.driver_wait(),
                 "worker_cpu_ms_per_1k_steps": round(1e6 * worker_cpu / steps, 1),
                 "driver_cpu_ms_per_1k_steps": round(1e6 * self.driver_cpu / steps, 2),
@@ -325,11 +338,12 @@ def cpu_bound(base: dict, row: dict) -> float:
     """Amdahl's bound on `row`'s speed-up over `base` from their CPU per env
     step: the driver's CPU counted as wholly serial, the workers' as spread
     over ``row["workers"]`` free cores, each call lasting as long as its
-    busiest worker (``row["imbalance"]``); what it leaves out is the time
-    messages spend in flight and the cores other programs take."""
+    busiest worker would at equal speeds (``row["split"]``); what it leaves
+    out is the time messages spend in flight and the cores other programs
+    take."""
     def per_step(r):
         return (r["driver_cpu_ms_per_1k_steps"]
-                + r["worker_cpu_ms_per_1k_steps"] / r["workers"] * r["imbalance"])
+                + r["worker_cpu_ms_per_1k_steps"] / r["workers"] * r["split"])
     return round(per_step(base) / per_step(row), 2)
 
 
@@ -500,7 +514,8 @@ def main(argv=None) -> int:
                               f"in {r['wall_s']} s; per 1k steps: workers "
                               f"{r['worker_cpu_ms_per_1k_steps']} ms CPU, driver "
                               f"{r['driver_cpu_ms_per_1k_steps']} ms CPU{per_iter}; busiest "
-                              f"worker x{r['imbalance']} the mean; idle: workers "
+                              f"worker x{r['imbalance']} the mean (x{r['split']} at equal "
+                              f"speeds); idle: workers "
                               f"{100 * r['worker_idle']:.0f}%, driver waiting "
                               f"{100 * r['driver_wait']:.0f}% of the calls; bound from CPU "
                               f"x{r['cpu_bound_speedup']:.2f}"

@@ -365,6 +365,7 @@ class ES(Algorithm):
         #: what the last run_units call took (see there); the driver's local
         #: worker counts as one worker
         self.last_worker_steps: list[int] = []
+        self.last_episode_steps = np.zeros(0, np.int64)   # per episode, in claim order
         self.last_worker_busy_s: list[float] = []
         self.last_wait_s = self.last_run_s = 0.0
         self._mean_episode_len = float(_SLICE_MIN_STEPS)   # (until the first call)
@@ -411,7 +412,8 @@ class ES(Algorithm):
         length. Which worker ran what changes nothing in the result. Sets
         ``last_worker_steps`` and ``last_worker_busy_s`` (env steps and time
         spent per worker), ``last_wait_s`` (the driver's time waiting for
-        results) and ``last_run_s`` (the whole call)."""
+        results), ``last_run_s`` (the whole call) and ``last_episode_steps``
+        (each episode's length, in the order the workers claim them)."""
         began = time.perf_counter()
         cfg = self.config
         theta = self.theta.astype(np.float32)
@@ -449,6 +451,7 @@ class ES(Algorithm):
         if rows:
             self._mean_episode_len = max(1.0, sum(steps) / len(rows))
         self.last_worker_steps, self.last_worker_busy_s = steps, busy
+        self.last_episode_steps = eps_out[:, 1].astype(np.int64)
         self.last_wait_s = self.workers.last_wait_s
         self.last_run_s = time.perf_counter() - began
         return out, stats
