@@ -323,11 +323,13 @@ def test_es_with_action_bins_acts_on_the_grid_and_checkpoints(tmp_path):
         algo.stop()
 
 
-def _claim_all(ticket, out):
-    """(In a child process) claim indices below 5,000 until none is left."""
+def _claim_all(ticket, together, out):
+    """(In a child process) claim indices below 20,000 until none is left,
+    from when both processes are ready."""
     from beamlet.contrib.rl.claims import attach
     with attach(ticket) as counter:
-        out.put(list(counter.indices(5_000)))
+        together.wait(timeout=120)
+        out.put(list(counter.indices(20_000)))
 
 
 def test_claim_counter_gives_each_index_to_one_process():
@@ -344,15 +346,17 @@ def test_claim_counter_gives_each_index_to_one_process():
         old = counter.ticket()
         ticket = counter.ticket()
         ctx = multiprocessing.get_context("spawn")
-        out = ctx.Queue()
-        procs = [ctx.Process(target=_claim_all, args=(ticket, out)) for _ in range(2)]
+        out, together = ctx.Queue(), ctx.Barrier(2)
+        procs = [ctx.Process(target=_claim_all, args=(ticket, together, out))
+                 for _ in range(2)]
         for p in procs:
             p.start()
         got = [out.get(timeout=120) for _ in procs]
         for p in procs:
             p.join(timeout=60)
             assert p.exitcode == 0
-        assert sorted(got[0] + got[1]) == list(range(5_000))
+        assert sorted(got[0] + got[1]) == list(range(20_000))
+        assert got[0] and got[1]   # (both claimed: they ran together)
         with attach(old) as stale:
             assert stale.claim() is None
         pid, fd, token, generation = counter.ticket()
