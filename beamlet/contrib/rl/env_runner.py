@@ -22,7 +22,7 @@ from beamlet.exceptions import ActorError, GetTimeoutError
 from .blas import set_blas_threads
 from .env import make_vector_env, preprocess_obs
 
-__all__ = ["RunnerSpec", "EnvRunner", "WorkerSet", "concat_episodes"]
+__all__ = ["RunnerSpec", "EnvRunner", "WorkerSet", "concat_episodes", "slice_bounds"]
 
 
 @dataclass
@@ -148,6 +148,22 @@ class EnvRunner:
         self.env.close()
 
 
+def slice_bounds(total: int, workers: int, min_size: int = 1, divisor: int = 2) -> list:
+    """The slices ``(a, b)`` of :meth:`WorkerSet.balanced` over `total` items:
+    ``ceil(left / (divisor * workers))`` items each, at least `min_size`, or
+    one equal slice per worker when a worker's share is at most two slices of
+    `min_size` (or there is one worker)."""
+    if workers == 1 or 2 * min_size * workers >= total:
+        bounds = [total * k // workers for k in range(workers + 1)]
+        return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+    out, start = [], 0
+    while start < total:
+        size = max(min_size, -(-(total - start) // (divisor * workers)))
+        out.append((start, min(total, start + size)))
+        start += size
+    return out
+
+
 def concat_episodes(batches: list[dict]) -> list:
     return [ep for b in batches for ep in b["episodes"]]
 
@@ -249,16 +265,7 @@ class WorkerSet:
             yield 0, 0, len(items), getattr(self.local, method)(*args, items)
             return
         n, total = len(self.actors), len(items)
-        slices = deque()
-        if n == 1 or 2 * min_size * n >= total:
-            bounds = [total * k // n for k in range(n + 1)]
-            slices.extend((a, b) for a, b in zip(bounds, bounds[1:]) if b > a)
-        else:
-            start = 0
-            while start < total:
-                size = max(min_size, -(-(total - start) // (divisor * n)))
-                slices.append((start, min(total, start + size)))
-                start += size
+        slices = deque(slice_bounds(total, n, min_size, divisor))
         pending: dict = {}
 
         def hand_out(i: int) -> None:
