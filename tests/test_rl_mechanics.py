@@ -370,3 +370,30 @@ def test_claim_counter_gives_each_index_to_one_process():
         counter.close()
     with pytest.raises(ValueError, match="closed"):
         counter.ticket()
+
+
+def test_es_worker_claims_episodes_or_none_without_the_counter():
+    """ESWorker.claimed_episodes runs the rows it claims (all of them, alone)
+    with the very results of ``episodes``; with the ticket of a counter that
+    is gone (as from another host) it claims and runs nothing."""
+    from beamlet.contrib.rl.claims import ClaimCounter
+    algo = (rl.ESConfig().environment("CartPole-v1").env_runners(num_env_runners=0)
+            .training(noise_size=50_000, episodes_per_batch=4, model={"fcnet_hiddens": []},
+                      observation_filter="MeanStdFilter")
+            .debugging(seed=0).build())
+    counter = ClaimCounter()
+    try:
+        worker = algo.workers.local
+        rows, _ = unit_episodes(algo.draw_units(3, 2))
+        args = (algo.theta.astype(np.float32), 0.1, algo.obs_stats.mean_std(), rows)
+        out, stats, _ = worker.episodes(*args)
+        indices, (c_out, c_stats, _) = worker.claimed_episodes(*args, counter.ticket())
+        assert indices.tolist() == list(range(len(rows)))
+        assert np.array_equal(c_out, out) and np.array_equal(c_stats, stats)
+        gone = counter.ticket()
+        counter.close()
+        indices, (c_out, c_stats, _) = worker.claimed_episodes(*args, gone)
+        assert len(indices) == 0 and c_out.shape == (0, 2) and c_stats.shape[0] == 0
+    finally:
+        counter.close()
+        algo.stop()
