@@ -252,15 +252,18 @@ class ESWorker:
         ``(indices, (out, stats, seconds))``, `out` and `stats` in the order
         of `indices`. No rows if the counter cannot be reached from here."""
         start = time.perf_counter()
+        taken: list[int] = []
+
+        def claims(counter):
+            for index in counter.indices(len(rows)):
+                taken.append(index)
+                yield index
         counter = attach(ticket)
         if counter is None:
-            taken: list = []
-            out, stats = self._rows(theta, noise_stdev, obs_norm, rows, taken)
+            out, stats = self._rows(theta, noise_stdev, obs_norm, rows, ())
         else:
             with counter:
-                taken = []
-                order = (taken.append(i) or i for i in counter.indices(len(rows)))
-                out, stats = self._rows(theta, noise_stdev, obs_norm, rows, order)
+                out, stats = self._rows(theta, noise_stdev, obs_norm, rows, claims(counter))
         return np.asarray(taken, np.int64), (out, stats, time.perf_counter() - start)
 
     def _rows(self, theta, noise_stdev, obs_norm, rows, order) -> tuple:
