@@ -10,13 +10,16 @@ from another interpreter (``--sb3-python``; never a dependency of beamlet).
 ``--only scaling`` times ES with 1, 2, ... workers twice: sampling alone, and
 the tuned example's first training iterations (the same episodes whatever the
 number of workers), each row with the CPU per env step of the workers and of
-the driver, how unevenly the work fell, and the speed-up those bound.
+the driver, how unevenly the work fell, and the speed-up those bound. Each
+table is measured in several rounds; in a round one instance per number of
+workers is alive and their calls are interleaved, so that they meet the same
+machine, and the speed-up of every round and the median are printed.
 
     python benchmarks/rl_bench.py                          # all algorithms, 5 seeds
     python benchmarks/rl_bench.py --algos PPO --seeds 2    # a quick look
     python benchmarks/rl_bench.py --algos A2C:2,A3C        # A3C against A2C on 2 runners
     python benchmarks/rl_bench.py --only throughput
-    python benchmarks/rl_bench.py --only scaling --scaling-workers 1,2,4
+    python benchmarks/rl_bench.py --only scaling --scaling-rounds 7
     python benchmarks/rl_bench.py --algos PPO,ES --env Pendulum-v1
     python benchmarks/rl_bench.py --sb3-python ../sb3-venv/bin/python
 
@@ -151,34 +154,46 @@ def _cpu_seconds(pid: int) -> float:
 class Shares:
     """How evenly ES's calls spread env steps over the workers, and how long
     each side waited, summed over `run_units` calls (``ES.last_worker_steps``
-    etc.): ``imbalance()`` is the sum over calls of the busiest worker's env
-    steps over the sum of the mean worker's (1.0: even; with one share per
-    worker the load does not change it, but with slices handed to the first
-    worker free, a worker that other programs slow down gets fewer, so under
-    load it measures the load as much as the split, and `cpu_bound` is then
-    pessimistic); ``worker_idle()`` the share of the calls' wall time the
-    workers spent outside a call (waiting for work, or for the others at the
-    end of a call); ``driver_wait()`` the share the driver spent waiting for
-    results."""
+    etc.). ``imbalance()`` is the sum over calls of the busiest worker's env
+    steps over the sum of the mean worker's (1.0: even): the workers take the
+    episodes whenever they are free, so a worker that other programs slow
+    down runs fewer, and under load it measures the load as much as the split.
+    ``split()`` is the same ratio for the split alone, load-free: the calls'
+    episodes (``ES.last_episode_steps``) taken in their order by as many
+    workers of equal speed, each episode by the first one free (the busiest
+    one's steps over the mean's). ``worker_idle()`` is the share of the calls'
+    wall time the workers spent outside a call (waiting for work, or for the
+    others at the end of a call); ``driver_wait()`` the share the driver spent
+    waiting for results."""
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
         self.most = self.mean = self.run = self.busy = self.wait = 0.0
+        self.split_most = self.split_mean = 0.0
         self.workers = 1
 
     def add(self, algo) -> None:
         per_worker = algo.last_worker_steps
+        n = len(per_worker)
         self.most += max(per_worker)
-        self.mean += sum(per_worker) / len(per_worker)
-        self.workers = len(per_worker)
+        self.mean += sum(per_worker) / n
+        self.workers = n
         self.run += algo.last_run_s
         self.busy += sum(algo.last_worker_busy_s)
         self.wait += algo.last_wait_s
+        free = [0] * n
+        for steps in algo.last_episode_steps.tolist():
+            free[free.index(min(free))] += steps
+        self.split_most += max(free)
+        self.split_mean += sum(free) / n
 
     def imbalance(self) -> float:
         return round(self.most / self.mean, 3) if self.mean else 1.0
+
+    def split(self) -> float:
+        return round(self.split_most / self.split_mean, 3) if self.split_mean else 1.0
 
     def worker_idle(self) -> float:
         return round(max(0.0, 1 - self.busy / (self.workers * self.run)), 3) if self.run else 0.0
@@ -187,87 +202,148 @@ class Shares:
         return round(self.wait / self.run, 3) if self.run else 0.0
 
 
-def _es_timed(env: str, workers: int, body, warm_up=None) -> dict:
-    """The tuned ES example (seed 0) with `workers` actors, timed while
-    ``body(algo, shares)`` runs (it returns the env steps it sampled; `warm_up`,
-    the same kind of callable, runs first, untimed): env steps/s (wall), the
-    CPU the workers and the driver spent per 1,000 env steps, read from /proc
-    so that the scaling can be judged on a machine other programs load too,
-    and how unevenly the steps fell on the workers (`Shares`)."""
-    spec = example("ES", env)
-    cls = get_algorithm_class("ES")
-    cfg = cls.config_class().update_from_dict(spec["config"]).environment(env)
-    cfg.env_runners(num_env_runners=workers).debugging(seed=0)
-    a = cls(cfg)
+class _TimedES:
+    """The tuned ES example (seed 0) with `workers` actors, and what its timed
+    calls took: wall time, the driver's CPU (its whole process, read around
+    each call, so that the I/O thread's work for the call counts too), env
+    steps, and, between `start` and `row`, the CPU of its worker processes,
+    read from /proc (they run nothing between its calls), so that the scaling
+    can be judged on a machine other programs load too; `shares` says how
+    unevenly the steps fell on the workers (`Shares`)."""
+
+    def __init__(self, env: str, workers: int):
+        spec = example("ES", env)
+        cls = get_algorithm_class("ES")
+        cfg = cls.config_class().update_from_dict(spec["config"]).environment(env)
+        cfg.env_runners(num_env_runners=workers).debugging(seed=0)
+        self.env, self.workers = env, workers
+        self.algo = cls(cfg)
+        self.pids = self.algo.workers.foreach("pid")
+        self.shares = Shares()
+        self.wall = self.driver_cpu = 0.0
+        self.steps = self.calls = 0
+        self.worker_cpu0 = None
+
+    def start(self) -> None:
+        """Count from now (after a warm-up, say)."""
+        self.shares = Shares()
+        self.wall = self.driver_cpu = 0.0
+        self.steps = self.calls = 0
+        self.worker_cpu0 = sum(_cpu_seconds(p) for p in self.pids)
+
+    def timed(self, call) -> None:
+        """``call(algo, shares)`` (it returns the env steps it sampled), timed."""
+        d0, t0 = time.process_time(), time.perf_counter()
+        steps = call(self.algo, self.shares)
+        self.wall += time.perf_counter() - t0
+        self.driver_cpu += time.process_time() - d0
+        self.steps += steps
+        self.calls += 1
+
+    def row(self) -> dict:
+        worker_cpu = sum(_cpu_seconds(p) for p in self.pids) - self.worker_cpu0
+        steps, shares = self.steps, self.shares
+        return {"algo": "ES", "env": self.env, "workers": self.workers, "env_steps": steps,
+                "calls": self.calls, "wall_s": round(self.wall, 3),
+                "env_steps_per_s": round(steps / self.wall),
+                "imbalance": shares.imbalance(), "split": shares.split(),
+                "worker_idle": shares.worker_idle(),
+                "driver_wait": shares.driver_wait(),
+                "worker_cpu_ms_per_1k_steps": round(1e6 * worker_cpu / steps, 1),
+                "driver_cpu_ms_per_1k_steps": round(1e6 * self.driver_cpu / steps, 2),
+                "driver_cpu_s": round(self.driver_cpu, 3), "load_avg_1m": os.getloadavg()[0]}
+
+    def stop(self) -> None:
+        self.algo.stop()
+
+
+def _interleaved(env: str, counts: list[int], calls, warm_up=None, extra=None) -> list[dict]:
+    """One ES instance per number of workers in `counts`, all alive at once;
+    ``calls(step, runs)`` runs their timed calls (`runs`: the `_TimedES`
+    instances): ``step(order, call)`` runs ``call(algo, shares)`` once on each
+    instance, in `order` (indices into `counts`; the callers alternate it, so
+    that none is always first). Interleaving call by call (tens of ms each)
+    makes the instances meet the same machine: this VM's speed drifts by a
+    third between runs seconds apart, which decided the ratio of runs made one
+    after the other. Returns a row per instance (`_TimedES.row`, updated with
+    ``extra(algo)`` if given)."""
+    runs = []
     try:
-        pids = a.workers.foreach("pid")
+        for n in counts:
+            runs.append(_TimedES(env, n))
         if warm_up is not None:
-            warm_up(a, Shares())
-        shares = Shares()
-        w0 = sum(_cpu_seconds(p) for p in pids)
-        d0, start = time.process_time(), time.time()
-        steps = body(a, shares)
-        wall = time.time() - start
-        worker_cpu = sum(_cpu_seconds(p) for p in pids) - w0
-        driver_cpu = time.process_time() - d0
+            for t in runs:
+                t.timed(warm_up)
+        for t in runs:
+            t.start()
+
+        def step(order, call):
+            for i in order:
+                runs[i].timed(call)
+        calls(step, runs)
+        return [{**t.row(), **(extra(t.algo) if extra else {})} for t in runs]
     finally:
-        a.stop()
-    return {"algo": "ES", "env": env, "workers": workers, "env_steps": steps,
-            "wall_s": round(wall, 2), "env_steps_per_s": round(steps / wall),
-            "imbalance": shares.imbalance(), "worker_idle": shares.worker_idle(),
-            "driver_wait": shares.driver_wait(),
-            "worker_cpu_ms_per_1k_steps": round(1e6 * worker_cpu / steps, 1),
-            "driver_cpu_ms_per_1k_steps": round(1e6 * driver_cpu / steps, 2),
-            "driver_cpu_s": round(driver_cpu, 3), "load_avg_1m": os.getloadavg()[0]}
+        for t in runs:
+            t.stop()
 
 
-def es_scaling(env: str, workers: int, seconds: float, pairs: int = 4) -> dict:
-    """ES sampling alone for `seconds`, `pairs` mirrored pairs per worker per
-    call at the initial weights (the shortest episodes, so the most round trips
-    per env step); see `_es_timed` for the row."""
+def es_scaling(env: str, counts: list[int], seconds: float, pairs: int = 4) -> list[dict]:
+    """ES sampling alone, `pairs` mirrored pairs per worker per call at the
+    initial weights (the shortest episodes, so the most round trips per env
+    step), the instances' calls interleaved until each has been timed for
+    `seconds`; see `_interleaved` and `_TimedES` for the rows."""
     def once(a, shares):
-        out, _ = a.run_units(a.draw_units(pairs * workers, 0))
+        out, _ = a.run_units(a.draw_units(pairs * len(a.workers), 0))
         shares.add(a)
         return int(out[:, 2:].sum())
 
-    def body(a, shares):
-        steps, start = 0, time.time()
-        while time.time() - start < seconds:
-            steps += once(a, shares)
-        return steps
-    return {"what": "sampling", **_es_timed(env, workers, body, warm_up=once)}
+    def calls(step, runs):
+        k = 0
+        while min(t.wall for t in runs) < seconds:
+            order = list(range(len(runs)))
+            step(order if k % 2 == 0 else order[::-1], once)
+            k += 1
+    return [{"what": "sampling", **r} for r in _interleaved(env, counts, calls, warm_up=once)]
 
 
-def es_training_scaling(env: str, workers: int, iterations: int) -> dict:
+def es_training_scaling(env: str, counts: list[int], iterations: int) -> list[dict]:
     """The tuned example's first `iterations` training iterations: the whole
-    iteration (episodes, the unperturbed episodes, the driver's update). ES
-    draws every perturbation on the driver, so the runs do the very same
-    episodes whatever `workers` is (the row's ``weights`` digest shows it); see
-    `_es_timed` for the rest of the row."""
+    iteration (episodes, the unperturbed episodes, the driver's update), the
+    instances' iterations interleaved. ES draws every perturbation on the
+    driver, so they do the very same episodes whatever the number of workers
+    (the row's ``weights`` digest shows it); see `_interleaved` and `_TimedES`
+    for the rest of the row."""
     import hashlib
-    digest = {}
 
-    def body(a, shares):
-        steps = 0
-        for _ in range(iterations):
-            steps += a.train()["num_env_steps_sampled"]
-            shares.add(a)
-        digest["weights"] = hashlib.sha1(a.theta.tobytes()).hexdigest()[:12]
+    def one(a, shares):
+        steps = a.train()["num_env_steps_sampled"]
+        shares.add(a)
         return steps
-    row = {"what": "training", "iterations": iterations, **_es_timed(env, workers, body)}
-    row["driver_cpu_ms_per_iter"] = round(1e3 * row["driver_cpu_s"] / iterations, 2)
-    return {**row, **digest}
+
+    def calls(step, runs):
+        order = list(range(len(runs)))
+        for k in range(iterations):
+            step(order if k % 2 == 0 else order[::-1], one)
+
+    def digest(a):
+        return {"weights": hashlib.sha1(a.theta.tobytes()).hexdigest()[:12]}
+    rows = _interleaved(env, counts, calls, extra=digest)
+    for row in rows:
+        row.update(what="training", iterations=iterations,
+                   driver_cpu_ms_per_iter=round(1e3 * row["driver_cpu_s"] / iterations, 2))
+    return rows
 
 
 def cpu_bound(base: dict, row: dict) -> float:
     """Amdahl's bound on `row`'s speed-up over `base` from their CPU per env
     step: the driver's CPU counted as wholly serial, the workers' as spread
     over ``row["workers"]`` free cores, each call lasting as long as its
-    busiest worker (``row["imbalance"]``); what it leaves out is the time
-    messages spend in flight and the cores other programs take."""
+    busiest worker would at equal speeds (``row["split"]``); what it leaves
+    out is the time messages spend in flight and the cores other programs
+    take."""
     def per_step(r):
         return (r["driver_cpu_ms_per_1k_steps"]
-                + r["worker_cpu_ms_per_1k_steps"] / r["workers"] * r["imbalance"])
+                + r["worker_cpu_ms_per_1k_steps"] / r["workers"] * r["split"])
     return round(per_step(base) / per_step(row), 2)
 
 
@@ -347,10 +423,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed-list", default=None,
                    help="comma-separated seeds to run instead of range(--seeds)")
     p.add_argument("--only", choices=["learning", "throughput", "scaling"], default=None)
-    p.add_argument("--scaling-workers", default="1,2,4",
+    p.add_argument("--scaling-workers", default="1,2",
                    help="ES worker counts for the scaling tables (--only scaling)")
     p.add_argument("--scaling-iterations", type=int, default=40,
                    help="ES training iterations per row of the training scaling table")
+    p.add_argument("--scaling-rounds", type=int, default=5,
+                   help="rounds of each ES scaling table (fresh instances each; the speed-up "
+                        "of every round and their median are printed)")
     p.add_argument("--max-time", type=float, default=600.0, help="seconds per seed at most")
     p.add_argument("--throughput-seconds", type=float, default=5.0)
     p.add_argument("--eval-episodes", type=int, default=50,
@@ -409,31 +488,50 @@ def main(argv=None) -> int:
             counts = [int(w) for w in args.scaling_workers.split(",")]
             tables = [(f"sampling on {args.env} by number of workers (4 pairs per worker per "
                        f"call, initial weights)",
-                       lambda n: es_scaling(args.env, n, args.throughput_seconds)),
+                       lambda: es_scaling(args.env, counts, args.throughput_seconds)),
                       (f"training on {args.env} by number of workers (the tuned example's first "
                        f"{args.scaling_iterations} iterations, the same episodes each run)",
-                       lambda n: es_training_scaling(args.env, n, args.scaling_iterations))]
+                       lambda: es_training_scaling(args.env, counts, args.scaling_iterations))]
             for title, measure in tables:
-                print(f"== ES {title}", flush=True)
-                base = None
-                for n in counts:
-                    r = measure(n)
-                    base = base or r
-                    r["cpu_bound_speedup"] = cpu_bound(base, r)
-                    rows.append(r)
-                    per_iter = (f" ({r['driver_cpu_ms_per_iter']} ms per iteration)"
-                                if "driver_cpu_ms_per_iter" in r else "")
-                    print(f"  {n} workers: {r['env_steps_per_s']:7d} env steps/s (x"
-                          f"{r['env_steps_per_s'] / base['env_steps_per_s']:.2f}), "
-                          f"{r['env_steps']} env steps in {r['wall_s']} s; per 1k steps: "
-                          f"workers {r['worker_cpu_ms_per_1k_steps']} ms CPU, driver "
-                          f"{r['driver_cpu_ms_per_1k_steps']} ms CPU{per_iter}; busiest worker "
-                          f"x{r['imbalance']} the mean; idle: workers "
-                          f"{100 * r['worker_idle']:.0f}%, driver waiting "
-                          f"{100 * r['driver_wait']:.0f}% of the calls; bound from CPU "
-                          f"x{r['cpu_bound_speedup']:.2f}"
-                          + (f"; weights {r['weights']}" if "weights" in r else "")
-                          + f"; load {r['load_avg_1m']:.1f}", flush=True)
+                print(f"== ES {title}; {args.scaling_rounds} rounds, each with the counts' "
+                      f"calls interleaved", flush=True)
+                ratios: dict[int, list[float]] = {n: [] for n in counts}
+                loads = []
+                for rnd in range(args.scaling_rounds):
+                    round_rows = measure()
+                    base = round_rows[0]
+                    for r in round_rows:
+                        r["round"] = rnd
+                        r["speedup"] = round(r["env_steps_per_s"] / base["env_steps_per_s"], 3)
+                        r["cpu_bound_speedup"] = cpu_bound(base, r)
+                        ratios[r["workers"]].append(r["speedup"])
+                        loads.append(r["load_avg_1m"])
+                        rows.append(r)
+                        per_iter = (f" ({r['driver_cpu_ms_per_iter']} ms per iteration)"
+                                    if "driver_cpu_ms_per_iter" in r else "")
+                        print(f"  round {rnd}, {r['workers']} workers: {r['env_steps_per_s']:7d} "
+                              f"env steps/s (x{r['speedup']:.2f}), {r['env_steps']} env steps "
+                              f"in {r['wall_s']} s; per 1k steps: workers "
+                              f"{r['worker_cpu_ms_per_1k_steps']} ms CPU, driver "
+                              f"{r['driver_cpu_ms_per_1k_steps']} ms CPU{per_iter}; busiest "
+                              f"worker x{r['imbalance']} the mean (x{r['split']} at equal "
+                              f"speeds); idle: workers "
+                              f"{100 * r['worker_idle']:.0f}%, driver waiting "
+                              f"{100 * r['driver_wait']:.0f}% of the calls; bound from CPU "
+                              f"x{r['cpu_bound_speedup']:.2f}"
+                              + (f"; weights {r['weights']}" if "weights" in r else "")
+                              + f"; load {r['load_avg_1m']:.1f}", flush=True)
+                for n in counts[1:]:
+                    summary = {"what": f"{base['what']} summary", "env": args.env,
+                               "workers": n, "base_workers": counts[0],
+                               "speedups": ratios[n],
+                               "median_speedup": round(statistics.median(ratios[n]), 3),
+                               "load_avg_1m_range": [min(loads), max(loads)]}
+                    rows.append(summary)
+                    print(f"  {counts[0]} -> {n} workers, each round: "
+                          + ", ".join(f"x{x:.2f}" for x in ratios[n])
+                          + f"; median x{summary['median_speedup']:.2f} (load "
+                          f"{min(loads):.1f}-{max(loads):.1f})", flush=True)
         if args.only in (None, "throughput"):
             print(f"== sampling throughput on {args.env} (env steps/s, no learning)", flush=True)
             for algo in dict.fromkeys(split_runners(a)[0] for a in algos):

@@ -188,6 +188,90 @@ def test_worker_set_hands_each_slice_to_the_first_worker_free(start, tmp_path):
         one.stop()
 
 
+class Claimer:
+    """A worker for WorkerSet.claimed: tags the items it claims. The one that
+    claims item 0 holds it until the file `gate` exists, which a worker
+    creates once it finds nothing left to claim; the first to claim item 5
+    dies (os._exit) unless the file `crashed` exists (it creates it)."""
+
+    def __init__(self, gate: str, crashed: str | None = None):
+        self.gate, self.crashed = gate, crashed
+
+    def run(self, tag: int, items: list, ticket: tuple) -> tuple:
+        from beamlet.contrib.rl.claims import attach
+        taken = []
+        with attach(ticket) as counter:
+            for i in counter.indices(len(items)):
+                if i == 5 and self.crashed and not os.path.exists(self.crashed):
+                    open(self.crashed, "w").close()
+                    os._exit(1)
+                if i == 0:
+                    deadline = time.monotonic() + 60
+                    while not os.path.exists(self.gate):
+                        if time.monotonic() > deadline:
+                            raise TimeoutError("no worker opened the gate")
+                        time.sleep(0.01)
+                taken.append(i)
+        open(self.gate, "a").close()
+        return taken, [tag + items[i] for i in taken]
+
+    def fallback(self, tag: int, items: list) -> list:
+        return [-(tag + x) for x in items]
+
+
+def test_worker_set_lets_the_free_worker_claim_the_items(start, tmp_path):
+    """Each worker takes the next item whenever it is free: while one holds
+    item 0, the other runs all the rest (one call each: a static split would
+    leave it idle, the gate shut, and the call timing out). Every item is run
+    once, each result with its indices."""
+    from beamlet.contrib.rl.claims import ClaimCounter
+    start()
+    gate = str(tmp_path / "gate")
+    items = list(range(100, 140))
+    workers = WorkerSet(Claimer, lambda i: (gate,), 2, timeout_s=60)
+    counter = ClaimCounter()
+    try:
+        seen = {}
+        for w, indices, result in workers.claimed("run", (1000,), items, counter,
+                                                  fallback="fallback"):
+            assert result == [1000 + items[i] for i in indices]
+            seen[w] = list(indices)
+        assert sorted(seen.values()) == [[0], list(range(1, 40))]
+        assert workers.last_wait_s > 0
+    finally:
+        workers.stop()
+        counter.close()
+
+
+def test_worker_set_runs_again_what_a_crashed_claimer_took(start, tmp_path):
+    """A worker that dies holding item 5: its actor is restarted and called
+    again with the same round's ticket (it claims what is left), and the items
+    the dead call took (item 5 among them), whose results died with it, are
+    run by the fallback method; each item once."""
+    from beamlet.contrib.rl.claims import ClaimCounter
+    start()
+    gate, crashed = str(tmp_path / "gate"), str(tmp_path / "crashed")
+    open(gate, "w").close()
+    items = list(range(12))
+    workers = WorkerSet(Claimer, lambda i: (gate, crashed), 2, timeout_s=60)
+    counter = ClaimCounter()
+    try:
+        covered, by_fallback = [], []
+        for w, indices, result in workers.claimed("run", (1000,), items, counter,
+                                                  fallback="fallback"):
+            if result and result[0] < 0:
+                assert result == [-(1000 + items[i]) for i in indices]
+                by_fallback += list(indices)
+            else:
+                assert result == [1000 + items[i] for i in indices]
+            covered += list(indices)
+        assert sorted(covered) == items and os.path.exists(crashed)
+        assert 5 in by_fallback
+    finally:
+        workers.stop()
+        counter.close()
+
+
 def _es_run(runners: int, iterations: int = 3, kill_after: int | None = None):
     """ES on CartPole with `runners` workers (MeanStdFilter, so the observation
     sums travel too): the weights, filter count and results after `iterations`;
@@ -215,11 +299,14 @@ def test_es_trains_the_same_whatever_the_number_of_workers(start, monkeypatch):
     """The driver draws every perturbation and start state, so the episodes,
     and with them the weights, do not depend on how many workers ran them (the
     13 episodes of an iteration, 5 pairs and 3 unperturbed, go to the driver's
-    local worker, to one, or in slices to whichever of 2 or 3 is free)."""
+    local worker, to one, or one at a time to whichever of 2 or 3 is free,
+    claimed by the workers or in slices handed out by the driver)."""
     start()
     runs = {n: _es_run(n) for n in (0, 1, 2, 3)}
-    # Slices of one episode and up (the episodes of this small net are too short
-    # for the default to balance them: one slice per worker).
+    # Without the claim counter: slices of one episode and up (the episodes of
+    # this small net are too short for the default to balance them: one slice
+    # per worker).
+    monkeypatch.setattr(es_module, "_SELF_SCHEDULED", False)
     monkeypatch.setattr(es_module, "_SLICE_MIN_STEPS", 1)
     runs.update({f"{n}, sliced": _es_run(n) for n in (2, 3)})
     theta, count, results = runs[0]

@@ -321,3 +321,79 @@ def test_es_with_action_bins_acts_on_the_grid_and_checkpoints(tmp_path):
             restored.stop()
     finally:
         algo.stop()
+
+
+def _claim_all(ticket, together, out):
+    """(In a child process) claim indices below 20,000 until none is left,
+    from when both processes are ready."""
+    from beamlet.contrib.rl.claims import attach
+    with attach(ticket) as counter:
+        together.wait(timeout=120)
+        out.put(list(counter.indices(20_000)))
+
+
+def test_claim_counter_gives_each_index_to_one_process():
+    """Two processes claiming at once from one ticket share the indices: each
+    goes to exactly one of them. A ticket of an earlier round claims nothing;
+    what is not the counter's memory file (another fd, another token) is not
+    attached to; a closed counter hands out no ticket."""
+    import multiprocessing
+    import os
+    import tempfile
+    from beamlet.contrib.rl.claims import ClaimCounter, attach
+    counter = ClaimCounter()
+    try:
+        old = counter.ticket()
+        ticket = counter.ticket()
+        ctx = multiprocessing.get_context("spawn")
+        out, together = ctx.Queue(), ctx.Barrier(2)
+        procs = [ctx.Process(target=_claim_all, args=(ticket, together, out))
+                 for _ in range(2)]
+        for p in procs:
+            p.start()
+        got = [out.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0
+        assert sorted(got[0] + got[1]) == list(range(20_000))
+        assert got[0] and got[1]   # (both claimed: they ran together)
+        with attach(old) as stale:
+            assert stale.claim() is None
+        pid, fd, token, generation = counter.ticket()
+        with attach((pid, fd, token, generation)) as fresh:
+            assert list(fresh.indices(3)) == [0, 1, 2]
+        assert attach((pid, fd, os.urandom(16), generation)) is None
+        with tempfile.TemporaryFile() as f:   # a file that is not a claim counter
+            assert attach((os.getpid(), f.fileno(), token, generation)) is None
+        assert attach((pid, 10_000, token, generation)) is None   # no such descriptor
+    finally:
+        counter.close()
+    with pytest.raises(ValueError, match="closed"):
+        counter.ticket()
+
+
+def test_es_worker_claims_episodes_or_none_without_the_counter():
+    """ESWorker.claimed_episodes runs the rows it claims (all of them, alone)
+    with the very results of ``episodes``; with the ticket of a counter that
+    is gone (as from another host) it claims and runs nothing."""
+    from beamlet.contrib.rl.claims import ClaimCounter
+    algo = (rl.ESConfig().environment("CartPole-v1").env_runners(num_env_runners=0)
+            .training(noise_size=50_000, episodes_per_batch=4, model={"fcnet_hiddens": []},
+                      observation_filter="MeanStdFilter")
+            .debugging(seed=0).build())
+    counter = ClaimCounter()
+    try:
+        worker = algo.workers.local
+        rows, _ = unit_episodes(algo.draw_units(3, 2))
+        args = (algo.theta.astype(np.float32), 0.1, algo.obs_stats.mean_std(), rows)
+        out, stats, _ = worker.episodes(*args)
+        indices, (c_out, c_stats, _) = worker.claimed_episodes(*args, counter.ticket())
+        assert indices.tolist() == list(range(len(rows)))
+        assert np.array_equal(c_out, out) and np.array_equal(c_stats, stats)
+        gone = counter.ticket()
+        counter.close()
+        indices, (c_out, c_stats, _) = worker.claimed_episodes(*args, gone)
+        assert len(indices) == 0 and c_out.shape == (0, 2) and c_stats.shape[0] == 0
+    finally:
+        counter.close()
+        algo.stop()

@@ -22,7 +22,7 @@ from beamlet.exceptions import ActorError, GetTimeoutError
 from .blas import set_blas_threads
 from .env import make_vector_env, preprocess_obs
 
-__all__ = ["RunnerSpec", "EnvRunner", "WorkerSet", "concat_episodes"]
+__all__ = ["RunnerSpec", "EnvRunner", "WorkerSet", "concat_episodes", "slice_bounds"]
 
 
 @dataclass
@@ -148,6 +148,22 @@ class EnvRunner:
         self.env.close()
 
 
+def slice_bounds(total: int, workers: int, min_size: int = 1, divisor: int = 2) -> list:
+    """The slices ``(a, b)`` of :meth:`WorkerSet.balanced` over `total` items:
+    ``ceil(left / (divisor * workers))`` items each, at least `min_size`, or
+    one equal slice per worker when a worker's share is at most two slices of
+    `min_size` (or there is one worker)."""
+    if workers == 1 or 2 * min_size * workers >= total:
+        bounds = [total * k // workers for k in range(workers + 1)]
+        return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+    out, start = [], 0
+    while start < total:
+        size = max(min_size, -(-(total - start) // (divisor * workers)))
+        out.append((start, min(total, start + size)))
+        start += size
+    return out
+
+
 def concat_episodes(batches: list[dict]) -> list:
     return [ep for b in batches for ep in b["episodes"]]
 
@@ -249,16 +265,7 @@ class WorkerSet:
             yield 0, 0, len(items), getattr(self.local, method)(*args, items)
             return
         n, total = len(self.actors), len(items)
-        slices = deque()
-        if n == 1 or 2 * min_size * n >= total:
-            bounds = [total * k // n for k in range(n + 1)]
-            slices.extend((a, b) for a, b in zip(bounds, bounds[1:]) if b > a)
-        else:
-            start = 0
-            while start < total:
-                size = max(min_size, -(-(total - start) // (divisor * n)))
-                slices.append((start, min(total, start + size)))
-                start += size
+        slices = deque(slice_bounds(total, n, min_size, divisor))
         pending: dict = {}
 
         def hand_out(i: int) -> None:
@@ -288,6 +295,43 @@ class WorkerSet:
             if slices:
                 hand_out(i)
             yield i, a, b, result
+
+    def claimed(self, method: str, args: tuple, items: list, counter, *, fallback: str):
+        """Every item of `items` run once, the workers taking them one at a
+        time from `counter` (a :class:`~.claims.ClaimCounter`) whenever they
+        are free, so that they end within one item of each other, with one
+        call each: ``method(*args, items, ticket)`` on every worker at once
+        returns ``(indices, result)``, the indices of the items it ran and its
+        result for them, in that order. Yields ``(worker index, indices,
+        result)`` as the calls end. Items that no call ran (its actor crashed
+        mid-call, or it could not reach the counter: another host) are then
+        run by ``fallback(*args, some_items)`` through `balanced`, and yielded
+        the same way. With the local worker, one ``fallback`` call of all.
+        ``last_wait_s`` is the time the driver spent waiting for results. A
+        call whose actor crashed is run again (`call`, the same ticket: it
+        claims what is left). Raises GetTimeoutError if a result does not
+        arrive within ``timeout_s``."""
+        self.last_wait_s = 0.0
+        if self.local is not None:
+            yield 0, np.arange(len(items)), getattr(self.local, fallback)(*args, items)
+            return
+        ticket = counter.ticket()
+        call_args = (*args, items, ticket)
+        refs = [self.submit(i, method, *call_args) for i in range(len(self.actors))]
+        done = np.zeros(len(items), bool)
+        for i, ref in enumerate(refs):
+            start = time.perf_counter()
+            indices, result = self._result(i, ref, method, call_args, {})
+            self.last_wait_s += time.perf_counter() - start
+            indices = np.asarray(indices, np.int64)
+            done[indices] = True
+            yield i, indices, result
+        missing = np.flatnonzero(~done)
+        if len(missing):
+            waited = self.last_wait_s
+            for w, a, b, result in self.balanced(fallback, args, [items[k] for k in missing]):
+                yield w, missing[a:b], result
+            self.last_wait_s += waited
 
     def stop(self) -> None:
         if self.local is not None and hasattr(self.local, "stop"):

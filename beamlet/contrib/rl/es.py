@@ -7,12 +7,16 @@ state (a seed) for each; a worker perturbs the flat policy weights by
 ``±noise_stdev * table[i:i+d]`` (mirrored sampling), runs one episode with each
 from that start state, and sends back only the returns and lengths, a few
 numbers per pair; the driver rebuilds the noise from the same table, forms the
-gradient estimate with centred ranks, and takes an Adam step. The episodes are
-handed out in slices that shrink as they run out, each to the first worker free
-(:meth:`WorkerSet.balanced`), so that the workers end an iteration together
-although CartPole's episodes last from 10 to 500 steps; since the driver draws
-everything and an episode depends only on what it was sent, training is the
-same whatever the number of workers and whichever worker ran what.
+gradient estimate with centred ranks, and takes an Adam step. Every worker is
+sent the iteration's whole list of episodes and takes them one at a time from
+a counter the workers share (:meth:`WorkerSet.claimed`), so that they end an
+iteration within one episode of each other although CartPole's episodes last
+from 10 to 500 steps, and the driver handles one message per worker (where
+the counter cannot be shared, the episodes go out in slices that shrink as
+they run out, each to the first worker free: :meth:`WorkerSet.balanced`);
+since the driver draws everything and an episode depends only on what it was
+sent, training is the same whatever the number of workers and whichever
+worker ran what.
 The returns reported as ``episode_return_mean`` / ``episode_len_mean`` are those
 of ``episodes_per_eval`` episodes per iteration of the unperturbed policy
 (``theta`` itself), run by the workers next to the perturbed ones, as RLlib's
@@ -42,6 +46,7 @@ import beamlet
 
 from .algorithm import Algorithm, AlgorithmConfig
 from .blas import set_blas_threads
+from .claims import ClaimCounter, attach
 from .env import preprocess_obs
 from .env_runner import WorkerSet
 from .models import Adam, build_model, distribution_class
@@ -59,6 +64,11 @@ _PUT_THETA_BYTES = 16 * 1024
 # the worker a message each way, which short episodes (CartPole's first ones,
 # ~20 steps) do not repay.
 _SLICE_MIN_STEPS = 100
+# The workers take their episodes one at a time from a counter they share
+# (`WorkerSet.claimed`: one message each way per worker per iteration) rather
+# than being handed slices by the driver (a round trip per slice, whose CPU
+# the driver takes from the workers when they have a core each).
+_SELF_SCHEDULED = True
 
 
 def make_noise_table(size: int, seed: int) -> np.ndarray:
@@ -232,29 +242,60 @@ class ESWorker:
         perturbed episode (zeros for an unperturbed one), else None; `seconds`,
         the time the call took here."""
         start = time.perf_counter()
+        out, stats = self._rows(theta, noise_stdev, obs_norm, rows, range(len(rows)))
+        return out, stats, time.perf_counter() - start
+
+    def claimed_episodes(self, theta: np.ndarray, noise_stdev: float, obs_norm: tuple | None,
+                         rows: list, ticket: tuple) -> tuple[np.ndarray, tuple]:
+        """:meth:`episodes` of the rows this worker claims, one at a time,
+        from the counter of `ticket` (:mod:`.claims`), until none is left:
+        ``(indices, (out, stats, seconds))``, `out` and `stats` in the order
+        of `indices`. No rows if the counter cannot be reached from here."""
+        start = time.perf_counter()
+        taken: list[int] = []
+
+        def claims(counter):
+            for index in counter.indices(len(rows)):
+                taken.append(index)
+                yield index
+        counter = attach(ticket)
+        if counter is None:
+            out, stats = self._rows(theta, noise_stdev, obs_norm, rows, ())
+        else:
+            with counter:
+                out, stats = self._rows(theta, noise_stdev, obs_norm, rows, claims(counter))
+        return np.asarray(taken, np.int64), (out, stats, time.perf_counter() - start)
+
+    def _rows(self, theta, noise_stdev, obs_norm, rows, order) -> tuple:
+        """``(out, stats)`` of :meth:`episodes` for the rows of `rows` at the
+        indices `order` yields, in that order."""
         dim = theta.size
-        out = np.zeros((len(rows), 2))
-        stats = None
-        if obs_norm is not None:
-            d = len(obs_norm[0])
-            stats = np.zeros((len(rows), 1 + 2 * d))
-        for row, (offset, seed, sign) in enumerate(rows):
+        outs, all_stats = [], []
+        d = len(obs_norm[0]) if obs_norm is not None else 0
+        for index in order:
+            offset, seed, sign = rows[index]
+            stats = np.zeros(1 + 2 * d) if obs_norm is not None else None
             if sign == 0:
-                out[row] = self._episode(theta, seed, obs_norm, None)
+                outs.append(self._episode(theta, seed, obs_norm, None))
+                all_stats.append(stats)
                 continue
             if not 0 <= offset <= self.noise.size - dim:
                 raise ValueError(f"noise offset {offset} is outside the table "
                                  f"({self.noise.size} floats, {dim} weights)")
             eps = noise_stdev * self.noise[offset:offset + dim]
             seen = [] if stats is not None else None
-            out[row] = self._episode(theta + eps if sign > 0 else theta - eps, seed,
-                                     obs_norm, seen)
+            outs.append(self._episode(theta + eps if sign > 0 else theta - eps, seed,
+                                      obs_norm, seen))
             if seen:
                 x = np.asarray(seen, np.float64)
-                stats[row, 0] = len(x)
-                stats[row, 1:1 + d] = x.sum(0)
-                stats[row, 1 + d:] = (x * x).sum(0)
-        return out, stats, time.perf_counter() - start
+                stats[0] = len(x)
+                stats[1:1 + d] = x.sum(0)
+                stats[1 + d:] = (x * x).sum(0)
+            all_stats.append(stats)
+        out = np.array(outs, np.float64).reshape(len(outs), 2)
+        stats = (np.array(all_stats).reshape(len(outs), 1 + 2 * d) if obs_norm is not None
+                 else None)
+        return out, stats
 
 
 class ESConfig(AlgorithmConfig):
@@ -327,6 +368,7 @@ class ES(Algorithm):
         #: what the last run_units call took (see there); the driver's local
         #: worker counts as one worker
         self.last_worker_steps: list[int] = []
+        self.last_episode_steps = np.zeros(0, np.int64)   # per episode, in claim order
         self.last_worker_busy_s: list[float] = []
         self.last_wait_s = self.last_run_s = 0.0
         self._mean_episode_len = float(_SLICE_MIN_STEPS)   # (until the first call)
@@ -335,6 +377,14 @@ class ES(Algorithm):
         if cfg.num_env_runners and not beamlet.is_initialized():
             beamlet.init(ignore_reinit_error=True)
         noise_arg = beamlet.put(self.noise) if cfg.num_env_runners else self.noise
+        #: the workers take their episodes from it (`WorkerSet.claimed`); None
+        #: (no workers, or no memory files here): slices (`WorkerSet.balanced`)
+        self.claims = None
+        if cfg.num_env_runners and _SELF_SCHEDULED:
+            try:
+                self.claims = ClaimCounter()
+            except OSError:
+                pass
         self.noise_ref = noise_arg
         creator, env_config = self.env_creator, dict(cfg.env_config)
         self.workers = WorkerSet(
@@ -357,13 +407,16 @@ class ES(Algorithm):
         weights: ``(out, stats)``, per unit ``(return+, return-, length+,
         length-)`` (an unperturbed unit: ``(return, 0, length, 0)``) and, with
         the observation filter, the sums of :meth:`ESWorker.episodes` over the
-        unit's episodes (else None), in the order of `units`. The episodes go
-        out in slices to the first worker free (:meth:`WorkerSet.balanced`),
-        each at least ``_SLICE_MIN_STEPS`` env steps by the last call's mean
-        episode length; which worker ran what changes nothing in the result. Sets
+        unit's episodes (else None), in the order of `units`. Every worker is
+        sent all the episodes and takes them one at a time whenever it is free
+        (:meth:`WorkerSet.claimed`); without the claim counter, they go out in
+        slices to the first worker free (:meth:`WorkerSet.balanced`), each at
+        least ``_SLICE_MIN_STEPS`` env steps by the last call's mean episode
+        length. Which worker ran what changes nothing in the result. Sets
         ``last_worker_steps`` and ``last_worker_busy_s`` (env steps and time
         spent per worker), ``last_wait_s`` (the driver's time waiting for
-        results) and ``last_run_s`` (the whole call)."""
+        results), ``last_run_s`` (the whole call) and ``last_episode_steps``
+        (each episode's length, in the order the workers claim them)."""
         began = time.perf_counter()
         cfg = self.config
         theta = self.theta.astype(np.float32)
@@ -375,12 +428,18 @@ class ES(Algorithm):
         eps_stats = None if norm is None else np.empty((len(rows), 1 + 2 * len(norm[0])))
         n = max(1, len(self.workers))
         steps, busy = [0] * n, [0.0] * n
-        min_size = max(1, round(_SLICE_MIN_STEPS / self._mean_episode_len))
-        for w, a, b, (part, part_stats, seconds) in self.workers.balanced(
-                "episodes", (theta_arg, cfg.noise_stdev, norm), rows, min_size=min_size):
-            eps_out[a:b] = part
+        args = (theta_arg, cfg.noise_stdev, norm)
+        if self.claims is not None:
+            parts = self.workers.claimed("claimed_episodes", args, rows, self.claims,
+                                         fallback="episodes")
+        else:
+            min_size = max(1, round(_SLICE_MIN_STEPS / self._mean_episode_len))
+            parts = ((w, slice(a, b), result) for w, a, b, result
+                     in self.workers.balanced("episodes", args, rows, min_size=min_size))
+        for w, where, (part, part_stats, seconds) in parts:
+            eps_out[where] = part
             if eps_stats is not None:
-                eps_stats[a:b] = part_stats
+                eps_stats[where] = part_stats
             steps[w] += int(part[:, 1].sum())
             busy[w] += seconds
         pair = np.array([offset >= 0 for offset, _ in units], bool)
@@ -395,6 +454,7 @@ class ES(Algorithm):
         if rows:
             self._mean_episode_len = max(1.0, sum(steps) / len(rows))
         self.last_worker_steps, self.last_worker_busy_s = steps, busy
+        self.last_episode_steps = eps_out[:, 1].astype(np.int64)
         self.last_wait_s = self.workers.last_wait_s
         self.last_run_s = time.perf_counter() - began
         return out, stats
@@ -450,6 +510,12 @@ class ES(Algorithm):
         if self.obs_stats is not None and state.get("obs_stats") is not None:
             self.obs_stats.set_state(state["obs_stats"])
         self.model.set_flat(self.theta)
+
+    def stop(self) -> None:
+        super().stop()
+        if self.claims is not None:
+            self.claims.close()
+            self.claims = None
 
     def set_state(self, state: dict) -> None:
         # The workers hold no state (checkpoints from before held their generators).
