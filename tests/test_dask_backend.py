@@ -64,6 +64,54 @@ def _scratch_of(worker_dir: str) -> str:
     return worker_dir
 
 
+def _listening(pids) -> list[tuple[str, int, int]]:
+    """(local address, port, pid) of each TCP socket the processes listen on,
+    read from /proc (IPv4 and IPv6)."""
+    import ipaddress
+    found = []
+    for pid in pids:
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        for table in ("tcp", "tcp6"):
+            with open(f"/proc/{pid}/net/{table}") as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[3] != "0A" or fields[9] not in inodes:  # (0A: LISTEN)
+                        continue
+                    host, port = fields[1].split(":")
+                    raw = bytes.fromhex(host)
+                    # (/proc prints each 32-bit word in host order: little-endian here)
+                    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                    found.append((str(ipaddress.ip_address(raw)), int(port, 16), pid))
+    return found
+
+
+@pytest.mark.parametrize("dashboard", [False, True])
+def test_the_cluster_listens_on_loopback_only(no_backend, dashboard):
+    """Every socket of the cluster beamlet starts (scheduler, its HTTP server
+    with or without the dashboard, nannies, workers) listens on 127.0.0.1:
+    Dask's own ":0" for a dashboard would be every interface."""
+    ray.init(backend="dask", num_cpus=1, dashboard=dashboard)
+    backend = _runtime.current().backend
+    tree = [os.getpid(), backend._cluster._proc.pid]
+    for pid in tree[1:]:
+        tree.extend(procs.children_of(pid))
+    http = backend.client.scheduler_info()["services"].get("dashboard")
+    sockets = _listening(tree)
+    ray.shutdown()
+    assert http is not None and http != 8787  # (its HTTP server, on a free port)
+    assert any(port == http for _host, port, _pid in sockets), (http, sockets)
+    assert len(sockets) >= 4, sockets  # scheduler, HTTP, nanny, worker at least
+    assert [s for s in sockets if s[0] != "127.0.0.1"] == []
+
+
 def test_a_killed_clusters_scratch_dir_is_swept_at_the_next_start(no_backend):
     import signal
 

@@ -140,8 +140,13 @@ def main() -> None:
         cluster = LocalCluster(n_workers=0, threads_per_worker=1,
                                processes=True, resources=spec["resources"], host="127.0.0.1",
                                protocol=SCHEME + "://", security=security, local_directory=scratch,
-                               dashboard_address=":0" if spec["dashboard"] else None,
-                               silence_logs=logging.ERROR)
+                               silence_logs=logging.ERROR,
+                               # (Dask's scheduler serves HTTP even without its
+                               # dashboard, on port 8787, which another Dask may
+                               # hold, and for ":0" on every interface: here on a
+                               # free loopback port.)
+                               scheduler_kwargs={"dashboard": spec["dashboard"],
+                                                 "dashboard_address": "127.0.0.1:0"})
         try:
             print(cluster.scheduler_address, flush=True)
             cluster.scale(spec["n_workers"])
