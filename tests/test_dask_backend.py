@@ -1,6 +1,7 @@
-"""What only the ``dask`` backend does: its own LocalCluster (started in a child
-process, closed to clients without the session's key, gone after
-`shutdown`), joining a scheduler by address, and bad addresses. The semantic
+"""What only the ``dask`` backend does: its own LocalCluster (its scheduler in
+the driver, its workers processes the driver starts and restarts, closed to
+clients without the session's key, gone after `shutdown`, also when the
+driver dies, and started from an unguarded script), joining a scheduler by address, and bad addresses. The semantic
 suite (test_api.py, test_ray_compat.py) and the seed programs run on ``dask``
 too, through ``BACKENDS`` in conftest.py; the control store's contract runs on
 it in test_control_store.py."""
@@ -31,9 +32,12 @@ def _free_port() -> int:
 def test_init_starts_a_cluster_with_the_requested_resources_and_shutdown_ends_it(no_backend):
     ray.init(backend="dask", num_cpus=2, resources={"disk": 2})
     backend = _runtime.current().backend
-    cluster_pid = backend._cluster._proc.pid
     worker_pids = list(backend.client.run(os.getpid).values())
     assert len(worker_pids) == 2 and os.getpid() not in worker_pids
+    assert sorted(worker_pids) == sorted(backend._cluster.worker_pids())
+    # The scheduler is in the driver (no process of its own): the driver's
+    # children are the workers alone.
+    assert sorted(procs.children_of(os.getpid())) == sorted(worker_pids)
     # The workers' scratch space is the cluster's own (not a shared /tmp/dask-scratch-space).
     scratch = list(backend.client.run(lambda dask_worker: dask_worker.local_directory).values())
     assert scratch and all(os.path.basename(_scratch_of(d)).startswith("beamlet-") and
@@ -51,7 +55,7 @@ def test_init_starts_a_cluster_with_the_requested_resources_and_shutdown_ends_it
     with pytest.raises(ValueError, match="tape"):
         where.options(resources={"tape": 1}).remote()
     ray.shutdown()
-    assert procs.wait_gone([cluster_pid, *worker_pids], GONE_TIMEOUT) == []
+    assert procs.wait_gone(worker_pids, GONE_TIMEOUT) == []
     assert [d for d in scratch if os.path.exists(d)] == []
 
 
@@ -96,53 +100,82 @@ def _listening(pids) -> list[tuple[str, int, int]]:
 @pytest.mark.parametrize("dashboard", [False, True])
 def test_the_cluster_listens_on_loopback_only(no_backend, dashboard):
     """Every socket of the cluster beamlet starts (scheduler, its HTTP server
-    with or without the dashboard, nannies, workers) listens on 127.0.0.1:
+    with or without the dashboard, workers) listens on 127.0.0.1:
     Dask's own ":0" for a dashboard would be every interface."""
     ray.init(backend="dask", num_cpus=1, dashboard=dashboard)
     backend = _runtime.current().backend
-    tree = [os.getpid(), backend._cluster._proc.pid]
-    for pid in tree[1:]:
-        tree.extend(procs.children_of(pid))
+    tree = [os.getpid(), *backend._cluster.worker_pids()]
     http = backend.client.scheduler_info()["services"].get("dashboard")
     sockets = _listening(tree)
     ray.shutdown()
     assert http is not None and http != 8787  # (its HTTP server, on a free port)
     assert any(port == http for _host, port, _pid in sockets), (http, sockets)
-    assert len(sockets) >= 4, sockets  # scheduler, HTTP, nanny, worker at least
+    assert len(sockets) >= 3, sockets  # scheduler, HTTP, worker at least
     assert [s for s in sockets if s[0] != "127.0.0.1"] == []
 
 
-def test_a_killed_clusters_scratch_dir_is_swept_at_the_next_start(no_backend):
-    import signal
+_KILLED_DRIVER = """
+import sys
+import beamlet as ray
+from beamlet.core import runtime
+ray.init(backend="dask", num_cpus=2)
 
-    from beamlet.backends.dask.cluster import ClusterProcess
-    cluster = ClusterProcess(1, {})
-    # Its scratch dir is named in the session lock file it holds open.
-    fds = [os.readlink(f"/proc/{cluster._proc.pid}/fd/{fd}")
-           for fd in os.listdir(f"/proc/{cluster._proc.pid}/fd")]
-    locks = [path for path in fds if path.endswith(".lock") and "beamlet-" in path]
-    assert len(locks) == 1, fds
-    with open(locks[0]) as f:
-        scratch = f.read()
-    assert os.path.isdir(scratch)
-    # The cluster process dies with no chance to clean up (as when CI's timeout
-    # kills it), its nanny and worker with it. Not multiprocessing's resource
-    # tracker: once the others are gone it unlinks the semaphores they made, as it
-    # would after a real kill of the cluster (the test must not leak them itself).
-    tree = [cluster._proc.pid]
-    for pid in tree:
-        tree.extend(procs.children_of(pid))
-    for pid in tree:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"resource_tracker" not in f.read():
-                os.kill(pid, signal.SIGKILL)
-    assert procs.wait_gone(tree, GONE_TIMEOUT) == []
-    cluster.stop()
+@ray.remote
+def one():
+    return 1
+
+assert ray.get(one.remote(), timeout=60) == 1
+cluster = runtime.current().backend._cluster
+print("CLUSTER", cluster._session.path, *cluster.worker_pids(), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_killed_drivers_workers_end_and_its_scratch_dir_is_swept(no_backend, tmp_path):
+    """A driver killed with no chance to clean up (as when CI's timeout kills
+    it): its workers end by themselves (their standard input closes), and the
+    next start sweeps the scratch dir, whose lock they held with it. The
+    driver's main module is unguarded, as a seed program's."""
+    import signal
+    driver = procs.Driver(_KILLED_DRIVER, tmp_path, stdin=None)
+    try:
+        lock, *workers = driver.wait_line("CLUSTER ", LONG).split()
+        workers = [int(w) for w in workers]
+        assert len(workers) == 2
+        with open(lock) as f:
+            scratch = f.read()
+        assert os.path.isdir(scratch)
+        os.kill(driver.pid, signal.SIGKILL)
+        assert procs.wait_gone(workers, GONE_TIMEOUT) == []
+    finally:
+        driver.kill()
     # (Any start sweeps it, a local-backend one of another program too: the next
     # one here, at the latest.)
     ray.init(backend="dask", num_cpus=1)
-    assert not os.path.exists(scratch) and not os.path.exists(locks[0])
+    assert not os.path.exists(scratch) and not os.path.exists(lock)
     ray.shutdown()
+
+
+def test_a_worker_that_dies_is_started_again(no_backend):
+    """The driver does the nanny's part: a worker process that dies is
+    replaced, and Dask runs the tasks it held elsewhere."""
+    import signal
+    ray.init(backend="dask", num_cpus=1)
+    backend = _runtime.current().backend
+    [first] = backend._cluster.worker_pids()
+
+    @ray.remote
+    def pid():
+        return os.getpid()
+
+    assert ray.get(pid.remote(), timeout=LONG) == first
+    os.kill(first, signal.SIGKILL)
+    assert procs.wait_gone([first], GONE_TIMEOUT) == []
+    assert procs.wait_until(lambda: backend._cluster.worker_pids() != [first], LONG)
+    [second] = backend._cluster.worker_pids()
+    assert ray.get(pid.remote(), timeout=LONG) == second
+    ray.shutdown()
+    assert procs.wait_gone([second], GONE_TIMEOUT) == []
 
 
 def test_a_client_without_the_session_key_is_refused(no_backend):
@@ -234,9 +267,9 @@ def test_a_proof_relayed_from_another_port_is_refused(no_backend):
 
 
 def test_joins_a_scheduler_by_address_and_leaves_it_running(no_backend):
-    from beamlet.backends.dask.cluster import ClusterProcess
+    from beamlet.backends.dask.cluster import Cluster
     from distributed import Client
-    cluster = ClusterProcess(1, {})
+    cluster = Cluster(1, {})
     try:
         client = Client(cluster.address, security=cluster.security, timeout=30)
         ray.init(backend="dask", client=client)
@@ -311,10 +344,10 @@ def test_shutdown_as_a_fresh_worker_starts_the_job(no_backend):
     # loop. The shutdown's end_job, which runs on that loop, once waited there
     # for a lock the maker held through it: the worker's loop hung for good,
     # and the next job's calls with it (this get's timeout).
-    from beamlet.backends.dask.cluster import ClusterProcess
+    from beamlet.backends.dask.cluster import Cluster
     from distributed import Client
     for _ in range(3):
-        cluster = ClusterProcess(1, {})
+        cluster = Cluster(1, {})
         try:
             client = Client(cluster.address, security=cluster.security, timeout=30)
             ray.init(backend="dask", client=client)

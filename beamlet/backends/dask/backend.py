@@ -115,15 +115,17 @@ class DaskBackend(Backend):
             resources["GPU"] = float(config["num_gpus"]) / n
         for name, amount in (config.get("resources") or {}).items():
             resources[name] = float(amount) / n
-        from .cluster import ClusterProcess
-        self._cluster = ClusterProcess(n, resources, bool(config.get("dashboard")),
-                                       wait=False)  # (see __init__'s end)
+        from .cluster import Cluster
+        self._cluster = Cluster(n, resources, bool(config.get("dashboard")),
+                                wait=False)  # (see __init__'s end)
         try:
             from distributed import Client
             # (Its workers are on this machine: values are fetched from them
-            # directly, not relayed by the scheduler.)
+            # directly, not relayed by the scheduler. On the scheduler's event
+            # loop, as a client of Dask's own LocalCluster.)
             return Client(self._cluster.address, security=self._cluster.security,
-                          timeout=_CONNECT_TIMEOUT, direct_to_workers=True)
+                          timeout=_CONNECT_TIMEOUT, direct_to_workers=True,
+                          loop=self._cluster.loop)
         except BaseException:
             self._cluster.stop()
             raise
