@@ -30,18 +30,24 @@ def _free_port() -> int:
 
 
 def test_init_starts_a_cluster_with_the_requested_resources_and_shutdown_ends_it(no_backend):
+    before = set(procs.children_of(os.getpid()))
     ray.init(backend="dask", num_cpus=2, resources={"disk": 2})
     backend = _runtime.current().backend
     worker_pids = list(backend.client.run(os.getpid).values())
     assert len(worker_pids) == 2 and os.getpid() not in worker_pids
     assert sorted(worker_pids) == sorted(backend._cluster.worker_pids())
     # The scheduler is in the driver (no process of its own): the driver's
-    # children are the workers alone.
-    assert sorted(procs.children_of(os.getpid())) == sorted(worker_pids)
+    # new children are the workers alone.
+    assert set(procs.children_of(os.getpid())) - before == set(worker_pids)
     # The workers' scratch space is the cluster's own (not a shared /tmp/dask-scratch-space).
     scratch = list(backend.client.run(lambda dask_worker: dask_worker.local_directory).values())
     assert scratch and all(os.path.basename(_scratch_of(d)).startswith("beamlet-") and
                            os.path.isdir(d) for d in scratch), scratch
+    # So is the scheduler's (it runs in the driver), which the workers' path leaves out.
+    scheduler_dir = backend._cluster.local_directory
+    assert _scratch_of(scheduler_dir) == _scratch_of(scratch[0])
+    assert scheduler_dir not in backend.job["sys_path"]
+    scratch.append(scheduler_dir)
     assert ray.cluster_resources()["CPU"] == 2.0
     assert ray.cluster_resources()["disk"] == 2.0
 

@@ -62,8 +62,10 @@ class DaskBackend(Backend):
         else:
             check_backend_options(config, self.accepted_options, self.name)
             self.client = self._connect(config)
+            # (Not the scheduler's scratch dir, which Dask put on this process's path.)
+            own = self._cluster.local_directory if self._cluster is not None else None
             self.job = {"job_id": runtime.job_id, "namespace": runtime.namespace,
-                        "sys_path": [os.getcwd()] + [p for p in sys.path if p],
+                        "sys_path": [os.getcwd()] + [p for p in sys.path if p and p != own],
                         "job_metadata": runtime.job_metadata,
                         "default_actor_lifetime": runtime.default_actor_lifetime,
                         # Whether the workers send each attempt's end here (the

@@ -136,10 +136,16 @@ class Cluster:
             # (Dask's scheduler serves HTTP even without its dashboard, on port
             # 8787, which another Dask may hold, and for ":0" on every
             # interface: here on a free loopback port.)
+            # (Its scratch dir, which Dask also puts first on this process's
+            # sys.path while it runs, is the cluster's, not a shared
+            # /tmp/dask-scratch-space.)
             return await Scheduler(host="127.0.0.1", port=0, protocol=SCHEME + "://",
                                    security=security, dashboard=dashboard,
-                                   dashboard_address="127.0.0.1:0")
+                                   dashboard_address="127.0.0.1:0",
+                                   local_directory=self._session.temp_dir)
         self._scheduler = sync(self.loop, start, callback_timeout=_START_TIMEOUT)
+        #: The scheduler's own dir (on this process's sys.path while it runs).
+        self.local_directory = self._scheduler.local_directory
         return security
 
     # -- the workers -----------------------------------------------------------------
@@ -182,6 +188,27 @@ class Cluster:
         """The worker processes' pids (a restarted worker's, once it was)."""
         with self._lock:
             return [p.pid for p in self._procs if p is not None]
+
+    def restart_workers(self, addresses, timeout: float = _START_TIMEOUT) -> None:
+        """Kill the worker processes at these Dask addresses (Dask's
+        ``restart_workers`` needs nannies) and wait until as many new ones have
+        joined; BackendError if they do not within `timeout` s."""
+        addresses = set(addresses)
+        pids = {ws.pid for address, ws in list(self._scheduler.workers.items())
+                if address in addresses}
+        with self._lock:
+            doomed = [p for p in self._procs if p is not None and p.pid in pids]
+        for proc in doomed:
+            proc.kill()
+        until = time.monotonic() + timeout
+        while True:
+            workers = list(self._scheduler.workers)
+            if len(workers) >= self._n and not addresses.intersection(workers):
+                return
+            if time.monotonic() > until:
+                raise exc.BackendError(f"the restarted Dask workers did not join within "
+                                       f"{timeout:.0f} s")
+            time.sleep(0.05)
 
     def ready(self) -> None:
         """Wait until every worker has joined; BackendError if they do not
