@@ -280,10 +280,11 @@ def main() -> None:
     standard input closes."""
     import asyncio
 
+    # (Imported while the driver starts the scheduler: what a worker runs of
+    # beamlet's, its tasks and actor hosts, and the beamlet:// scheme.)
     import dask
-    import distributed  # noqa: F401 - (imported while the driver starts the scheduler)
 
-    from . import comm  # noqa: F401 - (registers beamlet://)
+    from . import comm, worker  # noqa: F401
     line = sys.stdin.readline()
     if not line:
         return  # (the driver gave up before sending the spec)
