@@ -293,6 +293,40 @@ def test_joins_a_scheduler_by_address_and_leaves_it_running(no_backend):
         cluster.stop()
 
 
+def test_an_error_ref_dropped_on_the_schedulers_thread_does_not_stop_it(no_backend):
+    """A cluster started in this process runs its scheduler on an event loop
+    thread here, where a garbage collection may drop a ref's last holder. The
+    release must not fetch the (unread error's) value there: the scheduler
+    would stop answering, its own fetch with it, until the fetch timed out."""
+    import threading
+
+    from beamlet.backends.dask.cluster import Cluster
+    from distributed import Client
+    cluster = Cluster(1, {})
+    try:
+        client = Client(cluster.address, security=cluster.security, timeout=30)
+        ray.init(backend="dask", client=client)
+
+        @ray.remote
+        def fail():
+            raise ValueError("never read")
+
+        holder = [fail.remote()]
+        assert len(ray.wait(holder, timeout=LONG)[0]) == 1
+        dropped = threading.Event()
+
+        def drop():  # (on the scheduler's thread, as a collection there would)
+            holder.clear()
+            dropped.set()
+        cluster.loop.add_callback(drop)
+        assert dropped.wait(20), "the release blocked the scheduler's event loop"
+        assert ray.get(ray.put("still answering"), timeout=LONG) == "still answering"
+        ray.shutdown()
+        client.close()
+    finally:
+        cluster.stop()
+
+
 def test_nothing_listening_at_the_address_is_a_clear_error_within_seconds(no_backend):
     start = time.monotonic()
     with pytest.raises(exc.BackendError, match="no Dask scheduler answered"):

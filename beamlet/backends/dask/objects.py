@@ -23,6 +23,7 @@ or ``ObjectLostError`` as on any other backend.
 """
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import pickle
@@ -709,10 +710,16 @@ class DaskObjectStore(ObjectStore):
             return value if value.is_error else None
         with self._lock:
             fut = self._futures.get(object_id)
-        if fut is None or self.client.asynchronous or fut.status != "finished":
-            return None  # (not here, or on the client's event loop, where it cannot block)
+        if fut is None or fut.status != "finished":
+            return None
         kind = fut.type
         if not (isinstance(kind, type) and issubclass(kind, FailedObject)):
+            return None
+        if asyncio._get_running_loop() is not None:
+            # (On an event loop's thread, where a ref may be dropped by a garbage
+            # collection: the client's, where a fetch cannot block, or the
+            # scheduler's, when it runs in this process, which would stop answering
+            # while its fetch waited for it.)
             return None
         return self._value(object_id, fut)
 
