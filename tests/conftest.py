@@ -137,18 +137,18 @@ class _DaskCluster:
     Starting a cluster per test would cost seconds each."""
 
     def __init__(self):
-        self.process = None
+        self.cluster = None
 
     def client(self):
         from distributed import Client
 
-        from beamlet.backends.dask.cluster import ClusterProcess
-        if self.process is None:
+        from beamlet.backends.dask.cluster import Cluster
+        if self.cluster is None:
             try:
-                self.process = ClusterProcess(NUM_CPUS, {})
+                self.cluster = Cluster(NUM_CPUS, {})
             except ImportError as err:
                 pytest.fail(f"the dask backend needs Dask ({err}): pip install -e '.[test]'")
-        return Client(self.process.address, security=self.process.security, timeout=30)
+        return Client(self.cluster.address, security=self.cluster.security, timeout=30)
 
     def reset(self, client) -> None:
         """Restart the workers still running a task once a test's session has
@@ -160,12 +160,12 @@ class _DaskCluster:
 
         busy = [address for address, running in client.run(tasks_running).items() if running]
         if busy:
-            client.restart_workers(busy, timeout=60)
+            self.cluster.restart_workers(busy, timeout=60)
 
     def stop(self):
-        if self.process is not None:
-            self.process.stop()
-            self.process = None
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
 
 
 _dask_cluster = _DaskCluster()

@@ -1,6 +1,7 @@
-"""What only the ``dask`` backend does: its own LocalCluster (started in a child
-process, closed to clients without the session's key, gone after
-`shutdown`), joining a scheduler by address, and bad addresses. The semantic
+"""What only the ``dask`` backend does: its own LocalCluster (its scheduler in
+the driver, its workers processes the driver starts and restarts, closed to
+clients without the session's key, gone after `shutdown`, also when the
+driver dies, and started from an unguarded script), joining a scheduler by address, and bad addresses. The semantic
 suite (test_api.py, test_ray_compat.py) and the seed programs run on ``dask``
 too, through ``BACKENDS`` in conftest.py; the control store's contract runs on
 it in test_control_store.py."""
@@ -29,15 +30,24 @@ def _free_port() -> int:
 
 
 def test_init_starts_a_cluster_with_the_requested_resources_and_shutdown_ends_it(no_backend):
+    before = set(procs.children_of(os.getpid()))
     ray.init(backend="dask", num_cpus=2, resources={"disk": 2})
     backend = _runtime.current().backend
-    cluster_pid = backend._cluster._proc.pid
     worker_pids = list(backend.client.run(os.getpid).values())
     assert len(worker_pids) == 2 and os.getpid() not in worker_pids
+    assert sorted(worker_pids) == sorted(backend._cluster.worker_pids())
+    # The scheduler is in the driver (no process of its own): the driver's
+    # new children are the workers alone.
+    assert set(procs.children_of(os.getpid())) - before == set(worker_pids)
     # The workers' scratch space is the cluster's own (not a shared /tmp/dask-scratch-space).
     scratch = list(backend.client.run(lambda dask_worker: dask_worker.local_directory).values())
     assert scratch and all(os.path.basename(_scratch_of(d)).startswith("beamlet-") and
                            os.path.isdir(d) for d in scratch), scratch
+    # So is the scheduler's (it runs in the driver), which the workers' path leaves out.
+    scheduler_dir = backend._cluster.local_directory
+    assert _scratch_of(scheduler_dir) == _scratch_of(scratch[0])
+    assert scheduler_dir not in backend.job["sys_path"]
+    scratch.append(scheduler_dir)
     assert ray.cluster_resources()["CPU"] == 2.0
     assert ray.cluster_resources()["disk"] == 2.0
 
@@ -51,7 +61,7 @@ def test_init_starts_a_cluster_with_the_requested_resources_and_shutdown_ends_it
     with pytest.raises(ValueError, match="tape"):
         where.options(resources={"tape": 1}).remote()
     ray.shutdown()
-    assert procs.wait_gone([cluster_pid, *worker_pids], GONE_TIMEOUT) == []
+    assert procs.wait_gone(worker_pids, GONE_TIMEOUT) == []
     assert [d for d in scratch if os.path.exists(d)] == []
 
 
@@ -64,37 +74,114 @@ def _scratch_of(worker_dir: str) -> str:
     return worker_dir
 
 
-def test_a_killed_clusters_scratch_dir_is_swept_at_the_next_start(no_backend):
-    import signal
+def _listening(pids) -> list[tuple[str, int, int]]:
+    """(local address, port, pid) of each TCP socket the processes listen on,
+    read from /proc (IPv4 and IPv6)."""
+    import ipaddress
+    found = []
+    for pid in pids:
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        for table in ("tcp", "tcp6"):
+            with open(f"/proc/{pid}/net/{table}") as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[3] != "0A" or fields[9] not in inodes:  # (0A: LISTEN)
+                        continue
+                    host, port = fields[1].split(":")
+                    raw = bytes.fromhex(host)
+                    # (/proc prints each 32-bit word in host order: little-endian here)
+                    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                    found.append((str(ipaddress.ip_address(raw)), int(port, 16), pid))
+    return found
 
-    from beamlet.backends.dask.cluster import ClusterProcess
-    cluster = ClusterProcess(1, {})
-    # Its scratch dir is named in the session lock file it holds open.
-    fds = [os.readlink(f"/proc/{cluster._proc.pid}/fd/{fd}")
-           for fd in os.listdir(f"/proc/{cluster._proc.pid}/fd")]
-    locks = [path for path in fds if path.endswith(".lock") and "beamlet-" in path]
-    assert len(locks) == 1, fds
-    with open(locks[0]) as f:
-        scratch = f.read()
-    assert os.path.isdir(scratch)
-    # The cluster process dies with no chance to clean up (as when CI's timeout
-    # kills it), its nanny and worker with it. Not multiprocessing's resource
-    # tracker: once the others are gone it unlinks the semaphores they made, as it
-    # would after a real kill of the cluster (the test must not leak them itself).
-    tree = [cluster._proc.pid]
-    for pid in tree:
-        tree.extend(procs.children_of(pid))
-    for pid in tree:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"resource_tracker" not in f.read():
-                os.kill(pid, signal.SIGKILL)
-    assert procs.wait_gone(tree, GONE_TIMEOUT) == []
-    cluster.stop()
+
+@pytest.mark.parametrize("dashboard", [False, True])
+def test_the_cluster_listens_on_loopback_only(no_backend, dashboard):
+    """Every socket of the cluster beamlet starts (scheduler, its HTTP server
+    with or without the dashboard, workers) listens on 127.0.0.1:
+    Dask's own ":0" for a dashboard would be every interface."""
+    ray.init(backend="dask", num_cpus=1, dashboard=dashboard)
+    backend = _runtime.current().backend
+    tree = [os.getpid(), *backend._cluster.worker_pids()]
+    http = backend.client.scheduler_info()["services"].get("dashboard")
+    sockets = _listening(tree)
+    ray.shutdown()
+    assert http is not None and http != 8787  # (its HTTP server, on a free port)
+    assert any(port == http for _host, port, _pid in sockets), (http, sockets)
+    assert len(sockets) >= 3, sockets  # scheduler, HTTP, worker at least
+    assert [s for s in sockets if s[0] != "127.0.0.1"] == []
+
+
+_KILLED_DRIVER = """
+import sys
+import beamlet as ray
+from beamlet.core import runtime
+ray.init(backend="dask", num_cpus=2)
+
+@ray.remote
+def one():
+    return 1
+
+assert ray.get(one.remote(), timeout=60) == 1
+cluster = runtime.current().backend._cluster
+print("CLUSTER", cluster._session.path, *cluster.worker_pids(), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_killed_drivers_workers_end_and_its_scratch_dir_is_swept(no_backend, tmp_path):
+    """A driver killed with no chance to clean up (as when CI's timeout kills
+    it): its workers end by themselves (their standard input closes), and the
+    next start sweeps the scratch dir, whose lock they held with it. The
+    driver's main module is unguarded, as a seed program's."""
+    import signal
+    driver = procs.Driver(_KILLED_DRIVER, tmp_path, stdin=None)
+    try:
+        lock, *workers = driver.wait_line("CLUSTER ", LONG).split()
+        workers = [int(w) for w in workers]
+        assert len(workers) == 2
+        with open(lock) as f:
+            scratch = f.read()
+        assert os.path.isdir(scratch)
+        os.kill(driver.pid, signal.SIGKILL)
+        assert procs.wait_gone(workers, GONE_TIMEOUT) == []
+    finally:
+        driver.kill()
     # (Any start sweeps it, a local-backend one of another program too: the next
     # one here, at the latest.)
     ray.init(backend="dask", num_cpus=1)
-    assert not os.path.exists(scratch) and not os.path.exists(locks[0])
+    assert not os.path.exists(scratch) and not os.path.exists(lock)
     ray.shutdown()
+
+
+def test_a_worker_that_dies_is_started_again(no_backend):
+    """The driver does the nanny's part: a worker process that dies is
+    replaced, and Dask runs the tasks it held elsewhere."""
+    import signal
+    ray.init(backend="dask", num_cpus=1)
+    backend = _runtime.current().backend
+    [first] = backend._cluster.worker_pids()
+
+    @ray.remote
+    def pid():
+        return os.getpid()
+
+    assert ray.get(pid.remote(), timeout=LONG) == first
+    os.kill(first, signal.SIGKILL)
+    assert procs.wait_gone([first], GONE_TIMEOUT) == []
+    assert procs.wait_until(lambda: backend._cluster.worker_pids() != [first], LONG)
+    [second] = backend._cluster.worker_pids()
+    assert ray.get(pid.remote(), timeout=LONG) == second
+    ray.shutdown()
+    assert procs.wait_gone([second], GONE_TIMEOUT) == []
 
 
 def test_a_client_without_the_session_key_is_refused(no_backend):
@@ -186,9 +273,9 @@ def test_a_proof_relayed_from_another_port_is_refused(no_backend):
 
 
 def test_joins_a_scheduler_by_address_and_leaves_it_running(no_backend):
-    from beamlet.backends.dask.cluster import ClusterProcess
+    from beamlet.backends.dask.cluster import Cluster
     from distributed import Client
-    cluster = ClusterProcess(1, {})
+    cluster = Cluster(1, {})
     try:
         client = Client(cluster.address, security=cluster.security, timeout=30)
         ray.init(backend="dask", client=client)
@@ -201,6 +288,40 @@ def test_joins_a_scheduler_by_address_and_leaves_it_running(no_backend):
         ray.shutdown()
         assert client.status == "running"  # the user's client stays theirs
         assert client.submit(sum, [1, 2], pure=False).result(timeout=30) == 3
+        client.close()
+    finally:
+        cluster.stop()
+
+
+def test_an_error_ref_dropped_on_the_schedulers_thread_does_not_stop_it(no_backend):
+    """A cluster started in this process runs its scheduler on an event loop
+    thread here, where a garbage collection may drop a ref's last holder. The
+    release must not fetch the (unread error's) value there: the scheduler
+    would stop answering, its own fetch with it, until the fetch timed out."""
+    import threading
+
+    from beamlet.backends.dask.cluster import Cluster
+    from distributed import Client
+    cluster = Cluster(1, {})
+    try:
+        client = Client(cluster.address, security=cluster.security, timeout=30)
+        ray.init(backend="dask", client=client)
+
+        @ray.remote
+        def fail():
+            raise ValueError("never read")
+
+        holder = [fail.remote()]
+        assert len(ray.wait(holder, timeout=LONG)[0]) == 1
+        dropped = threading.Event()
+
+        def drop():  # (on the scheduler's thread, as a collection there would)
+            holder.clear()
+            dropped.set()
+        cluster.loop.add_callback(drop)
+        assert dropped.wait(20), "the release blocked the scheduler's event loop"
+        assert ray.get(ray.put("still answering"), timeout=LONG) == "still answering"
+        ray.shutdown()
         client.close()
     finally:
         cluster.stop()
@@ -263,10 +384,10 @@ def test_shutdown_as_a_fresh_worker_starts_the_job(no_backend):
     # loop. The shutdown's end_job, which runs on that loop, once waited there
     # for a lock the maker held through it: the worker's loop hung for good,
     # and the next job's calls with it (this get's timeout).
-    from beamlet.backends.dask.cluster import ClusterProcess
+    from beamlet.backends.dask.cluster import Cluster
     from distributed import Client
     for _ in range(3):
-        cluster = ClusterProcess(1, {})
+        cluster = Cluster(1, {})
         try:
             client = Client(cluster.address, security=cluster.security, timeout=30)
             ray.init(backend="dask", client=client)

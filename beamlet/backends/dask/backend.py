@@ -62,8 +62,10 @@ class DaskBackend(Backend):
         else:
             check_backend_options(config, self.accepted_options, self.name)
             self.client = self._connect(config)
+            # (Not the scheduler's scratch dir, which Dask put on this process's path.)
+            own = self._cluster.local_directory if self._cluster is not None else None
             self.job = {"job_id": runtime.job_id, "namespace": runtime.namespace,
-                        "sys_path": [os.getcwd()] + [p for p in sys.path if p],
+                        "sys_path": [os.getcwd()] + [p for p in sys.path if p and p != own],
                         "job_metadata": runtime.job_metadata,
                         "default_actor_lifetime": runtime.default_actor_lifetime,
                         # Whether the workers send each attempt's end here (the
@@ -115,15 +117,17 @@ class DaskBackend(Backend):
             resources["GPU"] = float(config["num_gpus"]) / n
         for name, amount in (config.get("resources") or {}).items():
             resources[name] = float(amount) / n
-        from .cluster import ClusterProcess
-        self._cluster = ClusterProcess(n, resources, bool(config.get("dashboard")),
-                                       wait=False)  # (see __init__'s end)
+        from .cluster import Cluster
+        self._cluster = Cluster(n, resources, bool(config.get("dashboard")),
+                                wait=False)  # (see __init__'s end)
         try:
             from distributed import Client
             # (Its workers are on this machine: values are fetched from them
-            # directly, not relayed by the scheduler.)
+            # directly, not relayed by the scheduler. On the scheduler's event
+            # loop, as a client of Dask's own LocalCluster.)
             return Client(self._cluster.address, security=self._cluster.security,
-                          timeout=_CONNECT_TIMEOUT, direct_to_workers=True)
+                          timeout=_CONNECT_TIMEOUT, direct_to_workers=True,
+                          loop=self._cluster.loop)
         except BaseException:
             self._cluster.stop()
             raise

@@ -16,9 +16,9 @@ hop (a 100 MB task argument: about twice the CPU of plain TCP here) and
 protect nothing more.
 
 The key travels in the `KeyedSecurity` given to the cluster's processes and
-clients (``Client(address, security=...)``): to the cluster process on its
-standard input, to the workers inside Dask's own spawn of them (a pipe),
-never on a command line. Importing this module registers the scheme with
+clients (``Client(address, security=...)``): made in the driver, which runs
+the scheduler, and sent to each worker process on its standard input, never
+on a command line. Importing this module registers the scheme with
 Dask, which the unpickling of a `KeyedSecurity` does in every process that
 receives one.
 """

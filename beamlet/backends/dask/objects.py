@@ -23,6 +23,7 @@ or ``ObjectLostError`` as on any other backend.
 """
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import pickle
@@ -51,6 +52,11 @@ _GATHER_TIMEOUT = 300.0  # seconds for one fetch of finished values
 
 #: Bytes from which a buffer travels as a Dask frame of its own (see DaskObject).
 _OWN_FRAME = 64 * 1024
+#: Bytes from which a value scattered from the driver goes straight to a worker
+#: (three round trips: the scheduler's list of workers, the worker, the
+#: scheduler told) rather than through the scheduler (one round trip, and a
+#: copy through the scheduler's process: dearer for large values only).
+_DIRECT_SCATTER = 1024 * 1024
 
 
 class DaskObject(SerializedObject):
@@ -121,6 +127,10 @@ def as_stored(value: SerializedObject) -> SerializedObject:
     if value.is_error and not isinstance(value, FailedObject):
         return FailedObject(value.data, value.buffers, value.refs, True)
     return carried(value)
+
+
+def _nbytes(value: SerializedObject) -> int:
+    return len(value.data) + sum(memoryview(b).nbytes for b in value.buffers)
 
 
 def _may_be_error(fut) -> bool:
@@ -249,6 +259,13 @@ class DaskObjectStore(ObjectStore):
         self._batch_armed = False
         self._batch_lock = threading.Lock()
         self._flush_lock = threading.Lock()  # (batches are sent in the order made)
+        from distributed import get_worker
+        try:
+            #: The Dask worker this process is (None in a driver): gathers
+            #: take values it holds itself without a round trip.
+            self._worker = get_worker()
+        except ValueError:
+            self._worker = None
 
     # -- futures ------------------------------------------------------------------
     def adopt(self, object_id: bytes, future) -> None:
@@ -317,6 +334,11 @@ class DaskObjectStore(ObjectStore):
             if state is not None:
                 state.set_error(err, err.__traceback__)
 
+    def _scatter(self, values: dict) -> dict:
+        """Dask's scatter of {key: SerializedObject} (never hashed): Futures by key."""
+        direct = sum(_nbytes(v) for v in values.values()) >= _DIRECT_SCATTER
+        return self.client.scatter(values, hash=False, direct=direct)
+
     # -- call results -------------------------------------------------------------------
     def expect(self, object_id: bytes) -> concurrent.futures.Future:
         """Hold `object_id` as the result of an actor call made here: the
@@ -341,7 +363,7 @@ class DaskObjectStore(ObjectStore):
             return
         arrived = {key_of(i): as_stored(entry.result()) for i, entry in todo if entry.done()}
         if arrived:
-            futures = self.client.scatter(arrived, hash=False)
+            futures = self._scatter(arrived)
             for object_id, entry in todo:
                 fut = futures.get(key_of(object_id))
                 if fut is not None:
@@ -376,7 +398,8 @@ class DaskObjectStore(ObjectStore):
         def hand_over(value: SerializedObject) -> None:
             from distributed import Variable
             try:
-                scattered = self.client.scatter([as_stored(value)], hash=False)[0]
+                scattered = self._scatter({f"beamlet-relayed-{uuid.uuid4().hex}":
+                                           as_stored(value)}).popitem()[1]
                 Variable(name, client=self.client).set(scattered)
                 scattered.release()  # (the Variable holds it now)
             except Exception:  # noqa: BLE001 - the cluster is going away: nobody reads it
@@ -489,7 +512,7 @@ class DaskObjectStore(ObjectStore):
         key = key_of(object_id)
         if value.refs:
             self.publish(value.refs)
-        futures = self.client.scatter({key: carried(value)}, hash=False)
+        futures = self._scatter({key: carried(value)})
         self.adopt(object_id, futures[key])
         if value.refs:
             with self._lock:
@@ -523,16 +546,11 @@ class DaskObjectStore(ObjectStore):
         trip to the client's event loop (Dask's gather, which waits for them),
         rather than a wait and then a fetch; those that did not finish (or whose
         value went away) read as `_value` says. GetTimeoutError."""
-        from distributed import get_worker
-        try:
-            worker = get_worker()
-        except ValueError:
-            worker = None
         with seceded():
             try:
                 # (A dict: Dask leaves failed futures out of a gathered list.)
                 values = self.client.sync(self.client._gather, {f.key: f for f in futures},
-                                          errors="skip", local_worker=worker,
+                                          errors="skip", local_worker=self._worker,
                                           callback_timeout=timeout)
             except TimeoutError:
                 raise exc.GetTimeoutError(f"get timed out after {timeout} s") from None
@@ -557,13 +575,8 @@ class DaskObjectStore(ObjectStore):
         out = {}
         if len(batch) > 1:
             try:
-                from distributed import get_worker
-                try:
-                    worker = get_worker()
-                except ValueError:
-                    worker = None
                 values = self.client.sync(self.client._gather, [f for _, f in batch],
-                                          local_worker=worker,
+                                          local_worker=self._worker,
                                           callback_timeout=_GATHER_TIMEOUT)
             except Exception:  # noqa: BLE001 - some value went away: each is read alone
                 values = None
@@ -697,10 +710,16 @@ class DaskObjectStore(ObjectStore):
             return value if value.is_error else None
         with self._lock:
             fut = self._futures.get(object_id)
-        if fut is None or self.client.asynchronous or fut.status != "finished":
-            return None  # (not here, or on the client's event loop, where it cannot block)
+        if fut is None or fut.status != "finished":
+            return None
         kind = fut.type
         if not (isinstance(kind, type) and issubclass(kind, FailedObject)):
+            return None
+        if asyncio._get_running_loop() is not None:
+            # (On an event loop's thread, where a ref may be dropped by a garbage
+            # collection: the client's, where a fetch cannot block, or the
+            # scheduler's, when it runs in this process, which would stop answering
+            # while its fetch waited for it.)
             return None
         return self._value(object_id, fut)
 

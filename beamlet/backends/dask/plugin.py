@@ -6,8 +6,8 @@ from ...core.plugins import hookimpl
 
 def _dask(config, runtime):
     import importlib.util
-    # (Found, not imported: a LocalCluster's process starts before this one
-    # imports Dask, so that both import it at once.)
+    # (Found, not imported: a LocalCluster's worker processes start before
+    # this one imports Dask, so that they all import it at once.)
     if importlib.util.find_spec("distributed") is None:
         raise ValueError("backend 'dask' needs Dask's distributed package: "
                          "pip install 'beamlet[dask]'") from None
