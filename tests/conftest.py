@@ -76,6 +76,8 @@ class BackendInfo:
     concurrency_groups: bool = False
     multi_node: bool = False
     owner_fate_sharing: bool = False
+    actors_lend_cpus: bool = True
+    prompt_state: bool = True
 
     @classmethod
     def current(cls) -> "BackendInfo":
@@ -83,7 +85,8 @@ class BackendInfo:
         return cls(b.name, bool(b.parallel), bool(b.isolated), bool(b.zero_copy),
                    bool(b.manages_workers), bool(b.task_events), bool(b.placement_groups),
                    bool(b.concurrency_groups), bool(b.multi_node),
-                   bool(b.owner_fate_sharing))
+                   bool(b.owner_fate_sharing), bool(b.actors_lend_cpus),
+                   bool(b.prompt_state))
 
     def require(self, *flags: str) -> None:
         """Skip the running test unless this backend has every capability flag
@@ -101,7 +104,8 @@ _WHY_NOT = {"parallel": "tasks run one at a time inside .remote()",
             "concurrency_groups": "its actors do not run calls in concurrency groups",
             "manages_workers": "the engine, not beamlet, restarts crashed workers and "
                                "retries their tasks, and actors hold no resources while alive",
-            "task_events": "the driver does not see every task end (no state API, no timeline)"}
+            "task_events": "the driver does not see every task end (no state API, no timeline)",
+            "actors_lend_cpus": "an actor blocked in get/wait keeps its CPUs (Ray's rule)"}
 
 
 def _reset() -> None:

@@ -43,6 +43,11 @@ class RayBackend(Backend):
     manages_workers = True
     # Ray's ownership: a task's children's results die with the task's worker.
     owner_fate_sharing = True
+    # Ray's rules: a blocked actor keeps its CPUs (only a blocked task lends
+    # them), and what the GCS and owners tell (resources taken, an actor's
+    # crash, an owner's death) reaches other processes a little later.
+    actors_lend_cpus = False
+    prompt_state = False
     # Ray's own placement groups and concurrency groups (groups.py, scheduler.py).
     placement_groups = True
     concurrency_groups = True

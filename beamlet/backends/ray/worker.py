@@ -248,8 +248,13 @@ class _Host:
         self._job = _job(job)
         self._spec = spec
         self._dead: str | None = None
+        reconstructed = _reconstructed()
+        if reconstructed:
+            # (Ray reran the constructor: the instance reads it in
+            # get_runtime_context().was_current_actor_reconstructed.)
+            spec.attempt = max(spec.attempt, 1)
         if self._job.events is not None:
-            if _reconstructed():
+            if reconstructed:
                 self._tell(ActorLifecycle.RESTARTING, "its process died")
             self._job.events.running(self._job.job_id, spec)
         with self._job.store.provided(dep_ids, dep_values, carried):
