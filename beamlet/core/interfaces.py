@@ -395,6 +395,10 @@ class Backend(abc.ABC):
     #: worker's client side forwards submissions to the owner, which pins
     #: their arguments.
     owns_objects: ClassVar[bool] = True
+    #: True where the engine beneath keeps a task's ref arguments (and the
+    #: refs inside its inline ones) alive until the task ends, as Ray does:
+    #: the owner's Runtime then does not pin them itself (`Runtime.accept`).
+    engine_keeps_arguments: ClassVar[bool] = False
 
     object_store: ObjectStore
     control_store: ControlStore

@@ -47,6 +47,9 @@ class RayBackend(Backend):
     # them), and what the GCS and owners tell (resources taken, an actor's
     # crash, an owner's death) reaches other processes a little later.
     actors_lend_cpus = False
+    # Ray keeps a submitted task's ref arguments alive until it ends (its own
+    # reference counting), so beamlet does not pin them again.
+    engine_keeps_arguments = True
     prompt_state = False
     # Ray's own placement groups and concurrency groups (groups.py, scheduler.py).
     placement_groups = True
