@@ -86,6 +86,7 @@ class RayBackend(Backend):
             self.task_events = bool(config.get("task_events", False))
             self._connect(config)
             self.job = {"job_id": runtime.job_id, "namespace": runtime.namespace,
+                        "job_metadata": runtime.job_metadata,
                         "sys_path": [os.getcwd()] + [p for p in sys.path if p],
                         "task_events": self.task_events}
         else:

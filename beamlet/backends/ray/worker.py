@@ -47,7 +47,7 @@ class _Job:
                 sys.path.insert(0, path)
         from .backend import RayBackend
         config = {"job_id": job["job_id"], "namespace": job["namespace"], "ray_worker": True,
-                  "job": job}
+                  "job": job, "job_metadata": job.get("job_metadata")}
         self.runtime = _runtime.Runtime(RayBackend, config)
         self.executor = Executor(self.runtime)
         self.store = self.runtime.backend.object_store
