@@ -24,7 +24,9 @@ p.add_argument("--json")
 p.add_argument("--worker-bytecodes", action="store_true")
 a = p.parse_args()
 import ray, beamlet, logging
-import tempfile, shutil, atexit; _tmp = tempfile.mkdtemp(prefix="r10", dir="/tmp"); atexit.register(shutil.rmtree, _tmp, True)
+import atexit, shutil, tempfile
+_tmp = tempfile.mkdtemp(prefix="ray-task-cpu-")  # (Ray's session files, removed at the end)
+atexit.register(shutil.rmtree, _tmp, True)
 ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, _temp_dir=_tmp)
 beamlet.init(backend="ray")
 
@@ -45,6 +47,14 @@ def binc(x):
     return x + 1
 
 CH = int(os.environ.get("CHAIN", "200"))
+def _end():
+    """Stop both, remove Ray's session files, exit."""
+    beamlet.shutdown()
+    ray.shutdown()
+    shutil.rmtree(_tmp, ignore_errors=True)
+    sys.exit(0)
+
+
 fw = {"ray": (ray, noop, inc), "beamlet": (beamlet, bnoop, binc)}
 
 def row(name, mod, f, g, n):
@@ -117,7 +127,7 @@ if a.worker_bytecodes:
             print(f"{r} {k}: worker bytecodes/task {sum(total.values())/n:.0f} (workers {sorted(pids)} -> {sorted(p for p, _ in got)})")
             for key, c in total.most_common(20):
                 print(f"    {c/n:8.1f} {key}")
-    sys.exit(0)
+    _end()
 
 if a.bytecodes:
     for r in a.rows.split(","):
@@ -139,7 +149,7 @@ if a.bytecodes:
             print(f"{r} {k}: driver bytecodes/task {sum(counts.values())/n:.0f}")
             for key, c in counts.most_common(60):
                 print(f"    {c/n:8.1f} {key}")
-    sys.exit(0)
+    _end()
 
 res = collections.defaultdict(list)
 for rnd in range(a.rounds):
@@ -161,4 +171,4 @@ for r in a.rows.split(","):
     print(f"{r}: median ray {statistics.median(nat):.1f} us, beamlet {statistics.median(bm):.1f} us, ratio per round {['%.2f' % x for x in ratios]}, median {statistics.median(ratios):.2f}")
 if a.json:
     json.dump(out, open(a.json, "w"), indent=1)
-beamlet.shutdown(); ray.shutdown()
+_end()
