@@ -20,7 +20,8 @@ from .core import plugins
 
 CAPABILITY_FLAGS = ("parallel", "isolated", "zero_copy", "multi_node", "manages_workers",
                     "task_events", "placement_groups", "concurrency_groups",
-                    "streaming_generators", "owner_fate_sharing")
+                    "streaming_generators", "owner_fate_sharing", "actors_lend_cpus",
+                    "prompt_state")
 
 # Exit code when no command was given (the help is printed).
 NOT_AVAILABLE = 2

@@ -807,9 +807,12 @@ def wait_for_quiet(max_wait, log, threshold=0.15, window=2.0):
 
 # --------------------------------------------------------------------------- module loading
 def load_module(name):
-    if name == "dask":
+    """The module with Ray's API: for ``ray`` and ``dask`` a shim that imports
+    the engine in ``init()`` (beamlet imports it there too, so every cold
+    start counts it)."""
+    if name in ("dask", "ray"):
         sys.path.insert(0, HERE)
-        return importlib.import_module("dask_shim")
+        return importlib.import_module("dask_shim" if name == "dask" else "lazy_ray")
     return importlib.import_module(name)
 
 

@@ -76,6 +76,8 @@ class BackendInfo:
     concurrency_groups: bool = False
     multi_node: bool = False
     owner_fate_sharing: bool = False
+    actors_lend_cpus: bool = True
+    prompt_state: bool = True
 
     @classmethod
     def current(cls) -> "BackendInfo":
@@ -83,7 +85,8 @@ class BackendInfo:
         return cls(b.name, bool(b.parallel), bool(b.isolated), bool(b.zero_copy),
                    bool(b.manages_workers), bool(b.task_events), bool(b.placement_groups),
                    bool(b.concurrency_groups), bool(b.multi_node),
-                   bool(b.owner_fate_sharing))
+                   bool(b.owner_fate_sharing), bool(b.actors_lend_cpus),
+                   bool(b.prompt_state))
 
     def require(self, *flags: str) -> None:
         """Skip the running test unless this backend has every capability flag
@@ -101,7 +104,8 @@ _WHY_NOT = {"parallel": "tasks run one at a time inside .remote()",
             "concurrency_groups": "its actors do not run calls in concurrency groups",
             "manages_workers": "the engine, not beamlet, restarts crashed workers and "
                                "retries their tasks, and actors hold no resources while alive",
-            "task_events": "the driver does not see every task end (no state API, no timeline)"}
+            "task_events": "the driver does not see every task end (no state API, no timeline)",
+            "actors_lend_cpus": "an actor blocked in get/wait keeps its CPUs (Ray's rule)"}
 
 
 def _reset() -> None:
@@ -338,7 +342,9 @@ def init_options(name: str, **options) -> dict:
         options["client"] = _dask_cluster.client()
     elif name == "ray" and "address" not in options:
         options.pop("num_cpus", None)
-        options.setdefault("task_events", True)  # (off by default: it costs CPU)
+        # (Off by default: it costs CPU. BEAMLET_TEST_RAY_TASK_EVENTS=0 runs the
+        # suite as programs run by default, through the plain calls' own path.)
+        options.setdefault("task_events", os.environ.get("BEAMLET_TEST_RAY_TASK_EVENTS") != "0")
         _ray_cluster.connect()
     elif name == "cluster" and "address" not in options:
         options.pop("num_cpus", None)
@@ -356,7 +362,7 @@ def own_init_options(name: str, **options) -> dict:
     if name != "cluster":
         options.setdefault("num_cpus", NUM_CPUS)
     if name == "ray":
-        options.setdefault("task_events", True)  # (off by default: it costs CPU)
+        options.setdefault("task_events", os.environ.get("BEAMLET_TEST_RAY_TASK_EVENTS") != "0")
     return options
 
 

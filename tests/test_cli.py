@@ -61,14 +61,16 @@ def test_backend_flags_are_read_without_starting_the_backend():
                                        "manages_workers": True, "task_events": False,
                                        "placement_groups": False, "concurrency_groups": False,
                                        "streaming_generators": False,
-                                       "owner_fate_sharing": False}
+                                       "owner_fate_sharing": False, "actors_lend_cpus": True,
+                                       "prompt_state": True}
     factory.backend_class = "beamlet.backends.local.inprocess:InProcessBackend"
     assert cli.backend_flags(factory) == {"parallel": False, "isolated": False,
                                           "zero_copy": False, "multi_node": False,
                                           "manages_workers": True, "task_events": True,
                                           "placement_groups": True, "concurrency_groups": True,
                                           "streaming_generators": True,
-                                          "owner_fate_sharing": False}
+                                          "owner_fate_sharing": False, "actors_lend_cpus": True,
+                                       "prompt_state": True}
     factory.backend_class = "no.such.module:Backend"
     assert cli.backend_flags(factory) is None
     del factory.backend_class

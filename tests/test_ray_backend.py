@@ -479,6 +479,75 @@ def test_task_events_are_off_unless_asked_for(session, tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == "off"
 
 
+PLAIN_CALLS = """
+import beamlet, pytest
+from beamlet import exceptions as exc
+T = {T}
+beamlet.init(backend="ray", address={address!r})
+
+@beamlet.remote
+def inc(x):
+    return x + 1
+
+@beamlet.remote
+def context():
+    return beamlet.get_runtime_context().get_task_id()
+
+@beamlet.remote
+def fail():
+    raise KeyError("no")
+
+@beamlet.remote
+def nested(n):
+    return sum(beamlet.get([inc.remote(beamlet.put(i)) for i in range(n)], timeout=T))
+
+@beamlet.remote(num_returns="dynamic")
+def items(n):
+    for i in range(n):
+        yield i
+
+@beamlet.remote
+def total(refs):
+    return sum(beamlet.get(list(refs), timeout=T))
+
+@beamlet.remote
+def first(generator):
+    return beamlet.get(next(iter(generator)), timeout=T)
+
+r = beamlet.put(0)
+for _ in range(20):               # refs as every argument: only they go to Ray
+    r = inc.remote(r)
+assert beamlet.get(r, timeout=T) == 20
+ids = beamlet.get([context.remote() for _ in range(4)], timeout=T)  # no argument at all
+assert len(set(ids)) == 4 and all(ids), ids
+assert beamlet.get(inc.options(num_cpus=2).remote(r), timeout=T) == 21  # another kind
+assert beamlet.get(inc.remote(r), timeout=T) == 21
+with pytest.raises(ValueError, match="CPU"):
+    inc.options(num_cpus=3).remote(r)
+with pytest.raises(KeyError):
+    beamlet.get(fail.remote(), timeout=T)
+with pytest.raises(KeyError):     # a failed argument fails the task that takes it
+    beamlet.get(inc.remote(fail.remote()), timeout=T)
+assert beamlet.get(nested.remote(5), timeout=T) == 15   # inline arguments: the spec goes
+gen = items.remote(3)
+assert beamlet.get(total.remote(beamlet.get(gen, timeout=T)), timeout=T) == 3
+assert beamlet.get(first.remote(gen), timeout=T) == 0   # a dynamic call's ref as the argument
+beamlet.shutdown()
+print("plain")
+"""
+
+
+def test_plain_calls_without_task_events(session, tmp_path):
+    """Without task events (the default) a plain task call gives Ray only its
+    ref arguments (worker.plain_function): what each call needs, it finds."""
+    code = PLAIN_CALLS.format(T=T, address=session.address)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=4 * T, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "plain"
+
+
 def test_cancelling_tasks_whose_results_are_in_leaves_the_driver_alive(session, tmp_path):
     """``get(ref)`` then ``cancel(ref)`` at once: a cancel of a finished task
     does nothing, and reaches no Ray. (Ray 2.60 stores a task's results, waking

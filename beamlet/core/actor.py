@@ -329,7 +329,7 @@ class ActorMethod:
             # runtime puts in its spec (the Runtime's `plain_calls`).
             rt.remember_plain_call((handle._actor_id, self._name), (
                 argspec, f"{handle._class_name}.{self._name}.remote()",
-                rt.backend.scheduler.submit, rt.backend.owns_objects, spec.actor_options,
+                rt.backend.scheduler.submit, rt.pins_arguments, spec.actor_options,
                 spec.env_vars))
         if generator is not None and generator[0] == STREAMING:
             from .generators import ObjectRefGenerator

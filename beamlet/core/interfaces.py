@@ -360,6 +360,17 @@ class Backend(abc.ABC):
       ``cancel(force=True)``), ``get`` of its children's refs raises
       ``OwnerDiedError``. False: the node keeps every object while a ref to
       it lives anywhere.
+    - ``actors_lend_cpus``: an actor blocked in ``get``/``wait`` lends its CPUs
+      to other work until it resumes, as a blocked task does, so actors
+      holding every CPU can wait on tasks. False (Ray): an actor keeps its
+      resources while it blocks; only tasks lend theirs.
+    - ``prompt_state``: every process sees a change of state as soon as it is
+      made: ``available_resources()`` counts a task's request while it runs,
+      a call made after an actor's crash waits for its restart, and an object
+      is lost as soon as calls to its dead owner fail. False (Ray): these
+      reach a process asynchronously (Ray's GCS and owners tell them within
+      a second or two), so they are seen late; a call sent before the caller
+      learnt of the crash fails as the crashing call did.
 
     ``inline_threshold`` is the size below which values travel inside messages
     rather than through the object store.
@@ -377,11 +388,17 @@ class Backend(abc.ABC):
     task_events: ClassVar[bool] = False
     streaming_generators: ClassVar[bool] = False
     owner_fate_sharing: ClassVar[bool] = False
+    actors_lend_cpus: ClassVar[bool] = True
+    prompt_state: ClassVar[bool] = True
     inline_threshold: ClassVar[int] = 100 * 1024
     #: True where this process owns the objects it creates (the driver); a
     #: worker's client side forwards submissions to the owner, which pins
     #: their arguments.
     owns_objects: ClassVar[bool] = True
+    #: True where the engine beneath keeps a task's ref arguments (and the
+    #: refs inside its inline ones) alive until the task ends, as Ray does:
+    #: the owner's Runtime then does not pin them itself (`Runtime.accept`).
+    engine_keeps_arguments: ClassVar[bool] = False
 
     object_store: ObjectStore
     control_store: ControlStore

@@ -110,7 +110,7 @@ class RemoteFunction:
             # What every later plain call of this function in this runtime puts
             # in its spec (see Runtime.plain_calls).
             rt.remember_plain_call(self, (argspec, f"{self._name}.remote()",
-                                          rt.backend.scheduler.submit, rt.backend.owns_objects,
+                                          rt.backend.scheduler.submit, rt.pins_arguments,
                                           function_id, resources, max_retries,
                                           retry_exceptions, spec.env_vars, placed))
         if generator is not None and generator[0] == STREAMING:

@@ -96,7 +96,7 @@ class Runtime:
         #: A RemoteFunction -> for ``f.remote(...)`` with its default options,
         #: one return, no generator, no placement decided per call: (ArgSpec,
         #: its error label, the scheduler's submit, whether a spec with
-        #: arguments goes through `accept` instead (the backend owns objects),
+        #: arguments goes through `accept` instead (`pins_arguments`),
         #: function id, resources, max_retries, retry_exceptions, env_vars with
         #: the job's, placement). (actor id, method name) -> for
         #: ``handle.method.remote(...)`` without .options(), one return, no
@@ -108,6 +108,9 @@ class Runtime:
         self._callbacks_lock = threading.Lock()
         self.backend: Backend = backend_factory(config, self)
         self._object_released = self.backend.object_released  # (see _released)
+        #: Whether a submission here pins its ref arguments until it ends (`accept`).
+        self.pins_arguments = bool(self.backend.owns_objects and
+                                   not getattr(self.backend, "engine_keeps_arguments", False))
         from .interfaces import Backend as _Backend
         if getattr(type(self.backend), "object_referenced", None) is _Backend.object_referenced:
             self.refs.skip_referenced()  # (the owner's backend needs no word of a 0 -> 1)
@@ -197,7 +200,7 @@ class Runtime:
         """Hand a spec to the scheduler; return refs to its results."""
         ObjectRef = _object_ref_class()
         refs = [ObjectRef(rid) for rid in spec.return_ids]
-        if self.backend.owns_objects:
+        if self.pins_arguments:
             self.accept(spec)
         else:
             self.backend.scheduler.submit(spec)

@@ -43,6 +43,14 @@ class RayBackend(Backend):
     manages_workers = True
     # Ray's ownership: a task's children's results die with the task's worker.
     owner_fate_sharing = True
+    # Ray's rules: a blocked actor keeps its CPUs (only a blocked task lends
+    # them), and what the GCS and owners tell (resources taken, an actor's
+    # crash, an owner's death) reaches other processes a little later.
+    actors_lend_cpus = False
+    # Ray keeps a submitted task's ref arguments alive until it ends (its own
+    # reference counting), so beamlet does not pin them again.
+    engine_keeps_arguments = True
+    prompt_state = False
     # Ray's own placement groups and concurrency groups (groups.py, scheduler.py).
     placement_groups = True
     concurrency_groups = True
@@ -78,6 +86,7 @@ class RayBackend(Backend):
             self.task_events = bool(config.get("task_events", False))
             self._connect(config)
             self.job = {"job_id": runtime.job_id, "namespace": runtime.namespace,
+                        "job_metadata": runtime.job_metadata,
                         "sys_path": [os.getcwd()] + [p for p in sys.path if p],
                         "task_events": self.task_events}
         else:

@@ -167,6 +167,11 @@ class RayObjectStore(ObjectStore):
             if actor_id is not None:
                 self._calls.update(dict.fromkeys(object_ids, actor_id))
 
+    def adopt_one(self, object_id: bytes, ray_ref) -> None:
+        """`adopt` of a task's one result."""
+        with self._lock:
+            self._refs[object_id] = ray_ref
+
     def adopt_stream(self, stream_id: bytes, generator) -> None:
         """Hold the Ray ObjectRefGenerator of a generator call this process just
         submitted: the stream's id stands for its ``completed()`` ref, and item
@@ -316,17 +321,30 @@ class RayObjectStore(ObjectStore):
                 self._counter.incr_all(sobj.refs)
         return sobj
 
+    def unpack_arg(self, value) -> SerializedObject:
+        """The SerializedObject of a ref argument's value as Ray resolved it
+        (see `worker.plain_function`); what it carries is learnt."""
+        kind = type(value)
+        if kind is bytes:
+            return SerializedObject(value)
+        if kind is _RayDynamic:
+            return self._unpack_dynamic(None, value)
+        return self.unpack(None, value)
+
     def _unpack_dynamic(self, object_id: bytes | None, value) -> SerializedObject:
         """A ``num_returns="dynamic"`` call's value, as Ray gives it (the refs of
         everything its generator yielded: the items, then the call's own value,
         worker.py): the items' refs are learnt under their item ids."""
         refs = list(value)
-        if object_id is not None:
-            with self._lock:
-                for index, ref in enumerate(refs[:-1]):
-                    self._refs.setdefault(item_id(object_id, index), ref)
         own = _ray.get(refs[-1], timeout=_DYNAMIC_TIMEOUT)  # (stored before the call ended)
-        return self.unpack(object_id, own)
+        sobj = self.unpack(object_id, own)
+        # (Without the call's id: its value holds the items' refs, in their order.)
+        ids = (item_id(object_id, i) for i in range(len(refs) - 1)) if object_id is not None \
+            else sobj.refs
+        with self._lock:
+            for item, ref in zip(ids, refs[:-1]):
+                self._refs.setdefault(item, ref)
+        return sobj
 
     def provided(self, dep_ids: Sequence[bytes], dep_values: Sequence, carried: tuple):
         """A context manager: within the block (in this thread), `get` of these
@@ -384,8 +402,12 @@ class RayObjectStore(ObjectStore):
             fail_fast: bool = False) -> list:
         self._check_open()
         local = self._local.get()
-        out = {i: local[i] for i in object_ids if i in local}
-        missing = [i for i in dict.fromkeys(object_ids) if i not in out]
+        if local:
+            out = {i: local[i] for i in object_ids if i in local}
+            missing = [i for i in dict.fromkeys(object_ids) if i not in out]
+        else:  # (the driver's get: nothing resolved by Ray for a running task)
+            out = {}
+            missing = list(dict.fromkeys(object_ids)) if len(object_ids) > 1 else object_ids
         if missing:
             if self._streams:
                 until = deadline(timeout)
@@ -393,7 +415,10 @@ class RayObjectStore(ObjectStore):
                     if i not in self._refs and self._stream_of(i) is not None and \
                             not self._pull(i, remaining(until)):
                         raise exc.GetTimeoutError(f"get timed out after {timeout} s")
-            refs = [self.ray_ref(i) for i in missing]
+            with self._lock:
+                refs = list(map(self._refs.get, missing))
+            if None in refs:  # (ids this process does not hold a Ray ref for)
+                refs = [r if r is not None else self.ray_ref(i) for i, r in zip(missing, refs)]
             if fail_fast and len(refs) > 1:
                 values = self._until_error(missing, refs, timeout)
             else:
@@ -577,17 +602,23 @@ class RayObjectStore(ObjectStore):
 
     def delete(self, object_ids: Iterable[bytes]) -> None:
         released = []
+        refs, calls, read, tokens, contained_in = (self._refs, self._calls, self._read,
+                                                   self.tokens, self._contained)
         with self._lock:
             for object_id in object_ids:
-                self._refs.pop(object_id, None)
-                self._calls.pop(object_id, None)
-                self._read.pop(object_id, None)
-                actor_id = self.tokens.pop(object_id, None)
-                if actor_id is not None:
-                    self.actors.pop(actor_id, None)  # (Ray ends it once no handle is left)
-                contained = self._contained.pop(object_id, None)
-                if contained:
-                    released.extend(contained)
+                refs.pop(object_id, None)
+                if calls:
+                    calls.pop(object_id, None)
+                if read:
+                    read.pop(object_id, None)
+                if tokens:
+                    actor_id = tokens.pop(object_id, None)
+                    if actor_id is not None:
+                        self.actors.pop(actor_id, None)  # (Ray ends it once no handle is left)
+                if contained_in:
+                    contained = contained_in.pop(object_id, None)
+                    if contained:
+                        released.extend(contained)
                 if self._streams:
                     stream = self._streams.get(stream_prefix(object_id))
                     if stream is not None and stream.stream_id == object_id:

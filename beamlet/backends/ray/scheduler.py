@@ -31,9 +31,9 @@ from ...core import plugins
 from ...core.interfaces import Scheduler
 from ...core.scheduling import ActorLifecycle
 from ...core.task_events import PENDING_ARGS_AVAIL, PENDING_NODE_ASSIGNMENT, SUBMITTED_TO_WORKER
-from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
+from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, ARG_REF, TASK, TaskSpec
 from .control import NAMESPACE
-from .worker import actor_host_class, stream_function, task_function, wire
+from .worker import actor_host_class, plain_function, stream_function, task_function, wire
 
 ACTOR_PREFIX = "beamlet-actor-"
 #: actor id -> its concurrency groups' names, one a line (in the control store)
@@ -77,6 +77,10 @@ class RayScheduler(Scheduler):
         self._nodes: list[dict] | None = None  # each live node's resources, cached
         # Ray's .options() builds and checks a new wrapper each call: one per kind of task.
         self._task_kinds: dict[tuple, object] = {}
+        #: The same for plain calls (`_plain_kind`): by their contents, and the
+        #: last one of each function by the identity of its spec's shared parts.
+        self._plain_kinds: dict[tuple, object] = {}
+        self._plain: dict[tuple, tuple] = {}
         self._run_task = task_function(backend.job)
         self._run_stream = None  # (made on the first generator task)
         from .groups import RayPlacementGroups
@@ -135,6 +139,15 @@ class RayScheduler(Scheduler):
 
     # -- submission --------------------------------------------------------------------
     def submit(self, spec: TaskSpec) -> None:
+        if spec.kind == TASK and spec.generator is None and spec.placement_group is None \
+                and not self._events_on and len(spec.return_ids) == 1 and not spec.kwargs:
+            refs = self._args_by_ref(spec.args) if spec.args else ()
+            if refs is not None:
+                # (A request no node could meet raises here, before the hooks hear of it.)
+                remote = self._plain_kind(spec, bool(refs))
+                plugins.notify("beamlet_task_submitted", spec=spec)
+                self._store.adopt_one(spec.return_ids[0], remote.remote(*refs))
+                return
         # A request no node could meet raises here, before the hooks hear of it.
         if spec.kind == ACTOR_CREATION:
             placed = self._options(spec)
@@ -267,6 +280,41 @@ class RayScheduler(Scheduler):
             self._backend.events.failed_here(spec, error)
         else:
             self._sender.finished(self._backend.job["job_id"], spec, "FAILED", 0.0, None)
+
+    def _args_by_ref(self, args: list) -> list | None:
+        """The Ray refs of `args` if every one is a ref (`worker.plain_function`
+        takes them), else None."""
+        refs = []
+        for kind, value in args:
+            if kind != ARG_REF:
+                return None
+            refs.append(self._store.ray_ref(value))
+        return refs
+
+    def _plain_kind(self, spec: TaskSpec, takes_args: bool):
+        """The Ray remote function with Ray's options for plain calls like `spec`
+        (`worker.plain_function`): found by the identity of the spec's shared
+        parts (a plain call's spec shares them with the function's earlier
+        ones: see Runtime.plain_calls), else by their contents."""
+        known = self._plain.get((spec.function_id, takes_args))
+        if known is not None and known[0] is spec.resources and known[1] is spec.env_vars \
+                and known[2] == spec.max_retries and known[3] is spec.retry_exceptions:
+            return known[4]
+        env = tuple(sorted(spec.env_vars.items())) if spec.env_vars else None
+        key = (spec.function_id, takes_args, spec.function_name,
+               tuple(sorted((spec.resources or {}).items())), spec.max_retries,
+               spec.retry_exceptions, env, spec.caller_id)
+        kind = self._plain_kinds.get(key)
+        if kind is None:
+            template = (spec.function_id, spec.function_name, spec.resources, spec.max_retries,
+                        spec.retry_exceptions, spec.env_vars, spec.caller_id)
+            kind = plain_function(self._backend.job, template, takes_args).options(
+                num_returns=1, max_retries=spec.max_retries, retry_exceptions=False,
+                name=spec.display_name, **self._options(spec))
+            self._plain_kinds[key] = kind
+        self._plain[spec.function_id, takes_args] = (
+            spec.resources, spec.env_vars, spec.max_retries, spec.retry_exceptions, kind)
+        return kind
 
     def _task_kind(self, spec: TaskSpec):
         """The job's Ray task with the spec's Ray options (made once per kind of task)."""

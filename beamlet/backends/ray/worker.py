@@ -31,7 +31,8 @@ from ...core import runtime as _runtime
 from ...core.execution import Executor
 from ...core.scheduling import ActorLifecycle, run_attempts
 from ...core.serialization import serialize
-from ...core.task_spec import TaskSpec
+from ...core.ids import new_id
+from ...core.task_spec import ARG_VALUE, TASK, TaskSpec
 
 _jobs: dict[str, "_Job"] = {}
 _jobs_lock = threading.Lock()
@@ -46,7 +47,7 @@ class _Job:
                 sys.path.insert(0, path)
         from .backend import RayBackend
         config = {"job_id": job["job_id"], "namespace": job["namespace"], "ray_worker": True,
-                  "job": job}
+                  "job": job, "job_metadata": job.get("job_metadata")}
         self.runtime = _runtime.Runtime(RayBackend, config)
         self.executor = Executor(self.runtime)
         self.store = self.runtime.backend.object_store
@@ -215,6 +216,55 @@ def task_function(job: dict):
     return _ray.remote(run_task)
 
 
+def plain_function(job: dict, template: tuple, takes_args: bool):
+    """A Ray remote function for the plain calls of one beamlet function (one
+    return, no generator, no placement group, no task events) whose every
+    argument is a ref: Ray's arguments are exactly those refs, resolved by Ray,
+    and what the spec holds besides is `template` (``function_id``,
+    ``function_name``, ``resources``, ``max_retries``, ``retry_exceptions``,
+    ``env_vars``, ``caller_id``), carried once with the function. Each Ray
+    argument costs Ray some CPU per task (native Ray's own no-op task costs
+    about a sixth more with one argument than with none), so the common call
+    sends none of its own.
+
+    Without `takes_args` the function has no parameters, for calls without
+    arguments: Ray binds a call's arguments to the signature (with
+    ``inspect``, some 130 bytecodes) unless the function takes none.
+
+    The spec made here has an id of its own (what ``get_runtime_context()``
+    says inside the task); nothing outside this worker names it."""
+    # (The closures call module-level functions: Ray pickles a closure's
+    # globals by value, but a module's functions by reference.)
+    if takes_args:
+        def run_plain(*values):
+            return _run_plain(job, template, values)
+    else:
+        def run_plain():
+            return _run_plain(job, template, ())
+    return _ray.remote(run_plain)
+
+
+def _run_plain(job: dict, template: tuple, values: tuple):
+    """A plain call as `plain_function` makes it, `values` its arguments' values."""
+    state = _jobs.get(job["job_id"])
+    if state is None:
+        state = _job(job)
+    else:
+        _runtime.set_current(state.runtime)
+    args = [(ARG_VALUE, state.store.unpack_arg(v)) for v in values] if values else []
+    function_id, function_name, resources, max_retries, retry_exceptions, env_vars, \
+        caller_id = template
+    spec = TaskSpec(new_id(), TASK, function_id, function_name, args, {}, _ONE_RETURN,
+                    resources, max_retries, retry_exceptions, None, None, None, caller_id,
+                    0, env_vars, None, None)
+    result = run_attempts(spec, state.executor.execute)
+    return state.store.pack(result.values[0])
+
+
+#: The return ids of a plain call run by `plain_function` (only their number is read here).
+_ONE_RETURN = (bytes(16),)
+
+
 def _placement_group_ready(job: dict, pg_id: bytes, value):
     """(Runs in the group, once its bundles are reserved.) Record the group
     CREATED, then return `value` (the group, packed): whoever gets the ready
@@ -248,8 +298,13 @@ class _Host:
         self._job = _job(job)
         self._spec = spec
         self._dead: str | None = None
+        reconstructed = _reconstructed()
+        if reconstructed:
+            # (Ray reran the constructor: the instance reads it in
+            # get_runtime_context().was_current_actor_reconstructed.)
+            spec.attempt = max(spec.attempt, 1)
         if self._job.events is not None:
-            if _reconstructed():
+            if reconstructed:
                 self._tell(ActorLifecycle.RESTARTING, "its process died")
             self._job.events.running(self._job.job_id, spec)
         with self._job.store.provided(dep_ids, dep_values, carried):
