@@ -262,8 +262,13 @@ def test_a_proof_relayed_from_another_port_is_refused(no_backend):
             Client(relayed_address, security=cluster.security, timeout=10)
         assert relayed, "the relay carried nothing: the test did not reach the proof"
     finally:
+        try:  # (wakes the accept() above: close() alone does not, on Linux)
+            relay.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         relay.close()
         server.join(30)
+        assert not server.is_alive(), "the relay's accept loop did not end"
         for end in opened:
             end.close()
     # The same key at the scheduler's own address is accepted.
