@@ -1713,20 +1713,51 @@ def test_a_peer_without_the_key_is_refused_by_a_drivers_direct_port(cluster, dri
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         with pytest.raises(auth.AuthenticationError):
             auth.join(sock, b"k" * 32, direct.VERSION, timeout=10)
-    # The right key, a token the driver never gave out: closed before any call.
-    key = direct.channel_key(bytes.fromhex(head["token"]))
-    wire = direct.connect(hub.address, key, b"t" * 16, timeout=10)
-    try:
-        assert wire.wait(30)
-        with pytest.raises(EOFError):
-            wire.recv_all()
-    finally:
-        wire.close()
-    # The channels that were asked for still work.
+    # A worker holds only the keys of the channels it was asked to open. With one
+    # of them (or even the cluster-wide key its node derives them from) it cannot
+    # get another driver's process to unpickle anything: the channel must be one
+    # the driver has pending, its own key proven, and its hello is raw bytes.
+    parent = direct.channel_key(bytes.fromhex(head["token"]))
     counter = Counter.remote()
-    channel = _open_channel(counter)
+    asked = _open_channel(counter)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        with pytest.raises(auth.AuthenticationError):  # (no channel named: the old way)
+            auth.join(sock, parent, direct.VERSION, timeout=10)
+    other = b"o" * 16  # (a channel of another job, or of another driver)
+    with pytest.raises((exc.BackendError, EOFError)):  # (an id not pending: closed)
+        wire = direct.connect(hub.address, direct.channel_secret(parent, other), other,
+                              timeout=10)
+        wire.send(Bomb())
+        assert wire.wait(30)
+        wire.recv_all()
+    # A pending channel's id with another channel's key: the handshake fails.
+    token = b"p" * 16
+    with runtime.current().backend.scheduler.lock:
+        pending = direct.Channel(b"a" * 16, None, token, [],
+                                 direct.channel_secret(hub.key, token))
+        hub.pending[pending.id] = pending
+    try:
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(direct._GREETING + pending.id)
+            with pytest.raises(auth.AuthenticationError):
+                auth.join(sock, direct.channel_secret(parent, other), direct.VERSION,
+                          timeout=10)
+        # Its own key, and a pickle for a hello: refused, not unpickled.
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(direct._GREETING + pending.id)
+            shake = auth.join(sock, pending.key, direct.VERSION, timeout=10)
+            wire = direct.Wire(sock, shake.session_key, driver=False)
+            wire.send(("hello", Bomb(), 1))
+            wire.send(Bomb())
+            assert wire.wait(30)
+            with pytest.raises(EOFError):
+                wire.recv_all()
+    finally:
+        hub.pending.pop(pending.id, None)
+    assert not touched.exists()
+    # The channels that were asked for still work.
     assert beamlet.get(counter.add.remote(1), timeout=GET_TIMEOUT)[1] == 1
-    assert channel.state == "open"
+    assert asked.state == "open" and _channel(counter) is asked
 
 
 def test_a_driver_with_direct_channels_leaves_nothing_behind(cluster, driver):

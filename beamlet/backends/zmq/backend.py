@@ -2044,7 +2044,7 @@ class ClusterBackend(Backend):
             channel.state = "closed"
             if hub.by_actor.get(channel.actor_id) is channel:
                 del hub.by_actor[channel.actor_id]
-            hub.pending.pop(channel.token, None)
+            hub.pending.pop(channel.id, None)
             hub.closed_at[channel.actor_id] = time.monotonic()
             lost = [s for s in channel.inflight.values() if s.task_id in sched.tasks]
             channel.inflight.clear()

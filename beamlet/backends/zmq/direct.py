@@ -16,15 +16,19 @@ Opening one
     never pays for a connection and a thread), the driver sends that node
     ``DirectOpen`` (the actor, its port, a fresh random token); the node,
     if the actor is alive there, tells the actor's worker (``DirectConnect``,
-    on their authenticated Unix socket) to connect to the driver, with the
-    channel key: `channel_key`, derived from the cluster's secret (a worker
-    never holds the secret itself). Calls go through the node meanwhile; an
+    on their authenticated Unix socket) to connect to the driver, with that
+    channel's own key: `channel_secret`, derived from the token and
+    `channel_key` (itself from the cluster's secret; a worker holds neither,
+    so a worker of any job can prove only the channels it was asked to
+    open). Calls go through the node meanwhile; an
     answer that does not come within `OPEN_TIMEOUT` leaves the actor on the
     node's path (asked again later).
 
 Authentication, before anything is unpickled
-    Both ends run ``core/auth.py``'s handshake on the raw stream, keyed by the
-    channel key, with fresh nonces from both sides and this protocol's
+    The worker first names the channel in clear (its `channel_id`, a fixed
+    number of bytes): an id the driver has not pending closes the connection.
+    Both ends then run ``core/auth.py``'s handshake on the raw stream, keyed by
+    that channel's key, with fresh nonces from both sides and this protocol's
     `VERSION` inside both MACs: the driver proves the key to the worker and
     the worker to the driver. Handshake frames are at most
     ``auth.MAX_HANDSHAKE_FRAME`` bytes, so a peer without the key makes the
@@ -35,8 +39,9 @@ Authentication, before anything is unpickled
     handshake's session key, itself from both nonces), frame n under nonce
     n (`transport._Sealer`/`_Opener`): a frame forged, altered, replayed,
     reordered or cut fails its tag and closes the channel, unread. The
-    worker's first sealed frame names the channel's token (and its pid); a
-    token the driver did not hand out closes the connection.
+    worker's first sealed frame, raw bytes (not a pickle), holds the
+    channel's token (compared in constant time) and its pid. Only then is
+    anything unpickled.
 
 Calls and results
     A call of that actor with inline arguments only (no refs among its
@@ -112,6 +117,12 @@ RESULT_MAX = 1 << 20
 LOST_WAIT = 5.0
 _HEAD = struct.Struct("<I")
 _RECV = 1 << 16
+#: The worker's first bytes, in clear: this, then the channel's id (`channel_id`).
+_GREETING = b"beamlet-direct\0"
+_ID_SIZE = 32
+#: The worker's first sealed frame (raw bytes, never unpickled): this, the token, its pid.
+_HELLO = b"hello\0"
+_PID = struct.Struct("<q")
 
 
 def enabled() -> bool:
@@ -123,8 +134,40 @@ def enabled() -> bool:
 
 
 def channel_key(secret: bytes) -> bytes:
-    """The key both ends of a direct channel prove (from the cluster's secret)."""
+    """The key channels' keys are derived from (from the cluster's secret):
+    only nodes and drivers hold it, never a worker (see `channel_secret`)."""
     return hmac.digest(auth.check_secret(secret), b"beamlet direct channel\0key", "sha256")
+
+
+def channel_secret(key: bytes, token: bytes) -> bytes:
+    """The key both ends of channel `token` prove: from `channel_key`'s `key`
+    and the token, so that a worker, which gets only its own channels' keys,
+    cannot prove any other channel's."""
+    return hmac.digest(key, b"beamlet direct channel\0" + token, "sha256")
+
+
+def channel_id(token: bytes) -> bytes:
+    """The public name of channel `token`, sent in clear before the handshake
+    (the driver picks the channel's key by it; it tells nothing of the key)."""
+    return hmac.digest(token, b"beamlet direct channel\0id", "sha256")
+
+
+def _recv_exactly(sock: socket.socket, size: int, until: float) -> bytes:
+    """`size` bytes from `sock` by monotonic time `until`; BackendError if not."""
+    data = b""
+    while len(data) < size:
+        left = until - time.monotonic()
+        if left <= 0:
+            raise exc.BackendError("no channel id within the handshake's time")
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(size - len(data))
+        except (socket.timeout, OSError) as err:
+            raise exc.BackendError(f"no channel id: {err}") from None
+        if not chunk:
+            raise exc.BackendError("the peer closed before naming a channel")
+        data += chunk
+    return data
 
 
 def eligible(spec) -> bool:
@@ -185,6 +228,34 @@ class Wire:
         """Whether something can be read within `timeout` seconds."""
         return self.buffered() or bool(self._poll.poll(max(0.0, timeout) * 1000))
 
+    def recv_raw(self, until: float) -> bytes:
+        """The plaintext of the next frame, not unpickled (the hello), by
+        monotonic time `until`; BackendError, EOFError or ProtocolError if not."""
+        buf = self._buf
+        while True:
+            if len(buf) >= 4:
+                (size,) = _HEAD.unpack_from(buf)
+                if size > 4096 or size < 17:
+                    raise ProtocolError(f"a direct channel's hello of {size} bytes")
+                if len(buf) >= 4 + size:
+                    frame = bytes(buf[4:4 + size])
+                    del buf[:4 + size]
+                    if frame[:1] != b"S":
+                        raise ProtocolError("a direct channel's frame that is not sealed")
+                    return bytes(self._opener.open([frame], 4096)[0])
+            left = until - time.monotonic()
+            if left <= 0 or not self._poll.poll(left * 1000):
+                raise exc.BackendError("no hello within the handshake's time")
+            try:
+                chunk = self.sock.recv(4096, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except OSError as err:
+                raise EOFError(f"the direct channel broke: {err}") from None
+            if not chunk:
+                raise EOFError("the direct channel was closed by its peer")
+            buf += chunk
+
     def recv_all(self) -> list:
         """Every whole message that arrived (possibly none), without blocking.
         EOFError once the peer closed; ProtocolError for a frame that is too
@@ -233,9 +304,11 @@ class Wire:
 
 
 def connect(address: str, key: bytes, token: bytes, timeout: float = HANDSHAKE_TIMEOUT) -> Wire:
-    """(A worker.) Connect to the driver's port, prove `key` and check the
-    driver's proof, name the channel (`token`); AuthenticationError or
-    BackendError within `timeout` seconds."""
+    """(A worker.) Connect to the driver's port, name the channel (its
+    `channel_id`, in clear), prove `key` (the channel's own:
+    `channel_secret`) and check the driver's proof, then say hello (the
+    token and this pid, sealed); AuthenticationError or BackendError within
+    `timeout` seconds."""
     host, port = parse_address(address)
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
@@ -243,9 +316,14 @@ def connect(address: str, key: bytes, token: bytes, timeout: float = HANDSHAKE_T
         raise exc.BackendError(f"cannot reach the driver's direct port {address}: {err}") \
             from None
     try:
+        sock.settimeout(timeout)
+        sock.sendall(_GREETING + channel_id(token))
         handshake = auth.join(sock, key, VERSION, timeout)
         wire = Wire(sock, handshake.session_key, driver=False, leftover=handshake.leftover)
-        wire.send(("hello", token, os.getpid()))
+        wire.send_pickled(_HELLO + token + _PID.pack(os.getpid()))
+    except OSError as err:
+        sock.close()
+        raise exc.BackendError(f"the driver's direct port {address} failed: {err}") from None
     except BaseException:
         sock.close()
         raise
@@ -266,13 +344,15 @@ def _local_address_towards(host: str) -> str:
 class Channel:
     """(The driver's side.) A direct channel to one actor's worker."""
 
-    __slots__ = ("actor_id", "node", "token", "wire", "state", "inflight", "after",
-                 "node_rids", "asked_at", "pid", "reading", "releases", "sent")
+    __slots__ = ("actor_id", "node", "token", "key", "id", "wire", "state", "inflight",
+                 "after", "node_rids", "asked_at", "pid", "reading", "releases", "sent")
 
-    def __init__(self, actor_id: bytes, node, token: bytes, node_rids: list):
+    def __init__(self, actor_id: bytes, node, token: bytes, node_rids: list, key: bytes):
         self.actor_id = actor_id
         self.node = node  # the NodeLink of the actor's node
         self.token = token
+        self.key = key  # (`channel_secret`: the channel's own)
+        self.id = channel_id(token)
         self.wire: Wire | None = None
         self.state = "opening"  # -> "open" -> "closed"
         self.inflight: dict = {}  # task id -> spec, sent on the channel, unanswered
@@ -302,7 +382,7 @@ class DirectHub:
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._on_open = on_open  # on_open(channel, wire, pid) -> whether it was taken
         self.by_actor: dict = {}  # actor id -> Channel (opening or open)
-        self.pending: dict = {}  # token -> Channel, until its worker connects
+        self.pending: dict = {}  # channel id -> Channel, until its worker connects
         self.calls: dict = {}  # actor id -> its calls through the node (see OPEN_AFTER)
         self.closed_at: dict = {}  # actor id -> when its channel was lost (REOPEN_AFTER)
         self._wake_r, self._wake_w = os.pipe()
@@ -314,9 +394,9 @@ class DirectHub:
     def ask(self, actor_id: bytes, node, node_rids: list) -> Channel:
         """A new channel to the actor's worker on `node`, asked for (under the lock)."""
         token = secrets.token_bytes(16)
-        channel = Channel(actor_id, node, token, node_rids)
+        channel = Channel(actor_id, node, token, node_rids, channel_secret(self.key, token))
         self.by_actor[actor_id] = channel
-        self.pending[token] = channel
+        self.pending[channel.id] = channel
         node.send(P.DirectOpen(actor_id, self.address, token))
         return channel
 
@@ -342,23 +422,27 @@ class DirectHub:
                 sock.close()
 
     def _admit(self, sock: socket.socket, peer) -> None:
-        """The handshake, then the first frame (the channel's token), within
-        `HANDSHAKE_TIMEOUT`; raises for a peer that fails either."""
+        """Within `HANDSHAKE_TIMEOUT`: the channel's id (in clear: an id not
+        pending closes the connection), the handshake with that channel's key,
+        then its hello (raw bytes: the token and the worker's pid). Nothing is
+        unpickled before all three passed; raises for a peer that fails one."""
         until = time.monotonic() + HANDSHAKE_TIMEOUT
-        handshake = auth.serve(sock, self.key, VERSION, HANDSHAKE_TIMEOUT)
+        greeting = _recv_exactly(sock, len(_GREETING) + _ID_SIZE, until)
+        if greeting[:len(_GREETING)] != _GREETING:
+            raise ProtocolError("not a direct channel's greeting")
+        channel = self.pending.get(greeting[len(_GREETING):])
+        if channel is None:
+            raise ProtocolError("a direct channel nobody asked for (or no longer)")
+        handshake = auth.serve(sock, channel.key, VERSION, max(0.001, until - time.monotonic()))
         wire = Wire(sock, handshake.session_key, driver=True, leftover=handshake.leftover)
-        messages: list = []
-        while not messages:
-            left = until - time.monotonic()
-            if left <= 0 or not wire.wait(left):
-                raise exc.BackendError("no first frame within the handshake's time")
-            messages = wire.recv_all()
-        hello = messages[0]
-        if not (type(hello) is tuple and len(hello) == 3 and hello[0] == "hello"
-                and type(hello[1]) is bytes and type(hello[2]) is int):
-            raise ProtocolError("the first frame is not a direct channel's hello")
-        channel = self.pending.pop(hello[1], None)
-        if channel is None or len(messages) > 1 or not self._on_open(channel, wire, hello[2]):
+        hello = wire.recv_raw(until)
+        expected = _HELLO + channel.token
+        if len(hello) != len(expected) + _PID.size or \
+                not hmac.compare_digest(hello[:len(expected)], expected):
+            raise ProtocolError("the first frame is not the channel's hello")
+        (pid,) = _PID.unpack_from(hello, len(expected))
+        if self.pending.pop(channel.id, None) is not channel or \
+                not self._on_open(channel, wire, pid):
             raise ProtocolError("a direct channel nobody asked for (or no longer)")
 
     def close(self) -> None:

@@ -996,7 +996,7 @@ class DriverOwner:
         """A driver asks for a direct channel to an actor alive here: its worker
         connects (if it is not alive here, or no longer, nothing happens: the
         driver's calls stay on this node's path)."""
-        from .direct import channel_key
+        from .direct import channel_key, channel_secret
         if type(address) is not str or type(token) is not bytes:
             raise ValueError("a malformed DirectOpen")
         sched = self.node.scheduler
@@ -1008,7 +1008,8 @@ class DriverOwner:
             if len(self._channels) >= 4096:  # (tokens of channels that never opened)
                 self._forget_channels()
             self._channels[token] = (link, worker, actor_id)
-            sched._send(worker, LP.DirectConnect(token, address, channel_key(self.secret)))
+            key = channel_secret(channel_key(self.secret), token)  # (this channel's only)
+            sched._send(worker, LP.DirectConnect(token, address, key))
 
     def _forget_channels(self) -> None:
         """Drop the channels of workers that died (their drivers were told, or left)."""
