@@ -1674,6 +1674,39 @@ def test_an_actor_whose_worker_dies_mid_call_on_a_direct_channel_restarts_or_die
     assert beamlet.get(other.pid.remote(), timeout=GET_TIMEOUT) != pid
 
 
+def test_calls_behind_a_direct_channel_to_a_node_declared_dead_go_to_the_restarted_actor(
+        cluster, driver):
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"far": 1}')
+    cluster.join(head, "--resources", '{"far": 1}')
+    driver(head)
+    counter = Counter.options(max_restarts=1).remote()
+    channel = _open_channel(counter)
+    marker = os.path.join(cluster.state_dir, "slow")
+    slow = counter.slow.remote(marker, 60)
+    assert procs.wait_until(lambda: os.path.exists(marker), 30), "the call never started"
+    with open(marker) as f:
+        worker = int(f.read())
+    queued = counter.add.remote(beamlet.put("by-ref"))  # (a ref: behind the call in flight)
+    assert len(channel.after) == 1
+    # Its node stops answering (its daemon and the worker stopped: the channel stays
+    # up); once the head declares it dead, the call in flight fails, the one queued
+    # behind it runs on the restarted actor, and later calls run after it.
+    stopped = [cluster.pid_of(channel.node.address), worker]
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(exc.ActorUnavailableError):
+            beamlet.get(slow, timeout=GET_TIMEOUT)
+        later = counter.add.remote("later")
+        assert beamlet.get(queued, timeout=GET_TIMEOUT) == (1, "by-ref")
+        assert beamlet.get(later, timeout=GET_TIMEOUT) == (2, "later")
+        assert channel.state == "closed" and _channel(counter) is not channel
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_a_peer_without_the_key_is_refused_by_a_drivers_direct_port(cluster, driver,
                                                                    tmp_path):
     import pickle

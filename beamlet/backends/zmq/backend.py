@@ -1154,18 +1154,19 @@ class ClusterScheduler(Scheduler):
             self.stored([(spec.return_ids[0], form)])
 
     def direct_drained(self, channel) -> None:
-        """(Under the lock.) Nothing is in flight on the channel any more: the
-        calls that waited for that go through the node, and the actor's token
-        is let go of if its handle went meanwhile."""
+        """(Under the lock.) Nothing is in flight on the channel any more (or
+        it was lost): the calls that waited for that are submitted again, in
+        their order (to wherever the actor is now: through its node, or its
+        restarted self), and the actor's token is let go of if its handle
+        went meanwhile."""
         after, channel.after = channel.after, []
         releases, channel.releases = channel.releases, []
         node = channel.node
         for spec in after:
-            if node.alive:
-                self._send(spec, node)
-            else:
-                self._fail(spec, exc.ActorDiedError(
-                    f"the actor {spec.function_name} is dead: its node {node.node_id} died"))
+            try:
+                self._submit(spec)
+            except exc.BackendError as err:  # (shut down meanwhile)
+                self._fail(spec, err)
         if releases and node.alive:
             node.send(P.Release(releases))
 
@@ -1595,6 +1596,10 @@ class ClusterScheduler(Scheduler):
                                                     f"its node {node.node_id} died")
                     except exc.BackendError:
                         pass
+            hub = self.backend.direct
+            if hub is not None:  # (after the restarts: the calls behind go where it is now)
+                for channel in [c for c in hub.by_actor.values() if c.node is node]:
+                    self.backend.direct_lost(channel)
             if self.held or self.held_near:
                 self._release_held()  # (what only it could run fails)
         self.backend.node_died(node)

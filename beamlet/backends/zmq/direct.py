@@ -200,6 +200,12 @@ class Wire:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                         struct.pack("ll", int(SEND_TIMEOUT), 0))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # (A peer whose machine went away, or a partition: the kernel finds out.)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3),
+                              ("TCP_USER_TIMEOUT", int(SEND_TIMEOUT * 1000))):
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN)
 
