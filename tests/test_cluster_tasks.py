@@ -1707,6 +1707,42 @@ def test_calls_behind_a_direct_channel_to_a_node_declared_dead_go_to_the_restart
             os.kill(pid, signal.SIGKILL)
 
 
+def test_a_stopped_actor_worker_holds_up_no_call_of_another_actor(cluster, driver,
+                                                                  monkeypatch):
+    from beamlet.backends.zmq import direct
+    monkeypatch.setattr(direct, "SEND_TIMEOUT", 600.0)  # (it stays stopped, not lost)
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"far": 1}')
+    driver(head)
+    stopped, other = (Counter.options(resources={"far": 0.3}).remote() for _ in range(2))
+    channel = _open_channel(stopped)
+    _open_channel(other)
+    before = beamlet.get(stopped.add.remote("before"), timeout=GET_TIMEOUT)[0]
+    pid = beamlet.get(stopped.pid.remote(), timeout=GET_TIMEOUT)
+    hub = runtime.current().backend.direct
+    arg = b"a" * (900 << 10)  # (a direct call's: under CALL_MAX)
+    refs: list = []
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        # More than its sockets hold: the driver keeps the rest, sending it later.
+        submitter = threading.Thread(
+            target=lambda: refs.extend(stopped.add.remote(arg) for _ in range(40)), daemon=True)
+        submitter.start()
+        submitter.join(GET_TIMEOUT)
+        assert not submitter.is_alive(), "submitting calls waited for the stopped worker"
+        assert channel.wire in hub._flushing and channel.state == "open"
+        answered = threading.Event()
+        threading.Thread(target=lambda: beamlet.get(other.add.remote("b"), timeout=GET_TIMEOUT)
+                         and answered.set(), daemon=True).start()
+        assert answered.wait(GET_TIMEOUT), "a call of another actor waited for the stopped one"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # Once it reads again, every call arrives, in order.
+    answers = beamlet.get(refs, timeout=GET_TIMEOUT)
+    assert [n for n, _ in answers] == list(range(before + 1, before + 41))
+    assert all(x == arg for _, x in answers) and channel.state == "open"
+
+
 def test_a_peer_without_the_key_is_refused_by_a_drivers_direct_port(cluster, driver,
                                                                    tmp_path):
     import pickle

@@ -1121,7 +1121,7 @@ class ClusterScheduler(Scheduler):
                                 else "SUBMITTED_TO_WORKER", channel.pid, time.perf_counter()))
         channel.sent += 1
         try:
-            channel.wire.send_pickled(data)
+            hub.send(channel, data)  # (never blocks: the lock is held)
         except exc.BackendError:
             self.backend.direct_lost(channel)  # (the node answers it: DirectLost)
         return True
@@ -1642,9 +1642,10 @@ class ClusterScheduler(Scheduler):
             channel = self.backend.direct.by_actor.get(spec.actor_id)
             if channel is not None and spec.task_id in channel.inflight:
                 try:
-                    channel.wire.send(("cancel", spec.task_id))
+                    self.backend.direct.send(channel, D.pickle.dumps(("cancel", spec.task_id),
+                                                                     5))
                 except exc.BackendError:
-                    pass  # (lost: the node answers it)
+                    self.backend.direct_lost(channel)  # (the node answers it: DirectLost)
                 return
         node.send(P.CancelTask(object_id, force, recursive))
 
@@ -1826,7 +1827,7 @@ class ClusterBackend(Backend):
             if direct_calls:
                 from .transport import parse_address
                 self.direct = D.DirectHub(secret, parse_address(address)[0],
-                                          self._direct_opened)
+                                          self._direct_opened, self.direct_lost)
             self._io = threading.Thread(target=self._io_loop, name="beamlet-cluster-io",
                                         daemon=True)
             self._io.start()

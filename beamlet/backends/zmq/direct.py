@@ -73,8 +73,14 @@ Failures
     ``max_task_retries`` (``ActorUnavailableError`` without retries left),
     or ``ActorDiedError`` if it is dead; the driver's later calls of that
     actor run behind them. A node that dies fails its direct calls as all
-    calls placed there. Every blocking step has a timeout (connect,
-    handshake, the first frame, each send: `SEND_TIMEOUT`).
+    calls placed there (and the calls queued behind its channels are
+    submitted again, to the actor restarted elsewhere if it was). The driver
+    never blocks on a send (it sends under its scheduler's lock): what a
+    worker does not read at once waits in the channel's outgoing buffer,
+    sent by the hub's writer thread; a worker that reads nothing of it for
+    `SEND_TIMEOUT` seconds, or leaves more than `OUT_MAX` bytes unread,
+    loses its channel as above. Every blocking step has a timeout (connect,
+    handshake, the first frame, a worker's sends: `SEND_TIMEOUT`).
 """
 from __future__ import annotations
 
@@ -105,8 +111,10 @@ OPEN_TIMEOUT = 5.0
 REOPEN_AFTER = 2.0
 #: Seconds each side gives the handshake and the worker's first frame.
 HANDSHAKE_TIMEOUT = 5.0
-#: Seconds a send may block on a peer that does not read (then the channel is broken).
+#: Seconds a peer may leave what was sent to it unread (then the channel is broken).
 SEND_TIMEOUT = 30.0
+#: Bytes the driver keeps for a channel whose worker does not read (more: broken).
+OUT_MAX = 64 << 20
 #: The largest sealed frame either side reads (bytes), checked at its header.
 MAX_FRAME = 64 << 20
 #: A call whose spec pickles larger than this goes through the node.
@@ -193,6 +201,9 @@ class Wire:
         self._sealer = _Sealer(down if driver else up)
         self._opener = _Opener(up if driver else down)
         self._buf = bytearray(leftover)
+        self._out = bytearray()  # (the driver's: sealed, not yet taken by the socket)
+        self._since = 0.0  # (when it last took some of them)
+        self.owner = None  # (the driver's: its Channel)
         self.closed = False
         sock.settimeout(None)
         # (An OS-level send timeout: a blocking send to a peer that stopped
@@ -225,6 +236,57 @@ class Wire:
                 self.sock.sendall(_HEAD.pack(len(sealed)) + sealed)
         except OSError as err:
             raise exc.BackendError(f"the direct channel is broken: {err}") from None
+
+    def send_nowait(self, data: bytes, backlog) -> int:
+        """(The driver.) `send_pickled` that never blocks: what the socket does
+        not take now waits in the wire's outgoing buffer (`flush` sends it;
+        `backlog(self)` is called, under the same lock as `flush`'s
+        `emptied`, when the buffer holds something). The bytes waiting;
+        BackendError if the channel is broken."""
+        sealer = self._sealer
+        with sealer.lock:
+            sealed = sealer.seal_one(data)
+            out = self._out
+            if not out:
+                frame = _HEAD.pack(len(sealed)) + sealed
+                try:
+                    sent = self.sock.send(frame, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as err:
+                    raise exc.BackendError(f"the direct channel is broken: {err}") from None
+                if sent == len(frame):
+                    return 0
+                self._since = time.monotonic()
+                out += memoryview(frame)[sent:]
+                backlog(self)
+            else:
+                out += _HEAD.pack(len(sealed))
+                out += sealed
+            return len(out)
+
+    def flush(self, emptied) -> int:
+        """(The driver.) Send what waits, without blocking (`emptied(self)`,
+        under the lock, once nothing does); the bytes still waiting.
+        BackendError if the channel is broken, or its peer read nothing for
+        `SEND_TIMEOUT` seconds."""
+        with self._sealer.lock:
+            out = self._out
+            while out:
+                try:
+                    sent = self.sock.send(out, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                except OSError as err:
+                    raise exc.BackendError(f"the direct channel is broken: {err}") from None
+                del out[:sent]
+                self._since = time.monotonic()
+            if not out:
+                emptied(self)
+            elif time.monotonic() - self._since > SEND_TIMEOUT:
+                raise exc.BackendError(f"the direct channel's worker read nothing for "
+                                       f"{SEND_TIMEOUT}s")
+            return len(out)
 
     def buffered(self) -> bool:
         buf = self._buf
@@ -376,7 +438,7 @@ class DirectHub:
     runs the handshakes) and a `Channel` per actor (see the module's
     docstring). Under the scheduler's lock: `by_actor`, `pending`, `calls`."""
 
-    def __init__(self, secret: bytes, head_host: str, on_open):
+    def __init__(self, secret: bytes, head_host: str, on_open, on_lost=None):
         self.key = channel_key(secret)
         host = _local_address_towards(head_host)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -387,6 +449,11 @@ class DirectHub:
         port = self._listener.getsockname()[1]
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._on_open = on_open  # on_open(channel, wire, pid) -> whether it was taken
+        self._on_lost = on_lost  # on_lost(channel): a send failed (see `send`)
+        #: Wires with output waiting -> their channels (changed under the wire's lock).
+        self._flushing: dict = {}
+        self._flush_r, self._flush_w = os.pipe()
+        os.set_blocking(self._flush_w, False)
         self.by_actor: dict = {}  # actor id -> Channel (opening or open)
         self.pending: dict = {}  # channel id -> Channel, until its worker connects
         self.calls: dict = {}  # actor id -> its calls through the node (see OPEN_AFTER)
@@ -396,6 +463,57 @@ class DirectHub:
         self._thread = threading.Thread(target=self._accept_loop, name="beamlet-direct-accept",
                                         daemon=True)
         self._thread.start()
+        self._writer = threading.Thread(target=self._write_loop, name="beamlet-direct-write",
+                                        daemon=True)
+        self._writer.start()
+
+    def send(self, channel: Channel, data: bytes) -> None:
+        """Send a pickled message on an open channel, never blocking (under
+        the scheduler's lock too): what its socket does not take now is sent
+        by the hub's writer thread, which calls `on_lost(channel)` if the
+        worker reads nothing for `SEND_TIMEOUT` seconds. BackendError: the
+        channel is broken, or holds more than `OUT_MAX` bytes unread (lost)."""
+        if channel.wire.send_nowait(data, self._backlog) > OUT_MAX:
+            raise exc.BackendError(f"the direct channel's worker left more than {OUT_MAX} "
+                                   f"bytes unread")
+
+    def _backlog(self, wire: Wire) -> None:
+        if wire not in self._flushing:
+            self._flushing[wire] = wire.owner
+            try:
+                os.write(self._flush_w, b"x")
+            except BlockingIOError:
+                pass  # (the writer is awake already)
+
+    def _write_loop(self) -> None:
+        """(The writer thread.) Send what waits on channels whose workers read slowly."""
+        while not self._closed:
+            flushing = list(self._flushing.items())
+            poller = select.poll()
+            poller.register(self._flush_r, select.POLLIN)
+            for wire, _ in flushing:
+                if not wire.closed:
+                    poller.register(wire.fileno(), select.POLLOUT)
+            ready = dict(poller.poll(1000))
+            if self._flush_r in ready:
+                os.read(self._flush_r, 4096)
+            for wire, channel in flushing:
+                if wire.closed:
+                    self._flushing.pop(wire, None)
+                    continue
+                try:
+                    wire.flush(self._emptied)
+                except exc.BackendError as err:
+                    self._flushing.pop(wire, None)
+                    print(f"beamlet: a direct channel is lost: {err}", file=sys.stderr,
+                          flush=True)
+                    if channel is not None and self._on_lost is not None:
+                        self._on_lost(channel)
+                    else:
+                        wire.close()
+
+    def _emptied(self, wire: Wire) -> None:
+        self._flushing.pop(wire, None)
 
     def ask(self, actor_id: bytes, node, node_rids: list) -> Channel:
         """A new channel to the actor's worker on `node`, asked for (under the lock)."""
@@ -447,6 +565,7 @@ class DirectHub:
                 not hmac.compare_digest(hello[:len(expected)], expected):
             raise ProtocolError("the first frame is not the channel's hello")
         (pid,) = _PID.unpack_from(hello, len(expected))
+        wire.owner = channel
         if self.pending.pop(channel.id, None) is not channel or \
                 not self._on_open(channel, wire, pid):
             raise ProtocolError("a direct channel nobody asked for (or no longer)")
@@ -458,6 +577,8 @@ class DirectHub:
         self._closed = True
         os.write(self._wake_w, b"x")
         self._thread.join(5)
+        os.write(self._flush_w, b"x")
+        self._writer.join(5)
         self._listener.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        for fd in (self._wake_r, self._wake_w, self._flush_r, self._flush_w):
+            os.close(fd)
