@@ -1743,6 +1743,23 @@ def test_a_stopped_actor_worker_holds_up_no_call_of_another_actor(cluster, drive
     assert all(x == arg for _, x in answers) and channel.state == "open"
 
 
+def test_answers_a_lost_direct_channel_holds_unread_are_not_lost_with_it(cluster, driver):
+    import select
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"far": 1}')
+    driver(head)
+    counter = Counter.options(max_restarts=1, max_task_retries=1).remote()
+    channel = _open_channel(counter)
+    count = beamlet.get(counter.add.remote("before"), timeout=GET_TIMEOUT)[0]
+    # (Nobody reads the channel: as if the kill came before the driver's I/O thread
+    # read the answer.)
+    runtime.current().backend._ep.unregister(channel.wire.fileno())
+    ref = counter.add.remote("answered")
+    assert select.select([channel.wire.fileno()], [], [], GET_TIMEOUT)[0], "no answer"
+    beamlet.kill(counter)
+    assert beamlet.get(ref, timeout=GET_TIMEOUT) == (count + 1, "answered")
+
+
 def test_a_peer_without_the_key_is_refused_by_a_drivers_direct_port(cluster, driver,
                                                                    tmp_path):
     import pickle

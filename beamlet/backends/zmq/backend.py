@@ -1145,7 +1145,8 @@ class ClusterScheduler(Scheduler):
             spec = channel.inflight.pop(task_id, None)
             if spec is None:
                 return
-            if not channel.inflight and (channel.after or channel.releases):
+            if not channel.inflight and (channel.after or channel.releases) \
+                    and channel.state == "open":  # (closing: direct_lost drains it)
                 self.direct_drained(channel)
         if form is not None:
             plugins.notify("beamlet_task_finished", spec=spec,
@@ -2019,6 +2020,12 @@ class ClusterBackend(Backend):
                   f"{err}", file=sys.stderr, flush=True)
             self.direct_lost(channel)
             return
+        if not self._direct_answers(channel, messages):
+            self.direct_lost(channel)
+
+    def _direct_answers(self, channel, messages: list) -> bool:
+        """Handle answers that came over a direct channel; False (logged) if
+        one is not an answer (then the channel must be closed)."""
         answered = self.scheduler.direct_answered
         for message in messages:
             try:
@@ -2034,8 +2041,26 @@ class ClusterBackend(Backend):
             except Exception as err:  # noqa: BLE001 - a broken channel is a lost one
                 print(f"beamlet: closed the direct channel to actor "
                       f"{channel.actor_id.hex()}: {err!r}", file=sys.stderr, flush=True)
-                self.direct_lost(channel)
-                return
+                return False
+        return True
+
+    def _direct_read_last(self, channel) -> None:
+        """(Under the lock, `channel` closing.) The answers that arrived on it
+        and nobody read yet (the calls they answer are not lost), without
+        blocking; none if another thread is reading it (it handles them)."""
+        if not channel.reading.acquire(False):
+            return
+        try:
+            until = time.monotonic() + 0.1
+            while time.monotonic() < until:
+                try:
+                    messages = channel.wire.recv_all()
+                except Exception:  # noqa: BLE001 - the end of it (EOF, or garbage)
+                    return
+                if not messages or not self._direct_answers(channel, messages):
+                    return
+        finally:
+            channel.reading.release()
 
     def direct_lost(self, channel) -> None:
         """The channel closed (its worker died), broke, or never opened: the
@@ -2044,9 +2069,12 @@ class ClusterBackend(Backend):
         sched = self.scheduler
         hub = self.direct
         with sched.lock:
-            if channel.state == "closed":
+            if channel.state in ("closed", "closing"):
                 return
             was_open = channel.state == "open"
+            if was_open:
+                channel.state = "closing"  # (no call goes on it; none drains it)
+                self._direct_read_last(channel)
             channel.state = "closed"
             if hub.by_actor.get(channel.actor_id) is channel:
                 del hub.by_actor[channel.actor_id]

@@ -422,7 +422,7 @@ class Channel:
         self.key = key  # (`channel_secret`: the channel's own)
         self.id = channel_id(token)
         self.wire: Wire | None = None
-        self.state = "opening"  # -> "open" -> "closed"
+        self.state = "opening"  # -> "open" -> ("closing" ->) "closed"
         self.inflight: dict = {}  # task id -> spec, sent on the channel, unanswered
         self.after: list = []  # calls for the node's path, behind those in flight here
         self.node_rids: list = node_rids  # returns of the calls sent through the node
