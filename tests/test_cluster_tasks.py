@@ -1760,6 +1760,54 @@ def test_answers_a_lost_direct_channel_holds_unread_are_not_lost_with_it(cluster
     assert beamlet.get(ref, timeout=GET_TIMEOUT) == (count + 1, "answered")
 
 
+@beamlet.remote(resources={"far": 0.3})
+class Forger:
+    """An actor whose worker tries to finish another actor's call (as a
+    compromised worker could): it sends its node the results of a direct call
+    it was never sent, naming the other call's ids."""
+
+    def add(self, x=None):  # (for _open_channel)
+        return 1, x
+
+    def forge(self, task_id: bytes, return_id: bytes, tag: bytes):
+        import gc
+
+        from beamlet.backends.local import protocol as LP
+        from beamlet.backends.local import worker as W
+        from beamlet.core.serialization import serialize
+        from beamlet.core.task_spec import ACTOR_METHOD, TaskSpec
+        me = next(o for o in gc.get_objects() if isinstance(o, W.Worker))
+        _, token, _, _ = next(iter(me._direct_calls.values()))  # (this call's channel)
+        actor_id = beamlet.get_runtime_context().get_actor_id()
+        spec = TaskSpec(task_id, ACTOR_METHOD, b"f" * 16, "Counter.slow", [], {}, (return_id,),
+                        {}, 0, False, bytes.fromhex(actor_id), "slow", {}, b"c" * 16, 0, {},
+                        None, None)
+        entries = [serialize("forged")]
+        me.backend.send(LP.DirectDone(token, spec.fields(), entries, False, tag))
+        return "sent"
+
+
+def test_a_worker_cannot_finish_a_call_it_was_not_sent(cluster, driver):
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"far": 1}')
+    driver(head)
+    victim = Counter.options(resources={"far": 0.3}).remote()
+    forger = Forger.remote()
+    _open_channel(victim)
+    _open_channel(forger)
+    marker = os.path.join(cluster.state_dir, "slow")
+    slow = victim.slow.remote(marker, 5)  # (a direct call: its node does not know of it)
+    assert procs.wait_until(lambda: os.path.exists(marker), 30), "the call never started"
+    task_id = runtime.current().backend.scheduler.producer[slow.binary()]
+    # (Without the driver's tag for that call on its channel: its node refuses it and
+    # drops the worker; the call's own result arrives.)
+    assert beamlet.get(forger.forge.remote(task_id, slow.binary(), b"t" * 16),
+                       timeout=GET_TIMEOUT) == "sent"
+    with open(marker) as f:
+        assert beamlet.get(slow, timeout=GET_TIMEOUT) == int(f.read())
+    assert beamlet.get(victim.add.remote("after"), timeout=GET_TIMEOUT)[1] == "after"
+
+
 def test_a_peer_without_the_key_is_refused_by_a_drivers_direct_port(cluster, driver,
                                                                    tmp_path):
     import pickle

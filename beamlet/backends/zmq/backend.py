@@ -1108,7 +1108,8 @@ class ClusterScheduler(Scheduler):
             channel.node_rids = [r for r in channel.node_rids if r in producer]
             if channel.node_rids:
                 return False
-        data = D.pickle.dumps(("call", spec.fields()), 5)
+        data = D.pickle.dumps(("call", spec.fields(), D.call_tag(
+            hub.key, channel.token, spec.task_id, spec.return_ids[0])), 5)
         if len(data) > D.CALL_MAX:
             return False
         task_id = spec.task_id

@@ -102,7 +102,7 @@ from . import protocol as P
 from .transport import _Opener, _Sealer, parse_address
 
 #: Bound into the handshake's MACs: a peer of another version is refused.
-VERSION = P.VERSION + "/direct-1"
+VERSION = P.VERSION + "/direct-2"
 #: Calls of an actor through its node before its channel is asked for.
 OPEN_AFTER = 2
 #: Seconds the driver waits for an asked-for channel before giving up (for now).
@@ -158,6 +158,15 @@ def channel_id(token: bytes) -> bytes:
     """The public name of channel `token`, sent in clear before the handshake
     (the driver picks the channel's key by it; it tells nothing of the key)."""
     return hmac.digest(token, b"beamlet direct channel\0id", "sha256")
+
+
+def call_tag(key: bytes, token: bytes, task_id: bytes, return_id: bytes) -> bytes:
+    """The driver's word (with `channel_key`'s `key`, which nodes hold and
+    workers do not) that it sent call `task_id` (returning `return_id`) on
+    channel `token`: the node takes a worker's results of a direct call
+    (``DirectDone``) only with it, so a worker cannot finish other calls."""
+    return hmac.digest(key, b"beamlet direct call\0" + token + task_id + return_id,
+                       "sha256")[:16]
 
 
 def _recv_exactly(sock: socket.socket, size: int, until: float) -> bytes:

@@ -82,6 +82,7 @@ creator's that a task here still makes is stored here for them.
 from __future__ import annotations
 
 import collections
+import hmac
 import os
 import sys
 import threading
@@ -1019,7 +1020,10 @@ class DriverOwner:
 
     def direct_done(self, worker, message) -> None:
         """(The node's I/O thread: ``DirectDone``.) A direct call's results go
-        through this node's store: to its driver, as this node's own calls'."""
+        through this node's store: to its driver, as this node's own calls'.
+        Only a call the driver sent on that channel (its `call_tag`) is taken,
+        and only once: a worker cannot finish other calls with it."""
+        from .direct import call_tag, channel_key
         sched = self.node.scheduler
         spec = TaskSpec(*message.spec)
         channel = self._channels.get(message.token)
@@ -1027,6 +1031,17 @@ class DriverOwner:
             if channel is None or channel[1] is not worker or \
                     self.drivers.get(channel[0].conn) is not channel[0]:
                 return  # (its driver left: nobody wants them; the node drops them)
+            task_id = spec.task_id
+            if spec.kind != ACTOR_METHOD or spec.actor_id != channel[2] \
+                    or type(task_id) is not bytes or len(spec.return_ids) != 1 \
+                    or type(spec.return_ids[0]) is not bytes or type(message.tag) is not bytes \
+                    or len(message.entries) != 1 or task_id in sched._tasks \
+                    or task_id in self.task_job or task_id in self._direct \
+                    or not hmac.compare_digest(message.tag, call_tag(
+                        channel_key(self.secret), message.token, task_id,
+                        spec.return_ids[0])):
+                raise ProtocolError("a DirectDone for a call that is not a direct call of "
+                                    "its channel's actor")
             link = channel[0]
             self.task_job[spec.task_id] = link
             job = self.actor_driver.get(spec.actor_id)
