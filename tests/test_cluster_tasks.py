@@ -1894,6 +1894,24 @@ def test_a_peer_without_the_key_is_refused_by_a_drivers_direct_port(cluster, dri
     assert asked.state == "open" and _channel(counter) is asked
 
 
+def test_peers_that_send_nothing_hold_up_no_direct_channel(cluster, driver):
+    import socket
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"far": 1}')
+    driver(head)
+    host, port = runtime.current().backend.direct.address.rsplit(":", 1)
+    # (Each would hold the driver's port for the handshake's time, one after another.)
+    idle = [socket.create_connection((host, int(port)), timeout=30) for _ in range(12)]
+    try:
+        counter = Counter.remote()
+        channel = _open_channel(counter)
+        assert beamlet.get(counter.add.remote(1), timeout=GET_TIMEOUT)[1] == 1
+        assert channel.state == "open"
+    finally:
+        for sock in idle:
+            sock.close()
+
+
 def test_a_driver_with_direct_channels_leaves_nothing_behind(cluster, driver):
     import socket
     head = cluster.start_head()

@@ -111,6 +111,9 @@ OPEN_TIMEOUT = 5.0
 REOPEN_AFTER = 2.0
 #: Seconds each side gives the handshake and the worker's first frame.
 HANDSHAKE_TIMEOUT = 5.0
+#: Connections the driver admits at once (each a thread, for at most
+#: `HANDSHAKE_TIMEOUT`); more are closed at once.
+MAX_ADMITTING = 32
 #: Seconds a peer may leave what was sent to it unread (then the channel is broken).
 SEND_TIMEOUT = 30.0
 #: Bytes the driver keeps for a channel whose worker does not read (more: broken).
@@ -469,6 +472,8 @@ class DirectHub:
         self.closed_at: dict = {}  # actor id -> when its channel was lost (REOPEN_AFTER)
         self._wake_r, self._wake_w = os.pipe()
         self._closed = False
+        self._admitting = threading.BoundedSemaphore(MAX_ADMITTING)
+        self._admits: dict = {}  # thread -> the socket it admits
         self._thread = threading.Thread(target=self._accept_loop, name="beamlet-direct-accept",
                                         daemon=True)
         self._thread.start()
@@ -547,12 +552,28 @@ class DirectHub:
                 sock, peer = self._listener.accept()
             except OSError:
                 continue
-            try:
-                self._admit(sock, peer)
-            except Exception as err:  # noqa: BLE001 - a bad peer must not stop the acceptor
+            if not self._admitting.acquire(False):
+                print(f"beamlet: refused a direct channel from {peer}: {MAX_ADMITTING} "
+                      f"connections are being admitted", file=sys.stderr, flush=True)
+                sock.close()
+                continue
+            # (One thread each: a peer that sends nothing holds up no other.)
+            thread = threading.Thread(target=self._admit_one, args=(sock, peer), daemon=True,
+                                      name="beamlet-direct-admit")
+            self._admits[thread] = sock
+            thread.start()
+
+    def _admit_one(self, sock: socket.socket, peer) -> None:
+        try:
+            self._admit(sock, peer)
+        except Exception as err:  # noqa: BLE001 - a bad peer must not stop the acceptor
+            if not self._closed:
                 print(f"beamlet: refused a direct channel from {peer}: {err}",
                       file=sys.stderr, flush=True)
-                sock.close()
+            sock.close()
+        finally:
+            self._admits.pop(threading.current_thread(), None)
+            self._admitting.release()
 
     def _admit(self, sock: socket.socket, peer) -> None:
         """Within `HANDSHAKE_TIMEOUT`: the channel's id (in clear: an id not
@@ -586,6 +607,12 @@ class DirectHub:
         self._closed = True
         os.write(self._wake_w, b"x")
         self._thread.join(5)
+        for thread, sock in list(self._admits.items()):  # (their peers' reads end at once)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            thread.join(5)
         os.write(self._flush_w, b"x")
         self._writer.join(5)
         self._listener.close()
