@@ -1912,6 +1912,40 @@ def test_peers_that_send_nothing_hold_up_no_direct_channel(cluster, driver):
             sock.close()
 
 
+def test_a_direct_channel_that_never_opens_is_given_up_and_asked_for_later_and_later(
+        cluster, driver, monkeypatch):
+    from beamlet.backends.zmq import direct
+    monkeypatch.setattr(direct, "OPEN_TIMEOUT", 0.0)  # (given up at the next call)
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"far": 1}')
+    driver(head)
+    hub = runtime.current().backend.direct
+    counter = Counter.remote()
+    pid = beamlet.get(counter.pid.remote(), timeout=GET_TIMEOUT)
+    os.kill(pid, signal.SIGSTOP)  # (it cannot connect: its channel never opens)
+    try:
+        refs = [counter.add.remote(i) for i in range(3)]  # (asked for, then given up)
+        waits = []
+        for _ in range(2):
+            until = hub.closed_at[counter._actor_id]
+            waits.append(until - time.monotonic())
+            with runtime.current().backend.scheduler.lock:
+                hub.closed_at[counter._actor_id] = 0.0  # (as if that time had passed)
+            refs += [counter.add.remote(i) for i in range(2)]
+        assert hub.failed[counter._actor_id] == 2 and waits[1] > direct.REOPEN_AFTER * 2
+        assert counter._actor_id not in hub.by_actor or \
+            hub.by_actor[counter._actor_id].state == "opening"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # Every call went through its node, in order; then a channel opens after all.
+    assert [n for n, _ in beamlet.get(refs, timeout=GET_TIMEOUT)] == list(range(1, 8))
+    monkeypatch.setattr(direct, "OPEN_TIMEOUT", 30.0)
+    with runtime.current().backend.scheduler.lock:
+        hub.closed_at[counter._actor_id] = 0.0
+    _open_channel(counter)
+    assert counter._actor_id not in hub.failed
+
+
 def test_a_driver_with_direct_channels_leaves_nothing_behind(cluster, driver):
     import socket
     head = cluster.start_head()

@@ -1084,7 +1084,7 @@ class ClusterScheduler(Scheduler):
             count = hub.calls.get(actor_id, 0) + 1
             hub.calls[actor_id] = count
             if count >= D.OPEN_AFTER and \
-                    time.monotonic() - hub.closed_at.get(actor_id, -1e9) >= D.REOPEN_AFTER:
+                    time.monotonic() >= hub.closed_at.get(actor_id, 0.0):
                 creation = self.actor_spec.get(actor_id)
                 if creation is not None and creation.return_ids[0] in self.producer:
                     return False  # (still starting: its node would not ask its worker)
@@ -1689,8 +1689,7 @@ class ClusterScheduler(Scheduler):
                 self._actor_ended(spec.actor_id)
             hub = self.backend.direct
             if hub is not None:
-                hub.calls.pop(actor_id, None)
-                hub.closed_at.pop(actor_id, None)
+                hub.forget(actor_id)
                 channel = hub.by_actor.get(actor_id)
                 if channel is not None and (channel.inflight or channel.after):
                     channel.releases.append(object_id)  # (its node ends it once idle)
@@ -1985,6 +1984,7 @@ class ClusterBackend(Backend):
                     or self.direct.by_actor.get(channel.actor_id) is not channel:
                 return False
             channel.wire, channel.pid, channel.state = wire, pid, "open"
+            self.direct.failed.pop(channel.actor_id, None)
             self._direct_fds[wire.fileno()] = channel
             self._ep.register(wire.fileno(), select.EPOLLIN)
         return True
@@ -2080,11 +2080,11 @@ class ClusterBackend(Backend):
             if hub.by_actor.get(channel.actor_id) is channel:
                 del hub.by_actor[channel.actor_id]
             hub.pending.pop(channel.id, None)
-            hub.closed_at[channel.actor_id] = time.monotonic()
+            hub.lost(channel.actor_id, was_open)
             lost = [s for s in channel.inflight.values() if s.task_id in sched.tasks]
             channel.inflight.clear()
             node = channel.node
-            if was_open and node.alive and not self._closed:
+            if node.alive and not self._closed:  # (never opened: its node forgets it too)
                 node.send(P.DirectLost(channel.token, [s.fields() for s in lost]))
             if not self._closed:
                 sched.direct_drained(channel)

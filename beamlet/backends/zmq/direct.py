@@ -469,7 +469,9 @@ class DirectHub:
         self.by_actor: dict = {}  # actor id -> Channel (opening or open)
         self.pending: dict = {}  # channel id -> Channel, until its worker connects
         self.calls: dict = {}  # actor id -> its calls through the node (see OPEN_AFTER)
-        self.closed_at: dict = {}  # actor id -> when its channel was lost (REOPEN_AFTER)
+        #: Actor id -> when its channel may be asked for again (see `lost`).
+        self.closed_at: dict = {}
+        self.failed: dict = {}  # actor id -> its channels that never opened, in a row
         self._wake_r, self._wake_w = os.pipe()
         self._closed = False
         self._admitting = threading.BoundedSemaphore(MAX_ADMITTING)
@@ -528,6 +530,29 @@ class DirectHub:
 
     def _emptied(self, wire: Wire) -> None:
         self._flushing.pop(wire, None)
+
+    def lost(self, actor_id: bytes, opened: bool) -> None:
+        """(Under the lock.) The actor's channel closed (`opened`), or never
+        opened: it may be asked for again after `REOPEN_AFTER` seconds, twice
+        as long after each one in a row that never opened (at most 32 times)."""
+        now = time.monotonic()
+        if len(self.closed_at) >= 4096:  # (of actors gone, or long ago)
+            for key, until in list(self.closed_at.items()):
+                if until <= now:
+                    del self.closed_at[key]
+                    self.failed.pop(key, None)
+        failed = 0 if opened else self.failed.get(actor_id, 0) + 1
+        if failed:
+            self.failed[actor_id] = failed
+        else:
+            self.failed.pop(actor_id, None)
+        self.closed_at[actor_id] = now + REOPEN_AFTER * (1 << min(failed, 5))
+
+    def forget(self, actor_id: bytes) -> None:
+        """(Under the lock.) The actor's handle is gone: what was kept of its channels."""
+        self.calls.pop(actor_id, None)
+        self.closed_at.pop(actor_id, None)
+        self.failed.pop(actor_id, None)
 
     def ask(self, actor_id: bytes, node, node_rids: list) -> Channel:
         """A new channel to the actor's worker on `node`, asked for (under the lock)."""

@@ -1061,6 +1061,8 @@ class DriverOwner:
             for spec in specs:  # (not a channel of ours: as calls of a lost worker)
                 self._rerun_lost(link, spec, broken=True)
             return
+        if not specs:  # (none to answer, none to keep the driver's later calls behind)
+            return
         _, worker, actor_id = channel
         key = (link, actor_id)
         if key in self._lost:  # (an older channel's calls are still waiting)
