@@ -1801,8 +1801,11 @@ def test_a_worker_cannot_finish_a_call_it_was_not_sent(cluster, driver):
     task_id = runtime.current().backend.scheduler.producer[slow.binary()]
     # (Without the driver's tag for that call on its channel: its node refuses it and
     # drops the worker; the call's own result arrives.)
-    assert beamlet.get(forger.forge.remote(task_id, slow.binary(), b"t" * 16),
-                       timeout=GET_TIMEOUT) == "sent"
+    try:  # (its answer may or may not come before its node drops it)
+        assert beamlet.get(forger.forge.remote(task_id, slow.binary(), b"t" * 16),
+                           timeout=GET_TIMEOUT) == "sent"
+    except exc.ActorDiedError:
+        pass
     with open(marker) as f:
         assert beamlet.get(slow, timeout=GET_TIMEOUT) == int(f.read())
     assert beamlet.get(victim.add.remote("after"), timeout=GET_TIMEOUT)[1] == "after"
