@@ -1674,6 +1674,143 @@ def test_an_actor_whose_worker_dies_mid_call_on_a_direct_channel_restarts_or_die
     assert beamlet.get(other.pid.remote(), timeout=GET_TIMEOUT) != pid
 
 
+def test_calls_behind_a_direct_channel_to_a_node_declared_dead_go_to_the_restarted_actor(
+        cluster, driver):
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"far": 1}')
+    cluster.join(head, "--resources", '{"far": 1}')
+    driver(head)
+    counter = Counter.options(max_restarts=1).remote()
+    channel = _open_channel(counter)
+    marker = os.path.join(cluster.state_dir, "slow")
+    slow = counter.slow.remote(marker, 60)
+    assert procs.wait_until(lambda: os.path.exists(marker), 30), "the call never started"
+    with open(marker) as f:
+        worker = int(f.read())
+    queued = counter.add.remote(beamlet.put("by-ref"))  # (a ref: behind the call in flight)
+    assert len(channel.after) == 1
+    # Its node stops answering (its daemon and the worker stopped: the channel stays
+    # up); once the head declares it dead, the call in flight fails, the one queued
+    # behind it runs on the restarted actor, and later calls run after it.
+    stopped = [cluster.pid_of(channel.node.address), worker]
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(exc.ActorUnavailableError):
+            beamlet.get(slow, timeout=GET_TIMEOUT)
+        later = counter.add.remote("later")
+        assert beamlet.get(queued, timeout=GET_TIMEOUT) == (1, "by-ref")
+        assert beamlet.get(later, timeout=GET_TIMEOUT) == (2, "later")
+        assert channel.state == "closed" and _channel(counter) is not channel
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_stopped_actor_worker_holds_up_no_call_of_another_actor(cluster, driver,
+                                                                  monkeypatch):
+    from beamlet.backends.zmq import direct
+    monkeypatch.setattr(direct, "SEND_TIMEOUT", 600.0)  # (it stays stopped, not lost)
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"far": 1}')
+    driver(head)
+    stopped, other = (Counter.options(resources={"far": 0.3}).remote() for _ in range(2))
+    channel = _open_channel(stopped)
+    _open_channel(other)
+    before = beamlet.get(stopped.add.remote("before"), timeout=GET_TIMEOUT)[0]
+    pid = beamlet.get(stopped.pid.remote(), timeout=GET_TIMEOUT)
+    hub = runtime.current().backend.direct
+    arg = b"a" * (900 << 10)  # (a direct call's: under CALL_MAX)
+    refs: list = []
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        # More than its sockets hold: the driver keeps the rest, sending it later.
+        submitter = threading.Thread(
+            target=lambda: refs.extend(stopped.add.remote(arg) for _ in range(40)), daemon=True)
+        submitter.start()
+        submitter.join(GET_TIMEOUT)
+        assert not submitter.is_alive(), "submitting calls waited for the stopped worker"
+        assert channel.wire in hub._flushing and channel.state == "open"
+        answered = threading.Event()
+        threading.Thread(target=lambda: beamlet.get(other.add.remote("b"), timeout=GET_TIMEOUT)
+                         and answered.set(), daemon=True).start()
+        assert answered.wait(GET_TIMEOUT), "a call of another actor waited for the stopped one"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # Once it reads again, every call arrives, in order.
+    answers = beamlet.get(refs, timeout=GET_TIMEOUT)
+    assert [n for n, _ in answers] == list(range(before + 1, before + 41))
+    assert all(x == arg for _, x in answers) and channel.state == "open"
+
+
+def test_answers_a_lost_direct_channel_holds_unread_are_not_lost_with_it(cluster, driver):
+    import select
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"far": 1}')
+    driver(head)
+    counter = Counter.options(max_restarts=1, max_task_retries=1).remote()
+    channel = _open_channel(counter)
+    count = beamlet.get(counter.add.remote("before"), timeout=GET_TIMEOUT)[0]
+    # (Nobody reads the channel: as if the kill came before the driver's I/O thread
+    # read the answer.)
+    runtime.current().backend._ep.unregister(channel.wire.fileno())
+    ref = counter.add.remote("answered")
+    assert select.select([channel.wire.fileno()], [], [], GET_TIMEOUT)[0], "no answer"
+    beamlet.kill(counter)
+    assert beamlet.get(ref, timeout=GET_TIMEOUT) == (count + 1, "answered")
+
+
+@beamlet.remote(resources={"far": 0.3})
+class Forger:
+    """An actor whose worker tries to finish another actor's call (as a
+    compromised worker could): it sends its node the results of a direct call
+    it was never sent, naming the other call's ids."""
+
+    def add(self, x=None):  # (for _open_channel)
+        return 1, x
+
+    def forge(self, task_id: bytes, return_id: bytes, tag: bytes):
+        import gc
+
+        from beamlet.backends.local import protocol as LP
+        from beamlet.backends.local import worker as W
+        from beamlet.core.serialization import serialize
+        from beamlet.core.task_spec import ACTOR_METHOD, TaskSpec
+        me = next(o for o in gc.get_objects() if isinstance(o, W.Worker))
+        _, token, _, _ = next(iter(me._direct_calls.values()))  # (this call's channel)
+        actor_id = beamlet.get_runtime_context().get_actor_id()
+        spec = TaskSpec(task_id, ACTOR_METHOD, b"f" * 16, "Counter.slow", [], {}, (return_id,),
+                        {}, 0, False, bytes.fromhex(actor_id), "slow", {}, b"c" * 16, 0, {},
+                        None, None)
+        entries = [serialize("forged")]
+        me.backend.send(LP.DirectDone(token, spec.fields(), entries, False, tag))
+        return "sent"
+
+
+def test_a_worker_cannot_finish_a_call_it_was_not_sent(cluster, driver):
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"far": 1}')
+    driver(head)
+    victim = Counter.options(resources={"far": 0.3}).remote()
+    forger = Forger.remote()
+    _open_channel(victim)
+    _open_channel(forger)
+    marker = os.path.join(cluster.state_dir, "slow")
+    slow = victim.slow.remote(marker, 5)  # (a direct call: its node does not know of it)
+    assert procs.wait_until(lambda: os.path.exists(marker), 30), "the call never started"
+    task_id = runtime.current().backend.scheduler.producer[slow.binary()]
+    # (Without the driver's tag for that call on its channel: its node refuses it and
+    # drops the worker; the call's own result arrives.)
+    try:  # (its answer may or may not come before its node drops it)
+        assert beamlet.get(forger.forge.remote(task_id, slow.binary(), b"t" * 16),
+                           timeout=GET_TIMEOUT) == "sent"
+    except exc.ActorDiedError:
+        pass
+    with open(marker) as f:
+        assert beamlet.get(slow, timeout=GET_TIMEOUT) == int(f.read())
+    assert beamlet.get(victim.add.remote("after"), timeout=GET_TIMEOUT)[1] == "after"
+
+
 def test_a_peer_without_the_key_is_refused_by_a_drivers_direct_port(cluster, driver,
                                                                    tmp_path):
     import pickle
@@ -1713,20 +1850,103 @@ def test_a_peer_without_the_key_is_refused_by_a_drivers_direct_port(cluster, dri
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         with pytest.raises(auth.AuthenticationError):
             auth.join(sock, b"k" * 32, direct.VERSION, timeout=10)
-    # The right key, a token the driver never gave out: closed before any call.
-    key = direct.channel_key(bytes.fromhex(head["token"]))
-    wire = direct.connect(hub.address, key, b"t" * 16, timeout=10)
-    try:
-        assert wire.wait(30)
-        with pytest.raises(EOFError):
-            wire.recv_all()
-    finally:
-        wire.close()
-    # The channels that were asked for still work.
+    # A worker holds only the keys of the channels it was asked to open. With one
+    # of them (or even the cluster-wide key its node derives them from) it cannot
+    # get another driver's process to unpickle anything: the channel must be one
+    # the driver has pending, its own key proven, and its hello is raw bytes.
+    parent = direct.channel_key(bytes.fromhex(head["token"]))
     counter = Counter.remote()
-    channel = _open_channel(counter)
+    asked = _open_channel(counter)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        with pytest.raises(auth.AuthenticationError):  # (no channel named: the old way)
+            auth.join(sock, parent, direct.VERSION, timeout=10)
+    other = b"o" * 16  # (a channel of another job, or of another driver)
+    with pytest.raises((exc.BackendError, EOFError)):  # (an id not pending: closed)
+        wire = direct.connect(hub.address, direct.channel_secret(parent, other), other,
+                              timeout=10)
+        wire.send(Bomb())
+        assert wire.wait(30)
+        wire.recv_all()
+    # A pending channel's id with another channel's key: the handshake fails.
+    token = b"p" * 16
+    with runtime.current().backend.scheduler.lock:
+        pending = direct.Channel(b"a" * 16, None, token, [],
+                                 direct.channel_secret(hub.key, token))
+        hub.pending[pending.id] = pending
+    try:
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(direct._GREETING + pending.id)
+            with pytest.raises(auth.AuthenticationError):
+                auth.join(sock, direct.channel_secret(parent, other), direct.VERSION,
+                          timeout=10)
+        # Its own key, and a pickle for a hello: refused, not unpickled.
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(direct._GREETING + pending.id)
+            shake = auth.join(sock, pending.key, direct.VERSION, timeout=10)
+            wire = direct.Wire(sock, shake.session_key, driver=False)
+            wire.send(("hello", Bomb(), 1))
+            wire.send(Bomb())
+            assert wire.wait(30)
+            with pytest.raises(EOFError):
+                wire.recv_all()
+    finally:
+        hub.pending.pop(pending.id, None)
+    assert not touched.exists()
+    # The channels that were asked for still work.
     assert beamlet.get(counter.add.remote(1), timeout=GET_TIMEOUT)[1] == 1
-    assert channel.state == "open"
+    assert asked.state == "open" and _channel(counter) is asked
+
+
+def test_peers_that_send_nothing_hold_up_no_direct_channel(cluster, driver):
+    import socket
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"far": 1}')
+    driver(head)
+    host, port = runtime.current().backend.direct.address.rsplit(":", 1)
+    # (Each would hold the driver's port for the handshake's time, one after another.)
+    idle = [socket.create_connection((host, int(port)), timeout=30) for _ in range(12)]
+    try:
+        counter = Counter.remote()
+        channel = _open_channel(counter)
+        assert beamlet.get(counter.add.remote(1), timeout=GET_TIMEOUT)[1] == 1
+        assert channel.state == "open"
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_a_direct_channel_that_never_opens_is_given_up_and_asked_for_later_and_later(
+        cluster, driver, monkeypatch):
+    from beamlet.backends.zmq import direct
+    monkeypatch.setattr(direct, "OPEN_TIMEOUT", 0.0)  # (given up at the next call)
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"far": 1}')
+    driver(head)
+    hub = runtime.current().backend.direct
+    counter = Counter.remote()
+    pid = beamlet.get(counter.pid.remote(), timeout=GET_TIMEOUT)
+    os.kill(pid, signal.SIGSTOP)  # (it cannot connect: its channel never opens)
+    try:
+        refs = [counter.add.remote(i) for i in range(3)]  # (asked for, then given up)
+        waits = []
+        for _ in range(2):
+            until = hub.closed_at[counter._actor_id]
+            waits.append(until - time.monotonic())
+            with runtime.current().backend.scheduler.lock:
+                hub.closed_at[counter._actor_id] = 0.0  # (as if that time had passed)
+            refs += [counter.add.remote(i) for i in range(2)]
+        assert hub.failed[counter._actor_id] == 2 and waits[1] > direct.REOPEN_AFTER * 2
+        assert counter._actor_id not in hub.by_actor or \
+            hub.by_actor[counter._actor_id].state == "opening"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # Every call went through its node, in order; then a channel opens after all.
+    assert [n for n, _ in beamlet.get(refs, timeout=GET_TIMEOUT)] == list(range(1, 8))
+    monkeypatch.setattr(direct, "OPEN_TIMEOUT", 30.0)
+    with runtime.current().backend.scheduler.lock:
+        hub.closed_at[counter._actor_id] = 0.0
+    _open_channel(counter)
+    assert counter._actor_id not in hub.failed
 
 
 def test_a_driver_with_direct_channels_leaves_nothing_behind(cluster, driver):

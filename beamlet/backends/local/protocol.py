@@ -146,11 +146,14 @@ class DirectDone(NamedTuple):
     """(A cluster node's actor worker.) A call that came over a direct channel
     (`token`, see ``zmq/direct.py``) finished with results that go through the
     node's store (large, or holding refs): the node hands them to the
-    channel's driver as it does its own calls' results."""
+    channel's driver as it does its own calls' results, if `tag` (the
+    driver's, sent with the call: ``direct.call_tag``) shows the driver sent
+    that call on that channel."""
     token: bytes
     spec: Any
     entries: list
     retryable: bool
+    tag: bytes
 
 
 # -- node -> worker ----------------------------------------------------------------

@@ -961,11 +961,11 @@ class Worker:
 
         def handle(message) -> None:
             tag = message[0] if type(message) is tuple and message else None
-            if tag == "call" and len(message) == 2:
+            if tag == "call" and len(message) == 3:
                 spec = TaskSpec(*message[1])
                 if spec.kind != ACTOR_METHOD:
                     raise ProtocolError("a direct channel's call that is not an actor call")
-                calls[spec.task_id] = (wire, token, time.perf_counter())
+                calls[spec.task_id] = (wire, token, time.perf_counter(), message[2])
                 inbox.append(_new_execute(spec))
             elif tag == "cancel" and len(message) == 2:
                 self.cancel(message[1], False)
@@ -981,7 +981,7 @@ class Worker:
         holding no refs goes back on it; any other through the node's store
         (``DirectDone``), the channel saying so (``routed``)."""
         from ..zmq.direct import RESULT_MAX
-        wire, token, came = call
+        wire, token, came, tag = call
         values = result.values
         value = values[0] if len(values) == 1 else None
         if value is not None and not value.refs and not result.retryable \
@@ -996,7 +996,7 @@ class Worker:
                 pass  # (its driver left, or will hear from the node: DirectLost)
             return
         entries = self._entries(spec, values)
-        self.backend.send(P.DirectDone(token, spec.fields(), entries, result.retryable),
+        self.backend.send(P.DirectDone(token, spec.fields(), entries, result.retryable, tag),
                           None if exiting is None else P.KillActor(exiting, True, True))
         try:
             wire.send(("routed", spec.task_id))

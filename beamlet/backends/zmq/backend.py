@@ -1084,7 +1084,7 @@ class ClusterScheduler(Scheduler):
             count = hub.calls.get(actor_id, 0) + 1
             hub.calls[actor_id] = count
             if count >= D.OPEN_AFTER and \
-                    time.monotonic() - hub.closed_at.get(actor_id, -1e9) >= D.REOPEN_AFTER:
+                    time.monotonic() >= hub.closed_at.get(actor_id, 0.0):
                 creation = self.actor_spec.get(actor_id)
                 if creation is not None and creation.return_ids[0] in self.producer:
                     return False  # (still starting: its node would not ask its worker)
@@ -1108,7 +1108,8 @@ class ClusterScheduler(Scheduler):
             channel.node_rids = [r for r in channel.node_rids if r in producer]
             if channel.node_rids:
                 return False
-        data = D.pickle.dumps(("call", spec.fields()), 5)
+        data = D.pickle.dumps(("call", spec.fields(), D.call_tag(
+            hub.key, channel.token, spec.task_id, spec.return_ids[0])), 5)
         if len(data) > D.CALL_MAX:
             return False
         task_id = spec.task_id
@@ -1121,7 +1122,7 @@ class ClusterScheduler(Scheduler):
                                 else "SUBMITTED_TO_WORKER", channel.pid, time.perf_counter()))
         channel.sent += 1
         try:
-            channel.wire.send_pickled(data)
+            hub.send(channel, data)  # (never blocks: the lock is held)
         except exc.BackendError:
             self.backend.direct_lost(channel)  # (the node answers it: DirectLost)
         return True
@@ -1145,7 +1146,8 @@ class ClusterScheduler(Scheduler):
             spec = channel.inflight.pop(task_id, None)
             if spec is None:
                 return
-            if not channel.inflight and (channel.after or channel.releases):
+            if not channel.inflight and (channel.after or channel.releases) \
+                    and channel.state == "open":  # (closing: direct_lost drains it)
                 self.direct_drained(channel)
         if form is not None:
             plugins.notify("beamlet_task_finished", spec=spec,
@@ -1154,18 +1156,19 @@ class ClusterScheduler(Scheduler):
             self.stored([(spec.return_ids[0], form)])
 
     def direct_drained(self, channel) -> None:
-        """(Under the lock.) Nothing is in flight on the channel any more: the
-        calls that waited for that go through the node, and the actor's token
-        is let go of if its handle went meanwhile."""
+        """(Under the lock.) Nothing is in flight on the channel any more (or
+        it was lost): the calls that waited for that are submitted again, in
+        their order (to wherever the actor is now: through its node, or its
+        restarted self), and the actor's token is let go of if its handle
+        went meanwhile."""
         after, channel.after = channel.after, []
         releases, channel.releases = channel.releases, []
         node = channel.node
         for spec in after:
-            if node.alive:
-                self._send(spec, node)
-            else:
-                self._fail(spec, exc.ActorDiedError(
-                    f"the actor {spec.function_name} is dead: its node {node.node_id} died"))
+            try:
+                self._submit(spec)
+            except exc.BackendError as err:  # (shut down meanwhile)
+                self._fail(spec, err)
         if releases and node.alive:
             node.send(P.Release(releases))
 
@@ -1595,6 +1598,10 @@ class ClusterScheduler(Scheduler):
                                                     f"its node {node.node_id} died")
                     except exc.BackendError:
                         pass
+            hub = self.backend.direct
+            if hub is not None:  # (after the restarts: the calls behind go where it is now)
+                for channel in [c for c in hub.by_actor.values() if c.node is node]:
+                    self.backend.direct_lost(channel)
             if self.held or self.held_near:
                 self._release_held()  # (what only it could run fails)
         self.backend.node_died(node)
@@ -1637,9 +1644,10 @@ class ClusterScheduler(Scheduler):
             channel = self.backend.direct.by_actor.get(spec.actor_id)
             if channel is not None and spec.task_id in channel.inflight:
                 try:
-                    channel.wire.send(("cancel", spec.task_id))
+                    self.backend.direct.send(channel, D.pickle.dumps(("cancel", spec.task_id),
+                                                                     5))
                 except exc.BackendError:
-                    pass  # (lost: the node answers it)
+                    self.backend.direct_lost(channel)  # (the node answers it: DirectLost)
                 return
         node.send(P.CancelTask(object_id, force, recursive))
 
@@ -1681,8 +1689,7 @@ class ClusterScheduler(Scheduler):
                 self._actor_ended(spec.actor_id)
             hub = self.backend.direct
             if hub is not None:
-                hub.calls.pop(actor_id, None)
-                hub.closed_at.pop(actor_id, None)
+                hub.forget(actor_id)
                 channel = hub.by_actor.get(actor_id)
                 if channel is not None and (channel.inflight or channel.after):
                     channel.releases.append(object_id)  # (its node ends it once idle)
@@ -1821,7 +1828,7 @@ class ClusterBackend(Backend):
             if direct_calls:
                 from .transport import parse_address
                 self.direct = D.DirectHub(secret, parse_address(address)[0],
-                                          self._direct_opened)
+                                          self._direct_opened, self.direct_lost)
             self._io = threading.Thread(target=self._io_loop, name="beamlet-cluster-io",
                                         daemon=True)
             self._io.start()
@@ -1977,6 +1984,7 @@ class ClusterBackend(Backend):
                     or self.direct.by_actor.get(channel.actor_id) is not channel:
                 return False
             channel.wire, channel.pid, channel.state = wire, pid, "open"
+            self.direct.failed.pop(channel.actor_id, None)
             self._direct_fds[wire.fileno()] = channel
             self._ep.register(wire.fileno(), select.EPOLLIN)
         return True
@@ -2013,6 +2021,12 @@ class ClusterBackend(Backend):
                   f"{err}", file=sys.stderr, flush=True)
             self.direct_lost(channel)
             return
+        if not self._direct_answers(channel, messages):
+            self.direct_lost(channel)
+
+    def _direct_answers(self, channel, messages: list) -> bool:
+        """Handle answers that came over a direct channel; False (logged) if
+        one is not an answer (then the channel must be closed)."""
         answered = self.scheduler.direct_answered
         for message in messages:
             try:
@@ -2028,8 +2042,26 @@ class ClusterBackend(Backend):
             except Exception as err:  # noqa: BLE001 - a broken channel is a lost one
                 print(f"beamlet: closed the direct channel to actor "
                       f"{channel.actor_id.hex()}: {err!r}", file=sys.stderr, flush=True)
-                self.direct_lost(channel)
-                return
+                return False
+        return True
+
+    def _direct_read_last(self, channel) -> None:
+        """(Under the lock, `channel` closing.) The answers that arrived on it
+        and nobody read yet (the calls they answer are not lost), without
+        blocking; none if another thread is reading it (it handles them)."""
+        if not channel.reading.acquire(False):
+            return
+        try:
+            until = time.monotonic() + 0.1
+            while time.monotonic() < until:
+                try:
+                    messages = channel.wire.recv_all()
+                except Exception:  # noqa: BLE001 - the end of it (EOF, or garbage)
+                    return
+                if not messages or not self._direct_answers(channel, messages):
+                    return
+        finally:
+            channel.reading.release()
 
     def direct_lost(self, channel) -> None:
         """The channel closed (its worker died), broke, or never opened: the
@@ -2038,18 +2070,21 @@ class ClusterBackend(Backend):
         sched = self.scheduler
         hub = self.direct
         with sched.lock:
-            if channel.state == "closed":
+            if channel.state in ("closed", "closing"):
                 return
             was_open = channel.state == "open"
+            if was_open:
+                channel.state = "closing"  # (no call goes on it; none drains it)
+                self._direct_read_last(channel)
             channel.state = "closed"
             if hub.by_actor.get(channel.actor_id) is channel:
                 del hub.by_actor[channel.actor_id]
-            hub.pending.pop(channel.token, None)
-            hub.closed_at[channel.actor_id] = time.monotonic()
+            hub.pending.pop(channel.id, None)
+            hub.lost(channel.actor_id, was_open)
             lost = [s for s in channel.inflight.values() if s.task_id in sched.tasks]
             channel.inflight.clear()
             node = channel.node
-            if was_open and node.alive and not self._closed:
+            if node.alive and not self._closed:  # (never opened: its node forgets it too)
                 node.send(P.DirectLost(channel.token, [s.fields() for s in lost]))
             if not self._closed:
                 sched.direct_drained(channel)

@@ -82,6 +82,7 @@ creator's that a task here still makes is stored here for them.
 from __future__ import annotations
 
 import collections
+import hmac
 import os
 import sys
 import threading
@@ -996,7 +997,7 @@ class DriverOwner:
         """A driver asks for a direct channel to an actor alive here: its worker
         connects (if it is not alive here, or no longer, nothing happens: the
         driver's calls stay on this node's path)."""
-        from .direct import channel_key
+        from .direct import channel_key, channel_secret
         if type(address) is not str or type(token) is not bytes:
             raise ValueError("a malformed DirectOpen")
         sched = self.node.scheduler
@@ -1008,7 +1009,8 @@ class DriverOwner:
             if len(self._channels) >= 4096:  # (tokens of channels that never opened)
                 self._forget_channels()
             self._channels[token] = (link, worker, actor_id)
-            sched._send(worker, LP.DirectConnect(token, address, channel_key(self.secret)))
+            key = channel_secret(channel_key(self.secret), token)  # (this channel's only)
+            sched._send(worker, LP.DirectConnect(token, address, key))
 
     def _forget_channels(self) -> None:
         """Drop the channels of workers that died (their drivers were told, or left)."""
@@ -1018,7 +1020,10 @@ class DriverOwner:
 
     def direct_done(self, worker, message) -> None:
         """(The node's I/O thread: ``DirectDone``.) A direct call's results go
-        through this node's store: to its driver, as this node's own calls'."""
+        through this node's store: to its driver, as this node's own calls'.
+        Only a call the driver sent on that channel (its `call_tag`) is taken,
+        and only once: a worker cannot finish other calls with it."""
+        from .direct import call_tag, channel_key
         sched = self.node.scheduler
         spec = TaskSpec(*message.spec)
         channel = self._channels.get(message.token)
@@ -1026,6 +1031,17 @@ class DriverOwner:
             if channel is None or channel[1] is not worker or \
                     self.drivers.get(channel[0].conn) is not channel[0]:
                 return  # (its driver left: nobody wants them; the node drops them)
+            task_id = spec.task_id
+            if spec.kind != ACTOR_METHOD or spec.actor_id != channel[2] \
+                    or type(task_id) is not bytes or len(spec.return_ids) != 1 \
+                    or type(spec.return_ids[0]) is not bytes or type(message.tag) is not bytes \
+                    or len(message.entries) != 1 or task_id in sched._tasks \
+                    or task_id in self.task_job or task_id in self._direct \
+                    or not hmac.compare_digest(message.tag, call_tag(
+                        channel_key(self.secret), message.token, task_id,
+                        spec.return_ids[0])):
+                raise ProtocolError("a DirectDone for a call that is not a direct call of "
+                                    "its channel's actor")
             link = channel[0]
             self.task_job[spec.task_id] = link
             job = self.actor_driver.get(spec.actor_id)
@@ -1044,6 +1060,8 @@ class DriverOwner:
         if channel is None:
             for spec in specs:  # (not a channel of ours: as calls of a lost worker)
                 self._rerun_lost(link, spec, broken=True)
+            return
+        if not specs:  # (none to answer, none to keep the driver's later calls behind)
             return
         _, worker, actor_id = channel
         key = (link, actor_id)
