@@ -434,6 +434,11 @@ class Keeper:
     def slow_value(self):
         return beamlet.get(self.slow, timeout=60)
 
+    def slow_value_after(self, go):
+        # (the task it waits for is still running as it asks)
+        open(go, "w").close()
+        return beamlet.get(self.slow, timeout=60)
+
     def helper_pid(self, resources):
         # (an actor of its own, made once: Ray's owner of it is this actor)
         if self.helper is None:
@@ -586,6 +591,12 @@ def test_a_detached_actor_outlives_its_creator_and_a_plain_one_dies_with_it(
     # Ray): a small result of it that never reached the actor's node before
     # the creator left is still there.
     assert beamlet.get(keeper.unseen_value.remote(), timeout=GET_TIMEOUT) == 25
+    # A nested task the heir placed on the actor's own node, still running as
+    # the actor waits for it: its result reaches the actor (through the heir,
+    # which it goes to).
+    go_slow = str(tmp_path / "go_slow")
+    beamlet.get(keeper.start_slow.remote(go_slow, {"ssd": 1}), timeout=GET_TIMEOUT)
+    assert beamlet.get(keeper.slow_value_after.remote(go_slow), timeout=GET_TIMEOUT) == 42
     # Its nested tasks and actors go where their resources are, on any node
     # (Ray's spillback and placement), not only its own; it calls an actor
     # on another node; a request no node could hold says why.
