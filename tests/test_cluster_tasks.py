@@ -434,6 +434,11 @@ class Keeper:
     def slow_value(self):
         return beamlet.get(self.slow, timeout=60)
 
+    def slow_value_after(self, go):
+        # (the task it waits for is still running as it asks)
+        open(go, "w").close()
+        return beamlet.get(self.slow, timeout=60)
+
     def helper_pid(self, resources):
         # (an actor of its own, made once: Ray's owner of it is this actor)
         if self.helper is None:
@@ -586,6 +591,12 @@ def test_a_detached_actor_outlives_its_creator_and_a_plain_one_dies_with_it(
     # Ray): a small result of it that never reached the actor's node before
     # the creator left is still there.
     assert beamlet.get(keeper.unseen_value.remote(), timeout=GET_TIMEOUT) == 25
+    # A nested task the heir placed on the actor's own node, still running as
+    # the actor waits for it: its result reaches the actor (through the heir,
+    # which it goes to).
+    go_slow = str(tmp_path / "go_slow")
+    beamlet.get(keeper.start_slow.remote(go_slow, {"ssd": 1}), timeout=GET_TIMEOUT)
+    assert beamlet.get(keeper.slow_value_after.remote(go_slow), timeout=GET_TIMEOUT) == 42
     # Its nested tasks and actors go where their resources are, on any node
     # (Ray's spillback and placement), not only its own; it calls an actor
     # on another node; a request no node could hold says why.
@@ -1565,6 +1576,14 @@ class Counter:
     def holding(self):
         return [beamlet.put(len(self.calls))]
 
+    def submit(self, path: str):
+        """Submit a task that waits for `path`, and keep it; its return id (hex)."""
+        self.nested = getattr(self, "nested", []) + [_until_file.remote(path)]
+        return self.nested[-1].hex()
+
+    def nested_values(self):
+        return beamlet.get(self.nested, timeout=60)
+
     def slow(self, marker: str, seconds: float):
         """Its pid, after writing it to `marker` (then `seconds` of sleep)."""
         with open(marker + ".tmp", "w") as f:
@@ -1572,6 +1591,14 @@ class Counter:
         os.replace(marker + ".tmp", marker)
         time.sleep(seconds)
         return os.getpid()
+
+
+@beamlet.remote(num_cpus=0)
+def _until_file(path: str):
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return 1
 
 
 def _channel(actor):
@@ -1633,6 +1660,30 @@ def test_actor_calls_go_over_a_direct_channel_in_order_with_those_through_the_no
     with pytest.raises((exc.TaskCancelledError, exc.TaskError)):
         beamlet.get(slow, timeout=GET_TIMEOUT)
     assert beamlet.get(counter.add.remote("after"), timeout=GET_TIMEOUT)[1] == "after"
+
+
+def test_a_direct_call_that_submits_a_task_ends_after_its_driver_has_the_task(
+        cluster, driver):
+    """A call over a direct channel that submits a nested task is seen to end
+    only once the task reached the driver that owns it (through the actor's
+    node), as through the node: the worker answers such a call through the
+    node, behind its submission, not on the channel, which could overtake it
+    (a detached actor's creator could then leave before it got the task)."""
+    head = cluster.start_head()
+    cluster.join(head, "--resources", '{"far": 1}')
+    driver(head)
+    counter = Counter.remote()
+    channel = _open_channel(counter)
+    scheduler = runtime.current().backend.scheduler
+    go = os.path.join(cluster.state_dir, "go-nested")
+    for _ in range(10):
+        sent = channel.sent
+        nested = bytes.fromhex(beamlet.get(counter.submit.remote(go), timeout=GET_TIMEOUT))
+        assert channel.sent == sent + 1  # (it went over the channel)
+        assert nested in scheduler.producer  # (and the driver has its task already)
+    with open(go, "w"):
+        pass
+    assert beamlet.get(counter.nested_values.remote(), timeout=GET_TIMEOUT) == [1] * 10
 
 
 def _kill_mid_call(counter, marker: str):

@@ -1665,6 +1665,10 @@ class LocalScheduler(Scheduler):
         """Whether an unfinished task here is to produce `object_id`."""
         return object_id in self._producer
 
+    def maker(self, object_id: bytes) -> bytes | None:
+        """The id of the unfinished task here that is to produce `object_id`, if any."""
+        return self._producer.get(object_id)
+
     def stats(self) -> dict:
         with self.lock:
             return {"workers": len(self.workers), "idle": len(self.idle),

@@ -124,6 +124,7 @@ class WorkerObjectStore(ObjectStore):
         return entry
 
     def put(self, object_id: bytes, value: SerializedObject) -> None:
+        self._b.told += 1
         self._b.send(P.Put(object_id, self._b.entries_for([value])[0]))
 
     def get(self, object_ids: Sequence[bytes], timeout: float | None = None,
@@ -224,12 +225,15 @@ class SchedulerClient(Scheduler):
         # cluster job's against every node, and its get raises the error).
         if spec.kind != ACTOR_METHOD and spec.placement_group is None and not self._b.cluster:
             self._pool.check_feasible(spec.resources, spec.display_name)
+        self._b.told += 1
         self._b.send(P.Submit(spec))
 
     def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True) -> None:
+        self._b.told += 1
         self._b.send(P.CancelTask(object_id, force, recursive))
 
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
+        self._b.told += 1
         self._b.send(P.KillActor(actor_id, no_restart))
 
     def create_placement_group(self, info) -> None:
@@ -287,6 +291,10 @@ class WorkerBackend(Backend):
         #: Set by the Worker: ``worker_blocks(True)`` before a thread waits in a
         #: blocking get or wait, ``worker_blocks(False)`` after.
         self.worker_blocks: Callable[[bool], None] = lambda blocked: None
+        #: How many submissions, puts, cancels and kills were sent to the node
+        #: (a direct call that made any answers through the node: see
+        #: Worker._finish_direct).
+        self.told = 0
 
     def nodes(self) -> list[dict]:
         """This node; in a cluster's job, every node of the cluster (its nodes table)."""
@@ -957,7 +965,7 @@ class Worker:
             print(f"beamlet worker {os.getpid()}: no direct channel to {address}: {err}",
                   file=sys.__stderr__, flush=True)
             return
-        calls, inbox = self._direct_calls, self.inbox
+        calls, inbox, backend = self._direct_calls, self.inbox, self.backend
 
         def handle(message) -> None:
             tag = message[0] if type(message) is tuple and message else None
@@ -965,7 +973,8 @@ class Worker:
                 spec = TaskSpec(*message[1])
                 if spec.kind != ACTOR_METHOD:
                     raise ProtocolError("a direct channel's call that is not an actor call")
-                calls[spec.task_id] = (wire, token, time.perf_counter(), message[2])
+                calls[spec.task_id] = (wire, token, time.perf_counter(), message[2],
+                                       backend.told)
                 inbox.append(_new_execute(spec))
             elif tag == "cancel" and len(message) == 2:
                 self.cancel(message[1], False)
@@ -979,13 +988,19 @@ class Worker:
                        exiting: bytes | None) -> None:
         """`_finish` of a call that came over a direct channel: a small result
         holding no refs goes back on it; any other through the node's store
-        (``DirectDone``), the channel saying so (``routed``)."""
+        (``DirectDone``), the channel saying so (``routed``). So does the
+        result of a call that told the node something meanwhile (submitted a
+        task, put, cancelled, killed: ``told`` changed since the call came):
+        the node must act on that before the caller sees the call end, as
+        through the node (on its socket the result comes after it): e.g. a
+        detached actor's nested task must reach its creator's driver, which
+        owns it, before a caller that saw the call end lets that driver leave."""
         from ..zmq.direct import RESULT_MAX
-        wire, token, came, tag = call
+        wire, token, came, tag, told = call
         values = result.values
         value = values[0] if len(values) == 1 else None
         if value is not None and not value.refs and not result.retryable \
-                and value.total_bytes <= RESULT_MAX:
+                and value.total_bytes <= RESULT_MAX and self.backend.told == told:
             if exiting is not None:  # (the node first: the caller's next call fails)
                 self.backend.send(P.KillActor(exiting, True, True))
             buffers = [memoryview(b).tobytes() for b in value.buffers] if value.buffers else []

@@ -871,8 +871,11 @@ class DriverOwner:
         if link is None:
             return
         if link.left:
-            making = self.node.scheduler.making
-            object_ids = [i for i in object_ids if not making(i)]  # (stored here once made)
+            # (What a task here makes for the driver that left is stored here
+            # once made; what it makes for a driver still here, e.g. the
+            # heir's own submissions, goes to that driver, not into the store:
+            # asked of the heir as the rest.)
+            object_ids = [i for i in object_ids if not self._stored_when_made(i)]
             if not object_ids:
                 return
             heir = self._successor(link, "fetch", object_ids)
@@ -888,6 +891,15 @@ class DriverOwner:
                 self._fetching[object_id] = link
         if new:
             link.send(P.Fetch(new))
+
+    def _stored_when_made(self, object_id: bytes) -> bool:
+        """Whether a task here makes `object_id` and its result will be stored
+        here (its driver left), not just sent to a driver that is here."""
+        task_id = self.node.scheduler.maker(object_id)
+        if task_id is None:
+            return False
+        direct = self._direct.get(task_id)
+        return direct is None or self.drivers.get(direct[0].conn) is not direct[0]
 
     def _pull(self, link: DriverLink, locations) -> None:
         """Pull these ``(id, address)`` for `link`'s driver."""
