@@ -85,19 +85,28 @@ for k, (mod, f, g) in fw.items():  # warm-up
     for r in a.rows.split(","):
         row(r, mod, f, g, 1000)
 
-@ray.remote(num_cpus=1)
-def install(pause):
-    import collections, sys, os, time
-    counts = collections.Counter()
+def opcode_tracer(counts):
+    """A sys.settrace function counting the bytecodes run per (file, function)."""
+    import os
+
     def tracer(frame, event, arg):
         frame.f_trace_opcodes = True
         frame.f_trace_lines = False
         key = (os.path.basename(frame.f_code.co_filename), frame.f_code.co_name)
+
         def local(frame, event, arg):
             if event == "opcode":
                 counts[key] += 1
             return local
         return local
+    return tracer
+
+
+@ray.remote(num_cpus=1)
+def install(pause):
+    import collections, sys, os, time
+    counts = collections.Counter()
+    tracer = opcode_tracer(counts)
     import builtins
     builtins._hot_counts = counts
     time.sleep(pause)
@@ -133,15 +142,7 @@ if a.bytecodes:
     for r in a.rows.split(","):
         for k, (mod, f, g) in fw.items():
             counts = collections.Counter()
-            def tracer(frame, event, arg):
-                frame.f_trace_opcodes = True
-                frame.f_trace_lines = False
-                key = (os.path.basename(frame.f_code.co_filename), frame.f_code.co_name)
-                def local(frame, event, arg):
-                    if event == "opcode":
-                        counts[key] += 1
-                    return local
-                return local
+            tracer = opcode_tracer(counts)
             n = 1000
             threading.settrace(tracer); sys.settrace(tracer)
             row(r, mod, f, g, n)
