@@ -13,12 +13,9 @@ import sys
 
 import pytest
 
-from conftest import BACKENDS, backend_missing, seed_program
+from conftest import seed_program
 
 SEED_PROGRAMS = ["dynamic_graph", "nested", "parameter_server", "simulator", "tune_seed"]
-#: The engines the seed programs always run on, each program starting its own
-#: (CI installs both; their whole semantic suite joins with BEAMLET_TEST_BACKENDS).
-ENGINES = [name for name in ("dask", "ray") if name not in BACKENDS]
 TIMEOUT = 100  # seconds per program; under pytest's own 120 s limit
 
 
@@ -48,18 +45,6 @@ def test_seed_program(program, backend_name, tmp_path):
     assert any(line.startswith(f"{program} ok") for line in lines), report
     if program == "tune_seed":
         _check_tune_results(tmp_path / "beamlet_results" / "my_experiment")
-
-
-@pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("program", SEED_PROGRAMS)
-def test_seed_program_on_an_engine(program, engine, tmp_path, monkeypatch):
-    """The program starts the engine itself (a LocalCluster, a local Ray) and
-    stops it at exit, as a user's unchanged script would."""
-    reason = backend_missing(engine)
-    if reason:
-        pytest.fail(reason)
-    monkeypatch.delenv("BEAMLET_ADDRESS", raising=False)
-    test_seed_program(program, engine, tmp_path)
 
 
 def _check_tune_results(exp_dir) -> None:
