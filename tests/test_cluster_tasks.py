@@ -1828,7 +1828,7 @@ class Forger:
         from beamlet.core.serialization import serialize
         from beamlet.core.task_spec import ACTOR_METHOD, TaskSpec
         me = next(o for o in gc.get_objects() if isinstance(o, W.Worker))
-        _, token, _, _ = next(iter(me._direct_calls.values()))  # (this call's channel)
+        _, token, *_ = next(iter(me._direct_calls.values()))  # (this call's channel)
         actor_id = beamlet.get_runtime_context().get_actor_id()
         spec = TaskSpec(task_id, ACTOR_METHOD, b"f" * 16, "Counter.slow", [], {}, (return_id,),
                         {}, 0, False, bytes.fromhex(actor_id), "slow", {}, b"c" * 16, 0, {},

@@ -28,6 +28,7 @@ from beamlet import exceptions as exc
 from beamlet.core import runtime as _runtime
 
 import procs
+from conftest import _dask_cluster
 
 SUBPROCESS_TIMEOUT = 60
 MB = 1_000_000
@@ -1828,6 +1829,9 @@ def test_a_shutdown_while_the_zygote_loads_numpy_stops_it_cleanly(tmp_path):
 
 def test_twenty_init_shutdown_cycles_leak_nothing():
     ray.shutdown()  # whatever an earlier test left running
+    # (The shared Dask test cluster's scheduler runs in this process, and its
+    # workers' connections come and go: stopped here, started again on demand.)
+    _dask_cluster.stop()
 
     def cycle():
         ray.init(backend="local", num_cpus=2)
