@@ -195,25 +195,43 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> bytes:
 
 def _end(pid: int, proc: subprocess.Popen | None = None) -> bool:
     """SIGTERM the process, SIGKILL it after `STOP_TIMEOUT`; True if it is gone."""
-    from .files import process_start_time
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return True
-    until = time.monotonic() + STOP_TIMEOUT
-    while time.monotonic() < until:
+    _signal_all([pid])
+    return _wait_ended([(pid, None, proc)])
+
+
+def _signal_all(pids) -> None:
+    """SIGTERM each of `pids` (gone ones are skipped)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_ended(targets) -> bool:
+    """Wait up to `STOP_TIMEOUT` for every ``(pid, start_time, proc)`` of
+    `targets` to end (see `process_running`), then SIGKILL those left; True."""
+    from .files import process_running
+
+    def running(pid, start_time, proc):
         if proc is not None:
-            if proc.poll() is not None:
-                return True
-        elif process_start_time(pid) is None:
-            return True
-        time.sleep(0.05)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    if proc is not None:
-        proc.wait(5)
+            return proc.poll() is None
+        return process_running(pid, start_time)
+
+    left = list(targets)
+    until = time.monotonic() + STOP_TIMEOUT
+    while left and time.monotonic() < until:
+        left = [t for t in left if running(*t)]
+        if left:
+            time.sleep(0.02)
+    for pid, start_time, proc in left:
+        if running(pid, start_time, proc):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc is not None:
+            proc.wait(5)
     return True
 
 
@@ -222,12 +240,16 @@ def cmd_stop(args) -> int:
         state = StateDir()
     except exc.BackendError as err:
         return _fail(str(err))
+    # Nodes first (all at once), then the head, then its Redis.
     order = {"node": 0, "head": 1, "redis": 2}
-    records = sorted(state.processes(), key=lambda r: order.get(r["role"], 0))
-    for record in records:
-        _end(record["pid"])
-        state.forget_process(record["pid"])
-        print(f"stopped the {record['role']} (pid {record['pid']})")
+    records = state.processes()
+    for rank in sorted({order.get(r["role"], 0) for r in records}):
+        batch = [r for r in records if order.get(r["role"], 0) == rank]
+        _signal_all([r["pid"] for r in batch])
+        _wait_ended([(r["pid"], r["start_time"], None) for r in batch])
+        for record in sorted(batch, key=lambda r: r["pid"]):
+            state.forget_process(record["pid"])
+            print(f"stopped the {record['role']} (pid {record['pid']})")
     state.forget_cluster()
     if not records:
         print("no beamlet process of this user runs here")

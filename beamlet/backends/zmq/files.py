@@ -72,6 +72,22 @@ def process_start_time(pid: int) -> int | None:
     return int(data[data.rindex(b")") + 2:].split()[19])
 
 
+def process_running(pid: int, start_time: int | None) -> bool:
+    """True while the process `pid` that started at `start_time` (None: any)
+    runs. A zombie has ended: it holds no socket, memory or file any more, and
+    its parent (for a daemon, the machine's init, which may take seconds) has
+    only to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    fields = data[data.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):
+        return False
+    return start_time is None or int(fields[19]) == start_time
+
+
 class StateDir:
     """This user's beamlet state directory (see the module docstring)."""
 
