@@ -372,6 +372,38 @@ def test_claim_counter_gives_each_index_to_one_process():
         counter.ticket()
 
 
+_HOLD_THE_LOCK = """
+import fcntl, os, signal, sys
+from beamlet.contrib.rl.claims import attach
+counter = attach(eval(sys.argv[1]))
+fcntl.flock(counter.fd, fcntl.LOCK_EX)
+print("holding", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def test_a_claim_counter_held_by_a_stopped_process_is_an_error_not_a_hang(monkeypatch):
+    """A worker stopped while it holds the counter's lock does not hold up the
+    driver for ever: a new round waits `LOCK_TIMEOUT`, then raises."""
+    import subprocess
+    import sys
+    from beamlet.contrib.rl import claims
+    counter = claims.ClaimCounter()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_THE_LOCK, repr(counter.ticket())],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        monkeypatch.setattr(claims, "LOCK_TIMEOUT", 0.5)
+        with pytest.raises(TimeoutError, match="claim counter's lock"):
+            counter.ticket()
+    finally:
+        holder.kill()
+        holder.wait(30)
+        holder.stdout.close()
+    assert counter.ticket()[3] == 3   # the lock is free again: the next round starts
+    counter.close()
+
+
 def test_es_worker_claims_episodes_or_none_without_the_counter():
     """ESWorker.claimed_episodes runs the rows it claims (all of them, alone)
     with the very results of ``episodes``; with the ticket of a counter that

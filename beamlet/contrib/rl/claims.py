@@ -20,12 +20,40 @@ import fcntl
 import os
 import secrets
 import struct
+import time
 import weakref
 
 __all__ = ["ClaimCounter", "attach"]
 
 _LAYOUT = struct.Struct("<16sqq")   # token, generation, next index
 _NAME = "beamlet-claims-"
+#: Seconds the driver waits for the counter's lock to start a new round: a
+#: worker holds it for one read and one write, so only a worker that is
+#: stopped (SIGSTOP, a debugger) holds it longer. (Workers wait for it without
+#: a deadline: a blocking ``flock`` hands it over at once, where polling would
+#: let one worker take every claim; a stopped worker holds its round up anyway.)
+LOCK_TIMEOUT = 30.0
+
+
+def _lock_within_timeout(fd: int) -> None:
+    """Take the counter's lock, waiting at most `LOCK_TIMEOUT` seconds."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    until = time.monotonic() + LOCK_TIMEOUT
+    pause = 0.0001
+    while True:
+        time.sleep(pause)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > until:
+                raise TimeoutError(f"the claim counter's lock was held for over {LOCK_TIMEOUT} s "
+                                   f"(a worker holding it is stopped?)") from None
+            pause = min(pause * 2, 0.01)
 
 
 class ClaimCounter:
@@ -43,7 +71,7 @@ class ClaimCounter:
         self._write(0)
 
     def _write(self, next_index: int) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        _lock_within_timeout(self.fd)
         try:
             os.pwrite(self.fd, _LAYOUT.pack(self.token, self.generation, next_index), 0)
         finally:
