@@ -2061,6 +2061,30 @@ def test_a_direct_channel_that_never_opens_is_given_up_and_asked_for_later_and_l
     assert counter._actor_id not in hub.failed
 
 
+def test_a_driver_forgets_reopen_times_that_passed_once_it_keeps_many():
+    """What a driver keeps of its actors' lost channels (when each may be
+    asked for again, how many in a row never opened) is bounded: at 4096
+    actors, those whose time passed are forgotten (their handles may live on,
+    unused: `DirectHub.forget` never runs for them)."""
+    from beamlet.backends.zmq import direct
+    hub = direct.DirectHub(os.urandom(32), "127.0.0.1", lambda *_: False)
+    try:
+        actors = [i.to_bytes(16, "big") for i in range(4096)]
+        for i, actor_id in enumerate(actors):
+            hub.lost(actor_id, opened=i % 3 == 0)  # (the others never opened)
+        assert len(hub.closed_at) == 4096 and len(hub.failed) == 4096 - 1366
+        passed = actors[::2]
+        for actor_id in passed:
+            hub.closed_at[actor_id] = 0.0  # (as if their time had passed)
+        hub.lost(b"n" * 16, opened=False)
+        kept = set(actors[1::2]) | {b"n" * 16}
+        assert set(hub.closed_at) == kept
+        assert set(hub.failed) == {a for i, a in enumerate(actors) if i % 2 and i % 3} \
+            | {b"n" * 16}
+    finally:
+        hub.close()
+
+
 def test_a_driver_with_direct_channels_leaves_nothing_behind(cluster, driver):
     import socket
     head = cluster.start_head()
