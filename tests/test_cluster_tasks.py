@@ -1674,13 +1674,19 @@ def test_actor_calls_go_over_a_direct_channel_in_order_with_those_through_the_no
     marker = os.path.join(cluster.state_dir, "slow")
     slow = counter.slow.remote(marker, 30)
     assert procs.wait_until(lambda: os.path.exists(marker), 30)
+    queued = counter.add.remote(ref)  # (through the node: it waits behind the call in flight)
+    beamlet.cancel(queued)
+    with pytest.raises(exc.TaskCancelledError):
+        beamlet.get(queued, timeout=GET_TIMEOUT)
     beamlet.cancel(slow)
     with pytest.raises((exc.TaskCancelledError, exc.TaskError)):
         beamlet.get(slow, timeout=GET_TIMEOUT)
-    # It ends as a cancelled task (Ray's FAILED, TASK_CANCELLED), not a failed one.
+    # Both end as cancelled tasks (Ray's FAILED, TASK_CANCELLED), not failed ones.
     from beamlet.util import state
-    (row,) = state.list_tasks(filters=[("name", "=", "Counter.slow")])
-    assert (row.state, row.error_type) == ("FAILED", "TASK_CANCELLED"), row
+    rows = state.list_tasks(filters=[("name", "=", "Counter.slow")])
+    rows += state.list_tasks(filters=[("name", "=", "Counter.add"), ("state", "=", "FAILED")],
+                             limit=1000)
+    assert [(r.state, r.error_type) for r in rows] == [("FAILED", "TASK_CANCELLED")] * 2, rows
     assert beamlet.get(counter.add.remote("after"), timeout=GET_TIMEOUT)[1] == "after"
 
 
