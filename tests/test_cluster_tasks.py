@@ -1584,6 +1584,17 @@ class Counter:
     def nested_values(self):
         return beamlet.get(self.nested, timeout=60)
 
+    def spawn(self, path: str, here: str, there: str):
+        """Submit a task pinned to node `here` and one to `there`, each of
+        which submits one pinned to the other node (waiting for `path`), and
+        wait for them."""
+        self.spawned = [_spawning.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            a, soft=False)).remote(path, b) for a, b in ((here, there), (there, here))]
+        return beamlet.get(self.spawned, timeout=60)
+
+    def spawned_refs(self):
+        return self.spawned
+
     def slow(self, marker: str, seconds: float):
         """Its pid, after writing it to `marker` (then `seconds` of sleep)."""
         with open(marker + ".tmp", "w") as f:
@@ -1599,6 +1610,13 @@ def _until_file(path: str):
     while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.02)
     return 1
+
+
+@beamlet.remote(num_cpus=0)
+def _spawning(path: str, node_id: str):
+    """Submit `_until_file(path)` pinned to node `node_id`, and wait for it."""
+    return beamlet.get(_until_file.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        node_id, soft=False)).remote(path), timeout=60)
 
 
 def _channel(actor):
@@ -1656,21 +1674,37 @@ def test_actor_calls_go_over_a_direct_channel_in_order_with_those_through_the_no
     marker = os.path.join(cluster.state_dir, "slow")
     slow = counter.slow.remote(marker, 30)
     assert procs.wait_until(lambda: os.path.exists(marker), 30)
+    queued = counter.add.remote(ref)  # (through the node: it waits behind the call in flight)
+    beamlet.cancel(queued)
+    with pytest.raises(exc.TaskCancelledError):
+        beamlet.get(queued, timeout=GET_TIMEOUT)
     beamlet.cancel(slow)
     with pytest.raises((exc.TaskCancelledError, exc.TaskError)):
         beamlet.get(slow, timeout=GET_TIMEOUT)
+    # Both end as cancelled tasks (Ray's FAILED, TASK_CANCELLED), not failed ones.
+    from beamlet.util import state
+    rows = state.list_tasks(filters=[("name", "=", "Counter.slow")])
+    rows += state.list_tasks(filters=[("name", "=", "Counter.add"), ("state", "=", "FAILED")],
+                             limit=1000)
+    assert [(r.state, r.error_type) for r in rows] == [("FAILED", "TASK_CANCELLED")] * 2, rows
     assert beamlet.get(counter.add.remote("after"), timeout=GET_TIMEOUT)[1] == "after"
 
 
-def test_a_direct_call_that_submits_a_task_ends_after_its_driver_has_the_task(
+def test_a_direct_call_that_submits_tasks_ends_after_its_driver_has_them_and_cancels_them(
         cluster, driver):
     """A call over a direct channel that submits a nested task is seen to end
     only once the task reached the driver that owns it (through the actor's
     node), as through the node: the worker answers such a call through the
     node, behind its submission, not on the channel, which could overtake it
-    (a detached actor's creator could then leave before it got the task)."""
+    (a detached actor's creator could then leave before it got the task).
+    cancel() of such a call (recursive, the default, as in Ray) cancels the
+    tasks it submitted and the tasks those submitted, on whichever node they
+    run (the actor's node never sees the call: its worker cancels them); the
+    call ends as cancelled in the state API; force=True is refused, as for
+    every actor call."""
+    from beamlet.util import state
     head = cluster.start_head()
-    cluster.join(head, "--resources", '{"far": 1}')
+    member = cluster.join(head, "--resources", '{"far": 1}')
     driver(head)
     counter = Counter.remote()
     channel = _open_channel(counter)
@@ -1684,6 +1718,39 @@ def test_a_direct_call_that_submits_a_task_ends_after_its_driver_has_the_task(
     with open(go, "w"):
         pass
     assert beamlet.get(counter.nested_values.remote(), timeout=GET_TIMEOUT) == [1] * 10
+    # (Their ends are told, though their results came through the node.)
+    assert [r.state for r in state.list_tasks(filters=[("name", "=", "Counter.submit")])] \
+        == ["FINISHED"] * 10
+
+    go = os.path.join(cluster.state_dir, "go-spawned")
+    sent = channel.sent
+    call = counter.spawn.remote(go, head["node_id"], member)
+    assert channel.sent == sent + 1  # (it went over the channel)
+
+    def states(name: str) -> list:
+        return [r.state for r in state.list_tasks(filters=[("name", "=", name)])]
+
+    try:  # (the grandchildren wait on both nodes: all four were submitted)
+        assert procs.wait_until(lambda: states("_until_file").count("RUNNING") == 2,
+                                GET_TIMEOUT, interval=0.05), state.list_tasks()
+        with pytest.raises(ValueError, match="force=True"):
+            beamlet.cancel(call, force=True)
+        beamlet.cancel(call)
+        with pytest.raises(exc.TaskCancelledError):
+            beamlet.get(call, timeout=GET_TIMEOUT)
+        for ref in beamlet.get(counter.spawned_refs.remote(), timeout=GET_TIMEOUT):
+            with pytest.raises(exc.TaskCancelledError):
+                beamlet.get(ref, timeout=GET_TIMEOUT)
+        assert procs.wait_until(lambda: "RUNNING" not in states("_until_file"), GET_TIMEOUT,
+                                interval=0.05), state.list_tasks()
+    finally:
+        open(go, "w").close()  # (what was not cancelled ends)
+    rows = state.list_tasks(filters=[("name", "=", "_until_file")])[-2:]
+    rows += state.list_tasks(filters=[("name", "=", "_spawning")])
+    rows += state.list_tasks(filters=[("name", "=", "Counter.spawn")])
+    assert len(rows) == 5 and {(r.state, r.error_type) for r in rows} == \
+        {("FAILED", "TASK_CANCELLED")}, rows
+    assert beamlet.get(counter.add.remote("after"), timeout=GET_TIMEOUT)[1] == "after"
 
 
 def _kill_mid_call(counter, marker: str):
@@ -1998,6 +2065,30 @@ def test_a_direct_channel_that_never_opens_is_given_up_and_asked_for_later_and_l
         hub.closed_at[counter._actor_id] = 0.0
     _open_channel(counter)
     assert counter._actor_id not in hub.failed
+
+
+def test_a_driver_forgets_reopen_times_that_passed_once_it_keeps_many():
+    """What a driver keeps of its actors' lost channels (when each may be
+    asked for again, how many in a row never opened) is bounded: at 4096
+    actors, those whose time passed are forgotten (their handles may live on,
+    unused: `DirectHub.forget` never runs for them)."""
+    from beamlet.backends.zmq import direct
+    hub = direct.DirectHub(os.urandom(32), "127.0.0.1", lambda *_: False)
+    try:
+        actors = [i.to_bytes(16, "big") for i in range(4096)]
+        for i, actor_id in enumerate(actors):
+            hub.lost(actor_id, opened=i % 3 == 0)  # (the others never opened)
+        assert len(hub.closed_at) == 4096 and len(hub.failed) == 4096 - 1366
+        passed = actors[::2]
+        for actor_id in passed:
+            hub.closed_at[actor_id] = 0.0  # (as if their time had passed)
+        hub.lost(b"n" * 16, opened=False)
+        kept = set(actors[1::2]) | {b"n" * 16}
+        assert set(hub.closed_at) == kept
+        assert set(hub.failed) == {a for i, a in enumerate(actors) if i % 2 and i % 3} \
+            | {b"n" * 16}
+    finally:
+        hub.close()
 
 
 def test_a_driver_with_direct_channels_leaves_nothing_behind(cluster, driver):

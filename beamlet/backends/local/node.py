@@ -92,6 +92,10 @@ class JobOwner(Protocol):
     # and False after each turn of the loop that handles workers' messages: an
     # owner that ships results elsewhere (a cluster node) may send those stored
     # meanwhile together at the end.
+    # Optional: ``cancel_elsewhere(object_ids, force)``, called (I/O thread) when
+    # a worker's cancel names tasks this node does not run (placed on other
+    # nodes by an owner that places tasks on many: a cluster driver), or their
+    # children that it does not run: the owner cancels them where they run.
     # Several jobs (a cluster node's drivers): the owner sets the scheduler's
     # ``job_of`` (spec -> its job). A job is itself a JobOwner (its
     # ``job_config``, ``accept`` (told also the actor whose worker submitted,
@@ -455,9 +459,14 @@ class Node:
 
     def _on_cancel(self, worker: WorkerInfo, message: P.CancelTask) -> None:
         try:
-            self.scheduler.cancel(message.object_id, message.force, message.recursive)
+            elsewhere = self.scheduler.cancel(message.object_id, message.force,
+                                              message.recursive, named=True)
         except ValueError:
-            pass  # (the same call in the driver raises; a task cannot be told)
+            return  # (the same call in the driver raises; a task cannot be told)
+        if elsewhere:
+            cancel = getattr(worker.job or self.owner, "cancel_elsewhere", None)
+            if cancel is not None:
+                cancel(elsewhere, message.force)
 
     def _on_kill_actor(self, worker: WorkerInfo, message: P.KillActor) -> None:
         if message.exited and worker.actor_id == message.actor_id:

@@ -1587,16 +1587,18 @@ class LocalScheduler(Scheduler):
             if parent.task_id in self._tasks:
                 self._children.setdefault(parent.task_id, []).append(spec.return_ids[0])
 
-    def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True) -> list:
+    def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True,
+               named: bool = False) -> list:
         """Cancel the task making `object_id` (and, `recursive`, its children).
         Returns the children (first return ids) it does not know (finished, or
         placed on another node by their owner), for an owner that cancels
-        them where they run."""
+        them where they run; `named` (a worker's cancel, which names a task of
+        its owner's, wherever that placed it): `object_id` too if not known."""
         with self.lock:
             task_id = self._producer.get(object_id)
             spec = self._tasks.get(task_id) if task_id else None
             if spec is None:
-                return []
+                return [object_id] if named else []
             children = self._children.pop(task_id, None) if recursive else None
             unknown = []
             for child in children or ():

@@ -33,7 +33,7 @@ from ...core.execution import Executor
 from ...core.interfaces import Backend, ControlStore, ObjectStore, Scheduler
 from ...core.resources import ResourcePool
 from ...core.serialization import SerializedObject
-from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
+from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TASK, TaskSpec
 from . import protocol as P
 from . import shm
 from ...core.auth import AuthenticationError
@@ -225,8 +225,12 @@ class SchedulerClient(Scheduler):
         # cluster job's against every node, and its get raises the error).
         if spec.kind != ACTOR_METHOD and spec.placement_group is None and not self._b.cluster:
             self._pool.check_feasible(spec.resources, spec.display_name)
-        self._b.told += 1
-        self._b.send(P.Submit(spec))
+        b = self._b
+        b.told += 1
+        cancelled = b.direct_calls and spec.kind == TASK and b.child_submitted(spec)
+        b.send(P.Submit(spec))
+        if cancelled:  # (submitted by a direct call cancelled already: see Worker.cancel_children)
+            self.cancel(spec.return_ids[0])
 
     def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True) -> None:
         self._b.told += 1
@@ -295,6 +299,12 @@ class WorkerBackend(Backend):
         #: (a direct call that made any answers through the node: see
         #: Worker._finish_direct).
         self.told = 0
+        #: Set by a cluster actor's Worker: the calls that came over direct
+        #: channels and run here (``Worker._direct_calls``), and what notes a
+        #: task one of them submits (``Worker._child_submitted``: True if that
+        #: call was cancelled already), for a recursive cancel of that call.
+        self.direct_calls: dict = {}
+        self.child_submitted: Callable[[TaskSpec], bool] = lambda spec: False
 
     def nodes(self) -> list[dict]:
         """This node; in a cluster's job, every node of the cluster (its nodes table)."""
@@ -774,6 +784,15 @@ class Worker:
         #: Calls that came over a direct channel (cluster actors, zmq/direct.py):
         #: task id -> (the channel, its token, when it came), until answered there.
         self._direct_calls: dict[bytes, tuple] = {}
+        #: Of those: task id -> the first return ids of the tasks it submitted
+        #: (None once it was cancelled recursively: what it submits from then
+        #: on is cancelled at once). The node never sees a direct call, so it
+        #: cannot note them (``LocalScheduler.submitted_by``): the worker
+        #: cancels them itself (`cancel_children`). Under `_children_lock`.
+        self._children: dict[bytes, list | None] = {}
+        self._children_lock = threading.Lock()
+        self.backend.direct_calls = self._direct_calls
+        self.backend.child_submitted = self._child_submitted
 
     # -- reading ------------------------------------------------------------------
     def handle(self, message) -> None:
@@ -976,13 +995,48 @@ class Worker:
                 calls[spec.task_id] = (wire, token, time.perf_counter(), message[2],
                                        backend.told)
                 inbox.append(_new_execute(spec))
-            elif tag == "cancel" and len(message) == 2:
+            elif tag == "cancel" and len(message) == 3:
                 self.cancel(message[1], False)
+                if message[2]:  # (recursive)
+                    self.cancel_children(message[1])
             else:
                 raise ProtocolError(f"a message that is not one of the direct channel's: "
                                     f"{P.describe(message)}")
 
         self.reading.add_direct(wire, handle)
+
+    def _child_submitted(self, spec: TaskSpec) -> bool:
+        """(The thread of a running call.) Task `spec` is being submitted: note
+        it as a child of the direct call this thread (or coroutine) runs, if
+        any. True: that call was cancelled recursively already (cancel it too)."""
+        context = _runtime.task_context.get()
+        parent = context.task_id if context is not None else None
+        if parent not in self._direct_calls:
+            return False
+        with self._children_lock:
+            children = self._children.get(parent, ())
+            if children is None:
+                return True
+            if not children:
+                children = self._children[parent] = []
+            children.append(spec.return_ids[0])
+        return False
+
+    def cancel_children(self, task_id: bytes) -> None:
+        """(A recursive cancel of direct call `task_id`.) Cancel the tasks it
+        submitted, through the node as a task's own cancel is (their children
+        with them, wherever their driver placed them: the node names the ones
+        it does not run to the driver), and those it submits from now on. A
+        call that finished cancels nothing, as in Ray."""
+        with self._children_lock:
+            if task_id not in self._direct_calls:
+                return
+            children = self._children.get(task_id)
+            self._children[task_id] = None
+            if task_id not in self._direct_calls:  # (it finished meanwhile: see _finish_direct)
+                del self._children[task_id]
+        for child in children or ():
+            self.backend.scheduler.cancel(child, False, True)
 
     def _finish_direct(self, call: tuple, spec: TaskSpec, result,
                        exiting: bytes | None) -> None:
@@ -997,6 +1051,9 @@ class Worker:
         owns it, before a caller that saw the call end lets that driver leave."""
         from ..zmq.direct import RESULT_MAX
         wire, token, came, tag, told = call
+        if self._children:
+            with self._children_lock:
+                self._children.pop(spec.task_id, None)
         values = result.values
         value = values[0] if len(values) == 1 else None
         if value is not None and not value.refs and not result.retryable \
@@ -1014,7 +1071,8 @@ class Worker:
         self.backend.send(P.DirectDone(token, spec.fields(), entries, result.retryable, tag),
                           None if exiting is None else P.KillActor(exiting, True, True))
         try:
-            wire.send(("routed", spec.task_id))
+            wire.send(("routed", spec.task_id, time.perf_counter() - came,
+                       result.error is not None))
         except exc.BackendError:
             pass
 

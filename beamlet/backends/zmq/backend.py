@@ -79,7 +79,7 @@ from ...core.object_ref import ObjectRef
 from ...core.options import check_backend_options
 from ...core.placement import ready_value, removed_value, split_node_affinity
 from ...core.resources import BUNDLE_CAPACITY, cpu_names, group_resource
-from ...core.scheduling import may_retry
+from ...core.scheduling import CANCELLED, FAILED, FINISHED, may_retry
 from ...core.serialization import serialize
 from ...core.tables import ActorState
 from ...core.task_events import RUNNING
@@ -461,6 +461,11 @@ class ClusterScheduler(Scheduler):
         self.held_tasks: dict[bytes, TaskSpec] = {}
         self.held_returns: dict[bytes, bytes] = {}
         self.unheld: set[bytes] = set()
+        #: Direct calls cancelled over their channel (``direct.py``), until
+        #: answered there: their end is told as CANCELLED if they failed (a
+        #: node's own calls' end is told by the node, which never sees a
+        #: direct call's cancel).
+        self.cancelled_calls: set[bytes] = set()
         #: Held tasks whose large arguments are on a node (the one holding the
         #: most of their bytes): node -> [(until when they wait for it, shape,
         #: spec)], in order; past that, they join `held` (see `_hold`).
@@ -1139,9 +1144,12 @@ class ClusterScheduler(Scheduler):
             return channel
         return None
 
-    def direct_answered(self, channel, task_id: bytes, form, duration) -> None:
+    def direct_answered(self, channel, task_id: bytes, form, duration: float,
+                        failed: bool) -> None:
         """A call's answer came over its channel: its result (`form`, a wire
-        form), or None (``routed``: it comes through the node)."""
+        form), or None (``routed``: it comes through the node, which does not
+        tell its end: the worker says here how long it took, and whether it
+        `failed`)."""
         with self.lock:
             spec = channel.inflight.pop(task_id, None)
             if spec is None:
@@ -1149,10 +1157,17 @@ class ClusterScheduler(Scheduler):
             if not channel.inflight and (channel.after or channel.releases) \
                     and channel.state == "open":  # (closing: direct_lost drains it)
                 self.direct_drained(channel)
+            status = FINISHED
+            if failed:
+                status = FAILED
+                if self.cancelled_calls and task_id in self.cancelled_calls:
+                    self.cancelled_calls.discard(task_id)
+                    status = CANCELLED
+            elif self.cancelled_calls:
+                self.cancelled_calls.discard(task_id)  # (it ended before the cancel came)
+        plugins.notify("beamlet_task_finished", spec=spec, status=status, duration=duration,
+                       pid=channel.pid)
         if form is not None:
-            plugins.notify("beamlet_task_finished", spec=spec,
-                           status="FAILED" if form[3] else "FINISHED", duration=duration,
-                           pid=channel.pid)
             self.stored([(spec.return_ids[0], form)])
 
     def direct_drained(self, channel) -> None:
@@ -1611,7 +1626,10 @@ class ClusterScheduler(Scheduler):
     def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True) -> None:
         """Cancel on its node; with `recursive`, that node cancels the children
         it runs too and names the others (``CancelChildren``), which are
-        cancelled where they run (`cancel_children`)."""
+        cancelled where they run (`cancel_children`). A direct call in flight
+        is cancelled by its worker (over the channel), which cancels its
+        children through its node (``Worker.cancel_children``)."""
+        cancelled = None
         with self.lock:
             task_id = self.producer.get(object_id)
             entry = self.tasks.get(task_id) if task_id is not None else None
@@ -1632,7 +1650,11 @@ class ClusterScheduler(Scheduler):
                         channel.after.remove(queued)
                         self._fail(queued, exc.TaskCancelledError(
                             f"task {queued.display_name} was cancelled"))
+                        cancelled = queued
                         break
+        if cancelled is not None:  # (never sent: its end is told here)
+            plugins.notify("beamlet_task_finished", spec=cancelled, status=CANCELLED,
+                           duration=0.0, pid=None)
         if entry is None:
             return
         spec, node, _ = entry
@@ -1643,9 +1665,11 @@ class ClusterScheduler(Scheduler):
         if spec.kind == ACTOR_METHOD and self.backend.direct is not None:
             channel = self.backend.direct.by_actor.get(spec.actor_id)
             if channel is not None and spec.task_id in channel.inflight:
+                with self.lock:
+                    self.cancelled_calls.add(spec.task_id)
                 try:
-                    self.backend.direct.send(channel, D.pickle.dumps(("cancel", spec.task_id),
-                                                                     5))
+                    self.backend.direct.send(channel, D.pickle.dumps(
+                        ("cancel", spec.task_id, bool(recursive)), 5))
                 except exc.BackendError:
                     self.backend.direct_lost(channel)  # (the node answers it: DirectLost)
                 return
@@ -2033,9 +2057,9 @@ class ClusterBackend(Backend):
                 tag = message[0] if type(message) is tuple and message else None
                 if tag == "done" and len(message) == 4 and type(message[2]) is tuple \
                         and len(message[2]) == 4:
-                    answered(channel, message[1], message[2], message[3])
-                elif tag == "routed" and len(message) == 2:
-                    answered(channel, message[1], None, None)
+                    answered(channel, message[1], message[2], message[3], message[2][3])
+                elif tag == "routed" and len(message) == 4:
+                    answered(channel, message[1], None, message[2], message[3])
                 else:
                     raise ProtocolError(f"a message that is not one of the direct "
                                         f"channel's: {P.describe(message)}")
@@ -2082,6 +2106,8 @@ class ClusterBackend(Backend):
             hub.pending.pop(channel.id, None)
             hub.lost(channel.actor_id, was_open)
             lost = [s for s in channel.inflight.values() if s.task_id in sched.tasks]
+            if sched.cancelled_calls:  # (its node answers them, and tells their end)
+                sched.cancelled_calls.difference_update(channel.inflight)
             channel.inflight.clear()
             node = channel.node
             if node.alive and not self._closed:  # (never opened: its node forgets it too)

@@ -63,6 +63,17 @@ Calls and results
     waits in the channel's `after` queue meanwhile, and so do the calls
     behind it).
 
+Cancelling one
+    ``cancel()`` of a call in flight on a channel goes over it (its node never
+    sees the call): its worker interrupts the call and, with ``recursive``
+    (the default, as in Ray), cancels the tasks the call submitted (and
+    those it submits from then on) through its node, as a task's own
+    ``cancel()`` goes: that node cancels what it runs of them and of their
+    children, and names the rest to the driver that placed them, which
+    cancels them where they run. ``force=True`` is refused for actor calls,
+    as through the node (Ray's rule). The driver tells the call's end as
+    CANCELLED (`ClusterScheduler.cancelled_calls`).
+
 Failures
     A worker that dies closes its end at once (the kernel does). The driver
     then sends its node ``DirectLost`` with the calls still in flight on the
@@ -102,7 +113,7 @@ from . import protocol as P
 from .transport import _Opener, _Sealer, parse_address
 
 #: Bound into the handshake's MACs: a peer of another version is refused.
-VERSION = P.VERSION + "/direct-2"
+VERSION = P.VERSION + "/direct-3"
 #: Calls of an actor through its node before its channel is asked for.
 OPEN_AFTER = 2
 #: Seconds the driver waits for an asked-for channel before giving up (for now).

@@ -43,7 +43,8 @@ drivers connected over ZeroMQ (the messages are in ``protocol.py``).
   or wait, and takes back (``Lent``), for the driver's spillback; objects a dead
   worker put die in the drivers too (``OwnerDied``). A recursive cancel
   cancels the children the node runs, and names the others to the driver
-  (``CancelChildren``).
+  (``CancelChildren``); so does a worker's cancel of tasks its driver placed
+  elsewhere (`DriverLink.cancel_elsewhere`: e.g. a direct call's children).
 
 Each driver is a job of the node (its `DriverLink` is the job, for the
 node's scheduler: ``LocalScheduler.job_of`` names a task's job, the driver
@@ -204,6 +205,14 @@ class DriverLink:
 
     def unpin(self, object_ids) -> None:
         self.owner.unpin(object_ids, self)
+
+    def cancel_elsewhere(self, object_ids: list, force: bool) -> None:
+        """A worker of this job cancelled tasks this node does not run (or
+        their children): the driver that placed them cancels them where they
+        run (``CancelChildren``; its heir once it left)."""
+        link = self.heir if self.left else self
+        if link is not None:
+            link.send(P.CancelChildren(object_ids, force))
 
     def send(self, message) -> None:
         if self.left:
