@@ -298,6 +298,39 @@ def test_joins_a_scheduler_by_address_and_leaves_it_running(no_backend):
         cluster.stop()
 
 
+def _scatters_through_scheduler(client) -> int:
+    """How many scatters of `client` went through the scheduler (Dask logs an
+    event for each; a direct one, client to worker, logs none)."""
+    return sum(1 for _time, msg in client.get_events("all")
+               if msg.get("action") == "scatter" and msg.get("client") == client.id)
+
+
+def test_large_puts_go_direct_to_workers_only_if_the_client_may(no_backend):
+    """A user's client made with ``direct_to_workers=False`` (its workers may be
+    unreachable from the driver) has even a large put relayed by the scheduler;
+    in the cluster beamlet starts itself, a large put goes straight to a worker."""
+    from beamlet.backends.dask.cluster import Cluster
+    from distributed import Client
+    large = b"x" * (2 * 1024 * 1024)
+    cluster = Cluster(1, {})
+    try:
+        client = Client(cluster.address, security=cluster.security, timeout=30,
+                        direct_to_workers=False)
+        ray.init(backend="dask", client=client)
+        assert ray.get(ray.put(large), timeout=LONG) == large
+        assert _scatters_through_scheduler(client) == 1
+        ray.shutdown()
+        client.close()
+    finally:
+        cluster.stop()
+    ray.init(backend="dask", num_cpus=1)
+    own = _runtime.current().backend.client
+    assert ray.get(ray.put(large), timeout=LONG) == large
+    assert ray.get(ray.put(b"small"), timeout=LONG) == b"small"
+    assert _scatters_through_scheduler(own) == 1  # (the small one)
+    ray.shutdown()
+
+
 def test_an_error_ref_dropped_on_the_schedulers_thread_does_not_stop_it(no_backend):
     """A cluster started in this process runs its scheduler on an event loop
     thread here, where a garbage collection may drop a ref's last holder. The
