@@ -107,13 +107,29 @@ def _listening(pids) -> list[tuple[str, int, int]]:
 def test_the_cluster_listens_on_loopback_only(no_backend, dashboard):
     """Every socket of the cluster beamlet starts (scheduler, its HTTP server
     with or without the dashboard, workers) listens on 127.0.0.1:
-    Dask's own ":0" for a dashboard would be every interface."""
+    Dask's own ":0" for a dashboard would be every interface. Without the
+    dashboard, the HTTP server serves none of Dask's pages (which need no key
+    and show the cluster's logs and the stacks of its running tasks)."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
     ray.init(backend="dask", num_cpus=1, dashboard=dashboard)
     backend = _runtime.current().backend
     tree = [os.getpid(), *backend._cluster.worker_pids()]
-    http = backend.client.scheduler_info()["services"].get("dashboard")
+    info = backend.client.scheduler_info()
+    http = info["services"].get("dashboard")
     sockets = _listening(tree)
+    [worker] = info["workers"]
+    served = {}
+    for page in ("/json/identity.json", "/info/main/logs.html",
+                 f"/info/call-stacks/{urllib.parse.quote(worker, safe='')}.html"):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http}{page}", timeout=LONG) as r:
+                served[page] = r.status
+        except urllib.error.HTTPError as err:
+            served[page] = err.code
     ray.shutdown()
+    assert served == {page: 200 if dashboard else 404 for page in served}, served
     assert http is not None and http != 8787  # (its HTTP server, on a free port)
     assert any(port == http for _host, port, _pid in sockets), (http, sockets)
     assert len(sockets) >= 3, sockets  # scheduler, HTTP, worker at least

@@ -117,6 +117,7 @@ class Cluster:
         driver's client: `loop`); returns the session's KeyedSecurity."""
         from contextlib import ExitStack
 
+        import dask.config
         from distributed import Scheduler
         from distributed.utils import LoopRunner, silence_logging_cmgr, sync
 
@@ -132,17 +133,23 @@ class Cluster:
         #: The event loop the scheduler runs on.
         self.loop = self._loop_runner.loop
 
+        # (Dask's scheduler serves HTTP even without its dashboard, on port
+        # 8787, which another Dask may hold, and for ":0" on every interface:
+        # here on a free loopback port. Without the dashboard it serves no
+        # page at all: Dask's default routes need no key, and tell any local
+        # user the cluster's logs and its running tasks' stacks.)
+        routes = {} if dashboard else {"distributed.scheduler.http.routes": []}
+
         async def start():
-            # (Dask's scheduler serves HTTP even without its dashboard, on port
-            # 8787, which another Dask may hold, and for ":0" on every
-            # interface: here on a free loopback port.)
             # (Its scratch dir, which Dask also puts first on this process's
             # sys.path while it runs, is the cluster's, not a shared
             # /tmp/dask-scratch-space.)
-            return await Scheduler(host="127.0.0.1", port=0, protocol=SCHEME + "://",
-                                   security=security, dashboard=dashboard,
-                                   dashboard_address="127.0.0.1:0",
-                                   local_directory=self._session.temp_dir)
+            with dask.config.set(routes):  # (read as the Scheduler is made)
+                scheduler = Scheduler(host="127.0.0.1", port=0, protocol=SCHEME + "://",
+                                      security=security, dashboard=dashboard,
+                                      dashboard_address="127.0.0.1:0",
+                                      local_directory=self._session.temp_dir)
+            return await scheduler
         self._scheduler = sync(self.loop, start, callback_timeout=_START_TIMEOUT)
         #: The scheduler's own dir (on this process's sys.path while it runs).
         self.local_directory = self._scheduler.local_directory
