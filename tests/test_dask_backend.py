@@ -200,6 +200,74 @@ def test_a_worker_that_dies_is_started_again(no_backend):
     assert procs.wait_gone([second], GONE_TIMEOUT) == []
 
 
+def test_a_worker_restarted_as_the_cluster_stops_ends_quietly(no_backend, monkeypatch):
+    """The driver's nanny thread starts a dead worker again and sends it its
+    spec while `stop` cannot close that worker's standard input: the thread
+    ends without an error, and so does the new worker. (The delay before the
+    spec is sent stands in for the thread being descheduled on a loaded box.)"""
+    import signal
+    import threading
+
+    from beamlet.backends.dask import cluster as dask_cluster
+    errors = []
+    monkeypatch.setattr(threading, "excepthook",
+                        lambda args: errors.append(f"{args.thread.name}: {args.exc_value!r}"))
+    send = dask_cluster.Cluster._send_spec
+
+    def late_send(self, index, proc):
+        if self._ready:  # (a restart)
+            time.sleep(1.0)
+        send(self, index, proc)
+    monkeypatch.setattr(dask_cluster.Cluster, "_send_spec", late_send)
+    cluster = dask_cluster.Cluster(1, {})
+    try:
+        [first] = cluster.worker_pids()
+        os.kill(first, signal.SIGKILL)
+        assert procs.wait_until(lambda: cluster.worker_pids() != [first], LONG)
+        [second] = cluster.worker_pids()
+    finally:
+        cluster.stop()
+    for watcher in cluster._watchers:
+        watcher.join(LONG)
+        assert not watcher.is_alive()
+    assert errors == []
+    assert procs.wait_gone([first, second], GONE_TIMEOUT) == []
+
+
+def test_restart_workers_reads_the_schedulers_workers_on_its_loop(no_backend):
+    """The scheduler's workers change on its event loop (a worker joins or
+    leaves): `restart_workers`, called from another thread, reads them there."""
+    import threading
+
+    from beamlet.backends.dask.cluster import Cluster
+    from distributed.utils import sync
+    cluster = Cluster(1, {})
+    try:
+        scheduler = cluster._scheduler
+        readers = set()
+
+        class Watched(type(scheduler.workers)):  # (records the threads that iterate it)
+            def __iter__(self):
+                readers.add(threading.get_ident())
+                return super().__iter__()
+
+            def items(self):
+                readers.add(threading.get_ident())
+                return super().items()
+
+        async def watch():
+            addresses = list(scheduler.workers)
+            scheduler.workers = Watched(scheduler.workers)
+            return threading.get_ident(), addresses
+        loop_thread, addresses = sync(cluster.loop, watch)
+        [first] = cluster.worker_pids()
+        cluster.restart_workers(addresses, timeout=LONG)
+        assert cluster.worker_pids() != [first]
+        assert readers == {loop_thread}
+    finally:
+        cluster.stop()
+
+
 def test_a_client_without_the_session_key_is_refused(no_backend):
     from distributed import Client
 

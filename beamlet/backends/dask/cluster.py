@@ -184,12 +184,12 @@ class Cluster:
                 if self._stopping or not self._ready:
                     return
             time.sleep(max(0.0, started + _RESTART_GAP - time.monotonic()))
-            with self._lock:
+            with self._lock:  # (stop() closes no new worker's stdin before its spec is in)
                 if self._stopping:
                     return
                 _close(proc)
                 proc = self._procs[index] = self._popen()
-            self._send_spec(index, proc)
+                self._send_spec(index, proc)
 
     def worker_pids(self) -> list[int]:
         """The worker processes' pids (a restarted worker's, once it was)."""
@@ -201,21 +201,31 @@ class Cluster:
         ``restart_workers`` needs nannies) and wait until as many new ones have
         joined; BackendError if they do not within `timeout` s."""
         addresses = set(addresses)
-        pids = {ws.pid for address, ws in list(self._scheduler.workers.items())
-                if address in addresses}
+        pids = {pid for address, pid in self._on_loop(
+            lambda: [(address, ws.pid) for address, ws in self._scheduler.workers.items()])
+            if address in addresses}
         with self._lock:
             doomed = [p for p in self._procs if p is not None and p.pid in pids]
         for proc in doomed:
             proc.kill()
         until = time.monotonic() + timeout
         while True:
-            workers = list(self._scheduler.workers)
+            workers = self._on_loop(lambda: list(self._scheduler.workers))
             if len(workers) >= self._n and not addresses.intersection(workers):
                 return
             if time.monotonic() > until:
                 raise exc.BackendError(f"the restarted Dask workers did not join within "
                                        f"{timeout:.0f} s")
             time.sleep(0.05)
+
+    def _on_loop(self, read):
+        """`read()`, called on the scheduler's event loop (where its state
+        changes: iterating it from another thread may see it change size)."""
+        from distributed.utils import sync
+
+        async def call():
+            return read()
+        return sync(self.loop, call, callback_timeout=_STOP_TIMEOUT)
 
     def ready(self) -> None:
         """Wait until every worker has joined; BackendError if they do not
