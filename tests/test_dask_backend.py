@@ -107,13 +107,29 @@ def _listening(pids) -> list[tuple[str, int, int]]:
 def test_the_cluster_listens_on_loopback_only(no_backend, dashboard):
     """Every socket of the cluster beamlet starts (scheduler, its HTTP server
     with or without the dashboard, workers) listens on 127.0.0.1:
-    Dask's own ":0" for a dashboard would be every interface."""
+    Dask's own ":0" for a dashboard would be every interface. Without the
+    dashboard, the HTTP server serves none of Dask's pages (which need no key
+    and show the cluster's logs and the stacks of its running tasks)."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
     ray.init(backend="dask", num_cpus=1, dashboard=dashboard)
     backend = _runtime.current().backend
     tree = [os.getpid(), *backend._cluster.worker_pids()]
-    http = backend.client.scheduler_info()["services"].get("dashboard")
+    info = backend.client.scheduler_info()
+    http = info["services"].get("dashboard")
     sockets = _listening(tree)
+    [worker] = info["workers"]
+    served = {}
+    for page in ("/json/identity.json", "/info/main/logs.html",
+                 f"/info/call-stacks/{urllib.parse.quote(worker, safe='')}.html"):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http}{page}", timeout=LONG) as r:
+                served[page] = r.status
+        except urllib.error.HTTPError as err:
+            served[page] = err.code
     ray.shutdown()
+    assert served == {page: 200 if dashboard else 404 for page in served}, served
     assert http is not None and http != 8787  # (its HTTP server, on a free port)
     assert any(port == http for _host, port, _pid in sockets), (http, sockets)
     assert len(sockets) >= 3, sockets  # scheduler, HTTP, worker at least
@@ -182,6 +198,74 @@ def test_a_worker_that_dies_is_started_again(no_backend):
     assert ray.get(pid.remote(), timeout=LONG) == second
     ray.shutdown()
     assert procs.wait_gone([second], GONE_TIMEOUT) == []
+
+
+def test_a_worker_restarted_as_the_cluster_stops_ends_quietly(no_backend, monkeypatch):
+    """The driver's nanny thread starts a dead worker again and sends it its
+    spec while `stop` cannot close that worker's standard input: the thread
+    ends without an error, and so does the new worker. (The delay before the
+    spec is sent stands in for the thread being descheduled on a loaded box.)"""
+    import signal
+    import threading
+
+    from beamlet.backends.dask import cluster as dask_cluster
+    errors = []
+    monkeypatch.setattr(threading, "excepthook",
+                        lambda args: errors.append(f"{args.thread.name}: {args.exc_value!r}"))
+    send = dask_cluster.Cluster._send_spec
+
+    def late_send(self, index, proc):
+        if self._ready:  # (a restart)
+            time.sleep(1.0)
+        send(self, index, proc)
+    monkeypatch.setattr(dask_cluster.Cluster, "_send_spec", late_send)
+    cluster = dask_cluster.Cluster(1, {})
+    try:
+        [first] = cluster.worker_pids()
+        os.kill(first, signal.SIGKILL)
+        assert procs.wait_until(lambda: cluster.worker_pids() != [first], LONG)
+        [second] = cluster.worker_pids()
+    finally:
+        cluster.stop()
+    for watcher in cluster._watchers:
+        watcher.join(LONG)
+        assert not watcher.is_alive()
+    assert errors == []
+    assert procs.wait_gone([first, second], GONE_TIMEOUT) == []
+
+
+def test_restart_workers_reads_the_schedulers_workers_on_its_loop(no_backend):
+    """The scheduler's workers change on its event loop (a worker joins or
+    leaves): `restart_workers`, called from another thread, reads them there."""
+    import threading
+
+    from beamlet.backends.dask.cluster import Cluster
+    from distributed.utils import sync
+    cluster = Cluster(1, {})
+    try:
+        scheduler = cluster._scheduler
+        readers = set()
+
+        class Watched(type(scheduler.workers)):  # (records the threads that iterate it)
+            def __iter__(self):
+                readers.add(threading.get_ident())
+                return super().__iter__()
+
+            def items(self):
+                readers.add(threading.get_ident())
+                return super().items()
+
+        async def watch():
+            addresses = list(scheduler.workers)
+            scheduler.workers = Watched(scheduler.workers)
+            return threading.get_ident(), addresses
+        loop_thread, addresses = sync(cluster.loop, watch)
+        [first] = cluster.worker_pids()
+        cluster.restart_workers(addresses, timeout=LONG)
+        assert cluster.worker_pids() != [first]
+        assert readers == {loop_thread}
+    finally:
+        cluster.stop()
 
 
 def test_a_client_without_the_session_key_is_refused(no_backend):
@@ -296,6 +380,39 @@ def test_joins_a_scheduler_by_address_and_leaves_it_running(no_backend):
         client.close()
     finally:
         cluster.stop()
+
+
+def _scatters_through_scheduler(client) -> int:
+    """How many scatters of `client` went through the scheduler (Dask logs an
+    event for each; a direct one, client to worker, logs none)."""
+    return sum(1 for _time, msg in client.get_events("all")
+               if msg.get("action") == "scatter" and msg.get("client") == client.id)
+
+
+def test_large_puts_go_direct_to_workers_only_if_the_client_may(no_backend):
+    """A user's client made with ``direct_to_workers=False`` (its workers may be
+    unreachable from the driver) has even a large put relayed by the scheduler;
+    in the cluster beamlet starts itself, a large put goes straight to a worker."""
+    from beamlet.backends.dask.cluster import Cluster
+    from distributed import Client
+    large = b"x" * (2 * 1024 * 1024)
+    cluster = Cluster(1, {})
+    try:
+        client = Client(cluster.address, security=cluster.security, timeout=30,
+                        direct_to_workers=False)
+        ray.init(backend="dask", client=client)
+        assert ray.get(ray.put(large), timeout=LONG) == large
+        assert _scatters_through_scheduler(client) == 1
+        ray.shutdown()
+        client.close()
+    finally:
+        cluster.stop()
+    ray.init(backend="dask", num_cpus=1)
+    own = _runtime.current().backend.client
+    assert ray.get(ray.put(large), timeout=LONG) == large
+    assert ray.get(ray.put(b"small"), timeout=LONG) == b"small"
+    assert _scatters_through_scheduler(own) == 1  # (the small one)
+    ray.shutdown()
 
 
 def test_an_error_ref_dropped_on_the_schedulers_thread_does_not_stop_it(no_backend):

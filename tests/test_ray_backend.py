@@ -130,6 +130,13 @@ def sleep_in_steps(path, seconds):
 
 
 @ray.remote
+def sleep_through(path, seconds):
+    open(path, "w").close()
+    time.sleep(seconds)  # (one system call: no bytecode runs until it returns)
+    return "finished"
+
+
+@ray.remote
 def pid():
     return os.getpid()
 
@@ -314,6 +321,18 @@ def test_cancel_running_queued_and_forced(session, tmp_path):
     assert ray.get(square.remote(4), timeout=T) == 16  # Ray carries on
 
 
+def test_cancel_wakes_a_task_blocked_in_a_system_call(session, tmp_path):
+    """Ray's cancel interrupts a running task between bytecodes, so one blocked
+    in ``time.sleep(300)`` would run on until the sleep ends; beamlet's is
+    prompt. (The plain-call path: test_plain_calls_without_task_events.)"""
+    running = sleep_through.remote(str(tmp_path / "running"), 300)
+    _eventually(lambda: (tmp_path / "running").exists())
+    ray.cancel(running)
+    with pytest.raises(exc.TaskCancelledError):
+        ray.get(running, timeout=T / 2)  # (a deadline far before the sleep's end)
+    assert ray.get(square.remote(5), timeout=T) == 25  # the worker serves on
+
+
 # (Functions of their own: the record holds the module session's every task.)
 @ray.remote
 def listed_pid():
@@ -480,6 +499,7 @@ def test_task_events_are_off_unless_asked_for(session, tmp_path):
 
 
 PLAIN_CALLS = """
+import os, time
 import beamlet, pytest
 from beamlet import exceptions as exc
 T = {T}
@@ -532,6 +552,20 @@ assert beamlet.get(nested.remote(5), timeout=T) == 15   # inline arguments: the 
 gen = items.remote(3)
 assert beamlet.get(total.remote(beamlet.get(gen, timeout=T)), timeout=T) == 3
 assert beamlet.get(first.remote(gen), timeout=T) == 0   # a dynamic call's ref as the argument
+@beamlet.remote
+def sleep_through(path, seconds):
+    open(path, "w").close()
+    time.sleep(seconds)
+
+started = os.path.abspath("started")
+running = sleep_through.remote(beamlet.put(started), beamlet.put(300))  # (a plain call)
+deadline = time.monotonic() + T
+while not os.path.exists(started):
+    assert time.monotonic() < deadline, "the task did not start"
+    time.sleep(0.05)
+beamlet.cancel(running)           # a task blocked in a system call is woken at once
+with pytest.raises(exc.TaskCancelledError):
+    beamlet.get(running, timeout=T / 2)
 beamlet.shutdown()
 print("plain")
 """

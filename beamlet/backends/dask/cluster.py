@@ -117,6 +117,7 @@ class Cluster:
         driver's client: `loop`); returns the session's KeyedSecurity."""
         from contextlib import ExitStack
 
+        import dask.config
         from distributed import Scheduler
         from distributed.utils import LoopRunner, silence_logging_cmgr, sync
 
@@ -132,17 +133,23 @@ class Cluster:
         #: The event loop the scheduler runs on.
         self.loop = self._loop_runner.loop
 
+        # (Dask's scheduler serves HTTP even without its dashboard, on port
+        # 8787, which another Dask may hold, and for ":0" on every interface:
+        # here on a free loopback port. Without the dashboard it serves no
+        # page at all: Dask's default routes need no key, and tell any local
+        # user the cluster's logs and its running tasks' stacks.)
+        routes = {} if dashboard else {"distributed.scheduler.http.routes": []}
+
         async def start():
-            # (Dask's scheduler serves HTTP even without its dashboard, on port
-            # 8787, which another Dask may hold, and for ":0" on every
-            # interface: here on a free loopback port.)
             # (Its scratch dir, which Dask also puts first on this process's
             # sys.path while it runs, is the cluster's, not a shared
             # /tmp/dask-scratch-space.)
-            return await Scheduler(host="127.0.0.1", port=0, protocol=SCHEME + "://",
-                                   security=security, dashboard=dashboard,
-                                   dashboard_address="127.0.0.1:0",
-                                   local_directory=self._session.temp_dir)
+            with dask.config.set(routes):  # (read as the Scheduler is made)
+                scheduler = Scheduler(host="127.0.0.1", port=0, protocol=SCHEME + "://",
+                                      security=security, dashboard=dashboard,
+                                      dashboard_address="127.0.0.1:0",
+                                      local_directory=self._session.temp_dir)
+            return await scheduler
         self._scheduler = sync(self.loop, start, callback_timeout=_START_TIMEOUT)
         #: The scheduler's own dir (on this process's sys.path while it runs).
         self.local_directory = self._scheduler.local_directory
@@ -177,12 +184,12 @@ class Cluster:
                 if self._stopping or not self._ready:
                     return
             time.sleep(max(0.0, started + _RESTART_GAP - time.monotonic()))
-            with self._lock:
+            with self._lock:  # (stop() closes no new worker's stdin before its spec is in)
                 if self._stopping:
                     return
                 _close(proc)
                 proc = self._procs[index] = self._popen()
-            self._send_spec(index, proc)
+                self._send_spec(index, proc)
 
     def worker_pids(self) -> list[int]:
         """The worker processes' pids (a restarted worker's, once it was)."""
@@ -194,21 +201,31 @@ class Cluster:
         ``restart_workers`` needs nannies) and wait until as many new ones have
         joined; BackendError if they do not within `timeout` s."""
         addresses = set(addresses)
-        pids = {ws.pid for address, ws in list(self._scheduler.workers.items())
-                if address in addresses}
+        pids = {pid for address, pid in self._on_loop(
+            lambda: [(address, ws.pid) for address, ws in self._scheduler.workers.items()])
+            if address in addresses}
         with self._lock:
             doomed = [p for p in self._procs if p is not None and p.pid in pids]
         for proc in doomed:
             proc.kill()
         until = time.monotonic() + timeout
         while True:
-            workers = list(self._scheduler.workers)
+            workers = self._on_loop(lambda: list(self._scheduler.workers))
             if len(workers) >= self._n and not addresses.intersection(workers):
                 return
             if time.monotonic() > until:
                 raise exc.BackendError(f"the restarted Dask workers did not join within "
                                        f"{timeout:.0f} s")
             time.sleep(0.05)
+
+    def _on_loop(self, read):
+        """`read()`, called on the scheduler's event loop (where its state
+        changes: iterating it from another thread may see it change size)."""
+        from distributed.utils import sync
+
+        async def call():
+            return read()
+        return sync(self.loop, call, callback_timeout=_STOP_TIMEOUT)
 
     def ready(self) -> None:
         """Wait until every worker has joined; BackendError if they do not

@@ -335,8 +335,13 @@ class DaskObjectStore(ObjectStore):
                 state.set_error(err, err.__traceback__)
 
     def _scatter(self, values: dict) -> dict:
-        """Dask's scatter of {key: SerializedObject} (never hashed): Futures by key."""
-        direct = sum(_nbytes(v) for v in values.values()) >= _DIRECT_SCATTER
+        """Dask's scatter of {key: SerializedObject} (never hashed): Futures by key.
+        Large values go straight to a worker only if the client may connect to
+        workers (``direct_to_workers`` true: a worker's client, the driver's in
+        the cluster beamlet started); else they pass through the scheduler, as
+        the client asks (its workers may be unreachable from here)."""
+        direct = (bool(self.client.direct_to_workers)
+                  and sum(_nbytes(v) for v in values.values()) >= _DIRECT_SCATTER)
         return self.client.scatter(values, hash=False, direct=direct)
 
     # -- call results -------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
@@ -106,13 +107,83 @@ def _unwire(args: tuple) -> tuple:
 _NOTHING_CARRIED = ({}, {})
 
 
+# -- cancel: waking a task blocked in a system call ---------------------------------------
+# Ray's cancel (not forced) reaches the task running in a worker's main thread
+# as a simulated SIGINT (``_thread.interrupt_main``): a flag that thread reads
+# between bytecodes, so a task blocked in a system call (``time.sleep(60)``)
+# would run on until the call returns. (The real SIGINT cannot help: Ray's
+# processes block it, so that a terminal's Ctrl-C does not reach them.) While
+# a task runs, the flag also writes a byte to the process's signal wakeup fd
+# (``signal.set_wakeup_fd``); a thread of ours reading it sends the main
+# thread a SIGURG, whose handler here does nothing: the blocked call fails
+# with EINTR, and Python raises the KeyboardInterrupt at once. (SIGURG is
+# ignored by default: a stray one interrupts nothing of anyone else's.)
+_wake_lock = threading.Lock()
+_wake_fd: int | None = None  # the wakeup pipe's write end (-1: not used in this process)
+_in_task = False  # (main thread) a task runs, between `_interruptible` and `_done`
+
+
+def _interruptible():
+    """(The main thread, as a task starts.) Let a cancel wake the task from a
+    blocking call; returns what `_done` needs (None: nothing to undo)."""
+    global _in_task
+    if _wake_fd is None:
+        _wake_setup()
+    if _wake_fd < 0 or threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.set_wakeup_fd(_wake_fd, warn_on_full_buffer=False)
+    _in_task = True
+    return previous
+
+
+def _done(previous) -> None:
+    global _in_task
+    if previous is not None:
+        _in_task = False
+        signal.set_wakeup_fd(previous)
+
+
+def _wake_setup() -> None:
+    global _wake_fd
+    with _wake_lock:
+        if _wake_fd is not None:
+            return
+        if threading.current_thread() is not threading.main_thread() or \
+                signal.getsignal(signal.SIGURG) is not signal.SIG_DFL:  # (someone's own)
+            _wake_fd = -1
+            return
+        signal.signal(signal.SIGURG, _ignore)
+        reader, writer = os.pipe()
+        os.set_blocking(writer, False)  # (set_wakeup_fd's condition)
+        threading.Thread(target=_wake_main, args=(reader, threading.get_ident()),
+                         name="beamlet-ray-cancel", daemon=True).start()
+        _wake_fd = writer
+
+
+def _ignore(signum, frame) -> None:
+    pass
+
+
+def _wake_main(reader: int, main: int) -> None:
+    while True:
+        tripped = os.read(reader, 256)
+        if not tripped:
+            return
+        if _in_task and signal.SIGINT in tripped:
+            signal.pthread_kill(main, signal.SIGURG)
+
+
 def _run_task(job: dict, args: tuple):
     """A beamlet task as a Ray task, `args` its Ray arguments (`_unwire`)."""
     spec, dep_ids, carried, dep_values = _unwire(args)
     state = _job(job)
     _started(state, spec)
-    with state.store.provided(dep_ids, dep_values, carried):
-        result = run_attempts(spec, state.executor.execute)
+    wake = _interruptible()
+    try:
+        with state.store.provided(dep_ids, dep_values, carried):
+            result = run_attempts(spec, state.executor.execute)
+    finally:
+        _done(wake)
     return _returns(state, spec, result.values)
 
 
@@ -257,7 +328,11 @@ def _run_plain(job: dict, template: tuple, values: tuple):
     spec = TaskSpec(new_id(), TASK, function_id, function_name, args, {}, _ONE_RETURN,
                     resources, max_retries, retry_exceptions, None, None, None, caller_id,
                     0, env_vars, None, None)
-    result = run_attempts(spec, state.executor.execute)
+    wake = _interruptible()
+    try:
+        result = run_attempts(spec, state.executor.execute)
+    finally:
+        _done(wake)
     return state.store.pack(result.values[0])
 
 
