@@ -907,6 +907,26 @@ def test_an_heir_whose_hello_its_node_reads_after_its_runtime_is_made_joins(
     assert not member.owner._heirs and not member.owner._heirs_made
 
 
+def test_a_call_handed_to_a_nodes_loop_that_fails_is_logged_and_the_loop_goes_on(
+        cluster, node_here, capsys):
+    """What other threads hand to a node's loop (an heir's start, owners that
+    died, ...) runs on it: one that raises is logged with its traceback, and
+    the calls after it, and the loop, go on."""
+    head = cluster.start_head()
+    member = node_here(head)
+    after = threading.Event()
+
+    def broken():
+        raise RuntimeError("a broken loop call")
+    member.owner._loop_calls.extend([broken, after.set])
+    assert after.wait(TIMEOUT)
+    err = capsys.readouterr().err
+    assert "RuntimeError('a broken loop call')" in err and "in broken" in err, err
+    later = threading.Event()  # (and the loop's later turns run)
+    member.owner._loop_calls.append(later.set)
+    assert later.wait(TIMEOUT)
+
+
 #: A creator that leaves while its detached actor's nested task still runs.
 SLOW_CREATOR = """
 import sys

@@ -87,6 +87,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 
 from ... import exceptions as exc
 from ...core import plugins
@@ -636,9 +637,14 @@ class DriverOwner:
         """The daemon's tick: send the events queued without results to go with
         (and fail the calls that waited too long for their actor's creation;
         do without an heir that did not join in time; run what other threads
-        handed to the loop)."""
+        handed to the loop: one that fails is logged, and the node goes on)."""
         while self._loop_calls:
-            self._loop_calls.popleft()()
+            call = self._loop_calls.popleft()
+            try:
+                call()
+            except Exception as err:  # noqa: BLE001 - one failing call must not end the loop
+                print(f"beamlet node: error in a call handed to the loop: {err!r}\n"
+                      f"{traceback.format_exc()}", file=sys.stderr, flush=True)
         if self._heirs:
             now = time.monotonic()
             for nonce, link in list(self._heirs.items()):
