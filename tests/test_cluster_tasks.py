@@ -868,6 +868,65 @@ def test_a_node_does_without_an_heir_that_does_not_join_in_time(
     assert "did not join within 1 s" in capsys.readouterr().err
 
 
+def test_an_heir_whose_hello_its_node_reads_after_its_runtime_is_made_joins(
+        cluster, node_here, tmp_path, monkeypatch, capsys):
+    """An heir's Runtime is made once its DriverHello is sent, not once its
+    node read it: a slow turn of the node's loop (a loaded machine) reads it
+    after the heir's start handed the loop its Runtime. The node waits for
+    the hello and keeps the heir, which owns what the detached actor submits
+    (here nested tasks only another node can run), as with a quick loop."""
+    from beamlet.backends.zmq.daemon import TICK, MemberDaemon
+    from beamlet.core.interfaces import Joined
+    real_on_event = MemberDaemon.on_event
+    slow = {}
+
+    def on_event(self, event):
+        real_on_event(self, event)
+        owner = self.owner
+        if type(event) is Joined and owner._heirs and not slow:
+            # The slow turn: the one in which the heir's connection joined
+            # (its hello follows, unread until the next poll). It lasts until
+            # the heir's Runtime is made and has handed the loop its start
+            # (`_heir_ready`), and a tick is due: the turn's end runs that
+            # before the loop reads the hello.
+            slow["made"] = procs.wait_until(
+                lambda: owner._heir_runtimes and owner._loop_calls, TIMEOUT, interval=0.01)
+            time.sleep(TICK)
+    monkeypatch.setattr(MemberDaemon, "on_event", on_event)
+    head = cluster.start_head("--resources", '{"head_box": 3}')
+    member = node_here(head, "--resources", '{"ssd": 1}')
+    _run_creator(cluster, head, tmp_path, BRIEF_CREATOR)
+    out = _run_creator(cluster, head, tmp_path, CALLER.replace(
+        "int(sys.argv[4])", 'int(sys.argv[4]), {"head_box": 1}'), "fan_out", "3")
+    assert slow == {"made": True}
+    assert "got [0, 1, 4]" in out
+    err = capsys.readouterr().err
+    assert HEIR_JOINED in err and "no heir" not in err, err
+    (kept, runtime), = member.owner._heir_runtimes.items()
+    assert kept.heir is not None and not kept.heir_failed
+    assert not member.owner._heirs and not member.owner._heirs_made
+
+
+def test_a_call_handed_to_a_nodes_loop_that_fails_is_logged_and_the_loop_goes_on(
+        cluster, node_here, capsys):
+    """What other threads hand to a node's loop (an heir's start, owners that
+    died, ...) runs on it: one that raises is logged with its traceback, and
+    the calls after it, and the loop, go on."""
+    head = cluster.start_head()
+    member = node_here(head)
+    after = threading.Event()
+
+    def broken():
+        raise RuntimeError("a broken loop call")
+    member.owner._loop_calls.extend([broken, after.set])
+    assert after.wait(TIMEOUT)
+    err = capsys.readouterr().err
+    assert "RuntimeError('a broken loop call')" in err and "in broken" in err, err
+    later = threading.Event()  # (and the loop's later turns run)
+    member.owner._loop_calls.append(later.set)
+    assert later.wait(TIMEOUT)
+
+
 #: A creator that leaves while its detached actor's nested task still runs.
 SLOW_CREATOR = """
 import sys

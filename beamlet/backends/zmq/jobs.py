@@ -88,6 +88,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 
 from ... import exceptions as exc
 from ...core import plugins
@@ -332,11 +333,15 @@ class DriverOwner:
         #: Where heirs join the cluster (the head's address; None: no heirs)
         #: and with what key (set by the daemon); the heirs starting (their
         #: nonce -> the job they are the heir of), and the Runtime of each
-        #: heir that started, by job (see `_start_heir`).
+        #: heir that started, by job (see `_start_heir`). An heir joins once
+        #: both its DriverHello was read here and its Runtime is made, in
+        #: either order (see `_heir_ready`): until then, its link by nonce
+        #: (hello read) or its nonce (Runtime made).
         self.heir_address: str | None = None
         self.secret = b""
         self._heirs: dict[str, DriverLink] = {}
-        self._heir_hellos: dict[str, DriverLink] = {}  # nonce -> its link, until it started
+        self._heir_hellos: dict[str, DriverLink] = {}
+        self._heirs_made: set[str] = set()
         self._heir_runtimes: dict[DriverLink, object] = {}
         self._closing = False  # (close() began: an heir that starts now is ended)
         #: What other threads hand to the daemon's loop (run by flush_events).
@@ -495,22 +500,48 @@ class DriverOwner:
             self._loop_calls.append(lambda: self._heir_ready(link, nonce))
 
     def _heir_ready(self, link: DriverLink, nonce: str) -> None:
-        """(The daemon's loop.) The heir started: it owns what `link`'s job's
-        workers ask for from now on (if its connection here is still up)."""
-        heir = self._heir_hellos.pop(nonce, None)
+        """(The daemon's loop.) The heir's Runtime is made: it owns what
+        `link`'s job's workers ask for from now on, once this node has read
+        its DriverHello. That hello was sent before the Runtime was made, but
+        a slow turn of this loop may not have read it yet: then its reading
+        completes the join (`_heir_hello`); `HEIR_START_WAIT` still bounds the
+        wait for it."""
         if self._heirs.get(nonce) is not link:
             return  # (given up on: `_heir_failed` ended it)
-        if heir is None or self.drivers.get(heir.conn) is not heir or link.ended:
-            self._heir_failed(link, nonce, exc.BackendError("its connection to this node "
-                                                            "dropped as it started"))
+        heir = self._heir_hellos.pop(nonce, None)
+        if heir is None and not link.ended:
+            self._heirs_made.add(nonce)
+            return
+        self._heir_join(link, nonce, heir)
+
+    def _heir_hello(self, heir: DriverLink, nonce) -> None:
+        """(The daemon's loop.) The DriverHello of a driver that says it is
+        the heir `nonce` was read: it joins if its Runtime is made already
+        (see `_heir_ready`); what names no heir starting here is a driver."""
+        link = self._heirs.get(nonce) if isinstance(nonce, str) else None
+        if link is None:
+            return
+        if nonce in self._heirs_made:
+            self._heir_join(link, nonce, heir)
+        else:
+            self._heir_hellos[nonce] = heir
+
+    def _heir_join(self, link: DriverLink, nonce: str, heir: DriverLink | None) -> None:
+        """(The daemon's loop.) The heir `nonce` of `link`'s job started and
+        this node read its hello (`heir`: None only if the job ended): it
+        owns what the job's workers ask for."""
+        if heir is None or link.ended:
+            self._heir_failed(link, nonce, exc.BackendError("the job ended as it started"))
             return
         del self._heirs[nonce]
+        self._heirs_made.discard(nonce)
         self._heir_joined(link, heir)
 
     def _heir_failed(self, link: DriverLink, nonce: str, err: BaseException) -> None:
         """(The daemon's loop.) No heir for `link`'s job: this node owns what
         its workers submit (see `adopt`); an heir that starts later is ended."""
         self._heir_hellos.pop(nonce, None)
+        self._heirs_made.discard(nonce)
         if self._heirs.pop(nonce, None) is None:
             return  # (it joined, or was given up on, already)
         with link.heir_lock:
@@ -615,9 +646,14 @@ class DriverOwner:
         """The daemon's tick: send the events queued without results to go with
         (and fail the calls that waited too long for their actor's creation;
         do without an heir that did not join in time; run what other threads
-        handed to the loop)."""
+        handed to the loop: one that fails is logged, and the node goes on)."""
         while self._loop_calls:
-            self._loop_calls.popleft()()
+            call = self._loop_calls.popleft()
+            try:
+                call()
+            except Exception as err:  # noqa: BLE001 - one failing call must not end the loop
+                print(f"beamlet node: error in a call handed to the loop: {err!r}\n"
+                      f"{traceback.format_exc()}", file=sys.stderr, flush=True)
         if self._heirs:
             now = time.monotonic()
             for nonce, link in list(self._heirs.items()):
@@ -969,9 +1005,8 @@ class DriverOwner:
                 link = self.drivers[conn] = DriverLink(self, conn, message.job_config)
                 if link.task_events:
                     self._observe_task_ends()
-                nonce = message.job_config.get("heir_of")
-                if nonce in self._heirs:  # (it is told what waits once started: _heir_ready)
-                    self._heir_hellos[nonce] = link
+                if self._heirs:
+                    self._heir_hello(link, message.job_config.get("heir_of"))
             return
         if link is None:
             raise ValueError(f"{P.describe(message)} before DriverHello")
@@ -1490,7 +1525,8 @@ class DriverOwner:
         if link.heir_of is not None:
             self._heir_left(link)
         for nonce in [n for n, heir in self._heir_hellos.items() if heir is link]:
-            del self._heir_hellos[nonce]  # (an heir starting: see `_heir_ready`)
+            self._heir_failed(self._heirs[nonce], nonce, exc.BackendError(
+                "its connection to this node dropped as it started"))
         actor_driver = self.actor_driver
         living = {a for a in link.detached if actor_driver.get(a) is link}
         owned = {a: v for a, v in link.owned_actors.items() if actor_driver.get(a) is link}
