@@ -689,7 +689,7 @@ class _Reading:
         # set these before we read _parked, so one of us sees the other.
         self._busy_since = self._last_start = time.monotonic()
         self._message_came = False
-        if self._arm_next and not (self.direct or self._new_direct):
+        if self._arming():
             if not self._armed:
                 # (Before this, the reader thread does not look at the socket:
                 # it reads the flag only once woken, by the socket or a signal.)
@@ -701,6 +701,10 @@ class _Reading:
                 if self._parked:
                     self._parked = False
                     self._signal()
+
+    def _arming(self) -> bool:
+        """Whether the next task has the socket armed (see the class's doc)."""
+        return self._arm_next and not (self.direct or self._new_direct)
 
     def task_finished(self) -> None:
         """(Once the task's result is made, before it is sent: the next call
@@ -751,7 +755,7 @@ class _Reading:
                     activate = timeout <= 0
                 else:
                     activate = False
-                if not activate and timeout is None and not self._arm_next \
+                if not activate and timeout is None and not self._arming() \
                         and now - last < READER_PARK_AFTER:
                     timeout = READER_TAKEOVER  # tasks come and go: look again soon
                 self._reader_active = activate
