@@ -834,6 +834,36 @@ def test_cancel_interrupts_a_sleeping_task(start, tmp_path):
     assert ray.get(add.remote(1, 2), timeout=30) == 3
 
 
+@ray.remote
+class Napper:
+    def nap(self, d, seconds):
+        procs.touch_new(d, "s")
+        time.sleep(seconds)
+        return "finished"
+
+    def nap_then_add(self, seconds):
+        time.sleep(seconds)
+        return ray.get(add.remote(1, 2), timeout=30)
+
+
+def test_a_call_after_a_long_one_still_hears_the_node(start, tmp_path):
+    """After a call that ran long, the worker's reader thread sleeps through the
+    next call unless the node sends something (no timer: see worker._Reading):
+    a cancel still interrupts that call (else it sleeps its 60 s), and a call
+    that waits for a nested task still gets its result."""
+    start()
+    d = str(tmp_path)
+    actor = Napper.remote()
+    assert ray.get(actor.nap.remote(d, 0.05), timeout=30) == "finished"
+    ref = actor.nap.remote(d, 60)
+    _started(d, 2)
+    ray.cancel(ref)
+    with pytest.raises(exc.TaskCancelledError):
+        ray.get(ref, timeout=20)
+    assert ray.get(actor.nap.remote(d, 0.05), timeout=30) == "finished"
+    assert ray.get(actor.nap_then_add.remote(0.05), timeout=30) == 3
+
+
 def test_cancel_force_kills_the_worker(start, tmp_path):
     backend = start()
     d = str(tmp_path)

@@ -45,8 +45,14 @@ IDLE_FLUSH_INTERVAL = 0.2  # seconds: how soon an idle worker reports released r
 #: reading for it (a cancel or an exit waits at most about this long).
 READER_TAKEOVER = 0.005
 #: Seconds without a task after which the reader thread stops looking at the
-#: clock and sleeps until the next task starts (an idle worker costs nothing).
+#: clock and sleeps until the next task starts (an idle worker costs nothing);
+#: after a long task it does not look at the clock at all (see `_Reading`).
 READER_PARK_AFTER = 0.05
+#: A task that follows one that ran at least this many seconds with no message
+#: coming meanwhile has the socket armed in the reader thread's wait instead
+#: of its timer (see `_Reading`): two system calls of the main thread's per
+#: task, which a task this long does not feel.
+ARM_AFTER = 0.001
 #: A generator's items are sent in batches (one write for many): at most this
 #: many, and none waits longer than STREAM_FLUSH_DELAY seconds (or past the
 #: next message the worker sends, whichever comes first).
@@ -520,8 +526,22 @@ class _Reading:
     thread switch; what arrives meanwhile waits in the socket's buffer. When
     the main thread wants the socket back, the reader thread lets it go.
 
+    A task that follows one that ran `ARM_AFTER` or longer, with no message
+    coming meanwhile, is likely the same (an env runner's rollouts, an ES
+    worker's episodes): for it the socket is armed in the reader thread's
+    wait instead of the timer (an ``epoll`` set that the main thread changes
+    without waking it), so that the reader thread sleeps through the task
+    unless a message comes, and then reads it at once. The timer's way costs
+    such a task up to two wake-ups of the reader thread (the timer, and the
+    "look again soon" of tasks that come and go), each taking the GIL from the
+    running task (a forced switch, and one more for each system call it makes
+    meanwhile); with two such workers on two cores, those wake-ups also
+    preempt the other worker. Calls that arrive while others run (a pipeline)
+    keep the timer's way, so that they wait in the buffer for the main thread.
+
     A cluster actor's direct channels to drivers (``zmq/direct.py``) are read
-    the same way, by whichever thread reads the socket (`add_direct`).
+    the same way, by whichever thread reads the socket (`add_direct`); while
+    there are any, tasks take the timer's way.
 
     One thread at a time reads (it holds `_read_lock`); the flags, changed
     under `_state`, say who should. `dispatch(message)` handles each message
@@ -541,6 +561,14 @@ class _Reading:
         self._busy_since: float | None = None  # when the main thread's task started
         self._last_start = 0.0  # when the main thread's last task started
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # wakes the reader thread
+        #: What the reader thread waits on while it does not read: `_wake`,
+        #: and the socket while a task runs `_armed` (see the class's doc).
+        self._idle_wait = select.epoll()
+        self._idle_wait.register(self._wake, select.EPOLLIN)
+        self._idle_wait.register(conn.fileno(), 0)
+        self._armed = False  # the socket is in `_idle_wait` (set and cleared by the main thread)
+        self._arm_next = False  # the last task ran ARM_AFTER or longer, and no message came
+        self._message_came = False  # (the reader thread read a message the armed task did not wait for)
         self._sock_poll = select.poll()
         self._spin_next = True  # (see read_until)
         self._sock_poll.register(conn.fileno(), select.POLLIN)
@@ -626,6 +654,9 @@ class _Reading:
     def read_until(self, inbox, on_idle: Callable[[], None]) -> None:
         """Read (in the main thread) until `inbox` holds something; `on_idle()`
         after each `IDLE_FLUSH_INTERVAL` without a message."""
+        if self._armed:
+            self._armed = False
+            self._idle_wait.modify(self.conn.fileno(), 0)
         with self._state:
             self._main_reading = True
             if self._reader_active:
@@ -667,14 +698,31 @@ class _Reading:
         # No lock: the reader thread sets _parked before it reads these, and we
         # set these before we read _parked, so one of us sees the other.
         self._busy_since = self._last_start = time.monotonic()
+        self._message_came = False
+        if self._arming():
+            if not self._armed:
+                # (Before this, the reader thread does not look at the socket:
+                # it reads the flag only once woken, by the socket or a signal.)
+                self._armed = True
+                self._idle_wait.modify(self.conn.fileno(), select.EPOLLIN)
+            return
         if self._parked:
             with self._state:
                 if self._parked:
                     self._parked = False
                     self._signal()
 
+    def _arming(self) -> bool:
+        """Whether the next task has the socket armed (see the class's doc)."""
+        return self._arm_next and not (self.direct or self._new_direct)
+
     def task_finished(self) -> None:
-        self._busy_since = None
+        """(Once the task's result is made, before it is sent: the next call
+        may come back before the main thread gets to read.)"""
+        since, self._busy_since = self._busy_since, None
+        if since is not None:
+            self._arm_next = (not self._message_came
+                              and time.monotonic() - since >= ARM_AFTER)
 
     def nudge(self) -> None:
         """A reply is awaited: make sure a thread reads the socket."""
@@ -687,8 +735,6 @@ class _Reading:
 
     # -- the reader thread ----------------------------------------------------------
     def _reader(self) -> None:
-        wake_poll = select.poll()
-        wake_poll.register(self._wake, select.POLLIN)
         both = select.poll()
         both.register(self.conn.fileno(), select.POLLIN)
         both.register(self._wake, select.POLLIN)
@@ -697,6 +743,8 @@ class _Reading:
             for wire in self.direct:
                 both.register(wire.fileno(), select.POLLIN)
         conn = self.conn
+        sock, wake, idle_wait = conn.fileno(), self._wake, self._idle_wait
+        message_came = False  # (the socket is readable: it was armed for the running task)
         while True:
             with self._state:
                 now = time.monotonic()
@@ -706,12 +754,19 @@ class _Reading:
                     activate = False
                 elif self._pending():
                     activate = True
+                elif self._armed and not (self.direct or self._new_direct):
+                    # A message came: read it. If the task still runs, it did
+                    # not wait for it (a pipeline): the next task is not armed.
+                    activate = message_came
+                    if message_came and since is not None:
+                        self._message_came = True
                 elif since is not None:
                     timeout = since + READER_TAKEOVER - now
                     activate = timeout <= 0
                 else:
                     activate = False
-                if not activate and timeout is None and now - last < READER_PARK_AFTER:
+                if not activate and timeout is None and not self._arming() \
+                        and now - last < READER_PARK_AFTER:
                     timeout = READER_TAKEOVER  # tasks come and go: look again soon
                 self._reader_active = activate
                 if not activate and timeout is None:
@@ -719,9 +774,13 @@ class _Reading:
                     if self._busy_since is not since or self._last_start != last:
                         self._parked = False  # a task started meanwhile
                         timeout = 0
+            message_came = False
             if not activate:
-                wake_poll.poll(None if timeout is None else timeout * 1000)
-                self._drain_wake()
+                for fd, _ in idle_wait.poll(-1 if timeout is None else timeout):
+                    if fd == wake:
+                        self._drain_wake()
+                    elif fd == sock:
+                        message_came = True
                 continue
             with self._read_lock:
                 try:
@@ -940,6 +999,8 @@ class Worker:
                 spec, exc.TaskCancelledError(f"task {spec.display_name} was cancelled"))
         if self.cancelled:
             self.cancelled.discard(spec.task_id)
+        if main:
+            self.reading.task_finished()
         if spec.kind == ACTOR_CREATION and result.error is None:
             self._setup_actor(spec)
         if self.executor.exiting is not None:
