@@ -927,8 +927,10 @@ def test_a_call_handed_to_a_nodes_loop_that_fails_is_logged_and_the_loop_goes_on
     assert later.wait(TIMEOUT)
 
 
-#: A creator that leaves while its detached actor's nested task still runs.
+#: A creator that leaves while its detached actor's nested task (its
+#: resources the JSON of argv[4]) still runs.
 SLOW_CREATOR = """
+import json
 import sys
 
 import beamlet
@@ -936,20 +938,23 @@ from detached_work import Keeper
 
 beamlet.init(address=sys.argv[1], token=sys.argv[2], namespace="shared")
 keeper = Keeper.options(name="keeper", lifetime="detached", resources={"ssd": 1}).remote()
-beamlet.get(keeper.start_slow.remote(sys.argv[3], {"ssd": 1}), timeout=60)
+beamlet.get(keeper.start_slow.remote(sys.argv[3], json.loads(sys.argv[4])), timeout=60)
 beamlet.shutdown()
 """
 
 
+@pytest.mark.parametrize("on", ["the actor's node", "another node"])
 def test_a_detached_actors_nested_task_running_as_its_creator_leaves_keeps_its_result(
-        cluster, driver, tmp_path):
+        cluster, driver, tmp_path, on):
     """Ray's ownership: what a detached actor submits is the actor's. Its
-    nested task (on the actor's node) still runs when the creator driver
-    leaves; its result still reaches the actor, not OwnerDiedError."""
-    head = cluster.start_head()
+    nested task (on the actor's node, or on another: that node hands the
+    result to the actor's, which claims it) still runs when the creator
+    driver leaves; its result still reaches the actor, not OwnerDiedError."""
+    head = cluster.start_head("--resources", '{"head_box": 1}')
     cluster.join(head, "--resources", '{"ssd": 2}')
     go = tmp_path / "go"
-    _run_creator(cluster, head, tmp_path, SLOW_CREATOR, str(go))
+    resources = '{"ssd": 1}' if on == "the actor's node" else '{"head_box": 1}'
+    _run_creator(cluster, head, tmp_path, SLOW_CREATOR, str(go), resources)
     driver(head, namespace="shared")
     keeper = beamlet.get_actor("keeper")
     value = keeper.slow_value.remote()
