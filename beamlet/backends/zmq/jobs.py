@@ -84,7 +84,9 @@ another node makes (Ray: the actor owns it): its spec says so
 (``CLAIMABLE_KEY``), that node keeps it a while once made (`CLAIM_GRACE`),
 and the actor's node claims it from every alive node
 (``Claim``, `send_claims`): the one making or holding it sends it once made;
-if none does, it is lost with the driver.
+if none does (the driver left before placing the task, or its node died),
+the task is submitted again if its ``max_retries`` allow (`_claims_lost`),
+else its results are lost with the driver.
 """
 from __future__ import annotations
 
@@ -103,7 +105,7 @@ from ...core.refcount import ReferenceCounter
 from ...core.scheduling import RETRYING, may_retry
 from ...core.serialization import serialize
 from ...core.tables import ActorState, NodeState
-from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
+from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TASK, TaskSpec
 from ..local import protocol as LP
 from ..local.protocol import ShmEntry
 from ..local.transport import ProtocolError
@@ -138,7 +140,7 @@ OWNER_KEY = "owner_actor"
 #: leaves before sending it them: see DriverOwner.send_claims), and the
 #: seconds another node that made such a result keeps it for that claim.
 CLAIMABLE_KEY = "detached_submitter"
-CLAIM_GRACE = 30.0
+CLAIM_GRACE = 10.0
 #: Seconds between looks in the control store for the owners of the actors
 #: kept for them (see DriverOwner.check_owners).
 OWNERS_INTERVAL = 1.0
@@ -391,6 +393,11 @@ class DriverOwner:
         #: was gone: object id -> until when it is kept for a claim.
         self._claimable: set[bytes] = set()
         self._unclaimed: dict[bytes, float] = {}
+        #: The eager results' tasks (plain ones): return id -> (spec, its job),
+        #: to submit again if no node makes it once claimed (see
+        #: `_claims_lost`); pruned of what is over past `_specs_limit` entries.
+        self._eager_specs: dict[bytes, tuple] = {}
+        self._specs_limit = 1024
 
     def attach(self, node, transport) -> None:
         """The daemon made its Node: pulls from other nodes go over `transport`."""
@@ -778,7 +785,22 @@ class DriverOwner:
         link.send_now(P.NestedSubmit(spec, self._ship(link, found)))
         if eager:
             self._eager.update(spec.return_ids)
+            if spec.kind == TASK:
+                self._keep_spec(spec, link)
             self.fetch(spec.return_ids, link)
+
+    def _keep_spec(self, spec, link: DriverLink) -> None:
+        """Keep an eager result's task to submit it again if needed (see
+        `_claims_lost`); drop the ones whose results came meanwhile."""
+        with self.lock:
+            specs = self._eager_specs
+            for object_id in spec.return_ids:
+                specs[object_id] = (spec, link)
+            if len(specs) > self._specs_limit:
+                for object_id in [i for i in specs
+                                  if i not in self._eager and i not in self._claimed]:
+                    del specs[object_id]
+                self._specs_limit = max(1024, 2 * len(specs))
 
     def adopt(self, spec, link: DriverLink) -> None:
         """A task (or actor, or call) a worker of `link`'s job submitted after
@@ -1007,7 +1029,7 @@ class DriverOwner:
                     del self._claimed[object_id]
         if not addresses:
             if object_ids:
-                self._loop_calls.append(lambda: self._lost_with_driver(object_ids))
+                self._loop_calls.append(lambda: self._claims_lost(object_ids))
             return
         for address in addresses:
             self.puller.pull(address, object_ids, claim=True)
@@ -1041,6 +1063,36 @@ class DriverOwner:
             serve_pull(store, conn, now)
         for object_id in later:
             store.on_ready(object_id, self._claim_ready)
+
+    def _claims_lost(self, object_ids: list) -> None:
+        """(The daemon's loop.) No node makes or holds these claimed results:
+        their driver left before placing their task (or its node died). As
+        Ray's actor owns what it submits, the task is submitted again (to the
+        job's heir, or run here: see `accept`) if its ``max_retries`` allow,
+        and the workers here ask for its results again; else they are lost
+        with the driver (``OwnerDiedError``)."""
+        again: dict = {}
+        lost = []
+        with self.lock:
+            for object_id in object_ids:
+                kept = self._eager_specs.pop(object_id, None)
+                if kept is None or not may_retry(kept[0]):
+                    lost.append(object_id)
+                else:
+                    again.setdefault(kept[0].task_id, kept)
+        for spec, link in again.values():
+            if link.ended or not self.refs.count(spec.return_ids[0]):
+                continue
+            spec.attempt += 1
+            options = {k: v for k, v in spec.actor_options.items() if k != CLAIMABLE_KEY}
+            spec.actor_options = options or None  # (its new owner is here to get it)
+            try:
+                self.accept(spec, link)
+                self.fetch(list(spec.return_ids), link)
+            except Exception:  # noqa: BLE001 - then as if it could not be retried
+                lost.extend(spec.return_ids)
+        if lost:
+            self._lost_with_driver(lost)
 
     def _keep_for_claim(self, object_id: bytes) -> None:
         """A result of a task a detached actor of another node submitted is
@@ -1097,6 +1149,8 @@ class DriverOwner:
             link = self._fetching.pop(object_id, None)
             claimed = self._claimed.pop(object_id, None) is not None
         if claimed:  # (kept for the refs the workers here hold: see `driver_left`)
+            with self.lock:
+                self._eager_specs.pop(object_id, None)
             if not self.refs.count(object_id):
                 self._released(object_id)
             return
@@ -1125,7 +1179,7 @@ class DriverOwner:
                 if link is not None:
                     by_link.setdefault(link, []).append(object_id)
         if lost:
-            self._loop_calls.append(lambda: self._lost_with_driver(lost))
+            self._loop_calls.append(lambda: self._claims_lost(lost))
         for link, ids in by_link.items():
             timer = threading.Timer(REFETCH_DELAY, self.fetch, (ids, link))
             timer.daemon = True
