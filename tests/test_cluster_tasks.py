@@ -927,8 +927,150 @@ def test_a_call_handed_to_a_nodes_loop_that_fails_is_logged_and_the_loop_goes_on
     assert later.wait(TIMEOUT)
 
 
-#: A creator that leaves while its detached actor's nested task still runs.
+def test_a_failed_heir_start_is_handled_on_the_nodes_loop(cluster, node_here, tmp_path,
+                                                          monkeypatch):
+    """An heir that fails to start (here: refused by the head, for a wrong
+    key) is given up on by the node's loop, not by the heir's starting
+    thread, which would race the loop over the job's state; what the
+    detached actor submitted runs on its node."""
+    head = cluster.start_head()
+    member = node_here(head, "--resources", '{"ssd": 1}')
+    _run_creator(cluster, head, tmp_path, BRIEF_CREATOR)
+    owner = member.owner
+    handled_in = []
+    real = owner._heir_failed
+
+    def heir_failed(*args):
+        handled_in.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(owner, "_heir_failed", heir_failed)
+    owner.secret = os.urandom(32)  # (the heir's key: the head refuses it at once)
+    out = _run_creator(cluster, head, tmp_path, CALLER, "fan_out", "3")
+    assert "got [0, 1, 4]" in out
+    assert handled_in == ["node-here"], handled_in  # (the loop's thread)
+
+
+def test_an_heir_that_finishes_starting_as_its_node_closes_is_ended(
+        cluster, node_here, tmp_path, monkeypatch):
+    """The node closes while an heir is still starting (its Runtime made, not
+    yet handed to the node): once started, the heir is ended, not kept with
+    its connections to every node for nobody."""
+    from beamlet.backends.zmq import heir
+    head = cluster.start_head()
+    member = node_here(head, "--resources", '{"ssd": 1}')
+    _run_creator(cluster, head, tmp_path, BRIEF_CREATOR)
+    made, go = [], threading.Event()
+    real = heir.start_heir
+
+    def start_heir(address, secret, config, started, failed):
+        def made_then_started(runtime):
+            made.append(runtime)
+            go.wait(TIMEOUT)  # (until the node has closed)
+            started(runtime)
+
+        return real(address, secret, config, made_then_started, failed)
+
+    monkeypatch.setattr(heir, "start_heir", start_heir)
+    (tmp_path / "caller.py").write_text(CALLER)
+    caller = subprocess.Popen([sys.executable, str(tmp_path / "caller.py"), head["address"],
+                               head["token"], "fan_out", "3"], env=cluster.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert procs.wait_until(lambda: made, TIMEOUT, interval=0.1), "no heir started"
+        member.stop()
+        for thread in [t for t in threading.enumerate() if t.name == "node-here"]:
+            thread.join(TIMEOUT)
+        member.close()
+        go.set()
+        assert procs.wait_until(lambda: made[0].backend._closed, TIMEOUT, interval=0.1), \
+            "the heir that started after its node closed is still running"
+    finally:
+        go.set()
+        if caller.poll() is None:
+            caller.kill()
+        caller.communicate()
+
+
+@pytest.fixture
+def owner_here():
+    """A node daemon's job owner (``jobs.DriverOwner``) with its Node, in this
+    process, with no loop and no listener: a test calls its methods in the
+    order it wants (the loop's thread is the test's); closed after."""
+    from beamlet.backends.local.node import Node
+    from beamlet.backends.zmq import protocol as P
+    from beamlet.backends.zmq.jobs import DriverOwner
+    from beamlet.backends.zmq.transport import ZmqTransport
+    from beamlet.core.control_store import open_control_store
+    from beamlet.core.resources import ResourcePool
+    owner = DriverOwner()
+    node = Node(owner, open_control_store(None), ResourcePool(1, 0, None), 64 << 20,
+                100 * 1024, prestart_workers=0)
+    transport = ZmqTransport(os.urandom(32), P.VERSION, codec=P.CODEC)
+    owner.attach(node, transport)
+    yield owner
+    owner.close()
+    node.close()
+    transport.close()
+
+
+def test_an_eager_copy_whose_last_ref_goes_as_it_is_stored_is_freed(owner_here, monkeypatch):
+    """A copy of a detached actor's nested result comes to its node for the
+    refs its workers hold (see DriverOwner.accept): if the last one goes
+    between the node's look at their count and the copy's put, the copy is
+    freed after the put, not kept for nobody."""
+    from beamlet.backends.zmq import protocol as P
+    from beamlet.core import ids
+    from beamlet.core.serialization import serialize
+    owner = owner_here
+    store = owner.node.object_store
+    object_id = ids.new_id()
+    owner._eager.add(object_id)
+    owner.refs.incr(object_id)  # (a worker here holds a ref to it)
+    real_put = store.put
+
+    def put(oid, sobj, *args, **kwargs):
+        if oid == object_id:
+            owner.refs.decr(object_id)  # (its last ref goes just now)
+        return real_put(oid, sobj, *args, **kwargs)
+
+    monkeypatch.setattr(store, "put", put)
+    owner._store([(object_id, P.wire(serialize(7)))])
+    assert object_id not in owner._eager
+    # (Node.release queues it for the node's I/O thread)
+    assert procs.wait_until(lambda: not store.contains(object_id), TIMEOUT, interval=0.05), \
+        "the copy is kept with no ref to it"
+
+
+def test_each_early_actor_call_waits_its_own_while(owner_here, monkeypatch):
+    """Calls of an actor whose creation has not reached the node wait for it,
+    each for EARLY_CALL_WAIT from its own arrival: the first one's expiry
+    does not fail the ones that came later."""
+    from beamlet.backends.zmq import jobs
+    from beamlet.core import ids
+    from beamlet.core.task_spec import ACTOR_METHOD, TaskSpec
+    owner = owner_here
+    link = jobs.DriverLink(owner, None, {})  # (a driver not connected: nothing runs)
+    actor_id = ids.new_id()
+
+    def call():
+        return TaskSpec(ids.new_id(), ACTOR_METHOD, ids.new_id(), "A.f", [], {},
+                        (ids.new_id(),), {}, actor_id=actor_id, method_name="f")
+
+    first, second = call(), call()
+    monkeypatch.setattr(jobs, "EARLY_CALL_WAIT", 0.0)
+    owner._run(link, first, [], [])
+    monkeypatch.setattr(jobs, "EARLY_CALL_WAIT", 3600.0)
+    owner._run(link, second, [], [])
+    assert [c[2] for c in owner._early_calls[actor_id]] == [first, second]
+    owner._expire_early_calls()
+    assert [c[2] for c in owner._early_calls.get(actor_id, [])] == [second]
+
+
+#: A creator that leaves while its detached actor's nested task (its
+#: resources the JSON of argv[4]) still runs.
 SLOW_CREATOR = """
+import json
 import sys
 
 import beamlet
@@ -936,20 +1078,23 @@ from detached_work import Keeper
 
 beamlet.init(address=sys.argv[1], token=sys.argv[2], namespace="shared")
 keeper = Keeper.options(name="keeper", lifetime="detached", resources={"ssd": 1}).remote()
-beamlet.get(keeper.start_slow.remote(sys.argv[3], {"ssd": 1}), timeout=60)
+beamlet.get(keeper.start_slow.remote(sys.argv[3], json.loads(sys.argv[4])), timeout=60)
 beamlet.shutdown()
 """
 
 
+@pytest.mark.parametrize("on", ["the actor's node", "another node"])
 def test_a_detached_actors_nested_task_running_as_its_creator_leaves_keeps_its_result(
-        cluster, driver, tmp_path):
+        cluster, driver, tmp_path, on):
     """Ray's ownership: what a detached actor submits is the actor's. Its
-    nested task (on the actor's node) still runs when the creator driver
-    leaves; its result still reaches the actor, not OwnerDiedError."""
-    head = cluster.start_head()
+    nested task (on the actor's node, or on another: that node hands the
+    result to the actor's, which claims it) still runs when the creator
+    driver leaves; its result still reaches the actor, not OwnerDiedError."""
+    head = cluster.start_head("--resources", '{"head_box": 1}')
     cluster.join(head, "--resources", '{"ssd": 2}')
     go = tmp_path / "go"
-    _run_creator(cluster, head, tmp_path, SLOW_CREATOR, str(go))
+    resources = '{"ssd": 1}' if on == "the actor's node" else '{"head_box": 1}'
+    _run_creator(cluster, head, tmp_path, SLOW_CREATOR, str(go), resources)
     driver(head, namespace="shared")
     keeper = beamlet.get_actor("keeper")
     value = keeper.slow_value.remote()

@@ -187,6 +187,7 @@ class Daemon:
             try:
                 self.owner.record_locations(self.tables, self.node_id)
                 self.owner.check_owners(self.tables)
+                self.owner.send_claims(self.tables, self.node_id)
                 failing = False
             except exc.BackendError as err:
                 if not failing:

@@ -78,7 +78,15 @@ none is (an actor killed lets go of all of its); a call returning such a ref
 ships the object to the calling driver, as any result holding refs. What
 the workers then wait for that is not here and not being made here was the
 creator's: it is lost with it (``OwnerDiedError``); a result of the
-creator's that a task here still makes is stored here for them.
+creator's that a task here still makes is stored here for them. So is one
+that a detached actor here submitted while the creator was here and that
+another node makes (Ray: the actor owns it): its spec says so
+(``CLAIMABLE_KEY``), that node keeps it a while once made (`CLAIM_GRACE`),
+and the actor's node claims it from every alive node
+(``Claim``, `send_claims`): the one making or holding it sends it once made;
+if none does (the driver left before placing the task, or its node died),
+the task is submitted again if its ``max_retries`` allow (`_claims_lost`),
+else its results are lost with the driver.
 """
 from __future__ import annotations
 
@@ -97,7 +105,7 @@ from ...core.refcount import ReferenceCounter
 from ...core.scheduling import RETRYING, may_retry
 from ...core.serialization import serialize
 from ...core.tables import ActorState, NodeState
-from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
+from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, TASK, TaskSpec
 from ..local import protocol as LP
 from ..local.protocol import ShmEntry
 from ..local.transport import ProtocolError
@@ -127,6 +135,12 @@ _LATER = object()
 #: created it (its owner, with which it lives and dies once the driver of
 #: their job left: see DriverOwner.driver_left).
 OWNER_KEY = "owner_actor"
+#: The key of a nested task's ``actor_options`` naming the node of the
+#: detached actor that submitted it (which claims its results if the driver
+#: leaves before sending it them: see DriverOwner.send_claims), and the
+#: seconds another node that made such a result keeps it for that claim.
+CLAIMABLE_KEY = "detached_submitter"
+CLAIM_GRACE = 10.0
 #: Seconds between looks in the control store for the owners of the actors
 #: kept for them (see DriverOwner.check_owners).
 OWNERS_INTERVAL = 1.0
@@ -365,6 +379,25 @@ class DriverOwner:
         #: of that driver's later calls of the actor].
         self._channels: dict[bytes, tuple] = {}
         self._lost: dict[tuple, list] = {}
+        #: Results of a detached actor's nested tasks made on other nodes whose
+        #: driver left before sending them here (see `driver_left`): object id
+        #: -> how many nodes have yet to answer its ``Claim`` (0 until sent);
+        #: the ones to claim (sent by the daemon's location writer,
+        #: `send_claims`). And on the node that makes one: object id -> the
+        #: claimant's connection, until it is served (see `_claim`).
+        self._claimed: dict[bytes, int] = {}
+        self._to_claim: list[bytes] = []
+        self._claims: dict[bytes, object] = {}
+        #: The tasks here a detached actor submitted (`CLAIMABLE_KEY`), until
+        #: their results are out; those of their results made once the driver
+        #: was gone: object id -> until when it is kept for a claim.
+        self._claimable: set[bytes] = set()
+        self._unclaimed: dict[bytes, float] = {}
+        #: The eager results' tasks (plain ones): return id -> (spec, its job),
+        #: to submit again if no node makes it once claimed (see
+        #: `_claims_lost`); pruned of what is over past `_specs_limit` entries.
+        self._eager_specs: dict[bytes, tuple] = {}
+        self._specs_limit = 1024
 
     def attach(self, node, transport) -> None:
         """The daemon made its Node: pulls from other nodes go over `transport`."""
@@ -662,6 +695,8 @@ class DriverOwner:
                         f"it did not join within {HEIR_START_WAIT:g} s"))
         if self._early_calls:
             self._expire_early_calls()
+        if self._unclaimed:
+            self._expire_unclaimed()
         if self._lost:
             self._settle_lost()
         while self._idle_events:
@@ -739,13 +774,33 @@ class DriverOwner:
         seen: set = set()
         found = self._held(spec.dependencies(), seen)
         found.extend(self._held(spec.contained_refs(), seen))
+        # What a detached actor submits is its own (Ray: the actor owns it),
+        # so its results must outlive the driver: a copy comes here as each is
+        # made, while the driver is here to send it (and the node making one
+        # after the driver left keeps it for this node's claim: `send_claims`).
+        eager = bool(link.detached) and spec.kind != ACTOR_CREATION and spec.generator is None
+        if eager:
+            spec.actor_options = {**(spec.actor_options or {}),
+                                  CLAIMABLE_KEY: self.node.node_id}
         link.send_now(P.NestedSubmit(spec, self._ship(link, found)))
-        if link.detached and spec.kind != ACTOR_CREATION and spec.generator is None:
-            # What a detached actor submits is its own (Ray: the actor owns
-            # it), so its results must outlive the driver: a copy comes here
-            # as each is made, while the driver is here to send it.
+        if eager:
             self._eager.update(spec.return_ids)
+            if spec.kind == TASK:
+                self._keep_spec(spec, link)
             self.fetch(spec.return_ids, link)
+
+    def _keep_spec(self, spec, link: DriverLink) -> None:
+        """Keep an eager result's task to submit it again if needed (see
+        `_claims_lost`); drop the ones whose results came meanwhile."""
+        with self.lock:
+            specs = self._eager_specs
+            for object_id in spec.return_ids:
+                specs[object_id] = (spec, link)
+            if len(specs) > self._specs_limit:
+                for object_id in [i for i in specs
+                                  if i not in self._eager and i not in self._claimed]:
+                    del specs[object_id]
+                self._specs_limit = max(1024, 2 * len(specs))
 
     def adopt(self, spec, link: DriverLink) -> None:
         """A task (or actor, or call) a worker of `link`'s job submitted after
@@ -920,7 +975,8 @@ class DriverOwner:
             # once made; what it makes for a driver still here, e.g. the
             # heir's own submissions, goes to that driver, not into the store:
             # asked of the heir as the rest.)
-            object_ids = [i for i in object_ids if not self._stored_when_made(i)]
+            object_ids = [i for i in object_ids
+                          if not self._stored_when_made(i) and i not in self._claimed]
             if not object_ids:
                 return
             heir = self._successor(link, "fetch", object_ids)
@@ -946,6 +1002,134 @@ class DriverOwner:
         direct = self._direct.get(task_id)
         return direct is None or self.drivers.get(direct[0].conn) is not direct[0]
 
+    # -- a detached actor's nested results made on another node (Claim) ----------
+    def send_claims(self, tables, node_id: str) -> None:
+        """(The daemon's location writer, off the loop.) Claim the results
+        queued by `driver_left` from every other alive node (`node_id` is this
+        one's): the node making one sends it here once made (see `_claim`);
+        one that no node makes is lost with the driver. BackendError if the
+        control store is down (they stay queued)."""
+        if not self._to_claim:
+            return
+        with self.lock:
+            object_ids, self._to_claim = self._to_claim, []
+        try:
+            addresses = [n.address for n in tables.nodes()
+                         if n.state is NodeState.ALIVE and n.node_id != node_id]
+        except exc.BackendError:
+            with self.lock:
+                self._to_claim[:0] = object_ids
+            raise
+        with self.lock:
+            object_ids = [i for i in object_ids if i in self._claimed]
+            for object_id in object_ids:
+                self._claimed[object_id] = len(addresses)
+            if not addresses:
+                for object_id in object_ids:
+                    del self._claimed[object_id]
+        if not addresses:
+            if object_ids:
+                self._loop_calls.append(lambda: self._claims_lost(object_ids))
+            return
+        for address in addresses:
+            self.puller.pull(address, object_ids, claim=True)
+
+    def _claim(self, conn, object_ids) -> None:
+        """A peer node claims these: send it each held here now, each being
+        made here once it is (kept here until then, then freed unless held for
+        another reason), and ``Missing`` for the rest."""
+        store = self.node.object_store
+        scheduler = self.node.scheduler
+        now, later = [], []
+        for object_id in object_ids:
+            # (Under the scheduler's lock, which a task's end holds from the
+            # moment it is no longer `making` its results until they are
+            # delivered or stored: a result is either still to be made, and
+            # then stored for the claim by `_deliver`, or already here, or
+            # gone to its driver without being stored.)
+            with scheduler.lock:
+                if scheduler.making(object_id):
+                    with self.lock:
+                        self._claims[object_id] = conn
+                    self.refs.incr(object_id)
+                    later.append(object_id)
+                    continue
+            with self.lock:
+                kept = self._unclaimed.pop(object_id, None) is not None
+                if kept:  # (its ref, `_keep_for_claim`'s, is the claim's now)
+                    self._claims[object_id] = conn
+            (later if kept else now).append(object_id)  # (now: held here, or Missing)
+        if now:
+            serve_pull(store, conn, now)
+        for object_id in later:
+            store.on_ready(object_id, self._claim_ready)
+
+    def _claims_lost(self, object_ids: list) -> None:
+        """(The daemon's loop.) No node makes or holds these claimed results:
+        their driver left before placing their task (or its node died). As
+        Ray's actor owns what it submits, the task is submitted again (to the
+        job's heir, or run here: see `accept`) if its ``max_retries`` allow,
+        and the workers here ask for its results again; else they are lost
+        with the driver (``OwnerDiedError``)."""
+        again: dict = {}
+        lost = []
+        with self.lock:
+            for object_id in object_ids:
+                kept = self._eager_specs.pop(object_id, None)
+                if kept is None or not may_retry(kept[0]):
+                    lost.append(object_id)
+                else:
+                    again.setdefault(kept[0].task_id, kept)
+        for spec, link in again.values():
+            if link.ended or not self.refs.count(spec.return_ids[0]):
+                continue
+            spec.attempt += 1
+            options = {k: v for k, v in spec.actor_options.items() if k != CLAIMABLE_KEY}
+            spec.actor_options = options or None  # (its new owner is here to get it)
+            try:
+                self.accept(spec, link)
+                self.fetch(list(spec.return_ids), link)
+            except Exception:  # noqa: BLE001 - then as if it could not be retried
+                lost.extend(spec.return_ids)
+        if lost:
+            self._lost_with_driver(lost)
+
+    def _keep_for_claim(self, object_id: bytes) -> None:
+        """A result of a task a detached actor of another node submitted is
+        made here: keep it for that node's claim, for `CLAIM_GRACE` seconds at
+        most (unless claimed already). Even while the driver is here: it may
+        leave before it sends that node the copy it asked for."""
+        with self.lock:
+            if object_id in self._claims:
+                return  # (served by `_claim_ready`)
+            self._unclaimed[object_id] = time.monotonic() + CLAIM_GRACE
+        self.refs.incr(object_id)
+
+    def _expire_unclaimed(self) -> None:
+        """(The daemon's tick.) Free the results kept too long for a claim."""
+        now = time.monotonic()
+        with self.lock:
+            due = [i for i, until in self._unclaimed.items() if until <= now]
+            for object_id in due:
+                del self._unclaimed[object_id]
+        if due:
+            self.refs.decr_all(due)
+
+    def _claim_ready(self, object_id: bytes) -> None:
+        """A claimed object is stored here: send it to its claimant (as a Pull
+        is served), then let go of it."""
+        def served() -> None:
+            with self.lock:
+                self._claims.pop(object_id, None)
+            self.refs.decr(object_id)
+
+        with self.lock:
+            conn = self._claims.get(object_id)
+        if conn is None:
+            served()
+        else:
+            serve_pull(self.node.object_store, conn, [object_id], served)
+
     def _pull(self, link: DriverLink, locations) -> None:
         """Pull these ``(id, address)`` for `link`'s driver."""
         by_source: dict = {}
@@ -963,6 +1147,13 @@ class DriverOwner:
         copy)."""
         with self.lock:
             link = self._fetching.pop(object_id, None)
+            claimed = self._claimed.pop(object_id, None) is not None
+        if claimed:  # (kept for the refs the workers here hold: see `driver_left`)
+            with self.lock:
+                self._eager_specs.pop(object_id, None)
+            if not self.refs.count(object_id):
+                self._released(object_id)
+            return
         self._eager.discard(object_id)
         if link is not None and self._hold(link, object_id):
             link.send(P.Located([(object_id, size, is_error, tuple(refs))], True))
@@ -973,11 +1164,22 @@ class DriverOwner:
         """A node did not have these (freed, or lost with it): ask the driver
         again, a moment later (by then it knows whether that node died)."""
         by_link: dict = {}
+        lost = []
         with self.lock:
             for object_id in object_ids:
+                left = self._claimed.get(object_id)
+                if left is not None:  # (a Claim's answer: lost once no node makes it)
+                    if left > 1:
+                        self._claimed[object_id] = left - 1
+                    else:
+                        del self._claimed[object_id]
+                        lost.append(object_id)
+                    continue
                 link = self._fetching.pop(object_id, None)
                 if link is not None:
                     by_link.setdefault(link, []).append(object_id)
+        if lost:
+            self._loop_calls.append(lambda: self._claims_lost(lost))
         for link, ids in by_link.items():
             timer = threading.Timer(REFETCH_DELAY, self.fetch, (ids, link))
             timer.daemon = True
@@ -991,6 +1193,9 @@ class DriverOwner:
                 serve_pull(self.node.object_store, conn, message.object_ids)
             except exc.BackendError:
                 pass  # it left
+            return
+        if kind is P.Claim:  # (from a peer node: see `_claim`)
+            self._claim(conn, message.object_ids)
             return
         link = self.drivers.get(conn)
         if kind is P.RunTask and link is not None:  # (the usual message first)
@@ -1252,6 +1457,10 @@ class DriverOwner:
         left = [len(spec.return_ids)]
         if spec.kind != ACTOR_CREATION and spec.generator is None:
             self._direct[spec.task_id] = (link, left, deps)  # (see _deliver)
+            options = spec.actor_options
+            if options is not None and options.get(CLAIMABLE_KEY, self.node.node_id) \
+                    != self.node.node_id:
+                self._claimable.add(spec.task_id)
         else:
             for rid in spec.return_ids:
                 store.on_ready(rid, lambda object_id: self._result(link, object_id, left,
@@ -1310,7 +1519,9 @@ class DriverOwner:
             return False
         link, left, deps = direct
         if type(entry) is ShmEntry or entry.refs or object_id in self._fetching \
-                or (self._eager and object_id in self._eager):
+                or (self._eager and object_id in self._eager) \
+                or (self._claims and object_id in self._claims) \
+                or (self._claimable and spec.task_id in self._claimable):
             self.node.object_store.on_ready(
                 object_id, lambda object_id: self._result(link, object_id, left, deps,
                                                           spec.task_id))
@@ -1343,6 +1554,8 @@ class DriverOwner:
         left[0] -= 1
         if not left[0]:
             self._direct.pop(task_id, None)
+            if self._claimable:
+                self._claimable.discard(task_id)
             if self._call_job:
                 self._call_job.pop(task_id, None)
             if self.task_job.get(task_id) is link:
@@ -1353,8 +1566,14 @@ class DriverOwner:
     def _result(self, link: DriverLink, object_id: bytes, left: list, deps: list,
                 task_id: bytes) -> None:
         """A result is stored here: send it to its driver (or, if large, where it
-        is); free our copy of a small one."""
-        self._send_result(link, object_id, self._call_job.get(task_id))
+        is); free our copy of a small one. (One that a detached actor's node
+        may claim is kept for that claim a while: see `_keep_for_claim`.)"""
+        if self._claimable and task_id in self._claimable:
+            self._keep_for_claim(object_id)
+            if self.drivers.get(link.conn) is link:
+                self._send_result(link, object_id, self._call_job.get(task_id))
+        else:
+            self._send_result(link, object_id, self._call_job.get(task_id))
         self._result_out(link, left, deps, task_id)
         if not left[0] and self.streams:
             self._stream_ended(object_id)
@@ -1391,6 +1610,9 @@ class DriverOwner:
             self._eager.discard(object_id)  # (no copy is coming for it any more: see `_store`)
         if eager and self.refs.count(object_id):
             pass  # (kept for a worker here)
+        elif (self._claims and object_id in self._claims) \
+                or (self._unclaimed and object_id in self._unclaimed):
+            pass  # (kept for a claim, or freed once served to it: `_claim`)
         elif object_id not in link.held:
             self._released(object_id)  # (not kept for its driver, nor for a worker here)
 
@@ -1550,6 +1772,20 @@ class DriverOwner:
         making = self.node.scheduler.making
         # (What its job's workers asked of it that a task here makes stays
         # theirs: stored here as it is made, see `_deliver`.)
+        if link.left and self._eager:
+            # What its detached actors submitted that runs on another node is
+            # theirs too (Ray: the actor owns it): claimed from the node that
+            # makes it (`send_claims`), if a worker here holds a ref to it.
+            claimed = [i for i in asked if i in self._eager and not making(i)
+                       and self.refs.count(i)]
+            if claimed:
+                with self.lock:
+                    for object_id in claimed:
+                        self._claimed[object_id] = 0
+                    self._to_claim.extend(claimed)
+                claimed = set(claimed)
+                self._eager.difference_update(claimed)
+                asked = [i for i in asked if i not in claimed]
         self._eager.difference_update(i for i in asked if not making(i))
         asked = [i for i in asked if not making(i)]
         for stream in [s for s in self.streams.values() if s.link is link]:

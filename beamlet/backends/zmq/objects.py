@@ -42,22 +42,26 @@ SEND_WINDOW = 8  # sealed pieces a serving node lets wait in the transport
 READ_SLICE = 0.5  # seconds a reader waits for a message before it looks whether to stop
 
 
-def serve_pull(store, conn, object_ids) -> None:
+def serve_pull(store, conn, object_ids, done: Callable | None = None) -> None:
     """Send `conn` each of `object_ids` held in `store` (a LocalObjectStore) in
     ``Chunk`` pieces, from a thread of its own (the caller goes on at once);
     ``Missing`` for those it does not hold. Each piece is sealed from the
     object's mapping, which stays mapped (and the object alive) meanwhile; at
     most `SEND_WINDOW` sealed pieces wait in the transport at a time, so
-    serving an object does not hold a second copy of it in memory."""
-    threading.Thread(target=_serve, args=(store, conn, list(object_ids)),
+    serving an object does not hold a second copy of it in memory. That
+    thread calls `done()` once it is over (sent, or the puller left)."""
+    threading.Thread(target=_serve, args=(store, conn, list(object_ids), done),
                      name="beamlet-serve-pull", daemon=True).start()
 
 
-def _serve(store, conn, object_ids) -> None:
+def _serve(store, conn, object_ids, done) -> None:
     try:
         _send_objects(store, conn, object_ids)
     except exc.BackendError:
         pass  # the puller left (or this node is closing)
+    finally:
+        if done is not None:
+            done()
 
 
 def _send_objects(store, conn, object_ids) -> None:
@@ -212,14 +216,16 @@ class Puller:
         self.sources: dict[str, _Source] = {}
         self.closed = False
 
-    def pull(self, address: str, object_ids) -> None:
+    def pull(self, address: str, object_ids, claim: bool = False) -> None:
+        """Ask the node at `address` for these (`claim`: each once it is made
+        there, ``Claim``; else what it holds now, ``Pull``)."""
         with self.lock:
             if self.closed:
                 return
             source = self.sources.get(address)
-            if source is None or not source.want(object_ids):  # (none yet, or it died)
+            if source is None or not source.want(object_ids, claim):  # (none yet, or it died)
                 source = self.sources[address] = _Source(self, address)
-                source.want(object_ids)
+                source.want(object_ids, claim)
 
     def close(self) -> None:
         with self.lock:
@@ -239,24 +245,26 @@ class _Source:
         self.wanted: set[bytes] = set()  # asked for, not yet complete
         self.incoming: dict[bytes, tuple[Assembly, object]] = {}
         self.queue: list = []  # ids to ask for once connected
+        self.claims: list = []  # ids to claim once connected
         self.conn = None
         self.dead = False
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="beamlet-pull", daemon=True)
         self.thread.start()
 
-    def want(self, object_ids) -> bool:
-        """Ask for these; False if this source's connection is gone (ask a new one)."""
+    def want(self, object_ids, claim: bool = False) -> bool:
+        """Ask for these (`claim`: once made there); False if this source's
+        connection is gone (ask a new one)."""
         with self.lock:
             if self.dead:
                 return False
             new = [i for i in object_ids if i not in self.wanted]
             self.wanted.update(new)
             if self.conn is None:
-                self.queue.extend(new)
+                (self.claims if claim else self.queue).extend(new)
                 return True
         if new:
-            self._send(P.Pull(new))
+            self._send(P.Claim(new) if claim else P.Pull(new))
         return True
 
     def _send(self, message) -> None:
@@ -276,8 +284,11 @@ class _Source:
         with self.lock:
             self.conn = conn
             queued, self.queue = self.queue, []
+            claims, self.claims = self.claims, []
         if queued:
             self._send(P.Pull(queued))
+        if claims:
+            self._send(P.Claim(claims))
         try:
             while not self.stopping:
                 try:

@@ -53,6 +53,9 @@ driver's own get) pulls it from there in chunks (``objects.py``).
     node -> driver   Borrow(added, released)    refs the node's workers hold
                                                 (first one) or let go of (last)
     any -> node      Pull(object_ids)           send me these (a peer node or driver)
+    node -> node     Claim(object_ids)          send me these once made here (results of a
+                                                detached actor's nested tasks whose driver
+                                                left, asked by the actor's node: see jobs.py)
     node -> puller   Chunk(...) per piece (sent with send_piece: its data sealed
                        apart, decrypted into place), or Missing(object_ids)
 """
@@ -65,13 +68,14 @@ from ...core.serialization import SerializedObject, serialize
 from ...core.task_spec import TaskSpec
 from ..local.transport import ProtocolError
 
-VERSION = "beamlet-cluster/9"  # 2: drivers run tasks on nodes; 3: nodes pull objects;
+VERSION = "beamlet-cluster/10"  # 2: drivers run tasks on nodes; 3: nodes pull objects;
 # 4: nodes report task ends and actor states, recursive cancel across nodes;
 # 5: placement groups' bundles reserved on nodes, task progress reported (Report);
 # 6: messages travel as plain tuples (CODEC)
 # 7: nodes report CPUs lent by tasks blocked in get (Lent, in Report)
 # 8: a Report's events travel as plain tuples too (CODEC)
 # 9: direct driver -> actor-worker channels (DirectOpen, DirectLost; see direct.py)
+# 10: a detached actor's node claims its nested results made elsewhere (Claim)
 
 #: Seconds between a member's heartbeats, and of silence after which the head
 #: declares it dead (at once when its connection drops).
@@ -152,6 +156,12 @@ class Pull(NamedTuple):
     object_ids: list
 
 
+class Claim(NamedTuple):
+    """Send these as Pull does, each once it is made here (Missing for those
+    neither held nor being made here)."""
+    object_ids: list
+
+
 class Chunk(NamedTuple):
     """A piece of an object's shared-memory layout (``shm.py``): `total` bytes
     in all, `data` at `offset`."""
@@ -164,7 +174,7 @@ class Chunk(NamedTuple):
 
 
 class Missing(NamedTuple):
-    object_ids: list  # asked for with Pull, not held here
+    object_ids: list  # asked for with Pull (or Claim), not held (or being made) here
 
 
 class Fetch(NamedTuple):
@@ -312,7 +322,8 @@ def send_object(conn, object_id: bytes, sobj) -> None:
 TO_HEAD = frozenset({NodeJoin, Heartbeat, StatusRequest, DriverJoin})
 #: What a node (head or member) accepts from a driver.
 FROM_DRIVER = frozenset({DriverHello, RunTask, Objects, Locations, Release, CancelTask,
-                         KillActor, Pull, CreateGroup, RemoveGroup, DirectOpen, DirectLost})
+                         KillActor, Pull, CreateGroup, RemoveGroup, DirectOpen, DirectLost,
+                         Claim})
 #: What a driver accepts from a node.
 TO_DRIVER = frozenset({Objects, Located, Fetch, NestedSubmit, Chunk, Missing, CancelChildren,
                        TaskFinished, ActorState, OwnerDied, Borrow, Report})
@@ -326,7 +337,8 @@ _CLASSES = (NodeJoin, JoinAccepted, Heartbeat, Refused, StatusRequest, StatusRep
             DriverAccepted, DriverHello, RunTask, Objects, Located, Locations, Pull, Chunk,
             Missing, Fetch, NestedSubmit, Release, CancelTask, CancelChildren, Borrow,
             OwnerDied, TaskFinished, ActorState, KillActor, WorkersRequest, WorkersReply,
-            TaskProgress, Report, CreateGroup, RemoveGroup, Lent, DirectOpen, DirectLost)
+            TaskProgress, Report, CreateGroup, RemoveGroup, Lent, DirectOpen, DirectLost,
+            Claim)
 _TAGS = {cls: tag for tag, cls in enumerate(_CLASSES)}
 _RUN_TASK, _NESTED_SUBMIT, _REPORT = _TAGS[RunTask], _TAGS[NestedSubmit], _TAGS[Report]
 #: What a Report's events may be: tag -> (class, length of its wire form).
