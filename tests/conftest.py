@@ -324,12 +324,29 @@ _beamlet_cluster = _BeamletCluster()
 
 
 def pytest_sessionfinish(session, exitstatus):
+    """Stop the shared clusters. Under pytest-xdist this runs in each worker (each
+    has clusters of its own) and then in the controller, which reports what the
+    workers' test clusters left (a worker's own exit status and output are lost)."""
     _dask_cluster.stop()
     _ray_cluster.stop()
     left = _beamlet_cluster.stop()
+    worker_output = getattr(session.config, "workeroutput", None)
+    if worker_output is not None:  # (an xdist worker: tell the controller)
+        worker_output["beamlet_cluster_left"] = left
+        return
+    left += _left_by_workers
     if left:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         print(f"\nthe test cluster left processes running after beamlet stop: {left}")
+
+
+_left_by_workers: list[int] = []
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """(xdist's controller: a worker finished; collect what its test cluster left.)"""
+    _left_by_workers.extend(getattr(node, "workeroutput", {}).get("beamlet_cluster_left", ()))
 
 
 def init_options(name: str, **options) -> dict:

@@ -193,6 +193,32 @@ def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+_SYS_PIDFD_GETFD = 438  # (the same number on every architecture)
+
+
+def hold_file_of(pid: int, path: str) -> int:
+    """A descriptor in this process for the open file that process `pid` has on
+    `path` (a copy of its descriptor, taken with pidfd_getfd, Linux 5.6+): a flock
+    the process holds on it stays held while this copy is open, whatever happens
+    to `pid`. The caller closes it (os.close)."""
+    import ctypes
+    import errno
+    fds = [fd for fd in os.listdir(f"/proc/{pid}/fd")
+           if os.path.realpath(f"/proc/{pid}/fd/{fd}") == os.path.realpath(path)]
+    assert fds, f"process {pid} has no descriptor open on {path}"
+    pidfd = os.pidfd_open(pid)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(fds[0]), 0)
+        if fd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"pidfd_getfd of {pid}'s {path}: {os.strerror(code)}"
+                          + (" (Linux 5.6 or later needed)" if code == errno.ENOSYS else ""))
+        return fd
+    finally:
+        os.close(pidfd)
+
+
 # -- files as cross-process counters and logs -------------------------------------------------
 def touch_new(directory: str, prefix: str = "a") -> int:
     """Create a new file in `directory`; returns how many such files existed before."""

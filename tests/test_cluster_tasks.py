@@ -312,6 +312,7 @@ def small_cluster(tmp_path_factory):
         assert not left, f"processes left running after beamlet stop: {left}"
 
 
+@pytest.mark.xdist_group("small_cluster")  # (one cluster for all five, on one xdist worker)
 @pytest.mark.parametrize("program", ["dynamic_graph", "nested", "parameter_server",
                                      "simulator", "tune_seed"])
 def test_a_seed_program_runs_unchanged_on_a_cluster(program, small_cluster, tmp_path):

@@ -303,21 +303,28 @@ def _state(fp: dict) -> tuple:
 
 def test_driver_and_zygote_killed_together_are_swept_by_next_init(start, tmp_path):
     driver = procs.Driver(_SPILLING_DRIVER + f"\ntime.sleep({SUBPROCESS_TIMEOUT})\n", tmp_path)
+    held = None
     try:
         fp = driver.footprint()
         assert procs.segments(fp["session"]) and _spill_files(fp), procs.leftovers(fp)
+        # The session's lock, held here too until we have seen what the session
+        # left: the init() of any program beside this test (tests run in parallel)
+        # would sweep it as soon as its processes are gone.
+        held = procs.hold_file_of(driver.pid, fp["lock"])
         zygote = fp["zygote"]
         assert procs.alive(zygote)
         driver.stop()  # so that it cannot start another zygote in between
         os.kill(zygote[0], signal.SIGKILL)
         driver.kill()
+        # The workers leave when the driver's socket closes; nobody cleaned up.
+        assert procs.wait_until(lambda: not any(procs.alive(p) for p in fp["procs"]), 10)
+        left = procs.leftovers(fp)
+        assert any(x.startswith("segment") for x in left) and _spill_files(fp), left
+        assert os.path.exists(fp["lock"]) and os.path.isdir(fp["temp_dir"]), left
     finally:
         driver.kill()
-    # The workers leave when the driver's socket closes; nobody cleaned up.
-    assert procs.wait_until(lambda: not any(procs.alive(p) for p in fp["procs"]), 10)
-    left = procs.leftovers(fp)
-    assert any(x.startswith("segment") for x in left) and _spill_files(fp), left
-    assert os.path.exists(fp["lock"]) and os.path.isdir(fp["temp_dir"]), left
+        if held is not None:
+            os.close(held)
     start()  # init() in another process sweeps the dead session
     assert procs.leftovers(fp) == []
 
@@ -366,8 +373,12 @@ def test_live_sessions_are_not_swept(start, tmp_path):
     del refs
 
 
-def test_sweep_spares_locked_and_listening_sessions_and_takes_dead_ones(tmp_path):
-    # Made by hand here: one dead session of each kind, one live of each kind.
+def test_sweep_spares_locked_and_listening_sessions_and_takes_dead_ones(tmp_path, monkeypatch):
+    # Made by hand here: one dead session of each kind, one live of each kind, in a
+    # directory of this test's own in place of /dev/shm: the sweep of any init()
+    # beside it (tests run in parallel) would take the dead ones first.
+    monkeypatch.setattr(shm, "SHM_DIR", str(tmp_path / "shm"))
+    os.mkdir(shm.SHM_DIR, 0o700)
     def segment(session: str) -> str:
         name = shm.create_unmapped(session, 4096)
         return shm.segment_path(name)

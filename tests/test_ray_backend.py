@@ -19,6 +19,10 @@ import beamlet as ray
 from beamlet import exceptions as exc
 from beamlet.core import runtime as _runtime
 
+# One worker runs this module under pytest-xdist, so that it starts one Ray (the
+# module's session), not one in each worker that takes a test of it.
+pytestmark = pytest.mark.xdist_group("ray_backend_session")
+
 T = 60  # every blocking call's timeout
 GONE_TIMEOUT = 30
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -710,6 +714,7 @@ def test_a_killed_drivers_ray_dir_is_swept_at_the_next_start(session, tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                             env=env, cwd=str(tmp_path))
+    held = None
     try:
         temp_dir = proc.stdout.readline().strip()
         assert temp_dir and os.path.isdir(temp_dir), f"the driver printed {temp_dir!r}"
@@ -719,18 +724,26 @@ def test_a_killed_drivers_ray_dir_is_swept_at_the_next_start(session, tmp_path):
         assert len(locks) == 1, fds
         with open(locks[0]) as f:
             assert f.read() == temp_dir
+        # The session's lock, held here too until we have seen what the driver
+        # left: the init() of any program beside this test (tests run in parallel)
+        # would sweep it as soon as the driver is gone.
+        held = procs.hold_file_of(proc.pid, locks[0])
         theirs = {pid for pid in ray_processes(temp_dir, _descendants())
                   if pid != proc.pid}  # (named by the dir; none of this module's Ray)
         assert theirs, "no process of that driver's Ray names its temp dir"
+        proc.kill()
+        proc.wait(GONE_TIMEOUT)
+        left = procs.wait_gone(theirs, GONE_TIMEOUT)
+        for pid in left:  # (started by this test's driver: ours to end)
+            os.kill(pid, signal.SIGKILL)
+        assert left == [], "Ray's processes outlived their driver"
+        assert os.path.isdir(temp_dir) and os.path.exists(locks[0])  # nobody cleaned up
     finally:
         proc.kill()
         proc.wait(GONE_TIMEOUT)
         proc.stdout.close()
-    left = procs.wait_gone(theirs, GONE_TIMEOUT)
-    for pid in left:  # (started by this test's driver: ours to end)
-        os.kill(pid, signal.SIGKILL)
-    assert left == [], "Ray's processes outlived their driver"
-    assert os.path.isdir(temp_dir) and os.path.exists(locks[0])  # nobody cleaned up
+        if held is not None:
+            os.close(held)
     # The next start on the machine, of any backend, in another program:
     start = subprocess.run([sys.executable, "-c", "import beamlet\n"
                             "beamlet.init(backend='local', num_cpus=1)\nbeamlet.shutdown()\n"],

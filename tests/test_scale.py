@@ -12,6 +12,11 @@ import pytest
 
 import beamlet as ray
 
+# pytest-timeout's guard as long as the tests' own longest wait: beside other
+# tests (pytest-xdist's workers share the machine's cores) work at this scale
+# takes several times as long as alone, and a test that hangs still fails.
+pytestmark = pytest.mark.timeout(660)
+
 
 @ray.remote
 def ident(i):
