@@ -143,7 +143,7 @@ extra = {"ray": {"submitter": submitter, "first": first, "actor": ray.remote(Cou
          "beamlet": {"submitter": bsubmitter, "first": bfirst,
                      "actor": beamlet.remote(Counter).remote()}}
 #: items per block of the rows whose count is not -n
-FIXED = {"putget": 2000, "put_large": 8, "get_large": 8, "arg_large": 8}
+FIXED = {"putget": 2000, "put_large": 8, "get_large": 64, "arg_large": 8}
 ALL_ROWS = "sync,tput,chain,nested,actor_sync,actor_tput,putget,put_large,get_large,arg_large"
 _big = None
 

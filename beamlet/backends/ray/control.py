@@ -45,7 +45,8 @@ from typing import Any, Callable
 import ray as _ray
 
 from ... import exceptions as exc
-from ...core.control_store import channel_name, key_bytes, message_bytes, value_bytes
+from ...core.control_store import (MemoryControlStore, channel_name, key_bytes, message_bytes,
+                                   value_bytes)
 from ...core.interfaces import ControlStore
 from ...core.tables import FUNCTIONS
 
@@ -215,14 +216,15 @@ def existing_control_actor():
         return None
 
 
-#: function id -> the pickled function or class: the ``functions`` table of
-#: this process (what it registered, and what reached it with `CarriedCode`).
-#: Ids are digests of their code, so every process and job may share it.
-_code: dict[bytes, bytes] = {}
+#: The ``functions`` table of this process (function id -> the pickled
+#: function or class): what it registered, and what reached it with
+#: `CarriedCode`. Ids are digests of their code, so every process and job may
+#: share it.
+_code = MemoryControlStore()
 
 
 def _arrived(function_id: bytes, blob: bytes) -> "CarriedCode":
-    _code.setdefault(function_id, blob)
+    _code.put(FUNCTIONS, function_id, blob, overwrite=False)
     return CarriedCode(function_id, blob)
 
 
@@ -309,44 +311,30 @@ class RayControlStore(ControlStore):
         value = value_bytes(value, "value")
         if value is None:
             raise TypeError("a control store value must be bytes, got None")
-        key = key_bytes(key)
         if table == FUNCTIONS:
-            if not overwrite and key in _code:
-                return False
-            _code[key] = value
-            return True
-        return self._call("put", table, key, value, bool(overwrite))
+            return _code.put(table, key, value, overwrite)
+        return self._call("put", table, key_bytes(key), value, bool(overwrite))
 
     def compare_and_set(self, table: str, key, expected: bytes | None,
                         new: bytes | None) -> bool:
-        key = key_bytes(key)
-        expected = value_bytes(expected, "expected value")
-        new = value_bytes(new, "new value")
         if table == FUNCTIONS:
-            if _code.get(key) != expected:
-                return False
-            if new is None:
-                _code.pop(key, None)
-            else:
-                _code[key] = new
-            return True
-        return self._call("compare_and_set", table, key, expected, new)
+            return _code.compare_and_set(table, key, expected, new)
+        return self._call("compare_and_set", table, key_bytes(key),
+                          value_bytes(expected, "expected value"), value_bytes(new, "new value"))
 
     def get(self, table: str, key) -> bytes | None:
-        key = key_bytes(key)
         if table == FUNCTIONS:
-            return _code.get(key)
-        return self._read("get", None, table, key)
+            return _code.get(table, key)
+        return self._read("get", None, table, key_bytes(key))
 
     def delete(self, table: str, key) -> bool:
-        key = key_bytes(key)
         if table == FUNCTIONS:
-            return _code.pop(key, None) is not None
-        return self._read("delete", False, table, key)
+            return _code.delete(table, key)
+        return self._read("delete", False, table, key_bytes(key))
 
     def keys(self, table: str) -> list:
         if table == FUNCTIONS:
-            return list(_code)
+            return _code.keys(table)
         return self._read("keys", [], table)
 
     def publish(self, channel, message) -> None:
