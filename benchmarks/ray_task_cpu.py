@@ -1,17 +1,32 @@
-"""beamlet's ray backend against native Ray on one Ray instance, per task, counted.
+"""beamlet's ray backend against native Ray on one Ray instance, per item, counted.
 
-    python benchmarks/ray_task_cpu.py --rows sync,tput,chain -n 2000 --rounds 4 --json out.json
+    python benchmarks/ray_task_cpu.py --rows all --rounds 6 --json out.json
+    python benchmarks/ray_task_cpu.py --rows sync,tput,chain -n 2000 --rounds 4
     python benchmarks/ray_task_cpu.py --bytecodes          # driver bytecodes per task
     python benchmarks/ray_task_cpu.py --worker-bytecodes   # workers' bytecodes per task
 
 One driver starts a local Ray (2 CPUs) and joins it with ``init(backend="ray")``,
-then runs the same no-op tasks through both, in alternating blocks: CPU per
-task of the whole process tree (driver, GCS, raylet, workers; psutil), or
-Python bytecodes per task counted by a tracer in the driver (all threads) or
-in the Ray workers (installed by a task in each). Rows: ``sync``
-(``get(f.remote())`` one at a time), ``tput`` (1,000 then one ``get``),
-``chain`` (``r = g.remote(r)``, $CHAIN long, default 200). Needs Ray in this
-interpreter (``beamlet[ray]``).
+then runs the same work through both, in alternating blocks (ABBA: each
+round reverses the order): CPU per item of the whole process tree (driver,
+GCS, raylet, workers; psutil), or Python bytecodes per task counted by a
+tracer in the driver (all threads) or in the Ray workers (installed by a
+task in each; for the actor rows, by a call in the actor's process). Other programs' load changes wall time much and CPU time
+little; the rows of ``compare.py --on-ray`` are these workloads.
+
+Rows (items per block: ``-n`` for the task rows, fixed for the others):
+``sync`` (``get(f.remote())`` one at a time), ``tput`` (1,000 then one
+``get``), ``chain`` (``r = g.remote(r)``, $CHAIN long, default 200),
+``nested`` (4 tasks each submit n/4 tasks and ``get`` them; per inner task),
+``actor_sync`` (``get(a.inc.remote())`` one at a time), ``actor_tput``
+(1,000 calls then one ``get``), ``putget`` (1,000 puts of 100 bytes,
+then a ``get`` of each; per put+get), ``put_large`` / ``get_large`` /
+``arg_large`` (a 100 MB array: ``put``; ``get`` of a put one (a view);
+``f.remote(arr)`` and its result; per operation). Each round first measures
+the tree's idle CPU per second (Ray's daemons' timers); "less idle" is a
+block's CPU less that rate times its wall time, which load stretches. The
+summary is each row's median over the rounds and the median of the per-round
+ratios, of the CPU, the CPU less idle, and the wall time. Needs Ray in
+this interpreter (``beamlet[ray]``).
 """
 import argparse, collections, os, sys, threading, time, json
 import psutil
@@ -55,35 +70,35 @@ def _end():
     sys.exit(0)
 
 
-fw = {"ray": (ray, noop, inc), "beamlet": (beamlet, bnoop, binc)}
+@ray.remote
+def submitter(n):
+    return sum(ray.get([noop2.remote() for _ in range(n)]))
 
-def row(name, mod, f, g, n):
-    if name == "sync":
-        for _ in range(n):
-            mod.get(f.remote())
-    elif name == "tput":
-        for s in range(0, n, 1000):
-            mod.get([f.remote() for _ in range(1000)])
-    elif name == "chain":
-        for s in range(0, n, CH):
-            r = 0
-            for _ in range(CH):
-                r = g.remote(r)
-            mod.get(r)
 
-me = psutil.Process()
-def tree():
-    t = {}
-    for proc in [me] + me.children(recursive=True):
-        try:
-            c = proc.cpu_times(); t[proc.pid] = c.user + c.system
-        except psutil.NoSuchProcess:
-            pass
-    return t
+@ray.remote
+def noop2():
+    return 1
 
-for k, (mod, f, g) in fw.items():  # warm-up
-    for r in a.rows.split(","):
-        row(r, mod, f, g, 1000)
+
+@beamlet.remote
+def bsubmitter(n):
+    return sum(beamlet.get([bnoop2.remote() for _ in range(n)]))
+
+
+@beamlet.remote
+def bnoop2():
+    return 1
+
+
+@ray.remote
+def first(arr):
+    return float(arr[0])
+
+
+@beamlet.remote
+def bfirst(arr):
+    return float(arr[0])
+
 
 def opcode_tracer(counts):
     """A sys.settrace function counting the bytecodes run per (file, function)."""
@@ -101,6 +116,118 @@ def opcode_tracer(counts):
         return local
     return tracer
 
+
+class Counter:
+    def __init__(self):
+        self.n = 0
+
+    def inc(self):
+        self.n += 1
+        return self.n
+
+    def trace(self, on):
+        """(--worker-bytecodes) Count the bytecodes this actor's thread runs
+        from now on (`on`: returns its pid), or stop and give them."""
+        import builtins
+        if on:
+            builtins._hot_counts = collections.Counter()
+            sys.settrace(opcode_tracer(builtins._hot_counts))
+            return os.getpid()
+        sys.settrace(None)
+        counts, builtins._hot_counts = builtins._hot_counts, None
+        return os.getpid(), dict(counts)
+
+
+fw = {"ray": (ray, noop, inc), "beamlet": (beamlet, bnoop, binc)}
+extra = {"ray": {"submitter": submitter, "first": first, "actor": ray.remote(Counter).remote()},
+         "beamlet": {"submitter": bsubmitter, "first": bfirst,
+                     "actor": beamlet.remote(Counter).remote()}}
+#: items per block of the rows whose count is not -n
+FIXED = {"putget": 2000, "put_large": 8, "get_large": 64, "arg_large": 8}
+ALL_ROWS = "sync,tput,chain,nested,actor_sync,actor_tput,putget,put_large,get_large,arg_large"
+_big = None
+
+
+def big():
+    global _big
+    if _big is None:
+        import numpy as np
+        _big = np.ones(100_000_000 // 8, dtype=np.float64)
+    return _big
+
+
+def row(name, mod, f, g, n):
+    kind = "ray" if mod is ray else "beamlet"
+    x = extra[kind]
+    if name == "sync":
+        for _ in range(n):
+            mod.get(f.remote())
+    elif name == "tput":
+        for s in range(0, n, 1000):
+            mod.get([f.remote() for _ in range(1000)])
+    elif name == "chain":
+        for s in range(0, n, CH):
+            r = 0
+            for _ in range(CH):
+                r = g.remote(r)
+            mod.get(r)
+    elif name == "nested":
+        assert sum(mod.get([x["submitter"].remote(n // 4) for _ in range(4)])) == n // 4 * 4
+    elif name == "actor_sync":
+        a = x["actor"]
+        for _ in range(n):
+            mod.get(a.inc.remote())
+    elif name == "actor_tput":
+        a = x["actor"]
+        for s in range(0, n, 1000):
+            out = mod.get([a.inc.remote() for _ in range(1000)])
+            assert out[-1] - out[0] == 999
+    elif name == "putget":
+        value = b"x" * 100
+        for s in range(0, n, 1000):
+            refs = [mod.put(value) for _ in range(1000)]
+            for r in refs:
+                mod.get(r)
+            del refs
+    elif name == "put_large":
+        arr = big()
+        for _ in range(n):
+            ref = mod.put(arr)
+            del ref
+    elif name == "get_large":
+        ref = mod.put(big())
+        for _ in range(n):
+            out = mod.get(ref)
+            del out
+        del ref
+    elif name == "arg_large":
+        arr = big()
+        for _ in range(n):
+            assert mod.get(x["first"].remote(arr)) == 1.0
+    else:
+        raise SystemExit(f"unknown row {name!r}; rows: {ALL_ROWS}")
+
+
+def count(r):
+    return FIXED.get(r, a.n)
+
+
+if a.rows == "all":
+    a.rows = ALL_ROWS
+
+me = psutil.Process()
+def tree():
+    t = {}
+    for proc in [me] + me.children(recursive=True):
+        try:
+            c = proc.cpu_times(); t[proc.pid] = c.user + c.system
+        except psutil.NoSuchProcess:
+            pass
+    return t
+
+for k, (mod, f, g) in fw.items():  # warm-up
+    for r in a.rows.split(","):
+        row(r, mod, f, g, min(1000, count(r)))
 
 @ray.remote(num_cpus=1)
 def install(pause):
@@ -125,10 +252,17 @@ def collect(pause):
 if a.worker_bytecodes:
     for r in a.rows.split(","):
         for k, (mod, f, g) in fw.items():
-            pids = ray.get([install.remote(1.0) for _ in range(2)])
+            actor = extra[k]["actor"] if r.startswith("actor") else None
+            if actor is not None:  # (the actor's process, not the task workers)
+                pids = [mod.get(actor.trace.remote(True))]
+            else:
+                pids = ray.get([install.remote(1.0) for _ in range(2)])
             n = 1000
             row(r, mod, f, g, n)
-            got = ray.get([collect.remote(1.0) for _ in range(2)])
+            if actor is not None:
+                got = [mod.get(actor.trace.remote(False))]
+            else:
+                got = ray.get([collect.remote(1.0) for _ in range(2)])
             total = collections.Counter()
             for pid, c in got:
                 total.update(c)
@@ -152,24 +286,47 @@ if a.bytecodes:
                 print(f"    {c/n:8.1f} {key}")
     _end()
 
+def idle_rate(seconds=2.0):
+    """CPU seconds per second of the whole tree while nothing is asked of it
+    (Ray's daemons' timers and polls): each block's share of it grows with
+    its wall time, which other programs' load stretches."""
+    before = tree(); t0 = time.perf_counter()
+    time.sleep(seconds)
+    wall = time.perf_counter() - t0; after = tree()
+    return sum(t - before.get(pid, 0.0) for pid, t in after.items()) / wall
+
+
 res = collections.defaultdict(list)
+idle = []
 for rnd in range(a.rounds):
+    idle.append(idle_rate())
+    print(f"round {rnd} idle tree CPU {1e3 * idle[-1]:.1f} ms/s", flush=True)
     for r in a.rows.split(","):
         for k, (mod, f, g) in (fw.items() if rnd % 2 == 0 else reversed(fw.items())):
             before = tree(); t0 = time.perf_counter()
-            row(r, mod, f, g, a.n)
+            n = count(r)
+            row(r, mod, f, g, n)
             wall = time.perf_counter() - t0; after = tree()
             drv = after[me.pid] - before[me.pid]
             oth = sum(t - before.get(pid, 0.0) for pid, t in after.items() if pid != me.pid)
-            res[(r, k)].append((1e6 * (drv + oth) / a.n, 1e6 * drv / a.n))
-            print(f"round {rnd} {r:5s} {k:8s} CPU/task {1e6*(drv+oth)/a.n:6.1f} us (driver {1e6*drv/a.n:5.1f}) wall {1e6*wall/a.n:6.1f} us load {os.getloadavg()[0]:.1f}", flush=True)
+            net = drv + oth - idle[-1] * wall
+            res[(r, k)].append((1e6 * (drv + oth) / n, 1e6 * drv / n, 1e6 * net / n,
+                                1e6 * wall / n))
+            print(f"round {rnd} {r:10s} {k:8s} CPU/item {1e6*(drv+oth)/n:8.1f} us (driver {1e6*drv/n:7.1f}, less idle {1e6*net/n:8.1f}) wall {1e6*wall/n:8.1f} us load {os.getloadavg()[0]:.1f}", flush=True)
 import statistics
+med = statistics.median
 out = {}
 for r in a.rows.split(","):
-    nat = [x[0] for x in res[(r, "ray")]]; bm = [x[0] for x in res[(r, "beamlet")]]
-    ratios = [b / n for b, n in zip(bm, nat)]
-    out[r] = {"ray_us": nat, "beamlet_us": bm, "ratios": ratios}
-    print(f"{r}: median ray {statistics.median(nat):.1f} us, beamlet {statistics.median(bm):.1f} us, ratio per round {['%.2f' % x for x in ratios]}, median {statistics.median(ratios):.2f}")
+    got = {}
+    for i, what in enumerate(("us", "driver_us", "less_idle_us", "wall_us")):
+        nat = [x[i] for x in res[(r, "ray")]]; bm = [x[i] for x in res[(r, "beamlet")]]
+        ratios = [b / n if n > 0 else float("nan") for b, n in zip(bm, nat)]
+        got[what] = {"ray": nat, "beamlet": bm, "ratios": ratios}
+    out[r] = dict(got, items=count(r))
+    t, li = got["us"], got["less_idle_us"]
+    print(f"{r:10s}: CPU/item median ray {med(t['ray']):8.1f} us, beamlet {med(t['beamlet']):8.1f} us; median of per-round ratios {med(t['ratios']):.2f} (per round {' '.join('%.2f' % x for x in t['ratios'])}); less idle: {med(li['ratios']):.2f}; wall {med(got['wall_us']['ratios']):.2f}")
 if a.json:
-    json.dump(out, open(a.json, "w"), indent=1)
+    json.dump({"rows": out, "idle_cpu_per_s": idle,
+               "args": dict(vars(a), json=os.path.basename(a.json)),
+               "loadavg_end": os.getloadavg()}, open(a.json, "w"), indent=1)
 _end()

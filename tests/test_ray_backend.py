@@ -752,6 +752,64 @@ def test_a_killed_drivers_ray_dir_is_swept_at_the_next_start(session, tmp_path):
     assert not os.path.exists(temp_dir) and not os.path.exists(locks[0])
 
 
+TASKS_ONLY = """
+import beamlet, ray
+T = {T}
+beamlet.init(backend="ray", num_cpus=1)
+
+@beamlet.remote
+def inc(x):
+    return x + 1
+
+@beamlet.remote
+def nested(n):
+    return beamlet.get(inc.remote(n), timeout=T)
+
+@beamlet.remote(num_returns=2)
+def pair(x):
+    return x, x + 1
+
+@beamlet.remote(num_returns="streaming")
+def items(n):
+    yield from range(n)
+
+@beamlet.remote
+class Echo:
+    def echo(self, x):
+        return x
+
+def control_actor():
+    return [a for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"] == "beamlet-control"]
+
+assert beamlet.get(inc.remote(beamlet.put(1)), timeout=T) == 2   # plain call
+assert beamlet.get(nested.remote(2), timeout=T) == 3              # nested: a worker's call
+assert beamlet.get(list(pair.remote(3)), timeout=T) == [3, 4]     # the job's Ray task
+assert [beamlet.get(r, timeout=T) for r in items.remote(3)] == [0, 1, 2]
+assert not control_actor(), control_actor()
+echo = Echo.options(name="echo").remote()                       # a write: now it is made
+assert beamlet.get(echo.echo.remote(5), timeout=T) == 5
+assert control_actor()
+assert beamlet.get(beamlet.get_actor("echo").echo.remote(6), timeout=T) == 6
+beamlet.shutdown()
+print("lazy")
+"""
+
+
+def test_a_program_of_tasks_only_never_makes_the_control_actor(tmp_path):
+    """The control store's actor is a process of its own, made at the first
+    write: a program that only runs tasks (nested ones, generators) never
+    makes it, its functions' code travelling to Ray's workers with Ray's
+    functions (control.py); an actor's name is then the first write. (On a Ray
+    of its own: the module's session made the actor long ago.)"""
+    code = TASKS_ONLY.format(T=T)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=4 * T, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "lazy"
+
+
 def test_shutdown_stops_the_ray_it_started(session):
     """(Last: it ends the module's session.)"""
     temp_dir = session._temp_dir

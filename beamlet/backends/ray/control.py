@@ -20,6 +20,18 @@ there in order. A subscriber more than `_KEPT` messages behind misses the oldest
 
 Task events (``events.py``): batches a job's workers send for its driver,
 kept per job until the driver takes them, dropped when it leaves.
+
+The actor is made when a process first writes (or subscribes): a program
+that only runs tasks never starts it, so its cold start costs what native
+Ray's does (the actor is a process of its own). Until then a read answers
+from the empty tables without making it.
+
+The code of beamlet functions and classes (the ``functions`` table) is not
+kept in the actor: each process keeps what it registered or received here
+(`_code`), and the code travels to Ray workers inside the Ray functions and
+actor constructions that run it (`CarriedCode`, scheduler.py), as Ray ships
+a remote function's code once per worker: a task's first run needs no call
+to the actor.
 """
 from __future__ import annotations
 
@@ -33,8 +45,10 @@ from typing import Any, Callable
 import ray as _ray
 
 from ... import exceptions as exc
-from ...core.control_store import channel_name, key_bytes, message_bytes, value_bytes
+from ...core.control_store import (MemoryControlStore, channel_name, key_bytes, message_bytes,
+                                   value_bytes)
 from ...core.interfaces import ControlStore
+from ...core.tables import FUNCTIONS
 
 NAME = "beamlet-control"
 NAMESPACE = "beamlet"
@@ -194,12 +208,48 @@ def control_actor():
                                 get_if_exists=True).remote()
 
 
+def existing_control_actor():
+    """The cluster's control actor if some process has made it, else None."""
+    try:
+        return _ray.get_actor(NAME, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+#: The ``functions`` table of this process (function id -> the pickled
+#: function or class): what it registered, and what reached it with
+#: `CarriedCode`. Ids are digests of their code, so every process and job may
+#: share it.
+_code = MemoryControlStore()
+
+
+def _arrived(function_id: bytes, blob: bytes) -> "CarriedCode":
+    _code.put(FUNCTIONS, function_id, blob, overwrite=False)
+    return CarriedCode(function_id, blob)
+
+
+class CarriedCode:
+    """A beamlet function's or class's code, travelling inside a Ray function
+    or a Ray actor's constructor arguments: unpickled in a process, it is known
+    there (`_code`) before anything that runs it starts."""
+
+    __slots__ = ("function_id", "blob")
+
+    def __init__(self, function_id: bytes, blob: bytes):
+        self.function_id = function_id
+        self.blob = blob
+
+    def __reduce__(self):
+        return (_arrived, (self.function_id, self.blob))
+
+
 class RayControlStore(ControlStore):
     def __init__(self, actor=None, in_worker: bool = False):
         """`actor`: the actor holding the tables (default: the cluster's; tests
         use one of their own). `in_worker`: this process is a Ray worker, whose
         calls to the actor are submitted from a thread of their own (`_call`)."""
-        self._actor = actor if actor is not None else control_actor()
+        self._actor = actor  # (the cluster's: looked up or made on first use, `_actor_for`)
+        self._actor_lock = threading.Lock()
         self._submitter = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="beamlet-ray-control") if in_worker else None
         self._lock = threading.Lock()
@@ -208,8 +258,33 @@ class RayControlStore(ControlStore):
         self._poller: threading.Thread | None = None
         self._closed = threading.Event()
 
+    def _actor_for(self, make: bool):
+        """The actor: made if `make` and no process has made it yet; else None
+        if none has."""
+        actor = self._actor
+        if actor is None:
+            with self._actor_lock:
+                actor = self._actor
+                if actor is None:
+                    actor = control_actor() if make else existing_control_actor()
+                    self._actor = actor
+        return actor
+
+    def _read(self, method: str, empty, *args):
+        """`_call` of a method that only reads (or deletes): `empty`, the answer
+        of empty tables, while no process has made the actor."""
+        if self._actor is None:
+            try:
+                if self._actor_for(make=False) is None:
+                    return empty
+            except _ray.exceptions.RayError as err:
+                raise exc.BackendError(f"the beamlet control store (a Ray actor) could not "
+                                       f"be looked up: {type(err).__name__}: {err}") from None
+        return self._call(method, *args)
+
     def _call(self, method: str, *args):
-        """Call the actor's `method` and wait for its answer (`_CALL_TIMEOUT`).
+        """Call the actor's `method` (made if need be) and wait for its answer
+        (`_CALL_TIMEOUT`).
 
         In a Ray worker the call is submitted from the store's own thread: Ray
         counts an actor call submitted from a task's thread as that task's
@@ -218,8 +293,8 @@ class RayControlStore(ControlStore):
         caller; and Ray 2.60 cancelling a call on this async actor as it
         finishes can crash the actor's process (a Ray-internal check, "Check
         failed: erased == 1"), losing every table of the cluster."""
-        call = getattr(self._actor, method).remote
         try:
+            call = getattr(self._actor or self._actor_for(make=True), method).remote
             if self._submitter is None:
                 ref = call(*args)
             else:
@@ -236,21 +311,31 @@ class RayControlStore(ControlStore):
         value = value_bytes(value, "value")
         if value is None:
             raise TypeError("a control store value must be bytes, got None")
+        if table == FUNCTIONS:
+            return _code.put(table, key, value, overwrite)
         return self._call("put", table, key_bytes(key), value, bool(overwrite))
 
     def compare_and_set(self, table: str, key, expected: bytes | None,
                         new: bytes | None) -> bool:
+        if table == FUNCTIONS:
+            return _code.compare_and_set(table, key, expected, new)
         return self._call("compare_and_set", table, key_bytes(key),
                           value_bytes(expected, "expected value"), value_bytes(new, "new value"))
 
     def get(self, table: str, key) -> bytes | None:
-        return self._call("get", table, key_bytes(key))
+        if table == FUNCTIONS:
+            return _code.get(table, key)
+        return self._read("get", None, table, key_bytes(key))
 
     def delete(self, table: str, key) -> bool:
-        return self._call("delete", table, key_bytes(key))
+        if table == FUNCTIONS:
+            return _code.delete(table, key)
+        return self._read("delete", False, table, key_bytes(key))
 
     def keys(self, table: str) -> list:
-        return self._call("keys", table)
+        if table == FUNCTIONS:
+            return _code.keys(table)
+        return self._read("keys", [], table)
 
     def publish(self, channel, message) -> None:
         self._call("publish", channel_name(channel), message_bytes(message))
@@ -284,7 +369,7 @@ class RayControlStore(ControlStore):
             with self._lock:
                 cursors = dict(self._cursors)
             try:
-                found = _ray.get(self._actor.poll.remote(cursors, _POLL),
+                found = _ray.get(self._actor_for(make=True).poll.remote(cursors, _POLL),
                                  timeout=_POLL + _CALL_TIMEOUT)
             except Exception:  # noqa: BLE001 - Ray is going away (closed, or shut down)
                 if self._closed.wait(_POLL):

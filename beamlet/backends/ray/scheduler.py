@@ -1,6 +1,8 @@
 """RayScheduler: beamlet TaskSpecs as Ray tasks and actors.
 
-- A task is a call of the job's Ray task (``worker.task_function``), its
+- A task is a call of the job's Ray task for its function
+  (``worker.task_function``, which carries the function's code to the
+  workers: control.py), its
   spec one bytes argument (``worker.wire``), with Ray's options from the spec:
   ``num_cpus``/``num_gpus``/``memory``/custom ``resources`` from its request,
   ``num_returns``, ``max_retries`` (a crashed worker; Ray retries), and its
@@ -30,9 +32,10 @@ from ... import exceptions as exc
 from ...core import plugins
 from ...core.interfaces import Scheduler
 from ...core.scheduling import ActorLifecycle
+from ...core.tables import FUNCTIONS
 from ...core.task_events import PENDING_ARGS_AVAIL, PENDING_NODE_ASSIGNMENT, SUBMITTED_TO_WORKER
 from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, ARG_REF, TASK, TaskSpec
-from .control import NAMESPACE
+from .control import NAMESPACE, CarriedCode
 from .worker import actor_host_class, plain_function, stream_function, task_function, wire
 
 ACTOR_PREFIX = "beamlet-actor-"
@@ -81,8 +84,9 @@ class RayScheduler(Scheduler):
         #: last one of each function by the identity of its spec's shared parts.
         self._plain_kinds: dict[tuple, object] = {}
         self._plain: dict[tuple, tuple] = {}
-        self._run_task = task_function(backend.job)
-        self._run_stream = None  # (made on the first generator task)
+        #: function id -> the job's Ray task (generator task) carrying its code
+        self._run_tasks: dict[bytes, object] = {}
+        self._run_streams: dict[bytes, object] = {}
         from .groups import RayPlacementGroups
         self.groups = RayPlacementGroups(backend, self._node_resources)
         #: actor id -> the names of its concurrency groups (those this process knows)
@@ -308,7 +312,8 @@ class RayScheduler(Scheduler):
         if kind is None:
             template = (spec.function_id, spec.function_name, spec.resources, spec.max_retries,
                         spec.retry_exceptions, spec.env_vars, spec.caller_id)
-            kind = plain_function(self._backend.job, template, takes_args).options(
+            kind = plain_function(self._backend.job, template, takes_args,
+                                  self._code(spec.function_id)).options(
                 num_returns=1, max_retries=spec.max_retries, retry_exceptions=False,
                 name=spec.display_name, **self._options(spec))
             self._plain_kinds[key] = kind
@@ -318,23 +323,37 @@ class RayScheduler(Scheduler):
 
     def _task_kind(self, spec: TaskSpec):
         """The job's Ray task with the spec's Ray options (made once per kind of task)."""
-        key = (spec.display_name, len(spec.return_ids), spec.max_retries,
+        key = (spec.function_id, spec.display_name, len(spec.return_ids), spec.max_retries,
                tuple(sorted((spec.resources or {}).items())),
                spec.placement_group and spec.placement_group[1], spec.generator)
         kind = self._task_kinds.get(key)
         if kind is None:
             if spec.generator is not None:
-                if self._run_stream is None:
-                    self._run_stream = stream_function(self._backend.job)
-                kind = self._run_stream.options(
+                run = self._run_streams.get(spec.function_id)
+                if run is None:
+                    run = self._run_streams[spec.function_id] = stream_function(
+                        self._backend.job, self._code(spec.function_id))
+                kind = run.options(
                     max_retries=spec.max_retries, retry_exceptions=False,
                     name=spec.display_name, **_stream_options(spec), **self._options(spec))
             else:
-                kind = self._run_task.options(
-                    num_returns=key[1], max_retries=spec.max_retries, retry_exceptions=False,
-                    name=spec.display_name, **self._options(spec))
+                run = self._run_tasks.get(spec.function_id)
+                if run is None:
+                    run = self._run_tasks[spec.function_id] = task_function(
+                        self._backend.job, self._code(spec.function_id))
+                kind = run.options(
+                    num_returns=len(spec.return_ids), max_retries=spec.max_retries,
+                    retry_exceptions=False, name=spec.display_name, **self._options(spec))
             self._task_kinds[key] = kind
         return kind
+
+    def _code(self, function_id: bytes) -> CarriedCode | None:
+        """The code of a function or class registered here, to travel with the
+        Ray function or actor that runs it (control.py): read from this
+        process's control store (the Ray one keeps the ``functions`` table in
+        the process: no call)."""
+        blob = self._backend.control_store.get(FUNCTIONS, function_id)
+        return None if blob is None else CarriedCode(function_id, blob)
 
     def _create_actor(self, spec: TaskSpec, payload, carried, dep_refs, placed: dict) -> None:
         options = spec.actor_options or {}
@@ -353,7 +372,8 @@ class RayScheduler(Scheduler):
             max_restarts=options.get("max_restarts", 0),
             max_task_retries=options.get("max_task_retries", 0),
             max_concurrency=concurrency,
-            **placed).remote(self._backend.job, payload, carried, *dep_refs)
+            **placed).remote(self._backend.job, self._code(spec.function_id), payload, carried,
+                             *dep_refs)
         # Recorded for the driver's shutdown, which frees the job's actors' names.
         self._backend.runtime.tables.note_job_actor(self._backend.job["job_id"], spec.actor_id,
                                                     detached)

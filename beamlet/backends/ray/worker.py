@@ -267,7 +267,16 @@ async def _async_stream_values(state: _Job, spec: TaskSpec, steps):
         _attempt_finished(state, spec, start, final)
 
 
-def stream_function(job: dict):
+def _remote(function, code):
+    """`function` as a Ray remote function that carries `code` (a
+    ``control.CarriedCode``, or None): Ray pickles a function's attributes
+    with it, so the code arrives in each worker with the function, once."""
+    if code is not None:
+        function.carried_code = code
+    return _ray.remote(function)
+
+
+def stream_function(job: dict, code=None):
     """`task_function` for generator tasks: a Ray generator, called with
     ``num_returns="streaming"`` or ``"dynamic"``."""
     def run_stream(*args):
@@ -275,25 +284,27 @@ def stream_function(job: dict):
         state = _job(job)
         with state.store.provided(dep_ids, dep_values, carried):
             yield from _stream_values(state, spec, state.executor.execute_stream(spec))
-    return _ray.remote(run_stream)
+    return _remote(run_stream, code)
 
 
-def task_function(job: dict):
-    """`_run_task` for one job as a Ray remote function, with the job bound:
-    Ray ships a function to a worker once, where an argument would travel
-    (and be serialized by Ray) with every task."""
+def task_function(job: dict, code=None):
+    """`_run_task` for one job as a Ray remote function, with the job bound
+    and the code of the beamlet function it runs (`code`, a
+    ``control.CarriedCode``): Ray ships a function to a worker once, where an
+    argument would travel (and be serialized by Ray) with every task."""
     def run_task(*args):
         return _run_task(job, args)
-    return _ray.remote(run_task)
+    return _remote(run_task, code)
 
 
-def plain_function(job: dict, template: tuple, takes_args: bool):
+def plain_function(job: dict, template: tuple, takes_args: bool, code=None):
     """A Ray remote function for the plain calls of one beamlet function (one
     return, no generator, no placement group, no task events) whose every
     argument is a ref: Ray's arguments are exactly those refs, resolved by Ray,
     and what the spec holds besides is `template` (``function_id``,
     ``function_name``, ``resources``, ``max_retries``, ``retry_exceptions``,
-    ``env_vars``, ``caller_id``), carried once with the function. Each Ray
+    ``env_vars``, ``caller_id``) and the function's code (`code`, a
+    ``control.CarriedCode``), carried once with the function. Each Ray
     argument costs Ray some CPU per task (native Ray's own no-op task costs
     about a sixth more with one argument than with none), so the common call
     sends none of its own.
@@ -312,7 +323,7 @@ def plain_function(job: dict, template: tuple, takes_args: bool):
     else:
         def run_plain():
             return _run_plain(job, template, ())
-    return _ray.remote(run_plain)
+    return _remote(run_plain, code)
 
 
 def _run_plain(job: dict, template: tuple, values: tuple):
@@ -366,9 +377,13 @@ def _refused(spec: TaskSpec) -> None:
 
 
 class _Host:
-    """The part both actor hosts share: construction and the end."""
+    """The part both actor hosts share: construction and the end.
 
-    def __init__(self, job: dict, *args):
+    Constructed with ``(job, code, *args)``: `code` the actor class's
+    ``control.CarriedCode`` (known in this process once Ray has unpickled the
+    arguments), `args` the creation's Ray arguments (`_unwire`)."""
+
+    def __init__(self, job: dict, code, *args):
         spec, dep_ids, carried, dep_values = _unwire(args)
         self._job = _job(job)
         self._spec = spec
@@ -482,8 +497,8 @@ class AsyncActorHost(_Host):
     objects (an ``asyncio.Event`` set by a call in one group and awaited by
     one in another)."""
 
-    def __init__(self, job: dict, *args):
-        super().__init__(job, *args)
+    def __init__(self, job: dict, code, *args):
+        super().__init__(job, code, *args)
         options = self._spec.actor_options or {}
         self._limits = {name: asyncio.Semaphore(limit) for name, limit in
                         (options.get("concurrency_groups") or {}).items()}
