@@ -399,6 +399,11 @@ class Backend(abc.ABC):
     #: refs inside its inline ones) alive until the task ends, as Ray does:
     #: the owner's Runtime then does not pin them itself (`Runtime.accept`).
     engine_keeps_arguments: ClassVar[bool] = False
+    #: True where a by-value argument above `inline_threshold` is better `put`
+    #: (the task gets a ref) than copied into the task: where a put sends the
+    #: bytes at once, as a copy would take them, and the task travels without
+    #: them (always so where `zero_copy`).
+    large_arguments_by_ref: ClassVar[bool] = False
 
     object_store: ObjectStore
     control_store: ControlStore

@@ -125,6 +125,8 @@ class Runtime:
         from .tables import Tables  # not at import: `import beamlet` stays fast
         self.tables = Tables(self.backend.control_store)
         self.inline_threshold = self.backend.inline_threshold
+        self._large_args_by_ref = bool(self.backend.zero_copy or
+                                       getattr(self.backend, "large_arguments_by_ref", False))
         # Optional parameters a plugin's components may predate (asked once).
         self._fail_fast = _takes(self.backend.object_store.get, "fail_fast")
         self._recursive_cancel = _takes(self.backend.scheduler.cancel, "recursive")
@@ -179,7 +181,7 @@ class Runtime:
             sobj = serialize(value)
         except TypeError as err:
             raise TypeError(f"{function_name}: {what} could not be serialized: {err}") from None
-        if sobj.total_bytes > self.inline_threshold and self.backend.zero_copy:
+        if sobj.total_bytes > self.inline_threshold and self._large_args_by_ref:
             ref = self._put_serialized(sobj)
             keep.append(ref)
             return (ARG_REF, ref.id)

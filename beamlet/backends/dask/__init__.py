@@ -13,7 +13,10 @@ How beamlet maps onto Dask (the modules say more):
   an object once no beamlet process holds a ref to it.
 - ``scheduler.py``: a task is ``Client.submit`` of ``worker.run_task`` under its
   return key, its ref arguments passed as Futures (Dask resolves them where
-  the task runs), its CPU/GPU/custom request as Dask worker resources.
+  the task runs), its CPU/GPU/custom request as Dask worker resources. A
+  by-value argument larger than the inline threshold is scattered to a worker
+  at the call (the task gets its ref, and Dask runs the task there), rather
+  than copied into the task and sent through the scheduler.
 - ``worker.py``: what runs on a Dask worker: a beamlet Runtime per job whose
   backend is ``DaskBackend`` on the worker's own client (nested tasks; a
   blocking ``get`` secedes from the worker's thread pool, so nested waits

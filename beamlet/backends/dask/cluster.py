@@ -191,6 +191,11 @@ class Cluster:
                 proc = self._procs[index] = self._popen()
                 self._send_spec(index, proc)
 
+    @property
+    def scheduler(self):
+        """The Dask ``Scheduler`` object, running on `loop` (None once stopped)."""
+        return self._scheduler
+
     def worker_pids(self) -> list[int]:
         """The worker processes' pids (a restarted worker's, once it was)."""
         with self._lock:

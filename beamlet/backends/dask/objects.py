@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import itertools
 import pickle
 import threading
 import time
@@ -259,6 +260,12 @@ class DaskObjectStore(ObjectStore):
         self._batch_armed = False
         self._batch_lock = threading.Lock()
         self._flush_lock = threading.Lock()  # (batches are sent in the order made)
+        #: Each graph's token (Dask's name of the submission): unique per client.
+        self._token_prefix = f"beamlet-graph-{uuid.uuid4().hex}-"
+        self._graphs = itertools.count()
+        #: The Dask scheduler, when it runs in this process on the client's event
+        #: loop (the LocalCluster the driver started): see `_gather_here`.
+        self.local_scheduler = None
         from distributed import get_worker
         try:
             #: The Dask worker this process is (None in a driver): gathers
@@ -279,11 +286,13 @@ class DaskObjectStore(ObjectStore):
         """Submit the task ``fn(*args)`` under the key of `object_id` with others
         made at about the same time: one graph sent to the Dask scheduler for
         many tasks, as Dask's ``Client.map`` does, costs it far less per task
-        than one each. The batch is sent (`flush`) when it is full, before
-        anything else of this store or its scheduler talks to Dask (so the
-        scheduler hears of every key before anything that uses it), and else
-        from the client's event loop as soon as that runs. Batches go out in
-        the order made, each task keeping its place (its Dask priority)."""
+        than one each. Only the last of `args` may hold Futures (a dict of
+        them, resolved on the worker); the others go as they are. The batch
+        is sent (`flush`) when it is full, before anything else of this store
+        or its scheduler talks to Dask (so the scheduler hears of every key
+        before anything that uses it), and else from the client's event loop
+        as soon as that runs. Batches go out in the order made, each task
+        keeping its place (its Dask priority)."""
         from distributed import Future
         key = key_of(object_id)
         self.adopt(object_id, Future(key, self.client))
@@ -296,6 +305,15 @@ class DaskObjectStore(ObjectStore):
             self.flush()
         elif arm:
             self.client.loop.add_callback(self.flush)
+
+    def _flush_for_read(self) -> None:
+        """Before a read (`get`, `wait`): the batch must reach the scheduler
+        first. When a flush of it waits on the client's event loop (armed), it
+        runs there before anything the read asks of the loop (callbacks run in
+        the order queued), so it is left to do so: flushing here too would wake
+        the loop once more per task."""
+        if self._batch and not self._batch_armed:
+            self.flush()
 
     def flush(self) -> None:
         """Send the tasks `submit_batched` holds to the Dask scheduler (from any thread)."""
@@ -319,9 +337,13 @@ class DaskObjectStore(ObjectStore):
         from distributed.spans import SpanMetadata
         client = self.client
         try:
-            graph = {key: Task(key, fn, *map(parse_input, args)) for key, fn, args, _ in tasks}
+            # (Not parse_input of every argument, which walks the job's dict
+            # and lists on each task: only the last argument holds Futures.)
+            graph = {key: Task(key, fn, *args[:-1], parse_input(args[-1]) if args[-1]
+                               else args[-1]) for key, fn, args, _ in tasks}
             client._graph_to_futures(
-                LLGExpr(graph, _determ_token=uuid.uuid4().hex), list(graph),
+                LLGExpr(graph, _determ_token=f"{self._token_prefix}{next(self._graphs)}"),
+                list(graph),
                 span_metadata=SpanMetadata(collections=[{"type": "Future"}]),
                 internal_priority={key: i for i, key in enumerate(graph)},
                 resources=tasks[0][3], fifo_timeout="100 ms", actors=False)
@@ -527,7 +549,7 @@ class DaskObjectStore(ObjectStore):
     def get(self, object_ids: Sequence[bytes], timeout: float | None = None,
             fail_fast: bool = False) -> list[SerializedObject]:
         self._check_open()
-        self.flush()
+        self._flush_for_read()
         with self._lock:
             local = {i: self._local[i] for i in object_ids if i in self._local}
         missing = [i for i in dict.fromkeys(object_ids) if i not in local]
@@ -554,9 +576,14 @@ class DaskObjectStore(ObjectStore):
         with seceded():
             try:
                 # (A dict: Dask leaves failed futures out of a gathered list.)
-                values = self.client.sync(self.client._gather, {f.key: f for f in futures},
-                                          errors="skip", local_worker=self._worker,
-                                          callback_timeout=timeout)
+                wanted = {f.key: f for f in futures}
+                if self.local_scheduler is not None:
+                    values = self.client.sync(self._gather_here, wanted,
+                                              callback_timeout=timeout)
+                else:
+                    values = self.client.sync(self.client._gather, wanted, errors="skip",
+                                              local_worker=self._worker,
+                                              callback_timeout=timeout)
             except TimeoutError:
                 raise exc.GetTimeoutError(f"get timed out after {timeout} s") from None
             except Exception:  # noqa: BLE001 - some value went away: each is read alone
@@ -571,6 +598,35 @@ class DaskObjectStore(ObjectStore):
                 self._hold_contained(object_id, value)
             out[object_id] = value
         return out
+
+    async def _gather_here(self, futures: dict) -> dict:
+        """(On the client's event loop, which `local_scheduler` runs on too.)
+        Dask's ``_gather(futures, errors="skip")`` ({key: Future}: the values
+        of those that finished), with the workers holding them read off the
+        scheduler object rather than asked of it over a connection (Dask's
+        ``who_has`` round trip: a message each way, both handled in this
+        process). Values no worker answers for are gathered Dask's way."""
+        from distributed.utils_comm import gather_from_workers
+        client = self.client
+        for key in futures:
+            state = client.futures.get(key)
+            if state is not None and not state.done():
+                await state.wait()
+        tasks = self.local_scheduler.tasks
+        who_has = {}
+        for key, fut in futures.items():
+            if fut.status != "finished":
+                continue
+            ts = tasks.get(key)
+            if ts is None or not ts.who_has:
+                return await client._gather(futures, errors="skip")
+            who_has[key] = [ws.address for ws in ts.who_has]
+        if not who_has:
+            return {}
+        data, missing, failed, _ = await gather_from_workers(who_has, rpc=client.rpc)
+        if missing or failed:
+            return await client._gather(futures, errors="skip")
+        return data
 
     def _values(self, settled: list) -> dict[bytes, SerializedObject]:
         """`_value` of each settled (id, call result or Future), the finished
@@ -731,7 +787,7 @@ class DaskObjectStore(ObjectStore):
     def wait(self, object_ids: Sequence[bytes], num_returns: int,
              timeout: float | None = None) -> set[bytes]:
         self._check_open()
-        self.flush()
+        self._flush_for_read()
         futures = {i: self._pending(i) for i in dict.fromkeys(object_ids)
                    if i not in self._local}
         ready = {i for i in object_ids if i in self._local}

@@ -92,7 +92,9 @@ def _job(job: dict) -> _Job:
     """The job's Runtime in this process (made on first use), made current;
     BackendError if the job ended here already."""
     job_id = job["job_id"]
-    state = _known_job(job_id)
+    state = _jobs.get(job_id)  # (an ended job is no longer there: end_job pops it)
+    if state is None:
+        state = _known_job(job_id)
     if state is None:
         with _making_lock:
             state = _known_job(job_id)
@@ -164,7 +166,10 @@ def run_task(job: dict, spec: TaskSpec, deps: dict):
             _running[spec.task_id] = ref
             _children[ref] = []
     try:
-        with state.runtime.backend.object_store.provided(deps):
+        if deps:
+            with state.runtime.backend.object_store.provided(deps):
+                result = run_attempts(spec, state.executor.execute)
+        else:
             result = run_attempts(spec, state.executor.execute)
     finally:
         if ref is not None:
