@@ -172,9 +172,12 @@ def test_a_killed_drivers_workers_end_and_its_scratch_dir_is_swept(no_backend, t
     finally:
         driver.kill()
     # (Any start sweeps it, a local-backend one of another program too: the next
-    # one here, at the latest.)
+    # one here, at the latest. A start beside this test may be sweeping it right
+    # now, holding its lock: this one then leaves it to that one, which is done
+    # within moments.)
     ray.init(backend="dask", num_cpus=1)
-    assert not os.path.exists(scratch) and not os.path.exists(lock)
+    assert procs.wait_until(lambda: not os.path.exists(scratch) and not os.path.exists(lock),
+                            GONE_TIMEOUT), (scratch, lock)
     ray.shutdown()
 
 

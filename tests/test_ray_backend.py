@@ -749,7 +749,10 @@ def test_a_killed_drivers_ray_dir_is_swept_at_the_next_start(session, tmp_path):
                             "beamlet.init(backend='local', num_cpus=1)\nbeamlet.shutdown()\n"],
                            capture_output=True, text=True, timeout=2 * T, env=env, cwd=str(tmp_path))
     assert start.returncode == 0, start.stderr[-3000:]
-    assert not os.path.exists(temp_dir) and not os.path.exists(locks[0])
+    # (or a start beside this test is sweeping it, holding its lock: then that one
+    # removes it, within moments)
+    assert procs.wait_until(lambda: not os.path.exists(temp_dir)
+                            and not os.path.exists(locks[0]), GONE_TIMEOUT), (temp_dir, locks)
 
 
 TASKS_ONLY = """
