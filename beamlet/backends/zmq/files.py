@@ -60,16 +60,23 @@ def _read(path: str) -> dict | None:
         raise exc.BackendError(f"cannot read {path}: {err}") from None
 
 
-def process_start_time(pid: int) -> int | None:
-    """When the process started (clock ticks since boot, from /proc), or None
-    if there is no such process: with the pid, it names one process for good."""
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after the command name (the state is
+    [0], the start time [19]), or None if there is no such process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses: split after it.
-    return int(data[data.rindex(b")") + 2:].split()[19])
+    return data[data.rindex(b")") + 2:].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """When the process started (clock ticks since boot, from /proc), or None
+    if there is no such process: with the pid, it names one process for good."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[19])
 
 
 def process_running(pid: int, start_time: int | None) -> bool:
@@ -77,13 +84,8 @@ def process_running(pid: int, start_time: int | None) -> bool:
     runs. A zombie has ended: it holds no socket, memory or file any more, and
     its parent (for a daemon, the machine's init, which may take seconds) has
     only to reap it."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    fields = data[data.rindex(b")") + 2:].split()
-    if fields[0] in (b"Z", b"X"):
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] in (b"Z", b"X"):
         return False
     return start_time is None or int(fields[19]) == start_time
 
