@@ -193,10 +193,10 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> bytes:
         sel.close()
 
 
-def _end(pid: int, proc: subprocess.Popen | None = None) -> bool:
-    """SIGTERM the process, SIGKILL it after `STOP_TIMEOUT`; True if it is gone."""
+def _end(pid: int, proc: subprocess.Popen | None = None) -> None:
+    """SIGTERM the process, SIGKILL it after `STOP_TIMEOUT`."""
     _signal_all([pid])
-    return _wait_ended([(pid, None, proc)])
+    _wait_ended([(pid, None, proc)])
 
 
 def _signal_all(pids) -> None:
@@ -208,9 +208,9 @@ def _signal_all(pids) -> None:
             pass
 
 
-def _wait_ended(targets) -> bool:
+def _wait_ended(targets) -> None:
     """Wait up to `STOP_TIMEOUT` for every ``(pid, start_time, proc)`` of
-    `targets` to end (see `process_running`), then SIGKILL those left; True."""
+    `targets` to end (see `process_running`), then SIGKILL those left."""
     from .files import process_running
 
     def running(pid, start_time, proc):
@@ -232,7 +232,6 @@ def _wait_ended(targets) -> bool:
                 pass
         if proc is not None:
             proc.wait(5)
-    return True
 
 
 def cmd_stop(args) -> int:
