@@ -1931,6 +1931,31 @@ def test_a_direct_call_that_submits_tasks_ends_after_its_driver_has_them_and_can
     sent = channel.sent
     call = counter.spawn.remote(go, head["node_id"], member)
     assert channel.sent == sent + 1  # (it went over the channel)
+    _cancel_spawned(counter, call, go)
+
+
+def test_a_call_through_the_node_cancels_the_tasks_it_submitted_on_every_node(cluster, driver):
+    """As a direct call's cancel (above), so a call's through its node (here
+    an actor's first, before any channel): its worker, not its node, knows
+    what the call submitted (an actor may run calls at once), and the node's
+    interrupt says `recursive`, so the worker cancels them; the children and
+    grandchildren, on both nodes, and the call end cancelled."""
+    head = cluster.start_head()
+    member = cluster.join(head, "--resources", '{"far": 1}')
+    driver(head)
+    counter = Counter.remote()
+    go = os.path.join(cluster.state_dir, "go-spawned")
+    call = counter.spawn.remote(go, head["node_id"], member)
+    assert _channel(counter) is None  # (it went through the node)
+    _cancel_spawned(counter, call, go)
+
+
+def _cancel_spawned(counter, call, go: str) -> None:
+    """Once `call` (``counter.spawn(go, ...)``) has its two grandchildren
+    running, cancel it: it, its two children and their children end
+    cancelled (``get`` and the state API); force=True is refused, as for
+    every actor call; the actor serves on."""
+    from beamlet.util import state
 
     def states(name: str) -> list:
         return [r.state for r in state.list_tasks(filters=[("name", "=", name)])]

@@ -277,8 +277,9 @@ class Scheduler(abc.ABC):
         """Cancel the task that produces `object_id`: a queued task is dropped,
         a running one is interrupted (``force``: its worker is killed). Its
         results become ``TaskCancelledError``. Finished tasks are left alone.
-        `recursive`: the tasks it submitted (not actors or actor calls) that
-        have not finished are cancelled too, and theirs, with the same `force`."""
+        `recursive`: the tasks it (a task or an actor call) submitted (not
+        actors or actor calls) that have not finished are cancelled too, and
+        theirs, with the same `force`."""
 
     @abc.abstractmethod
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:

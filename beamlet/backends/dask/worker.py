@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import sys
 import threading
 
@@ -148,9 +149,9 @@ def _outcome(job: _Job, spec: TaskSpec, values: list):
     return values[0] if len(spec.return_ids) == 1 else values
 
 
-#: For recursive cancels: while a task runs here, its task id -> its first
-#: return id (its ref), and that ref -> (object store, return id) of each task
-#: it submitted.
+#: For recursive cancels: while a task or actor call runs here, its task id ->
+#: its first return id (its ref), and that ref -> (object store, return id) of
+#: each task it submitted.
 _running: dict[bytes, bytes] = {}
 _children: dict[bytes, list] = {}
 _children_lock = threading.Lock()
@@ -160,23 +161,32 @@ def run_task(job: dict, spec: TaskSpec, deps: dict):
     """A beamlet task, as a Dask task. `deps` maps the ids of its ref arguments
     to their values, which Dask fetched to this worker."""
     state = _job(job)
-    ref = spec.return_ids[0] if spec.return_ids else None
-    if ref is not None:
-        with _children_lock:
-            _running[spec.task_id] = ref
-            _children[ref] = []
-    try:
+    with _running_as(spec):
         if deps:
             with state.runtime.backend.object_store.provided(deps):
                 result = run_attempts(spec, state.executor.execute)
         else:
             result = run_attempts(spec, state.executor.execute)
-    finally:
-        if ref is not None:
-            with _children_lock:
-                _running.pop(spec.task_id, None)
-                _children.pop(ref, None)
     return _outcome(state, spec, result.values)
+
+
+@contextlib.contextmanager
+def _running_as(spec: TaskSpec):
+    """While task or actor call `spec` runs here (the body), the tasks it
+    submits are noted as its children (`note_child`), for a recursive cancel."""
+    ref = spec.return_ids[0] if spec.return_ids else None
+    if ref is None:
+        yield
+        return
+    with _children_lock:
+        _running[spec.task_id] = ref
+        _children[ref] = []
+    try:
+        yield
+    finally:
+        with _children_lock:
+            _running.pop(spec.task_id, None)
+            _children.pop(ref, None)
 
 
 def note_child(store, spec: TaskSpec) -> None:
@@ -388,7 +398,7 @@ class ActorHost:
         if self._dead is not None:
             return self._died(spec)
         _runtime.set_current(self._job.runtime)
-        with self._job.runtime.backend.object_store.provided(deps):
+        with _running_as(spec), self._job.runtime.backend.object_store.provided(deps):
             result = run_attempts(spec, self._job.executor.execute, self._spec)
         if self._exited():
             self._finish_exit()
@@ -424,7 +434,7 @@ class ActorHost:
             async with self._semaphore:
                 if self._dead is not None:
                     return self._died(spec)
-                with self._job.runtime.backend.object_store.provided(deps):
+                with _running_as(spec), self._job.runtime.backend.object_store.provided(deps):
                     result = await self._job.executor.execute_async(spec)
                 if self._exited():
                     self._exit_pending = True

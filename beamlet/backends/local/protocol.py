@@ -30,7 +30,7 @@ from ...core.task_spec import TaskSpec
 #: The protocol a connection speaks, bound into its handshake (core/auth.py): a
 #: process of another version is refused, both versions named. Change it with
 #: any change to the messages below.
-VERSION = "beamlet-local/6"
+VERSION = "beamlet-local/7"
 
 
 # -- worker -> node ----------------------------------------------------------------
@@ -182,9 +182,12 @@ class Reply(NamedTuple):
 
 class Interrupt(NamedTuple):
     """Cancel task `task_id`: interrupt it if it is running (`force`: exit the
-    process, if that task is the one running), else fail it when it starts."""
+    process, if that task is the one running), else fail it when it starts.
+    `recursive` (an actor call's cancel): cancel the tasks the call submitted
+    too, which the worker, not the node, knows (``Worker.cancel_children``)."""
     task_id: bytes
     force: bool
+    recursive: bool
 
 
 class Exit(NamedTuple):

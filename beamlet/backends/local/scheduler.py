@@ -1579,7 +1579,8 @@ class LocalScheduler(Scheduler):
     def submitted_by(self, worker: WorkerInfo, spec: TaskSpec) -> None:
         """`worker` submitted `spec`: note it as a child of the task the worker
         runs, for a recursive cancel of that task (tasks only: actor calls and
-        creations are not cancelled with their submitter, as in Ray)."""
+        creations are not cancelled with their submitter). An actor's worker
+        notes its calls' children itself (``Worker.cancel_children``)."""
         parent = worker.task
         if parent is None or spec.kind != TASK:
             return
@@ -1621,8 +1622,11 @@ class LocalScheduler(Scheduler):
                     record.watched.discard(spec.task_id)
                     self._fail(spec, exc.TaskCancelledError(f"task {spec.display_name} was cancelled"))
                 elif record is not None and task_id in record.inflight and record.worker:
+                    # (The worker knows what the call submitted, not this
+                    # node: an actor's calls may run at once. `recursive`:
+                    # it cancels those too, through this node.)
                     self._cancelled.add(task_id)
-                    self._send(record.worker, P.Interrupt(task_id, False))
+                    self._send(record.worker, P.Interrupt(task_id, False, bool(recursive)))
                 return unknown
             if task_id in self._waiting:
                 del self._waiting[task_id]
@@ -1641,7 +1645,7 @@ class LocalScheduler(Scheduler):
                 else:
                     # (Sent ahead: its worker ends the process only if that task
                     # runs by now, else fails it when it would start.)
-                    self._send(worker, P.Interrupt(task_id, force))
+                    self._send(worker, P.Interrupt(task_id, force, False))
         return unknown
 
     # -- resources --------------------------------------------------------------

@@ -233,9 +233,9 @@ class SchedulerClient(Scheduler):
             self._pool.check_feasible(spec.resources, spec.display_name)
         b = self._b
         b.told += 1
-        cancelled = b.direct_calls and spec.kind == TASK and b.child_submitted(spec)
+        cancelled = b.hosts_actor and spec.kind == TASK and b.child_submitted(spec)
         b.send(P.Submit(spec))
-        if cancelled:  # (submitted by a direct call cancelled already: see Worker.cancel_children)
+        if cancelled:  # (submitted by a call cancelled already: see Worker.cancel_children)
             self.cancel(spec.return_ids[0])
 
     def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True) -> None:
@@ -305,11 +305,10 @@ class WorkerBackend(Backend):
         #: (a direct call that made any answers through the node: see
         #: Worker._finish_direct).
         self.told = 0
-        #: Set by a cluster actor's Worker: the calls that came over direct
-        #: channels and run here (``Worker._direct_calls``), and what notes a
-        #: task one of them submits (``Worker._child_submitted``: True if that
+        #: Set by the Worker once an actor lives here, and what notes a task
+        #: one of its calls submits (``Worker._child_submitted``: True if that
         #: call was cancelled already), for a recursive cancel of that call.
-        self.direct_calls: dict = {}
+        self.hosts_actor = False
         self.child_submitted: Callable[[TaskSpec], bool] = lambda spec: False
 
     def nodes(self) -> list[dict]:
@@ -843,14 +842,17 @@ class Worker:
         #: Calls that came over a direct channel (cluster actors, zmq/direct.py):
         #: task id -> (the channel, its token, when it came), until answered there.
         self._direct_calls: dict[bytes, tuple] = {}
-        #: Of those: task id -> the first return ids of the tasks it submitted
-        #: (None once it was cancelled recursively: what it submits from then
-        #: on is cancelled at once). The node never sees a direct call, so it
-        #: cannot note them (``LocalScheduler.submitted_by``): the worker
-        #: cancels them itself (`cancel_children`). Under `_children_lock`.
+        #: Actor calls running in the actor's thread pool (threaded actors).
+        self._threaded: set[bytes] = set()
+        #: Running actor calls (node's or direct) that submitted tasks: task
+        #: id -> the first return ids of those tasks (None once it was
+        #: cancelled recursively: what it submits from then on is cancelled
+        #: at once). The node cannot note them (``LocalScheduler.submitted_by``
+        #: goes by the one task a worker runs; an actor runs calls at once,
+        #: and never sees a direct call): the worker cancels them itself
+        #: (`cancel_children`). Under `_children_lock`.
         self._children: dict[bytes, list | None] = {}
         self._children_lock = threading.Lock()
-        self.backend.direct_calls = self._direct_calls
         self.backend.child_submitted = self._child_submitted
 
     # -- reading ------------------------------------------------------------------
@@ -869,6 +871,8 @@ class Worker:
         elif kind is P.Reply:
             self.backend.requests.answer(message.req_id, message.ok, message.payload)
         elif kind is P.Interrupt:
+            if message.recursive:
+                self.cancel_children(message.task_id)
             self.cancel(message.task_id, message.force)
         elif kind is P.Revoke:
             self.give_back(message.task_id)
@@ -990,6 +994,8 @@ class Worker:
             return
         if main:
             self.current_task = spec.task_id
+        else:
+            self._threaded.add(spec.task_id)
         try:
             result = self.executor.execute(spec)
             self.current_task = None
@@ -1001,6 +1007,8 @@ class Worker:
             self.cancelled.discard(spec.task_id)
         if main:
             self.reading.task_finished()
+        else:
+            self._threaded.discard(spec.task_id)
         if spec.kind == ACTOR_CREATION and result.error is None:
             self._setup_actor(spec)
         if self.executor.exiting is not None:
@@ -1018,6 +1026,9 @@ class Worker:
             if call is not None:
                 self._finish_direct(call, spec, result, exiting)
                 return
+        if self._children:  # (after the call stopped counting as running: see cancel_children)
+            with self._children_lock:
+                self._children.pop(spec.task_id, None)
         if spec.args or spec.kwargs:
             for dep in spec.dependencies():
                 self.backend.object_store.shipped.pop(dep, None)
@@ -1057,44 +1068,56 @@ class Worker:
                                        backend.told)
                 inbox.append(_new_execute(spec))
             elif tag == "cancel" and len(message) == 3:
-                self.cancel(message[1], False)
                 if message[2]:  # (recursive)
                     self.cancel_children(message[1])
+                self.cancel(message[1], False)
             else:
                 raise ProtocolError(f"a message that is not one of the direct channel's: "
                                     f"{P.describe(message)}")
 
         self.reading.add_direct(wire, handle)
 
+    def _running_call(self, task_id) -> bool:
+        """Whether actor call `task_id` runs here (or waits to, for a direct
+        call). Each way of running one stops counting it before `_finish`,
+        which drops its `_children`."""
+        return task_id == self.current_task or task_id in self._async_tasks \
+            or task_id in self._threaded or task_id in self._direct_calls
+
     def _child_submitted(self, spec: TaskSpec) -> bool:
         """(The thread of a running call.) Task `spec` is being submitted: note
-        it as a child of the direct call this thread (or coroutine) runs, if
+        it as a child of the actor call this thread (or coroutine) runs, if
         any. True: that call was cancelled recursively already (cancel it too)."""
         context = _runtime.task_context.get()
-        parent = context.task_id if context is not None else None
-        if parent not in self._direct_calls:
+        if context is None:
             return False
+        parent = context.task_id
         with self._children_lock:
+            if not self._running_call(parent):
+                return False
             children = self._children.get(parent, ())
             if children is None:
                 return True
             if not children:
                 children = self._children[parent] = []
             children.append(spec.return_ids[0])
+            if not self._running_call(parent):  # (it finished meanwhile: see _finish)
+                self._children.pop(parent, None)
         return False
 
     def cancel_children(self, task_id: bytes) -> None:
-        """(A recursive cancel of direct call `task_id`.) Cancel the tasks it
+        """(A recursive cancel of actor call `task_id`, before the call is
+        interrupted, which could end it first.) Cancel the tasks it
         submitted, through the node as a task's own cancel is (their children
         with them, wherever their driver placed them: the node names the ones
         it does not run to the driver), and those it submits from now on. A
         call that finished cancels nothing, as in Ray."""
         with self._children_lock:
-            if task_id not in self._direct_calls:
+            if not self._running_call(task_id):
                 return
             children = self._children.get(task_id)
             self._children[task_id] = None
-            if task_id not in self._direct_calls:  # (it finished meanwhile: see _finish_direct)
+            if not self._running_call(task_id):  # (it finished meanwhile: see _finish)
                 del self._children[task_id]
         for child in children or ():
             self.backend.scheduler.cancel(child, False, True)
@@ -1148,6 +1171,7 @@ class Worker:
             return [self.executor._failure(spec, error).values[0]] * len(spec.return_ids)
 
     def _setup_actor(self, spec: TaskSpec) -> None:
+        self.backend.hosts_actor = True
         options = spec.actor_options
         self._actor_options = options
         groups = options.get("concurrency_groups")

@@ -1626,9 +1626,10 @@ class ClusterScheduler(Scheduler):
     def cancel(self, object_id: bytes, force: bool = False, recursive: bool = True) -> None:
         """Cancel on its node; with `recursive`, that node cancels the children
         it runs too and names the others (``CancelChildren``), which are
-        cancelled where they run (`cancel_children`). A direct call in flight
-        is cancelled by its worker (over the channel), which cancels its
-        children through its node (``Worker.cancel_children``)."""
+        cancelled where they run (`cancel_children`). An actor call's children
+        are known to its worker, which cancels them through its node
+        (``Worker.cancel_children``), told by its node or, for a direct call
+        in flight, over the channel."""
         cancelled = None
         with self.lock:
             task_id = self.producer.get(object_id)

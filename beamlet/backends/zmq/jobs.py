@@ -44,7 +44,7 @@ drivers connected over ZeroMQ (the messages are in ``protocol.py``).
   worker put die in the drivers too (``OwnerDied``). A recursive cancel
   cancels the children the node runs, and names the others to the driver
   (``CancelChildren``); so does a worker's cancel of tasks its driver placed
-  elsewhere (`DriverLink.cancel_elsewhere`: e.g. a direct call's children).
+  elsewhere (`DriverLink.cancel_elsewhere`: e.g. an actor call's children).
 
 Each driver is a job of the node (its `DriverLink` is the job, for the
 node's scheduler: ``LocalScheduler.job_of`` names a task's job, the driver
