@@ -209,6 +209,7 @@ def test_a_worker_imports_only_what_running_tasks_needs(no_backend, tmp_path):
         driver.kill()
     assert {"beamlet.core.runtime", "beamlet.backends.dask.worker"} <= loaded, loaded
     assert loaded.isdisjoint({"beamlet.core.api", "beamlet.core.actor", "beamlet.util",
+                              "beamlet.core.memory_store",
                               "beamlet.core.remote_function", "beamlet.job_config"}), loaded
 
 
