@@ -12,6 +12,14 @@ counts too). The driver reports its own CPU at each phase (import, init,
 first result, shutdown): the rest is its workers' (and, natively, the
 resource tracker's). Native Dask runs from a guarded script (its nannies
 start workers with ``spawn``); beamlet's from the same script unguarded.
+
+Both read their modules' bytecode from a cache, as an installed package
+does: the runs write and read it under a private ``PYTHONPYCACHEPREFIX``
+(``PYTHONDONTWRITEBYTECODE`` unset), after one untimed run of each that
+fills it. Else a source checkout under ``PYTHONDONTWRITEBYTECODE`` (this
+machine's environment) compiles every beamlet module in every process, about
+0.08 CPU s each, which Dask's installed modules never pay. ``--source``
+measures that way (the environment as it is, no untimed run).
 """
 from __future__ import annotations
 
@@ -106,11 +114,16 @@ def reap(grace: float) -> None:
             time.sleep(0.05)
 
 
-def one_run(fw: str, python: str, path: str, site: str) -> dict:
+def one_run(fw: str, python: str, path: str, site: str, pycache: str | None) -> dict:
+    """One run of `fw`'s program; `pycache`: the bytecode cache dir (None: the
+    environment's own settings)."""
     report = tempfile.mkdtemp(prefix="procs-", dir=os.path.dirname(path))
     env = dict(os.environ, DASK_COLD_DIR=report,
                PYTHONPATH=os.pathsep.join([site] + [p for p in os.environ.get(
                    "PYTHONPATH", "").split(os.pathsep) if p]))
+    if pycache is not None:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = pycache
     before = children_cpu()
     t0 = time.perf_counter()
     out = subprocess.run([python, path], capture_output=True, text=True, timeout=300,
@@ -137,6 +150,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--runs", type=int, default=6, help="runs of each, alternating")
     p.add_argument("--python", default=sys.executable)
+    p.add_argument("--source", action="store_true",
+                   help="no bytecode cache of our own: as the environment has it")
     p.add_argument("--json")
     a = p.parse_args()
     libc = ctypes.CDLL(None, use_errno=True)
@@ -152,9 +167,13 @@ def main() -> None:
             paths[fw] = os.path.join(tmp, f"cold_{fw}.py")
             with open(paths[fw], "w") as f:
                 f.write(text)
+        pycache = None if a.source else os.path.join(tmp, "pycache")
+        if pycache is not None:
+            for fw in ("dask", "beamlet"):  # (untimed: fills the bytecode cache)
+                one_run(fw, a.python, paths[fw], site, pycache)
         for i in range(a.runs):
             for fw in (("dask", "beamlet") if i % 2 == 0 else ("beamlet", "dask")):
-                r = one_run(fw, a.python, paths[fw], site)
+                r = one_run(fw, a.python, paths[fw], site, pycache)
                 res[fw].append(r)
                 ph = " ".join(f"{k}={v:.2f}" for k, v in r["phases_s"].items())
                 print(f"run {i} {fw:7s} tree CPU {r['total_s']:.2f} s (driver {r['driver_s']:.2f}: "
@@ -166,8 +185,13 @@ def main() -> None:
     for what in ("total_s", "driver_s", "others_s"):
         d = statistics.median(r[what] for r in res["dask"])
         b = statistics.median(r[what] for r in res["beamlet"])
-        summary[what] = {"dask": d, "beamlet": b, "ratio": b / d}
-        print(f"median {what}: dask {d:.2f}, beamlet {b:.2f}: {b / d:.2f}x")
+        # (Each round's two runs are back to back: their ratio drifts less with
+        # the machine's load than either run does.)
+        pairs = statistics.median(rb[what] / rd[what] for rd, rb in zip(res["dask"],
+                                                                      res["beamlet"]))
+        summary[what] = {"dask": d, "beamlet": b, "ratio": b / d, "median_pair_ratio": pairs}
+        print(f"median {what}: dask {d:.2f}, beamlet {b:.2f}: {b / d:.2f}x "
+              f"(median of the rounds' ratios {pairs:.2f}x)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "summary": summary, "runs": res}, f, indent=1)

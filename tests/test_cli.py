@@ -98,6 +98,29 @@ def test_importing_beamlet_does_not_import_dask_or_ray():
     assert proc.stdout.strip().splitlines()[-1] == "[]", _explain(proc)
 
 
+def test_importing_beamlet_loads_its_names_on_first_use():
+    """``import beamlet`` loads the API's modules when a name is first used
+    (a process that runs tasks only, such as a Dask worker, needs few of them);
+    every public name, ``from beamlet import *`` and ``dir`` work as before."""
+    code = ("import sys, beamlet; before = 'beamlet.core.api' in sys.modules; "
+            "init = beamlet.init; from beamlet import *; "
+            "from beamlet.core import api, actor, object_ref; "
+            "missing = [n for n in beamlet.__all__ if n not in globals()]; "
+            "assert init is api.init and remote is api.remote, 'init'; "
+            "assert beamlet.ActorHandle is actor.ActorHandle, 'ActorHandle'; "
+            "assert beamlet.ObjectID is beamlet.ObjectRef is object_ref.ObjectRef, 'ObjectID'; "
+            "assert util.ActorPool and exceptions.GetTimeoutError and job_config.JobConfig; "
+            "assert set(beamlet.__all__) <= set(dir(beamlet)), 'dir'; "
+            "print('RESULT', before, missing)")
+    proc = _run(["-c", code])
+    assert proc.returncode == 0, _explain(proc)
+    assert proc.stdout.strip().splitlines()[-1] == "RESULT False []", _explain(proc)
+    proc = _run(["-c", "import beamlet; beamlet.no_such_name"])
+    assert proc.returncode != 0 and \
+        "AttributeError: module 'beamlet' has no attribute 'no_such_name'" in proc.stderr, \
+        _explain(proc)
+
+
 def test_version(capsys):
     import beamlet
     assert cli.main(["version"]) == 0

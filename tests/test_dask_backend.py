@@ -181,6 +181,38 @@ def test_a_killed_drivers_workers_end_and_its_scratch_dir_is_swept(no_backend, t
     ray.shutdown()
 
 
+_WORKER_MODULES = """
+import sys
+import beamlet as ray
+ray.init(backend="dask", num_cpus=1)
+
+@ray.remote
+def modules():
+    return sorted(m for m in sys.modules if m.startswith("beamlet"))
+
+print("MODULES", *ray.get(modules.remote(), timeout=60), flush=True)
+ray.shutdown()
+"""
+
+
+def test_a_worker_imports_only_what_running_tasks_needs(no_backend, tmp_path):
+    """A Dask worker imports beamlet's runtime for the tasks it runs, not the
+    driver's API (``import beamlet`` loads its names on first use): each
+    worker process of a cluster pays that import at its start. The task's
+    function comes from the unguarded main script, so it is pickled by value
+    and names no module of the test's."""
+    driver = procs.Driver(_WORKER_MODULES, tmp_path)
+    try:
+        loaded = set(driver.wait_line("MODULES ", LONG).split())
+        assert driver.proc.wait(LONG) == 0, driver.stderr
+    finally:
+        driver.kill()
+    assert {"beamlet.core.runtime", "beamlet.backends.dask.worker"} <= loaded, loaded
+    assert loaded.isdisjoint({"beamlet.core.api", "beamlet.core.actor", "beamlet.util",
+                              "beamlet.core.memory_store",
+                              "beamlet.core.remote_function", "beamlet.job_config"}), loaded
+
+
 def test_a_worker_that_dies_is_started_again(no_backend):
     """The driver does the nanny's part: a worker process that dies is
     replaced, and Dask runs the tasks it held elsewhere."""

@@ -15,6 +15,7 @@ import contextvars
 import itertools
 import operator
 import os
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Sequence
@@ -407,8 +408,11 @@ def _log_unhandled(object_id: bytes, entry) -> None:
 def _entry_reader(store):
     """How to read a stored entry of `store` as it is (its `entry`), at C speed
     where it can be (MemoryObjectStore's `peek`); None if it cannot."""
-    from .memory_store import MemoryObjectStore
-    if getattr(type(store), "entry", None) is MemoryObjectStore.entry:
+    # (Not imported for the question: a store built on it has imported it. A
+    # Dask worker's or driver's has not, and is spared compiling it.)
+    memory_store = sys.modules.get(__package__ + ".memory_store")
+    if memory_store is not None and \
+            getattr(type(store), "entry", None) is memory_store.MemoryObjectStore.entry:
         return store.peek
     return getattr(store, "entry", None)
 
