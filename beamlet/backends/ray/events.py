@@ -33,6 +33,7 @@ from that failure. Tasks nested deeper are told as their workers send them.
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import os
 import _thread
@@ -59,6 +60,8 @@ DRAIN_INTERVAL = 1.0
 #: Seconds a read of the record waits for the ends of tasks whose results are in.
 SETTLE_TIMEOUT = 10.0
 _CALL_TIMEOUT = 60.0
+#: Seconds a worker process that is exiting waits for its last events to be kept.
+EXIT_FLUSH_TIMEOUT = 5.0
 
 # Event kinds (the first item of each event tuple).
 _SUBMITTED, _PROGRESS, _FINISHED, _ACTOR, _WORKER = range(5)
@@ -115,9 +118,16 @@ class EventSender:
         self._told: set[str] = set()     # jobs this process has told it exists to
         self.pid = os.getpid()
         self._worker = None              # (worker id hex, node id hex)
+        #: Held while events are taken and sent (by the thread, or a `flush`).
+        self._sending = threading.Lock()
+        self._in_flight: list = []       # the refs of the thread's last send
         self._thread = threading.Thread(target=self._run, name="beamlet-ray-task-events",
                                         daemon=True)
         self._thread.start()
+        # A process that exits (e.g. an idle worker Ray stops) sends what it
+        # gathered first: its driver would otherwise wait for those reports in
+        # `settle` in vain.
+        atexit.register(self.flush, EXIT_FLUSH_TIMEOUT)
 
     def _emit(self, job_id: str, event: tuple) -> None:
         if job_id not in self._told:  # (twice at worst, which the driver folds)
@@ -161,13 +171,25 @@ class EventSender:
         if state == "ALIVE":  # (its process: for list_workers)
             self._emit(job_id, self._worker_event(actor_id))
         self._emit(job_id, (_ACTOR, actor_id, class_name, state, reason))
+        if state == "DEAD":
+            # The actor's process ends next, and Ray's graceful end of an actor
+            # (``__ray_shutdown__``: no handle left) runs no atexit hook: send
+            # now what it ran, or its driver waits for those reports in vain.
+            self.flush(EXIT_FLUSH_TIMEOUT)
 
     # -- sending ---------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             self._wake.acquire()  # (released by the next event: see _emit)
             time.sleep(FLUSH_DELAY)  # (what comes meanwhile goes in the same call)
-            self._send()
+            # (With a timeout: a flush on a task's thread that was interrupted
+            # midway must not stop this thread.)
+            held = self._sending.acquire(timeout=_CALL_TIMEOUT)
+            try:
+                self._in_flight = self._send()
+            finally:
+                if held:
+                    self._sending.release()
             time.sleep(FLUSH_INTERVAL - FLUSH_DELAY)
 
     def _take(self) -> dict:
@@ -190,13 +212,24 @@ class EventSender:
                 pass
         return refs
 
-    def flush(self) -> None:
-        """Send what is gathered now and wait until it is kept (before this
-        process ends on purpose: ``exit_actor``)."""
+    def flush(self, timeout: float = _CALL_TIMEOUT) -> None:
+        """Send what is gathered now and wait (up to `timeout`) until it is
+        kept, with what the sending thread sent last (before this process
+        ends: ``exit_actor``, and at its exit, when that thread may be
+        sending: it is a daemon, stopped midway by the exit)."""
+        deadline = time.monotonic() + timeout
+        if not self._sending.acquire(timeout=timeout):
+            return
         try:
-            _ray.get(self._send(), timeout=_CALL_TIMEOUT)
-        except Exception:  # noqa: BLE001 - as in _send
-            pass
+            refs = self._in_flight + self._send()
+            self._in_flight = []
+        finally:
+            self._sending.release()
+        if refs:
+            try:
+                _ray.get(refs, timeout=max(deadline - time.monotonic(), 0.0))
+            except Exception:  # noqa: BLE001 - as in _send
+                pass
 
 
 _sender: EventSender | None = None
