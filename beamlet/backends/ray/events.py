@@ -48,6 +48,7 @@ from ...core import plugins
 from ...core.scheduling import CANCELLED, FAILED, FINISHED, RETRYING
 from ...core.task_events import RUNNING, _name
 from ...core.task_spec import ACTOR_CREATION
+from .backend import _pid_alive
 
 #: Seconds a worker gathers events before it sends them (in one call)...
 FLUSH_DELAY = 0.02
@@ -279,6 +280,8 @@ class EventReceiver:
         self._max_pending = 10_000
         #: task id -> epoch time its attempt started (told by its worker), while pending.
         self._started: dict[bytes, float] = {}
+        #: task id -> the pid of the process its attempt runs in (told with its start).
+        self._ran_in: dict[bytes, int] = {}
         #: Tasks whose end the driver recorded itself (a Ray failure): a late
         #: report of theirs is not recorded again.
         self._ended_here: collections.OrderedDict = collections.OrderedDict()
@@ -299,6 +302,7 @@ class EventReceiver:
             if len(pending) > self._max_pending:
                 old, _ = pending.popitem(last=False)
                 self._started.pop(old, None)
+                self._ran_in.pop(old, None)
             if self._thread is None and not self._closed.is_set():
                 self._actor = _control_actor()
                 self._thread = threading.Thread(target=self._run, name="beamlet-ray-task-events",
@@ -367,6 +371,7 @@ class EventReceiver:
                 record.progressed(task_id, attempt, state, pid, when)
                 if state == RUNNING and task_id in self._pending:
                     self._started[task_id] = when
+                    self._ran_in[task_id] = pid
             elif kind == _FINISHED:
                 (_, task_id, task_kind, function, method, actor_id, end, status, duration,
                  pid, attempt) = event
@@ -401,6 +406,7 @@ class EventReceiver:
                 for task_id in ended:
                     self._pending.pop(task_id, None)
                     self._started.pop(task_id, None)
+                    self._ran_in.pop(task_id, None)
                 self._cond.notify_all()
 
     # -- reading -----------------------------------------------------------------------
@@ -440,18 +446,51 @@ class EventReceiver:
         while True:
             with self._cond:
                 missing = [t for t in owed if t in self._pending]
+            # (A process that has ended tells nothing more: a killed or crashed
+            # worker or actor lost what it had not sent.)
+            missing = [t for t in missing if not self._gone(t, owed[t][0])]
             left = deadline - time.monotonic()
             if not missing or left <= 0 or not self.take(min(left, 1.0)):
                 break
+        self.take()  # (what the ended ones sent before they ended)
+        with self._cond:
+            missing = [t for t in owed if t in self._pending]
         for task_id in missing:  # (its worker's report was lost: it ended as it was)
             spec, value = owed[task_id]
             self._record_end(task_id, spec, None, getattr(value, "is_error", False))
+
+    def _gone(self, task_id: bytes, spec: SpecView) -> bool:
+        """Whether the process the task ran in has ended, so that what it had
+        not sent is lost: known by its pid (told with the task's start, or its
+        actor's) on this node, or, for an actor's call, by Ray no longer
+        knowing the actor (killed, or dead without restarts) by its name."""
+        pid = self._ran_in.get(task_id)
+        rows = self.workers
+        if pid is None and spec.actor_id is not None:
+            actor = spec.actor_id.hex()
+            pid = next((row["pid"] for row in list(rows.values()) if row["actor_id"] == actor),
+                       None)
+        row = rows.get(pid) if pid is not None else None
+        if row is not None and row["node_id"] == self._backend.node_id and not _pid_alive(pid):
+            return True
+        if spec.actor_id is None:
+            return False
+        from .control import NAMESPACE
+        from .scheduler import ACTOR_PREFIX
+        try:
+            _ray.get_actor(ACTOR_PREFIX + spec.actor_id.hex(), namespace=NAMESPACE)
+        except ValueError:
+            return True
+        except Exception:  # noqa: BLE001 - Ray could not tell: wait as for the living
+            return False
+        return False
 
     def _record_end(self, task_id: bytes, spec: SpecView, error, failed: bool = False) -> None:
         with self._cond:
             if self._pending.pop(task_id, None) is None:
                 return  # (its report came meanwhile)
             started = self._started.pop(task_id, None)
+            self._ran_in.pop(task_id, None)
             self._ended_here[task_id] = None
             if len(self._ended_here) > self._max_pending:
                 self._ended_here.popitem(last=False)
