@@ -282,6 +282,8 @@ class EventReceiver:
         self._started: dict[bytes, float] = {}
         #: task id -> the pid of the process its attempt runs in (told with its start).
         self._ran_in: dict[bytes, int] = {}
+        #: Actors a call's result told dead (Ray's ActorDiedError), most recent last.
+        self._dead_actors: collections.OrderedDict = collections.OrderedDict()
         #: Tasks whose end the driver recorded itself (a Ray failure): a late
         #: report of theirs is not recorded again.
         self._ended_here: collections.OrderedDict = collections.OrderedDict()
@@ -435,6 +437,10 @@ class EventReceiver:
             except _rex.GetTimeoutError:
                 continue  # (ready on another node, not here yet: nothing to wait for)
             except _rex.RayError as err:  # (no worker tells of this end)
+                if isinstance(err, _rex.ActorDiedError) and spec.actor_id is not None:
+                    self._dead_actors[spec.actor_id] = None
+                    if len(self._dead_actors) > self._max_pending:
+                        self._dead_actors.popitem(last=False)
                 self._record_end(task_id, spec, err)
             except Exception:  # noqa: BLE001 - not readable here: nothing to wait for
                 continue
@@ -462,8 +468,9 @@ class EventReceiver:
     def _gone(self, task_id: bytes, spec: SpecView) -> bool:
         """Whether the process the task ran in has ended, so that what it had
         not sent is lost: known by its pid (told with the task's start, or its
-        actor's) on this node, or, for an actor's call, by Ray no longer
-        knowing the actor (killed, or dead without restarts) by its name."""
+        actor's) on this node, or, for an actor's call, by another call's
+        result (the actor died) or Ray no longer knowing the actor by its name
+        (killed)."""
         pid = self._ran_in.get(task_id)
         rows = self.workers
         if pid is None and spec.actor_id is not None:
@@ -475,6 +482,8 @@ class EventReceiver:
             return True
         if spec.actor_id is None:
             return False
+        if spec.actor_id in self._dead_actors:
+            return True
         from .control import NAMESPACE
         from .scheduler import ACTOR_PREFIX
         try:
