@@ -701,28 +701,6 @@ def test_another_driver_joins_by_address_and_leaves_ray_running(session, tmp_pat
     assert ray.get(square.remote(5), timeout=T) == 25  # our Ray still serves
 
 
-def test_shutdown_on_the_users_connection_cancels_the_tasks_left_running(session, tmp_path):
-    """A beamlet session on the program's own Ray connection leaves it connected,
-    but cancels what its tasks still run (held or dropped), as Ray ends a
-    leaving driver's tasks: the cluster's CPUs are free for what comes next."""
-    address = session.address
-    code = ("import time, ray, beamlet\n"
-            f"ray.init(address={address!r})\n"
-            "beamlet.init(backend='ray', task_events=True)\n"
-            "nap = beamlet.remote(lambda: time.sleep(600))\n"
-            "held = nap.options(num_cpus=1).remote()\n"
-            "nap.options(num_cpus=1).remote()  # (its ref dropped at once)\n"
-            "beamlet.shutdown()\n"
-            "assert ray.is_initialized()\n"
-            "both = ray.remote(num_cpus=2)(lambda: 'ran')\n"
-            f"print(ray.get(both.remote(), timeout={T}))\n")
-    env = dict(os.environ, PYTHONPATH=REPO)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=4 * T, env=env, cwd=str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == "ran"
-
-
 def test_a_killed_drivers_ray_dir_is_swept_at_the_next_start(session, tmp_path):
     """A driver SIGKILLed with the Ray it started: Ray's processes die with it
     (Ray's fate sharing), and the next ``init()`` on the machine removes the

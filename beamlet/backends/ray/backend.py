@@ -215,14 +215,9 @@ class RayBackend(Backend):
         """Drop this process's Ray refs and handles; in the driver also remove
         the placement groups it made and free the names of the job's actors,
         then disconnect from Ray (stopping it if this
-        backend started it). On a connection that outlives the backend (the
-        user's own ``ray.init``), the driver first cancels (recursively) the
-        tasks it submitted that have not finished, as Ray ends a driver's
-        tasks when the driver leaves: they would hold the cluster's CPUs."""
+        backend started it)."""
         if self._is_driver:
             try:
-                if not self._connected:
-                    self._cancel_unfinished()
                 self.scheduler.groups.remove_made()
                 self.scheduler.end_job_actors()
             except Exception:  # noqa: BLE001 - Ray is gone already
@@ -233,24 +228,6 @@ class RayBackend(Backend):
         self.control_store.close()
         if self._is_driver:
             self._disconnect()
-
-    def _cancel_unfinished(self) -> None:
-        """Cancel the tasks and actor calls whose results this driver holds, or
-        whose ends it waits to hear of, that have not finished (not by force: a
-        task in Python code is interrupted, and its process kept for the next)."""
-        refs = self.object_store.held_refs()
-        if self.events is not None:
-            refs += self.events.pending_refs()
-        refs = list(dict.fromkeys(refs))  # (ray.wait refuses a ref twice)
-        if not refs:
-            return
-        ray = self._ray
-        _, running = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
-        for ref in running:
-            try:
-                ray.cancel(ref, force=False, recursive=True)
-            except Exception:  # noqa: BLE001 - not a task's (or not cancellable): left to Ray
-                pass
 
     def _disconnect(self) -> None:
         if self._connected:

@@ -319,11 +319,6 @@ class EventReceiver:
             if entry is not None:  # (else its end was told already)
                 entry[0] = ref
 
-    def pending_refs(self) -> list:
-        """The Ray refs of the tasks submitted here whose ends were not told yet."""
-        with self._cond:
-            return [entry[0] for entry in self._pending.values() if entry[0] is not None]
-
     def failed_here(self, spec, error: BaseException) -> None:
         """A task this driver failed itself, before Ray ran it."""
         status = CANCELLED if isinstance(error, _rex.TaskCancelledError) else FAILED

@@ -655,11 +655,6 @@ class RayObjectStore(ObjectStore):
                 import traceback
                 traceback.print_exc()
 
-    def held_refs(self) -> list:
-        """The Ray refs this process holds."""
-        with self._lock:
-            return list(self._refs.values())
-
     def stats(self) -> dict:
         return {"num_objects": len(self._refs), "bytes_used": 0}
 
