@@ -127,11 +127,16 @@ def backend_name(request, monkeypatch):
         monkeypatch.setenv("BEAMLET_TOKEN", options["token"])
     _reset()
     if request.param == "ray" and "backend" not in request.fixturenames:
-        _ray_cluster.disconnect()  # (the test starts a Ray of its own, with its options)
+        # (The test calls init itself: with `own_init_options` it joins the
+        # shared Ray through this process's connection, as a program run after
+        # its own ``ray.init`` does; `start_backend` starts a Ray of its own.)
+        _ray_cluster.connect()
     try:
         yield request.param
     finally:
         _reset()
+        if request.param == "ray":
+            _ray_cluster.reset()
 
 
 class _DaskCluster:
@@ -246,6 +251,22 @@ class _RayCluster:
         import ray as real_ray  # (tests call beamlet "ray")
         if not real_ray.is_initialized():
             real_ray.init(address=address, logging_level=logging.WARNING)
+
+    def reset(self) -> None:
+        """Once a test's session has shut down, kill the beamlet actors it left
+        in the shared Ray (detached ones outlive their job, as in Ray): the next
+        test finds only the control store's actor."""
+        import sys
+        real_ray = sys.modules.get("ray")
+        if real_ray is None or not real_ray.is_initialized() or self.process is None:
+            return
+        from beamlet.backends.ray.scheduler import ACTOR_PREFIX
+        for entry in real_ray.util.list_named_actors(all_namespaces=True):
+            if entry["name"].startswith(ACTOR_PREFIX):
+                try:
+                    real_ray.kill(real_ray.get_actor(entry["name"], namespace=entry["namespace"]))
+                except ValueError:
+                    pass  # (it ended meanwhile)
 
     def disconnect(self) -> None:
         """Leave the shared Ray (for tests that start a Ray of their own)."""
@@ -375,8 +396,10 @@ def own_init_options(name: str, **options) -> dict:
     """The options of an ``init(backend=name, ...)`` a test calls itself:
     ``num_cpus=2``, but none on ``cluster``, whose nodes bring their resources
     (its driver finds the test cluster through ``BEAMLET_ADDRESS`` and
-    ``BEAMLET_TOKEN``, which `backend_name` sets)."""
-    if name != "cluster":
+    ``BEAMLET_TOKEN``, which `backend_name` sets), nor on ``ray``, whose
+    driver uses this process's connection to the shared Ray (2 CPUs), which
+    `backend_name` makes: a Ray of its own would cost some ten seconds a test."""
+    if name not in ("cluster", "ray"):
         options.setdefault("num_cpus", NUM_CPUS)
     if name == "ray":
         options.setdefault("task_events", os.environ.get("BEAMLET_TEST_RAY_TASK_EVENTS") != "0")
@@ -405,6 +428,8 @@ def backend(backend_name) -> BackendInfo:
         try:
             if backend_name == "dask":
                 _dask_cluster.reset(options["client"])
+            elif backend_name == "ray":
+                _ray_cluster.reset()
         finally:
             close_client(options)
 

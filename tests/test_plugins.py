@@ -425,7 +425,8 @@ def test_control_store_from_plugin_is_used(backend_name):
     beamlet.shutdown()
     plugins.register(plugin)
     try:
-        beamlet.init(backend=backend_name, num_cpus=2, control_store="rec://somewhere:1")
+        beamlet.init(backend=backend_name, **own_init_options(backend_name),
+                     control_store="rec://somewhere:1")
 
         @beamlet.remote
         class Named:

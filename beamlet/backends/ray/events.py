@@ -33,6 +33,7 @@ from that failure. Tasks nested deeper are told as their workers send them.
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import os
 import _thread
@@ -47,6 +48,7 @@ from ...core import plugins
 from ...core.scheduling import CANCELLED, FAILED, FINISHED, RETRYING
 from ...core.task_events import RUNNING, _name
 from ...core.task_spec import ACTOR_CREATION
+from .backend import _pid_alive
 
 #: Seconds a worker gathers events before it sends them (in one call)...
 FLUSH_DELAY = 0.02
@@ -59,6 +61,8 @@ DRAIN_INTERVAL = 1.0
 #: Seconds a read of the record waits for the ends of tasks whose results are in.
 SETTLE_TIMEOUT = 10.0
 _CALL_TIMEOUT = 60.0
+#: Seconds a worker process that is exiting waits for its last events to be kept.
+EXIT_FLUSH_TIMEOUT = 5.0
 
 # Event kinds (the first item of each event tuple).
 _SUBMITTED, _PROGRESS, _FINISHED, _ACTOR, _WORKER = range(5)
@@ -115,9 +119,16 @@ class EventSender:
         self._told: set[str] = set()     # jobs this process has told it exists to
         self.pid = os.getpid()
         self._worker = None              # (worker id hex, node id hex)
+        #: Held while events are taken and sent (by the thread, or a `flush`).
+        self._sending = threading.Lock()
+        self._in_flight: list = []       # the refs of the thread's last send
         self._thread = threading.Thread(target=self._run, name="beamlet-ray-task-events",
                                         daemon=True)
         self._thread.start()
+        # A process that exits (e.g. an idle worker Ray stops) sends what it
+        # gathered first: its driver would otherwise wait for those reports in
+        # `settle` in vain.
+        atexit.register(self.flush, EXIT_FLUSH_TIMEOUT)
 
     def _emit(self, job_id: str, event: tuple) -> None:
         if job_id not in self._told:  # (twice at worst, which the driver folds)
@@ -161,13 +172,25 @@ class EventSender:
         if state == "ALIVE":  # (its process: for list_workers)
             self._emit(job_id, self._worker_event(actor_id))
         self._emit(job_id, (_ACTOR, actor_id, class_name, state, reason))
+        if state == "DEAD":
+            # The actor's process ends next, and Ray's graceful end of an actor
+            # (``__ray_shutdown__``: no handle left) runs no atexit hook: send
+            # now what it ran, or its driver waits for those reports in vain.
+            self.flush(EXIT_FLUSH_TIMEOUT)
 
     # -- sending ---------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             self._wake.acquire()  # (released by the next event: see _emit)
             time.sleep(FLUSH_DELAY)  # (what comes meanwhile goes in the same call)
-            self._send()
+            # (With a timeout: a flush on a task's thread that was interrupted
+            # midway must not stop this thread.)
+            held = self._sending.acquire(timeout=_CALL_TIMEOUT)
+            try:
+                self._in_flight = self._send()
+            finally:
+                if held:
+                    self._sending.release()
             time.sleep(FLUSH_INTERVAL - FLUSH_DELAY)
 
     def _take(self) -> dict:
@@ -190,13 +213,24 @@ class EventSender:
                 pass
         return refs
 
-    def flush(self) -> None:
-        """Send what is gathered now and wait until it is kept (before this
-        process ends on purpose: ``exit_actor``)."""
+    def flush(self, timeout: float = _CALL_TIMEOUT) -> None:
+        """Send what is gathered now and wait (up to `timeout`) until it is
+        kept, with what the sending thread sent last (before this process
+        ends: ``exit_actor``, and at its exit, when that thread may be
+        sending: it is a daemon, stopped midway by the exit)."""
+        deadline = time.monotonic() + timeout
+        if not self._sending.acquire(timeout=timeout):
+            return
         try:
-            _ray.get(self._send(), timeout=_CALL_TIMEOUT)
-        except Exception:  # noqa: BLE001 - as in _send
-            pass
+            refs = self._in_flight + self._send()
+            self._in_flight = []
+        finally:
+            self._sending.release()
+        if refs:
+            try:
+                _ray.get(refs, timeout=max(deadline - time.monotonic(), 0.0))
+            except Exception:  # noqa: BLE001 - as in _send
+                pass
 
 
 _sender: EventSender | None = None
@@ -246,6 +280,10 @@ class EventReceiver:
         self._max_pending = 10_000
         #: task id -> epoch time its attempt started (told by its worker), while pending.
         self._started: dict[bytes, float] = {}
+        #: task id -> the pid of the process its attempt runs in (told with its start).
+        self._ran_in: dict[bytes, int] = {}
+        #: Actors a call's result told dead (Ray's ActorDiedError), most recent last.
+        self._dead_actors: collections.OrderedDict = collections.OrderedDict()
         #: Tasks whose end the driver recorded itself (a Ray failure): a late
         #: report of theirs is not recorded again.
         self._ended_here: collections.OrderedDict = collections.OrderedDict()
@@ -266,6 +304,7 @@ class EventReceiver:
             if len(pending) > self._max_pending:
                 old, _ = pending.popitem(last=False)
                 self._started.pop(old, None)
+                self._ran_in.pop(old, None)
             if self._thread is None and not self._closed.is_set():
                 self._actor = _control_actor()
                 self._thread = threading.Thread(target=self._run, name="beamlet-ray-task-events",
@@ -329,6 +368,7 @@ class EventReceiver:
                 record.progressed(task_id, attempt, state, pid, when)
                 if state == RUNNING and task_id in self._pending:
                     self._started[task_id] = when
+                    self._ran_in[task_id] = pid
             elif kind == _FINISHED:
                 (_, task_id, task_kind, function, method, actor_id, end, status, duration,
                  pid, attempt) = event
@@ -363,6 +403,7 @@ class EventReceiver:
                 for task_id in ended:
                     self._pending.pop(task_id, None)
                     self._started.pop(task_id, None)
+                    self._ran_in.pop(task_id, None)
                 self._cond.notify_all()
 
     # -- reading -----------------------------------------------------------------------
@@ -391,6 +432,10 @@ class EventReceiver:
             except _rex.GetTimeoutError:
                 continue  # (ready on another node, not here yet: nothing to wait for)
             except _rex.RayError as err:  # (no worker tells of this end)
+                if isinstance(err, _rex.ActorDiedError) and spec.actor_id is not None:
+                    self._dead_actors[spec.actor_id] = None
+                    if len(self._dead_actors) > self._max_pending:
+                        self._dead_actors.popitem(last=False)
                 self._record_end(task_id, spec, err)
             except Exception:  # noqa: BLE001 - not readable here: nothing to wait for
                 continue
@@ -402,18 +447,54 @@ class EventReceiver:
         while True:
             with self._cond:
                 missing = [t for t in owed if t in self._pending]
+            # (A process that has ended tells nothing more: a killed or crashed
+            # worker or actor lost what it had not sent.)
+            missing = [t for t in missing if not self._gone(t, owed[t][0])]
             left = deadline - time.monotonic()
             if not missing or left <= 0 or not self.take(min(left, 1.0)):
                 break
+        self.take()  # (what the ended ones sent before they ended)
+        with self._cond:
+            missing = [t for t in owed if t in self._pending]
         for task_id in missing:  # (its worker's report was lost: it ended as it was)
             spec, value = owed[task_id]
             self._record_end(task_id, spec, None, getattr(value, "is_error", False))
+
+    def _gone(self, task_id: bytes, spec: SpecView) -> bool:
+        """Whether the process the task ran in has ended, so that what it had
+        not sent is lost: known by its pid (told with the task's start, or its
+        actor's) on this node, or, for an actor's call, by another call's
+        result (the actor died) or Ray no longer knowing the actor by its name
+        (killed)."""
+        pid = self._ran_in.get(task_id)
+        rows = self.workers
+        if pid is None and spec.actor_id is not None:
+            actor = spec.actor_id.hex()
+            pid = next((row["pid"] for row in list(rows.values()) if row["actor_id"] == actor),
+                       None)
+        row = rows.get(pid) if pid is not None else None
+        if row is not None and row["node_id"] == self._backend.node_id and not _pid_alive(pid):
+            return True
+        if spec.actor_id is None:
+            return False
+        if spec.actor_id in self._dead_actors:
+            return True
+        from .control import NAMESPACE
+        from .scheduler import ACTOR_PREFIX
+        try:
+            _ray.get_actor(ACTOR_PREFIX + spec.actor_id.hex(), namespace=NAMESPACE)
+        except ValueError:
+            return True
+        except Exception:  # noqa: BLE001 - Ray could not tell: wait as for the living
+            return False
+        return False
 
     def _record_end(self, task_id: bytes, spec: SpecView, error, failed: bool = False) -> None:
         with self._cond:
             if self._pending.pop(task_id, None) is None:
                 return  # (its report came meanwhile)
             started = self._started.pop(task_id, None)
+            self._ran_in.pop(task_id, None)
             self._ended_here[task_id] = None
             if len(self._ended_here) > self._max_pending:
                 self._ended_here.popitem(last=False)
