@@ -37,6 +37,7 @@ p.add_argument("--rows", default="tput,sync")
 p.add_argument("--bytecodes", action="store_true")
 p.add_argument("--json")
 p.add_argument("--worker-bytecodes", action="store_true")
+p.add_argument("--top", type=int, default=20, help="(--bytecodes, --worker-bytecodes) functions listed per row")
 a = p.parse_args()
 import ray, beamlet, logging
 import atexit, shutil, tempfile
@@ -107,7 +108,8 @@ def opcode_tracer(counts):
     def tracer(frame, event, arg):
         frame.f_trace_opcodes = True
         frame.f_trace_lines = False
-        key = (os.path.basename(frame.f_code.co_filename), frame.f_code.co_name)
+        # (the file with its directory: ray/actor.py and core/actor.py differ)
+        key = (os.sep.join(frame.f_code.co_filename.split(os.sep)[-2:]), frame.f_code.co_name)
 
         def local(frame, event, arg):
             if event == "opcode":
@@ -268,7 +270,7 @@ if a.worker_bytecodes:
                 total.update(c)
             # (the collect task's own frames, and install's return, are a constant few)
             print(f"{r} {k}: worker bytecodes/task {sum(total.values())/n:.0f} (workers {sorted(pids)} -> {sorted(p for p, _ in got)})")
-            for key, c in total.most_common(20):
+            for key, c in total.most_common(a.top):
                 print(f"    {c/n:8.1f} {key}")
     _end()
 
@@ -282,7 +284,7 @@ if a.bytecodes:
             row(r, mod, f, g, n)
             sys.settrace(None); threading.settrace(None)
             print(f"{r} {k}: driver bytecodes/task {sum(counts.values())/n:.0f}")
-            for key, c in counts.most_common(60):
+            for key, c in counts.most_common(a.top):
                 print(f"    {c/n:8.1f} {key}")
     _end()
 

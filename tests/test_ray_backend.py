@@ -586,6 +586,155 @@ def test_plain_calls_without_task_events(session, tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == "plain"
 
 
+PLAIN_ACTOR_CALLS = """
+import asyncio, os, sys, time
+import numpy as np
+import beamlet, pytest, ray as real_ray
+from beamlet import exceptions as exc
+sys.path.insert(0, {tests!r})
+import procs
+T = {T}
+beamlet.init(backend="ray", address={address!r})
+
+@beamlet.remote
+class Log:
+    def __init__(self, start=0):
+        self.items = [start]
+
+    def add(self, x, y=0):
+        self.items.append(x + y)
+        return self.items[-1]
+
+    def items_(self):
+        return list(self.items)
+
+    def call(self, x):          # (a name of the host's own: it goes the spec's way)
+        return ("call", x)
+
+    def _hidden(self):          # (a private name: the same)
+        return "hidden"
+
+    def size(self, a):
+        return a.shape, float(a.sum())
+
+    def ids(self):
+        context = beamlet.get_runtime_context()
+        return context.get_task_id(), context.get_actor_id()
+
+    def fail(self):
+        raise KeyError("no")
+
+    def nested(self, n):
+        return beamlet.get(double.remote(n), timeout=T)
+
+    def pid(self):
+        return os.getpid()
+
+    def leave(self):
+        beamlet.actor.exit_actor()
+
+    @beamlet.method(num_returns=2)
+    def pair(self):
+        return 1, 2
+
+@beamlet.remote
+def double(x):
+    return 2 * x
+
+@beamlet.remote
+def fail():
+    raise ValueError("upstream")
+
+@beamlet.remote
+def add_through(log, x):
+    return beamlet.get(log.add.remote(x), timeout=T)
+
+log = Log.remote(0)
+host = real_ray.get_actor("beamlet-actor-" + log._actor_id.hex(), namespace="beamlet")
+assert callable(host.add.remote) and not hasattr(host, "items")  # one Ray method a method
+# Arguments inline, by ref, and as keywords (the spec's way), in order per caller.
+assert beamlet.get(log.add.remote(1), timeout=T) == 1
+assert beamlet.get(log.add.remote(beamlet.put(2)), timeout=T) == 2
+assert beamlet.get(log.add.remote(3, y=1), timeout=T) == 4
+refs = [log.add.remote(i) if i % 3 else log.add.remote(i, y=0) for i in range(30)]
+assert beamlet.get(refs, timeout=T) == list(range(30))
+assert beamlet.get(log.items_.remote(), timeout=T) == [0, 1, 2, 4] + list(range(30))
+assert beamlet.get(log.call.remote(5), timeout=T) == ("call", 5)
+assert beamlet.get(log._hidden.remote(), timeout=T) == "hidden"
+assert beamlet.get(log.pair.remote()[1], timeout=T) == 2
+small, big = np.arange(10.0), np.ones(500_000)
+assert beamlet.get(log.size.remote(small), timeout=T) == ((10,), 45.0)
+assert beamlet.get(log.size.remote(big), timeout=T) == ((500_000,), 500_000.0)
+assert beamlet.get(log.size.remote(beamlet.put(big)), timeout=T) == ((500_000,), 500_000.0)
+(t1, a1), (t2, a2) = beamlet.get([log.ids.remote(), log.ids.remote()], timeout=T)
+assert t1 != t2 and a1 == a2 == log._actor_id.hex()
+with pytest.raises(KeyError):
+    beamlet.get(log.fail.remote(), timeout=T)
+with pytest.raises(ValueError):   # a failed argument fails the call that takes it
+    beamlet.get(log.add.remote(fail.remote()), timeout=T)
+with pytest.raises(TypeError):    # checked at the call site, as every call
+    log.add.remote()
+assert beamlet.get(log.nested.remote(21), timeout=T) == 42
+assert beamlet.get(add_through.remote(log, 7), timeout=T) == 7   # a handle in a task
+named = Log.options(name="plain-log").remote(5)
+assert beamlet.get(beamlet.get_actor("plain-log").add.remote(1), timeout=T) == 1
+beamlet.kill(named)
+with pytest.raises(exc.ActorDiedError):
+    beamlet.get(named.add.remote(1), timeout=T)
+# The process of an actor whose last handle is gone ends (no Ray method kept holds it).
+pid = beamlet.get(log.pid.remote(), timeout=T)
+del log, refs, host
+assert procs.wait_gone([pid], T) == [], "the actor outlived its handles"
+leaving = Log.remote()
+with pytest.raises(exc.ActorDiedError):
+    beamlet.get(leaving.leave.remote(), timeout=T)
+with pytest.raises(exc.ActorDiedError, match="exit_actor"):
+    beamlet.get(leaving.add.remote(1), timeout=T)
+
+@beamlet.remote(max_concurrency=1, concurrency_groups={{"io": 1}})
+class Async:
+    def __init__(self):
+        self.event = None
+
+    async def wait(self):
+        self.event = self.event or asyncio.Event()
+        await asyncio.wait_for(self.event.wait(), T)
+        return "waited"
+
+    @beamlet.method(concurrency_group="io")
+    async def release(self):
+        self.event = self.event or asyncio.Event()
+        self.event.set()
+        return "set"
+
+    async def echo(self, x):
+        await asyncio.sleep(0)
+        return x
+
+a = Async.remote()
+waiting = a.wait.remote()          # (in the default group, as echo)
+assert beamlet.get(a.release.remote(), timeout=T) == "set"
+assert beamlet.get([waiting, a.echo.remote(3)], timeout=T) == ["waited", 3]
+beamlet.shutdown()
+print("plain actor calls")
+"""
+
+
+def test_plain_actor_calls_without_task_events(session, tmp_path):
+    """Without task events (the default) a plain actor call is a call of its
+    own Ray method (worker.actor_class), its arguments Ray's: what the call
+    means (arguments, errors, order with the calls that go with their spec,
+    runtime context, nested tasks, kill, exit_actor, the actor's end with its
+    last handle, an async actor's default group) holds."""
+    code = PLAIN_ACTOR_CALLS.format(T=T, address=session.address,
+                                    tests=os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=6 * T, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "plain actor calls"
+
+
 def test_cancelling_tasks_whose_results_are_in_leaves_the_driver_alive(session, tmp_path):
     """``get(ref)`` then ``cancel(ref)`` at once: a cancel of a finished task
     does nothing, and reaches no Ray. (Ray 2.60 stores a task's results, waking

@@ -144,6 +144,9 @@ class RayObjectStore(ObjectStore):
         #: the id of each one's creation ref (its "token", which keeps it alive).
         self.actors: dict[bytes, object] = {}
         self.tokens: dict[bytes, bytes] = {}          # creation ref id -> actor id
+        #: actor id -> {method name: its Ray ActorMethod} (scheduler._submit_direct),
+        #: held as long as the actor's handle in `actors` (each holds the handle).
+        self.methods: dict[bytes, dict] = {}
         #: Values Ray resolved for the task running in this context (its
         #: arguments): per thread, and per asyncio task in an async actor.
         self._local: contextvars.ContextVar[dict] = contextvars.ContextVar("beamlet_ray_args",
@@ -166,6 +169,20 @@ class RayObjectStore(ObjectStore):
             self._refs.update(zip(object_ids, ray_refs))
             if actor_id is not None:
                 self._calls.update(dict.fromkeys(object_ids, actor_id))
+
+    def adopt_call(self, object_id: bytes, ray_ref, actor_id: bytes) -> None:
+        """`adopt` of the one result of a call to `actor_id`."""
+        with self._lock:
+            self._refs[object_id] = ray_ref
+            self._calls[object_id] = actor_id
+
+    def note_method(self, actor_id: bytes, handle, name: str, method) -> None:
+        """Keep `method`, the Ray ActorMethod `name` of the actor's Ray `handle`,
+        while this process holds that handle (else nothing: it would keep the
+        actor alive)."""
+        with self._lock:
+            if self.actors.get(actor_id) is handle:
+                self.methods.setdefault(actor_id, {})[name] = method
 
     def adopt_one(self, object_id: bytes, ray_ref) -> None:
         """`adopt` of a task's one result."""
@@ -223,6 +240,8 @@ class RayObjectStore(ObjectStore):
 
     def adopt_actor(self, actor_id: bytes, token_id: bytes, handle) -> None:
         with self._lock:
+            if self.actors.get(actor_id) is not handle:
+                self.methods.pop(actor_id, None)
             self.actors[actor_id] = handle
             self.tokens[token_id] = actor_id
 
@@ -615,6 +634,7 @@ class RayObjectStore(ObjectStore):
                     actor_id = tokens.pop(object_id, None)
                     if actor_id is not None:
                         self.actors.pop(actor_id, None)  # (Ray ends it once no handle is left)
+                        self.methods.pop(actor_id, None)
                 if contained_in:
                     contained = contained_in.pop(object_id, None)
                     if contained:
@@ -665,6 +685,7 @@ class RayObjectStore(ObjectStore):
             self._refs.clear()
             self._calls.clear()
             self.actors.clear()
+            self.methods.clear()
             self.tokens.clear()
             self._contained.clear()
             self._read.clear()

@@ -10,11 +10,15 @@
   arguments go as top-level Ray ObjectRefs, which Ray resolves where it runs;
   waiting for them holds no worker. User exceptions are retried inside the
   task (``retry_exceptions``), as on every backend.
-- An actor is an ``ActorHost`` Ray actor named ``beamlet-actor-<id hex>`` in
+- An actor is a Ray actor of its class's host class (``worker.actor_class``)
+  named ``beamlet-actor-<id hex>`` in
   the Ray namespace ``beamlet`` (so any process can find it by id), with
   ``max_restarts``, ``max_task_retries``, ``max_concurrency`` and ``lifetime``
   passed to Ray; its creation ref is the host's ``created()`` call. Method
-  calls are Ray actor calls, in order per caller as Ray runs them. Beamlet's
+  calls are Ray actor calls, in order per caller as Ray runs them: a plain
+  one (`_submit_direct`) is a call of the Ray method of the same name with
+  the call's arguments, as in Ray; the others a call of the host's ``call``
+  or ``call_stream`` with the spec. Beamlet's
   own names and namespaces for actors stay in the control store's tables.
 - ``cancel`` is ``ray.cancel``, ``kill`` is ``ray.kill``.
 - A request no Ray node could ever meet raises ``ValueError`` at submission
@@ -34,9 +38,9 @@ from ...core.interfaces import Scheduler
 from ...core.scheduling import ActorLifecycle
 from ...core.tables import FUNCTIONS
 from ...core.task_events import PENDING_ARGS_AVAIL, PENDING_NODE_ASSIGNMENT, SUBMITTED_TO_WORKER
-from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, ARG_REF, TASK, TaskSpec
+from ...core.task_spec import ACTOR_CREATION, ACTOR_METHOD, ARG_REF, ARG_VALUE, TASK, TaskSpec
 from .control import NAMESPACE, CarriedCode
-from .worker import actor_host_class, plain_function, stream_function, task_function, wire
+from .worker import actor_class, direct, plain_function, stream_function, task_function, wire
 
 ACTOR_PREFIX = "beamlet-actor-"
 #: actor id -> its concurrency groups' names, one a line (in the control store)
@@ -152,6 +156,12 @@ class RayScheduler(Scheduler):
                 plugins.notify("beamlet_task_submitted", spec=spec)
                 self._store.adopt_one(spec.return_ids[0], remote.remote(*refs))
                 return
+        elif spec.kind == ACTOR_METHOD and spec.actor_options is None and \
+                spec.generator is None and not self._events_on and \
+                len(spec.return_ids) == 1 and not spec.kwargs and not spec.env_vars and \
+                not spec.max_retries and not spec.retry_exceptions and \
+                self._submit_direct(spec):
+            return
         # A request no node could meet raises here, before the hooks hear of it.
         if spec.kind == ACTOR_CREATION:
             placed = self._options(spec)
@@ -229,6 +239,42 @@ class RayScheduler(Scheduler):
             return
         self._store.adopt(spec.return_ids, [refs] if n == 1 else refs,
                           spec.actor_id if spec.kind == ACTOR_METHOD else None)
+
+    def _submit_direct(self, spec: TaskSpec) -> bool:
+        """Submit a plain call (the caller checked: one return, no generator, no
+        group, keywords, env_vars, retries or task events) as a call of its
+        Ray method (``worker.actor_class``), with its arguments as Ray's: its
+        refs' Ray refs, its inline values packed (``store.pack``); False (and
+        nothing done) if it cannot go so: a value containing refs, a method
+        without a Ray method of its own, an actor this process cannot find."""
+        store = self._store
+        methods = store.methods.get(spec.actor_id)
+        method = methods.get(spec.method_name) if methods is not None else None
+        if method is None:
+            if not direct(spec.method_name):
+                return False
+            handle = self.actor(spec.actor_id)
+            if handle is None:
+                return False
+            method = getattr(handle, spec.method_name, None)
+            if method is None:  # (no Ray method of that name: see worker.actor_class)
+                return False
+            store.note_method(spec.actor_id, handle, spec.method_name, method)
+        if spec.args:
+            values = []
+            for kind, value in spec.args:
+                if kind == ARG_VALUE:
+                    if value.refs:
+                        return False  # (their Ray refs travel beside them: `_submit`)
+                    values.append(store.pack(value))
+                else:
+                    values.append(store.ray_ref(value))
+            plugins.notify("beamlet_task_submitted", spec=spec)
+            store.adopt_call(spec.return_ids[0], method.remote(*values), spec.actor_id)
+        else:
+            plugins.notify("beamlet_task_submitted", spec=spec)
+            store.adopt_call(spec.return_ids[0], method.remote(), spec.actor_id)
+        return True
 
     # -- task events (events.py) -------------------------------------------------------
     def _tell_submitted(self, spec: TaskSpec, dep_refs: list) -> None:
@@ -364,7 +410,8 @@ class RayScheduler(Scheduler):
             self._note_groups(spec.actor_id, groups, is_async)
             if is_async:  # (its host holds each group to its limit)
                 concurrency += sum(groups.values())
-        host_class = actor_host_class(is_async, groups)
+        host_class = actor_class(spec.function_id, spec.function_name,
+                                 options.get("methods") or (), is_async, groups)
         detached = bool(options.get("detached"))
         host = host_class.options(
             name=ACTOR_PREFIX + spec.actor_id.hex(), namespace=NAMESPACE,

@@ -12,7 +12,12 @@ worker before it starts.
 A beamlet actor lives in an ``ActorHost`` (or ``AsyncActorHost`` for an
 actor with ``async`` methods), a Ray actor: Ray orders its calls per caller,
 restarts it (``max_restarts``, rerunning the constructor), kills it, and ends
-it once no handle is left (calling ``__ray_shutdown__``).
+it once no handle is left (calling ``__ray_shutdown__``). Each beamlet actor
+class has a Ray actor class of its own (`actor_class`): the host with one Ray
+method per beamlet method, so that a plain call is a call of that Ray method
+with the call's arguments as Ray's (`_direct`), as in Ray; the
+others (generators, concurrency groups, keyword arguments, task events...)
+go through the host's ``call``/``call_stream`` with the whole spec.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from ...core.execution import Executor
 from ...core.scheduling import ActorLifecycle, run_attempts
 from ...core.serialization import serialize
 from ...core.ids import new_id
-from ...core.task_spec import ARG_VALUE, TASK, TaskSpec
+from ...core.task_spec import ACTOR_METHOD, ARG_VALUE, TASK, TaskSpec
 
 _jobs: dict[str, "_Job"] = {}
 _jobs_lock = threading.Lock()
@@ -419,20 +424,6 @@ class _Host:
         yield from _stream_end(self._job, spec, (), False,
                                ExecutionResult([serialize(error, is_error=True)], error))
 
-    def _after(self, spec: TaskSpec, values: list):
-        """The call's Ray return value; if the call ran ``exit_actor()``, the actor
-        then ends as Ray's ``exit_actor`` ends one (not restarted)."""
-        returned = _returns(self._job, spec, values)
-        if self._job.executor.exiting == self._spec.actor_id:
-            from ...core.actor import EXIT_REASON
-            self._job.executor.exiting = None
-            self._job.executor.end_actor(self._spec.actor_id)
-            self._end(EXIT_REASON, shutdown=False)
-            if self._job.events is not None:
-                self._job.events.flush()  # (this process ends next)
-            _ray.actor.exit_actor()
-        return returned
-
     def __ray_shutdown__(self):
         """(Ray calls it when the actor ends gracefully: no handle left.)"""
         if self._dead is None:
@@ -474,7 +465,7 @@ class ActorHost(_Host):
         _started(self._job, spec)
         with self._job.store.provided(dep_ids, dep_values, carried):
             result = run_attempts(spec, self._job.executor.execute, self._spec)
-        return self._after(spec, result.values)
+        return _after(self, spec, result.values)
 
     def call_stream(self, *args):
         """A generator method's call (a Ray generator: see `_stream_values`)."""
@@ -513,10 +504,10 @@ class AsyncActorHost(_Host):
         if self._dead is not None:
             return self._died(spec)
         if not self._limits:
-            return await self._call(spec, dep_ids, dep_values, carried)
+            return await _async_call(self, spec, dep_ids, dep_values, carried)
         group = (spec.actor_options or {}).get("concurrency_group")
         async with self._limits[group]:
-            return await self._call(spec, dep_ids, dep_values, carried)
+            return await _async_call(self, spec, dep_ids, dep_values, carried)
 
     async def call_stream(self, *args):
         """A generator method's call (a Ray async generator: see `_stream_values`)."""
@@ -538,29 +529,127 @@ class AsyncActorHost(_Host):
             if limit is not None:
                 limit.release()
 
-    async def _call(self, spec: TaskSpec, dep_ids, dep_values, carried):
-        start = _started(self._job, spec)
-        with self._job.store.provided(dep_ids, dep_values, carried):
-            result = await self._job.executor.execute_async(spec)
-        # (Not through run_attempts: an async call has no retries of its own.)
-        _attempt_finished(self._job, spec, start, result)
-        return self._after(spec, result.values)
 
 
-ray_actor_host = _ray.remote(ActorHost)
-ray_async_actor_host = _ray.remote(AsyncActorHost)
-_grouped_hosts: dict[tuple, object] = {}
+# (The hosts' helpers are functions, not methods: Ray wraps each method of an
+# actor class in a tracing shim, a few dozen bytecodes per call through it.)
+def _after(host: _Host, spec: TaskSpec, values: list):
+    """The call's Ray return value; if the call ran ``exit_actor()``, the actor
+    then ends as Ray's ``exit_actor`` ends one (not restarted)."""
+    job = host._job
+    returned = _returns(job, spec, values)
+    if job.executor.exiting == host._spec.actor_id:
+        from ...core.actor import EXIT_REASON
+        job.executor.exiting = None
+        job.executor.end_actor(host._spec.actor_id)
+        host._end(EXIT_REASON, shutdown=False)
+        if job.events is not None:
+            job.events.flush()  # (this process ends next)
+        _ray.actor.exit_actor()
+    return returned
 
 
-def actor_host_class(is_async: bool, concurrency_groups: dict):
-    """The Ray actor class that hosts a beamlet actor: for a threaded actor with
-    `concurrency_groups` (Ray takes them only where a class is declared, not in
-    ``.options()``), one class per set of groups, made once per process; an
-    async actor keeps its groups itself (`AsyncActorHost`)."""
-    if not concurrency_groups or is_async:
-        return ray_async_actor_host if is_async else ray_actor_host
-    key = tuple(sorted(concurrency_groups.items()))
-    host = _grouped_hosts.get(key)
-    if host is None:
-        host = _grouped_hosts[key] = _ray.remote(concurrency_groups=dict(key))(ActorHost)
-    return host
+async def _async_call(host: "AsyncActorHost", spec: TaskSpec, dep_ids, dep_values, carried):
+    job = host._job
+    start = _started(job, spec)
+    with job.store.provided(dep_ids, dep_values, carried):
+        result = await job.executor.execute_async(spec)
+    # (Not through run_attempts: an async call has no retries of its own.)
+    _attempt_finished(job, spec, start, result)
+    return _after(host, spec, result.values)
+
+
+def _direct_spec(host: _Host, name: str, values: tuple) -> TaskSpec:
+    """The spec of a direct call (`actor_class`) of method `name`, `values`
+    its arguments as Ray gave them: what the caller's spec of a plain call
+    held (see ``ActorMethod.remote``), with an id of its own (what
+    ``get_runtime_context()`` says inside the call; nothing outside this
+    process names it)."""
+    args = [(ARG_VALUE, host._job.store.unpack_arg(v)) for v in values] if values else []
+    return TaskSpec(new_id(), ACTOR_METHOD, b"", host._spec.function_name, args, {},
+                    _ONE_RETURN, {}, 0, False, host._spec.actor_id, name, None, None, 0,
+                    None, None, None)
+
+
+def _direct(host: ActorHost, name: str, values: tuple):
+    """A direct call of method `name` (see `actor_class`)."""
+    spec = _direct_spec(host, name, values)
+    if host._dead is not None:
+        return host._died(spec)
+    job = host._job
+    if job.events is not None:
+        job.events.running(job.job_id, spec)
+    result = run_attempts(spec, job.executor.execute, host._spec)
+    if job.executor.exiting is None:  # (`_after`, for the common call)
+        return job.store.pack(result.values[0])
+    return _after(host, spec, result.values)
+
+
+async def _direct_async(host: AsyncActorHost, name: str, values: tuple):
+    """`_direct` in an async actor (in its default group)."""
+    spec = _direct_spec(host, name, values)
+    if host._dead is not None:
+        return host._died(spec)
+    if not host._limits:
+        return await _async_call(host, spec, (), (), _NOTHING_CARRIED)
+    async with host._limits[None]:
+        return await _async_call(host, spec, (), (), _NOTHING_CARRIED)
+
+
+#: Names a beamlet method's Ray method cannot have: the hosts' own, and any
+#: Ray's ActorHandle answers itself (a call of such a method goes through ``call``).
+_TAKEN = frozenset(n for n in (*dir(AsyncActorHost), *dir(ActorHost), *dir(_ray.actor.ActorHandle))
+                   if not n.startswith("_"))
+_actor_classes: dict[tuple, object] = {}
+_actor_classes_lock = threading.Lock()
+
+
+def direct(method_name: str) -> bool:
+    """Whether calls of the beamlet method `method_name` may go as a Ray method
+    of its own (`actor_class`): not a private name (Ray's handle and the host
+    keep theirs there), nor one the host or Ray's handle has."""
+    return not method_name.startswith("_") and method_name not in _TAKEN
+
+
+def _direct_method(name: str):
+    def method(self, *values):
+        return _direct(self, name, values)
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
+def _direct_async_method(name: str):
+    async def method(self, *values):
+        return await _direct_async(self, name, values)
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
+def actor_class(class_id: bytes, class_name: str, method_names, is_async: bool,
+                concurrency_groups: dict):
+    """The Ray actor class that hosts the actors of one beamlet class
+    (`class_id`, called `class_name`): ``ActorHost`` (``AsyncActorHost`` for
+    an actor with ``async`` methods) with a Ray method of each name of
+    `method_names` that `direct` allows, which runs a plain call of that
+    beamlet method, its arguments Ray's (`_direct`). Made once per
+    class and set of concurrency groups in this process (Ray takes groups only
+    where a class is declared, not in ``.options()``); an async actor keeps
+    its groups itself (`AsyncActorHost`)."""
+    groups = () if is_async else tuple(sorted((concurrency_groups or {}).items()))
+    key = (class_id, is_async, groups)
+    made = _actor_classes.get(key)
+    if made is not None:
+        return made
+    with _actor_classes_lock:
+        made = _actor_classes.get(key)
+        if made is None:
+            make = _direct_async_method if is_async else _direct_method
+            body = {name: make(name) for name in method_names if direct(name)}
+            body["__module__"] = __name__
+            host = type(class_name.rpartition(".")[2] or "Actor",
+                        (AsyncActorHost if is_async else ActorHost,), body)
+            host.__qualname__ = class_name
+            made = _ray.remote(concurrency_groups=dict(groups))(host) if groups \
+                else _ray.remote(host)
+            _actor_classes[key] = made
+    return made
