@@ -210,3 +210,15 @@ def test_cancel_of_an_actor_call_cancels_its_grandchild(backend):
         with pytest.raises(ray.exceptions.TaskCancelledError):
             ray.get(ref, timeout=T)
     _cancelled_in_state_api(backend, "Spawner.spawn", "parent", "child")
+
+
+def test_force_cancel_of_a_running_actor_call_is_refused(backend):
+    # Ray 2.60: "Only force=False is allowed for an Actor Task. Otherwise, it
+    # raises ValueError". The call is not cancelled by the refused attempt.
+    backend.require("parallel")
+    registry, actor, call, child_ref, _ = _spawn("sync")
+    with pytest.raises(ValueError, match="force"):
+        ray.cancel(call, force=True)
+    registry.open_gate.remote()
+    assert ray.get(call, timeout=T) is True
+    assert ray.get(child_ref, timeout=T) is True

@@ -849,6 +849,11 @@ class DaskObjectStore(ObjectStore):
         if released:
             self._refs.decr_all(released)
 
+    def running_call(self, object_id: bytes) -> bool:
+        """Whether `object_id` is the result of an actor call not ended yet."""
+        call = self._calls.get(object_id)
+        return call is not None and not call.done()
+
     def cancel(self, object_id: bytes) -> bool:
         """Cancel the task producing `object_id` unless it has finished (Dask's
         cancel would delete a finished result); whether it was cancelled. An

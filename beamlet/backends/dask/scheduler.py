@@ -374,7 +374,10 @@ class DaskScheduler(Scheduler):
         """Dask cannot interrupt a running task: cancelling one (``force`` too)
         makes its result the cancellation error, and its work runs on.
         `recursive`: so are the unfinished tasks it submitted, theirs, and so on
-        (each worker knows what its running tasks submitted; asked level by level)."""
+        (each worker knows what its running tasks submitted; asked level by level).
+        `force` on an unfinished actor call is a ValueError, as in Ray."""
+        if force and self._store.running_call(object_id):
+            raise ValueError("force=True is not supported for actor calls; use kill()")
         cancelled = self._store.cancel(object_id)
         if cancelled and self._observed:
             with self._lock:

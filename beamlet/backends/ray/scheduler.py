@@ -478,8 +478,9 @@ class RayScheduler(Scheduler):
             return
         try:
             _ray.cancel(ref, force=force, recursive=recursive)
-        except ValueError:  # (Ray: force is not for actor calls) as on other backends: no force
-            _ray.cancel(ref, force=False, recursive=recursive)
+        except ValueError as err:  # (Ray's refusal of force for an actor call)
+            raise ValueError(f"force=True is not supported for actor calls; use kill() "
+                             f"(Ray: {err})") from None
 
     def kill_actor(self, actor_id: bytes, no_restart: bool = True) -> None:
         handle = self.actor(actor_id)
