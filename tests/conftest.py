@@ -154,10 +154,16 @@ class _DaskCluster:
         from beamlet.backends.dask.cluster import Cluster
         if self.cluster is None:
             try:
-                self.cluster = Cluster(NUM_CPUS, {})
+                # (spare: `reset` restarts workers after many tests)
+                self.cluster = Cluster(NUM_CPUS, {}, spare=True)
             except ImportError as err:
                 pytest.fail(f"the dask backend needs Dask ({err}): pip install -e '.[test]'")
-        return Client(self.cluster.address, security=self.cluster.security, timeout=30)
+        # (On the scheduler's event loop, with values fetched from the workers
+        # directly, as the backend's own LocalCluster makes its client: messages
+        # between the two stay on one thread, which costs about a tenth less
+        # CPU per task than a loop thread of the client's own.)
+        return Client(self.cluster.address, security=self.cluster.security, timeout=30,
+                      loop=self.cluster.loop, direct_to_workers=True)
 
     def reset(self, client) -> None:
         """Restart the workers still running a task once a test's session has

@@ -235,6 +235,33 @@ def test_a_worker_that_dies_is_started_again(no_backend):
     assert procs.wait_gone([second], GONE_TIMEOUT) == []
 
 
+def test_a_cluster_with_a_spare_replaces_a_restarted_worker_with_it(no_backend):
+    """``Cluster(spare=True)`` keeps one more worker process started: a worker
+    that is restarted is replaced by that process (no new process's imports to
+    wait for), a new spare is started, and `stop` ends them all."""
+    from distributed import Client
+
+    from beamlet.backends.dask.cluster import Cluster
+    cluster = Cluster(2, {}, spare=True)
+    seen = []
+    try:
+        spare = cluster._spare.pid
+        first = cluster.worker_pids()
+        seen = first + [spare]
+        with Client(cluster.address, security=cluster.security, timeout=LONG) as client:
+            address = next(a for a, pid in client.run(os.getpid).items() if pid == first[0])
+            cluster.restart_workers([address], timeout=LONG)
+            pids = cluster.worker_pids()
+            assert spare in pids and first[0] not in pids and first[1] in pids
+            assert procs.wait_until(lambda: cluster._spare is not None
+                                    and cluster._spare.pid not in seen, LONG)
+            seen.append(cluster._spare.pid)
+            assert sorted(client.run(os.getpid).values()) == sorted(pids)
+    finally:
+        cluster.stop()
+    assert procs.wait_gone(seen, GONE_TIMEOUT) == []
+
+
 def test_a_worker_restarted_as_the_cluster_stops_ends_quietly(no_backend, monkeypatch):
     """The driver's nanny thread starts a dead worker again and sends it its
     spec while `stop` cannot close that worker's standard input: the thread

@@ -76,9 +76,14 @@ class Cluster:
     joined; `stop()`."""
 
     def __init__(self, n_workers: int, resources: dict, dashboard: bool = False,
-                 wait: bool = True):
+                 wait: bool = True, spare: bool = False):
         """`wait`: return once the workers are up (else the caller calls `ready`
-        when it needs them, having connected to the scheduler meanwhile)."""
+        when it needs them, having connected to the scheduler meanwhile).
+        `spare`: keep one more worker process started (Dask imported, waiting
+        for its spec), so that a worker that ends is replaced at once rather
+        than after a new process's imports (seconds): for a cluster whose
+        workers are restarted often (`restart_workers`), at the cost of an
+        idle process."""
         from ..local.session import SessionLock, sweep
         sweep()
         self._session = SessionLock()
@@ -88,6 +93,7 @@ class Cluster:
         self._stopping = False
         self._ready = False
         self._procs: list[subprocess.Popen | None] = [None] * n_workers
+        self._spare: subprocess.Popen | None = None
         self._watchers: list[threading.Thread] = []
         self._scheduler = None
         self._loop_runner = None
@@ -97,6 +103,8 @@ class Cluster:
             # (Started first: each imports Dask while this process does.)
             for i in range(n_workers):
                 self._procs[i] = self._popen()
+            if spare:
+                self._spare = self._popen()
             self.security = self._start_scheduler(dashboard)
             self.address = self._scheduler.address
             for i, proc in enumerate(self._procs):
@@ -188,7 +196,14 @@ class Cluster:
                 if self._stopping:
                     return
                 _close(proc)
-                proc = self._procs[index] = self._popen()
+                spare = self._spare
+                if spare is not None:
+                    self._spare = self._popen()
+                if spare is None or spare.poll() is not None:
+                    if spare is not None:
+                        _close(spare)
+                    spare = self._popen()
+                proc = self._procs[index] = spare
                 self._send_spec(index, proc)
 
     @property
@@ -262,7 +277,8 @@ class Cluster:
         they linger), then the scheduler, and remove the scratch dir."""
         with self._lock:
             self._stopping = True
-            procs = [p for p in self._procs if p is not None]
+            procs = [p for p in self._procs + [self._spare] if p is not None]
+            self._spare = None
         for proc in procs:
             _close(proc)
         for proc in procs:

@@ -191,6 +191,38 @@ def _relay(name: str):
     return value
 
 
+async def _report_settled(client, futures: dict, report: Callable[[bytes], object],
+                          stop: asyncio.Event, done: bool) -> None:
+    """(On `client`'s event loop.) `report(id)` for each of the Dask
+    `futures` ({id: Future}) once it is no longer pending (`done`: once it is
+    done, as Dask's ``wait`` has it: a lost value is not), until `stop` is
+    set. Dask's own ``add_done_callback`` costs a loop wake-up, a coroutine
+    and a hop through a thread per future, and its ``wait(...,
+    FIRST_COMPLETED)`` a coroutine per future on every call: here each
+    future costs one waiting task on the loop, once."""
+    def unsettled(state) -> bool:
+        return not state.done() if done else state.status == "pending"
+
+    async def settled(state, object_id: bytes) -> None:
+        while unsettled(state):  # (as Dask's own callback waits)
+            await state.wait()
+        report(object_id)
+
+    states = client.futures
+    waiting = []
+    for object_id, fut in futures.items():
+        state = states.get(fut.key)
+        if state is None or not unsettled(state):
+            report(object_id)
+        else:
+            waiting.append(asyncio.ensure_future(settled(state, object_id)))
+    try:
+        await stop.wait()
+    finally:
+        for task in waiting:
+            task.cancel()
+
+
 def wait_futures(futures: list, timeout: float | None, return_when: str = "ALL_COMPLETED"):
     """Dask's ``wait``, which returns as it does but raises FuturesCancelledError
     once its condition holds if some future was cancelled: that is an outcome
@@ -658,11 +690,35 @@ class DaskObjectStore(ObjectStore):
             return
         pending = {i: self._pending(i) for i in missing}
         arrived: queue.SimpleQueue = queue.SimpleQueue()
-        for object_id, fut in pending.items():
+        stop = self._watch(pending, arrived.put, done=False)
+        try:
+            self._take_arrivals(pending, arrived, local, timeout)
+        finally:
+            stop()
+
+    def _watch(self, futures: dict, report: Callable[[bytes], object],
+               done: bool) -> Callable[[], None]:
+        """`report(id)` for each of `futures` ({id: call result or Dask Future})
+        once it is settled (see `_report_settled` for `done`), at once for those
+        that are; returns the function that stops the watching."""
+        dask = {}
+        for object_id, fut in futures.items():
             if self._settled(fut):  # (a callback would come later)
-                arrived.put(object_id)
+                report(object_id)
+            elif isinstance(fut, concurrent.futures.Future):
+                fut.add_done_callback(lambda _f, i=object_id: report(i))
             else:
-                fut.add_done_callback(lambda _f, i=object_id: arrived.put(i))
+                dask[object_id] = fut
+        if not dask:
+            return lambda: None
+        stop = asyncio.Event()
+        self.client.loop.add_callback(_report_settled, self.client, dask, report, stop, done)
+        return lambda: self.client.loop.add_callback(stop.set)
+
+    def _take_arrivals(self, pending: dict, arrived, local: dict,
+                       timeout: float | None) -> None:
+        """(`_read_failing_fast`'s reading: `arrived` says which of `pending` settled.)"""
+        import queue
         until = None if timeout is None else time.monotonic() + timeout
         fine = []  # (finished with a value Dask says is no error: read at the end)
         with seceded():
@@ -788,35 +844,32 @@ class DaskObjectStore(ObjectStore):
              timeout: float | None = None) -> set[bytes]:
         self._check_open()
         self._flush_for_read()
+        import queue
         futures = {i: self._pending(i) for i in dict.fromkeys(object_ids)
                    if i not in self._local}
         ready = {i for i in object_ids if i in self._local}
+        ready.update(i for i, f in futures.items() if self._settled(f))
+        if len(ready) >= num_returns or (timeout is not None and timeout <= 0):
+            return ready
         until = None if timeout is None else time.monotonic() + timeout
-        with seceded():
-            while True:
-                ready.update(i for i, f in futures.items() if f.done())
-                if len(ready) >= num_returns:
-                    return ready
-                left = None if until is None else until - time.monotonic()
-                if left is not None and left <= 0:
-                    return ready
-                ready.update(i for i, f in futures.items() if self._settled(f))
-                if len(ready) >= num_returns:
-                    return ready
-                pending = [f for i, f in futures.items() if i not in ready]
-                calls = [f for f in pending if isinstance(f, concurrent.futures.Future)]
-                if not calls:
+        arrived: queue.SimpleQueue = queue.SimpleQueue()
+        stop = self._watch({i: f for i, f in futures.items() if i not in ready},
+                           arrived.put, done=True)
+        try:
+            with seceded():
+                while len(ready) < num_returns:
+                    left = None if until is None else until - time.monotonic()
+                    if left is not None and left <= 0:
+                        break
                     try:
-                        wait_futures(pending, left, "FIRST_COMPLETED")
-                    except TimeoutError:
-                        pass
-                elif len(calls) == len(pending):
-                    concurrent.futures.wait(calls, left, concurrent.futures.FIRST_COMPLETED)
-                else:
-                    some = threading.Event()
-                    for fut in pending:
-                        fut.add_done_callback(lambda _f: some.set())
-                    some.wait(left)
+                        ready.add(arrived.get(timeout=left))
+                    except queue.Empty:
+                        break
+        finally:
+            stop()
+        # (As many as are ready now, as Dask's wait and the loop before it answered.)
+        ready.update(i for i, f in futures.items() if i not in ready and self._settled(f))
+        return ready
 
     def contains(self, object_id: bytes) -> bool:
         if object_id in self._local:
