@@ -1,4 +1,6 @@
-"""Work at scale, on every backend: many tasks, long ref lists, many actors.
+"""Work at scale: many tasks, long ref lists, many actors, on the backends of
+``SCALE_BACKENDS`` (conftest.py: those whose tasks beamlet schedules, unless
+``BEAMLET_TEST_SCALE_BACKENDS`` names others).
 
 These check behaviour (right results, right order, nothing lost or repeated,
 nothing left running), not speed: the cost per task as the work grows is
@@ -11,11 +13,15 @@ import gc
 import pytest
 
 import beamlet as ray
+from conftest import SCALE_BACKENDS
 
 # pytest-timeout's guard as long as the tests' own longest wait: beside other
 # tests (pytest-xdist's workers share the machine's cores) work at this scale
 # takes several times as long as alone, and a test that hangs still fails.
 pytestmark = pytest.mark.timeout(660)
+
+#: (Overrides the semantic suite's backends for a test that uses `backend`.)
+on_scale_backends = pytest.mark.parametrize("backend_name", SCALE_BACKENDS, indirect=True)
 
 
 @ray.remote
@@ -28,6 +34,7 @@ def total(refs):
     return sum(ray.get(refs))
 
 
+@on_scale_backends
 def test_100k_tasks_complete_with_right_results(backend):
     n = 100_000
     refs = [ident.remote(i) for i in range(n)]
@@ -35,12 +42,14 @@ def test_100k_tasks_complete_with_right_results(backend):
     assert values == list(range(n))
 
 
+@on_scale_backends
 def test_get_of_10k_refs_returns_in_input_order(backend):
     refs = [ident.remote(i) for i in range(10_000)]
     refs.reverse()  # asked in another order than submitted
     assert ray.get(refs, timeout=300) == list(range(9_999, -1, -1))
 
 
+@on_scale_backends
 def test_wait_loop_returns_each_ready_ref_once(backend):
     n = 5_000
     refs = [ident.remote(i) for i in range(n)]
@@ -55,16 +64,19 @@ def test_wait_loop_returns_each_ready_ref_once(backend):
     assert sorted(ray.get(seen, timeout=120)) == list(range(n))
 
 
+@on_scale_backends
 def test_a_task_taking_10k_refs_in_a_list(backend):
     refs = [ident.remote(i) for i in range(10_000)]
     assert ray.get(total.remote(refs), timeout=300) == sum(range(10_000))
 
 
+@on_scale_backends
 def test_10k_puts_then_one_get(backend):
     refs = [ray.put(i) for i in range(10_000)]
     assert ray.get(refs, timeout=120) == list(range(10_000))
 
 
+@on_scale_backends
 def test_a_10k_long_dependency_chain(backend):
     @ray.remote
     def inc(x):
