@@ -23,13 +23,14 @@ import beamlet
 from beamlet.core import plugins
 from beamlet.core import runtime as _runtime
 
-#: The backends the semantic suite runs on. ``ray`` and ``cluster`` join with
-#: e.g. ``BEAMLET_TEST_BACKENDS=inprocess,local,dask,ray,cluster`` (their
-#: conformance runs take longer than CI's budget leaves: ray's some four times
-#: local's; test_ray_backend.py, the control-store tests and
+#: The backends the semantic suite runs on. ``dask``, ``ray`` and ``cluster``
+#: join with e.g. ``BEAMLET_TEST_BACKENDS=inprocess,local,dask,ray,cluster``
+#: (not yet in CI's run: on dask the whole suite takes some 10 minutes more
+#: and has failed once in two runs, ray's costs some four times local's;
+#: test_dask_backend.py, the control-store tests, test_ray_backend.py and
 #: tests/test_cluster*.py always run, on engines and clusters of their own).
 BACKENDS = [name for name in os.environ.get("BEAMLET_TEST_BACKENDS",
-                                            "inprocess,local,dask").split(",") if name]
+                                            "inprocess,local").split(",") if name]
 
 #: The backends tests/test_scale.py runs on: by default those of `BACKENDS`
 #: whose tasks beamlet schedules itself. On an engine (``dask``, ``ray``) a
