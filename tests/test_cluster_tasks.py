@@ -1832,11 +1832,16 @@ def _channel(actor):
 
 
 def _open_channel(actor, timeout: float = 30.0):
-    """Call `actor` until its direct channel is open; the channel."""
-    def opened():
+    """Call `actor` until a call went over its direct channel; the channel. (An
+    open channel alone is not enough: the driver sends calls through the node
+    until the last one it sent there is answered, which may come after its
+    result.)"""
+    def direct():
+        channel = _channel(actor)
+        sent = channel.sent if channel is not None else None
         beamlet.get(actor.add.remote("warm-up"), timeout=GET_TIMEOUT)
-        return _channel(actor) is not None
-    assert procs.wait_until(opened, timeout, interval=0.05), "no direct channel opened"
+        return channel is not None and channel.sent > sent
+    assert procs.wait_until(direct, timeout, interval=0.05), "no call went over a direct channel"
     return _channel(actor)
 
 
