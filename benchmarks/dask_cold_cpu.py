@@ -193,8 +193,24 @@ def main() -> None:
         print(f"median {what}: dask {d:.2f}, beamlet {b:.2f}: {b / d:.2f}x "
               f"(median of the rounds' ratios {pairs:.2f}x)")
     if a.json:
+        args = dict(vars(a), python=os.path.basename(a.python))
+        for runs in res.values():
+            for r in runs:
+                r["procs"] = [(cpu, [_portable(word) for word in argv])
+                              for cpu, argv in r["procs"]]
         with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "summary": summary, "runs": res}, f, indent=1)
+            json.dump({"args": args, "summary": summary, "runs": res}, f, indent=1)
+
+
+def _portable(word: str) -> str:
+    """A command-line word as the results file records it: a path inside this
+    checkout relative to it, another path by its name (no machine's paths)."""
+    if not os.path.isabs(word):
+        return word
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if word.startswith(repo + os.sep):
+        return os.path.relpath(word, repo)
+    return os.path.basename(word)
 
 
 if __name__ == "__main__":
