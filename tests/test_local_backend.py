@@ -1928,6 +1928,34 @@ def test_a_dead_zygote_is_replaced(start):
     assert ray.get(first.pid.remote(), timeout=30) > 0  # the first actor lived on
 
 
+def test_workers_forked_once_the_zygote_loaded_numpy_have_numpy_random_each_seeded(start):
+    """The zygote loads numpy.random with numpy (numpy 2 loads it on first use),
+    so a worker forked after has it without importing it (some 15 ms of CPU in
+    each of many workers), and re-seeds it: no two workers draw the same numbers."""
+    backend = start(num_cpus=2)  # (two workers forked at init)
+    zygote = backend.node.launcher.proc.pid
+
+    def zygote_has_numpy_random() -> bool:
+        with open(f"/proc/{zygote}/maps") as f:
+            return "/numpy/random/mtrand." in f.read()
+
+    assert procs.wait_until(zygote_has_numpy_random, 60, interval=0.05), \
+        "the zygote never loaded numpy.random"
+
+    @ray.remote(num_cpus=0)
+    class Draw:
+        def __init__(self):
+            self.had = "numpy.random" in sys.modules  # (before anything here asks for it)
+
+        def draw(self):
+            return self.had, int(np.random.randint(0, 2**62))
+
+    # (six actors: two may take the workers forked at init, maybe before numpy)
+    draws = ray.get([a.draw.remote() for a in [Draw.remote() for _ in range(6)]], timeout=60)
+    assert sum(had for had, _ in draws) >= 4, draws
+    assert len({number for _, number in draws}) == len(draws), draws
+
+
 def test_workers_forked_after_preload_have_the_modules(start):
     """Backend.preload: the zygote imports the modules, so workers forked after
     start with them (beamlet.tune preloads its trial actor's module)."""

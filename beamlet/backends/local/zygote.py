@@ -1,5 +1,6 @@
-"""The zygote: a process that has already imported beamlet (and numpy, once the
-first workers are out) and forks a worker in about a millisecond when asked.
+"""The zygote: a process that has already imported beamlet (and numpy with
+numpy.random, once the first workers are out) and forks a worker in about a
+millisecond when asked.
 
 Started by the driver in its own session (so a Ctrl-C in the driver's
 terminal reaches only the driver). The first line on its stdin is the
@@ -114,8 +115,12 @@ def _fork_worker(address: str, worker_id: str, secret: bytes, lock_fd: int) -> i
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # (inherited blocked)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        if "numpy" in sys.modules:
-            sys.modules["numpy"].random.seed()  # forked children would share one state
+        # Forked children would share one state. (Only a numpy.random loaded
+        # here: asking numpy for it imports it, some 15 ms of CPU in each worker,
+        # and one imported later seeds itself from the OS.)
+        random = sys.modules.get("numpy.random")
+        if random is not None:
+            random.seed()
         from .worker import main
         main(address, worker_id, secret)
     except SystemExit as err:
@@ -196,7 +201,8 @@ def _serve(session: str, address: str, lock_fd: int, children: set[int]) -> tupl
                 return 2.0, False
         # The first workers (asked for at init) are forked before numpy is loaded,
         # which saves its ~70 ms from the time to the first result; it is loaded at
-        # the first idle moment, so later workers share its pages.
+        # the first idle moment, so later workers share its pages, numpy.random's
+        # too (each worker re-seeds it, see _fork_worker).
         with _interruptible():
             ready, _, _ = select.select([stdin], [], [], 0 if not numpy_loaded else 0.5)
         _reap(children)
@@ -205,6 +211,7 @@ def _serve(session: str, address: str, lock_fd: int, children: set[int]) -> tupl
                 try:
                     with _interruptible():
                         import numpy  # noqa: F401
+                        import numpy.random  # noqa: F401 - (numpy 2 loads it on first use)
                 except Exception as err:  # noqa: BLE001
                     # A SIGTERM landing inside numpy's C import comes out as another
                     # error (numpy's ImportError: our _Stop swallowed on the way): stop
