@@ -185,7 +185,10 @@ class EventSender:
     # -- sending ---------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            self._wake.acquire()  # (released by the next event: see _emit)
+            # (Released by the next event: see _emit. Meanwhile the sends not
+            # known kept yet are checked, until they are.)
+            while not self._wake.acquire(timeout=FLUSH_INTERVAL if self._unchecked else -1):
+                self._check_sent(0.0)
             time.sleep(FLUSH_DELAY)  # (what comes meanwhile goes in the same call)
             # (With a timeout: a flush on a task's thread that was interrupted
             # midway must not stop this thread.)
