@@ -833,6 +833,38 @@ def test_control_store_is_shared_with_workers(session):
     assert store.delete("t", "k") and store.get("t", "k") is None
 
 
+@ray.remote
+def told_pid():
+    return os.getpid()
+
+
+def test_workers_tell_the_control_actor_made_after_one_that_died(session):
+    """The control actor's process can die (Ray 2.60 crashes it now and then
+    under load: see control.py), with what it kept. Then the workers send
+    their task events to the control actor made after it, and the driver
+    takes them there: the record still holds each task's process (which
+    only its worker tells), and no read waits for reports that went to the
+    dead actor. The control store's next call goes to the new actor too."""
+    import ray as real_ray
+
+    from beamlet.backends.ray.control import existing_control_actor
+    from beamlet.util import state
+    before = ray.get([told_pid.remote() for _ in range(4)], timeout=T)
+    assert {r.worker_pid for r in state.list_tasks(filters=[("name", "=", "told_pid")])} \
+        == set(before)  # (the workers have sent to the control actor)
+    dead = existing_control_actor()
+    real_ray.kill(dead)  # (as the crash ends its process)
+    with pytest.raises(real_ray.exceptions.ActorDiedError):
+        real_ray.get(dead.keys.remote("t"), timeout=T)
+    after = ray.get([told_pid.remote() for _ in range(4)], timeout=T)
+    assert set(after) & set(before)  # (the same workers: they sent to the dead actor)
+    rows = state.list_tasks(filters=[("name", "=", "told_pid")])
+    assert len(rows) == 8 and {r.state for r in rows} == {"FINISHED"}
+    assert {r.worker_pid for r in rows} == set(before) | set(after)
+    assert session.control_store.put("t", "after", b"1") and \
+        session.control_store.get("t", "after") == b"1"
+
+
 def test_another_driver_joins_by_address_and_leaves_ray_running(session, tmp_path):
     address = session.address
     code = ("import beamlet, pytest\n"

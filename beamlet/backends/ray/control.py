@@ -249,6 +249,7 @@ class RayControlStore(ControlStore):
         use one of their own). `in_worker`: this process is a Ray worker, whose
         calls to the actor are submitted from a thread of their own (`_call`)."""
         self._actor = actor  # (the cluster's: looked up or made on first use, `_actor_for`)
+        self._given = actor is not None
         self._actor_lock = threading.Lock()
         self._submitter = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="beamlet-ray-control") if in_worker else None
@@ -292,20 +293,30 @@ class RayControlStore(ControlStore):
         control store's calls in flight too, leaving a write half-known to its
         caller; and Ray 2.60 cancelling a call on this async actor as it
         finishes can crash the actor's process (a Ray-internal check, "Check
-        failed: erased == 1"), losing every table of the cluster."""
-        try:
-            call = getattr(self._actor or self._actor_for(make=True), method).remote
-            if self._submitter is None:
-                ref = call(*args)
-            else:
-                ref = self._submitter.submit(call, *args).result(_CALL_TIMEOUT)
-            return _ray.get(ref, timeout=_CALL_TIMEOUT)
-        except concurrent.futures.TimeoutError:
-            raise exc.BackendError(f"the beamlet control store (a Ray actor) did not take a "
-                                   f"call within {_CALL_TIMEOUT} s") from None
-        except _ray.exceptions.RayError as err:
-            raise exc.BackendError(f"the beamlet control store (a Ray actor) failed: "
-                                   f"{type(err).__name__}: {err}") from None
+        failed: erased == 1"), losing every table of the cluster.
+
+        If the actor has died (that crash, seen under load), the call goes
+        once to the actor made after it (empty tables: what the dead one
+        kept is lost, the call's own effect with it), rather than every
+        later call of this process failing."""
+        for last in (self._given, True):
+            try:
+                call = getattr(self._actor or self._actor_for(make=True), method).remote
+                if self._submitter is None:
+                    ref = call(*args)
+                else:
+                    ref = self._submitter.submit(call, *args).result(_CALL_TIMEOUT)
+                return _ray.get(ref, timeout=_CALL_TIMEOUT)
+            except concurrent.futures.TimeoutError:
+                raise exc.BackendError(f"the beamlet control store (a Ray actor) did not "
+                                       f"take a call within {_CALL_TIMEOUT} s") from None
+            except _ray.exceptions.RayError as err:
+                if isinstance(err, _ray.exceptions.ActorDiedError) and not self._given:
+                    self._actor = None  # (`_actor_for` finds or makes the next one)
+                    if not last:
+                        continue
+                raise exc.BackendError(f"the beamlet control store (a Ray actor) failed: "
+                                       f"{type(err).__name__}: {err}") from None
 
     def put(self, table: str, key, value: bytes, overwrite: bool = True) -> bool:
         value = value_bytes(value, "value")
@@ -371,7 +382,9 @@ class RayControlStore(ControlStore):
             try:
                 found = _ray.get(self._actor_for(make=True).poll.remote(cursors, _POLL),
                                  timeout=_POLL + _CALL_TIMEOUT)
-            except Exception:  # noqa: BLE001 - Ray is going away (closed, or shut down)
+            except Exception as err:  # noqa: BLE001 - Ray is going away (closed, or shut down)
+                if isinstance(err, _ray.exceptions.ActorDiedError) and not self._given:
+                    self._actor = None  # (as in `_call`)
                 if self._closed.wait(_POLL):
                     return
                 continue

@@ -63,6 +63,8 @@ SETTLE_TIMEOUT = 10.0
 _CALL_TIMEOUT = 60.0
 #: Seconds a worker process that is exiting waits for its last events to be kept.
 EXIT_FLUSH_TIMEOUT = 5.0
+#: Sends a sender remembers until it knows they were kept (`EventSender._check_sent`).
+_UNCHECKED_KEPT = 64
 
 # Event kinds (the first item of each event tuple).
 _SUBMITTED, _PROGRESS, _FINISHED, _ACTOR, _WORKER = range(5)
@@ -122,6 +124,8 @@ class EventSender:
         #: Held while events are taken and sent (by the thread, or a `flush`).
         self._sending = threading.Lock()
         self._in_flight: list = []       # the refs of the thread's last send
+        #: ref -> (job id, payload) of the sends not known kept yet (`_check_sent`).
+        self._unchecked: dict = {}
         self._thread = threading.Thread(target=self._run, name="beamlet-ray-task-events",
                                         daemon=True)
         self._thread.start()
@@ -181,7 +185,10 @@ class EventSender:
     # -- sending ---------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            self._wake.acquire()  # (released by the next event: see _emit)
+            # (Released by the next event: see _emit. Meanwhile the sends not
+            # known kept yet are checked, until they are.)
+            while not self._wake.acquire(timeout=FLUSH_INTERVAL if self._unchecked else -1):
+                self._check_sent(0.0)
             time.sleep(FLUSH_DELAY)  # (what comes meanwhile goes in the same call)
             # (With a timeout: a flush on a task's thread that was interrupted
             # midway must not stop this thread.)
@@ -191,7 +198,9 @@ class EventSender:
             finally:
                 if held:
                     self._sending.release()
-            time.sleep(FLUSH_INTERVAL - FLUSH_DELAY)
+            pause = time.monotonic() + FLUSH_INTERVAL - FLUSH_DELAY
+            self._check_sent(FLUSH_INTERVAL - FLUSH_DELAY)
+            time.sleep(max(pause - time.monotonic(), 0.0))
 
     def _take(self) -> dict:
         per_job: dict = {}
@@ -201,17 +210,62 @@ class EventSender:
             per_job.setdefault(job_id, []).append(event)
         return per_job
 
-    def _send(self) -> list:
-        """Send what is gathered; the refs of the calls made."""
+    def _send(self, batches=None) -> list:
+        """Send what is gathered (or `batches`, ``[(job id, payload)]``); the
+        refs of the calls made."""
+        if batches is None:
+            batches = [(job_id, pickle.dumps(events, 5))
+                       for job_id, events in self._take().items()]
         refs = []
-        for job_id, events in self._take().items():
+        for job_id, payload in batches:
             try:
                 if self._actor is None:
                     self._actor = _control_actor()
-                refs.append(self._actor.add_events.remote(job_id, pickle.dumps(events, 5)))
+                ref = self._actor.add_events.remote(job_id, payload)
             except Exception:  # noqa: BLE001 - Ray is going away: nobody left to tell
-                pass
+                continue
+            refs.append(ref)
+            self._unchecked[ref] = (job_id, payload)
+        unchecked = self._unchecked
+        while len(unchecked) > _UNCHECKED_KEPT:
+            unchecked.pop(next(iter(unchecked)))
         return refs
+
+    def _check_sent(self, wait: float) -> None:
+        """Wait up to `wait` for the sends not known kept yet; send again, to
+        the control actor made after it, those that failed because the
+        control actor died (its process crashed, with what it kept: see
+        ``control.py``). Without this every later send to the dead actor
+        would be lost, and each read of its drivers' records would wait
+        `SETTLE_TIMEOUT` for ends that never come."""
+        refs = list(self._unchecked)
+        if not refs:
+            return
+        try:
+            ready, _ = _ray.wait(refs, num_returns=len(refs), timeout=wait, fetch_local=False)
+        except Exception:  # noqa: BLE001 - Ray is going away
+            return
+        if not ready:
+            return
+        if not self._sending.acquire(timeout=_CALL_TIMEOUT):
+            return
+        try:
+            lost = []
+            for ref in ready:
+                batch = self._unchecked.pop(ref, None)
+                if batch is None:
+                    continue
+                try:
+                    _ray.get(ref, timeout=0)
+                except _rex.ActorDiedError:
+                    lost.append(batch)
+                except Exception:  # noqa: BLE001 - anything else: that batch alone is lost
+                    pass
+            if lost:
+                self._actor = None  # (`_send` finds or makes the next one)
+                self._send(lost)
+        finally:
+            self._sending.release()
 
     def flush(self, timeout: float = _CALL_TIMEOUT) -> None:
         """Send what is gathered now and wait (up to `timeout`) until it is
@@ -341,6 +395,14 @@ class EventReceiver:
             try:
                 batches = _ray.get(self._actor.take_events.remote(self._job_id, wait),
                                    timeout=wait + _CALL_TIMEOUT)
+            except _rex.ActorDiedError:
+                # (The control actor's process crashed, with what it kept: the
+                # workers send to the one made next, so this driver takes there.)
+                try:
+                    self._actor = _control_actor()
+                except Exception:  # noqa: BLE001 - Ray is going away
+                    return False
+                return True
             except Exception:  # noqa: BLE001 - Ray is going away
                 return False
             if batches is None:
