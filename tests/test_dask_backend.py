@@ -472,9 +472,36 @@ def test_large_puts_go_direct_to_workers_only_if_the_client_may(no_backend):
     ray.init(backend="dask", num_cpus=1)
     own = _runtime.current().backend.client
     assert ray.get(ray.put(large), timeout=LONG) == large
-    assert ray.get(ray.put(b"small"), timeout=LONG) == b"small"
+
+    @ray.remote
+    def echo(value):
+        return value
+
+    assert ray.get(echo.remote(ray.put(b"small")), timeout=LONG) == b"small"
     assert _scatters_through_scheduler(own) == 1  # (the small one)
     ray.shutdown()
+
+
+def test_the_drivers_small_puts_are_scattered_together_once_their_refs_leave(no_backend):
+    """The driver keeps its small puts (read there without asking Dask) until
+    something it sends Dask could carry their refs elsewhere: then they go in
+    one scatter, not one each, before it."""
+    ray.init(backend="dask", num_cpus=1)
+    client = _runtime.current().backend.client
+    values = [{"n": i} for i in range(500)]
+    refs = [ray.put(v) for v in values]
+    values[7]["n"] = -1  # (a put is the value as it was)
+    assert ray.get(refs[7], timeout=0) == {"n": 7}
+    assert ray.wait(refs, num_returns=len(refs), timeout=0)[1] == []
+    assert _scatters_through_scheduler(client) == 0
+    assert ray.get(echo_all.remote(refs), timeout=LONG) == [{"n": i} for i in range(500)]
+    assert _scatters_through_scheduler(client) == 1
+    ray.shutdown()
+
+
+@ray.remote
+def echo_all(refs):
+    return ray.get(refs)
 
 
 def test_an_error_ref_dropped_on_the_schedulers_thread_does_not_stop_it(no_backend):
