@@ -7,6 +7,7 @@ too, through ``BACKENDS`` in conftest.py; the control store's contract runs on
 it in test_control_store.py."""
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -496,6 +497,11 @@ def test_the_drivers_small_puts_are_scattered_together_once_their_refs_leave(no_
     assert _scatters_through_scheduler(client) == 0
     assert ray.get(echo_all.remote(refs), timeout=LONG) == [{"n": i} for i in range(500)]
     assert _scatters_through_scheduler(client) == 1
+
+    async def in_a_coroutine():  # (on an event loop of the program's own)
+        return ray.get(echo_all.remote([ray.put("put in a coroutine")]), timeout=LONG)
+
+    assert asyncio.run(in_a_coroutine()) == ["put in a coroutine"]
     ray.shutdown()
 
 

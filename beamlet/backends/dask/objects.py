@@ -339,7 +339,7 @@ class DaskObjectStore(ObjectStore):
         as soon as that runs. Batches go out in the order made, each task
         keeping its place (its Dask priority)."""
         from distributed import Future
-        if self._puts:  # (a put among its arguments must be a Dask key first)
+        if self._puts or self._puts_lock.locked():  # (its arguments' puts go first)
             self._flush_puts()
         key = key_of(object_id)
         self.adopt(object_id, Future(key, self.client))
@@ -363,16 +363,20 @@ class DaskObjectStore(ObjectStore):
             self.flush()
 
     def flush(self) -> None:
-        """Scatter the puts waiting here (`put`), then send the tasks
-        `submit_batched` holds to the Dask scheduler (not from the client's
-        event loop: the scatter waits on it)."""
-        if self._puts:
-            self._flush_puts()
+        """Scatter the puts waiting here (`put`; not from the client's event
+        loop, where the scatter could not wait for it), then
+        send the tasks `submit_batched` holds to the Dask scheduler."""
+        if self._puts or self._puts_lock.locked():
+            from distributed.utils import in_async_call
+            if not in_async_call(self.client.loop):  # (there they wait for the next flush)
+                self._flush_puts()
         self._flush_tasks()
 
     def _flush_puts(self) -> None:
         """Scatter the puts waiting here, in one scatter, and return once the
-        scheduler has their keys."""
+        scheduler has their keys (also those another thread's call of this
+        took first: while it holds `_puts_lock`, which callers check with
+        `_puts`, they wait for it here)."""
         with self._puts_lock:  # (a second flush returns once the first's scatter is done)
             with self._batch_lock:
                 values, self._puts = self._puts, {}
