@@ -2,7 +2,8 @@
 
 An object id maps to the key ``beamlet-<id hex>``; its Dask value is the
 beamlet ``SerializedObject`` (a task's result, an error object, or a `put`
-value scattered to a worker). Dask keeps a key's data while some client
+value scattered to a worker: the driver's small ones several at a time, and
+read here meanwhile, see `DaskObjectStore.put`). Dask keeps a key's data while some client
 holds a Future for it, so each process keeps one Future per id its Runtime
 references (created when the process submits or puts the object, or when a
 ref to it arrives and is first used) and drops it in `delete`, when the
