@@ -15,9 +15,11 @@ import time
 import pytest
 
 import procs
+from test_plugins import SlowRecorder
 
 import beamlet as ray
 from beamlet import exceptions as exc
+from beamlet.core import plugins
 from beamlet.core import runtime as _runtime
 
 GONE_TIMEOUT = 30
@@ -508,6 +510,40 @@ def test_the_drivers_small_puts_are_scattered_together_once_their_refs_leave(no_
 @ray.remote
 def echo_all(refs):
     return ray.get(refs)
+
+
+def test_a_cancel_is_told_after_the_ends_of_the_results_read_before_it(no_backend):
+    """The driver tells a cancelled task's end itself, on the caller's thread;
+    the ends its workers reported for the results it read before are told to
+    the observers first, however slow they are."""
+    recorder = SlowRecorder()
+    plugins.register(recorder)
+    try:
+        _squares_then_a_cancel()
+    finally:
+        plugins.unregister(recorder)
+    with recorder.lock:
+        assert recorder.finished == [("square", "FINISHED")] * 6 + [("sleeper", "CANCELLED")]
+
+
+def _squares_then_a_cancel() -> None:
+    ray.init(backend="dask", num_cpus=2)
+
+    @ray.remote
+    def square(x):
+        return x * x
+
+    @ray.remote
+    def sleeper():
+        time.sleep(60)
+
+    assert ray.get([square.remote(i) for i in range(6)], timeout=LONG) == \
+        [i * i for i in range(6)]
+    ref = sleeper.remote()
+    ray.cancel(ref)
+    with pytest.raises(exc.TaskCancelledError):
+        ray.get(ref, timeout=LONG)
+    ray.shutdown()
 
 
 def test_an_error_ref_dropped_on_the_schedulers_thread_does_not_stop_it(no_backend):

@@ -344,7 +344,7 @@ class SlowRecorder:
 @pytest.fixture
 def slow_recorder():
     """A `SlowRecorder`, registered while the test runs. (Asked for before
-    ``backend``: the driver's observers are known at ``init``.)"""
+    ``backend`` or ``init``: the driver's observers are known at ``init``.)"""
     recorder = SlowRecorder()
     plugins.register(recorder)
     try:
@@ -356,28 +356,18 @@ def slow_recorder():
 def test_shutdown_returns_once_observers_heard_the_ends_of_results_read(slow_recorder,
                                                                         backend):
     """Every task whose result the driver has read has been told to the
-    observers (its end) when ``shutdown`` returns, however slow they are; a
-    task cancelled after those reads is told after them."""
+    observers (its end) when ``shutdown`` returns, however slow they are.
+    (test_dask_backend.py: on dask, a cancel after those reads is told after them.)"""
     @beamlet.remote
     def square(x):
         return x * x
 
-    @beamlet.remote
-    def sleeper():
-        time.sleep(60)
-
     n = 6
     assert beamlet.get([square.remote(i) for i in range(n)], timeout=60) == \
         [i * i for i in range(n)]
-    if backend.parallel:  # (elsewhere a task has finished before its ref exists)
-        ref = sleeper.remote()
-        beamlet.cancel(ref)
-        with pytest.raises(beamlet.exceptions.TaskCancelledError):
-            beamlet.get(ref, timeout=60)
     beamlet.shutdown()
     with slow_recorder.lock:
-        assert slow_recorder.finished == [("square", "FINISHED")] * n + \
-            ([("sleeper", "CANCELLED")] if backend.parallel else [])
+        assert slow_recorder.finished == [("square", "FINISHED")] * n
 
 
 class GreetCommand:
