@@ -9,7 +9,9 @@ processes) and runs the same tasks through beamlet and through the driver's
 own Dask client (``client.submit`` and ``client.gather``, as
 ``dask_shim.py`` does), in alternating blocks. Rows: ``sync``
 (``get(f.remote())`` one at a time), ``tput`` (1,000, then one ``get``),
-``arg`` (a 100 MB float64 array passed by value, ``float(a[0])`` returned).
+``arg`` (a 100 MB float64 array passed by value, ``float(a[0])`` returned),
+``put`` (1,000 small ``put``s, one ``scatter`` each natively, then one task
+given all their refs, so that they reach the cluster).
 
 Default: CPU per task (user + system, psutil) of each process of the tree
 (the driver, split into its caller's thread and the rest, mostly the event
@@ -72,6 +74,7 @@ def first(arr):
 
 bnoop = beamlet.remote(noop)
 bfirst = beamlet.remote(first)
+blen = beamlet.remote(len)
 
 
 def native_get(fut):
@@ -99,6 +102,14 @@ def run(row: str, fw: str, n: int) -> None:
                 assert native_get(client.submit(first, ARR, pure=False)) == 1.0
             else:
                 assert beamlet.get(bfirst.remote(ARR)) == 1.0
+    elif row == "put":
+        for _ in range(0, n, 1000):
+            if fw == "dask":
+                futures = [client.scatter(i, hash=False) for i in range(1000)]
+                assert native_get(client.submit(len, futures, pure=False)) == 1000
+            else:
+                refs = [beamlet.put(i) for i in range(1000)]
+                assert beamlet.get(blen.remote(refs)) == 1000
     else:
         raise SystemExit(f"unknown row {row!r}")
 

@@ -601,6 +601,39 @@ def test_put_get_values(backend):
     assert ray.get(ref, timeout=0) == 42
 
 
+@ray.remote
+def read_refs(refs):
+    return ray.get(refs)
+
+
+@ray.remote
+class RefReader:
+    def read(self, refs):
+        return ray.get(refs)
+
+
+def test_a_put_is_its_value_at_the_call_and_ready_everywhere_at_once(backend):
+    """``put`` returns a ref that is ready at once; its object is the value as
+    it was at the call (changed afterwards, it stays); a task, an actor and a
+    ref inside another put read it, also among many puts made in a row."""
+    small, large = np.arange(10), np.arange(200_000)
+    refs = [ray.put(small), ray.put(large)]
+    small[:] = -1
+    large[:] = -1
+    assert ray.wait(refs, num_returns=2, timeout=0)[1] == []
+    assert ray.get(refs[0], timeout=0).tolist() == list(range(10))
+    many = [ray.put({"i": i}) for i in range(300)]
+    outer = ray.put(refs + many)
+    expected = [list(range(10)), list(range(200_000))] + [{"i": i} for i in range(300)]
+    assert ray.get(read_refs.remote(ray.get(outer)), timeout=60)[2:] == expected[2:]
+    first = ray.get(read_refs.remote(refs), timeout=60)
+    assert [a.tolist() for a in first] == expected[:2]
+    actor = RefReader.remote()
+    assert ray.get(actor.read.remote(many[-3:]), timeout=60) == expected[-3:]
+    assert ray.get(actor.read.remote(ray.get(outer)[:1]), timeout=60)[0].tolist() == \
+        expected[0]
+
+
 @pytest.mark.parametrize("n", [10, 200_000])
 def test_put_numpy_arrays(backend, n):
     arr = np.arange(n, dtype=np.int64)

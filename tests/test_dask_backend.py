@@ -7,6 +7,7 @@ too, through ``BACKENDS`` in conftest.py; the control store's contract runs on
 it in test_control_store.py."""
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -14,9 +15,11 @@ import time
 import pytest
 
 import procs
+from test_plugins import SlowRecorder
 
 import beamlet as ray
 from beamlet import exceptions as exc
+from beamlet.core import plugins
 from beamlet.core import runtime as _runtime
 
 GONE_TIMEOUT = 30
@@ -472,8 +475,74 @@ def test_large_puts_go_direct_to_workers_only_if_the_client_may(no_backend):
     ray.init(backend="dask", num_cpus=1)
     own = _runtime.current().backend.client
     assert ray.get(ray.put(large), timeout=LONG) == large
-    assert ray.get(ray.put(b"small"), timeout=LONG) == b"small"
+
+    @ray.remote
+    def echo(value):
+        return value
+
+    assert ray.get(echo.remote(ray.put(b"small")), timeout=LONG) == b"small"
     assert _scatters_through_scheduler(own) == 1  # (the small one)
+    ray.shutdown()
+
+
+def test_the_drivers_small_puts_are_scattered_together_once_their_refs_leave(no_backend):
+    """The driver keeps its small puts (read there without asking Dask) until
+    something it sends Dask could carry their refs elsewhere: then they go in
+    one scatter, not one each, before it."""
+    ray.init(backend="dask", num_cpus=1)
+    client = _runtime.current().backend.client
+    values = [{"n": i} for i in range(500)]
+    refs = [ray.put(v) for v in values]
+    values[7]["n"] = -1  # (a put is the value as it was)
+    assert ray.get(refs[7], timeout=0) == {"n": 7}
+    assert ray.wait(refs, num_returns=len(refs), timeout=0)[1] == []
+    assert _scatters_through_scheduler(client) == 0
+    assert ray.get(echo_all.remote(refs), timeout=LONG) == [{"n": i} for i in range(500)]
+    assert _scatters_through_scheduler(client) == 1
+
+    async def in_a_coroutine():  # (on an event loop of the program's own)
+        return ray.get(echo_all.remote([ray.put("put in a coroutine")]), timeout=LONG)
+
+    assert asyncio.run(in_a_coroutine()) == ["put in a coroutine"]
+    ray.shutdown()
+
+
+@ray.remote
+def echo_all(refs):
+    return ray.get(refs)
+
+
+def test_a_cancel_is_told_after_the_ends_of_the_results_read_before_it(no_backend):
+    """The driver tells a cancelled task's end itself, on the caller's thread;
+    the ends its workers reported for the results it read before are told to
+    the observers first, however slow they are."""
+    recorder = SlowRecorder()
+    plugins.register(recorder)
+    try:
+        _squares_then_a_cancel()
+    finally:
+        plugins.unregister(recorder)
+    with recorder.lock:
+        assert recorder.finished == [("square", "FINISHED")] * 6 + [("sleeper", "CANCELLED")]
+
+
+def _squares_then_a_cancel() -> None:
+    ray.init(backend="dask", num_cpus=2)
+
+    @ray.remote
+    def square(x):
+        return x * x
+
+    @ray.remote
+    def sleeper():
+        time.sleep(60)
+
+    assert ray.get([square.remote(i) for i in range(6)], timeout=LONG) == \
+        [i * i for i in range(6)]
+    ref = sleeper.remote()
+    ray.cancel(ref)
+    with pytest.raises(exc.TaskCancelledError):
+        ray.get(ref, timeout=LONG)
     ray.shutdown()
 
 

@@ -323,6 +323,53 @@ def test_runtime_observer_plugin_sees_task_events(backend_name):
     assert len(recorder.submitted) == len(expected_names)
 
 
+class SlowRecorder:
+    """An observer whose hook takes a while: a backend whose observers hear
+    attempts' ends on a thread of their own (``dask``) is still telling it
+    when ``get`` returns."""
+
+    DELAY = 0.25  # seconds each end takes to be told
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.finished: list[tuple[str, str]] = []
+
+    @hookimpl
+    def beamlet_task_finished(self, spec, status):
+        time.sleep(self.DELAY)
+        with self.lock:
+            self.finished.append((spec.display_name.rsplit(".", 1)[-1], status))
+
+
+@pytest.fixture
+def slow_recorder():
+    """A `SlowRecorder`, registered while the test runs. (Asked for before
+    ``backend`` or ``init``: the driver's observers are known at ``init``.)"""
+    recorder = SlowRecorder()
+    plugins.register(recorder)
+    try:
+        yield recorder
+    finally:
+        plugins.unregister(recorder)
+
+
+def test_shutdown_returns_once_observers_heard_the_ends_of_results_read(slow_recorder,
+                                                                        backend):
+    """Every task whose result the driver has read has been told to the
+    observers (its end) when ``shutdown`` returns, however slow they are.
+    (test_dask_backend.py: on dask, a cancel after those reads is told after them.)"""
+    @beamlet.remote
+    def square(x):
+        return x * x
+
+    n = 6
+    assert beamlet.get([square.remote(i) for i in range(n)], timeout=60) == \
+        [i * i for i in range(n)]
+    beamlet.shutdown()
+    with slow_recorder.lock:
+        assert slow_recorder.finished == [("square", "FINISHED")] * n
+
+
 class GreetCommand:
     """A plugin adding ``beamlet greet --name NAME``."""
 

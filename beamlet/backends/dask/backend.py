@@ -21,6 +21,9 @@ from ...core.options import check_backend_options
 
 _CONNECT_TIMEOUT = 10.0
 _END_JOB_TIMEOUT = 30.0
+#: Seconds `shutdown` waits for the observers to be told the ends of the tasks
+#: whose results this driver has (a hook of theirs that blocks is not waited out).
+SETTLE_TIMEOUT = 10.0
 
 
 def task_events_channel(job_id: str) -> str:
@@ -181,7 +184,14 @@ class DaskBackend(Backend):
     def shutdown(self) -> None:
         """Release this process's objects; in the driver also end the job on every
         worker (its actors stop, what it held is released), then close the
-        client and the LocalCluster if this backend made them."""
+        client and the LocalCluster if this backend made them.
+
+        Where the driver's plugins observe attempts (``job["task_events"]``),
+        they have been told, when this returns, the end of every task whose
+        result this driver has: a worker reports an end before it returns the
+        result, but the report reaches the observers through the control
+        store's delivery thread, which may be behind (``control.py``). It is
+        waited for, up to `SETTLE_TIMEOUT` s."""
         if self._is_driver:
             try:
                 self.scheduler.end_job_actors()
@@ -189,6 +199,8 @@ class DaskBackend(Backend):
                 pass
         self.scheduler.shutdown()
         self.object_store.close()
+        if self._is_driver and self.job["task_events"]:
+            self.control_store.delivered(SETTLE_TIMEOUT)
         self.control_store.close()
         if not self._is_driver:
             return

@@ -6,6 +6,13 @@ each worker's client, a second driver) sees the same tables, and they last as
 long as the scheduler. Compare-and-set and delete run inside the scheduler
 (``run_on_scheduler``), whose event loop makes them atomic in one round trip; publish/subscribe are Dask's events (``log_event`` and
 ``subscribe_topic``), delivered to callbacks on one thread of this store.
+
+Dask hands a client the messages of the topics it subscribed to on the same
+stream as its futures' results, in the order the scheduler sent them, and the
+client takes them in that order: a message published (``log_event`` returned)
+before a task's result reached the scheduler is in this store's delivery
+queue before the client's Future of that result is done. `delivered` waits
+for that queue.
 """
 from __future__ import annotations
 
@@ -61,6 +68,7 @@ class DaskControlStore(ControlStore):
         self._lock = threading.Lock()
         self._subscribers: dict[str, list[Callable[[bytes], Any]]] = {}
         self._deliveries = None
+        self._thread: threading.Thread | None = None  # (the one delivering)
 
     def _path(self, table: str, key) -> list:
         return [self._root, table, key_bytes(key).hex()]
@@ -102,8 +110,9 @@ class DaskControlStore(ControlStore):
             if self._deliveries is None:
                 import queue
                 self._deliveries = queue.SimpleQueue()
-                threading.Thread(target=self._deliver, args=(self._deliveries,),
-                                 name="beamlet-dask-events", daemon=True).start()
+                self._thread = threading.Thread(target=self._deliver, args=(self._deliveries,),
+                                                name="beamlet-dask-events", daemon=True)
+                self._thread.start()
             callbacks = self._subscribers.setdefault(topic, [])
             first = not callbacks
             callbacks.append(callback)
@@ -131,11 +140,28 @@ class DaskControlStore(ControlStore):
                                        f"to {topic!r} within {_SUBSCRIBE_TIMEOUT:.0f} s")
             time.sleep(0.01)
 
+    def delivered(self, timeout: float) -> bool:
+        """Return True once the subscribers have been handed every message this
+        store's client received before the call (see the module's docstring:
+        each one published before a result this process has seen), False
+        after `timeout` s (a subscriber still busy). At once when called by a
+        subscriber, which the messages behind it wait for."""
+        with self._lock:
+            deliveries, thread = self._deliveries, self._thread
+        if deliveries is None or threading.current_thread() is thread:
+            return True
+        reached = threading.Event()
+        deliveries.put(reached)  # (FIFO: after every message queued so far)
+        return reached.wait(timeout)
+
     def _deliver(self, deliveries) -> None:
         while True:
             item = deliveries.get()
             if item is None:
                 return
+            if isinstance(item, threading.Event):  # (a `delivered` waits for this point)
+                item.set()
+                continue
             topic, message = item
             with self._lock:
                 callbacks = list(self._subscribers.get(topic, ()))

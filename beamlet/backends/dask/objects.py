@@ -2,7 +2,8 @@
 
 An object id maps to the key ``beamlet-<id hex>``; its Dask value is the
 beamlet ``SerializedObject`` (a task's result, an error object, or a `put`
-value scattered to a worker). Dask keeps a key's data while some client
+value scattered to a worker: the driver's small ones several at a time, and
+read here meanwhile, see `DaskObjectStore.put`). Dask keeps a key's data while some client
 holds a Future for it, so each process keeps one Future per id its Runtime
 references (created when the process submits or puts the object, or when a
 ref to it arrives and is first used) and drops it in `delete`, when the
@@ -58,6 +59,12 @@ _OWN_FRAME = 64 * 1024
 #: scheduler told) rather than through the scheduler (one round trip, and a
 #: copy through the scheduler's process: dearer for large values only).
 _DIRECT_SCATTER = 1024 * 1024
+#: Bytes below which a value the driver `put`s waits here to be scattered with
+#: others (one scatter for many: `_flush_puts`)...
+_BATCHED_PUT = _OWN_FRAME
+#: ...until this many wait, or this many bytes.
+_PUTS_MAX = 1000
+_PUTS_MAX_BYTES = 8 * 1024 * 1024
 
 
 class DaskObject(SerializedObject):
@@ -268,7 +275,14 @@ class DaskObjectStore(ObjectStore):
         self._futures: dict[bytes, object] = {}
         #: Values handed to a task running in this process by Dask itself (its
         #: resolved ref arguments), read by the executor without a round trip.
+        #: Also the values of the small objects this process `put` (while it
+        #: holds them): read, and ready, here without asking Dask.
         self._local: dict[bytes, SerializedObject] = {}
+        self._put_here: set[bytes] = set()  # (those puts)
+        #: Puts not scattered yet: key -> value (see `put`), and their bytes.
+        self._puts: dict[str, SerializedObject] = {}
+        self._puts_bytes = 0
+        self._puts_lock = threading.Lock()  # (never taken on the client's event loop)
         #: The refs contained in objects this process read, kept alive while it
         #: holds the containing object (the ObjectStore contract).
         self._contained: dict[bytes, tuple] = {}
@@ -326,6 +340,8 @@ class DaskObjectStore(ObjectStore):
         as soon as that runs. Batches go out in the order made, each task
         keeping its place (its Dask priority)."""
         from distributed import Future
+        if self._puts or self._puts_lock.locked():  # (its arguments' puts go first)
+            self._flush_puts()
         key = key_of(object_id)
         self.adopt(object_id, Future(key, self.client))
         with self._batch_lock:
@@ -336,7 +352,7 @@ class DaskObjectStore(ObjectStore):
         if full:
             self.flush()
         elif arm:
-            self.client.loop.add_callback(self.flush)
+            self.client.loop.add_callback(self._flush_tasks)
 
     def _flush_for_read(self) -> None:
         """Before a read (`get`, `wait`): the batch must reach the scheduler
@@ -348,6 +364,38 @@ class DaskObjectStore(ObjectStore):
             self.flush()
 
     def flush(self) -> None:
+        """Scatter the puts waiting here (`put`; not from the client's event
+        loop, where the scatter could not wait for it), then
+        send the tasks `submit_batched` holds to the Dask scheduler."""
+        if self._puts or self._puts_lock.locked():
+            from distributed.utils import in_async_call
+            if not in_async_call(self.client.loop):  # (there they wait for the next flush)
+                self._flush_puts()
+        self._flush_tasks()
+
+    def _flush_puts(self) -> None:
+        """Scatter the puts waiting here, in one scatter, and return once the
+        scheduler has their keys (also those another thread's call of this
+        took first: while it holds `_puts_lock`, which callers check with
+        `_puts`, they wait for it here)."""
+        with self._puts_lock:  # (a second flush returns once the first's scatter is done)
+            with self._batch_lock:
+                values, self._puts = self._puts, {}
+                self._puts_bytes = 0
+            if not values:
+                return
+            try:
+                futures = self._scatter(values)
+            except Exception as err:  # noqa: BLE001 - e.g. no worker left
+                for key in values:
+                    state = self.client.futures.get(key)
+                    if state is not None:
+                        state.set_error(err, err.__traceback__)
+                return
+        for fut in futures.values():
+            fut.release()  # (the Future `put` adopted holds the key)
+
+    def _flush_tasks(self) -> None:
         """Send the tasks `submit_batched` holds to the Dask scheduler (from any thread)."""
         if not self._batch:
             return
@@ -566,13 +614,34 @@ class DaskObjectStore(ObjectStore):
 
     # -- ObjectStore ------------------------------------------------------------------
     def put(self, object_id: bytes, value: SerializedObject) -> None:
+        """A small value in the driver (below `_BATCHED_PUT` bytes) is copied
+        now, kept here for this process's reads, and scattered with the puts
+        after it (`_flush_puts`) once enough wait, or before anything else
+        this store or its scheduler sends Dask (`flush`): before any task,
+        actor call or put that could carry its ref elsewhere. Any other value
+        is scattered before this returns."""
         self._check_open()
-        self.flush()
         key = key_of(object_id)
         if value.refs:
             self.publish(value.refs)
-        futures = self._scatter({key: carried(value)})
-        self.adopt(object_id, futures[key])
+        size = _nbytes(value)
+        if self._worker is None and size < _BATCHED_PUT:
+            from distributed import Future
+            value = value.detached()  # (the object is the value as it was at the call)
+            with self._lock:
+                self._local[object_id] = value
+                self._put_here.add(object_id)
+            self.adopt(object_id, Future(key, self.client))
+            with self._batch_lock:
+                self._puts[key] = value
+                self._puts_bytes += size
+                full = len(self._puts) >= _PUTS_MAX or self._puts_bytes >= _PUTS_MAX_BYTES
+            if full:
+                self._flush_puts()
+        else:
+            self.flush()
+            futures = self._scatter({key: carried(value)})
+            self.adopt(object_id, futures[key])
         if value.refs:
             with self._lock:
                 self._contained[object_id] = value.refs
@@ -888,6 +957,9 @@ class DaskObjectStore(ObjectStore):
             for object_id in object_ids:
                 if calls:
                     calls.pop(object_id, None)
+                if object_id in self._put_here:
+                    self._put_here.discard(object_id)
+                    del self._local[object_id]
                 fut = self._futures.pop(object_id, None)
                 submitted = object_id in self._submitted
                 self._submitted.discard(object_id)
@@ -973,6 +1045,9 @@ class DaskObjectStore(ObjectStore):
             self._unwanted = {}
             self._pinned = []
             self._contained.clear()
+            for object_id in self._put_here:
+                self._local.pop(object_id, None)
+            self._put_here.clear()
             self._calls = {}
             handover, self._handover = self._handover, None
         for fut in futures:

@@ -386,6 +386,10 @@ class DaskScheduler(Scheduler):
                 if spec is not None:
                     del self._observed[spec.task_id]
             if spec is not None:  # (its attempt runs on, unreported: Dask cannot stop it)
+                # (Told after the ends of the results read before, which the
+                # control store's delivery thread may still be telling.)
+                from .backend import SETTLE_TIMEOUT
+                self._backend.control_store.delivered(SETTLE_TIMEOUT)
                 plugins.notify("beamlet_task_finished", spec=spec, status=CANCELLED,
                                duration=0.0, pid=0)
         parents = [object_id]

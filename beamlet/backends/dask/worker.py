@@ -73,7 +73,10 @@ class _Job:
 
     def _task_finished(self, spec, status, duration, pid) -> None:
         """Send an attempt's end of this job's task to the driver (whose plugins
-        observe them), as ``task id hex, attempt, status, duration, pid``."""
+        observe them), as ``task id hex, attempt, status, duration, pid``.
+        On the task's thread, before its result is returned: the report is
+        with the Dask scheduler before the result (the driver's `shutdown`
+        counts on it)."""
         if _runtime.current_or_none() is not self.runtime:
             return  # (another job's, in this process)
         message = f"{spec.task_id.hex()},{spec.attempt},{status},{duration!r},{pid}"
