@@ -347,7 +347,7 @@ class ActorMethod:
                 argspec, f"{handle._class_name}.{self._name}.remote()",
                 scheduler.submit, rt.pins_arguments, spec.actor_options, spec.env_vars,
                 None if rt.pins_arguments or spec.actor_options is not None or spec.env_vars
-                else scheduler.submit_plain_call))
+                else getattr(scheduler, "submit_plain_call", None)))
         if generator is not None and generator[0] == STREAMING:
             from .generators import ObjectRefGenerator
             return ObjectRefGenerator(refs[0], generator[1])
