@@ -587,10 +587,11 @@ def test_plain_calls_without_task_events(session, tmp_path):
 
 
 PLAIN_ACTOR_CALLS = """
-import asyncio, os, sys, time
+import asyncio, os, sys, threading, time
 import numpy as np
 import beamlet, pytest, ray as real_ray
 from beamlet import exceptions as exc
+from beamlet.core import plugins
 sys.path.insert(0, {tests!r})
 import procs
 T = {T}
@@ -632,6 +633,14 @@ class Log:
 
     def leave(self):
         beamlet.actor.exit_actor()
+
+    def maybe_leave(self, go):
+        if go:
+            beamlet.actor.exit_actor()
+        return "stayed"
+
+    def lock(self, give):
+        return threading.Lock() if give else None
 
     @beamlet.method(num_returns=2)
     def pair(self):
@@ -690,6 +699,47 @@ with pytest.raises(exc.ActorDiedError):
     beamlet.get(leaving.leave.remote(), timeout=T)
 with pytest.raises(exc.ActorDiedError, match="exit_actor"):
     beamlet.get(leaving.add.remote(1), timeout=T)
+# A method's later calls take the short ways (the driver sends them without a
+# spec; the actor runs one whose first call went the whole way without making
+# one): they mean the same.
+log = Log.remote(0)
+method = log.add                 # (kept on the handle: it keeps no cycle, nor the actor)
+assert log.add is method and beamlet.get([method.remote(i) for i in range(3)],
+                                         timeout=T) == [0, 1, 2]
+ids = beamlet.get([log.ids.remote() for _ in range(4)], timeout=T)
+assert len({{t for t, _ in ids}}) == 4 and {{a for _, a in ids}} == {{log._actor_id.hex()}}
+for _ in range(3):
+    with pytest.raises(KeyError):
+        beamlet.get(log.fail.remote(), timeout=T)
+    with pytest.raises(TypeError, match="serializ"):  # (a result that cannot travel)
+        beamlet.get(log.lock.remote(True), timeout=T)
+    assert beamlet.get(log.lock.remote(False), timeout=T) is None
+    with pytest.raises(ValueError):
+        beamlet.get(log.add.remote(fail.remote()), timeout=T)
+    assert beamlet.get(log.add.remote(beamlet.put(10), 3), timeout=T) == 13
+submitted = []
+
+def heard(spec):
+    submitted.append(spec.method_name)
+
+plugins.add_listener("beamlet_task_submitted", heard)
+try:
+    assert beamlet.get(log.add.remote(14), timeout=T) == 14   # (heard of: its spec's way)
+finally:
+    plugins.remove_listener("beamlet_task_submitted", heard)
+assert submitted == ["add"]
+pid = beamlet.get(log.pid.remote(), timeout=T)
+del log
+assert beamlet.get(method.remote(15), timeout=T) == 15   # (the method holds the actor)
+del method
+assert procs.wait_gone([pid], T) == [], "the actor outlived its handles"
+leaving = Log.remote()
+assert beamlet.get([leaving.maybe_leave.remote(False) for _ in range(2)],
+                   timeout=T) == ["stayed"] * 2
+with pytest.raises(exc.ActorDiedError, match="exit_actor"):
+    beamlet.get(leaving.maybe_leave.remote(True), timeout=T)
+with pytest.raises(exc.ActorDiedError, match="exit_actor"):
+    beamlet.get(leaving.maybe_leave.remote(False), timeout=T)
 
 @beamlet.remote(max_concurrency=1, concurrency_groups={{"io": 1}})
 class Async:

@@ -11,6 +11,7 @@ from .object_ref import ObjectRef
 from .options import (ACTOR_OPTIONS, DYNAMIC, METHOD_OPTIONS, STREAMING, env_vars_of,
                       resource_request, validate)
 from .placement import placement_request
+from .plugins import observed
 from .serialization import dumps
 from .signature import ArgSpec
 from .task_spec import ACTOR_CREATION, ACTOR_METHOD, TaskSpec
@@ -64,6 +65,9 @@ def _constructor_argspec(cls: type) -> "ArgSpec | None":
     if cls.__init__ is object.__init__:
         return None if cls.__new__ is not object.__new__ else ArgSpec(())
     return ArgSpec.of(cls.__init__, skip_first=True)
+
+
+_SUBMITTED = "beamlet_task_submitted"
 
 
 class ActorClass:
@@ -226,9 +230,15 @@ class ActorHandle:
                                  f"method {name!r}")
         entry = methods[name]
         backpressure = entry.get("backpressure", -1)
-        return ActorMethod(self, name, entry["num_returns"],
-                           {"_generator_backpressure_num_objects": backpressure}
-                           if backpressure != -1 else None)
+        # Kept in the handle's __dict__, so that the next ``handle.name`` is a
+        # plain attribute: the kept one refers to a copy of this handle (the
+        # same actor and token), not to this one, which it would keep alive
+        # in a cycle (and the actor with it) until a garbage collection.
+        method = self.__dict__[name] = ActorMethod(
+            ActorHandle(self._actor_id, self._class_name, methods, self._token), name,
+            entry["num_returns"], {"_generator_backpressure_num_objects": backpressure}
+            if backpressure != -1 else None)
+        return method
 
     def _argspec(self, name: str) -> "ArgSpec | None":
         """The ArgSpec of method `name` (None: unchecked), made once per handle."""
@@ -284,8 +294,9 @@ class ActorMethod:
         if rt is not None and not self._options:
             fast = rt.plain_calls.get((handle._actor_id, self._name))
             if fast is not None:
-                # A plain call (see below, where `fast` is made): the spec in one step.
-                argspec, what, submit, owns, actor_options, env_vars = fast
+                # A plain call (see below, where `fast` is made): the spec in one step,
+                # or none where the scheduler takes the call without (`direct`).
+                argspec, what, submit, owns, actor_options, env_vars, direct = fast
                 if args or kwargs:
                     if argspec is not None:
                         argspec.check(args, kwargs, what)
@@ -297,6 +308,10 @@ class ActorMethod:
                         argspec.check(args, kwargs, what)  # (raises)
                     packed, packed_kw = [], {}
                 return_id = ids.new_id()
+                if direct is not None and not packed_kw and not observed(_SUBMITTED):
+                    ref = ObjectRef(return_id)
+                    if direct(handle._actor_id, self._name, packed, return_id):
+                        return ref
                 spec = TaskSpec(ids.new_id(), ACTOR_METHOD, b"", handle._class_name, packed,
                                 packed_kw, (return_id,), {}, 0, False, handle._actor_id,
                                 self._name, actor_options, rt.caller_id, 0, env_vars, None,
@@ -327,10 +342,12 @@ class ActorMethod:
         if not self._options and n == 1 and generator is None:
             # What every later plain call of this method of this actor in this
             # runtime puts in its spec (the Runtime's `plain_calls`).
+            scheduler = rt.backend.scheduler
             rt.remember_plain_call((handle._actor_id, self._name), (
                 argspec, f"{handle._class_name}.{self._name}.remote()",
-                rt.backend.scheduler.submit, rt.pins_arguments, spec.actor_options,
-                spec.env_vars))
+                scheduler.submit, rt.pins_arguments, spec.actor_options, spec.env_vars,
+                None if rt.pins_arguments or spec.actor_options is not None or spec.env_vars
+                else getattr(scheduler, "submit_plain_call", None)))
         if generator is not None and generator[0] == STREAMING:
             from .generators import ObjectRefGenerator
             return ObjectRefGenerator(refs[0], generator[1])

@@ -268,6 +268,16 @@ class Scheduler(abc.ABC):
     #: or starts (``"RUNNING"``). None: nobody listens.
     task_progress = None
 
+    #: Optional: ``submit_plain_call(actor_id, method_name, args, return_id) ->
+    #: bool``, a plain actor call (``handle.method.remote(*args)``: no
+    #: ``.options()``, keywords, actor options or env_vars, one return; `args`
+    #: as a spec holds them) submitted without its spec, its one result under
+    #: `return_id`; False (and nothing done) if it must go as a spec through
+    #: `submit` after all. Used only where nobody listens to
+    #: ``beamlet_task_submitted`` (a spec-less call tells no hook) and the
+    #: runtime pins no arguments. None: every call goes through `submit`.
+    submit_plain_call = None
+
     @abc.abstractmethod
     def submit(self, spec: TaskSpec) -> None:
         """Queue a task, actor creation or actor method call."""

@@ -143,6 +143,15 @@ def notify(hook_name: str, **kwargs) -> None:
             _report(hook_name, err)
 
 
+def observed(hook_name: str) -> bool:
+    """Whether `notify` of `hook_name` would call anything (a hot path may
+    then skip making what it would pass)."""
+    try:
+        return bool(_observed[hook_name])
+    except KeyError:
+        return bool(_callers(hook_name))
+
+
 def _callers(hook_name: str) -> tuple:
     listeners = _listeners.get(hook_name)  # (a list that is replaced, never changed)
     caller = observer(hook_name)

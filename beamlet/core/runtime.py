@@ -102,7 +102,8 @@ class Runtime:
         #: the job's, placement). (actor id, method name) -> for
         #: ``handle.method.remote(...)`` without .options(), one return, no
         #: generator: (ArgSpec, its error label, submit, whether `accept`,
-        #: actor_options, env_vars). A call in another runtime (after init()
+        #: actor_options, env_vars, the scheduler's ``submit_plain_call`` where
+        #: such calls may go without a spec, else None). A call in another runtime (after init()
         #: again) finds none. See `remember_plain_call`.
         self.plain_calls: dict = {}
         self._callbacks = None  # the queue of the callback thread, once started

@@ -36,6 +36,9 @@ from ..exceptions import BeamletError as _BeamletError
 # Types pickled by the fast path: plain pickle is much quicker than cloudpickle
 # for them and there is nothing cloudpickle would do differently.
 _PLAIN_TYPES = frozenset({type(None), bool, int, float, complex, str, bytes})
+#: (The same, for callers that pickle such a value themselves: ``pickle.dumps(v, 5)``
+#: is then its whole serialized form, without buffers or refs.)
+PLAIN_TYPES = _PLAIN_TYPES
 
 #: While a value's arrays pickled so far total at most this many bytes, each
 #: contiguous one is pickled in the stream (see the module's docstring).

@@ -106,6 +106,8 @@ class RayBackend(Backend):
             else:
                 self.control_store = RayControlStore(in_worker=not self._is_driver)
             self.scheduler = RayScheduler(self)
+            # (The Runtime calls it per ref let go of: one step less than the method.)
+            self.object_released = self.object_store.release
             if self._is_driver and self.task_events:
                 from .events import EventReceiver
                 self.events = EventReceiver(self)

@@ -98,6 +98,8 @@ class RayScheduler(Scheduler):
         #: Whether submissions made here are told to the job's task record
         #: (events.py): by the driver's receiver, or a worker's sender.
         self._events_on = bool(backend.job.get("task_events"))
+        if not self._events_on:  # (else each call is told to the task record: `submit`)
+            self.submit_plain_call = self._submit_plain_call
         self._sender = None
         if self._events_on and backend.events is None:
             from .events import sender
@@ -243,38 +245,61 @@ class RayScheduler(Scheduler):
     def _submit_direct(self, spec: TaskSpec) -> bool:
         """Submit a plain call (the caller checked: one return, no generator, no
         group, keywords, env_vars, retries or task events) as a call of its
-        Ray method (``worker.actor_class``), with its arguments as Ray's: its
-        refs' Ray refs, its inline values packed (``store.pack``); False (and
-        nothing done) if it cannot go so: a value containing refs, a method
-        without a Ray method of its own, an actor this process cannot find."""
-        store = self._store
-        methods = store.methods.get(spec.actor_id)
-        method = methods.get(spec.method_name) if methods is not None else None
-        if method is None:
-            if not direct(spec.method_name):
-                return False
-            handle = self.actor(spec.actor_id)
-            if handle is None:
-                return False
-            method = getattr(handle, spec.method_name, None)
-            if method is None:  # (no Ray method of that name: see worker.actor_class)
-                return False
-            store.note_method(spec.actor_id, handle, spec.method_name, method)
-        if spec.args:
-            values = []
-            for kind, value in spec.args:
-                if kind == ARG_VALUE:
-                    if value.refs:
-                        return False  # (their Ray refs travel beside them: `_submit`)
-                    values.append(store.pack(value))
-                else:
-                    values.append(store.ray_ref(value))
-            plugins.notify("beamlet_task_submitted", spec=spec)
-            store.adopt_call(spec.return_ids[0], method.remote(*values), spec.actor_id)
-        else:
-            plugins.notify("beamlet_task_submitted", spec=spec)
-            store.adopt_call(spec.return_ids[0], method.remote(), spec.actor_id)
+        Ray method (``worker.actor_class``), with its arguments as Ray's
+        (`_direct_call`); False (and nothing done) if it cannot go so."""
+        call = self._direct_call(spec.actor_id, spec.method_name, spec.args)
+        if call is None:
+            return False
+        plugins.notify("beamlet_task_submitted", spec=spec)
+        method, values = call
+        self._store.adopt_call(spec.return_ids[0], method.remote(*values), spec.actor_id)
         return True
+
+    def _submit_plain_call(self, actor_id: bytes, method_name: str, args: list,
+                           return_id: bytes) -> bool:
+        """``Scheduler.submit_plain_call``: `_submit_direct` without a spec."""
+        store = self._store
+        methods = store.methods.get(actor_id)
+        method = methods.get(method_name) if methods is not None else None
+        if method is None or args:  # (the common call of a known method without: here)
+            call = self._direct_call(actor_id, method_name, args)
+            if call is None:
+                return False
+            method, values = call
+            store.adopt_call(return_id, method.remote(*values), actor_id)
+        else:
+            store.adopt_call(return_id, method.remote(), actor_id)
+        return True
+
+    def _direct_call(self, actor_id: bytes, method_name: str, args: list):
+        """``(Ray method, Ray arguments)`` of a plain call (``worker.actor_class``):
+        its refs' Ray refs, its inline values packed (``store.pack``); None if
+        it cannot go so: a value containing refs, a method without a Ray
+        method of its own, an actor this process cannot find."""
+        store = self._store
+        methods = store.methods.get(actor_id)
+        method = methods.get(method_name) if methods is not None else None
+        if method is None:
+            if not direct(method_name):
+                return None
+            handle = self.actor(actor_id)
+            if handle is None:
+                return None
+            method = getattr(handle, method_name, None)
+            if method is None:  # (no Ray method of that name: see worker.actor_class)
+                return None
+            store.note_method(actor_id, handle, method_name, method)
+        if not args:
+            return method, ()
+        values = []
+        for kind, value in args:
+            if kind == ARG_VALUE:
+                if value.refs:
+                    return None  # (their Ray refs travel beside them: `_submit`)
+                values.append(store.pack(value))
+            else:
+                values.append(store.ray_ref(value))
+        return method, values
 
     # -- task events (events.py) -------------------------------------------------------
     def _tell_submitted(self, spec: TaskSpec, dep_refs: list) -> None:

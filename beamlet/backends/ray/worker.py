@@ -36,11 +36,13 @@ from ...core import plugins
 from ...core import runtime as _runtime
 from ...core.execution import Executor
 from ...core.scheduling import ActorLifecycle, run_attempts
-from ...core.serialization import serialize
+from ...core.runtime import TaskContext, task_context
+from ...core.serialization import PLAIN_TYPES, serialize
 from ...core.ids import new_id
 from ...core.task_spec import ACTOR_METHOD, ARG_VALUE, TASK, TaskSpec
 
 _jobs: dict[str, "_Job"] = {}
+_FINISHED = "beamlet_task_finished"
 _jobs_lock = threading.Lock()
 
 
@@ -393,6 +395,8 @@ class _Host:
         self._job = _job(job)
         self._spec = spec
         self._dead: str | None = None
+        #: method name -> what its plain calls need (`_note_plain`)
+        self._plain: dict[str, tuple] = {}
         reconstructed = _reconstructed()
         if reconstructed:
             # (Ray reran the constructor: the instance reads it in
@@ -559,20 +563,61 @@ async def _async_call(host: "AsyncActorHost", spec: TaskSpec, dep_ids, dep_value
     return _after(host, spec, result.values)
 
 
-def _direct_spec(host: _Host, name: str, values: tuple) -> TaskSpec:
+def _direct_spec(host: _Host, name: str, values: tuple, task_id: bytes | None = None
+                 ) -> TaskSpec:
     """The spec of a direct call (`actor_class`) of method `name`, `values`
     its arguments as Ray gave them: what the caller's spec of a plain call
-    held (see ``ActorMethod.remote``), with an id of its own (what
-    ``get_runtime_context()`` says inside the call; nothing outside this
-    process names it)."""
+    held (see ``ActorMethod.remote``), with an id of its own (`task_id`, else
+    a new one: what ``get_runtime_context()`` says inside the call; nothing
+    outside this process names it)."""
     args = [(ARG_VALUE, host._job.store.unpack_arg(v)) for v in values] if values else []
-    return TaskSpec(new_id(), ACTOR_METHOD, b"", host._spec.function_name, args, {},
-                    _ONE_RETURN, {}, 0, False, host._spec.actor_id, name, None, None, 0,
+    return TaskSpec(task_id or new_id(), ACTOR_METHOD, b"", host._spec.function_name, args,
+                    {}, _ONE_RETURN, {}, 0, False, host._spec.actor_id, name, None, None, 0,
                     None, None, None)
 
 
 def _direct(host: ActorHost, name: str, values: tuple):
-    """A direct call of method `name` (see `actor_class`)."""
+    """A direct call of method `name` (see `actor_class`). A method that took
+    the whole way once (`_note_plain`), called with inline values (pickle
+    streams) while the actor is alive and nobody here listens for the ends of
+    tasks, runs as ``Executor.execute`` would run it (the task context set,
+    the method called, its value or error as its Ray value) without a spec
+    unless it fails."""
+    fast = host._plain.get(name)
+    if fast is None or host._dead is not None or plugins.observed(_FINISHED):
+        return _direct_spec_path(host, name, values)
+    method = getattr(fast[2], name, None)
+    if getattr(method, "__func__", None) is not fast[0]:
+        return _direct_spec_path(host, name, values)
+    for value in values:
+        if type(value) is not bytes:
+            return _direct_spec_path(host, name, values)
+    context = TaskContext(new_id(), host._spec.actor_id, fast[1], None, fast[3])
+    token = task_context.set(context)
+    try:
+        try:
+            result = method(*map(pickle.loads, values)) if values else method()
+        except BaseException as err:  # noqa: BLE001 - user code may raise anything
+            spec = _direct_spec(host, name, (), context.task_id)
+            failed = host._job.executor._handle(spec, err)
+        else:
+            if type(result) in PLAIN_TYPES:
+                return pickle.dumps(result, 5)
+            try:
+                return host._job.store.pack(serialize(result))
+            except TypeError as err:  # (as Executor._execute_plain says it)
+                spec = _direct_spec(host, name, (), context.task_id)
+                failed = host._job.executor._failure(spec, exc.TaskError.from_exception(
+                    err, spec.display_name, host._job.executor.pid))
+    finally:
+        task_context.reset(token)
+    if host._job.executor.exiting is None:
+        return host._job.store.pack(failed.values[0])
+    return _after(host, spec, failed.values)
+
+
+def _direct_spec_path(host: ActorHost, name: str, values: tuple):
+    """`_direct` of any call: through its spec, as every backend runs one."""
     spec = _direct_spec(host, name, values)
     if host._dead is not None:
         return host._died(spec)
@@ -581,8 +626,26 @@ def _direct(host: ActorHost, name: str, values: tuple):
         job.events.running(job.job_id, spec)
     result = run_attempts(spec, job.executor.execute, host._spec)
     if job.executor.exiting is None:  # (`_after`, for the common call)
+        if job.events is None and name not in host._plain:
+            _note_plain(host, name)
         return job.store.pack(result.values[0])
     return _after(host, spec, result.values)
+
+
+def _note_plain(host: ActorHost, name: str) -> None:
+    """After a call of `name` went the whole way (`_direct_spec_path`): whether
+    the next ones may take `_direct`'s short way: the method a plain (not
+    async) method of the actor's own object, which runs in the actor's
+    environment. (Where the actor's calls are told to the job's task record,
+    none does.)"""
+    actor = host._job.executor.actors.get(host._spec.actor_id)
+    if actor is None or not actor.own_env:
+        return
+    known = actor._async_methods.get(name)  # (Executor._execute_plain recorded it)
+    display = actor.display_names.get(name)
+    if known is not None and not known[1] and display is not None and \
+            getattr(getattr(actor.instance, name, None), "__func__", None) is known[0]:
+        host._plain[name] = (known[0], display, actor.instance, actor.spec.placement_group)
 
 
 async def _direct_async(host: AsyncActorHost, name: str, values: tuple):
@@ -611,18 +674,36 @@ def direct(method_name: str) -> bool:
     return not method_name.startswith("_") and method_name not in _TAKEN
 
 
-def _direct_method(name: str):
-    def method(self, *values):
-        return _direct(self, name, values)
+def _direct_method(name: str, takes_nothing: bool):
+    # (Ray binds each call's arguments to its method's signature, at a cost
+    # that grows with its parameters: a method without takes none.)
+    if takes_nothing:
+        def method(self):
+            return _direct(self, name, ())
+    else:
+        def method(self, *values):
+            return _direct(self, name, values)
     method.__name__ = method.__qualname__ = name
     return method
 
 
-def _direct_async_method(name: str):
-    async def method(self, *values):
-        return await _direct_async(self, name, values)
+def _direct_async_method(name: str, takes_nothing: bool):
+    if takes_nothing:
+        async def method(self):
+            return await _direct_async(self, name, ())
+    else:
+        async def method(self, *values):
+            return await _direct_async(self, name, values)
     method.__name__ = method.__qualname__ = name
     return method
+
+
+def _takes_nothing(methods, name: str) -> bool:
+    """Whether the beamlet method `name` takes no arguments (`methods`: the
+    class's ``{name: {"params": ...}}``; a call with some then fails at its
+    call site, against the method's signature)."""
+    entry = methods.get(name) if isinstance(methods, dict) else None
+    return entry is not None and entry.get("params") == ()
 
 
 def actor_class(class_id: bytes, class_name: str, method_names, is_async: bool,
@@ -630,8 +711,9 @@ def actor_class(class_id: bytes, class_name: str, method_names, is_async: bool,
     """The Ray actor class that hosts the actors of one beamlet class
     (`class_id`, called `class_name`): ``ActorHost`` (``AsyncActorHost`` for
     an actor with ``async`` methods) with a Ray method of each name of
-    `method_names` that `direct` allows, which runs a plain call of that
-    beamlet method, its arguments Ray's (`_direct`). Made once per
+    `method_names` that `direct` allows (`method_names`: the class's methods,
+    see ``core.actor``), which runs a plain call of that beamlet method, its
+    arguments Ray's (`_direct`). Made once per
     class and set of concurrency groups in this process (Ray takes groups only
     where a class is declared, not in ``.options()``); an async actor keeps
     its groups itself (`AsyncActorHost`)."""
@@ -644,7 +726,8 @@ def actor_class(class_id: bytes, class_name: str, method_names, is_async: bool,
         made = _actor_classes.get(key)
         if made is None:
             make = _direct_async_method if is_async else _direct_method
-            body = {name: make(name) for name in method_names if direct(name)}
+            body = {name: make(name, _takes_nothing(method_names, name))
+                    for name in method_names if direct(name)}
             body["__module__"] = __name__
             host = type(class_name.rpartition(".")[2] or "Actor",
                         (AsyncActorHost if is_async else ActorHost,), body)
