@@ -813,6 +813,40 @@ def test_cancelling_tasks_whose_results_are_in_leaves_the_driver_alive(session, 
 PROBE = "beamlet-test-control-probe"
 
 
+def _start_probe():
+    """A stand-in for the control actor (async, as it is), whose writes last
+    3 s and note whether they were cancelled."""
+    import asyncio
+
+    import ray as real_ray
+
+    @real_ray.remote(num_cpus=0, max_concurrency=10)
+    class Probe:
+        def __init__(self):
+            self.calls = []
+
+        async def _slow(self):
+            self.calls.append("started")
+            try:
+                await asyncio.sleep(3)
+            except asyncio.CancelledError:
+                self.calls.append("cancelled")
+                raise
+            self.calls.append("done")
+            return True
+
+        async def put(self, table, key, value, overwrite):
+            return await self._slow()
+
+        async def add_events(self, job_id, payload):
+            await self._slow()
+
+        async def seen(self):
+            return list(self.calls)
+
+    return Probe.options(name=PROBE, namespace="beamlet-tests").remote()
+
+
 @ray.remote
 def control_call_then_wait():
     """Calls a control store (whose actor is the probe) from the task's own
@@ -828,44 +862,116 @@ def control_call_then_wait():
         store.close()
 
 
+@ray.remote
+def flush_events_then_wait():
+    """Sends a batch of task events to the probe from the task's own thread,
+    as a call that runs ``exit_actor()`` does (`EventSender.flush`), and
+    waits until it is kept."""
+    import ray as real_ray
+
+    from beamlet.backends.ray.events import EventSender
+    sender = EventSender()
+    sender._actor = real_ray.get_actor(PROBE, namespace="beamlet-tests")
+    sender._buffer.append(("job", ("an event",)))  # (not waking the sender's own thread)
+    sender.flush()
+
+
+def _cancel_while_the_probe_runs(probe, task) -> None:
+    """Start `task`, cancel it (recursive, the default) once its call is in
+    flight in the probe, and check that the call still ran to its end."""
+    import ray as real_ray
+    ref = task.remote()
+    _eventually(lambda: real_ray.get(probe.seen.remote(), timeout=T) == ["started"])
+    ray.cancel(ref)  # (the call is in flight in the probe now)
+    with pytest.raises(exc.TaskCancelledError):
+        ray.get(ref, timeout=T)
+    _eventually(lambda: len(real_ray.get(probe.seen.remote(), timeout=T)) > 1)
+    assert real_ray.get(probe.seen.remote(), timeout=T) == ["started", "done"]
+
+
 def test_cancelling_a_task_leaves_its_control_store_calls_alone(session):
     """cancel(task) (recursive, the default) cancels the actor calls the task
     submitted; the control store's calls are not the task's to cancel (and
     Ray 2.60, cancelling one on the control actor as it ended, crashed that
     actor: every table of the cluster lost)."""
-    import asyncio
-
     import ray as real_ray
-
-    @real_ray.remote(num_cpus=0, max_concurrency=10)
-    class Probe:
-        def __init__(self):
-            self.calls = []
-
-        async def put(self, table, key, value, overwrite):
-            self.calls.append("started")
-            try:
-                await asyncio.sleep(3)
-            except asyncio.CancelledError:
-                self.calls.append("cancelled")
-                raise
-            self.calls.append("done")
-            return True
-
-        async def seen(self):
-            return list(self.calls)
-
-    probe = Probe.options(name=PROBE, namespace="beamlet-tests").remote()
+    probe = _start_probe()
     try:
-        ref = control_call_then_wait.remote()
-        _eventually(lambda: real_ray.get(probe.seen.remote(), timeout=T) == ["started"])
-        ray.cancel(ref)  # (the put is in flight in the probe now)
-        with pytest.raises(exc.TaskCancelledError):
-            ray.get(ref, timeout=T)
-        _eventually(lambda: len(real_ray.get(probe.seen.remote(), timeout=T)) > 1)
-        assert real_ray.get(probe.seen.remote(), timeout=T) == ["started", "done"]
+        _cancel_while_the_probe_runs(probe, control_call_then_wait)
     finally:
         real_ray.kill(probe)
+
+
+def test_cancelling_a_task_leaves_the_task_events_it_flushed_alone(session):
+    """The same for the task events a task's thread sends itself (an actor
+    call that runs ``exit_actor()``, an actor's end): sent from the
+    process's control thread, they are not the task's children either."""
+    import ray as real_ray
+    probe = _start_probe()
+    try:
+        _cancel_while_the_probe_runs(probe, flush_events_then_wait)
+    finally:
+        real_ray.kill(probe)
+
+
+ENDING_DRIVER = """if True:
+    import os, shutil, sys, tempfile
+    import ray
+    out = sys.argv[1]
+    temp = tempfile.mkdtemp(prefix="beamlet-test-ray-")
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp)
+
+        @ray.remote(num_cpus=0, max_concurrency=100)
+        class Sink:
+            async def add_events(self, job_id, payload):
+                return True
+
+        sink = Sink.options(name="sink", namespace="beamlet-tests",
+                            lifetime="detached").remote()
+        ray.get(sink.add_events.remote("", b""), timeout=60)
+
+        @ray.remote(num_cpus=0)
+        class Ending:
+            def ready(self):
+                return ray.get_actor("sink", namespace="beamlet-tests") is not None
+
+            def __ray_shutdown__(self):
+                from beamlet.backends.ray.events import EventSender
+                sender = EventSender()
+                sender._actor = ray.get_actor("sink", namespace="beamlet-tests")
+                sender._buffer.append(("job", ("an event",)))
+                refs = sender._send()
+                with open(os.path.join(out, str(os.getpid())), "w") as f:
+                    f.write(" ".join(ref.task_id().hex() for ref in refs))
+
+        actors = [Ending.remote() for _ in range(4)]
+        ray.get([a.ready.remote() for a in actors], timeout=60)
+        del actors  # (each ends gracefully: no handle left)
+        import time
+        deadline = time.monotonic() + 30
+        while len(os.listdir(out)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ray.kill(sink)
+        ray.shutdown()
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+"""
+
+
+def test_task_events_sent_outside_any_task_are_distinct_calls(tmp_path):
+    """An actor's graceful end (``__ray_shutdown__``) runs on its process's
+    main thread outside any task, as ``atexit`` hooks do. There Ray 2.60
+    gives the calls submitted task ids that depend only on how many such
+    calls the process made: the same in new processes of one job (a Ray of
+    its own, here), and two calls with one task id crash the async control
+    actor ("Check failed: erased == 1"). The task events sent there must be
+    distinct calls."""
+    subprocess.run([sys.executable, "-c", ENDING_DRIVER, str(tmp_path)], check=True,
+                   timeout=4 * T)
+    sent = [path.read_text().split() for path in tmp_path.iterdir()]
+    assert len(sent) == 4 and all(len(ids) == 1 for ids in sent)
+    assert len({ids[0] for ids in sent}) == 4
 
 
 def test_control_store_is_shared_with_workers(session):

@@ -38,6 +38,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import os
+import queue
 import sys
 import threading
 from typing import Any, Callable
@@ -216,6 +218,68 @@ def existing_control_actor():
         return None
 
 
+# -- the control thread: where a Ray worker submits its calls to the actor -----------
+# Where a call is submitted decides its Ray task id and whose child it is:
+# - from a task's thread (or an actor call's), Ray counts it as that task's
+#   child: ``cancel(task)`` (recursive, the default) cancels it too, leaving
+#   a write half-known to its caller;
+# - from a worker's main thread outside any task (an actor's graceful end,
+#   ``__ray_shutdown__``; ``atexit`` hooks), Ray 2.60 gives it a task id that
+#   depends only on how many such calls the process made: the same in other
+#   processes, and two calls with one task id crash the control actor's
+#   process ("Check failed: erased == 1" in Ray's core worker), losing every
+#   table of the cluster.
+# So in a Ray worker every call to the actor (the tables' `RayControlStore._call`
+# and `_poll`, the task events' `events.EventSender`) is submitted from one
+# thread of the process's own, made for it: no task runs there, and Ray gives
+# each thread's calls ids of their own.
+
+_control_queue: "queue.SimpleQueue | None" = None
+_control_thread: threading.Thread | None = None
+_control_pid: int | None = None
+_control_lock = threading.Lock()
+
+
+def _serve(calls: "queue.SimpleQueue") -> None:
+    while True:
+        future, function, args = calls.get()
+        if not future.set_running_or_notify_cancel():
+            continue
+        try:
+            result = function(*args)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller
+            future.set_exception(err)
+        else:
+            future.set_result(result)
+
+
+def on_control_thread(function: Callable, *args, timeout: float | None = None):
+    """``function(*args)`` run on this process's control thread (made on first
+    use): what it returns, or raises; `concurrent.futures.TimeoutError` after
+    `timeout` seconds (default `_CALL_TIMEOUT`; the call still runs then).
+
+    The caller only waits: a cancel that interrupts it (Ray raises
+    KeyboardInterrupt in a task's thread) leaves the call to run to its end.
+    A plain daemon thread, not an executor: Python's executors refuse work
+    once the interpreter is exiting, when a worker sends its last events."""
+    global _control_queue, _control_thread, _control_pid
+    if threading.current_thread() is _control_thread:
+        return function(*args)
+    calls = _control_queue
+    if calls is None or _control_pid != os.getpid():
+        with _control_lock:
+            if _control_queue is None or _control_pid != os.getpid():
+                _control_queue = queue.SimpleQueue()
+                _control_thread = threading.Thread(target=_serve, args=(_control_queue,),
+                                                   name="beamlet-ray-control", daemon=True)
+                _control_pid = os.getpid()
+                _control_thread.start()
+            calls = _control_queue
+    future = concurrent.futures.Future()
+    calls.put((future, function, args))
+    return future.result(_CALL_TIMEOUT if timeout is None else timeout)
+
+
 #: The ``functions`` table of this process (function id -> the pickled
 #: function or class): what it registered, and what reached it with
 #: `CarriedCode`. Ids are digests of their code, so every process and job may
@@ -247,12 +311,12 @@ class RayControlStore(ControlStore):
     def __init__(self, actor=None, in_worker: bool = False):
         """`actor`: the actor holding the tables (default: the cluster's; tests
         use one of their own). `in_worker`: this process is a Ray worker, whose
-        calls to the actor are submitted from a thread of their own (`_call`)."""
+        calls to the actor are submitted from its control thread
+        (`on_control_thread`)."""
         self._actor = actor  # (the cluster's: looked up or made on first use, `_actor_for`)
         self._given = actor is not None
         self._actor_lock = threading.Lock()
-        self._submitter = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="beamlet-ray-control") if in_worker else None
+        self._in_worker = in_worker
         self._lock = threading.Lock()
         self._subscribers: dict[str, list[Callable[[bytes], Any]]] = {}
         self._cursors: dict[str, int] = {}
@@ -283,30 +347,25 @@ class RayControlStore(ControlStore):
                                        f"be looked up: {type(err).__name__}: {err}") from None
         return self._call(method, *args)
 
+    def _submit(self, method: str, *args):
+        """The ref of a call of the actor's `method` (the actor made if need
+        be): in a Ray worker, submitted from the control thread, so that no
+        task's cancel or end reaches it (`on_control_thread`)."""
+        def submit():
+            return getattr(self._actor or self._actor_for(make=True), method).remote(*args)
+        return on_control_thread(submit) if self._in_worker else submit()
+
     def _call(self, method: str, *args):
-        """Call the actor's `method` (made if need be) and wait for its answer
-        (`_CALL_TIMEOUT`).
+        """Call the actor's `method` (made if need be, `_submit`) and wait for
+        its answer (`_CALL_TIMEOUT`).
 
-        In a Ray worker the call is submitted from the store's own thread: Ray
-        counts an actor call submitted from a task's thread as that task's
-        child, so ``cancel(task)`` (recursive, the default) would cancel the
-        control store's calls in flight too, leaving a write half-known to its
-        caller; and Ray 2.60 cancelling a call on this async actor as it
-        finishes can crash the actor's process (a Ray-internal check, "Check
-        failed: erased == 1"), losing every table of the cluster.
-
-        If the actor has died (that crash, seen under load), the call goes
-        once to the actor made after it (empty tables: what the dead one
-        kept is lost, the call's own effect with it), rather than every
-        later call of this process failing."""
+        If the actor has died (the crash the control thread's comment tells
+        of), the call goes once to the actor made after it (empty tables:
+        what the dead one kept is lost, the call's own effect with it),
+        rather than every later call of this process failing."""
         for last in (self._given, True):
             try:
-                call = getattr(self._actor or self._actor_for(make=True), method).remote
-                if self._submitter is None:
-                    ref = call(*args)
-                else:
-                    ref = self._submitter.submit(call, *args).result(_CALL_TIMEOUT)
-                return _ray.get(ref, timeout=_CALL_TIMEOUT)
+                return _ray.get(self._submit(method, *args), timeout=_CALL_TIMEOUT)
             except concurrent.futures.TimeoutError:
                 raise exc.BackendError(f"the beamlet control store (a Ray actor) did not "
                                        f"take a call within {_CALL_TIMEOUT} s") from None
@@ -380,7 +439,7 @@ class RayControlStore(ControlStore):
             with self._lock:
                 cursors = dict(self._cursors)
             try:
-                found = _ray.get(self._actor_for(make=True).poll.remote(cursors, _POLL),
+                found = _ray.get(self._submit("poll", cursors, _POLL),
                                  timeout=_POLL + _CALL_TIMEOUT)
             except Exception as err:  # noqa: BLE001 - Ray is going away (closed, or shut down)
                 if isinstance(err, _ray.exceptions.ActorDiedError) and not self._given:
@@ -402,8 +461,6 @@ class RayControlStore(ControlStore):
 
     def close(self) -> None:
         self._closed.set()
-        if self._submitter is not None:
-            self._submitter.shutdown(wait=False)
         with self._lock:
             self._subscribers.clear()
             poller, self._poller = self._poller, None

@@ -49,6 +49,7 @@ from ...core.scheduling import CANCELLED, FAILED, FINISHED, RETRYING
 from ...core.task_events import RUNNING, _name
 from ...core.task_spec import ACTOR_CREATION
 from .backend import _pid_alive
+from .control import on_control_thread
 
 #: Seconds a worker gathers events before it sends them (in one call)...
 FLUSH_DELAY = 0.02
@@ -104,8 +105,9 @@ def _control_actor():
 
 class EventSender:
     """(A Ray worker process.) Gathers the events of every job that runs here
-    and sends them, per job, from a thread of its own (a call made from a
-    task's thread would count as that task's child, and be cancelled with it).
+    and sends them, per job, from the process's control thread (`_send`: a
+    call made from a task's thread would count as that task's child, and be
+    cancelled with it).
 
     What a task's thread does here holds no Python lock: Ray's ``cancel``
     raises KeyboardInterrupt in that thread between any two bytecodes, and a
@@ -210,9 +212,21 @@ class EventSender:
             per_job.setdefault(job_id, []).append(event)
         return per_job
 
-    def _send(self, batches=None) -> list:
+    def _send(self, batches=None, timeout: float = _CALL_TIMEOUT) -> list:
         """Send what is gathered (or `batches`, ``[(job id, payload)]``); the
-        refs of the calls made."""
+        refs of the calls made. Taken and sent on the process's control
+        thread (``control.on_control_thread``), not the caller's: a call
+        submitted from a task's thread (a `flush` by ``exit_actor``) would be
+        that task's child, for a cancel of the task to cancel, and one from
+        the main thread outside any task (an actor's graceful end, the exit's
+        flush) gets a task id other processes give theirs too, which crashes
+        the control actor."""
+        try:
+            return on_control_thread(self._send_here, batches, timeout=timeout)
+        except Exception:  # noqa: BLE001 - Ray is going away, or the thread is stuck
+            return []
+
+    def _send_here(self, batches) -> list:
         if batches is None:
             batches = [(job_id, pickle.dumps(events, 5))
                        for job_id, events in self._take().items()]
@@ -276,7 +290,7 @@ class EventSender:
         if not self._sending.acquire(timeout=timeout):
             return
         try:
-            refs = self._in_flight + self._send()
+            refs = self._in_flight + self._send(timeout=max(deadline - time.monotonic(), 0.0))
             self._in_flight = []
         finally:
             self._sending.release()
