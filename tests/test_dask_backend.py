@@ -116,12 +116,15 @@ def test_the_cluster_listens_on_loopback_only(no_backend, dashboard):
     import urllib.error
     import urllib.parse
     import urllib.request
+    # (What this process listened on before, e.g. for another backend an
+    # earlier test in it started, is not the cluster's.)
+    before = set(_listening([os.getpid()]))
     ray.init(backend="dask", num_cpus=1, dashboard=dashboard)
     backend = _runtime.current().backend
     tree = [os.getpid(), *backend._cluster.worker_pids()]
     info = backend.client.scheduler_info()
     http = info["services"].get("dashboard")
-    sockets = _listening(tree)
+    sockets = [s for s in _listening(tree) if s not in before]
     [worker] = info["workers"]
     served = {}
     for page in ("/json/identity.json", "/info/main/logs.html",
@@ -510,6 +513,20 @@ def test_the_drivers_small_puts_are_scattered_together_once_their_refs_leave(no_
 @ray.remote
 def echo_all(refs):
     return ray.get(refs)
+
+
+def test_small_puts_dropped_before_they_were_sent_are_never_sent(no_backend):
+    """A small put whose last ref goes before the driver's puts were sent is
+    dropped from them (nothing can read it); the rest go in one scatter."""
+    ray.init(backend="dask", num_cpus=1)
+    client = _runtime.current().backend.client
+    refs = [ray.put(i) for i in range(10)]
+    del refs[::2]  # 0, 2, 4, 6, 8
+    assert ray.get(echo_all.remote(refs), timeout=LONG) == [1, 3, 5, 7, 9]
+    counts = [msg["count"] for _time, msg in client.get_events("all")
+              if msg.get("action") == "scatter" and msg.get("client") == client.id]
+    assert counts == [5]
+    ray.shutdown()
 
 
 def test_a_cancel_is_told_after_the_ends_of_the_results_read_before_it(no_backend):

@@ -391,7 +391,11 @@ class DaskObjectStore(ObjectStore):
                     state = self.client.futures.get(key)
                     if state is not None:
                         state.set_error(err, err.__traceback__)
-                return
+                # (Raised at the call that needed them sent: a task given one of
+                # these refs must not reach the scheduler with a key it never had.)
+                raise exc.BackendError(f"{len(values)} object(s) put in this process could "
+                                       f"not be sent to the Dask cluster: "
+                                       f"{type(err).__name__}: {err}") from err
         for fut in futures.values():
             fut.release()  # (the Future `put` adopted holds the key)
 
@@ -616,10 +620,10 @@ class DaskObjectStore(ObjectStore):
     def put(self, object_id: bytes, value: SerializedObject) -> None:
         """A small value in the driver (below `_BATCHED_PUT` bytes) is copied
         now, kept here for this process's reads, and scattered with the puts
-        after it (`_flush_puts`) once enough wait, or before anything else
-        this store or its scheduler sends Dask (`flush`): before any task,
-        actor call or put that could carry its ref elsewhere. Any other value
-        is scattered before this returns."""
+        after it (`_flush_puts`) once enough wait, or before anything that
+        could carry its ref elsewhere: a submission, an actor call, another
+        put, `publish`, `borrow_key` or `cancel` (from a thread other than the
+        client's event loop). Any other value is scattered before this returns."""
         self._check_open()
         key = key_of(object_id)
         if value.refs:
@@ -957,11 +961,18 @@ class DaskObjectStore(ObjectStore):
             for object_id in object_ids:
                 if calls:
                     calls.pop(object_id, None)
+                unsent = False  # (a put still waiting for `_flush_puts`: now never sent)
                 if object_id in self._put_here:
                     self._put_here.discard(object_id)
                     del self._local[object_id]
+                    if self._puts:
+                        with self._batch_lock:
+                            value = self._puts.pop(key_of(object_id), None)
+                            if value is not None:
+                                self._puts_bytes -= _nbytes(value)
+                                unsent = True
                 fut = self._futures.pop(object_id, None)
-                submitted = object_id in self._submitted
+                submitted = object_id in self._submitted and not unsent
                 self._submitted.discard(object_id)
                 if fut is not None and submitted and not fut.done():
                     self._unwanted[object_id] = fut
@@ -1036,6 +1047,8 @@ class DaskObjectStore(ObjectStore):
 
     def close(self) -> None:
         """Release every Future this process holds."""
+        with self._batch_lock:  # (puts whose refs never left: nobody can read them now)
+            self._puts, self._puts_bytes = {}, 0
         self.flush()  # (submitted tasks run, as on every backend)
         with self._lock:
             self._closed = True
