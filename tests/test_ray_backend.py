@@ -1000,11 +1000,16 @@ def test_workers_tell_the_control_actor_made_after_one_that_died(session):
     their task events to the control actor made after it, and the driver
     takes them there: the record still holds each task's process (which
     only its worker tells), and no read waits for reports that went to the
-    dead actor. The control store's next call goes to the new actor too."""
+    dead actor. The control store's next call goes to the new actor too, and
+    a subscriber hears what is published there (its channels count afresh)."""
     import ray as real_ray
 
     from beamlet.backends.ray.control import existing_control_actor
     from beamlet.util import state
+    heard = []
+    unsubscribe = session.control_store.subscribe("deaths", heard.append)
+    session.control_store.publish("deaths", b"before")
+    assert procs.wait_until(lambda: heard == [b"before"], T, interval=0.05), heard
     before = ray.get([told_pid.remote() for _ in range(4)], timeout=T)
     assert {r.worker_pid for r in state.list_tasks(filters=[("name", "=", "told_pid")])} \
         == set(before)  # (the workers have sent to the control actor)
@@ -1019,6 +1024,9 @@ def test_workers_tell_the_control_actor_made_after_one_that_died(session):
     assert {r.worker_pid for r in rows} == set(before) | set(after)
     assert session.control_store.put("t", "after", b"1") and \
         session.control_store.get("t", "after") == b"1"
+    session.control_store.publish("deaths", b"after")
+    assert procs.wait_until(lambda: heard == [b"before", b"after"], T, interval=0.05), heard
+    unsubscribe()
 
 
 def test_another_driver_joins_by_address_and_leaves_ray_running(session, tmp_path):

@@ -66,6 +66,9 @@ class _Tables:
     """(The actor.) Tables of bytes, and numbered messages per channel."""
 
     def __init__(self):
+        #: Which actor this is: one made after another died numbers its
+        #: channels afresh, and subscribers must know (`RayControlStore._poll`).
+        self._incarnation = os.urandom(8)
         self._tables: dict[str, dict[bytes, bytes]] = {}
         self._channels: dict[str, list] = {}  # channel -> [first number, messages]
         self._changed: asyncio.Event | None = None
@@ -100,10 +103,10 @@ class _Tables:
     async def keys(self, table: str) -> list:
         return list(self._tables.get(table, {}))
 
-    async def cursor(self, channel: str) -> int:
-        """The number the channel's next message will get."""
+    async def cursor(self, channel: str) -> tuple:
+        """(this actor's incarnation, the number the channel's next message will get)."""
         first, messages = self._channels.get(channel, (0, []))
-        return first + len(messages)
+        return self._incarnation, first + len(messages)
 
     async def publish(self, channel: str, message: bytes) -> None:
         state = self._channels.setdefault(channel, [0, []])
@@ -116,9 +119,10 @@ class _Tables:
             self._changed.set()
             self._changed = None
 
-    async def poll(self, cursors: dict, timeout: float) -> dict:
-        """``{channel: (next cursor, messages)}`` for the channels with messages at or
-        after their cursor; waits up to `timeout` for one."""
+    async def poll(self, cursors: dict, timeout: float) -> tuple:
+        """(this actor's incarnation, ``{channel: (next cursor, messages)}`` for
+        the channels with messages at or after their cursor); waits up to
+        `timeout` for one."""
         found = self._since(cursors)
         if not found:
             if self._changed is None:
@@ -128,7 +132,7 @@ class _Tables:
             except asyncio.TimeoutError:
                 pass
             found = self._since(cursors)
-        return found
+        return self._incarnation, found
 
     # -- task events (events.py) -----------------------------------------------------
     def _events_of(self, job_id: str) -> list:
@@ -208,6 +212,21 @@ def control_actor():
     """The cluster's control actor, made if no process has made it yet."""
     return _TablesActor.options(name=NAME, namespace=NAMESPACE, lifetime="detached",
                                 get_if_exists=True).remote()
+
+
+_death_told = False
+
+
+def said_control_actor_died() -> None:
+    """Say on stderr, once per process, that the control actor died: the one
+    made after it starts with empty tables (named actors, job records, task
+    events not yet taken are lost), which a user should know of."""
+    global _death_told
+    if not _death_told:
+        _death_told = True
+        print("beamlet: the control store's Ray actor (beamlet-control) died; a new one "
+              "takes over with empty tables: named actors, job records and task events "
+              "it held are lost", file=sys.stderr)
 
 
 def existing_control_actor():
@@ -320,6 +339,7 @@ class RayControlStore(ControlStore):
         self._lock = threading.Lock()
         self._subscribers: dict[str, list[Callable[[bytes], Any]]] = {}
         self._cursors: dict[str, int] = {}
+        self._incarnation: bytes | None = None  # (the actor's the cursors count in)
         self._poller: threading.Thread | None = None
         self._closed = threading.Event()
 
@@ -371,6 +391,7 @@ class RayControlStore(ControlStore):
                                        f"take a call within {_CALL_TIMEOUT} s") from None
             except _ray.exceptions.RayError as err:
                 if isinstance(err, _ray.exceptions.ActorDiedError) and not self._given:
+                    said_control_actor_died()
                     self._actor = None  # (`_actor_for` finds or makes the next one)
                     if not last:
                         continue
@@ -417,10 +438,15 @@ class RayControlStore(ControlStore):
         with self._lock:
             first = channel not in self._cursors
         if first:  # (asked outside the lock: the poller takes it too)
-            cursor = self._call("cursor", channel)
+            incarnation, cursor = self._call("cursor", channel)
         with self._lock:
             if first:
-                self._cursors.setdefault(channel, cursor)
+                if self._incarnation is None:
+                    self._incarnation = incarnation
+                # (A cursor of another incarnation than the poller's: from the
+                # start of the channel, see `_poll`.)
+                self._cursors.setdefault(channel, cursor if incarnation == self._incarnation
+                                         else 0)
             self._subscribers.setdefault(channel, []).append(callback)
             if self._poller is None:
                 self._poller = threading.Thread(target=self._poll, name="beamlet-ray-events",
@@ -439,14 +465,24 @@ class RayControlStore(ControlStore):
             with self._lock:
                 cursors = dict(self._cursors)
             try:
-                found = _ray.get(self._submit("poll", cursors, _POLL),
-                                 timeout=_POLL + _CALL_TIMEOUT)
+                incarnation, found = _ray.get(self._submit("poll", cursors, _POLL),
+                                              timeout=_POLL + _CALL_TIMEOUT)
             except Exception as err:  # noqa: BLE001 - Ray is going away (closed, or shut down)
                 if isinstance(err, _ray.exceptions.ActorDiedError) and not self._given:
+                    said_control_actor_died()
                     self._actor = None  # (as in `_call`)
                 if self._closed.wait(_POLL):
                     return
                 continue
+            with self._lock:
+                if incarnation != self._incarnation:
+                    # An actor made after the one the cursors count in (which
+                    # died): its channels are numbered from 0, and every message
+                    # it holds was published after the old one's last.
+                    known, self._incarnation = self._incarnation is not None, incarnation
+                    if known:
+                        self._cursors = dict.fromkeys(self._cursors, 0)
+                        continue
             for channel, (cursor, messages) in found.items():
                 with self._lock:
                     self._cursors[channel] = cursor

@@ -49,7 +49,7 @@ from ...core.scheduling import CANCELLED, FAILED, FINISHED, RETRYING
 from ...core.task_events import RUNNING, _name
 from ...core.task_spec import ACTOR_CREATION
 from .backend import _pid_alive
-from .control import on_control_thread
+from .control import on_control_thread, said_control_actor_died
 
 #: Seconds a worker gathers events before it sends them (in one call)...
 FLUSH_DELAY = 0.02
@@ -128,6 +128,11 @@ class EventSender:
         self._in_flight: list = []       # the refs of the thread's last send
         #: ref -> (job id, payload) of the sends not known kept yet (`_check_sent`).
         self._unchecked: dict = {}
+        #: Set by `flush` (the process is ending): this thread then makes no
+        #: Ray call of its own but sends, since Ray's shutdown of the process
+        #: may be under way, and a call then can end the process before its
+        #: atexit hooks (seen with `exit_actor`).
+        self._ending = False
         self._thread = threading.Thread(target=self._run, name="beamlet-ray-task-events",
                                         daemon=True)
         self._thread.start()
@@ -189,7 +194,8 @@ class EventSender:
         while True:
             # (Released by the next event: see _emit. Meanwhile the sends not
             # known kept yet are checked, until they are.)
-            while not self._wake.acquire(timeout=FLUSH_INTERVAL if self._unchecked else -1):
+            while not self._wake.acquire(
+                    timeout=FLUSH_INTERVAL if self._unchecked and not self._ending else -1):
                 self._check_sent(0.0)
             time.sleep(FLUSH_DELAY)  # (what comes meanwhile goes in the same call)
             # (With a timeout: a flush on a task's thread that was interrupted
@@ -201,7 +207,8 @@ class EventSender:
                 if held:
                     self._sending.release()
             pause = time.monotonic() + FLUSH_INTERVAL - FLUSH_DELAY
-            self._check_sent(FLUSH_INTERVAL - FLUSH_DELAY)
+            if not self._ending:
+                self._check_sent(FLUSH_INTERVAL - FLUSH_DELAY)
             time.sleep(max(pause - time.monotonic(), 0.0))
 
     def _take(self) -> dict:
@@ -231,6 +238,8 @@ class EventSender:
             batches = [(job_id, pickle.dumps(events, 5))
                        for job_id, events in self._take().items()]
         refs = []
+        if not _ray.is_initialized():  # (see `flush`)
+            return refs
         for job_id, payload in batches:
             try:
                 if self._actor is None:
@@ -242,7 +251,10 @@ class EventSender:
             self._unchecked[ref] = (job_id, payload)
         unchecked = self._unchecked
         while len(unchecked) > _UNCHECKED_KEPT:
-            unchecked.pop(next(iter(unchecked)))
+            try:  # (`_check_sent`, on a caller whose wait for `_sending` timed out, pops too)
+                unchecked.pop(next(iter(unchecked)), None)
+            except (StopIteration, RuntimeError):
+                break
         return refs
 
     def _check_sent(self, wait: float) -> None:
@@ -253,7 +265,7 @@ class EventSender:
         would be lost, and each read of its drivers' records would wait
         `SETTLE_TIMEOUT` for ends that never come."""
         refs = list(self._unchecked)
-        if not refs:
+        if not refs or not _ray.is_initialized():  # (see `flush`)
             return
         try:
             ready, _ = _ray.wait(refs, num_returns=len(refs), timeout=wait, fetch_local=False)
@@ -276,6 +288,7 @@ class EventSender:
                 except Exception:  # noqa: BLE001 - anything else: that batch alone is lost
                     pass
             if lost:
+                said_control_actor_died()
                 self._actor = None  # (`_send` finds or makes the next one)
                 self._send(lost)
         finally:
@@ -285,7 +298,13 @@ class EventSender:
         """Send what is gathered now and wait (up to `timeout`) until it is
         kept, with what the sending thread sent last (before this process
         ends: ``exit_actor``, and at its exit, when that thread may be
-        sending: it is a daemon, stopped midway by the exit)."""
+        sending: it is a daemon, stopped midway by the exit).
+
+        Nothing once this process left Ray (at exit, after Ray's own
+        shutdown): Ray's calls would then start a Ray of their own here."""
+        self._ending = True
+        if not _ray.is_initialized():
+            return
         deadline = time.monotonic() + timeout
         if not self._sending.acquire(timeout=timeout):
             return
@@ -294,7 +313,7 @@ class EventSender:
             self._in_flight = []
         finally:
             self._sending.release()
-        if refs:
+        if refs and _ray.is_initialized():
             try:
                 _ray.get(refs, timeout=max(deadline - time.monotonic(), 0.0))
             except Exception:  # noqa: BLE001 - as in _send
@@ -412,6 +431,7 @@ class EventReceiver:
             except _rex.ActorDiedError:
                 # (The control actor's process crashed, with what it kept: the
                 # workers send to the one made next, so this driver takes there.)
+                said_control_actor_died()
                 try:
                     self._actor = _control_actor()
                 except Exception:  # noqa: BLE001 - Ray is going away
