@@ -99,7 +99,13 @@ def portable(obj):
             return os.path.relpath(obj, repo)
         if obj.startswith(base + os.sep):
             return os.path.join("..", os.path.relpath(obj, base))
+        if obj.startswith(_MACHINE_DIRS):  # (an interpreter, a temp dir: its name alone)
+            return os.path.basename(obj.rstrip(os.sep))
     return obj
+
+
+#: Where paths name what is one machine's own (an interpreter's install, a temp dir).
+_MACHINE_DIRS = ("/tmp/", "/root/", "/home/", "/usr/", "/opt/", "/var/")
 
 
 class Row:
