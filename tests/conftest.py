@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -554,3 +555,22 @@ def redis_server():
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_ray_connection_left_behind(request):
+    """After each test: a connection of this process to a Ray that no beamlet
+    session and no shared Ray of this module holds is closed, and the test is
+    named. Left open, Ray's own client ends this whole process (its task-event
+    thread calls exit(1)) about 60 s after that Ray stops, taking the xdist
+    worker, and the tests it would still run, with it."""
+    yield
+    real_ray = sys.modules.get("ray")
+    if real_ray is None or beamlet.is_initialized() or _ray_cluster.process is not None:
+        return
+    if real_ray.is_initialized():
+        real_ray.shutdown()
+        import warnings
+        warnings.warn(pytest.PytestWarning(
+            f"{request.node.nodeid} left this process connected to a Ray outside any "
+            f"beamlet session; disconnected"))
