@@ -24,14 +24,12 @@ import beamlet
 from beamlet.core import plugins
 from beamlet.core import runtime as _runtime
 
-#: The backends the semantic suite runs on. ``dask``, ``ray`` and ``cluster``
-#: join with e.g. ``BEAMLET_TEST_BACKENDS=inprocess,local,dask,ray,cluster``
-#: (not yet in CI's run. With dask, twice in three runs an xdist worker was
-#: ended by Ray's C++ client (exit_group(1) from its task-event thread) some
-#: 60 s after the Ray it was connected to stopped, and pytest-xdist's
-#: loadgroup scheduling then waited for ever; on ray the suite adds some 6
-#: minutes. test_dask_backend.py, the control-store tests, test_ray_backend.py
-#: and tests/test_cluster*.py always run, on engines and clusters of their own).
+#: The backends the semantic suite runs on (CI's run: inprocess, local, dask).
+#: ``ray`` and ``cluster`` join with e.g.
+#: ``BEAMLET_TEST_BACKENDS=inprocess,local,dask,ray,cluster`` (on ray the suite
+#: adds some 6 minutes; test_ray_backend.py and tests/test_cluster*.py always
+#: run, on a Ray and clusters of their own). See `no_ray_connection_left_behind`
+#: for why an xdist worker once died mid-run.
 BACKENDS = [name for name in os.environ.get("BEAMLET_TEST_BACKENDS",
                                             "inprocess,local,dask").split(",") if name]
 
