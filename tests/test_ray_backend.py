@@ -5,6 +5,7 @@ semantic suite runs on ``ray`` with ``BEAMLET_TEST_BACKENDS=ray`` (conftest.py).
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -189,6 +190,58 @@ def test_importing_beamlet_and_listing_backends_does_not_import_ray():
                           timeout=T, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+
+
+NOT_CONNECTED = """if True:
+    import json, os, ray
+    from beamlet.backends.ray import control, threads
+
+    calls = {
+        "get_actor": lambda: ray.get_actor("beamlet-control", namespace="beamlet"),
+        "get": lambda: ray.get([], timeout=1),
+        "wait": lambda: ray.wait([], timeout=1),
+        "put": lambda: ray.put(1),
+        "get_runtime_context": ray.get_runtime_context,
+        "list_named_actors": lambda: ray.util.list_named_actors(all_namespaces=True),
+        "get_current_placement_group": ray.util.get_current_placement_group,
+    }
+    said = {}
+
+    def call_each():
+        for name, call in calls.items():
+            try:
+                call()
+                said[name] = "returned"
+            except threads.RayNotConnected:
+                said[name] = "refused"
+
+    threads.start(call_each, name="probe").join(60)
+    try:  # (where a worker's calls to the control actor go)
+        control.on_control_thread(ray.get_actor, "beamlet-control", timeout=60)
+        said["on the control thread"] = "returned"
+    except threads.RayNotConnected:
+        said["on the control thread"] = "refused"
+    children = [pid for task in os.listdir(f"/proc/{os.getpid()}/task")
+                for pid in open(f"/proc/{os.getpid()}/task/{task}/children").read().split()]
+    print(json.dumps([said, ray.is_initialized(), children]))
+"""
+
+
+def test_beamlets_threads_never_start_a_ray():
+    """Ray's API starts a local Ray when called in a process not connected to
+    one. On beamlet's own threads (control.py's, the task events', the pub/sub
+    poller) a call after the program's ``ray.shutdown()`` would so start a Ray
+    owned by that thread: its processes die with the thread, and about 60 s
+    later Ray's client ends the whole process. There such calls raise instead
+    (checked here against the installed Ray's API, in a process never connected)."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-c", NOT_CONNECTED], capture_output=True, text=True,
+                          timeout=2 * T, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said, initialized, children = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert said == {name: "refused" for name in said} and len(said) == 8, said
+    assert initialized is False and children == [], (initialized, children)
 
 
 def test_tasks_run_in_ray_workers_with_their_resources(session):

@@ -51,6 +51,7 @@ from ...core.control_store import (MemoryControlStore, channel_name, key_bytes, 
                                    value_bytes)
 from ...core.interfaces import ControlStore
 from ...core.tables import FUNCTIONS
+from . import threads
 
 NAME = "beamlet-control"
 NAMESPACE = "beamlet"
@@ -289,10 +290,8 @@ def on_control_thread(function: Callable, *args, timeout: float | None = None):
         with _control_lock:
             if _control_queue is None or _control_pid != os.getpid():
                 _control_queue = queue.SimpleQueue()
-                _control_thread = threading.Thread(target=_serve, args=(_control_queue,),
-                                                   name="beamlet-ray-control", daemon=True)
                 _control_pid = os.getpid()
-                _control_thread.start()
+                _control_thread = threads.start(_serve, _control_queue, name="beamlet-ray-control")
             calls = _control_queue
     future = concurrent.futures.Future()
     calls.put((future, function, args))
@@ -449,9 +448,7 @@ class RayControlStore(ControlStore):
                                          else 0)
             self._subscribers.setdefault(channel, []).append(callback)
             if self._poller is None:
-                self._poller = threading.Thread(target=self._poll, name="beamlet-ray-events",
-                                                daemon=True)
-                self._poller.start()
+                self._poller = threads.start(self._poll, name="beamlet-ray-events")
 
         def unsubscribe() -> None:
             with self._lock:

@@ -48,6 +48,7 @@ from ...core import plugins
 from ...core.scheduling import CANCELLED, FAILED, FINISHED, RETRYING
 from ...core.task_events import RUNNING, _name
 from ...core.task_spec import ACTOR_CREATION
+from . import threads
 from .backend import _pid_alive
 from .control import on_control_thread, said_control_actor_died
 
@@ -133,9 +134,7 @@ class EventSender:
         #: may be under way, and a call then can end the process before its
         #: atexit hooks (seen with `exit_actor`).
         self._ending = False
-        self._thread = threading.Thread(target=self._run, name="beamlet-ray-task-events",
-                                        daemon=True)
-        self._thread.start()
+        self._thread = threads.start(self._run, name="beamlet-ray-task-events")
         # A process that exits (e.g. an idle worker Ray stops) sends what it
         # gathered first: its driver would otherwise wait for those reports in
         # `settle` in vain.
@@ -394,9 +393,7 @@ class EventReceiver:
                 self._ran_in.pop(old, None)
             if self._thread is None and not self._closed.is_set():
                 self._actor = _control_actor()
-                self._thread = threading.Thread(target=self._run, name="beamlet-ray-task-events",
-                                                daemon=True)
-                self._thread.start()
+                self._thread = threads.start(self._run, name="beamlet-ray-task-events")
 
     def submitted_ref(self, task_id: bytes, ref) -> None:
         """The Ray ref of the task's (first) result, held until its end is told:

@@ -43,6 +43,7 @@ from ...core.generators import closed_id, end_marker, item_id, stream_prefix
 from ...core.interfaces import ObjectStore
 from ...core.runtime import deadline, remaining
 from ...core.serialization import SerializedObject, serialize
+from . import threads
 
 
 _RayDynamic = _ray.DynamicObjectRefGenerator
@@ -678,8 +679,7 @@ class RayObjectStore(ObjectStore):
             ref = self._refs.get(object_id)
             if self._callbacks is None and ref is not None:
                 self._callbacks = queue.SimpleQueue()
-                threading.Thread(target=self._run_callbacks, args=(self._callbacks,),
-                                 name="beamlet-ray-ready", daemon=True).start()
+                threads.start(self._run_callbacks, self._callbacks, name="beamlet-ray-ready")
             callbacks = self._callbacks
         if ref is None:
             callback(object_id)  # (unknown here: it reads back as lost, at once)
