@@ -12,6 +12,7 @@ import os
 import pytest
 
 import beamlet as ray
+from beamlet.core import runtime as _runtime
 
 T = 30
 
@@ -115,6 +116,64 @@ def test_exit_actor_in_a_threaded_actor(backend, tmp_path):
     with pytest.raises(ray.exceptions.ActorDiedError, match="exit_actor()"):
         ray.get(service.work.remote(), timeout=T)
     _wait_for_file(tmp_path, "shutdown")
+
+
+@ray.remote
+class Streamer:
+    def __init__(self, directory):
+        self.directory = directory
+
+    def __ray_shutdown__(self):
+        _mark(self.directory, "shutdown")
+
+    def work(self, name):
+        _mark(self.directory, name)
+        return os.getpid()
+
+    def leave(self):
+        yield 1
+        ray.actor.exit_actor()
+
+
+@ray.remote
+class AsyncStreamer:
+    def __init__(self, directory):
+        self.directory = directory
+
+    def __ray_shutdown__(self):
+        _mark(self.directory, "shutdown")
+
+    async def work(self, name):
+        _mark(self.directory, name)
+        return os.getpid()
+
+    async def leave(self):
+        yield 1
+        ray.actor.exit_actor()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_exit_actor_from_a_generator_method(backend, tmp_path, kind):
+    # (On ray the generator's call did not end the actor: the next plain call
+    # ran, then ended it; with its method called before, and nobody told of
+    # the ends of tasks, the actor lived on, its plain calls answering.)
+    if not _runtime.current().backend.streaming_generators:
+        pytest.skip(f"the {backend.name!r} backend does not run generator tasks "
+                    f"(its streaming_generators flag is off)")
+    service = (Streamer if kind == "sync" else AsyncStreamer).remote(str(tmp_path))
+    assert len(set(ray.get([service.work.remote(f"before{i}") for i in range(3)],
+                           timeout=T))) == 1
+    items = service.leave.remote()
+    # (An async actor's calls run at once, concurrently: none waits behind another.)
+    queued = [service.work.remote(f"queued{i}") for i in range(3)] if kind == "sync" else []
+    with pytest.raises(ray.exceptions.ActorDiedError, match="exit_actor()"):
+        for ref in items:
+            ray.get(ref, timeout=T)
+    for ref in queued + [service.work.remote("after")]:
+        with pytest.raises(ray.exceptions.ActorDiedError, match="exit_actor()"):
+            ray.get(ref, timeout=T)
+    _wait_for_file(tmp_path, "shutdown")
+    assert _ended(tmp_path) == ["before0", "before1", "before2", "shutdown"]
 
 
 def test_kill_is_still_a_kill(backend, tmp_path):

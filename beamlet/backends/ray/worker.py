@@ -479,6 +479,7 @@ class ActorHost(_Host):
             return
         with self._job.store.provided(dep_ids, dep_values, carried):
             yield from _stream_values(self._job, spec, self._job.executor.execute_stream(spec))
+        _exit_if_asked(self)
 
 
 class AsyncActorHost(_Host):
@@ -532,6 +533,7 @@ class AsyncActorHost(_Host):
         finally:
             if limit is not None:
                 limit.release()
+        _exit_if_asked(self)
 
 
 
@@ -540,8 +542,15 @@ class AsyncActorHost(_Host):
 def _after(host: _Host, spec: TaskSpec, values: list):
     """The call's Ray return value; if the call ran ``exit_actor()``, the actor
     then ends as Ray's ``exit_actor`` ends one (not restarted)."""
+    returned = _returns(host._job, spec, values)
+    _exit_if_asked(host)
+    return returned
+
+
+def _exit_if_asked(host: _Host) -> None:
+    """If a call ran ``exit_actor()``, end the actor as Ray's ``exit_actor``
+    ends one (not restarted): Ray's ``exit_actor`` raises here."""
     job = host._job
-    returned = _returns(job, spec, values)
     if job.executor.exiting == host._spec.actor_id:
         from ...core.actor import EXIT_REASON
         job.executor.exiting = None
@@ -550,7 +559,6 @@ def _after(host: _Host, spec: TaskSpec, values: list):
         if job.events is not None:
             job.events.flush()  # (this process ends next)
         _ray.actor.exit_actor()
-    return returned
 
 
 async def _async_call(host: "AsyncActorHost", spec: TaskSpec, dep_ids, dep_values, carried):
@@ -601,6 +609,8 @@ def _direct(host: ActorHost, name: str, values: tuple):
             spec = _direct_spec(host, name, (), context.task_id)
             failed = host._job.executor._handle(spec, err)
         else:
+            if host._job.executor.exiting is not None:  # (another call ran exit_actor())
+                _exit_if_asked(host)
             if type(result) in PLAIN_TYPES:
                 return pickle.dumps(result, 5)
             try:
