@@ -478,8 +478,8 @@ class ActorHost(_Host):
             yield from self._died_stream(spec)
             return
         with self._job.store.provided(dep_ids, dep_values, carried):
-            yield from _stream_values(self._job, spec, self._job.executor.execute_stream(spec))
-        _exit_if_asked(self)
+            yield from _ended_by(self, _stream_values(self._job, spec,
+                                                      self._job.executor.execute_stream(spec)))
 
 
 class AsyncActorHost(_Host):
@@ -525,15 +525,19 @@ class AsyncActorHost(_Host):
             if self._limits else None
         if limit is not None:
             await limit.acquire()
+        ending = False
         try:
             with self._job.store.provided(dep_ids, dep_values, carried):
                 async for value in _async_stream_values(
                         self._job, spec, self._job.executor.execute_async_stream(spec)):
+                    if not ending and self._job.executor.exiting is not None:
+                        ending = _ending(self)  # (as `_ended_by`)
                     yield value
         finally:
             if limit is not None:
                 limit.release()
-        _exit_if_asked(self)
+        if ending or _ending(self):
+            _ray.actor.exit_actor()
 
 
 
@@ -550,14 +554,36 @@ def _after(host: _Host, spec: TaskSpec, values: list):
 def _exit_if_asked(host: _Host) -> None:
     """If a call ran ``exit_actor()``, end the actor as Ray's ``exit_actor``
     ends one (not restarted): Ray's ``exit_actor`` raises here."""
+    if _ending(host):
+        _ray.actor.exit_actor()
+
+
+def _ending(host: _Host) -> bool:
+    """Whether a call ran ``exit_actor()``; if so, the actor is dead from now
+    on to the calls that come (`_Host._died`): its process is to end next."""
     job = host._job
-    if job.executor.exiting == host._spec.actor_id:
-        from ...core.actor import EXIT_REASON
-        job.executor.exiting = None
-        job.executor.end_actor(host._spec.actor_id)
-        host._end(EXIT_REASON, shutdown=False)
-        if job.events is not None:
-            job.events.flush()  # (this process ends next)
+    if job.executor.exiting != host._spec.actor_id:
+        return False
+    from ...core.actor import EXIT_REASON
+    job.executor.exiting = None
+    job.executor.end_actor(host._spec.actor_id)
+    host._end(EXIT_REASON, shutdown=False)
+    if job.events is not None:
+        job.events.flush()  # (this process ends next)
+    return True
+
+
+def _ended_by(host: _Host, items):
+    """The items of a generator call that may run ``exit_actor()``: the actor
+    is dead to other calls before the call's error item goes out (its caller,
+    told, may call again at once, and in a threaded actor that call could
+    run before this one ends), and ends after the last."""
+    ending = False
+    for item in items:
+        if not ending and host._job.executor.exiting is not None:
+            ending = _ending(host)
+        yield item
+    if ending or _ending(host):
         _ray.actor.exit_actor()
 
 
