@@ -160,6 +160,32 @@ def test_a_killed_node_is_declared_dead_and_the_rest_go_on(cluster):
     assert "2 node(s) alive, 1 dead" in cluster.status()
 
 
+def test_a_frozen_node_is_declared_dead_and_comes_back_as_a_new_node(cluster):
+    """A node that stops answering (SIGSTOP: frozen, or cut off) is declared
+    dead once silent for ``BEAMLET_DEAD_AFTER`` seconds (3 here, which the
+    daemons inherit; the default, 10 s, is the transport tests'). Running
+    again, it finds its connection to the head gone and rejoins under a new
+    id: a node declared dead never comes back under its old one."""
+    cluster.env["BEAMLET_DEAD_AFTER"] = "3"
+    head = cluster.start_head()
+    frozen = cluster.join(head)
+    pid = cluster.pid_of(_node_lines(cluster.status())[frozen].split()[2])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert procs.wait_until(lambda: " DEAD " in _node_lines(cluster.status())[frozen], 60,
+                                interval=0.5), cluster.status()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+    def rejoined():
+        lines = _node_lines(cluster.status())
+        return len(lines) == 3 and " DEAD " in lines[frozen] and \
+            sum(" ALIVE " in line for line in lines.values()) == 2
+
+    assert procs.wait_until(rejoined, 60, interval=0.5), cluster.status()
+    assert [r["pid"] for r in cluster.processes() if r["role"] == "node"] == [pid]
+
+
 def test_a_wrong_token_is_refused_at_once(cluster):
     head = cluster.start_head()
     wrong = "ab" * 32
