@@ -212,6 +212,12 @@ def test_commands_without_a_cluster_say_what_to_do(cluster):
     assert bad.returncode == 1 and "--resources is not JSON" in bad.stderr
     no_redis = cluster.run("start", "--head", "--redis-address", "127.0.0.1:1", check=False)
     assert no_redis.returncode == 1 and "127.0.0.1:1" in no_redis.stderr, no_redis.stderr
+    for command in (["start", "--head"],
+                    ["status", "--address", "127.0.0.1:1", "--token", "ab" * 32]):
+        silly = cluster.run(*command, env={"BEAMLET_DEAD_AFTER": "0"}, check=False)
+        assert silly.returncode == 1 and "beamlet: " in silly.stderr and \
+            "BEAMLET_DEAD_AFTER must be" in silly.stderr and "Traceback" not in silly.stderr, \
+            silly.stderr
     assert cluster.processes() == []
 
 
