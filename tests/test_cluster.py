@@ -162,11 +162,11 @@ def test_a_killed_node_is_declared_dead_and_the_rest_go_on(cluster):
 
 def test_a_frozen_node_is_declared_dead_and_comes_back_as_a_new_node(cluster):
     """A node that stops answering (SIGSTOP: frozen, or cut off) is declared
-    dead once silent for ``BEAMLET_DEAD_AFTER`` seconds (3 here, which the
+    dead once silent for ``BEAMLET_DEAD_AFTER`` seconds (5 here, which the
     daemons inherit; the default, 10 s, is the transport tests'). Running
     again, it finds its connection to the head gone and rejoins under a new
     id: a node declared dead never comes back under its old one."""
-    cluster.env["BEAMLET_DEAD_AFTER"] = "3"
+    cluster.env["BEAMLET_DEAD_AFTER"] = "5"
     head = cluster.start_head()
     frozen = cluster.join(head)
     pid = cluster.pid_of(_node_lines(cluster.status())[frozen].split()[2])
@@ -177,10 +177,11 @@ def test_a_frozen_node_is_declared_dead_and_comes_back_as_a_new_node(cluster):
     finally:
         os.kill(pid, signal.SIGCONT)
 
-    def rejoined():
+    def rejoined():  # (under another id; on a loaded machine, maybe not the first new one)
         lines = _node_lines(cluster.status())
-        return len(lines) == 3 and " DEAD " in lines[frozen] and \
-            sum(" ALIVE " in line for line in lines.values()) == 2
+        return " DEAD " in lines[frozen] and any(
+            " ALIVE " in line for node, line in lines.items() if node not in (head["node_id"],
+                                                                            frozen))
 
     assert procs.wait_until(rejoined, 60, interval=0.5), cluster.status()
     assert [r["pid"] for r in cluster.processes() if r["role"] == "node"] == [pid]
