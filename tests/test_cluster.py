@@ -160,6 +160,33 @@ def test_a_killed_node_is_declared_dead_and_the_rest_go_on(cluster):
     assert "2 node(s) alive, 1 dead" in cluster.status()
 
 
+def test_a_frozen_node_is_declared_dead_and_comes_back_as_a_new_node(cluster):
+    """A node that stops answering (SIGSTOP: frozen, or cut off) is declared
+    dead once silent for ``BEAMLET_DEAD_AFTER`` seconds (5 here, which the
+    daemons inherit; the default, 10 s, is the transport tests'). Running
+    again, it finds its connection to the head gone and rejoins under a new
+    id: a node declared dead never comes back under its old one."""
+    cluster.env["BEAMLET_DEAD_AFTER"] = "5"
+    head = cluster.start_head()
+    frozen = cluster.join(head)
+    pid = cluster.pid_of(_node_lines(cluster.status())[frozen].split()[2])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert procs.wait_until(lambda: " DEAD " in _node_lines(cluster.status())[frozen], 60,
+                                interval=0.5), cluster.status()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+    def rejoined():  # (under another id; on a loaded machine, maybe not the first new one)
+        lines = _node_lines(cluster.status())
+        return " DEAD " in lines[frozen] and any(
+            " ALIVE " in line for node, line in lines.items() if node not in (head["node_id"],
+                                                                            frozen))
+
+    assert procs.wait_until(rejoined, 60, interval=0.5), cluster.status()
+    assert [r["pid"] for r in cluster.processes() if r["role"] == "node"] == [pid]
+
+
 def test_a_wrong_token_is_refused_at_once(cluster):
     head = cluster.start_head()
     wrong = "ab" * 32
@@ -186,6 +213,12 @@ def test_commands_without_a_cluster_say_what_to_do(cluster):
     assert bad.returncode == 1 and "--resources is not JSON" in bad.stderr
     no_redis = cluster.run("start", "--head", "--redis-address", "127.0.0.1:1", check=False)
     assert no_redis.returncode == 1 and "127.0.0.1:1" in no_redis.stderr, no_redis.stderr
+    for command in (["start", "--head"],
+                    ["status", "--address", "127.0.0.1:1", "--token", "ab" * 32]):
+        silly = cluster.run(*command, env={"BEAMLET_DEAD_AFTER": "0"}, check=False)
+        assert silly.returncode == 1 and "beamlet: " in silly.stderr and \
+            "BEAMLET_DEAD_AFTER must be" in silly.stderr and "Traceback" not in silly.stderr, \
+            silly.stderr
     assert cluster.processes() == []
 
 

@@ -29,6 +29,10 @@ from conftest import seed_program
 from test_cluster import TIMEOUT, Cluster, _node_lines, cluster  # noqa: F401 - a fixture
 
 GET_TIMEOUT = 60  # seconds any one get may take
+#: Seconds a node is stopped in the test of a starved node: longer than the
+#: silence after which a node was taken for dead before (2-3 s), well under
+#: `transport.DEAD_AFTER` (10 s).
+STARVED = 4.0
 
 
 @pytest.fixture
@@ -1775,6 +1779,9 @@ class Counter:
     def pid(self):
         return os.getpid()
 
+    def node(self):
+        return beamlet.get_runtime_context().get_node_id()
+
     def big(self, n):
         return np.ones(n, dtype=np.uint8)
 
@@ -2025,6 +2032,37 @@ def test_an_actor_whose_worker_dies_mid_call_on_a_direct_channel_restarts_or_die
     with pytest.raises(exc.ActorUnavailableError):
         beamlet.get(ref, timeout=GET_TIMEOUT)
     assert beamlet.get(other.pid.remote(), timeout=GET_TIMEOUT) != pid
+
+
+def test_a_node_starved_for_seconds_stays_the_same_node_and_its_actor_answers(cluster,
+                                                                               driver):
+    """A node that gets no CPU for a few seconds (its daemon and its actor's
+    worker SIGSTOPped for `STARVED` seconds: longer than the 2-3 s after which
+    such a node was declared dead, well under the 10 s now) is not declared
+    dead: it keeps its id, its actor its state, and nothing rejoins."""
+    from beamlet.backends.zmq.transport import dead_after
+    assert dead_after() > STARVED * 2  # (the default: no BEAMLET_DEAD_AFTER here)
+    head = cluster.start_head()
+    member = cluster.join(head, "--resources", '{"far": 1}')
+    driver(head)
+    counter = Counter.remote()
+    assert beamlet.get(counter.node.remote(), timeout=GET_TIMEOUT) == member
+    count = beamlet.get(counter.add.remote("before"), timeout=GET_TIMEOUT)[0]
+    stopped = [cluster.pid_of(_node_lines(cluster.status())[member].split()[2]),
+               beamlet.get(counter.pid.remote(), timeout=GET_TIMEOUT)]
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(STARVED)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    assert beamlet.get(counter.add.remote("after"), timeout=GET_TIMEOUT) == (count + 1, "after")
+    assert beamlet.get(counter.node.remote(), timeout=GET_TIMEOUT) == member
+    out = cluster.status()
+    assert "2 node(s) alive, 0 dead" in out and member in _node_lines(out), out
+    logs = _logs(cluster)
+    assert not any(what in logs for what in ("is dead", "lost the head", "rejoined")), logs
 
 
 def test_calls_behind_a_direct_channel_to_a_node_declared_dead_go_to_the_restarted_actor(

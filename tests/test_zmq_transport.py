@@ -11,6 +11,7 @@ import hashlib
 import os
 import pickle
 import select
+import signal
 import socket
 import struct
 import threading
@@ -635,7 +636,7 @@ def test_a_broken_peer_is_dropped_and_the_others_served(secret, peers, capfd, tm
 @pytest.mark.parametrize("how", ["kill", "stop"])
 def test_a_dead_or_frozen_peer_is_reported_left(listener, secret, peers, how):
     """SIGKILL closes the peer's TCP connection at once; SIGSTOP leaves it open
-    and only the heartbeats find it (within interval + timeout, ~2 s: the
+    and only the heartbeats find it (after `DEAD_AFTER`, 10 s, of silence: the
     deadline here is only a guard against hanging)."""
     other = peers(secret, listener.address, "echo")
     victim = peers(secret, listener.address, "sleep")
@@ -652,6 +653,45 @@ def test_a_dead_or_frozen_peer_is_reported_left(listener, secret, peers, how):
     survivor.send("stop")
     serve_until(listener, lambda ev: of_kind(ev, Left))
     assert other.finish(30) == 0
+
+
+#: Seconds a peer is stopped in the tests of a starved peer: longer than the
+#: heartbeats tolerated before (2 s), well under `DEAD_AFTER` (10 s).
+STARVED = 4.0
+
+
+def test_a_peer_stopped_for_seconds_is_not_taken_for_dead(listener, secret, peers):
+    """A live peer that gets no CPU for a few seconds (SIGSTOP, then SIGCONT: a
+    loaded machine) keeps its connection: nothing is reported Left, and it
+    answers on it afterwards."""
+    assert zt.dead_after() > STARVED * 2  # (the default: no BEAMLET_DEAD_AFTER here)
+    peer = peers(secret, listener.address, "echo")
+    conn = of_kind(serve_until(listener, lambda ev: of_kind(ev, Joined)), Joined)[0].conn
+    peer.wait_line("JOINED")
+    os.kill(peer.pid, signal.SIGSTOP)
+    try:
+        until = time.monotonic() + STARVED
+        events = serve_until(listener, lambda ev: time.monotonic() >= until or of_kind(ev, Left))
+    finally:
+        os.kill(peer.pid, signal.SIGCONT)
+    conn.send("still there?")
+    events += serve_until(listener, lambda ev: of_kind(ev, Received) or of_kind(ev, Left))
+    assert not of_kind(events, Left), events
+    assert messages_of(events, conn) == [("echo", "still there?")]
+    conn.send("stop")
+    serve_until(listener, lambda ev: of_kind(ev, Left))
+    assert peer.finish(30) == 0
+
+
+def test_dead_after_comes_from_the_environment(secret, monkeypatch):
+    monkeypatch.setenv("BEAMLET_DEAD_AFTER", "3")
+    assert zt.dead_after() == 3.0 and zt.heartbeats(3.0) == (0.3, 2.7)
+    assert ZmqTransport(secret, VERSION)._heartbeat == (0.3, 2.7)
+    assert zt.heartbeats(zt.DEAD_AFTER) == (zt.HEARTBEAT_INTERVAL, zt.HEARTBEAT_TIMEOUT)
+    for bad in ("0", "-1", "soon", "99999"):
+        monkeypatch.setenv("BEAMLET_DEAD_AFTER", bad)
+        with pytest.raises(ValueError, match="BEAMLET_DEAD_AFTER"):
+            ZmqTransport(secret, VERSION)
 
 
 def served(transport, address: str):

@@ -36,7 +36,11 @@ STOP_TIMEOUT = 15.0  # seconds a daemon may take to stop after SIGTERM, before S
 def add_commands(sub) -> None:
     start = sub.add_parser("start", help="start a cluster node (--head for the first one)",
                            description="Start a cluster node in the background: the head "
-                                       "(--head) or a node joining one (--address).")
+                                       "(--head) or a node joining one (--address).",
+                           epilog="A node whose connection drops is declared dead at once; "
+                                  "a frozen or unreachable one after $BEAMLET_DEAD_AFTER "
+                                  "seconds of silence (default 10; set it alike for every "
+                                  "node and driver of the cluster).")
     role = start.add_mutually_exclusive_group(required=True)
     role.add_argument("--head", action="store_true", help="start the head node (and its Redis)")
     role.add_argument("--address", help="join the head at HOST:PORT")
@@ -287,7 +291,7 @@ def cmd_status(args) -> int:
     try:
         address, secret = resolve(args.address, args.token, StateDir())
         nodes = status(address, secret)
-    except exc.BackendError as err:
+    except (exc.BackendError, ValueError) as err:  # (ValueError: $BEAMLET_DEAD_AFTER)
         return _fail(str(err))
     alive = [n for n in nodes if n["state"] == "ALIVE"]
     print(f"cluster at {address}: {len(alive)} node(s) alive, "

@@ -8,8 +8,12 @@ the cluster's Redis as its control store, and listens on one TCP port
 - The **head** starts the cluster's Redis (a private ``redis-server`` with
   a password and AOF, unless given one), and keeps the membership: members
   join it over ZeroMQ, heartbeat every `HEARTBEAT_INTERVAL`, and are
-  declared DEAD in the nodes table at once when their connection drops, or
-  after `DEAD_AFTER` seconds of silence. It answers ``beamlet status``.
+  declared DEAD in the nodes table at once when their connection drops (a
+  killed member's closes at once), or after `dead_after()` seconds of
+  silence (10 by default, ``BEAMLET_DEAD_AFTER``; a frozen member's
+  connection is closed by the transport's heartbeats after as long). A
+  member starved of CPU for less than that (a loaded machine) stays the
+  same node. It answers ``beamlet status``.
 - A **member** joins the head, learns the control store's address from it,
   and heartbeats with its figures. If the head goes away it reconnects as
   a new node (a node declared dead never comes back under its old id), and
@@ -46,6 +50,7 @@ from ...core.tables import Tables
 from ..local.node import Node, default_store_capacity
 from . import protocol as P
 from .jobs import DriverOwner
+from .transport import dead_after
 
 HEAD_LOST_TIMEOUT = 60.0  # seconds a member waits for a lost head before it exits
 REDIS_RETRY = 1.0  # seconds a daemon's Redis call may retry: its loop must not stall
@@ -228,6 +233,7 @@ class HeadDaemon(Daemon):
         self._dead: list[str] = []  # declared dead, not yet written to Redis
         self._redis_ok = True
         self._next_own_beat = 0.0
+        self.dead_after = dead_after()
 
     def start(self) -> dict:
         from ..redis.server import RedisServer
@@ -293,7 +299,7 @@ class HeadDaemon(Daemon):
         self._members[conn] = node_id
         self._joined[node_id] = (address, resources)
         self._last_beat[node_id] = time.monotonic()
-        conn.send(P.JoinAccepted(self.control_store_url, P.HEARTBEAT_INTERVAL, P.DEAD_AFTER))
+        conn.send(P.JoinAccepted(self.control_store_url, P.HEARTBEAT_INTERVAL, self.dead_after))
         log(f"node {node_id} at {address} joined with {resources}")
 
     def _gone(self, conn, why: str) -> None:
@@ -328,10 +334,10 @@ class HeadDaemon(Daemon):
         if self.redis is not None and not self.redis.running():
             self._restart_redis()
         for conn, node_id in list(self._members.items()):
-            if now - self._last_beat.get(node_id, now) > P.DEAD_AFTER:
+            if now - self._last_beat.get(node_id, now) > self.dead_after:
                 del self._members[conn]
                 conn.close()
-                self._declare_dead(node_id, f"no heartbeat for {P.DEAD_AFTER}s")
+                self._declare_dead(node_id, f"no heartbeat for {self.dead_after}s")
         if now >= self._next_own_beat:
             self._next_own_beat = now + 1.0
             try:
@@ -402,6 +408,7 @@ class MemberDaemon(Daemon):
         self._head_lost_at: float | None = None
         self._next_beat = 0.0
         self._next_try = 0.0
+        self._beat_every = P.HEARTBEAT_INTERVAL  # (the head's, once joined)
 
     def start(self) -> dict:
         self.head = self.transport.connect(self.args.address, timeout=10)
@@ -420,6 +427,7 @@ class MemberDaemon(Daemon):
             raise exc.BackendError(f"the head refused this node: {reply.reason}")
         if type(reply) is not P.JoinAccepted:
             raise exc.BackendError(f"the head answered {P.describe(reply)} to a join")
+        self._beat_every = reply.heartbeat_s
         return reply
 
     def tick(self, now: float) -> None:
@@ -434,7 +442,7 @@ class MemberDaemon(Daemon):
                 self._lost_head(now)
                 return
             if now >= self._next_beat:
-                self._next_beat = now + P.HEARTBEAT_INTERVAL
+                self._next_beat = now + self._beat_every
                 try:
                     self.head.send(P.Heartbeat(self.node_id, self.stats()))
                 except exc.BackendError:

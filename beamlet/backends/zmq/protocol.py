@@ -77,10 +77,11 @@ VERSION = "beamlet-cluster/10"  # 2: drivers run tasks on nodes; 3: nodes pull o
 # 9: direct driver -> actor-worker channels (DirectOpen, DirectLost; see direct.py)
 # 10: a detached actor's node claims its nested results made elsewhere (Claim)
 
-#: Seconds between a member's heartbeats, and of silence after which the head
-#: declares it dead (at once when its connection drops).
+#: Seconds between a member's heartbeats (they carry its figures for ``beamlet
+#: status``). The head declares a member dead at once when its connection drops,
+#: or after `transport.dead_after()` seconds without a heartbeat (10 by default:
+#: a starved but live member is not taken for dead); JoinAccepted tells both.
 HEARTBEAT_INTERVAL = 0.5
-DEAD_AFTER = 3.0
 
 
 class NodeJoin(NamedTuple):

@@ -100,9 +100,15 @@ Messages
 Liveness
     Both ends run ZMTP heartbeats (`HEARTBEAT_INTERVAL`, `HEARTBEAT_TIMEOUT`),
     answered by libzmq's own I/O thread, so a busy Python process is never
-    taken for dead, while a dead or frozen peer's connection is closed within
-    interval + timeout (a killed process's connection closes at once: the
-    kernel sends FIN). A socket monitor reports each closed connection; as a
+    taken for dead. A killed process's connection closes at once (the kernel
+    sends FIN); a frozen or unreachable peer's is closed after `DEAD_AFTER`
+    seconds without traffic from it (between timeout and interval + timeout:
+    a PING goes out at most an interval after the last traffic, and the
+    connection closes when no traffic follows it within the timeout), 10 s
+    by default, ``BEAMLET_DEAD_AFTER`` in the environment overriding it (see
+    `dead_after`). It is that long so that a live process starved of CPU for
+    seconds (a loaded machine, a paused VM) is not taken for dead. A socket
+    monitor reports each closed connection; as a
     ROUTER does not say which peer a closed connection was, the listener
     then probes its peers (an empty frame each, ``ROUTER_MANDATORY``: a gone
     peer's send fails) until the closed connection is accounted for, and
@@ -181,10 +187,15 @@ MALLOC_MMAP_MAX = 4 << 20
 MALLOC_KEEP = 256 << 20
 #: Buffers smaller than this stay inside the pickle (a frame of their own costs more).
 OOB_MIN_BYTES = 64 << 10
+#: Seconds of silence after which a peer is taken for dead (its connection
+#: closed); the environment's ``BEAMLET_DEAD_AFTER`` overrides it (`dead_after`).
+#: Ray's GCS, for comparison, declares a raylet dead after 5 failed health
+#: checks 3 s apart (each failing after 10 s at most): 15 s and more.
+DEAD_AFTER = 10.0
 #: ZMTP heartbeats (seconds): a PING every interval; no traffic for the timeout
-#: after one closes the connection.
-HEARTBEAT_INTERVAL = 0.5
-HEARTBEAT_TIMEOUT = 1.5
+#: after one closes the connection (their sum: `DEAD_AFTER`).
+HEARTBEAT_INTERVAL = 1.0
+HEARTBEAT_TIMEOUT = DEAD_AFTER - HEARTBEAT_INTERVAL
 #: The listener probes its peers at least this often (seconds), and on every
 #: poll for `PROBE_WINDOW` seconds after a connection closed.
 PROBE_INTERVAL = 1.0
@@ -220,6 +231,33 @@ _MONITORED = (zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRI
               | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
               | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+# -- liveness ----------------------------------------------------------------------------
+def dead_after() -> float:
+    """`DEAD_AFTER`, or ``BEAMLET_DEAD_AFTER`` (seconds, from 0.5 to 3600) if
+    set; ValueError naming the variable otherwise. Every process of a cluster
+    should see the same value (a peer's heartbeats tell us its own as TTL:
+    libzmq closes a connection at the shorter of the two)."""
+    value = os.environ.get("BEAMLET_DEAD_AFTER")
+    if value is None:
+        return DEAD_AFTER
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0.5 <= seconds <= 3600:
+        raise ValueError(f"BEAMLET_DEAD_AFTER must be a number of seconds from 0.5 to 3600, "
+                         f"got {value!r}")
+    return seconds
+
+
+def heartbeats(silence: float) -> tuple[float, float]:
+    """The ZMTP heartbeats' (interval, timeout) that close a connection after
+    `silence` seconds without traffic: a PING every `HEARTBEAT_INTERVAL` (a
+    tenth of `silence` if that is shorter), the rest the timeout."""
+    interval = min(HEARTBEAT_INTERVAL, silence / 10)
+    return interval, silence - interval
 
 
 # -- addresses and keys ------------------------------------------------------------------
@@ -1764,16 +1802,17 @@ class ZmqTransport(Transport):
     message protocol both ends must speak. See the module docstring.
 
     `max_message`: the largest message (bytes) accepted, and sent;
-    `heartbeat_interval`/`heartbeat_timeout` (seconds): how soon a dead or
-    frozen peer's connection is closed (at most their sum). A `codec` (the
+    `heartbeat_interval`/`heartbeat_timeout` (seconds): how soon a frozen or
+    unreachable peer's connection is closed (at most their sum; by default
+    `heartbeats` of `dead_after()`). A `codec` (the
     protocol's: ``encode(message)`` into what is pickled, ``decode`` back,
     raising for what is not a message, which closes that connection as a
     message that does not unpickle would) applies to every message `send`
     sends and `recv`/`poll` return (not to a piece's header)."""
 
     def __init__(self, secret: bytes, version: str, *, max_message: int = MAX_MESSAGE,
-                 heartbeat_interval: float = HEARTBEAT_INTERVAL,
-                 heartbeat_timeout: float = HEARTBEAT_TIMEOUT, codec=None):
+                 heartbeat_interval: float | None = None,
+                 heartbeat_timeout: float | None = None, codec=None):
         auth.check_version(version)
         self.encode = codec.encode if codec is not None else None
         self.decode = codec.decode if codec is not None else None
@@ -1783,6 +1822,10 @@ class ZmqTransport(Transport):
             raise ValueError(f"max_message must be an int from 1024 to {MAX_FRAME} bytes, got "
                              f"{max_message!r}")
         _keep_freed_buffers()
+        if heartbeat_interval is None or heartbeat_timeout is None:
+            interval, timeout = heartbeats(dead_after())
+            heartbeat_interval = interval if heartbeat_interval is None else heartbeat_interval
+            heartbeat_timeout = timeout if heartbeat_timeout is None else heartbeat_timeout
         if not 0 < heartbeat_interval <= heartbeat_timeout:
             raise ValueError(f"heartbeats need 0 < interval <= timeout, got "
                              f"{heartbeat_interval} and {heartbeat_timeout}")
