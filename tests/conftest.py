@@ -208,7 +208,12 @@ class _RayCluster:
     so that the next start sweeps them if the run was killed)."""
 
     _SCRIPT = """if True:
-        import json, logging, os, shutil, sys
+        import json, logging, os, shutil, signal, sys
+        # Ray's workers must take SIGINT as Python does by default: Ray's cancel
+        # of a running task is a simulated SIGINT, which does nothing in a process
+        # that ignores it, and they would inherit SIG_IGN from a pytest started
+        # where SIGINT is ignored (`pytest &` in a script).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         import ray
         from beamlet.backends.local.session import SessionLock, sweep
         sweep()
