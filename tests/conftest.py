@@ -208,7 +208,12 @@ class _RayCluster:
     so that the next start sweeps them if the run was killed)."""
 
     _SCRIPT = """if True:
-        import logging, shutil, sys
+        import json, logging, os, shutil, signal, sys
+        # Ray's workers must take SIGINT as Python does by default: Ray's cancel
+        # of a running task is a simulated SIGINT, which does nothing in a process
+        # that ignores it, and they would inherit SIG_IGN from a pytest started
+        # where SIGINT is ignored (`pytest &` in a script).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         import ray
         from beamlet.backends.local.session import SessionLock, sweep
         sweep()
@@ -216,8 +221,8 @@ class _RayCluster:
         temp = session.temp_dir
         try:
             ctx = ray.init(address="local", num_cpus=int(sys.argv[1]), include_dashboard=False,
-                           _temp_dir=temp, logging_level=logging.ERROR)
-            import os
+                           _temp_dir=temp, logging_level=logging.ERROR,
+                           _system_config=json.loads(sys.argv[2]))
             print(ctx.address_info["gcs_address"], os.environ.get("RAY_AUTH_MODE", ""),
                   flush=True)
             sys.stdin.read()
@@ -227,6 +232,13 @@ class _RayCluster:
             session.release()
     """
 
+    #: Ray's system config for the shared Ray (Ray's defaults otherwise).
+    #: Idle workers are kept (up to this many) rather than ended after a second:
+    #: the next test that needs as many at once (nested tasks blocked in get)
+    #: finds them instead of waiting for new ones to start (about a second of
+    #: CPU each). The job is the same for every test, so they can serve any.
+    SYSTEM_CONFIG = {"num_workers_soft_limit": 10}
+
     def __init__(self):
         self.process = None
         self.address = None
@@ -234,6 +246,7 @@ class _RayCluster:
 
     def start(self) -> str:
         """The address of the shared Ray (started on first use)."""
+        import json
         import subprocess
         import sys
         if self.process is not None and self.process.poll() is not None:
@@ -246,7 +259,8 @@ class _RayCluster:
             repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(
                 p for p in (repo, os.environ.get("PYTHONPATH")) if p))
-            self.process = subprocess.Popen([sys.executable, "-c", self._SCRIPT, str(NUM_CPUS)],
+            self.process = subprocess.Popen([sys.executable, "-c", self._SCRIPT, str(NUM_CPUS),
+                                             json.dumps(self.SYSTEM_CONFIG)],
                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                             text=True, env=env)
             line = self.process.stdout.readline().strip()  # (Ray's own start timeout applies)
