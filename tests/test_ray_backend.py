@@ -244,6 +244,41 @@ def test_beamlets_threads_never_start_a_ray():
     assert initialized is False and children == [], (initialized, children)
 
 
+ANOTHER_BACKEND_AFTER_RAY = """if True:
+    import json, beamlet, ray
+    from beamlet.backends.ray import events
+    from beamlet.core import plugins
+
+    class Observer:  # (so that the dask driver hears each task's end)
+        @plugins.hookimpl
+        def beamlet_task_finished(self, spec, status):
+            pass
+
+    sender = events.sender()  # (as a Ray session made it: it listens for the process's life)
+    plugins.register(Observer())
+    beamlet.init(backend="dask", num_cpus=1)
+    inc = beamlet.remote(lambda x: x + 1)
+    assert beamlet.get([inc.remote(i) for i in range(3)], timeout=60) == [1, 2, 3]
+    beamlet.shutdown()  # (once the observers heard every end)
+    print(json.dumps([ray.is_initialized(), len(sender._buffer)]))
+"""
+
+
+def test_the_ray_event_listener_ignores_a_later_session_on_another_backend():
+    """The Ray backend's listener for task ends stays for the life of the
+    process. A later session on dask in that process, whose observers hear
+    ends on a thread of its own, must not reach it: it would call Ray there,
+    which started a Ray owned by that thread (an xdist worker then died 60 s
+    after the thread ended, in CI, running a dask test after Ray's)."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-c", ANOTHER_BACKEND_AFTER_RAY],
+                          capture_output=True, text=True, timeout=4 * T, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    initialized, told = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (initialized, told) == (False, 0), proc.stderr[-3000:]
+
+
 def test_tasks_run_in_ray_workers_with_their_resources(session):
     assert ray.get(square.remote(7), timeout=T) == 49
     assert ray.cluster_resources()["CPU"] == 2.0

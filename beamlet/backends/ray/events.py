@@ -49,7 +49,7 @@ from ...core.scheduling import CANCELLED, FAILED, FINISHED, RETRYING
 from ...core.task_events import RUNNING, _name
 from ...core.task_spec import ACTOR_CREATION
 from . import threads
-from .backend import _pid_alive
+from .backend import RayBackend, _pid_alive
 from .control import on_control_thread, said_control_actor_died
 
 #: Seconds a worker gathers events before it sends them (in one call)...
@@ -336,12 +336,16 @@ def sender() -> EventSender:
 
 
 def _job_id():
-    """The job of the runtime current in this worker, if it sends events."""
+    """The job of the runtime current in this process, if it runs on Ray and
+    sends events. (The listener stays for the process's life: a runtime of
+    another backend started here later, say dask's, whose observers hear ends
+    on a thread of its own, is none of its business. Telling its events here
+    would call Ray, which then started a Ray of its own on that thread.)"""
     from ...core import runtime as _runtime
     rt = _runtime.current_or_none()
-    if rt is None:
+    if rt is None or not isinstance(rt.backend, RayBackend):
         return None
-    job = getattr(rt.backend, "job", None)
+    job = rt.backend.job
     return job["job_id"] if job and job.get("task_events") else None
 
 
