@@ -98,13 +98,13 @@ Messages
     benchmarks/zmq_transport.py).
 
 Liveness
-    Both ends run ZMTP heartbeats (`HEARTBEAT_INTERVAL`, `HEARTBEAT_TIMEOUT`),
+    Both ends run ZMTP heartbeats (`heartbeats` of `dead_after`),
     answered by libzmq's own I/O thread, so a busy Python process is never
     taken for dead. A killed process's connection closes at once (the kernel
-    sends FIN); a frozen or unreachable peer's is closed after `DEAD_AFTER`
-    seconds without traffic from it (between timeout and interval + timeout:
-    a PING goes out at most an interval after the last traffic, and the
-    connection closes when no traffic follows it within the timeout), 10 s
+    sends FIN); a frozen or unreachable peer's is closed once `DEAD_AFTER`
+    seconds passed without traffic from it (at most an interval more: a PING
+    goes out at most an interval after the last traffic, and the connection
+    closes when no traffic follows it within the timeout, `DEAD_AFTER`), 10 s
     by default, ``BEAMLET_DEAD_AFTER`` in the environment overriding it (see
     `dead_after`). It is that long so that a live process starved of CPU for
     seconds (a loaded machine, a paused VM) is not taken for dead. A socket
@@ -193,9 +193,10 @@ OOB_MIN_BYTES = 64 << 10
 #: checks 3 s apart (each failing after 10 s at most): 15 s and more.
 DEAD_AFTER = 10.0
 #: ZMTP heartbeats (seconds): a PING every interval; no traffic for the timeout
-#: after one closes the connection (their sum: `DEAD_AFTER`).
+#: after one closes the connection (so it closes `DEAD_AFTER` to `DEAD_AFTER`
+#: + interval seconds after the peer's last traffic).
 HEARTBEAT_INTERVAL = 1.0
-HEARTBEAT_TIMEOUT = DEAD_AFTER - HEARTBEAT_INTERVAL
+HEARTBEAT_TIMEOUT = DEAD_AFTER
 #: The listener probes its peers at least this often (seconds), and on every
 #: poll for `PROBE_WINDOW` seconds after a connection closed.
 PROBE_INTERVAL = 1.0
@@ -253,11 +254,12 @@ def dead_after() -> float:
 
 
 def heartbeats(silence: float) -> tuple[float, float]:
-    """The ZMTP heartbeats' (interval, timeout) that close a connection after
-    `silence` seconds without traffic: a PING every `HEARTBEAT_INTERVAL` (a
-    tenth of `silence` if that is shorter), the rest the timeout."""
+    """The ZMTP heartbeats' (interval, timeout) that close a connection once
+    `silence` seconds passed without traffic (at most an interval more): a
+    PING every `HEARTBEAT_INTERVAL` (a tenth of `silence` if that is
+    shorter), and `silence` the timeout."""
     interval = min(HEARTBEAT_INTERVAL, silence / 10)
-    return interval, silence - interval
+    return interval, silence
 
 
 # -- addresses and keys ------------------------------------------------------------------
