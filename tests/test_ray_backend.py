@@ -204,6 +204,7 @@ NOT_CONNECTED = """if True:
         "get_runtime_context": ray.get_runtime_context,
         "list_named_actors": lambda: ray.util.list_named_actors(all_namespaces=True),
         "get_current_placement_group": ray.util.get_current_placement_group,
+        "get_placement_group": lambda: ray.util.get_placement_group("none"),
     }
     said = {}
 
@@ -240,7 +241,7 @@ def test_beamlets_threads_never_start_a_ray():
                           timeout=2 * T, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     said, initialized, children = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert said == {name: "refused" for name in said} and len(said) == 8, said
+    assert said == {name: "refused" for name in said} and len(said) == 9, said
     assert initialized is False and children == [], (initialized, children)
 
 

@@ -536,8 +536,8 @@ class AsyncActorHost(_Host):
         finally:
             if limit is not None:
                 limit.release()
-        if ending or _ending(self):
-            _ray.actor.exit_actor()
+            if ending or _ending(self):  # (as `_ended_by`)
+                _exit_now(self)
 
 
 
@@ -579,12 +579,23 @@ def _ended_by(host: _Host, items):
     told, may call again at once, and in a threaded actor that call could
     run before this one ends), and ends after the last."""
     ending = False
-    for item in items:
-        if not ending and host._job.executor.exiting is not None:
-            ending = _ending(host)
-        yield item
-    if ending or _ending(host):
-        _ray.actor.exit_actor()
+    try:
+        for item in items:
+            if not ending and host._job.executor.exiting is not None:
+                ending = _ending(host)
+            yield item
+    finally:  # (also if the stream is closed early: the actor is dead to calls already)
+        if ending or _ending(host):
+            _exit_now(host)
+
+
+def _exit_now(host: _Host) -> None:
+    """End the actor as Ray's ``exit_actor`` ends one, once the task events
+    told since `_ending` flushed (the stream call's own end) are sent: the
+    exit may end the process before its atexit hooks run."""
+    if host._job.events is not None:
+        host._job.events.flush()
+    _ray.actor.exit_actor()
 
 
 async def _async_call(host: "AsyncActorHost", spec: TaskSpec, dep_ids, dep_values, carried):
