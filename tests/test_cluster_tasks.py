@@ -1802,6 +1802,9 @@ class Counter:
         wait for them."""
         self.spawned = [_spawning.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
             a, soft=False)).remote(path, b) for a, b in ((here, there), (there, here))]
+        # (Kept: a cancel before this line, which the children's progress does not
+        # rule out on a loaded machine, would leave `spawned_refs` nothing to return.)
+        open(path + ".kept", "w").close()
         return beamlet.get(self.spawned, timeout=60)
 
     def spawned_refs(self):
@@ -1975,6 +1978,8 @@ def _cancel_spawned(counter, call, go: str) -> None:
     try:  # (the grandchildren wait on both nodes: all four were submitted)
         assert procs.wait_until(lambda: states("_until_file").count("RUNNING") == 2,
                                 GET_TIMEOUT, interval=0.05), state.list_tasks()
+        assert procs.wait_until(lambda: os.path.exists(go + ".kept"), GET_TIMEOUT,
+                                interval=0.05), "the call never kept its children's refs"
         with pytest.raises(ValueError, match="force=True"):
             beamlet.cancel(call, force=True)
         beamlet.cancel(call)
