@@ -22,7 +22,7 @@ tests/test_ray_backend.py checks against the installed Ray.
 """
 from __future__ import annotations
 
-import sys
+import importlib
 import threading
 from typing import Callable
 
@@ -71,10 +71,7 @@ def _guarded(auto_init_ray: Callable) -> Callable:
 
 def _install() -> None:
     for name in _AUTO_INIT_MODULES:
-        module = sys.modules.get(name)
-        if module is None:
-            __import__(name)
-            module = sys.modules[name]
+        module = importlib.import_module(name)
         current = module.auto_init_ray
         if not getattr(current, "beamlet_guard", False):
             module.auto_init_ray = _guarded(current)
