@@ -112,7 +112,8 @@ def test_the_cluster_listens_on_loopback_only(no_backend, dashboard):
     with or without the dashboard, workers) listens on 127.0.0.1:
     Dask's own ":0" for a dashboard would be every interface. Without the
     dashboard, the HTTP server serves none of Dask's pages (which need no key
-    and show the cluster's logs and the stacks of its running tasks)."""
+    and show the cluster's logs and the stacks of its running tasks), and the
+    workers do not profile their threads for it."""
     import urllib.error
     import urllib.parse
     import urllib.request
@@ -126,6 +127,9 @@ def test_the_cluster_listens_on_loopback_only(no_backend, dashboard):
     http = info["services"].get("dashboard")
     sockets = [s for s in _listening(tree) if s not in before]
     [worker] = info["workers"]
+    # (Its workers sample their threads for the dashboard's profile page only
+    # when there is a dashboard: some 2.5% of a core each, idle or not.)
+    profiling = backend.client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
     served = {}
     for page in ("/json/identity.json", "/info/main/logs.html",
                  f"/info/call-stacks/{urllib.parse.quote(worker, safe='')}.html"):
@@ -136,6 +140,7 @@ def test_the_cluster_listens_on_loopback_only(no_backend, dashboard):
             served[page] = err.code
     ray.shutdown()
     assert served == {page: 200 if dashboard else 404 for page in served}, served
+    assert profiling == {worker: dashboard}, profiling
     assert http is not None and http != 8787  # (its HTTP server, on a free port)
     assert any(port == http for _host, port, _pid in sockets), (http, sockets)
     assert len(sockets) >= 3, sockets  # scheduler, HTTP, worker at least

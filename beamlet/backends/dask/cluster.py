@@ -89,6 +89,10 @@ class Cluster:
         self._session = SessionLock()
         self._n = n_workers
         self._resources = resources
+        # Dask's workers sample their threads' stacks every 10 ms for the
+        # dashboard's profile page (some 2.5% of a core each, idle or not):
+        # without a dashboard nobody reads them.
+        self._profile = dashboard
         self._lock = threading.Lock()
         self._stopping = False
         self._ready = False
@@ -173,7 +177,8 @@ class Cluster:
 
     def _send_spec(self, index: int, proc: subprocess.Popen) -> None:
         spec = {"address": self.address, "key": self._key.hex(), "name": f"beamlet-{index}",
-                "resources": self._resources, "scratch": self._session.temp_dir}
+                "resources": self._resources, "scratch": self._session.temp_dir,
+                "profile": self._profile}
         try:
             proc.stdin.write((json.dumps(spec) + "\n").encode())
             proc.stdin.flush()
@@ -328,6 +333,8 @@ def main() -> None:
         return  # (the driver gave up before sending the spec)
     spec = json.loads(line)
     dask.config.set({"temporary-directory": spec["scratch"]})
+    if not spec["profile"]:
+        dask.config.set({"distributed.worker.profile.enabled": False})
     asyncio.run(_serve(spec))
 
 
