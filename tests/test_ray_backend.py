@@ -1135,6 +1135,26 @@ def test_another_driver_joins_by_address_and_leaves_ray_running(session, tmp_pat
     assert ray.get(square.remote(5), timeout=T) == 25  # our Ray still serves
 
 
+def test_a_plain_init_joins_the_ray_that_ray_address_names(session, tmp_path):
+    """As ``ray.init()`` does: with ``$RAY_ADDRESS`` set, ``init(backend="ray")``
+    joins that Ray (so it refuses resources of its own) and leaves it running."""
+    code = ("import beamlet, pytest\n"
+            "from beamlet.core import runtime\n"
+            "with pytest.raises(ValueError, match='num_cpus'):\n"
+            "    beamlet.init(backend='ray', num_cpus=1)\n"
+            "beamlet.init(backend='ray')\n"
+            "print(runtime.current().backend.address)\n"
+            "f = beamlet.remote(lambda x: x + 1)\n"
+            f"print(beamlet.get(f.remote(41), timeout={T}))\n"
+            "beamlet.shutdown()\n")
+    env = dict(os.environ, PYTHONPATH=REPO, RAY_ADDRESS=session.address)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=2 * T, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-2:] == [session.address, "42"]
+    assert ray.get(square.remote(5), timeout=T) == 25  # our Ray still serves
+
+
 def test_a_killed_drivers_ray_dir_is_swept_at_the_next_start(session, tmp_path):
     """A driver SIGKILLed with the Ray it started: Ray's processes die with it
     (Ray's fate sharing), and the next ``init()`` on the machine removes the

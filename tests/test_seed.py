@@ -2,7 +2,7 @@
 
 Each runs in a subprocess (``python <program>``) with ``BEAMLET_BACKEND`` set,
 from an empty temp directory, with a timeout; it must exit 0 and print its
-"<name> ok" line.
+"<name> ok" line. On ``ray`` it joins the suite's shared Ray (``$RAY_ADDRESS``).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import seed_program
+from conftest import _ray_cluster, seed_program
 
 SEED_PROGRAMS = ["dynamic_graph", "nested", "parameter_server", "simulator", "tune_seed"]
 TIMEOUT = 100  # seconds per program; under pytest's own 120 s limit
@@ -23,6 +23,10 @@ def _run(program: str, backend: str, cwd) -> subprocess.CompletedProcess:
     path = seed_program(program)
     # HOME too: tune_seed writes its results under ~/beamlet_results.
     env = dict(os.environ, BEAMLET_BACKEND=backend, PYTHONUNBUFFERED="1", HOME=str(cwd))
+    if backend == "ray":
+        # The program's plain ray.init() joins the suite's shared Ray through
+        # $RAY_ADDRESS, as a Ray program does, rather than starting a Ray of its own.
+        env["RAY_ADDRESS"] = _ray_cluster.start()
     try:
         return subprocess.run([sys.executable, path], cwd=cwd, env=env, capture_output=True,
                               text=True, timeout=TIMEOUT)

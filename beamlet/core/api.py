@@ -25,8 +25,10 @@ def init(backend: str | None = None, address: str | None = None, num_cpus: float
     """Start (or connect to) a backend and make it the current one.
 
     ``backend`` defaults to ``$BEAMLET_BACKEND``, then ``"local"``; ``local_mode=True``
-    means ``"inprocess"``. ``address`` (default ``$BEAMLET_ADDRESS``) joins a running
-    cluster (``address="local"`` means start one here, as in Ray). ``runtime_env``
+    means ``"inprocess"``. ``address`` (default ``$BEAMLET_ADDRESS``, or for a
+    backend whose factory names one, its own variable: ``$RAY_ADDRESS`` for
+    ``ray``) joins a running cluster (``address="local"`` means start one here,
+    as in Ray). ``runtime_env``
     (only ``env_vars``; other fields raise ValueError) applies to every task and
     actor of the job, under their own. ``job_config`` (a
     ``beamlet.job_config.JobConfig``) supplies the runtime_env and namespace
@@ -48,13 +50,17 @@ def init(backend: str | None = None, address: str | None = None, num_cpus: float
             backend = "inprocess"
         if backend is None:
             backend = os.environ.get(BACKEND_ENV_VAR) or DEFAULT_BACKEND
+        factories = plugins.backend_factories()
         if address is None and backend == DEFAULT_BACKEND and os.environ.get(ADDRESS_ENV_VAR):
             address = os.environ[ADDRESS_ENV_VAR]  # as in Ray: a plain init() joins it
+        if address is None:  # (e.g. the ray backend's $RAY_ADDRESS, as ray.init() reads it)
+            env_var = getattr(factories.get(backend), "address_env_var", None)
+            if env_var and os.environ.get(env_var):
+                address = os.environ[env_var]
         if address == "local":  # Ray: start a new local instance, never connect
             address = None
         if address is not None and backend == DEFAULT_BACKEND and not os.environ.get(BACKEND_ENV_VAR):
             backend = "cluster"
-        factories = plugins.backend_factories()
         if backend == "cluster" and backend not in factories:
             raise ValueError(f"init(address={address!r}) needs the cluster backend, which is "
                              f"not available yet; installed backends: "

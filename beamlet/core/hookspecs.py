@@ -34,6 +34,11 @@ def beamlet_backends() -> dict:
     with ``core.options.check_backend_options``); ``runtime`` is the
     ``beamlet.core.runtime.Runtime`` that will drive it (its ``refs`` counter
     and ``namespace``). Names are case-sensitive; two plugins may not claim one.
+
+    A factory may carry an ``address_env_var`` attribute: the environment
+    variable whose value a plain ``init(backend=name)`` (no ``address``) takes
+    as its address, as ``ray.init()`` reads ``$RAY_ADDRESS``
+    (``address="local"`` still starts a new instance).
     """
 
 

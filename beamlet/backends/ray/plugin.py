@@ -13,6 +13,8 @@ def _ray(config, runtime):
 
 
 _ray.backend_class = "beamlet.backends.ray.backend:RayBackend"
+# As ray.init() does: a plain init(backend="ray") joins the Ray this names.
+_ray.address_env_var = "RAY_ADDRESS"
 
 
 @hookimpl
