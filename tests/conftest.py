@@ -89,6 +89,7 @@ class BackendInfo:
     owner_fate_sharing: bool = False
     actors_lend_cpus: bool = True
     prompt_state: bool = True
+    streaming_generators: bool = False
 
     @classmethod
     def current(cls) -> "BackendInfo":
@@ -97,7 +98,7 @@ class BackendInfo:
                    bool(b.manages_workers), bool(b.task_events), bool(b.placement_groups),
                    bool(b.concurrency_groups), bool(b.multi_node),
                    bool(b.owner_fate_sharing), bool(b.actors_lend_cpus),
-                   bool(b.prompt_state))
+                   bool(b.prompt_state), bool(b.streaming_generators))
 
     def require(self, *flags: str) -> None:
         """Skip the running test unless this backend has every capability flag
@@ -116,7 +117,8 @@ _WHY_NOT = {"parallel": "tasks run one at a time inside .remote()",
             "manages_workers": "the engine, not beamlet, restarts crashed workers and "
                                "retries their tasks, and actors hold no resources while alive",
             "task_events": "the driver does not see every task end (no state API, no timeline)",
-            "actors_lend_cpus": "an actor blocked in get/wait keeps its CPUs (Ray's rule)"}
+            "actors_lend_cpus": "an actor blocked in get/wait keeps its CPUs (Ray's rule)",
+            "streaming_generators": "it does not run generator tasks"}
 
 
 def _reset() -> None:
@@ -321,6 +323,45 @@ class _RayCluster:
 
 
 _ray_cluster = _RayCluster()
+
+
+#: The backends whose tests share an engine started once per process, in the
+#: order their tests run (`pytest_collection_modifyitems`).
+_ENGINE_ORDER = {"ray": 0, "dask": 1}
+_SHARED_ENGINES = {"ray": _ray_cluster, "dask": _dask_cluster}
+
+
+def _backend_of(item) -> str | None:
+    """The backend a collected test runs on (its ``backend_name`` parameter), if
+    any; ``dask`` for test_control_store's tests of the store that lives in the
+    shared Dask cluster's scheduler."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return None
+    if callspec.params.get("store") == "dask":
+        return "dask"
+    return callspec.params.get("backend_name")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The tests on ``ray`` run first, then those on ``dask``, each in their own
+    order. A shared engine costs CPU for as long as it runs (Ray's daemons and
+    idle workers, Dask's scheduler and workers: a tenth of a core or so), so
+    each process stops it after its last test on it (`pytest_runtest_teardown`):
+    pytest-xdist hands tests out in this order, so none comes after."""
+    items.sort(key=lambda item: _ENGINE_ORDER.get(_backend_of(item), len(_ENGINE_ORDER)))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Once the fixtures are torn down: stop the shared engine after the last
+    test on it that this process runs (a later one would start it again)."""
+    try:
+        return (yield)
+    finally:
+        engine = _backend_of(item)
+        if engine in _ENGINE_ORDER and (nextitem is None or _backend_of(nextitem) != engine):
+            _SHARED_ENGINES[engine].stop()
 
 
 class _BeamletCluster:

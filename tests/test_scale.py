@@ -9,10 +9,12 @@ measured in benchmarks/scaling.py.
 from __future__ import annotations
 
 import gc
+import time
 
 import pytest
 
 import beamlet as ray
+from beamlet.core import runtime as _runtime
 from conftest import SCALE_BACKENDS
 
 # pytest-timeout's guard as long as the tests' own longest wait: beside other
@@ -86,6 +88,39 @@ def test_a_10k_long_dependency_chain(backend):
     for _ in range(10_000):
         ref = inc.remote(ref)
     assert ray.get(ref, timeout=300) == 10_000
+
+
+@on_scale_backends
+def test_100k_generator_items_with_bounded_memory(backend):
+    """100,000 items of a generator task stream through with the store holding
+    a bounded number of objects and the driver a bounded number of references
+    (the producer is held back, consumed items are freed), and nothing is left
+    afterwards."""
+    backend.require("streaming_generators")
+
+    @ray.remote(_generator_backpressure_num_objects=1000)
+    def numbers(n):
+        yield from range(n)
+
+    rt = _runtime.current()
+    store = rt.backend.object_store
+    before = store.stats()["num_objects"]
+    most_objects = most_refs = total = 0
+    gen = numbers.remote(100_000)
+    for i, ref in enumerate(gen):
+        total += ray.get(ref, timeout=120)
+        if i % 2000 == 0:
+            most_objects = max(most_objects, store.stats()["num_objects"])
+            most_refs = max(most_refs, len(rt.refs))
+    assert total == sum(range(100_000))
+    # 1000 held-back items, plus at most about as many freed lazily by the backend.
+    assert most_objects <= 3000, f"the store held {most_objects} objects"
+    assert most_refs <= 20, f"the driver held {most_refs} references"
+    del gen, ref
+    until = time.monotonic() + 60
+    while store.stats()["num_objects"] > before:
+        assert time.monotonic() < until, "the consumed items were not all freed within 60 s"
+        time.sleep(0.01)
 
 
 @ray.remote(num_cpus=0)

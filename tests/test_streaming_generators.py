@@ -336,31 +336,6 @@ def test_backpressure_bounds_how_far_the_producer_runs_ahead(gen_backend):
     assert ray.get(counter.value.remote(), timeout=T) == total
 
 
-def test_100k_items_with_bounded_memory(gen_backend):
-    """100,000 items stream through with the store holding a bounded number
-    of objects and the driver a bounded number of references (the producer is
-    held back, consumed items are freed), and nothing is left afterwards."""
-    @ray.remote(_generator_backpressure_num_objects=1000)
-    def numbers(n):
-        yield from range(n)
-
-    rt = _runtime.current()
-    before = store().stats()["num_objects"]
-    most_objects = most_refs = total = 0
-    gen = numbers.remote(100_000)
-    for i, ref in enumerate(gen):
-        total += ray.get(ref, timeout=T)
-        if i % 2000 == 0:
-            most_objects = max(most_objects, store().stats()["num_objects"])
-            most_refs = max(most_refs, len(rt.refs))
-    assert total == sum(range(100_000))
-    # 1000 held-back items, plus at most about as many freed lazily by the backend.
-    assert most_objects <= 3000, f"the store held {most_objects} objects"
-    assert most_refs <= 20, f"the driver held {most_refs} references"
-    del gen, ref
-    eventually(lambda: store().stats()["num_objects"] <= before, "freeing every item")
-
-
 def test_wait_on_generators(gen_backend):
     """wait() takes generators among refs: ready when next() would not block,
     including at the end."""
