@@ -273,6 +273,19 @@ class _RayCluster:
             self.address, _, self.auth_mode = line.partition(" ")
         return self.address
 
+    def program_env(self) -> dict:
+        """What a Ray program run in a subprocess needs in its environment to join
+        the shared Ray (its plain ``ray.init()`` reads ``$RAY_ADDRESS``), whatever
+        its ``HOME``: Ray's auth mode, and where Ray keeps the token when its
+        token auth is on (``~/.ray/auth_token`` of this process's home)."""
+        env = {"RAY_ADDRESS": self.start()}
+        if self.auth_mode:
+            env["RAY_AUTH_MODE"] = self.auth_mode
+        token = os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+        if not os.environ.get("RAY_AUTH_TOKEN_PATH") and os.path.exists(token):
+            env["RAY_AUTH_TOKEN_PATH"] = token
+        return env
+
     def connect(self) -> None:
         """Connect this process to the shared Ray (once)."""
         import logging

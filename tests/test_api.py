@@ -1621,7 +1621,10 @@ def test_resources_come_back_after_an_actor_crashes(backend):
     total = ray.cluster_resources()["CPU"]
     actor = _Crasher.options(num_cpus=1).remote()
     assert ray.get(actor.ping.remote(), timeout=LONG) == "pong"
-    assert ray.available_resources()["CPU"] == total - 1
+    if backend.prompt_state:
+        assert ray.available_resources()["CPU"] == total - 1
+    else:  # (Ray: what an earlier test's actors gave back is told a little later)
+        eventually(lambda: ray.available_resources().get("CPU", 0) == total - 1)
     with pytest.raises(E.ActorDiedError):
         ray.get(actor.crash.remote(), timeout=LONG)
     eventually(lambda: ray.available_resources().get("CPU", 0) == total)

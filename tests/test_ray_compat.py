@@ -130,6 +130,11 @@ def test_progress_actor_monte_carlo_pi(backend):
 
 def test_tree_of_tasks_quick_sort(backend):
     """Pattern: nested tasks (a distributed quick sort that gets its subtrees)."""
+    # (Every task blocked in get holds a worker process, so the tree needs a
+    # dozen or more at once: where each is a new process (Ray: about a second of
+    # CPU to start one), a loaded machine takes far more than T.)
+    limit = 3 * T
+
     @ray.remote
     def quick_sort_distributed(collection):
         if len(collection) <= 500:
@@ -139,10 +144,11 @@ def test_tree_of_tasks_quick_sort(backend):
         greater = [e for e in collection if e > pivot]
         lesser = quick_sort_distributed.remote(lesser)
         greater = quick_sort_distributed.remote(greater)
-        return ray.get(lesser, timeout=T) + [pivot] + ray.get(greater, timeout=T)
+        return ray.get(lesser, timeout=limit) + [pivot] + ray.get(greater, timeout=limit)
 
     unsorted = np.random.default_rng(0).integers(1_000_000, size=5000).tolist()
-    assert ray.get(quick_sort_distributed.remote(list(unsorted)), timeout=T) == sorted(unsorted)
+    assert ray.get(quick_sort_distributed.remote(list(unsorted)),
+                   timeout=limit) == sorted(unsorted)
 
 
 def test_map_reduce_with_star_args(backend):

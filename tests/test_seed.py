@@ -26,7 +26,7 @@ def _run(program: str, backend: str, cwd) -> subprocess.CompletedProcess:
     if backend == "ray":
         # The program's plain ray.init() joins the suite's shared Ray through
         # $RAY_ADDRESS, as a Ray program does, rather than starting a Ray of its own.
-        env["RAY_ADDRESS"] = _ray_cluster.start()
+        env.update(_ray_cluster.program_env())
     try:
         return subprocess.run([sys.executable, path], cwd=cwd, env=env, capture_output=True,
                               text=True, timeout=TIMEOUT)
