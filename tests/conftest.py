@@ -24,14 +24,15 @@ import beamlet
 from beamlet.core import plugins
 from beamlet.core import runtime as _runtime
 
-#: The backends the semantic suite runs on (CI's run: inprocess, local, dask).
-#: ``ray`` and ``cluster`` join with e.g.
-#: ``BEAMLET_TEST_BACKENDS=inprocess,local,dask,ray,cluster`` (on ray the suite
-#: adds some 640 CPU-s, 5-6 minutes on 2 cores; test_ray_backend.py and
-#: tests/test_cluster*.py always run, on a Ray and clusters of their own). See `no_ray_connection_left_behind`
-#: for why an xdist worker once died mid-run.
+#: The backends the semantic suite runs on (CI's run: inprocess, local, dask,
+#: ray); ``cluster`` joins with e.g.
+#: ``BEAMLET_TEST_BACKENDS=inprocess,local,dask,ray,cluster``. On ray the suite
+#: adds some 500 CPU-s, 4 minutes on 2 cores (session 15: 13.5 minutes in all).
+#: test_ray_backend.py and tests/test_cluster*.py always run, on a Ray and
+#: clusters of their own. See `no_ray_connection_left_behind` for why an xdist
+#: worker once died mid-run.
 BACKENDS = [name for name in os.environ.get("BEAMLET_TEST_BACKENDS",
-                                            "inprocess,local,dask").split(",") if name]
+                                            "inprocess,local,dask,ray").split(",") if name]
 
 #: The backends tests/test_scale.py runs on: by default those of `BACKENDS`
 #: whose tasks beamlet schedules itself. On an engine (``dask``, ``ray``) a

@@ -1,7 +1,7 @@
 """What the ``ray`` backend does, against a real local Ray: one beamlet session
 (``init(backend="ray")``, which starts Ray) serves the module, and the last
 test shuts it down and checks that no process of that Ray is left. The
-semantic suite runs on ``ray`` with ``BEAMLET_TEST_BACKENDS=ray`` (conftest.py).
+semantic suite runs on ``ray`` too, on a shared Ray of its own (conftest.py).
 """
 from __future__ import annotations
 
