@@ -25,7 +25,12 @@ then a ``get`` of each; per put+get), ``put_large`` / ``get_large`` /
 the tree's idle CPU per second (Ray's daemons' timers); "less idle" is a
 block's CPU less that rate times its wall time, which load stretches. The
 summary is each row's median over the rounds and the median of the per-round
-ratios, of the CPU, the CPU less idle, and the wall time. Needs Ray in
+ratios, of the CPU, the CPU less idle, and the wall time, and the median
+ratio of the rounds in which Ray started no process during either block
+(a worker's start, about 1 CPU-s, lands on one side by chance; each block's
+line says how many processes started and ended). Ray keeps up to
+``--idle-workers`` idle worker processes (default 10), so that no block pays
+for starting workers the one before it let go. Needs Ray in
 this interpreter (``beamlet[ray]``).
 """
 import argparse, collections, os, sys, threading, time, json
@@ -38,12 +43,22 @@ p.add_argument("--bytecodes", action="store_true")
 p.add_argument("--json")
 p.add_argument("--worker-bytecodes", action="store_true")
 p.add_argument("--top", type=int, default=20, help="(--bytecodes, --worker-bytecodes) functions listed per row")
+p.add_argument("--idle-workers", type=int, default=10,
+               help="idle worker processes Ray keeps (its num_workers_soft_limit; 0: Ray's "
+                    "default, one per CPU)")
 a = p.parse_args()
 import ray, beamlet, logging
 import atexit, shutil, tempfile
 _tmp = tempfile.mkdtemp(prefix="ray-task-cpu-")  # (Ray's session files, removed at the end)
 atexit.register(shutil.rmtree, _tmp, True)
-ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, _temp_dir=_tmp)
+# Ray ends idle workers beyond its soft limit (by default one per CPU) after a
+# second idle, and some more even within it. The nested row, whose blocked
+# submitters need more processes than CPUs (16 at its peak), would start
+# some again in a block: about 1 CPU-s each, falling on whichever side runs
+# then (per item 1.4 or 2.0 ms, either side, by that alone). So Ray keeps more
+# idle workers, and each round warms each row up again after its idle pause.
+ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, _temp_dir=_tmp,
+         _system_config={"num_workers_soft_limit": a.idle_workers} if a.idle_workers else None)
 beamlet.init(backend="ray")
 
 @ray.remote
@@ -304,6 +319,10 @@ for rnd in range(a.rounds):
     idle.append(idle_rate())
     print(f"round {rnd} idle tree CPU {1e3 * idle[-1]:.1f} ms/s", flush=True)
     for r in a.rows.split(","):
+        # (Idle for a second or more, as in idle_rate, Ray ends some workers; a
+        # round's first block would start them again: see ray.init above.)
+        for k, (mod, f, g) in fw.items():
+            row(r, mod, f, g, min(1000, count(r)))
         for k, (mod, f, g) in (fw.items() if rnd % 2 == 0 else reversed(fw.items())):
             before = tree(); t0 = time.perf_counter()
             n = count(r)
@@ -312,9 +331,11 @@ for rnd in range(a.rounds):
             drv = after[me.pid] - before[me.pid]
             oth = sum(t - before.get(pid, 0.0) for pid, t in after.items() if pid != me.pid)
             net = drv + oth - idle[-1] * wall
+            started = len(after.keys() - before.keys())  # (Ray workers, mostly)
+            ended = len(before.keys() - after.keys())  # (their CPU is not counted)
             res[(r, k)].append((1e6 * (drv + oth) / n, 1e6 * drv / n, 1e6 * net / n,
-                                1e6 * wall / n))
-            print(f"round {rnd} {r:10s} {k:8s} CPU/item {1e6*(drv+oth)/n:8.1f} us (driver {1e6*drv/n:7.1f}, less idle {1e6*net/n:8.1f}) wall {1e6*wall/n:8.1f} us load {os.getloadavg()[0]:.1f}", flush=True)
+                                1e6 * wall / n, started, ended))
+            print(f"round {rnd} {r:10s} {k:8s} CPU/item {1e6*(drv+oth)/n:8.1f} us (driver {1e6*drv/n:7.1f}, less idle {1e6*net/n:8.1f}) wall {1e6*wall/n:8.1f} us load {os.getloadavg()[0]:.1f} processes +{started} -{ended}", flush=True)
 import statistics
 med = statistics.median
 out = {}
@@ -324,9 +345,16 @@ for r in a.rows.split(","):
         nat = [x[i] for x in res[(r, "ray")]]; bm = [x[i] for x in res[(r, "beamlet")]]
         ratios = [b / n if n > 0 else float("nan") for b, n in zip(bm, nat)]
         got[what] = {"ray": nat, "beamlet": bm, "ratios": ratios}
+    for i, what in ((4, "processes_started"), (5, "processes_ended")):
+        got[what] = {k: [x[i] for x in res[(r, k)]] for k in ("ray", "beamlet")}
     out[r] = dict(got, items=count(r))
+    # A process Ray starts (about 1 CPU-s) falls on one side's block by chance;
+    # the rounds where it started none on either side compare the two alone.
+    calm = [x for x, a_, b_ in zip(got["us"]["ratios"], got["processes_started"]["ray"],
+                                   got["processes_started"]["beamlet"]) if not a_ and not b_]
+    out[r]["ratios_without_process_starts"] = calm
     t, li = got["us"], got["less_idle_us"]
-    print(f"{r:10s}: CPU/item median ray {med(t['ray']):8.1f} us, beamlet {med(t['beamlet']):8.1f} us; median of per-round ratios {med(t['ratios']):.2f} (per round {' '.join('%.2f' % x for x in t['ratios'])}); less idle: {med(li['ratios']):.2f}; wall {med(got['wall_us']['ratios']):.2f}")
+    print(f"{r:10s}: CPU/item median ray {med(t['ray']):8.1f} us, beamlet {med(t['beamlet']):8.1f} us; median of per-round ratios {med(t['ratios']):.2f} (per round {' '.join('%.2f' % x for x in t['ratios'])}); less idle: {med(li['ratios']):.2f}; wall {med(got['wall_us']['ratios']):.2f}; rounds without process starts: {len(calm)}{', median %.2f' % med(calm) if calm else ''}")
 if a.json:
     json.dump({"rows": out, "idle_cpu_per_s": idle,
                "args": dict(vars(a), json=os.path.basename(a.json)),
