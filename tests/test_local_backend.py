@@ -931,6 +931,71 @@ def test_force_cancel_of_a_task_whose_answer_is_unread_leaves_no_dead_worker_idl
     assert ray.get(actor.pid.remote(), timeout=60) != pid
 
 
+# -- the node's sockets: its event loop never waits on a peer ------------------------
+@ray.remote
+class Echo:
+    def echo(self, value):
+        return value
+
+
+def test_calls_and_results_beyond_the_socket_buffers_both_ways_complete(start):
+    """2,000 calls of 10 KB to one actor, three times: more than a Unix socket
+    buffers each way, so the node sends calls while the actor sends results.
+    (Both used to wait for the other to read: the first burst hung.)"""
+    actor = Echo.remote()
+    payload = b"x" * 10_000
+    for _ in range(3):
+        out = ray.get([actor.echo.remote(payload) for _ in range(2000)], timeout=60)
+        assert out == [payload] * 2000
+
+
+def test_a_served_connection_queues_what_a_peer_that_does_not_read_cannot_take():
+    """A send on a connection the listener's event loop serves returns even
+    while the peer reads nothing; the peer then gets every message, in order,
+    and the thread that sent the backlog ends."""
+    from beamlet.backends.local.transport import UnixSocketTransport
+    from beamlet.core.interfaces import Joined
+
+    transport = UnixSocketTransport(os.urandom(32), "beamlet-test/1")
+    listener = transport.listen()
+    served = []
+
+    def serve():
+        deadline = time.monotonic() + 30
+        while not served and time.monotonic() < deadline:
+            served.extend(e.conn for e in listener.poll() if isinstance(e, Joined))
+            time.sleep(0.005)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    client = transport.connect(listener.address, timeout=30)
+    server.join(30)
+    assert served, "the listener did not accept the connection"
+    conn = served[0]
+    big = b"y" * 1_000_000
+    sent = threading.Event()
+
+    def send_all():
+        for i in range(20):  # (20 MB: far beyond what the socket buffers)
+            conn.send((i, big))
+        conn.send_many([(20, b"end"), (21, b"more")])
+        sent.set()
+
+    threading.Thread(target=send_all, daemon=True).start()
+    try:
+        assert sent.wait(30), "a send waited for a peer that does not read"
+        got = [client.recv(timeout=30) for _ in range(22)]
+        assert [i for i, _ in got] == list(range(22))
+        assert all(value == big for _, value in got[:20]) and got[20][1] == b"end"
+        procs.eventually(lambda: not any(t.name == "beamlet-send-backlog"
+                                         for t in threading.enumerate()),
+                         "the end of the backlog's thread", 30)
+    finally:
+        client.close()
+        conn.close()
+        listener.close()
+
+
 # -- pipelining: a task sent ahead to a busy worker -----------------------------------
 @ray.remote
 def quick():

@@ -110,14 +110,26 @@ class SocketConnection(Connection):
 
     Made by the transport once the peer is authenticated (`buffered`: the
     bytes that arrived with the end of the handshake). `send` and `send_many` may
-    be called from several threads (a lock keeps frames whole);
+    be called from several threads (a lock keeps frames whole and in order);
     `recv`/`recv_all` from one reader thread only. A `codec` (the protocol's:
     ``encode(message)`` into what is pickled, ``decode`` back, raising for
     what is not a message) applies to every message.
+
+    A send waits until the socket took the whole message, unless the
+    connection `never_blocks` (those an event loop serves, `SocketListener.poll`):
+    then what the socket does not take at once is queued and sent, in order,
+    by a thread of the connection's own while the peer reads (`_drain`). For
+    the loop must never wait on a peer: a peer blocked sending to it (a
+    worker sending results while calls keep coming) reads nothing until the
+    loop reads what it sent, and both would wait forever.
     """
 
-    def __init__(self, sock: socket.socket, buffered: bytes = b"", codec=None):
+    def __init__(self, sock: socket.socket, buffered: bytes = b"", codec=None,
+                 never_blocks: bool = False):
         self.sock = sock
+        self.never_blocks = never_blocks
+        #: Bytes waiting for `_drain` to send them, in order (None: no drain runs).
+        self._backlog: list | None = None
         self._encode = codec.encode if codec is not None else None
         self._decode = codec.decode if codec is not None else None
         #: Who is at the other end ('pid N (uid U)'), for log lines: known
@@ -167,12 +179,7 @@ class SocketConnection(Connection):
         data = pickle.dumps(frame, 5)
         if len(data) > MAX_FRAME:
             raise _too_large(len(data))
-        frame = _HEADER.pack(len(data)) + data
-        with self._send_lock:
-            try:
-                self.sock.sendall(frame)
-            except OSError as err:
-                raise exc.BackendError(f"the peer of this connection is gone: {err}") from None
+        self._write(_HEADER.pack(len(data)) + data)
 
     def send_many(self, messages) -> None:
         parts = []
@@ -183,11 +190,46 @@ class SocketConnection(Connection):
                 raise _too_large(len(data))
             parts.append(_HEADER.pack(len(data)))
             parts.append(data)
+        self._write(b"".join(parts))
+
+    def _write(self, data: bytes) -> None:
+        """Send `data` after everything sent before (see the class's doc)."""
         with self._send_lock:
+            if self._backlog is not None:  # (earlier bytes wait: these go after them)
+                self._backlog.append(data)
+                return
             try:
-                self.sock.sendall(b"".join(parts))
+                if not self.never_blocks:
+                    self.sock.sendall(data)
+                    return
+                sent = self.sock.send(data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
             except OSError as err:
                 raise exc.BackendError(f"the peer of this connection is gone: {err}") from None
+            if sent == len(data):
+                return
+            self._backlog = [memoryview(data)[sent:]]
+        threading.Thread(target=self._drain, name="beamlet-send-backlog", daemon=True).start()
+
+    def _drain(self) -> None:
+        """(Its own thread.) Send the backlog as the peer reads, until none is
+        left; a peer that is gone leaves it unsent (its reader sees the end,
+        and `close` ends a send under way)."""
+        while True:
+            with self._send_lock:
+                chunks = self._backlog
+                if not chunks:
+                    self._backlog = None
+                    return
+                self._backlog = []
+            try:
+                for chunk in chunks:
+                    self.sock.sendall(chunk)
+            except OSError:
+                with self._send_lock:
+                    self._backlog = None
+                return
 
     def _parse(self) -> list:
         """Every complete message in the buffer. A bad frame raises ProtocolError,
@@ -334,7 +376,8 @@ class PendingConnection:
         if reply is None:
             return None
         self._send_now(reply)
-        return SocketConnection(self.sock, self._handshake.leftover, self._codec)
+        return SocketConnection(self.sock, self._handshake.leftover, self._codec,
+                                never_blocks=True)
 
     def _send_now(self, data: bytes) -> None:
         # A few dozen bytes into an empty socket buffer: they always fit, and a
