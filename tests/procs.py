@@ -74,6 +74,20 @@ def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
         time.sleep(interval)
 
 
+def eventually(predicate, what: str = "the condition", timeout: float = 20.0,
+               interval: float = 0.02):
+    """Poll `predicate` until it gives a true value, and return that value; fail
+    the test, naming `what`, once `timeout` seconds have passed."""
+    until = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > until:
+            raise AssertionError(f"{what} did not happen within {timeout} s")
+        time.sleep(interval)
+
+
 def wait_gone(pids, timeout: float) -> list[int]:
     """Wait up to `timeout` s for the processes `pids` to end (a zombie counts
     as ended); the pids still alive then."""

@@ -25,23 +25,12 @@ from beamlet.core import runtime as _runtime
 from beamlet.core.remote_function import _call_options
 from beamlet.util import ActorPool
 from conftest import own_init_options
+from procs import eventually
 
 LONG = 60  # seconds: an upper bound for waits that should end at once
 
 
 # -- helpers ------------------------------------------------------------------------
-
-def eventually(predicate, timeout: float = 20.0, interval: float = 0.02):
-    """Poll `predicate` until it is true; fail (not hang) after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        time.sleep(interval)
-
 
 def count_attempt(path) -> int:
     """Append a line to `path`; return how many lines it has now (attempts so far)."""

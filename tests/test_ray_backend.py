@@ -73,14 +73,6 @@ def ray_processes(temp_dir: str, before: set[int]) -> set[int]:
 
 
 
-def _eventually(predicate, timeout=T):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def session():
     """One beamlet session on a Ray it started (2 CPUs, a custom resource)."""
@@ -375,7 +367,7 @@ def _restarted(counter, first: int):
     """Kill the process (pid `first`) of `counter`, whose restart is left; the
     pid of its next process, once it answers."""
     ray.kill(counter, no_restart=False)
-    _eventually(lambda: not procs.alive(procs.proc_id(first)))
+    procs.eventually(lambda: not procs.alive(procs.proc_id(first)), "the first worker's end", T)
     second = None
     deadline = time.monotonic() + T
     while second is None and time.monotonic() < deadline:
@@ -396,13 +388,13 @@ def test_actor_restarts_after_its_process_dies(session):
 
 def test_cancel_running_queued_and_forced(session, tmp_path):
     running = sleep_in_steps.remote(str(tmp_path / "running"), 60)
-    _eventually(lambda: (tmp_path / "running").exists())
+    procs.eventually(lambda: (tmp_path / "running").exists(), "the task's start", T)
     ray.cancel(running)
     with pytest.raises(exc.TaskCancelledError):
         ray.get(running, timeout=T)
 
     hog = sleep_in_steps.options(num_cpus=2).remote(str(tmp_path / "hog"), 60)
-    _eventually(lambda: (tmp_path / "hog").exists())
+    procs.eventually(lambda: (tmp_path / "hog").exists(), "the hog's start", T)
     queued = square.options(num_cpus=2).remote(3)
     ray.cancel(queued)
     with pytest.raises(exc.TaskCancelledError) as info:
@@ -419,7 +411,7 @@ def test_cancel_wakes_a_task_blocked_in_a_system_call(session, tmp_path):
     in ``time.sleep(300)`` would run on until the sleep ends; beamlet's is
     prompt. (The plain-call path: test_plain_calls_without_task_events.)"""
     running = sleep_through.remote(str(tmp_path / "running"), 300)
-    _eventually(lambda: (tmp_path / "running").exists())
+    procs.eventually(lambda: (tmp_path / "running").exists(), "the task's start", T)
     ray.cancel(running)
     with pytest.raises(exc.TaskCancelledError):
         ray.get(running, timeout=T / 2)  # (a deadline far before the sleep's end)
@@ -475,7 +467,7 @@ def test_the_state_api_sees_the_jobs_tasks_nested_ones_too(session, tmp_path):
     assert failed.state == "FAILED" and failed.start_time_ms <= failed.end_time_ms
 
     hog = listed_sleep.remote(str(tmp_path / "hog"))
-    _eventually(lambda: (tmp_path / "hog").exists())
+    procs.eventually(lambda: (tmp_path / "hog").exists(), "the hog's start", T)
     ray.cancel(hog, force=True)  # (its worker is killed: only Ray tells of its end)
     with pytest.raises(exc.TaskCancelledError):
         ray.get(hog, timeout=T)
@@ -490,7 +482,7 @@ def test_the_state_api_sees_the_jobs_tasks_nested_ones_too(session, tmp_path):
         rows = state.list_tasks(filters=[("name", "=", "listed_child")], limit=1000)
         return len(rows) == 4 and {r.state for r in rows} == {"FINISHED"} and \
             all(r.worker_pid and r.worker_pid != os.getpid() for r in rows)
-    _eventually(nested_done)
+    procs.eventually(nested_done, "the nested task's end", T)
 
 
 def test_the_record_follows_an_actor_through_a_restart(session):
@@ -504,7 +496,7 @@ def test_the_record_follows_an_actor_through_a_restart(session):
     def restarted_alive():
         now = state.get_actor(row.actor_id)
         return (now.state, now.pid, now.num_restarts) == ("ALIVE", second, 1)
-    _eventually(restarted_alive)
+    procs.eventually(restarted_alive, "the actor's restart", T)
     ray.kill(counter)
     (row,) = state.list_actors(filters=[("name", "=", "restarted")])
     assert row.state == "DEAD" and "kill" in row.death_cause
@@ -532,8 +524,8 @@ def test_the_drivers_plugins_hear_what_workers_run(session):
     plugins.register(recorder)
     try:
         assert ray.get(listed_parent.remote(2), timeout=T) == 1
-        _eventually(lambda: sorted(recorder.finished) == [("listed_child", "FINISHED")] * 2 +
-                    [("listed_parent", "FINISHED")])
+        procs.eventually(lambda: sorted(recorder.finished) == [("listed_child", "FINISHED")] * 2 +
+                         [("listed_parent", "FINISHED")], "the tasks' ends", T)
     finally:
         plugins.unregister(recorder)
     assert sorted(recorder.submitted) == ["listed_child", "listed_child", "listed_parent"]
@@ -970,11 +962,13 @@ def _cancel_while_the_probe_runs(probe, task) -> None:
     flight in the probe, and check that the call still ran to its end."""
     import ray as real_ray
     ref = task.remote()
-    _eventually(lambda: real_ray.get(probe.seen.remote(), timeout=T) == ["started"])
+    procs.eventually(lambda: real_ray.get(probe.seen.remote(), timeout=T) == ["started"],
+                     "the probe's call", T)
     ray.cancel(ref)  # (the call is in flight in the probe now)
     with pytest.raises(exc.TaskCancelledError):
         ray.get(ref, timeout=T)
-    _eventually(lambda: len(real_ray.get(probe.seen.remote(), timeout=T)) > 1)
+    procs.eventually(lambda: len(real_ray.get(probe.seen.remote(), timeout=T)) > 1,
+                     "the probe's call's end", T)
     assert real_ray.get(probe.seen.remote(), timeout=T) == ["started", "done"]
 
 
@@ -1073,7 +1067,7 @@ def test_control_store_is_shared_with_workers(session):
     unsubscribe = store.subscribe("news", received.append)
     store.publish("news", b"first")
     store.publish("news", b"second")
-    _eventually(lambda: received == [b"first", b"second"])
+    procs.eventually(lambda: received == [b"first", b"second"], "both messages", T)
     unsubscribe()
     assert store.delete("t", "k") and store.get("t", "k") is None
 

@@ -9,13 +9,13 @@ measured in benchmarks/scaling.py.
 from __future__ import annotations
 
 import gc
-import time
 
 import pytest
 
 import beamlet as ray
 from beamlet.core import runtime as _runtime
 from conftest import SCALE_BACKENDS
+from procs import eventually
 
 # pytest-timeout's guard as long as the tests' own longest wait: beside other
 # tests (pytest-xdist's workers share the machine's cores) work at this scale
@@ -117,10 +117,7 @@ def test_100k_generator_items_with_bounded_memory(backend):
     assert most_objects <= 3000, f"the store held {most_objects} objects"
     assert most_refs <= 20, f"the driver held {most_refs} references"
     del gen, ref
-    until = time.monotonic() + 60
-    while store.stats()["num_objects"] > before:
-        assert time.monotonic() < until, "the consumed items were not all freed within 60 s"
-        time.sleep(0.01)
+    eventually(lambda: store.stats()["num_objects"] <= before, "freeing the consumed items", 60)
 
 
 @ray.remote(num_cpus=0)

@@ -16,6 +16,7 @@ import beamlet as ray
 from beamlet.core import runtime as _runtime
 from beamlet.core.generators import item_id
 from beamlet.exceptions import ObjectRefStreamEndOfStreamError, TaskCancelledError
+from procs import eventually
 
 T = 60  # seconds: the limit of every blocking call (none is reached when all is well)
 
@@ -48,13 +49,6 @@ def values(gen) -> list:
         except StopIteration:
             return out
         out.append(ray.get(ref, timeout=T))
-
-
-def eventually(condition, what: str) -> None:
-    until = time.monotonic() + T
-    while not condition():
-        assert time.monotonic() < until, f"{what} did not happen within {T}s"
-        time.sleep(0.01)
 
 
 @ray.remote
@@ -211,7 +205,7 @@ def test_async_actor_generator_with_backpressure(gen_backend):
 
     source = Source.remote()
     gen = source.items.remote(8)
-    eventually(lambda: ray.get(source.count.remote(), timeout=T) >= 2, "the first items")
+    eventually(lambda: ray.get(source.count.remote(), timeout=T) >= 2, "the first items", T)
     for consumed in range(1, 9):
         assert ray.get(take(gen), timeout=T) == consumed - 1
         assert ray.get(source.count.remote(), timeout=T) <= consumed + 2
@@ -325,7 +319,7 @@ def test_backpressure_bounds_how_far_the_producer_runs_ahead(gen_backend):
     counter = Counter.remote()
     gen = produce.remote(counter)
     eventually(lambda: ray.get(counter.value.remote(), timeout=T) >= limit,
-               "the producer making its first items")
+               "the producer making its first items", T)
     assert ray.wait([gen.completed()], timeout=0.3)[0] == []  # held back at `limit`
     assert ray.get(counter.value.remote(), timeout=T) == limit
     for consumed in range(1, total + 1):
@@ -363,7 +357,7 @@ def test_dropped_generator_frees_its_items_and_stops_a_held_producer(gen_backend
     gc.collect()
     ray.get(done, timeout=T)
     del done
-    eventually(lambda: store().stats()["num_objects"] <= before, "freeing the items")
+    eventually(lambda: store().stats()["num_objects"] <= before, "freeing the items", T)
 
     @ray.remote(_generator_backpressure_num_objects=2)
     def endless():
@@ -446,7 +440,7 @@ def test_a_retry_does_not_store_again_the_items_already_delivered(gen_backend, t
     stream = gen.completed().id
     assert [ray.get(take(gen), timeout=T) for _ in range(3)] == [0, 1, 2]  # (and freed)
     eventually(lambda: not any(store().contains(item_id(stream, i)) for i in range(3)),
-               "freeing the items taken")
+               "freeing the items taken", T)
     open(tmp_path / "go", "w").close()
     assert values(gen) == [3, 4]
     ray.get(gen.completed(), timeout=T)
