@@ -29,8 +29,9 @@ ratios, of the CPU, the CPU less idle, and the wall time, and the median
 ratio of the rounds in which Ray started no process during either block
 (a worker's start, about 1 CPU-s, lands on one side by chance; each block's
 line says how many processes started and ended). Ray keeps up to
-``--idle-workers`` idle worker processes (default 10), so that no block pays
-for starting workers the one before it let go. Needs Ray in
+``--idle-workers`` idle worker processes (default 10), and each round warms
+every row up again after its idle pause, so that few blocks pay for starting
+workers Ray let go (it still ends a few after each nested burst). Needs Ray in
 this interpreter (``beamlet[ray]``).
 """
 import argparse, collections, os, sys, threading, time, json
