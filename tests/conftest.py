@@ -39,6 +39,10 @@ BACKENDS = [name for name in os.environ.get("BEAMLET_TEST_BACKENDS",
 #: scale test measures the engine's own cost per task (Dask's scheduler and
 #: workers: some 3.5 ms of CPU a task, so 100,000 tasks alone take minutes);
 #: ``BEAMLET_TEST_SCALE_BACKENDS=dask,ray`` runs them there too.
+#: The pytest-xdist group of every test on ``ray``: one process runs them, on
+#: one shared Ray (`pytest_collection_modifyitems`).
+RAY_GROUP = "ray"
+
 SCALE_BACKENDS = [name for name in os.environ.get(
     "BEAMLET_TEST_SCALE_BACKENDS",
     ",".join(b for b in BACKENDS if b not in ("dask", "ray"))).split(",") if name]
@@ -357,13 +361,24 @@ def _backend_of(item) -> str | None:
     return callspec.params.get("backend_name")
 
 
+@pytest.hookimpl(tryfirst=True)  # (before pytest-xdist reads the groups)
 def pytest_collection_modifyitems(session, config, items):
     """The tests on ``ray`` run first, then those on ``dask``, each in their own
     order. A shared engine costs CPU for as long as it runs (Ray's daemons and
     idle workers, Dask's scheduler and workers: a tenth of a core or so), so
     each process stops it after its last test on it (`pytest_runtest_teardown`):
-    pytest-xdist hands tests out in this order, so none comes after."""
+    pytest-xdist hands tests out in this order, so none comes after.
+
+    Every test on ``ray`` is in one xdist group (`RAY_GROUP`): one process
+    runs them all, on one shared Ray. A shared Ray per process, three at
+    once, cost half a core in idle daemons and workers (each idle Ray worker
+    takes about 1% of a core, and each Ray kept ten), and started the
+    workers each test needs three times. (test_ray_backend.py's tests, on
+    Rays of their own, are a group of their own.)"""
     items.sort(key=lambda item: _ENGINE_ORDER.get(_backend_of(item), len(_ENGINE_ORDER)))
+    for item in items:
+        if _backend_of(item) == "ray":
+            item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
 
 
 @pytest.hookimpl(wrapper=True)
