@@ -41,13 +41,13 @@ BACKENDS = [name for name in os.environ.get("BEAMLET_TEST_BACKENDS",
 #: scale test measures the engine's own cost per task (Dask's scheduler and
 #: workers: some 3.5 ms of CPU a task, so 100,000 tasks alone take minutes);
 #: ``BEAMLET_TEST_SCALE_BACKENDS=dask,ray`` runs them there too.
-#: The pytest-xdist group of every test on ``ray``: one process runs them, on
-#: one shared Ray (`pytest_collection_modifyitems`).
-RAY_GROUP = "ray"
-
 SCALE_BACKENDS = [name for name in os.environ.get(
     "BEAMLET_TEST_SCALE_BACKENDS",
     ",".join(b for b in BACKENDS if b not in ("dask", "ray"))).split(",") if name]
+
+#: The pytest-xdist group of every test on ``ray``: one process runs them, on
+#: one shared Ray (`pytest_collection_modifyitems`).
+RAY_GROUP = "ray"
 
 # The module that must exist for a backend to run; checked without importing it.
 BACKEND_MODULES = {
